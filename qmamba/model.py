@@ -1,0 +1,120 @@
+"""The BlackMamba / Mamba language model: embedding -> blocks (RMSNorm + mixer, fp32 residual) -> final norm
+-> tied head. A block's mixer is a :class:`MambaMixer` or a :class:`SwitchMoE`, by the config's layer plan.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qmamba.config import ModelConfig
+from qmamba.mamba_mixer import MambaMixer
+from qmamba.moe import SwitchMoE
+from qmamba.norms import RMSNorm, make_final_norm
+from qmamba.ops import BACKENDS
+from qmamba.state import InferenceState
+
+
+class TokenIdError(ValueError):
+    """Token ids outside the vocabulary."""
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, kind: str, n_experts: int):
+        super().__init__()
+        self.kind = kind
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = MambaMixer(cfg) if kind == "mamba" else SwitchMoE(cfg, n_experts)
+
+
+class MambaLM(nn.Module):
+    """Call ``model(input_ids [B, L])`` for logits ``[B, L, V]``; ``prefill``/``step`` carry the recurrent state."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, kind, n) for kind, n in cfg.layer_kinds)
+        self.norm_f = make_final_norm(cfg.final_norm, cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+        # position of each Mamba layer in the stacked state tensors
+        self._state_slot = {layer: slot for slot, layer in enumerate(cfg.mamba_layer_ids)}
+
+    # ---- configuration -------------------------------------------------------------------------------
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.layers[0].norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    def set_backend(self, backend: str) -> "MambaLM":
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+        for block in self.layers:
+            if block.kind == "mamba":
+                block.mixer.backend = backend
+        return self
+
+    def new_state(self, batch: int) -> InferenceState:
+        return InferenceState.zeros(self.config, batch, self.device, self.compute_dtype)
+
+    def check_token_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TokenIdError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise TokenIdError(f"token ids must be in [0, {self.config.vocab_size}); got range "
+                               f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+
+    # ---- running -------------------------------------------------------------------------------------
+    def _logits(self, residual):
+        h = self.norm_f(residual, out_dtype=self.compute_dtype)
+        return self.lm_head(h)
+
+    def prefill(self, input_ids: torch.Tensor, state: InferenceState | None = None, check: bool = True):
+        """Parallel forward over ``input_ids [B, L]``; returns ``(logits [B, L, V], state)``.
+
+        ``state`` (if given) is the state after earlier tokens; the returned state is new tensors.
+        """
+        if check:
+            self.check_token_ids(input_ids)
+        batch = input_ids.shape[0]
+        state = state if state is not None else self.new_state(batch)
+        conv_out, ssm_out = torch.empty_like(state.conv_state), torch.empty_like(state.ssm_state)
+        h = self.embedding(input_ids).to(self.compute_dtype)
+        residual = None
+        for i, block in enumerate(self.layers):
+            residual = h.float() if residual is None else residual + h.float()
+            x = block.norm(residual, out_dtype=self.compute_dtype)
+            if block.kind == "mamba":
+                s = self._state_slot[i]
+                h, conv_out[s], ssm_out[s] = block.mixer(x, state.conv_state[s], state.ssm_state[s])
+            else:
+                h = block.mixer(x)
+        residual = residual + h.float()
+        return self._logits(residual), InferenceState(conv_out, ssm_out)
+
+    def step(self, input_ids: torch.Tensor, state: InferenceState, check: bool = True):
+        """One token per sequence: ``input_ids [B]`` -> logits ``[B, V]``; ``state`` is updated in place."""
+        if check:
+            self.check_token_ids(input_ids)
+        h = self.embedding(input_ids).to(self.compute_dtype)
+        residual = None
+        for i, block in enumerate(self.layers):
+            residual = h.float() if residual is None else residual + h.float()
+            x = block.norm(residual, out_dtype=self.compute_dtype)
+            if block.kind == "mamba":
+                s = self._state_slot[i]
+                h, conv, ssm = block.mixer.step(x, state.conv_state[s], state.ssm_state[s])
+                state.conv_state[s].copy_(conv)
+                state.ssm_state[s].copy_(ssm)
+            else:
+                h = block.mixer(x)
+        residual = residual + h.float()
+        return self._logits(residual)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.prefill(input_ids)[0]

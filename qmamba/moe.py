@@ -1,0 +1,78 @@
+"""BlackMamba's Switch-MoE block (top-1, sigmoid router with bias) and the stacked expert MLPs.
+
+Inference routing: ``p = sigmoid(router(h))``, ``e = argmax(p)``, ``out = p[e] * expert_e(h)`` (no renormalisation).
+Expert: ``a, b = chunk(fc1(h), 2)``; ``out = fc2(act(a) * b)`` (gated) or ``fc2(act(fc1(h)))``.
+Experts are stored stacked: ``fc1 [E, fc1_rows, d]``, ``fc2 [E, d, ffn]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qmamba.config import ModelConfig
+
+
+def activation_fn(name: str):
+    return {
+        "gelu": lambda x: F.gelu(x),
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "silu": F.silu,
+        "relu": F.relu,
+    }[name]
+
+
+def expert_mlp(x, fc1, fc2, activation: str, gated: bool, fc1_fn=None, fc2_fn=None):
+    """One expert on its tokens; ``fc1_fn``/``fc2_fn`` default to ``F.linear`` with the given weights."""
+    a = F.linear(x, fc1) if fc1_fn is None else fc1_fn(x)
+    act = activation_fn(activation)
+    if gated:
+        a, b = a.chunk(2, dim=-1)
+        a = act(a) * b
+    else:
+        a = act(a)
+    return F.linear(a, fc2) if fc2_fn is None else fc2_fn(a)
+
+
+class StackedExperts(nn.Module):
+    """All experts of one MoE layer. ``forward(x [T, d], expert_idx [T]) -> [T, d]`` (unscaled)."""
+
+    def __init__(self, n_experts: int, d_model: int, ffn_hidden: int, gated: bool, activation: str):
+        super().__init__()
+        rows = 2 * ffn_hidden if gated else ffn_hidden
+        self.n_experts, self.gated, self.activation = n_experts, gated, activation
+        self.fc1 = nn.Parameter(torch.zeros(n_experts, rows, d_model))
+        self.fc2 = nn.Parameter(torch.zeros(n_experts, d_model, ffn_hidden))
+
+    def forward(self, x, expert_idx):
+        out = x.new_zeros(x.shape[0], self.fc2.shape[1])
+        for e in range(self.n_experts):
+            rows = (expert_idx == e).nonzero(as_tuple=True)[0]
+            if rows.numel():
+                out[rows] = expert_mlp(x[rows], self.fc1[e].to(x.dtype), self.fc2[e].to(x.dtype),
+                                       self.activation, self.gated)
+        return out
+
+
+def route_top1(router_logits):
+    """Sigmoid top-1 routing: returns ``(expert_idx [T], weight [T])``."""
+    probs = torch.sigmoid(router_logits.float())
+    weight, idx = probs.max(dim=-1)
+    return idx, weight
+
+
+class SwitchMoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, n_experts: int):
+        super().__init__()
+        self.router = nn.Linear(cfg.d_model, n_experts, bias=True)
+        self.experts = StackedExperts(n_experts, cfg.d_model, cfg.ffn_hidden, cfg.expert_gated,
+                                      cfg.expert_activation)
+
+    def forward(self, h):
+        """``h [..., d]`` -> ``[..., d]``."""
+        shape = h.shape
+        x = h.reshape(-1, shape[-1])
+        idx, weight = route_top1(self.router(x))
+        out = self.experts(x, idx) * weight[:, None].to(x.dtype)
+        return out.reshape(shape)

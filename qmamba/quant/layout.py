@@ -1,0 +1,111 @@
+"""Packed weight layouts: defined once here, shared by the runtime modules, the Triton kernels and the ONNX export.
+
+A weight ``W [N, K]`` (out_features x in_features, as ``nn.Linear``) is stored as follows. Stacked experts add a
+leading ``E`` dimension to every tensor.
+
+int8 ("int8", per-output-channel symmetric)
+    qweight  int8    [N, K]        q in [-127, 127]
+    scales   fp16    [N]           W[n, k] = q[n, k] * scales[n]
+
+int4 ("int4", group-wise along K; ONNX Runtime ``MatMulNBits`` layout, so export copies it unchanged)
+    qweight  uint8   [N, n_blocks, group_size // 2]   two 4-bit values per byte, LOW nibble = even k
+    scales   fp16    [N, n_blocks]
+    zeros    uint8   [N, ceil(n_blocks / 2)]          4-bit zero points, two per byte, LOW nibble = even block
+    W[n, k] = (q[n, k] - zero[n, k // g]) * scale[n, k // g]
+    K is padded up to ``n_blocks * group_size``: padded weights are stored as q = zero point, i.e. exactly 0,
+    so a kernel may read the padded tail against zero activations. Symmetric int4 uses zero point 8 everywhere.
+
+The functions below convert between integer codes (``q`` as uint8/int8 tensors, one value per element) and
+the packed tensors. They know nothing about models.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+INT4_GROUP_SIZES = (16, 32, 64, 128, 256)
+
+
+class LayoutError(ValueError):
+    """Packed tensors whose shapes or dtypes do not match the layout."""
+
+
+def int4_num_blocks(k: int, group_size: int) -> int:
+    if group_size not in INT4_GROUP_SIZES:
+        raise LayoutError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    return math.ceil(k / group_size)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit codes along the last dim (even length): ``[..., 2m] uint8 -> [..., m] uint8``, low nibble first."""
+    if q.shape[-1] % 2:
+        raise LayoutError(f"cannot pack an odd number ({q.shape[-1]}) of 4-bit values")
+    q = q.to(torch.uint8)
+    return (q[..., 0::2] & 0xF) | ((q[..., 1::2] & 0xF) << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`: ``[..., m] uint8 -> [..., 2m] uint8``."""
+    low, high = packed & 0xF, packed >> 4
+    return torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def pack_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> dict:
+    """Integer codes ``q [..., N, K]`` (0..15), ``scales/zeros [..., N, n_blocks]`` -> packed int4 tensors."""
+    *lead, n, k = q.shape
+    n_blocks = int4_num_blocks(k, group_size)
+    if tuple(scales.shape) != (*lead, n, n_blocks) or tuple(zeros.shape) != (*lead, n, n_blocks):
+        raise LayoutError(f"scales/zeros must be {(*lead, n, n_blocks)}, got {tuple(scales.shape)} and "
+                          f"{tuple(zeros.shape)}")
+    k_pad = n_blocks * group_size
+    if k_pad != k:  # pad with the zero point: dequantizes to exactly 0
+        pad_codes = zeros[..., -1:].to(torch.uint8).expand(*lead, n, k_pad - k)
+        q = torch.cat([q.to(torch.uint8), pad_codes], dim=-1)
+    qweight = pack_nibbles(q).reshape(*lead, n, n_blocks, group_size // 2)
+    z = zeros.to(torch.uint8)
+    if n_blocks % 2:
+        z = torch.cat([z, torch.zeros_like(z[..., :1])], dim=-1)
+    return {"qweight": qweight.contiguous(), "scales": scales.to(torch.float16).contiguous(),
+            "zeros": pack_nibbles(z).contiguous()}
+
+
+def unpack_int4(qweight: torch.Tensor, zeros: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed int4 -> ``(q [..., N, K] uint8, zeros [..., N, n_blocks] uint8)``."""
+    *lead, n, n_blocks, half = qweight.shape
+    q = unpack_nibbles(qweight.reshape(*lead, n, n_blocks * half))[..., :k]
+    z = unpack_nibbles(zeros)[..., :n_blocks]
+    return q, z
+
+
+def dequantize_int4(qweight, scales, zeros, k: int, dtype=torch.float32) -> torch.Tensor:
+    """Packed int4 -> dense ``W [..., N, K]``."""
+    group_size = qweight.shape[-1] * 2
+    q, z = unpack_int4(qweight, zeros, k)
+    z_full = z.repeat_interleave(group_size, dim=-1)[..., :k]
+    s_full = scales.float().repeat_interleave(group_size, dim=-1)[..., :k]
+    return ((q.float() - z_full.float()) * s_full).to(dtype)
+
+
+def dequantize_int8(qweight, scales, dtype=torch.float32) -> torch.Tensor:
+    """Packed int8 -> dense ``W [..., N, K]``."""
+    return (qweight.float() * scales.float()[..., None]).to(dtype)
+
+
+def check_int4(qweight, scales, zeros, n: int, k: int, group_size: int, lead: tuple = ()) -> None:
+    n_blocks = int4_num_blocks(k, group_size)
+    want = {"qweight": ((*lead, n, n_blocks, group_size // 2), torch.uint8),
+            "scales": ((*lead, n, n_blocks), torch.float16),
+            "zeros": ((*lead, n, (n_blocks + 1) // 2), torch.uint8)}
+    for name, tensor in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+        shape, dtype = want[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise LayoutError(f"int4 {name}: expected {shape} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
+
+
+def check_int8(qweight, scales, n: int, k: int, lead: tuple = ()) -> None:
+    if tuple(qweight.shape) != (*lead, n, k) or qweight.dtype != torch.int8:
+        raise LayoutError(f"int8 qweight: expected {(*lead, n, k)} int8, got {tuple(qweight.shape)} {qweight.dtype}")
+    if tuple(scales.shape) != (*lead, n) or scales.dtype != torch.float16:
+        raise LayoutError(f"int8 scales: expected {(*lead, n)} float16, got {tuple(scales.shape)} {scales.dtype}")
