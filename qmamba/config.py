@@ -13,12 +13,10 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from qmamba.errors import ConfigError
+
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 FINAL_NORMS = ("layernorm", "rmsnorm")
-
-
-class ConfigError(ValueError):
-    """A configuration that qmamba cannot run (bad value, unsupported feature)."""
 
 
 def parse_layer_code(code: str, index: int) -> tuple[str, int]:

@@ -8,15 +8,12 @@ import torch
 from torch import nn
 
 from qmamba.config import ModelConfig
+from qmamba.errors import TokenIdError
 from qmamba.mamba_mixer import MambaMixer
 from qmamba.moe import SwitchMoE
 from qmamba.norms import RMSNorm, make_final_norm
 from qmamba.ops import BACKENDS
 from qmamba.state import InferenceState
-
-
-class TokenIdError(ValueError):
-    """Token ids outside the vocabulary."""
 
 
 class Block(nn.Module):

@@ -1,0 +1,55 @@
+"""The ``qmamba`` command line: a thin layer over the library API.
+
+Each command lives in its own module of this package and is registered in ``COMMAND_MODULES``. Commands whose
+implementation needs optional parts (``qmamba.calib``, ``qmamba.export``) import them inside the command, so
+``qmamba info``/``generate`` work without onnx installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+# module name in this package -> attribute holding the click command
+COMMAND_MODULES = {
+    "info": "info",
+    "create": "create",
+    "generate": "generate",
+    "quantize": "quantize",
+    "eval": "eval_cmd",
+    "export": "export_cmd",
+}
+
+
+class QMambaGroup(click.Group):
+    """Turns library errors that are the user's (bad paths, bad checkpoints) into one-line messages."""
+
+    def invoke(self, ctx):
+        from qmamba.errors import UserError
+
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=QMambaGroup)
+@click.version_option(package_name="qmamba")
+def main():
+    """qmamba: low-bit quantized inference for BlackMamba and Mamba models."""
+
+
+for _module, _attr in COMMAND_MODULES.items():
+    try:
+        _mod = importlib.import_module(f"qmamba.cli.{_module}")
+    except ModuleNotFoundError as _exc:  # a command module not written yet
+        if _exc.name != f"qmamba.cli.{_module}":
+            raise
+        continue
+    main.add_command(getattr(_mod, _attr))
