@@ -51,9 +51,9 @@ class MambaLM(nn.Module):
     def set_backend(self, backend: str) -> "MambaLM":
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
-        for block in self.layers:
-            if block.kind == "mamba":
-                block.mixer.backend = backend
+        for module in self.modules():  # mixers and quantized modules all carry a `backend` attribute
+            if module is not self and hasattr(module, "backend"):
+                module.backend = backend
         return self
 
     def new_state(self, batch: int) -> InferenceState:

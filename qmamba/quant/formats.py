@@ -1,0 +1,250 @@
+"""Weight formats: a small registry of serializable format configs, one dataclass per format.
+
+A format turns a dense weight ``W [..., N, K]`` (``nn.Linear`` orientation; stacked experts add leading dims) into
+the packed tensors of :mod:`qmamba.quant.layout` and back. Algorithms (RTN, GPTQ, AWQ in ``qmamba.calib``) work on
+a *grouped* view that is the same for every format:
+
+    scale, zero = fmt.params(W, clip)        # [..., N, n_groups] each (zero is None for symmetric int8)
+    q = fmt.quantize(W, scale, zero)         # integer codes [..., N, K]
+    W_hat = fmt.dequantize_codes(q, scale, zero)
+    packed = fmt.from_codes(q, scale, zero)  # layout tensors (qweight / scales / zeros)
+    W_hat == fmt.dequantize(packed, K)       # exactly
+
+Scales are rounded to fp16 *before* the codes are computed, so ``dequantize_codes`` equals the dequantized packed
+tensors bit for bit. Formats registered: ``int8`` (per-output-channel symmetric, one group = the whole row) and
+``int4`` (group-wise along K, asymmetric with zero points by default, symmetric = zero point 8). The 1-bit format of
+a later issue registers itself the same way (``@register_format("binary")``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from qmamba.errors import ConfigError
+from qmamba.quant import layout
+
+FORMATS: dict[str, type] = {}
+_FP16_TINY = 2.0 ** -24  # smallest fp16 subnormal: scales never round to 0
+
+
+def register_format(name: str):
+    """Class decorator: register a format config dataclass under ``name``."""
+
+    def wrap(cls):
+        cls.name = name
+        FORMATS[name] = cls
+        return cls
+
+    return wrap
+
+
+def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Round positive scales to fp16 values (kept as float32), never 0 nor inf."""
+    return scale.clamp(min=_FP16_TINY, max=60000.0).to(torch.float16).float()
+
+
+def _as_clip(clip, like: torch.Tensor) -> torch.Tensor:
+    """Clip ratio (float or tensor broadcastable to ``like`` [..., N, G]) as a tensor."""
+    return torch.as_tensor(clip, dtype=torch.float32, device=like.device).expand_as(like)
+
+
+class WeightFormat:
+    """Common behaviour; subclasses implement the grouped quantizer and the layout conversion."""
+
+    name = "?"
+    bits = 0
+
+    # ---- grouping ------------------------------------------------------------------------------------
+    def group_size_for(self, k: int) -> int:
+        raise NotImplementedError
+
+    def n_groups(self, k: int) -> int:
+        return math.ceil(k / self.group_size_for(k))
+
+    def _grouped(self, W: torch.Tensor):
+        """``W [..., N, K]`` -> ``[..., N, G, g]`` zero-padded view (float32) and K."""
+        k = W.shape[-1]
+        g = self.group_size_for(k)
+        n_groups = math.ceil(k / g)
+        Wf = W.float()
+        if n_groups * g != k:
+            Wf = torch.nn.functional.pad(Wf, (0, n_groups * g - k))
+        return Wf.reshape(*W.shape[:-1], n_groups, g), k
+
+    def expand_groups(self, t: torch.Tensor, k: int) -> torch.Tensor:
+        """Per-group tensor ``[..., N, G]`` -> per-element ``[..., N, K]``."""
+        return t.repeat_interleave(self.group_size_for(k), dim=-1)[..., :k]
+
+    # ---- the verbs -----------------------------------------------------------------------------------
+    def quantize_rtn(self, W: torch.Tensor) -> dict:
+        """Round-to-nearest: ``W [..., N, K]`` -> packed dict."""
+        scale, zero = self.params(W)
+        return self.from_codes(self.quantize(W, scale, zero), scale, zero)
+
+    def fake_quantize(self, W: torch.Tensor, clip=1.0) -> torch.Tensor:
+        """Quantize-dequantize round trip (float32) with optional clipping ratio."""
+        scale, zero = self.params(W, clip)
+        return self.dequantize_codes(self.quantize(W, scale, zero), scale, zero)
+
+    # ---- serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format": self.name, **dataclasses.asdict(self)}
+
+    def describe(self) -> str:
+        return self.name
+
+
+@register_format("int8")
+@dataclass(frozen=True)
+class Int8Format(WeightFormat):
+    """Per-output-channel symmetric int8: ``W[n, k] = q[n, k] * scales[n]``, q in [-127, 127]."""
+
+    bits = 8
+    QMAX = 127
+
+    def group_size_for(self, k: int) -> int:
+        return k
+
+    def params(self, W, clip=1.0):
+        Wg, _ = self._grouped(W)
+        amax = Wg.abs().amax(dim=-1) * _as_clip(clip, Wg[..., 0])
+        return _fp16_scale(amax / self.QMAX), None
+
+    def quantize(self, W, scale, zero=None):
+        q = torch.round(W.float() / self.expand_groups(scale, W.shape[-1]))
+        return q.clamp(-self.QMAX, self.QMAX).to(torch.int8)
+
+    def dequantize_codes(self, q, scale, zero=None):
+        return q.float() * self.expand_groups(scale, q.shape[-1])
+
+    def from_codes(self, q, scales, zeros=None) -> dict:
+        if scales.shape[-1] != 1:
+            raise layout.LayoutError(f"int8 has one scale per row; got scales of shape {tuple(scales.shape)}")
+        return {"qweight": q.to(torch.int8).contiguous(),
+                "scales": scales[..., 0].to(torch.float16).contiguous()}
+
+    def dequantize(self, packed: dict, k: int, dtype=torch.float32) -> torch.Tensor:
+        return layout.dequantize_int8(packed["qweight"], packed["scales"], dtype)
+
+    def buffer_specs(self, n: int, k: int, lead: tuple = ()) -> dict:
+        return {"qweight": ((*lead, n, k), torch.int8), "scales": ((*lead, n), torch.float16)}
+
+    def check(self, packed: dict, n: int, k: int, lead: tuple = ()) -> None:
+        layout.check_int8(packed["qweight"], packed["scales"], n, k, lead)
+
+    def unpack(self, packed: dict, k: int):
+        """Packed -> ``(q, scale [..., N, 1], None)``: the inverse of :meth:`from_codes`."""
+        return packed["qweight"], packed["scales"].float()[..., None], None
+
+    def to_dict(self) -> dict:
+        return {"format": "int8", "bits": 8}
+
+
+@register_format("int4")
+@dataclass(frozen=True)
+class Int4Format(WeightFormat):
+    """Group-wise int4 (ONNX Runtime MatMulNBits layout): ``W = (q - zero) * scale`` per group of K.
+
+    Asymmetric (default): the group's range [min(w, 0), max(w, 0)] maps to codes 0..15 with an integer zero point.
+    Symmetric: zero point 8, ``scale = max|w| / 7``, codes clamped to 0..15 (so -8 is reachable, +8 is not).
+    K not a multiple of the group size is padded up to whole groups (padded codes = zero point, i.e. exactly 0).
+    """
+
+    group_size: int = 128
+    symmetric: bool = False
+    bits = 4
+
+    def __post_init__(self):
+        if self.group_size not in layout.INT4_GROUP_SIZES:
+            raise ConfigError(f"int4 group size must be one of {layout.INT4_GROUP_SIZES}, got {self.group_size}")
+
+    def group_size_for(self, k: int) -> int:
+        return self.group_size
+
+    def params(self, W, clip=1.0):
+        Wg, k = self._grouped(W)
+        if Wg.shape[-1] * Wg.shape[-2] != k:  # padded tail: its statistics come from the real columns only
+            mask = torch.arange(Wg.shape[-2] * Wg.shape[-1], device=W.device).reshape(Wg.shape[-2:]) < k
+            big = torch.finfo(torch.float32).max
+            w_max = torch.where(mask, Wg, torch.full_like(Wg, -big)).amax(-1)
+            w_min = torch.where(mask, Wg, torch.full_like(Wg, big)).amin(-1)
+        else:
+            w_max, w_min = Wg.amax(-1), Wg.amin(-1)
+        ratio = _as_clip(clip, w_max)
+        if self.symmetric:
+            amax = torch.maximum(w_max.abs(), w_min.abs()) * ratio
+            scale = _fp16_scale(amax / 7.0)
+            return scale, torch.full_like(scale, 8.0)
+        w_max = w_max.clamp(min=0) * ratio
+        w_min = w_min.clamp(max=0) * ratio
+        scale = _fp16_scale((w_max - w_min) / 15.0)
+        zero = torch.round(-w_min / scale).clamp(0, 15)
+        return scale, zero
+
+    def quantize(self, W, scale, zero):
+        k = W.shape[-1]
+        q = torch.round(W.float() / self.expand_groups(scale, k)) + self.expand_groups(zero.float(), k)
+        return q.clamp(0, 15).to(torch.uint8)
+
+    def dequantize_codes(self, q, scale, zero):
+        k = q.shape[-1]
+        return (q.float() - self.expand_groups(zero.float(), k)) * self.expand_groups(scale, k)
+
+    def from_codes(self, q, scales, zeros) -> dict:
+        if zeros is None:
+            zeros = torch.full_like(scales, 8.0)
+        return layout.pack_int4(q, scales, zeros, self.group_size)
+
+    def dequantize(self, packed: dict, k: int, dtype=torch.float32) -> torch.Tensor:
+        return layout.dequantize_int4(packed["qweight"], packed["scales"], packed["zeros"], k, dtype)
+
+    def buffer_specs(self, n: int, k: int, lead: tuple = ()) -> dict:
+        nb = layout.int4_num_blocks(k, self.group_size)
+        return {"qweight": ((*lead, n, nb, self.group_size // 2), torch.uint8),
+                "scales": ((*lead, n, nb), torch.float16),
+                "zeros": ((*lead, n, (nb + 1) // 2), torch.uint8)}
+
+    def check(self, packed: dict, n: int, k: int, lead: tuple = ()) -> None:
+        layout.check_int4(packed["qweight"], packed["scales"], packed["zeros"], n, k, self.group_size, lead)
+
+    def unpack(self, packed: dict, k: int):
+        q, z = layout.unpack_int4(packed["qweight"], packed["zeros"], k)
+        return q, packed["scales"].float(), z.float()
+
+    def describe(self) -> str:
+        return f"int4-g{self.group_size}{'-sym' if self.symmetric else ''}"
+
+
+SUPPORTED_BITS = {8: "int8", 4: "int4"}
+
+
+def format_from_dict(data: dict) -> WeightFormat:
+    """Inverse of ``fmt.to_dict()``; unknown formats or keys give a clear :class:`ConfigError`."""
+    if not isinstance(data, dict) or "format" not in data:
+        raise ConfigError(f"a quantization format entry must be a dict with a 'format' key, got {data!r}")
+    name = data["format"]
+    if name not in FORMATS:
+        raise ConfigError(f"unknown weight format {name!r}; known: {', '.join(sorted(FORMATS))}")
+    cls = FORMATS[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    rest = {k: v for k, v in data.items() if k not in ("format", "bits")}
+    unknown = sorted(set(rest) - fields)
+    if unknown:
+        raise ConfigError(f"unknown keys {unknown} for weight format {name!r} (allowed: {sorted(fields)})")
+    if "bits" in data and data["bits"] != cls.bits:
+        raise ConfigError(f"format {name!r} has {cls.bits} bits, entry says {data['bits']}")
+    return cls(**rest)
+
+
+def make_format(bits: int, group_size: int = 128, symmetric: bool = False) -> WeightFormat:
+    """The format for ``--bits``/``--group-size``/``--symmetric``; unsupported bit widths are a ConfigError."""
+    if bits not in SUPPORTED_BITS:
+        raise ConfigError(f"unsupported bit width {bits}: choose one of {sorted(SUPPORTED_BITS)} "
+                          "(1-bit arrives with the binary format)")
+    if bits == 8:
+        return Int8Format()
+    return Int4Format(group_size=int(group_size), symmetric=bool(symmetric))

@@ -1,0 +1,240 @@
+"""Quantized twins of ``nn.Linear`` and :class:`qmamba.moe.StackedExperts`, and the module swap used at load time.
+
+Both hold the packed tensors of :mod:`qmamba.quant.layout` as buffers (``qweight``, ``scales``, ``zeros``), so a
+quantized state dict has keys such as ``layers.0.mixer.in_proj.qweight`` or ``layers.1.mixer.experts.fc1.scales``.
+The ``"reference"`` backend dequantizes to the activation dtype and multiplies: it is the oracle of the Triton
+kernels, which hook in through the single methods :meth:`QuantLinear._matmul` and
+:meth:`QuantExperts._expert_matmul` when ``backend == "triton"``.
+
+The quantization manifest (``manifest["quantization"]`` of a checkpoint) maps module names to entries
+``{"format": "int4", "group_size": 128, "symmetric": false, "method": "gptq", ...}``; :func:`swap_quantized_modules`
+replaces the named modules by empty quantized twins of the right shapes before ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qmamba.errors import CheckpointError, ConfigError
+from qmamba.moe import StackedExperts, expert_mlp
+from qmamba.quant.formats import WeightFormat, format_from_dict
+
+# keys of a manifest module entry that describe how it was made, not the format
+ENTRY_INFO_KEYS = ("method", "fallback", "n_tokens", "note")
+
+
+def _register_packed(module: nn.Module, fmt: WeightFormat, n: int, k: int, lead: tuple = (), device=None):
+    for name, (shape, dtype) in fmt.buffer_specs(n, k, lead).items():
+        module.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
+
+
+def _packed(module: nn.Module, fmt: WeightFormat) -> dict:
+    return {name: getattr(module, name) for name in fmt.buffer_specs(1, 1)}
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ W_hat^T (+ bias)`` with ``W_hat`` stored packed. ``x [..., in_features]`` -> ``[..., out_features]``."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: WeightFormat, bias: bool = False,
+                 device=None, bias_dtype=torch.float32):
+        super().__init__()
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        self.backend = "reference"
+        _register_packed(self, fmt, out_features, in_features, device=device)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: WeightFormat, packed: dict | None = None) -> "QuantLinear":
+        """Quantize ``linear`` (RTN unless ``packed`` tensors are given)."""
+        w = linear.weight.detach()
+        mod = cls(linear.in_features, linear.out_features, fmt, linear.bias is not None, device=w.device,
+                  bias_dtype=w.dtype)
+        mod.load_packed(packed if packed is not None else fmt.quantize_rtn(w))
+        if linear.bias is not None:
+            mod.bias.data.copy_(linear.bias.detach())
+        return mod
+
+    def load_packed(self, packed: dict) -> None:
+        self.fmt.check(packed, self.out_features, self.in_features)
+        for name, tensor in packed.items():
+            getattr(self, name).copy_(tensor)
+
+    def packed(self) -> dict:
+        return _packed(self, self.fmt)
+
+    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        """``W_hat [out_features, in_features]``."""
+        return self.fmt.dequantize(self.packed(), self.in_features, dtype)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W_hat^T`` without bias; the one place a kernel backend replaces."""
+        return F.linear(x, self.dequantized_weight(x.dtype))
+
+    def forward(self, x):
+        y = self._matmul(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.describe()}"
+
+
+class PackedExpertWeight(nn.Module):
+    """One stacked expert matrix ``[E, N, K]`` stored packed (buffers ``qweight``/``scales``/``zeros``)."""
+
+    def __init__(self, n_experts: int, n: int, k: int, fmt: WeightFormat, device=None):
+        super().__init__()
+        self.n_experts, self.n, self.k, self.fmt = n_experts, n, k, fmt
+        _register_packed(self, fmt, n, k, (n_experts,), device=device)
+
+    def load_packed(self, packed: dict) -> None:
+        self.fmt.check(packed, self.n, self.k, (self.n_experts,))
+        for name, tensor in packed.items():
+            getattr(self, name).copy_(tensor)
+
+    def packed(self, expert: int | None = None) -> dict:
+        p = _packed(self, self.fmt)
+        return p if expert is None else {name: t[expert] for name, t in p.items()}
+
+    def dequantized(self, expert: int | None = None, dtype=torch.float32) -> torch.Tensor:
+        """``[N, K]`` for one expert or ``[E, N, K]`` for all."""
+        return self.fmt.dequantize(self.packed(expert), self.k, dtype)
+
+    def extra_repr(self):
+        return f"experts={self.n_experts}, n={self.n}, k={self.k}, format={self.fmt.describe()}"
+
+
+class QuantExperts(nn.Module):
+    """Quantized :class:`StackedExperts`: ``forward(x [T, d], expert_idx [T]) -> [T, d]`` (unscaled).
+
+    ``fc1`` / ``fc2`` are each a :class:`PackedExpertWeight` (formats may differ) or, when a recipe keeps one of
+    them in float, the original ``nn.Parameter`` ``[E, N, K]``.
+    """
+
+    def __init__(self, n_experts: int, d_model: int, ffn_hidden: int, gated: bool, activation: str,
+                 fc1_fmt: WeightFormat | None, fc2_fmt: WeightFormat | None, device=None, float_dtype=torch.float32):
+        super().__init__()
+        rows = 2 * ffn_hidden if gated else ffn_hidden
+        self.n_experts, self.gated, self.activation = n_experts, gated, activation
+        self.backend = "reference"
+        for name, fmt, n, k in (("fc1", fc1_fmt, rows, d_model), ("fc2", fc2_fmt, d_model, ffn_hidden)):
+            if fmt is None:
+                setattr(self, name, nn.Parameter(torch.zeros(n_experts, n, k, dtype=float_dtype, device=device)))
+            else:
+                setattr(self, name, PackedExpertWeight(n_experts, n, k, fmt, device=device))
+
+    @classmethod
+    def from_stacked(cls, experts: StackedExperts, fc1_fmt, fc2_fmt, fc1_packed=None, fc2_packed=None):
+        """Quantize ``experts`` (RTN unless packed tensors are given); ``None`` format keeps that matrix in float."""
+        n_experts, rows, d = experts.fc1.shape
+        mod = cls(n_experts, d, experts.fc2.shape[2], experts.gated, experts.activation, fc1_fmt, fc2_fmt,
+                  device=experts.fc1.device, float_dtype=experts.fc1.dtype)
+        for name, fmt, packed in (("fc1", fc1_fmt, fc1_packed), ("fc2", fc2_fmt, fc2_packed)):
+            src = getattr(experts, name).detach()
+            if fmt is None:
+                getattr(mod, name).data.copy_(src)
+            else:
+                getattr(mod, name).load_packed(packed if packed is not None else fmt.quantize_rtn(src))
+        return mod
+
+    def expert_weight(self, name: str, expert: int, dtype=torch.float32) -> torch.Tensor:
+        w = getattr(self, name)
+        return w[expert].to(dtype) if isinstance(w, nn.Parameter) else w.dequantized(expert, dtype)
+
+    def _expert_matmul(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
+        """``x [T, K] @ W_hat[expert]^T`` for ``name`` in ("fc1", "fc2"); the one place a kernel backend replaces."""
+        return F.linear(x, self.expert_weight(name, expert, x.dtype))
+
+    def forward(self, x, expert_idx):
+        out = x.new_zeros(x.shape[0], self.fc2.shape[1] if isinstance(self.fc2, nn.Parameter) else self.fc2.n)
+        for e in range(self.n_experts):
+            rows = (expert_idx == e).nonzero(as_tuple=True)[0]
+            if rows.numel():
+                out[rows] = expert_mlp(x[rows], None, None, self.activation, self.gated,
+                                       fc1_fn=lambda t, e=e: self._expert_matmul(t, "fc1", e),
+                                       fc2_fn=lambda t, e=e: self._expert_matmul(t, "fc2", e))
+        return out
+
+
+# ---- module swap ------------------------------------------------------------------------------------------
+def manifest_modules(quantization: dict) -> dict:
+    """The ``{module_name: entry}`` map of a quantization manifest (also accepts ``{"modules": {...}}``)."""
+    if quantization is None:
+        return {}
+    if not isinstance(quantization, dict):
+        raise CheckpointError(f"manifest 'quantization' must be a dict, got {type(quantization).__name__}")
+    if isinstance(quantization.get("modules"), dict):
+        quantization = quantization["modules"]
+    return quantization
+
+
+def entry_format(name: str, entry: dict) -> WeightFormat:
+    """Format of one manifest entry (info keys such as ``method`` are ignored)."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"quantization entry for {name!r} must be a dict, got {entry!r}")
+    try:
+        return format_from_dict({k: v for k, v in entry.items() if k not in ENTRY_INFO_KEYS})
+    except ConfigError as exc:
+        raise CheckpointError(f"quantization entry for {name!r}: {exc}") from None
+
+
+def swap_quantized_modules(model: nn.Module, quantization: dict) -> nn.Module:
+    """Replace the modules named in the manifest by empty quantized twins (shapes from the float modules).
+
+    Names: ``nn.Linear`` modules (``layers.0.mixer.in_proj``, ``lm_head``, ...) and the stacked expert matrices
+    ``layers.1.mixer.experts.fc1`` / ``.fc2``. Works on a model built on the ``meta`` device too (buffers follow
+    the device of the replaced module). Returns ``model``.
+    """
+    entries = manifest_modules(quantization)
+    modules = dict(model.named_modules())
+    expert_fmts: dict[str, dict] = {}
+    for name, entry in entries.items():
+        fmt = entry_format(name, entry)
+        parent_name, _, leaf = name.rpartition(".")
+        if leaf in ("fc1", "fc2") and isinstance(modules.get(parent_name), (StackedExperts, QuantExperts)):
+            expert_fmts.setdefault(parent_name, {})[leaf] = fmt
+            continue
+        target = modules.get(name)
+        if isinstance(target, QuantLinear):
+            continue  # already swapped
+        if not isinstance(target, nn.Linear):
+            raise CheckpointError(f"quantization manifest names {name!r}, which is not a linear layer or an expert "
+                                  "matrix of this model")
+        w = target.weight
+        new = QuantLinear(target.in_features, target.out_features, fmt, target.bias is not None, device=w.device,
+                          bias_dtype=w.dtype)
+        _set_submodule(model, name, new)
+    for name, fmts in expert_fmts.items():
+        old = modules[name]
+        if isinstance(old, QuantExperts):
+            continue
+        n_experts, _, d = old.fc1.shape
+        new = QuantExperts(n_experts, d, old.fc2.shape[2], old.gated, old.activation, fmts.get("fc1"),
+                           fmts.get("fc2"), device=old.fc1.device, float_dtype=old.fc1.dtype)
+        _set_submodule(model, name, new)
+    return model
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, new)
+
+
+def quantized_module_names(model: nn.Module) -> list[str]:
+    """Names (manifest convention) of the quantized weights in ``model``."""
+    names = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            names.append(name)
+        elif isinstance(mod, QuantExperts):
+            names += [f"{name}.{w}" for w in ("fc1", "fc2") if isinstance(getattr(mod, w), PackedExpertWeight)]
+    return names
+
+
+def set_module_backend(model: nn.Module, backend: str) -> None:
+    """Set ``backend`` on every submodule that has that attribute (mixers, quantized modules)."""
+    for mod in model.modules():
+        if mod is not model and hasattr(mod, "backend"):
+            mod.backend = backend
