@@ -1,0 +1,172 @@
+"""File-level helpers shared by the checkpoint readers and writers: safe pickle and safetensors reading, JSON
+config reading, sha256 hashing, and atomic output directories.
+
+Checkpoints are untrusted input: pickles are read only with ``torch.load(..., weights_only=True)`` and every
+failure becomes a one-line :class:`CheckpointError` naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+from qmamba.errors import CheckpointError, ConfigError
+
+_HASH_CHUNK = 8 << 20
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """First line of an exception message, shortened: CLI errors are one line."""
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    first = lines[0] if lines else type(text).__name__
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+def read_json(path: Path, what: str = "config") -> dict:
+    """A JSON object from ``path``; a missing or malformed file is a :class:`CheckpointError`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {what} file {path}: {one_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} file {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def require_keys(config: dict, keys, path: Path) -> None:
+    missing = [k for k in keys if k not in config]
+    if missing:
+        raise ConfigError(f"config file {path} lacks required key(s) {missing}")
+
+
+def torch_load_safe(path: Path):
+    """``torch.load`` restricted to tensors and plain containers; any failure names the file.
+
+    A pickle that references anything else (e.g. a ``__reduce__`` calling ``os.system``) is rejected by the
+    weights-only unpickler before it can run.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every reader failure is the file's fault
+        text = str(exc)
+        if "Weights only load failed" in text or "Unsupported global" in text or "unpickl" in text.lower():
+            detail = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln), one_line(text))
+            raise CheckpointError(
+                f"refusing to load {path}: the pickle holds objects other than tensors and plain containers "
+                f"({one_line(detail, 160)})") from None
+        raise CheckpointError(f"cannot read weights file {path} (truncated or not a torch checkpoint?): "
+                              f"{type(exc).__name__}: {one_line(text, 160)}") from None
+
+
+def safetensors_load(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file on CPU; a truncated or corrupt file names the file."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        return load_file(str(path), device="cpu")
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...
+        raise CheckpointError(f"cannot read safetensors file {path} (truncated or corrupt?): "
+                              f"{one_line(exc, 160)}") from None
+
+
+def check_tensor_dict(obj, path: Path, where: str = "") -> dict[str, torch.Tensor]:
+    """``obj`` must be a mapping of str -> Tensor (a state dict)."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}{where}: expected a state dict (mapping of names to tensors), "
+                              f"got {type(obj).__name__}")
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}{where}: entry {key!r} is a {type(value).__name__}, not a tensor")
+    return dict(obj)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_files(directory: Path, names, enabled: bool = True) -> dict[str, str | None]:
+    """``{name: sha256}`` for the given files of ``directory`` (``None`` values when hashing is disabled)."""
+    return {name: (sha256_file(Path(directory) / name) if enabled else None) for name in sorted(names)}
+
+
+def dir_is_nonempty(path: Path) -> bool:
+    path = Path(path)
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """Fail early (before any work) when ``out_dir`` may not be written."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"output path {out_dir} exists and is not a directory")
+    if dir_is_nonempty(out_dir) and not overwrite:
+        raise CheckpointError(f"output directory {out_dir} exists and is not empty (pass overwrite to replace it)")
+    if not out_dir.parent.exists():
+        raise CheckpointError(f"parent directory of {out_dir} does not exist")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: Path, overwrite: bool = False):
+    """Yield a temporary directory beside ``out_dir``; on success it is renamed to ``out_dir``.
+
+    On any exception (including KeyboardInterrupt) the temporary directory is removed and ``out_dir`` is left
+    as it was: no half-written output ever appears under the final name.
+    """
+    out_dir = Path(out_dir).absolute()
+    check_output_dir(out_dir, overwrite)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_tokenizer_file(tokenizer_file) -> None:
+    """Fail early (before any work) when a tokenizer file to copy does not exist."""
+    if tokenizer_file is not None and not Path(tokenizer_file).is_file():
+        raise CheckpointError(f"tokenizer file not found: {tokenizer_file}")
+
+
+def copy_tokenizer(tokenizer_file, out_dir: Path) -> None:
+    """Copy a ``tokenizer.json`` into a checkpoint directory being written."""
+    if tokenizer_file is None:
+        return
+    check_tokenizer_file(tokenizer_file)
+    shutil.copyfile(tokenizer_file, Path(out_dir) / "tokenizer.json")
+
+
+def write_json(path: Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -1,0 +1,96 @@
+"""``load_model``: any supported checkpoint -> a ready-to-run :class:`MambaLM`.
+
+The model is built on the ``meta`` device and filled with ``load_state_dict(assign=True)``: every tensor is
+converted once (to the target device and dtype) while the CPU copy is released, so peak memory stays near one
+copy of the weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qmamba.errors import CheckpointError, ConfigError
+from qmamba.ops import BACKENDS
+
+from .detect import FORMATS, detect_format, resolve_checkpoint_dir
+from .files import one_line
+from .manifest import parse_dtype
+from .shapes import is_quantized_tensor, quantized_prefixes
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def default_backend(device: torch.device) -> str:
+    """``"triton"`` on CUDA when triton and qmamba's Triton ops import, else ``"reference"``."""
+    if device.type != "cuda":
+        return "reference"
+    try:
+        import triton  # noqa: F401
+
+        from qmamba.kernels import triton_ops  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import problem means: use the reference ops
+        return "reference"
+    return "triton"
+
+
+def build_model(cfg, state_dict: dict[str, torch.Tensor], manifest: dict, device, dtype: torch.dtype):
+    """A :class:`MambaLM` for ``cfg`` holding ``state_dict`` (consumed) on ``device``; floating non-quantized
+    tensors are cast to ``dtype``, packed tensors of quantized modules keep theirs."""
+    from qmamba.model import MambaLM
+
+    quantization = manifest.get("quantization") or None
+    with torch.device("meta"):
+        model = MambaLM(cfg)
+    if quantization:
+        from qmamba.quant.modules import swap_quantized_modules
+
+        swap_quantized_modules(model, quantization)
+    skip = quantized_prefixes(quantization)
+    tensors = {}
+    for name in list(state_dict):
+        t = state_dict.pop(name)
+        if t.is_floating_point() and not is_quantized_tensor(name, skip):
+            t = t.to(device=device, dtype=dtype)
+        else:
+            t = t.to(device=device)
+        tensors[name] = t
+    head_is_tied = cfg.tie_embeddings and isinstance(model.lm_head, torch.nn.Linear) and "lm_head" not in (
+        quantization or {})
+    if head_is_tied:
+        tensors["lm_head.weight"] = tensors["embedding.weight"]
+    try:
+        model.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint does not fit the model: {one_line(exc, 400)}") from None
+    if head_is_tied:
+        model.lm_head.weight = model.embedding.weight
+    on_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if on_meta:
+        raise CheckpointError(f"checkpoint leaves tensors unset: {on_meta[:4]}")
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_model(path, device=None, dtype=None, backend=None):
+    """Load a checkpoint of any supported format (local dir, file inside it, or hub id) as a :class:`MambaLM`.
+
+    ``device``: default CPU. ``dtype``: default float32 on CPU, bfloat16 on CUDA (names like "bf16" work).
+    ``backend``: "reference" or "triton"; default triton on CUDA when available. The model gets
+    ``model.tokenizer_path`` (``tokenizer.json`` beside the weights, or ``None``) and ``model.checkpoint_manifest``.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    directory = resolve_checkpoint_dir(path)
+    cfg, state_dict, manifest = FORMATS[detect_format(directory)].read(directory)
+    backend = backend or default_backend(device)
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    model = build_model(cfg, state_dict, manifest, device, dtype)
+    model.set_backend(backend)
+    tokenizer = Path(directory) / TOKENIZER_FILE
+    model.tokenizer_path = tokenizer if tokenizer.is_file() else None
+    model.checkpoint_manifest = manifest
+    return model

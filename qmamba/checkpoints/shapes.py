@@ -1,0 +1,80 @@
+"""The tensors a config implies, and validation of a state dict against them before any model is built.
+
+Internal names are those of :class:`qmamba.model.MambaLM` (``layers.{i}.mixer.in_proj.weight`` ...). The expected
+shapes come from building the model on the ``meta`` device, so they can never drift from the model code. A tied
+head (``lm_head.weight``) is not expected. Tensors of quantized modules (named in the manifest's
+``quantization`` map) are skipped here: :mod:`qmamba.quant.modules` validates them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from qmamba.config import ModelConfig
+from qmamba.errors import CheckpointError
+
+MAX_REPORTED = 4
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """``{internal name: shape}`` of every tensor a checkpoint for ``cfg`` stores (tied head excluded)."""
+    from qmamba.model import MambaLM  # model imports are heavier; keep this module cheap to import
+
+    with torch.device("meta"):
+        model = MambaLM(cfg)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def quantized_prefixes(quantization: dict | None) -> tuple[str, ...]:
+    """Name prefixes of the tensors owned by quantized modules."""
+    return tuple(f"{name}." for name in (quantization or {}))
+
+
+def is_quantized_tensor(name: str, prefixes: tuple[str, ...]) -> bool:
+    return bool(prefixes) and name.startswith(prefixes)
+
+
+def _shape_hint(name: str, shape: tuple, cfg: ModelConfig) -> str:
+    if name.endswith("experts.fc1") and len(shape) == 3:
+        if not cfg.expert_gated and shape[1] == 2 * cfg.ffn_hidden:
+            return " (the experts look gated, but the config says non-gated: check swiglu / expert_gated)"
+        if cfg.expert_gated and shape[1] == cfg.ffn_hidden:
+            return " (the experts look non-gated, but the config says gated: check swiglu / expert_gated)"
+    if name == "embedding.weight" and len(shape) == 2 and shape[0] != cfg.vocab_size:
+        return f" (config vocab_size is {cfg.vocab_size}; check vocab padding)"
+    return ""
+
+
+def validate_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, file: Path | str, *,
+                        source_key: Callable[[str], str] | None = None, quantization: dict | None = None) -> None:
+    """Raise :class:`CheckpointError` naming the key(s) and ``file`` unless ``state_dict`` fits ``cfg`` exactly.
+
+    ``source_key`` maps an internal name to the name used in the file, for the message.
+    """
+    src = source_key or (lambda name: name)
+    skip = quantized_prefixes(quantization)
+    expected = expected_shapes(cfg)
+    problems = []
+    for name, tensor in state_dict.items():
+        if is_quantized_tensor(name, skip):
+            continue
+        if name not in expected:
+            problems.append(f"unexpected key {src(name)!r}")
+        elif tuple(tensor.shape) != expected[name]:
+            problems.append(f"key {src(name)!r} has shape {tuple(tensor.shape)}, expected {expected[name]}"
+                            + _shape_hint(name, tuple(tensor.shape), cfg))
+        elif not tensor.is_floating_point():
+            problems.append(f"key {src(name)!r} has dtype {tensor.dtype}, expected a floating-point tensor")
+    for name in expected:
+        if not is_quantized_tensor(name, skip) and name not in state_dict:
+            problems.append(f"missing key {src(name)!r}")
+    if problems:
+        more = f"; ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
+        raise CheckpointError(f"checkpoint {file} does not match its config: "
+                              + "; ".join(problems[:MAX_REPORTED]) + more)
