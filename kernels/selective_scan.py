@@ -5,12 +5,19 @@ Layout is token-major ("channels last"), the layout the projections produce:
     initial_state / final state : [B, D, N] float32
 Math (fp32):  delta = softplus(delta + delta_bias);  h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
               y_t = <C_t, h_t> + D * u_t;  y_t *= silu(z_t)
+
+Triton twins (same signatures): :func:`selective_scan_triton` runs one program per (batch, block of channels) and
+walks the sequence in chunks of ``BLOCK_T`` steps; inside a chunk the linear recurrence ``h_t = a_t h_{t-1} + b_t``
+is an associative scan over (a, b) pairs, the fp32 state stays in registers between chunks, and only y and the
+final state are written. :func:`selective_state_update_triton` is the one-token decode step (optionally in place).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from qmamba.kernels._triton import jit, next_pow2, tl
 
 
 def selective_scan_ref(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=None, initial_state=None,
@@ -48,3 +55,188 @@ def selective_state_update_ref(state, x, delta, A, B_ssm, C_ssm, D_skip, z=None,
     y, new_state = selective_scan_ref(x[:, None], delta[:, None], A, B_ssm[:, None], C_ssm[:, None], D_skip,
                                       None if z is None else z[:, None], delta_bias, state, delta_softplus)
     return y[:, 0], new_state
+
+
+# ---- Triton ----------------------------------------------------------------------------------------------------
+@jit
+def _linear_combine(a1, b1, a2, b2):
+    """Compose h -> a1 h + b1 then h -> a2 h + b2."""
+    return a1 * a2, a2 * b1 + b2
+
+
+@jit
+def _softplus(x):
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+
+
+@jit
+def _selective_scan_kernel(
+    u_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, dskip_ptr, dbias_ptr, h0_ptr, y_ptr, hT_ptr,
+    L, D, N,
+    su_b, su_l, su_d, sdt_b, sdt_l, sdt_d, sz_b, sz_l, sz_d,
+    sb_b, sb_l, sb_n, sc_b, sc_l, sc_n, sy_b, sy_l, sy_d, sa_d, sa_n,
+    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    SOFTPLUS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    dm = d < D
+    nm = n < N
+    dn_mask = dm[:, None] & nm[None, :]
+    A = tl.load(a_ptr + d[:, None] * sa_d + n[None, :] * sa_n, mask=dn_mask, other=0.0).to(tl.float32)
+    state_off = pid_b * D * N + d[:, None] * N + n[None, :]  # h0 / hT are contiguous [B, D, N]
+    if HAS_H0:
+        h = tl.load(h0_ptr + state_off, mask=dn_mask, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    if HAS_D:
+        dskip = tl.load(dskip_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dbias = tl.load(dbias_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    tt = tl.arange(0, BLOCK_T)
+    is_last = (tt == BLOCK_T - 1)[:, None, None]
+    for t0 in range(0, L, BLOCK_T):
+        t = t0 + tt
+        tm = t < L
+        td_mask = tm[:, None] & dm[None, :]
+        tn_mask = tm[:, None] & nm[None, :]
+        u = tl.load(u_ptr + pid_b * su_b + t[:, None] * su_l + d[None, :] * su_d, mask=td_mask,
+                    other=0.0).to(tl.float32)
+        dt = tl.load(dt_ptr + pid_b * sdt_b + t[:, None] * sdt_l + d[None, :] * sdt_d, mask=td_mask,
+                     other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt = dt + dbias[None, :]
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        dt = tl.where(td_mask, dt, 0.0)  # padded steps become the identity (a = 1, b = 0)
+        bm = tl.load(b_ptr + pid_b * sb_b + t[:, None] * sb_l + n[None, :] * sb_n, mask=tn_mask,
+                     other=0.0).to(tl.float32)
+        cm = tl.load(c_ptr + pid_b * sc_b + t[:, None] * sc_l + n[None, :] * sc_n, mask=tn_mask,
+                     other=0.0).to(tl.float32)
+        da = tl.exp(dt[:, :, None] * A[None, :, :])                     # [T, BD, BN]
+        dbu = (dt * u)[:, :, None] * bm[:, None, :]
+        a_cum, b_cum = tl.associative_scan((da, dbu), 0, _linear_combine)
+        hs = a_cum * h[None, :, :] + b_cum
+        y = tl.sum(hs * cm[:, None, :], axis=2)                        # [T, BD]
+        if HAS_D:
+            y += u * dskip[None, :]
+        if HAS_Z:
+            zz = tl.load(z_ptr + pid_b * sz_b + t[:, None] * sz_l + d[None, :] * sz_d, mask=td_mask,
+                         other=0.0).to(tl.float32)
+            y = y * zz * tl.sigmoid(zz)
+        tl.store(y_ptr + pid_b * sy_b + t[:, None] * sy_l + d[None, :] * sy_d, y.to(y_ptr.dtype.element_ty),
+                 mask=td_mask)
+        h = tl.sum(tl.where(is_last, hs, 0.0), axis=0)
+    tl.store(hT_ptr + state_off, h, mask=dn_mask)
+
+
+def _check_scan_args(u, delta, A, B_ssm, C_ssm, D_skip, z, delta_bias, initial_state):
+    if u.dim() != 3:
+        raise ValueError(f"u must be [B, L, D], got {tuple(u.shape)}")
+    batch, length, dim = u.shape
+    n = A.shape[1] if A.dim() == 2 else -1
+    want = {"delta": (delta, (batch, length, dim)), "A": (A, (dim, n)), "B_ssm": (B_ssm, (batch, length, n)),
+            "C_ssm": (C_ssm, (batch, length, n)), "D_skip": (D_skip, (dim,)), "z": (z, (batch, length, dim)),
+            "delta_bias": (delta_bias, (dim,)), "initial_state": (initial_state, (batch, dim, n))}
+    for name, (t, shape) in want.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"selective scan: {name} must have shape {shape}, got {tuple(t.shape)}")
+        if t is not None and t.device != u.device:
+            raise ValueError(f"selective scan: {name} is on {t.device}, u on {u.device}")
+    return batch, length, dim, n
+
+
+def selective_scan_triton(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=None, initial_state=None,
+                          delta_softplus: bool = True, block_t: int | None = None, block_d: int | None = None):
+    """Triton twin of :func:`selective_scan_ref`: ``(y [B, L, D] in u.dtype, final state [B, D, N] fp32)``."""
+    batch, length, dim, n = _check_scan_args(u, delta, A, B_ssm, C_ssm, D_skip, z, delta_bias, initial_state)
+    y = torch.empty(batch, length, dim, device=u.device, dtype=u.dtype)
+    final = torch.empty(batch, dim, n, device=u.device, dtype=torch.float32)
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    block_n = next_pow2(n)
+    block_t = block_t or (32 if u.is_cuda else 8)
+    block_d = block_d or max(1, min(next_pow2(dim), 256 // block_n if u.is_cuda else 16))
+    grid = (batch, triton_cdiv(dim, block_d))
+    dummy = u
+    _selective_scan_kernel[grid](
+        u, delta, z if z is not None else dummy, B_ssm, C_ssm, A, D_skip if D_skip is not None else dummy,
+        delta_bias if delta_bias is not None else dummy, h0 if h0 is not None else final, y, final,
+        length, dim, n,
+        *u.stride(), *delta.stride(), *(z.stride() if z is not None else (0, 0, 0)),
+        *B_ssm.stride(), *C_ssm.stride(), *y.stride(), *A.stride(),
+        HAS_Z=z is not None, HAS_D=D_skip is not None, HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None,
+        SOFTPLUS=bool(delta_softplus), BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n,
+        num_warps=8 if u.is_cuda else 1)
+    return y, final
+
+
+@jit
+def _state_update_kernel(
+    h_ptr, x_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, dskip_ptr, dbias_ptr, y_ptr, hout_ptr,
+    D, N, sh_b, sh_d, sh_n, sx_b, sx_d, sdt_b, sdt_d, sz_b, sz_d, sb_b, sb_n, sc_b, sc_n, sy_b, sy_d,
+    so_b, so_d, so_n, sa_d, sa_n,
+    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    dm = d < D
+    nm = n < N
+    mask = dm[:, None] & nm[None, :]
+    h = tl.load(h_ptr + pid_b * sh_b + d[:, None] * sh_d + n[None, :] * sh_n, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + pid_b * sx_b + d * sx_d, mask=dm, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + pid_b * sdt_b + d * sdt_d, mask=dm, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(dbias_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    A = tl.load(a_ptr + d[:, None] * sa_d + n[None, :] * sa_n, mask=mask, other=0.0).to(tl.float32)
+    bm = tl.load(b_ptr + pid_b * sb_b + n * sb_n, mask=nm, other=0.0).to(tl.float32)
+    cm = tl.load(c_ptr + pid_b * sc_b + n * sc_n, mask=nm, other=0.0).to(tl.float32)
+    h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * bm[None, :]
+    y = tl.sum(h * cm[None, :], axis=1)
+    if HAS_D:
+        y += x * tl.load(dskip_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zz = tl.load(z_ptr + pid_b * sz_b + d * sz_d, mask=dm, other=0.0).to(tl.float32)
+        y = y * zz * tl.sigmoid(zz)
+    tl.store(hout_ptr + pid_b * so_b + d[:, None] * so_d + n[None, :] * so_n, h, mask=mask)
+    tl.store(y_ptr + pid_b * sy_b + d * sy_d, y.to(y_ptr.dtype.element_ty), mask=dm)
+
+
+def selective_state_update_triton(state, x, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=None,
+                                  delta_softplus: bool = True, out_state=None):
+    """Triton twin of :func:`selective_state_update_ref`: ``(y [B, D] in x.dtype, new state fp32)``.
+
+    ``out_state`` (fp32 ``[B, D, N]``) receives the new state; passing ``state`` itself updates it in place (each
+    program reads its state tile before writing it). By default a new tensor is returned, as in the reference.
+    """
+    batch, dim = x.shape
+    n = A.shape[1]
+    for name, t, shape in (("state", state, (batch, dim, n)), ("delta", delta, (batch, dim)),
+                           ("B_ssm", B_ssm, (batch, n)), ("C_ssm", C_ssm, (batch, n)), ("A", A, (dim, n)),
+                           ("z", z, (batch, dim))):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"selective state update: {name} must have shape {shape}, got {tuple(t.shape)}")
+    if state.dtype != torch.float32:
+        raise ValueError(f"selective state update: the SSM state must be float32, got {state.dtype}")
+    out_state = torch.empty_like(state) if out_state is None else out_state
+    y = torch.empty(batch, dim, device=x.device, dtype=x.dtype)
+    block_n = next_pow2(n)
+    block_d = max(1, min(next_pow2(dim), 1024 // block_n if x.is_cuda else 32))
+    grid = (batch, triton_cdiv(dim, block_d))
+    _state_update_kernel[grid](
+        state, x, delta, z if z is not None else x, B_ssm, C_ssm, A, D_skip if D_skip is not None else x,
+        delta_bias if delta_bias is not None else x, y, out_state, dim, n,
+        *state.stride(), *x.stride(), *delta.stride(), *(z.stride() if z is not None else (0, 0)),
+        *B_ssm.stride(), *C_ssm.stride(), *y.stride(), *out_state.stride(), *A.stride(),
+        HAS_Z=z is not None, HAS_D=D_skip is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus), BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4 if x.is_cuda else 1)
+    return y, out_state
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))

@@ -1,0 +1,43 @@
+"""Optional Triton import shared by the kernel files.
+
+Triton is a Linux dependency, but the pure-PyTorch references must import (and run) without it. Kernel files do
+``from qmamba.kernels._triton import triton, tl, jit``. On CPU the kernels run through Triton's interpreter, which
+needs ``TRITON_INTERPRET=1`` in the environment before triton is first imported (tests/conftest.py sets it). Without
+Triton, ``jit`` returns a stub that raises a clear error when a kernel is launched, and ``HAS_TRITON`` is False.
+"""
+
+from __future__ import annotations
+
+try:  # pragma: no cover - exercised by the environment, not by tests
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+    jit = triton.jit
+except ImportError:  # pragma: no cover
+    triton = None
+    HAS_TRITON = False
+
+    class _Missing:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            raise RuntimeError(f"Triton is not installed: kernel {self.name} cannot run (use backend='reference')")
+
+    class _TL:  # annotations and constants used at definition time
+        constexpr = object
+
+        def __getattr__(self, name):
+            return None
+
+    tl = _TL()
+
+    def jit(fn=None, **_kwargs):
+        if fn is None:
+            return lambda f: _Missing(f.__name__)
+        return _Missing(fn.__name__)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
