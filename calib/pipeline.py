@@ -1,0 +1,358 @@
+"""Layer-by-layer calibration: capture each planned linear's inputs with the already-quantized preceding layers,
+quantize it (RTN / GPTQ / AWQ), replace its weight by the dequantized one, move on.
+
+The walk mirrors ``MambaLM.prefill`` (fp32 residual stream, ``x = norm(residual)``, ``h = mixer(x)``) over the
+calibration sequences in chunks. Inside a Mamba block the planned projections are taken in forward order
+(in_proj, x_proj, dt_proj, out_proj): a forward pre-hook on the projection records its input and stops the mixer
+right there. Inside an MoE block every token is routed by the (float) router and each expert sees only its tokens.
+
+MoE-aware rules:
+* an expert with fewer than ``min_expert_tokens`` routed tokens uses the statistics of *all* the layer's tokens
+  (fallback ``"all-tokens"``); if its quantization still fails (non-finite statistics, GPTQ Cholesky failure) it
+  is rounded to nearest (fallback ``"rtn"``). Both are logged and reported; results are checked to be finite.
+* AWQ: the fc1 input scale is shared by all experts (it is folded into the block's RMSNorm weight, and the router
+  weight columns are multiplied by it so routing is unchanged); the fc2 input scale is per expert and folded into
+  the ``b`` half of that expert's fc1 rows (gated experts only; ungated: clipping only).
+* AWQ on Mamba: in_proj's scale is folded into the block's RMSNorm weight (exact). out_proj (input = gated scan
+  output), x_proj (input = conv + SiLU output) and dt_proj get the clipping search only: no exact fold exists and
+  the runtime has no input-scale vector. No Hadamard rotation is applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qmamba.moe import activation_fn
+from qmamba.quant.formats import WeightFormat
+
+from qmamba.calib.awq import quantize_with_clip, search_clip, search_scale
+from qmamba.calib.gptq import GPTQFailure, HessianAccumulator, gptq_quantize
+from qmamba.calib.recipe import PlanEntry
+
+log = logging.getLogger("qmamba.calib")
+
+
+@dataclass
+class CalibOptions:
+    batch_size: int = 8               # sequences per forward chunk
+    act_order: bool = False           # GPTQ act-order (static groups)
+    block_size: int = 128             # GPTQ lazy block
+    damp: float = 0.01                # GPTQ damping, fraction of mean(diag H)
+    awq_grid: int = 20                # AWQ alphas / clip ratios
+    min_expert_tokens: int = 64       # below: expert statistics from all the layer's tokens
+    max_stored_tokens: int = 4096     # token subsample kept for AWQ search and SQNR
+    progress: bool = True
+
+
+@dataclass
+class ModuleResult:
+    """Outcome for one planned module (experts: all experts of one fc1/fc2)."""
+
+    name: str
+    kind: str
+    fmt: WeightFormat
+    method: str
+    packed: dict
+    n_params: int
+    signal: float = 0.0               # sum (x W^T)^2 on stored tokens
+    noise: float = 0.0                # sum (x W^T - x W_hat^T)^2
+    fallbacks: dict = field(default_factory=dict)   # expert -> "all-tokens" | "rtn"
+    expert_tokens: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    @property
+    def sqnr_db(self) -> float:
+        return 10 * math.log10(self.signal / self.noise) if self.noise > 0 else float("inf")
+
+    def manifest_entry(self) -> dict:
+        entry = {**self.fmt.to_dict(), "method": self.method}
+        if self.fallbacks:
+            entry["fallback"] = {str(e): f for e, f in sorted(self.fallbacks.items())}
+        return entry
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _InputCapture:
+    """Statistics of one linear's inputs ``x [..., K]``: Hessian (GPTQ), mean |x| (AWQ) and a token subsample."""
+
+    def __init__(self, k: int, want_hessian: bool, stride: int, device):
+        self.hessian = HessianAccumulator(k, device) if want_hessian else None
+        self.abs_sum = torch.zeros(k, dtype=torch.float64, device=device)
+        self.n_tokens = 0
+        self.stride = max(1, stride)
+        self.stored: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.hessian is not None:
+            self.hessian.add(x)
+        self.abs_sum += x.abs().sum(0).double()
+        self.n_tokens += x.shape[0]
+        self.stored.append(x[:: self.stride].clone())
+
+    def x_mean(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.n_tokens, 1)).float()
+
+    def tokens(self) -> torch.Tensor:
+        return torch.cat(self.stored) if self.stored else torch.zeros(0, self.abs_sum.numel())
+
+
+def _stride_for(n_tokens: int, max_stored: int) -> int:
+    return max(1, math.ceil(n_tokens / max(1, max_stored)))
+
+
+# ---- one weight matrix -------------------------------------------------------------------------------------
+def quantize_matrix(W: torch.Tensor, fmt: WeightFormat, method: str, cap: _InputCapture | None,
+                    opts: CalibOptions, x_used: torch.Tensor | None = None):
+    """Codes and params ``(q, scale, zero, how)`` of ``W [N, K]``; ``how`` is the method actually used."""
+    if method == "gptq" and cap is not None and cap.hessian is not None and cap.n_tokens > 0:
+        H = cap.hessian.hessian()
+        if torch.isfinite(H).all():
+            try:
+                q, s, z = gptq_quantize(W, H, fmt, opts.block_size, opts.damp, opts.act_order)
+                return q, s, z, "gptq"
+            except GPTQFailure:
+                log.warning("GPTQ failed (Hessian not positive definite): RTN used")
+    if method == "awq" and x_used is not None and x_used.shape[0] > 0 and torch.isfinite(x_used).all():
+        clip = search_clip(W, x_used, fmt, opts.awq_grid)
+        q, s, z = quantize_with_clip(W, clip, fmt)
+        return q, s, z, "awq"
+    s, z = fmt.params(W)
+    return fmt.quantize(W, s, z), s, z, "rtn"
+
+
+def _accumulate_error(result: ModuleResult, x: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor) -> None:
+    if x.shape[0] == 0:
+        return
+    ref = x @ W.T
+    result.signal += float(ref.pow(2).sum())
+    result.noise += float((ref - x @ W_hat.T).pow(2).sum())
+
+
+# ---- the walk ----------------------------------------------------------------------------------------------
+class Calibrator:
+    """Runs the walk over ``model`` (float32, modified in place: weights become their dequantized values)."""
+
+    def __init__(self, model: nn.Module, plan: dict[str, PlanEntry], opts: CalibOptions):
+        self.model, self.plan, self.opts = model, plan, opts
+        self.results: dict[str, ModuleResult] = {}
+
+    # chunks of the residual stream: lists of tensors [b, L, d]
+    def run(self, ids: torch.Tensor) -> dict[str, ModuleResult]:
+        model, opts = self.model, self.opts
+        model.eval()
+        chunks = list(ids.split(opts.batch_size))
+        with torch.no_grad():
+            residual = [torch.zeros(*c.shape, model.config.d_model, device=c.device) for c in chunks]
+            h = [model.embedding(c).float() for c in chunks]
+            layer_bar = tqdm(list(enumerate(model.layers)), desc="layers", disable=not opts.progress, leave=False)
+            for i, block in layer_bar:
+                layer_bar.set_postfix_str(f"{i}:{block.kind}")
+                residual = [r + hh for r, hh in zip(residual, h)]
+                if block.kind == "mamba":
+                    self._mamba_block(i, block, residual)
+                else:
+                    self._moe_block(i, block, residual)
+                h = [block.mixer(block.norm(r, out_dtype=torch.float32))[0] if block.kind == "mamba"
+                     else block.mixer(block.norm(r, out_dtype=torch.float32)) for r in residual]
+            if "lm_head" in self.plan:
+                residual = [r + hh for r, hh in zip(residual, h)]
+                self._head(residual)
+        return self.results
+
+    # ---- Mamba -------------------------------------------------------------------------------------------
+    def _capture(self, module: nn.Linear, run_chunk, n_chunks: int, want_hessian: bool, n_tokens: int):
+        cap = _InputCapture(module.in_features, want_hessian, _stride_for(n_tokens, self.opts.max_stored_tokens),
+                            module.weight.device)
+
+        def hook(_mod, args):
+            cap.add(args[0])
+            raise _StopForward
+
+        handle = module.register_forward_pre_hook(hook)
+        try:
+            for j in range(n_chunks):
+                try:
+                    run_chunk(j)
+                except _StopForward:
+                    pass
+        finally:
+            handle.remove()
+        return cap
+
+    def _mamba_block(self, i: int, block, residual) -> None:
+        mixer = block.mixer
+        n_tokens = sum(r.shape[0] * r.shape[1] for r in residual)
+        for leaf in ("in_proj", "x_proj", "dt_proj", "out_proj"):
+            name = f"layers.{i}.mixer.{leaf}"
+            if name not in self.plan:
+                continue
+            entry = self.plan[name]
+            linear = getattr(mixer, leaf)
+            cap = self._capture(linear, lambda j: mixer(block.norm(residual[j], out_dtype=torch.float32)),
+                                len(residual), entry.method == "gptq", n_tokens)
+            W = linear.weight.detach().float()
+            x_used = cap.tokens()
+            result = ModuleResult(name, leaf, entry.fmt, entry.method, {}, W.numel())
+            if entry.method == "awq":
+                if leaf == "in_proj":  # fold 1/s into the block's RMSNorm weight: exact
+                    s, alpha, _ = search_scale([(W, x_used)], cap.x_mean(), entry.fmt, self.opts.awq_grid)
+                    block.norm.weight.data.div_(s.to(block.norm.weight.dtype))
+                    W, x_used = W * s, x_used / s
+                    result.notes.append(f"awq alpha={alpha:.2f} folded into norm")
+                else:
+                    result.notes.append("awq: clipping only (no exact fold)")
+            q, s, z, how = quantize_matrix(W, entry.fmt, entry.method, cap, self.opts, x_used)
+            if how != entry.method:
+                result.fallbacks["-"] = how
+            W_hat = entry.fmt.dequantize_codes(q, s, z)
+            self._check_finite(name, W_hat)
+            _accumulate_error(result, x_used, W, W_hat)
+            result.packed = entry.fmt.from_codes(q, s, z)
+            linear.weight.data.copy_(W_hat.to(linear.weight.dtype))
+            self.results[name] = result
+
+    # ---- MoE ---------------------------------------------------------------------------------------------
+    def _moe_block(self, i: int, block, residual) -> None:
+        mixer, opts = block.mixer, self.opts
+        experts = mixer.experts
+        x_all = torch.cat([block.norm(r, out_dtype=torch.float32).reshape(-1, r.shape[-1]) for r in residual])
+        idx = mixer.router(x_all).argmax(-1)  # sigmoid is monotonic: argmax of logits = top-1 expert
+        n_exp = experts.n_experts
+        token_sets = [(idx == e).nonzero(as_tuple=True)[0] for e in range(n_exp)]
+        counts = [int(t.numel()) for t in token_sets]
+        uses_all = [c < opts.min_expert_tokens for c in counts]
+        for e in range(n_exp):
+            if uses_all[e]:
+                log.warning("layer %d expert %d: %d routed calibration tokens (< %d): statistics from all %d tokens",
+                            i, e, counts[e], opts.min_expert_tokens, x_all.shape[0])
+        x_e = [x_all if uses_all[e] else x_all[token_sets[e]] for e in range(n_exp)]
+        name1, name2 = f"layers.{i}.mixer.experts.fc1", f"layers.{i}.mixer.experts.fc2"
+        e1, e2 = self.plan.get(name1), self.plan.get(name2)
+        act = activation_fn(experts.activation)
+        ffn = experts.fc2.shape[2]
+
+        def stride(n):
+            return _stride_for(n, opts.max_stored_tokens)
+
+        r1 = ModuleResult(name1, "experts.fc1", e1.fmt, e1.method, {}, experts.fc1.numel()) if e1 else None
+        r2 = ModuleResult(name2, "experts.fc2", e2.fmt, e2.method, {}, experts.fc2.numel()) if e2 else None
+        # AWQ scales first, on the float weights (folds are exact there)
+        if e1 is not None and e1.method == "awq":
+            pairs = [(experts.fc1[e].detach().float(), x_e[e][:: stride(x_e[e].shape[0])]) for e in range(n_exp)]
+            x_mean = x_all.abs().mean(0)
+            s, alpha, _ = search_scale(pairs, x_mean, e1.fmt, opts.awq_grid)
+            block.norm.weight.data.div_(s.to(block.norm.weight.dtype))
+            mixer.router.weight.data.mul_(s.to(mixer.router.weight.dtype))
+            experts.fc1.data.mul_(s.to(experts.fc1.dtype))
+            x_all = x_all / s
+            x_e = [x / s for x in x_e]
+            r1.notes.append(f"awq alpha={alpha:.2f} shared, folded into norm (+ router columns)")
+        if e2 is not None and e2.method == "awq" and experts.gated:
+            alphas = []
+            for e in range(n_exp):
+                a, b = (x_e[e] @ experts.fc1[e].float().T).chunk(2, dim=-1)
+                x2 = act(a) * b
+                W2 = experts.fc2[e].detach().float()
+                s, alpha, _ = search_scale([(W2, x2[:: stride(x2.shape[0])])], x2.abs().mean(0), e2.fmt,
+                                           opts.awq_grid)
+                experts.fc1.data[e, ffn:] /= s[:, None].to(experts.fc1.dtype)
+                experts.fc2.data[e] *= s[None, :].to(experts.fc2.dtype)
+                alphas.append(alpha)
+            r2.notes.append("awq alphas " + ",".join(f"{a:.2f}" for a in alphas) + " folded into fc1 b rows")
+        elif e2 is not None and e2.method == "awq":
+            r2.notes.append("awq: clipping only (ungated experts: no exact fold)")
+
+        # fc1, then fc2 on the quantized fc1's outputs
+        bar = tqdm(total=n_exp * ((e1 is not None) + (e2 is not None)), desc=f"layer {i} experts",
+                   disable=not opts.progress, leave=False)
+        for name, entry, result, which in ((name1, e1, r1, "fc1"), (name2, e2, r2, "fc2")):
+            if entry is None:
+                continue
+            weights = getattr(experts, which)
+            codes, scales, zeros = [], [], []
+            for e in range(n_exp):
+                if which == "fc1":
+                    x_in = x_e[e]
+                else:
+                    a = x_e[e] @ experts.fc1[e].float().T
+                    if experts.gated:
+                        a, b = a.chunk(2, dim=-1)
+                        x_in = act(a) * b
+                    else:
+                        x_in = act(a)
+                cap = _InputCapture(x_in.shape[-1], entry.method == "gptq", stride(x_in.shape[0]), x_in.device)
+                cap.add(x_in)
+                W = weights[e].detach().float()
+                q, s, z, how = quantize_matrix(W, entry.fmt, entry.method, cap, opts, cap.tokens())
+                if how != entry.method:
+                    result.fallbacks[e] = how
+                elif uses_all[e]:
+                    result.fallbacks[e] = "all-tokens"
+                W_hat = entry.fmt.dequantize_codes(q, s, z)
+                self._check_finite(f"{name}[{e}]", W_hat)
+                own = x_in if not uses_all[e] or counts[e] == 0 else x_in[token_sets[e]]
+                _accumulate_error(result, own[:: stride(own.shape[0])], W, W_hat)
+                weights.data[e] = W_hat.to(weights.dtype)
+                codes.append(q), scales.append(s), zeros.append(z)
+                bar.update(1)
+            result.expert_tokens = counts
+            result.packed = entry.fmt.from_codes(torch.stack(codes), torch.stack(scales),
+                                                 None if zeros[0] is None else torch.stack(zeros))
+            self.results[name] = result
+        bar.close()
+
+    # ---- head --------------------------------------------------------------------------------------------
+    def _head(self, residual) -> None:
+        model, entry = self.model, self.plan["lm_head"]
+        head = model.lm_head
+        n_tokens = sum(r.shape[0] * r.shape[1] for r in residual)
+        cap = _InputCapture(head.in_features, entry.method == "gptq", _stride_for(n_tokens, self.opts.max_stored_tokens),
+                            head.weight.device)
+        for r in residual:
+            cap.add(model.norm_f(r, out_dtype=torch.float32))
+        W = head.weight.detach().float()
+        result = ModuleResult("lm_head", "lm_head", entry.fmt, entry.method, {}, W.numel())
+        if entry.method == "awq":
+            result.notes.append("awq: clipping only (final norm feeds nothing else, but kept simple)")
+        q, s, z, how = quantize_matrix(W, entry.fmt, entry.method, cap, self.opts, cap.tokens())
+        if how != entry.method:
+            result.fallbacks["-"] = how
+        W_hat = entry.fmt.dequantize_codes(q, s, z)
+        self._check_finite("lm_head", W_hat)
+        _accumulate_error(result, cap.tokens(), W, W_hat)
+        result.packed = entry.fmt.from_codes(q, s, z)
+        if model.config.tie_embeddings:  # untie: the embedding keeps the float weights
+            model.lm_head = nn.Linear(head.in_features, head.out_features, bias=False).to(W.device)
+        model.lm_head.weight.data.copy_(W_hat)
+        self.results["lm_head"] = result
+
+    @staticmethod
+    def _check_finite(name: str, W_hat: torch.Tensor) -> None:
+        if not torch.isfinite(W_hat).all():
+            raise RuntimeError(f"quantization of {name} produced non-finite weights")
+
+
+def calibrate(model: nn.Module, ids: torch.Tensor, plan: dict[str, PlanEntry],
+              opts: CalibOptions | None = None) -> dict[str, ModuleResult]:
+    """Quantize ``model`` in place (fake-quantized float weights) and return the per-module results (packed)."""
+    opts = opts or CalibOptions()
+    unknown = sorted(set(plan) - set(_planned_names(model)))
+    if unknown:
+        raise ValueError(f"plan names modules this model lacks: {unknown}")
+    return Calibrator(model, plan, opts).run(ids)
+
+
+def _planned_names(model) -> list[str]:
+    from qmamba.calib.recipe import quantizable_modules
+
+    return list(quantizable_modules(model))

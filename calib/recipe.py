@@ -1,0 +1,158 @@
+"""Which modules get quantized, and how: defaults from the command line, overridden by a recipe file.
+
+Quantizable modules (manifest names): ``layers.{i}.mixer.in_proj``, ``.out_proj``, ``.x_proj``, ``.dt_proj``
+(Mamba layers), ``layers.{i}.mixer.experts.fc1`` / ``.fc2`` (all experts of an MoE layer), ``lm_head``.
+Selected by default: in_proj, out_proj, experts fc1/fc2; ``--quantize-xdt`` adds x_proj/dt_proj and
+``--quantize-head`` adds lm_head (the embedding always stays in the source precision). Never quantized: A_log, D,
+dt bias, conv, norms, router and its bias.
+
+A recipe (YAML or JSON) overrides these per module-name pattern (``fnmatch``; rules apply in order, later wins)::
+
+    default: {bits: 4, group_size: 128, symmetric: false, method: gptq}   # optional, overrides the CLI values
+    rules:
+      - {pattern: "layers.*.mixer.out_proj", bits: 8}
+      - {pattern: "*.experts.fc2", group_size: 64, method: awq}
+      - {pattern: "layers.0.*", bits: 16}          # 16 = keep in float
+      - {pattern: "*.x_proj", bits: 8}             # a rule may also select a module off by default
+
+Unknown keys, bad values and patterns that match no quantizable module are errors.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from qmamba.errors import ConfigError
+from qmamba.quant.formats import WeightFormat, make_format
+
+METHODS = ("rtn", "gptq", "awq")
+SETTING_KEYS = ("bits", "group_size", "symmetric", "method")
+FLOAT_BITS = 16
+
+
+class RecipeError(ConfigError):
+    """A recipe file with unknown keys or unsupported values."""
+
+
+@dataclass(frozen=True)
+class ModuleSetting:
+    bits: int
+    group_size: int
+    symmetric: bool
+    method: str
+
+    def fmt(self) -> WeightFormat:
+        return make_format(self.bits, self.group_size, self.symmetric)
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    fmt: WeightFormat
+    method: str
+
+
+def quantizable_modules(model) -> dict[str, str]:
+    """``{manifest name: kind}`` for every module this pipeline can quantize, in forward order."""
+    out = {}
+    for i, block in enumerate(model.layers):
+        if block.kind == "mamba":
+            for leaf in ("in_proj", "x_proj", "dt_proj", "out_proj"):
+                out[f"layers.{i}.mixer.{leaf}"] = leaf
+        else:
+            out[f"layers.{i}.mixer.experts.fc1"] = "experts.fc1"
+            out[f"layers.{i}.mixer.experts.fc2"] = "experts.fc2"
+    out["lm_head"] = "lm_head"
+    return out
+
+
+def _check_setting(data: dict, where: str, allow_pattern: bool) -> dict:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: expected a mapping, got {data!r}")
+    allowed = SETTING_KEYS + (("pattern",) if allow_pattern else ())
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise RecipeError(f"{where}: unknown recipe keys {unknown} (allowed: {list(allowed)})")
+    if "bits" in data and data["bits"] not in (4, 8, FLOAT_BITS):
+        raise RecipeError(f"{where}: bits must be 4, 8 or 16 (keep in float), got {data['bits']!r}")
+    if "method" in data and data["method"] not in METHODS:
+        raise RecipeError(f"{where}: method must be one of {METHODS}, got {data['method']!r}")
+    if "symmetric" in data and not isinstance(data["symmetric"], bool):
+        raise RecipeError(f"{where}: symmetric must be true or false, got {data['symmetric']!r}")
+    return {k: v for k, v in data.items() if k != "pattern"}
+
+
+def load_recipe(path: str | Path) -> dict:
+    """Read and validate a YAML/JSON recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # json/yaml parse errors
+        raise RecipeError(f"cannot parse recipe {path}: {exc}") from None
+    return validate_recipe(data, str(path))
+
+
+def validate_recipe(data, where: str = "recipe") -> dict:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: a recipe must be a mapping with 'default' and/or 'rules'")
+    unknown = sorted(set(data) - {"default", "rules"})
+    if unknown:
+        raise RecipeError(f"{where}: unknown recipe keys {unknown} (allowed: ['default', 'rules'])")
+    _check_setting(data.get("default", {}), f"{where}: default", allow_pattern=False)
+    rules = data.get("rules", [])
+    if not isinstance(rules, list):
+        raise RecipeError(f"{where}: 'rules' must be a list")
+    for j, rule in enumerate(rules):
+        _check_setting(rule, f"{where}: rules[{j}]", allow_pattern=True)
+        if not isinstance(rule.get("pattern"), str):
+            raise RecipeError(f"{where}: rules[{j}] needs a 'pattern' string")
+    return {"default": dict(data.get("default", {})), "rules": [dict(r) for r in rules]}
+
+
+def build_plan(model, bits: int = 4, group_size: int = 128, symmetric: bool = False, method: str = "gptq",
+               quantize_head: bool = False, quantize_xdt: bool = False, recipe: dict | None = None
+               ) -> dict[str, PlanEntry]:
+    """``{manifest name: PlanEntry}`` in forward order, for the modules to quantize."""
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+    recipe = validate_recipe(recipe or {})
+    base = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "method": method}
+    base.update(recipe["default"])
+    candidates = quantizable_modules(model)
+    on_by_default = {"in_proj", "out_proj", "experts.fc1", "experts.fc2"}
+    if quantize_xdt:
+        on_by_default |= {"x_proj", "dt_proj"}
+    if quantize_head:
+        on_by_default.add("lm_head")
+    settings = {name: dict(base) if kind in on_by_default else None for name, kind in candidates.items()}
+    for j, rule in enumerate(recipe["rules"]):
+        matched = [name for name in candidates if fnmatch.fnmatchcase(name, rule["pattern"])]
+        if not matched:
+            raise RecipeError(f"recipe rules[{j}]: pattern {rule['pattern']!r} matches no quantizable module "
+                              f"(examples: {', '.join(list(candidates)[:4])}, ...; norms, router, conv and SSM "
+                              "parameters are never quantized)")
+        for name in matched:
+            current = settings[name] or dict(base)
+            current.update({k: v for k, v in rule.items() if k != "pattern"})
+            settings[name] = current
+    plan = {}
+    for name, s in settings.items():
+        if s is None or s["bits"] == FLOAT_BITS:
+            continue
+        setting = ModuleSetting(int(s["bits"]), int(s["group_size"]), bool(s["symmetric"]), s["method"])
+        plan[name] = PlanEntry(setting.fmt(), setting.method)
+    if not plan:
+        raise ConfigError("nothing to quantize: every module is kept in float")
+    return plan

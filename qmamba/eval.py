@@ -1,0 +1,143 @@
+"""Evaluation on the runtime side: sliding-window perplexity, LAMBADA last-word accuracy, router agreement.
+
+Perplexity (HF-style sliding window): windows of ``seq_len`` tokens start every ``stride`` tokens; each window
+scores only the tokens not scored by an earlier window, so every token after the first is scored exactly once,
+with at least ``seq_len - stride`` tokens of context (except at the start). ``stride == seq_len`` gives
+non-overlapping windows.
+
+LAMBADA: context and continuation are tokenized separately and concatenated (lm-evaluation-harness convention);
+a record counts as correct when every continuation token is the greedy argmax. Also reported: the
+continuation's perplexity.
+
+Router agreement: the fraction of tokens whose top-1 expert is the same in two models (each MoE layer fed by its
+own model's preceding layers), on the same token ids.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from qmamba.errors import UserError
+
+
+def _windows(n_tokens: int, seq_len: int, stride: int):
+    """``(begin, end, n_scored)`` for each window."""
+    prev_end = 0
+    begin = 0
+    while True:
+        end = min(begin + seq_len, n_tokens)
+        yield begin, end, end - max(prev_end, begin + 1)  # a window's first token has no context in it
+        prev_end = end
+        if end >= n_tokens:
+            return
+        begin += stride
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, seq_len: int = 512, stride: int | None = None, batch_size: int = 8,
+               progress: bool = True) -> dict:
+    """Sliding-window perplexity of a 1-D token tensor; returns ``{"ppl", "nll", "tokens", ...}``."""
+    stride = stride or seq_len
+    if seq_len < 2 or not (0 < stride <= seq_len):
+        raise UserError(f"need seq_len >= 2 and 0 < stride <= seq_len, got seq_len={seq_len} stride={stride}")
+    ids = ids.reshape(-1)
+    if ids.numel() < 2:
+        raise UserError(f"evaluation text has {ids.numel()} tokens: at least 2 are needed")
+    device = model.device
+    windows = list(_windows(ids.numel(), seq_len, stride))
+    total_nll, total_tokens = 0.0, 0
+    bar = tqdm(total=len(windows), desc="perplexity", disable=not progress, leave=False)
+    for j in range(0, len(windows), batch_size):
+        group = windows[j: j + batch_size]
+        width = max(end - begin for begin, end, _ in group)
+        batch = torch.zeros(len(group), width, dtype=torch.long)
+        for row, (begin, end, _) in enumerate(group):
+            batch[row, : end - begin] = ids[begin:end]
+        logits = model(batch.to(device)).float()
+        for row, (begin, end, n_scored) in enumerate(group):
+            length = end - begin
+            lp = F.log_softmax(logits[row, : length - 1], dim=-1)
+            target = batch[row, 1:length].to(device)
+            nll = -lp.gather(-1, target[:, None])[:, 0]
+            total_nll += float(nll[length - 1 - n_scored:].sum())
+            total_tokens += n_scored
+        bar.update(len(group))
+    bar.close()
+    nll = total_nll / total_tokens
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": total_tokens, "seq_len": seq_len, "stride": stride}
+
+
+def load_lambada(path, limit: int | None = None) -> list[dict]:
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except (OSError, json.JSONDecodeError, EOFError) as exc:
+        raise UserError(f"cannot read LAMBADA file {path}: {exc}") from None
+    return records[:limit] if limit else records
+
+
+@torch.no_grad()
+def lambada(model, tokenizer, records: list[dict], progress: bool = True) -> dict:
+    """Greedy last-word accuracy and continuation perplexity over LAMBADA records."""
+    correct, nll_sum, n_tokens = 0, 0.0, 0
+    for rec in tqdm(records, desc="lambada", disable=not progress, leave=False):
+        ctx = tokenizer.encode(rec["context"]).ids
+        cont = tokenizer.encode(rec["continuation"]).ids
+        if not ctx or not cont:
+            continue
+        ids = torch.tensor([ctx + cont], dtype=torch.long, device=model.device)
+        logits = model(ids)[0, len(ctx) - 1: -1].float()
+        target = ids[0, len(ctx):]
+        correct += bool((logits.argmax(-1) == target).all())
+        nll_sum += float(-F.log_softmax(logits, -1).gather(-1, target[:, None]).sum())
+        n_tokens += len(cont)
+    n = len(records)
+    return {"accuracy": correct / n if n else float("nan"), "records": n,
+            "continuation_ppl": math.exp(nll_sum / n_tokens) if n_tokens else float("nan")}
+
+
+@torch.no_grad()
+def record_routing(model, ids: torch.Tensor, batch_size: int = 8) -> dict[int, torch.Tensor]:
+    """Top-1 expert of every token at every MoE layer: ``{layer index: idx [N * L] int16}``."""
+    records: dict[int, list] = {}
+    handles = []
+    for i, block in enumerate(model.layers):
+        if block.kind != "mamba":
+            def hook(_mod, _args, out, i=i):
+                records.setdefault(i, []).append(out.argmax(-1).reshape(-1).to(torch.int16).cpu())
+
+            handles.append(block.mixer.router.register_forward_hook(hook))
+    try:
+        for chunk in ids.split(batch_size):
+            model(chunk.to(model.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {i: torch.cat(v) for i, v in records.items()}
+
+
+def routing_agreement(routes_a: dict, routes_b: dict) -> dict:
+    """``{"overall": fraction, "per_layer": {layer: fraction}}`` of equal top-1 choices."""
+    per_layer = {i: float((routes_a[i] == routes_b[i]).float().mean()) for i in routes_a}
+    total = sum(routes_a[i].numel() for i in routes_a)
+    same = sum(int((routes_a[i] == routes_b[i]).sum()) for i in routes_a)
+    return {"overall": same / total if total else float("nan"), "per_layer": per_layer}
+
+
+def router_agreement(model_a, model_b, ids: torch.Tensor, batch_size: int = 8) -> dict:
+    """Top-1 routing agreement of two models on ``ids [N, L]``."""
+    return routing_agreement(record_routing(model_a, ids, batch_size), record_routing(model_b, ids, batch_size))
+
+
+def text_windows(ids: torch.Tensor, seq_len: int, max_windows: int) -> torch.Tensor:
+    """Up to ``max_windows`` consecutive windows ``[n, seq_len]`` from 1-D ids (for router agreement)."""
+    n = min(max_windows, ids.numel() // seq_len)
+    if n == 0:
+        raise UserError(f"text has {ids.numel()} tokens: fewer than one window of {seq_len}")
+    return ids[: n * seq_len].reshape(n, seq_len)
