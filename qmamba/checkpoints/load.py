@@ -17,7 +17,7 @@ from qmamba.ops import BACKENDS
 from .detect import FORMATS, detect_format, resolve_checkpoint_dir
 from .files import one_line
 from .manifest import parse_dtype
-from .shapes import is_quantized_tensor, quantized_prefixes
+from .shapes import is_quantized_tensor, quantized_names
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -47,7 +47,7 @@ def build_model(cfg, state_dict: dict[str, torch.Tensor], manifest: dict, device
         from qmamba.quant.modules import swap_quantized_modules
 
         swap_quantized_modules(model, quantization)
-    skip = quantized_prefixes(quantization)
+    skip = quantized_names(quantization)
     tensors = {}
     for name in list(state_dict):
         t = state_dict.pop(name)
@@ -56,8 +56,7 @@ def build_model(cfg, state_dict: dict[str, torch.Tensor], manifest: dict, device
         else:
             t = t.to(device=device)
         tensors[name] = t
-    head_is_tied = cfg.tie_embeddings and isinstance(model.lm_head, torch.nn.Linear) and "lm_head" not in (
-        quantization or {})
+    head_is_tied = cfg.tie_embeddings and not is_quantized_tensor("lm_head.weight", skip)
     if head_is_tied:
         tensors["lm_head.weight"] = tensors["embedding.weight"]
     try:

@@ -62,16 +62,24 @@ def dominant_float_dtype(state_dict: dict[str, torch.Tensor]) -> str | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
+def qmamba_version() -> str:
+    """Installed qmamba version (from package metadata, which works however the package was installed)."""
+    try:
+        from importlib.metadata import version
+
+        return version("qmamba")
+    except Exception:  # noqa: BLE001 - not installed (running from a source tree)
+        return "unknown"
+
+
 def source_manifest(fmt: str, path: Path, files: dict[str, str | None],
                     state_dict: dict[str, torch.Tensor]) -> dict:
     """In-memory manifest describing a checkpoint read from a source format."""
-    from qmamba import __version__
-
     return {
         "format": fmt,
         "format_version": None,
         "dtype": dominant_float_dtype(state_dict),
         "source": {"format": fmt, "path": str(Path(path).absolute()), "files": dict(files)},
         "quantization": None,
-        "qmamba_version": __version__,
+        "qmamba_version": qmamba_version(),
     }

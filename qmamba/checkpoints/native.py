@@ -26,8 +26,9 @@ from qmamba.errors import CheckpointError, ConfigError
 
 from .files import (atomic_output_dir, check_output_dir, check_tokenizer_file, copy_tokenizer, read_json,
                     safetensors_load, write_json)
-from .manifest import FORMAT_NAME, FORMAT_VERSION, RESERVED_KEYS, dominant_float_dtype, parse_dtype
-from .shapes import is_quantized_tensor, quantized_prefixes, validate_state_dict
+from .manifest import (FORMAT_NAME, FORMAT_VERSION, RESERVED_KEYS, dominant_float_dtype, parse_dtype,
+                       qmamba_version)
+from .shapes import is_quantized_tensor, quantized_names, validate_state_dict
 
 FORMAT = FORMAT_NAME
 WEIGHTS = "model.safetensors"
@@ -84,7 +85,7 @@ def save_checkpoint(model_or_state_dict, config: ModelConfig, out_dir, *, source
         raise ConfigError("quantization must be a dict {module_name: {...}} or None")
     cast = parse_dtype(dtype)
     sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else dict(model_or_state_dict)
-    skip = quantized_prefixes(quantization)
+    skip = quantized_names(quantization)
     if config.tie_embeddings and not is_quantized_tensor("lm_head.weight", skip):
         sd.pop("lm_head.weight", None)
     if cast is not None:
@@ -93,10 +94,8 @@ def save_checkpoint(model_or_state_dict, config: ModelConfig, out_dir, *, source
     validate_state_dict(sd, config, out_dir, quantization=quantization)
     tensors, aliases = _prepare_tensors(sd)
     del sd
-    from qmamba import __version__
-
     manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "dtype": dominant_float_dtype(tensors),
-                "source": source, "quantization": quantization, "qmamba_version": __version__, **extra}
+                "source": source, "quantization": quantization, "qmamba_version": qmamba_version(), **extra}
     if aliases:
         manifest["aliases"] = aliases
     json.dumps(manifest)  # fail before writing anything if it is not JSON-serialisable

@@ -31,13 +31,20 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def quantized_prefixes(quantization: dict | None) -> tuple[str, ...]:
-    """Name prefixes of the tensors owned by quantized modules."""
-    return tuple(f"{name}." for name in (quantization or {}))
+def quantized_names(quantization: dict | None) -> tuple[str, ...]:
+    """Names of the quantized modules/weights of a quantization manifest (``{name: entry}`` or
+    ``{"modules": {name: entry}}``)."""
+    if not quantization:
+        return ()
+    if isinstance(quantization.get("modules"), dict):
+        quantization = quantization["modules"]
+    return tuple(quantization)
 
 
-def is_quantized_tensor(name: str, prefixes: tuple[str, ...]) -> bool:
-    return bool(prefixes) and name.startswith(prefixes)
+def is_quantized_tensor(name: str, names: tuple[str, ...]) -> bool:
+    """Whether tensor ``name`` belongs to a quantized module or weight (``lm_head`` -> ``lm_head.qweight``;
+    ``layers.1.mixer.experts.fc1`` -> ``layers.1.mixer.experts.fc1.scales``)."""
+    return any(name == n or name.startswith(n + ".") for n in names)
 
 
 def _shape_hint(name: str, shape: tuple, cfg: ModelConfig) -> str:
@@ -58,7 +65,7 @@ def validate_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, f
     ``source_key`` maps an internal name to the name used in the file, for the message.
     """
     src = source_key or (lambda name: name)
-    skip = quantized_prefixes(quantization)
+    skip = quantized_names(quantization)
     expected = expected_shapes(cfg)
     problems = []
     for name, tensor in state_dict.items():

@@ -1,0 +1,108 @@
+"""Random-weight checkpoints of any preset, in any supported format (to try the pipeline and to benchmark big
+shapes without downloads).
+
+Initialisation follows Mamba's: ``A_log[i, :] = log(1..N)``, ``D = 1``, dt bias = inverse-softplus of dt drawn
+log-uniform in [1e-3, 1e-1], ``dt_proj`` uniform(+-dt_rank^-0.5), depthwise conv uniform(+-1/sqrt(d_conv)),
+linears and embedding normal(0, 0.02) (``out_proj``/``fc2`` scaled by 1/sqrt(n_layers)), norms 1, biases 0.
+Tensors are generated directly in the target dtype, one at a time, so BlackMamba-2.8B in bf16 needs about one
+copy of its weights (5.6 GB) in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from qmamba.config import ModelConfig, preset
+from qmamba.errors import ConfigError
+
+from . import blackmamba, hf_mamba, mamba_ssm, native
+from .files import atomic_output_dir, check_output_dir, check_tokenizer_file, copy_tokenizer
+from .manifest import parse_dtype
+from .shapes import expected_shapes
+
+DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
+INIT_STD = 0.02
+WRITERS = {"blackmamba": blackmamba, "mamba_ssm": mamba_ssm, "hf": hf_mamba}
+CREATE_FORMATS = ("qmamba", *WRITERS)
+
+
+def _init_tensor(name: str, shape: tuple, cfg: ModelConfig, dtype: torch.dtype, gen: torch.Generator):
+    """One freshly initialised tensor for internal name ``name``."""
+    leaf = name.rsplit(".", 1)[-1]
+    out = torch.empty(shape, dtype=dtype)
+    if name.endswith("A_log"):
+        row = torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32))
+        return row.expand(shape).to(dtype).contiguous()
+    if name.endswith(".D") or name.endswith("norm.weight") or name.endswith("norm_f.weight"):
+        return out.fill_(1.0)
+    if name.endswith("dt_bias"):
+        u = torch.rand(shape, generator=gen, dtype=torch.float32)
+        dt = torch.exp(u * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)).clamp(min=DT_FLOOR)
+        return (dt + torch.log(-torch.expm1(-dt))).to(dtype)  # softplus^-1(dt)
+    if name.endswith("dt_proj.weight"):
+        bound = cfg.dt_rank ** -0.5
+        return out.uniform_(-bound, bound, generator=gen)
+    if name.endswith("conv_weight") or name.endswith("conv_bias"):
+        bound = 1.0 / math.sqrt(cfg.d_conv)
+        return out.uniform_(-bound, bound, generator=gen)
+    if leaf == "bias":
+        return out.zero_()
+    std = INIT_STD / math.sqrt(cfg.n_layers) if name.endswith(("out_proj.weight", "experts.fc2")) else INIT_STD
+    return out.normal_(0.0, std, generator=gen)
+
+
+def random_state_dict(cfg: ModelConfig, seed: int = 0, dtype=torch.float32, progress: bool = False):
+    """Internal-name state dict of a freshly initialised model (tied head not included)."""
+    dtype = parse_dtype(dtype) or torch.float32
+    gen = torch.Generator().manual_seed(int(seed))
+    shapes = expected_shapes(cfg)
+    return {name: _init_tensor(name, shape, cfg, dtype, gen)
+            for name, shape in tqdm(shapes.items(), desc="init", unit="tensor", disable=not progress)}
+
+
+def default_dtype(fmt: str, cfg: ModelConfig) -> torch.dtype:
+    """bf16 for the BlackMamba format (as published) and native BlackMamba models; fp32 otherwise."""
+    if fmt == "blackmamba" or (fmt == "qmamba" and cfg.family == "blackmamba"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def write_checkpoint(state_dict: dict, cfg: ModelConfig, fmt: str, out_dir, *, tokenizer_file=None,
+                     overwrite: bool = False, source: dict | None = None, max_shard_bytes: int | None = None) -> Path:
+    """Write an internal-name ``state_dict`` (consumed) as a checkpoint of format ``fmt``, atomically."""
+    if fmt not in CREATE_FORMATS:
+        raise ConfigError(f"unknown checkpoint format {fmt!r}; choose from {', '.join(CREATE_FORMATS)}")
+    if fmt == "qmamba":
+        return native.save_checkpoint(state_dict, cfg, out_dir, source=source, tokenizer_file=tokenizer_file,
+                                      overwrite=overwrite)
+    writer = WRITERS[fmt]
+    writer.config_to_json(cfg)  # refuse an unrepresentable config before any work
+    check_tokenizer_file(tokenizer_file)
+    with atomic_output_dir(Path(out_dir), overwrite) as tmp:
+        if fmt == "hf":
+            writer.write(state_dict, cfg, tmp, max_shard_bytes=max_shard_bytes)
+        else:
+            writer.write(state_dict, cfg, tmp)
+        copy_tokenizer(tokenizer_file, tmp)
+    return Path(out_dir)
+
+
+def create_checkpoint(preset_or_config, fmt: str, out_dir, *, seed: int = 0, dtype=None, tokenizer_file=None,
+                      overwrite: bool = False, progress: bool = False) -> Path:
+    """A random-weight checkpoint of a preset name (or a :class:`ModelConfig`) in format ``fmt``."""
+    cfg = preset(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
+    if fmt not in CREATE_FORMATS:
+        raise ConfigError(f"unknown checkpoint format {fmt!r}; choose from {', '.join(CREATE_FORMATS)}")
+    if fmt in WRITERS:
+        WRITERS[fmt].config_to_json(cfg)
+    check_output_dir(Path(out_dir), overwrite)
+    check_tokenizer_file(tokenizer_file)
+    dtype = parse_dtype(dtype) or default_dtype(fmt, cfg)
+    sd = random_state_dict(cfg, seed, dtype, progress=progress)
+    source = {"format": "random", "path": None, "files": {}, "seed": int(seed)}
+    return write_checkpoint(sd, cfg, fmt, out_dir, tokenizer_file=tokenizer_file, overwrite=overwrite,
+                            source=source)
