@@ -1,0 +1,337 @@
+"""Dequantizing matmul ``y = x @ W_hat^T`` over the packed layouts of :mod:`qmamba.quant.layout`, in Triton.
+
+One kernel serves every case; its compile-time switches pick
+
+* the weight format: ``FMT_FLOAT`` (a plain ``[E, N, K]`` float tensor), ``FMT_INT8`` (per-row scale, applied in the
+  epilogue) or ``FMT_INT4`` (MatMulNBits layout; the K tile is one quantization group, so the integer codes minus
+  the zero point go through the dot exactly and the group's fp16 scale multiplies the partial product);
+* the inner product: a broadcast-multiply-reduce for a single row (GEMV, M = 1) or ``tl.dot`` on tensor cores
+  (16-row tiles for 2 <= M <= 16, larger tiles for prefill GEMMs), chosen by M in :func:`pick_config`;
+* how rows find their weights: ``ROUTE_DENSE`` (one matrix), ``ROUTE_BY_EXPERT`` (decode MoE: one program column per
+  expert reads only the rows routed to it; experts with no rows run an empty loop, no host sync, graph-capturable),
+  ``ROUTE_TILES`` (prefill MoE: tokens sorted by expert into tiles of BLOCK_M rows, see
+  :func:`expert_tile_map`, a grouped GEMM);
+* split-K (``SPLIT_K > 1``: fp32 atomics into a zeroed buffer) for matrices too narrow to fill the GPU.
+
+Shapes: ``x [M, K]`` (any float dtype; fp32 is for CPU interpreter tests), weights ``[E, N, ...]`` (E = 1 for a
+plain linear). The pure-PyTorch twin is :func:`dequant_matmul_ref`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qmamba.kernels._triton import jit, tl
+from qmamba.quant import layout
+
+FMT_FLOAT, FMT_INT8, FMT_INT4 = 0, 1, 2
+ROUTE_DENSE, ROUTE_BY_EXPERT, ROUTE_TILES = 0, 1, 2
+GEMV_MAX_M = 16
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+# ---- the weight description ------------------------------------------------------------------------------------
+@dataclass
+class PackedWeight:
+    """A (stacked) weight in one of the layouts, as the kernel reads it. ``n``/``k`` are the logical sizes."""
+
+    fmt: int
+    n: int
+    k: int
+    n_experts: int
+    qweight: torch.Tensor             # float [E, N, K] | int8 [E, N, K] | uint8 [E, N, n_blocks, g/2]
+    scales: torch.Tensor | None = None
+    zeros: torch.Tensor | None = None
+    group_size: int = 0
+
+    @property
+    def k_padded(self) -> int:
+        return _cdiv(self.k, self.group_size) * self.group_size if self.fmt == FMT_INT4 else self.k
+
+    @classmethod
+    def from_packed(cls, fmt_name: str, packed: dict, n: int, k: int) -> "PackedWeight":
+        """From a layout dict (``qweight``/``scales``/``zeros``) of one matrix ``[N, ...]`` or a stack ``[E, N, ...]``."""
+        q = packed["qweight"]
+        if fmt_name == "int8":
+            lead = tuple(q.shape[:-2])
+            layout.check_int8(q, packed["scales"], n, k, lead)
+            q3, s2 = q.reshape(-1, n, k), packed["scales"].reshape(-1, n)
+            return cls(FMT_INT8, n, k, q3.shape[0], q3, s2)
+        if fmt_name == "int4":
+            g = q.shape[-1] * 2
+            lead = tuple(q.shape[:-3])
+            layout.check_int4(q, packed["scales"], packed["zeros"], n, k, g, lead)
+            nb = q.shape[-2]
+            return cls(FMT_INT4, n, k, int(torch.tensor(lead).prod()) if lead else 1, q.reshape(-1, n, nb, g // 2),
+                       packed["scales"].reshape(-1, n, nb), packed["zeros"].reshape(-1, n, packed["zeros"].shape[-1]),
+                       g)
+        raise ValueError(f"no Triton kernel for weight format {fmt_name!r}")
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor) -> "PackedWeight":
+        """A float weight ``[N, K]`` or stack ``[E, N, K]``."""
+        w3 = w if w.dim() == 3 else w[None]
+        return cls(FMT_FLOAT, w3.shape[1], w3.shape[2], w3.shape[0], w3)
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        """``[E, N, K]`` dense (the reference's view)."""
+        if self.fmt == FMT_FLOAT:
+            return self.qweight.to(dtype)
+        if self.fmt == FMT_INT8:
+            return layout.dequantize_int8(self.qweight, self.scales, dtype)
+        return layout.dequantize_int4(self.qweight, self.scales, self.zeros, self.k, dtype)
+
+
+# ---- reference twin ----------------------------------------------------------------------------------------------
+def dequant_matmul_ref(x, weight: PackedWeight, bias=None, row_expert=None, row_scale=None):
+    """``x [M, K]`` -> ``[M, N]``: row m uses expert ``row_expert[m]`` (0 when None), times ``row_scale[m]``."""
+    w = weight.dequantized(torch.float32)
+    idx = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if row_expert is None else row_expert.long()
+    y = torch.einsum("mk,mnk->mn", x.float(), w[idx]) if x.shape[0] else x.new_zeros(0, weight.n).float()
+    if bias is not None:
+        y = y + bias.float()
+    if row_scale is not None:
+        y = y * row_scale.float()[:, None]
+    return y.to(x.dtype)
+
+
+# ---- kernel --------------------------------------------------------------------------------------------------------
+@jit
+def _dequant_matmul_kernel(
+    x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rscale_ptr, rexp_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr,
+    sorted_ptr, M, N, K, K_PAD, sxm, sxk, som, son, swe, swn, sse, ssn, sze, szn,
+    FMT: tl.constexpr, ROUTE: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = tl.arange(0, BLOCK_M)
+    # -- which rows, which expert
+    if ROUTE == 0:
+        rows = pid_m * BLOCK_M + rm
+        row_ok = rows < M
+        expert = pid_m * 0
+    elif ROUTE == 1:
+        rows = rm
+        expert = pid_m
+        ids = tl.load(rexp_ptr + rows, mask=rows < M, other=-1)
+        row_ok = ids == expert
+    else:
+        expert = tl.load(tile_e_ptr + pid_m)
+        lo = tl.load(tile_lo_ptr + pid_m)
+        hi = tl.load(tile_hi_ptr + pid_m)
+        row_ok = lo + rm < hi
+        rows = tl.load(sorted_ptr + lo + rm, mask=row_ok, other=0)
+    n_rows = tl.sum(row_ok.to(tl.int32), axis=0)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    # -- this split's K range (whole tiles); no rows -> empty loop
+    tiles = tl.cdiv(K_PAD, BLOCK_K)
+    per_split = tl.cdiv(tiles, SPLIT_K)
+    k_lo = pid_k * per_split * BLOCK_K
+    k_hi = tl.minimum((pid_k + 1) * per_split * BLOCK_K, K_PAD)
+    k_hi = tl.where(n_rows > 0, k_hi, k_lo)
+    w_base = w_ptr + expert.to(tl.int64) * swe
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    kk = tl.arange(0, BLOCK_K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k = k0 + kk
+        x = tl.load(x_ptr + rows[:, None] * sxm + k[None, :] * sxk, mask=row_ok[:, None] & (k < K)[None, :],
+                    other=0.0)
+        if FMT == 2:
+            # one group per tile: codes minus zero point are exact in any float type
+            kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(w_base + n[:, None] * swn + kb[None, :], mask=n_ok[:, None], other=0)
+            q = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))
+            blk = k0 // GROUP
+            zbyte = tl.load(z_ptr + expert.to(tl.int64) * sze + n * szn + blk // 2, mask=n_ok, other=0).to(tl.int32)
+            zero = (zbyte >> ((blk % 2) * 4)) & 0xF
+            scale = tl.load(s_ptr + expert.to(tl.int64) * sse + n * ssn + blk, mask=n_ok, other=0.0).to(tl.float32)
+            w = q.to(tl.int32) - zero[:, None].to(tl.int32)
+        else:
+            w = tl.load(w_base + n[:, None] * swn + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
+        if USE_DOT:
+            if IEEE:
+                part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            else:
+                part = tl.dot(x, tl.trans(w.to(x.dtype)))
+        else:
+            part = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        if FMT == 2:
+            acc += part * scale[None, :]
+        else:
+            acc += part
+    # -- epilogue
+    if FMT == 1:
+        scale = tl.load(s_ptr + expert.to(tl.int64) * sse + n * ssn, mask=n_ok, other=0.0).to(tl.float32)
+        acc = acc * scale[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
+    if HAS_RSCALE:
+        acc = acc * tl.load(rscale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + rows[:, None] * som + n[None, :] * son
+    mask = row_ok[:, None] & n_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, acc, mask=mask)
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- launch configuration ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MatmulConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @property
+    def use_dot(self) -> bool:
+        return self.block_m > 1
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 4
+    if device.index not in _SM_COUNT:
+        _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device.index]
+
+
+def pick_config(m: int, weight: PackedWeight, device, route: int = ROUTE_DENSE) -> MatmulConfig:
+    """Tile sizes by M: GEMV (M = 1), small-M tensor-core tiles (M <= 16), prefill GEMM tiles (M > 16)."""
+    n, k_pad = weight.n, weight.k_padded
+    if weight.fmt == FMT_INT4:
+        block_k = weight.group_size
+    else:
+        block_k = 128 if m <= GEMV_MAX_M else 64
+    if device.type != "cuda":  # interpreter: small tiles, few programs
+        bm = 1 if m == 1 else 16
+        return MatmulConfig(bm, 16, block_k, 2 if m <= GEMV_MAX_M and k_pad > block_k else 1, 1, 1)
+    if m <= GEMV_MAX_M:
+        bm = 1 if m == 1 else 16
+        bn = 32 if m == 1 else 64
+        programs = _cdiv(n, bn) * (weight.n_experts if route == ROUTE_BY_EXPERT else 1)
+        split = 1
+        k_tiles = _cdiv(k_pad, block_k)
+        while programs * split < 2 * _sm_count(device) and split * 2 <= max(1, k_tiles // 2):
+            split *= 2
+        if route == ROUTE_BY_EXPERT:  # most expert columns are idle: fill from the per-token experts only
+            split = min(split, 4)
+        return MatmulConfig(bm, bn, block_k, split, 4, 3)
+    bm = 64 if m <= 128 else 128
+    return MatmulConfig(bm, 128, block_k, 1, 8 if bm == 128 else 4, 3)
+
+
+def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scale=None, tiles=None,
+                   config: MatmulConfig | None = None, out=None):
+    """``x [M, K]`` -> ``[M, N]`` in x.dtype, with the reference semantics of :func:`dequant_matmul_ref`.
+
+    Routing: ``row_expert`` alone with M <= 16 uses one program column per expert; ``tiles`` (from
+    :func:`expert_tile_map`, needs ``row_expert`` sorted into tiles) runs the grouped GEMM.
+    """
+    if x.dim() != 2 or x.shape[1] != weight.k:
+        raise ValueError(f"dequant matmul: x must be [M, {weight.k}], got {tuple(x.shape)}")
+    m = x.shape[0]
+    if bias is not None and tuple(bias.shape) != (weight.n,):
+        raise ValueError(f"dequant matmul: bias must be [{weight.n}], got {tuple(bias.shape)}")
+    if row_expert is None:
+        if weight.n_experts != 1:
+            raise ValueError("dequant matmul: a stacked weight needs row_expert")
+        route = ROUTE_DENSE
+    else:
+        route = ROUTE_TILES if tiles is not None else ROUTE_BY_EXPERT
+        if route == ROUTE_BY_EXPERT and m > GEMV_MAX_M:
+            tiles = expert_tile_map(row_expert, weight.n_experts, pick_config(m, weight, x.device).block_m)
+            route = ROUTE_TILES
+    cfg = config or pick_config(m, weight, x.device, route)
+    if route == ROUTE_TILES:
+        cfg = MatmulConfig(tiles.block_m, cfg.block_n, cfg.block_k, 1, cfg.num_warps, cfg.num_stages)
+    atomic = cfg.split_k > 1
+    if out is None:
+        out = (torch.zeros if atomic else torch.empty)(m, weight.n, device=x.device,
+                                                       dtype=torch.float32 if atomic else x.dtype)
+    if m == 0:
+        return out.to(x.dtype)
+    if route == ROUTE_DENSE:
+        grid_m = _cdiv(m, cfg.block_m)
+    elif route == ROUTE_BY_EXPERT:
+        grid_m = weight.n_experts
+        if cfg.block_m < m:
+            cfg = MatmulConfig(16, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages)
+    else:
+        grid_m = tiles.n_tiles
+    q, s, z = weight.qweight, weight.scales, weight.zeros
+    s = s if s is not None else q
+    z = z if z is not None else q
+    swn = q.stride(1)
+    dummy = x
+    grid = (grid_m, _cdiv(weight.n, cfg.block_n), cfg.split_k)
+    _dequant_matmul_kernel[grid](
+        x, out, q, s, z, bias if bias is not None else dummy, row_scale if row_scale is not None else dummy,
+        row_expert if row_expert is not None else dummy,
+        *(tiles.tensors() if tiles is not None else (dummy, dummy, dummy, dummy)),
+        m, weight.n, weight.k, weight.k_padded, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        q.stride(0), swn, s.stride(0), s.stride(1), z.stride(0), z.stride(1),
+        FMT=weight.fmt, ROUTE=route, GROUP=max(weight.group_size, 1), SPLIT_K=cfg.split_k, USE_DOT=cfg.use_dot,
+        HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None, ATOMIC=atomic,
+        IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out.to(x.dtype) if atomic else out
+
+
+# ---- expert tiles for the grouped GEMM ---------------------------------------------------------------------------
+@dataclass
+class ExpertTiles:
+    """Tokens sorted by expert, cut into tiles of ``block_m`` rows that never straddle two experts.
+
+    ``tile_expert/tile_lo/tile_hi [n_tiles]`` int32: tile t covers ``sorted_ids[tile_lo[t]:tile_hi[t]]`` of expert
+    ``tile_expert[t]``; unused tiles (the bound is static: ceil(M / block_m) + E) are empty. Built on the device
+    with no host synchronisation.
+    """
+
+    sorted_ids: torch.Tensor
+    tile_expert: torch.Tensor
+    tile_lo: torch.Tensor
+    tile_hi: torch.Tensor
+    block_m: int
+
+    @property
+    def n_tiles(self) -> int:
+        return self.tile_expert.numel()
+
+    def tensors(self):
+        return self.tile_expert, self.tile_lo, self.tile_hi, self.sorted_ids
+
+
+def expert_tile_map(row_expert: torch.Tensor, n_experts: int, block_m: int) -> ExpertTiles:
+    m = row_expert.numel()
+    idx = row_expert.long()
+    sorted_ids = torch.argsort(idx, stable=True).to(torch.int32)
+    counts = torch.zeros(n_experts, dtype=torch.long, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
+    ends = torch.cumsum(counts, 0)
+    starts = ends - counts
+    tiles_per = (counts + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles_per, 0)
+    t = torch.arange(_cdiv(m, block_m) + n_experts, device=idx.device)
+    e = torch.searchsorted(tile_end, t, right=True)
+    used = e < n_experts
+    ec = e.clamp(max=n_experts - 1)
+    lo = starts[ec] + (t - (tile_end[ec] - tiles_per[ec])) * block_m
+    hi = torch.minimum(lo + block_m, ends[ec])
+    lo = torch.where(used, lo, torch.zeros_like(lo))
+    hi = torch.where(used, hi, torch.zeros_like(hi))
+    return ExpertTiles(sorted_ids, ec.to(torch.int32), lo.to(torch.int32), hi.to(torch.int32), block_m)
