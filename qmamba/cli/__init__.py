@@ -18,8 +18,8 @@ COMMAND_MODULES = {
     "create": "create",
     "generate": "generate",
     "quantize": "quantize",
-    "eval": "eval_cmd",
-    "export": "export_cmd",
+    "eval_cmd": "eval_cmd",  # the `eval` command (module name avoids the builtin)
+    "export_cmd": "export_cmd",  # the `export` command
 }
 
 
