@@ -1,0 +1,141 @@
+"""BlackMamba's top-1 Switch-MoE on the GPU without a host synchronisation, and its pure-PyTorch twin.
+
+    idx, weight = route_top1(x, router_w, router_b)        # one kernel: logits, sigmoid, argmax, p[argmax]
+    h   = fc1(x) by expert                                  # dequant_matmul, routed
+    a   = act(h[:, :F]) * h[:, F:]   (gated) | act(h)       # one elementwise kernel
+    out = weight * fc2(a) by expert                         # dequant_matmul, routed, routing weight in the epilogue
+
+Decode (T <= 16 tokens): the routed matmuls launch one program column per expert and each reads only its own
+tokens' rows (idle experts loop zero times), so the chosen experts' weights are read by index on the device and
+the step is graph-capturable. Prefill: tokens are sorted by expert into row tiles (:func:`expert_tile_map`) and
+the same kernel runs as a grouped GEMM. Weights are :class:`PackedWeight` stacks (int8, int4 or float ``[E, N, K]``).
+Shapes: ``x [T, d]``, ``router_w [E, d]``, ``router_b [E]``, ``fc1 [E, F or 2F, d]``, ``fc2 [E, d, F]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qmamba.kernels._triton import jit, next_pow2, tl
+from qmamba.kernels.quant_matmul import (GEMV_MAX_M, PackedWeight, dequant_matmul, dequant_matmul_ref,
+                                         expert_tile_map, pick_config)
+
+ACTIVATION_IDS = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "relu": 3}
+
+
+# ---- references ----------------------------------------------------------------------------------------------------
+def route_top1_ref(x, router_w, router_b=None):
+    """``(expert_idx [T] int32, weight [T] fp32)``: sigmoid of the fp32 router logits, first maximum wins."""
+    logits = x.float() @ router_w.float().t()
+    if router_b is not None:
+        logits = logits + router_b.float()
+    weight, idx = torch.sigmoid(logits).max(dim=-1)
+    return idx.to(torch.int32), weight
+
+
+def gated_act_ref(h, activation: str, gated: bool):
+    hf = h.float()
+    act = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu,
+           "relu": F.relu}[activation]
+    if gated:
+        a, b = hf.chunk(2, dim=-1)
+        return (act(a) * b).to(h.dtype)
+    return act(hf).to(h.dtype)
+
+
+def moe_forward_ref(x, router_w, router_b, fc1: PackedWeight, fc2: PackedWeight, activation: str, gated: bool):
+    idx, weight = route_top1_ref(x, router_w, router_b)
+    h = dequant_matmul_ref(x, fc1, row_expert=idx)
+    return dequant_matmul_ref(gated_act_ref(h, activation, gated), fc2, row_expert=idx, row_scale=weight)
+
+
+# ---- Triton ----------------------------------------------------------------------------------------------------------
+@jit
+def _route_top1_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, wt_ptr, K, E, sxm, sxk, swe, swk,
+                       HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    e = tl.arange(0, BLOCK_E)
+    e_ok = e < E
+    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        xv = tl.load(x_ptr + row * sxm + k * sxk, mask=k_ok, other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + e[:, None] * swe + k[None, :] * swk, mask=e_ok[:, None] & k_ok[None, :],
+                     other=0.0).to(tl.float32)
+        acc += tl.sum(wv * xv[None, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
+    p = tl.where(e_ok, tl.sigmoid(acc), -1.0)
+    best = tl.max(p, axis=0)
+    first = tl.min(tl.where(p == best, e, BLOCK_E), axis=0)  # first maximum, as torch.max
+    tl.store(idx_ptr + row, first.to(tl.int32))
+    tl.store(wt_ptr + row, best)
+
+
+def route_top1(x, router_w, router_b=None):
+    """Triton twin of :func:`route_top1_ref`."""
+    t, k = x.shape
+    e = router_w.shape[0]
+    idx = torch.empty(t, device=x.device, dtype=torch.int32)
+    weight = torch.empty(t, device=x.device, dtype=torch.float32)
+    if t:
+        _route_top1_kernel[(t,)](x, router_w, router_b if router_b is not None else router_w, idx, weight, k, e,
+                                 *x.stride(), *router_w.stride(), HAS_BIAS=router_b is not None,
+                                 BLOCK_E=next_pow2(e), BLOCK_K=min(next_pow2(k), 512 if x.is_cuda else 64),
+                                 num_warps=4 if x.is_cuda else 1)
+    return idx, weight
+
+
+@jit
+def _erf_gelu(v):
+    return 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
+
+
+@jit
+def _gated_act_kernel(h_ptr, out_ptr, F_OUT, shm, shf, som, sof,
+                      ACT: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = f < F_OUT
+    a = tl.load(h_ptr + row * shm + f * shf, mask=ok, other=0.0).to(tl.float32)
+    if ACT == 0:
+        a = _erf_gelu(a)
+    elif ACT == 1:
+        inner = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+        a = 0.5 * a * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
+    elif ACT == 2:
+        a = a * tl.sigmoid(a)
+    else:
+        a = tl.maximum(a, 0.0)
+    if GATED:
+        a = a * tl.load(h_ptr + row * shm + (f + F_OUT) * shf, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * som + f * sof, a.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def gated_act(h, activation: str, gated: bool):
+    """Triton twin of :func:`gated_act_ref`: ``h [T, 2F or F]`` -> ``[T, F]``."""
+    t, width = h.shape
+    f_out = width // 2 if gated else width
+    out = torch.empty(t, f_out, device=h.device, dtype=h.dtype)
+    if t:
+        block = min(next_pow2(f_out), 1024 if h.is_cuda else 64)
+        _gated_act_kernel[(t, -(-f_out // block))](h, out, f_out, *h.stride(), *out.stride(),
+                                                   ACT=ACTIVATION_IDS[activation], GATED=gated, BLOCK=block,
+                                                   num_warps=4 if h.is_cuda else 1)
+    return out
+
+
+def moe_forward(x, router_w, router_b, fc1: PackedWeight, fc2: PackedWeight, activation: str, gated: bool):
+    """Triton twin of :func:`moe_forward_ref`: ``x [T, d]`` -> ``[T, d]`` in x.dtype, no host synchronisation."""
+    if fc1.n_experts != router_w.shape[0] or fc2.n_experts != fc1.n_experts:
+        raise ValueError(f"MoE: router has {router_w.shape[0]} experts, fc1 {fc1.n_experts}, fc2 {fc2.n_experts}")
+    idx, weight = route_top1(x, router_w, router_b)
+    t = x.shape[0]
+    tiles = None
+    if t > GEMV_MAX_M:
+        tiles = expert_tile_map(idx, fc1.n_experts, pick_config(t, fc1, x.device).block_m)
+    h = dequant_matmul(x, fc1, row_expert=idx, tiles=tiles)
+    a = gated_act(h, activation, gated)
+    return dequant_matmul(a, fc2, row_expert=idx, row_scale=weight, tiles=tiles)
