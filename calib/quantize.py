@@ -46,9 +46,15 @@ def source_record(src: Path, manifest: dict) -> dict:
 def versions() -> dict:
     import tokenizers
 
-    from qmamba import __version__
+    from qmamba.checkpoints.manifest import FORMAT_VERSION
 
-    return {"qmamba": __version__, "torch": torch.__version__, "tokenizers": tokenizers.__version__,
+    try:
+        from importlib.metadata import version
+
+        qmamba_version = version("qmamba")
+    except Exception:  # not installed as a distribution
+        qmamba_version = "unknown"
+    return {"qmamba": qmamba_version, "checkpoint_format": FORMAT_VERSION, "torch": torch.__version__, "tokenizers": tokenizers.__version__,
             "python": platform.python_version()}
 
 

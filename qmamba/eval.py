@@ -141,3 +141,81 @@ def text_windows(ids: torch.Tensor, seq_len: int, max_windows: int) -> torch.Ten
     if n == 0:
         raise UserError(f"text has {ids.numel()} tokens: fewer than one window of {seq_len}")
     return ids[: n * seq_len].reshape(n, seq_len)
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------
+def _tokenizer_for(model, tokenizer_path=None):
+    from tokenizers import Tokenizer
+
+    path = tokenizer_path or getattr(model, "tokenizer_path", None)
+    if path is None:
+        raise UserError("the checkpoint has no tokenizer.json: pass --tokenizer FILE")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises its own exception types
+        raise UserError(f"cannot read tokenizer {path}: {exc}") from None
+
+
+def encode_text_spec(tokenizer, spec: str, max_tokens: int | None = None) -> torch.Tensor:
+    from qmamba.data_files import load_text_spec
+
+    text = load_text_spec(spec)
+    if not text.strip():
+        raise UserError(f"evaluation text {spec} is empty")
+    ids = torch.tensor(tokenizer.encode(text).ids, dtype=torch.long)
+    return ids[:max_tokens] if max_tokens else ids
+
+
+def evaluate_model(model, tokenizer, data: str | None = "corpus:heldout", do_lambada: bool = False,
+                   seq_len: int = 512, stride: int | None = None, max_tokens: int | None = None,
+                   lambada_limit: int | None = None, batch_size: int = 8, progress: bool = True) -> dict:
+    """Perplexity on a text spec and/or LAMBADA for a loaded model."""
+    from qmamba.data_files import lambada_path
+
+    result: dict = {}
+    if data:
+        ids = encode_text_spec(tokenizer, data, max_tokens)
+        if int(ids.max()) >= model.config.vocab_size:
+            raise UserError(f"{data}: token id {int(ids.max())} is outside the model's vocabulary "
+                            f"({model.config.vocab_size}); wrong tokenizer?")
+        result["perplexity"] = {"data": data, **perplexity(model, ids, seq_len, stride, batch_size, progress)}
+    if do_lambada:
+        result["lambada"] = lambada(model, tokenizer, load_lambada(lambada_path(), lambada_limit), progress)
+    return result
+
+
+def evaluate_checkpoint(path, tokenizer_path=None, device=None, dtype=None, backend=None, **kwargs) -> dict:
+    """Load the checkpoint at ``path`` and :func:`evaluate_model` it; adds ``path`` and the file size."""
+    from pathlib import Path
+
+    from qmamba import load_model
+
+    model = load_model(path, device=device, dtype=dtype, backend=backend)
+    result = {"path": str(path), **evaluate_model(model, _tokenizer_for(model, tokenizer_path), **kwargs)}
+    p = Path(path)
+    if p.is_dir():
+        result["bytes_on_disk"] = sum(f.stat().st_size for f in p.iterdir() if f.is_file())
+    return result
+
+
+def compare_checkpoints(path_a, path_b, tokenizer_path=None, device=None, dtype=None, backend=None,
+                        data: str | None = "corpus:heldout", router_windows: int = 16, **kwargs) -> dict:
+    """Evaluate two checkpoints on the same data; deltas (B - A) and top-1 router agreement of B with A."""
+    from qmamba import load_model
+
+    models = [load_model(p, device=device, dtype=dtype, backend=backend) for p in (path_a, path_b)]
+    tokenizer = _tokenizer_for(models[0], tokenizer_path)
+    results = [{"path": str(p), **evaluate_model(m, tokenizer, data=data, **kwargs)}
+               for p, m in zip((path_a, path_b), models)]
+    out = {"a": results[0], "b": results[1], "delta": {}}
+    if "perplexity" in results[0]:
+        pa, pb = results[0]["perplexity"]["ppl"], results[1]["perplexity"]["ppl"]
+        out["delta"]["ppl"] = pb - pa
+        out["delta"]["ppl_relative"] = pb / pa - 1
+    if "lambada" in results[0]:
+        out["delta"]["lambada_accuracy"] = results[1]["lambada"]["accuracy"] - results[0]["lambada"]["accuracy"]
+    if data and models[0].config.moe_layer_ids and models[0].config == models[1].config:
+        ids = encode_text_spec(tokenizer, data, kwargs.get("max_tokens"))
+        windows = text_windows(ids, kwargs.get("seq_len", 512), router_windows)
+        out["router_agreement"] = router_agreement(models[0], models[1], windows)
+    return out

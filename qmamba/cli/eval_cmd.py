@@ -1,0 +1,73 @@
+"""``qmamba eval PATH``: perplexity (sliding window) and LAMBADA; ``--compare A B`` (logic in qmamba.eval)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from qmamba.errors import UserError
+
+
+def _format_result(r: dict) -> str:
+    lines = [r["path"]]
+    if "perplexity" in r:
+        p = r["perplexity"]
+        lines.append(f"  perplexity {p['ppl']:.4f} on {p['data']} ({p['tokens']} tokens, seq_len {p['seq_len']}, "
+                     f"stride {p['stride']})")
+    if "lambada" in r:
+        lam = r["lambada"]
+        lines.append(f"  LAMBADA accuracy {100 * lam['accuracy']:.2f}% ({lam['records']} records), "
+                     f"continuation perplexity {lam['continuation_ppl']:.2f}")
+    if "bytes_on_disk" in r:
+        lines.append(f"  size on disk {r['bytes_on_disk'] / 2**20:.3f} MiB")
+    return "\n".join(lines)
+
+
+@click.command("eval")
+@click.argument("path", required=False)
+@click.option("--data", default="corpus:heldout", show_default=True,
+              help="Text: a file, corpus:heldout or corpus:heldout/NAME; 'none' to skip perplexity.")
+@click.option("--lambada", "do_lambada", is_flag=True, help="Also LAMBADA last-word accuracy.")
+@click.option("--lambada-limit", type=int, default=None, help="Only the first N LAMBADA records.")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Perplexity window.")
+@click.option("--stride", type=int, default=None, help="Window step (default: seq-len, non-overlapping).")
+@click.option("--max-tokens", type=int, default=None, help="Only the first N tokens of the text.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--tokenizer", type=click.Path(), default=None, help="tokenizer.json (default: the checkpoint's).")
+@click.option("--device", default=None)
+@click.option("--dtype", default=None)
+@click.option("--backend", default=None, type=click.Choice(["reference", "triton"]))
+@click.option("--compare", nargs=2, default=None, metavar="A B", help="Evaluate two checkpoints, print B - A.")
+@click.option("--json", "json_out", type=click.Path(), default=None, help="Also write the results as JSON.")
+@click.option("--no-progress", is_flag=True)
+def eval_cmd(path, data, do_lambada, lambada_limit, seq_len, stride, max_tokens, batch_size, tokenizer, device,
+             dtype, backend, compare, json_out, no_progress):
+    """Evaluate the checkpoint at PATH (or two with --compare A B)."""
+    from qmamba.eval import compare_checkpoints, evaluate_checkpoint
+
+    if bool(path) == bool(compare):
+        raise UserError("give either PATH or --compare A B")
+    data = None if data in ("none", "") else data
+    if data is None and not do_lambada:
+        raise UserError("nothing to evaluate: --data none and no --lambada")
+    kwargs = dict(data=data, do_lambada=do_lambada, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
+                  lambada_limit=lambada_limit, batch_size=batch_size, progress=not no_progress)
+    common = dict(tokenizer_path=tokenizer, device=device, dtype=dtype, backend=backend)
+    if compare:
+        result = compare_checkpoints(*compare, **common, **kwargs)
+        click.echo(_format_result(result["a"]))
+        click.echo(_format_result(result["b"]))
+        d = result["delta"]
+        if "ppl" in d:
+            click.echo(f"delta perplexity (B - A): {d['ppl']:+.4f} ({100 * d['ppl_relative']:+.2f}%)")
+        if "lambada_accuracy" in d:
+            click.echo(f"delta LAMBADA accuracy (B - A): {100 * d['lambada_accuracy']:+.2f} points")
+        if "router_agreement" in result:
+            click.echo(f"router top-1 agreement B vs A: {100 * result['router_agreement']['overall']:.2f}%")
+    else:
+        result = evaluate_checkpoint(path, **common, **kwargs)
+        click.echo(_format_result(result))
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")

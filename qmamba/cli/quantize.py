@@ -1,0 +1,43 @@
+"""``qmamba quantize SRC -o OUT``: calibrate and quantize a float checkpoint (logic in qmamba.calib.quantize)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("quantize")
+@click.argument("src")
+@click.option("-o", "--output", "out", required=True, help="Output directory (native qmamba checkpoint).")
+@click.option("--bits", type=int, default=4, show_default=True, help="Weight bits: 4 (group-wise) or 8 (per channel).")
+@click.option("--group-size", type=int, default=128, show_default=True, help="int4 group size along K.")
+@click.option("--method", type=click.Choice(["rtn", "gptq", "awq"]), default="gptq", show_default=True)
+@click.option("--symmetric", is_flag=True, help="Symmetric int4 (zero point 8) instead of asymmetric.")
+@click.option("--act-order", is_flag=True, help="GPTQ: columns by descending Hessian diagonal (static groups).")
+@click.option("--calib", multiple=True, default=("corpus",), show_default=True,
+              help="'corpus' (train split of the shared corpus) or text files (repeat the option).")
+@click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration sequences.")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--recipe", type=click.Path(), default=None, help="YAML/JSON recipe overriding settings per module.")
+@click.option("--quantize-head", is_flag=True, help="Also quantize lm_head (the embedding stays in float).")
+@click.option("--quantize-xdt", is_flag=True, help="Also quantize x_proj and dt_proj.")
+@click.option("--min-expert-tokens", type=int, default=64, show_default=True,
+              help="Experts with fewer routed tokens use statistics from all tokens (logged fallback).")
+@click.option("--tokenizer", type=click.Path(), default=None, help="tokenizer.json (default: the checkpoint's).")
+@click.option("--device", default=None, help="Device for calibration (cpu, cuda).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the corpus calibration windows.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def quantize(src, out, bits, group_size, method, symmetric, act_order, calib, nsamples, seq_len, recipe,
+             quantize_head, quantize_xdt, min_expert_tokens, tokenizer, device, seed, overwrite, no_progress):
+    """Quantize the float checkpoint SRC into OUT (int8 / int4, RTN / GPTQ / AWQ, MoE-aware)."""
+    from qmamba.calib.pipeline import CalibOptions
+    from qmamba.calib.quantize import quantize_checkpoint
+    from qmamba.quant.formats import make_format
+
+    make_format(bits, group_size, symmetric)  # reject unsupported bits / group sizes before any work
+    opts = CalibOptions(act_order=act_order, min_expert_tokens=min_expert_tokens, progress=not no_progress)
+    quantize_checkpoint(src, out, bits=bits, group_size=group_size, method=method, symmetric=symmetric,
+                        calib=calib, nsamples=nsamples, seq_len=seq_len, recipe=recipe,
+                        quantize_head=quantize_head, quantize_xdt=quantize_xdt, device=device,
+                        tokenizer=tokenizer, seed=seed, overwrite=overwrite, options=opts, log=click.echo)
+    click.echo(f"wrote {out}")
