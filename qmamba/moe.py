@@ -66,11 +66,16 @@ class SwitchMoE(nn.Module):
     def __init__(self, cfg: ModelConfig, n_experts: int):
         super().__init__()
         self.router = nn.Linear(cfg.d_model, n_experts, bias=True)
+        self.backend = "reference"  # "triton": routing and experts on the fused kernels (kernels/fused_moe.py)
         self.experts = StackedExperts(n_experts, cfg.d_model, cfg.ffn_hidden, cfg.expert_gated,
                                       cfg.expert_activation)
 
     def forward(self, h):
         """``h [..., d]`` -> ``[..., d]``."""
+        if self.backend == "triton":
+            from qmamba.kernels import triton_ops  # lazily: triton is optional on CPU
+
+            return triton_ops.switch_moe(self, h)
         shape = h.shape
         x = h.reshape(-1, shape[-1])
         idx, weight = route_top1(self.router(x))

@@ -70,6 +70,10 @@ class QuantLinear(nn.Module):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W_hat^T`` without bias; the one place a kernel backend replaces."""
+        if self.backend == "triton":
+            from qmamba.kernels import triton_ops  # lazily: triton is optional on CPU
+
+            return triton_ops.quant_linear(x, self.fmt, self.packed(), self.out_features, self.in_features)
         return F.linear(x, self.dequantized_weight(x.dtype))
 
     def forward(self, x):
@@ -144,6 +148,11 @@ class QuantExperts(nn.Module):
 
     def _expert_matmul(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
         """``x [T, K] @ W_hat[expert]^T`` for ``name`` in ("fc1", "fc2"); the one place a kernel backend replaces."""
+        w = getattr(self, name)
+        if self.backend == "triton" and isinstance(w, PackedExpertWeight):
+            from qmamba.kernels import triton_ops  # lazily: triton is optional on CPU
+
+            return triton_ops.quant_linear(x, w.fmt, w.packed(expert), w.n, w.k)
         return F.linear(x, self.expert_weight(name, expert, x.dtype))
 
     def forward(self, x, expert_idx):
