@@ -34,7 +34,23 @@ def _packed(module: nn.Module, fmt: WeightFormat) -> dict:
     return {name: getattr(module, name) for name in fmt.buffer_specs(1, 1)}
 
 
-class QuantLinear(nn.Module):
+class _KeepsPackedDtypes(nn.Module):
+    """``model.to(dtype)`` / ``.half()`` move packed buffers between devices but never change their dtypes (a
+    bf16 cast would corrupt the fp16 scales); float parameters (bias) convert as usual."""
+
+    fmt: WeightFormat
+
+    def _apply(self, fn, recurse=True):
+        packed = {name: buf for name, buf in self._buffers.items() if name in self.fmt.buffer_specs(1, 1)}
+        super()._apply(fn, recurse)
+        for name, old in packed.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+
+class QuantLinear(_KeepsPackedDtypes):
     """``y = x @ W_hat^T (+ bias)`` with ``W_hat`` stored packed. ``x [..., in_features]`` -> ``[..., out_features]``."""
 
     def __init__(self, in_features: int, out_features: int, fmt: WeightFormat, bias: bool = False,
@@ -84,7 +100,7 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.describe()}"
 
 
-class PackedExpertWeight(nn.Module):
+class PackedExpertWeight(_KeepsPackedDtypes):
     """One stacked expert matrix ``[E, N, K]`` stored packed (buffers ``qweight``/``scales``/``zeros``)."""
 
     def __init__(self, n_experts: int, n: int, k: int, fmt: WeightFormat, device=None):
