@@ -11,8 +11,11 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
+import re
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
@@ -59,16 +62,21 @@ def torch_load_safe(path: Path):
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise for the user
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - every reader failure is the file's fault
         text = str(exc)
-        if "Weights only load failed" in text or "Unsupported global" in text or "unpickl" in text.lower():
-            detail = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln), one_line(text))
-            raise CheckpointError(
-                f"refusing to load {path}: the pickle holds objects other than tensors and plain containers "
-                f"({one_line(detail, 160)})") from None
+        globals_ = [ln.strip() for ln in text.splitlines() if "GLOBAL" in ln]
+        if globals_:  # torch explains at length; keep the line naming what the pickle wanted to call
+            raise CheckpointError(f"refusing to load {path}: the pickle references objects other than tensors "
+                                  f"and plain containers, which could run code ({one_line(globals_[0], 160)})") from None
+        if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
+            detail = [ln.strip() for ln in text.splitlines() if "nsupported" in ln]
+            raise CheckpointError(f"cannot read weights file {path}: not a torch checkpoint that loads safely with "
+                                  f"weights_only=True ({one_line(detail[0] if detail else text, 160)})") from None
         raise CheckpointError(f"cannot read weights file {path} (truncated or not a torch checkpoint?): "
                               f"{type(exc).__name__}: {one_line(text, 160)}") from None
 
