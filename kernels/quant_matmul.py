@@ -241,7 +241,9 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     """``x [M, K]`` -> ``[M, N]`` in x.dtype, with the reference semantics of :func:`dequant_matmul_ref`.
 
     Routing: ``row_expert`` alone with M <= 16 uses one program column per expert; ``tiles`` (from
-    :func:`expert_tile_map`, needs ``row_expert`` sorted into tiles) runs the grouped GEMM.
+    :func:`expert_tile_map`, needs ``row_expert`` sorted into tiles) runs the grouped GEMM. ``out`` (optional
+    ``[M, N]``) receives the result as is: with split-K it must be float32 and zeroed (the captured decode step
+    zeroes one workspace per token); without it any float dtype.
     """
     if x.dim() != 2 or x.shape[1] != weight.k:
         raise ValueError(f"dequant matmul: x must be [M, {weight.k}], got {tuple(x.shape)}")
@@ -261,11 +263,14 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     if route == ROUTE_TILES:
         cfg = MatmulConfig(tiles.block_m, cfg.block_n, cfg.block_k, 1, cfg.num_warps, cfg.num_stages)
     atomic = cfg.split_k > 1
+    convert = out is None and atomic
     if out is None:
         out = (torch.zeros if atomic else torch.empty)(m, weight.n, device=x.device,
                                                        dtype=torch.float32 if atomic else x.dtype)
+    elif atomic and out.dtype != torch.float32:
+        raise ValueError("dequant matmul: split-K accumulates into a zeroed float32 `out`")
     if m == 0:
-        return out.to(x.dtype)
+        return out.to(x.dtype) if convert else out
     if route == ROUTE_DENSE:
         grid_m = _cdiv(m, cfg.block_m)
     elif route == ROUTE_BY_EXPERT:
@@ -290,7 +295,7 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
         HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None, ATOMIC=atomic,
         IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out.to(x.dtype) if atomic else out
+    return out.to(x.dtype) if convert else out
 
 
 # ---- expert tiles for the grouped GEMM ---------------------------------------------------------------------------

@@ -1,0 +1,104 @@
+"""Dequant matmul (int8, int4 every group size, float stacks) against x @ dequantized W, on the GEMV, small-M
+tensor-core and GEMM paths; K not a multiple of the group (padded tail); the custom op and its fake impl."""
+
+import os
+
+import pytest
+import torch
+
+from qmamba.kernels.quant_matmul import (GEMV_MAX_M, PackedWeight, dequant_matmul, dequant_matmul_ref,
+                                         expert_tile_map, pick_config)
+from qmamba.quant.formats import Int4Format, Int8Format
+from qmamba.quant.layout import INT4_GROUP_SIZES
+
+REAL = os.environ.get("QMAMBA_TEST_DEVICE") == "cuda"
+FORMATS = [Int8Format()] + [Int4Format(g) for g in INT4_GROUP_SIZES] + [Int4Format(64, symmetric=True)]
+M_VALUES = [1, 5, GEMV_MAX_M + 17]  # GEMV, small-M dot, GEMM
+
+
+def make_weight(fmt, n, k, device, lead=(), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(*lead, n, k, generator=g) / k ** 0.5
+    return PackedWeight.from_packed(fmt.name, {key: t.to(device) for key, t in fmt.quantize_rtn(w).items()}, n, k)
+
+
+def close(got, ref, dtype):
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got.float(), ref.float(), **tol)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
+@pytest.mark.parametrize("m", M_VALUES)
+def test_dense_matches_dequantized(fmt, m, device):
+    n, k = 37, 150  # K = 150: padded to whole groups for every group size
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    w = make_weight(fmt, n, k, device)
+    x = torch.randn(m, k, device=device).to(dtype)
+    bias = torch.randn(n, device=device)
+    got = dequant_matmul(x, w, bias)
+    ref = (x.float() @ fmt.dequantize({"qweight": w.qweight[0], "scales": w.scales[0],
+                                       **({"zeros": w.zeros[0]} if w.zeros is not None else {})}, k).t() + bias)
+    assert got.dtype == dtype and got.shape == (m, n)
+    close(got, ref, dtype)
+
+
+def test_split_k_and_explicit_config_agree(device):
+    w = make_weight(Int4Format(32), 24, 300, device)
+    x = torch.randn(3, 300, device=device)
+    ref = dequant_matmul_ref(x, w)
+    for cfg in (pick_config(3, w, device),):
+        close(dequant_matmul(x, w, config=cfg), ref, torch.float32)
+    from qmamba.kernels.quant_matmul import MatmulConfig
+    close(dequant_matmul(x, w, config=MatmulConfig(16, 16, 32, split_k=4, num_warps=1, num_stages=1)), ref,
+          torch.float32)
+    close(dequant_matmul(x[:1], w, config=MatmulConfig(1, 8, 32, split_k=3, num_warps=1, num_stages=1)),
+          ref[:1], torch.float32)
+
+
+def test_float_stack_with_rows_routed(device):
+    w = torch.randn(3, 20, 33, device=device)
+    pw = PackedWeight.from_float(w)
+    for m in (1, 6, 40):
+        x = torch.randn(m, 33, device=device)
+        idx = torch.randint(0, 3, (m,), device=device, dtype=torch.int32)
+        scale = torch.rand(m, device=device)
+        ref = torch.einsum("mk,mnk->mn", x, w[idx.long()]) * scale[:, None]
+        close(dequant_matmul(x, pw, row_expert=idx, row_scale=scale), ref, torch.float32)
+
+
+def test_expert_tile_map_covers_every_row_once(device):
+    idx = torch.tensor([2, 0, 2, 2, 2, 0, 3, 2, 2], device=device)  # expert 1 has no tokens
+    tiles = expert_tile_map(idx, 4, block_m=2)
+    seen = []
+    for e, lo, hi in zip(tiles.tile_expert.tolist(), tiles.tile_lo.tolist(), tiles.tile_hi.tolist()):
+        assert hi - lo <= 2
+        rows = tiles.sorted_ids[lo:hi].tolist()
+        assert all(int(idx[r]) == e for r in rows)
+        seen += rows
+    assert sorted(seen) == list(range(idx.numel()))
+
+
+@pytest.mark.skipif(not REAL, reason="real BlackMamba-2.8B shapes on the GPU only")
+@pytest.mark.parametrize("n,k", [(5888, 1472), (1472, 2944), (7744, 1472), (1472, 3872), (50304, 1472)])
+@pytest.mark.parametrize("m", [1, 8, 16, 300])
+def test_real_shapes(n, k, m, device):
+    for fmt in (Int8Format(), Int4Format(128)):
+        w = make_weight(fmt, n, k, device)
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        ref = x.float() @ w.dequantized()[0].t()
+        torch.testing.assert_close(dequant_matmul(x, w).float(), ref, atol=5e-2, rtol=5e-2)
+
+
+def test_custom_op_and_fake(device):
+    from qmamba.kernels import custom_ops  # noqa: F401  (registers the ops)
+
+    w = make_weight(Int4Format(16), 10, 40, device)
+    x = torch.randn(2, 40, device=device)
+    args = (x, 2, 10, 40, w.qweight[0], w.scales[0], w.zeros[0], None)
+    close(torch.ops.qmamba.dequant_matmul(*args), dequant_matmul_ref(x, w), torch.float32)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        out = torch.ops.qmamba.dequant_matmul(*fake_args)
+    assert tuple(out.shape) == (2, 10)

@@ -1,0 +1,115 @@
+"""Triton scan / state update / causal conv against the sequential PyTorch references (interpreter on CPU)."""
+
+import os
+
+import pytest
+import torch
+
+from qmamba.kernels.causal_conv1d import (causal_conv1d_ref, causal_conv1d_triton, causal_conv1d_update_ref,
+                                          causal_conv1d_update_triton)
+from qmamba.kernels.selective_scan import (selective_scan_ref, selective_scan_triton, selective_state_update_ref,
+                                           selective_state_update_triton)
+
+REAL = os.environ.get("QMAMBA_TEST_DEVICE") == "cuda"
+# (B, L, D, N): small odd shapes on CPU; BlackMamba-2.8B's d_inner on the GPU
+SCAN_SHAPES = [(2, 37, 20, 5), (1, 3, 7, 16)] + ([(2, 515, 2944, 16), (1, 2048, 2944, 16)] if REAL else [])
+TOL = {torch.float32: dict(atol=2e-4, rtol=1e-3), torch.float16: dict(atol=2e-2, rtol=2e-2),
+       torch.bfloat16: dict(atol=6e-2, rtol=5e-2)}
+
+
+def scan_inputs(B, L, D, N, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    # u and z as non-contiguous halves of one tensor, as in_proj(h).chunk(2) produces them
+    uz = r(B, L, 2 * D).to(device, dtype)
+    dbc = r(B, L, 3 + 2 * N).to(device, dtype)
+    return dict(u=uz[..., :D], delta=(r(B, L, D) * 0.5).to(device, dtype),
+                A=(-torch.rand(D, N, generator=g) * 2 - 0.05).to(device), B_ssm=dbc[..., 3:3 + N],
+                C_ssm=dbc[..., 3 + N:], D_skip=r(D).to(device), z=uz[..., D:], delta_bias=(r(D) * 0.3).to(device))
+
+
+def assert_scan_close(got, ref, dtype):
+    torch.testing.assert_close(got[0].float(), ref[0].float(), **TOL[dtype])
+    torch.testing.assert_close(got[1], ref[1], atol=2e-4 if dtype == torch.float32 else 2e-2, rtol=1e-3)
+
+
+@pytest.mark.parametrize("shape", SCAN_SHAPES)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_scan_matches_reference(shape, with_state, device):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    p = scan_inputs(*shape, device, dtype)
+    if with_state:
+        p["initial_state"] = torch.randn(shape[0], shape[2], shape[3], device=device)
+    got = selective_scan_triton(**p)
+    assert got[1].dtype == torch.float32 and got[0].dtype == dtype
+    assert_scan_close(got, selective_scan_ref(**p), dtype)
+
+
+def test_scan_optional_inputs_and_fp16(device):
+    p = scan_inputs(2, 9, 12, 4, device, torch.float16, seed=3)
+    for drop in ("z", "D_skip", "delta_bias"):
+        q = dict(p, **{drop: None})
+        assert_scan_close(selective_scan_triton(**q, delta_softplus=False),
+                          selective_scan_ref(**q, delta_softplus=False), torch.float16)
+
+
+def test_scan_chunks_carry_state(device):
+    """Two calls with the state carried equal one call (exercises the initial-state input)."""
+    p = scan_inputs(1, 21, 10, 6, device, torch.float32, seed=1)
+    y, h = selective_scan_triton(**p)
+    first = {k: (v[:, :8] if k in ("u", "delta", "B_ssm", "C_ssm", "z") else v) for k, v in p.items()}
+    rest = {k: (v[:, 8:] if k in ("u", "delta", "B_ssm", "C_ssm", "z") else v) for k, v in p.items()}
+    y1, h1 = selective_scan_triton(**first)
+    y2, h2 = selective_scan_triton(**rest, initial_state=h1)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(h2, h, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_state_update_matches_reference(in_place, device):
+    B, D, N = (3, 2944, 16) if device.type == "cuda" else (3, 19, 5)
+    p = scan_inputs(B, 1, D, N, device, torch.float32, seed=2)
+    step = {k: (v[:, 0] if k in ("u", "delta", "B_ssm", "C_ssm", "z") else v) for k, v in p.items()}
+    step["x"] = step.pop("u")
+    state = torch.randn(B, D, N, device=device)
+    y_ref, h_ref = selective_state_update_ref(state, **step)
+    y, h = selective_state_update_triton(state, **step, out_state=state if in_place else None)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-4)
+    assert (h.data_ptr() == state.data_ptr()) == in_place
+
+
+CONV_SHAPES = [(2, 13, 19, 4), (1, 2, 5, 4), (2, 1, 7, 3)] + ([(2, 2048, 2944, 4)] if REAL else [])
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_conv_prefill_matches_reference(shape, with_state, device):
+    B, L, D, W = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, L, 2 * D, generator=g).to(device)[..., :D]  # strided, as the in_proj chunk
+    w, b = torch.randn(D, W, generator=g).to(device), torch.randn(D, generator=g).to(device)
+    s = torch.randn(B, D, W, generator=g).to(device) if with_state else None
+    y, f = causal_conv1d_triton(x, w, b, s)
+    y_ref, f_ref = causal_conv1d_ref(x, w, b, s)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(f, f_ref)
+    y2, _ = causal_conv1d_triton(x, w, None, s, activation=None)
+    torch.testing.assert_close(y2, causal_conv1d_ref(x, w, None, s, activation=None)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_conv_update_steps_equal_prefill(in_place, device):
+    B, L, D, W = 2, 6, 11, 4
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, L, D, generator=g).to(device)
+    w, b = torch.randn(D, W, generator=g).to(device), torch.randn(D, generator=g).to(device)
+    y_full, s_full = causal_conv1d_ref(x, w, b)
+    state = torch.zeros(B, D, W, device=device)
+    for t in range(L):
+        state_before = state.clone()
+        y, new = causal_conv1d_update_triton(x[:, t], state, w, b, out_state=state if in_place else None)
+        torch.testing.assert_close(y, y_full[:, t], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(causal_conv1d_update_ref(x[:, t], state_before, w, b)[1], new)
+        state = new
+    torch.testing.assert_close(state, s_full)
