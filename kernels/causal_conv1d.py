@@ -150,16 +150,17 @@ def _causal_conv1d_update_kernel(
 
 
 def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation: str | None = "silu",
-                                out_state=None):
+                                out_state=None, out=None):
     """Triton twin of :func:`causal_conv1d_update_ref`: ``(y [B, D], new_state [B, D, W])``.
 
-    ``out_state=conv_state`` updates the state in place (each program reads its whole window before writing it).
+    ``out_state=conv_state`` updates the state in place (each program reads its whole window before writing it);
+    ``out`` (``[B, D]``, any float dtype) receives y instead of a new tensor.
     """
     batch, dim = x.shape
     width = _check_conv(x, weight, bias, conv_state, batch, dim)
     silu = _activation_flag(activation)
     out_state = torch.empty_like(conv_state) if out_state is None else out_state
-    y = torch.empty(batch, dim, device=x.device, dtype=x.dtype)
+    y = torch.empty(batch, dim, device=x.device, dtype=x.dtype) if out is None else out
     block_d = min(next_pow2(dim), 256 if x.is_cuda else 32)
     grid = (batch, _cdiv(dim, block_d))
     _causal_conv1d_update_kernel[grid](

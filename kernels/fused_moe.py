@@ -114,11 +114,11 @@ def _gated_act_kernel(h_ptr, out_ptr, F_OUT, shm, shf, som, sof,
     tl.store(out_ptr + row * som + f * sof, a.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def gated_act(h, activation: str, gated: bool):
-    """Triton twin of :func:`gated_act_ref`: ``h [T, 2F or F]`` -> ``[T, F]``."""
+def gated_act(h, activation: str, gated: bool, out=None):
+    """Triton twin of :func:`gated_act_ref`: ``h [T, 2F or F]`` -> ``[T, F]`` (into ``out`` when given)."""
     t, width = h.shape
     f_out = width // 2 if gated else width
-    out = torch.empty(t, f_out, device=h.device, dtype=h.dtype)
+    out = torch.empty(t, f_out, device=h.device, dtype=h.dtype) if out is None else out
     if t:
         block = min(next_pow2(f_out), 1024 if h.is_cuda else 64)
         _gated_act_kernel[(t, -(-f_out // block))](h, out, f_out, *h.stride(), *out.stride(),
