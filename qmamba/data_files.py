@@ -28,9 +28,8 @@ class DataError(UserError):
 def find_data_dir() -> Path:
     """The shared data directory; a clear error when it cannot be found."""
     env = os.environ.get("QMAMBA_DATA_DIR")
-    candidates = [Path(env)] if env else []
     repo = Path(__file__).resolve().parents[1]
-    candidates += [repo.parent / "shared" / "data", repo / "shared" / "data"]
+    candidates = [Path(env)] if env else [repo.parent / "shared" / "data", repo / "shared" / "data"]
     for path in candidates:
         if (path / "corpus").is_dir():
             return path

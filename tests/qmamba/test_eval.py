@@ -1,0 +1,150 @@
+"""Evaluation: sliding-window perplexity equals a brute-force computation written here; every token after the
+first is scored once; LAMBADA greedy matching; router agreement; data path resolution; the eval CLI."""
+
+import gzip
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from qmamba.config import preset
+from qmamba.data_files import DataError, find_data_dir, resolve_text_spec
+from qmamba.eval import _windows, lambada, perplexity, router_agreement
+from qmamba.model import MambaLM
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = MambaLM(preset("tiny-blackmamba"))
+    for name, p in m.named_parameters():
+        if "A_log" in name:
+            p.data.uniform_(0, 1)
+        else:
+            p.data.normal_(0, 0.2)
+    return m.eval()
+
+
+def brute_force_nll(model, ids, seq_len, stride):
+    """Token by token: the context of token p is ids[begin:p] for the window that scores it (HF convention)."""
+    total, count, prev_end, begin = 0.0, 0, 0, 0
+    n = ids.numel()
+    while True:
+        end = min(begin + seq_len, n)
+        first = max(prev_end, begin + 1)
+        with torch.no_grad():
+            logits = model(ids[None, begin:end])[0]
+        for p in range(first, end):
+            total -= float(F.log_softmax(logits[p - begin - 1], -1)[ids[p]])
+            count += 1
+        prev_end = end
+        if end >= n:
+            break
+        begin += stride
+    return total, count
+
+
+@pytest.mark.parametrize("seq_len,stride", [(16, 16), (16, 8), (16, 5), (40, 40)])
+def test_perplexity_matches_brute_force(model, seq_len, stride):
+    ids = torch.randint(0, model.config.vocab_size, (53,))
+    res = perplexity(model, ids, seq_len, stride, batch_size=3, progress=False)
+    total, count = brute_force_nll(model, ids, seq_len, stride)
+    assert res["tokens"] == count
+    assert res["ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+@pytest.mark.parametrize("n,seq_len,stride", [(100, 10, 3), (37, 37, 37), (50, 64, 32), (1000, 128, 64)])
+def test_windows_score_every_token_once(n, seq_len, stride):
+    scored = []
+    for begin, end, k in _windows(n, seq_len, stride):
+        assert end - begin <= seq_len and k >= 0
+        scored += list(range(end - k, end))
+    overlapping = stride < seq_len
+    if overlapping:
+        assert sorted(scored) == list(range(1, n))
+    else:  # non-overlapping windows: each window's first token has no context
+        assert len(set(scored)) == len(scored)
+
+
+def test_lambada_greedy_match(model):
+    class CharTokenizer:
+        class Enc:
+            def __init__(self, ids):
+                self.ids = ids
+
+        def encode(self, text):
+            return self.Enc([ord(c) for c in text])
+
+    tok = CharTokenizer()
+    ctx = "abcdefgh"
+    ids = torch.tensor([tok.encode(ctx).ids])
+    # build the continuation the model predicts greedily, so the record must count as correct
+    cont = []
+    for _ in range(3):
+        with torch.no_grad():
+            nxt = int(model(torch.cat([ids, torch.tensor([cont], dtype=torch.long)], 1))[0, -1].argmax())
+        cont.append(nxt)
+    good = "".join(chr(c) for c in cont)
+    wrong = "".join(chr((c + 1) % model.config.vocab_size) for c in cont)
+    records = [{"context": ctx, "continuation": good}, {"context": ctx, "continuation": wrong}]
+    res = lambada(model, tok, records, progress=False)
+    assert res["accuracy"] == 0.5 and res["records"] == 2
+
+
+def test_router_agreement(model):
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    same = router_agreement(model, model, ids)
+    assert same["overall"] == 1.0 and set(same["per_layer"]) == set(model.config.moe_layer_ids)
+    other = MambaLM(model.config).eval()
+    other.load_state_dict(model.state_dict())
+    for i in model.config.moe_layer_ids:
+        other.layers[i].mixer.router.bias.data[0] += 100.0  # everything to expert 0
+    diff = router_agreement(model, other, ids)
+    assert diff["overall"] < 1.0
+
+
+def test_data_dir_resolution(tmp_path, monkeypatch):
+    assert (find_data_dir() / "corpus").is_dir()
+    assert len(resolve_text_spec("corpus:heldout")) >= 3
+    assert resolve_text_spec("corpus:heldout/kjv")[0].name.startswith("kjv")
+    with pytest.raises(DataError, match="no corpus file"):
+        resolve_text_spec("corpus:heldout/nothing")
+    with pytest.raises(DataError, match="split"):
+        resolve_text_spec("corpus:test")
+    monkeypatch.setenv("QMAMBA_DATA_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="QMAMBA_DATA_DIR"):
+        find_data_dir()
+
+
+def test_eval_cli(tmp_path):
+    from qmamba.checkpoints.random_init import create_checkpoint
+    from qmamba.cli import main
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 50],
+                            trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    ckpt = tmp_path / "m"
+    create_checkpoint("tiny-blackmamba", "qmamba", ckpt, tokenizer_file=tmp_path / "tokenizer.json")
+    text = tmp_path / "t.txt"
+    text.write_text("the lazy dog jumps over the quick brown fox. " * 20)
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["eval", str(ckpt), "--data", str(text), "--seq-len", "32", "--json", str(out),
+                                  "--no-progress"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["perplexity"]["tokens"] > 0 and res["perplexity"]["ppl"] > 1
+    r = CliRunner().invoke(main, ["eval", "--compare", str(ckpt), str(ckpt), "--data", str(text), "--seq-len", "32",
+                                  "--no-progress"])
+    assert r.exit_code == 0 and "+0.0000 (+0.00%)" in r.output and "100.00%" in r.output
+    r = CliRunner().invoke(main, ["eval", str(ckpt), "--data", str(tmp_path / "missing.txt")])
+    assert r.exit_code == 2 and "not found" in r.output
+    r = CliRunner().invoke(main, ["eval"])
+    assert r.exit_code == 2
