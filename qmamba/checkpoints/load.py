@@ -73,17 +73,18 @@ def build_model(cfg, state_dict: dict[str, torch.Tensor], manifest: dict, device
     return model
 
 
-def load_model(path, device=None, dtype=None, backend=None):
+def load_model(path, device=None, dtype=None, backend=None, *, hash_files: bool = False):
     """Load a checkpoint of any supported format (local dir, file inside it, or hub id) as a :class:`MambaLM`.
 
     ``device``: default CPU. ``dtype``: default float32 on CPU, bfloat16 on CUDA (names like "bf16" work).
     ``backend``: "reference" or "triton"; default triton on CUDA when available. The model gets
     ``model.tokenizer_path`` (``tokenizer.json`` beside the weights, or ``None``) and ``model.checkpoint_manifest``.
+    ``hash_files``: record sha256 of source-format files in the manifest (off by default: it re-reads the files).
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     directory = resolve_checkpoint_dir(path)
-    cfg, state_dict, manifest = FORMATS[detect_format(directory)].read(directory)
+    cfg, state_dict, manifest = FORMATS[detect_format(directory)].read(directory, hash_weights=hash_files)
     backend = backend or default_backend(device)
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose from {BACKENDS}")
