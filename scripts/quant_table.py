@@ -1,0 +1,102 @@
+"""Reproduce the quantization table of docs/quantization.md on a float checkpoint (default: the trained fixture).
+
+    python scripts/quant_table.py [--model qmamba/assets/tiny-blackmamba] [--out /tmp/quant_table]
+           [--nsamples 128 --seq-len 256] [--eval-tokens 0 (all held-out)] [--eval-seq-len 256]
+
+For each row (fp32, int8 RTN/GPTQ, int4 RTN/GPTQ/AWQ at g128 and g64) it quantizes with the same library call as
+`qmamba quantize` (calibration: the TRAIN split of the shared corpus, seeded), then measures held-out perplexity
+(sliding window, corpus:heldout), size on disk, router top-1 agreement with the float model on held-out windows,
+and the quantize time. Prints a Markdown table and writes it (plus JSON) under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+ROWS = [  # label, bits, group, method
+    ("int8 RTN", 8, 128, "rtn"),
+    ("int8 GPTQ", 8, 128, "gptq"),
+    ("int4 g128 RTN", 4, 128, "rtn"),
+    ("int4 g128 GPTQ", 4, 128, "gptq"),
+    ("int4 g128 AWQ", 4, 128, "awq"),
+    ("int4 g64 RTN", 4, 64, "rtn"),
+    ("int4 g64 GPTQ", 4, 64, "gptq"),
+    ("int4 g64 AWQ", 4, 64, "awq"),
+]
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def main():
+    from qmamba import load_model
+    from qmamba.calib.pipeline import CalibOptions
+    from qmamba.calib.quantize import quantize_checkpoint
+    from qmamba.eval import _tokenizer_for, encode_text_spec, perplexity, router_agreement, text_windows
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "qmamba/assets/tiny-blackmamba"))
+    ap.add_argument("--out", default="/tmp/quant_table")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--data", default="corpus:heldout")
+    ap.add_argument("--eval-tokens", type=int, default=0, help="0 = the whole held-out text")
+    ap.add_argument("--eval-seq-len", type=int, default=256)
+    ap.add_argument("--router-windows", type=int, default=64)
+    ap.add_argument("--only", default=None, help="comma-separated row labels")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    fp = load_model(args.model)
+    tok = _tokenizer_for(fp)
+    ids = encode_text_spec(tok, args.data, args.eval_tokens or None)
+    windows = text_windows(ids, args.eval_seq_len, args.router_windows)
+
+    def measure(model):
+        return perplexity(model, ids, args.eval_seq_len, args.eval_seq_len, batch_size=16, progress=False)["ppl"]
+
+    results = [{"label": "fp32", "ppl": measure(fp), "bytes": dir_bytes(Path(args.model)), "router": 1.0,
+                "seconds": 0.0}]
+    print(f"fp32: ppl {results[0]['ppl']:.4f}", flush=True)
+    rows = [r for r in ROWS if not args.only or r[0] in args.only.split(",")]
+    for label, bits, group, method in rows:
+        target = out / label.replace(" ", "-")
+        shutil.rmtree(target, ignore_errors=True)
+        t0 = time.perf_counter()
+        info = quantize_checkpoint(args.model, target, bits=bits, group_size=group, method=method,
+                                   calib=["corpus"], nsamples=args.nsamples, seq_len=args.seq_len,
+                                   options=CalibOptions(progress=False), log=lambda *_: None)
+        seconds = time.perf_counter() - t0
+        q = load_model(target)
+        agree = router_agreement(fp, q, windows)["overall"]
+        row = {"label": label, "ppl": measure(q), "bytes": dir_bytes(target), "router": agree, "seconds": seconds,
+               "calib_router": info["router_agreement"]["overall"],
+               "sqnr_db": {r["kind"]: r["sqnr_db"] for r in info["summary"]}}
+        results.append(row)
+        print(f"{label}: ppl {row['ppl']:.4f}  size {row['bytes'] / 2**20:.3f} MiB  router {100 * agree:.2f}%  "
+              f"{seconds:.1f} s", flush=True)
+
+    base = results[0]["ppl"]
+    lines = [f"| model | held-out ppl | vs fp32 | size on disk | router top-1 agreement | quantize time |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['label']} | {r['ppl']:.3f} | {100 * (r['ppl'] / base - 1):+.2f}% | "
+                     f"{r['bytes'] / 2**20:.2f} MiB | {100 * r['router']:.2f}% | {r['seconds']:.1f} s |")
+    table = "\n".join(lines)
+    print(table)
+    (out / "table.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "tokens": int(ids.numel()),
+                                                  "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
