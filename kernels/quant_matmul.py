@@ -218,9 +218,10 @@ def pick_config(m: int, weight: PackedWeight, device, route: int = ROUTE_DENSE) 
         block_k = weight.group_size
     else:
         block_k = 128 if m <= GEMV_MAX_M else 64
-    if device.type != "cuda":  # interpreter: small tiles, few programs
-        bm = 1 if m == 1 else 16
-        return MatmulConfig(bm, 16, block_k, 2 if m <= GEMV_MAX_M and k_pad > block_k else 1, 1, 1)
+    if device.type != "cuda":  # interpreter: each program costs Python time, so few large ones (split-K kept)
+        bm = 1 if m == 1 else (16 if m <= GEMV_MAX_M else 32)
+        return MatmulConfig(bm, 64, max(block_k, 64) if weight.fmt != FMT_INT4 else block_k,
+                            2 if m <= GEMV_MAX_M and k_pad > 2 * block_k else 1, 1, 1)
     if m <= GEMV_MAX_M:
         bm = 1 if m == 1 else 16
         bn = 32 if m == 1 else 64

@@ -156,8 +156,8 @@ def selective_scan_triton(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=
     final = torch.empty(batch, dim, n, device=u.device, dtype=torch.float32)
     h0 = None if initial_state is None else initial_state.float().contiguous()
     block_n = next_pow2(n)
-    block_t = block_t or (32 if u.is_cuda else 8)
-    block_d = block_d or max(1, min(next_pow2(dim), 256 // block_n if u.is_cuda else 16))
+    block_t = block_t or (32 if u.is_cuda else 16)
+    block_d = block_d or max(1, min(next_pow2(dim), 256 // block_n if u.is_cuda else 64))
     grid = (batch, triton_cdiv(dim, block_d))
     dummy = u
     _selective_scan_kernel[grid](

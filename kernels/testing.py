@@ -1,0 +1,53 @@
+"""Helpers shared by the kernel tests, scripts/gpu_check.sh and benchmarks/: a randomly initialised model with
+sane scales, and an RTN swap of every projection (and the experts, and optionally the head) to a packed format."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qmamba.config import ModelConfig
+from qmamba.model import MambaLM
+
+
+@torch.no_grad()
+def random_model(cfg: ModelConfig, device="cpu", dtype=torch.float32, seed: int = 0) -> MambaLM:
+    """A :class:`MambaLM` with random weights of realistic magnitude (no training), built directly on ``device``."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = MambaLM(cfg)
+    for name, p in model.named_parameters():
+        if name.endswith("A_log"):
+            p.copy_(torch.log(torch.arange(1, p.shape[1] + 1, device=p.device, dtype=torch.float32)).expand_as(p))
+        elif name.endswith("dt_bias"):
+            p.uniform_(-4.0, -2.0)
+        elif name.endswith(".D") or "norm" in name and name.endswith("weight"):
+            p.fill_(1.0)
+        elif p.dim() >= 2:
+            p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
+        else:
+            p.normal_(0.0, 0.02)
+    return model.to(dtype)
+
+
+@torch.no_grad()
+def quantize_rtn(model: MambaLM, fmt, head: bool = True) -> MambaLM:
+    """Swap every Mamba projection, every expert stack and (``head=True``) the LM head for RTN-quantized twins in
+    ``fmt`` (the embedding stays float). Routers, norms and the SSM parameters stay float."""
+    from qmamba.mamba_mixer import MambaMixer
+    from qmamba.moe import SwitchMoE
+    from qmamba.quant.modules import QuantExperts, QuantLinear
+
+    for block in model.layers:
+        mixer = block.mixer
+        if isinstance(mixer, MambaMixer):
+            for name in ("in_proj", "x_proj", "dt_proj", "out_proj"):
+                setattr(mixer, name, QuantLinear.from_linear(getattr(mixer, name), fmt))
+        elif isinstance(mixer, SwitchMoE):
+            mixer.experts = QuantExperts.from_stacked(mixer.experts, fmt, fmt)
+    if head:
+        lm_head = nn.Linear(model.config.d_model, model.config.vocab_size, bias=False,
+                            device=model.embedding.weight.device, dtype=model.embedding.weight.dtype)
+        lm_head.weight.copy_(model.lm_head.weight)
+        model.lm_head = QuantLinear.from_linear(lm_head, fmt)
+    return model
