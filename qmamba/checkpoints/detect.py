@@ -26,7 +26,7 @@ FORMATS = {
     hf_mamba.FORMAT: hf_mamba,
 }
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"]
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]  # pickles only when no safetensors exist
 
 
 def looks_like_hub_id(text: str) -> bool:
@@ -41,7 +41,10 @@ def download_from_hub(repo_id: str) -> Path:
         raise CheckpointError(f"{repo_id!r} is not a local path, and huggingface_hub is not installed to download "
                               "it as a hub id (pip install 'qmamba[hub]')") from None
     try:
-        return Path(snapshot_download(repo_id=repo_id, allow_patterns=HUB_PATTERNS))
+        local = Path(snapshot_download(repo_id=repo_id, allow_patterns=HUB_PATTERNS))
+        if not any(local.glob("*.safetensors")):  # mamba_ssm / BlackMamba repos ship pytorch_model.bin
+            local = Path(snapshot_download(repo_id=repo_id, allow_patterns=[*HUB_PATTERNS, "*.bin"]))
+        return local
     except Exception as exc:  # noqa: BLE001 - offline, unknown repo, gated repo, network error ...
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") else ""
         raise CheckpointError(f"{repo_id!r} is not a local path and could not be downloaded from the Hugging Face "

@@ -188,3 +188,21 @@ def test_create_errors_write_nothing(tmp_path):
 
 def test_user_errors_are_one_type():
     assert issubclass(CheckpointError, UserError) and issubclass(ConfigError, UserError)
+
+
+def test_hub_id_download_path_is_wired(tmp_path, monkeypatch):
+    """The hub code path (no network here): snapshot_download is asked for configs and safetensors first, and
+    for pickles only when the repository has no safetensors."""
+    hub = pytest.importorskip("huggingface_hub")
+    local = create_checkpoint("tiny-mamba", "mamba_ssm", tmp_path / "snapshot", seed=0)
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        calls.append((repo_id, list(allow_patterns)))
+        return str(local)
+
+    monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download)
+    model = load_model("someone/tiny-mamba")
+    assert model.config.n_layers == 3 and model.checkpoint_manifest["format"] == "mamba_ssm"
+    assert [c[0] for c in calls] == ["someone/tiny-mamba"] * 2
+    assert "*.bin" not in calls[0][1] and "*.bin" in calls[1][1]
