@@ -15,7 +15,8 @@ MoE-aware rules:
   the ``b`` half of that expert's fc1 rows (gated experts only; ungated: clipping only).
 * AWQ on Mamba: in_proj's scale is folded into the block's RMSNorm weight (exact). out_proj (input = gated scan
   output), x_proj (input = conv + SiLU output) and dt_proj get the clipping search only: no exact fold exists and
-  the runtime has no input-scale vector. No Hadamard rotation is applied.
+  the runtime has no input-scale vector. No Hadamard rotation is applied. lm_head: folded into the final norm's
+  weight and bias (the embedding keeps its float weights, so this is exact even with tied embeddings).
 """
 
 from __future__ import annotations
@@ -322,14 +323,20 @@ class Calibrator:
             cap.add(model.norm_f(r, out_dtype=torch.float32))
         W = head.weight.detach().float()
         result = ModuleResult("lm_head", "lm_head", entry.fmt, entry.method, {}, W.numel())
-        if entry.method == "awq":
-            result.notes.append("awq: clipping only (final norm feeds nothing else, but kept simple)")
-        q, s, z, how = quantize_matrix(W, entry.fmt, entry.method, cap, self.opts, cap.tokens())
+        x_used = cap.tokens()
+        if entry.method == "awq":  # the final norm feeds only the head: fold 1/s into its weight (and bias)
+            s, alpha, _ = search_scale([(W, x_used)], cap.x_mean(), entry.fmt, self.opts.awq_grid)
+            model.norm_f.weight.data.div_(s.to(model.norm_f.weight.dtype))
+            if getattr(model.norm_f, "bias", None) is not None:
+                model.norm_f.bias.data.div_(s.to(model.norm_f.bias.dtype))
+            W, x_used = W * s, x_used / s
+            result.notes.append(f"awq alpha={alpha:.2f} folded into the final norm")
+        q, s, z, how = quantize_matrix(W, entry.fmt, entry.method, cap, self.opts, x_used)
         if how != entry.method:
             result.fallbacks["-"] = how
         W_hat = entry.fmt.dequantize_codes(q, s, z)
         self._check_finite("lm_head", W_hat)
-        _accumulate_error(result, cap.tokens(), W, W_hat)
+        _accumulate_error(result, x_used, W, W_hat)
         result.packed = entry.fmt.from_codes(q, s, z)
         if model.config.tie_embeddings:  # untie: the embedding keeps the float weights
             model.lm_head = nn.Linear(head.in_features, head.out_features, bias=False).to(W.device)
