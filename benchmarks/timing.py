@@ -1,0 +1,63 @@
+"""Timing helpers for the GPU benchmarks: CUDA-graph timing of one call at a time over rotating weight copies.
+
+Every timed call is a node of a captured CUDA graph (so host launch overhead, which differs between Triton,
+cuBLAS and bitsandbytes, is not measured); consecutive calls use different weight copies, enough of them that the
+set exceeds the 50 MB L2 twice over. The reported figure is the median over several replays of (graph time / calls).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+L2_BYTES = 50 * 2 ** 20
+
+
+def copies_for(bytes_per_copy: int, cap: int = 16) -> int:
+    """How many weight copies keep a rotation out of L2 (2x its size), at least 2."""
+    return max(2, min(cap, -(-2 * L2_BYTES // max(1, bytes_per_copy)) + 1))
+
+
+def time_calls(fns, reps: int = 5, calls_per_graph: int | None = None, use_graph: bool = True) -> float:
+    """Median microseconds per call of ``fns`` (a list of zero-argument callables, one per weight copy)."""
+    calls = calls_per_graph or max(len(fns), 8)
+    seq = [fns[i % len(fns)] for i in range(calls)]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:  # warm-up: compiles, autotunes, allocates
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = None
+    if use_graph:
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for fn in seq:
+                    fn()
+        except Exception:  # not capturable: time back-to-back launches instead
+            graph = None
+            torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        if graph is not None:
+            graph.replay()
+        else:
+            for fn in seq:
+                fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0 / calls)
+    return statistics.median(times)
+
+
+def copy_bandwidth(n_bytes: int = 2 ** 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read and written."""
+    src = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = time_calls([lambda: dst.copy_(src)], reps=7, calls_per_graph=4)
+    return 2 * n_bytes / (us * 1e-6)

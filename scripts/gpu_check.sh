@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# GPU check (run on the H100, not in CI): every kernel test compiled for the GPU, at BlackMamba-2.8B shapes where
+# the tests have them, plus CUDA-graph replay == eager decode. One command:  bash scripts/gpu_check.sh [pytest args]
+set -uo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+export QMAMBA_TEST_DEVICE=cuda
+# the repo's folders map onto qmamba.kernels / qmamba.export / qmamba.calib (pyproject package-dir): install the
+# checkout in editable mode (no dependencies, no network) where it is not installed yet
+if ! "$PY" -c "import qmamba.kernels" 2>/dev/null; then
+  "$PY" -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+fi
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
+exec "$PY" -m pytest -q -p no:cacheprovider tests/kernels "$@"
