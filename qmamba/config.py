@@ -182,6 +182,9 @@ PRESETS = {
                                            d_state=8, final_norm="layernorm", family="blackmamba"),
     "tiny-mamba": lambda: ModelConfig(d_model=64, layers=["r"] * 3, vocab_size=512, d_state=8,
                                       final_norm="rmsnorm", family="mamba"),
+    "tiny-blackmamba-fixture": lambda: ModelConfig(d_model=128, layers=_alternating(8, 4), vocab_size=4096,
+                                                   ffn_hidden=192, d_state=8, final_norm="layernorm",
+                                                   family="blackmamba"),  # qmamba/assets/tiny-blackmamba
 }
 
 
