@@ -161,9 +161,15 @@ class GraphDecoder:
 
 
 def default_step_fn(model):
-    """The step function ``qmamba generate`` should use: a :class:`GraphDecoder` on CUDA with the Triton backend
-    (``model.step`` otherwise). Returns ``None`` where the plain ``model.step`` is the right choice."""
+    """The step function ``qmamba generate`` uses: a :class:`GraphDecoder` when the model is on CUDA and runs the
+    Triton backend (the fused step, or the captured ``model.step`` where a module has no fused kernel); ``None``
+    (the caller's eager ``model.step``) otherwise."""
     if model.device.type != "cuda":
         return None
-    model.set_backend("triton")
-    return GraphDecoder(model)
+    backends = {m.backend for m in model.modules() if m is not model and hasattr(m, "backend")}
+    if backends != {"triton"}:
+        return None
+    try:
+        return GraphDecoder(model)
+    except (TypeError, ValueError):  # a module or format without a fused kernel
+        return GraphDecoder(model, fused=False)

@@ -81,8 +81,10 @@ def generate_text(path: str, prompt: str, *, max_new_tokens: int, temperature: f
             out.flush()
 
     start = time.perf_counter()
+    from qmamba.cuda_graph import default_step_fn  # CUDA + triton backend: graph-captured fused decode
+
     generate(model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-             eos_token_id=tok.eos_token_id, stream=stream)
+             eos_token_id=tok.eos_token_id, stream=stream, step_fn=default_step_fn(model))
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     end = time.perf_counter()
