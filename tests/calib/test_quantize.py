@@ -38,6 +38,10 @@ def test_quantized_checkpoint_loads_and_reloads_identically(tiny_checkpoint, cal
     ids = torch.randint(0, a.config.vocab_size, (2, 12))
     la = a(ids)
     assert torch.equal(la, b(ids))
+    # step-by-step decoding through the quantized modules reproduces the parallel forward
+    state = a.new_state(2)
+    for t in range(6):
+        torch.testing.assert_close(a.step(ids[:, t], state), la[:, t], rtol=1e-4, atol=1e-4)
     rel = float((la - fp(ids)).norm() / fp(ids).norm())
     assert 0 < rel < (0.02 if bits == 8 else 0.2)
     manifest = json.loads((out / "manifest.json").read_text())
