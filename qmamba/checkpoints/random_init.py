@@ -31,25 +31,24 @@ CREATE_FORMATS = ("qmamba", *WRITERS)
 
 
 def _init_tensor(name: str, shape: tuple, cfg: ModelConfig, dtype: torch.dtype, gen: torch.Generator):
-    """One freshly initialised tensor for internal name ``name``."""
-    leaf = name.rsplit(".", 1)[-1]
-    out = torch.empty(shape, dtype=dtype)
-    if name.endswith("A_log"):
+    """One freshly initialised tensor for internal name ``name`` (generated in ``dtype``)."""
+    if name.endswith("A_log"):  # S4D-real: A = -(1..N) in every row
         row = torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32))
         return row.expand(shape).to(dtype).contiguous()
-    if name.endswith(".D") or name.endswith("norm.weight") or name.endswith("norm_f.weight"):
-        return out.fill_(1.0)
-    if name.endswith("dt_bias"):
+    if name.endswith(("mixer.D", "norm.weight", "norm_f.weight")):
+        return torch.ones(shape, dtype=dtype)
+    if name.endswith("dt_bias"):  # softplus(dt_bias) = dt, log-uniform in [DT_MIN, DT_MAX]
         u = torch.rand(shape, generator=gen, dtype=torch.float32)
         dt = torch.exp(u * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)).clamp(min=DT_FLOOR)
-        return (dt + torch.log(-torch.expm1(-dt))).to(dtype)  # softplus^-1(dt)
+        return (dt + torch.log(-torch.expm1(-dt))).to(dtype)
+    out = torch.empty(shape, dtype=dtype)
     if name.endswith("dt_proj.weight"):
         bound = cfg.dt_rank ** -0.5
         return out.uniform_(-bound, bound, generator=gen)
-    if name.endswith("conv_weight") or name.endswith("conv_bias"):
+    if name.endswith(("conv_weight", "conv_bias")):  # PyTorch's Conv1d default for a depthwise conv
         bound = 1.0 / math.sqrt(cfg.d_conv)
         return out.uniform_(-bound, bound, generator=gen)
-    if leaf == "bias":
+    if name.endswith(".bias"):
         return out.zero_()
     std = INIT_STD / math.sqrt(cfg.n_layers) if name.endswith(("out_proj.weight", "experts.fc2")) else INIT_STD
     return out.normal_(0.0, std, generator=gen)

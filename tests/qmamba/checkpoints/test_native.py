@@ -59,6 +59,8 @@ def test_shared_and_non_contiguous_tensors(tmp_path):
     sd = random_state_dict(cfg, 0)
     sd["layers.1.norm.weight"] = sd["layers.0.norm.weight"]  # same tensor under two names
     sd["layers.0.mixer.out_proj.weight"] = sd["layers.0.mixer.out_proj.weight"].t().contiguous().t()  # transposed view
+    both = torch.randn(2, cfg.d_inner)
+    sd["layers.0.mixer.D"], sd["layers.1.mixer.D"] = both[0], both[1]  # two halves of one storage
     save_checkpoint(sd, cfg, tmp_path / "ck")
     manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
     assert manifest["aliases"] == {"layers.1.norm.weight": "layers.0.norm.weight"}
