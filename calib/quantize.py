@@ -108,14 +108,20 @@ def quantize_checkpoint(src, out, *, bits: int = 4, group_size: int = 128, metho
     device = torch.device(device) if device else torch.device("cpu")
 
     source_dtypes = {k: v.dtype for k, v in state_dict.items()}
-    model = MambaLM(cfg)
+    with torch.device("meta"):  # no second copy of the weights: the float32 tensors are assigned
+        model = MambaLM(cfg)
     plan = build_plan(model, bits, group_size, symmetric, method, quantize_head, quantize_xdt, recipe_data)
     data = load_calibration(calib, load_tokenizer(tok_path), nsamples, seq_len, seed, cfg.vocab_size)
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    sd = {}
+    for k in list(state_dict):  # calibration runs in float32
+        v = state_dict.pop(k)
+        sd[k] = v.to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device)
     if cfg.tie_embeddings:
         sd.setdefault("lm_head.weight", sd["embedding.weight"])
-    model.load_state_dict(sd, strict=True)
-    model.to(device).eval().requires_grad_(False)
+    model.load_state_dict(sd, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embedding.weight
+    model.eval().requires_grad_(False)
     del sd
     ids = data.ids.to(device)
 
