@@ -94,7 +94,7 @@ def make_generator(device, seed: int | None) -> torch.Generator | None:
     return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the returned tokens must be usable in autograd code
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, seed: int | None = None, generator: torch.Generator | None = None,
              eos_token_id: int | None = None, pad_token_id: int | None = None,
