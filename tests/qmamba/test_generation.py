@@ -210,3 +210,54 @@ def test_fixture_is_trained(fixture_model):
         logits = fixture_model(ids[:, :-1])
     loss = float(torch.nn.functional.cross_entropy(logits[0], ids[0, 1:]))
     assert loss < 0.6 * math.log(fixture_model.config.vocab_size), loss
+
+
+# ---- the command line ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cli_checkpoint(tmp_path_factory):
+    """A random tiny-blackmamba checkpoint (fp32) carrying a 300-token byte-level BPE trained here."""
+    from qmamba.calib.text_data import train_bpe_tokenizer
+    from qmamba.checkpoints.random_init import create_checkpoint
+
+    folder = tmp_path_factory.mktemp("cli")
+    text = folder / "text.txt"
+    text.write_text("Once upon a time there was a café in Zürich. " * 50, encoding="utf-8")
+    train_bpe_tokenizer([text], 300, folder / "tokenizer.json")
+    return create_checkpoint("tiny-blackmamba", "qmamba", folder / "ckpt", seed=1, dtype="float32",
+                             tokenizer_file=folder / "tokenizer.json")
+
+
+def test_cli_streams_the_greedy_continuation(cli_checkpoint):
+    from click.testing import CliRunner
+
+    import qmamba
+    from qmamba.cli import main
+    from qmamba.tokenizer import load_tokenizer
+
+    prompt = "Once upon a time in Zürich"
+    result = CliRunner().invoke(main, ["generate", str(cli_checkpoint), "--prompt", prompt, "-n", "12", "-t", "0",
+                                       "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    tok = load_tokenizer(cli_checkpoint / "tokenizer.json")
+    model = qmamba.load_model(cli_checkpoint)
+    ids = torch.tensor([tok.encode(prompt)])
+    out = generate(model, ids, 12, temperature=0.0, eos_token_id=tok.eos_token_id)
+    new = [t for t in out[0, ids.shape[1]:].tolist() if t != tok.eos_token_id]
+    assert result.stdout == prompt + tok.decode(new) + "\n"
+    assert "tokens/s" in result.stderr
+
+
+def test_cli_errors_are_one_line(cli_checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from qmamba.cli import main
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "manifest.json", "model.safetensors"):
+        (bare / name).write_bytes((cli_checkpoint / name).read_bytes())
+    result = CliRunner().invoke(main, ["generate", str(bare), "--prompt", "x", "--device", "cpu"])
+    assert result.exit_code == 2 and "tokenizer" in result.stderr and "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["generate", str(cli_checkpoint), "--prompt", "x", "--top-p", "0",
+                                       "--device", "cpu"])
+    assert result.exit_code == 2 and "top_p" in result.stderr
