@@ -100,6 +100,10 @@ def save_checked(model, out: Path, external_data: str = "auto", overwrite: bool 
             onnx.checker.check_model(str(tmp_model), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise ExportError(f"the exported model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+        umask = os.umask(0)
+        os.umask(umask)
+        for written in tmp.iterdir():  # temporary files are private; the outputs get the usual permissions
+            os.chmod(written, 0o666 & ~umask)
         if external:
             os.replace(tmp / data_name, out.parent / data_name)
         elif (out.parent / data_name).exists() and overwrite:

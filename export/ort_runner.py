@@ -199,6 +199,7 @@ def generate_cli(path, *, prompt: str, max_new_tokens: int, temperature: float, 
     ids = tok.encode(prompt) or ([tok.eos_token_id] if tok.eos_token_id is not None else [])
     if not ids:
         raise UserError("the prompt is empty and the tokenizer has no end-of-text token to start from")
+    lm.check_token_ids(ids)
     decoder = tok.stream_decoder()
     timing = {"first": None, "count": 0}
     out.write(prompt)
