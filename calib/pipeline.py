@@ -128,7 +128,7 @@ def quantize_matrix(W: torch.Tensor, fmt: WeightFormat, method: str, cap: _Input
         q, s, z = quantize_with_clip(W, clip, fmt)
         return q, s, z, "awq"
     s, z = fmt.params(W)
-    return fmt.quantize(W, s, z), s, z, "rtn"
+    return fmt.quantize(W, s, z), s, z, getattr(fmt, "data_free_method", "rtn")
 
 
 def _accumulate_error(result: ModuleResult, x: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor) -> None:

@@ -21,7 +21,7 @@ from torch import nn
 
 from qmamba.errors import UserError
 from qmamba.moe import StackedExperts
-from qmamba.quant.modules import QuantExperts, QuantLinear
+from qmamba.quant.modules import experts_class_for, linear_class_for
 
 from qmamba.calib.data import load_calibration, load_tokenizer
 from qmamba.calib.pipeline import CalibOptions, ModuleResult, calibrate
@@ -67,12 +67,13 @@ def apply_packed(model: nn.Module, results: dict[str, ModuleResult]) -> nn.Modul
             experts.setdefault(parent, {})[leaf] = r
             continue
         linear = model.get_submodule(name)
-        new = QuantLinear.from_linear(linear, r.fmt, {k: v.to(linear.weight.device) for k, v in r.packed.items()})
+        new = linear_class_for(r.fmt).from_linear(linear, r.fmt, {k: v.to(linear.weight.device) for k, v in r.packed.items()})
         _set(model, name, new)
     for parent, parts in experts.items():
         old = model.get_submodule(parent)
         fc1, fc2 = parts.get("fc1"), parts.get("fc2")
-        new = QuantExperts.from_stacked(old, fc1.fmt if fc1 else None, fc2.fmt if fc2 else None,
+        fmt1, fmt2 = fc1.fmt if fc1 else None, fc2.fmt if fc2 else None
+        new = experts_class_for(fmt1, fmt2).from_stacked(old, fmt1, fmt2,
                                         fc1.packed if fc1 else None, fc2.packed if fc2 else None)
         _set(model, parent, new)
     return model

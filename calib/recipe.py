@@ -75,8 +75,8 @@ def _check_setting(data: dict, where: str, allow_pattern: bool) -> dict:
     unknown = sorted(set(data) - set(allowed))
     if unknown:
         raise RecipeError(f"{where}: unknown recipe keys {unknown} (allowed: {list(allowed)})")
-    if "bits" in data and data["bits"] not in (4, 8, FLOAT_BITS):
-        raise RecipeError(f"{where}: bits must be 4, 8 or 16 (keep in float), got {data['bits']!r}")
+    if "bits" in data and data["bits"] not in (1, 4, 8, FLOAT_BITS):
+        raise RecipeError(f"{where}: bits must be 1 (binary), 4, 8 or 16 (keep in float), got {data['bits']!r}")
     if "method" in data and data["method"] not in METHODS:
         raise RecipeError(f"{where}: method must be one of {METHODS}, got {data['method']!r}")
     if "symmetric" in data and not isinstance(data["symmetric"], bool):
@@ -152,7 +152,9 @@ def build_plan(model, bits: int = 4, group_size: int = 128, symmetric: bool = Fa
         if s is None or s["bits"] == FLOAT_BITS:
             continue
         setting = ModuleSetting(int(s["bits"]), int(s["group_size"]), bool(s["symmetric"]), s["method"])
-        plan[name] = PlanEntry(setting.fmt(), setting.method)
+        fmt = setting.fmt()
+        # formats with one data-free initialisation (binary: PTB) ignore the method (GPTQ/AWQ do not apply)
+        plan[name] = PlanEntry(fmt, getattr(fmt, "data_free_method", None) or setting.method)
     if not plan:
         raise ConfigError("nothing to quantize: every module is kept in float")
     return plan

@@ -219,11 +219,17 @@ class Int4Format(WeightFormat):
         return f"int4-g{self.group_size}{'-sym' if self.symmetric else ''}"
 
 
-SUPPORTED_BITS = {8: "int8", 4: "int4"}
+SUPPORTED_BITS = {8: "int8", 4: "int4", 1: "binary"}
+
+
+def _load_plugin_formats() -> None:
+    """Formats defined in their own modules register on import (imported here lazily: they import this one)."""
+    from qmamba.quant import binary  # noqa: F401  registers "binary"
 
 
 def format_from_dict(data: dict) -> WeightFormat:
     """Inverse of ``fmt.to_dict()``; unknown formats or keys give a clear :class:`ConfigError`."""
+    _load_plugin_formats()
     if not isinstance(data, dict) or "format" not in data:
         raise ConfigError(f"a quantization format entry must be a dict with a 'format' key, got {data!r}")
     name = data["format"]
@@ -244,7 +250,10 @@ def make_format(bits: int, group_size: int = 128, symmetric: bool = False) -> We
     """The format for ``--bits``/``--group-size``/``--symmetric``; unsupported bit widths are a ConfigError."""
     if bits not in SUPPORTED_BITS:
         raise ConfigError(f"unsupported bit width {bits}: choose one of {sorted(SUPPORTED_BITS)} "
-                          "(1-bit arrives with the binary format)")
+                          "(1 = binary)")
+    if bits == 1:
+        _load_plugin_formats()
+        return FORMATS["binary"]()
     if bits == 8:
         return Int8Format()
     return Int4Format(group_size=int(group_size), symmetric=bool(symmetric))

@@ -16,7 +16,7 @@ int4 ("int4", group-wise along K; ONNX Runtime ``MatMulNBits`` layout, so export
     so a kernel may read the padded tail against zero activations. Symmetric int4 uses zero point 8 everywhere.
 
 The functions below convert between integer codes (``q`` as uint8/int8 tensors, one value per element) and
-the packed tensors. They know nothing about models.
+the packed tensors. They know nothing about models. The 1-bit "binary" layout is documented in its section below.
 """
 
 from __future__ import annotations
@@ -109,3 +109,74 @@ def check_int8(qweight, scales, n: int, k: int, lead: tuple = ()) -> None:
         raise LayoutError(f"int8 qweight: expected {(*lead, n, k)} int8, got {tuple(qweight.shape)} {qweight.dtype}")
     if tuple(scales.shape) != (*lead, n) or scales.dtype != torch.float16:
         raise LayoutError(f"int8 scales: expected {(*lead, n)} float16, got {tuple(scales.shape)} {scales.dtype}")
+
+
+# ---- binary (1 bit per weight, Bi-Mamba form) ---------------------------------------------------------------------
+# binary ("binary"): W_hat[n, k] = alpha[k] * s[n, k] + beta[k]      (s = +1 / -1; alpha, beta per INPUT column)
+#     qweight    uint8  [N, ceil(K / 8)]   sign bits, 8 per byte along K: bit j (LSB = j 0) of byte b is column
+#                                          k = 8 b + j; bit 1 = +1, bit 0 = -1. sign(0) is defined as +1. The bits of
+#                                          the padded tail (k >= K) are 0 and mean nothing: readers mask them.
+#     alpha      fp16   [K]                column scale (>= 0)
+#     beta       fp16   [K]                column offset
+#     row_scale  fp16   [N]                only in the per-output-row variant ("row_scale": true):
+#                                          W_hat[n, k] = row_scale[n] * (alpha[k] * s[n, k] + beta[k])
+# Stacked experts add a leading E to every tensor. A matmul never needs W_hat:
+#     x @ W_hat^T = ((x * alpha) @ S^T + (x . beta)) (* row_scale)    S = the +/-1 matrix [N, K]
+BINARY_BYTE_BITS = 8
+
+
+def binary_num_bytes(k: int) -> int:
+    """Bytes per row of packed signs for ``k`` input columns."""
+    return math.ceil(k / BINARY_BYTE_BITS)
+
+
+def binary_signs(W: torch.Tensor) -> torch.Tensor:
+    """Sign bits of ``W`` (uint8 0/1, same shape): 1 where ``W >= 0`` (so sign(0) = +1), 0 where ``W < 0``."""
+    return (W >= 0).to(torch.uint8)
+
+
+def pack_signs(bits: torch.Tensor) -> torch.Tensor:
+    """Sign bits ``[..., K]`` (0/1) -> ``[..., ceil(K/8)] uint8``, bit j of byte b = element 8 b + j."""
+    k = bits.shape[-1]
+    k_pad = binary_num_bytes(k) * BINARY_BYTE_BITS
+    b = bits.to(torch.uint8)
+    if bits.numel() and int(b.max()) > 1:
+        raise LayoutError("sign bits must be 0 or 1")
+    if k_pad != k:
+        b = torch.nn.functional.pad(b, (0, k_pad - k))
+    b = b.reshape(*b.shape[:-1], k_pad // BINARY_BYTE_BITS, BINARY_BYTE_BITS)
+    weights = (1 << torch.arange(BINARY_BYTE_BITS, device=b.device, dtype=torch.int32)).to(torch.uint8)
+    return (b * weights).sum(-1, dtype=torch.int32).to(torch.uint8).contiguous()
+
+
+def unpack_signs(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_signs`: ``[..., ceil(K/8)] uint8`` -> bits ``[..., K]`` uint8 (0/1)."""
+    shifts = torch.arange(BINARY_BYTE_BITS, device=packed.device, dtype=torch.uint8)
+    bits = (packed[..., None] >> shifts) & 1
+    return bits.reshape(*packed.shape[:-1], packed.shape[-1] * BINARY_BYTE_BITS)[..., :k]
+
+
+def signs_pm1(packed: torch.Tensor, k: int, dtype=torch.float32) -> torch.Tensor:
+    """Packed signs -> the +/-1 matrix ``S [..., N, K]`` in ``dtype``."""
+    return unpack_signs(packed, k).to(dtype) * 2 - 1
+
+
+def dequantize_binary(qweight, alpha, beta, k: int, row_scale=None, dtype=torch.float32) -> torch.Tensor:
+    """Packed binary -> dense ``W_hat [..., N, K]`` (computed in float32, then cast)."""
+    S = signs_pm1(qweight, k)
+    W = S * alpha.float()[..., None, :] + beta.float()[..., None, :]
+    if row_scale is not None:
+        W = W * row_scale.float()[..., :, None]
+    return W.to(dtype)
+
+
+def check_binary(qweight, alpha, beta, n: int, k: int, row_scale=None, lead: tuple = (),
+                 has_row_scale: bool = False) -> None:
+    want = [("qweight", qweight, (*lead, n, binary_num_bytes(k)), torch.uint8),
+            ("alpha", alpha, (*lead, k), torch.float16), ("beta", beta, (*lead, k), torch.float16)]
+    if has_row_scale:
+        want.append(("row_scale", row_scale, (*lead, n), torch.float16))
+    for name, tensor, shape, dtype in want:
+        if tensor is None or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            got = "missing" if tensor is None else f"{tuple(tensor.shape)} {tensor.dtype}"
+            raise LayoutError(f"binary {name}: expected {shape} {dtype}, got {got}")

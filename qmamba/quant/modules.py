@@ -227,7 +227,7 @@ def swap_quantized_modules(model: nn.Module, quantization: dict) -> nn.Module:
             raise CheckpointError(f"quantization manifest names {name!r}, which is not a linear layer or an expert "
                                   "matrix of this model")
         w = target.weight
-        new = QuantLinear(target.in_features, target.out_features, fmt, target.bias is not None, device=w.device,
+        new = linear_class_for(fmt)(target.in_features, target.out_features, fmt, target.bias is not None, device=w.device,
                           bias_dtype=w.dtype)
         _set_submodule(model, name, new)
     for name, fmts in expert_fmts.items():
@@ -235,10 +235,23 @@ def swap_quantized_modules(model: nn.Module, quantization: dict) -> nn.Module:
         if isinstance(old, QuantExperts):
             continue
         n_experts, _, d = old.fc1.shape
-        new = QuantExperts(n_experts, d, old.fc2.shape[2], old.gated, old.activation, fmts.get("fc1"),
+        new = experts_class_for(fmts.get("fc1"), fmts.get("fc2"))(n_experts, d, old.fc2.shape[2], old.gated, old.activation, fmts.get("fc1"),
                            fmts.get("fc2"), device=old.fc1.device, float_dtype=old.fc1.dtype)
         _set_submodule(model, name, new)
     return model
+
+
+def linear_class_for(fmt: WeightFormat) -> type:
+    """The module class holding a linear in ``fmt`` (:class:`QuantLinear` unless the format names its own)."""
+    return fmt.linear_class() if hasattr(fmt, "linear_class") else QuantLinear
+
+
+def experts_class_for(fc1_fmt: WeightFormat | None, fc2_fmt: WeightFormat | None) -> type:
+    """The experts class for these fc1/fc2 formats (a format's own class wins, e.g. the binary one)."""
+    for fmt in (fc1_fmt, fc2_fmt):
+        if fmt is not None and hasattr(fmt, "experts_class"):
+            return fmt.experts_class()
+    return QuantExperts
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -1,0 +1,400 @@
+"""Distillation of a 1-bit (``binary``) student against its full-precision teacher (Bi-Mamba's autoregressive
+distillation, short and post-training).
+
+The student is the quantized model (``BinaryLinear`` / ``BinaryExperts`` modules from PTB; other modules may be
+int4/int8 or float). For the duration of training every binary weight becomes a :class:`TrainableBinaryWeight`:
+``alpha``, ``beta`` (and ``row_scale``) are float32 parameters; the signs are either fixed (the PTB signs) or, with
+``ste=True``, ``sign(U)`` of a latent ``U`` initialised from the teacher's weights (``U = (W / r - beta) / alpha``,
+so ``sign(U)`` equals the PTB signs) and trained through a straight-through estimator (identity gradient).
+Optionally the norms (``train_norms``) and the remaining high-precision parameters (``train_float``: conv, dt bias,
+A_log, D, float projections, routers; never the embedding/tied head) train too.
+
+Loss: the KL divergence from the teacher's next-token distribution to the student's, per token, averaged (the same
+gradient as Bi-Mamba's soft cross-entropy; temperature ``T`` divides both logits). AdamW without weight decay,
+linear warm-up then cosine decay, gradient clipping; batches are random rows of the calibration ids. A step budget
+and/or a wall-clock budget stop training; a tqdm bar shows the loss. With a checkpoint directory the trainable
+tensors, optimizer and step are saved every ``checkpoint_every`` steps (atomically) and a later run resumes there.
+
+At the end :func:`distill` writes the result back: the trainable weights are rounded to their stored fp16 form and
+packed again, so the student holds ``BinaryLinear``/``BinaryExperts`` modules as before (ready to save).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from qmamba.errors import UserError
+from qmamba.moe import StackedExperts, expert_mlp
+from qmamba.quant import layout
+from qmamba.quant.binary import BinaryExperts, BinaryFormat, BinaryLinear, is_binary
+from qmamba.quant.modules import PackedExpertWeight, QuantExperts
+
+from .train import cosine_lr
+from .train_scan import fast_training_scan
+
+CHECKPOINT_FILE = "distill_state.pt"
+NEVER_TRAINED = ("embedding.weight", "lm_head.weight")
+
+
+@dataclass
+class DistillOptions:
+    steps: int = 200                  # optimizer steps (upper bound)
+    time_budget: float | None = None  # seconds of training (upper bound); None = steps only
+    lr: float = 1e-3
+    latent_lr: float | None = None    # STE latent signs (default: lr)
+    warmup: int = 10
+    min_lr_ratio: float = 0.1
+    batch_size: int = 8
+    temperature: float = 1.0
+    grad_clip: float = 1.0
+    ste: bool = False                 # update the signs through a straight-through estimator
+    train_norms: bool = False         # also train the RMSNorm weights (and the final norm)
+    train_float: bool = False         # also train the other high-precision parameters (not the embedding)
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 50
+    seed: int = 0
+    progress: bool = True
+
+
+# ---- trainable stand-ins -------------------------------------------------------------------------------------
+class TrainableBinaryWeight(nn.Module):
+    """One binary matrix ``[N, K]`` or stack ``[E, N, K]`` with trainable parameters; :meth:`weight` is W_hat."""
+
+    def __init__(self, fmt: BinaryFormat, packed: dict, k: int, latent_init: torch.Tensor | None = None):
+        super().__init__()
+        self.fmt, self.k = fmt, k
+        bits = layout.unpack_signs(packed["qweight"], k)
+        self.alpha = nn.Parameter(packed["alpha"].float().clone())
+        self.beta = nn.Parameter(packed["beta"].float().clone())
+        self.row_scale = nn.Parameter(packed["row_scale"].float().clone()) if fmt.row_scale else None
+        pm1 = bits.to(torch.float32) * 2 - 1
+        if latent_init is not None:  # STE: keep the stored signs, magnitudes from the teacher
+            self.latent = nn.Parameter(pm1 * latent_init.float().abs().clamp(min=1e-3))
+            self.register_buffer("fixed_signs", None)
+        else:
+            self.latent = None
+            self.register_buffer("fixed_signs", pm1.to(torch.int8))
+
+    def signs(self) -> torch.Tensor:
+        if self.latent is None:
+            return self.fixed_signs.float()
+        hard = torch.where(self.latent >= 0, 1.0, -1.0)
+        return self.latent + (hard - self.latent).detach()  # straight-through: d hard / d latent := 1
+
+    def weight(self) -> torch.Tensor:
+        W = self.signs() * self.alpha[..., None, :] + self.beta[..., None, :]
+        return W if self.row_scale is None else W * self.row_scale[..., :, None]
+
+    @torch.no_grad()
+    def packed(self) -> dict:
+        """The stored form (fp16 parameters, packed signs); ``alpha`` stays >= 0 by flipping signs if needed."""
+        S = self.signs().detach()
+        alpha = self.alpha.detach()
+        S = torch.where(alpha[..., None, :] < 0, -S, S)
+        ab = torch.stack([alpha.abs(), self.beta.detach()], dim=-2)
+        r = None if self.row_scale is None else self.row_scale.detach()
+        return self.fmt.from_codes((S >= 0).to(torch.uint8), ab, r)
+
+
+class _TrainableLinear(nn.Module):
+    def __init__(self, src: BinaryLinear, latent_init: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = src.in_features, src.out_features
+        self.w = TrainableBinaryWeight(src.fmt, src.packed(), src.in_features, latent_init)
+        self.bias = src.bias
+        self.initial_qweight = src.qweight  # for the sign-flip statistic
+
+    def forward(self, x):
+        return F.linear(x, self.w.weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def to_module(self) -> BinaryLinear:
+        mod = BinaryLinear(self.in_features, self.out_features, self.w.fmt, self.bias is not None,
+                           device=self.w.alpha.device, bias_dtype=self.bias.dtype if self.bias is not None
+                           else torch.float32)
+        mod.load_packed(self.w.packed())
+        if self.bias is not None:
+            mod.bias = self.bias
+        return mod
+
+
+class _TrainableExperts(nn.Module):
+    """Stand-in for a :class:`QuantExperts`: binary matrices train, other formats stay frozen (dequantized)."""
+
+    def __init__(self, src: QuantExperts, latents: dict):
+        super().__init__()
+        self.src = src
+        self.n_experts, self.gated, self.activation = src.n_experts, src.gated, src.activation
+        self.parts = nn.ModuleDict()
+        self.frozen: dict[str, torch.Tensor] = {}
+        for name in ("fc1", "fc2"):
+            w = getattr(src, name)
+            if isinstance(w, PackedExpertWeight) and is_binary(w.fmt):
+                self.parts[name] = TrainableBinaryWeight(w.fmt, w.packed(), w.k, latents.get(name))
+            elif isinstance(w, PackedExpertWeight):
+                self.frozen[name] = w.dequantized(None, torch.float32)
+            else:
+                self.frozen[name] = w  # float Parameter (trainable only with train_float)
+
+    def _stack(self, name: str) -> torch.Tensor:
+        return self.parts[name].weight() if name in self.parts else self.frozen[name]
+
+    def forward(self, x, expert_idx):
+        fc1, fc2 = self._stack("fc1"), self._stack("fc2")
+        out = x.new_zeros(x.shape[0], fc2.shape[1])
+        for e in range(self.n_experts):
+            rows = (expert_idx == e).nonzero(as_tuple=True)[0]
+            if rows.numel():
+                out = out.index_put((rows,), expert_mlp(x[rows], fc1[e].to(x.dtype), fc2[e].to(x.dtype),
+                                                        self.activation, self.gated))
+        return out
+
+    def to_module(self) -> QuantExperts:
+        src = self.src
+        for name, part in self.parts.items():
+            getattr(src, name).load_packed(part.packed())
+        return src
+
+
+def _teacher_weight(teacher: nn.Module, name: str) -> torch.Tensor:
+    """Float weight of module ``name`` in the teacher (``nn.Linear`` weight or stacked experts ``fc1``/``fc2``)."""
+    parent, _, leaf = name.rpartition(".")
+    if leaf in ("fc1", "fc2") and isinstance(teacher.get_submodule(parent), StackedExperts):
+        return getattr(teacher.get_submodule(parent), leaf).detach()
+    return teacher.get_submodule(name).weight.detach()
+
+
+def _latent(W: torch.Tensor, part_packed: dict, fmt: BinaryFormat, k: int) -> torch.Tensor:
+    Wf = W.float()
+    if fmt.row_scale:
+        Wf = Wf / part_packed["row_scale"].float()[..., :, None]
+    return (Wf - part_packed["beta"].float()[..., None, :]) / part_packed["alpha"].float()[..., None, :].clamp(min=1e-8)
+
+
+def make_trainable(student: nn.Module, teacher: nn.Module | None, ste: bool) -> dict[str, nn.Module]:
+    """Swap the binary modules of ``student`` for trainable stand-ins (in place); returns ``{name: stand-in}``."""
+    if ste and teacher is None:
+        raise ValueError("ste=True needs the teacher's float weights")
+    swapped = {}
+    for name, mod in list(student.named_modules()):
+        if isinstance(mod, BinaryLinear):
+            latent = _latent(_teacher_weight(teacher, name), mod.packed(), mod.fmt, mod.in_features) if ste else None
+            new = _TrainableLinear(mod, latent)
+        elif isinstance(mod, QuantExperts) and any(
+                isinstance(getattr(mod, w), PackedExpertWeight) and is_binary(getattr(mod, w).fmt)
+                for w in ("fc1", "fc2")):
+            latents = {}
+            if ste:
+                for w in ("fc1", "fc2"):
+                    pw = getattr(mod, w)
+                    if isinstance(pw, PackedExpertWeight) and is_binary(pw.fmt):
+                        latents[w] = _latent(_teacher_weight(teacher, f"{name}.{w}"), pw.packed(), pw.fmt, pw.k)
+            new = _TrainableExperts(mod, latents)
+        else:
+            continue
+        _set(student, name, new)
+        swapped[name] = new
+    return swapped
+
+
+def write_back(student: nn.Module, swapped: dict[str, nn.Module]) -> None:
+    """Replace the stand-ins by packed ``BinaryLinear``/``BinaryExperts`` modules again."""
+    for name, new in swapped.items():
+        mod = new.to_module()
+        mod.requires_grad_(False)
+        _set(student, name, mod)
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def _is_norm(name: str) -> bool:
+    return name.endswith(("norm.weight", "norm.bias")) or name.startswith("norm_f.")
+
+
+def trainable_groups(student: nn.Module, opts: DistillOptions) -> tuple[list[dict], list[str]]:
+    """Parameter groups (binary params, STE latents, extra float params) and the names of all trained tensors."""
+    binary, latents, extra, names, seen = [], [], [], [], set()
+    for name, p in student.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        leaf = name.rsplit(".", 1)[-1]
+        if ".w." in f".{name}" or ".parts." in name:
+            if leaf == "latent":
+                latents.append(p)
+            else:
+                binary.append(p)
+        elif name in NEVER_TRAINED or name.endswith(NEVER_TRAINED):
+            continue
+        elif (opts.train_norms and _is_norm(name)) or opts.train_float:
+            extra.append(p)
+        else:
+            continue
+        names.append(name)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in binary + latents + extra:
+        p.requires_grad_(True)
+    groups = [{"params": binary, "lr_scale": 1.0}]
+    if latents:
+        groups.append({"params": latents, "lr_scale": (opts.latent_lr or opts.lr) / opts.lr})
+    if extra:
+        groups.append({"params": extra, "lr_scale": 1.0})
+    return groups, names
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0):
+    """Mean per-token ``KL(teacher || student)`` of ``[..., V]`` logits (soft cross-entropy minus the teacher's
+    entropy: same gradient)."""
+    v = student_logits.shape[-1]
+    s = F.log_softmax(student_logits.float().reshape(-1, v) / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float().reshape(-1, v) / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------------
+def _trained_state(student: nn.Module, names: list[str]) -> dict:
+    params = dict(student.named_parameters())
+    return {n: params[n].detach().cpu() for n in names}
+
+
+def _save(directory: Path, student, names, optimizer, step: int, elapsed: float, opts: DistillOptions) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (CHECKPOINT_FILE + ".tmp")
+    torch.save({"step": step, "elapsed": elapsed, "options": asdict(opts), "params": _trained_state(student, names),
+                "optimizer": optimizer.state_dict()}, tmp)
+    os.replace(tmp, directory / CHECKPOINT_FILE)
+
+
+def _resume(directory: Path, student, names, optimizer) -> tuple[int, float]:
+    path = directory / CHECKPOINT_FILE
+    if not path.is_file():
+        return 0, 0.0
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user-facing error
+        raise UserError(f"cannot read distillation checkpoint {path}: {exc}") from None
+    params = dict(student.named_parameters())
+    saved = state.get("params", {})
+    if sorted(saved) != sorted(names) or any(tuple(saved[n].shape) != tuple(params[n].shape) for n in names):
+        raise UserError(f"distillation checkpoint {path} was made for other trainable tensors (different model or "
+                        "flags); delete it or choose another --distill-checkpoint directory")
+    with torch.no_grad():
+        for n in names:
+            params[n].copy_(saved[n])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"]), float(state["elapsed"])
+
+
+# ---- the loop ------------------------------------------------------------------------------------------------
+def distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, opts: DistillOptions | None = None,
+            log=None) -> dict:
+    """Distill ``student`` (modified in place) towards ``teacher`` on ``ids [N, L]``; returns a report dict."""
+    opts = opts or DistillOptions()
+    if ids.dim() != 2 or ids.shape[1] < 2:
+        raise UserError("distillation needs calibration sequences of at least 2 tokens")
+    device = ids.device
+    teacher.eval().requires_grad_(False)
+    swapped = make_trainable(student, teacher, opts.ste)
+    if not swapped:
+        raise UserError("nothing to distill: the model has no binary (1-bit) modules")
+    groups, names = trainable_groups(student, opts)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    optimizer = torch.optim.AdamW(groups, lr=opts.lr, weight_decay=0.0, betas=(0.9, 0.95), **fused)
+    ckpt_dir = Path(opts.checkpoint_dir) if opts.checkpoint_dir else None
+    step, elapsed = _resume(ckpt_dir, student, names, optimizer) if ckpt_dir else (0, 0.0)
+    start_step = step
+    gen = torch.Generator().manual_seed(opts.seed + step)
+    history, losses = [], []
+    student.train()
+    bar = tqdm(total=opts.steps, initial=step, desc="distill", unit="step", disable=not opts.progress,
+               dynamic_ncols=True)
+    t0 = time.perf_counter() - elapsed
+    stop = "steps"
+    try:
+        with fast_training_scan(student), fast_training_scan(teacher):
+            while step < opts.steps:
+                if opts.time_budget is not None and time.perf_counter() - t0 >= opts.time_budget:
+                    stop = "time"
+                    break
+                lr = cosine_lr(step, opts.steps, opts.lr, opts.warmup, opts.min_lr_ratio)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
+                rows = torch.randint(0, ids.shape[0], (min(opts.batch_size, ids.shape[0]),), generator=gen)
+                batch = ids[rows.to(device)]
+                with torch.no_grad():
+                    t_logits = teacher(batch)
+                loss = distill_loss(student(batch), t_logits, opts.temperature)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"distillation loss is {float(loss)} at step {step}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], opts.grad_clip)
+                optimizer.step()
+                step += 1
+                losses.append(float(loss.detach()))
+                bar.update(1)
+                bar.set_postfix(kl=f"{losses[-1]:.4f}")
+                if step % 10 == 0 or step == opts.steps:
+                    history.append({"step": step, "kl": sum(losses[-10:]) / len(losses[-10:]), "lr": lr})
+                if ckpt_dir and step % opts.checkpoint_every == 0:
+                    _save(ckpt_dir, student, names, optimizer, step, time.perf_counter() - t0, opts)
+    finally:
+        bar.close()
+        student.eval()
+    seconds = time.perf_counter() - t0
+    if ckpt_dir and step > start_step:
+        _save(ckpt_dir, student, names, optimizer, step, seconds, opts)
+    flips = _sign_flips(swapped) if opts.ste else None
+    write_back(student, swapped)
+    student.requires_grad_(False)
+    report = {"steps": step, "resumed_from": start_step, "stopped_by": stop, "seconds": round(seconds, 1),
+              "tokens": int(step * min(opts.batch_size, ids.shape[0]) * ids.shape[1]),
+              "first_kl": losses[0] if losses else None, "last_kl": (sum(losses[-10:]) / len(losses[-10:]))
+              if losses else None, "trained": _summarize_names(names), "sign_flips": flips,
+              "options": asdict(opts), "history": history}
+    if log is not None and losses:
+        log(f"distillation: {step} steps in {seconds:.0f} s, KL {report['first_kl']:.4f} -> {report['last_kl']:.4f}")
+    return report
+
+
+@torch.no_grad()
+def _sign_flips(swapped: dict) -> float:
+    """Fraction of signs that changed from their initial (PTB) value (STE only)."""
+    changed = total = 0
+    for new in swapped.values():
+        parts = [new.w] if isinstance(new, _TrainableLinear) else list(new.parts.values())
+        for part in parts:
+            if part.latent is None:
+                continue
+            init = layout.unpack_signs(_initial_bits(new, part), part.k)
+            now = (part.latent >= 0).to(torch.uint8)
+            now = torch.where(part.alpha[..., None, :] < 0, 1 - now, now)
+            changed += int((init != now).sum())
+            total += init.numel()
+    return changed / total if total else 0.0
+
+
+def _initial_bits(new, part) -> torch.Tensor:
+    if isinstance(new, _TrainableLinear):
+        return new.initial_qweight
+    return getattr(new.src, [k for k, v in new.parts.items() if v is part][0]).qweight
+
+
+def _summarize_names(names: list[str]) -> dict:
+    kinds: dict[str, int] = {}
+    for n in names:
+        leaf = n.rsplit(".", 1)[-1]
+        kinds[leaf] = kinds.get(leaf, 0) + 1
+    return kinds
+
