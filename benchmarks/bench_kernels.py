@@ -15,6 +15,7 @@ import math
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -140,7 +141,7 @@ def bench_matmuls(bw, m_values, shapes, log):
 def sweep_small_m(bw, shapes, log):
     """Our int4 g128 / int8 small-M paths over a grid of (BLOCK_N, SPLIT_K, warps): what the heuristic leaves."""
     rows = []
-    for fmt in (Int4Format(128),):
+    for fmt in (Int4Format(128), Int8Format()):
         for label, k, n in shapes:
             pws = _packed(fmt, k, n, copies_for(n * k // (2 if fmt.bits == 4 else 1)))
             size = nbytes(pws[0].qweight, pws[0].scales, pws[0].zeros)
@@ -151,7 +152,7 @@ def sweep_small_m(bw, shapes, log):
                 for bn in (16, 32, 64, 128):
                     for split in (1, 2, 4, 8):
                         for warps in (4,):
-                            bk = pws[0].group_size if fmt.bits == 4 else 128
+                            bk = 128
                             cfg = MatmulConfig(1 if m == 1 else 16, bn, bk, split, warps, 3)
                             try:
                                 us = time_calls([lambda pw=pw: dequant_matmul(x, pw, config=cfg) for pw in pws], reps=3)
@@ -198,12 +199,38 @@ def bench_scan(bw, log, with_reference=True):
     return rows
 
 
+def sweep_scan(bw, log):
+    """Tile sizes of our scan (BLOCK_T, BLOCK_D, warps) at B = 1 and 8, L = 2048."""
+    rows = []
+    d, n, length = 2944, 16, 2048
+    for b in (1, 8):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+        args = dict(u=r(b, length, d).bfloat16(), delta=(r(b, length, d) * 0.5).bfloat16(),
+                    A=-torch.rand(d, n, device="cuda") - 0.1, B_ssm=r(b, length, n).bfloat16(),
+                    C_ssm=r(b, length, n).bfloat16(), D_skip=r(d), z=r(b, length, d).bfloat16(), delta_bias=r(d))
+        floor_us = (b * length * (4 * d * 2 + 2 * n * 2) + 2 * b * d * n * 4) / bw * 1e6
+        for bt, bd, warps in [(16, 16, 4), (32, 16, 8), (32, 8, 4), (64, 8, 8), (64, 4, 4), (128, 4, 8), (16, 32, 8),
+                              (8, 32, 4), (32, 32, 8), (8, 64, 8), (4, 128, 8), (1, 128, 4), (2, 128, 8)]:
+            try:
+                us = time_calls([lambda: selective_scan_triton(**args, block_t=bt, block_d=bd, num_warps=warps)],
+                                reps=3, calls_per_graph=2)
+            except Exception as exc:  # noqa: BLE001
+                log(f"scan sweep {bt},{bd},{warps}: {type(exc).__name__} {str(exc)[:100]}")
+                continue
+            rows.append(dict(batch=b, length=length, block_t=bt, block_d=bd, num_warps=warps, us=us,
+                             frac_of_floor=floor_us / us))
+            log(f"scan sweep B={b} T={bt:3d} D={bd:3d} w={warps}: {us:8.1f} us ({floor_us / us:.0%} of floor)")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="fewer shapes and M values (smoke test)")
     ap.add_argument("--parts", default="matmul,sweep,scan")
     args = ap.parse_args()
+    warnings.filterwarnings("ignore")  # bitsandbytes warns on every int8 call
     log = lambda s: print(s, flush=True)  # noqa: E731
     props = torch.cuda.get_device_properties(0)
     bw = copy_bandwidth()
@@ -220,7 +247,8 @@ def main():
     parts = args.parts.split(",")
     out = Path(args.out)
     for part, fn in (("scan", lambda: bench_scan(bw, log)), ("matmul", lambda: bench_matmuls(bw, m_values, shapes, log)),
-                     ("sweep", lambda: sweep_small_m(bw, shapes[:4], log))):
+                     ("sweep", lambda: sweep_small_m(bw, shapes[:4], log)),
+                     ("scan_sweep", lambda: sweep_scan(bw, log))):
         if part not in parts:
             continue
         try:

@@ -63,13 +63,13 @@ def _causal_conv1d_kernel(
         acc += tl.load(b_ptr + d, mask=dm, other=0.0).to(tl.float32)[None, :]
     for w in tl.static_range(W):
         # y_t uses input position p = t + 1 + w - W (p < 0: carried state slot W + p)
-        p = t + 1 + w - W
+        pos = t + 1 + w - W
         wv = tl.load(w_ptr + d * sw_d + w * sw_w, mask=dm, other=0.0).to(tl.float32)
-        xv = tl.load(x_ptr + pid_b * sx_b + p[:, None] * sx_l + d[None, :] * sx_d,
-                     mask=(tm & (p >= 0))[:, None] & dm[None, :], other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + pid_b * sx_b + pos[:, None] * sx_l + d[None, :] * sx_d,
+                     mask=(tm & (pos >= 0))[:, None] & dm[None, :], other=0.0).to(tl.float32)
         if HAS_STATE:
-            xv += tl.load(s0_ptr + pid_b * ss_b + d[None, :] * ss_d + (W + p)[:, None] * ss_w,
-                          mask=(tm & (p < 0))[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            xv += tl.load(s0_ptr + pid_b * ss_b + d[None, :] * ss_d + (W + pos)[:, None] * ss_w,
+                          mask=(tm & (pos < 0))[:, None] & dm[None, :], other=0.0).to(tl.float32)
         acc += xv * wv[None, :]
     if SILU:
         acc = acc * tl.sigmoid(acc)
@@ -77,9 +77,8 @@ def _causal_conv1d_kernel(
              mask=tm[:, None] & dm[None, :])
     if pid_l == 0:  # final state: the last W entries of [carried state, x]
         for w in tl.static_range(W):
-            p = L - W + w
-            pv = tl.zeros((BLOCK_D,), dtype=tl.int32) + p
-            xv = tl.load(x_ptr + pid_b * sx_b + p * sx_l + d * sx_d, mask=dm & (pv >= 0), other=0.0)
+            pv = tl.zeros((BLOCK_D,), dtype=tl.int32) + (L - W + w)
+            xv = tl.load(x_ptr + pid_b * sx_b + pv * sx_l + d * sx_d, mask=dm & (pv >= 0), other=0.0)
             if HAS_STATE:
                 sv = tl.load(s0_ptr + pid_b * ss_b + d * ss_d + (W + pv) * ss_w, mask=dm & (pv < 0), other=0.0)
                 xv = tl.where(pv >= 0, xv, sv.to(xv.dtype))

@@ -105,7 +105,8 @@ def dequant_matmul_ref(x, weight: PackedWeight, bias=None, row_expert=None, row_
 def _dequant_matmul_kernel(
     x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rscale_ptr, rexp_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr,
     sorted_ptr, M, N, K, K_PAD, sxm, sxk, som, son, swe, swn, sse, ssn, sze, szn,
-    FMT: tl.constexpr, ROUTE: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
+    FMT: tl.constexpr, ROUTE: tl.constexpr, GROUP: tl.constexpr, PRESCALE: tl.constexpr, SPLIT_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -139,38 +140,76 @@ def _dequant_matmul_kernel(
     k_hi = tl.minimum((pid_k + 1) * per_split * BLOCK_K, K_PAD)
     k_hi = tl.where(n_rows > 0, k_hi, k_lo)
     w_base = w_ptr + expert.to(tl.int64) * swe
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    kk = tl.arange(0, BLOCK_K)
+    # the weight is the dot's left operand (it can stay in registers after dequantization): acc is [BLOCK_N,
+    # BLOCK_M] on the tensor-core path, a [BLOCK_N] vector on the single-row path
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    e64 = expert.to(tl.int64)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        k = k0 + kk
-        x = tl.load(x_ptr + rows[:, None] * sxm + k[None, :] * sxk, mask=row_ok[:, None] & (k < K)[None, :],
-                    other=0.0)
         if FMT == 2:
-            # one group per tile: codes minus zero point are exact in any float type
-            kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            packed = tl.load(w_base + n[:, None] * swn + kb[None, :], mask=n_ok[:, None], other=0)
-            q = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))
-            blk = k0 // GROUP
-            zbyte = tl.load(z_ptr + expert.to(tl.int64) * sze + n * szn + blk // 2, mask=n_ok, other=0).to(tl.int32)
-            zero = (zbyte >> ((blk % 2) * 4)) & 0xF
-            scale = tl.load(s_ptr + expert.to(tl.int64) * sse + n * ssn + blk, mask=n_ok, other=0.0).to(tl.float32)
-            w = q.to(tl.int32) - zero[:, None].to(tl.int32)
-        else:
-            w = tl.load(w_base + n[:, None] * swn + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
-        if USE_DOT:
-            if IEEE:
-                part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            # int4: low nibbles hold even k, high nibbles odd k; no interleaving, two half-width products
+            j = tl.arange(0, BLOCK_K // 2)
+            ke = k0 + 2 * j
+            kb_ok = (k0 // 2 + j) < K_PAD // 2
+            packed = tl.load(w_base + n[:, None] * swn + (k0 // 2 + j)[None, :], mask=n_ok[:, None] & kb_ok[None, :],
+                             other=0)
+            if PRESCALE:  # several groups per tile (group 16): scale before the product
+                blk = ke // GROUP
+                zb = tl.load(z_ptr + e64 * sze + n[:, None] * szn + (blk // 2)[None, :],
+                             mask=n_ok[:, None] & kb_ok[None, :], other=0).to(tl.int32)
+                zero = (zb >> ((blk % 2) * 4)[None, :]) & 0xF
+                sc = tl.load(s_ptr + e64 * sse + n[:, None] * ssn + blk[None, :], mask=n_ok[:, None] & kb_ok[None, :],
+                             other=0.0).to(tl.float32)
+                w_lo = ((packed & 0xF).to(tl.int32) - zero).to(tl.float32) * sc
+                w_hi = ((packed >> 4).to(tl.int32) - zero).to(tl.float32) * sc
+            else:  # one group per tile: integer codes minus zero point are exact; the group scale comes after
+                blk = k0 // GROUP
+                zb = tl.load(z_ptr + e64 * sze + n * szn + blk // 2, mask=n_ok, other=0).to(tl.int32)
+                zero = ((zb >> ((blk % 2) * 4)) & 0xF)[:, None]
+                scale = tl.load(s_ptr + e64 * sse + n * ssn + blk, mask=n_ok, other=0.0).to(tl.float32)
+                w_lo = (packed & 0xF).to(tl.int32) - zero
+                w_hi = (packed >> 4).to(tl.int32) - zero
+            xm = row_ok[:, None] & (ke < K)[None, :]
+            xe = tl.load(x_ptr + rows[:, None] * sxm + ke[None, :] * sxk, mask=xm, other=0.0)
+            xo = tl.load(x_ptr + rows[:, None] * sxm + (ke + 1)[None, :] * sxk, mask=xm & (ke + 1 < K)[None, :],
+                         other=0.0)
+            if USE_DOT:
+                if IEEE:
+                    part = tl.dot(w_lo.to(tl.float32), tl.trans(xe.to(tl.float32)), input_precision="ieee")
+                    part += tl.dot(w_hi.to(tl.float32), tl.trans(xo.to(tl.float32)), input_precision="ieee")
+                else:
+                    part = tl.dot(w_lo.to(x_ptr.dtype.element_ty), tl.trans(xe))
+                    part += tl.dot(w_hi.to(x_ptr.dtype.element_ty), tl.trans(xo))
             else:
-                part = tl.dot(x, tl.trans(w.to(x.dtype)))
+                part = tl.sum(w_lo.to(tl.float32) * xe.to(tl.float32), axis=1)
+                part += tl.sum(w_hi.to(tl.float32) * xo.to(tl.float32), axis=1)
+            if PRESCALE:
+                acc += part
+            elif USE_DOT:
+                acc += part * scale[:, None]
+            else:
+                acc += part * scale
         else:
-            part = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-        if FMT == 2:
-            acc += part * scale[None, :]
-        else:
-            acc += part
+            k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rows[:, None] * sxm + k[None, :] * sxk, mask=row_ok[:, None] & (k < K)[None, :],
+                        other=0.0)
+            w = tl.load(w_base + n[:, None] * swn + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
+            if USE_DOT:
+                if IEEE:
+                    acc += tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
+                else:
+                    acc += tl.dot(w.to(x_ptr.dtype.element_ty), tl.trans(x))
+            else:
+                acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)
+    if USE_DOT:
+        acc = tl.trans(acc)        # [BLOCK_M, BLOCK_N]
+    else:
+        acc = acc[None, :]         # [1, BLOCK_N]
     # -- epilogue
     if FMT == 1:
-        scale = tl.load(s_ptr + expert.to(tl.int64) * sse + n * ssn, mask=n_ok, other=0.0).to(tl.float32)
+        scale = tl.load(s_ptr + e64 * sse + n * ssn, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc * scale[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
@@ -214,18 +253,18 @@ def _sm_count(device) -> int:
 def pick_config(m: int, weight: PackedWeight, device, route: int = ROUTE_DENSE) -> MatmulConfig:
     """Tile sizes by M: GEMV (M = 1), small-M tensor-core tiles (M <= 16), prefill GEMM tiles (M > 16)."""
     n, k_pad = weight.n, weight.k_padded
-    if weight.fmt == FMT_INT4:
-        block_k = weight.group_size
+    g = weight.group_size
+    if weight.fmt == FMT_INT4:  # one group per tile where the dot allows it (K >= 16 per half-tile)
+        block_k = g if g >= 32 else (64 if m == 1 else 32)
     else:
         block_k = 128 if m <= GEMV_MAX_M else 64
     if device.type != "cuda":  # interpreter: each program costs Python time, so few large ones (split-K kept)
         bm = 1 if m == 1 else (16 if m <= GEMV_MAX_M else 32)
-        return MatmulConfig(bm, 64, max(block_k, 64) if weight.fmt != FMT_INT4 else block_k,
-                            2 if m <= GEMV_MAX_M and k_pad > 2 * block_k else 1, 1, 1)
+        return MatmulConfig(bm, 64, block_k, 2 if m <= GEMV_MAX_M and k_pad > 2 * block_k else 1, 1, 1)
     if m <= GEMV_MAX_M:
         bm = 1 if m == 1 else 16
-        bn = 32 if m == 1 else 64
-        programs = _cdiv(n, bn) * (weight.n_experts if route == ROUTE_BY_EXPERT else 1)
+        bn = 64 if m == 1 else 64
+        programs = _cdiv(n, bn)
         split = 1
         k_tiles = _cdiv(k_pad, block_k)
         while programs * split < 2 * _sm_count(device) and split * 2 <= max(1, k_tiles // 2):
@@ -292,7 +331,8 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
         *(tiles.tensors() if tiles is not None else (dummy, dummy, dummy, dummy)),
         m, weight.n, weight.k, weight.k_padded, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         q.stride(0), swn, s.stride(0), s.stride(1), z.stride(0), z.stride(1),
-        FMT=weight.fmt, ROUTE=route, GROUP=max(weight.group_size, 1), SPLIT_K=cfg.split_k, USE_DOT=cfg.use_dot,
+        FMT=weight.fmt, ROUTE=route, GROUP=max(weight.group_size, 1),
+        PRESCALE=weight.fmt == FMT_INT4 and cfg.block_k != weight.group_size, SPLIT_K=cfg.split_k, USE_DOT=cfg.use_dot,
         HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None, ATOMIC=atomic,
         IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)

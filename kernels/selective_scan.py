@@ -149,7 +149,8 @@ def _check_scan_args(u, delta, A, B_ssm, C_ssm, D_skip, z, delta_bias, initial_s
 
 
 def selective_scan_triton(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=None, initial_state=None,
-                          delta_softplus: bool = True, block_t: int | None = None, block_d: int | None = None):
+                          delta_softplus: bool = True, block_t: int | None = None, block_d: int | None = None,
+                          num_warps: int | None = None):
     """Triton twin of :func:`selective_scan_ref`: ``(y [B, L, D] in u.dtype, final state [B, D, N] fp32)``."""
     batch, length, dim, n = _check_scan_args(u, delta, A, B_ssm, C_ssm, D_skip, z, delta_bias, initial_state)
     y = torch.empty(batch, length, dim, device=u.device, dtype=u.dtype)
@@ -168,7 +169,7 @@ def selective_scan_triton(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=
         *B_ssm.stride(), *C_ssm.stride(), *y.stride(), *A.stride(),
         HAS_Z=z is not None, HAS_D=D_skip is not None, HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None,
         SOFTPLUS=bool(delta_softplus), BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n,
-        num_warps=8 if u.is_cuda else 1)
+        num_warps=num_warps or (8 if u.is_cuda else 1))
     return y, final
 
 
