@@ -10,6 +10,7 @@ dtype (AWQ-folded norm/router weights included, so a bf16 source rounds them to 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import platform
 import time
@@ -88,8 +89,11 @@ def quantize_checkpoint(src, out, *, bits: int = 4, group_size: int = 128, metho
                         symmetric: bool = False, calib=("corpus",), nsamples: int = 128, seq_len: int = 512,
                         recipe: str | None = None, quantize_head: bool = False, quantize_xdt: bool = False,
                         device=None, tokenizer: str | None = None, seed: int = 0, overwrite: bool = False,
-                        options: CalibOptions | None = None, log=print) -> dict:
-    """Quantize checkpoint ``src`` into native checkpoint ``out``; returns the run record (also in the manifest)."""
+                        options: CalibOptions | None = None, distill=None, log=print) -> dict:
+    """Quantize checkpoint ``src`` into native checkpoint ``out``; returns the run record (also in the manifest).
+
+    ``distill``: a :class:`qmamba.calib.distill.DistillOptions` to distill the binary (1-bit) modules against the
+    float model on the calibration sequences after PTB (``None``: no distillation)."""
     from qmamba.checkpoints.files import check_output_dir
     from qmamba.checkpoints.native import read_checkpoint, save_checkpoint
     from qmamba.eval import record_routing, routing_agreement
@@ -112,6 +116,8 @@ def quantize_checkpoint(src, out, *, bits: int = 4, group_size: int = 128, metho
     with torch.device("meta"):  # no second copy of the weights: the float32 tensors are assigned
         model = MambaLM(cfg)
     plan = build_plan(model, bits, group_size, symmetric, method, quantize_head, quantize_xdt, recipe_data)
+    if distill is not None and not any(getattr(e.fmt, "bits", 0) == 1 for e in plan.values()):
+        raise UserError("--distill trains 1-bit modules: use --bits 1 or a recipe with bits: 1")
     data = load_calibration(calib, load_tokenizer(tok_path), nsamples, seq_len, seed, cfg.vocab_size)
     sd = {}
     for k in list(state_dict):  # calibration runs in float32
@@ -128,9 +134,19 @@ def quantize_checkpoint(src, out, *, bits: int = 4, group_size: int = 128, metho
 
     t0 = time.perf_counter()
     fp_routes = record_routing(model, ids, opts.batch_size)
+    teacher = copy.deepcopy(model) if distill is not None else None  # the float model, before any fold
     results = calibrate(model, ids, plan, opts)
-    seconds = time.perf_counter() - t0
     apply_packed(model, results)
+    distill_report = None
+    if teacher is not None:
+        from qmamba.calib.distill import distill as run_distillation
+
+        distill_report = run_distillation(model, teacher, ids, distill, log=log)
+        del teacher
+        for r in results.values():
+            if getattr(r.fmt, "bits", 0) == 1:
+                r.method = "ptb+distill"
+    seconds = time.perf_counter() - t0
     router = routing_agreement(fp_routes, record_routing(model, ids, opts.batch_size))
 
     bytes_per_param = {}
@@ -151,7 +167,7 @@ def quantize_checkpoint(src, out, *, bits: int = 4, group_size: int = 128, metho
             "quantize_head": quantize_head, "quantize_xdt": quantize_xdt, "options": asdict(opts),
             "recipe": {"path": str(recipe), "content": recipe_data} if recipe else None,
             "calibration": data.describe(), "versions": versions(), "seconds": round(seconds, 2),
-            "summary": rows, "router_agreement": router}
+            "summary": rows, "router_agreement": router, "distillation": distill_report}
     save_checkpoint(out_sd, cfg, out, source=source_record(src, manifest), quantization=entries,
                     extra={"quantization_info": info}, tokenizer_file=tok_path, overwrite=overwrite)
     return info

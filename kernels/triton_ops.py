@@ -54,6 +54,10 @@ def format_id(fmt) -> int:
 
 def quant_linear(x: torch.Tensor, fmt, packed: dict, n: int, k: int, bias=None) -> torch.Tensor:
     """``x [..., K] @ W_hat^T (+ bias)`` -> ``[..., N]`` for a packed weight ``packed`` of format ``fmt``."""
+    if getattr(fmt, "name", None) == "binary":  # 1-bit: its own kernel (kernels/binary_matmul.py)
+        from qmamba.kernels.binary_matmul import binary_linear
+
+        return binary_linear(x, packed, n, k, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     y = custom_ops.dequant_matmul(x2, format_id(fmt), n, k, packed["qweight"], packed.get("scales"),
@@ -72,9 +76,13 @@ def expert_weight_args(experts: nn.Module, name: str):
 
 def switch_moe(moe: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """:class:`qmamba.moe.SwitchMoE` forward on the fused kernels: ``h [..., d]`` -> ``[..., d]``."""
+    experts = moe.experts
+    if any(getattr(getattr(getattr(experts, w), "fmt", None), "name", None) == "binary" for w in ("fc1", "fc2")):
+        from qmamba.kernels.binary_matmul import switch_moe_binary
+
+        return switch_moe_binary(moe, h)
     shape = h.shape
     x = h.reshape(-1, shape[-1])
-    experts = moe.experts
     f1, f2 = expert_weight_args(experts, "fc1"), expert_weight_args(experts, "fc2")
     router = moe.router
     router_w = router.weight if isinstance(router, nn.Linear) else router.dequantized_weight(x.dtype)

@@ -8,7 +8,8 @@ import click
 @click.command("quantize")
 @click.argument("src")
 @click.option("-o", "--output", "out", required=True, help="Output directory (native qmamba checkpoint).")
-@click.option("--bits", type=int, default=4, show_default=True, help="Weight bits: 4 (group-wise) or 8 (per channel).")
+@click.option("--bits", type=int, default=4, show_default=True,
+              help="Weight bits: 4 (group-wise), 8 (per channel) or 1 (binary, Bi-Mamba form; PTB init).")
 @click.option("--group-size", type=int, default=128, show_default=True, help="int4 group size along K.")
 @click.option("--method", type=click.Choice(["rtn", "gptq", "awq"]), default="gptq", show_default=True)
 @click.option("--symmetric", is_flag=True, help="Symmetric int4 (zero point 8) instead of asymmetric.")
@@ -27,17 +28,44 @@ import click
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the corpus calibration windows.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@click.option("--distill", is_flag=True, help="1-bit: distill alpha/beta against the float model on the calibration "
+              "sequences (soft cross-entropy / KL to its next-token distribution).")
+@click.option("--distill-steps", type=int, default=200, show_default=True, help="Distillation steps (upper bound).")
+@click.option("--distill-time", type=float, default=None, help="Distillation wall-clock budget in seconds.")
+@click.option("--distill-lr", type=float, default=1e-3, show_default=True, help="Distillation peak learning rate.")
+@click.option("--distill-batch", type=int, default=8, show_default=True, help="Sequences per distillation step.")
+@click.option("--ste", is_flag=True, help="Distillation also updates the signs (straight-through estimator).")
+@click.option("--distill-norms", is_flag=True, help="Distillation also trains the norm weights.")
+@click.option("--distill-float", is_flag=True,
+              help="Distillation also trains every other float parameter except the embedding (conv, dt, A, D, router).")
+@click.option("--distill-checkpoint", type=click.Path(), default=None,
+              help="Directory for distillation checkpoints; an existing one is resumed.")
 def quantize(src, out, bits, group_size, method, symmetric, act_order, calib, nsamples, seq_len, recipe,
-             quantize_head, quantize_xdt, min_expert_tokens, tokenizer, device, seed, overwrite, no_progress):
-    """Quantize the float checkpoint SRC into OUT (int8 / int4, RTN / GPTQ / AWQ, MoE-aware)."""
+             quantize_head, quantize_xdt, min_expert_tokens, tokenizer, device, seed, overwrite, no_progress,
+             distill, distill_steps, distill_time, distill_lr, distill_batch, ste, distill_norms, distill_float,
+             distill_checkpoint):
+    """Quantize the float checkpoint SRC into OUT (int8 / int4, RTN / GPTQ / AWQ, MoE-aware; 1-bit binary with
+    PTB and optional distillation)."""
     from qmamba.calib.pipeline import CalibOptions
     from qmamba.calib.quantize import quantize_checkpoint
     from qmamba.quant.formats import make_format
 
     make_format(bits, group_size, symmetric)  # reject unsupported bits / group sizes before any work
     opts = CalibOptions(act_order=act_order, min_expert_tokens=min_expert_tokens, progress=not no_progress)
+    distill_opts = None
+    if distill:
+        from qmamba.calib.distill import DistillOptions
+
+        distill_opts = DistillOptions(steps=distill_steps, time_budget=distill_time, lr=distill_lr,
+                                      batch_size=distill_batch, ste=ste, train_norms=distill_norms,
+                                      train_float=distill_float, checkpoint_dir=distill_checkpoint, seed=seed,
+                                      progress=not no_progress)
+    elif ste or distill_norms or distill_float or distill_checkpoint or distill_time is not None:
+        raise click.UsageError("--ste, --distill-norms, --distill-float, --distill-time and --distill-checkpoint "
+                               "need --distill")
     quantize_checkpoint(src, out, bits=bits, group_size=group_size, method=method, symmetric=symmetric,
                         calib=calib, nsamples=nsamples, seq_len=seq_len, recipe=recipe,
                         quantize_head=quantize_head, quantize_xdt=quantize_xdt, device=device,
-                        tokenizer=tokenizer, seed=seed, overwrite=overwrite, options=opts, log=click.echo)
+                        tokenizer=tokenizer, seed=seed, overwrite=overwrite, options=opts, distill=distill_opts,
+                        log=click.echo)
     click.echo(f"wrote {out}")

@@ -1,0 +1,287 @@
+"""1-bit matmul over the ``binary`` layout of :mod:`qmamba.quant.layout`, in Triton, and its PyTorch twin.
+
+``W_hat[n, k] = alpha[k] * s[n, k] + beta[k]`` (``* r[n]`` in the row-scale variant), so::
+
+    y[m, n] = sum_k s[n, k] * (alpha[k] * x[m, k])  +  sum_k beta[k] * x[m, k]        (then * r[n], + bias[n])
+
+The kernel reads 1 bit per weight plus the two fp16 column vectors: each K tile loads ``x``, scales it by
+``alpha`` (the activation pre-scale), expands ``BLOCK_K / 8`` bytes per output row into +/-1 values (bit j of a
+byte is column 8 b + j; bit 1 = +1), accumulates the +/-1 products in fp32 (broadcast-multiply-reduce for M = 1,
+``tl.dot`` on tensor cores for larger M: +/-1 is exact in fp16/bf16), and accumulates ``x . beta`` on the side;
+the epilogue adds it to every output column. Routing as in :mod:`qmamba.kernels.quant_matmul`: ``ROUTE_DENSE``
+(one matrix), ``ROUTE_BY_EXPERT`` (decode MoE, one program column per expert reading only its rows; graph
+capturable), ``ROUTE_TILES`` (prefill MoE grouped GEMM over :func:`expert_tile_map` tiles). A routing weight per
+row (``row_scale``, the MoE gate) multiplies the result.
+
+Shapes: ``x [M, K]``; stacked weights ``qweight [E, N, ceil(K/8)] uint8``, ``alpha/beta [E, K] fp16``,
+``row_scale [E, N]`` (E = 1 for a plain linear). :func:`binary_moe_forward` is the top-1 MoE on these kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from qmamba.kernels._triton import jit, tl
+from qmamba.kernels.quant_matmul import (GEMV_MAX_M, ROUTE_BY_EXPERT, ROUTE_DENSE, ROUTE_TILES, ExpertTiles,
+                                         expert_tile_map)
+from qmamba.quant import layout
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+@dataclass
+class BinaryWeight:
+    """A (stacked) binary weight as the kernel reads it: ``qweight [E, N, KB]``, ``alpha/beta [E, K]``,
+    ``row_scale [E, N]`` or None."""
+
+    n: int
+    k: int
+    qweight: Tensor
+    alpha: Tensor
+    beta: Tensor
+    row_scale: Tensor | None = None
+
+    @property
+    def n_experts(self) -> int:
+        return self.qweight.shape[0]
+
+    @classmethod
+    def from_packed(cls, packed: dict, n: int, k: int) -> "BinaryWeight":
+        q = packed["qweight"]
+        lead = tuple(q.shape[:-2])
+        layout.check_binary(q, packed["alpha"], packed["beta"], n, k, packed.get("row_scale"), lead,
+                            "row_scale" in packed)
+        r = packed.get("row_scale")
+        return cls(n, k, q.reshape(-1, n, q.shape[-1]), packed["alpha"].reshape(-1, k),
+                   packed["beta"].reshape(-1, k), None if r is None else r.reshape(-1, n))
+
+    def dequantized(self, dtype=torch.float32) -> Tensor:
+        """``[E, N, K]`` dense."""
+        return layout.dequantize_binary(self.qweight, self.alpha, self.beta, self.k, self.row_scale, dtype)
+
+
+# ---- reference twin --------------------------------------------------------------------------------------------
+def binary_matmul_ref(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, row_scale=None) -> Tensor:
+    """``x [M, K]`` -> ``[M, N]`` in x.dtype (fp32 math) in the factored form: row m uses expert ``row_expert[m]``."""
+    idx = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if row_expert is None else row_expert.long()
+    S = layout.signs_pm1(weight.qweight, weight.k)[idx]                    # [M, N, K]
+    xf = x.float()
+    y = torch.einsum("mk,mnk->mn", xf * weight.alpha.float()[idx], S) + (xf * weight.beta.float()[idx]).sum(-1,
+                                                                                                          keepdim=True)
+    if weight.row_scale is not None:
+        y = y * weight.row_scale.float()[idx]
+    if bias is not None:
+        y = y + bias.float()
+    if row_scale is not None:
+        y = y * row_scale.float()[:, None]
+    return y.to(x.dtype)
+
+
+# ---- kernel ------------------------------------------------------------------------------------------------------
+@jit
+def _binary_matmul_kernel(
+    x_ptr, out_ptr, q_ptr, a_ptr, b_ptr, r_ptr, bias_ptr, rscale_ptr, rexp_ptr, tile_e_ptr, tile_lo_ptr,
+    tile_hi_ptr, sorted_ptr, M, N, K, KB, sxm, sxk, som, son, sqe, sqn, sae, sbe, sre,
+    ROUTE: tl.constexpr, USE_DOT: tl.constexpr, HAS_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RSCALE: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    if ROUTE == 0:
+        rows = pid_m * BLOCK_M + rm
+        row_ok = rows < M
+        expert = pid_m * 0
+    elif ROUTE == 1:
+        rows = rm
+        expert = pid_m
+        ids = tl.load(rexp_ptr + rows, mask=rows < M, other=-1)
+        row_ok = ids == expert
+    else:
+        expert = tl.load(tile_e_ptr + pid_m)
+        lo = tl.load(tile_lo_ptr + pid_m)
+        hi = tl.load(tile_hi_ptr + pid_m)
+        row_ok = lo + rm < hi
+        rows = tl.load(sorted_ptr + lo + rm, mask=row_ok, other=0)
+    n_rows = tl.sum(row_ok.to(tl.int32), axis=0)
+    k_end = tl.where(n_rows > 0, K, 0)  # an expert without rows reads nothing
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    e64 = expert.to(tl.int64)
+    q_base = q_ptr + e64 * sqe
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_beta = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    kk = tl.arange(0, BLOCK_K)
+    kb = tl.arange(0, BLOCK_K // 8)
+    shifts = tl.arange(0, 8)
+    for k0 in range(0, k_end, BLOCK_K):
+        k = k0 + kk
+        k_ok = k < K
+        x = tl.load(x_ptr + rows[:, None] * sxm + k[None, :] * sxk, mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)
+        alpha = tl.load(a_ptr + e64 * sae + k, mask=k_ok, other=0.0).to(tl.float32)
+        beta = tl.load(b_ptr + e64 * sbe + k, mask=k_ok, other=0.0).to(tl.float32)
+        acc_beta += tl.sum(x * beta[None, :], axis=1)
+        xa = x * alpha[None, :]
+        byte_idx = k0 // 8 + kb
+        packed = tl.load(q_base + n[:, None] * sqn + byte_idx[None, :], mask=n_ok[:, None] & (byte_idx < KB)[None, :],
+                         other=0).to(tl.int32)
+        bits = (packed[:, :, None] >> shifts[None, None, :]) & 1          # [BLOCK_N, BLOCK_K // 8, 8]
+        s = tl.reshape(bits * 2 - 1, (BLOCK_N, BLOCK_K))                  # +/-1, column 8 b + j
+        if USE_DOT:
+            if IEEE:
+                acc += tl.dot(xa, tl.trans(s.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(xa.to(x_ptr.dtype.element_ty), tl.trans(s.to(x_ptr.dtype.element_ty)))
+        else:
+            acc += tl.sum(xa[:, None, :] * s.to(tl.float32)[None, :, :], axis=2)
+    acc += acc_beta[:, None]
+    if HAS_ROW:
+        r = tl.load(r_ptr + e64 * sre + n, mask=n_ok, other=0.0).to(tl.float32)
+        acc = acc * r[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_RSCALE:
+        acc = acc * tl.load(rscale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(out_ptr + rows[:, None] * som + n[None, :] * son, acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & n_ok[None, :])
+
+
+@dataclass(frozen=True)
+class BinaryConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def pick_binary_config(m: int, weight: BinaryWeight, device) -> BinaryConfig:
+    """GEMV (M = 1), small-M tensor-core tiles (M <= 16) or prefill GEMM tiles; few big programs on the interpreter."""
+    if device.type != "cuda":
+        return BinaryConfig(1 if m == 1 else (16 if m <= GEMV_MAX_M else 32), 32, 64, 1, 1)
+    if m == 1:
+        return BinaryConfig(1, 32, 256, 4, 3)
+    if m <= GEMV_MAX_M:
+        return BinaryConfig(16, 64, 128, 4, 3)
+    return BinaryConfig(64 if m <= 128 else 128, 128, 64, 8 if m > 128 else 4, 3)
+
+
+def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, row_scale=None,
+                  tiles: ExpertTiles | None = None, config: BinaryConfig | None = None, out=None) -> Tensor:
+    """``x [M, K]`` -> ``[M, N]`` in x.dtype, semantics of :func:`binary_matmul_ref` (routing as ``dequant_matmul``)."""
+    if x.dim() != 2 or x.shape[1] != weight.k:
+        raise ValueError(f"binary matmul: x must be [M, {weight.k}], got {tuple(x.shape)}")
+    m = x.shape[0]
+    if row_expert is None:
+        if weight.n_experts != 1:
+            raise ValueError("binary matmul: a stacked weight needs row_expert")
+        route = ROUTE_DENSE
+    else:
+        route = ROUTE_TILES if tiles is not None else ROUTE_BY_EXPERT
+    cfg = config or pick_binary_config(m, weight, x.device)
+    if route == ROUTE_BY_EXPERT and m > GEMV_MAX_M:
+        tiles = expert_tile_map(row_expert, weight.n_experts, cfg.block_m)
+        route = ROUTE_TILES
+    if route == ROUTE_TILES:
+        cfg = BinaryConfig(tiles.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
+    if route == ROUTE_BY_EXPERT and cfg.block_m < m:
+        cfg = BinaryConfig(16, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
+    if cfg.block_k % 8:
+        raise ValueError("binary matmul: BLOCK_K must be a multiple of 8")
+    out = torch.empty(m, weight.n, device=x.device, dtype=x.dtype) if out is None else out
+    if m == 0:
+        return out
+    grid_m = {ROUTE_DENSE: lambda: _cdiv(m, cfg.block_m), ROUTE_BY_EXPERT: lambda: weight.n_experts,
+              ROUTE_TILES: lambda: tiles.n_tiles}[route]()
+    q, a, b, r = weight.qweight, weight.alpha, weight.beta, weight.row_scale
+    dummy = x
+    _binary_matmul_kernel[(grid_m, _cdiv(weight.n, cfg.block_n))](
+        x, out, q, a, b, r if r is not None else a, bias if bias is not None else dummy,
+        row_scale if row_scale is not None else dummy, row_expert if row_expert is not None else dummy,
+        *(tiles.tensors() if tiles is not None else (dummy, dummy, dummy, dummy)),
+        m, weight.n, weight.k, q.shape[-1], x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        q.stride(0), q.stride(1), a.stride(0), b.stride(0), r.stride(0) if r is not None else 0,
+        ROUTE=route, USE_DOT=cfg.block_m > 1, HAS_ROW=r is not None, HAS_BIAS=bias is not None,
+        HAS_RSCALE=row_scale is not None, IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+# ---- custom op (opaque to torch.compile) -----------------------------------------------------------------------
+@torch.library.custom_op("qmamba::binary_matmul", mutates_args=())
+def binary_matmul_op(x: Tensor, n: int, k: int, qweight: Tensor, alpha: Tensor, beta: Tensor,
+                     row_scale: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """``x [M, K] @ W_hat^T (+ bias)`` -> ``[M, N]`` for one binary matrix."""
+    packed = {"qweight": qweight, "alpha": alpha, "beta": beta}
+    if row_scale is not None:
+        packed["row_scale"] = row_scale
+    return binary_matmul(x, BinaryWeight.from_packed(packed, n, k), bias)
+
+
+@binary_matmul_op.register_fake
+def _(x, n, k, qweight, alpha, beta, row_scale, bias):
+    return x.new_empty(x.shape[0], n)
+
+
+def binary_linear(x: Tensor, packed: dict, n: int, k: int, bias=None) -> Tensor:
+    """``x [..., K]`` -> ``[..., N]`` through the custom op (the ``"triton"`` backend of ``BinaryLinear``)."""
+    lead = x.shape[:-1]
+    y = binary_matmul_op(x.reshape(-1, k), n, k, packed["qweight"], packed["alpha"], packed["beta"],
+                         packed.get("row_scale"), bias)
+    return y.reshape(*lead, n)
+
+
+# ---- MoE -------------------------------------------------------------------------------------------------------
+def _routed(x, w, row_expert, row_scale, tiles):
+    """One routed matmul with whichever kernel holds ``w`` (BinaryWeight or quant_matmul.PackedWeight)."""
+    if isinstance(w, BinaryWeight):
+        return binary_matmul(x, w, row_expert=row_expert, row_scale=row_scale, tiles=tiles)
+    from qmamba.kernels.quant_matmul import dequant_matmul
+
+    return dequant_matmul(x, w, row_expert=row_expert, row_scale=row_scale, tiles=tiles)
+
+
+def binary_moe_forward(x: Tensor, router_w: Tensor, router_b, fc1, fc2, activation: str, gated: bool,
+                       block_m: int | None = None) -> Tensor:
+    """Top-1 sigmoid MoE ``x [T, d]`` -> ``[T, d]`` with binary (or mixed binary / int4 / int8 / float) experts:
+    route, fc1 by expert, gated activation, fc2 by expert with the gate in the epilogue; no host synchronisation
+    (decode: per-expert program columns; prefill: expert tiles shared by both matmuls)."""
+    from qmamba.kernels.fused_moe import gated_act, route_top1
+
+    idx, weight = route_top1(x, router_w, router_b)
+    tiles = None
+    if x.shape[0] > GEMV_MAX_M:
+        tiles = expert_tile_map(idx, fc1.n_experts, block_m or (32 if x.device.type != "cuda" else 64))
+    h = _routed(x, fc1, idx, None, tiles)
+    return _routed(gated_act(h, activation, gated), fc2, idx, weight, tiles)
+
+
+def experts_kernel_weight(experts, name: str):
+    """Kernel view of ``experts.fc1``/``fc2``: :class:`BinaryWeight` for binary, ``PackedWeight`` otherwise."""
+    from qmamba.kernels.quant_matmul import PackedWeight
+
+    w = getattr(experts, name)
+    if isinstance(w, torch.Tensor):
+        return PackedWeight.from_float(w)
+    if w.fmt.name == "binary":
+        return BinaryWeight.from_packed(w.packed(), w.n, w.k)
+    return PackedWeight.from_packed(w.fmt.name, w.packed(), w.n, w.k)
+
+
+def switch_moe_binary(moe, h: Tensor) -> Tensor:
+    """:class:`qmamba.moe.SwitchMoE` forward with binary experts on the kernels: ``h [..., d]`` -> ``[..., d]``."""
+    shape = h.shape
+    x = h.reshape(-1, shape[-1])
+    experts, router = moe.experts, moe.router
+    router_w = router.weight if hasattr(router, "weight") else router.dequantized_weight(x.dtype)
+    out = binary_moe_forward(x, router_w, router.bias, experts_kernel_weight(experts, "fc1"),
+                             experts_kernel_weight(experts, "fc2"), experts.activation, experts.gated)
+    return out.reshape(shape)
