@@ -51,6 +51,7 @@ class ExportSummary:
     ops: dict[str, int]
     options: dict
     quantized_modules: int
+    quantized_modules_weights: int = 0  # MatMulNBits weights written (stacked experts count once per expert)
     tokenizer: Path | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -145,7 +146,8 @@ def export_model(cfg, state_dict: dict, manifest: dict | None, out, options=None
     tokenizer, notes = _copy_tokenizer(checkpoint_dir, out)
     opts = {"scan": options.scan, "conv": options.conv_impl, "dtype": options.dtype, "opset": options.opset,
             "accuracy_level": options.accuracy_level}
-    return ExportSummary(out, data_path, size, dict(builder.ops_used), opts, len(builder.formats), tokenizer, notes)
+    return ExportSummary(out, data_path, size, dict(builder.ops_used), opts, len(builder.formats),
+                         builder.packed_weights, tokenizer, notes)
 
 
 def export_checkpoint(path, out, options=None, *, external_data: str = "auto",

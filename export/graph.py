@@ -119,6 +119,7 @@ class GraphBuilder:
         self.torch_dtype, self.elem = DTYPES[options.dtype]
         self.nodes, self.initializers, self._names = [], [], set()
         self._counter = 0
+        self.packed_weights = 0  # MatMulNBits weight tensors written
         self.ops_used: dict[str, int] = {}
 
     # ---- primitives ----------------------------------------------------------------------------------
@@ -169,6 +170,7 @@ class GraphBuilder:
 
     # ---- linear layers -------------------------------------------------------------------------------
     def _matmul_nbits(self, x: str, name: str, packed: dict, fmt, n: int, k: int) -> str:
+        self.packed_weights += 1
         if fmt.name == "int4":
             block = fmt.group_size
             qweight = self.const(f"{name}.qweight", packed["qweight"])
