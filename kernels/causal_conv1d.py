@@ -78,11 +78,11 @@ def _causal_conv1d_kernel(
     if pid_l == 0:  # final state: the last W entries of [carried state, x]
         for w in tl.static_range(W):
             pv = tl.zeros((BLOCK_D,), dtype=tl.int32) + (L - W + w)
-            xv = tl.load(x_ptr + pid_b * sx_b + pv * sx_l + d * sx_d, mask=dm & (pv >= 0), other=0.0)
+            fv = tl.load(x_ptr + pid_b * sx_b + pv * sx_l + d * sx_d, mask=dm & (pv >= 0), other=0.0)
             if HAS_STATE:
                 sv = tl.load(s0_ptr + pid_b * ss_b + d * ss_d + (W + pv) * ss_w, mask=dm & (pv < 0), other=0.0)
-                xv = tl.where(pv >= 0, xv, sv.to(xv.dtype))
-            tl.store(sT_ptr + pid_b * so_b + d * so_d + w * so_w, xv.to(sT_ptr.dtype.element_ty), mask=dm)
+                fv = tl.where(pv >= 0, fv, sv.to(fv.dtype))
+            tl.store(sT_ptr + pid_b * so_b + d * so_d + w * so_w, fv.to(sT_ptr.dtype.element_ty), mask=dm)
 
 
 def _check_conv(x, weight, bias, state, batch, dim):

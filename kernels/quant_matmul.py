@@ -142,10 +142,7 @@ def _dequant_matmul_kernel(
     w_base = w_ptr + expert.to(tl.int64) * swe
     # the weight is the dot's left operand (it can stay in registers after dequantization): acc is [BLOCK_N,
     # BLOCK_M] on the tensor-core path, a [BLOCK_N] vector on the single-row path
-    if USE_DOT:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     e64 = expert.to(tl.int64)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if FMT == 2:
@@ -182,15 +179,17 @@ def _dequant_matmul_kernel(
                 else:
                     part = tl.dot(w_lo.to(x_ptr.dtype.element_ty), tl.trans(xe))
                     part += tl.dot(w_hi.to(x_ptr.dtype.element_ty), tl.trans(xo))
-            else:
-                part = tl.sum(w_lo.to(tl.float32) * xe.to(tl.float32), axis=1)
-                part += tl.sum(w_hi.to(tl.float32) * xo.to(tl.float32), axis=1)
+            else:  # a few rows: the weight tile is loaded once and reduced against each row in turn
+                part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                for r in tl.static_range(BLOCK_M):
+                    xe_r = tl.sum(tl.where(rm[:, None] == r, xe.to(tl.float32), 0.0), axis=0)
+                    xo_r = tl.sum(tl.where(rm[:, None] == r, xo.to(tl.float32), 0.0), axis=0)
+                    pr = tl.sum(w_lo.to(tl.float32) * xe_r[None, :] + w_hi.to(tl.float32) * xo_r[None, :], axis=1)
+                    part += tl.where(rm[None, :] == r, pr[:, None], 0.0)
             if PRESCALE:
                 acc += part
-            elif USE_DOT:
-                acc += part * scale[:, None]
             else:
-                acc += part * scale
+                acc += part * scale[:, None]
         else:
             k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rows[:, None] * sxm + k[None, :] * sxk, mask=row_ok[:, None] & (k < K)[None, :],
@@ -202,11 +201,11 @@ def _dequant_matmul_kernel(
                 else:
                     acc += tl.dot(w.to(x_ptr.dtype.element_ty), tl.trans(x))
             else:
-                acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)
-    if USE_DOT:
-        acc = tl.trans(acc)        # [BLOCK_M, BLOCK_N]
-    else:
-        acc = acc[None, :]         # [1, BLOCK_N]
+                for r in tl.static_range(BLOCK_M):
+                    x_r = tl.sum(tl.where(rm[:, None] == r, x.to(tl.float32), 0.0), axis=0)
+                    pr = tl.sum(w.to(tl.float32) * x_r[None, :], axis=1)
+                    acc += tl.where(rm[None, :] == r, pr[:, None], 0.0)
+    acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     # -- epilogue
     if FMT == 1:
         scale = tl.load(s_ptr + e64 * sse + n * ssn, mask=n_ok, other=0.0).to(tl.float32)
@@ -225,6 +224,9 @@ def _dequant_matmul_kernel(
 
 
 # ---- launch configuration ----------------------------------------------------------------------------------------
+GEMV_ROWS = 8  # up to this many rows: CUDA-core reduction per row (weight tile reused); above: tensor cores
+
+
 @dataclass(frozen=True)
 class MatmulConfig:
     block_m: int
@@ -236,7 +238,7 @@ class MatmulConfig:
 
     @property
     def use_dot(self) -> bool:
-        return self.block_m > 1
+        return self.block_m > GEMV_ROWS
 
 
 _SM_COUNT: dict = {}
@@ -250,6 +252,13 @@ def _sm_count(device) -> int:
     return _SM_COUNT[device.index]
 
 
+def _small_block_m(m: int) -> int:
+    """Rows per program for M <= 16: the next power of two up to GEMV_ROWS (reduction path), else 16 (dot)."""
+    if m <= GEMV_ROWS:
+        return 1 << max(0, m - 1).bit_length()
+    return 16
+
+
 def pick_config(m: int, weight: PackedWeight, device, route: int = ROUTE_DENSE) -> MatmulConfig:
     """Tile sizes by M: GEMV (M = 1), small-M tensor-core tiles (M <= 16), prefill GEMM tiles (M > 16)."""
     n, k_pad = weight.n, weight.k_padded
@@ -258,16 +267,16 @@ def pick_config(m: int, weight: PackedWeight, device, route: int = ROUTE_DENSE) 
         block_k = g if g >= 32 else (64 if m == 1 else 32)
     else:
         block_k = 128 if m <= GEMV_MAX_M else 64
+    bm = _small_block_m(m)
     if device.type != "cuda":  # interpreter: each program costs Python time, so few large ones (split-K kept)
-        bm = 1 if m == 1 else (16 if m <= GEMV_MAX_M else 32)
+        bm = bm if m <= GEMV_MAX_M else 32
         return MatmulConfig(bm, 64, block_k, 2 if m <= GEMV_MAX_M and k_pad > 2 * block_k else 1, 1, 1)
     if m <= GEMV_MAX_M:
-        bm = 1 if m == 1 else 16
-        bn = 64 if m == 1 else 64
+        bn = 128 if n >= 4096 and bm <= 2 else 64
         programs = _cdiv(n, bn)
         split = 1
         k_tiles = _cdiv(k_pad, block_k)
-        while programs * split < 2 * _sm_count(device) and split * 2 <= max(1, k_tiles // 2):
+        while programs * split < 2 * _sm_count(device) and split < 8 and split * 2 <= max(1, k_tiles // 2):
             split *= 2
         if route == ROUTE_BY_EXPERT:  # most expert columns are idle: fill from the per-token experts only
             split = min(split, 4)
@@ -316,7 +325,8 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     elif route == ROUTE_BY_EXPERT:
         grid_m = weight.n_experts
         if cfg.block_m < m:
-            cfg = MatmulConfig(16, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages)
+            cfg = MatmulConfig(_small_block_m(m), cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps,
+                               cfg.num_stages)
     else:
         grid_m = tiles.n_tiles
     q, s, z = weight.qweight, weight.scales, weight.zeros
