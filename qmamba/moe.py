@@ -51,7 +51,7 @@ class StackedExperts(nn.Module):
             rows = (expert_idx == e).nonzero(as_tuple=True)[0]
             if rows.numel():
                 out[rows] = expert_mlp(x[rows], self.fc1[e].to(x.dtype), self.fc2[e].to(x.dtype),
-                                       self.activation, self.gated)
+                                       self.activation, self.gated).to(out.dtype)  # bf16 under autocast
         return out
 
 
