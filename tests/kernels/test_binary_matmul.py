@@ -1,0 +1,147 @@
+"""1-bit Triton kernel (under TRITON_INTERPRET=1 on CPU, set by tests/conftest.py before triton is imported)
+against ``x @ W_hat^T`` from the dequantized layout: GEMV, small-M dot and GEMM tiles, K not a multiple of 8 or of
+the K tile, row-scale variant, bias, per-expert routing (decode and prefill tiles), the binary MoE forward (also
+with int4 fc2) against the PyTorch SwitchMoE, and a whole binarized model on the triton backend."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (also done by tests/conftest.py)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from qmamba.kernels.binary_matmul import (BinaryConfig, BinaryWeight, binary_linear, binary_matmul,  # noqa: E402
+                                          binary_matmul_ref, binary_moe_forward, experts_kernel_weight)
+from qmamba.quant.binary import BinaryExperts, BinaryFormat  # noqa: E402
+from qmamba.quant.formats import Int4Format  # noqa: E402
+
+FORMATS = [BinaryFormat(), BinaryFormat(row_scale=True)]
+
+
+def make_weight(fmt, n, k, device, lead=(), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(*lead, n, k, generator=g) / k ** 0.5 + 0.02 * torch.randn(*lead, 1, k, generator=g)
+    packed = {name: t.to(device) for name, t in fmt.quantize_rtn(W).items()}
+    return packed, BinaryWeight.from_packed(packed, n, k)
+
+
+def close(got, ref, dtype):
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got.float(), ref.float(), **tol)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
+@pytest.mark.parametrize("m", [1, 5, 33])
+@pytest.mark.parametrize("k", [150, 64])
+def test_dense_matches_dequantized(fmt, m, k, device):
+    n = 37
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    packed, w = make_weight(fmt, n, k, device)
+    x = torch.randn(m, k, device=device).to(dtype)
+    bias = torch.randn(n, device=device)
+    got = binary_matmul(x, w, bias)
+    W_hat = fmt.dequantize(packed, k)
+    ref = x.float() @ W_hat.t() + bias
+    assert got.dtype == dtype and got.shape == (m, n)
+    close(got, ref, dtype)
+    close(binary_matmul_ref(x, w, bias), ref, dtype)
+
+
+def test_explicit_tiles_agree(device):
+    packed, w = make_weight(BinaryFormat(), 50, 203, device, seed=1)
+    x = torch.randn(20, 203, device=device)
+    ref = x @ w.dequantized()[0].t()
+    for cfg in (BinaryConfig(1, 16, 8, 1, 1), BinaryConfig(16, 16, 32, 1, 1), BinaryConfig(32, 64, 128, 1, 1)):
+        xs = x[:1] if cfg.block_m == 1 else x
+        close(binary_matmul(xs, w, config=cfg), ref[: xs.shape[0]], torch.float32)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        binary_matmul(x, w, config=BinaryConfig(16, 16, 12))
+    with pytest.raises(ValueError, match="x must be"):
+        binary_matmul(x[:, :10], w)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
+@pytest.mark.parametrize("m", [3, 16, 40])
+def test_routed_rows(fmt, m, device):
+    n, k, e = 24, 72, 4
+    _, w = make_weight(fmt, n, k, device, lead=(e,), seed=2)
+    x = torch.randn(m, k, device=device)
+    row_expert = torch.randint(0, e - 1, (m,), device=device).to(torch.int32)  # expert e-1 gets no rows
+    gate = torch.rand(m, device=device)
+    got = binary_matmul(x, w, row_expert=row_expert, row_scale=gate)
+    dense = w.dequantized()
+    ref = torch.stack([dense[row_expert[i]] @ x[i] for i in range(m)]) * gate[:, None]
+    close(got, ref, torch.float32)
+    close(binary_matmul_ref(x, w, row_expert=row_expert, row_scale=gate), ref, torch.float32)
+    with pytest.raises(ValueError, match="row_expert"):
+        binary_matmul(x, w)
+
+
+def test_custom_op_and_fake(device):
+    packed, w = make_weight(BinaryFormat(row_scale=True), 12, 40, device, seed=3)
+    x = torch.randn(2, 3, 40, device=device)
+    got = binary_linear(x, packed, 12, 40)
+    close(got, x @ w.dequantized()[0].t(), torch.float32)
+    from qmamba.kernels.binary_matmul import binary_matmul_op
+
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        fx = torch.empty(5, 40)
+        out = binary_matmul_op(fx, 12, 40, torch.empty(12, 5, dtype=torch.uint8), torch.empty(40, dtype=torch.half),
+                               torch.empty(40, dtype=torch.half), None, None)
+        assert out.shape == (5, 12)
+
+
+@pytest.mark.parametrize("fc2_fmt", [BinaryFormat(), Int4Format(32)], ids=["binary", "int4"])
+@pytest.mark.parametrize("t", [1, 21])
+def test_binary_moe_matches_switch_moe(fc2_fmt, t, device):
+    from qmamba.config import preset
+    from qmamba.moe import SwitchMoE
+
+    torch.manual_seed(5)
+    cfg = preset("tiny-blackmamba")
+    moe = SwitchMoE(cfg, 4).to(device)
+    with torch.no_grad():
+        moe.experts.fc1.normal_(0, 0.1), moe.experts.fc2.normal_(0, 0.1)
+    moe.experts = BinaryExperts.from_stacked(moe.experts, BinaryFormat(), fc2_fmt)
+    x = torch.randn(t, cfg.d_model, device=device)
+    ref = moe(x)  # reference backend
+    got = binary_moe_forward(x, moe.router.weight, moe.router.bias, experts_kernel_weight(moe.experts, "fc1"),
+                             experts_kernel_weight(moe.experts, "fc2"), moe.experts.activation, moe.experts.gated)
+    close(got, ref, torch.float32)
+    moe.backend = "triton"  # SwitchMoE -> triton_ops.switch_moe -> the binary MoE
+    close(moe(x[None]).reshape(t, -1), ref, torch.float32)
+
+
+def test_binarized_model_triton_equals_reference(device):
+    from qmamba.config import preset
+    from qmamba.kernels.testing import random_model
+    from qmamba.quant.modules import swap_quantized_modules
+
+    cfg = preset("tiny-blackmamba")
+    model = random_model(cfg, device=device)
+    float_sd = model.state_dict()
+    fmt = BinaryFormat()
+    entries = {}
+    for i, (kind, _) in enumerate(cfg.layer_kinds):
+        leaves = ("in_proj", "out_proj") if kind == "mamba" else ("experts.fc1", "experts.fc2")
+        entries.update({f"layers.{i}.mixer.{leaf}": fmt.to_dict() for leaf in leaves})
+    swap_quantized_modules(model, entries)
+    sd = {}
+    for name, t in float_sd.items():
+        owner = next((m for m in entries if name in (f"{m}.weight", m)), None)
+        if owner is None:
+            sd[name] = t
+        else:
+            sd.update({f"{owner}.{key}": v for key, v in fmt.quantize_rtn(t).items()})
+    model.load_state_dict(sd, strict=False)
+    ids = torch.randint(0, cfg.vocab_size, (2, 7), device=device)
+    ref = model(ids)
+    from qmamba.moe import SwitchMoE
+    from qmamba.quant.modules import QuantExperts, QuantLinear
+
+    for mod in model.modules():  # the 1-bit paths only: the scan/conv kernels have their own tests
+        if isinstance(mod, (QuantLinear, QuantExperts, SwitchMoE)):
+            mod.backend = "triton"
+    close(model(ids), ref, torch.float32)
+    _, state = model.prefill(ids[:, :6])
+    close(model.step(ids[:, 6], state), ref[:, 6], torch.float32)
