@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import json
 import math
-import shutil
 import sys
 import tempfile
 import time
@@ -205,12 +204,7 @@ def _build_config(args) -> ModelConfig:
     return preset(args.preset)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from qmamba.calib.text_data import (EOS_TOKEN, RandomWindows, consecutive_windows, token_stream,
-                                        train_bpe_tokenizer, training_text_files, unigram_cross_entropy)
-    from qmamba.checkpoints.native import save_checkpoint
-    from qmamba.data_files import resolve_text_spec
-
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m qmamba.calib.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny-blackmamba-fixture")
     p.add_argument("--config", help="model config JSON (ModelConfig fields); overrides --preset")
@@ -232,73 +226,88 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def train_from_args(args: argparse.Namespace, work: Path, argv: list[str]) -> dict:
+    """Tokenizer (trained into ``work`` or given), data, training, evaluation, checkpoint; returns the report."""
+    from qmamba.calib.text_data import (EOS_TOKEN, RandomWindows, consecutive_windows, token_stream,
+                                        train_bpe_tokenizer, training_text_files, unigram_cross_entropy)
+    from qmamba.checkpoints.native import save_checkpoint
+    from qmamba.data_files import resolve_text_spec
+
+    out = Path(args.out)
+    if out.exists():
+        raise UserError(f"output directory {out} already exists")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    files = training_text_files(args.data or ["corpus:train"])
+    if args.tokenizer:
+        from qmamba.tokenizer import load_tokenizer
+
+        tokenizer_file = Path(args.tokenizer)
+        tokenizer = load_tokenizer(tokenizer_file).tokenizer  # a clear error when missing or unreadable
+    elif args.train_tokenizer:
+        tokenizer_file = work / "tokenizer.json"
+        print(f"training a {args.train_tokenizer}-token byte-level BPE on {len(files)} files", file=sys.stderr)
+        tokenizer = train_bpe_tokenizer(files, args.train_tokenizer, tokenizer_file)
+    else:
+        raise UserError("give --tokenizer FILE or --train-tokenizer VOCAB")
+    cfg = _build_config(args)
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise UserError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, the model's vocab_size is "
+                        f"{cfg.vocab_size}")
+    eos_id = tokenizer.token_to_id(EOS_TOKEN)
+    train_ids = token_stream(tokenizer, files, eos_id)
+    eval_files = list(resolve_text_spec(args.eval_data))
+    eval_ids = token_stream(tokenizer, eval_files, eos_id)
+    print(f"train tokens {train_ids.numel():,}, held-out tokens {eval_ids.numel():,}", file=sys.stderr)
+
+    model = init_model(cfg, seed=args.seed, device=device)
+    batches = RandomWindows(train_ids, args.batch, args.seq_len, seed=args.seed, device=device)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    start = time.time()
+    with fast_training_scan(model):
+        history = train_loop(model, batches, next_token_loss(args.aux_coef), steps=args.steps, lr=args.lr,
+                             warmup=args.warmup, weight_decay=args.weight_decay, autocast_dtype=autocast,
+                             log_every=args.log_every)
+    seconds = time.time() - start
+    save_dtype = getattr(torch, args.save_dtype)
+    # evaluate the weights as they will be stored
+    stored = MambaLM(cfg)
+    stored.load_state_dict({k: v.detach().to(save_dtype).float() for k, v in model.state_dict().items()})
+    stored.to(device)
+    windows = consecutive_windows(eval_ids, args.seq_len, args.eval_windows)
+    result = evaluate(stored, windows)
+    unigram = unigram_cross_entropy(train_ids, windows[:, 1:].reshape(-1), cfg.vocab_size)
+    report = {
+        "train_command": "python -m qmamba.calib.train " + " ".join(argv),
+        "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr, "seed": args.seed,
+        "train_files": [f.name for f in files], "train_tokens": int(train_ids.numel()),
+        "tokens_seen": args.steps * args.batch * args.seq_len, "train_seconds": round(seconds, 1),
+        "device": str(device), "final_train_loss": history[-1]["ce"] if history else None,
+        "heldout": {"spec": args.eval_data, "windows": int(windows.shape[0]), "tokens": result["tokens"],
+                    "loss": result["loss"], "ppl": result["ppl"], "unigram_ppl": math.exp(unigram)},
+        "routing_fractions": result["routing"],
+        "loss_curve": [[r["step"], round(r["ce"], 4), round(r["aux"], 4)] for r in history],
+    }
+    save_checkpoint(model, cfg, out, tokenizer_file=tokenizer_file, dtype=save_dtype,
+                    extra={"training": report})
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     try:
-        out = Path(args.out)
-        if out.exists():
-            raise UserError(f"output directory {out} already exists")
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        torch.manual_seed(args.seed)
-        device = torch.device(args.device)
-        files = training_text_files(args.data or ["corpus:train"])
-        work = Path(tempfile.mkdtemp(prefix="qmamba-train-"))
-        if args.tokenizer:
-            from tokenizers import Tokenizer
-            tokenizer_file = Path(args.tokenizer)
-            tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        elif args.train_tokenizer:
-            tokenizer_file = work / "tokenizer.json"
-            print(f"training a {args.train_tokenizer}-token byte-level BPE on {len(files)} files", file=sys.stderr)
-            tokenizer = train_bpe_tokenizer(files, args.train_tokenizer, tokenizer_file)
-        else:
-            raise UserError("give --tokenizer FILE or --train-tokenizer VOCAB")
-        cfg = _build_config(args)
-        if tokenizer.get_vocab_size() > cfg.vocab_size:
-            raise UserError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, the model's vocab_size is "
-                            f"{cfg.vocab_size}")
-        eos_id = tokenizer.token_to_id(EOS_TOKEN)
-        train_ids = token_stream(tokenizer, files, eos_id)
-        eval_files = list(resolve_text_spec(args.eval_data))
-        eval_ids = token_stream(tokenizer, eval_files, eos_id)
-        print(f"train tokens {train_ids.numel():,}, held-out tokens {eval_ids.numel():,}", file=sys.stderr)
-
-        model = init_model(cfg, seed=args.seed, device=device)
-        batches = RandomWindows(train_ids, args.batch, args.seq_len, seed=args.seed, device=device)
-        autocast = torch.bfloat16 if device.type == "cuda" else None
-        start = time.time()
-        with fast_training_scan(model):
-            history = train_loop(model, batches, next_token_loss(args.aux_coef), steps=args.steps, lr=args.lr,
-                                 warmup=args.warmup, weight_decay=args.weight_decay, autocast_dtype=autocast,
-                                 log_every=args.log_every)
-        seconds = time.time() - start
-        save_dtype = getattr(torch, args.save_dtype)
-        # evaluate the weights as they will be stored
-        stored = MambaLM(cfg)
-        stored.load_state_dict({k: v.detach().to(save_dtype).float() for k, v in model.state_dict().items()})
-        stored.to(device)
-        windows = consecutive_windows(eval_ids, args.seq_len, args.eval_windows)
-        result = evaluate(stored, windows)
-        unigram = unigram_cross_entropy(train_ids, windows[:, 1:].reshape(-1), cfg.vocab_size)
-        report = {
-            "train_command": "python -m qmamba.calib.train " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr, "seed": args.seed,
-            "train_files": [f.name for f in files], "train_tokens": int(train_ids.numel()),
-            "tokens_seen": args.steps * args.batch * args.seq_len, "train_seconds": round(seconds, 1),
-            "device": str(device), "final_train_loss": history[-1]["ce"] if history else None,
-            "heldout": {"spec": args.eval_data, "windows": int(windows.shape[0]), "tokens": result["tokens"],
-                        "loss": result["loss"], "ppl": result["ppl"], "unigram_ppl": math.exp(unigram)},
-            "routing_fractions": result["routing"],
-            "loss_curve": [[r["step"], round(r["ce"], 4), round(r["aux"], 4)] for r in history],
-        }
-        save_checkpoint(model, cfg, out, tokenizer_file=tokenizer_file, dtype=save_dtype,
-                        extra={"training": report})
-        shutil.rmtree(work, ignore_errors=True)
-        print(json.dumps(report, indent=2))
+        with tempfile.TemporaryDirectory(prefix="qmamba-train-") as work:
+            report = train_from_args(args, Path(work), argv)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    print(json.dumps(report, indent=2))
     return 0
 
 

@@ -134,7 +134,7 @@ def test_train_loop_learns_a_synthetic_task():
             yield seq[:, :-1], seq[:, 1:]
 
     with fast_training_scan(model):
-        history = train_loop(model, batches(), next_token_loss(0.01), steps=60, lr=1e-2, warmup=5, log_every=10,
+        history = train_loop(model, batches(), next_token_loss(0.01), steps=40, lr=1e-2, warmup=5, log_every=10,
                              progress=False)
     assert history[0]["ce"] > 1.5
     assert history[-1]["ce"] < 0.3 * history[0]["ce"]
