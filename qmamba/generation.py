@@ -106,7 +106,11 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
     EOS id) afterwards; generation ends early once every sequence has finished. ``stream(token_ids [B])`` is
     called after each step with the new tokens (device tensor; pads for finished sequences). ``step_fn(token_ids
     [B], state) -> logits [B, V]`` replaces the eager ``model.step`` (e.g. a CUDA-graph replay); the state comes
-    from ``model.prefill``. ``generator`` (or ``seed``) makes sampling reproducible.
+    from ``step_fn.prefill`` when it has one (so a graph decoder can hand out its static state), else from
+    ``model.prefill``. ``generator`` (or ``seed``) makes sampling reproducible.
+
+    ``model`` needs ``.device`` and ``.prefill(input_ids) -> (logits [B, L, V], state)``, plus ``.step`` unless a
+    ``step_fn`` is given (a :class:`MambaLM`, or any runner with that interface).
     """
     check_sampling_options(temperature, top_k, top_p)
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -117,7 +121,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
     input_ids = input_ids.to(device)
     if max_new_tokens == 0:
         return input_ids.clone()
-    model.check_token_ids(input_ids)
+    if hasattr(model, "check_token_ids"):
+        model.check_token_ids(input_ids)
     if generator is None:
         generator = make_generator(device, seed)
     step_fn = step_fn or eager_step_fn(model)
@@ -125,7 +130,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
     batch = input_ids.shape[0]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     new_tokens = []
-    logits, state = prefill(model, input_ids)
+    logits, state = prefill(step_fn if hasattr(step_fn, "prefill") else model, input_ids)
     for i in range(max_new_tokens):
         token = sample(logits, temperature, top_k, top_p, generator)
         if eos_token_id is not None:

@@ -165,6 +165,29 @@ def test_default_step_fn_is_the_models_step(model):
                        generate(model, ids, 5, temperature=0.0, step_fn=eager_step_fn(model)))
 
 
+def test_step_fn_with_its_own_prefill(model):
+    """A decoder object exposing ``prefill`` (as the CUDA-graph decoder does) supplies the state it then steps."""
+
+    class Decoder:
+        def __init__(self):
+            self.state, self.steps = None, 0
+
+        def prefill(self, input_ids):
+            logits, self.state = model.prefill(input_ids)
+            return logits, self.state
+
+        def __call__(self, token_ids, state):
+            assert state is self.state
+            self.steps += 1
+            return model.step(token_ids, state)
+
+    ids = prompts(2, 3, seed=8)
+    decoder = Decoder()
+    out = generate(model, ids, 6, temperature=0.0, step_fn=decoder)
+    assert decoder.steps == 5
+    assert torch.equal(out, generate(model, ids, 6, temperature=0.0))
+
+
 def test_bad_generation_inputs(model):
     with pytest.raises(GenerationError):
         generate(model, torch.zeros(1, 0, dtype=torch.long), 3)
