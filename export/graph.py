@@ -20,9 +20,10 @@ Per block (mirroring :class:`qmamba.model.MambaLM`): fp32 residual, RMSNorm in f
 dtype. Mamba mixer: in_proj -> causal conv + SiLU (``com.microsoft.CausalConvWithState`` with ``channels_last=1``,
 or plain Concat + depthwise ``Conv`` for a portable graph) -> x_proj -> dt_proj -> ``qmamba::SelectiveScan``
 -> out_proj. Switch-MoE (top-1, sigmoid router): the router picks ``argmax`` of ``sigmoid(logits)``; each expert
-runs exactly once on its own tokens (``NonZero`` + ``Gather`` -> expert MLP -> ``ScatterND``), unrolled over the
-experts at export. ``com.microsoft.QMoE`` is not used: its GELU is the tanh approximation (BlackMamba uses the
-exact erf GELU) and it needs the hidden sizes divisible by the quantization block.
+runs exactly once on its own tokens (``NonZero`` + ``Gather`` -> expert MLP), unrolled over the experts at export,
+and one ``ScatterND`` puts the results back in token order. ``com.microsoft.QMoE`` is not used: its GELU is the
+tanh approximation (BlackMamba uses the exact erf GELU) and it needs the hidden sizes divisible by the
+quantization block.
 
 Linear layers: float -> ``MatMul`` against the transposed weight; int4 -> ``MatMulNBits(bits=4)`` with the packed
 tensors copied unchanged (the layout *is* MatMulNBits'); int8 (per-output-channel symmetric) -> ``MatMulNBits
@@ -111,9 +112,9 @@ class GraphBuilder:
         self.cfg, self.sd, self.opt = cfg, state_dict, options
         self.formats = {name: entry_format(name, entry) for name, entry in manifest_modules(quantization).items()}
         for name, fmt in self.formats.items():
-            if fmt.name not in ("int4", "int8"):
+            if fmt.name not in ("int4", "int8", "binary"):
                 raise ConfigError(f"module {name!r} uses weight format {fmt.name!r}, which the ONNX export does not "
-                                  "support yet (supported: int4, int8)")
+                                  "support yet (supported: int4, int8, binary)")
             if name.startswith("embedding"):
                 raise ConfigError("quantized embeddings are not supported by the ONNX export")
         self.torch_dtype, self.elem = DTYPES[options.dtype]
@@ -169,8 +170,28 @@ class GraphBuilder:
         return self.sd[name].to(self.torch_dtype).float()
 
     # ---- linear layers -------------------------------------------------------------------------------
+    def _binary_matmul(self, x: str, name: str, packed: dict, n: int, k: int) -> str:
+        """1-bit: ``MatMulNBits(bits=2)(x * alpha)`` (+/-1 exact, row scale as the block scales) ``+ (x @ beta)``
+        (``* row_scale``); see :func:`qmamba.quant.binary.binary_as_matmul_nbits`."""
+        from qmamba.quant.binary import binary_as_matmul_nbits
+
+        block = _int8_block_size(k)
+        codes, scales = binary_as_matmul_nbits(packed, k, block)
+        qweight = self.const(f"{name}.qweight_u2", codes)
+        scales = self.const(f"{name}.scales_b", scales.to(self.torch_dtype))
+        hint = name.replace(".", "_")
+        xa = self.op("Mul", [x, self.const(f"{name}.alpha", packed["alpha"].to(self.torch_dtype))])
+        y = self.op("MatMulNBits", [xa, qweight, scales], domain=MS_DOMAIN, hint=hint, K=k, N=n, bits=2,
+                    block_size=block, accuracy_level=self.opt.accuracy_level)
+        xb = self.op("MatMul", [x, self.const(f"{name}.beta_col", packed["beta"].to(self.torch_dtype)[:, None])])
+        if "row_scale" in packed:
+            xb = self.op("Mul", [xb, self.const(f"{name}.row_scale", packed["row_scale"].to(self.torch_dtype))])
+        return self.op("Add", [y, xb], hint=hint)
+
     def _matmul_nbits(self, x: str, name: str, packed: dict, fmt, n: int, k: int) -> str:
         self.packed_weights += 1
+        if fmt.name == "binary":
+            return self._binary_matmul(x, name, packed, n, k)
         if fmt.name == "int4":
             block = fmt.group_size
             qweight = self.const(f"{name}.qweight", packed["qweight"])
@@ -302,8 +323,7 @@ class GraphBuilder:
         probs = self.op("Sigmoid", [logits])
         idx = self.op("ArgMax", [probs], axis=-1, keepdims=0)                              # [T]
         weight = self.op("ReduceMax", [probs, self.ints([-1])], keepdims=0)                # [T]
-        zero = helper.make_tensor("zero", self.elem, [1], [0.0])
-        out = self.op("ConstantOfShape", [self.op("Shape", [x2])], value=zero)            # [T, d]
+        outputs, token_rows = [], []
         for e in range(n_experts):
             hit = self.op("Equal", [idx, self.scalar_i64(e)])
             rows_e = self.op("Reshape", [self.op("NonZero", [hit]), self.ints([-1])])      # [T_e]
@@ -316,8 +336,13 @@ class GraphBuilder:
                 h = self.activation(h)
             h = self.expert_linear(h, f"{p}.experts.fc2", e, d, ffn)                      # [T_e, d]
             we = self.to_act(self.op("Unsqueeze", [self.op("Gather", [weight, rows_e], axis=0), self.ints([-1])]))
-            out = self.op("ScatterND", [out, self.op("Unsqueeze", [rows_e, self.ints([-1])]),
-                                        self.op("Mul", [h, we])])
+            outputs.append(self.op("Mul", [h, we]))
+            token_rows.append(rows_e)
+        # every token is in exactly one expert's rows: one scatter puts all results in token order
+        all_rows = self.op("Unsqueeze", [self.op("Concat", token_rows, axis=0), self.ints([-1])])   # [T, 1]
+        zero = helper.make_tensor("zero", self.elem, [1], [0.0])
+        out = self.op("ConstantOfShape", [self.op("Shape", [x2])], value=zero)            # [T, d]
+        out = self.op("ScatterND", [out, all_rows, self.op("Concat", outputs, axis=0)])
         return self.op("Reshape", [out, self.op("Shape", [x])])
 
     # ---- the whole model -----------------------------------------------------------------------------

@@ -152,6 +152,26 @@ class BinaryExperts(QuantExperts):
         return super()._expert_matmul(x, name, expert)
 
 
+def binary_as_matmul_nbits(packed: dict, k: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The +/-1 part of one binary matrix as an exact 2-bit ``MatMulNBits`` weight (ONNX Runtime layout).
+
+    Codes ``q = 1 + 2 * bit`` (1 -> -1, 3 -> +1 against the default zero point 2), four per byte along K, low bits
+    first, K padded to whole blocks with code 2 (exactly 0); scales are ``row_scale[n]`` per block (1 without the
+    variant). Returns ``(qweight [N, n_blocks, block_size // 4] uint8, scales [N, n_blocks] float32)``; the caller
+    multiplies the activation by ``alpha`` first and adds ``(x . beta) (* row_scale)``.
+    """
+    bits = layout.unpack_signs(packed["qweight"], k)
+    n = bits.shape[0]
+    n_blocks = -(-k // block_size)
+    codes = 1 + 2 * bits.to(torch.int32)
+    if n_blocks * block_size != k:
+        codes = F.pad(codes, (0, n_blocks * block_size - k), value=2)
+    codes = codes.reshape(n, n_blocks * block_size // 4, 4)
+    byte = codes[..., 0] | (codes[..., 1] << 2) | (codes[..., 2] << 4) | (codes[..., 3] << 6)
+    row = packed["row_scale"].float() if "row_scale" in packed else torch.ones(n)
+    return byte.to(torch.uint8).reshape(n, n_blocks, block_size // 4), row[:, None].expand(n, n_blocks).contiguous()
+
+
 def binary_module_bytes(module: nn.Module) -> int:
     """Bytes of the packed binary buffers in ``module`` (for size reports)."""
     total = 0
