@@ -191,6 +191,9 @@ def generate_cli(path, *, prompt: str, max_new_tokens: int, temperature: float, 
 
     out, err = out or sys.stdout, err or sys.stderr
     check_sampling_options(temperature, top_k, top_p)
+    if Path(path).is_dir():
+        raise OnnxModelError(f"{path} is a directory: the onnxruntime backend runs an exported model file; make one "
+                             f"with: qmamba export {path} -o model.onnx")
     tok = load_tokenizer(find_tokenizer_file(path, tokenizer))
     lm = OrtLM(path, device=device, threads=threads, warn=err)
     exported = "fp16" if lm.logits_dtype == np.float16 else "fp32"

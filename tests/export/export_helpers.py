@@ -60,3 +60,28 @@ def rtn_quantized(cfg, state_dict, kind: str, group_size: int = 32, head: bool =
 def rel_err(a, b) -> float:
     a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def dequantized_twin(model):
+    """Replace every quantized module of ``model`` by its float twin holding the dequantized weights: the same
+    math as the reference backend of QuantLinear/QuantExperts, without dequantizing on every call (fast)."""
+    from qmamba.moe import StackedExperts
+    from qmamba.quant.modules import PackedExpertWeight
+
+    for name, mod in list(model.named_modules()):
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(mod, QuantLinear):
+            new = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            new.weight.data.copy_(mod.dequantized_weight())
+            if mod.bias is not None:
+                new.bias.data.copy_(mod.bias.detach())
+            setattr(parent, leaf, new)
+        elif isinstance(mod, QuantExperts):
+            fc1 = mod.fc1.dequantized() if isinstance(mod.fc1, PackedExpertWeight) else mod.fc1.detach()
+            fc2 = mod.fc2.dequantized() if isinstance(mod.fc2, PackedExpertWeight) else mod.fc2.detach()
+            new = StackedExperts(mod.n_experts, fc1.shape[2], fc2.shape[2], mod.gated, mod.activation)
+            new.fc1.data.copy_(fc1)
+            new.fc2.data.copy_(fc2)
+            setattr(parent, leaf, new)
+    return model.requires_grad_(False)

@@ -178,3 +178,8 @@ def test_cli_generate_onnx_streams_text(tmp_path):
     assert code == 0, torch_text
     first_line = lambda text: text.splitlines()[0]  # noqa: E731 - stats go to stderr (mixed in by CliRunner)
     assert first_line(onnx_text).startswith("Hello world") and first_line(onnx_text) == first_line(torch_text)
+
+
+def test_cli_generate_onnxruntime_backend_needs_an_exported_file(checkpoint_dir):
+    code, output = run("generate", checkpoint_dir, "--backend", "onnxruntime", "--prompt", "x", "-n", "2")
+    assert code == 2 and "qmamba export" in output
