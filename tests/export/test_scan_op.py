@@ -103,3 +103,16 @@ def test_extensions_kernel_replaces_the_function_and_agrees(body):
 def test_unknown_body_is_rejected():
     with pytest.raises(ValueError, match="unknown scan body"):
         scan_op.selective_scan_function("chunked", 21)
+
+
+def test_extensions_kernel_refuses_fp16_models(tmp_path):
+    """float16 inputs would abort the process inside onnxruntime-extensions: refused up front."""
+    from qmamba.errors import UserError
+    from qmamba.export.ext_kernel import check_float32_model
+
+    path = tmp_path / "scan16.onnx"
+    onnx.save(scan_op.standalone_scan_model("scan", DI, N, elem_type=onnx.TensorProto.FLOAT16), path)
+    with pytest.raises(UserError, match="fp32 models only"):
+        check_float32_model(path)
+    onnx.save(scan_op.standalone_scan_model("scan", DI, N), tmp_path / "scan32.onnx")
+    check_float32_model(tmp_path / "scan32.onnx")
