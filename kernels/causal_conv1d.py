@@ -36,8 +36,16 @@ def causal_conv1d_ref(x, weight, bias=None, initial_state=None, activation: str 
 
 def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation: str | None = "silu"):
     """One decode step: ``x [B, D]``, ``conv_state [B, D, W]`` -> ``(y [B, D], new_state [B, D, W])``."""
-    y, new_state = causal_conv1d_ref(x[:, None, :], weight, bias, conv_state, activation)
-    return y[:, 0], new_state
+    # shift the window by one and dot it with the kernel (cheaper than a conv1d launch for one token)
+    new_state = torch.cat([conv_state[:, :, 1:], x[:, :, None].to(conv_state.dtype)], dim=2)
+    y = (new_state.float() * weight.float()).sum(-1)
+    if bias is not None:
+        y = y + bias.float()
+    if activation == "silu":
+        y = F.silu(y)
+    elif activation is not None:
+        raise ValueError(f"unsupported activation {activation!r}")
+    return y.to(x.dtype), new_state
 
 
 # ---- Triton ----------------------------------------------------------------------------------------------------
