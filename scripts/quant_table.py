@@ -50,19 +50,26 @@ def main():
     ap.add_argument("--eval-tokens", type=int, default=0, help="0 = the whole held-out text")
     ap.add_argument("--eval-seq-len", type=int, default=256)
     ap.add_argument("--router-windows", type=int, default=64)
+    ap.add_argument("--eval-batch", type=int, default=16)
     ap.add_argument("--only", default=None, help="comma-separated row labels")
+    ap.add_argument("--device", default="cpu", help="calibration and evaluation device (cpu, cuda)")
+    ap.add_argument("--backend", default="reference", help="model backend for evaluation")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    fp = load_model(args.model)
+    def load(path):
+        return load_model(path, device=args.device, dtype=torch.float32, backend=args.backend)
+
+    fp = load(args.model)
     tok = _tokenizer_for(fp)
     ids = encode_text_spec(tok, args.data, args.eval_tokens or None)
     windows = text_windows(ids, args.eval_seq_len, args.router_windows)
 
     def measure(model):
-        return perplexity(model, ids, args.eval_seq_len, args.eval_seq_len, batch_size=16, progress=False)["ppl"]
+        return perplexity(model, ids, args.eval_seq_len, args.eval_seq_len, batch_size=args.eval_batch,
+                          progress=False)["ppl"]
 
     results = [{"label": "fp32", "ppl": measure(fp), "bytes": dir_bytes(Path(args.model)), "router": 1.0,
                 "seconds": 0.0}]
@@ -74,12 +81,12 @@ def main():
         t0 = time.perf_counter()
         info = quantize_checkpoint(args.model, target, bits=bits, group_size=group, method=method,
                                    calib=["corpus"], nsamples=args.nsamples, seq_len=args.seq_len,
-                                   options=CalibOptions(progress=False), log=lambda *_: None)
+                                   device=args.device, options=CalibOptions(progress=False), log=lambda *_: None)
         seconds = time.perf_counter() - t0
-        q = load_model(target)
+        q = load(target)
         agree = router_agreement(fp, q, windows)["overall"]
         row = {"label": label, "ppl": measure(q), "bytes": dir_bytes(target), "router": agree, "seconds": seconds,
-               "calib_router": info["router_agreement"]["overall"],
+               "calib_router": info["router_agreement"]["overall"], "calib_seconds": info["seconds"],
                "sqnr_db": {r["kind"]: r["sqnr_db"] for r in info["summary"]}}
         results.append(row)
         print(f"{label}: ppl {row['ppl']:.4f}  size {row['bytes'] / 2**20:.3f} MiB  router {100 * agree:.2f}%  "
@@ -94,7 +101,8 @@ def main():
     table = "\n".join(lines)
     print(table)
     (out / "table.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "tokens": int(ids.numel()),
+    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "tokens": int(ids.numel()), "device": device,
                                                   "results": results}, indent=2) + "\n")
 
 
