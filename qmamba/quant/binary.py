@@ -171,13 +171,3 @@ def binary_as_matmul_nbits(packed: dict, k: int, block_size: int) -> tuple[torch
     row = packed["row_scale"].float() if "row_scale" in packed else torch.ones(n)
     return byte.to(torch.uint8).reshape(n, n_blocks, block_size // 4), row[:, None].expand(n, n_blocks).contiguous()
 
-
-def binary_module_bytes(module: nn.Module) -> int:
-    """Bytes of the packed binary buffers in ``module`` (for size reports)."""
-    total = 0
-    for mod in module.modules():
-        fmt = getattr(mod, "fmt", None)
-        if is_binary(fmt):
-            total += sum(getattr(mod, name).numel() * getattr(mod, name).element_size()
-                         for name in fmt.buffer_specs(1, 1))
-    return total
