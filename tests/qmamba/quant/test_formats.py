@@ -117,7 +117,7 @@ def test_serialization_and_registry():
         Int4Format(48)
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 16])
+@pytest.mark.parametrize("bits", [2, 3, 16])  # 1 = the binary format (qmamba.quant.binary)
 def test_unsupported_bits(bits):
     with pytest.raises(ConfigError, match="unsupported bit width"):
         make_format(bits)
