@@ -317,8 +317,8 @@ class Calibrator:
         model, entry = self.model, self.plan["lm_head"]
         head = model.lm_head
         n_tokens = sum(r.shape[0] * r.shape[1] for r in residual)
-        cap = _InputCapture(head.in_features, entry.method == "gptq", _stride_for(n_tokens, self.opts.max_stored_tokens),
-                            head.weight.device)
+        stride = _stride_for(n_tokens, self.opts.max_stored_tokens)
+        cap = _InputCapture(head.in_features, entry.method == "gptq", stride, head.weight.device)
         for r in residual:
             cap.add(model.norm_f(r, out_dtype=torch.float32))
         W = head.weight.detach().float()

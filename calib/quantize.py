@@ -68,7 +68,8 @@ def apply_packed(model: nn.Module, results: dict[str, ModuleResult]) -> nn.Modul
             experts.setdefault(parent, {})[leaf] = r
             continue
         linear = model.get_submodule(name)
-        new = linear_class_for(r.fmt).from_linear(linear, r.fmt, {k: v.to(linear.weight.device) for k, v in r.packed.items()})
+        packed = {k: v.to(linear.weight.device) for k, v in r.packed.items()}
+        new = linear_class_for(r.fmt).from_linear(linear, r.fmt, packed)
         _set(model, name, new)
     for parent, parts in experts.items():
         old = model.get_submodule(parent)

@@ -51,7 +51,7 @@ class _KeepsPackedDtypes(nn.Module):
 
 
 class QuantLinear(_KeepsPackedDtypes):
-    """``y = x @ W_hat^T (+ bias)`` with ``W_hat`` stored packed. ``x [..., in_features]`` -> ``[..., out_features]``."""
+    """``y = x @ W_hat^T (+ bias)``, ``W_hat`` stored packed: ``x [..., in_features]`` -> ``[..., out_features]``."""
 
     def __init__(self, in_features: int, out_features: int, fmt: WeightFormat, bias: bool = False,
                  device=None, bias_dtype=torch.float32):
@@ -227,16 +227,17 @@ def swap_quantized_modules(model: nn.Module, quantization: dict) -> nn.Module:
             raise CheckpointError(f"quantization manifest names {name!r}, which is not a linear layer or an expert "
                                   "matrix of this model")
         w = target.weight
-        new = linear_class_for(fmt)(target.in_features, target.out_features, fmt, target.bias is not None, device=w.device,
-                          bias_dtype=w.dtype)
+        new = linear_class_for(fmt)(target.in_features, target.out_features, fmt, target.bias is not None,
+                                    device=w.device, bias_dtype=w.dtype)
         _set_submodule(model, name, new)
     for name, fmts in expert_fmts.items():
         old = modules[name]
         if isinstance(old, QuantExperts):
             continue
         n_experts, _, d = old.fc1.shape
-        new = experts_class_for(fmts.get("fc1"), fmts.get("fc2"))(n_experts, d, old.fc2.shape[2], old.gated, old.activation, fmts.get("fc1"),
-                           fmts.get("fc2"), device=old.fc1.device, float_dtype=old.fc1.dtype)
+        cls = experts_class_for(fmts.get("fc1"), fmts.get("fc2"))
+        new = cls(n_experts, d, old.fc2.shape[2], old.gated, old.activation, fmts.get("fc1"), fmts.get("fc2"),
+                  device=old.fc1.device, float_dtype=old.fc1.dtype)
         _set_submodule(model, name, new)
     return model
 
