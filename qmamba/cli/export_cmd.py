@@ -28,7 +28,8 @@ def _export_module():
               help="Activation / float weight dtype of the graph.")
 @click.option("--conv", default="auto", show_default=True,
               type=click.Choice(["auto", "causal-conv-with-state", "plain"]),
-              help="Causal conv: com.microsoft.CausalConvWithState or plain Concat+Conv (auto: plain with --scan scan).")
+              help="Causal conv: com.microsoft.CausalConvWithState or plain Concat+Conv "
+                   "(auto: plain with --scan scan).")
 @click.option("--accuracy-level", default=4, show_default=True, type=click.IntRange(0, 4),
               help="MatMulNBits accuracy_level for quantized weights (4: int8 activations, fast on CPU; 0: exact).")
 @click.option("--external-data", default="auto", show_default=True, type=click.Choice(["auto", "always", "never"]),

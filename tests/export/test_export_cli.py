@@ -17,7 +17,6 @@ from qmamba.cli import main  # noqa: E402
 from qmamba.config import ModelConfig  # noqa: E402
 from qmamba.errors import ConfigError, UserError  # noqa: E402
 from qmamba.export.exporter import ExportDependencyError, ExportError, export_model  # noqa: E402
-from qmamba.export.graph import ExportOptions  # noqa: E402
 from qmamba.export.ort_runner import OrtLM  # noqa: E402
 
 
