@@ -56,7 +56,7 @@ def reconstruct(bits: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
 
 
 def ptb(W: torch.Tensor, row_scale: bool = False, rounds: int = 3):
-    """Binarize ``W [..., N, K]``: returns ``(bits [..., N, K] uint8, alpha [..., K], beta [..., K], r [..., N] | None)``.
+    """Binarize ``W [..., N, K]``: ``(bits [..., N, K] uint8, alpha [..., K], beta [..., K], r [..., N] or None)``.
 
     All parameters float32 and exactly fp16-representable.
     """

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from qmamba.errors import UserError
 from qmamba.moe import StackedExperts, expert_mlp
 from qmamba.quant import layout
-from qmamba.quant.binary import BinaryExperts, BinaryFormat, BinaryLinear, is_binary
+from qmamba.quant.binary import BinaryFormat, BinaryLinear, is_binary
 from qmamba.quant.modules import PackedExpertWeight, QuantExperts
 
 from .train import cosine_lr

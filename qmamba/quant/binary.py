@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from qmamba.quant import layout
 from qmamba.quant.formats import WeightFormat, register_format
