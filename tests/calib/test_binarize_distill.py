@@ -178,7 +178,7 @@ def test_cli_bits1_distill_and_errors(tiny_checkpoint, calib_text_file, tmp_path
 
 # ---- lossy tier on the trained fixture -----------------------------------------------------------------------
 DISTILL_STEPS = 50
-MARGIN = 0.85  # distilled perplexity must be at most 85% of PTB's (measured: 107.7 -> 78.1, 0.73, at 100 steps)
+MARGIN = 0.85  # distilled perplexity must be at most 85% of PTB's (measured: 107.7 -> 78.5, x 0.73; fp32 64.5)
 
 
 @pytest.mark.slow
