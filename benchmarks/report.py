@@ -64,10 +64,12 @@ def main():
         out += ["## Dequant GEMV / GEMM (median us per call, CUDA-graph timed, rotating weight copies)", ""]
         out += matmul_table(k["matmul"]) + [""]
     if k.get("sweep"):
-        out += ["## Small-M config sweep, int4 g128 (ours)", "",
-                "| shape | M | heuristic us | best us | best config | best % copy BW |", "|---|---|---|---|---|---|"]
+        out += ["## Small-M config sweep of our kernel (BLOCK_N x SPLIT_K grid, 4 warps)", "",
+                "| format | shape | M | heuristic us | best us | best config | best % copy BW |",
+                "|---|---|---|---|---|---|---|"]
         for r in k["sweep"]:
-            out.append(f"| {r['shape']} | {r['m']} | {r['heuristic_us']:.1f} | {r['best_us']:.1f} | {r['best']} | "
+            best = r["best"].replace("MatmulConfig", "").replace("block_", "").replace("num_", "")
+            out.append(f"| {r['fmt']} | {r['shape']} | {r['m']} | {r['heuristic_us']:.1f} | {r['best_us']:.1f} | {best} | "
                        f"{r['best_frac_copy_bw']:.0%} |")
         out.append("")
     if k.get("scan"):

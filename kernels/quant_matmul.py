@@ -286,6 +286,23 @@ def pick_config(m: int, weight: PackedWeight, device, route: int = ROUTE_DENSE) 
     return MatmulConfig(bm, 128, block_k, 1, 8 if bm == 128 else 4, 3)
 
 
+DEQUANT_GEMM_MIN_M = 64  # on CUDA, from this many rows: dequantize once to x.dtype, then cuBLAS / float tiles
+
+
+def dequantize_stack(weight: PackedWeight, dtype) -> torch.Tensor:
+    """``[E, N, K]`` in ``dtype`` (products in fp32, one rounding, as the reference); for large-M prefill GEMMs."""
+    if weight.fmt == FMT_FLOAT:
+        return weight.qweight.to(dtype)
+    if weight.fmt == FMT_INT8:
+        return (weight.qweight.float() * weight.scales.float()[..., None]).to(dtype)
+    q = weight.qweight
+    codes = torch.stack([q & 0xF, q >> 4], dim=-1).reshape(*q.shape[:-1], q.shape[-1] * 2)   # [E, N, nb, g]
+    nb = q.shape[-2]
+    z = torch.stack([weight.zeros & 0xF, weight.zeros >> 4], dim=-1).reshape(*weight.zeros.shape[:-1], -1)[..., :nb]
+    w = (codes.float() - z.float()[..., None]) * weight.scales.float()[..., None]
+    return w.reshape(*q.shape[:-2], -1)[..., :weight.k].to(dtype)
+
+
 def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scale=None, tiles=None,
                    config: MatmulConfig | None = None, out=None):
     """``x [M, K]`` -> ``[M, N]`` in x.dtype, with the reference semantics of :func:`dequant_matmul_ref`.
@@ -298,6 +315,15 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     if x.dim() != 2 or x.shape[1] != weight.k:
         raise ValueError(f"dequant matmul: x must be [M, {weight.k}], got {tuple(x.shape)}")
     m = x.shape[0]
+    if (x.is_cuda and m >= DEQUANT_GEMM_MIN_M and config is None and out is None and weight.fmt != FMT_FLOAT
+            and x.dtype != torch.float32):
+        # prefill: the dequantizing tile GEMM is far behind cuBLAS at large M (benchmarks/results.md); one
+        # dequantization pass costs about one read of the packed weight plus one write of the dense one
+        dense = PackedWeight.from_float(dequantize_stack(weight, x.dtype))
+        if row_expert is None:
+            y = torch.nn.functional.linear(x, dense.qweight[0], None if bias is None else bias.to(x.dtype))
+            return y if row_scale is None else (y.float() * row_scale.float()[:, None]).to(x.dtype)
+        weight = dense
     if bias is not None and tuple(bias.shape) != (weight.n,):
         raise ValueError(f"dequant matmul: bias must be [{weight.n}], got {tuple(bias.shape)}")
     if row_expert is None:

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from qmamba.kernels.quant_matmul import (GEMV_MAX_M, PackedWeight, dequant_matmul, dequant_matmul_ref,
+from qmamba.kernels.quant_matmul import (GEMV_MAX_M, PackedWeight, dequant_matmul, dequant_matmul_ref, dequantize_stack,
                                          expert_tile_map, pick_config)
 from qmamba.quant.formats import Int4Format, Int8Format
 from qmamba.quant.layout import INT4_GROUP_SIZES
@@ -102,3 +102,10 @@ def test_custom_op_and_fake(device):
         fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
         out = torch.ops.qmamba.dequant_matmul(*fake_args)
     assert tuple(out.shape) == (2, 10)
+
+
+@pytest.mark.parametrize("fmt", [Int8Format(), Int4Format(16), Int4Format(128)], ids=lambda f: f.describe())
+def test_dequantize_stack_equals_layout_dequantization(fmt, device):
+    """The prefill path's one-pass dequantization (used from M >= 64 on CUDA) equals the layout's."""
+    w = make_weight(fmt, 9, 150, device, lead=(2,))
+    torch.testing.assert_close(dequantize_stack(w, torch.float32), w.dequantized(torch.float32))
