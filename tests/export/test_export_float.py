@@ -104,3 +104,16 @@ def test_seeded_sampling_is_reproducible(tmp_path_factory, checkpoint):
     a = generate_onnx(lm, prompt, 10, temperature=1.0, top_k=20, seed=3)
     b = generate_onnx(lm, prompt, 10, temperature=1.0, top_k=20, seed=3)
     assert torch.equal(a, b) and a.shape == (1, 13)
+
+
+def test_decode_reuses_two_state_buffers(tmp_path_factory, checkpoint):
+    """IOBinding: each step writes into the spare pair of state OrtValues and swaps (no new state buffers)."""
+    cfg, sd, _ = checkpoint
+    lm = OrtLM(export(tmp_path_factory, cfg, sd))
+    _, state = lm.prefill(torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    buffers = {id(state.conv), id(state.ssm), id(state.spare_conv), id(state.spare_ssm)}
+    previous = state.conv
+    lm.step(torch.tensor([7, 8]), state)
+    assert state.spare_conv is previous
+    lm.step(torch.tensor([9, 10]), state)
+    assert {id(state.conv), id(state.ssm), id(state.spare_conv), id(state.spare_ssm)} == buffers
