@@ -9,7 +9,7 @@ per input column (layout: the "binary" section of :mod:`qmamba.quant.layout`); o
 :class:`BinaryFormat` plugs into the format registry of :mod:`qmamba.quant.formats` (``{"format": "binary",
 "bits": 1, "row_scale": false}`` in a manifest) and speaks the same grouped-params protocol as int4/int8, so the
 calibration walk handles it like any format (method ``"ptb"``: post-training binarization from column statistics,
-:mod:`qmamba.calib.binarize`)::
+:mod:`qmamba.quant.binarize`)::
 
     params(W)      -> (ab [..., 2, K] = stack(alpha, beta), r [..., N] or None)
     quantize(W, ab, r) -> sign bits [..., N, K] uint8 (1 = +1)
@@ -47,18 +47,18 @@ class BinaryFormat(WeightFormat):
 
     def params(self, W, clip=1.0):
         """``W [..., N, K]`` -> ``(ab [..., 2, K], r [..., N] | None)`` by PTB (``clip`` is ignored)."""
-        from qmamba.calib.binarize import ptb
+        from qmamba.quant.binarize import ptb
 
         _, alpha, beta, r = ptb(W, row_scale=self.row_scale)
         return torch.stack([alpha, beta], dim=-2), r
 
     def quantize(self, W, scale, zero=None):
-        from qmamba.calib.binarize import signs_for
+        from qmamba.quant.binarize import signs_for
 
         return signs_for(W, scale[..., 1, :].float(), None if zero is None else zero.float())
 
     def dequantize_codes(self, q, scale, zero=None):
-        from qmamba.calib.binarize import reconstruct
+        from qmamba.quant.binarize import reconstruct
 
         r = None if zero is None else zero.float()
         return reconstruct(q, scale[..., 0, :].float(), scale[..., 1, :].float(), r)

@@ -52,7 +52,7 @@ def test_pack_rejects_non_bits():
 def test_sign_of_zero_is_plus_one():
     W = torch.tensor([[0.0, -0.0, 1.0, -1.0, 0.0, 2.0, -3.0, 0.5, 0.0]])
     assert layout.binary_signs(W).tolist() == [[1, 1, 1, 0, 1, 1, 0, 1, 1]]
-    from qmamba.calib.binarize import signs_for
+    from qmamba.quant.binarize import signs_for
 
     # W - beta == 0 exactly -> +1 as well
     beta = torch.tensor([0.0, 0.0, 1.0, -1.0, 0.0, 2.0, -3.0, 0.5, 0.0])

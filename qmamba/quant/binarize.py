@@ -1,4 +1,5 @@
-"""Post-training binarization (PTB): the data-free initialisation of the 1-bit ``binary`` format.
+"""Post-training binarization (PTB): the data-free initialisation of the 1-bit ``binary`` format (the 1-bit
+counterpart of int4 RTN, so it lives beside the format, not in the calibration package).
 
 Bi-Mamba's form ``W_hat[n, k] = alpha[k] * s[n, k] + beta[k]`` keeps one scale and one offset per *input* column
 ``k`` of ``W [N, K]`` (``nn.Linear`` orientation). From column statistics alone:
