@@ -241,6 +241,7 @@ class FusedDecodeStep:
             BLOCK_D=next_pow2(d), BLOCK_E=next_pow2(e), num_warps=4 if res.is_cuda else 1)
 
     def __call__(self, token_ids: torch.Tensor, state) -> torch.Tensor:
+        token_ids = token_ids.contiguous()  # the gather kernel reads ids[b] at offset b (a column slice is strided)
         batch = token_ids.shape[0]
         buf = self._workspace(batch, token_ids.device)
         buf["ws"].zero_()
