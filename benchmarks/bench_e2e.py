@@ -23,7 +23,7 @@ import torch
 
 from qmamba.config import preset
 from qmamba.cuda_graph import GraphDecoder
-from qmamba.kernels.testing import quantize_rtn, random_model
+from qmamba.testing import quantize_rtn, random_model
 from qmamba.quant.formats import Int4Format, Int8Format
 
 FORMATS = {"bf16": None, "int8": Int8Format(), "int4_g128": Int4Format(128)}

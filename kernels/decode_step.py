@@ -1,32 +1,20 @@
-"""One fused single-token step of a whole :class:`qmamba.model.MambaLM`, built for CUDA-graph capture.
+"""Tensor-level Triton kernels of the fused single-token decode step, each beside its pure-PyTorch twin.
 
-:class:`FusedDecodeStep` walks the model's modules once (at construction) and then runs a step as a short, fixed
-sequence of Triton launches with no allocation and no host synchronisation:
+* :func:`add_norm` (twin :func:`add_norm_ref`): ``residual = h + residual`` (or the embedding row of a token for
+  the first layer), ``x = RMSNorm|LayerNorm(residual)``, and optionally the top-1 sigmoid router on ``x``.
+* :func:`dt_state_update` (twin :func:`dt_state_update_ref`): ``dt = softplus(W_dt @ dbc[:, :R] + dt_bias)``, the
+  SSM state update in place, the ``C`` readout, the ``D`` skip and the ``SiLU(z)`` gate.
 
-    per Mamba layer (6):  residual add + RMSNorm (embedding gather fused into the first layer's) -> in_proj ->
-                          conv step (state in place) -> x_proj -> [dt_proj + softplus + SSM state update (in place)
-                          + D skip + SiLU(z) gate, one kernel] -> out_proj
-    per MoE layer (4):    residual add + RMSNorm + router logits + sigmoid/argmax (one kernel) -> fc1 of the chosen
-                          expert (read by index) -> gated activation -> fc2 with the routing weight in the epilogue
-    end (2):              residual add + final norm -> lm_head
-
-Matmul outputs land in one float32 workspace that is zeroed once per step (split-K kernels accumulate into it with
-atomics); the next kernel reads them directly. Weights are read in their stored formats (int8, int4, float).
-The module parameters are captured by reference at construction: rebuild the step after changing weights.
-Logits come back as float32 ``[B, V]``; the flat state tensors are updated in place.
+Shapes: ``B`` rows (batch), ``d`` model width, ``DI`` inner width, ``R`` dt rank, ``N`` state size, ``E`` experts.
+The model-walking part (which weights feed which kernel) is :mod:`qmamba.fused_step`; this module knows tensors.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from torch import nn
+import torch.nn.functional as F
 
 from qmamba.kernels._triton import jit, next_pow2, tl
-from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
-from qmamba.kernels.fused_moe import gated_act
-from qmamba.kernels.quant_matmul import PackedWeight, dequant_matmul
 from qmamba.kernels.selective_scan import _softplus
 
 
@@ -101,189 +89,76 @@ def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dski
     tl.store(y_ptr + b * s_y + d, y.to(y_ptr.dtype.element_ty), mask=dm)
 
 
-# ---- plan --------------------------------------------------------------------------------------------------------------
-def linear_weight(module: nn.Module) -> tuple[PackedWeight, torch.Tensor | None]:
-    """The kernel view of an ``nn.Linear`` or ``QuantLinear`` and its bias."""
-    if isinstance(module, nn.Linear):
-        return PackedWeight.from_float(module.weight.detach()), module.bias
-    if hasattr(module, "fmt") and hasattr(module, "packed"):
-        return PackedWeight.from_packed(module.fmt.name, module.packed(), module.out_features,
-                                        module.in_features), module.bias
-    raise TypeError(f"fused decode step: unsupported linear module {type(module).__name__}")
 
 
-def dense_weight(module: nn.Module, dtype) -> torch.Tensor:
-    if isinstance(module, nn.Linear):
-        return module.weight.detach()
-    return module.dequantized_weight(dtype)
+# ---- launchers and reference twins -------------------------------------------------------------------------------
+def add_norm(x_out, residual, norm_w, eps, h=None, token_ids=None, embedding=None, norm_b=None, router_w=None,
+             router_b=None, expert_idx=None, expert_weight=None):
+    """In place: ``residual [B, d]`` fp32 becomes ``h + residual`` (``h [B, d]``), or ``embedding[token_ids]`` when
+    ``h`` is None (the first layer); ``x_out [B, d]`` receives the norm of it (LayerNorm when ``norm_b`` is given,
+    else RMSNorm). With ``router_w [E, d]``: ``expert_idx [B]`` int32 and ``expert_weight [B]`` fp32 receive the
+    top-1 sigmoid routing of ``x_out`` (lowest index on ties)."""
+    batch, d = x_out.shape
+    first = h is None
+    if first and (token_ids is None or embedding is None):
+        raise ValueError("add_norm: the first layer needs token_ids and the embedding")
+    e = router_w.shape[0] if router_w is not None else 1
+    dummy = norm_w
+    _add_norm_kernel[(batch,)](
+        h if h is not None else residual, token_ids if token_ids is not None else residual,
+        embedding if embedding is not None else dummy, residual, norm_w, norm_b if norm_b is not None else dummy,
+        x_out, router_w if router_w is not None else dummy, router_b if router_b is not None else dummy,
+        expert_idx if expert_idx is not None else residual, expert_weight if expert_weight is not None else residual,
+        d, e, float(eps), h.stride(0) if h is not None else 0, embedding.stride(0) if embedding is not None else 0,
+        residual.stride(0), x_out.stride(0), router_w.stride(0) if router_w is not None else 0,
+        FIRST=first, LAYERNORM=norm_b is not None, ROUTER=router_w is not None, HAS_RB=router_b is not None,
+        BLOCK_D=next_pow2(d), BLOCK_E=next_pow2(e), num_warps=4 if residual.is_cuda else 1)
 
 
-def expert_weight(experts: nn.Module, name: str) -> PackedWeight:
-    w = getattr(experts, name)
-    if isinstance(w, torch.Tensor):
-        return PackedWeight.from_float(w.detach())
-    return PackedWeight.from_packed(w.fmt.name, w.packed(), w.n, w.k)
+def add_norm_ref(residual, norm_w, eps, h=None, token_ids=None, embedding=None, norm_b=None, router_w=None,
+                 router_b=None):
+    """Functional twin of :func:`add_norm`: ``(new_residual fp32, x fp32, expert_idx | None, expert_weight | None)``."""
+    r = embedding[token_ids.long()].float() if h is None else residual.float() + h.float()
+    if norm_b is not None:
+        x = F.layer_norm(r, (r.shape[-1],), norm_w.float(), norm_b.float(), eps)
+    else:
+        x = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * norm_w.float()
+    if router_w is None:
+        return r, x, None, None
+    logits = x @ router_w.float().t() + (router_b.float() if router_b is not None else 0.0)
+    weight, idx = torch.sigmoid(logits).max(dim=-1)
+    return r, x, idx.to(torch.int32), weight
 
 
-@dataclass
-class _MambaPlan:
-    slot: int
-    norm_w: torch.Tensor
-    in_proj: PackedWeight
-    in_bias: torch.Tensor | None
-    conv_w: torch.Tensor
-    conv_b: torch.Tensor | None
-    x_proj: PackedWeight
-    dt_w: torch.Tensor
-    dt_bias: torch.Tensor
-    A: torch.Tensor
-    D: torch.Tensor
-    out_proj: PackedWeight
-    out_bias: torch.Tensor | None
+def dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out):
+    """One token of the SSM, in place on ``ssm_state [B, DI, N]`` fp32 (contiguous per row).
+
+    ``dbc [B, R + 2N]`` (x_proj output: dt low-rank, B, C), ``dt_w [DI, R]``, ``dt_bias [DI]``, ``x, z [B, DI]``
+    (conv output and gate), ``A [DI, N]`` fp32 (= -exp(A_log)), ``D_skip [DI]``; ``y_out [B, DI]`` receives
+    ``(C . h + D x) * silu(z)``."""
+    batch, di = x.shape
+    r = dt_w.shape[1]
+    n = A.shape[1]
+    if tuple(ssm_state.shape) != (batch, di, n) or ssm_state.stride(-1) != 1 or ssm_state.stride(-2) != n:
+        raise ValueError(f"dt_state_update: ssm_state must be a row-contiguous [{batch}, {di}, {n}] tensor")
+    if A.stride(0) != n or A.stride(1) != 1:
+        raise ValueError("dt_state_update: A must be contiguous")
+    for name, t in (("dbc", dbc), ("x", x), ("z", z), ("y_out", y_out), ("dt_w", dt_w)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"dt_state_update: {name} needs a unit stride in its last dimension")
+    block_d = 32 if x.is_cuda else 16
+    _dt_state_update_kernel[(batch, -(-di // block_d))](
+        dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, di, r, n,
+        dbc.stride(0), x.stride(0), z.stride(0), dt_w.stride(0), ssm_state.stride(0), y_out.stride(0),
+        BLOCK_D=block_d, BLOCK_R=next_pow2(r), BLOCK_N=next_pow2(n), num_warps=4 if x.is_cuda else 1)
 
 
-@dataclass
-class _MoePlan:
-    norm_w: torch.Tensor
-    router_w: torch.Tensor
-    router_b: torch.Tensor | None
-    fc1: PackedWeight
-    fc2: PackedWeight
-    activation: str
-    gated: bool
-
-
-class FusedDecodeStep:
-    """``step(token_ids [B], state) -> logits [B, V]`` fp32, state updated in place; see the module docstring."""
-
-    def __init__(self, model: nn.Module):
-        from qmamba.mamba_mixer import MambaMixer  # model imports stay out of the kernel package's import time
-        from qmamba.moe import SwitchMoE
-
-        cfg = model.config
-        self.model = model
-        self.dtype = model.compute_dtype
-        self.d_model, self.vocab = cfg.d_model, cfg.vocab_size
-        self.eps = float(cfg.norm_eps)
-        self.embedding = model.embedding.weight.detach()
-        self.layers = []
-        for i, block in enumerate(model.layers):
-            mixer = block.mixer
-            if isinstance(mixer, MambaMixer):
-                in_w, in_b = linear_weight(mixer.in_proj)
-                x_w, _ = linear_weight(mixer.x_proj)
-                out_w, out_b = linear_weight(mixer.out_proj)
-                self.layers.append(_MambaPlan(
-                    model._state_slot[i], block.norm.weight.detach(), in_w, in_b, mixer.conv_weight.detach(),
-                    None if mixer.conv_bias is None else mixer.conv_bias.detach(), x_w,
-                    dense_weight(mixer.dt_proj, self.dtype).contiguous(), mixer.dt_bias.detach(),
-                    (-torch.exp(mixer.A_log.detach().float())).contiguous(), mixer.D.detach(), out_w, out_b))
-            elif isinstance(mixer, SwitchMoE):
-                router = mixer.router
-                self.layers.append(_MoePlan(
-                    block.norm.weight.detach(), dense_weight(router, self.dtype).contiguous(),
-                    None if router.bias is None else router.bias.detach(), expert_weight(mixer.experts, "fc1"),
-                    expert_weight(mixer.experts, "fc2"), mixer.experts.activation, mixer.experts.gated))
-            else:
-                raise TypeError(f"fused decode step: unsupported mixer {type(mixer).__name__} in layer {i}")
-        norm_f = model.norm_f
-        self.final_w = norm_f.weight.detach()
-        self.final_b = getattr(norm_f, "bias", None)  # LayerNorm has a bias, RMSNorm none
-        self.head, self.head_bias = linear_weight(model.lm_head)
-        self._buffers: dict[int, dict] = {}
-
-    # ---- buffers -------------------------------------------------------------------------------------------------
-    def _workspace(self, batch: int, device) -> dict:
-        """Per-batch-size buffers: one zeroed-per-step fp32 workspace sliced per layer, plus activations."""
-        if batch in self._buffers:
-            return self._buffers[batch]
-        sizes = []
-        for plan in self.layers:
-            if isinstance(plan, _MambaPlan):
-                sizes.append((plan.in_proj.n, plan.x_proj.n, plan.out_proj.n))
-            else:
-                sizes.append((plan.fc1.n, plan.fc2.n))
-        total = sum(sum(s) for s in sizes) + self.head.n
-        ws = torch.zeros(total * batch, device=device, dtype=torch.float32)
-        views, off = [], 0
-        for s in sizes:
-            layer = []
-            for n in s:
-                layer.append(ws[off:off + n * batch].view(batch, n))
-                off += n * batch
-            views.append(layer)
-        logits = ws[off:off + self.head.n * batch].view(batch, self.head.n)
-        d, dt = self.d_model, self.dtype
-        di = max((p.in_proj.n // 2 for p in self.layers if isinstance(p, _MambaPlan)), default=1)
-        ffn = max((p.fc1.n // (2 if p.gated else 1) for p in self.layers if isinstance(p, _MoePlan)), default=1)
-        buf = dict(ws=ws, views=views, logits=logits,
-                   residual=torch.empty(batch, d, device=device, dtype=torch.float32),
-                   x=torch.empty(batch, d, device=device, dtype=dt),
-                   xc=torch.empty(batch, di, device=device, dtype=dt), y=torch.empty(batch, di, device=device, dtype=dt),
-                   act=torch.empty(batch, ffn, device=device, dtype=dt),
-                   idx=torch.empty(batch, device=device, dtype=torch.int32),
-                   rwt=torch.empty(batch, device=device, dtype=torch.float32))
-        self._buffers[batch] = buf
-        return buf
-
-    # ---- one step --------------------------------------------------------------------------------------------------
-    def _add_norm(self, buf, h, ids, norm_w, first, router=None, norm_b=None):
-        batch, d = buf["x"].shape
-        rw, rb = router if router is not None else (None, None)
-        e = rw.shape[0] if rw is not None else 1
-        res = buf["residual"]
-        _add_norm_kernel[(batch,)](
-            h if h is not None else res, ids, self.embedding, res, norm_w, norm_b if norm_b is not None else norm_w,
-            buf["x"], rw if rw is not None else norm_w, rb if rb is not None else norm_w, buf["idx"], buf["rwt"],
-            d, e, self.eps, h.stride(0) if h is not None else 0, self.embedding.stride(0), res.stride(0),
-            buf["x"].stride(0), rw.stride(0) if rw is not None else 0,
-            FIRST=first, LAYERNORM=norm_b is not None, ROUTER=rw is not None, HAS_RB=rb is not None,
-            BLOCK_D=next_pow2(d), BLOCK_E=next_pow2(e), num_warps=4 if res.is_cuda else 1)
-
-    def __call__(self, token_ids: torch.Tensor, state) -> torch.Tensor:
-        token_ids = token_ids.contiguous()  # the gather kernel reads ids[b] at offset b (a column slice is strided)
-        batch = token_ids.shape[0]
-        buf = self._workspace(batch, token_ids.device)
-        buf["ws"].zero_()
-        h = None
-        for i, plan in enumerate(self.layers):
-            views = buf["views"][i]
-            if isinstance(plan, _MambaPlan):
-                self._add_norm(buf, h, token_ids, plan.norm_w, first=i == 0)
-                h = self._mamba(buf, plan, views, state)
-            else:
-                self._add_norm(buf, h, token_ids, plan.norm_w, first=i == 0, router=(plan.router_w, plan.router_b))
-                h = self._moe(buf, plan, views)
-        self._add_norm(buf, h, token_ids, self.final_w, first=False, norm_b=self.final_b)
-        return dequant_matmul(buf["x"], self.head, self.head_bias, out=buf["logits"])
-
-    def _mamba(self, buf, plan: _MambaPlan, views, state):
-        xz, dbc, out = views
-        batch = xz.shape[0]
-        di = plan.in_proj.n // 2
-        dequant_matmul(buf["x"], plan.in_proj, plan.in_bias, out=xz)
-        conv = state.conv_state[plan.slot]
-        xc = buf["xc"][:, :di]
-        causal_conv1d_update_triton(xz[:, :di], conv, plan.conv_w, plan.conv_b, "silu", out_state=conv, out=xc)
-        dequant_matmul(xc, plan.x_proj, None, out=dbc)
-        ssm = state.ssm_state[plan.slot]
-        y = buf["y"][:, :di]
-        n = plan.A.shape[1]
-        r = plan.dt_w.shape[1]
-        block_d = 32 if xz.is_cuda else 16
-        _dt_state_update_kernel[(batch, -(-di // block_d))](
-            dbc, plan.dt_w, plan.dt_bias, xc, xz[:, di:], plan.A, plan.D, ssm, y, di, r, n,
-            dbc.stride(0), xc.stride(0), xz.stride(0), plan.dt_w.stride(0), ssm.stride(0), y.stride(0),
-            BLOCK_D=block_d, BLOCK_R=next_pow2(r), BLOCK_N=next_pow2(n), num_warps=4 if xz.is_cuda else 1)
-        dequant_matmul(y, plan.out_proj, plan.out_bias, out=out)
-        return out
-
-    def _moe(self, buf, plan: _MoePlan, views):
-        h1, out = views
-        dequant_matmul(buf["x"], plan.fc1, row_expert=buf["idx"], out=h1)
-        ffn = plan.fc1.n // 2 if plan.gated else plan.fc1.n
-        act = buf["act"][:, :ffn]
-        gated_act(h1, plan.activation, plan.gated, out=act)
-        dequant_matmul(act, plan.fc2, row_expert=buf["idx"], row_scale=buf["rwt"], out=out)
-        return out
-
+def dt_state_update_ref(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state):
+    """Functional twin of :func:`dt_state_update`: ``(y [B, DI] fp32, new_state fp32)``; nothing is modified."""
+    r, n = dt_w.shape[1], A.shape[1]
+    dbc = dbc.float()
+    dt = F.softplus(dbc[:, :r] @ dt_w.float().t() + dt_bias.float())
+    b_ssm, c_ssm = dbc[:, r:r + n], dbc[:, r + n:r + 2 * n]
+    h = torch.exp(dt[:, :, None] * A.float()) * ssm_state.float() + (dt * x.float())[:, :, None] * b_ssm[:, None, :]
+    y = torch.einsum("bdn,bn->bd", h, c_ssm) + x.float() * D_skip.float()
+    return y * F.silu(z.float()), h

@@ -1,7 +1,7 @@
 """CUDA-graph decode: the whole single-token step captured once per batch size, then replayed.
 
 :class:`GraphDecoder` is a drop-in ``step_fn(token_ids [B], state) -> logits [B, V]`` (as ``model.step``, the state
-is updated in place). The captured step is :class:`qmamba.kernels.decode_step.FusedDecodeStep` (Triton kernels,
+is updated in place). The captured step is :class:`qmamba.fused_step.FusedDecodeStep` (Triton kernels,
 no allocation, no host sync) or, with ``fused=False``, ``model.step`` itself on the model's current backend.
 Each batch size gets its own graph over static buffers (token ids, the flat state tensors, logits); a call whose
 state tensors are not those buffers copies the state in and out around the replay, so any ``InferenceState``
@@ -55,7 +55,7 @@ class GraphDecoder:
         self.model = model
         self.warmup = warmup
         if fused:
-            from qmamba.kernels.decode_step import FusedDecodeStep
+            from qmamba.fused_step import FusedDecodeStep
 
             self._step = FusedDecodeStep(model)
         else:

@@ -5,11 +5,12 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-python3}
-export QMAMBA_TEST_DEVICE=cuda TRITON_INTERPRET=0  # explicit 0: a test module's setdefault must not switch it on
+export QMAMBA_TEST_DEVICE=cuda TRITON_INTERPRET=0  # explicit 0: compiled kernels even if the caller set 1
 # the repo's folders map onto qmamba.kernels / qmamba.export / qmamba.calib (pyproject package-dir): install the
 # checkout in editable mode (no dependencies, no network) where it is not installed yet
 if ! "$PY" -c "import qmamba.kernels" 2>/dev/null; then
   "$PY" -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 fi
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
-exec "$PY" -m pytest -q -p no:cacheprovider "${@:-tests/kernels}"
+if [ $# -eq 0 ]; then set -- tests/kernels tests/qmamba/test_fused_step.py; fi
+exec "$PY" -m pytest -q -p no:cacheprovider "$@"

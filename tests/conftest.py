@@ -6,3 +6,15 @@ import os
 
 if os.environ.get("QMAMBA_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def device():
+    """CPU (Triton interpreter) unless QMAMBA_TEST_DEVICE=cuda (compiled kernels on the GPU machine)."""
+    dev = os.environ.get("QMAMBA_TEST_DEVICE", "cpu")
+    if dev == "cuda" and not torch.cuda.is_available():
+        pytest.skip("QMAMBA_TEST_DEVICE=cuda but no GPU")
+    return torch.device(dev)

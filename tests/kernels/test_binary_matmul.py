@@ -3,17 +3,13 @@ against ``x @ W_hat^T`` from the dequantized layout: GEMV, small-M dot and GEMM 
 the K tile, row-scale variant, bias, per-expert routing (decode and prefill tiles), the binary MoE forward (also
 with int4 fc2) against the PyTorch SwitchMoE, and a whole binarized model on the triton backend."""
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (also done by tests/conftest.py)
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from qmamba.kernels.binary_matmul import (BinaryConfig, BinaryWeight, binary_linear, binary_matmul,  # noqa: E402
+from qmamba.kernels.binary_matmul import (BinaryConfig, BinaryWeight, binary_linear, binary_matmul,
                                           binary_matmul_ref, binary_moe_forward, experts_kernel_weight)
-from qmamba.quant.binary import BinaryExperts, BinaryFormat  # noqa: E402
-from qmamba.quant.formats import Int4Format  # noqa: E402
+from qmamba.quant.binary import BinaryExperts, BinaryFormat
+from qmamba.quant.formats import Int4Format
 
 FORMATS = [BinaryFormat(), BinaryFormat(row_scale=True)]
 
@@ -114,7 +110,7 @@ def test_binary_moe_matches_switch_moe(fc2_fmt, t, device):
 
 def test_binarized_model_triton_equals_reference(device):
     from qmamba.config import preset
-    from qmamba.kernels.testing import random_model
+    from qmamba.testing import random_model
     from qmamba.quant.modules import swap_quantized_modules
 
     cfg = preset("tiny-blackmamba")
