@@ -24,7 +24,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import copies_for, copy_bandwidth, time_calls  # noqa: E402
 
-from qmamba.kernels.quant_matmul import MatmulConfig, PackedWeight, dequant_matmul, pick_config  # noqa: E402
+from qmamba.kernels.quant_matmul import (MatmulConfig, PackedWeight, dequant_matmul, dequantize_stack,  # noqa: E402
+                                         pick_config)
 from qmamba.kernels.selective_scan import selective_scan_ref, selective_scan_triton  # noqa: E402
 from qmamba.quant.formats import Int4Format, Int8Format  # noqa: E402
 
@@ -172,6 +173,90 @@ def sweep_small_m(bw, shapes, log):
     return rows
 
 
+GEMM_CONFIGS = {
+    64: [(16, 64, 128, 4, 4, 4), (32, 64, 128, 1, 4, 4), (32, 64, 128, 2, 4, 4), (32, 64, 128, 4, 4, 4),
+         (64, 64, 128, 1, 4, 4), (64, 64, 128, 2, 4, 4), (64, 128, 128, 1, 4, 3), (64, 128, 128, 2, 8, 3),
+         (64, 64, 64, 2, 4, 4)],
+    256: [(64, 64, 128, 1, 4, 4), (64, 64, 128, 2, 4, 4), (64, 128, 128, 1, 4, 3), (128, 64, 128, 1, 4, 3),
+          (128, 128, 128, 1, 8, 3), (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 4)],
+    2048: [(128, 128, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3), (128, 256, 64, 1, 8, 3), (128, 64, 128, 1, 4, 4),
+           (64, 128, 128, 1, 4, 4), (128, 128, 64, 1, 8, 4), (256, 128, 64, 1, 8, 3)],
+}
+
+
+def sweep_gemm(bw, shapes, log):
+    """Our prefill GEMM kernel (M > 16) over a grid of tiles, beside one Triton dequantization pass + cuBLAS and
+    cuBLAS bf16 itself: what the heuristic (gemm_config) and the dequantize-then-cuBLAS threshold should be."""
+    rows = []
+    for fmt in (Int4Format(128), Int8Format()):
+        for label, k, n in shapes:
+            pws = _packed(fmt, k, n, copies_for(n * k // (2 if fmt.bits == 4 else 1)))
+            bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies_for(2 * n * k))]
+            for m, configs in GEMM_CONFIGS.items():
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                res = dict(fmt=fmt.describe(), shape=label, m=m, configs={})
+                for c in configs:
+                    cfg = MatmulConfig(*c)
+                    try:
+                        us = time_calls([lambda pw=pw: dequant_matmul(x, pw, config=cfg) for pw in pws], reps=3)
+                    except Exception as exc:  # noqa: BLE001
+                        log(f"gemm sweep {label} {c}: {type(exc).__name__} {str(exc)[:80]}")
+                        continue
+                    res["configs"][str(c)] = us
+                res["heuristic_us"] = time_calls([lambda pw=pw: dequant_matmul(x, pw) for pw in pws], reps=3)
+                res["dequant_cublas_us"] = time_calls(
+                    [lambda pw=pw: F.linear(x, dequantize_stack(pw, torch.bfloat16)[0]) for pw in pws], reps=3)
+                res["cublas_bf16_us"] = time_calls([lambda w=w: F.linear(x, w) for w in bf16], reps=3)
+                best = min(res["configs"].items(), key=lambda kv: kv[1]) if res["configs"] else (None, float("nan"))
+                res["best"], res["best_us"] = best
+                rows.append(res)
+                log(f"gemm {fmt.describe():9s} {label:22s} M={m:5d} best {best[1]:8.1f} us {best[0]}  heuristic "
+                    f"{res['heuristic_us']:8.1f}  dequant+cublas {res['dequant_cublas_us']:8.1f}  "
+                    f"cublas bf16 {res['cublas_bf16_us']:8.1f}")
+            del pws, bf16
+            torch.cuda.empty_cache()
+    return rows
+
+
+def sweep_gemv_int4(bw, shapes, log):
+    """int4 g128 GEMV (M = 1): the 32-bit-word kernel over (BLOCK_N, SPLIT_K, warps), beside the generic path."""
+    from qmamba.kernels import quant_matmul as qm
+
+    rows = []
+    fmt = Int4Format(128)
+    for label, k, n in shapes:
+        pws = _packed(fmt, k, n, copies_for(n * k // 2))
+        size = nbytes(pws[0].qweight, pws[0].scales, pws[0].zeros)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        res = dict(shape=label, configs={})
+        for bn in (32, 64, 128, 256):
+            for split in (1, 2, 4, 8):
+                for warps in (2, 4, 8):
+                    c = (1, bn, 128, split, warps, 3)
+                    try:
+                        us = time_calls([lambda pw=pw: dequant_matmul(x, pw, config=MatmulConfig(*c))
+                                         for pw in pws], reps=3)
+                    except Exception as exc:  # noqa: BLE001
+                        log(f"gemv sweep {label} {c}: {type(exc).__name__} {str(exc)[:80]}")
+                        continue
+                    res["configs"][str(c)] = us
+        best = min(res["configs"].items(), key=lambda kv: kv[1])
+        res["best"], res["best_us"] = best
+        res["best_frac_copy_bw"] = (size + 2 * (k + n)) / (best[1] * 1e-6) / bw
+        res["heuristic_us"] = time_calls([lambda pw=pw: dequant_matmul(x, pw) for pw in pws], reps=5)
+        qm.INT4_WORD_GEMV = False
+        try:
+            res["generic_path_us"] = time_calls([lambda pw=pw: dequant_matmul(x, pw) for pw in pws], reps=5)
+        finally:
+            qm.INT4_WORD_GEMV = True
+        rows.append(res)
+        log(f"gemv int4 {label:22s} best {best[1]:7.1f} us {best[0]} ({res['best_frac_copy_bw']:.0%} of copy BW), "
+            f"heuristic {res['heuristic_us']:7.1f} us, generic path {res['generic_path_us']:7.1f} us")
+        del pws
+        torch.cuda.empty_cache()
+    return rows
+
+
 def bench_scan(bw, log, with_reference=True):
     rows = []
     d, n = 2944, 16
@@ -248,7 +333,9 @@ def main():
     out = Path(args.out)
     for part, fn in (("scan", lambda: bench_scan(bw, log)), ("matmul", lambda: bench_matmuls(bw, m_values, shapes, log)),
                      ("sweep", lambda: sweep_small_m(bw, shapes[:4], log)),
-                     ("scan_sweep", lambda: sweep_scan(bw, log))):
+                     ("scan_sweep", lambda: sweep_scan(bw, log)),
+                     ("gemm_sweep", lambda: sweep_gemm(bw, [shapes[i] for i in (0, 1, 2, 6) if i < len(shapes)], log)),
+                     ("gemv_sweep", lambda: sweep_gemv_int4(bw, [shapes[i] for i in (0, 1, 2, 3, 6) if i < len(shapes)], log))):
         if part not in parts:
             continue
         try:

@@ -223,6 +223,172 @@ def _dequant_matmul_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@jit
+def _int4_gemv_kernel(
+    x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rscale_ptr, rexp_ptr, N, K, K_PAD, sxk, son, swe, swn, sse, ssn,
+    sze, szn, BY_EXPERT: tl.constexpr, GROUP: tl.constexpr, WORDS: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """int4 GEMV for one row (decode): the packed weight is read as 32-bit words (8 codes each) and each code becomes
+    an fp32 without an int-to-float conversion: ``bits(code | 0x4B000000) = 2^23 + code``, so one subtraction of
+    ``2^23 + zero point`` gives ``code - zero`` exactly. The K tile is one group; the group scale multiplies the
+    row sums. ``BY_EXPERT``: program column e computes only if the row is routed to expert e (decode MoE)."""
+    pid_e = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    if BY_EXPERT:
+        expert = pid_e
+        active = tl.load(rexp_ptr) == expert
+    else:
+        expert = pid_e * 0
+        active = pid_e == 0
+    e64 = expert.to(tl.int64)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    j = tl.arange(0, WORDS)  # WORDS = GROUP // 8
+    n_groups = K_PAD // GROUP
+    per_split = tl.cdiv(n_groups, SPLIT_K)
+    g_lo = pid_k * per_split
+    g_hi = tl.minimum(g_lo + per_split, n_groups)
+    g_hi = tl.where(active, g_hi, g_lo)
+    w_rows = w_ptr + e64 * swe + n[:, None] * swn
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for grp in range(g_lo, g_hi):
+        word = tl.load(w_rows + grp * WORDS + j[None, :], mask=n_ok[:, None], other=0)       # [BLOCK_N, words]
+        zb = tl.load(z_ptr + e64 * sze + n * szn + grp // 2, mask=n_ok, other=0).to(tl.int32)
+        zbias = (((zb >> ((grp % 2) * 4)) & 0xF).to(tl.float32) + 8388608.0)[:, None]
+        kb = grp * GROUP + 8 * j
+        part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+        for i in tl.static_range(8):
+            xi = tl.load(x_ptr + (kb + i) * sxk, mask=kb + i < K, other=0.0).to(tl.float32)
+            code = ((word >> (4 * i)) & 0xF) | 0x4B000000
+            part += (code.to(tl.float32, bitcast=True) - zbias) * xi[None, :]
+        scale = tl.load(s_ptr + e64 * sse + n * ssn + grp, mask=n_ok, other=0.0).to(tl.float32)
+        acc += tl.sum(part, axis=1) * scale
+    if HAS_BIAS:
+        acc += tl.where(pid_k == 0, 1.0, 0.0) * tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+    if HAS_RSCALE:
+        acc = acc * tl.load(rscale_ptr).to(tl.float32)
+    mask = n_ok & ((tl.zeros((BLOCK_N,), dtype=tl.int32) + active.to(tl.int32)) > 0)  # a vector mask (interpreter)
+    if ATOMIC:
+        tl.atomic_add(out_ptr + n * son, acc, mask=mask)
+    else:
+        tl.store(out_ptr + n * son, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@jit
+def _dequant_gemm_kernel(
+    x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rscale_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, sorted_ptr,
+    M, N, K, K_PAD, GRID_M, GRID_N, sxm, sxk, som, son, swe, swn, sse, ssn, sze, szn,
+    FMT: tl.constexpr, TILES: tl.constexpr, GROUP: tl.constexpr, SCALE_AFTER: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIZZLE: tl.constexpr,
+):
+    """Prefill GEMM (M > 16): ``[BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]`` tensor-core tiles, the weight tile
+    dequantized in registers. int4 nibbles are interleaved back to k order with ``join``; with one group per K tile
+    (``SCALE_AFTER``) the exact integer codes minus the zero point go through the dot and the group scale multiplies
+    the partial product, otherwise each weight is scaled before the dot. Programs are swizzled in groups of
+    ``SWIZZLE`` row tiles so that neighbouring programs share weight tiles in L2."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    per_group = SWIZZLE * GRID_N
+    first_m = (pid // per_group) * SWIZZLE
+    group_rows = tl.minimum(GRID_M - first_m, SWIZZLE)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    rm = tl.arange(0, BLOCK_M)
+    if TILES:
+        expert = tl.load(tile_e_ptr + pid_m)
+        lo = tl.load(tile_lo_ptr + pid_m)
+        hi = tl.load(tile_hi_ptr + pid_m)
+        row_ok = lo + rm < hi
+        rows = tl.load(sorted_ptr + lo + rm, mask=row_ok, other=0)
+    else:
+        rows = pid_m * BLOCK_M + rm
+        row_ok = rows < M
+        expert = pid_m * 0
+    e64 = expert.to(tl.int64)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    k_tiles = tl.cdiv(K_PAD, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    k_lo = pid_k * per_split * BLOCK_K
+    k_hi = tl.minimum((pid_k + 1) * per_split * BLOCK_K, K_PAD)
+    w_base = w_ptr + e64 * swe
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * sxm + kk[None, :] * sxk, mask=row_ok[:, None] & (kk < K)[None, :],
+                    other=0.0)
+        if FMT == 2:
+            j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(w_base + n[:, None] * swn + j[None, :], mask=n_ok[:, None] & (j < K_PAD // 2)[None, :],
+                             other=0)
+            q = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K)).to(tl.int32)
+            if SCALE_AFTER:
+                blk = k0 // GROUP
+                zb = tl.load(z_ptr + e64 * sze + n * szn + blk // 2, mask=n_ok, other=0).to(tl.int32)
+                w = (q - ((zb >> ((blk % 2) * 4)) & 0xF)[:, None]).to(tl.float32)
+                scale = tl.load(s_ptr + e64 * sse + n * ssn + blk, mask=n_ok, other=0.0).to(tl.float32)
+            else:
+                blk = kk // GROUP
+                wm = n_ok[:, None] & (kk < K_PAD)[None, :]
+                zb = tl.load(z_ptr + e64 * sze + n[:, None] * szn + (blk // 2)[None, :], mask=wm, other=0)
+                zero = (zb.to(tl.int32) >> ((blk % 2) * 4)[None, :]) & 0xF
+                sc = tl.load(s_ptr + e64 * sse + n[:, None] * ssn + blk[None, :], mask=wm, other=0.0)
+                w = (q - zero).to(tl.float32) * sc.to(tl.float32)
+        else:
+            w = tl.load(w_base + n[:, None] * swn + kk[None, :], mask=n_ok[:, None] & (kk < K)[None, :], other=0.0)
+        if IEEE:
+            part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            part = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)))
+        if FMT == 2 and SCALE_AFTER:
+            acc += part * scale[None, :]
+        else:
+            acc += part
+    if FMT == 1:
+        acc = acc * tl.load(s_ptr + e64 * sse + n * ssn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.where(pid_k == 0, 1.0, 0.0) * tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_RSCALE:
+        acc = acc * tl.load(rscale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + rows[:, None] * som + n[None, :] * son
+    mask = row_ok[:, None] & n_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, acc, mask=mask)
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@jit
+def _dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, ROWS, K, K_PAD, swn, ssn, szn, son,
+                       FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows of a packed int8/int4 matrix (experts flattened into rows) -> dense ``out [ROWS, K]``, products in fp32
+    and one rounding to the output dtype (the reference's order). int4: the K tile is one group (``BLOCK_K ==
+    GROUP``): contiguous packed bytes, nibbles interleaved back with ``join``, one scale and zero point per row."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    k0 = tl.program_id(1) * BLOCK_K
+    k = k0 + tl.arange(0, BLOCK_K)
+    r_ok = r < ROWS
+    mask = r_ok[:, None] & (k < K)[None, :]
+    r64 = r.to(tl.int64)
+    if FMT == 1:
+        q = tl.load(w_ptr + r64[:, None] * swn + k[None, :], mask=mask, other=0).to(tl.float32)
+        w = q * tl.load(s_ptr + r64 * ssn, mask=r_ok, other=0.0).to(tl.float32)[:, None]
+    else:
+        j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_ptr + r64[:, None] * swn + j[None, :], mask=r_ok[:, None] & (j < K_PAD // 2)[None, :],
+                         other=0)
+        q = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_R, BLOCK_K)).to(tl.int32)
+        blk = k0 // GROUP
+        zb = tl.load(z_ptr + r64 * szn + blk // 2, mask=r_ok, other=0).to(tl.int32)
+        zero = (zb >> ((blk % 2) * 4)) & 0xF
+        scale = tl.load(s_ptr + r64 * ssn + blk, mask=r_ok, other=0.0).to(tl.float32)
+        w = (q - zero[:, None]).to(tl.float32) * scale[:, None]
+    tl.store(out_ptr + r64[:, None] * son + k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # ---- launch configuration ----------------------------------------------------------------------------------------
 GEMV_ROWS = 1  # up to this many rows: CUDA-core reduction per row (weight tile reused); above: tensor cores
 # (8 was measured on the H100: 5x slower than the 16-row tensor-core tile at batch 8)
@@ -282,18 +448,44 @@ def pick_config(m: int, weight: PackedWeight, device, route: int = ROUTE_DENSE) 
         if route == ROUTE_BY_EXPERT:  # most expert columns are idle: fill from the per-token experts only
             split = min(split, 4)
         return MatmulConfig(bm, bn, block_k, split, 4, 3)
-    bm = 64 if m <= 128 else 128
-    return MatmulConfig(bm, 128, block_k, 1, 8 if bm == 128 else 4, 3)
+    return gemm_config(m, weight, device)
 
 
-DEQUANT_GEMM_MIN_M = 1024  # on CUDA, from this many rows: dequantize once to x.dtype, then cuBLAS / float tiles
-# (measured: wins at M = 2048, loses at M = 64..256 where the tile kernel is ahead; costs a dense temporary)
+def gemm_config(m: int, weight: PackedWeight, device) -> MatmulConfig:
+    """Tiles of the prefill GEMM kernel (M > 16), from the H100 sweep (benchmarks/results.md, "GEMM tiles"): up to
+    64 rows the GEMM is bandwidth-bound (narrow tiles, split-K while the grid is small), above it 64 x 128 and then
+    128 x 128 tiles."""
+    g = weight.group_size
+    block_k = (g if g >= 64 else 64) if weight.fmt == FMT_INT4 else 64
+    if device.type != "cuda":
+        return MatmulConfig(32, 64, block_k, 1, 1, 1)
+    if m <= 64:
+        bm, bn = (32 if m <= 32 else 64), 64
+        block_k = block_k if weight.fmt == FMT_INT4 else 128
+        programs = _cdiv(m, bm) * _cdiv(weight.n, bn)
+        k_tiles = _cdiv(weight.k_padded, block_k)
+        split = 1
+        while programs * split < _sm_count(device) and split < 4 and split * 2 <= max(1, k_tiles // 4):
+            split *= 2
+        return MatmulConfig(bm, bn, block_k, split, 4, 4)
+    if m <= 256:
+        return MatmulConfig(64, 128, block_k, 1, 4, 3 if weight.fmt == FMT_INT4 else 4)
+    return MatmulConfig(128, 128, block_k, 1, 8, 3 if weight.fmt == FMT_INT4 else 4)
+
+
+DEQUANT_GEMM_MIN_M = {FMT_INT4: 128, FMT_INT8: 512}  # on CUDA, dense weights, from this many rows: one Triton
+# dequantization pass to x.dtype, then cuBLAS. Measured on the H100 (GEMM sweep): the pass costs about one read of
+# the packed weight and one write of the dense one, which the tile kernel's repeated in-register dequantization
+# overtakes from these M on; it costs a dense temporary of one matrix. Routed experts stay on the tile kernel.
 
 
 def dequantize_stack(weight: PackedWeight, dtype) -> torch.Tensor:
-    """``[E, N, K]`` in ``dtype`` (products in fp32, one rounding, as the reference); for large-M prefill GEMMs."""
+    """``[E, N, K]`` in ``dtype`` (products in fp32, one rounding, as the reference); for large-M prefill GEMMs.
+    One Triton pass on CUDA; the PyTorch expression below is its twin and the CPU path."""
     if weight.fmt == FMT_FLOAT:
         return weight.qweight.to(dtype)
+    if weight.qweight.is_cuda:
+        return dequantize_stack_triton(weight, dtype)
     if weight.fmt == FMT_INT8:
         return (weight.qweight.float() * weight.scales.float()[..., None]).to(dtype)
     q = weight.qweight
@@ -302,6 +494,40 @@ def dequantize_stack(weight: PackedWeight, dtype) -> torch.Tensor:
     z = torch.stack([weight.zeros & 0xF, weight.zeros >> 4], dim=-1).reshape(*weight.zeros.shape[:-1], -1)[..., :nb]
     w = (codes.float() - z.float()[..., None]) * weight.scales.float()[..., None]
     return w.reshape(*q.shape[:-2], -1)[..., :weight.k].to(dtype)
+
+
+def dequantize_stack_triton(weight: PackedWeight, dtype, block_r: int = 64, block_k: int = 128) -> torch.Tensor:
+    """Triton twin of :func:`dequantize_stack` (int8 / int4 only): ``[E, N, K]`` in ``dtype``. For int4 the K tile
+    is one group (``block_k`` applies to int8)."""
+    if weight.fmt not in (FMT_INT8, FMT_INT4):
+        raise ValueError("dequantize_stack_triton: int8 or int4 weights only")
+    rows = weight.n_experts * weight.n
+    q = weight.qweight.reshape(rows, -1)  # the layouts are contiguous: experts flatten into rows
+    s = weight.scales.reshape(rows, -1)
+    z = weight.zeros.reshape(rows, -1) if weight.zeros is not None else q
+    if weight.fmt == FMT_INT4:
+        block_k = weight.group_size
+    out = torch.empty(weight.n_experts, weight.n, weight.k, device=q.device, dtype=dtype)
+    grid = (_cdiv(rows, block_r), _cdiv(weight.k_padded, block_k))
+    _dequantize_kernel[grid](q, s, z, out, rows, weight.k, weight.k_padded, q.stride(0), s.stride(0), z.stride(0),
+                             weight.k, FMT=weight.fmt, GROUP=max(weight.group_size, 1), BLOCK_R=block_r,
+                             BLOCK_K=block_k, num_warps=4 if q.is_cuda else 1)
+    return out
+
+
+INT4_WORD_GEMV = True  # M = 1 int4: the 32-bit-word kernel (no int-to-float conversions); False: the generic path
+
+
+def _int32_words(q: torch.Tensor):
+    """The packed int4 bytes ``[E, N, nb, g/2]`` as int32 words ``[E, N, nb * g/8]`` (a view), or None."""
+    e, n = q.shape[0], q.shape[1]
+    try:
+        flat = q.reshape(e, n, -1)
+        if flat.stride(-1) != 1 or flat.data_ptr() % 4 or flat.stride(1) % 4 or flat.stride(0) % 4:
+            return None
+        return flat.view(torch.int32)
+    except RuntimeError:
+        return None
 
 
 def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scale=None, tiles=None,
@@ -316,15 +542,11 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     if x.dim() != 2 or x.shape[1] != weight.k:
         raise ValueError(f"dequant matmul: x must be [M, {weight.k}], got {tuple(x.shape)}")
     m = x.shape[0]
-    if (x.is_cuda and m >= DEQUANT_GEMM_MIN_M and config is None and out is None and weight.fmt != FMT_FLOAT
-            and x.dtype != torch.float32):
-        # prefill: the dequantizing tile GEMM is far behind cuBLAS at large M (benchmarks/results.md); one
-        # dequantization pass costs about one read of the packed weight plus one write of the dense one
-        dense = PackedWeight.from_float(dequantize_stack(weight, x.dtype))
-        if row_expert is None:
-            y = torch.nn.functional.linear(x, dense.qweight[0], None if bias is None else bias.to(x.dtype))
-            return y if row_scale is None else (y.float() * row_scale.float()[:, None]).to(x.dtype)
-        weight = dense
+    if (x.is_cuda and row_expert is None and m >= DEQUANT_GEMM_MIN_M.get(weight.fmt, 1 << 62) and config is None
+            and out is None and x.dtype != torch.float32):
+        dense = dequantize_stack(weight, x.dtype)[0]
+        y = torch.nn.functional.linear(x, dense, None if bias is None else bias.to(x.dtype))
+        return y if row_scale is None else (y.float() * row_scale.float()[:, None]).to(x.dtype)
     if bias is not None and tuple(bias.shape) != (weight.n,):
         raise ValueError(f"dequant matmul: bias must be [{weight.n}], got {tuple(bias.shape)}")
     if row_expert is None:
@@ -362,6 +584,34 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     z = z if z is not None else q
     swn = q.stride(1)
     dummy = x
+    if weight.fmt == FMT_INT4 and m == 1 and route != ROUTE_TILES and cfg.block_m == 1 and INT4_WORD_GEMV:
+        words = _int32_words(q)
+        if words is not None:
+            if route == ROUTE_DENSE:
+                grid_m = 1
+            _int4_gemv_kernel[(grid_m, _cdiv(weight.n, cfg.block_n), cfg.split_k)](
+                x, out, words, s, z, bias if bias is not None else dummy,
+                row_scale if row_scale is not None else dummy, row_expert if row_expert is not None else dummy,
+                weight.n, weight.k, weight.k_padded, x.stride(1), out.stride(1), words.stride(0), words.stride(1),
+                s.stride(0), s.stride(1), z.stride(0), z.stride(1), BY_EXPERT=route == ROUTE_BY_EXPERT,
+                GROUP=weight.group_size, WORDS=weight.group_size // 8, SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None,
+                HAS_RSCALE=row_scale is not None, ATOMIC=atomic, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
+            return out.to(x.dtype) if convert else out
+    if route != ROUTE_BY_EXPERT and cfg.block_m >= 16 and (m > GEMV_MAX_M or route == ROUTE_TILES):
+        swizzle = 8 if route == ROUTE_DENSE else 1
+        grid_n = _cdiv(weight.n, cfg.block_n)
+        _dequant_gemm_kernel[(grid_m * grid_n, cfg.split_k)](
+            x, out, q, s, z, bias if bias is not None else dummy, row_scale if row_scale is not None else dummy,
+            *(tiles.tensors() if tiles is not None else (dummy, dummy, dummy, dummy)),
+            m, weight.n, weight.k, weight.k_padded, grid_m, grid_n, x.stride(0), x.stride(1), out.stride(0),
+            out.stride(1), q.stride(0), swn, s.stride(0), s.stride(1), z.stride(0), z.stride(1),
+            FMT=weight.fmt, TILES=route == ROUTE_TILES, GROUP=max(weight.group_size, 1),
+            SCALE_AFTER=weight.fmt == FMT_INT4 and weight.group_size % cfg.block_k == 0, SPLIT_K=cfg.split_k,
+            HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None, ATOMIC=atomic,
+            IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            SWIZZLE=swizzle, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return out.to(x.dtype) if convert else out
     grid = (grid_m, _cdiv(weight.n, cfg.block_n), cfg.split_k)
     _dequant_matmul_kernel[grid](
         x, out, q, s, z, bias if bias is not None else dummy, row_scale if row_scale is not None else dummy,

@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from qmamba.kernels.quant_matmul import (GEMV_MAX_M, PackedWeight, dequant_matmul, dequant_matmul_ref, dequantize_stack,
-                                         expert_tile_map, pick_config)
+from qmamba.kernels.quant_matmul import (GEMV_MAX_M, MatmulConfig, PackedWeight, dequant_matmul, dequant_matmul_ref,
+                                         dequantize_stack, dequantize_stack_triton, expert_tile_map, pick_config)
 from qmamba.quant.formats import Int4Format, Int8Format
 from qmamba.quant.layout import INT4_GROUP_SIZES
 
@@ -48,7 +48,6 @@ def test_split_k_and_explicit_config_agree(device):
     ref = dequant_matmul_ref(x, w)
     for cfg in (pick_config(3, w, device),):
         close(dequant_matmul(x, w, config=cfg), ref, torch.float32)
-    from qmamba.kernels.quant_matmul import MatmulConfig
     close(dequant_matmul(x, w, config=MatmulConfig(16, 16, 32, split_k=4, num_warps=1, num_stages=1)), ref,
           torch.float32)
     close(dequant_matmul(x[:1], w, config=MatmulConfig(1, 8, 32, split_k=3, num_warps=1, num_stages=1)),
@@ -80,7 +79,7 @@ def test_expert_tile_map_covers_every_row_once(device):
 
 @pytest.mark.skipif(not REAL, reason="real BlackMamba-2.8B shapes on the GPU only")
 @pytest.mark.parametrize("n,k", [(5888, 1472), (1472, 2944), (7744, 1472), (1472, 3872), (50304, 1472)])
-@pytest.mark.parametrize("m", [1, 8, 16, 300])
+@pytest.mark.parametrize("m", [1, 8, 16, 100, 300, 600])
 def test_real_shapes(n, k, m, device):
     for fmt in (Int8Format(), Int4Format(128)):
         w = make_weight(fmt, n, k, device)
@@ -106,6 +105,46 @@ def test_custom_op_and_fake(device):
 
 @pytest.mark.parametrize("fmt", [Int8Format(), Int4Format(16), Int4Format(128)], ids=lambda f: f.describe())
 def test_dequantize_stack_equals_layout_dequantization(fmt, device):
-    """The prefill path's one-pass dequantization (used from M >= 64 on CUDA) equals the layout's."""
+    """The large-M prefill path's one-pass dequantization (PyTorch and Triton twins) equals the layout's."""
     w = make_weight(fmt, 9, 150, device, lead=(2,))
-    torch.testing.assert_close(dequantize_stack(w, torch.float32), w.dequantized(torch.float32))
+    ref = w.dequantized(torch.float32)
+    torch.testing.assert_close(dequantize_stack(w, torch.float32), ref)
+    torch.testing.assert_close(dequantize_stack_triton(w, torch.float32, block_r=8, block_k=64), ref)
+    torch.testing.assert_close(dequantize_stack_triton(w, torch.float16).float(), ref.half().float())
+
+
+@pytest.mark.parametrize("fmt,block_k,split_k", [(Int4Format(128), 64, 2), (Int4Format(32), 64, 1),
+                                                 (Int8Format(), 32, 3), (Int4Format(64, symmetric=True), 64, 1)],
+                         ids=["int4g128-half-group-tiles-splitk", "int4g32-two-groups-per-tile", "int8-splitk",
+                              "int4g64-sym"])
+def test_gemm_kernel_configs(fmt, block_k, split_k, device):
+    """The prefill GEMM kernel with explicit tiles: a group split over two K tiles (scale after the dot), two groups
+    in one tile (scale before), split-K atomics, several row tiles (swizzled), bias and a row scale."""
+    n, k, m = 40, 300, 50
+    w = make_weight(fmt, n, k, device, seed=4)
+    x = torch.randn(m, k, device=device)
+    bias = torch.randn(n, device=device)
+    rscale = torch.rand(m, device=device)
+    ref = dequant_matmul_ref(x, w, bias, row_scale=rscale)
+    got = dequant_matmul(x, w, bias, row_scale=rscale,
+                         config=MatmulConfig(16, 16, block_k, split_k=split_k, num_warps=1, num_stages=1))
+    close(got, ref, torch.float32)
+
+
+@pytest.mark.parametrize("group", [16, 128])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_int4_word_gemv_dense_and_routed(group, split_k, device):
+    """M = 1 int4 (the 32-bit-word kernel): dense with bias, and routed to one expert of a stack with a routing
+    weight (the other experts' programs must write nothing), with and without split-K."""
+    fmt = Int4Format(group)
+    k, n = 300, 24
+    x = torch.randn(1, k, device=device)
+    cfg = MatmulConfig(1, 16, group, split_k=split_k, num_warps=1, num_stages=1)
+    w = make_weight(fmt, n, k, device, seed=5)
+    bias = torch.randn(n, device=device)
+    close(dequant_matmul(x, w, bias, config=cfg), dequant_matmul_ref(x, w, bias), torch.float32)
+    stack = make_weight(fmt, n, k, device, lead=(4,), seed=6)
+    idx = torch.tensor([2], dtype=torch.int32, device=device)
+    gate = torch.tensor([0.7], device=device)
+    ref = dequant_matmul_ref(x, stack, row_expert=idx, row_scale=gate)
+    close(dequant_matmul(x, stack, row_expert=idx, row_scale=gate, config=cfg), ref, torch.float32)
