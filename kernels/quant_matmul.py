@@ -438,6 +438,13 @@ def pick_config(m: int, weight: PackedWeight, device, route: int = ROUTE_DENSE) 
     if device.type != "cuda":  # interpreter: each program costs Python time, so few large ones (split-K kept)
         bm = bm if m <= GEMV_MAX_M else 32
         return MatmulConfig(bm, 64, block_k, 2 if m <= GEMV_MAX_M and k_pad > 2 * block_k else 1, 1, 1)
+    if m == 1 and weight.fmt == FMT_INT4 and INT4_WORD_GEMV:  # the word kernel, from the H100 GEMV sweep
+        bn = 128 if n >= 16384 else (32 if n <= 2048 else 64)
+        programs, groups = _cdiv(n, bn), _cdiv(k_pad, g)
+        split = 1
+        while programs * split < 4 * _sm_count(device) and split < 8 and split * 2 <= groups:
+            split *= 2
+        return MatmulConfig(1, bn, g, split, 2 if n >= 8192 else 4, 3)
     if m <= GEMV_MAX_M:
         bn = 128 if n >= 4096 and bm <= 2 else 64
         programs = _cdiv(n, bn)
@@ -465,7 +472,7 @@ def gemm_config(m: int, weight: PackedWeight, device) -> MatmulConfig:
         programs = _cdiv(m, bm) * _cdiv(weight.n, bn)
         k_tiles = _cdiv(weight.k_padded, block_k)
         split = 1
-        while programs * split < _sm_count(device) and split < 4 and split * 2 <= max(1, k_tiles // 4):
+        while programs * split < _sm_count(device) // 2 and split < 4 and split * 2 <= max(1, k_tiles // 4):
             split *= 2
         return MatmulConfig(bm, bn, block_k, split, 4, 4)
     if m <= 256:

@@ -12,5 +12,7 @@ if ! "$PY" -c "import qmamba.kernels" 2>/dev/null; then
   "$PY" -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 fi
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
-if [ $# -eq 0 ]; then set -- tests/kernels tests/qmamba/test_fused_step.py; fi
+# default test paths unless a path is given (options alone, e.g. -x, keep the defaults)
+paths=0; for a in "$@"; do case "$a" in -*) ;; *) paths=1 ;; esac; done
+if [ $paths -eq 0 ]; then set -- tests/kernels tests/qmamba/test_fused_step.py "$@"; fi
 exec "$PY" -m pytest -q -p no:cacheprovider "$@"

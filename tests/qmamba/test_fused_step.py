@@ -74,7 +74,10 @@ def test_graph_replay_equals_eager(fused, device):
         pytest.skip("CUDA graphs need a GPU")
     from qmamba.cuda_graph import GraphDecoder
 
-    model = build("tiny-blackmamba", FORMATS["int4"], device).to(torch.bfloat16)
+    # float32: split-K partial sums land through atomics in a run-dependent order, so a bf16 step is not bitwise
+    # repeatable, and a one-ulp change can flip a near-tied top-1 route (measured on the H100: most rows equal,
+    # one row off by up to 3.0 in a logit). In fp32 the same difference stays at rounding level.
+    model = build("tiny-blackmamba", FORMATS["int4"], device)
     model.set_backend("triton")
     ids = torch.randint(0, model.config.vocab_size, (3, 7), device=device)
     _, state = model.prefill(ids)
@@ -84,9 +87,9 @@ def test_graph_replay_equals_eager(fused, device):
     for _ in range(4):
         got = decoder(tok, state)
         ref = FusedDecodeStep(model)(tok, eager_state) if fused else model.step(tok, eager_state).float()
-        torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(got.float(), ref.float(), atol=1e-3, rtol=1e-3)
         tok = ref.argmax(-1)
-    torch.testing.assert_close(state.ssm_state, eager_state.ssm_state, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(state.ssm_state, eager_state.ssm_state, atol=1e-4, rtol=1e-4)
     greedy = decoder.generate(tok, state.clone(), 5)
     manual = []
     st = state.clone()
