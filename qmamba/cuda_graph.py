@@ -107,9 +107,9 @@ class GraphDecoder:
         entry.state.ssm_state.zero_()
         return entry.state
 
-    def prefill(self, input_ids: torch.Tensor):
+    def prefill(self, input_ids: torch.Tensor, last_only: bool = False):
         """``model.prefill`` whose final state is copied into the static state: ``(logits, static state)``."""
-        logits, state = self.model.prefill(input_ids)
+        logits, state = self.model.prefill(input_ids, last_only=last_only)
         entry = self._entry(input_ids.shape[0])
         entry.state.conv_state.copy_(state.conv_state)
         entry.state.ssm_state.copy_(state.ssm_state)

@@ -14,6 +14,8 @@ to see whether all sequences have finished (and whatever a ``stream`` callback r
 
 from __future__ import annotations
 
+import inspect
+
 from collections.abc import Callable
 
 import torch
@@ -73,7 +75,10 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
 
 def prefill(model, input_ids: torch.Tensor):
     """Run the prompt ``[B, L]`` in parallel; returns ``(logits of the last position [B, V], state)``."""
-    logits, state = model.prefill(input_ids)
+    if "last_only" in inspect.signature(model.prefill).parameters:  # skip the head over the whole prompt
+        logits, state = model.prefill(input_ids, last_only=True)
+    else:
+        logits, state = model.prefill(input_ids)
     return logits[:, -1], state
 
 

@@ -71,10 +71,13 @@ class MambaLM(nn.Module):
         h = self.norm_f(residual, out_dtype=self.compute_dtype)
         return self.lm_head(h)
 
-    def prefill(self, input_ids: torch.Tensor, state: InferenceState | None = None, check: bool = True):
+    def prefill(self, input_ids: torch.Tensor, state: InferenceState | None = None, check: bool = True,
+                last_only: bool = False):
         """Parallel forward over ``input_ids [B, L]``; returns ``(logits [B, L, V], state)``.
 
         ``state`` (if given) is the state after earlier tokens; the returned state is new tensors.
+        ``last_only``: logits of the last position only (``[B, 1, V]``), what generation needs; skips the head
+        over the whole prompt (for a 2048-token prompt and a 50k vocabulary, 0.4 GB of fp32 logits).
         """
         if check:
             self.check_token_ids(input_ids)
@@ -92,7 +95,7 @@ class MambaLM(nn.Module):
             else:
                 h = block.mixer(x)
         residual = residual + h.float()
-        return self._logits(residual), InferenceState(conv_out, ssm_out)
+        return self._logits(residual[:, -1:] if last_only else residual), InferenceState(conv_out, ssm_out)
 
     def step(self, input_ids: torch.Tensor, state: InferenceState, check: bool = True):
         """One token per sequence: ``input_ids [B]`` -> logits ``[B, V]``; ``state`` is updated in place."""

@@ -62,3 +62,11 @@ def test_prefill_continued_by_prefill(model, ids, parallel, split):
 def test_batch_rows_are_independent(model, ids, parallel):
     alone = model(ids[1:])
     assert rel_err(alone, parallel[1:]) <= 1e-5
+
+
+def test_prefill_last_only_keeps_the_last_position(model, ids, parallel):
+    logits, state = model.prefill(ids, last_only=True)
+    _, full_state = model.prefill(ids)
+    assert logits.shape == (ids.shape[0], 1, parallel.shape[-1])
+    assert rel_err(logits[:, 0], parallel[:, -1]) <= 1e-5
+    assert torch.equal(state.ssm_state, full_state.ssm_state)

@@ -1,0 +1,89 @@
+"""Where a decode step's time goes (run on the GPU): the fused single-token step of a random-weight preset, per
+kernel, from the PyTorch profiler (CUPTI kernel records of eager steps; a CUDA graph replays the same kernels).
+
+    python benchmarks/profile_decode.py --preset blackmamba-2.8b --format int4 [--batch 1] [--out prof.json]
+
+Prints, per kernel name: launches per step, GPU microseconds per step and per launch; the sum of kernel time per
+step beside the replayed graph's wall time per step (the difference is the gaps between graph nodes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from qmamba.config import preset
+from qmamba.cuda_graph import GraphDecoder
+from qmamba.fused_step import FusedDecodeStep
+from qmamba.quant.formats import Int4Format, Int8Format
+from qmamba.testing import quantize_rtn, random_model
+
+FORMATS = {"bf16": None, "int8": Int8Format(), "int4": Int4Format(128)}
+
+
+def graph_ms_per_step(decoder: GraphDecoder, batch: int, n: int = 100) -> float:
+    entry = decoder._entry(batch)
+    for _ in range(10):
+        entry.graph.replay()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            entry.graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / n)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="blackmamba-2.8b")
+    ap.add_argument("--format", default="int4", choices=sorted(FORMATS))
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    model = random_model(preset(args.preset), "cuda", torch.bfloat16)
+    if FORMATS[args.format] is not None:
+        quantize_rtn(model, FORMATS[args.format], head=True)
+    model.set_backend("triton")
+    step = FusedDecodeStep(model)
+    state = model.new_state(args.batch)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch,), device="cuda")
+    for _ in range(3):
+        step(ids, state)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step(ids, state)
+        torch.cuda.synchronize()
+    per_name = defaultdict(lambda: [0, 0.0])
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            per_name[evt.name][0] += 1
+            per_name[evt.name][1] += evt.device_time if hasattr(evt, "device_time") else evt.cuda_time
+    rows = sorted(((name, calls / args.steps, us / args.steps) for name, (calls, us) in per_name.items()),
+                  key=lambda r: -r[2])
+    kernel_us = sum(r[2] for r in rows)
+    graph_ms = graph_ms_per_step(GraphDecoder(model), args.batch)
+    print(f"{args.preset} {args.format} batch {args.batch}: kernels {kernel_us:.0f} us/step "
+          f"({sum(r[1] for r in rows):.0f} launches), graph replay {graph_ms * 1e3:.0f} us/step")
+    for name, calls, us in rows:
+        print(f"{us:9.1f} us/step {calls:6.1f} launches {us / calls:7.2f} us each  {name[:90]}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(preset=args.preset, format=args.format, batch=args.batch, kernel_us_per_step=kernel_us,
+                           graph_us_per_step=graph_ms * 1e3,
+                           kernels=[dict(name=n, launches=c, us=u) for n, c, u in rows]), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
