@@ -10,6 +10,7 @@ Method: benchmarks/timing.py (CUDA-graph replay of one call per node, rotating w
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -219,7 +220,8 @@ def sweep_gemm(bw, shapes, log):
 
 
 def sweep_gemv_int4(bw, shapes, log):
-    """int4 g128 GEMV (M = 1): the 32-bit-word kernel over (BLOCK_N, SPLIT_K, warps), beside the generic path."""
+    """int4 g128 GEMV (M = 1): the 32-bit-word kernel over (BLOCK_N, groups per iteration (BLOCK_K / 128), SPLIT_K,
+    warps), beside the generic path."""
     from qmamba.kernels import quant_matmul as qm
 
     rows = []
@@ -229,17 +231,15 @@ def sweep_gemv_int4(bw, shapes, log):
         size = nbytes(pws[0].qweight, pws[0].scales, pws[0].zeros)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         res = dict(shape=label, configs={})
-        for bn in (32, 64, 128, 256):
-            for split in (1, 2, 4, 8):
-                for warps in (2, 4, 8):
-                    c = (1, bn, 128, split, warps, 3)
-                    try:
-                        us = time_calls([lambda pw=pw: dequant_matmul(x, pw, config=MatmulConfig(*c))
-                                         for pw in pws], reps=3)
-                    except Exception as exc:  # noqa: BLE001
-                        log(f"gemv sweep {label} {c}: {type(exc).__name__} {str(exc)[:80]}")
-                        continue
-                    res["configs"][str(c)] = us
+        for bn, bk, split, warps in itertools.product((32, 64, 128), (128, 256, 512), (1, 2, 4, 8), (2, 4)):
+            c = (1, bn, bk, split, warps, 3)
+            try:
+                us = time_calls([lambda pw=pw: dequant_matmul(x, pw, config=MatmulConfig(*c))
+                                 for pw in pws], reps=3)
+            except Exception as exc:  # noqa: BLE001
+                log(f"gemv sweep {label} {c}: {type(exc).__name__} {str(exc)[:80]}")
+                continue
+            res["configs"][str(c)] = us
         best = min(res["configs"].items(), key=lambda kv: kv[1])
         res["best"], res["best_us"] = best
         res["best_frac_copy_bw"] = (size + 2 * (k + n)) / (best[1] * 1e-6) / bw

@@ -24,7 +24,8 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, res_ptr, w_ptr, nb_ptr, out_ptr, r
                      D, E, eps, sh_b, s_emb, sr_b, so_b, srw_e,
                      FIRST: tl.constexpr, LAYERNORM: tl.constexpr, ROUTER: tl.constexpr, HAS_RB: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
-    """residual = h (FIRST: embedding[ids]) [+ residual]; out = norm(residual); optional top-1 sigmoid router."""
+    """residual = h (FIRST: embedding[ids]) [+ residual]; out = norm(residual); optional top-1 sigmoid router.
+    Every load is issued before the first reduction, so their latencies overlap (one round trip, not three)."""
     b = tl.program_id(0)
     d = tl.arange(0, BLOCK_D)
     dm = d < D
@@ -34,6 +35,15 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, res_ptr, w_ptr, nb_ptr, out_ptr, r
     else:
         r = tl.load(res_ptr + b * sr_b + d, mask=dm, other=0.0) + tl.load(h_ptr + b * sh_b + d, mask=dm,
                                                                         other=0.0).to(tl.float32)
+    nw = tl.load(w_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    if LAYERNORM:
+        nb = tl.load(nb_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    if ROUTER:
+        e = tl.arange(0, BLOCK_E)
+        em = e < E
+        wr = tl.load(rw_ptr + e[:, None] * srw_e + d[None, :], mask=em[:, None] & dm[None, :], other=0.0)
+        if HAS_RB:
+            rbias = tl.load(rb_ptr + e, mask=em, other=0.0).to(tl.float32)
     tl.store(res_ptr + b * sr_b + d, r, mask=dm)
     if LAYERNORM:
         mean = tl.sum(r, axis=0) / D
@@ -41,18 +51,15 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, res_ptr, w_ptr, nb_ptr, out_ptr, r
         y = c * tl.rsqrt(tl.sum(c * c, axis=0) / D + eps)
     else:
         y = r * tl.rsqrt(tl.sum(r * r, axis=0) / D + eps)
-    y = y * tl.load(w_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    y = y * nw
     if LAYERNORM:
-        y += tl.load(nb_ptr + d, mask=dm, other=0.0).to(tl.float32)
+        y += nb
     y = y.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + b * so_b + d, y, mask=dm)
     if ROUTER:
-        e = tl.arange(0, BLOCK_E)
-        em = e < E
-        wr = tl.load(rw_ptr + e[:, None] * srw_e + d[None, :], mask=em[:, None] & dm[None, :], other=0.0)
         logits = tl.sum(wr.to(tl.float32) * y.to(tl.float32)[None, :], axis=1)
         if HAS_RB:
-            logits += tl.load(rb_ptr + e, mask=em, other=0.0).to(tl.float32)
+            logits += rbias
         p = tl.where(em, tl.sigmoid(logits), -1.0)
         best = tl.max(p, axis=0)
         tl.store(idx_ptr + b, tl.min(tl.where(p == best, e, BLOCK_E), axis=0).to(tl.int32))
@@ -63,32 +70,32 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, res_ptr, w_ptr, nb_ptr, out_ptr, r
 def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dskip_ptr, h_ptr, y_ptr,
                             DI, R, N, s_dbc, s_x, s_z, s_w, s_h, s_y,
                             BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dt = softplus(W_dt @ dbc[:R] + dt_bias); h = exp(dt A) h + dt x B (in place); y = (C.h + D x) silu(z)."""
+    """dt = softplus(W_dt @ dbc[:R] + dt_bias); h = exp(dt A) h + dt x B (in place); y = (C.h + D x) silu(z).
+    All loads first (their latencies overlap), then the arithmetic."""
     b = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = d < DI
     r = tl.arange(0, BLOCK_R)
-    low = tl.load(dbc_ptr + b * s_dbc + r, mask=r < R, other=0.0).to(tl.float32)
-    w = tl.load(wdt_ptr + d[:, None] * s_w + r[None, :], mask=dm[:, None] & (r < R)[None, :], other=0.0)
-    dt = tl.sum(w.to(tl.float32) * low[None, :], axis=1) + tl.load(dtb_ptr + d, mask=dm, other=0.0).to(tl.float32)
-    dt = _softplus(dt)
     n = tl.arange(0, BLOCK_N)
     nm = n < N
+    mask = dm[:, None] & nm[None, :]
+    low = tl.load(dbc_ptr + b * s_dbc + r, mask=r < R, other=0.0).to(tl.float32)
+    w = tl.load(wdt_ptr + d[:, None] * s_w + r[None, :], mask=dm[:, None] & (r < R)[None, :], other=0.0)
+    dtb = tl.load(dtb_ptr + d, mask=dm, other=0.0).to(tl.float32)
     bm = tl.load(dbc_ptr + b * s_dbc + R + n, mask=nm, other=0.0).to(tl.float32)
     cm = tl.load(dbc_ptr + b * s_dbc + R + N + n, mask=nm, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + b * s_x + d, mask=dm, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + b * s_z + d, mask=dm, other=0.0).to(tl.float32)
-    mask = dm[:, None] & nm[None, :]
     a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=mask, other=0.0)
     hp = h_ptr + b * s_h + d[:, None] * N + n[None, :]
     h = tl.load(hp, mask=mask, other=0.0)
+    dskip = tl.load(dskip_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    dt = _softplus(tl.sum(w.to(tl.float32) * low[None, :], axis=1) + dtb)
     h = tl.exp(dt[:, None] * a) * h + (dt * x)[:, None] * bm[None, :]
     tl.store(hp, h, mask=mask)
-    y = tl.sum(h * cm[None, :], axis=1) + x * tl.load(dskip_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    y = tl.sum(h * cm[None, :], axis=1) + x * dskip
     y = y * z * tl.sigmoid(z)
     tl.store(y_ptr + b * s_y + d, y.to(y_ptr.dtype.element_ty), mask=dm)
-
-
 
 
 # ---- launchers and reference twins -------------------------------------------------------------------------------

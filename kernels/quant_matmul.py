@@ -226,13 +226,15 @@ def _dequant_matmul_kernel(
 @jit
 def _int4_gemv_kernel(
     x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rscale_ptr, rexp_ptr, N, K, K_PAD, sxk, son, swe, swn, sse, ssn,
-    sze, szn, BY_EXPERT: tl.constexpr, GROUP: tl.constexpr, WORDS: tl.constexpr, SPLIT_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr,
+    sze, szn, BY_EXPERT: tl.constexpr, GROUP: tl.constexpr, WORDS: tl.constexpr, GPI: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """int4 GEMV for one row (decode): the packed weight is read as 32-bit words (8 codes each) and each code becomes
     an fp32 without an int-to-float conversion: ``bits(code | 0x4B000000) = 2^23 + code``, so one subtraction of
-    ``2^23 + zero point`` gives ``code - zero`` exactly. The K tile is one group; the group scale multiplies the
-    row sums. ``BY_EXPERT``: program column e computes only if the row is routed to expert e (decode MoE)."""
+    ``2^23 + zero point`` gives ``code - zero`` exactly. Each iteration reads ``GPI`` whole groups of ``BLOCK_N``
+    rows (``WORDS = GROUP / 8`` words each); group scales multiply the per-group row sums. ``BY_EXPERT``: program
+    column e computes only if the row is routed to expert e (decode MoE)."""
     pid_e = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -245,26 +247,32 @@ def _int4_gemv_kernel(
     e64 = expert.to(tl.int64)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
-    j = tl.arange(0, WORDS)  # WORDS = GROUP // 8
+    j = tl.arange(0, WORDS)
+    gi = tl.arange(0, GPI)
     n_groups = K_PAD // GROUP
-    per_split = tl.cdiv(n_groups, SPLIT_K)
-    g_lo = pid_k * per_split
-    g_hi = tl.minimum(g_lo + per_split, n_groups)
-    g_hi = tl.where(active, g_hi, g_lo)
-    w_rows = w_ptr + e64 * swe + n[:, None] * swn
+    iters = tl.cdiv(n_groups, GPI)
+    per_split = tl.cdiv(iters, SPLIT_K)
+    it_lo = pid_k * per_split
+    it_hi = tl.minimum(it_lo + per_split, iters)
+    it_hi = tl.where(active, it_hi, it_lo)
+    w_rows = w_ptr + e64 * swe + n[:, None, None] * swn
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for grp in range(g_lo, g_hi):
-        word = tl.load(w_rows + grp * WORDS + j[None, :], mask=n_ok[:, None], other=0)       # [BLOCK_N, words]
-        zb = tl.load(z_ptr + e64 * sze + n * szn + grp // 2, mask=n_ok, other=0).to(tl.int32)
-        zbias = (((zb >> ((grp % 2) * 4)) & 0xF).to(tl.float32) + 8388608.0)[:, None]
-        kb = grp * GROUP + 8 * j
-        part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    for it in range(it_lo, it_hi):
+        grp = it * GPI + gi                                                                  # [GPI]
+        g_ok = grp < n_groups
+        wmask = n_ok[:, None, None] & g_ok[None, :, None]
+        word = tl.load(w_rows + (grp * WORDS)[None, :, None] + j[None, None, :], mask=wmask, other=0)
+        gmask = n_ok[:, None] & g_ok[None, :]
+        zb = tl.load(z_ptr + e64 * sze + n[:, None] * szn + (grp // 2)[None, :], mask=gmask, other=0).to(tl.int32)
+        zbias = ((zb >> ((grp % 2) * 4)[None, :]) & 0xF).to(tl.float32) + 8388608.0                  # [BN, GPI]
+        scale = tl.load(s_ptr + e64 * sse + n[:, None] * ssn + grp[None, :], mask=gmask, other=0.0).to(tl.float32)
+        kb = grp[:, None] * GROUP + 8 * j[None, :]                                           # [GPI, WORDS]
+        part = tl.zeros((BLOCK_N, GPI, WORDS), dtype=tl.float32)
         for i in tl.static_range(8):
-            xi = tl.load(x_ptr + (kb + i) * sxk, mask=kb + i < K, other=0.0).to(tl.float32)
+            xi = tl.load(x_ptr + (kb + i) * sxk, mask=(kb + i < K) & g_ok[:, None], other=0.0).to(tl.float32)
             code = ((word >> (4 * i)) & 0xF) | 0x4B000000
-            part += (code.to(tl.float32, bitcast=True) - zbias) * xi[None, :]
-        scale = tl.load(s_ptr + e64 * sse + n * ssn + grp, mask=n_ok, other=0.0).to(tl.float32)
-        acc += tl.sum(part, axis=1) * scale
+            part += (code.to(tl.float32, bitcast=True) - zbias[:, :, None]) * xi[None, :, :]
+        acc += tl.sum(tl.sum(part, axis=2) * scale, axis=1)
     if HAS_BIAS:
         acc += tl.where(pid_k == 0, 1.0, 0.0) * tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
     if HAS_RSCALE:
@@ -472,7 +480,7 @@ def gemm_config(m: int, weight: PackedWeight, device) -> MatmulConfig:
         programs = _cdiv(m, bm) * _cdiv(weight.n, bn)
         k_tiles = _cdiv(weight.k_padded, block_k)
         split = 1
-        while programs * split < _sm_count(device) // 2 and split < 4 and split * 2 <= max(1, k_tiles // 4):
+        while programs * split < _sm_count(device) and split < 4 and split * 2 <= k_tiles // 16:  # long K only
             split *= 2
         return MatmulConfig(bm, bn, block_k, split, 4, 4)
     if m <= 256:
@@ -601,7 +609,8 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
                 row_scale if row_scale is not None else dummy, row_expert if row_expert is not None else dummy,
                 weight.n, weight.k, weight.k_padded, x.stride(1), out.stride(1), words.stride(0), words.stride(1),
                 s.stride(0), s.stride(1), z.stride(0), z.stride(1), BY_EXPERT=route == ROUTE_BY_EXPERT,
-                GROUP=weight.group_size, WORDS=weight.group_size // 8, SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None,
+                GROUP=weight.group_size, WORDS=weight.group_size // 8,
+                GPI=max(1, cfg.block_k // weight.group_size), SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None,
                 HAS_RSCALE=row_scale is not None, ATOMIC=atomic, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages)
             return out.to(x.dtype) if convert else out

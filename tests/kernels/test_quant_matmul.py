@@ -133,13 +133,15 @@ def test_gemm_kernel_configs(fmt, block_k, split_k, device):
 
 @pytest.mark.parametrize("group", [16, 128])
 @pytest.mark.parametrize("split_k", [1, 3])
-def test_int4_word_gemv_dense_and_routed(group, split_k, device):
+@pytest.mark.parametrize("groups_per_iter", [1, 2])
+def test_int4_word_gemv_dense_and_routed(group, split_k, groups_per_iter, device):
     """M = 1 int4 (the 32-bit-word kernel): dense with bias, and routed to one expert of a stack with a routing
-    weight (the other experts' programs must write nothing), with and without split-K."""
+    weight (the other experts' programs must write nothing), with and without split-K, one or two groups per
+    iteration (K = 300: a last iteration with a missing group)."""
     fmt = Int4Format(group)
     k, n = 300, 24
     x = torch.randn(1, k, device=device)
-    cfg = MatmulConfig(1, 16, group, split_k=split_k, num_warps=1, num_stages=1)
+    cfg = MatmulConfig(1, 16, group * groups_per_iter, split_k=split_k, num_warps=1, num_stages=1)
     w = make_weight(fmt, n, k, device, seed=5)
     bias = torch.randn(n, device=device)
     close(dequant_matmul(x, w, bias, config=cfg), dequant_matmul_ref(x, w, bias), torch.float32)
