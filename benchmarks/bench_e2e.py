@@ -1,5 +1,6 @@
 """End-to-end BlackMamba-2.8B (preset, random weights built on the GPU) on the H100: decode ms/token with CUDA
-graphs (fused step) for bf16 / int8 / int4 g128 at batch 1 and 8, prefill tokens/s at 2048, peak GPU memory, and
+graphs (fused step) for bf16 / int8 / int4 g128 / 1-bit (binary projections and experts, int4 g128 x_proj, dt_proj
+and head) at batch 1 and 8, prefill tokens/s at 2048, peak GPU memory, and
 the eager PyTorch reference path for contrast.
 
     python benchmarks/bench_e2e.py --out results/e2e.json [--preset blackmamba-2.8b]
@@ -24,9 +25,12 @@ import torch
 from qmamba.config import preset
 from qmamba.cuda_graph import GraphDecoder
 from qmamba.testing import quantize_rtn, random_model
+from qmamba.quant.binary import BinaryFormat
 from qmamba.quant.formats import Int4Format, Int8Format
 
-FORMATS = {"bf16": None, "int8": Int8Format(), "int4_g128": Int4Format(128)}
+# name -> (format of the projections and experts, format of x_proj / dt_proj / head or None for the same)
+FORMATS = {"bf16": (None, None), "int8": (Int8Format(), None), "int4_g128": (Int4Format(128), None),
+           "binary+int4_g128": (BinaryFormat(), Int4Format(128))}
 
 
 def weight_bytes(model) -> int:
@@ -85,10 +89,11 @@ def time_prefill(model, length=2048, batch=1, n=3):
 
 
 @torch.no_grad()
-def run_format(cfg, name, fmt, log, eager: bool):
+def run_format(cfg, name, fmts, log, eager: bool):
     model = random_model(cfg, "cuda", torch.bfloat16)
+    fmt, sensitive = fmts
     if fmt is not None:
-        quantize_rtn(model, fmt, head=True)
+        quantize_rtn(model, fmt, head=True, sensitive_fmt=sensitive)
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -130,13 +135,14 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--preset", default="blackmamba-2.8b")
     ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--eager", default="bf16,int4_g128", help="formats that also time the eager paths ('' for none)")
     args = ap.parse_args()
     log = lambda s: print(s, flush=True)  # noqa: E731
     cfg = preset(args.preset)
     result = dict(preset=args.preset, device=torch.cuda.get_device_name(0), rows=[])
     for name in args.formats.split(","):
         try:
-            result["rows"].append(run_format(cfg, name, FORMATS[name], log, eager=name in ("bf16", "int4_g128")))
+            result["rows"].append(run_format(cfg, name, FORMATS[name], log, eager=name in args.eager.split(",")))
         except Exception:  # noqa: BLE001
             result.setdefault("errors", {})[name] = traceback.format_exc()[-3000:]
             log(traceback.format_exc())

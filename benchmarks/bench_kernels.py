@@ -1,6 +1,6 @@
-"""GPU kernel benchmarks (run on the H100): dequant GEMV/GEMM side by side with cuBLAS bf16, torch's int4 kernel
-(tinygemm) and bitsandbytes NF4 / int8, a small config sweep of our small-M paths, and the selective scan against
-the PyTorch sequential reference and the memory floor.
+"""GPU kernel benchmarks (run on the H100): dequant GEMV/GEMM (int8, int4 g128, 1-bit binary) side by side with
+cuBLAS bf16, torch's int4 kernel (tinygemm) and bitsandbytes NF4 / int8, config sweeps of our small-M paths, and the
+selective scan against the PyTorch sequential reference and the memory floor.
 
     python benchmarks/bench_kernels.py --out results/kernels.json [--quick]
 
@@ -25,9 +25,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import copies_for, copy_bandwidth, time_calls  # noqa: E402
 
+from qmamba.kernels.binary_matmul import BinaryConfig, BinaryWeight, binary_matmul  # noqa: E402
 from qmamba.kernels.quant_matmul import (MatmulConfig, PackedWeight, dequant_matmul, dequantize_stack,  # noqa: E402
                                          pick_config)
 from qmamba.kernels.selective_scan import selective_scan_ref, selective_scan_triton  # noqa: E402
+from qmamba.quant.binary import BinaryFormat  # noqa: E402
 from qmamba.quant.formats import Int4Format, Int8Format  # noqa: E402
 
 SHAPES = [("8192x8192", 8192, 8192), ("16384x16384", 16384, 16384), ("in_proj 1472->5888", 1472, 5888),
@@ -62,6 +64,19 @@ def method_ours(fmt, config_for=None):
         return size, [lambda x, pw=pw: dequant_matmul(x, pw, config=config_for(x.shape[0], pw) if config_for
                                                       else None) for pw in pws]
     return build
+
+
+def _binary(k, n, copies):
+    base = torch.randn(n, k, device="cuda") / math.sqrt(k)
+    fmt = BinaryFormat()
+    return [BinaryWeight.from_packed(fmt.quantize_rtn(base if i == 0 else base.roll(i, 0)), n, k)
+            for i in range(copies)]
+
+
+def method_binary(k, n, copies):
+    bws = _binary(k, n, copies)
+    size = nbytes(bws[0].qweight, bws[0].alpha, bws[0].beta)
+    return size, [lambda x, bw=bw: binary_matmul(x, bw) for bw in bws]
 
 
 def method_torch_int4(k, n, copies):
@@ -105,17 +120,21 @@ def method_bnb_int8(k, n, copies):
 
 
 METHODS = {"cublas_bf16": method_cublas, "ours_int8": method_ours(Int8Format()),
-           "ours_int4_g128": method_ours(Int4Format(128)), "torch_int4_g128": method_torch_int4,
+           "ours_int4_g128": method_ours(Int4Format(128)), "ours_binary": method_binary,
+           "torch_int4_g128": method_torch_int4,
            "bnb_nf4": method_bnb_nf4, "bnb_int8": method_bnb_int8}
 
 
-def bench_matmuls(bw, m_values, shapes, log):
+def bench_matmuls(bw, m_values, shapes, log, methods=None):
     rows = []
     for label, k, n in shapes:
         for name, build in METHODS.items():
+            if methods and name not in methods:
+                continue
             try:
                 size, _ = None, None
-                probe_bytes = {"cublas_bf16": 2 * n * k, "ours_int8": n * k, "bnb_int8": n * k}.get(name, n * k // 2)
+                probe_bytes = {"cublas_bf16": 2 * n * k, "ours_int8": n * k, "bnb_int8": n * k,
+                               "ours_binary": n * k // 8}.get(name, n * k // 2)
                 copies = copies_for(probe_bytes)
                 size, fns = build(k, n, copies)
             except Exception as exc:  # noqa: BLE001 - a peer that does not run is reported, not fatal
@@ -257,6 +276,47 @@ def sweep_gemv_int4(bw, shapes, log):
     return rows
 
 
+def sweep_gemv_binary(bw, shapes, log):
+    """1-bit GEMV (M = 1): the 32-bit-word kernel over (BLOCK_N, words per iteration, SPLIT_K, warps), beside the
+    int4 g128 GEMV (heuristic) on the same shape."""
+    from qmamba.kernels import binary_matmul as bm
+
+    rows = []
+    for label, k, n in shapes:
+        bws = _binary(k, n, copies_for(n * k // 8))
+        size = nbytes(bws[0].qweight, bws[0].alpha, bws[0].beta)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        res = dict(shape=label, configs={})
+        for bn, wpi, split, warps in itertools.product((64, 128, 256), (4, 8), (1, 2, 4), (4, 8)):
+            c = (1, bn, 32 * wpi, warps, 3, split)
+            try:
+                us = time_calls([lambda bw=bw: binary_matmul(x, bw, config=BinaryConfig(*c)) for bw in bws], reps=3)
+            except Exception as exc:  # noqa: BLE001
+                log(f"binary gemv sweep {label} {c}: {type(exc).__name__} {str(exc)[:80]}")
+                continue
+            res["configs"][str(c)] = us
+        best = min(res["configs"].items(), key=lambda kv: kv[1])
+        res["best"], res["best_us"] = best
+        res["best_frac_copy_bw"] = (size + 2 * (k + n)) / (best[1] * 1e-6) / bw
+        res["heuristic"] = str(bm.pick_binary_config(1, bws[0], x.device))
+        res["heuristic_us"] = time_calls([lambda bw=bw: binary_matmul(x, bw) for bw in bws], reps=5)
+        bm.BINARY_WORD_GEMV = False
+        try:
+            res["tile_kernel_us"] = time_calls([lambda bw=bw: binary_matmul(x, bw) for bw in bws], reps=5)
+        finally:
+            bm.BINARY_WORD_GEMV = True
+        del bws
+        pws = _packed(Int4Format(128), k, n, copies_for(n * k // 2))
+        res["int4_g128_us"] = time_calls([lambda pw=pw: dequant_matmul(x, pw) for pw in pws], reps=5)
+        rows.append(res)
+        log(f"gemv binary {label:22s} best {best[1]:7.1f} us {best[0]} ({res['best_frac_copy_bw']:.0%} of copy BW), "
+            f"heuristic {res['heuristic_us']:7.1f} us, tile kernel {res['tile_kernel_us']:7.1f} us, "
+            f"int4 g128 {res['int4_g128_us']:7.1f} us")
+        del pws
+        torch.cuda.empty_cache()
+    return rows
+
+
 def bench_scan(bw, log, with_reference=True):
     rows = []
     d, n = 2944, 16
@@ -314,6 +374,8 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="fewer shapes and M values (smoke test)")
     ap.add_argument("--parts", default="matmul,sweep,scan")
+    ap.add_argument("--methods", default="", help="comma-separated subset of the matmul methods (default: all)")
+    ap.add_argument("--shapes", default="", help="comma-separated indices into SHAPES (default: all)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")  # bitsandbytes warns on every int8 call
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -328,14 +390,17 @@ def main():
     except ImportError:
         pass
     shapes = SHAPES[:3] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
     m_values = [1, 16, 2048] if args.quick else M_VALUES
     parts = args.parts.split(",")
     out = Path(args.out)
-    for part, fn in (("scan", lambda: bench_scan(bw, log)), ("matmul", lambda: bench_matmuls(bw, m_values, shapes, log)),
+    for part, fn in (("scan", lambda: bench_scan(bw, log)), ("matmul", lambda: bench_matmuls(bw, m_values, shapes, log, [m for m in args.methods.split(",") if m])),
                      ("sweep", lambda: sweep_small_m(bw, shapes[:4], log)),
                      ("scan_sweep", lambda: sweep_scan(bw, log)),
                      ("gemm_sweep", lambda: sweep_gemm(bw, [shapes[i] for i in (0, 1, 2, 6) if i < len(shapes)], log)),
-                     ("gemv_sweep", lambda: sweep_gemv_int4(bw, [shapes[i] for i in (0, 1, 2, 3, 6) if i < len(shapes)], log))):
+                     ("gemv_sweep", lambda: sweep_gemv_int4(bw, [shapes[i] for i in (0, 1, 2, 3, 6) if i < len(shapes)], log)),
+                     ("binary_gemv_sweep", lambda: sweep_gemv_binary(bw, shapes, log))):
         if part not in parts:
             continue
         try:

@@ -4,14 +4,21 @@
 
     y[m, n] = sum_k s[n, k] * (alpha[k] * x[m, k])  +  sum_k beta[k] * x[m, k]        (then * r[n], + bias[n])
 
-The kernel reads 1 bit per weight plus the two fp16 column vectors: each K tile loads ``x``, scales it by
-``alpha`` (the activation pre-scale), expands ``BLOCK_K / 8`` bytes per output row into +/-1 values (bit j of a
-byte is column 8 b + j; bit 1 = +1), accumulates the +/-1 products in fp32 (broadcast-multiply-reduce for M = 1,
-``tl.dot`` on tensor cores for larger M: +/-1 is exact in fp16/bf16), and accumulates ``x . beta`` on the side;
-the epilogue adds it to every output column. Routing as in :mod:`qmamba.kernels.quant_matmul`: ``ROUTE_DENSE``
-(one matrix), ``ROUTE_BY_EXPERT`` (decode MoE, one program column per expert reading only its rows; graph
-capturable), ``ROUTE_TILES`` (prefill MoE grouped GEMM over :func:`expert_tile_map` tiles). A routing weight per
-row (``row_scale``, the MoE gate) multiplies the result.
+Three paths, picked by M (:func:`binary_matmul`):
+
+- **word GEMV** (M = 1, and M <= 16 on matrices up to ``WORD_GEMV_MAX_WEIGHTS``; K a multiple of 32): the signs
+  are read as 32-bit words and each +/-1 product is a sign-bit flip of ``-(x * alpha)`` (shift, and-xor, add; no
+  multiply, no int-to-float conversion); one program row per activation row, split-K with atomics.
+- **tile kernel** (other M <= 16, the interpreter, explicit configs): each K tile loads ``x``, scales it by
+  ``alpha``, expands ``BLOCK_K / 8`` bytes per output row into +/-1 values (bit j of a byte is column 8 b + j;
+  bit 1 = +1) and accumulates in fp32 (broadcast-multiply-reduce for one row, ``tl.dot`` for more: +/-1 is exact
+  in fp16/bf16), with ``x . beta`` on the side.
+- **M > 16 on CUDA**: one Triton dequantization pass to the activation dtype, then cuBLAS (one matrix) or the
+  float grouped GEMM of :mod:`qmamba.kernels.quant_matmul` (experts).
+
+Routing as in :mod:`qmamba.kernels.quant_matmul`: ``ROUTE_DENSE`` (one matrix), ``ROUTE_BY_EXPERT`` (decode MoE,
+graph capturable: each row reads only its expert's weights), ``ROUTE_TILES`` (prefill MoE grouped GEMM over
+:func:`expert_tile_map` tiles). A routing weight per row (``row_scale``, the MoE gate) multiplies the result.
 
 Shapes: ``x [M, K]``; stacked weights ``qweight [E, N, ceil(K/8)] uint8``, ``alpha/beta [E, K] fp16``,
 ``row_scale [E, N]`` (E = 1 for a plain linear). :func:`binary_moe_forward` is the top-1 MoE on these kernels.
@@ -27,7 +34,7 @@ from torch import Tensor
 
 from qmamba.kernels._triton import jit, tl
 from qmamba.kernels.quant_matmul import (GEMV_MAX_M, ROUTE_BY_EXPERT, ROUTE_DENSE, ROUTE_TILES, ExpertTiles,
-                                         expert_tile_map)
+                                         _sm_count, expert_tile_map)
 from qmamba.quant import layout
 
 
@@ -154,19 +161,153 @@ def _binary_matmul_kernel(
              mask=row_ok[:, None] & n_ok[None, :])
 
 
+@jit
+def _binary_gemv_kernel(
+    x_ptr, out_ptr, w_ptr, a_ptr, b_ptr, r_ptr, bias_ptr, rscale_ptr, rexp_ptr, N, K, KW, sxm, sxk, som, son,
+    swe, swn, sae, sbe, sre, BY_EXPERT: tl.constexpr, WPI: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """1-bit GEMV, one activation row per program row (decode, M <= 16): the signs are read as 32-bit words
+    (32 columns each, bit i of word w is column 32 w + i) and a +/-1 product costs no multiply: the sign bit of
+    ``-(x * alpha)`` is flipped where the weight bit is 1, so ``s * x * alpha`` is one shift, one and-xor and one
+    add per weight. ``x . beta`` accumulates beside it from contiguous loads. Each iteration reads ``WPI`` words of
+    ``BLOCK_N`` rows. ``BY_EXPERT``: row m reads the weights of expert ``row_expert[m]`` (decode MoE)."""
+    row = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    if BY_EXPERT:
+        expert = tl.load(rexp_ptr + row)
+    else:
+        expert = row * 0
+    e64 = expert.to(tl.int64)
+    x_row = x_ptr + row.to(tl.int64) * sxm
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    j = tl.arange(0, WPI)
+    kv = tl.arange(0, WPI * 32)
+    iters = tl.cdiv(KW, WPI)
+    per_split = tl.cdiv(iters, SPLIT_K)
+    it_lo = pid_k * per_split
+    it_hi = tl.minimum(it_lo + per_split, iters)
+    a_row = a_ptr + e64 * sae
+    w_rows = w_ptr + e64 * swe + n[:, None] * swn
+    acc = tl.zeros((BLOCK_N, WPI), dtype=tl.float32)
+    acc_b = tl.zeros((WPI * 32,), dtype=tl.float32)
+    for it in range(it_lo, it_hi):
+        wi = it * WPI + j
+        word = tl.load(w_rows + wi[None, :], mask=n_ok[:, None] & (wi < KW)[None, :], other=0)
+        kc = it * WPI * 32 + kv
+        kc_ok = kc < K
+        acc_b += tl.load(x_row + kc * sxk, mask=kc_ok, other=0.0).to(tl.float32) * tl.load(
+            b_ptr + e64 * sbe + kc, mask=kc_ok, other=0.0).to(tl.float32)
+        for i in tl.static_range(32):
+            k = wi * 32 + i
+            k_ok = k < K
+            xa = tl.load(x_row + k * sxk, mask=k_ok, other=0.0).to(tl.float32) * tl.load(
+                a_row + k, mask=k_ok, other=0.0).to(tl.float32)
+            neg = (-xa).to(tl.int32, bitcast=True)
+            acc += (((word << (31 - i)) & -2147483648) ^ neg[None, :]).to(tl.float32, bitcast=True)
+    res = tl.sum(acc, axis=1) + tl.sum(acc_b, axis=0)
+    if HAS_ROW:
+        res = res * tl.load(r_ptr + e64 * sre + n, mask=n_ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        res += tl.where(pid_k == 0, 1.0, 0.0) * tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+    if HAS_RSCALE:
+        res = res * tl.load(rscale_ptr + row).to(tl.float32)
+    out_row = out_ptr + row.to(tl.int64) * som
+    if ATOMIC:
+        tl.atomic_add(out_row + n * son, res, mask=n_ok)
+    else:
+        tl.store(out_row + n * son, res.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@jit
+def _dequantize_binary_kernel(q_ptr, a_ptr, b_ptr, r_ptr, out_ptr, R, N, K, KB, sqr, HAS_ROW: tl.constexpr,
+                              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``W_hat`` rows ``[R = E * N, K]`` from the packed signs (alpha/beta of row r's expert ``r // N``)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    kb = tl.program_id(1) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+    r_ok = r < R
+    packed = tl.load(q_ptr + r[:, None].to(tl.int64) * sqr + kb[None, :], mask=r_ok[:, None] & (kb < KB)[None, :],
+                     other=0).to(tl.int32)
+    bits = (packed[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+    s = tl.reshape(bits, (BLOCK_R, BLOCK_K)).to(tl.float32) * 2.0 - 1.0
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = k < K
+    e = (r // N).to(tl.int64)
+    mask = r_ok[:, None] & k_ok[None, :]
+    alpha = tl.load(a_ptr + e[:, None] * K + k[None, :], mask=mask, other=0.0).to(tl.float32)
+    beta = tl.load(b_ptr + e[:, None] * K + k[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = alpha * s + beta
+    if HAS_ROW:
+        w = w * tl.load(r_ptr + r, mask=r_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(out_ptr + r[:, None].to(tl.int64) * K + k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_binary_triton(weight: "BinaryWeight", dtype=torch.bfloat16) -> Tensor:
+    """``W_hat [E, N, K]`` in ``dtype`` in one Triton pass (twin: :meth:`BinaryWeight.dequantized`)."""
+    e, n, k = weight.n_experts, weight.n, weight.k
+    q = weight.qweight.reshape(e * n, -1)
+    out = torch.empty(e, n, k, device=q.device, dtype=dtype)
+    block_r, block_k = (32, 128) if q.is_cuda else (16, 64)
+    r = weight.row_scale
+    _dequantize_binary_kernel[(_cdiv(e * n, block_r), _cdiv(k, block_k))](
+        q, weight.alpha.contiguous(), weight.beta.contiguous(), r.reshape(-1) if r is not None else q, out, e * n,
+        n, k, q.shape[1], q.stride(0), HAS_ROW=r is not None, BLOCK_R=block_r, BLOCK_K=block_k,
+        num_warps=4 if q.is_cuda else 1)
+    return out
+
+
 @dataclass(frozen=True)
 class BinaryConfig:
+    """Tiles; for the M = 1 word kernel ``block_k`` is the columns per iteration (32 per word) and ``split_k`` the
+    number of K slices accumulated with atomics (the other kernels take ``split_k = 1``)."""
+
     block_m: int
     block_n: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int = 1
+
+
+BINARY_WORD_GEMV = True  # M = 1: the 32-bit-word kernel (sign-bit flips, no multiplies); False: the tile kernel
+
+
+def _sign_words(q: Tensor):
+    """The packed signs ``[E, N, KB]`` as int32 words ``[E, N, KB / 4]`` (a view), or None (K % 32, alignment)."""
+    if q.shape[-1] % 4 or q.stride(-1) != 1 or q.stride(1) % 4 or q.stride(0) % 4 or q.data_ptr() % 4:
+        return None
+    try:
+        return q.view(torch.int32)
+    except RuntimeError:
+        return None
+
+
+WORD_GEMV_MAX_WEIGHTS = 1 << 24  # 2 <= M <= 16 take the word kernel (one program row per row) up to this N * K
+DEQUANT_GEMM_MIN_M = GEMV_MAX_M + 1  # CUDA, M above this: one dequantization pass + cuBLAS / the float GEMM
+
+
+def _word_gemv_fits(m: int, weight: BinaryWeight) -> bool:
+    return BINARY_WORD_GEMV and m <= GEMV_MAX_M and (m == 1 or weight.n * weight.k <= WORD_GEMV_MAX_WEIGHTS)
 
 
 def pick_binary_config(m: int, weight: BinaryWeight, device) -> BinaryConfig:
-    """GEMV (M = 1), small-M tensor-core tiles (M <= 16) or prefill GEMM tiles; few big programs on the interpreter."""
+    """The word GEMV (M = 1, and small matrices up to M = 16), small-M tensor-core tiles (M <= 16) or GEMM tiles;
+    few big programs on the interpreter."""
     if device.type != "cuda":
+        if _word_gemv_fits(m, weight):
+            return BinaryConfig(1, 32, 64, 1, 1)
         return BinaryConfig(1 if m == 1 else (16 if m <= GEMV_MAX_M else 32), 32, 64, 1, 1)
+    if _word_gemv_fits(m, weight):  # the word kernel, from the H200 sweep (benchmarks/results.md, "1-bit GEMV")
+        n, words = weight.n, _cdiv(weight.k, 32)
+        bn, wpi = (256 if n >= 8192 else 64), 8
+        programs, iters = m * _cdiv(n, bn), _cdiv(words, wpi)
+        split = 1
+        while programs * split < 2 * _sm_count(device) and split < 4 and split * 2 <= iters:
+            split *= 2
+        return BinaryConfig(1, bn, 32 * wpi, 4, 3, split)
     if m == 1:
         return BinaryConfig(1, 32, 256, 4, 3)
     if m <= GEMV_MAX_M:
@@ -176,7 +317,13 @@ def pick_binary_config(m: int, weight: BinaryWeight, device) -> BinaryConfig:
 
 def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, row_scale=None,
                   tiles: ExpertTiles | None = None, config: BinaryConfig | None = None, out=None) -> Tensor:
-    """``x [M, K]`` -> ``[M, N]`` in x.dtype, semantics of :func:`binary_matmul_ref` (routing as ``dequant_matmul``)."""
+    """``x [M, K]`` -> ``[M, N]`` in x.dtype, semantics of :func:`binary_matmul_ref` (routing as ``dequant_matmul``).
+
+    Paths: the word GEMV (M = 1, or M <= 16 on small matrices; split-K), the tile kernel (other M <= 16, and
+    everywhere on the interpreter or with an explicit ``config``), and on CUDA above 16 rows one Triton
+    dequantization pass followed by cuBLAS (one matrix) or the float grouped GEMM (experts).
+    ``out`` (optional ``[M, N]``) receives the result as is: with split-K it must be float32 and zeroed; otherwise
+    any float dtype."""
     if x.dim() != 2 or x.shape[1] != weight.k:
         raise ValueError(f"binary matmul: x must be [M, {weight.k}], got {tuple(x.shape)}")
     m = x.shape[0]
@@ -186,23 +333,52 @@ def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, r
         route = ROUTE_DENSE
     else:
         route = ROUTE_TILES if tiles is not None else ROUTE_BY_EXPERT
+    if (x.is_cuda and m >= DEQUANT_GEMM_MIN_M and config is None and out is None and x.dtype != torch.float32):
+        dense = dequantize_binary_triton(weight, x.dtype)
+        if route == ROUTE_DENSE:
+            return torch.nn.functional.linear(x, dense[0], None if bias is None else bias.to(x.dtype))
+        from qmamba.kernels.quant_matmul import PackedWeight, dequant_matmul
+
+        return dequant_matmul(x, PackedWeight.from_float(dense), bias, row_expert=row_expert, row_scale=row_scale,
+                              tiles=tiles)
     cfg = config or pick_binary_config(m, weight, x.device)
+    if cfg.block_k % 8:
+        raise ValueError("binary matmul: BLOCK_K must be a multiple of 8")
+    words = None
+    if m <= GEMV_MAX_M and route != ROUTE_TILES and cfg.block_m == 1 and BINARY_WORD_GEMV and cfg.block_k % 32 == 0:
+        words = _sign_words(weight.qweight)
+    if words is None:
+        cfg = BinaryConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)  # no split-K
     if route == ROUTE_BY_EXPERT and m > GEMV_MAX_M:
         tiles = expert_tile_map(row_expert, weight.n_experts, cfg.block_m)
         route = ROUTE_TILES
     if route == ROUTE_TILES:
         cfg = BinaryConfig(tiles.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
-    if route == ROUTE_BY_EXPERT and cfg.block_m < m:
+    if route == ROUTE_BY_EXPERT and cfg.block_m < m and words is None:
         cfg = BinaryConfig(16, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
-    if cfg.block_k % 8:
-        raise ValueError("binary matmul: BLOCK_K must be a multiple of 8")
-    out = torch.empty(m, weight.n, device=x.device, dtype=x.dtype) if out is None else out
+    atomic = cfg.split_k > 1
+    convert = out is None and atomic
+    if out is None:
+        out = (torch.zeros if atomic else torch.empty)(m, weight.n, device=x.device,
+                                                       dtype=torch.float32 if atomic else x.dtype)
+    elif atomic and out.dtype != torch.float32:
+        raise ValueError("binary matmul: split-K accumulates into a zeroed float32 `out`")
     if m == 0:
-        return out
-    grid_m = {ROUTE_DENSE: lambda: _cdiv(m, cfg.block_m), ROUTE_BY_EXPERT: lambda: weight.n_experts,
-              ROUTE_TILES: lambda: tiles.n_tiles}[route]()
+        return out.to(x.dtype) if convert else out
     q, a, b, r = weight.qweight, weight.alpha, weight.beta, weight.row_scale
     dummy = x
+    if words is not None:
+        _binary_gemv_kernel[(m, _cdiv(weight.n, cfg.block_n), cfg.split_k)](
+            x, out, words, a, b, r if r is not None else a, bias if bias is not None else dummy,
+            row_scale if row_scale is not None else dummy, row_expert if row_expert is not None else dummy,
+            weight.n, weight.k, words.shape[-1], x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+            words.stride(0), words.stride(1), a.stride(0), b.stride(0), r.stride(0) if r is not None else 0,
+            BY_EXPERT=route == ROUTE_BY_EXPERT, WPI=cfg.block_k // 32, SPLIT_K=cfg.split_k, HAS_ROW=r is not None,
+            HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None, ATOMIC=atomic, BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return out.to(x.dtype) if convert else out
+    grid_m = {ROUTE_DENSE: lambda: _cdiv(m, cfg.block_m), ROUTE_BY_EXPERT: lambda: weight.n_experts,
+              ROUTE_TILES: lambda: tiles.n_tiles}[route]()
     _binary_matmul_kernel[(grid_m, _cdiv(weight.n, cfg.block_n))](
         x, out, q, a, b, r if r is not None else a, bias if bias is not None else dummy,
         row_scale if row_scale is not None else dummy, row_expert if row_expert is not None else dummy,

@@ -11,7 +11,8 @@ sequence of Triton launches with no allocation and no host synchronisation:
     end (2):              residual add + final norm -> lm_head
 
 Matmul outputs land in one float32 workspace that is zeroed once per step (split-K kernels accumulate into it with
-atomics); the next kernel reads them directly. Weights are read in their stored formats (int8, int4, float).
+atomics); the next kernel reads them directly. Weights are read in their stored formats (int8, int4, 1-bit binary,
+float): each matmul goes to :func:`dequant_matmul` or, for a binary weight, :func:`binary_matmul`.
 The module parameters are captured by reference at construction: rebuild the step after changing weights.
 Logits come back as float32 ``[B, V]``; the flat state tensors are updated in place.
 The kernels themselves (tensors in, tensors out) live in :mod:`qmamba.kernels.decode_step` and beside it.
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qmamba.kernels.binary_matmul import BinaryWeight, binary_matmul
 from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
 from qmamba.kernels.decode_step import add_norm, dt_state_update
 from qmamba.kernels.fused_moe import gated_act
@@ -33,13 +35,21 @@ from qmamba.moe import SwitchMoE
 
 
 # ---- plan --------------------------------------------------------------------------------------------------------------
-def linear_weight(module: nn.Module) -> tuple[PackedWeight, torch.Tensor | None]:
-    """The kernel view of an ``nn.Linear`` or ``QuantLinear`` and its bias."""
+KernelWeight = PackedWeight | BinaryWeight
+
+
+def _kernel_weight(fmt, packed: dict, n: int, k: int) -> KernelWeight:
+    if fmt.name == "binary":
+        return BinaryWeight.from_packed(packed, n, k)
+    return PackedWeight.from_packed(fmt.name, packed, n, k)
+
+
+def linear_weight(module: nn.Module) -> tuple[KernelWeight, torch.Tensor | None]:
+    """The kernel view of an ``nn.Linear``, ``QuantLinear`` or ``BinaryLinear`` and its bias."""
     if isinstance(module, nn.Linear):
         return PackedWeight.from_float(module.weight.detach()), module.bias
     if hasattr(module, "fmt") and hasattr(module, "packed"):
-        return PackedWeight.from_packed(module.fmt.name, module.packed(), module.out_features,
-                                        module.in_features), module.bias
+        return _kernel_weight(module.fmt, module.packed(), module.out_features, module.in_features), module.bias
     raise TypeError(f"fused decode step: unsupported linear module {type(module).__name__}")
 
 
@@ -49,27 +59,34 @@ def dense_weight(module: nn.Module, dtype) -> torch.Tensor:
     return module.dequantized_weight(dtype)
 
 
-def expert_weight(experts: nn.Module, name: str) -> PackedWeight:
+def expert_weight(experts: nn.Module, name: str) -> KernelWeight:
     w = getattr(experts, name)
     if isinstance(w, torch.Tensor):
         return PackedWeight.from_float(w.detach())
-    return PackedWeight.from_packed(w.fmt.name, w.packed(), w.n, w.k)
+    return _kernel_weight(w.fmt, w.packed(), w.n, w.k)
+
+
+def matmul(x: torch.Tensor, weight: KernelWeight, bias=None, row_expert=None, row_scale=None, out=None):
+    """``x @ W^T`` into ``out`` with the kernel for the weight's format."""
+    if isinstance(weight, BinaryWeight):
+        return binary_matmul(x, weight, bias, row_expert=row_expert, row_scale=row_scale, out=out)
+    return dequant_matmul(x, weight, bias, row_expert=row_expert, row_scale=row_scale, out=out)
 
 
 @dataclass
 class _MambaPlan:
     slot: int
     norm_w: torch.Tensor
-    in_proj: PackedWeight
+    in_proj: KernelWeight
     in_bias: torch.Tensor | None
     conv_w: torch.Tensor
     conv_b: torch.Tensor | None
-    x_proj: PackedWeight
+    x_proj: KernelWeight
     dt_w: torch.Tensor
     dt_bias: torch.Tensor
     A: torch.Tensor
     D: torch.Tensor
-    out_proj: PackedWeight
+    out_proj: KernelWeight
     out_bias: torch.Tensor | None
 
 
@@ -78,8 +95,8 @@ class _MoePlan:
     norm_w: torch.Tensor
     router_w: torch.Tensor
     router_b: torch.Tensor | None
-    fc1: PackedWeight
-    fc2: PackedWeight
+    fc1: KernelWeight
+    fc2: KernelWeight
     activation: str
     gated: bool
 
@@ -175,29 +192,28 @@ class FusedDecodeStep:
                 self._add_norm(buf, h, token_ids, plan.norm_w, router=(plan.router_w, plan.router_b))
                 h = self._moe(buf, plan, views)
         self._add_norm(buf, h, token_ids, self.final_w, norm_b=self.final_b)
-        return dequant_matmul(buf["x"], self.head, self.head_bias, out=buf["logits"])
+        return matmul(buf["x"], self.head, self.head_bias, out=buf["logits"])
 
     def _mamba(self, buf, plan: _MambaPlan, views, state):
         xz, dbc, out = views
-        batch = xz.shape[0]
         di = plan.in_proj.n // 2
-        dequant_matmul(buf["x"], plan.in_proj, plan.in_bias, out=xz)
+        matmul(buf["x"], plan.in_proj, plan.in_bias, out=xz)
         conv = state.conv_state[plan.slot]
         xc = buf["xc"][:, :di]
         causal_conv1d_update_triton(xz[:, :di], conv, plan.conv_w, plan.conv_b, "silu", out_state=conv, out=xc)
-        dequant_matmul(xc, plan.x_proj, None, out=dbc)
+        matmul(xc, plan.x_proj, None, out=dbc)
         ssm = state.ssm_state[plan.slot]
         y = buf["y"][:, :di]
         dt_state_update(dbc, plan.dt_w, plan.dt_bias, xc, xz[:, di:], plan.A, plan.D, ssm, y)
-        dequant_matmul(y, plan.out_proj, plan.out_bias, out=out)
+        matmul(y, plan.out_proj, plan.out_bias, out=out)
         return out
 
     def _moe(self, buf, plan: _MoePlan, views):
         h1, out = views
-        dequant_matmul(buf["x"], plan.fc1, row_expert=buf["idx"], out=h1)
+        matmul(buf["x"], plan.fc1, row_expert=buf["idx"], out=h1)
         ffn = plan.fc1.n // 2 if plan.gated else plan.fc1.n
         act = buf["act"][:, :ffn]
         gated_act(h1, plan.activation, plan.gated, out=act)
-        dequant_matmul(act, plan.fc2, row_expert=buf["idx"], row_scale=buf["rwt"], out=out)
+        matmul(act, plan.fc2, row_expert=buf["idx"], row_scale=buf["rwt"], out=out)
         return out
 

@@ -31,23 +31,29 @@ def random_model(cfg: ModelConfig, device="cpu", dtype=torch.float32, seed: int 
 
 
 @torch.no_grad()
-def quantize_rtn(model: MambaLM, fmt, head: bool = True) -> MambaLM:
+def quantize_rtn(model: MambaLM, fmt, head: bool = True, sensitive_fmt=None) -> MambaLM:
     """Swap every Mamba projection, every expert stack and (``head=True``) the LM head for RTN-quantized twins in
-    ``fmt`` (the embedding stays float). Routers, norms and the SSM parameters stay float."""
+    ``fmt`` (the embedding stays float). ``sensitive_fmt`` (e.g. int4 beside a 1-bit ``fmt``, Bi-Mamba's split)
+    takes x_proj, dt_proj and the head instead. Routers, norms and the SSM parameters stay float."""
     from qmamba.mamba_mixer import MambaMixer
     from qmamba.moe import SwitchMoE
-    from qmamba.quant.modules import QuantExperts, QuantLinear
+    from qmamba.quant.modules import experts_class_for, linear_class_for
+
+    small = sensitive_fmt or fmt
+
+    def swap(linear: nn.Linear, f):
+        return linear_class_for(f).from_linear(linear, f)
 
     for block in model.layers:
         mixer = block.mixer
         if isinstance(mixer, MambaMixer):
             for name in ("in_proj", "x_proj", "dt_proj", "out_proj"):
-                setattr(mixer, name, QuantLinear.from_linear(getattr(mixer, name), fmt))
+                setattr(mixer, name, swap(getattr(mixer, name), fmt if name in ("in_proj", "out_proj") else small))
         elif isinstance(mixer, SwitchMoE):
-            mixer.experts = QuantExperts.from_stacked(mixer.experts, fmt, fmt)
+            mixer.experts = experts_class_for(fmt, fmt).from_stacked(mixer.experts, fmt, fmt)
     if head:
         lm_head = nn.Linear(model.config.d_model, model.config.vocab_size, bias=False,
                             device=model.embedding.weight.device, dtype=model.embedding.weight.dtype)
         lm_head.weight.copy_(model.lm_head.weight)
-        model.lm_head = QuantLinear.from_linear(lm_head, fmt)
+        model.lm_head = swap(lm_head, small)
     return model

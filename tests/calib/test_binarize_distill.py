@@ -181,25 +181,38 @@ DISTILL_STEPS = 50
 MARGIN = 0.85  # distilled perplexity must be at most 85% of PTB's (measured: 107.7 -> 78.5, x 0.73; fp32 64.5)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not (FIXTURE / "manifest.json").is_file(), reason="trained fixture not present")
-def test_fixture_distillation_recovers_ptb_loss(tmp_path):
+needs_fixture = pytest.mark.skipif(not (FIXTURE / "manifest.json").is_file(), reason="trained fixture not present")
+
+
+@pytest.fixture(scope="module")
+def distilled_fixture(tmp_path_factory):
+    """PTB and distilled 1-bit checkpoints of the trained fixture, and 8k held-out tokens: ``(dir, ids)``."""
     from qmamba.data_files import resolve_text_spec
-    from qmamba.eval import _tokenizer_for, encode_text_spec, perplexity
+    from qmamba.eval import _tokenizer_for, encode_text_spec
 
     torch.manual_seed(0)
-    fp = load_model(FIXTURE)
-    tok = _tokenizer_for(fp)
+    tmp = tmp_path_factory.mktemp("distilled")
+    tok = _tokenizer_for(load_model(FIXTURE))
     ids = torch.cat([encode_text_spec(tok, f"corpus:heldout/{p.name.split('.')[0]}", 8192 // 3)
                      for p in resolve_text_spec("corpus:heldout")])
+    common = dict(calib=["corpus"], nsamples=64, seq_len=128, **QUIET)
+    quantize_checkpoint(FIXTURE, tmp / "ptb", bits=1, **common)
+    quantize_checkpoint(FIXTURE, tmp / "distill", bits=1, distill=DistillOptions(
+        steps=DISTILL_STEPS, lr=2e-3, ste=True, train_norms=True, progress=False), **common)
+    return tmp, ids
+
+
+@pytest.mark.slow
+@needs_fixture
+def test_fixture_distillation_recovers_ptb_loss(distilled_fixture):
+    from qmamba.eval import perplexity
+
+    tmp_path, ids = distilled_fixture
+    fp = load_model(FIXTURE)
 
     def ppl(model):
         return perplexity(model, ids, 256, 256, batch_size=16, progress=False)["ppl"]
 
-    common = dict(calib=["corpus"], nsamples=64, seq_len=128, **QUIET)
-    quantize_checkpoint(FIXTURE, tmp_path / "ptb", bits=1, **common)
-    quantize_checkpoint(FIXTURE, tmp_path / "distill", bits=1, distill=DistillOptions(
-        steps=DISTILL_STEPS, lr=2e-3, ste=True, train_norms=True, progress=False), **common)
     results = {"fp32": ppl(fp), "ptb": ppl(load_model(tmp_path / "ptb")),
                "distilled": ppl(load_model(tmp_path / "distill"))}
     print({k: round(v, 2) for k, v in results.items()})
@@ -226,3 +239,25 @@ def test_fixture_distillation_recovers_ptb_loss(tmp_path):
     for prompt in (ids[:12][None], ids[500:508][None]):
         ours = generate_onnx(onnx_path, prompt, 24, temperature=0)
         assert torch.equal(ours, generate(model, prompt, 24, temperature=0))
+
+
+@pytest.mark.slow
+@needs_fixture
+def test_distilled_fixture_greedy_tokens_on_gpu(distilled_fixture, device):
+    """The distilled 1-bit model on the GPU (fp32, Triton kernels): the CUDA-graph decoder over the fused step (1-bit
+    word GEMVs) and the eager Triton step give the CPU reference path's greedy tokens (scripts/gpu_check.sh)."""
+    if device.type != "cuda":
+        pytest.skip("needs a GPU (QMAMBA_TEST_DEVICE=cuda)")
+    from qmamba.cuda_graph import default_step_fn
+    from qmamba.fused_step import FusedDecodeStep
+    from qmamba.generation import generate
+
+    tmp_path, ids = distilled_fixture
+    cpu = load_model(tmp_path / "distill")
+    gpu = load_model(tmp_path / "distill", device=device, dtype=torch.float32, backend="triton")
+    step_fn = default_step_fn(gpu)
+    assert isinstance(step_fn._step, FusedDecodeStep)  # no fallback to the captured model.step
+    for prompt in (ids[:12][None], ids[500:508][None], torch.stack([ids[1000:1010], ids[2000:2010]])):
+        want = generate(cpu, prompt, 24, temperature=0)
+        assert torch.equal(generate(gpu, prompt, 24, temperature=0, step_fn=step_fn).cpu(), want)
+        assert torch.equal(generate(gpu, prompt, 24, temperature=0).cpu(), want)  # eager Triton model.step

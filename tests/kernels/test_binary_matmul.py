@@ -73,6 +73,102 @@ def test_routed_rows(fmt, m, device):
         binary_matmul(x, w)
 
 
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
+@pytest.mark.parametrize("n,k", [(37, 64), (50, 96), (70, 352)])
+def test_word_gemv_configs(fmt, n, k, device):
+    """The M = 1 word kernel (K a multiple of 32): words per iteration, BLOCK_N and split-K (atomics into a zeroed
+    float32 ``out``) over a partial last word-block, with bias; the tile kernel (word kernel off) agrees."""
+    from qmamba.kernels import binary_matmul as bm
+
+    packed, w = make_weight(fmt, n, k, device, seed=4)
+    assert bm._sign_words(w.qweight) is not None
+    x = torch.randn(1, k, device=device)
+    bias = torch.randn(n, device=device)
+    ref = x @ w.dequantized()[0].t() + bias
+    for cfg in (None, BinaryConfig(1, 16, 32, 1, 1, 1), BinaryConfig(1, 32, 64, 1, 1, 2),
+                BinaryConfig(1, 64, 128, 4, 1, 4)):
+        close(binary_matmul(x, w, bias, config=cfg), ref, torch.float32)
+    out = torch.zeros(1, n, device=device)
+    binary_matmul(x, w, bias, config=BinaryConfig(1, 32, 32, 1, 1, 3), out=out)
+    close(out, ref, torch.float32)
+    with pytest.raises(ValueError, match="zeroed float32"):
+        binary_matmul(x.half(), w, config=BinaryConfig(1, 32, 32, 1, 1, 2), out=torch.zeros(1, n, device=device,
+                                                                                              dtype=torch.half))
+    bm.BINARY_WORD_GEMV = False
+    try:
+        close(binary_matmul(x, w, bias), ref, torch.float32)
+    finally:
+        bm.BINARY_WORD_GEMV = True
+
+
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("split", [1, 2])
+def test_word_gemv_routed(m, split, device):
+    """Decode MoE on the word kernel: row r reads the words of expert row_expert[r] (one program row per row),
+    the gate multiplies in the epilogue; an expert without rows is never read."""
+    n, k, e = 40, 128, 4
+    _, w = make_weight(BinaryFormat(row_scale=True), n, k, device, lead=(e,), seed=6)
+    x = torch.randn(m, k, device=device)
+    dense = w.dequantized()
+    row_expert = torch.randint(0, e - 1, (m,), device=device).to(torch.int32)
+    gate = torch.rand(m, device=device)
+    got = binary_matmul(x, w, row_expert=row_expert, row_scale=gate, config=BinaryConfig(1, 16, 64, 1, 1, split))
+    ref = torch.stack([dense[row_expert[i]] @ x[i] for i in range(m)]) * gate[:, None]
+    close(got, ref, torch.float32)
+
+
+def test_word_gemv_several_rows_dense(device):
+    """M = 5 on a small matrix takes the word kernel by default; a big one (N * K over the limit) the tile kernel."""
+    from qmamba.kernels import binary_matmul as bm
+
+    _, w = make_weight(BinaryFormat(), 48, 96, device, seed=7)
+    assert bm.pick_binary_config(5, w, torch.device(device)).block_m == 1
+    x = torch.randn(5, 96, device=device)
+    close(binary_matmul(x, w), x @ w.dequantized()[0].t(), torch.float32)
+    limit = bm.WORD_GEMV_MAX_WEIGHTS
+    bm.WORD_GEMV_MAX_WEIGHTS = 48 * 96 - 1
+    try:
+        assert bm.pick_binary_config(5, w, torch.device(device)).block_m > 1
+        assert bm.pick_binary_config(1, w, torch.device(device)).block_m == 1  # M = 1 always
+        close(binary_matmul(x, w), x @ w.dequantized()[0].t(), torch.float32)
+    finally:
+        bm.WORD_GEMV_MAX_WEIGHTS = limit
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
+def test_dequantize_triton_matches_layout(fmt, device):
+    """One-pass Triton dequantization (the M > 16 path on CUDA) == the layout's dequantization, experts stacked,
+    K not a multiple of 8 or of the K tile."""
+    from qmamba.kernels.binary_matmul import dequantize_binary_triton
+
+    _, w = make_weight(fmt, 33, 150, device, lead=(3,), seed=8)
+    got = dequantize_binary_triton(w, torch.float32)
+    torch.testing.assert_close(got, w.dequantized(), atol=0, rtol=0)
+    assert dequantize_binary_triton(w, torch.float16).dtype == torch.float16
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_large_m_paths(routed, device):
+    """M = 40 in the activation dtype of the device (fp16 on CUDA: dequantization + cuBLAS / float grouped GEMM;
+    fp32 on the interpreter: the tile kernel)."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    e = 3 if routed else 1
+    _, w = make_weight(BinaryFormat(row_scale=True), 64, 160, device, lead=(e,) if routed else (), seed=9)
+    x = torch.randn(40, 160, device=device).to(dtype)
+    dense = w.dequantized()
+    if routed:
+        row_expert = torch.randint(0, e, (40,), device=device).to(torch.int32)
+        gate = torch.rand(40, device=device)
+        got = binary_matmul(x, w, row_expert=row_expert, row_scale=gate)
+        ref = torch.stack([dense[row_expert[i]] @ x[i].float() for i in range(40)]) * gate[:, None]
+    else:
+        bias = torch.randn(64, device=device)
+        got = binary_matmul(x, w, bias)
+        ref = x.float() @ dense[0].t() + bias
+    assert got.dtype == dtype
+    close(got, ref, dtype)
+
+
 def test_custom_op_and_fake(device):
     packed, w = make_weight(BinaryFormat(row_scale=True), 12, 40, device, seed=3)
     x = torch.randn(2, 3, 40, device=device)

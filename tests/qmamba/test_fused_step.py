@@ -1,5 +1,5 @@
-"""The fused decode step and the Triton backend against the reference model: float, int8 and int4 weights,
-BlackMamba (MoE) and plain Mamba; decode steps equal the prefill path; graph replay equals eager (GPU only)."""
+"""The fused decode step and the Triton backend against the reference model: float, int8, int4 and 1-bit weights
+(1-bit projections and experts, int4 x_proj/dt_proj/head), BlackMamba (MoE) and plain Mamba; decode steps equal the prefill path; graph replay equals eager (GPU only)."""
 
 import copy
 
@@ -9,21 +9,31 @@ import torch
 from qmamba.config import preset
 from qmamba.fused_step import FusedDecodeStep
 from qmamba.testing import quantize_rtn, random_model
+from qmamba.quant.binary import BinaryFormat
 from qmamba.quant.formats import Int4Format, Int8Format
 
-FORMATS = {"float": None, "int8": Int8Format(), "int4": Int4Format(32)}
+FORMATS = {"float": None, "int8": Int8Format(), "int4": Int4Format(32), "binary": (BinaryFormat(), Int4Format(32))}
 
 
 def build(name, fmt, device):
     model = random_model(preset(name), device)
+    if isinstance(fmt, tuple):
+        return quantize_rtn(model, fmt[0], sensitive_fmt=fmt[1])
     return quantize_rtn(model, fmt) if fmt is not None else model
 
 
-@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("fmt,batch", [("float", 2), ("int8", 2), ("int4", 2), ("int4", 1), ("binary", 1),
+                                       ("binary", 2)])
 @torch.no_grad()
-def test_fused_step_matches_model_step(fmt, device):
+def test_fused_step_matches_model_step(fmt, batch, device):
+    """Batch 1 takes the GEMV kernels (int4 and 1-bit 32-bit-word kernels), batch 2 the small-M tiles."""
     model = build("tiny-blackmamba", FORMATS[fmt], device)
-    ids = torch.randint(0, model.config.vocab_size, (2, 5), device=device)
+    if fmt == "binary":
+        from qmamba.quant.binary import BinaryExperts, BinaryLinear
+
+        kinds = {type(m) for m in model.modules()}
+        assert BinaryLinear in kinds and BinaryExperts in kinds
+    ids = torch.randint(0, model.config.vocab_size, (batch, 5), device=device)
     _, state = model.prefill(ids)
     ref_state = state.clone()
     tok = ids[:, 2]  # a strided column, as generation loops pass it
