@@ -6,7 +6,7 @@
 
 Three paths, picked by M (:func:`binary_matmul`):
 
-- **word GEMV** (M = 1, and M <= 16 on matrices up to ``WORD_GEMV_MAX_WEIGHTS``; K a multiple of 32): the signs
+- **word GEMV** (M = 1, and M <= 8 on matrices up to ``WORD_GEMV_MAX_WEIGHTS``; K a multiple of 32): the signs
   are read as 32-bit words and each +/-1 product is a sign-bit flip of ``-(x * alpha)`` (shift, and-xor, add; no
   multiply, no int-to-float conversion); one program row per activation row, split-K with atomics.
 - **tile kernel** (other M <= 16, the interpreter, explicit configs): each K tile loads ``x``, scales it by
@@ -285,12 +285,15 @@ def _sign_words(q: Tensor):
         return None
 
 
-WORD_GEMV_MAX_WEIGHTS = 1 << 24  # 2 <= M <= 16 take the word kernel (one program row per row) up to this N * K
+# the word kernel reads the weights once per row: beyond M = 1 only for a few rows of a small matrix (H200: at M = 4
+# 1.5-3x faster than the tile kernel on the BlackMamba-2.8B shapes, at M = 16 slower on most of them)
+WORD_GEMV_MAX_ROWS = 8
+WORD_GEMV_MAX_WEIGHTS = 1 << 24  # N * K
 DEQUANT_GEMM_MIN_M = GEMV_MAX_M + 1  # CUDA, M above this: one dequantization pass + cuBLAS / the float GEMM
 
 
 def _word_gemv_fits(m: int, weight: BinaryWeight) -> bool:
-    return BINARY_WORD_GEMV and m <= GEMV_MAX_M and (m == 1 or weight.n * weight.k <= WORD_GEMV_MAX_WEIGHTS)
+    return BINARY_WORD_GEMV and (m == 1 or (m <= WORD_GEMV_MAX_ROWS and weight.n * weight.k <= WORD_GEMV_MAX_WEIGHTS))
 
 
 def pick_binary_config(m: int, weight: BinaryWeight, device) -> BinaryConfig:
@@ -319,7 +322,7 @@ def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, r
                   tiles: ExpertTiles | None = None, config: BinaryConfig | None = None, out=None) -> Tensor:
     """``x [M, K]`` -> ``[M, N]`` in x.dtype, semantics of :func:`binary_matmul_ref` (routing as ``dequant_matmul``).
 
-    Paths: the word GEMV (M = 1, or M <= 16 on small matrices; split-K), the tile kernel (other M <= 16, and
+    Paths: the word GEMV (M = 1, or M <= 8 on small matrices; split-K), the tile kernel (other M <= 16, and
     everywhere on the interpreter or with an explicit ``config``), and on CUDA above 16 rows one Triton
     dequantization pass followed by cuBLAS (one matrix) or the float grouped GEMM (experts).
     ``out`` (optional ``[M, N]``) receives the result as is: with split-K it must be float32 and zeroed; otherwise
