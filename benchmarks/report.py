@@ -1,7 +1,7 @@
-"""Turn the benchmark JSON (bench_kernels.py, bench_e2e.py) into benchmarks/results.md tables, one merged
-benchmarks/results.json and benchmarks/results.png (matplotlib, when installed).
+"""Turn the benchmark JSON (bench_kernels.py, bench_e2e.py) of one machine into markdown tables, one merged JSON and
+a PNG plot (matplotlib, when installed): ``results_tables_<tag>.md``, ``results_<tag>.json``, ``results_<tag>.png``.
 
-    python benchmarks/report.py --kernels kernels.json --e2e e2e.json --outdir benchmarks
+    python benchmarks/report.py --kernels kernels.json [sweep.json ...] --e2e e2e.json --tag h100 --outdir benchmarks
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-PEERS = ["cublas_bf16", "ours_int8", "ours_int4_g128", "torch_int4_g128", "bnb_nf4", "bnb_int8"]
+PEERS = ["cublas_bf16", "ours_int8", "ours_int4_g128", "ours_binary", "torch_int4_g128", "bnb_nf4", "bnb_int8"]
+
+
+ORDER = {"bf16": 0, "int8": 1, "int4_g128": 2, "binary+int4_g128": 3}
 
 
 def fmt(v, digits=1):
@@ -22,18 +25,54 @@ def matmul_table(rows) -> list[str]:
     by = defaultdict(dict)
     for r in rows:
         by[(r["shape"], r["m"])][r["method"]] = r
-    lines = ["| shape (K->N) | M | " + " | ".join(PEERS) + " | int4 vs bf16 | int4 % copy BW |",
-             "|---|---|" + "---|" * (len(PEERS) + 2)]
+    present = [p for p in PEERS if any(p in d for d in by.values())]
+    binary = "ours_binary" in present
+    lines = ["| shape (K->N) | M | " + " | ".join(present) + " | int4 vs bf16 | int4 % copy BW |"
+             + (" 1-bit vs int4 | 1-bit % copy BW |" if binary else ""),
+             "|---|---|" + "---|" * (len(present) + 2 + 2 * binary)]
     for (shape, m), d in by.items():
         cells = []
-        for p in PEERS:
+        for p in present:
             r = d.get(p)
             cells.append("n/a" if r is None or "us" not in r else f"{r['us']:.1f}")
-        ours, cub = d.get("ours_int4_g128", {}), d.get("cublas_bf16", {})
+        ours, cub, bits1 = d.get("ours_int4_g128", {}), d.get("cublas_bf16", {}), d.get("ours_binary", {})
         speed = fmt(cub["us"] / ours["us"], 2) + "x" if "us" in ours and "us" in cub else "-"
         frac = f"{ours['frac_copy_bw']:.0%}" if "us" in ours else "-"
-        lines.append(f"| {shape} | {m} | " + " | ".join(cells) + f" | {speed} | {frac} |")
+        line = f"| {shape} | {m} | " + " | ".join(cells) + f" | {speed} | {frac} |"
+        if binary:
+            b_speed = fmt(ours["us"] / bits1["us"], 2) + "x" if "us" in ours and "us" in bits1 else "-"
+            line += f" {b_speed} | " + (f"{bits1['frac_copy_bw']:.0%}" if "us" in bits1 else "-") + " |"
+        lines.append(line)
     return lines
+
+
+def sweep_tables(k) -> list[str]:
+    out = []
+    if k.get("gemv_sweep"):
+        out += ["## int4 g128 GEMV (M = 1) sweep: (block_m, BLOCK_N, BLOCK_K, split_k, warps, stages)", "",
+                "| shape | heuristic us | best us | best config | best % copy BW | generic path us |",
+                "|---|---|---|---|---|---|"]
+        for r in k["gemv_sweep"]:
+            out.append(f"| {r['shape']} | {r['heuristic_us']:.1f} | {r['best_us']:.1f} | {r['best']} | "
+                       f"{r['best_frac_copy_bw']:.0%} | {fmt(r.get('generic_path_us'))} |")
+        out.append("")
+    if k.get("gemm_sweep"):
+        out += ["## Prefill GEMM sweep (M > 16): best tile config vs heuristic, Triton dequantization + cuBLAS, "
+                "cuBLAS bf16", "", "| format | shape | M | best us | best config | heuristic us | dequant + cuBLAS us "
+                "| cuBLAS bf16 us |", "|---|---|---|---|---|---|---|---|"]
+        for r in k["gemm_sweep"]:
+            out.append(f"| {r['fmt']} | {r['shape']} | {r['m']} | {fmt(r.get('best_us'))} | {r.get('best')} | "
+                       f"{r['heuristic_us']:.1f} | {r['dequant_cublas_us']:.1f} | {r['cublas_bf16_us']:.1f} |")
+        out.append("")
+    if k.get("binary_gemv_sweep"):
+        out += ["## 1-bit GEMV (M = 1) sweep: (block_m, BLOCK_N, BLOCK_K = 32 x words per iteration, warps, stages, "
+                "split_k)", "", "| shape | heuristic us | best us | best config | best % copy BW | tile kernel us | "
+                "int4 g128 us |", "|---|---|---|---|---|---|---|"]
+        for r in k["binary_gemv_sweep"]:
+            out.append(f"| {r['shape']} | {r['heuristic_us']:.1f} | {r['best_us']:.1f} | {r['best']} | "
+                       f"{r['best_frac_copy_bw']:.0%} | {r['tile_kernel_us']:.1f} | {r['int4_g128_us']:.1f} |")
+        out.append("")
+    return out
 
 
 def main():
@@ -41,6 +80,7 @@ def main():
     ap.add_argument("--kernels", nargs="*", default=[])
     ap.add_argument("--e2e", nargs="*", default=[])
     ap.add_argument("--outdir", default="benchmarks")
+    ap.add_argument("--tag", required=True, help="machine tag of the output file names, e.g. h100")
     args = ap.parse_args()
     merged = {"kernels": {}, "e2e": {}}
     for path in args.kernels:
@@ -63,6 +103,7 @@ def main():
     if k.get("matmul"):
         out += ["## Dequant GEMV / GEMM (median us per call, CUDA-graph timed, rotating weight copies)", ""]
         out += matmul_table(k["matmul"]) + [""]
+    out += sweep_tables(k)
     if k.get("sweep"):
         out += ["## Small-M config sweep of our kernel (BLOCK_N x SPLIT_K grid, 4 warps)", "",
                 "| format | shape | M | heuristic us | best us | best config | best % copy BW |",
@@ -86,7 +127,7 @@ def main():
                 "| format | weights GB | decode ms/token B=1 (graph) | B=8 | prefill tok/s @2048 | peak GB | "
                 "graph of model.step B=1 | eager triton B=1 | eager reference B=1 | eager reference B=8 |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in e["rows"]:
+        for r in sorted(e["rows"], key=lambda r: ORDER.get(r["format"], 9)):
             out.append(f"| {r['format']} | {r['weight_bytes'] / 1e9:.2f} | {fmt(r.get('decode_ms_b1'), 3)} | "
                        f"{fmt(r.get('decode_ms_b8'), 3)} | {fmt(r.get('prefill_tok_s_2048'), 0)} | "
                        f"{fmt(r.get('peak_gb'), 2)} | {fmt(r.get('decode_ms_b1_graph_modelstep'), 3)} | "
@@ -94,11 +135,11 @@ def main():
                        f"{fmt(r.get('eager_reference_ms_b8'), 2)} |")
         out.append("")
     outdir = Path(args.outdir)
-    (outdir / "results.json").write_text(json.dumps(merged, indent=1))
-    (outdir / "results_tables.md").write_text("\n".join(out) + "\n")
+    (outdir / f"results_{args.tag}.json").write_text(json.dumps(merged, indent=1))
+    (outdir / f"results_tables_{args.tag}.md").write_text("\n".join(out) + "\n")
     print("\n".join(out))
     try:
-        plot(merged, outdir / "results.png")
+        plot(merged, outdir / f"results_{args.tag}.png")
     except ImportError:
         print("matplotlib not installed: no plot")
 
