@@ -238,6 +238,18 @@ def sweep_gemm(bw, shapes, log):
     return rows
 
 
+def time_grid(configs, run, log, label):
+    """``run(config) -> us`` for each config (a failing one is logged and skipped): ``({str(config): us}, best)``
+    with ``best = (str(config), us)``."""
+    timed = {}
+    for c in configs:
+        try:
+            timed[str(c)] = run(c)
+        except Exception as exc:  # noqa: BLE001 - a config the compiler rejects is reported, not fatal
+            log(f"{label} {c}: {type(exc).__name__} {str(exc)[:80]}")
+    return timed, min(timed.items(), key=lambda kv: kv[1])
+
+
 def sweep_gemv_int4(bw, shapes, log):
     """int4 g128 GEMV (M = 1): the 32-bit-word kernel over (BLOCK_N, groups per iteration (BLOCK_K / 128), SPLIT_K,
     warps), beside the generic path."""
@@ -249,17 +261,13 @@ def sweep_gemv_int4(bw, shapes, log):
         pws = _packed(fmt, k, n, copies_for(n * k // 2))
         size = nbytes(pws[0].qweight, pws[0].scales, pws[0].zeros)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        res = dict(shape=label, configs={})
-        for bn, bk, split, warps in itertools.product((32, 64, 128), (128, 256, 512), (1, 2, 4, 8), (2, 4)):
-            c = (1, bn, bk, split, warps, 3)
-            try:
-                us = time_calls([lambda pw=pw: dequant_matmul(x, pw, config=MatmulConfig(*c))
-                                 for pw in pws], reps=3)
-            except Exception as exc:  # noqa: BLE001
-                log(f"gemv sweep {label} {c}: {type(exc).__name__} {str(exc)[:80]}")
-                continue
-            res["configs"][str(c)] = us
-        best = min(res["configs"].items(), key=lambda kv: kv[1])
+        grid = [(1, bn, bk, split, warps, 3) for bn, bk, split, warps in
+                itertools.product((32, 64, 128), (128, 256, 512), (1, 2, 4, 8), (2, 4))]
+        res = dict(shape=label)
+        def run(c, pws=pws, x=x):
+            return time_calls([lambda pw=pw: dequant_matmul(x, pw, config=MatmulConfig(*c)) for pw in pws], reps=3)
+
+        res["configs"], best = time_grid(grid, run, log, f"gemv sweep {label}")
         res["best"], res["best_us"] = best
         res["best_frac_copy_bw"] = (size + 2 * (k + n)) / (best[1] * 1e-6) / bw
         res["heuristic_us"] = time_calls([lambda pw=pw: dequant_matmul(x, pw) for pw in pws], reps=5)
@@ -286,16 +294,13 @@ def sweep_gemv_binary(bw, shapes, log):
         bws = _binary(k, n, copies_for(n * k // 8))
         size = nbytes(bws[0].qweight, bws[0].alpha, bws[0].beta)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        res = dict(shape=label, configs={})
-        for bn, wpi, split, warps in itertools.product((64, 128, 256), (4, 8), (1, 2, 4), (4, 8)):
-            c = (1, bn, 32 * wpi, warps, 3, split)
-            try:
-                us = time_calls([lambda bw=bw: binary_matmul(x, bw, config=BinaryConfig(*c)) for bw in bws], reps=3)
-            except Exception as exc:  # noqa: BLE001
-                log(f"binary gemv sweep {label} {c}: {type(exc).__name__} {str(exc)[:80]}")
-                continue
-            res["configs"][str(c)] = us
-        best = min(res["configs"].items(), key=lambda kv: kv[1])
+        grid = [(1, bn, 32 * wpi, warps, 3, split) for bn, wpi, split, warps in
+                itertools.product((64, 128, 256), (4, 8), (1, 2, 4), (4, 8))]
+        res = dict(shape=label)
+        def run(c, bws=bws, x=x):
+            return time_calls([lambda bw=bw: binary_matmul(x, bw, config=BinaryConfig(*c)) for bw in bws], reps=3)
+
+        res["configs"], best = time_grid(grid, run, log, f"binary gemv sweep {label}")
         res["best"], res["best_us"] = best
         res["best_frac_copy_bw"] = (size + 2 * (k + n)) / (best[1] * 1e-6) / bw
         res["heuristic"] = str(bm.pick_binary_config(1, bws[0], x.device))

@@ -46,32 +46,31 @@ def matmul_table(rows) -> list[str]:
     return lines
 
 
+def table(title: str, header: list[str], lines: list[str]) -> list[str]:
+    return [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + lines + [""]
+
+
 def sweep_tables(k) -> list[str]:
     out = []
     if k.get("gemv_sweep"):
-        out += ["## int4 g128 GEMV (M = 1) sweep: (block_m, BLOCK_N, BLOCK_K, split_k, warps, stages)", "",
-                "| shape | heuristic us | best us | best config | best % copy BW | generic path us |",
-                "|---|---|---|---|---|---|"]
-        for r in k["gemv_sweep"]:
-            out.append(f"| {r['shape']} | {r['heuristic_us']:.1f} | {r['best_us']:.1f} | {r['best']} | "
-                       f"{r['best_frac_copy_bw']:.0%} | {fmt(r.get('generic_path_us'))} |")
-        out.append("")
+        out += table("int4 g128 GEMV (M = 1) sweep: (block_m, BLOCK_N, BLOCK_K, split_k, warps, stages)",
+                     ["shape", "heuristic us", "best us", "best config", "best % copy BW", "generic path us"],
+                     [f"| {r['shape']} | {r['heuristic_us']:.1f} | {r['best_us']:.1f} | {r['best']} | "
+                      f"{r['best_frac_copy_bw']:.0%} | {fmt(r.get('generic_path_us'))} |" for r in k["gemv_sweep"]])
     if k.get("gemm_sweep"):
-        out += ["## Prefill GEMM sweep (M > 16): best tile config vs heuristic, Triton dequantization + cuBLAS, "
-                "cuBLAS bf16", "", "| format | shape | M | best us | best config | heuristic us | dequant + cuBLAS us "
-                "| cuBLAS bf16 us |", "|---|---|---|---|---|---|---|---|"]
-        for r in k["gemm_sweep"]:
-            out.append(f"| {r['fmt']} | {r['shape']} | {r['m']} | {fmt(r.get('best_us'))} | {r.get('best')} | "
-                       f"{r['heuristic_us']:.1f} | {r['dequant_cublas_us']:.1f} | {r['cublas_bf16_us']:.1f} |")
-        out.append("")
+        out += table("Prefill GEMM sweep (M > 16): best tile config vs heuristic, Triton dequantization + cuBLAS, "
+                     "cuBLAS bf16", ["format", "shape", "M", "best us", "best config", "heuristic us",
+                                     "dequant + cuBLAS us", "cuBLAS bf16 us"],
+                     [f"| {r['fmt']} | {r['shape']} | {r['m']} | {fmt(r.get('best_us'))} | {r.get('best')} | "
+                      f"{r['heuristic_us']:.1f} | {r['dequant_cublas_us']:.1f} | {r['cublas_bf16_us']:.1f} |"
+                      for r in k["gemm_sweep"]])
     if k.get("binary_gemv_sweep"):
-        out += ["## 1-bit GEMV (M = 1) sweep: (block_m, BLOCK_N, BLOCK_K = 32 x words per iteration, warps, stages, "
-                "split_k)", "", "| shape | heuristic us | best us | best config | best % copy BW | tile kernel us | "
-                "int4 g128 us |", "|---|---|---|---|---|---|---|"]
-        for r in k["binary_gemv_sweep"]:
-            out.append(f"| {r['shape']} | {r['heuristic_us']:.1f} | {r['best_us']:.1f} | {r['best']} | "
-                       f"{r['best_frac_copy_bw']:.0%} | {r['tile_kernel_us']:.1f} | {r['int4_g128_us']:.1f} |")
-        out.append("")
+        out += table("1-bit GEMV (M = 1) sweep: (block_m, BLOCK_N, BLOCK_K = 32 x words per iteration, warps, "
+                     "stages, split_k)", ["shape", "heuristic us", "best us", "best config", "best % copy BW",
+                                          "tile kernel us", "int4 g128 us"],
+                     [f"| {r['shape']} | {r['heuristic_us']:.1f} | {r['best_us']:.1f} | {r['best']} | "
+                      f"{r['best_frac_copy_bw']:.0%} | {r['tile_kernel_us']:.1f} | {r['int4_g128_us']:.1f} |"
+                      for r in k["binary_gemv_sweep"]])
     return out
 
 

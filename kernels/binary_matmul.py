@@ -34,7 +34,7 @@ from torch import Tensor
 
 from qmamba.kernels._triton import jit, tl
 from qmamba.kernels.quant_matmul import (GEMV_MAX_M, ROUTE_BY_EXPERT, ROUTE_DENSE, ROUTE_TILES, ExpertTiles,
-                                         _sm_count, expert_tile_map)
+                                         _sm_count, expert_tile_map, output_buffer)
 from qmamba.quant import layout
 
 
@@ -360,12 +360,7 @@ def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, r
     if route == ROUTE_BY_EXPERT and cfg.block_m < m and words is None:
         cfg = BinaryConfig(16, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
     atomic = cfg.split_k > 1
-    convert = out is None and atomic
-    if out is None:
-        out = (torch.zeros if atomic else torch.empty)(m, weight.n, device=x.device,
-                                                       dtype=torch.float32 if atomic else x.dtype)
-    elif atomic and out.dtype != torch.float32:
-        raise ValueError("binary matmul: split-K accumulates into a zeroed float32 `out`")
+    out, convert = output_buffer(x, weight.n, out, atomic, "binary matmul")
     if m == 0:
         return out.to(x.dtype) if convert else out
     q, a, b, r = weight.qweight, weight.alpha, weight.beta, weight.row_scale

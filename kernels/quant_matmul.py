@@ -545,6 +545,19 @@ def _int32_words(q: torch.Tensor):
         return None
 
 
+def output_buffer(x, n: int, out, atomic: bool, who: str):
+    """``(out, convert)``: the ``[M, n]`` result buffer of a matmul. A given ``out`` is used as is (float32 when
+    split-K accumulates into it with atomics: the caller zeroed it); otherwise a new one, zeroed float32 under
+    split-K (``convert``: cast to ``x.dtype`` at the end) or ``x.dtype``."""
+    if out is None:
+        out = (torch.zeros if atomic else torch.empty)(x.shape[0], n, device=x.device,
+                                                       dtype=torch.float32 if atomic else x.dtype)
+        return out, atomic
+    if atomic and out.dtype != torch.float32:
+        raise ValueError(f"{who}: split-K accumulates into a zeroed float32 `out`")
+    return out, False
+
+
 def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scale=None, tiles=None,
                    config: MatmulConfig | None = None, out=None):
     """``x [M, K]`` -> ``[M, N]`` in x.dtype, with the reference semantics of :func:`dequant_matmul_ref`.
@@ -577,12 +590,7 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     if route == ROUTE_TILES:
         cfg = MatmulConfig(tiles.block_m, cfg.block_n, cfg.block_k, 1, cfg.num_warps, cfg.num_stages)
     atomic = cfg.split_k > 1
-    convert = out is None and atomic
-    if out is None:
-        out = (torch.zeros if atomic else torch.empty)(m, weight.n, device=x.device,
-                                                       dtype=torch.float32 if atomic else x.dtype)
-    elif atomic and out.dtype != torch.float32:
-        raise ValueError("dequant matmul: split-K accumulates into a zeroed float32 `out`")
+    out, convert = output_buffer(x, weight.n, out, atomic, "dequant matmul")
     if m == 0:
         return out.to(x.dtype) if convert else out
     if route == ROUTE_DENSE:
