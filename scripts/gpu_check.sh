@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check (run on the H100, not in CI): every kernel test compiled for the GPU, at BlackMamba-2.8B shapes where
-# the tests have them, plus CUDA-graph replay == eager decode. One command:  bash scripts/gpu_check.sh [pytest args]
+# the tests have them, plus CUDA-graph replay == eager decode and the distilled 1-bit fixture's greedy tokens on
+# the GPU. One command:  bash scripts/gpu_check.sh [pytest args]
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -14,5 +15,9 @@ fi
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 # default test paths unless a path is given (options alone, e.g. -x, keep the defaults)
 paths=0; for a in "$@"; do case "$a" in -*) ;; *) paths=1 ;; esac; done
-if [ $paths -eq 0 ]; then set -- tests/kernels tests/qmamba/test_fused_step.py "$@"; fi
+if [ $paths -eq 0 ]; then
+  # the last one needs the shared data (calibration text): QMAMBA_DATA_DIR or ../shared/data, else it skips
+  set -- tests/kernels tests/qmamba/test_fused_step.py \
+    tests/calib/test_binarize_distill.py::test_distilled_fixture_greedy_tokens_on_gpu "$@"
+fi
 exec "$PY" -m pytest -q -p no:cacheprovider "$@"
