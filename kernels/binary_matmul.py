@@ -303,7 +303,7 @@ def pick_binary_config(m: int, weight: BinaryWeight, device) -> BinaryConfig:
         if _word_gemv_fits(m, weight):
             return BinaryConfig(1, 32, 64, 1, 1)
         return BinaryConfig(1 if m == 1 else (16 if m <= GEMV_MAX_M else 32), 32, 64, 1, 1)
-    if _word_gemv_fits(m, weight):  # the word kernel, from the H200 sweep (benchmarks/results.md, "1-bit GEMV")
+    if _word_gemv_fits(m, weight):  # word kernel: H200 sweep, benchmarks/results_tables_h200.md
         n, words = weight.n, _cdiv(weight.k, 32)
         bn, wpi = (256 if n >= 8192 else 64), 8
         programs, iters = m * _cdiv(n, bn), _cdiv(words, wpi)

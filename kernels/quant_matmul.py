@@ -467,9 +467,9 @@ def pick_config(m: int, weight: PackedWeight, device, route: int = ROUTE_DENSE) 
 
 
 def gemm_config(m: int, weight: PackedWeight, device) -> MatmulConfig:
-    """Tiles of the prefill GEMM kernel (M > 16), from the H100 sweep (benchmarks/results.md, "GEMM tiles"): up to
-    64 rows the GEMM is bandwidth-bound (narrow tiles, split-K while the grid is small), above it 64 x 128 and then
-    128 x 128 tiles."""
+    """Tiles of the prefill GEMM kernel (M > 16), from the H100 sweep (benchmarks/results_tables_h100.md, "Prefill
+    GEMM sweep"): up to 64 rows the GEMM is bandwidth-bound (narrow tiles, split-K while the grid is small), above it
+    64 x 128 and then 128 x 128 tiles."""
     g = weight.group_size
     block_k = (g if g >= 64 else 64) if weight.fmt == FMT_INT4 else 64
     if device.type != "cuda":
