@@ -264,6 +264,7 @@ def sweep_gemv_int4(bw, shapes, log):
         grid = [(1, bn, bk, split, warps, 3) for bn, bk, split, warps in
                 itertools.product((32, 64, 128), (128, 256, 512), (1, 2, 4, 8), (2, 4))]
         res = dict(shape=label)
+
         def run(c, pws=pws, x=x):
             return time_calls([lambda pw=pw: dequant_matmul(x, pw, config=MatmulConfig(*c)) for pw in pws], reps=3)
 
@@ -297,6 +298,7 @@ def sweep_gemv_binary(bw, shapes, log):
         grid = [(1, bn, 32 * wpi, warps, 3, split) for bn, wpi, split, warps in
                 itertools.product((64, 128, 256), (4, 8), (1, 2, 4), (4, 8))]
         res = dict(shape=label)
+
         def run(c, bws=bws, x=x):
             return time_calls([lambda bw=bw: binary_matmul(x, bw, config=BinaryConfig(*c)) for bw in bws], reps=3)
 
