@@ -1,7 +1,9 @@
 """Where a decode step's time goes (run on the GPU): the fused single-token step of a random-weight preset, per
 kernel, from the PyTorch profiler (CUPTI kernel records of eager steps; a CUDA graph replays the same kernels).
 
-    python benchmarks/profile_decode.py --preset blackmamba-2.8b --format int4 [--batch 1] [--out prof.json]
+    python benchmarks/profile_decode.py --preset blackmamba-2.8b --format int4_g128 [--batch 1] [--out prof.json]
+
+Formats: those of bench_e2e.py (bf16, int8, int4_g128, binary+int4_g128).
 
 Prints, per kernel name: launches per step, GPU microseconds per step and per launch; the sum of kernel time per
 step beside the replayed graph's wall time per step (the difference is the gaps between graph nodes).
@@ -12,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -20,10 +24,10 @@ from torch.profiler import ProfilerActivity, profile
 from qmamba.config import preset
 from qmamba.cuda_graph import GraphDecoder
 from qmamba.fused_step import FusedDecodeStep
-from qmamba.quant.formats import Int4Format, Int8Format
 from qmamba.testing import quantize_rtn, random_model
 
-FORMATS = {"bf16": None, "int8": Int8Format(), "int4": Int4Format(128)}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_e2e import FORMATS  # noqa: E402
 
 
 def graph_ms_per_step(decoder: GraphDecoder, batch: int, n: int = 100) -> float:
@@ -46,14 +50,15 @@ def graph_ms_per_step(decoder: GraphDecoder, batch: int, n: int = 100) -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="blackmamba-2.8b")
-    ap.add_argument("--format", default="int4", choices=sorted(FORMATS))
+    ap.add_argument("--format", default="int4_g128", choices=sorted(FORMATS))
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out")
     args = ap.parse_args()
     model = random_model(preset(args.preset), "cuda", torch.bfloat16)
-    if FORMATS[args.format] is not None:
-        quantize_rtn(model, FORMATS[args.format], head=True)
+    fmt, sensitive = FORMATS[args.format]
+    if fmt is not None:
+        quantize_rtn(model, fmt, head=True, sensitive_fmt=sensitive)
     model.set_backend("triton")
     step = FusedDecodeStep(model)
     state = model.new_state(args.batch)
