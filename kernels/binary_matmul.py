@@ -339,7 +339,8 @@ def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, r
     if (x.is_cuda and m >= DEQUANT_GEMM_MIN_M and config is None and out is None and x.dtype != torch.float32):
         dense = dequantize_binary_triton(weight, x.dtype)
         if route == ROUTE_DENSE:
-            return torch.nn.functional.linear(x, dense[0], None if bias is None else bias.to(x.dtype))
+            y = torch.nn.functional.linear(x, dense[0], None if bias is None else bias.to(x.dtype))
+            return y if row_scale is None else (y.float() * row_scale.float()[:, None]).to(x.dtype)
         from qmamba.kernels.quant_matmul import PackedWeight, dequant_matmul
 
         return dequant_matmul(x, PackedWeight.from_float(dense), bias, row_expert=row_expert, row_scale=row_scale,
