@@ -34,7 +34,8 @@ from torch import Tensor
 
 from qmamba.kernels._triton import jit, tl
 from qmamba.kernels.quant_matmul import (GEMV_MAX_M, ROUTE_BY_EXPERT, ROUTE_DENSE, ROUTE_TILES, ExpertTiles,
-                                         _sm_count, expert_tile_map, output_buffer)
+                                         PackedWeight, _sm_count, dense_linear, dequant_matmul, expert_tile_map,
+                                         int32_words, output_buffer)
 from qmamba.quant import layout
 
 
@@ -275,16 +276,6 @@ class BinaryConfig:
 BINARY_WORD_GEMV = True  # M = 1: the 32-bit-word kernel (sign-bit flips, no multiplies); False: the tile kernel
 
 
-def _sign_words(q: Tensor):
-    """The packed signs ``[E, N, KB]`` as int32 words ``[E, N, KB / 4]`` (a view), or None (K % 32, alignment)."""
-    if q.shape[-1] % 4 or q.stride(-1) != 1 or q.stride(1) % 4 or q.stride(0) % 4 or q.data_ptr() % 4:
-        return None
-    try:
-        return q.view(torch.int32)
-    except RuntimeError:
-        return None
-
-
 # the word kernel reads the weights once per row: beyond M = 1 only for a few rows of a small matrix (H200: at M = 4
 # 1.5-3x faster than the tile kernel on the BlackMamba-2.8B shapes, at M = 16 slower on most of them)
 WORD_GEMV_MAX_ROWS = 8
@@ -297,8 +288,8 @@ def _word_gemv_fits(m: int, weight: BinaryWeight) -> bool:
 
 
 def pick_binary_config(m: int, weight: BinaryWeight, device) -> BinaryConfig:
-    """The word GEMV (M = 1, and small matrices up to M = 16), small-M tensor-core tiles (M <= 16) or GEMM tiles;
-    few big programs on the interpreter."""
+    """The word GEMV (M = 1, and small matrices up to ``WORD_GEMV_MAX_ROWS`` rows), small-M tensor-core tiles
+    (M <= 16) or GEMM tiles; few big programs on the interpreter."""
     if device.type != "cuda":
         if _word_gemv_fits(m, weight):
             return BinaryConfig(1, 32, 64, 1, 1)
@@ -339,10 +330,7 @@ def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, r
     if (x.is_cuda and m >= DEQUANT_GEMM_MIN_M and config is None and out is None and x.dtype != torch.float32):
         dense = dequantize_binary_triton(weight, x.dtype)
         if route == ROUTE_DENSE:
-            y = torch.nn.functional.linear(x, dense[0], None if bias is None else bias.to(x.dtype))
-            return y if row_scale is None else (y.float() * row_scale.float()[:, None]).to(x.dtype)
-        from qmamba.kernels.quant_matmul import PackedWeight, dequant_matmul
-
+            return dense_linear(x, dense[0], bias, row_scale)
         return dequant_matmul(x, PackedWeight.from_float(dense), bias, row_expert=row_expert, row_scale=row_scale,
                               tiles=tiles)
     cfg = config or pick_binary_config(m, weight, x.device)
@@ -350,7 +338,7 @@ def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, r
         raise ValueError("binary matmul: BLOCK_K must be a multiple of 8")
     words = None
     if m <= GEMV_MAX_M and route != ROUTE_TILES and cfg.block_m == 1 and BINARY_WORD_GEMV and cfg.block_k % 32 == 0:
-        words = _sign_words(weight.qweight)
+        words = int32_words(weight.qweight)
     if words is None:
         cfg = BinaryConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)  # no split-K
     if route == ROUTE_BY_EXPERT and m > GEMV_MAX_M:
@@ -419,8 +407,6 @@ def _routed(x, w, row_expert, row_scale, tiles):
     """One routed matmul with whichever kernel holds ``w`` (BinaryWeight or quant_matmul.PackedWeight)."""
     if isinstance(w, BinaryWeight):
         return binary_matmul(x, w, row_expert=row_expert, row_scale=row_scale, tiles=tiles)
-    from qmamba.kernels.quant_matmul import dequant_matmul
-
     return dequant_matmul(x, w, row_expert=row_expert, row_scale=row_scale, tiles=tiles)
 
 
@@ -441,8 +427,6 @@ def binary_moe_forward(x: Tensor, router_w: Tensor, router_b, fc1, fc2, activati
 
 def experts_kernel_weight(experts, name: str):
     """Kernel view of ``experts.fc1``/``fc2``: :class:`BinaryWeight` for binary, ``PackedWeight`` otherwise."""
-    from qmamba.kernels.quant_matmul import PackedWeight
-
     w = getattr(experts, name)
     if isinstance(w, torch.Tensor):
         return PackedWeight.from_float(w)

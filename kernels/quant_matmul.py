@@ -533,8 +533,9 @@ def dequantize_stack_triton(weight: PackedWeight, dtype, block_r: int = 64, bloc
 INT4_WORD_GEMV = True  # M = 1 int4: the 32-bit-word kernel (no int-to-float conversions); False: the generic path
 
 
-def _int32_words(q: torch.Tensor):
-    """The packed int4 bytes ``[E, N, nb, g/2]`` as int32 words ``[E, N, nb * g/8]`` (a view), or None."""
+def int32_words(q: torch.Tensor):
+    """Packed bytes ``[E, N, ...]`` (int4 ``[E, N, nb, g/2]``, binary signs ``[E, N, KB]``) as int32 words
+    ``[E, N, bytes / 4]`` (a view), or None (a row not a whole number of words, or unaligned)."""
     e, n = q.shape[0], q.shape[1]
     try:
         flat = q.reshape(e, n, -1)
@@ -543,6 +544,12 @@ def _int32_words(q: torch.Tensor):
         return flat.view(torch.int32)
     except RuntimeError:
         return None
+
+
+def dense_linear(x, dense, bias=None, row_scale=None):
+    """cuBLAS ``x @ dense^T (+ bias)``, times the per-row ``row_scale``: the large-M path after a dequantization."""
+    y = torch.nn.functional.linear(x, dense, None if bias is None else bias.to(x.dtype))
+    return y if row_scale is None else (y.float() * row_scale.float()[:, None]).to(x.dtype)
 
 
 def output_buffer(x, n: int, out, atomic: bool, who: str):
@@ -572,9 +579,7 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     m = x.shape[0]
     if (x.is_cuda and row_expert is None and m >= DEQUANT_GEMM_MIN_M.get(weight.fmt, 1 << 62) and config is None
             and out is None and x.dtype != torch.float32):
-        dense = dequantize_stack(weight, x.dtype)[0]
-        y = torch.nn.functional.linear(x, dense, None if bias is None else bias.to(x.dtype))
-        return y if row_scale is None else (y.float() * row_scale.float()[:, None]).to(x.dtype)
+        return dense_linear(x, dequantize_stack(weight, x.dtype)[0], bias, row_scale)
     if bias is not None and tuple(bias.shape) != (weight.n,):
         raise ValueError(f"dequant matmul: bias must be [{weight.n}], got {tuple(bias.shape)}")
     if row_expert is None:
@@ -608,7 +613,7 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     swn = q.stride(1)
     dummy = x
     if weight.fmt == FMT_INT4 and m == 1 and route != ROUTE_TILES and cfg.block_m == 1 and INT4_WORD_GEMV:
-        words = _int32_words(q)
+        words = int32_words(q)
         if words is not None:
             if route == ROUTE_DENSE:
                 grid_m = 1

@@ -1,5 +1,6 @@
 """The fused decode step and the Triton backend against the reference model: float, int8, int4 and 1-bit weights
-(1-bit projections and experts, int4 x_proj/dt_proj/head), BlackMamba (MoE) and plain Mamba; decode steps equal the prefill path; graph replay equals eager (GPU only)."""
+(1-bit projections and experts, int4 x_proj/dt_proj/head), BlackMamba (MoE) and plain Mamba; decode steps equal
+the prefill path; graph replay equals eager (GPU only)."""
 
 import copy
 
@@ -26,7 +27,8 @@ def build(name, fmt, device):
                                        ("binary", 2)])
 @torch.no_grad()
 def test_fused_step_matches_model_step(fmt, batch, device):
-    """Batch 1 takes the GEMV kernels (int4 and 1-bit 32-bit-word kernels), batch 2 the small-M tiles."""
+    """Batch 1 takes the GEMV kernels (int4 and 1-bit 32-bit-word kernels); batch 2 the small-M tiles (int8, int4)
+    and the 1-bit word kernel with one program row per row."""
     model = build("tiny-blackmamba", FORMATS[fmt], device)
     if fmt == "binary":
         from qmamba.quant.binary import BinaryExperts, BinaryLinear
