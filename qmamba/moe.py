@@ -66,7 +66,7 @@ class SwitchMoE(nn.Module):
     def __init__(self, cfg: ModelConfig, n_experts: int):
         super().__init__()
         self.router = nn.Linear(cfg.d_model, n_experts, bias=True)
-        self.backend = "reference"  # "triton": routing and experts on the fused kernels (kernels/fused_moe.py)
+        self.backend = "reference"  # "triton": routing and experts on the fused kernels (qmamba/kernels/fused_moe.py)
         self.experts = StackedExperts(n_experts, cfg.d_model, cfg.ffn_hidden, cfg.expert_gated,
                                       cfg.expert_activation)
 

@@ -7,17 +7,14 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-python3}
 export QMAMBA_TEST_DEVICE=cuda TRITON_INTERPRET=0  # explicit 0: compiled kernels even if the caller set 1
-# the repo's folders map onto qmamba.kernels / qmamba.export / qmamba.calib (pyproject package-dir): install the
-# checkout in editable mode (no dependencies, no network) where it is not installed yet
-if ! "$PY" -c "import qmamba.kernels" 2>/dev/null; then
-  "$PY" -m pip install -q --no-deps --no-build-isolation -e . || exit 1
-fi
+# the checkout itself is importable (qmamba/ holds every subpackage): put it first on the path, no install needed
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 # default test paths unless a path is given (options alone, e.g. -x, keep the defaults)
 paths=0; for a in "$@"; do case "$a" in -*) ;; *) paths=1 ;; esac; done
 if [ $paths -eq 0 ]; then
   # the last one needs the shared data (calibration text): QMAMBA_DATA_DIR or ../shared/data, else it skips
-  set -- tests/kernels tests/qmamba/test_fused_step.py \
-    tests/calib/test_binarize_distill.py::test_distilled_fixture_greedy_tokens_on_gpu "$@"
+  set -- tests/qmamba/kernels tests/qmamba/test_fused_step.py \
+    tests/qmamba/calib/test_binarize_distill.py::test_distilled_fixture_greedy_tokens_on_gpu "$@"
 fi
 exec "$PY" -m pytest -q -p no:cacheprovider "$@"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command of the README: sets up the environment (first run) and runs the whole test suite on the CPU.
-# Triton kernels run under the Triton interpreter (tests/kernels sets TRITON_INTERPRET=1).
+# Triton kernels run under the Triton interpreter (tests/qmamba/kernels sets TRITON_INTERPRET=1).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=$(bash "$ROOT/scripts/setup_env.sh" test,export)

@@ -16,7 +16,7 @@ from qmamba.export.graph import ExportOptions  # noqa: E402
 from qmamba.export.ort_runner import OrtLM, generate_onnx  # noqa: E402
 from qmamba.generation import generate  # noqa: E402
 
-FIXTURE = Path(__file__).resolve().parents[2] / "qmamba" / "assets" / "tiny-blackmamba"
+FIXTURE = Path(__file__).resolve().parents[3] / "qmamba" / "assets" / "tiny-blackmamba"
 
 
 def compare_steps(lm, model, cfg, seed=0, steps=8):

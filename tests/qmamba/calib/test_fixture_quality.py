@@ -12,7 +12,7 @@ from qmamba.calib.quantize import quantize_checkpoint
 from qmamba.checkpoints.load import load_model
 from qmamba.eval import _tokenizer_for, encode_text_spec, perplexity, router_agreement, text_windows
 
-FIXTURE = Path(__file__).resolve().parents[2] / "qmamba" / "assets" / "tiny-blackmamba"
+FIXTURE = Path(__file__).resolve().parents[3] / "qmamba" / "assets" / "tiny-blackmamba"
 EVAL_TOKENS, EVAL_LEN = 49152, 256
 pytestmark = [pytest.mark.slow,  # several minutes on 2 CPU cores: 4 quantizations + 5 evaluations of 49k tokens
               pytest.mark.skipif(not (FIXTURE / "manifest.json").is_file(), reason="trained fixture not present")]

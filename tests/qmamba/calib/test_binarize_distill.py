@@ -21,7 +21,7 @@ from qmamba.quant import layout
 from qmamba.quant.binary import BinaryExperts, BinaryLinear
 
 QUIET = dict(options=CalibOptions(progress=False), log=lambda *_: None)
-FIXTURE = Path(__file__).resolve().parents[2] / "qmamba" / "assets" / "tiny-blackmamba"
+FIXTURE = Path(__file__).resolve().parents[3] / "qmamba" / "assets" / "tiny-blackmamba"
 
 
 def _dense_copy(model):
