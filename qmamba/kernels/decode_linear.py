@@ -65,7 +65,7 @@ class DecodePolicy:
     @classmethod
     def for_device(cls, device) -> "DecodePolicy":
         if device.type != "cuda":
-            return cls(pdl=False, block_n_int4=4, block_n_float=4, num_warps=1)  # interpreter: few programs
+            return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1)  # interpreter: few programs
         return cls(pdl=pdl_supported(device))
 
     def block_n(self, fmt: int, rows: int, n: int) -> int:

@@ -30,13 +30,17 @@ def poisoned(m, n, device):
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("m", [1, 3, 8])
-def test_dense_matches_dequantized_matmul(fmt, m, device):
+@pytest.mark.parametrize("block", [None, 4])
+def test_dense_matches_dequantized_matmul(fmt, m, block, device):
+    """``block``: rows per program (None: the device's policy; 4: several programs and a ragged last one)."""
     torch.manual_seed(m)
     n, k = 37, 200  # K not a multiple of any group: padded tail
     w = make_weight(FORMATS[fmt], n, k, device)
     x = torch.randn(m, k, device=device)
     bias = torch.randn(n, device=device)
-    out = decode_linear(x, w, poisoned(m, n, device), bias=bias)
+    policy = None if block is None else DecodePolicy(pdl=False, block_n_int4=block, block_n_float=block,
+                                                     num_warps=4 if device.type == "cuda" else 1)
+    out = decode_linear(x, w, poisoned(m, n, device), bias=bias, policy=policy)
     ref = decode_linear_ref(x, w, bias=bias)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     # the twin is x @ W_hat^T + b
