@@ -145,6 +145,23 @@ def _dot_row(w, scale, zero, x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, 
 
 
 @jit
+def _dot_rows_int4(w, scale, zero, x_ptr, rr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, K, M,
+                   NBP: tl.constexpr, WPG: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr,
+                   HAS_CB: tl.constexpr):
+    """``[ROWS, BN]`` fp32: int4 tile times the input rows ``rr`` (rows >= M read nothing), each code unpacked once."""
+    kw = (tl.arange(0, NBP)[:, None] * WPG + tl.arange(0, WPG)[None, :]) * 8                        # [NBP, WPG]
+    k_lim = tl.where(rr < M, K, 0)
+    part = tl.zeros((rr.shape[0], w.shape[0], w.shape[1]), dtype=tl.float32)                      # [R, BN, NBP]
+    for i in tl.static_range(8):
+        k = kw[None, :, :] + i
+        xi = _input_at(x_ptr, rr[:, None, None], sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, k,
+                       k < k_lim[:, None, None], CONV, CONV_W, HAS_CB)                              # [R, NBP, WPG]
+        wf = (((w >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zero[:, :, None]  # [BN, NBP, WPG]
+        part += tl.sum(wf[None, :, :, :] * xi[:, None, :, :], axis=3)
+    return tl.sum(part * scale[None, :, :], axis=2)
+
+
+@jit
 def _decode_linear_kernel(
     x_ptr, st_ptr, cw_ptr, cb_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rexp_ptr, rscale_ptr, out_ptr,
     M, N, K, N_UP, sxm, ss_m, ss_d, som, swe, swn, sse, ssn, sze, szn,
@@ -158,20 +175,32 @@ def _decode_linear_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_ok = rows < N
     if ROUTED:
-        # the expert of each row comes from the previous kernel: wait first, then read only this expert's tile
+        # the expert of each row comes from the previous kernel: wait first, then read only this expert's tile.
+        # One row: one program column, the row's expert. Several: column e serves the rows routed to expert e and
+        # an idle column does nothing at all.
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        r_idx = tl.arange(0, ROWS)
-        routed = tl.load(rexp_ptr + r_idx, mask=r_idx < M, other=-1)
-        active = tl.sum((routed == pid_e).to(tl.int32), axis=0) > 0
-        rows_ok = rows < tl.where(active, N, 0)
-        e64 = pid_e.to(tl.int64)
-        w, scale, zero = _load_tile(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, swe, swn, sse, ssn, sze,
-                                    szn, FMT, KP, NBP, WPG)
-        if GATED:
-            w_up, scale_up, zero_up = _load_tile(w_ptr, s_ptr, z_ptr, e64, rows + N_UP, rows_ok, K, swe, swn,
-                                                 sse, ssn, sze, szn, FMT, KP, NBP, WPG)
+        if ROWS == 1:
+            expert = tl.load(rexp_ptr)
+            active = expert >= 0
+        else:
+            expert = pid_e
+            r_idx = tl.arange(0, ROWS)
+            routed = tl.load(rexp_ptr + r_idx, mask=r_idx < M, other=-1)
+            active = tl.sum((routed == pid_e).to(tl.int32), axis=0) > 0
+        if active:
+            e64 = expert.to(tl.int64)
+            w, scale, zero = _load_tile(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, swe, swn, sse, ssn, sze,
+                                        szn, FMT, KP, NBP, WPG)
+            if GATED:
+                w_up, scale_up, zero_up = _load_tile(w_ptr, s_ptr, z_ptr, e64, rows + N_UP, rows_ok, K, swe, swn,
+                                                     sse, ssn, sze, szn, FMT, KP, NBP, WPG)
+            else:
+                w_up, scale_up, zero_up = w, scale, zero
+            _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
+                      bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, rows, rows_ok, expert, M, N, K,
+                      FMT, ROWS, ROUTED, CONV, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP, NBP, WPG)
     else:
         e64 = pid_e.to(tl.int64) * 0
         w, scale, zero = _load_tile(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, swe, swn, sse, ssn, sze,
@@ -179,25 +208,57 @@ def _decode_linear_kernel(
         if GATED:
             w_up, scale_up, zero_up = _load_tile(w_ptr, s_ptr, z_ptr, e64, rows + N_UP, rows_ok, K, swe, swn,
                                                  sse, ssn, sze, szn, FMT, KP, NBP, WPG)
+        else:
+            w_up, scale_up, zero_up = w, scale, zero
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+        _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
+                  bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, rows, rows_ok, pid_e, M, N, K,
+                  FMT, ROWS, ROUTED, CONV, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP, NBP, WPG)
+
+
+@jit
+def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
+              bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, rows, rows_ok, expert, M, N, K,
+              FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr, CONV: tl.constexpr,
+              CONV_W: tl.constexpr, HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+              HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr,
+              WPG: tl.constexpr):
+    """Each input row (that is routed here) times the tile(s), epilogue, store. A row that is not computed costs a
+    branch, no arithmetic."""
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
-    for r in tl.static_range(ROWS):
-        row_ok = (pid_n * 0 + r) < M  # a tensor (the interpreter rejects a Python bool mask)
-        if ROUTED:
-            row_ok = row_ok & (tl.load(rexp_ptr + r, mask=row_ok, other=-1) == pid_e)
-        y = _dot_row(w, scale, zero, x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, K, row_ok, FMT, KP, NBP,
-                     WPG, CONV, CONV_W, HAS_CB)
+    if FMT == 2 and ROWS > 1 and not ROUTED:
+        # every row uses the same tile: unpack each code once, multiply it into all rows
+        rr = tl.arange(0, ROWS)
+        y = _dot_rows_int4(w, scale, zero, x_ptr, rr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, K, M, NBP, WPG,
+                           CONV, CONV_W, HAS_CB)                                                   # [ROWS, BN]
         if HAS_BIAS:
-            y += bias
+            y += bias[None, :]
         if GATED:
-            y = activate(y, ACT) * _dot_row(w_up, scale_up, zero_up, x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr, ss_m,
-                                            ss_d, K, row_ok, FMT, KP, NBP, WPG, CONV, CONV_W, HAS_CB)
+            y = activate(y, ACT) * _dot_rows_int4(w_up, scale_up, zero_up, x_ptr, rr, sxm, st_ptr, cw_ptr, cb_ptr,
+                                                  ss_m, ss_d, K, M, NBP, WPG, CONV, CONV_W, HAS_CB)
         if HAS_RSCALE:
-            y = y * tl.load(rscale_ptr + r, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + r * som + rows, y.to(out_ptr.dtype.element_ty), mask=rows < tl.where(row_ok, N, 0))
+            y = y * tl.load(rscale_ptr + rr, mask=rr < M, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + rr[:, None] * som + rows[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=(rr < M)[:, None] & rows_ok[None, :])
+    else:
+        for r in tl.static_range(ROWS):
+            row_ok = (tl.program_id(1) * 0 + r) < M  # a tensor (the interpreter rejects a Python bool mask)
+            if ROUTED and ROWS > 1:
+                row_ok = row_ok & (tl.load(rexp_ptr + r, mask=row_ok, other=-1) == expert)
+            if row_ok:
+                y = _dot_row(w, scale, zero, x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, K, row_ok, FMT, KP, NBP,
+                             WPG, CONV, CONV_W, HAS_CB)
+                if HAS_BIAS:
+                    y += bias
+                if GATED:
+                    y = activate(y, ACT) * _dot_row(w_up, scale_up, zero_up, x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr,
+                                                    ss_m, ss_d, K, row_ok, FMT, KP, NBP, WPG, CONV, CONV_W, HAS_CB)
+                if HAS_RSCALE:
+                    y = y * tl.load(rscale_ptr + r).to(tl.float32)
+                tl.store(out_ptr + r * som + rows, y.to(out_ptr.dtype.element_ty), mask=rows_ok)
 
 
 # ---- launcher and reference twin -------------------------------------------------------------------------------------
@@ -252,7 +313,7 @@ def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, r
                 not cw.is_contiguous():
             raise ValueError("decode_linear: conv needs state [M, K, W] (unit last stride) and contiguous w [K, W]")
     bn = policy.block_n(weight.fmt, m, n_out)
-    grid = (weight.n_experts if row_expert is not None else 1, -(-n_out // bn))
+    grid = (weight.n_experts if row_expert is not None and m > 1 else 1, -(-n_out // bn))
     dummy = x
     kwargs = dict(launch_pdl=True) if policy.pdl else {}
     _decode_linear_kernel[grid](
