@@ -30,6 +30,7 @@ FORMATS = {"bf16": (None, None), "int8": (Int8Format(), None), "int4_g128": (Int
 
 
 def build(cfg, name, dtype=torch.bfloat16):
+    """The preset with random weights (seed 0: the same weights in every dtype), RTN-quantized to ``name``."""
     model = random_model(cfg, "cuda", dtype)
     fmt, sensitive = FORMATS[name]
     if fmt is not None:
@@ -55,7 +56,8 @@ def main():
         model = build(cfg, name)
         try:
             rows = bench_model(model, [int(b) for b in args.batches.split(",")], args.prompt_len, args.tokens,
-                               log=lambda s, n=name: print(f"{n}: {s}", flush=True))
+                               log=lambda s, n=name: print(f"{n}: {s}", flush=True),
+                               check_model=lambda n=name: build(cfg, n, torch.float32))
         except BenchCheckError as exc:
             result["failures"].append(f"{name}: {exc}")
             print(f"{name}: FAILED {exc}", flush=True)
