@@ -153,7 +153,8 @@ def _quantize_row_scale(src: Path, path: Path, args) -> dict:
     from qmamba.calib.quantize import apply_packed, source_record
     from qmamba.calib.recipe import build_plan
     from qmamba.checkpoints.load import build_model
-    from qmamba.checkpoints.native import read_checkpoint, save_checkpoint
+    from qmamba.checkpoints.detect import read_checkpoint
+    from qmamba.checkpoints.native import save_checkpoint
     from qmamba.quant.binary import BinaryFormat
 
     cfg, sd, manifest = read_checkpoint(src)

@@ -96,7 +96,8 @@ def quantize_checkpoint(src, out, *, bits: int = 4, group_size: int = 128, metho
     ``distill``: a :class:`qmamba.calib.distill.DistillOptions` to distill the binary (1-bit) modules against the
     float model on the calibration sequences after PTB (``None``: no distillation)."""
     from qmamba.checkpoints.files import check_output_dir
-    from qmamba.checkpoints.native import read_checkpoint, save_checkpoint
+    from qmamba.checkpoints.detect import read_checkpoint
+    from qmamba.checkpoints.native import save_checkpoint
     from qmamba.eval import record_routing, routing_agreement
     from qmamba.model import MambaLM
 

@@ -5,7 +5,7 @@ Public API::
 
     save_checkpoint(model_or_state_dict, config, out_dir, *, source=None, quantization=None, extra=None,
                     tokenizer_file=None, overwrite=False, dtype=None) -> Path
-    read_checkpoint(path) -> (config, state_dict, manifest)      # any supported format, tensors on CPU
+    read(directory) -> (config, state_dict, manifest)    # this format (any format: qmamba.checkpoints.read_checkpoint)
 
 Writes are atomic (a temporary directory beside ``out_dir``, renamed at the end). A tied head is not stored.
 Tensors that share memory are stored once and recorded in ``manifest["aliases"]``. When
@@ -136,13 +136,3 @@ def read(directory: Path, hash_weights: bool = True):
     validate_state_dict(sd, cfg, weights, quantization=quantization)
     return cfg, sd, manifest
 
-
-def read_checkpoint(path, hash_files: bool = True):
-    """``(config, state_dict, manifest)`` from a checkpoint of any supported format (tensors on CPU).
-
-    ``path``: a local directory (or a file inside it) or a Hugging Face hub id. ``hash_files``: record sha256 of
-    source-format files in ``manifest["source"]["files"]`` (otherwise ``None`` values).
-    """
-    from .detect import read_checkpoint as _read
-
-    return _read(path, hash_files=hash_files)

@@ -4,7 +4,8 @@ Both hold the packed tensors of :mod:`qmamba.quant.layout` as buffers (``qweight
 quantized state dict has keys such as ``layers.0.mixer.in_proj.qweight`` or ``layers.1.mixer.experts.fc1.scales``.
 The ``"reference"`` backend dequantizes to the activation dtype and multiplies: it is the oracle of the Triton
 kernels, which hook in through the single methods :meth:`QuantLinear._matmul` and
-:meth:`QuantExperts._expert_matmul` when ``backend == "triton"``.
+:meth:`QuantExperts._expert_matmul` when ``backend == "triton"``. The 1-bit twins :class:`BinaryLinear` /
+:class:`BinaryExperts` differ only in their reference matmul (the factored form, :func:`binary_matmul`).
 
 The quantization manifest (``manifest["quantization"]`` of a checkpoint) maps module names to entries
 ``{"format": "int4", "group_size": 128, "symmetric": false, "method": "gptq", ...}``; :func:`swap_quantized_modules`
@@ -19,7 +20,8 @@ from torch import nn
 
 from qmamba.errors import CheckpointError, ConfigError
 from qmamba.moe import StackedExperts, expert_mlp
-from qmamba.quant.formats import WeightFormat, format_from_dict
+from qmamba.quant import layout
+from qmamba.quant.formats import BinaryFormat, WeightFormat, format_from_dict, is_binary
 
 # keys of a manifest module entry that describe how it was made, not the format
 ENTRY_INFO_KEYS = ("method", "fallback", "n_tokens", "note")
@@ -182,6 +184,45 @@ class QuantExperts(nn.Module):
         return out
 
 
+# ---- the 1-bit twins (format ``binary``): same constructors, reference matmul in the factored form ----
+def binary_matmul(x: torch.Tensor, packed: dict, k: int) -> torch.Tensor:
+    """Reference factored matmul: ``x [..., K]`` -> ``(x * alpha) @ S^T + (x . beta)`` (``* r``) ``[..., N]``.
+
+    Computed in ``x.dtype`` (the +/-1 matrix is exact in any float type)."""
+    S = layout.signs_pm1(packed["qweight"], k, x.dtype)
+    alpha, beta = packed["alpha"].to(x.dtype), packed["beta"].to(x.dtype)
+    y = F.linear(x * alpha, S) + (x @ beta)[..., None]
+    if "row_scale" in packed:
+        y = y * packed["row_scale"].to(x.dtype)
+    return y
+
+
+class BinaryLinear(QuantLinear):
+    """:class:`QuantLinear` in the binary format: ``x [..., in] -> [..., out]``; reference = factored matmul."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: WeightFormat | None = None, bias: bool = False,
+                 device=None, bias_dtype=torch.float32):
+        fmt = fmt or BinaryFormat()
+        if not is_binary(fmt):
+            raise TypeError(f"BinaryLinear needs the binary format, got {fmt.describe()}")
+        super().__init__(in_features, out_features, fmt, bias, device=device, bias_dtype=bias_dtype)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton":
+            return super()._matmul(x)
+        return binary_matmul(x, self.packed(), self.in_features)
+
+
+class BinaryExperts(QuantExperts):
+    """:class:`QuantExperts` where fc1 and/or fc2 are binary (the other may be int4/int8/float)."""
+
+    def _expert_matmul(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
+        w = getattr(self, name)
+        if self.backend != "triton" and isinstance(w, PackedExpertWeight) and is_binary(w.fmt):
+            return binary_matmul(x, w.packed(expert), w.k)
+        return super()._expert_matmul(x, name, expert)
+
+
 # ---- module swap ------------------------------------------------------------------------------------------
 def manifest_modules(quantization: dict) -> dict:
     """The ``{module_name: entry}`` map of a quantization manifest (also accepts ``{"modules": {...}}``)."""
@@ -243,16 +284,13 @@ def swap_quantized_modules(model: nn.Module, quantization: dict) -> nn.Module:
 
 
 def linear_class_for(fmt: WeightFormat) -> type:
-    """The module class holding a linear in ``fmt`` (:class:`QuantLinear` unless the format names its own)."""
-    return fmt.linear_class() if hasattr(fmt, "linear_class") else QuantLinear
+    """The module class holding a linear in ``fmt``."""
+    return BinaryLinear if is_binary(fmt) else QuantLinear
 
 
 def experts_class_for(fc1_fmt: WeightFormat | None, fc2_fmt: WeightFormat | None) -> type:
-    """The experts class for these fc1/fc2 formats (a format's own class wins, e.g. the binary one)."""
-    for fmt in (fc1_fmt, fc2_fmt):
-        if fmt is not None and hasattr(fmt, "experts_class"):
-            return fmt.experts_class()
-    return QuantExperts
+    """The experts class for these fc1/fc2 formats (:class:`BinaryExperts` when either is binary)."""
+    return BinaryExperts if any(f is not None and is_binary(f) for f in (fc1_fmt, fc2_fmt)) else QuantExperts
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

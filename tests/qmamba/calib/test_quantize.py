@@ -99,7 +99,8 @@ def test_crash_midway_leaves_no_output(tiny_checkpoint, calib_text_file, tmp_pat
 
 def test_expert_fallbacks_are_defined(tiny_checkpoint, calib_text_file, tmp_path):
     """Route (almost) everything to expert 0: the others see zero tokens and use all-token statistics."""
-    from qmamba.checkpoints.native import read_checkpoint, save_checkpoint
+    from qmamba.checkpoints.detect import read_checkpoint
+    from qmamba.checkpoints.native import save_checkpoint
 
     cfg, sd, _ = read_checkpoint(tiny_checkpoint)
     for i in cfg.moe_layer_ids:

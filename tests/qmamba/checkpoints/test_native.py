@@ -8,7 +8,8 @@ from safetensors import safe_open
 
 from qmamba.checkpoints import native
 from qmamba.checkpoints.load import build_model, load_model
-from qmamba.checkpoints.native import read_checkpoint, save_checkpoint
+from qmamba.checkpoints.detect import read_checkpoint
+from qmamba.checkpoints.native import save_checkpoint
 from qmamba.checkpoints.random_init import random_state_dict
 from qmamba.config import preset
 from qmamba.errors import CheckpointError, ConfigError
