@@ -150,12 +150,13 @@ def _quantize_row_scale(src: Path, path: Path, args) -> dict:
     """PTB with the per-output-row scale variant (``BinaryFormat(row_scale=True)``): data-free, so done directly on
     the float weights (the same modules ``--bits 1`` selects), saved as a native checkpoint."""
     from qmamba.calib.pipeline import ModuleResult
-    from qmamba.calib.quantize import apply_packed, source_record
+    from qmamba.calib.quantize import source_record
     from qmamba.calib.recipe import build_plan
     from qmamba.checkpoints.load import build_model
     from qmamba.checkpoints.detect import read_checkpoint
     from qmamba.checkpoints.native import save_checkpoint
     from qmamba.quant.binary import BinaryFormat
+    from qmamba.quant.modules import swap_quantized_modules
 
     cfg, sd, manifest = read_checkpoint(src)
     dtype = next(t.dtype for t in sd.values() if t.is_floating_point())
@@ -166,7 +167,7 @@ def _quantize_row_scale(src: Path, path: Path, args) -> dict:
         parent, _, leaf = name.rpartition(".")
         W = getattr(model.get_submodule(parent), leaf) if leaf in ("fc1", "fc2") else model.get_submodule(name).weight
         results[name] = ModuleResult(name, leaf, fmt, "ptb", fmt.quantize_rtn(W.detach()), W.numel())
-    apply_packed(model, results)
+    swap_quantized_modules(model, {n: r.fmt for n, r in results.items()}, {n: r.packed for n, r in results.items()})
     save_checkpoint(model.state_dict(), cfg, path, source=source_record(src, manifest), dtype=dtype,
                     quantization={n: r.manifest_entry() for n, r in results.items()},
                     tokenizer_file=src / "tokenizer.json", overwrite=True)

@@ -18,11 +18,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from qmamba.errors import UserError
-from qmamba.moe import StackedExperts
-from qmamba.quant.modules import experts_class_for, linear_class_for
+from qmamba.quant.modules import swap_quantized_modules
 
 from qmamba.calib.data import load_calibration, load_tokenizer
 from qmamba.calib.pipeline import CalibOptions, ModuleResult, calibrate
@@ -59,33 +57,6 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
-def apply_packed(model: nn.Module, results: dict[str, ModuleResult]) -> nn.Module:
-    """Replace the calibrated float modules by quantized twins holding the packed results."""
-    experts: dict[str, dict] = {}
-    for name, r in results.items():
-        parent, _, leaf = name.rpartition(".")
-        if leaf in ("fc1", "fc2") and isinstance(model.get_submodule(parent), StackedExperts):
-            experts.setdefault(parent, {})[leaf] = r
-            continue
-        linear = model.get_submodule(name)
-        packed = {k: v.to(linear.weight.device) for k, v in r.packed.items()}
-        new = linear_class_for(r.fmt).from_linear(linear, r.fmt, packed)
-        _set(model, name, new)
-    for parent, parts in experts.items():
-        old = model.get_submodule(parent)
-        fc1, fc2 = parts.get("fc1"), parts.get("fc2")
-        fmt1, fmt2 = fc1.fmt if fc1 else None, fc2.fmt if fc2 else None
-        new = experts_class_for(fmt1, fmt2).from_stacked(old, fmt1, fmt2,
-                                        fc1.packed if fc1 else None, fc2.packed if fc2 else None)
-        _set(model, parent, new)
-    return model
-
-
-def _set(model, name, module):
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
 def quantize_checkpoint(src, out, *, bits: int = 4, group_size: int = 128, method: str = "gptq",
                         symmetric: bool = False, calib=("corpus",), nsamples: int = 128, seq_len: int = 512,
                         recipe: str | None = None, quantize_head: bool = False, quantize_xdt: bool = False,
@@ -96,16 +67,17 @@ def quantize_checkpoint(src, out, *, bits: int = 4, group_size: int = 128, metho
     ``distill``: a :class:`qmamba.calib.distill.DistillOptions` to distill the binary (1-bit) modules against the
     float model on the calibration sequences after PTB (``None``: no distillation)."""
     from qmamba.checkpoints.files import check_output_dir
-    from qmamba.checkpoints.detect import read_checkpoint
+    from qmamba.checkpoints.detect import open_checkpoint
+    from qmamba.checkpoints.load import model_from_checkpoint
     from qmamba.checkpoints.native import save_checkpoint
     from qmamba.eval import record_routing, routing_agreement
-    from qmamba.model import MambaLM
 
     src, out = Path(src), Path(out)
     check_output_dir(out, overwrite)
     opts = options or CalibOptions()
     recipe_data = load_recipe(recipe) if recipe else None
-    cfg, state_dict, manifest = read_checkpoint(src)
+    checkpoint = open_checkpoint(src, hash_files=True)
+    cfg, manifest = checkpoint.config, checkpoint.manifest
     if manifest.get("quantization"):
         raise UserError(f"{src} is already quantized; quantize its float source instead")
     directory = src if src.is_dir() else src.parent
@@ -114,31 +86,21 @@ def quantize_checkpoint(src, out, *, bits: int = 4, group_size: int = 128, metho
         raise UserError(f"no tokenizer for calibration: {tok_path} not found (pass --tokenizer FILE)")
     device = torch.device(device) if device else torch.device("cpu")
 
-    source_dtypes = {k: v.dtype for k, v in state_dict.items()}
-    with torch.device("meta"):  # no second copy of the weights: the float32 tensors are assigned
-        model = MambaLM(cfg)
-    plan = build_plan(model, bits, group_size, symmetric, method, quantize_head, quantize_xdt, recipe_data)
+    source_dtypes = {k: v.dtype for k, v in checkpoint.state_dict.items()}
+    plan = build_plan(checkpoint.skeleton, bits, group_size, symmetric, method, quantize_head, quantize_xdt,
+                      recipe_data)
     if distill is not None and not any(getattr(e.fmt, "bits", 0) == 1 for e in plan.values()):
         raise UserError("--distill trains 1-bit modules: use --bits 1 or a recipe with bits: 1")
     data = load_calibration(calib, load_tokenizer(tok_path), nsamples, seq_len, seed, cfg.vocab_size)
-    sd = {}
-    for k in list(state_dict):  # calibration runs in float32
-        v = state_dict.pop(k)
-        sd[k] = v.to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device)
-    if cfg.tie_embeddings:
-        sd.setdefault("lm_head.weight", sd["embedding.weight"])
-    model.load_state_dict(sd, strict=True, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embedding.weight
-    model.eval().requires_grad_(False)
-    del sd
+    model = model_from_checkpoint(checkpoint, device, torch.float32)  # calibration runs in float32
     ids = data.ids.to(device)
 
     t0 = time.perf_counter()
     fp_routes = record_routing(model, ids, opts.batch_size)
     teacher = copy.deepcopy(model) if distill is not None else None  # the float model, before any fold
     results = calibrate(model, ids, plan, opts)
-    apply_packed(model, results)
+    swap_quantized_modules(model, {name: r.fmt for name, r in results.items()},
+                           {name: r.packed for name, r in results.items()})
     distill_report = None
     if teacher is not None:
         from qmamba.calib.distill import distill as run_distillation

@@ -245,18 +245,23 @@ def entry_format(name: str, entry: dict) -> WeightFormat:
         raise CheckpointError(f"quantization entry for {name!r}: {exc}") from None
 
 
-def swap_quantized_modules(model: nn.Module, quantization: dict) -> nn.Module:
-    """Replace the modules named in the manifest by empty quantized twins (shapes from the float modules).
+def swap_quantized_modules(model: nn.Module, quantization: dict, packed: dict[str, dict] | None = None, *,
+                           rtn: bool = False) -> nn.Module:
+    """Replace the named modules of ``model`` by their quantized twins, in place; returns ``model``.
 
-    Names: ``nn.Linear`` modules (``layers.0.mixer.in_proj``, ``lm_head``, ...) and the stacked expert matrices
-    ``layers.1.mixer.experts.fc1`` / ``.fc2``. Works on a model built on the ``meta`` device too (buffers follow
-    the device of the replaced module). Returns ``model``.
+    ``quantization``: ``{name: format}``, each format a :class:`WeightFormat` or a manifest entry (a checkpoint's
+    ``manifest["quantization"]``, also as ``{"modules": {...}}``). Names: ``nn.Linear`` modules
+    (``layers.0.mixer.in_proj``, ``lm_head``, ...) and the stacked expert matrices ``layers.1.mixer.experts.fc1`` /
+    ``.fc2`` (an expert stack named for one matrix keeps the other in float). A twin holds ``packed[name]`` when
+    given, else (``rtn=True``) the round-to-nearest packing of the float weight, else zeros of the right shapes for
+    ``load_state_dict`` to fill, which also works on a model built on the ``meta`` device (buffers follow the
+    device of the replaced module). A float bias is carried over; modules already quantized are left alone.
     """
-    entries = manifest_modules(quantization)
+    packed = packed or {}
     modules = dict(model.named_modules())
     expert_fmts: dict[str, dict] = {}
-    for name, entry in entries.items():
-        fmt = entry_format(name, entry)
+    for name, entry in manifest_modules(quantization).items():
+        fmt = entry if isinstance(entry, WeightFormat) else entry_format(name, entry)
         parent_name, _, leaf = name.rpartition(".")
         if leaf in ("fc1", "fc2") and isinstance(modules.get(parent_name), (StackedExperts, QuantExperts)):
             expert_fmts.setdefault(parent_name, {})[leaf] = fmt
@@ -267,19 +272,30 @@ def swap_quantized_modules(model: nn.Module, quantization: dict) -> nn.Module:
         if not isinstance(target, nn.Linear):
             raise CheckpointError(f"quantization manifest names {name!r}, which is not a linear layer or an expert "
                                   "matrix of this model")
-        w = target.weight
-        new = linear_class_for(fmt)(target.in_features, target.out_features, fmt, target.bias is not None,
-                                    device=w.device, bias_dtype=w.dtype)
-        _set_submodule(model, name, new)
+        cls = linear_class_for(fmt)
+        if name in packed or rtn:
+            new = cls.from_linear(target, fmt, packed.get(name))
+        else:
+            w = target.weight
+            new = cls(target.in_features, target.out_features, fmt, target.bias is not None, device=w.device,
+                      bias_dtype=w.dtype)
+        set_submodule(model, name, new)
     for name, fmts in expert_fmts.items():
         old = modules[name]
         if isinstance(old, QuantExperts):
             continue
-        n_experts, _, d = old.fc1.shape
-        cls = experts_class_for(fmts.get("fc1"), fmts.get("fc2"))
-        new = cls(n_experts, d, old.fc2.shape[2], old.gated, old.activation, fmts.get("fc1"), fmts.get("fc2"),
-                  device=old.fc1.device, float_dtype=old.fc1.dtype)
-        _set_submodule(model, name, new)
+        fc1_fmt, fc2_fmt = fmts.get("fc1"), fmts.get("fc2")
+        parts = {leaf: packed.get(f"{name}.{leaf}") for leaf in fmts}
+        cls = experts_class_for(fc1_fmt, fc2_fmt)
+        if rtn or any(p is not None for p in parts.values()):
+            if not rtn and any(p is None for p in parts.values()):
+                raise ValueError(f"packed tensors for only one of the expert matrices of {name!r}")
+            new = cls.from_stacked(old, fc1_fmt, fc2_fmt, parts.get("fc1"), parts.get("fc2"))
+        else:
+            n_experts, _, d = old.fc1.shape
+            new = cls(n_experts, d, old.fc2.shape[2], old.gated, old.activation, fc1_fmt, fc2_fmt,
+                      device=old.fc1.device, float_dtype=old.fc1.dtype)
+        set_submodule(model, name, new)
     return model
 
 
@@ -293,7 +309,8 @@ def experts_class_for(fc1_fmt: WeightFormat | None, fc2_fmt: WeightFormat | None
     return BinaryExperts if any(f is not None and is_binary(f) for f in (fc1_fmt, fc2_fmt)) else QuantExperts
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """``model.<name> = new`` for a dotted ``name`` (``layers.0.mixer.in_proj``)."""
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, leaf, new)

@@ -13,12 +13,13 @@ import torch
 
 from qmamba.calib.distill import DistillOptions, distill, distill_loss
 from qmamba.calib.pipeline import CalibOptions
-from qmamba.calib.quantize import apply_packed, quantize_checkpoint
+from qmamba.calib.quantize import quantize_checkpoint
 from qmamba.calib.recipe import build_plan
 from qmamba.checkpoints.load import load_model
 from qmamba.errors import UserError
 from qmamba.quant import layout
 from qmamba.quant.binary import BinaryExperts, BinaryLinear
+from qmamba.quant.modules import swap_quantized_modules
 
 QUIET = dict(options=CalibOptions(progress=False), log=lambda *_: None)
 FIXTURE = Path(__file__).resolve().parents[3] / "qmamba" / "assets" / "tiny-blackmamba"
@@ -94,7 +95,7 @@ def ptb_pair(tiny_checkpoint, calib_text_file):
     data = load_calibration([str(calib_text_file)], load_tokenizer(tiny_checkpoint / "tokenizer.json"), 16, 32, 0,
                             teacher.config.vocab_size)
     results = calibrate(student, data.ids, build_plan(student, bits=1), CalibOptions(progress=False))
-    apply_packed(student, results)
+    swap_quantized_modules(student, {n: r.fmt for n, r in results.items()}, {n: r.packed for n, r in results.items()})
     return student, teacher, data.ids
 
 
