@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-ROWS = {  # label: quantize_checkpoint keyword arguments (distill handled below)
+ROWS = {  # label: QuantizeOptions fields (distill and row_scale handled below)
     "fp32": None,
     "int4 g128 GPTQ": dict(bits=4, group_size=128, method="gptq"),
     "1-bit PTB": dict(bits=1),
@@ -82,7 +82,7 @@ def main():
     from qmamba import load_model
     from qmamba.calib.distill import DistillOptions
     from qmamba.calib.pipeline import CalibOptions
-    from qmamba.calib.quantize import quantize_checkpoint
+    from qmamba.calib.quantize import QuantizeOptions, quantize_checkpoint
     from qmamba.data_files import resolve_text_spec
     from qmamba.eval import _tokenizer_for, encode_text_spec, perplexity
 
@@ -122,9 +122,10 @@ def main():
             if row_scale:  # the variant has no CLI flag: PTB straight from the float weights
                 info = _quantize_row_scale(src, path, args)
             else:
-                info = quantize_checkpoint(src, path, calib=["corpus"], nsamples=args.nsamples,
-                                           seq_len=args.seq_len, overwrite=True, distill=distill,
-                                           options=CalibOptions(progress=False), log=lambda *_: None, **kwargs)
+                options = QuantizeOptions(calib=["corpus"], nsamples=args.nsamples, seq_len=args.seq_len,
+                                          overwrite=True, distill=distill, calibration=CalibOptions(progress=False),
+                                          **kwargs)
+                info = quantize_checkpoint(src, path, options, log=lambda *_: None)
             info = {"seconds": round(time.perf_counter() - start, 1),
                     "distillation": {k: v for k, v in (info.get("distillation") or {}).items() if k != "history"}}
         model = load_model(path)

@@ -14,8 +14,10 @@ import copy
 import hashlib
 import platform
 import time
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,9 +25,12 @@ from qmamba.errors import UserError
 from qmamba.quant.modules import swap_quantized_modules
 
 from qmamba.calib.data import load_calibration, load_tokenizer
-from qmamba.calib.pipeline import CalibOptions, ModuleResult, calibrate
+from qmamba.calib.pipeline import CalibOptions, calibrate
 from qmamba.calib.recipe import build_plan, load_recipe
 from qmamba.calib.report import format_table, summarize
+
+if TYPE_CHECKING:
+    from qmamba.calib.distill import DistillOptions
 
 
 def _sha256(path: Path) -> str:
@@ -57,41 +62,67 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
-def quantize_checkpoint(src, out, *, bits: int = 4, group_size: int = 128, method: str = "gptq",
-                        symmetric: bool = False, calib=("corpus",), nsamples: int = 128, seq_len: int = 512,
-                        recipe: str | None = None, quantize_head: bool = False, quantize_xdt: bool = False,
-                        device=None, tokenizer: str | None = None, seed: int = 0, overwrite: bool = False,
-                        options: CalibOptions | None = None, distill=None, log=print) -> dict:
-    """Quantize checkpoint ``src`` into native checkpoint ``out``; returns the run record (also in the manifest).
+@dataclass
+class QuantizeOptions:
+    """What ``quantize_checkpoint`` does; the defaults are ``qmamba quantize``'s (each field is one of its options).
 
-    ``distill``: a :class:`qmamba.calib.distill.DistillOptions` to distill the binary (1-bit) modules against the
-    float model on the calibration sequences after PTB (``None``: no distillation)."""
+    ``bits``/``group_size``/``symmetric``/``method`` (a name of :data:`qmamba.calib.methods.SELECTABLE_METHODS`)
+    apply to the modules selected by default (plus the head with ``quantize_head``, x_proj/dt_proj with
+    ``quantize_xdt``); a ``recipe`` file overrides them per module. ``calib``: ``"corpus"`` or text files, cut into
+    ``nsamples`` windows of ``seq_len`` tokens (corpus windows drawn with ``seed``). ``tokenizer``: default the
+    checkpoint's ``tokenizer.json``. ``calibration``: the walk's own settings. ``distill``: a
+    :class:`qmamba.calib.distill.DistillOptions` to distill the 1-bit modules against the float model after PTB.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    method: str = "gptq"
+    symmetric: bool = False
+    calib: Sequence[str] = ("corpus",)
+    nsamples: int = 128
+    seq_len: int = 512
+    recipe: str | None = None
+    quantize_head: bool = False
+    quantize_xdt: bool = False
+    device: str | None = None
+    tokenizer: str | None = None
+    seed: int = 0
+    overwrite: bool = False
+    calibration: CalibOptions = field(default_factory=CalibOptions)
+    distill: DistillOptions | None = None
+
+
+def quantize_checkpoint(src, out, options: QuantizeOptions | None = None, *, log=print) -> dict:
+    """Quantize checkpoint ``src`` into native checkpoint ``out`` as ``options`` say; returns the run record (also
+    in the manifest)."""
     from qmamba.checkpoints.files import check_output_dir
     from qmamba.checkpoints.detect import open_checkpoint
     from qmamba.checkpoints.load import model_from_checkpoint
     from qmamba.checkpoints.native import save_checkpoint
     from qmamba.eval import record_routing, routing_agreement
 
+    options = options or QuantizeOptions()
     src, out = Path(src), Path(out)
-    check_output_dir(out, overwrite)
-    opts = options or CalibOptions()
+    check_output_dir(out, options.overwrite)
+    opts, distill, recipe = options.calibration, options.distill, options.recipe
     recipe_data = load_recipe(recipe) if recipe else None
     checkpoint = open_checkpoint(src, hash_files=True)
     cfg, manifest = checkpoint.config, checkpoint.manifest
     if manifest.get("quantization"):
         raise UserError(f"{src} is already quantized; quantize its float source instead")
     directory = src if src.is_dir() else src.parent
-    tok_path = Path(tokenizer) if tokenizer else directory / "tokenizer.json"
+    tok_path = Path(options.tokenizer) if options.tokenizer else directory / "tokenizer.json"
     if not tok_path.is_file():
         raise UserError(f"no tokenizer for calibration: {tok_path} not found (pass --tokenizer FILE)")
-    device = torch.device(device) if device else torch.device("cpu")
+    device = torch.device(options.device) if options.device else torch.device("cpu")
 
     source_dtypes = {k: v.dtype for k, v in checkpoint.state_dict.items()}
-    plan = build_plan(checkpoint.skeleton, bits, group_size, symmetric, method, quantize_head, quantize_xdt,
-                      recipe_data)
+    plan = build_plan(checkpoint.skeleton, options.bits, options.group_size, options.symmetric, options.method,
+                      options.quantize_head, options.quantize_xdt, recipe_data)
     if distill is not None and not any(getattr(e.fmt, "bits", 0) == 1 for e in plan.values()):
         raise UserError("--distill trains 1-bit modules: use --bits 1 or a recipe with bits: 1")
-    data = load_calibration(calib, load_tokenizer(tok_path), nsamples, seq_len, seed, cfg.vocab_size)
+    data = load_calibration(options.calib, load_tokenizer(tok_path), options.nsamples, options.seq_len,
+                            options.seed, cfg.vocab_size)
     model = model_from_checkpoint(checkpoint, device, torch.float32)  # calibration runs in float32
     ids = data.ids.to(device)
 
@@ -127,11 +158,12 @@ def quantize_checkpoint(src, out, *, bits: int = 4, group_size: int = 128, metho
         if v.is_floating_point() and k in source_dtypes and not any(k.startswith(n + ".") for n in entries):
             v = v.to(source_dtypes[k])
         out_sd[k] = v.detach().cpu()
-    info = {"method": method, "bits": bits, "group_size": group_size, "symmetric": symmetric,
-            "quantize_head": quantize_head, "quantize_xdt": quantize_xdt, "options": asdict(opts),
+    info = {"method": options.method, "bits": options.bits, "group_size": options.group_size,
+            "symmetric": options.symmetric, "quantize_head": options.quantize_head,
+            "quantize_xdt": options.quantize_xdt, "options": asdict(opts),
             "recipe": {"path": str(recipe), "content": recipe_data} if recipe else None,
             "calibration": data.describe(), "versions": versions(), "seconds": round(seconds, 2),
             "summary": rows, "router_agreement": router, "distillation": distill_report}
     save_checkpoint(out_sd, cfg, out, source=source_record(src, manifest), quantization=entries,
-                    extra={"quantization_info": info}, tokenizer_file=tok_path, overwrite=overwrite)
+                    extra={"quantization_info": info}, tokenizer_file=tok_path, overwrite=options.overwrite)
     return info

@@ -8,8 +8,6 @@ to ``qmamba.export.ort_runner.generate_cli(path, **options)`` with the same opti
 from __future__ import annotations
 
 import importlib
-import sys
-import time
 
 import click
 
@@ -45,62 +43,18 @@ def generate_text(path: str, prompt: str, *, max_new_tokens: int, temperature: f
                   out=None, err=None) -> dict:
     """Load, generate, and stream the text of one prompt to ``out``; returns timing figures (also printed to
     ``err``)."""
-    import torch
-
     import qmamba
-    from qmamba.generation import check_sampling_options, generate
+    from qmamba.cuda_graph import default_step_fn  # CUDA + triton backend: graph-captured fused decode
+    from qmamba.generation import check_sampling_options, stream_generate
     from qmamba.tokenizer import find_tokenizer_file, load_tokenizer
 
-    out = out or sys.stdout
-    err = err or sys.stderr
     check_sampling_options(temperature, top_k, top_p)
     tok = load_tokenizer(find_tokenizer_file(None, tokenizer)) if tokenizer else None  # fail before loading
     model = qmamba.load_model(path, device=device, dtype=dtype, backend=backend)
     if tok is None:
         tok = load_tokenizer(find_tokenizer_file(getattr(model, "tokenizer_path", None) or path))
-    ids = tok.encode(prompt)
-    if not ids:
-        if tok.eos_token_id is None:
-            raise UserError("the prompt is empty and the tokenizer has no end-of-text token to start from")
-        ids = [tok.eos_token_id]  # an empty prompt starts a new document
-    input_ids = torch.tensor([ids], dtype=torch.int64, device=model.device)
-    model.check_token_ids(input_ids)
-
-    decoder = tok.stream_decoder()
-    timing = {"first": None, "count": 0}
-    out.write(prompt)
-    out.flush()
-
-    def stream(token):
-        token_id = int(token[0])
-        if timing["first"] is None:
-            timing["first"] = time.perf_counter()
-        timing["count"] += 1
-        if token_id == tok.eos_token_id:
-            return
-        piece = decoder.push([token_id])
-        if piece:
-            out.write(piece)
-            out.flush()
-
-    start = time.perf_counter()
-    from qmamba.cuda_graph import default_step_fn  # CUDA + triton backend: graph-captured fused decode
-
-    generate(model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-             eos_token_id=tok.eos_token_id, stream=stream, step_fn=default_step_fn(model))
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
-    end = time.perf_counter()
-    out.write(decoder.flush() + "\n")
-    out.flush()
-    n = timing["count"]
-    first = timing["first"] or end
-    decode_s = end - first
-    stats = {"prompt_tokens": len(ids), "new_tokens": n, "prefill_s": first - start, "decode_s": decode_s,
-             "tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan")}
-    err.write(f"{n} tokens in {end - start:.2f} s: prefill {len(ids)} tokens + first token "
-              f"{stats['prefill_s'] * 1e3:.0f} ms, decode {stats['tokens_per_s']:.1f} tokens/s\n")
-    return stats
+    return stream_generate(model, tok, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=seed, step_fn=default_step_fn(model), out=out, err=err)
 
 
 @click.command("generate")

@@ -64,7 +64,7 @@ def test_quantizer_builds_one_model(tmp_path, counters, monkeypatch):
     """Up to the writing of the result (whose validation builds its own skeleton for the output's config)."""
     import qmamba.checkpoints.native as native
     from qmamba.calib.pipeline import CalibOptions
-    from qmamba.calib.quantize import quantize_checkpoint
+    from qmamba.calib.quantize import QuantizeOptions, quantize_checkpoint
 
     save, built_before_save = native.save_checkpoint, []
 
@@ -78,7 +78,8 @@ def test_quantizer_builds_one_model(tmp_path, counters, monkeypatch):
     calib = tmp_path / "calib.txt"
     calib.write_text("To be, or not to be, that is the question. " * 40, encoding="utf-8")
     counters["models"], counters["reads"] = 0, Counter()
-    quantize_checkpoint(fixture, tmp_path / "q", bits=8, method="rtn", calib=[str(calib)], nsamples=2, seq_len=32,
-                        options=CalibOptions(progress=False), log=lambda *_: None)
+    options = QuantizeOptions(bits=8, method="rtn", calib=[str(calib)], nsamples=2, seq_len=32,
+                              calibration=CalibOptions(progress=False))
+    quantize_checkpoint(fixture, tmp_path / "q", options, log=lambda *_: None)
     assert built_before_save == [1]
     assert counters["reads"]["config.json"] == 1
