@@ -46,10 +46,4 @@ def main():
 
 
 for _module, _attr in COMMAND_MODULES.items():
-    try:
-        _mod = importlib.import_module(f"qmamba.cli.{_module}")
-    except ModuleNotFoundError as _exc:  # a command module not written yet
-        if _exc.name != f"qmamba.cli.{_module}":
-            raise
-        continue
-    main.add_command(getattr(_mod, _attr))
+    main.add_command(getattr(importlib.import_module(f"qmamba.cli.{_module}"), _attr))

@@ -7,11 +7,7 @@ to ``qmamba.export.ort_runner.generate_cli(path, **options)`` with the same opti
 
 from __future__ import annotations
 
-import importlib
-
 import click
-
-from qmamba.errors import UserError
 
 BACKEND_CHOICES = ("reference", "triton", "onnxruntime")
 
@@ -23,19 +19,10 @@ def _default_device() -> str:
 
 
 def run_onnx(path: str, options: dict) -> None:
-    """Delegate to the ONNX Runtime runner (written by the export module)."""
-    try:
-        ort_runner = importlib.import_module("qmamba.export.ort_runner")
-    except ModuleNotFoundError as exc:
-        if exc.name in ("onnxruntime", "onnx"):
-            raise UserError(f"ONNX Runtime generation needs {exc.name}: pip install 'qmamba[export]'") from None
-        if exc.name in ("qmamba.export", "qmamba.export.ort_runner"):
-            raise UserError("ONNX Runtime generation is not available in this build (no qmamba.export.ort_runner); "
-                            "use --backend reference|triton with a torch checkpoint") from None
-        raise
-    if not hasattr(ort_runner, "generate_cli"):
-        raise UserError("this qmamba build has no ONNX Runtime generation entry point (ort_runner.generate_cli)")
-    ort_runner.generate_cli(path, **options)
+    """Delegate to the ONNX Runtime runner of :mod:`qmamba.export.ort_runner`."""
+    from qmamba.export.ort_runner import generate_cli
+
+    generate_cli(path, **options)
 
 
 def generate_text(path: str, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int, top_p: float,

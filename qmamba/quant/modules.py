@@ -326,9 +326,3 @@ def quantized_module_names(model: nn.Module) -> list[str]:
             names += [f"{name}.{w}" for w in ("fc1", "fc2") if isinstance(getattr(mod, w), PackedExpertWeight)]
     return names
 
-
-def set_module_backend(model: nn.Module, backend: str) -> None:
-    """Set ``backend`` on every submodule that has that attribute (mixers, quantized modules)."""
-    for mod in model.modules():
-        if mod is not model and hasattr(mod, "backend"):
-            mod.backend = backend
