@@ -1,5 +1,6 @@
 """Layer-by-layer calibration: capture each planned linear's inputs with the already-quantized preceding layers,
-quantize it (RTN / GPTQ / AWQ), replace its weight by the dequantized one, move on.
+quantize it (RTN / GPTQ / AWQ / PTB, see the registry :mod:`qmamba.calib.methods`), replace its weight by the
+dequantized one, move on.
 
 The walk mirrors ``MambaLM.prefill`` (fp32 residual stream, ``x = norm(residual)``, ``h = mixer(x)``) over the
 calibration sequences in chunks. Inside a Mamba block the planned projections are taken in forward order

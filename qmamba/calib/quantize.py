@@ -1,4 +1,5 @@
-"""``quantize_checkpoint``: read a float checkpoint, calibrate, quantize, write a native quantized checkpoint.
+"""``quantize_checkpoint(src, out, QuantizeOptions(...))``: read a float checkpoint (the one reader and builder of
+:mod:`qmamba.checkpoints`), calibrate, quantize, swap in the quantized modules, write a native quantized checkpoint.
 
 Output: a native qmamba checkpoint (written atomically by ``save_checkpoint``: a crash or Ctrl-C leaves no output
 directory) whose ``manifest["quantization"]`` maps module names to format entries (``{"format": "int4",

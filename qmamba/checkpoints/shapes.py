@@ -1,7 +1,8 @@
 """The tensors a config implies, and validation of a state dict against them before any model is built.
 
 Internal names are those of :class:`qmamba.model.MambaLM` (``layers.{i}.mixer.in_proj.weight`` ...). The expected
-shapes come from building the model on the ``meta`` device, so they can never drift from the model code. A tied
+shapes come from building the model on the ``meta`` device (:func:`meta_model`), so they can never drift from the
+model code; a loader validates with the very model it then fills. A tied
 head (``lm_head.weight``) is not expected. Tensors of quantized modules (named in the manifest's
 ``quantization`` map) are skipped here: :mod:`qmamba.quant.modules` validates them.
 """

@@ -1,8 +1,9 @@
 """The ``qmamba`` command line: a thin layer over the library API.
 
-Each command lives in its own module of this package and is registered in ``COMMAND_MODULES``. Commands whose
-implementation needs optional parts (``qmamba.calib``, ``qmamba.export``) import them inside the command, so
-``qmamba info``/``generate`` work without onnx installed.
+Each command lives in its own module of this package and is registered in ``COMMAND_MODULES``. Commands import
+their implementation (``qmamba.calib``, ``qmamba.export``, torch) inside the command, so ``qmamba --help`` is quick
+and ``qmamba info``/``generate`` work without onnx installed; ``quantize`` reads its method choices from the
+torch-free registry :mod:`qmamba.calib.methods`.
 """
 
 from __future__ import annotations
