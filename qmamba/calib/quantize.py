@@ -12,7 +12,6 @@ dtype (AWQ-folded norm/router weights included, so a bf16 source rounds them to 
 from __future__ import annotations
 
 import copy
-import hashlib
 import platform
 import time
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from qmamba.checkpoints.files import hash_files
 from qmamba.errors import UserError
 from qmamba.quant.modules import swap_quantized_modules
 
@@ -34,33 +34,19 @@ if TYPE_CHECKING:
     from qmamba.calib.distill import DistillOptions
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def source_record(src: Path, manifest: dict) -> dict:
     directory = src if src.is_dir() else src.parent
-    files = {p.name: _sha256(p) for p in sorted(directory.iterdir()) if p.is_file()}
+    files = hash_files(directory, [p.name for p in directory.iterdir() if p.is_file()])
     return {"format": manifest.get("format"), "path": str(src), "files": files, "origin": manifest.get("source")}
 
 
 def versions() -> dict:
     import tokenizers
 
-    from qmamba.checkpoints.manifest import FORMAT_VERSION
+    from qmamba.checkpoints.manifest import FORMAT_VERSION, qmamba_version
 
-    try:
-        from importlib.metadata import version
-
-        qmamba_version = version("qmamba")
-    except Exception:  # not installed as a distribution
-        qmamba_version = "unknown"
-    return {"qmamba": qmamba_version, "checkpoint_format": FORMAT_VERSION, "torch": torch.__version__, "tokenizers": tokenizers.__version__,
-            "python": platform.python_version()}
+    return {"qmamba": qmamba_version(), "checkpoint_format": FORMAT_VERSION, "torch": torch.__version__,
+            "tokenizers": tokenizers.__version__, "python": platform.python_version()}
 
 
 @dataclass

@@ -16,6 +16,7 @@ from qmamba.quant.formats import Int4Format, Int8Format
 from qmamba.quant.layout import LayoutError
 from qmamba.quant.modules import (PackedExpertWeight, QuantExperts, QuantLinear, quantized_module_names,
                                   swap_quantized_modules)
+from qmamba.testing import random_model
 
 FORMATS = [Int8Format(), Int4Format(32), Int4Format(64, True), Int4Format(128)]
 
@@ -112,11 +113,7 @@ def test_swap_fills_twins_with_rtn_or_given_packed_tensors():
     """The one swap: ``rtn=True`` equals quantizing module by module with the twins' own constructors; ``packed``
     tensors are held bit for bit (and a packing of another shape is refused); a float bias is carried over; an
     expert stack given packed tensors for one of its two named matrices is refused."""
-    torch.manual_seed(4)
-    cfg = preset("tiny-blackmamba")
-    model = MambaLM(cfg)
-    for p in model.parameters():
-        p.data.normal_(0, 0.05)
+    model = random_model(preset("tiny-blackmamba"), seed=4)
     fmt = Int4Format(32)
     formats = {"layers.0.mixer.in_proj": fmt, "layers.0.mixer.x_proj": Int8Format(),
                "layers.1.mixer.experts.fc1": fmt, "lm_head": Int8Format()}
