@@ -72,26 +72,25 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     low: dict[str, int] = {}
     on_stack: set[str] = set()
     stack: list[str] = []
+    work: list = []  # (node, iterator over its children) of the depth-first walk
     found = []
-    counter = 0
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        work.append((node, iter(sorted(graph[node] & graph.keys()))))
+
     for start in sorted(graph):
         if start in index:
             continue
-        work = [(start, iter(sorted(graph[start] & graph.keys())))]
-        index[start] = low[start] = counter
-        counter += 1
-        stack.append(start)
-        on_stack.add(start)
+        visit(start)
         while work:
             node, children = work[-1]
             child = next(children, None)
             if child is not None:
                 if child not in index:
-                    index[child] = low[child] = counter
-                    counter += 1
-                    stack.append(child)
-                    on_stack.add(child)
-                    work.append((child, iter(sorted(graph[child] & graph.keys()))))
+                    visit(child)
                 elif child in on_stack:
                     low[node] = min(low[node], index[child])
                 continue
@@ -151,6 +150,30 @@ def test_cycles_found_in_small_graphs():
     assert three == [["b", "f", "m"]]
     two = cycles({"a": {"b"}, "b": {"a", "c"}, "c": {"d"}, "d": {"c"}})
     assert sorted(two) == [["a", "b"], ["c", "d"]]
+
+
+def test_cycles_match_brute_force_reachability():
+    """On random graphs: the circles are the sets of modules that reach each other (and self-importers)."""
+    import random
+
+    for seed in range(200):
+        rng = random.Random(seed)
+        nodes = [f"m{i}" for i in range(rng.randint(1, 8))]
+        graph = {a: {b for b in nodes if rng.random() < 0.25} | {"torch"} for a in nodes}
+
+        def reachable(a):
+            seen, todo = set(), [a]
+            while todo:
+                for b in graph[todo.pop()] & set(nodes):
+                    if b not in seen:
+                        seen.add(b)
+                        todo.append(b)
+            return seen
+
+        reach = {a: reachable(a) for a in nodes}
+        expected = {tuple(sorted({a} | {b for b in reach[a] if a in reach[b]}))
+                    for a in nodes if a in reach[a]}
+        assert {tuple(c) for c in cycles(graph)} == expected, seed
 
 
 def test_graph_reader_resolves_relative_and_lazy_imports():
