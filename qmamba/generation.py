@@ -6,6 +6,7 @@ Small pure pieces, so the decode step can be swapped (a CUDA-graph replay, an ON
     logits = decode_one_token(step_fn, token_ids, state)      # [B] -> [B, V]; state updated in place
     next_ids = sample(logits, temperature, top_k, top_p, generator)
     tokens = generate(model, input_ids, max_new_tokens, ...)  # [B, L + T]
+    stats = stream_generate(model, tokenizer, prompt, max_new_tokens, ...)  # text to a stream (the CLI)
 
 All sequences of a batch share one prompt length (an SSM has no attention mask: padding would enter the state).
 Sampling stays on the model's device; the loop reads nothing back to the host except every ``sync_every`` steps
@@ -15,7 +16,8 @@ to see whether all sequences have finished (and whatever a ``stream`` callback r
 from __future__ import annotations
 
 import inspect
-
+import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -152,6 +154,62 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
         if not last:
             logits = decode_one_token(step_fn, token, state)
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+def stream_generate(model, tokenizer, prompt: str, max_new_tokens: int, *, temperature: float = 1.0,
+                    top_k: int = 0, top_p: float = 1.0, seed: int | None = None, step_fn: StepFn | None = None,
+                    label: str | None = None, out=None, err=None) -> dict:
+    """Continue ``prompt`` and stream the text to ``out`` as it comes (the prompt first), then one timing line to
+    ``err`` (``label`` names the backend there); returns the figures (``prompt_tokens``, ``new_tokens``,
+    ``prefill_s``, ``decode_s``, ``tokens_per_s``). An empty prompt starts a new document (the end-of-text token).
+
+    ``model``: what :func:`generate` runs (a :class:`qmamba.model.MambaLM`, or a runner with ``.device``,
+    ``.prefill``, ``.step`` and ``.check_token_ids``, such as the onnxruntime one); ``tokenizer``: a
+    :class:`qmamba.tokenizer.TextTokenizer`; ``step_fn``: as in :func:`generate`.
+    """
+    out = out or sys.stdout
+    err = err or sys.stderr
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        if tokenizer.eos_token_id is None:
+            raise UserError("the prompt is empty and the tokenizer has no end-of-text token to start from")
+        ids = [tokenizer.eos_token_id]
+    input_ids = torch.tensor([ids], dtype=torch.int64, device=model.device)
+    model.check_token_ids(input_ids)
+    decoder = tokenizer.stream_decoder()
+    timing = {"first": None, "count": 0}
+    out.write(prompt)
+    out.flush()
+
+    def stream(token):
+        token_id = int(token[0])
+        if timing["first"] is None:
+            timing["first"] = time.perf_counter()
+        timing["count"] += 1
+        if token_id == tokenizer.eos_token_id:
+            return
+        piece = decoder.push([token_id])
+        if piece:
+            out.write(piece)
+            out.flush()
+
+    start = time.perf_counter()
+    generate(model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+             eos_token_id=tokenizer.eos_token_id, stream=stream, step_fn=step_fn)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    end = time.perf_counter()
+    out.write(decoder.flush() + "\n")
+    out.flush()
+    n = timing["count"]
+    first = timing["first"] or end
+    decode_s = end - first
+    stats = {"prompt_tokens": len(ids), "new_tokens": n, "prefill_s": first - start, "decode_s": decode_s,
+             "tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan")}
+    where = f" ({label})" if label else ""
+    err.write(f"{n} tokens in {end - start:.2f} s{where}: prefill {len(ids)} tokens + first token "
+              f"{stats['prefill_s'] * 1e3:.0f} ms, decode {stats['tokens_per_s']:.1f} tokens/s\n")
+    return stats
 
 
 def generated_lengths(tokens: torch.Tensor, prompt_len: int, eos_token_id: int | None) -> torch.Tensor:

@@ -4,10 +4,10 @@ sane scales, and an RTN swap of every projection (and the experts, and optionall
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from qmamba.config import ModelConfig
 from qmamba.model import MambaLM
+from qmamba.quant.modules import swap_quantized_modules
 
 
 @torch.no_grad()
@@ -35,25 +35,14 @@ def quantize_rtn(model: MambaLM, fmt, head: bool = True, sensitive_fmt=None) -> 
     """Swap every Mamba projection, every expert stack and (``head=True``) the LM head for RTN-quantized twins in
     ``fmt`` (the embedding stays float). ``sensitive_fmt`` (e.g. int4 beside a 1-bit ``fmt``, Bi-Mamba's split)
     takes x_proj, dt_proj and the head instead. Routers, norms and the SSM parameters stay float."""
-    from qmamba.mamba_mixer import MambaMixer
-    from qmamba.moe import SwitchMoE
-    from qmamba.quant.modules import experts_class_for, linear_class_for
-
     small = sensitive_fmt or fmt
-
-    def swap(linear: nn.Linear, f):
-        return linear_class_for(f).from_linear(linear, f)
-
-    for block in model.layers:
-        mixer = block.mixer
-        if isinstance(mixer, MambaMixer):
-            for name in ("in_proj", "x_proj", "dt_proj", "out_proj"):
-                setattr(mixer, name, swap(getattr(mixer, name), fmt if name in ("in_proj", "out_proj") else small))
-        elif isinstance(mixer, SwitchMoE):
-            mixer.experts = experts_class_for(fmt, fmt).from_stacked(mixer.experts, fmt, fmt)
+    formats = {}
+    for i, block in enumerate(model.layers):
+        if block.kind == "mamba":
+            formats.update({f"layers.{i}.mixer.{leaf}": fmt for leaf in ("in_proj", "out_proj")})
+            formats.update({f"layers.{i}.mixer.{leaf}": small for leaf in ("x_proj", "dt_proj")})
+        else:
+            formats.update({f"layers.{i}.mixer.experts.{leaf}": fmt for leaf in ("fc1", "fc2")})
     if head:
-        lm_head = nn.Linear(model.config.d_model, model.config.vocab_size, bias=False,
-                            device=model.embedding.weight.device, dtype=model.embedding.weight.dtype)
-        lm_head.weight.copy_(model.lm_head.weight)
-        model.lm_head = swap(lm_head, small)
-    return model
+        formats["lm_head"] = small  # a tied head is untied: the twin holds its own packed copy
+    return swap_quantized_modules(model, formats, rtn=True)

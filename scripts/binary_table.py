@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-ROWS = {  # label: quantize_checkpoint keyword arguments (distill handled below)
+ROWS = {  # label: QuantizeOptions fields (distill and row_scale handled below)
     "fp32": None,
     "int4 g128 GPTQ": dict(bits=4, group_size=128, method="gptq"),
     "1-bit PTB": dict(bits=1),
@@ -82,7 +82,7 @@ def main():
     from qmamba import load_model
     from qmamba.calib.distill import DistillOptions
     from qmamba.calib.pipeline import CalibOptions
-    from qmamba.calib.quantize import quantize_checkpoint
+    from qmamba.calib.quantize import QuantizeOptions, quantize_checkpoint
     from qmamba.data_files import resolve_text_spec
     from qmamba.eval import _tokenizer_for, encode_text_spec, perplexity
 
@@ -122,9 +122,10 @@ def main():
             if row_scale:  # the variant has no CLI flag: PTB straight from the float weights
                 info = _quantize_row_scale(src, path, args)
             else:
-                info = quantize_checkpoint(src, path, calib=["corpus"], nsamples=args.nsamples,
-                                           seq_len=args.seq_len, overwrite=True, distill=distill,
-                                           options=CalibOptions(progress=False), log=lambda *_: None, **kwargs)
+                options = QuantizeOptions(calib=["corpus"], nsamples=args.nsamples, seq_len=args.seq_len,
+                                          overwrite=True, distill=distill, calibration=CalibOptions(progress=False),
+                                          **kwargs)
+                info = quantize_checkpoint(src, path, options, log=lambda *_: None)
             info = {"seconds": round(time.perf_counter() - start, 1),
                     "distillation": {k: v for k, v in (info.get("distillation") or {}).items() if k != "history"}}
         model = load_model(path)
@@ -150,11 +151,13 @@ def _quantize_row_scale(src: Path, path: Path, args) -> dict:
     """PTB with the per-output-row scale variant (``BinaryFormat(row_scale=True)``): data-free, so done directly on
     the float weights (the same modules ``--bits 1`` selects), saved as a native checkpoint."""
     from qmamba.calib.pipeline import ModuleResult
-    from qmamba.calib.quantize import apply_packed, source_record
+    from qmamba.calib.quantize import source_record
     from qmamba.calib.recipe import build_plan
     from qmamba.checkpoints.load import build_model
-    from qmamba.checkpoints.native import read_checkpoint, save_checkpoint
+    from qmamba.checkpoints.detect import read_checkpoint
+    from qmamba.checkpoints.native import save_checkpoint
     from qmamba.quant.binary import BinaryFormat
+    from qmamba.quant.modules import swap_quantized_modules
 
     cfg, sd, manifest = read_checkpoint(src)
     dtype = next(t.dtype for t in sd.values() if t.is_floating_point())
@@ -165,7 +168,7 @@ def _quantize_row_scale(src: Path, path: Path, args) -> dict:
         parent, _, leaf = name.rpartition(".")
         W = getattr(model.get_submodule(parent), leaf) if leaf in ("fc1", "fc2") else model.get_submodule(name).weight
         results[name] = ModuleResult(name, leaf, fmt, "ptb", fmt.quantize_rtn(W.detach()), W.numel())
-    apply_packed(model, results)
+    swap_quantized_modules(model, {n: r.fmt for n, r in results.items()}, {n: r.packed for n, r in results.items()})
     save_checkpoint(model.state_dict(), cfg, path, source=source_record(src, manifest), dtype=dtype,
                     quantization={n: r.manifest_entry() for n, r in results.items()},
                     tokenizer_file=src / "tokenizer.json", overwrite=True)

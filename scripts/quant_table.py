@@ -38,7 +38,7 @@ def dir_bytes(path: Path) -> int:
 def main():
     from qmamba import load_model
     from qmamba.calib.pipeline import CalibOptions
-    from qmamba.calib.quantize import quantize_checkpoint
+    from qmamba.calib.quantize import QuantizeOptions, quantize_checkpoint
     from qmamba.eval import _tokenizer_for, encode_text_spec, perplexity, router_agreement, text_windows
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,9 +79,10 @@ def main():
         target = out / label.replace(" ", "-")
         shutil.rmtree(target, ignore_errors=True)
         t0 = time.perf_counter()
-        info = quantize_checkpoint(args.model, target, bits=bits, group_size=group, method=method,
-                                   calib=["corpus"], nsamples=args.nsamples, seq_len=args.seq_len,
-                                   device=args.device, options=CalibOptions(progress=False), log=lambda *_: None)
+        options = QuantizeOptions(bits=bits, group_size=group, method=method, calib=["corpus"],
+                                  nsamples=args.nsamples, seq_len=args.seq_len, device=args.device,
+                                  calibration=CalibOptions(progress=False))
+        info = quantize_checkpoint(args.model, target, options, log=lambda *_: None)
         seconds = time.perf_counter() - t0
         q = load(target)
         agree = router_agreement(fp, q, windows)["overall"]

@@ -35,7 +35,7 @@ from qmamba.errors import UserError
 from qmamba.moe import StackedExperts, expert_mlp
 from qmamba.quant import layout
 from qmamba.quant.binary import BinaryFormat, BinaryLinear, is_binary
-from qmamba.quant.modules import PackedExpertWeight, QuantExperts
+from qmamba.quant.modules import PackedExpertWeight, QuantExperts, set_submodule
 
 from .train import cosine_lr
 from .train_scan import fast_training_scan
@@ -199,7 +199,7 @@ def make_trainable(student: nn.Module, teacher: nn.Module | None, ste: bool) -> 
             new = _TrainableExperts(mod, latents)
         else:
             continue
-        _set(student, name, new)
+        set_submodule(student, name, new)
         swapped[name] = new
     return swapped
 
@@ -209,12 +209,7 @@ def write_back(student: nn.Module, swapped: dict[str, nn.Module]) -> None:
     for name, new in swapped.items():
         mod = new.to_module()
         mod.requires_grad_(False)
-        _set(student, name, mod)
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+        set_submodule(student, name, mod)
 
 
 def _is_norm(name: str) -> bool:

@@ -1,5 +1,6 @@
 """Layer-by-layer calibration: capture each planned linear's inputs with the already-quantized preceding layers,
-quantize it (RTN / GPTQ / AWQ), replace its weight by the dequantized one, move on.
+quantize it (RTN / GPTQ / AWQ / PTB, see the registry :mod:`qmamba.calib.methods`), replace its weight by the
+dequantized one, move on.
 
 The walk mirrors ``MambaLM.prefill`` (fp32 residual stream, ``x = norm(residual)``, ``h = mixer(x)``) over the
 calibration sequences in chunks. Inside a Mamba block the planned projections are taken in forward order
@@ -32,8 +33,9 @@ from tqdm.auto import tqdm
 from qmamba.moe import activation_fn
 from qmamba.quant.formats import WeightFormat
 
-from qmamba.calib.awq import quantize_with_clip, search_clip, search_scale
-from qmamba.calib.gptq import GPTQFailure, HessianAccumulator, gptq_quantize
+from qmamba.calib.awq import search_scale
+from qmamba.calib.gptq import HessianAccumulator
+from qmamba.calib.methods import METHODS, data_free_method
 from qmamba.calib.recipe import PlanEntry
 
 log = logging.getLogger("qmamba.calib")
@@ -114,21 +116,14 @@ def _stride_for(n_tokens: int, max_stored: int) -> int:
 # ---- one weight matrix -------------------------------------------------------------------------------------
 def quantize_matrix(W: torch.Tensor, fmt: WeightFormat, method: str, cap: _InputCapture | None,
                     opts: CalibOptions, x_used: torch.Tensor | None = None):
-    """Codes and params ``(q, scale, zero, how)`` of ``W [N, K]``; ``how`` is the method actually used."""
-    if method == "gptq" and cap is not None and cap.hessian is not None and cap.n_tokens > 0:
-        H = cap.hessian.hessian()
-        if torch.isfinite(H).all():
-            try:
-                q, s, z = gptq_quantize(W, H, fmt, opts.block_size, opts.damp, opts.act_order)
-                return q, s, z, "gptq"
-            except GPTQFailure:
-                log.warning("GPTQ failed (Hessian not positive definite): RTN used")
-    if method == "awq" and x_used is not None and x_used.shape[0] > 0 and torch.isfinite(x_used).all():
-        clip = search_clip(W, x_used, fmt, opts.awq_grid)
-        q, s, z = quantize_with_clip(W, clip, fmt)
-        return q, s, z, "awq"
+    """Codes and params ``(q, scale, zero, how)`` of ``W [N, K]``; ``how`` is the method actually used (the
+    format's data-free one when ``method`` cannot run, see :mod:`qmamba.calib.methods`)."""
+    solve = METHODS[method].solve
+    solved = solve(W, fmt, cap, opts, x_used) if solve is not None else None
+    if solved is not None:
+        return (*solved, method)
     s, z = fmt.params(W)
-    return fmt.quantize(W, s, z), s, z, getattr(fmt, "data_free_method", "rtn")
+    return fmt.quantize(W, s, z), s, z, data_free_method(fmt)
 
 
 def _accumulate_error(result: ModuleResult, x: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor) -> None:
@@ -200,11 +195,11 @@ class Calibrator:
             entry = self.plan[name]
             linear = getattr(mixer, leaf)
             cap = self._capture(linear, lambda j: mixer(block.norm(residual[j], out_dtype=torch.float32)),
-                                len(residual), entry.method == "gptq", n_tokens)
+                                len(residual), METHODS[entry.method].needs_hessian, n_tokens)
             W = linear.weight.detach().float()
             x_used = cap.tokens()
             result = ModuleResult(name, leaf, entry.fmt, entry.method, {}, W.numel())
-            if entry.method == "awq":
+            if METHODS[entry.method].searches_scales:
                 if leaf == "in_proj":  # fold 1/s into the block's RMSNorm weight: exact
                     s, alpha, _ = search_scale([(W, x_used)], cap.x_mean(), entry.fmt, self.opts.awq_grid)
                     block.norm.weight.data.div_(s.to(block.norm.weight.dtype))
@@ -248,7 +243,7 @@ class Calibrator:
         r1 = ModuleResult(name1, "experts.fc1", e1.fmt, e1.method, {}, experts.fc1.numel()) if e1 else None
         r2 = ModuleResult(name2, "experts.fc2", e2.fmt, e2.method, {}, experts.fc2.numel()) if e2 else None
         # AWQ scales first, on the float weights (folds are exact there)
-        if e1 is not None and e1.method == "awq":
+        if e1 is not None and METHODS[e1.method].searches_scales:
             pairs = [(experts.fc1[e].detach().float(), x_e[e][:: stride(x_e[e].shape[0])]) for e in range(n_exp)]
             x_mean = x_all.abs().mean(0)
             s, alpha, _ = search_scale(pairs, x_mean, e1.fmt, opts.awq_grid)
@@ -258,7 +253,7 @@ class Calibrator:
             x_all = x_all / s
             x_e = [x / s for x in x_e]
             r1.notes.append(f"awq alpha={alpha:.2f} shared, folded into norm (+ router columns)")
-        if e2 is not None and e2.method == "awq" and experts.gated:
+        if e2 is not None and METHODS[e2.method].searches_scales and experts.gated:
             alphas = []
             for e in range(n_exp):
                 a, b = (x_e[e] @ experts.fc1[e].float().T).chunk(2, dim=-1)
@@ -270,7 +265,7 @@ class Calibrator:
                 experts.fc2.data[e] *= s[None, :].to(experts.fc2.dtype)
                 alphas.append(alpha)
             r2.notes.append("awq alphas " + ",".join(f"{a:.2f}" for a in alphas) + " folded into fc1 b rows")
-        elif e2 is not None and e2.method == "awq":
+        elif e2 is not None and METHODS[e2.method].searches_scales:
             r2.notes.append("awq: clipping only (ungated experts: no exact fold)")
 
         # fc1, then fc2 on the quantized fc1's outputs
@@ -291,7 +286,8 @@ class Calibrator:
                         x_in = act(a) * b
                     else:
                         x_in = act(a)
-                cap = _InputCapture(x_in.shape[-1], entry.method == "gptq", stride(x_in.shape[0]), x_in.device)
+                cap = _InputCapture(x_in.shape[-1], METHODS[entry.method].needs_hessian, stride(x_in.shape[0]),
+                                    x_in.device)
                 cap.add(x_in)
                 W = weights[e].detach().float()
                 q, s, z, how = quantize_matrix(W, entry.fmt, entry.method, cap, opts, cap.tokens())
@@ -318,13 +314,13 @@ class Calibrator:
         head = model.lm_head
         n_tokens = sum(r.shape[0] * r.shape[1] for r in residual)
         stride = _stride_for(n_tokens, self.opts.max_stored_tokens)
-        cap = _InputCapture(head.in_features, entry.method == "gptq", stride, head.weight.device)
+        cap = _InputCapture(head.in_features, METHODS[entry.method].needs_hessian, stride, head.weight.device)
         for r in residual:
             cap.add(model.norm_f(r, out_dtype=torch.float32))
         W = head.weight.detach().float()
         result = ModuleResult("lm_head", "lm_head", entry.fmt, entry.method, {}, W.numel())
         x_used = cap.tokens()
-        if entry.method == "awq":  # the final norm feeds only the head: fold 1/s into its weight (and bias)
+        if METHODS[entry.method].searches_scales:  # the final norm feeds only the head: fold 1/s into it (and bias)
             s, alpha, _ = search_scale([(W, x_used)], cap.x_mean(), entry.fmt, self.opts.awq_grid)
             model.norm_f.weight.data.div_(s.to(model.norm_f.weight.dtype))
             if getattr(model.norm_f, "bias", None) is not None:

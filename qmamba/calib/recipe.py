@@ -28,7 +28,8 @@ from pathlib import Path
 from qmamba.errors import ConfigError
 from qmamba.quant.formats import WeightFormat, make_format
 
-METHODS = ("rtn", "gptq", "awq")
+from qmamba.calib.methods import SELECTABLE_METHODS
+
 SETTING_KEYS = ("bits", "group_size", "symmetric", "method")
 FLOAT_BITS = 16
 
@@ -77,8 +78,8 @@ def _check_setting(data: dict, where: str, allow_pattern: bool) -> dict:
         raise RecipeError(f"{where}: unknown recipe keys {unknown} (allowed: {list(allowed)})")
     if "bits" in data and data["bits"] not in (1, 4, 8, FLOAT_BITS):
         raise RecipeError(f"{where}: bits must be 1 (binary), 4, 8 or 16 (keep in float), got {data['bits']!r}")
-    if "method" in data and data["method"] not in METHODS:
-        raise RecipeError(f"{where}: method must be one of {METHODS}, got {data['method']!r}")
+    if "method" in data and data["method"] not in SELECTABLE_METHODS:
+        raise RecipeError(f"{where}: method must be one of {SELECTABLE_METHODS}, got {data['method']!r}")
     if "symmetric" in data and not isinstance(data["symmetric"], bool):
         raise RecipeError(f"{where}: symmetric must be true or false, got {data['symmetric']!r}")
     return {k: v for k, v in data.items() if k != "pattern"}
@@ -125,8 +126,8 @@ def build_plan(model, bits: int = 4, group_size: int = 128, symmetric: bool = Fa
                quantize_head: bool = False, quantize_xdt: bool = False, recipe: dict | None = None
                ) -> dict[str, PlanEntry]:
     """``{manifest name: PlanEntry}`` in forward order, for the modules to quantize."""
-    if method not in METHODS:
-        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in SELECTABLE_METHODS:
+        raise ConfigError(f"method must be one of {SELECTABLE_METHODS}, got {method!r}")
     recipe = validate_recipe(recipe or {})
     base = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "method": method}
     base.update(recipe["default"])

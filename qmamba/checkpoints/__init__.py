@@ -1,13 +1,14 @@
 """Checkpoint reading (BlackMamba, mamba_ssm, HF transformers Mamba, qmamba native), writing and loading.
 
     load_model(path, device=None, dtype=None, backend=None) -> MambaLM
+    open_checkpoint(path) -> Checkpoint            # the one reader: config, state_dict, manifest, format, directory
     read_checkpoint(path) -> (ModelConfig, state_dict, manifest)
     save_checkpoint(model_or_state_dict, config, out_dir, ...) -> Path
 """
 
 from __future__ import annotations
 
-__all__ = ["load_model", "read_checkpoint", "save_checkpoint", "detect_format"]
+__all__ = ["load_model", "open_checkpoint", "read_checkpoint", "save_checkpoint", "detect_format"]
 
 
 def __getattr__(name):
@@ -15,7 +16,7 @@ def __getattr__(name):
         from .load import load_model
 
         return load_model
-    if name in ("read_checkpoint", "detect_format"):
+    if name in ("open_checkpoint", "read_checkpoint", "detect_format"):
         from . import detect
 
         return getattr(detect, name)

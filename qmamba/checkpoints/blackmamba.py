@@ -23,7 +23,7 @@ from qmamba.errors import CheckpointError, ConfigError
 from .files import check_tensor_dict, hash_files, read_json, require_keys, torch_load_safe, write_json
 from .keymap import KeyMap, mixer_rules, rename_to_internal, rename_to_source
 from .manifest import source_manifest
-from .shapes import validate_state_dict
+from .record import Checkpoint
 
 FORMAT = "blackmamba"
 WEIGHTS = "pytorch_model.bin"
@@ -146,11 +146,11 @@ def _unstack_experts(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def read(directory: Path, hash_weights: bool = True):
-    """``(config, internal state dict, manifest)`` from a BlackMamba directory."""
+def read(directory: Path, hash_weights: bool = True, config: dict | None = None) -> Checkpoint:
+    """A BlackMamba directory as a :class:`Checkpoint` (not yet validated); ``config``: its parsed config.json."""
     directory = Path(directory)
     cfg_path, weights = directory / CONFIG, directory / WEIGHTS
-    cfg = config_from_json(read_json(cfg_path), cfg_path)
+    cfg = config_from_json(config if config is not None else read_json(cfg_path), cfg_path)
     obj = torch_load_safe(weights)
     if not isinstance(obj, dict) or "model" not in obj:
         raise CheckpointError(f"{weights}: expected a BlackMamba checkpoint holding {{'model': state_dict}}, got "
@@ -166,9 +166,8 @@ def read(directory: Path, hash_weights: bool = True):
         if emb is None or head.shape != emb.shape or not torch.equal(head, emb):
             raise CheckpointError(f"checkpoint {weights}: {_TIED_HEAD!r} differs from the embedding; BlackMamba "
                                   "ties the output head to the embedding")
-    validate_state_dict(sd, cfg, weights, source_key=KEYS.to_source)
     manifest = source_manifest(FORMAT, directory, hash_files(directory, [CONFIG, WEIGHTS], hash_weights), sd)
-    return cfg, sd, manifest
+    return Checkpoint(directory, FORMAT, cfg, sd, manifest, weights, KEYS.to_source)
 
 
 def _file_order(key: str):

@@ -1,4 +1,4 @@
-"""Checkpoint format auto-detection and the one entry point that reads any supported format.
+"""Checkpoint format auto-detection and the one reader of any supported format (:func:`open_checkpoint`).
 
 Detection looks at the directory, never at file names chosen by the user: ``manifest.json`` -> qmamba native;
 ``config.json`` with ``mamba_moe_layers`` (Megatron keys) -> BlackMamba; with ``d_model``/``n_layer`` ->
@@ -17,6 +17,7 @@ from qmamba.errors import CheckpointError
 
 from . import blackmamba, hf_mamba, mamba_ssm, native
 from .files import one_line, read_json
+from .record import Checkpoint
 
 # order matters: the first whose looks_like() accepts the directory wins
 FORMATS = {
@@ -63,14 +64,14 @@ def resolve_checkpoint_dir(path) -> Path:
     raise CheckpointError(f"checkpoint path does not exist: {path}")
 
 
-def detect_format(directory: Path) -> str:
-    """Name of the checkpoint format of a local directory (a key of ``FORMATS``)."""
+def _detect(directory: Path) -> tuple[str, dict | None]:
+    """``(format name, parsed config.json or None)`` of a local directory."""
     directory = Path(directory)
     config_path = directory / "config.json"
     config = read_json(config_path) if config_path.is_file() else None
     for name, module in FORMATS.items():
         if module.looks_like(directory, config):
-            return name
+            return name, config
     if config is None:
         present = sorted(p.name for p in directory.iterdir())[:8]
         raise CheckpointError(f"{directory} is not a checkpoint directory: no manifest.json or config.json "
@@ -79,8 +80,22 @@ def detect_format(directory: Path) -> str:
                           "mamba_moe_layers (BlackMamba), d_model/n_layer (mamba_ssm), model_type 'mamba' (HF)")
 
 
-def read_checkpoint(path, hash_files: bool = True):
-    """``(config, state_dict, manifest)`` with internal names and CPU tensors; see :mod:`.native`."""
+def detect_format(directory: Path) -> str:
+    """Name of the checkpoint format of a local directory (a key of ``FORMATS``)."""
+    return _detect(directory)[0]
+
+
+def open_checkpoint(path, hash_files: bool = False) -> Checkpoint:
+    """The one checkpoint reader: ``path`` (a directory, a file inside one, or a hub id) in any supported format
+    as a validated :class:`Checkpoint` (internal names, CPU tensors; its ``skeleton`` is the float model on
+    ``meta`` that :func:`qmamba.checkpoints.load.build_model` fills). Every file is read once.
+
+    ``hash_files``: record sha256 of source-format files in ``manifest["source"]["files"]`` (else ``None``)."""
     directory = resolve_checkpoint_dir(path)
-    fmt = detect_format(directory)
-    return FORMATS[fmt].read(directory, hash_weights=hash_files)
+    fmt, config = _detect(directory)
+    return FORMATS[fmt].read(directory, hash_weights=hash_files, config=config).validate()
+
+
+def read_checkpoint(path, hash_files: bool = True):
+    """``(config, state_dict, manifest)`` of :func:`open_checkpoint` (source files hashed by default)."""
+    return open_checkpoint(path, hash_files=hash_files).as_tuple()

@@ -19,7 +19,7 @@ from .files import (check_tensor_dict, hash_files, read_json, require_keys, safe
 from .keymap import KeyMap, mixer_rules, rename_to_internal, rename_to_source
 from .mamba_ssm import drop_tied_head
 from .manifest import source_manifest
-from .shapes import validate_state_dict
+from .record import Checkpoint
 
 FORMAT = "hf"
 CONFIG = "config.json"
@@ -105,11 +105,12 @@ def _load_sharded(directory: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     return sd, [INDEX, *shards]
 
 
-def read(directory: Path, hash_weights: bool = True):
-    """``(config, internal state dict, manifest)`` from a transformers Mamba directory."""
+def read(directory: Path, hash_weights: bool = True, config: dict | None = None) -> Checkpoint:
+    """A transformers Mamba directory as a :class:`Checkpoint` (not yet validated); ``config``: its parsed
+    config.json."""
     directory = Path(directory)
     cfg_path = directory / CONFIG
-    cfg = config_from_json(read_json(cfg_path), cfg_path)
+    cfg = config_from_json(config if config is not None else read_json(cfg_path), cfg_path)
     if (directory / SAFETENSORS).is_file():
         weights, raw, files = directory / SAFETENSORS, safetensors_load(directory / SAFETENSORS), [SAFETENSORS]
     elif (directory / INDEX).is_file():
@@ -122,8 +123,8 @@ def read(directory: Path, hash_weights: bool = True):
         raise CheckpointError(f"no weights in {directory}: expected {SAFETENSORS}, {INDEX} or {PICKLE}")
     sd = rename_to_internal(raw, KEYS, weights)
     drop_tied_head(sd, cfg, weights)
-    validate_state_dict(sd, cfg, weights, source_key=KEYS.to_source)
-    return cfg, sd, source_manifest(FORMAT, directory, hash_files(directory, [CONFIG, *files], hash_weights), sd)
+    manifest = source_manifest(FORMAT, directory, hash_files(directory, [CONFIG, *files], hash_weights), sd)
+    return Checkpoint(directory, FORMAT, cfg, sd, manifest, weights, KEYS.to_source)
 
 
 def write(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: Path,

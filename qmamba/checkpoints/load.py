@@ -1,4 +1,5 @@
-"""``load_model``: any supported checkpoint -> a ready-to-run :class:`MambaLM`.
+"""``load_model``: any supported checkpoint -> a ready-to-run :class:`MambaLM`; ``build_model``: the one model
+builder (``load_model`` and the quantizer use it on what :func:`qmamba.checkpoints.detect.open_checkpoint` read).
 
 The model is built on the ``meta`` device and filled with ``load_state_dict(assign=True)``: every tensor is
 converted once (to the target device and dtype) while the CPU copy is released, so peak memory stays near one
@@ -14,10 +15,10 @@ import torch
 from qmamba.errors import CheckpointError, ConfigError
 from qmamba.ops import BACKENDS
 
-from .detect import FORMATS, detect_format, resolve_checkpoint_dir
+from .detect import open_checkpoint
 from .files import one_line
 from .manifest import parse_dtype
-from .shapes import is_quantized_tensor, quantized_names
+from .shapes import is_quantized_tensor, meta_model, quantized_names
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -35,14 +36,13 @@ def default_backend(device: torch.device) -> str:
     return "triton"
 
 
-def build_model(cfg, state_dict: dict[str, torch.Tensor], manifest: dict, device, dtype: torch.dtype):
+def build_model(cfg, state_dict: dict[str, torch.Tensor], manifest: dict, device, dtype: torch.dtype, *,
+                skeleton=None):
     """A :class:`MambaLM` for ``cfg`` holding ``state_dict`` (consumed) on ``device``; floating non-quantized
-    tensors are cast to ``dtype``, packed tensors of quantized modules keep theirs."""
-    from qmamba.model import MambaLM
-
+    tensors are cast to ``dtype``, packed tensors of quantized modules keep theirs. ``skeleton``: the float model
+    of ``cfg`` on ``meta`` to fill (a :class:`Checkpoint`'s; consumed), else one is built."""
     quantization = manifest.get("quantization") or None
-    with torch.device("meta"):
-        model = MambaLM(cfg)
+    model = skeleton if skeleton is not None else meta_model(cfg)
     if quantization:
         from qmamba.quant.modules import swap_quantized_modules
 
@@ -73,6 +73,14 @@ def build_model(cfg, state_dict: dict[str, torch.Tensor], manifest: dict, device
     return model
 
 
+def model_from_checkpoint(checkpoint, device, dtype: torch.dtype):
+    """:func:`build_model` on an :func:`open_checkpoint` result (its tensors and skeleton are consumed)."""
+    model = build_model(checkpoint.config, checkpoint.state_dict, checkpoint.manifest, device, dtype,
+                        skeleton=checkpoint.skeleton)
+    checkpoint.state_dict, checkpoint.skeleton = {}, None
+    return model
+
+
 def load_model(path, device=None, dtype=None, backend=None, *, hash_files: bool = False):
     """Load a checkpoint of any supported format (local dir, file inside it, or hub id) as a :class:`MambaLM`.
 
@@ -83,14 +91,13 @@ def load_model(path, device=None, dtype=None, backend=None, *, hash_files: bool 
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    directory = resolve_checkpoint_dir(path)
-    cfg, state_dict, manifest = FORMATS[detect_format(directory)].read(directory, hash_weights=hash_files)
+    checkpoint = open_checkpoint(path, hash_files=hash_files)
     backend = backend or default_backend(device)
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose from {BACKENDS}")
-    model = build_model(cfg, state_dict, manifest, device, dtype)
+    model = model_from_checkpoint(checkpoint, device, dtype)
     model.set_backend(backend)
-    tokenizer = Path(directory) / TOKENIZER_FILE
+    tokenizer = Path(checkpoint.directory) / TOKENIZER_FILE
     model.tokenizer_path = tokenizer if tokenizer.is_file() else None
-    model.checkpoint_manifest = manifest
+    model.checkpoint_manifest = checkpoint.manifest
     return model

@@ -20,7 +20,7 @@ from qmamba.errors import CheckpointError, ConfigError
 from .files import check_tensor_dict, hash_files, read_json, require_keys, torch_load_safe, write_json
 from .keymap import KeyMap, mixer_rules, rename_to_internal, rename_to_source
 from .manifest import source_manifest
-from .shapes import validate_state_dict
+from .record import Checkpoint
 
 FORMAT = "mamba_ssm"
 WEIGHTS = "pytorch_model.bin"
@@ -96,17 +96,16 @@ def drop_tied_head(sd: dict, cfg: ModelConfig, file: Path, head: str = "lm_head.
             raise CheckpointError(f"checkpoint {file}: {head!r} differs from the embedding but the config ties them")
 
 
-def read(directory: Path, hash_weights: bool = True):
-    """``(config, internal state dict, manifest)`` from a mamba_ssm directory."""
+def read(directory: Path, hash_weights: bool = True, config: dict | None = None) -> Checkpoint:
+    """A mamba_ssm directory as a :class:`Checkpoint` (not yet validated); ``config``: its parsed config.json."""
     directory = Path(directory)
     cfg_path, weights = directory / CONFIG, directory / WEIGHTS
-    cfg = config_from_json(read_json(cfg_path), cfg_path)
+    cfg = config_from_json(config if config is not None else read_json(cfg_path), cfg_path)
     raw = check_tensor_dict(torch_load_safe(weights), weights)
     sd = rename_to_internal(raw, KEYS, weights)
     drop_tied_head(sd, cfg, weights)
-    validate_state_dict(sd, cfg, weights, source_key=KEYS.to_source)
     manifest = source_manifest(FORMAT, directory, hash_files(directory, [CONFIG, WEIGHTS], hash_weights), sd)
-    return cfg, sd, manifest
+    return Checkpoint(directory, FORMAT, cfg, sd, manifest, weights, KEYS.to_source)
 
 
 def write(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: Path) -> None:

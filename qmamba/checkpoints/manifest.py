@@ -45,14 +45,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def dtype_bytes(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Bytes of tensor data by dtype name (tensors sharing storage counted once per name)."""
-    counts: Counter = Counter()
-    for tensor in state_dict.values():
-        counts[dtype_name(tensor.dtype)] += tensor.numel() * tensor.element_size()
-    return dict(counts)
-
-
 def dominant_float_dtype(state_dict: dict[str, torch.Tensor]) -> str | None:
     """Name of the floating dtype holding the most bytes (``None`` when there are no floating tensors)."""
     counts = Counter()

@@ -5,7 +5,7 @@ Public API::
 
     save_checkpoint(model_or_state_dict, config, out_dir, *, source=None, quantization=None, extra=None,
                     tokenizer_file=None, overwrite=False, dtype=None) -> Path
-    read_checkpoint(path) -> (config, state_dict, manifest)      # any supported format, tensors on CPU
+    read(directory) -> (config, state_dict, manifest)    # this format (any format: qmamba.checkpoints.read_checkpoint)
 
 Writes are atomic (a temporary directory beside ``out_dir``, renamed at the end). A tied head is not stored.
 Tensors that share memory are stored once and recorded in ``manifest["aliases"]``. When
@@ -28,6 +28,7 @@ from .files import (atomic_output_dir, check_output_dir, check_tokenizer_file, c
                     safetensors_load, write_json)
 from .manifest import (FORMAT_NAME, FORMAT_VERSION, RESERVED_KEYS, dominant_float_dtype, parse_dtype,
                        qmamba_version)
+from .record import Checkpoint
 from .shapes import is_quantized_tensor, quantized_names, validate_state_dict
 
 FORMAT = FORMAT_NAME
@@ -109,8 +110,9 @@ def save_checkpoint(model_or_state_dict, config: ModelConfig, out_dir, *, source
     return out_dir
 
 
-def read(directory: Path, hash_weights: bool = True):
-    """``(config, state dict, manifest)`` of a native checkpoint (``hash_weights`` unused: hashes are stored)."""
+def read(directory: Path, hash_weights: bool = True, config: dict | None = None) -> Checkpoint:
+    """A native checkpoint as a :class:`Checkpoint` (not yet validated; ``hash_weights`` unused: hashes are
+    stored); ``config``: its parsed config.json."""
     directory = Path(directory)
     manifest = read_json(directory / MANIFEST, "manifest")
     if manifest.get("format") != FORMAT_NAME:
@@ -124,7 +126,7 @@ def read(directory: Path, hash_weights: bool = True):
     if quantization is not None and not isinstance(quantization, dict):
         raise CheckpointError(f"manifest {directory / MANIFEST}: quantization must be an object or null")
     try:
-        cfg = ModelConfig.from_dict(read_json(directory / CONFIG))
+        cfg = ModelConfig.from_dict(config if config is not None else read_json(directory / CONFIG))
     except ConfigError as exc:
         raise ConfigError(f"config file {directory / CONFIG}: {exc}") from None
     weights = directory / WEIGHTS
@@ -133,16 +135,5 @@ def read(directory: Path, hash_weights: bool = True):
         if target not in sd:
             raise CheckpointError(f"manifest {directory / MANIFEST}: alias {alias!r} points to missing key {target!r}")
         sd[alias] = sd[target]
-    validate_state_dict(sd, cfg, weights, quantization=quantization)
-    return cfg, sd, manifest
+    return Checkpoint(directory, FORMAT, cfg, sd, manifest, weights)
 
-
-def read_checkpoint(path, hash_files: bool = True):
-    """``(config, state_dict, manifest)`` from a checkpoint of any supported format (tensors on CPU).
-
-    ``path``: a local directory (or a file inside it) or a Hugging Face hub id. ``hash_files``: record sha256 of
-    source-format files in ``manifest["source"]["files"]`` (otherwise ``None`` values).
-    """
-    from .detect import read_checkpoint as _read
-
-    return _read(path, hash_files=hash_files)

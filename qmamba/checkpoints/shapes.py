@@ -1,7 +1,8 @@
 """The tensors a config implies, and validation of a state dict against them before any model is built.
 
 Internal names are those of :class:`qmamba.model.MambaLM` (``layers.{i}.mixer.in_proj.weight`` ...). The expected
-shapes come from building the model on the ``meta`` device, so they can never drift from the model code. A tied
+shapes come from building the model on the ``meta`` device (:func:`meta_model`), so they can never drift from the
+model code; a loader validates with the very model it then fills. A tied
 head (``lm_head.weight``) is not expected. Tensors of quantized modules (named in the manifest's
 ``quantization`` map) are skipped here: :mod:`qmamba.quant.modules` validates them.
 """
@@ -19,12 +20,19 @@ from qmamba.errors import CheckpointError
 MAX_REPORTED = 4
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """``{internal name: shape}`` of every tensor a checkpoint for ``cfg`` stores (tied head excluded)."""
+def meta_model(cfg: ModelConfig):
+    """The float :class:`qmamba.model.MambaLM` of ``cfg`` on the ``meta`` device (no memory for weights)."""
     from qmamba.model import MambaLM  # model imports are heavier; keep this module cheap to import
 
     with torch.device("meta"):
-        model = MambaLM(cfg)
+        return MambaLM(cfg)
+
+
+def expected_shapes(cfg: ModelConfig, model=None) -> dict[str, tuple[int, ...]]:
+    """``{internal name: shape}`` of every tensor a checkpoint for ``cfg`` stores (tied head excluded).
+
+    ``model``: the float model of ``cfg`` when one is at hand (see :func:`meta_model`); else one is built."""
+    model = model if model is not None else meta_model(cfg)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if cfg.tie_embeddings:
         shapes.pop("lm_head.weight", None)
@@ -59,14 +67,16 @@ def _shape_hint(name: str, shape: tuple, cfg: ModelConfig) -> str:
 
 
 def validate_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, file: Path | str, *,
-                        source_key: Callable[[str], str] | None = None, quantization: dict | None = None) -> None:
+                        source_key: Callable[[str], str] | None = None, quantization: dict | None = None,
+                        model=None) -> None:
     """Raise :class:`CheckpointError` naming the key(s) and ``file`` unless ``state_dict`` fits ``cfg`` exactly.
 
-    ``source_key`` maps an internal name to the name used in the file, for the message.
+    ``source_key`` maps an internal name to the name used in the file, for the message. ``model``: the float model
+    of ``cfg`` on ``meta`` when the caller has one (:func:`expected_shapes`).
     """
     src = source_key or (lambda name: name)
     skip = quantized_names(quantization)
-    expected = expected_shapes(cfg)
+    expected = expected_shapes(cfg, model)
     problems = []
     for name, tensor in state_dict.items():
         if is_quantized_tensor(name, skip):

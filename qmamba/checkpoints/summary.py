@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .detect import FORMATS, detect_format, resolve_checkpoint_dir
+from .detect import open_checkpoint
 from .manifest import dtype_name
 
 
@@ -51,9 +51,9 @@ def _quantization_summary(quantization: dict | None) -> dict[str, int] | None:
 
 def checkpoint_summary(path) -> dict:
     """Plain-data description of the checkpoint at ``path`` (any supported format)."""
-    directory = resolve_checkpoint_dir(path)
-    fmt = detect_format(directory)
-    cfg, state_dict, manifest = FORMATS[fmt].read(directory, hash_weights=False)
+    checkpoint = open_checkpoint(path)
+    directory, fmt = checkpoint.directory, checkpoint.format
+    cfg, state_dict, manifest = checkpoint.as_tuple()
     tensors = _unique_tensors(state_dict)
     by_dtype: Counter = Counter()
     for t in tensors:

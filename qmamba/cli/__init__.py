@@ -1,8 +1,9 @@
 """The ``qmamba`` command line: a thin layer over the library API.
 
-Each command lives in its own module of this package and is registered in ``COMMAND_MODULES``. Commands whose
-implementation needs optional parts (``qmamba.calib``, ``qmamba.export``) import them inside the command, so
-``qmamba info``/``generate`` work without onnx installed.
+Each command lives in its own module of this package and is registered in ``COMMAND_MODULES``. Commands import
+their implementation (``qmamba.calib``, ``qmamba.export``, torch) inside the command, so ``qmamba --help`` is quick
+and ``qmamba info``/``generate`` work without onnx installed; ``quantize`` reads its method choices from the
+torch-free registry :mod:`qmamba.calib.methods`.
 """
 
 from __future__ import annotations
@@ -47,10 +48,4 @@ def main():
 
 
 for _module, _attr in COMMAND_MODULES.items():
-    try:
-        _mod = importlib.import_module(f"qmamba.cli.{_module}")
-    except ModuleNotFoundError as _exc:  # a command module not written yet
-        if _exc.name != f"qmamba.cli.{_module}":
-            raise
-        continue
-    main.add_command(getattr(_mod, _attr))
+    main.add_command(getattr(importlib.import_module(f"qmamba.cli.{_module}"), _attr))

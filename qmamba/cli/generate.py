@@ -2,18 +2,13 @@
 
 ``PATH`` is any checkpoint ``qmamba.load_model`` reads. An ``.onnx`` path (or ``--backend onnxruntime``) is handed
 to ``qmamba.export.ort_runner.generate_cli(path, **options)`` with the same options as keywords (``prompt``,
-``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``tokenizer``, ``device``, ``dtype``).
+``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``tokenizer``, ``device``, ``dtype``). Both
+backends stream through :func:`qmamba.generation.stream_generate`.
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
-import time
-
 import click
-
-from qmamba.errors import UserError
 
 BACKEND_CHOICES = ("reference", "triton", "onnxruntime")
 
@@ -25,19 +20,10 @@ def _default_device() -> str:
 
 
 def run_onnx(path: str, options: dict) -> None:
-    """Delegate to the ONNX Runtime runner (written by the export module)."""
-    try:
-        ort_runner = importlib.import_module("qmamba.export.ort_runner")
-    except ModuleNotFoundError as exc:
-        if exc.name in ("onnxruntime", "onnx"):
-            raise UserError(f"ONNX Runtime generation needs {exc.name}: pip install 'qmamba[export]'") from None
-        if exc.name in ("qmamba.export", "qmamba.export.ort_runner"):
-            raise UserError("ONNX Runtime generation is not available in this build (no qmamba.export.ort_runner); "
-                            "use --backend reference|triton with a torch checkpoint") from None
-        raise
-    if not hasattr(ort_runner, "generate_cli"):
-        raise UserError("this qmamba build has no ONNX Runtime generation entry point (ort_runner.generate_cli)")
-    ort_runner.generate_cli(path, **options)
+    """Delegate to the ONNX Runtime runner of :mod:`qmamba.export.ort_runner`."""
+    from qmamba.export.ort_runner import generate_cli
+
+    generate_cli(path, **options)
 
 
 def generate_text(path: str, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
@@ -45,62 +31,18 @@ def generate_text(path: str, prompt: str, *, max_new_tokens: int, temperature: f
                   out=None, err=None) -> dict:
     """Load, generate, and stream the text of one prompt to ``out``; returns timing figures (also printed to
     ``err``)."""
-    import torch
-
     import qmamba
-    from qmamba.generation import check_sampling_options, generate
+    from qmamba.cuda_graph import default_step_fn  # CUDA + triton backend: graph-captured fused decode
+    from qmamba.generation import check_sampling_options, stream_generate
     from qmamba.tokenizer import find_tokenizer_file, load_tokenizer
 
-    out = out or sys.stdout
-    err = err or sys.stderr
     check_sampling_options(temperature, top_k, top_p)
     tok = load_tokenizer(find_tokenizer_file(None, tokenizer)) if tokenizer else None  # fail before loading
     model = qmamba.load_model(path, device=device, dtype=dtype, backend=backend)
     if tok is None:
         tok = load_tokenizer(find_tokenizer_file(getattr(model, "tokenizer_path", None) or path))
-    ids = tok.encode(prompt)
-    if not ids:
-        if tok.eos_token_id is None:
-            raise UserError("the prompt is empty and the tokenizer has no end-of-text token to start from")
-        ids = [tok.eos_token_id]  # an empty prompt starts a new document
-    input_ids = torch.tensor([ids], dtype=torch.int64, device=model.device)
-    model.check_token_ids(input_ids)
-
-    decoder = tok.stream_decoder()
-    timing = {"first": None, "count": 0}
-    out.write(prompt)
-    out.flush()
-
-    def stream(token):
-        token_id = int(token[0])
-        if timing["first"] is None:
-            timing["first"] = time.perf_counter()
-        timing["count"] += 1
-        if token_id == tok.eos_token_id:
-            return
-        piece = decoder.push([token_id])
-        if piece:
-            out.write(piece)
-            out.flush()
-
-    start = time.perf_counter()
-    from qmamba.cuda_graph import default_step_fn  # CUDA + triton backend: graph-captured fused decode
-
-    generate(model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-             eos_token_id=tok.eos_token_id, stream=stream, step_fn=default_step_fn(model))
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
-    end = time.perf_counter()
-    out.write(decoder.flush() + "\n")
-    out.flush()
-    n = timing["count"]
-    first = timing["first"] or end
-    decode_s = end - first
-    stats = {"prompt_tokens": len(ids), "new_tokens": n, "prefill_s": first - start, "decode_s": decode_s,
-             "tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan")}
-    err.write(f"{n} tokens in {end - start:.2f} s: prefill {len(ids)} tokens + first token "
-              f"{stats['prefill_s'] * 1e3:.0f} ms, decode {stats['tokens_per_s']:.1f} tokens/s\n")
-    return stats
+    return stream_generate(model, tok, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=seed, step_fn=default_step_fn(model), out=out, err=err)
 
 
 @click.command("generate")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from qmamba.calib.methods import SELECTABLE_METHODS
+
 
 @click.command("quantize")
 @click.argument("src")
@@ -11,7 +13,7 @@ import click
 @click.option("--bits", type=int, default=4, show_default=True,
               help="Weight bits: 4 (group-wise), 8 (per channel) or 1 (binary, Bi-Mamba form; PTB init).")
 @click.option("--group-size", type=int, default=128, show_default=True, help="int4 group size along K.")
-@click.option("--method", type=click.Choice(["rtn", "gptq", "awq"]), default="gptq", show_default=True)
+@click.option("--method", type=click.Choice(SELECTABLE_METHODS), default="gptq", show_default=True)
 @click.option("--symmetric", is_flag=True, help="Symmetric int4 (zero point 8) instead of asymmetric.")
 @click.option("--act-order", is_flag=True, help="GPTQ: columns by descending Hessian diagonal (static groups).")
 @click.option("--calib", multiple=True, default=("corpus",), show_default=True,
@@ -47,7 +49,7 @@ def quantize(src, out, bits, group_size, method, symmetric, act_order, calib, ns
     """Quantize the float checkpoint SRC into OUT (int8 / int4, RTN / GPTQ / AWQ, MoE-aware; 1-bit binary with
     PTB and optional distillation)."""
     from qmamba.calib.pipeline import CalibOptions
-    from qmamba.calib.quantize import quantize_checkpoint
+    from qmamba.calib.quantize import QuantizeOptions, quantize_checkpoint
     from qmamba.quant.formats import make_format
 
     make_format(bits, group_size, symmetric)  # reject unsupported bits / group sizes before any work
@@ -63,9 +65,9 @@ def quantize(src, out, bits, group_size, method, symmetric, act_order, calib, ns
     elif ste or distill_norms or distill_float or distill_checkpoint or distill_time is not None:
         raise click.UsageError("--ste, --distill-norms, --distill-float, --distill-time and --distill-checkpoint "
                                "need --distill")
-    quantize_checkpoint(src, out, bits=bits, group_size=group_size, method=method, symmetric=symmetric,
-                        calib=calib, nsamples=nsamples, seq_len=seq_len, recipe=recipe,
-                        quantize_head=quantize_head, quantize_xdt=quantize_xdt, device=device,
-                        tokenizer=tokenizer, seed=seed, overwrite=overwrite, options=opts, distill=distill_opts,
-                        log=click.echo)
+    options = QuantizeOptions(bits=bits, group_size=group_size, method=method, symmetric=symmetric, calib=calib,
+                              nsamples=nsamples, seq_len=seq_len, recipe=recipe, quantize_head=quantize_head,
+                              quantize_xdt=quantize_xdt, device=device, tokenizer=tokenizer, seed=seed,
+                              overwrite=overwrite, calibration=opts, distill=distill_opts)
+    quantize_checkpoint(src, out, options, log=click.echo)
     click.echo(f"wrote {out}")

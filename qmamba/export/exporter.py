@@ -155,7 +155,7 @@ def export_checkpoint(path, out, options=None, *, external_data: str = "auto",
     """Read the checkpoint at ``path`` (any format ``qmamba.checkpoints.read_checkpoint`` knows) and export it."""
     require("onnx", "ONNX export")
     from qmamba.checkpoints.detect import resolve_checkpoint_dir
-    from qmamba.checkpoints.native import read_checkpoint
+    from qmamba.checkpoints.detect import read_checkpoint
 
     directory = resolve_checkpoint_dir(path)
     cfg, state_dict, manifest = read_checkpoint(directory, hash_files=False)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,6 +163,9 @@ class _GenerationAdapter:
     def prefill(self, input_ids):
         return self.lm.prefill(input_ids, last_only=True)
 
+    def step(self, token_ids, state, check: bool = False):
+        return self.lm.step(token_ids, state)
+
 
 def generate_onnx(model_path, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0, seed: int | None = None, eos_token_id: int | None = None, stream=None, *,
@@ -178,56 +180,26 @@ def generate_onnx(model_path, prompt_ids, max_new_tokens: int, temperature: floa
     if ids.dim() == 1:
         ids = ids[None]
     return generate(_GenerationAdapter(lm), ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                    seed=seed, eos_token_id=eos_token_id, stream=stream,
-                    step_fn=lambda token, state: lm.step(token, state))
+                    seed=seed, eos_token_id=eos_token_id, stream=stream)
 
 
 def generate_cli(path, *, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                  seed: int | None, tokenizer: str | None, device: str, dtype: str | None, out=None, err=None,
                  threads: int | None = None) -> dict:
     """``qmamba generate PATH.onnx``: stream the continuation of ``prompt``; returns timing figures."""
-    from qmamba.generation import check_sampling_options
+    from qmamba.generation import check_sampling_options, stream_generate
     from qmamba.tokenizer import find_tokenizer_file, load_tokenizer
 
-    out, err = out or sys.stdout, err or sys.stderr
     check_sampling_options(temperature, top_k, top_p)
     if Path(path).is_dir():
         raise OnnxModelError(f"{path} is a directory: the onnxruntime backend runs an exported model file; make one "
                              f"with: qmamba export {path} -o model.onnx")
     tok = load_tokenizer(find_tokenizer_file(path, tokenizer))
-    lm = OrtLM(path, device=device, threads=threads, warn=err)
+    lm = OrtLM(path, device=device, threads=threads, warn=err or sys.stderr)
     exported = "fp16" if lm.logits_dtype == np.float16 else "fp32"
     if dtype is not None and dtype.lower() not in (exported, {"fp32": "float32", "fp16": "float16"}[exported]):
         raise OnnxModelError(f"{path} was exported in {exported}; --dtype {dtype} cannot change that (re-export)")
-    ids = tok.encode(prompt) or ([tok.eos_token_id] if tok.eos_token_id is not None else [])
-    if not ids:
-        raise UserError("the prompt is empty and the tokenizer has no end-of-text token to start from")
-    lm.check_token_ids(ids)
-    decoder = tok.stream_decoder()
-    timing = {"first": None, "count": 0}
-    out.write(prompt)
-    out.flush()
-
-    def stream(token):
-        token_id = int(token[0])
-        if timing["first"] is None:
-            timing["first"] = time.perf_counter()
-        timing["count"] += 1
-        if token_id != tok.eos_token_id:
-            piece = decoder.push([token_id])
-            if piece:
-                out.write(piece)
-                out.flush()
-
-    start = time.perf_counter()
-    generate_onnx(lm, [ids], max_new_tokens, temperature, top_k, top_p, seed, tok.eos_token_id, stream)
-    end = time.perf_counter()
-    out.write(decoder.flush() + "\n")
-    out.flush()
-    n, first = timing["count"], timing["first"] or end
-    stats = {"prompt_tokens": len(ids), "new_tokens": n, "prefill_s": first - start, "decode_s": end - first,
-             "tokens_per_s": (n - 1) / (end - first) if n > 1 and end > first else float("nan"),
-             "provider": lm.session.get_providers()[0]}
-    err.write(f"{n} tokens in {end - start:.2f} s ({stats['provider']}): prefill {len(ids)} tokens + first token "
-              f"{stats['prefill_s'] * 1e3:.0f} ms, decode {stats['tokens_per_s']:.1f} tokens/s\n")
-    return stats
+    provider = lm.session.get_providers()[0]
+    stats = stream_generate(_GenerationAdapter(lm), tok, prompt, max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, seed=seed, label=provider, out=out, err=err)
+    return {**stats, "provider": provider}

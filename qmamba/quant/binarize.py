@@ -79,7 +79,3 @@ def ptb(W: torch.Tensor, row_scale: bool = False, rounds: int = 3):
     alpha, beta = column_statistics(Wf / r[..., :, None])
     return signs_for(Wf, beta, r), alpha, beta, r
 
-
-def relative_error(W: torch.Tensor, W_hat: torch.Tensor) -> float:
-    """``||W - W_hat||_F / ||W||_F``."""
-    return float((W.float() - W_hat.float()).norm() / W.float().norm().clamp(min=1e-30))

@@ -1,4 +1,5 @@
-"""The 1-bit ``binary`` weight format (Bi-Mamba form) and its modules :class:`BinaryLinear` / :class:`BinaryExperts`.
+"""The 1-bit ``binary`` weight format (Bi-Mamba form) in one place for its readers: the format, its modules and
+its ONNX form.
 
 ``W_hat[n, k] = alpha[k] * s[n, k] + beta[k]`` with ``s = +/-1`` bit-packed 8 per byte and ``alpha``/``beta`` fp16
 per input column (layout: the "binary" section of :mod:`qmamba.quant.layout`); optional per-output-row variant
@@ -6,149 +7,29 @@ per input column (layout: the "binary" section of :mod:`qmamba.quant.layout`); o
 
     x @ W_hat^T = (x * alpha) @ S^T + (x . beta)          (then * r per output, in the row-scale variant)
 
-:class:`BinaryFormat` plugs into the format registry of :mod:`qmamba.quant.formats` (``{"format": "binary",
-"bits": 1, "row_scale": false}`` in a manifest) and speaks the same grouped-params protocol as int4/int8, so the
-calibration walk handles it like any format (method ``"ptb"``: post-training binarization from column statistics,
-:mod:`qmamba.quant.binarize`)::
+Where each part is defined (this module names them all, so ``from qmamba.quant.binary import ...`` works):
 
-    params(W)      -> (ab [..., 2, K] = stack(alpha, beta), r [..., N] or None)
-    quantize(W, ab, r) -> sign bits [..., N, K] uint8 (1 = +1)
-    dequantize_codes(bits, ab, r) == dequantize(from_codes(bits, ab, r))   (exactly)
-
-The modules are the int4 twins' subclasses (same constructors and call signatures); only their reference matmul
-differs (the factored form above). The ``"triton"`` backend goes through ``triton_ops.quant_linear``, which sends
-the binary format to :mod:`qmamba.kernels.binary_matmul`.
+* :class:`BinaryFormat` (``{"format": "binary", "bits": 1, "row_scale": false}`` in a manifest) is registered with
+  the other formats in :mod:`qmamba.quant.formats`; it speaks the same grouped-params protocol as int4/int8, so the
+  calibration walk handles it like any format (method ``"ptb"``: post-training binarization from column
+  statistics, :mod:`qmamba.quant.binarize`).
+* :class:`BinaryLinear` / :class:`BinaryExperts` (the int4 twins' subclasses, reference matmul = the factored form
+  above, :func:`binary_matmul`) are in :mod:`qmamba.quant.modules`, beside the module swap that builds them. The
+  ``"triton"`` backend goes through ``triton_ops.quant_linear``, which sends the binary format to
+  :mod:`qmamba.kernels.binary_matmul`.
+* :func:`binary_as_matmul_nbits`, the exact 2-bit ``MatMulNBits`` form the ONNX export uses, is defined here.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from qmamba.quant import layout
-from qmamba.quant.formats import WeightFormat, register_format
-from qmamba.quant.modules import PackedExpertWeight, QuantExperts, QuantLinear
+from qmamba.quant.formats import BinaryFormat, is_binary
+from qmamba.quant.modules import BinaryExperts, BinaryLinear, binary_matmul
 
-
-@register_format("binary")
-@dataclass(frozen=True)
-class BinaryFormat(WeightFormat):
-    """1 bit per weight: ``W_hat = alpha[k] * sign + beta[k]`` (``row_scale``: times ``r[n]``)."""
-
-    row_scale: bool = False
-    bits = 1
-    data_free_method = "ptb"  # what the calibration walk records for its statistics-only initialisation
-
-    # ---- grouped protocol (one "group" = the whole row; params are per column) ---------------------------------
-    def group_size_for(self, k: int) -> int:
-        return k
-
-    def params(self, W, clip=1.0):
-        """``W [..., N, K]`` -> ``(ab [..., 2, K], r [..., N] | None)`` by PTB (``clip`` is ignored)."""
-        from qmamba.quant.binarize import ptb
-
-        _, alpha, beta, r = ptb(W, row_scale=self.row_scale)
-        return torch.stack([alpha, beta], dim=-2), r
-
-    def quantize(self, W, scale, zero=None):
-        from qmamba.quant.binarize import signs_for
-
-        return signs_for(W, scale[..., 1, :].float(), None if zero is None else zero.float())
-
-    def dequantize_codes(self, q, scale, zero=None):
-        from qmamba.quant.binarize import reconstruct
-
-        r = None if zero is None else zero.float()
-        return reconstruct(q, scale[..., 0, :].float(), scale[..., 1, :].float(), r)
-
-    def from_codes(self, q, scales, zeros=None) -> dict:
-        if self.row_scale and zeros is None:
-            raise layout.LayoutError("binary row_scale variant needs the row scales")
-        packed = {"qweight": layout.pack_signs(q),
-                  "alpha": scales[..., 0, :].to(torch.float16).contiguous(),
-                  "beta": scales[..., 1, :].to(torch.float16).contiguous()}
-        if self.row_scale:
-            packed["row_scale"] = zeros.to(torch.float16).contiguous()
-        return packed
-
-    def unpack(self, packed: dict, k: int):
-        """Packed -> ``(bits, ab, r)``: the inverse of :meth:`from_codes`."""
-        ab = torch.stack([packed["alpha"].float(), packed["beta"].float()], dim=-2)
-        r = packed["row_scale"].float() if self.row_scale else None
-        return layout.unpack_signs(packed["qweight"], k), ab, r
-
-    # ---- layout ------------------------------------------------------------------------------------------------
-    def dequantize(self, packed: dict, k: int, dtype=torch.float32) -> torch.Tensor:
-        return layout.dequantize_binary(packed["qweight"], packed["alpha"], packed["beta"], k,
-                                        packed.get("row_scale") if self.row_scale else None, dtype)
-
-    def buffer_specs(self, n: int, k: int, lead: tuple = ()) -> dict:
-        specs = {"qweight": ((*lead, n, layout.binary_num_bytes(k)), torch.uint8),
-                 "alpha": ((*lead, k), torch.float16), "beta": ((*lead, k), torch.float16)}
-        if self.row_scale:
-            specs["row_scale"] = ((*lead, n), torch.float16)
-        return specs
-
-    def check(self, packed: dict, n: int, k: int, lead: tuple = ()) -> None:
-        layout.check_binary(packed.get("qweight"), packed.get("alpha"), packed.get("beta"), n, k,
-                            packed.get("row_scale"), lead, self.row_scale)
-
-    def to_dict(self) -> dict:
-        return {"format": "binary", "bits": 1, "row_scale": self.row_scale}
-
-    def describe(self) -> str:
-        return "binary-rowscale" if self.row_scale else "binary"
-
-    # ---- the modules that hold this format ---------------------------------------------------------------------
-    def linear_class(self):
-        return BinaryLinear
-
-    def experts_class(self):
-        return BinaryExperts
-
-
-def is_binary(fmt) -> bool:
-    return isinstance(fmt, BinaryFormat)
-
-
-def binary_matmul(x: torch.Tensor, packed: dict, k: int) -> torch.Tensor:
-    """Reference factored matmul: ``x [..., K]`` -> ``(x * alpha) @ S^T + (x . beta)`` (``* r``) ``[..., N]``.
-
-    Computed in ``x.dtype`` (the +/-1 matrix is exact in any float type)."""
-    S = layout.signs_pm1(packed["qweight"], k, x.dtype)
-    alpha, beta = packed["alpha"].to(x.dtype), packed["beta"].to(x.dtype)
-    y = F.linear(x * alpha, S) + (x @ beta)[..., None]
-    if "row_scale" in packed:
-        y = y * packed["row_scale"].to(x.dtype)
-    return y
-
-
-class BinaryLinear(QuantLinear):
-    """:class:`QuantLinear` in the binary format: ``x [..., in] -> [..., out]``; reference = factored matmul."""
-
-    def __init__(self, in_features: int, out_features: int, fmt: WeightFormat | None = None, bias: bool = False,
-                 device=None, bias_dtype=torch.float32):
-        fmt = fmt or BinaryFormat()
-        if not is_binary(fmt):
-            raise TypeError(f"BinaryLinear needs the binary format, got {fmt.describe()}")
-        super().__init__(in_features, out_features, fmt, bias, device=device, bias_dtype=bias_dtype)
-
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "triton":
-            return super()._matmul(x)
-        return binary_matmul(x, self.packed(), self.in_features)
-
-
-class BinaryExperts(QuantExperts):
-    """:class:`QuantExperts` where fc1 and/or fc2 are binary (the other may be int4/int8/float)."""
-
-    def _expert_matmul(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
-        w = getattr(self, name)
-        if self.backend != "triton" and isinstance(w, PackedExpertWeight) and is_binary(w.fmt):
-            return binary_matmul(x, w.packed(expert), w.k)
-        return super()._expert_matmul(x, name, expert)
+__all__ = ["BinaryFormat", "BinaryLinear", "BinaryExperts", "binary_matmul", "binary_as_matmul_nbits", "is_binary"]
 
 
 def binary_as_matmul_nbits(packed: dict, k: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:

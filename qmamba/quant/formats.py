@@ -11,9 +11,11 @@ a *grouped* view that is the same for every format:
     W_hat == fmt.dequantize(packed, K)       # exactly
 
 Scales are rounded to fp16 *before* the codes are computed, so ``dequantize_codes`` equals the dequantized packed
-tensors bit for bit. Formats registered: ``int8`` (per-output-channel symmetric, one group = the whole row) and
-``int4`` (group-wise along K, asymmetric with zero points by default, symmetric = zero point 8). The 1-bit format of
-a later issue registers itself the same way (``@register_format("binary")``).
+tensors bit for bit. Formats registered: ``int8`` (per-output-channel symmetric, one group = the whole row),
+``int4`` (group-wise along K, asymmetric with zero points by default, symmetric = zero point 8) and ``binary``
+(1 bit, Bi-Mamba form; its params are per input column, see :class:`BinaryFormat`). The modules that hold packed
+weights are in :mod:`qmamba.quant.modules`; this file imports nothing above the layouts (and the PTB statistics of
+:mod:`qmamba.quant.binarize`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 
 from qmamba.errors import ConfigError
 from qmamba.quant import layout
+from qmamba.quant.binarize import ptb, reconstruct, signs_for
 
 FORMATS: dict[str, type] = {}
 _FP16_TINY = 2.0 ** -24  # smallest fp16 subnormal: scales never round to 0
@@ -219,17 +222,82 @@ class Int4Format(WeightFormat):
         return f"int4-g{self.group_size}{'-sym' if self.symmetric else ''}"
 
 
+@register_format("binary")
+@dataclass(frozen=True)
+class BinaryFormat(WeightFormat):
+    """1 bit per weight: ``W_hat[n, k] = alpha[k] * s[n, k] + beta[k]`` (``row_scale``: times ``r[n]``), ``s = +/-1``
+    bit-packed 8 per byte, ``alpha``/``beta`` fp16 per input column. Grouped protocol: ``params(W) -> (ab [..., 2,
+    K] = stack(alpha, beta), r [..., N] or None)``, ``quantize(W, ab, r)`` -> sign bits ``[..., N, K]`` (1 = +1),
+    ``dequantize_codes(bits, ab, r) == dequantize(from_codes(bits, ab, r))`` exactly."""
+
+    row_scale: bool = False
+    bits = 1
+    data_free_method = "ptb"  # what the calibration walk records for its statistics-only initialisation
+
+    # ---- grouped protocol (one "group" = the whole row; params are per column) ---------------------------------
+    def group_size_for(self, k: int) -> int:
+        return k
+
+    def params(self, W, clip=1.0):
+        """``W [..., N, K]`` -> ``(ab [..., 2, K], r [..., N] | None)`` by PTB (``clip`` is ignored)."""
+        _, alpha, beta, r = ptb(W, row_scale=self.row_scale)
+        return torch.stack([alpha, beta], dim=-2), r
+
+    def quantize(self, W, scale, zero=None):
+        return signs_for(W, scale[..., 1, :].float(), None if zero is None else zero.float())
+
+    def dequantize_codes(self, q, scale, zero=None):
+        r = None if zero is None else zero.float()
+        return reconstruct(q, scale[..., 0, :].float(), scale[..., 1, :].float(), r)
+
+    def from_codes(self, q, scales, zeros=None) -> dict:
+        if self.row_scale and zeros is None:
+            raise layout.LayoutError("binary row_scale variant needs the row scales")
+        packed = {"qweight": layout.pack_signs(q),
+                  "alpha": scales[..., 0, :].to(torch.float16).contiguous(),
+                  "beta": scales[..., 1, :].to(torch.float16).contiguous()}
+        if self.row_scale:
+            packed["row_scale"] = zeros.to(torch.float16).contiguous()
+        return packed
+
+    def unpack(self, packed: dict, k: int):
+        """Packed -> ``(bits, ab, r)``: the inverse of :meth:`from_codes`."""
+        ab = torch.stack([packed["alpha"].float(), packed["beta"].float()], dim=-2)
+        r = packed["row_scale"].float() if self.row_scale else None
+        return layout.unpack_signs(packed["qweight"], k), ab, r
+
+    # ---- layout ------------------------------------------------------------------------------------------------
+    def dequantize(self, packed: dict, k: int, dtype=torch.float32) -> torch.Tensor:
+        return layout.dequantize_binary(packed["qweight"], packed["alpha"], packed["beta"], k,
+                                        packed.get("row_scale") if self.row_scale else None, dtype)
+
+    def buffer_specs(self, n: int, k: int, lead: tuple = ()) -> dict:
+        specs = {"qweight": ((*lead, n, layout.binary_num_bytes(k)), torch.uint8),
+                 "alpha": ((*lead, k), torch.float16), "beta": ((*lead, k), torch.float16)}
+        if self.row_scale:
+            specs["row_scale"] = ((*lead, n), torch.float16)
+        return specs
+
+    def check(self, packed: dict, n: int, k: int, lead: tuple = ()) -> None:
+        layout.check_binary(packed.get("qweight"), packed.get("alpha"), packed.get("beta"), n, k,
+                            packed.get("row_scale"), lead, self.row_scale)
+
+    def to_dict(self) -> dict:
+        return {"format": "binary", "bits": 1, "row_scale": self.row_scale}
+
+    def describe(self) -> str:
+        return "binary-rowscale" if self.row_scale else "binary"
+
+
+def is_binary(fmt) -> bool:
+    return isinstance(fmt, BinaryFormat)
+
+
 SUPPORTED_BITS = {8: "int8", 4: "int4", 1: "binary"}
-
-
-def _load_plugin_formats() -> None:
-    """Formats defined in their own modules register on import (imported here lazily: they import this one)."""
-    from qmamba.quant import binary  # noqa: F401  registers "binary"
 
 
 def format_from_dict(data: dict) -> WeightFormat:
     """Inverse of ``fmt.to_dict()``; unknown formats or keys give a clear :class:`ConfigError`."""
-    _load_plugin_formats()
     if not isinstance(data, dict) or "format" not in data:
         raise ConfigError(f"a quantization format entry must be a dict with a 'format' key, got {data!r}")
     name = data["format"]
@@ -252,8 +320,7 @@ def make_format(bits: int, group_size: int = 128, symmetric: bool = False) -> We
         raise ConfigError(f"unsupported bit width {bits}: choose one of {sorted(SUPPORTED_BITS)} "
                           "(1 = binary)")
     if bits == 1:
-        _load_plugin_formats()
-        return FORMATS["binary"]()
+        return BinaryFormat()
     if bits == 8:
         return Int8Format()
     return Int4Format(group_size=int(group_size), symmetric=bool(symmetric))

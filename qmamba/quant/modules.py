@@ -4,7 +4,8 @@ Both hold the packed tensors of :mod:`qmamba.quant.layout` as buffers (``qweight
 quantized state dict has keys such as ``layers.0.mixer.in_proj.qweight`` or ``layers.1.mixer.experts.fc1.scales``.
 The ``"reference"`` backend dequantizes to the activation dtype and multiplies: it is the oracle of the Triton
 kernels, which hook in through the single methods :meth:`QuantLinear._matmul` and
-:meth:`QuantExperts._expert_matmul` when ``backend == "triton"``.
+:meth:`QuantExperts._expert_matmul` when ``backend == "triton"``. The 1-bit twins :class:`BinaryLinear` /
+:class:`BinaryExperts` differ only in their reference matmul (the factored form, :func:`binary_matmul`).
 
 The quantization manifest (``manifest["quantization"]`` of a checkpoint) maps module names to entries
 ``{"format": "int4", "group_size": 128, "symmetric": false, "method": "gptq", ...}``; :func:`swap_quantized_modules`
@@ -19,7 +20,8 @@ from torch import nn
 
 from qmamba.errors import CheckpointError, ConfigError
 from qmamba.moe import StackedExperts, expert_mlp
-from qmamba.quant.formats import WeightFormat, format_from_dict
+from qmamba.quant import layout
+from qmamba.quant.formats import BinaryFormat, WeightFormat, format_from_dict, is_binary
 
 # keys of a manifest module entry that describe how it was made, not the format
 ENTRY_INFO_KEYS = ("method", "fallback", "n_tokens", "note")
@@ -182,6 +184,45 @@ class QuantExperts(nn.Module):
         return out
 
 
+# ---- the 1-bit twins (format ``binary``): same constructors, reference matmul in the factored form ----
+def binary_matmul(x: torch.Tensor, packed: dict, k: int) -> torch.Tensor:
+    """Reference factored matmul: ``x [..., K]`` -> ``(x * alpha) @ S^T + (x . beta)`` (``* r``) ``[..., N]``.
+
+    Computed in ``x.dtype`` (the +/-1 matrix is exact in any float type)."""
+    S = layout.signs_pm1(packed["qweight"], k, x.dtype)
+    alpha, beta = packed["alpha"].to(x.dtype), packed["beta"].to(x.dtype)
+    y = F.linear(x * alpha, S) + (x @ beta)[..., None]
+    if "row_scale" in packed:
+        y = y * packed["row_scale"].to(x.dtype)
+    return y
+
+
+class BinaryLinear(QuantLinear):
+    """:class:`QuantLinear` in the binary format: ``x [..., in] -> [..., out]``; reference = factored matmul."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: WeightFormat | None = None, bias: bool = False,
+                 device=None, bias_dtype=torch.float32):
+        fmt = fmt or BinaryFormat()
+        if not is_binary(fmt):
+            raise TypeError(f"BinaryLinear needs the binary format, got {fmt.describe()}")
+        super().__init__(in_features, out_features, fmt, bias, device=device, bias_dtype=bias_dtype)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton":
+            return super()._matmul(x)
+        return binary_matmul(x, self.packed(), self.in_features)
+
+
+class BinaryExperts(QuantExperts):
+    """:class:`QuantExperts` where fc1 and/or fc2 are binary (the other may be int4/int8/float)."""
+
+    def _expert_matmul(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
+        w = getattr(self, name)
+        if self.backend != "triton" and isinstance(w, PackedExpertWeight) and is_binary(w.fmt):
+            return binary_matmul(x, w.packed(expert), w.k)
+        return super()._expert_matmul(x, name, expert)
+
+
 # ---- module swap ------------------------------------------------------------------------------------------
 def manifest_modules(quantization: dict) -> dict:
     """The ``{module_name: entry}`` map of a quantization manifest (also accepts ``{"modules": {...}}``)."""
@@ -204,18 +245,23 @@ def entry_format(name: str, entry: dict) -> WeightFormat:
         raise CheckpointError(f"quantization entry for {name!r}: {exc}") from None
 
 
-def swap_quantized_modules(model: nn.Module, quantization: dict) -> nn.Module:
-    """Replace the modules named in the manifest by empty quantized twins (shapes from the float modules).
+def swap_quantized_modules(model: nn.Module, quantization: dict, packed: dict[str, dict] | None = None, *,
+                           rtn: bool = False) -> nn.Module:
+    """Replace the named modules of ``model`` by their quantized twins, in place; returns ``model``.
 
-    Names: ``nn.Linear`` modules (``layers.0.mixer.in_proj``, ``lm_head``, ...) and the stacked expert matrices
-    ``layers.1.mixer.experts.fc1`` / ``.fc2``. Works on a model built on the ``meta`` device too (buffers follow
-    the device of the replaced module). Returns ``model``.
+    ``quantization``: ``{name: format}``, each format a :class:`WeightFormat` or a manifest entry (a checkpoint's
+    ``manifest["quantization"]``, also as ``{"modules": {...}}``). Names: ``nn.Linear`` modules
+    (``layers.0.mixer.in_proj``, ``lm_head``, ...) and the stacked expert matrices ``layers.1.mixer.experts.fc1`` /
+    ``.fc2`` (an expert stack named for one matrix keeps the other in float). A twin holds ``packed[name]`` when
+    given, else (``rtn=True``) the round-to-nearest packing of the float weight, else zeros of the right shapes for
+    ``load_state_dict`` to fill, which also works on a model built on the ``meta`` device (buffers follow the
+    device of the replaced module). A float bias is carried over; modules already quantized are left alone.
     """
-    entries = manifest_modules(quantization)
+    packed = packed or {}
     modules = dict(model.named_modules())
     expert_fmts: dict[str, dict] = {}
-    for name, entry in entries.items():
-        fmt = entry_format(name, entry)
+    for name, entry in manifest_modules(quantization).items():
+        fmt = entry if isinstance(entry, WeightFormat) else entry_format(name, entry)
         parent_name, _, leaf = name.rpartition(".")
         if leaf in ("fc1", "fc2") and isinstance(modules.get(parent_name), (StackedExperts, QuantExperts)):
             expert_fmts.setdefault(parent_name, {})[leaf] = fmt
@@ -226,36 +272,45 @@ def swap_quantized_modules(model: nn.Module, quantization: dict) -> nn.Module:
         if not isinstance(target, nn.Linear):
             raise CheckpointError(f"quantization manifest names {name!r}, which is not a linear layer or an expert "
                                   "matrix of this model")
-        w = target.weight
-        new = linear_class_for(fmt)(target.in_features, target.out_features, fmt, target.bias is not None,
-                                    device=w.device, bias_dtype=w.dtype)
-        _set_submodule(model, name, new)
+        cls = linear_class_for(fmt)
+        if name in packed or rtn:
+            new = cls.from_linear(target, fmt, packed.get(name))
+        else:
+            w = target.weight
+            new = cls(target.in_features, target.out_features, fmt, target.bias is not None, device=w.device,
+                      bias_dtype=w.dtype)
+        set_submodule(model, name, new)
     for name, fmts in expert_fmts.items():
         old = modules[name]
         if isinstance(old, QuantExperts):
             continue
-        n_experts, _, d = old.fc1.shape
-        cls = experts_class_for(fmts.get("fc1"), fmts.get("fc2"))
-        new = cls(n_experts, d, old.fc2.shape[2], old.gated, old.activation, fmts.get("fc1"), fmts.get("fc2"),
-                  device=old.fc1.device, float_dtype=old.fc1.dtype)
-        _set_submodule(model, name, new)
+        fc1_fmt, fc2_fmt = fmts.get("fc1"), fmts.get("fc2")
+        parts = {leaf: packed.get(f"{name}.{leaf}") for leaf in fmts}
+        cls = experts_class_for(fc1_fmt, fc2_fmt)
+        if rtn or any(p is not None for p in parts.values()):
+            if not rtn and any(p is None for p in parts.values()):
+                raise ValueError(f"packed tensors for only one of the expert matrices of {name!r}")
+            new = cls.from_stacked(old, fc1_fmt, fc2_fmt, parts.get("fc1"), parts.get("fc2"))
+        else:
+            n_experts, _, d = old.fc1.shape
+            new = cls(n_experts, d, old.fc2.shape[2], old.gated, old.activation, fc1_fmt, fc2_fmt,
+                      device=old.fc1.device, float_dtype=old.fc1.dtype)
+        set_submodule(model, name, new)
     return model
 
 
 def linear_class_for(fmt: WeightFormat) -> type:
-    """The module class holding a linear in ``fmt`` (:class:`QuantLinear` unless the format names its own)."""
-    return fmt.linear_class() if hasattr(fmt, "linear_class") else QuantLinear
+    """The module class holding a linear in ``fmt``."""
+    return BinaryLinear if is_binary(fmt) else QuantLinear
 
 
 def experts_class_for(fc1_fmt: WeightFormat | None, fc2_fmt: WeightFormat | None) -> type:
-    """The experts class for these fc1/fc2 formats (a format's own class wins, e.g. the binary one)."""
-    for fmt in (fc1_fmt, fc2_fmt):
-        if fmt is not None and hasattr(fmt, "experts_class"):
-            return fmt.experts_class()
-    return QuantExperts
+    """The experts class for these fc1/fc2 formats (:class:`BinaryExperts` when either is binary)."""
+    return BinaryExperts if any(f is not None and is_binary(f) for f in (fc1_fmt, fc2_fmt)) else QuantExperts
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """``model.<name> = new`` for a dotted ``name`` (``layers.0.mixer.in_proj``)."""
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, leaf, new)
@@ -271,9 +326,3 @@ def quantized_module_names(model: nn.Module) -> list[str]:
             names += [f"{name}.{w}" for w in ("fc1", "fc2") if isinstance(getattr(mod, w), PackedExpertWeight)]
     return names
 
-
-def set_module_backend(model: nn.Module, backend: str) -> None:
-    """Set ``backend`` on every submodule that has that attribute (mixers, quantized modules)."""
-    for mod in model.modules():
-        if mod is not model and hasattr(mod, "backend"):
-            mod.backend = backend

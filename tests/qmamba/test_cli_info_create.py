@@ -73,7 +73,6 @@ def test_info_text_and_json(tmp_path):
 
 
 def test_info_quantization_summary(tmp_path):
-    pytest.importorskip("qmamba.quant.modules")
     from qmamba.checkpoints.load import build_model
     from qmamba.checkpoints.native import save_checkpoint
     from qmamba.checkpoints.random_init import random_state_dict

@@ -270,6 +270,29 @@ def test_cli_streams_the_greedy_continuation(cli_checkpoint):
     assert "tokens/s" in result.stderr
 
 
+def test_stream_generate_writes_what_generate_returns(cli_checkpoint):
+    """The library loop both CLI backends use: the prompt, then the decoded continuation (EOS not printed), one
+    timing line naming the backend; an empty prompt starts from the end-of-text token."""
+    import io
+
+    import qmamba
+    from qmamba.generation import stream_generate
+    from qmamba.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cli_checkpoint / "tokenizer.json")
+    model = qmamba.load_model(cli_checkpoint)
+    for prompt in ("Once upon a time", ""):
+        out, err = io.StringIO(), io.StringIO()
+        stats = stream_generate(model, tok, prompt, 10, temperature=0.0, label="test backend", out=out, err=err)
+        ids = torch.tensor([tok.encode(prompt) or [tok.eos_token_id]])
+        tokens = generate(model, ids, 10, temperature=0.0, eos_token_id=tok.eos_token_id)
+        n = int(generated_lengths(tokens, ids.shape[1], tok.eos_token_id)[0])  # up to and with the first EOS
+        ref = tokens[0, ids.shape[1]:ids.shape[1] + n].tolist()
+        assert out.getvalue() == prompt + tok.decode([t for t in ref if t != tok.eos_token_id]) + "\n"
+        assert stats["prompt_tokens"] == ids.shape[1] and stats["new_tokens"] == len(ref)
+        assert err.getvalue().startswith(f"{len(ref)} tokens in ") and "(test backend)" in err.getvalue()
+
+
 def test_cli_errors_are_one_line(cli_checkpoint, tmp_path):
     from click.testing import CliRunner
 

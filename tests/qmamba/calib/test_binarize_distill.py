@@ -13,15 +13,20 @@ import torch
 
 from qmamba.calib.distill import DistillOptions, distill, distill_loss
 from qmamba.calib.pipeline import CalibOptions
-from qmamba.calib.quantize import apply_packed, quantize_checkpoint
+from qmamba.calib.quantize import QuantizeOptions, quantize_checkpoint
 from qmamba.calib.recipe import build_plan
 from qmamba.checkpoints.load import load_model
 from qmamba.errors import UserError
 from qmamba.quant import layout
 from qmamba.quant.binary import BinaryExperts, BinaryLinear
+from qmamba.quant.modules import swap_quantized_modules
 
-QUIET = dict(options=CalibOptions(progress=False), log=lambda *_: None)
 FIXTURE = Path(__file__).resolve().parents[3] / "qmamba" / "assets" / "tiny-blackmamba"
+
+
+def quantize_quietly(src, out, **fields):
+    options = QuantizeOptions(calibration=CalibOptions(progress=False), **fields)
+    return quantize_checkpoint(src, out, options, log=lambda *_: None)
 
 
 def _dense_copy(model):
@@ -47,8 +52,8 @@ def _dense_copy(model):
 
 def test_ptb_checkpoint_saves_and_reloads(tiny_checkpoint, calib_text_file, tmp_path):
     out = tmp_path / "b1"
-    quantize_checkpoint(tiny_checkpoint, out, bits=1, method="gptq", calib=[str(calib_text_file)], nsamples=8,
-                        seq_len=32, **QUIET)
+    quantize_quietly(tiny_checkpoint, out, bits=1, method="gptq", calib=[str(calib_text_file)], nsamples=8,
+                     seq_len=32)
     manifest = json.loads((out / "manifest.json").read_text())
     entries = manifest["quantization"]
     assert entries and all(e["format"] == "binary" and e["method"] == "ptb" for e in entries.values())
@@ -67,8 +72,8 @@ def test_recipe_mixes_binary_with_int4_and_int8(tiny_checkpoint, calib_text_file
                                   "rules": [{"pattern": "*.experts.*", "bits": 1},
                                             {"pattern": "layers.0.mixer.out_proj", "bits": 8}]}))
     out = tmp_path / "mixed"
-    quantize_checkpoint(tiny_checkpoint, out, recipe=str(recipe), calib=[str(calib_text_file)], nsamples=8,
-                        seq_len=32, **QUIET)
+    quantize_quietly(tiny_checkpoint, out, recipe=str(recipe), calib=[str(calib_text_file)], nsamples=8,
+                     seq_len=32)
     entries = json.loads((out / "manifest.json").read_text())["quantization"]
     assert entries["layers.1.mixer.experts.fc1"]["format"] == "binary"
     assert entries["layers.1.mixer.experts.fc1"]["method"] == "ptb"
@@ -94,7 +99,7 @@ def ptb_pair(tiny_checkpoint, calib_text_file):
     data = load_calibration([str(calib_text_file)], load_tokenizer(tiny_checkpoint / "tokenizer.json"), 16, 32, 0,
                             teacher.config.vocab_size)
     results = calibrate(student, data.ids, build_plan(student, bits=1), CalibOptions(progress=False))
-    apply_packed(student, results)
+    swap_quantized_modules(student, {n: r.fmt for n, r in results.items()}, {n: r.packed for n, r in results.items()})
     return student, teacher, data.ids
 
 
@@ -199,9 +204,9 @@ def distilled_fixture(tmp_path_factory):
     tok = _tokenizer_for(load_model(FIXTURE))
     ids = torch.cat([encode_text_spec(tok, f"corpus:heldout/{p.name.split('.')[0]}", 8192 // 3)
                      for p in resolve_text_spec("corpus:heldout")])
-    common = dict(calib=["corpus"], nsamples=64, seq_len=128, **QUIET)
-    quantize_checkpoint(FIXTURE, tmp / "ptb", bits=1, **common)
-    quantize_checkpoint(FIXTURE, tmp / "distill", bits=1, distill=DistillOptions(
+    common = dict(calib=["corpus"], nsamples=64, seq_len=128)
+    quantize_quietly(FIXTURE, tmp / "ptb", bits=1, **common)
+    quantize_quietly(FIXTURE, tmp / "distill", bits=1, distill=DistillOptions(
         steps=DISTILL_STEPS, lr=2e-3, ste=True, train_norms=True, progress=False), **common)
     return tmp, ids
 

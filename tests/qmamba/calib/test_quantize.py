@@ -8,9 +8,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import qmamba.calib.pipeline as pipeline
+import qmamba.calib.gptq as gptq
 from qmamba.calib.pipeline import CalibOptions
-from qmamba.calib.quantize import quantize_checkpoint
+from qmamba.calib.quantize import QuantizeOptions, quantize_checkpoint
 from qmamba.checkpoints.load import load_model
 from qmamba.cli import main
 from qmamba.quant.modules import QuantExperts, QuantLinear
@@ -20,8 +20,8 @@ SMALL = dict(nsamples=4, seq_len=64)
 
 def run(ckpt, out, calib_file, **kw):
     opts = kw.pop("options", CalibOptions(progress=False, batch_size=2))
-    return quantize_checkpoint(ckpt, out, calib=[str(calib_file)], options=opts, log=lambda *_: None,
-                               **{**SMALL, **kw})
+    options = QuantizeOptions(calib=[str(calib_file)], calibration=opts, **{**SMALL, **kw})
+    return quantize_checkpoint(ckpt, out, options, log=lambda *_: None)
 
 
 @pytest.mark.parametrize("method,bits", [("gptq", 4), ("awq", 4), ("rtn", 8)])
@@ -80,7 +80,7 @@ def test_awq_fold_exactness_direct(tiny_checkpoint):
 @pytest.mark.parametrize("exc", [RuntimeError("boom in layer"), KeyboardInterrupt()])
 def test_crash_midway_leaves_no_output(tiny_checkpoint, calib_text_file, tmp_path, monkeypatch, exc):
     calls = {"n": 0}
-    real = pipeline.gptq_quantize
+    real = gptq.gptq_quantize
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -88,7 +88,7 @@ def test_crash_midway_leaves_no_output(tiny_checkpoint, calib_text_file, tmp_pat
             raise exc
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "gptq_quantize", failing)
+    monkeypatch.setattr(gptq, "gptq_quantize", failing)
     out = tmp_path / "out"
     with pytest.raises(type(exc)):
         run(tiny_checkpoint, out, calib_text_file, method="gptq")
@@ -99,7 +99,8 @@ def test_crash_midway_leaves_no_output(tiny_checkpoint, calib_text_file, tmp_pat
 
 def test_expert_fallbacks_are_defined(tiny_checkpoint, calib_text_file, tmp_path):
     """Route (almost) everything to expert 0: the others see zero tokens and use all-token statistics."""
-    from qmamba.checkpoints.native import read_checkpoint, save_checkpoint
+    from qmamba.checkpoints.detect import read_checkpoint
+    from qmamba.checkpoints.native import save_checkpoint
 
     cfg, sd, _ = read_checkpoint(tiny_checkpoint)
     for i in cfg.moe_layer_ids:

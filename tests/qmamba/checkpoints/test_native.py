@@ -8,7 +8,8 @@ from safetensors import safe_open
 
 from qmamba.checkpoints import native
 from qmamba.checkpoints.load import build_model, load_model
-from qmamba.checkpoints.native import read_checkpoint, save_checkpoint
+from qmamba.checkpoints.detect import read_checkpoint
+from qmamba.checkpoints.native import save_checkpoint
 from qmamba.checkpoints.random_init import random_state_dict
 from qmamba.config import preset
 from qmamba.errors import CheckpointError, ConfigError
@@ -129,7 +130,7 @@ def test_tokenizer_is_copied_and_found(tmp_path):
 
 
 def test_quantized_checkpoint_round_trip(tmp_path):
-    modules = pytest.importorskip("qmamba.quant.modules")
+    from qmamba.quant import modules
     from qmamba.quant.formats import format_from_dict
 
     cfg, model = make_model()

@@ -79,7 +79,7 @@ PROMPTS = ["The king said that", "Once upon a time"]
 @pytest.fixture(scope="module")
 def fixture_model():
     """``(config, state_dict, tokenizer, cache)``; ``cache`` keeps each variant's checkpoint and reference tokens."""
-    from qmamba.checkpoints.native import read_checkpoint
+    from qmamba.checkpoints.detect import read_checkpoint
     from qmamba.tokenizer import find_tokenizer_file, load_tokenizer
 
     if not (FIXTURE / "manifest.json").is_file():

@@ -1,6 +1,8 @@
 """Tight tier: quantized modules compute x @ W_hat^T (W_hat decoded independently) to float rounding; the module
 swap gives a model that loads the quantized state dict and reproduces it; set_backend reaches every module."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,8 +13,10 @@ from qmamba.errors import CheckpointError
 from qmamba.model import MambaLM
 from qmamba.moe import StackedExperts, expert_mlp
 from qmamba.quant.formats import Int4Format, Int8Format
+from qmamba.quant.layout import LayoutError
 from qmamba.quant.modules import (PackedExpertWeight, QuantExperts, QuantLinear, quantized_module_names,
                                   swap_quantized_modules)
+from qmamba.testing import random_model
 
 FORMATS = [Int8Format(), Int4Format(32), Int4Format(64, True), Int4Format(128)]
 
@@ -103,6 +107,43 @@ def test_swap_then_load_reproduces_model():
     torch.testing.assert_close(fresh(ids), quantized(ids), rtol=0, atol=0)
     # and the quantized model stays close to the float one
     assert float((quantized(ids) - model(ids)).abs().max()) < 0.5
+
+
+def test_swap_fills_twins_with_rtn_or_given_packed_tensors():
+    """The one swap: ``rtn=True`` equals quantizing module by module with the twins' own constructors; ``packed``
+    tensors are held bit for bit (and a packing of another shape is refused); a float bias is carried over; an
+    expert stack given packed tensors for one of its two named matrices is refused."""
+    model = random_model(preset("tiny-blackmamba"), seed=4)
+    fmt = Int4Format(32)
+    formats = {"layers.0.mixer.in_proj": fmt, "layers.0.mixer.x_proj": Int8Format(),
+               "layers.1.mixer.experts.fc1": fmt, "lm_head": Int8Format()}
+    swapped = swap_quantized_modules(copy.deepcopy(model), formats, rtn=True)
+    mixer, moe = model.layers[0].mixer, model.layers[1].mixer
+    expected = {"layers.0.mixer.in_proj": QuantLinear.from_linear(mixer.in_proj, fmt),
+                "layers.0.mixer.x_proj": QuantLinear.from_linear(mixer.x_proj, Int8Format()),
+                "layers.1.mixer.experts": QuantExperts.from_stacked(moe.experts, fmt, None),
+                "lm_head": QuantLinear.from_linear(model.lm_head, Int8Format())}
+    for name, ref in expected.items():
+        got = swapped.get_submodule(name)
+        assert type(got) is type(ref)
+        for key, t in ref.state_dict().items():
+            assert torch.equal(got.state_dict()[key], t), (name, key)
+    assert isinstance(swapped.layers[1].mixer.experts.fc2, nn.Parameter)  # not named: stays float
+
+    lin = nn.Linear(64, 16, bias=True)
+    holder = nn.Sequential(lin)
+    packed = fmt.quantize_rtn(torch.randn(16, 64))
+    swap_quantized_modules(holder, {"0": fmt}, {"0": packed})
+    for key, t in packed.items():
+        assert torch.equal(getattr(holder[0], key), t)
+    assert torch.equal(holder[0].bias, lin.bias)
+    with pytest.raises(LayoutError):
+        swap_quantized_modules(nn.Sequential(nn.Linear(64, 16)), {"0": fmt}, {"0": fmt.quantize_rtn(
+            torch.randn(16, 32))})
+    both = {"layers.1.mixer.experts.fc1": fmt, "layers.1.mixer.experts.fc2": fmt}
+    with pytest.raises(ValueError, match="only one of the expert matrices"):
+        swap_quantized_modules(copy.deepcopy(model), both,
+                               {"layers.1.mixer.experts.fc1": fmt.quantize_rtn(moe.experts.fc1.detach())})
 
 
 def test_set_backend_reaches_quantized_modules():
