@@ -84,7 +84,8 @@ def main():
     from qmamba.calib.pipeline import CalibOptions
     from qmamba.calib.quantize import quantize_checkpoint
     from qmamba.data_files import resolve_text_spec
-    from qmamba.eval import _tokenizer_for, encode_text_spec, perplexity
+    from qmamba.eval import encode_text_spec, perplexity
+    from qmamba.tokenizer import resolve_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "qmamba/assets/tiny-blackmamba"))
@@ -103,7 +104,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     src = Path(args.model)
     fp = load_model(src)
-    tok = _tokenizer_for(fp)
+    tok = resolve_tokenizer(src)
     files = resolve_text_spec("corpus:heldout")
     ids = torch.cat([encode_text_spec(tok, f"corpus:heldout/{p.name.split('.')[0]}", args.eval_tokens // len(files))
                      for p in files])

@@ -39,7 +39,8 @@ def main():
     from qmamba import load_model
     from qmamba.calib.pipeline import CalibOptions
     from qmamba.calib.quantize import quantize_checkpoint
-    from qmamba.eval import _tokenizer_for, encode_text_spec, perplexity, router_agreement, text_windows
+    from qmamba.eval import encode_text_spec, perplexity, router_agreement, text_windows
+    from qmamba.tokenizer import resolve_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "qmamba/assets/tiny-blackmamba"))
@@ -63,7 +64,7 @@ def main():
         return load_model(path, device=args.device, dtype=torch.float32, backend=args.backend)
 
     fp = load(args.model)
-    tok = _tokenizer_for(fp)
+    tok = resolve_tokenizer(args.model)
     ids = encode_text_spec(tok, args.data, args.eval_tokens or None)
     windows = text_windows(ids, args.eval_seq_len, args.router_windows)
 

@@ -49,15 +49,13 @@ def generate_text(path: str, prompt: str, *, max_new_tokens: int, temperature: f
 
     import qmamba
     from qmamba.generation import check_sampling_options, generate
-    from qmamba.tokenizer import find_tokenizer_file, load_tokenizer
+    from qmamba.tokenizer import resolve_tokenizer
 
     out = out or sys.stdout
     err = err or sys.stderr
     check_sampling_options(temperature, top_k, top_p)
-    tok = load_tokenizer(find_tokenizer_file(None, tokenizer)) if tokenizer else None  # fail before loading
+    tok = resolve_tokenizer(path, tokenizer, notice=lambda text: err.write(text + "\n"))  # fail before loading
     model = qmamba.load_model(path, device=device, dtype=dtype, backend=backend)
-    if tok is None:
-        tok = load_tokenizer(find_tokenizer_file(getattr(model, "tokenizer_path", None) or path))
     ids = tok.encode(prompt)
     if not ids:
         if tok.eos_token_id is None:
@@ -111,7 +109,8 @@ def generate_text(path: str, prompt: str, *, max_new_tokens: int, temperature: f
 @click.option("--top-k", default=40, show_default=True, type=click.IntRange(min=0), help="0 = off.")
 @click.option("--top-p", default=0.95, show_default=True, type=float, help="1 = off.")
 @click.option("--seed", default=None, type=int, help="Seed for reproducible sampling.")
-@click.option("--tokenizer", default=None, help="tokenizer.json (default: the one in the checkpoint directory).")
+@click.option("--tokenizer", default=None, help="tokenizer.json or hub id (default: the checkpoint's; for the "
+              "GPT-NeoX vocabulary of BlackMamba/Mamba without one, the NeoX tokenizer shipped with qmamba).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
 @click.option("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on CUDA).")
 @click.option("--backend", default=None, type=click.Choice(BACKEND_CHOICES),
