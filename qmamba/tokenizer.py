@@ -118,8 +118,8 @@ def resolve_tokenizer(checkpoint=None, explicit=None, vocab_size: int | None = N
             path, origin = NEOX_TOKENIZER_FILE, "packaged"
             if notice is not None:
                 where = f"{folder} has no {TOKENIZER_FILE}" if folder is not None else f"no {TOKENIZER_FILE} given"
-                notice(f"note: {where}; using the {NEOX_NAME} tokenizer shipped with qmamba (vocabulary "
-                       f"{vocab_size} is {NEOX_NAME}'s), {path}")
+                notice(f"note: {where}; its vocabulary ({vocab_size}) is {NEOX_NAME}'s: using the {NEOX_NAME} "
+                       f"tokenizer shipped with qmamba ({path})")
         else:
             where = f"no {TOKENIZER_FILE} in {folder}" if folder is not None else f"no {TOKENIZER_FILE} given"
             vocab = (f"its vocabulary ({vocab_size} tokens) is not {NEOX_NAME}'s, the one qmamba ships"

@@ -3,7 +3,9 @@ size of every stored tensor (``qmamba info``, and the tokenizer choice before a 
 
 Safetensors files are described from their JSON header alone; pickles (``pytorch_model.bin``) are opened with
 ``torch.load(..., mmap=True, weights_only=True)``, so their tensors are memory-mapped views whose data is never
-touched. Nothing is validated beyond what is read: loading the checkpoint checks every shape.
+touched. :func:`validate_specs` checks names and shapes against the config as the readers do, on ``meta`` tensors
+(the same key maps, expert stacking and :func:`qmamba.checkpoints.shapes.validate_state_dict`); what needs the
+values (a stored tied head equal to the embedding) is left to loading.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from qmamba.errors import CheckpointError, ConfigError
 from . import blackmamba, hf_mamba, mamba_ssm, native
 from .detect import FORMATS, detect_format, resolve_checkpoint_dir
 from .files import check_tensor_dict, one_line, read_json, torch_load_safe
+from .keymap import rename_to_internal
 from .manifest import dtype_name
+from .shapes import validate_state_dict
 
 # safetensors dtype codes -> torch dtype names
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
@@ -36,12 +40,14 @@ TIED_HEAD_KEYS = {blackmamba.FORMAT: "output_layer.weight", mamba_ssm.FORMAT: "l
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One stored tensor: source name, shape, dtype name (``"bfloat16"``) and bytes on disk."""
+    """One stored tensor: source name, shape, dtype name (``"bfloat16"``), bytes, and whether its data is another
+    entry's (a pickle stores tensors that share storage once)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
     nbytes: int
+    shared: bool = False
 
 
 def config_of(directory: Path, fmt: str) -> ModelConfig:
@@ -81,7 +87,7 @@ def safetensors_specs(path: Path) -> list[TensorSpec]:
     except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"cannot read safetensors header of {path} (truncated or corrupt?): "
                               f"{one_line(exc, 160)}") from None
-    specs = []
+    specs, data_end = [], 0
     for name, entry in header.items():
         if name == "__metadata__":
             continue
@@ -89,8 +95,13 @@ def safetensors_specs(path: Path) -> list[TensorSpec]:
             begin, end = entry["data_offsets"]
             specs.append(TensorSpec(name, tuple(int(d) for d in entry["shape"]),
                                     SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"].lower()), int(end - begin)))
-        except (KeyError, TypeError, ValueError):
+            data_end = max(data_end, int(end))
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise CheckpointError(f"safetensors header of {path}: bad entry for {name!r}") from None
+    size = path.stat().st_size
+    if 8 + length + data_end > size:
+        raise CheckpointError(f"safetensors file {path} is truncated: its header describes {8 + length + data_end} "
+                              f"bytes, the file has {size}")
     return specs
 
 
@@ -105,11 +116,20 @@ def pickle_specs(path: Path, inner_key: str | None = None) -> list[TensorSpec]:
     seen, specs = set(), []
     for name, t in tensors.items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if t.numel() and key in seen:
-            continue
+        specs.append(TensorSpec(name, tuple(t.shape), dtype_name(t.dtype), t.numel() * t.element_size(),
+                                shared=bool(t.numel()) and key in seen))
         seen.add(key)
-        specs.append(TensorSpec(name, tuple(t.shape), dtype_name(t.dtype), t.numel() * t.element_size()))
     return specs
+
+
+def weights_file(directory: Path, fmt: str) -> Path:
+    """The weights file named in messages (the index of a sharded checkpoint)."""
+    directory = Path(directory)
+    if fmt == hf_mamba.FORMAT:
+        for name in (hf_mamba.SAFETENSORS, hf_mamba.INDEX, hf_mamba.PICKLE):
+            if (directory / name).is_file():
+                return directory / name
+    return directory / FORMATS[fmt].WEIGHTS
 
 
 def tensor_specs(directory: Path, fmt: str, cfg: ModelConfig | None = None) -> list[TensorSpec]:
@@ -144,3 +164,24 @@ def tensor_specs(directory: Path, fmt: str, cfg: ModelConfig | None = None) -> l
     if tied and (cfg is None or cfg.tie_embeddings):
         specs = [s for s in specs if s.name != tied]
     return specs
+
+
+def validate_specs(directory: Path, fmt: str, cfg: ModelConfig, specs: list[TensorSpec], manifest: dict) -> None:
+    """Names and shapes of ``specs`` against ``cfg``, as the format's reader checks them (``CheckpointError``
+    naming the key and file), on ``meta`` tensors: no data is read."""
+    weights = weights_file(directory, fmt)
+    meta = {s.name: torch.empty(s.shape, dtype=getattr(torch, s.dtype, torch.uint8), device="meta") for s in specs}
+    if fmt == native.FORMAT:
+        quantization = manifest.get("quantization")
+        for alias, target in (manifest.get("aliases") or {}).items():
+            if target not in meta:
+                raise CheckpointError(f"manifest {Path(directory) / native.MANIFEST}: alias {alias!r} points to "
+                                      f"missing key {target!r}")
+            meta[alias] = meta[target]
+        validate_state_dict(meta, cfg, weights, quantization=quantization)
+        return
+    module = FORMATS[fmt]
+    experts = blackmamba._stack_experts(meta, cfg, weights) if fmt == blackmamba.FORMAT else {}
+    sd = rename_to_internal(meta, module.KEYS, weights)
+    sd.update(experts)
+    validate_state_dict(sd, cfg, weights, source_key=module.KEYS.to_source)

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from .detect import detect_format, resolve_checkpoint_dir
-from .peek import config_of, manifest_of, tensor_specs
+from .peek import config_of, manifest_of, tensor_specs, validate_specs
 
 
 def compress_layer_plan(codes: list[str]) -> str:
@@ -49,7 +49,9 @@ def checkpoint_summary(path) -> dict:
     fmt = detect_format(directory)
     cfg = config_of(directory, fmt)
     manifest = manifest_of(directory, fmt)
-    tensors = tensor_specs(directory, fmt, cfg)
+    specs = tensor_specs(directory, fmt, cfg)
+    validate_specs(directory, fmt, cfg, specs, manifest)
+    tensors = [t for t in specs if not t.shared]
     by_dtype: Counter = Counter()
     for t in tensors:
         by_dtype[t.dtype] += t.nbytes

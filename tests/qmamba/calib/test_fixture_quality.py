@@ -10,7 +10,8 @@ import torch
 from qmamba.calib.pipeline import CalibOptions
 from qmamba.calib.quantize import quantize_checkpoint
 from qmamba.checkpoints.load import load_model
-from qmamba.eval import _tokenizer_for, encode_text_spec, perplexity, router_agreement, text_windows
+from qmamba.eval import encode_text_spec, perplexity, router_agreement, text_windows
+from qmamba.tokenizer import resolve_tokenizer
 
 FIXTURE = Path(__file__).resolve().parents[3] / "qmamba" / "assets" / "tiny-blackmamba"
 EVAL_TOKENS, EVAL_LEN = 49152, 256
@@ -21,7 +22,7 @@ pytestmark = [pytest.mark.slow,  # several minutes on 2 CPU cores: 4 quantizatio
 @pytest.fixture(scope="module")
 def fixture_eval(tmp_path_factory):
     fp = load_model(FIXTURE)
-    tok = _tokenizer_for(fp)
+    tok = resolve_tokenizer(FIXTURE)
     # a slice of every held-out file, so the test sees all three domains
     from qmamba.data_files import resolve_text_spec
 
