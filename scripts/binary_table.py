@@ -92,6 +92,8 @@ def main():
     ap.add_argument("--out", default="/tmp/binary_table")
     ap.add_argument("--nsamples", type=int, default=256, help="calibration / distillation sequences")
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--calib", default="full", help="calibration text: full (the full train split, as for the "
+                    "committed tables; needs $QMAMBA_DATA_DIR or ../shared/data), corpus (the slice shipped) or a file")
     ap.add_argument("--distill-steps", type=int, default=300)
     ap.add_argument("--distill-lr", type=float, default=1e-3)
     ap.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens, spread over the held-out files")
@@ -123,7 +125,7 @@ def main():
             if row_scale:  # the variant has no CLI flag: PTB straight from the float weights
                 info = _quantize_row_scale(src, path, args)
             else:
-                info = quantize_checkpoint(src, path, calib=["corpus"], nsamples=args.nsamples,
+                info = quantize_checkpoint(src, path, calib=[args.calib], nsamples=args.nsamples,
                                            seq_len=args.seq_len, overwrite=True, distill=distill,
                                            options=CalibOptions(progress=False), log=lambda *_: None, **kwargs)
             info = {"seconds": round(time.perf_counter() - start, 1),

@@ -4,7 +4,7 @@
            [--nsamples 128 --seq-len 256] [--eval-tokens 0 (all held-out)] [--eval-seq-len 256]
 
 For each row (fp32, int8 RTN/GPTQ, int4 RTN/GPTQ/AWQ at g128 and g64) it quantizes with the same library call as
-`qmamba quantize` (calibration: the TRAIN split of the shared corpus, seeded), then measures held-out perplexity
+`qmamba quantize` (calibration: `--calib full`, the TRAIN split of the full corpus, seeded), then measures held-out perplexity
 (sliding window, corpus:heldout), size on disk, router top-1 agreement with the float model on held-out windows,
 and the quantize time. Prints a Markdown table and writes it (plus JSON) under --out.
 """
@@ -48,6 +48,8 @@ def main():
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--data", default="corpus:heldout")
+    ap.add_argument("--calib", default="full", help="calibration text: full (the full train split, as for the "
+                    "committed tables; needs $QMAMBA_DATA_DIR or ../shared/data), corpus (the slice shipped) or a file")
     ap.add_argument("--eval-tokens", type=int, default=0, help="0 = the whole held-out text")
     ap.add_argument("--eval-seq-len", type=int, default=256)
     ap.add_argument("--router-windows", type=int, default=64)
@@ -81,7 +83,7 @@ def main():
         shutil.rmtree(target, ignore_errors=True)
         t0 = time.perf_counter()
         info = quantize_checkpoint(args.model, target, bits=bits, group_size=group, method=method,
-                                   calib=["corpus"], nsamples=args.nsamples, seq_len=args.seq_len,
+                                   calib=[args.calib], nsamples=args.nsamples, seq_len=args.seq_len,
                                    device=args.device, options=CalibOptions(progress=False), log=lambda *_: None)
         seconds = time.perf_counter() - t0
         q = load(target)
