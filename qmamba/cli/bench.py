@@ -1,0 +1,64 @@
+"""``qmamba bench PATH``: prefill and decode speed, peak memory and weight bytes, one line per batch size.
+
+What ``llama-bench`` is to llama.cpp: a seeded random prompt of ``--prompt-len`` tokens per row, then ``--tokens``
+greedy decode steps through the path ``qmamba generate`` uses (the CUDA-graph fused step on CUDA). Before any
+figure is reported the decode path is checked against the pure-PyTorch reference on a short greedy prefix
+(:mod:`qmamba.bench`); a mismatch is an error (exit 1), not a number.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from qmamba.errors import UserError
+
+
+def _int_list(ctx, param, value: str) -> list[int]:
+    try:
+        items = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not items or any(v < 1 for v in items):
+        raise click.BadParameter("batch sizes must be positive integers")
+    return items
+
+
+@click.command("bench")
+@click.argument("path")
+@click.option("--batch", "batches", default="1", show_default=True, callback=_int_list,
+              help="Batch sizes, comma-separated (e.g. 1,8).")
+@click.option("--prompt-len", default=2048, show_default=True, type=click.IntRange(min=1),
+              help="Prompt tokens per row (prefill).")
+@click.option("--tokens", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Decode steps timed per batch size.")
+@click.option("--check-tokens", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Greedy steps compared with the reference path before timing.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
+@click.option("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on CUDA).")
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False),
+              help="Also write the rows as JSON to this file.")
+def bench(path, batches, prompt_len, tokens, check_tokens, device, dtype, json_out):
+    """Benchmark the checkpoint at PATH (checked figures only)."""
+    import torch
+
+    import qmamba
+    from qmamba.bench import BenchCheckError, bench_model, format_table
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = qmamba.load_model(path, device=device, dtype=dtype)
+    try:
+        rows = bench_model(model, batches, prompt_len, tokens, check_tokens,
+                           log=lambda s: click.echo(s, err=True))
+    except BenchCheckError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(format_table(rows))
+    if json_out:
+        try:
+            with open(json_out, "w") as f:
+                json.dump(dict(path=str(path), rows=[r.as_dict() for r in rows]), f, indent=1)
+        except OSError as exc:
+            raise UserError(f"cannot write {json_out}: {exc.strerror}") from None
