@@ -67,9 +67,8 @@ def _explicit_tokenizer_file(explicit) -> tuple[Path, str]:
         path = path / TOKENIZER_FILE
     if path.is_file():
         return path, "explicit"
-    if not Path(explicit).expanduser().exists() and looks_like_hub_id(str(explicit)) \
-            and not Path(str(explicit).split("/")[0]).exists():
-        return _hub_tokenizer(str(explicit)), "hub"
+    if looks_like_hub_id(str(explicit)) and not Path(str(explicit).split("/")[0]).expanduser().exists():
+        return _hub_tokenizer(str(explicit)), "hub"  # "owner/name", and nothing named "owner" here
     raise TokenizerError(f"tokenizer file not found: {path}")
 
 

@@ -4,9 +4,9 @@
            [--nsamples 128 --seq-len 256] [--eval-tokens 0 (all held-out)] [--eval-seq-len 256]
 
 For each row (fp32, int8 RTN/GPTQ, int4 RTN/GPTQ/AWQ at g128 and g64) it quantizes with the same library call as
-`qmamba quantize` (calibration: `--calib full`, the TRAIN split of the full corpus, seeded), then measures held-out perplexity
-(sliding window, corpus:heldout), size on disk, router top-1 agreement with the float model on held-out windows,
-and the quantize time. Prints a Markdown table and writes it (plus JSON) under --out.
+`qmamba quantize` (calibration: `--calib full`, the TRAIN split of the full corpus, seeded), then measures held-out
+perplexity (sliding window, corpus:heldout), size on disk, router top-1 agreement with the float model on held-out
+windows, and the quantize time. Prints a Markdown table and writes it (plus JSON) under --out.
 """
 
 from __future__ import annotations

@@ -182,8 +182,8 @@ def module_device(module: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def record_routing_blockwise(model: nn.Module, ids: torch.Tensor, device=None,
-                             batch_size: int = 8) -> dict[int, torch.Tensor]:
+def record_routing_blockwise(model: nn.Module, ids: torch.Tensor, device=None, batch_size: int = 8,
+                             progress: bool = False, desc: str = "routing") -> dict[int, torch.Tensor]:
     """Top-1 expert of every token at every MoE layer, ``{layer: idx [N * L] int16}`` as
     :func:`qmamba.eval.record_routing` gives, but walking the model one block at a time on ``device`` in float32
     (the model stays where it is): the router-agreement report of a model that does not fit on the device."""
@@ -194,9 +194,8 @@ def record_routing_blockwise(model: nn.Module, ids: torch.Tensor, device=None,
     residual = [torch.zeros(*c.shape, model.config.d_model, device=dev) for c in chunks]
     h = [model.embedding(c.to(home)).float().to(dev) for c in chunks]
     routes: dict[int, list] = {}
-    for i, block in enumerate(model.layers):
-        if i > last_moe:
-            break
+    for i, block in tqdm(list(enumerate(model.layers))[: last_moe + 1], desc=desc, unit="block",
+                         disable=not progress, dynamic_ncols=True):
         block_home = module_device(block)
         dtypes = move_module(block, dev, torch.float32)
         residual = [r + hh for r, hh in zip(residual, h)]

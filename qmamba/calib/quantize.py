@@ -112,7 +112,8 @@ def quantize_checkpoint(src, out, *, bits: int = 4, group_size: int = 128, metho
     float model on the calibration sequences after PTB (``None``: no distillation)."""
     from qmamba.checkpoints.files import check_output_dir
     from qmamba.checkpoints.native import read_checkpoint, save_checkpoint
-    from qmamba.checkpoints.peek import read_config
+    from qmamba.checkpoints.detect import detect_format
+    from qmamba.checkpoints.peek import manifest_of, read_config
     from qmamba.eval import routing_agreement
     from qmamba.model import MambaLM
     from qmamba.tokenizer import TokenizerError, resolve_tokenizer
@@ -122,6 +123,8 @@ def quantize_checkpoint(src, out, *, bits: int = 4, group_size: int = 128, metho
     opts = options or CalibOptions()
     recipe_data = load_recipe(recipe) if recipe else None
     directory, cfg = read_config(src)
+    if manifest_of(directory, detect_format(directory)).get("quantization"):  # before reading any weight
+        raise UserError(f"{src} is already quantized; quantize its float source instead")
     device = torch.device(device) if device else torch.device("cpu")
     with torch.device("meta"):  # no second copy of the weights: the checkpoint's tensors are assigned
         model = MambaLM(cfg)
@@ -146,9 +149,7 @@ def quantize_checkpoint(src, out, *, bits: int = 4, group_size: int = 128, metho
         report_data = load_calibration(DEFAULT_CALIBRATION, tok, n_report, seq_len, seed, cfg.vocab_size)
         report_ids = report_data.ids
 
-    cfg, state_dict, manifest = read_checkpoint(directory)
-    if manifest.get("quantization"):
-        raise UserError(f"{src} is already quantized; quantize its float source instead")
+    cfg, state_dict, manifest = read_checkpoint(directory, hash_files=False)  # source_record hashes every file
     source_dtypes = {k: v.dtype for k, v in state_dict.items()}
     if cfg.tie_embeddings:
         state_dict.setdefault("lm_head.weight", state_dict["embedding.weight"])
@@ -161,7 +162,10 @@ def quantize_checkpoint(src, out, *, bits: int = 4, group_size: int = 128, metho
         torch.cuda.reset_peak_memory_stats(device)
 
     t0 = time.perf_counter()
-    fp_routes = record_routing_blockwise(model, report_ids, device, opts.batch_size) if want_report else None
+    fp_routes = None
+    if want_report:
+        fp_routes = record_routing_blockwise(model, report_ids, device, opts.batch_size, opts.progress,
+                                             "report: float routing")
     teacher = copy.deepcopy(model) if distill is not None else None  # the float model, before any fold
     results = calibrate(model, data.ids if data is not None else None, plan, opts, device=device)
     apply_packed(model, results)
@@ -178,7 +182,9 @@ def quantize_checkpoint(src, out, *, bits: int = 4, group_size: int = 128, metho
                 r.method = "ptb+distill"
     router = None
     if want_report:
-        router = routing_agreement(fp_routes, record_routing_blockwise(model, report_ids, device, opts.batch_size))
+        routes = record_routing_blockwise(model, report_ids, device, opts.batch_size, opts.progress,
+                                          "report: quantized routing")
+        router = routing_agreement(fp_routes, routes)
         router["tokens"] = int(report_ids.numel())
     seconds = time.perf_counter() - t0
     peak_gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

@@ -208,7 +208,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m qmamba.calib.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny-blackmamba-fixture")
     p.add_argument("--config", help="model config JSON (ModelConfig fields); overrides --preset")
-    p.add_argument("--data", action="append", help="training text spec (full:train[/name], corpus:train[/name] or a file); repeatable")
+    p.add_argument("--data", action="append",
+                   help="training text spec (full:train[/name], corpus:train[/name] or a file); repeatable")
     p.add_argument("--eval-data", default="corpus:heldout", help="held-out text for the final report")
     p.add_argument("--tokenizer", help="existing tokenizer.json (else --train-tokenizer VOCAB)")
     p.add_argument("--train-tokenizer", type=int, metavar="VOCAB", help="train a byte-level BPE of this size")
