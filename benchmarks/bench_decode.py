@@ -13,6 +13,7 @@ written).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
@@ -143,7 +144,8 @@ def main():
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--check-steps", type=int, default=16)
     ap.add_argument("--variants", default="default,nopdl",
-                    help="policy variants: default, nopdl, bnI<int4 block>F<float block>W<warps> e.g. bn16F4W4")
+                    help="policy variants: default, nopdl, dec_words, dec_join, bnI<int4 block>F<float block>W<warps> "
+                         "e.g. bn16F4W4")
     args = ap.parse_args()
     log = lambda s: print(s, flush=True)  # noqa: E731
     cfg = preset(args.preset)
@@ -154,12 +156,13 @@ def main():
         if v == "default":
             variants[v] = base
         elif v == "nopdl":
-            variants[v] = DecodePolicy(pdl=False, block_n_int4=base.block_n_int4, block_n_float=base.block_n_float,
-                                       num_warps=base.num_warps)
+            variants[v] = dataclasses.replace(base, pdl=False)
+        elif v in ("dec_words", "dec_join"):  # the decode kernels for every non-binary format at batch 1
+            variants[v] = dataclasses.replace(base, formats=(0, 1, 2), max_rows=1, int4_unpack=v[4:])
         elif v.startswith("bn"):
             i4, rest = v[2:].split("F")
             fl, w = rest.split("W")
-            variants[v] = DecodePolicy(pdl=base.pdl, block_n_int4=int(i4), block_n_float=int(fl), num_warps=int(w))
+            variants[v] = dataclasses.replace(base, block_n_int4=int(i4), block_n_float=int(fl), num_warps=int(w))
     log(f"{torch.cuda.get_device_name(0)}; policy {base}")
     result = dict(preset=args.preset, device=torch.cuda.get_device_name(0), rows=[], failures=[])
     for name in args.formats.split(","):

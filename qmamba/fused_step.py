@@ -30,7 +30,7 @@ from torch import nn
 
 from qmamba.kernels.binary_matmul import BinaryWeight, binary_matmul
 from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
-from qmamba.kernels.decode_linear import MAX_ROWS, DecodePolicy, decode_linear
+from qmamba.kernels.decode_linear import DecodePolicy, decode_linear
 from qmamba.kernels.decode_step import add_norm, dt_state_update
 from qmamba.kernels.fused_moe import gated_act
 from qmamba.kernels.quant_matmul import PackedWeight, dequant_matmul
@@ -76,26 +76,6 @@ def matmul(x: torch.Tensor, weight: KernelWeight, bias=None, row_expert=None, ro
     if isinstance(weight, BinaryWeight):
         return binary_matmul(x, weight, bias, row_expert=row_expert, row_scale=row_scale, out=out)
     return dequant_matmul(x, weight, bias, row_expert=row_expert, row_scale=row_scale, out=out)
-
-
-def fused_linear(x, weight: KernelWeight, out, policy: DecodePolicy, *, bias=None, row_expert=None, row_scale=None,
-                 conv=None, gated: str | None = None):
-    """``out <- f(x) @ W^T`` with the prologue / epilogue fusions of :func:`decode_linear` (conv step in front,
-    gated activation after); for weights or batch sizes that kernel does not take, the same result from the general
-    kernels plus separate conv / activation launches."""
-    if isinstance(weight, PackedWeight) and x.shape[0] <= MAX_ROWS:
-        return decode_linear(x, weight, out, bias=bias, row_expert=row_expert, row_scale=row_scale, conv=conv,
-                             gated=gated, policy=policy)
-    if conv is not None:  # the conv step's output, the state left as it is (the dt kernel shifts it)
-        state, conv_w, conv_b = conv
-        x, _ = causal_conv1d_update_triton(x, state, conv_w, conv_b, "silu", out_state=torch.empty_like(state))
-    y = matmul(x, weight, bias, row_expert=row_expert, row_scale=None if gated else row_scale)
-    if gated:
-        y = gated_act(y, gated, True)
-        if row_scale is not None:
-            y = y * row_scale[:, None]
-    out.copy_(y)
-    return out
 
 
 @dataclass
@@ -166,18 +146,37 @@ class FusedDecodeStep:
 
     # ---- buffers -------------------------------------------------------------------------------------------------
     def _workspace(self, batch: int, device) -> dict:
-        """Per-batch-size activation buffers (float32; written before they are read, never zeroed)."""
+        """Per-batch-size buffers: per-layer matmul outputs in one float32 workspace (zeroed once per step when a
+        general split-K kernel accumulates into it), plus activations."""
         if batch in self._buffers:
             return self._buffers[batch]
-        mamba = [p for p in self.layers if isinstance(p, _MambaPlan)]
-        moe = [p for p in self.layers if isinstance(p, _MoePlan)]
-        widths = dict(xz=max((p.in_proj.n for p in mamba), default=1), dbc=max((p.x_proj.n for p in mamba), default=1),
-                      y=max((p.in_proj.n // 2 for p in mamba), default=1),
-                      act=max((p.fc1.n // (2 if p.gated else 1) for p in moe), default=1),
-                      h=self.d_model, x=self.d_model, residual=self.d_model, logits=self.head.n)
-        buf = {name: torch.empty(batch, w, device=device, dtype=torch.float32) for name, w in widths.items()}
-        buf["idx"] = torch.empty(batch, device=device, dtype=torch.int32)
-        buf["rwt"] = torch.empty(batch, device=device, dtype=torch.float32)
+        sizes = []
+        for plan in self.layers:
+            if isinstance(plan, _MambaPlan):
+                sizes.append((plan.in_proj.n, plan.x_proj.n, plan.out_proj.n))
+            else:
+                sizes.append((plan.fc1.n, plan.fc2.n))
+        total = sum(sum(s) for s in sizes) + self.head.n
+        ws = torch.zeros(total * batch, device=device, dtype=torch.float32)
+        views, off = [], 0
+        for s in sizes:
+            layer = []
+            for n in s:
+                layer.append(ws[off:off + n * batch].view(batch, n))
+                off += n * batch
+            views.append(layer)
+        logits = ws[off:off + self.head.n * batch].view(batch, self.head.n)
+        d = self.d_model
+        di = max((p.in_proj.n // 2 for p in self.layers if isinstance(p, _MambaPlan)), default=1)
+        ffn = max((p.fc1.n // (2 if p.gated else 1) for p in self.layers if isinstance(p, _MoePlan)), default=1)
+        weights = [self.head] + [w for p in self.layers for w in ((p.in_proj, p.x_proj, p.out_proj)
+                                                                  if isinstance(p, _MambaPlan) else (p.fc1, p.fc2))]
+        f32, act = dict(device=device, dtype=torch.float32), dict(device=device, dtype=self.dtype)
+        buf = dict(ws=ws, views=views, logits=logits, zero=not all(self.policy.takes(w, batch) for w in weights),
+                   residual=torch.empty(batch, d, **f32), x=torch.empty(batch, d, **act),
+                   xc=torch.empty(batch, di, **act), y=torch.empty(batch, di, **act), act=torch.empty(batch, ffn, **act),
+                   conv_scratch=None, idx=torch.empty(batch, device=device, dtype=torch.int32),
+                   rwt=torch.empty(batch, **f32))
         self._buffers[batch] = buf
         return buf
 
@@ -192,35 +191,54 @@ class FusedDecodeStep:
         token_ids = token_ids.contiguous()  # the gather kernel reads ids[b] at offset b (a column slice is strided)
         batch = token_ids.shape[0]
         buf = self._workspace(batch, token_ids.device)
+        if buf["zero"]:
+            buf["ws"].zero_()
         h = None
-        for plan in self.layers:
+        for i, plan in enumerate(self.layers):
+            views = buf["views"][i]
             if isinstance(plan, _MambaPlan):
                 self._add_norm(buf, h, token_ids, plan.norm_w)
-                h = self._mamba(buf, plan, state)
+                h = self._mamba(buf, plan, views, state)
             else:
                 self._add_norm(buf, h, token_ids, plan.norm_w, router=(plan.router_w, plan.router_b))
-                h = self._moe(buf, plan)
+                h = self._moe(buf, plan, views)
         self._add_norm(buf, h, token_ids, self.final_w, norm_b=self.final_b)
-        return fused_linear(buf["x"], self.head, buf["logits"], self.policy, bias=self.head_bias)
+        return self._linear(buf["x"], self.head, buf["logits"], bias=self.head_bias)
 
-    def _mamba(self, buf, plan: _MambaPlan, state):
+    def _linear(self, x, weight, out, **kw):
+        """``out <- x @ W^T``: the decode kernel where the policy takes it, else the general kernel (split-K into the
+        zeroed workspace view ``out``)."""
+        if self.policy.takes(weight, x.shape[0]):
+            return decode_linear(x, weight, out, policy=self.policy, **kw)
+        return matmul(x, weight, out=out, **kw)
+
+    def _mamba(self, buf, plan: _MambaPlan, views, state):
+        xz, dbc, out = views
         di = plan.in_proj.n // 2
-        xz = buf["xz"][:, :2 * di]
-        fused_linear(buf["x"], plan.in_proj, xz, self.policy, bias=plan.in_bias)
-        conv = (state.conv_state[plan.slot], plan.conv_w, plan.conv_b)
-        dbc = buf["dbc"][:, :plan.x_proj.n]
-        fused_linear(xz[:, :di], plan.x_proj, dbc, self.policy, conv=conv)
+        self._linear(buf["x"], plan.in_proj, xz, bias=plan.in_bias)
+        conv_state = state.conv_state[plan.slot]
+        conv = (conv_state, plan.conv_w, plan.conv_b)
+        if self.policy.takes(plan.x_proj, xz.shape[0]):  # the conv step fused in front of x_proj
+            decode_linear(xz[:, :di], plan.x_proj, dbc, conv=conv, policy=self.policy)
+        else:  # the conv step's output on its own (the state is shifted by the dt kernel below)
+            if buf["conv_scratch"] is None or buf["conv_scratch"].shape != conv_state.shape:
+                buf["conv_scratch"] = torch.empty_like(conv_state)
+            xc = buf["xc"][:, :di]
+            causal_conv1d_update_triton(xz[:, :di], conv_state, plan.conv_w, plan.conv_b, "silu",
+                                        out_state=buf["conv_scratch"], out=xc)
+            matmul(xc, plan.x_proj, out=dbc)
         y = buf["y"][:, :di]
         dt_state_update(dbc, plan.dt_w, plan.dt_bias, xz[:, :di], xz[:, di:], plan.A, plan.D,
                         state.ssm_state[plan.slot], y, conv=conv, pdl=self.policy.pdl)
-        return fused_linear(y, plan.out_proj, buf["h"], self.policy, bias=plan.out_bias)
+        return self._linear(y, plan.out_proj, out, bias=plan.out_bias)
 
-    def _moe(self, buf, plan: _MoePlan):
+    def _moe(self, buf, plan: _MoePlan, views):
+        h1, out = views
         ffn = plan.fc1.n // 2 if plan.gated else plan.fc1.n
         act = buf["act"][:, :ffn]
-        if plan.gated:
-            fused_linear(buf["x"], plan.fc1, act, self.policy, row_expert=buf["idx"], gated=plan.activation)
+        if plan.gated and self.policy.takes(plan.fc1, act.shape[0]):  # gate, up and activation in one kernel
+            decode_linear(buf["x"], plan.fc1, act, row_expert=buf["idx"], gated=plan.activation, policy=self.policy)
         else:
-            fused_linear(buf["x"], plan.fc1, act, self.policy, row_expert=buf["idx"])
-            act.copy_(gated_act(act, plan.activation, False))
-        return fused_linear(act, plan.fc2, buf["h"], self.policy, row_expert=buf["idx"], row_scale=buf["rwt"])
+            self._linear(buf["x"], plan.fc1, h1, row_expert=buf["idx"])
+            gated_act(h1, plan.activation, plan.gated, out=act)
+        return self._linear(act, plan.fc2, out, row_expert=buf["idx"], row_scale=buf["rwt"])

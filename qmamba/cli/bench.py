@@ -38,9 +38,12 @@ def _int_list(ctx, param, value: str) -> list[int]:
               help="Greedy steps compared with the reference path before timing.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
 @click.option("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on CUDA).")
+@click.option("--check-dtype", default="float32", show_default=True, type=click.Choice(["float32", "same"]),
+              help="Precision of the check: a float32 twin of the model (rounding-level differences stay far from "
+                   "a top-1 margin) or the timed dtype itself.")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False),
               help="Also write the rows as JSON to this file.")
-def bench(path, batches, prompt_len, tokens, check_tokens, device, dtype, json_out):
+def bench(path, batches, prompt_len, tokens, check_tokens, check_dtype, device, dtype, json_out):
     """Benchmark the checkpoint at PATH (checked figures only)."""
     import torch
 
@@ -49,9 +52,13 @@ def bench(path, batches, prompt_len, tokens, check_tokens, device, dtype, json_o
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = qmamba.load_model(path, device=device, dtype=dtype)
+    twin = None
+    if check_dtype == "float32" and model.compute_dtype != torch.float32:
+        def twin():
+            return qmamba.load_model(path, device=device, dtype="float32")
     try:
         rows = bench_model(model, batches, prompt_len, tokens, check_tokens,
-                           log=lambda s: click.echo(s, err=True))
+                           log=lambda s: click.echo(s, err=True), check_model=twin)
     except BenchCheckError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)

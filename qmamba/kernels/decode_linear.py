@@ -61,12 +61,23 @@ class DecodePolicy:
     block_n_int4: int = 8
     block_n_float: int = 4
     num_warps: int = 4
+    int4_unpack: str = "words"   # "words": 32-bit words, codes via the 2^23 trick; "join": bytes unpacked in k order
+    max_rows: int = MAX_ROWS     # batch sizes above this take the general matmul kernels (caller's choice)
+    formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4)  # weight formats these kernels serve for the caller
+
+    def takes(self, weight, rows: int) -> bool:
+        """Whether a caller should run ``weight`` at ``rows`` rows through :func:`decode_linear`."""
+        return isinstance(weight, PackedWeight) and weight.fmt in self.formats and rows <= min(self.max_rows, MAX_ROWS)
 
     @classmethod
     def for_device(cls, device) -> "DecodePolicy":
+        """CUDA: what measured fastest on the H200 (benchmarks/results.md, "Decode step"): these kernels for float
+        weights at batch 1 (0.70 vs 1.01 ms/token for bf16 BlackMamba-2.8B); int4 words at batch 1 and every
+        format at batch 8 measured slower than the general kernels (1.2 vs 0.98 ms; 14.6 vs 2.4 ms), so those stay
+        on them. CPU (interpreter): every format and batch, wide row blocks (few programs)."""
         if device.type != "cuda":
-            return cls(pdl=False, block_n_int4=4, block_n_float=4, num_warps=1)  # interpreter: few programs
-        return cls(pdl=pdl_supported(device))
+            return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1)
+        return cls(pdl=pdl_supported(device), max_rows=1, formats=(FMT_FLOAT,))
 
     def block_n(self, fmt: int, rows: int, n: int) -> int:
         bn = self.block_n_int4 if fmt == FMT_INT4 else self.block_n_float
@@ -91,6 +102,16 @@ def _load_tile(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, swe, swn, sse, ssn, s
         scale = tl.load(s_ptr + e64 * sse + rows[:, None] * ssn + g[None, :], mask=gm, other=0.0).to(tl.float32)
         zb = tl.load(z_ptr + e64 * sze + rows[:, None] * szn + (g // 2)[None, :], mask=gm, other=0).to(tl.int32)
         zero = ((zb >> ((g % 2) * 4)[None, :]) & 0xF).to(tl.float32) + 8388608.0
+    elif FMT == 3:  # int4 as bytes [BN, NBP, G/2] (G = 8 * WPG), unpacked later in k order
+        g = tl.arange(0, NBP)
+        j = tl.arange(0, WPG * 4)
+        n_groups = (K + WPG * 8 - 1) // (WPG * 8)
+        gm = (g < n_groups)[None, :] & rows_ok[:, None]
+        w = tl.load(w_ptr + e64 * swe + rows[:, None, None] * swn + (g * WPG * 4)[None, :, None] + j[None, None, :],
+                    mask=gm[:, :, None], other=0)
+        scale = tl.load(s_ptr + e64 * sse + rows[:, None] * ssn + g[None, :], mask=gm, other=0.0).to(tl.float32)
+        zb = tl.load(z_ptr + e64 * sze + rows[:, None] * szn + (g // 2)[None, :], mask=gm, other=0).to(tl.int32)
+        zero = ((zb >> ((g % 2) * 4)[None, :]) & 0xF).to(tl.float32)
     else:
         k = tl.arange(0, KP)
         wm = rows_ok[:, None] & (k < K)[None, :]
@@ -137,11 +158,34 @@ def _dot_row(w, scale, zero, x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, 
             code = ((w >> (4 * i)) & 0xF) | 0x4B000000
             part += (code.to(tl.float32, bitcast=True) - zero[:, :, None]) * xi[None, :, :]
         y = tl.sum(tl.sum(part, axis=2) * scale, axis=1)
+    elif FMT == 3:
+        # bytes -> codes in k order (low nibble even k): [BN, NBP, G/2] -> join -> [BN, NBP, G]; x read contiguous
+        q = tl.reshape(tl.join(w & 0xF, w >> 4), (w.shape[0], NBP, WPG * 8)).to(tl.float32)
+        k = tl.arange(0, NBP)[:, None] * (WPG * 8) + tl.arange(0, WPG * 8)[None, :]
+        x = _input_at(x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, k, k < k_lim, CONV, CONV_W, HAS_CB)
+        y = tl.sum((tl.sum(q * x[None, :, :], axis=2) - zero * tl.sum(x, axis=1)[None, :]) * scale, axis=1)
     else:
         k = tl.arange(0, KP)
         x = _input_at(x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, k, k < k_lim, CONV, CONV_W, HAS_CB)
         y = tl.sum(w.to(tl.float32) * x[None, :], axis=1) * scale
     return y
+
+
+@jit
+def _dot_rows_int4(w, scale, zero, x_ptr, rr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, K, M,
+                   NBP: tl.constexpr, WPG: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr,
+                   HAS_CB: tl.constexpr):
+    """``[ROWS, BN]`` fp32: int4 tile times the input rows ``rr`` (rows >= M read nothing), each code unpacked once."""
+    kw = (tl.arange(0, NBP)[:, None] * WPG + tl.arange(0, WPG)[None, :]) * 8                        # [NBP, WPG]
+    k_lim = tl.where(rr < M, K, 0)
+    part = tl.zeros((rr.shape[0], w.shape[0], w.shape[1]), dtype=tl.float32)                      # [R, BN, NBP]
+    for i in tl.static_range(8):
+        k = kw[None, :, :] + i
+        xi = _input_at(x_ptr, rr[:, None, None], sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, k,
+                       k < k_lim[:, None, None], CONV, CONV_W, HAS_CB)                              # [R, NBP, WPG]
+        wf = (((w >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zero[:, :, None]  # [BN, NBP, WPG]
+        part += tl.sum(wf[None, :, :, :] * xi[:, None, :, :], axis=3)
+    return tl.sum(part * scale[None, :, :], axis=2)
 
 
 @jit
@@ -158,20 +202,32 @@ def _decode_linear_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_ok = rows < N
     if ROUTED:
-        # the expert of each row comes from the previous kernel: wait first, then read only this expert's tile
+        # the expert of each row comes from the previous kernel: wait first, then read only this expert's tile.
+        # One row: one program column, the row's expert. Several: column e serves the rows routed to expert e and
+        # an idle column does nothing at all.
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        r_idx = tl.arange(0, ROWS)
-        routed = tl.load(rexp_ptr + r_idx, mask=r_idx < M, other=-1)
-        active = tl.sum((routed == pid_e).to(tl.int32), axis=0) > 0
-        rows_ok = rows < tl.where(active, N, 0)
-        e64 = pid_e.to(tl.int64)
-        w, scale, zero = _load_tile(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, swe, swn, sse, ssn, sze,
-                                    szn, FMT, KP, NBP, WPG)
-        if GATED:
-            w_up, scale_up, zero_up = _load_tile(w_ptr, s_ptr, z_ptr, e64, rows + N_UP, rows_ok, K, swe, swn,
-                                                 sse, ssn, sze, szn, FMT, KP, NBP, WPG)
+        if ROWS == 1:
+            expert = tl.load(rexp_ptr)
+            active = expert >= 0
+        else:
+            expert = pid_e
+            r_idx = tl.arange(0, ROWS)
+            routed = tl.load(rexp_ptr + r_idx, mask=r_idx < M, other=-1)
+            active = tl.sum((routed == pid_e).to(tl.int32), axis=0) > 0
+        if active:
+            e64 = expert.to(tl.int64)
+            w, scale, zero = _load_tile(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, swe, swn, sse, ssn, sze,
+                                        szn, FMT, KP, NBP, WPG)
+            if GATED:
+                w_up, scale_up, zero_up = _load_tile(w_ptr, s_ptr, z_ptr, e64, rows + N_UP, rows_ok, K, swe, swn,
+                                                     sse, ssn, sze, szn, FMT, KP, NBP, WPG)
+            else:
+                w_up, scale_up, zero_up = w, scale, zero
+            _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
+                      bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, rows, rows_ok, expert, M, N, K,
+                      FMT, ROWS, ROUTED, CONV, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP, NBP, WPG)
     else:
         e64 = pid_e.to(tl.int64) * 0
         w, scale, zero = _load_tile(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, swe, swn, sse, ssn, sze,
@@ -179,25 +235,57 @@ def _decode_linear_kernel(
         if GATED:
             w_up, scale_up, zero_up = _load_tile(w_ptr, s_ptr, z_ptr, e64, rows + N_UP, rows_ok, K, swe, swn,
                                                  sse, ssn, sze, szn, FMT, KP, NBP, WPG)
+        else:
+            w_up, scale_up, zero_up = w, scale, zero
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+        _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
+                  bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, rows, rows_ok, pid_e, M, N, K,
+                  FMT, ROWS, ROUTED, CONV, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP, NBP, WPG)
+
+
+@jit
+def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
+              bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, rows, rows_ok, expert, M, N, K,
+              FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr, CONV: tl.constexpr,
+              CONV_W: tl.constexpr, HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+              HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr,
+              WPG: tl.constexpr):
+    """Each input row (that is routed here) times the tile(s), epilogue, store. A row that is not computed costs a
+    branch, no arithmetic."""
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
-    for r in tl.static_range(ROWS):
-        row_ok = (pid_n * 0 + r) < M  # a tensor (the interpreter rejects a Python bool mask)
-        if ROUTED:
-            row_ok = row_ok & (tl.load(rexp_ptr + r, mask=row_ok, other=-1) == pid_e)
-        y = _dot_row(w, scale, zero, x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, K, row_ok, FMT, KP, NBP,
-                     WPG, CONV, CONV_W, HAS_CB)
+    if FMT == 2 and ROWS > 1 and not ROUTED:
+        # every row uses the same tile: unpack each code once, multiply it into all rows
+        rr = tl.arange(0, ROWS)
+        y = _dot_rows_int4(w, scale, zero, x_ptr, rr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, K, M, NBP, WPG,
+                           CONV, CONV_W, HAS_CB)                                                   # [ROWS, BN]
         if HAS_BIAS:
-            y += bias
+            y += bias[None, :]
         if GATED:
-            y = activate(y, ACT) * _dot_row(w_up, scale_up, zero_up, x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr, ss_m,
-                                            ss_d, K, row_ok, FMT, KP, NBP, WPG, CONV, CONV_W, HAS_CB)
+            y = activate(y, ACT) * _dot_rows_int4(w_up, scale_up, zero_up, x_ptr, rr, sxm, st_ptr, cw_ptr, cb_ptr,
+                                                  ss_m, ss_d, K, M, NBP, WPG, CONV, CONV_W, HAS_CB)
         if HAS_RSCALE:
-            y = y * tl.load(rscale_ptr + r, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + r * som + rows, y.to(out_ptr.dtype.element_ty), mask=rows < tl.where(row_ok, N, 0))
+            y = y * tl.load(rscale_ptr + rr, mask=rr < M, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + rr[:, None] * som + rows[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=(rr < M)[:, None] & rows_ok[None, :])
+    else:
+        for r in tl.static_range(ROWS):
+            row_ok = (tl.program_id(1) * 0 + r) < M  # a tensor (the interpreter rejects a Python bool mask)
+            if ROUTED and ROWS > 1:
+                row_ok = row_ok & (tl.load(rexp_ptr + r, mask=row_ok, other=-1) == expert)
+            if row_ok:
+                y = _dot_row(w, scale, zero, x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, K, row_ok, FMT, KP, NBP,
+                             WPG, CONV, CONV_W, HAS_CB)
+                if HAS_BIAS:
+                    y += bias
+                if GATED:
+                    y = activate(y, ACT) * _dot_row(w_up, scale_up, zero_up, x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr,
+                                                    ss_m, ss_d, K, row_ok, FMT, KP, NBP, WPG, CONV, CONV_W, HAS_CB)
+                if HAS_RSCALE:
+                    y = y * tl.load(rscale_ptr + r).to(tl.float32)
+                tl.store(out_ptr + r * som + rows, y.to(out_ptr.dtype.element_ty), mask=rows_ok)
 
 
 # ---- launcher and reference twin -------------------------------------------------------------------------------------
@@ -245,6 +333,10 @@ def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, r
     if row_expert is None and weight.n_experts != 1:
         raise ValueError("decode_linear: a stacked weight needs row_expert")
     w, s, z, strides, kp, nbp, wpg = _weight_args(weight)
+    fmt = weight.fmt
+    if fmt == FMT_INT4 and policy.int4_unpack == "join":
+        fmt, w = 3, weight.qweight.reshape(weight.n_experts, weight.n, -1)
+        strides = (w.stride(0), w.stride(1)) + strides[2:]
     st, cw, cb = conv if conv is not None else (x, x, None)
     if conv is not None:
         width = cw.shape[1]
@@ -252,14 +344,14 @@ def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, r
                 not cw.is_contiguous():
             raise ValueError("decode_linear: conv needs state [M, K, W] (unit last stride) and contiguous w [K, W]")
     bn = policy.block_n(weight.fmt, m, n_out)
-    grid = (weight.n_experts if row_expert is not None else 1, -(-n_out // bn))
+    grid = (weight.n_experts if row_expert is not None and m > 1 else 1, -(-n_out // bn))
     dummy = x
     kwargs = dict(launch_pdl=True) if policy.pdl else {}
     _decode_linear_kernel[grid](
         x, st, cw, cb if cb is not None else dummy, w, s, z, bias if bias is not None else dummy,
         row_expert if row_expert is not None else dummy, row_scale if row_scale is not None else dummy, out,
         m, n_out, k, n_out if gated else 0, x.stride(0), st.stride(0), st.stride(1), out.stride(0), *strides,
-        FMT=weight.fmt, ROWS=next_pow2(m), ROUTED=row_expert is not None, CONV=conv is not None,
+        FMT=fmt, ROWS=next_pow2(m), ROUTED=row_expert is not None, CONV=conv is not None,
         CONV_W=cw.shape[1] if conv is not None else 1, HAS_CB=cb is not None, GATED=gated is not None,
         ACT=ACTIVATION_IDS[gated] if gated else 0, HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
         KP=kp, NBP=nbp, WPG=wpg, BLOCK_N=bn, PDL=policy.pdl, num_warps=policy.num_warps, **kwargs)

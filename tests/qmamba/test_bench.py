@@ -54,3 +54,12 @@ def test_bench_cli_exits_nonzero_on_failed_check(monkeypatch):
     res = CliRunner().invoke(main, ["bench", str(FIXTURE), "--prompt-len", "4", "--tokens", "2", "--device", "cpu"])
     assert res.exit_code == 1
     assert "no figure reported" in res.output
+
+
+def test_bench_checks_a_bf16_model_on_its_float32_twin(tmp_path):
+    out = tmp_path / "b.json"
+    res = CliRunner().invoke(main, ["bench", str(FIXTURE), "--prompt-len", "6", "--tokens", "2", "--check-tokens", "2",
+                                    "--dtype", "bfloat16", "--device", "cpu", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["dtype"] == "bfloat16" and row["check"].endswith("checked in float32")

@@ -30,35 +30,43 @@ def poisoned(m, n, device):
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("m", [1, 3, 8])
-def test_dense_matches_dequantized_matmul(fmt, m, device):
+@pytest.mark.parametrize("block,unpack", [(None, "words"), (4, "words"), (4, "join")])
+def test_dense_matches_dequantized_matmul(fmt, m, block, unpack, device):
+    """``block``: rows per program (None: the device's policy; 4: several programs and a ragged last one);
+    ``unpack``: how int4 codes are unpacked (32-bit words or bytes joined in k order)."""
     torch.manual_seed(m)
     n, k = 37, 200  # K not a multiple of any group: padded tail
     w = make_weight(FORMATS[fmt], n, k, device)
     x = torch.randn(m, k, device=device)
     bias = torch.randn(n, device=device)
-    out = decode_linear(x, w, poisoned(m, n, device), bias=bias)
+    policy = None if block is None else DecodePolicy(pdl=False, block_n_int4=block, block_n_float=block,
+                                                     num_warps=4 if device.type == "cuda" else 1, int4_unpack=unpack)
+    out = decode_linear(x, w, poisoned(m, n, device), bias=bias, policy=policy)
     ref = decode_linear_ref(x, w, bias=bias)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     # the twin is x @ W_hat^T + b
     torch.testing.assert_close(ref, dequant_matmul_ref(x, w, bias).float(), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("fmt", ["float", "int8", "int4g32"])
+@pytest.mark.parametrize("fmt", ["float", "int8", "int4g32", "int4g32-join"])
 @pytest.mark.parametrize("m", [1, 4])
 def test_routed_gated_and_row_scale(fmt, m, device):
     """fc1 of a gated MoE (act(gate) * up of each row's expert) and fc2 with the routing weight; expert 2 idle."""
     torch.manual_seed(1)
     e, f, d = 4, 24, 96
+    policy = DecodePolicy.for_device(device)
+    if fmt.endswith("-join"):
+        fmt, policy = fmt[:-5], DecodePolicy(pdl=policy.pdl, num_warps=policy.num_warps, int4_unpack="join")
     fc1 = make_weight(FORMATS[fmt], 2 * f, d, device, experts=e, seed=1)
     fc2 = make_weight(FORMATS[fmt], d, f, device, experts=e, seed=2)
     x = torch.randn(m, d, device=device)
     idx = torch.tensor([3, 0, 3, 1][:m], dtype=torch.int32, device=device)
     rw = torch.rand(m, device=device) + 0.5
-    act = decode_linear(x, fc1, poisoned(m, f, device), row_expert=idx, gated="silu")
+    act = decode_linear(x, fc1, poisoned(m, f, device), row_expert=idx, gated="silu", policy=policy)
     ref_act = decode_linear_ref(x, fc1, row_expert=idx, gated="silu")
     torch.testing.assert_close(act, ref_act, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ref_act, gated_act_ref(dequant_matmul_ref(x, fc1, row_expert=idx), "silu", True))
-    y = decode_linear(act, fc2, poisoned(m, d, device), row_expert=idx, row_scale=rw)
+    y = decode_linear(act, fc2, poisoned(m, d, device), row_expert=idx, row_scale=rw, policy=policy)
     torch.testing.assert_close(y, decode_linear_ref(act, fc2, row_expert=idx, row_scale=rw), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(y, dequant_matmul_ref(act, fc2, row_expert=idx, row_scale=rw).float(), atol=1e-4,
                                rtol=1e-4)
