@@ -1,11 +1,18 @@
-"""Where the shared text data lives and how to read it (used by ``qmamba eval`` and the calibration pipeline).
+"""Where the text data lives and how to read it (used by ``qmamba eval`` and the calibration pipeline).
 
-The data directory is ``$QMAMBA_DATA_DIR`` when set, else ``../shared/data`` beside the repository (the layout of
-the ``shared/data`` folder: ``corpus/{train,heldout}/*.txt.xz``, ``eval/lambada_openai.jsonl.gz``). Text specs:
+Two sources with the same layout (``corpus/{train,heldout}/*.txt.xz``, ``eval/lambada_openai.jsonl.gz``):
 
-    corpus:heldout               every held-out file, concatenated in name order (documents joined by a blank line)
+* the text shipped in the package, ``qmamba/assets/data/`` (see its README: a calibration slice of the train
+  split, the whole held-out split, LAMBADA; 1.6 MB): the default everywhere, present wherever qmamba is installed;
+* the full pinned corpus (optional, larger train split): ``$QMAMBA_DATA_DIR`` when set, else ``../shared/data``
+  beside the repository checkout.
+
+Text specs:
+
+    corpus:heldout               every held-out file shipped, concatenated in name order (blank line between)
     corpus:heldout/shakespeare   one file of a split
-    corpus:train[/name]          the train split (calibration only; never evaluate on it)
+    corpus:train[/name]          the shipped train slice (calibration only; never evaluate on it)
+    full:heldout, full:train...  the same from the full corpus
     PATH                         a plain, .xz or .gz UTF-8 text file
 """
 
@@ -19,6 +26,8 @@ from pathlib import Path
 from qmamba.errors import UserError
 
 SPLITS = ("train", "heldout")
+PACKAGED_DATA_DIR = Path(__file__).resolve().parent / "assets" / "data"
+SOURCES = {"corpus": "the text shipped with qmamba", "full": "the full corpus"}
 
 
 class DataError(UserError):
@@ -26,7 +35,7 @@ class DataError(UserError):
 
 
 def find_data_dir() -> Path:
-    """The shared data directory; a clear error when it cannot be found."""
+    """The directory of the full corpus (``full:`` specs); a clear error when it cannot be found."""
     env = os.environ.get("QMAMBA_DATA_DIR")
     repo = Path(__file__).resolve().parents[1]
     candidates = [Path(env)] if env else [repo.parent / "shared" / "data", repo / "shared" / "data"]
@@ -34,8 +43,8 @@ def find_data_dir() -> Path:
         if (path / "corpus").is_dir():
             return path
     where = f"$QMAMBA_DATA_DIR={env}" if env else " or ".join(str(p) for p in candidates)
-    raise DataError(f"shared data directory not found (looked at {where}); set QMAMBA_DATA_DIR to the folder that "
-                    "holds corpus/ and eval/")
+    raise DataError(f"full corpus not found (looked at {where}); set QMAMBA_DATA_DIR to the folder that holds "
+                    "corpus/ and eval/, or use the text shipped with qmamba (corpus:train, corpus:heldout)")
 
 
 def read_text(path: str | Path) -> str:
@@ -51,19 +60,36 @@ def read_text(path: str | Path) -> str:
         raise DataError(f"cannot read text file {path}: {exc}") from None
 
 
+def source_dir(source: str) -> Path:
+    """Data directory of a spec source: ``"corpus"`` (shipped) or ``"full"`` (:func:`find_data_dir`)."""
+    if source == "corpus":
+        if not (PACKAGED_DATA_DIR / "corpus").is_dir():
+            raise DataError(f"the text shipped with qmamba is missing from {PACKAGED_DATA_DIR} (broken install?)")
+        return PACKAGED_DATA_DIR
+    if source == "full":
+        return find_data_dir()
+    raise DataError(f"unknown text source {source!r}; use one of {', '.join(SOURCES)}")
+
+
+def is_corpus_spec(spec) -> bool:
+    """Whether ``spec`` names a split of a corpus (``corpus:...`` or ``full:...``) rather than a file."""
+    return str(spec).split(":", 1)[0] in SOURCES and ":" in str(spec)
+
+
 def corpus_files(spec: str) -> list[Path]:
-    """Files of a ``corpus:SPLIT[/name]`` spec, in name order."""
-    rest = spec.split(":", 1)[1]
+    """Files of a ``corpus:SPLIT[/name]`` or ``full:SPLIT[/name]`` spec, in name order."""
+    source, rest = spec.split(":", 1)
     split, _, name = rest.partition("/")
     if split not in SPLITS:
         raise DataError(f"unknown corpus split {split!r} in {spec!r}; use one of {SPLITS}")
-    folder = find_data_dir() / "corpus" / split
+    folder = source_dir(source) / "corpus" / split
     files = sorted(folder.glob("*.txt.xz"))
     if name:
         files = [f for f in files if f.name.split(".")[0] == name]
         if not files:
             known = sorted(f.name.split(".")[0] for f in folder.glob("*.txt.xz"))
-            raise DataError(f"no corpus file {name!r} in split {split!r}; known: {', '.join(known)}")
+            raise DataError(f"no corpus file {name!r} in split {split!r} of {SOURCES[source]}; known: "
+                            f"{', '.join(known)}")
     if not files:
         raise DataError(f"no *.txt.xz files in {folder}")
     return files
@@ -71,7 +97,7 @@ def corpus_files(spec: str) -> list[Path]:
 
 def resolve_text_spec(spec: str) -> list[Path]:
     """Files named by a text spec (see module docstring)."""
-    if spec.startswith("corpus:"):
+    if is_corpus_spec(spec):
         return corpus_files(spec)
     path = Path(spec)
     if not path.is_file():
@@ -85,7 +111,8 @@ def load_text_spec(spec: str) -> str:
 
 
 def lambada_path() -> Path:
-    path = find_data_dir() / "eval" / "lambada_openai.jsonl.gz"
+    """LAMBADA (OpenAI test split) as shipped with qmamba (an exact copy of the full corpus's)."""
+    path = PACKAGED_DATA_DIR / "eval" / "lambada_openai.jsonl.gz"
     if not path.is_file():
-        raise DataError(f"LAMBADA file not found: {path}")
+        raise DataError(f"LAMBADA file not found: {path} (broken install?)")
     return path

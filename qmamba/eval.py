@@ -84,11 +84,12 @@ def load_lambada(path, limit: int | None = None) -> list[dict]:
 
 @torch.no_grad()
 def lambada(model, tokenizer, records: list[dict], progress: bool = True) -> dict:
-    """Greedy last-word accuracy and continuation perplexity over LAMBADA records."""
+    """Greedy last-word accuracy and continuation perplexity over LAMBADA records (``tokenizer.encode(text)`` ->
+    list of ids, as :class:`qmamba.tokenizer.TextTokenizer`)."""
     correct, nll_sum, n_tokens = 0, 0.0, 0
     for rec in tqdm(records, desc="lambada", disable=not progress, leave=False):
-        ctx = tokenizer.encode(rec["context"]).ids
-        cont = tokenizer.encode(rec["continuation"]).ids
+        ctx = tokenizer.encode(rec["context"])
+        cont = tokenizer.encode(rec["continuation"])
         if not ctx or not cont:
             continue
         ids = torch.tensor([ctx + cont], dtype=torch.long, device=model.device)
@@ -144,25 +145,14 @@ def text_windows(ids: torch.Tensor, seq_len: int, max_windows: int) -> torch.Ten
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------
-def _tokenizer_for(model, tokenizer_path=None):
-    from tokenizers import Tokenizer
-
-    path = tokenizer_path or getattr(model, "tokenizer_path", None)
-    if path is None:
-        raise UserError("the checkpoint has no tokenizer.json: pass --tokenizer FILE")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as exc:  # tokenizers raises its own exception types
-        raise UserError(f"cannot read tokenizer {path}: {exc}") from None
-
-
 def encode_text_spec(tokenizer, spec: str, max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids ``[N]`` of a text spec (see :mod:`qmamba.data_files`), the first ``max_tokens`` when given."""
     from qmamba.data_files import load_text_spec
 
     text = load_text_spec(spec)
     if not text.strip():
         raise UserError(f"evaluation text {spec} is empty")
-    ids = torch.tensor(tokenizer.encode(text).ids, dtype=torch.long)
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     return ids[:max_tokens] if max_tokens else ids
 
 
@@ -189,9 +179,11 @@ def evaluate_checkpoint(path, tokenizer_path=None, device=None, dtype=None, back
     from pathlib import Path
 
     from qmamba import load_model
+    from qmamba.tokenizer import resolve_tokenizer
 
+    tokenizer = resolve_tokenizer(path, tokenizer_path)  # before the weights: fail fast
     model = load_model(path, device=device, dtype=dtype, backend=backend)
-    result = {"path": str(path), **evaluate_model(model, _tokenizer_for(model, tokenizer_path), **kwargs)}
+    result = {"path": str(path), **evaluate_model(model, tokenizer, **kwargs)}
     p = Path(path)
     if p.is_dir():
         result["bytes_on_disk"] = sum(f.stat().st_size for f in p.iterdir() if f.is_file())
@@ -202,9 +194,10 @@ def compare_checkpoints(path_a, path_b, tokenizer_path=None, device=None, dtype=
                         data: str | None = "corpus:heldout", router_windows: int = 16, **kwargs) -> dict:
     """Evaluate two checkpoints on the same data; deltas (B - A) and top-1 router agreement of B with A."""
     from qmamba import load_model
+    from qmamba.tokenizer import resolve_tokenizer
 
+    tokenizer = resolve_tokenizer(path_a, tokenizer_path)
     models = [load_model(p, device=device, dtype=dtype, backend=backend) for p in (path_a, path_b)]
-    tokenizer = _tokenizer_for(models[0], tokenizer_path)
     results = [{"path": str(p), **evaluate_model(m, tokenizer, data=data, **kwargs)}
                for p, m in zip((path_a, path_b), models)]
     out = {"a": results[0], "b": results[1], "delta": {}}

@@ -84,13 +84,16 @@ def main():
     from qmamba.calib.pipeline import CalibOptions
     from qmamba.calib.quantize import QuantizeOptions, quantize_checkpoint
     from qmamba.data_files import resolve_text_spec
-    from qmamba.eval import _tokenizer_for, encode_text_spec, perplexity
+    from qmamba.eval import encode_text_spec, perplexity
+    from qmamba.tokenizer import resolve_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "qmamba/assets/tiny-blackmamba"))
     ap.add_argument("--out", default="/tmp/binary_table")
     ap.add_argument("--nsamples", type=int, default=256, help="calibration / distillation sequences")
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--calib", default="full", help="calibration text: full (the full train split, as for the "
+                    "committed tables; needs $QMAMBA_DATA_DIR or ../shared/data), corpus (the slice shipped) or a file")
     ap.add_argument("--distill-steps", type=int, default=300)
     ap.add_argument("--distill-lr", type=float, default=1e-3)
     ap.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens, spread over the held-out files")
@@ -103,7 +106,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     src = Path(args.model)
     fp = load_model(src)
-    tok = _tokenizer_for(fp)
+    tok = resolve_tokenizer(src)
     files = resolve_text_spec("corpus:heldout")
     ids = torch.cat([encode_text_spec(tok, f"corpus:heldout/{p.name.split('.')[0]}", args.eval_tokens // len(files))
                      for p in files])
@@ -122,7 +125,7 @@ def main():
             if row_scale:  # the variant has no CLI flag: PTB straight from the float weights
                 info = _quantize_row_scale(src, path, args)
             else:
-                options = QuantizeOptions(calib=["corpus"], nsamples=args.nsamples, seq_len=args.seq_len,
+                options = QuantizeOptions(calib=[args.calib], nsamples=args.nsamples, seq_len=args.seq_len,
                                           overwrite=True, distill=distill, calibration=CalibOptions(progress=False),
                                           **kwargs)
                 info = quantize_checkpoint(src, path, options, log=lambda *_: None)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the built-in default model (or on the checkpoint given as $1):
-#   info -> int4 GPTQ quantization with calibration on the corpus -> perplexity fp vs int4 -> generation
-#   -> ONNX export of the int4 model -> generation with onnxruntime.
+#   info -> int4 GPTQ quantization with calibration on the train text shipped with qmamba -> perplexity fp vs
+#   int4 on the held-out text shipped with qmamba -> generation -> ONNX export of the int4 model -> generation
+#   with onnxruntime. All data is inside the package (qmamba/assets/data): no download, no data directory.
 # Set-up (virtual environment, install) happens on the first run. Outputs go to runs/demo/ (QMAMBA_DEMO_OUT).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -16,11 +17,11 @@ mkdir -p "$OUT"
 echo "== qmamba info $MODEL"
 qmamba info "$MODEL"
 
-echo "== quantize: int4 g$GROUP GPTQ, calibration on the corpus train split"
+echo "== quantize: int4 g$GROUP GPTQ, calibration on the train text shipped with qmamba"
 qmamba quantize "$MODEL" -o "$OUT/int4-gptq" --bits 4 --group-size "$GROUP" --method gptq \
   --calib corpus --nsamples 64 --seq-len 256 --overwrite
 
-echo "== held-out perplexity: float vs int4"
+echo "== held-out perplexity (text shipped with qmamba): float vs int4"
 qmamba eval --compare "$MODEL" "$OUT/int4-gptq" --data corpus:heldout --seq-len 256 --max-tokens 32768 \
   --json "$OUT/eval.json"
 

@@ -9,7 +9,7 @@ OUT="${1:-qmamba/assets/tiny-blackmamba.new}"
 rm -rf "$OUT"
 OMP_NUM_THREADS=1 python -m qmamba.calib.train \
   --preset tiny-blackmamba-fixture \
-  --data corpus:train \
+  --data full:train \
   --eval-data corpus:heldout \
   --train-tokenizer 4096 \
   --steps 800 --seq-len 128 --batch 16 --lr 3e-3 --warmup 50 --weight-decay 0.1 --aux-coef 0.01 \

@@ -4,9 +4,9 @@
            [--nsamples 128 --seq-len 256] [--eval-tokens 0 (all held-out)] [--eval-seq-len 256]
 
 For each row (fp32, int8 RTN/GPTQ, int4 RTN/GPTQ/AWQ at g128 and g64) it quantizes with the same library call as
-`qmamba quantize` (calibration: the TRAIN split of the shared corpus, seeded), then measures held-out perplexity
-(sliding window, corpus:heldout), size on disk, router top-1 agreement with the float model on held-out windows,
-and the quantize time. Prints a Markdown table and writes it (plus JSON) under --out.
+`qmamba quantize` (calibration: `--calib full`, the TRAIN split of the full corpus, seeded), then measures held-out
+perplexity (sliding window, corpus:heldout), size on disk, router top-1 agreement with the float model on held-out
+windows, and the quantize time. Prints a Markdown table and writes it (plus JSON) under --out.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def main():
     from qmamba import load_model
     from qmamba.calib.pipeline import CalibOptions
     from qmamba.calib.quantize import QuantizeOptions, quantize_checkpoint
-    from qmamba.eval import _tokenizer_for, encode_text_spec, perplexity, router_agreement, text_windows
+    from qmamba.eval import encode_text_spec, perplexity, router_agreement, text_windows
+    from qmamba.tokenizer import resolve_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "qmamba/assets/tiny-blackmamba"))
@@ -47,6 +48,8 @@ def main():
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--data", default="corpus:heldout")
+    ap.add_argument("--calib", default="full", help="calibration text: full (the full train split, as for the "
+                    "committed tables; needs $QMAMBA_DATA_DIR or ../shared/data), corpus (the slice shipped) or a file")
     ap.add_argument("--eval-tokens", type=int, default=0, help="0 = the whole held-out text")
     ap.add_argument("--eval-seq-len", type=int, default=256)
     ap.add_argument("--router-windows", type=int, default=64)
@@ -63,7 +66,7 @@ def main():
         return load_model(path, device=args.device, dtype=torch.float32, backend=args.backend)
 
     fp = load(args.model)
-    tok = _tokenizer_for(fp)
+    tok = resolve_tokenizer(args.model)
     ids = encode_text_spec(tok, args.data, args.eval_tokens or None)
     windows = text_windows(ids, args.eval_seq_len, args.router_windows)
 
@@ -79,7 +82,7 @@ def main():
         target = out / label.replace(" ", "-")
         shutil.rmtree(target, ignore_errors=True)
         t0 = time.perf_counter()
-        options = QuantizeOptions(bits=bits, group_size=group, method=method, calib=["corpus"],
+        options = QuantizeOptions(bits=bits, group_size=group, method=method, calib=[args.calib],
                                   nsamples=args.nsamples, seq_len=args.seq_len, device=args.device,
                                   calibration=CalibOptions(progress=False))
         info = quantize_checkpoint(args.model, target, options, log=lambda *_: None)

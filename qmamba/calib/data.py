@@ -1,8 +1,9 @@
-"""Calibration data: N token sequences of L tokens from text files or the shared corpus (TRAIN split only).
+"""Calibration data: N token sequences of L tokens from text files or a corpus (TRAIN split only).
 
-``--calib corpus`` draws N windows at seeded random positions of the train files of the shared corpus (file chosen
-round-robin, a random character offset, the text after it tokenized, the first token dropped because it may be a
-partial word). ``--calib FILE...`` tokenizes the files (joined by a blank line) and cuts consecutive windows of L
+``--calib corpus`` (the default source) draws N windows at seeded random positions of the train text shipped with
+qmamba (``qmamba/assets/data``; ``--calib full`` the same from the full corpus, see :mod:`qmamba.data_files`): file
+chosen round-robin, a random character offset, the text after it tokenized, the first token dropped because it may
+be a partial word. ``--calib FILE...`` tokenizes the files (joined by a blank line) and cuts consecutive windows of L
 tokens; asking for more sequences than the text holds is an error, never a silent shortfall. The sequences are
 hashed (sha256 of the int32 ids) into the manifest.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from qmamba.data_files import corpus_files, read_text
+from qmamba.data_files import corpus_files, is_corpus_spec, read_text
 from qmamba.errors import UserError
 
 
@@ -41,18 +42,6 @@ class CalibrationData:
                 "seq_len": int(self.ids.shape[1]), "sha256": self.sha256}
 
 
-def load_tokenizer(path: str | Path):
-    from tokenizers import Tokenizer
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"tokenizer file not found: {path}")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as exc:  # tokenizers raises its own exception types
-        raise UserError(f"cannot read tokenizer {path}: {exc}") from None
-
-
 def _check_vocab(ids: torch.Tensor, vocab_size: int | None, what: str) -> None:
     if vocab_size is not None and ids.numel() and int(ids.max()) >= vocab_size:
         raise CalibrationDataError(f"{what}: token id {int(ids.max())} is outside the model's vocabulary "
@@ -71,7 +60,7 @@ def calibration_from_files(files, tokenizer, nsamples: int, seq_len: int, vocab_
     text = "\n\n".join(t for t in texts if t.strip())
     if not text.strip():
         raise CalibrationDataError(f"calibration text is empty: {', '.join(str(f) for f in files)}")
-    ids = torch.tensor(tokenizer.encode(text).ids, dtype=torch.int64)
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.int64)
     available = ids.numel() // seq_len
     if available < nsamples:
         raise CalibrationDataError(
@@ -83,10 +72,10 @@ def calibration_from_files(files, tokenizer, nsamples: int, seq_len: int, vocab_
 
 
 def calibration_from_corpus(tokenizer, nsamples: int, seq_len: int, seed: int = 0, vocab_size=None,
-                            chars_per_token: int = 8) -> CalibrationData:
-    """Seeded random windows from the TRAIN split of the shared corpus."""
+                            chars_per_token: int = 8, source: str = "corpus") -> CalibrationData:
+    """Seeded random windows from the TRAIN split of ``source``: ``"corpus"`` (shipped) or ``"full"``."""
     _check_counts(nsamples, seq_len)
-    files = corpus_files("corpus:train")
+    files = corpus_files(f"{source}:train")
     texts = [read_text(f) for f in files]
     rng = random.Random(seed)
     rows = []
@@ -95,7 +84,7 @@ def calibration_from_corpus(tokenizer, nsamples: int, seq_len: int, seed: int = 
         n_chars = seq_len * chars_per_token
         while True:
             start = rng.randrange(0, max(1, len(text) - n_chars))
-            ids = tokenizer.encode(text[start: start + n_chars]).ids[1: seq_len + 1]
+            ids = tokenizer.encode(text[start: start + n_chars])[1: seq_len + 1]
             if len(ids) == seq_len:
                 break
             if n_chars > len(text):
@@ -104,19 +93,23 @@ def calibration_from_corpus(tokenizer, nsamples: int, seq_len: int, seed: int = 
         rows.append(ids)
     ids = torch.tensor(rows, dtype=torch.int64)
     _check_vocab(ids, vocab_size, "corpus calibration")
-    return CalibrationData(ids, f"corpus:train seed={seed}", [f.name for f in files])
+    return CalibrationData(ids, f"{source}:train seed={seed}", [f.name for f in files])
+
+
+DEFAULT_CALIBRATION = ("corpus",)
 
 
 def load_calibration(spec, tokenizer, nsamples: int, seq_len: int, seed: int = 0,
                      vocab_size=None) -> CalibrationData:
-    """``spec`` is ``["corpus"]`` or a list of text files."""
-    spec = list(spec)
+    """``spec`` is ``["corpus"]`` (the shipped train slice), ``["full"]`` (the full corpus's train split) or a
+    list of text files; ``tokenizer`` a :class:`qmamba.tokenizer.TextTokenizer`."""
+    spec = [str(s) for s in spec]
     if not spec:
         raise CalibrationDataError("no calibration data given (use --calib corpus or --calib FILE...)")
-    if spec in (["corpus"], ["corpus:train"]):
-        return calibration_from_corpus(tokenizer, nsamples, seq_len, seed, vocab_size)
+    if len(spec) == 1 and spec[0] in ("corpus", "corpus:train", "full", "full:train"):
+        return calibration_from_corpus(tokenizer, nsamples, seq_len, seed, vocab_size, source=spec[0].split(":")[0])
     for item in spec:
-        if str(item).startswith("corpus"):
+        if item in ("corpus", "full") or is_corpus_spec(item):
             raise CalibrationDataError(f"calibration must not use {item!r}: only the train split "
-                                       "(--calib corpus, alone) or text files")
+                                       "(--calib corpus or --calib full, alone) or text files")
     return calibration_from_files(spec, tokenizer, nsamples, seq_len, vocab_size)

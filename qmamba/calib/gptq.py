@@ -20,15 +20,16 @@ from qmamba.quant.formats import WeightFormat
 
 
 class HessianAccumulator:
-    """Running ``H = 2/T * sum_t x_t x_t^T`` over batches of inputs ``x [..., K]`` (float64 accumulation)."""
+    """Running ``H = 2/T * sum_t x_t x_t^T`` over batches of inputs ``x [..., K]``, accumulated in ``dtype``
+    (float64 by default; float32 on GPUs, whose float64 rate is a small fraction of their float32 rate)."""
 
-    def __init__(self, k: int, device=None):
-        self.H = torch.zeros(k, k, dtype=torch.float64, device=device)
+    def __init__(self, k: int, device=None, dtype: torch.dtype = torch.float64):
+        self.H = torch.zeros(k, k, dtype=dtype, device=device)
         self.n_tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        self.H += x.T @ x
+        x = x.reshape(-1, x.shape[-1]).to(self.H.dtype)
+        self.H.addmm_(x.T, x)
         self.n_tokens += x.shape[0]
 
     def hessian(self) -> torch.Tensor:

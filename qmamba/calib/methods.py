@@ -4,6 +4,7 @@ from the calibration walk, and how it turns a weight matrix into codes.
     METHODS["gptq"].needs_hessian         # the walk accumulates the input Hessian
     METHODS["awq"].searches_scales        # the walk searches input scales and folds them where that is exact
     METHODS[name].solve(W, fmt, cap, opts, x_used) -> (q, scale, zero) | None
+    METHODS["rtn"].needs_data             # False: rtn and ptb quantize without calibration text
 
 ``solve`` returns ``None`` when the method cannot run on what the walk captured (no tokens, non-finite statistics,
 a GPTQ Cholesky failure): the matrix then gets its format's data-free initialisation, round to nearest (``rtn``)
@@ -54,14 +55,15 @@ class Method:
     needs_hessian: bool = False       # capture the input Hessian (GPTQ)
     searches_scales: bool = False     # search input scales, fold them where exact, search clipping (AWQ)
     selectable: bool = True           # by --method / a recipe (False: chosen by the format)
+    needs_data: bool = False          # calibration text is read (rtn and ptb quantize data-free)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rtn", "round to nearest, no calibration statistics"),
     Method("gptq", "GPTQ: error-compensating rounding column by column with the input Hessian", _gptq,
-           needs_hessian=True),
+           needs_hessian=True, needs_data=True),
     Method("awq", "AWQ: activation-aware input scales (folded where exact) and clipping search", _awq,
-           searches_scales=True),
+           searches_scales=True, needs_data=True),
     Method("ptb", "1-bit post-training binarization from column statistics (the binary format's own)",
            selectable=False),
 )}

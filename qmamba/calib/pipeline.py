@@ -2,6 +2,12 @@
 quantize it (RTN / GPTQ / AWQ / PTB, see the registry :mod:`qmamba.calib.methods`), replace its weight by the
 dequantized one, move on.
 
+Only the current block is on the compute device: the model stays where it is (the CPU, in the checkpoint's dtype)
+and each block is moved there in float32 for its turn, then moved back with its own dtypes (so quantizing
+BlackMamba-2.8B on a GPU holds one block, the calibration activations and one Hessian there, not the model). A
+progress bar per block shows the ETA. Without calibration ids (``calibrate(model, None, plan)``: RTN and 1-bit
+PTB, which need no data) each weight is quantized from its own values, block by block, and no SQNR is measured.
+
 The walk mirrors ``MambaLM.prefill`` (fp32 residual stream, ``x = norm(residual)``, ``h = mixer(x)``) over the
 calibration sequences in chunks. Inside a Mamba block the planned projections are taken in forward order
 (in_proj, x_proj, dt_proj, out_proj): a forward pre-hook on the projection records its input and stops the mixer
@@ -22,6 +28,7 @@ MoE-aware rules:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -50,6 +57,7 @@ class CalibOptions:
     awq_grid: int = 20                # AWQ alphas / clip ratios
     min_expert_tokens: int = 64       # below: expert statistics from all the layer's tokens
     max_stored_tokens: int = 4096     # token subsample kept for AWQ search and SQNR
+    hessian_dtype: str | None = None  # GPTQ Hessian accumulation: float64 on CPU, float32 on CUDA by default
     progress: bool = True
 
 
@@ -84,11 +92,17 @@ class _StopForward(Exception):
     pass
 
 
+def hessian_dtype(opts: CalibOptions, device) -> torch.dtype:
+    if opts.hessian_dtype is not None:
+        return getattr(torch, opts.hessian_dtype)
+    return torch.float32 if torch.device(device).type == "cuda" else torch.float64
+
+
 class _InputCapture:
     """Statistics of one linear's inputs ``x [..., K]``: Hessian (GPTQ), mean |x| (AWQ) and a token subsample."""
 
-    def __init__(self, k: int, want_hessian: bool, stride: int, device):
-        self.hessian = HessianAccumulator(k, device) if want_hessian else None
+    def __init__(self, k: int, want_hessian: bool, stride: int, device, h_dtype: torch.dtype = torch.float64):
+        self.hessian = HessianAccumulator(k, device, h_dtype) if want_hessian else None
         self.abs_sum = torch.zeros(k, dtype=torch.float64, device=device)
         self.n_tokens = 0
         self.stride = max(1, stride)
@@ -134,25 +148,96 @@ def _accumulate_error(result: ModuleResult, x: torch.Tensor, W: torch.Tensor, W_
     result.noise += float((ref - x @ W_hat.T).pow(2).sum())
 
 
+# ---- moving one block at a time ------------------------------------------------------------------------------
+def move_module(module: nn.Module, device, float_dtype: torch.dtype | None = None,
+                dtypes: dict[str, torch.dtype] | None = None) -> dict[str, torch.dtype]:
+    """Move ``module``'s parameters and buffers to ``device`` in place (the Parameter objects are kept, so tied
+    weights stay tied). Floating parameters become ``float_dtype`` when given, or their entry in ``dtypes`` (a
+    result of an earlier call) when present; buffers (packed quantized tensors) keep their dtype. Returns the
+    parameters' dtypes before the move."""
+    before = {}
+    for prefix, mod in module.named_modules():
+        for key, p in mod._parameters.items():
+            if p is None:
+                continue
+            name = f"{prefix}.{key}" if prefix else key
+            before[name] = p.dtype
+            dtype = p.dtype
+            if p.is_floating_point():
+                dtype = (dtypes or {}).get(name, float_dtype or p.dtype)
+            p.data = p.data.to(device=device, dtype=dtype)
+        for key, b in mod._buffers.items():
+            if b is not None:
+                mod._buffers[key] = b.to(device)
+    return before
+
+
+def module_device(module: nn.Module) -> torch.device:
+    return next(iter(module.parameters())).device
+
+
+@torch.no_grad()
+def record_routing_blockwise(model: nn.Module, ids: torch.Tensor, device=None, batch_size: int = 8,
+                             progress: bool = False, desc: str = "routing") -> dict[int, torch.Tensor]:
+    """Top-1 expert of every token at every MoE layer, ``{layer: idx [N * L] int16}`` as
+    :func:`qmamba.eval.record_routing` gives, but walking the model one block at a time on ``device`` in float32
+    (the model stays where it is): the router-agreement report of a model that does not fit on the device."""
+    dev = torch.device(device) if device is not None else ids.device
+    home = model.embedding.weight.device
+    last_moe = max(model.config.moe_layer_ids, default=-1)
+    chunks = list(ids.split(batch_size))
+    residual = [torch.zeros(*c.shape, model.config.d_model, device=dev) for c in chunks]
+    h = [model.embedding(c.to(home)).float().to(dev) for c in chunks]
+    routes: dict[int, list] = {}
+    for i, block in tqdm(list(enumerate(model.layers))[: last_moe + 1], desc=desc, unit="block",
+                         disable=not progress, dynamic_ncols=True):
+        block_home = module_device(block)
+        dtypes = move_module(block, dev, torch.float32)
+        residual = [r + hh for r, hh in zip(residual, h)]
+        h = []
+        for r in residual:
+            x = block.norm(r, out_dtype=torch.float32)
+            if block.kind == "mamba":
+                h.append(block.mixer(x)[0])
+            else:
+                routes.setdefault(i, []).append(
+                    block.mixer.router(x.reshape(-1, x.shape[-1])).argmax(-1).to(torch.int16).cpu())
+                h.append(block.mixer(x))
+        move_module(block, block_home, dtypes=dtypes)
+    return {i: torch.cat(v) for i, v in routes.items()}
+
+
 # ---- the walk ----------------------------------------------------------------------------------------------
 class Calibrator:
-    """Runs the walk over ``model`` (float32, modified in place: weights become their dequantized values)."""
+    """Runs the walk over ``model`` (modified in place: weights become their dequantized values). ``device``: where
+    the work runs (default: that of the ids, else the model's); blocks go there one at a time in float32."""
 
-    def __init__(self, model: nn.Module, plan: dict[str, PlanEntry], opts: CalibOptions):
+    def __init__(self, model: nn.Module, plan: dict[str, PlanEntry], opts: CalibOptions, device=None):
         self.model, self.plan, self.opts = model, plan, opts
+        self.device = torch.device(device) if device is not None else None
         self.results: dict[str, ModuleResult] = {}
 
+    def _layer_bar(self, desc: str):
+        return tqdm(list(enumerate(self.model.layers)), desc=desc, unit="block", disable=not self.opts.progress,
+                    dynamic_ncols=True)
+
     # chunks of the residual stream: lists of tensors [b, L, d]
-    def run(self, ids: torch.Tensor) -> dict[str, ModuleResult]:
+    def run(self, ids: torch.Tensor | None) -> dict[str, ModuleResult]:
         model, opts = self.model, self.opts
         model.eval()
+        if ids is None:
+            return self._run_data_free()
+        dev = self.device or ids.device
+        home = model.embedding.weight.device
         chunks = list(ids.split(opts.batch_size))
         with torch.no_grad():
-            residual = [torch.zeros(*c.shape, model.config.d_model, device=c.device) for c in chunks]
-            h = [model.embedding(c).float() for c in chunks]
-            layer_bar = tqdm(list(enumerate(model.layers)), desc="layers", disable=not opts.progress, leave=False)
+            residual = [torch.zeros(*c.shape, model.config.d_model, device=dev) for c in chunks]
+            h = [model.embedding(c.to(home)).float().to(dev) for c in chunks]
+            layer_bar = self._layer_bar("calibrating")
             for i, block in layer_bar:
                 layer_bar.set_postfix_str(f"{i}:{block.kind}")
+                block_home = module_device(block)
+                dtypes = move_module(block, dev, torch.float32)
                 residual = [r + hh for r, hh in zip(residual, h)]
                 if block.kind == "mamba":
                     self._mamba_block(i, block, residual)
@@ -160,15 +245,92 @@ class Calibrator:
                     self._moe_block(i, block, residual)
                 h = [block.mixer(block.norm(r, out_dtype=torch.float32))[0] if block.kind == "mamba"
                      else block.mixer(block.norm(r, out_dtype=torch.float32)) for r in residual]
+                move_module(block, block_home, dtypes=dtypes)
             if "lm_head" in self.plan:
                 residual = [r + hh for r, hh in zip(residual, h)]
-                self._head(residual)
+                with self._head_on(dev):
+                    self._head(residual)
         return self.results
+
+    def _run_data_free(self) -> dict[str, ModuleResult]:
+        """RTN / PTB: every planned weight quantized from its own values, one block at a time on the device."""
+        model = self.model
+        dev = self.device or model.embedding.weight.device
+        with torch.no_grad():
+            for i, block in self._layer_bar("quantizing"):
+                block_home = module_device(block)
+                dtypes = move_module(block, dev, torch.float32)
+                if block.kind == "mamba":
+                    for leaf in ("in_proj", "x_proj", "dt_proj", "out_proj"):
+                        name = f"layers.{i}.mixer.{leaf}"
+                        if name in self.plan:
+                            self._quantize_linear_data_free(name, leaf, getattr(block.mixer, leaf))
+                else:
+                    self._experts_data_free(i, block.mixer.experts)
+                move_module(block, block_home, dtypes=dtypes)
+            if "lm_head" in self.plan:
+                with self._head_on(dev):
+                    self._head(None)
+        return self.results
+
+    def _quantize_linear_data_free(self, name: str, kind: str, linear: nn.Linear) -> None:
+        entry = self.plan[name]
+        W = linear.weight.detach().float()
+        result = ModuleResult(name, kind, entry.fmt, entry.method, {}, W.numel())
+        q, s, z, how = quantize_matrix(W, entry.fmt, entry.method, None, self.opts)
+        if how != entry.method:
+            result.fallbacks["-"] = how
+        W_hat = entry.fmt.dequantize_codes(q, s, z)
+        self._check_finite(name, W_hat)
+        result.packed = entry.fmt.from_codes(q, s, z)
+        linear.weight.data.copy_(W_hat.to(linear.weight.dtype))
+        self.results[name] = result
+
+    def _experts_data_free(self, i: int, experts) -> None:
+        for which in ("fc1", "fc2"):
+            name = f"layers.{i}.mixer.experts.{which}"
+            entry = self.plan.get(name)
+            if entry is None:
+                continue
+            weights = getattr(experts, which)
+            result = ModuleResult(name, f"experts.{which}", entry.fmt, entry.method, {}, weights.numel())
+            codes, scales, zeros = [], [], []
+            for e in range(experts.n_experts):
+                W = weights[e].detach().float()
+                q, s, z, how = quantize_matrix(W, entry.fmt, entry.method, None, self.opts)
+                if how != entry.method:
+                    result.fallbacks[e] = how
+                W_hat = entry.fmt.dequantize_codes(q, s, z)
+                self._check_finite(f"{name}[{e}]", W_hat)
+                weights.data[e] = W_hat.to(weights.dtype)
+                codes.append(q), scales.append(s), zeros.append(z)
+            result.packed = entry.fmt.from_codes(torch.stack(codes), torch.stack(scales),
+                                                 None if zeros[0] is None else torch.stack(zeros))
+            self.results[name] = result
+
+    @contextlib.contextmanager
+    def _head_on(self, dev):
+        """The final norm and the head (with a tied embedding) on ``dev`` in float32 for the head's turn; back
+        afterwards (a head untied by :meth:`_head` goes back in the dtype the head had)."""
+        model = self.model
+        home = module_device(model.lm_head)
+        head_dtype = model.lm_head.weight.dtype
+        norm_dtypes = move_module(model.norm_f, dev, torch.float32)
+        head_dtypes = move_module(model.lm_head, dev, torch.float32)
+        try:
+            yield
+        finally:
+            move_module(model.norm_f, home, dtypes=norm_dtypes)
+            if model.lm_head.weight is not model.embedding.weight and model.config.tie_embeddings:
+                move_module(model.embedding, home, dtypes={"weight": head_dtype})  # the untied embedding
+                move_module(model.lm_head, home, head_dtype)
+            else:
+                move_module(model.lm_head, home, dtypes=head_dtypes)
 
     # ---- Mamba -------------------------------------------------------------------------------------------
     def _capture(self, module: nn.Linear, run_chunk, n_chunks: int, want_hessian: bool, n_tokens: int):
         cap = _InputCapture(module.in_features, want_hessian, _stride_for(n_tokens, self.opts.max_stored_tokens),
-                            module.weight.device)
+                            module.weight.device, hessian_dtype(self.opts, module.weight.device))
 
         def hook(_mod, args):
             cap.add(args[0])
@@ -287,7 +449,7 @@ class Calibrator:
                     else:
                         x_in = act(a)
                 cap = _InputCapture(x_in.shape[-1], METHODS[entry.method].needs_hessian, stride(x_in.shape[0]),
-                                    x_in.device)
+                                    x_in.device, hessian_dtype(opts, x_in.device))
                 cap.add(x_in)
                 W = weights[e].detach().float()
                 q, s, z, how = quantize_matrix(W, entry.fmt, entry.method, cap, opts, cap.tokens())
@@ -310,16 +472,20 @@ class Calibrator:
 
     # ---- head --------------------------------------------------------------------------------------------
     def _head(self, residual) -> None:
+        """Quantize the head on the final-norm outputs of ``residual`` (``None``: data-free)."""
         model, entry = self.model, self.plan["lm_head"]
         head = model.lm_head
-        n_tokens = sum(r.shape[0] * r.shape[1] for r in residual)
-        stride = _stride_for(n_tokens, self.opts.max_stored_tokens)
-        cap = _InputCapture(head.in_features, METHODS[entry.method].needs_hessian, stride, head.weight.device)
-        for r in residual:
-            cap.add(model.norm_f(r, out_dtype=torch.float32))
+        cap = None
+        if residual is not None:
+            n_tokens = sum(r.shape[0] * r.shape[1] for r in residual)
+            stride = _stride_for(n_tokens, self.opts.max_stored_tokens)
+            cap = _InputCapture(head.in_features, METHODS[entry.method].needs_hessian, stride, head.weight.device,
+                                hessian_dtype(self.opts, head.weight.device))
+            for r in residual:
+                cap.add(model.norm_f(r, out_dtype=torch.float32))
         W = head.weight.detach().float()
         result = ModuleResult("lm_head", "lm_head", entry.fmt, entry.method, {}, W.numel())
-        x_used = cap.tokens()
+        x_used = cap.tokens() if cap is not None else None
         if METHODS[entry.method].searches_scales:  # the final norm feeds only the head: fold 1/s into it (and bias)
             s, alpha, _ = search_scale([(W, x_used)], cap.x_mean(), entry.fmt, self.opts.awq_grid)
             model.norm_f.weight.data.div_(s.to(model.norm_f.weight.dtype))
@@ -332,7 +498,8 @@ class Calibrator:
             result.fallbacks["-"] = how
         W_hat = entry.fmt.dequantize_codes(q, s, z)
         self._check_finite("lm_head", W_hat)
-        _accumulate_error(result, x_used, W, W_hat)
+        if x_used is not None:
+            _accumulate_error(result, x_used, W, W_hat)
         result.packed = entry.fmt.from_codes(q, s, z)
         if model.config.tie_embeddings:  # untie: the embedding keeps the float weights
             model.lm_head = nn.Linear(head.in_features, head.out_features, bias=False).to(W.device)
@@ -345,14 +512,24 @@ class Calibrator:
             raise RuntimeError(f"quantization of {name} produced non-finite weights")
 
 
-def calibrate(model: nn.Module, ids: torch.Tensor, plan: dict[str, PlanEntry],
-              opts: CalibOptions | None = None) -> dict[str, ModuleResult]:
-    """Quantize ``model`` in place (fake-quantized float weights) and return the per-module results (packed)."""
+def calibrate(model: nn.Module, ids: torch.Tensor | None, plan: dict[str, PlanEntry],
+              opts: CalibOptions | None = None, device=None) -> dict[str, ModuleResult]:
+    """Quantize ``model`` in place (fake-quantized float weights) and return the per-module results (packed).
+
+    ``ids [N, L]``: calibration sequences, or ``None`` for a data-free plan (RTN / PTB only). ``device``: where the
+    work runs, one block at a time (default: the ids' device, else the model's); the model stays where it is."""
     opts = opts or CalibOptions()
     unknown = sorted(set(plan) - set(_planned_names(model)))
     if unknown:
         raise ValueError(f"plan names modules this model lacks: {unknown}")
-    return Calibrator(model, plan, opts).run(ids)
+    if ids is None and plan_needs_data(plan):
+        raise ValueError("GPTQ and AWQ need calibration ids")
+    return Calibrator(model, plan, opts, device).run(ids)
+
+
+def plan_needs_data(plan: dict[str, PlanEntry]) -> bool:
+    """Whether any planned module is quantized by a method that needs calibration data (GPTQ, AWQ)."""
+    return any(METHODS[entry.method].needs_data for entry in plan.values())
 
 
 def _planned_names(model) -> list[str]:

@@ -6,12 +6,23 @@ directory) whose ``manifest["quantization"]`` maps module names to format entrie
 "group_size": 128, "symmetric": false, "method": "gptq"}``) and whose ``manifest["quantization_info"]`` records
 the run: method and options, recipe, calibration data (source, N, L, sha256 of the token ids), source file
 hashes, library versions, the summary table and the router agreement. Non-quantized tensors keep the source's
-dtype (AWQ-folded norm/router weights included, so a bf16 source rounds them to bf16).
+dtype (AWQ-folded norm/router weights included, so a bf16 source rounds them to bf16). The output carries the
+tokenizer (:func:`qmamba.tokenizer.resolve_tokenizer`: the source's, ``--tokenizer``, or GPT-NeoX-20B's shipped
+with qmamba for that vocabulary).
+
+Data: GPTQ, AWQ and distillation calibrate on ``calib`` (default: the train text shipped with qmamba). RTN and 1-bit
+PTB read no data unless ``calib`` is given or ``report=True``. The router-agreement report (MoE models: top-1
+expert of the quantized model vs the float one) runs when data is used, or when asked, on at most
+``report_tokens`` tokens.
+
+Memory: the model stays on the CPU in the checkpoint's dtype; calibration moves one block at a time to ``device``
+in float32 (see :mod:`qmamba.calib.pipeline`). Distillation needs the whole student and teacher on ``device``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import platform
 import time
 from collections.abc import Sequence
@@ -25,8 +36,8 @@ from qmamba.checkpoints.files import hash_files
 from qmamba.errors import UserError
 from qmamba.quant.modules import swap_quantized_modules
 
-from qmamba.calib.data import load_calibration, load_tokenizer
-from qmamba.calib.pipeline import CalibOptions, calibrate
+from qmamba.calib.data import DEFAULT_CALIBRATION, load_calibration
+from qmamba.calib.pipeline import CalibOptions, calibrate, move_module, plan_needs_data, record_routing_blockwise
 from qmamba.calib.recipe import build_plan, load_recipe
 from qmamba.calib.report import format_table, summarize
 
@@ -55,17 +66,22 @@ class QuantizeOptions:
 
     ``bits``/``group_size``/``symmetric``/``method`` (a name of :data:`qmamba.calib.methods.SELECTABLE_METHODS`)
     apply to the modules selected by default (plus the head with ``quantize_head``, x_proj/dt_proj with
-    ``quantize_xdt``); a ``recipe`` file overrides them per module. ``calib``: ``"corpus"`` or text files, cut into
-    ``nsamples`` windows of ``seq_len`` tokens (corpus windows drawn with ``seed``). ``tokenizer``: default the
-    checkpoint's ``tokenizer.json``. ``calibration``: the walk's own settings. ``distill``: a
+    ``quantize_xdt``); a ``recipe`` file overrides them per module. ``calib``: ``["corpus"]``, ``["full"]`` or text
+    files, cut into ``nsamples`` windows of ``seq_len`` tokens (corpus windows drawn with ``seed``); ``None``: the
+    shipped train text when the plan needs data (GPTQ/AWQ/distillation), else no data (RTN/PTB are data-free).
+    ``tokenizer``: ``--tokenizer`` (file, directory or hub id), default as :func:`qmamba.tokenizer.resolve_tokenizer`
+    finds it (the checkpoint's, else the shipped GPT-NeoX-20B one for its vocabulary). ``device``: where calibration
+    runs, one block at a time. ``calibration``: the walk's own settings. ``distill``: a
     :class:`qmamba.calib.distill.DistillOptions` to distill the 1-bit modules against the float model after PTB.
+    ``report``: the router-agreement report of MoE models (``None``: when data is used) on at most
+    ``report_tokens`` tokens.
     """
 
     bits: int = 4
     group_size: int = 128
     method: str = "gptq"
     symmetric: bool = False
-    calib: Sequence[str] = ("corpus",)
+    calib: Sequence[str] | None = None
     nsamples: int = 128
     seq_len: int = 512
     recipe: str | None = None
@@ -77,59 +93,90 @@ class QuantizeOptions:
     overwrite: bool = False
     calibration: CalibOptions = field(default_factory=CalibOptions)
     distill: DistillOptions | None = None
+    report: bool | None = None
+    report_tokens: int = 4096
 
 
 def quantize_checkpoint(src, out, options: QuantizeOptions | None = None, *, log=print) -> dict:
     """Quantize checkpoint ``src`` into native checkpoint ``out`` as ``options`` say; returns the run record (also
     in the manifest)."""
     from qmamba.checkpoints.files import check_output_dir
-    from qmamba.checkpoints.detect import open_checkpoint
+    from qmamba.checkpoints.detect import detect_format, open_checkpoint
     from qmamba.checkpoints.load import model_from_checkpoint
     from qmamba.checkpoints.native import save_checkpoint
-    from qmamba.eval import record_routing, routing_agreement
+    from qmamba.checkpoints.peek import manifest_of, read_config
+    from qmamba.checkpoints.shapes import meta_model
+    from qmamba.eval import routing_agreement
+    from qmamba.tokenizer import TokenizerError, resolve_tokenizer
 
     options = options or QuantizeOptions()
     src, out = Path(src), Path(out)
     check_output_dir(out, options.overwrite)
     opts, distill, recipe = options.calibration, options.distill, options.recipe
     recipe_data = load_recipe(recipe) if recipe else None
-    checkpoint = open_checkpoint(src, hash_files=True)
-    cfg, manifest = checkpoint.config, checkpoint.manifest
-    if manifest.get("quantization"):
+    directory, cfg = read_config(src)
+    if manifest_of(directory, detect_format(directory)).get("quantization"):  # before reading any weight
         raise UserError(f"{src} is already quantized; quantize its float source instead")
-    directory = src if src.is_dir() else src.parent
-    tok_path = Path(options.tokenizer) if options.tokenizer else directory / "tokenizer.json"
-    if not tok_path.is_file():
-        raise UserError(f"no tokenizer for calibration: {tok_path} not found (pass --tokenizer FILE)")
     device = torch.device(options.device) if options.device else torch.device("cpu")
-
-    source_dtypes = {k: v.dtype for k, v in checkpoint.state_dict.items()}
-    plan = build_plan(checkpoint.skeleton, options.bits, options.group_size, options.symmetric, options.method,
+    plan = build_plan(meta_model(cfg), options.bits, options.group_size, options.symmetric, options.method,
                       options.quantize_head, options.quantize_xdt, recipe_data)
     if distill is not None and not any(getattr(e.fmt, "bits", 0) == 1 for e in plan.values()):
         raise UserError("--distill trains 1-bit modules: use --bits 1 or a recipe with bits: 1")
-    data = load_calibration(options.calib, load_tokenizer(tok_path), options.nsamples, options.seq_len,
-                            options.seed, cfg.vocab_size)
-    model = model_from_checkpoint(checkpoint, device, torch.float32)  # calibration runs in float32
-    ids = data.ids.to(device)
+    calib, seq_len = options.calib, options.seq_len
+    calibrates = distill is not None or plan_needs_data(plan) or calib is not None
+    want_report = bool(cfg.moe_layer_ids) and (options.report if options.report is not None else calibrates)
+    try:
+        tok = resolve_tokenizer(directory, options.tokenizer, cfg.vocab_size)
+    except TokenizerError as exc:
+        if calibrates or want_report or options.tokenizer is not None:
+            raise
+        tok = None
+        log(f"note: the output will have no tokenizer.json ({exc})")
+    n_report = max(1, math.ceil(options.report_tokens / seq_len))
+    data = report_data = None
+    if calibrates:
+        data = load_calibration(calib or DEFAULT_CALIBRATION, tok, options.nsamples, seq_len, options.seed,
+                                cfg.vocab_size)
+        report_ids = data.ids[:n_report]
+    elif want_report:
+        report_data = load_calibration(DEFAULT_CALIBRATION, tok, n_report, seq_len, options.seed, cfg.vocab_size)
+        report_ids = report_data.ids
+
+    checkpoint = open_checkpoint(directory, hash_files=False)  # source_record hashes every file
+    cfg, manifest = checkpoint.config, checkpoint.manifest
+    source_dtypes = {k: v.dtype for k, v in checkpoint.state_dict.items()}
+    model = model_from_checkpoint(checkpoint, "cpu", None)  # on the CPU, in the checkpoint's dtypes
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
     t0 = time.perf_counter()
-    fp_routes = record_routing(model, ids, opts.batch_size)
+    fp_routes = None
+    if want_report:
+        fp_routes = record_routing_blockwise(model, report_ids, device, opts.batch_size, opts.progress,
+                                             "report: float routing")
     teacher = copy.deepcopy(model) if distill is not None else None  # the float model, before any fold
-    results = calibrate(model, ids, plan, opts)
+    results = calibrate(model, data.ids if data is not None else None, plan, opts, device=device)
     swap_quantized_modules(model, {name: r.fmt for name, r in results.items()},
                            {name: r.packed for name, r in results.items()})
     distill_report = None
     if teacher is not None:
         from qmamba.calib.distill import distill as run_distillation
 
-        distill_report = run_distillation(model, teacher, ids, distill, log=log)
+        move_module(model, device, torch.float32)  # float parameters in float32; packed tensors as they are
+        move_module(teacher, device, torch.float32)
+        distill_report = run_distillation(model, teacher, data.ids.to(device), distill, log=log)
         del teacher
         for r in results.values():
             if getattr(r.fmt, "bits", 0) == 1:
                 r.method = "ptb+distill"
+    router = None
+    if want_report:
+        routes = record_routing_blockwise(model, report_ids, device, opts.batch_size, opts.progress,
+                                          "report: quantized routing")
+        router = routing_agreement(fp_routes, routes)
+        router["tokens"] = int(report_ids.numel())
     seconds = time.perf_counter() - t0
-    router = routing_agreement(fp_routes, record_routing(model, ids, opts.batch_size))
+    peak_gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
     bytes_per_param = {}
     for name in results:
@@ -138,6 +185,8 @@ def quantize_checkpoint(src, out, options: QuantizeOptions | None = None, *, log
         bytes_per_param[name] = torch.empty(0, dtype=dtype).element_size()
     rows = summarize(results, bytes_per_param)
     log(format_table(rows, router, seconds))
+    if peak_gpu is not None:
+        log(f"peak GPU memory: {peak_gpu / 2**30:.2f} GiB")
 
     entries = {name: r.manifest_entry() for name, r in results.items()}
     out_sd = {}
@@ -149,8 +198,13 @@ def quantize_checkpoint(src, out, options: QuantizeOptions | None = None, *, log
             "symmetric": options.symmetric, "quantize_head": options.quantize_head,
             "quantize_xdt": options.quantize_xdt, "options": asdict(opts),
             "recipe": {"path": str(recipe), "content": recipe_data} if recipe else None,
-            "calibration": data.describe(), "versions": versions(), "seconds": round(seconds, 2),
+            "calibration": data.describe() if data is not None else None,
+            "report_data": report_data.describe() if report_data is not None else None,
+            "device": str(device), "peak_gpu_bytes": peak_gpu,
+            "tokenizer": {"origin": tok.origin, "file": str(tok.path)} if tok is not None else None,
+            "versions": versions(), "seconds": round(seconds, 2),
             "summary": rows, "router_agreement": router, "distillation": distill_report}
-    save_checkpoint(out_sd, cfg, out, source=source_record(src, manifest), quantization=entries,
-                    extra={"quantization_info": info}, tokenizer_file=tok_path, overwrite=options.overwrite)
+    save_checkpoint(out_sd, cfg, out, source=source_record(directory, manifest), quantization=entries,
+                    extra={"quantization_info": info}, tokenizer_file=tok.path if tok is not None else None,
+                    overwrite=options.overwrite)
     return info

@@ -1,7 +1,8 @@
 """Training text for :mod:`qmamba.calib.train`: a byte-level BPE tokenizer trained with ``tokenizers``, the
 corpus tokenized into one flat id stream, and seeded random windows of it as next-token batches.
 
-Only the TRAIN split of the shared corpus may be used for training (the tokenizer included):
+Only the TRAIN split of a corpus (``full:train``, the full corpus, for the shipped fixture) may be used for training
+(the tokenizer included):
 :func:`training_text_files` refuses held-out and eval text. Files are joined with the end-of-text token, so a
 model trained on the stream learns to emit it (``generate`` stops on it).
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from qmamba.data_files import read_text, resolve_text_spec
+from qmamba.data_files import is_corpus_spec, read_text, resolve_text_spec
 from qmamba.errors import UserError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -26,12 +27,13 @@ class TrainingDataError(UserError):
 
 
 def training_text_files(specs: list[str]) -> list[Path]:
-    """Files of the text specs (``corpus:train[/name]`` or paths); held-out/eval text is refused."""
+    """Files of the text specs (``full:train[/name]``, ``corpus:train[/name]`` or paths); held-out/eval text is
+    refused."""
     files: list[Path] = []
     for spec in specs:
-        if spec.startswith("corpus:") and not spec.startswith("corpus:train"):
-            raise TrainingDataError(f"refusing to train on {spec!r}: only the train split (corpus:train) may be "
-                                    "used for training; held-out text is for evaluation")
+        if is_corpus_spec(spec) and not spec.split(":", 1)[1].startswith("train"):
+            raise TrainingDataError(f"refusing to train on {spec!r}: only the train split (full:train or "
+                                    "corpus:train) may be used for training; held-out text is for evaluation")
         for path in resolve_text_spec(spec):
             if any(part in ("heldout", "eval") for part in Path(path).resolve().parts[-3:-1]):
                 raise TrainingDataError(f"refusing to train on {path}: it is held-out/eval text")

@@ -16,7 +16,7 @@ hooks, so the model code is unchanged.
 
 Command line (also trains the tokenizer; see ``qmamba/assets/tiny-blackmamba/README.md``)::
 
-    python -m qmamba.calib.train --preset tiny-blackmamba-fixture --data corpus:train --train-tokenizer 4096 \
+    python -m qmamba.calib.train --preset tiny-blackmamba-fixture --data full:train --train-tokenizer 4096 \
         --steps 3000 --seq-len 128 --batch 16 --out DIR
 """
 
@@ -208,7 +208,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m qmamba.calib.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny-blackmamba-fixture")
     p.add_argument("--config", help="model config JSON (ModelConfig fields); overrides --preset")
-    p.add_argument("--data", action="append", help="training text spec (corpus:train[/name] or a file); repeatable")
+    p.add_argument("--data", action="append",
+                   help="training text spec (full:train[/name], corpus:train[/name] or a file); repeatable")
     p.add_argument("--eval-data", default="corpus:heldout", help="held-out text for the final report")
     p.add_argument("--tokenizer", help="existing tokenizer.json (else --train-tokenizer VOCAB)")
     p.add_argument("--train-tokenizer", type=int, metavar="VOCAB", help="train a byte-level BPE of this size")
@@ -243,7 +244,7 @@ def train_from_args(args: argparse.Namespace, work: Path, argv: list[str]) -> di
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    files = training_text_files(args.data or ["corpus:train"])
+    files = training_text_files(args.data or ["full:train"])
     if args.tokenizer:
         from qmamba.tokenizer import load_tokenizer
 

@@ -35,12 +35,11 @@ def looks_like_hub_id(text: str) -> bool:
 
 
 def download_from_hub(repo_id: str) -> Path:
-    """Local snapshot directory of a hub repository (weights, configs, tokenizer files)."""
+    """Local snapshot directory of a hub repository (weights, configs, tokenizer files); the error says why not."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise CheckpointError(f"{repo_id!r} is not a local path, and huggingface_hub is not installed to download "
-                              "it as a hub id (pip install 'qmamba[hub]')") from None
+        raise CheckpointError("huggingface_hub is not installed to download it (pip install 'qmamba[hub]')") from None
     try:
         local = Path(snapshot_download(repo_id=repo_id, allow_patterns=HUB_PATTERNS))
         if not any(local.glob("*.safetensors")):  # mamba_ssm / BlackMamba repos ship pytorch_model.bin
@@ -48,19 +47,26 @@ def download_from_hub(repo_id: str) -> Path:
         return local
     except Exception as exc:  # noqa: BLE001 - offline, unknown repo, gated repo, network error ...
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") else ""
-        raise CheckpointError(f"{repo_id!r} is not a local path and could not be downloaded from the Hugging Face "
-                              f"hub{offline}: {type(exc).__name__}: {one_line(exc, 160)}") from None
+        raise CheckpointError(f"could not download it from the Hugging Face hub{offline}: {type(exc).__name__}: "
+                              f"{one_line(exc, 160)}") from None
 
 
 def resolve_checkpoint_dir(path) -> Path:
-    """A local checkpoint directory for ``path`` (a directory, a file inside one, or a hub id)."""
+    """A local checkpoint directory for ``path`` (a directory, a file inside one, or a hub id).
+
+    ``owner/name`` is taken for a hub id only when nothing named ``owner`` exists here: a missing ``runs/q4``
+    beside an existing ``runs/`` is a path that does not exist, not a download."""
     p = Path(path).expanduser()
     if p.is_dir():
         return p
     if p.is_file():
         return p.parent
-    if looks_like_hub_id(str(path)):
-        return download_from_hub(str(path))
+    text = str(path)
+    if looks_like_hub_id(text) and not Path(text.split("/")[0]).expanduser().exists():
+        try:
+            return download_from_hub(text)
+        except CheckpointError as exc:
+            raise CheckpointError(f"checkpoint path does not exist: {path}; as a Hugging Face hub id: {exc}") from None
     raise CheckpointError(f"checkpoint path does not exist: {path}")
 
 

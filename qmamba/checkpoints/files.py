@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import uuid
 import warnings
 from pathlib import Path
@@ -23,6 +24,26 @@ import torch
 from qmamba.errors import CheckpointError, ConfigError
 
 _HASH_CHUNK = 8 << 20
+LOAD_MESSAGE_BYTES = 1 << 30  # weights files at least this large get a "loading ..." line on stderr
+
+
+def human_bytes(n: float) -> str:
+    """``5.6 GB``-style size (powers of 1000, as file managers show them)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def announce_load(path: Path) -> None:
+    """One line on stderr before a large weights file is read (reading 5.6 GB takes a while, silently)."""
+    try:
+        size = Path(path).stat().st_size
+    except OSError:
+        return
+    if size >= LOAD_MESSAGE_BYTES:
+        print(f"loading {path} ({human_bytes(size)}) ...", file=sys.stderr, flush=True)
 
 
 def one_line(text: object, limit: int = 300) -> str:
@@ -52,11 +73,12 @@ def require_keys(config: dict, keys, path: Path) -> None:
         raise ConfigError(f"config file {path} lacks required key(s) {missing}")
 
 
-def torch_load_safe(path: Path):
+def torch_load_safe(path: Path, mmap: bool = False):
     """``torch.load`` restricted to tensors and plain containers; any failure names the file.
 
     A pickle that references anything else (e.g. a ``__reduce__`` calling ``os.system``) is rejected by the
-    weights-only unpickler before it can run.
+    weights-only unpickler before it can run. ``mmap=True``: tensors are memory-mapped views of the file, read
+    only when touched (metadata such as shapes costs nothing); a legacy (non-zip) pickle is then read in full.
     """
     path = Path(path)
     if not path.is_file():
@@ -64,6 +86,13 @@ def torch_load_safe(path: Path):
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise for the user
             warnings.simplefilter("ignore")
+            if mmap:
+                try:
+                    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as exc:
+                    if "mmap" not in str(exc):
+                        raise
+            announce_load(path)
             return torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
         raise
@@ -88,6 +117,7 @@ def safetensors_load(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
+    announce_load(path)
     try:
         return load_file(str(path), device="cpu")
     except MemoryError:
@@ -137,12 +167,32 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
         raise CheckpointError(f"parent directory of {out_dir} does not exist")
 
 
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def give_ordinary_permissions(root: Path) -> None:
+    """Files under ``root`` (and ``root``) get the modes a plain ``open``/``mkdir`` gives: 0666 / 0777 minus the
+    umask (0644 / 0755 for the usual 022). Some writers (safetensors) create private 0600 temporary files."""
+    umask = current_umask()
+    root = Path(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames:
+            os.chmod(Path(dirpath) / name, 0o666 & ~umask)
+        for name in dirnames:
+            os.chmod(Path(dirpath) / name, 0o777 & ~umask)
+    os.chmod(root, 0o777 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: Path, overwrite: bool = False):
     """Yield a temporary directory beside ``out_dir``; on success it is renamed to ``out_dir``.
 
     On any exception (including KeyboardInterrupt) the temporary directory is removed and ``out_dir`` is left
-    as it was: no half-written output ever appears under the final name.
+    as it was: no half-written output ever appears under the final name. The files written get ordinary
+    permissions (:func:`give_ordinary_permissions`).
     """
     out_dir = Path(out_dir).absolute()
     check_output_dir(out_dir, overwrite)
@@ -150,6 +200,7 @@ def atomic_output_dir(out_dir: Path, overwrite: bool = False):
     tmp.mkdir()
     try:
         yield tmp
+        give_ordinary_permissions(tmp)
         old = None
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"

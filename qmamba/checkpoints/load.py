@@ -36,11 +36,12 @@ def default_backend(device: torch.device) -> str:
     return "triton"
 
 
-def build_model(cfg, state_dict: dict[str, torch.Tensor], manifest: dict, device, dtype: torch.dtype, *,
+def build_model(cfg, state_dict: dict[str, torch.Tensor], manifest: dict, device, dtype: torch.dtype | None, *,
                 skeleton=None):
     """A :class:`MambaLM` for ``cfg`` holding ``state_dict`` (consumed) on ``device``; floating non-quantized
-    tensors are cast to ``dtype``, packed tensors of quantized modules keep theirs. ``skeleton``: the float model
-    of ``cfg`` on ``meta`` to fill (a :class:`Checkpoint`'s; consumed), else one is built."""
+    tensors are cast to ``dtype`` (``None``: each keeps its stored dtype), packed tensors of quantized modules keep
+    theirs. ``skeleton``: the float model of ``cfg`` on ``meta`` to fill (a :class:`Checkpoint`'s; consumed), else
+    one is built."""
     quantization = manifest.get("quantization") or None
     model = skeleton if skeleton is not None else meta_model(cfg)
     if quantization:
@@ -51,7 +52,7 @@ def build_model(cfg, state_dict: dict[str, torch.Tensor], manifest: dict, device
     tensors = {}
     for name in list(state_dict):
         t = state_dict.pop(name)
-        if t.is_floating_point() and not is_quantized_tensor(name, skip):
+        if dtype is not None and t.is_floating_point() and not is_quantized_tensor(name, skip):
             t = t.to(device=device, dtype=dtype)
         else:
             t = t.to(device=device)
@@ -73,7 +74,7 @@ def build_model(cfg, state_dict: dict[str, torch.Tensor], manifest: dict, device
     return model
 
 
-def model_from_checkpoint(checkpoint, device, dtype: torch.dtype):
+def model_from_checkpoint(checkpoint, device, dtype: torch.dtype | None):
     """:func:`build_model` on an :func:`open_checkpoint` result (its tensors and skeleton are consumed)."""
     model = build_model(checkpoint.config, checkpoint.state_dict, checkpoint.manifest, device, dtype,
                         skeleton=checkpoint.skeleton)

@@ -92,8 +92,15 @@ def write_checkpoint(state_dict: dict, cfg: ModelConfig, fmt: str, out_dir, *, t
 
 def create_checkpoint(preset_or_config, fmt: str, out_dir, *, seed: int = 0, dtype=None, tokenizer_file=None,
                       overwrite: bool = False, progress: bool = False) -> Path:
-    """A random-weight checkpoint of a preset name (or a :class:`ModelConfig`) in format ``fmt``."""
+    """A random-weight checkpoint of a preset name (or a :class:`ModelConfig`) in format ``fmt``.
+
+    ``tokenizer_file`` is copied in as ``tokenizer.json``; by default a model with GPT-NeoX-20B's vocabulary gets
+    the NeoX tokenizer shipped with qmamba, others none."""
+    from qmamba.tokenizer import NEOX_TOKENIZER_FILE, is_neox_vocab
+
     cfg = preset(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
+    if tokenizer_file is None and is_neox_vocab(cfg.vocab_size):
+        tokenizer_file = NEOX_TOKENIZER_FILE
     if fmt not in CREATE_FORMATS:
         raise ConfigError(f"unknown checkpoint format {fmt!r}; choose from {', '.join(CREATE_FORMATS)}")
     if fmt in WRITERS:

@@ -1,5 +1,9 @@
 """What ``qmamba info`` shows: format, layer plan, parameter counts by kind, bytes on disk and by dtype, and a
 quantization summary. :func:`checkpoint_summary` returns plain data; :func:`format_summary` renders it.
+
+Nothing here reads tensor data: the config, the manifest and the tensors' names/shapes/dtypes come from
+:mod:`qmamba.checkpoints.peek` (safetensors headers, memory-mapped pickles), so describing a 2.8B checkpoint
+takes about as long as listing its files.
 """
 
 from __future__ import annotations
@@ -7,8 +11,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .detect import open_checkpoint
-from .manifest import dtype_name
+from .detect import detect_format, resolve_checkpoint_dir
+from .peek import config_of, manifest_of, tensor_specs, validate_specs
 
 
 def compress_layer_plan(codes: list[str]) -> str:
@@ -19,16 +23,6 @@ def compress_layer_plan(codes: list[str]) -> str:
             unit = " ".join(codes[:period])
             return f"({unit}) x {n // period}" if period > 1 else f"{unit} x {n}"
     return " ".join(codes)
-
-
-def _unique_tensors(state_dict):
-    seen, out = set(), []
-    for tensor in state_dict.values():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
-        if key not in seen:
-            seen.add(key)
-            out.append(tensor)
-    return out
 
 
 def _quantization_summary(quantization: dict | None) -> dict[str, int] | None:
@@ -51,13 +45,16 @@ def _quantization_summary(quantization: dict | None) -> dict[str, int] | None:
 
 def checkpoint_summary(path) -> dict:
     """Plain-data description of the checkpoint at ``path`` (any supported format)."""
-    checkpoint = open_checkpoint(path)
-    directory, fmt = checkpoint.directory, checkpoint.format
-    cfg, state_dict, manifest = checkpoint.as_tuple()
-    tensors = _unique_tensors(state_dict)
+    directory = resolve_checkpoint_dir(path)
+    fmt = detect_format(directory)
+    cfg = config_of(directory, fmt)
+    manifest = manifest_of(directory, fmt)
+    specs = tensor_specs(directory, fmt, cfg)
+    validate_specs(directory, fmt, cfg, specs, manifest)
+    tensors = [t for t in specs if not t.shared]
     by_dtype: Counter = Counter()
     for t in tensors:
-        by_dtype[dtype_name(t.dtype)] += t.numel() * t.element_size()
+        by_dtype[t.dtype] += t.nbytes
     files = {p.name: p.stat().st_size for p in sorted(Path(directory).iterdir()) if p.is_file()}
     kinds = cfg.layer_kinds
     return {

@@ -20,7 +20,8 @@ FORMAT_CHOICES = ("qmamba", "blackmamba", "mamba_ssm", "hf")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Weight dtype [default: bfloat16 for blackmamba format and BlackMamba presets, else float32].")
 @click.option("--tokenizer", "tokenizer_file", default=None, type=click.Path(dir_okay=False),
-              help="tokenizer.json to copy into the checkpoint.")
+              help="tokenizer.json to copy into the checkpoint [default: for the GPT-NeoX-20B vocabulary of the "
+                   "BlackMamba/Mamba presets, the NeoX tokenizer shipped with qmamba; else none].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output directory.")
 def create(preset_name, fmt, out_dir, seed, dtype, tokenizer_file, overwrite):
     """Write a random-weight checkpoint of PRESET in FORMAT to OUTPUT."""

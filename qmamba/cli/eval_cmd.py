@@ -28,14 +28,18 @@ def _format_result(r: dict) -> str:
 @click.command("eval")
 @click.argument("path", required=False)
 @click.option("--data", default="corpus:heldout", show_default=True,
-              help="Text: a file, corpus:heldout or corpus:heldout/NAME; 'none' to skip perplexity.")
-@click.option("--lambada", "do_lambada", is_flag=True, help="Also LAMBADA last-word accuracy.")
+              help="Text: corpus:heldout[/NAME] (shipped with qmamba), full:heldout[/NAME] (the full corpus in "
+                   "$QMAMBA_DATA_DIR or ../shared/data), a file; 'none' to skip perplexity.")
+@click.option("--lambada", "do_lambada", is_flag=True,
+              help="Also LAMBADA last-word accuracy (OpenAI test split, shipped with qmamba).")
 @click.option("--lambada-limit", type=int, default=None, help="Only the first N LAMBADA records.")
 @click.option("--seq-len", type=int, default=512, show_default=True, help="Perplexity window.")
 @click.option("--stride", type=int, default=None, help="Window step (default: seq-len, non-overlapping).")
 @click.option("--max-tokens", type=int, default=None, help="Only the first N tokens of the text.")
 @click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--tokenizer", type=click.Path(), default=None, help="tokenizer.json (default: the checkpoint's).")
+@click.option("--tokenizer", type=click.Path(), default=None,
+              help="tokenizer.json or hub id (default: the checkpoint's; for the GPT-NeoX vocabulary of "
+                   "BlackMamba/Mamba without one, the NeoX tokenizer shipped with qmamba).")
 @click.option("--device", default=None)
 @click.option("--dtype", default=None)
 @click.option("--backend", default=None, type=click.Choice(["reference", "triton"]))

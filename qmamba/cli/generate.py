@@ -8,6 +8,8 @@ backends stream through :func:`qmamba.generation.stream_generate`.
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 BACKEND_CHOICES = ("reference", "triton", "onnxruntime")
@@ -34,13 +36,11 @@ def generate_text(path: str, prompt: str, *, max_new_tokens: int, temperature: f
     import qmamba
     from qmamba.cuda_graph import default_step_fn  # CUDA + triton backend: graph-captured fused decode
     from qmamba.generation import check_sampling_options, stream_generate
-    from qmamba.tokenizer import find_tokenizer_file, load_tokenizer
+    from qmamba.tokenizer import resolve_tokenizer
 
     check_sampling_options(temperature, top_k, top_p)
-    tok = load_tokenizer(find_tokenizer_file(None, tokenizer)) if tokenizer else None  # fail before loading
+    tok = resolve_tokenizer(path, tokenizer, notice=lambda text: (err or sys.stderr).write(text + "\n"))  # fail early
     model = qmamba.load_model(path, device=device, dtype=dtype, backend=backend)
-    if tok is None:
-        tok = load_tokenizer(find_tokenizer_file(getattr(model, "tokenizer_path", None) or path))
     return stream_generate(model, tok, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            seed=seed, step_fn=default_step_fn(model), out=out, err=err)
 
@@ -53,7 +53,8 @@ def generate_text(path: str, prompt: str, *, max_new_tokens: int, temperature: f
 @click.option("--top-k", default=40, show_default=True, type=click.IntRange(min=0), help="0 = off.")
 @click.option("--top-p", default=0.95, show_default=True, type=float, help="1 = off.")
 @click.option("--seed", default=None, type=int, help="Seed for reproducible sampling.")
-@click.option("--tokenizer", default=None, help="tokenizer.json (default: the one in the checkpoint directory).")
+@click.option("--tokenizer", default=None, help="tokenizer.json or hub id (default: the checkpoint's; for the "
+              "GPT-NeoX vocabulary of BlackMamba/Mamba without one, the NeoX tokenizer shipped with qmamba).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
 @click.option("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on CUDA).")
 @click.option("--backend", default=None, type=click.Choice(BACKEND_CHOICES),

@@ -16,8 +16,10 @@ from qmamba.calib.methods import SELECTABLE_METHODS
 @click.option("--method", type=click.Choice(SELECTABLE_METHODS), default="gptq", show_default=True)
 @click.option("--symmetric", is_flag=True, help="Symmetric int4 (zero point 8) instead of asymmetric.")
 @click.option("--act-order", is_flag=True, help="GPTQ: columns by descending Hessian diagonal (static groups).")
-@click.option("--calib", multiple=True, default=("corpus",), show_default=True,
-              help="'corpus' (train split of the shared corpus) or text files (repeat the option).")
+@click.option("--calib", multiple=True, default=None,
+              help="Calibration text: 'corpus' (the train text shipped with qmamba; the default for GPTQ, AWQ and "
+                   "--distill), 'full' (the full corpus in $QMAMBA_DATA_DIR or ../shared/data) or text files "
+                   "(repeat the option). RTN and 1-bit PTB use no data unless given.")
 @click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration sequences.")
 @click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--recipe", type=click.Path(), default=None, help="YAML/JSON recipe overriding settings per module.")
@@ -25,8 +27,15 @@ from qmamba.calib.methods import SELECTABLE_METHODS
 @click.option("--quantize-xdt", is_flag=True, help="Also quantize x_proj and dt_proj.")
 @click.option("--min-expert-tokens", type=int, default=64, show_default=True,
               help="Experts with fewer routed tokens use statistics from all tokens (logged fallback).")
-@click.option("--tokenizer", type=click.Path(), default=None, help="tokenizer.json (default: the checkpoint's).")
-@click.option("--device", default=None, help="Device for calibration (cpu, cuda).")
+@click.option("--report/--no-report", default=None,
+              help="Router top-1 agreement of the quantized model with the float one (MoE models) on a few "
+                   "calibration tokens [default: when calibration data is used].")
+@click.option("--report-tokens", type=int, default=4096, show_default=True, help="Token budget of --report.")
+@click.option("--tokenizer", type=click.Path(), default=None,
+              help="tokenizer.json or hub id (default: the checkpoint's; for the GPT-NeoX vocabulary of "
+                   "BlackMamba/Mamba without one, the NeoX tokenizer shipped with qmamba).")
+@click.option("--device", default=None,
+              help="Device for calibration (cpu, cuda): one block at a time goes there; the model stays on the CPU.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the corpus calibration windows.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
@@ -43,7 +52,8 @@ from qmamba.calib.methods import SELECTABLE_METHODS
 @click.option("--distill-checkpoint", type=click.Path(), default=None,
               help="Directory for distillation checkpoints; an existing one is resumed.")
 def quantize(src, out, bits, group_size, method, symmetric, act_order, calib, nsamples, seq_len, recipe,
-             quantize_head, quantize_xdt, min_expert_tokens, tokenizer, device, seed, overwrite, no_progress,
+             quantize_head, quantize_xdt, min_expert_tokens, report, report_tokens, tokenizer, device, seed,
+             overwrite, no_progress,
              distill, distill_steps, distill_time, distill_lr, distill_batch, ste, distill_norms, distill_float,
              distill_checkpoint):
     """Quantize the float checkpoint SRC into OUT (int8 / int4, RTN / GPTQ / AWQ, MoE-aware; 1-bit binary with
@@ -65,9 +75,10 @@ def quantize(src, out, bits, group_size, method, symmetric, act_order, calib, ns
     elif ste or distill_norms or distill_float or distill_checkpoint or distill_time is not None:
         raise click.UsageError("--ste, --distill-norms, --distill-float, --distill-time and --distill-checkpoint "
                                "need --distill")
-    options = QuantizeOptions(bits=bits, group_size=group_size, method=method, symmetric=symmetric, calib=calib,
-                              nsamples=nsamples, seq_len=seq_len, recipe=recipe, quantize_head=quantize_head,
-                              quantize_xdt=quantize_xdt, device=device, tokenizer=tokenizer, seed=seed,
-                              overwrite=overwrite, calibration=opts, distill=distill_opts)
+    options = QuantizeOptions(bits=bits, group_size=group_size, method=method, symmetric=symmetric,
+                              calib=list(calib) or None, nsamples=nsamples, seq_len=seq_len, recipe=recipe,
+                              quantize_head=quantize_head, quantize_xdt=quantize_xdt, device=device,
+                              tokenizer=tokenizer, seed=seed, overwrite=overwrite, calibration=opts,
+                              distill=distill_opts, report=report, report_tokens=report_tokens)
     quantize_checkpoint(src, out, options, log=click.echo)
     click.echo(f"wrote {out}")

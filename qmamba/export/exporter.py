@@ -4,8 +4,9 @@ with ``onnx.checker`` (full check), written atomically, and a summary of what it
     summary = export_checkpoint("ckpt_dir", "model.onnx", ExportOptions(scan="linear-attention", dtype="fp32"))
     print(summary.describe())
 
-``tokenizer.json`` of the checkpoint is copied beside the output (when no different one is already there), so
-``qmamba generate model.onnx`` finds it.
+The checkpoint's tokenizer (its ``tokenizer.json``, or for the GPT-NeoX vocabulary of published BlackMamba/Mamba
+directories the one shipped with qmamba) is copied beside the output as ``tokenizer.json`` (when no different one
+is already there), so ``qmamba generate model.onnx`` finds it.
 """
 
 from __future__ import annotations
@@ -115,19 +116,25 @@ def save_checked(model, out: Path, external_data: str = "auto", overwrite: bool 
     return out.parent / data_name if external else None
 
 
-def _copy_tokenizer(checkpoint_dir: Path | None, out: Path) -> tuple[Path | None, list[str]]:
+def _copy_tokenizer(checkpoint_dir: Path | None, out: Path, vocab_size: int) -> tuple[Path | None, list[str]]:
+    """Put the checkpoint's tokenizer (:func:`qmamba.tokenizer.resolve_tokenizer`: its own, or GPT-NeoX-20B's for
+    that vocabulary) beside ``out``."""
+    from qmamba.tokenizer import TokenizerError, resolve_tokenizer
+
     if checkpoint_dir is None:
         return None, []
-    src = checkpoint_dir / "tokenizer.json"
-    dst = out.parent / "tokenizer.json"
-    if not src.is_file():
-        return None, ["note: the checkpoint has no tokenizer.json; pass --tokenizer to qmamba generate"]
+    notes = []
+    try:
+        tok = resolve_tokenizer(checkpoint_dir, None, vocab_size, notice=notes.append)
+    except TokenizerError as exc:
+        return None, [f"note: no tokenizer.json beside the output ({exc}); pass --tokenizer to qmamba generate"]
+    src, dst = tok.path, out.parent / "tokenizer.json"
     if dst.exists():
         if filecmp.cmp(src, dst, shallow=False):
-            return dst, []
+            return dst, notes
         return None, [f"note: {dst} exists and differs from the checkpoint's tokenizer; left unchanged"]
     shutil.copyfile(src, dst)
-    return dst, []
+    return dst, notes
 
 
 def export_model(cfg, state_dict: dict, manifest: dict | None, out, options=None, *, external_data: str = "auto",
@@ -143,7 +150,7 @@ def export_model(cfg, state_dict: dict, manifest: dict | None, out, options=None
     out = Path(out)
     data_path = save_checked(model, out, external_data, overwrite)
     size = out.stat().st_size + (data_path.stat().st_size if data_path else 0)
-    tokenizer, notes = _copy_tokenizer(checkpoint_dir, out)
+    tokenizer, notes = _copy_tokenizer(checkpoint_dir, out, cfg.vocab_size)
     opts = {"scan": options.scan, "conv": options.conv_impl, "dtype": options.dtype, "opset": options.opset,
             "accuracy_level": options.accuracy_level}
     return ExportSummary(out, data_path, size, dict(builder.ops_used), opts, len(builder.formats),

@@ -188,14 +188,15 @@ def generate_cli(path, *, prompt: str, max_new_tokens: int, temperature: float, 
                  threads: int | None = None) -> dict:
     """``qmamba generate PATH.onnx``: stream the continuation of ``prompt``; returns timing figures."""
     from qmamba.generation import check_sampling_options, stream_generate
-    from qmamba.tokenizer import find_tokenizer_file, load_tokenizer
+    from qmamba.tokenizer import resolve_tokenizer
 
     check_sampling_options(temperature, top_k, top_p)
     if Path(path).is_dir():
         raise OnnxModelError(f"{path} is a directory: the onnxruntime backend runs an exported model file; make one "
                              f"with: qmamba export {path} -o model.onnx")
-    tok = load_tokenizer(find_tokenizer_file(path, tokenizer))
-    lm = OrtLM(path, device=device, threads=threads, warn=err or sys.stderr)
+    err_out = err or sys.stderr
+    lm = OrtLM(path, device=device, threads=threads, warn=err_out)
+    tok = resolve_tokenizer(path, tokenizer, lm.vocab_size, notice=lambda text: err_out.write(text + "\n"))
     exported = "fp16" if lm.logits_dtype == np.float16 else "fp32"
     if dtype is not None and dtype.lower() not in (exported, {"fp32": "float32", "fp16": "float16"}[exported]):
         raise OnnxModelError(f"{path} was exported in {exported}; --dtype {dtype} cannot change that (re-export)")

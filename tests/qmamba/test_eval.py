@@ -70,17 +70,13 @@ def test_windows_score_every_token_once(n, seq_len, stride):
 
 
 def test_lambada_greedy_match(model):
-    class CharTokenizer:
-        class Enc:
-            def __init__(self, ids):
-                self.ids = ids
-
+    class CharTokenizer:  # the TextTokenizer interface: encode(text) -> list of ids
         def encode(self, text):
-            return self.Enc([ord(c) for c in text])
+            return [ord(c) for c in text]
 
     tok = CharTokenizer()
     ctx = "abcdefgh"
-    ids = torch.tensor([tok.encode(ctx).ids])
+    ids = torch.tensor([tok.encode(ctx)])
     # build the continuation the model predicts greedily, so the record must count as correct
     cont = []
     for _ in range(3):
@@ -106,17 +102,48 @@ def test_router_agreement(model):
     assert diff["overall"] < 1.0
 
 
-def test_data_dir_resolution(tmp_path, monkeypatch):
-    assert (find_data_dir() / "corpus").is_dir()
-    assert len(resolve_text_spec("corpus:heldout")) >= 3
-    assert resolve_text_spec("corpus:heldout/kjv")[0].name.startswith("kjv")
+def test_shipped_text_specs(tmp_path, monkeypatch):
+    """corpus: specs read the text inside the package, wherever the full corpus is (here: nowhere)."""
+    from qmamba.data_files import PACKAGED_DATA_DIR, lambada_path, load_text_spec
+
+    monkeypatch.setenv("QMAMBA_DATA_DIR", str(tmp_path / "nowhere"))
+    files = resolve_text_spec("corpus:heldout")
+    assert [f.name for f in files] == ["kjv.txt.xz", "pydocs.txt.xz", "shakespeare.txt.xz"]
+    assert all(PACKAGED_DATA_DIR in f.parents for f in files)
+    assert [f.name for f in resolve_text_spec("corpus:train")] == ["jargon.txt.xz", "kjv.txt.xz", "pydocs.txt.xz",
+                                                                   "shakespeare.txt.xz"]
+    assert "Jesus Christ" in load_text_spec("corpus:heldout/kjv")  # 1 John .. Revelation
+    assert PACKAGED_DATA_DIR in lambada_path().parents
     with pytest.raises(DataError, match="no corpus file"):
         resolve_text_spec("corpus:heldout/nothing")
     with pytest.raises(DataError, match="split"):
         resolve_text_spec("corpus:test")
-    monkeypatch.setenv("QMAMBA_DATA_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="QMAMBA_DATA_DIR"):
+        resolve_text_spec("full:heldout")
     with pytest.raises(DataError, match="QMAMBA_DATA_DIR"):
         find_data_dir()
+
+
+def test_shipped_heldout_and_lambada_equal_the_full_corpus():
+    """The held-out files and LAMBADA shipped are exact copies of the full corpus's; the train files are slices."""
+    import hashlib
+
+    try:
+        full = find_data_dir()
+    except DataError as exc:
+        pytest.skip(f"needs the full corpus: {exc}")
+    from qmamba.data_files import PACKAGED_DATA_DIR, load_text_spec
+
+    def digest(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    for rel in ["corpus/heldout/kjv.txt.xz", "corpus/heldout/pydocs.txt.xz", "corpus/heldout/shakespeare.txt.xz",
+                "eval/lambada_openai.jsonl.gz"]:
+        assert digest(PACKAGED_DATA_DIR / rel) == digest(full / rel), rel
+    for name in ("shakespeare", "kjv", "pydocs", "jargon"):
+        shipped, whole = load_text_spec(f"corpus:train/{name}"), load_text_spec(f"full:train/{name}")
+        pieces = shipped.strip("\n").split("\n\n")
+        assert all(piece in whole for piece in pieces) and len(shipped) < len(whole) / 4
 
 
 def test_eval_cli(tmp_path):

@@ -1,4 +1,5 @@
-"""Tokenizer loading, EOS detection, round trips and streaming decode (no split multi-byte characters)."""
+"""Tokenizer loading and resolution (checkpoint's own, --tokenizer, the shipped GPT-NeoX-20B one, hub id, clear
+errors), EOS detection, round trips and streaming decode (no split multi-byte characters)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import random
 import pytest
 
 from qmamba.errors import UserError
-from qmamba.tokenizer import (IncrementalDecoder, TokenizerError, find_tokenizer_file, load_tokenizer)
+from qmamba.tokenizer import (NEOX_TOKENIZER_FILE, IncrementalDecoder, TokenizerError, is_neox_vocab, load_tokenizer,
+                              resolve_tokenizer)
 
 TEXT = ("Hello, world! Naïve café — 東京 and emoji 🙂🚀 in one line.\n"
         "def f(x):\n    return x ** 2  # ünïcödé\n\nThe quick brown fox.")
@@ -30,15 +32,16 @@ def bpe_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def neox_file():
-    from qmamba.data_files import DataError, find_data_dir
+    """The GPT-NeoX-20B tokenizer shipped in the package."""
+    return NEOX_TOKENIZER_FILE
 
-    try:
-        path = find_data_dir() / "tokenizer" / "gpt-neox-20b.json"
-    except DataError as exc:
-        pytest.skip(str(exc))
-    if not path.is_file():
-        pytest.skip(f"{path} missing")
-    return path
+
+def test_shipped_neox_tokenizer_is_the_pinned_one(neox_file):
+    import hashlib
+
+    digest = hashlib.sha256(neox_file.read_bytes()).hexdigest()
+    assert digest == "3cf430678137c8491ca82fb7092ee49e44ad38857fffe1e4a4a5ed860139a5b8"  # shared/data MANIFEST.json
+    assert (neox_file.parent / "README.md").is_file()
 
 
 def test_round_trip_and_eos(bpe_file):
@@ -67,17 +70,66 @@ def test_eos_from_tokenizer_config(bpe_file, tmp_path):
     assert load_tokenizer(folder / "tokenizer.json").eos_token_id == tok.tokenizer.token_to_id(word)
 
 
-def test_find_tokenizer_file(bpe_file, tmp_path):
-    assert find_tokenizer_file(bpe_file.parent) == bpe_file
-    assert find_tokenizer_file(bpe_file.parent / "model.onnx") == bpe_file  # a file inside the checkpoint dir
-    assert find_tokenizer_file(tmp_path, explicit=bpe_file) == bpe_file
-    assert find_tokenizer_file(None, explicit=bpe_file.parent) == bpe_file
-    with pytest.raises(TokenizerError, match=str(tmp_path)):
-        find_tokenizer_file(tmp_path)
+def test_resolve_tokenizer_order(bpe_file, tmp_path):
+    notes = []
+    tok = resolve_tokenizer(bpe_file.parent, notice=notes.append)
+    assert tok.path == bpe_file and tok.origin == "checkpoint"
+    assert resolve_tokenizer(bpe_file.parent / "model.onnx", notice=notes.append).path == bpe_file  # file inside
+    assert resolve_tokenizer(tmp_path, explicit=bpe_file, notice=notes.append).origin == "explicit"
+    assert resolve_tokenizer(None, explicit=bpe_file.parent, notice=notes.append).path == bpe_file
+    # the checkpoint's own tokenizer wins over the shipped NeoX one, even for the NeoX vocabulary
+    assert resolve_tokenizer(bpe_file.parent, vocab_size=50304, notice=notes.append).path == bpe_file
+    assert notes == []  # no notice unless the shipped tokenizer stands in
     with pytest.raises(TokenizerError, match="nope.json"):
-        find_tokenizer_file(bpe_file.parent, explicit=tmp_path / "nope.json")
+        resolve_tokenizer(bpe_file.parent, explicit=tmp_path / "nope.json")
     with pytest.raises(UserError):
-        find_tokenizer_file(None)
+        resolve_tokenizer(None)
+
+
+@pytest.mark.parametrize("vocab", [50277, 50280, 50304, 50432])
+def test_neox_vocabulary_gets_the_shipped_tokenizer_with_a_notice(tmp_path, vocab, neox_file):
+    notes = []
+    tok = resolve_tokenizer(tmp_path, vocab_size=vocab, notice=notes.append)
+    assert tok.path == neox_file and tok.origin == "packaged"
+    assert tok.encode("Hello world") == [12092, 1533]
+    assert len(notes) == 1 and "GPT-NeoX-20B" in notes[0] and str(neox_file) in notes[0] and str(tmp_path) in notes[0]
+
+
+def test_neox_vocabulary_sizes():
+    assert [v for v in range(50000, 51000) if is_neox_vocab(v)] == [*range(50277, 50305), 50432]
+    assert not is_neox_vocab(None)
+
+
+@pytest.mark.parametrize("vocab", [512, 50276, 50305, 65024])
+def test_unknown_vocabulary_without_tokenizer_is_a_clear_error(tmp_path, vocab):
+    with pytest.raises(TokenizerError) as info:
+        resolve_tokenizer(tmp_path, vocab_size=vocab, notice=pytest.fail)
+    message = str(info.value)
+    assert "\n" not in message and str(tmp_path) in message and f"({vocab} tokens)" in message
+    assert "--tokenizer" in message
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(bpe_file):
+    with pytest.raises(TokenizerError, match="not this model's tokenizer"):
+        resolve_tokenizer(bpe_file.parent, vocab_size=100)
+
+
+def test_tokenizer_as_hub_id(tmp_path, monkeypatch, bpe_file):
+    hub = pytest.importorskip("huggingface_hub")
+    asked = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        return str(bpe_file)
+
+    monkeypatch.setattr(hub, "hf_hub_download", fake_download)
+    monkeypatch.chdir(tmp_path)
+    tok = resolve_tokenizer(None, explicit="someone/some-model")
+    assert asked == [("someone/some-model", "tokenizer.json")] and tok.origin == "hub" and tok.path == bpe_file
+    (tmp_path / "someone").mkdir()  # a local folder of that name: a missing local path, not a hub id
+    with pytest.raises(TokenizerError, match="not found"):
+        resolve_tokenizer(None, explicit="someone/some-model")
+    assert len(asked) == 1
 
 
 def test_unreadable_tokenizer(tmp_path):

@@ -91,8 +91,9 @@ def test_recipe_mixes_binary_with_int4_and_int8(tiny_checkpoint, calib_text_file
 @pytest.fixture(scope="module")
 def ptb_pair(tiny_checkpoint, calib_text_file):
     """(PTB student, float teacher, calibration ids) built in memory."""
-    from qmamba.calib.data import load_calibration, load_tokenizer
+    from qmamba.calib.data import load_calibration
     from qmamba.calib.pipeline import calibrate
+    from qmamba.tokenizer import load_tokenizer
 
     teacher = load_model(tiny_checkpoint)
     student = copy.deepcopy(teacher)
@@ -192,16 +193,13 @@ needs_fixture = pytest.mark.skipif(not (FIXTURE / "manifest.json").is_file(), re
 @pytest.fixture(scope="module")
 def distilled_fixture(tmp_path_factory):
     """PTB and distilled 1-bit checkpoints of the trained fixture, and 8k held-out tokens: ``(dir, ids)``."""
-    from qmamba.data_files import DataError, find_data_dir, resolve_text_spec
-    from qmamba.eval import _tokenizer_for, encode_text_spec
+    from qmamba.data_files import resolve_text_spec
+    from qmamba.eval import encode_text_spec
+    from qmamba.tokenizer import resolve_tokenizer
 
-    try:
-        find_data_dir()
-    except DataError as exc:  # a GPU machine without the shared data (set QMAMBA_DATA_DIR)
-        pytest.skip(str(exc))
     torch.manual_seed(0)
     tmp = tmp_path_factory.mktemp("distilled")
-    tok = _tokenizer_for(load_model(FIXTURE))
+    tok = resolve_tokenizer(FIXTURE)
     ids = torch.cat([encode_text_spec(tok, f"corpus:heldout/{p.name.split('.')[0]}", 8192 // 3)
                      for p in resolve_text_spec("corpus:heldout")])
     common = dict(calib=["corpus"], nsamples=64, seq_len=128)

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from qmamba.calib.data import CalibrationDataError, load_calibration, load_tokenizer
+from qmamba.calib.data import CalibrationDataError, load_calibration
+from qmamba.tokenizer import load_tokenizer
 from qmamba.calib.recipe import RecipeError, build_plan, load_recipe, quantizable_modules
 from qmamba.config import preset
 from qmamba.errors import ConfigError, UserError
@@ -88,6 +89,20 @@ def test_calibration_from_corpus_is_seeded(tiny_tokenizer):
     c = load_calibration(["corpus"], tok, nsamples=3, seq_len=32, seed=2)
     assert torch.equal(a.ids, b.ids) and not torch.equal(a.ids, c.ids)
     assert a.ids.shape == (3, 32) and "train" in a.source
+    # the windows come from the train text shipped with qmamba: every one is a piece of it
+    from qmamba.data_files import load_text_spec
+
+    shipped = tok.encode(load_text_spec("corpus:train"))
+    text = " " + " ".join(map(str, shipped)) + " "
+    assert all(" " + " ".join(map(str, row[5:-5].tolist())) + " " in text for row in a.ids)
+
+
+def test_full_corpus_calibration_needs_the_data_dir(tiny_tokenizer, tmp_path, monkeypatch):
+    from qmamba.data_files import DataError
+
+    monkeypatch.setenv("QMAMBA_DATA_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="QMAMBA_DATA_DIR"):
+        load_calibration(["full"], load_tokenizer(tiny_tokenizer), 2, 16)
 
 
 def test_bad_calibration_input(tiny_tokenizer, tmp_path):
@@ -102,7 +117,8 @@ def test_bad_calibration_input(tiny_tokenizer, tmp_path):
         load_calibration([str(short)], tok, 4, 64)
     with pytest.raises(UserError, match="not found"):
         load_calibration([str(tmp_path / "missing.txt")], tok, 2, 16)
-    with pytest.raises(CalibrationDataError, match="only the train split"):
-        load_calibration(["corpus:heldout"], tok, 2, 16)
+    for held_out in (["corpus:heldout"], ["full:heldout/kjv"], ["corpus", str(short)]):
+        with pytest.raises(CalibrationDataError, match="only the train split"):
+            load_calibration(held_out, tok, 2, 16)
     with pytest.raises(CalibrationDataError, match="vocabulary"):
         load_calibration([str(short)], tok, 1, 4, vocab_size=10)

@@ -154,29 +154,27 @@ def test_runner_rejects_other_models_and_bad_ids(tmp_path):
 
 
 def test_cli_generate_onnx_streams_text(tmp_path):
-    """A tiny model with the GPT-NeoX vocabulary, so the shared tokenizer fits; same text as the torch path."""
+    """A tiny model with the GPT-NeoX vocabulary and no tokenizer.json: the export puts the NeoX tokenizer shipped
+    with qmamba beside the .onnx file; same text as the torch path."""
     from qmamba.checkpoints.random_init import random_state_dict
-    from qmamba.data_files import find_data_dir
+    from qmamba.tokenizer import NEOX_TOKENIZER_FILE
 
-    tok_file = find_data_dir() / "tokenizer" / "gpt-neox-20b.json"
-    if not tok_file.is_file():
-        pytest.skip("shared GPT-NeoX tokenizer not present")
     cfg = ModelConfig(d_model=32, layers=["r", "4"], vocab_size=50304, ffn_hidden=32, d_state=4,
                       final_norm="layernorm")
     ckpt = tmp_path / "ckpt"
-    save_checkpoint(random_state_dict(cfg, seed=1), cfg, ckpt, tokenizer_file=tok_file)
+    save_checkpoint(random_state_dict(cfg, seed=1), cfg, ckpt)
     code, output = run("export", ckpt, "-o", tmp_path / "out" / "m.onnx")
     assert code == 2 and "does not exist" in output
     (tmp_path / "out").mkdir()
     code, output = run("export", ckpt, "-o", tmp_path / "out" / "m.onnx")
-    assert code == 0 and (tmp_path / "out" / "tokenizer.json").is_file()
-    args = ["--prompt", "Hello world", "-n", "6", "--temperature", "0"]
-    code, onnx_text = run("generate", tmp_path / "out" / "m.onnx", *args)
-    assert code == 0, onnx_text
-    code, torch_text = run("generate", ckpt, *args, "--device", "cpu")
-    assert code == 0, torch_text
-    first_line = lambda text: text.splitlines()[0]  # noqa: E731 - stats go to stderr (mixed in by CliRunner)
-    assert first_line(onnx_text).startswith("Hello world") and first_line(onnx_text) == first_line(torch_text)
+    assert code == 0 and (tmp_path / "out" / "tokenizer.json").read_bytes() == NEOX_TOKENIZER_FILE.read_bytes()
+    args = ["generate", "--prompt", "Hello world", "-n", "6", "--temperature", "0"]
+    onnx_run = CliRunner().invoke(main, args + [str(tmp_path / "out" / "m.onnx")])
+    assert onnx_run.exit_code == 0, onnx_run.output
+    torch_run = CliRunner().invoke(main, args + [str(ckpt), "--device", "cpu"])
+    assert torch_run.exit_code == 0, torch_run.output
+    assert "GPT-NeoX-20B" in torch_run.stderr and "GPT-NeoX-20B" not in onnx_run.stderr  # beside the .onnx now
+    assert onnx_run.stdout.startswith("Hello world") and onnx_run.stdout == torch_run.stdout
 
 
 def test_cli_generate_onnxruntime_backend_needs_an_exported_file(checkpoint_dir):

@@ -80,14 +80,14 @@ PROMPTS = ["The king said that", "Once upon a time"]
 def fixture_model():
     """``(config, state_dict, tokenizer, cache)``; ``cache`` keeps each variant's checkpoint and reference tokens."""
     from qmamba.checkpoints.detect import read_checkpoint
-    from qmamba.tokenizer import find_tokenizer_file, load_tokenizer
+    from qmamba.tokenizer import resolve_tokenizer
 
     if not (FIXTURE / "manifest.json").is_file():
         pytest.skip("trained fixture not present")
     cfg, sd, manifest = read_checkpoint(FIXTURE, hash_files=False)
     if manifest.get("quantization"):
         pytest.skip("the fixture is already quantized")
-    return cfg, sd, load_tokenizer(find_tokenizer_file(FIXTURE)), {}
+    return cfg, sd, resolve_tokenizer(FIXTURE), {}
 
 
 def greedy_pair(tmp_path, fixture_model, kind, accuracy_level):
