@@ -101,10 +101,10 @@ def quantize_checkpoint(src, out, options: QuantizeOptions | None = None, *, log
     """Quantize checkpoint ``src`` into native checkpoint ``out`` as ``options`` say; returns the run record (also
     in the manifest)."""
     from qmamba.checkpoints.files import check_output_dir
-    from qmamba.checkpoints.detect import detect_format, open_checkpoint
+    from qmamba.checkpoints.detect import detect_checkpoint, open_checkpoint, resolve_checkpoint_dir
     from qmamba.checkpoints.load import model_from_checkpoint
     from qmamba.checkpoints.native import save_checkpoint
-    from qmamba.checkpoints.peek import manifest_of, read_config
+    from qmamba.checkpoints.peek import config_of, manifest_of
     from qmamba.checkpoints.shapes import meta_model
     from qmamba.eval import routing_agreement
     from qmamba.tokenizer import TokenizerError, resolve_tokenizer
@@ -114,11 +114,14 @@ def quantize_checkpoint(src, out, options: QuantizeOptions | None = None, *, log
     check_output_dir(out, options.overwrite)
     opts, distill, recipe = options.calibration, options.distill, options.recipe
     recipe_data = load_recipe(recipe) if recipe else None
-    directory, cfg = read_config(src)
-    if manifest_of(directory, detect_format(directory)).get("quantization"):  # before reading any weight
+    directory = resolve_checkpoint_dir(src)
+    detected = detect_checkpoint(directory)  # config.json parsed once, here
+    cfg = config_of(directory, detected[0], detected[1])
+    if manifest_of(directory, detected[0]).get("quantization"):  # before reading any weight
         raise UserError(f"{src} is already quantized; quantize its float source instead")
     device = torch.device(options.device) if options.device else torch.device("cpu")
-    plan = build_plan(meta_model(cfg), options.bits, options.group_size, options.symmetric, options.method,
+    skeleton = meta_model(cfg)  # planned on now, filled by the one builder once the weights are read
+    plan = build_plan(skeleton, options.bits, options.group_size, options.symmetric, options.method,
                       options.quantize_head, options.quantize_xdt, recipe_data)
     if distill is not None and not any(getattr(e.fmt, "bits", 0) == 1 for e in plan.values()):
         raise UserError("--distill trains 1-bit modules: use --bits 1 or a recipe with bits: 1")
@@ -142,7 +145,9 @@ def quantize_checkpoint(src, out, options: QuantizeOptions | None = None, *, log
         report_data = load_calibration(DEFAULT_CALIBRATION, tok, n_report, seq_len, options.seed, cfg.vocab_size)
         report_ids = report_data.ids
 
-    checkpoint = open_checkpoint(directory, hash_files=False)  # source_record hashes every file
+    # the weights, read once (source_record hashes every file: hash_files=False here)
+    checkpoint = open_checkpoint(directory, hash_files=False, detected=detected, skeleton=skeleton)
+    del skeleton
     cfg, manifest = checkpoint.config, checkpoint.manifest
     source_dtypes = {k: v.dtype for k, v in checkpoint.state_dict.items()}
     model = model_from_checkpoint(checkpoint, "cpu", None)  # on the CPU, in the checkpoint's dtypes

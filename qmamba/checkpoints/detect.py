@@ -91,15 +91,27 @@ def detect_format(directory: Path) -> str:
     return _detect(directory)[0]
 
 
-def open_checkpoint(path, hash_files: bool = False) -> Checkpoint:
+def detect_checkpoint(directory: Path) -> tuple[str, dict | None]:
+    """``(format name, parsed config.json or None)`` of a local directory: what :func:`open_checkpoint` takes as
+    ``detected`` when the caller looked at the config before reading the weights (config.json is parsed once)."""
+    return _detect(directory)
+
+
+def open_checkpoint(path, hash_files: bool = False, *, detected: tuple[str, dict | None] | None = None,
+                    skeleton=None) -> Checkpoint:
     """The one checkpoint reader: ``path`` (a directory, a file inside one, or a hub id) in any supported format
     as a validated :class:`Checkpoint` (internal names, CPU tensors; its ``skeleton`` is the float model on
     ``meta`` that :func:`qmamba.checkpoints.load.build_model` fills). Every file is read once.
 
-    ``hash_files``: record sha256 of source-format files in ``manifest["source"]["files"]`` (else ``None``)."""
+    ``hash_files``: record sha256 of source-format files in ``manifest["source"]["files"]`` (else ``None``).
+    ``detected``: :func:`detect_checkpoint` of the directory, when the caller has it; ``skeleton``: the float model
+    of this config on ``meta`` when the caller built one already (the quantizer plans on it before reading)."""
     directory = resolve_checkpoint_dir(path)
-    fmt, config = _detect(directory)
-    return FORMATS[fmt].read(directory, hash_weights=hash_files, config=config).validate()
+    fmt, config = detected if detected is not None else _detect(directory)
+    checkpoint = FORMATS[fmt].read(directory, hash_weights=hash_files, config=config)
+    if skeleton is not None:
+        checkpoint.skeleton = skeleton
+    return checkpoint.validate()
 
 
 def read_checkpoint(path, hash_files: bool = True):

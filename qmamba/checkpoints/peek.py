@@ -50,16 +50,18 @@ class TensorSpec:
     shared: bool = False
 
 
-def config_of(directory: Path, fmt: str) -> ModelConfig:
-    """The :class:`ModelConfig` of a local checkpoint directory of format ``fmt`` (``config.json`` only)."""
+def config_of(directory: Path, fmt: str, raw: dict | None = None) -> ModelConfig:
+    """The :class:`ModelConfig` of a local checkpoint directory of format ``fmt`` (``config.json`` only; ``raw``:
+    its parsed content when the caller has it)."""
     directory = Path(directory)
     path = directory / "config.json"
+    raw = raw if raw is not None else read_json(path)
     if fmt == native.FORMAT:
         try:
-            return ModelConfig.from_dict(read_json(path))
+            return ModelConfig.from_dict(raw)
         except ConfigError as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
-    return FORMATS[fmt].config_from_json(read_json(path), path)
+    return FORMATS[fmt].config_from_json(raw, path)
 
 
 def read_config(path) -> tuple[Path, ModelConfig]:
