@@ -25,10 +25,9 @@ import torch
 from qmamba.config import preset
 from qmamba.cuda_graph import GraphDecoder
 from qmamba.kernels.decode_linear import DecodePolicy
-from qmamba.testing import quantize_rtn, random_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_e2e import FORMATS, weight_bytes  # noqa: E402
+from bench_e2e import build, weight_bytes  # noqa: E402
 
 
 def greedy_reference(model, ids, state, steps):
@@ -47,14 +46,6 @@ def greedy_graph(decoder, ids, state, steps):
         tok = decoder(tok, state).argmax(-1)
         out.append(tok)
     return torch.stack(out, 1)
-
-
-def build(cfg, name, dtype):
-    model = random_model(cfg, "cuda", dtype)
-    fmt, sensitive = FORMATS[name]
-    if fmt is not None:
-        quantize_rtn(model, fmt, head=True, sensitive_fmt=sensitive)
-    return model
 
 
 def time_graph(decoder, batch, n=100):
@@ -140,7 +131,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--preset", default="blackmamba-2.8b")
-    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--formats", default="bf16,int8,int4_g128,binary+int4_g128")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--check-steps", type=int, default=16)
     ap.add_argument("--variants", default="default,nopdl",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -27,23 +26,8 @@ from qmamba.fused_step import FusedDecodeStep
 from qmamba.testing import quantize_rtn, random_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import time_graph  # noqa: E402
 from bench_e2e import FORMATS  # noqa: E402
-
-
-def graph_ms_per_step(decoder: GraphDecoder, batch: int, n: int = 100) -> float:
-    entry = decoder._entry(batch)
-    for _ in range(10):
-        entry.graph.replay()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(n):
-            entry.graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / n)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -78,7 +62,7 @@ def main():
     rows = sorted(((name, calls / args.steps, us / args.steps) for name, (calls, us) in per_name.items()),
                   key=lambda r: -r[2])
     kernel_us = sum(r[2] for r in rows)
-    graph_ms = graph_ms_per_step(GraphDecoder(model), args.batch)
+    graph_ms = time_graph(GraphDecoder(model), args.batch)
     print(f"{args.preset} {args.format} batch {args.batch}: kernels {kernel_us:.0f} us/step "
           f"({sum(r[1] for r in rows):.0f} launches), graph replay {graph_ms * 1e3:.0f} us/step")
     for name, calls, us in rows:

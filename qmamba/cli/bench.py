@@ -52,10 +52,11 @@ def bench(path, batches, prompt_len, tokens, check_tokens, check_dtype, device, 
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = qmamba.load_model(path, device=device, dtype=dtype)
-    twin = None
-    if check_dtype == "float32" and model.compute_dtype != torch.float32:
-        def twin():
-            return qmamba.load_model(path, device=device, dtype="float32")
+
+    def float32_twin():
+        return qmamba.load_model(path, device=device, dtype="float32")
+
+    twin = float32_twin if check_dtype == "float32" and model.compute_dtype != torch.float32 else None
     try:
         rows = bench_model(model, batches, prompt_len, tokens, check_tokens,
                            log=lambda s: click.echo(s, err=True), check_model=twin)
