@@ -162,3 +162,23 @@ def generated_lengths(tokens: torch.Tensor, prompt_len: int, eos_token_id: int |
     is_eos = (new == eos_token_id).cpu()
     first_eos = is_eos.int().argmax(dim=1) + 1
     return torch.where(is_eos.any(dim=1), first_eos, torch.full_like(first_eos, new.shape[1])).to(torch.int64)
+
+
+def timing_stats(prompt_tokens: int, new_tokens: int, start: float, first: float | None, end: float) -> dict:
+    """Timing figures of one generation: ``first`` is when the first new token was ready (None: no token)."""
+    first = end if first is None else first
+    decode_s = end - first
+    return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "prefill_s": first - start,
+            "decode_s": decode_s,
+            "tokens_per_s": (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else None}
+
+
+def timing_line(stats: dict, where: str = "") -> str:
+    """One line for stderr: ``64 tokens in 1.20 s: prefill 5 tokens + first token 30 ms, decode 55.0 tokens/s``."""
+    if stats["new_tokens"] == 0:
+        return f"no tokens generated (prompt {stats['prompt_tokens']} tokens; --max-new-tokens 0)"
+    line = (f"{stats['new_tokens']} tokens in {stats['prefill_s'] + stats['decode_s']:.2f} s{where}: prefill "
+            f"{stats['prompt_tokens']} tokens + first token {stats['prefill_s'] * 1e3:.0f} ms")
+    if stats["tokens_per_s"] is not None:
+        line += f", decode {stats['tokens_per_s']:.1f} tokens/s"
+    return line

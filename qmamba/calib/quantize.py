@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qmamba.devices import resolve_device
 from qmamba.errors import UserError
 from qmamba.moe import StackedExperts
 from qmamba.quant.modules import experts_class_for, linear_class_for
 
 from qmamba.calib.data import load_calibration, load_tokenizer
 from qmamba.calib.pipeline import CalibOptions, ModuleResult, calibrate
-from qmamba.calib.recipe import build_plan, load_recipe
+from qmamba.calib.recipe import build_plan, load_recipe, resolve_options
 from qmamba.calib.report import format_table, summarize
 
 
@@ -86,15 +87,17 @@ def _set(model, name, module):
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def quantize_checkpoint(src, out, *, bits: int = 4, group_size: int = 128, method: str = "gptq",
+def quantize_checkpoint(src, out, *, bits: int = 4, group_size: int | None = None, method: str | None = None,
                         symmetric: bool = False, calib=("corpus",), nsamples: int = 128, seq_len: int = 512,
                         recipe: str | None = None, quantize_head: bool = False, quantize_xdt: bool = False,
                         device=None, tokenizer: str | None = None, seed: int = 0, overwrite: bool = False,
                         options: CalibOptions | None = None, distill=None, log=print) -> dict:
     """Quantize checkpoint ``src`` into native checkpoint ``out``; returns the run record (also in the manifest).
 
-    ``distill``: a :class:`qmamba.calib.distill.DistillOptions` to distill the binary (1-bit) modules against the
-    float model on the calibration sequences after PTB (``None``: no distillation)."""
+    ``group_size`` / ``method`` ``None``: the defaults (128 for int4; GPTQ, PTB for 1-bit); given where they do not
+    apply (a method with ``bits=1``, a group size with ``bits=8``) they are a :class:`ConfigError`, checked before
+    anything is read. ``distill``: a :class:`qmamba.calib.distill.DistillOptions` to distill the binary (1-bit)
+    modules against the float model on the calibration sequences after PTB (``None``: no distillation)."""
     from qmamba.checkpoints.files import check_output_dir
     from qmamba.checkpoints.native import read_checkpoint, save_checkpoint
     from qmamba.eval import record_routing, routing_agreement
@@ -103,6 +106,10 @@ def quantize_checkpoint(src, out, *, bits: int = 4, group_size: int = 128, metho
     src, out = Path(src), Path(out)
     check_output_dir(out, overwrite)
     opts = options or CalibOptions()
+    settings = resolve_options(bits, group_size, method, symmetric, act_order=opts.act_order and not recipe)
+    if distill is not None and bits != 1 and not recipe:
+        raise UserError(f"--distill trains 1-bit modules: use --bits 1 (not {bits}) or a recipe with bits: 1")
+    device = resolve_device(device)
     recipe_data = load_recipe(recipe) if recipe else None
     cfg, state_dict, manifest = read_checkpoint(src)
     if manifest.get("quantization"):
@@ -111,7 +118,6 @@ def quantize_checkpoint(src, out, *, bits: int = 4, group_size: int = 128, metho
     tok_path = Path(tokenizer) if tokenizer else directory / "tokenizer.json"
     if not tok_path.is_file():
         raise UserError(f"no tokenizer for calibration: {tok_path} not found (pass --tokenizer FILE)")
-    device = torch.device(device) if device else torch.device("cpu")
 
     source_dtypes = {k: v.dtype for k, v in state_dict.items()}
     with torch.device("meta"):  # no second copy of the weights: the float32 tensors are assigned
@@ -119,6 +125,8 @@ def quantize_checkpoint(src, out, *, bits: int = 4, group_size: int = 128, metho
     plan = build_plan(model, bits, group_size, symmetric, method, quantize_head, quantize_xdt, recipe_data)
     if distill is not None and not any(getattr(e.fmt, "bits", 0) == 1 for e in plan.values()):
         raise UserError("--distill trains 1-bit modules: use --bits 1 or a recipe with bits: 1")
+    if opts.act_order and not any(e.method == "gptq" for e in plan.values()):
+        raise UserError("--act-order applies to GPTQ only, and no module is quantized with GPTQ")
     data = load_calibration(calib, load_tokenizer(tok_path), nsamples, seq_len, seed, cfg.vocab_size)
     sd = {}
     for k in list(state_dict):  # calibration runs in float32
@@ -144,9 +152,10 @@ def quantize_checkpoint(src, out, *, bits: int = 4, group_size: int = 128, metho
 
         distill_report = run_distillation(model, teacher, ids, distill, log=log)
         del teacher
-        for r in results.values():
-            if getattr(r.fmt, "bits", 0) == 1:
-                r.method = "ptb+distill"
+        if distill_report["steps"] > 0:  # steps of this run and of a resumed checkpoint
+            for r in results.values():
+                if getattr(r.fmt, "bits", 0) == 1:
+                    r.method = "ptb+distill"
     seconds = time.perf_counter() - t0
     router = routing_agreement(fp_routes, record_routing(model, ids, opts.batch_size))
 
@@ -164,7 +173,7 @@ def quantize_checkpoint(src, out, *, bits: int = 4, group_size: int = 128, metho
         if v.is_floating_point() and k in source_dtypes and not any(k.startswith(n + ".") for n in entries):
             v = v.to(source_dtypes[k])
         out_sd[k] = v.detach().cpu()
-    info = {"method": method, "bits": bits, "group_size": group_size, "symmetric": symmetric,
+    info = {**settings,
             "quantize_head": quantize_head, "quantize_xdt": quantize_xdt, "options": asdict(opts),
             "recipe": {"path": str(recipe), "content": recipe_data} if recipe else None,
             "calibration": data.describe(), "versions": versions(), "seconds": round(seconds, 2),

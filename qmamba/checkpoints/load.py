@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch
 
+from qmamba.devices import check_backend, check_fits, resolve_device
 from qmamba.errors import CheckpointError, ConfigError
 from qmamba.ops import BACKENDS
 
 from .detect import FORMATS, detect_format, resolve_checkpoint_dir
 from .files import one_line
-from .manifest import parse_dtype
+from .manifest import dtype_name, parse_dtype
 from .shapes import is_quantized_tensor, quantized_names
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -73,6 +74,14 @@ def build_model(cfg, state_dict: dict[str, torch.Tensor], manifest: dict, device
     return model
 
 
+def loaded_bytes(state_dict: dict[str, torch.Tensor], manifest: dict, dtype: torch.dtype) -> int:
+    """Bytes the state dict takes once loaded: floating non-quantized tensors in ``dtype``, packed ones as stored."""
+    skip = quantized_names(manifest.get("quantization") or None)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return sum(t.numel() * (itemsize if t.is_floating_point() and not is_quantized_tensor(name, skip)
+                            else t.element_size()) for name, t in state_dict.items())
+
+
 def load_model(path, device=None, dtype=None, backend=None, *, hash_files: bool = False):
     """Load a checkpoint of any supported format (local dir, file inside it, or hub id) as a :class:`MambaLM`.
 
@@ -81,13 +90,15 @@ def load_model(path, device=None, dtype=None, backend=None, *, hash_files: bool 
     ``model.tokenizer_path`` (``tokenizer.json`` beside the weights, or ``None``) and ``model.checkpoint_manifest``.
     ``hash_files``: record sha256 of source-format files in the manifest (off by default: it re-reads the files).
     """
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = resolve_device(device)
     dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    directory = resolve_checkpoint_dir(path)
-    cfg, state_dict, manifest = FORMATS[detect_format(directory)].read(directory, hash_weights=hash_files)
     backend = backend or default_backend(device)
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    check_backend(backend, device)
+    directory = resolve_checkpoint_dir(path)
+    cfg, state_dict, manifest = FORMATS[detect_format(directory)].read(directory, hash_weights=hash_files)
+    check_fits(loaded_bytes(state_dict, manifest, dtype), device, f"the model ({dtype_name(dtype)} weights)")
     model = build_model(cfg, state_dict, manifest, device, dtype)
     model.set_backend(backend)
     tokenizer = Path(directory) / TOKENIZER_FILE

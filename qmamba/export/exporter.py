@@ -4,13 +4,13 @@ with ``onnx.checker`` (full check), written atomically, and a summary of what it
     summary = export_checkpoint("ckpt_dir", "model.onnx", ExportOptions(scan="linear-attention", dtype="fp32"))
     print(summary.describe())
 
-``tokenizer.json`` of the checkpoint is copied beside the output (when no different one is already there), so
-``qmamba generate model.onnx`` finds it.
+``tokenizer.json`` of the checkpoint is copied beside the output as ``OUT.tokenizer.json`` (``model.onnx`` ->
+``model.tokenizer.json``) and its name recorded in the model's metadata (``qmamba.tokenizer``), so ``qmamba
+generate model.onnx`` finds the right one even when several exports share a folder.
 """
 
 from __future__ import annotations
 
-import filecmp
 import os
 import shutil
 import tempfile
@@ -115,19 +115,58 @@ def save_checked(model, out: Path, external_data: str = "auto", overwrite: bool 
     return out.parent / data_name if external else None
 
 
-def _copy_tokenizer(checkpoint_dir: Path | None, out: Path) -> tuple[Path | None, list[str]]:
-    if checkpoint_dir is None:
-        return None, []
-    src = checkpoint_dir / "tokenizer.json"
-    dst = out.parent / "tokenizer.json"
-    if not src.is_file():
+TOKENIZER_SUFFIX = ".tokenizer.json"
+TOKENIZER_METADATA_KEY = "qmamba.tokenizer"  # file name of the export's tokenizer beside it ("" = none)
+
+
+def tokenizer_path_for(onnx_path) -> Path:
+    """``dir/model.onnx`` -> ``dir/model.tokenizer.json``: every export has its own tokenizer file, named after it,
+    so several exports in one folder never share one."""
+    onnx_path = Path(onnx_path)
+    return onnx_path.with_name(onnx_path.stem + TOKENIZER_SUFFIX)
+
+
+def export_tokenizer_file(onnx_path, metadata: dict) -> Path:
+    """The tokenizer of an export: the file its metadata names (beside it); for exports made before that record,
+    ``OUT.tokenizer.json`` or else the folder's ``tokenizer.json``."""
+    from qmamba.tokenizer import TokenizerError, find_tokenizer_file
+
+    onnx_path = Path(onnx_path)
+    if TOKENIZER_METADATA_KEY in metadata:
+        name = Path(metadata[TOKENIZER_METADATA_KEY]).name
+        if not name:
+            raise TokenizerError(f"{onnx_path} was exported without a tokenizer: pass --tokenizer FILE")
+        path = onnx_path.parent / name
+        if not path.is_file():
+            raise TokenizerError(f"the tokenizer of {onnx_path}, {path}, is missing: put it back or pass "
+                                 "--tokenizer FILE")
+        return path
+    named = tokenizer_path_for(onnx_path)
+    return named if named.is_file() else find_tokenizer_file(onnx_path)
+
+
+def _stage_tokenizer(checkpoint_dir: Path | None, out: Path) -> tuple[Path | None, list[str]]:
+    """Copy the checkpoint's tokenizer to a temporary file beside ``out`` (renamed once the model is written)."""
+    src = checkpoint_dir / "tokenizer.json" if checkpoint_dir is not None else None
+    if src is None or not src.is_file():
         return None, ["note: the checkpoint has no tokenizer.json; pass --tokenizer to qmamba generate"]
-    if dst.exists():
-        if filecmp.cmp(src, dst, shallow=False):
-            return dst, []
-        return None, [f"note: {dst} exists and differs from the checkpoint's tokenizer; left unchanged"]
-    shutil.copyfile(src, dst)
-    return dst, []
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tokenizer.tmp", dir=out.parent)
+    os.close(fd)
+    shutil.copyfile(src, tmp)
+    return Path(tmp), []
+
+
+def _place_tokenizer(staged: Path | None, out: Path) -> Path | None:
+    """Move the staged tokenizer to ``OUT.tokenizer.json``; without one, remove a stale file of that name."""
+    dst = tokenizer_path_for(out)
+    if staged is None:
+        dst.unlink(missing_ok=True)
+        return None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staged, 0o666 & ~umask)
+    os.replace(staged, dst)
+    return dst
 
 
 def export_model(cfg, state_dict: dict, manifest: dict | None, out, options=None, *, external_data: str = "auto",
@@ -141,9 +180,19 @@ def export_model(cfg, state_dict: dict, manifest: dict | None, out, options=None
     builder = GraphBuilder(cfg, state_dict, quantization, options)
     model = builder.build()
     out = Path(out)
-    data_path = save_checked(model, out, external_data, overwrite)
+    if out.suffix == ".onnx" and out.parent.is_dir() and (overwrite or not out.exists()):
+        staged, notes = _stage_tokenizer(checkpoint_dir, out)
+    else:
+        staged, notes = None, []  # save_checked explains what is wrong with the output path
+    entry = model.metadata_props.add()
+    entry.key, entry.value = TOKENIZER_METADATA_KEY, tokenizer_path_for(out).name if staged else ""
+    try:
+        data_path = save_checked(model, out, external_data, overwrite)
+        tokenizer = _place_tokenizer(staged, out)
+    finally:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
     size = out.stat().st_size + (data_path.stat().st_size if data_path else 0)
-    tokenizer, notes = _copy_tokenizer(checkpoint_dir, out)
     opts = {"scan": options.scan, "conv": options.conv_impl, "dtype": options.dtype, "opset": options.opset,
             "accuracy_level": options.accuracy_level}
     return ExportSummary(out, data_path, size, dict(builder.ops_used), opts, len(builder.formats),

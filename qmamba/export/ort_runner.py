@@ -186,16 +186,22 @@ def generate_cli(path, *, prompt: str, max_new_tokens: int, temperature: float, 
                  seed: int | None, tokenizer: str | None, device: str, dtype: str | None, out=None, err=None,
                  threads: int | None = None) -> dict:
     """``qmamba generate PATH.onnx``: stream the continuation of ``prompt``; returns timing figures."""
-    from qmamba.generation import check_sampling_options
+    from qmamba.generation import check_sampling_options, timing_line, timing_stats
     from qmamba.tokenizer import find_tokenizer_file, load_tokenizer
+
+    from .exporter import export_tokenizer_file
 
     out, err = out or sys.stdout, err or sys.stderr
     check_sampling_options(temperature, top_k, top_p)
     if Path(path).is_dir():
         raise OnnxModelError(f"{path} is a directory: the onnxruntime backend runs an exported model file; make one "
                              f"with: qmamba export {path} -o model.onnx")
-    tok = load_tokenizer(find_tokenizer_file(path, tokenizer))
+    tok = load_tokenizer(find_tokenizer_file(None, tokenizer)) if tokenizer else None  # fail before loading
     lm = OrtLM(path, device=device, threads=threads, warn=err)
+    tok = tok or load_tokenizer(export_tokenizer_file(path, lm.session.get_modelmeta().custom_metadata_map))
+    if tok.vocab_size > lm.vocab_size:
+        raise UserError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but {path} has a vocabulary of "
+                        f"{lm.vocab_size}: wrong tokenizer?")
     exported = "fp16" if lm.logits_dtype == np.float16 else "fp32"
     if dtype is not None and dtype.lower() not in (exported, {"fp32": "float32", "fp16": "float16"}[exported]):
         raise OnnxModelError(f"{path} was exported in {exported}; --dtype {dtype} cannot change that (re-export)")
@@ -205,6 +211,7 @@ def generate_cli(path, *, prompt: str, max_new_tokens: int, temperature: float, 
     lm.check_token_ids(ids)
     decoder = tok.stream_decoder()
     timing = {"first": None, "count": 0}
+    pieces = []
     out.write(prompt)
     out.flush()
 
@@ -216,18 +223,17 @@ def generate_cli(path, *, prompt: str, max_new_tokens: int, temperature: float, 
         if token_id != tok.eos_token_id:
             piece = decoder.push([token_id])
             if piece:
+                pieces.append(piece)
                 out.write(piece)
                 out.flush()
 
     start = time.perf_counter()
     generate_onnx(lm, [ids], max_new_tokens, temperature, top_k, top_p, seed, tok.eos_token_id, stream)
     end = time.perf_counter()
-    out.write(decoder.flush() + "\n")
+    pieces.append(decoder.flush())
+    out.write(pieces[-1] + "\n")
     out.flush()
-    n, first = timing["count"], timing["first"] or end
-    stats = {"prompt_tokens": len(ids), "new_tokens": n, "prefill_s": first - start, "decode_s": end - first,
-             "tokens_per_s": (n - 1) / (end - first) if n > 1 and end > first else float("nan"),
+    stats = {**timing_stats(len(ids), timing["count"], start, timing["first"], end), "text": "".join(pieces),
              "provider": lm.session.get_providers()[0]}
-    err.write(f"{n} tokens in {end - start:.2f} s ({stats['provider']}): prefill {len(ids)} tokens + first token "
-              f"{stats['prefill_s'] * 1e3:.0f} ms, decode {stats['tokens_per_s']:.1f} tokens/s\n")
+    err.write(timing_line(stats, f" ({stats['provider']})") + "\n")
     return stats
