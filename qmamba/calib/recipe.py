@@ -145,7 +145,7 @@ def load_recipe(path: str | Path) -> dict:
 
             data = yaml.safe_load(text)
     except Exception as exc:  # json/yaml parse errors
-        raise RecipeError(f"cannot parse recipe {path}: {exc}") from None
+        raise RecipeError(f"cannot parse recipe {path}: {' '.join(str(exc).split())[:300]}") from None
     return validate_recipe(data, str(path))
 
 

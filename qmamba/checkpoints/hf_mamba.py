@@ -41,12 +41,15 @@ UNSUPPORTED_MODEL_TYPES = {"mamba2": "Mamba-2", "falcon_mamba": "FalconMamba (ex
 def looks_like(directory: Path, config: dict | None) -> bool:
     if config is None:
         return False
-    return config.get("model_type") in ("mamba", *UNSUPPORTED_MODEL_TYPES) or (
+    model_type = config.get("model_type")
+    return (isinstance(model_type, str) and model_type in ("mamba", *UNSUPPORTED_MODEL_TYPES)) or (
         "state_size" in config and "num_hidden_layers" in config)
 
 
 def config_from_json(data: dict, path: Path) -> ModelConfig:
     model_type = data.get("model_type", "mamba")
+    if not isinstance(model_type, str):
+        raise ConfigError(f"config file {path}: model_type must be a string, got {model_type!r}")
     if model_type in UNSUPPORTED_MODEL_TYPES:
         raise ConfigError(f"config file {path}: model_type {model_type!r} "
                           f"({UNSUPPORTED_MODEL_TYPES[model_type]}) is not supported")

@@ -159,7 +159,7 @@ class Int4Format(WeightFormat):
     bits = 4
 
     def __post_init__(self):
-        if self.group_size not in layout.INT4_GROUP_SIZES:
+        if type(self.group_size) is not int or self.group_size not in layout.INT4_GROUP_SIZES:
             raise ConfigError(f"int4 group size must be one of {layout.INT4_GROUP_SIZES}, got {self.group_size}")
 
     def group_size_for(self, k: int) -> int:
@@ -233,7 +233,7 @@ def format_from_dict(data: dict) -> WeightFormat:
     if not isinstance(data, dict) or "format" not in data:
         raise ConfigError(f"a quantization format entry must be a dict with a 'format' key, got {data!r}")
     name = data["format"]
-    if name not in FORMATS:
+    if not isinstance(name, str) or name not in FORMATS:
         raise ConfigError(f"unknown weight format {name!r}; known: {', '.join(sorted(FORMATS))}")
     cls = FORMATS[name]
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -243,6 +243,9 @@ def format_from_dict(data: dict) -> WeightFormat:
         raise ConfigError(f"unknown keys {unknown} for weight format {name!r} (allowed: {sorted(fields)})")
     if "bits" in data and data["bits"] != cls.bits:
         raise ConfigError(f"format {name!r} has {cls.bits} bits, entry says {data['bits']}")
+    for f in dataclasses.fields(cls):  # booleans (symmetric, row_scale) must be booleans, not "yes" or 1
+        if f.name in rest and isinstance(f.default, bool) and not isinstance(rest[f.name], bool):
+            raise ConfigError(f"weight format {name!r}: {f.name} must be true or false, got {rest[f.name]!r}")
     return cls(**rest)
 
 

@@ -169,7 +169,7 @@ def test_cli_generate_onnx_streams_text(tmp_path):
     assert code == 2 and "does not exist" in output
     (tmp_path / "out").mkdir()
     code, output = run("export", ckpt, "-o", tmp_path / "out" / "m.onnx")
-    assert code == 0 and (tmp_path / "out" / "tokenizer.json").is_file()
+    assert code == 0 and (tmp_path / "out" / "m.tokenizer.json").is_file()
     args = ["--prompt", "Hello world", "-n", "6", "--temperature", "0"]
     code, onnx_text = run("generate", tmp_path / "out" / "m.onnx", *args)
     assert code == 0, onnx_text
