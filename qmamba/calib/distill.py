@@ -79,7 +79,8 @@ class DistillOptions:
         check("checkpoint_every", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
         check("warmup", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
         check("lr", lambda v: number(v) and v > 0, "a number > 0 (--distill-lr)")
-        check("time_budget", lambda v: v is None or (number(v) and v > 0), "a number of seconds > 0 (--distill-time)")
+        check("time_budget", lambda v: v is None or (number(v) and v >= 0),
+              "a number of seconds >= 0 (--distill-time)")
         check("latent_lr", lambda v: v is None or (number(v) and v > 0), "a number > 0")
         check("temperature", lambda v: number(v) and v > 0, "a number > 0")
         check("grad_clip", lambda v: number(v) and v > 0, "a number > 0")

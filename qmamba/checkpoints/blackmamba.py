@@ -20,7 +20,8 @@ import torch
 from qmamba.config import MAX_LAYERS, ModelConfig
 from qmamba.errors import CheckpointError, ConfigError
 
-from .files import check_tensor_dict, config_int, one_line, hash_files, read_json, require_keys, torch_load_safe, write_json
+from .files import (check_tensor_dict, config_int, hash_files, one_line, read_json, require_keys, torch_load_safe,
+                    write_json)
 from .keymap import KeyMap, mixer_rules, rename_to_internal, rename_to_source
 from .manifest import source_manifest
 from .shapes import validate_state_dict

@@ -57,7 +57,7 @@ def resolve_checkpoint_dir(path) -> Path:
     if p.is_dir():
         return p
     if p.is_file() and p.suffix in (".onnx", ".data") and ".onnx" in p.name:
-        raise CheckpointError(f"{path} is an ONNX export, not a checkpoint: run it with `qmamba generate {path}`; "
+        raise CheckpointError(f"{path} is an ONNX export, not a checkpoint (run it with: qmamba generate {path}); "
                               "info, eval, quantize and export read the checkpoint directory it was exported from")
     if p.is_file():
         return p.parent

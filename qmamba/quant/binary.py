@@ -15,8 +15,9 @@ calibration walk handles it like any format (method ``"ptb"``: post-training bin
     quantize(W, ab, r) -> sign bits [..., N, K] uint8 (1 = +1)
     dequantize_codes(bits, ab, r) == dequantize(from_codes(bits, ab, r))   (exactly)
 
-The modules are the int4 twins' subclasses (same constructors and call signatures); only their reference matmul
-differs (the factored form above). The ``"triton"`` backend goes through ``triton_ops.quant_linear``, which sends
+The modules are the int4 twins' subclasses (same constructors and call signatures); the reference matmul is the
+format's (:meth:`BinaryFormat.reference_matmul`, the factored form above, its operands optionally kept by the
+modules' dense cache). The ``"triton"`` backend goes through ``triton_ops.quant_linear``, which sends
 the binary format to :mod:`qmamba.kernels.binary_matmul`.
 """
 
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from qmamba.quant import layout
 from qmamba.quant.formats import WeightFormat, register_format
-from qmamba.quant.modules import PackedExpertWeight, QuantExperts, QuantLinear
+from qmamba.quant.modules import QuantExperts, QuantLinear
 
 
 @register_format("binary")
@@ -101,6 +102,13 @@ class BinaryFormat(WeightFormat):
     def describe(self) -> str:
         return "binary-rowscale" if self.row_scale else "binary"
 
+    # ---- reference matmul: factored, W_hat is never built --------------------------------------------------
+    def reference_operands(self, packed: dict, k: int, dtype=torch.float32) -> dict:
+        return binary_operands(packed, k, dtype)
+
+    def reference_matmul(self, x: torch.Tensor, operands: dict) -> torch.Tensor:
+        return binary_apply(x, operands)
+
     # ---- the modules that hold this format ---------------------------------------------------------------------
     def linear_class(self):
         return BinaryLinear
@@ -113,20 +121,34 @@ def is_binary(fmt) -> bool:
     return isinstance(fmt, BinaryFormat)
 
 
+def binary_operands(packed: dict, k: int, dtype=torch.float32) -> dict:
+    """The factored matmul's operands in ``dtype``: ``S`` (+/-1, exact in any float type), ``alpha``, ``beta`` and
+    ``row_scale`` (variant only); leading expert dims are kept."""
+    ops = {"S": layout.signs_pm1(packed["qweight"], k, dtype), "alpha": packed["alpha"].to(dtype),
+           "beta": packed["beta"].to(dtype)}
+    if "row_scale" in packed:
+        ops["row_scale"] = packed["row_scale"].to(dtype)
+    return ops
+
+
+def binary_apply(x: torch.Tensor, ops: dict) -> torch.Tensor:
+    """``(x * alpha) @ S^T + (x . beta)`` (``* r``) from :func:`binary_operands` of one matrix."""
+    y = F.linear(x * ops["alpha"], ops["S"]) + (x @ ops["beta"])[..., None]
+    if "row_scale" in ops:
+        y = y * ops["row_scale"]
+    return y
+
+
 def binary_matmul(x: torch.Tensor, packed: dict, k: int) -> torch.Tensor:
     """Reference factored matmul: ``x [..., K]`` -> ``(x * alpha) @ S^T + (x . beta)`` (``* r``) ``[..., N]``.
 
     Computed in ``x.dtype`` (the +/-1 matrix is exact in any float type)."""
-    S = layout.signs_pm1(packed["qweight"], k, x.dtype)
-    alpha, beta = packed["alpha"].to(x.dtype), packed["beta"].to(x.dtype)
-    y = F.linear(x * alpha, S) + (x @ beta)[..., None]
-    if "row_scale" in packed:
-        y = y * packed["row_scale"].to(x.dtype)
-    return y
+    return binary_apply(x, binary_operands(packed, k, x.dtype))
 
 
 class BinaryLinear(QuantLinear):
-    """:class:`QuantLinear` in the binary format: ``x [..., in] -> [..., out]``; reference = factored matmul."""
+    """:class:`QuantLinear` in the binary format: ``x [..., in] -> [..., out]``; reference = factored matmul
+    (the format's :meth:`BinaryFormat.reference_matmul`)."""
 
     def __init__(self, in_features: int, out_features: int, fmt: WeightFormat | None = None, bias: bool = False,
                  device=None, bias_dtype=torch.float32):
@@ -135,20 +157,10 @@ class BinaryLinear(QuantLinear):
             raise TypeError(f"BinaryLinear needs the binary format, got {fmt.describe()}")
         super().__init__(in_features, out_features, fmt, bias, device=device, bias_dtype=bias_dtype)
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "triton":
-            return super()._matmul(x)
-        return binary_matmul(x, self.packed(), self.in_features)
-
 
 class BinaryExperts(QuantExperts):
-    """:class:`QuantExperts` where fc1 and/or fc2 are binary (the other may be int4/int8/float)."""
-
-    def _expert_matmul(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
-        w = getattr(self, name)
-        if self.backend != "triton" and isinstance(w, PackedExpertWeight) and is_binary(w.fmt):
-            return binary_matmul(x, w.packed(expert), w.k)
-        return super()._expert_matmul(x, name, expert)
+    """:class:`QuantExperts` where fc1 and/or fc2 are binary (the other may be int4/int8/float); each packed
+    matrix uses its own format's reference matmul."""
 
 
 def binary_as_matmul_nbits(packed: dict, k: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -90,6 +90,16 @@ class WeightFormat:
         scale, zero = self.params(W, clip)
         return self.dequantize_codes(self.quantize(W, scale, zero), scale, zero)
 
+    # ---- the pure-PyTorch reference matmul -------------------------------------------------------------
+    def reference_operands(self, packed: dict, k: int, dtype=torch.float32) -> dict:
+        """What :meth:`reference_matmul` needs, in ``dtype``: by default the dense ``W_hat [..., N, K]``. Computed
+        per call, or once and kept by a module's dense cache (see :mod:`qmamba.quant.modules`)."""
+        return {"weight": self.dequantize(packed, k, dtype)}
+
+    def reference_matmul(self, x: torch.Tensor, operands: dict) -> torch.Tensor:
+        """``x [..., K] @ W_hat^T`` from :meth:`reference_operands` (of one matrix)."""
+        return torch.nn.functional.linear(x, operands["weight"])
+
     # ---- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"format": self.name, **dataclasses.asdict(self)}

@@ -2,9 +2,12 @@
 
 Both hold the packed tensors of :mod:`qmamba.quant.layout` as buffers (``qweight``, ``scales``, ``zeros``), so a
 quantized state dict has keys such as ``layers.0.mixer.in_proj.qweight`` or ``layers.1.mixer.experts.fc1.scales``.
-The ``"reference"`` backend dequantizes to the activation dtype and multiplies: it is the oracle of the Triton
-kernels, which hook in through the single methods :meth:`QuantLinear._matmul` and
-:meth:`QuantExperts._expert_matmul` when ``backend == "triton"``.
+The ``"reference"`` backend runs the format's reference matmul (int4/int8: dequantize to the activation dtype and
+multiply; binary: the factored form): it is the oracle of the Triton kernels, which hook in through the single
+methods :meth:`QuantLinear._matmul` and :meth:`QuantExperts._expert_matmul` when ``backend == "triton"``. Its
+operands are computed per call, or once with :func:`keep_dense_weights` (``load_model`` does so on CPU: a quantized
+model then decodes as fast as the float one, holding a float copy of its quantized weights besides the packed
+ones).
 
 The quantization manifest (``manifest["quantization"]`` of a checkpoint) maps module names to entries
 ``{"format": "int4", "group_size": 128, "symmetric": false, "method": "gptq", ...}``; :func:`swap_quantized_modules`
@@ -36,9 +39,15 @@ def _packed(module: nn.Module, fmt: WeightFormat) -> dict:
 
 class _KeepsPackedDtypes(nn.Module):
     """``model.to(dtype)`` / ``.half()`` move packed buffers between devices but never change their dtypes (a
-    bf16 cast would corrupt the fp16 scales); float parameters (bias) convert as usual."""
+    bf16 cast would corrupt the fp16 scales); float parameters (bias) convert as usual.
+
+    Also the optional dense cache of the reference path: :meth:`keep_dense` computes the reference matmul's
+    operands (``W_hat``, or the binary format's +/-1 matrix and column scales) once, in one dtype, instead of on
+    every call. It is keyed by the packed buffers (device, storage, version) and the dtype, so changed or moved
+    weights are never served stale; it is not part of the state dict."""
 
     fmt: WeightFormat
+    _dense_cache = None  # (key, operands) or None
 
     def _apply(self, fn, recurse=True):
         packed = {name: buf for name, buf in self._buffers.items() if name in self.fmt.buffer_specs(1, 1)}
@@ -47,7 +56,28 @@ class _KeepsPackedDtypes(nn.Module):
             new = self._buffers[name]
             if new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
+        self._dense_cache = None
         return self
+
+    def _dense_key(self, dtype) -> tuple:
+        return (dtype,) + tuple((t.device, t.data_ptr(), t._version) for t in _packed(self, self.fmt).values())
+
+    def _operands(self, dtype, packed: dict, k: int, index=None) -> dict:
+        """The reference operands in ``dtype`` (of matrix ``index`` of a stack): cached, or computed now."""
+        cache = self._dense_cache
+        if cache is not None and cache[0] == self._dense_key(dtype):
+            return cache[1] if index is None else {name: t[index] for name, t in cache[1].items()}
+        return self.fmt.reference_operands(packed, k, dtype)
+
+    def keep_dense(self, dtype) -> int:
+        """Compute the reference operands once in ``dtype`` and keep them; returns the bytes they take."""
+        self._dense_cache = None
+        ops = self.fmt.reference_operands(_packed(self, self.fmt), self._k, dtype)
+        self._dense_cache = (self._dense_key(dtype), ops)
+        return sum(t.numel() * t.element_size() for t in ops.values())
+
+    def drop_dense(self) -> None:
+        self._dense_cache = None
 
 
 class QuantLinear(_KeepsPackedDtypes):
@@ -80,6 +110,10 @@ class QuantLinear(_KeepsPackedDtypes):
     def packed(self) -> dict:
         return _packed(self, self.fmt)
 
+    @property
+    def _k(self) -> int:
+        return self.in_features
+
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         """``W_hat [out_features, in_features]``."""
         return self.fmt.dequantize(self.packed(), self.in_features, dtype)
@@ -90,7 +124,7 @@ class QuantLinear(_KeepsPackedDtypes):
             from qmamba.kernels import triton_ops  # lazily: triton is optional on CPU
 
             return triton_ops.quant_linear(x, self.fmt, self.packed(), self.out_features, self.in_features)
-        return F.linear(x, self.dequantized_weight(x.dtype))
+        return self.fmt.reference_matmul(x, self._operands(x.dtype, self.packed(), self.in_features))
 
     def forward(self, x):
         y = self._matmul(x)
@@ -117,9 +151,17 @@ class PackedExpertWeight(_KeepsPackedDtypes):
         p = _packed(self, self.fmt)
         return p if expert is None else {name: t[expert] for name, t in p.items()}
 
+    @property
+    def _k(self) -> int:
+        return self.k
+
     def dequantized(self, expert: int | None = None, dtype=torch.float32) -> torch.Tensor:
         """``[N, K]`` for one expert or ``[E, N, K]`` for all."""
         return self.fmt.dequantize(self.packed(expert), self.k, dtype)
+
+    def reference_matmul(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """``x [T, K] @ W_hat[expert]^T`` by the format's reference matmul (dense cache when kept)."""
+        return self.fmt.reference_matmul(x, self._operands(x.dtype, self.packed(expert), self.k, index=expert))
 
     def extra_repr(self):
         return f"experts={self.n_experts}, n={self.n}, k={self.k}, format={self.fmt.describe()}"
@@ -165,11 +207,13 @@ class QuantExperts(nn.Module):
     def _expert_matmul(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
         """``x [T, K] @ W_hat[expert]^T`` for ``name`` in ("fc1", "fc2"); the one place a kernel backend replaces."""
         w = getattr(self, name)
-        if self.backend == "triton" and isinstance(w, PackedExpertWeight):
+        if not isinstance(w, PackedExpertWeight):
+            return F.linear(x, w[expert].to(x.dtype))
+        if self.backend == "triton":
             from qmamba.kernels import triton_ops  # lazily: triton is optional on CPU
 
             return triton_ops.quant_linear(x, w.fmt, w.packed(expert), w.n, w.k)
-        return F.linear(x, self.expert_weight(name, expert, x.dtype))
+        return w.reference_matmul(x, expert)
 
     def forward(self, x, expert_idx):
         out = x.new_zeros(x.shape[0], self.fc2.shape[1] if isinstance(self.fc2, nn.Parameter) else self.fc2.n)
@@ -270,6 +314,20 @@ def quantized_module_names(model: nn.Module) -> list[str]:
         elif isinstance(mod, QuantExperts):
             names += [f"{name}.{w}" for w in ("fc1", "fc2") if isinstance(getattr(mod, w), PackedExpertWeight)]
     return names
+
+
+def keep_dense_weights(model: nn.Module, dtype) -> int:
+    """Give every quantized module of ``model`` a dense cache in ``dtype`` (the reference path then runs at the
+    float model's speed); returns the bytes added: about the float model's size for the quantized weights
+    (4 bytes per weight in float32, 2 in bfloat16), on top of the packed tensors, which stay for saving and export.
+    :func:`drop_dense_weights` gives the memory back."""
+    return sum(mod.keep_dense(dtype) for mod in model.modules() if isinstance(mod, _KeepsPackedDtypes))
+
+
+def drop_dense_weights(model: nn.Module) -> None:
+    for mod in model.modules():
+        if isinstance(mod, _KeepsPackedDtypes):
+            mod.drop_dense()
 
 
 def set_module_backend(model: nn.Module, backend: str) -> None:

@@ -35,8 +35,9 @@ def fixture_eval(tmp_path_factory):
 
     results = {"fp32": (ppl(fp), 1.0)}
     for label, bits, method in [("int8", 8, "rtn"), ("rtn", 4, "rtn"), ("gptq", 4, "gptq"), ("awq", 4, "awq")]:
-        quantize_checkpoint(FIXTURE, out / label, bits=bits, group_size=128, method=method, calib=["corpus"],
-                            nsamples=64, seq_len=256, options=CalibOptions(progress=False), log=lambda *_: None)
+        quantize_checkpoint(FIXTURE, out / label, bits=bits, group_size=128 if bits == 4 else None, method=method,
+                            calib=["corpus"], nsamples=64, seq_len=256, options=CalibOptions(progress=False),
+                            log=lambda *_: None)
         q = load_model(out / label)
         results[label] = (ppl(q), router_agreement(fp, q, windows)["overall"])
     print({k: (round(p, 4), round(a, 4)) for k, (p, a) in results.items()})

@@ -93,7 +93,7 @@ def test_zero_and_negative_values_are_refused(tiny_checkpoint, tmp_path, args, f
 
 
 @pytest.mark.parametrize("field,value", [("steps", 0), ("steps", -1), ("lr", -1.0), ("lr", float("nan")),
-                                         ("batch_size", 0), ("time_budget", 0.0), ("temperature", 0)])
+                                         ("batch_size", 0), ("time_budget", -1.0), ("temperature", 0)])
 def test_distill_options_are_checked(field, value):
     with pytest.raises(ConfigError, match=field):
         DistillOptions(**{field: value})
