@@ -70,12 +70,8 @@ def _weight_bytes(model) -> int:
     return sum(len(t.raw_data) for t in model.graph.initializer)
 
 
-def save_checked(model, out: Path, external_data: str = "auto", overwrite: bool = False) -> Path | None:
-    """Write ``model`` to ``out`` atomically after ``onnx.checker`` (full check) accepted it; returns the external
-    data file (or None). Nothing is left behind when the check or the write fails."""
-    onnx = require("onnx", "ONNX export")
-    if external_data not in EXTERNAL_DATA_MODES:
-        raise ConfigError(f"external_data must be one of {EXTERNAL_DATA_MODES}, got {external_data!r}")
+def check_output_path(out, overwrite: bool = False) -> Path:
+    """The output ``.onnx`` path, checked before any work: suffix, an existing file, the folder."""
     out = Path(out)
     if out.suffix != ".onnx":
         raise ExportError(f"the output file must end in .onnx, got {out}")
@@ -83,6 +79,16 @@ def save_checked(model, out: Path, external_data: str = "auto", overwrite: bool 
         raise ExportError(f"{out} exists; pass --overwrite to replace it")
     if not out.parent.is_dir():
         raise ExportError(f"output directory {out.parent} does not exist")
+    return out
+
+
+def save_checked(model, out: Path, external_data: str = "auto", overwrite: bool = False) -> Path | None:
+    """Write ``model`` to ``out`` atomically after ``onnx.checker`` (full check) accepted it; returns the external
+    data file (or None). Nothing is left behind when the check or the write fails."""
+    onnx = require("onnx", "ONNX export")
+    if external_data not in EXTERNAL_DATA_MODES:
+        raise ConfigError(f"external_data must be one of {EXTERNAL_DATA_MODES}, got {external_data!r}")
+    out = check_output_path(out, overwrite)
     weight_bytes = _weight_bytes(model)
     external = external_data == "always" or (external_data == "auto" and weight_bytes > AUTO_EXTERNAL_BYTES)
     if not external and weight_bytes > PROTOBUF_LIMIT - (64 << 20):
@@ -176,14 +182,11 @@ def export_model(cfg, state_dict: dict, manifest: dict | None, out, options=None
     from .graph import ExportOptions, GraphBuilder
 
     options = options or ExportOptions()
+    out = check_output_path(out, overwrite)
     quantization = (manifest or {}).get("quantization") or None
     builder = GraphBuilder(cfg, state_dict, quantization, options)
     model = builder.build()
-    out = Path(out)
-    if out.suffix == ".onnx" and out.parent.is_dir() and (overwrite or not out.exists()):
-        staged, notes = _stage_tokenizer(checkpoint_dir, out)
-    else:
-        staged, notes = None, []  # save_checked explains what is wrong with the output path
+    staged, notes = _stage_tokenizer(checkpoint_dir, out)
     entry = model.metadata_props.add()
     entry.key, entry.value = TOKENIZER_METADATA_KEY, tokenizer_path_for(out).name if staged else ""
     try:
@@ -206,6 +209,7 @@ def export_checkpoint(path, out, options=None, *, external_data: str = "auto",
     from qmamba.checkpoints.detect import resolve_checkpoint_dir
     from qmamba.checkpoints.native import read_checkpoint
 
+    check_output_path(out, overwrite)  # before reading a possibly large checkpoint
     directory = resolve_checkpoint_dir(path)
     cfg, state_dict, manifest = read_checkpoint(directory, hash_files=False)
     return export_model(cfg, state_dict, manifest, out, options, external_data=external_data, overwrite=overwrite,
