@@ -47,7 +47,7 @@ class _KeepsPackedDtypes(nn.Module):
     weights are never served stale; it is not part of the state dict."""
 
     fmt: WeightFormat
-    _dense_cache = None  # (key, operands) or None
+    _dense_cache = None  # {"key", "names", "operands", "per_matrix"} (see keep_dense) or None
 
     def _apply(self, fn, recurse=True):
         packed = {name: buf for name, buf in self._buffers.items() if name in self.fmt.buffer_specs(1, 1)}
@@ -59,21 +59,27 @@ class _KeepsPackedDtypes(nn.Module):
         self._dense_cache = None
         return self
 
-    def _dense_key(self, dtype) -> tuple:
-        return (dtype,) + tuple((t.device, t.data_ptr(), t._version) for t in _packed(self, self.fmt).values())
+    def _dense_key(self, dtype, names: tuple) -> tuple:
+        buffers = self._buffers
+        return (dtype,) + tuple((buffers[n].device, buffers[n].data_ptr(), buffers[n]._version) for n in names)
 
-    def _operands(self, dtype, packed: dict, k: int, index=None) -> dict:
-        """The reference operands in ``dtype`` (of matrix ``index`` of a stack): cached, or computed now."""
+    def _cached_operands(self, dtype, index=None) -> dict | None:
+        """The kept operands in ``dtype`` (of matrix ``index`` of a stack), or ``None`` when there are none or
+        the packed buffers changed since."""
         cache = self._dense_cache
-        if cache is not None and cache[0] == self._dense_key(dtype):
-            return cache[1] if index is None else {name: t[index] for name, t in cache[1].items()}
-        return self.fmt.reference_operands(packed, k, dtype)
+        if cache is None or cache["key"] != self._dense_key(dtype, cache["names"]):
+            return None
+        return cache["operands"] if index is None else cache["per_matrix"][index]
 
     def keep_dense(self, dtype) -> int:
         """Compute the reference operands once in ``dtype`` and keep them; returns the bytes they take."""
-        self._dense_cache = None
-        ops = self.fmt.reference_operands(_packed(self, self.fmt), self._k, dtype)
-        self._dense_cache = (self._dense_key(dtype), ops)
+        packed = _packed(self, self.fmt)
+        ops = self.fmt.reference_operands(packed, self._k, dtype)
+        n_matrices = getattr(self, "n_experts", None)  # a stack: per-matrix views, made once
+        per_matrix = [{name: t[i] for name, t in ops.items()} for i in range(n_matrices)] if n_matrices else None
+        names = tuple(packed)
+        self._dense_cache = {"key": self._dense_key(dtype, names), "names": names, "operands": ops,
+                             "per_matrix": per_matrix}
         return sum(t.numel() * t.element_size() for t in ops.values())
 
     def drop_dense(self) -> None:
@@ -124,7 +130,10 @@ class QuantLinear(_KeepsPackedDtypes):
             from qmamba.kernels import triton_ops  # lazily: triton is optional on CPU
 
             return triton_ops.quant_linear(x, self.fmt, self.packed(), self.out_features, self.in_features)
-        return self.fmt.reference_matmul(x, self._operands(x.dtype, self.packed(), self.in_features))
+        ops = self._cached_operands(x.dtype)
+        if ops is None:
+            ops = self.fmt.reference_operands(self.packed(), self.in_features, x.dtype)
+        return self.fmt.reference_matmul(x, ops)
 
     def forward(self, x):
         y = self._matmul(x)
@@ -161,7 +170,10 @@ class PackedExpertWeight(_KeepsPackedDtypes):
 
     def reference_matmul(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """``x [T, K] @ W_hat[expert]^T`` by the format's reference matmul (dense cache when kept)."""
-        return self.fmt.reference_matmul(x, self._operands(x.dtype, self.packed(expert), self.k, index=expert))
+        ops = self._cached_operands(x.dtype, expert)
+        if ops is None:
+            ops = self.fmt.reference_operands(self.packed(expert), self.k, x.dtype)
+        return self.fmt.reference_matmul(x, ops)
 
     def extra_repr(self):
         return f"experts={self.n_experts}, n={self.n}, k={self.k}, format={self.fmt.describe()}"
