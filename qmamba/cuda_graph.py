@@ -49,7 +49,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0) 
 class GraphDecoder:
     """Graph-captured single-token decode for a model on a CUDA device (see the module docstring)."""
 
-    def __init__(self, model, fused: bool = True, warmup: int = 2):
+    def __init__(self, model, fused: bool = True, warmup: int = 2, policy=None):
+        """``policy``: the :class:`qmamba.kernels.decode_linear.DecodePolicy` of the fused step (default: the
+        device's)."""
         if model.device.type != "cuda":
             raise ValueError("GraphDecoder needs the model on a CUDA device")
         self.model = model
@@ -57,7 +59,7 @@ class GraphDecoder:
         if fused:
             from qmamba.fused_step import FusedDecodeStep
 
-            self._step = FusedDecodeStep(model)
+            self._step = FusedDecodeStep(model, policy)
         else:
             self._step = lambda ids, state: model.step(ids, state, check=False)
         self._graphs: dict = {}

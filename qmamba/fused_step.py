@@ -3,16 +3,19 @@
 :class:`FusedDecodeStep` walks the model's modules once (at construction) and then runs a step as a short, fixed
 sequence of Triton launches with no allocation and no host synchronisation:
 
-    per Mamba layer (6):  residual add + RMSNorm (embedding gather fused into the first layer's) -> in_proj ->
-                          conv step (state in place) -> x_proj -> [dt_proj + softplus + SSM state update (in place)
-                          + D skip + SiLU(z) gate, one kernel] -> out_proj
-    per MoE layer (4):    residual add + RMSNorm + router logits + sigmoid/argmax (one kernel) -> fc1 of the chosen
-                          expert (read by index) -> gated activation -> fc2 with the routing weight in the epilogue
+    per Mamba layer (5):  residual add + RMSNorm (embedding gather fused into the first layer's) -> in_proj ->
+                          [conv step recomputed from the old conv state + x_proj] -> [conv state shift + dt_proj +
+                          softplus + SSM state update (in place) + D skip + SiLU(z) gate] -> out_proj
+    per MoE layer (3):    residual add + RMSNorm + router logits + sigmoid/argmax (one kernel) -> [fc1 of the chosen
+                          expert (read by index), gate and up rows together, gated activation in the epilogue] ->
+                          fc2 with the routing weight in the epilogue
     end (2):              residual add + final norm -> lm_head
 
-Matmul outputs land in one float32 workspace that is zeroed once per step (split-K kernels accumulate into it with
-atomics); the next kernel reads them directly. Weights are read in their stored formats (int8, int4, 1-bit binary,
-float): each matmul goes to :func:`dequant_matmul` or, for a binary weight, :func:`binary_matmul`.
+The linear layers are :func:`qmamba.kernels.decode_linear.decode_linear` (whole rows per program, no split-K, no
+workspace to zero); on Hopper every kernel is a programmatic dependent launch, so inside the CUDA graph each
+kernel's weight loads overlap the previous kernel (:class:`DecodePolicy`, an explicit argument). Weights are read in
+their stored formats (float, int8, int4); 1-bit weights and batches above ``MAX_ROWS`` take the general matmul
+kernels (:func:`dequant_matmul`, :func:`binary_matmul`) with the conv step and the activation as their own launches.
 The module parameters are captured by reference at construction: rebuild the step after changing weights.
 Logits come back as float32 ``[B, V]``; the flat state tensors are updated in place.
 The kernels themselves (tensors in, tensors out) live in :mod:`qmamba.kernels.decode_step` and beside it.
@@ -27,6 +30,7 @@ from torch import nn
 
 from qmamba.kernels.binary_matmul import BinaryWeight, binary_matmul
 from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
+from qmamba.kernels.decode_linear import DecodePolicy, decode_linear
 from qmamba.kernels.decode_step import add_norm, dt_state_update
 from qmamba.kernels.fused_moe import gated_act
 from qmamba.kernels.quant_matmul import PackedWeight, dequant_matmul
@@ -67,7 +71,8 @@ def expert_weight(experts: nn.Module, name: str) -> KernelWeight:
 
 
 def matmul(x: torch.Tensor, weight: KernelWeight, bias=None, row_expert=None, row_scale=None, out=None):
-    """``x @ W^T`` into ``out`` with the kernel for the weight's format."""
+    """``x @ W^T`` with the general kernel for the weight's format (any M; ``out`` float32 and zeroed under
+    split-K, or None for a new tensor)."""
     if isinstance(weight, BinaryWeight):
         return binary_matmul(x, weight, bias, row_expert=row_expert, row_scale=row_scale, out=out)
     return dequant_matmul(x, weight, bias, row_expert=row_expert, row_scale=row_scale, out=out)
@@ -104,9 +109,10 @@ class _MoePlan:
 class FusedDecodeStep:
     """``step(token_ids [B], state) -> logits [B, V]`` fp32, state updated in place; see the module docstring."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, policy: DecodePolicy | None = None):
         cfg = model.config
         self.model = model
+        self.policy = policy or DecodePolicy.for_device(model.device)
         self.dtype = model.compute_dtype
         self.d_model, self.vocab = cfg.d_model, cfg.vocab_size
         self.eps = float(cfg.norm_eps)
@@ -119,7 +125,8 @@ class FusedDecodeStep:
                 x_w, _ = linear_weight(mixer.x_proj)
                 out_w, out_b = linear_weight(mixer.out_proj)
                 self.layers.append(_MambaPlan(
-                    model._state_slot[i], block.norm.weight.detach(), in_w, in_b, mixer.conv_weight.detach(),
+                    model._state_slot[i], block.norm.weight.detach(), in_w, in_b,
+                    mixer.conv_weight.detach().contiguous(),
                     None if mixer.conv_bias is None else mixer.conv_bias.detach(), x_w,
                     dense_weight(mixer.dt_proj, self.dtype).contiguous(), mixer.dt_bias.detach(),
                     (-torch.exp(mixer.A_log.detach().float())).contiguous(), mixer.D.detach(), out_w, out_b))
@@ -139,7 +146,8 @@ class FusedDecodeStep:
 
     # ---- buffers -------------------------------------------------------------------------------------------------
     def _workspace(self, batch: int, device) -> dict:
-        """Per-batch-size buffers: one zeroed-per-step fp32 workspace sliced per layer, plus activations."""
+        """Per-batch-size buffers: per-layer matmul outputs in one float32 workspace (zeroed once per step when a
+        general split-K kernel accumulates into it), plus activations."""
         if batch in self._buffers:
             return self._buffers[batch]
         sizes = []
@@ -158,16 +166,17 @@ class FusedDecodeStep:
                 off += n * batch
             views.append(layer)
         logits = ws[off:off + self.head.n * batch].view(batch, self.head.n)
-        d, dt = self.d_model, self.dtype
+        d = self.d_model
         di = max((p.in_proj.n // 2 for p in self.layers if isinstance(p, _MambaPlan)), default=1)
         ffn = max((p.fc1.n // (2 if p.gated else 1) for p in self.layers if isinstance(p, _MoePlan)), default=1)
-        buf = dict(ws=ws, views=views, logits=logits,
-                   residual=torch.empty(batch, d, device=device, dtype=torch.float32),
-                   x=torch.empty(batch, d, device=device, dtype=dt),
-                   xc=torch.empty(batch, di, device=device, dtype=dt), y=torch.empty(batch, di, device=device, dtype=dt),
-                   act=torch.empty(batch, ffn, device=device, dtype=dt),
-                   idx=torch.empty(batch, device=device, dtype=torch.int32),
-                   rwt=torch.empty(batch, device=device, dtype=torch.float32))
+        weights = [self.head] + [w for p in self.layers for w in ((p.in_proj, p.x_proj, p.out_proj)
+                                                                  if isinstance(p, _MambaPlan) else (p.fc1, p.fc2))]
+        f32, act = dict(device=device, dtype=torch.float32), dict(device=device, dtype=self.dtype)
+        buf = dict(ws=ws, views=views, logits=logits, zero=not all(self.policy.takes(w, batch) for w in weights),
+                   residual=torch.empty(batch, d, **f32), x=torch.empty(batch, d, **act),
+                   xc=torch.empty(batch, di, **act), y=torch.empty(batch, di, **act), act=torch.empty(batch, ffn, **act),
+                   conv_scratch=None, idx=torch.empty(batch, device=device, dtype=torch.int32),
+                   rwt=torch.empty(batch, **f32))
         self._buffers[batch] = buf
         return buf
 
@@ -175,13 +184,15 @@ class FusedDecodeStep:
     def _add_norm(self, buf, h, ids, norm_w, router=None, norm_b=None):
         rw, rb = router if router is not None else (None, None)
         add_norm(buf["x"], buf["residual"], norm_w, self.eps, h=h, token_ids=ids, embedding=self.embedding,
-                 norm_b=norm_b, router_w=rw, router_b=rb, expert_idx=buf["idx"], expert_weight=buf["rwt"])
+                 norm_b=norm_b, router_w=rw, router_b=rb, expert_idx=buf["idx"], expert_weight=buf["rwt"],
+                 pdl=self.policy.pdl)
 
     def __call__(self, token_ids: torch.Tensor, state) -> torch.Tensor:
         token_ids = token_ids.contiguous()  # the gather kernel reads ids[b] at offset b (a column slice is strided)
         batch = token_ids.shape[0]
         buf = self._workspace(batch, token_ids.device)
-        buf["ws"].zero_()
+        if buf["zero"]:
+            buf["ws"].zero_()
         h = None
         for i, plan in enumerate(self.layers):
             views = buf["views"][i]
@@ -192,28 +203,42 @@ class FusedDecodeStep:
                 self._add_norm(buf, h, token_ids, plan.norm_w, router=(plan.router_w, plan.router_b))
                 h = self._moe(buf, plan, views)
         self._add_norm(buf, h, token_ids, self.final_w, norm_b=self.final_b)
-        return matmul(buf["x"], self.head, self.head_bias, out=buf["logits"])
+        return self._linear(buf["x"], self.head, buf["logits"], bias=self.head_bias)
+
+    def _linear(self, x, weight, out, **kw):
+        """``out <- x @ W^T``: the decode kernel where the policy takes it, else the general kernel (split-K into the
+        zeroed workspace view ``out``)."""
+        if self.policy.takes(weight, x.shape[0]):
+            return decode_linear(x, weight, out, policy=self.policy, **kw)
+        return matmul(x, weight, out=out, **kw)
 
     def _mamba(self, buf, plan: _MambaPlan, views, state):
         xz, dbc, out = views
         di = plan.in_proj.n // 2
-        matmul(buf["x"], plan.in_proj, plan.in_bias, out=xz)
-        conv = state.conv_state[plan.slot]
-        xc = buf["xc"][:, :di]
-        causal_conv1d_update_triton(xz[:, :di], conv, plan.conv_w, plan.conv_b, "silu", out_state=conv, out=xc)
-        matmul(xc, plan.x_proj, None, out=dbc)
-        ssm = state.ssm_state[plan.slot]
+        self._linear(buf["x"], plan.in_proj, xz, bias=plan.in_bias)
+        conv_state = state.conv_state[plan.slot]
+        conv = (conv_state, plan.conv_w, plan.conv_b)
+        if self.policy.takes(plan.x_proj, xz.shape[0]):  # the conv step fused in front of x_proj
+            decode_linear(xz[:, :di], plan.x_proj, dbc, conv=conv, policy=self.policy)
+        else:  # the conv step's output on its own (the state is shifted by the dt kernel below)
+            if buf["conv_scratch"] is None or buf["conv_scratch"].shape != conv_state.shape:
+                buf["conv_scratch"] = torch.empty_like(conv_state)
+            xc = buf["xc"][:, :di]
+            causal_conv1d_update_triton(xz[:, :di], conv_state, plan.conv_w, plan.conv_b, "silu",
+                                        out_state=buf["conv_scratch"], out=xc)
+            matmul(xc, plan.x_proj, out=dbc)
         y = buf["y"][:, :di]
-        dt_state_update(dbc, plan.dt_w, plan.dt_bias, xc, xz[:, di:], plan.A, plan.D, ssm, y)
-        matmul(y, plan.out_proj, plan.out_bias, out=out)
-        return out
+        dt_state_update(dbc, plan.dt_w, plan.dt_bias, xz[:, :di], xz[:, di:], plan.A, plan.D,
+                        state.ssm_state[plan.slot], y, conv=conv, pdl=self.policy.pdl)
+        return self._linear(y, plan.out_proj, out, bias=plan.out_bias)
 
     def _moe(self, buf, plan: _MoePlan, views):
         h1, out = views
-        matmul(buf["x"], plan.fc1, row_expert=buf["idx"], out=h1)
         ffn = plan.fc1.n // 2 if plan.gated else plan.fc1.n
         act = buf["act"][:, :ffn]
-        gated_act(h1, plan.activation, plan.gated, out=act)
-        matmul(act, plan.fc2, row_expert=buf["idx"], row_scale=buf["rwt"], out=out)
-        return out
-
+        if plan.gated and self.policy.takes(plan.fc1, act.shape[0]):  # gate, up and activation in one kernel
+            decode_linear(buf["x"], plan.fc1, act, row_expert=buf["idx"], gated=plan.activation, policy=self.policy)
+        else:
+            self._linear(buf["x"], plan.fc1, h1, row_expert=buf["idx"])
+            gated_act(h1, plan.activation, plan.gated, out=act)
+        return self._linear(act, plan.fc2, out, row_expert=buf["idx"], row_scale=buf["rwt"])

@@ -20,6 +20,7 @@ COMMAND_MODULES = {
     "quantize": "quantize",
     "eval_cmd": "eval_cmd",  # the `eval` command (module name avoids the builtin)
     "export_cmd": "export_cmd",  # the `export` command
+    "bench": "bench",
 }
 
 

@@ -3,7 +3,10 @@
 * :func:`add_norm` (twin :func:`add_norm_ref`): ``residual = h + residual`` (or the embedding row of a token for
   the first layer), ``x = RMSNorm|LayerNorm(residual)``, and optionally the top-1 sigmoid router on ``x``.
 * :func:`dt_state_update` (twin :func:`dt_state_update_ref`): ``dt = softplus(W_dt @ dbc[:, :R] + dt_bias)``, the
-  SSM state update in place, the ``C`` readout, the ``D`` skip and the ``SiLU(z)`` gate.
+  SSM state update in place, the ``C`` readout, the ``D`` skip and the ``SiLU(z)`` gate; optionally the conv step
+  (its output recomputed, the conv state shifted in place).
+
+Both take ``pdl`` (programmatic dependent launch on CUDA: weights are read before waiting for the previous kernel).
 
 Shapes: ``B`` rows (batch), ``d`` model width, ``DI`` inner width, ``R`` dt rank, ``N`` state size, ``E`` experts.
 The model-walking part (which weights feed which kernel) is :mod:`qmamba.fused_step`; this module knows tensors.
@@ -23,18 +26,13 @@ from qmamba.kernels.selective_scan import _softplus
 def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, res_ptr, w_ptr, nb_ptr, out_ptr, rw_ptr, rb_ptr, idx_ptr, rwt_ptr,
                      D, E, eps, sh_b, s_emb, sr_b, so_b, srw_e,
                      FIRST: tl.constexpr, LAYERNORM: tl.constexpr, ROUTER: tl.constexpr, HAS_RB: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+                     BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr):
     """residual = h (FIRST: embedding[ids]) [+ residual]; out = norm(residual); optional top-1 sigmoid router.
-    Every load is issued before the first reduction, so their latencies overlap (one round trip, not three)."""
+    Every load is issued before the first reduction, so their latencies overlap (one round trip, not three);
+    with ``PDL`` the weights (norm, router) are read before waiting for the previous kernel."""
     b = tl.program_id(0)
     d = tl.arange(0, BLOCK_D)
     dm = d < D
-    if FIRST:
-        tok = tl.load(ids_ptr + b).to(tl.int64)
-        r = tl.load(emb_ptr + tok * s_emb + d, mask=dm, other=0.0).to(tl.float32)
-    else:
-        r = tl.load(res_ptr + b * sr_b + d, mask=dm, other=0.0) + tl.load(h_ptr + b * sh_b + d, mask=dm,
-                                                                        other=0.0).to(tl.float32)
     nw = tl.load(w_ptr + d, mask=dm, other=0.0).to(tl.float32)
     if LAYERNORM:
         nb = tl.load(nb_ptr + d, mask=dm, other=0.0).to(tl.float32)
@@ -44,6 +42,15 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, res_ptr, w_ptr, nb_ptr, out_ptr, r
         wr = tl.load(rw_ptr + e[:, None] * srw_e + d[None, :], mask=em[:, None] & dm[None, :], other=0.0)
         if HAS_RB:
             rbias = tl.load(rb_ptr + e, mask=em, other=0.0).to(tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    if FIRST:
+        tok = tl.load(ids_ptr + b).to(tl.int64)
+        r = tl.load(emb_ptr + tok * s_emb + d, mask=dm, other=0.0).to(tl.float32)
+    else:
+        r = tl.load(res_ptr + b * sr_b + d, mask=dm, other=0.0) + tl.load(h_ptr + b * sh_b + d, mask=dm,
+                                                                        other=0.0).to(tl.float32)
     tl.store(res_ptr + b * sr_b + d, r, mask=dm)
     if LAYERNORM:
         mean = tl.sum(r, axis=0) / D
@@ -68,10 +75,14 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, res_ptr, w_ptr, nb_ptr, out_ptr, r
 
 @jit
 def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dskip_ptr, h_ptr, y_ptr,
-                            DI, R, N, s_dbc, s_x, s_z, s_w, s_h, s_y,
-                            BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+                            cs_ptr, cw_ptr, cb_ptr, DI, R, N, s_dbc, s_x, s_z, s_w, s_h, s_y, scs_b, scs_d,
+                            CONV: tl.constexpr, CONV_W: tl.constexpr, HAS_CB: tl.constexpr, PDL: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_W: tl.constexpr):
     """dt = softplus(W_dt @ dbc[:R] + dt_bias); h = exp(dt A) h + dt x B (in place); y = (C.h + D x) silu(z).
-    All loads first (their latencies overlap), then the arithmetic."""
+    ``CONV``: ``x`` is the conv step's input; the kernel computes ``silu(conv(window) + b)`` itself and writes the
+    shifted window back to the conv state (every other reader of the old state ran before this kernel).
+    All loads first (their latencies overlap), then the arithmetic; with ``PDL`` the weights come before the wait."""
     b = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = d < DI
@@ -79,17 +90,36 @@ def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dski
     n = tl.arange(0, BLOCK_N)
     nm = n < N
     mask = dm[:, None] & nm[None, :]
-    low = tl.load(dbc_ptr + b * s_dbc + r, mask=r < R, other=0.0).to(tl.float32)
     w = tl.load(wdt_ptr + d[:, None] * s_w + r[None, :], mask=dm[:, None] & (r < R)[None, :], other=0.0)
     dtb = tl.load(dtb_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=mask, other=0.0)
+    dskip = tl.load(dskip_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    if CONV:
+        t = tl.arange(0, BLOCK_W)
+        tm = dm[:, None] & (t < CONV_W)[None, :]
+        cw = tl.load(cw_ptr + d[:, None] * CONV_W + t[None, :], mask=tm, other=0.0).to(tl.float32)
+        if HAS_CB:
+            cb = tl.load(cb_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    low = tl.load(dbc_ptr + b * s_dbc + r, mask=r < R, other=0.0).to(tl.float32)
     bm = tl.load(dbc_ptr + b * s_dbc + R + n, mask=nm, other=0.0).to(tl.float32)
     cm = tl.load(dbc_ptr + b * s_dbc + R + N + n, mask=nm, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + b * s_x + d, mask=dm, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + b * s_z + d, mask=dm, other=0.0).to(tl.float32)
-    a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=mask, other=0.0)
     hp = h_ptr + b * s_h + d[:, None] * N + n[None, :]
     h = tl.load(hp, mask=mask, other=0.0)
-    dskip = tl.load(dskip_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    if CONV:
+        # window = [state[1:], x]: element t of the new window is state[t + 1] (t < W - 1) or x
+        sp = cs_ptr + b * scs_b + d[:, None] * scs_d + t[None, :]
+        old = tl.load(sp + 1, mask=tm & (t < CONV_W - 1)[None, :], other=0.0)
+        window = tl.where((t == CONV_W - 1)[None, :], x.to(old.dtype)[:, None], old)
+        tl.store(sp, window, mask=tm)
+        xc = tl.sum(window.to(tl.float32) * cw, axis=1)
+        if HAS_CB:
+            xc += cb
+        x = xc * tl.sigmoid(xc)
     dt = _softplus(tl.sum(w.to(tl.float32) * low[None, :], axis=1) + dtb)
     h = tl.exp(dt[:, None] * a) * h + (dt * x)[:, None] * bm[None, :]
     tl.store(hp, h, mask=mask)
@@ -100,11 +130,12 @@ def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dski
 
 # ---- launchers and reference twins -------------------------------------------------------------------------------
 def add_norm(x_out, residual, norm_w, eps, h=None, token_ids=None, embedding=None, norm_b=None, router_w=None,
-             router_b=None, expert_idx=None, expert_weight=None):
+             router_b=None, expert_idx=None, expert_weight=None, pdl: bool = False):
     """In place: ``residual [B, d]`` fp32 becomes ``h + residual`` (``h [B, d]``), or ``embedding[token_ids]`` when
     ``h`` is None (the first layer); ``x_out [B, d]`` receives the norm of it (LayerNorm when ``norm_b`` is given,
     else RMSNorm). With ``router_w [E, d]``: ``expert_idx [B]`` int32 and ``expert_weight [B]`` fp32 receive the
-    top-1 sigmoid routing of ``x_out`` (lowest index on ties)."""
+    top-1 sigmoid routing of ``x_out`` (lowest index on ties). ``pdl``: launched as a programmatic dependent
+    launch (CUDA, see :mod:`qmamba.kernels.decode_linear`)."""
     batch, d = x_out.shape
     first = h is None
     if first and (token_ids is None or embedding is None):
@@ -119,7 +150,8 @@ def add_norm(x_out, residual, norm_w, eps, h=None, token_ids=None, embedding=Non
         d, e, float(eps), h.stride(0) if h is not None else 0, embedding.stride(0) if embedding is not None else 0,
         residual.stride(0), x_out.stride(0), router_w.stride(0) if router_w is not None else 0,
         FIRST=first, LAYERNORM=norm_b is not None, ROUTER=router_w is not None, HAS_RB=router_b is not None,
-        BLOCK_D=next_pow2(d), BLOCK_E=next_pow2(e), num_warps=4 if residual.is_cuda else 1)
+        BLOCK_D=next_pow2(d), BLOCK_E=next_pow2(e), PDL=pdl, num_warps=4 if residual.is_cuda else 1,
+        **(dict(launch_pdl=True) if pdl else {}))
 
 
 def add_norm_ref(residual, norm_w, eps, h=None, token_ids=None, embedding=None, norm_b=None, router_w=None,
@@ -137,12 +169,13 @@ def add_norm_ref(residual, norm_w, eps, h=None, token_ids=None, embedding=None, 
     return r, x, idx.to(torch.int32), weight
 
 
-def dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out):
+def dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, conv=None, pdl: bool = False):
     """One token of the SSM, in place on ``ssm_state [B, DI, N]`` fp32 (contiguous per row).
 
     ``dbc [B, R + 2N]`` (x_proj output: dt low-rank, B, C), ``dt_w [DI, R]``, ``dt_bias [DI]``, ``x, z [B, DI]``
     (conv output and gate), ``A [DI, N]`` fp32 (= -exp(A_log)), ``D_skip [DI]``; ``y_out [B, DI]`` receives
-    ``(C . h + D x) * silu(z)``."""
+    ``(C . h + D x) * silu(z)``. ``conv = (conv_state [B, DI, W], conv_w [DI, W], conv_b | None)``: ``x`` is the conv
+    step's *input*; the kernel applies the conv step (SiLU) and updates ``conv_state`` in place."""
     batch, di = x.shape
     r = dt_w.shape[1]
     n = A.shape[1]
@@ -153,19 +186,35 @@ def dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out):
     for name, t in (("dbc", dbc), ("x", x), ("z", z), ("y_out", y_out), ("dt_w", dt_w)):
         if t.stride(-1) != 1:
             raise ValueError(f"dt_state_update: {name} needs a unit stride in its last dimension")
+    cs, cw, cb = conv if conv is not None else (ssm_state, dt_w, None)
+    if conv is not None:
+        width = cw.shape[1]
+        if tuple(cs.shape) != (batch, di, width) or cs.stride(2) != 1 or not cw.is_contiguous():
+            raise ValueError(f"dt_state_update: conv needs state [{batch}, {di}, W] and contiguous weights [{di}, W]")
     block_d = 32 if x.is_cuda else 16
     _dt_state_update_kernel[(batch, -(-di // block_d))](
-        dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, di, r, n,
+        dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, cs, cw, cb if cb is not None else dt_bias, di, r, n,
         dbc.stride(0), x.stride(0), z.stride(0), dt_w.stride(0), ssm_state.stride(0), y_out.stride(0),
-        BLOCK_D=block_d, BLOCK_R=next_pow2(r), BLOCK_N=next_pow2(n), num_warps=4 if x.is_cuda else 1)
+        cs.stride(0), cs.stride(1), CONV=conv is not None, CONV_W=cw.shape[1] if conv is not None else 1,
+        HAS_CB=cb is not None, PDL=pdl, BLOCK_D=block_d, BLOCK_R=next_pow2(r), BLOCK_N=next_pow2(n),
+        BLOCK_W=next_pow2(cw.shape[1]) if conv is not None else 1, num_warps=4 if x.is_cuda else 1,
+        **(dict(launch_pdl=True) if pdl else {}))
 
 
-def dt_state_update_ref(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state):
-    """Functional twin of :func:`dt_state_update`: ``(y [B, DI] fp32, new_state fp32)``; nothing is modified."""
+def dt_state_update_ref(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, conv=None):
+    """Functional twin of :func:`dt_state_update`: ``(y [B, DI] fp32, new_state fp32)``, plus the new conv state
+    when ``conv`` is given; nothing is modified."""
+    new_conv = None
+    if conv is not None:
+        conv_state, conv_w, conv_b = conv
+        new_conv = torch.cat([conv_state[:, :, 1:], x[:, :, None].to(conv_state.dtype)], dim=2)
+        xc = (new_conv.float() * conv_w.float()).sum(-1) + (conv_b.float() if conv_b is not None else 0.0)
+        x = F.silu(xc)
     r, n = dt_w.shape[1], A.shape[1]
     dbc = dbc.float()
     dt = F.softplus(dbc[:, :r] @ dt_w.float().t() + dt_bias.float())
     b_ssm, c_ssm = dbc[:, r:r + n], dbc[:, r + n:r + 2 * n]
     h = torch.exp(dt[:, :, None] * A.float()) * ssm_state.float() + (dt * x.float())[:, :, None] * b_ssm[:, None, :]
     y = torch.einsum("bdn,bn->bd", h, c_ssm) + x.float() * D_skip.float()
-    return y * F.silu(z.float()), h
+    y = y * F.silu(z.float())
+    return (y, h) if conv is None else (y, h, new_conv)

@@ -94,12 +94,8 @@ def _erf_gelu(v):
 
 
 @jit
-def _gated_act_kernel(h_ptr, out_ptr, F_OUT, shm, shf, som, sof,
-                      ACT: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = f < F_OUT
-    a = tl.load(h_ptr + row * shm + f * shf, mask=ok, other=0.0).to(tl.float32)
+def activate(a, ACT: tl.constexpr):
+    """The expert activation of :data:`ACTIVATION_IDS` on fp32 ``a`` (shared by the kernels that fuse it)."""
     if ACT == 0:
         a = _erf_gelu(a)
     elif ACT == 1:
@@ -109,6 +105,16 @@ def _gated_act_kernel(h_ptr, out_ptr, F_OUT, shm, shf, som, sof,
         a = a * tl.sigmoid(a)
     else:
         a = tl.maximum(a, 0.0)
+    return a
+
+
+@jit
+def _gated_act_kernel(h_ptr, out_ptr, F_OUT, shm, shf, som, sof,
+                      ACT: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = f < F_OUT
+    a = activate(tl.load(h_ptr + row * shm + f * shf, mask=ok, other=0.0).to(tl.float32), ACT)
     if GATED:
         a = a * tl.load(h_ptr + row * shm + (f + F_OUT) * shf, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * som + f * sof, a.to(out_ptr.dtype.element_ty), mask=ok)

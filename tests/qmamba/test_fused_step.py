@@ -3,12 +3,14 @@
 the prefill path; graph replay equals eager (GPU only)."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from qmamba.config import preset
 from qmamba.fused_step import FusedDecodeStep
+from qmamba.kernels.decode_linear import DecodePolicy
 from qmamba.testing import quantize_rtn, random_model
 from qmamba.quant.binary import BinaryFormat
 from qmamba.quant.formats import Int4Format, Int8Format
@@ -23,12 +25,15 @@ def build(name, fmt, device):
     return quantize_rtn(model, fmt) if fmt is not None else model
 
 
-@pytest.mark.parametrize("fmt,batch", [("float", 2), ("int8", 2), ("int4", 2), ("int4", 1), ("binary", 1),
-                                       ("binary", 2)])
+@pytest.mark.parametrize("fmt,batch,kernels", [("float", 2, "decode"), ("int8", 2, "decode"), ("int4", 2, "decode"),
+                                               ("int4", 1, "decode"), ("binary", 1, "decode"), ("binary", 2, "decode"),
+                                               ("float", 1, "general"), ("int4", 1, "general"),
+                                               ("int8", 3, "general")])
 @torch.no_grad()
-def test_fused_step_matches_model_step(fmt, batch, device):
-    """Batch 1 takes the GEMV kernels (int4 and 1-bit 32-bit-word kernels); batch 2 the small-M tiles (int8, int4)
-    and the 1-bit word kernel with one program row per row."""
+def test_fused_step_matches_model_step(fmt, batch, kernels, device):
+    """``decode``: the decode-linear kernels for float / int8 / int4 (conv fused into x_proj, activation into fc1);
+    ``general``: the general matmul kernels (GEMV word kernels, small-M tiles, split-K into the zeroed workspace,
+    conv and activation on their own), as 1-bit weights always take."""
     model = build("tiny-blackmamba", FORMATS[fmt], device)
     if fmt == "binary":
         from qmamba.quant.binary import BinaryExperts, BinaryLinear
@@ -39,7 +44,10 @@ def test_fused_step_matches_model_step(fmt, batch, device):
     _, state = model.prefill(ids)
     ref_state = state.clone()
     tok = ids[:, 2]  # a strided column, as generation loops pass it
-    step = FusedDecodeStep(model)
+    policy = DecodePolicy.for_device(device)
+    if kernels == "general":
+        policy = dataclasses.replace(policy, formats=())
+    step = FusedDecodeStep(model, policy)
     for _ in range(2):  # twice: the workspace is re-zeroed, the state carried
         logits = step(tok, state)
         ref = model.step(tok, ref_state)

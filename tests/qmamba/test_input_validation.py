@@ -186,6 +186,8 @@ def test_json_path_is_checked_before_the_evaluation(fixture_copy, tmp_path, monk
     assert_one_line_error(cli("eval", fixture_copy, "--json", tmp_path), "directory")
     monkeypatch.setattr("qmamba.cli.generate.generate_text", _must_not_run)
     assert_one_line_error(cli("generate", fixture_copy, "--json", tmp_path / "nowhere" / "g.json"), "does not exist")
+    monkeypatch.setattr("qmamba.bench.bench_model", _must_not_run)
+    assert_one_line_error(cli("bench", fixture_copy, "--json", tmp_path / "nowhere" / "b.json"), "does not exist")
 
 
 def test_eval_default_token_budget(fixture_copy, tmp_path, monkeypatch):

@@ -65,6 +65,38 @@ def test_dt_state_update_matches_reference(di, r, n, device):
     torch.testing.assert_close(y, ref_y, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_dt_state_update_with_conv_step_matches_conv_then_update(has_bias, device):
+    """The conv variant: x is the conv input; the kernel applies the conv step and shifts the conv state in place.
+    Checked against the independent conv-update reference followed by the plain update."""
+    from qmamba.kernels.causal_conv1d import causal_conv1d_update_ref
+
+    torch.manual_seed(3)
+    batch, di, r, n, width = 2, 40, 4, 8, 4
+    dbc = torch.randn(batch, r + 2 * n, device=device)
+    dt_w = torch.randn(di, r, device=device) / r ** 0.5
+    dt_bias = torch.empty(di, device=device).uniform_(-4, -2)
+    xz = torch.randn(batch, 2 * di, device=device)
+    A = -torch.rand(di, n, device=device) * 4
+    D_skip = torch.randn(di, device=device)
+    state = torch.randn(batch, di, n, device=device)
+    conv_state = torch.randn(batch, di, width, device=device)
+    conv_w = torch.randn(di, width, device=device)
+    conv_b = torch.randn(di, device=device) if has_bias else None
+    xc, ref_conv = causal_conv1d_update_ref(xz[:, :di], conv_state, conv_w, conv_b, "silu")
+    ref_y, ref_h = dt_state_update_ref(dbc, dt_w, dt_bias, xc, xz[:, di:], A, D_skip, state)
+    twin_y, twin_h, twin_conv = dt_state_update_ref(dbc, dt_w, dt_bias, xz[:, :di], xz[:, di:], A, D_skip, state,
+                                                    conv=(conv_state, conv_w, conv_b))
+    torch.testing.assert_close(twin_y, ref_y)
+    torch.testing.assert_close(twin_conv, ref_conv)
+    y = torch.empty(batch, di, device=device)
+    dt_state_update(dbc, dt_w, dt_bias, xz[:, :di], xz[:, di:], A, D_skip, state, y,
+                    conv=(conv_state, conv_w, conv_b))
+    torch.testing.assert_close(state, ref_h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(conv_state, ref_conv, atol=0, rtol=0)  # the window is shifted exactly
+    torch.testing.assert_close(y, ref_y, atol=1e-4, rtol=1e-4)
+
+
 def test_dt_state_update_rejects_strided_state(device):
     state = torch.zeros(1, 16, 8, device=device).transpose(1, 2)
     with pytest.raises(ValueError, match="ssm_state"):

@@ -1,0 +1,180 @@
+"""Decode step of BlackMamba-2.8B (preset, random weights) on the GPU: checked, then timed, for several launch
+policies side by side in one run.
+
+    python benchmarks/bench_decode.py --out decode.json [--formats bf16,int4_g128] [--batches 1,8]
+
+For each format: (1) float32 copy of the model, greedy tokens of the CUDA-graph step (our kernels) against the
+eager reference path (pure PyTorch), batch 1 and 8, ``--check-steps`` tokens: they must be equal; (2) bf16 model,
+logits of the graph step against the eager reference step (relative error reported, must stay under 3e-2);
+(3) ms/token of graph replays for each policy variant. Any failed check exits non-zero (the figures are still
+written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from qmamba.config import preset
+from qmamba.cuda_graph import GraphDecoder
+from qmamba.kernels.decode_linear import DecodePolicy
+from qmamba.testing import quantize_rtn, random_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_e2e import FORMATS, weight_bytes  # noqa: E402
+
+
+def greedy_reference(model, ids, state, steps):
+    out = []
+    tok = ids
+    for _ in range(steps):
+        tok = model.step(tok, state, check=False).float().argmax(-1)
+        out.append(tok)
+    return torch.stack(out, 1)
+
+
+def greedy_graph(decoder, ids, state, steps):
+    out = []
+    tok = ids
+    for _ in range(steps):
+        tok = decoder(tok, state).argmax(-1)
+        out.append(tok)
+    return torch.stack(out, 1)
+
+
+def build(cfg, name, dtype):
+    model = random_model(cfg, "cuda", dtype)
+    fmt, sensitive = FORMATS[name]
+    if fmt is not None:
+        quantize_rtn(model, fmt, head=True, sensitive_fmt=sensitive)
+    return model
+
+
+def time_graph(decoder, batch, n=100):
+    state = decoder.new_state(batch)
+    entry = decoder._entry(batch)
+    entry.ids.copy_(torch.randint(0, decoder.model.config.vocab_size, (batch,), device="cuda"))
+    for _ in range(10):
+        entry.graph.replay()
+    times = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(n):
+            entry.graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / n)
+    del state
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def check_fp32(cfg, name, batches, steps, log, failures):
+    model = build(cfg, name, torch.float32)
+    model.set_backend("reference")
+    res = {}
+    for batch in batches:
+        prompt = torch.randint(0, cfg.vocab_size, (batch, 8), device="cuda")
+        _, state = model.prefill(prompt)
+        ref = greedy_reference(model, prompt[:, -1], state.clone(), steps)
+        model.set_backend("triton")
+        decoder = GraphDecoder(model)
+        got = greedy_graph(decoder, prompt[:, -1], state.clone(), steps)
+        model.set_backend("reference")
+        same = bool(torch.equal(ref, got))
+        res[f"fp32_greedy_equal_b{batch}"] = same
+        log(f"{name:18s} fp32 greedy {steps} tokens batch {batch}: {'equal' if same else 'DIFFER'}")
+        if not same:
+            failures.append(f"{name} fp32 greedy batch {batch}: {ref.tolist()} vs {got.tolist()}")
+        del decoder
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+@torch.no_grad()
+def run_format(cfg, name, batches, variants, log, failures):
+    model = build(cfg, name, torch.bfloat16)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    res = dict(format=name, weight_bytes=weight_bytes(model))
+    # logits of one graph step against the eager reference step, bf16
+    prompt = torch.randint(0, cfg.vocab_size, (max(batches), 8), device="cuda")
+    model.set_backend("reference")
+    _, state = model.prefill(prompt)
+    ref = model.step(prompt[:, -1], state.clone(), check=False).float()
+    model.set_backend("triton")
+    got = GraphDecoder(model)(prompt[:, -1], state.clone()).float()
+    err = ((got - ref).norm() / ref.norm()).item()
+    res["bf16_logits_rel_err"] = err
+    log(f"{name:18s} bf16 logits rel err vs reference: {err:.2e}")
+    if not err < 3e-2:
+        failures.append(f"{name} bf16 logits rel err {err:.2e}")
+    for vname, policy in variants.items():
+        decoder = GraphDecoder(model, policy=policy)
+        for batch in batches:
+            ms = time_graph(decoder, batch)
+            res[f"decode_ms_b{batch}_{vname}"] = ms
+            log(f"{name:18s} {vname:14s} batch {batch}: {ms:.3f} ms/token")
+        del decoder
+        gc.collect()
+    res["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    log(f"{name:18s} peak memory {res['peak_gb']:.2f} GB, weights {res['weight_bytes'] / 1e9:.2f} GB")
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--preset", default="blackmamba-2.8b")
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--check-steps", type=int, default=16)
+    ap.add_argument("--variants", default="default,nopdl",
+                    help="policy variants: default, nopdl, dec_words, dec_join, bnI<int4 block>F<float block>W<warps> "
+                         "e.g. bn16F4W4")
+    args = ap.parse_args()
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    cfg = preset(args.preset)
+    batches = [int(b) for b in args.batches.split(",")]
+    base = DecodePolicy.for_device(torch.device("cuda"))
+    variants = {}
+    for v in args.variants.split(","):
+        if v == "default":
+            variants[v] = base
+        elif v == "nopdl":
+            variants[v] = dataclasses.replace(base, pdl=False)
+        elif v in ("dec_words", "dec_join"):  # the decode kernels for every non-binary format at batch 1
+            variants[v] = dataclasses.replace(base, formats=(0, 1, 2), max_rows=1, int4_unpack=v[4:])
+        elif v.startswith("bn"):
+            i4, rest = v[2:].split("F")
+            fl, w = rest.split("W")
+            variants[v] = dataclasses.replace(base, block_n_int4=int(i4), block_n_float=int(fl), num_warps=int(w))
+    log(f"{torch.cuda.get_device_name(0)}; policy {base}")
+    result = dict(preset=args.preset, device=torch.cuda.get_device_name(0), rows=[], failures=[])
+    for name in args.formats.split(","):
+        row = run_format(cfg, name, batches, variants, log, result["failures"])
+        if args.check_steps:
+            row.update(check_fp32(cfg, name, batches, args.check_steps, log, result["failures"]))
+        result["rows"].append(row)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    if result["failures"]:
+        log("FAILED:\n  " + "\n  ".join(result["failures"]))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Launch-latency probes for the decode step (run on the GPU): what a chain of small dependent kernels costs.
+
+    python benchmarks/probe_launch.py [--out probe.json]
+
+A decode token of BlackMamba-2.8B is ~100-180 small dependent kernels (GEMVs of 1-6 MB and elementwise steps),
+so its time is set by per-kernel latency, not by bytes. This measures, inside one CUDA graph:
+
+* ``chain``: N GEMV-like kernels, each reading its own int8 weight ``[N, K]`` (bytes of an int4 in_proj) and the
+  previous kernel's output vector: no PDL; PDL (programmatic dependent launch) waiting at the top; PDL with the
+  weight tile loaded *before* the wait (the weight does not depend on the previous kernel).
+* ``barrier``: a persistent kernel whose programs meet at a counter barrier R times (the cost of one grid-wide
+  synchronisation, the building block of a whole-step persistent kernel).
+
+Every variant's output is compared with a PyTorch computation of the same chain; a mismatch exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gemv_i8(w_ptr, x_ptr, y_ptr, N, scale, K: tl.constexpr, KP: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.arange(0, KP)
+    wm = (n < N)[:, None] & (k < K)[None, :]
+    if PDL and PREFETCH:
+        w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=wm, other=0)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    elif PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+        w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=wm, other=0)
+    else:
+        w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=wm, other=0)
+    x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    y = tl.sum(w.to(tl.float32) * x[None, :], axis=1) * scale
+    tl.store(y_ptr + n, y, mask=n < N)
+
+
+@triton.jit
+def _barrier_kernel(counter_ptr, out_ptr, ROUNDS, NPROG):
+    pid = tl.program_id(0)
+    cur = 0
+    for r in range(ROUNDS):
+        tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+        target = (r + 1) * NPROG
+        cur = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+        while cur < target:
+            cur = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    tl.store(out_ptr + pid, cur)
+
+
+def graph_us(fn, calls: int, reps: int = 7) -> float:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(3):
+        g.replay()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def chain(n_kernels: int, n: int, k: int, block_n: int, num_warps: int, results: dict, failures: list):
+    """``y_i = c W_i x_{i-1}``, ``x_i`` the first K entries of ``y_i`` (N >= K); c keeps the values near 1."""
+    ws = [torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8) for _ in range(n_kernels)]
+    x0 = torch.randn(k, device="cuda")
+    c = 1.0 / (73.3 * k ** 0.5)
+    for name, pdl, pre in (("plain", False, False), ("pdl", True, False), ("pdl_prefetch", True, True)):
+        ys = [torch.empty(n, device="cuda") for _ in range(n_kernels)]
+        grid = (triton.cdiv(n, block_n),)
+
+        def run():
+            x = x0
+            for i, w in enumerate(ws):
+                _gemv_i8[grid](w, x, ys[i], n, c, K=k, KP=triton.next_power_of_2(k), PDL=pdl, PREFETCH=pre, BLOCK_N=block_n, num_warps=num_warps,
+                               launch_pdl=pdl)
+                x = ys[i]
+        try:
+            us = graph_us(run, n_kernels)
+            # correctness of the chain without the renormalisation: compare the first kernel and the relation
+            y_check = (ws[0].float() @ x0) * c
+            err = ((ys[0] - y_check).norm() / y_check.norm()).item()
+            y_last = (ws[-1].float() @ ys[-2][:k]) * c
+            err2 = ((ys[-1] - y_last).norm() / y_last.norm().clamp_min(1e-30)).item()
+            ok = err < 1e-4 and err2 < 1e-4
+            if not ok:
+                failures.append(f"chain {name}: rel err {err:.2e} / {err2:.2e}")
+            mb = n * k / 1e6
+            results[f"chain_{name}_n{n}_k{k}_bn{block_n}"] = dict(us_per_kernel=us, mb_per_kernel=mb,
+                                                                  rel_err=max(err, err2))
+            print(f"chain {name:13s} N={n} K={k} BN={block_n} w={num_warps}: {us:6.2f} us/kernel "
+                  f"({mb:.2f} MB, {mb / us * 1e3:.0f} GB/s) err {max(err, err2):.1e}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - report and fail the run
+            failures.append(f"chain {name}: {type(exc).__name__}: {exc}")
+            print(f"chain {name}: FAILED {type(exc).__name__}: {exc}", flush=True)
+
+
+def barrier(nprog: int, rounds: int, results: dict, failures: list, cooperative: bool):
+    counter = torch.zeros(1, device="cuda", dtype=torch.int32)
+    out = torch.zeros(nprog, device="cuda", dtype=torch.int32)
+    kw = dict(launch_cooperative_grid=True) if cooperative else {}
+    try:
+        _barrier_kernel[(nprog,)](counter, out, 1, nprog, num_warps=4, **kw)  # compile
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(5):
+            counter.zero_()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            _barrier_kernel[(nprog,)](counter, out, rounds, nprog, num_warps=4, **kw)
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b) * 1e3 / rounds)
+        ok = int(counter.item()) == rounds * nprog and bool((out == rounds * nprog).all())
+        if not ok:
+            failures.append(f"barrier {nprog}: counter {counter.item()} != {rounds * nprog}")
+        us = statistics.median(ts)
+        results[f"barrier_p{nprog}_coop{int(cooperative)}"] = dict(us_per_barrier=us)
+        print(f"barrier {nprog} programs coop={cooperative}: {us:.2f} us per barrier, correct={ok}", flush=True)
+    except Exception as exc:  # noqa: BLE001
+        failures.append(f"barrier: {type(exc).__name__}: {exc}")
+        print(f"barrier FAILED {type(exc).__name__}: {exc}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    props = torch.cuda.get_device_properties(0)
+    print(torch.cuda.get_device_name(0), "SMs", props.multi_processor_count, "torch", torch.__version__,
+          "triton", triton.__version__, flush=True)
+    results, failures = {}, []
+    # in_proj-sized (int4 1472x5888 = 4.3 MB): as int8 [5888, 736]; x_proj-sized [128, 2944/2]; out_proj [1472, 1472]
+    for n, k, bn, nw in ((5888, 736, 16, 4), (5888, 736, 32, 4), (1472, 1472, 8, 4), (1472, 1472, 16, 4),
+                         (256, 1472, 2, 2)):
+        chain(100, n, k, bn, nw, results, failures)
+    sms = props.multi_processor_count
+    for nprog in (sms, 2 * sms):
+        barrier(nprog, 2000, results, failures, cooperative=False)
+    barrier(sms, 2000, results, failures, cooperative=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(0), results=results, failures=failures), f, indent=1)
+    if failures:
+        print("FAILURES:", *failures, sep="\n  ")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

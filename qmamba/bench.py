@@ -1,0 +1,226 @@
+"""``qmamba bench``'s library side: prefill and decode speed of a loaded model, checked before it is reported.
+
+For each batch size: a seeded random prompt (no tokenizer needed) is prefilled (the head on the last position, as
+generation runs it), then
+
+1. **check**: ``check_tokens`` greedy steps through the path that will be timed (the CUDA-graph fused step on CUDA
+   with the Triton backend, ``model.step`` otherwise) are compared, teacher-forced on the same tokens, with the
+   pure-PyTorch reference path (on CUDA: the eager reference backend; on CPU, where the timed path *is* the
+   reference step: the prefill over prompt + tokens, an independent forward). Every position's top-1 token must
+   agree, except where the reference's own top two logits are within ``tie_tolerance`` of its logit range
+   (a rounding-level tie, counted and reported). Anything else raises :class:`BenchCheckError`: no figure is
+   reported for an unchecked path.
+2. **time**: prefill tokens/s (median of repeats) and decode ms/token over ``tokens`` greedy tokens (the graph
+   decoder's on-device loop on CUDA, one host sync; the eager loop elsewhere).
+
+Figures: prefill tokens/s, decode ms/token and tokens/s (all rows), peak memory (CUDA: ``max_memory_allocated``;
+CPU: not measured), weight bytes, device name.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+class BenchCheckError(RuntimeError):
+    """The timed path's tokens differ from the reference path's: the benchmark refuses to report a figure."""
+
+
+@dataclass
+class BenchRow:
+    device: str
+    dtype: str
+    weights: str
+    weight_gb: float
+    batch: int
+    prompt_len: int
+    tokens: int
+    prefill_tok_s: float
+    decode_ms_per_token: float
+    decode_tok_s: float
+    peak_gb: float | None
+    path: str
+    check: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def weight_formats(model) -> str:
+    """A short description of the stored weight formats, e.g. ``int4 g128 + float``."""
+    names = []
+    for m in model.modules():
+        fmt = getattr(m, "fmt", None)
+        if fmt is not None:
+            d = fmt.describe() if hasattr(fmt, "describe") else str(getattr(fmt, "name", fmt))
+            if d not in names:
+                names.append(d)
+    return " + ".join(names) if names else str(model.compute_dtype).replace("torch.", "")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_step_fn(model):
+    """``(step_fn, name)``: what ``qmamba generate`` decodes with on this model."""
+    from qmamba.cuda_graph import default_step_fn
+
+    fn = default_step_fn(model)
+    if fn is None:
+        return (lambda ids, state: model.step(ids, state, check=False)), f"eager {_backend(model)}"
+    return fn, "cuda graph (fused step)" if getattr(fn, "_step", None) is not None and \
+        type(fn._step).__name__ == "FusedDecodeStep" else "cuda graph (model.step)"
+
+
+def _backend(model) -> str:
+    backends = {m.backend for m in model.modules() if m is not model and hasattr(m, "backend")}
+    return ",".join(sorted(backends)) or "reference"
+
+
+def _reference_logits(model, prompt, fed, state):
+    """Reference logits ``[B, T, V]`` fp32 after feeding ``fed [B, T]`` one by one from ``state`` (the state after
+    ``prompt``): on CUDA the eager reference backend's steps, on CPU one prefill over ``prompt + fed``."""
+    if model.device.type == "cuda":
+        saved = {m: m.backend for m in model.modules() if m is not model and hasattr(m, "backend")}
+        model.set_backend("reference")
+        try:
+            st = state.clone()
+            return torch.stack([model.step(fed[:, t], st, check=False).float() for t in range(fed.shape[1])], 1)
+        finally:
+            for m, b in saved.items():
+                m.backend = b
+    logits, _ = model.prefill(torch.cat([prompt, fed], 1), check=False)
+    return logits[:, prompt.shape[1]:].float()
+
+
+def check_decode(model, step_fn, prompt, state, n: int, tie_tolerance: float = 2e-3) -> str:
+    """Teacher-forced greedy agreement of ``step_fn`` with the reference (see the module docstring). ``state`` is
+    the state after ``prompt``; the first token fed is the prompt's last (both paths see the same tokens)."""
+    fed, got = [], []
+    st = state.clone()
+    tok = prompt[:, -1]
+    for _ in range(n):
+        fed.append(tok)
+        tok = step_fn(tok, st).float().argmax(-1)
+        got.append(tok)
+    fed, got_top = torch.stack(fed, 1), torch.stack(got, 1)
+    ref = _reference_logits(model, prompt, fed, state)
+    ref_top = ref.argmax(-1)
+    mismatch = ref_top != got_top
+    rows = f"{n} tokens x {prompt.shape[0]} rows"
+    if not mismatch.any():
+        return f"ok ({rows})"
+    span = (ref.amax(-1) - ref.amin(-1)).clamp_min(1e-6)
+    gap = (ref.gather(-1, ref_top[..., None]) - ref.gather(-1, got_top[..., None]))[..., 0] / span
+    bad = mismatch & (gap > tie_tolerance)
+    if bad.any():
+        b, t = [int(v) for v in bad.nonzero()[0]]
+        raise BenchCheckError(
+            f"decode check failed: at step {t} of row {b} the timed path picks token {int(got_top[b, t])} and the "
+            f"reference {int(ref_top[b, t])} (gap {float(gap[b, t]):.2e} of the logit range); no figure reported")
+    return f"ok ({rows}, {int(mismatch.sum())} rounding-level ties)"
+
+
+def time_prefill(model, ids, repeats: int) -> float:
+    model.prefill(ids, check=False, last_only=True)
+    _sync(model.device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.prefill(ids, check=False, last_only=True)
+        _sync(model.device)
+        times.append(time.perf_counter() - t0)
+    return ids.numel() / statistics.median(times)
+
+
+def time_decode(model, step_fn, state, first, tokens: int) -> float:
+    """ms per token of ``tokens`` greedy steps (graph decoder: its on-device generation loop)."""
+    if hasattr(step_fn, "generate"):
+        step_fn.generate(first, state.clone(), tokens)  # capture (per token count) + warm-up
+        _sync(model.device)
+        t0 = time.perf_counter()
+        step_fn.generate(first, state, tokens)
+        _sync(model.device)
+        return (time.perf_counter() - t0) * 1e3 / tokens
+    st = state.clone()
+    tok = first
+    step_fn(tok, st)
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        tok = step_fn(tok, st).argmax(-1)
+    _sync(model.device)
+    return (time.perf_counter() - t0) * 1e3 / tokens
+
+
+@torch.no_grad()
+def bench_model(model, batches=(1,), prompt_len: int = 2048, tokens: int = 256, check_tokens: int = 8,
+                seed: int = 0, log=None, check_model=None) -> list[BenchRow]:
+    """One :class:`BenchRow` per batch size (see the module docstring); raises :class:`BenchCheckError` when the
+    timed path's tokens differ from the reference's.
+
+    ``check_model``: a callable returning a float32 twin of ``model`` (same weights) on which the check runs
+    instead: a bf16 step differs from a bf16 reference by rounding that can reach a top-1 margin on a model with
+    random weights, so the kernels are checked where rounding is small (the twin is dropped before timing).
+    """
+    device = model.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    prompts = {}
+    gen = torch.Generator().manual_seed(seed)
+    for batch in batches:
+        prompts[batch] = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=gen).to(device)
+    checks = {}
+    checked = check_model() if check_model is not None else model
+    check_fn, _ = _timed_step_fn(checked)
+    for batch in batches:
+        if check_tokens > 0:
+            _, state = checked.prefill(prompts[batch], check=False, last_only=True)
+            checks[batch] = check_decode(checked, check_fn, prompts[batch], state, check_tokens)
+            checks[batch] += "" if checked is model else f", checked in {str(checked.compute_dtype)[6:]}"
+        else:
+            checks[batch] = "not checked"
+        if log:
+            log(f"batch {batch}: check {checks[batch]}")
+    del checked, check_fn
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    step_fn, path = _timed_step_fn(model)
+    rows = []
+    for batch in batches:
+        prompt = prompts[batch]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        _, state = model.prefill(prompt, check=False, last_only=True)
+        prefill = time_prefill(model, prompt, repeats=3 if device.type == "cuda" else 1)
+        ms = time_decode(model, step_fn, state, prompt[:, -1], tokens)
+        peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+        rows.append(BenchRow(name, str(model.compute_dtype).replace("torch.", ""), weight_formats(model),
+                             weight_bytes(model) / 1e9, batch, prompt_len, tokens, prefill, ms, batch * 1e3 / ms,
+                             peak, path, checks[batch]))
+    return rows
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    head = ("device", "weights", "batch", "prompt", "prefill tok/s", "decode ms/tok", "decode tok/s", "peak GB",
+            "weights GB", "check")
+    lines = [head]
+    for r in rows:
+        lines.append((r.device, r.weights, str(r.batch), str(r.prompt_len), f"{r.prefill_tok_s:,.0f}",
+                      f"{r.decode_ms_per_token:.3f}", f"{r.decode_tok_s:,.1f}",
+                      "-" if r.peak_gb is None else f"{r.peak_gb:.2f}", f"{r.weight_gb:.2f}", r.check.split(" (")[0]))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)

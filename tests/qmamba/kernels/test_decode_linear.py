@@ -1,0 +1,112 @@
+"""The decode linear kernel (whole rows per program, PDL-ready) against its twin and the twin against independent
+pieces (x @ dequantized W, the conv-update reference, the gated activation): float, int8, int4 (group 32 / 128,
+symmetric), ragged K (1472-like tails), 1..8 rows, routed experts (some idle), conv prologue, gated epilogue."""
+
+import pytest
+import torch
+
+from qmamba.kernels.causal_conv1d import causal_conv1d_update_ref
+from qmamba.kernels.decode_linear import DecodePolicy, decode_linear, decode_linear_ref
+from qmamba.kernels.fused_moe import gated_act_ref
+from qmamba.kernels.quant_matmul import PackedWeight, dequant_matmul_ref
+from qmamba.quant.formats import Int4Format, Int8Format
+
+FORMATS = {"float": None, "int8": Int8Format(), "int4g32": Int4Format(32), "int4g128": Int4Format(128),
+           "int4sym": Int4Format(64, symmetric=True)}
+
+
+def make_weight(fmt, n, k, device, experts=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lead = (experts,) if experts else ()
+    w = torch.randn(*lead, n, k, generator=g) / k ** 0.5
+    if fmt is None:
+        return PackedWeight.from_float(w.to(device))
+    return PackedWeight.from_packed(fmt.name, {key: t.to(device) for key, t in fmt.quantize_rtn(w).items()}, n, k)
+
+
+def poisoned(m, n, device):
+    return torch.full((m, n), float("nan"), device=device)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("block,unpack", [(None, "words"), (4, "words"), (4, "join")])
+def test_dense_matches_dequantized_matmul(fmt, m, block, unpack, device):
+    """``block``: rows per program (None: the device's policy; 4: several programs and a ragged last one);
+    ``unpack``: how int4 codes are unpacked (32-bit words or bytes joined in k order)."""
+    torch.manual_seed(m)
+    n, k = 37, 200  # K not a multiple of any group: padded tail
+    w = make_weight(FORMATS[fmt], n, k, device)
+    x = torch.randn(m, k, device=device)
+    bias = torch.randn(n, device=device)
+    policy = None if block is None else DecodePolicy(pdl=False, block_n_int4=block, block_n_float=block,
+                                                     num_warps=4 if device.type == "cuda" else 1, int4_unpack=unpack)
+    out = decode_linear(x, w, poisoned(m, n, device), bias=bias, policy=policy)
+    ref = decode_linear_ref(x, w, bias=bias)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    # the twin is x @ W_hat^T + b
+    torch.testing.assert_close(ref, dequant_matmul_ref(x, w, bias).float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["float", "int8", "int4g32", "int4g32-join"])
+@pytest.mark.parametrize("m", [1, 4])
+def test_routed_gated_and_row_scale(fmt, m, device):
+    """fc1 of a gated MoE (act(gate) * up of each row's expert) and fc2 with the routing weight; expert 2 idle."""
+    torch.manual_seed(1)
+    e, f, d = 4, 24, 96
+    policy = DecodePolicy.for_device(device)
+    if fmt.endswith("-join"):
+        fmt, policy = fmt[:-5], DecodePolicy(pdl=policy.pdl, num_warps=policy.num_warps, int4_unpack="join")
+    fc1 = make_weight(FORMATS[fmt], 2 * f, d, device, experts=e, seed=1)
+    fc2 = make_weight(FORMATS[fmt], d, f, device, experts=e, seed=2)
+    x = torch.randn(m, d, device=device)
+    idx = torch.tensor([3, 0, 3, 1][:m], dtype=torch.int32, device=device)
+    rw = torch.rand(m, device=device) + 0.5
+    act = decode_linear(x, fc1, poisoned(m, f, device), row_expert=idx, gated="silu", policy=policy)
+    ref_act = decode_linear_ref(x, fc1, row_expert=idx, gated="silu")
+    torch.testing.assert_close(act, ref_act, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ref_act, gated_act_ref(dequant_matmul_ref(x, fc1, row_expert=idx), "silu", True))
+    y = decode_linear(act, fc2, poisoned(m, d, device), row_expert=idx, row_scale=rw, policy=policy)
+    torch.testing.assert_close(y, decode_linear_ref(act, fc2, row_expert=idx, row_scale=rw), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(y, dequant_matmul_ref(act, fc2, row_expert=idx, row_scale=rw).float(), atol=1e-4,
+                               rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["float", "int4g128"])
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_conv_prologue_matches_conv_update_then_matmul(fmt, m, has_bias, device):
+    """x_proj on the conv step's output, computed from the old conv state (which is left unchanged)."""
+    torch.manual_seed(2)
+    di, width, n = 160, 4, 21
+    w = make_weight(FORMATS[fmt], n, di, device, seed=3)
+    xz = torch.randn(m, 2 * di, device=device)
+    state = torch.randn(m, di, width, device=device)
+    conv_w = torch.randn(di, width, device=device)
+    conv_b = torch.randn(di, device=device) if has_bias else None
+    before = state.clone()
+    out = decode_linear(xz[:, :di], w, poisoned(m, n, device), conv=(state, conv_w, conv_b))
+    xc, _ = causal_conv1d_update_ref(xz[:, :di], state, conv_w, conv_b, "silu")
+    torch.testing.assert_close(out, dequant_matmul_ref(xc, w).float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, decode_linear_ref(xz[:, :di], w, conv=(state, conv_w, conv_b)), atol=1e-4,
+                               rtol=1e-4)
+    assert torch.equal(state, before)
+
+
+def test_bad_shapes_are_errors(device):
+    w = make_weight(FORMATS["int4g32"], 8, 64, device)
+    with pytest.raises(ValueError, match="x must be"):
+        decode_linear(torch.randn(9, 64, device=device), w, torch.empty(9, 8, device=device))
+    with pytest.raises(ValueError, match="out must be"):
+        decode_linear(torch.randn(1, 64, device=device), w, torch.empty(1, 9, device=device))
+    stacked = make_weight(FORMATS["int8"], 8, 64, device, experts=2)
+    with pytest.raises(ValueError, match="row_expert"):
+        decode_linear(torch.randn(1, 64, device=device), stacked, torch.empty(1, 8, device=device))
+
+
+def test_policy_is_explicit_and_cpu_has_no_pdl():
+    cpu = DecodePolicy.for_device(torch.device("cpu"))
+    assert cpu.pdl is False
+    assert DecodePolicy(block_n_int4=8).block_n(2, 1, 5888) == 8
+    assert DecodePolicy(block_n_int4=8).block_n(2, 8, 5888) == 2
+    assert DecodePolicy(block_n_int4=8).block_n(2, 1, 3) == 4  # never wider than the matrix (next power of two)
