@@ -3,6 +3,7 @@
 Public API (imported lazily so ``import qmamba`` stays cheap):
     qmamba.load_model(path, device=None, dtype=None) -> MambaLM
     qmamba.ModelConfig, qmamba.preset(name)
+    qmamba.assets.default_model_path()  -> the built-in tiny BlackMamba
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ def __getattr__(name):
         from qmamba.checkpoints.load import load_model
 
         return load_model
+    if name == "assets":  # qmamba.assets.default_model_path(): the built-in model
+        import importlib
+
+        return importlib.import_module("qmamba.assets")
     if name == "generate":
         from qmamba.generation import generate
 

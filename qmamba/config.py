@@ -17,6 +17,16 @@ from qmamba.errors import ConfigError
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 FINAL_NORMS = ("layernorm", "rmsnorm")
+# A config describing more parameters than this is refused before anything is built (the largest released
+# Mamba-family models have under 1e11); it also keeps every tensor size far from int64 overflow.
+MAX_PARAMETERS = 10**12
+MAX_LAYERS = 4096  # layer plans are lists in config files: bounded before a list of that length is made
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{name} must be {what}, got {value!r}")
 
 
 def parse_layer_code(code: str, index: int) -> tuple[str, int]:
@@ -28,9 +38,10 @@ def parse_layer_code(code: str, index: int) -> tuple[str, int]:
         raise ConfigError(
             f"layer {index}: code {code!r} (a Mamba block with a parallel MLP/MoE) is not supported; "
             "the released BlackMamba models use only 'r' and expert-count codes such as '8'")
-    if code.isdigit() and code[0] != "1" and int(code[-1]) >= 1:
+    digits = code.isascii() and code.isdigit()
+    if digits and code[0] != "1" and int(code[-1]) >= 1:
         return "moe", int(code[-1])
-    if code.isdigit() and code[0] == "1":
+    if digits and code[0] == "1":
         raise ConfigError(f"layer {index}: code {code!r} (a dense MLP block) is not supported")
     raise ConfigError(f"layer {index}: unknown layer code {code!r} (expected 'r' or an expert count such as '8')")
 
@@ -62,8 +73,12 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)  # source-format fields kept for the record
 
     def __post_init__(self):
+        if not isinstance(self.layers, (list, tuple)) or not all(isinstance(c, (str, int)) and not isinstance(c, bool)
+                                                                  for c in self.layers):
+            raise ConfigError(f"layers must be a list of layer codes ('r' or an expert count), got {self.layers!r}")
         self.layers = [str(c) for c in self.layers]
         if self.dt_rank is None:
+            _check_int("d_model", self.d_model, minimum=1)
             self.dt_rank = math.ceil(self.d_model / 16)
         self.validate()
 
@@ -98,23 +113,36 @@ class ModelConfig:
 
     # ---- checks --------------------------------------------------------------------------------------
     def validate(self) -> None:
-        def positive(name, value):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-
-        for name in ("d_model", "vocab_size", "d_state", "d_conv", "expand", "dt_rank"):
-            positive(name, getattr(self, name))
+        """Types and ranges of every field, and the size of the model it describes (before anything is built)."""
+        for name in ("d_model", "vocab_size", "d_state", "d_conv", "expand", "dt_rank", "pad_vocab_multiple"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("ffn_hidden", self.ffn_hidden, minimum=0)
+        for name in ("expert_gated", "tie_embeddings", "conv_bias", "proj_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.family, str):
+            raise ConfigError(f"family must be a string, got {self.family!r}")
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"extra must be an object, got {self.extra!r}")
         if not self.layers:
             raise ConfigError("the model has no layers")
+        if len(self.layers) > MAX_LAYERS:
+            raise ConfigError(f"the model has {len(self.layers)} layers, above qmamba's limit of {MAX_LAYERS}")
         kinds = self.layer_kinds  # raises on unknown codes
         if any(k == "moe" for k, _ in kinds):
-            positive("ffn_hidden", self.ffn_hidden)
-        if self.expert_activation not in ACTIVATIONS:
+            _check_int("ffn_hidden", self.ffn_hidden, minimum=1)
+        if not isinstance(self.expert_activation, str) or self.expert_activation not in ACTIVATIONS:
             raise ConfigError(f"expert_activation must be one of {ACTIVATIONS}, got {self.expert_activation!r}")
-        if self.final_norm not in FINAL_NORMS:
+        if not isinstance(self.final_norm, str) or self.final_norm not in FINAL_NORMS:
             raise ConfigError(f"final_norm must be one of {FINAL_NORMS}, got {self.final_norm!r}")
-        if not (0 < float(self.norm_eps) < 1):
-            raise ConfigError(f"norm_eps must be in (0, 1), got {self.norm_eps!r}")
+        eps = self.norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < 1):
+            raise ConfigError(f"norm_eps must be a number in (0, 1), got {eps!r}")
+        total = self.parameter_counts()["total"]
+        if total > MAX_PARAMETERS:
+            raise ConfigError(f"the config describes a model of {total:.3g} parameters ({4 * total / 2**40:.3g} TiB "
+                              f"in float32), above qmamba's limit of {MAX_PARAMETERS:.0e}; check d_model, "
+                              "vocab_size, ffn_hidden and the layer count")
 
     # ---- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -43,9 +43,11 @@ def _windows(n_tokens: int, seq_len: int, stride: int):
 def perplexity(model, ids: torch.Tensor, seq_len: int = 512, stride: int | None = None, batch_size: int = 8,
                progress: bool = True) -> dict:
     """Sliding-window perplexity of a 1-D token tensor; returns ``{"ppl", "nll", "tokens", ...}``."""
-    stride = stride or seq_len
+    stride = seq_len if stride is None else stride
     if seq_len < 2 or not (0 < stride <= seq_len):
         raise UserError(f"need seq_len >= 2 and 0 < stride <= seq_len, got seq_len={seq_len} stride={stride}")
+    if batch_size < 1:
+        raise UserError(f"batch size must be >= 1, got {batch_size}")
     ids = ids.reshape(-1)
     if ids.numel() < 2:
         raise UserError(f"evaluation text has {ids.numel()} tokens: at least 2 are needed")
@@ -74,12 +76,14 @@ def perplexity(model, ids: torch.Tensor, seq_len: int = 512, stride: int | None 
 
 
 def load_lambada(path, limit: int | None = None) -> list[dict]:
+    """LAMBADA records of a ``.jsonl.gz`` file; ``limit``: only the first N (None: all)."""
+    _check_limit("LAMBADA record limit (--lambada-limit)", limit)
     try:
         with gzip.open(path, "rt", encoding="utf-8") as f:
             records = [json.loads(line) for line in f if line.strip()]
     except (OSError, json.JSONDecodeError, EOFError) as exc:
         raise UserError(f"cannot read LAMBADA file {path}: {exc}") from None
-    return records[:limit] if limit else records
+    return records if limit is None else records[:limit]
 
 
 @torch.no_grad()
@@ -145,15 +149,27 @@ def text_windows(ids: torch.Tensor, seq_len: int, max_windows: int) -> torch.Ten
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------
+def _check_limit(what: str, limit) -> None:
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise UserError(f"{what} must be a positive integer (or None for all), got {limit!r}")
+
+
 def encode_text_spec(tokenizer, spec: str, max_tokens: int | None = None) -> torch.Tensor:
-    """Token ids ``[N]`` of a text spec (see :mod:`qmamba.data_files`), the first ``max_tokens`` when given."""
+    """Token ids ``[N]`` of a text spec (see :mod:`qmamba.data_files`), the first ``max_tokens`` when given
+    (None: all)."""
+    return _encode_counted(tokenizer, spec, max_tokens)[0]
+
+
+def _encode_counted(tokenizer, spec: str, max_tokens: int | None) -> tuple[torch.Tensor, int]:
+    """``(ids, number of tokens in the whole text)``."""
     from qmamba.data_files import load_text_spec
 
+    _check_limit("token limit (--max-tokens)", max_tokens)
     text = load_text_spec(spec)
     if not text.strip():
         raise UserError(f"evaluation text {spec} is empty")
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    return ids[:max_tokens] if max_tokens else ids
+    return (ids if max_tokens is None else ids[:max_tokens]), ids.numel()
 
 
 def evaluate_model(model, tokenizer, data: str | None = "corpus:heldout", do_lambada: bool = False,
@@ -164,11 +180,12 @@ def evaluate_model(model, tokenizer, data: str | None = "corpus:heldout", do_lam
 
     result: dict = {}
     if data:
-        ids = encode_text_spec(tokenizer, data, max_tokens)
+        ids, text_tokens = _encode_counted(tokenizer, data, max_tokens)
         if int(ids.max()) >= model.config.vocab_size:
             raise UserError(f"{data}: token id {int(ids.max())} is outside the model's vocabulary "
                             f"({model.config.vocab_size}); wrong tokenizer?")
-        result["perplexity"] = {"data": data, **perplexity(model, ids, seq_len, stride, batch_size, progress)}
+        result["perplexity"] = {"data": data, "text_tokens": text_tokens, "max_tokens": max_tokens,
+                                **perplexity(model, ids, seq_len, stride, batch_size, progress)}
     if do_lambada:
         result["lambada"] = lambada(model, tokenizer, load_lambada(lambada_path(), lambada_limit), progress)
     return result
@@ -181,7 +198,9 @@ def evaluate_checkpoint(path, tokenizer_path=None, device=None, dtype=None, back
     from qmamba import load_model
     from qmamba.tokenizer import resolve_tokenizer
 
-    tokenizer = resolve_tokenizer(path, tokenizer_path)  # before the weights: fail fast
+    from qmamba.checkpoints.detect import resolve_checkpoint_dir
+
+    tokenizer = resolve_tokenizer(resolve_checkpoint_dir(path), tokenizer_path)  # before the weights: fail fast
     model = load_model(path, device=device, dtype=dtype, backend=backend)
     result = {"path": str(path), **evaluate_model(model, tokenizer, **kwargs)}
     p = Path(path)
@@ -192,11 +211,22 @@ def evaluate_checkpoint(path, tokenizer_path=None, device=None, dtype=None, back
 
 def compare_checkpoints(path_a, path_b, tokenizer_path=None, device=None, dtype=None, backend=None,
                         data: str | None = "corpus:heldout", router_windows: int = 16, **kwargs) -> dict:
-    """Evaluate two checkpoints on the same data; deltas (B - A) and top-1 router agreement of B with A."""
+    """Evaluate two checkpoints on the same data; deltas (B - A) and top-1 router agreement of B with A.
+
+    Both are scored with the same tokenizer: ``tokenizer_path`` when given, else each checkpoint's own, which must
+    then be the same tokenizer (otherwise the perplexities count different tokens: a :class:`UserError`)."""
     from qmamba import load_model
     from qmamba.tokenizer import resolve_tokenizer
 
-    tokenizer = resolve_tokenizer(path_a, tokenizer_path)
+    from qmamba.checkpoints.detect import resolve_checkpoint_dir
+
+    # each checkpoint's own tokenizer (or the one given), before the weights
+    tokenizers = [resolve_tokenizer(resolve_checkpoint_dir(p), tokenizer_path) for p in (path_a, path_b)]
+    if tokenizer_path is None and tokenizers[0].tokenizer.to_str() != tokenizers[1].tokenizer.to_str():
+        raise UserError(f"A and B have different tokenizers ({tokenizers[0].path} vs {tokenizers[1].path}): their "
+                        "perplexities count different tokens and cannot be compared; evaluate each alone, or pass "
+                        "--tokenizer FILE to score both with one")
+    tokenizer = tokenizers[0]
     models = [load_model(p, device=device, dtype=dtype, backend=backend) for p in (path_a, path_b)]
     results = [{"path": str(p), **evaluate_model(m, tokenizer, data=data, **kwargs)}
                for p, m in zip((path_a, path_b), models)]

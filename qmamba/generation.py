@@ -161,7 +161,7 @@ def stream_generate(model, tokenizer, prompt: str, max_new_tokens: int, *, tempe
                     label: str | None = None, out=None, err=None) -> dict:
     """Continue ``prompt`` and stream the text to ``out`` as it comes (the prompt first), then one timing line to
     ``err`` (``label`` names the backend there); returns the figures (``prompt_tokens``, ``new_tokens``,
-    ``prefill_s``, ``decode_s``, ``tokens_per_s``). An empty prompt starts a new document (the end-of-text token).
+    ``prefill_s``, ``decode_s``, ``tokens_per_s``, and the generated ``text``). An empty prompt starts a new document (the end-of-text token).
 
     ``model``: what :func:`generate` runs (a :class:`qmamba.model.MambaLM`, or a runner with ``.device``,
     ``.prefill``, ``.step`` and ``.check_token_ids``, such as the onnxruntime one); ``tokenizer``: a
@@ -178,6 +178,7 @@ def stream_generate(model, tokenizer, prompt: str, max_new_tokens: int, *, tempe
     model.check_token_ids(input_ids)
     decoder = tokenizer.stream_decoder()
     timing = {"first": None, "count": 0}
+    pieces = []
     out.write(prompt)
     out.flush()
 
@@ -190,6 +191,7 @@ def stream_generate(model, tokenizer, prompt: str, max_new_tokens: int, *, tempe
             return
         piece = decoder.push([token_id])
         if piece:
+            pieces.append(piece)
             out.write(piece)
             out.flush()
 
@@ -199,16 +201,11 @@ def stream_generate(model, tokenizer, prompt: str, max_new_tokens: int, *, tempe
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     end = time.perf_counter()
-    out.write(decoder.flush() + "\n")
+    pieces.append(decoder.flush())
+    out.write(pieces[-1] + "\n")
     out.flush()
-    n = timing["count"]
-    first = timing["first"] or end
-    decode_s = end - first
-    stats = {"prompt_tokens": len(ids), "new_tokens": n, "prefill_s": first - start, "decode_s": decode_s,
-             "tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan")}
-    where = f" ({label})" if label else ""
-    err.write(f"{n} tokens in {end - start:.2f} s{where}: prefill {len(ids)} tokens + first token "
-              f"{stats['prefill_s'] * 1e3:.0f} ms, decode {stats['tokens_per_s']:.1f} tokens/s\n")
+    stats = {**timing_stats(len(ids), timing["count"], start, timing["first"], end), "text": "".join(pieces)}
+    err.write(timing_line(stats, f" ({label})" if label else "") + "\n")
     return stats
 
 
@@ -220,3 +217,23 @@ def generated_lengths(tokens: torch.Tensor, prompt_len: int, eos_token_id: int |
     is_eos = (new == eos_token_id).cpu()
     first_eos = is_eos.int().argmax(dim=1) + 1
     return torch.where(is_eos.any(dim=1), first_eos, torch.full_like(first_eos, new.shape[1])).to(torch.int64)
+
+
+def timing_stats(prompt_tokens: int, new_tokens: int, start: float, first: float | None, end: float) -> dict:
+    """Timing figures of one generation: ``first`` is when the first new token was ready (None: no token)."""
+    first = end if first is None else first
+    decode_s = end - first
+    return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "prefill_s": first - start,
+            "decode_s": decode_s,
+            "tokens_per_s": (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else None}
+
+
+def timing_line(stats: dict, where: str = "") -> str:
+    """One line for stderr: ``64 tokens in 1.20 s: prefill 5 tokens + first token 30 ms, decode 55.0 tokens/s``."""
+    if stats["new_tokens"] == 0:
+        return f"no tokens generated (prompt {stats['prompt_tokens']} tokens; --max-new-tokens 0)"
+    line = (f"{stats['new_tokens']} tokens in {stats['prefill_s'] + stats['decode_s']:.2f} s{where}: prefill "
+            f"{stats['prompt_tokens']} tokens + first token {stats['prefill_s'] * 1e3:.0f} ms")
+    if stats["tokens_per_s"] is not None:
+        line += f", decode {stats['tokens_per_s']:.1f} tokens/s"
+    return line

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 ROWS = [  # label, bits, group, method
-    ("int8 RTN", 8, 128, "rtn"),
-    ("int8 GPTQ", 8, 128, "gptq"),
+    ("int8 RTN", 8, None, "rtn"),  # int8: one scale per output channel, no group size
+    ("int8 GPTQ", 8, None, "gptq"),
     ("int4 g128 RTN", 4, 128, "rtn"),
     ("int4 g128 GPTQ", 4, 128, "gptq"),
     ("int4 g128 AWQ", 4, 128, "awq"),

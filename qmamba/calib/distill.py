@@ -21,6 +21,8 @@ packed again, so the student holds ``BinaryLinear``/``BinaryExperts`` modules as
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from qmamba.errors import UserError
+from qmamba.errors import ConfigError, UserError
 from qmamba.moe import StackedExperts, expert_mlp
 from qmamba.quant import layout
 from qmamba.quant.binary import BinaryFormat, BinaryLinear, is_binary
@@ -62,6 +64,31 @@ class DistillOptions:
     checkpoint_every: int = 50
     seed: int = 0
     progress: bool = True
+
+    def __post_init__(self):
+        def check(name, ok, want):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not ok(value):
+                raise ConfigError(f"distillation option {name} must be {want}, got {value!r}")
+
+        def number(v):
+            return isinstance(v, (int, float)) and math.isfinite(v)
+
+        check("steps", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1 (--distill-steps)")
+        check("batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1 (--distill-batch)")
+        check("checkpoint_every", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+        check("warmup", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
+        check("lr", lambda v: number(v) and v > 0, "a number > 0 (--distill-lr)")
+        check("time_budget", lambda v: v is None or (number(v) and v >= 0),
+              "a number of seconds >= 0 (--distill-time)")
+        check("latent_lr", lambda v: v is None or (number(v) and v > 0), "a number > 0")
+        check("temperature", lambda v: number(v) and v > 0, "a number > 0")
+        check("grad_clip", lambda v: number(v) and v > 0, "a number > 0")
+        check("min_lr_ratio", lambda v: number(v) and 0 <= v <= 1, "a number in [0, 1]")
+
+
+class DistillationError(UserError):
+    """Distillation that cannot go on: a diverging loss, or a checkpoint made for other data."""
 
 
 # ---- trainable stand-ins -------------------------------------------------------------------------------------
@@ -263,15 +290,22 @@ def _trained_state(student: nn.Module, names: list[str]) -> dict:
     return {n: params[n].detach().cpu() for n in names}
 
 
-def _save(directory: Path, student, names, optimizer, step: int, elapsed: float, opts: DistillOptions) -> None:
+def data_signature(ids: torch.Tensor) -> dict:
+    """What a resumed run must share with the saved one: the calibration sequences (count, length, content)."""
+    digest = hashlib.sha256(ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()
+    return {"nsamples": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "sha256": digest}
+
+
+def _save(directory: Path, student, names, optimizer, step: int, elapsed: float, opts: DistillOptions,
+          data: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / (CHECKPOINT_FILE + ".tmp")
     torch.save({"step": step, "elapsed": elapsed, "options": asdict(opts), "params": _trained_state(student, names),
-                "optimizer": optimizer.state_dict()}, tmp)
+                "optimizer": optimizer.state_dict(), "data": data}, tmp)
     os.replace(tmp, directory / CHECKPOINT_FILE)
 
 
-def _resume(directory: Path, student, names, optimizer) -> tuple[int, float]:
+def _resume(directory: Path, student, names, optimizer, data: dict) -> tuple[int, float]:
     path = directory / CHECKPOINT_FILE
     if not path.is_file():
         return 0, 0.0
@@ -279,8 +313,20 @@ def _resume(directory: Path, student, names, optimizer) -> tuple[int, float]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a user-facing error
         raise UserError(f"cannot read distillation checkpoint {path}: {exc}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("params"), dict) or "step" not in state:
+        raise UserError(f"{path} is not a qmamba distillation checkpoint")
+    saved_data = state.get("data") or {}
+    for key, option in (("nsamples", "--nsamples"), ("seq_len", "--seq-len")):
+        if key in saved_data and saved_data[key] != data[key]:
+            raise DistillationError(f"distillation checkpoint {path} was made with {option} {saved_data[key]}, this "
+                                    f"run has {option} {data[key]}: use the same value, or another "
+                                    "--distill-checkpoint directory")
+    if saved_data.get("sha256", data["sha256"]) != data["sha256"]:
+        raise DistillationError(f"distillation checkpoint {path} was made on other calibration sequences (other "
+                                "--calib, --seed or tokenizer): use the same ones, or another --distill-checkpoint "
+                                "directory")
     params = dict(student.named_parameters())
-    saved = state.get("params", {})
+    saved = state["params"]
     if sorted(saved) != sorted(names) or any(tuple(saved[n].shape) != tuple(params[n].shape) for n in names):
         raise UserError(f"distillation checkpoint {path} was made for other trainable tensors (different model or "
                         "flags); delete it or choose another --distill-checkpoint directory")
@@ -307,8 +353,14 @@ def distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, opts: Dis
     fused = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(groups, lr=opts.lr, weight_decay=0.0, betas=(0.9, 0.95), **fused)
     ckpt_dir = Path(opts.checkpoint_dir) if opts.checkpoint_dir else None
-    step, elapsed = _resume(ckpt_dir, student, names, optimizer) if ckpt_dir else (0, 0.0)
+    data = data_signature(ids)
+    step, elapsed = _resume(ckpt_dir, student, names, optimizer, data) if ckpt_dir else (0, 0.0)
     start_step = step
+    if start_step and log is not None:
+        remaining = max(0, opts.steps - start_step)
+        log(f"distillation: resumed from step {start_step} of {opts.steps} ({ckpt_dir / CHECKPOINT_FILE}); "
+            + (f"{remaining} steps to run" if remaining else
+               "0 steps to run: the checkpoint is already there (raise --distill-steps to train further)"))
     gen = torch.Generator().manual_seed(opts.seed + step)
     history, losses = [], []
     student.train()
@@ -331,7 +383,8 @@ def distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, opts: Dis
                     t_logits = teacher(batch)
                 loss = distill_loss(student(batch), t_logits, opts.temperature)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"distillation loss is {float(loss)} at step {step}")
+                    raise DistillationError(f"distillation loss is {float(loss)} at step {step}: training "
+                                            "diverged; lower --distill-lr")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], opts.grad_clip)
@@ -343,13 +396,13 @@ def distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, opts: Dis
                 if step % 10 == 0 or step == opts.steps:
                     history.append({"step": step, "kl": sum(losses[-10:]) / len(losses[-10:]), "lr": lr})
                 if ckpt_dir and step % opts.checkpoint_every == 0:
-                    _save(ckpt_dir, student, names, optimizer, step, time.perf_counter() - t0, opts)
+                    _save(ckpt_dir, student, names, optimizer, step, time.perf_counter() - t0, opts, data)
     finally:
         bar.close()
         student.eval()
     seconds = time.perf_counter() - t0
     if ckpt_dir and step > start_step:
-        _save(ckpt_dir, student, names, optimizer, step, seconds, opts)
+        _save(ckpt_dir, student, names, optimizer, step, seconds, opts, data)
     flips = _sign_flips(swapped) if opts.ste else None
     write_back(student, swapped)
     student.requires_grad_(False)
@@ -359,7 +412,13 @@ def distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, opts: Dis
               if losses else None, "trained": _summarize_names(names), "sign_flips": flips,
               "options": asdict(opts), "history": history}
     if log is not None and losses:
-        log(f"distillation: {step} steps in {seconds:.0f} s, KL {report['first_kl']:.4f} -> {report['last_kl']:.4f}")
+        resumed = f" (steps {start_step + 1}..{step}, resumed)" if start_step else ""
+        log(f"distillation: {step - start_step} steps{resumed} in {seconds - elapsed:.0f} s, KL "
+            f"{report['first_kl']:.4f} -> {report['last_kl']:.4f}")
+    elif log is not None and stop == "time":
+        log(f"distillation: 0 steps run: the --distill-time budget ({opts.time_budget:g} s) was already spent "
+            f"({elapsed:.0f} s in the checkpoint)")
+    report["steps_run"] = step - start_step
     return report
 
 

@@ -33,12 +33,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from qmamba.checkpoints.files import hash_files
+from qmamba.devices import resolve_device
 from qmamba.errors import UserError
 from qmamba.quant.modules import swap_quantized_modules
 
 from qmamba.calib.data import DEFAULT_CALIBRATION, load_calibration
 from qmamba.calib.pipeline import CalibOptions, calibrate, move_module, plan_needs_data, record_routing_blockwise
-from qmamba.calib.recipe import build_plan, load_recipe
+from qmamba.calib.recipe import build_plan, load_recipe, resolve_options
 from qmamba.calib.report import format_table, summarize
 
 if TYPE_CHECKING:
@@ -75,11 +76,16 @@ class QuantizeOptions:
     :class:`qmamba.calib.distill.DistillOptions` to distill the 1-bit modules against the float model after PTB.
     ``report``: the router-agreement report of MoE models (``None``: when data is used) on at most
     ``report_tokens`` tokens.
+
+    ``group_size`` / ``method`` ``None``: the defaults (128 for int4; GPTQ, PTB for 1-bit). Options that do not
+    apply (a method with ``bits=1``, a group size with ``bits=8``, ``symmetric`` outside int4, ``act_order``
+    without GPTQ, ``distill`` without 1-bit modules) are errors, checked by :meth:`settings` before anything is
+    read.
     """
 
     bits: int = 4
-    group_size: int = 128
-    method: str = "gptq"
+    group_size: int | None = None
+    method: str | None = None
     symmetric: bool = False
     calib: Sequence[str] | None = None
     nsamples: int = 128
@@ -95,6 +101,22 @@ class QuantizeOptions:
     distill: DistillOptions | None = None
     report: bool | None = None
     report_tokens: int = 4096
+
+    def settings(self) -> dict:
+        """The command-line level settings checked and completed (``{"bits", "group_size", "symmetric",
+        "method"}``, what the manifest records); raises :class:`qmamba.errors.ConfigError` /
+        :class:`qmamba.errors.UserError` for options that do not apply. A recipe may still give 1-bit or GPTQ
+        modules: those checks are then made on the plan."""
+        settings = resolve_options(self.bits, self.group_size, self.method, self.symmetric,
+                                   act_order=self.calibration.act_order and not self.recipe)
+        if self.distill is not None and self.bits != 1 and not self.recipe:
+            raise UserError(f"--distill trains 1-bit modules: use --bits 1 (not {self.bits}) or a recipe with "
+                            "bits: 1")
+        for name, value, minimum in (("nsamples", self.nsamples, 1), ("seq_len", self.seq_len, 2),
+                                     ("report_tokens", self.report_tokens, 1), ("seed", self.seed, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise UserError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        return settings
 
 
 def quantize_checkpoint(src, out, options: QuantizeOptions | None = None, *, log=print) -> dict:
@@ -113,18 +135,21 @@ def quantize_checkpoint(src, out, options: QuantizeOptions | None = None, *, log
     src, out = Path(src), Path(out)
     check_output_dir(out, options.overwrite)
     opts, distill, recipe = options.calibration, options.distill, options.recipe
+    settings = options.settings()  # options that do not apply: errors before anything is read
+    device = resolve_device(options.device)
     recipe_data = load_recipe(recipe) if recipe else None
     directory = resolve_checkpoint_dir(src)
     detected = detect_checkpoint(directory)  # config.json parsed once, here
     cfg = config_of(directory, detected[0], detected[1])
     if manifest_of(directory, detected[0]).get("quantization"):  # before reading any weight
         raise UserError(f"{src} is already quantized; quantize its float source instead")
-    device = torch.device(options.device) if options.device else torch.device("cpu")
     skeleton = meta_model(cfg)  # planned on now, filled by the one builder once the weights are read
     plan = build_plan(skeleton, options.bits, options.group_size, options.symmetric, options.method,
                       options.quantize_head, options.quantize_xdt, recipe_data)
     if distill is not None and not any(getattr(e.fmt, "bits", 0) == 1 for e in plan.values()):
         raise UserError("--distill trains 1-bit modules: use --bits 1 or a recipe with bits: 1")
+    if opts.act_order and not any(e.method == "gptq" for e in plan.values()):
+        raise UserError("--act-order applies to GPTQ only, and no module is quantized with GPTQ")
     calib, seq_len = options.calib, options.seq_len
     calibrates = distill is not None or plan_needs_data(plan) or calib is not None
     want_report = bool(cfg.moe_layer_ids) and (options.report if options.report is not None else calibrates)
@@ -171,9 +196,10 @@ def quantize_checkpoint(src, out, options: QuantizeOptions | None = None, *, log
         move_module(teacher, device, torch.float32)
         distill_report = run_distillation(model, teacher, data.ids.to(device), distill, log=log)
         del teacher
-        for r in results.values():
-            if getattr(r.fmt, "bits", 0) == 1:
-                r.method = "ptb+distill"
+        if distill_report["steps"] > 0:  # steps of this run and of a resumed checkpoint
+            for r in results.values():
+                if getattr(r.fmt, "bits", 0) == 1:
+                    r.method = "ptb+distill"
     router = None
     if want_report:
         routes = record_routing_blockwise(model, report_ids, device, opts.batch_size, opts.progress,
@@ -199,8 +225,7 @@ def quantize_checkpoint(src, out, options: QuantizeOptions | None = None, *, log
         if v.is_floating_point() and k in source_dtypes and not any(k.startswith(n + ".") for n in entries):
             v = v.to(source_dtypes[k])
         out_sd[k] = v.detach().cpu()
-    info = {"method": options.method, "bits": options.bits, "group_size": options.group_size,
-            "symmetric": options.symmetric, "quantize_head": options.quantize_head,
+    info = {**settings, "quantize_head": options.quantize_head,
             "quantize_xdt": options.quantize_xdt, "options": asdict(opts),
             "recipe": {"path": str(recipe), "content": recipe_data} if recipe else None,
             "calibration": data.describe() if data is not None else None,

@@ -27,11 +27,14 @@ from pathlib import Path
 
 from qmamba.errors import ConfigError
 from qmamba.quant.formats import WeightFormat, make_format
+from qmamba.quant.layout import INT4_GROUP_SIZES
 
 from qmamba.calib.methods import SELECTABLE_METHODS
 
 SETTING_KEYS = ("bits", "group_size", "symmetric", "method")
 FLOAT_BITS = 16
+DEFAULT_GROUP_SIZE = 128  # int4, when no group size is given
+DEFAULT_METHOD = "gptq"   # int4 / int8, when no method is given (1-bit: PTB, its only initialisation)
 
 
 class RecipeError(ConfigError):
@@ -76,13 +79,57 @@ def _check_setting(data: dict, where: str, allow_pattern: bool) -> dict:
     unknown = sorted(set(data) - set(allowed))
     if unknown:
         raise RecipeError(f"{where}: unknown recipe keys {unknown} (allowed: {list(allowed)})")
-    if "bits" in data and data["bits"] not in (1, 4, 8, FLOAT_BITS):
+    if "bits" in data and (isinstance(data["bits"], bool) or data["bits"] not in (1, 4, 8, FLOAT_BITS)):
         raise RecipeError(f"{where}: bits must be 1 (binary), 4, 8 or 16 (keep in float), got {data['bits']!r}")
     if "method" in data and data["method"] not in SELECTABLE_METHODS:
         raise RecipeError(f"{where}: method must be one of {SELECTABLE_METHODS}, got {data['method']!r}")
     if "symmetric" in data and not isinstance(data["symmetric"], bool):
         raise RecipeError(f"{where}: symmetric must be true or false, got {data['symmetric']!r}")
+    if "group_size" in data and (isinstance(data["group_size"], bool) or data["group_size"] not in INT4_GROUP_SIZES):
+        raise RecipeError(f"{where}: group_size must be one of {INT4_GROUP_SIZES}, got {data['group_size']!r}")
     return {k: v for k, v in data.items() if k != "pattern"}
+
+
+def _cli_spelling(key: str, value) -> str:
+    return f"--{key.replace('_', '-')}" + ("" if value is True else f" {value}")
+
+
+def check_applicable(setting: dict, bits, where: str = "", spell=None) -> None:
+    """Raise :class:`ConfigError` when ``setting`` (options given explicitly at one level: the command line, a
+    recipe's default or one rule) sets something that does not apply to ``bits``: a group size or ``symmetric``
+    outside int4, a method for 1-bit (PTB is its only initialisation) or for modules kept in float."""
+    spell = spell or (lambda key, value: f"{key} {value!r}")
+    prefix = f"{where}: " if where else ""
+    bits_text = spell("bits", bits)
+    if bits not in (1, 4, 8, FLOAT_BITS):
+        return  # reported as an unsupported bit width elsewhere
+    if setting.get("group_size") is not None and bits != 4:
+        why = {8: "int8 has one scale per output channel", 1: "1-bit has per-column scales",
+               FLOAT_BITS: "the modules stay in float"}[bits]
+        raise ConfigError(f"{prefix}{spell('group_size', setting['group_size'])} does not apply to {bits_text} "
+                          f"({why}); group sizes are for 4-bit")
+    if setting.get("symmetric") and bits != 4:
+        why = {8: "int8 is always symmetric", 1: "1-bit has no zero point",
+               FLOAT_BITS: "the modules stay in float"}[bits]
+        raise ConfigError(f"{prefix}{spell('symmetric', True)} does not apply to {bits_text} ({why})")
+    if setting.get("method") is not None and bits in (1, FLOAT_BITS):
+        why = "1-bit modules are initialised by PTB, see docs/binary.md" if bits == 1 else "the modules stay in float"
+        raise ConfigError(f"{prefix}{spell('method', setting['method'])} does not apply to {bits_text} ({why})")
+
+
+def resolve_options(bits: int, group_size: int | None = None, method: str | None = None, symmetric: bool = False,
+                    act_order: bool = False) -> dict:
+    """The command-line settings checked and completed: options that do not apply to ``bits`` are an error, and
+    the defaults fill the rest (``{"bits", "group_size", "symmetric", "method"}``; ``None`` where not used)."""
+    make_format(bits, group_size or DEFAULT_GROUP_SIZE, symmetric)  # unsupported bits / group sizes
+    if method is not None and method not in SELECTABLE_METHODS:
+        raise ConfigError(f"method must be one of {SELECTABLE_METHODS}, got {method!r}")
+    check_applicable({"group_size": group_size, "symmetric": symmetric, "method": method}, bits, spell=_cli_spelling)
+    resolved_method = "ptb" if bits == 1 else method or DEFAULT_METHOD
+    if act_order and resolved_method != "gptq":
+        raise ConfigError(f"--act-order applies to GPTQ only, not to method {resolved_method}")
+    return {"bits": bits, "group_size": (group_size or DEFAULT_GROUP_SIZE) if bits == 4 else None,
+            "symmetric": bool(symmetric) if bits == 4 else bits == 8, "method": resolved_method}
 
 
 def load_recipe(path: str | Path) -> dict:
@@ -99,7 +146,7 @@ def load_recipe(path: str | Path) -> dict:
 
             data = yaml.safe_load(text)
     except Exception as exc:  # json/yaml parse errors
-        raise RecipeError(f"cannot parse recipe {path}: {exc}") from None
+        raise RecipeError(f"cannot parse recipe {path}: {' '.join(str(exc).split())[:300]}") from None
     return validate_recipe(data, str(path))
 
 
@@ -122,15 +169,25 @@ def validate_recipe(data, where: str = "recipe") -> dict:
     return {"default": dict(data.get("default", {})), "rules": [dict(r) for r in rules]}
 
 
-def build_plan(model, bits: int = 4, group_size: int = 128, symmetric: bool = False, method: str = "gptq",
-               quantize_head: bool = False, quantize_xdt: bool = False, recipe: dict | None = None
-               ) -> dict[str, PlanEntry]:
-    """``{manifest name: PlanEntry}`` in forward order, for the modules to quantize."""
-    if method not in SELECTABLE_METHODS:
+def build_plan(model, bits: int = 4, group_size: int | None = None, symmetric: bool = False,
+               method: str | None = None, quantize_head: bool = False, quantize_xdt: bool = False,
+               recipe: dict | None = None) -> dict[str, PlanEntry]:
+    """``{manifest name: PlanEntry}`` in forward order, for the modules to quantize.
+
+    ``group_size`` / ``method`` ``None``: the defaults (``DEFAULT_GROUP_SIZE`` for int4, ``DEFAULT_METHOD``; 1-bit:
+    PTB). Options given at one level (the arguments, the recipe's default, one rule) that do not apply to the bits
+    of that level are a :class:`ConfigError` (see :func:`check_applicable`); values inherited from an outer level
+    simply do not apply (a rule ``bits: 1`` under ``--method awq`` gives PTB modules)."""
+    if method is not None and method not in SELECTABLE_METHODS:
         raise ConfigError(f"method must be one of {SELECTABLE_METHODS}, got {method!r}")
+    if bits not in (1, 4, 8):
+        make_format(bits)  # the unsupported-bit-width error
+    check_applicable({"group_size": group_size, "symmetric": symmetric, "method": method}, bits, spell=_cli_spelling)
     recipe = validate_recipe(recipe or {})
     base = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "method": method}
-    base.update(recipe["default"])
+    default = recipe["default"]
+    check_applicable(default, default.get("bits", bits), "recipe default")
+    base.update(default)
     candidates = quantizable_modules(model)
     on_by_default = {"in_proj", "out_proj", "experts.fc1", "experts.fc2"}
     if quantize_xdt:
@@ -144,17 +201,21 @@ def build_plan(model, bits: int = 4, group_size: int = 128, symmetric: bool = Fa
             raise RecipeError(f"recipe rules[{j}]: pattern {rule['pattern']!r} matches no quantizable module "
                               f"(examples: {', '.join(list(candidates)[:4])}, ...; norms, router, conv and SSM "
                               "parameters are never quantized)")
+        given = {k: v for k, v in rule.items() if k != "pattern"}
         for name in matched:
             current = settings[name] or dict(base)
-            current.update({k: v for k, v in rule.items() if k != "pattern"})
+            check_applicable(given, given.get("bits", current["bits"]), f"recipe rules[{j}] ({name})")
+            current.update(given)
             settings[name] = current
     plan = {}
     for name, s in settings.items():
         if s is None or s["bits"] == FLOAT_BITS:
             continue
-        setting = ModuleSetting(int(s["bits"]), int(s["group_size"]), bool(s["symmetric"]), s["method"])
+        bits_s = int(s["bits"])
+        setting = ModuleSetting(bits_s, int(s["group_size"] or DEFAULT_GROUP_SIZE),
+                                bool(s["symmetric"]) and bits_s == 4, s["method"] or DEFAULT_METHOD)
         fmt = setting.fmt()
-        # formats with one data-free initialisation (binary: PTB) ignore the method (GPTQ/AWQ do not apply)
+        # formats with one data-free initialisation (binary: PTB) have no method to choose
         plan[name] = PlanEntry(fmt, getattr(fmt, "data_free_method", None) or setting.method)
     if not plan:
         raise ConfigError("nothing to quantize: every module is kept in float")

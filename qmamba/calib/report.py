@@ -38,6 +38,33 @@ def summarize(results: dict[str, ModuleResult], source_bytes_per_param: dict[str
     return out
 
 
+MAX_FALLBACK_LINES = 8
+
+
+def format_fallbacks(fallbacks: list[str], max_lines: int = MAX_FALLBACK_LINES) -> list[str]:
+    """Short lines for ``"module[expert]:how"`` fallback records: a count, then one line per module (at most
+    ``max_lines``; the full list is in the manifest's ``quantization_info.summary``)."""
+    by_module: "OrderedDict[str, OrderedDict[str, list[str]]]" = OrderedDict()
+    for item in fallbacks:
+        where, _, how = item.rpartition(":")
+        module, _, expert = where.partition("[")
+        by_module.setdefault(module, OrderedDict()).setdefault(how, []).append(expert.rstrip("]"))
+    kinds = OrderedDict()
+    for hows in by_module.values():
+        for how, experts in hows.items():
+            kinds[how] = kinds.get(how, 0) + len(experts)
+    lines = [f"fallbacks: {len(fallbacks)} ({', '.join(f'{how} {n}' for how, n in kinds.items())}) in "
+             f"{len(by_module)} module(s):"]
+    for module, hows in list(by_module.items())[:max_lines]:
+        parts = [how + ("" if experts == ["-"] else " for expert(s) " + ", ".join(experts))
+                 for how, experts in hows.items()]
+        lines.append(f"  {module}: {'; '.join(parts)}")
+    if len(by_module) > max_lines:
+        lines.append(f"  ... and {len(by_module) - max_lines} more module(s), all listed in the manifest "
+                     "(quantization_info.summary)")
+    return lines
+
+
 def format_table(rows: list[dict], router: dict | None = None, seconds: float | None = None) -> str:
     """A plain-text table of :func:`summarize` rows."""
     header = ("kind", "format", "method", "mods", "bits/w", "MiB before", "MiB after", "SQNR dB", "fallbacks")
@@ -55,7 +82,7 @@ def format_table(rows: list[dict], router: dict | None = None, seconds: float | 
                 f"({before / after:.2f}x)" if after else "")
     fallbacks = [f for r in rows for f in r["fallbacks"]]
     if fallbacks:
-        text.append("fallbacks: " + ", ".join(fallbacks))
+        text += format_fallbacks(fallbacks)
     if router and router.get("per_layer"):
         per = ", ".join(f"L{i}: {100 * a:.1f}%" for i, a in router["per_layer"].items())
         text.append(f"router top-1 agreement with the float model (calibration tokens): "

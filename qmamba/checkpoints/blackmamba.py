@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from qmamba.config import ModelConfig
+from qmamba.config import MAX_LAYERS, ModelConfig
 from qmamba.errors import CheckpointError, ConfigError
 
-from .files import check_tensor_dict, hash_files, read_json, require_keys, torch_load_safe, write_json
+from .files import (check_tensor_dict, config_int, hash_files, one_line, read_json, require_keys, torch_load_safe,
+                    write_json)
 from .keymap import KeyMap, mixer_rules, rename_to_internal, rename_to_source
 from .manifest import source_manifest
 from .record import Checkpoint
@@ -53,11 +54,11 @@ def parse_layer_plan(value, path: Path) -> list[str]:
     if isinstance(value, str):
         text = value.strip()
         codes = re.split(r"[\s,]+", text) if re.search(r"[\s,]", text) else list(text)
-    elif isinstance(value, list):
+    elif isinstance(value, list) and all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in value):
         codes = [str(c).strip() for c in value]
     else:
-        raise ConfigError(f"config file {path}: mamba_moe_layers must be a list or a string, "
-                          f"got {type(value).__name__}")
+        raise ConfigError(f"config file {path}: mamba_moe_layers must be a list of codes or a string, "
+                          f"got {one_line(repr(value), 80)}")
     return [c for c in codes if c]
 
 
@@ -66,15 +67,19 @@ def config_from_json(data: dict, path: Path) -> ModelConfig:
     if data["add_bias_linear"]:
         raise ConfigError(f"config file {path}: add_bias_linear=true (biases on projections and experts) is not "
                           "supported; the released BlackMamba models use false")
+    n_layers = config_int(data, "num_layers", path, maximum=MAX_LAYERS)
     layers = parse_layer_plan(data["mamba_moe_layers"], path)
-    if len(layers) != int(data["num_layers"]):
+    if len(layers) != n_layers:
         raise ConfigError(f"config file {path}: mamba_moe_layers has {len(layers)} codes but num_layers is "
                           f"{data['num_layers']}")
+    sizes = {key: config_int(data, key, path) for key in
+             ("hidden_size", "vocab_size", "state_size", "conv_dimension", "expansion_factor")}
+    ffn = 0 if data["ffn_hidden_size"] is None else config_int(data, "ffn_hidden_size", path, minimum=0)
     try:
         return ModelConfig(
-            d_model=data["hidden_size"], layers=layers, vocab_size=data["vocab_size"], d_state=data["state_size"],
-            d_conv=data["conv_dimension"], expand=data["expansion_factor"], dt_rank=None,
-            ffn_hidden=data["ffn_hidden_size"] or 0, expert_gated=bool(data["swiglu"]), expert_activation="gelu",
+            d_model=sizes["hidden_size"], layers=layers, vocab_size=sizes["vocab_size"],
+            d_state=sizes["state_size"], d_conv=sizes["conv_dimension"], expand=sizes["expansion_factor"],
+            dt_rank=None, ffn_hidden=ffn, expert_gated=bool(data["swiglu"]), expert_activation="gelu",
             final_norm="layernorm", norm_eps=1e-5, tie_embeddings=True, conv_bias=True, proj_bias=False,
             family="blackmamba",
             extra={"max_sequence_length": data.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)})

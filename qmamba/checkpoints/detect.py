@@ -59,6 +59,9 @@ def resolve_checkpoint_dir(path) -> Path:
     p = Path(path).expanduser()
     if p.is_dir():
         return p
+    if p.is_file() and p.suffix in (".onnx", ".data") and ".onnx" in p.name:
+        raise CheckpointError(f"{path} is an ONNX export, not a checkpoint (run it with: qmamba generate {path}); "
+                              "info, eval, quantize and export read the checkpoint directory it was exported from")
     if p.is_file():
         return p.parent
     text = str(path)

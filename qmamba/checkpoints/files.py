@@ -60,7 +60,7 @@ def read_json(path: Path, what: str = "config") -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{what} file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, huge ints
         raise CheckpointError(f"cannot read {what} file {path}: {one_line(exc)}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{what} file {path} must hold a JSON object, got {type(data).__name__}")
@@ -71,6 +71,22 @@ def require_keys(config: dict, keys, path: Path) -> None:
     missing = [k for k in keys if k not in config]
     if missing:
         raise ConfigError(f"config file {path} lacks required key(s) {missing}")
+
+
+_REQUIRED = object()
+
+
+def config_int(config: dict, key: str, path: Path, default=_REQUIRED, minimum: int = 1,
+               maximum: int | None = None) -> int:
+    """``config[key]`` as an integer in ``[minimum, maximum]`` (a JSON integer; no strings, floats or booleans)."""
+    value = config.get(key, default)
+    if value is _REQUIRED:
+        raise ConfigError(f"config file {path} lacks required key {key!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum or (
+            maximum is not None and value > maximum):
+        bounds = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+        raise ConfigError(f"config file {path}: {key} must be an integer {bounds}, got {value!r}")
+    return value
 
 
 def torch_load_safe(path: Path, mmap: bool = False):
@@ -162,7 +178,7 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise CheckpointError(f"output path {out_dir} exists and is not a directory")
     if dir_is_nonempty(out_dir) and not overwrite:
-        raise CheckpointError(f"output directory {out_dir} exists and is not empty (pass overwrite to replace it)")
+        raise CheckpointError(f"output directory {out_dir} exists and is not empty (pass --overwrite to replace it)")
     if not out_dir.parent.exists():
         raise CheckpointError(f"parent directory of {out_dir} does not exist")
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from qmamba.config import ModelConfig
+from qmamba.config import MAX_LAYERS, ModelConfig
 from qmamba.errors import CheckpointError, ConfigError
 
-from .files import (check_tensor_dict, hash_files, read_json, require_keys, safetensors_load, torch_load_safe,
-                    write_json)
+from .files import (check_tensor_dict, config_int, hash_files, read_json, require_keys, safetensors_load,
+                    torch_load_safe, write_json)
 from .keymap import KeyMap, mixer_rules, rename_to_internal, rename_to_source
 from .mamba_ssm import drop_tied_head
 from .manifest import source_manifest
@@ -41,12 +41,15 @@ UNSUPPORTED_MODEL_TYPES = {"mamba2": "Mamba-2", "falcon_mamba": "FalconMamba (ex
 def looks_like(directory: Path, config: dict | None) -> bool:
     if config is None:
         return False
-    return config.get("model_type") in ("mamba", *UNSUPPORTED_MODEL_TYPES) or (
+    model_type = config.get("model_type")
+    return (isinstance(model_type, str) and model_type in ("mamba", *UNSUPPORTED_MODEL_TYPES)) or (
         "state_size" in config and "num_hidden_layers" in config)
 
 
 def config_from_json(data: dict, path: Path) -> ModelConfig:
     model_type = data.get("model_type", "mamba")
+    if not isinstance(model_type, str):
+        raise ConfigError(f"config file {path}: model_type must be a string, got {model_type!r}")
     if model_type in UNSUPPORTED_MODEL_TYPES:
         raise ConfigError(f"config file {path}: model_type {model_type!r} "
                           f"({UNSUPPORTED_MODEL_TYPES[model_type]}) is not supported")
@@ -55,18 +58,24 @@ def config_from_json(data: dict, path: Path) -> ModelConfig:
     require_keys(data, ("hidden_size", "num_hidden_layers", "vocab_size"), path)
     if data.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"config file {path}: hidden_act={data['hidden_act']!r} is not supported (only silu)")
-    hidden, expand = int(data["hidden_size"]), int(data.get("expand", 2))
+    hidden, expand = config_int(data, "hidden_size", path), config_int(data, "expand", path, default=2)
     if data.get("intermediate_size", hidden * expand) != hidden * expand:
         raise ConfigError(f"config file {path}: intermediate_size must equal expand * hidden_size")
+    n_layers = config_int(data, "num_hidden_layers", path, maximum=MAX_LAYERS)
     rank = data.get("time_step_rank", "auto")
-    return ModelConfig(
-        d_model=hidden, layers=["r"] * int(data["num_hidden_layers"]), vocab_size=int(data["vocab_size"]),
-        d_state=data.get("state_size", 16), d_conv=data.get("conv_kernel", 4), expand=expand,
-        dt_rank=None if rank == "auto" else rank, final_norm="rmsnorm",
-        norm_eps=float(data.get("layer_norm_epsilon", 1e-5)),
-        tie_embeddings=bool(data.get("tie_word_embeddings", True)), conv_bias=bool(data.get("use_conv_bias", True)),
-        proj_bias=bool(data.get("use_bias", False)), family="mamba",
-        extra={"residual_in_fp32": data.get("residual_in_fp32", True)})
+    vocab, d_state = config_int(data, "vocab_size", path), config_int(data, "state_size", path, default=16)
+    d_conv = config_int(data, "conv_kernel", path, default=4)
+    try:
+        return ModelConfig(
+            d_model=hidden, layers=["r"] * n_layers, vocab_size=vocab, d_state=d_state, d_conv=d_conv,
+            expand=expand,
+            dt_rank=None if rank == "auto" else rank, final_norm="rmsnorm",
+            norm_eps=data.get("layer_norm_epsilon", 1e-5),
+            tie_embeddings=bool(data.get("tie_word_embeddings", True)),
+            conv_bias=bool(data.get("use_conv_bias", True)), proj_bias=bool(data.get("use_bias", False)),
+            family="mamba", extra={"residual_in_fp32": data.get("residual_in_fp32", True)})
+    except ConfigError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
 
 
 def config_to_json(cfg: ModelConfig) -> dict:

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 
+from qmamba.devices import check_backend, check_fits, resolve_device
 from qmamba.errors import CheckpointError, ConfigError
 from qmamba.ops import BACKENDS
 
 from .detect import open_checkpoint
 from .files import one_line
-from .manifest import parse_dtype
+from .manifest import dtype_name, parse_dtype
 from .shapes import is_quantized_tensor, meta_model, quantized_names
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -82,22 +83,48 @@ def model_from_checkpoint(checkpoint, device, dtype: torch.dtype | None):
     return model
 
 
-def load_model(path, device=None, dtype=None, backend=None, *, hash_files: bool = False):
+def loaded_bytes(state_dict: dict[str, torch.Tensor], manifest: dict, dtype: torch.dtype) -> int:
+    """Bytes the state dict takes once loaded: floating non-quantized tensors in ``dtype``, packed ones as stored."""
+    skip = quantized_names(manifest.get("quantization") or None)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return sum(t.numel() * (itemsize if t.is_floating_point() and not is_quantized_tensor(name, skip)
+                            else t.element_size()) for name, t in state_dict.items())
+
+
+def load_model(path, device=None, dtype=None, backend=None, *, hash_files: bool = False,
+               dense_cache: bool | None = None):
     """Load a checkpoint of any supported format (local dir, file inside it, or hub id) as a :class:`MambaLM`.
 
     ``device``: default CPU. ``dtype``: default float32 on CPU, bfloat16 on CUDA (names like "bf16" work).
     ``backend``: "reference" or "triton"; default triton on CUDA when available. The model gets
     ``model.tokenizer_path`` (``tokenizer.json`` beside the weights, or ``None``) and ``model.checkpoint_manifest``.
     ``hash_files``: record sha256 of source-format files in the manifest (off by default: it re-reads the files).
+    ``dense_cache``: quantized modules keep their reference operands (dense weights) in ``dtype`` instead of
+    unpacking them on every call (:func:`qmamba.quant.modules.keep_dense_weights`); default: on with the reference
+    backend (CPU), where it makes a quantized model as fast as the float one, at the cost of a float copy of the
+    quantized weights in memory (``model.dense_cache_bytes``; 4 bytes per weight in float32, 2 in bfloat16).
     """
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = resolve_device(device)
     dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    checkpoint = open_checkpoint(path, hash_files=hash_files)
     backend = backend or default_backend(device)
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    check_backend(backend, device)
+    checkpoint = open_checkpoint(path, hash_files=hash_files)
+    cfg, manifest = checkpoint.config, checkpoint.manifest
+    quantized = bool(manifest.get("quantization"))
+    dense_cache = (backend == "reference") if dense_cache is None else dense_cache
+    needed = loaded_bytes(checkpoint.state_dict, manifest, dtype)
+    if quantized and dense_cache:  # upper bound of the dense copies: every parameter in dtype
+        needed += cfg.parameter_counts()["total"] * torch.empty(0, dtype=dtype).element_size()
+    check_fits(needed, device, f"the model ({dtype_name(dtype)} weights)")
     model = model_from_checkpoint(checkpoint, device, dtype)
     model.set_backend(backend)
+    model.dense_cache_bytes = 0
+    if quantized and dense_cache:
+        from qmamba.quant.modules import keep_dense_weights
+
+        model.dense_cache_bytes = keep_dense_weights(model, dtype)
     tokenizer = Path(checkpoint.directory) / TOKENIZER_FILE
     model.tokenizer_path = tokenizer if tokenizer.is_file() else None
     model.checkpoint_manifest = checkpoint.manifest

@@ -131,7 +131,10 @@ def read(directory: Path, hash_weights: bool = True, config: dict | None = None)
         raise ConfigError(f"config file {directory / CONFIG}: {exc}") from None
     weights = directory / WEIGHTS
     sd = safetensors_load(weights)
-    for alias, target in (manifest.get("aliases") or {}).items():
+    aliases = manifest.get("aliases") or {}
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+        raise CheckpointError(f"manifest {directory / MANIFEST}: aliases must be an object of name -> name")
+    for alias, target in aliases.items():
         if target not in sd:
             raise CheckpointError(f"manifest {directory / MANIFEST}: alias {alias!r} points to missing key {target!r}")
         sd[alias] = sd[target]

@@ -17,11 +17,12 @@ import torch
 from tqdm import tqdm
 
 from qmamba.config import ModelConfig, preset
+from qmamba.devices import check_fits
 from qmamba.errors import ConfigError
 
 from . import blackmamba, hf_mamba, mamba_ssm, native
 from .files import atomic_output_dir, check_output_dir, check_tokenizer_file, copy_tokenizer
-from .manifest import parse_dtype
+from .manifest import dtype_name, parse_dtype
 from .shapes import expected_shapes
 
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
@@ -90,6 +91,20 @@ def write_checkpoint(state_dict: dict, cfg: ModelConfig, fmt: str, out_dir, *, t
     return Path(out_dir)
 
 
+def check_tokenizer_fits(tokenizer_file, cfg: ModelConfig) -> None:
+    """A tokenizer to put into a new checkpoint must load and have no more tokens than the model's vocabulary
+    (fewer is normal: vocabularies are padded)."""
+    if tokenizer_file is None:
+        return
+    from qmamba.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_file)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ConfigError(f"tokenizer {tokenizer_file} has {tok.vocab_size} tokens, more than the model's vocabulary "
+                          f"of {cfg.vocab_size}: token ids would fall outside the embedding; use the preset's "
+                          "tokenizer (or a preset with a larger vocabulary)")
+
+
 def create_checkpoint(preset_or_config, fmt: str, out_dir, *, seed: int = 0, dtype=None, tokenizer_file=None,
                       overwrite: bool = False, progress: bool = False) -> Path:
     """A random-weight checkpoint of a preset name (or a :class:`ModelConfig`) in format ``fmt``.
@@ -106,8 +121,11 @@ def create_checkpoint(preset_or_config, fmt: str, out_dir, *, seed: int = 0, dty
     if fmt in WRITERS:
         WRITERS[fmt].config_to_json(cfg)
     check_output_dir(Path(out_dir), overwrite)
-    check_tokenizer_file(tokenizer_file)
+    check_tokenizer_fits(tokenizer_file, cfg)
     dtype = parse_dtype(dtype) or default_dtype(fmt, cfg)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    check_fits(cfg.parameter_counts()["total"] * itemsize, torch.device("cpu"),
+               f"a random {dtype_name(dtype)} model of {cfg.parameter_counts()['total']:.3g} parameters")
     sd = random_state_dict(cfg, seed, dtype, progress=progress)
     source = {"format": "random", "path": None, "files": {}, "seed": int(seed)}
     return write_checkpoint(sd, cfg, fmt, out_dir, tokenizer_file=tokenizer_file, overwrite=overwrite,

@@ -26,7 +26,8 @@ COMMAND_MODULES = {
 
 
 class QMambaGroup(click.Group):
-    """Turns library errors that are the user's (bad paths, bad checkpoints) into one-line messages."""
+    """Turns library errors that are the user's (bad paths, bad checkpoints) and bad options into one-line
+    messages."""
 
     def invoke(self, ctx):
         from qmamba.errors import UserError
@@ -36,6 +37,10 @@ class QMambaGroup(click.Group):
         except UserError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except click.UsageError as exc:  # a bad option value of a command: one line, with where to read more
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            click.echo(f"error: {exc.format_message()} (see '{where} --help')", err=True)
+            sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)

@@ -8,12 +8,11 @@ figure is reported the decode path is checked against the pure-PyTorch reference
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
-from qmamba.errors import UserError
+from qmamba.cli.param_types import DEVICE_HELP, DTYPE_CHOICES
 
 
 def _int_list(ctx, param, value: str) -> list[int]:
@@ -36,20 +35,24 @@ def _int_list(ctx, param, value: str) -> list[int]:
               help="Decode steps timed per batch size.")
 @click.option("--check-tokens", default=8, show_default=True, type=click.IntRange(min=1),
               help="Greedy steps compared with the reference path before timing.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
-@click.option("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on CUDA).")
+@click.option("--device", default=None, help=f"Device [default: cuda when available, else cpu]: {DEVICE_HELP}.")
+@click.option("--dtype", default=None, type=click.Choice(DTYPE_CHOICES),
+              help="Compute dtype [default: float32 on CPU, bfloat16 on CUDA].")
 @click.option("--check-dtype", default="float32", show_default=True, type=click.Choice(["float32", "same"]),
               help="Precision of the check: a float32 twin of the model (rounding-level differences stay far from "
                    "a top-1 margin) or the timed dtype itself.")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False),
-              help="Also write the rows as JSON to this file.")
+              help="Also write the rows as JSON to this file (the path is checked before the benchmark).")
 def bench(path, batches, prompt_len, tokens, check_tokens, check_dtype, device, dtype, json_out):
     """Benchmark the checkpoint at PATH (checked figures only)."""
     import torch
 
     import qmamba
     from qmamba.bench import BenchCheckError, bench_model, format_table
+    from qmamba.output_files import check_output_file, write_json_file
 
+    if json_out:
+        check_output_file(json_out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = qmamba.load_model(path, device=device, dtype=dtype)
 
@@ -65,8 +68,4 @@ def bench(path, batches, prompt_len, tokens, check_tokens, check_dtype, device, 
         sys.exit(1)
     click.echo(format_table(rows))
     if json_out:
-        try:
-            with open(json_out, "w") as f:
-                json.dump(dict(path=str(path), rows=[r.as_dict() for r in rows]), f, indent=1)
-        except OSError as exc:
-            raise UserError(f"cannot write {json_out}: {exc.strerror}") from None
+        write_json_file(json_out, dict(path=str(path), rows=[r.as_dict() for r in rows]))

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import click
 
+from qmamba.cli.param_types import DEVICE_HELP, DTYPE_CHOICES, CountOrAll
 from qmamba.errors import UserError
+
+DEFAULT_MAX_TOKENS = 32768  # default perplexity budget; see the --max-tokens help
 
 
 def _format_result(r: dict) -> str:
     lines = [r["path"]]
     if "perplexity" in r:
         p = r["perplexity"]
-        lines.append(f"  perplexity {p['ppl']:.4f} on {p['data']} ({p['tokens']} tokens, seq_len {p['seq_len']}, "
+        scored = (f"{p['tokens']} tokens" if p.get("max_tokens") is None or p["text_tokens"] <= p["max_tokens"]
+                  else f"{p['tokens']} tokens: the first {p['max_tokens']} of {p['text_tokens']}, "
+                       "--max-tokens all for every token")
+        lines.append(f"  perplexity {p['ppl']:.4f} on {p['data']} ({scored}; seq_len {p['seq_len']}, "
                      f"stride {p['stride']})")
     if "lambada" in r:
         lam = r["lambada"]
@@ -32,30 +35,44 @@ def _format_result(r: dict) -> str:
                    "$QMAMBA_DATA_DIR or ../shared/data), a file; 'none' to skip perplexity.")
 @click.option("--lambada", "do_lambada", is_flag=True,
               help="Also LAMBADA last-word accuracy (OpenAI test split, shipped with qmamba).")
-@click.option("--lambada-limit", type=int, default=None, help="Only the first N LAMBADA records.")
-@click.option("--seq-len", type=int, default=512, show_default=True, help="Perplexity window.")
-@click.option("--stride", type=int, default=None, help="Window step (default: seq-len, non-overlapping).")
-@click.option("--max-tokens", type=int, default=None, help="Only the first N tokens of the text.")
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--lambada-limit", type=click.IntRange(min=1), default=None,
+              help="Only the first N LAMBADA records [default: all].")
+@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Perplexity window.")
+@click.option("--stride", type=click.IntRange(min=1), default=None,
+              help="Window step, at most --seq-len [default: seq-len, non-overlapping].")
+@click.option("--max-tokens", type=CountOrAll(), default=str(DEFAULT_MAX_TOKENS), show_default=True,
+              help="Score only the first N tokens of the text (the default takes under a minute for the built-in "
+                   "model on 2 CPU cores); 'all' for every token (corpus:heldout has ~626k).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Windows per forward pass.")
 @click.option("--tokenizer", type=click.Path(), default=None,
               help="tokenizer.json or hub id (default: the checkpoint's; for the GPT-NeoX vocabulary of "
                    "BlackMamba/Mamba without one, the NeoX tokenizer shipped with qmamba).")
-@click.option("--device", default=None)
-@click.option("--dtype", default=None)
-@click.option("--backend", default=None, type=click.Choice(["reference", "triton"]))
-@click.option("--compare", nargs=2, default=None, metavar="A B", help="Evaluate two checkpoints, print B - A.")
-@click.option("--json", "json_out", type=click.Path(), default=None, help="Also write the results as JSON.")
-@click.option("--no-progress", is_flag=True)
+@click.option("--device", default=None, help=f"Device [default: cpu]: {DEVICE_HELP}.")
+@click.option("--dtype", default=None, type=click.Choice(DTYPE_CHOICES),
+              help="Compute dtype [default: float32 on CPU, bfloat16 on CUDA].")
+@click.option("--backend", default=None, type=click.Choice(["reference", "triton"]),
+              help="Sequence ops [default: triton on CUDA, reference on CPU].")
+@click.option("--compare", nargs=2, default=None, metavar="A B",
+              help="Evaluate two checkpoints with one tokenizer, print B - A.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the results as JSON (the path is checked before evaluating).")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def eval_cmd(path, data, do_lambada, lambada_limit, seq_len, stride, max_tokens, batch_size, tokenizer, device,
              dtype, backend, compare, json_out, no_progress):
     """Evaluate the checkpoint at PATH (or two with --compare A B)."""
     from qmamba.eval import compare_checkpoints, evaluate_checkpoint
+    from qmamba.output_files import check_output_file, write_json_file
 
     if bool(path) == bool(compare):
         raise UserError("give either PATH or --compare A B")
     data = None if data in ("none", "") else data
     if data is None and not do_lambada:
         raise UserError("nothing to evaluate: --data none and no --lambada")
+    if stride is not None and stride > seq_len:
+        raise click.BadParameter(f"{stride} is larger than --seq-len {seq_len}", param_hint="'--stride'")
+    if json_out:
+        check_output_file(json_out)
     kwargs = dict(data=data, do_lambada=do_lambada, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
                   lambada_limit=lambada_limit, batch_size=batch_size, progress=not no_progress)
     common = dict(tokenizer_path=tokenizer, device=device, dtype=dtype, backend=backend)
@@ -74,4 +91,4 @@ def eval_cmd(path, data, do_lambada, lambada_limit, seq_len, stride, max_tokens,
         result = evaluate_checkpoint(path, **common, **kwargs)
         click.echo(_format_result(result))
     if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+        write_json_file(json_out, result)

@@ -2,8 +2,9 @@
 
 ``PATH`` is any checkpoint ``qmamba.load_model`` reads. An ``.onnx`` path (or ``--backend onnxruntime``) is handed
 to ``qmamba.export.ort_runner.generate_cli(path, **options)`` with the same options as keywords (``prompt``,
-``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``tokenizer``, ``device``, ``dtype``). Both
-backends stream through :func:`qmamba.generation.stream_generate`.
+``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``tokenizer``, ``device``, ``dtype``, ``out``),
+which returns the same figures as :func:`generate_text`. Both backends stream through
+:func:`qmamba.generation.stream_generate`. Ctrl-C ends the streamed line before "interrupted".
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import sys
 
 import click
+
+from qmamba.cli.param_types import DEVICE_HELP, DTYPE_CHOICES
 
 BACKEND_CHOICES = ("reference", "triton", "onnxruntime")
 
@@ -21,18 +24,18 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def run_onnx(path: str, options: dict) -> None:
-    """Delegate to the ONNX Runtime runner of :mod:`qmamba.export.ort_runner`."""
+def run_onnx(path: str, options: dict) -> dict:
+    """Delegate to the ONNX Runtime runner of :mod:`qmamba.export.ort_runner`; returns its figures."""
     from qmamba.export.ort_runner import generate_cli
 
-    generate_cli(path, **options)
+    return generate_cli(path, **options)
 
 
 def generate_text(path: str, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                   seed: int | None, tokenizer: str | None, device: str, dtype: str | None, backend: str | None,
                   out=None, err=None) -> dict:
-    """Load, generate, and stream the text of one prompt to ``out``; returns timing figures (also printed to
-    ``err``)."""
+    """Load, generate, and stream the text of one prompt to ``out``; returns timing figures and the generated text
+    (the timing line also goes to ``err``)."""
     import qmamba
     from qmamba.cuda_graph import default_step_fn  # CUDA + triton backend: graph-captured fused decode
     from qmamba.generation import check_sampling_options, stream_generate
@@ -45,26 +48,65 @@ def generate_text(path: str, prompt: str, *, max_new_tokens: int, temperature: f
                            seed=seed, step_fn=default_step_fn(model), out=out, err=err)
 
 
+class LineTracker:
+    """A text stream wrapper that knows whether the cursor is at the start of a line (for Ctrl-C messages)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.at_line_start = True
+
+    def write(self, text: str) -> int:
+        if text:
+            self.at_line_start = text.endswith("\n")
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 @click.command("generate")
 @click.argument("path")
 @click.option("--prompt", default="", show_default=False, help="Text to continue (empty: start a new document).")
-@click.option("--max-new-tokens", "-n", default=64, show_default=True, type=click.IntRange(min=0))
-@click.option("--temperature", "-t", default=0.8, show_default=True, type=float, help="0 = greedy.")
-@click.option("--top-k", default=40, show_default=True, type=click.IntRange(min=0), help="0 = off.")
-@click.option("--top-p", default=0.95, show_default=True, type=float, help="1 = off.")
-@click.option("--seed", default=None, type=int, help="Seed for reproducible sampling.")
+@click.option("--max-new-tokens", "-n", default=64, show_default=True, type=click.IntRange(min=0),
+              help="Tokens to generate (fewer when the model ends the text).")
+@click.option("--temperature", "-t", default=0.8, show_default=True, type=click.FloatRange(min=0),
+              help="Sampling temperature; 0 = greedy.")
+@click.option("--top-k", default=40, show_default=True, type=click.IntRange(min=0),
+              help="Sample among the k most likely tokens; 0 = off.")
+@click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Nucleus sampling mass in (0, 1]; 1 = off.")
+@click.option("--seed", default=None, type=click.IntRange(min=0), help="Seed for reproducible sampling.")
 @click.option("--tokenizer", default=None, help="tokenizer.json or hub id (default: the checkpoint's; for the "
               "GPT-NeoX vocabulary of BlackMamba/Mamba without one, the NeoX tokenizer shipped with qmamba).")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
-@click.option("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on CUDA).")
+@click.option("--device", default=None, help=f"Device [default: cuda when available, else cpu]: {DEVICE_HELP}.")
+@click.option("--dtype", default=None, type=click.Choice(DTYPE_CHOICES),
+              help="Compute dtype [default: float32 on CPU, bfloat16 on CUDA].")
 @click.option("--backend", default=None, type=click.Choice(BACKEND_CHOICES),
-              help="Sequence ops (default: triton on CUDA when available); onnxruntime for exported models.")
-def generate(path, prompt, max_new_tokens, temperature, top_k, top_p, seed, tokenizer, device, dtype, backend):
+              help="Sequence ops [default: triton on CUDA, reference on CPU]; onnxruntime for exported models.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the generated text and timings as JSON to this file.")
+def generate(path, prompt, max_new_tokens, temperature, top_k, top_p, seed, tokenizer, device, dtype, backend,
+             json_out):
     """Generate text from the checkpoint at PATH, streaming it to the terminal."""
-    device = device or _default_device()
-    if backend == "onnxruntime" or str(path).endswith(".onnx"):
-        run_onnx(path, dict(prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, seed=seed, tokenizer=tokenizer, device=device, dtype=dtype))
-        return
-    generate_text(path, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                  seed=seed, tokenizer=tokenizer, device=device, dtype=dtype, backend=backend)
+    from qmamba.devices import parse_device
+    from qmamba.output_files import check_output_file, write_json_file
+
+    if json_out:
+        check_output_file(json_out)
+    out = LineTracker(sys.stdout)
+    options = dict(prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, seed=seed, tokenizer=tokenizer, dtype=dtype)
+    try:
+        if backend == "onnxruntime" or str(path).endswith(".onnx"):
+            if device is not None:
+                parse_device(device)  # onnxruntime itself falls back to CPU (with a warning) when CUDA is missing
+            stats = run_onnx(path, dict(options, device=device or _default_device(), out=out))
+        else:
+            stats = generate_text(path, **options, device=device or _default_device(), backend=backend, out=out)
+    except KeyboardInterrupt:
+        if not out.at_line_start:
+            out.write("\n")  # "interrupted" (stderr) starts on its own line
+            out.flush()
+        raise
+    if json_out:
+        write_json_file(json_out, {"path": str(path), **options, "device": device, "backend": backend, **stats})

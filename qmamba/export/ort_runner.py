@@ -190,13 +190,21 @@ def generate_cli(path, *, prompt: str, max_new_tokens: int, temperature: float, 
     from qmamba.generation import check_sampling_options, stream_generate
     from qmamba.tokenizer import resolve_tokenizer
 
+    from .exporter import export_tokenizer_file
+
     check_sampling_options(temperature, top_k, top_p)
     if Path(path).is_dir():
         raise OnnxModelError(f"{path} is a directory: the onnxruntime backend runs an exported model file; make one "
                              f"with: qmamba export {path} -o model.onnx")
     err_out = err or sys.stderr
+    notice = lambda text: err_out.write(text + "\n")  # noqa: E731
+    if tokenizer is not None:  # an explicit tokenizer is checked before the model is loaded
+        resolve_tokenizer(None, tokenizer, None, notice=lambda _: None)
     lm = OrtLM(path, device=device, threads=threads, warn=err_out)
-    tok = resolve_tokenizer(path, tokenizer, lm.vocab_size, notice=lambda text: err_out.write(text + "\n"))
+    if tokenizer is None:  # the export's own tokenizer file (named in its metadata, OUT.tokenizer.json)
+        own = export_tokenizer_file(path, lm.session.get_modelmeta().custom_metadata_map)
+        tokenizer = str(own) if own is not None else None
+    tok = resolve_tokenizer(path, tokenizer, lm.vocab_size, notice=notice)
     exported = "fp16" if lm.logits_dtype == np.float16 else "fp32"
     if dtype is not None and dtype.lower() not in (exported, {"fp32": "float32", "fp16": "float16"}[exported]):
         raise OnnxModelError(f"{path} was exported in {exported}; --dtype {dtype} cannot change that (re-export)")

@@ -13,8 +13,9 @@ Where each part is defined (this module names them all, so ``from qmamba.quant.b
   the other formats in :mod:`qmamba.quant.formats`; it speaks the same grouped-params protocol as int4/int8, so the
   calibration walk handles it like any format (method ``"ptb"``: post-training binarization from column
   statistics, :mod:`qmamba.quant.binarize`).
-* :class:`BinaryLinear` / :class:`BinaryExperts` (the int4 twins' subclasses, reference matmul = the factored form
-  above, :func:`binary_matmul`) are in :mod:`qmamba.quant.modules`, beside the module swap that builds them. The
+* :class:`BinaryLinear` / :class:`BinaryExperts` (the int4 twins' subclasses; reference matmul = the format's
+  :meth:`BinaryFormat.reference_matmul`, the factored form above, :func:`binary_matmul`, its operands optionally
+  kept by the modules' dense cache) are in :mod:`qmamba.quant.modules`, beside the module swap that builds them. The
   ``"triton"`` backend goes through ``triton_ops.quant_linear``, which sends the binary format to
   :mod:`qmamba.kernels.binary_matmul`.
 * :func:`binary_as_matmul_nbits`, the exact 2-bit ``MatMulNBits`` form the ONNX export uses, is defined here.
@@ -26,10 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from qmamba.quant import layout
-from qmamba.quant.formats import BinaryFormat, is_binary
+from qmamba.quant.formats import BinaryFormat, binary_apply, binary_operands, is_binary
 from qmamba.quant.modules import BinaryExperts, BinaryLinear, binary_matmul
 
-__all__ = ["BinaryFormat", "BinaryLinear", "BinaryExperts", "binary_matmul", "binary_as_matmul_nbits", "is_binary"]
+__all__ = ["BinaryFormat", "BinaryLinear", "BinaryExperts", "binary_matmul", "binary_apply", "binary_operands",
+           "binary_as_matmul_nbits", "is_binary"]
 
 
 def binary_as_matmul_nbits(packed: dict, k: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -93,6 +93,16 @@ class WeightFormat:
         scale, zero = self.params(W, clip)
         return self.dequantize_codes(self.quantize(W, scale, zero), scale, zero)
 
+    # ---- the pure-PyTorch reference matmul -------------------------------------------------------------
+    def reference_operands(self, packed: dict, k: int, dtype=torch.float32) -> dict:
+        """What :meth:`reference_matmul` needs, in ``dtype``: by default the dense ``W_hat [..., N, K]``. Computed
+        per call, or once and kept by a module's dense cache (see :mod:`qmamba.quant.modules`)."""
+        return {"weight": self.dequantize(packed, k, dtype)}
+
+    def reference_matmul(self, x: torch.Tensor, operands: dict) -> torch.Tensor:
+        """``x [..., K] @ W_hat^T`` from :meth:`reference_operands` (of one matrix)."""
+        return torch.nn.functional.linear(x, operands["weight"])
+
     # ---- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"format": self.name, **dataclasses.asdict(self)}
@@ -162,7 +172,7 @@ class Int4Format(WeightFormat):
     bits = 4
 
     def __post_init__(self):
-        if self.group_size not in layout.INT4_GROUP_SIZES:
+        if type(self.group_size) is not int or self.group_size not in layout.INT4_GROUP_SIZES:
             raise ConfigError(f"int4 group size must be one of {layout.INT4_GROUP_SIZES}, got {self.group_size}")
 
     def group_size_for(self, k: int) -> int:
@@ -288,6 +298,31 @@ class BinaryFormat(WeightFormat):
     def describe(self) -> str:
         return "binary-rowscale" if self.row_scale else "binary"
 
+    # ---- reference matmul: factored, W_hat is never built --------------------------------------------------
+    def reference_operands(self, packed: dict, k: int, dtype=torch.float32) -> dict:
+        return binary_operands(packed, k, dtype)
+
+    def reference_matmul(self, x: torch.Tensor, operands: dict) -> torch.Tensor:
+        return binary_apply(x, operands)
+
+
+def binary_operands(packed: dict, k: int, dtype=torch.float32) -> dict:
+    """The factored matmul's operands in ``dtype``: ``S`` (+/-1, exact in any float type), ``alpha``, ``beta`` and
+    ``row_scale`` (variant only); leading expert dims are kept."""
+    ops = {"S": layout.signs_pm1(packed["qweight"], k, dtype), "alpha": packed["alpha"].to(dtype),
+           "beta": packed["beta"].to(dtype)}
+    if "row_scale" in packed:
+        ops["row_scale"] = packed["row_scale"].to(dtype)
+    return ops
+
+
+def binary_apply(x: torch.Tensor, ops: dict) -> torch.Tensor:
+    """``(x * alpha) @ S^T + (x . beta)`` (``* r``) from :func:`binary_operands` of one matrix."""
+    y = torch.nn.functional.linear(x * ops["alpha"], ops["S"]) + (x @ ops["beta"])[..., None]
+    if "row_scale" in ops:
+        y = y * ops["row_scale"]
+    return y
+
 
 def is_binary(fmt) -> bool:
     return isinstance(fmt, BinaryFormat)
@@ -301,7 +336,7 @@ def format_from_dict(data: dict) -> WeightFormat:
     if not isinstance(data, dict) or "format" not in data:
         raise ConfigError(f"a quantization format entry must be a dict with a 'format' key, got {data!r}")
     name = data["format"]
-    if name not in FORMATS:
+    if not isinstance(name, str) or name not in FORMATS:
         raise ConfigError(f"unknown weight format {name!r}; known: {', '.join(sorted(FORMATS))}")
     cls = FORMATS[name]
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -311,6 +346,9 @@ def format_from_dict(data: dict) -> WeightFormat:
         raise ConfigError(f"unknown keys {unknown} for weight format {name!r} (allowed: {sorted(fields)})")
     if "bits" in data and data["bits"] != cls.bits:
         raise ConfigError(f"format {name!r} has {cls.bits} bits, entry says {data['bits']}")
+    for f in dataclasses.fields(cls):  # booleans (symmetric, row_scale) must be booleans, not "yes" or 1
+        if f.name in rest and isinstance(f.default, bool) and not isinstance(rest[f.name], bool):
+            raise ConfigError(f"weight format {name!r}: {f.name} must be true or false, got {rest[f.name]!r}")
     return cls(**rest)
 
 

@@ -2,10 +2,13 @@
 
 Both hold the packed tensors of :mod:`qmamba.quant.layout` as buffers (``qweight``, ``scales``, ``zeros``), so a
 quantized state dict has keys such as ``layers.0.mixer.in_proj.qweight`` or ``layers.1.mixer.experts.fc1.scales``.
-The ``"reference"`` backend dequantizes to the activation dtype and multiplies: it is the oracle of the Triton
-kernels, which hook in through the single methods :meth:`QuantLinear._matmul` and
-:meth:`QuantExperts._expert_matmul` when ``backend == "triton"``. The 1-bit twins :class:`BinaryLinear` /
-:class:`BinaryExperts` differ only in their reference matmul (the factored form, :func:`binary_matmul`).
+The ``"reference"`` backend runs the format's reference matmul (int4/int8: dequantize to the activation dtype and
+multiply; binary: the factored form, :func:`binary_matmul`): it is the oracle of the Triton kernels, which hook in
+through the single methods :meth:`QuantLinear._matmul` and :meth:`QuantExperts._expert_matmul` when
+``backend == "triton"``. The 1-bit twins :class:`BinaryLinear` / :class:`BinaryExperts` differ only in their
+format. The reference operands are computed per call, or once with :func:`keep_dense_weights` (``load_model`` does
+so on CPU: a quantized model then decodes as fast as the float one, holding a float copy of its quantized weights
+besides the packed ones).
 
 The quantization manifest (``manifest["quantization"]`` of a checkpoint) maps module names to entries
 ``{"format": "int4", "group_size": 128, "symmetric": false, "method": "gptq", ...}``; :func:`swap_quantized_modules`
@@ -21,7 +24,8 @@ from torch import nn
 from qmamba.errors import CheckpointError, ConfigError
 from qmamba.moe import StackedExperts, expert_mlp
 from qmamba.quant import layout
-from qmamba.quant.formats import BinaryFormat, WeightFormat, format_from_dict, is_binary
+from qmamba.quant.formats import (BinaryFormat, WeightFormat, binary_apply, binary_operands, format_from_dict,
+                                  is_binary)
 
 # keys of a manifest module entry that describe how it was made, not the format
 ENTRY_INFO_KEYS = ("method", "fallback", "n_tokens", "note")
@@ -38,9 +42,15 @@ def _packed(module: nn.Module, fmt: WeightFormat) -> dict:
 
 class _KeepsPackedDtypes(nn.Module):
     """``model.to(dtype)`` / ``.half()`` move packed buffers between devices but never change their dtypes (a
-    bf16 cast would corrupt the fp16 scales); float parameters (bias) convert as usual."""
+    bf16 cast would corrupt the fp16 scales); float parameters (bias) convert as usual.
+
+    Also the optional dense cache of the reference path: :meth:`keep_dense` computes the reference matmul's
+    operands (``W_hat``, or the binary format's +/-1 matrix and column scales) once, in one dtype, instead of on
+    every call. It is keyed by the packed buffers (device, storage, version) and the dtype, so changed or moved
+    weights are never served stale; it is not part of the state dict."""
 
     fmt: WeightFormat
+    _dense_cache = None  # {"key", "names", "operands", "per_matrix"} (see keep_dense) or None
 
     def _apply(self, fn, recurse=True):
         packed = {name: buf for name, buf in self._buffers.items() if name in self.fmt.buffer_specs(1, 1)}
@@ -49,7 +59,34 @@ class _KeepsPackedDtypes(nn.Module):
             new = self._buffers[name]
             if new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
+        self._dense_cache = None
         return self
+
+    def _dense_key(self, dtype, names: tuple) -> tuple:
+        buffers = self._buffers
+        return (dtype,) + tuple((buffers[n].device, buffers[n].data_ptr(), buffers[n]._version) for n in names)
+
+    def _cached_operands(self, dtype, index=None) -> dict | None:
+        """The kept operands in ``dtype`` (of matrix ``index`` of a stack), or ``None`` when there are none or
+        the packed buffers changed since."""
+        cache = self._dense_cache
+        if cache is None or cache["key"] != self._dense_key(dtype, cache["names"]):
+            return None
+        return cache["operands"] if index is None else cache["per_matrix"][index]
+
+    def keep_dense(self, dtype) -> int:
+        """Compute the reference operands once in ``dtype`` and keep them; returns the bytes they take."""
+        packed = _packed(self, self.fmt)
+        ops = self.fmt.reference_operands(packed, self._k, dtype)
+        n_matrices = getattr(self, "n_experts", None)  # a stack: per-matrix views, made once
+        per_matrix = [{name: t[i] for name, t in ops.items()} for i in range(n_matrices)] if n_matrices else None
+        names = tuple(packed)
+        self._dense_cache = {"key": self._dense_key(dtype, names), "names": names, "operands": ops,
+                             "per_matrix": per_matrix}
+        return sum(t.numel() * t.element_size() for t in ops.values())
+
+    def drop_dense(self) -> None:
+        self._dense_cache = None
 
 
 class QuantLinear(_KeepsPackedDtypes):
@@ -82,6 +119,10 @@ class QuantLinear(_KeepsPackedDtypes):
     def packed(self) -> dict:
         return _packed(self, self.fmt)
 
+    @property
+    def _k(self) -> int:
+        return self.in_features
+
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         """``W_hat [out_features, in_features]``."""
         return self.fmt.dequantize(self.packed(), self.in_features, dtype)
@@ -92,7 +133,10 @@ class QuantLinear(_KeepsPackedDtypes):
             from qmamba.kernels import triton_ops  # lazily: triton is optional on CPU
 
             return triton_ops.quant_linear(x, self.fmt, self.packed(), self.out_features, self.in_features)
-        return F.linear(x, self.dequantized_weight(x.dtype))
+        ops = self._cached_operands(x.dtype)
+        if ops is None:
+            ops = self.fmt.reference_operands(self.packed(), self.in_features, x.dtype)
+        return self.fmt.reference_matmul(x, ops)
 
     def forward(self, x):
         y = self._matmul(x)
@@ -119,9 +163,20 @@ class PackedExpertWeight(_KeepsPackedDtypes):
         p = _packed(self, self.fmt)
         return p if expert is None else {name: t[expert] for name, t in p.items()}
 
+    @property
+    def _k(self) -> int:
+        return self.k
+
     def dequantized(self, expert: int | None = None, dtype=torch.float32) -> torch.Tensor:
         """``[N, K]`` for one expert or ``[E, N, K]`` for all."""
         return self.fmt.dequantize(self.packed(expert), self.k, dtype)
+
+    def reference_matmul(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """``x [T, K] @ W_hat[expert]^T`` by the format's reference matmul (dense cache when kept)."""
+        ops = self._cached_operands(x.dtype, expert)
+        if ops is None:
+            ops = self.fmt.reference_operands(self.packed(expert), self.k, x.dtype)
+        return self.fmt.reference_matmul(x, ops)
 
     def extra_repr(self):
         return f"experts={self.n_experts}, n={self.n}, k={self.k}, format={self.fmt.describe()}"
@@ -167,11 +222,13 @@ class QuantExperts(nn.Module):
     def _expert_matmul(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
         """``x [T, K] @ W_hat[expert]^T`` for ``name`` in ("fc1", "fc2"); the one place a kernel backend replaces."""
         w = getattr(self, name)
-        if self.backend == "triton" and isinstance(w, PackedExpertWeight):
+        if not isinstance(w, PackedExpertWeight):
+            return F.linear(x, w[expert].to(x.dtype))
+        if self.backend == "triton":
             from qmamba.kernels import triton_ops  # lazily: triton is optional on CPU
 
             return triton_ops.quant_linear(x, w.fmt, w.packed(expert), w.n, w.k)
-        return F.linear(x, self.expert_weight(name, expert, x.dtype))
+        return w.reference_matmul(x, expert)
 
     def forward(self, x, expert_idx):
         out = x.new_zeros(x.shape[0], self.fc2.shape[1] if isinstance(self.fc2, nn.Parameter) else self.fc2.n)
@@ -189,16 +246,12 @@ def binary_matmul(x: torch.Tensor, packed: dict, k: int) -> torch.Tensor:
     """Reference factored matmul: ``x [..., K]`` -> ``(x * alpha) @ S^T + (x . beta)`` (``* r``) ``[..., N]``.
 
     Computed in ``x.dtype`` (the +/-1 matrix is exact in any float type)."""
-    S = layout.signs_pm1(packed["qweight"], k, x.dtype)
-    alpha, beta = packed["alpha"].to(x.dtype), packed["beta"].to(x.dtype)
-    y = F.linear(x * alpha, S) + (x @ beta)[..., None]
-    if "row_scale" in packed:
-        y = y * packed["row_scale"].to(x.dtype)
-    return y
+    return binary_apply(x, binary_operands(packed, k, x.dtype))
 
 
 class BinaryLinear(QuantLinear):
-    """:class:`QuantLinear` in the binary format: ``x [..., in] -> [..., out]``; reference = factored matmul."""
+    """:class:`QuantLinear` in the binary format: ``x [..., in] -> [..., out]``; reference = factored matmul
+    (the format's :meth:`BinaryFormat.reference_matmul`, its operands optionally in the dense cache)."""
 
     def __init__(self, in_features: int, out_features: int, fmt: WeightFormat | None = None, bias: bool = False,
                  device=None, bias_dtype=torch.float32):
@@ -207,20 +260,10 @@ class BinaryLinear(QuantLinear):
             raise TypeError(f"BinaryLinear needs the binary format, got {fmt.describe()}")
         super().__init__(in_features, out_features, fmt, bias, device=device, bias_dtype=bias_dtype)
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "triton":
-            return super()._matmul(x)
-        return binary_matmul(x, self.packed(), self.in_features)
-
 
 class BinaryExperts(QuantExperts):
-    """:class:`QuantExperts` where fc1 and/or fc2 are binary (the other may be int4/int8/float)."""
-
-    def _expert_matmul(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
-        w = getattr(self, name)
-        if self.backend != "triton" and isinstance(w, PackedExpertWeight) and is_binary(w.fmt):
-            return binary_matmul(x, w.packed(expert), w.k)
-        return super()._expert_matmul(x, name, expert)
+    """:class:`QuantExperts` where fc1 and/or fc2 are binary (the other may be int4/int8/float); each packed
+    matrix uses its own format's reference matmul."""
 
 
 # ---- module swap ------------------------------------------------------------------------------------------
@@ -325,4 +368,18 @@ def quantized_module_names(model: nn.Module) -> list[str]:
         elif isinstance(mod, QuantExperts):
             names += [f"{name}.{w}" for w in ("fc1", "fc2") if isinstance(getattr(mod, w), PackedExpertWeight)]
     return names
+
+
+def keep_dense_weights(model: nn.Module, dtype) -> int:
+    """Give every quantized module of ``model`` a dense cache in ``dtype`` (the reference path then runs at the
+    float model's speed); returns the bytes added: about the float model's size for the quantized weights
+    (4 bytes per weight in float32, 2 in bfloat16), on top of the packed tensors, which stay for saving and export.
+    :func:`drop_dense_weights` gives the memory back."""
+    return sum(mod.keep_dense(dtype) for mod in model.modules() if isinstance(mod, _KeepsPackedDtypes))
+
+
+def drop_dense_weights(model: nn.Module) -> None:
+    for mod in model.modules():
+        if isinstance(mod, _KeepsPackedDtypes):
+            mod.drop_dense()
 

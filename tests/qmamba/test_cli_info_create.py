@@ -56,8 +56,10 @@ def test_default_dtypes(tmp_path):
 
 
 def test_info_text_and_json(tmp_path):
+    from tokenizers import Tokenizer, models
+
     tok = tmp_path / "tokenizer.json"
-    tok.write_text("{}")
+    Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")).save(str(tok))  # fits any vocabulary
     run("create", "--preset", "tiny-blackmamba", "--format", "blackmamba", "-o", tmp_path / "bm", "--tokenizer", tok)
     text = run("info", tmp_path / "bm")
     assert "format:      blackmamba" in text and "(r 4) x 2" in text and "experts" in text

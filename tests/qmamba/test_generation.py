@@ -303,4 +303,4 @@ def test_cli_errors_are_one_line(cli_checkpoint, tmp_path):
     assert result.exit_code == 2 and "tokenizer" in result.stderr and "Traceback" not in result.output
     result = CliRunner().invoke(main, ["generate", str(cli_checkpoint), "--prompt", "x", "--top-p", "0",
                                        "--device", "cpu"])
-    assert result.exit_code == 2 and "top_p" in result.stderr
+    assert result.exit_code == 2 and "--top-p" in result.stderr

@@ -52,7 +52,7 @@ def _dense_copy(model):
 
 def test_ptb_checkpoint_saves_and_reloads(tiny_checkpoint, calib_text_file, tmp_path):
     out = tmp_path / "b1"
-    quantize_quietly(tiny_checkpoint, out, bits=1, method="gptq", calib=[str(calib_text_file)], nsamples=8,
+    quantize_quietly(tiny_checkpoint, out, bits=1, calib=[str(calib_text_file)], nsamples=8,
                      seq_len=32)
     manifest = json.loads((out / "manifest.json").read_text())
     entries = manifest["quantization"]
@@ -177,7 +177,7 @@ def test_cli_bits1_distill_and_errors(tiny_checkpoint, calib_text_file, tmp_path
     assert manifest["quantization_info"]["distillation"]["steps"] == 2
     load_model(out)
     res = _cli("quantize", tiny_checkpoint, "-o", tmp_path / "x", "--bits", 1, "--ste", *common)
-    assert res.exit_code == 2 and "need --distill" in res.output
+    assert res.exit_code == 2 and "only applies with --distill" in res.output
     res = _cli("quantize", tiny_checkpoint, "-o", tmp_path / "y", "--bits", 4, "--distill", *common)
     assert res.exit_code == 2 and "1-bit" in res.output and not (tmp_path / "y").exists()
 

@@ -55,8 +55,8 @@ def fixture_eval(tmp_path_factory):
 
     results = {"fp32": (ppl(fp), 1.0)}
     for label, bits, method in [("int8", 8, "rtn"), ("rtn", 4, "rtn"), ("gptq", 4, "gptq"), ("awq", 4, "awq")]:
-        options = QuantizeOptions(bits=bits, group_size=128, method=method, calib=CALIB, nsamples=64,
-                                  seq_len=256, calibration=CalibOptions(progress=False))
+        options = QuantizeOptions(bits=bits, group_size=128 if bits == 4 else None, method=method, calib=CALIB,
+                                  nsamples=64, seq_len=256, calibration=CalibOptions(progress=False))
         quantize_checkpoint(FIXTURE, out / label, options, log=lambda *_: None)
         q = load_model(out / label)
         results[label] = (ppl(q), router_agreement(fp, q, windows)["overall"])

@@ -167,7 +167,7 @@ def test_cli_generate_onnx_streams_text(tmp_path):
     assert code == 2 and "does not exist" in output
     (tmp_path / "out").mkdir()
     code, output = run("export", ckpt, "-o", tmp_path / "out" / "m.onnx")
-    assert code == 0 and (tmp_path / "out" / "tokenizer.json").read_bytes() == NEOX_TOKENIZER_FILE.read_bytes()
+    assert code == 0 and (tmp_path / "out" / "m.tokenizer.json").read_bytes() == NEOX_TOKENIZER_FILE.read_bytes()
     args = ["generate", "--prompt", "Hello world", "-n", "6", "--temperature", "0"]
     onnx_run = CliRunner().invoke(main, args + [str(tmp_path / "out" / "m.onnx")])
     assert onnx_run.exit_code == 0, onnx_run.output

@@ -1,0 +1,37 @@
+"""Click parameter types and option texts shared by the commands (values are checked by click, before any work)."""
+
+from __future__ import annotations
+
+import click
+
+DEVICE_HELP = "cpu, cuda or cuda:N; checked against this machine"
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+class IntChoice(click.Choice):
+    """A choice among integers, listed in the help (``--bits [1|4|8]``); the value is an ``int``."""
+
+    def __init__(self, values):
+        super().__init__([str(v) for v in values])
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        return int(super().convert(value, param, ctx))
+
+
+class CountOrAll(click.ParamType):
+    """A positive integer, or ``all`` (-> ``None``: no limit)."""
+
+    name = "N|all"
+
+    def convert(self, value, param, ctx):
+        if value is None or (isinstance(value, str) and value.strip().lower() == "all"):
+            return None
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a positive integer or 'all'", param, ctx)
+        if number < 1:
+            self.fail(f"{number} is not a positive integer (use 'all' for no limit)", param, ctx)
+        return number
