@@ -38,11 +38,12 @@ def forbid_data(monkeypatch):
     monkeypatch.setattr(quantize_module, "record_routing_blockwise", refuse)
 
 
-@pytest.mark.parametrize("bits,method", [(4, "rtn"), (8, "rtn"), (1, "gptq")])  # 1 bit: PTB whatever the method
-def test_data_free_methods_read_no_calibration_data(tiny_checkpoint, tmp_path, monkeypatch, bits, method):
+@pytest.mark.parametrize("bits,options", [(4, dict(method="rtn", group_size=32)), (8, dict(method="rtn")),
+                                          (1, {})])  # 1 bit: PTB, its only initialisation
+def test_data_free_methods_read_no_calibration_data(tiny_checkpoint, tmp_path, monkeypatch, bits, options):
     forbid_data(monkeypatch)
     out = tmp_path / "q"
-    info = quantize_quietly(tiny_checkpoint, out, bits=bits, method=method, group_size=32)
+    info = quantize_quietly(tiny_checkpoint, out, bits=bits, **options)
     assert info["calibration"] is None and info["router_agreement"] is None and info["report_data"] is None
     assert (out / "tokenizer.json").read_bytes() == (tiny_checkpoint / "tokenizer.json").read_bytes()
     entries = json.loads((out / "manifest.json").read_text())["quantization"]
