@@ -130,6 +130,24 @@ def run_format(cfg, name, batches, variants, log, failures):
     return res
 
 
+def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
+    """A named variant of the CUDA policy ``base`` (see ``--variants``)."""
+    if v == "default":
+        return base
+    if v == "nopdl":
+        return dataclasses.replace(base, pdl=False)
+    if v.startswith("dec"):
+        parts = v.split("_")[1:]
+        bn = next((int(p[2:]) for p in parts if p.startswith("bn")), base.block_n_int4)
+        return dataclasses.replace(base, formats=(0, 1, 2), max_rows=1, int4_planes="planes" in parts,
+                                   int4_magic="magic" in parts, block_n_int4=bn)
+    if v.startswith("bn"):
+        i4, rest = v[2:].split("F")
+        fl, w = rest.split("W")
+        return dataclasses.replace(base, block_n_int4=int(i4), block_n_float=int(fl), num_warps=int(w))
+    raise SystemExit(f"unknown policy variant {v!r}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -146,21 +164,7 @@ def main():
     cfg = preset(args.preset)
     batches = [int(b) for b in args.batches.split(",")]
     base = DecodePolicy.for_device(torch.device("cuda"))
-    variants = {}
-    for v in args.variants.split(","):
-        if v == "default":
-            variants[v] = base
-        elif v == "nopdl":
-            variants[v] = dataclasses.replace(base, pdl=False)
-        elif v.startswith("dec"):
-            parts = v.split("_")[1:]
-            bn = next((int(p[2:]) for p in parts if p.startswith("bn")), base.block_n_int4)
-            variants[v] = dataclasses.replace(base, formats=(0, 1, 2), max_rows=1, int4_planes="planes" in parts,
-                                              int4_magic="magic" in parts, block_n_int4=bn)
-        elif v.startswith("bn"):
-            i4, rest = v[2:].split("F")
-            fl, w = rest.split("W")
-            variants[v] = dataclasses.replace(base, block_n_int4=int(i4), block_n_float=int(fl), num_warps=int(w))
+    variants = {v: policy_variant(base, v) for v in args.variants.split(",")}
     log(f"{torch.cuda.get_device_name(0)}; policy {base}")
     result = dict(preset=args.preset, device=torch.cuda.get_device_name(0), rows=[], failures=[])
     for name in args.formats.split(","):

@@ -72,6 +72,9 @@ def variants(pdl: bool):
             for bn in (4, 8, 16):
                 name = f"{layout}{'_magic' if magic else ''}_bn{bn}"
                 out[name] = (layout, DecodePolicy(pdl=pdl, block_n_int4=bn, int4_magic=magic))
+    for bn, warps in ((8, 2), (16, 8), (32, 8)):
+        out[f"planes_magic_bn{bn}_w{warps}"] = ("planes", DecodePolicy(pdl=pdl, block_n_int4=bn, int4_magic=True,
+                                                                       num_warps=warps))
     return out
 
 
