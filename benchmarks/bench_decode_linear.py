@@ -24,7 +24,7 @@ import triton.language as tl
 
 from qmamba.config import preset
 from qmamba.kernels.decode_linear import DecodePolicy, decode_linear, decode_linear_ref, pdl_supported
-from qmamba.kernels.quant_matmul import PackedWeight, int32_words
+from qmamba.kernels.quant_matmul import PackedWeight, dequant_matmul, int32_words
 from qmamba.quant.formats import Int4Format
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,7 +63,11 @@ def shapes(cfg):
     }
 
 
-def variants(pdl: bool):
+def variants(pdl: bool, rows: int):
+    """name -> (weight form, policy or "general"): at one row every decode-kernel variant; at several rows the
+    plane words' tensor-core path beside the general kernel (dequant_matmul) on the stored layout."""
+    if rows > 1:
+        return {"planes_mma": ("planes", DecodePolicy(pdl=pdl)), "general": ("words", "general")}
     out = {}
     for bn in (2, 4, 8):
         out[f"bf16_bn{bn}"] = ("float", DecodePolicy(pdl=pdl, block_n_float=bn))
@@ -75,7 +79,74 @@ def variants(pdl: bool):
     for bn, warps in ((8, 2), (16, 8), (32, 8)):
         out[f"planes_magic_bn{bn}_w{warps}"] = ("planes", DecodePolicy(pdl=pdl, block_n_int4=bn, int4_magic=True,
                                                                        num_warps=warps))
+    out["general"] = ("words", "general")
     return out
+
+
+def clones(weight: PackedWeight, per_call_bytes: int) -> list:
+    """Enough copies of ``weight`` (every tensor cloned) that a rotation over them is not served from L2."""
+    return [dataclasses.replace(weight, **{f: getattr(weight, f).clone() for f in ("qweight", "scales", "zeros")
+                                           if getattr(weight, f) is not None})
+            for _ in range(copies_for(per_call_bytes))]
+
+
+def bench_shape(name, n, k, experts, opts, rows, pdl, dev, result):
+    lead = (experts,) if experts else ()
+    w = torch.randn(*lead, n, k) / k ** 0.5
+    packed = {key: t.to(dev) for key, t in Int4Format(128).quantize_rtn(w).items()}
+    int4 = PackedWeight.from_packed("int4", packed, n, k)
+    forms = {"words": int4, "planes": int4.to_planes(),
+             "float": PackedWeight.from_float(int4.dequantized(torch.bfloat16))}
+    x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
+    kw = {}
+    if experts:
+        kw["row_expert"] = torch.randint(0, experts, (rows,), dtype=torch.int32, device=dev) if rows > 1 else \
+            torch.tensor([experts - 2], dtype=torch.int32, device=dev)
+    if opts.get("row_scale"):
+        kw["row_scale"] = torch.rand(rows, device=dev) + 0.5
+    gated = opts.get("gated")
+    n_out = n // 2 if gated else n
+    row = dict(shape=name, rows=rows, n=n, k=k, experts=experts or 1)
+    bytes_one = sum(t.numel() * t.element_size() for t in (int4.qweight, int4.scales, int4.zeros)) // (experts or 1)
+    used = len(set(kw["row_expert"].tolist())) if experts else 1
+    row["int4_bytes_per_call"] = bytes_one * used
+    for vname, (form, policy) in variants(pdl, rows).items():
+        weight = forms[form]
+        if policy == "general":  # the general kernel computes fc1 without the activation
+            plain = {key: v for key, v in kw.items()}
+            ref = decode_linear_ref(x, int4, **plain)
+            call = lambda wc: dequant_matmul(x, wc, **plain)  # noqa: E731
+            out = call(weight)
+        else:
+            ref = decode_linear_ref(x, int4, gated=gated, **kw)
+            out = torch.full((rows, n_out), float("nan"), device=dev, dtype=torch.bfloat16)
+            call = lambda wc, out=out, policy=policy: decode_linear(x, wc, out, policy=policy, gated=gated, **kw)  # noqa: E731
+            call(weight)
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        if not err < 1e-2:
+            result["failures"].append(f"{name} rows {rows} {vname}: rel err {err:.2e}")
+        per_call = weight.qweight.numel() * weight.qweight.element_size() // (experts or 1) * used
+        us = time_calls([lambda wc=wc: call(wc) for wc in clones(weight, per_call)], calls_per_graph=64)
+        row[vname] = us
+        row[vname + "_err"] = err
+    if not experts:  # cuBLAS bf16 of the same matrix
+        dense = forms["float"].qweight[0]
+        mats = [dense.clone() for _ in range(copies_for(dense.numel() * 2))]
+        row["cublas_bf16"] = time_calls([lambda m=m: torch.nn.functional.linear(x, m) for m in mats],
+                                        calls_per_graph=64)
+    if rows == 1:  # bytes probe: the int4 words of one matrix, no unpacking
+        words = int32_words(int4.qweight)[0]
+        nw = words.shape[-1]
+        probe_out = torch.empty(n, device=dev, dtype=torch.bfloat16)
+        launch = dict(launch_pdl=True) if pdl else {}
+
+        def probe(wc):
+            _bytes_probe_kernel[(triton.cdiv(n, 8),)](wc, x, probe_out, n, nw, BLOCK_N=8,
+                                                      NWP=triton.next_power_of_2(nw), PDL=pdl, num_warps=4, **launch)
+        row["probe_bytes_bn8"] = time_calls([lambda wc=wc: probe(wc) for wc in
+                                             [words.clone() for _ in range(copies_for(words.numel() * 4))]],
+                                            calls_per_graph=64)
+    return row
 
 
 def main():
@@ -83,78 +154,33 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--preset", default="blackmamba-2.8b")
     ap.add_argument("--only", default="", help="comma-separated shape names (default: all)")
+    ap.add_argument("--rows", default="1,8", help="input rows (batch sizes) to time")
     args = ap.parse_args()
     cfg = preset(args.preset)
     dev = torch.device("cuda")
     pdl = pdl_supported(dev)
     torch.manual_seed(0)
-    fmt = Int4Format(128)
     result = dict(device=torch.cuda.get_device_name(0), pdl=pdl, rows=[], failures=[])
-    table = []
-    for name, (n, k, experts, opts) in shapes(cfg).items():
-        if args.only and name not in args.only.split(","):
-            continue
-        lead = (experts,) if experts else ()
-        w = torch.randn(*lead, n, k) / k ** 0.5
-        packed = {key: t.to(dev) for key, t in fmt.quantize_rtn(w).items()}
-        int4 = PackedWeight.from_packed("int4", packed, n, k)
-        forms = {"words": int4, "planes": int4.to_planes(),
-                 "float": PackedWeight.from_float(int4.dequantized(torch.bfloat16))}
-        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
-        kw = {}
-        if experts:
-            kw["row_expert"] = torch.tensor([experts - 2], dtype=torch.int32, device=dev)
-        if opts.get("row_scale"):
-            kw["row_scale"] = torch.tensor([0.7], device=dev)
-        if opts.get("gated"):
-            kw["gated"] = opts["gated"]
-        n_out = n // 2 if opts.get("gated") else n
-        ref = decode_linear_ref(x, int4, **kw)
-        row = dict(shape=name, n=n, k=k, experts=experts or 1)
-        row["int4_bytes_per_call"] = sum(t.numel() * t.element_size()
-                                         for t in (int4.qweight, int4.scales, int4.zeros)) // (experts or 1)
-        for vname, (form, policy) in variants(pdl).items():
-            weight = forms[form]
-            out = torch.full((1, n_out), float("nan"), device=dev, dtype=torch.bfloat16)
-            decode_linear(x, weight, out, policy=policy, **kw)
-            err = ((out.float() - ref).norm() / ref.norm()).item()
-            if not err < 1e-2:
-                result["failures"].append(f"{name} {vname}: rel err {err:.2e}")
-            per_call = weight.qweight.numel() * weight.qweight.element_size() // (experts or 1)
-            copies = [dataclasses.replace(weight, **{f: getattr(weight, f).clone() for f in ("qweight", "scales", "zeros")
-                                                     if getattr(weight, f) is not None})
-                      for _ in range(copies_for(per_call))]
-            us = time_calls([lambda wc=wc: decode_linear(x, wc, out, policy=policy, **kw) for wc in copies],
-                            calls_per_graph=64)
-            row[vname] = us
-            row[vname + "_err"] = err
-        # cuBLAS bf16 (one expert's matrix for the stacked weights)
-        dense = forms["float"].qweight[experts - 2 if experts else 0]
-        mats = [dense.clone() for _ in range(copies_for(dense.numel() * 2))]
-        row["cublas_bf16"] = time_calls([lambda m=m: torch.nn.functional.linear(x, m) for m in mats],
-                                        calls_per_graph=64)
-        # bytes probe: the int4 words of one matrix, no unpacking
-        words = int32_words(int4.qweight)[0]
-        nw = words.shape[-1]
-        probe_out = torch.empty(n, device=dev, dtype=torch.bfloat16)
-        wcopies = [words.clone() for _ in range(copies_for(words.numel() * 4))]
-        launch = dict(launch_pdl=True) if pdl else {}
-
-        def probe(wc):
-            _bytes_probe_kernel[(triton.cdiv(n, 8),)](wc, x, probe_out, n, nw, BLOCK_N=8,
-                                                      NWP=triton.next_power_of_2(nw), PDL=pdl, num_warps=4, **launch)
-        row["probe_bytes_bn8"] = time_calls([lambda wc=wc: probe(wc) for wc in wcopies], calls_per_graph=64)
-        result["rows"].append(row)
-        line = f"{name:10s} N={n:6d} K={k:5d} " + " ".join(
-            f"{v}={row[v]:.2f}" for v in row if not v.endswith("_err") and isinstance(row[v], float))
-        print(line, flush=True)
-        table.append(row)
-        Path(args.out).write_text(json.dumps(result, indent=1))
-    names = [v for v in table[0] if isinstance(table[0][v], float) and not v.endswith("_err")] if table else []
-    print("\nus per call (batch 1, CUDA graph, PDL=%s)" % pdl)
-    print(f"{'variant':18s}" + "".join(f"{r['shape']:>11s}" for r in table))
-    for v in names:
-        print(f"{v:18s}" + "".join(f"{r[v]:11.2f}" for r in table))
+    for rows in [int(r) for r in args.rows.split(",")]:
+        table = []
+        for name, (n, k, experts, opts) in shapes(cfg).items():
+            if args.only and name not in args.only.split(","):
+                continue
+            row = bench_shape(name, n, k, experts, opts, rows, pdl, dev, result)
+            print(f"rows {rows} {name:10s} " + " ".join(f"{v}={row[v]:.2f}" for v in row
+                                                       if not v.endswith("_err") and isinstance(row[v], float)),
+                  flush=True)
+            table.append(row)
+            result["rows"].append(row)
+            Path(args.out).write_text(json.dumps(result, indent=1))
+        names = []
+        for r in table:
+            names += [v for v in r if isinstance(r[v], float) and not v.endswith("_err") and v not in names]
+        print(f"\nus per call, {rows} row(s) (CUDA graph of dependent calls, PDL={pdl})")
+        print(f"{'variant':24s}" + "".join(f"{r['shape']:>11s}" for r in table))
+        for v in names:
+            print(f"{v:24s}" + "".join(f"{r[v]:11.2f}" if v in r else f"{'-':>11s}" for r in table))
+        print(flush=True)
     if result["failures"]:
         print("FAILED:\n  " + "\n  ".join(result["failures"]))
         sys.exit(1)

@@ -33,8 +33,7 @@ from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
 from qmamba.kernels.decode_linear import DecodePolicy, decode_linear
 from qmamba.kernels.decode_step import add_norm, dt_state_update
 from qmamba.kernels.fused_moe import gated_act
-from qmamba.kernels.quant_matmul import FMT_INT4, PackedWeight, dequant_matmul
-from qmamba.quant.layout import INT4_TILE
+from qmamba.kernels.quant_matmul import PackedWeight, dequant_matmul
 from qmamba.mamba_mixer import MambaMixer
 from qmamba.moe import SwitchMoE
 
@@ -151,8 +150,7 @@ class FusedDecodeStep:
         multiple of 128): a second copy of those weights, made once."""
         weights = [self.head] + [w for p in self.layers for w in ((p.in_proj, p.x_proj, p.out_proj)
                                                                   if isinstance(p, _MambaPlan) else (p.fc1, p.fc2))]
-        return {id(w): w.to_planes() for w in weights
-                if isinstance(w, PackedWeight) and w.fmt == FMT_INT4 and w.group_size % INT4_TILE == 0}
+        return {id(w): w.to_planes() for w in weights if isinstance(w, PackedWeight) and self.policy.plane_form(w)}
 
     # ---- buffers -------------------------------------------------------------------------------------------------
     def _workspace(self, batch: int, device) -> dict:

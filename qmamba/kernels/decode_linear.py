@@ -39,6 +39,7 @@ from qmamba.kernels.quant_matmul import FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FM
 from qmamba.quant.layout import INT4_TILE, INT4_TILE_WORDS
 
 MAX_ROWS = 8
+MMA_ROWS = 16  # rows and weight rows of a tensor-core tile (plane words, 2+ input rows)
 
 
 # ---- policy --------------------------------------------------------------------------------------------------------
@@ -66,12 +67,21 @@ class DecodePolicy:
     num_warps: int = 4
     int4_magic: bool = False     # int4 nibbles masked in place (input pre-scaled by 16^-p) instead of shifted down
     int4_planes: bool = False    # callers convert int4 weights (group size a multiple of 128) to plane words once
+    max_rows_planes: int = MAX_ROWS  # batch sizes up to which int4 weights with a plane form take these kernels
     max_rows: int = MAX_ROWS     # batch sizes above this take the general matmul kernels (caller's choice)
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES)  # weight formats these kernels serve for the caller
 
     def takes(self, weight, rows: int) -> bool:
-        """Whether a caller should run ``weight`` at ``rows`` rows through :func:`decode_linear`."""
-        return isinstance(weight, PackedWeight) and weight.fmt in self.formats and rows <= min(self.max_rows, MAX_ROWS)
+        """Whether a caller should run ``weight`` at ``rows`` rows through :func:`decode_linear` (int4 weights that
+        get a plane form up to ``max_rows_planes`` rows: the tensor-core path; everything else up to ``max_rows``)."""
+        if not isinstance(weight, PackedWeight) or weight.fmt not in self.formats:
+            return False
+        limit = self.max_rows_planes if self.plane_form(weight) else self.max_rows
+        return rows <= min(limit, MAX_ROWS)
+
+    def plane_form(self, weight) -> bool:
+        """Whether callers give ``weight`` a plane form (int4, group size a multiple of the 128-element tile)."""
+        return self.int4_planes and weight.fmt == FMT_INT4 and weight.group_size % INT4_TILE == 0
 
     @classmethod
     def for_device(cls, device) -> "DecodePolicy":
@@ -218,6 +228,29 @@ def _dot_rows_int4(w, scale, zero, x_ptr, rr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m,
 
 
 @jit
+def _dot_rows_mma(w, scale, zero, x_ptr, rr, rok, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, K,
+                  NBP: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr, HAS_CB: tl.constexpr):
+    """``[R, BN]`` fp32: an int4 plane tile times the input rows ``rr`` where ``rok`` (R >= 16 and BN >= 16), on the
+    tensor cores: per nibble position, the dequantized weights ``[BN, NBP * 16]`` times the inputs at the k they
+    hold (for a tile row, 16 consecutive k per tile). Float32 inputs take the exact (IEEE) product; others round
+    the dequantized weight to the input's type, as the general kernels' small-M tiles do."""
+    bn: tl.constexpr = w.shape[0]
+    nw: tl.constexpr = NBP * 16
+    q = tl.arange(0, nw)
+    acc = tl.zeros((bn, rr.shape[0]), dtype=tl.float32)
+    for i in tl.static_range(8):
+        a = tl.reshape((((w >> (4 * i)) & 0xF).to(tl.float32) - zero[:, :, None]) * scale[:, :, None], (bn, nw))
+        k = (q // 16) * 128 + 16 * i + (q % 16)
+        xi = _input_at(x_ptr, rr[None, :], sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, k[:, None],
+                       (k < K)[:, None] & rok[None, :], CONV, CONV_W, HAS_CB)                       # [NW, R]
+        if x_ptr.dtype.element_ty == tl.float32:
+            acc += tl.dot(a, xi, input_precision="ieee")
+        else:
+            acc += tl.dot(a.to(x_ptr.dtype.element_ty), xi.to(x_ptr.dtype.element_ty))
+    return tl.trans(acc)
+
+
+@jit
 def _decode_linear_kernel(
     x_ptr, st_ptr, cw_ptr, cb_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rexp_ptr, rscale_ptr, out_ptr,
     M, N, K, N_UP, sxm, ss_m, ss_d, som, swe, swn, sse, ssn, sze, szn,
@@ -285,7 +318,24 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
     branch, no arithmetic."""
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
-    if (FMT == 2 or FMT == 3) and ROWS > 1 and not ROUTED:
+    if FMT == 3 and ROWS > 1:
+        # plane tiles and several rows: tensor cores, all rows (routed here) at once; ROWS is at least 16 here
+        rr = tl.arange(0, ROWS)
+        rok = rr < M
+        if ROUTED:
+            rok = rok & (tl.load(rexp_ptr + rr, mask=rok, other=-1) == expert)
+        y = _dot_rows_mma(w, scale, zero, x_ptr, rr, rok, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, K, NBP, CONV,
+                          CONV_W, HAS_CB)                                                           # [ROWS, BN]
+        if HAS_BIAS:
+            y += bias[None, :]
+        if GATED:
+            y = activate(y, ACT) * _dot_rows_mma(w_up, scale_up, zero_up, x_ptr, rr, rok, sxm, st_ptr, cw_ptr,
+                                                 cb_ptr, ss_m, ss_d, K, NBP, CONV, CONV_W, HAS_CB)
+        if HAS_RSCALE:
+            y = y * tl.load(rscale_ptr + rr, mask=rok, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + rr[:, None] * som + rows[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=rok[:, None] & rows_ok[None, :])
+    elif FMT == 2 and ROWS > 1 and not ROUTED:
         # every row uses the same tile: unpack each code once, multiply it into all rows
         rr = tl.arange(0, ROWS)
         y = _dot_rows_int4(w, scale, zero, x_ptr, rr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, K, M, FMT, NBP, WPG,
@@ -377,7 +427,8 @@ def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, r
         if tuple(st.shape) != (m, k, width) or st.stride(2) != 1 or tuple(cw.shape) != (k, width) or \
                 not cw.is_contiguous():
             raise ValueError("decode_linear: conv needs state [M, K, W] (unit last stride) and contiguous w [K, W]")
-    bn = policy.block_n(weight.fmt, m, n_out)
+    mma = weight.fmt == FMT_INT4_PLANES and m > 1  # the tensor-core path of plane tiles
+    bn = MMA_ROWS if mma else policy.block_n(weight.fmt, m, n_out)
     grid = (weight.n_experts if row_expert is not None and m > 1 else 1, -(-n_out // bn))
     dummy = x
     kwargs = dict(launch_pdl=True) if policy.pdl else {}
@@ -385,7 +436,8 @@ def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, r
         x, st, cw, cb if cb is not None else dummy, w, s, z, bias if bias is not None else dummy,
         row_expert if row_expert is not None else dummy, row_scale if row_scale is not None else dummy, out,
         m, n_out, k, n_out if gated else 0, x.stride(0), st.stride(0), st.stride(1), out.stride(0), *strides,
-        FMT=weight.fmt, ROWS=next_pow2(m), ROUTED=row_expert is not None, CONV=conv is not None,
+        FMT=weight.fmt, ROWS=max(MMA_ROWS, next_pow2(m)) if mma else next_pow2(m), ROUTED=row_expert is not None,
+        CONV=conv is not None,
         CONV_W=cw.shape[1] if conv is not None else 1, HAS_CB=cb is not None, GATED=gated is not None,
         ACT=ACTIVATION_IDS[gated] if gated else 0, HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
         KP=kp, NBP=nbp, WPG=wpg, TPB=tpb, MAGIC=policy.int4_magic, BLOCK_N=bn, PDL=policy.pdl, num_warps=policy.num_warps, **kwargs)
