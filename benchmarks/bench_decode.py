@@ -141,7 +141,7 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         bn = next((int(p[2:]) for p in parts if p.startswith("bn")), base.block_n_int4)
         return dataclasses.replace(base, formats=(0, 1, 2), max_rows=1, int4_planes="planes" in parts,
                                    int4_magic="magic" in parts, block_n_int4=bn,
-                                   max_rows_planes=8 if "rows8" in parts else 1)
+                                   max_rows_planes=8 if "rows8" in parts else 1, pdl=base.pdl and "nopdl" not in parts)
     if v.startswith("bn"):
         i4, rest = v[2:].split("F")
         fl, w = rest.split("W")

@@ -87,10 +87,10 @@ def clones(weight: PackedWeight, per_call_bytes: int) -> list:
     """Enough copies of ``weight`` (every tensor cloned) that a rotation over them is not served from L2."""
     return [dataclasses.replace(weight, **{f: getattr(weight, f).clone() for f in ("qweight", "scales", "zeros")
                                            if getattr(weight, f) is not None})
-            for _ in range(copies_for(per_call_bytes))]
+            for _ in range(copies_for(per_call_bytes, cap=1024))]
 
 
-def bench_shape(name, n, k, experts, opts, rows, pdl, dev, result):
+def bench_shape(name, n, k, experts, opts, rows, pdl, dev, result, only_variants=()):
     lead = (experts,) if experts else ()
     w = torch.randn(*lead, n, k) / k ** 0.5
     packed = {key: t.to(dev) for key, t in Int4Format(128).quantize_rtn(w).items()}
@@ -111,6 +111,8 @@ def bench_shape(name, n, k, experts, opts, rows, pdl, dev, result):
     used = len(set(kw["row_expert"].tolist())) if experts else 1
     row["int4_bytes_per_call"] = bytes_one * used
     for vname, (form, policy) in variants(pdl, rows).items():
+        if only_variants and vname not in only_variants:
+            continue
         weight = forms[form]
         if policy == "general":  # the general kernel computes fc1 without the activation
             plain = {key: v for key, v in kw.items()}
@@ -126,14 +128,14 @@ def bench_shape(name, n, k, experts, opts, rows, pdl, dev, result):
         if not err < 1e-2:
             result["failures"].append(f"{name} rows {rows} {vname}: rel err {err:.2e}")
         per_call = weight.qweight.numel() * weight.qweight.element_size() // (experts or 1) * used
-        us = time_calls([lambda wc=wc: call(wc) for wc in clones(weight, per_call)], calls_per_graph=64)
+        us = time_calls([lambda wc=wc: call(wc) for wc in clones(weight, per_call)], calls_per_graph=None)
         row[vname] = us
         row[vname + "_err"] = err
     if not experts:  # cuBLAS bf16 of the same matrix
         dense = forms["float"].qweight[0]
-        mats = [dense.clone() for _ in range(copies_for(dense.numel() * 2))]
+        mats = [dense.clone() for _ in range(copies_for(dense.numel() * 2, cap=1024))]
         row["cublas_bf16"] = time_calls([lambda m=m: torch.nn.functional.linear(x, m) for m in mats],
-                                        calls_per_graph=64)
+                                        calls_per_graph=None)
     if rows == 1:  # bytes probe: the int4 words of one matrix, no unpacking
         words = int32_words(int4.qweight)[0]
         nw = words.shape[-1]
@@ -144,8 +146,8 @@ def bench_shape(name, n, k, experts, opts, rows, pdl, dev, result):
             _bytes_probe_kernel[(triton.cdiv(n, 8),)](wc, x, probe_out, n, nw, BLOCK_N=8,
                                                       NWP=triton.next_power_of_2(nw), PDL=pdl, num_warps=4, **launch)
         row["probe_bytes_bn8"] = time_calls([lambda wc=wc: probe(wc) for wc in
-                                             [words.clone() for _ in range(copies_for(words.numel() * 4))]],
-                                            calls_per_graph=64)
+                                             [words.clone() for _ in range(copies_for(words.numel() * 4, cap=1024))]],
+                                            calls_per_graph=None)
     return row
 
 
@@ -155,6 +157,7 @@ def main():
     ap.add_argument("--preset", default="blackmamba-2.8b")
     ap.add_argument("--only", default="", help="comma-separated shape names (default: all)")
     ap.add_argument("--rows", default="1,8", help="input rows (batch sizes) to time")
+    ap.add_argument("--variants", default="", help="comma-separated variant names (default: all)")
     args = ap.parse_args()
     cfg = preset(args.preset)
     dev = torch.device("cuda")
@@ -166,7 +169,8 @@ def main():
         for name, (n, k, experts, opts) in shapes(cfg).items():
             if args.only and name not in args.only.split(","):
                 continue
-            row = bench_shape(name, n, k, experts, opts, rows, pdl, dev, result)
+            row = bench_shape(name, n, k, experts, opts, rows, pdl, dev, result,
+                              [v for v in args.variants.split(",") if v])
             print(f"rows {rows} {name:10s} " + " ".join(f"{v}={row[v]:.2f}" for v in row
                                                        if not v.endswith("_err") and isinstance(row[v], float)),
                   flush=True)

@@ -62,6 +62,14 @@ def main():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
             per_name[evt.name][0] += 1
             per_name[evt.name][1] += evt.device_time if hasattr(evt, "device_time") else evt.cuda_time
+    # the kernels of the last step in launch order: which matrix each linear kernel is follows from its position
+    kernel_events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                           key=lambda e: e.time_range.start)
+    per_step = len(kernel_events) // args.steps
+    last = kernel_events[-per_step:]
+    print("last step, first 12 kernels in order (us):",
+          ", ".join(f"{e.name[:24]}={(e.device_time if hasattr(e, 'device_time') else e.cuda_time):.2f}"
+                    for e in last[:12]))
     rows = sorted(((name, calls / args.steps, us / args.steps) for name, (calls, us) in per_name.items()),
                   key=lambda r: -r[2])
     kernel_us = sum(r[2] for r in rows)

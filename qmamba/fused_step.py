@@ -227,12 +227,16 @@ class FusedDecodeStep:
     def _mamba(self, buf, plan: _MambaPlan, views, state):
         xz, dbc, out = views
         di = plan.in_proj.n // 2
-        self._linear(buf["x"], plan.in_proj, xz, bias=plan.in_bias)
         conv_state = state.conv_state[plan.slot]
         conv = (conv_state, plan.conv_w, plan.conv_b)
-        if self.policy.takes(plan.x_proj, xz.shape[0]):  # the conv step fused in front of x_proj
-            self._decode(xz[:, :di], plan.x_proj, dbc, conv=conv)
+        rows = xz.shape[0]
+        if self.policy.takes(plan.in_proj, rows) and self.policy.takes(plan.x_proj, rows):
+            # the conv step in in_proj's epilogue (its output into xc), x_proj on it
+            xc = buf["xc"][:, :di]
+            self._decode(buf["x"], plan.in_proj, xz, bias=plan.in_bias, conv_out=conv + (xc,))
+            self._decode(xc, plan.x_proj, dbc)
         else:  # the conv step's output on its own (the state is shifted by the dt kernel below)
+            self._linear(buf["x"], plan.in_proj, xz, bias=plan.in_bias)
             if buf["conv_scratch"] is None or buf["conv_scratch"].shape != conv_state.shape:
                 buf["conv_scratch"] = torch.empty_like(conv_state)
             xc = buf["xc"][:, :di]

@@ -252,12 +252,12 @@ def _dot_rows_mma(w, scale, zero, x_ptr, rr, rok, sxm, st_ptr, cw_ptr, cb_ptr, s
 
 @jit
 def _decode_linear_kernel(
-    x_ptr, st_ptr, cw_ptr, cb_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rexp_ptr, rscale_ptr, out_ptr,
-    M, N, K, N_UP, sxm, ss_m, ss_d, som, swe, swn, sse, ssn, sze, szn,
+    x_ptr, st_ptr, cw_ptr, cb_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rexp_ptr, rscale_ptr, out_ptr, co_ptr,
+    M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse, ssn, sze, szn,
     FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr,
     HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr,
-    MAGIC: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+    MAGIC: tl.constexpr, CONV_EPI: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -288,8 +288,9 @@ def _decode_linear_kernel(
             else:
                 w_up, scale_up, zero_up = w, scale, zero
             _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
-                      bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, rows, rows_ok, expert, M, N, K,
-                      FMT, ROWS, ROUTED, CONV, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP, NBP, WPG, TPB, MAGIC)
+                      bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, co_ptr, scom, DI, rows, rows_ok, expert,
+                      M, N, K, FMT, ROWS, ROUTED, CONV, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP, NBP, WPG,
+                      TPB, MAGIC, CONV_EPI)
     else:
         e64 = pid_e.to(tl.int64) * 0
         w, scale, zero = _load_tile(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, swe, swn, sse, ssn, sze,
@@ -303,17 +304,37 @@ def _decode_linear_kernel(
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
-                  bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, rows, rows_ok, pid_e, M, N, K,
-                  FMT, ROWS, ROUTED, CONV, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP, NBP, WPG, TPB, MAGIC)
+                  bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, co_ptr, scom, DI, rows, rows_ok, pid_e,
+                  M, N, K, FMT, ROWS, ROUTED, CONV, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP, NBP, WPG,
+                  TPB, MAGIC, CONV_EPI)
+
+
+@jit
+def _store_out(y, ri, ni, mask, out_ptr, som, co_ptr, scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI,
+               CONV_EPI: tl.constexpr, CONV_W: tl.constexpr, HAS_CB: tl.constexpr):
+    """Store ``y`` at rows ``ri`` / columns ``ni`` (broadcast together, ``mask``). ``CONV_EPI``: columns below ``DI``
+    are also the new conv input of those channels, and ``co`` gets the conv step's output
+    ``silu(sum_j state[j + 1] w[j] + y w[W-1] + b)`` of the stored (rounded) value, from the old conv state."""
+    yq = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + ri * som + ni, yq, mask=mask)
+    if CONV_EPI:
+        cm = mask & (ni < DI)
+        acc = yq.to(tl.float32) * tl.load(cw_ptr + ni * CONV_W + (CONV_W - 1), mask=cm, other=0.0).to(tl.float32)
+        for t in tl.static_range(CONV_W - 1):
+            acc += tl.load(st_ptr + ri * ss_m + ni * ss_d + (t + 1), mask=cm, other=0.0).to(tl.float32) * \
+                tl.load(cw_ptr + ni * CONV_W + t, mask=cm, other=0.0).to(tl.float32)
+        if HAS_CB:
+            acc += tl.load(cb_ptr + ni, mask=cm, other=0.0).to(tl.float32)
+        tl.store(co_ptr + ri * scom + ni, (acc * tl.sigmoid(acc)).to(co_ptr.dtype.element_ty), mask=cm)
 
 
 @jit
 def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
-              bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, rows, rows_ok, expert, M, N, K,
+              bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, co_ptr, scom, DI, rows, rows_ok, expert, M, N, K,
               FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr, CONV: tl.constexpr,
               CONV_W: tl.constexpr, HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
               HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr,
-              WPG: tl.constexpr, TPB: tl.constexpr, MAGIC: tl.constexpr):
+              WPG: tl.constexpr, TPB: tl.constexpr, MAGIC: tl.constexpr, CONV_EPI: tl.constexpr):
     """Each input row (that is routed here) times the tile(s), epilogue, store. A row that is not computed costs a
     branch, no arithmetic."""
     if HAS_BIAS:
@@ -333,8 +354,8 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                                                  cb_ptr, ss_m, ss_d, K, NBP, CONV, CONV_W, HAS_CB)
         if HAS_RSCALE:
             y = y * tl.load(rscale_ptr + rr, mask=rok, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + rr[:, None] * som + rows[None, :], y.to(out_ptr.dtype.element_ty),
-                 mask=rok[:, None] & rows_ok[None, :])
+        _store_out(y, rr[:, None], rows[None, :], rok[:, None] & rows_ok[None, :], out_ptr, som, co_ptr, scom,
+                   st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI, CONV_EPI, CONV_W, HAS_CB)
     elif FMT == 2 and ROWS > 1 and not ROUTED:
         # every row uses the same tile: unpack each code once, multiply it into all rows
         rr = tl.arange(0, ROWS)
@@ -348,8 +369,8 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                                                   HAS_CB, MAGIC)
         if HAS_RSCALE:
             y = y * tl.load(rscale_ptr + rr, mask=rr < M, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + rr[:, None] * som + rows[None, :], y.to(out_ptr.dtype.element_ty),
-                 mask=(rr < M)[:, None] & rows_ok[None, :])
+        _store_out(y, rr[:, None], rows[None, :], (rr < M)[:, None] & rows_ok[None, :], out_ptr, som, co_ptr,
+                   scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI, CONV_EPI, CONV_W, HAS_CB)
     else:
         for r in tl.static_range(ROWS):
             row_ok = (tl.program_id(1) * 0 + r) < M  # a tensor (the interpreter rejects a Python bool mask)
@@ -366,7 +387,8 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                                                     MAGIC)
                 if HAS_RSCALE:
                     y = y * tl.load(rscale_ptr + r).to(tl.float32)
-                tl.store(out_ptr + r * som + rows, y.to(out_ptr.dtype.element_ty), mask=rows_ok)
+                _store_out(y, r, rows, rows_ok, out_ptr, som, co_ptr, scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI,
+                           CONV_EPI, CONV_W, HAS_CB)
 
 
 # ---- launcher and reference twin -------------------------------------------------------------------------------------
@@ -397,12 +419,15 @@ def _weight_args(weight: PackedWeight):
 
 
 def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, row_scale=None, conv=None,
-                  gated: str | None = None, policy: DecodePolicy | None = None):
+                  conv_out=None, gated: str | None = None, policy: DecodePolicy | None = None):
     """``out [M, N']`` (any float dtype) receives ``f(x) @ W_hat^T`` for ``M <= 8`` rows; semantics of
     :func:`decode_linear_ref`.
 
     ``conv = (conv_state [M, K, W], conv_w [K, W], conv_b [K] | None)``: the input is the conv step's output
     ``silu(conv([state[:, :, 1:], x]) + b)`` (``x [M, K]`` is the new conv input; the state is not written).
+    ``conv_out = (conv_state [M, D, W], conv_w [D, W], conv_b [D] | None, xc [M, D])``: the first ``D`` output
+    columns are the new conv input of ``D`` channels, and ``xc`` also receives the conv step's output of them (the
+    same function of the stored output; in_proj's epilogue, so that x_proj reads a finished input).
     ``gated = activation name``: the weight is ``[.., 2F, K]`` and ``out [M, F]`` gets ``act(x W_gate^T) * (x W_up^T)``
     (the bias, if any, applies to the gate half only and must be None for gated weights).
     ``row_expert [M]`` int32 picks each row's expert of a stacked weight; ``row_scale [M]`` multiplies each row.
@@ -421,12 +446,18 @@ def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, r
     if row_expert is None and weight.n_experts != 1:
         raise ValueError("decode_linear: a stacked weight needs row_expert")
     w, s, z, strides, kp, nbp, wpg, tpb = _weight_args(weight)
-    st, cw, cb = conv if conv is not None else (x, x, None)
-    if conv is not None:
-        width = cw.shape[1]
-        if tuple(st.shape) != (m, k, width) or st.stride(2) != 1 or tuple(cw.shape) != (k, width) or \
+    if conv is not None and conv_out is not None:
+        raise ValueError("decode_linear: a conv prologue and a conv epilogue do not go together")
+    st, cw, cb = conv if conv is not None else conv_out[:3] if conv_out is not None else (x, x, None)
+    co = conv_out[3] if conv_out is not None else out
+    channels = co.shape[1] if conv_out is not None else 0
+    if conv is not None or conv_out is not None:
+        width, want = cw.shape[1], (k if conv is not None else channels)
+        if tuple(st.shape) != (m, want, width) or st.stride(2) != 1 or tuple(cw.shape) != (want, width) or \
                 not cw.is_contiguous():
-            raise ValueError("decode_linear: conv needs state [M, K, W] (unit last stride) and contiguous w [K, W]")
+            raise ValueError("decode_linear: conv needs state [M, D, W] (unit last stride) and contiguous w [D, W]")
+        if conv_out is not None and (co.shape[0] != m or co.stride(1) != 1 or channels > n_out):
+            raise ValueError(f"decode_linear: conv_out needs a row-major xc [{m}, D <= {n_out}]")
     mma = weight.fmt == FMT_INT4_PLANES and m > 1  # the tensor-core path of plane tiles
     bn = MMA_ROWS if mma else policy.block_n(weight.fmt, m, n_out)
     grid = (weight.n_experts if row_expert is not None and m > 1 else 1, -(-n_out // bn))
@@ -434,11 +465,13 @@ def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, r
     kwargs = dict(launch_pdl=True) if policy.pdl else {}
     _decode_linear_kernel[grid](
         x, st, cw, cb if cb is not None else dummy, w, s, z, bias if bias is not None else dummy,
-        row_expert if row_expert is not None else dummy, row_scale if row_scale is not None else dummy, out,
-        m, n_out, k, n_out if gated else 0, x.stride(0), st.stride(0), st.stride(1), out.stride(0), *strides,
+        row_expert if row_expert is not None else dummy, row_scale if row_scale is not None else dummy, out, co,
+        m, n_out, k, n_out if gated else 0, channels, x.stride(0), st.stride(0), st.stride(1), out.stride(0),
+        co.stride(0), *strides,
         FMT=weight.fmt, ROWS=max(MMA_ROWS, next_pow2(m)) if mma else next_pow2(m), ROUTED=row_expert is not None,
-        CONV=conv is not None,
-        CONV_W=cw.shape[1] if conv is not None else 1, HAS_CB=cb is not None, GATED=gated is not None,
+        CONV=conv is not None, CONV_EPI=conv_out is not None,
+        CONV_W=cw.shape[1] if conv is not None or conv_out is not None else 1, HAS_CB=cb is not None,
+        GATED=gated is not None,
         ACT=ACTIVATION_IDS[gated] if gated else 0, HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
         KP=kp, NBP=nbp, WPG=wpg, TPB=tpb, MAGIC=policy.int4_magic, BLOCK_N=bn, PDL=policy.pdl, num_warps=policy.num_warps, **kwargs)
     return out

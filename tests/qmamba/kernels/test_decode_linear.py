@@ -119,3 +119,25 @@ def test_policy_is_explicit_and_cpu_has_no_pdl():
     assert DecodePolicy(block_n_int4=8).block_n(2, 1, 5888) == 8
     assert DecodePolicy(block_n_int4=8).block_n(2, 8, 5888) == 2
     assert DecodePolicy(block_n_int4=8).block_n(2, 1, 3) == 4  # never wider than the matrix (next power of two)
+
+
+@pytest.mark.parametrize("fmt,m", [("float", 1), ("int4g128", 1), ("planes128", 1), ("int4g32", 3), ("planes128", 3)])
+def test_conv_epilogue_writes_the_conv_step_of_the_stored_output(fmt, m, device):
+    """in_proj with the conv step in its epilogue: ``out`` is x @ W^T as without it, and ``xc`` is the conv-update
+    reference applied to the first D stored columns and the old state (which is left unchanged)."""
+    torch.manual_seed(4)
+    d, di, width = 96, 136, 4
+    w = weight_for(fmt, 2 * di, d, device, seed=5)
+    x = torch.randn(m, d, device=device)
+    state = torch.randn(m, di, width, device=device)
+    conv_w = torch.randn(di, width, device=device)
+    conv_b = torch.randn(di, device=device)
+    before = state.clone()
+    out, xc = poisoned(m, 2 * di, device), poisoned(m, di, device)
+    decode_linear(x, w, out, conv_out=(state, conv_w, conv_b, xc))
+    torch.testing.assert_close(out, dequant_matmul_ref(x, w).float(), atol=1e-4, rtol=1e-4)
+    want, _ = causal_conv1d_update_ref(out[:, :di], state, conv_w, conv_b, "silu")
+    torch.testing.assert_close(xc, want.float(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(state, before)
+    with pytest.raises(ValueError, match="do not go together"):
+        decode_linear(x, w, out, conv=(state, conv_w, conv_b), conv_out=(state, conv_w, conv_b, xc))
