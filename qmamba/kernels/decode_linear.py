@@ -85,13 +85,16 @@ class DecodePolicy:
 
     @classmethod
     def for_device(cls, device) -> "DecodePolicy":
-        """CUDA: what measured fastest on the H200 (benchmarks/results.md, "Decode step"): these kernels for float
-        weights at batch 1 (0.70 vs 1.01 ms/token for bf16 BlackMamba-2.8B); int4 words at batch 1 and every
-        format at batch 8 measured slower than the general kernels (1.2 vs 0.98 ms; 14.6 vs 2.4 ms), so those stay
-        on them. CPU (interpreter): every format and batch, wide row blocks (few programs)."""
+        """CUDA: what measured fastest on the H200 (benchmarks/results.md, "Decode step, session 11"): these
+        kernels at batch 1 for float weights (0.647 ms/token for bf16 BlackMamba-2.8B) and for int4 weights of group
+        size 128 / 256 through a plane copy, 4 rows per program (0.660 against 0.994 on the general kernels; the
+        copy costs the int4 weights' bytes again); int4 in the stored word layout and int8 stay on the general
+        kernels, and so does every format at batch 2+ (the plane tiles' tensor-core path spills at the expert
+        shapes). CPU (interpreter): every format and batch, wide row blocks (few programs)."""
         if device.type != "cuda":
             return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1)
-        return cls(pdl=pdl_supported(device), max_rows=1, formats=(FMT_FLOAT,))
+        return cls(pdl=pdl_supported(device), max_rows=1, max_rows_planes=1, block_n_int4=4, int4_planes=True,
+                   formats=(FMT_FLOAT, FMT_INT4))
 
     def block_n(self, fmt: int, rows: int, n: int) -> int:
         bn = self.block_n_int4 if fmt in (FMT_INT4, FMT_INT4_PLANES) else self.block_n_float
