@@ -3,9 +3,10 @@
 :class:`FusedDecodeStep` walks the model's modules once (at construction) and then runs a step as a short, fixed
 sequence of Triton launches with no allocation and no host synchronisation:
 
-    per Mamba layer (5):  residual add + RMSNorm (embedding gather fused into the first layer's) -> in_proj ->
-                          [conv step recomputed from the old conv state + x_proj] -> [conv state shift + dt_proj +
-                          softplus + SSM state update (in place) + D skip + SiLU(z) gate] -> out_proj
+    per Mamba layer (5):  residual add + RMSNorm (embedding gather fused into the first layer's) -> [in_proj with
+                          the conv step of its x rows from the old conv state in the epilogue] -> x_proj ->
+                          [conv state shift + dt_proj + softplus + SSM state update (in place) + D skip + SiLU(z)
+                          gate] -> out_proj
     per MoE layer (3):    residual add + RMSNorm + router logits + sigmoid/argmax (one kernel) -> [fc1 of the chosen
                           expert (read by index), gate and up rows together, gated activation in the epilogue] ->
                           fc2 with the routing weight in the epilogue
@@ -14,8 +15,10 @@ sequence of Triton launches with no allocation and no host synchronisation:
 The linear layers are :func:`qmamba.kernels.decode_linear.decode_linear` (whole rows per program, no split-K, no
 workspace to zero); on Hopper every kernel is a programmatic dependent launch, so inside the CUDA graph each
 kernel's weight loads overlap the previous kernel (:class:`DecodePolicy`, an explicit argument). Weights are read in
-their stored formats (float, int8, int4); 1-bit weights and batches above ``MAX_ROWS`` take the general matmul
-kernels (:func:`dequant_matmul`, :func:`binary_matmul`) with the conv step and the activation as their own launches.
+their stored formats (float, int8, int4), or int4 through a plane copy made once (``DecodePolicy.int4_planes``,
+the CUDA default at batch 1; it costs the int4 weights' bytes again); what the policy does not take (1-bit
+weights, int8 and larger batches on CUDA) runs on the general matmul kernels (:func:`dequant_matmul`,
+:func:`binary_matmul`) with the conv step and the activation as their own launches.
 The module parameters are captured by reference at construction: rebuild the step after changing weights.
 Logits come back as float32 ``[B, V]``; the flat state tensors are updated in place.
 The kernels themselves (tensors in, tensors out) live in :mod:`qmamba.kernels.decode_step` and beside it.
