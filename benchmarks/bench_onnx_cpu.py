@@ -163,7 +163,8 @@ def run(models, threads: int, prompt: int, steps: int) -> str:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     lines += ["", f"Load average at the end of the run: {load} (the machine is shared: figures are indicative).",
               "Sizes: PyTorch rows = tensor bytes of the (quantized) state dict; ONNX rows = .onnx (+ .data) file.",
-              "The ONNX int4/int8 rows use int8 activations (accuracy_level 4); accuracy_level 0 is exact but slower."]
+              "The ONNX int4/int8 rows use int8 activations (accuracy_level 4); accuracy_level 0 is exact but slower",
+              "(perplexity and decode speed of both levels: benchmarks/onnx_accuracy_level.md)."]
     return "\n".join(lines) + "\n"
 
 

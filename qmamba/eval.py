@@ -10,11 +10,14 @@ a record counts as correct when every continuation token is the greedy argmax. A
 continuation's perplexity.
 
 Router agreement: the fraction of tokens whose top-1 expert is the same in two models (each MoE layer fed by its
-own model's preceding layers), on the same token ids.
+own model's preceding layers), on the same token ids, overall and per MoE layer. ``compare_checkpoints`` records
+the routing in the perplexity forwards, at the positions they score. The decision recorded is the one each MoE
+block takes on its backend (``SwitchMoE.route``), Triton's fused MoE included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import math
@@ -41,8 +44,12 @@ def _windows(n_tokens: int, seq_len: int, stride: int):
 
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, seq_len: int = 512, stride: int | None = None, batch_size: int = 8,
-               progress: bool = True) -> dict:
-    """Sliding-window perplexity of a 1-D token tensor; returns ``{"ppl", "nll", "tokens", ...}``."""
+               progress: bool = True, routes: dict | None = None) -> dict:
+    """Sliding-window perplexity of a 1-D token tensor; returns ``{"ppl", "nll", "tokens", ...}``.
+
+    ``routes``: a dict to fill with ``{MoE layer: top-1 expert idx [tokens] int16}`` at the positions whose logits
+    are scored (each position of the text but the last once, in order; the padding of a short window left out),
+    recorded during the same forwards (:func:`routing_hooks`)."""
     stride = seq_len if stride is None else stride
     if seq_len < 2 or not (0 < stride <= seq_len):
         raise UserError(f"need seq_len >= 2 and 0 < stride <= seq_len, got seq_len={seq_len} stride={stride}")
@@ -55,22 +62,30 @@ def perplexity(model, ids: torch.Tensor, seq_len: int = 512, stride: int | None 
     windows = list(_windows(ids.numel(), seq_len, stride))
     total_nll, total_tokens = 0.0, 0
     bar = tqdm(total=len(windows), desc="perplexity", disable=not progress, leave=False)
-    for j in range(0, len(windows), batch_size):
-        group = windows[j: j + batch_size]
-        width = max(end - begin for begin, end, _ in group)
-        batch = torch.zeros(len(group), width, dtype=torch.long)
-        for row, (begin, end, _) in enumerate(group):
-            batch[row, : end - begin] = ids[begin:end]
-        logits = model(batch.to(device)).float()
-        for row, (begin, end, n_scored) in enumerate(group):
-            length = end - begin
-            lp = F.log_softmax(logits[row, : length - 1], dim=-1)
-            target = batch[row, 1:length].to(device)
-            nll = -lp.gather(-1, target[:, None])[:, 0]
-            total_nll += float(nll[length - 1 - n_scored:].sum())
-            total_tokens += n_scored
-        bar.update(len(group))
+    with routing_hooks(model) if routes is not None else contextlib.nullcontext({}) as records:
+        scored_routes: dict[int, list] = {i: [] for i in records}
+        for j in range(0, len(windows), batch_size):
+            group = windows[j: j + batch_size]
+            width = max(end - begin for begin, end, _ in group)
+            batch = torch.zeros(len(group), width, dtype=torch.long)
+            for row, (begin, end, _) in enumerate(group):
+                batch[row, : end - begin] = ids[begin:end]
+            logits = model(batch.to(device)).float()
+            layer_idx = {i: _one_forward(v, i).reshape(len(group), width) for i, v in records.items()}
+            for row, (begin, end, n_scored) in enumerate(group):
+                length = end - begin
+                lp = F.log_softmax(logits[row, : length - 1], dim=-1)
+                target = batch[row, 1:length].to(device)
+                nll = -lp.gather(-1, target[:, None])[:, 0]
+                total_nll += float(nll[length - 1 - n_scored:].sum())
+                total_tokens += n_scored
+                for i, idx in layer_idx.items():  # the positions whose predictions were scored
+                    scored_routes[i].append(idx[row, length - 1 - n_scored: length - 1])
+            bar.update(len(group))
     bar.close()
+    if routes is not None:
+        routes.update({i: torch.cat(v) for i, v in scored_routes.items()})
+        _check_routes(routes, total_tokens)
     nll = total_nll / total_tokens
     return {"ppl": math.exp(nll), "nll": nll, "tokens": total_tokens, "seq_len": seq_len, "stride": stride}
 
@@ -107,37 +122,78 @@ def lambada(model, tokenizer, records: list[dict], progress: bool = True) -> dic
             "continuation_ppl": math.exp(nll_sum / n_tokens) if n_tokens else float("nan")}
 
 
-@torch.no_grad()
-def record_routing(model, ids: torch.Tensor, batch_size: int = 8) -> dict[int, torch.Tensor]:
-    """Top-1 expert of every token at every MoE layer: ``{layer index: idx [N * L] int16}``."""
+@contextlib.contextmanager
+def routing_hooks(model):
+    """Inside the block, every forward of ``model`` appends to ``{MoE layer index: [idx [B * L] int16 (CPU), ...]}``
+    (yielded) the top-1 expert of each token.
+
+    A pre-hook on each MoE block asks the block for its routing of the block's input (``SwitchMoE.route``: on
+    every backend the decision its forward takes; the Triton forward routes inside its fused kernels and never
+    calls the router module, so a hook on the router would see nothing there)."""
     records: dict[int, list] = {}
     handles = []
     for i, block in enumerate(model.layers):
-        if block.kind != "mamba":
-            def hook(_mod, _args, out, i=i):
-                records.setdefault(i, []).append(out.argmax(-1).reshape(-1).to(torch.int16).cpu())
+        if block.kind == "mamba":
+            continue
+        records[i] = []
 
-            handles.append(block.mixer.router.register_forward_hook(hook))
+        def hook(mixer, args, i=i):
+            x = args[0]
+            idx, _ = mixer.route(x.reshape(-1, x.shape[-1]))
+            records[i].append(idx.reshape(-1).to(torch.int16).cpu())
+
+        handles.append(block.mixer.register_forward_pre_hook(hook))
     try:
-        for chunk in ids.split(batch_size):
-            model(chunk.to(model.device))
+        yield records
     finally:
         for handle in handles:
             handle.remove()
-    return {i: torch.cat(v) for i, v in records.items()}
+
+
+def _one_forward(recorded: list, layer: int) -> torch.Tensor:
+    """The routing one forward recorded at ``layer`` (emptying the list)."""
+    if len(recorded) != 1:
+        raise RuntimeError(f"MoE layer {layer} recorded its routing {len(recorded)} times in one forward instead of "
+                           "once: this model's MoE forward bypasses SwitchMoE.forward")
+    return recorded.pop()
+
+
+def _check_routes(routes: dict, n_tokens: int) -> None:
+    wrong = {i: v.numel() for i, v in routes.items() if v.numel() != n_tokens}
+    if wrong:
+        raise RuntimeError(f"routing recorded for {wrong} (layer: decisions) instead of {n_tokens} tokens per MoE "
+                           "layer: this model's MoE forward bypasses SwitchMoE.forward")
+
+
+@torch.no_grad()
+def record_routing(model, ids: torch.Tensor, batch_size: int = 8) -> dict[int, torch.Tensor]:
+    """Top-1 expert of every token at every MoE layer: ``{layer index: idx [N * L] int16}``, for ``ids [N, L]``
+    (see :func:`routing_hooks`). Raises if a MoE layer recorded other than one decision per token."""
+    with routing_hooks(model) as records:
+        for chunk in ids.split(batch_size):
+            model(chunk.to(model.device))
+    routes = {i: torch.cat(v) if v else torch.empty(0, dtype=torch.int16) for i, v in records.items()}
+    _check_routes(routes, ids.numel())
+    return routes
 
 
 def routing_agreement(routes_a: dict, routes_b: dict) -> dict:
-    """``{"overall": fraction, "per_layer": {layer: fraction}}`` of equal top-1 choices."""
-    per_layer = {i: float((routes_a[i] == routes_b[i]).float().mean()) for i in routes_a}
+    """``{"overall": fraction, "per_layer": {layer: fraction}}`` of equal top-1 choices (``{layer: idx}`` each,
+    the same layers and tokens)."""
+    if set(routes_a) != set(routes_b) or any(routes_a[i].shape != routes_b[i].shape for i in routes_a):
+        raise ValueError(f"routings of different layers or tokens: {({i: tuple(v.shape) for i, v in routes_a.items()})}"
+                         f" vs {({i: tuple(v.shape) for i, v in routes_b.items()})}")
+    per_layer = {i: int((routes_a[i] == routes_b[i]).sum()) / routes_a[i].numel() if routes_a[i].numel()
+                 else float("nan") for i in routes_a}
     total = sum(routes_a[i].numel() for i in routes_a)
     same = sum(int((routes_a[i] == routes_b[i]).sum()) for i in routes_a)
     return {"overall": same / total if total else float("nan"), "per_layer": per_layer}
 
 
 def router_agreement(model_a, model_b, ids: torch.Tensor, batch_size: int = 8) -> dict:
-    """Top-1 routing agreement of two models on ``ids [N, L]``."""
-    return routing_agreement(record_routing(model_a, ids, batch_size), record_routing(model_b, ids, batch_size))
+    """Top-1 routing agreement of two models on ``ids [N, L]`` (``tokens``: N * L, per layer)."""
+    return {**routing_agreement(record_routing(model_a, ids, batch_size), record_routing(model_b, ids, batch_size)),
+            "tokens": int(ids.numel())}
 
 
 def text_windows(ids: torch.Tensor, seq_len: int, max_windows: int) -> torch.Tensor:
@@ -174,8 +230,9 @@ def _encode_counted(tokenizer, spec: str, max_tokens: int | None) -> tuple[torch
 
 def evaluate_model(model, tokenizer, data: str | None = "corpus:heldout", do_lambada: bool = False,
                    seq_len: int = 512, stride: int | None = None, max_tokens: int | None = None,
-                   lambada_limit: int | None = None, batch_size: int = 8, progress: bool = True) -> dict:
-    """Perplexity on a text spec and/or LAMBADA for a loaded model."""
+                   lambada_limit: int | None = None, batch_size: int = 8, progress: bool = True,
+                   routes: dict | None = None) -> dict:
+    """Perplexity on a text spec and/or LAMBADA for a loaded model (``routes``: see :func:`perplexity`)."""
     from qmamba.data_files import lambada_path
 
     result: dict = {}
@@ -185,7 +242,7 @@ def evaluate_model(model, tokenizer, data: str | None = "corpus:heldout", do_lam
             raise UserError(f"{data}: token id {int(ids.max())} is outside the model's vocabulary "
                             f"({model.config.vocab_size}); wrong tokenizer?")
         result["perplexity"] = {"data": data, "text_tokens": text_tokens, "max_tokens": max_tokens,
-                                **perplexity(model, ids, seq_len, stride, batch_size, progress)}
+                                **perplexity(model, ids, seq_len, stride, batch_size, progress, routes)}
     if do_lambada:
         result["lambada"] = lambada(model, tokenizer, load_lambada(lambada_path(), lambada_limit), progress)
     return result
@@ -210,8 +267,9 @@ def evaluate_checkpoint(path, tokenizer_path=None, device=None, dtype=None, back
 
 
 def compare_checkpoints(path_a, path_b, tokenizer_path=None, device=None, dtype=None, backend=None,
-                        data: str | None = "corpus:heldout", router_windows: int = 16, **kwargs) -> dict:
-    """Evaluate two checkpoints on the same data; deltas (B - A) and top-1 router agreement of B with A.
+                        data: str | None = "corpus:heldout", **kwargs) -> dict:
+    """Evaluate two checkpoints on the same data; deltas (B - A) and top-1 router agreement of B with A (MoE
+    models of one configuration, with ``data``: on the positions the perplexity scores, recorded in its forwards).
 
     Both are scored with the same tokenizer: ``tokenizer_path`` when given, else each checkpoint's own, which must
     then be the same tokenizer (otherwise the perplexities count different tokens: a :class:`UserError`)."""
@@ -228,8 +286,10 @@ def compare_checkpoints(path_a, path_b, tokenizer_path=None, device=None, dtype=
                         "--tokenizer FILE to score both with one")
     tokenizer = tokenizers[0]
     models = [load_model(p, device=device, dtype=dtype, backend=backend) for p in (path_a, path_b)]
-    results = [{"path": str(p), **evaluate_model(m, tokenizer, data=data, **kwargs)}
-               for p, m in zip((path_a, path_b), models)]
+    want_routes = bool(data) and bool(models[0].config.moe_layer_ids) and models[0].config == models[1].config
+    routes = [{} if want_routes else None for _ in models]
+    results = [{"path": str(p), **evaluate_model(m, tokenizer, data=data, routes=r, **kwargs)}
+               for p, m, r in zip((path_a, path_b), models, routes)]
     out = {"a": results[0], "b": results[1], "delta": {}}
     if "perplexity" in results[0]:
         pa, pb = results[0]["perplexity"]["ppl"], results[1]["perplexity"]["ppl"]
@@ -237,8 +297,6 @@ def compare_checkpoints(path_a, path_b, tokenizer_path=None, device=None, dtype=
         out["delta"]["ppl_relative"] = pb / pa - 1
     if "lambada" in results[0]:
         out["delta"]["lambada_accuracy"] = results[1]["lambada"]["accuracy"] - results[0]["lambada"]["accuracy"]
-    if data and models[0].config.moe_layer_ids and models[0].config == models[1].config:
-        ids = encode_text_spec(tokenizer, data, kwargs.get("max_tokens"))
-        windows = text_windows(ids, kwargs.get("seq_len", 512), router_windows)
-        out["router_agreement"] = router_agreement(models[0], models[1], windows)
+    if want_routes:
+        out["router_agreement"] = {**routing_agreement(*routes), "tokens": results[0]["perplexity"]["tokens"]}
     return out

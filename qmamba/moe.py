@@ -70,6 +70,18 @@ class SwitchMoE(nn.Module):
         self.experts = StackedExperts(n_experts, cfg.d_model, cfg.ffn_hidden, cfg.expert_gated,
                                       cfg.expert_activation)
 
+    def route(self, x):
+        """Top-1 routing of ``x [T, d]`` exactly as this block's forward decides it on its backend:
+        ``(expert_idx [T], weight [T] fp32)``. The Triton forward routes inside its fused kernels
+        (:func:`qmamba.kernels.triton_ops.switch_moe`, without calling ``self.router``); here the same routing
+        kernel runs alone on the same router weight, so what :func:`qmamba.eval.record_routing` records is the
+        decision the fused forward takes."""
+        if self.backend == "triton":
+            from qmamba.kernels import triton_ops  # lazily: triton is optional on CPU
+
+            return triton_ops.moe_route(self, x)
+        return route_top1(self.router(x))
+
     def forward(self, h):
         """``h [..., d]`` -> ``[..., d]``."""
         if self.backend == "triton":
@@ -78,6 +90,6 @@ class SwitchMoE(nn.Module):
             return triton_ops.switch_moe(self, h)
         shape = h.shape
         x = h.reshape(-1, shape[-1])
-        idx, weight = route_top1(self.router(x))
+        idx, weight = self.route(x)
         out = self.experts(x, idx) * weight[:, None].to(x.dtype)
         return out.reshape(shape)

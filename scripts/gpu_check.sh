@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check (run on the H100, not in CI): every kernel test compiled for the GPU, at BlackMamba-2.8B shapes where
 # the tests have them, plus CUDA-graph replay == eager decode and the distilled 1-bit fixture's greedy tokens on
-# the GPU. One command:  bash scripts/gpu_check.sh [pytest args]
+# the GPU, and router agreement of `qmamba eval --compare --device cuda`.
+# One command:  bash scripts/gpu_check.sh [pytest args]
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -14,7 +15,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 paths=0; for a in "$@"; do case "$a" in -*) ;; *) paths=1 ;; esac; done
 if [ $paths -eq 0 ]; then
   # the last one calibrates on the text shipped in qmamba/assets/data (no data directory needed)
-  set -- tests/qmamba/kernels tests/qmamba/test_fused_step.py \
+  set -- tests/qmamba/kernels tests/qmamba/test_fused_step.py tests/qmamba/test_router_agreement.py \
     tests/qmamba/calib/test_binarize_distill.py::test_distilled_fixture_greedy_tokens_on_gpu "$@"
 fi
 exec "$PY" -m pytest -q -p no:cacheprovider "$@"

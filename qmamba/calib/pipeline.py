@@ -200,8 +200,8 @@ def record_routing_blockwise(model: nn.Module, ids: torch.Tensor, device=None, b
             if block.kind == "mamba":
                 h.append(block.mixer(x)[0])
             else:
-                routes.setdefault(i, []).append(
-                    block.mixer.router(x.reshape(-1, x.shape[-1])).argmax(-1).to(torch.int16).cpu())
+                routes.setdefault(i, []).append(  # the block's own decision, as qmamba.eval records it
+                    block.mixer.route(x.reshape(-1, x.shape[-1]))[0].to(torch.int16).cpu())
                 h.append(block.mixer(x))
         move_module(block, block_home, dtypes=dtypes)
     return {i: torch.cat(v) for i, v in routes.items()}

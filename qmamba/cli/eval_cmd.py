@@ -86,7 +86,10 @@ def eval_cmd(path, data, do_lambada, lambada_limit, seq_len, stride, max_tokens,
         if "lambada_accuracy" in d:
             click.echo(f"delta LAMBADA accuracy (B - A): {100 * d['lambada_accuracy']:+.2f} points")
         if "router_agreement" in result:
-            click.echo(f"router top-1 agreement B vs A: {100 * result['router_agreement']['overall']:.2f}%")
+            ra = result["router_agreement"]
+            click.echo(f"router top-1 agreement B vs A: {100 * ra['overall']:.2f}% ({ra['tokens']} tokens per MoE "
+                       "layer, the positions scored)")
+            click.echo("  per layer: " + ", ".join(f"L{i} {100 * a:.2f}%" for i, a in ra["per_layer"].items()))
     else:
         result = evaluate_checkpoint(path, **common, **kwargs)
         click.echo(_format_result(result))

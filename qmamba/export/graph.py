@@ -56,7 +56,8 @@ OUTPUT_NAMES = ("logits", "conv_state_out", "ssm_state_out")
 class ExportOptions:
     """How to export. ``scan``: SelectiveScan function body (see :data:`scan_op.SCAN_BODIES`). ``conv``:
     ``auto`` = CausalConvWithState with the linear-attention body, plain ops with the portable Scan body.
-    ``accuracy_level``: MatMulNBits' attribute (4 = int8 activations: the fast CPU path)."""
+    ``accuracy_level``: MatMulNBits' attribute (4 = int8 activations: the fast CPU path; 0 = exact; what each
+    costs: benchmarks/onnx_accuracy_level.md)."""
 
     scan: str = "linear-attention"
     opset: int = 21

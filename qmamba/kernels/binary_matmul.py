@@ -439,8 +439,9 @@ def switch_moe_binary(moe, h: Tensor) -> Tensor:
     """:class:`qmamba.moe.SwitchMoE` forward with binary experts on the kernels: ``h [..., d]`` -> ``[..., d]``."""
     shape = h.shape
     x = h.reshape(-1, shape[-1])
+    from qmamba.kernels.triton_ops import router_weight
+
     experts, router = moe.experts, moe.router
-    router_w = router.weight if hasattr(router, "weight") else router.dequantized_weight(x.dtype)
-    out = binary_moe_forward(x, router_w, router.bias, experts_kernel_weight(experts, "fc1"),
+    out = binary_moe_forward(x, router_weight(router, x.dtype), router.bias, experts_kernel_weight(experts, "fc1"),
                              experts_kernel_weight(experts, "fc2"), experts.activation, experts.gated)
     return out.reshape(shape)

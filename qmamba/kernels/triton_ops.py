@@ -74,6 +74,20 @@ def expert_weight_args(experts: nn.Module, name: str):
     return format_id(w.fmt), w.n, packed["qweight"], packed.get("scales"), packed.get("zeros")
 
 
+def router_weight(router: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The ``[E, d]`` weight the routing kernel reads: an ``nn.Linear``'s own, a quantized router's dequantized."""
+    return router.weight if isinstance(router, nn.Linear) else router.dequantized_weight(dtype)
+
+
+def moe_route(moe: nn.Module, x: torch.Tensor):
+    """``(expert_idx [T] int32, weight [T] fp32)`` of ``x [T, d]``: the routing kernel that :func:`switch_moe` (and
+    its binary twin) run first, alone, on the same router weight and bias (for recording the routing)."""
+    from qmamba.kernels.fused_moe import route_top1
+
+    router = moe.router
+    return route_top1(x, router_weight(router, x.dtype), router.bias)
+
+
 def switch_moe(moe: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """:class:`qmamba.moe.SwitchMoE` forward on the fused kernels: ``h [..., d]`` -> ``[..., d]``."""
     experts = moe.experts
@@ -85,6 +99,5 @@ def switch_moe(moe: nn.Module, h: torch.Tensor) -> torch.Tensor:
     x = h.reshape(-1, shape[-1])
     f1, f2 = expert_weight_args(experts, "fc1"), expert_weight_args(experts, "fc2")
     router = moe.router
-    router_w = router.weight if isinstance(router, nn.Linear) else router.dequantized_weight(x.dtype)
-    out = custom_ops.moe_forward(x, router_w, router.bias, *f1, *f2, experts.activation, experts.gated)
+    out = custom_ops.moe_forward(x, router_weight(router, x.dtype), router.bias, *f1, *f2, experts.activation, experts.gated)
     return out.reshape(shape)
