@@ -112,9 +112,9 @@ def record_routing(model, ids: torch.Tensor, batch_size: int = 8) -> dict[int, t
     """Top-1 expert of every token at every MoE layer: ``{layer index: idx [N * L] int16}``."""
     records: dict[int, list] = {}
     handles = []
-    for i, block in enumerate(model.layers):
-        if block.kind != "mamba":
-            def hook(_mod, _args, out, i=i):
+    for block in model.blocks:
+        if not block.is_mamba:
+            def hook(_mod, _args, out, i=block.index):
                 records.setdefault(i, []).append(out.argmax(-1).reshape(-1).to(torch.int16).cpu())
 
             handles.append(block.mixer.router.register_forward_hook(hook))

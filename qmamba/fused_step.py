@@ -1,7 +1,7 @@
 """One fused single-token step of a whole :class:`qmamba.model.MambaLM`, built for CUDA-graph capture.
 
-:class:`FusedDecodeStep` walks the model's modules once (at construction) and then runs a step as a short, fixed
-sequence of Triton launches with no allocation and no host synchronisation:
+:class:`FusedDecodeStep` walks the model's block plan (``model.blocks``) once, at construction, and then runs a
+step as a short, fixed sequence of Triton launches with no allocation and no host synchronisation:
 
     per Mamba layer (5):  residual add + RMSNorm (embedding gather fused into the first layer's) -> in_proj ->
                           [conv step recomputed from the old conv state + x_proj] -> [conv state shift + dt_proj +
@@ -34,8 +34,6 @@ from qmamba.kernels.decode_linear import DecodePolicy, decode_linear
 from qmamba.kernels.decode_step import add_norm, dt_state_update
 from qmamba.kernels.fused_moe import gated_act
 from qmamba.kernels.quant_matmul import PackedWeight, dequant_matmul
-from qmamba.mamba_mixer import MambaMixer
-from qmamba.moe import SwitchMoE
 
 
 # ---- plan --------------------------------------------------------------------------------------------------------------
@@ -106,6 +104,29 @@ class _MoePlan:
     gated: bool
 
 
+def _mamba_plan(block, dtype) -> _MambaPlan:
+    """The kernel view of one Mamba block of ``model.blocks``."""
+    mixer = block.mixer
+    in_w, in_b = linear_weight(mixer.in_proj)
+    x_w, _ = linear_weight(mixer.x_proj)
+    out_w, out_b = linear_weight(mixer.out_proj)
+    return _MambaPlan(
+        block.slot, block.norm.weight.detach(), in_w, in_b, mixer.conv_weight.detach().contiguous(),
+        None if mixer.conv_bias is None else mixer.conv_bias.detach(), x_w,
+        dense_weight(mixer.dt_proj, dtype).contiguous(), mixer.dt_bias.detach(),
+        (-torch.exp(mixer.A_log.detach().float())).contiguous(), mixer.D.detach(), out_w, out_b)
+
+
+def _moe_plan(block, dtype) -> _MoePlan:
+    """The kernel view of one MoE block of ``model.blocks``."""
+    mixer = block.mixer
+    router = mixer.router
+    return _MoePlan(
+        block.norm.weight.detach(), dense_weight(router, dtype).contiguous(),
+        None if router.bias is None else router.bias.detach(), expert_weight(mixer.experts, "fc1"),
+        expert_weight(mixer.experts, "fc2"), mixer.experts.activation, mixer.experts.gated)
+
+
 class FusedDecodeStep:
     """``step(token_ids [B], state) -> logits [B, V]`` fp32, state updated in place; see the module docstring."""
 
@@ -117,27 +138,8 @@ class FusedDecodeStep:
         self.d_model, self.vocab = cfg.d_model, cfg.vocab_size
         self.eps = float(cfg.norm_eps)
         self.embedding = model.embedding.weight.detach()
-        self.layers = []
-        for i, block in enumerate(model.layers):
-            mixer = block.mixer
-            if isinstance(mixer, MambaMixer):
-                in_w, in_b = linear_weight(mixer.in_proj)
-                x_w, _ = linear_weight(mixer.x_proj)
-                out_w, out_b = linear_weight(mixer.out_proj)
-                self.layers.append(_MambaPlan(
-                    model._state_slot[i], block.norm.weight.detach(), in_w, in_b,
-                    mixer.conv_weight.detach().contiguous(),
-                    None if mixer.conv_bias is None else mixer.conv_bias.detach(), x_w,
-                    dense_weight(mixer.dt_proj, self.dtype).contiguous(), mixer.dt_bias.detach(),
-                    (-torch.exp(mixer.A_log.detach().float())).contiguous(), mixer.D.detach(), out_w, out_b))
-            elif isinstance(mixer, SwitchMoE):
-                router = mixer.router
-                self.layers.append(_MoePlan(
-                    block.norm.weight.detach(), dense_weight(router, self.dtype).contiguous(),
-                    None if router.bias is None else router.bias.detach(), expert_weight(mixer.experts, "fc1"),
-                    expert_weight(mixer.experts, "fc2"), mixer.experts.activation, mixer.experts.gated))
-            else:
-                raise TypeError(f"fused decode step: unsupported mixer {type(mixer).__name__} in layer {i}")
+        self.layers = [_mamba_plan(block, self.dtype) if block.is_mamba else _moe_plan(block, self.dtype)
+                       for block in model.blocks]
         norm_f = model.norm_f
         self.final_w = norm_f.weight.detach()
         self.final_b = getattr(norm_f, "bias", None)  # LayerNorm has a bias, RMSNorm none

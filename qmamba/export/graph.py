@@ -16,10 +16,10 @@ One graph serves both roles the runner needs (state inputs and outputs use the f
 * prefill: ``length = prompt length`` with zero states (or the state of an earlier chunk: chunked prefill);
 * decode step: ``length = 1`` with the states of the previous call.
 
-Per block (mirroring :class:`qmamba.model.MambaLM`): fp32 residual, RMSNorm in fp32, the mixer in the activation
-dtype. Mamba mixer: in_proj -> causal conv + SiLU (``com.microsoft.CausalConvWithState`` with ``channels_last=1``,
-or plain Concat + depthwise ``Conv`` for a portable graph) -> x_proj -> dt_proj -> ``qmamba::SelectiveScan``
--> out_proj. Switch-MoE (top-1, sigmoid router): the router picks ``argmax`` of ``sigmoid(logits)``; each expert
+Per block of :func:`qmamba.block_plan.block_plan` (the blocks :class:`qmamba.model.MambaLM` walks): fp32 residual,
+RMSNorm in fp32, the mixer in the activation dtype. Mamba mixer: in_proj -> causal conv + SiLU
+(``com.microsoft.CausalConvWithState`` with ``channels_last=1``, or plain Concat + depthwise ``Conv`` for a
+portable graph) -> x_proj -> dt_proj -> ``qmamba::SelectiveScan`` -> out_proj. Switch-MoE (top-1, sigmoid router): the router picks ``argmax`` of ``sigmoid(logits)``; each expert
 runs exactly once on its own tokens (``NonZero`` + ``Gather`` -> expert MLP), unrolled over the experts at export,
 and one ``ScatterND`` puts the results back in token order. ``com.microsoft.QMoE`` is not used: its GELU is the
 tanh approximation (BlackMamba uses the exact erf GELU) and it needs the hidden sizes divisible by the
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
+from qmamba.block_plan import BlockSpec, block_plan
 from qmamba.config import ModelConfig
 from qmamba.errors import ConfigError
 
@@ -291,12 +292,12 @@ class GraphBuilder:
             y = self.op("Transpose", [conv], perm=[0, 2, 1])
         return self.to_act(y), new_state
 
-    def mamba_mixer(self, x: str, layer: int, slot: int, conv_in: str, ssm_in: str) -> tuple[str, str, str]:
+    def mamba_mixer(self, x: str, block: BlockSpec, conv_in: str, ssm_in: str) -> tuple[str, str, str]:
         cfg = self.cfg
         d, di, r, n = cfg.d_model, cfg.d_inner, cfg.dt_rank, cfg.d_state
-        p = f"layers.{layer}.mixer"
-        old_conv = self.op("Gather", [conv_in, self.scalar_i64(slot)], axis=0)            # [b, di, W]
-        old_ssm = self.op("Gather", [ssm_in, self.scalar_i64(slot)], axis=0)              # [b, di, n]
+        p = block.mixer_name
+        old_conv = self.op("Gather", [conv_in, self.scalar_i64(block.slot)], axis=0)      # [b, di, W]
+        old_ssm = self.op("Gather", [ssm_in, self.scalar_i64(block.slot)], axis=0)        # [b, di, n]
         xz = self.linear(x, f"{p}.in_proj", 2 * di, d)
         xs, z = self.op("Split", [xz, self.ints([di, di])], n_out=2, axis=-1)
         xc, new_conv = self.causal_conv(xs, p, old_conv)
@@ -313,11 +314,11 @@ class GraphBuilder:
         self.ops_used[key] = self.ops_used.get(key, 0) + 1
         return self.linear(y, f"{p}.out_proj", d, di), new_conv, new_ssm
 
-    def switch_moe(self, x: str, layer: int, n_experts: int) -> str:
+    def switch_moe(self, x: str, block: BlockSpec) -> str:
         """Top-1 sigmoid-routed experts; every token goes through exactly one expert."""
         cfg = self.cfg
-        d, ffn, rows = cfg.d_model, cfg.ffn_hidden, cfg.fc1_rows
-        p = f"layers.{layer}.mixer"
+        d, ffn, rows, n_experts = cfg.d_model, cfg.ffn_hidden, cfg.fc1_rows, block.n_experts
+        p = block.mixer_name
         x2 = self.op("Reshape", [x, self.ints([-1, d])])                                  # [T, d]
         logits = self.to_float(self.linear(x2, f"{p}.router", n_experts, d))
         probs = self.op("Sigmoid", [logits])
@@ -362,19 +363,17 @@ class GraphBuilder:
         emb = self.const("embedding.weight", self.act_tensor("embedding.weight"))
         h = self.op("Gather", [emb, "input_ids"], axis=0)                                  # [b, L, d]
         residual = None
-        slot = 0
         conv_outs, ssm_outs = [], []
-        for i, (kind, n_experts) in enumerate(cfg.layer_kinds):
+        for block in block_plan(cfg):
             hf = self.to_float(h)
             residual = hf if residual is None else self.op("Add", [residual, hf])
-            x = self.to_act(self.rmsnorm(residual, f"layers.{i}.norm.weight"))
-            if kind == "mamba":
-                h, conv_new, ssm_new = self.mamba_mixer(x, i, slot, "conv_state", "ssm_state")
+            x = self.to_act(self.rmsnorm(residual, f"{block.name}.norm.weight"))
+            if block.is_mamba:
+                h, conv_new, ssm_new = self.mamba_mixer(x, block, "conv_state", "ssm_state")
                 conv_outs.append(self.op("Unsqueeze", [conv_new, self.ints([0])]))
                 ssm_outs.append(self.op("Unsqueeze", [ssm_new, self.ints([0])]))
-                slot += 1
             else:
-                h = self.switch_moe(x, i, n_experts)
+                h = self.switch_moe(x, block)
         residual = self.op("Add", [residual, self.to_float(h)])
         logits = self.head(self.to_act(self.final_norm(residual)))
         self.nodes.append(helper.make_node("Identity", [logits], ["logits"]))

@@ -216,9 +216,9 @@ def test_binarized_model_triton_equals_reference(device):
     float_sd = model.state_dict()
     fmt = BinaryFormat()
     entries = {}
-    for i, (kind, _) in enumerate(cfg.layer_kinds):
-        leaves = ("in_proj", "out_proj") if kind == "mamba" else ("experts.fc1", "experts.fc2")
-        entries.update({f"layers.{i}.mixer.{leaf}": fmt.to_dict() for leaf in leaves})
+    for block in model.blocks:
+        leaves = ("in_proj", "out_proj") if block.is_mamba else ("experts.fc1", "experts.fc2")
+        entries.update({f"{block.mixer_name}.{leaf}": fmt.to_dict() for leaf in leaves})
     swap_quantized_modules(model, entries)
     sd = {}
     for name, t in float_sd.items():
