@@ -19,9 +19,10 @@ One graph serves both roles the runner needs (state inputs and outputs use the f
 Per block of :func:`qmamba.block_plan.block_plan` (the blocks :class:`qmamba.model.MambaLM` walks): fp32 residual,
 RMSNorm in fp32, the mixer in the activation dtype. Mamba mixer: in_proj -> causal conv + SiLU
 (``com.microsoft.CausalConvWithState`` with ``channels_last=1``, or plain Concat + depthwise ``Conv`` for a
-portable graph) -> x_proj -> dt_proj -> ``qmamba::SelectiveScan`` -> out_proj. Switch-MoE (top-1, sigmoid router): the router picks ``argmax`` of ``sigmoid(logits)``; each expert
-runs exactly once on its own tokens (``NonZero`` + ``Gather`` -> expert MLP), unrolled over the experts at export,
-and one ``ScatterND`` puts the results back in token order. ``com.microsoft.QMoE`` is not used: its GELU is the
+portable graph) -> x_proj -> dt_proj -> ``qmamba::SelectiveScan`` -> out_proj. Switch-MoE (top-1, sigmoid
+router): the router picks ``argmax`` of ``sigmoid(logits)``; each expert runs exactly once on its own tokens
+(``NonZero`` + ``Gather`` -> expert MLP), unrolled over the experts at export, and one ``ScatterND`` puts the
+results back in token order. ``com.microsoft.QMoE`` is not used: its GELU is the
 tanh approximation (BlackMamba uses the exact erf GELU) and it needs the hidden sizes divisible by the
 quantization block.
 
