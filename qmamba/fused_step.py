@@ -28,12 +28,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qmamba.kernels.binary_matmul import BinaryWeight, binary_matmul
+from qmamba.kernels.binary_matmul import binary_matmul
 from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
 from qmamba.kernels.decode_linear import DecodePolicy, decode_linear
 from qmamba.kernels.decode_step import add_norm, dt_state_update
 from qmamba.kernels.fused_moe import gated_act
-from qmamba.kernels.quant_matmul import PackedWeight, dequant_matmul
+from qmamba.kernels.quant_matmul import dequant_matmul
+from qmamba.kernels.weights import BinaryWeight, PackedWeight
 
 
 # ---- plan --------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from qmamba.kernels import custom_ops
-from qmamba.kernels.quant_matmul import FMT_FLOAT, FMT_INT4, FMT_INT8
+from qmamba.kernels.weights import FMT_FLOAT, FMT_INT4, FMT_INT8
 
 
 # ---- sequence ops (same signatures as the *_ref functions) ------------------------------------------------------------

@@ -8,7 +8,8 @@ import torch
 from qmamba.kernels.causal_conv1d import causal_conv1d_update_ref
 from qmamba.kernels.decode_linear import DecodePolicy, decode_linear, decode_linear_ref
 from qmamba.kernels.fused_moe import gated_act_ref
-from qmamba.kernels.quant_matmul import PackedWeight, dequant_matmul_ref
+from qmamba.kernels.quant_matmul import dequant_matmul_ref
+from qmamba.kernels.weights import PackedWeight
 from qmamba.quant.formats import Int4Format, Int8Format
 
 FORMATS = {"float": None, "int8": Int8Format(), "int4g32": Int4Format(32), "int4g128": Int4Format(128),

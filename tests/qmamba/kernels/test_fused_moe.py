@@ -6,7 +6,7 @@ import torch
 
 from qmamba.kernels.fused_moe import (ACTIVATION_IDS, gated_act, gated_act_ref, moe_forward, moe_forward_ref,
                                       route_top1, route_top1_ref)
-from qmamba.kernels.quant_matmul import PackedWeight
+from qmamba.kernels.weights import PackedWeight
 from qmamba.quant.formats import Int4Format, Int8Format
 
 E, D, FFN = 4, 40, 24
