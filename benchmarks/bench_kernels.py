@@ -30,7 +30,6 @@ from qmamba.kernels.dequantize import dequantize_stack  # noqa: E402
 from qmamba.kernels.matmul_configs import (BinaryConfig, MatmulConfig, MatmulPolicy, pick_binary_config,  # noqa: E402
                                            pick_config)
 from qmamba.kernels.quant_matmul import dequant_matmul  # noqa: E402
-from qmamba.kernels.weights import BinaryWeight, PackedWeight  # noqa: E402
 from qmamba.kernels.selective_scan import selective_scan_ref, selective_scan_triton  # noqa: E402
 from qmamba.quant.binary import BinaryFormat  # noqa: E402
 from qmamba.quant.formats import Int4Format, Int8Format  # noqa: E402
@@ -56,7 +55,7 @@ def _packed(fmt, k, n, copies):
     out = []
     for i in range(copies):
         p = fmt.quantize_rtn(base if i == 0 else base.roll(i, 0))
-        out.append(PackedWeight.from_packed(fmt.name, p, n, k))
+        out.append(fmt.kernel_weight(p, n, k))
     return out
 
 
@@ -72,8 +71,7 @@ def method_ours(fmt, config_for=None):
 def _binary(k, n, copies):
     base = torch.randn(n, k, device="cuda") / math.sqrt(k)
     fmt = BinaryFormat()
-    return [BinaryWeight.from_packed(fmt.quantize_rtn(base if i == 0 else base.roll(i, 0)), n, k)
-            for i in range(copies)]
+    return [fmt.kernel_weight(fmt.quantize_rtn(base if i == 0 else base.roll(i, 0)), n, k) for i in range(copies)]
 
 
 def method_binary(k, n, copies):

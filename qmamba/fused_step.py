@@ -41,18 +41,13 @@ from qmamba.kernels.weights import BinaryWeight, PackedWeight
 KernelWeight = PackedWeight | BinaryWeight
 
 
-def _kernel_weight(fmt, packed: dict, n: int, k: int) -> KernelWeight:
-    if fmt.name == "binary":
-        return BinaryWeight.from_packed(packed, n, k)
-    return PackedWeight.from_packed(fmt.name, packed, n, k)
-
-
 def linear_weight(module: nn.Module) -> tuple[KernelWeight, torch.Tensor | None]:
-    """The kernel view of an ``nn.Linear``, ``QuantLinear`` or ``BinaryLinear`` and its bias."""
+    """The kernel view of an ``nn.Linear``, ``QuantLinear`` or ``BinaryLinear`` (its format gives the record) and
+    its bias."""
     if isinstance(module, nn.Linear):
         return PackedWeight.from_float(module.weight.detach()), module.bias
-    if hasattr(module, "fmt") and hasattr(module, "packed"):
-        return _kernel_weight(module.fmt, module.packed(), module.out_features, module.in_features), module.bias
+    if hasattr(module, "kernel_weight"):
+        return module.kernel_weight(), module.bias
     raise TypeError(f"fused decode step: unsupported linear module {type(module).__name__}")
 
 
@@ -66,7 +61,7 @@ def expert_weight(experts: nn.Module, name: str) -> KernelWeight:
     w = getattr(experts, name)
     if isinstance(w, torch.Tensor):
         return PackedWeight.from_float(w.detach())
-    return _kernel_weight(w.fmt, w.packed(), w.n, w.k)
+    return w.kernel_weight()
 
 
 def matmul(x: torch.Tensor, weight: KernelWeight, bias=None, row_expert=None, row_scale=None, out=None):

@@ -26,10 +26,11 @@ results back in token order. ``com.microsoft.QMoE`` is not used: its GELU is the
 tanh approximation (BlackMamba uses the exact erf GELU) and it needs the hidden sizes divisible by the
 quantization block.
 
-Linear layers: float -> ``MatMul`` against the transposed weight; int4 -> ``MatMulNBits(bits=4)`` with the packed
-tensors copied unchanged (the layout *is* MatMulNBits'); int8 (per-output-channel symmetric) -> ``MatMulNBits
-(bits=8)`` with codes ``q + 128`` (default zero point 128), K padded to whole blocks with code 128 (exactly 0), and
-the row scale repeated per block -- exact, and on CPU the fast int8 path at ``accuracy_level=4``.
+Linear layers: float -> ``MatMul`` against the transposed weight; quantized -> the format's ``MatMulNBits`` form
+(:meth:`qmamba.quant.formats.WeightFormat.matmul_nbits`, defined with each format): int4 -> ``MatMulNBits(bits=4)``
+with the packed tensors copied unchanged (the layout *is* MatMulNBits'); int8 (per-output-channel symmetric) ->
+``MatMulNBits(bits=8)`` with codes ``q + 128``, exact, and on CPU the fast int8 path at ``accuracy_level=4``;
+binary -> ``MatMulNBits(bits=2)`` on ``x * alpha`` plus ``x @ beta``.
 """
 
 from __future__ import annotations
@@ -96,13 +97,6 @@ def check_exportable(cfg: ModelConfig) -> None:
         raise ConfigError(f"expert activation {cfg.expert_activation!r} has no ONNX mapping")
 
 
-def _int8_block_size(k: int) -> int:
-    for block in (128, 64, 32, 16):
-        if k % block == 0:
-            return block
-    return 16  # K padded with zero codes
-
-
 class GraphBuilder:
     """Accumulates nodes and initializers; one method per model part. Tensor names follow the checkpoint's."""
 
@@ -114,9 +108,9 @@ class GraphBuilder:
         self.cfg, self.sd, self.opt = cfg, state_dict, options
         self.formats = {name: entry_format(name, entry) for name, entry in manifest_modules(quantization).items()}
         for name, fmt in self.formats.items():
-            if fmt.name not in ("int4", "int8", "binary"):
+            if not fmt.has_onnx_form:
                 raise ConfigError(f"module {name!r} uses weight format {fmt.name!r}, which the ONNX export does not "
-                                  "support yet (supported: int4, int8, binary)")
+                                  "support yet (the format defines no MatMulNBits form)")
             if name.startswith("embedding"):
                 raise ConfigError("quantized embeddings are not supported by the ONNX export")
         self.torch_dtype, self.elem = DTYPES[options.dtype]
@@ -172,46 +166,25 @@ class GraphBuilder:
         return self.sd[name].to(self.torch_dtype).float()
 
     # ---- linear layers -------------------------------------------------------------------------------
-    def _binary_matmul(self, x: str, name: str, packed: dict, n: int, k: int) -> str:
-        """1-bit: ``MatMulNBits(bits=2)(x * alpha)`` (+/-1 exact, row scale as the block scales) ``+ (x @ beta)``
-        (``* row_scale``); see :func:`qmamba.quant.binary.binary_as_matmul_nbits`."""
-        from qmamba.quant.binary import binary_as_matmul_nbits
-
-        block = _int8_block_size(k)
-        codes, scales = binary_as_matmul_nbits(packed, k, block)
-        qweight = self.const(f"{name}.qweight_u2", codes)
-        scales = self.const(f"{name}.scales_b", scales.to(self.torch_dtype))
-        hint = name.replace(".", "_")
-        xa = self.op("Mul", [x, self.const(f"{name}.alpha", packed["alpha"].to(self.torch_dtype))])
-        y = self.op("MatMulNBits", [xa, qweight, scales], domain=MS_DOMAIN, hint=hint, K=k, N=n, bits=2,
-                    block_size=block, accuracy_level=self.opt.accuracy_level)
-        xb = self.op("MatMul", [x, self.const(f"{name}.beta_col", packed["beta"].to(self.torch_dtype)[:, None])])
-        if "row_scale" in packed:
-            xb = self.op("Mul", [xb, self.const(f"{name}.row_scale", packed["row_scale"].to(self.torch_dtype))])
-        return self.op("Add", [y, xb], hint=hint)
-
     def _matmul_nbits(self, x: str, name: str, packed: dict, fmt, n: int, k: int) -> str:
+        """``x @ W_hat^T`` by the format's ``MatMulNBits`` form (:meth:`WeightFormat.matmul_nbits`): its weight
+        inputs as initializers ``{name}.{suffix}`` (float ones in the activation dtype); the 1-bit form also
+        multiplies x by alpha first and adds ``(x @ beta) (* row_scale)``."""
         self.packed_weights += 1
-        if fmt.name == "binary":
-            return self._binary_matmul(x, name, packed, n, k)
-        if fmt.name == "int4":
-            block = fmt.group_size
-            qweight = self.const(f"{name}.qweight", packed["qweight"])
-            zeros = self.const(f"{name}.zeros", packed["zeros"])
-            scales = self.const(f"{name}.scales", packed["scales"].to(self.torch_dtype))
-            inputs, bits = [x, qweight, scales, zeros], 4
-        else:  # int8 per-channel -> 8-bit MatMulNBits, zero point 128 (default), one block scale per row
-            block = _int8_block_size(k)
-            n_blocks = -(-k // block)
-            codes = packed["qweight"].to(torch.int16) + 128
-            if n_blocks * block != k:
-                codes = torch.nn.functional.pad(codes, (0, n_blocks * block - k), value=128)
-            qweight = self.const(f"{name}.qweight_u8", codes.to(torch.uint8).reshape(n, n_blocks, block))
-            scales = self.const(f"{name}.scales",
-                                packed["scales"].to(self.torch_dtype)[:, None].expand(n, n_blocks))
-            inputs, bits = [x, qweight, scales], 8
-        return self.op("MatMulNBits", inputs, domain=MS_DOMAIN, hint=name.replace(".", "_"), K=k, N=n, bits=bits,
-                       block_size=block, accuracy_level=self.opt.accuracy_level)
+        form = fmt.matmul_nbits(packed, n, k)
+        hint = name.replace(".", "_")
+        weights = [self.const(f"{name}.{suffix}", t.to(self.torch_dtype) if t.is_floating_point() else t)
+                   for suffix, t in form.weights.items()]
+        xa = x if form.input_scale is None else self.op(
+            "Mul", [x, self.const(f"{name}.alpha", form.input_scale.to(self.torch_dtype))])
+        y = self.op("MatMulNBits", [xa, *weights], domain=MS_DOMAIN, hint=hint, K=k, N=n, bits=form.bits,
+                    block_size=form.block_size, accuracy_level=self.opt.accuracy_level)
+        if form.column_term is None:
+            return y
+        xb = self.op("MatMul", [x, self.const(f"{name}.beta_col", form.column_term.to(self.torch_dtype)[:, None])])
+        if form.row_scale is not None:
+            xb = self.op("Mul", [xb, self.const(f"{name}.row_scale", form.row_scale.to(self.torch_dtype))])
+        return self.op("Add", [y, xb], hint=hint)
 
     def linear(self, x: str, name: str, n: int, k: int) -> str:
         """``x [..., k] @ W^T (+ bias)`` for the module ``name`` (float ``.weight`` or packed tensors)."""

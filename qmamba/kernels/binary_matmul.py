@@ -344,24 +344,3 @@ def binary_moe_forward(x: Tensor, router_w: Tensor, router_b, fc1, fc2, activati
         tiles = expert_tile_map(idx, fc1.n_experts, block_m or (32 if x.device.type != "cuda" else 64))
     h = _routed(x, fc1, idx, None, tiles)
     return _routed(gated_act(h, activation, gated), fc2, idx, weight, tiles)
-
-
-def experts_kernel_weight(experts, name: str):
-    """Kernel view of ``experts.fc1``/``fc2``: :class:`BinaryWeight` for binary, ``PackedWeight`` otherwise."""
-    w = getattr(experts, name)
-    if isinstance(w, torch.Tensor):
-        return PackedWeight.from_float(w)
-    if w.fmt.name == "binary":
-        return BinaryWeight.from_packed(w.packed(), w.n, w.k)
-    return PackedWeight.from_packed(w.fmt.name, w.packed(), w.n, w.k)
-
-
-def switch_moe_binary(moe, h: Tensor) -> Tensor:
-    """:class:`qmamba.moe.SwitchMoE` forward with binary experts on the kernels: ``h [..., d]`` -> ``[..., d]``."""
-    shape = h.shape
-    x = h.reshape(-1, shape[-1])
-    experts, router = moe.experts, moe.router
-    router_w = router.weight if hasattr(router, "weight") else router.dequantized_weight(x.dtype)
-    out = binary_moe_forward(x, router_w, router.bias, experts_kernel_weight(experts, "fc1"),
-                             experts_kernel_weight(experts, "fc2"), experts.activation, experts.gated)
-    return out.reshape(shape)

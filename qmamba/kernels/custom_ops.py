@@ -26,8 +26,9 @@ def packed_weight(fmt: int, n: int, k: int, qweight: Tensor, scales: Optional[Te
     if fmt == FMT_FLOAT:
         return PackedWeight.from_float(qweight)
     if fmt == FMT_INT8:
-        return PackedWeight.from_packed("int8", {"qweight": qweight, "scales": scales}, n, k)
-    return PackedWeight.from_packed("int4", {"qweight": qweight, "scales": scales, "zeros": zeros}, n, k)
+        return PackedWeight.from_int8({"qweight": qweight, "scales": scales}, n, k)
+    group_size = qweight.shape[-1] * 2  # the op's flat arguments carry the layout tensors, [..., n_blocks, g / 2]
+    return PackedWeight.from_int4({"qweight": qweight, "scales": scales, "zeros": zeros}, n, k, group_size)
 
 
 # ---- selective scan / conv -------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The weight records the matmul kernels read: :class:`PackedWeight` (float, int8 and int4 stacks, with the format
 id ``FMT_*`` and the int4 group size) and :class:`BinaryWeight` (1-bit signs with per-column alpha / beta), each
 built from the layout tensors of :mod:`qmamba.quant.layout` (checked there) and able to give its dense values (the
-references' view). :func:`int32_words` views packed bytes as the 32-bit words the word GEMV kernels read.
+references' view). A quantized weight's record comes from its format: ``fmt.kernel_weight(packed, n, k)``
+(:mod:`qmamba.quant.formats`). :func:`int32_words` views packed bytes as the 32-bit words the word GEMV kernels read.
 """
 
 from __future__ import annotations
@@ -35,23 +36,24 @@ class PackedWeight:
         return cdiv(self.k, self.group_size) * self.group_size if self.fmt == FMT_INT4 else self.k
 
     @classmethod
-    def from_packed(cls, fmt_name: str, packed: dict, n: int, k: int) -> "PackedWeight":
-        """From a layout dict (``qweight``/``scales``/``zeros``) of one matrix ``[N, ...]`` or a stack ``[E, N, ...]``."""
+    def from_int8(cls, packed: dict, n: int, k: int) -> "PackedWeight":
+        """From an int8 layout dict (``qweight``/``scales``) of one matrix ``[N, ...]`` or a stack ``[E, N, ...]``."""
         q = packed["qweight"]
-        if fmt_name == "int8":
-            lead = tuple(q.shape[:-2])
-            layout.check_int8(q, packed["scales"], n, k, lead)
-            q3, s2 = q.reshape(-1, n, k), packed["scales"].reshape(-1, n)
-            return cls(FMT_INT8, n, k, q3.shape[0], q3, s2)
-        if fmt_name == "int4":
-            g = q.shape[-1] * 2
-            lead = tuple(q.shape[:-3])
-            layout.check_int4(q, packed["scales"], packed["zeros"], n, k, g, lead)
-            nb = q.shape[-2]
-            return cls(FMT_INT4, n, k, int(torch.tensor(lead).prod()) if lead else 1, q.reshape(-1, n, nb, g // 2),
-                       packed["scales"].reshape(-1, n, nb), packed["zeros"].reshape(-1, n, packed["zeros"].shape[-1]),
-                       g)
-        raise ValueError(f"no Triton kernel for weight format {fmt_name!r}")
+        lead = tuple(q.shape[:-2])
+        layout.check_int8(q, packed["scales"], n, k, lead)
+        q3, s2 = q.reshape(-1, n, k), packed["scales"].reshape(-1, n)
+        return cls(FMT_INT8, n, k, q3.shape[0], q3, s2)
+
+    @classmethod
+    def from_int4(cls, packed: dict, n: int, k: int, group_size: int) -> "PackedWeight":
+        """From an int4 layout dict (``qweight``/``scales``/``zeros``) of one matrix or a stack, in groups of
+        ``group_size`` (checked against the tensors' shapes)."""
+        q, g = packed["qweight"], group_size
+        lead = tuple(q.shape[:-3])
+        layout.check_int4(q, packed["scales"], packed["zeros"], n, k, g, lead)
+        nb = q.shape[-2]
+        return cls(FMT_INT4, n, k, int(torch.tensor(lead).prod()) if lead else 1, q.reshape(-1, n, nb, g // 2),
+                   packed["scales"].reshape(-1, n, nb), packed["zeros"].reshape(-1, n, packed["zeros"].shape[-1]), g)
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> "PackedWeight":

@@ -6,9 +6,9 @@ with int4 fc2) against the PyTorch SwitchMoE, and a whole binarized model on the
 import pytest
 import torch
 
-from qmamba.kernels.binary_matmul import (binary_linear, binary_matmul, binary_matmul_ref, binary_moe_forward,
-                                          experts_kernel_weight)
+from qmamba.kernels.binary_matmul import binary_linear, binary_matmul, binary_matmul_ref, binary_moe_forward
 from qmamba.kernels.matmul_configs import BinaryConfig, MatmulPolicy, pick_binary_config
+from qmamba.kernels.triton_ops import experts_kernel_weight
 from qmamba.kernels.weights import BinaryWeight
 from qmamba.quant.binary import BinaryExperts, BinaryFormat
 from qmamba.quant.formats import Int4Format

@@ -22,7 +22,7 @@ def make_weight(fmt, n, k, device, experts=None, seed=0):
     w = torch.randn(*lead, n, k, generator=g) / k ** 0.5
     if fmt is None:
         return PackedWeight.from_float(w.to(device))
-    return PackedWeight.from_packed(fmt.name, {key: t.to(device) for key, t in fmt.quantize_rtn(w).items()}, n, k)
+    return fmt.kernel_weight({key: t.to(device) for key, t in fmt.quantize_rtn(w).items()}, n, k)
 
 
 def poisoned(m, n, device):

@@ -20,8 +20,7 @@ def experts(kind, device, seed=0):
         return PackedWeight.from_float(fc1.to(device)), PackedWeight.from_float(fc2.to(device))
     fmt = Int8Format() if kind == "int8" else Int4Format(16)
     pack = lambda w: {k: t.to(device) for k, t in fmt.quantize_rtn(w).items()}  # noqa: E731
-    return (PackedWeight.from_packed(fmt.name, pack(fc1), 2 * FFN, D),
-            PackedWeight.from_packed(fmt.name, pack(fc2), D, FFN))
+    return fmt.kernel_weight(pack(fc1), 2 * FFN, D), fmt.kernel_weight(pack(fc2), D, FFN)
 
 
 def router_for(assign, device):

@@ -22,7 +22,7 @@ M_VALUES = [1, 5, GEMV_MAX_M + 17]  # GEMV, small-M dot, GEMM
 def make_weight(fmt, n, k, device, lead=(), seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(*lead, n, k, generator=g) / k ** 0.5
-    return PackedWeight.from_packed(fmt.name, {key: t.to(device) for key, t in fmt.quantize_rtn(w).items()}, n, k)
+    return fmt.kernel_weight({key: t.to(device) for key, t in fmt.quantize_rtn(w).items()}, n, k)
 
 
 def close(got, ref, dtype):
