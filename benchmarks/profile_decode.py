@@ -23,10 +23,11 @@ from torch.profiler import ProfilerActivity, profile
 from qmamba.config import preset
 from qmamba.cuda_graph import GraphDecoder
 from qmamba.fused_step import FusedDecodeStep
+from qmamba.kernels.decode_linear import DecodePolicy
 from qmamba.testing import quantize_rtn, random_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import time_graph  # noqa: E402
+from bench_decode import policy_variant, time_graph  # noqa: E402
 from bench_e2e import FORMATS  # noqa: E402
 
 
@@ -37,6 +38,7 @@ def main():
     ap.add_argument("--format", default="int4_g128", choices=sorted(FORMATS))
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--variant", default="default", help="a policy variant of bench_decode.py's --variants")
     ap.add_argument("--out")
     args = ap.parse_args()
     model = random_model(preset(args.preset), "cuda", torch.bfloat16)
@@ -44,7 +46,8 @@ def main():
     if fmt is not None:
         quantize_rtn(model, fmt, head=True, sensitive_fmt=sensitive)
     model.set_backend("triton")
-    step = FusedDecodeStep(model)
+    policy = policy_variant(DecodePolicy.for_device(torch.device("cuda")), args.variant)
+    step = FusedDecodeStep(model, policy)
     state = model.new_state(args.batch)
     ids = torch.randint(0, model.config.vocab_size, (args.batch,), device="cuda")
     for _ in range(3):
@@ -62,8 +65,8 @@ def main():
     rows = sorted(((name, calls / args.steps, us / args.steps) for name, (calls, us) in per_name.items()),
                   key=lambda r: -r[2])
     kernel_us = sum(r[2] for r in rows)
-    graph_ms = time_graph(GraphDecoder(model), args.batch)
-    print(f"{args.preset} {args.format} batch {args.batch}: kernels {kernel_us:.0f} us/step "
+    graph_ms = time_graph(GraphDecoder(model, policy=policy), args.batch)
+    print(f"{args.preset} {args.format} batch {args.batch} {args.variant}: kernels {kernel_us:.0f} us/step "
           f"({sum(r[1] for r in rows):.0f} launches), graph replay {graph_ms * 1e3:.0f} us/step")
     for name, calls, us in rows:
         print(f"{us:9.1f} us/step {calls:6.1f} launches {us / calls:7.2f} us each  {name[:90]}")

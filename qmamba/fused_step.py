@@ -141,6 +141,14 @@ class FusedDecodeStep:
         self.final_b = getattr(norm_f, "bias", None)  # LayerNorm has a bias, RMSNorm none
         self.head, self.head_bias = linear_weight(model.lm_head)
         self._buffers: dict[int, dict] = {}
+        self._decode_forms = self._plane_copies() if self.policy.int4_planes else {}
+
+    def _plane_copies(self) -> dict:
+        """``id(weight) -> plane form`` of each int4 weight the decode kernels can read as planes (group size a
+        multiple of 128): a second copy of those weights, made once."""
+        weights = [self.head] + [w for p in self.layers for w in ((p.in_proj, p.x_proj, p.out_proj)
+                                                                  if isinstance(p, _MambaPlan) else (p.fc1, p.fc2))]
+        return {id(w): w.to_planes() for w in weights if isinstance(w, PackedWeight) and self.policy.plane_form(w)}
 
     # ---- buffers -------------------------------------------------------------------------------------------------
     def _workspace(self, batch: int, device) -> dict:
@@ -207,8 +215,12 @@ class FusedDecodeStep:
         """``out <- x @ W^T``: the decode kernel where the policy takes it, else the general kernel (split-K into the
         zeroed workspace view ``out``)."""
         if self.policy.takes(weight, x.shape[0]):
-            return decode_linear(x, weight, out, policy=self.policy, **kw)
+            return self._decode(x, weight, out, **kw)
         return matmul(x, weight, out=out, **kw)
+
+    def _decode(self, x, weight, out, **kw):
+        """:func:`decode_linear` on the weight's decode form (its plane copy where one was made)."""
+        return decode_linear(x, self._decode_forms.get(id(weight), weight), out, policy=self.policy, **kw)
 
     def _mamba(self, buf, plan: _MambaPlan, views, state):
         xz, dbc, out = views
@@ -217,7 +229,7 @@ class FusedDecodeStep:
         conv_state = state.conv_state[plan.slot]
         conv = (conv_state, plan.conv_w, plan.conv_b)
         if self.policy.takes(plan.x_proj, xz.shape[0]):  # the conv step fused in front of x_proj
-            decode_linear(xz[:, :di], plan.x_proj, dbc, conv=conv, policy=self.policy)
+            self._decode(xz[:, :di], plan.x_proj, dbc, conv=conv)
         else:  # the conv step's output on its own (the state is shifted by the dt kernel below)
             if buf["conv_scratch"] is None or buf["conv_scratch"].shape != conv_state.shape:
                 buf["conv_scratch"] = torch.empty_like(conv_state)
@@ -235,7 +247,7 @@ class FusedDecodeStep:
         ffn = plan.fc1.n // 2 if plan.gated else plan.fc1.n
         act = buf["act"][:, :ffn]
         if plan.gated and self.policy.takes(plan.fc1, act.shape[0]):  # gate, up and activation in one kernel
-            decode_linear(buf["x"], plan.fc1, act, row_expert=buf["idx"], gated=plan.activation, policy=self.policy)
+            self._decode(buf["x"], plan.fc1, act, row_expert=buf["idx"], gated=plan.activation)
         else:
             self._linear(buf["x"], plan.fc1, h1, row_expert=buf["idx"])
             gated_act(h1, plan.activation, plan.gated, out=act)

@@ -15,8 +15,10 @@ dependency latency, not bytes (benchmarks/results.md, "Decode"). These kernels a
   which runs after every reader, writes the new state), and the gated activation after ``fc1``
   (``gated``: a program computes gate rows ``n`` and up rows ``F + n`` of its expert and writes ``act(gate) * up``).
 
-Formats: float (any dtype), int8 (per-row scale), int4 (:mod:`qmamba.quant.layout` group-wise layout read as 32-bit
-words; ``code | 0x4B000000`` is the float ``2^23 + code``, so one subtraction gives ``code - zero`` exactly).
+Formats: float (any dtype), int8 (per-row scale), int4 in the stored group-wise layout read as 32-bit words, and
+int4 "planes" (:func:`qmamba.quant.layout.int4_to_planes`: the same codes arranged so that each nibble position of
+a tile's words covers consecutive k, whose input is one contiguous read); ``code | 0x4B000000`` is the float
+``2^23 + code``, so one subtraction gives ``code - zero`` exactly.
 Routing: ``row_expert [M]`` (top-1 MoE) picks each row's expert; program column ``e`` serves the rows routed to
 expert ``e`` and reads only that expert's weights (an idle column reads nothing).
 
@@ -33,9 +35,11 @@ import torch.nn.functional as F
 
 from qmamba.kernels._triton import HAS_TRITON, jit, next_pow2, tl
 from qmamba.kernels.fused_moe import ACTIVATION_IDS, activate, gated_act_ref
-from qmamba.kernels.weights import FMT_FLOAT, FMT_INT4, FMT_INT8, PackedWeight, int32_words
+from qmamba.kernels.weights import FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT8, PackedWeight, int32_words
+from qmamba.quant.layout import INT4_TILE, INT4_TILE_WORDS
 
 MAX_ROWS = 8
+MMA_ROWS = 16  # rows and weight rows of a tensor-core tile (plane words, 2+ input rows)
 
 
 # ---- policy --------------------------------------------------------------------------------------------------------
@@ -61,13 +65,23 @@ class DecodePolicy:
     block_n_int4: int = 8
     block_n_float: int = 4
     num_warps: int = 4
-    int4_unpack: str = "words"   # "words": 32-bit words, codes via the 2^23 trick; "join": bytes unpacked in k order
+    int4_magic: bool = False     # int4 nibbles masked in place (input pre-scaled by 16^-p) instead of shifted down
+    int4_planes: bool = False    # callers convert int4 weights (group size a multiple of 128) to plane words once
+    max_rows_planes: int = MAX_ROWS  # batch sizes up to which int4 weights with a plane form take these kernels
     max_rows: int = MAX_ROWS     # batch sizes above this take the general matmul kernels (caller's choice)
-    formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4)  # weight formats these kernels serve for the caller
+    formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES)  # weight formats these kernels serve for the caller
 
     def takes(self, weight, rows: int) -> bool:
-        """Whether a caller should run ``weight`` at ``rows`` rows through :func:`decode_linear`."""
-        return isinstance(weight, PackedWeight) and weight.fmt in self.formats and rows <= min(self.max_rows, MAX_ROWS)
+        """Whether a caller should run ``weight`` at ``rows`` rows through :func:`decode_linear` (int4 weights that
+        get a plane form up to ``max_rows_planes`` rows: the tensor-core path; everything else up to ``max_rows``)."""
+        if not isinstance(weight, PackedWeight) or weight.fmt not in self.formats:
+            return False
+        limit = self.max_rows_planes if self.plane_form(weight) else self.max_rows
+        return rows <= min(limit, MAX_ROWS)
+
+    def plane_form(self, weight) -> bool:
+        """Whether callers give ``weight`` a plane form (int4, group size a multiple of the 128-element tile)."""
+        return self.int4_planes and weight.fmt == FMT_INT4 and weight.group_size % INT4_TILE == 0
 
     @classmethod
     def for_device(cls, device) -> "DecodePolicy":
@@ -80,38 +94,33 @@ class DecodePolicy:
         return cls(pdl=pdl_supported(device), max_rows=1, formats=(FMT_FLOAT,))
 
     def block_n(self, fmt: int, rows: int, n: int) -> int:
-        bn = self.block_n_int4 if fmt == FMT_INT4 else self.block_n_float
+        bn = self.block_n_int4 if fmt in (FMT_INT4, FMT_INT4_PLANES) else self.block_n_float
         bn = max(1, bn // (1 if rows <= 2 else 2 if rows <= 4 else 4))
         return min(bn, next_pow2(n))
 
 
 # ---- kernel --------------------------------------------------------------------------------------------------------
+# int4 tiles: ``words [BN, NBP, WPG]`` int32, one row of ``NBP`` (padded to a power of two) tiles of ``WPG`` words.
+# "words" (FMT 2, the stored layout read as int32): a tile is one quantization group, nibble i of word w holds
+# k = 8 (WPG t + w) + i. "planes" (FMT 3, layout.int4_to_planes): a tile is 128 elements in 16 words, nibble i of
+# word w holds k = 128 t + 16 i + w, and the tile's scale block is t // TPB.
 @jit
 def _load_tile(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, swe, swn, sse, ssn, sze, szn,
-               FMT: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr):
+               FMT: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr):
     """The weight rows ``rows`` of expert ``e64`` as stored, into registers: ``(words [BN, NBP, WPG] int32, scale
-    [BN, NBP] fp32, 2^23 + zero [BN, NBP] fp32)`` for int4, ``(w [BN, KP], row scale [BN] fp32, unused)`` otherwise.
+    [BN, NBP] fp32, zero point [BN, NBP] fp32)`` for int4, ``(w [BN, KP], row scale [BN] fp32, unused)`` otherwise.
     Masked (no memory read) where ``rows_ok`` is false."""
-    if FMT == 2:
-        g = tl.arange(0, NBP)
+    if FMT == 2 or FMT == 3:
+        t = tl.arange(0, NBP)
         j = tl.arange(0, WPG)
-        n_groups = (K + WPG * 8 - 1) // (WPG * 8)
-        gm = (g < n_groups)[None, :] & rows_ok[:, None]
-        w = tl.load(w_ptr + e64 * swe + rows[:, None, None] * swn + (g * WPG)[None, :, None] + j[None, None, :],
-                    mask=gm[:, :, None], other=0)
-        scale = tl.load(s_ptr + e64 * sse + rows[:, None] * ssn + g[None, :], mask=gm, other=0.0).to(tl.float32)
-        zb = tl.load(z_ptr + e64 * sze + rows[:, None] * szn + (g // 2)[None, :], mask=gm, other=0).to(tl.int32)
-        zero = ((zb >> ((g % 2) * 4)[None, :]) & 0xF).to(tl.float32) + 8388608.0
-    elif FMT == 3:  # int4 as bytes [BN, NBP, G/2] (G = 8 * WPG), unpacked later in k order
-        g = tl.arange(0, NBP)
-        j = tl.arange(0, WPG * 4)
-        n_groups = (K + WPG * 8 - 1) // (WPG * 8)
-        gm = (g < n_groups)[None, :] & rows_ok[:, None]
-        w = tl.load(w_ptr + e64 * swe + rows[:, None, None] * swn + (g * WPG * 4)[None, :, None] + j[None, None, :],
-                    mask=gm[:, :, None], other=0)
-        scale = tl.load(s_ptr + e64 * sse + rows[:, None] * ssn + g[None, :], mask=gm, other=0.0).to(tl.float32)
-        zb = tl.load(z_ptr + e64 * sze + rows[:, None] * szn + (g // 2)[None, :], mask=gm, other=0).to(tl.int32)
-        zero = ((zb >> ((g % 2) * 4)[None, :]) & 0xF).to(tl.float32)
+        n_tiles = (K + WPG * 8 - 1) // (WPG * 8)
+        tm = (t < n_tiles)[None, :] & rows_ok[:, None]
+        w = tl.load(w_ptr + e64 * swe + rows[:, None, None] * swn + (t * WPG)[None, :, None] + j[None, None, :],
+                    mask=tm[:, :, None], other=0)
+        b = t // TPB
+        scale = tl.load(s_ptr + e64 * sse + rows[:, None] * ssn + b[None, :], mask=tm, other=0.0).to(tl.float32)
+        zb = tl.load(z_ptr + e64 * sze + rows[:, None] * szn + (b // 2)[None, :], mask=tm, other=0).to(tl.int32)
+        zero = ((zb >> ((b % 2) * 4)[None, :]) & 0xF).to(tl.float32)
     else:
         k = tl.arange(0, KP)
         wm = rows_ok[:, None] & (k < K)[None, :]
@@ -122,6 +131,44 @@ def _load_tile(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, swe, swn, sse, ssn, s
             scale = tl.full((w.shape[0],), 1.0, tl.float32)
         zero = scale
     return w, scale, zero
+
+
+@jit
+def _int4_k(i: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, FMT: tl.constexpr):
+    """``[NBP, WPG]``: the k that nibble ``i`` of each word of the tile row holds (see above)."""
+    t = tl.arange(0, NBP)[:, None]
+    w = tl.arange(0, WPG)[None, :]
+    if FMT == 3:
+        return t * 128 + 16 * i + w
+    return (t * WPG + w) * 8 + i
+
+
+@jit
+def _int4_codes(w, hi, zero, i: tl.constexpr, MAGIC: tl.constexpr):
+    """``(code - zero) * 16^p`` of nibble ``i`` of every word, exactly, as fp32 (``p = 0`` unless ``MAGIC``); the
+    caller multiplies the input by ``16^-p``. A code OR'ed into the mantissa of 2^23 is the float 2^23 + code, so one
+    subtraction of 2^23 + zero gives the difference. ``MAGIC``: no shift per nibble; nibbles 0..4 are masked in place
+    (2^23 + code 16^i, exact below 2^23) and 5..7 likewise from ``hi = w >> 20``."""
+    if MAGIC:
+        if i < 5:
+            bits = w & (0xF << (4 * i))
+            scaled = zero * (16.0 ** i) + 8388608.0
+        else:
+            bits = hi & (0xF << (4 * (i - 5)))
+            scaled = zero * (16.0 ** (i - 5)) + 8388608.0
+    else:
+        bits = (w >> (4 * i)) & 0xF
+        scaled = zero + 8388608.0
+    return (bits | 0x4B000000).to(tl.float32, bitcast=True) - scaled[:, :, None]
+
+
+@jit
+def _int4_x_scale(i: tl.constexpr, MAGIC: tl.constexpr):
+    if MAGIC:
+        if i < 5:
+            return 1.0 / (16.0 ** i)
+        return 1.0 / (16.0 ** (i - 5))
+    return 1.0
 
 
 @jit
@@ -144,26 +191,18 @@ def _input_at(x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, k, km,
 @jit
 def _dot_row(w, scale, zero, x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, K, row_ok,
              FMT: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, CONV: tl.constexpr,
-             CONV_W: tl.constexpr, HAS_CB: tl.constexpr):
-    """``[BN]`` fp32: the tile times input row ``r``. int4: word ``(g, w)`` holds k = ``(g * WPG + w) * 8 + i`` in
-    bits ``4i..4i+3``; codes become floats as ``bits(code | 0x4B000000) - (2^23 + zero)`` (exact), summed per
-    group, times the group scale. A row that is not ``row_ok`` reads nothing (its K limit is 0)."""
+             CONV_W: tl.constexpr, HAS_CB: tl.constexpr, MAGIC: tl.constexpr):
+    """``[BN]`` fp32: the tile times input row ``r``. int4: per nibble position, ``(code - zero) * x`` summed over
+    the tile row, times the tile's scale. A row that is not ``row_ok`` reads nothing (its K limit is 0)."""
     k_lim = tl.where(row_ok, K, 0)  # scalar masks fold into limits: the interpreter rejects vector & scalar masks
-    if FMT == 2:
-        kw = (tl.arange(0, NBP)[:, None] * WPG + tl.arange(0, WPG)[None, :]) * 8                    # [NBP, WPG]
+    if FMT == 2 or FMT == 3:
+        hi = w >> 20
         part = tl.zeros(w.shape, dtype=tl.float32)
         for i in tl.static_range(8):
-            km = kw + i < k_lim
-            xi = _input_at(x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, kw + i, km, CONV, CONV_W, HAS_CB)
-            code = ((w >> (4 * i)) & 0xF) | 0x4B000000
-            part += (code.to(tl.float32, bitcast=True) - zero[:, :, None]) * xi[None, :, :]
+            k = _int4_k(i, NBP, WPG, FMT)
+            xi = _input_at(x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, k, k < k_lim, CONV, CONV_W, HAS_CB)
+            part += _int4_codes(w, hi, zero, i, MAGIC) * (xi * _int4_x_scale(i, MAGIC))[None, :, :]
         y = tl.sum(tl.sum(part, axis=2) * scale, axis=1)
-    elif FMT == 3:
-        # bytes -> codes in k order (low nibble even k): [BN, NBP, G/2] -> join -> [BN, NBP, G]; x read contiguous
-        q = tl.reshape(tl.join(w & 0xF, w >> 4), (w.shape[0], NBP, WPG * 8)).to(tl.float32)
-        k = tl.arange(0, NBP)[:, None] * (WPG * 8) + tl.arange(0, WPG * 8)[None, :]
-        x = _input_at(x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, k, k < k_lim, CONV, CONV_W, HAS_CB)
-        y = tl.sum((tl.sum(q * x[None, :, :], axis=2) - zero * tl.sum(x, axis=1)[None, :]) * scale, axis=1)
     else:
         k = tl.arange(0, KP)
         x = _input_at(x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, k, k < k_lim, CONV, CONV_W, HAS_CB)
@@ -173,19 +212,42 @@ def _dot_row(w, scale, zero, x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, 
 
 @jit
 def _dot_rows_int4(w, scale, zero, x_ptr, rr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, K, M,
-                   NBP: tl.constexpr, WPG: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr,
-                   HAS_CB: tl.constexpr):
+                   FMT: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, CONV: tl.constexpr,
+                   CONV_W: tl.constexpr, HAS_CB: tl.constexpr, MAGIC: tl.constexpr):
     """``[ROWS, BN]`` fp32: int4 tile times the input rows ``rr`` (rows >= M read nothing), each code unpacked once."""
-    kw = (tl.arange(0, NBP)[:, None] * WPG + tl.arange(0, WPG)[None, :]) * 8                        # [NBP, WPG]
     k_lim = tl.where(rr < M, K, 0)
+    hi = w >> 20
     part = tl.zeros((rr.shape[0], w.shape[0], w.shape[1]), dtype=tl.float32)                      # [R, BN, NBP]
     for i in tl.static_range(8):
-        k = kw[None, :, :] + i
+        k = _int4_k(i, NBP, WPG, FMT)[None, :, :]
         xi = _input_at(x_ptr, rr[:, None, None], sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, k,
-                       k < k_lim[:, None, None], CONV, CONV_W, HAS_CB)                              # [R, NBP, WPG]
-        wf = (((w >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zero[:, :, None]  # [BN, NBP, WPG]
+                       k < k_lim[:, None, None], CONV, CONV_W, HAS_CB) * _int4_x_scale(i, MAGIC)    # [R, NBP, WPG]
+        wf = _int4_codes(w, hi, zero, i, MAGIC)                                                      # [BN, NBP, WPG]
         part += tl.sum(wf[None, :, :, :] * xi[:, None, :, :], axis=3)
     return tl.sum(part * scale[None, :, :], axis=2)
+
+
+@jit
+def _dot_rows_mma(w, scale, zero, x_ptr, rr, rok, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, K,
+                  NBP: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr, HAS_CB: tl.constexpr):
+    """``[R, BN]`` fp32: an int4 plane tile times the input rows ``rr`` where ``rok`` (R >= 16 and BN >= 16), on the
+    tensor cores: per nibble position, the dequantized weights ``[BN, NBP * 16]`` times the inputs at the k they
+    hold (for a tile row, 16 consecutive k per tile). Float32 inputs take the exact (IEEE) product; others round
+    the dequantized weight to the input's type, as the general kernels' small-M tiles do."""
+    bn: tl.constexpr = w.shape[0]
+    nw: tl.constexpr = NBP * 16
+    q = tl.arange(0, nw)
+    acc = tl.zeros((bn, rr.shape[0]), dtype=tl.float32)
+    for i in tl.static_range(8):
+        a = tl.reshape((((w >> (4 * i)) & 0xF).to(tl.float32) - zero[:, :, None]) * scale[:, :, None], (bn, nw))
+        k = (q // 16) * 128 + 16 * i + (q % 16)
+        xi = _input_at(x_ptr, rr[None, :], sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, k[:, None],
+                       (k < K)[:, None] & rok[None, :], CONV, CONV_W, HAS_CB)                       # [NW, R]
+        if x_ptr.dtype.element_ty == tl.float32:
+            acc += tl.dot(a, xi, input_precision="ieee")
+        else:
+            acc += tl.dot(a.to(x_ptr.dtype.element_ty), xi.to(x_ptr.dtype.element_ty))
+    return tl.trans(acc)
 
 
 @jit
@@ -194,8 +256,8 @@ def _decode_linear_kernel(
     M, N, K, N_UP, sxm, ss_m, ss_d, som, swe, swn, sse, ssn, sze, szn,
     FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr,
     HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, BLOCK_N: tl.constexpr,
-    PDL: tl.constexpr,
+    HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr,
+    MAGIC: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -219,22 +281,22 @@ def _decode_linear_kernel(
         if active:
             e64 = expert.to(tl.int64)
             w, scale, zero = _load_tile(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, swe, swn, sse, ssn, sze,
-                                        szn, FMT, KP, NBP, WPG)
+                                        szn, FMT, KP, NBP, WPG, TPB)
             if GATED:
                 w_up, scale_up, zero_up = _load_tile(w_ptr, s_ptr, z_ptr, e64, rows + N_UP, rows_ok, K, swe, swn,
-                                                     sse, ssn, sze, szn, FMT, KP, NBP, WPG)
+                                                     sse, ssn, sze, szn, FMT, KP, NBP, WPG, TPB)
             else:
                 w_up, scale_up, zero_up = w, scale, zero
             _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
                       bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, rows, rows_ok, expert, M, N, K,
-                      FMT, ROWS, ROUTED, CONV, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP, NBP, WPG)
+                      FMT, ROWS, ROUTED, CONV, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP, NBP, WPG, TPB, MAGIC)
     else:
         e64 = pid_e.to(tl.int64) * 0
         w, scale, zero = _load_tile(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, swe, swn, sse, ssn, sze,
-                                    szn, FMT, KP, NBP, WPG)
+                                    szn, FMT, KP, NBP, WPG, TPB)
         if GATED:
             w_up, scale_up, zero_up = _load_tile(w_ptr, s_ptr, z_ptr, e64, rows + N_UP, rows_ok, K, swe, swn,
-                                                 sse, ssn, sze, szn, FMT, KP, NBP, WPG)
+                                                 sse, ssn, sze, szn, FMT, KP, NBP, WPG, TPB)
         else:
             w_up, scale_up, zero_up = w, scale, zero
         if PDL:
@@ -242,7 +304,7 @@ def _decode_linear_kernel(
             tl.extra.cuda.gdc_launch_dependents()
         _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
                   bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, rows, rows_ok, pid_e, M, N, K,
-                  FMT, ROWS, ROUTED, CONV, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP, NBP, WPG)
+                  FMT, ROWS, ROUTED, CONV, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP, NBP, WPG, TPB, MAGIC)
 
 
 @jit
@@ -251,21 +313,39 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
               FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr, CONV: tl.constexpr,
               CONV_W: tl.constexpr, HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
               HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr,
-              WPG: tl.constexpr):
+              WPG: tl.constexpr, TPB: tl.constexpr, MAGIC: tl.constexpr):
     """Each input row (that is routed here) times the tile(s), epilogue, store. A row that is not computed costs a
     branch, no arithmetic."""
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
-    if FMT == 2 and ROWS > 1 and not ROUTED:
+    if FMT == 3 and ROWS > 1:
+        # plane tiles and several rows: tensor cores, all rows (routed here) at once; ROWS is at least 16 here
+        rr = tl.arange(0, ROWS)
+        rok = rr < M
+        if ROUTED:
+            rok = rok & (tl.load(rexp_ptr + rr, mask=rok, other=-1) == expert)
+        y = _dot_rows_mma(w, scale, zero, x_ptr, rr, rok, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, K, NBP, CONV,
+                          CONV_W, HAS_CB)                                                           # [ROWS, BN]
+        if HAS_BIAS:
+            y += bias[None, :]
+        if GATED:
+            y = activate(y, ACT) * _dot_rows_mma(w_up, scale_up, zero_up, x_ptr, rr, rok, sxm, st_ptr, cw_ptr,
+                                                 cb_ptr, ss_m, ss_d, K, NBP, CONV, CONV_W, HAS_CB)
+        if HAS_RSCALE:
+            y = y * tl.load(rscale_ptr + rr, mask=rok, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + rr[:, None] * som + rows[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=rok[:, None] & rows_ok[None, :])
+    elif FMT == 2 and ROWS > 1 and not ROUTED:
         # every row uses the same tile: unpack each code once, multiply it into all rows
         rr = tl.arange(0, ROWS)
-        y = _dot_rows_int4(w, scale, zero, x_ptr, rr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, K, M, NBP, WPG,
-                           CONV, CONV_W, HAS_CB)                                                   # [ROWS, BN]
+        y = _dot_rows_int4(w, scale, zero, x_ptr, rr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, K, M, FMT, NBP, WPG,
+                           CONV, CONV_W, HAS_CB, MAGIC)                                            # [ROWS, BN]
         if HAS_BIAS:
             y += bias[None, :]
         if GATED:
             y = activate(y, ACT) * _dot_rows_int4(w_up, scale_up, zero_up, x_ptr, rr, sxm, st_ptr, cw_ptr, cb_ptr,
-                                                  ss_m, ss_d, K, M, NBP, WPG, CONV, CONV_W, HAS_CB)
+                                                  ss_m, ss_d, K, M, FMT, NBP, WPG, CONV, CONV_W,
+                                                  HAS_CB, MAGIC)
         if HAS_RSCALE:
             y = y * tl.load(rscale_ptr + rr, mask=rr < M, other=0.0).to(tl.float32)[:, None]
         tl.store(out_ptr + rr[:, None] * som + rows[None, :], y.to(out_ptr.dtype.element_ty),
@@ -277,12 +357,13 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                 row_ok = row_ok & (tl.load(rexp_ptr + r, mask=row_ok, other=-1) == expert)
             if row_ok:
                 y = _dot_row(w, scale, zero, x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, K, row_ok, FMT, KP, NBP,
-                             WPG, CONV, CONV_W, HAS_CB)
+                             WPG, CONV, CONV_W, HAS_CB, MAGIC)
                 if HAS_BIAS:
                     y += bias
                 if GATED:
                     y = activate(y, ACT) * _dot_row(w_up, scale_up, zero_up, x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr,
-                                                    ss_m, ss_d, K, row_ok, FMT, KP, NBP, WPG, CONV, CONV_W, HAS_CB)
+                                                    ss_m, ss_d, K, row_ok, FMT, KP, NBP, WPG, CONV, CONV_W, HAS_CB,
+                                                    MAGIC)
                 if HAS_RSCALE:
                     y = y * tl.load(rscale_ptr + r).to(tl.float32)
                 tl.store(out_ptr + r * som + rows, y.to(out_ptr.dtype.element_ty), mask=rows_ok)
@@ -290,22 +371,29 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
 
 # ---- launcher and reference twin -------------------------------------------------------------------------------------
 def _weight_args(weight: PackedWeight):
-    """``(w, s, z, strides, KP, NBP, WPG)`` as the kernel reads them (int4 packed bytes as int32 words)."""
+    """``(w, s, z, strides, KP, NBP, WPG, TPB)`` as the kernel reads them (int4: int32 words in tiles, see
+    :func:`_load_tile`)."""
+    s, z = weight.scales, weight.zeros
+    g = weight.group_size
     if weight.fmt == FMT_INT4:
         words = int32_words(weight.qweight)
         if words is None:
             raise ValueError("decode_linear: int4 rows are not a whole number of aligned 32-bit words")
-        g = weight.group_size
         if g % 8:
             raise ValueError(f"decode_linear: int4 group size {g} is not a multiple of 8")
-        n_groups = weight.k_padded // g
-        s, z = weight.scales, weight.zeros
-        return (words, s, z, (words.stride(0), words.stride(1), s.stride(0), s.stride(1), z.stride(0), z.stride(1)),
-                1, next_pow2(n_groups), g // 8)
-    q = weight.qweight
-    s = weight.scales if weight.scales is not None else q
-    return q, s, q, (q.stride(0), q.stride(1), s.stride(0), s.stride(1) if s.dim() > 1 else 0, 0, 0), \
-        next_pow2(weight.k), 1, 1
+        tiles, wpg, tpb = weight.k_padded // g, g // 8, 1
+    elif weight.fmt == FMT_INT4_PLANES:
+        words = weight.qweight
+        if g % INT4_TILE:
+            raise ValueError(f"decode_linear: int4 planes need a group size that is a multiple of {INT4_TILE}, got {g}")
+        tiles, wpg, tpb = words.shape[-1] // INT4_TILE_WORDS, INT4_TILE_WORDS, g // INT4_TILE
+    else:
+        q = weight.qweight
+        s = s if s is not None else q
+        return q, s, q, (q.stride(0), q.stride(1), s.stride(0), s.stride(1) if s.dim() > 1 else 0, 0, 0), \
+            next_pow2(weight.k), 1, 1, 1
+    return (words, s, z, (words.stride(0), words.stride(1), s.stride(0), s.stride(1), z.stride(0), z.stride(1)),
+            1, next_pow2(tiles), wpg, tpb)
 
 
 def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, row_scale=None, conv=None,
@@ -332,18 +420,15 @@ def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, r
         raise ValueError("decode_linear: a gated weight takes no bias")
     if row_expert is None and weight.n_experts != 1:
         raise ValueError("decode_linear: a stacked weight needs row_expert")
-    w, s, z, strides, kp, nbp, wpg = _weight_args(weight)
-    fmt = weight.fmt
-    if fmt == FMT_INT4 and policy.int4_unpack == "join":
-        fmt, w = 3, weight.qweight.reshape(weight.n_experts, weight.n, -1)
-        strides = (w.stride(0), w.stride(1)) + strides[2:]
+    w, s, z, strides, kp, nbp, wpg, tpb = _weight_args(weight)
     st, cw, cb = conv if conv is not None else (x, x, None)
     if conv is not None:
         width = cw.shape[1]
         if tuple(st.shape) != (m, k, width) or st.stride(2) != 1 or tuple(cw.shape) != (k, width) or \
                 not cw.is_contiguous():
             raise ValueError("decode_linear: conv needs state [M, K, W] (unit last stride) and contiguous w [K, W]")
-    bn = policy.block_n(weight.fmt, m, n_out)
+    mma = weight.fmt == FMT_INT4_PLANES and m > 1  # the tensor-core path of plane tiles
+    bn = MMA_ROWS if mma else policy.block_n(weight.fmt, m, n_out)
     grid = (weight.n_experts if row_expert is not None and m > 1 else 1, -(-n_out // bn))
     dummy = x
     kwargs = dict(launch_pdl=True) if policy.pdl else {}
@@ -351,10 +436,11 @@ def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, r
         x, st, cw, cb if cb is not None else dummy, w, s, z, bias if bias is not None else dummy,
         row_expert if row_expert is not None else dummy, row_scale if row_scale is not None else dummy, out,
         m, n_out, k, n_out if gated else 0, x.stride(0), st.stride(0), st.stride(1), out.stride(0), *strides,
-        FMT=fmt, ROWS=next_pow2(m), ROUTED=row_expert is not None, CONV=conv is not None,
+        FMT=weight.fmt, ROWS=max(MMA_ROWS, next_pow2(m)) if mma else next_pow2(m), ROUTED=row_expert is not None,
+        CONV=conv is not None,
         CONV_W=cw.shape[1] if conv is not None else 1, HAS_CB=cb is not None, GATED=gated is not None,
         ACT=ACTIVATION_IDS[gated] if gated else 0, HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
-        KP=kp, NBP=nbp, WPG=wpg, BLOCK_N=bn, PDL=policy.pdl, num_warps=policy.num_warps, **kwargs)
+        KP=kp, NBP=nbp, WPG=wpg, TPB=tpb, MAGIC=policy.int4_magic, BLOCK_N=bn, PDL=policy.pdl, num_warps=policy.num_warps, **kwargs)
     return out
 
 

@@ -16,6 +16,7 @@ from qmamba.kernels._triton import cdiv
 from qmamba.quant import layout
 
 FMT_FLOAT, FMT_INT8, FMT_INT4 = 0, 1, 2  # the kernels' compile-time format switch
+FMT_INT4_PLANES = 3  # int4 codes in the decode kernels' plane words (layout.int4_to_planes); same scales / zeros
 
 
 @dataclass
@@ -26,14 +27,21 @@ class PackedWeight:
     n: int
     k: int
     n_experts: int
-    qweight: torch.Tensor             # float [E, N, K] | int8 [E, N, K] | uint8 [E, N, n_blocks, g/2]
+    qweight: torch.Tensor             # float [E, N, K] | int8 [E, N, K] | uint8 [E, N, n_blocks, g/2] | planes int32 [E, N, W]
     scales: torch.Tensor | None = None
     zeros: torch.Tensor | None = None
     group_size: int = 0
 
     @property
     def k_padded(self) -> int:
-        return cdiv(self.k, self.group_size) * self.group_size if self.fmt == FMT_INT4 else self.k
+        return cdiv(self.k, self.group_size) * self.group_size if self.fmt in (FMT_INT4, FMT_INT4_PLANES) else self.k
+
+    def to_planes(self) -> "PackedWeight":
+        """The same int4 weight with its codes in plane words (a new tensor; scales and zero points shared)."""
+        if self.fmt != FMT_INT4:
+            raise ValueError("only int4 weights have a plane form")
+        return PackedWeight(FMT_INT4_PLANES, self.n, self.k, self.n_experts, layout.int4_to_planes(self.qweight, self.k),
+                            self.scales, self.zeros, self.group_size)
 
     @classmethod
     def from_int8(cls, packed: dict, n: int, k: int) -> "PackedWeight":
@@ -67,7 +75,10 @@ class PackedWeight:
             return self.qweight.to(dtype)
         if self.fmt == FMT_INT8:
             return layout.dequantize_int8(self.qweight, self.scales, dtype)
-        return layout.dequantize_int4(self.qweight, self.scales, self.zeros, self.k, dtype)
+        q = self.qweight
+        if self.fmt == FMT_INT4_PLANES:
+            q = layout.int4_from_planes(q, self.scales.shape[-1], self.group_size)
+        return layout.dequantize_int4(q, self.scales, self.zeros, self.k, dtype)
 
 
 

@@ -88,6 +88,43 @@ def dequantize_int4(qweight, scales, zeros, k: int, dtype=torch.float32) -> torc
     return ((q.float() - z_full.float()) * s_full).to(dtype)
 
 
+# ---- int4 "planes": the decode kernels' view of the same codes ----------------------------------------------------
+# K is cut into tiles of INT4_TILE = 128 elements, each held in INT4_TILE_WORDS = 16 int32 words; bits 4i..4i+3 of
+# word w of tile t hold the code of element k = 128 t + 16 i + w (i = 0..7). One nibble position over a tile's 16
+# words is then 16 consecutive k, so a kernel reads the input for it as one contiguous run. Scales and zero points
+# stay in the int4 layout above ([N, n_blocks]; a group of >= 16 elements never splits a 16-element run). The tail
+# past the stored K (tile padding) holds code 0 and must be read against zero input.
+INT4_TILE, INT4_TILE_WORDS = 128, 16
+
+
+def int4_to_planes(qweight: torch.Tensor, k: int) -> torch.Tensor:
+    """int4 bytes ``[..., N, n_blocks, g/2]`` -> plane words ``[..., N, n_tiles * 16]`` int32 (``n_tiles =
+    ceil(k_pad / 128)``, ``k_pad`` the group-padded K, whose codes are all kept)."""
+    *lead, n, n_blocks, half = qweight.shape
+    k_pad = n_blocks * half * 2
+    if k > k_pad:
+        raise LayoutError(f"int4 planes: K {k} is longer than the packed rows ({k_pad})")
+    codes = unpack_nibbles(qweight.reshape(*lead, n, n_blocks * half)).to(torch.int64)      # [..., N, k_pad]
+    tiles = math.ceil(k_pad / INT4_TILE)
+    codes = torch.nn.functional.pad(codes, (0, tiles * INT4_TILE - k_pad))
+    codes = codes.reshape(*lead, n, tiles, 8, INT4_TILE_WORDS).transpose(-1, -2)            # [..., t, w, i]
+    shifts = 4 * torch.arange(8, device=codes.device, dtype=torch.int64)
+    words = (codes << shifts).sum(-1)
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words)
+    return words.to(torch.int32).reshape(*lead, n, tiles * INT4_TILE_WORDS).contiguous()
+
+
+def int4_from_planes(words: torch.Tensor, n_blocks: int, group_size: int) -> torch.Tensor:
+    """Inverse of :func:`int4_to_planes`: plane words -> int4 bytes ``[..., N, n_blocks, group_size / 2]``."""
+    *lead, n, n_words = words.shape
+    tiles = n_words // INT4_TILE_WORDS
+    shifts = 4 * torch.arange(8, device=words.device, dtype=torch.int64)
+    codes = (words.to(torch.int64)[..., None] >> shifts) & 0xF                             # [..., N, t*16, i]
+    codes = codes.reshape(*lead, n, tiles, INT4_TILE_WORDS, 8).transpose(-1, -2)
+    codes = codes.reshape(*lead, n, tiles * INT4_TILE)[..., :n_blocks * group_size]
+    return pack_nibbles(codes.to(torch.uint8)).reshape(*lead, n, n_blocks, group_size // 2).contiguous()
+
+
 def dequantize_int8(qweight, scales, dtype=torch.float32) -> torch.Tensor:
     """Packed int8 -> dense ``W [..., N, K]``."""
     return (qweight.float() * scales.float()[..., None]).to(dtype)

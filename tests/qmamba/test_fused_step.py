@@ -15,7 +15,8 @@ from qmamba.testing import quantize_rtn, random_model
 from qmamba.quant.binary import BinaryFormat
 from qmamba.quant.formats import Int4Format, Int8Format
 
-FORMATS = {"float": None, "int8": Int8Format(), "int4": Int4Format(32), "binary": (BinaryFormat(), Int4Format(32))}
+FORMATS = {"float": None, "int8": Int8Format(), "int4": Int4Format(32), "int4g128": Int4Format(128),
+           "binary": (BinaryFormat(), Int4Format(32))}
 
 
 def build(name, fmt, device):
@@ -28,12 +29,14 @@ def build(name, fmt, device):
 @pytest.mark.parametrize("fmt,batch,kernels", [("float", 2, "decode"), ("int8", 2, "decode"), ("int4", 2, "decode"),
                                                ("int4", 1, "decode"), ("binary", 1, "decode"), ("binary", 2, "decode"),
                                                ("float", 1, "general"), ("int4", 1, "general"),
-                                               ("int8", 3, "general")])
+                                               ("int8", 3, "general"), ("int4g128", 1, "planes"),
+                                               ("int4g128", 2, "planes_magic")])
 @torch.no_grad()
 def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     """``decode``: the decode-linear kernels for float / int8 / int4 (conv fused into x_proj, activation into fc1);
     ``general``: the general matmul kernels (GEMV word kernels, small-M tiles, split-K into the zeroed workspace,
-    conv and activation on their own), as 1-bit weights always take."""
+    conv and activation on their own), as 1-bit weights always take; ``planes``: the decode kernels on plane-word
+    copies of the int4 weights (``_magic``: nibbles masked in place)."""
     model = build("tiny-blackmamba", FORMATS[fmt], device)
     if fmt == "binary":
         from qmamba.quant.binary import BinaryExperts, BinaryLinear
@@ -47,7 +50,12 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     policy = DecodePolicy.for_device(device)
     if kernels == "general":
         policy = dataclasses.replace(policy, formats=())
+    elif kernels.startswith("planes"):
+        policy = dataclasses.replace(policy, formats=(0, 1, 2), max_rows=8, int4_planes=True,
+                                     int4_magic=kernels.endswith("magic"))
     step = FusedDecodeStep(model, policy)
+    if kernels.startswith("planes"):
+        assert step._decode_forms, "no int4 weight was given a plane form"
     for _ in range(2):  # twice: the workspace is re-zeroed, the state carried
         logits = step(tok, state)
         ref = model.step(tok, ref_state)

@@ -13,7 +13,7 @@ from qmamba.kernels.weights import PackedWeight
 from qmamba.quant.formats import Int4Format, Int8Format
 
 FORMATS = {"float": None, "int8": Int8Format(), "int4g32": Int4Format(32), "int4g128": Int4Format(128),
-           "int4sym": Int4Format(64, symmetric=True)}
+           "int4sym": Int4Format(64, symmetric=True), "planes128": Int4Format(128), "planes256": Int4Format(256)}
 
 
 def make_weight(fmt, n, k, device, experts=None, seed=0):
@@ -25,23 +25,29 @@ def make_weight(fmt, n, k, device, experts=None, seed=0):
     return fmt.kernel_weight({key: t.to(device) for key, t in fmt.quantize_rtn(w).items()}, n, k)
 
 
+def weight_for(name, n, k, device, experts=None, seed=0):
+    """``make_weight`` by FORMATS key; the ``planes*`` keys are int4 weights converted to plane words."""
+    w = make_weight(FORMATS[name], n, k, device, experts, seed)
+    return w.to_planes() if name.startswith("planes") else w
+
+
 def poisoned(m, n, device):
     return torch.full((m, n), float("nan"), device=device)
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("m", [1, 3, 8])
-@pytest.mark.parametrize("block,unpack", [(None, "words"), (4, "words"), (4, "join")])
-def test_dense_matches_dequantized_matmul(fmt, m, block, unpack, device):
+@pytest.mark.parametrize("block,magic", [(None, False), (4, False), (4, True)])
+def test_dense_matches_dequantized_matmul(fmt, m, block, magic, device):
     """``block``: rows per program (None: the device's policy; 4: several programs and a ragged last one);
-    ``unpack``: how int4 codes are unpacked (32-bit words or bytes joined in k order)."""
+    ``magic``: int4 nibbles masked in place against a pre-scaled input instead of shifted down."""
     torch.manual_seed(m)
-    n, k = 37, 200  # K not a multiple of any group: padded tail
-    w = make_weight(FORMATS[fmt], n, k, device)
+    n, k = 37, 200 if not fmt.startswith("planes") else 300  # K not a multiple of any group: padded tail
+    w = weight_for(fmt, n, k, device)
     x = torch.randn(m, k, device=device)
     bias = torch.randn(n, device=device)
     policy = None if block is None else DecodePolicy(pdl=False, block_n_int4=block, block_n_float=block,
-                                                     num_warps=4 if device.type == "cuda" else 1, int4_unpack=unpack)
+                                                     num_warps=4 if device.type == "cuda" else 1, int4_magic=magic)
     out = decode_linear(x, w, poisoned(m, n, device), bias=bias, policy=policy)
     ref = decode_linear_ref(x, w, bias=bias)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
@@ -49,17 +55,20 @@ def test_dense_matches_dequantized_matmul(fmt, m, block, unpack, device):
     torch.testing.assert_close(ref, dequant_matmul_ref(x, w, bias).float(), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("fmt", ["float", "int8", "int4g32", "int4g32-join"])
+@pytest.mark.parametrize("fmt", ["float", "int8", "int4g32", "int4g32-magic", "planes128-magic"])
 @pytest.mark.parametrize("m", [1, 4])
 def test_routed_gated_and_row_scale(fmt, m, device):
     """fc1 of a gated MoE (act(gate) * up of each row's expert) and fc2 with the routing weight; expert 2 idle."""
     torch.manual_seed(1)
     e, f, d = 4, 24, 96
     policy = DecodePolicy.for_device(device)
-    if fmt.endswith("-join"):
-        fmt, policy = fmt[:-5], DecodePolicy(pdl=policy.pdl, num_warps=policy.num_warps, int4_unpack="join")
-    fc1 = make_weight(FORMATS[fmt], 2 * f, d, device, experts=e, seed=1)
-    fc2 = make_weight(FORMATS[fmt], d, f, device, experts=e, seed=2)
+    if fmt.endswith("-magic"):
+        fmt, policy = fmt[:-6], DecodePolicy(pdl=policy.pdl, num_warps=policy.num_warps, int4_magic=True,
+                                             block_n_int4=policy.block_n_int4)
+    if fmt.startswith("planes"):
+        f, d = 136, 264  # planes tile 128 elements: ragged K on both layers
+    fc1 = weight_for(fmt, 2 * f, d, device, experts=e, seed=1)
+    fc2 = weight_for(fmt, d, f, device, experts=e, seed=2)
     x = torch.randn(m, d, device=device)
     idx = torch.tensor([3, 0, 3, 1][:m], dtype=torch.int32, device=device)
     rw = torch.rand(m, device=device) + 0.5
@@ -73,14 +82,14 @@ def test_routed_gated_and_row_scale(fmt, m, device):
                                rtol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["float", "int4g128"])
+@pytest.mark.parametrize("fmt", ["float", "int4g128", "planes128"])
 @pytest.mark.parametrize("m", [1, 2])
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_conv_prologue_matches_conv_update_then_matmul(fmt, m, has_bias, device):
     """x_proj on the conv step's output, computed from the old conv state (which is left unchanged)."""
     torch.manual_seed(2)
     di, width, n = 160, 4, 21
-    w = make_weight(FORMATS[fmt], n, di, device, seed=3)
+    w = weight_for(fmt, n, di, device, seed=3)
     xz = torch.randn(m, 2 * di, device=device)
     state = torch.randn(m, di, width, device=device)
     conv_w = torch.randn(di, width, device=device)

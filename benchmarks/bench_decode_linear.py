@@ -1,0 +1,192 @@
+"""The decode linear kernel at BlackMamba-2.8B's shapes, one row (batch 1): every int4 variant (stored word layout
+or plane words, nibbles shifted or masked in place, rows per program) beside the bf16 decode kernel, cuBLAS bf16
+and a no-arithmetic probe that only moves the int4 bytes, side by side in one run.
+
+    python benchmarks/bench_decode_linear.py --out decode_linear.json [--preset blackmamba-2.8b]
+
+Each figure is microseconds per call inside a CUDA graph of dependent calls over rotating weight copies (larger
+than L2), with programmatic dependent launch as in the decode step. Every variant's output is first checked
+against :func:`decode_linear_ref` (float32 over the dequantized weight; relative error under 1e-2 with bf16
+inputs): a failed check exits non-zero after the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from qmamba.config import preset
+from qmamba.kernels.decode_linear import DecodePolicy, decode_linear, decode_linear_ref, pdl_supported
+from qmamba.kernels.quant_matmul import dequant_matmul
+from qmamba.kernels.weights import PackedWeight, int32_words
+from qmamba.quant.formats import Int4Format
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import copies_for, time_calls  # noqa: E402
+
+
+@triton.jit
+def _bytes_probe_kernel(w_ptr, x_ptr, out_ptr, N, NW, BLOCK_N: tl.constexpr, NWP: tl.constexpr,
+                        PDL: tl.constexpr):
+    """Loads a [BLOCK_N, NW] int32 tile before the wait (as the decode kernel does), then a trivial sum: the cost of
+    moving the int4 bytes with this program shape, without the unpacking arithmetic."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, NWP)
+    m = (rows < N)[:, None] & (cols < NW)[None, :]
+    w = tl.load(w_ptr + rows[:, None] * NW + cols[None, :], mask=m, other=0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    x = tl.load(x_ptr).to(tl.float32)
+    y = tl.sum((w & 0xFF).to(tl.float32), axis=1) * x
+    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < N)
+
+
+def shapes(cfg):
+    """name -> (N, K, experts, call options) of every matrix a decode token reads."""
+    di = cfg.d_model * cfg.expand
+    ffn = cfg.ffn_hidden
+    experts = next(int(kind) for kind in cfg.layers if kind != "r")
+    return {
+        "in_proj": (2 * di, cfg.d_model, None, {}),
+        "x_proj": (cfg.dt_rank + 2 * cfg.d_state, di, None, {}),
+        "out_proj": (cfg.d_model, di, None, {}),
+        "fc1_gated": (2 * ffn, cfg.d_model, experts, {"gated": cfg.expert_activation}),
+        "fc2": (cfg.d_model, ffn, experts, {"row_scale": True}),
+        "head": (cfg.vocab_size, cfg.d_model, None, {}),
+    }
+
+
+def variants(pdl: bool, rows: int):
+    """name -> (weight form, policy or "general"): at one row every decode-kernel variant; at several rows the
+    plane words' tensor-core path beside the general kernel (dequant_matmul) on the stored layout."""
+    if rows > 1:
+        return {"planes_mma": ("planes", DecodePolicy(pdl=pdl)), "general": ("words", "general")}
+    out = {}
+    for bn in (2, 4, 8):
+        out[f"bf16_bn{bn}"] = ("float", DecodePolicy(pdl=pdl, block_n_float=bn))
+    for layout in ("words", "planes"):
+        for magic in (False, True):
+            for bn in (4, 8, 16):
+                name = f"{layout}{'_magic' if magic else ''}_bn{bn}"
+                out[name] = (layout, DecodePolicy(pdl=pdl, block_n_int4=bn, int4_magic=magic))
+    for bn, warps in ((8, 2), (16, 8), (32, 8)):
+        out[f"planes_magic_bn{bn}_w{warps}"] = ("planes", DecodePolicy(pdl=pdl, block_n_int4=bn, int4_magic=True,
+                                                                       num_warps=warps))
+    out["general"] = ("words", "general")
+    return out
+
+
+def clones(weight: PackedWeight, per_call_bytes: int) -> list:
+    """Enough copies of ``weight`` (every tensor cloned) that a rotation over them is not served from L2."""
+    return [dataclasses.replace(weight, **{f: getattr(weight, f).clone() for f in ("qweight", "scales", "zeros")
+                                           if getattr(weight, f) is not None})
+            for _ in range(copies_for(per_call_bytes))]
+
+
+def bench_shape(name, n, k, experts, opts, rows, pdl, dev, result):
+    lead = (experts,) if experts else ()
+    w = torch.randn(*lead, n, k) / k ** 0.5
+    fmt = Int4Format(128)
+    packed = {key: t.to(dev) for key, t in fmt.quantize_rtn(w).items()}
+    int4 = fmt.kernel_weight(packed, n, k)
+    forms = {"words": int4, "planes": int4.to_planes(),
+             "float": PackedWeight.from_float(int4.dequantized(torch.bfloat16))}
+    x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
+    kw = {}
+    if experts:
+        kw["row_expert"] = torch.randint(0, experts, (rows,), dtype=torch.int32, device=dev) if rows > 1 else \
+            torch.tensor([experts - 2], dtype=torch.int32, device=dev)
+    if opts.get("row_scale"):
+        kw["row_scale"] = torch.rand(rows, device=dev) + 0.5
+    gated = opts.get("gated")
+    n_out = n // 2 if gated else n
+    row = dict(shape=name, rows=rows, n=n, k=k, experts=experts or 1)
+    bytes_one = sum(t.numel() * t.element_size() for t in (int4.qweight, int4.scales, int4.zeros)) // (experts or 1)
+    used = len(set(kw["row_expert"].tolist())) if experts else 1
+    row["int4_bytes_per_call"] = bytes_one * used
+    for vname, (form, policy) in variants(pdl, rows).items():
+        weight = forms[form]
+        if policy == "general":  # the general kernel computes fc1 without the activation
+            plain = {key: v for key, v in kw.items()}
+            ref = decode_linear_ref(x, int4, **plain)
+            call = lambda wc: dequant_matmul(x, wc, **plain)  # noqa: E731
+            out = call(weight)
+        else:
+            ref = decode_linear_ref(x, int4, gated=gated, **kw)
+            out = torch.full((rows, n_out), float("nan"), device=dev, dtype=torch.bfloat16)
+            call = lambda wc, out=out, policy=policy: decode_linear(x, wc, out, policy=policy, gated=gated, **kw)  # noqa: E731
+            call(weight)
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        if not err < 1e-2:
+            result["failures"].append(f"{name} rows {rows} {vname}: rel err {err:.2e}")
+        per_call = weight.qweight.numel() * weight.qweight.element_size() // (experts or 1) * used
+        us = time_calls([lambda wc=wc: call(wc) for wc in clones(weight, per_call)], calls_per_graph=64)
+        row[vname] = us
+        row[vname + "_err"] = err
+    if not experts:  # cuBLAS bf16 of the same matrix
+        dense = forms["float"].qweight[0]
+        mats = [dense.clone() for _ in range(copies_for(dense.numel() * 2))]
+        row["cublas_bf16"] = time_calls([lambda m=m: torch.nn.functional.linear(x, m) for m in mats],
+                                        calls_per_graph=64)
+    if rows == 1:  # bytes probe: the int4 words of one matrix, no unpacking
+        words = int32_words(int4.qweight)[0]
+        nw = words.shape[-1]
+        probe_out = torch.empty(n, device=dev, dtype=torch.bfloat16)
+        launch = dict(launch_pdl=True) if pdl else {}
+
+        def probe(wc):
+            _bytes_probe_kernel[(triton.cdiv(n, 8),)](wc, x, probe_out, n, nw, BLOCK_N=8,
+                                                      NWP=triton.next_power_of_2(nw), PDL=pdl, num_warps=4, **launch)
+        row["probe_bytes_bn8"] = time_calls([lambda wc=wc: probe(wc) for wc in
+                                             [words.clone() for _ in range(copies_for(words.numel() * 4))]],
+                                            calls_per_graph=64)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--preset", default="blackmamba-2.8b")
+    ap.add_argument("--only", default="", help="comma-separated shape names (default: all)")
+    ap.add_argument("--rows", default="1,8", help="input rows (batch sizes) to time")
+    args = ap.parse_args()
+    cfg = preset(args.preset)
+    dev = torch.device("cuda")
+    pdl = pdl_supported(dev)
+    torch.manual_seed(0)
+    result = dict(device=torch.cuda.get_device_name(0), pdl=pdl, rows=[], failures=[])
+    for rows in [int(r) for r in args.rows.split(",")]:
+        table = []
+        for name, (n, k, experts, opts) in shapes(cfg).items():
+            if args.only and name not in args.only.split(","):
+                continue
+            row = bench_shape(name, n, k, experts, opts, rows, pdl, dev, result)
+            print(f"rows {rows} {name:10s} " + " ".join(f"{v}={row[v]:.2f}" for v in row
+                                                       if not v.endswith("_err") and isinstance(row[v], float)),
+                  flush=True)
+            table.append(row)
+            result["rows"].append(row)
+            Path(args.out).write_text(json.dumps(result, indent=1))
+        names = []
+        for r in table:
+            names += [v for v in r if isinstance(r[v], float) and not v.endswith("_err") and v not in names]
+        print(f"\nus per call, {rows} row(s) (CUDA graph of dependent calls, PDL={pdl})")
+        print(f"{'variant':24s}" + "".join(f"{r['shape']:>11s}" for r in table))
+        for v in names:
+            print(f"{v:24s}" + "".join(f"{r[v]:11.2f}" if v in r else f"{'-':>11s}" for r in table))
+        print(flush=True)
+    if result["failures"]:
+        print("FAILED:\n  " + "\n  ".join(result["failures"]))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

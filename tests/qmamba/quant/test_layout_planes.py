@@ -1,0 +1,39 @@
+"""int4 plane words (the decode kernels' view of int4 codes) against the stored layout: element by element through
+an independent index formula, round trip back to the stored bytes, and the dequantized weight unchanged."""
+
+import pytest
+import torch
+
+from qmamba.kernels.weights import PackedWeight
+from qmamba.quant import layout
+from qmamba.quant.formats import Int4Format
+
+
+@pytest.mark.parametrize("k,group", [(1472, 128), (300, 128), (3872, 256), (200, 32), (64, 16)])
+def test_plane_words_hold_each_code_where_the_layout_says(k, group):
+    torch.manual_seed(k)
+    n = 5
+    packed = Int4Format(group).quantize_rtn(torch.randn(2, n, k))
+    qweight = packed["qweight"]
+    words = layout.int4_to_planes(qweight, k)
+    n_blocks = qweight.shape[-2]
+    tiles = -(-n_blocks * group // 128)
+    assert words.shape == (2, n, tiles * 16) and words.dtype == torch.int32
+    codes, _ = layout.unpack_int4(qweight, packed["zeros"], k)              # [2, n, k]
+    as_unsigned = words.to(torch.int64) % (2 ** 32)
+    for kk in torch.randint(0, k, (64,)).tolist() + [0, k - 1]:
+        t, i, w = kk // 128, (kk % 128) // 16, kk % 16  # element 128 t + 16 i + w sits in bits 4i.. of word 16 t + w
+        nibble = (as_unsigned[..., 16 * t + w] >> (4 * i)) & 0xF
+        assert torch.equal(nibble, codes[..., kk].to(torch.int64)), kk
+    assert torch.equal(layout.int4_from_planes(words, n_blocks, group), qweight)
+
+
+def test_packed_weight_plane_form_dequantizes_to_the_same_weight():
+    torch.manual_seed(0)
+    fmt = Int4Format(128)
+    w = fmt.kernel_weight(fmt.quantize_rtn(torch.randn(3, 40, 1472)), 40, 1472)
+    planes = w.to_planes()
+    assert planes.k_padded == w.k_padded and planes.group_size == 128
+    torch.testing.assert_close(planes.dequantized(), w.dequantized(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="only int4"):
+        PackedWeight.from_float(torch.randn(4, 8)).to_planes()
