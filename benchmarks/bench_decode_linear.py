@@ -24,7 +24,8 @@ import triton.language as tl
 
 from qmamba.config import preset
 from qmamba.kernels.decode_linear import DecodePolicy, decode_linear, decode_linear_ref, pdl_supported
-from qmamba.kernels.quant_matmul import PackedWeight, dequant_matmul, int32_words
+from qmamba.kernels.quant_matmul import dequant_matmul
+from qmamba.kernels.weights import PackedWeight, int32_words
 from qmamba.quant.formats import Int4Format
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -93,8 +94,9 @@ def clones(weight: PackedWeight, per_call_bytes: int) -> list:
 def bench_shape(name, n, k, experts, opts, rows, pdl, dev, result, only_variants=()):
     lead = (experts,) if experts else ()
     w = torch.randn(*lead, n, k) / k ** 0.5
-    packed = {key: t.to(dev) for key, t in Int4Format(128).quantize_rtn(w).items()}
-    int4 = PackedWeight.from_packed("int4", packed, n, k)
+    fmt = Int4Format(128)
+    packed = {key: t.to(dev) for key, t in fmt.quantize_rtn(w).items()}
+    int4 = fmt.kernel_weight(packed, n, k)
     forms = {"words": int4, "planes": int4.to_planes(),
              "float": PackedWeight.from_float(int4.dequantized(torch.bfloat16))}
     x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)

@@ -25,9 +25,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import copies_for, copy_bandwidth, time_calls  # noqa: E402
 
-from qmamba.kernels.binary_matmul import BinaryConfig, BinaryWeight, binary_matmul  # noqa: E402
-from qmamba.kernels.quant_matmul import (MatmulConfig, PackedWeight, dequant_matmul, dequantize_stack,  # noqa: E402
-                                         pick_config)
+from qmamba.kernels.binary_matmul import binary_matmul  # noqa: E402
+from qmamba.kernels.dequantize import dequantize_stack  # noqa: E402
+from qmamba.kernels.matmul_configs import (BinaryConfig, MatmulConfig, MatmulPolicy, pick_binary_config,  # noqa: E402
+                                           pick_config)
+from qmamba.kernels.quant_matmul import dequant_matmul  # noqa: E402
 from qmamba.kernels.selective_scan import selective_scan_ref, selective_scan_triton  # noqa: E402
 from qmamba.quant.binary import BinaryFormat  # noqa: E402
 from qmamba.quant.formats import Int4Format, Int8Format  # noqa: E402
@@ -53,7 +55,7 @@ def _packed(fmt, k, n, copies):
     out = []
     for i in range(copies):
         p = fmt.quantize_rtn(base if i == 0 else base.roll(i, 0))
-        out.append(PackedWeight.from_packed(fmt.name, p, n, k))
+        out.append(fmt.kernel_weight(p, n, k))
     return out
 
 
@@ -69,8 +71,7 @@ def method_ours(fmt, config_for=None):
 def _binary(k, n, copies):
     base = torch.randn(n, k, device="cuda") / math.sqrt(k)
     fmt = BinaryFormat()
-    return [BinaryWeight.from_packed(fmt.quantize_rtn(base if i == 0 else base.roll(i, 0)), n, k)
-            for i in range(copies)]
+    return [fmt.kernel_weight(fmt.quantize_rtn(base if i == 0 else base.roll(i, 0)), n, k) for i in range(copies)]
 
 
 def method_binary(k, n, copies):
@@ -253,8 +254,7 @@ def time_grid(configs, run, log, label):
 def sweep_gemv_int4(bw, shapes, log):
     """int4 g128 GEMV (M = 1): the 32-bit-word kernel over (BLOCK_N, groups per iteration (BLOCK_K / 128), SPLIT_K,
     warps), beside the generic path."""
-    from qmamba.kernels import quant_matmul as qm
-
+    generic = MatmulPolicy(int4_word_gemv=False)
     rows = []
     fmt = Int4Format(128)
     for label, k, n in shapes:
@@ -272,11 +272,8 @@ def sweep_gemv_int4(bw, shapes, log):
         res["best"], res["best_us"] = best
         res["best_frac_copy_bw"] = (size + 2 * (k + n)) / (best[1] * 1e-6) / bw
         res["heuristic_us"] = time_calls([lambda pw=pw: dequant_matmul(x, pw) for pw in pws], reps=5)
-        qm.INT4_WORD_GEMV = False
-        try:
-            res["generic_path_us"] = time_calls([lambda pw=pw: dequant_matmul(x, pw) for pw in pws], reps=5)
-        finally:
-            qm.INT4_WORD_GEMV = True
+        res["generic_path_us"] = time_calls([lambda pw=pw: dequant_matmul(x, pw, policy=generic) for pw in pws],
+                                            reps=5)
         rows.append(res)
         log(f"gemv int4 {label:22s} best {best[1]:7.1f} us {best[0]} ({res['best_frac_copy_bw']:.0%} of copy BW), "
             f"heuristic {res['heuristic_us']:7.1f} us, generic path {res['generic_path_us']:7.1f} us")
@@ -288,8 +285,7 @@ def sweep_gemv_int4(bw, shapes, log):
 def sweep_gemv_binary(bw, shapes, log):
     """1-bit GEMV (M = 1): the 32-bit-word kernel over (BLOCK_N, words per iteration, SPLIT_K, warps), beside the
     int4 g128 GEMV (heuristic) on the same shape."""
-    from qmamba.kernels import binary_matmul as bm
-
+    tile_kernel = MatmulPolicy(binary_word_gemv=False)
     rows = []
     for label, k, n in shapes:
         bws = _binary(k, n, copies_for(n * k // 8))
@@ -305,13 +301,10 @@ def sweep_gemv_binary(bw, shapes, log):
         res["configs"], best = time_grid(grid, run, log, f"binary gemv sweep {label}")
         res["best"], res["best_us"] = best
         res["best_frac_copy_bw"] = (size + 2 * (k + n)) / (best[1] * 1e-6) / bw
-        res["heuristic"] = str(bm.pick_binary_config(1, bws[0], x.device))
+        res["heuristic"] = str(pick_binary_config(1, bws[0], x.device))
         res["heuristic_us"] = time_calls([lambda bw=bw: binary_matmul(x, bw) for bw in bws], reps=5)
-        bm.BINARY_WORD_GEMV = False
-        try:
-            res["tile_kernel_us"] = time_calls([lambda bw=bw: binary_matmul(x, bw) for bw in bws], reps=5)
-        finally:
-            bm.BINARY_WORD_GEMV = True
+        res["tile_kernel_us"] = time_calls([lambda bw=bw: binary_matmul(x, bw, policy=tile_kernel) for bw in bws],
+                                           reps=5)
         del bws
         pws = _packed(Int4Format(128), k, n, copies_for(n * k // 2))
         res["int4_g128_us"] = time_calls([lambda pw=pw: dequant_matmul(x, pw) for pw in pws], reps=5)

@@ -53,9 +53,9 @@ def rtn_quantize(cfg, state_dict, kind: str):
     model = build_model(cfg, dict(state_dict), {}, "cpu", torch.float32)
     fmt = Int8Format() if kind == "int8" else Int4Format(group_size=64)
     entries = {}
-    for i, (layer_kind, _) in enumerate(cfg.layer_kinds):
-        mixer = model.layers[i].mixer
-        if layer_kind == "mamba":
+    for block in model.blocks:
+        mixer, i = block.mixer, block.index
+        if block.is_mamba:
             for leaf in ("in_proj", "out_proj"):
                 setattr(mixer, leaf, QuantLinear.from_linear(getattr(mixer, leaf), fmt))
                 entries[f"layers.{i}.mixer.{leaf}"] = fmt.to_dict()

@@ -20,7 +20,7 @@ from bench_decode_linear import shapes, variants  # noqa: E402
 
 from qmamba.config import preset  # noqa: E402
 from qmamba.kernels import decode_linear as dl  # noqa: E402
-from qmamba.kernels.quant_matmul import PackedWeight  # noqa: E402
+from qmamba.kernels.weights import PackedWeight  # noqa: E402
 from qmamba.quant.formats import Int4Format  # noqa: E402
 
 
@@ -35,8 +35,8 @@ def main():
     dev = torch.device("cuda")
     n, k, experts, opts = shapes(preset("blackmamba-2.8b"))[args.shape]
     lead = (experts,) if experts else ()
-    int4 = PackedWeight.from_packed("int4", {key: t.to(dev) for key, t in
-                                             Int4Format(128).quantize_rtn(torch.randn(*lead, n, k)).items()}, n, k)
+    fmt = Int4Format(128)
+    int4 = fmt.kernel_weight({key: t.to(dev) for key, t in fmt.quantize_rtn(torch.randn(*lead, n, k)).items()}, n, k)
     forms = {"words": int4, "planes": int4.to_planes(),
              "float": PackedWeight.from_float(int4.dequantized(torch.bfloat16))}
     x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)

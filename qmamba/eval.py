@@ -132,9 +132,10 @@ def routing_hooks(model):
     calls the router module, so a hook on the router would see nothing there)."""
     records: dict[int, list] = {}
     handles = []
-    for i, block in enumerate(model.layers):
-        if block.kind == "mamba":
+    for block in model.blocks:
+        if block.is_mamba:
             continue
+        i = block.index
         records[i] = []
 
         def hook(mixer, args, i=i):

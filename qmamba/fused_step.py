@@ -1,7 +1,7 @@
 """One fused single-token step of a whole :class:`qmamba.model.MambaLM`, built for CUDA-graph capture.
 
-:class:`FusedDecodeStep` walks the model's modules once (at construction) and then runs a step as a short, fixed
-sequence of Triton launches with no allocation and no host synchronisation:
+:class:`FusedDecodeStep` walks the model's block plan (``model.blocks``) once, at construction, and then runs a
+step as a short, fixed sequence of Triton launches with no allocation and no host synchronisation:
 
     per Mamba layer (5):  residual add + RMSNorm (embedding gather fused into the first layer's) -> [in_proj with
                           the conv step of its x rows from the old conv state in the epilogue] -> x_proj ->
@@ -31,32 +31,26 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qmamba.kernels.binary_matmul import BinaryWeight, binary_matmul
+from qmamba.kernels.binary_matmul import binary_matmul
 from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
 from qmamba.kernels.decode_linear import DecodePolicy, decode_linear
 from qmamba.kernels.decode_step import add_norm, dt_state_update
 from qmamba.kernels.fused_moe import gated_act
-from qmamba.kernels.quant_matmul import PackedWeight, dequant_matmul
-from qmamba.mamba_mixer import MambaMixer
-from qmamba.moe import SwitchMoE
+from qmamba.kernels.quant_matmul import dequant_matmul
+from qmamba.kernels.weights import BinaryWeight, PackedWeight
 
 
 # ---- plan --------------------------------------------------------------------------------------------------------------
 KernelWeight = PackedWeight | BinaryWeight
 
 
-def _kernel_weight(fmt, packed: dict, n: int, k: int) -> KernelWeight:
-    if fmt.name == "binary":
-        return BinaryWeight.from_packed(packed, n, k)
-    return PackedWeight.from_packed(fmt.name, packed, n, k)
-
-
 def linear_weight(module: nn.Module) -> tuple[KernelWeight, torch.Tensor | None]:
-    """The kernel view of an ``nn.Linear``, ``QuantLinear`` or ``BinaryLinear`` and its bias."""
+    """The kernel view of an ``nn.Linear``, ``QuantLinear`` or ``BinaryLinear`` (its format gives the record) and
+    its bias."""
     if isinstance(module, nn.Linear):
         return PackedWeight.from_float(module.weight.detach()), module.bias
-    if hasattr(module, "fmt") and hasattr(module, "packed"):
-        return _kernel_weight(module.fmt, module.packed(), module.out_features, module.in_features), module.bias
+    if hasattr(module, "kernel_weight"):
+        return module.kernel_weight(), module.bias
     raise TypeError(f"fused decode step: unsupported linear module {type(module).__name__}")
 
 
@@ -70,7 +64,7 @@ def expert_weight(experts: nn.Module, name: str) -> KernelWeight:
     w = getattr(experts, name)
     if isinstance(w, torch.Tensor):
         return PackedWeight.from_float(w.detach())
-    return _kernel_weight(w.fmt, w.packed(), w.n, w.k)
+    return w.kernel_weight()
 
 
 def matmul(x: torch.Tensor, weight: KernelWeight, bias=None, row_expert=None, row_scale=None, out=None):
@@ -109,6 +103,29 @@ class _MoePlan:
     gated: bool
 
 
+def _mamba_plan(block, dtype) -> _MambaPlan:
+    """The kernel view of one Mamba block of ``model.blocks``."""
+    mixer = block.mixer
+    in_w, in_b = linear_weight(mixer.in_proj)
+    x_w, _ = linear_weight(mixer.x_proj)
+    out_w, out_b = linear_weight(mixer.out_proj)
+    return _MambaPlan(
+        block.slot, block.norm.weight.detach(), in_w, in_b, mixer.conv_weight.detach().contiguous(),
+        None if mixer.conv_bias is None else mixer.conv_bias.detach(), x_w,
+        dense_weight(mixer.dt_proj, dtype).contiguous(), mixer.dt_bias.detach(),
+        (-torch.exp(mixer.A_log.detach().float())).contiguous(), mixer.D.detach(), out_w, out_b)
+
+
+def _moe_plan(block, dtype) -> _MoePlan:
+    """The kernel view of one MoE block of ``model.blocks``."""
+    mixer = block.mixer
+    router = mixer.router
+    return _MoePlan(
+        block.norm.weight.detach(), dense_weight(router, dtype).contiguous(),
+        None if router.bias is None else router.bias.detach(), expert_weight(mixer.experts, "fc1"),
+        expert_weight(mixer.experts, "fc2"), mixer.experts.activation, mixer.experts.gated)
+
+
 class FusedDecodeStep:
     """``step(token_ids [B], state) -> logits [B, V]`` fp32, state updated in place; see the module docstring."""
 
@@ -120,27 +137,8 @@ class FusedDecodeStep:
         self.d_model, self.vocab = cfg.d_model, cfg.vocab_size
         self.eps = float(cfg.norm_eps)
         self.embedding = model.embedding.weight.detach()
-        self.layers = []
-        for i, block in enumerate(model.layers):
-            mixer = block.mixer
-            if isinstance(mixer, MambaMixer):
-                in_w, in_b = linear_weight(mixer.in_proj)
-                x_w, _ = linear_weight(mixer.x_proj)
-                out_w, out_b = linear_weight(mixer.out_proj)
-                self.layers.append(_MambaPlan(
-                    model._state_slot[i], block.norm.weight.detach(), in_w, in_b,
-                    mixer.conv_weight.detach().contiguous(),
-                    None if mixer.conv_bias is None else mixer.conv_bias.detach(), x_w,
-                    dense_weight(mixer.dt_proj, self.dtype).contiguous(), mixer.dt_bias.detach(),
-                    (-torch.exp(mixer.A_log.detach().float())).contiguous(), mixer.D.detach(), out_w, out_b))
-            elif isinstance(mixer, SwitchMoE):
-                router = mixer.router
-                self.layers.append(_MoePlan(
-                    block.norm.weight.detach(), dense_weight(router, self.dtype).contiguous(),
-                    None if router.bias is None else router.bias.detach(), expert_weight(mixer.experts, "fc1"),
-                    expert_weight(mixer.experts, "fc2"), mixer.experts.activation, mixer.experts.gated))
-            else:
-                raise TypeError(f"fused decode step: unsupported mixer {type(mixer).__name__} in layer {i}")
+        self.layers = [_mamba_plan(block, self.dtype) if block.is_mamba else _moe_plan(block, self.dtype)
+                       for block in model.blocks]
         norm_f = model.norm_f
         self.final_w = norm_f.weight.detach()
         self.final_b = getattr(norm_f, "bias", None)  # LayerNorm has a bias, RMSNorm none

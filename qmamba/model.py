@@ -1,5 +1,6 @@
 """The BlackMamba / Mamba language model: embedding -> blocks (RMSNorm + mixer, fp32 residual) -> final norm
 -> tied head. A block's mixer is a :class:`MambaMixer` or a :class:`SwitchMoE`, by the config's layer plan.
+``MambaLM.blocks`` lists the blocks once (:mod:`qmamba.block_plan`: kind, state slot, modules) for every walk.
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qmamba.block_plan import MAMBA, ModelBlock, block_plan
 from qmamba.config import ModelConfig
 from qmamba.errors import TokenIdError
 from qmamba.mamba_mixer import MambaMixer
@@ -21,7 +23,7 @@ class Block(nn.Module):
         super().__init__()
         self.kind = kind
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = MambaMixer(cfg) if kind == "mamba" else SwitchMoE(cfg, n_experts)
+        self.mixer = MambaMixer(cfg) if kind == MAMBA else SwitchMoE(cfg, n_experts)
 
 
 class MambaLM(nn.Module):
@@ -36,8 +38,10 @@ class MambaLM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
-        # position of each Mamba layer in the stacked state tensors
-        self._state_slot = {layer: slot for slot, layer in enumerate(cfg.mamba_layer_ids)}
+        # the blocks once, in forward order, with their kind and state slot (a tuple: not registered as modules)
+        self.blocks: tuple[ModelBlock, ...] = tuple(
+            ModelBlock(spec.index, spec.kind, spec.n_experts, spec.slot, module)
+            for spec, module in zip(block_plan(cfg), self.layers))
 
     # ---- configuration -------------------------------------------------------------------------------
     @property
@@ -86,11 +90,11 @@ class MambaLM(nn.Module):
         conv_out, ssm_out = torch.empty_like(state.conv_state), torch.empty_like(state.ssm_state)
         h = self.embedding(input_ids).to(self.compute_dtype)
         residual = None
-        for i, block in enumerate(self.layers):
+        for block in self.blocks:
             residual = h.float() if residual is None else residual + h.float()
             x = block.norm(residual, out_dtype=self.compute_dtype)
-            if block.kind == "mamba":
-                s = self._state_slot[i]
+            if block.is_mamba:
+                s = block.slot
                 h, conv_out[s], ssm_out[s] = block.mixer(x, state.conv_state[s], state.ssm_state[s])
             else:
                 h = block.mixer(x)
@@ -103,11 +107,11 @@ class MambaLM(nn.Module):
             self.check_token_ids(input_ids)
         h = self.embedding(input_ids).to(self.compute_dtype)
         residual = None
-        for i, block in enumerate(self.layers):
+        for block in self.blocks:
             residual = h.float() if residual is None else residual + h.float()
             x = block.norm(residual, out_dtype=self.compute_dtype)
-            if block.kind == "mamba":
-                s = self._state_slot[i]
+            if block.is_mamba:
+                s = block.slot
                 h, conv, ssm = block.mixer.step(x, state.conv_state[s], state.ssm_state[s])
                 state.conv_state[s].copy_(conv)
                 state.ssm_state[s].copy_(ssm)

@@ -37,12 +37,12 @@ def quantize_rtn(model: MambaLM, fmt, head: bool = True, sensitive_fmt=None) -> 
     takes x_proj, dt_proj and the head instead. Routers, norms and the SSM parameters stay float."""
     small = sensitive_fmt or fmt
     formats = {}
-    for i, block in enumerate(model.layers):
-        if block.kind == "mamba":
-            formats.update({f"layers.{i}.mixer.{leaf}": fmt for leaf in ("in_proj", "out_proj")})
-            formats.update({f"layers.{i}.mixer.{leaf}": small for leaf in ("x_proj", "dt_proj")})
+    for block in model.blocks:
+        if block.is_mamba:
+            formats.update({f"{block.mixer_name}.{leaf}": fmt for leaf in ("in_proj", "out_proj")})
+            formats.update({f"{block.mixer_name}.{leaf}": small for leaf in ("x_proj", "dt_proj")})
         else:
-            formats.update({f"layers.{i}.mixer.experts.{leaf}": fmt for leaf in ("fc1", "fc2")})
+            formats.update({name: fmt for name in block.quantizable_modules()})
     if head:
         formats["lm_head"] = small  # a tied head is untied: the twin holds its own packed copy
     return swap_quantized_modules(model, formats, rtn=True)

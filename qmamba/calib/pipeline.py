@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qmamba.block_plan import EXPERT_STACKS, MAMBA_LINEARS
 from qmamba.moe import activation_fn
 from qmamba.quant.formats import WeightFormat
 
@@ -189,21 +190,21 @@ def record_routing_blockwise(model: nn.Module, ids: torch.Tensor, device=None, b
     residual = [torch.zeros(*c.shape, model.config.d_model, device=dev) for c in chunks]
     h = [model.embedding(c.to(home)).float().to(dev) for c in chunks]
     routes: dict[int, list] = {}
-    for i, block in tqdm(list(enumerate(model.layers))[: last_moe + 1], desc=desc, unit="block",
-                         disable=not progress, dynamic_ncols=True):
-        block_home = module_device(block)
-        dtypes = move_module(block, dev, torch.float32)
+    for block in tqdm(model.blocks[: last_moe + 1], desc=desc, unit="block", disable=not progress,
+                      dynamic_ncols=True):
+        block_home = module_device(block.module)
+        dtypes = move_module(block.module, dev, torch.float32)
         residual = [r + hh for r, hh in zip(residual, h)]
         h = []
         for r in residual:
             x = block.norm(r, out_dtype=torch.float32)
-            if block.kind == "mamba":
+            if block.is_mamba:
                 h.append(block.mixer(x)[0])
             else:
-                routes.setdefault(i, []).append(  # the block's own decision, as qmamba.eval records it
+                routes.setdefault(block.index, []).append(  # the block's own decision, as qmamba.eval records it
                     block.mixer.route(x.reshape(-1, x.shape[-1]))[0].to(torch.int16).cpu())
                 h.append(block.mixer(x))
-        move_module(block, block_home, dtypes=dtypes)
+        move_module(block.module, block_home, dtypes=dtypes)
     return {i: torch.cat(v) for i, v in routes.items()}
 
 
@@ -218,7 +219,7 @@ class Calibrator:
         self.results: dict[str, ModuleResult] = {}
 
     def _layer_bar(self, desc: str):
-        return tqdm(list(enumerate(self.model.layers)), desc=desc, unit="block", disable=not self.opts.progress,
+        return tqdm(self.model.blocks, desc=desc, unit="block", disable=not self.opts.progress,
                     dynamic_ncols=True)
 
     # chunks of the residual stream: lists of tensors [b, L, d]
@@ -234,18 +235,18 @@ class Calibrator:
             residual = [torch.zeros(*c.shape, model.config.d_model, device=dev) for c in chunks]
             h = [model.embedding(c.to(home)).float().to(dev) for c in chunks]
             layer_bar = self._layer_bar("calibrating")
-            for i, block in layer_bar:
-                layer_bar.set_postfix_str(f"{i}:{block.kind}")
-                block_home = module_device(block)
-                dtypes = move_module(block, dev, torch.float32)
+            for block in layer_bar:
+                layer_bar.set_postfix_str(f"{block.index}:{block.kind}")
+                block_home = module_device(block.module)
+                dtypes = move_module(block.module, dev, torch.float32)
                 residual = [r + hh for r, hh in zip(residual, h)]
-                if block.kind == "mamba":
-                    self._mamba_block(i, block, residual)
+                if block.is_mamba:
+                    self._mamba_block(block, residual)
                 else:
-                    self._moe_block(i, block, residual)
-                h = [block.mixer(block.norm(r, out_dtype=torch.float32))[0] if block.kind == "mamba"
+                    self._moe_block(block, residual)
+                h = [block.mixer(block.norm(r, out_dtype=torch.float32))[0] if block.is_mamba
                      else block.mixer(block.norm(r, out_dtype=torch.float32)) for r in residual]
-                move_module(block, block_home, dtypes=dtypes)
+                move_module(block.module, block_home, dtypes=dtypes)
             if "lm_head" in self.plan:
                 residual = [r + hh for r, hh in zip(residual, h)]
                 with self._head_on(dev):
@@ -257,17 +258,17 @@ class Calibrator:
         model = self.model
         dev = self.device or model.embedding.weight.device
         with torch.no_grad():
-            for i, block in self._layer_bar("quantizing"):
-                block_home = module_device(block)
-                dtypes = move_module(block, dev, torch.float32)
-                if block.kind == "mamba":
-                    for leaf in ("in_proj", "x_proj", "dt_proj", "out_proj"):
-                        name = f"layers.{i}.mixer.{leaf}"
+            for block in self._layer_bar("quantizing"):
+                block_home = module_device(block.module)
+                dtypes = move_module(block.module, dev, torch.float32)
+                if block.is_mamba:
+                    for leaf in MAMBA_LINEARS:
+                        name = f"{block.mixer_name}.{leaf}"
                         if name in self.plan:
                             self._quantize_linear_data_free(name, leaf, getattr(block.mixer, leaf))
                 else:
-                    self._experts_data_free(i, block.mixer.experts)
-                move_module(block, block_home, dtypes=dtypes)
+                    self._experts_data_free(block, block.mixer.experts)
+                move_module(block.module, block_home, dtypes=dtypes)
             if "lm_head" in self.plan:
                 with self._head_on(dev):
                     self._head(None)
@@ -286,9 +287,9 @@ class Calibrator:
         linear.weight.data.copy_(W_hat.to(linear.weight.dtype))
         self.results[name] = result
 
-    def _experts_data_free(self, i: int, experts) -> None:
-        for which in ("fc1", "fc2"):
-            name = f"layers.{i}.mixer.experts.{which}"
+    def _experts_data_free(self, block, experts) -> None:
+        for which in EXPERT_STACKS:
+            name = f"{block.mixer_name}.experts.{which}"
             entry = self.plan.get(name)
             if entry is None:
                 continue
@@ -347,11 +348,11 @@ class Calibrator:
             handle.remove()
         return cap
 
-    def _mamba_block(self, i: int, block, residual) -> None:
+    def _mamba_block(self, block, residual) -> None:
         mixer = block.mixer
         n_tokens = sum(r.shape[0] * r.shape[1] for r in residual)
-        for leaf in ("in_proj", "x_proj", "dt_proj", "out_proj"):
-            name = f"layers.{i}.mixer.{leaf}"
+        for leaf in MAMBA_LINEARS:
+            name = f"{block.mixer_name}.{leaf}"
             if name not in self.plan:
                 continue
             entry = self.plan[name]
@@ -380,7 +381,7 @@ class Calibrator:
             self.results[name] = result
 
     # ---- MoE ---------------------------------------------------------------------------------------------
-    def _moe_block(self, i: int, block, residual) -> None:
+    def _moe_block(self, block, residual) -> None:
         mixer, opts = block.mixer, self.opts
         experts = mixer.experts
         x_all = torch.cat([block.norm(r, out_dtype=torch.float32).reshape(-1, r.shape[-1]) for r in residual])
@@ -392,9 +393,9 @@ class Calibrator:
         for e in range(n_exp):
             if uses_all[e]:
                 log.warning("layer %d expert %d: %d routed calibration tokens (< %d): statistics from all %d tokens",
-                            i, e, counts[e], opts.min_expert_tokens, x_all.shape[0])
+                            block.index, e, counts[e], opts.min_expert_tokens, x_all.shape[0])
         x_e = [x_all if uses_all[e] else x_all[token_sets[e]] for e in range(n_exp)]
-        name1, name2 = f"layers.{i}.mixer.experts.fc1", f"layers.{i}.mixer.experts.fc2"
+        name1, name2 = (f"{block.mixer_name}.experts.{which}" for which in EXPERT_STACKS)
         e1, e2 = self.plan.get(name1), self.plan.get(name2)
         act = activation_fn(experts.activation)
         ffn = experts.fc2.shape[2]
@@ -431,7 +432,7 @@ class Calibrator:
             r2.notes.append("awq: clipping only (ungated experts: no exact fold)")
 
         # fc1, then fc2 on the quantized fc1's outputs
-        bar = tqdm(total=n_exp * ((e1 is not None) + (e2 is not None)), desc=f"layer {i} experts",
+        bar = tqdm(total=n_exp * ((e1 is not None) + (e2 is not None)), desc=f"layer {block.index} experts",
                    disable=not opts.progress, leave=False)
         for name, entry, result, which in ((name1, e1, r1, "fc1"), (name2, e2, r2, "fc2")):
             if entry is None:

@@ -61,13 +61,8 @@ class PlanEntry:
 def quantizable_modules(model) -> dict[str, str]:
     """``{manifest name: kind}`` for every module this pipeline can quantize, in forward order."""
     out = {}
-    for i, block in enumerate(model.layers):
-        if block.kind == "mamba":
-            for leaf in ("in_proj", "x_proj", "dt_proj", "out_proj"):
-                out[f"layers.{i}.mixer.{leaf}"] = leaf
-        else:
-            out[f"layers.{i}.mixer.experts.fc1"] = "experts.fc1"
-            out[f"layers.{i}.mixer.experts.fc2"] = "experts.fc2"
+    for block in model.blocks:
+        out.update(block.quantizable_modules())
     out["lm_head"] = "lm_head"
     return out
 

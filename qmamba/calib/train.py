@@ -39,7 +39,6 @@ from tqdm import tqdm
 from qmamba.config import ModelConfig, preset
 from qmamba.errors import UserError
 from qmamba.model import MambaLM
-from qmamba.moe import SwitchMoE
 
 from .train_scan import fast_training_scan
 
@@ -83,11 +82,11 @@ def capture_router_logits(model: torch.nn.Module):
     """Yields a dict ``{moe_module_name: [router logits [T, E], ...]}`` filled during forwards inside the block."""
     captured: dict[str, list[torch.Tensor]] = {}
     handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, SwitchMoE):
-            captured[name] = []
-            handles.append(module.router.register_forward_hook(
-                lambda _m, _inp, out, key=name: captured[key].append(out)))
+    for block in model.blocks:
+        if not block.is_mamba:
+            captured[block.mixer_name] = []
+            handles.append(block.mixer.router.register_forward_hook(
+                lambda _m, _inp, out, key=block.mixer_name: captured[key].append(out)))
     try:
         yield captured
     finally:

@@ -67,7 +67,7 @@ def _mixer_forward_train(self: MambaMixer, h, conv_state=None, ssm_state=None):
 @contextlib.contextmanager
 def fast_training_scan(model: torch.nn.Module):
     """Inside the block, the model's Mamba mixers run :func:`selective_scan_train` in their parallel forward."""
-    mixers = [m for m in model.modules() if isinstance(m, MambaMixer)]
+    mixers = [block.mixer for block in model.blocks if block.is_mamba]
     for m in mixers:
         m.forward = types.MethodType(_mixer_forward_train, m)
     try:

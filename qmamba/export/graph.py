@@ -16,19 +16,21 @@ One graph serves both roles the runner needs (state inputs and outputs use the f
 * prefill: ``length = prompt length`` with zero states (or the state of an earlier chunk: chunked prefill);
 * decode step: ``length = 1`` with the states of the previous call.
 
-Per block (mirroring :class:`qmamba.model.MambaLM`): fp32 residual, RMSNorm in fp32, the mixer in the activation
-dtype. Mamba mixer: in_proj -> causal conv + SiLU (``com.microsoft.CausalConvWithState`` with ``channels_last=1``,
-or plain Concat + depthwise ``Conv`` for a portable graph) -> x_proj -> dt_proj -> ``qmamba::SelectiveScan``
--> out_proj. Switch-MoE (top-1, sigmoid router): the router picks ``argmax`` of ``sigmoid(logits)``; each expert
-runs exactly once on its own tokens (``NonZero`` + ``Gather`` -> expert MLP), unrolled over the experts at export,
-and one ``ScatterND`` puts the results back in token order. ``com.microsoft.QMoE`` is not used: its GELU is the
+Per block of :func:`qmamba.block_plan.block_plan` (the blocks :class:`qmamba.model.MambaLM` walks): fp32 residual,
+RMSNorm in fp32, the mixer in the activation dtype. Mamba mixer: in_proj -> causal conv + SiLU
+(``com.microsoft.CausalConvWithState`` with ``channels_last=1``, or plain Concat + depthwise ``Conv`` for a
+portable graph) -> x_proj -> dt_proj -> ``qmamba::SelectiveScan`` -> out_proj. Switch-MoE (top-1, sigmoid
+router): the router picks ``argmax`` of ``sigmoid(logits)``; each expert runs exactly once on its own tokens
+(``NonZero`` + ``Gather`` -> expert MLP), unrolled over the experts at export, and one ``ScatterND`` puts the
+results back in token order. ``com.microsoft.QMoE`` is not used: its GELU is the
 tanh approximation (BlackMamba uses the exact erf GELU) and it needs the hidden sizes divisible by the
 quantization block.
 
-Linear layers: float -> ``MatMul`` against the transposed weight; int4 -> ``MatMulNBits(bits=4)`` with the packed
-tensors copied unchanged (the layout *is* MatMulNBits'); int8 (per-output-channel symmetric) -> ``MatMulNBits
-(bits=8)`` with codes ``q + 128`` (default zero point 128), K padded to whole blocks with code 128 (exactly 0), and
-the row scale repeated per block -- exact, and on CPU the fast int8 path at ``accuracy_level=4``.
+Linear layers: float -> ``MatMul`` against the transposed weight; quantized -> the format's ``MatMulNBits`` form
+(:meth:`qmamba.quant.formats.WeightFormat.matmul_nbits`, defined with each format): int4 -> ``MatMulNBits(bits=4)``
+with the packed tensors copied unchanged (the layout *is* MatMulNBits'); int8 (per-output-channel symmetric) ->
+``MatMulNBits(bits=8)`` with codes ``q + 128``, exact, and on CPU the fast int8 path at ``accuracy_level=4``;
+binary -> ``MatMulNBits(bits=2)`` on ``x * alpha`` plus ``x @ beta``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
+from qmamba.block_plan import BlockSpec, block_plan
 from qmamba.config import ModelConfig
 from qmamba.errors import ConfigError
 
@@ -95,13 +98,6 @@ def check_exportable(cfg: ModelConfig) -> None:
         raise ConfigError(f"expert activation {cfg.expert_activation!r} has no ONNX mapping")
 
 
-def _int8_block_size(k: int) -> int:
-    for block in (128, 64, 32, 16):
-        if k % block == 0:
-            return block
-    return 16  # K padded with zero codes
-
-
 class GraphBuilder:
     """Accumulates nodes and initializers; one method per model part. Tensor names follow the checkpoint's."""
 
@@ -113,9 +109,9 @@ class GraphBuilder:
         self.cfg, self.sd, self.opt = cfg, state_dict, options
         self.formats = {name: entry_format(name, entry) for name, entry in manifest_modules(quantization).items()}
         for name, fmt in self.formats.items():
-            if fmt.name not in ("int4", "int8", "binary"):
+            if not fmt.has_onnx_form:
                 raise ConfigError(f"module {name!r} uses weight format {fmt.name!r}, which the ONNX export does not "
-                                  "support yet (supported: int4, int8, binary)")
+                                  "support yet (the format defines no MatMulNBits form)")
             if name.startswith("embedding"):
                 raise ConfigError("quantized embeddings are not supported by the ONNX export")
         self.torch_dtype, self.elem = DTYPES[options.dtype]
@@ -171,46 +167,25 @@ class GraphBuilder:
         return self.sd[name].to(self.torch_dtype).float()
 
     # ---- linear layers -------------------------------------------------------------------------------
-    def _binary_matmul(self, x: str, name: str, packed: dict, n: int, k: int) -> str:
-        """1-bit: ``MatMulNBits(bits=2)(x * alpha)`` (+/-1 exact, row scale as the block scales) ``+ (x @ beta)``
-        (``* row_scale``); see :func:`qmamba.quant.binary.binary_as_matmul_nbits`."""
-        from qmamba.quant.binary import binary_as_matmul_nbits
-
-        block = _int8_block_size(k)
-        codes, scales = binary_as_matmul_nbits(packed, k, block)
-        qweight = self.const(f"{name}.qweight_u2", codes)
-        scales = self.const(f"{name}.scales_b", scales.to(self.torch_dtype))
-        hint = name.replace(".", "_")
-        xa = self.op("Mul", [x, self.const(f"{name}.alpha", packed["alpha"].to(self.torch_dtype))])
-        y = self.op("MatMulNBits", [xa, qweight, scales], domain=MS_DOMAIN, hint=hint, K=k, N=n, bits=2,
-                    block_size=block, accuracy_level=self.opt.accuracy_level)
-        xb = self.op("MatMul", [x, self.const(f"{name}.beta_col", packed["beta"].to(self.torch_dtype)[:, None])])
-        if "row_scale" in packed:
-            xb = self.op("Mul", [xb, self.const(f"{name}.row_scale", packed["row_scale"].to(self.torch_dtype))])
-        return self.op("Add", [y, xb], hint=hint)
-
     def _matmul_nbits(self, x: str, name: str, packed: dict, fmt, n: int, k: int) -> str:
+        """``x @ W_hat^T`` by the format's ``MatMulNBits`` form (:meth:`WeightFormat.matmul_nbits`): its weight
+        inputs as initializers ``{name}.{suffix}`` (float ones in the activation dtype); the 1-bit form also
+        multiplies x by alpha first and adds ``(x @ beta) (* row_scale)``."""
         self.packed_weights += 1
-        if fmt.name == "binary":
-            return self._binary_matmul(x, name, packed, n, k)
-        if fmt.name == "int4":
-            block = fmt.group_size
-            qweight = self.const(f"{name}.qweight", packed["qweight"])
-            zeros = self.const(f"{name}.zeros", packed["zeros"])
-            scales = self.const(f"{name}.scales", packed["scales"].to(self.torch_dtype))
-            inputs, bits = [x, qweight, scales, zeros], 4
-        else:  # int8 per-channel -> 8-bit MatMulNBits, zero point 128 (default), one block scale per row
-            block = _int8_block_size(k)
-            n_blocks = -(-k // block)
-            codes = packed["qweight"].to(torch.int16) + 128
-            if n_blocks * block != k:
-                codes = torch.nn.functional.pad(codes, (0, n_blocks * block - k), value=128)
-            qweight = self.const(f"{name}.qweight_u8", codes.to(torch.uint8).reshape(n, n_blocks, block))
-            scales = self.const(f"{name}.scales",
-                                packed["scales"].to(self.torch_dtype)[:, None].expand(n, n_blocks))
-            inputs, bits = [x, qweight, scales], 8
-        return self.op("MatMulNBits", inputs, domain=MS_DOMAIN, hint=name.replace(".", "_"), K=k, N=n, bits=bits,
-                       block_size=block, accuracy_level=self.opt.accuracy_level)
+        form = fmt.matmul_nbits(packed, n, k)
+        hint = name.replace(".", "_")
+        weights = [self.const(f"{name}.{suffix}", t.to(self.torch_dtype) if t.is_floating_point() else t)
+                   for suffix, t in form.weights.items()]
+        xa = x if form.input_scale is None else self.op(
+            "Mul", [x, self.const(f"{name}.alpha", form.input_scale.to(self.torch_dtype))])
+        y = self.op("MatMulNBits", [xa, *weights], domain=MS_DOMAIN, hint=hint, K=k, N=n, bits=form.bits,
+                    block_size=form.block_size, accuracy_level=self.opt.accuracy_level)
+        if form.column_term is None:
+            return y
+        xb = self.op("MatMul", [x, self.const(f"{name}.beta_col", form.column_term.to(self.torch_dtype)[:, None])])
+        if form.row_scale is not None:
+            xb = self.op("Mul", [xb, self.const(f"{name}.row_scale", form.row_scale.to(self.torch_dtype))])
+        return self.op("Add", [y, xb], hint=hint)
 
     def linear(self, x: str, name: str, n: int, k: int) -> str:
         """``x [..., k] @ W^T (+ bias)`` for the module ``name`` (float ``.weight`` or packed tensors)."""
@@ -292,12 +267,12 @@ class GraphBuilder:
             y = self.op("Transpose", [conv], perm=[0, 2, 1])
         return self.to_act(y), new_state
 
-    def mamba_mixer(self, x: str, layer: int, slot: int, conv_in: str, ssm_in: str) -> tuple[str, str, str]:
+    def mamba_mixer(self, x: str, block: BlockSpec, conv_in: str, ssm_in: str) -> tuple[str, str, str]:
         cfg = self.cfg
         d, di, r, n = cfg.d_model, cfg.d_inner, cfg.dt_rank, cfg.d_state
-        p = f"layers.{layer}.mixer"
-        old_conv = self.op("Gather", [conv_in, self.scalar_i64(slot)], axis=0)            # [b, di, W]
-        old_ssm = self.op("Gather", [ssm_in, self.scalar_i64(slot)], axis=0)              # [b, di, n]
+        p = block.mixer_name
+        old_conv = self.op("Gather", [conv_in, self.scalar_i64(block.slot)], axis=0)      # [b, di, W]
+        old_ssm = self.op("Gather", [ssm_in, self.scalar_i64(block.slot)], axis=0)        # [b, di, n]
         xz = self.linear(x, f"{p}.in_proj", 2 * di, d)
         xs, z = self.op("Split", [xz, self.ints([di, di])], n_out=2, axis=-1)
         xc, new_conv = self.causal_conv(xs, p, old_conv)
@@ -314,11 +289,11 @@ class GraphBuilder:
         self.ops_used[key] = self.ops_used.get(key, 0) + 1
         return self.linear(y, f"{p}.out_proj", d, di), new_conv, new_ssm
 
-    def switch_moe(self, x: str, layer: int, n_experts: int) -> str:
+    def switch_moe(self, x: str, block: BlockSpec) -> str:
         """Top-1 sigmoid-routed experts; every token goes through exactly one expert."""
         cfg = self.cfg
-        d, ffn, rows = cfg.d_model, cfg.ffn_hidden, cfg.fc1_rows
-        p = f"layers.{layer}.mixer"
+        d, ffn, rows, n_experts = cfg.d_model, cfg.ffn_hidden, cfg.fc1_rows, block.n_experts
+        p = block.mixer_name
         x2 = self.op("Reshape", [x, self.ints([-1, d])])                                  # [T, d]
         logits = self.to_float(self.linear(x2, f"{p}.router", n_experts, d))
         probs = self.op("Sigmoid", [logits])
@@ -363,19 +338,17 @@ class GraphBuilder:
         emb = self.const("embedding.weight", self.act_tensor("embedding.weight"))
         h = self.op("Gather", [emb, "input_ids"], axis=0)                                  # [b, L, d]
         residual = None
-        slot = 0
         conv_outs, ssm_outs = [], []
-        for i, (kind, n_experts) in enumerate(cfg.layer_kinds):
+        for block in block_plan(cfg):
             hf = self.to_float(h)
             residual = hf if residual is None else self.op("Add", [residual, hf])
-            x = self.to_act(self.rmsnorm(residual, f"layers.{i}.norm.weight"))
-            if kind == "mamba":
-                h, conv_new, ssm_new = self.mamba_mixer(x, i, slot, "conv_state", "ssm_state")
+            x = self.to_act(self.rmsnorm(residual, f"{block.name}.norm.weight"))
+            if block.is_mamba:
+                h, conv_new, ssm_new = self.mamba_mixer(x, block, "conv_state", "ssm_state")
                 conv_outs.append(self.op("Unsqueeze", [conv_new, self.ints([0])]))
                 ssm_outs.append(self.op("Unsqueeze", [ssm_new, self.ints([0])]))
-                slot += 1
             else:
-                h = self.switch_moe(x, i, n_experts)
+                h = self.switch_moe(x, block)
         residual = self.op("Add", [residual, self.to_float(h)])
         logits = self.head(self.to_act(self.final_norm(residual)))
         self.nodes.append(helper.make_node("Identity", [logits], ["logits"]))

@@ -41,3 +41,8 @@ except ImportError:  # pragma: no cover
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for launch grids and tile counts (host side)."""
+    return -(-int(a) // int(b))

@@ -6,7 +6,7 @@
 
 Three paths, picked by M (:func:`binary_matmul`):
 
-- **word GEMV** (M = 1, and M <= 8 on matrices up to ``WORD_GEMV_MAX_WEIGHTS``; K a multiple of 32): the signs
+- **word GEMV** (M = 1, and a few rows of small matrices: :class:`MatmulPolicy`; K a multiple of 32): the signs
   are read as 32-bit words and each +/-1 product is a sign-bit flip of ``-(x * alpha)`` (shift, and-xor, add; no
   multiply, no int-to-float conversion); one program row per activation row, split-K with atomics.
 - **tile kernel** (other M <= 16, the interpreter, explicit configs): each K tile loads ``x``, scales it by
@@ -16,62 +16,30 @@ Three paths, picked by M (:func:`binary_matmul`):
 - **M > 16 on CUDA**: one Triton dequantization pass to the activation dtype, then cuBLAS (one matrix) or the
   float grouped GEMM of :mod:`qmamba.kernels.quant_matmul` (experts).
 
-Routing as in :mod:`qmamba.kernels.quant_matmul`: ``ROUTE_DENSE`` (one matrix), ``ROUTE_BY_EXPERT`` (decode MoE,
+Routing (:mod:`qmamba.kernels.routing`): ``ROUTE_DENSE`` (one matrix), ``ROUTE_BY_EXPERT`` (decode MoE,
 graph capturable: each row reads only its expert's weights), ``ROUTE_TILES`` (prefill MoE grouped GEMM over
 :func:`expert_tile_map` tiles). A routing weight per row (``row_scale``, the MoE gate) multiplies the result.
 
 Shapes: ``x [M, K]``; stacked weights ``qweight [E, N, ceil(K/8)] uint8``, ``alpha/beta [E, K] fp16``,
-``row_scale [E, N]`` (E = 1 for a plain linear). :func:`binary_moe_forward` is the top-1 MoE on these kernels.
+``row_scale [E, N]`` (E = 1 for a plain linear), in a :class:`qmamba.kernels.weights.BinaryWeight`; tile sizes in
+:mod:`qmamba.kernels.matmul_configs`. :func:`binary_moe_forward` is the top-1 MoE on these kernels.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from qmamba.kernels._triton import jit, tl
-from qmamba.kernels.quant_matmul import (GEMV_MAX_M, ROUTE_BY_EXPERT, ROUTE_DENSE, ROUTE_TILES, ExpertTiles,
-                                         PackedWeight, _sm_count, dense_linear, dequant_matmul, expert_tile_map,
-                                         int32_words, output_buffer)
+from qmamba.kernels._triton import cdiv, jit, tl
+from qmamba.kernels.dequantize import dense_linear
+from qmamba.kernels.matmul_configs import (BINARY_DEQUANT_GEMM_MIN_M, DEFAULT_POLICY, GEMV_MAX_M, BinaryConfig,
+                                           MatmulPolicy, pick_binary_config)
+from qmamba.kernels.quant_matmul import dequant_matmul, output_buffer
+from qmamba.kernels.routing import ROUTE_BY_EXPERT, ROUTE_DENSE, ROUTE_TILES, ExpertTiles, expert_tile_map
+from qmamba.kernels.weights import BinaryWeight, PackedWeight, int32_words
 from qmamba.quant import layout
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-int(a) // int(b))
-
-
-@dataclass
-class BinaryWeight:
-    """A (stacked) binary weight as the kernel reads it: ``qweight [E, N, KB]``, ``alpha/beta [E, K]``,
-    ``row_scale [E, N]`` or None."""
-
-    n: int
-    k: int
-    qweight: Tensor
-    alpha: Tensor
-    beta: Tensor
-    row_scale: Tensor | None = None
-
-    @property
-    def n_experts(self) -> int:
-        return self.qweight.shape[0]
-
-    @classmethod
-    def from_packed(cls, packed: dict, n: int, k: int) -> "BinaryWeight":
-        q = packed["qweight"]
-        lead = tuple(q.shape[:-2])
-        layout.check_binary(q, packed["alpha"], packed["beta"], n, k, packed.get("row_scale"), lead,
-                            "row_scale" in packed)
-        r = packed.get("row_scale")
-        return cls(n, k, q.reshape(-1, n, q.shape[-1]), packed["alpha"].reshape(-1, k),
-                   packed["beta"].reshape(-1, k), None if r is None else r.reshape(-1, n))
-
-    def dequantized(self, dtype=torch.float32) -> Tensor:
-        """``[E, N, K]`` dense."""
-        return layout.dequantize_binary(self.qweight, self.alpha, self.beta, self.k, self.row_scale, dtype)
 
 
 # ---- reference twin --------------------------------------------------------------------------------------------
@@ -253,71 +221,23 @@ def dequantize_binary_triton(weight: "BinaryWeight", dtype=torch.bfloat16) -> Te
     out = torch.empty(e, n, k, device=q.device, dtype=dtype)
     block_r, block_k = (32, 128) if q.is_cuda else (16, 64)
     r = weight.row_scale
-    _dequantize_binary_kernel[(_cdiv(e * n, block_r), _cdiv(k, block_k))](
+    _dequantize_binary_kernel[(cdiv(e * n, block_r), cdiv(k, block_k))](
         q, weight.alpha.contiguous(), weight.beta.contiguous(), r.reshape(-1) if r is not None else q, out, e * n,
         n, k, q.shape[1], q.stride(0), HAS_ROW=r is not None, BLOCK_R=block_r, BLOCK_K=block_k,
         num_warps=4 if q.is_cuda else 1)
     return out
 
 
-@dataclass(frozen=True)
-class BinaryConfig:
-    """Tiles; for the M = 1 word kernel ``block_k`` is the columns per iteration (32 per word) and ``split_k`` the
-    number of K slices accumulated with atomics (the other kernels take ``split_k = 1``)."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int = 4
-    num_stages: int = 3
-    split_k: int = 1
-
-
-BINARY_WORD_GEMV = True  # M = 1: the 32-bit-word kernel (sign-bit flips, no multiplies); False: the tile kernel
-
-
-# the word kernel reads the weights once per row: beyond M = 1 only for a few rows of a small matrix (H200: at M = 4
-# 1.5-3x faster than the tile kernel on the BlackMamba-2.8B shapes, at M = 16 slower on most of them)
-WORD_GEMV_MAX_ROWS = 8
-WORD_GEMV_MAX_WEIGHTS = 1 << 24  # N * K
-DEQUANT_GEMM_MIN_M = GEMV_MAX_M + 1  # CUDA, M above this: one dequantization pass + cuBLAS / the float GEMM
-
-
-def _word_gemv_fits(m: int, weight: BinaryWeight) -> bool:
-    return BINARY_WORD_GEMV and (m == 1 or (m <= WORD_GEMV_MAX_ROWS and weight.n * weight.k <= WORD_GEMV_MAX_WEIGHTS))
-
-
-def pick_binary_config(m: int, weight: BinaryWeight, device) -> BinaryConfig:
-    """The word GEMV (M = 1, and small matrices up to ``WORD_GEMV_MAX_ROWS`` rows), small-M tensor-core tiles
-    (M <= 16) or GEMM tiles; few big programs on the interpreter."""
-    if device.type != "cuda":
-        if _word_gemv_fits(m, weight):
-            return BinaryConfig(1, 32, 64, 1, 1)
-        return BinaryConfig(1 if m == 1 else (16 if m <= GEMV_MAX_M else 32), 32, 64, 1, 1)
-    if _word_gemv_fits(m, weight):  # word kernel: H200 sweep, benchmarks/results_tables_h200.md
-        n, words = weight.n, _cdiv(weight.k, 32)
-        bn, wpi = (256 if n >= 8192 else 64), 8
-        programs, iters = m * _cdiv(n, bn), _cdiv(words, wpi)
-        split = 1
-        while programs * split < 2 * _sm_count(device) and split < 4 and split * 2 <= iters:
-            split *= 2
-        return BinaryConfig(1, bn, 32 * wpi, 4, 3, split)
-    if m == 1:
-        return BinaryConfig(1, 32, 256, 4, 3)
-    if m <= GEMV_MAX_M:
-        return BinaryConfig(16, 64, 128, 4, 3)
-    return BinaryConfig(64 if m <= 128 else 128, 128, 64, 8 if m > 128 else 4, 3)
-
-
 def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, row_scale=None,
-                  tiles: ExpertTiles | None = None, config: BinaryConfig | None = None, out=None) -> Tensor:
+                  tiles: ExpertTiles | None = None, config: BinaryConfig | None = None, out=None,
+                  policy: MatmulPolicy = DEFAULT_POLICY) -> Tensor:
     """``x [M, K]`` -> ``[M, N]`` in x.dtype, semantics of :func:`binary_matmul_ref` (routing as ``dequant_matmul``).
 
     Paths: the word GEMV (M = 1, or M <= 8 on small matrices; split-K), the tile kernel (other M <= 16, and
     everywhere on the interpreter or with an explicit ``config``), and on CUDA above 16 rows one Triton
     dequantization pass followed by cuBLAS (one matrix) or the float grouped GEMM (experts).
     ``out`` (optional ``[M, N]``) receives the result as is: with split-K it must be float32 and zeroed; otherwise
-    any float dtype."""
+    any float dtype. ``policy``: which kernel paths may be taken (:class:`MatmulPolicy`)."""
     if x.dim() != 2 or x.shape[1] != weight.k:
         raise ValueError(f"binary matmul: x must be [M, {weight.k}], got {tuple(x.shape)}")
     m = x.shape[0]
@@ -327,17 +247,18 @@ def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, r
         route = ROUTE_DENSE
     else:
         route = ROUTE_TILES if tiles is not None else ROUTE_BY_EXPERT
-    if (x.is_cuda and m >= DEQUANT_GEMM_MIN_M and config is None and out is None and x.dtype != torch.float32):
+    if (x.is_cuda and m >= BINARY_DEQUANT_GEMM_MIN_M and config is None and out is None and x.dtype != torch.float32):
         dense = dequantize_binary_triton(weight, x.dtype)
         if route == ROUTE_DENSE:
             return dense_linear(x, dense[0], bias, row_scale)
         return dequant_matmul(x, PackedWeight.from_float(dense), bias, row_expert=row_expert, row_scale=row_scale,
                               tiles=tiles)
-    cfg = config or pick_binary_config(m, weight, x.device)
+    cfg = config or pick_binary_config(m, weight, x.device, policy)
     if cfg.block_k % 8:
         raise ValueError("binary matmul: BLOCK_K must be a multiple of 8")
     words = None
-    if m <= GEMV_MAX_M and route != ROUTE_TILES and cfg.block_m == 1 and BINARY_WORD_GEMV and cfg.block_k % 32 == 0:
+    if (m <= GEMV_MAX_M and route != ROUTE_TILES and cfg.block_m == 1 and policy.binary_word_gemv
+            and cfg.block_k % 32 == 0):
         words = int32_words(weight.qweight)
     if words is None:
         cfg = BinaryConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)  # no split-K
@@ -355,7 +276,7 @@ def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, r
     q, a, b, r = weight.qweight, weight.alpha, weight.beta, weight.row_scale
     dummy = x
     if words is not None:
-        _binary_gemv_kernel[(m, _cdiv(weight.n, cfg.block_n), cfg.split_k)](
+        _binary_gemv_kernel[(m, cdiv(weight.n, cfg.block_n), cfg.split_k)](
             x, out, words, a, b, r if r is not None else a, bias if bias is not None else dummy,
             row_scale if row_scale is not None else dummy, row_expert if row_expert is not None else dummy,
             weight.n, weight.k, words.shape[-1], x.stride(0), x.stride(1), out.stride(0), out.stride(1),
@@ -364,9 +285,9 @@ def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, r
             HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None, ATOMIC=atomic, BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out.to(x.dtype) if convert else out
-    grid_m = {ROUTE_DENSE: lambda: _cdiv(m, cfg.block_m), ROUTE_BY_EXPERT: lambda: weight.n_experts,
+    grid_m = {ROUTE_DENSE: lambda: cdiv(m, cfg.block_m), ROUTE_BY_EXPERT: lambda: weight.n_experts,
               ROUTE_TILES: lambda: tiles.n_tiles}[route]()
-    _binary_matmul_kernel[(grid_m, _cdiv(weight.n, cfg.block_n))](
+    _binary_matmul_kernel[(grid_m, cdiv(weight.n, cfg.block_n))](
         x, out, q, a, b, r if r is not None else a, bias if bias is not None else dummy,
         row_scale if row_scale is not None else dummy, row_expert if row_expert is not None else dummy,
         *(tiles.tensors() if tiles is not None else (dummy, dummy, dummy, dummy)),
@@ -404,7 +325,7 @@ def binary_linear(x: Tensor, packed: dict, n: int, k: int, bias=None) -> Tensor:
 
 # ---- MoE -------------------------------------------------------------------------------------------------------
 def _routed(x, w, row_expert, row_scale, tiles):
-    """One routed matmul with whichever kernel holds ``w`` (BinaryWeight or quant_matmul.PackedWeight)."""
+    """One routed matmul with whichever kernel holds ``w`` (BinaryWeight or PackedWeight)."""
     if isinstance(w, BinaryWeight):
         return binary_matmul(x, w, row_expert=row_expert, row_scale=row_scale, tiles=tiles)
     return dequant_matmul(x, w, row_expert=row_expert, row_scale=row_scale, tiles=tiles)
@@ -423,25 +344,3 @@ def binary_moe_forward(x: Tensor, router_w: Tensor, router_b, fc1, fc2, activati
         tiles = expert_tile_map(idx, fc1.n_experts, block_m or (32 if x.device.type != "cuda" else 64))
     h = _routed(x, fc1, idx, None, tiles)
     return _routed(gated_act(h, activation, gated), fc2, idx, weight, tiles)
-
-
-def experts_kernel_weight(experts, name: str):
-    """Kernel view of ``experts.fc1``/``fc2``: :class:`BinaryWeight` for binary, ``PackedWeight`` otherwise."""
-    w = getattr(experts, name)
-    if isinstance(w, torch.Tensor):
-        return PackedWeight.from_float(w)
-    if w.fmt.name == "binary":
-        return BinaryWeight.from_packed(w.packed(), w.n, w.k)
-    return PackedWeight.from_packed(w.fmt.name, w.packed(), w.n, w.k)
-
-
-def switch_moe_binary(moe, h: Tensor) -> Tensor:
-    """:class:`qmamba.moe.SwitchMoE` forward with binary experts on the kernels: ``h [..., d]`` -> ``[..., d]``."""
-    shape = h.shape
-    x = h.reshape(-1, shape[-1])
-    from qmamba.kernels.triton_ops import router_weight
-
-    experts, router = moe.experts, moe.router
-    out = binary_moe_forward(x, router_weight(router, x.dtype), router.bias, experts_kernel_weight(experts, "fc1"),
-                             experts_kernel_weight(experts, "fc2"), experts.activation, experts.gated)
-    return out.reshape(shape)

@@ -3,7 +3,7 @@ so ``torch.compile`` and other tracers see opaque ops with known output shapes i
 
 Ops are pure (they allocate their outputs). The in-place variants used by the captured decode step call the
 launchers directly (see :mod:`qmamba.kernels.decode_step`). Weights travel as their layout tensors plus the format
-id of :mod:`qmamba.kernels.quant_matmul` (0 float, 1 int8, 2 int4).
+id of :mod:`qmamba.kernels.weights` (0 float, 1 int8, 2 int4).
 """
 
 from __future__ import annotations
@@ -17,16 +17,18 @@ from qmamba.kernels import causal_conv1d as _conv
 from qmamba.kernels import fused_moe as _moe
 from qmamba.kernels import quant_matmul as _qmm
 from qmamba.kernels import selective_scan as _scan
+from qmamba.kernels.weights import FMT_FLOAT, FMT_INT8, PackedWeight
 
 
 def packed_weight(fmt: int, n: int, k: int, qweight: Tensor, scales: Optional[Tensor],
-                  zeros: Optional[Tensor]) -> "_qmm.PackedWeight":
+                  zeros: Optional[Tensor]) -> PackedWeight:
     """Rebuild the kernel's weight description from an op's flat arguments."""
-    if fmt == _qmm.FMT_FLOAT:
-        return _qmm.PackedWeight.from_float(qweight)
-    if fmt == _qmm.FMT_INT8:
-        return _qmm.PackedWeight.from_packed("int8", {"qweight": qweight, "scales": scales}, n, k)
-    return _qmm.PackedWeight.from_packed("int4", {"qweight": qweight, "scales": scales, "zeros": zeros}, n, k)
+    if fmt == FMT_FLOAT:
+        return PackedWeight.from_float(qweight)
+    if fmt == FMT_INT8:
+        return PackedWeight.from_int8({"qweight": qweight, "scales": scales}, n, k)
+    group_size = qweight.shape[-1] * 2  # the op's flat arguments carry the layout tensors, [..., n_blocks, g / 2]
+    return PackedWeight.from_int4({"qweight": qweight, "scales": scales, "zeros": zeros}, n, k, group_size)
 
 
 # ---- selective scan / conv -------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from qmamba.kernels._triton import HAS_TRITON, jit, next_pow2, tl
 from qmamba.kernels.fused_moe import ACTIVATION_IDS, activate, gated_act_ref
-from qmamba.kernels.quant_matmul import FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT8, PackedWeight, int32_words
+from qmamba.kernels.weights import FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT8, PackedWeight, int32_words
 from qmamba.quant.layout import INT4_TILE, INT4_TILE_WORDS
 
 MAX_ROWS = 8

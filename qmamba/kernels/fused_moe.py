@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from qmamba.kernels._triton import jit, next_pow2, tl
-from qmamba.kernels.quant_matmul import (GEMV_MAX_M, PackedWeight, dequant_matmul, dequant_matmul_ref,
-                                         expert_tile_map, pick_config)
+from qmamba.kernels.matmul_configs import GEMV_MAX_M, pick_config
+from qmamba.kernels.quant_matmul import dequant_matmul, dequant_matmul_ref
+from qmamba.kernels.routing import expert_tile_map
+from qmamba.kernels.weights import PackedWeight
 
 ACTIVATION_IDS = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "relu": 3}
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from qmamba.kernels import custom_ops
-from qmamba.kernels.quant_matmul import FMT_FLOAT, FMT_INT4, FMT_INT8
+from qmamba.kernels.weights import BinaryWeight, PackedWeight
 
 
 # ---- sequence ops (same signatures as the *_ref functions) ------------------------------------------------------------
@@ -39,39 +39,31 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation="silu"):
     return custom_ops.causal_conv1d_update(x, conv_state, weight, bias, _silu_flag(activation))
 
 
-# ---- weights -----------------------------------------------------------------------------------------------------------
-def format_id(fmt) -> int:
-    """Kernel format id of a :class:`qmamba.quant.formats.WeightFormat` (None = float weight)."""
-    if fmt is None:
-        return FMT_FLOAT
-    name = getattr(fmt, "name", None)
-    if name == "int8":
-        return FMT_INT8
-    if name == "int4":
-        return FMT_INT4
-    raise ValueError(f"the Triton backend has no kernel for weight format {name!r}")
-
-
+# ---- weights: each format gives its kernel record (fmt.kernel_weight); the record's type picks the kernel --------------
 def quant_linear(x: torch.Tensor, fmt, packed: dict, n: int, k: int, bias=None) -> torch.Tensor:
     """``x [..., K] @ W_hat^T (+ bias)`` -> ``[..., N]`` for a packed weight ``packed`` of format ``fmt``."""
-    if getattr(fmt, "name", None) == "binary":  # 1-bit: its own kernel (kernels/binary_matmul.py)
+    weight = fmt.kernel_weight(packed, n, k)
+    if isinstance(weight, BinaryWeight):  # 1-bit: its own kernel (kernels/binary_matmul.py)
         from qmamba.kernels.binary_matmul import binary_linear
 
         return binary_linear(x, packed, n, k, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
-    y = custom_ops.dequant_matmul(x2, format_id(fmt), n, k, packed["qweight"], packed.get("scales"),
+    y = custom_ops.dequant_matmul(x2, weight.fmt, n, k, packed["qweight"], packed.get("scales"),
                                   packed.get("zeros"), bias)
     return y.reshape(*lead, n)
 
 
-def expert_weight_args(experts: nn.Module, name: str):
-    """``(fmt_id, n, qweight, scales, zeros)`` of ``experts.fc1``/``fc2`` (a ``StackedExperts`` or ``QuantExperts``)."""
+def experts_kernel_weight(experts: nn.Module, name: str) -> PackedWeight | BinaryWeight:
+    """The kernel record of ``experts.fc1``/``fc2``: a float stack (``nn.Parameter [E, N, K]``) or a packed one
+    (``PackedExpertWeight``, whose format gives the record)."""
     w = getattr(experts, name)
-    if isinstance(w, nn.Parameter) or isinstance(w, torch.Tensor):
-        return FMT_FLOAT, w.shape[1], w, None, None
-    packed = w.packed()
-    return format_id(w.fmt), w.n, packed["qweight"], packed.get("scales"), packed.get("zeros")
+    return PackedWeight.from_float(w) if isinstance(w, torch.Tensor) else w.kernel_weight()
+
+
+def _op_args(weight: PackedWeight):
+    """``(fmt_id, n, qweight, scales, zeros)``: a stacked record as the ``qmamba::moe_forward`` op's arguments."""
+    return weight.fmt, weight.n, weight.qweight, weight.scales, weight.zeros
 
 
 def router_weight(router: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -90,14 +82,16 @@ def moe_route(moe: nn.Module, x: torch.Tensor):
 
 def switch_moe(moe: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """:class:`qmamba.moe.SwitchMoE` forward on the fused kernels: ``h [..., d]`` -> ``[..., d]``."""
-    experts = moe.experts
-    if any(getattr(getattr(getattr(experts, w), "fmt", None), "name", None) == "binary" for w in ("fc1", "fc2")):
-        from qmamba.kernels.binary_matmul import switch_moe_binary
-
-        return switch_moe_binary(moe, h)
+    experts, router = moe.experts, moe.router
+    fc1, fc2 = experts_kernel_weight(experts, "fc1"), experts_kernel_weight(experts, "fc2")
     shape = h.shape
     x = h.reshape(-1, shape[-1])
-    f1, f2 = expert_weight_args(experts, "fc1"), expert_weight_args(experts, "fc2")
-    router = moe.router
-    out = custom_ops.moe_forward(x, router_weight(router, x.dtype), router.bias, *f1, *f2, experts.activation, experts.gated)
+    router_w = router_weight(router, x.dtype)
+    if isinstance(fc1, BinaryWeight) or isinstance(fc2, BinaryWeight):  # 1-bit experts: kernels/binary_matmul.py
+        from qmamba.kernels.binary_matmul import binary_moe_forward
+
+        out = binary_moe_forward(x, router_w, router.bias, fc1, fc2, experts.activation, experts.gated)
+    else:
+        out = custom_ops.moe_forward(x, router_w, router.bias, *_op_args(fc1), *_op_args(fc2), experts.activation,
+                                     experts.gated)
     return out.reshape(shape)

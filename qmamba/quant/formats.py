@@ -1,4 +1,5 @@
-"""Weight formats: a small registry of serializable format configs, one dataclass per format.
+"""Weight formats: a small registry of serializable format configs, one dataclass per format, each knowing its
+packing, its kernel weight record and its ONNX form.
 
 A format turns a dense weight ``W [..., N, K]`` (``nn.Linear`` orientation; stacked experts add leading dims) into
 the packed tensors of :mod:`qmamba.quant.layout` and back. Algorithms (RTN, GPTQ, AWQ in ``qmamba.calib``) work on
@@ -13,18 +14,27 @@ a *grouped* view that is the same for every format:
 Scales are rounded to fp16 *before* the codes are computed, so ``dequantize_codes`` equals the dequantized packed
 tensors bit for bit. Formats registered: ``int8`` (per-output-channel symmetric, one group = the whole row),
 ``int4`` (group-wise along K, asymmetric with zero points by default, symmetric = zero point 8) and ``binary``
-(1 bit, Bi-Mamba form; its params are per input column, see :class:`BinaryFormat`). The modules that hold packed
-weights are in :mod:`qmamba.quant.modules`; this file imports nothing above the layouts (and the PTB statistics of
-:mod:`qmamba.quant.binarize`).
+(1 bit, Bi-Mamba form; its params are per input column, see :class:`BinaryFormat`).
+
+Beside the packing, each format gives
+
+    fmt.kernel_weight(packed, n, k)          # the record the Triton matmuls read (qmamba.kernels.weights),
+                                             # carrying the int4 group size
+    fmt.matmul_nbits(packed, n, k)           # its ONNX Runtime MatMulNBits form (MatMulNBitsForm), for the export
+
+so no caller asks a format its name. The modules that hold packed weights are in :mod:`qmamba.quant.modules`; this
+file imports nothing above the layouts (and the PTB statistics of :mod:`qmamba.quant.binarize`; the kernel
+records, lazily).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from qmamba.errors import ConfigError
 from qmamba.quant import layout
@@ -103,6 +113,21 @@ class WeightFormat:
         """``x [..., K] @ W_hat^T`` from :meth:`reference_operands` (of one matrix)."""
         return torch.nn.functional.linear(x, operands["weight"])
 
+    # ---- kernel record and ONNX form -----------------------------------------------------------------
+    def kernel_weight(self, packed: dict, n: int, k: int):
+        """The record the Triton matmuls read for one matrix ``[N, ...]`` or a stack ``[E, N, ...]``."""
+        raise NotImplementedError(f"the Triton backend has no kernel for weight format {self.name!r}")
+
+    def matmul_nbits(self, packed: dict, n: int, k: int) -> "MatMulNBitsForm":
+        """One matrix as ONNX Runtime's ``MatMulNBits`` (see :class:`MatMulNBitsForm`)."""
+        raise NotImplementedError(f"weight format {self.name!r} has no ONNX form")
+
+    @property
+    def has_onnx_form(self) -> bool:
+        """Whether this registered format defines its own ``MatMulNBits`` form (a format registered by subclassing
+        another does not inherit it: its tensors may mean something else)."""
+        return "matmul_nbits" in type(self).__dict__
+
     # ---- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"format": self.name, **dataclasses.asdict(self)}
@@ -152,6 +177,22 @@ class Int8Format(WeightFormat):
     def unpack(self, packed: dict, k: int):
         """Packed -> ``(q, scale [..., N, 1], None)``: the inverse of :meth:`from_codes`."""
         return packed["qweight"], packed["scales"].float()[..., None], None
+
+    def kernel_weight(self, packed: dict, n: int, k: int):
+        from qmamba.kernels.weights import PackedWeight
+
+        return PackedWeight.from_int8(packed, n, k)
+
+    def matmul_nbits(self, packed: dict, n: int, k: int) -> "MatMulNBitsForm":
+        """8-bit ``MatMulNBits`` with codes ``q + 128`` (default zero point 128), K padded to whole blocks with code
+        128 (exactly 0) and the row scale repeated per block: exact."""
+        block = matmul_nbits_block(k)
+        n_blocks = -(-k // block)
+        codes = packed["qweight"].to(torch.int16) + 128
+        if n_blocks * block != k:
+            codes = F.pad(codes, (0, n_blocks * block - k), value=128)
+        return MatMulNBitsForm(8, block, {"qweight_u8": codes.to(torch.uint8).reshape(n, n_blocks, block),
+                                          "scales": packed["scales"][:, None].expand(n, n_blocks)})
 
     def to_dict(self) -> dict:
         return {"format": "int8", "bits": 8}
@@ -228,6 +269,15 @@ class Int4Format(WeightFormat):
         q, z = layout.unpack_int4(packed["qweight"], packed["zeros"], k)
         return q, packed["scales"].float(), z.float()
 
+    def kernel_weight(self, packed: dict, n: int, k: int):
+        from qmamba.kernels.weights import PackedWeight
+
+        return PackedWeight.from_int4(packed, n, k, self.group_size)
+
+    def matmul_nbits(self, packed: dict, n: int, k: int) -> "MatMulNBitsForm":
+        """4-bit ``MatMulNBits``, block = the group: the packed tensors unchanged (the layout *is* MatMulNBits')."""
+        return MatMulNBitsForm(4, self.group_size, {key: packed[key] for key in ("qweight", "scales", "zeros")})
+
     def describe(self) -> str:
         return f"int4-g{self.group_size}{'-sym' if self.symmetric else ''}"
 
@@ -295,6 +345,19 @@ class BinaryFormat(WeightFormat):
     def to_dict(self) -> dict:
         return {"format": "binary", "bits": 1, "row_scale": self.row_scale}
 
+    def kernel_weight(self, packed: dict, n: int, k: int):
+        from qmamba.kernels.weights import BinaryWeight
+
+        return BinaryWeight.from_packed(packed, n, k)
+
+    def matmul_nbits(self, packed: dict, n: int, k: int) -> "MatMulNBitsForm":
+        """``MatMulNBits(bits=2)(x * alpha)`` (+/-1 exact, the row scale as the block scales) ``+ (x @ beta)``
+        (``* row_scale``); see :func:`binary_as_matmul_nbits`."""
+        block = matmul_nbits_block(k)
+        codes, scales = binary_as_matmul_nbits(packed, k, block)
+        return MatMulNBitsForm(2, block, {"qweight_u2": codes, "scales_b": scales}, input_scale=packed["alpha"],
+                               column_term=packed["beta"], row_scale=packed.get("row_scale"))
+
     def describe(self) -> str:
         return "binary-rowscale" if self.row_scale else "binary"
 
@@ -322,6 +385,52 @@ def binary_apply(x: torch.Tensor, ops: dict) -> torch.Tensor:
     if "row_scale" in ops:
         y = y * ops["row_scale"]
     return y
+
+
+def binary_as_matmul_nbits(packed: dict, k: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The +/-1 part of one binary matrix as an exact 2-bit ``MatMulNBits`` weight (ONNX Runtime layout).
+
+    Codes ``q = 1 + 2 * bit`` (1 -> -1, 3 -> +1 against the default zero point 2), four per byte along K, low bits
+    first, K padded to whole blocks with code 2 (exactly 0); scales are ``row_scale[n]`` per block (1 without the
+    variant). Returns ``(qweight [N, n_blocks, block_size // 4] uint8, scales [N, n_blocks] float32)``; the caller
+    multiplies the activation by ``alpha`` first and adds ``(x . beta) (* row_scale)``.
+    """
+    bits = layout.unpack_signs(packed["qweight"], k)
+    n = bits.shape[0]
+    n_blocks = -(-k // block_size)
+    codes = 1 + 2 * bits.to(torch.int32)
+    if n_blocks * block_size != k:
+        codes = F.pad(codes, (0, n_blocks * block_size - k), value=2)
+    codes = codes.reshape(n, n_blocks * block_size // 4, 4)
+    byte = codes[..., 0] | (codes[..., 1] << 2) | (codes[..., 2] << 4) | (codes[..., 3] << 6)
+    row = packed["row_scale"].float() if "row_scale" in packed else torch.ones(n)
+    return byte.to(torch.uint8).reshape(n, n_blocks, block_size // 4), row[:, None].expand(n, n_blocks).contiguous()
+
+
+# ---- the ONNX form -------------------------------------------------------------------------------------------------
+@dataclass
+class MatMulNBitsForm:
+    """One packed matrix as ONNX Runtime's ``com.microsoft.MatMulNBits``: ``bits``, ``block_size`` and its weight
+    inputs after the activation, in order, by initializer suffix (``qweight*``, ``scales*`` and, for int4,
+    ``zeros``; float tensors are cast to the activation dtype by the export). The 1-bit form is factored: the
+    activation is multiplied by ``input_scale`` (alpha) first, and ``x @ column_term`` (beta; ``* row_scale``) is
+    added to the product."""
+
+    bits: int
+    block_size: int
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    input_scale: torch.Tensor | None = None
+    column_term: torch.Tensor | None = None
+    row_scale: torch.Tensor | None = None
+
+
+def matmul_nbits_block(k: int) -> int:
+    """``MatMulNBits`` block size for a row-wise format (int8, binary): the largest of 128/64/32/16 dividing ``k``,
+    else 16 with K padded by zero codes."""
+    for block in (128, 64, 32, 16):
+        if k % block == 0:
+            return block
+    return 16
 
 
 def is_binary(fmt) -> bool:

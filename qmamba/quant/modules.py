@@ -119,6 +119,10 @@ class QuantLinear(_KeepsPackedDtypes):
     def packed(self) -> dict:
         return _packed(self, self.fmt)
 
+    def kernel_weight(self):
+        """The record the Triton matmuls read (:meth:`WeightFormat.kernel_weight` of this module's tensors)."""
+        return self.fmt.kernel_weight(self.packed(), self.out_features, self.in_features)
+
     @property
     def _k(self) -> int:
         return self.in_features
@@ -162,6 +166,10 @@ class PackedExpertWeight(_KeepsPackedDtypes):
     def packed(self, expert: int | None = None) -> dict:
         p = _packed(self, self.fmt)
         return p if expert is None else {name: t[expert] for name, t in p.items()}
+
+    def kernel_weight(self):
+        """The record of the whole stack the Triton matmuls read (:meth:`WeightFormat.kernel_weight`)."""
+        return self.fmt.kernel_weight(self.packed(), self.n, self.k)
 
     @property
     def _k(self) -> int:

@@ -195,8 +195,8 @@ def test_layer_rules_flag_bad_edges():
 @pytest.fixture(scope="module")
 def graph():
     g = import_graph()
-    assert {"qmamba.model", "qmamba.kernels.quant_matmul", "qmamba.calib.pipeline"} <= set(g)
-    assert "qmamba.quant.layout" in g["qmamba.kernels.quant_matmul"]  # the reader sees the real edges
+    assert {"qmamba.model", "qmamba.kernels.weights", "qmamba.calib.pipeline"} <= set(g)
+    assert "qmamba.quant.layout" in g["qmamba.kernels.weights"]  # the reader sees the real edges
     return g
 
 

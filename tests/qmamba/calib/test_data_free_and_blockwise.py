@@ -134,9 +134,9 @@ def test_blockwise_walk_matches_the_float32_model(bf16_source, method, monkeypat
     real_mamba, real_moe = pipeline.Calibrator._mamba_block, pipeline.Calibrator._moe_block
 
     def spy(real):
-        def wrapped(self, i, block, residual):
-            seen.append((i, [b.norm.weight.dtype for b in self.model.layers]))
-            return real(self, i, block, residual)
+        def wrapped(self, block, residual):
+            seen.append((block.index, [b.norm.weight.dtype for b in self.model.layers]))
+            return real(self, block, residual)
         return wrapped
 
     monkeypatch.setattr(pipeline.Calibrator, "_mamba_block", spy(real_mamba))

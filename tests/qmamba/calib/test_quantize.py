@@ -63,10 +63,10 @@ def test_awq_fold_exactness_direct(tiny_checkpoint):
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     ref = model(ids)
     torch.manual_seed(0)
-    for i, block in enumerate(model.layers):
+    for block in model.blocks:
         s = torch.exp(torch.randn(model.config.d_model) * 0.5)
         block.norm.weight.data /= s
-        if block.kind == "mamba":
+        if block.is_mamba:
             block.mixer.in_proj.weight.data *= s
         else:
             block.mixer.router.weight.data *= s

@@ -38,9 +38,9 @@ def rtn_quantized(cfg, state_dict, kind: str, group_size: int = 32, head: bool =
     model = torch_model(cfg, state_dict)
     fmt = make_format(kind, group_size)
     entries = {}
-    for i, (kind_i, _) in enumerate(cfg.layer_kinds):
-        mixer = model.layers[i].mixer
-        if kind_i == "mamba":
+    for block in model.blocks:
+        mixer, i = block.mixer, block.index
+        if block.is_mamba:
             names = ["in_proj", "out_proj"] + (["x_proj", "dt_proj"] if xdt else [])
             for leaf in names:
                 setattr(mixer, leaf, QuantLinear.from_linear(getattr(mixer, leaf), fmt))

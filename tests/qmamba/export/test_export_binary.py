@@ -37,9 +37,9 @@ def binarized(row_scale: bool):
     model = torch_model(cfg, sd)
     fmt = BinaryFormat(row_scale)
     entries = {}
-    for i, (kind, _) in enumerate(cfg.layer_kinds):
-        mixer = model.layers[i].mixer
-        if kind == "mamba":
+    for block in model.blocks:
+        mixer, i = block.mixer, block.index
+        if block.is_mamba:
             for leaf in ("in_proj", "x_proj", "dt_proj", "out_proj"):  # dt_proj: K = 4, a padded 2-bit block
                 setattr(mixer, leaf, BinaryLinear.from_linear(getattr(mixer, leaf), fmt))
                 entries[f"layers.{i}.mixer.{leaf}"] = fmt.to_dict()

@@ -6,8 +6,10 @@ with int4 fc2) against the PyTorch SwitchMoE, and a whole binarized model on the
 import pytest
 import torch
 
-from qmamba.kernels.binary_matmul import (BinaryConfig, BinaryWeight, binary_linear, binary_matmul,
-                                          binary_matmul_ref, binary_moe_forward, experts_kernel_weight)
+from qmamba.kernels.binary_matmul import binary_linear, binary_matmul, binary_matmul_ref, binary_moe_forward
+from qmamba.kernels.matmul_configs import BinaryConfig, MatmulPolicy, pick_binary_config
+from qmamba.kernels.triton_ops import experts_kernel_weight
+from qmamba.kernels.weights import BinaryWeight
 from qmamba.quant.binary import BinaryExperts, BinaryFormat
 from qmamba.quant.formats import Int4Format
 
@@ -78,8 +80,7 @@ def test_routed_rows(fmt, m, device):
 def test_word_gemv_configs(fmt, n, k, device):
     """The M = 1 word kernel (K a multiple of 32): words per iteration, BLOCK_N and split-K (atomics into a zeroed
     float32 ``out``) over a partial last word-block, with bias; the tile kernel (word kernel off) agrees."""
-    from qmamba.kernels import binary_matmul as bm
-    from qmamba.kernels.quant_matmul import int32_words
+    from qmamba.kernels.weights import int32_words
 
     packed, w = make_weight(fmt, n, k, device, seed=4)
     assert int32_words(w.qweight) is not None
@@ -95,11 +96,7 @@ def test_word_gemv_configs(fmt, n, k, device):
     with pytest.raises(ValueError, match="zeroed float32"):
         binary_matmul(x.half(), w, config=BinaryConfig(1, 32, 32, 1, 1, 2), out=torch.zeros(1, n, device=device,
                                                                                               dtype=torch.half))
-    bm.BINARY_WORD_GEMV = False
-    try:
-        close(binary_matmul(x, w, bias), ref, torch.float32)
-    finally:
-        bm.BINARY_WORD_GEMV = True
+    close(binary_matmul(x, w, bias, policy=MatmulPolicy(binary_word_gemv=False)), ref, torch.float32)
 
 
 @pytest.mark.parametrize("m", [1, 5])
@@ -120,20 +117,14 @@ def test_word_gemv_routed(m, split, device):
 
 def test_word_gemv_several_rows_dense(device):
     """M = 5 on a small matrix takes the word kernel by default; a big one (N * K over the limit) the tile kernel."""
-    from qmamba.kernels import binary_matmul as bm
-
     _, w = make_weight(BinaryFormat(), 48, 96, device, seed=7)
-    assert bm.pick_binary_config(5, w, torch.device(device)).block_m == 1
+    assert pick_binary_config(5, w, torch.device(device)).block_m == 1
     x = torch.randn(5, 96, device=device)
     close(binary_matmul(x, w), x @ w.dequantized()[0].t(), torch.float32)
-    limit = bm.WORD_GEMV_MAX_WEIGHTS
-    bm.WORD_GEMV_MAX_WEIGHTS = 48 * 96 - 1
-    try:
-        assert bm.pick_binary_config(5, w, torch.device(device)).block_m > 1
-        assert bm.pick_binary_config(1, w, torch.device(device)).block_m == 1  # M = 1 always
-        close(binary_matmul(x, w), x @ w.dequantized()[0].t(), torch.float32)
-    finally:
-        bm.WORD_GEMV_MAX_WEIGHTS = limit
+    small = MatmulPolicy(word_gemv_max_weights=48 * 96 - 1)
+    assert pick_binary_config(5, w, torch.device(device), small).block_m > 1
+    assert pick_binary_config(1, w, torch.device(device), small).block_m == 1  # M = 1 always
+    close(binary_matmul(x, w, policy=small), x @ w.dequantized()[0].t(), torch.float32)
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
@@ -216,9 +207,9 @@ def test_binarized_model_triton_equals_reference(device):
     float_sd = model.state_dict()
     fmt = BinaryFormat()
     entries = {}
-    for i, (kind, _) in enumerate(cfg.layer_kinds):
-        leaves = ("in_proj", "out_proj") if kind == "mamba" else ("experts.fc1", "experts.fc2")
-        entries.update({f"layers.{i}.mixer.{leaf}": fmt.to_dict() for leaf in leaves})
+    for block in model.blocks:
+        leaves = ("in_proj", "out_proj") if block.is_mamba else ("experts.fc1", "experts.fc2")
+        entries.update({f"{block.mixer_name}.{leaf}": fmt.to_dict() for leaf in leaves})
     swap_quantized_modules(model, entries)
     sd = {}
     for name, t in float_sd.items():

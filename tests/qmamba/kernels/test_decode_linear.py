@@ -8,7 +8,8 @@ import torch
 from qmamba.kernels.causal_conv1d import causal_conv1d_update_ref
 from qmamba.kernels.decode_linear import DecodePolicy, decode_linear, decode_linear_ref
 from qmamba.kernels.fused_moe import gated_act_ref
-from qmamba.kernels.quant_matmul import PackedWeight, dequant_matmul_ref
+from qmamba.kernels.quant_matmul import dequant_matmul_ref
+from qmamba.kernels.weights import PackedWeight
 from qmamba.quant.formats import Int4Format, Int8Format
 
 FORMATS = {"float": None, "int8": Int8Format(), "int4g32": Int4Format(32), "int4g128": Int4Format(128),
@@ -21,7 +22,7 @@ def make_weight(fmt, n, k, device, experts=None, seed=0):
     w = torch.randn(*lead, n, k, generator=g) / k ** 0.5
     if fmt is None:
         return PackedWeight.from_float(w.to(device))
-    return PackedWeight.from_packed(fmt.name, {key: t.to(device) for key, t in fmt.quantize_rtn(w).items()}, n, k)
+    return fmt.kernel_weight({key: t.to(device) for key, t in fmt.quantize_rtn(w).items()}, n, k)
 
 
 def weight_for(name, n, k, device, experts=None, seed=0):

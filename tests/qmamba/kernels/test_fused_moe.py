@@ -6,7 +6,7 @@ import torch
 
 from qmamba.kernels.fused_moe import (ACTIVATION_IDS, gated_act, gated_act_ref, moe_forward, moe_forward_ref,
                                       route_top1, route_top1_ref)
-from qmamba.kernels.quant_matmul import PackedWeight
+from qmamba.kernels.weights import PackedWeight
 from qmamba.quant.formats import Int4Format, Int8Format
 
 E, D, FFN = 4, 40, 24
@@ -20,8 +20,7 @@ def experts(kind, device, seed=0):
         return PackedWeight.from_float(fc1.to(device)), PackedWeight.from_float(fc2.to(device))
     fmt = Int8Format() if kind == "int8" else Int4Format(16)
     pack = lambda w: {k: t.to(device) for k, t in fmt.quantize_rtn(w).items()}  # noqa: E731
-    return (PackedWeight.from_packed(fmt.name, pack(fc1), 2 * FFN, D),
-            PackedWeight.from_packed(fmt.name, pack(fc2), D, FFN))
+    return fmt.kernel_weight(pack(fc1), 2 * FFN, D), fmt.kernel_weight(pack(fc2), D, FFN)
 
 
 def router_for(assign, device):

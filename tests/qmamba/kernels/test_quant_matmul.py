@@ -6,8 +6,11 @@ import os
 import pytest
 import torch
 
-from qmamba.kernels.quant_matmul import (GEMV_MAX_M, MatmulConfig, PackedWeight, dequant_matmul, dequant_matmul_ref,
-                                         dequantize_stack, dequantize_stack_triton, expert_tile_map, pick_config)
+from qmamba.kernels.dequantize import dequantize_stack, dequantize_stack_triton
+from qmamba.kernels.matmul_configs import GEMV_MAX_M, MatmulConfig, MatmulPolicy, pick_config
+from qmamba.kernels.quant_matmul import dequant_matmul, dequant_matmul_ref
+from qmamba.kernels.routing import expert_tile_map
+from qmamba.kernels.weights import PackedWeight
 from qmamba.quant.formats import Int4Format, Int8Format
 from qmamba.quant.layout import INT4_GROUP_SIZES
 
@@ -19,7 +22,7 @@ M_VALUES = [1, 5, GEMV_MAX_M + 17]  # GEMV, small-M dot, GEMM
 def make_weight(fmt, n, k, device, lead=(), seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(*lead, n, k, generator=g) / k ** 0.5
-    return PackedWeight.from_packed(fmt.name, {key: t.to(device) for key, t in fmt.quantize_rtn(w).items()}, n, k)
+    return fmt.kernel_weight({key: t.to(device) for key, t in fmt.quantize_rtn(w).items()}, n, k)
 
 
 def close(got, ref, dtype):
@@ -52,6 +55,24 @@ def test_split_k_and_explicit_config_agree(device):
           torch.float32)
     close(dequant_matmul(x[:1], w, config=MatmulConfig(1, 8, 32, split_k=3, num_warps=1, num_stages=1)),
           ref[:1], torch.float32)
+
+
+def test_int4_word_gemv_is_a_policy_choice(device, monkeypatch):
+    """M = 1 int4 takes the 32-bit-word GEMV by default and the tile kernel under ``MatmulPolicy(int4_word_gemv=
+    False)`` (an argument, no module switch); both agree with the reference, routed by expert too."""
+    from qmamba.kernels import quant_matmul
+
+    calls = []
+    real = quant_matmul.int4_gemv
+    monkeypatch.setattr(quant_matmul, "int4_gemv", lambda *a: calls.append(1) or real(*a))
+    w = make_weight(Int4Format(64), 40, 256, device, lead=(3,))
+    x = torch.randn(1, 256, device=device)
+    idx = torch.tensor([2], device=device, dtype=torch.int32)
+    ref = dequant_matmul_ref(x, w, row_expert=idx)
+    close(dequant_matmul(x, w, row_expert=idx), ref, torch.float32)
+    assert len(calls) == 1
+    close(dequant_matmul(x, w, row_expert=idx, policy=MatmulPolicy(int4_word_gemv=False)), ref, torch.float32)
+    assert len(calls) == 1
 
 
 def test_float_stack_with_rows_routed(device):

@@ -121,3 +121,52 @@ def test_serialization_and_registry():
 def test_unsupported_bits(bits):
     with pytest.raises(ConfigError, match="unsupported bit width"):
         make_format(bits)
+
+
+FORMAT_CASES = [Int8Format(), Int4Format(32), Int4Format(128, symmetric=True)]
+
+
+def _all_formats():
+    from qmamba.quant.binary import BinaryFormat
+
+    return FORMAT_CASES + [BinaryFormat(), BinaryFormat(row_scale=True)]
+
+
+@pytest.mark.parametrize("lead", [(), (3,)])
+def test_each_format_gives_its_kernel_record(lead):
+    """``fmt.kernel_weight`` (the one format -> kernel-record place): the record's dense values are the format's
+    own dequantization, for one matrix and for a stack; int4 records carry the format's group size, which is checked
+    against the tensors."""
+    from qmamba.kernels.weights import PackedWeight
+    from qmamba.quant.layout import LayoutError
+
+    n, k = 12, 150
+    for fmt in _all_formats():
+        packed = fmt.quantize_rtn(torch.randn(*lead, n, k))
+        record = fmt.kernel_weight(packed, n, k)
+        assert record.n_experts == (lead[0] if lead else 1)
+        torch.testing.assert_close(record.dequantized().reshape(*lead, n, k), fmt.dequantize(packed, k),
+                                   rtol=0, atol=0)
+        if isinstance(fmt, Int4Format):
+            assert record.group_size == fmt.group_size
+            with pytest.raises(LayoutError):
+                PackedWeight.from_int4(packed, n, k, 64)  # not this matrix's group size
+
+
+def test_each_registered_format_has_its_onnx_form():
+    """Every registered format defines its own MatMulNBits form (the export asks the format, never its name);
+    a format registered by subclassing another has none until it defines one."""
+    from qmamba.quant import formats
+
+    n, k = 6, 40
+    for fmt in _all_formats():
+        assert fmt.has_onnx_form
+        form = fmt.matmul_nbits(fmt.quantize_rtn(torch.randn(n, k)), n, k)
+        assert form.bits == fmt.bits if fmt.bits != 1 else form.bits == 2  # 1-bit: the exact 2-bit form
+        assert all(t.shape[0] == n for t in form.weights.values())
+    assert set(FORMATS) >= {"int8", "int4", "binary"}
+
+    class Renamed(formats.Int8Format):
+        pass
+
+    assert not Renamed().has_onnx_form

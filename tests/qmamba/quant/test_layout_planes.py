@@ -4,7 +4,7 @@ an independent index formula, round trip back to the stored bytes, and the dequa
 import pytest
 import torch
 
-from qmamba.kernels.quant_matmul import PackedWeight
+from qmamba.kernels.weights import PackedWeight
 from qmamba.quant import layout
 from qmamba.quant.formats import Int4Format
 
@@ -31,7 +31,7 @@ def test_plane_words_hold_each_code_where_the_layout_says(k, group):
 def test_packed_weight_plane_form_dequantizes_to_the_same_weight():
     torch.manual_seed(0)
     fmt = Int4Format(128)
-    w = PackedWeight.from_packed("int4", fmt.quantize_rtn(torch.randn(3, 40, 1472)), 40, 1472)
+    w = fmt.kernel_weight(fmt.quantize_rtn(torch.randn(3, 40, 1472)), 40, 1472)
     planes = w.to_planes()
     assert planes.k_padded == w.k_padded and planes.group_size == 128
     torch.testing.assert_close(planes.dequantized(), w.dequantized(), rtol=0, atol=0)

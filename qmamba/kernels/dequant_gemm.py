@@ -1,0 +1,121 @@
+"""The prefill GEMM (M > 16, and the grouped GEMM of routed expert tiles) for float, int8 and int4 weights on
+tensor cores, the weight tile dequantized in registers; launched by
+:func:`qmamba.kernels.quant_matmul.dequant_matmul` with tiles from
+:func:`qmamba.kernels.matmul_configs.gemm_config`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qmamba.kernels._triton import cdiv, jit, tl
+from qmamba.kernels.routing import ExpertTiles
+from qmamba.kernels.weights import FMT_INT4, PackedWeight
+
+
+@jit
+def _dequant_gemm_kernel(
+    x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rscale_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, sorted_ptr,
+    M, N, K, K_PAD, GRID_M, GRID_N, sxm, sxk, som, son, swe, swn, sse, ssn, sze, szn,
+    FMT: tl.constexpr, TILES: tl.constexpr, GROUP: tl.constexpr, SCALE_AFTER: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIZZLE: tl.constexpr,
+):
+    """Prefill GEMM (M > 16): ``[BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]`` tensor-core tiles, the weight tile
+    dequantized in registers. int4 nibbles are interleaved back to k order with ``join``; with one group per K tile
+    (``SCALE_AFTER``) the exact integer codes minus the zero point go through the dot and the group scale multiplies
+    the partial product, otherwise each weight is scaled before the dot. Programs are swizzled in groups of
+    ``SWIZZLE`` row tiles so that neighbouring programs share weight tiles in L2."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    per_group = SWIZZLE * GRID_N
+    first_m = (pid // per_group) * SWIZZLE
+    group_rows = tl.minimum(GRID_M - first_m, SWIZZLE)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    rm = tl.arange(0, BLOCK_M)
+    if TILES:
+        expert = tl.load(tile_e_ptr + pid_m)
+        lo = tl.load(tile_lo_ptr + pid_m)
+        hi = tl.load(tile_hi_ptr + pid_m)
+        row_ok = lo + rm < hi
+        rows = tl.load(sorted_ptr + lo + rm, mask=row_ok, other=0)
+    else:
+        rows = pid_m * BLOCK_M + rm
+        row_ok = rows < M
+        expert = pid_m * 0
+    e64 = expert.to(tl.int64)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    k_tiles = tl.cdiv(K_PAD, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    k_lo = pid_k * per_split * BLOCK_K
+    k_hi = tl.minimum((pid_k + 1) * per_split * BLOCK_K, K_PAD)
+    w_base = w_ptr + e64 * swe
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * sxm + kk[None, :] * sxk, mask=row_ok[:, None] & (kk < K)[None, :],
+                    other=0.0)
+        if FMT == 2:
+            j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(w_base + n[:, None] * swn + j[None, :], mask=n_ok[:, None] & (j < K_PAD // 2)[None, :],
+                             other=0)
+            q = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K)).to(tl.int32)
+            if SCALE_AFTER:
+                blk = k0 // GROUP
+                zb = tl.load(z_ptr + e64 * sze + n * szn + blk // 2, mask=n_ok, other=0).to(tl.int32)
+                w = (q - ((zb >> ((blk % 2) * 4)) & 0xF)[:, None]).to(tl.float32)
+                scale = tl.load(s_ptr + e64 * sse + n * ssn + blk, mask=n_ok, other=0.0).to(tl.float32)
+            else:
+                blk = kk // GROUP
+                wm = n_ok[:, None] & (kk < K_PAD)[None, :]
+                zb = tl.load(z_ptr + e64 * sze + n[:, None] * szn + (blk // 2)[None, :], mask=wm, other=0)
+                zero = (zb.to(tl.int32) >> ((blk % 2) * 4)[None, :]) & 0xF
+                sc = tl.load(s_ptr + e64 * sse + n[:, None] * ssn + blk[None, :], mask=wm, other=0.0)
+                w = (q - zero).to(tl.float32) * sc.to(tl.float32)
+        else:
+            w = tl.load(w_base + n[:, None] * swn + kk[None, :], mask=n_ok[:, None] & (kk < K)[None, :], other=0.0)
+        if IEEE:
+            part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            part = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)))
+        if FMT == 2 and SCALE_AFTER:
+            acc += part * scale[None, :]
+        else:
+            acc += part
+    if FMT == 1:
+        acc = acc * tl.load(s_ptr + e64 * sse + n * ssn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.where(pid_k == 0, 1.0, 0.0) * tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_RSCALE:
+        acc = acc * tl.load(rscale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + rows[:, None] * som + n[None, :] * son
+    mask = row_ok[:, None] & n_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, acc, mask=mask)
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequant_gemm(x, weight: PackedWeight, out, bias, row_scale, tiles: ExpertTiles | None, config, atomic: bool):
+    """``out [M, N] <- x [M, K] @ W^T`` (+ ``bias``, * ``row_scale``): one matrix in row tiles of ``config.block_m``
+    (swizzled in groups of 8 row tiles for L2 reuse), or with ``tiles`` the routed expert tiles (``config.block_m``
+    must be ``tiles.block_m``). ``atomic``: split-K into a zeroed float32 ``out``."""
+    m = x.shape[0]
+    q = weight.qweight
+    s = weight.scales if weight.scales is not None else q
+    z = weight.zeros if weight.zeros is not None else q
+    dummy = x
+    grid_m = tiles.n_tiles if tiles is not None else cdiv(m, config.block_m)
+    grid_n = cdiv(weight.n, config.block_n)
+    _dequant_gemm_kernel[(grid_m * grid_n, config.split_k)](
+        x, out, q, s, z, bias if bias is not None else dummy, row_scale if row_scale is not None else dummy,
+        *(tiles.tensors() if tiles is not None else (dummy, dummy, dummy, dummy)),
+        m, weight.n, weight.k, weight.k_padded, grid_m, grid_n, x.stride(0), x.stride(1), out.stride(0),
+        out.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1), z.stride(0), z.stride(1),
+        FMT=weight.fmt, TILES=tiles is not None, GROUP=max(weight.group_size, 1),
+        SCALE_AFTER=weight.fmt == FMT_INT4 and weight.group_size % config.block_k == 0, SPLIT_K=config.split_k,
+        HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None, ATOMIC=atomic,
+        IEEE=x.dtype == torch.float32, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        SWIZZLE=1 if tiles is not None else 8, num_warps=config.num_warps, num_stages=config.num_stages)

@@ -1,0 +1,181 @@
+"""Launch configurations of the general matmul kernels, in one place: the tile sizes by M and shape
+(:func:`pick_config` and :func:`gemm_config` for the float/int8/int4 kernels of :mod:`qmamba.kernels.quant_matmul`,
+:func:`pick_binary_config` for the 1-bit ones of :mod:`qmamba.kernels.binary_matmul`), the M thresholds between the
+paths, and :class:`MatmulPolicy`, the explicit switch of which kernel paths may be taken (tests and benchmarks pass
+one to check or time a path beside the default; nothing flips module globals).
+
+The numbers come from the H100/H200 sweeps in ``benchmarks/`` (cited at each heuristic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qmamba.kernels._triton import cdiv
+from qmamba.kernels.routing import ROUTE_BY_EXPERT, ROUTE_DENSE
+from qmamba.kernels.weights import FMT_INT4, FMT_INT8, BinaryWeight, PackedWeight
+
+GEMV_MAX_M = 16  # up to this many rows: the small-M kernels (decode); above: the prefill GEMM paths
+
+
+@dataclass(frozen=True)
+class MatmulPolicy:
+    """Which paths the general matmuls may take; the defaults are the measured choices.
+
+    ``int4_word_gemv``: M = 1 int4 on CUDA takes the 32-bit-word kernel (no int-to-float conversions); False: the
+    generic tile kernel. ``binary_word_gemv``: the 1-bit 32-bit-word kernel (sign-bit flips, no multiplies);
+    False: the tile kernel. The 1-bit word kernel reads the weights once per row, so beyond M = 1 it is taken only
+    for up to ``word_gemv_max_rows`` rows of a matrix of at most ``word_gemv_max_weights`` (N * K) weights (H200: at
+    M = 4 1.5-3x faster than the tile kernel on the BlackMamba-2.8B shapes, at M = 16 slower on most of them)."""
+
+    int4_word_gemv: bool = True
+    binary_word_gemv: bool = True
+    word_gemv_max_rows: int = 8
+    word_gemv_max_weights: int = 1 << 24
+
+    def binary_word_gemv_fits(self, m: int, weight: BinaryWeight) -> bool:
+        return self.binary_word_gemv and (m == 1 or (m <= self.word_gemv_max_rows
+                                                     and weight.n * weight.k <= self.word_gemv_max_weights))
+
+
+DEFAULT_POLICY = MatmulPolicy()
+
+
+# ---- float / int8 / int4 kernels --------------------------------------------------------------------------------
+GEMV_ROWS = 1  # up to this many rows: CUDA-core reduction per row (weight tile reused); above: tensor cores
+# (8 was measured on the H100: 5x slower than the 16-row tensor-core tile at batch 8)
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @property
+    def use_dot(self) -> bool:
+        return self.block_m > GEMV_ROWS
+
+
+_SM_COUNT: dict = {}
+
+
+def sm_count(device) -> int:
+    if device.type != "cuda":
+        return 4
+    if device.index not in _SM_COUNT:
+        _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device.index]
+
+
+def small_block_m(m: int) -> int:
+    """Rows per program for M <= 16: the next power of two up to GEMV_ROWS (reduction path), else 16 (dot)."""
+    if m <= GEMV_ROWS:
+        return 1 << max(0, m - 1).bit_length()
+    return 16
+
+
+def pick_config(m: int, weight: PackedWeight, device, route: int = ROUTE_DENSE,
+                policy: MatmulPolicy = DEFAULT_POLICY) -> MatmulConfig:
+    """Tile sizes by M: GEMV (M = 1), small-M tensor-core tiles (M <= 16), prefill GEMM tiles (M > 16)."""
+    n, k_pad = weight.n, weight.k_padded
+    g = weight.group_size
+    if weight.fmt == FMT_INT4:  # one group per tile where the dot allows it (K >= 16 per half-tile)
+        block_k = g if g >= 32 else (64 if m == 1 else 32)
+    else:
+        block_k = 128 if m <= GEMV_MAX_M else 64
+    bm = small_block_m(m)
+    if device.type != "cuda":  # interpreter: each program costs Python time, so few large ones (split-K kept)
+        bm = bm if m <= GEMV_MAX_M else 32
+        return MatmulConfig(bm, 64, block_k, 2 if m <= GEMV_MAX_M and k_pad > 2 * block_k else 1, 1, 1)
+    if m == 1 and weight.fmt == FMT_INT4 and policy.int4_word_gemv:  # the word kernel, from the H100 GEMV sweep
+        bn = 128 if n >= 16384 else (32 if n <= 2048 else 64)
+        programs, groups = cdiv(n, bn), cdiv(k_pad, g)
+        split = 1
+        while programs * split < 4 * sm_count(device) and split < 8 and split * 2 <= groups:
+            split *= 2
+        return MatmulConfig(1, bn, g, split, 2 if n >= 8192 else 4, 3)
+    if m <= GEMV_MAX_M:
+        bn = 128 if n >= 4096 and bm <= 2 else 64
+        programs = cdiv(n, bn)
+        split = 1
+        k_tiles = cdiv(k_pad, block_k)
+        while programs * split < 2 * sm_count(device) and split < 8 and split * 2 <= max(1, k_tiles // 2):
+            split *= 2
+        if route == ROUTE_BY_EXPERT:  # most expert columns are idle: fill from the per-token experts only
+            split = min(split, 4)
+        return MatmulConfig(bm, bn, block_k, split, 4, 3)
+    return gemm_config(m, weight, device)
+
+
+def gemm_config(m: int, weight: PackedWeight, device) -> MatmulConfig:
+    """Tiles of the prefill GEMM kernel (M > 16), from the H100 sweep (benchmarks/results_tables_h100.md, "Prefill
+    GEMM sweep"): up to 64 rows the GEMM is bandwidth-bound (narrow tiles, split-K while the grid is small), above it
+    64 x 128 and then 128 x 128 tiles."""
+    g = weight.group_size
+    block_k = (g if g >= 64 else 64) if weight.fmt == FMT_INT4 else 64
+    if device.type != "cuda":
+        return MatmulConfig(32, 64, block_k, 1, 1, 1)
+    if m <= 64:
+        bm, bn = (32 if m <= 32 else 64), 64
+        block_k = block_k if weight.fmt == FMT_INT4 else 128
+        programs = cdiv(m, bm) * cdiv(weight.n, bn)
+        k_tiles = cdiv(weight.k_padded, block_k)
+        split = 1
+        while programs * split < sm_count(device) and split < 4 and split * 2 <= k_tiles // 16:  # long K only
+            split *= 2
+        return MatmulConfig(bm, bn, block_k, split, 4, 4)
+    if m <= 256:
+        return MatmulConfig(64, 128, block_k, 1, 4, 3 if weight.fmt == FMT_INT4 else 4)
+    return MatmulConfig(128, 128, block_k, 1, 8, 3 if weight.fmt == FMT_INT4 else 4)
+
+
+DEQUANT_GEMM_MIN_M = {FMT_INT4: 128, FMT_INT8: 512}  # on CUDA, dense weights, from this many rows: one Triton
+# dequantization pass to x.dtype, then cuBLAS. Measured on the H100 (GEMM sweep): the pass costs about one read of
+# the packed weight and one write of the dense one, which the tile kernel's repeated in-register dequantization
+# overtakes from these M on; it costs a dense temporary of one matrix. Routed experts stay on the tile kernel.
+
+
+# ---- 1-bit kernels ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BinaryConfig:
+    """Tiles; for the M = 1 word kernel ``block_k`` is the columns per iteration (32 per word) and ``split_k`` the
+    number of K slices accumulated with atomics (the other kernels take ``split_k = 1``)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 1
+
+
+BINARY_DEQUANT_GEMM_MIN_M = GEMV_MAX_M + 1  # CUDA, M from this: one dequantization pass + cuBLAS / the float GEMM
+
+
+def pick_binary_config(m: int, weight: BinaryWeight, device,
+                       policy: MatmulPolicy = DEFAULT_POLICY) -> BinaryConfig:
+    """The word GEMV (M = 1, and small matrices up to ``policy.word_gemv_max_rows`` rows), small-M tensor-core tiles
+    (M <= 16) or GEMM tiles; few big programs on the interpreter."""
+    if device.type != "cuda":
+        if policy.binary_word_gemv_fits(m, weight):
+            return BinaryConfig(1, 32, 64, 1, 1)
+        return BinaryConfig(1 if m == 1 else (16 if m <= GEMV_MAX_M else 32), 32, 64, 1, 1)
+    if policy.binary_word_gemv_fits(m, weight):  # word kernel: H200 sweep, benchmarks/results_tables_h200.md
+        n, words = weight.n, cdiv(weight.k, 32)
+        bn, wpi = (256 if n >= 8192 else 64), 8
+        programs, iters = m * cdiv(n, bn), cdiv(words, wpi)
+        split = 1
+        while programs * split < 2 * sm_count(device) and split < 4 and split * 2 <= iters:
+            split *= 2
+        return BinaryConfig(1, bn, 32 * wpi, 4, 3, split)
+    if m == 1:
+        return BinaryConfig(1, 32, 256, 4, 3)
+    if m <= GEMV_MAX_M:
+        return BinaryConfig(16, 64, 128, 4, 3)
+    return BinaryConfig(64 if m <= 128 else 128, 128, 64, 8 if m > 128 else 4, 3)
