@@ -34,16 +34,24 @@ class DataError(UserError):
     """Missing or unreadable data files."""
 
 
+CHECKOUT = Path(__file__).resolve().parents[1]  # the repository root when qmamba runs from a checkout
+
+
 def find_data_dir() -> Path:
     """The directory of the full corpus (``full:`` specs); a clear error when it cannot be found."""
     env = os.environ.get("QMAMBA_DATA_DIR")
-    repo = Path(__file__).resolve().parents[1]
-    candidates = [Path(env)] if env else [repo.parent / "shared" / "data", repo / "shared" / "data"]
+    if env:
+        candidates = [Path(env)]
+    elif (CHECKOUT / "pyproject.toml").is_file():  # a checkout: ../shared/data beside it
+        candidates = [CHECKOUT.parent / "shared" / "data", CHECKOUT / "shared" / "data"]
+    else:  # an installed package: no folder beside it to look at
+        candidates = []
     for path in candidates:
         if (path / "corpus").is_dir():
             return path
-    where = f"$QMAMBA_DATA_DIR={env}" if env else " or ".join(str(p) for p in candidates)
-    raise DataError(f"full corpus not found (looked at {where}); set QMAMBA_DATA_DIR to the folder that holds "
+    where = (f"looked at $QMAMBA_DATA_DIR={env}" if env else
+             f"looked at {' or '.join(str(p) for p in candidates)}" if candidates else "QMAMBA_DATA_DIR is not set")
+    raise DataError(f"full corpus not found ({where}); set QMAMBA_DATA_DIR to the folder that holds "
                     "corpus/ and eval/, or use the text shipped with qmamba (corpus:train, corpus:heldout)")
 
 

@@ -124,6 +124,33 @@ def test_shipped_text_specs(tmp_path, monkeypatch):
         find_data_dir()
 
 
+def test_full_corpus_lookup_in_a_checkout_and_in_an_installed_package(tmp_path, monkeypatch):
+    """From a checkout, ../shared/data beside it is found and named in the error; an installed package (no
+    pyproject.toml above it) looks at no folder beside site-packages and says QMAMBA_DATA_DIR is not set."""
+    import qmamba.data_files as data_files
+
+    monkeypatch.delenv("QMAMBA_DATA_DIR", raising=False)
+    checkout = tmp_path / "work" / "repo"
+    checkout.mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text("")
+    monkeypatch.setattr(data_files, "CHECKOUT", checkout)
+    with pytest.raises(DataError) as exc:
+        find_data_dir()
+    assert str(tmp_path / "work" / "shared" / "data") in str(exc.value)
+    (tmp_path / "work" / "shared" / "data" / "corpus").mkdir(parents=True)
+    assert find_data_dir() == tmp_path / "work" / "shared" / "data"
+
+    installed = tmp_path / "venv" / "site-packages"
+    (installed.parent / "shared" / "data" / "corpus").mkdir(parents=True)  # not a place an install looks at
+    monkeypatch.setattr(data_files, "CHECKOUT", installed)
+    with pytest.raises(DataError) as exc:
+        find_data_dir()
+    message = str(exc.value)
+    assert "QMAMBA_DATA_DIR is not set" in message and "shared" not in message and "looked at" not in message
+    monkeypatch.setenv("QMAMBA_DATA_DIR", str(tmp_path / "work" / "shared" / "data"))
+    assert find_data_dir() == tmp_path / "work" / "shared" / "data"
+
+
 def test_shipped_heldout_and_lambada_equal_the_full_corpus():
     """The held-out files and LAMBADA shipped are exact copies of the full corpus's; the train files are slices."""
     import hashlib

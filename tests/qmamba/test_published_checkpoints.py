@@ -89,3 +89,40 @@ def test_unknown_vocabulary_without_tokenizer_is_a_clear_error(tmp_path):
     result = invoke("quantize", src, "-o", tmp_path / "rtn", "--method", "rtn", "--group-size", 32, "--no-progress")
     assert result.exit_code == 0, result.output
     assert "no tokenizer.json" in result.output and not (tmp_path / "rtn" / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("fmt", ["qmamba", "blackmamba", "mamba_ssm", "hf"])
+def test_create_carries_the_neox_tokenizer_only_for_the_neox_vocabulary(tmp_path, fmt):
+    name = "tiny-blackmamba" if fmt in ("blackmamba", "qmamba") else "tiny-mamba"
+    neox = create_checkpoint(replace(preset(name), vocab_size=50280), fmt, tmp_path / "neox", seed=0)
+    assert (neox / "tokenizer.json").read_bytes() == NEOX_TOKENIZER_FILE.read_bytes()
+    other = create_checkpoint(name, fmt, tmp_path / "other", seed=0)  # 512 tokens: NeoX's does not fit
+    assert not (other / "tokenizer.json").exists()
+
+
+def test_calibrated_output_carries_the_shipped_tokenizer(published, tmp_path):
+    """GPTQ on a published directory: calibration text tokenized with the shipped NeoX tokenizer (one notice), and
+    the output carries that tokenizer."""
+    out = tmp_path / "gptq"
+    result = invoke("quantize", published, "-o", out, "--method", "gptq", "--group-size", 32, "--nsamples", 2,
+                    "--seq-len", 16, "--report-tokens", 16, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert len(neox_notices(result.stderr)) == 1
+    assert (out / "tokenizer.json").read_bytes() == NEOX_TOKENIZER_FILE.read_bytes()
+    info = json.loads((out / "manifest.json").read_text())["quantization_info"]
+    assert info["calibration"]["nsamples"] == 2 and info["tokenizer"]["origin"] == "packaged"
+
+
+def test_explicit_tokenizer_wins_and_is_the_one_carried(tmp_path):
+    from qmamba.assets import default_model_path
+
+    src = published_dir(tmp_path, "blackmamba")
+    own = default_model_path() / "tokenizer.json"  # 4096 tokens: fits the NeoX-sized vocabulary
+    out = tmp_path / "q"
+    result = invoke("quantize", src, "-o", out, "--method", "rtn", "--group-size", 32, "--tokenizer", own,
+                    "--report", "--report-tokens", 16, "--seq-len", 16, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert neox_notices(result.stderr) == []  # the shipped NeoX tokenizer was not used
+    assert (out / "tokenizer.json").read_bytes() == own.read_bytes()
+    info = json.loads((out / "manifest.json").read_text())["quantization_info"]
+    assert info["tokenizer"]["origin"] == "explicit" and info["report_data"]["nsamples"] == 1

@@ -97,3 +97,43 @@ def test_written_files_get_ordinary_modes(tmp_path, umask, file_mode, dir_mode):
         assert found.pop(".") == dir_mode
         assert found and set(found.values()) == {file_mode}, found
     assert json.loads((saved / "manifest.json").read_text())["format"] == "qmamba"
+
+
+@pytest.mark.parametrize("command", [["info"], ["generate", "--prompt", "x"], ["eval"], ["quantize", "-o", "out"],
+                                     ["export", "-o", "m.onnx"], ["bench"]])
+def test_every_command_says_a_missing_relative_path_does_not_exist(tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    result = CliRunner().invoke(main, [command[0], "runs/q4", *command[1:]])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == "error: checkpoint path does not exist: runs/q4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # nothing written
+
+
+def test_cli_outputs_follow_the_umask(tmp_path):
+    """quantize (directory and --json file) and export (.onnx and its tokenizer) under umask 027: group-readable,
+    not world-readable, like any file the user writes; nothing private to the owner (0600) as mkstemp would make."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from dataclasses import replace
+
+    from qmamba.config import preset
+
+    src = create_checkpoint(replace(preset("tiny-blackmamba"), vocab_size=50304), "blackmamba", tmp_path / "bm",
+                            seed=0)  # NeoX-sized vocabulary: the shipped tokenizer travels with every output
+    old = os.umask(0o027)
+    try:
+        runner = CliRunner()
+        result = runner.invoke(main, ["quantize", str(src), "-o", str(tmp_path / "q"), "--method", "rtn",
+                                      "--group-size", "32", "--no-progress", "--json", str(tmp_path / "q.json")])
+        assert result.exit_code == 0, result.output
+        (tmp_path / "e").mkdir()
+        result = runner.invoke(main, ["export", str(tmp_path / "q"), "-o", str(tmp_path / "e" / "m.onnx")])
+        assert result.exit_code == 0, result.output
+    finally:
+        os.umask(old)
+    found = modes(tmp_path / "q")
+    assert found.pop(".") == 0o750 and "tokenizer.json" in found and set(found.values()) == {0o640}, found
+    assert stat.S_IMODE((tmp_path / "q.json").stat().st_mode) == 0o640
+    exported = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "e").iterdir()}
+    assert "m.onnx" in exported and "m.tokenizer.json" in exported and set(exported.values()) == {0o640}, exported
