@@ -46,3 +46,15 @@ def quantize_rtn(model: MambaLM, fmt, head: bool = True, sensitive_fmt=None) -> 
     if head:
         formats["lm_head"] = small  # a tied head is untied: the twin holds its own packed copy
     return swap_quantized_modules(model, formats, rtn=True)
+
+
+def train_byte_bpe(path, texts, vocab_size: int = 300) -> None:
+    """A small byte-level BPE tokenizer trained on ``texts`` and saved to ``path`` (tests' stand-in tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(path))

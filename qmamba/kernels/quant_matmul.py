@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from qmamba.kernels._triton import cdiv, jit, tl
-from qmamba.kernels.dequant_gemm import dequant_gemm
+from qmamba.kernels.dequant_gemm import dequant_gemm, matmul_epilogue
 from qmamba.kernels.dequantize import dense_linear, dequantize_stack
 from qmamba.kernels.int4_gemv import int4_gemv
 from qmamba.kernels.matmul_configs import (DEFAULT_POLICY, DEQUANT_GEMM_MIN_M, GEMV_MAX_M, MatmulConfig, MatmulPolicy,
@@ -156,20 +156,8 @@ def _dequant_matmul_kernel(
                     acc += tl.where(rm[None, :] == r, pr[:, None], 0.0)
     acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     # -- epilogue
-    if FMT == 1:
-        scale = tl.load(s_ptr + e64 * sse + n * ssn, mask=n_ok, other=0.0).to(tl.float32)
-        acc = acc * scale[None, :]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
-        acc += tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
-    if HAS_RSCALE:
-        acc = acc * tl.load(rscale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    out_ptrs = out_ptr + rows[:, None] * som + n[None, :] * son
-    mask = row_ok[:, None] & n_ok[None, :]
-    if ATOMIC:
-        tl.atomic_add(out_ptrs, acc, mask=mask)
-    else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    matmul_epilogue(acc, out_ptr, s_ptr, bias_ptr, rscale_ptr, rows, row_ok, n, n_ok, e64, pid_k, som, son, sse, ssn,
+                    FMT, HAS_BIAS, HAS_RSCALE, ATOMIC)
 
 
 # ---- launcher ----------------------------------------------------------------------------------------------------

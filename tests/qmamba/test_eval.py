@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from qmamba.config import preset
 from qmamba.data_files import DataError, find_data_dir, resolve_text_spec
+from qmamba.testing import train_byte_bpe
 from qmamba.eval import _windows, lambada, perplexity, router_agreement
 from qmamba.model import MambaLM
 
@@ -176,15 +177,7 @@ def test_shipped_heldout_and_lambada_equal_the_full_corpus():
 def test_eval_cli(tmp_path):
     from qmamba.checkpoints.random_init import create_checkpoint
     from qmamba.cli import main
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 50],
-                            trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(tmp_path / "tokenizer.json"))
+    train_byte_bpe(tmp_path / "tokenizer.json", ["the quick brown fox jumps over the lazy dog " * 50])
     ckpt = tmp_path / "m"
     create_checkpoint("tiny-blackmamba", "qmamba", ckpt, tokenizer_file=tmp_path / "tokenizer.json")
     text = tmp_path / "t.txt"

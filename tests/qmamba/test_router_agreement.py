@@ -21,7 +21,7 @@ from qmamba.config import ModelConfig, preset
 from qmamba.eval import perplexity, record_routing, router_agreement
 from qmamba.quant.formats import BinaryFormat, Int4Format, Int8Format
 from qmamba.quant.modules import swap_quantized_modules
-from qmamba.testing import quantize_rtn, random_model
+from qmamba.testing import quantize_rtn, random_model, train_byte_bpe
 
 # MoE first, two MoE blocks in a row with different expert counts, ungated ReLU experts
 ODD_LAYOUT = ModelConfig(d_model=64, layers=["3", "r", "5", "8"], vocab_size=512, ffn_hidden=48, d_state=8,
@@ -133,19 +133,11 @@ def test_perplexity_records_routing_at_scored_positions(layout, device):
 
 def _write_pair(tmp_path, device):
     """Checkpoints A (a random tiny BlackMamba) and B (A, router biases perturbed), with one tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     from qmamba import load_model
     from qmamba.checkpoints.native import save_checkpoint
     from qmamba.checkpoints.random_init import create_checkpoint
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 50],
-                            trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(tmp_path / "tokenizer.json"))
+    train_byte_bpe(tmp_path / "tokenizer.json", ["the quick brown fox jumps over the lazy dog " * 50])
     # MoE first and last around one Mamba block (the Triton scan is the slow part under the CPU interpreter)
     cfg = ModelConfig(d_model=64, layers=["4", "r", "4"], vocab_size=512, ffn_hidden=96, d_state=8)
     create_checkpoint(cfg, "qmamba", tmp_path / "a", tokenizer_file=tmp_path / "tokenizer.json")

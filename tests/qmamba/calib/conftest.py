@@ -4,18 +4,11 @@ of the TRAIN corpus) and a random tiny-blackmamba checkpoint carrying it."""
 import pytest
 
 from qmamba.data_files import read_text
+from qmamba.testing import train_byte_bpe
 
 
 def _train_tokenizer(path, text):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator([text], trainer)
-    tok.save(str(path))
+    train_byte_bpe(path, [text], vocab_size=400)
 
 
 @pytest.fixture(scope="session")
