@@ -89,6 +89,14 @@ def config_int(config: dict, key: str, path: Path, default=_REQUIRED, minimum: i
     return value
 
 
+def config_bool(config: dict, key: str, path: Path, default: bool) -> bool:
+    """``config[key]`` as a JSON boolean (``"false"``, ``0`` or ``null`` would otherwise be read by truthiness)."""
+    value = config.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"config file {path}: {key} must be true or false, got {value!r}")
+    return value
+
+
 def torch_load_safe(path: Path, mmap: bool = False):
     """``torch.load`` restricted to tensors and plain containers; any failure names the file.
 
