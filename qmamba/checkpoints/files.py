@@ -189,6 +189,9 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
         raise CheckpointError(f"output directory {out_dir} exists and is not empty (pass --overwrite to replace it)")
     if not out_dir.parent.exists():
         raise CheckpointError(f"parent directory of {out_dir} does not exist")
+    from qmamba.output_files import check_writable_dir
+
+    check_writable_dir(out_dir.parent, f"output directory {out_dir}")  # now, not when the result is saved
 
 
 def current_umask() -> int:

@@ -225,6 +225,31 @@ def test_json_path_is_checked_before_the_evaluation(fixture_copy, tmp_path, monk
     assert_one_line_error(cli("bench", fixture_copy, "--json", tmp_path / "nowhere" / "b.json"), "does not exist")
 
 
+def test_unwritable_output_folder_is_refused_before_the_work(fixture_copy, tmp_path, monkeypatch):
+    """An output folder that cannot be written (permissions, a read-only file system) was found only when the
+    result was saved, after the whole run, with a traceback."""
+    import tempfile
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).resolve() == locked.resolve():
+            raise PermissionError(13, "Permission denied")
+        return real_mkdtemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    monkeypatch.setattr("qmamba.calib.quantize.calibrate", _must_not_run)
+    for args in (["quantize", fixture_copy, "-o", locked / "q", "--method", "rtn"],
+                 ["create", "--preset", "tiny-mamba", "-o", locked / "c"],
+                 ["export", fixture_copy, "-o", locked / "m.onnx"],
+                 ["eval", fixture_copy, "--json", locked / "e.json"],
+                 ["generate", fixture_copy, "-n", 1, "--json", locked / "g.json"]):
+        assert_one_line_error(cli(*args), f"cannot write in {locked} (Permission denied)")
+    assert list(locked.iterdir()) == []
+
+
 def test_eval_default_token_budget(fixture_copy, tmp_path, monkeypatch):
     seen = {}
 
