@@ -4,7 +4,8 @@
 to ``qmamba.export.ort_runner.generate_cli(path, **options)`` with the same options as keywords (``prompt``,
 ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``tokenizer``, ``device``, ``dtype``, ``out``),
 which returns the same figures as :func:`generate_text`. Both backends stream through
-:func:`qmamba.generation.stream_generate`. Ctrl-C ends the streamed line before "interrupted".
+:func:`qmamba.generation.stream_generate`. Ctrl-C ends the streamed line before "interrupted". On CPU the int4
+linears of a quantized checkpoint run torch's CPU int4 matmul (``load_model(cpu_int4=True)``).
 """
 
 from __future__ import annotations
@@ -45,11 +46,12 @@ def generate_text(path: str, prompt: str, *, max_new_tokens: int, temperature: f
     tok = resolve_tokenizer(path, tokenizer, notice=lambda text: (err or sys.stderr).write(text + "\n"))  # fail early
     from qmamba.checkpoints.load import default_backend
 
-    model = qmamba.load_model(path, device=device, dtype=dtype, backend=backend)
+    model = qmamba.load_model(path, device=device, dtype=dtype, backend=backend, cpu_int4=True)  # on CPU only
     stats = stream_generate(model, tok, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, step_fn=default_step_fn(model), out=out, err=err)
     ran = {"device": str(model.embedding.weight.device), "dtype": str(model.compute_dtype).removeprefix("torch."),
-           "backend": backend or default_backend(model.embedding.weight.device)}
+           "backend": backend or default_backend(model.embedding.weight.device),
+           "cpu_int4_modules": len(model.cpu_int4_modules)}
     return {**stats, **ran}
 
 
