@@ -19,6 +19,6 @@ def test_cpu_quant_decode_runs_on_the_builtin_model():
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     rows = dict(re.findall(r"^  (\S+)\s+([0-9.]+) ms/token", done.stdout, re.MULTILINE))
-    assert set(rows) == {"fp32", "int4-per-call", "int4-dense-cache", "onnx-int4"}, done.stdout
+    assert set(rows) == {"fp32", "int4-per-call", "int4-dense-cache", "int4-cpu-int4", "onnx-int4"}, done.stdout
     assert all(float(ms) > 0 for ms in rows.values())
     assert re.search(r"dense cache [0-9.]+ MiB", done.stdout)
