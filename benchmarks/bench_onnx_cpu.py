@@ -33,7 +33,7 @@ FIXTURE = REPO / "qmamba" / "assets" / "tiny-blackmamba"
 
 
 def load_checkpoint(spec: str):
-    from qmamba.checkpoints.native import read_checkpoint
+    from qmamba.checkpoints.detect import read_checkpoint
     from qmamba.checkpoints.random_init import random_state_dict
     from qmamba.config import PRESETS, preset
 

@@ -19,6 +19,16 @@ class OutputFileError(UserError):
     """An output file that cannot be written where the user asked."""
 
 
+def check_writable_dir(directory, what: str) -> None:
+    """A :class:`OutputFileError` naming ``what`` unless something can be created in ``directory``, tried by
+    making and removing an empty folder there (permissions, read-only and special file systems alike)."""
+    try:
+        probe = tempfile.mkdtemp(prefix=".qmamba-write-check-", dir=directory)
+    except OSError as exc:
+        raise OutputFileError(f"{what}: cannot write in {directory} ({exc.strerror or exc})") from None
+    os.rmdir(probe)
+
+
 def check_output_file(path, option: str = "--json") -> Path:
     """``path`` as a :class:`Path` if a file can be written there (an existing file is replaced)."""
     path = Path(path).expanduser()
@@ -29,6 +39,7 @@ def check_output_file(path, option: str = "--json") -> Path:
         raise OutputFileError(f"{option} {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise OutputFileError(f"{option} {path}: not writable")
+    check_writable_dir(parent, f"{option} {path}")
     return path
 
 

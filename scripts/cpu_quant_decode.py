@@ -1,8 +1,12 @@
-"""CPU decode ms/token of a quantized model on the PyTorch reference path, before and after the dense cache, against
-the float model and the ONNX Runtime export of the same int4 model (batch 1, ``--threads`` threads).
+"""CPU decode ms/token of a quantized model on the PyTorch reference path, before and after the dense cache and with
+torch's CPU int4 matmul (what ``qmamba generate`` runs on CPU), against the float model and the ONNX Runtime export
+of the same int4 model (batch 1, ``--threads`` threads).
 
     python scripts/cpu_quant_decode.py [--model qmamba/assets/tiny-blackmamba|PRESET] [--threads 2] [--steps 64]
-           [--rounds 5] [--variants fp32,int4-per-call,int4-dense-cache,onnx-int4]
+           [--rounds 5] [--variants fp32,int4-per-call,int4-dense-cache,int4-cpu-int4,onnx-int4]
+
+``int4-cpu-int4``: ``keep_dense_weights(model, float32, cpu_int4=True)``, as ``load_model(cpu_int4=True)`` does:
+int4 linears run ``aten._weight_int4pack_mm_for_cpu`` (activations in bfloat16), experts the dense cache.
 
 The int4 model is the round-to-nearest one of benchmarks/bench_onnx_cpu.py (in_proj, out_proj, experts and the head;
 group size 64) and the timing its ``time_decode`` (median ms of single-token steps after warm-up). The variants are
@@ -27,9 +31,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_onnx_cpu as bench  # noqa: E402
 
 from qmamba.checkpoints.load import build_model  # noqa: E402
-from qmamba.quant.modules import keep_dense_weights  # noqa: E402
+from qmamba.quant.modules import cpu_int4_module_names, keep_dense_weights  # noqa: E402
 
-VARIANTS = ("fp32", "int4-per-call", "int4-dense-cache", "onnx-int4")
+VARIANTS = ("fp32", "int4-per-call", "int4-dense-cache", "int4-cpu-int4", "onnx-int4")
 
 
 def make_steppers(cfg, sd, manifest, variants, threads):
@@ -52,6 +56,9 @@ def make_steppers(cfg, sd, manifest, variants, threads):
         note = ""
         if name == "int4-dense-cache":
             note = f" (dense cache {keep_dense_weights(model, torch.float32) / 2**20:.1f} MiB)"
+        elif name == "int4-cpu-int4":
+            kept = keep_dense_weights(model, torch.float32, cpu_int4=True)
+            note = f" ({len(cpu_int4_module_names(model))} int4 matmuls; kept operands {kept / 2**20:.1f} MiB)"
         out[name] = (lambda t, s, m=model: m.step(t, s, check=False), lambda ids, m=model: m.prefill(ids)[1], note)
     return out
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from qmamba.checkpoints.files import one_line
 from qmamba.errors import ConfigError, UserError
 from qmamba.moe import StackedExperts, expert_mlp
 from qmamba.quant import layout
@@ -305,16 +306,29 @@ def _save(directory: Path, student, names, optimizer, step: int, elapsed: float,
     os.replace(tmp, directory / CHECKPOINT_FILE)
 
 
-def _resume(directory: Path, student, names, optimizer, data: dict) -> tuple[int, float]:
-    path = directory / CHECKPOINT_FILE
+def _load_state(path: Path, mmap: bool = False) -> dict | None:
+    """The saved distillation state at ``path`` (``None`` when there is none yet); ``mmap``: tensors stay on disk."""
     if not path.is_file():
-        return 0, 0.0
+        return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a user-facing error
-        raise UserError(f"cannot read distillation checkpoint {path}: {exc}") from None
+        raise UserError(f"cannot read distillation checkpoint {path}: {one_line(exc)}") from None
     if not isinstance(state, dict) or not isinstance(state.get("params"), dict) or "step" not in state:
         raise UserError(f"{path} is not a qmamba distillation checkpoint")
+    return state
+
+
+def check_resume_data(directory, ids: torch.Tensor) -> None:
+    """Refuse a distillation checkpoint in ``directory`` made on other calibration sequences than ``ids``, before
+    any calibration work (the quantizer calls this as soon as it has the data; :func:`distill` checks again)."""
+    path = Path(directory) / CHECKPOINT_FILE
+    state = _load_state(path, mmap=True)
+    if state is not None:
+        _check_data(path, state, data_signature(ids))
+
+
+def _check_data(path: Path, state: dict, data: dict) -> None:
     saved_data = state.get("data") or {}
     for key, option in (("nsamples", "--nsamples"), ("seq_len", "--seq-len")):
         if key in saved_data and saved_data[key] != data[key]:
@@ -325,6 +339,14 @@ def _resume(directory: Path, student, names, optimizer, data: dict) -> tuple[int
         raise DistillationError(f"distillation checkpoint {path} was made on other calibration sequences (other "
                                 "--calib, --seed or tokenizer): use the same ones, or another --distill-checkpoint "
                                 "directory")
+
+
+def _resume(directory: Path, student, names, optimizer, data: dict) -> tuple[int, float]:
+    path = directory / CHECKPOINT_FILE
+    state = _load_state(path)
+    if state is None:
+        return 0, 0.0
+    _check_data(path, state, data)
     params = dict(student.named_parameters())
     saved = state["params"]
     if sorted(saved) != sorted(names) or any(tuple(saved[n].shape) != tuple(params[n].shape) for n in names):

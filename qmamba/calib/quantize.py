@@ -165,6 +165,10 @@ def quantize_checkpoint(src, out, options: QuantizeOptions | None = None, *, log
     if calibrates:
         data = load_calibration(calib or DEFAULT_CALIBRATION, tok, options.nsamples, seq_len, options.seed,
                                 cfg.vocab_size)
+        if distill is not None and distill.checkpoint_dir:  # a resume on other data: refused before any work
+            from qmamba.calib.distill import check_resume_data
+
+            check_resume_data(distill.checkpoint_dir, data.ids)
         report_ids = data.ids[:n_report]
     elif want_report:
         report_data = load_calibration(DEFAULT_CALIBRATION, tok, n_report, seq_len, options.seed, cfg.vocab_size)

@@ -20,8 +20,8 @@ import torch
 from qmamba.config import MAX_LAYERS, ModelConfig
 from qmamba.errors import CheckpointError, ConfigError
 
-from .files import (check_tensor_dict, config_int, hash_files, one_line, read_json, require_keys, torch_load_safe,
-                    write_json)
+from .files import (check_tensor_dict, config_bool, config_int, hash_files, one_line, read_json, require_keys,
+                    torch_load_safe, write_json)
 from .keymap import KeyMap, mixer_rules, rename_to_internal, rename_to_source
 from .manifest import source_manifest
 from .record import Checkpoint
@@ -64,7 +64,7 @@ def parse_layer_plan(value, path: Path) -> list[str]:
 
 def config_from_json(data: dict, path: Path) -> ModelConfig:
     require_keys(data, REQUIRED_CONFIG_KEYS, path)
-    if data["add_bias_linear"]:
+    if config_bool(data, "add_bias_linear", path, False):
         raise ConfigError(f"config file {path}: add_bias_linear=true (biases on projections and experts) is not "
                           "supported; the released BlackMamba models use false")
     n_layers = config_int(data, "num_layers", path, maximum=MAX_LAYERS)
@@ -79,7 +79,8 @@ def config_from_json(data: dict, path: Path) -> ModelConfig:
         return ModelConfig(
             d_model=sizes["hidden_size"], layers=layers, vocab_size=sizes["vocab_size"],
             d_state=sizes["state_size"], d_conv=sizes["conv_dimension"], expand=sizes["expansion_factor"],
-            dt_rank=None, ffn_hidden=ffn, expert_gated=bool(data["swiglu"]), expert_activation="gelu",
+            dt_rank=None, ffn_hidden=ffn, expert_gated=config_bool(data, "swiglu", path, True),
+            expert_activation="gelu",
             final_norm="layernorm", norm_eps=1e-5, tie_embeddings=True, conv_bias=True, proj_bias=False,
             family="blackmamba",
             extra={"max_sequence_length": data.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)})

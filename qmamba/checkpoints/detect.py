@@ -61,7 +61,7 @@ def resolve_checkpoint_dir(path) -> Path:
         return p
     if p.is_file() and p.suffix in (".onnx", ".data") and ".onnx" in p.name:
         raise CheckpointError(f"{path} is an ONNX export, not a checkpoint (run it with: qmamba generate {path}); "
-                              "info, eval, quantize and export read the checkpoint directory it was exported from")
+                              "info, eval, quantize, export and bench read the checkpoint directory it was exported from")
     if p.is_file():
         return p.parent
     text = str(path)

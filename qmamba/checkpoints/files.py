@@ -89,6 +89,14 @@ def config_int(config: dict, key: str, path: Path, default=_REQUIRED, minimum: i
     return value
 
 
+def config_bool(config: dict, key: str, path: Path, default: bool) -> bool:
+    """``config[key]`` as a JSON boolean (``"false"``, ``0`` or ``null`` would otherwise be read by truthiness)."""
+    value = config.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"config file {path}: {key} must be true or false, got {value!r}")
+    return value
+
+
 def torch_load_safe(path: Path, mmap: bool = False):
     """``torch.load`` restricted to tensors and plain containers; any failure names the file.
 
@@ -181,6 +189,9 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
         raise CheckpointError(f"output directory {out_dir} exists and is not empty (pass --overwrite to replace it)")
     if not out_dir.parent.exists():
         raise CheckpointError(f"parent directory of {out_dir} does not exist")
+    from qmamba.output_files import check_writable_dir
+
+    check_writable_dir(out_dir.parent, f"output directory {out_dir}")  # now, not when the result is saved
 
 
 def current_umask() -> int:

@@ -14,8 +14,8 @@ import torch
 from qmamba.config import MAX_LAYERS, ModelConfig
 from qmamba.errors import CheckpointError, ConfigError
 
-from .files import (check_tensor_dict, config_int, hash_files, read_json, require_keys, safetensors_load,
-                    torch_load_safe, write_json)
+from .files import (check_tensor_dict, config_bool, config_int, hash_files, read_json, require_keys,
+                    safetensors_load, torch_load_safe, write_json)
 from .keymap import KeyMap, mixer_rules, rename_to_internal, rename_to_source
 from .mamba_ssm import drop_tied_head
 from .manifest import source_manifest
@@ -71,9 +71,10 @@ def config_from_json(data: dict, path: Path) -> ModelConfig:
             expand=expand,
             dt_rank=None if rank == "auto" else rank, final_norm="rmsnorm",
             norm_eps=data.get("layer_norm_epsilon", 1e-5),
-            tie_embeddings=bool(data.get("tie_word_embeddings", True)),
-            conv_bias=bool(data.get("use_conv_bias", True)), proj_bias=bool(data.get("use_bias", False)),
-            family="mamba", extra={"residual_in_fp32": data.get("residual_in_fp32", True)})
+            tie_embeddings=config_bool(data, "tie_word_embeddings", path, True),
+            conv_bias=config_bool(data, "use_conv_bias", path, True),
+            proj_bias=config_bool(data, "use_bias", path, False),
+            family="mamba", extra={"residual_in_fp32": config_bool(data, "residual_in_fp32", path, True)})
     except ConfigError as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
 

@@ -92,7 +92,7 @@ def loaded_bytes(state_dict: dict[str, torch.Tensor], manifest: dict, dtype: tor
 
 
 def load_model(path, device=None, dtype=None, backend=None, *, hash_files: bool = False,
-               dense_cache: bool | None = None):
+               dense_cache: bool | None = None, cpu_int4: bool = False):
     """Load a checkpoint of any supported format (local dir, file inside it, or hub id) as a :class:`MambaLM`.
 
     ``device``: default CPU. ``dtype``: default float32 on CPU, bfloat16 on CUDA (names like "bf16" work).
@@ -103,6 +103,10 @@ def load_model(path, device=None, dtype=None, backend=None, *, hash_files: bool 
     unpacking them on every call (:func:`qmamba.quant.modules.keep_dense_weights`); default: on with the reference
     backend (CPU), where it makes a quantized model as fast as the float one, at the cost of a float copy of the
     quantized weights in memory (``model.dense_cache_bytes``; 4 bytes per weight in float32, 2 in bfloat16).
+    ``cpu_int4``: with the dense cache on CPU, int4 linears (group size 32-256) keep torch's packed int4 layout
+    instead and run its CPU int4 matmul (``qmamba generate`` on CPU does this): a few times faster decode and
+    ~0.56 bytes per weight instead of 4, but activations are rounded to bfloat16, so the logits are not bit-exact
+    with the reference path (``model.cpu_int4_modules`` lists the modules). Experts keep the dense cache.
     """
     device = resolve_device(device)
     dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -120,11 +124,12 @@ def load_model(path, device=None, dtype=None, backend=None, *, hash_files: bool 
     check_fits(needed, device, f"the model ({dtype_name(dtype)} weights)")
     model = model_from_checkpoint(checkpoint, device, dtype)
     model.set_backend(backend)
-    model.dense_cache_bytes = 0
+    model.dense_cache_bytes, model.cpu_int4_modules = 0, []
     if quantized and dense_cache:
-        from qmamba.quant.modules import keep_dense_weights
+        from qmamba.quant.modules import cpu_int4_module_names, keep_dense_weights
 
-        model.dense_cache_bytes = keep_dense_weights(model, dtype)
+        model.dense_cache_bytes = keep_dense_weights(model, dtype, cpu_int4=cpu_int4 and device.type == "cpu")
+        model.cpu_int4_modules = cpu_int4_module_names(model)
     tokenizer = Path(checkpoint.directory) / TOKENIZER_FILE
     model.tokenizer_path = tokenizer if tokenizer.is_file() else None
     model.checkpoint_manifest = checkpoint.manifest

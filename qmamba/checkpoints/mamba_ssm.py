@@ -17,7 +17,8 @@ import torch
 from qmamba.config import MAX_LAYERS, ModelConfig
 from qmamba.errors import CheckpointError, ConfigError
 
-from .files import check_tensor_dict, config_int, hash_files, read_json, require_keys, torch_load_safe, write_json
+from .files import (check_tensor_dict, config_bool, config_int, hash_files, read_json, require_keys, torch_load_safe,
+                    write_json)
 from .keymap import KeyMap, mixer_rules, rename_to_internal, rename_to_source
 from .manifest import source_manifest
 from .record import Checkpoint
@@ -50,7 +51,7 @@ def config_from_json(data: dict, path: Path) -> ModelConfig:
         raise ConfigError(f"config file {path}: d_intermediate={data['d_intermediate']} (MLP blocks) is not supported")
     if data.get("attn_layer_idx"):
         raise ConfigError(f"config file {path}: attn_layer_idx (hybrid attention layers) is not supported")
-    if not data.get("rms_norm", True):
+    if not config_bool(data, "rms_norm", path, True):
         raise ConfigError(f"config file {path}: rms_norm=false (LayerNorm blocks) is not supported")
     multiple = 1 if data.get("pad_vocab_size_multiple", 8) is None else (
         config_int(data, "pad_vocab_size_multiple", path, default=8, minimum=0) or 1)
@@ -64,9 +65,10 @@ def config_from_json(data: dict, path: Path) -> ModelConfig:
             d_model=d_model, layers=["r"] * n_layers, vocab_size=padded,
             d_state=ssm.get("d_state", 16), d_conv=ssm.get("d_conv", 4), expand=ssm.get("expand", 2),
             dt_rank=None if dt_rank == "auto" else dt_rank, final_norm="rmsnorm", norm_eps=1e-5,
-            tie_embeddings=bool(data.get("tie_embeddings", True)), conv_bias=bool(ssm.get("conv_bias", True)),
-            proj_bias=bool(ssm.get("bias", False)), family="mamba", pad_vocab_multiple=multiple,
-            extra={"source_vocab_size": vocab, "residual_in_fp32": data.get("residual_in_fp32", True)})
+            tie_embeddings=config_bool(data, "tie_embeddings", path, True),
+            conv_bias=config_bool(ssm, "conv_bias", path, True), proj_bias=config_bool(ssm, "bias", path, False),
+            family="mamba", pad_vocab_multiple=multiple,
+            extra={"source_vocab_size": vocab, "residual_in_fp32": config_bool(data, "residual_in_fp32", path, True)})
     except ConfigError as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
 

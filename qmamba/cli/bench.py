@@ -54,7 +54,7 @@ def bench(path, batches, prompt_len, tokens, check_tokens, check_dtype, device, 
     if json_out:
         check_output_file(json_out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = qmamba.load_model(path, device=device, dtype=dtype)
+    model = qmamba.load_model(path, device=device, dtype=dtype, cpu_int4=True)  # the path qmamba generate runs
 
     def float32_twin():
         return qmamba.load_model(path, device=device, dtype="float32")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from qmamba.cli.param_types import DTYPE_CHOICES, SEED
 from qmamba.config import PRESETS
 
 FORMAT_CHOICES = ("qmamba", "blackmamba", "mamba_ssm", "hf")
@@ -16,8 +17,8 @@ FORMAT_CHOICES = ("qmamba", "blackmamba", "mamba_ssm", "hf")
               help="Checkpoint format to write.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Output directory (must not exist or be empty, unless --overwrite).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
-@click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Random seed.")
+@click.option("--dtype", default=None, type=click.Choice(DTYPE_CHOICES),
               help="Weight dtype [default: bfloat16 for blackmamba format and BlackMamba presets, else float32].")
 @click.option("--tokenizer", "tokenizer_file", default=None, type=click.Path(dir_okay=False),
               help="tokenizer.json to copy into the checkpoint [default: for the GPT-NeoX-20B vocabulary of the "

@@ -4,7 +4,8 @@
 to ``qmamba.export.ort_runner.generate_cli(path, **options)`` with the same options as keywords (``prompt``,
 ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``tokenizer``, ``device``, ``dtype``, ``out``),
 which returns the same figures as :func:`generate_text`. Both backends stream through
-:func:`qmamba.generation.stream_generate`. Ctrl-C ends the streamed line before "interrupted".
+:func:`qmamba.generation.stream_generate`. Ctrl-C ends the streamed line before "interrupted". On CPU the int4
+linears of a quantized checkpoint run torch's CPU int4 matmul (``load_model(cpu_int4=True)``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 
 import click
 
-from qmamba.cli.param_types import DEVICE_HELP, DTYPE_CHOICES
+from qmamba.cli.param_types import DEVICE_HELP, DTYPE_CHOICES, SEED
 
 BACKEND_CHOICES = ("reference", "triton", "onnxruntime")
 
@@ -34,8 +35,8 @@ def run_onnx(path: str, options: dict) -> dict:
 def generate_text(path: str, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                   seed: int | None, tokenizer: str | None, device: str, dtype: str | None, backend: str | None,
                   out=None, err=None) -> dict:
-    """Load, generate, and stream the text of one prompt to ``out``; returns timing figures and the generated text
-    (the timing line also goes to ``err``)."""
+    """Load, generate, and stream the text of one prompt to ``out``; returns timing figures, the generated text and
+    the device, dtype and backend that ran (the timing line also goes to ``err``)."""
     import qmamba
     from qmamba.cuda_graph import default_step_fn  # CUDA + triton backend: graph-captured fused decode
     from qmamba.generation import check_sampling_options, stream_generate
@@ -43,9 +44,15 @@ def generate_text(path: str, prompt: str, *, max_new_tokens: int, temperature: f
 
     check_sampling_options(temperature, top_k, top_p)
     tok = resolve_tokenizer(path, tokenizer, notice=lambda text: (err or sys.stderr).write(text + "\n"))  # fail early
-    model = qmamba.load_model(path, device=device, dtype=dtype, backend=backend)
-    return stream_generate(model, tok, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=seed, step_fn=default_step_fn(model), out=out, err=err)
+    from qmamba.checkpoints.load import default_backend
+
+    model = qmamba.load_model(path, device=device, dtype=dtype, backend=backend, cpu_int4=True)  # on CPU only
+    stats = stream_generate(model, tok, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, step_fn=default_step_fn(model), out=out, err=err)
+    ran = {"device": str(model.embedding.weight.device), "dtype": str(model.compute_dtype).removeprefix("torch."),
+           "backend": backend or default_backend(model.embedding.weight.device),
+           "cpu_int4_modules": len(model.cpu_int4_modules)}
+    return {**stats, **ran}
 
 
 class LineTracker:
@@ -75,7 +82,7 @@ class LineTracker:
               help="Sample among the k most likely tokens; 0 = off.")
 @click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               help="Nucleus sampling mass in (0, 1]; 1 = off.")
-@click.option("--seed", default=None, type=click.IntRange(min=0), help="Seed for reproducible sampling.")
+@click.option("--seed", default=None, type=SEED, help="Seed for reproducible sampling.")
 @click.option("--tokenizer", default=None, help="tokenizer.json or hub id (default: the checkpoint's; for the "
               "GPT-NeoX vocabulary of BlackMamba/Mamba without one, the NeoX tokenizer shipped with qmamba).")
 @click.option("--device", default=None, help=f"Device [default: cuda when available, else cpu]: {DEVICE_HELP}.")
@@ -109,4 +116,5 @@ def generate(path, prompt, max_new_tokens, temperature, top_k, top_p, seed, toke
             out.flush()
         raise
     if json_out:
-        write_json_file(json_out, {"path": str(path), **options, "device": device, "backend": backend, **stats})
+        ran = {"device": device or _default_device(), "backend": backend or "onnxruntime"}  # what the ONNX path ran
+        write_json_file(json_out, {"path": str(path), **options, **ran, **stats})

@@ -6,6 +6,8 @@ import click
 
 DEVICE_HELP = "cpu, cuda or cuda:N; checked against this machine"
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+# torch generators take seeds below 2**64; distillation adds its step number to the seed, so stay below 2**63
+SEED = click.IntRange(0, 2**63 - 1)
 
 
 class IntChoice(click.Choice):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from qmamba.calib.methods import SELECTABLE_METHODS
-from qmamba.cli.param_types import DEVICE_HELP, IntChoice
+from qmamba.cli.param_types import DEVICE_HELP, SEED, IntChoice
 from qmamba.quant.layout import INT4_GROUP_SIZES
 
 DISTILL_OPTIONS = ("distill_steps", "distill_time", "distill_lr", "distill_batch", "ste", "distill_norms",
@@ -47,7 +47,7 @@ DISTILL_OPTIONS = ("distill_steps", "distill_time", "distill_lr", "distill_batch
 @click.option("--device", default=None,
               help=f"Device for calibration [default: cpu]: {DEVICE_HELP}; one block at a time goes there, the "
                    "model stays on the CPU.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seed of the corpus calibration windows.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")

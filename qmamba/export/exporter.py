@@ -81,6 +81,9 @@ def check_output_path(out, overwrite: bool = False) -> Path:
         raise ExportError(f"{out} exists; pass --overwrite to replace it")
     if not out.parent.is_dir():
         raise ExportError(f"output directory {out.parent} does not exist")
+    from qmamba.output_files import check_writable_dir
+
+    check_writable_dir(out.parent, f"output file {out}")
     return out
 
 

@@ -211,4 +211,4 @@ def generate_cli(path, *, prompt: str, max_new_tokens: int, temperature: float, 
     provider = lm.session.get_providers()[0]
     stats = stream_generate(_GenerationAdapter(lm), tok, prompt, max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, seed=seed, label=provider, out=out, err=err)
-    return {**stats, "provider": provider}
+    return {**stats, "provider": provider, "dtype": {"fp32": "float32", "fp16": "float16"}[exported]}

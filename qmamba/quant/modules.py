@@ -8,7 +8,8 @@ through the single methods :meth:`QuantLinear._matmul` and :meth:`QuantExperts._
 ``backend == "triton"``. The 1-bit twins :class:`BinaryLinear` / :class:`BinaryExperts` differ only in their
 format. The reference operands are computed per call, or once with :func:`keep_dense_weights` (``load_model`` does
 so on CPU: a quantized model then decodes as fast as the float one, holding a float copy of its quantized weights
-besides the packed ones).
+besides the packed ones). With ``cpu_int4=True`` (``qmamba generate`` on CPU), int4 linears keep torch's packed
+int4 layout instead and run its CPU int4 matmul (:func:`cpu_int4_matmul`; activations rounded to bfloat16).
 
 The quantization manifest (``manifest["quantization"]`` of a checkpoint) maps module names to entries
 ``{"format": "int4", "group_size": 128, "symmetric": false, "method": "gptq", ...}``; :func:`swap_quantized_modules`
@@ -24,8 +25,8 @@ from torch import nn
 from qmamba.errors import CheckpointError, ConfigError
 from qmamba.moe import StackedExperts, expert_mlp
 from qmamba.quant import layout
-from qmamba.quant.formats import (BinaryFormat, WeightFormat, binary_apply, binary_operands, format_from_dict,
-                                  is_binary)
+from qmamba.quant.formats import (BinaryFormat, Int4Format, WeightFormat, binary_apply, binary_operands,
+                                  format_from_dict, is_binary)
 
 # keys of a manifest module entry that describe how it was made, not the format
 ENTRY_INFO_KEYS = ("method", "fallback", "n_tokens", "note")
@@ -89,6 +90,42 @@ class _KeepsPackedDtypes(nn.Module):
         self._dense_cache = None
 
 
+# ---- torch's packed int4 matmul on CPU (an opt-in alternative to the dense cache for int4 linears) --------------
+CPU_INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes torch's CPU int4 matmul takes
+
+
+def cpu_int4_available() -> bool:
+    """Whether this torch has the CPU int4 matmul (``aten._weight_int4pack_mm_for_cpu``) and its weight packer."""
+    return all(hasattr(torch.ops.aten, op) for op in ("_weight_int4pack_mm_for_cpu",
+                                                       "_convert_weight_to_int4pack_for_cpu"))
+
+
+def cpu_int4_operands(fmt: WeightFormat, packed: dict, n: int, k: int) -> dict | None:
+    """qmamba's int4 tensors ``[n, k]`` in the layout of torch's CPU int4 matmul, or ``None`` where it does not
+    apply (another format or group size, ``k`` not a whole number of groups, not on CPU, an older torch).
+
+    qmamba dequantizes ``(q - z) * s`` per group, torch ``(q - 8) * s + b``: the same weights with ``b = (8 - z) * s``
+    (``s`` and ``b`` in bfloat16, the kernel's operand dtype). Rows are padded to a multiple of 16, as the packer
+    requires."""
+    if (not isinstance(fmt, Int4Format) or fmt.group_size not in CPU_INT4_GROUP_SIZES or k % fmt.group_size
+            or packed["qweight"].device.type != "cpu" or not cpu_int4_available()):
+        return None
+    q, scales, zeros = fmt.unpack(packed, k)  # codes [n, k], scales and zero points [n, k / group_size]
+    pad = -n % 16
+    q = F.pad(q.to(torch.int32), (0, 0, 0, pad))
+    scales_zeros = torch.stack([scales, (8.0 - zeros) * scales], dim=-1)  # [n, groups, 2]
+    scales_zeros = F.pad(scales_zeros, (0, 0, 0, 0, 0, pad)).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return {"int4_cpu": torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), "scales_zeros": scales_zeros}
+
+
+def cpu_int4_matmul(x: torch.Tensor, ops: dict, n: int, group_size: int) -> torch.Tensor:
+    """``x @ W_hat^T`` by torch's CPU int4 matmul: ``x`` rounded to bfloat16, the result returned in ``x.dtype``."""
+    lead = x.shape[:-1]
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), ops["int4_cpu"],
+                                                   group_size, ops["scales_zeros"])
+    return y[:, :n].to(x.dtype).reshape(*lead, n)
+
+
 class QuantLinear(_KeepsPackedDtypes):
     """``y = x @ W_hat^T (+ bias)``, ``W_hat`` stored packed: ``x [..., in_features]`` -> ``[..., out_features]``."""
 
@@ -140,7 +177,23 @@ class QuantLinear(_KeepsPackedDtypes):
         ops = self._cached_operands(x.dtype)
         if ops is None:
             ops = self.fmt.reference_operands(self.packed(), self.in_features, x.dtype)
+        elif "int4_cpu" in ops:
+            return cpu_int4_matmul(x, ops, self.out_features, self.fmt.group_size)
         return self.fmt.reference_matmul(x, ops)
+
+    def keep_cpu_int4(self, dtype) -> int:
+        """Keep this int4 weight in torch's CPU int4 layout (:func:`cpu_int4_operands`) for activations in
+        ``dtype``, in place of the dense cache: about 0.56 bytes per weight instead of 4, and a matmul that reads
+        int4, but activations rounded to bfloat16 (not bit-exact with the reference). Returns the bytes kept, or 0
+        (nothing kept) where it does not apply."""
+        packed = self.packed()
+        ops = cpu_int4_operands(self.fmt, packed, self.out_features, self.in_features)
+        if ops is None:
+            return 0
+        names = tuple(packed)
+        self._dense_cache = {"key": self._dense_key(dtype, names), "names": names, "operands": ops,
+                             "per_matrix": None}
+        return sum(t.numel() * t.element_size() for t in ops.values())
 
     def forward(self, x):
         y = self._matmul(x)
@@ -378,12 +431,25 @@ def quantized_module_names(model: nn.Module) -> list[str]:
     return names
 
 
-def keep_dense_weights(model: nn.Module, dtype) -> int:
+def keep_dense_weights(model: nn.Module, dtype, cpu_int4: bool = False) -> int:
     """Give every quantized module of ``model`` a dense cache in ``dtype`` (the reference path then runs at the
     float model's speed); returns the bytes added: about the float model's size for the quantized weights
     (4 bytes per weight in float32, 2 in bfloat16), on top of the packed tensors, which stay for saving and export.
+    ``cpu_int4``: int4 linears that torch's CPU int4 matmul takes keep its layout instead
+    (:meth:`QuantLinear.keep_cpu_int4`: faster and smaller, activations rounded to bfloat16).
     :func:`drop_dense_weights` gives the memory back."""
-    return sum(mod.keep_dense(dtype) for mod in model.modules() if isinstance(mod, _KeepsPackedDtypes))
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, _KeepsPackedDtypes):
+            kept = mod.keep_cpu_int4(dtype) if cpu_int4 and isinstance(mod, QuantLinear) else 0
+            total += kept or mod.keep_dense(dtype)
+    return total
+
+
+def cpu_int4_module_names(model: nn.Module) -> list[str]:
+    """Names of the modules that run torch's CPU int4 matmul (:meth:`QuantLinear.keep_cpu_int4`)."""
+    return [name for name, mod in model.named_modules() if isinstance(mod, QuantLinear)
+            and mod._dense_cache is not None and "int4_cpu" in mod._dense_cache["operands"]]
 
 
 def drop_dense_weights(model: nn.Module) -> None:

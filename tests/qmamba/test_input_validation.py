@@ -91,6 +91,21 @@ def _counts(cfg: dict) -> dict:
             "mamba": n_mamba * mamba, "moe": n_moe * experts}
 
 
+@pytest.mark.parametrize("fmt,preset_name,field,value", [
+    ("blackmamba", "tiny-blackmamba", "swiglu", "false"), ("blackmamba", "tiny-blackmamba", "add_bias_linear", 0),
+    ("mamba_ssm", "tiny-mamba", "rms_norm", "false"), ("mamba_ssm", "tiny-mamba", "tie_embeddings", None),
+    ("hf", "tiny-mamba", "use_bias", "true"), ("hf", "tiny-mamba", "tie_word_embeddings", 0),
+    ("hf", "tiny-mamba", "residual_in_fp32", "yes"),
+])
+def test_source_config_booleans_must_be_json_booleans(tmp_path, fmt, preset_name, field, value):
+    """A string "false" (or 0, null) was read by truthiness: swiglu "false" loaded a gated-expert model."""
+    src = create_checkpoint(preset_name, fmt, tmp_path / fmt)
+    qmamba.load_model(src)  # the checkpoint as written loads
+    edit_config(src, **{field: value})
+    with pytest.raises(ConfigError, match=f"{field} must be true or false, got {value!r}"):
+        qmamba.load_model(src)
+
+
 @pytest.mark.parametrize("field,value,fragment", [
     ("norm_eps", "x", "norm_eps"), ("norm_eps", 0, "norm_eps"), ("d_state", 8.5, "d_state"),
     ("expert_gated", "yes", "expert_gated"), ("layers", "r4r4", "layers"), ("layers", ["r", "²"], "layer"),
@@ -126,6 +141,10 @@ def test_cuda_requested_without_cuda(fixture_copy, tmp_path, monkeypatch):
 
 def test_unknown_and_missing_devices(fixture_copy, monkeypatch):
     assert_one_line_error(cli("generate", fixture_copy, "-n", 1, "--device", "foo"), "unknown device 'foo'")
+    assert_one_line_error(cli("quantize", fixture_copy, "-o", fixture_copy.parent / "q", "--method", "rtn",
+                              "--device", "foo"), "unknown device 'foo'")
+    assert_one_line_error(cli("eval", fixture_copy, "--device", "foo"), "unknown device 'foo'")
+    assert not (fixture_copy.parent / "q").exists()
     assert_one_line_error(cli("generate", fixture_copy, "-n", 1, "--device", "mps"), "not supported")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -136,6 +155,17 @@ def test_triton_backend_on_cpu(fixture_copy, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the test suite runs Triton through its interpreter
     result = cli("generate", fixture_copy, "-n", 1, "--device", "cpu", "--backend", "triton")
     assert_one_line_error(result, "--backend triton", "CUDA")
+
+
+@pytest.mark.parametrize("command", [["create", "--preset", "tiny-mamba", "-o", "OUT"],
+                                     ["generate", FIXTURE, "-n", 1, "--device", "cpu"],
+                                     ["quantize", FIXTURE, "-o", "OUT", "--method", "rtn"]])
+def test_seed_out_of_range(command, tmp_path, monkeypatch):
+    """torch generators take seeds below 2**64: a larger --seed was an OverflowError traceback."""
+    monkeypatch.chdir(tmp_path)
+    for seed in (2**64 + 1, -1):
+        assert_one_line_error(cli(*command, "--seed", seed), "--seed")
+    assert not (tmp_path / "OUT").exists()
 
 
 # ---- 5, 6, 10: eval options ------------------------------------------------------------------------------------
@@ -186,8 +216,38 @@ def test_json_path_is_checked_before_the_evaluation(fixture_copy, tmp_path, monk
     assert_one_line_error(cli("eval", fixture_copy, "--json", tmp_path), "directory")
     monkeypatch.setattr("qmamba.cli.generate.generate_text", _must_not_run)
     assert_one_line_error(cli("generate", fixture_copy, "--json", tmp_path / "nowhere" / "g.json"), "does not exist")
+    monkeypatch.setattr("qmamba.calib.quantize.quantize_checkpoint", _must_not_run)
+    result = cli("quantize", fixture_copy, "-o", tmp_path / "q", "--method", "rtn", "--json",
+                 tmp_path / "nowhere" / "q.json")
+    assert_one_line_error(result, "does not exist")
+    assert not (tmp_path / "q").exists()
     monkeypatch.setattr("qmamba.bench.bench_model", _must_not_run)
     assert_one_line_error(cli("bench", fixture_copy, "--json", tmp_path / "nowhere" / "b.json"), "does not exist")
+
+
+def test_unwritable_output_folder_is_refused_before_the_work(fixture_copy, tmp_path, monkeypatch):
+    """An output folder that cannot be written (permissions, a read-only file system) was found only when the
+    result was saved, after the whole run, with a traceback."""
+    import tempfile
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).resolve() == locked.resolve():
+            raise PermissionError(13, "Permission denied")
+        return real_mkdtemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    monkeypatch.setattr("qmamba.calib.quantize.calibrate", _must_not_run)
+    for args in (["quantize", fixture_copy, "-o", locked / "q", "--method", "rtn"],
+                 ["create", "--preset", "tiny-mamba", "-o", locked / "c"],
+                 ["export", fixture_copy, "-o", locked / "m.onnx"],
+                 ["eval", fixture_copy, "--json", locked / "e.json"],
+                 ["generate", fixture_copy, "-n", 1, "--json", locked / "g.json"]):
+        assert_one_line_error(cli(*args), f"cannot write in {locked} (Permission denied)")
+    assert list(locked.iterdir()) == []
 
 
 def test_eval_default_token_budget(fixture_copy, tmp_path, monkeypatch):
@@ -265,6 +325,7 @@ def test_generate_json_holds_the_streamed_text(fixture_copy, tmp_path):
     record = json.loads((tmp_path / "g.json").read_text())
     assert result.stdout == "And the" + record["text"] + "\n"
     assert record["new_tokens"] == 8 and record["prompt"] == "And the"
+    assert (record["device"], record["dtype"], record["backend"]) == ("cpu", "float32", "reference")  # what ran
 
 
 def test_ctrl_c_during_generate_starts_a_new_line(fixture_copy, monkeypatch):
@@ -280,12 +341,13 @@ def test_ctrl_c_during_generate_starts_a_new_line(fixture_copy, monkeypatch):
     assert result.stderr == "interrupted\n"
 
 
-@pytest.mark.parametrize("command", [["info"], ["eval"], ["quantize", "-o", "out"]])
+@pytest.mark.parametrize("command", [["info"], ["eval"], ["quantize", "-o", "out"], ["bench"],
+                                     ["export", "-o", "out.onnx"]])
 def test_checkpoint_commands_on_an_onnx_file(tmp_path, command):
     onnx = tmp_path / "model.onnx"
     onnx.write_bytes(b"\x08\x07")
     result = cli(command[0], onnx, *command[1:])
-    assert_one_line_error(result, "ONNX export", "qmamba generate")
+    assert_one_line_error(result, "ONNX export", "qmamba generate", command[0])
 
 
 def test_create_checks_the_tokenizer_against_the_preset(tmp_path):
@@ -321,10 +383,16 @@ def test_readme_top_k_matches_the_default():
 
 
 def test_assets_reachable_from_the_package():
-    import importlib
+    """``import qmamba`` alone gives ``qmamba.assets`` (checked in a fresh interpreter: in this one, other imports
+    have loaded the submodule already)."""
+    import subprocess
+    import sys
 
-    fresh = importlib.import_module("qmamba")
-    assert fresh.assets.default_model_path() == FIXTURE.resolve()
+    code = "import qmamba; print(qmamba.assets.default_model_path())"
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()) == FIXTURE.resolve()
 
 
 def test_fallback_summary_is_short():
