@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import pickle
-import re
 import shutil
 import sys
 import uuid

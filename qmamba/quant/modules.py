@@ -24,7 +24,6 @@ from torch import nn
 
 from qmamba.errors import CheckpointError, ConfigError
 from qmamba.moe import StackedExperts, expert_mlp
-from qmamba.quant import layout
 from qmamba.quant.formats import (BinaryFormat, Int4Format, WeightFormat, binary_apply, binary_operands,
                                   format_from_dict, is_binary)
 

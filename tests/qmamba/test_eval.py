@@ -1,7 +1,6 @@
 """Evaluation: sliding-window perplexity equals a brute-force computation written here; every token after the
 first is scored once; LAMBADA greedy matching; router agreement; data path resolution; the eval CLI."""
 
-import gzip
 import json
 import math
 
