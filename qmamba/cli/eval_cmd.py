@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from qmamba.cli.param_types import DEVICE_HELP, DTYPE_CHOICES, CountOrAll
+from qmamba.cli.param_types import DEVICE_HELP, DTYPE_CHOICES, TOKENIZER_HELP, CountOrAll
 from qmamba.errors import UserError
 
 DEFAULT_MAX_TOKENS = 32768  # default perplexity budget; see the --max-tokens help
@@ -46,8 +46,7 @@ def _format_result(r: dict) -> str:
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Windows per forward pass.")
 @click.option("--tokenizer", type=click.Path(), default=None,
-              help="tokenizer.json or hub id (default: the checkpoint's; for the GPT-NeoX vocabulary of "
-                   "BlackMamba/Mamba without one, the NeoX tokenizer shipped with qmamba).")
+              help=TOKENIZER_HELP)
 @click.option("--device", default=None, help=f"Device [default: cpu]: {DEVICE_HELP}.")
 @click.option("--dtype", default=None, type=click.Choice(DTYPE_CHOICES),
               help="Compute dtype [default: float32 on CPU, bfloat16 on CUDA].")

@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from qmamba.cli.param_types import DEVICE_HELP, DTYPE_CHOICES, SEED
+from qmamba.cli.param_types import DEVICE_HELP, DTYPE_CHOICES, SEED, TOKENIZER_HELP
 
 BACKEND_CHOICES = ("reference", "triton", "onnxruntime")
 
@@ -83,8 +83,7 @@ class LineTracker:
 @click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               help="Nucleus sampling mass in (0, 1]; 1 = off.")
 @click.option("--seed", default=None, type=SEED, help="Seed for reproducible sampling.")
-@click.option("--tokenizer", default=None, help="tokenizer.json or hub id (default: the checkpoint's; for the "
-              "GPT-NeoX vocabulary of BlackMamba/Mamba without one, the NeoX tokenizer shipped with qmamba).")
+@click.option("--tokenizer", default=None, help=TOKENIZER_HELP)
 @click.option("--device", default=None, help=f"Device [default: cuda when available, else cpu]: {DEVICE_HELP}.")
 @click.option("--dtype", default=None, type=click.Choice(DTYPE_CHOICES),
               help="Compute dtype [default: float32 on CPU, bfloat16 on CUDA].")

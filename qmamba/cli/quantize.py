@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from qmamba.calib.methods import SELECTABLE_METHODS
-from qmamba.cli.param_types import DEVICE_HELP, SEED, IntChoice
+from qmamba.cli.param_types import DEVICE_HELP, SEED, TOKENIZER_HELP, IntChoice
 from qmamba.quant.layout import INT4_GROUP_SIZES
 
 DISTILL_OPTIONS = ("distill_steps", "distill_time", "distill_lr", "distill_batch", "ste", "distill_norms",
@@ -42,8 +42,7 @@ DISTILL_OPTIONS = ("distill_steps", "distill_time", "distill_lr", "distill_batch
 @click.option("--report-tokens", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Token budget of --report.")
 @click.option("--tokenizer", type=click.Path(), default=None,
-              help="tokenizer.json or hub id (default: the checkpoint's; for the GPT-NeoX vocabulary of "
-                   "BlackMamba/Mamba without one, the NeoX tokenizer shipped with qmamba).")
+              help=TOKENIZER_HELP)
 @click.option("--device", default=None,
               help=f"Device for calibration [default: cpu]: {DEVICE_HELP}; one block at a time goes there, the "
                    "model stays on the CPU.")

@@ -154,31 +154,31 @@ def _report(capsys, target: str, outcomes: list[str], seconds: float) -> None:
               f"{outcomes.count('refused')} refused with a one-line error) in {seconds:.1f} s")
 
 
-def test_fuzz_config_files(bases, tmp_path, capsys):
-    rng = random.Random(SEED)
-    start, outcomes = time.perf_counter(), []
-    names = ["native", "quantized", "blackmamba", "mamba_ssm", "hf"]
-    for i in range(CASES_PER_TARGET["config"]):
+def _fuzz_json_file(bases, tmp_path, rng, file: str, names, cases: int, excerpt: int) -> list:
+    """Outcomes of ``cases`` checkpoints (cycling over ``names``) whose ``file`` was replaced by a mutation."""
+    outcomes = []
+    for i in range(cases):
         name = names[i % len(names)]
         work = _fresh_copy(bases[name], tmp_path / "work")
-        original = json.loads((work / "config.json").read_text())
-        (work / "config.json").write_bytes(mutate_json(original, rng))
-        outcomes.append(expect_clean_outcome(work, f"config case {i} ({name}): "
-                                                   f"{(work / 'config.json').read_bytes()[:400]!r}"))
+        original = json.loads((work / file).read_text())
+        (work / file).write_bytes(mutate_json(original, rng))
+        outcomes.append(expect_clean_outcome(work, f"{file} case {i} ({name}): "
+                                                   f"{(work / file).read_bytes()[:excerpt]!r}"))
+    return outcomes
+
+
+def test_fuzz_config_files(bases, tmp_path, capsys):
+    start = time.perf_counter()
+    outcomes = _fuzz_json_file(bases, tmp_path, random.Random(SEED), "config.json",
+                               ["native", "quantized", "blackmamba", "mamba_ssm", "hf"], CASES_PER_TARGET["config"], 400)
     _report(capsys, "config.json", outcomes, time.perf_counter() - start)
     assert outcomes.count("refused") > len(outcomes) // 4  # the mutations do reach the checks
 
 
 def test_fuzz_manifest_files(bases, tmp_path, capsys):
-    rng = random.Random(SEED + 1)
-    start, outcomes = time.perf_counter(), []
-    for i in range(CASES_PER_TARGET["manifest"]):
-        name = ("native", "quantized")[i % 2]
-        work = _fresh_copy(bases[name], tmp_path / "work")
-        original = json.loads((work / "manifest.json").read_text())
-        (work / "manifest.json").write_bytes(mutate_json(original, rng))
-        outcomes.append(expect_clean_outcome(work, f"manifest case {i} ({name}): "
-                                                   f"{(work / 'manifest.json').read_bytes()[:600]!r}"))
+    start = time.perf_counter()
+    outcomes = _fuzz_json_file(bases, tmp_path, random.Random(SEED + 1), "manifest.json", ["native", "quantized"],
+                               CASES_PER_TARGET["manifest"], 600)
     _report(capsys, "manifest.json", outcomes, time.perf_counter() - start)
     assert outcomes.count("refused") > len(outcomes) // 4
 
