@@ -46,3 +46,11 @@ def next_pow2(n: int) -> int:
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for launch grids and tile counts (host side)."""
     return -(-int(a) // int(b))
+
+
+@jit
+def split_k_range(pid_k, iters, SPLIT_K):
+    """``[lo, hi)``: the iterations (of ``iters`` along K) that split ``pid_k`` of ``SPLIT_K`` runs (inside kernels)."""
+    per_split = tl.cdiv(iters, SPLIT_K)
+    lo = pid_k * per_split
+    return lo, tl.minimum(lo + per_split, iters)

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from qmamba.kernels._triton import cdiv, jit, tl
+from qmamba.kernels._triton import cdiv, jit, split_k_range, tl
 from qmamba.kernels.dequantize import dense_linear
 from qmamba.kernels.matmul_configs import (BINARY_DEQUANT_GEMM_MIN_M, DEFAULT_POLICY, GEMV_MAX_M, BinaryConfig,
                                            MatmulPolicy, pick_binary_config)
@@ -156,9 +156,7 @@ def _binary_gemv_kernel(
     j = tl.arange(0, WPI)
     kv = tl.arange(0, WPI * 32)
     iters = tl.cdiv(KW, WPI)
-    per_split = tl.cdiv(iters, SPLIT_K)
-    it_lo = pid_k * per_split
-    it_hi = tl.minimum(it_lo + per_split, iters)
+    it_lo, it_hi = split_k_range(pid_k, iters, SPLIT_K)
     a_row = a_ptr + e64 * sae
     w_rows = w_ptr + e64 * swe + n[:, None] * swn
     acc = tl.zeros((BLOCK_N, WPI), dtype=tl.float32)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from qmamba.kernels._triton import cdiv, jit, tl
+from qmamba.kernels._triton import cdiv, jit, split_k_range, tl
 from qmamba.kernels.routing import ExpertTiles
 from qmamba.kernels.weights import FMT_INT4, PackedWeight
 
@@ -66,10 +66,8 @@ def _dequant_gemm_kernel(
     e64 = expert.to(tl.int64)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
-    k_tiles = tl.cdiv(K_PAD, BLOCK_K)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    k_lo = pid_k * per_split * BLOCK_K
-    k_hi = tl.minimum((pid_k + 1) * per_split * BLOCK_K, K_PAD)
+    t_lo, t_hi = split_k_range(pid_k, tl.cdiv(K_PAD, BLOCK_K), SPLIT_K)
+    k_lo, k_hi = t_lo * BLOCK_K, tl.minimum(t_hi * BLOCK_K, K_PAD)
     w_base = w_ptr + e64 * swe
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):

@@ -5,7 +5,7 @@ matmul (:func:`qmamba.kernels.quant_matmul.dequant_matmul`) takes it on CUDA whe
 
 from __future__ import annotations
 
-from qmamba.kernels._triton import cdiv, jit, tl
+from qmamba.kernels._triton import cdiv, jit, split_k_range, tl
 from qmamba.kernels.weights import PackedWeight
 
 
@@ -37,9 +37,7 @@ def _int4_gemv_kernel(
     gi = tl.arange(0, GPI)
     n_groups = K_PAD // GROUP
     iters = tl.cdiv(n_groups, GPI)
-    per_split = tl.cdiv(iters, SPLIT_K)
-    it_lo = pid_k * per_split
-    it_hi = tl.minimum(it_lo + per_split, iters)
+    it_lo, it_hi = split_k_range(pid_k, iters, SPLIT_K)
     it_hi = tl.where(active, it_hi, it_lo)
     w_rows = w_ptr + e64 * swe + n[:, None, None] * swn
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)

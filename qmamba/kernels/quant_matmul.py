@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from qmamba.kernels._triton import cdiv, jit, tl
+from qmamba.kernels._triton import cdiv, jit, split_k_range, tl
 from qmamba.kernels.dequant_gemm import dequant_gemm, matmul_epilogue
 from qmamba.kernels.dequantize import dense_linear, dequantize_stack
 from qmamba.kernels.int4_gemv import int4_gemv
@@ -83,10 +83,8 @@ def _dequant_matmul_kernel(
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     # -- this split's K range (whole tiles); no rows -> empty loop
-    tiles = tl.cdiv(K_PAD, BLOCK_K)
-    per_split = tl.cdiv(tiles, SPLIT_K)
-    k_lo = pid_k * per_split * BLOCK_K
-    k_hi = tl.minimum((pid_k + 1) * per_split * BLOCK_K, K_PAD)
+    t_lo, t_hi = split_k_range(pid_k, tl.cdiv(K_PAD, BLOCK_K), SPLIT_K)
+    k_lo, k_hi = t_lo * BLOCK_K, tl.minimum(t_hi * BLOCK_K, K_PAD)
     k_hi = tl.where(n_rows > 0, k_hi, k_lo)
     w_base = w_ptr + expert.to(tl.int64) * swe
     # the weight is the dot's left operand (it can stay in registers after dequantization): acc is [BLOCK_N,
