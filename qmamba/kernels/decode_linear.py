@@ -10,13 +10,12 @@ dependency latency, not bytes (benchmarks/results.md, "Decode"). These kernels a
   graph the next kernel is launched while the previous one runs, so its weight loads overlap the previous kernel's
   tail. Only weights (constant during a step) are read before the wait; expert weights, whose choice comes from
   the previous kernel, are read after it. Each kernel lets its own dependents launch right after its wait;
-* **fused epilogues / prologues** that remove whole kernels: the causal-conv step after ``in_proj``
+* **fused epilogues** that remove whole kernels: the causal-conv step after ``in_proj``
   (``conv_out``: each program computes ``silu(conv(state, x) + b)`` for its own x rows from the old conv state and
   writes it beside them, so x_proj reads a finished input; the dt kernel, which runs after every reader, writes the
   new state), the gated activation after ``fc1`` (``gated``: a program computes gate rows ``n`` and up rows
-  ``F + n`` of its expert and writes ``act(gate) * up``). The conv step can also run in front of a linear
-  (``conv``, recomputed by every program: 27 us for an int4 x_proj on the H200 against 4 us after the epilogue,
-  so the fused step no longer uses it).
+  ``F + n`` of its expert and writes ``act(gate) * up``). (The conv step in front of x_proj instead, recomputed by
+  every program, took 27 us for an int4 x_proj on the H200 against 4 us after the epilogue.)
 
 Formats: float (any dtype), int8 (per-row scale), int4 in the stored group-wise layout read as 32-bit words, and
 int4 "planes" (:func:`qmamba.quant.layout.int4_to_planes`: the same codes arranged so that each nibble position of
@@ -34,7 +33,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from qmamba.kernels._triton import HAS_TRITON, jit, next_pow2, tl
 from qmamba.kernels.fused_moe import ACTIVATION_IDS, activate, gated_act_ref
@@ -178,26 +176,14 @@ def _int4_x_scale(i: tl.constexpr, MAGIC: tl.constexpr):
 
 
 @jit
-def _input_at(x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, k, km,
-              CONV: tl.constexpr, CONV_W: tl.constexpr, HAS_CB: tl.constexpr):
-    """Input row ``r`` at positions ``k`` (any shape; ``km`` its mask) in fp32. ``CONV``: the conv step's output
-    ``silu(sum_j state[j + 1] w[j] + x w[W-1] + b)`` from the old state ``st``."""
-    x = tl.load(x_ptr + r * sxm + k, mask=km, other=0.0).to(tl.float32)
-    if CONV:
-        acc = x * tl.load(cw_ptr + k * CONV_W + (CONV_W - 1), mask=km, other=0.0).to(tl.float32)
-        for t in tl.static_range(CONV_W - 1):
-            acc += tl.load(st_ptr + r * ss_m + k * ss_d + (t + 1), mask=km, other=0.0).to(tl.float32) * \
-                tl.load(cw_ptr + k * CONV_W + t, mask=km, other=0.0).to(tl.float32)
-        if HAS_CB:
-            acc += tl.load(cb_ptr + k, mask=km, other=0.0).to(tl.float32)
-        x = tl.where(km, acc * tl.sigmoid(acc), 0.0)
-    return x
+def _input_at(x_ptr, r, sxm, k, km):
+    """Input row ``r`` at positions ``k`` (any shape; ``km`` its mask) in fp32."""
+    return tl.load(x_ptr + r * sxm + k, mask=km, other=0.0).to(tl.float32)
 
 
 @jit
-def _dot_row(w, scale, zero, x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, K, row_ok,
-             FMT: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, CONV: tl.constexpr,
-             CONV_W: tl.constexpr, HAS_CB: tl.constexpr, MAGIC: tl.constexpr):
+def _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok,
+             FMT: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, MAGIC: tl.constexpr):
     """``[BN]`` fp32: the tile times input row ``r``. int4: per nibble position, ``(code - zero) * x`` summed over
     the tile row, times the tile's scale. A row that is not ``row_ok`` reads nothing (its K limit is 0)."""
     k_lim = tl.where(row_ok, K, 0)  # scalar masks fold into limits: the interpreter rejects vector & scalar masks
@@ -206,36 +192,33 @@ def _dot_row(w, scale, zero, x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, 
         part = tl.zeros(w.shape, dtype=tl.float32)
         for i in tl.static_range(8):
             k = _int4_k(i, NBP, WPG, FMT)
-            xi = _input_at(x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, k, k < k_lim, CONV, CONV_W, HAS_CB)
+            xi = _input_at(x_ptr, r, sxm, k, k < k_lim)
             part += _int4_codes(w, hi, zero, i, MAGIC) * (xi * _int4_x_scale(i, MAGIC))[None, :, :]
         y = tl.sum(tl.sum(part, axis=2) * scale, axis=1)
     else:
         k = tl.arange(0, KP)
-        x = _input_at(x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, k, k < k_lim, CONV, CONV_W, HAS_CB)
+        x = _input_at(x_ptr, r, sxm, k, k < k_lim)
         y = tl.sum(w.to(tl.float32) * x[None, :], axis=1) * scale
     return y
 
 
 @jit
-def _dot_rows_int4(w, scale, zero, x_ptr, rr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, K, M,
-                   FMT: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, CONV: tl.constexpr,
-                   CONV_W: tl.constexpr, HAS_CB: tl.constexpr, MAGIC: tl.constexpr):
+def _dot_rows_int4(w, scale, zero, x_ptr, rr, sxm, K, M,
+                   FMT: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, MAGIC: tl.constexpr):
     """``[ROWS, BN]`` fp32: int4 tile times the input rows ``rr`` (rows >= M read nothing), each code unpacked once."""
     k_lim = tl.where(rr < M, K, 0)
     hi = w >> 20
     part = tl.zeros((rr.shape[0], w.shape[0], w.shape[1]), dtype=tl.float32)                      # [R, BN, NBP]
     for i in tl.static_range(8):
         k = _int4_k(i, NBP, WPG, FMT)[None, :, :]
-        xi = _input_at(x_ptr, rr[:, None, None], sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, k,
-                       k < k_lim[:, None, None], CONV, CONV_W, HAS_CB) * _int4_x_scale(i, MAGIC)    # [R, NBP, WPG]
+        xi = _input_at(x_ptr, rr[:, None, None], sxm, k, k < k_lim[:, None, None]) * _int4_x_scale(i, MAGIC)
         wf = _int4_codes(w, hi, zero, i, MAGIC)                                                      # [BN, NBP, WPG]
         part += tl.sum(wf[None, :, :, :] * xi[:, None, :, :], axis=3)
     return tl.sum(part * scale[None, :, :], axis=2)
 
 
 @jit
-def _dot_rows_mma(w, scale, zero, x_ptr, rr, rok, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, K,
-                  NBP: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr, HAS_CB: tl.constexpr):
+def _dot_rows_mma(w, scale, zero, x_ptr, rr, rok, sxm, K, NBP: tl.constexpr):
     """``[R, BN]`` fp32: an int4 plane tile times the input rows ``rr`` where ``rok`` (R >= 16 and BN >= 16), on the
     tensor cores: per nibble position, the dequantized weights ``[BN, NBP * 16]`` times the inputs at the k they
     hold (for a tile row, 16 consecutive k per tile). Float32 inputs take the exact (IEEE) product; others round
@@ -247,8 +230,7 @@ def _dot_rows_mma(w, scale, zero, x_ptr, rr, rok, sxm, st_ptr, cw_ptr, cb_ptr, s
     for i in tl.static_range(8):
         a = tl.reshape((((w >> (4 * i)) & 0xF).to(tl.float32) - zero[:, :, None]) * scale[:, :, None], (bn, nw))
         k = (q // 16) * 128 + 16 * i + (q % 16)
-        xi = _input_at(x_ptr, rr[None, :], sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, k[:, None],
-                       (k < K)[:, None] & rok[None, :], CONV, CONV_W, HAS_CB)                       # [NW, R]
+        xi = _input_at(x_ptr, rr[None, :], sxm, k[:, None], (k < K)[:, None] & rok[None, :])        # [NW, R]
         if x_ptr.dtype.element_ty == tl.float32:
             acc += tl.dot(a, xi, input_precision="ieee")
         else:
@@ -260,7 +242,7 @@ def _dot_rows_mma(w, scale, zero, x_ptr, rr, rok, sxm, st_ptr, cw_ptr, cb_ptr, s
 def _decode_linear_kernel(
     x_ptr, st_ptr, cw_ptr, cb_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rexp_ptr, rscale_ptr, out_ptr, co_ptr,
     M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse, ssn, sze, szn,
-    FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr,
+    FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr, CONV_W: tl.constexpr,
     HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr,
     MAGIC: tl.constexpr, CONV_EPI: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
@@ -295,7 +277,7 @@ def _decode_linear_kernel(
                 w_up, scale_up, zero_up = w, scale, zero
             _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
                       bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, co_ptr, scom, DI, rows, rows_ok, expert,
-                      M, N, K, FMT, ROWS, ROUTED, CONV, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP, NBP, WPG,
+                      M, N, K, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP, NBP, WPG,
                       TPB, MAGIC, CONV_EPI)
     else:
         e64 = pid_e.to(tl.int64) * 0
@@ -311,7 +293,7 @@ def _decode_linear_kernel(
             tl.extra.cuda.gdc_launch_dependents()
         _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
                   bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, co_ptr, scom, DI, rows, rows_ok, pid_e,
-                  M, N, K, FMT, ROWS, ROUTED, CONV, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP, NBP, WPG,
+                  M, N, K, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP, NBP, WPG,
                   TPB, MAGIC, CONV_EPI)
 
 
@@ -337,7 +319,7 @@ def _store_out(y, ri, ni, mask, out_ptr, som, co_ptr, scom, st_ptr, cw_ptr, cb_p
 @jit
 def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
               bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, co_ptr, scom, DI, rows, rows_ok, expert, M, N, K,
-              FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr, CONV: tl.constexpr,
+              FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr,
               CONV_W: tl.constexpr, HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
               HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr,
               WPG: tl.constexpr, TPB: tl.constexpr, MAGIC: tl.constexpr, CONV_EPI: tl.constexpr):
@@ -351,13 +333,11 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
         rok = rr < M
         if ROUTED:
             rok = rok & (tl.load(rexp_ptr + rr, mask=rok, other=-1) == expert)
-        y = _dot_rows_mma(w, scale, zero, x_ptr, rr, rok, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, K, NBP, CONV,
-                          CONV_W, HAS_CB)                                                           # [ROWS, BN]
+        y = _dot_rows_mma(w, scale, zero, x_ptr, rr, rok, sxm, K, NBP)                              # [ROWS, BN]
         if HAS_BIAS:
             y += bias[None, :]
         if GATED:
-            y = activate(y, ACT) * _dot_rows_mma(w_up, scale_up, zero_up, x_ptr, rr, rok, sxm, st_ptr, cw_ptr,
-                                                 cb_ptr, ss_m, ss_d, K, NBP, CONV, CONV_W, HAS_CB)
+            y = activate(y, ACT) * _dot_rows_mma(w_up, scale_up, zero_up, x_ptr, rr, rok, sxm, K, NBP)
         if HAS_RSCALE:
             y = y * tl.load(rscale_ptr + rr, mask=rok, other=0.0).to(tl.float32)[:, None]
         _store_out(y, rr[:, None], rows[None, :], rok[:, None] & rows_ok[None, :], out_ptr, som, co_ptr, scom,
@@ -365,14 +345,12 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
     elif FMT == 2 and ROWS > 1 and not ROUTED:
         # every row uses the same tile: unpack each code once, multiply it into all rows
         rr = tl.arange(0, ROWS)
-        y = _dot_rows_int4(w, scale, zero, x_ptr, rr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, K, M, FMT, NBP, WPG,
-                           CONV, CONV_W, HAS_CB, MAGIC)                                            # [ROWS, BN]
+        y = _dot_rows_int4(w, scale, zero, x_ptr, rr, sxm, K, M, FMT, NBP, WPG, MAGIC)             # [ROWS, BN]
         if HAS_BIAS:
             y += bias[None, :]
         if GATED:
-            y = activate(y, ACT) * _dot_rows_int4(w_up, scale_up, zero_up, x_ptr, rr, sxm, st_ptr, cw_ptr, cb_ptr,
-                                                  ss_m, ss_d, K, M, FMT, NBP, WPG, CONV, CONV_W,
-                                                  HAS_CB, MAGIC)
+            y = activate(y, ACT) * _dot_rows_int4(w_up, scale_up, zero_up, x_ptr, rr, sxm, K, M, FMT, NBP, WPG,
+                                                  MAGIC)
         if HAS_RSCALE:
             y = y * tl.load(rscale_ptr + rr, mask=rr < M, other=0.0).to(tl.float32)[:, None]
         _store_out(y, rr[:, None], rows[None, :], (rr < M)[:, None] & rows_ok[None, :], out_ptr, som, co_ptr,
@@ -383,14 +361,12 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
             if ROUTED and ROWS > 1:
                 row_ok = row_ok & (tl.load(rexp_ptr + r, mask=row_ok, other=-1) == expert)
             if row_ok:
-                y = _dot_row(w, scale, zero, x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, K, row_ok, FMT, KP, NBP,
-                             WPG, CONV, CONV_W, HAS_CB, MAGIC)
+                y = _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, FMT, KP, NBP, WPG, MAGIC)
                 if HAS_BIAS:
                     y += bias
                 if GATED:
-                    y = activate(y, ACT) * _dot_row(w_up, scale_up, zero_up, x_ptr, r, sxm, st_ptr, cw_ptr, cb_ptr,
-                                                    ss_m, ss_d, K, row_ok, FMT, KP, NBP, WPG, CONV, CONV_W, HAS_CB,
-                                                    MAGIC)
+                    y = activate(y, ACT) * _dot_row(w_up, scale_up, zero_up, x_ptr, r, sxm, K, row_ok, FMT, KP, NBP,
+                                                    WPG, MAGIC)
                 if HAS_RSCALE:
                     y = y * tl.load(rscale_ptr + r).to(tl.float32)
                 _store_out(y, r, rows, rows_ok, out_ptr, som, co_ptr, scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI,
@@ -424,13 +400,11 @@ def _weight_args(weight: PackedWeight):
             1, next_pow2(tiles), wpg, tpb)
 
 
-def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, row_scale=None, conv=None,
-                  conv_out=None, gated: str | None = None, policy: DecodePolicy | None = None):
+def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, row_scale=None, conv_out=None,
+                  gated: str | None = None, policy: DecodePolicy | None = None):
     """``out [M, N']`` (any float dtype) receives ``f(x) @ W_hat^T`` for ``M <= 8`` rows; semantics of
     :func:`decode_linear_ref`.
 
-    ``conv = (conv_state [M, K, W], conv_w [K, W], conv_b [K] | None)``: the input is the conv step's output
-    ``silu(conv([state[:, :, 1:], x]) + b)`` (``x [M, K]`` is the new conv input; the state is not written).
     ``conv_out = (conv_state [M, D, W], conv_w [D, W], conv_b [D] | None, xc [M, D])``: the first ``D`` output
     columns are the new conv input of ``D`` channels, and ``xc`` also receives the conv step's output of them (the
     same function of the stored output; in_proj's epilogue, so that x_proj reads a finished input).
@@ -452,17 +426,14 @@ def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, r
     if row_expert is None and weight.n_experts != 1:
         raise ValueError("decode_linear: a stacked weight needs row_expert")
     w, s, z, strides, kp, nbp, wpg, tpb = _weight_args(weight)
-    if conv is not None and conv_out is not None:
-        raise ValueError("decode_linear: a conv prologue and a conv epilogue do not go together")
-    st, cw, cb = conv if conv is not None else conv_out[:3] if conv_out is not None else (x, x, None)
-    co = conv_out[3] if conv_out is not None else out
+    st, cw, cb, co = conv_out if conv_out is not None else (x, x, None, out)
     channels = co.shape[1] if conv_out is not None else 0
-    if conv is not None or conv_out is not None:
-        width, want = cw.shape[1], (k if conv is not None else channels)
-        if tuple(st.shape) != (m, want, width) or st.stride(2) != 1 or tuple(cw.shape) != (want, width) or \
+    if conv_out is not None:
+        width = cw.shape[1]
+        if tuple(st.shape) != (m, channels, width) or st.stride(2) != 1 or tuple(cw.shape) != (channels, width) or \
                 not cw.is_contiguous():
             raise ValueError("decode_linear: conv needs state [M, D, W] (unit last stride) and contiguous w [D, W]")
-        if conv_out is not None and (co.shape[0] != m or co.stride(1) != 1 or channels > n_out):
+        if co.shape[0] != m or co.stride(1) != 1 or channels > n_out:
             raise ValueError(f"decode_linear: conv_out needs a row-major xc [{m}, D <= {n_out}]")
     mma = weight.fmt == FMT_INT4_PLANES and m > 1  # the tensor-core path of plane tiles
     bn = MMA_ROWS if mma else policy.block_n(weight.fmt, m, n_out)
@@ -475,27 +446,17 @@ def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, r
         m, n_out, k, n_out if gated else 0, channels, x.stride(0), st.stride(0), st.stride(1), out.stride(0),
         co.stride(0), *strides,
         FMT=weight.fmt, ROWS=max(MMA_ROWS, next_pow2(m)) if mma else next_pow2(m), ROUTED=row_expert is not None,
-        CONV=conv is not None, CONV_EPI=conv_out is not None,
-        CONV_W=cw.shape[1] if conv is not None or conv_out is not None else 1, HAS_CB=cb is not None,
+        CONV_EPI=conv_out is not None, CONV_W=cw.shape[1] if conv_out is not None else 1, HAS_CB=cb is not None,
         GATED=gated is not None,
         ACT=ACTIVATION_IDS[gated] if gated else 0, HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
         KP=kp, NBP=nbp, WPG=wpg, TPB=tpb, MAGIC=policy.int4_magic, BLOCK_N=bn, PDL=policy.pdl, num_warps=policy.num_warps, **kwargs)
     return out
 
 
-def conv_step_ref(x, conv_state, conv_w, conv_b):
-    """The conv step's output ``silu(conv([state[:, :, 1:], x]) + b)`` in fp32 (state unchanged)."""
-    window = torch.cat([conv_state[:, :, 1:].float(), x.float()[:, :, None]], dim=2)
-    y = (window * conv_w.float()).sum(-1)
-    if conv_b is not None:
-        y = y + conv_b.float()
-    return F.silu(y)
-
-
-def decode_linear_ref(x, weight: PackedWeight, *, bias=None, row_expert=None, row_scale=None, conv=None,
+def decode_linear_ref(x, weight: PackedWeight, *, bias=None, row_expert=None, row_scale=None,
                       gated: str | None = None):
     """Twin of :func:`decode_linear` in fp32 over the dequantized weight: ``[M, N']``."""
-    xf = conv_step_ref(x, *conv) if conv is not None else x.float()
+    xf = x.float()
     w = weight.dequantized(torch.float32)
     idx = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if row_expert is None else row_expert.long()
     y = torch.einsum("mk,mnk->mn", xf, w[idx])

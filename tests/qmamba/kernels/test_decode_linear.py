@@ -1,6 +1,6 @@
 """The decode linear kernel (whole rows per program, PDL-ready) against its twin and the twin against independent
 pieces (x @ dequantized W, the conv-update reference, the gated activation): float, int8, int4 (group 32 / 128,
-symmetric), ragged K (1472-like tails), 1..8 rows, routed experts (some idle), conv prologue, gated epilogue."""
+symmetric), ragged K (1472-like tails), 1..8 rows, routed experts (some idle), conv epilogue, gated epilogue."""
 
 import pytest
 import torch
@@ -82,27 +82,6 @@ def test_routed_gated_and_row_scale(fmt, m, device):
                                rtol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["float", "int4g128", "planes128"])
-@pytest.mark.parametrize("m", [1, 2])
-@pytest.mark.parametrize("has_bias", [True, False])
-def test_conv_prologue_matches_conv_update_then_matmul(fmt, m, has_bias, device):
-    """x_proj on the conv step's output, computed from the old conv state (which is left unchanged)."""
-    torch.manual_seed(2)
-    di, width, n = 160, 4, 21
-    w = weight_for(fmt, n, di, device, seed=3)
-    xz = torch.randn(m, 2 * di, device=device)
-    state = torch.randn(m, di, width, device=device)
-    conv_w = torch.randn(di, width, device=device)
-    conv_b = torch.randn(di, device=device) if has_bias else None
-    before = state.clone()
-    out = decode_linear(xz[:, :di], w, poisoned(m, n, device), conv=(state, conv_w, conv_b))
-    xc, _ = causal_conv1d_update_ref(xz[:, :di], state, conv_w, conv_b, "silu")
-    torch.testing.assert_close(out, dequant_matmul_ref(xc, w).float(), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out, decode_linear_ref(xz[:, :di], w, conv=(state, conv_w, conv_b)), atol=1e-4,
-                               rtol=1e-4)
-    assert torch.equal(state, before)
-
-
 def test_bad_shapes_are_errors(device):
     w = make_weight(FORMATS["int4g32"], 8, 64, device)
     with pytest.raises(ValueError, match="x must be"):
@@ -140,5 +119,3 @@ def test_conv_epilogue_writes_the_conv_step_of_the_stored_output(fmt, m, device)
     want, _ = causal_conv1d_update_ref(out[:, :di], state, conv_w, conv_b, "silu")
     torch.testing.assert_close(xc, want.float(), atol=1e-5, rtol=1e-5)
     assert torch.equal(state, before)
-    with pytest.raises(ValueError, match="do not go together"):
-        decode_linear(x, w, out, conv=(state, conv_w, conv_b), conv_out=(state, conv_w, conv_b, xc))
