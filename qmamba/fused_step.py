@@ -126,6 +126,11 @@ def _moe_plan(block, dtype) -> _MoePlan:
         expert_weight(mixer.experts, "fc2"), mixer.experts.activation, mixer.experts.gated)
 
 
+def _layer_weights(plan) -> tuple:
+    """A layer plan's linear weights in forward order (their outputs get the layer's workspace views)."""
+    return (plan.in_proj, plan.x_proj, plan.out_proj) if isinstance(plan, _MambaPlan) else (plan.fc1, plan.fc2)
+
+
 class FusedDecodeStep:
     """``step(token_ids [B], state) -> logits [B, V]`` fp32, state updated in place; see the module docstring."""
 
@@ -149,9 +154,12 @@ class FusedDecodeStep:
     def _plane_copies(self) -> dict:
         """``id(weight) -> plane form`` of each int4 weight the decode kernels can read as planes (group size a
         multiple of 128): a second copy of those weights, made once."""
-        weights = [self.head] + [w for p in self.layers for w in ((p.in_proj, p.x_proj, p.out_proj)
-                                                                  if isinstance(p, _MambaPlan) else (p.fc1, p.fc2))]
-        return {id(w): w.to_planes() for w in weights if isinstance(w, PackedWeight) and self.policy.plane_form(w)}
+        return {id(w): w.to_planes() for w in self._weights()
+                if isinstance(w, PackedWeight) and self.policy.plane_form(w)}
+
+    def _weights(self) -> list:
+        """Every linear weight of a step: the head, then each layer's in forward order."""
+        return [self.head] + [w for plan in self.layers for w in _layer_weights(plan)]
 
     # ---- buffers -------------------------------------------------------------------------------------------------
     def _workspace(self, batch: int, device) -> dict:
@@ -159,12 +167,7 @@ class FusedDecodeStep:
         general split-K kernel accumulates into it), plus activations."""
         if batch in self._buffers:
             return self._buffers[batch]
-        sizes = []
-        for plan in self.layers:
-            if isinstance(plan, _MambaPlan):
-                sizes.append((plan.in_proj.n, plan.x_proj.n, plan.out_proj.n))
-            else:
-                sizes.append((plan.fc1.n, plan.fc2.n))
+        sizes = [tuple(w.n for w in _layer_weights(plan)) for plan in self.layers]
         total = sum(sum(s) for s in sizes) + self.head.n
         ws = torch.zeros(total * batch, device=device, dtype=torch.float32)
         views, off = [], 0
@@ -178,10 +181,8 @@ class FusedDecodeStep:
         d = self.d_model
         di = max((p.in_proj.n // 2 for p in self.layers if isinstance(p, _MambaPlan)), default=1)
         ffn = max((p.fc1.n // (2 if p.gated else 1) for p in self.layers if isinstance(p, _MoePlan)), default=1)
-        weights = [self.head] + [w for p in self.layers for w in ((p.in_proj, p.x_proj, p.out_proj)
-                                                                  if isinstance(p, _MambaPlan) else (p.fc1, p.fc2))]
         f32, act = dict(device=device, dtype=torch.float32), dict(device=device, dtype=self.dtype)
-        buf = dict(ws=ws, views=views, logits=logits, zero=not all(self.policy.takes(w, batch) for w in weights),
+        buf = dict(ws=ws, views=views, logits=logits, zero=not all(self.policy.takes(w, batch) for w in self._weights()),
                    residual=torch.empty(batch, d, **f32), x=torch.empty(batch, d, **act),
                    xc=torch.empty(batch, di, **act), y=torch.empty(batch, di, **act), act=torch.empty(batch, ffn, **act),
                    conv_scratch=None, idx=torch.empty(batch, device=device, dtype=torch.int32),
