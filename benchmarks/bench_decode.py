@@ -103,7 +103,8 @@ def run_format(cfg, name, batches, variants, log, failures):
     res = dict(format=name, weight_bytes=weight_bytes(model))
     # logits of one graph step against the eager reference step in bf16, batch 1: reported, not checked. On the
     # random-weight 2.8B model bf16 rounding alone moves one step's logits by 0.46 (bf16) to 1.4 (int4) relative
-    # (session 11, the default paths; 1.6e-2 on tiny-blackmamba, where the bf16 reference is itself 1.4e-2 from float32),
+    # (session 11, the default paths; 1.6e-2 on tiny-blackmamba, where the bf16 reference is itself 1.4e-2 from
+    # float32),
     # so the exact check is the float32 greedy one below; here only a non-finite logit fails.
     prompt = torch.randint(0, cfg.vocab_size, (1, 8), device="cuda")
     model.set_backend("reference")
@@ -161,7 +162,8 @@ def main():
     ap.add_argument("--variants", default="default,nopdl",
                     help="policy variants: default, nopdl, dec[_planes][_magic][_bnN][_rows8] (the decode "
                          "kernels for every non-binary format at batch 1: int4 as stored words or plane words, nibbles "
-                         "shifted or masked, N int4 rows per program; rows8: plane words up to batch 8, tensor cores), bnI<int4 block>F<float block>W<warps> e.g. bn16F4W4")
+                         "shifted or masked, N int4 rows per program; rows8: plane words up to batch 8, tensor cores), "
+                         "bnI<int4 block>F<float block>W<warps> e.g. bn16F4W4")
     args = ap.parse_args()
     log = lambda s: print(s, flush=True)  # noqa: E731
     cfg = preset(args.preset)

@@ -117,14 +117,14 @@ def bench_shape(name, n, k, experts, opts, rows, pdl, dev, result, only_variants
             continue
         weight = forms[form]
         if policy == "general":  # the general kernel computes fc1 without the activation
-            plain = {key: v for key, v in kw.items()}
-            ref = decode_linear_ref(x, int4, **plain)
-            call = lambda wc: dequant_matmul(x, wc, **plain)  # noqa: E731
+            ref = decode_linear_ref(x, int4, **kw)
+            call = lambda wc: dequant_matmul(x, wc, **kw)  # noqa: E731
             out = call(weight)
         else:
             ref = decode_linear_ref(x, int4, gated=gated, **kw)
             out = torch.full((rows, n_out), float("nan"), device=dev, dtype=torch.bfloat16)
-            call = lambda wc, out=out, policy=policy: decode_linear(x, wc, out, policy=policy, gated=gated, **kw)  # noqa: E731
+            call = lambda wc, out=out, policy=policy: decode_linear(  # noqa: E731
+                x, wc, out, policy=policy, gated=gated, **kw)
             call(weight)
         err = ((out.float() - ref).norm() / ref.norm()).item()
         if not err < 1e-2:

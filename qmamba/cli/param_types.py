@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 DEVICE_HELP = "cpu, cuda or cuda:N; checked against this machine"
-TOKENIZER_HELP = ("tokenizer.json or hub id (default: the checkpoint's; for the GPT-NeoX vocabulary of BlackMamba/Mamba "
-                  "without one, the NeoX tokenizer shipped with qmamba).")
+TOKENIZER_HELP = ("tokenizer.json or hub id (default: the checkpoint's; for the GPT-NeoX vocabulary of "
+                  "BlackMamba/Mamba without one, the NeoX tokenizer shipped with qmamba).")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 # torch generators take seeds below 2**64; distillation adds its step number to the seed, so stay below 2**63
 SEED = click.IntRange(0, 2**63 - 1)

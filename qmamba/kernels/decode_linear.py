@@ -70,7 +70,7 @@ class DecodePolicy:
     int4_planes: bool = False    # callers convert int4 weights (group size a multiple of 128) to plane words once
     max_rows_planes: int = MAX_ROWS  # batch sizes up to which int4 weights with a plane form take these kernels
     max_rows: int = MAX_ROWS     # batch sizes above this take the general matmul kernels (caller's choice)
-    formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES)  # weight formats these kernels serve for the caller
+    formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES)  # weight formats these kernels serve
 
     def takes(self, weight, rows: int) -> bool:
         """Whether a caller should run ``weight`` at ``rows`` rows through :func:`decode_linear` (int4 weights that
@@ -449,7 +449,8 @@ def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, r
         CONV_EPI=conv_out is not None, CONV_W=cw.shape[1] if conv_out is not None else 1, HAS_CB=cb is not None,
         GATED=gated is not None,
         ACT=ACTIVATION_IDS[gated] if gated else 0, HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
-        KP=kp, NBP=nbp, WPG=wpg, TPB=tpb, MAGIC=policy.int4_magic, BLOCK_N=bn, PDL=policy.pdl, num_warps=policy.num_warps, **kwargs)
+        KP=kp, NBP=nbp, WPG=wpg, TPB=tpb, MAGIC=policy.int4_magic, BLOCK_N=bn, PDL=policy.pdl,
+        num_warps=policy.num_warps, **kwargs)
     return out
 
 

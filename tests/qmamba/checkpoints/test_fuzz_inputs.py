@@ -170,7 +170,8 @@ def _fuzz_json_file(bases, tmp_path, rng, file: str, names, cases: int, excerpt:
 def test_fuzz_config_files(bases, tmp_path, capsys):
     start = time.perf_counter()
     outcomes = _fuzz_json_file(bases, tmp_path, random.Random(SEED), "config.json",
-                               ["native", "quantized", "blackmamba", "mamba_ssm", "hf"], CASES_PER_TARGET["config"], 400)
+                               ["native", "quantized", "blackmamba", "mamba_ssm", "hf"], CASES_PER_TARGET["config"],
+                               400)
     _report(capsys, "config.json", outcomes, time.perf_counter() - start)
     assert outcomes.count("refused") > len(outcomes) // 4  # the mutations do reach the checks
 
