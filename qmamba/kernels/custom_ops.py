@@ -17,7 +17,7 @@ from qmamba.kernels import causal_conv1d as _conv
 from qmamba.kernels import fused_moe as _moe
 from qmamba.kernels import quant_matmul as _qmm
 from qmamba.kernels import selective_scan as _scan
-from qmamba.kernels.weights import FMT_FLOAT, FMT_INT8, PackedWeight
+from qmamba.kernels.weights import FMT_FLOAT, FMT_INT4_PLANES, FMT_INT8, PackedWeight
 
 
 def packed_weight(fmt: int, n: int, k: int, qweight: Tensor, scales: Optional[Tensor],
@@ -27,6 +27,9 @@ def packed_weight(fmt: int, n: int, k: int, qweight: Tensor, scales: Optional[Te
         return PackedWeight.from_float(qweight)
     if fmt == FMT_INT8:
         return PackedWeight.from_int8({"qweight": qweight, "scales": scales}, n, k)
+    if fmt == FMT_INT4_PLANES:  # plane words [..., N, n_blocks * g / 8] beside scales [..., N, n_blocks]
+        group_size = qweight.shape[-1] * 8 // scales.shape[-1]
+        return PackedWeight.from_int4_planes({"qweight": qweight, "scales": scales, "zeros": zeros}, n, k, group_size)
     group_size = qweight.shape[-1] * 2  # the op's flat arguments carry the layout tensors, [..., n_blocks, g / 2]
     return PackedWeight.from_int4({"qweight": qweight, "scales": scales, "zeros": zeros}, n, k, group_size)
 

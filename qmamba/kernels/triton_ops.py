@@ -54,6 +54,25 @@ def quant_linear(x: torch.Tensor, fmt, packed: dict, n: int, k: int, bias=None) 
     return y.reshape(*lead, n)
 
 
+def linear(x: torch.Tensor, weight: PackedWeight | BinaryWeight, bias=None) -> torch.Tensor:
+    """``x [..., K] @ W^T (+ bias)`` -> ``[..., N]`` for a kernel record (a quantized module's ``kernel_weight()``,
+    whatever layout it holds, int4 plane words included)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, weight.k)
+    if isinstance(weight, BinaryWeight):
+        from qmamba.kernels.binary_matmul import binary_matmul_op
+
+        if weight.n_experts != 1:
+            raise ValueError("linear: a stacked weight needs an expert")
+        rs = weight.row_scale[0] if weight.row_scale is not None else None
+        y = binary_matmul_op(x2, weight.n, weight.k, weight.qweight[0], weight.alpha[0], weight.beta[0], rs, bias)
+    else:
+        y = custom_ops.dequant_matmul(x2, weight.fmt, weight.n, weight.k, weight.qweight[0],
+                                      None if weight.scales is None else weight.scales[0],
+                                      None if weight.zeros is None else weight.zeros[0], bias)
+    return y.reshape(*lead, weight.n)
+
+
 def experts_kernel_weight(experts: nn.Module, name: str) -> PackedWeight | BinaryWeight:
     """The kernel record of ``experts.fc1``/``fc2``: a float stack (``nn.Parameter [E, N, K]``) or a packed one
     (``PackedExpertWeight``, whose format gives the record)."""
