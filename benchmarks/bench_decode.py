@@ -142,9 +142,10 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
     if v.startswith("dec"):
         parts = v.split("_")[1:]
         bn = next((int(p[2:]) for p in parts if p.startswith("bn")), base.block_n_int4)
-        return dataclasses.replace(base, formats=(0, 1, 2), max_rows=1, int4_planes="planes" in parts,
+        return dataclasses.replace(base, formats=(0, 1, 2, 3), max_rows=1, int4_planes="planes" in parts,
                                    int4_magic="magic" in parts, block_n_int4=bn,
-                                   max_rows_planes=8 if "rows8" in parts else 1, pdl=base.pdl and "nopdl" not in parts)
+                                   max_rows_planes=8 if "rows8" in parts else 1, planes_mma="nomma" not in parts,
+                                   pdl=base.pdl and "nopdl" not in parts)
     if v.startswith("bn"):
         i4, rest = v[2:].split("F")
         fl, w = rest.split("W")
@@ -162,7 +163,8 @@ def main():
     ap.add_argument("--variants", default="default,nopdl",
                     help="policy variants: default, nopdl, dec[_planes][_magic][_bnN][_rows8] (the decode "
                          "kernels for every non-binary format at batch 1: int4 as stored words or plane words, nibbles "
-                         "shifted or masked, N int4 rows per program; rows8: plane words up to batch 8, tensor cores), "
+                         "shifted or masked, N int4 rows per program; rows8: plane words up to batch 8, tensor cores, "
+                         "or with nomma CUDA cores per row), "
                          "bnI<int4 block>F<float block>W<warps> e.g. bn16F4W4")
     args = ap.parse_args()
     log = lambda s: print(s, flush=True)  # noqa: E731

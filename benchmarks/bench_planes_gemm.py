@@ -24,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import copies_for, time_calls  # noqa: E402
 
-from qmamba.kernels.matmul_configs import MatmulConfig, gemm_config  # noqa: E402
+from qmamba.kernels.matmul_configs import MatmulConfig, MatmulPolicy, gemm_config  # noqa: E402
 from qmamba.kernels.quant_matmul import dequant_matmul  # noqa: E402
 from qmamba.kernels.routing import expert_tile_map  # noqa: E402
 from qmamba.kernels.weights import PackedWeight  # noqa: E402
@@ -120,6 +120,12 @@ def run(m_values, sweep, quick, log):
                                             for w in ws], ref, n_experts * n * k // 2)
             record(label, m, "int4_planes", [lambda w=w: dequant_matmul(x, w[1], row_expert=idx, tiles=tiles)
                                              for w in ws], ref, n_experts * n * k // 2)
+            if m > 16:  # the two prefill routes side by side: int4 tile kernel vs expert-by-expert dense
+                for route, pol in (("tiles", MatmulPolicy(dequant_experts_min_m=1 << 40)),
+                                   ("via_dense", MatmulPolicy(dequant_experts_min_m=0))):
+                    record(label, m, f"int4_planes_{route}",
+                           [lambda w=w, p=pol: dequant_matmul(x, w[1], row_expert=idx, tiles=tiles, policy=p)
+                            for w in ws], ref, n_experts * n * k // 2)
         del ws
         if timed:
             torch.cuda.empty_cache()

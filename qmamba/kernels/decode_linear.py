@@ -70,6 +70,7 @@ class DecodePolicy:
     int4_planes: bool = False    # callers convert int4 weights (group size a multiple of 128) to plane words
     max_rows_planes: int = MAX_ROWS  # batch sizes up to which int4 weights with a plane form take these kernels
     max_rows: int = MAX_ROWS     # batch sizes above this take the general matmul kernels (caller's choice)
+    planes_mma: bool = True      # plane words at 2+ rows: tensor cores (16-row tiles); False: CUDA cores per row
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES)  # weight formats these kernels serve
 
     def takes(self, weight, rows: int) -> bool:
@@ -241,7 +242,7 @@ def _decode_linear_kernel(
     FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr, CONV_W: tl.constexpr,
     HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr,
-    MAGIC: tl.constexpr, CONV_EPI: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+    MAGIC: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -274,7 +275,7 @@ def _decode_linear_kernel(
             _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
                       bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, co_ptr, scom, DI, rows, rows_ok, expert,
                       M, N, K, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP, NBP, WPG,
-                      TPB, MAGIC, CONV_EPI)
+                      TPB, MAGIC, CONV_EPI, MMA)
     else:
         e64 = pid_e.to(tl.int64) * 0
         w, scale, zero = _load_tile(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, swe, swn, sse, ssn, sze,
@@ -290,7 +291,7 @@ def _decode_linear_kernel(
         _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
                   bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, co_ptr, scom, DI, rows, rows_ok, pid_e,
                   M, N, K, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP, NBP, WPG,
-                  TPB, MAGIC, CONV_EPI)
+                  TPB, MAGIC, CONV_EPI, MMA)
 
 
 @jit
@@ -318,12 +319,12 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
               FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr,
               CONV_W: tl.constexpr, HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
               HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr,
-              WPG: tl.constexpr, TPB: tl.constexpr, MAGIC: tl.constexpr, CONV_EPI: tl.constexpr):
+              WPG: tl.constexpr, TPB: tl.constexpr, MAGIC: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr):
     """Each input row (that is routed here) times the tile(s), epilogue, store. A row that is not computed costs a
     branch, no arithmetic."""
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
-    if FMT == 3 and ROWS > 1:
+    if FMT == 3 and ROWS > 1 and MMA:
         # plane tiles and several rows: tensor cores, all rows (routed here) at once; ROWS is at least 16 here
         rr = tl.arange(0, ROWS)
         rok = rr < M
@@ -338,7 +339,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
             y = y * tl.load(rscale_ptr + rr, mask=rok, other=0.0).to(tl.float32)[:, None]
         _store_out(y, rr[:, None], rows[None, :], rok[:, None] & rows_ok[None, :], out_ptr, som, co_ptr, scom,
                    st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI, CONV_EPI, CONV_W, HAS_CB)
-    elif FMT == 2 and ROWS > 1 and not ROUTED:
+    elif (FMT == 2 or FMT == 3) and ROWS > 1 and not ROUTED:
         # every row uses the same tile: unpack each code once, multiply it into all rows
         rr = tl.arange(0, ROWS)
         y = _dot_rows_int4(w, scale, zero, x_ptr, rr, sxm, K, M, FMT, NBP, WPG, MAGIC)             # [ROWS, BN]
@@ -431,7 +432,7 @@ def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, r
             raise ValueError("decode_linear: conv needs state [M, D, W] (unit last stride) and contiguous w [D, W]")
         if co.shape[0] != m or co.stride(1) != 1 or channels > n_out:
             raise ValueError(f"decode_linear: conv_out needs a row-major xc [{m}, D <= {n_out}]")
-    mma = weight.fmt == FMT_INT4_PLANES and m > 1  # the tensor-core path of plane tiles
+    mma = weight.fmt == FMT_INT4_PLANES and m > 1 and policy.planes_mma  # the tensor-core path of plane tiles
     bn = MMA_ROWS if mma else policy.block_n(weight.fmt, m, n_out)
     grid = (weight.n_experts if row_expert is not None and m > 1 else 1, -(-n_out // bn))
     dummy = x
@@ -445,7 +446,7 @@ def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, r
         CONV_EPI=conv_out is not None, CONV_W=cw.shape[1] if conv_out is not None else 1, HAS_CB=cb is not None,
         GATED=gated is not None,
         ACT=ACTIVATION_IDS[gated] if gated else 0, HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
-        KP=kp, NBP=nbp, WPG=wpg, TPB=tpb, MAGIC=policy.int4_magic, BLOCK_N=bn, PDL=policy.pdl,
+        KP=kp, NBP=nbp, WPG=wpg, TPB=tpb, MAGIC=policy.int4_magic, MMA=mma, BLOCK_N=bn, PDL=policy.pdl,
         num_warps=policy.num_warps, **kwargs)
     return out
 

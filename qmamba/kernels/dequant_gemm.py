@@ -36,9 +36,10 @@ def matmul_epilogue(acc, out_ptr, s_ptr, bias_ptr, rscale_ptr, rows, row_ok, n, 
 def _dequant_gemm_kernel(
     x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rscale_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, sorted_ptr,
     M, N, K, K_PAD, GRID_M, GRID_N, sxm, sxk, som, son, swe, swn, sse, ssn, sze, szn,
+    only_expert,
     FMT: tl.constexpr, TILES: tl.constexpr, GROUP: tl.constexpr, SCALE_AFTER: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIZZLE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIZZLE: tl.constexpr, ONLY: tl.constexpr,
 ):
     """Prefill GEMM (M > 16): ``[BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]`` tensor-core tiles, the weight tile
     dequantized in registers. int4 nibbles are interleaved back to k order with ``join``; with one group per K tile
@@ -57,6 +58,9 @@ def _dequant_gemm_kernel(
         expert = tl.load(tile_e_ptr + pid_m)
         lo = tl.load(tile_lo_ptr + pid_m)
         hi = tl.load(tile_hi_ptr + pid_m)
+        if ONLY:  # one expert's tiles, its weight the only matrix given; the other tiles are empty
+            hi = tl.where(expert == only_expert, hi, lo)
+            expert = expert * 0
         row_ok = lo + rm < hi
         rows = tl.load(sorted_ptr + lo + rm, mask=row_ok, other=0)
     else:
@@ -68,6 +72,8 @@ def _dequant_gemm_kernel(
     n_ok = n < N
     t_lo, t_hi = split_k_range(pid_k, tl.cdiv(K_PAD, BLOCK_K), SPLIT_K)
     k_lo, k_hi = t_lo * BLOCK_K, tl.minimum(t_hi * BLOCK_K, K_PAD)
+    if ONLY:
+        k_hi = tl.where(hi > lo, k_hi, k_lo)
     w_base = w_ptr + e64 * swe
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -128,10 +134,12 @@ def _dequant_gemm_kernel(
                     FMT, HAS_BIAS, HAS_RSCALE, ATOMIC)
 
 
-def dequant_gemm(x, weight: PackedWeight, out, bias, row_scale, tiles: ExpertTiles | None, config, atomic: bool):
+def dequant_gemm(x, weight: PackedWeight, out, bias, row_scale, tiles: ExpertTiles | None, config, atomic: bool,
+                 only_expert: int | None = None):
     """``out [M, N] <- x [M, K] @ W^T`` (+ ``bias``, * ``row_scale``): one matrix in row tiles of ``config.block_m``
     (swizzled in groups of 8 row tiles for L2 reuse), or with ``tiles`` the routed expert tiles (``config.block_m``
-    must be ``tiles.block_m``). ``atomic``: split-K into a zeroed float32 ``out``."""
+    must be ``tiles.block_m``). ``atomic``: split-K into a zeroed float32 ``out``. ``only_expert`` (with
+    ``tiles``): only that expert's rows are computed and written, with ``weight`` a single matrix (its weight)."""
     m = x.shape[0]
     q = weight.qweight
     s = weight.scales if weight.scales is not None else q
@@ -144,8 +152,10 @@ def dequant_gemm(x, weight: PackedWeight, out, bias, row_scale, tiles: ExpertTil
         *(tiles.tensors() if tiles is not None else (dummy, dummy, dummy, dummy)),
         m, weight.n, weight.k, weight.k_padded, grid_m, grid_n, x.stride(0), x.stride(1), out.stride(0),
         out.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1), z.stride(0), z.stride(1),
+        -1 if only_expert is None else only_expert,
         FMT=weight.fmt, TILES=tiles is not None, GROUP=max(weight.group_size, 1),
         SCALE_AFTER=weight.fmt == FMT_INT4 and weight.group_size % config.block_k == 0, SPLIT_K=config.split_k,
         HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None, ATOMIC=atomic,
         IEEE=x.dtype == torch.float32, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        SWIZZLE=1 if tiles is not None else 8, num_warps=config.num_warps, num_stages=config.num_stages)
+        SWIZZLE=1 if tiles is not None else 8, ONLY=only_expert is not None, num_warps=config.num_warps,
+        num_stages=config.num_stages)

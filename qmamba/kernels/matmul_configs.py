@@ -29,10 +29,14 @@ class MatmulPolicy:
     generic tile kernel. ``binary_word_gemv``: the 1-bit 32-bit-word kernel (sign-bit flips, no multiplies);
     False: the tile kernel. The 1-bit word kernel reads the weights once per row, so beyond M = 1 it is taken only
     for up to ``word_gemv_max_rows`` rows of a matrix of at most ``word_gemv_max_weights`` (N * K) weights (H200: at
-    M = 4 1.5-3x faster than the tile kernel on the BlackMamba-2.8B shapes, at M = 16 slower on most of them)."""
+    M = 4 1.5-3x faster than the tile kernel on the BlackMamba-2.8B shapes, at M = 16 slower on most of them).
+    ``dequant_experts_min_m``: routed int8/int4 expert stacks on CUDA from this many rows run expert by expert as
+    one dequantization pass of that expert's matrix then the float tile kernel on its rows (the prefill MoE; the
+    int4 tile kernel's in-loop dequantization runs at a third of the float kernel's rate at M = 2048)."""
 
     int4_word_gemv: bool = True
     binary_word_gemv: bool = True
+    dequant_experts_min_m: int = 1024
     word_gemv_max_rows: int = 8
     word_gemv_max_weights: int = 1 << 24
 

@@ -30,9 +30,9 @@ from qmamba.kernels.dequant_gemm import dequant_gemm, matmul_epilogue
 from qmamba.kernels.dequantize import dense_linear, dequantize_stack
 from qmamba.kernels.int4_gemv import int4_gemv
 from qmamba.kernels.matmul_configs import (DEFAULT_POLICY, DEQUANT_GEMM_MIN_M, GEMV_MAX_M, MatmulConfig, MatmulPolicy,
-                                           pick_config, small_block_m)
+                                           gemm_config, pick_config, small_block_m)
 from qmamba.kernels.routing import ROUTE_BY_EXPERT, ROUTE_DENSE, ROUTE_TILES, expert_tile_map
-from qmamba.kernels.weights import FMT_INT4, PackedWeight, int32_words
+from qmamba.kernels.weights import FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT8, PackedWeight, int32_words
 
 
 # ---- reference twin ----------------------------------------------------------------------------------------------
@@ -198,6 +198,23 @@ def output_buffer(x, n: int, out, atomic: bool, who: str):
     return out, False
 
 
+def experts_via_dense(x, weight: PackedWeight, bias, row_expert, row_scale, tiles, policy: MatmulPolicy):
+    """A routed stack expert by expert: that expert's matrix dequantized to ``x.dtype`` (one pass), then the float
+    tile kernel on that expert's row tiles only. One dense matrix at a time (not the stack): the temporary is one
+    expert's weight."""
+    m = x.shape[0]
+    dense_cfg = gemm_config(m, PackedWeight(FMT_FLOAT, weight.n, weight.k, 1, x), x.device)
+    if tiles is None:
+        tiles = expert_tile_map(row_expert, weight.n_experts, dense_cfg.block_m)
+    cfg = MatmulConfig(tiles.block_m, dense_cfg.block_n, dense_cfg.block_k, 1, dense_cfg.num_warps,
+                       dense_cfg.num_stages)
+    out = torch.empty(m, weight.n, device=x.device, dtype=x.dtype)
+    for e in range(weight.n_experts):
+        dense = dequantize_stack(weight.expert(e), x.dtype)
+        dequant_gemm(x, PackedWeight.from_float(dense), out, bias, row_scale, tiles, cfg, False, only_expert=e)
+    return out
+
+
 def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scale=None, tiles=None,
                    config: MatmulConfig | None = None, out=None, policy: MatmulPolicy = DEFAULT_POLICY):
     """``x [M, K]`` -> ``[M, N]`` in x.dtype, with the reference semantics of :func:`dequant_matmul_ref`.
@@ -215,6 +232,9 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
         return dense_linear(x, dequantize_stack(weight, x.dtype)[0], bias, row_scale)
     if bias is not None and tuple(bias.shape) != (weight.n,):
         raise ValueError(f"dequant matmul: bias must be [{weight.n}], got {tuple(bias.shape)}")
+    if (x.is_cuda and row_expert is not None and weight.fmt in (FMT_INT8, FMT_INT4, FMT_INT4_PLANES)
+            and m >= policy.dequant_experts_min_m and config is None and out is None and x.dtype != torch.float32):
+        return experts_via_dense(x, weight, bias, row_expert, row_scale, tiles, policy)
     if row_expert is None:
         if weight.n_experts != 1:
             raise ValueError("dequant matmul: a stacked weight needs row_expert")

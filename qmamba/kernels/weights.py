@@ -36,6 +36,12 @@ class PackedWeight:
     def k_padded(self) -> int:
         return cdiv(self.k, self.group_size) * self.group_size if self.fmt in (FMT_INT4, FMT_INT4_PLANES) else self.k
 
+    def expert(self, e: int) -> "PackedWeight":
+        """Matrix ``e`` of the stack as a one-matrix record (views)."""
+        pick = (lambda t: None if t is None else t[e:e + 1])
+        return PackedWeight(self.fmt, self.n, self.k, 1, self.qweight[e:e + 1], pick(self.scales), pick(self.zeros),
+                            self.group_size)
+
     def to_planes(self) -> "PackedWeight":
         """The same int4 weight with its codes in plane words (a new tensor; scales and zero points shared)."""
         if self.fmt != FMT_INT4:

@@ -55,7 +55,19 @@ def test_dense_matches_dequantized_matmul(fmt, m, block, magic, device):
     torch.testing.assert_close(ref, dequant_matmul_ref(x, w, bias).float(), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("fmt", ["float", "int8", "int4g32", "int4g32-magic", "planes128-magic"])
+@pytest.mark.parametrize("m", [3, 8])
+def test_planes_on_cuda_cores_at_several_rows(m, device):
+    """Plane words at 2+ rows without tensor cores (``planes_mma=False``): each code unpacked once for all rows."""
+    torch.manual_seed(m)
+    n, k = 37, 300
+    w = weight_for("planes128", n, k, device)
+    x = torch.randn(m, k, device=device)
+    policy = DecodePolicy(pdl=False, block_n_int4=4, num_warps=4 if device.type == "cuda" else 1, planes_mma=False)
+    out = decode_linear(x, w, poisoned(m, n, device), policy=policy)
+    torch.testing.assert_close(out, decode_linear_ref(x, w), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["float", "int8", "int4g32", "int4g32-magic", "planes128-magic", "planes128-nomma"])
 @pytest.mark.parametrize("m", [1, 4])
 def test_routed_gated_and_row_scale(fmt, m, device):
     """fc1 of a gated MoE (act(gate) * up of each row's expert) and fc2 with the routing weight; expert 2 idle."""
@@ -64,6 +76,9 @@ def test_routed_gated_and_row_scale(fmt, m, device):
     policy = DecodePolicy.for_device(device)
     if fmt.endswith("-magic"):
         fmt, policy = fmt[:-6], DecodePolicy(pdl=policy.pdl, num_warps=policy.num_warps, int4_magic=True,
+                                             block_n_int4=policy.block_n_int4)
+    if fmt.endswith("-nomma"):  # several routed rows on plane words, row by row on CUDA cores
+        fmt, policy = fmt[:-6], DecodePolicy(pdl=policy.pdl, num_warps=policy.num_warps, planes_mma=False,
                                              block_n_int4=policy.block_n_int4)
     if fmt.startswith("planes"):
         f, d = 136, 264  # planes tile 128 elements: ragged K on both layers

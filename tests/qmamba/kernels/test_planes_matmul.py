@@ -81,3 +81,27 @@ def test_dequantize_stack_of_planes_equals_words(device):
     expected = dequantize_stack(words, torch.float32)
     for got in (dequantize_stack(planes, torch.float32), dequantize_stack_triton(planes, torch.float32)):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("form", ["words", "planes"])
+def test_experts_via_dense_matches_reference(form, device):
+    """The prefill MoE's expert-by-expert path (one expert's matrix dequantized, then the float tile kernel on its
+    row tiles only), directly and through ``dequant_matmul``'s dispatch (CUDA, low-precision inputs)."""
+    from qmamba.kernels.matmul_configs import MatmulPolicy
+    from qmamba.kernels.quant_matmul import experts_via_dense
+
+    n, k, experts, m = 40, 256, 4, 37
+    words, planes = plane_weight(n, k, device, lead=(experts,), seed=4)
+    w = planes if form == "planes" else words
+    x = torch.randn(m, k, device=device)
+    idx = torch.tensor([i % 3 for i in range(m)], device=device, dtype=torch.int32)  # expert 3 idle
+    scale = torch.rand(m, device=device)
+    bias = torch.randn(n, device=device)
+    ref = dequant_matmul_ref(x, w, bias=bias, row_expert=idx, row_scale=scale)
+    got = experts_via_dense(x, w, bias, idx, scale, None, MatmulPolicy())
+    close(got, ref, torch.float32)
+    if device.type == "cuda":
+        xb = x.to(torch.bfloat16)
+        got = dequant_matmul(xb, w, bias, row_expert=idx, row_scale=scale,
+                             policy=MatmulPolicy(dequant_experts_min_m=0))
+        close(got, dequant_matmul_ref(xb, w, bias=bias, row_expert=idx, row_scale=scale), torch.bfloat16)
