@@ -172,7 +172,7 @@ class QuantLinear(_KeepsPackedDtypes):
         if self.backend == "triton":
             from qmamba.kernels import triton_ops  # lazily: triton is optional on CPU
 
-            return triton_ops.quant_linear(x, self.fmt, self.packed(), self.out_features, self.in_features)
+            return triton_ops.quant_linear(x, self.kernel_weight())
         ops = self._cached_operands(x.dtype)
         if ops is None:
             ops = self.fmt.reference_operands(self.packed(), self.in_features, x.dtype)
@@ -219,9 +219,10 @@ class PackedExpertWeight(_KeepsPackedDtypes):
         p = _packed(self, self.fmt)
         return p if expert is None else {name: t[expert] for name, t in p.items()}
 
-    def kernel_weight(self):
-        """The record of the whole stack the Triton matmuls read (:meth:`WeightFormat.kernel_weight`)."""
-        return self.fmt.kernel_weight(self.packed(), self.n, self.k)
+    def kernel_weight(self, expert: int | None = None):
+        """The record the Triton matmuls read (:meth:`WeightFormat.kernel_weight`): of the whole stack, or of one
+        expert's matrix (a stack of one)."""
+        return self.fmt.kernel_weight(self.packed(expert), self.n, self.k)
 
     @property
     def _k(self) -> int:
@@ -287,7 +288,7 @@ class QuantExperts(nn.Module):
         if self.backend == "triton":
             from qmamba.kernels import triton_ops  # lazily: triton is optional on CPU
 
-            return triton_ops.quant_linear(x, w.fmt, w.packed(expert), w.n, w.k)
+            return triton_ops.quant_linear(x, w.kernel_weight(expert))
         return w.reference_matmul(x, expert)
 
     def forward(self, x, expert_idx):
