@@ -52,10 +52,10 @@ def gated_act_ref(h, activation: str, gated: bool):
     return act(hf).to(h.dtype)
 
 
-def routed_matmul_ref(x, weight: KernelWeight, row_expert=None, row_scale=None):
+def routed_matmul_ref(x, weight: KernelWeight, bias=None, row_expert=None, row_scale=None):
     """Twin of :func:`routed_matmul`."""
     ref = binary_matmul_ref if isinstance(weight, BinaryWeight) else dequant_matmul_ref
-    return ref(x, weight, row_expert=row_expert, row_scale=row_scale)
+    return ref(x, weight, bias, row_expert=row_expert, row_scale=row_scale)
 
 
 def moe_forward_ref(x, router_w, router_b, fc1: KernelWeight, fc2: KernelWeight, activation: str, gated: bool):
@@ -147,11 +147,12 @@ def gated_act(h, activation: str, gated: bool, out=None):
     return out
 
 
-def routed_matmul(x, weight: KernelWeight, row_expert=None, row_scale=None, tiles=None):
-    """One routed matmul (``row_expert``, optional gate ``row_scale``, optional expert ``tiles``) on the kernel of
-    the record's type: :func:`binary_matmul` for a :class:`BinaryWeight`, else :func:`dequant_matmul`."""
+def routed_matmul(x, weight: KernelWeight, bias=None, row_expert=None, row_scale=None, tiles=None, out=None):
+    """``x @ W^T`` (optional ``bias``, routing ``row_expert`` / gate ``row_scale`` / expert ``tiles``, ``out``) on
+    the general kernel of the record's type: :func:`binary_matmul` for a :class:`BinaryWeight`, else
+    :func:`dequant_matmul` (same arguments)."""
     matmul = binary_matmul if isinstance(weight, BinaryWeight) else dequant_matmul
-    return matmul(x, weight, row_expert=row_expert, row_scale=row_scale, tiles=tiles)
+    return matmul(x, weight, bias, row_expert=row_expert, row_scale=row_scale, tiles=tiles, out=out)
 
 
 def _tile_rows(t: int, fc1: KernelWeight, device) -> int:
