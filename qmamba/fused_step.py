@@ -15,10 +15,12 @@ step as a short, fixed sequence of Triton launches with no allocation and no hos
 The linear layers are :func:`qmamba.kernels.decode_linear.decode_linear` (whole rows per program, no split-K, no
 workspace to zero); on Hopper every kernel is a programmatic dependent launch, so inside the CUDA graph each
 kernel's weight loads overlap the previous kernel (:class:`DecodePolicy`, an explicit argument). Weights are read in
-their stored formats (float, int8, int4), or int4 through a plane copy made once (``DecodePolicy.int4_planes``,
-the CUDA default at batch 1; it costs the int4 weights' bytes again); what the policy does not take (1-bit
-weights, int8 and larger batches on CUDA) runs on the general matmul kernels (:func:`dequant_matmul`,
-:func:`binary_matmul`) with the conv step and the activation as their own launches.
+their stored formats (float, int8, int4); with ``DecodePolicy.int4_planes`` (the CUDA default) the model's int4
+weights of group size 128 / 256 are first converted in place to plane words
+(:func:`qmamba.quant.modules.use_plane_words`: the same bytes, the layout the kernels read, every other path
+unchanged). What the policy does not take (1-bit weights, int8 and larger batches on CUDA) runs on the general
+matmul kernels (:func:`dequant_matmul`, :func:`binary_matmul`, which read plane words too) with the conv step and
+the activation as their own launches.
 The module parameters are captured by reference at construction: rebuild the step after changing weights.
 Logits come back as float32 ``[B, V]``; the flat state tensors are updated in place.
 The kernels themselves (tensors in, tensors out) live in :mod:`qmamba.kernels.decode_step` and beside it.
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qmamba.kernel_view import dense_weight, expert_weight, linear_weight
 from qmamba.kernels.binary_matmul import binary_matmul
 from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
 from qmamba.kernels.decode_linear import DecodePolicy, decode_linear
@@ -38,33 +41,11 @@ from qmamba.kernels.decode_step import add_norm, dt_state_update
 from qmamba.kernels.fused_moe import gated_act
 from qmamba.kernels.quant_matmul import dequant_matmul
 from qmamba.kernels.weights import BinaryWeight, PackedWeight
+from qmamba.quant.modules import use_plane_words
 
 
 # ---- plan --------------------------------------------------------------------------------------------------------------
 KernelWeight = PackedWeight | BinaryWeight
-
-
-def linear_weight(module: nn.Module) -> tuple[KernelWeight, torch.Tensor | None]:
-    """The kernel view of an ``nn.Linear``, ``QuantLinear`` or ``BinaryLinear`` (its format gives the record) and
-    its bias."""
-    if isinstance(module, nn.Linear):
-        return PackedWeight.from_float(module.weight.detach()), module.bias
-    if hasattr(module, "kernel_weight"):
-        return module.kernel_weight(), module.bias
-    raise TypeError(f"fused decode step: unsupported linear module {type(module).__name__}")
-
-
-def dense_weight(module: nn.Module, dtype) -> torch.Tensor:
-    if isinstance(module, nn.Linear):
-        return module.weight.detach()
-    return module.dequantized_weight(dtype)
-
-
-def expert_weight(experts: nn.Module, name: str) -> KernelWeight:
-    w = getattr(experts, name)
-    if isinstance(w, torch.Tensor):
-        return PackedWeight.from_float(w.detach())
-    return w.kernel_weight()
 
 
 def matmul(x: torch.Tensor, weight: KernelWeight, bias=None, row_expert=None, row_scale=None, out=None):
@@ -142,6 +123,8 @@ class FusedDecodeStep:
         self.d_model, self.vocab = cfg.d_model, cfg.vocab_size
         self.eps = float(cfg.norm_eps)
         self.embedding = model.embedding.weight.detach()
+        if self.policy.int4_planes:  # int4 weights to the plane words the kernels read, in place (no copy)
+            use_plane_words(model)
         self.layers = [_mamba_plan(block, self.dtype) if block.is_mamba else _moe_plan(block, self.dtype)
                        for block in model.blocks]
         norm_f = model.norm_f
@@ -149,13 +132,6 @@ class FusedDecodeStep:
         self.final_b = getattr(norm_f, "bias", None)  # LayerNorm has a bias, RMSNorm none
         self.head, self.head_bias = linear_weight(model.lm_head)
         self._buffers: dict[int, dict] = {}
-        self._decode_forms = self._plane_copies() if self.policy.int4_planes else {}
-
-    def _plane_copies(self) -> dict:
-        """``id(weight) -> plane form`` of each int4 weight the decode kernels can read as planes (group size a
-        multiple of 128): a second copy of those weights, made once."""
-        return {id(w): w.to_planes() for w in self._weights()
-                if isinstance(w, PackedWeight) and self.policy.plane_form(w)}
 
     def _weights(self) -> list:
         """Every linear weight of a step: the head, then each layer's in forward order."""
@@ -223,8 +199,7 @@ class FusedDecodeStep:
         return matmul(x, weight, out=out, **kw)
 
     def _decode(self, x, weight, out, **kw):
-        """:func:`decode_linear` on the weight's decode form (its plane copy where one was made)."""
-        return decode_linear(x, self._decode_forms.get(id(weight), weight), out, policy=self.policy, **kw)
+        return decode_linear(x, weight, out, policy=self.policy, **kw)
 
     def _mamba(self, buf, plan: _MambaPlan, views, state):
         xz, dbc, out = views

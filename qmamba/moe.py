@@ -73,16 +73,15 @@ class SwitchMoE(nn.Module):
     def router_operands(self, dtype) -> tuple:
         """``(router_w [E, d], router_b)`` as the routing kernel reads them (a quantized router dequantized to
         ``dtype``)."""
-        from qmamba.fused_step import dense_weight  # lazily: the Triton path only
+        from qmamba.kernel_view import dense_weight  # lazily: the Triton path only
 
         return dense_weight(self.router, dtype), self.router.bias
 
     def kernel_operands(self, dtype) -> tuple:
         """What the Triton MoE kernels read, in the order :func:`qmamba.kernels.triton_ops.switch_moe` takes them:
         ``(router_w [E, d], router_b, fc1, fc2, activation, gated)``, fc1 / fc2 the experts' stacked kernel records.
-        The fused decode step takes the same views (:func:`qmamba.fused_step.dense_weight`,
-        :func:`~qmamba.fused_step.expert_weight`)."""
-        from qmamba.fused_step import expert_weight  # lazily: the Triton path only
+        The fused decode step takes the same views (:mod:`qmamba.kernel_view`)."""
+        from qmamba.kernel_view import expert_weight  # lazily: the Triton path only
 
         experts = self.experts
         return (*self.router_operands(dtype), expert_weight(experts, "fc1"), expert_weight(experts, "fc2"),

@@ -107,6 +107,8 @@ def load_model(path, device=None, dtype=None, backend=None, *, hash_files: bool 
     instead and run its CPU int4 matmul (``qmamba generate`` on CPU does this): a few times faster decode and
     ~0.56 bytes per weight instead of 4, but activations are rounded to bfloat16, so the logits are not bit-exact
     with the reference path (``model.cpu_int4_modules`` lists the modules). Experts keep the dense cache.
+    On CUDA with the Triton backend, int4 weights of group size 128 / 256 are held as plane words
+    (:func:`qmamba.quant.modules.use_plane_words`: the layout the kernels read; the state dict is unchanged).
     """
     device = resolve_device(device)
     dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -124,6 +126,10 @@ def load_model(path, device=None, dtype=None, backend=None, *, hash_files: bool 
     check_fits(needed, device, f"the model ({dtype_name(dtype)} weights)")
     model = model_from_checkpoint(checkpoint, device, dtype)
     model.set_backend(backend)
+    if quantized and backend == "triton" and device.type == "cuda":  # int4 codes in the layout the kernels read
+        from qmamba.quant.modules import use_plane_words
+
+        use_plane_words(model)
     model.dense_cache_bytes, model.cpu_int4_modules = 0, []
     if quantized and dense_cache:
         from qmamba.quant.modules import cpu_int4_module_names, keep_dense_weights

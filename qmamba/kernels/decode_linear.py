@@ -67,35 +67,31 @@ class DecodePolicy:
     block_n_float: int = 4
     num_warps: int = 4
     int4_magic: bool = False     # int4 nibbles masked in place (input pre-scaled by 16^-p) instead of shifted down
-    int4_planes: bool = False    # callers convert int4 weights (group size a multiple of 128) to plane words once
+    int4_planes: bool = False    # callers convert int4 weights (group size a multiple of 128) to plane words
     max_rows_planes: int = MAX_ROWS  # batch sizes up to which int4 weights with a plane form take these kernels
     max_rows: int = MAX_ROWS     # batch sizes above this take the general matmul kernels (caller's choice)
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES)  # weight formats these kernels serve
 
     def takes(self, weight, rows: int) -> bool:
-        """Whether a caller should run ``weight`` at ``rows`` rows through :func:`decode_linear` (int4 weights that
-        get a plane form up to ``max_rows_planes`` rows: the tensor-core path; everything else up to ``max_rows``)."""
+        """Whether a caller should run ``weight`` at ``rows`` rows through :func:`decode_linear` (int4 plane words up
+        to ``max_rows_planes`` rows: the tensor-core path from 2 rows; everything else up to ``max_rows``)."""
         if not isinstance(weight, PackedWeight) or weight.fmt not in self.formats:
             return False
-        limit = self.max_rows_planes if self.plane_form(weight) else self.max_rows
+        limit = self.max_rows_planes if weight.fmt == FMT_INT4_PLANES else self.max_rows
         return rows <= min(limit, MAX_ROWS)
-
-    def plane_form(self, weight) -> bool:
-        """Whether callers give ``weight`` a plane form (int4, group size a multiple of the 128-element tile)."""
-        return self.int4_planes and weight.fmt == FMT_INT4 and weight.group_size % INT4_TILE == 0
 
     @classmethod
     def for_device(cls, device) -> "DecodePolicy":
         """CUDA: what measured fastest on the H200 (benchmarks/results.md, "Decode step, session 11"): these
         kernels at batch 1 for float weights (0.647 ms/token for bf16 BlackMamba-2.8B) and for int4 weights of group
-        size 128 / 256 through a plane copy, 4 rows per program (0.660 against 0.994 on the general kernels; the
-        copy costs the int4 weights' bytes again); int4 in the stored word layout and int8 stay on the general
-        kernels, and so does every format at batch 2+ (the plane tiles' tensor-core path spills at the expert
-        shapes). CPU (interpreter): every format and batch, wide row blocks (few programs)."""
+        size 128 / 256 as plane words, 4 rows per program (0.660 against 0.994 on the general kernels); int4 in the
+        stored word layout and int8 stay on the general kernels, and so does every format at batch 2+ (the plane
+        tiles' tensor-core path spills at the expert shapes). CPU (interpreter): every format and batch, wide row
+        blocks (few programs)."""
         if device.type != "cuda":
             return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1)
         return cls(pdl=pdl_supported(device), max_rows=1, max_rows_planes=1, block_n_int4=4, int4_planes=True,
-                   formats=(FMT_FLOAT, FMT_INT4))
+                   formats=(FMT_FLOAT, FMT_INT4_PLANES))
 
     def block_n(self, fmt: int, rows: int, n: int) -> int:
         bn = self.block_n_int4 if fmt in (FMT_INT4, FMT_INT4_PLANES) else self.block_n_float

@@ -72,9 +72,29 @@ def _dequant_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * sxm + kk[None, :] * sxk, mask=row_ok[:, None] & (kk < K)[None, :],
-                    other=0.0)
-        if FMT == 2:
+        if FMT == 3:
+            # int4 plane words: this K tile (128) is 16 words per row, nibble i of word w holds k = k0 + 16 i + w,
+            # so each nibble position meets 16 contiguous inputs: 8 dots of K = 16, no shuffle of codes or inputs.
+            # The group (a multiple of 128) holds the whole tile: exact codes minus the zero point go through the
+            # dots and the group scale multiplies their sum.
+            wi = tl.arange(0, 16)
+            words = tl.load(w_base + n[:, None] * swn + (k0 // 8 + wi)[None, :], mask=n_ok[:, None], other=0)
+            blk = k0 // GROUP
+            zb = tl.load(z_ptr + e64 * sze + n * szn + blk // 2, mask=n_ok, other=0).to(tl.int32)
+            zero = ((zb >> ((blk % 2) * 4)) & 0xF)[:, None]
+            scale = tl.load(s_ptr + e64 * sse + n * ssn + blk, mask=n_ok, other=0.0).to(tl.float32)
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for i in tl.static_range(8):
+                ki = k0 + 16 * i + wi
+                xi = tl.load(x_ptr + rows[:, None] * sxm + ki[None, :] * sxk,
+                             mask=row_ok[:, None] & (ki < K)[None, :], other=0.0)
+                qi = ((words >> (4 * i)) & 0xF) - zero
+                if IEEE:
+                    part += tl.dot(xi.to(tl.float32), tl.trans(qi.to(tl.float32)), input_precision="ieee")
+                else:
+                    part += tl.dot(xi, tl.trans(qi.to(x_ptr.dtype.element_ty)))
+            acc += part * scale[None, :]
+        elif FMT == 2:
             j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             packed = tl.load(w_base + n[:, None] * swn + j[None, :], mask=n_ok[:, None] & (j < K_PAD // 2)[None, :],
                              other=0)
@@ -93,14 +113,17 @@ def _dequant_gemm_kernel(
                 w = (q - zero).to(tl.float32) * sc.to(tl.float32)
         else:
             w = tl.load(w_base + n[:, None] * swn + kk[None, :], mask=n_ok[:, None] & (kk < K)[None, :], other=0.0)
-        if IEEE:
-            part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        else:
-            part = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)))
-        if FMT == 2 and SCALE_AFTER:
-            acc += part * scale[None, :]
-        else:
-            acc += part
+        if FMT != 3:
+            x = tl.load(x_ptr + rows[:, None] * sxm + kk[None, :] * sxk, mask=row_ok[:, None] & (kk < K)[None, :],
+                        other=0.0)
+            if IEEE:
+                part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            else:
+                part = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)))
+            if FMT == 2 and SCALE_AFTER:
+                acc += part * scale[None, :]
+            else:
+                acc += part
     matmul_epilogue(acc, out_ptr, s_ptr, bias_ptr, rscale_ptr, rows, row_ok, n, n_ok, e64, pid_k, som, son, sse, ssn,
                     FMT, HAS_BIAS, HAS_RSCALE, ATOMIC)
 

@@ -15,7 +15,8 @@ import torch
 
 from qmamba.kernels._triton import cdiv
 from qmamba.kernels.routing import ROUTE_BY_EXPERT, ROUTE_DENSE
-from qmamba.kernels.weights import FMT_INT4, FMT_INT8, BinaryWeight, PackedWeight
+from qmamba.kernels.weights import FMT_INT4, FMT_INT4_PLANES, FMT_INT8, BinaryWeight, PackedWeight
+from qmamba.quant.layout import INT4_TILE
 
 GEMV_MAX_M = 16  # up to this many rows: the small-M kernels (decode); above: the prefill GEMM paths
 
@@ -87,6 +88,8 @@ def pick_config(m: int, weight: PackedWeight, device, route: int = ROUTE_DENSE,
     g = weight.group_size
     if weight.fmt == FMT_INT4:  # one group per tile where the dot allows it (K >= 16 per half-tile)
         block_k = g if g >= 32 else (64 if m == 1 else 32)
+    elif weight.fmt == FMT_INT4_PLANES:  # one plane tile (the group is a multiple of it)
+        block_k = INT4_TILE
     else:
         block_k = 128 if m <= GEMV_MAX_M else 64
     bm = small_block_m(m)
@@ -118,12 +121,13 @@ def gemm_config(m: int, weight: PackedWeight, device) -> MatmulConfig:
     GEMM sweep"): up to 64 rows the GEMM is bandwidth-bound (narrow tiles, split-K while the grid is small), above it
     64 x 128 and then 128 x 128 tiles."""
     g = weight.group_size
-    block_k = (g if g >= 64 else 64) if weight.fmt == FMT_INT4 else 64
+    int4 = weight.fmt in (FMT_INT4, FMT_INT4_PLANES)
+    block_k = INT4_TILE if weight.fmt == FMT_INT4_PLANES else (g if g >= 64 else 64) if int4 else 64
     if device.type != "cuda":
         return MatmulConfig(32, 64, block_k, 1, 1, 1)
     if m <= 64:
         bm, bn = (32 if m <= 32 else 64), 64
-        block_k = block_k if weight.fmt == FMT_INT4 else 128
+        block_k = block_k if int4 else 128
         programs = cdiv(m, bm) * cdiv(weight.n, bn)
         k_tiles = cdiv(weight.k_padded, block_k)
         split = 1
@@ -131,11 +135,11 @@ def gemm_config(m: int, weight: PackedWeight, device) -> MatmulConfig:
             split *= 2
         return MatmulConfig(bm, bn, block_k, split, 4, 4)
     if m <= 256:
-        return MatmulConfig(64, 128, block_k, 1, 4, 3 if weight.fmt == FMT_INT4 else 4)
-    return MatmulConfig(128, 128, block_k, 1, 8, 3 if weight.fmt == FMT_INT4 else 4)
+        return MatmulConfig(64, 128, block_k, 1, 4, 3 if int4 else 4)
+    return MatmulConfig(128, 128, block_k, 1, 8, 3 if int4 else 4)
 
 
-DEQUANT_GEMM_MIN_M = {FMT_INT4: 128, FMT_INT8: 512}  # on CUDA, dense weights, from this many rows: one Triton
+DEQUANT_GEMM_MIN_M = {FMT_INT4: 128, FMT_INT4_PLANES: 128, FMT_INT8: 512}  # on CUDA, dense weights, from this many rows: one Triton
 # dequantization pass to x.dtype, then cuBLAS. Measured on the H100 (GEMM sweep): the pass costs about one read of
 # the packed weight and one write of the dense one, which the tile kernel's repeated in-register dequantization
 # overtakes from these M on; it costs a dense temporary of one matrix. Routed experts stay on the tile kernel.

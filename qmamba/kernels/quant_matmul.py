@@ -92,7 +92,33 @@ def _dequant_matmul_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     e64 = expert.to(tl.int64)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        if FMT == 2:
+        if FMT == 3:
+            # int4 plane words (BLOCK_K = 128, one group per tile): nibble i of word w holds k = k0 + 16 i + w, so
+            # each nibble position meets 16 contiguous inputs; exact codes minus the zero point, group scale after
+            wi = tl.arange(0, 16)
+            words = tl.load(w_base + n[:, None] * swn + (k0 // 8 + wi)[None, :], mask=n_ok[:, None], other=0)
+            blk = k0 // GROUP
+            zb = tl.load(z_ptr + e64 * sze + n * szn + blk // 2, mask=n_ok, other=0).to(tl.int32)
+            zero = ((zb >> ((blk % 2) * 4)) & 0xF)[:, None]
+            scale = tl.load(s_ptr + e64 * sse + n * ssn + blk, mask=n_ok, other=0.0).to(tl.float32)
+            part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for i in tl.static_range(8):
+                ki = k0 + 16 * i + wi
+                xi = tl.load(x_ptr + rows[:, None] * sxm + ki[None, :] * sxk,
+                             mask=row_ok[:, None] & (ki < K)[None, :], other=0.0)
+                qi = ((words >> (4 * i)) & 0xF) - zero
+                if USE_DOT:
+                    if IEEE:
+                        part += tl.dot(qi.to(tl.float32), tl.trans(xi.to(tl.float32)), input_precision="ieee")
+                    else:
+                        part += tl.dot(qi.to(x_ptr.dtype.element_ty), tl.trans(xi))
+                else:
+                    for r in tl.static_range(BLOCK_M):
+                        x_r = tl.sum(tl.where(rm[:, None] == r, xi.to(tl.float32), 0.0), axis=0)
+                        pr = tl.sum(qi.to(tl.float32) * x_r[None, :], axis=1)
+                        part += tl.where(rm[None, :] == r, pr[:, None], 0.0)
+            acc += part * scale[:, None]
+        elif FMT == 2:
             # int4: low nibbles hold even k, high nibbles odd k; no interleaving, two half-width products
             j = tl.arange(0, BLOCK_K // 2)
             ke = k0 + 2 * j

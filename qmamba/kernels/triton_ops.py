@@ -44,8 +44,11 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation="silu"):
 
 
 # ---- weights: the record's type picks the kernel ------------------------------------------------------------------
-def quant_linear(x: torch.Tensor, weight: KernelWeight, bias=None) -> torch.Tensor:
-    """``x [..., K] @ W_hat^T (+ bias)`` -> ``[..., N]`` for one matrix's kernel record (stack of one)."""
+def linear(x: torch.Tensor, weight: KernelWeight, bias=None) -> torch.Tensor:
+    """``x [..., K] @ W^T (+ bias)`` -> ``[..., N]`` for one matrix's kernel record (a quantized module's
+    ``kernel_weight()``, whatever layout it holds, int4 plane words included)."""
+    if weight.n_experts != 1:
+        raise ValueError("linear: a stacked weight needs an expert")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, weight.k)
     if isinstance(weight, BinaryWeight):  # 1-bit: its own kernels (kernels/binary_matmul.py)

@@ -40,6 +40,9 @@ class PackedWeight:
         """The same int4 weight with its codes in plane words (a new tensor; scales and zero points shared)."""
         if self.fmt != FMT_INT4:
             raise ValueError("only int4 weights have a plane form")
+        if self.group_size % layout.INT4_TILE:
+            raise ValueError(f"int4 plane words need a group size that is a multiple of {layout.INT4_TILE}, "
+                             f"got {self.group_size}")
         return PackedWeight(FMT_INT4_PLANES, self.n, self.k, self.n_experts, layout.int4_to_planes(self.qweight, self.k),
                             self.scales, self.zeros, self.group_size)
 
@@ -62,6 +65,15 @@ class PackedWeight:
         nb = q.shape[-2]
         return cls(FMT_INT4, n, k, int(torch.tensor(lead).prod()) if lead else 1, q.reshape(-1, n, nb, g // 2),
                    packed["scales"].reshape(-1, n, nb), packed["zeros"].reshape(-1, n, packed["zeros"].shape[-1]), g)
+
+    @classmethod
+    def from_int4_planes(cls, planes: dict, n: int, k: int, group_size: int) -> "PackedWeight":
+        """From plane words (``planes["qweight"] [..., N, W]`` int32, :func:`qmamba.quant.layout.int4_to_planes`)
+        with the stored ``scales`` / ``zeros`` of one matrix or a stack; the group size a multiple of the tile."""
+        q, s, z, g = planes["qweight"], planes["scales"], planes["zeros"], group_size
+        layout.check_int4_planes(q, s, z, n, k, g)
+        return cls(FMT_INT4_PLANES, n, k, s.numel() // (n * s.shape[-1]), q.reshape(-1, n, q.shape[-1]),
+                   s.reshape(-1, n, s.shape[-1]), z.reshape(-1, n, z.shape[-1]), g)
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> "PackedWeight":

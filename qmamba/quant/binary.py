@@ -17,7 +17,7 @@ Where each part is defined (this module names them all, so ``from qmamba.quant.b
   :meth:`BinaryFormat.reference_matmul`, the factored form above, :func:`binary_matmul`, its operands optionally
   kept by the modules' dense cache) are in :mod:`qmamba.quant.modules`, beside the module swap that builds them. The
   ``"triton"`` backend hands the format's kernel record (:class:`qmamba.kernels.weights.BinaryWeight`) to
-  ``triton_ops.quant_linear``, which runs the 1-bit kernels of :mod:`qmamba.kernels.binary_matmul`.
+  ``triton_ops.linear``, which runs the 1-bit kernels of :mod:`qmamba.kernels.binary_matmul`.
 * :func:`binary_as_matmul_nbits`, the exact 2-bit ``MatMulNBits`` form the ONNX export uses
   (:meth:`BinaryFormat.matmul_nbits`), and :meth:`BinaryFormat.kernel_weight`, the record the 1-bit kernels of
   :mod:`qmamba.kernels.binary_matmul` read, are defined with the format in :mod:`qmamba.quant.formats.binary`.

@@ -141,6 +141,21 @@ def check_int4(qweight, scales, zeros, n: int, k: int, group_size: int, lead: tu
             raise LayoutError(f"int4 {name}: expected {shape} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
 
 
+def check_int4_planes(words, scales, zeros, n: int, k: int, group_size: int) -> None:
+    """Plane words ``[..., N, n_tiles * 16]`` int32 beside the stored scales and zero points of the same leading
+    shape; the group size a multiple of the tile (a group never splits a tile)."""
+    if group_size % INT4_TILE:
+        raise LayoutError(f"int4 planes: group size {group_size} is not a multiple of {INT4_TILE}")
+    lead = tuple(scales.shape[:-2])
+    n_blocks = int4_num_blocks(k, group_size)
+    words_per_row = math.ceil(n_blocks * group_size / INT4_TILE) * INT4_TILE_WORDS
+    check_int4(torch.empty((*lead, n, n_blocks, group_size // 2), dtype=torch.uint8, device="meta"), scales, zeros,
+               n, k, group_size, lead)
+    if tuple(words.shape) != (*lead, n, words_per_row) or words.dtype != torch.int32:
+        raise LayoutError(f"int4 plane words: expected {(*lead, n, words_per_row)} int32, got "
+                          f"{tuple(words.shape)} {words.dtype}")
+
+
 def check_int8(qweight, scales, n: int, k: int, lead: tuple = ()) -> None:
     if tuple(qweight.shape) != (*lead, n, k) or qweight.dtype != torch.int8:
         raise LayoutError(f"int8 qweight: expected {(*lead, n, k)} int8, got {tuple(qweight.shape)} {qweight.dtype}")

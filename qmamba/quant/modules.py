@@ -24,6 +24,7 @@ from torch import nn
 
 from qmamba.errors import CheckpointError, ConfigError
 from qmamba.moe import StackedExperts, expert_mlp
+from qmamba.quant import layout
 from qmamba.quant.formats import (BinaryFormat, Int4Format, WeightFormat, binary_apply, binary_operands,
                                   format_from_dict, is_binary)
 
@@ -37,7 +38,17 @@ def _register_packed(module: nn.Module, fmt: WeightFormat, n: int, k: int, lead:
 
 
 def _packed(module: nn.Module, fmt: WeightFormat) -> dict:
-    return {name: getattr(module, name) for name in fmt.buffer_specs(1, 1)}
+    """The module's packed tensors in the stored layout (int4 held as plane words is converted back: a copy)."""
+    packed = {name: getattr(module, name) for name in fmt.buffer_specs(1, 1)}
+    if module._plane_words:
+        packed["qweight"] = layout.int4_from_planes(packed["qweight"], packed["scales"].shape[-1], fmt.group_size)
+    return packed
+
+
+def plane_words_apply(fmt: WeightFormat) -> bool:
+    """Whether weights of ``fmt`` have a plane-word form (:func:`qmamba.quant.layout.int4_to_planes`) that the
+    CUDA kernels read: int4 with a group size that is a multiple of the 128-element plane tile."""
+    return isinstance(fmt, Int4Format) and fmt.group_size % layout.INT4_TILE == 0
 
 
 class _KeepsPackedDtypes(nn.Module):
@@ -51,6 +62,44 @@ class _KeepsPackedDtypes(nn.Module):
 
     fmt: WeightFormat
     _dense_cache = None  # {"key", "names", "operands", "per_matrix"} (see keep_dense) or None
+    _plane_words = False  # qweight holds int4 plane words (use_plane_words) instead of the stored bytes
+
+    def use_plane_words(self) -> int:
+        """Hold the int4 codes as plane words (:func:`qmamba.quant.layout.int4_to_planes`), the layout the CUDA
+        matmul kernels read without rearranging, *in place of* the stored bytes (same size); returns the bytes
+        converted (0 where :func:`plane_words_apply` says no, or already done). Everything that reads the packed
+        tensors (the reference path, :meth:`packed`, the state dict) still sees the stored layout, converted back on
+        the fly; the kernels get the plane form from :meth:`kernel_weight`."""
+        if self._plane_words or not plane_words_apply(self.fmt):
+            return 0
+        q = self._buffers["qweight"]
+        self._buffers["qweight"] = layout.int4_to_planes(q, self._k)
+        self._plane_words = True
+        self._dense_cache = None
+        return q.numel() * q.element_size()
+
+    def _kernel_weight(self, n: int, k: int, expert: int | None = None):
+        """The kernel record of the packed tensors (of matrix ``expert`` of a stack), in the layout held."""
+        if self._plane_words:
+            planes = {name: t if expert is None else t[expert] for name, t in self._buffers.items()}
+            return self.fmt.plane_kernel_weight(planes, n, k)
+        return self.fmt.kernel_weight(self.packed() if expert is None else self.packed(expert), n, k)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._plane_words:  # checkpoints hold the stored layout
+            destination[prefix + "qweight"] = _packed(self, self.fmt)["qweight"]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "qweight"
+        if self._plane_words and key in state_dict:  # a stored-layout tensor into the plane form
+            q = state_dict[key]
+            expected = self.fmt.buffer_specs(1, self._k)["qweight"][0][-2:]
+            if tuple(q.shape[-2:]) == tuple(expected):
+                state_dict = {**state_dict, key: layout.int4_to_planes(q, self._k)}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _apply(self, fn, recurse=True):
         packed = {name: buf for name, buf in self._buffers.items() if name in self.fmt.buffer_specs(1, 1)}
@@ -156,8 +205,9 @@ class QuantLinear(_KeepsPackedDtypes):
         return _packed(self, self.fmt)
 
     def kernel_weight(self):
-        """The record the Triton matmuls read (:meth:`WeightFormat.kernel_weight` of this module's tensors)."""
-        return self.fmt.kernel_weight(self.packed(), self.out_features, self.in_features)
+        """The record the Triton matmuls read (:meth:`WeightFormat.kernel_weight` of this module's tensors; the
+        plane form after :meth:`use_plane_words`)."""
+        return self._kernel_weight(self.out_features, self.in_features)
 
     @property
     def _k(self) -> int:
@@ -172,7 +222,7 @@ class QuantLinear(_KeepsPackedDtypes):
         if self.backend == "triton":
             from qmamba.kernels import triton_ops  # lazily: triton is optional on CPU
 
-            return triton_ops.quant_linear(x, self.kernel_weight())
+            return triton_ops.linear(x, self.kernel_weight())
         ops = self._cached_operands(x.dtype)
         if ops is None:
             ops = self.fmt.reference_operands(self.packed(), self.in_features, x.dtype)
@@ -220,9 +270,9 @@ class PackedExpertWeight(_KeepsPackedDtypes):
         return p if expert is None else {name: t[expert] for name, t in p.items()}
 
     def kernel_weight(self, expert: int | None = None):
-        """The record the Triton matmuls read (:meth:`WeightFormat.kernel_weight`): of the whole stack, or of one
-        expert's matrix (a stack of one)."""
-        return self.fmt.kernel_weight(self.packed(expert), self.n, self.k)
+        """The record the Triton matmuls read (:meth:`WeightFormat.kernel_weight`; the plane form after
+        :meth:`use_plane_words`): of the whole stack, or of one expert's matrix (a stack of one)."""
+        return self._kernel_weight(self.n, self.k, expert)
 
     @property
     def _k(self) -> int:
@@ -288,7 +338,7 @@ class QuantExperts(nn.Module):
         if self.backend == "triton":
             from qmamba.kernels import triton_ops  # lazily: triton is optional on CPU
 
-            return triton_ops.quant_linear(x, w.kernel_weight(expert))
+            return triton_ops.linear(x, w.kernel_weight(expert))
         return w.reference_matmul(x, expert)
 
     def forward(self, x, expert_idx):
@@ -444,6 +494,13 @@ def keep_dense_weights(model: nn.Module, dtype, cpu_int4: bool = False) -> int:
             kept = mod.keep_cpu_int4(dtype) if cpu_int4 and isinstance(mod, QuantLinear) else 0
             total += kept or mod.keep_dense(dtype)
     return total
+
+
+def use_plane_words(model: nn.Module) -> int:
+    """Convert every int4 weight of ``model`` that has a plane form (:func:`plane_words_apply`) to plane words in
+    place (:meth:`_KeepsPackedDtypes.use_plane_words`: no second copy); returns the bytes converted. The CUDA
+    kernels then read the layout made for them; everything else sees the stored layout as before."""
+    return sum(mod.use_plane_words() for mod in model.modules() if isinstance(mod, _KeepsPackedDtypes))
 
 
 def cpu_int4_module_names(model: nn.Module) -> list[str]:

@@ -35,8 +35,8 @@ def build(name, fmt, device):
 def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     """``decode``: the decode-linear kernels for float / int8 / int4 (conv fused into x_proj, activation into fc1);
     ``general``: the general matmul kernels (GEMV word kernels, small-M tiles, split-K into the zeroed workspace,
-    conv and activation on their own), as 1-bit weights always take; ``planes``: the decode kernels on plane-word
-    copies of the int4 weights (``_magic``: nibbles masked in place)."""
+    conv and activation on their own), as 1-bit weights always take; ``planes``: the decode kernels on the int4
+    weights converted in place to plane words (``_magic``: nibbles masked in place)."""
     model = build("tiny-blackmamba", FORMATS[fmt], device)
     if fmt == "binary":
         from qmamba.quant.binary import BinaryExperts, BinaryLinear
@@ -51,11 +51,12 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     if kernels == "general":
         policy = dataclasses.replace(policy, formats=())
     elif kernels.startswith("planes"):
-        policy = dataclasses.replace(policy, formats=(0, 1, 2), max_rows=8, int4_planes=True,
+        policy = dataclasses.replace(policy, formats=(0, 1, 3), max_rows=8, int4_planes=True,
                                      int4_magic=kernels.endswith("magic"))
     step = FusedDecodeStep(model, policy)
-    if kernels.startswith("planes"):
-        assert step._decode_forms, "no int4 weight was given a plane form"
+    if kernels.startswith("planes"):  # the model's int4 weights now hold plane words; the reference reads them too
+        assert any(getattr(m, "_plane_words", False) for m in model.modules()), "no int4 weight became plane words"
+        assert all(w.fmt == 3 for w in step._weights() if getattr(w, "group_size", 0) == 128)
     for _ in range(2):  # twice: the workspace is re-zeroed, the state carried
         logits = step(tok, state)
         ref = model.step(tok, ref_state)

@@ -95,6 +95,13 @@ class Int4Format(WeightFormat):
 
         return PackedWeight.from_int4(packed, n, k, self.group_size)
 
+    def plane_kernel_weight(self, planes: dict, n: int, k: int):
+        """The kernel record of the same weight held as plane words (``planes["qweight"]`` from
+        :func:`qmamba.quant.layout.int4_to_planes`; scales and zero points as stored)."""
+        from qmamba.kernels.weights import PackedWeight
+
+        return PackedWeight.from_int4_planes(planes, n, k, self.group_size)
+
     def matmul_nbits(self, packed: dict, n: int, k: int) -> "MatMulNBitsForm":
         """4-bit ``MatMulNBits``, block = the group: the packed tensors unchanged (the layout *is* MatMulNBits')."""
         return MatMulNBitsForm(4, self.group_size, {key: packed[key] for key in ("qweight", "scales", "zeros")})

@@ -1,0 +1,159 @@
+"""The general int4 matmuls on plane words against the stored word layout and bf16 (issue 13's table), at the
+BlackMamba-2.8B shapes and M = 2..2048: dense projections beside cuBLAS, and the routed expert stacks (8 experts,
+top-1, tokens spread at random) beside our float (bf16) expert kernel, which is what the bf16 model runs.
+
+    python benchmarks/bench_planes_gemm.py --out planes.json [--m 2,4,8,16,64,256,2048] [--sweep] [--quick]
+
+Every variant's output is compared with x @ the dequantized weight (fp32) before it is timed; a variant that
+disagrees is an error (exit 1), never a figure. Method: benchmarks/timing.py (CUDA-graph replay, weight copies
+rotated past the L2, median). ``--sweep`` also times a grid of GEMM tiles for the plane kernel at M >= 64.
+On the CPU (``TRITON_INTERPRET=1``) ``--quick`` runs the same checks on tiny shapes without timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import copies_for, time_calls  # noqa: E402
+
+from qmamba.kernels.matmul_configs import MatmulConfig, gemm_config  # noqa: E402
+from qmamba.kernels.quant_matmul import dequant_matmul  # noqa: E402
+from qmamba.kernels.routing import expert_tile_map  # noqa: E402
+from qmamba.kernels.weights import PackedWeight  # noqa: E402
+from qmamba.quant.formats import Int4Format  # noqa: E402
+
+DENSE = [("in_proj", 1472, 5888), ("x_proj", 2944, 124), ("out_proj", 2944, 1472), ("head", 1472, 50304)]
+EXPERTS = [("fc1 x8", 1472, 7744), ("fc2 x8", 3872, 1472)]
+N_EXPERTS = 8
+
+
+def _weights(k, n, experts, copies, device):
+    """``copies`` int4 g128 weights (words form, planes form) and their bf16 dense twins."""
+    fmt = Int4Format(128)
+    out = []
+    for i in range(copies):
+        gen = torch.Generator().manual_seed(i)
+        w = torch.randn(*((experts,) if experts else ()), n, k, generator=gen) / math.sqrt(k)
+        words = fmt.kernel_weight({key: t.to(device) for key, t in fmt.quantize_rtn(w).items()}, n, k)
+        out.append((words, words.to_planes(), words.dequantized(torch.bfloat16 if device.type == "cuda"
+                                                                 else torch.float32)))
+    return out
+
+
+def _check(name, got, ref, failures, log):
+    err = ((got.float() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+    if not math.isfinite(err) or err > 2e-2:
+        failures.append(f"{name}: relative error {err:.3g}")
+        log(f"FAIL {name}: relative error {err:.3g}")
+    return err
+
+
+def run(m_values, sweep, quick, log):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    timed = device.type == "cuda"
+    dtype = torch.bfloat16 if timed else torch.float32
+    dense = [("tiny", 300, 40)] if quick else DENSE
+    experts = [("tiny x3", 256, 48)] if quick else EXPERTS
+    n_experts = 3 if quick else N_EXPERTS
+    rows, failures = [], []
+
+    def record(shape, m, variant, fns, ref_fn_out, bytes_):
+        got = fns[0]()
+        err = _check(f"{shape} M={m} {variant}", got, ref_fn_out, failures, log)
+        us = time_calls(fns) if timed else float("nan")
+        rows.append(dict(shape=shape, m=m, variant=variant, us=us, rel_err=err, bytes=bytes_))
+        log(f"{shape:10s} M={m:5d} {variant:22s} {us:9.2f} us  err {err:.1e}")
+        return us
+
+    for label, k, n in dense:
+        ws = _weights(k, n, 0, copies_for(n * k // 2) if timed else 1, device)
+        for m in m_values:
+            x = torch.randn(m, k, device=device).to(dtype)
+            ref = x.float() @ ws[0][0].dequantized()[0].t()
+            if timed:
+                record(label, m, "cublas_bf16", [lambda w=w: F.linear(x, w[2][0]) for w in ws], ref, 2 * n * k)
+            record(label, m, "int4_words", [lambda w=w: dequant_matmul(x, w[0]) for w in ws], ref, n * k // 2)
+            record(label, m, "int4_planes", [lambda w=w: dequant_matmul(x, w[1]) for w in ws], ref, n * k // 2)
+            if m > 16:  # the tile kernels themselves where the default takes one dequantization pass + cuBLAS
+                for form, idx in (("words", 0), ("planes", 1)):
+                    cfg = gemm_config(m, ws[0][idx], device)
+                    record(label, m, f"int4_{form}_gemm",
+                           [lambda w=w, c=cfg, i=idx: dequant_matmul(x, w[i], config=c) for w in ws], ref, n * k // 2)
+            if sweep and timed and m >= 64:
+                for bm, bn, warps, stages in ((64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 256, 8, 3),
+                                              (64, 256, 8, 3), (128, 128, 4, 4), (64, 64, 4, 4)):
+                    cfg = MatmulConfig(bm, bn, 128, 1, warps, stages)
+                    try:
+                        record(label, m, f"planes {bm}x{bn} w{warps} s{stages}",
+                               [lambda w=w: dequant_matmul(x, w[1], config=cfg) for w in ws], ref, n * k // 2)
+                    except Exception as exc:  # noqa: BLE001 - a tile that does not compile is reported, not fatal
+                        log(f"sweep {label} M={m} {bm}x{bn}: {type(exc).__name__}: {str(exc)[:100]}")
+        del ws
+        if timed:
+            torch.cuda.empty_cache()
+
+    for label, k, n in experts:
+        ws = _weights(k, n, n_experts, copies_for(n_experts * n * k // 2) if timed else 1, device)
+        for m in m_values:
+            gen = torch.Generator().manual_seed(m)
+            idx = torch.randint(0, n_experts, (m,), generator=gen).to(device=device, dtype=torch.int32)
+            x = torch.randn(m, k, device=device).to(dtype)
+            dense_f32 = ws[0][0].dequantized()
+            ref = torch.einsum("mk,mnk->mn", x.float(), dense_f32[idx.long()])
+            tiles = None
+            if m > 16:
+                tiles = expert_tile_map(idx, n_experts, gemm_config(m, ws[0][1], device).block_m)
+            stack = [PackedWeight.from_float(w[2]) for w in ws]
+            ft = expert_tile_map(idx, n_experts, gemm_config(m, stack[0], device).block_m) if m > 16 else None
+            record(label, m, "bf16_experts", [lambda s=s: dequant_matmul(x, s, row_expert=idx, tiles=ft)
+                                              for s in stack], ref, 2 * n_experts * n * k)
+            wt = expert_tile_map(idx, n_experts, gemm_config(m, ws[0][0], device).block_m) if m > 16 else None
+            record(label, m, "int4_words", [lambda w=w: dequant_matmul(x, w[0], row_expert=idx, tiles=wt)
+                                            for w in ws], ref, n_experts * n * k // 2)
+            record(label, m, "int4_planes", [lambda w=w: dequant_matmul(x, w[1], row_expert=idx, tiles=tiles)
+                                             for w in ws], ref, n_experts * n * k // 2)
+        del ws
+        if timed:
+            torch.cuda.empty_cache()
+    return rows, failures
+
+
+def table(rows) -> str:
+    variants = list(dict.fromkeys(r["variant"] for r in rows if " " not in r["variant"]))
+    lines = ["| shape | M | " + " | ".join(variants) + " |", "|---|---:|" + "---:|" * len(variants)]
+    keys = list(dict.fromkeys((r["shape"], r["m"]) for r in rows))
+    by = {(r["shape"], r["m"], r["variant"]): r["us"] for r in rows}
+    for shape, m in keys:
+        cells = [f"{by[(shape, m, v)]:.2f}" if (shape, m, v) in by else "-" for v in variants]
+        lines.append(f"| {shape} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--m", default="2,4,8,16,64,256,2048")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test under TRITON_INTERPRET=1)")
+    args = ap.parse_args()
+    m_values = [int(v) for v in args.m.split(",")] if not args.quick else [3, 19]
+    rows, failures = run(m_values, args.sweep, args.quick, lambda s: print(s, flush=True))
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    Path(args.out).write_text(json.dumps(dict(device=device, torch=torch.__version__, rows=rows,
+                                              failures=failures), indent=1))
+    print(table(rows))
+    if failures:
+        print(f"{len(failures)} check(s) failed:\n  " + "\n  ".join(failures), file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The general int4 matmuls on plane words (``FMT_INT4_PLANES``: GEMV reduction, small-M tensor-core tiles, the
+prefill GEMM and the grouped expert GEMM, the dequantization pass) against x @ the dequantized weight, and against
+the same weight in the stored layout; ragged K (padded tail tiles), split-K, routed rows."""
+
+import pytest
+import torch
+
+from qmamba.kernels.dequantize import dequantize_stack, dequantize_stack_triton
+from qmamba.kernels.matmul_configs import GEMV_MAX_M, MatmulConfig, pick_config
+from qmamba.kernels.quant_matmul import dequant_matmul, dequant_matmul_ref
+from qmamba.kernels.routing import expert_tile_map
+from qmamba.kernels.weights import FMT_INT4_PLANES
+from qmamba.quant.formats import Int4Format
+
+M_VALUES = [1, 5, GEMV_MAX_M + 17]  # GEMV reduction, small-M dot, GEMM
+
+
+def plane_weight(n, k, device, group=128, symmetric=False, lead=(), seed=0):
+    """``(words form, planes form)`` of one random int4 weight."""
+    gen = torch.Generator().manual_seed(seed)
+    fmt = Int4Format(group, symmetric=symmetric)
+    w = torch.randn(*lead, n, k, generator=gen) / k ** 0.5
+    words = fmt.kernel_weight({key: t.to(device) for key, t in fmt.quantize_rtn(w).items()}, n, k)
+    return words, words.to_planes()
+
+
+def close(got, ref, dtype):
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got.float(), ref.float(), **tol)
+
+
+def _dtype(device):
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@pytest.mark.parametrize("group,symmetric", [(128, False), (256, False), (128, True)])
+@pytest.mark.parametrize("m", M_VALUES)
+def test_dense_planes_match_dequantized_and_words(group, symmetric, m, device):
+    n, k = 40, 300  # K = 300: the last plane tile is mostly padding
+    words, planes = plane_weight(n, k, device, group, symmetric)
+    assert planes.fmt == FMT_INT4_PLANES
+    dtype = _dtype(device)
+    x = torch.randn(m, k, device=device).to(dtype)
+    bias = torch.randn(n, device=device)
+    got = dequant_matmul(x, planes, bias)
+    ref = x.float() @ words.dequantized()[0].t() + bias
+    assert got.dtype == dtype and got.shape == (m, n)
+    close(got, ref, dtype)
+    close(got, dequant_matmul(x, words, bias), dtype)
+
+
+@pytest.mark.parametrize("m", [3, GEMV_MAX_M + 9])
+def test_routed_planes_by_expert_and_tiles(m, device):
+    n, k, experts = 24, 256, 3
+    _, planes = plane_weight(n, k, device, lead=(experts,), seed=1)
+    x = torch.randn(m, k, device=device)
+    idx = torch.randint(0, experts, (m,), device=device, dtype=torch.int32)
+    scale = torch.rand(m, device=device)
+    ref = dequant_matmul_ref(x, planes, row_expert=idx, row_scale=scale)
+    close(dequant_matmul(x, planes, row_expert=idx, row_scale=scale), ref, torch.float32)
+    if m > GEMV_MAX_M:  # the grouped GEMM over expert tiles, as the MoE prefill calls it
+        cfg = pick_config(m, planes, x.device)
+        tiles = expert_tile_map(idx, experts, cfg.block_m)
+        close(dequant_matmul(x, planes, row_expert=idx, row_scale=scale, tiles=tiles), ref, torch.float32)
+
+
+def test_planes_split_k_configs(device):
+    _, planes = plane_weight(24, 520, device, seed=2)  # 5 plane tiles
+    x = torch.randn(19, 520, device=device)
+    ref = dequant_matmul_ref(x, planes)
+    for cfg in (MatmulConfig(16, 16, 128, split_k=3, num_warps=1, num_stages=1),  # small-M kernel, split-K
+                MatmulConfig(1, 8, 128, split_k=2, num_warps=1, num_stages=1)):
+        rows = x[:cfg.block_m] if cfg.block_m == 1 else x[:5]
+        close(dequant_matmul(rows, planes, config=cfg), ref[:rows.shape[0]], torch.float32)
+    close(dequant_matmul(x, planes, config=MatmulConfig(32, 16, 128, split_k=2, num_warps=1, num_stages=1)), ref,
+          torch.float32)  # GEMM kernel, split-K
+
+
+def test_dequantize_stack_of_planes_equals_words(device):
+    words, planes = plane_weight(33, 300, device, lead=(2,), seed=3)
+    expected = dequantize_stack(words, torch.float32)
+    for got in (dequantize_stack(planes, torch.float32), dequantize_stack_triton(planes, torch.float32)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
