@@ -11,9 +11,8 @@ import torch
 
 from qmamba.kernels import custom_ops
 from qmamba.kernels import fused_moe as _moe
-from qmamba.kernels.weights import BinaryWeight, PackedWeight
-
-KernelWeight = PackedWeight | BinaryWeight
+from qmamba.kernels.fused_moe import KernelWeight
+from qmamba.kernels.weights import BinaryWeight
 
 
 # ---- sequence ops (same signatures as the *_ref functions) -------------------------------------------------------

@@ -84,7 +84,10 @@ def test_word_gemv_configs(fmt, n, k, device):
     from qmamba.kernels.weights import int32_words
 
     packed, w = make_weight(fmt, n, k, device, seed=4)
-    assert int32_words(w.qweight) is not None
+    words = int32_words(w.qweight)  # what the word kernel reads: a view of the same bytes, 32 sign bits a word
+    assert words is not None and words.shape == (1, n, k // 32) and words.data_ptr() == w.qweight.data_ptr()
+    assert torch.equal(words.view(torch.uint8), w.qweight.reshape(1, n, -1))
+    assert int32_words(make_weight(fmt, n, k + 8, device)[1].qweight) is None  # rows not whole words: no view
     x = torch.randn(1, k, device=device)
     bias = torch.randn(n, device=device)
     ref = x @ w.dequantized()[0].t() + bias
