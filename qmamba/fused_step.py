@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qmamba.kernel_view import dense_weight, expert_weight, linear_weight
 from qmamba.kernels.binary_matmul import binary_matmul
 from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
 from qmamba.kernels.decode_linear import DecodePolicy, decode_linear
@@ -45,29 +46,6 @@ from qmamba.quant.modules import use_plane_words
 
 # ---- plan --------------------------------------------------------------------------------------------------------------
 KernelWeight = PackedWeight | BinaryWeight
-
-
-def linear_weight(module: nn.Module) -> tuple[KernelWeight, torch.Tensor | None]:
-    """The kernel view of an ``nn.Linear``, ``QuantLinear`` or ``BinaryLinear`` (its format gives the record) and
-    its bias."""
-    if isinstance(module, nn.Linear):
-        return PackedWeight.from_float(module.weight.detach()), module.bias
-    if hasattr(module, "kernel_weight"):
-        return module.kernel_weight(), module.bias
-    raise TypeError(f"fused decode step: unsupported linear module {type(module).__name__}")
-
-
-def dense_weight(module: nn.Module, dtype) -> torch.Tensor:
-    if isinstance(module, nn.Linear):
-        return module.weight.detach()
-    return module.dequantized_weight(dtype)
-
-
-def expert_weight(experts: nn.Module, name: str) -> KernelWeight:
-    w = getattr(experts, name)
-    if isinstance(w, torch.Tensor):
-        return PackedWeight.from_float(w.detach())
-    return w.kernel_weight()
 
 
 def matmul(x: torch.Tensor, weight: KernelWeight, bias=None, row_expert=None, row_scale=None, out=None):

@@ -70,6 +70,23 @@ class SwitchMoE(nn.Module):
         self.experts = StackedExperts(n_experts, cfg.d_model, cfg.ffn_hidden, cfg.expert_gated,
                                       cfg.expert_activation)
 
+    def router_operands(self, dtype) -> tuple:
+        """``(router_w [E, d], router_b)`` as the routing kernel reads them (a quantized router dequantized to
+        ``dtype``)."""
+        from qmamba.kernel_view import dense_weight  # lazily: the Triton path only
+
+        return dense_weight(self.router, dtype), self.router.bias
+
+    def kernel_operands(self, dtype) -> tuple:
+        """What the Triton MoE kernels read, in the order :func:`qmamba.kernels.triton_ops.switch_moe` takes them:
+        ``(router_w [E, d], router_b, fc1, fc2, activation, gated)``, fc1 / fc2 the experts' stacked kernel records.
+        The fused decode step takes the same views (:mod:`qmamba.kernel_view`)."""
+        from qmamba.kernel_view import expert_weight  # lazily: the Triton path only
+
+        experts = self.experts
+        return (*self.router_operands(dtype), expert_weight(experts, "fc1"), expert_weight(experts, "fc2"),
+                experts.activation, experts.gated)
+
     def route(self, x):
         """Top-1 routing of ``x [T, d]`` exactly as this block's forward decides it on its backend:
         ``(expert_idx [T], weight [T] fp32)``. The Triton forward routes inside its fused kernels
@@ -79,7 +96,7 @@ class SwitchMoE(nn.Module):
         if self.backend == "triton":
             from qmamba.kernels import triton_ops  # lazily: triton is optional on CPU
 
-            return triton_ops.moe_route(self, x)
+            return triton_ops.moe_route(x, *self.router_operands(x.dtype))
         return route_top1(self.router(x))
 
     def forward(self, h):
@@ -87,7 +104,7 @@ class SwitchMoE(nn.Module):
         if self.backend == "triton":
             from qmamba.kernels import triton_ops  # lazily: triton is optional on CPU
 
-            return triton_ops.switch_moe(self, h)
+            return triton_ops.switch_moe(h, *self.kernel_operands(h.dtype))
         shape = h.shape
         x = h.reshape(-1, shape[-1])
         idx, weight = self.route(x)

@@ -22,12 +22,12 @@ graph capturable: each row reads only its expert's weights), ``ROUTE_TILES`` (pr
 
 Shapes: ``x [M, K]``; stacked weights ``qweight [E, N, ceil(K/8)] uint8``, ``alpha/beta [E, K] fp16``,
 ``row_scale [E, N]`` (E = 1 for a plain linear), in a :class:`qmamba.kernels.weights.BinaryWeight`; tile sizes in
-:mod:`qmamba.kernels.matmul_configs`. :func:`binary_moe_forward` is the top-1 MoE on these kernels.
+:mod:`qmamba.kernels.matmul_configs`. The top-1 MoE on these kernels (and on mixed 1-bit / int4 / int8 / float
+experts) is :func:`qmamba.kernels.fused_moe.moe_forward`; the ``qmamba::binary_matmul`` custom op (what the
+``"triton"`` backend calls) is in :mod:`qmamba.kernels.custom_ops`.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -295,50 +295,3 @@ def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, r
         HAS_RSCALE=row_scale is not None, IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
-
-
-# ---- custom op (opaque to torch.compile) -----------------------------------------------------------------------
-@torch.library.custom_op("qmamba::binary_matmul", mutates_args=())
-def binary_matmul_op(x: Tensor, n: int, k: int, qweight: Tensor, alpha: Tensor, beta: Tensor,
-                     row_scale: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-    """``x [M, K] @ W_hat^T (+ bias)`` -> ``[M, N]`` for one binary matrix."""
-    packed = {"qweight": qweight, "alpha": alpha, "beta": beta}
-    if row_scale is not None:
-        packed["row_scale"] = row_scale
-    return binary_matmul(x, BinaryWeight.from_packed(packed, n, k), bias)
-
-
-@binary_matmul_op.register_fake
-def _(x, n, k, qweight, alpha, beta, row_scale, bias):
-    return x.new_empty(x.shape[0], n)
-
-
-def binary_linear(x: Tensor, packed: dict, n: int, k: int, bias=None) -> Tensor:
-    """``x [..., K]`` -> ``[..., N]`` through the custom op (the ``"triton"`` backend of ``BinaryLinear``)."""
-    lead = x.shape[:-1]
-    y = binary_matmul_op(x.reshape(-1, k), n, k, packed["qweight"], packed["alpha"], packed["beta"],
-                         packed.get("row_scale"), bias)
-    return y.reshape(*lead, n)
-
-
-# ---- MoE -------------------------------------------------------------------------------------------------------
-def _routed(x, w, row_expert, row_scale, tiles):
-    """One routed matmul with whichever kernel holds ``w`` (BinaryWeight or PackedWeight)."""
-    if isinstance(w, BinaryWeight):
-        return binary_matmul(x, w, row_expert=row_expert, row_scale=row_scale, tiles=tiles)
-    return dequant_matmul(x, w, row_expert=row_expert, row_scale=row_scale, tiles=tiles)
-
-
-def binary_moe_forward(x: Tensor, router_w: Tensor, router_b, fc1, fc2, activation: str, gated: bool,
-                       block_m: int | None = None) -> Tensor:
-    """Top-1 sigmoid MoE ``x [T, d]`` -> ``[T, d]`` with binary (or mixed binary / int4 / int8 / float) experts:
-    route, fc1 by expert, gated activation, fc2 by expert with the gate in the epilogue; no host synchronisation
-    (decode: per-expert program columns; prefill: expert tiles shared by both matmuls)."""
-    from qmamba.kernels.fused_moe import gated_act, route_top1
-
-    idx, weight = route_top1(x, router_w, router_b)
-    tiles = None
-    if x.shape[0] > GEMV_MAX_M:
-        tiles = expert_tile_map(idx, fc1.n_experts, block_m or (32 if x.device.type != "cuda" else 64))
-    h = _routed(x, fc1, idx, None, tiles)
-    return _routed(gated_act(h, activation, gated), fc2, idx, weight, tiles)

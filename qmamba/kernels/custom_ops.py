@@ -2,8 +2,10 @@
 so ``torch.compile`` and other tracers see opaque ops with known output shapes instead of Triton launches.
 
 Ops are pure (they allocate their outputs). The in-place variants used by the captured decode step call the
-launchers directly (see :mod:`qmamba.kernels.decode_step`). Weights travel as their layout tensors plus the format
-id of :mod:`qmamba.kernels.weights` (0 float, 1 int8, 2 int4).
+launchers directly (see :mod:`qmamba.kernels.decode_step`). A weight travels as its kernel record's fields
+(:mod:`qmamba.kernels.weights`): :func:`weight_args` flattens a :class:`PackedWeight` (format id, sizes, group size,
+stacked tensors) and the op rebuilds the same record from them, so nothing is re-derived from a shape;
+:func:`binary_args` does the same for a :class:`BinaryWeight`.
 """
 
 from __future__ import annotations
@@ -13,25 +15,28 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from qmamba.kernels import binary_matmul as _bin
 from qmamba.kernels import causal_conv1d as _conv
 from qmamba.kernels import fused_moe as _moe
 from qmamba.kernels import quant_matmul as _qmm
 from qmamba.kernels import selective_scan as _scan
-from qmamba.kernels.weights import FMT_FLOAT, FMT_INT4_PLANES, FMT_INT8, PackedWeight
+from qmamba.kernels.weights import BinaryWeight, PackedWeight
 
 
-def packed_weight(fmt: int, n: int, k: int, qweight: Tensor, scales: Optional[Tensor],
-                  zeros: Optional[Tensor]) -> PackedWeight:
-    """Rebuild the kernel's weight description from an op's flat arguments."""
-    if fmt == FMT_FLOAT:
-        return PackedWeight.from_float(qweight)
-    if fmt == FMT_INT8:
-        return PackedWeight.from_int8({"qweight": qweight, "scales": scales}, n, k)
-    if fmt == FMT_INT4_PLANES:  # plane words [..., N, n_blocks * g / 8] beside scales [..., N, n_blocks]
-        group_size = qweight.shape[-1] * 8 // scales.shape[-1]
-        return PackedWeight.from_int4_planes({"qweight": qweight, "scales": scales, "zeros": zeros}, n, k, group_size)
-    group_size = qweight.shape[-1] * 2  # the op's flat arguments carry the layout tensors, [..., n_blocks, g / 2]
-    return PackedWeight.from_int4({"qweight": qweight, "scales": scales, "zeros": zeros}, n, k, group_size)
+def weight_args(weight: PackedWeight) -> tuple:
+    """``(fmt, n, k, group_size, qweight, scales, zeros)``: a record as an op's flat arguments."""
+    return weight.fmt, weight.n, weight.k, weight.group_size, weight.qweight, weight.scales, weight.zeros
+
+
+def weight_from_args(fmt: int, n: int, k: int, group_size: int, qweight: Tensor, scales: Optional[Tensor],
+                     zeros: Optional[Tensor]) -> PackedWeight:
+    """The record :func:`weight_args` flattened (its tensors stacked ``[E, N, ...]`` as the record holds them)."""
+    return PackedWeight(fmt, n, k, qweight.shape[0], qweight, scales, zeros, group_size)
+
+
+def binary_args(weight: BinaryWeight) -> tuple:
+    """``(n, k, qweight, alpha, beta, row_scale)``: a 1-bit record as an op's flat arguments."""
+    return weight.n, weight.k, weight.qweight, weight.alpha, weight.beta, weight.row_scale
 
 
 # ---- selective scan / conv -------------------------------------------------------------------------------------------
@@ -88,31 +93,42 @@ def _(x, conv_state, weight, bias, silu):
 
 # ---- matmul / MoE ----------------------------------------------------------------------------------------------------
 @torch.library.custom_op("qmamba::dequant_matmul", mutates_args=())
-def dequant_matmul(x: Tensor, fmt: int, n: int, k: int, qweight: Tensor, scales: Optional[Tensor],
+def dequant_matmul(x: Tensor, fmt: int, n: int, k: int, group_size: int, qweight: Tensor, scales: Optional[Tensor],
                    zeros: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-    """``x [M, K] @ W_hat^T (+ bias)`` -> ``[M, N]``."""
-    return _qmm.dequant_matmul(x, packed_weight(fmt, n, k, qweight, scales, zeros), bias)
+    """``x [M, K] @ W_hat^T (+ bias)`` -> ``[M, N]``; the weight as :func:`weight_args` gives it."""
+    return _qmm.dequant_matmul(x, weight_from_args(fmt, n, k, group_size, qweight, scales, zeros), bias)
 
 
 @dequant_matmul.register_fake
-def _(x, fmt, n, k, qweight, scales, zeros, bias):
+def _(x, fmt, n, k, group_size, qweight, scales, zeros, bias):
+    return x.new_empty(x.shape[0], n)
+
+
+@torch.library.custom_op("qmamba::binary_matmul", mutates_args=())
+def binary_matmul(x: Tensor, n: int, k: int, qweight: Tensor, alpha: Tensor, beta: Tensor,
+                  row_scale: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """``x [M, K] @ W_hat^T (+ bias)`` -> ``[M, N]`` for one 1-bit matrix, as :func:`binary_args` gives it."""
+    return _bin.binary_matmul(x, BinaryWeight(n, k, qweight, alpha, beta, row_scale), bias)
+
+
+@binary_matmul.register_fake
+def _(x, n, k, qweight, alpha, beta, row_scale, bias):
     return x.new_empty(x.shape[0], n)
 
 
 @torch.library.custom_op("qmamba::moe_forward", mutates_args=())
-def moe_forward(x: Tensor, router_w: Tensor, router_b: Optional[Tensor], fc1_fmt: int, fc1_n: int,
-                fc1_q: Tensor, fc1_s: Optional[Tensor], fc1_z: Optional[Tensor], fc2_fmt: int, fc2_n: int,
-                fc2_q: Tensor, fc2_s: Optional[Tensor], fc2_z: Optional[Tensor], activation: str,
-                gated: bool) -> Tensor:
-    """Top-1 sigmoid MoE ``x [T, d]`` -> ``[T, d]`` (routing weight applied)."""
-    d = x.shape[1]
-    fc1 = packed_weight(fc1_fmt, fc1_n, d, fc1_q, fc1_s, fc1_z)
-    ffn = fc1_n // 2 if gated else fc1_n
-    fc2 = packed_weight(fc2_fmt, fc2_n, ffn, fc2_q, fc2_s, fc2_z)
+def moe_forward(x: Tensor, router_w: Tensor, router_b: Optional[Tensor], fc1_fmt: int, fc1_n: int, fc1_k: int,
+                fc1_g: int, fc1_q: Tensor, fc1_s: Optional[Tensor], fc1_z: Optional[Tensor], fc2_fmt: int, fc2_n: int,
+                fc2_k: int, fc2_g: int, fc2_q: Tensor, fc2_s: Optional[Tensor], fc2_z: Optional[Tensor],
+                activation: str, gated: bool) -> Tensor:
+    """Top-1 sigmoid MoE ``x [T, d]`` -> ``[T, d]`` (routing weight applied); fc1 and fc2 as :func:`weight_args`
+    gives them."""
+    fc1 = weight_from_args(fc1_fmt, fc1_n, fc1_k, fc1_g, fc1_q, fc1_s, fc1_z)
+    fc2 = weight_from_args(fc2_fmt, fc2_n, fc2_k, fc2_g, fc2_q, fc2_s, fc2_z)
     return _moe.moe_forward(x, router_w, router_b, fc1, fc2, activation, gated)
 
 
 @moe_forward.register_fake
-def _(x, router_w, router_b, fc1_fmt, fc1_n, fc1_q, fc1_s, fc1_z, fc2_fmt, fc2_n, fc2_q, fc2_s, fc2_z, activation,
-      gated):
+def _(x, router_w, router_b, fc1_fmt, fc1_n, fc1_k, fc1_g, fc1_q, fc1_s, fc1_z, fc2_fmt, fc2_n, fc2_k, fc2_g, fc2_q,
+      fc2_s, fc2_z, activation, gated):
     return x.new_empty(x.shape[0], fc2_n)

@@ -1,14 +1,17 @@
 """BlackMamba's top-1 Switch-MoE on the GPU without a host synchronisation, and its pure-PyTorch twin.
 
     idx, weight = route_top1(x, router_w, router_b)        # one kernel: logits, sigmoid, argmax, p[argmax]
-    h   = fc1(x) by expert                                  # dequant_matmul, routed
+    h   = fc1(x) by expert                                  # routed matmul
     a   = act(h[:, :F]) * h[:, F:]   (gated) | act(h)       # one elementwise kernel
-    out = weight * fc2(a) by expert                         # dequant_matmul, routed, routing weight in the epilogue
+    out = weight * fc2(a) by expert                         # routed matmul, routing weight in the epilogue
 
 Decode (T <= 16 tokens): the routed matmuls launch one program column per expert and each reads only its own
 tokens' rows (idle experts loop zero times), so the chosen experts' weights are read by index on the device and
 the step is graph-capturable. Prefill: tokens are sorted by expert into row tiles (:func:`expert_tile_map`) and
-the same kernel runs as a grouped GEMM. Weights are :class:`PackedWeight` stacks (int8, int4 or float ``[E, N, K]``).
+the same kernels run as a grouped GEMM. fc1 and fc2 are kernel records, each a :class:`PackedWeight` stack (int8,
+int4 or float ``[E, N, K]``: :func:`dequant_matmul`) or a :class:`BinaryWeight` stack (1 bit:
+:func:`binary_matmul`); :func:`routed_matmul` picks the kernel by the record's type, so 1-bit, mixed and
+int4/int8/float experts share one forward.
 Shapes: ``x [T, d]``, ``router_w [E, d]``, ``router_b [E]``, ``fc1 [E, F or 2F, d]``, ``fc2 [E, d, F]``.
 """
 
@@ -18,10 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from qmamba.kernels._triton import jit, next_pow2, tl
+from qmamba.kernels.binary_matmul import binary_matmul, binary_matmul_ref
 from qmamba.kernels.matmul_configs import GEMV_MAX_M, pick_config
 from qmamba.kernels.quant_matmul import dequant_matmul, dequant_matmul_ref
 from qmamba.kernels.routing import expert_tile_map
-from qmamba.kernels.weights import PackedWeight
+from qmamba.kernels.weights import BinaryWeight, PackedWeight
+
+KernelWeight = PackedWeight | BinaryWeight
 
 ACTIVATION_IDS = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "relu": 3}
 
@@ -46,10 +52,16 @@ def gated_act_ref(h, activation: str, gated: bool):
     return act(hf).to(h.dtype)
 
 
-def moe_forward_ref(x, router_w, router_b, fc1: PackedWeight, fc2: PackedWeight, activation: str, gated: bool):
+def routed_matmul_ref(x, weight: KernelWeight, bias=None, row_expert=None, row_scale=None):
+    """Twin of :func:`routed_matmul`."""
+    ref = binary_matmul_ref if isinstance(weight, BinaryWeight) else dequant_matmul_ref
+    return ref(x, weight, bias, row_expert=row_expert, row_scale=row_scale)
+
+
+def moe_forward_ref(x, router_w, router_b, fc1: KernelWeight, fc2: KernelWeight, activation: str, gated: bool):
     idx, weight = route_top1_ref(x, router_w, router_b)
-    h = dequant_matmul_ref(x, fc1, row_expert=idx)
-    return dequant_matmul_ref(gated_act_ref(h, activation, gated), fc2, row_expert=idx, row_scale=weight)
+    h = routed_matmul_ref(x, fc1, row_expert=idx)
+    return routed_matmul_ref(gated_act_ref(h, activation, gated), fc2, row_expert=idx, row_scale=weight)
 
 
 # ---- Triton ----------------------------------------------------------------------------------------------------------
@@ -135,15 +147,33 @@ def gated_act(h, activation: str, gated: bool, out=None):
     return out
 
 
-def moe_forward(x, router_w, router_b, fc1: PackedWeight, fc2: PackedWeight, activation: str, gated: bool):
-    """Triton twin of :func:`moe_forward_ref`: ``x [T, d]`` -> ``[T, d]`` in x.dtype, no host synchronisation."""
+def routed_matmul(x, weight: KernelWeight, bias=None, row_expert=None, row_scale=None, tiles=None, out=None):
+    """``x @ W^T`` (optional ``bias``, routing ``row_expert`` / gate ``row_scale`` / expert ``tiles``, ``out``) on
+    the general kernel of the record's type: :func:`binary_matmul` for a :class:`BinaryWeight`, else
+    :func:`dequant_matmul` (same arguments)."""
+    matmul = binary_matmul if isinstance(weight, BinaryWeight) else dequant_matmul
+    return matmul(x, weight, bias, row_expert=row_expert, row_scale=row_scale, tiles=tiles, out=out)
+
+
+def _tile_rows(t: int, fc1: KernelWeight, device) -> int:
+    """Rows per expert tile of a prefill of ``t`` tokens: the general matmul's config for int8/int4/float fc1; 64
+    on CUDA (32 elsewhere) for 1-bit fc1."""
+    if isinstance(fc1, BinaryWeight):
+        return 32 if device.type != "cuda" else 64
+    return pick_config(t, fc1, device).block_m
+
+
+def moe_forward(x, router_w, router_b, fc1: KernelWeight, fc2: KernelWeight, activation: str, gated: bool,
+                block_m: int | None = None):
+    """Triton twin of :func:`moe_forward_ref`: ``x [T, d]`` -> ``[T, d]`` in x.dtype, no host synchronisation.
+    ``block_m``: rows per expert tile in prefill (default: :func:`_tile_rows`)."""
     if fc1.n_experts != router_w.shape[0] or fc2.n_experts != fc1.n_experts:
         raise ValueError(f"MoE: router has {router_w.shape[0]} experts, fc1 {fc1.n_experts}, fc2 {fc2.n_experts}")
     idx, weight = route_top1(x, router_w, router_b)
     t = x.shape[0]
     tiles = None
     if t > GEMV_MAX_M:
-        tiles = expert_tile_map(idx, fc1.n_experts, pick_config(t, fc1, x.device).block_m)
-    h = dequant_matmul(x, fc1, row_expert=idx, tiles=tiles)
+        tiles = expert_tile_map(idx, fc1.n_experts, block_m or _tile_rows(t, fc1, x.device))
+    h = routed_matmul(x, fc1, row_expert=idx, tiles=tiles)
     a = gated_act(h, activation, gated)
-    return dequant_matmul(a, fc2, row_expert=idx, row_scale=weight, tiles=tiles)
+    return routed_matmul(a, fc2, row_expert=idx, row_scale=weight, tiles=tiles)

@@ -78,10 +78,12 @@ class _KeepsPackedDtypes(nn.Module):
         self._dense_cache = None
         return q.numel() * q.element_size()
 
-    def _kernel_weight(self, n: int, k: int):
+    def _kernel_weight(self, n: int, k: int, expert: int | None = None):
+        """The kernel record of the packed tensors (of matrix ``expert`` of a stack), in the layout held."""
         if self._plane_words:
-            return self.fmt.plane_kernel_weight(dict(self._buffers), n, k)
-        return self.fmt.kernel_weight(self.packed(), n, k)
+            planes = {name: t if expert is None else t[expert] for name, t in self._buffers.items()}
+            return self.fmt.plane_kernel_weight(planes, n, k)
+        return self.fmt.kernel_weight(self.packed() if expert is None else self.packed(expert), n, k)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -267,10 +269,10 @@ class PackedExpertWeight(_KeepsPackedDtypes):
         p = _packed(self, self.fmt)
         return p if expert is None else {name: t[expert] for name, t in p.items()}
 
-    def kernel_weight(self):
-        """The record of the whole stack the Triton matmuls read (:meth:`WeightFormat.kernel_weight`; the plane form
-        after :meth:`use_plane_words`)."""
-        return self._kernel_weight(self.n, self.k)
+    def kernel_weight(self, expert: int | None = None):
+        """The record the Triton matmuls read (:meth:`WeightFormat.kernel_weight`; the plane form after
+        :meth:`use_plane_words`): of the whole stack, or of one expert's matrix (a stack of one)."""
+        return self._kernel_weight(self.n, self.k, expert)
 
     @property
     def _k(self) -> int:
@@ -336,7 +338,7 @@ class QuantExperts(nn.Module):
         if self.backend == "triton":
             from qmamba.kernels import triton_ops  # lazily: triton is optional on CPU
 
-            return triton_ops.quant_linear(x, w.fmt, w.packed(expert), w.n, w.k)
+            return triton_ops.linear(x, w.kernel_weight(expert))
         return w.reference_matmul(x, expert)
 
     def forward(self, x, expert_idx):

@@ -1,7 +1,8 @@
 """The import graph of the ``qmamba`` package, read from the source with ``ast`` (lazy imports inside functions
-count too): one-way, no circles; the runtime imports neither ``qmamba.calib`` nor ``qmamba.export``; the kernels
-import only torch, triton, the standard library, other kernel modules and the packed layouts
-(``qmamba.quant.layout``).
+count too): one-way, no circles; the runtime imports neither ``qmamba.calib`` nor ``qmamba.export`` (the CLI, the
+thin layer over every library function, is the one place above both); the kernels import only torch, triton,
+numpy, the standard library, other kernel modules and the packed layouts (``qmamba.quant.layout``), and take
+tensors and weight records, never model modules (no ``torch.nn`` but ``torch.nn.functional``).
 
 The checks are tried on small hand-made graphs first, so a broken graph reader cannot pass them silently."""
 
@@ -16,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = "qmamba"
 OPTIONAL = ("qmamba.calib", "qmamba.export", "qmamba.cli")  # everything else is the runtime
-KERNEL_ALLOWED_THIRD_PARTY = ("torch", "triton")
+KERNEL_ALLOWED_THIRD_PARTY = ("torch", "triton", "numpy")
 KERNEL_ALLOWED_QMAMBA = ("qmamba.kernels", "qmamba.quant.layout")
 
 
@@ -128,7 +129,7 @@ def forbidden_runtime_imports(graph: dict[str, set[str]]) -> dict[str, list[str]
 
 
 def forbidden_kernel_imports(graph: dict[str, set[str]]) -> dict[str, list[str]]:
-    """Kernel modules importing anything but torch, triton, the standard library, kernels and the layouts."""
+    """Kernel modules importing anything but torch, triton, numpy, the standard library, kernels and the layouts."""
     bad = {}
     for module, targets in graph.items():
         if not within(module, ("qmamba.kernels",)):
@@ -139,6 +140,26 @@ def forbidden_kernel_imports(graph: dict[str, set[str]]) -> dict[str, list[str]]
         if hits:
             bad[module] = hits
     return bad
+
+
+def module_imports(source: str) -> list[str]:
+    """Where ``source`` reaches for ``torch.nn``'s modules: ``from torch import nn``, ``import torch.nn``,
+    ``from torch.nn import ...`` (``torch.nn.functional`` is tensor functions and allowed) or a name ``nn.Module``."""
+    hits = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level == 0:
+            if node.module == "torch":
+                hits += [f"from torch import {a.name}" for a in node.names if a.name == "nn"]
+            elif node.module == "torch.nn":
+                hits += [f"from torch.nn import {a.name}" for a in node.names if a.name != "functional"]
+            elif (node.module or "").startswith("torch.nn.") and node.module != "torch.nn.functional":
+                hits.append(f"from {node.module} import ...")
+        elif isinstance(node, ast.Import):
+            hits += [f"import {a.name}" for a in node.names
+                     if a.name == "torch.nn" or (a.name.startswith("torch.nn.") and a.name != "torch.nn.functional")]
+        elif isinstance(node, ast.Attribute) and node.attr == "Module":
+            hits.append("nn.Module")
+    return hits
 
 
 # ---- the checks on hand-made graphs -----------------------------------------------------------------------
@@ -186,9 +207,19 @@ def test_graph_reader_resolves_relative_and_lazy_imports():
 
 def test_layer_rules_flag_bad_edges():
     graph = {"qmamba.model": {"qmamba.calib.gptq"}, "qmamba.cli.quantize": {"qmamba.calib.quantize"},
-             "qmamba.kernels.k": {"torch", "math", "qmamba.quant.layout", "qmamba.quant.modules", "numpy"}}
+             "qmamba.kernels.k": {"torch", "math", "numpy", "qmamba.quant.layout", "qmamba.quant.modules", "onnx",
+                                  "qmamba.moe"}}
     assert forbidden_runtime_imports(graph) == {"qmamba.model": ["qmamba.calib.gptq"]}
-    assert forbidden_kernel_imports(graph) == {"qmamba.kernels.k": ["numpy", "qmamba.quant.modules"]}
+    assert forbidden_kernel_imports(graph) == {"qmamba.kernels.k": ["onnx", "qmamba.moe", "qmamba.quant.modules"]}
+
+
+def test_module_imports_found():
+    bad = ("from torch import nn, Tensor\nimport torch.nn\nfrom torch.nn import Module, functional\n"
+           "def f(m: torch.nn.Module): pass\n")
+    assert module_imports(bad) == ["from torch import nn", "import torch.nn", "from torch.nn import Module",
+                                   "nn.Module"]
+    assert module_imports("import torch.nn.functional as F\nfrom torch import Tensor\n"
+                          "from torch.nn import functional as F2\n") == []
 
 
 # ---- the checks on qmamba ---------------------------------------------------------------------------------
@@ -210,3 +241,12 @@ def test_runtime_imports_neither_calib_nor_export(graph):
 
 def test_kernels_import_only_torch_triton_and_the_layouts(graph):
     assert forbidden_kernel_imports(graph) == {}
+
+
+def test_kernels_take_no_model_modules():
+    """Kernels take tensors and weight records: no kernel file reaches for ``torch.nn`` modules (the MoE kernels
+    used to be handed the model's ``SwitchMoE`` and read ``.router`` / ``.experts`` from it)."""
+    files = package_modules(ROOT)
+    bad = {name: hits for name, path in files.items() if within(name, ("qmamba.kernels",))
+           and (hits := module_imports(path.read_text(encoding="utf-8")))}
+    assert bad == {}

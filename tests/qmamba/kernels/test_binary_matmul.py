@@ -6,9 +6,10 @@ with int4 fc2) against the PyTorch SwitchMoE, and a whole binarized model on the
 import pytest
 import torch
 
-from qmamba.kernels.binary_matmul import binary_linear, binary_matmul, binary_matmul_ref, binary_moe_forward
+from qmamba.kernels import custom_ops, triton_ops
+from qmamba.kernels.binary_matmul import binary_matmul, binary_matmul_ref
+from qmamba.kernels.fused_moe import moe_forward, moe_forward_ref
 from qmamba.kernels.matmul_configs import BinaryConfig, MatmulPolicy, pick_binary_config
-from qmamba.kernels.triton_ops import experts_kernel_weight
 from qmamba.kernels.weights import BinaryWeight
 from qmamba.quant.binary import BinaryExperts, BinaryFormat
 from qmamba.quant.formats import Int4Format
@@ -83,7 +84,10 @@ def test_word_gemv_configs(fmt, n, k, device):
     from qmamba.kernels.weights import int32_words
 
     packed, w = make_weight(fmt, n, k, device, seed=4)
-    assert int32_words(w.qweight) is not None
+    words = int32_words(w.qweight)  # what the word kernel reads: a view of the same bytes, 32 sign bits a word
+    assert words is not None and words.shape == (1, n, k // 32) and words.data_ptr() == w.qweight.data_ptr()
+    assert torch.equal(words.view(torch.uint8), w.qweight.reshape(1, n, -1))
+    assert int32_words(make_weight(fmt, n, k + 8, device)[1].qweight) is None  # rows not whole words: no view
     x = torch.randn(1, k, device=device)
     bias = torch.randn(n, device=device)
     ref = x @ w.dequantized()[0].t() + bias
@@ -165,14 +169,14 @@ def test_large_m_paths(routed, device):
 def test_custom_op_and_fake(device):
     packed, w = make_weight(BinaryFormat(row_scale=True), 12, 40, device, seed=3)
     x = torch.randn(2, 3, 40, device=device)
-    got = binary_linear(x, packed, 12, 40)
+    got = triton_ops.linear(x, w)  # through the qmamba::binary_matmul op
     close(got, x @ w.dequantized()[0].t(), torch.float32)
-    from qmamba.kernels.binary_matmul import binary_matmul_op
 
     with torch._subclasses.fake_tensor.FakeTensorMode():
         fx = torch.empty(5, 40)
-        out = binary_matmul_op(fx, 12, 40, torch.empty(12, 5, dtype=torch.uint8), torch.empty(40, dtype=torch.half),
-                               torch.empty(40, dtype=torch.half), None, None)
+        out = custom_ops.binary_matmul(fx, 12, 40, torch.empty(1, 12, 5, dtype=torch.uint8),
+                                       torch.empty(1, 40, dtype=torch.half), torch.empty(1, 40, dtype=torch.half),
+                                       None, None)
         assert out.shape == (5, 12)
 
 
@@ -190,10 +194,11 @@ def test_binary_moe_matches_switch_moe(fc2_fmt, t, device):
     moe.experts = BinaryExperts.from_stacked(moe.experts, BinaryFormat(), fc2_fmt)
     x = torch.randn(t, cfg.d_model, device=device)
     ref = moe(x)  # reference backend
-    got = binary_moe_forward(x, moe.router.weight, moe.router.bias, experts_kernel_weight(moe.experts, "fc1"),
-                             experts_kernel_weight(moe.experts, "fc2"), moe.experts.activation, moe.experts.gated)
+    operands = moe.kernel_operands(x.dtype)  # router weight and bias, fc1 / fc2 records, activation, gated
+    got = moe_forward(x, *operands)
     close(got, ref, torch.float32)
-    moe.backend = "triton"  # SwitchMoE -> triton_ops.switch_moe -> the binary MoE
+    close(moe_forward_ref(x, *operands), ref, torch.float32)
+    moe.backend = "triton"  # SwitchMoE -> triton_ops.switch_moe -> the one MoE forward (no custom op for 1-bit)
     close(moe(x[None]).reshape(t, -1), ref, torch.float32)
 
 

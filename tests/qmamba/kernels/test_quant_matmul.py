@@ -110,11 +110,12 @@ def test_real_shapes(n, k, m, device):
 
 
 def test_custom_op_and_fake(device):
-    from qmamba.kernels import custom_ops  # noqa: F401  (registers the ops)
+    from qmamba.kernels import custom_ops  # registers the ops
 
     w = make_weight(Int4Format(16), 10, 40, device)
     x = torch.randn(2, 40, device=device)
-    args = (x, 2, 10, 40, w.qweight[0], w.scales[0], w.zeros[0], None)
+    args = (x, *custom_ops.weight_args(w), None)
+    assert args[1:5] == (2, 10, 40, 16)  # format id, n, k and the group size travel as they are, not from a shape
     close(torch.ops.qmamba.dequant_matmul(*args), dequant_matmul_ref(x, w), torch.float32)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
