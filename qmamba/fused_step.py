@@ -34,26 +34,16 @@ import torch
 from torch import nn
 
 from qmamba.kernel_view import dense_weight, expert_weight, linear_weight
-from qmamba.kernels.binary_matmul import binary_matmul
 from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
 from qmamba.kernels.decode_linear import DecodePolicy, decode_linear
 from qmamba.kernels.decode_step import add_norm, dt_state_update
-from qmamba.kernels.fused_moe import gated_act
-from qmamba.kernels.quant_matmul import dequant_matmul
+from qmamba.kernels.fused_moe import gated_act, routed_matmul
 from qmamba.kernels.weights import BinaryWeight, PackedWeight
 from qmamba.quant.modules import use_plane_words
 
 
 # ---- plan --------------------------------------------------------------------------------------------------------------
 KernelWeight = PackedWeight | BinaryWeight
-
-
-def matmul(x: torch.Tensor, weight: KernelWeight, bias=None, row_expert=None, row_scale=None, out=None):
-    """``x @ W^T`` with the general kernel for the weight's format (any M; ``out`` float32 and zeroed under
-    split-K, or None for a new tensor)."""
-    if isinstance(weight, BinaryWeight):
-        return binary_matmul(x, weight, bias, row_expert=row_expert, row_scale=row_scale, out=out)
-    return dequant_matmul(x, weight, bias, row_expert=row_expert, row_scale=row_scale, out=out)
 
 
 @dataclass
@@ -196,7 +186,7 @@ class FusedDecodeStep:
         zeroed workspace view ``out``)."""
         if self.policy.takes(weight, x.shape[0]):
             return self._decode(x, weight, out, **kw)
-        return matmul(x, weight, out=out, **kw)
+        return routed_matmul(x, weight, out=out, **kw)
 
     def _decode(self, x, weight, out, **kw):
         return decode_linear(x, weight, out, policy=self.policy, **kw)
@@ -219,7 +209,7 @@ class FusedDecodeStep:
             xc = buf["xc"][:, :di]
             causal_conv1d_update_triton(xz[:, :di], conv_state, plan.conv_w, plan.conv_b, "silu",
                                         out_state=buf["conv_scratch"], out=xc)
-            matmul(xc, plan.x_proj, out=dbc)
+            routed_matmul(xc, plan.x_proj, out=dbc)
         y = buf["y"][:, :di]
         dt_state_update(dbc, plan.dt_w, plan.dt_bias, xz[:, :di], xz[:, di:], plan.A, plan.D,
                         state.ssm_state[plan.slot], y, conv=conv, pdl=self.policy.pdl)
