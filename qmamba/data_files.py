@@ -13,14 +13,20 @@ Text specs:
     corpus:heldout/shakespeare   one file of a split
     corpus:train[/name]          the shipped train slice (calibration only; never evaluate on it)
     full:heldout, full:train...  the same from the full corpus
+    hub:NAME[,CONFIG][@SPLIT]    a Hugging Face hub dataset's text column (needs the ``datasets`` package and a
+                                 network, or its cache), e.g. ``hub:Salesforce/wikitext,wikitext-2-raw-v1@test``;
+                                 SPLIT defaults to train for calibration and test for evaluation. The text is
+                                 written once to a cache file (``$QMAMBA_CACHE_DIR``, default ~/.cache/qmamba)
     PATH                         a plain, .xz or .gz UTF-8 text file
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import lzma
 import os
+import re
 from pathlib import Path
 
 from qmamba.errors import UserError
@@ -103,8 +109,63 @@ def corpus_files(spec: str) -> list[Path]:
     return files
 
 
-def resolve_text_spec(spec: str) -> list[Path]:
-    """Files named by a text spec (see module docstring)."""
+def is_hub_spec(spec) -> bool:
+    return str(spec).startswith("hub:")
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("QMAMBA_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qmamba"
+
+
+def parse_hub_spec(spec: str, default_split: str) -> tuple[str, str | None, str]:
+    """``hub:NAME[,CONFIG][@SPLIT]`` -> ``(name, config or None, split)``."""
+    m = re.fullmatch(r"hub:([^,@\s]+)(?:,([^@\s]+))?(?:@([\w.\[\]:%+-]+))?", str(spec))
+    if not m:
+        raise DataError(f"bad hub dataset spec {spec!r}: use hub:NAME[,CONFIG][@SPLIT], "
+                        "e.g. hub:Salesforce/wikitext,wikitext-2-raw-v1@test")
+    return m.group(1), m.group(2), m.group(3) or default_split
+
+
+def hub_text_file(spec: str, default_split: str = "train") -> Path:
+    """The text column of a hub dataset split (see the module docstring), as a cached UTF-8 file."""
+    name, config, split = parse_hub_spec(spec, default_split)
+    key = f"{name},{config or ''}@{split}"
+    safe = re.sub(r"[^\w.-]+", "_", key)[:80] + "-" + hashlib.sha256(key.encode()).hexdigest()[:10]
+    path = cache_dir() / "hub-text" / f"{safe}.txt"
+    if path.is_file():
+        return path
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{spec}: hub datasets need the `datasets` package (pip install datasets) and a network; "
+                        "or pass a text file") from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # noqa: BLE001 - offline, unknown name/config/split: one line for the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"cannot load hub dataset {name!r} (config {config!r}, split {split!r}): {first}") from None
+    columns = dict(getattr(ds, "features", {}) or {})
+    text_cols = ["text"] if "text" in columns else [c for c, f in columns.items()
+                                                   if getattr(f, "dtype", None) in ("string", "large_string")]
+    if not text_cols:
+        raise DataError(f"hub dataset {name!r} has no text column (columns: {', '.join(columns) or 'none'})")
+    text = "\n".join(t for t in ds[text_cols[0]] if isinstance(t, str))
+    if not text.strip():
+        raise DataError(f"hub dataset {name!r} split {split!r}: column {text_cols[0]!r} holds no text")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def resolve_text_spec(spec: str, default_split: str = "test") -> list[Path]:
+    """Files named by a text spec (see module docstring); ``default_split`` for ``hub:`` specs without one."""
+    if is_hub_spec(spec):
+        return [hub_text_file(spec, default_split)]
     if is_corpus_spec(spec):
         return corpus_files(spec)
     path = Path(spec)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qmamba.data_files import corpus_files, is_corpus_spec, read_text
+from qmamba.data_files import corpus_files, hub_text_file, is_corpus_spec, is_hub_spec, read_text
 from qmamba.errors import UserError
 
 
@@ -110,5 +110,6 @@ def load_calibration(spec, tokenizer, nsamples: int, seq_len: int, seed: int = 0
     for item in spec:
         if item in ("corpus", "full") or is_corpus_spec(item):
             raise CalibrationDataError(f"calibration must not use {item!r}: only the train split "
-                                       "(--calib corpus or --calib full, alone) or text files")
-    return calibration_from_files(spec, tokenizer, nsamples, seq_len, vocab_size)
+                                       "(--calib corpus or --calib full, alone), hub datasets or text files")
+    files = [hub_text_file(item, "train") if is_hub_spec(item) else item for item in spec]
+    return calibration_from_files(files, tokenizer, nsamples, seq_len, vocab_size)

@@ -34,7 +34,7 @@ def training_text_files(specs: list[str]) -> list[Path]:
         if is_corpus_spec(spec) and not spec.split(":", 1)[1].startswith("train"):
             raise TrainingDataError(f"refusing to train on {spec!r}: only the train split (full:train or "
                                     "corpus:train) may be used for training; held-out text is for evaluation")
-        for path in resolve_text_spec(spec):
+        for path in resolve_text_spec(spec, "train"):
             if any(part in ("heldout", "eval") for part in Path(path).resolve().parts[-3:-1]):
                 raise TrainingDataError(f"refusing to train on {path}: it is held-out/eval text")
             files.append(Path(path))

@@ -32,7 +32,8 @@ def _format_result(r: dict) -> str:
 @click.argument("path", required=False)
 @click.option("--data", default="corpus:heldout", show_default=True,
               help="Text: corpus:heldout[/NAME] (shipped with qmamba), full:heldout[/NAME] (the full corpus in "
-                   "$QMAMBA_DATA_DIR or ../shared/data), a file; 'none' to skip perplexity.")
+                   "$QMAMBA_DATA_DIR or ../shared/data), hub:NAME[,CONFIG][@SPLIT] (a hub dataset, test split by "
+                   "default; needs the datasets package), a file; 'none' to skip perplexity.")
 @click.option("--lambada", "do_lambada", is_flag=True,
               help="Also LAMBADA last-word accuracy (OpenAI test split, shipped with qmamba).")
 @click.option("--lambada-limit", type=click.IntRange(min=1), default=None,

@@ -25,8 +25,9 @@ DISTILL_OPTIONS = ("distill_steps", "distill_time", "distill_lr", "distill_batch
 @click.option("--act-order", is_flag=True, help="GPTQ: columns by descending Hessian diagonal (static groups).")
 @click.option("--calib", multiple=True, default=None,
               help="Calibration text: 'corpus' (the train text shipped with qmamba; the default for GPTQ, AWQ and "
-                   "--distill), 'full' (the full corpus in $QMAMBA_DATA_DIR or ../shared/data) or text files "
-                   "(repeat the option). RTN and 1-bit PTB use no data unless given.")
+                   "--distill), 'full' (the full corpus in $QMAMBA_DATA_DIR or ../shared/data), hub datasets "
+                   "(hub:NAME[,CONFIG][@SPLIT], with the datasets package) or text files (repeat the option). RTN "
+                   "and 1-bit PTB use no data unless given.")
 @click.option("--nsamples", type=click.IntRange(min=1), default=128, show_default=True,
               help="Calibration sequences.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True,
