@@ -31,12 +31,14 @@ class MatmulPolicy:
     for up to ``word_gemv_max_rows`` rows of a matrix of at most ``word_gemv_max_weights`` (N * K) weights (H200: at
     M = 4 1.5-3x faster than the tile kernel on the BlackMamba-2.8B shapes, at M = 16 slower on most of them).
     ``dequant_experts_min_m``: routed int8/int4 expert stacks on CUDA from this many rows run expert by expert as
-    one dequantization pass of that expert's matrix then the float tile kernel on its rows (the prefill MoE; the
-    int4 tile kernel's in-loop dequantization runs at a third of the float kernel's rate at M = 2048)."""
+    one dequantization pass of that expert's matrix then the float tile kernel on its rows. Off by default: on the
+    H200 (benchmarks/results.md, "session 12") it cuts fc1's GPU time at M = 2048 from 483 to 338 us (fc2 294 ->
+    289) but adds two launches per expert, and the prefill is bound by host time (41 ms wall for 18 ms of kernels
+    in bf16): end to end the int4 prefill lost (23.6k against 38.7k tokens/s in an earlier run that day)."""
 
     int4_word_gemv: bool = True
     binary_word_gemv: bool = True
-    dequant_experts_min_m: int = 1024
+    dequant_experts_min_m: int = 1 << 62
     word_gemv_max_rows: int = 8
     word_gemv_max_weights: int = 1 << 24
 
@@ -143,10 +145,13 @@ def gemm_config(m: int, weight: PackedWeight, device) -> MatmulConfig:
     return MatmulConfig(128, 128, block_k, 1, 8, 3 if int4 else 4)
 
 
-DEQUANT_GEMM_MIN_M = {FMT_INT4: 128, FMT_INT4_PLANES: 128, FMT_INT8: 512}  # on CUDA, dense weights, from this many rows: one Triton
-# dequantization pass to x.dtype, then cuBLAS. Measured on the H100 (GEMM sweep): the pass costs about one read of
-# the packed weight and one write of the dense one, which the tile kernel's repeated in-register dequantization
-# overtakes from these M on; it costs a dense temporary of one matrix. Routed experts stay on the tile kernel.
+DEQUANT_GEMM_MIN_M = {FMT_INT4: GEMV_MAX_M + 1, FMT_INT4_PLANES: GEMV_MAX_M + 1, FMT_INT8: 512}
+# On CUDA, dense weights, from this many rows: one Triton dequantization pass to x.dtype, then cuBLAS; it costs a
+# dense temporary of one matrix. Routed experts stay on the tile kernel. int8: from the H100 GEMM sweep. int4: the
+# H200 run of session 12 (benchmarks/raw/h200_session12/run1_planes.log) timed the tile GEMM at M = 64 at 2-6x
+# cuBLAS on in_proj / x_proj / out_proj (23.6 / 41.4 / 42.7 us against 7.6 / 7.0 / 8.5), while the pass itself
+# costs ~7.8 / 1.9 / 4.4 us there (M = 256: pass + cuBLAS minus cuBLAS alone), so every M above the small-M
+# kernels takes the pass (the head at M = 64 loses ~20%; prefill computes it on the last position only).
 
 
 # ---- 1-bit kernels ---------------------------------------------------------------------------------------------
