@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -239,15 +238,16 @@ def check_against_reference(lm, ref: dict, variant: Variant) -> dict:
 
 def time_ort(lm, vocab: int, args) -> dict:
     ids = torch.randint(0, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(2))
-    lm.prefill(ids[:, :8])
+    head = min(16, ids.shape[1])
+    lm.prefill(ids[:, :head])
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
         lm.prefill(ids)
         sync(lm.device)
         times.append(time.perf_counter() - t0)
-    _, state = lm.prefill(ids[:, :16])
-    tok = ids[:, 15].to(lm.device)
+    _, state = lm.prefill(ids[:, :head])
+    tok = ids[:, head - 1].to(lm.device)
     for _ in range(3):  # warm-up
         tok = lm.step(tok, state).argmax(-1)
     sync(lm.device)
@@ -358,7 +358,8 @@ def markdown(result: dict) -> str:
             f" (err max {chk['logits_rel_err']:.1e} median {chk['logits_rel_err_median']:.1e}, "
             f"{chk['positions_beyond_tol']}/{chk['positions']} positions > {chk['tol']:g}, "
             f"top-1 {chk['top1_mismatches']}/{chk['decode_positions']} off, "
-            f"greedy {'equal' if chk['greedy_tokens_equal'] else 'diverges at ' + str(chk['greedy_first_divergence'])})")
+            f"greedy {'equal' if chk['greedy_tokens_equal'] else 'diverges at ' + str(chk['greedy_first_divergence'])}"
+            ")")
         off = r.get("nodes_off_provider")
         off_cell = "-" if off is None else (", ".join(f"{op} x{n}" for op, n in off.items()) or "none")
         lines.append(
@@ -412,8 +413,8 @@ def parse_args(argv=None):
     ap.add_argument("--phase", choices=("all", "torch", "ort"), default="all")
     ap.add_argument("--variants", default=None, help=f"comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--cuda-graph-variants", default=None,
-                    help=f"variants whose decode CUDA graph capture is tried (default {','.join(DEFAULT_GRAPH_VARIANTS)}; "
-                         "'none' for none)")
+                    help="variants whose decode CUDA graph capture is tried (default "
+                         f"{','.join(DEFAULT_GRAPH_VARIANTS)}; 'none' for none)")
     ap.add_argument("--preset", default="blackmamba-2.8b", help="the 'big' model (random weights)")
     ap.add_argument("--cpu", action="store_true", help="dry run on the CPU provider (no GPU needed)")
     ap.add_argument("--device", default=None, help=argparse.SUPPRESS)
