@@ -18,7 +18,7 @@ Phases (both by default; two consecutive calls of a lent GPU machine can split t
 * torch: per variant, build the model, quantize it, export it (WORK/<variant>/model.onnx), run the PyTorch reference
   path in float32 on the device (greedy tokens after a prompt; logits of every position by one parallel forward),
   and time the Triton path (:func:`qmamba.bench.bench_model`: bf16, CUDA-graph decode; on ``--cpu`` the reference
-  path in float32) for the variant's weight format;
+  path in float32) for the variant's weight format (the big model only, unless ``--triton-all``);
 * ort: per exported variant, an onnxruntime session on the CUDA provider (CPU with ``--cpu``), bound through
   IOBinding (:class:`qmamba.export.ort_runner.OrtLM`): node placement (from the profiled first call); the check,
   teacher-forced on the reference's tokens (top-1 at each decode position must agree unless the reference's top
@@ -181,7 +181,8 @@ def torch_phase(name: str, variant: Variant, args, device: torch.device, work: P
     del model, logits
     free_memory()
     key = (record["model"], variant.fmt)
-    if key not in triton_rows and not args.no_triton:
+    wanted = not args.no_triton and (variant.model == "big" or args.triton_all)
+    if key not in triton_rows and wanted:
         triton_rows[key] = time_triton(variant, args, device)
     record["triton"] = triton_rows.get(key)
     return record
@@ -428,6 +429,8 @@ def parse_args(argv=None):
     ap.add_argument("--budget-s", type=float, default=480, help="start no variant after this many seconds")
     ap.add_argument("--graph-timeout", type=int, default=180)
     ap.add_argument("--no-triton", action="store_true", help="skip timing qmamba's own path")
+    ap.add_argument("--triton-all", action="store_true",
+                    help="time qmamba's own path for the fixture and tiny-mamba too (default: the big model only)")
     ap.add_argument("--graph-probe", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.device = args.device or ("cpu" if args.cpu else "cuda")
@@ -458,7 +461,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work or "/tmp/qmamba-onnx-gpu")
     work.mkdir(parents=True, exist_ok=True)
-    if device.type == "cuda":
+    if device.type == "cuda" and args.phase != "torch":  # the torch phase needs no onnxruntime-gpu
         import onnxruntime
 
         from qmamba.errors import UserError
@@ -493,9 +496,12 @@ def main(argv=None) -> int:
                 record = torch_phase(name, variant, args, device, work, triton_rows)
                 records[name] = record
                 state_file.write_text(json.dumps(records, indent=1, default=str))
+            if args.phase == "ort" and record.get("error"):
+                raise RuntimeError(f"torch phase: {record['error']}")
+            if args.phase == "ort" and not (work / name / "reference.pt").is_file():
+                result["skipped"].append(f"{name}: no export in {work} (the torch phase did not reach it)")
+                continue
             if args.phase in ("all", "ort"):
-                if not (work / name / "reference.pt").is_file():
-                    raise RuntimeError(f"no export of {name} in {work}: run --phase torch first (same --work)")
                 record = ort_phase(name, variant, args, work, record)
                 if not record["check"]["ok"]:
                     result["failures"].append(f"{name}: check {record['check']}")

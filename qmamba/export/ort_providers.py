@@ -17,7 +17,7 @@ Node placement: onnxruntime has no API that lists the provider of each node, but
 of every node it runs. :class:`OrtLM <qmamba.export.ort_runner.OrtLM>` profiles its first call only (then ends
 profiling) and reads the placement from that record. onnxruntime puts small shape computations (``Shape``,
 ``Gather`` on shapes, ...) on the CPU on purpose; ``Memcpy*`` nodes are the copies between host and device that a
-node placed on the other side costs.
+node placed on the other side costs, so CPU nodes without copy nodes are shape computations only (no warning).
 """
 
 from __future__ import annotations
@@ -172,14 +172,15 @@ class NodePlacement:
         return "; ".join(parts) + f"; {self.copies} host<->device copies per call"
 
     def warning(self, provider: str = CUDA_EP) -> str | None:
-        """A one-line warning when nodes ran off ``provider`` (``None`` when all ran on it)."""
+        """A one-line warning when nodes ran off ``provider`` and data crossed between host and device for them;
+        ``None`` when all ran on it, or when the others are only the shape computations onnxruntime keeps on the
+        CPU on purpose (no copy nodes: their inputs and outputs never leave the host)."""
         off = self.elsewhere(provider)
-        if not off:
+        if not off or self.copies == 0:
             return None
         listed = ", ".join(f"{op} x{n}" for op, n in off.items())
-        return (f"warning: {sum(off.values())} of {self.count()} nodes run outside {provider} ({listed}); "
-                f"{self.copies} host<->device copies per call (onnxruntime keeps small shape computations on the "
-                "CPU on purpose)")
+        return (f"warning: {sum(off.values())} of {self.count()} nodes run outside {provider} ({listed}), with "
+                f"{self.copies} host<->device copies per call")
 
     def as_dict(self) -> dict:
         return {"nodes": self.nodes, "copies": self.copies}

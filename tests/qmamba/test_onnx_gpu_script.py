@@ -25,13 +25,16 @@ def load_script():
 def test_dry_run_in_two_phases(tmp_path, monkeypatch):
     bench = load_script()
     monkeypatch.setattr(sys, "argv", ["bench_onnx_gpu.py"])
-    common = ["--cpu", "--quick", "--work", str(tmp_path / "work"), "--variants", "mamba-fp32,big-binary",
-              "--cuda-graph-variants", "mamba-fp32", "--tokens", "2", "--check-tokens", "4", "--prompt-len", "8"]
-    assert bench.main(common + ["--out", str(tmp_path / "a"), "--phase", "torch"]) == 0
+    common = ["--cpu", "--quick", "--work", str(tmp_path / "work"), "--triton-all", "--cuda-graph-variants",
+              "mamba-fp32", "--tokens", "2", "--check-tokens", "4", "--prompt-len", "8"]
+    variants = ["--variants", "mamba-fp32,big-binary"]
+    assert bench.main(common + variants + ["--out", str(tmp_path / "a"), "--phase", "torch"]) == 0
     assert (tmp_path / "work" / "big-binary" / "model.onnx").is_file()
-    assert bench.main(common + ["--out", str(tmp_path / "b"), "--phase", "ort"]) == 0
+    variants = ["--variants", "mamba-fp32,big-binary,big-int8"]  # big-int8: not exported by the torch phase
+    assert bench.main(common + variants + ["--out", str(tmp_path / "b"), "--phase", "ort"]) == 0
     result = json.loads((tmp_path / "b" / "onnx_gpu.json").read_text())
     assert result["failures"] == [] and list(result["variants"]) == ["mamba-fp32", "big-binary"]
+    assert result["skipped"] == [f"big-int8: no export in {tmp_path / 'work'} (the torch phase did not reach it)"]
     for record in result["variants"].values():
         assert record["check"]["ok"] and record["check"]["greedy_tokens_equal"]
         assert record["provider"] == "CPUExecutionProvider" and record["nodes_off_provider"] == {}

@@ -137,7 +137,8 @@ def test_placement_from_the_profiled_first_call(onnx_path):
     assert set(placement.nodes) == {CPU_EP} and placement.count() > 20 and placement.copies == 0
     assert "LinearAttention" in placement.nodes[CPU_EP]
     assert placement.warning(CPU_EP) is None
-    assert placement.warning(CUDA_EP).startswith(f"warning: {placement.count()} of {placement.count()} nodes run")
+    assert placement.warning(CUDA_EP) is None  # nothing crossed between host and device
+    assert placement.elsewhere(CUDA_EP) == placement.nodes[CPU_EP]
     assert not profile_dir.exists() and lm._profile_dir is None
     lm.prefill(torch.tensor([[1, 2]]))  # profiling ended: no new file, the placement stays
     assert lm.placement is placement
@@ -163,8 +164,10 @@ def test_node_placement_reads_providers_and_copies(tmp_path):
     assert placement.copies == 1 and placement.count() == 5 and placement.count(CPU_EP) == 3
     assert placement.elsewhere(CUDA_EP) == {"Shape": 2, "NonZero": 1}
     warning = placement.warning(CUDA_EP)
-    assert "3 of 5 nodes run outside CUDAExecutionProvider (Shape x2, NonZero x1); 1 host<->device" in warning
+    assert "3 of 5 nodes run outside CUDAExecutionProvider (Shape x2, NonZero x1), with 1 host<->device" in warning
     assert "\n" not in warning
+    shapes_only = NodePlacement({CUDA_EP: {"MatMulNBits": 3}, CPU_EP: {"Shape": 2}})
+    assert shapes_only.warning(CUDA_EP) is None and shapes_only.elsewhere(CUDA_EP) == {"Shape": 2}
 
 
 def test_cuda_library_discovery(tmp_path, monkeypatch):
