@@ -127,6 +127,7 @@ class OrtLM:
         self._warn = warn
         inputs = {i.name: i for i in self.session.get_inputs()}
         if set(inputs) != {"input_ids", "conv_state", "ssm_state"}:
+            self.close()
             raise OnnxModelError(f"{self.path} is not a qmamba export (inputs {sorted(inputs)})")
         meta = self.session.get_modelmeta().custom_metadata_map
         self.config = json.loads(meta["qmamba.config"]) if "qmamba.config" in meta else {}
@@ -137,6 +138,18 @@ class OrtLM:
         self.logits_dtype = _NP_TYPES[self.session.get_outputs()[0].type]
         self._ort = ort
         self._graph_states: dict[int, OrtState] = {}
+
+    def close(self) -> None:
+        """End a profiling that never ran a call (onnxruntime would write its file at exit) and remove its folder."""
+        if getattr(self, "_profile_dir", None) is not None:
+            try:
+                self.session.end_profiling()
+            except Exception:  # noqa: BLE001 - best effort at teardown
+                pass
+            self._drop_profile_dir()
+
+    def __del__(self):
+        self.close()
 
     @property
     def provider(self) -> str:

@@ -144,6 +144,14 @@ def test_placement_from_the_profiled_first_call(onnx_path):
     assert lm.placement is placement
 
 
+def test_profiling_that_never_ran_leaves_nothing(onnx_path):
+    lm = OrtLM(onnx_path, placement=True)
+    profile_dir = lm._profile_dir
+    assert profile_dir.is_dir()
+    del lm
+    assert not profile_dir.exists()
+
+
 def test_placement_is_not_profiled_on_cpu_by_default(onnx_path):
     lm = OrtLM(onnx_path)
     lm.prefill(torch.tensor([[1]]))
