@@ -25,6 +25,19 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _default_onnx_device() -> str:
+    """cuda when this machine has a GPU that both torch and onnxruntime (onnxruntime-gpu) can use, else cpu."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    try:
+        import onnxruntime
+    except ImportError:
+        return "cpu"  # the runner says what to install
+    return "cuda" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "cpu"
+
+
 def run_onnx(path: str, options: dict) -> dict:
     """Delegate to the ONNX Runtime runner of :mod:`qmamba.export.ort_runner`; returns its figures."""
     from qmamba.export.ort_runner import generate_cli
@@ -105,8 +118,8 @@ def generate(path, prompt, max_new_tokens, temperature, top_k, top_p, seed, toke
     try:
         if backend == "onnxruntime" or str(path).endswith(".onnx"):
             if device is not None:
-                parse_device(device)  # onnxruntime itself falls back to CPU (with a warning) when CUDA is missing
-            stats = run_onnx(path, dict(options, device=device or _default_device(), out=out))
+                parse_device(device)  # an explicit cuda without onnxruntime's CUDA provider is an error (no fallback)
+            stats = run_onnx(path, dict(options, device=device or _default_onnx_device(), out=out))
         else:
             stats = generate_text(path, **options, device=device or _default_device(), backend=backend, out=out)
     except KeyboardInterrupt:
@@ -115,5 +128,5 @@ def generate(path, prompt, max_new_tokens, temperature, top_k, top_p, seed, toke
             out.flush()
         raise
     if json_out:
-        ran = {"device": device or _default_device(), "backend": backend or "onnxruntime"}  # what the ONNX path ran
+        ran = {"device": device or _default_onnx_device(), "backend": backend or "onnxruntime"}  # the ONNX path
         write_json_file(json_out, {"path": str(path), **options, **ran, **stats})

@@ -159,6 +159,18 @@ def _onnx_given_as_checkpoint(mp):
     return cli("info", "M.onnx")
 
 
+def _no_cuda_provider(mp):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from qmamba.checkpoints.random_init import random_state_dict
+    from qmamba.config import preset
+    from qmamba.export.exporter import export_model
+
+    cfg = preset("tiny-mamba")
+    export_model(cfg, random_state_dict(cfg, seed=0), {}, Path("M.onnx"))
+    mp.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])  # the CPU package
+    return cli("generate", "M.onnx", "--device", "cuda", "-n", "1")
+
+
 def _tokenizer_too_large(mp):
     shutil.copy(FIXTURE / "tokenizer.json", "T")
     return cli("create", "--preset", "tiny-blackmamba", "-o", "c", "--tokenizer", "T")
@@ -188,6 +200,8 @@ REPRODUCTIONS = {
     "M.onnx was exported without a tokenizer: pass --tokenizer FILE": _export_without_tokenizer,
     "M.onnx is an ONNX export, not a checkpoint (run it with: qmamba generate M.onnx)": _onnx_given_as_checkpoint,
     "tokenizer T has 4096 tokens, more than the model's vocabulary of 512": _tokenizer_too_large,
+    "onnxruntime ... here has no CUDA execution provider (it has: CPUExecutionProvider): install onnxruntime-gpu in "
+    "place of onnxruntime (pip install 'qmamba[gpu]'), or run with --device cpu": _no_cuda_provider,
 }
 
 
