@@ -6,10 +6,21 @@ Layout is token-major ("channels last"), the layout the projections produce:
 Math (fp32):  delta = softplus(delta + delta_bias);  h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
               y_t = <C_t, h_t> + D * u_t;  y_t *= silu(z_t)
 
-Triton twins (same signatures): :func:`selective_scan_triton` runs one program per (batch, block of channels) and
-walks the sequence in chunks of ``BLOCK_T`` steps; inside a chunk the linear recurrence ``h_t = a_t h_{t-1} + b_t``
-is an associative scan over (a, b) pairs, the fp32 state stays in registers between chunks, and only y and the
-final state are written. :func:`selective_state_update_triton` is the one-token decode step (optionally in place).
+Triton twins (same signatures), two prefill methods behind :func:`selective_scan_triton` (``method=``):
+
+- ``"chunked"`` (:func:`selective_scan_chunked`): each thread owns one channel and its ``N`` fp32 states and walks
+  time sequentially in registers, ``UNROLL`` steps per loop trip (``UNROLL`` independent loads in flight, no
+  cross-thread traffic except the broadcast B_t / C_t rows); the sum over states for y_t is in-thread. To fill the
+  GPU at small batch the sequence is split into ``S`` segments run in parallel: a first launch writes each
+  segment's summary (its end state from a zero start, and ``sum(dt)``, since the decays of a segment multiply to
+  ``exp(A * sum(dt))``), and the second launch starts each segment from the carry composed of the earlier
+  summaries and writes y (and, in the last segment, the final state).
+- ``"assoc"`` (:func:`selective_scan_assoc`, the first kernel, kept for comparison): one program per (batch,
+  block of channels) walks the sequence in chunks of ``BLOCK_T`` steps; inside a chunk the linear recurrence
+  ``h_t = a_t h_{t-1} + b_t`` is an associative scan over (a, b) pairs, the fp32 state stays in registers between
+  chunks, and only y and the final state are written.
+
+:func:`selective_state_update_triton` is the one-token decode step (optionally in place).
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qmamba.kernels._triton import jit, next_pow2, tl
+from qmamba.kernels._triton import cdiv, jit, next_pow2, tl
 
 
 def selective_scan_ref(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=None, initial_state=None,
@@ -148,10 +159,10 @@ def _check_scan_args(u, delta, A, B_ssm, C_ssm, D_skip, z, delta_bias, initial_s
     return batch, length, dim, n
 
 
-def selective_scan_triton(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=None, initial_state=None,
-                          delta_softplus: bool = True, block_t: int | None = None, block_d: int | None = None,
-                          num_warps: int | None = None):
-    """Triton twin of :func:`selective_scan_ref`: ``(y [B, L, D] in u.dtype, final state [B, D, N] fp32)``."""
+def selective_scan_assoc(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=None, initial_state=None,
+                         delta_softplus: bool = True, block_t: int | None = None, block_d: int | None = None,
+                         num_warps: int | None = None):
+    """The associative-scan method of :func:`selective_scan_triton` (the first kernel, kept for comparison)."""
     batch, length, dim, n = _check_scan_args(u, delta, A, B_ssm, C_ssm, D_skip, z, delta_bias, initial_state)
     y = torch.empty(batch, length, dim, device=u.device, dtype=u.dtype)
     final = torch.empty(batch, dim, n, device=u.device, dtype=torch.float32)
@@ -171,6 +182,195 @@ def selective_scan_triton(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=
         SOFTPLUS=bool(delta_softplus), BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n,
         num_warps=num_warps or (8 if u.is_cuda else 1))
     return y, final
+
+
+# ---- chunked method: a channel per thread, time in registers, segments in parallel ---------------------------------
+LOG2E = 1.4426950408889634
+
+
+@jit
+def _chunked_scan_kernel(
+    u_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, dskip_ptr, dbias_ptr, h0_ptr, y_ptr, hT_ptr, sum_h_ptr, sum_dt_ptr,
+    L, D, N, SEG, NSEG,
+    su_b, su_l, su_d, sdt_b, sdt_l, sdt_d, sz_b, sz_l, sz_d,
+    sb_b, sb_l, sb_n, sc_b, sc_l, sc_n, sy_b, sy_l, sy_d, sa_d, sa_n,
+    SUMMARY: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, TILE_LOADS: tl.constexpr,
+    UNROLL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Program (batch, block of channels, segment). ``SUMMARY``: write the segment's summary (end state from zero,
+    ``sum(dt)``) to ``sum_h [B, S, N, D]`` / ``sum_dt [B, S, D]``; else start from the carry (``h0`` composed
+    with the summaries of the earlier segments), write y, and the final state from the last segment.
+
+    State tiles are ``[BLOCK_N, BLOCK_D]`` with channels along the threads, so each thread holds all N states of
+    its channel: the update is element-wise and the sum over states for y is in-thread.
+    """
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    dm = d < D
+    nm = n < N
+    nd_mask = nm[:, None] & dm[None, :]
+    # exp(dt * A) = exp2(dt * A * log2(e)); padded states get A = 0, B = C = 0 and stay zero
+    A2 = tl.load(a_ptr + d[None, :] * sa_d + n[:, None] * sa_n, mask=nd_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    if HAS_H0 and not SUMMARY:  # h0 / hT are contiguous [B, D, N]; a summary starts from zero
+        h = tl.load(h0_ptr + pid_b * D * N + d[None, :] * N + n[:, None], mask=nd_mask, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    sum_off = (pid_b * NSEG) * N * D + n[:, None] * D + d[None, :]  # sum_h [B, S, N, D], segment 0
+    if not SUMMARY:
+        for j in range(0, pid_s):  # carry in: the earlier segments' summaries, in order
+            hj = tl.load(sum_h_ptr + sum_off + j * N * D, mask=nd_mask, other=0.0)
+            dtj = tl.load(sum_dt_ptr + (pid_b * NSEG + j) * D + d, mask=dm, other=0.0)
+            h = tl.exp2(dtj[None, :] * A2) * h + hj
+    if HAS_D:
+        dskip = tl.load(dskip_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dbias = tl.load(dbias_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    dt_total = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    t_lo = pid_s * SEG
+    t_hi = tl.minimum(t_lo + SEG, L)
+    u_base = u_ptr + pid_b * su_b + d * su_d
+    dt_base = dt_ptr + pid_b * sdt_b + d * sdt_d
+    z_base = z_ptr + pid_b * sz_b + d * sz_d
+    y_base = y_ptr + pid_b * sy_b + d * sy_d
+    b_base = b_ptr + pid_b * sb_b + n * sb_n
+    c_base = c_ptr + pid_b * sc_b + n * sc_n
+    rows = tl.arange(0, UNROLL)
+    for t0 in range(t_lo, t_hi, UNROLL):
+        if TILE_LOADS:  # the chunk's inputs as [UNROLL, *] tiles (wide loads), rows picked in registers
+            tt = t0 + rows
+            tm = tt < t_hi
+            td = tm[:, None] & dm[None, :]
+            tn = tm[:, None] & nm[None, :]
+            dt_tile = tl.load(dt_base[None, :] + tt[:, None] * sdt_l, mask=td, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt_tile += dbias[None, :]
+            if SOFTPLUS:
+                dt_tile = _softplus(dt_tile)
+            dt_tile = tl.where(td, dt_tile, 0.0)  # padded steps: decay 1, input 0
+            u_tile = tl.load(u_base[None, :] + tt[:, None] * su_l, mask=td, other=0.0).to(tl.float32)
+            dtu_tile = dt_tile * u_tile
+            b_tile = tl.load(b_base[None, :] + tt[:, None] * sb_l, mask=tn, other=0.0).to(tl.float32)
+            if SUMMARY:
+                dt_total += tl.sum(dt_tile, axis=0)
+            else:
+                c_tile = tl.load(c_base[None, :] + tt[:, None] * sc_l, mask=tn, other=0.0).to(tl.float32)
+                y_tile = tl.zeros((UNROLL, BLOCK_D), dtype=tl.float32)
+            for i in tl.static_range(UNROLL):
+                sel = (rows == i)[:, None]
+                dt_i = tl.sum(tl.where(sel, dt_tile, 0.0), axis=0)
+                dtu_i = tl.sum(tl.where(sel, dtu_tile, 0.0), axis=0)
+                b_i = tl.sum(tl.where(sel, b_tile, 0.0), axis=0)
+                h = tl.exp2(dt_i[None, :] * A2) * h + b_i[:, None] * dtu_i[None, :]
+                if not SUMMARY:
+                    c_i = tl.sum(tl.where(sel, c_tile, 0.0), axis=0)
+                    y_tile = tl.where(sel, tl.sum(h * c_i[:, None], axis=0)[None, :], y_tile)
+            if not SUMMARY:
+                if HAS_D:
+                    y_tile += u_tile * dskip[None, :]
+                if HAS_Z:
+                    zz = tl.load(z_base[None, :] + tt[:, None] * sz_l, mask=td, other=0.0).to(tl.float32)
+                    y_tile = y_tile * zz * tl.sigmoid(zz)
+                tl.store(y_base[None, :] + tt[:, None] * sy_l, y_tile.to(y_ptr.dtype.element_ty), mask=td)
+        else:  # one row load per step; the unrolled steps' loads are independent, so they are all in flight
+            for i in tl.static_range(UNROLL):
+                t = t0 + i
+                live = t < t_hi
+                m = d < tl.where(live, D, 0)  # (not dm & live: the interpreter mistypes a scalar-bool and)
+                ms = n < tl.where(live, N, 0)
+                dt = tl.load(dt_base + t * sdt_l, mask=m, other=0.0).to(tl.float32)
+                if HAS_BIAS:
+                    dt += dbias
+                if SOFTPLUS:
+                    dt = _softplus(dt)
+                dt = tl.where(m, dt, 0.0)
+                uu = tl.load(u_base + t * su_l, mask=m, other=0.0).to(tl.float32)
+                b_i = tl.load(b_base + t * sb_l, mask=ms, other=0.0).to(tl.float32)
+                h = tl.exp2(dt[None, :] * A2) * h + b_i[:, None] * (dt * uu)[None, :]
+                if SUMMARY:
+                    dt_total += dt
+                else:
+                    c_i = tl.load(c_base + t * sc_l, mask=ms, other=0.0).to(tl.float32)
+                    y = tl.sum(h * c_i[:, None], axis=0)
+                    if HAS_D:
+                        y += uu * dskip
+                    if HAS_Z:
+                        zz = tl.load(z_base + t * sz_l, mask=m, other=0.0).to(tl.float32)
+                        y = y * zz * tl.sigmoid(zz)
+                    tl.store(y_base + t * sy_l, y.to(y_ptr.dtype.element_ty), mask=m)
+    if SUMMARY:
+        tl.store(sum_h_ptr + sum_off + pid_s * N * D, h, mask=nd_mask)
+        tl.store(sum_dt_ptr + (pid_b * NSEG + pid_s) * D + d, dt_total, mask=dm)
+    elif pid_s == NSEG - 1:
+        tl.store(hT_ptr + pid_b * D * N + d[None, :] * N + n[:, None], h, mask=nd_mask)
+
+
+def chunked_segments(batch: int, length: int, dim: int, block_d: int, num_warps: int, is_cuda: bool) -> int:
+    """How many time segments the chunked scan runs in parallel: enough warps to fill an H200 (132 SMs x 4
+    schedulers, a few warps each) when batch x channel blocks alone do not, but segments of >= 128 steps (each
+    segment beyond the first costs a summary pass over its inputs) and at most 16 (the carry-in walks the
+    earlier summaries)."""
+    if not is_cuda:
+        return 1 if length <= 16 else 2
+    warps = batch * cdiv(dim, block_d) * num_warps
+    want = cdiv(132 * 4 * 4, warps)
+    return int(max(1, min(want, 16, length // 128)))
+
+
+def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=None, initial_state=None,
+                           delta_softplus: bool = True, n_segments: int | None = None, num_warps: int | None = None,
+                           unroll: int | None = None, tile_loads: bool | None = None):
+    """The chunked method of :func:`selective_scan_triton`: ``(y [B, L, D] in u.dtype, final state fp32)``.
+
+    ``n_segments`` (time segments run in parallel; default :func:`chunked_segments`), ``num_warps`` (channels per
+    program = 32 x warps), ``unroll`` (steps per loop trip) and ``tile_loads`` (load each trip's inputs as tiles)
+    are tuning knobs; every setting computes the same function.
+    """
+    batch, length, dim, n = _check_scan_args(u, delta, A, B_ssm, C_ssm, D_skip, z, delta_bias, initial_state)
+    y = torch.empty(batch, length, dim, device=u.device, dtype=u.dtype)
+    final = torch.empty(batch, dim, n, device=u.device, dtype=torch.float32)
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    num_warps = num_warps or (1 if u.is_cuda else 1)
+    block_d = 32 * num_warps if u.is_cuda else min(next_pow2(dim), 16)
+    unroll = unroll or (8 if u.is_cuda else 4)
+    tile_loads = bool(tile_loads) if tile_loads is not None else False
+    segs = n_segments or chunked_segments(batch, length, dim, block_d, num_warps, u.is_cuda)
+    seg = cdiv(max(length, 1), segs)
+    seg = cdiv(seg, unroll) * unroll
+    segs = max(1, cdiv(length, seg))
+    sum_h = final if segs == 1 else torch.empty(batch, segs, n, dim, device=u.device, dtype=torch.float32)
+    sum_dt = final if segs == 1 else torch.empty(batch, segs, dim, device=u.device, dtype=torch.float32)
+    common = dict(HAS_Z=z is not None, HAS_D=D_skip is not None, HAS_BIAS=delta_bias is not None,
+                  HAS_H0=h0 is not None, SOFTPLUS=bool(delta_softplus), TILE_LOADS=tile_loads, UNROLL=unroll,
+                  BLOCK_D=block_d, BLOCK_N=next_pow2(n), num_warps=num_warps)
+    args = (u, delta, z if z is not None else u, B_ssm, C_ssm, A, D_skip if D_skip is not None else u,
+            delta_bias if delta_bias is not None else u, h0 if h0 is not None else final, y, final, sum_h, sum_dt,
+            length, dim, n, seg, segs,
+            *u.stride(), *delta.stride(), *(z.stride() if z is not None else (0, 0, 0)),
+            *B_ssm.stride(), *C_ssm.stride(), *y.stride(), *A.stride())
+    if segs > 1:  # summaries of all segments but the last (whose summary nobody reads)
+        _chunked_scan_kernel[(batch, cdiv(dim, block_d), segs - 1)](*args, SUMMARY=True, **common)
+    _chunked_scan_kernel[(batch, cdiv(dim, block_d), segs)](*args, SUMMARY=False, **common)
+    return y, final
+
+
+METHODS = {"chunked": selective_scan_chunked, "assoc": selective_scan_assoc}
+
+
+def selective_scan_triton(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=None, initial_state=None,
+                          delta_softplus: bool = True, method: str = "chunked", **tuning):
+    """Triton twin of :func:`selective_scan_ref`: ``(y [B, L, D] in u.dtype, final state [B, D, N] fp32)``.
+
+    ``method``: ``"chunked"`` (default) or ``"assoc"`` (see the module docstring); ``tuning`` goes to that
+    method's launcher.
+    """
+    if method not in METHODS:
+        raise ValueError(f"selective scan: unknown method {method!r}; choose from {sorted(METHODS)}")
+    return METHODS[method](u, delta, A, B_ssm, C_ssm, D_skip, z, delta_bias, initial_state, delta_softplus,
+                           **tuning)
 
 
 @jit
