@@ -23,6 +23,7 @@ too). Timing: benchmarks/timing.py (CUDA-graph replay, rotating input copies pas
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -97,13 +98,12 @@ def variants(device, sweep):
     out = {"assoc": lambda **a: selective_scan_triton(**a, method="assoc"),
            "chunked": lambda **a: selective_scan_triton(**a, method="chunked")}
     if sweep:
-        for warps in (1, 2, 4):
-            for unroll in (4, 8, 16):
-                for tile in (False, True):
-                    for segs in (1, 2, 4, 8, 16):
-                        kw = dict(num_warps=warps, unroll=unroll, tile_loads=tile, n_segments=segs)
-                        name = f"chunked w{warps} u{unroll} {'tile' if tile else 'rows'} s{segs}"
-                        out[name] = lambda kw=kw, **a: selective_scan_triton(**a, method="chunked", **kw)
+        for warps, lanes, unroll, segs in itertools.product((1, 2, 4), (1, 2, 4), (4, 8), (1, 2, 4, 8, 16)):
+            kw = dict(num_warps=warps, lanes=lanes, unroll=unroll, n_segments=segs)
+            out[f"chunked w{warps} l{lanes} u{unroll} s{segs}"] = \
+                lambda kw=kw, **a: selective_scan_triton(**a, method="chunked", **kw)
+        out["chunked w1 u8 s16 exp2"] = lambda **a: selective_scan_triton(**a, method="chunked", num_warps=1,
+                                                                          unroll=8, n_segments=16, fast_exp=False)
     return out
 
 

@@ -185,25 +185,39 @@ def selective_scan_assoc(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=N
 
 
 # ---- chunked method: a channel per thread, time in registers, segments in parallel ---------------------------------
-LOG2E = 1.4426950408889634
-
-
 @jit
+def _exp2(x, FAST: tl.constexpr):
+    """2^x; ``FAST`` (compiled CUDA only): one MUFU.EX2 (``ex2.approx.ftz``) instead of ``tl.exp2``'s
+    denormal-safe sequence. Results below 2^-126 flush to zero, which for a decay factor changes nothing."""
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.exp2(x)
+
+
+# sa_n / sh_n are 1 at run time but must not be specialised to the constant 1: the [BLOCK_N, BLOCK_D] state tiles
+# then look non-contiguous to Triton's coalescing pass, which keeps their default layout (channels along the
+# threads, all N states of a channel in one thread) instead of vectorising along N or D and splitting a channel's
+# states over lanes (which cost a shared-memory layout conversion at every step: 10x slower, measured on the H200)
+@jit(do_not_specialize=["sa_n", "sh_n"])
 def _chunked_scan_kernel(
     u_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, dskip_ptr, dbias_ptr, h0_ptr, y_ptr, hT_ptr, sum_h_ptr, sum_dt_ptr,
     L, D, N, SEG, NSEG,
     su_b, su_l, su_d, sdt_b, sdt_l, sdt_d, sz_b, sz_l, sz_d,
-    sb_b, sb_l, sb_n, sc_b, sc_l, sc_n, sy_b, sy_l, sy_d, sa_d, sa_n,
+    sb_b, sb_l, sb_n, sc_b, sc_l, sc_n, sy_b, sy_l, sy_d, sa_d, sa_n, sh_d, sh_n,
     SUMMARY: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, TILE_LOADS: tl.constexpr,
+    HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_EXP: tl.constexpr,
     UNROLL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Program (batch, block of channels, segment). ``SUMMARY``: write the segment's summary (end state from zero,
-    ``sum(dt)``) to ``sum_h [B, S, N, D]`` / ``sum_dt [B, S, D]``; else start from the carry (``h0`` composed
+    ``sum(dt)``) to ``sum_h [B, S, D, N]`` / ``sum_dt [B, S, D]``; else start from the carry (``h0`` composed
     with the summaries of the earlier segments), write y, and the final state from the last segment.
 
-    State tiles are ``[BLOCK_N, BLOCK_D]`` with channels along the threads, so each thread holds all N states of
-    its channel: the update is element-wise and the sum over states for y is in-thread.
+    State tiles are ``[BLOCK_N, BLOCK_D]``, BLOCK_D = 32 x warps: a thread holds the N states of its channel, so
+    the update is element-wise and the sum over states for y is in-thread; per step a thread loads one element
+    of u, dt, z (a warp: 64 contiguous bytes) and the B_t, C_t rows (the same addresses across the warp).
+    States are ``[.., D, N]`` with strides ``(sh_d, sh_n)``: h0, hT ([B, D, N]) and sum_h ([B, S, D, N]).
     """
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -213,18 +227,19 @@ def _chunked_scan_kernel(
     dm = d < D
     nm = n < N
     nd_mask = nm[:, None] & dm[None, :]
+    state_off = d[None, :] * sh_d + n[:, None] * sh_n                                   # [BLOCK_N, BLOCK_D]
     # exp(dt * A) = exp2(dt * A * log2(e)); padded states get A = 0, B = C = 0 and stay zero
-    A2 = tl.load(a_ptr + d[None, :] * sa_d + n[:, None] * sa_n, mask=nd_mask, other=0.0).to(tl.float32) * 1.4426950408889634
-    if HAS_H0 and not SUMMARY:  # h0 / hT are contiguous [B, D, N]; a summary starts from zero
-        h = tl.load(h0_ptr + pid_b * D * N + d[None, :] * N + n[:, None], mask=nd_mask, other=0.0).to(tl.float32)
+    A2 = tl.load(a_ptr + d[None, :] * sa_d + n[:, None] * sa_n, mask=nd_mask, other=0.0).to(tl.float32)
+    A2 = A2 * 1.4426950408889634
+    if HAS_H0 and not SUMMARY:  # a summary starts from zero
+        h = tl.load(h0_ptr + pid_b * D * N + state_off, mask=nd_mask, other=0.0).to(tl.float32)
     else:
         h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    sum_off = (pid_b * NSEG) * N * D + n[:, None] * D + d[None, :]  # sum_h [B, S, N, D], segment 0
     if not SUMMARY:
         for j in range(0, pid_s):  # carry in: the earlier segments' summaries, in order
-            hj = tl.load(sum_h_ptr + sum_off + j * N * D, mask=nd_mask, other=0.0)
+            hj = tl.load(sum_h_ptr + (pid_b * NSEG + j) * D * N + state_off, mask=nd_mask, other=0.0)
             dtj = tl.load(sum_dt_ptr + (pid_b * NSEG + j) * D + d, mask=dm, other=0.0)
-            h = tl.exp2(dtj[None, :] * A2) * h + hj
+            h = _exp2(dtj[None, :] * A2, FAST_EXP) * h + hj
     if HAS_D:
         dskip = tl.load(dskip_ptr + d, mask=dm, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -238,74 +253,37 @@ def _chunked_scan_kernel(
     y_base = y_ptr + pid_b * sy_b + d * sy_d
     b_base = b_ptr + pid_b * sb_b + n * sb_n
     c_base = c_ptr + pid_b * sc_b + n * sc_n
-    rows = tl.arange(0, UNROLL)
     for t0 in range(t_lo, t_hi, UNROLL):
-        if TILE_LOADS:  # the chunk's inputs as [UNROLL, *] tiles (wide loads), rows picked in registers
-            tt = t0 + rows
-            tm = tt < t_hi
-            td = tm[:, None] & dm[None, :]
-            tn = tm[:, None] & nm[None, :]
-            dt_tile = tl.load(dt_base[None, :] + tt[:, None] * sdt_l, mask=td, other=0.0).to(tl.float32)
+        for i in tl.static_range(UNROLL):  # the unrolled steps' loads do not depend on h: all in flight at once
+            t = t0 + i
+            live = t < t_hi
+            m = d < tl.where(live, D, 0)  # (not dm & live: the interpreter mistypes a scalar-bool and)
+            ms = n < tl.where(live, N, 0)
+            dt = tl.load(dt_base + t * sdt_l, mask=m, other=0.0).to(tl.float32)
             if HAS_BIAS:
-                dt_tile += dbias[None, :]
+                dt += dbias
             if SOFTPLUS:
-                dt_tile = _softplus(dt_tile)
-            dt_tile = tl.where(td, dt_tile, 0.0)  # padded steps: decay 1, input 0
-            u_tile = tl.load(u_base[None, :] + tt[:, None] * su_l, mask=td, other=0.0).to(tl.float32)
-            dtu_tile = dt_tile * u_tile
-            b_tile = tl.load(b_base[None, :] + tt[:, None] * sb_l, mask=tn, other=0.0).to(tl.float32)
+                dt = _softplus(dt)
+            dt = tl.where(m, dt, 0.0)  # steps past the end: decay 1, input 0
+            uu = tl.load(u_base + t * su_l, mask=m, other=0.0).to(tl.float32)
+            b_t = tl.load(b_base + t * sb_l, mask=ms, other=0.0).to(tl.float32)
+            h = _exp2(dt[None, :] * A2, FAST_EXP) * h + b_t[:, None] * (dt * uu)[None, :]
             if SUMMARY:
-                dt_total += tl.sum(dt_tile, axis=0)
+                dt_total += dt
             else:
-                c_tile = tl.load(c_base[None, :] + tt[:, None] * sc_l, mask=tn, other=0.0).to(tl.float32)
-                y_tile = tl.zeros((UNROLL, BLOCK_D), dtype=tl.float32)
-            for i in tl.static_range(UNROLL):
-                sel = (rows == i)[:, None]
-                dt_i = tl.sum(tl.where(sel, dt_tile, 0.0), axis=0)
-                dtu_i = tl.sum(tl.where(sel, dtu_tile, 0.0), axis=0)
-                b_i = tl.sum(tl.where(sel, b_tile, 0.0), axis=0)
-                h = tl.exp2(dt_i[None, :] * A2) * h + b_i[:, None] * dtu_i[None, :]
-                if not SUMMARY:
-                    c_i = tl.sum(tl.where(sel, c_tile, 0.0), axis=0)
-                    y_tile = tl.where(sel, tl.sum(h * c_i[:, None], axis=0)[None, :], y_tile)
-            if not SUMMARY:
+                c_t = tl.load(c_base + t * sc_l, mask=ms, other=0.0).to(tl.float32)
+                y = tl.sum(h * c_t[:, None], axis=0)
                 if HAS_D:
-                    y_tile += u_tile * dskip[None, :]
+                    y += uu * dskip
                 if HAS_Z:
-                    zz = tl.load(z_base[None, :] + tt[:, None] * sz_l, mask=td, other=0.0).to(tl.float32)
-                    y_tile = y_tile * zz * tl.sigmoid(zz)
-                tl.store(y_base[None, :] + tt[:, None] * sy_l, y_tile.to(y_ptr.dtype.element_ty), mask=td)
-        else:  # one row load per step; the unrolled steps' loads are independent, so they are all in flight
-            for i in tl.static_range(UNROLL):
-                t = t0 + i
-                live = t < t_hi
-                m = d < tl.where(live, D, 0)  # (not dm & live: the interpreter mistypes a scalar-bool and)
-                ms = n < tl.where(live, N, 0)
-                dt = tl.load(dt_base + t * sdt_l, mask=m, other=0.0).to(tl.float32)
-                if HAS_BIAS:
-                    dt += dbias
-                if SOFTPLUS:
-                    dt = _softplus(dt)
-                dt = tl.where(m, dt, 0.0)
-                uu = tl.load(u_base + t * su_l, mask=m, other=0.0).to(tl.float32)
-                b_i = tl.load(b_base + t * sb_l, mask=ms, other=0.0).to(tl.float32)
-                h = tl.exp2(dt[None, :] * A2) * h + b_i[:, None] * (dt * uu)[None, :]
-                if SUMMARY:
-                    dt_total += dt
-                else:
-                    c_i = tl.load(c_base + t * sc_l, mask=ms, other=0.0).to(tl.float32)
-                    y = tl.sum(h * c_i[:, None], axis=0)
-                    if HAS_D:
-                        y += uu * dskip
-                    if HAS_Z:
-                        zz = tl.load(z_base + t * sz_l, mask=m, other=0.0).to(tl.float32)
-                        y = y * zz * tl.sigmoid(zz)
-                    tl.store(y_base + t * sy_l, y.to(y_ptr.dtype.element_ty), mask=m)
+                    zz = tl.load(z_base + t * sz_l, mask=m, other=0.0).to(tl.float32)
+                    y = y * zz * tl.sigmoid(zz)
+                tl.store(y_base + t * sy_l, y.to(y_ptr.dtype.element_ty), mask=m)
     if SUMMARY:
-        tl.store(sum_h_ptr + sum_off + pid_s * N * D, h, mask=nd_mask)
+        tl.store(sum_h_ptr + (pid_b * NSEG + pid_s) * D * N + state_off, h, mask=nd_mask)
         tl.store(sum_dt_ptr + (pid_b * NSEG + pid_s) * D + d, dt_total, mask=dm)
     elif pid_s == NSEG - 1:
-        tl.store(hT_ptr + pid_b * D * N + d[None, :] * N + n[:, None], h, mask=nd_mask)
+        tl.store(hT_ptr + pid_b * D * N + state_off, h, mask=nd_mask)
 
 
 def chunked_segments(batch: int, length: int, dim: int, block_d: int, num_warps: int, is_cuda: bool) -> int:
@@ -322,35 +300,36 @@ def chunked_segments(batch: int, length: int, dim: int, block_d: int, num_warps:
 
 def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=None, initial_state=None,
                            delta_softplus: bool = True, n_segments: int | None = None, num_warps: int | None = None,
-                           unroll: int | None = None, tile_loads: bool | None = None):
+                           lanes: int | None = None, unroll: int | None = None, fast_exp: bool | None = None):
     """The chunked method of :func:`selective_scan_triton`: ``(y [B, L, D] in u.dtype, final state fp32)``.
 
-    ``n_segments`` (time segments run in parallel; default :func:`chunked_segments`), ``num_warps`` (channels per
-    program = 32 x warps), ``unroll`` (steps per loop trip) and ``tile_loads`` (load each trip's inputs as tiles)
-    are tuning knobs; every setting computes the same function.
+    ``n_segments`` (time segments run in parallel; default :func:`chunked_segments`), ``num_warps``, ``lanes``
+    (threads per channel, splitting its N states; channels per program = 32 x warps / lanes), ``unroll`` (steps
+    per loop trip) and ``fast_exp`` (one-instruction exp2; CUDA only) are tuning knobs; every setting computes
+    the same function.
     """
     batch, length, dim, n = _check_scan_args(u, delta, A, B_ssm, C_ssm, D_skip, z, delta_bias, initial_state)
     y = torch.empty(batch, length, dim, device=u.device, dtype=u.dtype)
     final = torch.empty(batch, dim, n, device=u.device, dtype=torch.float32)
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    num_warps = num_warps or (1 if u.is_cuda else 1)
-    block_d = 32 * num_warps if u.is_cuda else min(next_pow2(dim), 16)
+    num_warps = num_warps or 1
+    lanes = min(lanes or 1, next_pow2(n))
+    block_d = 32 * num_warps // lanes if u.is_cuda else min(next_pow2(dim), 16)
     unroll = unroll or (8 if u.is_cuda else 4)
-    tile_loads = bool(tile_loads) if tile_loads is not None else False
+    fast_exp = u.is_cuda if fast_exp is None else bool(fast_exp and u.is_cuda)
     segs = n_segments or chunked_segments(batch, length, dim, block_d, num_warps, u.is_cuda)
-    seg = cdiv(max(length, 1), segs)
-    seg = cdiv(seg, unroll) * unroll
+    seg = cdiv(cdiv(max(length, 1), segs), unroll) * unroll
     segs = max(1, cdiv(length, seg))
-    sum_h = final if segs == 1 else torch.empty(batch, segs, n, dim, device=u.device, dtype=torch.float32)
+    sum_h = final if segs == 1 else torch.empty(batch, segs, dim, n, device=u.device, dtype=torch.float32)
     sum_dt = final if segs == 1 else torch.empty(batch, segs, dim, device=u.device, dtype=torch.float32)
     common = dict(HAS_Z=z is not None, HAS_D=D_skip is not None, HAS_BIAS=delta_bias is not None,
-                  HAS_H0=h0 is not None, SOFTPLUS=bool(delta_softplus), TILE_LOADS=tile_loads, UNROLL=unroll,
+                  HAS_H0=h0 is not None, SOFTPLUS=bool(delta_softplus), FAST_EXP=fast_exp, UNROLL=unroll,
                   BLOCK_D=block_d, BLOCK_N=next_pow2(n), num_warps=num_warps)
     args = (u, delta, z if z is not None else u, B_ssm, C_ssm, A, D_skip if D_skip is not None else u,
             delta_bias if delta_bias is not None else u, h0 if h0 is not None else final, y, final, sum_h, sum_dt,
             length, dim, n, seg, segs,
             *u.stride(), *delta.stride(), *(z.stride() if z is not None else (0, 0, 0)),
-            *B_ssm.stride(), *C_ssm.stride(), *y.stride(), *A.stride())
+            *B_ssm.stride(), *C_ssm.stride(), *y.stride(), *A.stride(), n, 1)
     if segs > 1:  # summaries of all segments but the last (whose summary nobody reads)
         _chunked_scan_kernel[(batch, cdiv(dim, block_d), segs - 1)](*args, SUMMARY=True, **common)
     _chunked_scan_kernel[(batch, cdiv(dim, block_d), segs)](*args, SUMMARY=False, **common)

@@ -50,14 +50,12 @@ def test_scan_matches_reference(method, shape, with_state, device):
 # steps (unroll 4 or 8) exercise the summary pass and the carry-in over two earlier summaries
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,with_state", [(1, False), (2, True)])
-@pytest.mark.parametrize("tile_loads,n_segments,unroll", [(False, 1, 4), (False, 3, 8), (True, 3, 4),
-                                                          (True, 1, 8)])
-def test_chunked_scan_knobs(dtype, batch, with_state, tile_loads, n_segments, unroll, device):
+@pytest.mark.parametrize("n_segments,unroll", [(1, 4), (3, 8), (3, 4)])
+def test_chunked_scan_knobs(dtype, batch, with_state, n_segments, unroll, device):
     p = scan_inputs(batch, 37, 20, 5, device, dtype, seed=4)
     if with_state:
         p["initial_state"] = torch.randn(batch, 20, 5, device=device)
-    got = selective_scan_triton(**p, method="chunked", tile_loads=tile_loads, n_segments=n_segments,
-                                unroll=unroll)
+    got = selective_scan_triton(**p, method="chunked", n_segments=n_segments, unroll=unroll)
     assert got[0].dtype == dtype and got[1].dtype == torch.float32
     assert_scan_close(got, selective_scan_ref(**p), dtype)
 
