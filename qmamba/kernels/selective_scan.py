@@ -207,7 +207,7 @@ def _chunked_scan_kernel(
     su_b, su_l, su_d, sdt_b, sdt_l, sdt_d, sz_b, sz_l, sz_d,
     sb_b, sb_l, sb_n, sc_b, sc_l, sc_n, sy_b, sy_l, sy_d, sa_d, sa_n, sh_d, sh_n,
     SUMMARY: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_EXP: tl.constexpr,
+    HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_EXP: tl.constexpr, EVEN_N: tl.constexpr,
     UNROLL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Program (batch, block of channels, segment). ``SUMMARY``: write the segment's summary (end state from zero,
@@ -251,33 +251,39 @@ def _chunked_scan_kernel(
     dt_base = dt_ptr + pid_b * sdt_b + d * sdt_d
     z_base = z_ptr + pid_b * sz_b + d * sz_d
     y_base = y_ptr + pid_b * sy_b + d * sy_d
-    b_base = b_ptr + pid_b * sb_b + n * sb_n
-    c_base = c_ptr + pid_b * sc_b + n * sc_n
+    b_row = b_ptr + pid_b * sb_b
+    c_row = c_ptr + pid_b * sc_b
     for t0 in range(t_lo, t_hi, UNROLL):
         for i in tl.static_range(UNROLL):  # the unrolled steps' loads do not depend on h: all in flight at once
             t = t0 + i
             live = t < t_hi
-            m = d < tl.where(live, D, 0)  # (not dm & live: the interpreter mistypes a scalar-bool and)
-            ms = n < tl.where(live, N, 0)
-            dt = tl.load(dt_base + t * sdt_l, mask=m, other=0.0).to(tl.float32)
+            tc = tl.minimum(t, t_hi - 1)  # loads read an in-bounds row past the end; its dt is zeroed below
+            dt = tl.load(dt_base + tc * sdt_l, mask=dm, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 dt += dbias
             if SOFTPLUS:
                 dt = _softplus(dt)
-            dt = tl.where(m, dt, 0.0)  # steps past the end: decay 1, input 0
-            uu = tl.load(u_base + t * su_l, mask=m, other=0.0).to(tl.float32)
-            b_t = tl.load(b_base + t * sb_l, mask=ms, other=0.0).to(tl.float32)
+            dt = tl.where(live, dt, 0.0)  # steps past the end: decay 1, input 0
+            uu = tl.load(u_base + tc * su_l, mask=dm, other=0.0).to(tl.float32)
+            if EVEN_N:  # no mask: no per-element predicates in the hot loop
+                b_t = tl.load(b_row + tc * sb_l + n * sb_n).to(tl.float32)
+            else:
+                b_t = tl.load(b_row + tc * sb_l + n * sb_n, mask=nm, other=0.0).to(tl.float32)
             h = _exp2(dt[None, :] * A2, FAST_EXP) * h + b_t[:, None] * (dt * uu)[None, :]
             if SUMMARY:
                 dt_total += dt
             else:
-                c_t = tl.load(c_base + t * sc_l, mask=ms, other=0.0).to(tl.float32)
+                if EVEN_N:
+                    c_t = tl.load(c_row + tc * sc_l + n * sc_n).to(tl.float32)
+                else:
+                    c_t = tl.load(c_row + tc * sc_l + n * sc_n, mask=nm, other=0.0).to(tl.float32)
                 y = tl.sum(h * c_t[:, None], axis=0)
                 if HAS_D:
                     y += uu * dskip
                 if HAS_Z:
-                    zz = tl.load(z_base + t * sz_l, mask=m, other=0.0).to(tl.float32)
+                    zz = tl.load(z_base + tc * sz_l, mask=dm, other=0.0).to(tl.float32)
                     y = y * zz * tl.sigmoid(zz)
+                m = d < tl.where(live, D, 0)  # (not dm & live: the interpreter mistypes a scalar-bool and)
                 tl.store(y_base + t * sy_l, y.to(y_ptr.dtype.element_ty), mask=m)
     if SUMMARY:
         tl.store(sum_h_ptr + (pid_b * NSEG + pid_s) * D * N + state_off, h, mask=nd_mask)
@@ -324,7 +330,7 @@ def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias
     sum_dt = final if segs == 1 else torch.empty(batch, segs, dim, device=u.device, dtype=torch.float32)
     common = dict(HAS_Z=z is not None, HAS_D=D_skip is not None, HAS_BIAS=delta_bias is not None,
                   HAS_H0=h0 is not None, SOFTPLUS=bool(delta_softplus), FAST_EXP=fast_exp, UNROLL=unroll,
-                  BLOCK_D=block_d, BLOCK_N=next_pow2(n), num_warps=num_warps)
+                  BLOCK_D=block_d, BLOCK_N=next_pow2(n), EVEN_N=next_pow2(n) == n, num_warps=num_warps)
     args = (u, delta, z if z is not None else u, B_ssm, C_ssm, A, D_skip if D_skip is not None else u,
             delta_bias if delta_bias is not None else u, h0 if h0 is not None else final, y, final, sum_h, sum_dt,
             length, dim, n, seg, segs,
