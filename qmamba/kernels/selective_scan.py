@@ -187,13 +187,36 @@ def selective_scan_assoc(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=N
 # ---- chunked method: a channel per thread, time in registers, segments in parallel ---------------------------------
 @jit
 def _exp2(x, FAST: tl.constexpr):
-    """2^x; ``FAST`` (compiled CUDA only): one MUFU.EX2 (``ex2.approx.ftz``) instead of ``tl.exp2``'s
-    denormal-safe sequence. Results below 2^-126 flush to zero, which for a decay factor changes nothing."""
+    """2^x. ``FAST`` (compiled CUDA only; the interpreter has no inline PTX): the one-instruction MUFU forms
+    (``ex2/lg2/rcp.approx.ftz``) instead of the denormal-safe sequences; results below 2^-126 flush to zero,
+    which for a decay factor, a softplus or a sigmoid changes nothing."""
     if FAST:
         return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
                                          is_pure=True, pack=1)
     else:
         return tl.exp2(x)
+
+
+@jit
+def _softplus_fast(x, FAST: tl.constexpr):
+    """softplus in base 2: ``log2(1 + 2^(x log2 e)) ln 2`` (two MUFU instructions with ``FAST``)."""
+    if FAST:
+        e = _exp2(tl.minimum(x, 20.0) * 1.4426950408889634, FAST) + 1.0
+        lg = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [e], dtype=tl.float32,
+                                       is_pure=True, pack=1)
+        return tl.where(x > 20.0, x, lg * 0.6931471805599453)
+    else:
+        return _softplus(x)
+
+
+@jit
+def _sigmoid_fast(x, FAST: tl.constexpr):
+    if FAST:
+        e = _exp2(-x * 1.4426950408889634, FAST) + 1.0
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [e], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.sigmoid(x)
 
 
 # sa_n / sh_n are 1 at run time but must not be specialised to the constant 1: the [BLOCK_N, BLOCK_D] state tiles
@@ -204,9 +227,9 @@ def _exp2(x, FAST: tl.constexpr):
 def _chunked_scan_kernel(
     u_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, dskip_ptr, dbias_ptr, h0_ptr, y_ptr, hT_ptr, sum_h_ptr, sum_dt_ptr,
     L, D, N, SEG, NSEG,
-    su_b, su_l, su_d, sdt_b, sdt_l, sdt_d, sz_b, sz_l, sz_d,
-    sb_b, sb_l, sb_n, sc_b, sc_l, sc_n, sy_b, sy_l, sy_d, sa_d, sa_n, sh_d, sh_n,
-    SUMMARY: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+    su_b, su_d, sdt_b, sdt_d, sz_b, sz_d, sb_b, sb_n, sc_b, sc_n, sy_b, sy_d, sa_d, sa_n, sh_d, sh_n,
+    su_l: tl.constexpr, sdt_l: tl.constexpr, sz_l: tl.constexpr, sb_l: tl.constexpr, sc_l: tl.constexpr,
+    sy_l: tl.constexpr, SUMMARY: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_EXP: tl.constexpr, EVEN_N: tl.constexpr,
     UNROLL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -257,15 +280,16 @@ def _chunked_scan_kernel(
         for i in tl.static_range(UNROLL):  # the unrolled steps' loads do not depend on h: all in flight at once
             t = t0 + i
             live = t < t_hi
-            tc = tl.minimum(t, t_hi - 1)  # loads read an in-bounds row past the end; its dt is zeroed below
-            dt = tl.load(dt_base + tc * sdt_l, mask=dm, other=0.0).to(tl.float32)
+            m = d < tl.where(live, D, 0)  # channel and step in range (not dm & live: the interpreter mistypes it)
+            dt = tl.load(dt_base + t * sdt_l, mask=m, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 dt += dbias
             if SOFTPLUS:
-                dt = _softplus(dt)
-            dt = tl.where(live, dt, 0.0)  # steps past the end: decay 1, input 0
-            uu = tl.load(u_base + tc * su_l, mask=dm, other=0.0).to(tl.float32)
-            if EVEN_N:  # no mask: no per-element predicates in the hot loop
+                dt = _softplus_fast(dt, FAST_EXP)
+            dt = tl.where(m, dt, 0.0)  # steps past the end: decay 1, input 0
+            uu = tl.load(u_base + t * su_l, mask=m, other=0.0).to(tl.float32)
+            tc = tl.minimum(t, t_hi - 1)  # B, C rows past the end: an in-bounds row (its dt is 0), no mask
+            if EVEN_N:
                 b_t = tl.load(b_row + tc * sb_l + n * sb_n).to(tl.float32)
             else:
                 b_t = tl.load(b_row + tc * sb_l + n * sb_n, mask=nm, other=0.0).to(tl.float32)
@@ -281,9 +305,8 @@ def _chunked_scan_kernel(
                 if HAS_D:
                     y += uu * dskip
                 if HAS_Z:
-                    zz = tl.load(z_base + tc * sz_l, mask=dm, other=0.0).to(tl.float32)
-                    y = y * zz * tl.sigmoid(zz)
-                m = d < tl.where(live, D, 0)  # (not dm & live: the interpreter mistypes a scalar-bool and)
+                    zz = tl.load(z_base + t * sz_l, mask=m, other=0.0).to(tl.float32)
+                    y = y * zz * _sigmoid_fast(zz, FAST_EXP)
                 tl.store(y_base + t * sy_l, y.to(y_ptr.dtype.element_ty), mask=m)
     if SUMMARY:
         tl.store(sum_h_ptr + (pid_b * NSEG + pid_s) * D * N + state_off, h, mask=nd_mask)
@@ -331,11 +354,16 @@ def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias
     common = dict(HAS_Z=z is not None, HAS_D=D_skip is not None, HAS_BIAS=delta_bias is not None,
                   HAS_H0=h0 is not None, SOFTPLUS=bool(delta_softplus), FAST_EXP=fast_exp, UNROLL=unroll,
                   BLOCK_D=block_d, BLOCK_N=next_pow2(n), EVEN_N=next_pow2(n) == n, num_warps=num_warps)
+    zs = z.stride() if z is not None else (0, 0, 0)
     args = (u, delta, z if z is not None else u, B_ssm, C_ssm, A, D_skip if D_skip is not None else u,
             delta_bias if delta_bias is not None else u, h0 if h0 is not None else final, y, final, sum_h, sum_dt,
-            length, dim, n, seg, segs,
-            *u.stride(), *delta.stride(), *(z.stride() if z is not None else (0, 0, 0)),
-            *B_ssm.stride(), *C_ssm.stride(), *y.stride(), *A.stride(), n, 1)
+            length, dim, n, seg, segs, u.stride(0), u.stride(2), delta.stride(0), delta.stride(2), zs[0], zs[2],
+            B_ssm.stride(0), B_ssm.stride(2), C_ssm.stride(0), C_ssm.stride(2), y.stride(0), y.stride(2),
+            *A.stride(), n, 1)
+    # the time strides are compile-time constants (one compile per model layout): the unrolled steps' addresses
+    # are then immediate offsets from one pointer per input
+    common.update(su_l=u.stride(1), sdt_l=delta.stride(1), sz_l=zs[1], sb_l=B_ssm.stride(1),
+                  sc_l=C_ssm.stride(1), sy_l=y.stride(1))
     if segs > 1:  # summaries of all segments but the last (whose summary nobody reads)
         _chunked_scan_kernel[(batch, cdiv(dim, block_d), segs - 1)](*args, SUMMARY=True, **common)
     _chunked_scan_kernel[(batch, cdiv(dim, block_d), segs)](*args, SUMMARY=False, **common)
