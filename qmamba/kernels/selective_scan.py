@@ -329,13 +329,16 @@ def chunked_segments(batch: int, length: int, dim: int, block_d: int, num_warps:
 
 def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=None, initial_state=None,
                            delta_softplus: bool = True, n_segments: int | None = None, num_warps: int | None = None,
-                           lanes: int | None = None, unroll: int | None = None, fast_exp: bool | None = None):
+                           lanes: int | None = None, unroll: int | None = None, fast_exp: bool | None = None,
+                           bc_fp32: bool | None = None):
     """The chunked method of :func:`selective_scan_triton`: ``(y [B, L, D] in u.dtype, final state fp32)``.
 
     ``n_segments`` (time segments run in parallel; default :func:`chunked_segments`), ``num_warps``, ``lanes``
     (threads per channel, splitting its N states; channels per program = 32 x warps / lanes), ``unroll`` (steps
-    per loop trip) and ``fast_exp`` (one-instruction exp2; CUDA only) are tuning knobs; every setting computes
-    the same function.
+    per loop trip), ``fast_exp`` (one-instruction exp2; CUDA only) and ``bc_fp32`` (B and C converted to one fp32
+    [B, L, 2N] tensor first, so the hot loop, where every thread reads the whole B_t and C_t rows, loads them
+    without a conversion each; default on CUDA for 16-bit inputs) are tuning knobs; every setting computes the
+    same function.
     """
     batch, length, dim, n = _check_scan_args(u, delta, A, B_ssm, C_ssm, D_skip, z, delta_bias, initial_state)
     y = torch.empty(batch, length, dim, device=u.device, dtype=u.dtype)
@@ -346,6 +349,8 @@ def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias
     block_d = 32 * num_warps // lanes if u.is_cuda else min(next_pow2(dim), 16)
     unroll = unroll or (8 if u.is_cuda else 4)
     fast_exp = u.is_cuda if fast_exp is None else bool(fast_exp and u.is_cuda)
+    if u.is_cuda if bc_fp32 is None else bc_fp32:
+        B_ssm, C_ssm = _bc_fp32(B_ssm, C_ssm)
     segs = n_segments or chunked_segments(batch, length, dim, block_d, num_warps, u.is_cuda)
     seg = cdiv(cdiv(max(length, 1), segs), unroll) * unroll
     segs = max(1, cdiv(length, seg))
@@ -368,6 +373,20 @@ def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias
         _chunked_scan_kernel[(batch, cdiv(dim, block_d), segs - 1)](*args, SUMMARY=True, **common)
     _chunked_scan_kernel[(batch, cdiv(dim, block_d), segs)](*args, SUMMARY=False, **common)
     return y, final
+
+
+def _bc_fp32(B_ssm, C_ssm):
+    """B and C as the two halves of one fp32 ``[B, L, 2N]`` tensor (one copy kernel when they are adjacent
+    slices of one tensor, as x_proj's output gives them)."""
+    b, length, n = B_ssm.shape
+    if B_ssm.dtype == torch.float32 and C_ssm.dtype == torch.float32:
+        return B_ssm, C_ssm
+    if (B_ssm.stride() == C_ssm.stride() and B_ssm.stride(2) == 1 and B_ssm.dtype == C_ssm.dtype
+            and C_ssm.data_ptr() == B_ssm.data_ptr() + n * B_ssm.element_size()):
+        bc = torch.as_strided(B_ssm, (b, length, 2 * n), (B_ssm.stride(0), B_ssm.stride(1), 1)).float()
+    else:
+        bc = torch.cat([B_ssm, C_ssm], dim=-1).float()
+    return bc[..., :n], bc[..., n:]
 
 
 METHODS = {"chunked": selective_scan_chunked, "assoc": selective_scan_assoc}

@@ -7,8 +7,8 @@ import torch
 
 from qmamba.kernels.causal_conv1d import (causal_conv1d_ref, causal_conv1d_triton, causal_conv1d_update_ref,
                                           causal_conv1d_update_triton)
-from qmamba.kernels.selective_scan import (selective_scan_ref, selective_scan_triton, selective_state_update_ref,
-                                           selective_state_update_triton)
+from qmamba.kernels.selective_scan import (_bc_fp32, selective_scan_ref, selective_scan_triton,
+                                           selective_state_update_ref, selective_state_update_triton)
 
 REAL = os.environ.get("QMAMBA_TEST_DEVICE") == "cuda"
 # (B, L, D, N): small odd shapes on CPU; BlackMamba-2.8B's d_inner on the GPU
@@ -50,14 +50,23 @@ def test_scan_matches_reference(method, shape, with_state, device):
 # steps (unroll 4 or 8) exercise the summary pass and the carry-in over two earlier summaries
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,with_state", [(1, False), (2, True)])
-@pytest.mark.parametrize("n_segments,unroll", [(1, 4), (3, 8), (3, 4)])
-def test_chunked_scan_knobs(dtype, batch, with_state, n_segments, unroll, device):
+@pytest.mark.parametrize("n_segments,unroll,bc_fp32", [(1, 4, False), (3, 8, True), (3, 4, False)])
+def test_chunked_scan_knobs(dtype, batch, with_state, n_segments, unroll, bc_fp32, device):
     p = scan_inputs(batch, 37, 20, 5, device, dtype, seed=4)
     if with_state:
         p["initial_state"] = torch.randn(batch, 20, 5, device=device)
-    got = selective_scan_triton(**p, method="chunked", n_segments=n_segments, unroll=unroll)
+    got = selective_scan_triton(**p, method="chunked", n_segments=n_segments, unroll=unroll, bc_fp32=bc_fp32)
     assert got[0].dtype == dtype and got[1].dtype == torch.float32
     assert_scan_close(got, selective_scan_ref(**p), dtype)
+
+
+@pytest.mark.parametrize("adjacent", [True, False])
+def test_bc_fp32_copies_b_and_c(adjacent, device):
+    p = scan_inputs(2, 7, 4, 5, device, torch.bfloat16)
+    B_ssm, C_ssm = p["B_ssm"], p["C_ssm"] if adjacent else p["C_ssm"].clone()
+    b32, c32 = _bc_fp32(B_ssm, C_ssm)
+    assert b32.dtype == c32.dtype == torch.float32 and b32.stride() == c32.stride() == (7 * 10, 10, 1)
+    assert torch.equal(b32, B_ssm.float()) and torch.equal(c32, C_ssm.float())
 
 
 def test_scan_rejects_unknown_method(device):
