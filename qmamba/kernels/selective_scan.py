@@ -223,7 +223,7 @@ def _sigmoid_fast(x, FAST: tl.constexpr):
 # then look non-contiguous to Triton's coalescing pass, which keeps their default layout (channels along the
 # threads, all N states of a channel in one thread) instead of vectorising along N or D and splitting a channel's
 # states over lanes (which cost a shared-memory layout conversion at every step: 10x slower, measured on the H200)
-@jit(do_not_specialize=["sa_n", "sh_n"])
+@jit(do_not_specialize=["sa_n", "sh_n", "su_d", "sdt_d", "sz_d", "sy_d"])
 def _chunked_scan_kernel(
     u_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, dskip_ptr, dbias_ptr, h0_ptr, y_ptr, hT_ptr, sum_h_ptr, sum_dt_ptr,
     L, D, N, SEG, NSEG,
@@ -270,44 +270,68 @@ def _chunked_scan_kernel(
     dt_total = tl.zeros((BLOCK_D,), dtype=tl.float32)
     t_lo = pid_s * SEG
     t_hi = tl.minimum(t_lo + SEG, L)
-    u_base = u_ptr + pid_b * su_b + d * su_d
-    dt_base = dt_ptr + pid_b * sdt_b + d * sdt_d
-    z_base = z_ptr + pid_b * sz_b + d * sz_d
-    y_base = y_ptr + pid_b * sy_b + d * sy_d
+    rows = tl.arange(0, UNROLL)
+    u_base = u_ptr + pid_b * su_b + d[None, :] * su_d                                    # [1, BLOCK_D]
+    dt_base = dt_ptr + pid_b * sdt_b + d[None, :] * sdt_d
+    z_base = z_ptr + pid_b * sz_b + d[None, :] * sz_d
+    y_base = y_ptr + pid_b * sy_b + d[None, :] * sy_d
     b_row = b_ptr + pid_b * sb_b
     c_row = c_ptr + pid_b * sc_b
+    # software pipelining by hand: each trip of UNROLL steps first issues the loads of the next trip (u, dt, z as
+    # [UNROLL, BLOCK_D] tiles carried in registers), then computes its own steps, then stores its y tile. (Loads
+    # cannot move above an earlier store to a pointer that might alias, so without the prefetch every trip would
+    # wait a full memory latency after the previous trip's store.)
+    tm = (t_lo + rows) < t_hi
+    td = tm[:, None] & dm[None, :]
+    dt_nx = tl.load(dt_base + (t_lo + rows)[:, None] * sdt_l, mask=td, other=0.0)
+    u_nx = tl.load(u_base + (t_lo + rows)[:, None] * su_l, mask=td, other=0.0)
+    if HAS_Z and not SUMMARY:
+        z_nx = tl.load(z_base + (t_lo + rows)[:, None] * sz_l, mask=td, other=0.0)
     for t0 in range(t_lo, t_hi, UNROLL):
-        for i in tl.static_range(UNROLL):  # the unrolled steps' loads do not depend on h: all in flight at once
-            t = t0 + i
-            live = t < t_hi
-            m = d < tl.where(live, D, 0)  # channel and step in range (not dm & live: the interpreter mistypes it)
-            dt = tl.load(dt_base + t * sdt_l, mask=m, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                dt += dbias
-            if SOFTPLUS:
-                dt = _softplus_fast(dt, FAST_EXP)
-            dt = tl.where(m, dt, 0.0)  # steps past the end: decay 1, input 0
-            uu = tl.load(u_base + t * su_l, mask=m, other=0.0).to(tl.float32)
-            tc = tl.minimum(t, t_hi - 1)  # B, C rows past the end: an in-bounds row (its dt is 0), no mask
+        td_cur = td
+        dt_tile = dt_nx.to(tl.float32)
+        u_tile = u_nx.to(tl.float32)
+        if HAS_Z and not SUMMARY:
+            z_tile = z_nx.to(tl.float32)
+        tt = t0 + UNROLL + rows  # prefetch the next trip
+        td = (tt < t_hi)[:, None] & dm[None, :]
+        dt_nx = tl.load(dt_base + tt[:, None] * sdt_l, mask=td, other=0.0)
+        u_nx = tl.load(u_base + tt[:, None] * su_l, mask=td, other=0.0)
+        if HAS_Z and not SUMMARY:
+            z_nx = tl.load(z_base + tt[:, None] * sz_l, mask=td, other=0.0)
+        if HAS_BIAS:
+            dt_tile += dbias[None, :]
+        if SOFTPLUS:
+            dt_tile = _softplus_fast(dt_tile, FAST_EXP)
+        dt_tile = tl.where(td_cur, dt_tile, 0.0)  # steps past the end: decay 1, input 0
+        dtu_tile = dt_tile * u_tile
+        if SUMMARY:
+            dt_total += tl.sum(dt_tile, axis=0)
+        else:
+            y_tile = tl.zeros((UNROLL, BLOCK_D), dtype=tl.float32)
+        for i in tl.static_range(UNROLL):
+            # row i of a tile: the rows are in-thread, so this is a register pick, not a reduction
+            sel = (rows == i)[:, None]
+            dt = tl.sum(tl.where(sel, dt_tile, 0.0), axis=0)
+            dtu = tl.sum(tl.where(sel, dtu_tile, 0.0), axis=0)
+            tc = tl.minimum(t0 + i, t_hi - 1)  # B, C rows past the end: an in-bounds row (its dt is 0), no mask
             if EVEN_N:
                 b_t = tl.load(b_row + tc * sb_l + n * sb_n).to(tl.float32)
             else:
                 b_t = tl.load(b_row + tc * sb_l + n * sb_n, mask=nm, other=0.0).to(tl.float32)
-            h = _exp2(dt[None, :] * A2, FAST_EXP) * h + b_t[:, None] * (dt * uu)[None, :]
-            if SUMMARY:
-                dt_total += dt
-            else:
+            h = _exp2(dt[None, :] * A2, FAST_EXP) * h + b_t[:, None] * dtu[None, :]
+            if not SUMMARY:
                 if EVEN_N:
                     c_t = tl.load(c_row + tc * sc_l + n * sc_n).to(tl.float32)
                 else:
                     c_t = tl.load(c_row + tc * sc_l + n * sc_n, mask=nm, other=0.0).to(tl.float32)
-                y = tl.sum(h * c_t[:, None], axis=0)
-                if HAS_D:
-                    y += uu * dskip
-                if HAS_Z:
-                    zz = tl.load(z_base + t * sz_l, mask=m, other=0.0).to(tl.float32)
-                    y = y * zz * _sigmoid_fast(zz, FAST_EXP)
-                tl.store(y_base + t * sy_l, y.to(y_ptr.dtype.element_ty), mask=m)
+                y_tile = tl.where(sel, tl.sum(h * c_t[:, None], axis=0)[None, :], y_tile)
+        if not SUMMARY:
+            if HAS_D:
+                y_tile += u_tile * dskip[None, :]
+            if HAS_Z:
+                y_tile = y_tile * z_tile * _sigmoid_fast(z_tile, FAST_EXP)
+            tl.store(y_base + (t0 + rows)[:, None] * sy_l, y_tile.to(y_ptr.dtype.element_ty), mask=td_cur)
     if SUMMARY:
         tl.store(sum_h_ptr + (pid_b * NSEG + pid_s) * D * N + state_off, h, mask=nd_mask)
         tl.store(sum_dt_ptr + (pid_b * NSEG + pid_s) * D + d, dt_total, mask=dm)
