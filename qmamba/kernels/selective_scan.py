@@ -414,14 +414,17 @@ def _bc_fp32(B_ssm, C_ssm):
 
 
 METHODS = {"chunked": selective_scan_chunked, "assoc": selective_scan_assoc}
+# "assoc" stays the default until the chunked kernel's final form is measured on the GPU (benchmarks/bench_scan.py);
+# its first forms were 1.5x faster than assoc at B=1, L >= 2048 but slower at B=1, L=512 and at B=8
+DEFAULT_METHOD = "assoc"
 
 
 def selective_scan_triton(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=None, initial_state=None,
-                          delta_softplus: bool = True, method: str = "chunked", **tuning):
+                          delta_softplus: bool = True, method: str = DEFAULT_METHOD, **tuning):
     """Triton twin of :func:`selective_scan_ref`: ``(y [B, L, D] in u.dtype, final state [B, D, N] fp32)``.
 
-    ``method``: ``"chunked"`` (default) or ``"assoc"`` (see the module docstring); ``tuning`` goes to that
-    method's launcher.
+    ``method``: ``"assoc"`` (default, :data:`DEFAULT_METHOD`) or ``"chunked"`` (see the module docstring);
+    ``tuning`` goes to that method's launcher.
     """
     if method not in METHODS:
         raise ValueError(f"selective scan: unknown method {method!r}; choose from {sorted(METHODS)}")
