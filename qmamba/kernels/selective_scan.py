@@ -9,8 +9,9 @@ Math (fp32):  delta = softplus(delta + delta_bias);  h_t = exp(delta_t * A) * h_
 Triton twins (same signatures), two prefill methods behind :func:`selective_scan_triton` (``method=``):
 
 - ``"chunked"`` (:func:`selective_scan_chunked`): each thread owns one channel and its ``N`` fp32 states and walks
-  time sequentially in registers, ``UNROLL`` steps per loop trip (``UNROLL`` independent loads in flight, no
-  cross-thread traffic except the broadcast B_t / C_t rows); the sum over states for y_t is in-thread. To fill the
+  time sequentially in registers, ``UNROLL`` steps per loop trip, the next trip's inputs loaded while this one
+  computes (no cross-thread traffic except the broadcast B_t / C_t rows); the sum over states for y_t is
+  in-thread. Per element: one exp2 (a MUFU instruction, the bound: B*L*D*N of them) and four FP32 ops. To fill the
   GPU at small batch the sequence is split into ``S`` segments run in parallel: a first launch writes each
   segment's summary (its end state from a zero start, and ``sum(dt)``, since the decays of a segment multiply to
   ``exp(A * sum(dt))``), and the second launch starts each segment from the carry composed of the earlier
@@ -237,9 +238,10 @@ def _chunked_scan_kernel(
     ``sum(dt)``) to ``sum_h [B, S, D, N]`` / ``sum_dt [B, S, D]``; else start from the carry (``h0`` composed
     with the summaries of the earlier segments), write y, and the final state from the last segment.
 
-    State tiles are ``[BLOCK_N, BLOCK_D]``, BLOCK_D = 32 x warps: a thread holds the N states of its channel, so
-    the update is element-wise and the sum over states for y is in-thread; per step a thread loads one element
-    of u, dt, z (a warp: 64 contiguous bytes) and the B_t, C_t rows (the same addresses across the warp).
+    State tiles are ``[BLOCK_N, BLOCK_D]``, BLOCK_D = 32 x warps / lanes: with one lane per channel a thread
+    holds the N states of its channel, so the update is element-wise and the sum over states for y is in-thread.
+    u, dt, z come as ``[UNROLL, BLOCK_D]`` tiles (rows in-thread, so picking a row is a register move) loaded
+    one trip ahead; the B_t, C_t rows are loaded per step (the same addresses across the warp, L1/L2 hits).
     States are ``[.., D, N]`` with strides ``(sh_d, sh_n)``: h0, hT ([B, D, N]) and sum_h ([B, S, D, N]).
     """
     pid_b = tl.program_id(0)
@@ -371,7 +373,7 @@ def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias
     num_warps = num_warps or 1
     lanes = min(lanes or 1, next_pow2(n))
     block_d = 32 * num_warps // lanes if u.is_cuda else min(next_pow2(dim), 16)
-    unroll = unroll or (8 if u.is_cuda else 4)
+    unroll = unroll or 4  # 8 needs 255 registers and spills (sm_90, ptxas of Triton 3.9), 4 needs 174
     fast_exp = u.is_cuda if fast_exp is None else bool(fast_exp and u.is_cuda)
     if u.is_cuda if bc_fp32 is None else bc_fp32:
         B_ssm, C_ssm = _bc_fp32(B_ssm, C_ssm)
