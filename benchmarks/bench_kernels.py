@@ -358,7 +358,8 @@ def sweep_scan(bw, log):
         for bt, bd, warps in [(16, 16, 4), (32, 16, 8), (32, 8, 4), (64, 8, 8), (64, 4, 4), (128, 4, 8), (16, 32, 8),
                               (8, 32, 4), (32, 32, 8), (8, 64, 8), (4, 128, 8), (1, 128, 4), (2, 128, 8)]:
             try:
-                us = time_calls([lambda: selective_scan_triton(**args, block_t=bt, block_d=bd, num_warps=warps)],
+                us = time_calls([lambda: selective_scan_triton(**args, method="assoc", block_t=bt, block_d=bd,
+                                                                num_warps=warps)],
                                 reps=3, calls_per_graph=2)
             except Exception as exc:  # noqa: BLE001
                 log(f"scan sweep {bt},{bd},{warps}: {type(exc).__name__} {str(exc)[:100]}")

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -70,6 +72,15 @@ class MambaLM(nn.Module):
             raise TokenIdError(f"token ids must be in [0, {self.config.vocab_size}); got range "
                                f"[{int(input_ids.min())}, {int(input_ids.max())}]")
 
+    def _grad_context(self):
+        """``torch.no_grad()`` while a block runs on the Triton backend, whose kernels have no backward: recording
+        autograd nodes for them (and keeping every projection's activations for a backward that would raise) is
+        pure overhead on the inference path. The reference backend keeps grad mode as the caller set it (the
+        calibration trainers differentiate through it)."""
+        if torch.is_grad_enabled() and any(getattr(b.mixer, "backend", None) == "triton" for b in self.blocks):
+            return torch.no_grad()
+        return contextlib.nullcontext()
+
     # ---- running -------------------------------------------------------------------------------------
     def _logits(self, residual):
         h = self.norm_f(residual, out_dtype=self.compute_dtype)
@@ -85,6 +96,10 @@ class MambaLM(nn.Module):
         """
         if check:
             self.check_token_ids(input_ids)
+        with self._grad_context():
+            return self._prefill(input_ids, state, last_only)
+
+    def _prefill(self, input_ids, state, last_only):
         batch = input_ids.shape[0]
         state = state if state is not None else self.new_state(batch)
         conv_out, ssm_out = torch.empty_like(state.conv_state), torch.empty_like(state.ssm_state)
@@ -105,6 +120,10 @@ class MambaLM(nn.Module):
         """One token per sequence: ``input_ids [B]`` -> logits ``[B, V]``; ``state`` is updated in place."""
         if check:
             self.check_token_ids(input_ids)
+        with self._grad_context():
+            return self._step(input_ids, state)
+
+    def _step(self, input_ids, state):
         h = self.embedding(input_ids).to(self.compute_dtype)
         residual = None
         for block in self.blocks:

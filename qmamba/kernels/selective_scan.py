@@ -6,10 +6,22 @@ Layout is token-major ("channels last"), the layout the projections produce:
 Math (fp32):  delta = softplus(delta + delta_bias);  h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
               y_t = <C_t, h_t> + D * u_t;  y_t *= silu(z_t)
 
-Triton twins (same signatures): :func:`selective_scan_triton` runs one program per (batch, block of channels) and
-walks the sequence in chunks of ``BLOCK_T`` steps; inside a chunk the linear recurrence ``h_t = a_t h_{t-1} + b_t``
-is an associative scan over (a, b) pairs, the fp32 state stays in registers between chunks, and only y and the
-final state are written. :func:`selective_state_update_triton` is the one-token decode step (optionally in place).
+Triton twins (same signatures), two prefill methods behind :func:`selective_scan_triton` (``method=``):
+
+- ``"chunked"`` (:func:`selective_scan_chunked`): each thread owns one channel and its ``N`` fp32 states and walks
+  time sequentially in registers, ``UNROLL`` steps per loop trip, the next trip's inputs loaded while this one
+  computes (no cross-thread traffic except the broadcast B_t / C_t rows); the sum over states for y_t is
+  in-thread. Per element: one exp2 (a MUFU instruction, the bound: B*L*D*N of them) and four FP32 ops. To fill the
+  GPU at small batch the sequence is split into ``S`` segments run in parallel: a first launch writes each
+  segment's summary (its end state from a zero start, and ``sum(dt)``, since the decays of a segment multiply to
+  ``exp(A * sum(dt))``), and the second launch starts each segment from the carry composed of the earlier
+  summaries and writes y (and, in the last segment, the final state).
+- ``"assoc"`` (:func:`selective_scan_assoc`, the first kernel, kept for comparison): one program per (batch,
+  block of channels) walks the sequence in chunks of ``BLOCK_T`` steps; inside a chunk the linear recurrence
+  ``h_t = a_t h_{t-1} + b_t`` is an associative scan over (a, b) pairs, the fp32 state stays in registers between
+  chunks, and only y and the final state are written.
+
+:func:`selective_state_update_triton` is the one-token decode step (optionally in place).
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qmamba.kernels._triton import jit, next_pow2, tl
+from qmamba.kernels._triton import cdiv, jit, next_pow2, tl
 
 
 def selective_scan_ref(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=None, initial_state=None,
@@ -148,10 +160,10 @@ def _check_scan_args(u, delta, A, B_ssm, C_ssm, D_skip, z, delta_bias, initial_s
     return batch, length, dim, n
 
 
-def selective_scan_triton(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=None, initial_state=None,
-                          delta_softplus: bool = True, block_t: int | None = None, block_d: int | None = None,
-                          num_warps: int | None = None):
-    """Triton twin of :func:`selective_scan_ref`: ``(y [B, L, D] in u.dtype, final state [B, D, N] fp32)``."""
+def selective_scan_assoc(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=None, initial_state=None,
+                         delta_softplus: bool = True, block_t: int | None = None, block_d: int | None = None,
+                         num_warps: int | None = None):
+    """The associative-scan method of :func:`selective_scan_triton` (the first kernel, kept for comparison)."""
     batch, length, dim, n = _check_scan_args(u, delta, A, B_ssm, C_ssm, D_skip, z, delta_bias, initial_state)
     y = torch.empty(batch, length, dim, device=u.device, dtype=u.dtype)
     final = torch.empty(batch, dim, n, device=u.device, dtype=torch.float32)
@@ -171,6 +183,255 @@ def selective_scan_triton(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=
         SOFTPLUS=bool(delta_softplus), BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n,
         num_warps=num_warps or (8 if u.is_cuda else 1))
     return y, final
+
+
+# ---- chunked method: a channel per thread, time in registers, segments in parallel ---------------------------------
+@jit
+def _exp2(x, FAST: tl.constexpr):
+    """2^x. ``FAST`` (compiled CUDA only; the interpreter has no inline PTX): the one-instruction MUFU forms
+    (``ex2/lg2/rcp.approx.ftz``) instead of the denormal-safe sequences; results below 2^-126 flush to zero,
+    which for a decay factor, a softplus or a sigmoid changes nothing."""
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@jit
+def _softplus_fast(x, FAST: tl.constexpr):
+    """softplus in base 2: ``log2(1 + 2^(x log2 e)) ln 2`` (two MUFU instructions with ``FAST``)."""
+    if FAST:
+        e = _exp2(tl.minimum(x, 20.0) * 1.4426950408889634, FAST) + 1.0
+        lg = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [e], dtype=tl.float32,
+                                       is_pure=True, pack=1)
+        return tl.where(x > 20.0, x, lg * 0.6931471805599453)
+    else:
+        return _softplus(x)
+
+
+@jit
+def _sigmoid_fast(x, FAST: tl.constexpr):
+    if FAST:
+        e = _exp2(-x * 1.4426950408889634, FAST) + 1.0
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [e], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.sigmoid(x)
+
+
+# sa_n / sh_n are 1 at run time but must not be specialised to the constant 1: the [BLOCK_N, BLOCK_D] state tiles
+# then look non-contiguous to Triton's coalescing pass, which keeps their default layout (channels along the
+# threads, all N states of a channel in one thread) instead of vectorising along N or D and splitting a channel's
+# states over lanes (which cost a shared-memory layout conversion at every step: 10x slower, measured on the H200)
+@jit(do_not_specialize=["sa_n", "sh_n", "su_d", "sdt_d", "sz_d", "sy_d"])
+def _chunked_scan_kernel(
+    u_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, dskip_ptr, dbias_ptr, h0_ptr, y_ptr, hT_ptr, sum_h_ptr, sum_dt_ptr,
+    L, D, N, SEG, NSEG,
+    su_b, su_d, sdt_b, sdt_d, sz_b, sz_d, sb_b, sb_n, sc_b, sc_n, sy_b, sy_d, sa_d, sa_n, sh_d, sh_n,
+    su_l: tl.constexpr, sdt_l: tl.constexpr, sz_l: tl.constexpr, sb_l: tl.constexpr, sc_l: tl.constexpr,
+    sy_l: tl.constexpr, SUMMARY: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_EXP: tl.constexpr, EVEN_N: tl.constexpr,
+    UNROLL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Program (batch, block of channels, segment). ``SUMMARY``: write the segment's summary (end state from zero,
+    ``sum(dt)``) to ``sum_h [B, S, D, N]`` / ``sum_dt [B, S, D]``; else start from the carry (``h0`` composed
+    with the summaries of the earlier segments), write y, and the final state from the last segment.
+
+    State tiles are ``[BLOCK_N, BLOCK_D]``, BLOCK_D = 32 x warps / lanes: with one lane per channel a thread
+    holds the N states of its channel, so the update is element-wise and the sum over states for y is in-thread.
+    u, dt, z come as ``[UNROLL, BLOCK_D]`` tiles (rows in-thread, so picking a row is a register move) loaded
+    one trip ahead; the B_t, C_t rows are loaded per step (the same addresses across the warp, L1/L2 hits).
+    States are ``[.., D, N]`` with strides ``(sh_d, sh_n)``: h0, hT ([B, D, N]) and sum_h ([B, S, D, N]).
+    """
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    dm = d < D
+    nm = n < N
+    nd_mask = nm[:, None] & dm[None, :]
+    state_off = d[None, :] * sh_d + n[:, None] * sh_n                                   # [BLOCK_N, BLOCK_D]
+    # exp(dt * A) = exp2(dt * A * log2(e)); padded states get A = 0, B = C = 0 and stay zero
+    A2 = tl.load(a_ptr + d[None, :] * sa_d + n[:, None] * sa_n, mask=nd_mask, other=0.0).to(tl.float32)
+    A2 = A2 * 1.4426950408889634
+    if HAS_H0 and not SUMMARY:  # a summary starts from zero
+        h = tl.load(h0_ptr + pid_b * D * N + state_off, mask=nd_mask, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    if not SUMMARY:
+        for j in range(0, pid_s):  # carry in: the earlier segments' summaries, in order
+            hj = tl.load(sum_h_ptr + (pid_b * NSEG + j) * D * N + state_off, mask=nd_mask, other=0.0)
+            dtj = tl.load(sum_dt_ptr + (pid_b * NSEG + j) * D + d, mask=dm, other=0.0)
+            h = _exp2(dtj[None, :] * A2, FAST_EXP) * h + hj
+    if HAS_D:
+        dskip = tl.load(dskip_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dbias = tl.load(dbias_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    dt_total = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    t_lo = pid_s * SEG
+    t_hi = tl.minimum(t_lo + SEG, L)
+    rows = tl.arange(0, UNROLL)
+    u_base = u_ptr + pid_b * su_b + d[None, :] * su_d                                    # [1, BLOCK_D]
+    dt_base = dt_ptr + pid_b * sdt_b + d[None, :] * sdt_d
+    z_base = z_ptr + pid_b * sz_b + d[None, :] * sz_d
+    y_base = y_ptr + pid_b * sy_b + d[None, :] * sy_d
+    b_row = b_ptr + pid_b * sb_b
+    c_row = c_ptr + pid_b * sc_b
+    # software pipelining by hand: each trip of UNROLL steps first issues the loads of the next trip (u, dt, z as
+    # [UNROLL, BLOCK_D] tiles carried in registers), then computes its own steps, then stores its y tile. (Loads
+    # cannot move above an earlier store to a pointer that might alias, so without the prefetch every trip would
+    # wait a full memory latency after the previous trip's store.)
+    tm = (t_lo + rows) < t_hi
+    td = tm[:, None] & dm[None, :]
+    dt_nx = tl.load(dt_base + (t_lo + rows)[:, None] * sdt_l, mask=td, other=0.0)
+    u_nx = tl.load(u_base + (t_lo + rows)[:, None] * su_l, mask=td, other=0.0)
+    if HAS_Z and not SUMMARY:
+        z_nx = tl.load(z_base + (t_lo + rows)[:, None] * sz_l, mask=td, other=0.0)
+    for t0 in range(t_lo, t_hi, UNROLL):
+        td_cur = td
+        dt_tile = dt_nx.to(tl.float32)
+        u_tile = u_nx.to(tl.float32)
+        if HAS_Z and not SUMMARY:
+            z_tile = z_nx.to(tl.float32)
+        tt = t0 + UNROLL + rows  # prefetch the next trip
+        td = (tt < t_hi)[:, None] & dm[None, :]
+        dt_nx = tl.load(dt_base + tt[:, None] * sdt_l, mask=td, other=0.0)
+        u_nx = tl.load(u_base + tt[:, None] * su_l, mask=td, other=0.0)
+        if HAS_Z and not SUMMARY:
+            z_nx = tl.load(z_base + tt[:, None] * sz_l, mask=td, other=0.0)
+        if HAS_BIAS:
+            dt_tile += dbias[None, :]
+        if SOFTPLUS:
+            dt_tile = _softplus_fast(dt_tile, FAST_EXP)
+        dt_tile = tl.where(td_cur, dt_tile, 0.0)  # steps past the end: decay 1, input 0
+        dtu_tile = dt_tile * u_tile
+        if SUMMARY:
+            dt_total += tl.sum(dt_tile, axis=0)
+        else:
+            y_tile = tl.zeros((UNROLL, BLOCK_D), dtype=tl.float32)
+        for i in tl.static_range(UNROLL):
+            # row i of a tile: the rows are in-thread, so this is a register pick, not a reduction
+            sel = (rows == i)[:, None]
+            dt = tl.sum(tl.where(sel, dt_tile, 0.0), axis=0)
+            dtu = tl.sum(tl.where(sel, dtu_tile, 0.0), axis=0)
+            tc = tl.minimum(t0 + i, t_hi - 1)  # B, C rows past the end: an in-bounds row (its dt is 0), no mask
+            if EVEN_N:
+                b_t = tl.load(b_row + tc * sb_l + n * sb_n).to(tl.float32)
+            else:
+                b_t = tl.load(b_row + tc * sb_l + n * sb_n, mask=nm, other=0.0).to(tl.float32)
+            h = _exp2(dt[None, :] * A2, FAST_EXP) * h + b_t[:, None] * dtu[None, :]
+            if not SUMMARY:
+                if EVEN_N:
+                    c_t = tl.load(c_row + tc * sc_l + n * sc_n).to(tl.float32)
+                else:
+                    c_t = tl.load(c_row + tc * sc_l + n * sc_n, mask=nm, other=0.0).to(tl.float32)
+                y_tile = tl.where(sel, tl.sum(h * c_t[:, None], axis=0)[None, :], y_tile)
+        if not SUMMARY:
+            if HAS_D:
+                y_tile += u_tile * dskip[None, :]
+            if HAS_Z:
+                y_tile = y_tile * z_tile * _sigmoid_fast(z_tile, FAST_EXP)
+            tl.store(y_base + (t0 + rows)[:, None] * sy_l, y_tile.to(y_ptr.dtype.element_ty), mask=td_cur)
+    if SUMMARY:
+        tl.store(sum_h_ptr + (pid_b * NSEG + pid_s) * D * N + state_off, h, mask=nd_mask)
+        tl.store(sum_dt_ptr + (pid_b * NSEG + pid_s) * D + d, dt_total, mask=dm)
+    elif pid_s == NSEG - 1:
+        tl.store(hT_ptr + pid_b * D * N + state_off, h, mask=nd_mask)
+
+
+def chunked_segments(batch: int, length: int, dim: int, block_d: int, num_warps: int, is_cuda: bool) -> int:
+    """How many time segments the chunked scan runs in parallel: enough warps to fill an H200 (132 SMs x 4
+    schedulers, a few warps each) when batch x channel blocks alone do not, but segments of >= 128 steps (each
+    segment beyond the first costs a summary pass over its inputs) and at most 16 (the carry-in walks the
+    earlier summaries)."""
+    if not is_cuda:
+        return 1 if length <= 16 else 2
+    warps = batch * cdiv(dim, block_d) * num_warps
+    want = cdiv(132 * 4 * 4, warps)
+    return int(max(1, min(want, 16, length // 128)))
+
+
+def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=None, initial_state=None,
+                           delta_softplus: bool = True, n_segments: int | None = None, num_warps: int | None = None,
+                           lanes: int | None = None, unroll: int | None = None, fast_exp: bool | None = None,
+                           bc_fp32: bool | None = None):
+    """The chunked method of :func:`selective_scan_triton`: ``(y [B, L, D] in u.dtype, final state fp32)``.
+
+    ``n_segments`` (time segments run in parallel; default :func:`chunked_segments`), ``num_warps``, ``lanes``
+    (threads per channel, splitting its N states; channels per program = 32 x warps / lanes), ``unroll`` (steps
+    per loop trip), ``fast_exp`` (one-instruction exp2; CUDA only) and ``bc_fp32`` (B and C converted to one fp32
+    [B, L, 2N] tensor first, so the hot loop, where every thread reads the whole B_t and C_t rows, loads them
+    without a conversion each; default on CUDA for 16-bit inputs) are tuning knobs; every setting computes the
+    same function.
+    """
+    batch, length, dim, n = _check_scan_args(u, delta, A, B_ssm, C_ssm, D_skip, z, delta_bias, initial_state)
+    y = torch.empty(batch, length, dim, device=u.device, dtype=u.dtype)
+    final = torch.empty(batch, dim, n, device=u.device, dtype=torch.float32)
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    num_warps = num_warps or 1
+    lanes = min(lanes or 1, next_pow2(n))
+    block_d = 32 * num_warps // lanes if u.is_cuda else min(next_pow2(dim), 16)
+    unroll = unroll or 4  # 8 needs 255 registers and spills (sm_90, ptxas of Triton 3.9), 4 needs 174
+    fast_exp = u.is_cuda if fast_exp is None else bool(fast_exp and u.is_cuda)
+    if u.is_cuda if bc_fp32 is None else bc_fp32:
+        B_ssm, C_ssm = _bc_fp32(B_ssm, C_ssm)
+    segs = n_segments or chunked_segments(batch, length, dim, block_d, num_warps, u.is_cuda)
+    seg = cdiv(cdiv(max(length, 1), segs), unroll) * unroll
+    segs = max(1, cdiv(length, seg))
+    sum_h = final if segs == 1 else torch.empty(batch, segs, dim, n, device=u.device, dtype=torch.float32)
+    sum_dt = final if segs == 1 else torch.empty(batch, segs, dim, device=u.device, dtype=torch.float32)
+    common = dict(HAS_Z=z is not None, HAS_D=D_skip is not None, HAS_BIAS=delta_bias is not None,
+                  HAS_H0=h0 is not None, SOFTPLUS=bool(delta_softplus), FAST_EXP=fast_exp, UNROLL=unroll,
+                  BLOCK_D=block_d, BLOCK_N=next_pow2(n), EVEN_N=next_pow2(n) == n, num_warps=num_warps)
+    zs = z.stride() if z is not None else (0, 0, 0)
+    args = (u, delta, z if z is not None else u, B_ssm, C_ssm, A, D_skip if D_skip is not None else u,
+            delta_bias if delta_bias is not None else u, h0 if h0 is not None else final, y, final, sum_h, sum_dt,
+            length, dim, n, seg, segs, u.stride(0), u.stride(2), delta.stride(0), delta.stride(2), zs[0], zs[2],
+            B_ssm.stride(0), B_ssm.stride(2), C_ssm.stride(0), C_ssm.stride(2), y.stride(0), y.stride(2),
+            *A.stride(), n, 1)
+    # the time strides are compile-time constants (one compile per model layout): the unrolled steps' addresses
+    # are then immediate offsets from one pointer per input
+    common.update(su_l=u.stride(1), sdt_l=delta.stride(1), sz_l=zs[1], sb_l=B_ssm.stride(1),
+                  sc_l=C_ssm.stride(1), sy_l=y.stride(1))
+    if segs > 1:  # summaries of all segments but the last (whose summary nobody reads)
+        _chunked_scan_kernel[(batch, cdiv(dim, block_d), segs - 1)](*args, SUMMARY=True, **common)
+    _chunked_scan_kernel[(batch, cdiv(dim, block_d), segs)](*args, SUMMARY=False, **common)
+    return y, final
+
+
+def _bc_fp32(B_ssm, C_ssm):
+    """B and C as the two halves of one fp32 ``[B, L, 2N]`` tensor (one copy kernel when they are adjacent
+    slices of one tensor, as x_proj's output gives them)."""
+    b, length, n = B_ssm.shape
+    if B_ssm.dtype == torch.float32 and C_ssm.dtype == torch.float32:
+        return B_ssm, C_ssm
+    if (B_ssm.stride() == C_ssm.stride() and B_ssm.stride(2) == 1 and B_ssm.dtype == C_ssm.dtype
+            and C_ssm.data_ptr() == B_ssm.data_ptr() + n * B_ssm.element_size()):
+        bc = torch.as_strided(B_ssm, (b, length, 2 * n), (B_ssm.stride(0), B_ssm.stride(1), 1)).float()
+    else:
+        bc = torch.cat([B_ssm, C_ssm], dim=-1).float()
+    return bc[..., :n], bc[..., n:]
+
+
+METHODS = {"chunked": selective_scan_chunked, "assoc": selective_scan_assoc}
+# "assoc" stays the default until the chunked kernel's final form is measured on the GPU (benchmarks/bench_scan.py);
+# its first forms were 1.5x faster than assoc at B=1, L >= 2048 but slower at B=1, L=512 and at B=8
+DEFAULT_METHOD = "assoc"
+
+
+def selective_scan_triton(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=None, initial_state=None,
+                          delta_softplus: bool = True, method: str = DEFAULT_METHOD, **tuning):
+    """Triton twin of :func:`selective_scan_ref`: ``(y [B, L, D] in u.dtype, final state [B, D, N] fp32)``.
+
+    ``method``: ``"assoc"`` (default, :data:`DEFAULT_METHOD`) or ``"chunked"`` (see the module docstring);
+    ``tuning`` goes to that method's launcher.
+    """
+    if method not in METHODS:
+        raise ValueError(f"selective scan: unknown method {method!r}; choose from {sorted(METHODS)}")
+    return METHODS[method](u, delta, A, B_ssm, C_ssm, D_skip, z, delta_bias, initial_state, delta_softplus,
+                           **tuning)
 
 
 @jit

@@ -96,6 +96,21 @@ def test_triton_backend_model_matches_reference(device):
     torch.testing.assert_close(model.step(tok, state), ref_model.step(tok, ref_state), atol=1e-3, rtol=1e-3)
 
 
+def test_triton_backend_records_no_autograd(device):
+    """The Triton kernels have no backward: on that backend prefill and step record no autograd graph, even in
+    grad mode with trainable weights; the reference backend keeps grad mode (calibration trains through it)."""
+    model = build("tiny-blackmamba", FORMATS["float"], device)
+    assert torch.is_grad_enabled() and all(p.requires_grad for p in model.parameters())
+    ids = torch.randint(0, model.config.vocab_size, (1, 5), device=device)
+    assert model.prefill(ids)[0].requires_grad
+    model.set_backend("triton")
+    logits, state = model.prefill(ids)
+    assert not logits.requires_grad and logits.grad_fn is None
+    assert not state.ssm_state.requires_grad and not state.conv_state.requires_grad
+    assert not model.step(ids[:, 0], state).requires_grad
+    assert torch.is_grad_enabled()
+
+
 @pytest.mark.parametrize("fused", [True, False])
 @torch.no_grad()
 def test_graph_replay_equals_eager(fused, device):

@@ -7,8 +7,8 @@ import torch
 
 from qmamba.kernels.causal_conv1d import (causal_conv1d_ref, causal_conv1d_triton, causal_conv1d_update_ref,
                                           causal_conv1d_update_triton)
-from qmamba.kernels.selective_scan import (selective_scan_ref, selective_scan_triton, selective_state_update_ref,
-                                           selective_state_update_triton)
+from qmamba.kernels.selective_scan import (_bc_fp32, selective_scan_ref, selective_scan_triton,
+                                           selective_state_update_ref, selective_state_update_triton)
 
 REAL = os.environ.get("QMAMBA_TEST_DEVICE") == "cuda"
 # (B, L, D, N): small odd shapes on CPU; BlackMamba-2.8B's d_inner on the GPU
@@ -33,34 +33,65 @@ def assert_scan_close(got, ref, dtype):
     torch.testing.assert_close(got[1], ref[1], atol=2e-4 if dtype == torch.float32 else 2e-2, rtol=1e-3)
 
 
+@pytest.mark.parametrize("method", ["chunked", "assoc"])
 @pytest.mark.parametrize("shape", SCAN_SHAPES)
 @pytest.mark.parametrize("with_state", [False, True])
-def test_scan_matches_reference(shape, with_state, device):
+def test_scan_matches_reference(method, shape, with_state, device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     p = scan_inputs(*shape, device, dtype)
     if with_state:
         p["initial_state"] = torch.randn(shape[0], shape[2], shape[3], device=device)
-    got = selective_scan_triton(**p)
+    got = selective_scan_triton(**p, method=method)
     assert got[1].dtype == torch.float32 and got[0].dtype == dtype
     assert_scan_close(got, selective_scan_ref(**p), dtype)
 
 
-def test_scan_optional_inputs_and_fp16(device):
+# the chunked method's knobs: L = 37 is ragged for every unroll and segment length; 3 segments of 16, 16 and 5
+# steps (unroll 4 or 8) exercise the summary pass and the carry-in over two earlier summaries
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,with_state", [(1, False), (2, True)])
+@pytest.mark.parametrize("n_segments,unroll,bc_fp32", [(1, 4, False), (3, 8, True), (3, 4, False)])
+def test_chunked_scan_knobs(dtype, batch, with_state, n_segments, unroll, bc_fp32, device):
+    p = scan_inputs(batch, 37, 20, 5, device, dtype, seed=4)
+    if with_state:
+        p["initial_state"] = torch.randn(batch, 20, 5, device=device)
+    got = selective_scan_triton(**p, method="chunked", n_segments=n_segments, unroll=unroll, bc_fp32=bc_fp32)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    assert_scan_close(got, selective_scan_ref(**p), dtype)
+
+
+@pytest.mark.parametrize("adjacent", [True, False])
+def test_bc_fp32_copies_b_and_c(adjacent, device):
+    p = scan_inputs(2, 7, 4, 5, device, torch.bfloat16)
+    B_ssm, C_ssm = p["B_ssm"], p["C_ssm"] if adjacent else p["C_ssm"].clone()
+    b32, c32 = _bc_fp32(B_ssm, C_ssm)
+    assert b32.dtype == c32.dtype == torch.float32 and b32.stride() == c32.stride() == (7 * 10, 10, 1)
+    assert torch.equal(b32, B_ssm.float()) and torch.equal(c32, C_ssm.float())
+
+
+def test_scan_rejects_unknown_method(device):
+    with pytest.raises(ValueError, match="unknown method"):
+        selective_scan_triton(**scan_inputs(1, 2, 3, 2, device, torch.float32), method="parallel")
+
+
+@pytest.mark.parametrize("method", ["chunked", "assoc"])
+def test_scan_optional_inputs_and_fp16(method, device):
     p = scan_inputs(2, 9, 12, 4, device, torch.float16, seed=3)
     for drop in ("z", "D_skip", "delta_bias"):
         q = dict(p, **{drop: None})
-        assert_scan_close(selective_scan_triton(**q, delta_softplus=False),
+        assert_scan_close(selective_scan_triton(**q, delta_softplus=False, method=method),
                           selective_scan_ref(**q, delta_softplus=False), torch.float16)
 
 
-def test_scan_chunks_carry_state(device):
+@pytest.mark.parametrize("method", ["chunked", "assoc"])
+def test_scan_chunks_carry_state(method, device):
     """Two calls with the state carried equal one call (exercises the initial-state input)."""
     p = scan_inputs(1, 21, 10, 6, device, torch.float32, seed=1)
-    y, h = selective_scan_triton(**p)
+    y, h = selective_scan_triton(**p, method=method)
     first = {k: (v[:, :8] if k in ("u", "delta", "B_ssm", "C_ssm", "z") else v) for k, v in p.items()}
     rest = {k: (v[:, 8:] if k in ("u", "delta", "B_ssm", "C_ssm", "z") else v) for k, v in p.items()}
-    y1, h1 = selective_scan_triton(**first)
-    y2, h2 = selective_scan_triton(**rest, initial_state=h1)
+    y1, h1 = selective_scan_triton(**first, method=method)
+    y2, h2 = selective_scan_triton(**rest, initial_state=h1, method=method)
     torch.testing.assert_close(torch.cat([y1, y2], 1), y, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(h2, h, atol=1e-4, rtol=1e-4)
 
