@@ -33,6 +33,25 @@ def matmul_epilogue(acc, out_ptr, s_ptr, bias_ptr, rscale_ptr, rows, row_ok, n, 
 
 
 @jit
+def plane_tile(w_base, s_ptr, z_ptr, e64, n, n_ok, k0, swn, sse, ssn, sze, szn, GROUP: tl.constexpr):
+    """One 128-element K tile of int4 plane words for weight rows ``n`` (``w_base``: the expert's words):
+    ``(words [BN, 16] int32, zero point [BN, 1] int32, scale [BN] fp32)``; the group (a multiple of the tile)
+    holds the whole tile. Shared by the general matmul kernels."""
+    words = tl.load(w_base + n[:, None] * swn + (k0 // 8 + tl.arange(0, 16))[None, :], mask=n_ok[:, None], other=0)
+    blk = k0 // GROUP
+    zb = tl.load(z_ptr + e64 * sze + n * szn + blk // 2, mask=n_ok, other=0).to(tl.int32)
+    zero = ((zb >> ((blk % 2) * 4)) & 0xF)[:, None]
+    scale = tl.load(s_ptr + e64 * sse + n * ssn + blk, mask=n_ok, other=0.0).to(tl.float32)
+    return words, zero, scale
+
+
+@jit
+def plane_codes(words, zero, i: tl.constexpr):
+    """``code - zero`` (int32) of nibble position ``i`` of a plane tile: the 16 consecutive k = k0 + 16 i + w."""
+    return ((words >> (4 * i)) & 0xF) - zero
+
+
+@jit
 def _dequant_gemm_kernel(
     x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rscale_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, sorted_ptr,
     M, N, K, K_PAD, GRID_M, GRID_N, sxm, sxk, som, son, swe, swn, sse, ssn, sze, szn,
@@ -83,18 +102,13 @@ def _dequant_gemm_kernel(
             # so each nibble position meets 16 contiguous inputs: 8 dots of K = 16, no shuffle of codes or inputs.
             # The group (a multiple of 128) holds the whole tile: exact codes minus the zero point go through the
             # dots and the group scale multiplies their sum.
-            wi = tl.arange(0, 16)
-            words = tl.load(w_base + n[:, None] * swn + (k0 // 8 + wi)[None, :], mask=n_ok[:, None], other=0)
-            blk = k0 // GROUP
-            zb = tl.load(z_ptr + e64 * sze + n * szn + blk // 2, mask=n_ok, other=0).to(tl.int32)
-            zero = ((zb >> ((blk % 2) * 4)) & 0xF)[:, None]
-            scale = tl.load(s_ptr + e64 * sse + n * ssn + blk, mask=n_ok, other=0.0).to(tl.float32)
+            words, zero, scale = plane_tile(w_base, s_ptr, z_ptr, e64, n, n_ok, k0, swn, sse, ssn, sze, szn, GROUP)
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for i in tl.static_range(8):
-                ki = k0 + 16 * i + wi
+                ki = k0 + 16 * i + tl.arange(0, 16)
                 xi = tl.load(x_ptr + rows[:, None] * sxm + ki[None, :] * sxk,
                              mask=row_ok[:, None] & (ki < K)[None, :], other=0.0)
-                qi = ((words >> (4 * i)) & 0xF) - zero
+                qi = plane_codes(words, zero, i)
                 if IEEE:
                     part += tl.dot(xi.to(tl.float32), tl.trans(qi.to(tl.float32)), input_precision="ieee")
                 else:

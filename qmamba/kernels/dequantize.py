@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from qmamba.kernels._triton import cdiv, jit, tl
+from qmamba.kernels.dequant_gemm import plane_codes, plane_tile
 from qmamba.kernels.weights import FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT8, PackedWeight
 from qmamba.quant.layout import INT4_TILE
 
@@ -27,15 +28,10 @@ def _dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, ROWS, K, K_PAD, swn, ssn, s
     mask = r_ok[:, None] & (k < K)[None, :]
     r64 = r.to(tl.int64)
     if FMT == 3:  # plane words: nibble i of the tile's word w holds k0 + 16 i + w (one group per tile)
-        wi = tl.arange(0, 16)
-        words = tl.load(w_ptr + r64[:, None] * swn + (k0 // 8 + wi)[None, :], mask=r_ok[:, None], other=0)
-        blk = k0 // GROUP
-        zb = tl.load(z_ptr + r64 * szn + blk // 2, mask=r_ok, other=0).to(tl.int32)
-        zero = ((zb >> ((blk % 2) * 4)) & 0xF)[:, None]
-        scale = tl.load(s_ptr + r64 * ssn + blk, mask=r_ok, other=0.0).to(tl.float32)[:, None]
+        words, zero, scale = plane_tile(w_ptr, s_ptr, z_ptr, 0, r64, r_ok, k0, swn, 0, ssn, 0, szn, GROUP)
         for i in tl.static_range(8):
-            ki = k0 + 16 * i + wi
-            wv = (((words >> (4 * i)) & 0xF) - zero).to(tl.float32) * scale
+            ki = k0 + 16 * i + tl.arange(0, 16)
+            wv = plane_codes(words, zero, i).to(tl.float32) * scale[:, None]
             tl.store(out_ptr + r64[:, None] * son + ki[None, :], wv.to(out_ptr.dtype.element_ty),
                      mask=r_ok[:, None] & (ki < K)[None, :])
     else:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from qmamba.kernels._triton import cdiv, jit, split_k_range, tl
-from qmamba.kernels.dequant_gemm import dequant_gemm, matmul_epilogue
+from qmamba.kernels.dequant_gemm import dequant_gemm, matmul_epilogue, plane_codes, plane_tile
 from qmamba.kernels.dequantize import dense_linear, dequantize_stack
 from qmamba.kernels.int4_gemv import int4_gemv
 from qmamba.kernels.matmul_configs import (DEFAULT_POLICY, DEQUANT_GEMM_MIN_M, GEMV_MAX_M, MatmulConfig, MatmulPolicy,
@@ -95,18 +95,13 @@ def _dequant_matmul_kernel(
         if FMT == 3:
             # int4 plane words (BLOCK_K = 128, one group per tile): nibble i of word w holds k = k0 + 16 i + w, so
             # each nibble position meets 16 contiguous inputs; exact codes minus the zero point, group scale after
-            wi = tl.arange(0, 16)
-            words = tl.load(w_base + n[:, None] * swn + (k0 // 8 + wi)[None, :], mask=n_ok[:, None], other=0)
-            blk = k0 // GROUP
-            zb = tl.load(z_ptr + e64 * sze + n * szn + blk // 2, mask=n_ok, other=0).to(tl.int32)
-            zero = ((zb >> ((blk % 2) * 4)) & 0xF)[:, None]
-            scale = tl.load(s_ptr + e64 * sse + n * ssn + blk, mask=n_ok, other=0.0).to(tl.float32)
+            words, zero, scale = plane_tile(w_base, s_ptr, z_ptr, e64, n, n_ok, k0, swn, sse, ssn, sze, szn, GROUP)
             part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for i in tl.static_range(8):
-                ki = k0 + 16 * i + wi
+                ki = k0 + 16 * i + tl.arange(0, 16)
                 xi = tl.load(x_ptr + rows[:, None] * sxm + ki[None, :] * sxk,
                              mask=row_ok[:, None] & (ki < K)[None, :], other=0.0)
-                qi = ((words >> (4 * i)) & 0xF) - zero
+                qi = plane_codes(words, zero, i)
                 if USE_DOT:
                     if IEEE:
                         part += tl.dot(qi.to(tl.float32), tl.trans(xi.to(tl.float32)), input_precision="ieee")
