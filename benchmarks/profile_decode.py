@@ -24,11 +24,10 @@ from qmamba.config import preset
 from qmamba.cuda_graph import GraphDecoder
 from qmamba.fused_step import FusedDecodeStep
 from qmamba.kernels.decode_linear import DecodePolicy
-from qmamba.testing import quantize_rtn, random_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import policy_variant, time_graph  # noqa: E402
-from bench_e2e import FORMATS  # noqa: E402
+from bench_e2e import FORMATS, build  # noqa: E402
 
 
 @torch.no_grad()
@@ -41,11 +40,7 @@ def main():
     ap.add_argument("--variant", default="default", help="a policy variant of bench_decode.py's --variants")
     ap.add_argument("--out")
     args = ap.parse_args()
-    model = random_model(preset(args.preset), "cuda", torch.bfloat16)
-    fmt, sensitive = FORMATS[args.format]
-    if fmt is not None:
-        quantize_rtn(model, fmt, head=True, sensitive_fmt=sensitive)
-    model.set_backend("triton")
+    model = build(preset(args.preset), args.format)
     policy = policy_variant(DecodePolicy.for_device(torch.device("cuda")), args.variant)
     step = FusedDecodeStep(model, policy)
     state = model.new_state(args.batch)

@@ -21,10 +21,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from qmamba.config import preset
 from qmamba.quant.modules import use_plane_words
-from qmamba.testing import quantize_rtn, random_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_e2e import FORMATS  # noqa: E402
+from bench_e2e import FORMATS, build  # noqa: E402
 
 
 @torch.no_grad()
@@ -37,12 +36,8 @@ def main():
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--out")
     args = ap.parse_args()
-    model = random_model(preset(args.preset), "cuda", torch.bfloat16)
-    fmt, sensitive = FORMATS[args.format]
-    if fmt is not None:
-        quantize_rtn(model, fmt, head=True, sensitive_fmt=sensitive)
-        use_plane_words(model)
-    model.set_backend("triton")
+    model = build(preset(args.preset), args.format)
+    use_plane_words(model)  # as load_model holds int4 on CUDA
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt_len), device="cuda")
     for _ in range(2):  # compile and warm up
         model.prefill(ids, check=False, last_only=True)
@@ -58,7 +53,7 @@ def main():
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             per[ev.name][0] += 1
-            per[ev.name][1] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            per[ev.name][1] += ev.device_time if hasattr(ev, "device_time") else ev.cuda_time
     total = sum(us for _, us in per.values())
     print(f"{args.format}: prefill {args.batch} x {args.prompt_len} wall {wall_us:.0f} us, kernel time {total:.0f} us "
           f"({args.batch * args.prompt_len / wall_us * 1e6:,.0f} tok/s)")

@@ -51,6 +51,24 @@ def dequant_matmul_ref(x, weight: PackedWeight, bias=None, row_expert=None, row_
 
 # ---- kernel --------------------------------------------------------------------------------------------------------
 @jit
+def _tile_times_rows(w, x, rm, USE_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``[BN, BLOCK_M]`` fp32: a weight tile ``w [BN, BK]`` (dequantized, or exact codes) times the input rows
+    ``x [BLOCK_M, BK]``: on tensor cores (the weight rounded to the input's type; fp32 inputs exactly), or for a
+    single row a broadcast-multiply-reduce per row."""
+    if USE_DOT:
+        if IEEE:
+            part = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
+        else:
+            part = tl.dot(w.to(x.dtype), tl.trans(x))
+    else:
+        part = tl.zeros((w.shape[0], BLOCK_M), dtype=tl.float32)
+        for r in tl.static_range(BLOCK_M):
+            x_r = tl.sum(tl.where(rm[:, None] == r, x.to(tl.float32), 0.0), axis=0)
+            part += tl.where(rm[None, :] == r, tl.sum(w.to(tl.float32) * x_r[None, :], axis=1)[:, None], 0.0)
+    return part
+
+
+@jit
 def _dequant_matmul_kernel(
     x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rscale_ptr, rexp_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr,
     sorted_ptr, M, N, K, K_PAD, sxm, sxk, som, son, swe, swn, sse, ssn, sze, szn,
@@ -101,17 +119,7 @@ def _dequant_matmul_kernel(
                 ki = k0 + 16 * i + tl.arange(0, 16)
                 xi = tl.load(x_ptr + rows[:, None] * sxm + ki[None, :] * sxk,
                              mask=row_ok[:, None] & (ki < K)[None, :], other=0.0)
-                qi = plane_codes(words, zero, i)
-                if USE_DOT:
-                    if IEEE:
-                        part += tl.dot(qi.to(tl.float32), tl.trans(xi.to(tl.float32)), input_precision="ieee")
-                    else:
-                        part += tl.dot(qi.to(x_ptr.dtype.element_ty), tl.trans(xi))
-                else:
-                    for r in tl.static_range(BLOCK_M):
-                        x_r = tl.sum(tl.where(rm[:, None] == r, xi.to(tl.float32), 0.0), axis=0)
-                        pr = tl.sum(qi.to(tl.float32) * x_r[None, :], axis=1)
-                        part += tl.where(rm[None, :] == r, pr[:, None], 0.0)
+                part += _tile_times_rows(plane_codes(words, zero, i), xi, rm, USE_DOT, IEEE, BLOCK_M)
             acc += part * scale[:, None]
         elif FMT == 2:
             # int4: low nibbles hold even k, high nibbles odd k; no interleaving, two half-width products
@@ -163,16 +171,7 @@ def _dequant_matmul_kernel(
             x = tl.load(x_ptr + rows[:, None] * sxm + k[None, :] * sxk, mask=row_ok[:, None] & (k < K)[None, :],
                         other=0.0)
             w = tl.load(w_base + n[:, None] * swn + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
-            if USE_DOT:
-                if IEEE:
-                    acc += tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
-                else:
-                    acc += tl.dot(w.to(x_ptr.dtype.element_ty), tl.trans(x))
-            else:
-                for r in tl.static_range(BLOCK_M):
-                    x_r = tl.sum(tl.where(rm[:, None] == r, x.to(tl.float32), 0.0), axis=0)
-                    pr = tl.sum(w.to(tl.float32) * x_r[None, :], axis=1)
-                    acc += tl.where(rm[None, :] == r, pr[:, None], 0.0)
+            acc += _tile_times_rows(w, x, rm, USE_DOT, IEEE, BLOCK_M)
     acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     # -- epilogue
     matmul_epilogue(acc, out_ptr, s_ptr, bias_ptr, rscale_ptr, rows, row_ok, n, n_ok, e64, pid_k, som, son, sse, ssn,
