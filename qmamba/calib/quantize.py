@@ -75,7 +75,8 @@ class QuantizeOptions:
     runs, one block at a time. ``calibration``: the walk's own settings. ``distill``: a
     :class:`qmamba.calib.distill.DistillOptions` to distill the 1-bit modules against the float model after PTB.
     ``report``: the router-agreement report of MoE models (``None``: when data is used) on at most
-    ``report_tokens`` tokens.
+    ``report_tokens`` tokens. ``calibration.refit_routers`` (MoE models): refit the float routers to the float
+    model's router logits during the walk (:mod:`qmamba.calib.route_fit`; uses the calibration data, size unchanged).
 
     ``group_size`` / ``method`` ``None``: the defaults (128 for int4; GPTQ, PTB for 1-bit). Options that do not
     apply (a method with ``bits=1``, a group size with ``bits=8``, ``symmetric`` outside int4, ``act_order``
@@ -151,7 +152,9 @@ def quantize_checkpoint(src, out, options: QuantizeOptions | None = None, *, log
     if opts.act_order and not any(e.method == "gptq" for e in plan.values()):
         raise UserError("--act-order applies to GPTQ only, and no module is quantized with GPTQ")
     calib, seq_len = options.calib, options.seq_len
-    calibrates = distill is not None or plan_needs_data(plan) or calib is not None
+    if opts.refit_routers and not cfg.moe_layer_ids:
+        raise UserError("--refit-routers applies to MoE models; this one has no MoE layer")
+    calibrates = distill is not None or plan_needs_data(plan) or calib is not None or opts.refit_routers
     want_report = bool(cfg.moe_layer_ids) and (options.report if options.report is not None else calibrates)
     try:
         tok = resolve_tokenizer(directory, options.tokenizer, cfg.vocab_size)
@@ -189,7 +192,12 @@ def quantize_checkpoint(src, out, options: QuantizeOptions | None = None, *, log
         fp_routes = record_routing_blockwise(model, report_ids, device, opts.batch_size, opts.progress,
                                              "report: float routing")
     teacher = copy.deepcopy(model) if distill is not None else None  # the float model, before any fold
-    results = calibrate(model, data.ids if data is not None else None, plan, opts, device=device)
+    router_fits: dict = {}
+    results = calibrate(model, data.ids if data is not None else None, plan, opts, device=device,
+                        router_fits=router_fits)
+    if router_fits:
+        log("router refit (top-1 agreement with the float router on the calibration tokens, before -> after): "
+            + ", ".join(f"L{i}: {100 * f['before']:.1f}% -> {100 * f['after']:.1f}%" for i, f in router_fits.items()))
     swap_quantized_modules(model, {name: r.fmt for name, r in results.items()},
                            {name: r.packed for name, r in results.items()})
     distill_report = None
@@ -237,7 +245,8 @@ def quantize_checkpoint(src, out, options: QuantizeOptions | None = None, *, log
             "device": str(device), "peak_gpu_bytes": peak_gpu,
             "tokenizer": {"origin": tok.origin, "file": str(tok.path)} if tok is not None else None,
             "versions": versions(), "seconds": round(seconds, 2),
-            "summary": rows, "router_agreement": router, "distillation": distill_report}
+            "summary": rows, "router_agreement": router, "distillation": distill_report,
+            "router_refit": {str(i): f for i, f in router_fits.items()} or None}
     save_checkpoint(out_sd, cfg, out, source=source_record(directory, manifest), quantization=entries,
                     extra={"quantization_info": info}, tokenizer_file=tok.path if tok is not None else None,
                     overwrite=options.overwrite)

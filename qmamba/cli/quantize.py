@@ -37,6 +37,10 @@ DISTILL_OPTIONS = ("distill_steps", "distill_time", "distill_lr", "distill_batch
 @click.option("--quantize-xdt", is_flag=True, help="Also quantize x_proj and dt_proj.")
 @click.option("--min-expert-tokens", type=click.IntRange(min=0), default=64, show_default=True,
               help="Experts with fewer routed tokens use statistics from all tokens (logged fallback).")
+@click.option("--refit-routers", is_flag=True,
+              help="MoE: refit each (float) router to the float model's router logits on the quantized model's "
+                   "inputs during calibration (keeps top-1 routing; same size; uses calibration data, also with "
+                   "RTN). See docs/routing.md.")
 @click.option("--report/--no-report", default=None,
               help="Router top-1 agreement of the quantized model with the float one (MoE models) on a few "
                    "calibration tokens [default: when calibration data is used].")
@@ -70,7 +74,7 @@ DISTILL_OPTIONS = ("distill_steps", "distill_time", "distill_lr", "distill_batch
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the run record (as stored in the manifest) as JSON to this file.")
 def quantize(src, out, bits, group_size, method, symmetric, act_order, calib, nsamples, seq_len, recipe,
-             quantize_head, quantize_xdt, min_expert_tokens, report, report_tokens, tokenizer, device, seed,
+             quantize_head, quantize_xdt, min_expert_tokens, refit_routers, report, report_tokens, tokenizer, device, seed,
              overwrite, no_progress,
              distill, distill_steps, distill_time, distill_lr, distill_batch, ste, distill_norms, distill_float,
              distill_checkpoint, json_out):
@@ -82,7 +86,8 @@ def quantize(src, out, bits, group_size, method, symmetric, act_order, calib, ns
 
     if json_out:
         check_output_file(json_out)
-    opts = CalibOptions(act_order=act_order, min_expert_tokens=min_expert_tokens, progress=not no_progress)
+    opts = CalibOptions(act_order=act_order, min_expert_tokens=min_expert_tokens, refit_routers=refit_routers,
+                        progress=not no_progress)
     distill_opts = None
     if distill:
         from qmamba.calib.distill import DistillOptions
