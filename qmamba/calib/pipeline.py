@@ -211,6 +211,35 @@ def record_routing_blockwise(model: nn.Module, ids: torch.Tensor, device=None, b
     return {i: torch.cat(v) for i, v in routes.items()}
 
 
+@torch.no_grad()
+def float_router_logits(model: nn.Module, ids: torch.Tensor, device=None, batch_size: int = 8,
+                        progress: bool = False) -> dict[int, torch.Tensor]:
+    """Router logits ``{MoE layer: [N * L, E] float32 (CPU)}`` of the (float) ``model`` on ``ids [N, L]``, walking
+    one block at a time on ``device`` in float32 like the calibration walk (the model stays where it is)."""
+    dev = torch.device(device) if device is not None else ids.device
+    home = model.embedding.weight.device
+    last_moe = max(model.config.moe_layer_ids, default=-1)
+    chunks = list(ids.split(batch_size))
+    residual = [torch.zeros(*c.shape, model.config.d_model, device=dev) for c in chunks]
+    h = [model.embedding(c.to(home)).float().to(dev) for c in chunks]
+    logits: dict[int, list] = {}
+    for block in tqdm(model.blocks[: last_moe + 1], desc="router refit: float logits", unit="block",
+                      disable=not progress, dynamic_ncols=True):
+        block_home = module_device(block.module)
+        dtypes = move_module(block.module, dev, torch.float32)
+        residual = [r + hh for r, hh in zip(residual, h)]
+        h = []
+        for r in residual:
+            x = block.norm(r, out_dtype=torch.float32)
+            if block.is_mamba:
+                h.append(block.mixer(x)[0])
+            else:
+                logits.setdefault(block.index, []).append(block.mixer.router(x.reshape(-1, x.shape[-1])).float().cpu())
+                h.append(block.mixer(x))
+        move_module(block.module, block_home, dtypes=dtypes)
+    return {i: torch.cat(v) for i, v in logits.items()}
+
+
 # ---- the walk ----------------------------------------------------------------------------------------------
 class Calibrator:
     """Runs the walk over ``model`` (modified in place: weights become their dequantized values). ``device``: where
@@ -542,8 +571,6 @@ def calibrate(model: nn.Module, ids: torch.Tensor | None, plan: dict[str, PlanEn
         raise ValueError("router refit needs calibration ids")
     targets = None
     if opts.refit_routers and model.config.moe_layer_ids:
-        from qmamba.calib.route_fit import float_router_logits
-
         dev = device if device is not None else ids.device
         targets = float_router_logits(model, ids, dev, opts.batch_size, opts.progress)
     calibrator = Calibrator(model, plan, opts, device, targets)

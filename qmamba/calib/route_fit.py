@@ -11,7 +11,7 @@ the same calibration tokens::
 
 (closed form; the ridge pulls toward the float router, so a layer whose inputs did not drift keeps its router).
 The experts of the block are then calibrated on the refitted routing, as inference will route. Targets come from
-one float walk over the calibration ids before quantization (:func:`float_router_logits`: ``[tokens, E]`` per MoE
+one float walk over the calibration ids before quantization (:func:`qmamba.calib.pipeline.float_router_logits`: ``[tokens, E]`` per MoE
 layer, a few MiB).
 """
 
@@ -19,40 +19,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 DEFAULT_RIDGE = 1e-3
-
-
-@torch.no_grad()
-def float_router_logits(model: nn.Module, ids: torch.Tensor, device=None, batch_size: int = 8,
-                        progress: bool = False) -> dict[int, torch.Tensor]:
-    """Router logits ``{MoE layer: [N * L, E] float32 (CPU)}`` of the (float) ``model`` on ``ids [N, L]``, walking
-    one block at a time on ``device`` in float32 like the calibration walk (the model stays where it is)."""
-    from qmamba.calib.pipeline import module_device, move_module
-
-    dev = torch.device(device) if device is not None else ids.device
-    home = model.embedding.weight.device
-    last_moe = max(model.config.moe_layer_ids, default=-1)
-    chunks = list(ids.split(batch_size))
-    residual = [torch.zeros(*c.shape, model.config.d_model, device=dev) for c in chunks]
-    h = [model.embedding(c.to(home)).float().to(dev) for c in chunks]
-    logits: dict[int, list] = {}
-    for block in tqdm(model.blocks[: last_moe + 1], desc="router refit: float logits", unit="block",
-                      disable=not progress, dynamic_ncols=True):
-        block_home = module_device(block.module)
-        dtypes = move_module(block.module, dev, torch.float32)
-        residual = [r + hh for r, hh in zip(residual, h)]
-        h = []
-        for r in residual:
-            x = block.norm(r, out_dtype=torch.float32)
-            if block.is_mamba:
-                h.append(block.mixer(x)[0])
-            else:
-                logits.setdefault(block.index, []).append(block.mixer.router(x.reshape(-1, x.shape[-1])).float().cpu())
-                h.append(block.mixer(x))
-        move_module(block.module, block_home, dtypes=dtypes)
-    return {i: torch.cat(v) for i, v in logits.items()}
 
 
 @torch.no_grad()
