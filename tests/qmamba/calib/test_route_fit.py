@@ -4,6 +4,7 @@ the routing agreement of the same quantization without it on held-out tokens, an
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from qmamba.calib.pipeline import CalibOptions, calibrate, float_router_logits
 from qmamba.calib.quantize import QuantizeOptions, quantize_checkpoint
 from qmamba.calib.recipe import build_plan
 from qmamba.calib.route_fit import refit_router
+from qmamba.calib.route_sensitivity import pick_route_sensitive, routing_sensitivity
 from qmamba.checkpoints.detect import read_checkpoint
 from qmamba.checkpoints.load import build_model
 from qmamba.eval import record_routing, routing_agreement
@@ -59,15 +61,15 @@ def test_refit_rejects_mismatched_rows():
         refit_router(_router(), torch.zeros(5, 16), torch.zeros(4, 8))
 
 
+FIXTURE = Path(__file__).resolve().parents[3] / "qmamba" / "assets" / "tiny-blackmamba"
+
+
 @pytest.fixture(scope="module")
 def float_source(calib_text_file):
     """The shipped trained fixture (tiny-blackmamba, 4 experts; a random model's routing barely moves under int4),
     calibration and held-out ids from one text."""
-    from importlib.resources import files
-
-    fixture = files("qmamba") / "assets" / "tiny-blackmamba"
-    cfg, sd, _ = read_checkpoint(fixture)
-    ids = load_calibration([str(calib_text_file)], load_tokenizer(fixture / "tokenizer.json"), 24, 128).ids
+    cfg, sd, _ = read_checkpoint(FIXTURE)
+    ids = load_calibration([str(calib_text_file)], load_tokenizer(FIXTURE / "tokenizer.json"), 24, 128).ids
     return cfg, sd, ids[:16], ids[16:]  # calibration, held out
 
 
@@ -115,7 +117,7 @@ def test_cli_option_records_the_refit(tiny_checkpoint, tmp_path):
     assert result.exit_code == 0, result.output
     assert "router refit" in result.output
     info = json.loads((out / "manifest.json").read_text())["quantization_info"]
-    assert info["calibration"]["nsamples"] == 4 and set(info["router_refit"]) == {"1", "3", "5", "7"}
+    assert info["calibration"]["nsamples"] == 4 and set(info["router_refit"]) == {"1", "3"}  # tiny-blackmamba: MoE layers 1, 3
 
 
 def test_refit_needs_an_moe_model(tmp_path):
@@ -127,3 +129,47 @@ def test_refit_needs_an_moe_model(tmp_path):
     options = QuantizeOptions(method="rtn", calibration=CalibOptions(progress=False, refit_routers=True))
     with pytest.raises(UserError, match="MoE"):
         quantize_checkpoint(src, tmp_path / "q", options, log=lambda *_: None)
+
+
+# ---- --route-aware: int8 for the matrices that move the routing most -----------------------------------------------
+def test_pick_route_sensitive_ranks_by_drop_per_parameter_within_the_budget():
+    agreement = {"a": 0.90, "b": 0.95, "c": 0.99, "d": 1.0}
+    n_params = {"a": 400, "b": 100, "c": 100, "d": 10}
+    # drop per parameter: b 5e-4, a 2.5e-4, c 1e-4; d moves nothing and is never picked
+    assert pick_route_sensitive(agreement, n_params, 250) == ["b", "c"]  # a does not fit after b
+    assert pick_route_sensitive(agreement, n_params, 600) == ["b", "a", "c"]
+    assert pick_route_sensitive(agreement, n_params, 50) == []
+
+
+def test_routing_sensitivity_restores_the_model_and_skips_modules_after_the_last_router(float_source):
+    cfg, sd, calib, _ = float_source
+    model = _model(cfg, sd)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = build_plan(model, 4, 128, method="rtn")
+    agreement = routing_sensitivity(model, calib[:4], plan, "cpu", batch_size=4)
+    last = max(cfg.moe_layer_ids)
+    assert set(agreement) == {n for n in plan if int(n.split(".")[1]) < last}
+    assert all(0.0 <= a <= 1.0 for a in agreement.values()) and min(agreement.values()) < 1.0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_route_aware_keeps_more_routing_than_plain_int4_on_held_out_tokens(float_source, calib_text_file,
+                                                                             tmp_path):
+    from qmamba.checkpoints.load import load_model
+
+    cfg, sd, calib, held_out = float_source
+    reference = record_routing(_model(cfg, sd), held_out, batch_size=4)
+    agreement = {}
+    for budget in (None, 0.06):
+        out = tmp_path / f"q{budget}"
+        info = quantize_checkpoint(FIXTURE, out, QuantizeOptions(
+            method="rtn", calib=[str(calib_text_file)], nsamples=8, seq_len=128, route_aware=budget, report=False,
+            report_tokens=512, calibration=CalibOptions(progress=False, batch_size=4)), log=lambda *_: None)
+        model = load_model(out)
+        agreement[budget] = routing_agreement(reference, record_routing(model, held_out, batch_size=4))["overall"]
+        if budget:
+            picked = info["route_aware"]["int8"]
+            assert picked and all(n.startswith("layers.") for n in picked)
+            manifest = json.loads((out / "manifest.json").read_text())["quantization"]
+            assert all(manifest[n]["format"] == "int8" for n in picked)
+    assert agreement[0.06] > agreement[None]
