@@ -109,6 +109,9 @@ def quantize(src, out, bits, group_size, method, symmetric, act_order, calib, ns
                  if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
         if given:
             raise click.UsageError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --distill")
+    if not route_aware and click.get_current_context().get_parameter_source("route_aware_budget") == \
+            click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--route-aware-budget only applies with --route-aware")
     options = QuantizeOptions(bits=bits, group_size=group_size, method=method, symmetric=symmetric,
                               calib=list(calib) or None, nsamples=nsamples, seq_len=seq_len, recipe=recipe,
                               quantize_head=quantize_head, quantize_xdt=quantize_xdt, device=device,

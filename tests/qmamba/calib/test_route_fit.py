@@ -173,3 +173,14 @@ def test_route_aware_keeps_more_routing_than_plain_int4_on_held_out_tokens(float
             manifest = json.loads((out / "manifest.json").read_text())["quantization"]
             assert all(manifest[n]["format"] == "int8" for n in picked)
     assert agreement[0.06] > agreement[None]
+
+
+def test_route_aware_budget_needs_the_option(tiny_checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from qmamba.cli import main
+
+    result = CliRunner().invoke(main, ["quantize", str(tiny_checkpoint), "-o", str(tmp_path / "q"),
+                                       "--route-aware-budget", "0.1"])
+    assert result.exit_code != 0 and "only applies with --route-aware" in result.output
+    assert not (tmp_path / "q").exists()
