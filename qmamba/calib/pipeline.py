@@ -45,6 +45,7 @@ from qmamba.calib.awq import search_scale
 from qmamba.calib.gptq import HessianAccumulator
 from qmamba.calib.methods import METHODS, data_free_method
 from qmamba.calib.recipe import PlanEntry
+from qmamba.calib.route_fit import refit_router
 
 log = logging.getLogger("qmamba.calib")
 
@@ -59,6 +60,8 @@ class CalibOptions:
     min_expert_tokens: int = 64       # below: expert statistics from all the layer's tokens
     max_stored_tokens: int = 4096     # token subsample kept for AWQ search and SQNR
     hessian_dtype: str | None = None  # GPTQ Hessian accumulation: float64 on CPU, float32 on CUDA by default
+    refit_routers: bool = False       # MoE: refit each router to the float logits (qmamba.calib.route_fit)
+    refit_ridge: float = 1e-3         # its ridge toward the float router, relative to mean diag(X^T X)
     progress: bool = True
 
 
@@ -208,15 +211,47 @@ def record_routing_blockwise(model: nn.Module, ids: torch.Tensor, device=None, b
     return {i: torch.cat(v) for i, v in routes.items()}
 
 
+@torch.no_grad()
+def float_router_logits(model: nn.Module, ids: torch.Tensor, device=None, batch_size: int = 8,
+                        progress: bool = False) -> dict[int, torch.Tensor]:
+    """Router logits ``{MoE layer: [N * L, E] float32 (CPU)}`` of the (float) ``model`` on ``ids [N, L]``, walking
+    one block at a time on ``device`` in float32 like the calibration walk (the model stays where it is)."""
+    dev = torch.device(device) if device is not None else ids.device
+    home = model.embedding.weight.device
+    last_moe = max(model.config.moe_layer_ids, default=-1)
+    chunks = list(ids.split(batch_size))
+    residual = [torch.zeros(*c.shape, model.config.d_model, device=dev) for c in chunks]
+    h = [model.embedding(c.to(home)).float().to(dev) for c in chunks]
+    logits: dict[int, list] = {}
+    for block in tqdm(model.blocks[: last_moe + 1], desc="router refit: float logits", unit="block",
+                      disable=not progress, dynamic_ncols=True):
+        block_home = module_device(block.module)
+        dtypes = move_module(block.module, dev, torch.float32)
+        residual = [r + hh for r, hh in zip(residual, h)]
+        h = []
+        for r in residual:
+            x = block.norm(r, out_dtype=torch.float32)
+            if block.is_mamba:
+                h.append(block.mixer(x)[0])
+            else:
+                logits.setdefault(block.index, []).append(block.mixer.router(x.reshape(-1, x.shape[-1])).float().cpu())
+                h.append(block.mixer(x))
+        move_module(block.module, block_home, dtypes=dtypes)
+    return {i: torch.cat(v) for i, v in logits.items()}
+
+
 # ---- the walk ----------------------------------------------------------------------------------------------
 class Calibrator:
     """Runs the walk over ``model`` (modified in place: weights become their dequantized values). ``device``: where
     the work runs (default: that of the ids, else the model's); blocks go there one at a time in float32."""
 
-    def __init__(self, model: nn.Module, plan: dict[str, PlanEntry], opts: CalibOptions, device=None):
+    def __init__(self, model: nn.Module, plan: dict[str, PlanEntry], opts: CalibOptions, device=None,
+                 router_targets: dict[int, torch.Tensor] | None = None):
         self.model, self.plan, self.opts = model, plan, opts
         self.device = torch.device(device) if device is not None else None
         self.results: dict[str, ModuleResult] = {}
+        self.router_targets = router_targets  # {MoE layer: float logits [N * L, E]}: refit the routers
+        self.router_fits: dict[int, dict] = {}
 
     def _layer_bar(self, desc: str):
         return tqdm(self.model.blocks, desc=desc, unit="block", disable=not self.opts.progress,
@@ -385,6 +420,9 @@ class Calibrator:
         mixer, opts = block.mixer, self.opts
         experts = mixer.experts
         x_all = torch.cat([block.norm(r, out_dtype=torch.float32).reshape(-1, r.shape[-1]) for r in residual])
+        if self.router_targets is not None and block.index in self.router_targets:
+            self.router_fits[block.index] = refit_router(mixer.router, x_all, self.router_targets[block.index],
+                                                         opts.refit_ridge)
         idx = mixer.router(x_all).argmax(-1)  # sigmoid is monotonic: argmax of logits = top-1 expert
         n_exp = experts.n_experts
         token_sets = [(idx == e).nonzero(as_tuple=True)[0] for e in range(n_exp)]
@@ -514,18 +552,32 @@ class Calibrator:
 
 
 def calibrate(model: nn.Module, ids: torch.Tensor | None, plan: dict[str, PlanEntry],
-              opts: CalibOptions | None = None, device=None) -> dict[str, ModuleResult]:
+              opts: CalibOptions | None = None, device=None, router_fits: dict | None = None
+              ) -> dict[str, ModuleResult]:
     """Quantize ``model`` in place (fake-quantized float weights) and return the per-module results (packed).
 
     ``ids [N, L]``: calibration sequences, or ``None`` for a data-free plan (RTN / PTB only). ``device``: where the
-    work runs, one block at a time (default: the ids' device, else the model's); the model stays where it is."""
+    work runs, one block at a time (default: the ids' device, else the model's); the model stays where it is.
+    ``opts.refit_routers`` (MoE models, needs ids): the routers are refitted to the float model's logits (see
+    :mod:`qmamba.calib.route_fit`); ``router_fits``, when given, receives ``{layer: {"before", "after"}}`` (in-sample
+    top-1 agreement of each router with the float one before and after its refit)."""
     opts = opts or CalibOptions()
     unknown = sorted(set(plan) - set(_planned_names(model)))
     if unknown:
         raise ValueError(f"plan names modules this model lacks: {unknown}")
     if ids is None and plan_needs_data(plan):
         raise ValueError("GPTQ and AWQ need calibration ids")
-    return Calibrator(model, plan, opts, device).run(ids)
+    if ids is None and opts.refit_routers:
+        raise ValueError("router refit needs calibration ids")
+    targets = None
+    if opts.refit_routers and model.config.moe_layer_ids:
+        dev = device if device is not None else ids.device
+        targets = float_router_logits(model, ids, dev, opts.batch_size, opts.progress)
+    calibrator = Calibrator(model, plan, opts, device, targets)
+    results = calibrator.run(ids)
+    if router_fits is not None:
+        router_fits.update(calibrator.router_fits)
+    return results
 
 
 def plan_needs_data(plan: dict[str, PlanEntry]) -> bool:

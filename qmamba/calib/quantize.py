@@ -75,7 +75,10 @@ class QuantizeOptions:
     runs, one block at a time. ``calibration``: the walk's own settings. ``distill``: a
     :class:`qmamba.calib.distill.DistillOptions` to distill the 1-bit modules against the float model after PTB.
     ``report``: the router-agreement report of MoE models (``None``: when data is used) on at most
-    ``report_tokens`` tokens.
+    ``report_tokens`` tokens. ``route_aware`` (MoE models): a fraction of the planned parameters moved from int4 to
+    int8, the matrices that move the routing most per parameter, measured on ``report_tokens`` calibration tokens
+    (:func:`qmamba.calib.route_fit.routing_sensitivity`). ``calibration.refit_routers`` (MoE models): refit the float routers to the float
+    model's router logits during the walk (:mod:`qmamba.calib.route_fit`; uses the calibration data, size unchanged).
 
     ``group_size`` / ``method`` ``None``: the defaults (128 for int4; GPTQ, PTB for 1-bit). Options that do not
     apply (a method with ``bits=1``, a group size with ``bits=8``, ``symmetric`` outside int4, ``act_order``
@@ -101,6 +104,7 @@ class QuantizeOptions:
     distill: DistillOptions | None = None
     report: bool | None = None
     report_tokens: int = 4096
+    route_aware: float | None = None
 
     def settings(self) -> dict:
         """The command-line level settings checked and completed (``{"bits", "group_size", "symmetric",
@@ -117,6 +121,28 @@ class QuantizeOptions:
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise UserError(f"{name} must be an integer >= {minimum}, got {value!r}")
         return settings
+
+
+def _route_aware_plan(model, plan: dict, ids, budget: float, device, opts: CalibOptions, log) -> dict:
+    """Move the int4 matrices that move the routing most (per parameter) to int8 in ``plan`` (in place), within
+    ``budget`` (a fraction of the planned parameters); returns the record for the manifest."""
+    from qmamba.calib.recipe import PlanEntry
+    from qmamba.calib.route_sensitivity import module_weight, pick_route_sensitive, routing_sensitivity
+    from qmamba.quant.formats import make_format
+
+    candidates = {name: e for name, e in plan.items() if getattr(e.fmt, "bits", 0) == 4}
+    agreement = routing_sensitivity(model, ids, candidates, device, opts.batch_size, opts.progress)
+    n_params = {name: module_weight(model, name).numel() for name in agreement}
+    total = sum(module_weight(model, name).numel() for name in plan if name != "lm_head") + (
+        model.lm_head.weight.numel() if "lm_head" in plan else 0)
+    picked = pick_route_sensitive(agreement, n_params, budget * total)
+    for name in picked:
+        plan[name] = PlanEntry(make_format(8), plan[name].method)
+    log(f"route-aware: int8 for {', '.join(picked) or 'nothing'} ({sum(n_params[n] for n in picked)} of {total} "
+        f"parameters; routing agreement with that module alone in int4: "
+        + ", ".join(f"{n} {100 * agreement[n]:.2f}%" for n in picked) + ")")
+    return {"budget": budget, "tokens": int(ids.numel()), "int8": picked,
+            "agreement_alone": {n: round(a, 5) for n, a in agreement.items()}}
 
 
 def quantize_checkpoint(src, out, options: QuantizeOptions | None = None, *, log=print) -> dict:
@@ -151,7 +177,12 @@ def quantize_checkpoint(src, out, options: QuantizeOptions | None = None, *, log
     if opts.act_order and not any(e.method == "gptq" for e in plan.values()):
         raise UserError("--act-order applies to GPTQ only, and no module is quantized with GPTQ")
     calib, seq_len = options.calib, options.seq_len
-    calibrates = distill is not None or plan_needs_data(plan) or calib is not None
+    if (opts.refit_routers or options.route_aware) and not cfg.moe_layer_ids:
+        raise UserError("--refit-routers and --route-aware apply to MoE models; this one has no MoE layer")
+    if options.route_aware is not None and not 0 < options.route_aware < 1:
+        raise UserError(f"--route-aware-budget must be a fraction in (0, 1), got {options.route_aware!r}")
+    calibrates = (distill is not None or plan_needs_data(plan) or calib is not None or opts.refit_routers
+                  or bool(options.route_aware))
     want_report = bool(cfg.moe_layer_ids) and (options.report if options.report is not None else calibrates)
     try:
         tok = resolve_tokenizer(directory, options.tokenizer, cfg.vocab_size)
@@ -188,8 +219,16 @@ def quantize_checkpoint(src, out, options: QuantizeOptions | None = None, *, log
     if want_report:
         fp_routes = record_routing_blockwise(model, report_ids, device, opts.batch_size, opts.progress,
                                              "report: float routing")
+    route_aware = None
+    if options.route_aware:
+        route_aware = _route_aware_plan(model, plan, report_ids, options.route_aware, device, opts, log)
     teacher = copy.deepcopy(model) if distill is not None else None  # the float model, before any fold
-    results = calibrate(model, data.ids if data is not None else None, plan, opts, device=device)
+    router_fits: dict = {}
+    results = calibrate(model, data.ids if data is not None else None, plan, opts, device=device,
+                        router_fits=router_fits)
+    if router_fits:
+        log("router refit (top-1 agreement with the float router on the calibration tokens, before -> after): "
+            + ", ".join(f"L{i}: {100 * f['before']:.1f}% -> {100 * f['after']:.1f}%" for i, f in router_fits.items()))
     swap_quantized_modules(model, {name: r.fmt for name, r in results.items()},
                            {name: r.packed for name, r in results.items()})
     distill_report = None
@@ -237,7 +276,8 @@ def quantize_checkpoint(src, out, options: QuantizeOptions | None = None, *, log
             "device": str(device), "peak_gpu_bytes": peak_gpu,
             "tokenizer": {"origin": tok.origin, "file": str(tok.path)} if tok is not None else None,
             "versions": versions(), "seconds": round(seconds, 2),
-            "summary": rows, "router_agreement": router, "distillation": distill_report}
+            "summary": rows, "router_agreement": router, "distillation": distill_report,
+            "router_refit": {str(i): f for i, f in router_fits.items()} or None, "route_aware": route_aware}
     save_checkpoint(out_sd, cfg, out, source=source_record(directory, manifest), quantization=entries,
                     extra={"quantization_info": info}, tokenizer_file=tok.path if tok is not None else None,
                     overwrite=options.overwrite)

@@ -37,6 +37,16 @@ DISTILL_OPTIONS = ("distill_steps", "distill_time", "distill_lr", "distill_batch
 @click.option("--quantize-xdt", is_flag=True, help="Also quantize x_proj and dt_proj.")
 @click.option("--min-expert-tokens", type=click.IntRange(min=0), default=64, show_default=True,
               help="Experts with fewer routed tokens use statistics from all tokens (logged fallback).")
+@click.option("--refit-routers", is_flag=True,
+              help="MoE: refit each (float) router to the float model's router logits on the quantized model's "
+                   "inputs during calibration (keeps top-1 routing; same size; uses calibration data, also with "
+                   "RTN). See docs/routing.md.")
+@click.option("--route-aware", is_flag=True,
+              help="MoE: int8 for the int4 matrices that move the routers most (a sensitivity pass on "
+                   "--report-tokens calibration tokens), within --route-aware-budget. See docs/routing.md.")
+@click.option("--route-aware-budget", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+              default=0.06, show_default=True,
+              help="--route-aware: fraction of the quantized parameters that may move to int8.")
 @click.option("--report/--no-report", default=None,
               help="Router top-1 agreement of the quantized model with the float one (MoE models) on a few "
                    "calibration tokens [default: when calibration data is used].")
@@ -70,7 +80,8 @@ DISTILL_OPTIONS = ("distill_steps", "distill_time", "distill_lr", "distill_batch
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the run record (as stored in the manifest) as JSON to this file.")
 def quantize(src, out, bits, group_size, method, symmetric, act_order, calib, nsamples, seq_len, recipe,
-             quantize_head, quantize_xdt, min_expert_tokens, report, report_tokens, tokenizer, device, seed,
+             quantize_head, quantize_xdt, min_expert_tokens, refit_routers, route_aware,
+             route_aware_budget, report, report_tokens, tokenizer, device, seed,
              overwrite, no_progress,
              distill, distill_steps, distill_time, distill_lr, distill_batch, ste, distill_norms, distill_float,
              distill_checkpoint, json_out):
@@ -82,7 +93,8 @@ def quantize(src, out, bits, group_size, method, symmetric, act_order, calib, ns
 
     if json_out:
         check_output_file(json_out)
-    opts = CalibOptions(act_order=act_order, min_expert_tokens=min_expert_tokens, progress=not no_progress)
+    opts = CalibOptions(act_order=act_order, min_expert_tokens=min_expert_tokens, refit_routers=refit_routers,
+                        progress=not no_progress)
     distill_opts = None
     if distill:
         from qmamba.calib.distill import DistillOptions
@@ -97,11 +109,15 @@ def quantize(src, out, bits, group_size, method, symmetric, act_order, calib, ns
                  if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
         if given:
             raise click.UsageError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --distill")
+    if not route_aware and click.get_current_context().get_parameter_source("route_aware_budget") == \
+            click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--route-aware-budget only applies with --route-aware")
     options = QuantizeOptions(bits=bits, group_size=group_size, method=method, symmetric=symmetric,
                               calib=list(calib) or None, nsamples=nsamples, seq_len=seq_len, recipe=recipe,
                               quantize_head=quantize_head, quantize_xdt=quantize_xdt, device=device,
                               tokenizer=tokenizer, seed=seed, overwrite=overwrite, calibration=opts,
-                              distill=distill_opts, report=report, report_tokens=report_tokens)
+                              distill=distill_opts, report=report, report_tokens=report_tokens,
+                              route_aware=route_aware_budget if route_aware else None)
     info = quantize_checkpoint(src, out, options, log=click.echo)
     if json_out:
         write_json_file(json_out, {"source": src, "output": out, **info})
