@@ -160,6 +160,9 @@ def main():
     ap.add_argument("--formats", default="bf16,int8,int4_g128,binary+int4_g128")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--check-steps", type=int, default=16)
+    # a variant with int4_planes (the CUDA default, "default", "dec_planes...") converts the model's int4 weights to
+    # plane words in place (qmamba.quant.modules.use_plane_words); list stored-word variants ("dec", "dec_magic")
+    # before them, since a converted model stays converted
     ap.add_argument("--variants", default="default,nopdl",
                     help="policy variants: default, nopdl, dec[_planes][_magic][_bnN][_rows8] (the decode "
                          "kernels for every non-binary format at batch 1: int4 as stored words or plane words, nibbles "
