@@ -3,7 +3,8 @@
     python scripts/quant_table.py [--model qmamba/assets/tiny-blackmamba] [--out /tmp/quant_table]
            [--nsamples 128 --seq-len 256] [--eval-tokens 0 (all held-out)] [--eval-seq-len 256]
 
-For each row (fp32, int8 RTN/GPTQ, int4 RTN/GPTQ/AWQ at g128 and g64) it quantizes with the same library call as
+For each row (fp32, int8 RTN/GPTQ, int4 RTN/GPTQ/AWQ at g128 and g64, int4 g128 GPTQ with --route-aware (and
+--refit-routers) on MoE models, 1-bit PTB, 1-bit PTB + distillation) it quantizes with the same library call as
 `qmamba quantize` (calibration: `--calib full`, the TRAIN split of the full corpus, seeded), then measures held-out
 perplexity (sliding window, corpus:heldout), size on disk, router top-1 agreement with the float model on held-out
 windows, and the quantize time. Prints a Markdown table and writes it (plus JSON) under --out.
@@ -19,16 +20,21 @@ from pathlib import Path
 
 import torch
 
-ROWS = [  # label, bits, group, method
-    ("int8 RTN", 8, None, "rtn"),  # int8: one scale per output channel, no group size
-    ("int8 GPTQ", 8, None, "gptq"),
-    ("int4 g128 RTN", 4, 128, "rtn"),
-    ("int4 g128 GPTQ", 4, 128, "gptq"),
-    ("int4 g128 AWQ", 4, 128, "awq"),
-    ("int4 g64 RTN", 4, 64, "rtn"),
-    ("int4 g64 GPTQ", 4, 64, "gptq"),
-    ("int4 g64 AWQ", 4, 64, "awq"),
+ROWS = [  # label, bits, group, method, extra options (route_aware budget, refit_routers, distill steps)
+    ("int8 RTN", 8, None, "rtn", {}),  # int8: one scale per output channel, no group size
+    ("int8 GPTQ", 8, None, "gptq", {}),
+    ("int4 g128 RTN", 4, 128, "rtn", {}),
+    ("int4 g128 GPTQ", 4, 128, "gptq", {}),
+    ("int4 g128 AWQ", 4, 128, "awq", {}),
+    ("int4 g64 RTN", 4, 64, "rtn", {}),
+    ("int4 g64 GPTQ", 4, 64, "gptq", {}),
+    ("int4 g64 AWQ", 4, 64, "awq", {}),
+    ("int4 g128 GPTQ route-aware", 4, 128, "gptq", {"route_aware": 0.06}),  # MoE models (docs/routing.md)
+    ("int4 g128 GPTQ route-aware + refit", 4, 128, "gptq", {"route_aware": 0.06, "refit_routers": True}),
+    ("1-bit PTB", 1, None, None, {}),
+    ("1-bit PTB + distill", 1, None, None, {"distill": True}),  # --distill-steps / --distill-time
 ]
+MOE_ONLY = {"route_aware", "refit_routers"}
 
 
 def dir_bytes(path: Path) -> int:
@@ -37,6 +43,7 @@ def dir_bytes(path: Path) -> int:
 
 def main():
     from qmamba import load_model
+    from qmamba.calib.distill import DistillOptions
     from qmamba.calib.pipeline import CalibOptions
     from qmamba.calib.quantize import QuantizeOptions, quantize_checkpoint
     from qmamba.eval import encode_text_spec, perplexity, router_agreement, text_windows
@@ -57,6 +64,8 @@ def main():
     ap.add_argument("--only", default=None, help="comma-separated row labels")
     ap.add_argument("--device", default="cpu", help="calibration and evaluation device (cpu, cuda)")
     ap.add_argument("--backend", default="reference", help="model backend for evaluation")
+    ap.add_argument("--distill-steps", type=int, default=300, help="1-bit distillation steps (upper bound)")
+    ap.add_argument("--distill-time", type=float, default=None, help="1-bit distillation seconds (upper bound)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
@@ -77,27 +86,32 @@ def main():
     results = [{"label": "fp32", "ppl": measure(fp), "bytes": dir_bytes(Path(args.model)), "router": 1.0,
                 "seconds": 0.0}]
     print(f"fp32: ppl {results[0]['ppl']:.4f}", flush=True)
-    rows = [r for r in ROWS if not args.only or r[0] in args.only.split(",")]
-    for label, bits, group, method in rows:
-        target = out / label.replace(" ", "-")
+    moe = any(not block.is_mamba for block in fp.blocks)
+    rows = [r for r in ROWS if (not args.only or r[0] in args.only.split(",")) and (moe or not MOE_ONLY & set(r[4]))]
+    for label, bits, group, method, extra in rows:
+        target = out / label.replace(" ", "-").replace("+", "and")
         shutil.rmtree(target, ignore_errors=True)
         t0 = time.perf_counter()
+        distill = (DistillOptions(steps=args.distill_steps, time_budget=args.distill_time, progress=False)
+                   if extra.get("distill") else None)
         options = QuantizeOptions(bits=bits, group_size=group, method=method, calib=[args.calib],
                                   nsamples=args.nsamples, seq_len=args.seq_len, device=args.device,
-                                  calibration=CalibOptions(progress=False))
+                                  calibration=CalibOptions(progress=False,
+                                                           refit_routers=extra.get("refit_routers", False)),
+                                  route_aware=extra.get("route_aware"), distill=distill)
         info = quantize_checkpoint(args.model, target, options, log=lambda *_: None)
         seconds = time.perf_counter() - t0
         q = load(target)
         agree = router_agreement(fp, q, windows)["overall"]
         row = {"label": label, "ppl": measure(q), "bytes": dir_bytes(target), "router": agree, "seconds": seconds,
-               "calib_router": info["router_agreement"]["overall"], "calib_seconds": info["seconds"],
+               "calib_router": (info.get("router_agreement") or {}).get("overall"), "calib_seconds": info["seconds"],
                "sqnr_db": {r["kind"]: r["sqnr_db"] for r in info["summary"]}}
         results.append(row)
         print(f"{label}: ppl {row['ppl']:.4f}  size {row['bytes'] / 2**20:.3f} MiB  router {100 * agree:.2f}%  "
               f"{seconds:.1f} s", flush=True)
 
     base = results[0]["ppl"]
-    lines = [f"| model | held-out ppl | vs fp32 | size on disk | router top-1 agreement | quantize time |",
+    lines = ["| model | held-out ppl | vs fp32 | size on disk | router top-1 agreement | quantize time |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['label']} | {r['ppl']:.3f} | {100 * (r['ppl'] / base - 1):+.2f}% | "
