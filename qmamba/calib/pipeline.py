@@ -181,18 +181,17 @@ def module_device(module: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def record_routing_blockwise(model: nn.Module, ids: torch.Tensor, device=None, batch_size: int = 8,
-                             progress: bool = False, desc: str = "routing") -> dict[int, torch.Tensor]:
-    """Top-1 expert of every token at every MoE layer, ``{layer: idx [N * L] int16}`` as
-    :func:`qmamba.eval.record_routing` gives, but walking the model one block at a time on ``device`` in float32
-    (the model stays where it is): the router-agreement report of a model that does not fit on the device."""
+def _router_walk(model: nn.Module, ids: torch.Tensor, record, device, batch_size: int, progress: bool,
+                 desc: str) -> dict[int, torch.Tensor]:
+    """Walk ``model`` one block at a time on ``device`` in float32 up to its last MoE layer (the model stays where
+    it is) and collect ``record(mixer, x [T, d])`` at every MoE layer: ``{layer: cat of the records}`` (CPU)."""
     dev = torch.device(device) if device is not None else ids.device
     home = model.embedding.weight.device
     last_moe = max(model.config.moe_layer_ids, default=-1)
     chunks = list(ids.split(batch_size))
     residual = [torch.zeros(*c.shape, model.config.d_model, device=dev) for c in chunks]
     h = [model.embedding(c.to(home)).float().to(dev) for c in chunks]
-    routes: dict[int, list] = {}
+    records: dict[int, list] = {}
     for block in tqdm(model.blocks[: last_moe + 1], desc=desc, unit="block", disable=not progress,
                       dynamic_ncols=True):
         block_home = module_device(block.module)
@@ -204,40 +203,27 @@ def record_routing_blockwise(model: nn.Module, ids: torch.Tensor, device=None, b
             if block.is_mamba:
                 h.append(block.mixer(x)[0])
             else:
-                routes.setdefault(block.index, []).append(  # the block's own decision, as qmamba.eval records it
-                    block.mixer.route(x.reshape(-1, x.shape[-1]))[0].to(torch.int16).cpu())
+                records.setdefault(block.index, []).append(record(block.mixer, x.reshape(-1, x.shape[-1])).cpu())
                 h.append(block.mixer(x))
         move_module(block.module, block_home, dtypes=dtypes)
-    return {i: torch.cat(v) for i, v in routes.items()}
+    return {i: torch.cat(v) for i, v in records.items()}
 
 
-@torch.no_grad()
+def record_routing_blockwise(model: nn.Module, ids: torch.Tensor, device=None, batch_size: int = 8,
+                             progress: bool = False, desc: str = "routing") -> dict[int, torch.Tensor]:
+    """Top-1 expert of every token at every MoE layer, ``{layer: idx [N * L] int16}`` as
+    :func:`qmamba.eval.record_routing` gives (the block's own decision), but walking the model one block at a time
+    on ``device`` in float32: the router-agreement report of a model that does not fit on the device."""
+    return _router_walk(model, ids, lambda mixer, x: mixer.route(x)[0].to(torch.int16), device, batch_size,
+                        progress, desc)
+
+
 def float_router_logits(model: nn.Module, ids: torch.Tensor, device=None, batch_size: int = 8,
                         progress: bool = False) -> dict[int, torch.Tensor]:
-    """Router logits ``{MoE layer: [N * L, E] float32 (CPU)}`` of the (float) ``model`` on ``ids [N, L]``, walking
-    one block at a time on ``device`` in float32 like the calibration walk (the model stays where it is)."""
-    dev = torch.device(device) if device is not None else ids.device
-    home = model.embedding.weight.device
-    last_moe = max(model.config.moe_layer_ids, default=-1)
-    chunks = list(ids.split(batch_size))
-    residual = [torch.zeros(*c.shape, model.config.d_model, device=dev) for c in chunks]
-    h = [model.embedding(c.to(home)).float().to(dev) for c in chunks]
-    logits: dict[int, list] = {}
-    for block in tqdm(model.blocks[: last_moe + 1], desc="router refit: float logits", unit="block",
-                      disable=not progress, dynamic_ncols=True):
-        block_home = module_device(block.module)
-        dtypes = move_module(block.module, dev, torch.float32)
-        residual = [r + hh for r, hh in zip(residual, h)]
-        h = []
-        for r in residual:
-            x = block.norm(r, out_dtype=torch.float32)
-            if block.is_mamba:
-                h.append(block.mixer(x)[0])
-            else:
-                logits.setdefault(block.index, []).append(block.mixer.router(x.reshape(-1, x.shape[-1])).float().cpu())
-                h.append(block.mixer(x))
-        move_module(block.module, block_home, dtypes=dtypes)
-    return {i: torch.cat(v) for i, v in logits.items()}
+    """Router logits ``{MoE layer: [N * L, E] float32 (CPU)}`` of the (float) ``model`` on ``ids [N, L]``, by the
+    same block-wise walk as :func:`record_routing_blockwise`."""
+    return _router_walk(model, ids, lambda mixer, x: mixer.router(x).float(), device, batch_size, progress,
+                        "router refit: float logits")
 
 
 # ---- the walk ----------------------------------------------------------------------------------------------
