@@ -52,6 +52,17 @@ def plane_codes(words, zero, i: tl.constexpr):
 
 
 @jit
+def _rows_times_tile(x, w, IEEE: tl.constexpr):
+    """``[BLOCK_M, BLOCK_N]`` fp32 on tensor cores: input rows ``x [BLOCK_M, BK]`` times a weight tile ``w [BLOCK_N,
+    BK]`` (dequantized, or exact codes) rounded to the input's type; float32 inputs exactly (IEEE)."""
+    if IEEE:
+        part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+    else:
+        part = tl.dot(x, tl.trans(w.to(x.dtype)))
+    return part
+
+
+@jit
 def _dequant_gemm_kernel(
     x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rscale_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, sorted_ptr,
     M, N, K, K_PAD, GRID_M, GRID_N, sxm, sxk, som, son, swe, swn, sse, ssn, sze, szn,
@@ -108,11 +119,7 @@ def _dequant_gemm_kernel(
                 ki = k0 + 16 * i + tl.arange(0, 16)
                 xi = tl.load(x_ptr + rows[:, None] * sxm + ki[None, :] * sxk,
                              mask=row_ok[:, None] & (ki < K)[None, :], other=0.0)
-                qi = plane_codes(words, zero, i)
-                if IEEE:
-                    part += tl.dot(xi.to(tl.float32), tl.trans(qi.to(tl.float32)), input_precision="ieee")
-                else:
-                    part += tl.dot(xi, tl.trans(qi.to(x_ptr.dtype.element_ty)))
+                part += _rows_times_tile(xi, plane_codes(words, zero, i), IEEE)
             acc += part * scale[None, :]
         elif FMT == 2:
             j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
@@ -136,10 +143,7 @@ def _dequant_gemm_kernel(
         if FMT != 3:
             x = tl.load(x_ptr + rows[:, None] * sxm + kk[None, :] * sxk, mask=row_ok[:, None] & (kk < K)[None, :],
                         other=0.0)
-            if IEEE:
-                part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-            else:
-                part = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)))
+            part = _rows_times_tile(x, w, IEEE)
             if FMT == 2 and SCALE_AFTER:
                 acc += part * scale[None, :]
             else:

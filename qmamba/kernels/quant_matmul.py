@@ -192,7 +192,7 @@ def output_buffer(x, n: int, out, atomic: bool, who: str):
     return out, False
 
 
-def experts_via_dense(x, weight: PackedWeight, bias, row_expert, row_scale, tiles, policy: MatmulPolicy):
+def experts_via_dense(x, weight: PackedWeight, bias, row_expert, row_scale, tiles=None):
     """A routed stack expert by expert: that expert's matrix dequantized to ``x.dtype`` (one pass), then the float
     tile kernel on that expert's row tiles only. One dense matrix at a time (not the stack): the temporary is one
     expert's weight."""
@@ -228,7 +228,7 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
         raise ValueError(f"dequant matmul: bias must be [{weight.n}], got {tuple(bias.shape)}")
     if (x.is_cuda and row_expert is not None and weight.fmt in (FMT_INT8, FMT_INT4, FMT_INT4_PLANES)
             and m >= policy.dequant_experts_min_m and config is None and out is None and x.dtype != torch.float32):
-        return experts_via_dense(x, weight, bias, row_expert, row_scale, tiles, policy)
+        return experts_via_dense(x, weight, bias, row_expert, row_scale, tiles)
     if row_expert is None:
         if weight.n_experts != 1:
             raise ValueError("dequant matmul: a stacked weight needs row_expert")

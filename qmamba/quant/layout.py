@@ -148,12 +148,13 @@ def check_int4_planes(words, scales, zeros, n: int, k: int, group_size: int) -> 
         raise LayoutError(f"int4 planes: group size {group_size} is not a multiple of {INT4_TILE}")
     lead = tuple(scales.shape[:-2])
     n_blocks = int4_num_blocks(k, group_size)
-    words_per_row = math.ceil(n_blocks * group_size / INT4_TILE) * INT4_TILE_WORDS
-    check_int4(torch.empty((*lead, n, n_blocks, group_size // 2), dtype=torch.uint8, device="meta"), scales, zeros,
-               n, k, group_size, lead)
-    if tuple(words.shape) != (*lead, n, words_per_row) or words.dtype != torch.int32:
-        raise LayoutError(f"int4 plane words: expected {(*lead, n, words_per_row)} int32, got "
-                          f"{tuple(words.shape)} {words.dtype}")
+    want = {"qweight": ((*lead, n, n_blocks * group_size // INT4_TILE * INT4_TILE_WORDS), torch.int32),
+            "scales": ((*lead, n, n_blocks), torch.float16), "zeros": ((*lead, n, (n_blocks + 1) // 2), torch.uint8)}
+    for name, tensor in (("qweight", words), ("scales", scales), ("zeros", zeros)):
+        shape, dtype = want[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise LayoutError(f"int4 planes {name}: expected {shape} {dtype}, got {tuple(tensor.shape)} "
+                              f"{tensor.dtype}")
 
 
 def check_int8(qweight, scales, n: int, k: int, lead: tuple = ()) -> None:

@@ -37,3 +37,18 @@ def test_packed_weight_plane_form_dequantizes_to_the_same_weight():
     torch.testing.assert_close(planes.dequantized(), w.dequantized(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="only int4"):
         PackedWeight.from_float(torch.randn(4, 8)).to_planes()
+
+
+def test_plane_record_checks_its_tensors():
+    from qmamba.quant.layout import LayoutError
+
+    fmt = Int4Format(128)
+    planes = fmt.kernel_weight(fmt.quantize_rtn(torch.randn(2, 8, 300)), 8, 300).to_planes()
+    packed = {"qweight": planes.qweight, "scales": planes.scales, "zeros": planes.zeros}
+    assert PackedWeight.from_int4_planes(packed, 8, 300, 128).n_experts == 2
+    with pytest.raises(LayoutError, match="planes qweight"):
+        PackedWeight.from_int4_planes({**packed, "qweight": planes.qweight[..., :-16]}, 8, 300, 128)
+    with pytest.raises(LayoutError, match="planes scales"):
+        PackedWeight.from_int4_planes({**packed, "scales": planes.scales.float()}, 8, 300, 128)
+    with pytest.raises(LayoutError, match="multiple of 128"):
+        PackedWeight.from_int4_planes(packed, 8, 300, 64)
