@@ -73,12 +73,18 @@ def variants(pdl: bool, rows: int):
     for bn in (2, 4, 8):
         out[f"bf16_bn{bn}"] = ("float", DecodePolicy(pdl=pdl, block_n_float=bn))
     for layout in ("words", "planes"):
-        for magic in (False, True):
+        for unpack in ("shift", "magic", "denorm"):
             for bn in (4, 8, 16):
-                name = f"{layout}{'_magic' if magic else ''}_bn{bn}"
-                out[name] = (layout, DecodePolicy(pdl=pdl, block_n_int4=bn, int4_magic=magic))
+                name = f"{layout}{'' if unpack == 'shift' else '_' + unpack}_bn{bn}"
+                out[name] = (layout, DecodePolicy(pdl=pdl, block_n_int4=bn, int4_unpack=unpack))
+                # "_rw": the warps of one weight row's tiles (DecodePolicy.int4_row_warps); "_mp": at least 264
+                # programs (2 per multiprocessor) where the matrix has the rows for them
+                out[name + "_rw"] = (layout, DecodePolicy(pdl=pdl, block_n_int4=bn, int4_unpack=unpack,
+                                                          int4_row_warps=True))
+                out[name + "_rw_mp"] = (layout, DecodePolicy(pdl=pdl, block_n_int4=bn, int4_unpack=unpack,
+                                                             int4_row_warps=True, min_programs=264))
     for bn, warps in ((8, 2), (16, 8), (32, 8)):
-        out[f"planes_magic_bn{bn}_w{warps}"] = ("planes", DecodePolicy(pdl=pdl, block_n_int4=bn, int4_magic=True,
+        out[f"planes_magic_bn{bn}_w{warps}"] = ("planes", DecodePolicy(pdl=pdl, block_n_int4=bn, int4_unpack="magic",
                                                                        num_warps=warps))
     out["general"] = ("words", "general")
     return out

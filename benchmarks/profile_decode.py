@@ -77,7 +77,10 @@ def main():
         with open(args.out, "w") as f:
             json.dump(dict(preset=args.preset, format=args.format, batch=args.batch, kernel_us_per_step=kernel_us,
                            graph_us_per_step=graph_ms * 1e3,
-                           kernels=[dict(name=n, launches=c, us=u) for n, c, u in rows]), f, indent=1)
+                           kernels=[dict(name=n, launches=c, us=u) for n, c, u in rows],
+                           last_step=[dict(name=e.name[:60], start_us=e.time_range.start - last[0].time_range.start,
+                                           us=e.device_time if hasattr(e, "device_time") else e.cuda_time)
+                                      for e in last]), f, indent=1)
 
 
 if __name__ == "__main__":

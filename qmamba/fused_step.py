@@ -181,11 +181,11 @@ class FusedDecodeStep:
         self._add_norm(buf, h, token_ids, self.final_w, norm_b=self.final_b)
         return self._linear(buf["x"], self.head, buf["logits"], bias=self.head_bias)
 
-    def _linear(self, x, weight, out, **kw):
+    def _linear(self, x, weight, out, expert_ready: bool = False, **kw):
         """``out <- x @ W^T``: the decode kernel where the policy takes it, else the general kernel (split-K into the
-        zeroed workspace view ``out``)."""
+        zeroed workspace view ``out``). ``expert_ready``: see :func:`decode_linear`."""
         if self.policy.takes(weight, x.shape[0]):
-            return self._decode(x, weight, out, **kw)
+            return self._decode(x, weight, out, expert_ready=expert_ready, **kw)
         return routed_matmul(x, weight, out=out, **kw)
 
     def _decode(self, x, weight, out, **kw):
@@ -224,4 +224,6 @@ class FusedDecodeStep:
         else:
             self._linear(buf["x"], plan.fc1, h1, row_expert=buf["idx"])
             gated_act(h1, plan.activation, plan.gated, out=act)
-        return self._linear(act, plan.fc2, out, row_expert=buf["idx"], row_scale=buf["rwt"])
+        # the router (in the add-norm kernel) ran before fc1: fc2 may read its expert's tile before fc1 is done
+        return self._linear(act, plan.fc2, out, row_expert=buf["idx"], row_scale=buf["rwt"],
+                            expert_ready=self.policy.expert_prefetch)

@@ -41,6 +41,8 @@ from qmamba.quant.layout import INT4_TILE, INT4_TILE_WORDS
 
 MAX_ROWS = 8
 MMA_ROWS = 16  # rows and weight rows of a tensor-core tile (plane words, 2+ input rows)
+INT4_UNPACK = {"shift": 0, "magic": 1, "denorm": 2}  # DecodePolicy.int4_unpack -> the kernels' UNPACK
+_FLOAT_2P23_BITS = 0x4B000000  # the bits of the float 2^23, passed at run time (see _int4_codes)
 
 
 # ---- policy --------------------------------------------------------------------------------------------------------
@@ -66,11 +68,17 @@ class DecodePolicy:
     block_n_int4: int = 8
     block_n_float: int = 4
     num_warps: int = 4
-    int4_magic: bool = False     # int4 nibbles masked in place (input pre-scaled by 16^-p) instead of shifted down
+    int4_unpack: str = "shift"   # int4 codes: "shift" down, "magic" (masked in place, input pre-scaled by 16^-p),
+    #                              "denorm" (one input row: masked in place and read as subnormal floats)
     int4_planes: bool = False    # callers convert int4 weights (group size a multiple of 128) to plane words
     max_rows_planes: int = MAX_ROWS  # batch sizes up to which int4 weights with a plane form take these kernels
     max_rows: int = MAX_ROWS     # batch sizes above this take the general matmul kernels (caller's choice)
     planes_mma: bool = True      # plane words at 2+ rows: tensor cores (16-row tiles); False: CUDA cores per row
+    int4_row_warps: bool = False  # int4 at one input row: as many warps as cover one weight row's tiles (16 B a
+    #                               thread), so each thread holds the same k of all its program's rows and reads the
+    #                               input once for all of them (instead of ``num_warps``)
+    min_programs: int = 0        # fewer int4 rows per program where the matrix has too few rows to give this many
+    expert_prefetch: bool = True  # fused step: fc2 reads its expert's tile before waiting for fc1 (expert_ready)
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES)  # weight formats these kernels serve
 
     def takes(self, weight, rows: int) -> bool:
@@ -83,21 +91,33 @@ class DecodePolicy:
 
     @classmethod
     def for_device(cls, device) -> "DecodePolicy":
-        """CUDA: what measured fastest on the H200 (benchmarks/results.md, "Decode step, session 11"): these
-        kernels at batch 1 for float weights (0.647 ms/token for bf16 BlackMamba-2.8B) and for int4 weights of group
-        size 128 / 256 as plane words, 4 rows per program (0.660 against 0.994 on the general kernels); int4 in the
+        """CUDA: what measured fastest on the H200 (benchmarks/results.md, "Decode step, session 11" and "Session
+        13"): these kernels at batch 1 for float weights (0.647 ms/token for bf16 BlackMamba-2.8B) and for int4
+        weights of group size 128 / 256 as plane words, 4 rows per program (0.660 against 0.994 on the general
+        kernels), codes read as subnormal floats ("denorm") with at least 264 programs a matrix (0.591 against 0.685
+        for shifted codes, session 13); int4 in the
         stored word layout and int8 stay on the general kernels, and so does every format at batch 2+ (the plane
         tiles' tensor-core path spills at the expert shapes). CPU (interpreter): every format and batch, wide row
         blocks (few programs)."""
         if device.type != "cuda":
             return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1)
         return cls(pdl=pdl_supported(device), max_rows=1, max_rows_planes=1, block_n_int4=4, int4_planes=True,
-                   formats=(FMT_FLOAT, FMT_INT4_PLANES))
+                   int4_unpack="denorm", min_programs=264, formats=(FMT_FLOAT, FMT_INT4_PLANES))
 
     def block_n(self, fmt: int, rows: int, n: int) -> int:
-        bn = self.block_n_int4 if fmt in (FMT_INT4, FMT_INT4_PLANES) else self.block_n_float
+        int4 = fmt in (FMT_INT4, FMT_INT4_PLANES)
+        bn = self.block_n_int4 if int4 else self.block_n_float
         bn = max(1, bn // (1 if rows <= 2 else 2 if rows <= 4 else 4))
+        if int4 and self.min_programs:
+            while bn > 1 and -(-n // bn) < self.min_programs:
+                bn //= 2
         return min(bn, next_pow2(n))
+
+    def warps(self, fmt: int, rows: int, tile_words: int) -> int:
+        """Warps of a program whose int4 row is ``tile_words`` words (padded tiles), per :attr:`int4_row_warps`."""
+        if self.int4_row_warps and rows == 1 and fmt in (FMT_INT4, FMT_INT4_PLANES):
+            return max(1, min(8, tile_words // 128))
+        return self.num_warps
 
 
 # ---- kernel --------------------------------------------------------------------------------------------------------
@@ -145,12 +165,15 @@ def _int4_k(i: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, FMT: tl.const
 
 
 @jit
-def _int4_codes(w, hi, zero, i: tl.constexpr, MAGIC: tl.constexpr):
-    """``(code - zero) * 16^p`` of nibble ``i`` of every word, exactly, as fp32 (``p = 0`` unless ``MAGIC``); the
-    caller multiplies the input by ``16^-p``. A code OR'ed into the mantissa of 2^23 is the float 2^23 + code, so one
-    subtraction of 2^23 + zero gives the difference. ``MAGIC``: no shift per nibble; nibbles 0..4 are masked in place
-    (2^23 + code 16^i, exact below 2^23) and 5..7 likewise from ``hi = w >> 20``."""
-    if MAGIC:
+def _int4_codes(w, hi, zero, exp_bits, i: tl.constexpr, UNPACK: tl.constexpr):
+    """``(code - zero) * 16^p`` of nibble ``i`` of every word, exactly, as fp32 (``p = 0`` unless ``UNPACK >= 1``);
+    the caller multiplies the input by ``16^-p``. A code OR'ed into the mantissa of 2^23 is the float 2^23 + code, so
+    one subtraction of 2^23 + zero gives the difference. ``UNPACK`` 1 ("magic"; 2 where this helper serves): no shift
+    per nibble; nibbles 0..4 are masked in place
+    (2^23 + code 16^i, exact below 2^23) and 5..7 likewise from ``hi = w >> 20``. ``exp_bits`` is 2^23's bits
+    (0x4B000000) as a run-time value: the mask and the OR then fold into one three-input logic instruction per code
+    (with both as immediates the compiler emits two)."""
+    if UNPACK >= 1:
         if i < 5:
             bits = w & (0xF << (4 * i))
             scaled = zero * (16.0 ** i) + 8388608.0
@@ -160,12 +183,12 @@ def _int4_codes(w, hi, zero, i: tl.constexpr, MAGIC: tl.constexpr):
     else:
         bits = (w >> (4 * i)) & 0xF
         scaled = zero + 8388608.0
-    return (bits | 0x4B000000).to(tl.float32, bitcast=True) - scaled[:, :, None]
+    return (bits | exp_bits).to(tl.float32, bitcast=True) - scaled[:, :, None]
 
 
 @jit
-def _int4_x_scale(i: tl.constexpr, MAGIC: tl.constexpr):
-    if MAGIC:
+def _int4_x_scale(i: tl.constexpr, UNPACK: tl.constexpr):
+    if UNPACK >= 1:
         if i < 5:
             return 1.0 / (16.0 ** i)
         return 1.0 / (16.0 ** (i - 5))
@@ -179,18 +202,40 @@ def _input_at(x_ptr, r, sxm, k, km):
 
 
 @jit
-def _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok,
-             FMT: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, MAGIC: tl.constexpr):
+def _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, exp_bits,
+             FMT: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, UNPACK: tl.constexpr):
     """``[BN]`` fp32: the tile times input row ``r``. int4: per nibble position, ``(code - zero) * x`` summed over
     the tile row, times the tile's scale. A row that is not ``row_ok`` reads nothing (its K limit is 0)."""
     k_lim = tl.where(row_ok, K, 0)  # scalar masks fold into limits: the interpreter rejects vector & scalar masks
-    if FMT == 2 or FMT == 3:
+    if (FMT == 2 or FMT == 3) and UNPACK == 2:
+        # "denorm": a nibble masked in place, read as a float, is the subnormal code * 2^(4p - 149) (p its position
+        # in w or in hi = w >> 20), exactly; times x * 2^(96 - 4p) it is code * x * 2^-53, exactly (a few bits
+        # times bf16 / fp32 bits), in one scale for every position: a mask and an FMA per code. The zero point
+        # comes off once per word (zero * sum of the word's inputs); the tile scale carries the 2^53 back.
+        # Needs subnormals kept (no flush to zero: Triton's fp32 default) and |x| < 2^32.
+        hi = w >> 20
+        part = tl.zeros(w.shape, dtype=tl.float32)
+        xs = tl.zeros((w.shape[1], w.shape[2]), dtype=tl.float32)
+        for i in tl.static_range(8):
+            k = _int4_k(i, NBP, WPG, FMT)
+            xi = _input_at(x_ptr, r, sxm, k, k < k_lim)
+            xs += xi
+            if i < 5:
+                bits = w & (0xF << (4 * i))
+                xp = xi * (2.0 ** (96 - 4 * i))
+            else:
+                bits = hi & (0xF << (4 * (i - 5)))
+                xp = xi * (2.0 ** (96 - 4 * (i - 5)))
+            part += bits.to(tl.float32, bitcast=True) * xp[None, :, :]
+        part -= zero[:, :, None] * (xs * (2.0 ** -53))[None, :, :]
+        y = tl.sum(tl.sum(part, axis=2) * (scale * (2.0 ** 53)), axis=1)
+    elif FMT == 2 or FMT == 3:
         hi = w >> 20
         part = tl.zeros(w.shape, dtype=tl.float32)
         for i in tl.static_range(8):
             k = _int4_k(i, NBP, WPG, FMT)
             xi = _input_at(x_ptr, r, sxm, k, k < k_lim)
-            part += _int4_codes(w, hi, zero, i, MAGIC) * (xi * _int4_x_scale(i, MAGIC))[None, :, :]
+            part += _int4_codes(w, hi, zero, exp_bits, i, UNPACK) * (xi * _int4_x_scale(i, UNPACK))[None, :, :]
         y = tl.sum(tl.sum(part, axis=2) * scale, axis=1)
     else:
         k = tl.arange(0, KP)
@@ -200,16 +245,16 @@ def _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok,
 
 
 @jit
-def _dot_rows_int4(w, scale, zero, x_ptr, rr, sxm, K, M,
-                   FMT: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, MAGIC: tl.constexpr):
+def _dot_rows_int4(w, scale, zero, x_ptr, rr, sxm, K, M, exp_bits,
+                   FMT: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, UNPACK: tl.constexpr):
     """``[ROWS, BN]`` fp32: int4 tile times the input rows ``rr`` (rows >= M read nothing), each code unpacked once."""
     k_lim = tl.where(rr < M, K, 0)
     hi = w >> 20
     part = tl.zeros((rr.shape[0], w.shape[0], w.shape[1]), dtype=tl.float32)                      # [R, BN, NBP]
     for i in tl.static_range(8):
         k = _int4_k(i, NBP, WPG, FMT)[None, :, :]
-        xi = _input_at(x_ptr, rr[:, None, None], sxm, k, k < k_lim[:, None, None]) * _int4_x_scale(i, MAGIC)
-        wf = _int4_codes(w, hi, zero, i, MAGIC)                                                      # [BN, NBP, WPG]
+        xi = _input_at(x_ptr, rr[:, None, None], sxm, k, k < k_lim[:, None, None]) * _int4_x_scale(i, UNPACK)
+        wf = _int4_codes(w, hi, zero, exp_bits, i, UNPACK)                                       # [BN, NBP, WPG]
         part += tl.sum(wf[None, :, :, :] * xi[:, None, :, :], axis=3)
     return tl.sum(part * scale[None, :, :], axis=2)
 
@@ -238,21 +283,23 @@ def _dot_rows_mma(w, scale, zero, x_ptr, rr, rok, sxm, K, NBP: tl.constexpr):
 @jit
 def _decode_linear_kernel(
     x_ptr, st_ptr, cw_ptr, cb_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rexp_ptr, rscale_ptr, out_ptr, co_ptr,
-    M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse, ssn, sze, szn,
+    M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse, ssn, sze, szn, exp_bits,
     FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr, CONV_W: tl.constexpr,
     HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr,
-    MAGIC: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+    UNPACK: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+    EXPERT_READY: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_ok = rows < N
     if ROUTED:
-        # the expert of each row comes from the previous kernel: wait first, then read only this expert's tile.
-        # One row: one program column, the row's expert. Several: column e serves the rows routed to expert e and
-        # an idle column does nothing at all.
-        if PDL:
+        # the expert of each row comes from the previous kernel: wait first, then read only this expert's tile
+        # (EXPERT_READY: it comes from an earlier one, complete before this grid could start: read it and the tile,
+        # then wait). One row: one program column, the row's expert. Several: column e serves the rows routed to
+        # expert e and an idle column does nothing at all.
+        if PDL and not EXPERT_READY:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         if ROWS == 1:
@@ -272,10 +319,13 @@ def _decode_linear_kernel(
                                                      sse, ssn, sze, szn, FMT, KP, NBP, WPG, TPB)
             else:
                 w_up, scale_up, zero_up = w, scale, zero
+            if PDL and EXPERT_READY:
+                tl.extra.cuda.gdc_wait()
+                tl.extra.cuda.gdc_launch_dependents()
             _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
                       bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, co_ptr, scom, DI, rows, rows_ok, expert,
-                      M, N, K, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP, NBP, WPG,
-                      TPB, MAGIC, CONV_EPI, MMA)
+                      M, N, K, exp_bits, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP,
+                      NBP, WPG, TPB, UNPACK, CONV_EPI, MMA)
     else:
         e64 = pid_e.to(tl.int64) * 0
         w, scale, zero = _load_tile(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, swe, swn, sse, ssn, sze,
@@ -290,8 +340,8 @@ def _decode_linear_kernel(
             tl.extra.cuda.gdc_launch_dependents()
         _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
                   bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, co_ptr, scom, DI, rows, rows_ok, pid_e,
-                  M, N, K, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP, NBP, WPG,
-                  TPB, MAGIC, CONV_EPI, MMA)
+                  M, N, K, exp_bits, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP, NBP, WPG,
+                  TPB, UNPACK, CONV_EPI, MMA)
 
 
 @jit
@@ -316,10 +366,10 @@ def _store_out(y, ri, ni, mask, out_ptr, som, co_ptr, scom, st_ptr, cw_ptr, cb_p
 @jit
 def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
               bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, co_ptr, scom, DI, rows, rows_ok, expert, M, N, K,
-              FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr,
+              exp_bits, FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr,
               CONV_W: tl.constexpr, HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
               HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr,
-              WPG: tl.constexpr, TPB: tl.constexpr, MAGIC: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr):
+              WPG: tl.constexpr, TPB: tl.constexpr, UNPACK: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr):
     """Each input row (that is routed here) times the tile(s), epilogue, store. A row that is not computed costs a
     branch, no arithmetic."""
     if HAS_BIAS:
@@ -342,12 +392,12 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
     elif (FMT == 2 or FMT == 3) and ROWS > 1 and not ROUTED:
         # every row uses the same tile: unpack each code once, multiply it into all rows
         rr = tl.arange(0, ROWS)
-        y = _dot_rows_int4(w, scale, zero, x_ptr, rr, sxm, K, M, FMT, NBP, WPG, MAGIC)             # [ROWS, BN]
+        y = _dot_rows_int4(w, scale, zero, x_ptr, rr, sxm, K, M, exp_bits, FMT, NBP, WPG, UNPACK)  # [ROWS, BN]
         if HAS_BIAS:
             y += bias[None, :]
         if GATED:
-            y = activate(y, ACT) * _dot_rows_int4(w_up, scale_up, zero_up, x_ptr, rr, sxm, K, M, FMT, NBP, WPG,
-                                                  MAGIC)
+            y = activate(y, ACT) * _dot_rows_int4(w_up, scale_up, zero_up, x_ptr, rr, sxm, K, M, exp_bits, FMT,
+                                                  NBP, WPG, UNPACK)
         if HAS_RSCALE:
             y = y * tl.load(rscale_ptr + rr, mask=rr < M, other=0.0).to(tl.float32)[:, None]
         _store_out(y, rr[:, None], rows[None, :], (rr < M)[:, None] & rows_ok[None, :], out_ptr, som, co_ptr,
@@ -358,12 +408,12 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
             if ROUTED and ROWS > 1:
                 row_ok = row_ok & (tl.load(rexp_ptr + r, mask=row_ok, other=-1) == expert)
             if row_ok:
-                y = _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, FMT, KP, NBP, WPG, MAGIC)
+                y = _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, exp_bits, FMT, KP, NBP, WPG, UNPACK)
                 if HAS_BIAS:
                     y += bias
                 if GATED:
-                    y = activate(y, ACT) * _dot_row(w_up, scale_up, zero_up, x_ptr, r, sxm, K, row_ok, FMT, KP, NBP,
-                                                    WPG, MAGIC)
+                    y = activate(y, ACT) * _dot_row(w_up, scale_up, zero_up, x_ptr, r, sxm, K, row_ok, exp_bits, FMT,
+                                                    KP, NBP, WPG, UNPACK)
                 if HAS_RSCALE:
                     y = y * tl.load(rscale_ptr + r).to(tl.float32)
                 _store_out(y, r, rows, rows_ok, out_ptr, som, co_ptr, scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI,
@@ -398,7 +448,7 @@ def _weight_args(weight: PackedWeight):
 
 
 def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, row_scale=None, conv_out=None,
-                  gated: str | None = None, policy: DecodePolicy | None = None):
+                  gated: str | None = None, policy: DecodePolicy | None = None, expert_ready: bool = False):
     """``out [M, N']`` (any float dtype) receives ``f(x) @ W_hat^T`` for ``M <= 8`` rows; semantics of
     :func:`decode_linear_ref`.
 
@@ -408,6 +458,9 @@ def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, r
     ``gated = activation name``: the weight is ``[.., 2F, K]`` and ``out [M, F]`` gets ``act(x W_gate^T) * (x W_up^T)``
     (the bias, if any, applies to the gate half only and must be None for gated weights).
     ``row_expert [M]`` int32 picks each row's expert of a stacked weight; ``row_scale [M]`` multiplies each row.
+    ``expert_ready``: with programmatic dependent launch, ``row_expert`` was written by a kernel before the previous
+    one (fc2 after fc1: the router ran before fc1), so the expert's tile is loaded before waiting for the previous
+    kernel, as unrouted weights are.
     """
     policy = policy or DecodePolicy.for_device(x.device)
     m, k = x.shape
@@ -441,13 +494,14 @@ def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, r
         x, st, cw, cb if cb is not None else dummy, w, s, z, bias if bias is not None else dummy,
         row_expert if row_expert is not None else dummy, row_scale if row_scale is not None else dummy, out, co,
         m, n_out, k, n_out if gated else 0, channels, x.stride(0), st.stride(0), st.stride(1), out.stride(0),
-        co.stride(0), *strides,
+        co.stride(0), *strides, _FLOAT_2P23_BITS,
         FMT=weight.fmt, ROWS=max(MMA_ROWS, next_pow2(m)) if mma else next_pow2(m), ROUTED=row_expert is not None,
         CONV_EPI=conv_out is not None, CONV_W=cw.shape[1] if conv_out is not None else 1, HAS_CB=cb is not None,
         GATED=gated is not None,
         ACT=ACTIVATION_IDS[gated] if gated else 0, HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
-        KP=kp, NBP=nbp, WPG=wpg, TPB=tpb, MAGIC=policy.int4_magic, MMA=mma, BLOCK_N=bn, PDL=policy.pdl,
-        num_warps=policy.num_warps, **kwargs)
+        KP=kp, NBP=nbp, WPG=wpg, TPB=tpb, UNPACK=INT4_UNPACK[policy.int4_unpack], MMA=mma, BLOCK_N=bn, PDL=policy.pdl,
+        EXPERT_READY=expert_ready and row_expert is not None,
+        num_warps=policy.warps(weight.fmt, m, nbp * wpg) if not mma else policy.num_warps, **kwargs)
     return out
 
 

@@ -416,20 +416,30 @@ def _bc_fp32(B_ssm, C_ssm):
 
 
 METHODS = {"chunked": selective_scan_chunked, "assoc": selective_scan_assoc}
-# "assoc" stays the default until the chunked kernel's final form is measured on the GPU (benchmarks/bench_scan.py);
-# its first forms were 1.5x faster than assoc at B=1, L >= 2048 but slower at B=1, L=512 and at B=8
-DEFAULT_METHOD = "assoc"
+# "auto": chunked from CHUNKED_MIN_TOKENS = B * L tokens, assoc below. H200, bf16, D = 2944, N = 16
+# (benchmarks/bench_scan.py, session 13): chunked 2.24-2.36x assoc at B=1, L = 2048 / 4096 and 1.60x at B=8,
+# L = 512..4096, but 0.71x at B=1, L=512
+DEFAULT_METHOD = "auto"
+CHUNKED_MIN_TOKENS = 2048
+
+
+def _pick_method(method: str, u) -> str:
+    if method == "auto":
+        return "chunked" if u.shape[0] * u.shape[1] >= CHUNKED_MIN_TOKENS else "assoc"
+    return method
 
 
 def selective_scan_triton(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=None, initial_state=None,
                           delta_softplus: bool = True, method: str = DEFAULT_METHOD, **tuning):
     """Triton twin of :func:`selective_scan_ref`: ``(y [B, L, D] in u.dtype, final state [B, D, N] fp32)``.
 
-    ``method``: ``"assoc"`` (default, :data:`DEFAULT_METHOD`) or ``"chunked"`` (see the module docstring);
-    ``tuning`` goes to that method's launcher.
+    ``method``: ``"assoc"``, ``"chunked"`` (see the module docstring) or ``"auto"`` (default,
+    :data:`DEFAULT_METHOD`: chunked from :data:`CHUNKED_MIN_TOKENS` batch x length tokens); ``tuning`` goes to that
+    method's launcher.
     """
+    method = _pick_method(method, u)
     if method not in METHODS:
-        raise ValueError(f"selective scan: unknown method {method!r}; choose from {sorted(METHODS)}")
+        raise ValueError(f"selective scan: unknown method {method!r}; choose from {sorted(METHODS) + ['auto']}")
     return METHODS[method](u, delta, A, B_ssm, C_ssm, D_skip, z, delta_bias, initial_state, delta_softplus,
                            **tuning)
 

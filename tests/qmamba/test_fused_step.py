@@ -30,13 +30,14 @@ def build(name, fmt, device):
                                                ("int4", 1, "decode"), ("binary", 1, "decode"), ("binary", 2, "decode"),
                                                ("float", 1, "general"), ("int4", 1, "general"),
                                                ("int8", 3, "general"), ("int4g128", 1, "planes"),
-                                               ("int4g128", 2, "planes_magic")])
+                                               ("int4g128", 2, "planes_magic"), ("int4g128", 1, "planes_denorm")])
 @torch.no_grad()
 def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     """``decode``: the decode-linear kernels for float / int8 / int4 (conv fused into x_proj, activation into fc1);
     ``general``: the general matmul kernels (GEMV word kernels, small-M tiles, split-K into the zeroed workspace,
     conv and activation on their own), as 1-bit weights always take; ``planes``: the decode kernels on the int4
-    weights converted in place to plane words (``_magic``: nibbles masked in place)."""
+    weights converted in place to plane words (``_magic`` / ``_denorm``: nibbles masked in place, see
+    ``DecodePolicy.int4_unpack``)."""
     model = build("tiny-blackmamba", FORMATS[fmt], device)
     if fmt == "binary":
         from qmamba.quant.binary import BinaryExperts, BinaryLinear
@@ -51,8 +52,8 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     if kernels == "general":
         policy = dataclasses.replace(policy, formats=())
     elif kernels.startswith("planes"):
-        policy = dataclasses.replace(policy, formats=(0, 1, 3), max_rows=8, int4_planes=True,
-                                     int4_magic=kernels.endswith("magic"))
+        unpack = kernels.split("_")[1] if "_" in kernels else "shift"
+        policy = dataclasses.replace(policy, formats=(0, 1, 3), max_rows=8, int4_planes=True, int4_unpack=unpack)
     step = FusedDecodeStep(model, policy)
     if kernels.startswith("planes"):  # the model's int4 weights now hold plane words; the reference reads them too
         assert any(getattr(m, "_plane_words", False) for m in model.modules()), "no int4 weight became plane words"

@@ -37,17 +37,22 @@ def poisoned(m, n, device):
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("m", [1, 3, 8])
-@pytest.mark.parametrize("block,magic", [(None, False), (4, False), (4, True)])
-def test_dense_matches_dequantized_matmul(fmt, m, block, magic, device):
+@pytest.mark.parametrize("block,unpack", [(None, "shift"), (4, "shift"), (4, "magic"), (4, "denorm"),
+                                          (2, "denorm-rowwarps")])
+def test_dense_matches_dequantized_matmul(fmt, m, block, unpack, device):
     """``block``: rows per program (None: the device's policy; 4: several programs and a ragged last one);
-    ``magic``: int4 nibbles masked in place against a pre-scaled input instead of shifted down."""
+    ``unpack``: int4 nibbles shifted down, masked in place against a pre-scaled input ("magic"), or masked in place
+    and read as subnormal floats ("denorm", one input row; several rows take "magic"); "-rowwarps": the warps of
+    one weight row's tiles (``DecodePolicy.int4_row_warps``)."""
     torch.manual_seed(m)
     n, k = 37, 200 if not fmt.startswith("planes") else 300  # K not a multiple of any group: padded tail
     w = weight_for(fmt, n, k, device)
     x = torch.randn(m, k, device=device)
     bias = torch.randn(n, device=device)
     policy = None if block is None else DecodePolicy(pdl=False, block_n_int4=block, block_n_float=block,
-                                                     num_warps=4 if device.type == "cuda" else 1, int4_magic=magic)
+                                                     num_warps=4 if device.type == "cuda" else 1,
+                                                     int4_unpack=unpack.split("-")[0],
+                                                     int4_row_warps=unpack.endswith("-rowwarps"))
     out = decode_linear(x, w, poisoned(m, n, device), bias=bias, policy=policy)
     ref = decode_linear_ref(x, w, bias=bias)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
@@ -67,16 +72,18 @@ def test_planes_on_cuda_cores_at_several_rows(m, device):
     torch.testing.assert_close(out, decode_linear_ref(x, w), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["float", "int8", "int4g32", "int4g32-magic", "planes128-magic", "planes128-nomma"])
+@pytest.mark.parametrize("fmt", ["float", "int8", "int4g32", "int4g32-magic", "planes128-magic", "planes128-denorm",
+                                 "planes128-nomma"])
 @pytest.mark.parametrize("m", [1, 4])
 def test_routed_gated_and_row_scale(fmt, m, device):
     """fc1 of a gated MoE (act(gate) * up of each row's expert) and fc2 with the routing weight; expert 2 idle."""
     torch.manual_seed(1)
     e, f, d = 4, 24, 96
     policy = DecodePolicy.for_device(device)
-    if fmt.endswith("-magic"):
-        fmt, policy = fmt[:-6], DecodePolicy(pdl=policy.pdl, num_warps=policy.num_warps, int4_magic=True,
-                                             block_n_int4=policy.block_n_int4)
+    if fmt.endswith(("-magic", "-denorm")):
+        fmt, unpack = fmt.split("-")
+        policy = DecodePolicy(pdl=policy.pdl, num_warps=policy.num_warps, int4_unpack=unpack,
+                              block_n_int4=policy.block_n_int4, int4_row_warps=True)
     if fmt.endswith("-nomma"):  # several routed rows on plane words, row by row on CUDA cores
         fmt, policy = fmt[:-6], DecodePolicy(pdl=policy.pdl, num_warps=policy.num_warps, planes_mma=False,
                                              block_n_int4=policy.block_n_int4)
@@ -91,7 +98,9 @@ def test_routed_gated_and_row_scale(fmt, m, device):
     ref_act = decode_linear_ref(x, fc1, row_expert=idx, gated="silu")
     torch.testing.assert_close(act, ref_act, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ref_act, gated_act_ref(dequant_matmul_ref(x, fc1, row_expert=idx), "silu", True))
-    y = decode_linear(act, fc2, poisoned(m, d, device), row_expert=idx, row_scale=rw, policy=policy)
+    # fc2 as the fused step launches it: the expert's tile read before the wait (with PDL, on the GPU)
+    y = decode_linear(act, fc2, poisoned(m, d, device), row_expert=idx, row_scale=rw, policy=policy,
+                      expert_ready=True)
     torch.testing.assert_close(y, decode_linear_ref(act, fc2, row_expert=idx, row_scale=rw), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(y, dequant_matmul_ref(act, fc2, row_expert=idx, row_scale=rw).float(), atol=1e-4,
                                rtol=1e-4)

@@ -46,6 +46,24 @@ def test_scan_matches_reference(method, shape, with_state, device):
     assert_scan_close(got, selective_scan_ref(**p), dtype)
 
 
+def test_auto_method_picks_by_tokens(monkeypatch, device):
+    """"auto" (the default) runs chunked from CHUNKED_MIN_TOKENS batch x length tokens, assoc below: both right."""
+    import qmamba.kernels.selective_scan as scan
+
+    calls = []
+    for name in ("chunked", "assoc"):
+        real = scan.METHODS[name]
+        monkeypatch.setitem(scan.METHODS, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or
+                            _real(*a, **k))
+    monkeypatch.setattr(scan, "CHUNKED_MIN_TOKENS", 2 * 37)
+    for batch, want in ((1, "assoc"), (2, "chunked")):
+        p = scan_inputs(batch, 37, 20, 5, device, torch.float32, seed=batch)
+        assert_scan_close(selective_scan_triton(**p), selective_scan_ref(**p), torch.float32)
+        assert calls[-1] == want
+    with pytest.raises(ValueError, match="unknown method"):
+        selective_scan_triton(**scan_inputs(1, 3, 4, 2, device, torch.float32), method="fast")
+
+
 # the chunked method's knobs: L = 37 is ragged for every unroll and segment length; 3 segments of 16, 16 and 5
 # steps (unroll 4 or 8) exercise the summary pass and the carry-in over two earlier summaries
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
