@@ -4,6 +4,7 @@ ms/token, peak memory) for bf16 / int8 / int4 g128 / 1-bit (binary projections a
 dt_proj and head), side by side in one run.
 
     python benchmarks/bench_e2e.py --out e2e.json [--formats bf16,int4_g128] [--batches 1,8] [--prompt-len 2048]
+        [--prefill-experts tiles|per_expert|whole_stack]
 
 The same figures for a checkpoint on disk: ``qmamba bench PATH --batch 1,8``. A failed check exits non-zero.
 """
@@ -11,6 +12,7 @@ The same figures for a checkpoint on disk: ``qmamba bench PATH --batch 1,8``. A 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import sys
@@ -20,10 +22,15 @@ import torch
 
 from qmamba.bench import BenchCheckError, bench_model, format_table, weight_bytes  # noqa: F401 (re-exported)
 from qmamba.config import preset
+from qmamba.kernels.matmul_configs import DEFAULT_POLICY, using_policy
 from qmamba.quant.binary import BinaryFormat
 from qmamba.quant.formats import Int4Format, Int8Format
 from qmamba.testing import quantize_rtn, random_model
 
+PREFILL_EXPERT_ROUTES = {"tiles": DEFAULT_POLICY,
+                         "per_expert": dataclasses.replace(DEFAULT_POLICY, dequant_experts_min_m=64),
+                         "whole_stack": dataclasses.replace(DEFAULT_POLICY, dequant_experts_min_m=64,
+                                                            dequant_experts_whole_stack=True)}
 # name -> (format of the projections and experts, format of x_proj / dt_proj / head or None for the same)
 FORMATS = {"bf16": (None, None), "int8": (Int8Format(), None), "int4_g128": (Int4Format(128), None),
            "binary+int4_g128": (BinaryFormat(), Int4Format(128))}
@@ -49,15 +56,20 @@ def main():
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt-len", type=int, default=2048)
     ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--prefill-experts", default="tiles", choices=sorted(PREFILL_EXPERT_ROUTES),
+                    help="route of the routed int8/int4 expert matmuls from M = 64 (the prefill): the int4 tile "
+                         "kernel (default), expert by expert dequantized + float tiles, or the whole stack "
+                         "dequantized + one float grouped GEMM")
     args = ap.parse_args()
     cfg = preset(args.preset)
     result = dict(preset=args.preset, device=torch.cuda.get_device_name(0), rows=[], failures=[])
     for name in args.formats.split(","):
         model = build(cfg, name)
         try:
-            rows = bench_model(model, [int(b) for b in args.batches.split(",")], args.prompt_len, args.tokens,
-                               log=lambda s, n=name: print(f"{n}: {s}", flush=True),
-                               check_model=lambda n=name: build(cfg, n, torch.float32))
+            with using_policy(PREFILL_EXPERT_ROUTES[args.prefill_experts]):
+                rows = bench_model(model, [int(b) for b in args.batches.split(",")], args.prompt_len, args.tokens,
+                                   log=lambda s, n=name: print(f"{n}: {s}", flush=True),
+                                   check_model=lambda n=name: build(cfg, n, torch.float32))
         except BenchCheckError as exc:
             result["failures"].append(f"{name}: {exc}")
             print(f"{name}: FAILED {exc}", flush=True)

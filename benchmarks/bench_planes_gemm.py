@@ -120,9 +120,11 @@ def run(m_values, sweep, quick, log):
                                             for w in ws], ref, n_experts * n * k // 2)
             record(label, m, "int4_planes", [lambda w=w: dequant_matmul(x, w[1], row_expert=idx, tiles=tiles)
                                              for w in ws], ref, n_experts * n * k // 2)
-            if m > 16:  # the two prefill routes side by side: int4 tile kernel vs expert-by-expert dense
+            if m > 16:  # the prefill routes side by side: int4 tile kernel, expert-by-expert dense, whole stack
                 for route, pol in (("tiles", MatmulPolicy(dequant_experts_min_m=1 << 40)),
-                                   ("via_dense", MatmulPolicy(dequant_experts_min_m=0))):
+                                   ("via_dense", MatmulPolicy(dequant_experts_min_m=0)),
+                                   ("via_stack", MatmulPolicy(dequant_experts_min_m=0,
+                                                              dequant_experts_whole_stack=True))):
                     record(label, m, f"int4_planes_{route}",
                            [lambda w=w, p=pol: dequant_matmul(x, w[1], row_expert=idx, tiles=tiles, policy=p)
                             for w in ws], ref, n_experts * n * k // 2)

@@ -34,8 +34,8 @@ from torch import Tensor
 
 from qmamba.kernels._triton import cdiv, jit, split_k_range, tl
 from qmamba.kernels.dequantize import dense_linear
-from qmamba.kernels.matmul_configs import (BINARY_DEQUANT_GEMM_MIN_M, DEFAULT_POLICY, GEMV_MAX_M, BinaryConfig,
-                                           MatmulPolicy, pick_binary_config)
+from qmamba.kernels.matmul_configs import (BINARY_DEQUANT_GEMM_MIN_M, GEMV_MAX_M, BinaryConfig,
+                                           MatmulPolicy, current_policy, pick_binary_config)
 from qmamba.kernels.quant_matmul import dequant_matmul, output_buffer
 from qmamba.kernels.routing import ROUTE_BY_EXPERT, ROUTE_DENSE, ROUTE_TILES, ExpertTiles, expert_tile_map
 from qmamba.kernels.weights import BinaryWeight, PackedWeight, int32_words
@@ -228,14 +228,15 @@ def dequantize_binary_triton(weight: "BinaryWeight", dtype=torch.bfloat16) -> Te
 
 def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, row_scale=None,
                   tiles: ExpertTiles | None = None, config: BinaryConfig | None = None, out=None,
-                  policy: MatmulPolicy = DEFAULT_POLICY) -> Tensor:
+                  policy: MatmulPolicy | None = None) -> Tensor:
     """``x [M, K]`` -> ``[M, N]`` in x.dtype, semantics of :func:`binary_matmul_ref` (routing as ``dequant_matmul``).
 
     Paths: the word GEMV (M = 1, or M <= 8 on small matrices; split-K), the tile kernel (other M <= 16, and
     everywhere on the interpreter or with an explicit ``config``), and on CUDA above 16 rows one Triton
     dequantization pass followed by cuBLAS (one matrix) or the float grouped GEMM (experts).
     ``out`` (optional ``[M, N]``) receives the result as is: with split-K it must be float32 and zeroed; otherwise
-    any float dtype. ``policy``: which kernel paths may be taken (:class:`MatmulPolicy`)."""
+    any float dtype. ``policy``: which kernel paths may be taken (None: :func:`current_policy`) (:class:`MatmulPolicy`)."""
+    policy = policy or current_policy()
     if x.dim() != 2 or x.shape[1] != weight.k:
         raise ValueError(f"binary matmul: x must be [M, {weight.k}], got {tuple(x.shape)}")
     m = x.shape[0]

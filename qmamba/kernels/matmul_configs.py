@@ -9,6 +9,7 @@ The numbers come from the H100/H200 sweeps in ``benchmarks/`` (cited at each heu
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,11 +35,16 @@ class MatmulPolicy:
     one dequantization pass of that expert's matrix then the float tile kernel on its rows. Off by default: on the
     H200 (benchmarks/results.md, "session 12") it cuts fc1's GPU time at M = 2048 from 483 to 338 us (fc2 294 ->
     289) but adds two launches per expert, and the prefill is bound by host time (41 ms wall for 18 ms of kernels
-    in bf16): end to end the int4 prefill lost (23.6k against 38.7k tokens/s in an earlier run that day)."""
+    in bf16): end to end the int4 prefill lost (23.6k against 38.7k tokens/s in an earlier run that day).
+    ``dequant_experts_whole_stack``: on that route, all experts in one dequantization pass (a ``[E, N, K]``
+    temporary in the input's type: 182 MB for BlackMamba-2.8B's fc1) and one float grouped GEMM over every tile,
+    two launches in all (not measured on the GPU yet: H200 kernel figures of session 12 suggest fc1 at M = 2048
+    ~80 us of dequantization + 157 us of bf16 grouped GEMM against 483 us for the int4 tile kernel)."""
 
     int4_word_gemv: bool = True
     binary_word_gemv: bool = True
     dequant_experts_min_m: int = 1 << 62
+    dequant_experts_whole_stack: bool = False
     word_gemv_max_rows: int = 8
     word_gemv_max_weights: int = 1 << 24
 
@@ -48,6 +54,22 @@ class MatmulPolicy:
 
 
 DEFAULT_POLICY = MatmulPolicy()
+_POLICIES = [DEFAULT_POLICY]
+
+
+def current_policy() -> MatmulPolicy:
+    """The policy of matmuls called without one: :data:`DEFAULT_POLICY` unless :func:`using_policy` is active."""
+    return _POLICIES[-1]
+
+
+@contextmanager
+def using_policy(policy: MatmulPolicy):
+    """Run the matmuls of a block of code (a model's prefill, say) under ``policy`` (benchmarks compare routes)."""
+    _POLICIES.append(policy)
+    try:
+        yield policy
+    finally:
+        _POLICIES.pop()
 
 
 # ---- float / int8 / int4 kernels --------------------------------------------------------------------------------
@@ -88,8 +110,9 @@ def small_block_m(m: int) -> int:
 
 
 def pick_config(m: int, weight: PackedWeight, device, route: int = ROUTE_DENSE,
-                policy: MatmulPolicy = DEFAULT_POLICY) -> MatmulConfig:
+                policy: MatmulPolicy | None = None) -> MatmulConfig:
     """Tile sizes by M: GEMV (M = 1), small-M tensor-core tiles (M <= 16), prefill GEMM tiles (M > 16)."""
+    policy = policy or current_policy()
     n, k_pad = weight.n, weight.k_padded
     g = weight.group_size
     if weight.fmt == FMT_INT4:  # one group per tile where the dot allows it (K >= 16 per half-tile)
@@ -172,9 +195,10 @@ BINARY_DEQUANT_GEMM_MIN_M = GEMV_MAX_M + 1  # CUDA, M from this: one dequantizat
 
 
 def pick_binary_config(m: int, weight: BinaryWeight, device,
-                       policy: MatmulPolicy = DEFAULT_POLICY) -> BinaryConfig:
+                       policy: MatmulPolicy | None = None) -> BinaryConfig:
     """The word GEMV (M = 1, and small matrices up to ``policy.word_gemv_max_rows`` rows), small-M tensor-core tiles
     (M <= 16) or GEMM tiles; few big programs on the interpreter."""
+    policy = policy or current_policy()
     if device.type != "cuda":
         if policy.binary_word_gemv_fits(m, weight):
             return BinaryConfig(1, 32, 64, 1, 1)

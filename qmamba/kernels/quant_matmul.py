@@ -29,8 +29,8 @@ from qmamba.kernels._triton import cdiv, jit, split_k_range, tl
 from qmamba.kernels.dequant_gemm import dequant_gemm, matmul_epilogue, plane_codes, plane_tile
 from qmamba.kernels.dequantize import dense_linear, dequantize_stack
 from qmamba.kernels.int4_gemv import int4_gemv
-from qmamba.kernels.matmul_configs import (DEFAULT_POLICY, DEQUANT_GEMM_MIN_M, GEMV_MAX_M, MatmulConfig, MatmulPolicy,
-                                           gemm_config, pick_config, small_block_m)
+from qmamba.kernels.matmul_configs import (DEQUANT_GEMM_MIN_M, GEMV_MAX_M, MatmulConfig, MatmulPolicy,
+                                           current_policy, gemm_config, pick_config, small_block_m)
 from qmamba.kernels.routing import ROUTE_BY_EXPERT, ROUTE_DENSE, ROUTE_TILES, expert_tile_map
 from qmamba.kernels.weights import FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT8, PackedWeight, int32_words
 
@@ -192,10 +192,11 @@ def output_buffer(x, n: int, out, atomic: bool, who: str):
     return out, False
 
 
-def experts_via_dense(x, weight: PackedWeight, bias, row_expert, row_scale, tiles=None):
+def experts_via_dense(x, weight: PackedWeight, bias, row_expert, row_scale, tiles=None, whole_stack: bool = False):
     """A routed stack expert by expert: that expert's matrix dequantized to ``x.dtype`` (one pass), then the float
     tile kernel on that expert's row tiles only. One dense matrix at a time (not the stack): the temporary is one
-    expert's weight."""
+    expert's weight. ``whole_stack``: every expert in one pass, then one grouped GEMM over all tiles (two launches;
+    the temporary is the whole stack)."""
     m = x.shape[0]
     dense_cfg = gemm_config(m, PackedWeight(FMT_FLOAT, weight.n, weight.k, 1, x), x.device)
     if tiles is None:
@@ -203,6 +204,10 @@ def experts_via_dense(x, weight: PackedWeight, bias, row_expert, row_scale, tile
     cfg = MatmulConfig(tiles.block_m, dense_cfg.block_n, dense_cfg.block_k, 1, dense_cfg.num_warps,
                        dense_cfg.num_stages)
     out = torch.empty(m, weight.n, device=x.device, dtype=x.dtype)
+    if whole_stack:
+        dense = PackedWeight.from_float(dequantize_stack(weight, x.dtype))
+        dequant_gemm(x, dense, out, bias, row_scale, tiles, cfg, False)
+        return out
     for e in range(weight.n_experts):
         dense = dequantize_stack(weight.expert(e), x.dtype)
         dequant_gemm(x, PackedWeight.from_float(dense), out, bias, row_scale, tiles, cfg, False, only_expert=e)
@@ -210,14 +215,15 @@ def experts_via_dense(x, weight: PackedWeight, bias, row_expert, row_scale, tile
 
 
 def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scale=None, tiles=None,
-                   config: MatmulConfig | None = None, out=None, policy: MatmulPolicy = DEFAULT_POLICY):
+                   config: MatmulConfig | None = None, out=None, policy: MatmulPolicy | None = None):
     """``x [M, K]`` -> ``[M, N]`` in x.dtype, with the reference semantics of :func:`dequant_matmul_ref`.
 
     Routing: ``row_expert`` alone with M <= 16 uses one program column per expert; ``tiles`` (from
     :func:`expert_tile_map`, needs ``row_expert`` sorted into tiles) runs the grouped GEMM. ``out`` (optional
     ``[M, N]``) receives the result as is: with split-K it must be float32 and zeroed (the captured decode step
-    zeroes one workspace per token); without it any float dtype. ``policy``: which kernel paths may be taken.
+    zeroes one workspace per token); without it any float dtype. ``policy``: which kernel paths may be taken (None: :func:`current_policy`).
     """
+    policy = policy or current_policy()
     if x.dim() != 2 or x.shape[1] != weight.k:
         raise ValueError(f"dequant matmul: x must be [M, {weight.k}], got {tuple(x.shape)}")
     m = x.shape[0]
@@ -228,7 +234,8 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
         raise ValueError(f"dequant matmul: bias must be [{weight.n}], got {tuple(bias.shape)}")
     if (x.is_cuda and row_expert is not None and weight.fmt in (FMT_INT8, FMT_INT4, FMT_INT4_PLANES)
             and m >= policy.dequant_experts_min_m and config is None and out is None and x.dtype != torch.float32):
-        return experts_via_dense(x, weight, bias, row_expert, row_scale, tiles)
+        return experts_via_dense(x, weight, bias, row_expert, row_scale, tiles,
+                                 whole_stack=policy.dequant_experts_whole_stack)
     if row_expert is None:
         if weight.n_experts != 1:
             raise ValueError("dequant matmul: a stacked weight needs row_expert")

@@ -84,9 +84,11 @@ def test_dequantize_stack_of_planes_equals_words(device):
 
 
 @pytest.mark.parametrize("form", ["words", "planes"])
-def test_experts_via_dense_matches_reference(form, device):
-    """The prefill MoE's expert-by-expert path (one expert's matrix dequantized, then the float tile kernel on its
-    row tiles only), directly and through ``dequant_matmul``'s dispatch (CUDA, low-precision inputs)."""
+@pytest.mark.parametrize("whole_stack", [False, True])
+def test_experts_via_dense_matches_reference(form, whole_stack, device):
+    """The prefill MoE's dequantize-then-float route (one expert's matrix dequantized, then the float tile kernel
+    on its row tiles only; ``whole_stack``: every expert in one pass, one grouped GEMM), directly and through
+    ``dequant_matmul``'s dispatch (CUDA, low-precision inputs)."""
     from qmamba.kernels.matmul_configs import MatmulPolicy
     from qmamba.kernels.quant_matmul import experts_via_dense
 
@@ -98,10 +100,27 @@ def test_experts_via_dense_matches_reference(form, device):
     scale = torch.rand(m, device=device)
     bias = torch.randn(n, device=device)
     ref = dequant_matmul_ref(x, w, bias=bias, row_expert=idx, row_scale=scale)
-    got = experts_via_dense(x, w, bias, idx, scale)
+    got = experts_via_dense(x, w, bias, idx, scale, whole_stack=whole_stack)
     close(got, ref, torch.float32)
     if device.type == "cuda":
         xb = x.to(torch.bfloat16)
         got = dequant_matmul(xb, w, bias, row_expert=idx, row_scale=scale,
-                             policy=MatmulPolicy(dequant_experts_min_m=0))
+                             policy=MatmulPolicy(dequant_experts_min_m=0, dequant_experts_whole_stack=whole_stack))
         close(got, dequant_matmul_ref(xb, w, bias=bias, row_expert=idx, row_scale=scale), torch.bfloat16)
+
+
+def test_using_policy_scopes_the_default(device):
+    """``using_policy`` sets the policy of matmuls called without one (a prefill under a benchmark's route), and
+    only inside its block: with the 1-bit word GEMV switched off the tile configuration is chosen."""
+    from qmamba.kernels.matmul_configs import (DEFAULT_POLICY, MatmulPolicy, current_policy, pick_binary_config,
+                                               using_policy)
+
+    assert current_policy() is DEFAULT_POLICY
+    off = MatmulPolicy(binary_word_gemv=False)
+    weight = type("W", (), {"n": 64, "k": 64})()
+    word = pick_binary_config(4, weight, device)
+    with using_policy(off):
+        assert current_policy() is off
+        assert pick_binary_config(4, weight, device) != word
+        assert pick_binary_config(4, weight, device) == pick_binary_config(4, weight, device, off)
+    assert current_policy() is DEFAULT_POLICY and pick_binary_config(4, weight, device) == word
