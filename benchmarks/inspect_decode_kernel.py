@@ -1,16 +1,25 @@
-"""Compiler report of the decode linear kernel at one of BlackMamba-2.8B's shapes (run on the GPU): registers,
-spills, and the PTX / SASS / TTGIR of each given policy variant, written to a folder for reading off the device.
+"""Compiler report of the decode linear kernel at BlackMamba-2.8B's shapes, with no GPU: registers, stack (spills),
+SASS instruction count and mix per int4 code, for policy variants of bench_decode_linear.py (one input row).
 
-    python benchmarks/inspect_decode_kernel.py --out DIR [--shape in_proj] [--variants bf16_bn4,planes_bn4]
+    python benchmarks/inspect_decode_kernel.py [--shapes in_proj,fc1_gated] [--variants planes_bn4,planes_denorm_bn4]
+        [--arch 90] [--out DIR]
 
-Variant names are those of bench_decode_linear.py (one row).
+Each variant's kernel is compiled the way its launch would be: :func:`decode_linear` runs on CPU tensors with the
+kernel replaced by a recorder, which captures the arguments and meta-parameters; they are compiled for ``sm_<arch>``
+(Triton's own ptxas, no driver needed) with Triton's launch specialisations (pointers and integers divisible by
+16 marked so, integers equal to 1 folded). ``--out`` also writes the PTX and SASS of each. Read the figures as
+a guide to the arithmetic a variant costs, not as timings: the device's Triton may schedule differently.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -23,51 +32,134 @@ from qmamba.kernels import decode_linear as dl  # noqa: E402
 from qmamba.kernels.weights import PackedWeight  # noqa: E402
 from qmamba.quant.formats import Int4Format  # noqa: E402
 
+_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+          torch.uint8: "u8", torch.int8: "i8", torch.int64: "i64"}
+
+
+class _Recorder:
+    """Stands in for a JIT kernel: ``kernel[grid](*args, **meta)`` records instead of launching."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.calls = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.calls.append((grid, args, meta))
+        return launch
+
+
+def compile_recorded(fn, args, meta, arch: int):
+    """Compile ``fn`` for ``args`` / ``meta`` (one recorded launch) for ``sm_<arch>`` without a device."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    signature, constexprs, attrs = {}, {}, {}
+    options = {k: meta[k] for k in ("num_warps", "num_stages") if k in meta}
+    for i, name in enumerate(names):
+        if name in meta:
+            constexprs[name] = meta[name]
+            signature[name] = "constexpr"
+            continue
+        value = args[i]
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 256-byte aligned
+        elif isinstance(value, bool) or value is None:
+            constexprs[name] = value
+            signature[name] = "constexpr"
+        elif isinstance(value, int):
+            if value == 1:  # Triton folds integer arguments equal to 1
+                constexprs[name] = 1
+                signature[name] = "constexpr"
+                continue
+            signature[name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32"
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        return subprocess.run([str(tool), flag, f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+
+
+def report(compiled) -> dict:
+    """Registers, stack bytes, and the SASS instruction mix (opcode -> count) of a compiled kernel."""
+    sass = _cuobjdump(compiled.asm["cubin"], "--dump-sass")
+    usage = re.search(r"REG:(\d+).*?STACK:(\d+)", _cuobjdump(compiled.asm["cubin"], "--dump-resource-usage"))
+    ops = collections.Counter()
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
+        if m:
+            ops[m.group(1)] += 1
+    return dict(regs=int(usage.group(1)) if usage else -1, stack=int(usage.group(2)) if usage else -1, ops=ops,
+                sass=sass)
+
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--shape", default="in_proj")
-    ap.add_argument("--variants", default="bf16_bn4,planes_bn4,planes_magic_bn8,words_bn8")
+    ap.add_argument("--shapes", default="in_proj,x_proj,out_proj,fc1_gated,fc2,head")
+    ap.add_argument("--variants", default="planes_bn4,planes_magic_bn4,planes_denorm_bn4,planes_denorm_bn8_rw")
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--out", help="folder for the PTX and SASS of each variant")
     args = ap.parse_args()
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dev = torch.device("cuda")
-    n, k, experts, opts = shapes(preset("blackmamba-2.8b"))[args.shape]
-    lead = (experts,) if experts else ()
-    fmt = Int4Format(128)
-    int4 = fmt.kernel_weight({key: t.to(dev) for key, t in fmt.quantize_rtn(torch.randn(*lead, n, k)).items()}, n, k)
-    forms = {"words": int4, "planes": int4.to_planes(),
-             "float": PackedWeight.from_float(int4.dequantized(torch.bfloat16))}
-    x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
-    kw = {"row_expert": torch.tensor([1], dtype=torch.int32, device=dev)} if experts else {}
-    if opts.get("gated"):
-        kw["gated"] = opts["gated"]
-    table = variants(dl.pdl_supported(dev), 1)
-    for v in args.variants.split(","):
-        form, policy = table[v]
-        before = set(dl._decode_linear_kernel.device_caches[0][0].keys()) if hasattr(
-            dl._decode_linear_kernel, "device_caches") else set()
-        out = torch.empty(1, n // 2 if opts.get("gated") else n, device=dev, dtype=torch.bfloat16)
-        dl.decode_linear(x, forms[form], out, policy=policy, **kw)
-        torch.cuda.synchronize()
-        cache = dl._decode_linear_kernel.device_caches[0][0]
-        new = [key for key in cache if key not in before] or list(cache)[-1:]
-        compiled = cache[new[-1]]
-        print(f"{args.shape} {v}: registers {compiled.n_regs}, spills {compiled.n_spills}, "
-              f"shared {compiled.metadata.shared}", flush=True)
-        for ext in ("ttgir", "ptx"):
-            (out_dir / f"{args.shape}_{v}.{ext}").write_text(compiled.asm[ext])
-        cubin = out_dir / f"{args.shape}_{v}.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        try:
-            sass = subprocess.run(["cuobjdump", "--dump-sass", str(cubin)], capture_output=True, text=True,
-                                  check=True).stdout
-            (out_dir / f"{args.shape}_{v}.sass").write_text(sass)
-            print(f"  SASS instructions: {sum(1 for line in sass.splitlines() if line.strip().startswith('/*0'))}")
-        except (OSError, subprocess.CalledProcessError) as exc:
-            print(f"  no SASS: {exc}")
-        cubin.unlink()
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out_dir = Path(args.out) if args.out else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    table = variants(True, 1)
+    recorder = _Recorder(dl._decode_linear_kernel)
+    real = dl._decode_linear_kernel
+    dl._decode_linear_kernel = recorder
+    try:
+        for shape, (n, k, experts, opts) in shapes(preset("blackmamba-2.8b")).items():
+            if shape not in args.shapes.split(","):
+                continue
+            lead = (experts,) if experts else ()
+            fmt = Int4Format(128)
+            int4 = fmt.kernel_weight(fmt.quantize_rtn(torch.randn(*lead, n, k)), n, k)
+            forms = {"words": int4, "planes": int4.to_planes(),
+                     "float": PackedWeight.from_float(int4.dequantized(torch.bfloat16))}
+            x = torch.randn(1, k, dtype=torch.bfloat16)
+            kw = {"row_expert": torch.tensor([1], dtype=torch.int32)} if experts else {}
+            if opts.get("gated"):
+                kw["gated"] = opts["gated"]
+            if opts.get("row_scale"):
+                kw["row_scale"] = torch.ones(1)
+            codes = n * k  # int4 codes of one matrix (one expert)
+            for v in args.variants.split(","):
+                form, policy = table[v]
+                policy = dl.DecodePolicy(**{**policy.__dict__, "pdl": True})  # as on the H200
+                out = torch.empty(1, n // 2 if opts.get("gated") else n, dtype=torch.bfloat16)
+                dl.decode_linear(x, forms[form], out, policy=policy, **kw)
+                grid, kargs, meta = recorder.calls[-1]
+                compiled = compile_recorded(real, kargs, meta, args.arch)
+                r = report(compiled)
+                programs = grid[0] * grid[1]
+                threads = 32 * meta["num_warps"]
+                per_code = sum(r["ops"].values()) * threads * programs / codes
+                mix = ", ".join(f"{o}={c}" for o, c in r["ops"].most_common(8))
+                print(f"{shape:10s} {v:24s} regs {r['regs']:3d} stack {r['stack']:4d} warps {meta['num_warps']} "
+                      f"programs {programs:5d} SASS {sum(r['ops'].values()):5d} "
+                      f"({per_code:4.1f} per code): {mix}", flush=True)
+                if out_dir:
+                    (out_dir / f"{shape}_{v}.ptx").write_text(compiled.asm["ptx"])
+                    (out_dir / f"{shape}_{v}.sass").write_text(r["sass"])
+    finally:
+        dl._decode_linear_kernel = real
 
 
 if __name__ == "__main__":
