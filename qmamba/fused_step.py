@@ -184,7 +184,7 @@ class FusedDecodeStep:
     def _linear(self, x, weight, out, expert_ready: bool = False, **kw):
         """``out <- x @ W^T``: the decode kernel where the policy takes it, else the general kernel (split-K into the
         zeroed workspace view ``out``). ``expert_ready``: see :func:`decode_linear`."""
-        if self.policy.takes(weight, x.shape[0]):
+        if self.policy.takes(weight, x.shape[0], routed=kw.get("row_expert") is not None):
             return self._decode(x, weight, out, expert_ready=expert_ready, **kw)
         return routed_matmul(x, weight, out=out, **kw)
 
@@ -219,7 +219,8 @@ class FusedDecodeStep:
         h1, out = views
         ffn = plan.fc1.n // 2 if plan.gated else plan.fc1.n
         act = buf["act"][:, :ffn]
-        if plan.gated and self.policy.takes(plan.fc1, act.shape[0]):  # gate, up and activation in one kernel
+        # gate, up and activation in one kernel
+        if plan.gated and self.policy.takes(plan.fc1, act.shape[0], routed=True):
             self._decode(buf["x"], plan.fc1, act, row_expert=buf["idx"], gated=plan.activation)
         else:
             self._linear(buf["x"], plan.fc1, h1, row_expert=buf["idx"])

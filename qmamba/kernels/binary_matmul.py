@@ -235,7 +235,8 @@ def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, r
     everywhere on the interpreter or with an explicit ``config``), and on CUDA above 16 rows one Triton
     dequantization pass followed by cuBLAS (one matrix) or the float grouped GEMM (experts).
     ``out`` (optional ``[M, N]``) receives the result as is: with split-K it must be float32 and zeroed; otherwise
-    any float dtype. ``policy``: which kernel paths may be taken (None: :func:`current_policy`) (:class:`MatmulPolicy`)."""
+    any float dtype. ``policy``: which kernel paths may be taken (:class:`MatmulPolicy`; None:
+    :func:`current_policy`)."""
     policy = policy or current_policy()
     if x.dim() != 2 or x.shape[1] != weight.k:
         raise ValueError(f"binary matmul: x must be [M, {weight.k}], got {tuple(x.shape)}")

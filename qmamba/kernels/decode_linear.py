@@ -73,6 +73,8 @@ class DecodePolicy:
     int4_planes: bool = False    # callers convert int4 weights (group size a multiple of 128) to plane words
     max_rows_planes: int = MAX_ROWS  # batch sizes up to which int4 weights with a plane form take these kernels
     max_rows: int = MAX_ROWS     # batch sizes above this take the general matmul kernels (caller's choice)
+    max_rows_routed: int = 0     # routed expert stacks take these kernels up to this many rows even above max_rows
+    #                              (one program column per expert: each expert's tile read once for its rows)
     planes_mma: bool = True      # plane words at 2+ rows: tensor cores (16-row tiles); False: CUDA cores per row
     int4_row_warps: bool = False  # int4 at one input row: as many warps as cover one weight row's tiles (16 B a
     #                               thread), so each thread holds the same k of all its program's rows and reads the
@@ -81,12 +83,15 @@ class DecodePolicy:
     expert_prefetch: bool = True  # fused step: fc2 reads its expert's tile before waiting for fc1 (expert_ready)
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES)  # weight formats these kernels serve
 
-    def takes(self, weight, rows: int) -> bool:
+    def takes(self, weight, rows: int, routed: bool = False) -> bool:
         """Whether a caller should run ``weight`` at ``rows`` rows through :func:`decode_linear` (int4 plane words up
-        to ``max_rows_planes`` rows: the tensor-core path from 2 rows; everything else up to ``max_rows``)."""
+        to ``max_rows_planes`` rows: the tensor-core path from 2 rows; everything else up to ``max_rows``; a
+        ``routed`` expert stack also up to ``max_rows_routed``)."""
         if not isinstance(weight, PackedWeight) or weight.fmt not in self.formats:
             return False
         limit = self.max_rows_planes if weight.fmt == FMT_INT4_PLANES else self.max_rows
+        if routed:
+            limit = max(limit, self.max_rows_routed)
         return rows <= min(limit, MAX_ROWS)
 
     @classmethod

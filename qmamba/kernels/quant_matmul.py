@@ -221,7 +221,8 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     Routing: ``row_expert`` alone with M <= 16 uses one program column per expert; ``tiles`` (from
     :func:`expert_tile_map`, needs ``row_expert`` sorted into tiles) runs the grouped GEMM. ``out`` (optional
     ``[M, N]``) receives the result as is: with split-K it must be float32 and zeroed (the captured decode step
-    zeroes one workspace per token); without it any float dtype. ``policy``: which kernel paths may be taken (None: :func:`current_policy`).
+    zeroes one workspace per token); without it any float dtype. ``policy``: which kernel paths may be taken
+    (None: :func:`current_policy`).
     """
     policy = policy or current_policy()
     if x.dim() != 2 or x.shape[1] != weight.k:

@@ -30,14 +30,16 @@ def build(name, fmt, device):
                                                ("int4", 1, "decode"), ("binary", 1, "decode"), ("binary", 2, "decode"),
                                                ("float", 1, "general"), ("int4", 1, "general"),
                                                ("int8", 3, "general"), ("int4g128", 1, "planes"),
-                                               ("int4g128", 2, "planes_magic"), ("int4g128", 1, "planes_denorm")])
+                                               ("int4g128", 2, "planes_magic"), ("int4g128", 1, "planes_denorm"),
+                                               ("int4g128", 3, "routed_denorm"), ("float", 3, "routed")])
 @torch.no_grad()
 def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     """``decode``: the decode-linear kernels for float / int8 / int4 (conv fused into x_proj, activation into fc1);
     ``general``: the general matmul kernels (GEMV word kernels, small-M tiles, split-K into the zeroed workspace,
     conv and activation on their own), as 1-bit weights always take; ``planes``: the decode kernels on the int4
     weights converted in place to plane words (``_magic`` / ``_denorm``: nibbles masked in place, see
-    ``DecodePolicy.int4_unpack``)."""
+    ``DecodePolicy.int4_unpack``); ``routed``: only the routed expert stacks on the decode kernels at 2+ rows (each
+    routed row on CUDA cores), dense matrices on the general kernels."""
     model = build("tiny-blackmamba", FORMATS[fmt], device)
     if fmt == "binary":
         from qmamba.quant.binary import BinaryExperts, BinaryLinear
@@ -54,7 +56,14 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     elif kernels.startswith("planes"):
         unpack = kernels.split("_")[1] if "_" in kernels else "shift"
         policy = dataclasses.replace(policy, formats=(0, 1, 3), max_rows=8, int4_planes=True, int4_unpack=unpack)
+    elif kernels.startswith("routed"):
+        unpack = kernels.split("_")[1] if "_" in kernels else "shift"
+        policy = dataclasses.replace(policy, formats=(0, 1, 3), max_rows=1, max_rows_planes=1, max_rows_routed=8,
+                                     int4_planes=True, int4_unpack=unpack, planes_mma=False)
     step = FusedDecodeStep(model, policy)
+    if kernels.startswith("routed"):  # the experts take the decode kernels at this batch, dense matrices do not
+        moe = [p for p in step.layers if hasattr(p, "fc1")]
+        assert moe and all(policy.takes(p.fc1, batch, routed=True) and not policy.takes(p.fc1, batch) for p in moe)
     if kernels.startswith("planes"):  # the model's int4 weights now hold plane words; the reference reads them too
         assert any(getattr(m, "_plane_words", False) for m in model.modules()), "no int4 weight became plane words"
         assert all(w.fmt == 3 for w in step._weights() if getattr(w, "group_size", 0) == 128)
