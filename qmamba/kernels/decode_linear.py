@@ -69,7 +69,7 @@ class DecodePolicy:
     block_n_float: int = 4
     num_warps: int = 4
     int4_unpack: str = "shift"   # int4 codes: "shift" down, "magic" (masked in place, input pre-scaled by 16^-p),
-    #                              "denorm" (one input row: masked in place and read as subnormal floats)
+    #                              "denorm" (masked in place and read as subnormal floats; CUDA-core paths)
     int4_planes: bool = False    # callers convert int4 weights (group size a multiple of 128) to plane words
     max_rows_planes: int = MAX_ROWS  # batch sizes up to which int4 weights with a plane form take these kernels
     max_rows: int = MAX_ROWS     # batch sizes above this take the general matmul kernels (caller's choice)
@@ -252,10 +252,26 @@ def _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, exp_bits,
 @jit
 def _dot_rows_int4(w, scale, zero, x_ptr, rr, sxm, K, M, exp_bits,
                    FMT: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, UNPACK: tl.constexpr):
-    """``[ROWS, BN]`` fp32: int4 tile times the input rows ``rr`` (rows >= M read nothing), each code unpacked once."""
+    """``[ROWS, BN]`` fp32: int4 tile times the input rows ``rr`` (rows >= M read nothing), each code unpacked once
+    (``UNPACK`` 2: as subnormal floats, see :func:`_dot_row`; one mask per code for all rows)."""
     k_lim = tl.where(rr < M, K, 0)
     hi = w >> 20
     part = tl.zeros((rr.shape[0], w.shape[0], w.shape[1]), dtype=tl.float32)                      # [R, BN, NBP]
+    if UNPACK == 2:
+        xs = tl.zeros((rr.shape[0], w.shape[1]), dtype=tl.float32)                                # [R, NBP]
+        for i in tl.static_range(8):
+            k = _int4_k(i, NBP, WPG, FMT)[None, :, :]
+            xi = _input_at(x_ptr, rr[:, None, None], sxm, k, k < k_lim[:, None, None])            # [R, NBP, WPG]
+            xs += tl.sum(xi, axis=2)
+            if i < 5:
+                bits = w & (0xF << (4 * i))
+                xp = xi * (2.0 ** (96 - 4 * i))
+            else:
+                bits = hi & (0xF << (4 * (i - 5)))
+                xp = xi * (2.0 ** (96 - 4 * (i - 5)))
+            part += tl.sum(bits.to(tl.float32, bitcast=True)[None, :, :, :] * xp[:, None, :, :], axis=3)
+        part -= zero[None, :, :] * (xs * (2.0 ** -53))[:, None, :]
+        return tl.sum(part * (scale * (2.0 ** 53))[None, :, :], axis=2)
     for i in tl.static_range(8):
         k = _int4_k(i, NBP, WPG, FMT)[None, :, :]
         xi = _input_at(x_ptr, rr[:, None, None], sxm, k, k < k_lim[:, None, None]) * _int4_x_scale(i, UNPACK)

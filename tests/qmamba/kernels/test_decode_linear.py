@@ -42,8 +42,8 @@ def poisoned(m, n, device):
 def test_dense_matches_dequantized_matmul(fmt, m, block, unpack, device):
     """``block``: rows per program (None: the device's policy; 4: several programs and a ragged last one);
     ``unpack``: int4 nibbles shifted down, masked in place against a pre-scaled input ("magic"), or masked in place
-    and read as subnormal floats ("denorm", one input row; several rows take "magic"); "-rowwarps": the warps of
-    one weight row's tiles (``DecodePolicy.int4_row_warps``)."""
+    and read as subnormal floats ("denorm"); "-rowwarps": the warps of one weight row's tiles
+    (``DecodePolicy.int4_row_warps``)."""
     torch.manual_seed(m)
     n, k = 37, 200 if not fmt.startswith("planes") else 300  # K not a multiple of any group: padded tail
     w = weight_for(fmt, n, k, device)
@@ -61,13 +61,15 @@ def test_dense_matches_dequantized_matmul(fmt, m, block, unpack, device):
 
 
 @pytest.mark.parametrize("m", [3, 8])
-def test_planes_on_cuda_cores_at_several_rows(m, device):
+@pytest.mark.parametrize("unpack", ["shift", "denorm"])
+def test_planes_on_cuda_cores_at_several_rows(m, unpack, device):
     """Plane words at 2+ rows without tensor cores (``planes_mma=False``): each code unpacked once for all rows."""
     torch.manual_seed(m)
     n, k = 37, 300
     w = weight_for("planes128", n, k, device)
     x = torch.randn(m, k, device=device)
-    policy = DecodePolicy(pdl=False, block_n_int4=4, num_warps=4 if device.type == "cuda" else 1, planes_mma=False)
+    policy = DecodePolicy(pdl=False, block_n_int4=4, num_warps=4 if device.type == "cuda" else 1, planes_mma=False,
+                          int4_unpack=unpack)
     out = decode_linear(x, w, poisoned(m, n, device), policy=policy)
     torch.testing.assert_close(out, decode_linear_ref(x, w), atol=1e-4, rtol=1e-4)
 
