@@ -201,6 +201,21 @@ def _int4_x_scale(i: tl.constexpr, UNPACK: tl.constexpr):
 
 
 @jit
+def _int4_subnormal(w, hi, xi, i: tl.constexpr):
+    """``(code * 2^(4p - 149), x * 2^(96 - 4p))`` of nibble ``i`` of every word (p its position in ``w``, or in
+    ``hi = w >> 20`` for nibbles 5..7): a nibble masked in place and read as a float is that subnormal, exactly, and
+    the product of the two is ``code * x * 2^-53`` for every position (a few bits times bf16 / fp32 bits: exact).
+    Needs subnormals kept (no flush to zero: Triton's fp32 default) and |x| < 2^32."""
+    if i < 5:
+        codes = (w & (0xF << (4 * i))).to(tl.float32, bitcast=True)
+        xp = xi * (2.0 ** (96 - 4 * i))
+    else:
+        codes = (hi & (0xF << (4 * (i - 5)))).to(tl.float32, bitcast=True)
+        xp = xi * (2.0 ** (96 - 4 * (i - 5)))
+    return codes, xp
+
+
+@jit
 def _input_at(x_ptr, r, sxm, k, km):
     """Input row ``r`` at positions ``k`` (any shape; ``km`` its mask) in fp32."""
     return tl.load(x_ptr + r * sxm + k, mask=km, other=0.0).to(tl.float32)
@@ -213,11 +228,8 @@ def _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, exp_bits,
     the tile row, times the tile's scale. A row that is not ``row_ok`` reads nothing (its K limit is 0)."""
     k_lim = tl.where(row_ok, K, 0)  # scalar masks fold into limits: the interpreter rejects vector & scalar masks
     if (FMT == 2 or FMT == 3) and UNPACK == 2:
-        # "denorm": a nibble masked in place, read as a float, is the subnormal code * 2^(4p - 149) (p its position
-        # in w or in hi = w >> 20), exactly; times x * 2^(96 - 4p) it is code * x * 2^-53, exactly (a few bits
-        # times bf16 / fp32 bits), in one scale for every position: a mask and an FMA per code. The zero point
+        # "denorm" (_int4_subnormal): a mask and an FMA per code, all positions in the scale 2^-53. The zero point
         # comes off once per word (zero * sum of the word's inputs); the tile scale carries the 2^53 back.
-        # Needs subnormals kept (no flush to zero: Triton's fp32 default) and |x| < 2^32.
         hi = w >> 20
         part = tl.zeros(w.shape, dtype=tl.float32)
         xs = tl.zeros((w.shape[1], w.shape[2]), dtype=tl.float32)
@@ -225,13 +237,8 @@ def _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, exp_bits,
             k = _int4_k(i, NBP, WPG, FMT)
             xi = _input_at(x_ptr, r, sxm, k, k < k_lim)
             xs += xi
-            if i < 5:
-                bits = w & (0xF << (4 * i))
-                xp = xi * (2.0 ** (96 - 4 * i))
-            else:
-                bits = hi & (0xF << (4 * (i - 5)))
-                xp = xi * (2.0 ** (96 - 4 * (i - 5)))
-            part += bits.to(tl.float32, bitcast=True) * xp[None, :, :]
+            codes, xp = _int4_subnormal(w, hi, xi, i)
+            part += codes * xp[None, :, :]
         part -= zero[:, :, None] * (xs * (2.0 ** -53))[None, :, :]
         y = tl.sum(tl.sum(part, axis=2) * (scale * (2.0 ** 53)), axis=1)
     elif FMT == 2 or FMT == 3:
@@ -253,7 +260,7 @@ def _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, exp_bits,
 def _dot_rows_int4(w, scale, zero, x_ptr, rr, sxm, K, M, exp_bits,
                    FMT: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, UNPACK: tl.constexpr):
     """``[ROWS, BN]`` fp32: int4 tile times the input rows ``rr`` (rows >= M read nothing), each code unpacked once
-    (``UNPACK`` 2: as subnormal floats, see :func:`_dot_row`; one mask per code for all rows)."""
+    (``UNPACK`` 2: as subnormal floats, :func:`_int4_subnormal`; one mask per code for all rows)."""
     k_lim = tl.where(rr < M, K, 0)
     hi = w >> 20
     part = tl.zeros((rr.shape[0], w.shape[0], w.shape[1]), dtype=tl.float32)                      # [R, BN, NBP]
@@ -263,13 +270,8 @@ def _dot_rows_int4(w, scale, zero, x_ptr, rr, sxm, K, M, exp_bits,
             k = _int4_k(i, NBP, WPG, FMT)[None, :, :]
             xi = _input_at(x_ptr, rr[:, None, None], sxm, k, k < k_lim[:, None, None])            # [R, NBP, WPG]
             xs += tl.sum(xi, axis=2)
-            if i < 5:
-                bits = w & (0xF << (4 * i))
-                xp = xi * (2.0 ** (96 - 4 * i))
-            else:
-                bits = hi & (0xF << (4 * (i - 5)))
-                xp = xi * (2.0 ** (96 - 4 * (i - 5)))
-            part += tl.sum(bits.to(tl.float32, bitcast=True)[None, :, :, :] * xp[:, None, :, :], axis=3)
+            codes, xp = _int4_subnormal(w, hi, xi, i)
+            part += tl.sum(codes[None, :, :, :] * xp[:, None, :, :], axis=3)
         part -= zero[None, :, :] * (xs * (2.0 ** -53))[:, None, :]
         return tl.sum(part * (scale * (2.0 ** 53))[None, :, :], axis=2)
     for i in tl.static_range(8):
