@@ -36,6 +36,7 @@ import torch
 
 from qmamba.kernels._triton import HAS_TRITON, jit, next_pow2, tl
 from qmamba.kernels.fused_moe import ACTIVATION_IDS, activate, gated_act_ref
+from qmamba.kernels.matmul_configs import sm_count
 from qmamba.kernels.weights import FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT8, PackedWeight, int32_words
 from qmamba.quant.layout import INT4_TILE, INT4_TILE_WORDS
 
@@ -99,15 +100,15 @@ class DecodePolicy:
         """CUDA: what measured fastest on the H200 (benchmarks/results.md, "Decode step, session 11" and "Session
         13"): these kernels at batch 1 for float weights (0.647 ms/token for bf16 BlackMamba-2.8B) and for int4
         weights of group size 128 / 256 as plane words, 4 rows per program (0.660 against 0.994 on the general
-        kernels), codes read as subnormal floats ("denorm") with at least 264 programs a matrix (0.591 against 0.685
-        for shifted codes, session 13); int4 in the
+        kernels), codes read as subnormal floats ("denorm") with at least two programs a multiprocessor for every
+        matrix (264 on the H200: 0.591 against 0.685 for shifted codes, session 13); int4 in the
         stored word layout and int8 stay on the general kernels, and so does every format at batch 2+ (the plane
         tiles' tensor-core path spills at the expert shapes). CPU (interpreter): every format and batch, wide row
         blocks (few programs)."""
         if device.type != "cuda":
             return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1)
         return cls(pdl=pdl_supported(device), max_rows=1, max_rows_planes=1, block_n_int4=4, int4_planes=True,
-                   int4_unpack="denorm", min_programs=264, formats=(FMT_FLOAT, FMT_INT4_PLANES))
+                   int4_unpack="denorm", min_programs=2 * sm_count(device), formats=(FMT_FLOAT, FMT_INT4_PLANES))
 
     def block_n(self, fmt: int, rows: int, n: int) -> int:
         int4 = fmt in (FMT_INT4, FMT_INT4_PLANES)
