@@ -69,7 +69,8 @@ def variants(pdl: bool, rows: int):
     plane words' tensor-core path beside the general kernel (dequant_matmul) on the stored layout."""
     if rows > 1:
         return {"planes_mma": ("planes", DecodePolicy(pdl=pdl)), "general": ("words", "general")}
-    out = {}
+    out = {"cuda_default": ("planes", DecodePolicy.cuda(132, pdl)),  # the H200's CUDA policy (132 SMs)
+           "cuda_default_float": ("float", DecodePolicy.cuda(132, pdl))}
     for bn in (2, 4, 8):
         out[f"bf16_bn{bn}"] = ("float", DecodePolicy(pdl=pdl, block_n_float=bn))
     for layout in ("words", "planes"):

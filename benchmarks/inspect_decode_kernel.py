@@ -1,14 +1,16 @@
 """Compiler report of the decode linear kernel at BlackMamba-2.8B's shapes, with no GPU: registers, stack (spills),
 SASS instruction count and mix per int4 code, for policy variants of bench_decode_linear.py (one input row).
 
-    python benchmarks/inspect_decode_kernel.py [--shapes in_proj,fc1_gated] [--variants planes_bn4,planes_denorm_bn4]
-        [--arch 90] [--out DIR]
+    python benchmarks/inspect_decode_kernel.py [--shapes in_proj,fc1_gated] [--variants cuda_default,planes_bn4]
+        [--arch 90] [--out DIR] [--no-stack]
 
 Each variant's kernel is compiled the way its launch would be: :func:`decode_linear` runs on CPU tensors with the
 kernel replaced by a recorder, which captures the arguments and meta-parameters; they are compiled for ``sm_<arch>``
 (Triton's own ptxas, no driver needed) with Triton's launch specialisations (pointers and integers divisible by
 16 marked so, integers equal to 1 folded). ``--out`` also writes the PTX and SASS of each. Read the figures as
-a guide to the arithmetic a variant costs, not as timings: the device's Triton may schedule differently.
+a guide to the arithmetic a variant costs, not as timings: the device's Triton may schedule differently. The test
+suite runs it (``tests/qmamba/kernels/test_decode_compiles.py``): the CUDA default must compile for sm_90 and not
+spill, which the interpreter alone cannot show.
 """
 
 from __future__ import annotations
@@ -112,10 +114,12 @@ def report(compiled) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="in_proj,x_proj,out_proj,fc1_gated,fc2,head")
-    ap.add_argument("--variants", default="planes_bn4,planes_magic_bn4,planes_denorm_bn4,planes_denorm_bn8_rw")
+    ap.add_argument("--variants", default="cuda_default,cuda_default_float,planes_bn4,planes_denorm_bn8_rw")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--out", help="folder for the PTX and SASS of each variant")
+    ap.add_argument("--no-stack", action="store_true", help="exit 1 if a variant spills (a stack frame)")
     args = ap.parse_args()
+    spilled = []
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     out_dir = Path(args.out) if args.out else None
     if out_dir:
@@ -155,11 +159,16 @@ def main():
                 print(f"{shape:10s} {v:24s} regs {r['regs']:3d} stack {r['stack']:4d} warps {meta['num_warps']} "
                       f"programs {programs:5d} SASS {sum(r['ops'].values()):5d} "
                       f"({per_code:4.1f} per code): {mix}", flush=True)
+                if r["stack"] != 0:
+                    spilled.append(f"{shape} {v}: stack {r['stack']} bytes")
                 if out_dir:
                     (out_dir / f"{shape}_{v}.ptx").write_text(compiled.asm["ptx"])
                     (out_dir / f"{shape}_{v}.sass").write_text(r["sass"])
     finally:
         dl._decode_linear_kernel = real
+    if args.no_stack and spilled:
+        print("SPILLS:\n  " + "\n  ".join(spilled))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

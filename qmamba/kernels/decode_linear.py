@@ -109,8 +109,14 @@ class DecodePolicy:
         blocks (few programs)."""
         if device.type != "cuda":
             return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1)
-        return cls(pdl=pdl_supported(device), max_rows=1, max_rows_planes=1, block_n_int4=4, int4_planes=True,
-                   int4_unpack="denorm", min_programs=2 * sm_count(device), formats=(FMT_FLOAT, FMT_INT4_PLANES))
+        return cls.cuda(sm_count(device), pdl_supported(device))
+
+    @classmethod
+    def cuda(cls, multiprocessors: int, pdl: bool) -> "DecodePolicy":
+        """The CUDA policy of :meth:`for_device` for a GPU of ``multiprocessors`` SMs (no device needed: offline
+        compiles and reports build it for the H200's 132)."""
+        return cls(pdl=pdl, max_rows=1, max_rows_planes=1, block_n_int4=4, int4_planes=True, int4_unpack="denorm",
+                   min_programs=2 * multiprocessors, formats=(FMT_FLOAT, FMT_INT4_PLANES))
 
     def block_n(self, fmt: int, rows: int, n: int) -> int:
         int4 = fmt in (FMT_INT4, FMT_INT4_PLANES)
