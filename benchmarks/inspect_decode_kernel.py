@@ -118,6 +118,7 @@ def main():
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--out", help="folder for the PTX and SASS of each variant")
     ap.add_argument("--no-stack", action="store_true", help="exit 1 if a variant spills (a stack frame)")
+    ap.add_argument("--x-dtype", default="bfloat16", choices=("bfloat16", "float32"), help="the input's type")
     args = ap.parse_args()
     spilled = []
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -137,7 +138,7 @@ def main():
             int4 = fmt.kernel_weight(fmt.quantize_rtn(torch.randn(*lead, n, k)), n, k)
             forms = {"words": int4, "planes": int4.to_planes(),
                      "float": PackedWeight.from_float(int4.dequantized(torch.bfloat16))}
-            x = torch.randn(1, k, dtype=torch.bfloat16)
+            x = torch.randn(1, k, dtype=getattr(torch, args.x_dtype))
             kw = {"row_expert": torch.tensor([1], dtype=torch.int32)} if experts else {}
             if opts.get("gated"):
                 kw["gated"] = opts["gated"]
