@@ -9,11 +9,12 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-from qmamba.kernels._triton import cdiv
+from qmamba.kernels._triton import HAS_TRITON, cdiv, jit, next_pow2, tl
 
 ROUTE_DENSE, ROUTE_BY_EXPERT, ROUTE_TILES = 0, 1, 2
 
@@ -42,6 +43,24 @@ class ExpertTiles:
 
 
 def expert_tile_map(row_expert: torch.Tensor, n_experts: int, block_m: int) -> ExpertTiles:
+    """The tiles of a grouped GEMM over ``row_expert [M]`` (see :class:`ExpertTiles`): on CUDA one Triton program
+    (:func:`expert_tile_map_triton`; a prefill calls this once per MoE layer, and the PyTorch twin is ~30 small
+    launches), elsewhere :func:`expert_tile_map_ref`."""
+    if row_expert.is_cuda and HAS_TRITON and not _TILE_MAP_KERNEL_FAILED:
+        try:
+            return expert_tile_map_triton(row_expert, n_experts, block_m)
+        except Exception as exc:  # noqa: BLE001 - a Triton that cannot build it: the twin gives the same tiles
+            _TILE_MAP_KERNEL_FAILED.append(exc)
+            warnings.warn(f"expert_tile_map: the Triton kernel failed ({type(exc).__name__}: {exc}); using the "
+                          "PyTorch twin from now on", RuntimeWarning, stacklevel=2)
+    return expert_tile_map_ref(row_expert, n_experts, block_m)
+
+
+_TILE_MAP_KERNEL_FAILED: list = []  # the exception, once the kernel failed on this process's Triton
+
+
+def expert_tile_map_ref(row_expert: torch.Tensor, n_experts: int, block_m: int) -> ExpertTiles:
+    """PyTorch twin of :func:`expert_tile_map_triton` (a stable sort by expert, then prefix sums)."""
     m = row_expert.numel()
     idx = row_expert.long()
     sorted_ids = torch.argsort(idx, stable=True).to(torch.int32)
@@ -59,3 +78,64 @@ def expert_tile_map(row_expert: torch.Tensor, n_experts: int, block_m: int) -> E
     lo = torch.where(used, lo, torch.zeros_like(lo))
     hi = torch.where(used, hi, torch.zeros_like(hi))
     return ExpertTiles(sorted_ids, ec.to(torch.int32), lo.to(torch.int32), hi.to(torch.int32), block_m)
+
+
+@jit
+def _expert_tile_map_kernel(e_ptr, sorted_ptr, te_ptr, lo_ptr, hi_ptr, M, E, T, BLOCK_M_TILE,
+                            EP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_T: tl.constexpr):
+    """One program: expert counts, their prefix sums, a stable counting sort of the rows by expert, then each tile's
+    expert and row range (unused tiles: the last expert, an empty range), as :func:`expert_tile_map_ref`."""
+    ex = tl.arange(0, EP)
+    counts = tl.zeros((EP,), dtype=tl.int32)
+    for start in range(0, M, BLOCK):
+        r = start + tl.arange(0, BLOCK)
+        e = tl.load(e_ptr + r, mask=r < M, other=-1)
+        counts += tl.sum((e[:, None] == ex[None, :]).to(tl.int32), axis=0)
+    ends = tl.cumsum(counts, axis=0)
+    starts = ends - counts
+    tiles_per = (counts + BLOCK_M_TILE - 1) // BLOCK_M_TILE
+    tile_end = tl.cumsum(tiles_per, axis=0)
+    # stable counting sort: a row's place is its expert's start, the rows of that expert in earlier blocks, and
+    # those before it in its own block
+    seen = tl.zeros((EP,), dtype=tl.int32)
+    for start in range(0, M, BLOCK):
+        r = start + tl.arange(0, BLOCK)
+        e = tl.load(e_ptr + r, mask=r < M, other=-1)
+        hot = (e[:, None] == ex[None, :]).to(tl.int32)                                         # [BLOCK, EP]
+        before = tl.cumsum(hot, axis=0) - hot
+        place = tl.sum(hot * (starts + seen)[None, :] + hot * before, axis=1)
+        tl.store(sorted_ptr + place, r, mask=r < M)
+        seen += tl.sum(hot, axis=0)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        et = tl.sum((tile_end[None, :] <= t[:, None]).to(tl.int32) * (ex[None, :] < E).to(tl.int32), axis=1)
+        used = et < E
+        ec = tl.minimum(et, E - 1)
+        pick = ec[:, None] == ex[None, :]                                                       # [BLOCK_T, EP]
+        start_e = tl.sum(tl.where(pick, starts[None, :], 0), axis=1)
+        end_e = tl.sum(tl.where(pick, ends[None, :], 0), axis=1)
+        first_tile = tl.sum(tl.where(pick, (tile_end - tiles_per)[None, :], 0), axis=1)
+        lo = start_e + (t - first_tile) * BLOCK_M_TILE
+        hi = tl.minimum(lo + BLOCK_M_TILE, end_e)
+        tm = t < T
+        tl.store(te_ptr + t, ec, mask=tm)
+        tl.store(lo_ptr + t, tl.where(used, lo, 0), mask=tm)
+        tl.store(hi_ptr + t, tl.where(used, hi, 0), mask=tm)
+
+
+def expert_tile_map_triton(row_expert: torch.Tensor, n_experts: int, block_m: int) -> ExpertTiles:
+    """Triton twin of :func:`expert_tile_map_ref`: the same tensors, one launch, no host synchronisation."""
+    m = row_expert.numel()
+    idx = row_expert.reshape(-1).to(torch.int32).contiguous()
+    n_tiles = cdiv(m, block_m) + n_experts
+    dev = row_expert.device
+    sorted_ids = torch.empty(m, device=dev, dtype=torch.int32)
+    tile_expert, tile_lo, tile_hi = (torch.empty(n_tiles, device=dev, dtype=torch.int32) for _ in range(3))
+    _expert_tile_map_kernel[(1,)](idx, sorted_ids, tile_expert, tile_lo, tile_hi, m, n_experts, n_tiles, block_m,
+                                  **tile_map_launch(n_experts, dev.type == "cuda"))
+    return ExpertTiles(sorted_ids, tile_expert, tile_lo, tile_hi, block_m)
+
+
+def tile_map_launch(n_experts: int, cuda: bool) -> dict:
+    """Meta-parameters of the tile-map kernel (rows read 256 at a time: a [256, experts] one-hot per block)."""
+    return dict(EP=next_pow2(max(n_experts, 2)), BLOCK=256, BLOCK_T=128, num_warps=4 if cuda else 1)

@@ -1,4 +1,4 @@
-"""The decode linear kernel as the CUDA policy launches it compiles for sm_90 (Triton's own ptxas, no GPU) at every
+"""The decode linear kernel as the CUDA policy launches it (and the prefill's tile-map kernel) compiles for sm_90 (Triton's own ptxas, no GPU) at every
 BlackMamba-2.8B shape, for int4 plane words and float weights, without a stack frame (spills). The interpreter runs
 the kernels' arithmetic but never the compiler: this catches what only the compiler rejects, and a register blow-up
 of the default path, on a machine without a GPU."""
@@ -31,3 +31,27 @@ def test_cuda_default_compiles_without_spills():
     lines = [line for line in run.stdout.splitlines() if " regs " in line]
     assert len(lines) == 12, run.stdout  # 6 shapes x 2 weight forms
     assert all(" stack    0 " in line for line in lines), run.stdout
+
+
+_TILE_MAP_COMPILE = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from inspect_decode_kernel import compile_recorded, report
+from qmamba.kernels import routing
+m, e = 2048, 8
+t = -(-m // 64) + e
+i32 = lambda n: torch.empty(n, dtype=torch.int32)
+args = (i32(m), i32(m), i32(t), i32(t), i32(t), m, e, t, 64)
+r = report(compile_recorded(routing._expert_tile_map_kernel, args, routing.tile_map_launch(e, True), 90))
+print("regs", r["regs"], "stack", r["stack"])
+"""
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_expert_tile_map_kernel_compiles():
+    """The prefill's tile-map kernel (one program) as its CUDA launch compiles it, at 2048 rows and 8 experts."""
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, "-c", _TILE_MAP_COMPILE, str(ROOT / "benchmarks")], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "stack 0" in run.stdout, run.stdout
