@@ -82,9 +82,10 @@ class MambaLM(nn.Module):
         return contextlib.nullcontext()
 
     # ---- running -------------------------------------------------------------------------------------
-    def _logits(self, residual):
-        h = self.norm_f(residual, out_dtype=self.compute_dtype)
-        return self.lm_head(h)
+    def _logits(self, residual, h, last_only: bool = False):
+        """The head over ``norm_f(residual + h)`` (the last block's output added to the stream)."""
+        _, x = self.norm_f.add_forward(residual, h, self.compute_dtype)
+        return self.lm_head(x[:, -1:] if last_only else x)
 
     def prefill(self, input_ids: torch.Tensor, state: InferenceState | None = None, check: bool = True,
                 last_only: bool = False):
@@ -106,15 +107,13 @@ class MambaLM(nn.Module):
         h = self.embedding(input_ids).to(self.compute_dtype)
         residual = None
         for block in self.blocks:
-            residual = h.float() if residual is None else residual + h.float()
-            x = block.norm(residual, out_dtype=self.compute_dtype)
+            residual, x = block.norm.add_forward(residual, h, self.compute_dtype)
             if block.is_mamba:
                 s = block.slot
                 h, conv_out[s], ssm_out[s] = block.mixer(x, state.conv_state[s], state.ssm_state[s])
             else:
                 h = block.mixer(x)
-        residual = residual + h.float()
-        return self._logits(residual[:, -1:] if last_only else residual), InferenceState(conv_out, ssm_out)
+        return self._logits(residual, h, last_only), InferenceState(conv_out, ssm_out)
 
     def step(self, input_ids: torch.Tensor, state: InferenceState, check: bool = True):
         """One token per sequence: ``input_ids [B]`` -> logits ``[B, V]``; ``state`` is updated in place."""
@@ -127,8 +126,7 @@ class MambaLM(nn.Module):
         h = self.embedding(input_ids).to(self.compute_dtype)
         residual = None
         for block in self.blocks:
-            residual = h.float() if residual is None else residual + h.float()
-            x = block.norm(residual, out_dtype=self.compute_dtype)
+            residual, x = block.norm.add_forward(residual, h, self.compute_dtype)
             if block.is_mamba:
                 s = block.slot
                 h, conv, ssm = block.mixer.step(x, state.conv_state[s], state.ssm_state[s])
@@ -136,8 +134,7 @@ class MambaLM(nn.Module):
                 state.ssm_state[s].copy_(ssm)
             else:
                 h = block.mixer(x)
-        residual = residual + h.float()
-        return self._logits(residual)
+        return self._logits(residual, h)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.prefill(input_ids)[0]

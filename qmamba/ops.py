@@ -6,6 +6,7 @@ The model holds a backend name ("reference" or "triton") and calls these functio
 from __future__ import annotations
 
 from qmamba.kernels.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
+from qmamba.kernels.decode_step import add_norm_rows_ref
 from qmamba.kernels.selective_scan import selective_scan_ref, selective_state_update_ref
 
 BACKENDS = ("reference", "triton")
@@ -39,3 +40,12 @@ def causal_conv1d_update(backend, *args, **kwargs):
     if backend == "triton":
         return _triton_ops().causal_conv1d_update(*args, **kwargs)
     return causal_conv1d_update_ref(*args, **kwargs)
+
+
+def add_norm(backend, residual, h, norm_w, eps, norm_b=None, out_dtype=None):
+    """``(residual + h.float(), norm(residual + h))`` (``residual`` None: the first layer, ``h.float()``); the norm
+    in ``out_dtype`` (default ``norm_w``'s type), LayerNorm when ``norm_b`` is given, else RMSNorm. The Triton
+    backend: one kernel."""
+    if backend == "triton":
+        return _triton_ops().add_norm(residual, h, norm_w, eps, norm_b, out_dtype)
+    return add_norm_rows_ref(residual, h, norm_w, eps, norm_b, out_dtype)

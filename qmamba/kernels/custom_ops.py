@@ -17,6 +17,7 @@ from torch import Tensor
 
 from qmamba.kernels import binary_matmul as _bin
 from qmamba.kernels import causal_conv1d as _conv
+from qmamba.kernels import decode_step as _step
 from qmamba.kernels import fused_moe as _moe
 from qmamba.kernels import quant_matmul as _qmm
 from qmamba.kernels import selective_scan as _scan
@@ -37,6 +38,18 @@ def weight_from_args(fmt: int, n: int, k: int, group_size: int, qweight: Tensor,
 def binary_args(weight: BinaryWeight) -> tuple:
     """``(n, k, qweight, alpha, beta, row_scale)``: a 1-bit record as an op's flat arguments."""
     return weight.n, weight.k, weight.qweight, weight.alpha, weight.beta, weight.row_scale
+
+
+# ---- residual add + norm ------------------------------------------------------------------------------------------
+@torch.library.custom_op("qmamba::add_norm_rows", mutates_args=())
+def add_norm_rows(residual: Optional[Tensor], h: Tensor, norm_w: Tensor, norm_b: Optional[Tensor], eps: float,
+                  out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return _step.add_norm_rows(residual, h, norm_w, eps, norm_b, out_dtype)
+
+
+@add_norm_rows.register_fake
+def _(residual, h, norm_w, norm_b, eps, out_dtype):
+    return h.new_empty(h.shape, dtype=torch.float32), h.new_empty(h.shape, dtype=out_dtype)
 
 
 # ---- selective scan / conv -------------------------------------------------------------------------------------------

@@ -23,11 +23,12 @@ from qmamba.kernels.selective_scan import _softplus
 
 # ---- kernels ---------------------------------------------------------------------------------------------------------
 @jit
-def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, res_ptr, w_ptr, nb_ptr, out_ptr, rw_ptr, rb_ptr, idx_ptr, rwt_ptr,
-                     D, E, eps, sh_b, s_emb, sr_b, so_b, srw_e,
-                     FIRST: tl.constexpr, LAYERNORM: tl.constexpr, ROUTER: tl.constexpr, HAS_RB: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr):
-    """residual = h (FIRST: embedding[ids]) [+ residual]; out = norm(residual); optional top-1 sigmoid router.
+def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, out_ptr, rw_ptr, rb_ptr, idx_ptr,
+                     rwt_ptr, D, E, eps, sh_b, s_emb, sri_b, sr_b, so_b, srw_e,
+                     FIRST: tl.constexpr, HAS_RES: tl.constexpr, LAYERNORM: tl.constexpr, ROUTER: tl.constexpr,
+                     HAS_RB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr):
+    """residual = h (FIRST: embedding[ids]) [+ residual in, HAS_RES]; out = norm(residual); optional top-1 sigmoid
+    router. The residual is read from ``rin`` and written to ``res`` (the same buffer in the decode step).
     Every load is issued before the first reduction, so their latencies overlap (one round trip, not three);
     with ``PDL`` the weights (norm, router) are read before waiting for the previous kernel."""
     b = tl.program_id(0)
@@ -49,8 +50,9 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, res_ptr, w_ptr, nb_ptr, out_ptr, r
         tok = tl.load(ids_ptr + b).to(tl.int64)
         r = tl.load(emb_ptr + tok * s_emb + d, mask=dm, other=0.0).to(tl.float32)
     else:
-        r = tl.load(res_ptr + b * sr_b + d, mask=dm, other=0.0) + tl.load(h_ptr + b * sh_b + d, mask=dm,
-                                                                        other=0.0).to(tl.float32)
+        r = tl.load(h_ptr + b * sh_b + d, mask=dm, other=0.0).to(tl.float32)
+        if HAS_RES:
+            r += tl.load(rin_ptr + b * sri_b + d, mask=dm, other=0.0)
     tl.store(res_ptr + b * sr_b + d, r, mask=dm)
     if LAYERNORM:
         mean = tl.sum(r, axis=0) / D
@@ -136,22 +138,52 @@ def add_norm(x_out, residual, norm_w, eps, h=None, token_ids=None, embedding=Non
     else RMSNorm). With ``router_w [E, d]``: ``expert_idx [B]`` int32 and ``expert_weight [B]`` fp32 receive the
     top-1 sigmoid routing of ``x_out`` (lowest index on ties). ``pdl``: launched as a programmatic dependent
     launch (CUDA, see :mod:`qmamba.kernels.decode_linear`)."""
-    batch, d = x_out.shape
-    first = h is None
-    if first and (token_ids is None or embedding is None):
+    if h is None and (token_ids is None or embedding is None):
         raise ValueError("add_norm: the first layer needs token_ids and the embedding")
+    _launch_add_norm(x_out, residual, residual, norm_w, eps, h, token_ids, embedding, norm_b, router_w, router_b,
+                     expert_idx, expert_weight, pdl, has_res=True)
+
+
+def _launch_add_norm(x_out, residual_in, residual_out, norm_w, eps, h, token_ids, embedding, norm_b, router_w,
+                     router_b, expert_idx, expert_weight, pdl: bool, has_res: bool):
+    batch, d = x_out.shape
     e = router_w.shape[0] if router_w is not None else 1
     dummy = norm_w
+    rin = residual_in if residual_in is not None else residual_out
     _add_norm_kernel[(batch,)](
-        h if h is not None else residual, token_ids if token_ids is not None else residual,
-        embedding if embedding is not None else dummy, residual, norm_w, norm_b if norm_b is not None else dummy,
-        x_out, router_w if router_w is not None else dummy, router_b if router_b is not None else dummy,
-        expert_idx if expert_idx is not None else residual, expert_weight if expert_weight is not None else residual,
+        h if h is not None else residual_out, token_ids if token_ids is not None else residual_out,
+        embedding if embedding is not None else dummy, rin, residual_out, norm_w,
+        norm_b if norm_b is not None else dummy, x_out, router_w if router_w is not None else dummy,
+        router_b if router_b is not None else dummy, expert_idx if expert_idx is not None else residual_out,
+        expert_weight if expert_weight is not None else residual_out,
         d, e, float(eps), h.stride(0) if h is not None else 0, embedding.stride(0) if embedding is not None else 0,
-        residual.stride(0), x_out.stride(0), router_w.stride(0) if router_w is not None else 0,
-        FIRST=first, LAYERNORM=norm_b is not None, ROUTER=router_w is not None, HAS_RB=router_b is not None,
-        BLOCK_D=next_pow2(d), BLOCK_E=next_pow2(e), PDL=pdl, num_warps=4 if residual.is_cuda else 1,
-        **(dict(launch_pdl=True) if pdl else {}))
+        rin.stride(0), residual_out.stride(0), x_out.stride(0), router_w.stride(0) if router_w is not None else 0,
+        FIRST=h is None, HAS_RES=has_res and residual_in is not None, LAYERNORM=norm_b is not None,
+        ROUTER=router_w is not None, HAS_RB=router_b is not None, BLOCK_D=next_pow2(d), BLOCK_E=next_pow2(e),
+        PDL=pdl, num_warps=4 if residual_out.is_cuda else 1, **(dict(launch_pdl=True) if pdl else {}))
+
+
+def add_norm_rows(residual, h, norm_w, eps, norm_b=None, out_dtype=None):
+    """Functional add + norm over rows (a prefill): ``(h + residual, norm(h + residual))`` for ``h [R, d]`` and
+    ``residual [R, d]`` fp32 or None (then the residual is ``h``), the norm in ``out_dtype`` (default: ``norm_w``'s
+    type; LayerNorm when ``norm_b`` is given, else RMSNorm). One launch; twin: :func:`add_norm_rows_ref`."""
+    rows, d = h.shape
+    out_res = torch.empty(rows, d, device=h.device, dtype=torch.float32)
+    x = torch.empty(rows, d, device=h.device, dtype=out_dtype or norm_w.dtype)
+    if rows:
+        _launch_add_norm(x, residual, out_res, norm_w, eps, h, None, None, norm_b, None, None, None, None, False,
+                         has_res=True)
+    return out_res, x
+
+
+def add_norm_rows_ref(residual, h, norm_w, eps, norm_b=None, out_dtype=None):
+    """Twin of :func:`add_norm_rows` (the reference model's expressions)."""
+    r = h.float() if residual is None else residual + h.float()
+    if norm_b is not None:
+        x = F.layer_norm(r, (r.shape[-1],), norm_w.float(), norm_b.float(), eps)
+    else:
+        x = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * norm_w.float()
+    return r, x.to(out_dtype or norm_w.dtype)
 
 
 def add_norm_ref(residual, norm_w, eps, h=None, token_ids=None, embedding=None, norm_b=None, router_w=None,

@@ -28,6 +28,16 @@ def selective_state_update(state, x, delta, A, B_ssm, C_ssm, D_skip, z=None, del
                                              bool(delta_softplus))
 
 
+def add_norm(residual, h, norm_w, eps, norm_b=None, out_dtype=None):
+    """``(residual + h, norm(residual + h))`` over ``h [..., d]`` (``residual`` fp32 or None: then ``h``), one
+    launch: the twin of :func:`qmamba.ops.add_norm`'s reference."""
+    shape = h.shape
+    rows = h.reshape(-1, shape[-1])
+    r, x = custom_ops.add_norm_rows(residual.reshape(-1, shape[-1]) if residual is not None else None, rows,
+                                    norm_w, norm_b, float(eps), out_dtype or norm_w.dtype)
+    return r.reshape(shape), x.reshape(shape)
+
+
 def _silu_flag(activation):
     if activation not in (None, "silu"):
         raise ValueError(f"unsupported activation {activation!r}")

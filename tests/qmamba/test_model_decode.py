@@ -70,3 +70,24 @@ def test_prefill_last_only_keeps_the_last_position(model, ids, parallel):
     assert logits.shape == (ids.shape[0], 1, parallel.shape[-1])
     assert rel_err(logits[:, 0], parallel[:, -1]) <= 1e-5
     assert torch.equal(state.ssm_state, full_state.ssm_state)
+
+
+def test_triton_backend_adds_and_norms_in_one_op(model, monkeypatch):
+    """On the Triton backend every block's residual add + norm (and the final one) is one ``add_norm`` call of that
+    backend, and the logits equal the reference backend's."""
+    from qmamba import ops
+    from qmamba.norms import LayerNorm, RMSNorm
+
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, _ = model.set_backend("reference").prefill(ids)
+        calls = []
+        real = ops.add_norm
+        monkeypatch.setattr(ops, "add_norm", lambda backend, *a, **k: calls.append(backend) or real(backend, *a, **k))
+        try:
+            got, _ = model.set_backend("triton").prefill(ids)
+        finally:
+            model.set_backend("reference")
+    norms = [m for m in model.modules() if isinstance(m, (RMSNorm, LayerNorm))]
+    assert calls == ["triton"] * len(norms) and len(norms) == len(model.blocks) + 1
+    assert rel_err(got, ref) < 1e-4

@@ -46,6 +46,28 @@ r = report(compile_recorded(routing._expert_tile_map_kernel, args, routing.tile_
 print("regs", r["regs"], "stack", r["stack"])
 """
 
+_ADD_NORM_COMPILE = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from inspect_decode_kernel import _Recorder, compile_recorded, report
+from qmamba.kernels import decode_step
+real = decode_step._add_norm_kernel
+decode_step._add_norm_kernel = rec = _Recorder(real)
+rows, d = 4096, 1472
+h, w = torch.empty(rows, d, dtype=torch.bfloat16), torch.empty(d, dtype=torch.bfloat16)
+res = torch.empty(rows, d)
+decode_step.add_norm_rows(res, h, w, 1e-5)            # a prefill layer: residual + h, RMSNorm
+decode_step.add_norm_rows(None, h, w, 1e-5, w)        # the first layer / a LayerNorm
+x = torch.empty(8, d, dtype=torch.bfloat16)
+decode_step.add_norm(x, torch.empty(8, d), w, 1e-5, h=h[:8], router_w=torch.empty(8, d, dtype=torch.bfloat16),
+                     expert_idx=torch.empty(8, dtype=torch.int32), expert_weight=torch.empty(8), pdl=True)
+for grid, args, meta in rec.calls:
+    meta = dict(meta, num_warps=4)
+    meta.pop("launch_pdl", None)
+    r = report(compile_recorded(real, args, meta, 90))
+    print("regs", r["regs"], "stack", r["stack"])
+"""
+
 
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_expert_tile_map_kernel_compiles():
@@ -55,3 +77,15 @@ def test_expert_tile_map_kernel_compiles():
                          text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "stack 0" in run.stdout, run.stdout
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_add_norm_kernel_compiles():
+    """The residual add + norm kernel as the prefill (rows, RMSNorm / LayerNorm, with and without a residual) and the
+    decode step (router, PDL) launch it."""
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, "-c", _ADD_NORM_COMPILE, str(ROOT / "benchmarks")], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("regs")]
+    assert len(lines) == 3 and all(line.endswith("stack 0") for line in lines), run.stdout

@@ -4,7 +4,8 @@ PyTorch twins, on odd sizes: RMSNorm and LayerNorm, first layer (embedding gathe
 import pytest
 import torch
 
-from qmamba.kernels.decode_step import add_norm, add_norm_ref, dt_state_update, dt_state_update_ref
+from qmamba.kernels.decode_step import (add_norm, add_norm_ref, add_norm_rows, add_norm_rows_ref, dt_state_update,
+                                        dt_state_update_ref)
 
 
 @pytest.mark.parametrize("first", [True, False])
@@ -45,6 +46,29 @@ def test_add_norm_router_tie_takes_lowest_expert(device):
     add_norm(torch.empty(1, d, device=device), residual, torch.ones(d, device=device), 1e-5,
              h=torch.zeros(1, d, device=device), router_w=rw, expert_idx=idx, expert_weight=wt)
     assert idx.item() == 0 and abs(wt.item() - 0.5) < 1e-6
+
+
+@pytest.mark.parametrize("has_residual", [False, True])
+@pytest.mark.parametrize("layernorm", [False, True])
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16])
+def test_add_norm_rows_matches_reference(has_residual, layernorm, out_dtype, device):
+    """The prefill's add + norm over rows (functional: new residual and normed rows, the input residual untouched)
+    against the reference model's expressions; ``None`` residual: the first layer (the residual is ``h``)."""
+    g = torch.Generator().manual_seed(3)
+    rows, d = 37, 100
+    h = torch.randn(rows, d, generator=g).to(device)
+    residual = torch.randn(rows, d, generator=g).to(device) if has_residual else None
+    kept = residual.clone() if has_residual else None
+    w = (torch.rand(d, generator=g) + 0.5).to(device)
+    b = torch.randn(d, generator=g).to(device) if layernorm else None
+    r, x = add_norm_rows(residual, h, w, 1e-5, b, out_dtype)
+    r_ref, x_ref = add_norm_rows_ref(residual, h, w, 1e-5, b, out_dtype)
+    assert r.dtype == torch.float32 and x.dtype == (out_dtype or w.dtype)
+    torch.testing.assert_close(r, r_ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(x.float(), x_ref.float(), **(dict(atol=2e-2, rtol=2e-2) if out_dtype else
+                                                             dict(atol=1e-5, rtol=1e-5)))
+    if has_residual:
+        assert torch.equal(residual, kept)
 
 
 @pytest.mark.parametrize("di,r,n", [(24, 3, 16), (50, 5, 7)])
