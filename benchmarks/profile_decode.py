@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from qmamba.kernels.decode_linear import DecodePolicy
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import policy_variant, time_graph  # noqa: E402
 from bench_e2e import FORMATS, build  # noqa: E402
+from timing import cuda_kernel_times, event_us  # noqa: E402
 
 
 @torch.no_grad()
@@ -52,18 +52,14 @@ def main():
         for _ in range(args.steps):
             step(ids, state)
         torch.cuda.synchronize()
-    per_name = defaultdict(lambda: [0, 0.0])
-    for evt in prof.events():
-        if evt.device_type == torch.autograd.DeviceType.CUDA:
-            per_name[evt.name][0] += 1
-            per_name[evt.name][1] += evt.device_time if hasattr(evt, "device_time") else evt.cuda_time
+    per_name = cuda_kernel_times(prof)
     # the kernels of the last step in launch order: which matrix each linear kernel is follows from its position
     kernel_events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                            key=lambda e: e.time_range.start)
     per_step = len(kernel_events) // args.steps
     last = kernel_events[-per_step:]
     print("last step, first 12 kernels in order (us):",
-          ", ".join(f"{e.name[:24]}={(e.device_time if hasattr(e, 'device_time') else e.cuda_time):.2f}"
+          ", ".join(f"{e.name[:24]}={event_us(e):.2f}"
                     for e in last[:12]))
     rows = sorted(((name, calls / args.steps, us / args.steps) for name, (calls, us) in per_name.items()),
                   key=lambda r: -r[2])
@@ -79,7 +75,7 @@ def main():
                            graph_us_per_step=graph_ms * 1e3,
                            kernels=[dict(name=n, launches=c, us=u) for n, c, u in rows],
                            last_step=[dict(name=e.name[:60], start_us=e.time_range.start - last[0].time_range.start,
-                                           us=e.device_time if hasattr(e, "device_time") else e.cuda_time)
+                                           us=event_us(e))
                                       for e in last]), f, indent=1)
 
 

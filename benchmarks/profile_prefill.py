@@ -13,7 +13,6 @@ import argparse
 import json
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from qmamba.quant.modules import use_plane_words
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import FORMATS, build  # noqa: E402
+from timing import cuda_kernel_times  # noqa: E402
 
 
 @torch.no_grad()
@@ -49,11 +49,7 @@ def main():
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         model.prefill(ids, check=False, last_only=True)
         torch.cuda.synchronize()
-    per = defaultdict(lambda: [0, 0.0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per[ev.name][0] += 1
-            per[ev.name][1] += ev.device_time if hasattr(ev, "device_time") else ev.cuda_time
+    per = cuda_kernel_times(prof)
     total = sum(us for _, us in per.values())
     print(f"{args.format}: prefill {args.batch} x {args.prompt_len} wall {wall_us:.0f} us, kernel time {total:.0f} us "
           f"({args.batch * args.prompt_len / wall_us * 1e6:,.0f} tok/s)")

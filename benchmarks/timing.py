@@ -61,3 +61,19 @@ def copy_bandwidth(n_bytes: int = 2 ** 30) -> float:
     dst = torch.empty_like(src)
     us = time_calls([lambda: dst.copy_(src)], reps=7, calls_per_graph=4)
     return 2 * n_bytes / (us * 1e-6)
+
+
+def event_us(event) -> float:
+    """GPU microseconds of one profiler event (``device_time`` in newer PyTorch, ``cuda_time`` before)."""
+    return event.device_time if hasattr(event, "device_time") else event.cuda_time
+
+
+def cuda_kernel_times(prof) -> dict:
+    """``{kernel name: [launches, GPU microseconds]}`` over a ``torch.profiler`` run's CUDA events."""
+    per_name: dict = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            calls_us = per_name.setdefault(event.name, [0, 0.0])
+            calls_us[0] += 1
+            calls_us[1] += event_us(event)
+    return per_name
