@@ -48,6 +48,18 @@ def quantize_rtn(model: MambaLM, fmt, head: bool = True, sensitive_fmt=None) -> 
     return swap_quantized_modules(model, formats, rtn=True)
 
 
+def assert_prefill_and_step_match(model: MambaLM, ref_model: MambaLM, ids: torch.Tensor):
+    """``model``'s prefill over ``ids`` (logits, SSM state) and one greedy step after it equal ``ref_model``'s (the
+    same weights on the reference backend) to kernel tolerances; returns the reference prefill logits."""
+    logits, state = model.prefill(ids)
+    ref_logits, ref_state = ref_model.prefill(ids)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
+    tok = ref_logits[:, -1].argmax(-1)
+    torch.testing.assert_close(model.step(tok, state), ref_model.step(tok, ref_state), atol=1e-3, rtol=1e-3)
+    return ref_logits
+
+
 def train_byte_bpe(path, texts, vocab_size: int = 300) -> None:
     """A small byte-level BPE tokenizer trained on ``texts`` and saved to ``path`` (tests' stand-in tokenizer)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -11,7 +11,7 @@ import torch
 from qmamba.config import preset
 from qmamba.fused_step import FusedDecodeStep
 from qmamba.kernels.decode_linear import DecodePolicy
-from qmamba.testing import quantize_rtn, random_model
+from qmamba.testing import assert_prefill_and_step_match, quantize_rtn, random_model
 from qmamba.quant.binary import BinaryFormat
 from qmamba.quant.formats import Int4Format, Int8Format
 
@@ -98,12 +98,7 @@ def test_triton_backend_model_matches_reference(device):
     ref_model = copy.deepcopy(model)
     model.set_backend("triton")
     ids = torch.randint(0, model.config.vocab_size, (1, 19), device=device)  # 19 tokens > 16: grouped MoE path
-    logits, state = model.prefill(ids)
-    ref_logits, ref_state = ref_model.prefill(ids)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-3, rtol=1e-3)
-    torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
-    tok = ref_logits[:, -1].argmax(-1)
-    torch.testing.assert_close(model.step(tok, state), ref_model.step(tok, ref_state), atol=1e-3, rtol=1e-3)
+    assert_prefill_and_step_match(model, ref_model, ids)
 
 
 def test_triton_backend_records_no_autograd(device):

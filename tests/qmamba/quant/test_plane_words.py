@@ -12,7 +12,7 @@ from qmamba.config import preset
 from qmamba.kernels.weights import FMT_INT4, FMT_INT4_PLANES
 from qmamba.quant.formats import Int4Format
 from qmamba.quant.modules import QuantLinear, use_plane_words
-from qmamba.testing import quantize_rtn, random_model
+from qmamba.testing import assert_prefill_and_step_match, quantize_rtn, random_model
 
 
 def _linear(group, k=300, n=24):
@@ -57,11 +57,6 @@ def test_model_on_plane_words_matches_reference(name, device):
     assert use_plane_words(model) > 0
     model.set_backend("triton")
     ids = torch.randint(0, model.config.vocab_size, (2, 19), device=device)  # 19 x 2 tokens: the grouped GEMM
-    logits, state = model.prefill(ids)
-    ref_logits, ref_state = ref_model.prefill(ids)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-3, rtol=1e-3)
-    torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
-    tok = ref_logits[:, -1].argmax(-1)
-    torch.testing.assert_close(model.step(tok, state), ref_model.step(tok, ref_state), atol=1e-3, rtol=1e-3)
+    ref_logits = assert_prefill_and_step_match(model, ref_model, ids)
     model.set_backend("reference")  # the reference path reads the stored layout back from the plane words
     torch.testing.assert_close(model.prefill(ids)[0], ref_logits, atol=1e-5, rtol=1e-5)
