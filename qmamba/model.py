@@ -83,9 +83,12 @@ class MambaLM(nn.Module):
 
     # ---- running -------------------------------------------------------------------------------------
     def _logits(self, residual, h, last_only: bool = False):
-        """The head over ``norm_f(residual + h)`` (the last block's output added to the stream)."""
+        """The head over ``norm_f(residual + h)`` (the last block's output added to the stream); ``last_only``: of
+        the last position only (``[B, L, d]`` inputs)."""
+        if last_only:
+            residual, h = residual[:, -1:], h[:, -1:]
         _, x = self.norm_f.add_forward(residual, h, self.compute_dtype)
-        return self.lm_head(x[:, -1:] if last_only else x)
+        return self.lm_head(x)
 
     def prefill(self, input_ids: torch.Tensor, state: InferenceState | None = None, check: bool = True,
                 last_only: bool = False):

@@ -141,11 +141,13 @@ def add_norm(x_out, residual, norm_w, eps, h=None, token_ids=None, embedding=Non
     if h is None and (token_ids is None or embedding is None):
         raise ValueError("add_norm: the first layer needs token_ids and the embedding")
     _launch_add_norm(x_out, residual, residual, norm_w, eps, h, token_ids, embedding, norm_b, router_w, router_b,
-                     expert_idx, expert_weight, pdl, has_res=True)
+                     expert_idx, expert_weight, pdl)
 
 
 def _launch_add_norm(x_out, residual_in, residual_out, norm_w, eps, h, token_ids, embedding, norm_b, router_w,
-                     router_b, expert_idx, expert_weight, pdl: bool, has_res: bool):
+                     router_b, expert_idx, expert_weight, pdl: bool):
+    """``_add_norm_kernel`` over the rows of ``x_out``: the residual read from ``residual_in`` (None: none added)
+    and written to ``residual_out``."""
     batch, d = x_out.shape
     e = router_w.shape[0] if router_w is not None else 1
     dummy = norm_w
@@ -158,7 +160,7 @@ def _launch_add_norm(x_out, residual_in, residual_out, norm_w, eps, h, token_ids
         expert_weight if expert_weight is not None else residual_out,
         d, e, float(eps), h.stride(0) if h is not None else 0, embedding.stride(0) if embedding is not None else 0,
         rin.stride(0), residual_out.stride(0), x_out.stride(0), router_w.stride(0) if router_w is not None else 0,
-        FIRST=h is None, HAS_RES=has_res and residual_in is not None, LAYERNORM=norm_b is not None,
+        FIRST=h is None, HAS_RES=residual_in is not None, LAYERNORM=norm_b is not None,
         ROUTER=router_w is not None, HAS_RB=router_b is not None, BLOCK_D=next_pow2(d), BLOCK_E=next_pow2(e),
         PDL=pdl, num_warps=4 if residual_out.is_cuda else 1, **(dict(launch_pdl=True) if pdl else {}))
 
@@ -171,29 +173,28 @@ def add_norm_rows(residual, h, norm_w, eps, norm_b=None, out_dtype=None):
     out_res = torch.empty(rows, d, device=h.device, dtype=torch.float32)
     x = torch.empty(rows, d, device=h.device, dtype=out_dtype or norm_w.dtype)
     if rows:
-        _launch_add_norm(x, residual, out_res, norm_w, eps, h, None, None, norm_b, None, None, None, None, False,
-                         has_res=True)
+        _launch_add_norm(x, residual, out_res, norm_w, eps, h, None, None, norm_b, None, None, None, None, False)
     return out_res, x
 
 
 def add_norm_rows_ref(residual, h, norm_w, eps, norm_b=None, out_dtype=None):
     """Twin of :func:`add_norm_rows` (the reference model's expressions)."""
     r = h.float() if residual is None else residual + h.float()
+    return r, _norm_ref(r, norm_w, eps, norm_b).to(out_dtype or norm_w.dtype)
+
+
+def _norm_ref(r, norm_w, eps, norm_b=None):
+    """fp32 LayerNorm (``norm_b`` given) or RMSNorm of the fp32 rows ``r``, as the model's norms compute them."""
     if norm_b is not None:
-        x = F.layer_norm(r, (r.shape[-1],), norm_w.float(), norm_b.float(), eps)
-    else:
-        x = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * norm_w.float()
-    return r, x.to(out_dtype or norm_w.dtype)
+        return F.layer_norm(r, (r.shape[-1],), norm_w.float(), norm_b.float(), eps)
+    return r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * norm_w.float()
 
 
 def add_norm_ref(residual, norm_w, eps, h=None, token_ids=None, embedding=None, norm_b=None, router_w=None,
                  router_b=None):
     """Functional twin of :func:`add_norm`: ``(new_residual fp32, x fp32, expert_idx | None, expert_weight | None)``."""
     r = embedding[token_ids.long()].float() if h is None else residual.float() + h.float()
-    if norm_b is not None:
-        x = F.layer_norm(r, (r.shape[-1],), norm_w.float(), norm_b.float(), eps)
-    else:
-        x = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * norm_w.float()
+    x = _norm_ref(r, norm_w, eps, norm_b)
     if router_w is None:
         return r, x, None, None
     logits = x @ router_w.float().t() + (router_b.float() if router_b is not None else 0.0)
