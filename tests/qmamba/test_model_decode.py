@@ -1,6 +1,8 @@
 """Step-by-step decoding reproduces the parallel forward's logits (every prompt length, batch 2), also when a
 prefill is continued by steps or by a second prefill. Models come from qmamba checkpoints of the tiny presets."""
 
+import copy
+
 import pytest
 import torch
 
@@ -72,13 +74,15 @@ def test_prefill_last_only_keeps_the_last_position(model, ids, parallel):
     assert torch.equal(state.ssm_state, full_state.ssm_state)
 
 
-def test_triton_backend_adds_and_norms_in_one_op(model, monkeypatch):
+def test_triton_backend_adds_and_norms_in_one_op(model, device, monkeypatch):
     """On the Triton backend every block's residual add + norm (and the final one) is one ``add_norm`` call of that
-    backend, and the logits equal the reference backend's."""
+    backend, and the logits equal the reference backend's (on ``device``: the interpreter on CPU, compiled on the
+    GPU machine)."""
     from qmamba import ops
     from qmamba.norms import LayerNorm, RMSNorm
 
-    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
+    model = copy.deepcopy(model).to(device)
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         ref, _ = model.set_backend("reference").prefill(ids)
         calls = []
