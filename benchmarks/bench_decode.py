@@ -28,6 +28,7 @@ from qmamba.kernels.decode_linear import DecodePolicy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import build, weight_bytes  # noqa: E402
+from timing import require_idle_gpu  # noqa: E402
 
 
 def greedy_reference(model, ids, state, steps):
@@ -179,6 +180,7 @@ def main():
                          "up to batch 8, tensor cores, or with nomma CUDA cores per row), "
                          "bnI<int4 block>F<float block>W<warps> e.g. bn16F4W4")
     args = ap.parse_args()
+    require_idle_gpu()
     log = lambda s: print(s, flush=True)  # noqa: E731
     cfg = preset(args.preset)
     batches = [int(b) for b in args.batches.split(",")]

@@ -29,7 +29,7 @@ from qmamba.kernels.weights import PackedWeight, int32_words
 from qmamba.quant.formats import Int4Format
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import copies_for, time_calls  # noqa: E402
+from timing import copies_for, time_calls, require_idle_gpu  # noqa: E402
 
 
 @triton.jit
@@ -173,6 +173,7 @@ def main():
     ap.add_argument("--rows", default="1,8", help="input rows (batch sizes) to time")
     ap.add_argument("--variants", default="", help="comma-separated variant names (default: all)")
     args = ap.parse_args()
+    require_idle_gpu()
     cfg = preset(args.preset)
     dev = torch.device("cuda")
     pdl = pdl_supported(dev)

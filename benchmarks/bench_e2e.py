@@ -27,6 +27,9 @@ from qmamba.quant.binary import BinaryFormat
 from qmamba.quant.formats import Int4Format, Int8Format
 from qmamba.testing import quantize_rtn, random_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import require_idle_gpu  # noqa: E402
+
 PREFILL_EXPERT_ROUTES = {"tiles": DEFAULT_POLICY,
                          "per_expert": dataclasses.replace(DEFAULT_POLICY, dequant_experts_min_m=64),
                          "whole_stack": dataclasses.replace(DEFAULT_POLICY, dequant_experts_min_m=64,
@@ -61,6 +64,7 @@ def main():
                          "kernel (default), expert by expert dequantized + float tiles, or the whole stack "
                          "dequantized + one float grouped GEMM")
     args = ap.parse_args()
+    require_idle_gpu()
     cfg = preset(args.preset)
     result = dict(preset=args.preset, device=torch.cuda.get_device_name(0), rows=[], failures=[])
     for name in args.formats.split(","):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import copies_for, copy_bandwidth, time_calls  # noqa: E402
+from timing import copies_for, copy_bandwidth, time_calls, require_idle_gpu  # noqa: E402
 
 from qmamba.kernels.binary_matmul import binary_matmul  # noqa: E402
 from qmamba.kernels.dequantize import dequantize_stack  # noqa: E402
@@ -378,6 +378,7 @@ def main():
     ap.add_argument("--methods", default="", help="comma-separated subset of the matmul methods (default: all)")
     ap.add_argument("--shapes", default="", help="comma-separated indices into SHAPES (default: all)")
     args = ap.parse_args()
+    require_idle_gpu()
     warnings.filterwarnings("ignore")  # bitsandbytes warns on every int8 call
     log = lambda s: print(s, flush=True)  # noqa: E731
     props = torch.cuda.get_device_properties(0)

@@ -50,6 +50,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import require_idle_gpu  # noqa: E402
+
 FIXTURE = REPO / "qmamba" / "assets" / "tiny-blackmamba"
 FIXTURE_PROMPT = "The king said that"
 
@@ -457,6 +460,8 @@ def main(argv=None) -> int:
         return 0
     start = time.perf_counter()
     device = torch.device(args.device)
+    if device.type == "cuda":
+        require_idle_gpu()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work or "/tmp/qmamba-onnx-gpu")

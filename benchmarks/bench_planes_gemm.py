@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import copies_for, time_calls  # noqa: E402
+from timing import copies_for, time_calls, require_idle_gpu  # noqa: E402
 
 from qmamba.kernels.matmul_configs import MatmulConfig, MatmulPolicy, gemm_config  # noqa: E402
 from qmamba.kernels.quant_matmul import dequant_matmul  # noqa: E402
@@ -152,6 +152,7 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test under TRITON_INTERPRET=1)")
     args = ap.parse_args()
+    require_idle_gpu()
     m_values = [int(v) for v in args.m.split(",")] if not args.quick else [3, 19]
     rows, failures = run(m_values, args.sweep, args.quick, lambda s: print(s, flush=True))
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"

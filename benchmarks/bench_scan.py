@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import copies_for, copy_bandwidth, time_calls  # noqa: E402
+from timing import copies_for, copy_bandwidth, time_calls, require_idle_gpu  # noqa: E402
 
 from qmamba.kernels.selective_scan import selective_scan_ref, selective_scan_triton  # noqa: E402
 
@@ -120,6 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--bandwidth", type=float, default=3.3e12, help="bytes/s for the floor (default 3.3e12)")
     args = ap.parse_args(argv)
+    require_idle_gpu()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     if args.quick:

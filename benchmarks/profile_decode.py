@@ -27,7 +27,7 @@ from qmamba.kernels.decode_linear import DecodePolicy
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import policy_variant, time_graph  # noqa: E402
 from bench_e2e import FORMATS, build  # noqa: E402
-from timing import cuda_kernel_times, event_us  # noqa: E402
+from timing import cuda_kernel_times, event_us, require_idle_gpu  # noqa: E402
 
 
 @torch.no_grad()
@@ -40,6 +40,7 @@ def main():
     ap.add_argument("--variant", default="default", help="a policy variant of bench_decode.py's --variants")
     ap.add_argument("--out")
     args = ap.parse_args()
+    require_idle_gpu()
     model = build(preset(args.preset), args.format)
     policy = policy_variant(DecodePolicy.for_device(torch.device("cuda")), args.variant)
     step = FusedDecodeStep(model, policy)

@@ -23,7 +23,7 @@ from qmamba.quant.modules import use_plane_words
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import FORMATS, build  # noqa: E402
-from timing import cuda_kernel_times  # noqa: E402
+from timing import cuda_kernel_times, require_idle_gpu  # noqa: E402
 
 
 @torch.no_grad()
@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--out")
     args = ap.parse_args()
+    require_idle_gpu()
     model = build(preset(args.preset), args.format)
     use_plane_words(model)  # as load_model holds int4 on CUDA
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt_len), device="cuda")

@@ -7,11 +7,34 @@ set exceeds the 50 MB L2 twice over. The reported figure is the median over seve
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 
 import torch
 
+from qmamba.devices import foreign_gpu_bytes, format_bytes
+
 L2_BYTES = 60 * 2 ** 20  # the H200's (KINDS.md: 60 MB); the H100 has 50 MB
+
+
+def require_idle_gpu() -> None:
+    """Exit with status 1 when other processes hold memory of this process's GPU (call before anything else
+    allocates there): if they run kernels, every figure of the run is slowed by an unknown share and is not a
+    result (session 14 timed ORT and the Triton path beside a distillation job and had to discard them).
+    ``QMAMBA_ALLOW_SHARED_GPU=1`` lets the run go on with a warning; nothing to check without a GPU."""
+    if not torch.cuda.is_available():
+        return
+    shared = foreign_gpu_bytes("cuda")
+    if not shared:
+        return
+    message = f"{format_bytes(shared)} of the GPU's memory is held by other processes"
+    if os.environ.get("QMAMBA_ALLOW_SHARED_GPU") == "1":
+        print(f"warning: {message}; timing anyway (QMAMBA_ALLOW_SHARED_GPU=1): the figures are not results",
+              file=sys.stderr)
+        return
+    sys.exit(f"error: {message}: their kernels would slow every figure by an unknown share. Wait for them to "
+             "finish, or set QMAMBA_ALLOW_SHARED_GPU=1 to time anyway")
 
 
 def copies_for(bytes_per_copy: int, cap: int = 16) -> int:

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
+
+from qmamba.devices import foreign_gpu_bytes, format_bytes
 
 
 class BenchCheckError(RuntimeError):
@@ -179,6 +182,11 @@ def bench_model(model, batches=(1,), prompt_len: int = 2048, tokens: int = 256, 
     """
     device = model.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    shared = foreign_gpu_bytes(device)
+    if shared:
+        message = (f"{format_bytes(shared)} of {device}'s memory is held by other processes: if they are running "
+                   "kernels, the times below are slowed by their share of the GPU")
+        log(f"warning: {message}") if log else warnings.warn(message, RuntimeWarning, stacklevel=2)
     prompts = {}
     gen = torch.Generator().manual_seed(seed)
     for batch in batches:

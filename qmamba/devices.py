@@ -4,6 +4,7 @@ model's weight memory against the device's memory, each a one-line :class:`UserE
     device = resolve_device("cuda:1")          # torch.device, or UserError ("this machine has 1 CUDA device")
     check_backend("triton", device)            # UserError on CPU unless TRITON_INTERPRET=1
     check_fits(n_bytes, device, "the model")   # UserError when n_bytes exceeds the device's total memory
+    foreign_gpu_bytes(device)                  # memory of the GPU held by other processes (timing hygiene)
 """
 
 from __future__ import annotations
@@ -80,6 +81,25 @@ def device_memory_bytes(device: torch.device) -> int | None:
         return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError, RuntimeError):
         return None
+
+
+CUDA_CONTEXT_ALLOWANCE = 1 << 30  # this process's CUDA context (and library workspaces) outside torch's allocator
+
+
+def foreign_gpu_bytes(device) -> int:
+    """Bytes of ``device``'s memory in use that this process's torch allocator does not hold, less an allowance of
+    :data:`CUDA_CONTEXT_ALLOWANCE` for this process's own CUDA context: memory of other processes (or of allocators
+    in this process other than torch's, such as onnxruntime's: call it before those start). Another process that
+    holds GPU memory may also be running kernels, and then every time measured here is slowed by an unknown share.
+    0 on the CPU or when the driver cannot be asked."""
+    dev = parse_device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return 0
+    try:
+        free, total = torch.cuda.mem_get_info(dev)
+    except (RuntimeError, AssertionError):
+        return 0
+    return max(0, total - free - torch.cuda.memory_reserved(dev) - CUDA_CONTEXT_ALLOWANCE)
 
 
 def format_bytes(n: float) -> str:

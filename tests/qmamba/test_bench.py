@@ -63,3 +63,51 @@ def test_bench_checks_a_bf16_model_on_its_float32_twin(tmp_path):
     assert res.exit_code == 0, res.output
     (row,) = json.loads(out.read_text())["rows"]
     assert row["dtype"] == "bfloat16" and row["check"].endswith("checked in float32")
+
+
+def _fake_gpu(monkeypatch, used_gib: float, reserved_gib: float):
+    """A GPU of 100 GiB with ``used_gib`` in use device-wide, ``reserved_gib`` of it by this process's torch."""
+    gib = 2 ** 30
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (int((100 - used_gib) * gib), 100 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: int(reserved_gib * gib))
+
+
+def test_foreign_gpu_bytes_counts_memory_other_processes_hold(monkeypatch):
+    from qmamba.devices import CUDA_CONTEXT_ALLOWANCE, foreign_gpu_bytes
+
+    assert foreign_gpu_bytes("cpu") == 0
+    _fake_gpu(monkeypatch, used_gib=3.5, reserved_gib=3.0)   # 0.5 GiB beyond torch's: this process's context
+    assert foreign_gpu_bytes("cuda") == 0
+    _fake_gpu(monkeypatch, used_gib=9.0, reserved_gib=3.0)   # 6 GiB beyond torch's: another process
+    assert foreign_gpu_bytes("cuda") == 6 * 2 ** 30 - CUDA_CONTEXT_ALLOWANCE
+
+
+def test_benchmarks_refuse_to_time_beside_another_process(monkeypatch, capsys):
+    import sys
+
+    import pytest
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    try:
+        from timing import require_idle_gpu
+    finally:
+        sys.path.pop(0)
+    monkeypatch.delenv("QMAMBA_ALLOW_SHARED_GPU", raising=False)
+    _fake_gpu(monkeypatch, used_gib=1.0, reserved_gib=0.5)
+    require_idle_gpu()                                        # alone on the GPU: goes on
+    _fake_gpu(monkeypatch, used_gib=40.0, reserved_gib=0.0)
+    with pytest.raises(SystemExit) as exc:
+        require_idle_gpu()
+    assert "held by other processes" in str(exc.value.code)
+    monkeypatch.setenv("QMAMBA_ALLOW_SHARED_GPU", "1")
+    require_idle_gpu()                                        # explicitly allowed: a warning, no exit
+    assert "not results" in capsys.readouterr().err
+
+
+def test_bench_warns_when_the_gpu_is_shared(monkeypatch):
+    lines = []
+    monkeypatch.setattr(bench_lib, "foreign_gpu_bytes", lambda device: 5 * 2 ** 30)
+    model = qmamba.load_model(FIXTURE)
+    bench_lib.bench_model(model, [1], prompt_len=4, tokens=2, check_tokens=0, log=lines.append)
+    assert any(line.startswith("warning: 5.0 GiB") and "other processes" in line for line in lines)
