@@ -9,6 +9,9 @@ so ``sign(U)`` equals the PTB signs) and trained through a straight-through esti
 Optionally the norms (``train_norms``) and the remaining high-precision parameters (``train_float``: conv, dt bias,
 A_log, D, float projections, routers; never the embedding/tied head) train too.
 
+Optionally (``block_steps``) each block is first trained on its own to reproduce the teacher's residual stream
+after it (:mod:`qmamba.calib.block_match`), then the KL stage below runs on the whole model.
+
 Loss: the KL divergence from the teacher's next-token distribution to the student's, per token, averaged (the same
 gradient as Bi-Mamba's soft cross-entropy; temperature ``T`` divides both logits). AdamW without weight decay,
 linear warm-up then cosine decay, gradient clipping; batches are random rows of the calibration ids. A step budget
@@ -40,6 +43,7 @@ from qmamba.quant import layout
 from qmamba.quant.binary import BinaryFormat, BinaryLinear, is_binary
 from qmamba.quant.modules import PackedExpertWeight, QuantExperts, set_submodule
 
+from .block_match import match_blocks
 from .train import cosine_lr
 from .train_scan import fast_training_scan
 
@@ -61,6 +65,7 @@ class DistillOptions:
     ste: bool = False                 # update the signs through a straight-through estimator
     train_norms: bool = False         # also train the RMSNorm weights (and the final norm)
     train_float: bool = False         # also train the other high-precision parameters (not the embedding)
+    block_steps: int = 0              # block-output matching steps per block before the KL (block_match.py)
     checkpoint_dir: str | None = None
     checkpoint_every: int = 50
     seed: int = 0
@@ -77,6 +82,7 @@ class DistillOptions:
 
         check("steps", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1 (--distill-steps)")
         check("batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1 (--distill-batch)")
+        check("block_steps", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (--distill-block-steps)")
         check("checkpoint_every", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
         check("warmup", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
         check("lr", lambda v: number(v) and v > 0, "a number > 0 (--distill-lr)")
@@ -385,6 +391,7 @@ def distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, opts: Dis
                "0 steps to run: the checkpoint is already there (raise --distill-steps to train further)"))
     gen = torch.Generator().manual_seed(opts.seed + step)
     history, losses = [], []
+    blocks_report = None
     student.train()
     bar = tqdm(total=opts.steps, initial=step, desc="distill", unit="step", disable=not opts.progress,
                dynamic_ncols=True)
@@ -392,6 +399,9 @@ def distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, opts: Dis
     stop = "steps"
     try:
         with fast_training_scan(student), fast_training_scan(teacher):
+            if opts.block_steps and start_step == 0:  # a resumed run already has its matched blocks
+                blocks_report = match_blocks(student, teacher, ids, opts.block_steps, opts.lr, opts.batch_size,
+                                             opts.grad_clip, opts.seed, opts.progress, log)
             while step < opts.steps:
                 if opts.time_budget is not None and time.perf_counter() - t0 >= opts.time_budget:
                     stop = "time"
@@ -432,7 +442,7 @@ def distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, opts: Dis
               "tokens": int(step * min(opts.batch_size, ids.shape[0]) * ids.shape[1]),
               "first_kl": losses[0] if losses else None, "last_kl": (sum(losses[-10:]) / len(losses[-10:]))
               if losses else None, "trained": _summarize_names(names), "sign_flips": flips,
-              "options": asdict(opts), "history": history}
+              "options": asdict(opts), "history": history, "block_matching": blocks_report}
     if log is not None and losses:
         resumed = f" (steps {start_step + 1}..{step}, resumed)" if start_step else ""
         log(f"distillation: {step - start_step} steps{resumed} in {seconds - elapsed:.0f} s, KL "

@@ -9,7 +9,7 @@ from qmamba.cli.param_types import DEVICE_HELP, SEED, TOKENIZER_HELP, IntChoice
 from qmamba.quant.layout import INT4_GROUP_SIZES
 
 DISTILL_OPTIONS = ("distill_steps", "distill_time", "distill_lr", "distill_batch", "ste", "distill_norms",
-                   "distill_float", "distill_checkpoint")
+                   "distill_float", "distill_checkpoint", "distill_block_steps")
 
 
 @click.command("quantize")
@@ -77,6 +77,9 @@ DISTILL_OPTIONS = ("distill_steps", "distill_time", "distill_lr", "distill_batch
               help="Distillation also trains every other float parameter except the embedding (conv, dt, A, D, router).")
 @click.option("--distill-checkpoint", type=click.Path(), default=None,
               help="Directory for distillation checkpoints; an existing one is resumed.")
+@click.option("--distill-block-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Before the KL: steps per block training each block alone to reproduce the float model's "
+              "residual stream after it (0: off). Counts towards --distill-time.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the run record (as stored in the manifest) as JSON to this file.")
 def quantize(src, out, bits, group_size, method, symmetric, act_order, calib, nsamples, seq_len, recipe,
@@ -84,7 +87,7 @@ def quantize(src, out, bits, group_size, method, symmetric, act_order, calib, ns
              route_aware_budget, report, report_tokens, tokenizer, device, seed,
              overwrite, no_progress,
              distill, distill_steps, distill_time, distill_lr, distill_batch, ste, distill_norms, distill_float,
-             distill_checkpoint, json_out):
+             distill_checkpoint, distill_block_steps, json_out):
     """Quantize the float checkpoint SRC into OUT (int8 / int4, RTN / GPTQ / AWQ, MoE-aware; 1-bit binary with
     PTB and optional distillation)."""
     from qmamba.calib.pipeline import CalibOptions
@@ -102,7 +105,7 @@ def quantize(src, out, bits, group_size, method, symmetric, act_order, calib, ns
         distill_opts = DistillOptions(steps=distill_steps, time_budget=distill_time, lr=distill_lr,
                                       batch_size=distill_batch, ste=ste, train_norms=distill_norms,
                                       train_float=distill_float, checkpoint_dir=distill_checkpoint, seed=seed,
-                                      progress=not no_progress)
+                                      block_steps=distill_block_steps, progress=not no_progress)
     else:
         ctx = click.get_current_context()
         given = [f"--{name.replace('_', '-')}" for name in DISTILL_OPTIONS
