@@ -1,7 +1,10 @@
 """Helpers shared by the kernel tests, scripts/gpu_check.sh and benchmarks/: a randomly initialised model with
-sane scales, and an RTN swap of every projection (and the experts, and optionally the head) to a packed format."""
+sane scales, an RTN swap of every projection (and the experts, and optionally the head) to a packed format, and a
+count of the bytes autograd keeps for the backward pass (:class:`SavedTensorBytes`)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 
@@ -70,3 +73,33 @@ def train_byte_bpe(path, texts, vocab_size: int = 300) -> None:
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.save(str(path))
+
+
+class SavedTensorBytes:
+    """``with SavedTensorBytes(exclude) as saved: ...`` counts the memory autograd keeps for the backward pass of
+    what runs inside: every storage packed by ``torch.autograd.graph.saved_tensors_hooks`` once (views of one
+    storage count once), except the storages of the ``exclude`` tensors (model weights: alive anyway).
+    ``saved.nbytes`` is the total. Deterministic on any device. Inside a ``torch.utils.checkpoint`` region the
+    checkpoint's own hook takes over, so only what the checkpoint keeps (its inputs) is counted: what stays alive."""
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
+        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
+        self._storages: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()  # kept alive by the graph (returned as is): addresses stay distinct
+        if storage.data_ptr() not in self._excluded:
+            self._storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._storages.values())
+
+    def __enter__(self) -> "SavedTensorBytes":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)

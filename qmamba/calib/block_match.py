@@ -23,18 +23,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpointed_stream import block_output
+
 MAX_ROWS = 64  # calibration sequences whose streams are kept (two fp32 [rows, L, d_model] tensors)
 
 
-def block_stream(model: nn.Module, block: nn.Module, stream: torch.Tensor, state=None) -> torch.Tensor:
+def block_stream(model: nn.Module, block, stream: torch.Tensor) -> torch.Tensor:
     """The residual stream after ``block`` given the stream before it (``[B, L, d]`` fp32), from zero SSM state."""
-    residual, x = block.norm.add_forward(None, stream, model.compute_dtype)
-    if block.is_mamba:
-        state = state if state is not None else model.new_state(stream.shape[0])
-        h, _, _ = block.mixer(x, state.conv_state[block.slot], state.ssm_state[block.slot])
-    else:
-        h = block.mixer(x)
-    return residual + h.float()
+    return stream + block_output(block, stream, model.compute_dtype).float()
 
 
 @torch.no_grad()

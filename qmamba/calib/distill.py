@@ -20,6 +20,12 @@ tensors, optimizer and step are saved every ``checkpoint_every`` steps (atomical
 
 At the end :func:`distill` writes the result back: the trainable weights are rounded to their stored fp16 form and
 packed again, so the student holds ``BinaryLinear``/``BinaryExperts`` modules as before (ready to save).
+
+Memory (:func:`qmamba.calib.chunked_kl.student_teacher_kl`): by default the student's blocks run under activation
+checkpointing (``checkpoint_blocks``: one fp32 residual per block kept, each block recomputed in the backward) and
+the final norm + head + KL run in checkpointed chunks of ``loss_chunk_rows`` token positions (no full-vocabulary
+logits of the whole batch); the teacher runs under ``torch.no_grad()``. Same loss and gradients up to float
+rounding; about a third more compute per step (the student's forward runs twice).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from qmamba.quant.binary import BinaryFormat, BinaryLinear, is_binary
 from qmamba.quant.modules import PackedExpertWeight, QuantExperts, set_submodule
 
 from .block_match import match_blocks
+from .chunked_kl import kl_sum, student_teacher_kl
 from .train import cosine_lr
 from .train_scan import fast_training_scan
 
@@ -70,6 +77,8 @@ class DistillOptions:
     checkpoint_every: int = 50
     seed: int = 0
     progress: bool = True
+    checkpoint_blocks: bool = True    # recompute each student block in the backward instead of keeping its activations
+    loss_chunk_rows: int | None = 1024  # token positions per checkpointed head + KL chunk; None = the batch at once
 
     def __post_init__(self):
         def check(name, ok, want):
@@ -84,6 +93,7 @@ class DistillOptions:
         check("batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1 (--distill-batch)")
         check("block_steps", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (--distill-block-steps)")
         check("checkpoint_every", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+        check("loss_chunk_rows", lambda v: v is None or (isinstance(v, int) and v >= 1), "None or an integer >= 1")
         check("warmup", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
         check("lr", lambda v: number(v) and v > 0, "a number > 0 (--distill-lr)")
         check("time_budget", lambda v: v is None or (number(v) and v >= 0),
@@ -285,10 +295,14 @@ def trainable_groups(student: nn.Module, opts: DistillOptions) -> tuple[list[dic
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0):
     """Mean per-token ``KL(teacher || student)`` of ``[..., V]`` logits (soft cross-entropy minus the teacher's
     entropy: same gradient)."""
-    v = student_logits.shape[-1]
-    s = F.log_softmax(student_logits.float().reshape(-1, v) / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.float().reshape(-1, v) / temperature, dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+    rows = student_logits.numel() // student_logits.shape[-1]
+    return kl_sum(student_logits, teacher_logits, temperature) / rows * temperature ** 2
+
+
+def step_loss(student: nn.Module, teacher: nn.Module, batch: torch.Tensor, opts: DistillOptions) -> torch.Tensor:
+    """The distillation loss of one batch ``[B, L]``, as :func:`distill` trains on it (memory options of ``opts``)."""
+    return student_teacher_kl(student, teacher, batch, opts.temperature, opts.checkpoint_blocks,
+                              opts.loss_chunk_rows)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------
@@ -411,9 +425,7 @@ def distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, opts: Dis
                     g["lr"] = lr * g.get("lr_scale", 1.0)
                 rows = torch.randint(0, ids.shape[0], (min(opts.batch_size, ids.shape[0]),), generator=gen)
                 batch = ids[rows.to(device)]
-                with torch.no_grad():
-                    t_logits = teacher(batch)
-                loss = distill_loss(student(batch), t_logits, opts.temperature)
+                loss = step_loss(student, teacher, batch, opts)
                 if not torch.isfinite(loss):
                     raise DistillationError(f"distillation loss is {float(loss)} at step {step}: training "
                                             "diverged; lower --distill-lr")

@@ -14,12 +14,10 @@ import torch
 from qmamba.calib.distill import DistillOptions, distill, distill_loss
 from qmamba.calib.pipeline import CalibOptions
 from qmamba.calib.quantize import QuantizeOptions, quantize_checkpoint
-from qmamba.calib.recipe import build_plan
 from qmamba.checkpoints.load import load_model
 from qmamba.errors import UserError
 from qmamba.quant import layout
 from qmamba.quant.binary import BinaryExperts, BinaryLinear
-from qmamba.quant.modules import swap_quantized_modules
 
 FIXTURE = Path(__file__).resolve().parents[3] / "qmamba" / "assets" / "tiny-blackmamba"
 
@@ -88,22 +86,6 @@ def test_recipe_mixes_binary_with_int4_and_int8(tiny_checkpoint, calib_text_file
 
 
 # ---- distillation on a small random model ------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ptb_pair(tiny_checkpoint, calib_text_file):
-    """(PTB student, float teacher, calibration ids) built in memory."""
-    from qmamba.calib.data import load_calibration
-    from qmamba.calib.pipeline import calibrate
-    from qmamba.tokenizer import load_tokenizer
-
-    teacher = load_model(tiny_checkpoint)
-    student = copy.deepcopy(teacher)
-    data = load_calibration([str(calib_text_file)], load_tokenizer(tiny_checkpoint / "tokenizer.json"), 16, 32, 0,
-                            teacher.config.vocab_size)
-    results = calibrate(student, data.ids, build_plan(student, bits=1), CalibOptions(progress=False))
-    swap_quantized_modules(student, {n: r.fmt for n, r in results.items()}, {n: r.packed for n, r in results.items()})
-    return student, teacher, data.ids
-
-
 def _kl(student, teacher, ids):
     with torch.no_grad():
         return float(distill_loss(student(ids), teacher(ids)))

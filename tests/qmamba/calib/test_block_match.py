@@ -8,10 +8,13 @@ import pytest
 import torch
 
 from qmamba.calib.block_match import block_stream, match_blocks
-from qmamba.calib.distill import DistillOptions, distill, make_trainable, trainable_groups, write_back
+from qmamba.calib.distill import DistillOptions, distill, distill_loss, make_trainable, trainable_groups, write_back
 from qmamba.errors import ConfigError
 
-from .test_binarize_distill import _kl, ptb_pair  # noqa: F401 (module fixture)
+
+def _kl(student, teacher, ids):
+    with torch.no_grad():
+        return float(distill_loss(student(ids), teacher(ids)))
 
 
 @torch.no_grad()
