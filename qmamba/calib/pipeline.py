@@ -17,6 +17,9 @@ MoE-aware rules:
 * an expert with fewer than ``min_expert_tokens`` routed tokens uses the statistics of *all* the layer's tokens
   (fallback ``"all-tokens"``); if its quantization still fails (non-finite statistics, GPTQ Cholesky failure) it
   is rounded to nearest (fallback ``"rtn"``). Both are logged and reported; results are checked to be finite.
+* all experts of one linear are captured first (fc1 of every expert, then fc2 on the quantized fc1s' outputs),
+  then quantized: GPTQ solves the 8 (or E) experts in one batched column loop (``Method.solve_stack``), with the
+  per-expert results of solving each alone.
 * AWQ: the fc1 input scale is shared by all experts (it is folded into the block's RMSNorm weight, and the router
   weight columns are multiplied by it so routing is unchanged); the fc2 input scale is per expert and folded into
   the ``b`` half of that expert's fc1 rows (gated experts only; ungated: clipping only).
@@ -137,7 +140,12 @@ def quantize_matrix(W: torch.Tensor, fmt: WeightFormat, method: str, cap: _Input
     """Codes and params ``(q, scale, zero, how)`` of ``W [N, K]``; ``how`` is the method actually used (the
     format's data-free one when ``method`` cannot run, see :mod:`qmamba.calib.methods`)."""
     solve = METHODS[method].solve
-    solved = solve(W, fmt, cap, opts, x_used) if solve is not None else None
+    return solved_or_data_free(W, fmt, method, solve(W, fmt, cap, opts, x_used) if solve is not None else None)
+
+
+def solved_or_data_free(W: torch.Tensor, fmt: WeightFormat, method: str, solved: tuple | None):
+    """``(*solved, method)``, or the format's data-free codes of ``W`` and that method's name when ``solved`` is
+    ``None`` (the method could not run)."""
     if solved is not None:
         return (*solved, method)
     s, z = fmt.params(W)
@@ -455,37 +463,51 @@ class Calibrator:
         elif e2 is not None and METHODS[e2.method].searches_scales:
             r2.notes.append("awq: clipping only (ungated experts: no exact fold)")
 
-        # fc1, then fc2 on the quantized fc1's outputs
+        def expert_input(e: int, which: str) -> torch.Tensor:
+            if which == "fc1":
+                return x_e[e]
+            a = x_e[e] @ experts.fc1[e].float().T
+            if experts.gated:
+                a, b = a.chunk(2, dim=-1)
+                return act(a) * b
+            return act(a)
+
+        # fc1 (all experts), then fc2 on the quantized fc1's outputs; a method with solve_stack (GPTQ) solves each
+        # linear's experts at once, from every expert's capture
         bar = tqdm(total=n_exp * ((e1 is not None) + (e2 is not None)), desc=f"layer {block.index} experts",
                    disable=not opts.progress, leave=False)
         for name, entry, result, which in ((name1, e1, r1, "fc1"), (name2, e2, r2, "fc2")):
             if entry is None:
                 continue
             weights = getattr(experts, which)
+            method = METHODS[entry.method]
+            caps, error_tokens = [], []
+            for e in range(n_exp):
+                x_in = expert_input(e, which)
+                cap = _InputCapture(x_in.shape[-1], method.needs_hessian, stride(x_in.shape[0]), x_in.device,
+                                    hessian_dtype(opts, x_in.device))
+                cap.add(x_in)
+                own = x_in if not uses_all[e] or counts[e] == 0 else x_in[token_sets[e]]
+                caps.append(cap)
+                error_tokens.append(own[:: stride(own.shape[0])].clone())  # not a view: x_in is freed
+            stacked = None
+            if method.solve_stack is not None:
+                stacked = method.solve_stack(weights.detach().float(), entry.fmt, caps, opts)
             codes, scales, zeros = [], [], []
             for e in range(n_exp):
-                if which == "fc1":
-                    x_in = x_e[e]
-                else:
-                    a = x_e[e] @ experts.fc1[e].float().T
-                    if experts.gated:
-                        a, b = a.chunk(2, dim=-1)
-                        x_in = act(a) * b
-                    else:
-                        x_in = act(a)
-                cap = _InputCapture(x_in.shape[-1], METHODS[entry.method].needs_hessian, stride(x_in.shape[0]),
-                                    x_in.device, hessian_dtype(opts, x_in.device))
-                cap.add(x_in)
                 W = weights[e].detach().float()
-                q, s, z, how = quantize_matrix(W, entry.fmt, entry.method, cap, opts, cap.tokens())
+                if stacked is not None:
+                    q, s, z, how = solved_or_data_free(W, entry.fmt, entry.method, stacked[e])
+                else:
+                    q, s, z, how = quantize_matrix(W, entry.fmt, entry.method, caps[e], opts, caps[e].tokens())
+                caps[e] = None
                 if how != entry.method:
                     result.fallbacks[e] = how
                 elif uses_all[e]:
                     result.fallbacks[e] = "all-tokens"
                 W_hat = entry.fmt.dequantize_codes(q, s, z)
                 self._check_finite(f"{name}[{e}]", W_hat)
-                own = x_in if not uses_all[e] or counts[e] == 0 else x_in[token_sets[e]]
-                _accumulate_error(result, own[:: stride(own.shape[0])], W, W_hat)
+                _accumulate_error(result, error_tokens[e], W, W_hat)
                 weights.data[e] = W_hat.to(weights.dtype)
                 codes.append(q), scales.append(s), zeros.append(z)
                 bar.update(1)
