@@ -11,7 +11,9 @@ Variants (``--variants``, see VARIANTS): ``fixture-*`` = the trained fixture (qm
 int4 g128, int8 per channel, 1-bit (binary projections and experts; int4 g128 x_proj/dt_proj/head, exported as
 2-bit MatMulNBits); the head is quantized too. ``*-fp32`` exports run fp32 activations and are checked tightly;
 the others export fp16 activations (the speed rows) and are checked against the same float32 reference with a
-looser tolerance. Quantized exports use ``--accuracy-level`` (default 0: exact).
+looser tolerance, which they pass if no more positions exceed it than 10% or than the same checkpoint run by
+PyTorch in float16 (teacher-forced, reference backend) exceeds it plus 2: fp16 rounding alone can flip a random
+model's expert at a near-tie. Quantized exports use ``--accuracy-level`` (default 0: exact).
 
 Phases (both by default; two consecutive calls of a lent GPU machine can split them, ``--work`` persisting):
 
@@ -168,17 +170,29 @@ def torch_phase(name: str, variant: Variant, args, device: torch.device, work: P
               "vocab": cfg.vocab_size}
     manifest = quant_manifest(model)
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    half_twin = variant.dtype == "fp16"  # the same checkpoint in float16: how far fp16 activations alone stray
     options = ExportOptions(dtype=variant.dtype, accuracy_level=args.accuracy_level)
     t1 = time.perf_counter()
     summary = export_model(cfg, state_dict, manifest, folder / "model.onnx", options, overwrite=True)
-    del state_dict
+    if not half_twin:
+        del state_dict
     record.update(export_s=round(time.perf_counter() - t1, 1), onnx_bytes=summary.file_bytes,
                   onnx_ops=summary.ops, accuracy_level=args.accuracy_level)
     prompt = reference_prompt(variant, cfg, args).to(device)
     tokens = generate(model, prompt, args.check_tokens, temperature=0)            # the step path
     logits, _ = model.prefill(tokens[:, :-1], check=False)                       # one parallel forward
-    torch.save({"prompt_len": prompt.shape[1], "tokens": tokens.cpu(), "logits": logits.float().cpu()},
-               folder / "reference.pt")
+    reference = {"prompt_len": prompt.shape[1], "tokens": tokens.cpu(), "logits": logits.float().cpu()}
+    if half_twin:
+        del model, logits
+        free_memory()
+        from qmamba.checkpoints.load import build_model as load
+
+        model = load(cfg, state_dict, manifest, device, torch.float16).requires_grad_(False)
+        model.set_backend("reference")
+        del state_dict
+        logits, _ = model.prefill(tokens[:, :-1], check=False)
+        reference["logits_half"] = logits.float().cpu()
+    torch.save(reference, folder / "reference.pt")
     record["reference"] = f"PyTorch reference backend, float32, {device.type}"
     record["torch_s"] = round(time.perf_counter() - t0, 1)
     del model, logits
@@ -220,24 +234,41 @@ def check_against_reference(lm, ref: dict, variant: Variant) -> dict:
     logits, state = lm.prefill(tokens[:, :p])
     steps = [lm.step(tokens[:, p + i], state) for i in range(n - 1)]
     got = torch.cat([logits.cpu()] + [s.cpu()[:, None] for s in steps], 1).float()     # [1, p + n - 1, V]
-    want = ref["logits"]
-    per_position = ((got - want).abs().amax(-1) / want.abs().max().clamp_min(1e-12))[0]   # [p + n - 1]
-    beyond = int((per_position > variant.tol).sum())
-    decode_got, decode_want = got[:, p - 1:], want[:, p - 1:]
+    stats = logits_agreement(got, ref["logits"], p, variant)
+    free = generate_onnx(lm, tokens[:, :p], n, temperature=0).cpu()
+    diverge = (free != tokens).nonzero()
+    first = int(diverge[0, 1]) - p if len(diverge) else None
+    half = logits_agreement(ref["logits_half"], ref["logits"], p, variant) if "logits_half" in ref else None
+    ok, allowed = check_passes(stats, half, variant)
+    return {"ok": ok, **stats, "tol": variant.tol, "outliers_allowed": variant.outliers,
+            "positions_allowed_beyond_tol": allowed, "tie": variant.tie, "greedy_tokens_equal": first is None,
+            "greedy_first_divergence": first, "torch_half": half}
+
+
+def check_passes(stats: dict, half: dict | None, variant: Variant) -> tuple[bool, float]:
+    """``(ok, positions allowed beyond tol)``: no top-1 difference beyond a tie, and at most ``variant.outliers`` of
+    the positions beyond ``variant.tol``, or (fp16 exports, ``half`` = the PyTorch float16 twin's agreement) at most
+    as many as that twin plus 2: the export is then as close to float32 as fp16 activations let PyTorch be."""
+    allowed = variant.outliers * stats["positions"]
+    if half is not None:
+        allowed = max(allowed, half["positions_beyond_tol"] + 2)
+    return stats["positions_beyond_tol"] <= allowed and stats["top1_mismatches_beyond_ties"] == 0, allowed
+
+
+def logits_agreement(got: torch.Tensor, want: torch.Tensor, prompt_len: int, variant: Variant) -> dict:
+    """How far teacher-forced logits ``got [1, T, V]`` are from the float32 reference's ``want``: per position the
+    max error over the largest |reference logit| (max, median, positions beyond ``variant.tol``) and the decode
+    positions whose argmax differs (all of them, and those beyond a rounding-level tie)."""
+    per_position = ((got - want).abs().amax(-1) / want.abs().max().clamp_min(1e-12))[0]   # [T]
+    decode_got, decode_want = got[:, prompt_len - 1:], want[:, prompt_len - 1:]
     top_got, top_want = decode_got.argmax(-1), decode_want.argmax(-1)
     span = (decode_want.amax(-1) - decode_want.amin(-1)).clamp_min(1e-6)
     gap = (decode_want.gather(-1, top_want[..., None]) - decode_want.gather(-1, top_got[..., None]))[..., 0] / span
     mismatch = top_got != top_want
-    bad = mismatch & (gap > variant.tie)
-    free = generate_onnx(lm, tokens[:, :p], n, temperature=0).cpu()
-    diverge = (free != tokens).nonzero()
-    first = int(diverge[0, 1]) - p if len(diverge) else None
-    ok = beyond <= variant.outliers * per_position.numel() and not bool(bad.any())
-    return {"ok": ok, "logits_rel_err": float(per_position.max()), "logits_rel_err_median": float(
-                per_position.median()), "positions": int(per_position.numel()), "positions_beyond_tol": beyond,
-            "tol": variant.tol, "outliers_allowed": variant.outliers, "decode_positions": int(top_want.numel()),
-            "top1_mismatches": int(mismatch.sum()), "top1_mismatches_beyond_ties": int(bad.sum()),
-            "tie": variant.tie, "greedy_tokens_equal": first is None, "greedy_first_divergence": first}
+    return {"logits_rel_err": float(per_position.max()), "logits_rel_err_median": float(per_position.median()),
+            "positions": int(per_position.numel()), "positions_beyond_tol": int((per_position > variant.tol).sum()),
+            "decode_positions": int(top_want.numel()), "top1_mismatches": int(mismatch.sum()),
+            "top1_mismatches_beyond_ties": int((mismatch & (gap > variant.tie)).sum())}
 
 
 def time_ort(lm, vocab: int, args) -> dict:
@@ -363,7 +394,11 @@ def markdown(result: dict) -> str:
             f"{chk['positions_beyond_tol']}/{chk['positions']} positions > {chk['tol']:g}, "
             f"top-1 {chk['top1_mismatches']}/{chk['decode_positions']} off, "
             f"greedy {'equal' if chk['greedy_tokens_equal'] else 'diverges at ' + str(chk['greedy_first_divergence'])}"
-            ")")
+            + ("" if not chk.get("torch_half") else
+               f"; PyTorch float16: err max {chk['torch_half']['logits_rel_err']:.1e} median "
+               f"{chk['torch_half']['logits_rel_err_median']:.1e}, {chk['torch_half']['positions_beyond_tol']}/"
+               f"{chk['torch_half']['positions']} > {chk['tol']:g}")
+            + ")")
         off = r.get("nodes_off_provider")
         off_cell = "-" if off is None else (", ".join(f"{op} x{n}" for op, n in off.items()) or "none")
         lines.append(
@@ -377,7 +412,8 @@ def markdown(result: dict) -> str:
               "+ .data; ours MiB = weight tensors in memory.",
               "Check: teacher-forced on the PyTorch float32 reference's greedy tokens; err = a position's logits "
               "max error / largest |reference logit| (fp16 rows may exceed the tolerance at up to 10% of the "
-              "positions: an expert flipped at a near-tie); top-1 off = decode positions whose argmax differs "
+              "positions, or at as many as the same checkpoint run by PyTorch in float16 plus 2: an expert flipped "
+              "at a near-tie); top-1 off = decode positions whose argmax differs "
               "(allowed only at rounding-level ties); 'greedy' = free-running ORT greedy tokens vs the reference's."]
     ours = sorted({f"{r['triton'].get('path')} {r['triton'].get('dtype')}" for r in result["variants"].values()
                    if (r.get("triton") or {}).get("path")})

@@ -39,10 +39,25 @@ def test_dry_run_in_two_phases(tmp_path, monkeypatch):
         assert record["check"]["ok"] and record["check"]["greedy_tokens_equal"]
         assert record["provider"] == "CPUExecutionProvider" and record["nodes_off_provider"] == {}
         assert record["ort"]["decode_ms"] > 0 and record["triton"]["decode_ms"] > 0  # the torch phase's figure
+    half = result["variants"]["big-binary"]["check"]["torch_half"]  # fp16 export: PyTorch float16 twin measured
+    assert half["positions"] == result["variants"]["big-binary"]["check"]["positions"]
+    assert result["variants"]["mamba-fp32"]["check"]["torch_half"] is None
     graph = result["variants"]["mamba-fp32"]["cuda_graph"]
     assert not graph["ok"] and "needs --device cuda" in graph["error"]  # the subprocess ran and reported
     table = (tmp_path / "b" / "onnx_gpu.md").read_text()
     assert "| mamba-fp32 | tiny-mamba | float | fp32 |" in table and "| big-binary | tiny-blackmamba |" in table
+    assert "PyTorch float16: err max" in table
+
+
+def test_fp16_exports_are_held_to_the_float16_twin():
+    bench = load_script()
+    fp16 = bench.VARIANTS["big-int4"]
+    stats = {"positions": 47, "positions_beyond_tol": 7, "top1_mismatches_beyond_ties": 0}
+    assert bench.check_passes(stats, None, fp16) == (False, 0.1 * 47)           # 7 > 10% of 47
+    assert bench.check_passes(stats, {"positions_beyond_tol": 5}, fp16) == (True, 7)
+    assert not bench.check_passes(stats, {"positions_beyond_tol": 4}, fp16)[0]
+    assert not bench.check_passes({**stats, "top1_mismatches_beyond_ties": 1}, {"positions_beyond_tol": 9}, fp16)[0]
+    assert bench.check_passes({**stats, "positions_beyond_tol": 4}, None, fp16)[0]
 
 
 def test_a_failed_check_exits_non_zero(tmp_path, monkeypatch):
