@@ -4,7 +4,8 @@
            [--nsamples 128 --seq-len 256] [--eval-tokens 0 (all held-out)] [--eval-seq-len 256]
 
 For each row (fp32, int8 RTN/GPTQ, int4 RTN/GPTQ/AWQ at g128 and g64, int4 g128 GPTQ with --route-aware (and
---refit-routers) on MoE models, 1-bit PTB, 1-bit PTB + distillation) it quantizes with the same library call as
+--refit-routers) on MoE models, 1-bit PTB, 1-bit PTB + distillation, with or without block matching first) it
+quantizes with the same library call as
 `qmamba quantize` (calibration: `--calib full`, the TRAIN split of the full corpus, seeded), then measures held-out
 perplexity (sliding window, corpus:heldout), size on disk, router top-1 agreement with the float model on held-out
 windows, and the quantize time. Prints a Markdown table and writes it (plus JSON) under --out.
@@ -33,6 +34,7 @@ ROWS = [  # label, bits, group, method, extra options (route_aware budget, refit
     ("int4 g128 GPTQ route-aware + refit", 4, 128, "gptq", {"route_aware": 0.06, "refit_routers": True}),
     ("1-bit PTB", 1, None, None, {}),
     ("1-bit PTB + distill", 1, None, None, {"distill": True}),  # --distill-steps / --distill-time
+    ("1-bit PTB + block match + distill", 1, None, None, {"distill": True, "block_steps": True}),  # + --block-steps
 ]
 MOE_ONLY = {"route_aware", "refit_routers"}
 
@@ -66,6 +68,9 @@ def main():
     ap.add_argument("--backend", default="reference", help="model backend for evaluation")
     ap.add_argument("--distill-steps", type=int, default=300, help="1-bit distillation steps (upper bound)")
     ap.add_argument("--distill-time", type=float, default=None, help="1-bit distillation seconds (upper bound)")
+    ap.add_argument("--block-steps", type=int, default=100,
+                    help="block-output matching steps per block of the 'block match' row (inside --distill-time)")
+    ap.add_argument("--ste", action="store_true", help="distillation also trains the signs (and the norms)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
@@ -92,7 +97,9 @@ def main():
         target = out / label.replace(" ", "-").replace("+", "and")
         shutil.rmtree(target, ignore_errors=True)
         t0 = time.perf_counter()
-        distill = (DistillOptions(steps=args.distill_steps, time_budget=args.distill_time, progress=False)
+        distill = (DistillOptions(steps=args.distill_steps, time_budget=args.distill_time, progress=False,
+                                  block_steps=args.block_steps if extra.get("block_steps") else 0,
+                                  ste=args.ste, train_norms=args.ste)
                    if extra.get("distill") else None)
         options = QuantizeOptions(bits=bits, group_size=group, method=method, calib=[args.calib],
                                   nsamples=args.nsamples, seq_len=args.seq_len, device=args.device,
