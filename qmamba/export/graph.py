@@ -22,7 +22,7 @@ RMSNorm in fp32, the mixer in the activation dtype. Mamba mixer: in_proj -> caus
 portable graph) -> x_proj -> dt_proj -> ``qmamba::SelectiveScan`` -> out_proj. Switch-MoE (top-1, sigmoid
 router): the router picks ``argmax`` of ``sigmoid(logits)``; each expert runs exactly once on its own tokens
 (``NonZero`` + ``Gather`` -> expert MLP), unrolled over the experts at export, and one ``ScatterND`` puts the
-results back in token order. ``com.microsoft.QMoE`` is not used: its GELU is the
+results back in token order, where one ``Mul`` applies every token's router weight. ``com.microsoft.QMoE`` is not used: its GELU is the
 tanh approximation (BlackMamba uses the exact erf GELU) and it needs the hidden sizes divisible by the
 quantization block.
 
@@ -310,15 +310,15 @@ class GraphBuilder:
                 h = self.op("Mul", [self.activation(a), b])
             else:
                 h = self.activation(h)
-            h = self.expert_linear(h, f"{p}.experts.fc2", e, d, ffn)                      # [T_e, d]
-            we = self.to_act(self.op("Unsqueeze", [self.op("Gather", [weight, rows_e], axis=0), self.ints([-1])]))
-            outputs.append(self.op("Mul", [h, we]))
+            outputs.append(self.expert_linear(h, f"{p}.experts.fc2", e, d, ffn))         # [T_e, d]
             token_rows.append(rows_e)
-        # every token is in exactly one expert's rows: one scatter puts all results in token order
+        # every token is in exactly one expert's rows: one scatter puts all results in token order, then each row
+        # is scaled by its token's router weight once (the same product per row as scaling each expert's rows)
         all_rows = self.op("Unsqueeze", [self.op("Concat", token_rows, axis=0), self.ints([-1])])   # [T, 1]
         zero = helper.make_tensor("zero", self.elem, [1], [0.0])
         out = self.op("ConstantOfShape", [self.op("Shape", [x2])], value=zero)            # [T, d]
         out = self.op("ScatterND", [out, all_rows, self.op("Concat", outputs, axis=0)])
+        out = self.op("Mul", [out, self.to_act(self.op("Unsqueeze", [weight, self.ints([-1])]))])
         return self.op("Reshape", [out, self.op("Shape", [x])])
 
     # ---- the whole model -----------------------------------------------------------------------------
