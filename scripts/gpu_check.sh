@@ -2,7 +2,7 @@
 # GPU check (run on the H100, not in CI): every kernel test compiled for the GPU, at BlackMamba-2.8B shapes where
 # the tests have them, plus CUDA-graph replay == eager decode and the distilled 1-bit fixture's greedy tokens on
 # the GPU, and router agreement of `qmamba eval --compare --device cuda`.
-# One command:  bash scripts/gpu_check.sh [pytest args]
+# One command:  bash scripts/gpu_check.sh [pytest args]   (in 8 pytest-xdist workers where xdist is installed)
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -15,7 +15,15 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 paths=0; for a in "$@"; do case "$a" in -*) ;; *) paths=1 ;; esac; done
 if [ $paths -eq 0 ]; then
   # the last one calibrates on the text shipped in qmamba/assets/data (no data directory needed)
-  set -- tests/qmamba/kernels tests/qmamba/test_fused_step.py tests/qmamba/test_router_agreement.py \
+  set -- tests/qmamba/kernels tests/qmamba/test_fused_step.py tests/qmamba/test_model_decode.py \
+    tests/qmamba/test_router_agreement.py \
     tests/qmamba/calib/test_binarize_distill.py::test_distilled_fixture_greedy_tokens_on_gpu "$@"
+fi
+# the tests are bound by Triton compiles on the host: spread them over worker processes where pytest-xdist is
+# installed (QMAMBA_GPU_CHECK_WORKERS, default 8; 0 or an explicit -n keeps the caller's choice)
+workers=${QMAMBA_GPU_CHECK_WORKERS:-8}
+case " $* " in *" -n "*|*" -n"[0-9]*) workers=0 ;; esac
+if [ "$workers" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
+  set -- -n "$workers" "$@"
 fi
 exec "$PY" -m pytest -q -p no:cacheprovider "$@"
