@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU check (run on a machine with a CUDA GPU, not in CI): every kernel test compiled for the GPU, at BlackMamba-2.8B shapes where
-# the tests have them, plus CUDA-graph replay == eager decode and the distilled 1-bit fixture's greedy tokens on
-# the GPU, and router agreement of `qmamba eval --compare --device cuda`.
+# GPU check (run on a machine with a CUDA GPU, not in CI): every kernel test compiled for the GPU, at
+# BlackMamba-2.8B shapes where the tests have them, plus CUDA-graph replay == eager decode and the distilled 1-bit
+# fixture's greedy tokens on the GPU, and router agreement of `qmamba eval --compare --device cuda`.
 # One command:  bash scripts/gpu_check.sh [pytest args]   (in 8 pytest-xdist workers where xdist is installed)
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
