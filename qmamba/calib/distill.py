@@ -55,6 +55,7 @@ from .train import cosine_lr
 from .train_scan import fast_training_scan
 
 CHECKPOINT_FILE = "distill_state.pt"
+TEACHER_DTYPES = ("float32", "bfloat16")
 NEVER_TRAINED = ("embedding.weight", "lm_head.weight")
 
 
@@ -79,6 +80,7 @@ class DistillOptions:
     progress: bool = True
     checkpoint_blocks: bool = True    # recompute each student block in the backward instead of keeping its activations
     loss_chunk_rows: int | None = 1024  # token positions per checkpointed head + KL chunk; None = the batch at once
+    teacher_dtype: str = "float32"    # the teacher's float parameters: float32, or bfloat16 (half the memory)
 
     def __post_init__(self):
         def check(name, ok, want):
@@ -94,6 +96,8 @@ class DistillOptions:
         check("block_steps", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (--distill-block-steps)")
         check("checkpoint_every", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
         check("loss_chunk_rows", lambda v: v is None or (isinstance(v, int) and v >= 1), "None or an integer >= 1")
+        check("teacher_dtype", lambda v: v in TEACHER_DTYPES, f"one of {', '.join(TEACHER_DTYPES)} "
+              "(--distill-teacher-dtype)")
         check("warmup", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
         check("lr", lambda v: number(v) and v > 0, "a number > 0 (--distill-lr)")
         check("time_budget", lambda v: v is None or (number(v) and v >= 0),

@@ -236,7 +236,7 @@ def quantize_checkpoint(src, out, options: QuantizeOptions | None = None, *, log
         from qmamba.calib.distill import distill as run_distillation
 
         move_module(model, device, torch.float32)  # float parameters in float32; packed tensors as they are
-        move_module(teacher, device, torch.float32)
+        move_module(teacher, device, getattr(torch, distill.teacher_dtype))  # bfloat16: half the teacher's memory
         distill_report = run_distillation(model, teacher, data.ids.to(device), distill, log=log)
         del teacher
         if distill_report["steps"] > 0:  # steps of this run and of a resumed checkpoint

@@ -9,7 +9,8 @@ from qmamba.cli.param_types import DEVICE_HELP, SEED, TOKENIZER_HELP, IntChoice
 from qmamba.quant.layout import INT4_GROUP_SIZES
 
 DISTILL_OPTIONS = ("distill_steps", "distill_time", "distill_lr", "distill_batch", "ste", "distill_norms",
-                   "distill_float", "distill_checkpoint", "distill_block_steps")
+                   "distill_float", "distill_checkpoint", "distill_block_steps",
+                   "distill_teacher_dtype")
 
 
 @click.command("quantize")
@@ -80,6 +81,9 @@ DISTILL_OPTIONS = ("distill_steps", "distill_time", "distill_lr", "distill_batch
 @click.option("--distill-block-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Before the KL: steps per block training each block alone to reproduce the float model's "
               "residual stream after it (0: off). Counts towards --distill-time.")
+@click.option("--distill-teacher-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
+              show_default=True, help="The float teacher's parameters during distillation (bfloat16: half its memory, "
+              "for a GPU that cannot hold a float32 copy of the model).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the run record (as stored in the manifest) as JSON to this file.")
 def quantize(src, out, bits, group_size, method, symmetric, act_order, calib, nsamples, seq_len, recipe,
@@ -87,7 +91,7 @@ def quantize(src, out, bits, group_size, method, symmetric, act_order, calib, ns
              route_aware_budget, report, report_tokens, tokenizer, device, seed,
              overwrite, no_progress,
              distill, distill_steps, distill_time, distill_lr, distill_batch, ste, distill_norms, distill_float,
-             distill_checkpoint, distill_block_steps, json_out):
+             distill_checkpoint, distill_block_steps, distill_teacher_dtype, json_out):
     """Quantize the float checkpoint SRC into OUT (int8 / int4, RTN / GPTQ / AWQ, MoE-aware; 1-bit binary with
     PTB and optional distillation)."""
     from qmamba.calib.pipeline import CalibOptions
@@ -105,7 +109,8 @@ def quantize(src, out, bits, group_size, method, symmetric, act_order, calib, ns
         distill_opts = DistillOptions(steps=distill_steps, time_budget=distill_time, lr=distill_lr,
                                       batch_size=distill_batch, ste=ste, train_norms=distill_norms,
                                       train_float=distill_float, checkpoint_dir=distill_checkpoint, seed=seed,
-                                      block_steps=distill_block_steps, progress=not no_progress)
+                                      block_steps=distill_block_steps, teacher_dtype=distill_teacher_dtype,
+                                      progress=not no_progress)
     else:
         ctx = click.get_current_context()
         given = [f"--{name.replace('_', '-')}" for name in DISTILL_OPTIONS
