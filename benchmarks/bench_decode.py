@@ -150,7 +150,7 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
                                    min_programs=mp, expert_prefetch="noxp" not in parts,
                                    max_rows_planes=8 if "rows8" in parts else 1,
                                    planes_mma="nomma" not in parts and "rt8" not in parts,
-                                   max_rows_routed=8 if "rt8" in parts else 0, int4_split_tiles="sp" in parts,
+                                   max_rows_routed=8 if "rt8" in parts else 0,
                                    pdl=base.pdl and "nopdl" not in parts)
     if v.startswith("bn"):
         i4, rest = v[2:].split("F")
@@ -171,11 +171,10 @@ def main():
     # before them, since a converted model stays converted
     ap.add_argument("--variants", default="default,nopdl",
                     help="policy variants: default, nopdl, "
-                         "dec[_planes][_magic|_denorm][_bnN][_rw][_mpP][_noxp][_sp][_rt8][_rows8[_nomma]] (the decode "
+                         "dec[_planes][_magic|_denorm][_bnN][_rw][_mpP][_noxp][_rt8][_rows8[_nomma]] (the decode "
                          "kernels for every non-binary format at batch 1: int4 as stored words or plane words, nibbles "
                          "shifted or masked, N int4 rows per program, rw: the warps of one weight row, mpP: at least P "
-                         "programs, noxp: fc2 waits for fc1 before reading its expert, sp: int4 rows in two runs of tiles "
-                         "(less padding), rt8: routed experts on these "
+                         "programs, noxp: fc2 waits for fc1 before reading its expert, rt8: routed experts on these "
                          "kernels up to batch 8 (CUDA cores, each routed row; dense matrices not), rows8: plane words "
                          "up to batch 8, tensor cores, or with nomma CUDA cores per row), "
                          "bnI<int4 block>F<float block>W<warps> e.g. bn16F4W4")

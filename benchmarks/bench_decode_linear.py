@@ -84,11 +84,6 @@ def variants(pdl: bool, rows: int):
                                                           int4_row_warps=True))
                 out[name + "_rw_mp"] = (layout, DecodePolicy(pdl=pdl, block_n_int4=bn, int4_unpack=unpack,
                                                              int4_row_warps=True, min_programs=264))
-                # "_sp": int4 rows in two power-of-two runs of tiles (less padding; DecodePolicy.int4_split_tiles)
-                out[name + "_sp"] = (layout, DecodePolicy(pdl=pdl, block_n_int4=bn, int4_unpack=unpack,
-                                                          int4_split_tiles=True))
-                out[name + "_mp_sp"] = (layout, DecodePolicy(pdl=pdl, block_n_int4=bn, int4_unpack=unpack,
-                                                             min_programs=264, int4_split_tiles=True))
     for bn, warps in ((8, 2), (16, 8), (32, 8)):
         out[f"planes_magic_bn{bn}_w{warps}"] = ("planes", DecodePolicy(pdl=pdl, block_n_int4=bn, int4_unpack="magic",
                                                                        num_warps=warps))

@@ -82,8 +82,6 @@ class DecodePolicy:
     #                               input once for all of them (instead of ``num_warps``)
     min_programs: int = 0        # fewer int4 rows per program where the matrix has too few rows to give this many
     expert_prefetch: bool = True  # fused step: fc2 reads its expert's tile before waiting for fc1 (expert_ready)
-    int4_split_tiles: bool = False  # int4 rows row by row: two power-of-two runs of tiles where one pads more
-    #                                 (tile_runs: K = 1472 as 8 + 4 tiles, not 16)
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES)  # weight formats these kernels serve
 
     def takes(self, weight, rows: int, routed: bool = False) -> bool:
@@ -141,13 +139,12 @@ class DecodePolicy:
 # word w holds k = 128 t + 16 i + w, and the tile's scale block is t // TPB.
 @jit
 def _load_tile(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, swe, swn, sse, ssn, sze, szn,
-               FMT: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr,
-               T0: tl.constexpr = 0):
+               FMT: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr):
     """The weight rows ``rows`` of expert ``e64`` as stored, into registers: ``(words [BN, NBP, WPG] int32, scale
-    [BN, NBP] fp32, zero point [BN, NBP] fp32)`` of tiles ``T0 .. T0 + NBP - 1`` for int4, ``(w [BN, KP], row
-    scale [BN] fp32, unused)`` otherwise. Masked (no memory read) where ``rows_ok`` is false."""
+    [BN, NBP] fp32, zero point [BN, NBP] fp32)`` for int4, ``(w [BN, KP], row scale [BN] fp32, unused)`` otherwise.
+    Masked (no memory read) where ``rows_ok`` is false."""
     if FMT == 2 or FMT == 3:
-        t = T0 + tl.arange(0, NBP)
+        t = tl.arange(0, NBP)
         j = tl.arange(0, WPG)
         n_tiles = (K + WPG * 8 - 1) // (WPG * 8)
         tm = (t < n_tiles)[None, :] & rows_ok[:, None]
@@ -170,9 +167,9 @@ def _load_tile(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, swe, swn, sse, ssn, s
 
 
 @jit
-def _int4_k(i: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, FMT: tl.constexpr, T0: tl.constexpr = 0):
-    """``[NBP, WPG]``: the k that nibble ``i`` of each word of tiles ``T0 ..`` of the row holds (see above)."""
-    t = T0 + tl.arange(0, NBP)[:, None]
+def _int4_k(i: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, FMT: tl.constexpr):
+    """``[NBP, WPG]``: the k that nibble ``i`` of each word of the tile row holds (see above)."""
+    t = tl.arange(0, NBP)[:, None]
     w = tl.arange(0, WPG)[None, :]
     if FMT == 3:
         return t * 128 + 16 * i + w
@@ -233,11 +230,9 @@ def _input_at(x_ptr, r, sxm, k, km):
 
 @jit
 def _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, exp_bits,
-             FMT: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, UNPACK: tl.constexpr,
-             T0: tl.constexpr = 0):
-    """``[BN]`` fp32: the tile (int4: tiles ``T0 ..``) times input row ``r``. int4: per nibble position,
-    ``(code - zero) * x`` summed over the tile row, times the tile's scale. A row that is not ``row_ok`` reads
-    nothing (its K limit is 0)."""
+             FMT: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, UNPACK: tl.constexpr):
+    """``[BN]`` fp32: the tile times input row ``r``. int4: per nibble position, ``(code - zero) * x`` summed over
+    the tile row, times the tile's scale. A row that is not ``row_ok`` reads nothing (its K limit is 0)."""
     k_lim = tl.where(row_ok, K, 0)  # scalar masks fold into limits: the interpreter rejects vector & scalar masks
     if (FMT == 2 or FMT == 3) and UNPACK == 2:
         # "denorm" (_int4_subnormal): a mask and an FMA per code, all positions in the scale 2^-53. The zero point
@@ -246,7 +241,7 @@ def _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, exp_bits,
         part = tl.zeros(w.shape, dtype=tl.float32)
         xs = tl.zeros((w.shape[1], w.shape[2]), dtype=tl.float32)
         for i in tl.static_range(8):
-            k = _int4_k(i, NBP, WPG, FMT, T0)
+            k = _int4_k(i, NBP, WPG, FMT)
             xi = _input_at(x_ptr, r, sxm, k, k < k_lim)
             xs += xi
             codes, xp = _int4_subnormal(w, hi, xi, i)
@@ -257,7 +252,7 @@ def _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, exp_bits,
         hi = w >> 20
         part = tl.zeros(w.shape, dtype=tl.float32)
         for i in tl.static_range(8):
-            k = _int4_k(i, NBP, WPG, FMT, T0)
+            k = _int4_k(i, NBP, WPG, FMT)
             xi = _input_at(x_ptr, r, sxm, k, k < k_lim)
             part += _int4_codes(w, hi, zero, exp_bits, i, UNPACK) * (xi * _int4_x_scale(i, UNPACK))[None, :, :]
         y = tl.sum(tl.sum(part, axis=2) * scale, axis=1)
@@ -317,12 +312,10 @@ def _dot_rows_mma(w, scale, zero, x_ptr, rr, rok, sxm, K, NBP: tl.constexpr):
 
 @jit
 def _load_weights(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, N_UP, swe, swn, sse, ssn, sze, szn,
-                  FMT: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, NBP2: tl.constexpr, WPG: tl.constexpr,
-                  TPB: tl.constexpr, GATED: tl.constexpr):
-    """A program's weights: ``(w, scale, zero)`` of its rows, the same of the up rows ``rows + N_UP`` if ``GATED``
-    (else the first three again), for tiles ``0 .. NBP - 1``; then those six for tiles ``NBP .. NBP + NBP2 - 1``
-    (int4 rows split in two power-of-two runs of tiles, less padding than one; ``NBP2 = 0``: the first six again,
-    unused)."""
+                  FMT: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr,
+                  GATED: tl.constexpr):
+    """A program's weights: ``(w, scale, zero)`` of its rows, then the same of the up rows ``rows + N_UP`` if
+    ``GATED`` (else the first three again)."""
     w, scale, zero = _load_tile(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, swe, swn, sse, ssn, sze, szn,
                                 FMT, KP, NBP, WPG, TPB)
     if GATED:
@@ -330,17 +323,7 @@ def _load_weights(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, N_UP, swe, swn, ss
                                              sze, szn, FMT, KP, NBP, WPG, TPB)
     else:
         w_up, scale_up, zero_up = w, scale, zero
-    if NBP2 > 0:
-        w2, scale2, zero2 = _load_tile(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, swe, swn, sse, ssn, sze, szn,
-                                       FMT, KP, NBP2, WPG, TPB, NBP)
-        if GATED:
-            w_up2, scale_up2, zero_up2 = _load_tile(w_ptr, s_ptr, z_ptr, e64, rows + N_UP, rows_ok, K, swe, swn,
-                                                    sse, ssn, sze, szn, FMT, KP, NBP2, WPG, TPB, NBP)
-        else:
-            w_up2, scale_up2, zero_up2 = w2, scale2, zero2
-    else:
-        w2, scale2, zero2, w_up2, scale_up2, zero_up2 = w, scale, zero, w_up, scale_up, zero_up
-    return w, scale, zero, w_up, scale_up, zero_up, w2, scale2, zero2, w_up2, scale_up2, zero_up2
+    return w, scale, zero, w_up, scale_up, zero_up
 
 
 @jit
@@ -351,7 +334,7 @@ def _decode_linear_kernel(
     HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr,
     UNPACK: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
-    EXPERT_READY: tl.constexpr, NBP2: tl.constexpr,
+    EXPERT_READY: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -374,29 +357,27 @@ def _decode_linear_kernel(
             routed = tl.load(rexp_ptr + r_idx, mask=r_idx < M, other=-1)
             active = tl.sum((routed == pid_e).to(tl.int32), axis=0) > 0
         if active:
-            w, scale, zero, w_up, scale_up, zero_up, w2, scale2, zero2, w_up2, scale_up2, zero_up2 = _load_weights(
+            w, scale, zero, w_up, scale_up, zero_up = _load_weights(
                 w_ptr, s_ptr, z_ptr, expert.to(tl.int64), rows, rows_ok, K, N_UP, swe, swn, sse, ssn, sze, szn, FMT,
-                KP, NBP, NBP2, WPG, TPB, GATED)
+                KP, NBP, WPG, TPB, GATED)
             if PDL and EXPERT_READY:
                 tl.extra.cuda.gdc_wait()
                 tl.extra.cuda.gdc_launch_dependents()
-            _rows_out(w, scale, zero, w_up, scale_up, zero_up, w2, scale2, zero2, w_up2, scale_up2, zero_up2,
-                      x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
+            _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
                       bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, co_ptr, scom, DI, rows, rows_ok, expert,
                       M, N, K, exp_bits, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP,
-                      NBP, NBP2, WPG, TPB, UNPACK, CONV_EPI, MMA)
+                      NBP, WPG, TPB, UNPACK, CONV_EPI, MMA)
     else:
-        w, scale, zero, w_up, scale_up, zero_up, w2, scale2, zero2, w_up2, scale_up2, zero_up2 = _load_weights(
+        w, scale, zero, w_up, scale_up, zero_up = _load_weights(
             w_ptr, s_ptr, z_ptr, pid_e.to(tl.int64) * 0, rows, rows_ok, K, N_UP, swe, swn, sse, ssn, sze, szn, FMT,
-            KP, NBP, NBP2, WPG, TPB, GATED)
+            KP, NBP, WPG, TPB, GATED)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        _rows_out(w, scale, zero, w_up, scale_up, zero_up, w2, scale2, zero2, w_up2, scale_up2, zero_up2,
-                  x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
+        _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
                   bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, co_ptr, scom, DI, rows, rows_ok, pid_e,
                   M, N, K, exp_bits, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP,
-                  NBP, NBP2, WPG, TPB, UNPACK, CONV_EPI, MMA)
+                  NBP, WPG, TPB, UNPACK, CONV_EPI, MMA)
 
 
 @jit
@@ -419,16 +400,14 @@ def _store_out(y, ri, ni, mask, out_ptr, som, co_ptr, scom, st_ptr, cw_ptr, cb_p
 
 
 @jit
-def _rows_out(w, scale, zero, w_up, scale_up, zero_up, w2, scale2, zero2, w_up2, scale_up2, zero_up2,
-              x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
+def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
               bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, co_ptr, scom, DI, rows, rows_ok, expert, M, N, K,
               exp_bits, FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr,
               CONV_W: tl.constexpr, HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
               HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr,
-              NBP2: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr, UNPACK: tl.constexpr, CONV_EPI: tl.constexpr,
-              MMA: tl.constexpr):
-    """Each input row (that is routed here) times the tile(s) (``*2``: the second run of tiles where ``NBP2 > 0``,
-    the row-by-row path only), epilogue, store. A row that is not computed costs a branch, no arithmetic."""
+              WPG: tl.constexpr, TPB: tl.constexpr, UNPACK: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr):
+    """Each input row (that is routed here) times the tile(s), epilogue, store. A row that is not computed costs a
+    branch, no arithmetic."""
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
     if FMT == 3 and ROWS > 1 and MMA:
@@ -466,18 +445,11 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, w2, scale2, zero2, w_up2,
                 row_ok = row_ok & (tl.load(rexp_ptr + r, mask=row_ok, other=-1) == expert)
             if row_ok:
                 y = _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, exp_bits, FMT, KP, NBP, WPG, UNPACK)
-                if NBP2 > 0:
-                    y += _dot_row(w2, scale2, zero2, x_ptr, r, sxm, K, row_ok, exp_bits, FMT, KP, NBP2, WPG, UNPACK,
-                                  NBP)
                 if HAS_BIAS:
                     y += bias
                 if GATED:
-                    up = _dot_row(w_up, scale_up, zero_up, x_ptr, r, sxm, K, row_ok, exp_bits, FMT, KP, NBP, WPG,
-                                  UNPACK)
-                    if NBP2 > 0:
-                        up += _dot_row(w_up2, scale_up2, zero_up2, x_ptr, r, sxm, K, row_ok, exp_bits, FMT, KP, NBP2,
-                                       WPG, UNPACK, NBP)
-                    y = activate(y, ACT) * up
+                    y = activate(y, ACT) * _dot_row(w_up, scale_up, zero_up, x_ptr, r, sxm, K, row_ok, exp_bits, FMT,
+                                                    KP, NBP, WPG, UNPACK)
                 if HAS_RSCALE:
                     y = y * tl.load(rscale_ptr + r).to(tl.float32)
                 _store_out(y, r, rows, rows_ok, out_ptr, som, co_ptr, scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI,
@@ -486,8 +458,8 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, w2, scale2, zero2, w_up2,
 
 # ---- launcher and reference twin -------------------------------------------------------------------------------------
 def _weight_args(weight: PackedWeight):
-    """``(w, s, z, strides, KP, tiles, WPG, TPB)`` as the kernel reads them (int4: int32 words in ``tiles`` tiles of
-    ``WPG`` words, see :func:`_load_tile`)."""
+    """``(w, s, z, strides, KP, NBP, WPG, TPB)`` as the kernel reads them (int4: int32 words in tiles, see
+    :func:`_load_tile`)."""
     s, z = weight.scales, weight.zeros
     g = weight.group_size
     if weight.fmt == FMT_INT4:
@@ -508,18 +480,7 @@ def _weight_args(weight: PackedWeight):
         return q, s, q, (q.stride(0), q.stride(1), s.stride(0), s.stride(1) if s.dim() > 1 else 0, 0, 0), \
             next_pow2(weight.k), 1, 1, 1
     return (words, s, z, (words.stride(0), words.stride(1), s.stride(0), s.stride(1), z.stride(0), z.stride(1)),
-            1, tiles, wpg, tpb)
-
-
-def tile_runs(tiles: int, split: bool) -> tuple:
-    """``(NBP, NBP2)``: an int4 row of ``tiles`` tiles as one power-of-two run (padded), or with ``split`` as two
-    (the largest power of two, then the rest padded) where that pads less: 12 tiles (K = 1472) as 8 + 4 instead of
-    16, 23 (K = 2944) as 16 + 8 instead of 32. ``NBP2 = 0``: one run."""
-    one = next_pow2(tiles)
-    first = 1 << (max(tiles, 1).bit_length() - 1)
-    if split and tiles > first and first + next_pow2(tiles - first) < one:
-        return first, next_pow2(tiles - first)
-    return one, 0
+            1, next_pow2(tiles), wpg, tpb)
 
 
 def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, row_scale=None, conv_out=None,
@@ -550,7 +511,7 @@ def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, r
         raise ValueError("decode_linear: a gated weight takes no bias")
     if row_expert is None and weight.n_experts != 1:
         raise ValueError("decode_linear: a stacked weight needs row_expert")
-    w, s, z, strides, kp, tiles, wpg, tpb = _weight_args(weight)
+    w, s, z, strides, kp, nbp, wpg, tpb = _weight_args(weight)
     st, cw, cb, co = conv_out if conv_out is not None else (x, x, None, out)
     channels = co.shape[1] if conv_out is not None else 0
     if conv_out is not None:
@@ -561,8 +522,6 @@ def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, r
         if co.shape[0] != m or co.stride(1) != 1 or channels > n_out:
             raise ValueError(f"decode_linear: conv_out needs a row-major xc [{m}, D <= {n_out}]")
     mma = weight.fmt == FMT_INT4_PLANES and m > 1 and policy.planes_mma  # the tensor-core path of plane tiles
-    row_by_row = m == 1 or (row_expert is not None and not mma)  # the kernel path that takes two runs of tiles
-    nbp, nbp2 = tile_runs(tiles, policy.int4_split_tiles and row_by_row and weight.fmt in (FMT_INT4, FMT_INT4_PLANES))
     bn = MMA_ROWS if mma else policy.block_n(weight.fmt, m, n_out)
     grid = (weight.n_experts if row_expert is not None and m > 1 else 1, -(-n_out // bn))
     dummy = x
@@ -577,7 +536,7 @@ def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, r
         GATED=gated is not None,
         ACT=ACTIVATION_IDS[gated] if gated else 0, HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
         KP=kp, NBP=nbp, WPG=wpg, TPB=tpb, UNPACK=INT4_UNPACK[policy.int4_unpack], MMA=mma, BLOCK_N=bn, PDL=policy.pdl,
-        EXPERT_READY=expert_ready and row_expert is not None, NBP2=nbp2,
+        EXPERT_READY=expert_ready and row_expert is not None,
         num_warps=policy.warps(weight.fmt, m, nbp * wpg) if not mma else policy.num_warps, **kwargs)
     return out
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qmamba.kernels.causal_conv1d import causal_conv1d_update_ref
-from qmamba.kernels.decode_linear import DecodePolicy, decode_linear, decode_linear_ref, tile_runs
+from qmamba.kernels.decode_linear import DecodePolicy, decode_linear, decode_linear_ref
 from qmamba.kernels.fused_moe import gated_act_ref
 from qmamba.kernels.quant_matmul import dequant_matmul_ref
 from qmamba.kernels.weights import PackedWeight
@@ -106,40 +106,6 @@ def test_routed_gated_and_row_scale(fmt, m, device):
     torch.testing.assert_close(y, decode_linear_ref(act, fc2, row_expert=idx, row_scale=rw), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(y, dequant_matmul_ref(act, fc2, row_expert=idx, row_scale=rw).float(), atol=1e-4,
                                rtol=1e-4)
-
-
-def test_tile_runs():
-    """One power-of-two run of int4 tiles, or two where that pads less (BlackMamba-2.8B: K = 1472 is 12 tiles of 128,
-    2944 is 23, 3872 is 31)."""
-    assert tile_runs(12, False) == (16, 0)
-    assert tile_runs(12, True) == (8, 4)
-    assert tile_runs(23, True) == (16, 8)
-    assert tile_runs(31, True) == (32, 0)   # 16 + 16 pads no less than 32
-    assert tile_runs(16, True) == (16, 0) and tile_runs(1, True) == (1, 0) and tile_runs(3, True) == (2, 1)
-
-
-# two runs of tiles: planes of 128 at K = 1500 (12 tiles: 8 + 4) and 300 (3: 2 + 1), words of 32 at K = 160 (5:
-# 4 + 1); one row, and several routed rows (the row-by-row path), dense and gated-routed
-@pytest.mark.parametrize("fmt,k", [("planes128", 1500), ("planes128", 300), ("int4g32", 160), ("planes256", 1500)])
-@pytest.mark.parametrize("unpack", ["shift", "denorm"])
-def test_split_tile_runs_match_reference(fmt, k, unpack, device):
-    torch.manual_seed(k)
-    policy = DecodePolicy(pdl=False, block_n_int4=4, num_warps=4 if device.type == "cuda" else 1, int4_unpack=unpack,
-                          int4_split_tiles=True, planes_mma=False)
-    n = 24
-    w = weight_for(fmt, n, k, device)
-    x = torch.randn(1, k, device=device)
-    bias = torch.randn(n, device=device)
-    out = decode_linear(x, w, poisoned(1, n, device), bias=bias, policy=policy)
-    torch.testing.assert_close(out, decode_linear_ref(x, w, bias=bias), atol=1e-4, rtol=1e-4)
-    e, f = 3, 20
-    fc1 = weight_for(fmt, 2 * f, k, device, experts=e, seed=1)
-    for m, idx in ((1, [2]), (3, [2, 0, 2])):
-        xm = torch.randn(m, k, device=device)
-        rows = torch.tensor(idx, dtype=torch.int32, device=device)
-        act = decode_linear(xm, fc1, poisoned(m, f, device), row_expert=rows, gated="silu", policy=policy)
-        torch.testing.assert_close(act, decode_linear_ref(xm, fc1, row_expert=rows, gated="silu"), atol=1e-4,
-                                   rtol=1e-4)
 
 
 def test_bad_shapes_are_errors(device):
