@@ -186,7 +186,10 @@ def bench_model(model, batches=(1,), prompt_len: int = 2048, tokens: int = 256, 
     if shared:
         message = (f"{format_bytes(shared)} of {device}'s memory is held by other processes: if they are running "
                    "kernels, the times below are slowed by their share of the GPU")
-        log(f"warning: {message}") if log else warnings.warn(message, RuntimeWarning, stacklevel=2)
+        if log:
+            log(f"warning: {message}")
+        else:
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
     prompts = {}
     gen = torch.Generator().manual_seed(seed)
     for batch in batches:

@@ -52,7 +52,7 @@ def test_matching_moves_every_block_towards_the_teacher(ptb_pair):
             assert torch.equal(p, frozen[n]), n
     write_back(student, swapped)
     after = _stream_errors(student, teacher, ids)
-    trained = [r for r in report["blocks"]]
+    trained = report["blocks"]
     assert len(trained) == len(student.blocks) and report["steps_per_block"] == 15
     assert all(r["last"] < r["first"] for r in trained), trained
     assert after[-1] < 0.8 * before[-1], (before, after)   # the stream that feeds the head
