@@ -25,6 +25,7 @@ import torch
 from qmamba.config import preset
 from qmamba.cuda_graph import GraphDecoder
 from qmamba.kernels.decode_linear import DecodePolicy
+from qmamba.kernels.weights import FMT_INT8
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import build, weight_bytes  # noqa: E402
@@ -140,6 +141,9 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return base
     if v == "nopdl":
         return dataclasses.replace(base, pdl=False)
+    if v in ("int8dec", "int8gen"):  # int8 weights on the decode kernels at batch 1, or on the general kernels
+        others = tuple(f for f in base.formats if f != FMT_INT8)
+        return dataclasses.replace(base, formats=others + ((FMT_INT8,) if v == "int8dec" else ()))
     if v.startswith("dec"):
         parts = v.split("_")[1:]
         bn = next((int(p[2:]) for p in parts if p.startswith("bn")), base.block_n_int4)
@@ -170,7 +174,8 @@ def main():
     # plane words in place (qmamba.quant.modules.use_plane_words); list stored-word variants ("dec", "dec_magic")
     # before them, since a converted model stays converted
     ap.add_argument("--variants", default="default,nopdl",
-                    help="policy variants: default, nopdl, "
+                    help="policy variants: default, nopdl, int8dec / int8gen (int8 weights on the decode kernels at "
+                         "batch 1 / on the general kernels), "
                          "dec[_planes][_magic|_denorm][_bnN][_rw][_mpP][_noxp][_rt8][_rows8[_nomma]] (the decode "
                          "kernels for every non-binary format at batch 1: int4 as stored words or plane words, nibbles "
                          "shifted or masked, N int4 rows per program, rw: the warps of one weight row, mpP: at least P "
