@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from qmamba.config import preset
 from qmamba.cuda_graph import GraphDecoder
 from qmamba.kernels.decode_linear import DecodePolicy
-from qmamba.kernels.weights import FMT_INT8
+from qmamba.kernels.weights import FMT_BINARY, FMT_FLOAT, FMT_INT8
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import build, weight_bytes  # noqa: E402
@@ -141,9 +142,14 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return base
     if v == "nopdl":
         return dataclasses.replace(base, pdl=False)
-    if v in ("int8dec", "int8gen"):  # int8 weights on the decode kernels at batch 1, or on the general kernels
-        others = tuple(f for f in base.formats if f != FMT_INT8)
-        return dataclasses.replace(base, formats=others + ((FMT_INT8,) if v == "int8dec" else ()))
+    if v.startswith("fmts"):  # e.g. fmts+int8+binary: the default with these formats added to (-: taken from) the
+        formats = list(base.formats)  # weight formats the decode kernels serve at batch 1
+        for sign, name in re.findall(r"([+-])(\w+?)(?=[+-]|$)", v[4:]):
+            fmt = {"int8": FMT_INT8, "binary": FMT_BINARY, "float": FMT_FLOAT}.get(name)
+            if fmt is None:
+                raise SystemExit(f"unknown format {name!r} in policy variant {v!r} (int8, binary, float)")
+            formats = [f for f in formats if f != fmt] + ([fmt] if sign == "+" else [])
+        return dataclasses.replace(base, formats=tuple(formats))
     if v.startswith("dec"):
         parts = v.split("_")[1:]
         bn = next((int(p[2:]) for p in parts if p.startswith("bn")), base.block_n_int4)
@@ -174,8 +180,9 @@ def main():
     # plane words in place (qmamba.quant.modules.use_plane_words); list stored-word variants ("dec", "dec_magic")
     # before them, since a converted model stays converted
     ap.add_argument("--variants", default="default,nopdl",
-                    help="policy variants: default, nopdl, int8dec / int8gen (int8 weights on the decode kernels at "
-                         "batch 1 / on the general kernels), "
+                    help="policy variants: default, nopdl, fmts[+-]FORMAT... (the default with int8, binary or float "
+                         "weights added to / taken from those the decode kernels serve at batch 1, e.g. fmts+int8, "
+                         "fmts+binary), "
                          "dec[_planes][_magic|_denorm][_bnN][_rw][_mpP][_noxp][_rt8][_rows8[_nomma]] (the decode "
                          "kernels for every non-binary format at batch 1: int4 as stored words or plane words, nibbles "
                          "shifted or masked, N int4 rows per program, rw: the warps of one weight row, mpP: at least P "

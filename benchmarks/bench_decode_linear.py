@@ -1,6 +1,7 @@
 """The decode linear kernel at BlackMamba-2.8B's shapes, one row (batch 1): every int4 variant (stored word layout
-or plane words, nibbles shifted or masked in place, rows per program) beside the bf16 decode kernel, cuBLAS bf16
-and a no-arithmetic probe that only moves the int4 bytes, side by side in one run.
+or plane words, nibbles shifted or masked in place, rows per program) beside the bf16 decode kernel, int8 and 1-bit
+weights on the decode kernel and on their general kernels (the step's path for them until measured otherwise),
+cuBLAS bf16 and a no-arithmetic probe that only moves the int4 bytes, side by side in one run.
 
     python benchmarks/bench_decode_linear.py --out decode_linear.json [--preset blackmamba-2.8b]
 
@@ -23,10 +24,11 @@ import triton
 import triton.language as tl
 
 from qmamba.config import preset
+from qmamba.kernels.binary_matmul import binary_matmul
 from qmamba.kernels.decode_linear import DecodePolicy, decode_linear, decode_linear_ref, pdl_supported
 from qmamba.kernels.quant_matmul import dequant_matmul
-from qmamba.kernels.weights import PackedWeight, int32_words
-from qmamba.quant.formats import Int4Format
+from qmamba.kernels.weights import FMT_BINARY, FMT_INT8, BinaryWeight, PackedWeight, int32_words
+from qmamba.quant.formats import BinaryFormat, Int4Format, Int8Format
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import copies_for, time_calls, require_idle_gpu  # noqa: E402
@@ -69,8 +71,16 @@ def variants(pdl: bool, rows: int):
     plane words' tensor-core path beside the general kernel (dequant_matmul) on the stored layout."""
     if rows > 1:
         return {"planes_mma": ("planes", DecodePolicy(pdl=pdl)), "general": ("words", "general")}
-    out = {"cuda_default": ("planes", DecodePolicy.cuda(132, pdl)),  # the H200's CUDA policy (132 SMs)
-           "cuda_default_float": ("float", DecodePolicy.cuda(132, pdl))}
+    cuda = DecodePolicy.cuda(132, pdl)  # the H200's CUDA policy (132 SMs)
+    out = {"cuda_default": ("planes", cuda), "cuda_default_float": ("float", cuda),
+           # int8 and 1-bit weights: the CUDA policy with their format added, and their general kernels
+           "cuda_int8": ("int8", dataclasses.replace(cuda, formats=cuda.formats + (FMT_INT8,))),
+           "cuda_binary": ("binary", dataclasses.replace(cuda, formats=cuda.formats + (FMT_BINARY,))),
+           "general_int8": ("int8", "general"), "general_binary": ("binary", "general")}
+    for bn in (4, 8, 16, 32):
+        out[f"binary_bn{bn}"] = ("binary", DecodePolicy(pdl=pdl, block_n_binary=bn))
+    for bn in (2, 4, 8):
+        out[f"int8_bn{bn}"] = ("int8", DecodePolicy(pdl=pdl, block_n_float=bn))
     for bn in (2, 4, 8):
         out[f"bf16_bn{bn}"] = ("float", DecodePolicy(pdl=pdl, block_n_float=bn))
     for layout in ("words", "planes"):
@@ -91,21 +101,30 @@ def variants(pdl: bool, rows: int):
     return out
 
 
-def clones(weight: PackedWeight, per_call_bytes: int) -> list:
+def clones(weight: PackedWeight | BinaryWeight, per_call_bytes: int) -> list:
     """Enough copies of ``weight`` (every tensor cloned) that a rotation over them is not served from L2."""
-    return [dataclasses.replace(weight, **{f: getattr(weight, f).clone() for f in ("qweight", "scales", "zeros")
+    fields = ("qweight", "alpha", "beta") if isinstance(weight, BinaryWeight) else ("qweight", "scales", "zeros")
+    return [dataclasses.replace(weight, **{f: getattr(weight, f).clone() for f in fields
                                            if getattr(weight, f) is not None})
             for _ in range(copies_for(per_call_bytes, cap=1024))]
+
+
+def weight_forms(w, n: int, k: int, dev) -> dict:
+    """The float weight ``w`` in every form the variants read: int4 g128 (stored words, plane words), its bf16
+    dequantization, int8 and 1-bit (Bi-Mamba form)."""
+    def packed(fmt):
+        return fmt.kernel_weight({key: t.to(dev) for key, t in fmt.quantize_rtn(w).items()}, n, k)
+
+    int4 = packed(Int4Format(128))
+    return {"words": int4, "planes": int4.to_planes(), "float": PackedWeight.from_float(int4.dequantized(torch.bfloat16)),
+            "int8": packed(Int8Format()), "binary": packed(BinaryFormat())}
 
 
 def bench_shape(name, n, k, experts, opts, rows, pdl, dev, result, only_variants=()):
     lead = (experts,) if experts else ()
     w = torch.randn(*lead, n, k) / k ** 0.5
-    fmt = Int4Format(128)
-    packed = {key: t.to(dev) for key, t in fmt.quantize_rtn(w).items()}
-    int4 = fmt.kernel_weight(packed, n, k)
-    forms = {"words": int4, "planes": int4.to_planes(),
-             "float": PackedWeight.from_float(int4.dequantized(torch.bfloat16))}
+    forms = weight_forms(w, n, k, dev)
+    int4 = forms["words"]
     x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
     kw = {}
     if experts:
@@ -123,12 +142,14 @@ def bench_shape(name, n, k, experts, opts, rows, pdl, dev, result, only_variants
         if only_variants and vname not in only_variants:
             continue
         weight = forms[form]
+        exact = int4 if form in ("words", "planes", "float") else weight  # what the output is checked against
         if policy == "general":  # the general kernel computes fc1 without the activation
-            ref = decode_linear_ref(x, int4, **kw)
-            call = lambda wc: dequant_matmul(x, wc, **kw)  # noqa: E731
+            ref = decode_linear_ref(x, exact, **kw)
+            general = binary_matmul if form == "binary" else dequant_matmul
+            call = lambda wc, general=general: general(x, wc, **kw)  # noqa: E731
             out = call(weight)
         else:
-            ref = decode_linear_ref(x, int4, gated=gated, **kw)
+            ref = decode_linear_ref(x, exact, gated=gated, **kw)
             out = torch.full((rows, n_out), float("nan"), device=dev, dtype=torch.bfloat16)
             call = lambda wc, out=out, policy=policy: decode_linear(  # noqa: E731
                 x, wc, out, policy=policy, gated=gated, **kw)

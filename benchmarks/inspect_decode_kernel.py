@@ -27,12 +27,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode_linear import shapes, variants  # noqa: E402
+from bench_decode_linear import shapes, variants, weight_forms  # noqa: E402
 
 from qmamba.config import preset  # noqa: E402
 from qmamba.kernels import decode_linear as dl  # noqa: E402
-from qmamba.kernels.weights import PackedWeight  # noqa: E402
-from qmamba.quant.formats import Int4Format  # noqa: E402
 
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
           torch.uint8: "u8", torch.int8: "i8", torch.int64: "i64"}
@@ -134,10 +132,7 @@ def main():
             if shape not in args.shapes.split(","):
                 continue
             lead = (experts,) if experts else ()
-            fmt = Int4Format(128)
-            int4 = fmt.kernel_weight(fmt.quantize_rtn(torch.randn(*lead, n, k)), n, k)
-            forms = {"words": int4, "planes": int4.to_planes(),
-                     "float": PackedWeight.from_float(int4.dequantized(torch.bfloat16))}
+            forms = weight_forms(torch.randn(*lead, n, k), n, k, torch.device("cpu"))
             x = torch.randn(1, k, dtype=getattr(torch, args.x_dtype))
             kw = {"row_expert": torch.tensor([1], dtype=torch.int32)} if experts else {}
             if opts.get("gated"):
@@ -147,6 +142,8 @@ def main():
             codes = n * k  # int4 codes of one matrix (one expert)
             for v in args.variants.split(","):
                 form, policy = table[v]
+                if policy == "general":
+                    raise SystemExit(f"variant {v}: the general kernels are not the decode kernel")
                 policy = dl.DecodePolicy(**{**policy.__dict__, "pdl": True})  # as on the H200
                 out = torch.empty(1, n // 2 if opts.get("gated") else n, dtype=torch.bfloat16)
                 dl.decode_linear(x, forms[form], out, policy=policy, **kw)

@@ -17,10 +17,12 @@ dependency latency, not bytes (benchmarks/results.md, "Decode"). These kernels a
   ``F + n`` of its expert and writes ``act(gate) * up``). (The conv step in front of x_proj instead, recomputed by
   every program, took 27 us for an int4 x_proj on the H200 against 4 us after the epilogue.)
 
-Formats: float (any dtype), int8 (per-row scale), int4 in the stored group-wise layout read as 32-bit words, and
+Formats: float (any dtype), int8 (per-row scale), int4 in the stored group-wise layout read as 32-bit words,
 int4 "planes" (:func:`qmamba.quant.layout.int4_to_planes`: the same codes arranged so that each nibble position of
-a tile's words covers consecutive k, whose input is one contiguous read); ``code | 0x4B000000`` is the float
-``2^23 + code``, so one subtraction gives ``code - zero`` exactly.
+a tile's words covers consecutive k, whose input is one contiguous read; ``code | 0x4B000000`` is the float
+``2^23 + code``, so one subtraction gives ``code - zero`` exactly), and 1-bit signs (:class:`BinaryWeight` without a
+row scale, K a multiple of 32: bit t of word j is the sign of k = 32 j + t; ``x @ W_hat^T = (x * alpha) @ S^T +
+x . beta``, the per-column alpha and beta loaded with the signs, before the wait).
 Routing: ``row_expert [M]`` (top-1 MoE) picks each row's expert; program column ``e`` serves the rows routed to
 expert ``e`` and reads only that expert's weights (an idle column reads nothing).
 
@@ -37,7 +39,8 @@ import torch
 from qmamba.kernels._triton import HAS_TRITON, jit, next_pow2, tl
 from qmamba.kernels.fused_moe import ACTIVATION_IDS, activate, gated_act_ref
 from qmamba.kernels.matmul_configs import sm_count
-from qmamba.kernels.weights import FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT8, PackedWeight, int32_words
+from qmamba.kernels.weights import (FMT_BINARY, FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT8, BinaryWeight,
+                                    PackedWeight, int32_words)
 from qmamba.quant.layout import INT4_TILE, INT4_TILE_WORDS
 
 MAX_ROWS = 8
@@ -68,6 +71,7 @@ class DecodePolicy:
     pdl: bool = False
     block_n_int4: int = 8
     block_n_float: int = 4
+    block_n_binary: int = 16
     num_warps: int = 4
     int4_unpack: str = "shift"   # int4 codes: "shift" down, "magic" (masked in place, input pre-scaled by 16^-p),
     #                              "denorm" (masked in place and read as subnormal floats; CUDA-core paths)
@@ -82,13 +86,15 @@ class DecodePolicy:
     #                               input once for all of them (instead of ``num_warps``)
     min_programs: int = 0        # fewer int4 rows per program where the matrix has too few rows to give this many
     expert_prefetch: bool = True  # fused step: fc2 reads its expert's tile before waiting for fc1 (expert_ready)
-    formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES)  # weight formats these kernels serve
+    formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
 
     def takes(self, weight, rows: int, routed: bool = False) -> bool:
         """Whether a caller should run ``weight`` at ``rows`` rows through :func:`decode_linear` (int4 plane words up
         to ``max_rows_planes`` rows: the tensor-core path from 2 rows; everything else up to ``max_rows``; a
         ``routed`` expert stack also up to ``max_rows_routed``)."""
-        if not isinstance(weight, PackedWeight) or weight.fmt not in self.formats:
+        if not isinstance(weight, (PackedWeight, BinaryWeight)) or weight.fmt not in self.formats:
+            return False
+        if isinstance(weight, BinaryWeight) and not binary_decodable(weight):
             return False
         limit = self.max_rows_planes if weight.fmt == FMT_INT4_PLANES else self.max_rows
         if routed:
@@ -118,9 +124,10 @@ class DecodePolicy:
 
     def block_n(self, fmt: int, rows: int, n: int) -> int:
         int4 = fmt in (FMT_INT4, FMT_INT4_PLANES)
-        bn = self.block_n_int4 if int4 else self.block_n_float
+        packed = int4 or fmt == FMT_BINARY  # narrow rows: fewer per program where programs would be too few
+        bn = self.block_n_int4 if int4 else self.block_n_binary if fmt == FMT_BINARY else self.block_n_float
         bn = max(1, bn // (1 if rows <= 2 else 2 if rows <= 4 else 4))
-        if int4 and self.min_programs:
+        if packed and self.min_programs:
             while bn > 1 and -(-n // bn) < self.min_programs:
                 bn //= 2
         return min(bn, next_pow2(n))
@@ -142,8 +149,15 @@ def _load_tile(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, swe, swn, sse, ssn, s
                FMT: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr):
     """The weight rows ``rows`` of expert ``e64`` as stored, into registers: ``(words [BN, NBP, WPG] int32, scale
     [BN, NBP] fp32, zero point [BN, NBP] fp32)`` for int4, ``(w [BN, KP], row scale [BN] fp32, unused)`` otherwise.
-    Masked (no memory read) where ``rows_ok`` is false."""
-    if FMT == 2 or FMT == 3:
+    Masked (no memory read) where ``rows_ok`` is false. Binary (FMT 4): ``(sign words [BN, KP] int32, pointer to
+    the expert's alpha [K], pointer to its beta [K])``: alpha and beta are read with the input, per bit position."""
+    if FMT == 4:
+        j = tl.arange(0, KP)
+        wm = rows_ok[:, None] & (j < K // 32)[None, :]
+        w = tl.load(w_ptr + e64 * swe + rows[:, None] * swn + j[None, :], mask=wm, other=0)
+        scale = s_ptr + e64 * sse
+        zero = z_ptr + e64 * sze
+    elif FMT == 2 or FMT == 3:
         t = tl.arange(0, NBP)
         j = tl.arange(0, WPG)
         n_tiles = (K + WPG * 8 - 1) // (WPG * 8)
@@ -234,7 +248,24 @@ def _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, exp_bits,
     """``[BN]`` fp32: the tile times input row ``r``. int4: per nibble position, ``(code - zero) * x`` summed over
     the tile row, times the tile's scale. A row that is not ``row_ok`` reads nothing (its K limit is 0)."""
     k_lim = tl.where(row_ok, K, 0)  # scalar masks fold into limits: the interpreter rejects vector & scalar masks
-    if (FMT == 2 or FMT == 3) and UNPACK == 2:
+    if FMT == 4:
+        # 1-bit (scale / zero: pointers to the expert's alpha / beta): per bit position t, the input's k = 32 j + t
+        # times alpha, its sign bit flipped where the weight's bit is 0 (s = -1): a shift, one three-input logic
+        # instruction and an add per weight; x . beta on the side, once per k.
+        j = tl.arange(0, KP)
+        nw = ~w
+        part = tl.zeros(w.shape, dtype=tl.float32)
+        xb = tl.zeros((KP,), dtype=tl.float32)
+        for t in tl.static_range(32):
+            k = j * 32 + t
+            km = k < k_lim
+            xt = _input_at(x_ptr, r, sxm, k, km)
+            xa = (xt * tl.load(scale + k, mask=km, other=0.0).to(tl.float32)).to(tl.int32, bitcast=True)
+            xb += xt * tl.load(zero + k, mask=km, other=0.0).to(tl.float32)
+            flip = (nw << (31 - t)) & -2147483648                                            # 0x80000000 where s = -1
+            part += (xa[None, :] ^ flip).to(tl.float32, bitcast=True)
+        y = tl.sum(part, axis=1) + tl.sum(xb, axis=0)
+    elif (FMT == 2 or FMT == 3) and UNPACK == 2:
         # "denorm" (_int4_subnormal): a mask and an FMA per code, all positions in the scale 2^-53. The zero point
         # comes off once per word (zero * sum of the word's inputs); the tile scale carries the 2^53 back.
         hi = w >> 20
@@ -457,9 +488,22 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
 
 
 # ---- launcher and reference twin -------------------------------------------------------------------------------------
-def _weight_args(weight: PackedWeight):
-    """``(w, s, z, strides, KP, NBP, WPG, TPB)`` as the kernel reads them (int4: int32 words in tiles, see
-    :func:`_load_tile`)."""
+def binary_decodable(weight: BinaryWeight) -> bool:
+    """Whether the decode kernels take this 1-bit weight: no per-row scale, K a multiple of 32, the signs viewable as
+    aligned 32-bit words."""
+    return weight.row_scale is None and weight.k % 32 == 0 and int32_words(weight.qweight) is not None
+
+
+def _weight_args(weight: PackedWeight | BinaryWeight):
+    """``(w, s, z, strides, KP, NBP, WPG, TPB)`` as the kernel reads them (int4: int32 words in tiles, binary: sign
+    words with alpha / beta, see :func:`_load_tile`)."""
+    if isinstance(weight, BinaryWeight):
+        if not binary_decodable(weight):
+            raise ValueError("decode_linear: a 1-bit weight needs K a multiple of 32, aligned sign words and no row "
+                             "scale")
+        words, a, b = int32_words(weight.qweight), weight.alpha, weight.beta
+        return (words, a, b, (words.stride(0), words.stride(1), a.stride(0), 0, b.stride(0), 0),
+                next_pow2(weight.k // 32), 1, 1, 1)
     s, z = weight.scales, weight.zeros
     g = weight.group_size
     if weight.fmt == FMT_INT4:
@@ -483,7 +527,7 @@ def _weight_args(weight: PackedWeight):
             1, next_pow2(tiles), wpg, tpb)
 
 
-def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, row_scale=None, conv_out=None,
+def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row_expert=None, row_scale=None, conv_out=None,
                   gated: str | None = None, policy: DecodePolicy | None = None, expert_ready: bool = False):
     """``out [M, N']`` (any float dtype) receives ``f(x) @ W_hat^T`` for ``M <= 8`` rows; semantics of
     :func:`decode_linear_ref`.
@@ -541,7 +585,7 @@ def decode_linear(x, weight: PackedWeight, out, *, bias=None, row_expert=None, r
     return out
 
 
-def decode_linear_ref(x, weight: PackedWeight, *, bias=None, row_expert=None, row_scale=None,
+def decode_linear_ref(x, weight: PackedWeight | BinaryWeight, *, bias=None, row_expert=None, row_scale=None,
                       gated: str | None = None):
     """Twin of :func:`decode_linear` in fp32 over the dequantized weight: ``[M, N']``."""
     xf = x.float()

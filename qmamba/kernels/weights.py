@@ -17,6 +17,7 @@ from qmamba.quant import layout
 
 FMT_FLOAT, FMT_INT8, FMT_INT4 = 0, 1, 2  # the kernels' compile-time format switch
 FMT_INT4_PLANES = 3  # int4 codes in the decode kernels' plane words (layout.int4_to_planes); same scales / zeros
+FMT_BINARY = 4  # 1-bit signs read as 32-bit words (BinaryWeight; the decode kernels' switch only)
 
 
 @dataclass
@@ -111,6 +112,8 @@ class BinaryWeight:
     alpha: Tensor
     beta: Tensor
     row_scale: Tensor | None = None
+
+    fmt = FMT_BINARY  # the decode kernels' format switch (the 1-bit matmul kernels need none)
 
     @property
     def n_experts(self) -> int:

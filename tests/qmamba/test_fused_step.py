@@ -12,6 +12,7 @@ from qmamba.config import preset
 from qmamba.fused_step import FusedDecodeStep
 from qmamba.kernels.decode_linear import DecodePolicy
 from qmamba.testing import assert_prefill_and_step_match, quantize_rtn, random_model
+from qmamba.kernels.weights import BinaryWeight
 from qmamba.quant.binary import BinaryFormat
 from qmamba.quant.formats import Int4Format, Int8Format
 
@@ -28,15 +29,16 @@ def build(name, fmt, device):
 
 @pytest.mark.parametrize("fmt,batch,kernels", [("float", 2, "decode"), ("int8", 2, "decode"), ("int4", 2, "decode"),
                                                ("int4", 1, "decode"), ("binary", 1, "decode"), ("binary", 2, "decode"),
+                                               ("binary", 1, "general"),
                                                ("float", 1, "general"), ("int4", 1, "general"),
                                                ("int8", 3, "general"), ("int4g128", 1, "planes"),
                                                ("int4g128", 2, "planes_magic"), ("int4g128", 1, "planes_denorm"),
                                                ("int4g128", 3, "routed_denorm"), ("float", 3, "routed")])
 @torch.no_grad()
 def test_fused_step_matches_model_step(fmt, batch, kernels, device):
-    """``decode``: the decode-linear kernels for float / int8 / int4 (conv fused into x_proj, activation into fc1);
-    ``general``: the general matmul kernels (GEMV word kernels, small-M tiles, split-K into the zeroed workspace,
-    conv and activation on their own), as 1-bit weights always take; ``planes``: the decode kernels on the int4
+    """``decode``: the decode-linear kernels for float / int8 / int4 / 1-bit (conv fused into in_proj's epilogue,
+    activation into fc1); ``general``: the general matmul kernels (GEMV word kernels, the 1-bit kernels, small-M
+    tiles, split-K into the zeroed workspace, conv and activation on their own); ``planes``: the decode kernels on the int4
     weights converted in place to plane words (``_magic`` / ``_denorm``: nibbles masked in place, see
     ``DecodePolicy.int4_unpack``); ``routed``: only the routed expert stacks on the decode kernels at 2+ rows (each
     routed row on CUDA cores), dense matrices on the general kernels."""
@@ -61,6 +63,9 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
         policy = dataclasses.replace(policy, formats=(0, 1, 3), max_rows=1, max_rows_planes=1, max_rows_routed=8,
                                      int4_planes=True, int4_unpack=unpack, planes_mma=False)
     step = FusedDecodeStep(model, policy)
+    if fmt == "binary":  # the 1-bit matrices take the decode kernels exactly when the policy lists the format
+        binary = [w for w in step._weights() if isinstance(w, BinaryWeight)]
+        assert binary and all(policy.takes(w, batch) == (kernels == "decode") for w in binary)
     if kernels.startswith("routed"):  # the experts take the decode kernels at this batch, dense matrices do not
         moe = [p for p in step.layers if hasattr(p, "fc1")]
         assert moe and all(policy.takes(p.fc1, batch, routed=True) and not policy.takes(p.fc1, batch) for p in moe)

@@ -89,3 +89,17 @@ def test_add_norm_kernel_compiles():
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     lines = [line for line in run.stdout.splitlines() if line.startswith("regs")]
     assert len(lines) == 3 and all(line.endswith("stack 0") for line in lines), run.stdout
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_int8_and_binary_candidates_compile():
+    """int8 and 1-bit weights on the decode kernel as the CUDA policy would launch them with their format added
+    (candidates for the CUDA default, to be timed on the GPU: ``bench_decode.py --variants default,fmts+int8,
+    fmts+binary``) compile for sm_90 at every shape; int8 without spills (as the bf16 path it mirrors)."""
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "inspect_decode_kernel.py"),
+                          "--variants", "cuda_int8,cuda_binary"], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    lines = [line for line in run.stdout.splitlines() if " regs " in line]
+    assert len(lines) == 12, run.stdout  # 6 shapes x 2 formats
+    assert all(" stack    0 " in line for line in lines if " cuda_int8 " in line), run.stdout

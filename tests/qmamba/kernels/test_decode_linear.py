@@ -1,6 +1,7 @@
 """The decode linear kernel (whole rows per program, PDL-ready) against its twin and the twin against independent
 pieces (x @ dequantized W, the conv-update reference, the gated activation): float, int8, int4 (group 32 / 128,
-symmetric), ragged K (1472-like tails), 1..8 rows, routed experts (some idle), conv epilogue, gated epilogue."""
+symmetric), 1-bit signs (Bi-Mamba form), ragged K (1472-like tails), 1..8 rows, routed experts (some idle), conv
+epilogue, gated epilogue."""
 
 import pytest
 import torch
@@ -9,8 +10,9 @@ from qmamba.kernels.causal_conv1d import causal_conv1d_update_ref
 from qmamba.kernels.decode_linear import DecodePolicy, decode_linear, decode_linear_ref
 from qmamba.kernels.fused_moe import gated_act_ref
 from qmamba.kernels.quant_matmul import dequant_matmul_ref
-from qmamba.kernels.weights import PackedWeight
-from qmamba.quant.formats import Int4Format, Int8Format
+from qmamba.kernels.binary_matmul import binary_matmul_ref
+from qmamba.kernels.weights import FMT_BINARY, BinaryWeight, PackedWeight
+from qmamba.quant.formats import BinaryFormat, Int4Format, Int8Format
 
 FORMATS = {"float": None, "int8": Int8Format(), "int4g32": Int4Format(32), "int4g128": Int4Format(128),
            "int4sym": Int4Format(64, symmetric=True), "planes128": Int4Format(128), "planes256": Int4Format(256)}
@@ -26,9 +28,15 @@ def make_weight(fmt, n, k, device, experts=None, seed=0):
 
 
 def weight_for(name, n, k, device, experts=None, seed=0):
-    """``make_weight`` by FORMATS key; the ``planes*`` keys are int4 weights converted to plane words."""
-    w = make_weight(FORMATS[name], n, k, device, experts, seed)
+    """``make_weight`` by FORMATS key (or "binary": 1-bit signs with per-column alpha / beta, K a multiple of 32);
+    the ``planes*`` keys are int4 weights converted to plane words."""
+    w = make_weight(BinaryFormat() if name == "binary" else FORMATS[name], n, k, device, experts, seed)
     return w.to_planes() if name.startswith("planes") else w
+
+
+def matmul_ref(x, w, bias=None, **kw):
+    """An independent twin of ``x @ W_hat^T``: the general kernels' reference, or the factored 1-bit form."""
+    return (binary_matmul_ref if isinstance(w, BinaryWeight) else dequant_matmul_ref)(x, w, bias, **kw)
 
 
 def poisoned(m, n, device):
@@ -75,7 +83,7 @@ def test_planes_on_cuda_cores_at_several_rows(m, unpack, device):
 
 
 @pytest.mark.parametrize("fmt", ["float", "int8", "int4g32", "int4g32-magic", "planes128-magic", "planes128-denorm",
-                                 "planes128-nomma"])
+                                 "planes128-nomma", "binary"])
 @pytest.mark.parametrize("m", [1, 4])
 def test_routed_gated_and_row_scale(fmt, m, device):
     """fc1 of a gated MoE (act(gate) * up of each row's expert) and fc2 with the routing weight; expert 2 idle."""
@@ -91,6 +99,8 @@ def test_routed_gated_and_row_scale(fmt, m, device):
                                              block_n_int4=policy.block_n_int4)
     if fmt.startswith("planes"):
         f, d = 136, 264  # planes tile 128 elements: ragged K on both layers
+    if fmt == "binary":
+        f, d = 96, 160  # K a multiple of 32 on both layers (5 and 3 sign words: padded word tiles)
     fc1 = weight_for(fmt, 2 * f, d, device, experts=e, seed=1)
     fc2 = weight_for(fmt, d, f, device, experts=e, seed=2)
     x = torch.randn(m, d, device=device)
@@ -99,13 +109,13 @@ def test_routed_gated_and_row_scale(fmt, m, device):
     act = decode_linear(x, fc1, poisoned(m, f, device), row_expert=idx, gated="silu", policy=policy)
     ref_act = decode_linear_ref(x, fc1, row_expert=idx, gated="silu")
     torch.testing.assert_close(act, ref_act, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(ref_act, gated_act_ref(dequant_matmul_ref(x, fc1, row_expert=idx), "silu", True))
+    torch.testing.assert_close(ref_act, gated_act_ref(matmul_ref(x, fc1, row_expert=idx), "silu", True),
+                               atol=1e-5, rtol=1e-5)
     # fc2 as the fused step launches it: the expert's tile read before the wait (with PDL, on the GPU)
     y = decode_linear(act, fc2, poisoned(m, d, device), row_expert=idx, row_scale=rw, policy=policy,
                       expert_ready=True)
     torch.testing.assert_close(y, decode_linear_ref(act, fc2, row_expert=idx, row_scale=rw), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(y, dequant_matmul_ref(act, fc2, row_expert=idx, row_scale=rw).float(), atol=1e-4,
-                               rtol=1e-4)
+    torch.testing.assert_close(y, matmul_ref(act, fc2, row_expert=idx, row_scale=rw).float(), atol=1e-4, rtol=1e-4)
 
 
 def test_bad_shapes_are_errors(device):
@@ -127,7 +137,8 @@ def test_policy_is_explicit_and_cpu_has_no_pdl():
     assert DecodePolicy(block_n_int4=8).block_n(2, 1, 3) == 4  # never wider than the matrix (next power of two)
 
 
-@pytest.mark.parametrize("fmt,m", [("float", 1), ("int4g128", 1), ("planes128", 1), ("int4g32", 3), ("planes128", 3)])
+@pytest.mark.parametrize("fmt,m", [("float", 1), ("int4g128", 1), ("planes128", 1), ("int4g32", 3), ("planes128", 3),
+                                   ("binary", 1), ("binary", 3)])
 def test_conv_epilogue_writes_the_conv_step_of_the_stored_output(fmt, m, device):
     """in_proj with the conv step in its epilogue: ``out`` is x @ W^T as without it, and ``xc`` is the conv-update
     reference applied to the first D stored columns and the old state (which is left unchanged)."""
@@ -141,7 +152,40 @@ def test_conv_epilogue_writes_the_conv_step_of_the_stored_output(fmt, m, device)
     before = state.clone()
     out, xc = poisoned(m, 2 * di, device), poisoned(m, di, device)
     decode_linear(x, w, out, conv_out=(state, conv_w, conv_b, xc))
-    torch.testing.assert_close(out, dequant_matmul_ref(x, w).float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, matmul_ref(x, w).float(), atol=1e-4, rtol=1e-4)
     want, _ = causal_conv1d_update_ref(out[:, :di], state, conv_w, conv_b, "silu")
     torch.testing.assert_close(xc, want.float(), atol=1e-5, rtol=1e-5)
     assert torch.equal(state, before)
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("block", [None, 4])
+def test_binary_matches_the_factored_form(m, block, device):
+    """1-bit signs (K = 320: 10 sign words, padded to 16 in the tile) against the 1-bit twin ``(x alpha) S^T + x .
+    beta``, with a bias; ``block`` 4: several programs and a ragged last one."""
+    torch.manual_seed(10 + m)
+    n, k = 37, 320
+    w = weight_for("binary", n, k, device)
+    assert w.fmt == FMT_BINARY and DecodePolicy().takes(w, m)
+    x = torch.randn(m, k, device=device)
+    bias = torch.randn(n, device=device)
+    policy = None if block is None else DecodePolicy(pdl=False, block_n_binary=block,
+                                                     num_warps=4 if device.type == "cuda" else 1)
+    out = decode_linear(x, w, poisoned(m, n, device), bias=bias, policy=policy)
+    torch.testing.assert_close(out, binary_matmul_ref(x, w, bias).float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(decode_linear_ref(x, w, bias=bias), binary_matmul_ref(x, w, bias).float(), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_binary_the_kernels_do_not_take(device):
+    """A per-row scale or a K that is not a multiple of 32 keeps a 1-bit weight on the 1-bit kernels: the policy says
+    no and the kernel refuses; a policy without the format says no too."""
+    w = weight_for("binary", 8, 64, device)
+    scaled = BinaryWeight(w.n, w.k, w.qweight, w.alpha, w.beta, torch.ones(1, 8, device=device))
+    ragged = weight_for("binary", 8, 40, device)
+    for bad in (scaled, ragged):
+        assert not DecodePolicy().takes(bad, 1)
+        with pytest.raises(ValueError, match="1-bit"):
+            decode_linear(torch.randn(1, bad.k, device=device), bad, torch.empty(1, 8, device=device))
+    assert DecodePolicy().takes(w, 1)
+    assert not DecodePolicy.cuda(132, False).takes(w, 1)  # not on CUDA by default until measured
