@@ -15,12 +15,13 @@ step as a short, fixed sequence of Triton launches with no allocation and no hos
 The linear layers are :func:`qmamba.kernels.decode_linear.decode_linear` (whole rows per program, no split-K, no
 workspace to zero); on Hopper every kernel is a programmatic dependent launch, so inside the CUDA graph each
 kernel's weight loads overlap the previous kernel (:class:`DecodePolicy`, an explicit argument). Weights are read in
-their stored formats (float, int8, int4); with ``DecodePolicy.int4_planes`` (the CUDA default) the model's int4
-weights of group size 128 / 256 are first converted in place to plane words
+their stored formats (float, int8, int4, 1-bit); with ``DecodePolicy.int4_planes`` (the CUDA default) the model's
+int4 weights of group size 128 / 256 are first converted in place to plane words
 (:func:`qmamba.quant.modules.use_plane_words`: the same bytes, the layout the kernels read, every other path
-unchanged). What the policy does not take (1-bit weights, int8 and larger batches on CUDA) runs on the general
-matmul kernels (:func:`dequant_matmul`, :func:`binary_matmul`, which read plane words too) with the conv step and
-the activation as their own launches.
+unchanged). What the policy does not take (on CUDA today: int8 and 1-bit weights, int4 groups below 128, and every
+batch above 1) runs on the general matmul kernels (:func:`dequant_matmul`, :func:`binary_matmul`, which read plane
+words too) with the conv step and the activation as their own launches; a matrix the policy takes still takes the
+decode kernel when its neighbour does not (an int4 x_proj after a 1-bit in_proj).
 The module parameters are captured by reference at construction: rebuild the step after changing weights.
 Logits come back as float32 ``[B, V]``; the flat state tensors are updated in place.
 The kernels themselves (tensors in, tensors out) live in :mod:`qmamba.kernels.decode_step` and beside it.

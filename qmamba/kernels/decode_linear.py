@@ -108,8 +108,10 @@ class DecodePolicy:
         weights of group size 128 / 256 as plane words, 4 rows per program (0.660 against 0.994 on the general
         kernels), codes read as subnormal floats ("denorm") with at least two programs a multiprocessor for every
         matrix (264 on the H200: 0.591 against 0.685 for shifted codes, session 13); int4 in the
-        stored word layout and int8 stay on the general kernels, and so does every format at batch 2+ (the plane
-        tiles' tensor-core path spills at the expert shapes). CPU (interpreter): every format and batch, wide row
+        stored word layout stays on the general kernels, and so does every format at batch 2+ (the plane
+        tiles' tensor-core path spills at the expert shapes). int8 and 1-bit weights too, until timed: both run here
+        (tested, compiled for sm_90), and on the general kernels the step takes 1.106 (int8) and 0.967 (1-bit)
+        ms/token against bf16's 0.612 (session 15); ``bench_decode.py --variants default,fmts+int8,fmts+binary``. CPU (interpreter): every format and batch, wide row
         blocks (few programs)."""
         if device.type != "cuda":
             return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1)
