@@ -17,7 +17,7 @@ from qmamba.calib.quantize import QuantizeOptions, quantize_checkpoint
 from qmamba.checkpoints.load import load_model
 from qmamba.errors import UserError
 from qmamba.quant import layout
-from qmamba.quant.binary import BinaryExperts, BinaryLinear
+from qmamba.quant.binary import BinaryExperts, BinaryFormat, BinaryLinear
 
 FIXTURE = Path(__file__).resolve().parents[3] / "qmamba" / "assets" / "tiny-blackmamba"
 
@@ -278,3 +278,21 @@ def test_distilled_fixture_greedy_tokens_on_gpu(distilled_fixture, device):
         want = generate(cpu, prompt, 24, temperature=0)
         assert torch.equal(generate(gpu, prompt, 24, temperature=0, step_fn=step_fn).cpu(), want)
         assert torch.equal(generate(gpu, prompt, 24, temperature=0).cpu(), want)  # eager Triton model.step
+
+
+def test_fixed_signs_are_held_packed_and_give_the_stored_weight():
+    """A fixed-sign trainable weight keeps the packed sign bytes (1/8 of an int8 copy), its W_hat is the stored
+    format's dequantization, and alpha / beta get gradients through it."""
+    from qmamba.calib.distill import TrainableBinaryWeight
+
+    fmt = BinaryFormat()
+    torch.manual_seed(0)
+    n, k = 6, 20  # K not a multiple of 8: a padded last byte
+    packed = fmt.quantize_rtn(torch.randn(2, n, k))
+    w = TrainableBinaryWeight(fmt, packed, k)
+    assert w.fixed_signs.dtype == torch.uint8 and w.fixed_signs.shape == (2, n, 3)
+    want = layout.dequantize_binary(packed["qweight"], packed["alpha"], packed["beta"], k)
+    torch.testing.assert_close(w.weight(), want)
+    w.weight().sum().backward()
+    assert w.alpha.grad is not None and w.beta.grad is not None and float(w.alpha.grad.abs().sum()) > 0
+    torch.testing.assert_close(w.packed()["qweight"], packed["qweight"])  # stored back unchanged
