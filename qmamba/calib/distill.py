@@ -15,8 +15,7 @@ after it (:mod:`qmamba.calib.block_match`), then the KL stage below runs on the 
 Loss: the KL divergence from the teacher's next-token distribution to the student's, per token, averaged (the same
 gradient as Bi-Mamba's soft cross-entropy; temperature ``T`` divides both logits). AdamW without weight decay,
 linear warm-up then cosine decay, gradient clipping; batches are random rows of the calibration ids. A step budget
-and/or a wall-clock budget stop training, and the cosine decay follows whichever is further spent (a run that the
-time budget stops ends at the low learning rate, as one that its steps stop); a tqdm bar shows the loss. With a checkpoint directory the trainable
+and/or a wall-clock budget stop training; a tqdm bar shows the loss. With a checkpoint directory the trainable
 tensors, optimizer and step are saved every ``checkpoint_every`` steps (atomically) and a later run resumes there.
 
 At the end :func:`distill` writes the result back: the trainable weights are rounded to their stored fp16 form and
@@ -420,17 +419,11 @@ def distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, opts: Dis
             if opts.block_steps and start_step == 0:  # a resumed run already has its matched blocks
                 blocks_report = match_blocks(student, teacher, ids, opts.block_steps, opts.lr, opts.batch_size,
                                              opts.grad_clip, opts.seed, opts.progress, log)
-            # the KL stage's share of the time budget (what block matching left), over which the learning rate
-            # decays when time, not steps, ends the run
-            kl_t0 = time.perf_counter() if start_step == 0 else t0
-            kl_budget = None if opts.time_budget is None else opts.time_budget - (kl_t0 - t0)
             while step < opts.steps:
-                now = time.perf_counter()
-                if opts.time_budget is not None and now - t0 >= opts.time_budget:
+                if opts.time_budget is not None and time.perf_counter() - t0 >= opts.time_budget:
                     stop = "time"
                     break
-                spent = None if not kl_budget or kl_budget <= 0 else (now - kl_t0) / kl_budget
-                lr = cosine_lr(step, opts.steps, opts.lr, opts.warmup, opts.min_lr_ratio, spent)
+                lr = cosine_lr(step, opts.steps, opts.lr, opts.warmup, opts.min_lr_ratio)
                 for g in optimizer.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
                 rows = torch.randint(0, ids.shape[0], (min(opts.batch_size, ids.shape[0]),), generator=gen)

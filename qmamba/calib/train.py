@@ -68,17 +68,11 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def cosine_lr(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1,
-              time_fraction: float | None = None) -> float:
-    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to ``min_ratio * peak`` at ``total``.
-    ``time_fraction`` (the share of a wall-clock budget spent, for runs that a time budget stops): the decay follows
-    whichever of the two budgets is further spent, so a run stopped by time still ends at the low learning rate."""
+def cosine_lr(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to ``min_ratio * peak`` at ``total``."""
     if warmup > 0 and step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    if time_fraction is not None:
-        progress = max(progress, time_fraction)
-    progress = min(1.0, progress)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 

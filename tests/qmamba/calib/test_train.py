@@ -161,11 +161,3 @@ def test_command_line_writes_a_loadable_checkpoint(tmp_path):
     assert set(report["routing_fractions"]) == {"layers.1.mixer"}
     assert main(["--config", str(config), "--data", str(text), "--tokenizer", str(out / "tokenizer.json"),
                  "--steps", "1", "--out", str(out)]) == 2  # refuses to overwrite
-
-
-def test_cosine_lr_follows_the_further_spent_budget():
-    """A run stopped by a time budget decays by the share of time spent when that is ahead of the steps."""
-    assert cosine_lr(10, 10 ** 6, 1.0, 10, min_ratio=0.1, time_fraction=1.0) == pytest.approx(0.1)
-    assert cosine_lr(10, 10 ** 6, 1.0, 10, time_fraction=0.5) == pytest.approx(0.55)
-    assert cosine_lr(60, 100, 1.0, 10, time_fraction=0.1) == pytest.approx(cosine_lr(60, 100, 1.0, 10))  # steps ahead
-    assert cosine_lr(5, 10 ** 6, 1.0, 10, time_fraction=0.9) == pytest.approx(0.6)  # warm-up stays in steps
