@@ -22,7 +22,7 @@ int4 "planes" (:func:`qmamba.quant.layout.int4_to_planes`: the same codes arrang
 a tile's words covers consecutive k, whose input is one contiguous read; ``code | 0x4B000000`` is the float
 ``2^23 + code``, so one subtraction gives ``code - zero`` exactly), and 1-bit signs (:class:`BinaryWeight` without a
 row scale, K a multiple of 32: bit t of word j is the sign of k = 32 j + t; ``x @ W_hat^T = (x * alpha) @ S^T +
-x . beta``, the per-column alpha and beta loaded with the signs, before the wait).
+x . beta``: the sign words are loaded before the wait, the per-column alpha and beta with the input after it).
 Routing: ``row_expert [M]`` (top-1 MoE) picks each row's expert; program column ``e`` serves the rows routed to
 expert ``e`` and reads only that expert's weights (an idle column reads nothing).
 
@@ -111,8 +111,8 @@ class DecodePolicy:
         stored word layout stays on the general kernels, and so does every format at batch 2+ (the plane
         tiles' tensor-core path spills at the expert shapes). int8 and 1-bit weights too, until timed: both run here
         (tested, compiled for sm_90), and on the general kernels the step takes 1.106 (int8) and 0.967 (1-bit)
-        ms/token against bf16's 0.612 (session 15); ``bench_decode.py --variants default,fmts+int8,fmts+binary``. CPU (interpreter): every format and batch, wide row
-        blocks (few programs)."""
+        ms/token against bf16's 0.612 (session 15); ``bench_decode.py --variants default,fmts+int8,fmts+binary``.
+        CPU (interpreter): every format and batch, wide row blocks (few programs)."""
         if device.type != "cuda":
             return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1)
         return cls.cuda(sm_count(device), pdl_supported(device))
