@@ -109,21 +109,24 @@ def clones(weight: PackedWeight | BinaryWeight, per_call_bytes: int) -> list:
             for _ in range(copies_for(per_call_bytes, cap=1024))]
 
 
-def weight_forms(w, n: int, k: int, dev) -> dict:
-    """The float weight ``w`` in every form the variants read: int4 g128 (stored words, plane words), its bf16
-    dequantization, int8 and 1-bit (Bi-Mamba form)."""
+def weight_forms(w, n: int, k: int, dev, needed=("words", "planes", "float", "int8", "binary")) -> dict:
+    """The float weight ``w`` in the forms the variants read (``needed``; the int4 stored words always, the
+    reference of the int4 forms): int4 g128 (stored words, plane words), its bf16 dequantization, int8 and 1-bit
+    (Bi-Mamba form)."""
     def packed(fmt):
         return fmt.kernel_weight({key: t.to(dev) for key, t in fmt.quantize_rtn(w).items()}, n, k)
 
     int4 = packed(Int4Format(128))
-    return {"words": int4, "planes": int4.to_planes(), "float": PackedWeight.from_float(int4.dequantized(torch.bfloat16)),
-            "int8": packed(Int8Format()), "binary": packed(BinaryFormat())}
+    make = {"planes": int4.to_planes, "float": lambda: PackedWeight.from_float(int4.dequantized(torch.bfloat16)),
+            "int8": lambda: packed(Int8Format()), "binary": lambda: packed(BinaryFormat())}
+    return {"words": int4, **{name: make[name]() for name in needed if name in make}}
 
 
 def bench_shape(name, n, k, experts, opts, rows, pdl, dev, result, only_variants=()):
     lead = (experts,) if experts else ()
     w = torch.randn(*lead, n, k) / k ** 0.5
-    forms = weight_forms(w, n, k, dev)
+    chosen = {v: f for v, f in variants(pdl, rows).items() if not only_variants or v in only_variants}
+    forms = weight_forms(w, n, k, dev, {form for form, _ in chosen.values()} | {"float"})  # float: cuBLAS below
     int4 = forms["words"]
     x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
     kw = {}
@@ -138,9 +141,7 @@ def bench_shape(name, n, k, experts, opts, rows, pdl, dev, result, only_variants
     bytes_one = sum(t.numel() * t.element_size() for t in (int4.qweight, int4.scales, int4.zeros)) // (experts or 1)
     used = len(set(kw["row_expert"].tolist())) if experts else 1
     row["int4_bytes_per_call"] = bytes_one * used
-    for vname, (form, policy) in variants(pdl, rows).items():
-        if only_variants and vname not in only_variants:
-            continue
+    for vname, (form, policy) in chosen.items():
         weight = forms[form]
         exact = int4 if form in ("words", "planes", "float") else weight  # what the output is checked against
         if policy == "general":  # the general kernel computes fc1 without the activation

@@ -132,7 +132,8 @@ def main():
             if shape not in args.shapes.split(","):
                 continue
             lead = (experts,) if experts else ()
-            forms = weight_forms(torch.randn(*lead, n, k), n, k, torch.device("cpu"))
+            forms = weight_forms(torch.randn(*lead, n, k), n, k, torch.device("cpu"),
+                                 {table[v][0] for v in args.variants.split(",")})
             x = torch.randn(1, k, dtype=getattr(torch, args.x_dtype))
             kw = {"row_expert": torch.tensor([1], dtype=torch.int32)} if experts else {}
             if opts.get("gated"):

@@ -490,20 +490,27 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
 
 
 # ---- launcher and reference twin -------------------------------------------------------------------------------------
+def _binary_words(weight: BinaryWeight):
+    """The sign words ``[E, N, K / 32]`` int32 the decode kernels read, or None where they do not take this 1-bit
+    weight (a per-row scale, K not a multiple of 32, signs not viewable as aligned 32-bit words)."""
+    if weight.row_scale is not None or weight.k % 32:
+        return None
+    return int32_words(weight.qweight)
+
+
 def binary_decodable(weight: BinaryWeight) -> bool:
-    """Whether the decode kernels take this 1-bit weight: no per-row scale, K a multiple of 32, the signs viewable as
-    aligned 32-bit words."""
-    return weight.row_scale is None and weight.k % 32 == 0 and int32_words(weight.qweight) is not None
+    """Whether the decode kernels take this 1-bit weight (see :func:`_binary_words`)."""
+    return _binary_words(weight) is not None
 
 
 def _weight_args(weight: PackedWeight | BinaryWeight):
     """``(w, s, z, strides, KP, NBP, WPG, TPB)`` as the kernel reads them (int4: int32 words in tiles, binary: sign
     words with alpha / beta, see :func:`_load_tile`)."""
     if isinstance(weight, BinaryWeight):
-        if not binary_decodable(weight):
+        words, a, b = _binary_words(weight), weight.alpha, weight.beta
+        if words is None:
             raise ValueError("decode_linear: a 1-bit weight needs K a multiple of 32, aligned sign words and no row "
                              "scale")
-        words, a, b = int32_words(weight.qweight), weight.alpha, weight.beta
         return (words, a, b, (words.stride(0), words.stride(1), a.stride(0), 0, b.stride(0), 0),
                 next_pow2(weight.k // 32), 1, 1, 1)
     s, z = weight.scales, weight.zeros
