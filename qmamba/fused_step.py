@@ -20,8 +20,7 @@ int4 weights of group size 128 / 256 are first converted in place to plane words
 (:func:`qmamba.quant.modules.use_plane_words`: the same bytes, the layout the kernels read, every other path
 unchanged). What the policy does not take (on CUDA today: int8 and 1-bit weights, int4 groups below 128, and every
 batch above 1) runs on the general matmul kernels (:func:`dequant_matmul`, :func:`binary_matmul`, which read plane
-words too) with the conv step and the activation as their own launches; a matrix the policy takes still takes the
-decode kernel when its neighbour does not (an int4 x_proj after a 1-bit in_proj).
+words too) with the conv step and the activation as their own launches (x_proj too when in_proj is not taken).
 The module parameters are captured by reference at construction: rebuild the step after changing weights.
 Logits come back as float32 ``[B, V]``; the flat state tensors are updated in place.
 The kernels themselves (tensors in, tensors out) live in :mod:`qmamba.kernels.decode_step` and beside it.
@@ -210,7 +209,7 @@ class FusedDecodeStep:
             xc = buf["xc"][:, :di]
             causal_conv1d_update_triton(xz[:, :di], conv_state, plan.conv_w, plan.conv_b, "silu",
                                         out_state=buf["conv_scratch"], out=xc)
-            self._linear(xc, plan.x_proj, dbc)  # x_proj may still take the decode kernel (1-bit in_proj, int4 x_proj)
+            routed_matmul(xc, plan.x_proj, out=dbc)
         y = buf["y"][:, :di]
         dt_state_update(dbc, plan.dt_w, plan.dt_bias, xz[:, :di], xz[:, di:], plan.A, plan.D,
                         state.ssm_state[plan.slot], y, conv=conv, pdl=self.policy.pdl)
