@@ -103,15 +103,15 @@ class DecodePolicy:
 
     @classmethod
     def for_device(cls, device) -> "DecodePolicy":
-        """CUDA: what measured fastest on the H200 (benchmarks/results.md, "Decode step, session 11" and "Session
-        13"): these kernels at batch 1 for float weights (0.647 ms/token for bf16 BlackMamba-2.8B) and for int4
-        weights of group size 128 / 256 as plane words, 4 rows per program (0.660 against 0.994 on the general
-        kernels), codes read as subnormal floats ("denorm") with at least two programs a multiprocessor for every
-        matrix (264 on the H200: 0.591 against 0.685 for shifted codes, session 13); int4 in the
-        stored word layout stays on the general kernels, and so does every format at batch 2+ (the plane
-        tiles' tensor-core path spills at the expert shapes). int8 and 1-bit weights too, until timed: both run here
-        (tested, compiled for sm_90), and on the general kernels the step takes 1.106 (int8) and 0.967 (1-bit)
-        ms/token against bf16's 0.612 (session 15); ``bench_decode.py --variants default,fmts+int8,fmts+binary``.
+        """CUDA: what measured fastest on the H200 (benchmarks/results.md, "Decode step, session 11", "Session
+        13" and "Session 16"): these kernels at batch 1 for float weights (0.577 ms/token for bf16 BlackMamba-2.8B,
+        session 16), for int8 weights (0.537 against 1.085 on the general kernels, session 16) and for int4 weights
+        of group size 128 / 256 as plane words, 4 rows per program (0.660 against 0.994 on the general kernels),
+        codes read as subnormal floats ("denorm") with at least two programs a multiprocessor for every matrix (264
+        on the H200: 0.591 against 0.685 for shifted codes, session 13); int4 in the stored word layout stays on the
+        general kernels, and so does every format at batch 2+ (the plane tiles' tensor-core path spills at the
+        expert shapes). 1-bit weights stay on the general kernels: on these kernels the 1-bit + int4 step took 1.381
+        ms/token against 0.946 (session 16, ``bench_decode.py --variants default,fmts+binary``).
         CPU (interpreter): every format and batch, wide row blocks (few programs)."""
         if device.type != "cuda":
             return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1)
@@ -122,7 +122,7 @@ class DecodePolicy:
         """The CUDA policy of :meth:`for_device` for a GPU of ``multiprocessors`` SMs (no device needed: offline
         compiles and reports build it for the H200's 132)."""
         return cls(pdl=pdl, max_rows=1, max_rows_planes=1, block_n_int4=4, int4_planes=True, int4_unpack="denorm",
-                   min_programs=2 * multiprocessors, formats=(FMT_FLOAT, FMT_INT4_PLANES))
+                   min_programs=2 * multiprocessors, formats=(FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES))
 
     def block_n(self, fmt: int, rows: int, n: int) -> int:
         int4 = fmt in (FMT_INT4, FMT_INT4_PLANES)
