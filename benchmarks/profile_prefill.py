@@ -1,16 +1,20 @@
 """Where a prefill's time goes (run on the GPU): one prefill of a random-weight preset (the head on the last
 position, as ``qmamba bench`` times it), per kernel, from the PyTorch profiler.
 
-    python benchmarks/profile_prefill.py --format int4_g128 [--prompt-len 2048] [--batch 1] [--out prof.json]
+    python benchmarks/profile_prefill.py --format int4_g128 [--prompt-len 2048] [--batch 1] [--graph] [--out prof.json]
 
 Formats: those of bench_e2e.py. int4 weights are held as plane words, as ``load_model`` holds them on CUDA. Prints
-per kernel name: launches, GPU microseconds per prefill, share of the total; and the prefill's wall time.
+per kernel name: launches, GPU microseconds per prefill, share of the total; and the prefill's wall time (median of
+5). ``--graph``: also the CUDA-graph chunked prefill (qmamba/graph_prefill.py), checked against the eager prefill
+first (next token and final state, ``qmamba.bench.check_prefill``; a failed check exits non-zero), its wall time
+beside the eager one's, and the kernels of a graph replay.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,32 +38,50 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--graph", action="store_true", help="also the CUDA-graph chunked prefill, checked first")
     ap.add_argument("--out")
     args = ap.parse_args()
     require_idle_gpu()
     model = build(preset(args.preset), args.format)
     use_plane_words(model)  # as load_model holds int4 on CUDA
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt_len), device="cuda")
-    for _ in range(2):  # compile and warm up
-        model.prefill(ids, check=False, last_only=True)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    model.prefill(ids, check=False, last_only=True)
-    torch.cuda.synchronize()
-    wall_us = (time.perf_counter() - t0) * 1e6
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        model.prefill(ids, check=False, last_only=True)
+    paths = {"eager": lambda: model.prefill(ids, check=False, last_only=True)}
+    if args.graph:
+        from qmamba.bench import BenchCheckError, check_prefill
+        from qmamba.graph_prefill import GraphPrefill
+
+        graph_prefill = GraphPrefill(model)
+        try:
+            print(f"{args.format}: graph prefill check {check_prefill(model, graph_prefill, ids)}")
+        except BenchCheckError as exc:
+            sys.exit(f"error: {exc}")
+        paths["graph"] = lambda: graph_prefill.prefill(ids)
+    report = dict(format=args.format, paths={})
+    for path, run in paths.items():
+        for _ in range(2):  # compile and warm up
+            run()
         torch.cuda.synchronize()
-    per = cuda_kernel_times(prof)
-    total = sum(us for _, us in per.values())
-    print(f"{args.format}: prefill {args.batch} x {args.prompt_len} wall {wall_us:.0f} us, kernel time {total:.0f} us "
-          f"({args.batch * args.prompt_len / wall_us * 1e6:,.0f} tok/s)")
-    rows = sorted(per.items(), key=lambda kv: -kv[1][1])
-    for name, (calls, us) in rows[:args.top]:
-        print(f"{us:10.0f} us {100 * us / total:5.1f}% {calls:5d} x  {name[:110]}")
+        walls = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            run()
+            torch.cuda.synchronize()
+            walls.append((time.perf_counter() - t0) * 1e6)
+        wall_us = statistics.median(walls)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
+        per = cuda_kernel_times(prof)
+        total = sum(us for _, us in per.values())
+        print(f"{args.format} ({path}): prefill {args.batch} x {args.prompt_len} wall {wall_us:.0f} us, kernel time "
+              f"{total:.0f} us ({args.batch * args.prompt_len / wall_us * 1e6:,.0f} tok/s)")
+        rows = sorted(per.items(), key=lambda kv: -kv[1][1])
+        for name, (calls, us) in rows[:args.top]:
+            print(f"{us:10.0f} us {100 * us / total:5.1f}% {calls:5d} x  {name[:110]}")
+        report["paths"][path] = dict(wall_us=wall_us, walls_us=walls, total_us=total,
+                                     kernels=[dict(name=n, calls=c, us=u) for n, (c, u) in rows])
     if args.out:
-        Path(args.out).write_text(json.dumps(dict(format=args.format, wall_us=wall_us, total_us=total,
-                                                  kernels=[dict(name=n, calls=c, us=u) for n, (c, u) in rows])))
+        Path(args.out).write_text(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ class BenchRow:
     peak_gb: float | None
     path: str
     check: str
+    prefill_path: str = "eager"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -139,13 +140,43 @@ def check_decode(model, step_fn, prompt, state, n: int, tie_tolerance: float = 2
     return f"ok ({rows}, {int(mismatch.sum())} rounding-level ties)"
 
 
-def time_prefill(model, ids, repeats: int) -> float:
-    model.prefill(ids, check=False, last_only=True)
+def check_prefill(model, graph_prefill, prompt, tie_tolerance: float = 2e-3) -> str:
+    """The graph prefill's last-position top-1 token against the eager prefill's, per row (ties as in
+    :func:`check_decode`), and its final SSM state within 2% of the eager one's largest entry; raises
+    :class:`BenchCheckError` otherwise."""
+    ref, ref_state = model.prefill(prompt, check=False, last_only=True)
+    got, state = graph_prefill.prefill(prompt)
+    ref, got = ref[:, -1].float(), got[:, -1].float()
+    ref_top, got_top = ref.argmax(-1), got.argmax(-1)
+    span = (ref.amax(-1) - ref.amin(-1)).clamp_min(1e-6)
+    gap = (ref.gather(-1, ref_top[:, None]) - ref.gather(-1, got_top[:, None]))[:, 0] / span
+    bad = (ref_top != got_top) & (gap > tie_tolerance)
+    if bad.any():
+        b = int(bad.nonzero()[0, 0])
+        raise BenchCheckError(f"prefill check failed: in row {b} the graph prefill's next token is "
+                              f"{int(got_top[b])} and the eager prefill's {int(ref_top[b])}; no figure reported")
+    err = float((state.ssm_state.float() - ref_state.ssm_state.float()).abs().max())
+    scale = float(ref_state.ssm_state.float().abs().max()) or 1.0
+    if not err <= 0.02 * scale:
+        raise BenchCheckError(f"prefill check failed: the graph prefill's final state is off by {err:.3g} "
+                              f"(largest entry {scale:.3g}); no figure reported")
+    return f"ok ({prompt.shape[0]} rows, state error {err / scale:.1e})"
+
+
+def time_prefill(model, ids, repeats: int, graph_prefill=None) -> float:
+    """Prefill tokens/s (median of ``repeats``): ``model.prefill`` or, given, a :class:`GraphPrefill`'s."""
+    def run():
+        if graph_prefill is not None:
+            graph_prefill.prefill(ids)
+        else:
+            model.prefill(ids, check=False, last_only=True)
+
+    run()
     _sync(model.device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        model.prefill(ids, check=False, last_only=True)
+        run()
         _sync(model.device)
         times.append(time.perf_counter() - t0)
     return ids.numel() / statistics.median(times)
@@ -172,9 +203,12 @@ def time_decode(model, step_fn, state, first, tokens: int) -> float:
 
 @torch.no_grad()
 def bench_model(model, batches=(1,), prompt_len: int = 2048, tokens: int = 256, check_tokens: int = 8,
-                seed: int = 0, log=None, check_model=None) -> list[BenchRow]:
+                seed: int = 0, log=None, check_model=None, prefill_graph: bool = False) -> list[BenchRow]:
     """One :class:`BenchRow` per batch size (see the module docstring); raises :class:`BenchCheckError` when the
     timed path's tokens differ from the reference's.
+
+    ``prefill_graph`` (CUDA, Triton backend): time the prefill as CUDA-graph chunks
+    (:class:`qmamba.graph_prefill.GraphPrefill`), first checked against the eager prefill (:func:`check_prefill`).
 
     ``check_model``: a callable returning a float32 twin of ``model`` (same weights) on which the check runs
     instead: a bf16 step differs from a bf16 reference by rounding that can reach a top-1 margin on a model with
@@ -210,18 +244,28 @@ def bench_model(model, batches=(1,), prompt_len: int = 2048, tokens: int = 256, 
     if device.type == "cuda":
         torch.cuda.empty_cache()
     step_fn, path = _timed_step_fn(model)
+    graph_prefill = None
+    if prefill_graph:
+        from qmamba.graph_prefill import GraphPrefill
+
+        graph_prefill = GraphPrefill(model)
     rows = []
     for batch in batches:
         prompt = prompts[batch]
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         _, state = model.prefill(prompt, check=False, last_only=True)
-        prefill = time_prefill(model, prompt, repeats=3 if device.type == "cuda" else 1)
+        if graph_prefill is not None:
+            checked_prefill = check_prefill(model, graph_prefill, prompt)
+            checks[batch] += f"; prefill graph {checked_prefill}"
+            if log:
+                log(f"batch {batch}: prefill graph check {checked_prefill}")
+        prefill = time_prefill(model, prompt, repeats=3 if device.type == "cuda" else 1, graph_prefill=graph_prefill)
         ms = time_decode(model, step_fn, state, prompt[:, -1], tokens)
         peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
         rows.append(BenchRow(name, str(model.compute_dtype).replace("torch.", ""), weight_formats(model),
                              weight_bytes(model) / 1e9, batch, prompt_len, tokens, prefill, ms, batch * 1e3 / ms,
-                             peak, path, checks[batch]))
+                             peak, path, checks[batch], "cuda graph chunks" if graph_prefill else "eager"))
     return rows
 
 

@@ -41,9 +41,12 @@ def _int_list(ctx, param, value: str) -> list[int]:
 @click.option("--check-dtype", default="float32", show_default=True, type=click.Choice(["float32", "same"]),
               help="Precision of the check: a float32 twin of the model (rounding-level differences stay far from "
                    "a top-1 margin) or the timed dtype itself.")
+@click.option("--prefill", "prefill_path", default="eager", show_default=True, type=click.Choice(["eager", "graph"]),
+              help="How the prefill is timed: eager (what qmamba generate runs) or graph (CUDA: the prompt in "
+                   "power-of-two chunks, each a captured CUDA graph; checked against the eager prefill first).")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False),
               help="Also write the rows as JSON to this file (the path is checked before the benchmark).")
-def bench(path, batches, prompt_len, tokens, check_tokens, check_dtype, device, dtype, json_out):
+def bench(path, batches, prompt_len, tokens, check_tokens, check_dtype, device, dtype, prefill_path, json_out):
     """Benchmark the checkpoint at PATH (checked figures only)."""
     import torch
 
@@ -54,6 +57,8 @@ def bench(path, batches, prompt_len, tokens, check_tokens, check_dtype, device, 
     if json_out:
         check_output_file(json_out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if prefill_path == "graph" and not str(device).startswith("cuda"):
+        raise click.UsageError("--prefill graph needs a CUDA device (CUDA graphs)")
     model = qmamba.load_model(path, device=device, dtype=dtype, cpu_int4=True)  # the path qmamba generate runs
 
     def float32_twin():
@@ -62,7 +67,8 @@ def bench(path, batches, prompt_len, tokens, check_tokens, check_dtype, device, 
     twin = float32_twin if check_dtype == "float32" and model.compute_dtype != torch.float32 else None
     try:
         rows = bench_model(model, batches, prompt_len, tokens, check_tokens,
-                           log=lambda s: click.echo(s, err=True), check_model=twin)
+                           log=lambda s: click.echo(s, err=True), check_model=twin,
+                           prefill_graph=prefill_path == "graph")
     except BenchCheckError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)

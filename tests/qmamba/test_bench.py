@@ -22,7 +22,7 @@ def test_bench_cli_reports_checked_rows(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 2]
     for r in rows:
-        assert r["check"].startswith("ok (3 tokens")
+        assert r["check"].startswith("ok (3 tokens") and r["prefill_path"] == "eager"
         assert r["decode_ms_per_token"] > 0 and r["prefill_tok_s"] > 0
         assert abs(r["decode_tok_s"] - r["batch"] * 1e3 / r["decode_ms_per_token"]) < 1e-6
     assert "decode ms/tok" in res.output
@@ -111,3 +111,37 @@ def test_bench_warns_when_the_gpu_is_shared(monkeypatch):
     model = qmamba.load_model(FIXTURE)
     bench_lib.bench_model(model, [1], prompt_len=4, tokens=2, check_tokens=0, log=lines.append)
     assert any(line.startswith("warning: 5.0 GiB") and "other processes" in line for line in lines)
+
+
+def test_prefill_check_passes_the_chunked_prefill_and_refuses_a_wrong_one():
+    """``--prefill graph`` is checked before it is timed: the chunk loop (eager on CPU, the loop that replays the
+    graphs on CUDA) passes; a prefill whose next token or state differs from the eager prefill's is refused."""
+    from qmamba.graph_prefill import GraphPrefill
+
+    model = qmamba.load_model(FIXTURE)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 23))
+    chunked = GraphPrefill(model, max_chunk=8, min_chunk=4, capture=False)
+    assert bench_lib.check_prefill(model, chunked, prompt).startswith("ok (2 rows")
+
+    class Negated:  # the least likely next token
+        def prefill(self, ids):
+            logits, state = chunked.prefill(ids)
+            return -logits, state
+
+    class StaleState:  # right logits, the state of another prompt
+        def prefill(self, ids):
+            logits, _ = chunked.prefill(ids)
+            return logits, chunked.prefill(ids.flip(1))[1]
+
+    for wrong, what in ((Negated(), "next token"), (StaleState(), "final state")):
+        try:
+            bench_lib.check_prefill(model, wrong, prompt)
+        except bench_lib.BenchCheckError as exc:
+            assert what in str(exc) and "no figure reported" in str(exc)
+        else:
+            raise AssertionError(f"a prefill with a wrong {what} passed the check")
+
+
+def test_bench_prefill_graph_needs_cuda():
+    res = CliRunner().invoke(main, ["bench", str(FIXTURE), "--prefill", "graph", "--device", "cpu"])
+    assert res.exit_code == 2 and "needs a CUDA device" in res.output
