@@ -1,13 +1,15 @@
 """Where a prefill's time goes (run on the GPU): one prefill of a random-weight preset (the head on the last
 position, as ``qmamba bench`` times it), per kernel, from the PyTorch profiler.
 
-    python benchmarks/profile_prefill.py --format int4_g128 [--prompt-len 2048] [--batch 1] [--graph] [--out prof.json]
+    python benchmarks/profile_prefill.py --format int4_g128 [--prompt-len 2048] [--batch 1] [--graph]
+        [--experts tiles,whole_stack] [--out prof.json]
 
 Formats: those of bench_e2e.py. int4 weights are held as plane words, as ``load_model`` holds them on CUDA. Prints
 per kernel name: launches, GPU microseconds per prefill, share of the total; and the prefill's wall time (median of
 5). ``--graph``: also the CUDA-graph chunked prefill (qmamba/graph_prefill.py), checked against the eager prefill
 first (next token and final state, ``qmamba.bench.check_prefill``; a failed check exits non-zero), its wall time
-beside the eager one's, and the kernels of a graph replay.
+beside the eager one's, and the kernels of a graph replay. ``--experts``: each route of the routed expert matmuls in
+turn (``whole_stack``: every expert dequantized in one pass, then the float grouped GEMM).
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from qmamba.kernels.matmul_configs import using_policy
+
 from qmamba.config import preset
 from qmamba.quant.modules import use_plane_words
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_e2e import FORMATS, build  # noqa: E402
+from bench_e2e import FORMATS, PREFILL_EXPERT_ROUTES, build  # noqa: E402
 from timing import cuda_kernel_times, require_idle_gpu  # noqa: E402
 
 
@@ -39,24 +43,38 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--graph", action="store_true", help="also the CUDA-graph chunked prefill, checked first")
+    ap.add_argument("--experts", default="tiles", help="comma-separated routes of the routed int8/int4 expert "
+                    f"matmuls, each profiled in turn: {', '.join(PREFILL_EXPERT_ROUTES)} (bench_e2e.py)")
     ap.add_argument("--out")
     args = ap.parse_args()
     require_idle_gpu()
     model = build(preset(args.preset), args.format)
     use_plane_words(model)  # as load_model holds int4 on CUDA
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt_len), device="cuda")
-    paths = {"eager": lambda: model.prefill(ids, check=False, last_only=True)}
+    routes = args.experts.split(",")
+    unknown = [r for r in routes if r not in PREFILL_EXPERT_ROUTES]
+    if unknown:
+        sys.exit(f"error: unknown expert route(s) {unknown}: {', '.join(PREFILL_EXPERT_ROUTES)}")
+    report = dict(format=args.format, paths={})
+    for route in routes:
+        with using_policy(PREFILL_EXPERT_ROUTES[route]):  # graphs capture the route active while they are captured
+            profile_route(args, model, ids, route, report)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report))
+
+
+def profile_route(args, model, ids, route, report):
+    paths = {f"eager, {route}": lambda: model.prefill(ids, check=False, last_only=True)}
     if args.graph:
         from qmamba.bench import BenchCheckError, check_prefill
         from qmamba.graph_prefill import GraphPrefill
 
         graph_prefill = GraphPrefill(model)
         try:
-            print(f"{args.format}: graph prefill check {check_prefill(model, graph_prefill, ids)}")
+            print(f"{args.format} ({route}): graph prefill check {check_prefill(model, graph_prefill, ids)}")
         except BenchCheckError as exc:
             sys.exit(f"error: {exc}")
-        paths["graph"] = lambda: graph_prefill.prefill(ids)
-    report = dict(format=args.format, paths={})
+        paths[f"graph, {route}"] = lambda: graph_prefill.prefill(ids)
     for path, run in paths.items():
         for _ in range(2):  # compile and warm up
             run()
@@ -80,8 +98,6 @@ def main():
             print(f"{us:10.0f} us {100 * us / total:5.1f}% {calls:5d} x  {name[:110]}")
         report["paths"][path] = dict(wall_us=wall_us, walls_us=walls, total_us=total,
                                      kernels=[dict(name=n, calls=c, us=u) for n, (c, u) in rows])
-    if args.out:
-        Path(args.out).write_text(json.dumps(report))
 
 
 if __name__ == "__main__":
