@@ -76,7 +76,9 @@ def variants(pdl: bool, rows: int):
            # int8 and 1-bit weights: the CUDA policy with their format added, and their general kernels
            "cuda_int8": ("int8", dataclasses.replace(cuda, formats=cuda.formats + (FMT_INT8,))),
            "cuda_binary": ("binary", dataclasses.replace(cuda, formats=cuda.formats + (FMT_BINARY,))),
-           "general_int8": ("int8", "general"), "general_binary": ("binary", "general")}
+           "general_int8": ("int8", "general"), "general_binary": ("binary", "general"),
+           # the input of in_proj / fc1's int4 codes read in the tile's shape (DecodePolicy.int4_x_in_tile)
+           "cuda_x_in_tile": ("planes", dataclasses.replace(cuda, int4_x_in_tile=True))}
     for bn in (4, 8, 16, 32):
         out[f"binary_bn{bn}"] = ("binary", DecodePolicy(pdl=pdl, block_n_binary=bn))
     for bn in (2, 4, 8):

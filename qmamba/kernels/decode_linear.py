@@ -46,6 +46,7 @@ from qmamba.quant.layout import INT4_TILE, INT4_TILE_WORDS
 MAX_ROWS = 8
 MMA_ROWS = 16  # rows and weight rows of a tensor-core tile (plane words, 2+ input rows)
 INT4_UNPACK = {"shift": 0, "magic": 1, "denorm": 2}  # DecodePolicy.int4_unpack -> the kernels' UNPACK
+UNPACK_DENORM_X_IN_TILE = 3  # "denorm" with the input read in the tile's shape (DecodePolicy.int4_x_in_tile)
 _FLOAT_2P23_BITS = 0x4B000000  # the bits of the float 2^23, passed at run time (see _int4_codes)
 
 
@@ -85,6 +86,12 @@ class DecodePolicy:
     #                               thread), so each thread holds the same k of all its program's rows and reads the
     #                               input once for all of them (instead of ``num_warps``)
     min_programs: int = 0        # fewer int4 rows per program where the matrix has too few rows to give this many
+    int4_x_in_tile: bool = False  # "denorm" int4 at one input row, where a weight row's tiles are fewer words than the
+    #                               program has threads x 4 (BlackMamba-2.8B: in_proj, fc1): the input read in the
+    #                               tile's [rows, tiles, words] shape by every thread that needs it (from L1) instead
+    #                               of read once and broadcast over the rows, which Triton does through shared memory
+    #                               with two barriers per nibble position (sm_90 compile: in_proj 21 -> 5 barriers,
+    #                               fc1 23 -> 5, for ~1 more instruction per code); not timed yet, hence off
     expert_prefetch: bool = True  # fused step: fc2 reads its expert's tile before waiting for fc1 (expert_ready)
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
 
@@ -267,18 +274,26 @@ def _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, exp_bits,
             flip = (nw << (31 - t)) & -2147483648                                            # 0x80000000 where s = -1
             part += (xa[None, :] ^ flip).to(tl.float32, bitcast=True)
         y = tl.sum(part, axis=1) + tl.sum(xb, axis=0)
-    elif (FMT == 2 or FMT == 3) and UNPACK == 2:
+    elif (FMT == 2 or FMT == 3) and UNPACK >= 2:
         # "denorm" (_int4_subnormal): a mask and an FMA per code, all positions in the scale 2^-53. The zero point
         # comes off once per word (zero * sum of the word's inputs); the tile scale carries the 2^53 back.
+        # UNPACK 3: the input of the codes read in the tile's shape (no broadcast over the rows), its word sums
+        # from a second, [tiles, words] read.
         hi = w >> 20
         part = tl.zeros(w.shape, dtype=tl.float32)
         xs = tl.zeros((w.shape[1], w.shape[2]), dtype=tl.float32)
+        row0 = tl.zeros((w.shape[0], 1, 1), dtype=tl.int32)
         for i in tl.static_range(8):
             k = _int4_k(i, NBP, WPG, FMT)
             xi = _input_at(x_ptr, r, sxm, k, k < k_lim)
             xs += xi
-            codes, xp = _int4_subnormal(w, hi, xi, i)
-            part += codes * xp[None, :, :]
+            if UNPACK == 3:
+                k3 = k[None, :, :] + row0
+                codes, xp = _int4_subnormal(w, hi, _input_at(x_ptr, r, sxm, k3, k3 < k_lim), i)
+                part += codes * xp
+            else:
+                codes, xp = _int4_subnormal(w, hi, xi, i)
+                part += codes * xp[None, :, :]
         part -= zero[:, :, None] * (xs * (2.0 ** -53))[None, :, :]
         y = tl.sum(tl.sum(part, axis=2) * (scale * (2.0 ** 53)), axis=1)
     elif FMT == 2 or FMT == 3:
@@ -300,11 +315,11 @@ def _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, exp_bits,
 def _dot_rows_int4(w, scale, zero, x_ptr, rr, sxm, K, M, exp_bits,
                    FMT: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, UNPACK: tl.constexpr):
     """``[ROWS, BN]`` fp32: int4 tile times the input rows ``rr`` (rows >= M read nothing), each code unpacked once
-    (``UNPACK`` 2: as subnormal floats, :func:`_int4_subnormal`; one mask per code for all rows)."""
+    (``UNPACK`` 2 or 3: as subnormal floats, :func:`_int4_subnormal`; one mask per code for all rows)."""
     k_lim = tl.where(rr < M, K, 0)
     hi = w >> 20
     part = tl.zeros((rr.shape[0], w.shape[0], w.shape[1]), dtype=tl.float32)                      # [R, BN, NBP]
-    if UNPACK == 2:
+    if UNPACK >= 2:
         xs = tl.zeros((rr.shape[0], w.shape[1]), dtype=tl.float32)                                # [R, NBP]
         for i in tl.static_range(8):
             k = _int4_k(i, NBP, WPG, FMT)[None, :, :]
@@ -579,6 +594,10 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     grid = (weight.n_experts if row_expert is not None and m > 1 else 1, -(-n_out // bn))
     dummy = x
     kwargs = dict(launch_pdl=True) if policy.pdl else {}
+    warps = policy.warps(weight.fmt, m, nbp * wpg) if not mma else policy.num_warps
+    unpack = INT4_UNPACK[policy.int4_unpack]
+    if unpack == 2 and policy.int4_x_in_tile and m == 1 and nbp * wpg < 4 * 32 * warps:
+        unpack = UNPACK_DENORM_X_IN_TILE
     _decode_linear_kernel[grid](
         x, st, cw, cb if cb is not None else dummy, w, s, z, bias if bias is not None else dummy,
         row_expert if row_expert is not None else dummy, row_scale if row_scale is not None else dummy, out, co,
@@ -588,9 +607,8 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         CONV_EPI=conv_out is not None, CONV_W=cw.shape[1] if conv_out is not None else 1, HAS_CB=cb is not None,
         GATED=gated is not None,
         ACT=ACTIVATION_IDS[gated] if gated else 0, HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
-        KP=kp, NBP=nbp, WPG=wpg, TPB=tpb, UNPACK=INT4_UNPACK[policy.int4_unpack], MMA=mma, BLOCK_N=bn, PDL=policy.pdl,
-        EXPERT_READY=expert_ready and row_expert is not None,
-        num_warps=policy.warps(weight.fmt, m, nbp * wpg) if not mma else policy.num_warps, **kwargs)
+        KP=kp, NBP=nbp, WPG=wpg, TPB=tpb, UNPACK=unpack, MMA=mma, BLOCK_N=bn, PDL=policy.pdl,
+        EXPERT_READY=expert_ready and row_expert is not None, num_warps=warps, **kwargs)
     return out
 
 

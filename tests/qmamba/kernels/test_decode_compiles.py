@@ -92,14 +92,17 @@ def test_add_norm_kernel_compiles():
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
-def test_int8_and_binary_candidates_compile():
-    """int8 and 1-bit weights on the decode kernel as the CUDA policy would launch them with their format added
-    (candidates for the CUDA default, to be timed on the GPU: ``bench_decode.py --variants default,fmts+int8,
-    fmts+binary``) compile for sm_90 at every shape; int8 without spills (as the bf16 path it mirrors)."""
+def test_int8_binary_and_x_in_tile_compile():
+    """int8 and 1-bit weights on the decode kernel as the CUDA policy launches them (int8: the CUDA default since
+    session 16; 1-bit: a candidate, slower on the H200) and the int4 candidate ``int4_x_in_tile`` (to be timed:
+    ``bench_decode.py --variants default,xtile``) compile for sm_90 at every shape; int8 and the int4 candidate
+    without spills (as the paths they mirror)."""
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "inspect_decode_kernel.py"),
-                          "--variants", "cuda_int8,cuda_binary"], capture_output=True, text=True, env=env, timeout=900)
+                          "--variants", "cuda_int8,cuda_binary,cuda_x_in_tile"], capture_output=True, text=True,
+                         env=env, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     lines = [line for line in run.stdout.splitlines() if " regs " in line]
-    assert len(lines) == 12, run.stdout  # 6 shapes x 2 formats
-    assert all(" stack    0 " in line for line in lines if " cuda_int8 " in line), run.stdout
+    assert len(lines) == 18, run.stdout  # 6 shapes x 3 variants
+    assert all(" stack    0 " in line for line in lines if " cuda_int8 " in line or " cuda_x_in_tile " in line), \
+        run.stdout

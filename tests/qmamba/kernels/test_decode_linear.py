@@ -3,6 +3,8 @@ pieces (x @ dequantized W, the conv-update reference, the gated activation): flo
 symmetric), 1-bit signs (Bi-Mamba form), ragged K (1472-like tails), 1..8 rows, routed experts (some idle), conv
 epilogue, gated epilogue."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -66,6 +68,50 @@ def test_dense_matches_dequantized_matmul(fmt, m, block, unpack, device):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     # the twin is x @ W_hat^T + b
     torch.testing.assert_close(ref, dequant_matmul_ref(x, w, bias).float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["planes128", "int4g32", "int4sym"])
+@pytest.mark.parametrize("gated", [False, True])
+def test_denorm_input_read_in_the_tile_shape(fmt, gated, device):
+    """``DecodePolicy.int4_x_in_tile``: one row, "denorm" codes, the input of the codes read in the tile's
+    [rows, tiles, words] shape (the launcher's UNPACK 3 wherever a tile row is narrow, as these are): the same
+    result as the dequantized matmul, dense and as a routed gated expert (ragged K, padded tiles)."""
+    torch.manual_seed(7)
+    policy = DecodePolicy(pdl=False, block_n_int4=4, num_warps=4 if device.type == "cuda" else 1,
+                          int4_unpack="denorm", int4_x_in_tile=True)
+    n, k = (48, 300) if fmt.startswith("planes") else (40, 200)
+    x = torch.randn(1, k, device=device)
+    if not gated:
+        w = weight_for(fmt, n, k, device)
+        out = decode_linear(x, w, poisoned(1, n, device), policy=policy)
+        torch.testing.assert_close(out, dequant_matmul_ref(x, w).float(), atol=1e-4, rtol=1e-4)
+        return
+    w = weight_for(fmt, 2 * n, k, device, experts=3, seed=3)
+    idx = torch.tensor([2], dtype=torch.int32, device=device)
+    act = decode_linear(x, w, poisoned(1, n, device), row_expert=idx, gated="gelu", policy=policy)
+    torch.testing.assert_close(act, gated_act_ref(dequant_matmul_ref(x, w, row_expert=idx), "gelu", True).float(),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_input_in_tile_shape_only_where_the_tile_row_is_narrow(monkeypatch):
+    """The launch rule of ``int4_x_in_tile`` at BlackMamba-2.8B's K with the CUDA policy's 4 warps: in_proj / fc1
+    (K 1472: 16 tiles of 16 words, fewer than 4 x 32 threads x 4) read the input in the tile's shape (UNPACK 3);
+    out_proj (K 2944, 32 tiles) keeps the broadcast (2); so does every matrix without the flag, or at two rows."""
+    import qmamba.kernels.decode_linear as dl
+
+    seen = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: seen.append(meta["UNPACK"])
+
+    monkeypatch.setattr(dl, "_decode_linear_kernel", Recorder())
+    cuda = dl.DecodePolicy.cuda(132, False)
+    for k, flag, m, want in ((1472, True, 1, 3), (2944, True, 1, 2), (1472, False, 1, 2), (1472, True, 2, 2)):
+        w = weight_for("planes128", 8, k, torch.device("cpu"))
+        policy = dataclasses.replace(cuda, int4_x_in_tile=flag, planes_mma=False, max_rows_planes=2)
+        decode_linear(torch.randn(m, k), w, torch.empty(m, 8), policy=policy)
+        assert seen[-1] == want, (k, flag, m)
 
 
 @pytest.mark.parametrize("m", [3, 8])
