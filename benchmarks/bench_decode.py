@@ -144,6 +144,8 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return dataclasses.replace(base, pdl=False)
     if v == "xtile":  # int4 in_proj / fc1: the input read in the tile's shape (DecodePolicy.int4_x_in_tile)
         return dataclasses.replace(base, int4_x_in_tile=True)
+    if v.startswith("ssmbd"):  # e.g. ssmbd8: channels per program of the SSM update (DecodePolicy.ssm_block_d)
+        return dataclasses.replace(base, ssm_block_d=int(v[5:]))
     if v.startswith("fmts"):  # e.g. fmts+int8+binary: the default with these formats added to (-: taken from) the
         formats = list(base.formats)  # weight formats the decode kernels serve at batch 1
         for sign, name in re.findall(r"([+-])(\w+?)(?=[+-]|$)", v[4:]):
@@ -183,7 +185,8 @@ def main():
     # before them, since a converted model stays converted
     ap.add_argument("--variants", default="default,nopdl",
                     help="policy variants: default, nopdl, xtile (int4 input read in the tile's shape where "
-                         "the tile row is narrow: DecodePolicy.int4_x_in_tile), fmts[+-]FORMAT... (the default with int8, binary or float "
+                         "the tile row is narrow: DecodePolicy.int4_x_in_tile), ssmbdN (N channels per program of "
+                         "the SSM update, e.g. ssmbd8), fmts[+-]FORMAT... (the default with int8, binary or float "
                          "weights added to / taken from those the decode kernels serve at batch 1, e.g. fmts+int8, "
                          "fmts+binary), "
                          "dec[_planes][_magic|_denorm][_bnN][_rw][_mpP][_noxp][_rt8][_rows8[_nomma]] (the decode "

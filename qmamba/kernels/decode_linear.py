@@ -93,6 +93,9 @@ class DecodePolicy:
     #                               with two barriers per nibble position (sm_90 compile: in_proj 21 -> 5 barriers,
     #                               fc1 23 -> 5, for ~1 more instruction per code); not timed yet, hence off
     expert_prefetch: bool = True  # fused step: fc2 reads its expert's tile before waiting for fc1 (expert_ready)
+    ssm_block_d: int = 32        # fused step: channels per program of the SSM update kernel (dt_state_update; 32:
+    #                              92 programs for BlackMamba-2.8B's 2944 channels; 8 compiles to ~1/3 of the
+    #                              instructions per thread with 4x the programs; not timed yet)
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
 
     def takes(self, weight, rows: int, routed: bool = False) -> bool:
@@ -121,7 +124,7 @@ class DecodePolicy:
         ms/token against 0.946 (session 16, ``bench_decode.py --variants default,fmts+binary``).
         CPU (interpreter): every format and batch, wide row blocks (few programs)."""
         if device.type != "cuda":
-            return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1)
+            return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1, ssm_block_d=16)
         return cls.cuda(sm_count(device), pdl_supported(device))
 
     @classmethod

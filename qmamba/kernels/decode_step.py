@@ -202,13 +202,15 @@ def add_norm_ref(residual, norm_w, eps, h=None, token_ids=None, embedding=None, 
     return r, x, idx.to(torch.int32), weight
 
 
-def dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, conv=None, pdl: bool = False):
+def dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, conv=None, pdl: bool = False,
+                    block_d: int | None = None):
     """One token of the SSM, in place on ``ssm_state [B, DI, N]`` fp32 (contiguous per row).
 
     ``dbc [B, R + 2N]`` (x_proj output: dt low-rank, B, C), ``dt_w [DI, R]``, ``dt_bias [DI]``, ``x, z [B, DI]``
     (conv output and gate), ``A [DI, N]`` fp32 (= -exp(A_log)), ``D_skip [DI]``; ``y_out [B, DI]`` receives
     ``(C . h + D x) * silu(z)``. ``conv = (conv_state [B, DI, W], conv_w [DI, W], conv_b | None)``: ``x`` is the conv
-    step's *input*; the kernel applies the conv step (SiLU) and updates ``conv_state`` in place."""
+    step's *input*; the kernel applies the conv step (SiLU) and updates ``conv_state`` in place. ``block_d``:
+    channels per program (a power of two; default 32 on CUDA, 16 elsewhere)."""
     batch, di = x.shape
     r = dt_w.shape[1]
     n = A.shape[1]
@@ -224,7 +226,9 @@ def dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, conv=
         width = cw.shape[1]
         if tuple(cs.shape) != (batch, di, width) or cs.stride(2) != 1 or not cw.is_contiguous():
             raise ValueError(f"dt_state_update: conv needs state [{batch}, {di}, W] and contiguous weights [{di}, W]")
-    block_d = 32 if x.is_cuda else 16
+    block_d = block_d or (32 if x.is_cuda else 16)
+    if block_d & (block_d - 1):
+        raise ValueError(f"dt_state_update: block_d must be a power of two, got {block_d}")
     _dt_state_update_kernel[(batch, -(-di // block_d))](
         dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, cs, cw, cb if cb is not None else dt_bias, di, r, n,
         dbc.stride(0), x.stride(0), z.stride(0), dt_w.stride(0), ssm_state.stride(0), y_out.stride(0),

@@ -69,6 +69,37 @@ for grid, args, meta in rec.calls:
 """
 
 
+_DT_STATE_COMPILE = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from inspect_decode_kernel import _Recorder, compile_recorded, report
+from qmamba.kernels import decode_step
+real = decode_step._dt_state_update_kernel
+decode_step._dt_state_update_kernel = rec = _Recorder(real)
+b, di, r, n, w = 1, 2944, 92, 16, 4  # BlackMamba-2.8B, the conv step fused
+e = lambda *s: torch.empty(*s, dtype=torch.bfloat16)
+for block_d in (8, 32):
+    decode_step.dt_state_update(e(b, r + 2 * n), e(di, r), e(di), e(b, di), e(b, di), torch.empty(di, n), e(di),
+                                torch.empty(b, di, n), e(b, di), conv=(e(b, di, w), e(di, w), e(di)), block_d=block_d)
+for grid, args, meta in rec.calls:
+    meta = dict(meta, num_warps=4)
+    r = report(compile_recorded(real, args, meta, 90))
+    print("regs", r["regs"], "stack", r["stack"])
+"""
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_dt_state_update_kernel_compiles():
+    """The decode step's SSM update as the fused step launches it on CUDA (``DecodePolicy.ssm_block_d`` 32, the
+    default, and 8, the candidate) compiles for sm_90 at BlackMamba-2.8B's shapes without spills."""
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, "-c", _DT_STATE_COMPILE, str(ROOT / "benchmarks")], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("regs")]
+    assert len(lines) == 2 and all(line.endswith("stack 0") for line in lines), run.stdout
+
+
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_expert_tile_map_kernel_compiles():
     """The prefill's tile-map kernel (one program) as its CUDA launch compiles it, at 2048 rows and 8 experts."""

@@ -89,6 +89,33 @@ def test_dt_state_update_matches_reference(di, r, n, device):
     torch.testing.assert_close(y, ref_y, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("block_d", [8, 32])
+def test_dt_state_update_channels_per_program(block_d, device):
+    """``block_d`` (``DecodePolicy.ssm_block_d``): any power of two gives the reference's update, with the conv step
+    and a ragged last block (50 channels); other block sizes are refused."""
+    from qmamba.kernels.causal_conv1d import causal_conv1d_update_ref
+
+    torch.manual_seed(block_d)
+    batch, di, r, n, width = 2, 50, 5, 16, 4
+    dbc = torch.randn(batch, r + 2 * n, device=device)
+    dt_w = torch.randn(di, r, device=device) / r ** 0.5
+    dt_bias = torch.empty(di, device=device).uniform_(-4, -2)
+    x, z = torch.randn(batch, di, device=device), torch.randn(batch, di, device=device)
+    A = -torch.rand(di, n, device=device) * 4
+    D_skip = torch.randn(di, device=device)
+    state = torch.randn(batch, di, n, device=device)
+    conv_state, conv_w = torch.randn(batch, di, width, device=device), torch.randn(di, width, device=device)
+    xc, ref_conv = causal_conv1d_update_ref(x, conv_state, conv_w, None, "silu")
+    ref_y, ref_h = dt_state_update_ref(dbc, dt_w, dt_bias, xc, z, A, D_skip, state)
+    y = torch.empty(batch, di, device=device)
+    dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, state, y, conv=(conv_state, conv_w, None), block_d=block_d)
+    torch.testing.assert_close(state, ref_h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(conv_state, ref_conv, atol=0, rtol=0)
+    torch.testing.assert_close(y, ref_y, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="power of two"):
+        dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, state, y, block_d=12)
+
+
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_dt_state_update_with_conv_step_matches_conv_then_update(has_bias, device):
     """The conv variant: x is the conv input; the kernel applies the conv step and shifts the conv state in place.
