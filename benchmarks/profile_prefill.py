@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from qmamba.kernels.matmul_configs import using_policy
-
 from qmamba.config import preset
+from qmamba.kernels.matmul_configs import using_policy
 from qmamba.quant.modules import use_plane_words
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

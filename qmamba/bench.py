@@ -112,6 +112,15 @@ def _reference_logits(model, prompt, fed, state):
     return logits[:, prompt.shape[1]:].float()
 
 
+def _top1_gap(ref, got_top):
+    """``(ref_top, gap)``: the reference's top-1 token and, where ``got_top`` differs from it, how far the reference
+    prefers its own pick, as a fraction of its logit range (``ref [..., V]`` fp32, ``got_top [...]``)."""
+    ref_top = ref.argmax(-1)
+    span = (ref.amax(-1) - ref.amin(-1)).clamp_min(1e-6)
+    gap = (ref.gather(-1, ref_top[..., None]) - ref.gather(-1, got_top[..., None]))[..., 0] / span
+    return ref_top, gap
+
+
 def check_decode(model, step_fn, prompt, state, n: int, tie_tolerance: float = 2e-3) -> str:
     """Teacher-forced greedy agreement of ``step_fn`` with the reference (see the module docstring). ``state`` is
     the state after ``prompt``; the first token fed is the prompt's last (both paths see the same tokens)."""
@@ -123,14 +132,11 @@ def check_decode(model, step_fn, prompt, state, n: int, tie_tolerance: float = 2
         tok = step_fn(tok, st).float().argmax(-1)
         got.append(tok)
     fed, got_top = torch.stack(fed, 1), torch.stack(got, 1)
-    ref = _reference_logits(model, prompt, fed, state)
-    ref_top = ref.argmax(-1)
+    ref_top, gap = _top1_gap(_reference_logits(model, prompt, fed, state), got_top)
     mismatch = ref_top != got_top
     rows = f"{n} tokens x {prompt.shape[0]} rows"
     if not mismatch.any():
         return f"ok ({rows})"
-    span = (ref.amax(-1) - ref.amin(-1)).clamp_min(1e-6)
-    gap = (ref.gather(-1, ref_top[..., None]) - ref.gather(-1, got_top[..., None]))[..., 0] / span
     bad = mismatch & (gap > tie_tolerance)
     if bad.any():
         b, t = [int(v) for v in bad.nonzero()[0]]
@@ -146,10 +152,8 @@ def check_prefill(model, graph_prefill, prompt, tie_tolerance: float = 2e-3) -> 
     :class:`BenchCheckError` otherwise."""
     ref, ref_state = model.prefill(prompt, check=False, last_only=True)
     got, state = graph_prefill.prefill(prompt)
-    ref, got = ref[:, -1].float(), got[:, -1].float()
-    ref_top, got_top = ref.argmax(-1), got.argmax(-1)
-    span = (ref.amax(-1) - ref.amin(-1)).clamp_min(1e-6)
-    gap = (ref.gather(-1, ref_top[:, None]) - ref.gather(-1, got_top[:, None]))[:, 0] / span
+    got_top = got[:, -1].float().argmax(-1)
+    ref_top, gap = _top1_gap(ref[:, -1].float(), got_top)
     bad = (ref_top != got_top) & (gap > tie_tolerance)
     if bad.any():
         b = int(bad.nonzero()[0, 0])

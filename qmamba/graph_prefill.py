@@ -136,6 +136,5 @@ class GraphPrefill:
             logits = self._body(input_ids[:, pos:], carried, last_only)
             if not last_only:
                 pieces.append(logits)
-        if not last_only:
-            logits = torch.cat(pieces, 1)
-        return logits.clone(), carried.clone()
+        logits = torch.cat(pieces, 1) if not last_only else logits.clone()  # never a graph's static output
+        return logits, carried.clone()

@@ -21,16 +21,24 @@ def _ptxas_available() -> bool:
     return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
 
 
+INSPECT = ROOT / "benchmarks" / "inspect_decode_kernel.py"
+
+
+def _compiled(*argv, timeout: int):
+    """Run ``python *argv`` with Triton compiling (not interpreting) and the checkout importable; its stdout, or a
+    failure with the end of its output."""
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run.stdout
+
+
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_cuda_default_compiles_without_spills():
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))  # compiled, not interpreted
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "inspect_decode_kernel.py"),
-                          "--variants", "cuda_default,cuda_default_float", "--no-stack"],
-                         capture_output=True, text=True, env=env, timeout=900)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    lines = [line for line in run.stdout.splitlines() if " regs " in line]
-    assert len(lines) == 12, run.stdout  # 6 shapes x 2 weight forms
-    assert all(" stack    0 " in line for line in lines), run.stdout
+    stdout = _compiled(str(INSPECT), "--variants", "cuda_default,cuda_default_float", "--no-stack", timeout=900)
+    lines = [line for line in stdout.splitlines() if " regs " in line]
+    assert len(lines) == 12, stdout  # 6 shapes x 2 weight forms
+    assert all(" stack    0 " in line for line in lines), stdout
 
 
 _TILE_MAP_COMPILE = """
@@ -92,34 +100,25 @@ for grid, args, meta in rec.calls:
 def test_dt_state_update_kernel_compiles():
     """The decode step's SSM update as the fused step launches it on CUDA (``DecodePolicy.ssm_block_d`` 32, the
     default, and 8, the candidate) compiles for sm_90 at BlackMamba-2.8B's shapes without spills."""
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
-    run = subprocess.run([sys.executable, "-c", _DT_STATE_COMPILE, str(ROOT / "benchmarks")], capture_output=True,
-                         text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    lines = [line for line in run.stdout.splitlines() if line.startswith("regs")]
-    assert len(lines) == 2 and all(line.endswith("stack 0") for line in lines), run.stdout
+    stdout = _compiled("-c", _DT_STATE_COMPILE, str(ROOT / "benchmarks"), timeout=600)
+    lines = [line for line in stdout.splitlines() if line.startswith("regs")]
+    assert len(lines) == 2 and all(line.endswith("stack 0") for line in lines), stdout
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_expert_tile_map_kernel_compiles():
     """The prefill's tile-map kernel (one program) as its CUDA launch compiles it, at 2048 rows and 8 experts."""
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
-    run = subprocess.run([sys.executable, "-c", _TILE_MAP_COMPILE, str(ROOT / "benchmarks")], capture_output=True,
-                         text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "stack 0" in run.stdout, run.stdout
+    stdout = _compiled("-c", _TILE_MAP_COMPILE, str(ROOT / "benchmarks"), timeout=600)
+    assert "stack 0" in stdout, stdout
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_add_norm_kernel_compiles():
     """The residual add + norm kernel as the prefill (rows, RMSNorm / LayerNorm, with and without a residual) and the
     decode step (router, PDL) launch it."""
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
-    run = subprocess.run([sys.executable, "-c", _ADD_NORM_COMPILE, str(ROOT / "benchmarks")], capture_output=True,
-                         text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    lines = [line for line in run.stdout.splitlines() if line.startswith("regs")]
-    assert len(lines) == 3 and all(line.endswith("stack 0") for line in lines), run.stdout
+    stdout = _compiled("-c", _ADD_NORM_COMPILE, str(ROOT / "benchmarks"), timeout=600)
+    lines = [line for line in stdout.splitlines() if line.startswith("regs")]
+    assert len(lines) == 3 and all(line.endswith("stack 0") for line in lines), stdout
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
@@ -128,12 +127,8 @@ def test_int8_binary_and_x_in_tile_compile():
     session 16; 1-bit: a candidate, slower on the H200) and the int4 candidate ``int4_x_in_tile`` (to be timed:
     ``bench_decode.py --variants default,xtile``) compile for sm_90 at every shape; int8 and the int4 candidate
     without spills (as the paths they mirror)."""
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "inspect_decode_kernel.py"),
-                          "--variants", "cuda_int8,cuda_binary,cuda_x_in_tile"], capture_output=True, text=True,
-                         env=env, timeout=900)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    lines = [line for line in run.stdout.splitlines() if " regs " in line]
-    assert len(lines) == 18, run.stdout  # 6 shapes x 3 variants
+    stdout = _compiled(str(INSPECT), "--variants", "cuda_int8,cuda_binary,cuda_x_in_tile", timeout=900)
+    lines = [line for line in stdout.splitlines() if " regs " in line]
+    assert len(lines) == 18, stdout  # 6 shapes x 3 variants
     assert all(" stack    0 " in line for line in lines if " cuda_int8 " in line or " cuda_x_in_tile " in line), \
-        run.stdout
+        stdout

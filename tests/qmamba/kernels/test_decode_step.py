@@ -71,17 +71,22 @@ def test_add_norm_rows_matches_reference(has_residual, layernorm, out_dtype, dev
         assert torch.equal(residual, kept)
 
 
-@pytest.mark.parametrize("di,r,n", [(24, 3, 16), (50, 5, 7)])
-def test_dt_state_update_matches_reference(di, r, n, device):
-    torch.manual_seed(1)
-    batch = 2
+def ssm_step_inputs(batch, di, r, n, device):
+    """Random ``(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state)`` of one SSM step (dt in its usual range)."""
     dbc = torch.randn(batch, r + 2 * n, device=device)
     dt_w = torch.randn(di, r, device=device) / r ** 0.5
     dt_bias = torch.empty(di, device=device).uniform_(-4, -2)
     x, z = torch.randn(batch, di, device=device), torch.randn(batch, di, device=device)
     A = -torch.rand(di, n, device=device) * 4
     D_skip = torch.randn(di, device=device)
-    state = torch.randn(batch, di, n, device=device)
+    return dbc, dt_w, dt_bias, x, z, A, D_skip, torch.randn(batch, di, n, device=device)
+
+
+@pytest.mark.parametrize("di,r,n", [(24, 3, 16), (50, 5, 7)])
+def test_dt_state_update_matches_reference(di, r, n, device):
+    torch.manual_seed(1)
+    batch = 2
+    dbc, dt_w, dt_bias, x, z, A, D_skip, state = ssm_step_inputs(batch, di, r, n, device)
     ref_y, ref_h = dt_state_update_ref(dbc, dt_w, dt_bias, x, z, A, D_skip, state)
     y = torch.empty(batch, di, device=device)
     dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, state, y)
@@ -97,13 +102,7 @@ def test_dt_state_update_channels_per_program(block_d, device):
 
     torch.manual_seed(block_d)
     batch, di, r, n, width = 2, 50, 5, 16, 4
-    dbc = torch.randn(batch, r + 2 * n, device=device)
-    dt_w = torch.randn(di, r, device=device) / r ** 0.5
-    dt_bias = torch.empty(di, device=device).uniform_(-4, -2)
-    x, z = torch.randn(batch, di, device=device), torch.randn(batch, di, device=device)
-    A = -torch.rand(di, n, device=device) * 4
-    D_skip = torch.randn(di, device=device)
-    state = torch.randn(batch, di, n, device=device)
+    dbc, dt_w, dt_bias, x, z, A, D_skip, state = ssm_step_inputs(batch, di, r, n, device)
     conv_state, conv_w = torch.randn(batch, di, width, device=device), torch.randn(di, width, device=device)
     xc, ref_conv = causal_conv1d_update_ref(x, conv_state, conv_w, None, "silu")
     ref_y, ref_h = dt_state_update_ref(dbc, dt_w, dt_bias, xc, z, A, D_skip, state)
