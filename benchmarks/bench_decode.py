@@ -145,7 +145,7 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
     if v == "xtile":  # int4 in_proj / fc1: the input read in the tile's shape (DecodePolicy.int4_x_in_tile)
         return dataclasses.replace(base, int4_x_in_tile=True)
     if v.startswith("ssmbd"):  # e.g. ssmbd8: channels per program of the SSM update (DecodePolicy.ssm_block_d)
-        return dataclasses.replace(base, ssm_block_d=int(v[5:]))
+        return dataclasses.replace(base, ssm_block_d=int(v[5:]), ssm_block_d_batched=int(v[5:]))
     if v.startswith("fmts"):  # e.g. fmts+int8+binary: the default with these formats added to (-: taken from) the
         formats = list(base.formats)  # weight formats the decode kernels serve at batch 1
         for sign, name in re.findall(r"([+-])(\w+?)(?=[+-]|$)", v[4:]):

@@ -213,7 +213,7 @@ class FusedDecodeStep:
         y = buf["y"][:, :di]
         dt_state_update(dbc, plan.dt_w, plan.dt_bias, xz[:, :di], xz[:, di:], plan.A, plan.D,
                         state.ssm_state[plan.slot], y, conv=conv, pdl=self.policy.pdl,
-                        block_d=self.policy.ssm_block_d)
+                        block_d=self.policy.ssm_block_d if y.shape[0] == 1 else self.policy.ssm_block_d_batched)
         return self._linear(y, plan.out_proj, out, bias=plan.out_bias)
 
     def _moe(self, buf, plan: _MoePlan, views):

@@ -91,11 +91,12 @@ class DecodePolicy:
     #                               tile's [rows, tiles, words] shape by every thread that needs it (from L1) instead
     #                               of read once and broadcast over the rows, which Triton does through shared memory
     #                               with two barriers per nibble position (sm_90 compile: in_proj 21 -> 5 barriers,
-    #                               fc1 23 -> 5, for ~1 more instruction per code); not timed yet, hence off
+    #                               fc1 23 -> 5, for ~1 more instruction per code). On in the CUDA policy (session 17)
     expert_prefetch: bool = True  # fused step: fc2 reads its expert's tile before waiting for fc1 (expert_ready)
-    ssm_block_d: int = 32        # fused step: channels per program of the SSM update kernel (dt_state_update; 32:
-    #                              92 programs for BlackMamba-2.8B's 2944 channels; 8 compiles to ~1/3 of the
-    #                              instructions per thread with 4x the programs; not timed yet)
+    ssm_block_d: int = 32        # fused step at one row: channels per program of the SSM update kernel
+    #                              (dt_state_update; 32: 92 programs for BlackMamba-2.8B's 2944 channels; 8 compiles
+    #                              to ~1/3 of the instructions per thread with 4x the programs: the CUDA policy's)
+    ssm_block_d_batched: int = 32  # the same at 2+ rows (H200, session 17, batch 8: 32 beat 8 by ~5%)
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
 
     def takes(self, weight, rows: int, routed: bool = False) -> bool:
@@ -121,7 +122,11 @@ class DecodePolicy:
         on the H200: 0.591 against 0.685 for shifted codes, session 13); int4 in the stored word layout stays on the
         general kernels, and so does every format at batch 2+ (the plane tiles' tensor-core path spills at the
         expert shapes). 1-bit weights stay on the general kernels: on these kernels the 1-bit + int4 step took 1.381
-        ms/token against 0.946 (session 16, ``bench_decode.py --variants default,fmts+binary``).
+        ms/token against 0.946 (session 16, ``bench_decode.py --variants default,fmts+binary``). Session 17
+        (``--variants default,xtile,ssmbd8,ssmbd16``, one run): the input of in_proj / fc1's int4 codes read in the
+        tile's shape (``int4_x_in_tile``) took int4 g128 from 0.587 to 0.554 ms/token, 8 channels per program of
+        the SSM update (``ssm_block_d``) int4 to 0.575 and bf16 from 0.585 to 0.559: both on. At batch 8 32 channels
+        stay (``ssm_block_d_batched``: int4 2.075 against 2.169 ms/token, bf16 1.755 against 1.850).
         CPU (interpreter): every format and batch, wide row blocks (few programs)."""
         if device.type != "cuda":
             return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1, ssm_block_d=16)
@@ -132,7 +137,8 @@ class DecodePolicy:
         """The CUDA policy of :meth:`for_device` for a GPU of ``multiprocessors`` SMs (no device needed: offline
         compiles and reports build it for the H200's 132)."""
         return cls(pdl=pdl, max_rows=1, max_rows_planes=1, block_n_int4=4, int4_planes=True, int4_unpack="denorm",
-                   min_programs=2 * multiprocessors, formats=(FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES))
+                   min_programs=2 * multiprocessors, int4_x_in_tile=True, ssm_block_d=8,
+                   formats=(FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES))
 
     def block_n(self, fmt: int, rows: int, n: int) -> int:
         int4 = fmt in (FMT_INT4, FMT_INT4_PLANES)

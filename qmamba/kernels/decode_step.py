@@ -116,6 +116,11 @@ def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dski
         # window = [state[1:], x]: element t of the new window is state[t + 1] (t < W - 1) or x
         sp = cs_ptr + b * scs_b + d[:, None] * scs_d + t[None, :]
         old = tl.load(sp + 1, mask=tm & (t < CONV_W - 1)[None, :], other=0.0)
+    # The states are updated in place, and a tile smaller than the program's threads (the conv window [BLOCK_D, W]
+    # always below 32 channels; h where BLOCK_D * BLOCK_N < 128) is held by several threads: every thread's loads
+    # must precede any thread's stores (without this, 8 channels a program at batch 8 gave wrong tokens on the H200)
+    tl.debug_barrier()
+    if CONV:
         window = tl.where((t == CONV_W - 1)[None, :], x.to(old.dtype)[:, None], old)
         tl.store(sp, window, mask=tm)
         xc = tl.sum(window.to(tl.float32) * cw, axis=1)

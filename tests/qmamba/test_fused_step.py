@@ -29,7 +29,7 @@ def build(name, fmt, device):
 
 @pytest.mark.parametrize("fmt,batch,kernels", [("float", 2, "decode"), ("int8", 2, "decode"), ("int4", 2, "decode"),
                                                ("int4", 1, "decode"), ("binary", 1, "decode"), ("binary", 2, "decode"),
-                                               ("int4g128", 1, "decode_ssm8"),
+                                               ("int4g128", 1, "decode_ssm8"), ("float", 3, "decode_ssm8"),
                                                ("binary", 1, "general"),
                                                ("float", 1, "general"), ("int4", 1, "general"),
                                                ("int8", 3, "general"), ("int4g128", 1, "planes"),
@@ -57,7 +57,7 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     if kernels.startswith("decode"):  # every format on these kernels, whatever the device's default lists
         policy = dataclasses.replace(policy, formats=DecodePolicy().formats)  # (CUDA: not 1-bit)
         if kernels == "decode_ssm8":  # 8 channels per program of the SSM update (DecodePolicy.ssm_block_d)
-            policy = dataclasses.replace(policy, ssm_block_d=8)
+            policy = dataclasses.replace(policy, ssm_block_d=8, ssm_block_d_batched=8)
     elif kernels == "general":
         policy = dataclasses.replace(policy, formats=())
     elif kernels.startswith("planes"):
@@ -70,7 +70,8 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     step = FusedDecodeStep(model, policy)
     if fmt == "binary":  # the 1-bit matrices take the decode kernels exactly when the policy lists the format
         binary = [w for w in step._weights() if isinstance(w, BinaryWeight)]
-        assert binary and all(policy.takes(w, batch) == kernels.startswith("decode") for w in binary)
+        want = kernels.startswith("decode") and batch <= policy.max_rows  # (the CUDA policy: one row at most)
+        assert binary and all(policy.takes(w, batch) == want for w in binary)
     if kernels.startswith("routed"):  # the experts take the decode kernels at this batch, dense matrices do not
         moe = [p for p in step.layers if hasattr(p, "fc1")]
         assert moe and all(policy.takes(p.fc1, batch, routed=True) and not policy.takes(p.fc1, batch) for p in moe)

@@ -99,7 +99,7 @@ for grid, args, meta in rec.calls:
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_dt_state_update_kernel_compiles():
     """The decode step's SSM update as the fused step launches it on CUDA (``DecodePolicy.ssm_block_d`` 32, the
-    default, and 8, the candidate) compiles for sm_90 at BlackMamba-2.8B's shapes without spills."""
+    dataclass default, and 8, the CUDA policy's since session 17) compiles for sm_90 at BlackMamba-2.8B's shapes without spills."""
     stdout = _compiled("-c", _DT_STATE_COMPILE, str(ROOT / "benchmarks"), timeout=600)
     lines = [line for line in stdout.splitlines() if line.startswith("regs")]
     assert len(lines) == 2 and all(line.endswith("stack 0") for line in lines), stdout
@@ -124,8 +124,8 @@ def test_add_norm_kernel_compiles():
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_int8_binary_and_x_in_tile_compile():
     """int8 and 1-bit weights on the decode kernel as the CUDA policy launches them (int8: the CUDA default since
-    session 16; 1-bit: a candidate, slower on the H200) and the int4 candidate ``int4_x_in_tile`` (to be timed:
-    ``bench_decode.py --variants default,xtile``) compile for sm_90 at every shape; int8 and the int4 candidate
+    session 16; 1-bit: a candidate, slower on the H200) and int4 with ``int4_x_in_tile`` (the CUDA default since
+    session 17: ``bench_decode.py --variants default,xtile``) compile for sm_90 at every shape; int8 and the int4 candidate
     without spills (as the paths they mirror)."""
     stdout = _compiled(str(INSPECT), "--variants", "cuda_int8,cuda_binary,cuda_x_in_tile", timeout=900)
     lines = [line for line in stdout.splitlines() if " regs " in line]

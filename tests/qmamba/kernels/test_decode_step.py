@@ -94,14 +94,15 @@ def test_dt_state_update_matches_reference(di, r, n, device):
     torch.testing.assert_close(y, ref_y, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("block_d", [8, 32])
-def test_dt_state_update_channels_per_program(block_d, device):
+@pytest.mark.parametrize("block_d,batch,n", [(8, 2, 16), (32, 2, 16), (8, 8, 16), (16, 8, 7)])
+def test_dt_state_update_channels_per_program(block_d, batch, n, device):
     """``block_d`` (``DecodePolicy.ssm_block_d``): any power of two gives the reference's update, with the conv step
-    and a ragged last block (50 channels); other block sizes are refused."""
+    and a ragged last block (50 channels; on CUDA BlackMamba-2.8B's 2944, where 8 channels a program at batch 8 once
+    raced: the in-place state stores of one thread overtook another's loads); other block sizes are refused."""
     from qmamba.kernels.causal_conv1d import causal_conv1d_update_ref
 
-    torch.manual_seed(block_d)
-    batch, di, r, n, width = 2, 50, 5, 16, 4
+    torch.manual_seed(block_d + batch)
+    di, r, width = (2944 if device.type == "cuda" else 50), 5, 4
     dbc, dt_w, dt_bias, x, z, A, D_skip, state = ssm_step_inputs(batch, di, r, n, device)
     conv_state, conv_w = torch.randn(batch, di, width, device=device), torch.randn(di, width, device=device)
     xc, ref_conv = causal_conv1d_update_ref(x, conv_state, conv_w, None, "silu")
