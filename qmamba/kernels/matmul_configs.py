@@ -39,7 +39,13 @@ class MatmulPolicy:
     ``dequant_experts_whole_stack``: on that route, all experts in one dequantization pass (a ``[E, N, K]``
     temporary in the input's type: 182 MB for BlackMamba-2.8B's fc1) and one float grouped GEMM over every tile,
     two launches in all (not measured on the GPU yet: H200 kernel figures of session 12 suggest fc1 at M = 2048
-    ~80 us of dequantization + 157 us of bf16 grouped GEMM against 483 us for the int4 tile kernel)."""
+    ~80 us of dequantization + 157 us of bf16 grouped GEMM against 483 us for the int4 tile kernel).
+    ``plane_dot_k``: the GEMM kernel (M > 16, expert tiles) on int4 plane words runs one tensor-core dot per
+    ``plane_dot_k / 16`` nibble positions of a 128-element tile (16: eight dots of K = 16; 128: the tile
+    dequantized at once, one dot); ``plane_float_codes``: there the codes are unpacked as floats by the 2^23
+    trick instead of integer-to-float conversions (low-precision inputs). H200, session 17, 64 x 128 tiles, 8
+    experts at M = 2048: fc1 350 us (K 16, integer codes) / 298 (K 16, float codes) / 347 (K 32) / 353 (K 64),
+    fc2 183 / 166 / 192 / 194; a whole tile at once (K 128) spills. Hence K 16 with float codes."""
 
     int4_word_gemv: bool = True
     binary_word_gemv: bool = True
@@ -47,6 +53,12 @@ class MatmulPolicy:
     dequant_experts_whole_stack: bool = False
     word_gemv_max_rows: int = 8
     word_gemv_max_weights: int = 1 << 24
+    plane_dot_k: int = 16
+    plane_float_codes: bool = True
+
+    def __post_init__(self):
+        if self.plane_dot_k not in (16, 32, 64, 128):
+            raise ValueError(f"MatmulPolicy.plane_dot_k must be 16, 32, 64 or 128, not {self.plane_dot_k}")
 
     def binary_word_gemv_fits(self, m: int, weight: BinaryWeight) -> bool:
         return self.binary_word_gemv and (m == 1 or (m <= self.word_gemv_max_rows
@@ -163,7 +175,10 @@ def gemm_config(m: int, weight: PackedWeight, device) -> MatmulConfig:
         while programs * split < sm_count(device) and split < 4 and split * 2 <= k_tiles // 16:  # long K only
             split *= 2
         return MatmulConfig(bm, bn, block_k, split, 4, 4)
-    if m <= 256:
+    if m <= 256 or weight.fmt == FMT_INT4_PLANES:
+        # int4 plane words (the grouped expert GEMM of the MoE prefill): 64 x 128 at every M, H200 session 17
+        # (bench_planes_gemm.py --sweep, 8 experts, M = 512 / 2048 tokens): fc1 124 / 297 us, fc2 81 / 167 us
+        # against 239 / 486 and 190 / 294 for 128 x 128 with 8 warps; every wider tile was slower
         return MatmulConfig(64, 128, block_k, 1, 4, 3 if int4 else 4)
     return MatmulConfig(128, 128, block_k, 1, 8, 3 if int4 else 4)
 

@@ -64,6 +64,39 @@ def test_routed_planes_by_expert_and_tiles(m, device):
         close(dequant_matmul(x, planes, row_expert=idx, row_scale=scale, tiles=tiles), ref, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, "half"])
+@pytest.mark.parametrize("group,symmetric", [(128, False), (256, True)])
+def test_plane_dot_spans_match_reference(group, symmetric, dtype, device):
+    """``MatmulPolicy.plane_dot_k`` / ``plane_float_codes``: the GEMM kernel on plane words with one dot per 1, 2, 4
+    or 8 nibble positions, codes unpacked as integers or as floats (2^23 trick, low-precision inputs only), for
+    routed expert tiles and dense rows (split-K too), ragged K (BlackMamba-2.8B's 1472 = 11.5 tiles on CUDA): equal
+    to the reference, and to each other."""
+    from qmamba.kernels.matmul_configs import MatmulPolicy
+
+    # "half": bf16 on CUDA; the interpreter's dots have no bf16 (numpy), fp16 takes the same (non-IEEE) path there
+    dtype = dtype if dtype == torch.float32 else torch.bfloat16 if device.type == "cuda" else torch.float16
+    n, k, experts, m = 40, 1472 if device.type == "cuda" else 300, 3, GEMV_MAX_M + 15
+    words, planes = plane_weight(n, k, device, group, symmetric, lead=(experts,), seed=5)
+    x = torch.randn(m, k, device=device).to(dtype)
+    idx = torch.tensor([(i * 7) % experts for i in range(m)], device=device, dtype=torch.int32)
+    scale = torch.rand(m, device=device)
+    ref = dequant_matmul_ref(x.float(), planes, row_expert=idx, row_scale=scale)
+    tiles = expert_tile_map(idx, experts, pick_config(m, planes, x.device).block_m)
+    one = planes.expert(1)
+    dense_ref = x.float() @ words.expert(1).dequantized()[0].t()
+    first = None
+    for dot_k, float_codes in ((16, False), (16, True), (32, True), (64, False), (128, True)):
+        policy = MatmulPolicy(plane_dot_k=dot_k, plane_float_codes=float_codes)
+        got = dequant_matmul(x, planes, row_expert=idx, row_scale=scale, tiles=tiles, policy=policy)
+        close(got, ref, dtype)
+        first = got if first is None else first
+        close(got, first, dtype)
+        for cfg in (pick_config(m, one, x.device), MatmulConfig(32, 16, 128, split_k=2, num_warps=1, num_stages=1)):
+            close(dequant_matmul(x, one, config=cfg, policy=policy), dense_ref, dtype)
+    with pytest.raises(ValueError, match="plane_dot_k"):
+        MatmulPolicy(plane_dot_k=48)
+
+
 def test_planes_split_k_configs(device):
     _, planes = plane_weight(24, 520, device, seed=2)  # 5 plane tiles
     x = torch.randn(19, 520, device=device)
