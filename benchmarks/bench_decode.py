@@ -26,6 +26,7 @@ import torch
 from qmamba.config import preset
 from qmamba.cuda_graph import GraphDecoder
 from qmamba.kernels.decode_linear import DecodePolicy
+from qmamba.kernels.matmul_configs import DEFAULT_POLICY, MatmulPolicy, using_policy
 from qmamba.kernels.weights import FMT_BINARY, FMT_FLOAT, FMT_INT8
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -83,7 +84,8 @@ def check_fp32(cfg, name, batches, steps, variants, log, failures):
         model.set_backend("triton")
         for vname, policy in variants.items():
             decoder = GraphDecoder(model, policy=policy)
-            got = greedy_graph(decoder, prompt[:, -1], state.clone(), steps)
+            with using_policy(matmul_variant(vname)):  # graphs capture the matmul policy active at capture
+                got = greedy_graph(decoder, prompt[:, -1], state.clone(), steps)
             same = bool(torch.equal(ref, got))
             res[f"fp32_greedy_equal_b{batch}_{vname}"] = same
             log(f"{name:18s} fp32 greedy {steps} tokens batch {batch} {vname}: {'equal' if same else 'DIFFER'}")
@@ -123,7 +125,8 @@ def run_format(cfg, name, batches, variants, log, failures):
     for vname, policy in variants.items():
         decoder = GraphDecoder(model, policy=policy)
         for batch in batches:
-            ms = time_graph(decoder, batch)
+            with using_policy(matmul_variant(vname)):
+                ms = time_graph(decoder, batch)
             res[f"decode_ms_b{batch}_{vname}"] = ms
             log(f"{name:18s} {vname:14s} batch {batch}: {ms:.3f} ms/token")
         del decoder
@@ -142,6 +145,8 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return base
     if v == "nopdl":
         return dataclasses.replace(base, pdl=False)
+    if v == "intcodes":  # the general kernels' int4 plane codes as integers (see matmul_variant)
+        return base
     if v == "xtile":  # int4 in_proj / fc1: the input read in the tile's shape (DecodePolicy.int4_x_in_tile)
         return dataclasses.replace(base, int4_x_in_tile=True)
     if v.startswith("ssmbd"):  # e.g. ssmbd8: channels per program of the SSM update (DecodePolicy.ssm_block_d)
@@ -173,6 +178,12 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
     raise SystemExit(f"unknown policy variant {v!r}")
 
 
+def matmul_variant(v: str) -> MatmulPolicy:
+    """The general matmuls' policy of a variant (batch 2+ and the prefill run on them): the default but for
+    ``intcodes`` (int4 plane codes through integer-to-float conversions, ``MatmulPolicy.plane_float_codes``)."""
+    return dataclasses.replace(DEFAULT_POLICY, plane_float_codes=False) if v == "intcodes" else DEFAULT_POLICY
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -184,7 +195,8 @@ def main():
     # plane words in place (qmamba.quant.modules.use_plane_words); list stored-word variants ("dec", "dec_magic")
     # before them, since a converted model stays converted
     ap.add_argument("--variants", default="default,nopdl",
-                    help="policy variants: default, nopdl, xtile (int4 input read in the tile's shape where "
+                    help="policy variants: default, nopdl, intcodes (the general kernels' int4 codes through "
+                         "integer-to-float conversions: MatmulPolicy.plane_float_codes off), xtile (int4 input read in the tile's shape where "
                          "the tile row is narrow: DecodePolicy.int4_x_in_tile), ssmbdN (N channels per program of "
                          "the SSM update, e.g. ssmbd8), fmts[+-]FORMAT... (the default with int8, binary or float "
                          "weights added to / taken from those the decode kernels serve at batch 1, e.g. fmts+int8, "

@@ -47,12 +47,6 @@ def plane_tile(w_base, s_ptr, z_ptr, e64, n, n_ok, k0, swn, sse, ssn, sze, szn, 
 
 
 @jit
-def plane_codes(words, zero, i: tl.constexpr):
-    """``code - zero`` (int32) of nibble position ``i`` of a plane tile: the 16 consecutive k = k0 + 16 i + w."""
-    return ((words >> (4 * i)) & 0xF) - zero
-
-
-@jit
 def plane_span_codes(words, zero, j: tl.constexpr, NPOS: tl.constexpr, FLOAT_CODES: tl.constexpr):
     """``code - zero`` of nibble positions ``j NPOS .. (j + 1) NPOS - 1`` of a plane tile (``words [BN, 16]``,
     ``zero [BN, 1]`` from :func:`plane_tile`): ``[BN, 16 NPOS]``, the consecutive k = 16 j NPOS + 0 .. 16 NPOS - 1

@@ -42,8 +42,9 @@ class MatmulPolicy:
     ~80 us of dequantization + 157 us of bf16 grouped GEMM against 483 us for the int4 tile kernel).
     ``plane_dot_k``: the GEMM kernel (M > 16, expert tiles) on int4 plane words runs one tensor-core dot per
     ``plane_dot_k / 16`` nibble positions of a 128-element tile (16: eight dots of K = 16; 128: the tile
-    dequantized at once, one dot); ``plane_float_codes``: there the codes are unpacked as floats by the 2^23
-    trick instead of integer-to-float conversions (low-precision inputs). H200, session 17, 64 x 128 tiles, 8
+    dequantized at once, one dot); ``plane_float_codes``: there and in the small-M kernel (M <= 16: batched decode)
+    the codes are unpacked as floats by the 2^23 trick instead of integer-to-float conversions (low-precision
+    inputs). H200, session 17, 64 x 128 tiles, 8
     experts at M = 2048: fc1 350 us (K 16, integer codes) / 298 (K 16, float codes) / 347 (K 32) / 353 (K 64),
     fc2 183 / 166 / 192 / 194; a whole tile at once (K 128) spills. Hence K 16 with float codes."""
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from qmamba.kernels._triton import cdiv, jit, split_k_range, tl
-from qmamba.kernels.dequant_gemm import dequant_gemm, matmul_epilogue, plane_codes, plane_tile
+from qmamba.kernels.dequant_gemm import dequant_gemm, matmul_epilogue, plane_span_codes, plane_tile
 from qmamba.kernels.dequantize import dense_linear, dequantize_stack
 from qmamba.kernels.int4_gemv import int4_gemv
 from qmamba.kernels.matmul_configs import (DEQUANT_GEMM_MIN_M, GEMV_MAX_M, MatmulConfig, MatmulPolicy,
@@ -75,7 +75,7 @@ def _dequant_matmul_kernel(
     FMT: tl.constexpr, ROUTE: tl.constexpr, GROUP: tl.constexpr, PRESCALE: tl.constexpr, SPLIT_K: tl.constexpr,
     USE_DOT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLOAT_CODES: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -112,14 +112,16 @@ def _dequant_matmul_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if FMT == 3:
             # int4 plane words (BLOCK_K = 128, one group per tile): nibble i of word w holds k = k0 + 16 i + w, so
-            # each nibble position meets 16 contiguous inputs; exact codes minus the zero point, group scale after
+            # each nibble position meets 16 contiguous inputs; exact codes minus the zero point (as floats by the
+            # 2^23 trick where FLOAT_CODES), group scale after
             words, zero, scale = plane_tile(w_base, s_ptr, z_ptr, e64, n, n_ok, k0, swn, sse, ssn, sze, szn, GROUP)
             part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for i in tl.static_range(8):
                 ki = k0 + 16 * i + tl.arange(0, 16)
                 xi = tl.load(x_ptr + rows[:, None] * sxm + ki[None, :] * sxk,
                              mask=row_ok[:, None] & (ki < K)[None, :], other=0.0)
-                part += _tile_times_rows(plane_codes(words, zero, i), xi, rm, USE_DOT, IEEE, BLOCK_M)
+                part += _tile_times_rows(plane_span_codes(words, zero, i, 1, FLOAT_CODES), xi, rm, USE_DOT, IEEE,
+                                         BLOCK_M)
             acc += part * scale[:, None]
         elif FMT == 2:
             # int4: low nibbles hold even k, high nibbles odd k; no interleaving, two half-width products
@@ -288,5 +290,6 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
         PRESCALE=weight.fmt == FMT_INT4 and cfg.block_k != weight.group_size, SPLIT_K=cfg.split_k, USE_DOT=cfg.use_dot,
         HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None, ATOMIC=atomic,
         IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        FLOAT_CODES=policy.plane_float_codes and x.dtype != torch.float32, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return out.to(x.dtype) if convert else out

@@ -69,7 +69,7 @@ def test_routed_planes_by_expert_and_tiles(m, device):
 def test_plane_dot_spans_match_reference(group, symmetric, dtype, device):
     """``MatmulPolicy.plane_dot_k`` / ``plane_float_codes``: the GEMM kernel on plane words with one dot per 1, 2, 4
     or 8 nibble positions, codes unpacked as integers or as floats (2^23 trick, low-precision inputs only), for
-    routed expert tiles and dense rows (split-K too), ragged K (BlackMamba-2.8B's 1472 = 11.5 tiles on CUDA): equal
+    routed expert tiles and dense rows (split-K too), and the small-M kernel with either unpacking, ragged K (BlackMamba-2.8B's 1472 = 11.5 tiles on CUDA): equal
     to the reference, and to each other."""
     from qmamba.kernels.matmul_configs import MatmulPolicy
 
@@ -93,6 +93,8 @@ def test_plane_dot_spans_match_reference(group, symmetric, dtype, device):
         close(got, first, dtype)
         for cfg in (pick_config(m, one, x.device), MatmulConfig(32, 16, 128, split_k=2, num_warps=1, num_stages=1)):
             close(dequant_matmul(x, one, config=cfg, policy=policy), dense_ref, dtype)
+        # the small-M kernel (M <= 16, batched decode) unpacks the same way: tiles of 16 rows, split-K
+        close(dequant_matmul(x[:5], one, config=pick_config(5, one, x.device), policy=policy), dense_ref[:5], dtype)
     with pytest.raises(ValueError, match="plane_dot_k"):
         MatmulPolicy(plane_dot_k=48)
 
