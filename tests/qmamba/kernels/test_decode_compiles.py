@@ -1,9 +1,11 @@
-"""The decode linear kernel as the CUDA policy launches it (and the prefill's tile-map kernel) compiles for sm_90 (Triton's own ptxas, no GPU) at every
+"""The decode linear kernel as the CUDA policy launches it (and the prefill's tile-map kernel, the general int4 GEMM
+kernels of the prefill and batched decode) compiles for sm_90 (Triton's own ptxas, no GPU) at every
 BlackMamba-2.8B shape, for int4 plane words and float weights, without a stack frame (spills). The interpreter runs
 the kernels' arithmetic but never the compiler: this catches what only the compiler rejects, and a register blow-up
 of the default path, on a machine without a GPU."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +134,17 @@ def test_int8_binary_and_x_in_tile_compile():
     assert len(lines) == 18, stdout  # 6 shapes x 3 variants
     assert all(" stack    0 " in line for line in lines if " cuda_int8 " in line or " cuda_x_in_tile " in line), \
         stdout
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_int4_gemm_defaults_compile_without_spills():
+    """The grouped expert GEMM of the prefill (M = 2048, 64 x 128 tiles) and the small-M kernel of batched decode (8
+    rows routed by expert) on int4 plane words, as the CUDA defaults launch them at BlackMamba-2.8B's fc1 / fc2:
+    with the codes unpacked as floats (the default) no integer-to-float conversion is left and nothing spills."""
+    stdout = _compiled(str(ROOT / "benchmarks" / "inspect_gemm_kernel.py"), "--no-stack", timeout=900)
+    lines = [line for line in stdout.splitlines() if " regs " in line]
+    assert len(lines) == 8, stdout  # 2 shapes x 2 cases x 2 unpackings
+    i2f = {line: int(m.group(1)) if (m := re.search(r"\bI2F=(\d+)", line)) else 0 for line in lines}
+    floats = [line for line in lines if " float codes " in line]
+    assert len(floats) == 4 and all(" stack    0 " in line and i2f[line] <= 4 for line in floats), stdout
+    assert all(i2f[line] >= 64 for line in lines if " int   codes " in line), stdout  # one per code, as before

@@ -1,0 +1,110 @@
+"""Compile the general int4 matmul kernels on plane words for sm_90 without a GPU (Triton's own ptxas) and print
+registers, stack (spills), shared memory and the SASS mix that matters to them, as the CUDA defaults launch them at
+BlackMamba-2.8B's expert shapes (8 experts, top-1):
+
+* ``prefill``: the grouped expert GEMM (``_dequant_gemm_kernel``) at M = 2048 tokens, the config of
+  :func:`qmamba.kernels.matmul_configs.gemm_config`;
+* ``batch8``: the small-M kernel (``_dequant_matmul_kernel``) at 8 rows routed by expert (batched decode).
+
+    python benchmarks/inspect_gemm_kernel.py [--cases prefill,batch8] [--shapes fc1,fc2] [--no-stack]
+
+Each case is compiled with the codes unpacked as integers and as floats (``MatmulPolicy.plane_float_codes``). A
+guide to the instructions a choice costs, not a timing (the device's Triton may schedule differently); the timings
+are ``bench_planes_gemm.py`` and ``bench_decode.py`` on a GPU. ``--no-stack`` exits 1 where the default (float codes)
+spills.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inspect_decode_kernel import _Recorder, compile_recorded, report  # noqa: E402
+
+from qmamba.kernels import dequant_gemm as dg  # noqa: E402
+from qmamba.kernels import quant_matmul as qm  # noqa: E402
+from qmamba.kernels import matmul_configs  # noqa: E402
+from qmamba.kernels.matmul_configs import MatmulPolicy, gemm_config, pick_config  # noqa: E402
+from qmamba.kernels.routing import ROUTE_BY_EXPERT, expert_tile_map  # noqa: E402
+from qmamba.kernels.weights import PackedWeight  # noqa: E402
+from qmamba.quant.formats import Int4Format  # noqa: E402
+
+SHAPES = {"fc1": (1472, 7744), "fc2": (3872, 1472)}  # (K, N) of one expert of BlackMamba-2.8B
+EXPERTS = 8
+WATCH = ("HGMMA", "HMMA", "I2F", "F2FP", "FADD", "LOP3", "BAR", "LDGSTS")
+
+
+class _CudaLike:
+    """Stands in for ``torch.device("cuda")`` where the configs ask for the device type and SM count (the H200's
+    132 multiprocessors)."""
+
+    type, index = "cuda", "inspect"
+
+
+matmul_configs._SM_COUNT[_CudaLike.index] = 132
+
+
+def planes_stack(k: int, n: int) -> PackedWeight:
+    fmt = Int4Format(128)
+    w = torch.randn(EXPERTS, n, k) / k ** 0.5
+    return fmt.kernel_weight(fmt.quantize_rtn(w), n, k).to_planes()
+
+
+def compile_case(case: str, weight: PackedWeight, float_codes: bool, arch: int):
+    """``(compiled kernel, config)`` of one case, recorded from the real launcher on CPU tensors."""
+    k = weight.k
+    policy = MatmulPolicy(plane_float_codes=float_codes)
+    if case == "prefill":
+        m = 2048
+        cfg = gemm_config(m, weight, _CudaLike())
+        recorder, module, name = _Recorder(dg._dequant_gemm_kernel), dg, "_dequant_gemm_kernel"
+    else:
+        m = 8
+        cfg = pick_config(m, weight, _CudaLike(), ROUTE_BY_EXPERT, policy)
+        recorder, module, name = _Recorder(qm._dequant_matmul_kernel), qm, "_dequant_matmul_kernel"
+    real = getattr(module, name)
+    setattr(module, name, recorder)
+    try:
+        x = torch.randn(m, k).to(torch.bfloat16)
+        idx = torch.randint(0, EXPERTS, (m,), dtype=torch.int32)
+        tiles = expert_tile_map(idx, EXPERTS, cfg.block_m) if case == "prefill" else None
+        qm.dequant_matmul(x, weight, row_expert=idx, tiles=tiles, config=cfg, policy=policy)
+    finally:
+        setattr(module, name, real)
+    _, args, meta = recorder.calls[-1]
+    return compile_recorded(real, args, meta, arch), cfg
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", default="prefill,batch8")
+    ap.add_argument("--shapes", default="fc1,fc2")
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--no-stack", action="store_true", help="exit 1 if the default (float codes) spills")
+    args = ap.parse_args()
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    spilled = []
+    for shape in args.shapes.split(","):
+        weight = planes_stack(*SHAPES[shape])
+        for case in args.cases.split(","):
+            for float_codes in (False, True):
+                compiled, cfg = compile_case(case, weight, float_codes, args.arch)
+                r = report(compiled)
+                mix = ", ".join(f"{o}={r['ops'][o]}" for o in WATCH if r["ops"][o])
+                codes = "float" if float_codes else "int"
+                print(f"{shape:4s} {case:8s} {codes:5s} codes  tile {cfg.block_m}x{cfg.block_n} w{cfg.num_warps} "
+                      f"s{cfg.num_stages}  regs {r['regs']:3d} stack {r['stack']:4d} shared "
+                      f"{compiled.metadata.shared:6d}  SASS {sum(r['ops'].values()):5d}: {mix}", flush=True)
+                if float_codes and r["stack"]:
+                    spilled.append(f"{shape} {case}")
+    if args.no_stack and spilled:
+        sys.exit(f"spills: {', '.join(spilled)}")
+
+
+if __name__ == "__main__":
+    main()
