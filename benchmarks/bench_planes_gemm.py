@@ -7,7 +7,8 @@ top-1, tokens spread at random) beside our float (bf16) expert kernel, which is 
 
 Every variant's output is compared with x @ the dequantized weight (fp32) before it is timed; a variant that
 disagrees is an error (exit 1), never a figure. Method: benchmarks/timing.py (CUDA-graph replay, weight copies
-rotated past the L2, median). ``--sweep`` also times a grid of GEMM tiles for the plane kernel at M >= 64 (for the
+rotated past the L2, median). ``--sweep`` also times the small-M kernel's tiles at 2 <= M <= 16 (batched decode:
+block_n, split-K, warps) and a grid of GEMM tiles for the plane kernel at M >= 64 (for the
 expert stacks: each tile by K per dot and code unpacking, ``MatmulPolicy.plane_dot_k`` / ``plane_float_codes``).
 On the CPU (``TRITON_INTERPRET=1``) ``--quick`` runs the same checks on tiny shapes without timing.
 """
@@ -63,6 +64,20 @@ def _check(name, got, ref, failures, log):
     return err
 
 
+SMALL_M_SWEEP = [(bn, split, warps) for bn in (32, 64, 128) for split in (1, 2, 4, 8) for warps in (2, 4)]
+
+
+def small_m_sweep(label, m, record, ref, bytes_, calls, log):
+    """Time the small-M kernel (16-row tensor-core tiles) at every (block_n, split_k, warps) of SMALL_M_SWEEP;
+    ``calls(cfg)``: the copies' calls under that config. A tile that does not compile is reported, not fatal."""
+    for bn, split, warps in SMALL_M_SWEEP:
+        cfg = MatmulConfig(16, bn, 128, split, warps, 3)
+        try:
+            record(label, m, f"small 16x{bn} k/{split} w{warps}", calls(cfg), ref, bytes_)
+        except Exception as exc:  # noqa: BLE001
+            log(f"sweep {label} M={m} 16x{bn} k/{split} w{warps}: {type(exc).__name__}: {str(exc)[:100]}")
+
+
 def run(m_values, sweep, quick, log, parts=("dense", "experts"), expert_sweep=None, plane_dots=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     timed = device.type == "cuda"
@@ -94,6 +109,9 @@ def run(m_values, sweep, quick, log, parts=("dense", "experts"), expert_sweep=No
                     cfg = gemm_config(m, ws[0][idx], device)
                     record(label, m, f"int4_{form}_gemm",
                            [lambda w=w, c=cfg, i=idx: dequant_matmul(x, w[i], config=c) for w in ws], ref, n * k // 2)
+            if sweep and timed and 1 < m <= 16:  # the small-M kernel's tiles (batched decode)
+                small_m_sweep(label, m, record, ref, n * k // 2,
+                              lambda cfg: [lambda w=w: dequant_matmul(x, w[1], config=cfg) for w in ws], log)
             if sweep and timed and m >= 64:
                 for bm, bn, warps, stages in ((64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 256, 8, 3),
                                               (64, 256, 8, 3), (128, 128, 4, 4), (64, 64, 4, 4)):
@@ -135,6 +153,10 @@ def run(m_values, sweep, quick, log, parts=("dense", "experts"), expert_sweep=No
                     record(label, m, f"int4_planes_{route}",
                            [lambda w=w, p=pol: dequant_matmul(x, w[1], row_expert=idx, tiles=tiles, policy=p)
                             for w in ws], ref, n_experts * n * k // 2)
+            if sweep and timed and 1 < m <= 16:  # the small-M kernel's tiles, one program column per expert
+                small_m_sweep(label, m, record, ref, n_experts * n * k // 2,
+                              lambda cfg: [lambda w=w: dequant_matmul(x, w[1], row_expert=idx, config=cfg)
+                                           for w in ws], log)
             if sweep and timed and m >= 64:  # grouped GEMM tiles of the plane kernel by K per dot / code unpacking
                 for (bm, bn, warps, stages), (dot_k, fl) in itertools.product(expert_sweep or EXPERT_SWEEP,
                                                                               plane_dots or PLANE_DOTS):
