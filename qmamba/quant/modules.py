@@ -167,10 +167,11 @@ def cpu_int4_operands(fmt: WeightFormat, packed: dict, n: int, k: int) -> dict |
 
 
 def cpu_int4_matmul(x: torch.Tensor, ops: dict, n: int, group_size: int) -> torch.Tensor:
-    """``x @ W_hat^T`` by torch's CPU int4 matmul: ``x`` rounded to bfloat16, the result returned in ``x.dtype``."""
+    """``x @ W_hat^T`` by torch's CPU int4 matmul: ``x`` rounded to bfloat16, the result returned in ``x.dtype``.
+    The kernel takes a contiguous input only (a column slice, as x_proj's in bfloat16, is copied)."""
     lead = x.shape[:-1]
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), ops["int4_cpu"],
-                                                   group_size, ops["scales_zeros"])
+    rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, ops["int4_cpu"], group_size, ops["scales_zeros"])
     return y[:, :n].to(x.dtype).reshape(*lead, n)
 
 

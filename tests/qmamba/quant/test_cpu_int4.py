@@ -44,6 +44,16 @@ def test_cpu_int4_matmul_matches_the_dequantized_weights(group_size, symmetric, 
     assert (y.double() - expected).norm() / expected.norm() < 1e-2
 
 
+def test_cpu_int4_matmul_takes_a_strided_bfloat16_input():
+    """A column slice in bfloat16 (x_proj's input in a bfloat16 model: the conv output's half of in_proj's) is not
+    contiguous, and the CPU kernel refuses such an input: it is copied first."""
+    mod = quant_linear(40, 64, Int4Format(group_size=32))
+    xz = torch.randn(5, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    x = xz[:, :64]
+    assert not x.is_contiguous() and mod.keep_cpu_int4(torch.bfloat16) > 0
+    torch.testing.assert_close(mod(x), mod(x.contiguous()), rtol=0, atol=0)
+
+
 def test_operands_are_smaller_than_the_dense_copy():
     mod = quant_linear(64, 256, Int4Format(group_size=64))
     kept = mod.keep_cpu_int4(torch.float32)
