@@ -31,9 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import require_idle_gpu  # noqa: E402
 
 PREFILL_EXPERT_ROUTES = {"tiles": DEFAULT_POLICY,
-                         "tiles_k16i": dataclasses.replace(DEFAULT_POLICY, plane_dot_k=16, plane_float_codes=False),
-                         "tiles_k16f": dataclasses.replace(DEFAULT_POLICY, plane_dot_k=16, plane_float_codes=True),
-                         "tiles_k32f": dataclasses.replace(DEFAULT_POLICY, plane_dot_k=32, plane_float_codes=True),
+                         "tiles_int_codes": dataclasses.replace(DEFAULT_POLICY, plane_float_codes=False),
                          "per_expert": dataclasses.replace(DEFAULT_POLICY, dequant_experts_min_m=64),
                          "whole_stack": dataclasses.replace(DEFAULT_POLICY, dequant_experts_min_m=64,
                                                             dequant_experts_whole_stack=True)}

@@ -11,7 +11,6 @@ import torch
 from qmamba.kernels._triton import cdiv, jit, split_k_range, tl
 from qmamba.kernels.routing import ExpertTiles
 from qmamba.kernels.weights import FMT_INT4, PackedWeight
-from qmamba.quant.layout import INT4_TILE
 
 
 @jit
@@ -47,19 +46,12 @@ def plane_tile(w_base, s_ptr, z_ptr, e64, n, n_ok, k0, swn, sse, ssn, sze, szn, 
 
 
 @jit
-def plane_span_codes(words, zero, j: tl.constexpr, NPOS: tl.constexpr, FLOAT_CODES: tl.constexpr):
-    """``code - zero`` of nibble positions ``j NPOS .. (j + 1) NPOS - 1`` of a plane tile (``words [BN, 16]``,
-    ``zero [BN, 1]`` from :func:`plane_tile`): ``[BN, 16 NPOS]``, the consecutive k = 16 j NPOS + 0 .. 16 NPOS - 1
-    of the tile (nibble i of word w is k = 16 i + w: each word broadcast to its positions, then shifted down).
-    ``FLOAT_CODES``: fp32, each code OR'ed into the mantissa of 2^23 and read as a float, minus 2^23 + zero (a logic
-    instruction and a subtraction, no integer-to-float conversion); else int32."""
-    bn: tl.constexpr = words.shape[0]
-    q = tl.arange(0, 16 * NPOS)
-    if NPOS == 1:
-        spread = words
-    else:
-        spread = tl.reshape(tl.broadcast_to(words[:, None, :], (bn, NPOS, 16)), (bn, 16 * NPOS))
-    nib = (spread >> (4 * (j * NPOS + q // 16))[None, :]) & 0xF
+def plane_codes(words, zero, i: tl.constexpr, FLOAT_CODES: tl.constexpr):
+    """``code - zero`` of nibble position ``i`` of a plane tile (``words [BN, 16]``, ``zero [BN, 1]`` from
+    :func:`plane_tile`): ``[BN, 16]``, the 16 consecutive k = k0 + 16 i + w. ``FLOAT_CODES``: fp32, each code OR'ed
+    into the mantissa of 2^23 and read as a float, minus 2^23 + zero (a logic instruction and a subtraction, no
+    integer-to-float conversion); else int32."""
+    nib = (words >> (4 * i)) & 0xF
     if FLOAT_CODES:
         codes = (nib | 0x4B000000).to(tl.float32, bitcast=True) - (zero.to(tl.float32) + 8388608.0)
     else:
@@ -86,15 +78,14 @@ def _dequant_gemm_kernel(
     FMT: tl.constexpr, TILES: tl.constexpr, GROUP: tl.constexpr, SCALE_AFTER: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIZZLE: tl.constexpr, ONLY: tl.constexpr,
-    PLANE_POS: tl.constexpr, FLOAT_CODES: tl.constexpr,
+    FLOAT_CODES: tl.constexpr,
 ):
     """Prefill GEMM (M > 16): ``[BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]`` tensor-core tiles, the weight tile
     dequantized in registers. int4 nibbles are interleaved back to k order with ``join``; with one group per K tile
     (``SCALE_AFTER``) the exact integer codes minus the zero point go through the dot and the group scale multiplies
     the partial product, otherwise each weight is scaled before the dot. Programs are swizzled in groups of
-    ``SWIZZLE`` row tiles so that neighbouring programs share weight tiles in L2. int4 plane words: one dot per
-    ``PLANE_POS`` nibble positions (K = 16 PLANE_POS: 8 dots of K = 16 to one of K = 128 per tile), the codes
-    unpacked as floats where ``FLOAT_CODES`` (:func:`plane_span_codes`)."""
+    ``SWIZZLE`` row tiles so that neighbouring programs share weight tiles in L2. int4 plane words: the codes
+    unpacked as floats where ``FLOAT_CODES`` (:func:`plane_codes`)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     per_group = SWIZZLE * GRID_N
@@ -129,16 +120,17 @@ def _dequant_gemm_kernel(
         kk = k0 + tl.arange(0, BLOCK_K)
         if FMT == 3:
             # int4 plane words: this K tile (128) is 16 words per row, nibble i of word w holds k = k0 + 16 i + w,
-            # so each run of nibble positions meets contiguous inputs: 8 / PLANE_POS dots of K = 16 PLANE_POS, no
-            # shuffle of inputs. The group (a multiple of 128) holds the whole tile: exact codes minus the zero
-            # point go through the dots and the group scale multiplies their sum.
+            # so each nibble position meets 16 contiguous inputs: 8 dots of K = 16, no shuffle of codes or inputs.
+            # The group (a multiple of 128) holds the whole tile: exact codes minus the zero point go through the
+            # dots and the group scale multiplies their sum. (One dot per 2, 4 or 8 positions, K = 32..128, was
+            # slower on the H200: benchmarks/results.md, session 17.)
             words, zero, scale = plane_tile(w_base, s_ptr, z_ptr, e64, n, n_ok, k0, swn, sse, ssn, sze, szn, GROUP)
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for j in tl.static_range(8 // PLANE_POS):
-                ki = k0 + 16 * PLANE_POS * j + tl.arange(0, 16 * PLANE_POS)
+            for i in tl.static_range(8):
+                ki = k0 + 16 * i + tl.arange(0, 16)
                 xi = tl.load(x_ptr + rows[:, None] * sxm + ki[None, :] * sxk,
                              mask=row_ok[:, None] & (ki < K)[None, :], other=0.0)
-                part += _rows_times_tile(xi, plane_span_codes(words, zero, j, PLANE_POS, FLOAT_CODES), IEEE)
+                part += _rows_times_tile(xi, plane_codes(words, zero, i, FLOAT_CODES), IEEE)
             acc += part * scale[None, :]
         elif FMT == 2:
             j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
@@ -172,13 +164,12 @@ def _dequant_gemm_kernel(
 
 
 def dequant_gemm(x, weight: PackedWeight, out, bias, row_scale, tiles: ExpertTiles | None, config, atomic: bool,
-                 only_expert: int | None = None, plane_dot_k: int = 16, plane_float_codes: bool = False):
+                 only_expert: int | None = None, plane_float_codes: bool = False):
     """``out [M, N] <- x [M, K] @ W^T`` (+ ``bias``, * ``row_scale``): one matrix in row tiles of ``config.block_m``
     (swizzled in groups of 8 row tiles for L2 reuse), or with ``tiles`` the routed expert tiles (``config.block_m``
     must be ``tiles.block_m``). ``atomic``: split-K into a zeroed float32 ``out``. ``only_expert`` (with
     ``tiles``): only that expert's rows are computed and written, with ``weight`` a single matrix (its weight).
-    ``plane_dot_k`` / ``plane_float_codes``: int4 plane tiles in dots of that K (16..128), codes unpacked as floats
-    (:class:`qmamba.kernels.matmul_configs.MatmulPolicy`)."""
+    ``plane_float_codes``: int4 plane codes unpacked as floats (:class:`qmamba.kernels.matmul_configs.MatmulPolicy`)."""
     m = x.shape[0]
     q = weight.qweight
     s = weight.scales if weight.scales is not None else q
@@ -197,6 +188,5 @@ def dequant_gemm(x, weight: PackedWeight, out, bias, row_scale, tiles: ExpertTil
         HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None, ATOMIC=atomic,
         IEEE=x.dtype == torch.float32, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SWIZZLE=1 if tiles is not None else 8, ONLY=only_expert is not None,
-        PLANE_POS=plane_dot_k // 16 if config.block_k == INT4_TILE else 1,
         FLOAT_CODES=plane_float_codes and x.dtype != torch.float32, num_warps=config.num_warps,
         num_stages=config.num_stages)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from qmamba.kernels._triton import cdiv, jit, tl
-from qmamba.kernels.dequant_gemm import plane_span_codes, plane_tile
+from qmamba.kernels.dequant_gemm import plane_codes, plane_tile
 from qmamba.kernels.weights import FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT8, PackedWeight
 from qmamba.quant.layout import INT4_TILE
 
@@ -31,7 +31,7 @@ def _dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, ROWS, K, K_PAD, swn, ssn, s
         words, zero, scale = plane_tile(w_ptr, s_ptr, z_ptr, 0, r64, r_ok, k0, swn, 0, ssn, 0, szn, GROUP)
         for i in tl.static_range(8):
             ki = k0 + 16 * i + tl.arange(0, 16)
-            wv = plane_span_codes(words, zero, i, 1, True) * scale[:, None]  # exact codes as floats
+            wv = plane_codes(words, zero, i, True) * scale[:, None]  # exact codes as floats
             tl.store(out_ptr + r64[:, None] * son + ki[None, :], wv.to(out_ptr.dtype.element_ty),
                      mask=r_ok[:, None] & (ki < K)[None, :])
     else:

@@ -40,13 +40,10 @@ class MatmulPolicy:
     temporary in the input's type: 182 MB for BlackMamba-2.8B's fc1) and one float grouped GEMM over every tile,
     two launches in all (not measured on the GPU yet: H200 kernel figures of session 12 suggest fc1 at M = 2048
     ~80 us of dequantization + 157 us of bf16 grouped GEMM against 483 us for the int4 tile kernel).
-    ``plane_dot_k``: the GEMM kernel (M > 16, expert tiles) on int4 plane words runs one tensor-core dot per
-    ``plane_dot_k / 16`` nibble positions of a 128-element tile (16: eight dots of K = 16; 128: the tile
-    dequantized at once, one dot); ``plane_float_codes``: there and in the small-M kernel (M <= 16: batched decode)
-    the codes are unpacked as floats by the 2^23 trick instead of integer-to-float conversions (low-precision
-    inputs). H200, session 17, 64 x 128 tiles, 8
-    experts at M = 2048: fc1 350 us (K 16, integer codes) / 298 (K 16, float codes) / 347 (K 32) / 353 (K 64),
-    fc2 183 / 166 / 192 / 194; a whole tile at once (K 128) spills. Hence K 16 with float codes."""
+    ``plane_float_codes``: the GEMM kernel (M > 16, expert tiles), the small-M kernel (M <= 16: batched decode) and
+    the dequantization pass unpack int4 plane codes as floats by the 2^23 trick instead of integer-to-float
+    conversions (low-precision inputs). H200, session 17, 64 x 128 tiles, 8 experts at M = 2048: fc1 350 -> 298 us,
+    fc2 183 -> 166 (one dot per 2 or 4 nibble positions instead of one was slower, 347 / 353 us, and is gone)."""
 
     int4_word_gemv: bool = True
     binary_word_gemv: bool = True
@@ -54,12 +51,7 @@ class MatmulPolicy:
     dequant_experts_whole_stack: bool = False
     word_gemv_max_rows: int = 8
     word_gemv_max_weights: int = 1 << 24
-    plane_dot_k: int = 16
     plane_float_codes: bool = True
-
-    def __post_init__(self):
-        if self.plane_dot_k not in (16, 32, 64, 128):
-            raise ValueError(f"MatmulPolicy.plane_dot_k must be 16, 32, 64 or 128, not {self.plane_dot_k}")
 
     def binary_word_gemv_fits(self, m: int, weight: BinaryWeight) -> bool:
         return self.binary_word_gemv and (m == 1 or (m <= self.word_gemv_max_rows

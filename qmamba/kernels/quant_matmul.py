@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from qmamba.kernels._triton import cdiv, jit, split_k_range, tl
-from qmamba.kernels.dequant_gemm import dequant_gemm, matmul_epilogue, plane_span_codes, plane_tile
+from qmamba.kernels.dequant_gemm import dequant_gemm, matmul_epilogue, plane_codes, plane_tile
 from qmamba.kernels.dequantize import dense_linear, dequantize_stack
 from qmamba.kernels.int4_gemv import int4_gemv
 from qmamba.kernels.matmul_configs import (DEQUANT_GEMM_MIN_M, GEMV_MAX_M, MatmulConfig, MatmulPolicy,
@@ -120,8 +120,7 @@ def _dequant_matmul_kernel(
                 ki = k0 + 16 * i + tl.arange(0, 16)
                 xi = tl.load(x_ptr + rows[:, None] * sxm + ki[None, :] * sxk,
                              mask=row_ok[:, None] & (ki < K)[None, :], other=0.0)
-                part += _tile_times_rows(plane_span_codes(words, zero, i, 1, FLOAT_CODES), xi, rm, USE_DOT, IEEE,
-                                         BLOCK_M)
+                part += _tile_times_rows(plane_codes(words, zero, i, FLOAT_CODES), xi, rm, USE_DOT, IEEE, BLOCK_M)
             acc += part * scale[:, None]
         elif FMT == 2:
             # int4: low nibbles hold even k, high nibbles odd k; no interleaving, two half-width products
@@ -272,7 +271,7 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
             return out.to(x.dtype) if convert else out
     if route != ROUTE_BY_EXPERT and cfg.block_m >= 16 and (m > GEMV_MAX_M or route == ROUTE_TILES):
         dequant_gemm(x, weight, out, bias, row_scale, tiles if route == ROUTE_TILES else None, cfg, atomic,
-                     plane_dot_k=policy.plane_dot_k, plane_float_codes=policy.plane_float_codes)
+                     plane_float_codes=policy.plane_float_codes)
         return out.to(x.dtype) if convert else out
     q, s, z = weight.qweight, weight.scales, weight.zeros
     s = s if s is not None else q

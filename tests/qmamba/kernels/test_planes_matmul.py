@@ -66,10 +66,10 @@ def test_routed_planes_by_expert_and_tiles(m, device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, "half"])
 @pytest.mark.parametrize("group,symmetric", [(128, False), (256, True)])
-def test_plane_dot_spans_match_reference(group, symmetric, dtype, device):
-    """``MatmulPolicy.plane_dot_k`` / ``plane_float_codes``: the GEMM kernel on plane words with one dot per 1, 2, 4
-    or 8 nibble positions, codes unpacked as integers or as floats (2^23 trick, low-precision inputs only), for
-    routed expert tiles and dense rows (split-K too), and the small-M kernel with either unpacking, ragged K (BlackMamba-2.8B's 1472 = 11.5 tiles on CUDA): equal
+def test_plane_codes_as_floats_match_reference(group, symmetric, dtype, device):
+    """``MatmulPolicy.plane_float_codes``: the GEMM kernel on plane words with the codes unpacked as integers or as
+    floats (2^23 trick, low-precision inputs only), for routed expert tiles and dense rows (split-K too), and the
+    small-M kernel with either unpacking, ragged K (BlackMamba-2.8B's 1472 = 11.5 tiles on CUDA): equal
     to the reference, and to each other."""
     from qmamba.kernels.matmul_configs import MatmulPolicy
 
@@ -85,8 +85,8 @@ def test_plane_dot_spans_match_reference(group, symmetric, dtype, device):
     one = planes.expert(1)
     dense_ref = x.float() @ words.expert(1).dequantized()[0].t()
     first = None
-    for dot_k, float_codes in ((16, False), (16, True), (32, True), (64, False), (128, True)):
-        policy = MatmulPolicy(plane_dot_k=dot_k, plane_float_codes=float_codes)
+    for float_codes in (False, True):
+        policy = MatmulPolicy(plane_float_codes=float_codes)
         got = dequant_matmul(x, planes, row_expert=idx, row_scale=scale, tiles=tiles, policy=policy)
         close(got, ref, dtype)
         first = got if first is None else first
@@ -95,8 +95,6 @@ def test_plane_dot_spans_match_reference(group, symmetric, dtype, device):
             close(dequant_matmul(x, one, config=cfg, policy=policy), dense_ref, dtype)
         # the small-M kernel (M <= 16, batched decode) unpacks the same way: tiles of 16 rows, split-K
         close(dequant_matmul(x[:5], one, config=pick_config(5, one, x.device), policy=policy), dense_ref[:5], dtype)
-    with pytest.raises(ValueError, match="plane_dot_k"):
-        MatmulPolicy(plane_dot_k=48)
 
 
 def test_planes_split_k_configs(device):
