@@ -38,8 +38,8 @@ class MatmulPolicy:
     in bf16): end to end the int4 prefill lost (23.6k against 38.7k tokens/s in an earlier run that day).
     ``dequant_experts_whole_stack``: on that route, all experts in one dequantization pass (a ``[E, N, K]``
     temporary in the input's type: 182 MB for BlackMamba-2.8B's fc1) and one float grouped GEMM over every tile,
-    two launches in all (not measured on the GPU yet: H200 kernel figures of session 12 suggest fc1 at M = 2048
-    ~80 us of dequantization + 157 us of bf16 grouped GEMM against 483 us for the int4 tile kernel).
+    two launches in all. H200, session 17 (8 experts): fc1 243 us at M = 2048 against 298 for the int4 tile kernel,
+    but 176 against 124 at M = 512; with the 182 MB temporary, off.
     ``plane_float_codes``: the GEMM kernel (M > 16, expert tiles), the small-M kernel (M <= 16: batched decode) and
     the dequantization pass unpack int4 plane codes as floats by the 2^23 trick instead of integer-to-float
     conversions (low-precision inputs). H200, session 17, 64 x 128 tiles, 8 experts at M = 2048: fc1 350 -> 298 us,
