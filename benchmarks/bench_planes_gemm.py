@@ -3,13 +3,14 @@ BlackMamba-2.8B shapes and M = 2..2048: dense projections beside cuBLAS, and the
 top-1, tokens spread at random) beside our float (bf16) expert kernel, which is what the bf16 model runs.
 
     python benchmarks/bench_planes_gemm.py --out planes.json [--m 2,4,8,16,64,256,2048] [--sweep] [--quick]
-        [--parts dense,experts] [--expert-tiles 64x128w4s3,...] [--codes float,int]
+        [--parts dense,experts] [--expert-tiles 64x128w4s3,...] [--unpacks float,int,wleft]
 
 Every variant's output is compared with x @ the dequantized weight (fp32) before it is timed; a variant that
 disagrees is an error (exit 1), never a figure. Method: benchmarks/timing.py (CUDA-graph replay, weight copies
 rotated past the L2, median). ``--sweep`` also times the small-M kernel's tiles at 2 <= M <= 16 (batched decode:
 block_n, split-K, warps) and a grid of GEMM tiles for the plane kernel at M >= 64 (for the
-expert stacks: each tile with the codes unpacked as floats and as integers, ``MatmulPolicy.plane_float_codes``).
+expert stacks: each tile with the codes unpacked as floats and as integers, and as W x^T: ``MatmulPolicy.plane_float_codes``,
+``plane_weight_left``).
 On the CPU (``TRITON_INTERPRET=1``) ``--quick`` runs the same checks on tiny shapes without timing.
 """
 
@@ -39,7 +40,8 @@ DENSE = [("in_proj", 1472, 5888), ("x_proj", 2944, 124), ("out_proj", 2944, 1472
 EXPERTS = [("fc1 x8", 1472, 7744), ("fc2 x8", 3872, 1472)]
 EXPERT_SWEEP = [(64, 128, 4, 3), (64, 128, 4, 4), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 4, 4), (64, 64, 4, 2),
                 (64, 128, 8, 3)]  # (block_m, block_n, warps, stages)
-CODES = [True, False]  # MatmulPolicy.plane_float_codes
+# how the plane GEMM unpacks and multiplies: name -> (MatmulPolicy.plane_float_codes, plane_weight_left)
+UNPACKS = {"float": (True, False), "int": (False, False), "wleft": (True, True)}
 N_EXPERTS = 8
 
 
@@ -78,7 +80,7 @@ def small_m_sweep(label, m, record, ref, bytes_, calls, log):
             log(f"sweep {label} M={m} 16x{bn} k/{split} w{warps}: {type(exc).__name__}: {str(exc)[:100]}")
 
 
-def run(m_values, sweep, quick, log, parts=("dense", "experts"), expert_sweep=None, codes=None):
+def run(m_values, sweep, quick, log, parts=("dense", "experts"), expert_sweep=None, unpacks=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     timed = device.type == "cuda"
     dtype = torch.bfloat16 if timed else torch.float32
@@ -158,12 +160,14 @@ def run(m_values, sweep, quick, log, parts=("dense", "experts"), expert_sweep=No
                               lambda cfg: [lambda w=w: dequant_matmul(x, w[1], row_expert=idx, config=cfg)
                                            for w in ws], log)
             if sweep and timed and m >= 64:  # grouped GEMM tiles of the plane kernel by K per dot / code unpacking
-                for (bm, bn, warps, stages), fl in itertools.product(expert_sweep or EXPERT_SWEEP, codes or CODES):
+                for (bm, bn, warps, stages), how in itertools.product(expert_sweep or EXPERT_SWEEP,
+                                                                      unpacks or list(UNPACKS)):
                     cfg = MatmulConfig(bm, bn, 128, 1, warps, stages)
-                    pol = MatmulPolicy(dequant_experts_min_m=1 << 40, plane_float_codes=fl)
+                    fl, left = UNPACKS[how]
+                    pol = MatmulPolicy(dequant_experts_min_m=1 << 40, plane_float_codes=fl, plane_weight_left=left)
                     st = expert_tile_map(idx, n_experts, bm)
                     try:
-                        record(label, m, f"planes {bm}x{bn} w{warps} s{stages} {'float' if fl else 'int'} codes",
+                        record(label, m, f"planes {bm}x{bn} w{warps} s{stages} {how}",
                                [lambda w=w, c=cfg, p=pol, t=st: dequant_matmul(x, w[1], row_expert=idx, tiles=t,
                                                                               config=c, policy=p) for w in ws],
                                ref, n_experts * n * k // 2)
@@ -194,16 +198,19 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--parts", default="dense,experts", help="dense projections, expert stacks, or both")
     ap.add_argument("--expert-tiles", help="the expert sweep's tiles, e.g. 64x128w4s3,256x64w8s3 (default: a grid)")
-    ap.add_argument("--codes", help="the expert sweep's code unpacking: float, int or float,int (default)")
+    ap.add_argument("--unpacks", help="the expert sweep's unpacking: float (codes as floats), int (integer "
+                    "conversions), wleft (float codes, the product as W x^T); default all three")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test under TRITON_INTERPRET=1)")
     args = ap.parse_args()
     require_idle_gpu()
     m_values = [int(v) for v in args.m.split(",")] if not args.quick else [3, 19]
     tiles = [tuple(int(v) for v in re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)", t).groups())
              for t in args.expert_tiles.split(",")] if args.expert_tiles else None
-    codes = [c == "float" for c in args.codes.split(",")] if args.codes else None
+    unpacks = args.unpacks.split(",") if args.unpacks else None
+    if unpacks and not set(unpacks) <= set(UNPACKS):
+        sys.exit(f"error: --unpacks takes {', '.join(UNPACKS)}")
     rows, failures = run(m_values, args.sweep, args.quick, lambda s: print(s, flush=True),
-                         tuple(args.parts.split(",")), tiles, codes)
+                         tuple(args.parts.split(",")), tiles, unpacks)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     Path(args.out).write_text(json.dumps(dict(device=device, torch=torch.__version__, rows=rows,
                                               failures=failures), indent=1))

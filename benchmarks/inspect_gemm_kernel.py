@@ -36,7 +36,7 @@ from qmamba.quant.formats import Int4Format  # noqa: E402
 
 SHAPES = {"fc1": (1472, 7744), "fc2": (3872, 1472)}  # (K, N) of one expert of BlackMamba-2.8B
 EXPERTS = 8
-WATCH = ("HGMMA", "HMMA", "I2F", "F2FP", "FADD", "LOP3", "BAR", "LDGSTS")
+WATCH = ("HGMMA", "HMMA", "I2F", "F2FP", "FADD", "LOP3", "BAR", "STS", "LDS", "LDGSTS")
 
 
 class _CudaLike:
@@ -55,10 +55,10 @@ def planes_stack(k: int, n: int) -> PackedWeight:
     return fmt.kernel_weight(fmt.quantize_rtn(w), n, k).to_planes()
 
 
-def compile_case(case: str, weight: PackedWeight, float_codes: bool, arch: int):
+def compile_case(case: str, weight: PackedWeight, float_codes: bool, arch: int, weight_left: bool = False):
     """``(compiled kernel, config)`` of one case, recorded from the real launcher on CPU tensors."""
     k = weight.k
-    policy = MatmulPolicy(plane_float_codes=float_codes)
+    policy = MatmulPolicy(plane_float_codes=float_codes, plane_weight_left=weight_left)
     if case == "prefill":
         m = 2048
         cfg = gemm_config(m, weight, _CudaLike())
@@ -86,6 +86,8 @@ def main():
     ap.add_argument("--shapes", default="fc1,fc2")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--no-stack", action="store_true", help="exit 1 if the default (float codes) spills")
+    ap.add_argument("--weight-left", action="store_true",
+                    help="also the prefill GEMM as W x^T (MatmulPolicy.plane_weight_left), float codes")
     args = ap.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     spilled = []
@@ -102,6 +104,13 @@ def main():
                       f"{compiled.metadata.shared:6d}  SASS {sum(r['ops'].values()):5d}: {mix}", flush=True)
                 if float_codes and r["stack"]:
                     spilled.append(f"{shape} {case}")
+            if args.weight_left and case == "prefill":
+                compiled, cfg = compile_case(case, weight, True, args.arch, weight_left=True)
+                r = report(compiled)
+                mix = ", ".join(f"{o}={r['ops'][o]}" for o in WATCH if r["ops"][o])
+                print(f"{shape:4s} {case:8s} float codes, W x^T  tile {cfg.block_m}x{cfg.block_n} w{cfg.num_warps} "
+                      f"s{cfg.num_stages}  regs {r['regs']:3d} stack {r['stack']:4d} shared "
+                      f"{compiled.metadata.shared:6d}  SASS {sum(r['ops'].values()):5d}: {mix}", flush=True)
     if args.no_stack and spilled:
         sys.exit(f"spills: {', '.join(spilled)}")
 

@@ -71,6 +71,17 @@ def _rows_times_tile(x, w, IEEE: tl.constexpr):
 
 
 @jit
+def _tile_times_rows_t(w, x, IEEE: tl.constexpr):
+    """``[BLOCK_N, BLOCK_M]`` fp32, the transpose of :func:`_rows_times_tile`: the weight tile is the dot's left
+    operand, which the tensor cores read from registers (no shared-memory copy of the dequantized tile)."""
+    if IEEE:
+        part = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
+    else:
+        part = tl.dot(w.to(x.dtype), tl.trans(x))
+    return part
+
+
+@jit
 def _dequant_gemm_kernel(
     x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rscale_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, sorted_ptr,
     M, N, K, K_PAD, GRID_M, GRID_N, sxm, sxk, som, son, swe, swn, sse, ssn, sze, szn,
@@ -78,14 +89,16 @@ def _dequant_gemm_kernel(
     FMT: tl.constexpr, TILES: tl.constexpr, GROUP: tl.constexpr, SCALE_AFTER: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIZZLE: tl.constexpr, ONLY: tl.constexpr,
-    FLOAT_CODES: tl.constexpr,
+    FLOAT_CODES: tl.constexpr, W_LEFT: tl.constexpr,
 ):
     """Prefill GEMM (M > 16): ``[BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]`` tensor-core tiles, the weight tile
     dequantized in registers. int4 nibbles are interleaved back to k order with ``join``; with one group per K tile
     (``SCALE_AFTER``) the exact integer codes minus the zero point go through the dot and the group scale multiplies
     the partial product, otherwise each weight is scaled before the dot. Programs are swizzled in groups of
     ``SWIZZLE`` row tiles so that neighbouring programs share weight tiles in L2. int4 plane words: the codes
-    unpacked as floats where ``FLOAT_CODES`` (:func:`plane_codes`)."""
+    unpacked as floats where ``FLOAT_CODES`` (:func:`plane_codes`); ``W_LEFT``: the transposed product ``W x^T``
+    (the dequantized tile the left operand, read by the tensor cores from registers), transposed back once at the
+    end."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     per_group = SWIZZLE * GRID_N
@@ -116,9 +129,19 @@ def _dequant_gemm_kernel(
         k_hi = tl.where(hi > lo, k_hi, k_lo)
     w_base = w_ptr + e64 * swe
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # W_LEFT's accumulator
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        if FMT == 3:
+        if FMT == 3 and W_LEFT:
+            words, zero, scale = plane_tile(w_base, s_ptr, z_ptr, e64, n, n_ok, k0, swn, sse, ssn, sze, szn, GROUP)
+            part_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for i in tl.static_range(8):
+                ki = k0 + 16 * i + tl.arange(0, 16)
+                xi = tl.load(x_ptr + rows[:, None] * sxm + ki[None, :] * sxk,
+                             mask=row_ok[:, None] & (ki < K)[None, :], other=0.0)
+                part_t += _tile_times_rows_t(plane_codes(words, zero, i, FLOAT_CODES), xi, IEEE)
+            acc_t += part_t * scale[:, None]
+        elif FMT == 3:
             # int4 plane words: this K tile (128) is 16 words per row, nibble i of word w holds k = k0 + 16 i + w,
             # so each nibble position meets 16 contiguous inputs: 8 dots of K = 16, no shuffle of codes or inputs.
             # The group (a multiple of 128) holds the whole tile: exact codes minus the zero point go through the
@@ -159,17 +182,20 @@ def _dequant_gemm_kernel(
                 acc += part * scale[None, :]
             else:
                 acc += part
+    if FMT == 3 and W_LEFT:
+        acc = tl.trans(acc_t)
     matmul_epilogue(acc, out_ptr, s_ptr, bias_ptr, rscale_ptr, rows, row_ok, n, n_ok, e64, pid_k, som, son, sse, ssn,
                     FMT, HAS_BIAS, HAS_RSCALE, ATOMIC)
 
 
 def dequant_gemm(x, weight: PackedWeight, out, bias, row_scale, tiles: ExpertTiles | None, config, atomic: bool,
-                 only_expert: int | None = None, plane_float_codes: bool = False):
+                 only_expert: int | None = None, plane_float_codes: bool = False, plane_weight_left: bool = False):
     """``out [M, N] <- x [M, K] @ W^T`` (+ ``bias``, * ``row_scale``): one matrix in row tiles of ``config.block_m``
     (swizzled in groups of 8 row tiles for L2 reuse), or with ``tiles`` the routed expert tiles (``config.block_m``
     must be ``tiles.block_m``). ``atomic``: split-K into a zeroed float32 ``out``. ``only_expert`` (with
     ``tiles``): only that expert's rows are computed and written, with ``weight`` a single matrix (its weight).
-    ``plane_float_codes``: int4 plane codes unpacked as floats (:class:`qmamba.kernels.matmul_configs.MatmulPolicy`)."""
+    ``plane_float_codes`` / ``plane_weight_left``: int4 plane codes unpacked as floats / the product taken as ``W x^T``
+    (:class:`qmamba.kernels.matmul_configs.MatmulPolicy`)."""
     m = x.shape[0]
     q = weight.qweight
     s = weight.scales if weight.scales is not None else q
@@ -188,5 +214,6 @@ def dequant_gemm(x, weight: PackedWeight, out, bias, row_scale, tiles: ExpertTil
         HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None, ATOMIC=atomic,
         IEEE=x.dtype == torch.float32, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SWIZZLE=1 if tiles is not None else 8, ONLY=only_expert is not None,
-        FLOAT_CODES=plane_float_codes and x.dtype != torch.float32, num_warps=config.num_warps,
+        FLOAT_CODES=plane_float_codes and x.dtype != torch.float32, W_LEFT=plane_weight_left,
+        num_warps=config.num_warps,
         num_stages=config.num_stages)

@@ -43,7 +43,10 @@ class MatmulPolicy:
     ``plane_float_codes``: the GEMM kernel (M > 16, expert tiles), the small-M kernel (M <= 16: batched decode) and
     the dequantization pass unpack int4 plane codes as floats by the 2^23 trick instead of integer-to-float
     conversions (low-precision inputs). H200, session 17, 64 x 128 tiles, 8 experts at M = 2048: fc1 350 -> 298 us,
-    fc2 183 -> 166 (one dot per 2 or 4 nibble positions instead of one was slower, 347 / 353 us, and is gone)."""
+    fc2 183 -> 166 (one dot per 2 or 4 nibble positions instead of one was slower, 347 / 353 us, and is gone).
+    ``plane_weight_left``: the GEMM kernel takes the product as ``W x^T`` on plane words, the dequantized tile the
+    tensor cores' left operand, read from registers, instead of copied to shared memory as the right one; a
+    candidate (sm_90 code: ``benchmarks/inspect_gemm_kernel.py``), not timed yet, hence off."""
 
     int4_word_gemv: bool = True
     binary_word_gemv: bool = True
@@ -52,6 +55,7 @@ class MatmulPolicy:
     word_gemv_max_rows: int = 8
     word_gemv_max_weights: int = 1 << 24
     plane_float_codes: bool = True
+    plane_weight_left: bool = False
 
     def binary_word_gemv_fits(self, m: int, weight: BinaryWeight) -> bool:
         return self.binary_word_gemv and (m == 1 or (m <= self.word_gemv_max_rows
