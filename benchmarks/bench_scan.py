@@ -103,6 +103,9 @@ def variants(device, sweep):
             kw = dict(num_warps=warps, lanes=lanes, unroll=unroll, n_segments=segs)
             out[f"chunked w{warps} l{lanes} u{unroll} s{segs}"] = \
                 lambda kw=kw, **a: selective_scan_triton(**a, method="chunked", **kw)
+        for segs in (24, 32, 48, 64):  # beyond chunked_segments' cap of 16 (the default unroll and warps)
+            out[f"chunked w1 l1 u4 s{segs}"] = \
+                lambda segs=segs, **a: selective_scan_triton(**a, method="chunked", n_segments=segs)
         for segs in (1, 16):
             for kw in (dict(fast_exp=False), dict(bc_fp32=False)):
                 out[f"chunked w1 l1 u8 s{segs} {next(iter(kw))}=False"] = \

@@ -341,16 +341,19 @@ def _chunked_scan_kernel(
         tl.store(hT_ptr + pid_b * D * N + state_off, h, mask=nd_mask)
 
 
-def chunked_segments(batch: int, length: int, dim: int, block_d: int, num_warps: int, is_cuda: bool) -> int:
+def chunked_segments(batch: int, length: int, dim: int, block_d: int, num_warps: int, is_cuda: bool,
+                     warps_per_scheduler: int = 4, max_segments: int = 16, min_steps: int = 128) -> int:
     """How many time segments the chunked scan runs in parallel: enough warps to fill an H200 (132 SMs x 4
-    schedulers, a few warps each) when batch x channel blocks alone do not, but segments of >= 128 steps (each
-    segment beyond the first costs a summary pass over its inputs) and at most 16 (the carry-in walks the
-    earlier summaries)."""
+    schedulers, ``warps_per_scheduler`` each) when batch x channel blocks alone do not, but segments of at least
+    ``min_steps`` steps and at most ``max_segments`` (the carry-in of a segment walks the earlier summaries). The
+    summary pass costs the same exponentials however many segments there are; more segments only add parallelism
+    (the scan is latency-bound: session 12's sweep at B=1, L=2048 went 2662 -> 1835 -> 924 -> 264 us from 1 to 16
+    segments) and carry-in work. ``bench_scan.py --sweep`` times 32 and 64 segments beside the default."""
     if not is_cuda:
         return 1 if length <= 16 else 2
     warps = batch * cdiv(dim, block_d) * num_warps
-    want = cdiv(132 * 4 * 4, warps)
-    return int(max(1, min(want, 16, length // 128)))
+    want = cdiv(132 * 4 * warps_per_scheduler, warps)
+    return int(max(1, min(want, max_segments, length // min_steps)))
 
 
 def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=None, initial_state=None,

@@ -65,10 +65,11 @@ def test_auto_method_picks_by_tokens(monkeypatch, device):
 
 
 # the chunked method's knobs: L = 37 is ragged for every unroll and segment length; 3 segments of 16, 16 and 5
-# steps (unroll 4 or 8) exercise the summary pass and the carry-in over two earlier summaries
+# steps (unroll 4 or 8) exercise the summary pass and the carry-in over two earlier summaries; 10 asked for, one
+# unroll of 4 steps each: 10 segments, the last one short (the carry-in walks 9 summaries)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,with_state", [(1, False), (2, True)])
-@pytest.mark.parametrize("n_segments,unroll,bc_fp32", [(1, 4, False), (3, 8, True), (3, 4, False)])
+@pytest.mark.parametrize("n_segments,unroll,bc_fp32", [(1, 4, False), (3, 8, True), (3, 4, False), (10, 4, True)])
 def test_chunked_scan_knobs(dtype, batch, with_state, n_segments, unroll, bc_fp32, device):
     p = scan_inputs(batch, 37, 20, 5, device, dtype, seed=4)
     if with_state:
@@ -162,3 +163,17 @@ def test_conv_update_steps_equal_prefill(in_place, device):
         torch.testing.assert_close(causal_conv1d_update_ref(x[:, t], state_before, w, b)[1], new)
         state = new
     torch.testing.assert_close(state, s_full)
+
+
+def test_chunked_segments_heuristic():
+    """Segments run in parallel where batch x channel blocks alone leave the H200's schedulers idle: BlackMamba-2.8B
+    at batch 1 (92 one-warp programs of 32 channels) takes the cap of 16 at 2048 steps, fewer where segments would
+    be shorter than ``min_steps``, three at batch 8 x 4096 channels, one at batch 64; the caps are arguments."""
+    from qmamba.kernels.selective_scan import chunked_segments
+
+    assert chunked_segments(1, 2048, 2944, 32, 1, True) == 16
+    assert chunked_segments(1, 512, 2944, 32, 1, True) == 4  # 128 steps a segment at least
+    assert chunked_segments(8, 2048, 4096, 32, 1, True) == 3  # 1024 warps: 3 for 2112
+    assert chunked_segments(64, 2048, 4096, 32, 1, True) == 1
+    assert chunked_segments(1, 2048, 2944, 32, 1, True, warps_per_scheduler=8, max_segments=64, min_steps=32) == 46
+    assert chunked_segments(1, 2048, 2944, 32, 1, False) == 2  # the interpreter: one or two
