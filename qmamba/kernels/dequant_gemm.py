@@ -132,29 +132,28 @@ def _dequant_gemm_kernel(
     acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # W_LEFT's accumulator
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        if FMT == 3 and W_LEFT:
+        if FMT == 3:
+            # int4 plane words: this K tile (128) is 16 words per row, nibble i of word w holds k = k0 + 16 i + w,
+            # so each nibble position meets 16 contiguous inputs: 8 dots of K = 16, no shuffle of codes or inputs.
+            # The group (a multiple of 128) holds the whole tile: exact codes minus the zero point go through the
+            # dots and the group scale multiplies their sum. (One dot per 2, 4 or 8 positions, K = 32..128, was
+            # slower on the H200: benchmarks/results.md, session 17.) W_LEFT: the transposed products.
             words, zero, scale = plane_tile(w_base, s_ptr, z_ptr, e64, n, n_ok, k0, swn, sse, ssn, sze, szn, GROUP)
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             part_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for i in tl.static_range(8):
                 ki = k0 + 16 * i + tl.arange(0, 16)
                 xi = tl.load(x_ptr + rows[:, None] * sxm + ki[None, :] * sxk,
                              mask=row_ok[:, None] & (ki < K)[None, :], other=0.0)
-                part_t += _tile_times_rows_t(plane_codes(words, zero, i, FLOAT_CODES), xi, IEEE)
-            acc_t += part_t * scale[:, None]
-        elif FMT == 3:
-            # int4 plane words: this K tile (128) is 16 words per row, nibble i of word w holds k = k0 + 16 i + w,
-            # so each nibble position meets 16 contiguous inputs: 8 dots of K = 16, no shuffle of codes or inputs.
-            # The group (a multiple of 128) holds the whole tile: exact codes minus the zero point go through the
-            # dots and the group scale multiplies their sum. (One dot per 2, 4 or 8 positions, K = 32..128, was
-            # slower on the H200: benchmarks/results.md, session 17.)
-            words, zero, scale = plane_tile(w_base, s_ptr, z_ptr, e64, n, n_ok, k0, swn, sse, ssn, sze, szn, GROUP)
-            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for i in tl.static_range(8):
-                ki = k0 + 16 * i + tl.arange(0, 16)
-                xi = tl.load(x_ptr + rows[:, None] * sxm + ki[None, :] * sxk,
-                             mask=row_ok[:, None] & (ki < K)[None, :], other=0.0)
-                part += _rows_times_tile(xi, plane_codes(words, zero, i, FLOAT_CODES), IEEE)
-            acc += part * scale[None, :]
+                codes = plane_codes(words, zero, i, FLOAT_CODES)
+                if W_LEFT:
+                    part_t += _tile_times_rows_t(codes, xi, IEEE)
+                else:
+                    part += _rows_times_tile(xi, codes, IEEE)
+            if W_LEFT:
+                acc_t += part_t * scale[:, None]
+            else:
+                acc += part * scale[None, :]
         elif FMT == 2:
             j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             packed = tl.load(w_base + n[:, None] * swn + j[None, :], mask=n_ok[:, None] & (j < K_PAD // 2)[None, :],
