@@ -69,15 +69,21 @@ def _check(name, got, ref, failures, log):
 SMALL_M_SWEEP = [(bn, split, warps) for bn in (32, 64, 128) for split in (1, 2, 4, 8) for warps in (2, 4)]
 
 
+def sweep_record(record, log, label, m, variant, fns, ref, bytes_):
+    """``record`` one sweep point; a tile that does not compile (or does not fit the GPU) is reported, not fatal.
+    A wrong output is still a failure (``record`` checks it)."""
+    try:
+        record(label, m, variant, fns, ref, bytes_)
+    except Exception as exc:  # noqa: BLE001
+        log(f"sweep {label} M={m} {variant}: {type(exc).__name__}: {str(exc)[:100]}")
+
+
 def small_m_sweep(label, m, record, ref, bytes_, calls, log):
     """Time the small-M kernel (16-row tensor-core tiles) at every (block_n, split_k, warps) of SMALL_M_SWEEP;
-    ``calls(cfg)``: the copies' calls under that config. A tile that does not compile is reported, not fatal."""
+    ``calls(cfg)``: the copies' calls under that config."""
     for bn, split, warps in SMALL_M_SWEEP:
-        cfg = MatmulConfig(16, bn, 128, split, warps, 3)
-        try:
-            record(label, m, f"small 16x{bn} k/{split} w{warps}", calls(cfg), ref, bytes_)
-        except Exception as exc:  # noqa: BLE001
-            log(f"sweep {label} M={m} 16x{bn} k/{split} w{warps}: {type(exc).__name__}: {str(exc)[:100]}")
+        sweep_record(record, log, label, m, f"small 16x{bn} k/{split} w{warps}",
+                     calls(MatmulConfig(16, bn, 128, split, warps, 3)), ref, bytes_)
 
 
 def run(m_values, sweep, quick, log, parts=("dense", "experts"), expert_sweep=None, unpacks=None):
@@ -118,11 +124,8 @@ def run(m_values, sweep, quick, log, parts=("dense", "experts"), expert_sweep=No
                 for bm, bn, warps, stages in ((64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 256, 8, 3),
                                               (64, 256, 8, 3), (128, 128, 4, 4), (64, 64, 4, 4)):
                     cfg = MatmulConfig(bm, bn, 128, 1, warps, stages)
-                    try:
-                        record(label, m, f"planes {bm}x{bn} w{warps} s{stages}",
-                               [lambda w=w: dequant_matmul(x, w[1], config=cfg) for w in ws], ref, n * k // 2)
-                    except Exception as exc:  # noqa: BLE001 - a tile that does not compile is reported, not fatal
-                        log(f"sweep {label} M={m} {bm}x{bn}: {type(exc).__name__}: {str(exc)[:100]}")
+                    sweep_record(record, log, label, m, f"planes {bm}x{bn} w{warps} s{stages}",
+                                 [lambda w=w: dequant_matmul(x, w[1], config=cfg) for w in ws], ref, n * k // 2)
         del ws
         if timed:
             torch.cuda.empty_cache()
@@ -159,21 +162,17 @@ def run(m_values, sweep, quick, log, parts=("dense", "experts"), expert_sweep=No
                 small_m_sweep(label, m, record, ref, n_experts * n * k // 2,
                               lambda cfg: [lambda w=w: dequant_matmul(x, w[1], row_expert=idx, config=cfg)
                                            for w in ws], log)
-            if sweep and timed and m >= 64:  # grouped GEMM tiles of the plane kernel by K per dot / code unpacking
+            if sweep and timed and m >= 64:  # grouped GEMM tiles of the plane kernel by code unpacking / product
                 for (bm, bn, warps, stages), how in itertools.product(expert_sweep or EXPERT_SWEEP,
                                                                       unpacks or list(UNPACKS)):
                     cfg = MatmulConfig(bm, bn, 128, 1, warps, stages)
                     fl, left = UNPACKS[how]
                     pol = MatmulPolicy(dequant_experts_min_m=1 << 40, plane_float_codes=fl, plane_weight_left=left)
                     st = expert_tile_map(idx, n_experts, bm)
-                    try:
-                        record(label, m, f"planes {bm}x{bn} w{warps} s{stages} {how}",
-                               [lambda w=w, c=cfg, p=pol, t=st: dequant_matmul(x, w[1], row_expert=idx, tiles=t,
-                                                                              config=c, policy=p) for w in ws],
-                               ref, n_experts * n * k // 2)
-                    except Exception as exc:  # noqa: BLE001 - a tile that does not compile is reported, not fatal
-                        log(f"sweep {label} M={m} {bm}x{bn} w{warps} s{stages}: {type(exc).__name__}: "
-                            f"{str(exc)[:100]}")
+                    sweep_record(record, log, label, m, f"planes {bm}x{bn} w{warps} s{stages} {how}",
+                                 [lambda w=w, c=cfg, p=pol, t=st: dequant_matmul(x, w[1], row_expert=idx, tiles=t,
+                                                                                config=c, policy=p) for w in ws],
+                                 ref, n_experts * n * k // 2)
         del ws
         if timed:
             torch.cuda.empty_cache()

@@ -91,26 +91,25 @@ def main():
     args = ap.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     spilled = []
+
+    def show(shape, case, label, compiled, cfg):
+        r = report(compiled)
+        mix = ", ".join(f"{o}={r['ops'][o]}" for o in WATCH if r["ops"][o])
+        print(f"{shape:4s} {case:8s} {label}  tile {cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}  "
+              f"regs {r['regs']:3d} stack {r['stack']:4d} shared {compiled.metadata.shared:6d}  "
+              f"SASS {sum(r['ops'].values()):5d}: {mix}", flush=True)
+        return r
+
     for shape in args.shapes.split(","):
         weight = planes_stack(*SHAPES[shape])
         for case in args.cases.split(","):
             for float_codes in (False, True):
-                compiled, cfg = compile_case(case, weight, float_codes, args.arch)
-                r = report(compiled)
-                mix = ", ".join(f"{o}={r['ops'][o]}" for o in WATCH if r["ops"][o])
-                codes = "float" if float_codes else "int"
-                print(f"{shape:4s} {case:8s} {codes:5s} codes  tile {cfg.block_m}x{cfg.block_n} w{cfg.num_warps} "
-                      f"s{cfg.num_stages}  regs {r['regs']:3d} stack {r['stack']:4d} shared "
-                      f"{compiled.metadata.shared:6d}  SASS {sum(r['ops'].values()):5d}: {mix}", flush=True)
+                r = show(shape, case, f"{'float' if float_codes else 'int':5s} codes",
+                         *compile_case(case, weight, float_codes, args.arch))
                 if float_codes and r["stack"]:
                     spilled.append(f"{shape} {case}")
             if args.weight_left and case == "prefill":
-                compiled, cfg = compile_case(case, weight, True, args.arch, weight_left=True)
-                r = report(compiled)
-                mix = ", ".join(f"{o}={r['ops'][o]}" for o in WATCH if r["ops"][o])
-                print(f"{shape:4s} {case:8s} float codes, W x^T  tile {cfg.block_m}x{cfg.block_n} w{cfg.num_warps} "
-                      f"s{cfg.num_stages}  regs {r['regs']:3d} stack {r['stack']:4d} shared "
-                      f"{compiled.metadata.shared:6d}  SASS {sum(r['ops'].values()):5d}: {mix}", flush=True)
+                show(shape, case, "float codes, W x^T", *compile_case(case, weight, True, args.arch, weight_left=True))
     if args.no_stack and spilled:
         sys.exit(f"spills: {', '.join(spilled)}")
 

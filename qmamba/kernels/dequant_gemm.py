@@ -71,9 +71,10 @@ def _rows_times_tile(x, w, IEEE: tl.constexpr):
 
 
 @jit
-def _tile_times_rows_t(w, x, IEEE: tl.constexpr):
+def weight_times_rows(w, x, IEEE: tl.constexpr):
     """``[BLOCK_N, BLOCK_M]`` fp32, the transpose of :func:`_rows_times_tile`: the weight tile is the dot's left
-    operand, which the tensor cores read from registers (no shared-memory copy of the dequantized tile)."""
+    operand, which the tensor cores read from registers (no shared-memory copy of the dequantized tile). Shared
+    with the small-M kernel."""
     if IEEE:
         part = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
     else:
@@ -147,7 +148,7 @@ def _dequant_gemm_kernel(
                              mask=row_ok[:, None] & (ki < K)[None, :], other=0.0)
                 codes = plane_codes(words, zero, i, FLOAT_CODES)
                 if W_LEFT:
-                    part_t += _tile_times_rows_t(codes, xi, IEEE)
+                    part_t += weight_times_rows(codes, xi, IEEE)
                 else:
                     part += _rows_times_tile(xi, codes, IEEE)
             if W_LEFT:

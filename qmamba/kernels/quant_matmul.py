@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 
 from qmamba.kernels._triton import cdiv, jit, split_k_range, tl
-from qmamba.kernels.dequant_gemm import dequant_gemm, matmul_epilogue, plane_codes, plane_tile
+from qmamba.kernels.dequant_gemm import (dequant_gemm, matmul_epilogue, plane_codes, plane_tile,
+                                         weight_times_rows)
 from qmamba.kernels.dequantize import dense_linear, dequantize_stack
 from qmamba.kernels.int4_gemv import int4_gemv
 from qmamba.kernels.matmul_configs import (DEQUANT_GEMM_MIN_M, GEMV_MAX_M, MatmulConfig, MatmulPolicy,
@@ -56,10 +57,7 @@ def _tile_times_rows(w, x, rm, USE_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_
     ``x [BLOCK_M, BK]``: on tensor cores (the weight rounded to the input's type; fp32 inputs exactly), or for a
     single row a broadcast-multiply-reduce per row."""
     if USE_DOT:
-        if IEEE:
-            part = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
-        else:
-            part = tl.dot(w.to(x.dtype), tl.trans(x))
+        part = weight_times_rows(w, x, IEEE)
     else:
         part = tl.zeros((w.shape[0], BLOCK_M), dtype=tl.float32)
         for r in tl.static_range(BLOCK_M):
