@@ -149,6 +149,18 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return base
     if v == "xtile":  # int4 in_proj / fc1: the input read in the tile's shape (DecodePolicy.int4_x_in_tile)
         return dataclasses.replace(base, int4_x_in_tile=True)
+    if v in ("rw", "rt8", "rt8rw"):
+        # rw: int4 at one row on the warps of one weight row (DecodePolicy.int4_row_warps) instead of the input
+        # read in the tile's shape; rt8: routed expert stacks on the decode kernels up to batch 8, one program row
+        # per input row on its own expert's tile (max_rows_routed, routed_row_programs); rt8rw: both
+        out = base
+        if "rw" in v:
+            out = dataclasses.replace(out, int4_row_warps=True)
+        if v.startswith("rt8"):
+            out = dataclasses.replace(out, max_rows_routed=8, routed_row_programs=True)
+        return out
+    if v == "xp8":  # x_proj (narrow) on the decode kernels up to batch 8 (DecodePolicy.max_rows_narrow)
+        return dataclasses.replace(base, max_rows_narrow=8)
     if v.startswith("ssmbd"):  # e.g. ssmbd8: channels per program of the SSM update (DecodePolicy.ssm_block_d)
         return dataclasses.replace(base, ssm_block_d=int(v[5:]), ssm_block_d_batched=int(v[5:]))
     if v.startswith("fmts"):  # e.g. fmts+int8+binary: the default with these formats added to (-: taken from) the

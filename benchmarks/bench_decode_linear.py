@@ -69,9 +69,15 @@ def shapes(cfg):
 def variants(pdl: bool, rows: int):
     """name -> (weight form, policy or "general"): at one row every decode-kernel variant; at several rows the
     plane words' tensor-core path beside the general kernel (dequant_matmul) on the stored layout."""
-    if rows > 1:
-        return {"planes_mma": ("planes", DecodePolicy(pdl=pdl)), "general": ("words", "general")}
     cuda = DecodePolicy.cuda(132, pdl)  # the H200's CUDA policy (132 SMs)
+    if rows > 1:
+        # routed expert stacks (fc1, fc2): one program row per input row, each the one-row kernel on its own
+        # expert's tile (DecodePolicy.routed_row_programs), as the CUDA policy reads int4 / bf16 at one row, or on
+        # the warps of one weight row
+        rowprog = dataclasses.replace(cuda, routed_row_programs=True)
+        return {"planes_mma": ("planes", DecodePolicy(pdl=pdl)), "general": ("words", "general"),
+                "rowprog": ("planes", rowprog), "rowprog_rw": ("planes", dataclasses.replace(rowprog, int4_row_warps=True)),
+                "rowprog_bf16": ("float", rowprog), "general_bf16": ("float", "general")}
     out = {"cuda_default": ("planes", cuda), "cuda_default_float": ("float", cuda),
            # int8 and 1-bit weights: the CUDA policy with their format added, and their general kernels
            "cuda_int8": ("int8", dataclasses.replace(cuda, formats=cuda.formats + (FMT_INT8,))),

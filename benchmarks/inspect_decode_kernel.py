@@ -162,6 +162,7 @@ def main():
                     spilled.append(f"{shape} {v}: stack {r['stack']} bytes")
                 if out_dir:
                     (out_dir / f"{shape}_{v}.ptx").write_text(compiled.asm["ptx"])
+                    (out_dir / f"{shape}_{v}.ttgir").write_text(compiled.asm["ttgir"])
                     (out_dir / f"{shape}_{v}.sass").write_text(r["sass"])
     finally:
         dl._decode_linear_kernel = real

@@ -209,7 +209,7 @@ class FusedDecodeStep:
             xc = buf["xc"][:, :di]
             causal_conv1d_update_triton(xz[:, :di], conv_state, plan.conv_w, plan.conv_b, "silu",
                                         out_state=buf["conv_scratch"], out=xc)
-            routed_matmul(xc, plan.x_proj, out=dbc)
+            self._linear(xc, plan.x_proj, dbc)
         y = buf["y"][:, :di]
         dt_state_update(dbc, plan.dt_w, plan.dt_bias, xz[:, :di], xz[:, di:], plan.A, plan.D,
                         state.ssm_state[plan.slot], y, conv=conv, pdl=self.policy.pdl,

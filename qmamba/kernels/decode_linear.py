@@ -44,6 +44,7 @@ from qmamba.kernels.weights import (FMT_BINARY, FMT_FLOAT, FMT_INT4, FMT_INT4_PL
 from qmamba.quant.layout import INT4_TILE, INT4_TILE_WORDS
 
 MAX_ROWS = 8
+NARROW_N = 512  # "narrow" matrices (DecodePolicy.max_rows_narrow): x_proj's dt rank + 2 d_state outputs
 MMA_ROWS = 16  # rows and weight rows of a tensor-core tile (plane words, 2+ input rows)
 INT4_UNPACK = {"shift": 0, "magic": 1, "denorm": 2}  # DecodePolicy.int4_unpack -> the kernels' UNPACK
 UNPACK_DENORM_X_IN_TILE = 3  # "denorm" with the input read in the tile's shape (DecodePolicy.int4_x_in_tile)
@@ -80,7 +81,9 @@ class DecodePolicy:
     max_rows_planes: int = MAX_ROWS  # batch sizes up to which int4 weights with a plane form take these kernels
     max_rows: int = MAX_ROWS     # batch sizes above this take the general matmul kernels (caller's choice)
     max_rows_routed: int = 0     # routed expert stacks take these kernels up to this many rows even above max_rows
-    #                              (one program column per expert: each expert's tile read once for its rows)
+    #                              (one program column per expert: each expert's tile read once for its rows; or,
+    #                              with routed_row_programs, one program row per input row)
+    max_rows_narrow: int = 0     # matrices of at most NARROW_N output rows (x_proj: dt rank + 2 d_state) likewise
     planes_mma: bool = True      # plane words at 2+ rows: tensor cores (16-row tiles); False: CUDA cores per row
     int4_row_warps: bool = False  # int4 at one input row: as many warps as cover one weight row's tiles (16 B a
     #                               thread), so each thread holds the same k of all its program's rows and reads the
@@ -92,6 +95,10 @@ class DecodePolicy:
     #                               of read once and broadcast over the rows, which Triton does through shared memory
     #                               with two barriers per nibble position (sm_90 compile: in_proj 21 -> 5 barriers,
     #                               fc1 23 -> 5, for ~1 more instruction per code). On in the CUDA policy (session 17)
+    routed_row_programs: bool = False  # routed rows at 2+ (top-1 MoE, batched decode): one program row per input row
+    #                               (grid [M, N / BN]), each the one-row kernel on its own expert's tile (two rows of
+    #                               one expert read it twice, the second mostly from L2), instead of one program
+    #                               column per expert looping over the rows routed to it
     expert_prefetch: bool = True  # fused step: fc2 reads its expert's tile before waiting for fc1 (expert_ready)
     ssm_block_d: int = 32        # fused step at one row: channels per program of the SSM update kernel
     #                              (dt_state_update; 32: 92 programs for BlackMamba-2.8B's 2944 channels; 8 compiles
@@ -102,7 +109,7 @@ class DecodePolicy:
     def takes(self, weight, rows: int, routed: bool = False) -> bool:
         """Whether a caller should run ``weight`` at ``rows`` rows through :func:`decode_linear` (int4 plane words up
         to ``max_rows_planes`` rows: the tensor-core path from 2 rows; everything else up to ``max_rows``; a
-        ``routed`` expert stack also up to ``max_rows_routed``)."""
+        ``routed`` expert stack also up to ``max_rows_routed``, a narrow matrix also up to ``max_rows_narrow``)."""
         if not isinstance(weight, (PackedWeight, BinaryWeight)) or weight.fmt not in self.formats:
             return False
         if isinstance(weight, BinaryWeight) and not binary_decodable(weight):
@@ -110,6 +117,8 @@ class DecodePolicy:
         limit = self.max_rows_planes if weight.fmt == FMT_INT4_PLANES else self.max_rows
         if routed:
             limit = max(limit, self.max_rows_routed)
+        if weight.n <= NARROW_N and weight.n_experts == 1:
+            limit = max(limit, self.max_rows_narrow)
         return rows <= min(limit, MAX_ROWS)
 
     @classmethod
@@ -127,6 +136,10 @@ class DecodePolicy:
         tile's shape (``int4_x_in_tile``) took int4 g128 from 0.587 to 0.554 ms/token, 8 channels per program of
         the SSM update (``ssm_block_d``) int4 to 0.575 and bf16 from 0.585 to 0.559: both on. At batch 8 32 channels
         stay (``ssm_block_d_batched``: int4 2.075 against 2.169 ms/token, bf16 1.755 against 1.850).
+        Session 18 (``--variants default,rt8,rt8rw,rw``, one run): the routed expert stacks at batch 2-8 on these
+        kernels, one program row per input row (``max_rows_routed``, ``routed_row_programs``): batch 8 int4 2.138
+        -> 1.792 ms/token, bf16 1.793 -> 1.675 (fc1 alone 47.9 -> 34.5 us, fc2 31.2 -> 20.2; batch 1 unchanged);
+        on: the warps of one weight row instead (``rw``) lost at batch 1 (0.607 against 0.531).
         CPU (interpreter): every format and batch, wide row blocks (few programs)."""
         if device.type != "cuda":
             return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1, ssm_block_d=16)
@@ -138,6 +151,7 @@ class DecodePolicy:
         compiles and reports build it for the H200's 132)."""
         return cls(pdl=pdl, max_rows=1, max_rows_planes=1, block_n_int4=4, int4_planes=True, int4_unpack="denorm",
                    min_programs=2 * multiprocessors, int4_x_in_tile=True, ssm_block_d=8,
+                   max_rows_routed=MAX_ROWS, routed_row_programs=True,
                    formats=(FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES))
 
     def block_n(self, fmt: int, rows: int, n: int) -> int:
@@ -391,10 +405,16 @@ def _decode_linear_kernel(
     HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr,
     UNPACK: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
-    EXPERT_READY: tl.constexpr,
+    EXPERT_READY: tl.constexpr, ROW_PROGRAMS: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     pid_n = tl.program_id(1)
+    if ROW_PROGRAMS:
+        # program row pid_e serves input row pid_e alone (ROWS == 1): its input, output, routing and scale
+        x_ptr += pid_e * sxm
+        out_ptr += pid_e * som
+        rexp_ptr += pid_e
+        rscale_ptr += pid_e
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_ok = rows < N
     if ROUTED:
@@ -598,26 +618,30 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
             raise ValueError("decode_linear: conv needs state [M, D, W] (unit last stride) and contiguous w [D, W]")
         if co.shape[0] != m or co.stride(1) != 1 or channels > n_out:
             raise ValueError(f"decode_linear: conv_out needs a row-major xc [{m}, D <= {n_out}]")
-    mma = weight.fmt == FMT_INT4_PLANES and m > 1 and policy.planes_mma  # the tensor-core path of plane tiles
-    bn = MMA_ROWS if mma else policy.block_n(weight.fmt, m, n_out)
-    grid = (weight.n_experts if row_expert is not None and m > 1 else 1, -(-n_out // bn))
+    # routed rows as program rows (DecodePolicy.routed_row_programs): each the one-row kernel on its own expert
+    row_programs = row_expert is not None and m > 1 and policy.routed_row_programs and conv_out is None
+    rows = 1 if row_programs else m  # input rows a program computes
+    mma = weight.fmt == FMT_INT4_PLANES and rows > 1 and policy.planes_mma  # the tensor-core path of plane tiles
+    bn = MMA_ROWS if mma else policy.block_n(weight.fmt, rows, n_out)
+    grid = (m if row_programs else weight.n_experts if row_expert is not None and m > 1 else 1, -(-n_out // bn))
     dummy = x
     kwargs = dict(launch_pdl=True) if policy.pdl else {}
-    warps = policy.warps(weight.fmt, m, nbp * wpg) if not mma else policy.num_warps
+    warps = policy.warps(weight.fmt, rows, nbp * wpg) if not mma else policy.num_warps
     unpack = INT4_UNPACK[policy.int4_unpack]
-    if unpack == 2 and policy.int4_x_in_tile and m == 1 and nbp * wpg < 4 * 32 * warps:
+    if unpack == 2 and policy.int4_x_in_tile and rows == 1 and nbp * wpg < 4 * 32 * warps:
         unpack = UNPACK_DENORM_X_IN_TILE
     _decode_linear_kernel[grid](
         x, st, cw, cb if cb is not None else dummy, w, s, z, bias if bias is not None else dummy,
         row_expert if row_expert is not None else dummy, row_scale if row_scale is not None else dummy, out, co,
-        m, n_out, k, n_out if gated else 0, channels, x.stride(0), st.stride(0), st.stride(1), out.stride(0),
+        1 if row_programs else m, n_out, k, n_out if gated else 0, channels, x.stride(0), st.stride(0), st.stride(1),
+        out.stride(0),
         co.stride(0), *strides, _FLOAT_2P23_BITS,
-        FMT=weight.fmt, ROWS=max(MMA_ROWS, next_pow2(m)) if mma else next_pow2(m), ROUTED=row_expert is not None,
+        FMT=weight.fmt, ROWS=max(MMA_ROWS, next_pow2(rows)) if mma else next_pow2(rows), ROUTED=row_expert is not None,
         CONV_EPI=conv_out is not None, CONV_W=cw.shape[1] if conv_out is not None else 1, HAS_CB=cb is not None,
         GATED=gated is not None,
         ACT=ACTIVATION_IDS[gated] if gated else 0, HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
         KP=kp, NBP=nbp, WPG=wpg, TPB=tpb, UNPACK=unpack, MMA=mma, BLOCK_N=bn, PDL=policy.pdl,
-        EXPERT_READY=expert_ready and row_expert is not None, num_warps=warps, **kwargs)
+        EXPERT_READY=expert_ready and row_expert is not None, ROW_PROGRAMS=row_programs, num_warps=warps, **kwargs)
     return out
 
 

@@ -34,7 +34,9 @@ def build(name, fmt, device):
                                                ("float", 1, "general"), ("int4", 1, "general"),
                                                ("int8", 3, "general"), ("int4g128", 1, "planes"),
                                                ("int4g128", 2, "planes_magic"), ("int4g128", 1, "planes_denorm"),
-                                               ("int4g128", 3, "routed_denorm"), ("float", 3, "routed")])
+                                               ("int4g128", 3, "routed_denorm"), ("float", 3, "routed"),
+                                               ("int4g128", 4, "routed_denorm_rowprog"), ("float", 3, "routed_rowprog"),
+                                               ("int4g128", 3, "routed_denorm_rowprog_narrow")])
 @torch.no_grad()
 def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     """``decode``: the decode-linear kernels for float / int8 / int4 / 1-bit (conv fused into in_proj's epilogue,
@@ -42,7 +44,9 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     tiles, split-K into the zeroed workspace, conv and activation on their own); ``planes``: the decode kernels on the int4
     weights converted in place to plane words (``_magic`` / ``_denorm``: nibbles masked in place, see
     ``DecodePolicy.int4_unpack``); ``routed``: only the routed expert stacks on the decode kernels at 2+ rows (each
-    routed row on CUDA cores), dense matrices on the general kernels."""
+    routed row on CUDA cores), dense matrices on the general kernels; ``_rowprog``: one program row per routed row,
+    on its own expert's tile (``DecodePolicy.routed_row_programs``); ``_narrow``: x_proj too
+    (``DecodePolicy.max_rows_narrow``)."""
     model = build("tiny-blackmamba", FORMATS[fmt], device)
     if fmt == "binary":
         from qmamba.quant.binary import BinaryExperts, BinaryLinear
@@ -64,9 +68,12 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
         unpack = kernels.split("_")[1] if "_" in kernels else "shift"
         policy = dataclasses.replace(policy, formats=(0, 1, 3), max_rows=8, int4_planes=True, int4_unpack=unpack)
     elif kernels.startswith("routed"):
-        unpack = kernels.split("_")[1] if "_" in kernels else "shift"
+        parts = kernels.split("_")
+        unpack = next((u for u in parts if u in ("denorm", "magic")), "shift")
         policy = dataclasses.replace(policy, formats=(0, 1, 3), max_rows=1, max_rows_planes=1, max_rows_routed=8,
-                                     int4_planes=True, int4_unpack=unpack, planes_mma=False)
+                                     int4_planes=True, int4_unpack=unpack, planes_mma=False,
+                                     routed_row_programs="rowprog" in parts,
+                                     max_rows_narrow=8 if "narrow" in parts else 0)
     step = FusedDecodeStep(model, policy)
     if fmt == "binary":  # the 1-bit matrices take the decode kernels exactly when the policy lists the format
         binary = [w for w in step._weights() if isinstance(w, BinaryWeight)]
@@ -75,6 +82,8 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     if kernels.startswith("routed"):  # the experts take the decode kernels at this batch, dense matrices do not
         moe = [p for p in step.layers if hasattr(p, "fc1")]
         assert moe and all(policy.takes(p.fc1, batch, routed=True) and not policy.takes(p.fc1, batch) for p in moe)
+        mamba = [p for p in step.layers if hasattr(p, "x_proj")]
+        assert mamba and all(policy.takes(p.x_proj, batch) == ("narrow" in kernels) for p in mamba)
     if kernels.startswith("planes"):  # the model's int4 weights now hold plane words; the reference reads them too
         assert any(getattr(m, "_plane_words", False) for m in model.modules()), "no int4 weight became plane words"
         assert all(w.fmt == 3 for w in step._weights() if getattr(w, "group_size", 0) == 128)
