@@ -14,6 +14,8 @@
 #   QMAMBA_CLI_PRESET  [blackmamba-2.8b]   QMAMBA_CLI_DEVICE [cuda]   QMAMBA_CLI_BATCH [1,8]
 #   QMAMBA_CLI_PROMPT  prompt tokens [2048]   QMAMBA_CLI_TOKENS decode steps timed [256]
 #   QMAMBA_CLI_GROUP   int4 group size [128]
+#   QMAMBA_CLI_NAMES   checkpoints to bench, of bf16 int4 int4-all ["bf16 int4 int4-all"]
+#   QMAMBA_CLI_PREFILLS prefill modes, of eager graph ["eager graph" on CUDA, "eager" elsewhere]
 # A dry run of the same commands on the CPU with a tiny model (a minute; no graph prefill there):
 #   QMAMBA_CLI_PRESET=tiny-blackmamba QMAMBA_CLI_DEVICE=cpu QMAMBA_CLI_GROUP=32 QMAMBA_CLI_PROMPT=32 \
 #   QMAMBA_CLI_TOKENS=4 QMAMBA_CLI_BATCH=1,2 QMAMBA_CLI_OUT=/tmp/cli bash scripts/gpu_cli_bench.sh
@@ -46,21 +48,23 @@ qmamba quantize "$BF16" -o "$OUT/$PRESET-int4-all" --bits 4 --group-size "$GROUP
 
 prefills=(eager)
 case "$DEVICE" in cuda*) prefills+=(graph) ;; esac
-for name in bf16 int4 int4-all; do
+if [ -n "${QMAMBA_CLI_PREFILLS:-}" ]; then read -r -a prefills <<<"$QMAMBA_CLI_PREFILLS"; fi
+read -r -a names <<<"${QMAMBA_CLI_NAMES:-bf16 int4 int4-all}"
+for name in "${names[@]}"; do
   for prefill in "${prefills[@]}"; do
     qmamba bench "$OUT/$PRESET-$name" --batch "$BATCH" --prompt-len "$PROMPT" --tokens "$TOKENS" --device "$DEVICE" \
       --prefill "$prefill" --json "$OUT/bench-$name-$prefill.json"
   done
 done
 
-"$PY" - "$OUT" "$PRESET" "${prefills[@]}" <<'EOF'
+"$PY" - "$OUT" "$PRESET" "${names[*]}" "${prefills[@]}" <<'EOF'
 import json, sys
 from pathlib import Path
-out, preset, prefills = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
-print(f"\n{preset}: qmamba bench (decode checked first); prefill tok/s eager" + (" / graph" if "graph" in prefills else ""))
+out, preset, names, prefills = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(), sys.argv[4:]
+print(f"\n{preset}: qmamba bench (decode checked first); prefill tok/s " + " / ".join(prefills))
 print("| checkpoint | batch | prefill tok/s | decode ms/token | peak GB | weights GB |")
 print("|---|---:|---:|---:|---:|---:|")
-for name in ("bf16", "int4", "int4-all"):
+for name in names:
     runs = {p: json.loads((out / f"bench-{name}-{p}.json").read_text())["rows"] for p in prefills}
     for i, row in enumerate(runs[prefills[0]]):
         prefill = " / ".join(f"{runs[p][i]['prefill_tok_s']:,.0f}" for p in prefills)

@@ -342,13 +342,16 @@ def _chunked_scan_kernel(
 
 
 def chunked_segments(batch: int, length: int, dim: int, block_d: int, num_warps: int, is_cuda: bool,
-                     warps_per_scheduler: int = 4, max_segments: int = 16, min_steps: int = 128) -> int:
+                     warps_per_scheduler: int = 32, max_segments: int = 16, min_steps: int = 32) -> int:
     """How many time segments the chunked scan runs in parallel: enough warps to fill an H200 (132 SMs x 4
     schedulers, ``warps_per_scheduler`` each) when batch x channel blocks alone do not, but segments of at least
     ``min_steps`` steps and at most ``max_segments`` (the carry-in of a segment walks the earlier summaries). The
     summary pass costs the same exponentials however many segments there are; more segments only add parallelism
     (the scan is latency-bound: session 12's sweep at B=1, L=2048 went 2662 -> 1835 -> 924 -> 264 us from 1 to 16
-    segments) and carry-in work. ``bench_scan.py --sweep`` times 32 and 64 segments beside the default."""
+    segments) and carry-in work. ``bench_scan.py --sweep`` times 32 and 64 segments beside the default. Session
+    18's sweep (H200, unroll 8, exact exp2) took 16 segments over 1 at every shape it timed (B = 8, L = 2048: 877
+    against 1009 us; B = 1, L = 512: 46 us, 32 steps a segment), past the warps an H200 holds at once: hence 32
+    warps a scheduler and 32 steps a segment (before: 4 and 128, which gave 3 segments at B = 8)."""
     if not is_cuda:
         return 1 if length <= 16 else 2
     warps = batch * cdiv(dim, block_d) * num_warps
@@ -364,7 +367,7 @@ def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias
 
     ``n_segments`` (time segments run in parallel; default :func:`chunked_segments`), ``num_warps``, ``lanes``
     (threads per channel, splitting its N states; channels per program = 32 x warps / lanes), ``unroll`` (steps
-    per loop trip), ``fast_exp`` (one-instruction exp2; CUDA only) and ``bc_fp32`` (B and C converted to one fp32
+    per loop trip), ``fast_exp`` (one-instruction exp2; CUDA only, off by default: slower on the H200) and ``bc_fp32`` (B and C converted to one fp32
     [B, L, 2N] tensor first, so the hot loop, where every thread reads the whole B_t and C_t rows, loads them
     without a conversion each; default on CUDA for 16-bit inputs) are tuning knobs; every setting computes the
     same function.
@@ -376,8 +379,10 @@ def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias
     num_warps = num_warps or 1
     lanes = min(lanes or 1, next_pow2(n))
     block_d = 32 * num_warps // lanes if u.is_cuda else min(next_pow2(dim), 16)
-    unroll = unroll or 4  # 8 needs 255 registers and spills (sm_90, ptxas of Triton 3.9), 4 needs 174
-    fast_exp = u.is_cuda if fast_exp is None else bool(fast_exp and u.is_cuda)
+    # CUDA: 8 steps a trip with the exact exp2 (session 18, H200, 16 segments: B = 8, L = 2048 877 us against 1483
+    # with the one-instruction exp2 and 1153 at 4 steps with it; B = 1, L = 2048 138 against 240 / 168)
+    unroll = unroll or (8 if u.is_cuda else 4)
+    fast_exp = False if fast_exp is None else bool(fast_exp and u.is_cuda)
     if u.is_cuda if bc_fp32 is None else bc_fp32:
         B_ssm, C_ssm = _bc_fp32(B_ssm, C_ssm)
     segs = n_segments or chunked_segments(batch, length, dim, block_d, num_warps, u.is_cuda)

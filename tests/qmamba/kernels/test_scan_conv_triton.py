@@ -168,12 +168,15 @@ def test_conv_update_steps_equal_prefill(in_place, device):
 def test_chunked_segments_heuristic():
     """Segments run in parallel where batch x channel blocks alone leave the H200's schedulers idle: BlackMamba-2.8B
     at batch 1 (92 one-warp programs of 32 channels) takes the cap of 16 at 2048 steps, fewer where segments would
-    be shorter than ``min_steps``, three at batch 8 x 4096 channels, one at batch 64; the caps are arguments."""
+    be shorter than ``min_steps``, 16 at batch 8 x 4096 channels (the H200's session-18 sweep), three at batch 64,
+    one at batch 512; the caps are arguments."""
     from qmamba.kernels.selective_scan import chunked_segments
 
     assert chunked_segments(1, 2048, 2944, 32, 1, True) == 16
-    assert chunked_segments(1, 512, 2944, 32, 1, True) == 4  # 128 steps a segment at least
-    assert chunked_segments(8, 2048, 4096, 32, 1, True) == 3  # 1024 warps: 3 for 2112
-    assert chunked_segments(64, 2048, 4096, 32, 1, True) == 1
+    assert chunked_segments(1, 512, 2944, 32, 1, True) == 16  # 32 steps a segment at least
+    assert chunked_segments(1, 256, 2944, 32, 1, True) == 8
+    assert chunked_segments(8, 2048, 4096, 32, 1, True) == 16  # 1024 warps: 17 for 16896
+    assert chunked_segments(64, 2048, 4096, 32, 1, True) == 3
+    assert chunked_segments(512, 2048, 4096, 32, 1, True) == 1
     assert chunked_segments(1, 2048, 2944, 32, 1, True, warps_per_scheduler=8, max_segments=64, min_steps=32) == 46
     assert chunked_segments(1, 2048, 2944, 32, 1, False) == 2  # the interpreter: one or two
