@@ -106,10 +106,13 @@ def variants(device, sweep):
         for segs in (24, 32, 48, 64):  # beyond chunked_segments' cap of 16 (the default unroll and warps)
             out[f"chunked w1 l1 u4 s{segs}"] = \
                 lambda segs=segs, **a: selective_scan_triton(**a, method="chunked", n_segments=segs)
-        for segs in (1, 16):
-            for kw in (dict(fast_exp=False), dict(bc_fp32=False)):
-                out[f"chunked w1 l1 u8 s{segs} {next(iter(kw))}=False"] = \
-                    lambda kw=kw, segs=segs, **a: selective_scan_triton(**a, method="chunked", n_segments=segs, **kw)
+        for segs in (1, 16):  # one knob set, 4 steps a trip (session 18's first sweep labelled these rows u8 while
+            #                   they ran the default unroll of 4: call3_scan.log)
+            for kw in (dict(fast_exp=True), dict(fast_exp=False), dict(bc_fp32=False)):
+                knob, value = next(iter(kw.items()))
+                out[f"chunked w1 l1 u4 s{segs} {knob}={value}"] = \
+                    lambda kw=kw, segs=segs, **a: selective_scan_triton(**a, method="chunked", n_segments=segs,
+                                                                       unroll=4, **kw)
     return out
 
 

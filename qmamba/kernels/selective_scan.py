@@ -349,8 +349,8 @@ def chunked_segments(batch: int, length: int, dim: int, block_d: int, num_warps:
     summary pass costs the same exponentials however many segments there are; more segments only add parallelism
     (the scan is latency-bound: session 12's sweep at B=1, L=2048 went 2662 -> 1835 -> 924 -> 264 us from 1 to 16
     segments) and carry-in work. ``bench_scan.py --sweep`` times 32 and 64 segments beside the default. Session
-    18's sweep (H200, unroll 8, exact exp2) took 16 segments over 1 at every shape it timed (B = 8, L = 2048: 877
-    against 1009 us; B = 1, L = 512: 46 us, 32 steps a segment), past the warps an H200 holds at once: hence 32
+    18's sweep (H200, 4 steps a trip, exact exp2) took 16 segments over 1 at every shape it timed (B = 8, L = 2048:
+    877 against 1009 us; B = 1, L = 512: 46 us, 32 steps a segment), past the warps an H200 holds at once: hence 32
     warps a scheduler and 32 steps a segment (before: 4 and 128, which gave 3 segments at B = 8)."""
     if not is_cuda:
         return 1 if length <= 16 else 2
@@ -379,9 +379,9 @@ def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias
     num_warps = num_warps or 1
     lanes = min(lanes or 1, next_pow2(n))
     block_d = 32 * num_warps // lanes if u.is_cuda else min(next_pow2(dim), 16)
-    # CUDA: 8 steps a trip with the exact exp2 (session 18, H200, 16 segments: B = 8, L = 2048 877 us against 1483
-    # with the one-instruction exp2 and 1153 at 4 steps with it; B = 1, L = 2048 138 against 240 / 168)
-    unroll = unroll or (8 if u.is_cuda else 4)
+    # 4 steps a trip (8: 1483 us against 1153 at B = 8, L = 2048, 16 segments, H200) and the exact exp2 (the
+    # one-instruction exp2 took 1153 against 877 us there; B = 1, L = 2048: 168 against 138; session 18's sweep)
+    unroll = unroll or 4
     fast_exp = False if fast_exp is None else bool(fast_exp and u.is_cuda)
     if u.is_cuda if bc_fp32 is None else bc_fp32:
         B_ssm, C_ssm = _bc_fp32(B_ssm, C_ssm)
