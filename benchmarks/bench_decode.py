@@ -159,6 +159,9 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         if v.startswith("rt8"):
             out = dataclasses.replace(out, max_rows_routed=8, routed_row_programs=True)
         return out
+    if v in ("xplanes", "xplanesb"):  # int4 in_proj / fc1 / head read the input planes add + norm writes
+        #                               (DecodePolicy.int4_x_planes), in the tile's shape or (b) broadcast
+        return dataclasses.replace(base, int4_x_planes=True, int4_x_in_tile=v == "xplanes")
     if v == "xp8":  # x_proj (narrow) on the decode kernels up to batch 8 (DecodePolicy.max_rows_narrow)
         return dataclasses.replace(base, max_rows_narrow=8)
     if v.startswith("ssmbd"):  # e.g. ssmbd8: channels per program of the SSM update (DecodePolicy.ssm_block_d)

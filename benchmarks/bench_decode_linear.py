@@ -29,6 +29,7 @@ from qmamba.kernels.decode_linear import DecodePolicy, decode_linear, decode_lin
 from qmamba.kernels.quant_matmul import dequant_matmul
 from qmamba.kernels.weights import FMT_BINARY, FMT_INT8, BinaryWeight, PackedWeight, int32_words
 from qmamba.quant.formats import BinaryFormat, Int4Format, Int8Format
+from qmamba.quant.layout import int4_x_planes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import copies_for, time_calls, require_idle_gpu  # noqa: E402
@@ -84,7 +85,10 @@ def variants(pdl: bool, rows: int):
            "cuda_binary": ("binary", dataclasses.replace(cuda, formats=cuda.formats + (FMT_BINARY,))),
            "general_int8": ("int8", "general"), "general_binary": ("binary", "general"),
            # the input of in_proj / fc1's int4 codes read in the tile's shape (DecodePolicy.int4_x_in_tile)
-           "cuda_x_in_tile": ("planes", dataclasses.replace(cuda, int4_x_in_tile=True))}
+           "cuda_x_in_tile": ("planes", dataclasses.replace(cuda, int4_x_in_tile=True)),
+           # the input as prepared int4 input planes (DecodePolicy.int4_x_planes: add + norm writes them)
+           "cuda_x_planes": ("planes", dataclasses.replace(cuda, int4_x_planes=True)),
+           "cuda_x_planes_bcast": ("planes", dataclasses.replace(cuda, int4_x_planes=True, int4_x_in_tile=False))}
     for bn in (4, 8, 16, 32):
         out[f"binary_bn{bn}"] = ("binary", DecodePolicy(pdl=pdl, block_n_binary=bn))
     for bn in (2, 4, 8):
@@ -160,8 +164,9 @@ def bench_shape(name, n, k, experts, opts, rows, pdl, dev, result, only_variants
         else:
             ref = decode_linear_ref(x, exact, gated=gated, **kw)
             out = torch.full((rows, n_out), float("nan"), device=dev, dtype=torch.bfloat16)
-            call = lambda wc, out=out, policy=policy: decode_linear(  # noqa: E731
-                x, wc, out, policy=policy, gated=gated, **kw)
+            xpl = int4_x_planes(x) if policy.int4_x_planes else None
+            call = lambda wc, out=out, policy=policy, xpl=xpl: decode_linear(  # noqa: E731
+                x, wc, out, policy=policy, gated=gated, x_planes=xpl, **kw)
             call(weight)
         err = ((out.float() - ref).norm() / ref.norm()).item()
         if not err < 1e-2:

@@ -31,6 +31,7 @@ from bench_decode_linear import shapes, variants, weight_forms  # noqa: E402
 
 from qmamba.config import preset  # noqa: E402
 from qmamba.kernels import decode_linear as dl  # noqa: E402
+from qmamba.quant.layout import int4_x_planes  # noqa: E402
 
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
           torch.uint8: "u8", torch.int8: "i8", torch.int64: "i64"}
@@ -147,7 +148,8 @@ def main():
                     raise SystemExit(f"variant {v}: the general kernels are not the decode kernel")
                 policy = dl.DecodePolicy(**{**policy.__dict__, "pdl": True})  # as on the H200
                 out = torch.empty(1, n // 2 if opts.get("gated") else n, dtype=torch.bfloat16)
-                dl.decode_linear(x, forms[form], out, policy=policy, **kw)
+                xpl = int4_x_planes(x) if policy.int4_x_planes else None
+                dl.decode_linear(x, forms[form], out, policy=policy, x_planes=xpl, **kw)
                 grid, kargs, meta = recorder.calls[-1]
                 compiled = compile_recorded(real, kargs, meta, args.arch)
                 r = report(compiled)

@@ -38,7 +38,8 @@ from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
 from qmamba.kernels.decode_linear import DecodePolicy, decode_linear
 from qmamba.kernels.decode_step import add_norm, dt_state_update
 from qmamba.kernels.fused_moe import gated_act, routed_matmul
-from qmamba.kernels.weights import BinaryWeight, PackedWeight
+from qmamba.kernels.weights import FMT_INT4_PLANES, BinaryWeight, PackedWeight
+from qmamba.quant.layout import INT4_TILE, INT4_X_PLANES
 from qmamba.quant.modules import use_plane_words
 
 
@@ -152,16 +153,24 @@ class FusedDecodeStep:
                    residual=torch.empty(batch, d, **f32), x=torch.empty(batch, d, **act),
                    xc=torch.empty(batch, di, **act), y=torch.empty(batch, di, **act), act=torch.empty(batch, ffn, **act),
                    conv_scratch=None, idx=torch.empty(batch, device=device, dtype=torch.int32),
-                   rwt=torch.empty(batch, **f32))
+                   rwt=torch.empty(batch, **f32), xpl=None)
+        if self.policy.int4_x_planes and batch == 1 and any(
+                getattr(w, "fmt", None) == FMT_INT4_PLANES and self.policy.takes(w, batch) for w in self._x_readers()):
+            # the int4 input planes of x, written by each add + norm for the plane-word matrices that read x
+            buf["xpl"] = torch.zeros(batch, INT4_X_PLANES, -(-d // INT4_TILE) * INT4_TILE, **f32)
         self._buffers[batch] = buf
         return buf
+
+    def _x_readers(self) -> list:
+        """The matrices whose input is an add + norm's output: in_proj, fc1 and the head."""
+        return [self.head] + [p.in_proj if isinstance(p, _MambaPlan) else p.fc1 for p in self.layers]
 
     # ---- one step --------------------------------------------------------------------------------------------------
     def _add_norm(self, buf, h, ids, norm_w, router=None, norm_b=None):
         rw, rb = router if router is not None else (None, None)
         add_norm(buf["x"], buf["residual"], norm_w, self.eps, h=h, token_ids=ids, embedding=self.embedding,
                  norm_b=norm_b, router_w=rw, router_b=rb, expert_idx=buf["idx"], expert_weight=buf["rwt"],
-                 pdl=self.policy.pdl)
+                 pdl=self.policy.pdl, x_planes=buf["xpl"])
 
     def __call__(self, token_ids: torch.Tensor, state) -> torch.Tensor:
         token_ids = token_ids.contiguous()  # the gather kernel reads ids[b] at offset b (a column slice is strided)
@@ -179,13 +188,13 @@ class FusedDecodeStep:
                 self._add_norm(buf, h, token_ids, plan.norm_w, router=(plan.router_w, plan.router_b))
                 h = self._moe(buf, plan, views)
         self._add_norm(buf, h, token_ids, self.final_w, norm_b=self.final_b)
-        return self._linear(buf["x"], self.head, buf["logits"], bias=self.head_bias)
+        return self._linear(buf["x"], self.head, buf["logits"], bias=self.head_bias, x_planes=buf["xpl"])
 
-    def _linear(self, x, weight, out, expert_ready: bool = False, **kw):
+    def _linear(self, x, weight, out, expert_ready: bool = False, x_planes=None, **kw):
         """``out <- x @ W^T``: the decode kernel where the policy takes it, else the general kernel (split-K into the
-        zeroed workspace view ``out``). ``expert_ready``: see :func:`decode_linear`."""
+        zeroed workspace view ``out``). ``expert_ready``, ``x_planes``: see :func:`decode_linear`."""
         if self.policy.takes(weight, x.shape[0], routed=kw.get("row_expert") is not None):
-            return self._decode(x, weight, out, expert_ready=expert_ready, **kw)
+            return self._decode(x, weight, out, expert_ready=expert_ready, x_planes=x_planes, **kw)
         return routed_matmul(x, weight, out=out, **kw)
 
     def _decode(self, x, weight, out, **kw):
@@ -200,7 +209,7 @@ class FusedDecodeStep:
         if self.policy.takes(plan.in_proj, rows) and self.policy.takes(plan.x_proj, rows):
             # the conv step in in_proj's epilogue (its output into xc), x_proj on it
             xc = buf["xc"][:, :di]
-            self._decode(buf["x"], plan.in_proj, xz, bias=plan.in_bias, conv_out=conv + (xc,))
+            self._decode(buf["x"], plan.in_proj, xz, bias=plan.in_bias, conv_out=conv + (xc,), x_planes=buf["xpl"])
             self._decode(xc, plan.x_proj, dbc)
         else:  # the conv step's output on its own (the state is shifted by the dt kernel below)
             self._linear(buf["x"], plan.in_proj, xz, bias=plan.in_bias)
@@ -222,7 +231,7 @@ class FusedDecodeStep:
         act = buf["act"][:, :ffn]
         # gate, up and activation in one kernel
         if plan.gated and self.policy.takes(plan.fc1, act.shape[0], routed=True):
-            self._decode(buf["x"], plan.fc1, act, row_expert=buf["idx"], gated=plan.activation)
+            self._decode(buf["x"], plan.fc1, act, row_expert=buf["idx"], gated=plan.activation, x_planes=buf["xpl"])
         else:
             self._linear(buf["x"], plan.fc1, h1, row_expert=buf["idx"])
             gated_act(h1, plan.activation, plan.gated, out=act)

@@ -41,7 +41,7 @@ from qmamba.kernels.fused_moe import ACTIVATION_IDS, activate, gated_act_ref
 from qmamba.kernels.matmul_configs import sm_count
 from qmamba.kernels.weights import (FMT_BINARY, FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT8, BinaryWeight,
                                     PackedWeight, int32_words)
-from qmamba.quant.layout import INT4_TILE, INT4_TILE_WORDS
+from qmamba.quant.layout import INT4_TILE, INT4_TILE_WORDS, INT4_X_PLANES
 
 MAX_ROWS = 8
 NARROW_N = 512  # "narrow" matrices (DecodePolicy.max_rows_narrow): x_proj's dt rank + 2 d_state outputs
@@ -99,6 +99,9 @@ class DecodePolicy:
     #                               (grid [M, N / BN]), each the one-row kernel on its own expert's tile (two rows of
     #                               one expert read it twice, the second mostly from L2), instead of one program
     #                               column per expert looping over the rows routed to it
+    int4_x_planes: bool = False  # the fused step at one row: add + norm also writes the int4 input planes of its
+    #                              output (qmamba.quant.layout.INT4_X_PLANES), which int4 plane-word in_proj / fc1 /
+    #                              head read instead of x: no conversion or scaling of the input per code
     expert_prefetch: bool = True  # fused step: fc2 reads its expert's tile before waiting for fc1 (expert_ready)
     ssm_block_d: int = 32        # fused step at one row: channels per program of the SSM update kernel
     #                              (dt_state_update; 32: 92 programs for BlackMamba-2.8B's 2944 channels; 8 compiles
@@ -335,6 +338,36 @@ def _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, exp_bits,
 
 
 @jit
+def _dot_row_planes(w, scale, zero, xr, K, row_ok, NBP: tl.constexpr, WPG: tl.constexpr, UNPACK: tl.constexpr,
+                    XPL_K: tl.constexpr):
+    """``[BN]`` fp32: a plane-word tile ("denorm" codes) times one input row given as its prepared input planes
+    ``xr`` (:data:`qmamba.quant.layout.INT4_X_PLANES`, ``XPL_K`` columns a plane): per code a mask, a read of its
+    input already in the code's scale and an FMA; the zero point per word against the word sums of plane 8. The
+    input is read in the tile's shape (``UNPACK`` 3, every thread that needs it, from L1) or once per nibble
+    position and broadcast over the rows (2)."""
+    k_lim = tl.where(row_ok, K, 0)
+    hi = w >> 20
+    part = tl.zeros(w.shape, dtype=tl.float32)
+    row0 = tl.zeros((w.shape[0], 1, 1), dtype=tl.int32)
+    for i in tl.static_range(8):
+        k = _int4_k(i, NBP, WPG, 3)
+        if UNPACK == 3:
+            k3 = k[None, :, :] + row0
+            xp = tl.load(xr + i * XPL_K + k3, mask=k3 < k_lim, other=0.0)
+        else:
+            xp = tl.load(xr + i * XPL_K + k, mask=k < k_lim, other=0.0)[None, :, :]
+        if i < 5:
+            codes = (w & (0xF << (4 * i))).to(tl.float32, bitcast=True)
+        else:
+            codes = (hi & (0xF << (4 * (i - 5)))).to(tl.float32, bitcast=True)
+        part += codes * xp
+    q = tl.arange(0, NBP)[:, None] * WPG + tl.arange(0, WPG)[None, :]
+    xs = tl.load(xr + 8 * XPL_K + q, mask=q < k_lim, other=0.0)                                       # [NBP, WPG]
+    part -= zero[:, :, None] * xs[None, :, :]
+    return tl.sum(tl.sum(part, axis=2) * (scale * (2.0 ** 53)), axis=1)
+
+
+@jit
 def _dot_rows_int4(w, scale, zero, x_ptr, rr, sxm, K, M, exp_bits,
                    FMT: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, UNPACK: tl.constexpr):
     """``[ROWS, BN]`` fp32: int4 tile times the input rows ``rr`` (rows >= M read nothing), each code unpacked once
@@ -399,19 +432,20 @@ def _load_weights(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, N_UP, swe, swn, ss
 
 @jit
 def _decode_linear_kernel(
-    x_ptr, st_ptr, cw_ptr, cb_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rexp_ptr, rscale_ptr, out_ptr, co_ptr,
-    M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse, ssn, sze, szn, exp_bits,
+    x_ptr, st_ptr, cw_ptr, cb_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rexp_ptr, rscale_ptr, out_ptr, co_ptr, xpl_ptr,
+    M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse, ssn, sze, szn, exp_bits, sxpl_m,
     FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr, CONV_W: tl.constexpr,
     HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr,
     UNPACK: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
-    EXPERT_READY: tl.constexpr, ROW_PROGRAMS: tl.constexpr,
+    EXPERT_READY: tl.constexpr, ROW_PROGRAMS: tl.constexpr, X_PLANES: tl.constexpr, XPL_K: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     pid_n = tl.program_id(1)
     if ROW_PROGRAMS:
         # program row pid_e serves input row pid_e alone (ROWS == 1): its input, output, routing and scale
         x_ptr += pid_e * sxm
+        xpl_ptr += pid_e * sxpl_m
         out_ptr += pid_e * som
         rexp_ptr += pid_e
         rscale_ptr += pid_e
@@ -443,7 +477,7 @@ def _decode_linear_kernel(
             _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
                       bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, co_ptr, scom, DI, rows, rows_ok, expert,
                       M, N, K, exp_bits, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP,
-                      NBP, WPG, TPB, UNPACK, CONV_EPI, MMA)
+                      NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, xpl_ptr, sxpl_m, X_PLANES, XPL_K)
     else:
         w, scale, zero, w_up, scale_up, zero_up = _load_weights(
             w_ptr, s_ptr, z_ptr, pid_e.to(tl.int64) * 0, rows, rows_ok, K, N_UP, swe, swn, sse, ssn, sze, szn, FMT,
@@ -454,7 +488,7 @@ def _decode_linear_kernel(
         _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
                   bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, co_ptr, scom, DI, rows, rows_ok, pid_e,
                   M, N, K, exp_bits, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP,
-                  NBP, WPG, TPB, UNPACK, CONV_EPI, MMA)
+                  NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, xpl_ptr, sxpl_m, X_PLANES, XPL_K)
 
 
 @jit
@@ -482,7 +516,8 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
               exp_bits, FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr,
               CONV_W: tl.constexpr, HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
               HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr,
-              WPG: tl.constexpr, TPB: tl.constexpr, UNPACK: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr):
+              WPG: tl.constexpr, TPB: tl.constexpr, UNPACK: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr,
+              xpl_ptr, sxpl_m, X_PLANES: tl.constexpr, XPL_K: tl.constexpr):
     """Each input row (that is routed here) times the tile(s), epilogue, store. A row that is not computed costs a
     branch, no arithmetic."""
     if HAS_BIAS:
@@ -521,12 +556,20 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
             if ROUTED and ROWS > 1:
                 row_ok = row_ok & (tl.load(rexp_ptr + r, mask=row_ok, other=-1) == expert)
             if row_ok:
-                y = _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, exp_bits, FMT, KP, NBP, WPG, UNPACK)
+                if X_PLANES:
+                    y = _dot_row_planes(w, scale, zero, xpl_ptr + r * sxpl_m, K, row_ok, NBP, WPG, UNPACK, XPL_K)
+                else:
+                    y = _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, exp_bits, FMT, KP, NBP, WPG, UNPACK)
                 if HAS_BIAS:
                     y += bias
                 if GATED:
-                    y = activate(y, ACT) * _dot_row(w_up, scale_up, zero_up, x_ptr, r, sxm, K, row_ok, exp_bits, FMT,
-                                                    KP, NBP, WPG, UNPACK)
+                    if X_PLANES:
+                        up = _dot_row_planes(w_up, scale_up, zero_up, xpl_ptr + r * sxpl_m, K, row_ok, NBP, WPG,
+                                             UNPACK, XPL_K)
+                    else:
+                        up = _dot_row(w_up, scale_up, zero_up, x_ptr, r, sxm, K, row_ok, exp_bits, FMT, KP, NBP, WPG,
+                                      UNPACK)
+                    y = activate(y, ACT) * up
                 if HAS_RSCALE:
                     y = y * tl.load(rscale_ptr + r).to(tl.float32)
                 _store_out(y, r, rows, rows_ok, out_ptr, som, co_ptr, scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI,
@@ -581,7 +624,8 @@ def _weight_args(weight: PackedWeight | BinaryWeight):
 
 
 def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row_expert=None, row_scale=None, conv_out=None,
-                  gated: str | None = None, policy: DecodePolicy | None = None, expert_ready: bool = False):
+                  gated: str | None = None, policy: DecodePolicy | None = None, expert_ready: bool = False,
+                  x_planes=None):
     """``out [M, N']`` (any float dtype) receives ``f(x) @ W_hat^T`` for ``M <= 8`` rows; semantics of
     :func:`decode_linear_ref`.
 
@@ -594,6 +638,9 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     ``expert_ready``: with programmatic dependent launch, ``row_expert`` was written by a kernel before the previous
     one (fc2 after fc1: the router ran before fc1), so the expert's tile is loaded before waiting for the previous
     kernel, as unrouted weights are.
+    ``x_planes [M, 9, k_pad]`` fp32: ``x``'s int4 input planes (:func:`qmamba.quant.layout.int4_x_planes`, as
+    :func:`qmamba.kernels.decode_step.add_norm` writes them), read instead of ``x`` where the kernel takes int4 plane
+    words with "denorm" codes one input row a program; ignored elsewhere.
     """
     policy = policy or DecodePolicy.for_device(x.device)
     m, k = x.shape
@@ -630,18 +677,26 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     unpack = INT4_UNPACK[policy.int4_unpack]
     if unpack == 2 and policy.int4_x_in_tile and rows == 1 and nbp * wpg < 4 * 32 * warps:
         unpack = UNPACK_DENORM_X_IN_TILE
+    use_planes = x_planes is not None and weight.fmt == FMT_INT4_PLANES and rows == 1 and unpack in (2, 3)
+    kpad = -(-k // INT4_TILE) * INT4_TILE
+    if use_planes and (tuple(x_planes.shape) != (m, INT4_X_PLANES, kpad) or x_planes.dtype != torch.float32 or
+                       x_planes.stride(2) != 1 or x_planes.stride(1) != kpad):
+        raise ValueError(f"decode_linear: x_planes must be a row-contiguous [{m}, {INT4_X_PLANES}, {kpad}] float32 "
+                         f"tensor, got {tuple(x_planes.shape)} {x_planes.dtype}")
     _decode_linear_kernel[grid](
         x, st, cw, cb if cb is not None else dummy, w, s, z, bias if bias is not None else dummy,
         row_expert if row_expert is not None else dummy, row_scale if row_scale is not None else dummy, out, co,
+        x_planes if use_planes else dummy,
         1 if row_programs else m, n_out, k, n_out if gated else 0, channels, x.stride(0), st.stride(0), st.stride(1),
         out.stride(0),
-        co.stride(0), *strides, _FLOAT_2P23_BITS,
+        co.stride(0), *strides, _FLOAT_2P23_BITS, x_planes.stride(0) if use_planes else 0,
         FMT=weight.fmt, ROWS=max(MMA_ROWS, next_pow2(rows)) if mma else next_pow2(rows), ROUTED=row_expert is not None,
         CONV_EPI=conv_out is not None, CONV_W=cw.shape[1] if conv_out is not None else 1, HAS_CB=cb is not None,
         GATED=gated is not None,
         ACT=ACTIVATION_IDS[gated] if gated else 0, HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
         KP=kp, NBP=nbp, WPG=wpg, TPB=tpb, UNPACK=unpack, MMA=mma, BLOCK_N=bn, PDL=policy.pdl,
-        EXPERT_READY=expert_ready and row_expert is not None, ROW_PROGRAMS=row_programs, num_warps=warps, **kwargs)
+        EXPERT_READY=expert_ready and row_expert is not None, ROW_PROGRAMS=row_programs, X_PLANES=use_planes,
+        XPL_K=kpad, num_warps=warps, **kwargs)
     return out
 
 

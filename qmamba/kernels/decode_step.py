@@ -19,18 +19,21 @@ import torch.nn.functional as F
 
 from qmamba.kernels._triton import jit, next_pow2, tl
 from qmamba.kernels.selective_scan import _softplus
+from qmamba.quant.layout import INT4_TILE, INT4_X_PLANES
 
 
 # ---- kernels ---------------------------------------------------------------------------------------------------------
 @jit
 def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, out_ptr, rw_ptr, rb_ptr, idx_ptr,
-                     rwt_ptr, D, E, eps, sh_b, s_emb, sri_b, sr_b, so_b, srw_e,
+                     rwt_ptr, xpl_ptr, D, E, eps, sh_b, s_emb, sri_b, sr_b, so_b, srw_e, sxpl_b,
                      FIRST: tl.constexpr, HAS_RES: tl.constexpr, LAYERNORM: tl.constexpr, ROUTER: tl.constexpr,
-                     HAS_RB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr):
+                     HAS_RB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr,
+                     X_PLANES: tl.constexpr, KPAD: tl.constexpr):
     """residual = h (FIRST: embedding[ids]) [+ residual in, HAS_RES]; out = norm(residual); optional top-1 sigmoid
     router. The residual is read from ``rin`` and written to ``res`` (the same buffer in the decode step).
     Every load is issued before the first reduction, so their latencies overlap (one round trip, not three);
-    with ``PDL`` the weights (norm, router) are read before waiting for the previous kernel."""
+    with ``PDL`` the weights (norm, router) are read before waiting for the previous kernel. ``X_PLANES``: also the
+    int4 input planes of the stored ``out`` (:data:`qmamba.quant.layout.INT4_X_PLANES`, ``KPAD`` columns a plane)."""
     b = tl.program_id(0)
     d = tl.arange(0, BLOCK_D)
     dm = d < D
@@ -65,6 +68,16 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, o
         y += nb
     y = y.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + b * so_b + d, y, mask=dm)
+    if X_PLANES:
+        # the stored value, scaled per nibble position (0 past D: the tiles' padding), then the word sums
+        yf = y.to(tl.float32)
+        pm = d < KPAD
+        for i in tl.static_range(8):  # nibble i sits at bit 4 (i % 5) of w (i < 5) or of w >> 20
+            tl.store(xpl_ptr + b * sxpl_b + i * KPAD + d, yf * (2.0 ** (96 - 4 * (i % 5))), mask=pm)
+        word = tl.sum(tl.reshape(yf, (BLOCK_D // 128, 8, 16)), axis=1) * (2.0 ** -53)                # [tiles, 16]
+        q = (tl.arange(0, BLOCK_D // 128) * 16)[:, None] + tl.arange(0, 16)[None, :]
+        tl.store(xpl_ptr + b * sxpl_b + 8 * KPAD + q, word, mask=q < KPAD // 8)
+        tl.store(xpl_ptr + b * sxpl_b + 8 * KPAD + d, tl.zeros_like(yf), mask=(d >= KPAD // 8) & pm)  # the rest: 0
     if ROUTER:
         logits = tl.sum(wr.to(tl.float32) * y.to(tl.float32)[None, :], axis=1)
         if HAS_RB:
@@ -137,37 +150,50 @@ def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dski
 
 # ---- launchers and reference twins -------------------------------------------------------------------------------
 def add_norm(x_out, residual, norm_w, eps, h=None, token_ids=None, embedding=None, norm_b=None, router_w=None,
-             router_b=None, expert_idx=None, expert_weight=None, pdl: bool = False):
+             router_b=None, expert_idx=None, expert_weight=None, pdl: bool = False, x_planes=None):
     """In place: ``residual [B, d]`` fp32 becomes ``h + residual`` (``h [B, d]``), or ``embedding[token_ids]`` when
     ``h`` is None (the first layer); ``x_out [B, d]`` receives the norm of it (LayerNorm when ``norm_b`` is given,
     else RMSNorm). With ``router_w [E, d]``: ``expert_idx [B]`` int32 and ``expert_weight [B]`` fp32 receive the
     top-1 sigmoid routing of ``x_out`` (lowest index on ties). ``pdl``: launched as a programmatic dependent
-    launch (CUDA, see :mod:`qmamba.kernels.decode_linear`)."""
+    launch (CUDA, see :mod:`qmamba.kernels.decode_linear`). ``x_planes [B, 9, k_pad]`` fp32 (row-contiguous
+    planes): also receives the int4 input planes of ``x_out`` as stored (:func:`qmamba.quant.layout.int4_x_planes`),
+    the input the plane-word decode kernels read with ``DecodePolicy.int4_x_planes``."""
     if h is None and (token_ids is None or embedding is None):
         raise ValueError("add_norm: the first layer needs token_ids and the embedding")
     _launch_add_norm(x_out, residual, residual, norm_w, eps, h, token_ids, embedding, norm_b, router_w, router_b,
-                     expert_idx, expert_weight, pdl)
+                     expert_idx, expert_weight, pdl, x_planes)
 
 
 def _launch_add_norm(x_out, residual_in, residual_out, norm_w, eps, h, token_ids, embedding, norm_b, router_w,
-                     router_b, expert_idx, expert_weight, pdl: bool):
+                     router_b, expert_idx, expert_weight, pdl: bool, x_planes=None):
     """``_add_norm_kernel`` over the rows of ``x_out``: the residual read from ``residual_in`` (None: none added)
     and written to ``residual_out``."""
     batch, d = x_out.shape
     e = router_w.shape[0] if router_w is not None else 1
     dummy = norm_w
     rin = residual_in if residual_in is not None else residual_out
+    block_d = next_pow2(d)
+    kpad = -(-d // INT4_TILE) * INT4_TILE
+    if x_planes is not None:
+        if tuple(x_planes.shape) != (batch, INT4_X_PLANES, kpad) or x_planes.dtype != torch.float32 or \
+                x_planes.stride(2) != 1 or x_planes.stride(1) != kpad:
+            raise ValueError(f"add_norm: x_planes must be a row-contiguous [{batch}, {INT4_X_PLANES}, {kpad}] float32 "
+                             f"tensor, got {tuple(x_planes.shape)} {x_planes.dtype}")
+        block_d = max(block_d, INT4_TILE)
     _add_norm_kernel[(batch,)](
         h if h is not None else residual_out, token_ids if token_ids is not None else residual_out,
         embedding if embedding is not None else dummy, rin, residual_out, norm_w,
         norm_b if norm_b is not None else dummy, x_out, router_w if router_w is not None else dummy,
         router_b if router_b is not None else dummy, expert_idx if expert_idx is not None else residual_out,
         expert_weight if expert_weight is not None else residual_out,
+        x_planes if x_planes is not None else residual_out,
         d, e, float(eps), h.stride(0) if h is not None else 0, embedding.stride(0) if embedding is not None else 0,
         rin.stride(0), residual_out.stride(0), x_out.stride(0), router_w.stride(0) if router_w is not None else 0,
+        x_planes.stride(0) if x_planes is not None else 0,
         FIRST=h is None, HAS_RES=residual_in is not None, LAYERNORM=norm_b is not None,
-        ROUTER=router_w is not None, HAS_RB=router_b is not None, BLOCK_D=next_pow2(d), BLOCK_E=next_pow2(e),
-        PDL=pdl, num_warps=4 if residual_out.is_cuda else 1, **(dict(launch_pdl=True) if pdl else {}))
+        ROUTER=router_w is not None, HAS_RB=router_b is not None, BLOCK_D=block_d, BLOCK_E=next_pow2(e),
+        PDL=pdl, X_PLANES=x_planes is not None, KPAD=kpad, num_warps=4 if residual_out.is_cuda else 1,
+        **(dict(launch_pdl=True) if pdl else {}))
 
 
 def add_norm_rows(residual, h, norm_w, eps, norm_b=None, out_dtype=None):

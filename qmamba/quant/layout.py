@@ -114,6 +114,33 @@ def int4_to_planes(qweight: torch.Tensor, k: int) -> torch.Tensor:
     return words.to(torch.int32).reshape(*lead, n, tiles * INT4_TILE_WORDS).contiguous()
 
 
+# The input side of a plane-word GEMV at one row, prepared once per token by its producer ("input planes",
+# ``[..., INT4_X_PLANES, k_pad]`` fp32, k_pad = whole tiles): row i < 8 holds x[k] * 2^(96 - 4p), p = i for i < 5 and
+# i - 5 above (the position of nibble i in the word the kernel masks it from: bits 4i of w, or of w >> 20), so that
+# a nibble masked in place and read as a float (code * 2^(4p - 149), a subnormal) times its input is
+# code * x * 2^-53 for every i with no conversion or scaling in the kernel; row 8 holds, at word index 16 t + w,
+# 2^-53 * sum over i of x[128 t + 16 i + w] (the word's input sum, for the zero point). Padding is 0.
+INT4_X_PLANES = 9
+
+
+def int4_x_plane_scale(i: int) -> float:
+    """The power of two input plane ``i`` (< 8) multiplies ``x`` by."""
+    return 2.0 ** (96 - 4 * (i if i < 5 else i - 5))
+
+
+def int4_x_planes(x: torch.Tensor) -> torch.Tensor:
+    """Reference: ``x [..., K]`` -> input planes ``[..., 9, k_pad]`` fp32 (see above)."""
+    k = x.shape[-1]
+    tiles = math.ceil(k / INT4_TILE)
+    xf = torch.nn.functional.pad(x.float(), (0, tiles * INT4_TILE - k))
+    out = torch.zeros(*x.shape[:-1], INT4_X_PLANES, tiles * INT4_TILE, device=x.device, dtype=torch.float32)
+    for i in range(8):
+        out[..., i, :] = xf * int4_x_plane_scale(i)
+    sums = xf.reshape(*x.shape[:-1], tiles, 8, INT4_TILE_WORDS).sum(-2)                    # [..., t, w]
+    out[..., 8, :tiles * INT4_TILE_WORDS] = sums.reshape(*x.shape[:-1], -1) * 2.0 ** -53
+    return out
+
+
 def int4_from_planes(words: torch.Tensor, n_blocks: int, group_size: int) -> torch.Tensor:
     """Inverse of :func:`int4_to_planes`: plane words -> int4 bytes ``[..., N, n_blocks, group_size / 2]``."""
     *lead, n, n_words = words.shape

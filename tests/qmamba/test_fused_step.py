@@ -36,14 +36,17 @@ def build(name, fmt, device):
                                                ("int4g128", 2, "planes_magic"), ("int4g128", 1, "planes_denorm"),
                                                ("int4g128", 3, "routed_denorm"), ("float", 3, "routed"),
                                                ("int4g128", 4, "routed_denorm_rowprog"), ("float", 3, "routed_rowprog"),
-                                               ("int4g128", 3, "routed_denorm_rowprog_narrow")])
+                                               ("int4g128", 3, "routed_denorm_rowprog_narrow"),
+                                               ("int4g128", 1, "planes_denorm_xplanes"),
+                                               ("int4g128", 1, "planes_denorm_xplanes_bcast")])
 @torch.no_grad()
 def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     """``decode``: the decode-linear kernels for float / int8 / int4 / 1-bit (conv fused into in_proj's epilogue,
     activation into fc1); ``general``: the general matmul kernels (GEMV word kernels, the 1-bit kernels, small-M
     tiles, split-K into the zeroed workspace, conv and activation on their own); ``planes``: the decode kernels on the int4
     weights converted in place to plane words (``_magic`` / ``_denorm``: nibbles masked in place, see
-    ``DecodePolicy.int4_unpack``); ``routed``: only the routed expert stacks on the decode kernels at 2+ rows (each
+    ``DecodePolicy.int4_unpack``; ``_xplanes``: their input as the int4 input planes add + norm writes,
+    ``DecodePolicy.int4_x_planes``, read in the tile's shape or, ``_bcast``, broadcast); ``routed``: only the routed expert stacks on the decode kernels at 2+ rows (each
     routed row on CUDA cores), dense matrices on the general kernels; ``_rowprog``: one program row per routed row,
     on its own expert's tile (``DecodePolicy.routed_row_programs``); ``_narrow``: x_proj too
     (``DecodePolicy.max_rows_narrow``)."""
@@ -66,7 +69,8 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
         policy = dataclasses.replace(policy, formats=())
     elif kernels.startswith("planes"):
         unpack = kernels.split("_")[1] if "_" in kernels else "shift"
-        policy = dataclasses.replace(policy, formats=(0, 1, 3), max_rows=8, int4_planes=True, int4_unpack=unpack)
+        policy = dataclasses.replace(policy, formats=(0, 1, 3), max_rows=8, int4_planes=True, int4_unpack=unpack,
+                                     int4_x_planes="xplanes" in kernels, int4_x_in_tile="bcast" not in kernels)
     elif kernels.startswith("routed"):
         parts = kernels.split("_")
         unpack = next((u for u in parts if u in ("denorm", "magic")), "shift")
@@ -89,6 +93,8 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
         assert all(w.fmt == 3 for w in step._weights() if getattr(w, "group_size", 0) == 128)
     for _ in range(2):  # twice: the workspace is re-zeroed, the state carried
         logits = step(tok, state)
+        # the int4 input planes exist exactly where asked for (and read by in_proj / fc1 in place of x)
+        assert (step._buffers[batch]["xpl"] is not None) == ("xplanes" in kernels)
         ref = model.step(tok, ref_state)
         torch.testing.assert_close(logits, ref.float(), atol=1e-3, rtol=1e-3)
         torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)

@@ -127,13 +127,14 @@ def test_add_norm_kernel_compiles():
 def test_int8_binary_and_x_in_tile_compile():
     """int8 and 1-bit weights on the decode kernel as the CUDA policy launches them (int8: the CUDA default since
     session 16; 1-bit: a candidate, slower on the H200) and int4 with ``int4_x_in_tile`` (the CUDA default since
-    session 17: ``bench_decode.py --variants default,xtile``) compile for sm_90 at every shape; int8 and the int4 candidate
-    without spills (as the paths they mirror)."""
-    stdout = _compiled(str(INSPECT), "--variants", "cuda_int8,cuda_binary,cuda_x_in_tile", timeout=900)
+    session 17: ``bench_decode.py --variants default,xtile``) and on the int4 input planes (``int4_x_planes``, a
+    candidate) compile for sm_90 at every shape; int8 and the int4 variants without spills (as the paths they
+    mirror)."""
+    stdout = _compiled(str(INSPECT), "--variants", "cuda_int8,cuda_binary,cuda_x_in_tile,cuda_x_planes", timeout=900)
     lines = [line for line in stdout.splitlines() if " regs " in line]
-    assert len(lines) == 18, stdout  # 6 shapes x 3 variants
-    assert all(" stack    0 " in line for line in lines if " cuda_int8 " in line or " cuda_x_in_tile " in line), \
-        stdout
+    assert len(lines) == 24, stdout  # 6 shapes x 4 variants
+    assert all(" stack    0 " in line for line in lines
+               if " cuda_int8 " in line or " cuda_x_in_tile " in line or " cuda_x_planes " in line), stdout
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")

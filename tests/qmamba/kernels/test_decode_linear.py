@@ -93,6 +93,56 @@ def test_denorm_input_read_in_the_tile_shape(fmt, gated, device):
                                atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", ["planes128", "planes256"])
+@pytest.mark.parametrize("x_in_tile", [True, False])
+@pytest.mark.parametrize("case", ["dense", "conv", "gated", "row_scale"])
+def test_input_planes_match_the_dequantized_matmul(fmt, x_in_tile, case, device):
+    """``x_planes`` (the int4 input planes add + norm writes, :func:`int4_x_planes`): one row, "denorm" plane
+    words, the input read from the planes in the tile's shape (UNPACK 3) or broadcast over the rows (2): dense with a
+    bias and a ragged last program, in_proj's conv epilogue, a routed gated expert and fc2's routing weight, against
+    the dequantized matmul of x (ragged K: padded tiles; group 256: two tiles a scale). A planes tensor of the wrong
+    shape is an error."""
+    from qmamba.quant.layout import int4_x_planes
+
+    torch.manual_seed(11)
+    policy = DecodePolicy(pdl=False, block_n_int4=4, num_warps=4 if device.type == "cuda" else 1,
+                          int4_unpack="denorm", int4_x_in_tile=x_in_tile)
+    n, k = 45, 300
+    x = torch.randn(1, k, device=device).to(torch.bfloat16).float()
+    planes = int4_x_planes(x)
+    if case in ("dense", "conv"):
+        w = weight_for(fmt, n, k, device, seed=2)
+        bias = torch.randn(n, device=device) if case == "dense" else None
+        out, conv = poisoned(1, n, device), None
+        if case == "conv":
+            di, width = 29, 4
+            state = torch.randn(1, di, width, device=device)
+            conv_w, conv_b = torch.randn(di, width, device=device), torch.randn(di, device=device)
+            conv = (state, conv_w, conv_b, poisoned(1, di, device))
+        decode_linear(torch.full_like(x, float("nan")), w, out, bias=bias, conv_out=conv, policy=policy,
+                      x_planes=planes)  # x itself is not read (here and below: NaN)
+        torch.testing.assert_close(out, dequant_matmul_ref(x, w, bias).float(), atol=1e-4, rtol=1e-4)
+        if conv is not None:
+            want, _ = causal_conv1d_update_ref(out[:, :di], state, conv_w, conv_b, "silu")
+            torch.testing.assert_close(conv[3], want.float(), atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="x_planes"):
+            decode_linear(x, w, out, policy=policy, x_planes=planes[:, :8])
+        return
+    idx = torch.tensor([1], dtype=torch.int32, device=device)
+    if case == "gated":
+        w = weight_for(fmt, 2 * n, k, device, experts=3, seed=3)
+        act = decode_linear(torch.full_like(x, float("nan")), w, poisoned(1, n, device), row_expert=idx, gated="silu",
+                            policy=policy, x_planes=planes)
+        want = gated_act_ref(dequant_matmul_ref(x, w, row_expert=idx), "silu", True).float()
+        torch.testing.assert_close(act, want, atol=1e-4, rtol=1e-4)
+        return
+    w = weight_for(fmt, n, k, device, experts=3, seed=4)
+    out = decode_linear(torch.full_like(x, float("nan")), w, poisoned(1, n, device), row_expert=idx,
+                        row_scale=torch.tensor([0.75], device=device), policy=policy, expert_ready=True,
+                        x_planes=planes)
+    torch.testing.assert_close(out, dequant_matmul_ref(x, w, row_expert=idx).float() * 0.75, atol=1e-4, rtol=1e-4)
+
+
 def test_input_in_tile_shape_only_where_the_tile_row_is_narrow(monkeypatch):
     """The launch rule of ``int4_x_in_tile`` at BlackMamba-2.8B's K with the CUDA policy's 4 warps: in_proj / fc1
     (K 1472: 16 tiles of 16 words, fewer than 4 x 32 threads x 4) read the input in the tile's shape (UNPACK 3);

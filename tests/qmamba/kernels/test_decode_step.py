@@ -37,6 +37,48 @@ def test_add_norm_matches_reference(first, layernorm, router, device):
         assert (idx == -1).all()  # untouched without a router
 
 
+@pytest.mark.parametrize("d,dtype", [(37, torch.float32), (300, torch.bfloat16), (256, torch.float32)])
+def test_add_norm_writes_the_int4_input_planes_of_the_stored_x(d, dtype, device):
+    """``x_planes``: the int4 input planes (per nibble position the stored x times its power of two, then the word
+    sums) equal :func:`int4_x_planes` of the stored ``x`` (one tile below 128, ragged tiles, whole tiles), padding
+    0; ``x`` itself as without them. A bad planes tensor is an error."""
+    from qmamba.quant.layout import INT4_X_PLANES, int4_x_planes
+
+    torch.manual_seed(d)
+    batch = 2
+    residual = torch.randn(batch, d, device=device)
+    h = torch.randn(batch, d, device=device)
+    norm_w = (torch.rand(d, device=device) + 0.5).to(dtype)
+    want_r, want_x, _, _ = add_norm_ref(residual.clone(), norm_w, 1e-5, h)
+    x = torch.empty(batch, d, device=device, dtype=dtype)
+    kpad = -(-d // 128) * 128
+    planes = torch.full((batch, INT4_X_PLANES, kpad), float("nan"), device=device)
+    add_norm(x, residual, norm_w, 1e-5, h=h, x_planes=planes)
+    torch.testing.assert_close(x.float(), want_x.to(dtype).float(), atol=1e-2, rtol=1e-2)
+    want = int4_x_planes(x)
+    torch.testing.assert_close(planes[:, :8], want[:, :8], atol=0, rtol=0)  # powers of two: exact
+    torch.testing.assert_close(planes[:, 8], want[:, 8], atol=1e-20, rtol=1e-5)  # sums: order may differ
+    assert torch.equal(planes[:, 8, kpad // 8:], torch.zeros_like(planes[:, 8, kpad // 8:]))
+    with pytest.raises(ValueError, match="x_planes"):
+        add_norm(x, residual, norm_w, 1e-5, h=h, x_planes=planes[:, :, :kpad - 1])
+
+
+def test_int4_x_planes_reference():
+    """The reference planes against their definition: plane i is x * 2^(96 - 4 (i mod 5)), plane 8 at word 16 t + w
+    is 2^-53 times the sum of x over k = 128 t + 16 i + w."""
+    from qmamba.quant.layout import int4_x_planes
+
+    x = torch.randn(3, 200)
+    p = int4_x_planes(x)
+    assert p.shape == (3, 9, 256)
+    assert torch.equal(p[:, 6, :200], x * 2.0 ** 92) and torch.equal(p[:, 3, 200:], torch.zeros(3, 56))
+    xp = torch.nn.functional.pad(x, (0, 56))
+    t, w = 1, 5
+    want = sum(xp[:, 128 * t + 16 * i + w] for i in range(8)) * 2.0 ** -53
+    torch.testing.assert_close(p[:, 8, 16 * t + w], want)
+    assert torch.equal(p[:, 8, 32:], torch.zeros(3, 224))
+
+
 def test_add_norm_router_tie_takes_lowest_expert(device):
     d = 8
     residual = torch.randn(1, d, device=device)
