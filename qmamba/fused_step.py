@@ -39,7 +39,7 @@ from qmamba.kernels.decode_linear import DecodePolicy, decode_linear
 from qmamba.kernels.decode_step import add_norm, dt_state_update
 from qmamba.kernels.fused_moe import gated_act, routed_matmul
 from qmamba.kernels.weights import FMT_INT4_PLANES, BinaryWeight, PackedWeight
-from qmamba.quant.layout import INT4_TILE, INT4_X_PLANES
+from qmamba.quant.layout import INT4_X_PLANES, int4_x_planes_width
 from qmamba.quant.modules import use_plane_words
 
 
@@ -157,7 +157,7 @@ class FusedDecodeStep:
         if self.policy.int4_x_planes and batch == 1 and any(
                 getattr(w, "fmt", None) == FMT_INT4_PLANES and self.policy.takes(w, batch) for w in self._x_readers()):
             # the int4 input planes of x, written by each add + norm for the plane-word matrices that read x
-            buf["xpl"] = torch.zeros(batch, INT4_X_PLANES, -(-d // INT4_TILE) * INT4_TILE, **f32)
+            buf["xpl"] = torch.zeros(batch, INT4_X_PLANES, int4_x_planes_width(d), **f32)
         self._buffers[batch] = buf
         return buf
 

@@ -41,7 +41,7 @@ from qmamba.kernels.fused_moe import ACTIVATION_IDS, activate, gated_act_ref
 from qmamba.kernels.matmul_configs import sm_count
 from qmamba.kernels.weights import (FMT_BINARY, FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT8, BinaryWeight,
                                     PackedWeight, int32_words)
-from qmamba.quant.layout import INT4_TILE, INT4_TILE_WORDS, INT4_X_PLANES
+from qmamba.quant.layout import INT4_TILE, INT4_TILE_WORDS, INT4_X_PLANES, int4_x_planes_width
 
 MAX_ROWS = 8
 NARROW_N = 512  # "narrow" matrices (DecodePolicy.max_rows_narrow): x_proj's dt rank + 2 d_state outputs
@@ -349,20 +349,30 @@ def _dot_row_planes(w, scale, zero, xr, K, row_ok, NBP: tl.constexpr, WPG: tl.co
     hi = w >> 20
     part = tl.zeros(w.shape, dtype=tl.float32)
     row0 = tl.zeros((w.shape[0], 1, 1), dtype=tl.int32)
+    full: tl.constexpr = NBP * 128 <= XPL_K  # the planes cover the padded tile row: no masks (their padding is 0)
     for i in tl.static_range(8):
         k = _int4_k(i, NBP, WPG, 3)
         if UNPACK == 3:
             k3 = k[None, :, :] + row0
-            xp = tl.load(xr + i * XPL_K + k3, mask=k3 < k_lim, other=0.0)
+            if full:
+                xp = tl.load(xr + i * XPL_K + k3)
+            else:
+                xp = tl.load(xr + i * XPL_K + k3, mask=k3 < k_lim, other=0.0)
         else:
-            xp = tl.load(xr + i * XPL_K + k, mask=k < k_lim, other=0.0)[None, :, :]
+            if full:
+                xp = tl.load(xr + i * XPL_K + k)[None, :, :]
+            else:
+                xp = tl.load(xr + i * XPL_K + k, mask=k < k_lim, other=0.0)[None, :, :]
         if i < 5:
             codes = (w & (0xF << (4 * i))).to(tl.float32, bitcast=True)
         else:
             codes = (hi & (0xF << (4 * (i - 5)))).to(tl.float32, bitcast=True)
         part += codes * xp
     q = tl.arange(0, NBP)[:, None] * WPG + tl.arange(0, WPG)[None, :]
-    xs = tl.load(xr + 8 * XPL_K + q, mask=q < k_lim, other=0.0)                                       # [NBP, WPG]
+    if full:
+        xs = tl.load(xr + 8 * XPL_K + q)                                                                # [NBP, WPG]
+    else:
+        xs = tl.load(xr + 8 * XPL_K + q, mask=q < k_lim, other=0.0)
     part -= zero[:, :, None] * xs[None, :, :]
     return tl.sum(tl.sum(part, axis=2) * (scale * (2.0 ** 53)), axis=1)
 
@@ -678,7 +688,7 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     if unpack == 2 and policy.int4_x_in_tile and rows == 1 and nbp * wpg < 4 * 32 * warps:
         unpack = UNPACK_DENORM_X_IN_TILE
     use_planes = x_planes is not None and weight.fmt == FMT_INT4_PLANES and rows == 1 and unpack in (2, 3)
-    kpad = -(-k // INT4_TILE) * INT4_TILE
+    kpad = int4_x_planes_width(k)
     if use_planes and (tuple(x_planes.shape) != (m, INT4_X_PLANES, kpad) or x_planes.dtype != torch.float32 or
                        x_planes.stride(2) != 1 or x_planes.stride(1) != kpad):
         raise ValueError(f"decode_linear: x_planes must be a row-contiguous [{m}, {INT4_X_PLANES}, {kpad}] float32 "

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from qmamba.kernels._triton import jit, next_pow2, tl
 from qmamba.kernels.selective_scan import _softplus
-from qmamba.quant.layout import INT4_TILE, INT4_X_PLANES
+from qmamba.quant.layout import INT4_X_PLANES, int4_x_planes_width
 
 
 # ---- kernels ---------------------------------------------------------------------------------------------------------
@@ -173,13 +173,13 @@ def _launch_add_norm(x_out, residual_in, residual_out, norm_w, eps, h, token_ids
     dummy = norm_w
     rin = residual_in if residual_in is not None else residual_out
     block_d = next_pow2(d)
-    kpad = -(-d // INT4_TILE) * INT4_TILE
+    kpad = int4_x_planes_width(d)
     if x_planes is not None:
         if tuple(x_planes.shape) != (batch, INT4_X_PLANES, kpad) or x_planes.dtype != torch.float32 or \
                 x_planes.stride(2) != 1 or x_planes.stride(1) != kpad:
             raise ValueError(f"add_norm: x_planes must be a row-contiguous [{batch}, {INT4_X_PLANES}, {kpad}] float32 "
                              f"tensor, got {tuple(x_planes.shape)} {x_planes.dtype}")
-        block_d = max(block_d, INT4_TILE)
+        block_d = max(block_d, kpad)
     _add_norm_kernel[(batch,)](
         h if h is not None else residual_out, token_ids if token_ids is not None else residual_out,
         embedding if embedding is not None else dummy, rin, residual_out, norm_w,

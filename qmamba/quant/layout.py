@@ -115,7 +115,8 @@ def int4_to_planes(qweight: torch.Tensor, k: int) -> torch.Tensor:
 
 
 # The input side of a plane-word GEMV at one row, prepared once per token by its producer ("input planes",
-# ``[..., INT4_X_PLANES, k_pad]`` fp32, k_pad = whole tiles): row i < 8 holds x[k] * 2^(96 - 4p), p = i for i < 5 and
+# ``[..., INT4_X_PLANES, width]`` fp32, width = a power-of-two number of tiles, which a kernel's padded tile row
+# never passes, so it reads them unmasked): row i < 8 holds x[k] * 2^(96 - 4p), p = i for i < 5 and
 # i - 5 above (the position of nibble i in the word the kernel masks it from: bits 4i of w, or of w >> 20), so that
 # a nibble masked in place and read as a float (code * 2^(4p - 149), a subnormal) times its input is
 # code * x * 2^-53 for every i with no conversion or scaling in the kernel; row 8 holds, at word index 16 t + w,
@@ -128,10 +129,16 @@ def int4_x_plane_scale(i: int) -> float:
     return 2.0 ** (96 - 4 * (i if i < 5 else i - 5))
 
 
-def int4_x_planes(x: torch.Tensor) -> torch.Tensor:
-    """Reference: ``x [..., K]`` -> input planes ``[..., 9, k_pad]`` fp32 (see above)."""
-    k = x.shape[-1]
+def int4_x_planes_width(k: int) -> int:
+    """Columns of each input plane for an input of ``k`` elements: a power-of-two number of 128-element tiles."""
     tiles = math.ceil(k / INT4_TILE)
+    return (1 << (tiles - 1).bit_length()) * INT4_TILE
+
+
+def int4_x_planes(x: torch.Tensor) -> torch.Tensor:
+    """Reference: ``x [..., K]`` -> input planes ``[..., 9, int4_x_planes_width(K)]`` fp32 (see above)."""
+    k = x.shape[-1]
+    tiles = int4_x_planes_width(k) // INT4_TILE
     xf = torch.nn.functional.pad(x.float(), (0, tiles * INT4_TILE - k))
     out = torch.zeros(*x.shape[:-1], INT4_X_PLANES, tiles * INT4_TILE, device=x.device, dtype=torch.float32)
     for i in range(8):
