@@ -154,16 +154,20 @@ class FusedDecodeStep:
                    xc=torch.empty(batch, di, **act), y=torch.empty(batch, di, **act), act=torch.empty(batch, ffn, **act),
                    conv_scratch=None, idx=torch.empty(batch, device=device, dtype=torch.int32),
                    rwt=torch.empty(batch, **f32), xpl=None)
-        if self.policy.int4_x_planes and batch == 1 and any(
-                getattr(w, "fmt", None) == FMT_INT4_PLANES and self.policy.takes(w, batch) for w in self._x_readers()):
-            # the int4 input planes of x, written by each add + norm for the plane-word matrices that read x
+        if self.policy.int4_x_planes and any(getattr(w, "fmt", None) == FMT_INT4_PLANES and
+                                             self.policy.takes(w, batch, routed) and (batch == 1 or
+                                                                                   self.policy.routed_row_programs)
+                                             for w, routed in self._x_readers()):
+            # the int4 input planes of x, written by each add + norm, for the plane-word matrices that read x one row
+            # a program (batch 1; routed experts as row programs at any batch)
             buf["xpl"] = torch.zeros(batch, INT4_X_PLANES, int4_x_planes_width(d), **f32)
         self._buffers[batch] = buf
         return buf
 
     def _x_readers(self) -> list:
-        """The matrices whose input is an add + norm's output: in_proj, fc1 and the head."""
-        return [self.head] + [p.in_proj if isinstance(p, _MambaPlan) else p.fc1 for p in self.layers]
+        """``(weight, routed)`` of the matrices whose input is an add + norm's output: in_proj, fc1, the head."""
+        return [(self.head, False)] + [(p.in_proj, False) if isinstance(p, _MambaPlan) else (p.fc1, True)
+                                       for p in self.layers]
 
     # ---- one step --------------------------------------------------------------------------------------------------
     def _add_norm(self, buf, h, ids, norm_w, router=None, norm_b=None):
