@@ -164,9 +164,12 @@ def bench_shape(name, n, k, experts, opts, rows, pdl, dev, result, only_variants
         else:
             ref = decode_linear_ref(x, exact, gated=gated, **kw)
             out = torch.full((rows, n_out), float("nan"), device=dev, dtype=torch.bfloat16)
+            # int4 input planes as the fused step gives them: with the word sums where add + norm writes them
+            # (in_proj, fc1, head), without them where the SSM update / fc1 does (out_proj, fc2)
             xpl = int4_x_planes(x) if policy.int4_x_planes else None
-            call = lambda wc, out=out, policy=policy, xpl=xpl: decode_linear(  # noqa: E731
-                x, wc, out, policy=policy, gated=gated, x_planes=xpl, **kw)
+            sums = name not in ("out_proj", "fc2")
+            call = lambda wc, out=out, policy=policy, xpl=xpl, sums=sums: decode_linear(  # noqa: E731
+                x, wc, out, policy=policy, gated=gated, x_planes=xpl, x_plane_sums=sums, **kw)
             call(weight)
         err = ((out.float() - ref).norm() / ref.norm()).item()
         if not err < 1e-2:

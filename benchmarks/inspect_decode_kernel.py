@@ -148,8 +148,9 @@ def main():
                     raise SystemExit(f"variant {v}: the general kernels are not the decode kernel")
                 policy = dl.DecodePolicy(**{**policy.__dict__, "pdl": True})  # as on the H200
                 out = torch.empty(1, n // 2 if opts.get("gated") else n, dtype=torch.bfloat16)
-                xpl = int4_x_planes(x) if policy.int4_x_planes else None
-                dl.decode_linear(x, forms[form], out, policy=policy, x_planes=xpl, **kw)
+                xpl = int4_x_planes(x) if policy.int4_x_planes else None  # word sums as the fused step has them
+                dl.decode_linear(x, forms[form], out, policy=policy, x_planes=xpl,
+                                 x_plane_sums=shape not in ("out_proj", "fc2"), **kw)
                 grid, kargs, meta = recorder.calls[-1]
                 compiled = compile_recorded(real, kargs, meta, args.arch)
                 r = report(compiled)

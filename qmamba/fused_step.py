@@ -154,15 +154,33 @@ class FusedDecodeStep:
                    xc=torch.empty(batch, di, **act), y=torch.empty(batch, di, **act), act=torch.empty(batch, ffn, **act),
                    conv_scratch=None, idx=torch.empty(batch, device=device, dtype=torch.int32),
                    rwt=torch.empty(batch, **f32), xpl=None)
-        if self.policy.int4_x_planes and any(getattr(w, "fmt", None) == FMT_INT4_PLANES and
-                                             self.policy.takes(w, batch, routed) and (batch == 1 or
-                                                                                   self.policy.routed_row_programs)
-                                             for w, routed in self._x_readers()):
+        if any(self._planes_read(w, batch, routed) for w, routed in self._x_readers()):
             # the int4 input planes of x, written by each add + norm, for the plane-word matrices that read x one row
             # a program (batch 1; routed experts as row programs at any batch)
             buf["xpl"] = torch.zeros(batch, INT4_X_PLANES, int4_x_planes_width(d), **f32)
+        buf["ypl"], buf["apl"] = self._producer_planes(batch, di, ffn, f32)
         self._buffers[batch] = buf
         return buf
+
+    def _planes_read(self, weight, batch: int, routed: bool = False) -> bool:
+        """Whether ``weight`` reads its input as int4 input planes at this batch (:attr:`DecodePolicy.int4_x_planes`:
+        plane words on the decode kernels, one row a program)."""
+        return self.policy.int4_x_planes and getattr(weight, "fmt", None) == FMT_INT4_PLANES and \
+            self.policy.takes(weight, batch, routed) and (batch == 1 or (routed and self.policy.routed_row_programs))
+
+    def _producer_planes(self, batch: int, di: int, ffn: int, f32: dict):
+        """The input planes out_proj (written by the SSM update) and fc2 (by fc1's epilogue) read, or None: where
+        every layer's matrix reads them (one width for all layers) and, for fc2, every fc1 runs on the decode
+        kernels."""
+        mamba = [p for p in self.layers if isinstance(p, _MambaPlan)]
+        moe = [p for p in self.layers if isinstance(p, _MoePlan)]
+        ypl = apl = None
+        if mamba and all(p.in_proj.n // 2 == di and self._planes_read(p.out_proj, batch) for p in mamba):
+            ypl = torch.zeros(batch, INT4_X_PLANES, int4_x_planes_width(di), **f32)
+        if moe and all(p.gated and p.fc1.n // 2 == ffn and self.policy.takes(p.fc1, batch, routed=True) and
+                       self._planes_read(p.fc2, batch, routed=True) for p in moe):
+            apl = torch.zeros(batch, INT4_X_PLANES, int4_x_planes_width(ffn), **f32)
+        return ypl, apl
 
     def _x_readers(self) -> list:
         """``(weight, routed)`` of the matrices whose input is an add + norm's output: in_proj, fc1, the head."""
@@ -194,11 +212,12 @@ class FusedDecodeStep:
         self._add_norm(buf, h, token_ids, self.final_w, norm_b=self.final_b)
         return self._linear(buf["x"], self.head, buf["logits"], bias=self.head_bias, x_planes=buf["xpl"])
 
-    def _linear(self, x, weight, out, expert_ready: bool = False, x_planes=None, **kw):
+    def _linear(self, x, weight, out, expert_ready: bool = False, x_planes=None, x_plane_sums: bool = True, **kw):
         """``out <- x @ W^T``: the decode kernel where the policy takes it, else the general kernel (split-K into the
-        zeroed workspace view ``out``). ``expert_ready``, ``x_planes``: see :func:`decode_linear`."""
+        zeroed workspace view ``out``). ``expert_ready``, ``x_planes``, ``x_plane_sums``: see :func:`decode_linear`."""
         if self.policy.takes(weight, x.shape[0], routed=kw.get("row_expert") is not None):
-            return self._decode(x, weight, out, expert_ready=expert_ready, x_planes=x_planes, **kw)
+            return self._decode(x, weight, out, expert_ready=expert_ready, x_planes=x_planes,
+                                x_plane_sums=x_plane_sums, **kw)
         return routed_matmul(x, weight, out=out, **kw)
 
     def _decode(self, x, weight, out, **kw):
@@ -226,8 +245,9 @@ class FusedDecodeStep:
         y = buf["y"][:, :di]
         dt_state_update(dbc, plan.dt_w, plan.dt_bias, xz[:, :di], xz[:, di:], plan.A, plan.D,
                         state.ssm_state[plan.slot], y, conv=conv, pdl=self.policy.pdl,
-                        block_d=self.policy.ssm_block_d if y.shape[0] == 1 else self.policy.ssm_block_d_batched)
-        return self._linear(y, plan.out_proj, out, bias=plan.out_bias)
+                        block_d=self.policy.ssm_block_d if y.shape[0] == 1 else self.policy.ssm_block_d_batched,
+                        y_planes=buf["ypl"])
+        return self._linear(y, plan.out_proj, out, bias=plan.out_bias, x_planes=buf["ypl"], x_plane_sums=False)
 
     def _moe(self, buf, plan: _MoePlan, views):
         h1, out = views
@@ -235,10 +255,11 @@ class FusedDecodeStep:
         act = buf["act"][:, :ffn]
         # gate, up and activation in one kernel
         if plan.gated and self.policy.takes(plan.fc1, act.shape[0], routed=True):
-            self._decode(buf["x"], plan.fc1, act, row_expert=buf["idx"], gated=plan.activation, x_planes=buf["xpl"])
+            self._decode(buf["x"], plan.fc1, act, row_expert=buf["idx"], gated=plan.activation, x_planes=buf["xpl"],
+                         out_planes=buf["apl"])
         else:
             self._linear(buf["x"], plan.fc1, h1, row_expert=buf["idx"])
             gated_act(h1, plan.activation, plan.gated, out=act)
         # the router (in the add-norm kernel) ran before fc1: fc2 may read its expert's tile before fc1 is done
         return self._linear(act, plan.fc2, out, row_expert=buf["idx"], row_scale=buf["rwt"],
-                            expert_ready=self.policy.expert_prefetch)
+                            expert_ready=self.policy.expert_prefetch, x_planes=buf["apl"], x_plane_sums=False)

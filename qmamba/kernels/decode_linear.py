@@ -338,20 +338,36 @@ def _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, exp_bits,
 
 
 @jit
+def store_x_planes(ptr, cols, xf, mask, KPAD: tl.constexpr):
+    """Planes 0..7 of the int4 input planes (:data:`qmamba.quant.layout.INT4_X_PLANES`, ``KPAD`` columns a plane)
+    of the fp32 values ``xf`` at columns ``cols`` (any shape): nibble i sits at bit 4 (i % 5) of w (i < 5) or of
+    w >> 20. Producers of a plane-word GEMV's input call it (add + norm, the SSM update, fc1's epilogue)."""
+    for i in tl.static_range(8):
+        tl.store(ptr + i * KPAD + cols, xf * (2.0 ** (96 - 4 * (i % 5))), mask=mask)
+
+
+@jit
 def _dot_row_planes(w, scale, zero, xr, K, row_ok, NBP: tl.constexpr, WPG: tl.constexpr, UNPACK: tl.constexpr,
-                    XPL_K: tl.constexpr):
+                    XPL_K: tl.constexpr, SUMS: tl.constexpr):
     """``[BN]`` fp32: a plane-word tile ("denorm" codes) times one input row given as its prepared input planes
     ``xr`` (:data:`qmamba.quant.layout.INT4_X_PLANES`, ``XPL_K`` columns a plane): per code a mask, a read of its
     input already in the code's scale and an FMA; the zero point per word against the word sums of plane 8. The
     input is read in the tile's shape (``UNPACK`` 3, every thread that needs it, from L1) or once per nibble
-    position and broadcast over the rows (2)."""
+    position and broadcast over the rows (2). ``SUMS``: plane 8 holds the word sums; else (a producer that writes
+    planes 0..7 only) they are summed here from the planes, once per word for all rows."""
     k_lim = tl.where(row_ok, K, 0)
     hi = w >> 20
     part = tl.zeros(w.shape, dtype=tl.float32)
     row0 = tl.zeros((w.shape[0], 1, 1), dtype=tl.int32)
     full: tl.constexpr = NBP * 128 <= XPL_K  # the planes cover the padded tile row: no masks (their padding is 0)
+    xsum = tl.zeros((NBP, WPG), dtype=tl.float32)
     for i in tl.static_range(8):
         k = _int4_k(i, NBP, WPG, 3)
+        if not SUMS:  # the word's input sum: x from each plane's 2^(96 - 4p) x
+            if full:
+                xsum += tl.load(xr + i * XPL_K + k) * (2.0 ** (4 * (i % 5) - 96))
+            else:
+                xsum += tl.load(xr + i * XPL_K + k, mask=k < k_lim, other=0.0) * (2.0 ** (4 * (i % 5) - 96))
         if UNPACK == 3:
             k3 = k[None, :, :] + row0
             if full:
@@ -369,7 +385,9 @@ def _dot_row_planes(w, scale, zero, xr, K, row_ok, NBP: tl.constexpr, WPG: tl.co
             codes = (hi & (0xF << (4 * (i - 5)))).to(tl.float32, bitcast=True)
         part += codes * xp
     q = tl.arange(0, NBP)[:, None] * WPG + tl.arange(0, WPG)[None, :]
-    if full:
+    if not SUMS:
+        xs = xsum * (2.0 ** -53)
+    elif full:
         xs = tl.load(xr + 8 * XPL_K + q)                                                                # [NBP, WPG]
     else:
         xs = tl.load(xr + 8 * XPL_K + q, mask=q < k_lim, other=0.0)
@@ -443,12 +461,13 @@ def _load_weights(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, N_UP, swe, swn, ss
 @jit
 def _decode_linear_kernel(
     x_ptr, st_ptr, cw_ptr, cb_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rexp_ptr, rscale_ptr, out_ptr, co_ptr, xpl_ptr,
-    M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse, ssn, sze, szn, exp_bits, sxpl_m,
+    opl_ptr, M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse, ssn, sze, szn, exp_bits, sxpl_m, sopl_m,
     FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr, CONV_W: tl.constexpr,
     HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr,
     UNPACK: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
     EXPERT_READY: tl.constexpr, ROW_PROGRAMS: tl.constexpr, X_PLANES: tl.constexpr, XPL_K: tl.constexpr,
+    XPL_SUMS: tl.constexpr, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -456,6 +475,7 @@ def _decode_linear_kernel(
         # program row pid_e serves input row pid_e alone (ROWS == 1): its input, output, routing and scale
         x_ptr += pid_e * sxm
         xpl_ptr += pid_e * sxpl_m
+        opl_ptr += pid_e * sopl_m
         out_ptr += pid_e * som
         rexp_ptr += pid_e
         rscale_ptr += pid_e
@@ -487,7 +507,8 @@ def _decode_linear_kernel(
             _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
                       bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, co_ptr, scom, DI, rows, rows_ok, expert,
                       M, N, K, exp_bits, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP,
-                      NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, xpl_ptr, sxpl_m, X_PLANES, XPL_K)
+                      NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, xpl_ptr, sxpl_m, X_PLANES, XPL_K, XPL_SUMS,
+                      opl_ptr, sopl_m, OUT_PLANES, OPL_K)
     else:
         w, scale, zero, w_up, scale_up, zero_up = _load_weights(
             w_ptr, s_ptr, z_ptr, pid_e.to(tl.int64) * 0, rows, rows_ok, K, N_UP, swe, swn, sse, ssn, sze, szn, FMT,
@@ -498,17 +519,21 @@ def _decode_linear_kernel(
         _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
                   bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, co_ptr, scom, DI, rows, rows_ok, pid_e,
                   M, N, K, exp_bits, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP,
-                  NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, xpl_ptr, sxpl_m, X_PLANES, XPL_K)
+                  NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, xpl_ptr, sxpl_m, X_PLANES, XPL_K, XPL_SUMS,
+                      opl_ptr, sopl_m, OUT_PLANES, OPL_K)
 
 
 @jit
 def _store_out(y, ri, ni, mask, out_ptr, som, co_ptr, scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI,
-               CONV_EPI: tl.constexpr, CONV_W: tl.constexpr, HAS_CB: tl.constexpr):
+               CONV_EPI: tl.constexpr, CONV_W: tl.constexpr, HAS_CB: tl.constexpr, opl_ptr, sopl_m,
+               OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr):
     """Store ``y`` at rows ``ri`` / columns ``ni`` (broadcast together, ``mask``). ``CONV_EPI``: columns below ``DI``
     are also the new conv input of those channels, and ``co`` gets the conv step's output
     ``silu(sum_j state[j + 1] w[j] + y w[W-1] + b)`` of the stored (rounded) value, from the old conv state."""
     yq = y.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + ri * som + ni, yq, mask=mask)
+    if OUT_PLANES:  # planes 0..7 of the stored output (the next GEMV's input; no word sums)
+        store_x_planes(opl_ptr + ri * sopl_m, ni, yq.to(tl.float32), mask, OPL_K)
     if CONV_EPI:
         cm = mask & (ni < DI)
         acc = yq.to(tl.float32) * tl.load(cw_ptr + ni * CONV_W + (CONV_W - 1), mask=cm, other=0.0).to(tl.float32)
@@ -527,7 +552,8 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
               CONV_W: tl.constexpr, HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
               HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr,
               WPG: tl.constexpr, TPB: tl.constexpr, UNPACK: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr,
-              xpl_ptr, sxpl_m, X_PLANES: tl.constexpr, XPL_K: tl.constexpr):
+              xpl_ptr, sxpl_m, X_PLANES: tl.constexpr, XPL_K: tl.constexpr, XPL_SUMS: tl.constexpr,
+              opl_ptr, sopl_m, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr):
     """Each input row (that is routed here) times the tile(s), epilogue, store. A row that is not computed costs a
     branch, no arithmetic."""
     if HAS_BIAS:
@@ -546,7 +572,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
         if HAS_RSCALE:
             y = y * tl.load(rscale_ptr + rr, mask=rok, other=0.0).to(tl.float32)[:, None]
         _store_out(y, rr[:, None], rows[None, :], rok[:, None] & rows_ok[None, :], out_ptr, som, co_ptr, scom,
-                   st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI, CONV_EPI, CONV_W, HAS_CB)
+                   st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI, CONV_EPI, CONV_W, HAS_CB, opl_ptr, sopl_m, OUT_PLANES, OPL_K)
     elif (FMT == 2 or FMT == 3) and ROWS > 1 and not ROUTED:
         # every row uses the same tile: unpack each code once, multiply it into all rows
         rr = tl.arange(0, ROWS)
@@ -559,7 +585,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
         if HAS_RSCALE:
             y = y * tl.load(rscale_ptr + rr, mask=rr < M, other=0.0).to(tl.float32)[:, None]
         _store_out(y, rr[:, None], rows[None, :], (rr < M)[:, None] & rows_ok[None, :], out_ptr, som, co_ptr,
-                   scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI, CONV_EPI, CONV_W, HAS_CB)
+                   scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI, CONV_EPI, CONV_W, HAS_CB, opl_ptr, sopl_m, OUT_PLANES, OPL_K)
     else:
         for r in tl.static_range(ROWS):
             row_ok = (tl.program_id(1) * 0 + r) < M  # a tensor (the interpreter rejects a Python bool mask)
@@ -567,7 +593,8 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                 row_ok = row_ok & (tl.load(rexp_ptr + r, mask=row_ok, other=-1) == expert)
             if row_ok:
                 if X_PLANES:
-                    y = _dot_row_planes(w, scale, zero, xpl_ptr + r * sxpl_m, K, row_ok, NBP, WPG, UNPACK, XPL_K)
+                    y = _dot_row_planes(w, scale, zero, xpl_ptr + r * sxpl_m, K, row_ok, NBP, WPG, UNPACK, XPL_K,
+                                        XPL_SUMS)
                 else:
                     y = _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, exp_bits, FMT, KP, NBP, WPG, UNPACK)
                 if HAS_BIAS:
@@ -575,7 +602,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                 if GATED:
                     if X_PLANES:
                         up = _dot_row_planes(w_up, scale_up, zero_up, xpl_ptr + r * sxpl_m, K, row_ok, NBP, WPG,
-                                             UNPACK, XPL_K)
+                                             UNPACK, XPL_K, XPL_SUMS)
                     else:
                         up = _dot_row(w_up, scale_up, zero_up, x_ptr, r, sxm, K, row_ok, exp_bits, FMT, KP, NBP, WPG,
                                       UNPACK)
@@ -583,7 +610,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                 if HAS_RSCALE:
                     y = y * tl.load(rscale_ptr + r).to(tl.float32)
                 _store_out(y, r, rows, rows_ok, out_ptr, som, co_ptr, scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI,
-                           CONV_EPI, CONV_W, HAS_CB)
+                           CONV_EPI, CONV_W, HAS_CB, opl_ptr, sopl_m, OUT_PLANES, OPL_K)
 
 
 # ---- launcher and reference twin -------------------------------------------------------------------------------------
@@ -635,7 +662,7 @@ def _weight_args(weight: PackedWeight | BinaryWeight):
 
 def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row_expert=None, row_scale=None, conv_out=None,
                   gated: str | None = None, policy: DecodePolicy | None = None, expert_ready: bool = False,
-                  x_planes=None):
+                  x_planes=None, x_plane_sums: bool = True, out_planes=None):
     """``out [M, N']`` (any float dtype) receives ``f(x) @ W_hat^T`` for ``M <= 8`` rows; semantics of
     :func:`decode_linear_ref`.
 
@@ -650,7 +677,10 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     kernel, as unrouted weights are.
     ``x_planes [M, 9, k_pad]`` fp32: ``x``'s int4 input planes (:func:`qmamba.quant.layout.int4_x_planes`, as
     :func:`qmamba.kernels.decode_step.add_norm` writes them), read instead of ``x`` where the kernel takes int4 plane
-    words with "denorm" codes one input row a program; ignored elsewhere.
+    words with "denorm" codes one input row a program; ignored elsewhere. ``x_plane_sums=False``: their plane 8 (the
+    word sums) is not written (a producer other than add + norm); the kernel sums the words itself.
+    ``out_planes [M, 9, width]`` fp32: planes 0..7 receive the input planes of ``out`` as stored (the next GEMV's
+    input; zero-initialised by the caller, whose padding columns stay 0).
     """
     policy = policy or DecodePolicy.for_device(x.device)
     m, k = x.shape
@@ -693,20 +723,28 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
                        x_planes.stride(2) != 1 or x_planes.stride(1) != kpad):
         raise ValueError(f"decode_linear: x_planes must be a row-contiguous [{m}, {INT4_X_PLANES}, {kpad}] float32 "
                          f"tensor, got {tuple(x_planes.shape)} {x_planes.dtype}")
+    opl_k = int4_x_planes_width(n_out)
+    if out_planes is not None and (tuple(out_planes.shape) != (m, INT4_X_PLANES, opl_k) or
+                                   out_planes.dtype != torch.float32 or out_planes.stride(2) != 1 or
+                                   out_planes.stride(1) != opl_k):
+        raise ValueError(f"decode_linear: out_planes must be a row-contiguous [{m}, {INT4_X_PLANES}, {opl_k}] "
+                         f"float32 tensor, got {tuple(out_planes.shape)} {out_planes.dtype}")
     _decode_linear_kernel[grid](
         x, st, cw, cb if cb is not None else dummy, w, s, z, bias if bias is not None else dummy,
         row_expert if row_expert is not None else dummy, row_scale if row_scale is not None else dummy, out, co,
-        x_planes if use_planes else dummy,
+        x_planes if use_planes else dummy, out_planes if out_planes is not None else dummy,
         1 if row_programs else m, n_out, k, n_out if gated else 0, channels, x.stride(0), st.stride(0), st.stride(1),
         out.stride(0),
         co.stride(0), *strides, _FLOAT_2P23_BITS, x_planes.stride(0) if use_planes else 0,
+        out_planes.stride(0) if out_planes is not None else 0,
         FMT=weight.fmt, ROWS=max(MMA_ROWS, next_pow2(rows)) if mma else next_pow2(rows), ROUTED=row_expert is not None,
         CONV_EPI=conv_out is not None, CONV_W=cw.shape[1] if conv_out is not None else 1, HAS_CB=cb is not None,
         GATED=gated is not None,
         ACT=ACTIVATION_IDS[gated] if gated else 0, HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
         KP=kp, NBP=nbp, WPG=wpg, TPB=tpb, UNPACK=unpack, MMA=mma, BLOCK_N=bn, PDL=policy.pdl,
         EXPERT_READY=expert_ready and row_expert is not None, ROW_PROGRAMS=row_programs, X_PLANES=use_planes,
-        XPL_K=kpad, num_warps=warps, **kwargs)
+        XPL_K=kpad, XPL_SUMS=bool(x_plane_sums), OUT_PLANES=out_planes is not None, OPL_K=opl_k, num_warps=warps,
+        **kwargs)
     return out
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from qmamba.kernels._triton import jit, next_pow2, tl
+from qmamba.kernels.decode_linear import store_x_planes as _store_planes
 from qmamba.kernels.selective_scan import _softplus
 from qmamba.quant.layout import INT4_X_PLANES, int4_x_planes_width
 
@@ -72,8 +73,7 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, o
         # the stored value, scaled per nibble position (0 past D: the tiles' padding), then the word sums
         yf = y.to(tl.float32)
         pm = d < KPAD
-        for i in tl.static_range(8):  # nibble i sits at bit 4 (i % 5) of w (i < 5) or of w >> 20
-            tl.store(xpl_ptr + b * sxpl_b + i * KPAD + d, yf * (2.0 ** (96 - 4 * (i % 5))), mask=pm)
+        _store_planes(xpl_ptr + b * sxpl_b, d, yf, pm, KPAD)
         word = tl.sum(tl.reshape(yf, (BLOCK_D // 128, 8, 16)), axis=1) * (2.0 ** -53)                # [tiles, 16]
         q = (tl.arange(0, BLOCK_D // 128) * 16)[:, None] + tl.arange(0, 16)[None, :]
         tl.store(xpl_ptr + b * sxpl_b + 8 * KPAD + q, word, mask=q < KPAD // 8)
@@ -90,10 +90,10 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, o
 
 @jit
 def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dskip_ptr, h_ptr, y_ptr,
-                            cs_ptr, cw_ptr, cb_ptr, DI, R, N, s_dbc, s_x, s_z, s_w, s_h, s_y, scs_b, scs_d,
-                            CONV: tl.constexpr, CONV_W: tl.constexpr, HAS_CB: tl.constexpr, PDL: tl.constexpr,
+                            cs_ptr, cw_ptr, cb_ptr, ypl_ptr, DI, R, N, s_dbc, s_x, s_z, s_w, s_h, s_y, scs_b, scs_d,
+                            s_ypl, CONV: tl.constexpr, CONV_W: tl.constexpr, HAS_CB: tl.constexpr, PDL: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_W: tl.constexpr):
+                            BLOCK_W: tl.constexpr, Y_PLANES: tl.constexpr, YPL_K: tl.constexpr):
     """dt = softplus(W_dt @ dbc[:R] + dt_bias); h = exp(dt A) h + dt x B (in place); y = (C.h + D x) silu(z).
     ``CONV``: ``x`` is the conv step's input; the kernel computes ``silu(conv(window) + b)`` itself and writes the
     shifted window back to the conv state (every other reader of the old state ran before this kernel).
@@ -145,7 +145,10 @@ def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dski
     tl.store(hp, h, mask=mask)
     y = tl.sum(h * cm[None, :], axis=1) + x * dskip
     y = y * z * tl.sigmoid(z)
-    tl.store(y_ptr + b * s_y + d, y.to(y_ptr.dtype.element_ty), mask=dm)
+    yq = y.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + b * s_y + d, yq, mask=dm)
+    if Y_PLANES:  # planes 0..7 of the int4 input planes of y as stored (out_proj's input; no word sums)
+        _store_planes(ypl_ptr + b * s_ypl, d, yq.to(tl.float32), dm, YPL_K)
 
 
 # ---- launchers and reference twins -------------------------------------------------------------------------------
@@ -234,14 +237,16 @@ def add_norm_ref(residual, norm_w, eps, h=None, token_ids=None, embedding=None, 
 
 
 def dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, conv=None, pdl: bool = False,
-                    block_d: int | None = None):
+                    block_d: int | None = None, y_planes=None):
     """One token of the SSM, in place on ``ssm_state [B, DI, N]`` fp32 (contiguous per row).
 
     ``dbc [B, R + 2N]`` (x_proj output: dt low-rank, B, C), ``dt_w [DI, R]``, ``dt_bias [DI]``, ``x, z [B, DI]``
     (conv output and gate), ``A [DI, N]`` fp32 (= -exp(A_log)), ``D_skip [DI]``; ``y_out [B, DI]`` receives
     ``(C . h + D x) * silu(z)``. ``conv = (conv_state [B, DI, W], conv_w [DI, W], conv_b | None)``: ``x`` is the conv
     step's *input*; the kernel applies the conv step (SiLU) and updates ``conv_state`` in place. ``block_d``:
-    channels per program (a power of two; default 32 on CUDA, 16 elsewhere)."""
+    channels per program (a power of two; default 32 on CUDA, 16 elsewhere). ``y_planes [B, 9, width]`` fp32
+    (row-contiguous planes, zero where no channel is): planes 0..7 receive the int4 input planes of ``y_out`` as
+    stored (:func:`qmamba.quant.layout.int4_x_planes`; plane 8, the word sums, is left alone)."""
     batch, di = x.shape
     r = dt_w.shape[1]
     n = A.shape[1]
@@ -258,12 +263,20 @@ def dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, conv=
         if tuple(cs.shape) != (batch, di, width) or cs.stride(2) != 1 or not cw.is_contiguous():
             raise ValueError(f"dt_state_update: conv needs state [{batch}, {di}, W] and contiguous weights [{di}, W]")
     block_d = block_d or (32 if x.is_cuda else 16)
+    ypl_k = int4_x_planes_width(di)
+    if y_planes is not None and (tuple(y_planes.shape) != (batch, INT4_X_PLANES, ypl_k) or
+                                 y_planes.dtype != torch.float32 or y_planes.stride(2) != 1 or
+                                 y_planes.stride(1) != ypl_k):
+        raise ValueError(f"dt_state_update: y_planes must be a row-contiguous [{batch}, {INT4_X_PLANES}, {ypl_k}] "
+                         f"float32 tensor, got {tuple(y_planes.shape)} {y_planes.dtype}")
     if block_d & (block_d - 1):
         raise ValueError(f"dt_state_update: block_d must be a power of two, got {block_d}")
     _dt_state_update_kernel[(batch, -(-di // block_d))](
-        dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, cs, cw, cb if cb is not None else dt_bias, di, r, n,
+        dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, cs, cw, cb if cb is not None else dt_bias,
+        y_planes if y_planes is not None else ssm_state, di, r, n,
         dbc.stride(0), x.stride(0), z.stride(0), dt_w.stride(0), ssm_state.stride(0), y_out.stride(0),
-        cs.stride(0), cs.stride(1), CONV=conv is not None, CONV_W=cw.shape[1] if conv is not None else 1,
+        cs.stride(0), cs.stride(1), y_planes.stride(0) if y_planes is not None else 0,
+        Y_PLANES=y_planes is not None, YPL_K=ypl_k, CONV=conv is not None, CONV_W=cw.shape[1] if conv is not None else 1,
         HAS_CB=cb is not None, PDL=pdl, BLOCK_D=block_d, BLOCK_R=next_pow2(r), BLOCK_N=next_pow2(n),
         BLOCK_W=next_pow2(cw.shape[1]) if conv is not None else 1, num_warps=4 if x.is_cuda else 1,
         **(dict(launch_pdl=True) if pdl else {}))

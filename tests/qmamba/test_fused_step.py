@@ -95,8 +95,12 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
         assert all(w.fmt == 3 for w in step._weights() if getattr(w, "group_size", 0) == 128)
     for _ in range(2):  # twice: the workspace is re-zeroed, the state carried
         logits = step(tok, state)
-        # the int4 input planes exist exactly where asked for (and read by in_proj / fc1 in place of x)
-        assert (step._buffers[batch]["xpl"] is not None) == ("xplanes" in kernels)
+        # the int4 input planes exist exactly where asked for (read by in_proj / fc1 in place of x; by out_proj at
+        # one row, written by the SSM update; by fc2 at one row or as routed row programs, written by fc1)
+        buf = step._buffers[batch]
+        assert (buf["xpl"] is not None) == ("xplanes" in kernels)
+        assert (buf["ypl"] is not None) == ("xplanes" in kernels and batch == 1)
+        assert (buf["apl"] is not None) == ("xplanes" in kernels and (batch == 1 or "rowprog" in kernels))
         ref = model.step(tok, ref_state)
         torch.testing.assert_close(logits, ref.float(), atol=1e-3, rtol=1e-3)
         torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)

@@ -95,13 +95,14 @@ def test_denorm_input_read_in_the_tile_shape(fmt, gated, device):
 
 @pytest.mark.parametrize("fmt", ["planes128", "planes256"])
 @pytest.mark.parametrize("x_in_tile", [True, False])
-@pytest.mark.parametrize("case", ["dense", "conv", "gated", "row_scale"])
+@pytest.mark.parametrize("case", ["dense", "conv", "gated", "row_scale", "dense-nosums", "row_scale-nosums"])
 def test_input_planes_match_the_dequantized_matmul(fmt, x_in_tile, case, device):
     """``x_planes`` (the int4 input planes add + norm writes, :func:`int4_x_planes`): one row, "denorm" plane
     words, the input read from the planes in the tile's shape (UNPACK 3) or broadcast over the rows (2): dense with a
     bias and a ragged last program, in_proj's conv epilogue, a routed gated expert and fc2's routing weight, against
     the dequantized matmul of x (ragged K: padded tiles; group 256: two tiles a scale). A planes tensor of the wrong
-    shape is an error."""
+    shape is an error. "-nosums": plane 8 (the word sums) unwritten (NaN), ``x_plane_sums=False``: summed in the
+    kernel. The gated case also writes the input planes of its output (``out_planes``, fc1 for fc2)."""
     from qmamba.quant.layout import int4_x_planes
 
     torch.manual_seed(11)
@@ -110,6 +111,11 @@ def test_input_planes_match_the_dequantized_matmul(fmt, x_in_tile, case, device)
     n, k = 45, 300
     x = torch.randn(1, k, device=device).to(torch.bfloat16).float()
     planes = int4_x_planes(x)
+    sums = not case.endswith("-nosums")
+    case = case.split("-")[0]
+    if not sums:
+        planes[:, 8] = float("nan")
+    kw = dict(x_planes=planes, x_plane_sums=sums)
     if case in ("dense", "conv"):
         w = weight_for(fmt, n, k, device, seed=2)
         bias = torch.randn(n, device=device) if case == "dense" else None
@@ -120,7 +126,7 @@ def test_input_planes_match_the_dequantized_matmul(fmt, x_in_tile, case, device)
             conv_w, conv_b = torch.randn(di, width, device=device), torch.randn(di, device=device)
             conv = (state, conv_w, conv_b, poisoned(1, di, device))
         decode_linear(torch.full_like(x, float("nan")), w, out, bias=bias, conv_out=conv, policy=policy,
-                      x_planes=planes)  # x itself is not read (here and below: NaN)
+                      **kw)  # x itself is not read (here and below: NaN)
         torch.testing.assert_close(out, dequant_matmul_ref(x, w, bias).float(), atol=1e-4, rtol=1e-4)
         if conv is not None:
             want, _ = causal_conv1d_update_ref(out[:, :di], state, conv_w, conv_b, "silu")
@@ -131,15 +137,20 @@ def test_input_planes_match_the_dequantized_matmul(fmt, x_in_tile, case, device)
     idx = torch.tensor([1], dtype=torch.int32, device=device)
     if case == "gated":
         w = weight_for(fmt, 2 * n, k, device, experts=3, seed=3)
+        out_planes = torch.zeros(1, 9, 128, device=device)
         act = decode_linear(torch.full_like(x, float("nan")), w, poisoned(1, n, device), row_expert=idx, gated="silu",
-                            policy=policy, x_planes=planes)
+                            policy=policy, out_planes=out_planes, **kw)
         want = gated_act_ref(dequant_matmul_ref(x, w, row_expert=idx), "silu", True).float()
         torch.testing.assert_close(act, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out_planes[:, :8], int4_x_planes(act)[:, :8], atol=0, rtol=0)  # as stored
+        assert torch.equal(out_planes[:, 8], torch.zeros_like(out_planes[:, 8]))  # the sums are not written
+        with pytest.raises(ValueError, match="out_planes"):
+            decode_linear(x, w, poisoned(1, n, device), row_expert=idx, gated="silu", policy=policy,
+                          out_planes=out_planes[:, :, :64])
         return
     w = weight_for(fmt, n, k, device, experts=3, seed=4)
     out = decode_linear(torch.full_like(x, float("nan")), w, poisoned(1, n, device), row_expert=idx,
-                        row_scale=torch.tensor([0.75], device=device), policy=policy, expert_ready=True,
-                        x_planes=planes)
+                        row_scale=torch.tensor([0.75], device=device), policy=policy, expert_ready=True, **kw)
     torch.testing.assert_close(out, dequant_matmul_ref(x, w, row_expert=idx).float() * 0.75, atol=1e-4, rtol=1e-4)
 
 

@@ -190,6 +190,31 @@ def test_dt_state_update_with_conv_step_matches_conv_then_update(has_bias, devic
     torch.testing.assert_close(y, ref_y, atol=1e-4, rtol=1e-4)
 
 
+def test_dt_state_update_writes_the_input_planes_of_y(device):
+    """``y_planes``: planes 0..7 receive the int4 input planes of ``y_out`` as stored (out_proj's input), plane 8
+    and the padding columns are left alone; y and the state as without them."""
+    from qmamba.quant.layout import int4_x_planes
+
+    torch.manual_seed(5)
+    batch, di, r, n = 2, 150, 6, 16
+    dbc = torch.randn(batch, r + 2 * n, device=device)
+    dt_w, dt_b = torch.randn(di, r, device=device) * 0.3, torch.randn(di, device=device)
+    x, z = torch.randn(batch, di, device=device), torch.randn(batch, di, device=device)
+    A, D = -torch.rand(di, n, device=device) - 0.5, torch.randn(di, device=device)
+    state = torch.randn(batch, di, n, device=device)
+    want_y, want_h = dt_state_update_ref(dbc, dt_w, dt_b, x, z, A, D, state)
+    y = torch.empty(batch, di, device=device, dtype=torch.bfloat16)
+    planes = torch.zeros(batch, 9, 256, device=device)
+    planes[:, 8] = 7.0
+    dt_state_update(dbc, dt_w, dt_b, x, z, A, D, state, y, y_planes=planes)
+    torch.testing.assert_close(y.float(), want_y, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(state, want_h, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(planes[:, :8], int4_x_planes(y)[:, :8], atol=0, rtol=0)
+    assert (planes[:, 8] == 7.0).all()
+    with pytest.raises(ValueError, match="y_planes"):
+        dt_state_update(dbc, dt_w, dt_b, x, z, A, D, state, y, y_planes=planes[:, :8])
+
+
 def test_dt_state_update_rejects_strided_state(device):
     state = torch.zeros(1, 16, 8, device=device).transpose(1, 2)
     with pytest.raises(ValueError, match="ssm_state"):
