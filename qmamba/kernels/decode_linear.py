@@ -24,7 +24,10 @@ a tile's words covers consecutive k, whose input is one contiguous read; ``code 
 row scale, K a multiple of 32: bit t of word j is the sign of k = 32 j + t; ``x @ W_hat^T = (x * alpha) @ S^T +
 x . beta``: the sign words are loaded before the wait, the per-column alpha and beta with the input after it).
 Routing: ``row_expert [M]`` (top-1 MoE) picks each row's expert; program column ``e`` serves the rows routed to
-expert ``e`` and reads only that expert's weights (an idle column reads nothing).
+expert ``e`` and reads only that expert's weights (an idle column reads nothing), or (``routed_row_programs``)
+program row ``m`` serves input row ``m`` on its own expert's tile.
+Input planes (``x_planes``, :data:`qmamba.quant.layout.INT4_X_PLANES`): plane words may read their input prepared
+by its producer, scaled per nibble position, so that a code costs a mask, a load and an FMA (``int4_x_planes``).
 
 The pure-PyTorch twin is :func:`decode_linear_ref`. :class:`DecodePolicy` holds the launch choices (PDL on or off,
 tile widths) as an explicit argument, never module state.
