@@ -77,7 +77,8 @@ def variants(pdl: bool, rows: int):
         # the warps of one weight row
         rowprog = dataclasses.replace(cuda, routed_row_programs=True)
         return {"planes_mma": ("planes", DecodePolicy(pdl=pdl)), "general": ("words", "general"),
-                "rowprog": ("planes", rowprog), "rowprog_rw": ("planes", dataclasses.replace(rowprog, int4_row_warps=True)),
+                "rowprog": ("planes", rowprog),
+                "rowprog_rw": ("planes", dataclasses.replace(rowprog, int4_row_warps=True)),
                 "rowprog_bf16": ("float", rowprog), "general_bf16": ("float", "general")}
     out = {"cuda_default": ("planes", cuda), "cuda_default_float": ("float", cuda),
            # int8 and 1-bit weights: the CUDA policy with their format added, and their general kernels

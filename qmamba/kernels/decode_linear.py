@@ -523,7 +523,7 @@ def _decode_linear_kernel(
                   bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, co_ptr, scom, DI, rows, rows_ok, pid_e,
                   M, N, K, exp_bits, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP,
                   NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, xpl_ptr, sxpl_m, X_PLANES, XPL_K, XPL_SUMS,
-                      opl_ptr, sopl_m, OUT_PLANES, OPL_K)
+                  opl_ptr, sopl_m, OUT_PLANES, OPL_K)
 
 
 @jit
@@ -575,7 +575,8 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
         if HAS_RSCALE:
             y = y * tl.load(rscale_ptr + rr, mask=rok, other=0.0).to(tl.float32)[:, None]
         _store_out(y, rr[:, None], rows[None, :], rok[:, None] & rows_ok[None, :], out_ptr, som, co_ptr, scom,
-                   st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI, CONV_EPI, CONV_W, HAS_CB, opl_ptr, sopl_m, OUT_PLANES, OPL_K)
+                   st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI, CONV_EPI, CONV_W, HAS_CB, opl_ptr, sopl_m, OUT_PLANES,
+                   OPL_K)
     elif (FMT == 2 or FMT == 3) and ROWS > 1 and not ROUTED:
         # every row uses the same tile: unpack each code once, multiply it into all rows
         rr = tl.arange(0, ROWS)
@@ -588,7 +589,8 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
         if HAS_RSCALE:
             y = y * tl.load(rscale_ptr + rr, mask=rr < M, other=0.0).to(tl.float32)[:, None]
         _store_out(y, rr[:, None], rows[None, :], (rr < M)[:, None] & rows_ok[None, :], out_ptr, som, co_ptr,
-                   scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI, CONV_EPI, CONV_W, HAS_CB, opl_ptr, sopl_m, OUT_PLANES, OPL_K)
+                   scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI, CONV_EPI, CONV_W, HAS_CB, opl_ptr, sopl_m,
+                   OUT_PLANES, OPL_K)
     else:
         for r in tl.static_range(ROWS):
             row_ok = (tl.program_id(1) * 0 + r) < M  # a tensor (the interpreter rejects a Python bool mask)

@@ -276,7 +276,8 @@ def dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, conv=
         y_planes if y_planes is not None else ssm_state, di, r, n,
         dbc.stride(0), x.stride(0), z.stride(0), dt_w.stride(0), ssm_state.stride(0), y_out.stride(0),
         cs.stride(0), cs.stride(1), y_planes.stride(0) if y_planes is not None else 0,
-        Y_PLANES=y_planes is not None, YPL_K=ypl_k, CONV=conv is not None, CONV_W=cw.shape[1] if conv is not None else 1,
+        Y_PLANES=y_planes is not None, YPL_K=ypl_k, CONV=conv is not None,
+        CONV_W=cw.shape[1] if conv is not None else 1,
         HAS_CB=cb is not None, PDL=pdl, BLOCK_D=block_d, BLOCK_R=next_pow2(r), BLOCK_N=next_pow2(n),
         BLOCK_W=next_pow2(cw.shape[1]) if conv is not None else 1, num_warps=4 if x.is_cuda else 1,
         **(dict(launch_pdl=True) if pdl else {}))

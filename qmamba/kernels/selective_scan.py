@@ -367,10 +367,10 @@ def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias
 
     ``n_segments`` (time segments run in parallel; default :func:`chunked_segments`), ``num_warps``, ``lanes``
     (threads per channel, splitting its N states; channels per program = 32 x warps / lanes), ``unroll`` (steps
-    per loop trip), ``fast_exp`` (one-instruction exp2; CUDA only, off by default: slower on the H200) and ``bc_fp32`` (B and C converted to one fp32
-    [B, L, 2N] tensor first, so the hot loop, where every thread reads the whole B_t and C_t rows, loads them
-    without a conversion each; default on CUDA for 16-bit inputs) are tuning knobs; every setting computes the
-    same function.
+    per loop trip), ``fast_exp`` (one-instruction exp2; CUDA only, off by default: slower on the H200) and
+    ``bc_fp32`` (B and C converted to one fp32 [B, L, 2N] tensor first, so the hot loop, where every thread reads
+    the whole B_t and C_t rows, loads them without a conversion each; default on CUDA for 16-bit inputs) are tuning
+    knobs; every setting computes the same function.
     """
     batch, length, dim, n = _check_scan_args(u, delta, A, B_ssm, C_ssm, D_skip, z, delta_bias, initial_state)
     y = torch.empty(batch, length, dim, device=u.device, dtype=u.dtype)
