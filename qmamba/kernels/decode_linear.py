@@ -44,7 +44,7 @@ from qmamba.kernels.fused_moe import ACTIVATION_IDS, activate, gated_act_ref
 from qmamba.kernels.matmul_configs import sm_count
 from qmamba.kernels.weights import (FMT_BINARY, FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT8, BinaryWeight,
                                     PackedWeight, int32_words)
-from qmamba.quant.layout import INT4_TILE, INT4_TILE_WORDS, INT4_X_PLANES, int4_x_planes_width
+from qmamba.quant.layout import INT4_TILE, INT4_TILE_WORDS, check_x_planes
 
 MAX_ROWS = 8
 NARROW_N = 512  # "narrow" matrices (DecodePolicy.max_rows_narrow): x_proj's dt rank + 2 d_state outputs
@@ -723,17 +723,8 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     if unpack == 2 and policy.int4_x_in_tile and rows == 1 and nbp * wpg < 4 * 32 * warps:
         unpack = UNPACK_DENORM_X_IN_TILE
     use_planes = x_planes is not None and weight.fmt == FMT_INT4_PLANES and rows == 1 and unpack in (2, 3)
-    kpad = int4_x_planes_width(k)
-    if use_planes and (tuple(x_planes.shape) != (m, INT4_X_PLANES, kpad) or x_planes.dtype != torch.float32 or
-                       x_planes.stride(2) != 1 or x_planes.stride(1) != kpad):
-        raise ValueError(f"decode_linear: x_planes must be a row-contiguous [{m}, {INT4_X_PLANES}, {kpad}] float32 "
-                         f"tensor, got {tuple(x_planes.shape)} {x_planes.dtype}")
-    opl_k = int4_x_planes_width(n_out)
-    if out_planes is not None and (tuple(out_planes.shape) != (m, INT4_X_PLANES, opl_k) or
-                                   out_planes.dtype != torch.float32 or out_planes.stride(2) != 1 or
-                                   out_planes.stride(1) != opl_k):
-        raise ValueError(f"decode_linear: out_planes must be a row-contiguous [{m}, {INT4_X_PLANES}, {opl_k}] "
-                         f"float32 tensor, got {tuple(out_planes.shape)} {out_planes.dtype}")
+    kpad = check_x_planes("decode_linear", "x_planes", x_planes, m, k) if use_planes else 1
+    opl_k = check_x_planes("decode_linear", "out_planes", out_planes, m, n_out) if out_planes is not None else 1
     _decode_linear_kernel[grid](
         x, st, cw, cb if cb is not None else dummy, w, s, z, bias if bias is not None else dummy,
         row_expert if row_expert is not None else dummy, row_scale if row_scale is not None else dummy, out, co,

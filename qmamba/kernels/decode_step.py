@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from qmamba.kernels._triton import jit, next_pow2, tl
 from qmamba.kernels.decode_linear import store_x_planes as _store_planes
 from qmamba.kernels.selective_scan import _softplus
-from qmamba.quant.layout import INT4_X_PLANES, int4_x_planes_width
+from qmamba.quant.layout import check_x_planes
 
 
 # ---- kernels ---------------------------------------------------------------------------------------------------------
@@ -176,12 +176,9 @@ def _launch_add_norm(x_out, residual_in, residual_out, norm_w, eps, h, token_ids
     dummy = norm_w
     rin = residual_in if residual_in is not None else residual_out
     block_d = next_pow2(d)
-    kpad = int4_x_planes_width(d)
+    kpad = 1
     if x_planes is not None:
-        if tuple(x_planes.shape) != (batch, INT4_X_PLANES, kpad) or x_planes.dtype != torch.float32 or \
-                x_planes.stride(2) != 1 or x_planes.stride(1) != kpad:
-            raise ValueError(f"add_norm: x_planes must be a row-contiguous [{batch}, {INT4_X_PLANES}, {kpad}] float32 "
-                             f"tensor, got {tuple(x_planes.shape)} {x_planes.dtype}")
+        kpad = check_x_planes("add_norm", "x_planes", x_planes, batch, d)
         block_d = max(block_d, kpad)
     _add_norm_kernel[(batch,)](
         h if h is not None else residual_out, token_ids if token_ids is not None else residual_out,
@@ -263,12 +260,7 @@ def dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, conv=
         if tuple(cs.shape) != (batch, di, width) or cs.stride(2) != 1 or not cw.is_contiguous():
             raise ValueError(f"dt_state_update: conv needs state [{batch}, {di}, W] and contiguous weights [{di}, W]")
     block_d = block_d or (32 if x.is_cuda else 16)
-    ypl_k = int4_x_planes_width(di)
-    if y_planes is not None and (tuple(y_planes.shape) != (batch, INT4_X_PLANES, ypl_k) or
-                                 y_planes.dtype != torch.float32 or y_planes.stride(2) != 1 or
-                                 y_planes.stride(1) != ypl_k):
-        raise ValueError(f"dt_state_update: y_planes must be a row-contiguous [{batch}, {INT4_X_PLANES}, {ypl_k}] "
-                         f"float32 tensor, got {tuple(y_planes.shape)} {y_planes.dtype}")
+    ypl_k = check_x_planes("dt_state_update", "y_planes", y_planes, batch, di) if y_planes is not None else 1
     if block_d & (block_d - 1):
         raise ValueError(f"dt_state_update: block_d must be a power of two, got {block_d}")
     _dt_state_update_kernel[(batch, -(-di // block_d))](

@@ -135,6 +135,17 @@ def int4_x_planes_width(k: int) -> int:
     return (1 << (tiles - 1).bit_length()) * INT4_TILE
 
 
+def check_x_planes(who: str, name: str, planes: torch.Tensor, rows: int, k: int) -> int:
+    """Raise ``ValueError`` unless ``planes`` is a row-contiguous ``[rows, 9, width]`` float32 tensor of input planes
+    for ``k`` elements; returns the width (:func:`int4_x_planes_width`)."""
+    width = int4_x_planes_width(k)
+    if tuple(planes.shape) != (rows, INT4_X_PLANES, width) or planes.dtype != torch.float32 or \
+            planes.stride(2) != 1 or planes.stride(1) != width:
+        raise ValueError(f"{who}: {name} must be a row-contiguous [{rows}, {INT4_X_PLANES}, {width}] float32 tensor, "
+                         f"got {tuple(planes.shape)} {planes.dtype}")
+    return width
+
+
 def int4_x_planes(x: torch.Tensor) -> torch.Tensor:
     """Reference: ``x [..., K]`` -> input planes ``[..., 9, int4_x_planes_width(K)]`` fp32 (see above)."""
     k = x.shape[-1]
