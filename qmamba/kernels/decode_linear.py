@@ -265,13 +265,18 @@ def _int4_subnormal(w, hi, xi, i: tl.constexpr):
     ``hi = w >> 20`` for nibbles 5..7): a nibble masked in place and read as a float is that subnormal, exactly, and
     the product of the two is ``code * x * 2^-53`` for every position (a few bits times bf16 / fp32 bits: exact).
     Needs subnormals kept (no flush to zero: Triton's fp32 default) and |x| < 2^32."""
+    return _subnormal_codes(w, hi, i), xi * (2.0 ** (96 - 4 * (i % 5)))
+
+
+@jit
+def _subnormal_codes(w, hi, i: tl.constexpr):
+    """``code * 2^(4p - 149)`` of nibble ``i`` of every word: masked in place (p = i, or i - 5 in ``hi = w >> 20``)
+    and read as a float (see :func:`_int4_subnormal`)."""
     if i < 5:
         codes = (w & (0xF << (4 * i))).to(tl.float32, bitcast=True)
-        xp = xi * (2.0 ** (96 - 4 * i))
     else:
         codes = (hi & (0xF << (4 * (i - 5)))).to(tl.float32, bitcast=True)
-        xp = xi * (2.0 ** (96 - 4 * (i - 5)))
-    return codes, xp
+    return codes
 
 
 @jit
@@ -350,6 +355,16 @@ def store_x_planes(ptr, cols, xf, mask, KPAD: tl.constexpr):
 
 
 @jit
+def _plane_at(ptr, offs, lim, FULL: tl.constexpr):
+    """An input plane at ``offs`` (any shape): unmasked where it covers them (``FULL``), else 0 from ``lim`` on."""
+    if FULL:
+        x = tl.load(ptr + offs)
+    else:
+        x = tl.load(ptr + offs, mask=offs < lim, other=0.0)
+    return x
+
+
+@jit
 def _dot_row_planes(w, scale, zero, xr, K, row_ok, NBP: tl.constexpr, WPG: tl.constexpr, UNPACK: tl.constexpr,
                     XPL_K: tl.constexpr, SUMS: tl.constexpr):
     """``[BN]`` fp32: a plane-word tile ("denorm" codes) times one input row given as its prepared input planes
@@ -367,33 +382,16 @@ def _dot_row_planes(w, scale, zero, xr, K, row_ok, NBP: tl.constexpr, WPG: tl.co
     for i in tl.static_range(8):
         k = _int4_k(i, NBP, WPG, 3)
         if not SUMS:  # the word's input sum: x from each plane's 2^(96 - 4p) x
-            if full:
-                xsum += tl.load(xr + i * XPL_K + k) * (2.0 ** (4 * (i % 5) - 96))
-            else:
-                xsum += tl.load(xr + i * XPL_K + k, mask=k < k_lim, other=0.0) * (2.0 ** (4 * (i % 5) - 96))
+            xsum += _plane_at(xr + i * XPL_K, k, k_lim, full) * (2.0 ** (4 * (i % 5) - 96))
         if UNPACK == 3:
-            k3 = k[None, :, :] + row0
-            if full:
-                xp = tl.load(xr + i * XPL_K + k3)
-            else:
-                xp = tl.load(xr + i * XPL_K + k3, mask=k3 < k_lim, other=0.0)
+            xp = _plane_at(xr + i * XPL_K, k[None, :, :] + row0, k_lim, full)
         else:
-            if full:
-                xp = tl.load(xr + i * XPL_K + k)[None, :, :]
-            else:
-                xp = tl.load(xr + i * XPL_K + k, mask=k < k_lim, other=0.0)[None, :, :]
-        if i < 5:
-            codes = (w & (0xF << (4 * i))).to(tl.float32, bitcast=True)
-        else:
-            codes = (hi & (0xF << (4 * (i - 5)))).to(tl.float32, bitcast=True)
-        part += codes * xp
-    q = tl.arange(0, NBP)[:, None] * WPG + tl.arange(0, WPG)[None, :]
-    if not SUMS:
-        xs = xsum * (2.0 ** -53)
-    elif full:
-        xs = tl.load(xr + 8 * XPL_K + q)                                                                # [NBP, WPG]
+            xp = _plane_at(xr + i * XPL_K, k, k_lim, full)[None, :, :]
+        part += _subnormal_codes(w, hi, i) * xp
+    if SUMS:
+        xs = _plane_at(xr + 8 * XPL_K, tl.arange(0, NBP)[:, None] * WPG + tl.arange(0, WPG)[None, :], k_lim, full)
     else:
-        xs = tl.load(xr + 8 * XPL_K + q, mask=q < k_lim, other=0.0)
+        xs = xsum * (2.0 ** -53)
     part -= zero[:, :, None] * xs[None, :, :]
     return tl.sum(tl.sum(part, axis=2) * (scale * (2.0 ** 53)), axis=1)
 

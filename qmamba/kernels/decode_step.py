@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from qmamba.kernels._triton import jit, next_pow2, tl
-from qmamba.kernels.decode_linear import store_x_planes as _store_planes
+from qmamba.kernels.decode_linear import store_x_planes
 from qmamba.kernels.selective_scan import _softplus
 from qmamba.quant.layout import check_x_planes
 
@@ -73,7 +73,7 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, o
         # the stored value, scaled per nibble position (0 past D: the tiles' padding), then the word sums
         yf = y.to(tl.float32)
         pm = d < KPAD
-        _store_planes(xpl_ptr + b * sxpl_b, d, yf, pm, KPAD)
+        store_x_planes(xpl_ptr + b * sxpl_b, d, yf, pm, KPAD)
         word = tl.sum(tl.reshape(yf, (BLOCK_D // 128, 8, 16)), axis=1) * (2.0 ** -53)                # [tiles, 16]
         q = (tl.arange(0, BLOCK_D // 128) * 16)[:, None] + tl.arange(0, 16)[None, :]
         tl.store(xpl_ptr + b * sxpl_b + 8 * KPAD + q, word, mask=q < KPAD // 8)
@@ -148,7 +148,7 @@ def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dski
     yq = y.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + b * s_y + d, yq, mask=dm)
     if Y_PLANES:  # planes 0..7 of the int4 input planes of y as stored (out_proj's input; no word sums)
-        _store_planes(ypl_ptr + b * s_ypl, d, yq.to(tl.float32), dm, YPL_K)
+        store_x_planes(ypl_ptr + b * s_ypl, d, yq.to(tl.float32), dm, YPL_K)
 
 
 # ---- launchers and reference twins -------------------------------------------------------------------------------
