@@ -146,6 +146,11 @@ class DecodePolicy:
         kernels, one program row per input row (``max_rows_routed``, ``routed_row_programs``): batch 8 int4 2.138
         -> 1.792 ms/token, bf16 1.793 -> 1.675 (fc1 alone 47.9 -> 34.5 us, fc2 31.2 -> 20.2; batch 1 unchanged);
         on: the warps of one weight row instead (``rw``) lost at batch 1 (0.607 against 0.531).
+        Session 19 (``--variants default,xplanes,xplanesb``, one run): the int4 input planes from their producers
+        (``int4_x_planes``) left batch 1 where it was (0.529 both) and took batch 8 from 1.797 to 1.724 ms/token
+        (bf16, which has none, 1.898 / 1.878): on. Kernels alone at one row (``bench_decode_linear.py``): in_proj
+        5.85 -> 5.11 us, fc1 6.17 -> 5.94, fc2 5.32 -> 4.89, head 36.2 -> 28.2, out_proj 3.79 -> 4.04; the add +
+        norm that writes the planes from one program gives most of it back at batch 1.
         CPU (interpreter): every format and batch, wide row blocks (few programs)."""
         if device.type != "cuda":
             return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1, ssm_block_d=16)
@@ -157,7 +162,7 @@ class DecodePolicy:
         compiles and reports build it for the H200's 132)."""
         return cls(pdl=pdl, max_rows=1, max_rows_planes=1, block_n_int4=4, int4_planes=True, int4_unpack="denorm",
                    min_programs=2 * multiprocessors, int4_x_in_tile=True, ssm_block_d=8,
-                   max_rows_routed=MAX_ROWS, routed_row_programs=True,
+                   max_rows_routed=MAX_ROWS, routed_row_programs=True, int4_x_planes=True,
                    formats=(FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES))
 
     def block_n(self, fmt: int, rows: int, n: int) -> int:
