@@ -40,10 +40,8 @@ DENSE = [("in_proj", 1472, 5888), ("x_proj", 2944, 124), ("out_proj", 2944, 1472
 EXPERTS = [("fc1 x8", 1472, 7744), ("fc2 x8", 3872, 1472)]
 EXPERT_SWEEP = [(64, 128, 4, 3), (64, 128, 4, 4), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 4, 4), (64, 64, 4, 2),
                 (64, 128, 8, 3)]  # (block_m, block_n, warps, stages)
-# how the plane GEMM unpacks and multiplies: name -> (MatmulPolicy.plane_float_codes, plane_weight_left,
-# plane_pair_codes)
-UNPACKS = {"float": (True, False, False), "int": (False, False, False), "wleft": (True, True, False),
-           "pairs": (True, True, True)}
+# how the plane GEMM unpacks and multiplies: name -> (MatmulPolicy.plane_float_codes, plane_weight_left)
+UNPACKS = {"float": (True, False), "int": (False, False), "wleft": (True, True)}
 N_EXPERTS = 8
 
 
@@ -168,9 +166,8 @@ def run(m_values, sweep, quick, log, parts=("dense", "experts"), expert_sweep=No
                 for (bm, bn, warps, stages), how in itertools.product(expert_sweep or EXPERT_SWEEP,
                                                                       unpacks or list(UNPACKS)):
                     cfg = MatmulConfig(bm, bn, 128, 1, warps, stages)
-                    fl, left, pairs = UNPACKS[how]
-                    pol = MatmulPolicy(dequant_experts_min_m=1 << 40, plane_float_codes=fl, plane_weight_left=left,
-                                       plane_pair_codes=pairs)
+                    fl, left = UNPACKS[how]
+                    pol = MatmulPolicy(dequant_experts_min_m=1 << 40, plane_float_codes=fl, plane_weight_left=left)
                     st = expert_tile_map(idx, n_experts, bm)
                     sweep_record(record, log, label, m, f"planes {bm}x{bn} w{warps} s{stages} {how}",
                                  [lambda w=w, c=cfg, p=pol, t=st: dequant_matmul(x, w[1], row_expert=idx, tiles=t,
@@ -201,8 +198,7 @@ def main():
     ap.add_argument("--parts", default="dense,experts", help="dense projections, expert stacks, or both")
     ap.add_argument("--expert-tiles", help="the expert sweep's tiles, e.g. 64x128w4s3,256x64w8s3 (default: a grid)")
     ap.add_argument("--unpacks", help="the expert sweep's unpacking: float (codes as floats), int (integer "
-                    "conversions), wleft (float codes, the product as W x^T), pairs (W x^T, two nibble positions "
-                    "per unpacking); default all four")
+                    "conversions), wleft (float codes, the product as W x^T); default all three")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test under TRITON_INTERPRET=1)")
     args = ap.parse_args()
     require_idle_gpu()

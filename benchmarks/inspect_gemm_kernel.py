@@ -55,11 +55,10 @@ def planes_stack(k: int, n: int) -> PackedWeight:
     return fmt.kernel_weight(fmt.quantize_rtn(w), n, k).to_planes()
 
 
-def compile_case(case: str, weight: PackedWeight, float_codes: bool, arch: int, weight_left: bool = False,
-                 pairs: bool = False):
+def compile_case(case: str, weight: PackedWeight, float_codes: bool, arch: int, weight_left: bool = False):
     """``(compiled kernel, config)`` of one case, recorded from the real launcher on CPU tensors."""
     k = weight.k
-    policy = MatmulPolicy(plane_float_codes=float_codes, plane_weight_left=weight_left, plane_pair_codes=pairs)
+    policy = MatmulPolicy(plane_float_codes=float_codes, plane_weight_left=weight_left)
     if case == "prefill":
         m = 2048
         cfg = gemm_config(m, weight, _CudaLike())
@@ -70,8 +69,6 @@ def compile_case(case: str, weight: PackedWeight, float_codes: bool, arch: int, 
         recorder, module, name = _Recorder(qm._dequant_matmul_kernel), qm, "_dequant_matmul_kernel"
     real = getattr(module, name)
     setattr(module, name, recorder)
-    row_sums = dg.plane_row_sums
-    dg.plane_row_sums = dg.plane_row_sums_ref  # the pair codes' pre-pass (another kernel) in PyTorch here
     try:
         x = torch.randn(m, k).to(torch.bfloat16)
         idx = torch.randint(0, EXPERTS, (m,), dtype=torch.int32)
@@ -79,7 +76,6 @@ def compile_case(case: str, weight: PackedWeight, float_codes: bool, arch: int, 
         qm.dequant_matmul(x, weight, row_expert=idx, tiles=tiles, config=cfg, policy=policy)
     finally:
         setattr(module, name, real)
-        dg.plane_row_sums = row_sums
     _, args, meta = recorder.calls[-1]
     return compile_recorded(real, args, meta, arch), cfg
 
@@ -91,8 +87,7 @@ def main():
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--no-stack", action="store_true", help="exit 1 if the default (float codes) spills")
     ap.add_argument("--weight-left", action="store_true",
-                    help="also the prefill GEMM as W x^T (MatmulPolicy.plane_weight_left), float codes, and with "
-                    "two nibble positions per unpacking (plane_pair_codes)")
+                    help="also the prefill GEMM as W x^T (MatmulPolicy.plane_weight_left), float codes")
     args = ap.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     spilled = []
@@ -115,8 +110,6 @@ def main():
                     spilled.append(f"{shape} {case}")
             if args.weight_left and case == "prefill":
                 show(shape, case, "float codes, W x^T", *compile_case(case, weight, True, args.arch, weight_left=True))
-                show(shape, case, "code pairs, W x^T", *compile_case(case, weight, True, args.arch, weight_left=True,
-                                                                     pairs=True))
     if args.no_stack and spilled:
         sys.exit(f"spills: {', '.join(spilled)}")
 

@@ -10,7 +10,7 @@ import torch
 
 from qmamba.kernels._triton import cdiv, jit, split_k_range, tl
 from qmamba.kernels.routing import ExpertTiles
-from qmamba.kernels.weights import FMT_INT4, FMT_INT4_PLANES, PackedWeight
+from qmamba.kernels.weights import FMT_INT4, PackedWeight
 
 
 @jit
@@ -60,21 +60,6 @@ def plane_codes(words, zero, i: tl.constexpr, FLOAT_CODES: tl.constexpr):
 
 
 @jit
-def plane_code_pairs(words, i: tl.constexpr, MAGIC: tl.constexpr):
-    """Nibble positions ``i`` and ``i + 4`` (0 <= i < 4) of a plane tile (``words [BN, 16]``) at once, as the
-    16-bit floats ``MAGIC + code`` in the input's type: nibble i + 4 sits 16 bits above nibble i, so one shift and one
-    logic instruction put both codes into the mantissas of a pair of 16-bit floats of value ``MAGIC`` (bfloat16 128,
-    float16 1024: the spacing there is 1, so ``MAGIC | code`` is ``MAGIC + code`` exactly), and the two halves are
-    the two ``[BN, 16]`` tiles. The zero point is not subtracted: the caller removes ``(MAGIC + zero) * sum(x)``."""
-    bits: tl.constexpr = 0x43004300 if MAGIC == 128 else 0x64006400
-    t = ((words >> (4 * i)) & 0x000F000F) | bits
-    dt: tl.constexpr = tl.bfloat16 if MAGIC == 128 else tl.float16
-    lo = (t & 0xFFFF).to(tl.int16).to(dt, bitcast=True)
-    hi = (t >> 16).to(tl.int16).to(dt, bitcast=True)
-    return lo, hi
-
-
-@jit
 def _rows_times_tile(x, w, IEEE: tl.constexpr):
     """``[BLOCK_M, BLOCK_N]`` fp32 on tensor cores: input rows ``x [BLOCK_M, BK]`` times a weight tile ``w [BLOCK_N,
     BK]`` (dequantized, or exact codes) rounded to the input's type; float32 inputs exactly (IEEE)."""
@@ -98,44 +83,14 @@ def weight_times_rows(w, x, IEEE: tl.constexpr):
 
 
 @jit
-def _row_tile_sums_kernel(x_ptr, out_ptr, M, K, sxm, som, BLOCK_R: tl.constexpr, TILES: tl.constexpr):
-    """``out [M, tiles]`` fp32: each row of ``x`` summed over each 128-element K tile (the last one ragged)."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.arange(0, 128)
-    for t in tl.static_range(TILES):
-        k = t * 128 + c
-        x = tl.load(x_ptr + r[:, None] * sxm + k[None, :], mask=(r < M)[:, None] & (k < K)[None, :], other=0.0)
-        tl.store(out_ptr + r * som + t, tl.sum(x.to(tl.float32), axis=1), mask=r < M)
-
-
-def plane_row_sums(x) -> torch.Tensor:
-    """``[M, ceil(K / 128)]`` fp32: the rows of ``x [M, K]`` summed over each 128-element K tile of plane words,
-    the zero-point term of :func:`plane_code_pairs`' GEMM. Twin: :func:`plane_row_sums_ref`."""
-    m, k = x.shape
-    tiles = cdiv(k, 128)
-    out = torch.empty(m, tiles, device=x.device, dtype=torch.float32)
-    block_r = 16 if x.is_cuda else 64
-    _row_tile_sums_kernel[(cdiv(m, block_r),)](x, out, m, k, x.stride(0), out.stride(0), BLOCK_R=block_r,
-                                               TILES=tiles, num_warps=4 if x.is_cuda else 1)
-    return out
-
-
-def plane_row_sums_ref(x) -> torch.Tensor:
-    """Twin of :func:`plane_row_sums`."""
-    m, k = x.shape
-    pad = -k % 128
-    return torch.nn.functional.pad(x.float(), (0, pad)).view(m, -1, 128).sum(-1)
-
-
-@jit
 def _dequant_gemm_kernel(
-    x_ptr, xs_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rscale_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, sorted_ptr,
-    M, N, K, K_PAD, GRID_M, GRID_N, sxm, sxk, sxs, som, son, swe, swn, sse, ssn, sze, szn,
+    x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rscale_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, sorted_ptr,
+    M, N, K, K_PAD, GRID_M, GRID_N, sxm, sxk, som, son, swe, swn, sse, ssn, sze, szn,
     only_expert,
     FMT: tl.constexpr, TILES: tl.constexpr, GROUP: tl.constexpr, SCALE_AFTER: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIZZLE: tl.constexpr, ONLY: tl.constexpr,
-    FLOAT_CODES: tl.constexpr, W_LEFT: tl.constexpr, PAIRS: tl.constexpr,
+    FLOAT_CODES: tl.constexpr, W_LEFT: tl.constexpr,
 ):
     """Prefill GEMM (M > 16): ``[BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]`` tensor-core tiles, the weight tile
     dequantized in registers. int4 nibbles are interleaved back to k order with ``join``; with one group per K tile
@@ -144,9 +99,7 @@ def _dequant_gemm_kernel(
     ``SWIZZLE`` row tiles so that neighbouring programs share weight tiles in L2. int4 plane words: the codes
     unpacked as floats where ``FLOAT_CODES`` (:func:`plane_codes`); ``W_LEFT``: the transposed product ``W x^T``
     (the dequantized tile the left operand, read by the tensor cores from registers), transposed back once at the
-    end. ``PAIRS`` (with ``W_LEFT``, 16-bit inputs): two nibble positions a shift and a logic instruction
-    (:func:`plane_code_pairs`), the zero point removed once a tile through the input's sums over each 128-element
-    K tile (``xs [M, tiles]`` fp32, :func:`plane_row_sums`)."""
+    end."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     per_group = SWIZZLE * GRID_N
@@ -189,21 +142,7 @@ def _dequant_gemm_kernel(
             words, zero, scale = plane_tile(w_base, s_ptr, z_ptr, e64, n, n_ok, k0, swn, sse, ssn, sze, szn, GROUP)
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             part_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            if PAIRS:
-                magic: tl.constexpr = 128 if x_ptr.dtype.element_ty == tl.bfloat16 else 1024
-                for i in tl.static_range(4):
-                    ki = k0 + 16 * i + tl.arange(0, 16)
-                    xm = row_ok[:, None] & (ki < K)[None, :]
-                    xlo = tl.load(x_ptr + rows[:, None] * sxm + ki[None, :] * sxk, mask=xm, other=0.0)
-                    xm = row_ok[:, None] & (ki + 64 < K)[None, :]
-                    xhi = tl.load(x_ptr + rows[:, None] * sxm + (ki + 64)[None, :] * sxk, mask=xm, other=0.0)
-                    c_lo, c_hi = plane_code_pairs(words, i, magic)
-                    part_t += tl.dot(c_lo, tl.trans(xlo))
-                    part_t += tl.dot(c_hi, tl.trans(xhi))
-                xsum = tl.load(xs_ptr + rows * sxs + k0 // 128, mask=row_ok & (rows * 0 + k0 < K), other=0.0)  # [BM]
-                bias_z = zero.to(tl.float32) + magic                                                    # [BN, 1]
-                acc_t += (part_t - bias_z * xsum[None, :]) * scale[:, None]
-            for i in tl.static_range(0 if PAIRS else 8):
+            for i in tl.static_range(8):
                 ki = k0 + 16 * i + tl.arange(0, 16)
                 xi = tl.load(x_ptr + rows[:, None] * sxm + ki[None, :] * sxk,
                              mask=row_ok[:, None] & (ki < K)[None, :], other=0.0)
@@ -212,9 +151,9 @@ def _dequant_gemm_kernel(
                     part_t += weight_times_rows(codes, xi, IEEE)
                 else:
                     part += _rows_times_tile(xi, codes, IEEE)
-            if W_LEFT and not PAIRS:
+            if W_LEFT:
                 acc_t += part_t * scale[:, None]
-            elif not W_LEFT:
+            else:
                 acc += part * scale[None, :]
         elif FMT == 2:
             j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
@@ -250,15 +189,13 @@ def _dequant_gemm_kernel(
 
 
 def dequant_gemm(x, weight: PackedWeight, out, bias, row_scale, tiles: ExpertTiles | None, config, atomic: bool,
-                 only_expert: int | None = None, plane_float_codes: bool = False, plane_weight_left: bool = False,
-                 plane_pairs: bool = False):
+                 only_expert: int | None = None, plane_float_codes: bool = False, plane_weight_left: bool = False):
     """``out [M, N] <- x [M, K] @ W^T`` (+ ``bias``, * ``row_scale``): one matrix in row tiles of ``config.block_m``
     (swizzled in groups of 8 row tiles for L2 reuse), or with ``tiles`` the routed expert tiles (``config.block_m``
     must be ``tiles.block_m``). ``atomic``: split-K into a zeroed float32 ``out``. ``only_expert`` (with
     ``tiles``): only that expert's rows are computed and written, with ``weight`` a single matrix (its weight).
     ``plane_float_codes`` / ``plane_weight_left``: int4 plane codes unpacked as floats / the product taken as ``W x^T``
-    (:class:`qmamba.kernels.matmul_configs.MatmulPolicy`); ``plane_pairs``: with ``plane_weight_left`` and a bfloat16
-    or float16 input, two nibble positions per unpacking (:func:`plane_code_pairs`)."""
+    (:class:`qmamba.kernels.matmul_configs.MatmulPolicy`)."""
     m = x.shape[0]
     q = weight.qweight
     s = weight.scales if weight.scales is not None else q
@@ -266,13 +203,10 @@ def dequant_gemm(x, weight: PackedWeight, out, bias, row_scale, tiles: ExpertTil
     dummy = x
     grid_m = tiles.n_tiles if tiles is not None else cdiv(m, config.block_m)
     grid_n = cdiv(weight.n, config.block_n)
-    pairs = plane_pairs and plane_weight_left and weight.fmt == FMT_INT4_PLANES and \
-        x.dtype in (torch.bfloat16, torch.float16) and x.stride(1) == 1
-    xs = plane_row_sums(x) if pairs else x
     _dequant_gemm_kernel[(grid_m * grid_n, config.split_k)](
-        x, xs, out, q, s, z, bias if bias is not None else dummy, row_scale if row_scale is not None else dummy,
+        x, out, q, s, z, bias if bias is not None else dummy, row_scale if row_scale is not None else dummy,
         *(tiles.tensors() if tiles is not None else (dummy, dummy, dummy, dummy)),
-        m, weight.n, weight.k, weight.k_padded, grid_m, grid_n, x.stride(0), x.stride(1), xs.stride(0), out.stride(0),
+        m, weight.n, weight.k, weight.k_padded, grid_m, grid_n, x.stride(0), x.stride(1), out.stride(0),
         out.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1), z.stride(0), z.stride(1),
         -1 if only_expert is None else only_expert,
         FMT=weight.fmt, TILES=tiles is not None, GROUP=max(weight.group_size, 1),
@@ -281,6 +215,5 @@ def dequant_gemm(x, weight: PackedWeight, out, bias, row_scale, tiles: ExpertTil
         IEEE=x.dtype == torch.float32, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SWIZZLE=1 if tiles is not None else 8, ONLY=only_expert is not None,
         FLOAT_CODES=plane_float_codes and x.dtype != torch.float32, W_LEFT=plane_weight_left,
-        PAIRS=pairs,
         num_warps=config.num_warps,
         num_stages=config.num_stages)

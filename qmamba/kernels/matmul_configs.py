@@ -47,11 +47,11 @@ class MatmulPolicy:
     ``plane_weight_left``: the GEMM kernel takes the product as ``W x^T`` on plane words, the dequantized tile the
     tensor cores' left operand, read from registers, instead of copied to shared memory as the right one. H200,
     session 19 (``bench_planes_gemm.py --parts experts --m 2048 --sweep``, 64 x 128 tiles, 8 experts): fc1 298 ->
-    261 us, fc2 166 -> 145 (bf16 experts 156 / 94); faster at every tile of the sweep. On.
-    ``plane_pair_codes``: with ``plane_weight_left`` and 16-bit inputs, two nibble positions per shift and logic
-    instruction as 16-bit floats ``MAGIC + code`` (:func:`qmamba.kernels.dequant_gemm.plane_code_pairs`), the zero
-    point removed per K tile through the input's tile sums (one small pre-pass kernel); a candidate, not timed yet,
-    hence off."""
+    261 us, fc2 166 -> 145 (bf16 experts 156 / 94), faster at each of the sweep's six tiles; level at M = 256 / 512. On.
+    Tried and removed (session 19): two nibble positions per shift and logic instruction as 16-bit floats
+    ``128 + code`` on the ``W x^T`` path, the zero point through per-tile input sums from a pre-pass (fewer
+    unpacking instructions, more for the correction): fc1 x8 at M = 2048 260 against 261 us, fc2 162 against 148,
+    slower at M = 256 / 512 (commit 627fcaa has the code)."""
 
     int4_word_gemv: bool = True
     binary_word_gemv: bool = True
@@ -61,7 +61,6 @@ class MatmulPolicy:
     word_gemv_max_weights: int = 1 << 24
     plane_float_codes: bool = True
     plane_weight_left: bool = True
-    plane_pair_codes: bool = False
 
     def binary_word_gemv_fits(self, m: int, weight: BinaryWeight) -> bool:
         return self.binary_word_gemv and (m == 1 or (m <= self.word_gemv_max_rows

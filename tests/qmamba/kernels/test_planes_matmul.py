@@ -69,9 +69,8 @@ def test_routed_planes_by_expert_and_tiles(m, device):
 def test_plane_codes_as_floats_match_reference(group, symmetric, dtype, device):
     """``MatmulPolicy.plane_float_codes`` / ``plane_weight_left``: the GEMM kernel on plane words with the codes
     unpacked as integers or as floats (2^23 trick, low-precision inputs only), as ``x W^T`` or ``(W x^T)^T``, for
-    routed expert tiles and dense rows (split-K too), and the small-M kernel with either unpacking, ragged K
-    (BlackMamba-2.8B's 1472 = 11.5 tiles on CUDA), and ``plane_pair_codes`` (two nibble positions per unpacking as
-    16-bit floats, the zero point through the row sums): equal to the reference, and to each other."""
+    routed expert tiles and dense rows (split-K too), and the small-M kernel with either unpacking, ragged K (BlackMamba-2.8B's 1472 = 11.5 tiles on CUDA): equal
+    to the reference, and to each other."""
     from qmamba.kernels.matmul_configs import MatmulPolicy
 
     # "half": bf16 on CUDA; the interpreter's dots have no bf16 (numpy), fp16 takes the same (non-IEEE) path there
@@ -86,9 +85,8 @@ def test_plane_codes_as_floats_match_reference(group, symmetric, dtype, device):
     one = planes.expert(1)
     dense_ref = x.float() @ words.expert(1).dequantized()[0].t()
     first = None
-    for float_codes, weight_left, pairs in ((False, False, False), (True, False, False), (True, True, False),
-                                            (False, True, False), (True, True, True)):
-        policy = MatmulPolicy(plane_float_codes=float_codes, plane_weight_left=weight_left, plane_pair_codes=pairs)
+    for float_codes, weight_left in ((False, False), (True, False), (True, True), (False, True)):
+        policy = MatmulPolicy(plane_float_codes=float_codes, plane_weight_left=weight_left)
         got = dequant_matmul(x, planes, row_expert=idx, row_scale=scale, tiles=tiles, policy=policy)
         close(got, ref, dtype)
         first = got if first is None else first
