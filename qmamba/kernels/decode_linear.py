@@ -102,9 +102,11 @@ class DecodePolicy:
     #                               (grid [M, N / BN]), each the one-row kernel on its own expert's tile (two rows of
     #                               one expert read it twice, the second mostly from L2), instead of one program
     #                               column per expert looping over the rows routed to it
-    int4_x_planes: bool = False  # the fused step at one row: add + norm also writes the int4 input planes of its
-    #                              output (qmamba.quant.layout.INT4_X_PLANES), which int4 plane-word in_proj / fc1 /
-    #                              head read instead of x: no conversion or scaling of the input per code
+    int4_x_planes: bool = False  # the fused step (one row; routed row programs): add + norm also writes the int4
+    #                              input planes of its output (qmamba.quant.layout.INT4_X_PLANES), which int4
+    #                              plane-word in_proj / fc1 / head read instead of x: no conversion or scaling of the
+    #                              input per code (likewise the SSM update for out_proj, fc1's epilogue for fc2).
+    #                              On in the CUDA policy (session 19)
     expert_prefetch: bool = True  # fused step: fc2 reads its expert's tile before waiting for fc1 (expert_ready)
     ssm_block_d: int = 32        # fused step at one row: channels per program of the SSM update kernel
     #                              (dt_state_update; 32: 92 programs for BlackMamba-2.8B's 2944 channels; 8 compiles
