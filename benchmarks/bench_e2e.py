@@ -32,7 +32,7 @@ from timing import require_idle_gpu  # noqa: E402
 
 PREFILL_EXPERT_ROUTES = {"tiles": DEFAULT_POLICY,
                          "tiles_int_codes": dataclasses.replace(DEFAULT_POLICY, plane_float_codes=False),
-                         "tiles_wleft": dataclasses.replace(DEFAULT_POLICY, plane_weight_left=True),
+                         "tiles_wright": dataclasses.replace(DEFAULT_POLICY, plane_weight_left=False),
                          "per_expert": dataclasses.replace(DEFAULT_POLICY, dequant_experts_min_m=64),
                          "whole_stack": dataclasses.replace(DEFAULT_POLICY, dequant_experts_min_m=64,
                                                             dequant_experts_whole_stack=True)}
