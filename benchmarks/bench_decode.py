@@ -162,6 +162,8 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
     if v in ("xplanes", "xplanesb"):  # int4 in_proj / fc1 / head read the input planes add + norm writes
         #                               (DecodePolicy.int4_x_planes), in the tile's shape or (b) broadcast
         return dataclasses.replace(base, int4_x_planes=True, int4_x_in_tile=v == "xplanes")
+    if v == "noxplanes":  # the int4 matrices read x itself (the CUDA policy before session 19)
+        return dataclasses.replace(base, int4_x_planes=False)
     if v == "xp8":  # x_proj (narrow) on the decode kernels up to batch 8 (DecodePolicy.max_rows_narrow)
         return dataclasses.replace(base, max_rows_narrow=8)
     if v.startswith("ssmbd"):  # e.g. ssmbd8: channels per program of the SSM update (DecodePolicy.ssm_block_d)
@@ -222,7 +224,8 @@ def main():
                          "programs, noxp: fc2 waits for fc1 before reading its expert, rt8: routed experts on these "
                          "kernels up to batch 8 (CUDA cores, each routed row; dense matrices not), rows8: plane words "
                          "up to batch 8, tensor cores, or with nomma CUDA cores per row), "
-                         "bnI<int4 block>F<float block>W<warps> e.g. bn16F4W4")
+                         "bnI<int4 block>F<float block>W<warps> e.g. bn16F4W4, xplanes / xplanesb (int4 input "
+                         "planes read in the tile's shape / broadcast), noxplanes (none: x itself)")
     args = ap.parse_args()
     require_idle_gpu()
     log = lambda s: print(s, flush=True)  # noqa: E731
