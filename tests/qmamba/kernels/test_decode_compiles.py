@@ -127,9 +127,9 @@ def test_add_norm_kernel_compiles():
 def test_int8_binary_and_x_in_tile_compile():
     """int8 and 1-bit weights on the decode kernel as the CUDA policy launches them (int8: the CUDA default since
     session 16; 1-bit: a candidate, slower on the H200) and int4 with ``int4_x_in_tile`` (the CUDA default since
-    session 17: ``bench_decode.py --variants default,xtile``) and on the int4 input planes (``int4_x_planes``, a
-    candidate) compile for sm_90 at every shape; int8 and the int4 variants without spills (as the paths they
-    mirror)."""
+    session 17: ``bench_decode.py --variants default,xtile``) and on the int4 input planes (``int4_x_planes``, the
+    CUDA default since session 19) compile for sm_90 at every shape; int8 and the int4 variants without spills (as
+    the paths they mirror)."""
     stdout = _compiled(str(INSPECT), "--variants", "cuda_int8,cuda_binary,cuda_x_in_tile,cuda_x_planes", timeout=900)
     lines = [line for line in stdout.splitlines() if " regs " in line]
     assert len(lines) == 24, stdout  # 6 shapes x 4 variants
@@ -141,15 +141,16 @@ def test_int8_binary_and_x_in_tile_compile():
 def test_int4_gemm_defaults_compile_without_spills():
     """The grouped expert GEMM of the prefill (M = 2048, 64 x 128 tiles) and the small-M kernel of batched decode (8
     rows routed by expert) on int4 plane words, as the CUDA defaults launch them at BlackMamba-2.8B's fc1 / fc2:
-    with the codes unpacked as floats (the default) no integer-to-float conversion is left and nothing spills; the
-    prefill GEMM as ``W x^T`` (a candidate, off) keeps its dequantized tile out of shared memory."""
+    with the codes unpacked as floats (the default) no integer-to-float conversion is left and, as ``x W^T``, nothing
+    spills; the prefill GEMM as ``W x^T`` (the default since session 19) keeps its dequantized tile out of shared
+    memory."""
     stdout = _compiled(str(ROOT / "benchmarks" / "inspect_gemm_kernel.py"), "--no-stack", "--weight-left",
                        timeout=900)
     lines = [line for line in stdout.splitlines() if " regs " in line]
     assert len(lines) == 10, stdout  # 2 shapes x 2 cases x 2 unpackings, and the prefill as W x^T
     count = lambda op, line: int(m.group(1)) if (m := re.search(rf"\b{op}=(\d+)", line)) else 0  # noqa: E731
     i2f = {line: count("I2F", line) for line in lines}
-    # the candidate MatmulPolicy.plane_weight_left: the dequantized tile no longer goes through shared memory (a few
+    # MatmulPolicy.plane_weight_left (the default): the dequantized tile no longer goes through shared memory (a few
     # stores at most, against 42 as the right operand). Spills are allowed: none with Triton 3.9's ptxas, 80 bytes
     # of stack (255 registers) with Triton 3.6's on the H200 (session 18's gpu_check)
     left = [line for line in lines if "W x^T" in line]
