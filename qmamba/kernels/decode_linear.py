@@ -41,6 +41,7 @@ import torch
 
 from qmamba.kernels._triton import HAS_TRITON, jit, next_pow2, tl
 from qmamba.kernels.fused_moe import ACTIVATION_IDS, activate, gated_act_ref
+from qmamba.kernels.input_planes import store_x_planes, x_plane_scale
 from qmamba.kernels.matmul_configs import sm_count
 from qmamba.kernels.weights import (FMT_BINARY, FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT8, BinaryWeight,
                                     PackedWeight, int32_words)
@@ -267,19 +268,12 @@ def _int4_x_scale(i: tl.constexpr, UNPACK: tl.constexpr):
 
 
 @jit
-def _x_plane_scale(i: tl.constexpr):
-    """``2^(96 - 4p)``, the power of two the input of nibble ``i`` is scaled by for its subnormal code (p = i % 5, the
-    nibble's position in ``w`` or ``w >> 20``): input planes (:func:`qmamba.quant.layout.int4_x_plane_scale`)."""
-    return 2.0 ** (96 - 4 * (i % 5))
-
-
-@jit
 def _int4_subnormal(w, hi, xi, i: tl.constexpr):
     """``(code * 2^(4p - 149), x * 2^(96 - 4p))`` of nibble ``i`` of every word (p its position in ``w``, or in
     ``hi = w >> 20`` for nibbles 5..7): a nibble masked in place and read as a float is that subnormal, exactly, and
     the product of the two is ``code * x * 2^-53`` for every position (a few bits times bf16 / fp32 bits: exact).
     Needs subnormals kept (no flush to zero: Triton's fp32 default) and |x| < 2^32."""
-    return _subnormal_codes(w, hi, i), xi * _x_plane_scale(i)
+    return _subnormal_codes(w, hi, i), xi * x_plane_scale(i)
 
 
 @jit
@@ -360,15 +354,6 @@ def _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, exp_bits,
 
 
 @jit
-def store_x_planes(ptr, cols, xf, mask, KPAD: tl.constexpr):
-    """Planes 0..7 of the int4 input planes (:data:`qmamba.quant.layout.INT4_X_PLANES`, ``KPAD`` columns a plane)
-    of the fp32 values ``xf`` at columns ``cols`` (any shape): nibble i sits at bit 4 (i % 5) of w (i < 5) or of
-    w >> 20. Producers of a plane-word GEMV's input call it (add + norm, the SSM update, fc1's epilogue)."""
-    for i in tl.static_range(8):
-        tl.store(ptr + i * KPAD + cols, xf * _x_plane_scale(i), mask=mask)
-
-
-@jit
 def _plane_at(ptr, offs, lim, FULL: tl.constexpr):
     """An input plane at ``offs`` (any shape): unmasked where it covers them (``FULL``), else 0 from ``lim`` on."""
     if FULL:
@@ -396,7 +381,7 @@ def _dot_row_planes(w, scale, zero, xr, K, row_ok, NBP: tl.constexpr, WPG: tl.co
     for i in tl.static_range(8):
         k = _int4_k(i, NBP, WPG, 3)
         if not SUMS:  # the word's input sum: x from each plane's 2^(96 - 4p) x
-            xsum += _plane_at(xr + i * XPL_K, k, k_lim, full) / _x_plane_scale(i)
+            xsum += _plane_at(xr + i * XPL_K, k, k_lim, full) / x_plane_scale(i)
         if UNPACK == 3:
             xp = _plane_at(xr + i * XPL_K, k[None, :, :] + row0, k_lim, full)
         else:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from qmamba.kernels._triton import jit, next_pow2, tl
-from qmamba.kernels.decode_linear import store_x_planes
+from qmamba.kernels.input_planes import store_x_planes
 from qmamba.kernels.selective_scan import _softplus
 from qmamba.quant.layout import check_x_planes
 
