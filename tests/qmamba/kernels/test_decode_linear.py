@@ -302,3 +302,59 @@ def test_binary_the_kernels_do_not_take(device):
             decode_linear(torch.randn(1, bad.k, device=device), bad, torch.empty(1, 8, device=device))
     assert DecodePolicy().takes(w, 1)
     assert not DecodePolicy.cuda(132, False).takes(w, 1)  # not on CUDA by default until measured
+
+
+@pytest.mark.parametrize("case", ["out_proj-router", "fc2-rows3", "planes-layernorm", "float-rows2-planes"])
+def test_norm_tail_matches_add_norm(case, device):
+    """``norm_tail``: the add + norm that follows a GEMV run by its last program (``DecodePolicy.norm_tail``): the
+    GEMV's output is the one without a tail, and the residual, the norm (RMSNorm or LayerNorm), the top-1 router and
+    the input planes of the norm equal :func:`add_norm_ref` / :func:`int4_x_planes` of that output; the counter is
+    back at 0 for the next launch (a second launch gives the same). Cases: an int4 plane-word out_proj at one row
+    with the MoE router after it, a routed fc2 with its routing weight at 3 rows (one program row each), a
+    plane-word GEMV with the final LayerNorm and input planes, float weights at 2 rows with input planes."""
+    from qmamba.kernels.decode_step import NormTail, add_norm_ref
+    from qmamba.quant.layout import INT4_X_PLANES, int4_x_planes, int4_x_planes_width
+
+    torch.manual_seed(5)
+    name = case.split("-")
+    rows = int(next((p[4:] for p in name if p.startswith("rows")), 1))
+    fmt = "float" if name[0] == "float" else "planes128"
+    policy = DecodePolicy(pdl=False, block_n_int4=4, block_n_float=8, num_warps=4 if device.type == "cuda" else 1,
+                          int4_unpack="denorm", routed_row_programs=True)
+    n, k, experts = 40, 300, 3
+    x = torch.randn(rows, k, device=device)
+    kw = {}
+    if name[0] == "fc2":
+        w = weight_for(fmt, n, k, device, experts=experts, seed=7)
+        kw = dict(row_expert=torch.tensor([2, 0, 2][:rows], dtype=torch.int32, device=device),
+                  row_scale=torch.rand(rows, device=device))
+    else:
+        w = weight_for(fmt, n, k, device, seed=7)
+        kw = dict(bias=torch.randn(n, device=device))
+    norm_w = torch.rand(n, device=device) + 0.5
+    norm_b = torch.randn(n, device=device) if "layernorm" in name else None
+    router_w = torch.randn(4, n, device=device) if "router" in name else None
+    residual = torch.randn(rows, n, device=device)
+    planes = torch.zeros(rows, INT4_X_PLANES, int4_x_planes_width(n), device=device) if "planes" in name else None
+    want_out = decode_linear(x, w, poisoned(rows, n, device), policy=policy, **kw)
+    want_res, want_x, want_idx, want_wt = add_norm_ref(residual, norm_w, 1e-5, h=want_out, norm_b=norm_b,
+                                                       router_w=router_w)
+    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    for _ in range(2):  # twice: the counter is back at 0, the same tail runs again (from the same residual)
+        res = residual.clone()
+        tail = NormTail(counter, res, poisoned(rows, n, device), norm_w, 1e-5, norm_b=norm_b, router_w=router_w,
+                        expert_idx=torch.full((rows,), -1, dtype=torch.int32, device=device),
+                        expert_weight=torch.zeros(rows, device=device), x_planes=planes)
+        out = decode_linear(x, w, poisoned(rows, n, device), policy=policy, norm_tail=tail, **kw)
+        assert torch.equal(out, want_out)
+        assert counter.item() == 0
+        torch.testing.assert_close(res, want_res, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(tail.x_out, want_x, atol=1e-5, rtol=1e-5)
+        if router_w is not None:
+            assert torch.equal(tail.expert_idx, want_idx)
+            torch.testing.assert_close(tail.expert_weight, want_wt, atol=1e-6, rtol=1e-6)
+        if planes is not None:
+            torch.testing.assert_close(planes, int4_x_planes(tail.x_out), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="norm_tail"):
+        decode_linear(x, w, poisoned(rows, n, device), policy=policy, norm_tail=dataclasses.replace(
+            tail, x_out=tail.x_out[:, :-1]), **kw)
