@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from qmamba.kernels._triton import HAS_TRITON, jit, next_pow2, tl
-from qmamba.kernels.decode_step import NormTail, add_norm_row
+from qmamba.kernels.decode_step import NormTail, add_norm_placeholders, add_norm_row
 from qmamba.kernels.fused_moe import ACTIVATION_IDS, activate, gated_act_ref
 from qmamba.kernels.input_planes import store_x_planes, x_plane_scale
 from qmamba.kernels.matmul_configs import sm_count
@@ -754,10 +754,8 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
             raise ValueError(f"decode_linear: norm_tail.x_out must be [{m}, {n_out}] like out")
         t_args, t_meta = norm_tail.args(out)
         t_cnt = norm_tail.counter
-    else:  # unused placeholders
-        t_args, t_meta, t_cnt = (x,) * 13 + (1, 1, 0.0) + (0,) * 7, dict(
-            FIRST=False, HAS_RES=False, LAYERNORM=False, ROUTER=False, HAS_RB=False, BLOCK_D=1, BLOCK_E=1,
-            X_PLANES=False, KPAD=1), x
+    else:
+        (t_args, t_meta), t_cnt = add_norm_placeholders(x), x
     _decode_linear_kernel[grid](
         x, st, cw, cb if cb is not None else dummy, w, s, z, bias if bias is not None else dummy,
         row_expert if row_expert is not None else dummy, row_scale if row_scale is not None else dummy, out, co,

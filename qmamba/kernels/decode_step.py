@@ -221,6 +221,15 @@ def add_norm_args(x_out, residual_in, residual_out, norm_w, eps, h, token_ids, e
     return args, meta
 
 
+def add_norm_placeholders(t: torch.Tensor):
+    """``(args, meta)`` shaped like :func:`add_norm_args`' for a launch that runs no add + norm (every pointer
+    ``t``)."""
+    args = (t,) * 13 + (1, 1, 0.0) + (0,) * 7
+    meta = dict(FIRST=False, HAS_RES=False, LAYERNORM=False, ROUTER=False, HAS_RB=False, BLOCK_D=1, BLOCK_E=1,
+                X_PLANES=False, KPAD=1)
+    return args, meta
+
+
 def _launch_add_norm(x_out, residual_in, residual_out, norm_w, eps, h, token_ids, embedding, norm_b, router_w,
                      router_b, expert_idx, expert_weight, pdl: bool, x_planes=None):
     """``_add_norm_kernel`` over the rows of ``x_out`` (see :func:`add_norm_args`)."""
