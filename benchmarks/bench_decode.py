@@ -164,8 +164,6 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return dataclasses.replace(base, int4_x_planes=True, int4_x_in_tile=v == "xplanes")
     if v == "noxplanes":  # the int4 matrices read x itself (the CUDA policy before session 19)
         return dataclasses.replace(base, int4_x_planes=False)
-    if v == "ntail":  # the add + norm after out_proj / fc2 run by that GEMV's last program (DecodePolicy.norm_tail)
-        return dataclasses.replace(base, norm_tail=True)
     if v == "xp8":  # x_proj (narrow) on the decode kernels up to batch 8 (DecodePolicy.max_rows_narrow)
         return dataclasses.replace(base, max_rows_narrow=8)
     if v.startswith("ssmbd"):  # e.g. ssmbd8: channels per program of the SSM update (DecodePolicy.ssm_block_d)
@@ -227,8 +225,7 @@ def main():
                          "kernels up to batch 8 (CUDA cores, each routed row; dense matrices not), rows8: plane words "
                          "up to batch 8, tensor cores, or with nomma CUDA cores per row), "
                          "bnI<int4 block>F<float block>W<warps> e.g. bn16F4W4, xplanes / xplanesb (int4 input "
-                         "planes read in the tile's shape / broadcast), noxplanes (none: x itself), ntail (the add "
-                         "+ norm after out_proj / fc2 in that GEMV's last program)")
+                         "planes read in the tile's shape / broadcast), noxplanes (none: x itself)")
     args = ap.parse_args()
     require_idle_gpu()
     log = lambda s: print(s, flush=True)  # noqa: E731

@@ -91,10 +91,7 @@ def variants(pdl: bool, rows: int):
            "cuda_x_planes": ("planes", dataclasses.replace(cuda, int4_x_planes=True)),
            "cuda_x_planes_bcast": ("planes", dataclasses.replace(cuda, int4_x_planes=True, int4_x_in_tile=False)),
            # the input x itself, converted and scaled per code (the CUDA policy before session 19)
-           "cuda_x_direct": ("planes", dataclasses.replace(cuda, int4_x_planes=False)),
-           # out_proj / fc2 with the add + norm after them in their last program (compiled by
-           # inspect_decode_kernel.py; timed end to end by bench_decode.py --variants ntail, not here)
-           "cuda_norm_tail": ("planes", dataclasses.replace(cuda, norm_tail=True))}
+           "cuda_x_direct": ("planes", dataclasses.replace(cuda, int4_x_planes=False))}
     for bn in (4, 8, 16, 32):
         out[f"binary_bn{bn}"] = ("binary", DecodePolicy(pdl=pdl, block_n_binary=bn))
     for bn in (2, 4, 8):

@@ -36,7 +36,7 @@ from torch import nn
 from qmamba.kernel_view import dense_weight, expert_weight, linear_weight
 from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
 from qmamba.kernels.decode_linear import DecodePolicy, decode_linear
-from qmamba.kernels.decode_step import NormTail, add_norm, dt_state_update
+from qmamba.kernels.decode_step import add_norm, dt_state_update
 from qmamba.kernels.fused_moe import gated_act, routed_matmul
 from qmamba.kernels.weights import FMT_INT4_PLANES, BinaryWeight, PackedWeight
 from qmamba.quant.layout import INT4_X_PLANES, int4_x_planes_width
@@ -153,8 +153,7 @@ class FusedDecodeStep:
                    residual=torch.empty(batch, d, **f32), x=torch.empty(batch, d, **act),
                    xc=torch.empty(batch, di, **act), y=torch.empty(batch, di, **act), act=torch.empty(batch, ffn, **act),
                    conv_scratch=None, idx=torch.empty(batch, device=device, dtype=torch.int32),
-                   rwt=torch.empty(batch, **f32), xpl=None,
-                   tail_counts=torch.zeros(len(self.layers), device=device, dtype=torch.int32))
+                   rwt=torch.empty(batch, **f32), xpl=None)
         if any(self._planes_read(w, batch, routed) for w, routed in self._x_readers()):
             # the int4 input planes of x, written by each add + norm, for the plane-word matrices that read x one row
             # a program (batch 1; routed experts as row programs at any batch)
@@ -195,59 +194,36 @@ class FusedDecodeStep:
                  norm_b=norm_b, router_w=rw, router_b=rb, expert_idx=buf["idx"], expert_weight=buf["rwt"],
                  pdl=self.policy.pdl, x_planes=buf["xpl"])
 
-    def _norm_tail(self, buf, i: int) -> NormTail | None:
-        """The add + norm after layer ``i`` (the next layer's norm and router, or the final norm) as the tail of
-        layer ``i``'s last GEMV (:attr:`DecodePolicy.norm_tail`), or None."""
-        if not self.policy.norm_tail:
-            return None
-        nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
-        norm_w, norm_b = (nxt.norm_w, None) if nxt is not None else (self.final_w, self.final_b)
-        rw, rb = (nxt.router_w, nxt.router_b) if isinstance(nxt, _MoePlan) else (None, None)
-        return NormTail(buf["tail_counts"][i:i + 1], buf["residual"], buf["x"], norm_w, self.eps, norm_b=norm_b,
-                        router_w=rw, router_b=rb, expert_idx=buf["idx"], expert_weight=buf["rwt"],
-                        x_planes=buf["xpl"])
-
     def __call__(self, token_ids: torch.Tensor, state) -> torch.Tensor:
         token_ids = token_ids.contiguous()  # the gather kernel reads ids[b] at offset b (a column slice is strided)
         batch = token_ids.shape[0]
         buf = self._workspace(batch, token_ids.device)
         if buf["zero"]:
             buf["ws"].zero_()
-        h, normed = None, False  # normed: the last GEMV's tail ran the add + norm after it
+        h = None
         for i, plan in enumerate(self.layers):
             views = buf["views"][i]
-            tail = self._norm_tail(buf, i)
             if isinstance(plan, _MambaPlan):
-                if not normed:
-                    self._add_norm(buf, h, token_ids, plan.norm_w)
-                h, normed = self._mamba(buf, plan, views, state, tail)
+                self._add_norm(buf, h, token_ids, plan.norm_w)
+                h = self._mamba(buf, plan, views, state)
             else:
-                if not normed:
-                    self._add_norm(buf, h, token_ids, plan.norm_w, router=(plan.router_w, plan.router_b))
-                h, normed = self._moe(buf, plan, views, tail)
-        if not normed:
-            self._add_norm(buf, h, token_ids, self.final_w, norm_b=self.final_b)
+                self._add_norm(buf, h, token_ids, plan.norm_w, router=(plan.router_w, plan.router_b))
+                h = self._moe(buf, plan, views)
+        self._add_norm(buf, h, token_ids, self.final_w, norm_b=self.final_b)
         return self._linear(buf["x"], self.head, buf["logits"], bias=self.head_bias, x_planes=buf["xpl"])
 
     def _linear(self, x, weight, out, expert_ready: bool = False, x_planes=None, x_plane_sums: bool = True, **kw):
         """``out <- x @ W^T``: the decode kernel where the policy takes it, else the general kernel (split-K into the
         zeroed workspace view ``out``). ``expert_ready``, ``x_planes``, ``x_plane_sums``: see :func:`decode_linear`."""
-        return self._producer(x, weight, out, None, expert_ready, x_planes, x_plane_sums, **kw)[0]
-
-    def _producer(self, x, weight, out, tail, expert_ready: bool = False, x_planes=None, x_plane_sums: bool = True,
-                  **kw):
-        """:meth:`_linear` with the add + norm ``tail`` after it where the decode kernel runs it: ``(out, whether
-        the tail ran)``."""
         if self.policy.takes(weight, x.shape[0], routed=kw.get("row_expert") is not None):
-            self._decode(x, weight, out, expert_ready=expert_ready, x_planes=x_planes, x_plane_sums=x_plane_sums,
-                         norm_tail=tail, **kw)
-            return out, tail is not None
-        return routed_matmul(x, weight, out=out, **kw), False
+            return self._decode(x, weight, out, expert_ready=expert_ready, x_planes=x_planes,
+                                x_plane_sums=x_plane_sums, **kw)
+        return routed_matmul(x, weight, out=out, **kw)
 
     def _decode(self, x, weight, out, **kw):
         return decode_linear(x, weight, out, policy=self.policy, **kw)
 
-    def _mamba(self, buf, plan: _MambaPlan, views, state, tail=None):
+    def _mamba(self, buf, plan: _MambaPlan, views, state):
         xz, dbc, out = views
         di = plan.in_proj.n // 2
         conv_state = state.conv_state[plan.slot]
@@ -271,9 +247,9 @@ class FusedDecodeStep:
                         state.ssm_state[plan.slot], y, conv=conv, pdl=self.policy.pdl,
                         block_d=self.policy.ssm_block_d if y.shape[0] == 1 else self.policy.ssm_block_d_batched,
                         y_planes=buf["ypl"])
-        return self._producer(y, plan.out_proj, out, tail, bias=plan.out_bias, x_planes=buf["ypl"], x_plane_sums=False)
+        return self._linear(y, plan.out_proj, out, bias=plan.out_bias, x_planes=buf["ypl"], x_plane_sums=False)
 
-    def _moe(self, buf, plan: _MoePlan, views, tail=None):
+    def _moe(self, buf, plan: _MoePlan, views):
         h1, out = views
         ffn = plan.fc1.n // 2 if plan.gated else plan.fc1.n
         act = buf["act"][:, :ffn]
@@ -285,5 +261,5 @@ class FusedDecodeStep:
             self._linear(buf["x"], plan.fc1, h1, row_expert=buf["idx"])
             gated_act(h1, plan.activation, plan.gated, out=act)
         # the router (in the add-norm kernel) ran before fc1: fc2 may read its expert's tile before fc1 is done
-        return self._producer(act, plan.fc2, out, tail, expert_ready=self.policy.expert_prefetch, x_planes=buf["apl"],
-                              x_plane_sums=False, row_expert=buf["idx"], row_scale=buf["rwt"])
+        return self._linear(act, plan.fc2, out, row_expert=buf["idx"], row_scale=buf["rwt"],
+                            expert_ready=self.policy.expert_prefetch, x_planes=buf["apl"], x_plane_sums=False)

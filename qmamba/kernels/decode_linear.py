@@ -28,8 +28,6 @@ expert ``e`` and reads only that expert's weights (an idle column reads nothing)
 program row ``m`` serves input row ``m`` on its own expert's tile.
 Input planes (``x_planes``, :data:`qmamba.quant.layout.INT4_X_PLANES`): plane words may read their input prepared
 by its producer, scaled per nibble position, so that a code costs a mask, a load and an FMA (``int4_x_planes``).
-Norm tail (``norm_tail``): the add + norm that follows the GEMV (:class:`qmamba.kernels.decode_step.NormTail`) run by
-its last program to finish, found by an atomic ticket, instead of by a kernel of its own (``DecodePolicy.norm_tail``).
 
 The pure-PyTorch twin is :func:`decode_linear_ref`. :class:`DecodePolicy` holds the launch choices (PDL on or off,
 tile widths) as an explicit argument, never module state.
@@ -42,7 +40,6 @@ from dataclasses import dataclass
 import torch
 
 from qmamba.kernels._triton import HAS_TRITON, jit, next_pow2, tl
-from qmamba.kernels.decode_step import NormTail, add_norm_placeholders, add_norm_row
 from qmamba.kernels.fused_moe import ACTIVATION_IDS, activate, gated_act_ref
 from qmamba.kernels.input_planes import store_x_planes, x_plane_scale
 from qmamba.kernels.matmul_configs import sm_count
@@ -111,9 +108,6 @@ class DecodePolicy:
     #                              plane-word in_proj / fc1 / head read instead of x: no conversion or scaling of the
     #                              input per code (likewise the SSM update for out_proj, fc1's epilogue for fc2).
     #                              On in the CUDA policy (session 19)
-    norm_tail: bool = False      # fused step: the add + norm after out_proj / fc2 (and its router, its input planes)
-    #                              run by that GEMV's last program (decode_linear's norm_tail) instead of as a
-    #                              kernel of its own: 36 fewer launches a BlackMamba-2.8B token. A candidate, untimed
     expert_prefetch: bool = True  # fused step: fc2 reads its expert's tile before waiting for fc1 (expert_ready)
     ssm_block_d: int = 32        # fused step at one row: channels per program of the SSM update kernel
     #                              (dt_state_update; 32: 92 programs for BlackMamba-2.8B's 2944 channels; 8 compiles
@@ -468,21 +462,13 @@ def _load_weights(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, N_UP, swe, swn, ss
 def _decode_linear_kernel(
     x_ptr, st_ptr, cw_ptr, cb_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rexp_ptr, rscale_ptr, out_ptr, co_ptr, xpl_ptr,
     opl_ptr, M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse, ssn, sze, szn, exp_bits, sxpl_m, sopl_m,
-    cnt_ptr, t_h, t_ids, t_emb, t_rin, t_res, t_w, t_nb, t_out, t_rw, t_rb, t_idx, t_rwt, t_xpl, t_D, t_E, t_eps, t_sh,
-    t_semb, t_sri, t_sr, t_so, t_srw, t_sxpl,
     FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr, CONV_W: tl.constexpr,
     HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr,
     UNPACK: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
     EXPERT_READY: tl.constexpr, ROW_PROGRAMS: tl.constexpr, X_PLANES: tl.constexpr, XPL_K: tl.constexpr,
-    XPL_SUMS: tl.constexpr, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr, TAIL: tl.constexpr, T_ROWS: tl.constexpr,
-    T_FIRST: tl.constexpr, T_HAS_RES: tl.constexpr, T_LAYERNORM: tl.constexpr, T_ROUTER: tl.constexpr,
-    T_HAS_RB: tl.constexpr,
-    T_BLOCK_D: tl.constexpr, T_BLOCK_E: tl.constexpr, T_X_PLANES: tl.constexpr, T_KPAD: tl.constexpr,
+    XPL_SUMS: tl.constexpr, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr,
 ):
-    """The decode GEMV (see :func:`decode_linear`). ``TAIL``: then the add + norm of its output (``t_*``, the
-    arguments of :func:`qmamba.kernels.decode_step.add_norm_row`, ``h`` the output) by the last program to finish,
-    which the others announce on the counter ``cnt`` after a barrier (each program's stores precede the release)."""
     pid_e = tl.program_id(0)
     pid_n = tl.program_id(1)
     if ROW_PROGRAMS:
@@ -535,15 +521,6 @@ def _decode_linear_kernel(
                   M, N, K, exp_bits, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP,
                   NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, xpl_ptr, sxpl_m, X_PLANES, XPL_K, XPL_SUMS,
                   opl_ptr, sopl_m, OUT_PLANES, OPL_K)
-    if TAIL:
-        tl.debug_barrier()  # every thread's output stores before the release below
-        ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
-        if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:  # the last program: every output is written
-            for b in range(T_ROWS):
-                add_norm_row(b, t_h, t_ids, t_emb, t_rin, t_res, t_w, t_nb, t_out, t_rw, t_rb, t_idx, t_rwt, t_xpl,
-                             t_D, t_E, t_eps, t_sh, t_semb, t_sri, t_sr, t_so, t_srw, t_sxpl, T_FIRST, T_HAS_RES,
-                             T_LAYERNORM, T_ROUTER, T_HAS_RB, T_BLOCK_D, T_BLOCK_E, False, T_X_PLANES, T_KPAD, True)
-            tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
 @jit
@@ -639,7 +616,6 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
 
 
 # ---- launcher and reference twin -------------------------------------------------------------------------------------
-
 def _binary_words(weight: BinaryWeight):
     """The sign words ``[E, N, K / 32]`` int32 the decode kernels read, or None where they do not take this 1-bit
     weight (a per-row scale, K not a multiple of 32, signs not viewable as aligned 32-bit words)."""
@@ -688,7 +664,7 @@ def _weight_args(weight: PackedWeight | BinaryWeight):
 
 def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row_expert=None, row_scale=None, conv_out=None,
                   gated: str | None = None, policy: DecodePolicy | None = None, expert_ready: bool = False,
-                  x_planes=None, x_plane_sums: bool = True, out_planes=None, norm_tail: NormTail | None = None):
+                  x_planes=None, x_plane_sums: bool = True, out_planes=None):
     """``out [M, N']`` (any float dtype) receives ``f(x) @ W_hat^T`` for ``M <= 8`` rows; semantics of
     :func:`decode_linear_ref`.
 
@@ -707,9 +683,6 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     word sums) is not written (a producer other than add + norm); the kernel sums the words itself.
     ``out_planes [M, 9, width]`` fp32: planes 0..7 receive the input planes of ``out`` as stored (the next GEMV's
     input; zero-initialised by the caller, whose padding columns stay 0).
-    ``norm_tail``: after the product, the add + norm of ``out`` into the tail's residual (:class:`NormTail`, as
-    :func:`qmamba.kernels.decode_step.add_norm` with ``h = out``), run by the grid's last program instead of as a
-    kernel of its own.
     """
     policy = policy or DecodePolicy.for_device(x.device)
     m, k = x.shape
@@ -749,13 +722,6 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     use_planes = x_planes is not None and weight.fmt == FMT_INT4_PLANES and rows == 1 and unpack in (2, 3)
     kpad = check_x_planes("decode_linear", "x_planes", x_planes, m, k) if use_planes else 1
     opl_k = check_x_planes("decode_linear", "out_planes", out_planes, m, n_out) if out_planes is not None else 1
-    if norm_tail is not None:
-        if tuple(norm_tail.x_out.shape) != (m, n_out):
-            raise ValueError(f"decode_linear: norm_tail.x_out must be [{m}, {n_out}] like out")
-        t_args, t_meta = norm_tail.args(out)
-        t_cnt = norm_tail.counter
-    else:
-        (t_args, t_meta), t_cnt = add_norm_placeholders(x), x
     _decode_linear_kernel[grid](
         x, st, cw, cb if cb is not None else dummy, w, s, z, bias if bias is not None else dummy,
         row_expert if row_expert is not None else dummy, row_scale if row_scale is not None else dummy, out, co,
@@ -763,16 +729,15 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         1 if row_programs else m, n_out, k, n_out if gated else 0, channels, x.stride(0), st.stride(0), st.stride(1),
         out.stride(0),
         co.stride(0), *strides, _FLOAT_2P23_BITS, x_planes.stride(0) if use_planes else 0,
-        out_planes.stride(0) if out_planes is not None else 0, t_cnt, *t_args,
+        out_planes.stride(0) if out_planes is not None else 0,
         FMT=weight.fmt, ROWS=max(MMA_ROWS, next_pow2(rows)) if mma else next_pow2(rows), ROUTED=row_expert is not None,
         CONV_EPI=conv_out is not None, CONV_W=cw.shape[1] if conv_out is not None else 1, HAS_CB=cb is not None,
         GATED=gated is not None,
         ACT=ACTIVATION_IDS[gated] if gated else 0, HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
         KP=kp, NBP=nbp, WPG=wpg, TPB=tpb, UNPACK=unpack, MMA=mma, BLOCK_N=bn, PDL=policy.pdl,
         EXPERT_READY=expert_ready and row_expert is not None, ROW_PROGRAMS=row_programs, X_PLANES=use_planes,
-        XPL_K=kpad, XPL_SUMS=bool(x_plane_sums), OUT_PLANES=out_planes is not None, OPL_K=opl_k,
-        TAIL=norm_tail is not None, T_ROWS=m,
-        **{f"T_{key}": value for key, value in t_meta.items()}, num_warps=warps, **kwargs)
+        XPL_K=kpad, XPL_SUMS=bool(x_plane_sums), OUT_PLANES=out_planes is not None, OPL_K=opl_k, num_warps=warps,
+        **kwargs)
     return out
 
 

@@ -14,8 +14,6 @@ The model-walking part (which weights feed which kernel) is :mod:`qmamba.fused_s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
@@ -32,25 +30,12 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, o
                      FIRST: tl.constexpr, HAS_RES: tl.constexpr, LAYERNORM: tl.constexpr, ROUTER: tl.constexpr,
                      HAS_RB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr,
                      X_PLANES: tl.constexpr, KPAD: tl.constexpr):
-    """One row a program: :func:`add_norm_row`."""
-    add_norm_row(tl.program_id(0), h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, out_ptr, rw_ptr, rb_ptr,
-                 idx_ptr, rwt_ptr, xpl_ptr, D, E, eps, sh_b, s_emb, sri_b, sr_b, so_b, srw_e, sxpl_b, FIRST, HAS_RES,
-                 LAYERNORM, ROUTER, HAS_RB, BLOCK_D, BLOCK_E, PDL, X_PLANES, KPAD, False)
-
-
-@jit
-def add_norm_row(b, h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, out_ptr, rw_ptr, rb_ptr, idx_ptr,
-                 rwt_ptr, xpl_ptr, D, E, eps, sh_b, s_emb, sri_b, sr_b, so_b, srw_e, sxpl_b,
-                 FIRST: tl.constexpr, HAS_RES: tl.constexpr, LAYERNORM: tl.constexpr, ROUTER: tl.constexpr,
-                 HAS_RB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr,
-                 X_PLANES: tl.constexpr, KPAD: tl.constexpr, IN_TAIL: tl.constexpr):
-    """Row ``b``: residual = h (FIRST: embedding[ids]) [+ residual in, HAS_RES]; out = norm(residual); optional top-1
-    sigmoid router. The residual is read from ``rin`` and written to ``res`` (the same buffer in the decode step).
+    """residual = h (FIRST: embedding[ids]) [+ residual in, HAS_RES]; out = norm(residual); optional top-1 sigmoid
+    router. The residual is read from ``rin`` and written to ``res`` (the same buffer in the decode step).
     Every load is issued before the first reduction, so their latencies overlap (one round trip, not three);
     with ``PDL`` the weights (norm, router) are read before waiting for the previous kernel. ``X_PLANES``: also the
-    int4 input planes of the stored ``out`` (:data:`qmamba.quant.layout.INT4_X_PLANES`, ``KPAD`` columns a plane).
-    ``IN_TAIL``: the norm tail of a GEMV (its last program): ``h`` is read from L2 (written by the kernel's other
-    programs) and the router one expert row at a time (the tail's registers are the whole GEMV's)."""
+    int4 input planes of the stored ``out`` (:data:`qmamba.quant.layout.INT4_X_PLANES`, ``KPAD`` columns a plane)."""
+    b = tl.program_id(0)
     d = tl.arange(0, BLOCK_D)
     dm = d < D
     nw = tl.load(w_ptr + d, mask=dm, other=0.0).to(tl.float32)
@@ -59,8 +44,7 @@ def add_norm_row(b, h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, ou
     if ROUTER:
         e = tl.arange(0, BLOCK_E)
         em = e < E
-        if not IN_TAIL:
-            wr = tl.load(rw_ptr + e[:, None] * srw_e + d[None, :], mask=em[:, None] & dm[None, :], other=0.0)
+        wr = tl.load(rw_ptr + e[:, None] * srw_e + d[None, :], mask=em[:, None] & dm[None, :], other=0.0)
         if HAS_RB:
             rbias = tl.load(rb_ptr + e, mask=em, other=0.0).to(tl.float32)
     if PDL:
@@ -70,10 +54,7 @@ def add_norm_row(b, h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, ou
         tok = tl.load(ids_ptr + b).to(tl.int64)
         r = tl.load(emb_ptr + tok * s_emb + d, mask=dm, other=0.0).to(tl.float32)
     else:
-        if IN_TAIL:
-            r = tl.load(h_ptr + b * sh_b + d, mask=dm, other=0.0, cache_modifier=".cg").to(tl.float32)
-        else:
-            r = tl.load(h_ptr + b * sh_b + d, mask=dm, other=0.0).to(tl.float32)
+        r = tl.load(h_ptr + b * sh_b + d, mask=dm, other=0.0).to(tl.float32)
         if HAS_RES:
             r += tl.load(rin_ptr + b * sri_b + d, mask=dm, other=0.0)
     tl.store(res_ptr + b * sr_b + d, r, mask=dm)
@@ -98,13 +79,7 @@ def add_norm_row(b, h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, ou
         tl.store(xpl_ptr + b * sxpl_b + 8 * KPAD + q, word, mask=q < KPAD // 8)
         tl.store(xpl_ptr + b * sxpl_b + 8 * KPAD + d, tl.zeros_like(yf), mask=(d >= KPAD // 8) & pm)  # the rest: 0
     if ROUTER:
-        if IN_TAIL:
-            logits = tl.zeros((BLOCK_E,), dtype=tl.float32)
-            for j in range(E):  # a loop, not unrolled: one router row live at a time
-                wj = tl.load(rw_ptr + j * srw_e + d, mask=dm, other=0.0)
-                logits = tl.where(e == j, tl.sum(wj.to(tl.float32) * y.to(tl.float32), axis=0), logits)
-        else:
-            logits = tl.sum(wr.to(tl.float32) * y.to(tl.float32)[None, :], axis=1)
+        logits = tl.sum(wr.to(tl.float32) * y.to(tl.float32)[None, :], axis=1)
         if HAS_RB:
             logits += rbias
         p = tl.where(em, tl.sigmoid(logits), -1.0)
@@ -192,11 +167,10 @@ def add_norm(x_out, residual, norm_w, eps, h=None, token_ids=None, embedding=Non
                      expert_idx, expert_weight, pdl, x_planes)
 
 
-def add_norm_args(x_out, residual_in, residual_out, norm_w, eps, h, token_ids, embedding, norm_b, router_w,
-                  router_b, expert_idx, expert_weight, x_planes=None):
-    """``(args, meta)``: the run-time arguments of :func:`add_norm_row` after ``b`` (in order) and its
-    compile-time ones but ``PDL`` / ``IN_TAIL``, for the rows of ``x_out``: the residual read from ``residual_in``
-    (None: none added) and written to ``residual_out``. Shared by the add + norm kernel and the GEMV norm tail."""
+def _launch_add_norm(x_out, residual_in, residual_out, norm_w, eps, h, token_ids, embedding, norm_b, router_w,
+                     router_b, expert_idx, expert_weight, pdl: bool, x_planes=None):
+    """``_add_norm_kernel`` over the rows of ``x_out``: the residual read from ``residual_in`` (None: none added)
+    and written to ``residual_out``."""
     batch, d = x_out.shape
     e = router_w.shape[0] if router_w is not None else 1
     dummy = norm_w
@@ -206,65 +180,20 @@ def add_norm_args(x_out, residual_in, residual_out, norm_w, eps, h, token_ids, e
     if x_planes is not None:
         kpad = check_x_planes("add_norm", "x_planes", x_planes, batch, d)
         block_d = max(block_d, kpad)
-    args = (h if h is not None else residual_out, token_ids if token_ids is not None else residual_out,
-            embedding if embedding is not None else dummy, rin, residual_out, norm_w,
-            norm_b if norm_b is not None else dummy, x_out, router_w if router_w is not None else dummy,
-            router_b if router_b is not None else dummy, expert_idx if expert_idx is not None else residual_out,
-            expert_weight if expert_weight is not None else residual_out,
-            x_planes if x_planes is not None else residual_out,
-            d, e, float(eps), h.stride(0) if h is not None else 0, embedding.stride(0) if embedding is not None else 0,
-            rin.stride(0), residual_out.stride(0), x_out.stride(0), router_w.stride(0) if router_w is not None else 0,
-            x_planes.stride(0) if x_planes is not None else 0)
-    meta = dict(FIRST=h is None, HAS_RES=residual_in is not None, LAYERNORM=norm_b is not None,
-                ROUTER=router_w is not None, HAS_RB=router_b is not None, BLOCK_D=block_d, BLOCK_E=next_pow2(e),
-                X_PLANES=x_planes is not None, KPAD=kpad)
-    return args, meta
-
-
-def add_norm_placeholders(t: torch.Tensor):
-    """``(args, meta)`` shaped like :func:`add_norm_args`' for a launch that runs no add + norm (every pointer
-    ``t``)."""
-    args = (t,) * 13 + (1, 1, 0.0) + (0,) * 7
-    meta = dict(FIRST=False, HAS_RES=False, LAYERNORM=False, ROUTER=False, HAS_RB=False, BLOCK_D=1, BLOCK_E=1,
-                X_PLANES=False, KPAD=1)
-    return args, meta
-
-
-def _launch_add_norm(x_out, residual_in, residual_out, norm_w, eps, h, token_ids, embedding, norm_b, router_w,
-                     router_b, expert_idx, expert_weight, pdl: bool, x_planes=None):
-    """``_add_norm_kernel`` over the rows of ``x_out`` (see :func:`add_norm_args`)."""
-    args, meta = add_norm_args(x_out, residual_in, residual_out, norm_w, eps, h, token_ids, embedding, norm_b,
-                               router_w, router_b, expert_idx, expert_weight, x_planes)
-    _add_norm_kernel[(x_out.shape[0],)](*args, **meta, PDL=pdl, num_warps=4 if residual_out.is_cuda else 1,
-                                        **(dict(launch_pdl=True) if pdl else {}))
-
-
-@dataclass(frozen=True)
-class NormTail:
-    """The add + norm that follows a decode GEMV, run by that GEMV's last program instead of as a kernel of its own
-    (:func:`qmamba.kernels.decode_linear.decode_linear`'s ``norm_tail``): ``residual += out`` (the GEMV's output),
-    ``x_out = norm(residual)``, optionally routed and with input planes, as :func:`add_norm` with ``h = out``.
-    ``counter``: an int32 element, zero before the launch; the last program returns it to zero."""
-
-    counter: torch.Tensor
-    residual: torch.Tensor
-    x_out: torch.Tensor
-    norm_w: torch.Tensor
-    eps: float
-    norm_b: torch.Tensor | None = None
-    router_w: torch.Tensor | None = None
-    router_b: torch.Tensor | None = None
-    expert_idx: torch.Tensor | None = None
-    expert_weight: torch.Tensor | None = None
-    x_planes: torch.Tensor | None = None
-
-    def args(self, h):
-        """:func:`add_norm_args` of this tail with ``h`` the GEMV's output."""
-        if self.counter.dtype != torch.int32 or self.counter.numel() != 1:
-            raise ValueError("NormTail: counter must be one int32 element")
-        return add_norm_args(self.x_out, self.residual, self.residual, self.norm_w, self.eps, h, None, None,
-                             self.norm_b, self.router_w, self.router_b, self.expert_idx, self.expert_weight,
-                             self.x_planes)
+    _add_norm_kernel[(batch,)](
+        h if h is not None else residual_out, token_ids if token_ids is not None else residual_out,
+        embedding if embedding is not None else dummy, rin, residual_out, norm_w,
+        norm_b if norm_b is not None else dummy, x_out, router_w if router_w is not None else dummy,
+        router_b if router_b is not None else dummy, expert_idx if expert_idx is not None else residual_out,
+        expert_weight if expert_weight is not None else residual_out,
+        x_planes if x_planes is not None else residual_out,
+        d, e, float(eps), h.stride(0) if h is not None else 0, embedding.stride(0) if embedding is not None else 0,
+        rin.stride(0), residual_out.stride(0), x_out.stride(0), router_w.stride(0) if router_w is not None else 0,
+        x_planes.stride(0) if x_planes is not None else 0,
+        FIRST=h is None, HAS_RES=residual_in is not None, LAYERNORM=norm_b is not None,
+        ROUTER=router_w is not None, HAS_RB=router_b is not None, BLOCK_D=block_d, BLOCK_E=next_pow2(e),
+        PDL=pdl, X_PLANES=x_planes is not None, KPAD=kpad, num_warps=4 if residual_out.is_cuda else 1,
+        **(dict(launch_pdl=True) if pdl else {}))
 
 
 def add_norm_rows(residual, h, norm_w, eps, norm_b=None, out_dtype=None):

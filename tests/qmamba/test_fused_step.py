@@ -39,10 +39,7 @@ def build(name, fmt, device):
                                                ("int4g128", 3, "routed_denorm_rowprog_narrow"),
                                                ("int4g128", 3, "routed_denorm_rowprog_xplanes"),
                                                ("int4g128", 1, "planes_denorm_xplanes"),
-                                               ("int4g128", 1, "planes_denorm_xplanes_bcast"),
-                                               ("int4g128", 1, "planes_denorm_xplanes_ntail"),
-                                               ("int4g128", 3, "routed_denorm_rowprog_xplanes_ntail"),
-                                               ("float", 2, "decode_ntail"), ("int8", 1, "decode_ntail")])
+                                               ("int4g128", 1, "planes_denorm_xplanes_bcast")])
 @torch.no_grad()
 def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     """``decode``: the decode-linear kernels for float / int8 / int4 / 1-bit (conv fused into in_proj's epilogue,
@@ -53,9 +50,7 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     ``DecodePolicy.int4_x_planes``, read in the tile's shape or, ``_bcast``, broadcast); ``routed``: only the routed expert stacks on the decode kernels at 2+ rows (each
     routed row on CUDA cores), dense matrices on the general kernels; ``_rowprog``: one program row per routed row,
     on its own expert's tile (``DecodePolicy.routed_row_programs``); ``_narrow``: x_proj too
-    (``DecodePolicy.max_rows_narrow``); ``_xplanes``: fc1's row programs read the int4 input planes of x;
-    ``_ntail``: the add + norm after out_proj / fc2 run by that GEMV's last program where it takes the decode
-    kernels (``DecodePolicy.norm_tail``; at 3 routed rows fc2 only)."""
+    (``DecodePolicy.max_rows_narrow``); ``_xplanes``: fc1's row programs read the int4 input planes of x."""
     model = build("tiny-blackmamba", FORMATS[fmt], device)
     if fmt == "binary":
         from qmamba.quant.binary import BinaryExperts, BinaryLinear
@@ -86,7 +81,6 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
                                      routed_row_programs="rowprog" in parts,
                                      max_rows_narrow=8 if "narrow" in parts else 0,
                                      int4_x_planes="xplanes" in parts)
-    policy = dataclasses.replace(policy, norm_tail="ntail" in kernels)
     step = FusedDecodeStep(model, policy)
     if fmt == "binary":  # the 1-bit matrices take the decode kernels exactly when the policy lists the format
         binary = [w for w in step._weights() if isinstance(w, BinaryWeight)]

@@ -222,16 +222,3 @@ def test_dt_state_update_rejects_strided_state(device):
                         torch.zeros(8, device=device), torch.zeros(1, 8, device=device),
                         torch.zeros(1, 8, device=device), torch.zeros(8, 8, device=device),
                         torch.zeros(8, device=device), state, torch.zeros(1, 8, device=device))
-
-
-def test_add_norm_placeholders_match_the_arguments():
-    """The placeholders a GEMV without a norm tail passes have the arity and compile-time keys of real arguments."""
-    from qmamba.kernels.decode_step import add_norm_args, add_norm_placeholders
-
-    d, e = 40, 4
-    args, meta = add_norm_args(torch.empty(2, d), torch.zeros(2, d), torch.zeros(2, d), torch.ones(d), 1e-5,
-                               torch.zeros(2, d), None, None, None, torch.ones(e, d), None, torch.zeros(2),
-                               torch.zeros(2))
-    p_args, p_meta = add_norm_placeholders(torch.empty(1))
-    assert len(p_args) == len(args) and set(p_meta) == set(meta)
-    assert [isinstance(a, torch.Tensor) for a in p_args] == [isinstance(a, torch.Tensor) for a in args]
