@@ -8,6 +8,9 @@ so its time is set by per-kernel latency, not by bytes. This measures, inside on
 * ``chain``: N GEMV-like kernels, each reading its own int8 weight ``[N, K]`` (bytes of an int4 in_proj) and the
   previous kernel's output vector: no PDL; PDL (programmatic dependent launch) waiting at the top; PDL with the
   weight tile loaded *before* the wait (the weight does not depend on the previous kernel).
+  With that, ``pdl_l2pf``: each kernel also asks L2 for the weight of the kernel two later
+  (:mod:`qmamba.kernels.l2_prefetch`), and ``pdl_l2res``: every kernel reads the same weight (in L2 after the first:
+  the bound for weights that are all L2 hits).
 * ``barrier``: a persistent kernel whose programs meet at a counter barrier R times (the cost of one grid-wide
   synchronisation, the building block of a whole-step persistent kernel).
 
@@ -25,16 +28,20 @@ import torch
 import triton
 import triton.language as tl
 
+from qmamba.kernels.l2_prefetch import prefetch_chunk, prefetch_l2
+
 
 @triton.jit
-def _gemv_i8(w_ptr, x_ptr, y_ptr, N, scale, K: tl.constexpr, KP: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-             BLOCK_N: tl.constexpr):
+def _gemv_i8(w_ptr, x_ptr, y_ptr, N, scale, pf_ptr, pf_bytes, pf_chunk, K: tl.constexpr, KP: tl.constexpr,
+             PDL: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr, L2PF: tl.constexpr, NT: tl.constexpr):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, KP)
     wm = (n < N)[:, None] & (k < K)[None, :]
     if PDL and PREFETCH:
         w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=wm, other=0)
+        if L2PF:  # a later kernel's weight into L2 (qmamba.kernels.l2_prefetch)
+            prefetch_l2(pf_ptr, pf_bytes, pf_chunk, pid, NT)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     elif PDL:
@@ -89,22 +96,27 @@ def chain(n_kernels: int, n: int, k: int, block_n: int, num_warps: int, results:
     ws = [torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8) for _ in range(n_kernels)]
     x0 = torch.randn(k, device="cuda")
     c = 1.0 / (73.3 * k ** 0.5)
-    for name, pdl, pre in (("plain", False, False), ("pdl", True, False), ("pdl_prefetch", True, True)):
+    for name, pdl, pre, l2 in (("plain", False, False, ""), ("pdl", True, False, ""), ("pdl_prefetch", True, True, ""),
+                               ("pdl_l2pf", True, True, "pf"), ("pdl_l2res", True, True, "res")):
         ys = [torch.empty(n, device="cuda") for _ in range(n_kernels)]
         grid = (triton.cdiv(n, block_n),)
+        chunk = prefetch_chunk(n * k, grid[0], num_warps)
+        wk = [ws[0]] * n_kernels if l2 == "res" else ws
 
         def run():
             x = x0
-            for i, w in enumerate(ws):
-                _gemv_i8[grid](w, x, ys[i], n, c, K=k, KP=triton.next_power_of_2(k), PDL=pdl, PREFETCH=pre, BLOCK_N=block_n, num_warps=num_warps,
-                               launch_pdl=pdl)
+            for i, w in enumerate(wk):
+                pf = wk[min(i + 2, n_kernels - 1)]
+                _gemv_i8[grid](w, x, ys[i], n, c, pf, n * k, chunk, K=k, KP=triton.next_power_of_2(k), PDL=pdl,
+                               PREFETCH=pre, BLOCK_N=block_n, L2PF=l2 == "pf", NT=32 * num_warps,
+                               num_warps=num_warps, launch_pdl=pdl)
                 x = ys[i]
         try:
             us = graph_us(run, n_kernels)
             # correctness of the chain without the renormalisation: compare the first kernel and the relation
             y_check = (ws[0].float() @ x0) * c
             err = ((ys[0] - y_check).norm() / y_check.norm()).item()
-            y_last = (ws[-1].float() @ ys[-2][:k]) * c
+            y_last = (wk[-1].float() @ ys[-2][:k]) * c
             err2 = ((ys[-1] - y_last).norm() / y_last.norm().clamp_min(1e-30)).item()
             ok = err < 1e-4 and err2 < 1e-4
             if not ok:
@@ -155,8 +167,7 @@ def main():
           "triton", triton.__version__, flush=True)
     results, failures = {}, []
     # in_proj-sized (int4 1472x5888 = 4.3 MB): as int8 [5888, 736]; x_proj-sized [128, 2944/2]; out_proj [1472, 1472]
-    for n, k, bn, nw in ((5888, 736, 16, 4), (5888, 736, 32, 4), (1472, 1472, 8, 4), (1472, 1472, 16, 4),
-                         (256, 1472, 2, 2)):
+    for n, k, bn, nw in ((5888, 736, 16, 4), (5888, 736, 4, 4), (1472, 1472, 8, 4), (7744, 736, 8, 4)):
         chain(100, n, k, bn, nw, results, failures)
     sms = props.multi_processor_count
     for nprog in (sms, 2 * sms):
