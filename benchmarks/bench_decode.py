@@ -164,10 +164,6 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return dataclasses.replace(base, int4_x_planes=True, int4_x_in_tile=v == "xplanes")
     if v == "noxplanes":  # the int4 matrices read x itself (the CUDA policy before session 19)
         return dataclasses.replace(base, int4_x_planes=False)
-    if v == "l2pf":  # GEMVs ask L2 for a later GEMV's weights (DecodePolicy.l2_prefetch)
-        return dataclasses.replace(base, l2_prefetch=True)
-    if v == "nol2pf":
-        return dataclasses.replace(base, l2_prefetch=False)
     if v == "xp8":  # x_proj (narrow) on the decode kernels up to batch 8 (DecodePolicy.max_rows_narrow)
         return dataclasses.replace(base, max_rows_narrow=8)
     if v.startswith("ssmbd"):  # e.g. ssmbd8: channels per program of the SSM update (DecodePolicy.ssm_block_d)
@@ -229,8 +225,7 @@ def main():
                          "kernels up to batch 8 (CUDA cores, each routed row; dense matrices not), rows8: plane words "
                          "up to batch 8, tensor cores, or with nomma CUDA cores per row), "
                          "bnI<int4 block>F<float block>W<warps> e.g. bn16F4W4, xplanes / xplanesb (int4 input "
-                         "planes read in the tile's shape / broadcast), noxplanes (none: x itself), l2pf / nol2pf (GEMVs "
-                         "prefetch a later GEMV's weights into L2, or not)")
+                         "planes read in the tile's shape / broadcast), noxplanes (none: x itself)")
     args = ap.parse_args()
     require_idle_gpu()
     log = lambda s: print(s, flush=True)  # noqa: E731

@@ -91,9 +91,7 @@ def variants(pdl: bool, rows: int):
            "cuda_x_planes": ("planes", dataclasses.replace(cuda, int4_x_planes=True)),
            "cuda_x_planes_bcast": ("planes", dataclasses.replace(cuda, int4_x_planes=True, int4_x_in_tile=False)),
            # the input x itself, converted and scaled per code (the CUDA policy before session 19)
-           "cuda_x_direct": ("planes", dataclasses.replace(cuda, int4_x_planes=False)),
-           # the grid also asks L2 for another weight (DecodePolicy.l2_prefetch; here its own: compile reports)
-           "cuda_l2pf": ("planes", dataclasses.replace(cuda, l2_prefetch=True))}
+           "cuda_x_direct": ("planes", dataclasses.replace(cuda, int4_x_planes=False))}
     for bn in (4, 8, 16, 32):
         out[f"binary_bn{bn}"] = ("binary", DecodePolicy(pdl=pdl, block_n_binary=bn))
     for bn in (2, 4, 8):

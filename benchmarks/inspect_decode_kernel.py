@@ -31,7 +31,6 @@ from bench_decode_linear import shapes, variants, weight_forms  # noqa: E402
 
 from qmamba.config import preset  # noqa: E402
 from qmamba.kernels import decode_linear as dl  # noqa: E402
-from qmamba.kernels.l2_prefetch import prefetch_range  # noqa: E402
 from qmamba.quant.layout import int4_x_planes  # noqa: E402
 
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
@@ -150,9 +149,8 @@ def main():
                 policy = dl.DecodePolicy(**{**policy.__dict__, "pdl": True})  # as on the H200
                 out = torch.empty(1, n // 2 if opts.get("gated") else n, dtype=torch.bfloat16)
                 xpl = int4_x_planes(x) if policy.int4_x_planes else None  # word sums as the fused step has them
-                pf = prefetch_range(forms[form]) if policy.l2_prefetch else None
                 dl.decode_linear(x, forms[form], out, policy=policy, x_planes=xpl,
-                                 x_plane_sums=shape not in ("out_proj", "fc2"), l2_prefetch=pf, **kw)
+                                 x_plane_sums=shape not in ("out_proj", "fc2"), **kw)
                 grid, kargs, meta = recorder.calls[-1]
                 compiled = compile_recorded(real, kargs, meta, args.arch)
                 r = report(compiled)

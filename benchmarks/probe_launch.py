@@ -9,7 +9,7 @@ so its time is set by per-kernel latency, not by bytes. This measures, inside on
   previous kernel's output vector: no PDL; PDL (programmatic dependent launch) waiting at the top; PDL with the
   weight tile loaded *before* the wait (the weight does not depend on the previous kernel).
   With that, ``pdl_l2pf``: each kernel also asks L2 for the weight of the kernel two later
-  (:mod:`qmamba.kernels.l2_prefetch`), and ``pdl_l2res``: every kernel reads the same weight (in L2 after the first:
+  (:func:`prefetch_l2`), and ``pdl_l2res``: every kernel reads the same weight (in L2 after the first:
   the bound for weights that are all L2 hits).
 * ``barrier``: a persistent kernel whose programs meet at a counter barrier R times (the cost of one grid-wide
   synchronisation, the building block of a whole-step persistent kernel).
@@ -28,7 +28,23 @@ import torch
 import triton
 import triton.language as tl
 
-from qmamba.kernels.l2_prefetch import prefetch_chunk, prefetch_l2
+
+@triton.jit
+def prefetch_l2(ptr, nbytes, chunk, part, NT: tl.constexpr):
+    """Program ``part``'s share of ``[ptr, ptr + nbytes)`` into L2 (Hopper's bulk prefetch): lane 0 of each warp
+    asks for ``chunk`` bytes (16-byte aligned, a multiple of 16), clipped at the end. (Session 20 tried this in the
+    decode step itself, ``DecodePolicy.l2_prefetch``, commit d4b7429: not faster.)"""
+    t = tl.arange(0, NT)
+    start = (part * (NT // 32) + t // 32).to(tl.int64) * chunk
+    size = tl.where(t % 32 == 0, tl.minimum(nbytes - start, chunk), 0).to(tl.int32)
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r", [ptr.to(tl.pointer_type(tl.int8)) + start, size], dtype=tl.int32, is_pure=False, pack=1)
+
+
+def prefetch_chunk(nbytes: int, programs: int, warps: int) -> int:
+    """Bytes each warp of a grid prefetches to cover ``nbytes`` (a multiple of 16)."""
+    return -(-(-(-nbytes // (programs * warps))) // 16) * 16
 
 
 @triton.jit
@@ -40,7 +56,7 @@ def _gemv_i8(w_ptr, x_ptr, y_ptr, N, scale, pf_ptr, pf_bytes, pf_chunk, K: tl.co
     wm = (n < N)[:, None] & (k < K)[None, :]
     if PDL and PREFETCH:
         w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=wm, other=0)
-        if L2PF:  # a later kernel's weight into L2 (qmamba.kernels.l2_prefetch)
+        if L2PF:  # a later kernel's weight into L2 (prefetch_l2)
             prefetch_l2(pf_ptr, pf_bytes, pf_chunk, pid, NT)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

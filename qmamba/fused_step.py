@@ -38,13 +38,10 @@ from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
 from qmamba.kernels.decode_linear import DecodePolicy, decode_linear
 from qmamba.kernels.decode_step import add_norm, dt_state_update
 from qmamba.kernels.fused_moe import gated_act, routed_matmul
-from qmamba.kernels.l2_prefetch import prefetch_range
 from qmamba.kernels.weights import FMT_INT4_PLANES, BinaryWeight, PackedWeight
 from qmamba.quant.layout import INT4_X_PLANES, int4_x_planes_width
 from qmamba.quant.modules import use_plane_words
 
-
-PREFETCH_CAP = 16 << 20  # bytes of one weight a GEMV asks L2 for (DecodePolicy.l2_prefetch)
 
 # ---- plan --------------------------------------------------------------------------------------------------------------
 KernelWeight = PackedWeight | BinaryWeight
@@ -126,28 +123,10 @@ class FusedDecodeStep:
         self.final_b = getattr(norm_f, "bias", None)  # LayerNorm has a bias, RMSNorm none
         self.head, self.head_bias = linear_weight(model.lm_head)
         self._buffers: dict[int, dict] = {}
-        self._prefetch = self._prefetch_plan() if self.policy.l2_prefetch else {}
 
     def _weights(self) -> list:
         """Every linear weight of a step: the head, then each layer's in forward order."""
         return [self.head] + [w for plan in self.layers for w in _layer_weights(plan)]
-
-    def _prefetch_plan(self, reach: int = 4, cap: int = PREFETCH_CAP) -> dict:
-        """``{id(carrier weight): (tensor, nbytes)}`` (:attr:`DecodePolicy.l2_prefetch`): each GEMV of the step asks L2
-        for the weights of the first GEMV 2..``reach`` GEMVs later that is not routed (an expert's choice is not known
-        yet) and not asked for already; at most ``cap`` bytes of one (the head's 150 MB would not stay in L2)."""
-        chain = [(w, isinstance(plan, _MoePlan)) for plan in self.layers for w in _layer_weights(plan)]
-        chain.append((self.head, False))
-        plan, taken = {}, set()
-        for g, (carrier, _) in enumerate(chain):
-            for h in range(g + 2, min(g + reach + 1, len(chain))):
-                target, routed = chain[h]
-                rng = None if routed or h in taken else prefetch_range(target)
-                if rng is not None:
-                    plan[id(carrier)] = (rng[0], min(rng[1], cap))
-                    taken.add(h)
-                    break
-        return plan
 
     # ---- buffers -------------------------------------------------------------------------------------------------
     def _workspace(self, batch: int, device) -> dict:
@@ -242,7 +221,7 @@ class FusedDecodeStep:
         return routed_matmul(x, weight, out=out, **kw)
 
     def _decode(self, x, weight, out, **kw):
-        return decode_linear(x, weight, out, policy=self.policy, l2_prefetch=self._prefetch.get(id(weight)), **kw)
+        return decode_linear(x, weight, out, policy=self.policy, **kw)
 
     def _mamba(self, buf, plan: _MambaPlan, views, state):
         xz, dbc, out = views

@@ -42,7 +42,6 @@ import torch
 from qmamba.kernels._triton import HAS_TRITON, jit, next_pow2, tl
 from qmamba.kernels.fused_moe import ACTIVATION_IDS, activate, gated_act_ref
 from qmamba.kernels.input_planes import store_x_planes, x_plane_scale
-from qmamba.kernels.l2_prefetch import prefetch_chunk, prefetch_l2
 from qmamba.kernels.matmul_configs import sm_count
 from qmamba.kernels.weights import (FMT_BINARY, FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT8, BinaryWeight,
                                     PackedWeight, int32_words)
@@ -109,9 +108,6 @@ class DecodePolicy:
     #                              plane-word in_proj / fc1 / head read instead of x: no conversion or scaling of the
     #                              input per code (likewise the SSM update for out_proj, fc1's epilogue for fc2).
     #                              On in the CUDA policy (session 19)
-    l2_prefetch: bool = False    # fused step (CUDA, sm_90+): GEMVs ask L2 for a later GEMV's weights (in_proj for its
-    #                              layer's out_proj, fc1 for the next in_proj, fc2 for the next x_proj), so that the
-    #                              programs of those grids past the first resident wave find them there. A candidate
     expert_prefetch: bool = True  # fused step: fc2 reads its expert's tile before waiting for fc1 (expert_ready)
     ssm_block_d: int = 32        # fused step at one row: channels per program of the SSM update kernel
     #                              (dt_state_update; 32: 92 programs for BlackMamba-2.8B's 2944 channels; 8 compiles
@@ -463,24 +459,15 @@ def _load_weights(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, N_UP, swe, swn, ss
 
 
 @jit
-def _prefetch_later(pf_ptr, pf_bytes, pf_chunk, PF: tl.constexpr, PF_NT: tl.constexpr):
-    """``PF``: this program's share of a later kernel's weights into L2 (``l2_prefetch``), after its own weight loads
-    were issued and before it waits for the previous kernel."""
-    if PF:
-        prefetch_l2(pf_ptr, pf_bytes, pf_chunk, tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), PF_NT)
-
-
-@jit
 def _decode_linear_kernel(
     x_ptr, st_ptr, cw_ptr, cb_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rexp_ptr, rscale_ptr, out_ptr, co_ptr, xpl_ptr,
-    opl_ptr, pf_ptr, pf_bytes, pf_chunk, M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse, ssn, sze, szn, exp_bits,
-    sxpl_m, sopl_m,
+    opl_ptr, M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse, ssn, sze, szn, exp_bits, sxpl_m, sopl_m,
     FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr, CONV_W: tl.constexpr,
     HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr,
     UNPACK: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
     EXPERT_READY: tl.constexpr, ROW_PROGRAMS: tl.constexpr, X_PLANES: tl.constexpr, XPL_K: tl.constexpr,
-    XPL_SUMS: tl.constexpr, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr, PF: tl.constexpr, PF_NT: tl.constexpr,
+    XPL_SUMS: tl.constexpr, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -500,7 +487,6 @@ def _decode_linear_kernel(
         # then wait). One row: one program column, the row's expert. Several: column e serves the rows routed to
         # expert e and an idle column does nothing at all.
         if PDL and not EXPERT_READY:
-            _prefetch_later(pf_ptr, pf_bytes, pf_chunk, PF, PF_NT)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         if ROWS == 1:
@@ -516,7 +502,6 @@ def _decode_linear_kernel(
                 w_ptr, s_ptr, z_ptr, expert.to(tl.int64), rows, rows_ok, K, N_UP, swe, swn, sse, ssn, sze, szn, FMT,
                 KP, NBP, WPG, TPB, GATED)
             if PDL and EXPERT_READY:
-                _prefetch_later(pf_ptr, pf_bytes, pf_chunk, PF, PF_NT)
                 tl.extra.cuda.gdc_wait()
                 tl.extra.cuda.gdc_launch_dependents()
             _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
@@ -529,7 +514,6 @@ def _decode_linear_kernel(
             w_ptr, s_ptr, z_ptr, pid_e.to(tl.int64) * 0, rows, rows_ok, K, N_UP, swe, swn, sse, ssn, sze, szn, FMT,
             KP, NBP, WPG, TPB, GATED)
         if PDL:
-            _prefetch_later(pf_ptr, pf_bytes, pf_chunk, PF, PF_NT)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
@@ -680,7 +664,7 @@ def _weight_args(weight: PackedWeight | BinaryWeight):
 
 def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row_expert=None, row_scale=None, conv_out=None,
                   gated: str | None = None, policy: DecodePolicy | None = None, expert_ready: bool = False,
-                  x_planes=None, x_plane_sums: bool = True, out_planes=None, l2_prefetch=None):
+                  x_planes=None, x_plane_sums: bool = True, out_planes=None):
     """``out [M, N']`` (any float dtype) receives ``f(x) @ W_hat^T`` for ``M <= 8`` rows; semantics of
     :func:`decode_linear_ref`.
 
@@ -699,9 +683,6 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     word sums) is not written (a producer other than add + norm); the kernel sums the words itself.
     ``out_planes [M, 9, width]`` fp32: planes 0..7 receive the input planes of ``out`` as stored (the next GEMV's
     input; zero-initialised by the caller, whose padding columns stay 0).
-    ``l2_prefetch = (tensor, nbytes)`` (:func:`qmamba.kernels.l2_prefetch.prefetch_range`): the grid also asks L2 for
-    the first ``nbytes`` of ``tensor`` (a later kernel's weights) where the policy's ``l2_prefetch`` is on; a hint
-    that changes no result.
     """
     policy = policy or DecodePolicy.for_device(x.device)
     m, k = x.shape
@@ -741,13 +722,10 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     use_planes = x_planes is not None and weight.fmt == FMT_INT4_PLANES and rows == 1 and unpack in (2, 3)
     kpad = check_x_planes("decode_linear", "x_planes", x_planes, m, k) if use_planes else 1
     opl_k = check_x_planes("decode_linear", "out_planes", out_planes, m, n_out) if out_planes is not None else 1
-    pf = l2_prefetch is not None and policy.l2_prefetch and policy.pdl  # Hopper (bulk prefetch, PDL) only
-    pf_t, pf_bytes = l2_prefetch if pf else (dummy, 0)
-    pf_chunk = prefetch_chunk(pf_bytes, grid[0] * grid[1], warps) if pf else 0
     _decode_linear_kernel[grid](
         x, st, cw, cb if cb is not None else dummy, w, s, z, bias if bias is not None else dummy,
         row_expert if row_expert is not None else dummy, row_scale if row_scale is not None else dummy, out, co,
-        x_planes if use_planes else dummy, out_planes if out_planes is not None else dummy, pf_t, pf_bytes, pf_chunk,
+        x_planes if use_planes else dummy, out_planes if out_planes is not None else dummy,
         1 if row_programs else m, n_out, k, n_out if gated else 0, channels, x.stride(0), st.stride(0), st.stride(1),
         out.stride(0),
         co.stride(0), *strides, _FLOAT_2P23_BITS, x_planes.stride(0) if use_planes else 0,
@@ -758,8 +736,8 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         ACT=ACTIVATION_IDS[gated] if gated else 0, HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
         KP=kp, NBP=nbp, WPG=wpg, TPB=tpb, UNPACK=unpack, MMA=mma, BLOCK_N=bn, PDL=policy.pdl,
         EXPERT_READY=expert_ready and row_expert is not None, ROW_PROGRAMS=row_programs, X_PLANES=use_planes,
-        XPL_K=kpad, XPL_SUMS=bool(x_plane_sums), OUT_PLANES=out_planes is not None, OPL_K=opl_k, PF=pf, PF_NT=32 * warps,
-        num_warps=warps, **kwargs)
+        XPL_K=kpad, XPL_SUMS=bool(x_plane_sums), OUT_PLANES=out_planes is not None, OPL_K=opl_k, num_warps=warps,
+        **kwargs)
     return out
 
 

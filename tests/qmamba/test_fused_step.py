@@ -39,9 +39,7 @@ def build(name, fmt, device):
                                                ("int4g128", 3, "routed_denorm_rowprog_narrow"),
                                                ("int4g128", 3, "routed_denorm_rowprog_xplanes"),
                                                ("int4g128", 1, "planes_denorm_xplanes"),
-                                               ("int4g128", 1, "planes_denorm_xplanes_bcast"),
-                                               ("int4g128", 1, "planes_denorm_xplanes_l2pf"),
-                                               ("float", 1, "decode_l2pf")])
+                                               ("int4g128", 1, "planes_denorm_xplanes_bcast")])
 @torch.no_grad()
 def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     """``decode``: the decode-linear kernels for float / int8 / int4 / 1-bit (conv fused into in_proj's epilogue,
@@ -52,9 +50,7 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     ``DecodePolicy.int4_x_planes``, read in the tile's shape or, ``_bcast``, broadcast); ``routed``: only the routed expert stacks on the decode kernels at 2+ rows (each
     routed row on CUDA cores), dense matrices on the general kernels; ``_rowprog``: one program row per routed row,
     on its own expert's tile (``DecodePolicy.routed_row_programs``); ``_narrow``: x_proj too
-    (``DecodePolicy.max_rows_narrow``); ``_xplanes``: fc1's row programs read the int4 input planes of x;
-    ``_l2pf``: the GEMVs ask L2 for later GEMVs' weights (``DecodePolicy.l2_prefetch``; a no-op without PDL, so on
-    the CPU only the plan is exercised)."""
+    (``DecodePolicy.max_rows_narrow``); ``_xplanes``: fc1's row programs read the int4 input planes of x."""
     model = build("tiny-blackmamba", FORMATS[fmt], device)
     if fmt == "binary":
         from qmamba.quant.binary import BinaryExperts, BinaryLinear
@@ -85,9 +81,7 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
                                      routed_row_programs="rowprog" in parts,
                                      max_rows_narrow=8 if "narrow" in parts else 0,
                                      int4_x_planes="xplanes" in parts)
-    policy = dataclasses.replace(policy, l2_prefetch="l2pf" in kernels)
     step = FusedDecodeStep(model, policy)
-    assert bool(step._prefetch) == ("l2pf" in kernels)
     if fmt == "binary":  # the 1-bit matrices take the decode kernels exactly when the policy lists the format
         binary = [w for w in step._weights() if isinstance(w, BinaryWeight)]
         want = kernels.startswith("decode") and batch <= policy.max_rows  # (the CUDA policy: one row at most)
@@ -113,28 +107,6 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
         torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(state.conv_state, ref_state.conv_state, atol=1e-4, rtol=1e-4)
         tok = ref.argmax(-1)
-
-
-def test_l2_prefetch_plan(device):
-    """Each GEMV asks L2 for a later, unrouted GEMV's weights 2..4 GEMVs ahead, each asked for once, the head capped."""
-    model = build("tiny-blackmamba", FORMATS["int4g128"], device)
-    policy = dataclasses.replace(DecodePolicy.for_device(device), l2_prefetch=True, int4_planes=True)
-    step = FusedDecodeStep(model, policy)
-    chain = [(w, hasattr(p, "fc1")) for p in step.layers for w in
-             ((p.fc1, p.fc2) if hasattr(p, "fc1") else (p.in_proj, p.x_proj, p.out_proj))] + [(step.head, False)]
-    where = {id(w.qweight): i for i, (w, _) in enumerate(chain)}
-    targets = []
-    for g, (carrier, _) in enumerate(chain):
-        if id(carrier) not in step._prefetch:
-            continue
-        tensor, nbytes = step._prefetch[id(carrier)]
-        h = where[id(tensor)]
-        assert 2 <= h - g <= 4 and not chain[h][1], (g, h)
-        assert 0 < nbytes <= min(tensor.numel() * tensor.element_size(), 16 << 20) and nbytes % 16 == 0
-        targets.append(h)
-    assert len(targets) == len(set(targets)) >= len(step.layers) // 2  # each once, and most layers carry one
-    mamba = [i for i, (w, routed) in enumerate(chain) if not routed]
-    assert set(targets) <= set(mamba)
 
 
 @torch.no_grad()

@@ -138,17 +138,6 @@ def test_int8_binary_and_x_in_tile_compile():
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
-def test_l2_prefetch_compiles_to_bulk_prefetch(tmp_path):
-    """The decode kernel with ``DecodePolicy.l2_prefetch`` (its inline assembly, which the interpreter cannot run)
-    compiles for sm_90 at every shape without spills, and its PTX holds the bulk L2 prefetch."""
-    stdout = _compiled(str(INSPECT), "--variants", "cuda_l2pf", "--out", str(tmp_path), timeout=900)
-    lines = [line for line in stdout.splitlines() if " regs " in line]
-    assert len(lines) == 6 and all(" stack    0 " in line for line in lines), stdout
-    ptx = sorted(tmp_path.glob("*_cuda_l2pf.ptx"))
-    assert len(ptx) == 6 and all("cp.async.bulk.prefetch.L2.global" in f.read_text() for f in ptx)
-
-
-@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_int4_gemm_defaults_compile_without_spills():
     """The grouped expert GEMM of the prefill (M = 2048, 64 x 128 tiles) and the small-M kernel of batched decode (8
     rows routed by expert) on int4 plane words, as the CUDA defaults launch them at BlackMamba-2.8B's fc1 / fc2:
