@@ -45,7 +45,7 @@ from qmamba.kernels.input_planes import store_x_planes, x_plane_scale
 from qmamba.kernels.matmul_configs import sm_count
 from qmamba.kernels.weights import (FMT_BINARY, FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT8, BinaryWeight,
                                     PackedWeight, int32_words)
-from qmamba.quant.layout import INT4_TILE, INT4_TILE_WORDS, check_x_planes
+from qmamba.quant.layout import INT4_TILE, INT4_TILE_WORDS, binary_denorm_vectors, check_x_planes
 
 MAX_ROWS = 8
 NARROW_N = 512  # "narrow" matrices (DecodePolicy.max_rows_narrow): x_proj's dt rank + 2 d_state outputs
@@ -299,7 +299,29 @@ def _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, exp_bits,
     """``[BN]`` fp32: the tile times input row ``r``. int4: per nibble position, ``(code - zero) * x`` summed over
     the tile row, times the tile's scale. A row that is not ``row_ok`` reads nothing (its K limit is 0)."""
     k_lim = tl.where(row_ok, K, 0)  # scalar masks fold into limits: the interpreter rejects vector & scalar masks
-    if FMT == 4:
+    if FMT == 4 and UNPACK >= 2:
+        # 1-bit, "denorm" (scale / zero: pointers to the expert's alpha_denorm / gamma, layout.binary_denorm_vectors):
+        # bit t of each word masked in place (bits 16..31 from the word shifted down by 16) and read as a float times
+        # x * alpha_denorm: a mask and an FMA per weight; x and alpha_denorm read in the tile's shape, 4 bits at a
+        # time (once for all the program's rows); x . gamma once per row.
+        j = tl.arange(0, KP)
+        c4 = tl.arange(0, 4)
+        wh = (w >> 16) & 0xFFFF
+        part = tl.zeros((w.shape[0], KP, 4), dtype=tl.float32)
+        for c in tl.static_range(8):
+            k3 = ((j * 32)[:, None] + (c * 4 + c4)[None, :])[None, :, :]                                # [1, KP, 4]
+            km = k3 < k_lim
+            u = _input_at(x_ptr, r, sxm, k3, km) * tl.load(scale + k3, mask=km, other=0.0)
+            bit = (1 << ((c % 4) * 4 + c4))[None, None, :]
+            if c < 4:
+                m = (w[:, :, None] & bit).to(tl.float32, bitcast=True)
+            else:
+                m = (wh[:, :, None] & bit).to(tl.float32, bitcast=True)
+            part += m * u
+        kk = tl.arange(0, KP * 32)
+        xg = tl.sum(_input_at(x_ptr, r, sxm, kk, kk < k_lim) * tl.load(zero + kk, mask=kk < k_lim, other=0.0), axis=0)
+        y = tl.sum(tl.sum(part, axis=2), axis=1) * (2.0 ** 54) + xg
+    elif FMT == 4:
         # 1-bit (scale / zero: pointers to the expert's alpha / beta): per bit position t, the input's k = 32 j + t
         # times alpha, its sign bit flipped where the weight's bit is 0 (s = -1): a shift, one three-input logic
         # instruction and an add per weight; x . beta on the side, once per k.
@@ -629,14 +651,28 @@ def binary_decodable(weight: BinaryWeight) -> bool:
     return _binary_words(weight) is not None
 
 
-def _weight_args(weight: PackedWeight | BinaryWeight):
+def binary_denorm_of(weight: BinaryWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(alpha_denorm, gamma)`` of a 1-bit weight (:func:`qmamba.quant.layout.binary_denorm_vectors`), computed
+    once and kept on the record (recomputed if ``alpha`` / ``beta`` changed in place). Callers that capture CUDA
+    graphs call it before capture."""
+    key = (weight.alpha.data_ptr(), weight.alpha._version, weight.beta.data_ptr(), weight.beta._version)
+    cached = weight.__dict__.get("_denorm")
+    if cached is None or cached[0] != key:
+        cached = (key, binary_denorm_vectors(weight.alpha, weight.beta))
+        weight.__dict__["_denorm"] = cached
+    return cached[1]
+
+
+def _weight_args(weight: PackedWeight | BinaryWeight, denorm: bool = False):
     """``(w, s, z, strides, KP, NBP, WPG, TPB)`` as the kernel reads them (int4: int32 words in tiles, binary: sign
-    words with alpha / beta, see :func:`_load_tile`)."""
+    words with alpha / beta, or with ``denorm`` alpha_denorm / gamma, see :func:`_load_tile` and
+    :func:`binary_denorm_of`)."""
     if isinstance(weight, BinaryWeight):
-        words, a, b = _binary_words(weight), weight.alpha, weight.beta
+        words = _binary_words(weight)
         if words is None:
             raise ValueError("decode_linear: a 1-bit weight needs K a multiple of 32, aligned sign words and no row "
                              "scale")
+        a, b = binary_denorm_of(weight) if denorm else (weight.alpha, weight.beta)
         return (words, a, b, (words.stride(0), words.stride(1), a.stride(0), 0, b.stride(0), 0),
                 next_pow2(weight.k // 32), 1, 1, 1)
     s, z = weight.scales, weight.zeros
@@ -697,7 +733,7 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         raise ValueError("decode_linear: a gated weight takes no bias")
     if row_expert is None and weight.n_experts != 1:
         raise ValueError("decode_linear: a stacked weight needs row_expert")
-    w, s, z, strides, kp, nbp, wpg, tpb = _weight_args(weight)
+    w, s, z, strides, kp, nbp, wpg, tpb = _weight_args(weight, denorm=INT4_UNPACK[policy.int4_unpack] >= 2)
     st, cw, cb, co = conv_out if conv_out is not None else (x, x, None, out)
     channels = co.shape[1] if conv_out is not None else 0
     if conv_out is not None:

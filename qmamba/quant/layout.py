@@ -268,6 +268,24 @@ def dequantize_binary(qweight, alpha, beta, k: int, row_scale=None, dtype=torch.
     return W.to(dtype)
 
 
+# The 1-bit decode kernel's "denorm" reading (qmamba.kernels.decode_linear with DecodePolicy.int4_unpack "denorm"):
+# bit t of a sign word, masked in place (bits 16..31 from the word shifted down by 16, so t' = t mod 16 < 23) and
+# read as a float, is the subnormal b * 2^(t' - 149); times x * alpha * 2^(96 - t') it is b * x * alpha * 2^-53
+# exactly. With s = 2 b - 1:
+#     x @ W_hat^T = 2^54 * sum_k x_k * alpha_denorm_k * [bit k as a float]  +  x . gamma,
+#     alpha_denorm = alpha * 2^(96 - k mod 16) (fp32), gamma = beta - alpha (fp32)
+# (needs |x * alpha| < 2^31 and subnormals kept, as Triton's fp32 arithmetic does).
+BINARY_DENORM_HALF = 16  # bits per half word: the denorm reading's bit positions t' = k mod 16
+BINARY_DENORM_SUM_SCALE = 2.0 ** 54
+
+
+def binary_denorm_vectors(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(alpha_denorm, gamma)`` fp32 ``[..., K]`` of a 1-bit weight's ``alpha`` / ``beta`` (see above)."""
+    t = torch.arange(alpha.shape[-1], device=alpha.device) % BINARY_DENORM_HALF
+    a = alpha.float() * torch.exp2((96 - t).float())
+    return a.contiguous(), (beta.float() - alpha.float()).contiguous()
+
+
 def check_binary(qweight, alpha, beta, n: int, k: int, row_scale=None, lead: tuple = (),
                  has_row_scale: bool = False) -> None:
     want = [("qweight", qweight, (*lead, n, binary_num_bytes(k)), torch.uint8),

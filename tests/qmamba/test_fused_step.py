@@ -29,6 +29,7 @@ def build(name, fmt, device):
 
 @pytest.mark.parametrize("fmt,batch,kernels", [("float", 2, "decode"), ("int8", 2, "decode"), ("int4", 2, "decode"),
                                                ("int4", 1, "decode"), ("binary", 1, "decode"), ("binary", 2, "decode"),
+                                               ("binary", 1, "decode_denorm"), ("binary", 3, "decode_denorm"),
                                                ("int4g128", 1, "decode_ssm8"), ("float", 3, "decode_ssm8"),
                                                ("binary", 1, "general"),
                                                ("float", 1, "general"), ("int4", 1, "general"),
@@ -43,7 +44,8 @@ def build(name, fmt, device):
 @torch.no_grad()
 def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     """``decode``: the decode-linear kernels for float / int8 / int4 / 1-bit (conv fused into in_proj's epilogue,
-    activation into fc1); ``general``: the general matmul kernels (GEMV word kernels, the 1-bit kernels, small-M
+    activation into fc1; ``_denorm``: 1-bit signs read as subnormal floats); ``general``: the general matmul
+    kernels (GEMV word kernels, the 1-bit kernels, small-M
     tiles, split-K into the zeroed workspace, conv and activation on their own); ``planes``: the decode kernels on the int4
     weights converted in place to plane words (``_magic`` / ``_denorm``: nibbles masked in place, see
     ``DecodePolicy.int4_unpack``; ``_xplanes``: their input as the int4 input planes add + norm writes,
@@ -67,6 +69,8 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
                                      int4_x_planes=False)  # the input planes: the "_xplanes" cases
         if kernels == "decode_ssm8":  # 8 channels per program of the SSM update (DecodePolicy.ssm_block_d)
             policy = dataclasses.replace(policy, ssm_block_d=8, ssm_block_d_batched=8)
+        if kernels == "decode_denorm":  # 1-bit bits (and int4 codes) read as subnormal floats, as the CUDA policy
+            policy = dataclasses.replace(policy, int4_unpack="denorm")
     elif kernels == "general":
         policy = dataclasses.replace(policy, formats=(), int4_x_planes=False)
     elif kernels.startswith("planes"):

@@ -190,7 +190,8 @@ def test_planes_on_cuda_cores_at_several_rows(m, unpack, device):
 
 
 @pytest.mark.parametrize("fmt", ["float", "int8", "int4g32", "int4g32-magic", "planes128-magic", "planes128-denorm",
-                                 "planes128-nomma", "binary", "float-rowprog", "planes128-rowprog"])
+                                 "planes128-nomma", "binary", "binary-denorm", "float-rowprog", "planes128-rowprog",
+                                 "binary-rowprog"])
 @pytest.mark.parametrize("m", [1, 4])
 def test_routed_gated_and_row_scale(fmt, m, device):
     """fc1 of a gated MoE (act(gate) * up of each row's expert) and fc2 with the routing weight; expert 2 idle.
@@ -273,17 +274,20 @@ def test_conv_epilogue_writes_the_conv_step_of_the_stored_output(fmt, m, device)
 
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("block", [None, 4])
-def test_binary_matches_the_factored_form(m, block, device):
+@pytest.mark.parametrize("unpack", ["shift", "denorm"])
+def test_binary_matches_the_factored_form(m, block, unpack, device):
     """1-bit signs (K = 320: 10 sign words, padded to 16 in the tile) against the 1-bit twin ``(x alpha) S^T + x .
-    beta``, with a bias; ``block`` 4: several programs and a ragged last one."""
+    beta``, with a bias; ``block`` 4: several programs and a ragged last one. ``denorm``: the bits masked in place
+    and read as subnormal floats against alpha_denorm (``layout.binary_denorm_vectors``)."""
     torch.manual_seed(10 + m)
     n, k = 37, 320
     w = weight_for("binary", n, k, device)
     assert w.fmt == FMT_BINARY and DecodePolicy().takes(w, m)
     x = torch.randn(m, k, device=device)
     bias = torch.randn(n, device=device)
-    policy = None if block is None else DecodePolicy(pdl=False, block_n_binary=block,
-                                                     num_warps=4 if device.type == "cuda" else 1)
+    policy = DecodePolicy.for_device(device) if block is None else \
+        DecodePolicy(pdl=False, block_n_binary=block, num_warps=4 if device.type == "cuda" else 1)
+    policy = dataclasses.replace(policy, int4_unpack=unpack, formats=DecodePolicy().formats)
     out = decode_linear(x, w, poisoned(m, n, device), bias=bias, policy=policy)
     torch.testing.assert_close(out, binary_matmul_ref(x, w, bias).float(), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(decode_linear_ref(x, w, bias=bias), binary_matmul_ref(x, w, bias).float(), atol=1e-5,

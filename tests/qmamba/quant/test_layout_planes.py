@@ -52,3 +52,25 @@ def test_plane_record_checks_its_tensors():
         PackedWeight.from_int4_planes({**packed, "scales": planes.scales.float()}, 8, 300, 128)
     with pytest.raises(LayoutError, match="multiple of 128"):
         PackedWeight.from_int4_planes(packed, 8, 300, 64)
+
+
+def test_binary_denorm_vectors_give_the_matmul():
+    """The 1-bit "denorm" identity (qmamba.quant.layout): 2^54 * sum_k x_k alpha_denorm_k [bit k read as a float]
+    + x . gamma equals x @ W_hat^T, computed here in float64 from the bits themselves."""
+    from qmamba.quant.layout import (BINARY_DENORM_HALF, BINARY_DENORM_SUM_SCALE, binary_denorm_vectors,
+                                     dequantize_binary, pack_signs, unpack_signs)
+    g = torch.Generator().manual_seed(3)
+    n, k = 5, 96
+    bits = (torch.rand(n, k, generator=g) > 0.5).to(torch.uint8)
+    alpha = (torch.rand(k, generator=g) + 0.1).half()
+    beta = (torch.randn(k, generator=g) * 0.1).half()
+    packed = pack_signs(bits)
+    x = torch.randn(2, k, generator=g)
+    a_dn, gamma = binary_denorm_vectors(alpha, beta)
+    assert a_dn.dtype == gamma.dtype == torch.float32
+    t = torch.arange(k) % BINARY_DENORM_HALF
+    as_float = unpack_signs(packed, k).double() * torch.exp2(t.double() - 149)  # bit k masked in place, as a float
+    got = BINARY_DENORM_SUM_SCALE * (x.double()[:, None, :] * a_dn.double() * as_float).sum(-1) + \
+        (x.double() @ gamma.double())[:, None]
+    want = x.double() @ dequantize_binary(packed, alpha, beta, k).double().T
+    torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
