@@ -168,9 +168,13 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return dataclasses.replace(base, max_rows_narrow=8)
     if v.startswith("ssmbd"):  # e.g. ssmbd8: channels per program of the SSM update (DecodePolicy.ssm_block_d)
         return dataclasses.replace(base, ssm_block_d=int(v[5:]), ssm_block_d_batched=int(v[5:]))
-    if re.fullmatch(r"bin\d+", v):  # e.g. bin16: 1-bit weights on the decode kernels at batch 1, N rows a program
-        #                                 (with the CUDA policy's "denorm" reading: bits as subnormal floats)
-        return dataclasses.replace(base, formats=tuple(base.formats) + (FMT_BINARY,), block_n_binary=int(v[3:]))
+    m = re.fullmatch(r"bin(\d+)(?:g(\d+))?(r8)?", v)
+    if m:  # e.g. bin16g4: 1-bit weights on the decode kernels (the CUDA policy's "denorm" reading: bits as subnormal
+        #    floats), 16 rows a program, 4 for the gated expert stacks (default: the same), batch 1 (r8: to batch 8)
+        n = int(m.group(1))
+        return dataclasses.replace(base, formats=tuple(f for f in base.formats if f != FMT_BINARY) + (FMT_BINARY,),
+                                   block_n_binary=n, block_n_binary_gated=int(m.group(2) or n),
+                                   binary_max_rows=8 if m.group(3) else 1)
     if v.startswith("fmts"):  # e.g. fmts+int8+binary: the default with these formats added to (-: taken from) the
         formats = list(base.formats)  # weight formats the decode kernels serve at batch 1
         for sign, name in re.findall(r"([+-])(\w+?)(?=[+-]|$)", v[4:]):
@@ -229,7 +233,7 @@ def main():
                          "up to batch 8, tensor cores, or with nomma CUDA cores per row), "
                          "bnI<int4 block>F<float block>W<warps> e.g. bn16F4W4, xplanes / xplanesb (int4 input "
                          "planes read in the tile's shape / broadcast), noxplanes (none: x itself), "
-                         "binN (1-bit on the decode kernels, N rows a program)")
+                         "binN[gG][r8] (1-bit on the decode kernels, N rows a program, G for gated stacks, to batch 8)")
     args = ap.parse_args()
     require_idle_gpu()
     log = lambda s: print(s, flush=True)  # noqa: E731

@@ -87,9 +87,9 @@ def variants(pdl: bool, rows: int):
            "general_int8": ("int8", "general"), "general_binary": ("binary", "general"),
            # 1-bit as the CUDA policy reads it ("denorm": bits masked in place as floats), with fewer rows a program
            "cuda_binary_bn4": ("binary", dataclasses.replace(cuda, formats=cuda.formats + (FMT_BINARY,),
-                                                             block_n_binary=4)),
+                                                             block_n_binary=4, block_n_binary_gated=4)),
            "cuda_binary_bn8": ("binary", dataclasses.replace(cuda, formats=cuda.formats + (FMT_BINARY,),
-                                                             block_n_binary=8)),
+                                                             block_n_binary=8, block_n_binary_gated=8)),
            "cuda_binary_shift": ("binary", dataclasses.replace(cuda, formats=cuda.formats + (FMT_BINARY,),
                                                                int4_unpack="shift")),
            # the input of in_proj / fc1's int4 codes read in the tile's shape (DecodePolicy.int4_x_in_tile)

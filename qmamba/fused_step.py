@@ -35,7 +35,7 @@ from torch import nn
 
 from qmamba.kernel_view import dense_weight, expert_weight, linear_weight
 from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
-from qmamba.kernels.decode_linear import DecodePolicy, decode_linear
+from qmamba.kernels.decode_linear import INT4_UNPACK, DecodePolicy, binary_denorm_of, decode_linear
 from qmamba.kernels.decode_step import add_norm, dt_state_update
 from qmamba.kernels.fused_moe import gated_act, routed_matmul
 from qmamba.kernels.weights import FMT_INT4_PLANES, BinaryWeight, PackedWeight
@@ -123,6 +123,10 @@ class FusedDecodeStep:
         self.final_b = getattr(norm_f, "bias", None)  # LayerNorm has a bias, RMSNorm none
         self.head, self.head_bias = linear_weight(model.lm_head)
         self._buffers: dict[int, dict] = {}
+        for w in self._weights():  # the 1-bit "denorm" vectors now, not inside a CUDA-graph capture
+            if isinstance(w, BinaryWeight) and self.policy.takes(w, 1) and \
+                    INT4_UNPACK[self.policy.int4_unpack] >= 2:
+                binary_denorm_of(w)
 
     def _weights(self) -> list:
         """Every linear weight of a step: the head, then each layer's in forward order."""

@@ -78,6 +78,8 @@ class DecodePolicy:
     block_n_int4: int = 8
     block_n_float: int = 4
     block_n_binary: int = 16
+    block_n_binary_gated: int = 16  # 1-bit gated expert stacks (fc1: gate and up rows, twice the work a row)
+    binary_max_rows: int = MAX_ROWS  # batch sizes up to which 1-bit weights take these kernels (routed stacks too)
     num_warps: int = 4
     int4_unpack: str = "shift"   # int4 codes: "shift" down, "magic" (masked in place, input pre-scaled by 16^-p),
     #                              "denorm" (masked in place and read as subnormal floats; CUDA-core paths)
@@ -128,6 +130,8 @@ class DecodePolicy:
             limit = max(limit, self.max_rows_routed)
         if weight.n <= NARROW_N and weight.n_experts == 1:
             limit = max(limit, self.max_rows_narrow)
+        if weight.fmt == FMT_BINARY:
+            limit = min(limit, self.binary_max_rows)
         return rows <= min(limit, MAX_ROWS)
 
     @classmethod
@@ -139,8 +143,9 @@ class DecodePolicy:
         codes read as subnormal floats ("denorm") with at least two programs a multiprocessor for every matrix (264
         on the H200: 0.591 against 0.685 for shifted codes, session 13); int4 in the stored word layout stays on the
         general kernels, and so does every format at batch 2+ (the plane tiles' tensor-core path spills at the
-        expert shapes). 1-bit weights stay on the general kernels: on these kernels the 1-bit + int4 step took 1.381
-        ms/token against 0.946 (session 16, ``bench_decode.py --variants default,fmts+binary``). Session 17
+        expert shapes). 1-bit weights stayed on the general kernels until session 20: on these kernels (sign flips
+        per bit position) the 1-bit + int4 step took 1.381 ms/token against 0.946 (session 16, ``bench_decode.py
+        --variants default,fmts+binary``). Session 17
         (``--variants default,xtile,ssmbd8,ssmbd16``, one run): the input of in_proj / fc1's int4 codes read in the
         tile's shape (``int4_x_in_tile``) took int4 g128 from 0.587 to 0.554 ms/token, 8 channels per program of
         the SSM update (``ssm_block_d``) int4 to 0.575 and bf16 from 0.585 to 0.559: both on. At batch 8 32 channels
@@ -154,6 +159,12 @@ class DecodePolicy:
         (bf16, which has none, 1.898 / 1.878): on. Kernels alone at one row (``bench_decode_linear.py``): in_proj
         5.85 -> 5.11 us, fc1 6.17 -> 5.94, fc2 5.32 -> 4.89, head 36.2 -> 28.2, out_proj 3.79 -> 4.04; the add +
         norm that writes the planes from one program gives most of it back at batch 1.
+        Session 20 (``--formats binary+int4_g128 --variants default,bin16,bin16g4,bin16g8,bin8g4,bin16g4r8``, one
+        run): 1-bit weights at batch 1 on these kernels with the "denorm" reading (bits masked in place as subnormal
+        floats against alpha_denorm, :func:`qmamba.quant.layout.binary_denorm_vectors`), 16 rows a program (8 for
+        fc1 by the program floor): 1-bit + int4 0.865 -> 0.593 ms/token; 4 rows for fc1 lost (0.661); at batch 8
+        the routed 1-bit stacks stay on the general kernels (2.149 against 2.438 on the row programs):
+        ``binary_max_rows`` 1.
         CPU (interpreter): every format and batch, wide row blocks (few programs)."""
         if device.type != "cuda":
             return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1, ssm_block_d=16)
@@ -165,13 +176,14 @@ class DecodePolicy:
         compiles and reports build it for the H200's 132)."""
         return cls(pdl=pdl, max_rows=1, max_rows_planes=1, block_n_int4=4, int4_planes=True, int4_unpack="denorm",
                    min_programs=2 * multiprocessors, int4_x_in_tile=True, ssm_block_d=8,
-                   max_rows_routed=MAX_ROWS, routed_row_programs=True, int4_x_planes=True,
-                   formats=(FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES))
+                   max_rows_routed=MAX_ROWS, routed_row_programs=True, int4_x_planes=True, binary_max_rows=1,
+                   formats=(FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES, FMT_BINARY))
 
-    def block_n(self, fmt: int, rows: int, n: int) -> int:
+    def block_n(self, fmt: int, rows: int, n: int, gated: bool = False) -> int:
         int4 = fmt in (FMT_INT4, FMT_INT4_PLANES)
         packed = int4 or fmt == FMT_BINARY  # narrow rows: fewer per program where programs would be too few
-        bn = self.block_n_int4 if int4 else self.block_n_binary if fmt == FMT_BINARY else self.block_n_float
+        binary = self.block_n_binary_gated if gated else self.block_n_binary
+        bn = self.block_n_int4 if int4 else binary if fmt == FMT_BINARY else self.block_n_float
         bn = max(1, bn // (1 if rows <= 2 else 2 if rows <= 4 else 4))
         if packed and self.min_programs:
             while bn > 1 and -(-n // bn) < self.min_programs:
@@ -747,7 +759,7 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     row_programs = row_expert is not None and m > 1 and policy.routed_row_programs and conv_out is None
     rows = 1 if row_programs else m  # input rows a program computes
     mma = weight.fmt == FMT_INT4_PLANES and rows > 1 and policy.planes_mma  # the tensor-core path of plane tiles
-    bn = MMA_ROWS if mma else policy.block_n(weight.fmt, rows, n_out)
+    bn = MMA_ROWS if mma else policy.block_n(weight.fmt, rows, n_out, gated=gated is not None)
     grid = (m if row_programs else weight.n_experts if row_expert is not None and m > 1 else 1, -(-n_out // bn))
     dummy = x
     kwargs = dict(launch_pdl=True) if policy.pdl else {}

@@ -126,7 +126,7 @@ def test_add_norm_kernel_compiles():
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_int8_binary_and_x_in_tile_compile():
     """int8 and 1-bit weights on the decode kernel as the CUDA policy launches them (int8: the CUDA default since
-    session 16; 1-bit: a candidate, slower on the H200) and int4 with ``int4_x_in_tile`` (the CUDA default since
+    session 16; 1-bit: at batch 1 since session 20, with the "denorm" reading) and int4 with ``int4_x_in_tile`` (the CUDA default since
     session 17: ``bench_decode.py --variants default,xtile``) and on the int4 input planes (``int4_x_planes``, the
     CUDA default since session 19) compile for sm_90 at every shape; int8 and the int4 variants without spills (as
     the paths they mirror)."""

@@ -296,7 +296,8 @@ def test_binary_matches_the_factored_form(m, block, unpack, device):
 
 def test_binary_the_kernels_do_not_take(device):
     """A per-row scale or a K that is not a multiple of 32 keeps a 1-bit weight on the 1-bit kernels: the policy says
-    no and the kernel refuses; a policy without the format says no too."""
+    no and the kernel refuses; a policy without the format says no too. The CUDA policy takes 1-bit weights at one
+    row (session 20) and leaves batches of 2+, routed stacks too, to the 1-bit kernels."""
     w = weight_for("binary", 8, 64, device)
     scaled = BinaryWeight(w.n, w.k, w.qweight, w.alpha, w.beta, torch.ones(1, 8, device=device))
     ragged = weight_for("binary", 8, 40, device)
@@ -305,4 +306,8 @@ def test_binary_the_kernels_do_not_take(device):
         with pytest.raises(ValueError, match="1-bit"):
             decode_linear(torch.randn(1, bad.k, device=device), bad, torch.empty(1, 8, device=device))
     assert DecodePolicy().takes(w, 1)
-    assert not DecodePolicy.cuda(132, False).takes(w, 1)  # not on CUDA by default until measured
+    cuda = DecodePolicy.cuda(132, False)
+    stacked = weight_for("binary", 8, 64, device, experts=2)
+    assert cuda.takes(w, 1) and cuda.takes(stacked, 1, routed=True)
+    assert not cuda.takes(w, 2) and not cuda.takes(stacked, 2, routed=True)
+    assert not dataclasses.replace(cuda, formats=(0, 1, 3)).takes(w, 1)
