@@ -3,7 +3,7 @@
 # the published layout (bf16), quantizes it with `qmamba quantize` (int4 g128, RTN: the layout and the speed of the
 # default GPTQ, without its calibration time) twice: with quantize's defaults (x_proj, dt_proj and lm_head stay
 # float) and with --quantize-xdt --quantize-head (every projection int4, as benchmarks/bench_decode.py measures),
-# then runs `qmamba bench` on the three (every decode figure checked against the reference path first; the
+# and, as "b1", 1-bit (`--bits 1`: PTB, no data), then runs `qmamba bench` on them (every decode figure checked against the reference path first; the
 # prefill eagerly, as `qmamba generate` runs it, and as CUDA-graph chunks) and prints one table. Any failed step
 # stops the script with a non-zero exit status.
 #
@@ -14,7 +14,7 @@
 #   QMAMBA_CLI_PRESET  [blackmamba-2.8b]   QMAMBA_CLI_DEVICE [cuda]   QMAMBA_CLI_BATCH [1,8]
 #   QMAMBA_CLI_PROMPT  prompt tokens [2048]   QMAMBA_CLI_TOKENS decode steps timed [256]
 #   QMAMBA_CLI_GROUP   int4 group size [128]
-#   QMAMBA_CLI_NAMES   checkpoints to bench, of bf16 int4 int4-all ["bf16 int4 int4-all"]
+#   QMAMBA_CLI_NAMES   checkpoints to make and bench, of bf16 int4 int4-all b1 ["bf16 int4 int4-all"]
 #   QMAMBA_CLI_PREFILLS prefill modes, of eager graph ["eager graph" on CUDA, "eager" elsewhere]
 # A dry run of the same commands on the CPU with a tiny model (a minute; no graph prefill there):
 #   QMAMBA_CLI_PRESET=tiny-blackmamba QMAMBA_CLI_DEVICE=cpu QMAMBA_CLI_GROUP=32 QMAMBA_CLI_PROMPT=32 \
@@ -42,14 +42,22 @@ BF16="$OUT/$PRESET-bf16"
 if [ ! -f "$BF16/config.json" ]; then
   qmamba create --preset "$PRESET" --format blackmamba -o "$BF16" --overwrite
 fi
-qmamba quantize "$BF16" -o "$OUT/$PRESET-int4" --bits 4 --group-size "$GROUP" --method rtn --device "$DEVICE" --overwrite
-qmamba quantize "$BF16" -o "$OUT/$PRESET-int4-all" --bits 4 --group-size "$GROUP" --method rtn --device "$DEVICE" \
-  --quantize-xdt --quantize-head --overwrite
+read -r -a names <<<"${QMAMBA_CLI_NAMES:-bf16 int4 int4-all}"
+for name in "${names[@]}"; do
+  case "$name" in
+    bf16) ;;
+    int4) qmamba quantize "$BF16" -o "$OUT/$PRESET-int4" --bits 4 --group-size "$GROUP" --method rtn --device "$DEVICE" \
+            --overwrite ;;
+    int4-all) qmamba quantize "$BF16" -o "$OUT/$PRESET-int4-all" --bits 4 --group-size "$GROUP" --method rtn \
+                --device "$DEVICE" --quantize-xdt --quantize-head --overwrite ;;
+    b1) qmamba quantize "$BF16" -o "$OUT/$PRESET-b1" --bits 1 --device "$DEVICE" --overwrite ;;
+    *) echo "gpu_cli_bench.sh: unknown checkpoint name '$name' (bf16 int4 int4-all b1)" >&2; exit 2 ;;
+  esac
+done
 
 prefills=(eager)
 case "$DEVICE" in cuda*) prefills+=(graph) ;; esac
 if [ -n "${QMAMBA_CLI_PREFILLS:-}" ]; then read -r -a prefills <<<"$QMAMBA_CLI_PREFILLS"; fi
-read -r -a names <<<"${QMAMBA_CLI_NAMES:-bf16 int4 int4-all}"
 for name in "${names[@]}"; do
   for prefill in "${prefills[@]}"; do
     qmamba bench "$OUT/$PRESET-$name" --batch "$BATCH" --prompt-len "$PROMPT" --tokens "$TOKENS" --device "$DEVICE" \

@@ -306,33 +306,51 @@ def _input_at(x_ptr, r, sxm, k, km):
 
 
 @jit
+def _dot_row_binary(w, w_up, alpha_dn, gamma, x_ptr, r, sxm, k_lim, KP: tl.constexpr, UP: tl.constexpr):
+    """``([BN], [BN])`` fp32: a 1-bit tile (and, ``UP``, the up rows ``w_up`` of a gated stack, which share its
+    columns) times input row ``r``, the "denorm" reading (``alpha_dn`` / ``gamma``: pointers to the expert's
+    alpha_denorm / gamma, :func:`qmamba.quant.layout.binary_denorm_vectors`): bit t of each word masked in place (bits
+    16..31 from the word shifted down by 16) and read as a float times ``x * alpha_denorm``, a mask and an FMA per
+    weight; x and alpha_denorm read in the tile's shape 4 bits at a time, once for all the program's rows (and both
+    halves of a gated stack), x . gamma once."""
+    j = tl.arange(0, KP)
+    c4 = tl.arange(0, 4)
+    wh = (w >> 16) & 0xFFFF
+    part = tl.zeros((w.shape[0], KP, 4), dtype=tl.float32)
+    if UP:
+        wh_up = (w_up >> 16) & 0xFFFF
+        part_up = tl.zeros((w.shape[0], KP, 4), dtype=tl.float32)
+    for c in tl.static_range(8):
+        k3 = ((j * 32)[:, None] + (c * 4 + c4)[None, :])[None, :, :]                                    # [1, KP, 4]
+        km = k3 < k_lim
+        u = _input_at(x_ptr, r, sxm, k3, km) * tl.load(alpha_dn + k3, mask=km, other=0.0)
+        bit = (1 << ((c % 4) * 4 + c4))[None, None, :]
+        if c < 4:
+            part += (w[:, :, None] & bit).to(tl.float32, bitcast=True) * u
+            if UP:
+                part_up += (w_up[:, :, None] & bit).to(tl.float32, bitcast=True) * u
+        else:
+            part += (wh[:, :, None] & bit).to(tl.float32, bitcast=True) * u
+            if UP:
+                part_up += (wh_up[:, :, None] & bit).to(tl.float32, bitcast=True) * u
+    kk = tl.arange(0, KP * 32)
+    xg = tl.sum(_input_at(x_ptr, r, sxm, kk, kk < k_lim) * tl.load(gamma + kk, mask=kk < k_lim, other=0.0), axis=0)
+    y = tl.sum(tl.sum(part, axis=2), axis=1) * (2.0 ** 54) + xg  # 2^54: layout.BINARY_DENORM_SUM_SCALE
+    if UP:
+        y_up = tl.sum(tl.sum(part_up, axis=2), axis=1) * (2.0 ** 54) + xg
+    else:
+        y_up = y
+    return y, y_up
+
+
+@jit
 def _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, exp_bits,
              FMT: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, UNPACK: tl.constexpr):
     """``[BN]`` fp32: the tile times input row ``r``. int4: per nibble position, ``(code - zero) * x`` summed over
     the tile row, times the tile's scale. A row that is not ``row_ok`` reads nothing (its K limit is 0)."""
     k_lim = tl.where(row_ok, K, 0)  # scalar masks fold into limits: the interpreter rejects vector & scalar masks
     if FMT == 4 and UNPACK >= 2:
-        # 1-bit, "denorm" (scale / zero: pointers to the expert's alpha_denorm / gamma, layout.binary_denorm_vectors):
-        # bit t of each word masked in place (bits 16..31 from the word shifted down by 16) and read as a float times
-        # x * alpha_denorm: a mask and an FMA per weight; x and alpha_denorm read in the tile's shape, 4 bits at a
-        # time (once for all the program's rows); x . gamma once per row.
-        j = tl.arange(0, KP)
-        c4 = tl.arange(0, 4)
-        wh = (w >> 16) & 0xFFFF
-        part = tl.zeros((w.shape[0], KP, 4), dtype=tl.float32)
-        for c in tl.static_range(8):
-            k3 = ((j * 32)[:, None] + (c * 4 + c4)[None, :])[None, :, :]                                # [1, KP, 4]
-            km = k3 < k_lim
-            u = _input_at(x_ptr, r, sxm, k3, km) * tl.load(scale + k3, mask=km, other=0.0)
-            bit = (1 << ((c % 4) * 4 + c4))[None, None, :]
-            if c < 4:
-                m = (w[:, :, None] & bit).to(tl.float32, bitcast=True)
-            else:
-                m = (wh[:, :, None] & bit).to(tl.float32, bitcast=True)
-            part += m * u
-        kk = tl.arange(0, KP * 32)
-        xg = tl.sum(_input_at(x_ptr, r, sxm, kk, kk < k_lim) * tl.load(zero + kk, mask=kk < k_lim, other=0.0), axis=0)
-        y = tl.sum(tl.sum(part, axis=2), axis=1) * (2.0 ** 54) + xg
+        y = _dot_row_binary(w, w, scale, zero, x_ptr, r, sxm, k_lim, KP, False)[0]
     elif FMT == 4:
         # 1-bit (scale / zero: pointers to the expert's alpha / beta): per bit position t, the input's k = 32 j + t
         # times alpha, its sign bit flipped where the weight's bit is 0 (s = -1): a shift, one three-input logic
@@ -628,9 +646,12 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
             if ROUTED and ROWS > 1:
                 row_ok = row_ok & (tl.load(rexp_ptr + r, mask=row_ok, other=-1) == expert)
             if row_ok:
+                binary_pair: tl.constexpr = FMT == 4 and UNPACK >= 2 and GATED  # gate and up rows in one pass
                 if X_PLANES:
                     y = _dot_row_planes(w, scale, zero, xpl_ptr + r * sxpl_m, K, row_ok, NBP, WPG, UNPACK, XPL_K,
                                         XPL_SUMS)
+                elif binary_pair:
+                    y, up = _dot_row_binary(w, w_up, scale, zero, x_ptr, r, sxm, tl.where(row_ok, K, 0), KP, True)
                 else:
                     y = _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, exp_bits, FMT, KP, NBP, WPG, UNPACK)
                 if HAS_BIAS:
@@ -639,6 +660,8 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                     if X_PLANES:
                         up = _dot_row_planes(w_up, scale_up, zero_up, xpl_ptr + r * sxpl_m, K, row_ok, NBP, WPG,
                                              UNPACK, XPL_K, XPL_SUMS)
+                    elif binary_pair:
+                        pass
                     else:
                         up = _dot_row(w_up, scale_up, zero_up, x_ptr, r, sxm, K, row_ok, exp_bits, FMT, KP, NBP, WPG,
                                       UNPACK)
