@@ -22,7 +22,9 @@ int4 "planes" (:func:`qmamba.quant.layout.int4_to_planes`: the same codes arrang
 a tile's words covers consecutive k, whose input is one contiguous read; ``code | 0x4B000000`` is the float
 ``2^23 + code``, so one subtraction gives ``code - zero`` exactly), and 1-bit signs (:class:`BinaryWeight` without a
 row scale, K a multiple of 32: bit t of word j is the sign of k = 32 j + t; ``x @ W_hat^T = (x * alpha) @ S^T +
-x . beta``: the sign words are loaded before the wait, the per-column alpha and beta with the input after it).
+x . beta``: the sign words are loaded before the wait, the per-column alpha and beta with the input after it; with
+the "denorm" reading each bit is masked in place and read as a subnormal float against ``alpha_denorm``, see
+:func:`qmamba.quant.layout.binary_denorm_vectors` and :func:`binary_denorm_of`).
 Routing: ``row_expert [M]`` (top-1 MoE) picks each row's expert; program column ``e`` serves the rows routed to
 expert ``e`` and reads only that expert's weights (an idle column reads nothing), or (``routed_row_programs``)
 program row ``m`` serves input row ``m`` on its own expert's tile.
@@ -686,11 +688,19 @@ def binary_decodable(weight: BinaryWeight) -> bool:
     return _binary_words(weight) is not None
 
 
+def _version_of(t: torch.Tensor):
+    """The in-place version counter of ``t``, or None for an inference tensor (which keeps none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 def binary_denorm_of(weight: BinaryWeight) -> tuple[torch.Tensor, torch.Tensor]:
     """``(alpha_denorm, gamma)`` of a 1-bit weight (:func:`qmamba.quant.layout.binary_denorm_vectors`), computed
     once and kept on the record (recomputed if ``alpha`` / ``beta`` changed in place). Callers that capture CUDA
     graphs call it before capture."""
-    key = (weight.alpha.data_ptr(), weight.alpha._version, weight.beta.data_ptr(), weight.beta._version)
+    key = tuple((t.data_ptr(), _version_of(t)) for t in (weight.alpha, weight.beta))
     cached = weight.__dict__.get("_denorm")
     if cached is None or cached[0] != key:
         cached = (key, binary_denorm_vectors(weight.alpha, weight.beta))

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from qmamba.kernels.causal_conv1d import causal_conv1d_update_ref
-from qmamba.kernels.decode_linear import DecodePolicy, decode_linear, decode_linear_ref
+from qmamba.kernels.decode_linear import DecodePolicy, binary_denorm_of, decode_linear, decode_linear_ref
 from qmamba.kernels.fused_moe import gated_act_ref
 from qmamba.kernels.quant_matmul import dequant_matmul_ref
 from qmamba.kernels.binary_matmul import binary_matmul_ref
 from qmamba.kernels.weights import FMT_BINARY, BinaryWeight, PackedWeight
 from qmamba.quant.formats import BinaryFormat, Int4Format, Int8Format
+from qmamba.quant.layout import binary_denorm_vectors
 
 FORMATS = {"float": None, "int8": Int8Format(), "int4g32": Int4Format(32), "int4g128": Int4Format(128),
            "int4sym": Int4Format(64, symmetric=True), "planes128": Int4Format(128), "planes256": Int4Format(256)}
@@ -311,3 +312,19 @@ def test_binary_the_kernels_do_not_take(device):
     assert cuda.takes(w, 1) and cuda.takes(stacked, 1, routed=True)
     assert not cuda.takes(w, 2) and not cuda.takes(stacked, 2, routed=True)
     assert not dataclasses.replace(cuda, formats=(0, 1, 3)).takes(w, 1)
+
+
+def test_binary_denorm_vectors_are_kept_and_follow_in_place_changes(device):
+    """The 1-bit "denorm" vectors are computed once per weight record, again after alpha changes in place, and for
+    weights made under ``torch.inference_mode`` (no version counter) too."""
+    w = weight_for("binary", 8, 64, device)
+    first = binary_denorm_of(w)
+    assert binary_denorm_of(w)[0] is first[0]
+    w.alpha.mul_(2)
+    again = binary_denorm_of(w)
+    assert again[0] is not first[0]
+    torch.testing.assert_close(again[0], binary_denorm_vectors(w.alpha, w.beta)[0], atol=0, rtol=0)
+    with torch.inference_mode():
+        frozen = weight_for("binary", 8, 64, device)
+    a, g = binary_denorm_of(frozen)
+    torch.testing.assert_close(g, (frozen.beta.float() - frozen.alpha.float()), atol=0, rtol=0)
