@@ -1,6 +1,6 @@
 """Launch-latency probes for the decode step (run on the GPU): what a chain of small dependent kernels costs.
 
-    python benchmarks/probe_launch.py [--out probe.json]
+    python benchmarks/probe_launch.py [--out probe.json] [--parts chain,persistent,barrier]
 
 A decode token of BlackMamba-2.8B is ~100-180 small dependent kernels (GEMVs of 1-6 MB and elementwise steps),
 so its time is set by per-kernel latency, not by bytes. This measures, inside one CUDA graph:
@@ -11,6 +11,10 @@ so its time is set by per-kernel latency, not by bytes. This measures, inside on
   With that, ``pdl_l2pf``: each kernel also asks L2 for the weight of the kernel two later
   (:func:`prefetch_l2`), and ``pdl_l2res``: every kernel reads the same weight (in L2 after the first:
   the bound for weights that are all L2 hits).
+* ``persistent``: the same chain as one persistent launch (one or two programs a multiprocessor, all co-resident: a
+  cooperative launch, each looping over its row tiles), a counter barrier between dependent GEMVs instead of a kernel
+  boundary, each program's first tile of the next layer loaded before it arrives at the barrier (``_pre``) or after
+  it leaves: what a whole-step persistent kernel would pay per dependent phase.
 * ``barrier``: a persistent kernel whose programs meet at a counter barrier R times (the cost of one grid-wide
   synchronisation, the building block of a whole-step persistent kernel).
 
@@ -82,6 +86,94 @@ def _barrier_kernel(counter_ptr, out_ptr, ROUNDS, NPROG):
         while cur < target:
             cur = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
     tl.store(out_ptr + pid, cur)
+
+
+@triton.jit
+def _persistent_chain(w_ptr, x0_ptr, y_ptr, counter_ptr, N, scale, LAYERS, NPROG, K: tl.constexpr,
+                      KP: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, PRELOAD: tl.constexpr):
+    """``y[l] = scale * W[l] @ y[l-1][:K]`` (``x0`` for l = 0) for ``LAYERS`` layers in one launch of ``NPROG``
+    co-resident programs: program ``pid`` owns the row tiles ``pid + i * NPROG`` (i < ``TILES``) of every layer; a
+    counter barrier (monotonic: layer l ends when it reaches (l + 1) * NPROG) separates the layers. ``PRELOAD``: the
+    first tile of the next layer is loaded before the barrier (the others after it)."""
+    pid = tl.program_id(0)
+    k = tl.arange(0, KP)
+    km = k < K
+    rows = tl.arange(0, BLOCK_N)
+    n0 = pid * BLOCK_N + rows
+    w0 = tl.load(w_ptr + n0[:, None] * K + k[None, :], mask=(n0 < N)[:, None] & km[None, :], other=0)
+    x = tl.load(x0_ptr + k, mask=km, other=0.0)
+    for layer in range(LAYERS):
+        base = w_ptr + layer * N * K  # < 2^31 bytes here (100 layers of <= 5.7 MB)
+        for i in range(TILES):
+            n = (pid + i * NPROG) * BLOCK_N + rows
+            nm = n < N
+            if PRELOAD:
+                if i == 0:
+                    w = w0
+                else:
+                    w = tl.load(base + n[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0)
+            else:
+                w = tl.load(base + n[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0)
+            y = tl.sum(w.to(tl.float32) * x[None, :], axis=1) * scale
+            tl.store(y_ptr + layer * N + n, y, mask=nm)
+        if layer + 1 < LAYERS:
+            if PRELOAD:
+                w0 = tl.load(base + N * K + n0[:, None] * K + k[None, :], mask=(n0 < N)[:, None] & km[None, :],
+                             other=0)
+            tl.debug_barrier()  # every thread's stores before the release
+            tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+            target = (layer + 1) * NPROG
+            cur = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+            while cur < target:
+                cur = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+            tl.debug_barrier()
+            x = tl.load(y_ptr + layer * N + k, mask=km, other=0.0, cache_modifier=".cg")  # other programs': from L2
+
+
+def persistent(n_layers: int, n: int, k: int, block_n: int, num_warps: int, per_sm: int, results: dict,
+               failures: list):
+    """The chain of :func:`chain` as one persistent launch of ``per_sm`` programs a multiprocessor (see the module
+    docstring); every layer's output is checked against ``c W_l y_{l-1}`` computed by PyTorch from the stored
+    outputs."""
+    w = torch.randint(-127, 128, (n_layers, n, k), device="cuda", dtype=torch.int8)
+    x0 = torch.randn(k, device="cuda")
+    c = 1.0 / (73.3 * k ** 0.5)
+    tiles = triton.cdiv(n, block_n)
+    nprog = min(tiles, per_sm * torch.cuda.get_device_properties(0).multi_processor_count)
+    y = torch.empty(n_layers, n, device="cuda")
+    counter = torch.zeros(1, device="cuda", dtype=torch.int32)
+    for pre in (False, True):
+        name = f"persistent{'_pre' if pre else ''}"
+
+        def run():
+            counter.zero_()
+            _persistent_chain[(nprog,)](w, x0, y, counter, n, c, n_layers, nprog, K=k, KP=triton.next_power_of_2(k),
+                                        BLOCK_N=block_n, TILES=triton.cdiv(tiles, nprog), PRELOAD=pre,
+                                        num_warps=num_warps, launch_cooperative_grid=True)
+        try:
+            run()
+            torch.cuda.synchronize()
+            ts = []
+            for _ in range(5):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                run()
+                b.record()
+                b.synchronize()
+                ts.append(a.elapsed_time(b) * 1e3 / n_layers)
+            us = statistics.median(ts)
+            prev = torch.cat([x0[None, :], y[:-1, :k]])
+            want = torch.einsum("lnk,lk->ln", w.float(), prev) * c
+            err = ((y - want).norm() / want.norm()).item()
+            if not err < 1e-4:
+                failures.append(f"{name}: rel err {err:.2e}")
+            mb = n * k / 1e6
+            results[f"{name}_n{n}_k{k}_bn{block_n}_p{nprog}"] = dict(us_per_layer=us, mb_per_layer=mb, rel_err=err)
+            print(f"{name:19s} N={n} K={k} BN={block_n} w={num_warps}: {us:6.2f} us/layer ({nprog} programs, "
+                  f"{mb / us * 1e3:.0f} GB/s) err {err:.1e}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - report and fail the run
+            failures.append(f"{name}: {type(exc).__name__}: {exc}")
+            print(f"{name}: FAILED {type(exc).__name__}: {exc}", flush=True)
 
 
 def graph_us(fn, calls: int, reps: int = 7) -> float:
@@ -177,18 +269,26 @@ def barrier(nprog: int, rounds: int, results: dict, failures: list, cooperative:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
+    ap.add_argument("--parts", default="chain,persistent,barrier", help="comma-separated: chain, persistent, barrier")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     props = torch.cuda.get_device_properties(0)
     print(torch.cuda.get_device_name(0), "SMs", props.multi_processor_count, "torch", torch.__version__,
           "triton", triton.__version__, flush=True)
     results, failures = {}, []
     # in_proj-sized (int4 1472x5888 = 4.3 MB): as int8 [5888, 736]; x_proj-sized [128, 2944/2]; out_proj [1472, 1472]
     for n, k, bn, nw in ((5888, 736, 16, 4), (5888, 736, 4, 4), (1472, 1472, 8, 4), (7744, 736, 8, 4)):
-        chain(100, n, k, bn, nw, results, failures)
+        if "chain" in parts:
+            chain(100, n, k, bn, nw, results, failures)
+    # one or two programs a multiprocessor, 8 warps (<= 128 registers at these tiles: two fit an H100 / H200 SM)
+    for n, k, bn, per_sm in ((5888, 736, 8, 1), (5888, 736, 8, 2), (1472, 1472, 4, 2), (7744, 736, 8, 2)):
+        if "persistent" in parts:
+            persistent(100, n, k, bn, 8, per_sm, results, failures)
     sms = props.multi_processor_count
-    for nprog in (sms, 2 * sms):
-        barrier(nprog, 2000, results, failures, cooperative=False)
-    barrier(sms, 2000, results, failures, cooperative=True)
+    if "barrier" in parts:
+        for nprog in (sms, 2 * sms):
+            barrier(nprog, 2000, results, failures, cooperative=False)
+        barrier(sms, 2000, results, failures, cooperative=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(0), results=results, failures=failures), f, indent=1)
