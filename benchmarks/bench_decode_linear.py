@@ -27,7 +27,7 @@ from qmamba.config import preset
 from qmamba.kernels.binary_matmul import binary_matmul
 from qmamba.kernels.decode_linear import DecodePolicy, decode_linear, decode_linear_ref, pdl_supported
 from qmamba.kernels.quant_matmul import dequant_matmul
-from qmamba.kernels.weights import FMT_BINARY, FMT_INT8, BinaryWeight, PackedWeight, int32_words
+from qmamba.kernels.weights import BinaryWeight, PackedWeight, int32_words
 from qmamba.quant.formats import BinaryFormat, Int4Format, Int8Format
 from qmamba.quant.layout import int4_x_planes
 
@@ -81,17 +81,14 @@ def variants(pdl: bool, rows: int):
                 "rowprog_rw": ("planes", dataclasses.replace(rowprog, int4_row_warps=True)),
                 "rowprog_bf16": ("float", rowprog), "general_bf16": ("float", "general")}
     out = {"cuda_default": ("planes", cuda), "cuda_default_float": ("float", cuda),
-           # int8 and 1-bit weights: the CUDA policy with their format added, and their general kernels
-           "cuda_int8": ("int8", dataclasses.replace(cuda, formats=cuda.formats + (FMT_INT8,))),
-           "cuda_binary": ("binary", dataclasses.replace(cuda, formats=cuda.formats + (FMT_BINARY,))),
+           # int8 and 1-bit weights on the CUDA policy (which lists both), and on their general kernels
+           "cuda_int8": ("int8", cuda),
+           "cuda_binary": ("binary", cuda),  # 1-bit as the CUDA policy reads it ("denorm", since session 20)
            "general_int8": ("int8", "general"), "general_binary": ("binary", "general"),
-           # 1-bit as the CUDA policy reads it ("denorm": bits masked in place as floats), with fewer rows a program
-           "cuda_binary_bn4": ("binary", dataclasses.replace(cuda, formats=cuda.formats + (FMT_BINARY,),
-                                                             block_n_binary=4, block_n_binary_gated=4)),
-           "cuda_binary_bn8": ("binary", dataclasses.replace(cuda, formats=cuda.formats + (FMT_BINARY,),
-                                                             block_n_binary=8, block_n_binary_gated=8)),
-           "cuda_binary_shift": ("binary", dataclasses.replace(cuda, formats=cuda.formats + (FMT_BINARY,),
-                                                               int4_unpack="shift")),
+           # 1-bit with fewer rows a program, or with sign flips per bit position (the reading before session 20)
+           "cuda_binary_bn4": ("binary", dataclasses.replace(cuda, block_n_binary=4, block_n_binary_gated=4)),
+           "cuda_binary_bn8": ("binary", dataclasses.replace(cuda, block_n_binary=8, block_n_binary_gated=8)),
+           "cuda_binary_shift": ("binary", dataclasses.replace(cuda, int4_unpack="shift")),
            # the input of in_proj / fc1's int4 codes read in the tile's shape (DecodePolicy.int4_x_in_tile)
            "cuda_x_in_tile": ("planes", dataclasses.replace(cuda, int4_x_in_tile=True)),
            # the input as prepared int4 input planes (DecodePolicy.int4_x_planes: add + norm writes them)

@@ -20,7 +20,8 @@ int4 weights of group size 128 / 256 are first converted in place to plane words
 (:func:`qmamba.quant.modules.use_plane_words`: the same bytes, the layout the kernels read, every other path
 unchanged). What the policy does not take (on CUDA today: int4 groups below 128, dense matrices at batch 2+ and 1-bit
 weights at batch 2+, routed or not) runs on the general matmul kernels (:func:`dequant_matmul`,
-:func:`binary_matmul`, which read plane words too) with the conv step and the activation as their own launches (x_proj too when in_proj is not taken).
+:func:`binary_matmul`, which read plane words too) with the conv step and the activation as their own launches
+(x_proj too when in_proj is not taken).
 The module parameters are captured by reference at construction: rebuild the step after changing weights.
 Logits come back as float32 ``[B, V]``; the flat state tensors are updated in place.
 The kernels themselves (tensors in, tensors out) live in :mod:`qmamba.kernels.decode_step` and beside it.
@@ -35,7 +36,7 @@ from torch import nn
 
 from qmamba.kernel_view import dense_weight, expert_weight, linear_weight
 from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
-from qmamba.kernels.decode_linear import INT4_UNPACK, DecodePolicy, binary_denorm_of, decode_linear
+from qmamba.kernels.decode_linear import DecodePolicy, binary_denorm_of, decode_linear
 from qmamba.kernels.decode_step import add_norm, dt_state_update
 from qmamba.kernels.fused_moe import gated_act, routed_matmul
 from qmamba.kernels.weights import FMT_INT4_PLANES, BinaryWeight, PackedWeight
@@ -124,8 +125,7 @@ class FusedDecodeStep:
         self.head, self.head_bias = linear_weight(model.lm_head)
         self._buffers: dict[int, dict] = {}
         for w in self._weights():  # the 1-bit "denorm" vectors now, not inside a CUDA-graph capture
-            if isinstance(w, BinaryWeight) and self.policy.takes(w, 1) and \
-                    INT4_UNPACK[self.policy.int4_unpack] >= 2:
+            if isinstance(w, BinaryWeight) and self.policy.denorm_reading and self.policy.takes(w, 1):
                 binary_denorm_of(w)
 
     def _weights(self) -> list:

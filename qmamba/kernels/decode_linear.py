@@ -181,6 +181,12 @@ class DecodePolicy:
                    max_rows_routed=MAX_ROWS, routed_row_programs=True, int4_x_planes=True, binary_max_rows=1,
                    formats=(FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES, FMT_BINARY))
 
+    @property
+    def denorm_reading(self) -> bool:
+        """Codes read as subnormal floats (``int4_unpack`` "denorm"): int4 nibbles, and 1-bit weights against their
+        :func:`binary_denorm_of` vectors."""
+        return INT4_UNPACK[self.int4_unpack] >= INT4_UNPACK["denorm"]
+
     def block_n(self, fmt: int, rows: int, n: int, gated: bool = False) -> int:
         int4 = fmt in (FMT_INT4, FMT_INT4_PLANES)
         packed = int4 or fmt == FMT_BINARY  # narrow rows: fewer per program where programs would be too few
@@ -662,9 +668,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                     if X_PLANES:
                         up = _dot_row_planes(w_up, scale_up, zero_up, xpl_ptr + r * sxpl_m, K, row_ok, NBP, WPG,
                                              UNPACK, XPL_K, XPL_SUMS)
-                    elif binary_pair:
-                        pass
-                    else:
+                    elif not binary_pair:  # (binary_pair: computed with y above)
                         up = _dot_row(w_up, scale_up, zero_up, x_ptr, r, sxm, K, row_ok, exp_bits, FMT, KP, NBP, WPG,
                                       UNPACK)
                     y = activate(y, ACT) * up
@@ -778,7 +782,7 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         raise ValueError("decode_linear: a gated weight takes no bias")
     if row_expert is None and weight.n_experts != 1:
         raise ValueError("decode_linear: a stacked weight needs row_expert")
-    w, s, z, strides, kp, nbp, wpg, tpb = _weight_args(weight, denorm=INT4_UNPACK[policy.int4_unpack] >= 2)
+    w, s, z, strides, kp, nbp, wpg, tpb = _weight_args(weight, denorm=policy.denorm_reading)
     st, cw, cb, co = conv_out if conv_out is not None else (x, x, None, out)
     channels = co.shape[1] if conv_out is not None else 0
     if conv_out is not None:

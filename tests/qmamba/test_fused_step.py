@@ -65,7 +65,7 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     tok = ids[:, 2]  # a strided column, as generation loops pass it
     policy = DecodePolicy.for_device(device)
     if kernels.startswith("decode"):  # every format on these kernels, whatever the device's default lists
-        policy = dataclasses.replace(policy, formats=DecodePolicy().formats,  # (CUDA: int8 only since session 16)
+        policy = dataclasses.replace(policy, formats=DecodePolicy().formats,  # (CUDA: not int4 stored words)
                                      int4_x_planes=False)  # the input planes: the "_xplanes" cases
         if kernels == "decode_ssm8":  # 8 channels per program of the SSM update (DecodePolicy.ssm_block_d)
             policy = dataclasses.replace(policy, ssm_block_d=8, ssm_block_d_batched=8)
