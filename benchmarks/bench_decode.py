@@ -2,12 +2,14 @@
 policies side by side in one run.
 
     python benchmarks/bench_decode.py --out decode.json [--formats bf16,int4_g128] [--batches 1,8]
+        [--variants default,normp4] [--rounds 3]
 
 For each format: (1) float32 copy of the model, greedy tokens of the CUDA-graph step (our kernels) against the
 eager reference path (pure PyTorch), batch 1 and 8, ``--check-steps`` tokens: they must be equal; (2) bf16 model,
 logits of the graph step against the eager reference step (relative error reported; must be finite);
-(3) ms/token of graph replays for each policy variant. Any failed check exits non-zero (the figures are still
-written).
+(3) ms/token of graph replays for each policy variant (``--rounds N``: the variants timed in N interleaved rounds
+after a warm-up, medians reported: compare variants that way, the first variant of a single round runs cold). Any
+failed check exits non-zero (the figures are still written).
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def check_fp32(cfg, name, batches, steps, variants, log, failures):
 
 
 @torch.no_grad()
-def run_format(cfg, name, batches, variants, log, failures):
+def run_format(cfg, name, batches, variants, log, failures, rounds: int = 1):
     model = build(cfg, name, torch.bfloat16)
     gc.collect()
     torch.cuda.empty_cache()
@@ -122,15 +124,26 @@ def run_format(cfg, name, batches, variants, log, failures):
     log(f"{name:18s} bf16 logits rel err vs reference (bf16 rounding, not a check): {err:.2e}")
     if not torch.isfinite(got).all():
         failures.append(f"{name} bf16 logits not finite")
-    for vname, policy in variants.items():
-        decoder = GraphDecoder(model, policy=policy)
-        for batch in batches:
-            with using_policy(matmul_variant(vname)):
-                ms = time_graph(decoder, batch)
-            res[f"decode_ms_b{batch}_{vname}"] = ms
-            log(f"{name:18s} {vname:14s} batch {batch}: {ms:.3f} ms/token")
-        del decoder
-        gc.collect()
+    # rounds > 1: every variant timed once a round, in turn, after one untimed warm-up of the first (the first
+    # variant of a run came out ~3% slow in session 21's calls 2 and 3: clocks and caches still warming); the
+    # figure is the median over rounds, the spread (max - min) is logged beside it
+    times = {}
+    order = list(variants.items())
+    for rnd in range(-1 if rounds > 1 else 0, rounds):
+        for vname, policy in (order[:1] if rnd < 0 else order):
+            decoder = GraphDecoder(model, policy=policy)
+            for batch in batches:
+                with using_policy(matmul_variant(vname)):
+                    ms = time_graph(decoder, batch)
+                if rnd >= 0:
+                    times.setdefault((vname, batch), []).append(ms)
+            del decoder
+            gc.collect()
+    for (vname, batch), ts in times.items():
+        ms = statistics.median(ts)
+        res[f"decode_ms_b{batch}_{vname}"] = ms
+        spread = f" (median of {len(ts)} rounds, spread {max(ts) - min(ts):.3f})" if len(ts) > 1 else ""
+        log(f"{name:18s} {vname:14s} batch {batch}: {ms:.3f} ms/token{spread}")
     res["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     log(f"{name:18s} peak memory {res['peak_gb']:.2f} GB, weights {res['weight_bytes'] / 1e9:.2f} GB")
     del model
@@ -166,6 +179,8 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return dataclasses.replace(base, int4_x_planes=False)
     if v == "xp8":  # x_proj (narrow) on the decode kernels up to batch 8 (DecodePolicy.max_rows_narrow)
         return dataclasses.replace(base, max_rows_narrow=8)
+    if v.startswith("normp"):  # e.g. normp4: programs a row of each add + norm writing the int4 input planes
+        return dataclasses.replace(base, norm_plane_programs=int(v[5:]))
     if v.startswith("ssmbd"):  # e.g. ssmbd8: channels per program of the SSM update (DecodePolicy.ssm_block_d)
         return dataclasses.replace(base, ssm_block_d=int(v[5:]), ssm_block_d_batched=int(v[5:]))
     m = re.fullmatch(r"bin(\d+)(?:g(\d+))?(r8)?", v)
@@ -214,6 +229,8 @@ def main():
     ap.add_argument("--preset", default="blackmamba-2.8b")
     ap.add_argument("--formats", default="bf16,int8,int4_g128,binary+int4_g128")
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time the variants in this many interleaved rounds (after a warm-up) and report medians")
     ap.add_argument("--check-steps", type=int, default=16)
     # a variant with int4_planes (the CUDA default, "default", "dec_planes...") converts the model's int4 weights to
     # plane words in place (qmamba.quant.modules.use_plane_words); list stored-word variants ("dec", "dec_magic")
@@ -244,7 +261,7 @@ def main():
     log(f"{torch.cuda.get_device_name(0)}; policy {base}")
     result = dict(preset=args.preset, device=torch.cuda.get_device_name(0), rows=[], failures=[])
     for name in args.formats.split(","):
-        row = run_format(cfg, name, batches, variants, log, result["failures"])
+        row = run_format(cfg, name, batches, variants, log, result["failures"], args.rounds)
         if args.check_steps:
             row.update(check_fp32(cfg, name, batches, args.check_steps, variants, log, result["failures"]))
         result["rows"].append(row)

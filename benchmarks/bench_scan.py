@@ -3,6 +3,9 @@ BlackMamba-2.8B's shapes (d_inner 2944, d_state 16), with the time as a share of
 
     python benchmarks/bench_scan.py --json scan.json                      # GPU: B in 1,8 x L in 512,2048,4096
     python benchmarks/bench_scan.py --json scan.json --sweep              # ... plus a sweep of the chunked knobs
+    python benchmarks/bench_scan.py --json scan.json --knobs "prefetch=2;prefetch=2,n_segments=32"   # chosen sets
+    python benchmarks/bench_scan.py --json scan.json --profile 3 --knobs ...   # no timing: each variant run 3 times
+                                                                          #   (for ncu; checks still run first)
     TRITON_INTERPRET=1 python benchmarks/bench_scan.py --quick --json q.json   # CPU smoke test (tiny shapes)
 
 Inputs are laid out as the mixer makes them: u and z the two strided halves of in_proj's [B, L, 2 d_inner]
@@ -93,10 +96,28 @@ def time_variant(fn, copies, device):
     return (time.perf_counter() - t0) * 1e6
 
 
-def variants(device, sweep):
-    """name -> callable(**scan args). The chunked knobs swept with --sweep are the launcher's tuning args."""
+def parse_knobs(text: str) -> list[dict]:
+    """``"prefetch=2;prefetch=2,n_segments=32"`` -> ``[{"prefetch": 2}, {"prefetch": 2, "n_segments": 32}]``
+    (integers, ``true`` / ``false``; the chunked launcher's tuning args)."""
+    sets = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        kw = {}
+        for item in part.split(","):
+            key, _, value = item.partition("=")
+            v = value.strip().lower()
+            kw[key.strip()] = True if v == "true" else False if v == "false" else int(v)
+        sets.append(kw)
+    return sets
+
+
+def variants(device, sweep, knob_sets=()):
+    """name -> callable(**scan args). The chunked knobs swept with --sweep (or given with --knobs) are the
+    launcher's tuning args."""
     out = {"assoc": lambda **a: selective_scan_triton(**a, method="assoc"),
            "chunked": lambda **a: selective_scan_triton(**a, method="chunked")}
+    for kw in knob_sets:
+        out["chunked " + " ".join(f"{k}={v}" for k, v in kw.items())] = \
+            lambda kw=kw, **a: selective_scan_triton(**a, method="chunked", **kw)
     if sweep:
         grid = list(itertools.product((1, 2), (1, 2), (4, 8), (1, 2, 4, 8, 16)))
         for warps, lanes, unroll, segs in grid:
@@ -121,6 +142,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", required=True, help="write the rows here")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (runs on CPU under TRITON_INTERPRET=1)")
     ap.add_argument("--sweep", action="store_true", help="also time a grid of the chunked method's knobs")
+    ap.add_argument("--knobs", default="", help="chunked knob sets to time beside the defaults: 'k=v,k=v;k=v'")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="no timing: run each checked variant this many times (for a profiler such as ncu)")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--lengths", default="512,2048,4096")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
@@ -149,7 +173,7 @@ def main(argv=None) -> int:
         result["copy_bandwidth_measured"] = copy_bandwidth()
         log(f"{result['device']}: copy bandwidth measured {result['copy_bandwidth_measured'] / 1e12:.2f} TB/s; "
             f"floor uses {args.bandwidth / 1e12:.2f} TB/s")
-    fns = variants(device, args.sweep and not args.quick)
+    fns = variants(device, args.sweep and not args.quick, parse_knobs(args.knobs))
     failed = []
     for b, length, d, n, r in shapes:
         fb = floor_bytes(b, length, d, n, torch.empty(0, dtype=dtype).element_size())
@@ -167,7 +191,12 @@ def main(argv=None) -> int:
                 ok, ey, es = False, float("nan"), float("nan")
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             row.update(check_ok=ok, rel_err_y=ey, rel_err_state=es)
-            if ok:
+            if ok and args.profile:
+                for _ in range(args.profile):
+                    fn(**base)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            elif ok:
                 us = time_variant(fn, copies, device)
                 row.update(us=us, frac_of_floor=floor_us / us)
                 assoc_us = us if name == "assoc" else assoc_us
@@ -176,7 +205,8 @@ def main(argv=None) -> int:
                 failed.append(f"B={b} L={length} {name}")
             result["rows"].append(row)
             speed = f"{row['speedup_vs_assoc']:6.2f}x" if row.get("speedup_vs_assoc") else "      -"
-            timing = f"{row['us']:9.1f} us {row['frac_of_floor']:6.1%} of floor {speed}" if ok else "   CHECK FAILED"
+            timing = ("   CHECK FAILED" if not ok else "   checked, profiled" if args.profile else
+                      f"{row['us']:9.1f} us {row['frac_of_floor']:6.1%} of floor {speed}")
             log(f"B={b} L={length:5d} {name:28s} {timing}   err y {ey:.1e} state {es:.1e}"
                 + (f"  {row['error']}" if "error" in row else ""))
         del copies, base, ref

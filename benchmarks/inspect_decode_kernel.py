@@ -57,6 +57,7 @@ def compile_recorded(fn, args, meta, arch: int):
     from triton.compiler import ASTSource
 
     names = fn.arg_names
+    plain = set(getattr(fn, "do_not_specialize", ()) or ())  # launched unspecialised: no folding, no divisibility
     signature, constexprs, attrs = {}, {}, {}
     options = {k: meta[k] for k in ("num_warps", "num_stages") if k in meta}
     for i, name in enumerate(names):
@@ -72,6 +73,9 @@ def compile_recorded(fn, args, meta, arch: int):
             constexprs[name] = value
             signature[name] = "constexpr"
         elif isinstance(value, int):
+            if name in plain:
+                signature[name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+                continue
             if value == 1:  # Triton folds integer arguments equal to 1
                 constexprs[name] = 1
                 signature[name] = "constexpr"

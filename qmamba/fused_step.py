@@ -154,7 +154,7 @@ class FusedDecodeStep:
         ffn = max((p.fc1.n // (2 if p.gated else 1) for p in self.layers if isinstance(p, _MoePlan)), default=1)
         f32, act = dict(device=device, dtype=torch.float32), dict(device=device, dtype=self.dtype)
         buf = dict(ws=ws, views=views, logits=logits, zero=not all(self.policy.takes(w, batch) for w in self._weights()),
-                   residual=torch.empty(batch, d, **f32), x=torch.empty(batch, d, **act),
+                   residual=torch.empty(2, batch, d, **f32), x=torch.empty(batch, d, **act),
                    xc=torch.empty(batch, di, **act), y=torch.empty(batch, di, **act), act=torch.empty(batch, ffn, **act),
                    conv_scratch=None, idx=torch.empty(batch, device=device, dtype=torch.int32),
                    rwt=torch.empty(batch, **f32), xpl=None)
@@ -192,11 +192,18 @@ class FusedDecodeStep:
                                        for p in self.layers]
 
     # ---- one step --------------------------------------------------------------------------------------------------
-    def _add_norm(self, buf, h, ids, norm_w, router=None, norm_b=None):
+    def _add_norm(self, buf, h, ids, norm_w, call: int, router=None, norm_b=None):
+        """The ``call``-th add + norm of the step. Where several programs a row share the writing of the int4 input
+        planes (``DecodePolicy.norm_plane_programs``), the residual alternates between two buffers (each program
+        reads it whole; the first writes the new one); otherwise it is updated in place."""
         rw, rb = router if router is not None else (None, None)
-        add_norm(buf["x"], buf["residual"], norm_w, self.eps, h=h, token_ids=ids, embedding=self.embedding,
+        split = self.policy.norm_plane_programs > 1 and buf["xpl"] is not None
+        res_in = buf["residual"][call % 2 if split else 0]
+        res_out = buf["residual"][(call + 1) % 2] if split else None
+        add_norm(buf["x"], res_in, norm_w, self.eps, h=h, token_ids=ids, embedding=self.embedding,
                  norm_b=norm_b, router_w=rw, router_b=rb, expert_idx=buf["idx"], expert_weight=buf["rwt"],
-                 pdl=self.policy.pdl, x_planes=buf["xpl"])
+                 pdl=self.policy.pdl, x_planes=buf["xpl"], plane_programs=self.policy.norm_plane_programs,
+                 residual_out=res_out)
 
     def __call__(self, token_ids: torch.Tensor, state) -> torch.Tensor:
         token_ids = token_ids.contiguous()  # the gather kernel reads ids[b] at offset b (a column slice is strided)
@@ -208,12 +215,12 @@ class FusedDecodeStep:
         for i, plan in enumerate(self.layers):
             views = buf["views"][i]
             if isinstance(plan, _MambaPlan):
-                self._add_norm(buf, h, token_ids, plan.norm_w)
+                self._add_norm(buf, h, token_ids, plan.norm_w, i)
                 h = self._mamba(buf, plan, views, state)
             else:
-                self._add_norm(buf, h, token_ids, plan.norm_w, router=(plan.router_w, plan.router_b))
+                self._add_norm(buf, h, token_ids, plan.norm_w, i, router=(plan.router_w, plan.router_b))
                 h = self._moe(buf, plan, views)
-        self._add_norm(buf, h, token_ids, self.final_w, norm_b=self.final_b)
+        self._add_norm(buf, h, token_ids, self.final_w, len(self.layers), norm_b=self.final_b)
         return self._linear(buf["x"], self.head, buf["logits"], bias=self.head_bias, x_planes=buf["xpl"])
 
     def _linear(self, x, weight, out, expert_ready: bool = False, x_planes=None, x_plane_sums: bool = True, **kw):

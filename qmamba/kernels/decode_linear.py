@@ -112,6 +112,8 @@ class DecodePolicy:
     #                              plane-word in_proj / fc1 / head read instead of x: no conversion or scaling of the
     #                              input per code (likewise the SSM update for out_proj, fc1's epilogue for fc2).
     #                              On in the CUDA policy (session 19)
+    norm_plane_programs: int = 1  # fused step, with int4_x_planes: programs a row of each add + norm, sharing the
+    #                               writing of the planes (qmamba.kernels.decode_step.add_norm's plane_programs)
     expert_prefetch: bool = True  # fused step: fc2 reads its expert's tile before waiting for fc1 (expert_ready)
     ssm_block_d: int = 32        # fused step at one row: channels per program of the SSM update kernel
     #                              (dt_state_update; 32: 92 programs for BlackMamba-2.8B's 2944 channels; 8 compiles
@@ -179,6 +181,7 @@ class DecodePolicy:
         return cls(pdl=pdl, max_rows=1, max_rows_planes=1, block_n_int4=4, int4_planes=True, int4_unpack="denorm",
                    min_programs=2 * multiprocessors, int4_x_in_tile=True, ssm_block_d=8,
                    max_rows_routed=MAX_ROWS, routed_row_programs=True, int4_x_planes=True, binary_max_rows=1,
+                   norm_plane_programs=2,
                    formats=(FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES, FMT_BINARY))
 
     @property

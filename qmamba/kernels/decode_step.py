@@ -25,31 +25,67 @@ from qmamba.quant.layout import check_x_planes
 
 # ---- kernels ---------------------------------------------------------------------------------------------------------
 @jit
+def _normed(r, dm, mean, rstd, nw, nb, LAYERNORM: tl.constexpr, out_ty: tl.constexpr):
+    """The norm of the fp32 values ``r`` given the row's ``mean`` / ``rstd``, as the stored type ``out_ty``."""
+    if LAYERNORM:
+        y = tl.where(dm, r - mean, 0.0) * rstd * nw + nb
+    else:
+        y = r * rstd * nw
+    return y.to(out_ty)
+
+
+@jit
+def _store_planes(xpl_row, cols, y, KPAD: tl.constexpr):
+    """The int4 input planes of the stored values ``y`` at ``cols`` (whole 128-column tiles, starting at a tile):
+    planes 0..7, the tiles' word sums in plane 8 and plane 8's zero tail at these columns (0 past the row's end)."""
+    yf = y.to(tl.float32)
+    pm = cols < KPAD
+    store_x_planes(xpl_row, cols, yf, pm, KPAD)
+    n: tl.constexpr = y.shape[0]
+    word = tl.sum(tl.reshape(yf, (n // 128, 8, 16)), axis=1) * (2.0 ** -53)                          # [tiles, 16]
+    q = ((tl.min(cols, axis=0) // 128 + tl.arange(0, n // 128)) * 16)[:, None] + tl.arange(0, 16)[None, :]
+    tl.store(xpl_row + 8 * KPAD + q, word, mask=q < KPAD // 8)
+    tl.store(xpl_row + 8 * KPAD + cols, tl.zeros_like(yf), mask=(cols >= KPAD // 8) & pm)  # the rest: 0
+
+
+@jit
 def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, out_ptr, rw_ptr, rb_ptr, idx_ptr,
                      rwt_ptr, xpl_ptr, D, E, eps, sh_b, s_emb, sri_b, sr_b, so_b, srw_e, sxpl_b,
                      FIRST: tl.constexpr, HAS_RES: tl.constexpr, LAYERNORM: tl.constexpr, ROUTER: tl.constexpr,
                      HAS_RB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr,
-                     X_PLANES: tl.constexpr, KPAD: tl.constexpr):
+                     X_PLANES: tl.constexpr, KPAD: tl.constexpr, SLICE: tl.constexpr):
     """residual = h (FIRST: embedding[ids]) [+ residual in, HAS_RES]; out = norm(residual); optional top-1 sigmoid
-    router. The residual is read from ``rin`` and written to ``res`` (the same buffer in the decode step).
-    Every load is issued before the first reduction, so their latencies overlap (one round trip, not three);
-    with ``PDL`` the weights (norm, router) are read before waiting for the previous kernel. ``X_PLANES``: also the
-    int4 input planes of the stored ``out`` (:data:`qmamba.quant.layout.INT4_X_PLANES`, ``KPAD`` columns a plane)."""
+    router. The residual is read from ``rin`` and written to ``res`` (the same buffer in the decode step unless
+    the planes are split, below). Every load is issued before the first reduction, so their latencies overlap (one
+    round trip, not three); with ``PDL`` the weights (norm, router) are read before waiting for the previous
+    kernel. ``X_PLANES``: also the int4 input planes of the stored ``out`` (:data:`qmamba.quant.layout.INT4_X_PLANES`,
+    ``KPAD`` columns a plane).
+    ``SLICE < KPAD`` (split planes; ``rin`` and ``res`` must then be different buffers): program ``(b, p)`` computes
+    the row's mean / rstd from the whole row (a few KB from L2), then only the planes of columns ``[p SLICE, (p + 1)
+    SLICE)`` (whole plane tiles), from those columns read again; program 0 also writes the residual, ``out`` and the
+    routing. One program a row (``SLICE = KPAD``) computes and stores all 9 x KPAD plane values itself (~4,100 SASS
+    instructions a program with the router at d = 1472): spread over programs, that work runs side by side."""
     b = tl.program_id(0)
+    part = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
     dm = d < D
+    out_ty: tl.constexpr = out_ptr.dtype.element_ty
+    SPLIT: tl.constexpr = X_PLANES and SLICE < KPAD
     nw = tl.load(w_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    nb = nw
     if LAYERNORM:
         nb = tl.load(nb_ptr + d, mask=dm, other=0.0).to(tl.float32)
     if ROUTER:
         e = tl.arange(0, BLOCK_E)
         em = e < E
         wr = tl.load(rw_ptr + e[:, None] * srw_e + d[None, :], mask=em[:, None] & dm[None, :], other=0.0)
+        rbias = tl.zeros((BLOCK_E,), dtype=tl.float32)
         if HAS_RB:
             rbias = tl.load(rb_ptr + e, mask=em, other=0.0).to(tl.float32)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+    tok = 0
     if FIRST:
         tok = tl.load(ids_ptr + b).to(tl.int64)
         r = tl.load(emb_ptr + tok * s_emb + d, mask=dm, other=0.0).to(tl.float32)
@@ -57,35 +93,41 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, o
         r = tl.load(h_ptr + b * sh_b + d, mask=dm, other=0.0).to(tl.float32)
         if HAS_RES:
             r += tl.load(rin_ptr + b * sri_b + d, mask=dm, other=0.0)
-    tl.store(res_ptr + b * sr_b + d, r, mask=dm)
+    mean = 0.0
     if LAYERNORM:
         mean = tl.sum(r, axis=0) / D
         c = tl.where(dm, r - mean, 0.0)
-        y = c * tl.rsqrt(tl.sum(c * c, axis=0) / D + eps)
+        rstd = tl.rsqrt(tl.sum(c * c, axis=0) / D + eps)
     else:
-        y = r * tl.rsqrt(tl.sum(r * r, axis=0) / D + eps)
-    y = y * nw
-    if LAYERNORM:
-        y += nb
-    y = y.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + b * so_b + d, y, mask=dm)
-    if X_PLANES:
-        # the stored value, scaled per nibble position (0 past D: the tiles' padding), then the word sums
-        yf = y.to(tl.float32)
-        pm = d < KPAD
-        store_x_planes(xpl_ptr + b * sxpl_b, d, yf, pm, KPAD)
-        word = tl.sum(tl.reshape(yf, (BLOCK_D // 128, 8, 16)), axis=1) * (2.0 ** -53)                # [tiles, 16]
-        q = (tl.arange(0, BLOCK_D // 128) * 16)[:, None] + tl.arange(0, 16)[None, :]
-        tl.store(xpl_ptr + b * sxpl_b + 8 * KPAD + q, word, mask=q < KPAD // 8)
-        tl.store(xpl_ptr + b * sxpl_b + 8 * KPAD + d, tl.zeros_like(yf), mask=(d >= KPAD // 8) & pm)  # the rest: 0
-    if ROUTER:
-        logits = tl.sum(wr.to(tl.float32) * y.to(tl.float32)[None, :], axis=1)
-        if HAS_RB:
-            logits += rbias
-        p = tl.where(em, tl.sigmoid(logits), -1.0)
-        best = tl.max(p, axis=0)
-        tl.store(idx_ptr + b, tl.min(tl.where(p == best, e, BLOCK_E), axis=0).to(tl.int32))
-        tl.store(rwt_ptr + b, best)
+        rstd = tl.rsqrt(tl.sum(r * r, axis=0) / D + eps)
+    if part == 0:
+        tl.store(res_ptr + b * sr_b + d, r, mask=dm)
+        y = _normed(r, dm, mean, rstd, nw, nb, LAYERNORM, out_ty)
+        tl.store(out_ptr + b * so_b + d, y, mask=dm)
+        if X_PLANES and not SPLIT:
+            _store_planes(xpl_ptr + b * sxpl_b, d, y, KPAD)
+        if ROUTER:
+            logits = tl.sum(wr.to(tl.float32) * y.to(tl.float32)[None, :], axis=1) + rbias
+            p = tl.where(em, tl.sigmoid(logits), -1.0)
+            best = tl.max(p, axis=0)
+            tl.store(idx_ptr + b, tl.min(tl.where(p == best, e, BLOCK_E), axis=0).to(tl.int32))
+            tl.store(rwt_ptr + b, best)
+    if SPLIT:
+        # this program's columns, read again (rin is not the buffer written above), normed as above
+        ds = part * SLICE + tl.arange(0, SLICE)
+        dsm = ds < D
+        if FIRST:
+            rs = tl.load(emb_ptr + tok * s_emb + ds, mask=dsm, other=0.0).to(tl.float32)
+        else:
+            rs = tl.load(h_ptr + b * sh_b + ds, mask=dsm, other=0.0).to(tl.float32)
+            if HAS_RES:
+                rs += tl.load(rin_ptr + b * sri_b + ds, mask=dsm, other=0.0)
+        nws = tl.load(w_ptr + ds, mask=dsm, other=0.0).to(tl.float32)
+        nbs = nws
+        if LAYERNORM:
+            nbs = tl.load(nb_ptr + ds, mask=dsm, other=0.0).to(tl.float32)
+        ys = tl.where(dsm, _normed(rs, dsm, mean, rstd, nws, nbs, LAYERNORM, out_ty), 0.0)
+        _store_planes(xpl_ptr + b * sxpl_b, ds, ys, KPAD)
 
 
 @jit
@@ -153,34 +195,49 @@ def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dski
 
 # ---- launchers and reference twins -------------------------------------------------------------------------------
 def add_norm(x_out, residual, norm_w, eps, h=None, token_ids=None, embedding=None, norm_b=None, router_w=None,
-             router_b=None, expert_idx=None, expert_weight=None, pdl: bool = False, x_planes=None):
+             router_b=None, expert_idx=None, expert_weight=None, pdl: bool = False, x_planes=None,
+             plane_programs: int = 1, residual_out=None):
     """In place: ``residual [B, d]`` fp32 becomes ``h + residual`` (``h [B, d]``), or ``embedding[token_ids]`` when
-    ``h`` is None (the first layer); ``x_out [B, d]`` receives the norm of it (LayerNorm when ``norm_b`` is given,
+    ``h`` is None (the first layer); with ``residual_out`` (another ``[B, d]`` fp32 buffer) that one receives it and
+    ``residual`` is only read; ``x_out [B, d]`` receives the norm of it (LayerNorm when ``norm_b`` is given,
     else RMSNorm). With ``router_w [E, d]``: ``expert_idx [B]`` int32 and ``expert_weight [B]`` fp32 receive the
     top-1 sigmoid routing of ``x_out`` (lowest index on ties). ``pdl``: launched as a programmatic dependent
     launch (CUDA, see :mod:`qmamba.kernels.decode_linear`). ``x_planes [B, 9, k_pad]`` fp32 (row-contiguous
     planes): also receives the int4 input planes of ``x_out`` as stored (:func:`qmamba.quant.layout.int4_x_planes`),
-    the input the plane-word decode kernels read with ``DecodePolicy.int4_x_planes``."""
+    the input the plane-word decode kernels read with ``DecodePolicy.int4_x_planes``. ``plane_programs``: programs
+    a row that share the writing of its planes (at most one per 128-column plane tile; each computes the whole norm,
+    see ``_add_norm_kernel``; ``DecodePolicy.norm_plane_programs``). Every program reads the residual and the first
+    writes the new one, so a residual added in place (no ``residual_out``) keeps one program a row."""
     if h is None and (token_ids is None or embedding is None):
         raise ValueError("add_norm: the first layer needs token_ids and the embedding")
-    _launch_add_norm(x_out, residual, residual, norm_w, eps, h, token_ids, embedding, norm_b, router_w, router_b,
-                     expert_idx, expert_weight, pdl, x_planes)
+    if residual_out is None:
+        residual_out = residual
+        if h is not None:
+            plane_programs = 1
+    elif residual_out.shape != residual.shape or residual_out.data_ptr() == residual.data_ptr():
+        # (the split planes read the residual twice: it must not be the buffer written)
+        raise ValueError("add_norm: residual_out must be another buffer of the residual's shape")
+    _launch_add_norm(x_out, residual, residual_out, norm_w, eps, h, token_ids, embedding, norm_b, router_w,
+                     router_b, expert_idx, expert_weight, pdl, x_planes, plane_programs)
 
 
 def _launch_add_norm(x_out, residual_in, residual_out, norm_w, eps, h, token_ids, embedding, norm_b, router_w,
-                     router_b, expert_idx, expert_weight, pdl: bool, x_planes=None):
+                     router_b, expert_idx, expert_weight, pdl: bool, x_planes=None, plane_programs: int = 1):
     """``_add_norm_kernel`` over the rows of ``x_out``: the residual read from ``residual_in`` (None: none added)
-    and written to ``residual_out``."""
+    and written to ``residual_out``; with ``x_planes``, ``plane_programs`` programs a row (rounded down to a power
+    of two that divides the planes' tiles)."""
     batch, d = x_out.shape
     e = router_w.shape[0] if router_w is not None else 1
     dummy = norm_w
     rin = residual_in if residual_in is not None else residual_out
     block_d = next_pow2(d)
-    kpad = 1
+    kpad, parts = 1, 1
     if x_planes is not None:
         kpad = check_x_planes("add_norm", "x_planes", x_planes, batch, d)
         block_d = max(block_d, kpad)
-    _add_norm_kernel[(batch,)](
+        parts = max(1, min(int(plane_programs), kpad // 128))
+        parts = 1 << (parts.bit_length() - 1)  # kpad // 128 is a power of two: parts divides it
+    _add_norm_kernel[(batch, parts)](
         h if h is not None else residual_out, token_ids if token_ids is not None else residual_out,
         embedding if embedding is not None else dummy, rin, residual_out, norm_w,
         norm_b if norm_b is not None else dummy, x_out, router_w if router_w is not None else dummy,
@@ -192,7 +249,8 @@ def _launch_add_norm(x_out, residual_in, residual_out, norm_w, eps, h, token_ids
         x_planes.stride(0) if x_planes is not None else 0,
         FIRST=h is None, HAS_RES=residual_in is not None, LAYERNORM=norm_b is not None,
         ROUTER=router_w is not None, HAS_RB=router_b is not None, BLOCK_D=block_d, BLOCK_E=next_pow2(e),
-        PDL=pdl, X_PLANES=x_planes is not None, KPAD=kpad, num_warps=4 if residual_out.is_cuda else 1,
+        PDL=pdl, X_PLANES=x_planes is not None, KPAD=kpad, SLICE=kpad // parts,
+        num_warps=4 if residual_out.is_cuda else 1,
         **(dict(launch_pdl=True) if pdl else {}))
 
 

@@ -184,3 +184,30 @@ def test_graph_replay_equals_eager(fused, device):
         t = decoder(t, st).argmax(-1)
         manual.append(t)
     assert torch.equal(greedy, torch.stack(manual, 1))
+
+
+@pytest.mark.parametrize("batch,programs", [(1, 4), (3, 2)])
+@torch.no_grad()
+def test_fused_step_with_shared_norm_planes(batch, programs, device):
+    """``DecodePolicy.norm_plane_programs``: each add + norm's int4 input planes written by several programs a row
+    (the residual then alternates between two buffers) on a model wide enough for several plane tiles (d = 384:
+    three 128-column tiles, padded to four); int4 g128 as plane words read through the planes (in_proj and the
+    head at one row, fc1 as routed row programs at 3). Logits and states as the reference model's, two steps."""
+    config = dataclasses.replace(preset("tiny-blackmamba"), d_model=384, ffn_hidden=256, dt_rank=8)
+    model = quantize_rtn(random_model(config, device), Int4Format(128))
+    ids = torch.randint(0, config.vocab_size, (batch, 4), device=device)
+    _, state = model.prefill(ids)
+    ref_state = state.clone()
+    tok = ids[:, 1]
+    policy = dataclasses.replace(DecodePolicy.for_device(device), formats=(0, 1, 3), max_rows=1, max_rows_planes=1,
+                                 max_rows_routed=8, int4_planes=True, int4_unpack="denorm", planes_mma=False,
+                                 routed_row_programs=True, int4_x_planes=True, norm_plane_programs=programs)
+    step = FusedDecodeStep(model, policy)
+    for _ in range(2):
+        logits = step(tok, state)
+        buf = step._buffers[batch]
+        assert buf["xpl"] is not None and buf["residual"].shape[0] == 2
+        ref = model.step(tok, ref_state)
+        torch.testing.assert_close(logits, ref.float(), atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
+        tok = ref.argmax(-1)

@@ -71,6 +71,10 @@ decode_step.add_norm_rows(None, h, w, 1e-5, w)        # the first layer / a Laye
 x = torch.empty(8, d, dtype=torch.bfloat16)
 decode_step.add_norm(x, torch.empty(8, d), w, 1e-5, h=h[:8], router_w=torch.empty(8, d, dtype=torch.bfloat16),
                      expert_idx=torch.empty(8, dtype=torch.int32), expert_weight=torch.empty(8), pdl=True)
+x1 = torch.empty(1, d, dtype=torch.bfloat16)                # batch 1, the int4 input planes over 4 programs
+decode_step.add_norm(x1, torch.empty(1, d), w, 1e-5, h=h[:1], router_w=torch.empty(8, d, dtype=torch.bfloat16),
+                     expert_idx=torch.empty(1, dtype=torch.int32), expert_weight=torch.empty(1), pdl=True,
+                     x_planes=torch.empty(1, 9, 2048), plane_programs=4, residual_out=torch.empty(1, d))
 for grid, args, meta in rec.calls:
     meta = dict(meta, num_warps=4)
     meta.pop("launch_pdl", None)
@@ -117,10 +121,10 @@ def test_expert_tile_map_kernel_compiles():
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_add_norm_kernel_compiles():
     """The residual add + norm kernel as the prefill (rows, RMSNorm / LayerNorm, with and without a residual) and the
-    decode step (router, PDL) launch it."""
+    decode step (router, PDL; with the int4 input planes shared by 4 programs a row) launch it."""
     stdout = _compiled("-c", _ADD_NORM_COMPILE, str(ROOT / "benchmarks"), timeout=600)
     lines = [line for line in stdout.splitlines() if line.startswith("regs")]
-    assert len(lines) == 3 and all(line.endswith("stack 0") for line in lines), stdout
+    assert len(lines) == 4 and all(line.endswith("stack 0") for line in lines), stdout
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")

@@ -37,30 +37,51 @@ def test_add_norm_matches_reference(first, layernorm, router, device):
         assert (idx == -1).all()  # untouched without a router
 
 
-@pytest.mark.parametrize("d,dtype", [(37, torch.float32), (300, torch.bfloat16), (256, torch.float32)])
-def test_add_norm_writes_the_int4_input_planes_of_the_stored_x(d, dtype, device):
+@pytest.mark.parametrize("d,dtype,programs,kind", [(37, torch.float32, 1, "rms"), (300, torch.bfloat16, 1, "rms"),
+                                                   (256, torch.float32, 1, "rms"), (300, torch.bfloat16, 4, "rms"),
+                                                   (300, torch.bfloat16, 2, "first"), (256, torch.float32, 8, "ln"),
+                                                   (37, torch.float32, 4, "ln")])
+def test_add_norm_writes_the_int4_input_planes_of_the_stored_x(d, dtype, programs, kind, device):
     """``x_planes``: the int4 input planes (per nibble position the stored x times its power of two, then the word
     sums) equal :func:`int4_x_planes` of the stored ``x`` (one tile below 128, 3 ragged tiles padded to 4, whole
-    tiles), padding 0; ``x`` itself as without them. A bad planes tensor is an error."""
+    tiles), padding 0; ``x``, the residual and the routing as without them. Written by one program a row or shared
+    by ``plane_programs`` of them (more than the tiles: one a tile); first layer (embedding gather) and LayerNorm
+    too. A bad planes tensor is an error."""
     from qmamba.quant.layout import INT4_X_PLANES, int4_x_planes
 
     torch.manual_seed(d)
-    batch = 2
+    batch, e, vocab = 2, 5, 7
     residual = torch.randn(batch, d, device=device)
-    h = torch.randn(batch, d, device=device)
+    h = None if kind == "first" else torch.randn(batch, d, device=device)
+    ids = torch.tensor([6, 1], device=device)
+    emb = torch.randn(vocab, d, device=device)
     norm_w = (torch.rand(d, device=device) + 0.5).to(dtype)
-    want_r, want_x, _, _ = add_norm_ref(residual.clone(), norm_w, 1e-5, h)
+    norm_b = torch.randn(d, device=device).to(dtype) if kind == "ln" else None
+    rw, rb = torch.randn(e, d, device=device), torch.randn(e, device=device)
+    want_r, want_x, want_idx, want_wt = add_norm_ref(residual.clone(), norm_w, 1e-5, h, ids, emb, norm_b, rw, rb)
     x = torch.empty(batch, d, device=device, dtype=dtype)
     kpad = {37: 128, 300: 512, 256: 256}[d]  # a power-of-two number of tiles
     planes = torch.full((batch, INT4_X_PLANES, kpad), float("nan"), device=device)
-    add_norm(x, residual, norm_w, 1e-5, h=h, x_planes=planes)
+    idx = torch.full((batch,), -1, dtype=torch.int32, device=device)
+    wt = torch.zeros(batch, device=device)
+    res_in = residual.clone()
+    res_out = torch.full_like(residual, float("nan")) if programs > 1 else None  # shared: read one, write another
+    add_norm(x, residual, norm_w, 1e-5, h=h, token_ids=ids, embedding=emb, norm_b=norm_b, router_w=rw, router_b=rb,
+             expert_idx=idx, expert_weight=wt, x_planes=planes, plane_programs=programs, residual_out=res_out)
     torch.testing.assert_close(x.float(), want_x.to(dtype).float(), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(residual if res_out is None else res_out, want_r, atol=1e-5, rtol=1e-5)
+    if res_out is not None:
+        assert torch.equal(residual, res_in)  # only read
+    assert torch.equal(idx, want_idx) or dtype != torch.float32  # bf16 x may flip a near tie
+    assert (idx >= 0).all() and (wt > 0).all()
     want = int4_x_planes(x)
     torch.testing.assert_close(planes[:, :8], want[:, :8], atol=0, rtol=0)  # powers of two: exact
     torch.testing.assert_close(planes[:, 8], want[:, 8], atol=1e-20, rtol=1e-5)  # sums: order may differ
     assert torch.equal(planes[:, 8, kpad // 8:], torch.zeros_like(planes[:, 8, kpad // 8:]))
     with pytest.raises(ValueError, match="x_planes"):
-        add_norm(x, residual, norm_w, 1e-5, h=h, x_planes=planes[:, :, :kpad - 1])
+        add_norm(x, residual, norm_w, 1e-5, h=h, token_ids=ids, embedding=emb, x_planes=planes[:, :, :kpad - 1])
+    with pytest.raises(ValueError, match="residual_out"):
+        add_norm(x, residual, norm_w, 1e-5, h=h, token_ids=ids, embedding=emb, residual_out=residual)
 
 
 def test_int4_x_planes_reference():
