@@ -97,6 +97,10 @@ class DecodePolicy:
     #                               thread), so each thread holds the same k of all its program's rows and reads the
     #                               input once for all of them (instead of ``num_warps``)
     min_programs: int = 0        # fewer int4 rows per program where the matrix has too few rows to give this many
+    max_programs: int = 0        # more int4 / 1-bit rows per program (doubling, up to 64) while a matrix would take
+    #                              more programs than this (0: no bound): a grid just past what the GPU holds at once
+    #                              runs a second, nearly empty wave (BlackMamba-2.8B int4 at one row: in_proj 1,472
+    #                              programs and fc1 968 against 8 / 7 resident a multiprocessor by their registers)
     int4_x_in_tile: bool = False  # "denorm" int4 at one input row, where a weight row's tiles are fewer words than the
     #                               program has threads x 4 (BlackMamba-2.8B: in_proj, fc1): the input read in the
     #                               tile's [rows, tiles, words] shape by every thread that needs it (from L1) instead
@@ -196,6 +200,9 @@ class DecodePolicy:
         binary = self.block_n_binary_gated if gated else self.block_n_binary
         bn = self.block_n_int4 if int4 else binary if fmt == FMT_BINARY else self.block_n_float
         bn = max(1, bn // (1 if rows <= 2 else 2 if rows <= 4 else 4))
+        if packed and self.max_programs:
+            while bn < 64 and -(-n // bn) > self.max_programs:
+                bn *= 2
         if packed and self.min_programs:
             while bn > 1 and -(-n // bn) < self.min_programs:
                 bn //= 2
