@@ -96,9 +96,9 @@ def variants(pdl: bool, rows: int):
            "cuda_x_planes_bcast": ("planes", dataclasses.replace(cuda, int4_x_planes=True, int4_x_in_tile=False)),
            # the input x itself, converted and scaled per code (the CUDA policy before session 19)
            "cuda_x_direct": ("planes", dataclasses.replace(cuda, int4_x_planes=False)),
-           # int4 rows per program doubled while a matrix would take more than 924 programs (one wave at 7 a
+           # twice the int4 rows a program for a (not gated) grid just past 1056 programs (one wave at 8 a
            # multiprocessor: DecodePolicy.max_programs), and all int4 matrices at 8 rows a program
-           "cuda_maxp924": ("planes", dataclasses.replace(cuda, max_programs=924)),
+           "cuda_maxp1056": ("planes", dataclasses.replace(cuda, max_programs=1056)),
            "cuda_bn8": ("planes", dataclasses.replace(cuda, block_n_int4=8))}
     for bn in (4, 8, 16, 32):
         out[f"binary_bn{bn}"] = ("binary", DecodePolicy(pdl=pdl, block_n_binary=bn))

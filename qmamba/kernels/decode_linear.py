@@ -97,10 +97,13 @@ class DecodePolicy:
     #                               thread), so each thread holds the same k of all its program's rows and reads the
     #                               input once for all of them (instead of ``num_warps``)
     min_programs: int = 0        # fewer int4 rows per program where the matrix has too few rows to give this many
-    max_programs: int = 0        # more int4 / 1-bit rows per program (doubling, up to 64) while a matrix would take
-    #                              more programs than this (0: no bound): a grid just past what the GPU holds at once
-    #                              runs a second, nearly empty wave (BlackMamba-2.8B int4 at one row: in_proj 1,472
-    #                              programs and fc1 968 against 8 / 7 resident a multiprocessor by their registers)
+    max_programs: int = 0        # twice the int4 / 1-bit rows a program where a (not gated) matrix would take more
+    #                              programs than this but at most twice as many (0: never): a grid just past what the
+    #                              GPU holds at once runs a second, mostly empty wave (BlackMamba-2.8B int4 at one
+    #                              row: in_proj's 1,472 programs against 8 resident a multiprocessor by its registers,
+    #                              1,056 on the H200). Session 21 (H200, kernels alone): in_proj 5.20 -> 4.22 us at 8
+    #                              rows a program; fc1 (gated) 5.94 -> 8.27 and larger grids (the head) lose, so
+    #                              those keep their rows
     int4_x_in_tile: bool = False  # "denorm" int4 at one input row, where a weight row's tiles are fewer words than the
     #                               program has threads x 4 (BlackMamba-2.8B: in_proj, fc1): the input read in the
     #                               tile's [rows, tiles, words] shape by every thread that needs it (from L1) instead
@@ -185,7 +188,7 @@ class DecodePolicy:
         return cls(pdl=pdl, max_rows=1, max_rows_planes=1, block_n_int4=4, int4_planes=True, int4_unpack="denorm",
                    min_programs=2 * multiprocessors, int4_x_in_tile=True, ssm_block_d=8,
                    max_rows_routed=MAX_ROWS, routed_row_programs=True, int4_x_planes=True, binary_max_rows=1,
-                   norm_plane_programs=4,
+                   norm_plane_programs=4, max_programs=8 * multiprocessors,
                    formats=(FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES, FMT_BINARY))
 
     @property
@@ -200,9 +203,8 @@ class DecodePolicy:
         binary = self.block_n_binary_gated if gated else self.block_n_binary
         bn = self.block_n_int4 if int4 else binary if fmt == FMT_BINARY else self.block_n_float
         bn = max(1, bn // (1 if rows <= 2 else 2 if rows <= 4 else 4))
-        if packed and self.max_programs:
-            while bn < 64 and -(-n // bn) > self.max_programs:
-                bn *= 2
+        if packed and self.max_programs and not gated and self.max_programs < -(-n // bn) <= 2 * self.max_programs:
+            bn *= 2
         if packed and self.min_programs:
             while bn > 1 and -(-n // bn) < self.min_programs:
                 bn //= 2

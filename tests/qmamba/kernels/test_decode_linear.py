@@ -250,11 +250,12 @@ def test_policy_is_explicit_and_cpu_has_no_pdl():
     assert DecodePolicy(block_n_int4=8).block_n(2, 1, 5888) == 8
     assert DecodePolicy(block_n_int4=8).block_n(2, 8, 5888) == 2
     assert DecodePolicy(block_n_int4=8).block_n(2, 1, 3) == 4  # never wider than the matrix (next power of two)
-    # max_programs: rows per program doubled while the grid would be larger (int4 / 1-bit only), up to 64 rows
-    wave = DecodePolicy(block_n_int4=4, max_programs=924, min_programs=264)
-    assert [wave.block_n(3, 1, n) for n in (5888, 3872, 1472)] == [8, 8, 4]  # in_proj, fc1 (gated n), out_proj
+    # max_programs: twice the rows a program for a grid just past it (up to twice as many programs), not gated,
+    # int4 / 1-bit only
+    wave = DecodePolicy(block_n_int4=4, max_programs=1056, min_programs=264)
+    assert [wave.block_n(3, 1, n) for n in (5888, 1472, 50304)] == [8, 4, 4]  # in_proj, out_proj, a head
+    assert wave.block_n(3, 1, 5888, gated=True) == 4  # fc1's gate and up rows: twice the work a row already
     assert wave.block_n(0, 1, 5888) == DecodePolicy().block_n_float  # float weights keep their rows
-    assert DecodePolicy(block_n_int4=4, max_programs=1).block_n(3, 1, 1 << 20) == 64
 
 
 @pytest.mark.parametrize("fmt,m", [("float", 1), ("int4g128", 1), ("planes128", 1), ("int4g32", 3), ("planes128", 3),
