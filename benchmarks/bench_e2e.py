@@ -36,9 +36,10 @@ PREFILL_EXPERT_ROUTES = {"tiles": DEFAULT_POLICY,
                          "per_expert": dataclasses.replace(DEFAULT_POLICY, dequant_experts_min_m=64),
                          "whole_stack": dataclasses.replace(DEFAULT_POLICY, dequant_experts_min_m=64,
                                                             dequant_experts_whole_stack=True)}
-# name -> (format of the projections and experts, format of x_proj / dt_proj / head or None for the same)
+# name -> (format of the projections and experts, format of x_proj / dt_proj / head or None for the same);
+# "int4_cli": int4 g128 with x_proj, dt_proj and the head float, as `qmamba quantize` writes it by default
 FORMATS = {"bf16": (None, None), "int8": (Int8Format(), None), "int4_g128": (Int4Format(128), None),
-           "binary+int4_g128": (BinaryFormat(), Int4Format(128))}
+           "binary+int4_g128": (BinaryFormat(), Int4Format(128)), "int4_cli": (Int4Format(128), None)}
 
 
 def build(cfg, name, dtype=torch.bfloat16):
@@ -46,7 +47,8 @@ def build(cfg, name, dtype=torch.bfloat16):
     model = random_model(cfg, "cuda", dtype)
     fmt, sensitive = FORMATS[name]
     if fmt is not None:
-        quantize_rtn(model, fmt, head=True, sensitive_fmt=sensitive)
+        cli = name == "int4_cli"
+        quantize_rtn(model, fmt, head=not cli, sensitive_fmt=sensitive, float_xdt=cli)
     model.set_backend("triton")
     gc.collect()
     torch.cuda.empty_cache()

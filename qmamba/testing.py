@@ -34,16 +34,18 @@ def random_model(cfg: ModelConfig, device="cpu", dtype=torch.float32, seed: int 
 
 
 @torch.no_grad()
-def quantize_rtn(model: MambaLM, fmt, head: bool = True, sensitive_fmt=None) -> MambaLM:
+def quantize_rtn(model: MambaLM, fmt, head: bool = True, sensitive_fmt=None, float_xdt: bool = False) -> MambaLM:
     """Swap every Mamba projection, every expert stack and (``head=True``) the LM head for RTN-quantized twins in
     ``fmt`` (the embedding stays float). ``sensitive_fmt`` (e.g. int4 beside a 1-bit ``fmt``, Bi-Mamba's split)
-    takes x_proj, dt_proj and the head instead. Routers, norms and the SSM parameters stay float."""
+    takes x_proj, dt_proj and the head instead; ``float_xdt`` keeps x_proj and dt_proj float (as ``qmamba quantize``
+    does by default). Routers, norms and the SSM parameters stay float."""
     small = sensitive_fmt or fmt
     formats = {}
     for block in model.blocks:
         if block.is_mamba:
             formats.update({f"{block.mixer_name}.{leaf}": fmt for leaf in ("in_proj", "out_proj")})
-            formats.update({f"{block.mixer_name}.{leaf}": small for leaf in ("x_proj", "dt_proj")})
+            if not float_xdt:
+                formats.update({f"{block.mixer_name}.{leaf}": small for leaf in ("x_proj", "dt_proj")})
         else:
             formats.update({name: fmt for name in block.quantizable_modules()})
     if head:
