@@ -179,8 +179,6 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return dataclasses.replace(base, int4_x_planes=False)
     if v == "xp8":  # x_proj (narrow) on the decode kernels up to batch 8 (DecodePolicy.max_rows_narrow)
         return dataclasses.replace(base, max_rows_narrow=8)
-    if v == "xpepi":  # x_proj in in_proj's epilogue at one row (DecodePolicy.xproj_epilogue)
-        return dataclasses.replace(base, xproj_epilogue=True)
     if v.startswith("maxp"):  # e.g. maxp1056: twice the int4 / 1-bit rows a program for grids just past 1056 programs
         return dataclasses.replace(base, max_programs=int(v[4:]))
     if v.startswith("normp"):  # e.g. normp4: programs a row of each add + norm writing the int4 input planes

@@ -63,7 +63,6 @@ class _MambaPlan:
     D: torch.Tensor
     out_proj: KernelWeight
     out_bias: torch.Tensor | None
-    x_dense: torch.Tensor | None = None  # x_proj's float weight [J, DI] (None for a quantized x_proj)
 
 
 @dataclass
@@ -83,13 +82,11 @@ def _mamba_plan(block, dtype) -> _MambaPlan:
     in_w, in_b = linear_weight(mixer.in_proj)
     x_w, _ = linear_weight(mixer.x_proj)
     out_w, out_b = linear_weight(mixer.out_proj)
-    x_dense = mixer.x_proj.weight.detach() if isinstance(mixer.x_proj, nn.Linear) else None
     return _MambaPlan(
         block.slot, block.norm.weight.detach(), in_w, in_b, mixer.conv_weight.detach().contiguous(),
         None if mixer.conv_bias is None else mixer.conv_bias.detach(), x_w,
         dense_weight(mixer.dt_proj, dtype).contiguous(), mixer.dt_bias.detach(),
-        (-torch.exp(mixer.A_log.detach().float())).contiguous(), mixer.D.detach(), out_w, out_b,
-        None if x_dense is None or x_dense.stride(1) != 1 else x_dense)
+        (-torch.exp(mixer.A_log.detach().float())).contiguous(), mixer.D.detach(), out_w, out_b)
 
 
 def _moe_plan(block, dtype) -> _MoePlan:
@@ -166,12 +163,6 @@ class FusedDecodeStep:
             # a program (batch 1; routed experts as row programs at any batch)
             buf["xpl"] = torch.zeros(batch, INT4_X_PLANES, int4_x_planes_width(d), **f32)
         buf["ypl"], buf["apl"] = self._producer_planes(batch, di, ffn, f32)
-        mamba = [p for p in self.layers if isinstance(p, _MambaPlan)]
-        buf["xacc"] = None
-        if any(self._xproj_in_epilogue(p, batch) for p in mamba):
-            # x_proj's accumulators (in_proj's epilogue adds into them), zeroed at the start of every step
-            j = max(p.x_proj.n for p in mamba)
-            buf["xacc"] = torch.zeros(max(p.slot for p in mamba) + 1, batch, j, **f32)
         self._buffers[batch] = buf
         return buf
 
@@ -220,8 +211,6 @@ class FusedDecodeStep:
         buf = self._workspace(batch, token_ids.device)
         if buf["zero"]:
             buf["ws"].zero_()
-        if buf["xacc"] is not None:
-            buf["xacc"].zero_()
         h = None
         for i, plan in enumerate(self.layers):
             views = buf["views"][i]
@@ -245,25 +234,13 @@ class FusedDecodeStep:
     def _decode(self, x, weight, out, **kw):
         return decode_linear(x, weight, out, policy=self.policy, **kw)
 
-    def _xproj_in_epilogue(self, plan, rows: int) -> bool:
-        """Whether x_proj runs in in_proj's epilogue (``DecodePolicy.xproj_epilogue``: one row, a float x_proj,
-        in_proj on the decode kernels)."""
-        return (isinstance(plan, _MambaPlan) and self.policy.xproj_epilogue and rows == 1
-                and plan.x_dense is not None and self.policy.takes(plan.in_proj, rows))
-
     def _mamba(self, buf, plan: _MambaPlan, views, state):
         xz, dbc, out = views
         di = plan.in_proj.n // 2
         conv_state = state.conv_state[plan.slot]
         conv = (conv_state, plan.conv_w, plan.conv_b)
         rows = xz.shape[0]
-        if self._xproj_in_epilogue(plan, rows):
-            # the conv step and x_proj in in_proj's epilogue: dbc accumulates in this layer's zeroed fp32 row
-            xc = buf["xc"][:, :di]
-            dbc = buf["xacc"][plan.slot][:, :plan.x_proj.n]
-            self._decode(buf["x"], plan.in_proj, xz, bias=plan.in_bias, conv_out=conv + (xc,), x_planes=buf["xpl"],
-                         xproj=(plan.x_dense, dbc))
-        elif self.policy.takes(plan.in_proj, rows) and self.policy.takes(plan.x_proj, rows):
+        if self.policy.takes(plan.in_proj, rows) and self.policy.takes(plan.x_proj, rows):
             # the conv step in in_proj's epilogue (its output into xc), x_proj on it
             xc = buf["xc"][:, :di]
             self._decode(buf["x"], plan.in_proj, xz, bias=plan.in_bias, conv_out=conv + (xc,), x_planes=buf["xpl"])

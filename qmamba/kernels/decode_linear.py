@@ -121,8 +121,6 @@ class DecodePolicy:
     #                              On in the CUDA policy (session 19)
     norm_plane_programs: int = 1  # fused step, with int4_x_planes: programs a row of each add + norm, sharing the
     #                               writing of the planes (qmamba.kernels.decode_step.add_norm's plane_programs)
-    xproj_epilogue: bool = False  # fused step at one row, float x_proj: x_proj in in_proj's epilogue (each program
-    #                               adds its conv channels' share into a zeroed fp32 row by atomics), no x_proj launch
     expert_prefetch: bool = True  # fused step: fc2 reads its expert's tile before waiting for fc1 (expert_ready)
     ssm_block_d: int = 32        # fused step at one row: channels per program of the SSM update kernel
     #                              (dt_state_update; 32: 92 programs for BlackMamba-2.8B's 2944 channels; 8 compiles
@@ -536,12 +534,12 @@ def _load_weights(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, N_UP, swe, swn, ss
 def _decode_linear_kernel(
     x_ptr, st_ptr, cw_ptr, cb_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rexp_ptr, rscale_ptr, out_ptr, co_ptr, xpl_ptr,
     opl_ptr, M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse, ssn, sze, szn, exp_bits, sxpl_m, sopl_m,
-    xw_ptr, xacc_ptr, XPN, sxw, FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr, CONV_W: tl.constexpr,
+    FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr, CONV_W: tl.constexpr,
     HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr,
     UNPACK: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
     EXPERT_READY: tl.constexpr, ROW_PROGRAMS: tl.constexpr, X_PLANES: tl.constexpr, XPL_K: tl.constexpr,
-    XPL_SUMS: tl.constexpr, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr, XPROJ: tl.constexpr, XPB: tl.constexpr,
+    XPL_SUMS: tl.constexpr, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -582,7 +580,7 @@ def _decode_linear_kernel(
                       bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, co_ptr, scom, DI, rows, rows_ok, expert,
                       M, N, K, exp_bits, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP,
                       NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, xpl_ptr, sxpl_m, X_PLANES, XPL_K, XPL_SUMS,
-                      opl_ptr, sopl_m, OUT_PLANES, OPL_K, xw_ptr, xacc_ptr, XPN, sxw, XPROJ, XPB)
+                      opl_ptr, sopl_m, OUT_PLANES, OPL_K)
     else:
         w, scale, zero, w_up, scale_up, zero_up = _load_weights(
             w_ptr, s_ptr, z_ptr, pid_e.to(tl.int64) * 0, rows, rows_ok, K, N_UP, swe, swn, sse, ssn, sze, szn, FMT,
@@ -594,20 +592,16 @@ def _decode_linear_kernel(
                   bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, co_ptr, scom, DI, rows, rows_ok, pid_e,
                   M, N, K, exp_bits, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP,
                   NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, xpl_ptr, sxpl_m, X_PLANES, XPL_K, XPL_SUMS,
-                  opl_ptr, sopl_m, OUT_PLANES, OPL_K, xw_ptr, xacc_ptr, XPN, sxw, XPROJ, XPB)
+                  opl_ptr, sopl_m, OUT_PLANES, OPL_K)
 
 
 @jit
 def _store_out(y, ri, ni, mask, out_ptr, som, co_ptr, scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI,
                CONV_EPI: tl.constexpr, CONV_W: tl.constexpr, HAS_CB: tl.constexpr, opl_ptr, sopl_m,
-               OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr, xw_ptr, xacc_ptr, XPN, sxw, XPROJ: tl.constexpr,
-               XPB: tl.constexpr):
+               OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr):
     """Store ``y`` at rows ``ri`` / columns ``ni`` (broadcast together, ``mask``). ``CONV_EPI``: columns below ``DI``
     are also the new conv input of those channels, and ``co`` gets the conv step's output
-    ``silu(sum_j state[j + 1] w[j] + y w[W-1] + b)`` of the stored (rounded) value, from the old conv state.
-    ``XPROJ`` (with ``CONV_EPI``, one input row: ``ri`` a scalar, ``ni`` ``[BN]``): also x_proj's share of these
-    channels, ``acc[ri, j] += sum_c W_x[j, c] xc[c]`` (``W_x [XPN, DI]`` float, row stride ``sxw``; ``acc`` fp32,
-    zeroed before the launch) by one fp32 atomic add a j from each program that holds conv channels."""
+    ``silu(sum_j state[j + 1] w[j] + y w[W-1] + b)`` of the stored (rounded) value, from the old conv state."""
     yq = y.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + ri * som + ni, yq, mask=mask)
     if OUT_PLANES:  # planes 0..7 of the stored output (the next GEMV's input; no word sums)
@@ -620,15 +614,7 @@ def _store_out(y, ri, ni, mask, out_ptr, som, co_ptr, scom, st_ptr, cw_ptr, cb_p
                 tl.load(cw_ptr + ni * CONV_W + t, mask=cm, other=0.0).to(tl.float32)
         if HAS_CB:
             acc += tl.load(cb_ptr + ni, mask=cm, other=0.0).to(tl.float32)
-        xc = (acc * tl.sigmoid(acc)).to(co_ptr.dtype.element_ty)
-        tl.store(co_ptr + ri * scom + ni, xc, mask=cm)
-        if XPROJ:
-            if tl.sum(cm.to(tl.int32), axis=0) > 0:  # programs of z rows hold no conv channel: nothing to add
-                j = tl.arange(0, XPB)
-                jm = j < XPN
-                wx = tl.load(xw_ptr + j[:, None] * sxw + ni[None, :], mask=jm[:, None] & cm[None, :], other=0.0)
-                part = tl.sum(wx.to(tl.float32) * tl.where(cm, xc.to(tl.float32), 0.0)[None, :], axis=1)
-                tl.atomic_add(xacc_ptr + ri * XPN + j, part, mask=jm, sem="relaxed")
+        tl.store(co_ptr + ri * scom + ni, (acc * tl.sigmoid(acc)).to(co_ptr.dtype.element_ty), mask=cm)
 
 
 @jit
@@ -639,8 +625,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
               HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr,
               WPG: tl.constexpr, TPB: tl.constexpr, UNPACK: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr,
               xpl_ptr, sxpl_m, X_PLANES: tl.constexpr, XPL_K: tl.constexpr, XPL_SUMS: tl.constexpr,
-              opl_ptr, sopl_m, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr, xw_ptr, xacc_ptr, XPN, sxw,
-              XPROJ: tl.constexpr, XPB: tl.constexpr):
+              opl_ptr, sopl_m, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr):
     """Each input row (that is routed here) times the tile(s), epilogue, store. A row that is not computed costs a
     branch, no arithmetic."""
     if HAS_BIAS:
@@ -660,7 +645,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
             y = y * tl.load(rscale_ptr + rr, mask=rok, other=0.0).to(tl.float32)[:, None]
         _store_out(y, rr[:, None], rows[None, :], rok[:, None] & rows_ok[None, :], out_ptr, som, co_ptr, scom,
                    st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI, CONV_EPI, CONV_W, HAS_CB, opl_ptr, sopl_m, OUT_PLANES,
-                   OPL_K, xw_ptr, xacc_ptr, XPN, sxw, False, XPB)
+                   OPL_K)
     elif (FMT == 2 or FMT == 3) and ROWS > 1 and not ROUTED:
         # every row uses the same tile: unpack each code once, multiply it into all rows
         rr = tl.arange(0, ROWS)
@@ -674,7 +659,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
             y = y * tl.load(rscale_ptr + rr, mask=rr < M, other=0.0).to(tl.float32)[:, None]
         _store_out(y, rr[:, None], rows[None, :], (rr < M)[:, None] & rows_ok[None, :], out_ptr, som, co_ptr,
                    scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI, CONV_EPI, CONV_W, HAS_CB, opl_ptr, sopl_m,
-                   OUT_PLANES, OPL_K, xw_ptr, xacc_ptr, XPN, sxw, False, XPB)
+                   OUT_PLANES, OPL_K)
     else:
         for r in tl.static_range(ROWS):
             row_ok = (tl.program_id(1) * 0 + r) < M  # a tensor (the interpreter rejects a Python bool mask)
@@ -702,8 +687,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                 if HAS_RSCALE:
                     y = y * tl.load(rscale_ptr + r).to(tl.float32)
                 _store_out(y, r, rows, rows_ok, out_ptr, som, co_ptr, scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI,
-                           CONV_EPI, CONV_W, HAS_CB, opl_ptr, sopl_m, OUT_PLANES, OPL_K, xw_ptr, xacc_ptr, XPN, sxw,
-                           XPROJ, XPB)
+                           CONV_EPI, CONV_W, HAS_CB, opl_ptr, sopl_m, OUT_PLANES, OPL_K)
 
 
 # ---- launcher and reference twin -------------------------------------------------------------------------------------
@@ -777,7 +761,7 @@ def _weight_args(weight: PackedWeight | BinaryWeight, denorm: bool = False):
 
 def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row_expert=None, row_scale=None, conv_out=None,
                   gated: str | None = None, policy: DecodePolicy | None = None, expert_ready: bool = False,
-                  x_planes=None, x_plane_sums: bool = True, out_planes=None, xproj=None):
+                  x_planes=None, x_plane_sums: bool = True, out_planes=None):
     """``out [M, N']`` (any float dtype) receives ``f(x) @ W_hat^T`` for ``M <= 8`` rows; semantics of
     :func:`decode_linear_ref`.
 
@@ -796,9 +780,6 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     word sums) is not written (a producer other than add + norm); the kernel sums the words itself.
     ``out_planes [M, 9, width]`` fp32: planes 0..7 receive the input planes of ``out`` as stored (the next GEMV's
     input; zero-initialised by the caller, whose padding columns stay 0).
-    ``xproj = (w_x [J, D] float, acc [1, J] fp32)`` (with ``conv_out``, one row): x_proj in the epilogue as well,
-    ``acc += xc @ w_x^T`` by fp32 atomic adds of each program's share (``acc`` zeroed by the caller; the sum's order
-    varies from run to run, as atomics do), so that no x_proj kernel has to wait for this one.
     """
     policy = policy or DecodePolicy.for_device(x.device)
     m, k = x.shape
@@ -823,14 +804,6 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
             raise ValueError("decode_linear: conv needs state [M, D, W] (unit last stride) and contiguous w [D, W]")
         if co.shape[0] != m or co.stride(1) != 1 or channels > n_out:
             raise ValueError(f"decode_linear: conv_out needs a row-major xc [{m}, D <= {n_out}]")
-    xw, xacc = xproj if xproj is not None else (x, out)
-    if xproj is not None:
-        if conv_out is None or m != 1:
-            raise ValueError("decode_linear: xproj goes with conv_out, at one input row")
-        if xw.dim() != 2 or xw.shape[1] != channels or xw.stride(1) != 1 or not xw.is_floating_point():
-            raise ValueError(f"decode_linear: xproj needs a float [J, {channels}] weight with unit column stride")
-        if tuple(xacc.shape) != (1, xw.shape[0]) or xacc.dtype != torch.float32 or not xacc.is_contiguous():
-            raise ValueError(f"decode_linear: xproj needs a contiguous fp32 accumulator [1, {xw.shape[0]}]")
     # routed rows as program rows (DecodePolicy.routed_row_programs): each the one-row kernel on its own expert
     row_programs = row_expert is not None and m > 1 and policy.routed_row_programs and conv_out is None
     rows = 1 if row_programs else m  # input rows a program computes
@@ -854,15 +827,14 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         out.stride(0),
         co.stride(0), *strides, _FLOAT_2P23_BITS, x_planes.stride(0) if use_planes else 0,
         out_planes.stride(0) if out_planes is not None else 0,
-        xw, xacc, xw.shape[0] if xproj is not None else 1, xw.stride(0) if xproj is not None else 0,
         FMT=weight.fmt, ROWS=max(MMA_ROWS, next_pow2(rows)) if mma else next_pow2(rows), ROUTED=row_expert is not None,
         CONV_EPI=conv_out is not None, CONV_W=cw.shape[1] if conv_out is not None else 1, HAS_CB=cb is not None,
         GATED=gated is not None,
         ACT=ACTIVATION_IDS[gated] if gated else 0, HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
         KP=kp, NBP=nbp, WPG=wpg, TPB=tpb, UNPACK=unpack, MMA=mma, BLOCK_N=bn, PDL=policy.pdl,
         EXPERT_READY=expert_ready and row_expert is not None, ROW_PROGRAMS=row_programs, X_PLANES=use_planes,
-        XPL_K=kpad, XPL_SUMS=bool(x_plane_sums), OUT_PLANES=out_planes is not None, OPL_K=opl_k,
-        XPROJ=xproj is not None, XPB=next_pow2(xw.shape[0]) if xproj is not None else 1, num_warps=warps, **kwargs)
+        XPL_K=kpad, XPL_SUMS=bool(x_plane_sums), OUT_PLANES=out_planes is not None, OPL_K=opl_k, num_warps=warps,
+        **kwargs)
     return out
 
 

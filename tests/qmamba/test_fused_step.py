@@ -20,11 +20,11 @@ FORMATS = {"float": None, "int8": Int8Format(), "int4": Int4Format(32), "int4g12
            "binary": (BinaryFormat(), Int4Format(32))}
 
 
-def build(name, fmt, device, float_xdt: bool = False):
+def build(name, fmt, device):
     model = random_model(preset(name), device)
     if isinstance(fmt, tuple):
-        return quantize_rtn(model, fmt[0], sensitive_fmt=fmt[1], float_xdt=float_xdt)
-    return quantize_rtn(model, fmt, float_xdt=float_xdt) if fmt is not None else model
+        return quantize_rtn(model, fmt[0], sensitive_fmt=fmt[1])
+    return quantize_rtn(model, fmt) if fmt is not None else model
 
 
 @pytest.mark.parametrize("fmt,batch,kernels", [("float", 2, "decode"), ("int8", 2, "decode"), ("int4", 2, "decode"),
@@ -40,8 +40,6 @@ def build(name, fmt, device, float_xdt: bool = False):
                                                ("int4g128", 3, "routed_denorm_rowprog_narrow"),
                                                ("int4g128", 3, "routed_denorm_rowprog_xplanes"),
                                                ("int4g128", 1, "planes_denorm_xplanes"),
-                                               ("float", 1, "decode_xpepi"), ("int8", 1, "decode_xpepi"),
-                                               ("int4g128", 1, "planes_denorm_xplanes_xpepi"),
                                                ("int4g128", 1, "planes_denorm_xplanes_bcast")])
 @torch.no_grad()
 def test_fused_step_matches_model_step(fmt, batch, kernels, device):
@@ -54,9 +52,8 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     ``DecodePolicy.int4_x_planes``, read in the tile's shape or, ``_bcast``, broadcast); ``routed``: only the routed expert stacks on the decode kernels at 2+ rows (each
     routed row on CUDA cores), dense matrices on the general kernels; ``_rowprog``: one program row per routed row,
     on its own expert's tile (``DecodePolicy.routed_row_programs``); ``_narrow``: x_proj too
-    (``DecodePolicy.max_rows_narrow``); ``_xplanes``: fc1's row programs read the int4 input planes of x;
-    ``_xpepi``: x_proj in in_proj's epilogue (``DecodePolicy.xproj_epilogue``)."""
-    model = build("tiny-blackmamba", FORMATS[fmt], device, float_xdt="xpepi" in kernels)  # (the CLI's default)
+    (``DecodePolicy.max_rows_narrow``); ``_xplanes``: fc1's row programs read the int4 input planes of x."""
+    model = build("tiny-blackmamba", FORMATS[fmt], device)
     if fmt == "binary":
         from qmamba.quant.binary import BinaryExperts, BinaryLinear
 
@@ -88,8 +85,6 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
                                      routed_row_programs="rowprog" in parts,
                                      max_rows_narrow=8 if "narrow" in parts else 0,
                                      int4_x_planes="xplanes" in parts)
-    if "xpepi" in kernels:  # x_proj in in_proj's epilogue (DecodePolicy.xproj_epilogue; float x_proj, one row)
-        policy = dataclasses.replace(policy, xproj_epilogue=True)
     step = FusedDecodeStep(model, policy)
     if fmt == "binary":  # the 1-bit matrices take the decode kernels exactly when the policy lists the format
         binary = [w for w in step._weights() if isinstance(w, BinaryWeight)]
@@ -111,7 +106,6 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
         assert (buf["xpl"] is not None) == ("xplanes" in kernels)
         assert (buf["ypl"] is not None) == ("xplanes" in kernels and batch == 1)
         assert (buf["apl"] is not None) == ("xplanes" in kernels and (batch == 1 or "rowprog" in kernels))
-        assert (buf["xacc"] is not None) == ("xpepi" in kernels)  # (these models keep a float x_proj)
         ref = model.step(tok, ref_state)
         torch.testing.assert_close(logits, ref.float(), atol=1e-3, rtol=1e-3)
         torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)

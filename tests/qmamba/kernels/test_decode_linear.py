@@ -279,35 +279,6 @@ def test_conv_epilogue_writes_the_conv_step_of_the_stored_output(fmt, m, device)
     assert torch.equal(state, before)
 
 
-@pytest.mark.parametrize("fmt,block", [("float", 4), ("planes128", 4), ("planes128", 8), ("binary", 16)])
-def test_conv_epilogue_with_x_proj_adds_xc_times_w_x(fmt, block, device):
-    """in_proj's epilogue with x_proj too (``xproj``): the fp32 accumulator (zeroed, then added to by each program
-    holding conv channels) equals ``xc @ W_x^T`` of the stored conv output; ``out`` and ``xc`` as without it; several
-    programs (``block`` rows each: the conv channels spread over them, one program straddling x and z rows where
-    di is not a multiple of the block). Misuse is an error."""
-    torch.manual_seed(6)
-    d, di, width, j = 128, 136, 4, 21
-    w = weight_for(fmt, 2 * di, d, device, seed=7)
-    policy = dataclasses.replace(DecodePolicy.for_device(device), formats=DecodePolicy().formats, block_n_float=block,
-                                 block_n_int4=block, block_n_binary=block, min_programs=0, max_programs=0,
-                                 int4_unpack="denorm" if fmt == "binary" else DecodePolicy().int4_unpack)
-    x = torch.randn(1, d, device=device)
-    state = torch.randn(1, di, width, device=device)
-    conv_w, conv_b = torch.randn(di, width, device=device), torch.randn(di, device=device)
-    w_x = torch.randn(j, di, device=device)
-    acc = torch.zeros(1, j, device=device)
-    out, xc = poisoned(1, 2 * di, device), poisoned(1, di, device)
-    decode_linear(x, w, out, conv_out=(state, conv_w, conv_b, xc), xproj=(w_x, acc), policy=policy)
-    torch.testing.assert_close(out, matmul_ref(x, w).float(), atol=1e-4, rtol=1e-4)
-    want, _ = causal_conv1d_update_ref(out[:, :di], state, conv_w, conv_b, "silu")
-    torch.testing.assert_close(xc, want.float(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(acc, xc.float() @ w_x.t(), atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="xproj"):
-        decode_linear(x, w, out, xproj=(w_x, acc), policy=policy)  # no conv epilogue
-    with pytest.raises(ValueError, match="xproj"):
-        decode_linear(x, w, out, conv_out=(state, conv_w, conv_b, xc), xproj=(w_x[:, :5], acc), policy=policy)
-
-
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("block", [None, 4])
 @pytest.mark.parametrize("unpack", ["shift", "denorm"])
