@@ -176,6 +176,12 @@ class DecodePolicy:
         fc1 by the program floor): 1-bit + int4 0.865 -> 0.593 ms/token; 4 rows for fc1 lost (0.661); at batch 8
         the routed 1-bit stacks stay on the general kernels (2.149 against 2.438 on the row programs):
         ``binary_max_rows`` 1.
+        Session 21 (``--variants normp1,normp2,normp4 --rounds 3``, then ``default,maxp0``; medians of interleaved
+        rounds): the int4 input planes of each add + norm written by 4 programs a row (``norm_plane_programs``):
+        int4 g128 0.527 -> 0.522 ms/token at batch 1, 1.729 -> 1.710 at batch 8 (bf16, which has no planes,
+        unchanged); in_proj at 8 int4 rows a program (``max_programs``: 736 programs, one wave at 8 a
+        multiprocessor, instead of 1,472): 0.526 -> 0.524 (kernel alone 5.20 -> 4.22 us; fc1, gated, lost at 8
+        rows: 5.94 -> 8.27, so gated matrices keep theirs).
         CPU (interpreter): every format and batch, wide row blocks (few programs)."""
         if device.type != "cuda":
             return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1, ssm_block_d=16)
