@@ -3,7 +3,7 @@ BlackMamba-2.8B's shapes (d_inner 2944, d_state 16), with the time as a share of
 
     python benchmarks/bench_scan.py --json scan.json                      # GPU: B in 1,8 x L in 512,2048,4096
     python benchmarks/bench_scan.py --json scan.json --sweep              # ... plus a sweep of the chunked knobs
-    python benchmarks/bench_scan.py --json scan.json --knobs "prefetch=2;prefetch=2,n_segments=32"   # chosen sets
+    python benchmarks/bench_scan.py --json scan.json --knobs "method=lanes;method=lanes,n_segments=1;unroll=8"
     python benchmarks/bench_scan.py --json scan.json --profile 3 --knobs ...   # no timing: each variant run 3 times
                                                                           #   (for ncu; checks still run first)
     TRITON_INTERPRET=1 python benchmarks/bench_scan.py --quick --json q.json   # CPU smoke test (tiny shapes)
@@ -97,15 +97,17 @@ def time_variant(fn, copies, device):
 
 
 def parse_knobs(text: str) -> list[dict]:
-    """``"prefetch=2;prefetch=2,n_segments=32"`` -> ``[{"prefetch": 2}, {"prefetch": 2, "n_segments": 32}]``
-    (integers, ``true`` / ``false``; the chunked launcher's tuning args)."""
+    """``"lanes=2;method=lanes,n_segments=1"`` -> ``[{"lanes": 2}, {"method": "lanes", "n_segments": 1}]``
+    (integers, ``true`` / ``false``, else strings; ``method`` picks the launcher, chunked by default, the rest are
+    its tuning args)."""
     sets = []
     for part in filter(None, (p.strip() for p in text.split(";"))):
         kw = {}
         for item in part.split(","):
             key, _, value = item.partition("=")
             v = value.strip().lower()
-            kw[key.strip()] = True if v == "true" else False if v == "false" else int(v)
+            kw[key.strip()] = True if v == "true" else False if v == "false" else int(v) if v.lstrip("-").isdigit() \
+                else v
         sets.append(kw)
     return sets
 
@@ -115,9 +117,11 @@ def variants(device, sweep, knob_sets=()):
     launcher's tuning args."""
     out = {"assoc": lambda **a: selective_scan_triton(**a, method="assoc"),
            "chunked": lambda **a: selective_scan_triton(**a, method="chunked")}
-    for kw in knob_sets:
-        out["chunked " + " ".join(f"{k}={v}" for k, v in kw.items())] = \
-            lambda kw=kw, **a: selective_scan_triton(**a, method="chunked", **kw)
+    for kw in knob_sets:  # a set's method (method=lanes) or the chunked one
+        kw = dict(kw)
+        method = kw.pop("method", "chunked")
+        out[" ".join([method] + [f"{k}={v}" for k, v in kw.items()])] = \
+            lambda kw=kw, method=method, **a: selective_scan_triton(**a, method=method, **kw)
     if sweep:
         grid = list(itertools.product((1, 2), (1, 2), (4, 8), (1, 2, 4, 8, 16)))
         for warps, lanes, unroll, segs in grid:

@@ -409,6 +409,191 @@ def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias
     return y, final
 
 
+# ---- lanes method: a channel's states split over LANES threads, a trip's B / C rows in registers --------------------
+@jit
+def _pick(tile, r, j: tl.constexpr):
+    """Row ``j`` of a 2-D tile whose first axis is held in-thread (``r`` its index vector): a register pick."""
+    return tl.sum(tl.where((r == j)[:, None], tile, 0.0), axis=0)
+
+
+@jit
+def _pick3(tile, r, j: tl.constexpr):
+    """:func:`_pick` of a 3-D tile."""
+    return tl.sum(tl.where((r == j)[:, None, None], tile, 0.0), axis=0)
+
+
+# (unlike the chunked kernel, sa_n / sh_n may be specialised to 1: a thread's S contiguous states are then one vector
+# load, the layout the B / C tiles get too, so the state tile and the tiles meet without conversions)
+@jit(do_not_specialize=["su_d", "sdt_d", "sz_d", "sy_d"])
+def _lanes_scan_kernel(
+    u_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, dskip_ptr, dbias_ptr, h0_ptr, y_ptr, hT_ptr, sum_h_ptr, sum_dt_ptr,
+    L, D, N, SEG, NSEG,
+    su_b, su_d, sdt_b, sdt_d, sz_b, sz_d, sb_b, sb_n, sc_b, sc_n, sy_b, sy_d, sa_d, sa_n, sh_d, sh_n,
+    su_l: tl.constexpr, sdt_l: tl.constexpr, sz_l: tl.constexpr, sb_l: tl.constexpr, sc_l: tl.constexpr,
+    sy_l: tl.constexpr, SUMMARY: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, UNROLL: tl.constexpr, BLOCK_C: tl.constexpr,
+    LANES: tl.constexpr, S: tl.constexpr,
+):
+    """Program (batch, block of ``BLOCK_C`` channels, segment), as :func:`_chunked_scan_kernel` (the same summaries
+    and carry-in), but thread row ``i`` holds states ``[g S, (g + 1) S)`` of channel ``i // LANES`` (``g = i %
+    LANES``): ``LANES`` times the threads for the same work (where the chunked kernel has too few to fill the GPU
+    without splitting time, which costs a second pass of exponentials), ``y_t`` summed in-thread over ``S`` states,
+    then over the ``LANES`` threads of a channel. A trip's ``UNROLL`` rows of B and C (each thread its ``S`` states'
+    values) and of u, dt (and z) are loaded as register tiles a trip ahead, so no step waits on a load."""
+    pid_b = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    ROWS: tl.constexpr = BLOCK_C * LANES
+    i = tl.arange(0, ROWS)
+    ch = pid_c * BLOCK_C + i // LANES                                                  # channel of each thread row
+    n = (i % LANES)[:, None] * S + tl.arange(0, S)[None, :]                             # [ROWS, S] state index
+    chm = ch < D
+    m2 = chm[:, None] & (n < N)
+    state_off = ch[:, None] * sh_d + n * sh_n
+    A2 = tl.load(a_ptr + ch[:, None] * sa_d + n * sa_n, mask=m2, other=0.0).to(tl.float32) * 1.4426950408889634
+    if HAS_H0 and not SUMMARY:
+        h = tl.load(h0_ptr + pid_b * D * N + state_off, mask=m2, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((ROWS, S), dtype=tl.float32)
+    if not SUMMARY:
+        for j in range(0, pid_s):  # carry in: the earlier segments' summaries, in order
+            hj = tl.load(sum_h_ptr + (pid_b * NSEG + j) * D * N + state_off, mask=m2, other=0.0)
+            dtj = tl.load(sum_dt_ptr + (pid_b * NSEG + j) * D + ch, mask=chm, other=0.0)
+            h = tl.exp2(dtj[:, None] * A2) * h + hj
+    # the per-channel side: dt (its bias and softplus), u, z, y as [UNROLL, BLOCK_C] tiles (each value once in the
+    # program), expanded to the thread rows of the channel's LANES threads where the states need them
+    cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    ccm = cc < D
+    if HAS_BIAS:
+        dbias = tl.load(dbias_ptr + cc, mask=ccm, other=0.0).to(tl.float32)
+    if HAS_D:
+        dskip = tl.load(dskip_ptr + cc, mask=ccm, other=0.0).to(tl.float32)
+    dt_total = tl.zeros((ROWS,), dtype=tl.float32)
+    t_lo = pid_s * SEG
+    t_hi = tl.minimum(t_lo + SEG, L)
+    r = tl.arange(0, UNROLL)
+    b_rows = b_ptr + pid_b * sb_b + n[None, :, :] * sb_n                                # [1, ROWS, S]
+    c_rows = c_ptr + pid_b * sc_b + n[None, :, :] * sc_n
+    u_ch = u_ptr + pid_b * su_b + cc[None, :] * su_d                                    # [1, BLOCK_C]
+    dt_ch = dt_ptr + pid_b * sdt_b + cc[None, :] * sdt_d
+    z_ch = z_ptr + pid_b * sz_b + cc[None, :] * sz_d
+    y_ch = y_ptr + pid_b * sy_b + cc[None, :] * sy_d
+    # trip tiles, loaded one trip ahead (rows past the segment: dt 0, an in-bounds B / C row)
+    tt = t_lo + r
+    tm = tt < t_hi
+    tc = tl.minimum(tt, t_hi - 1)
+    om = tm[:, None] & ccm[None, :]
+    dt_nx = tl.load(dt_ch + tt[:, None] * sdt_l, mask=om, other=0.0)
+    u_nx = tl.load(u_ch + tt[:, None] * su_l, mask=om, other=0.0)
+    if HAS_Z and not SUMMARY:
+        z_nx = tl.load(z_ch + tt[:, None] * sz_l, mask=om, other=0.0)
+    b_nx = tl.load(b_rows + tc[:, None, None] * sb_l, mask=m2[None, :, :], other=0.0)
+    if not SUMMARY:
+        c_nx = tl.load(c_rows + tc[:, None, None] * sc_l, mask=m2[None, :, :], other=0.0)
+    for t0 in range(t_lo, t_hi, UNROLL):
+        om_cur = om
+        dt_c = dt_nx.to(tl.float32)
+        u_c = u_nx.to(tl.float32)
+        if HAS_Z and not SUMMARY:
+            z_c = z_nx.to(tl.float32)
+        b_tile = b_nx.to(tl.float32)
+        if not SUMMARY:
+            c_tile = c_nx.to(tl.float32)
+        tt = t0 + UNROLL + r
+        tm = tt < t_hi
+        tc = tl.minimum(tt, t_hi - 1)
+        om = tm[:, None] & ccm[None, :]
+        dt_nx = tl.load(dt_ch + tt[:, None] * sdt_l, mask=om, other=0.0)
+        u_nx = tl.load(u_ch + tt[:, None] * su_l, mask=om, other=0.0)
+        if HAS_Z and not SUMMARY:
+            z_nx = tl.load(z_ch + tt[:, None] * sz_l, mask=om, other=0.0)
+        b_nx = tl.load(b_rows + tc[:, None, None] * sb_l, mask=m2[None, :, :], other=0.0)
+        if not SUMMARY:
+            c_nx = tl.load(c_rows + tc[:, None, None] * sc_l, mask=m2[None, :, :], other=0.0)
+        if HAS_BIAS:
+            dt_c += dbias[None, :]
+        if SOFTPLUS:
+            dt_c = _softplus(dt_c)
+        dt_c = tl.where(om_cur, dt_c, 0.0)  # steps past the end: decay 1, input 0
+        dt_tile = tl.reshape(tl.broadcast_to(dt_c[:, :, None], (UNROLL, BLOCK_C, LANES)), (UNROLL, ROWS))
+        dtu_c = dt_c * u_c
+        dtu_tile = tl.reshape(tl.broadcast_to(dtu_c[:, :, None], (UNROLL, BLOCK_C, LANES)), (UNROLL, ROWS))
+        if SUMMARY:
+            dt_total += tl.sum(dt_tile, axis=0)
+        else:
+            y_tile = tl.zeros((UNROLL, BLOCK_C), dtype=tl.float32)
+        for q in tl.static_range(UNROLL):
+            h = tl.exp2(_pick(dt_tile, r, q)[:, None] * A2) * h + _pick3(b_tile, r, q) * _pick(dtu_tile, r, q)[:, None]
+            if not SUMMARY:
+                part = tl.sum(h * _pick3(c_tile, r, q), axis=1)                                    # [ROWS]
+                yc = tl.sum(tl.reshape(part, (BLOCK_C, LANES)), axis=1)                            # [BLOCK_C]
+                y_tile = tl.where((r == q)[:, None], yc[None, :], y_tile)
+        if not SUMMARY:
+            if HAS_D:
+                y_tile += u_c * dskip[None, :]
+            if HAS_Z:
+                y_tile = y_tile * z_c * tl.sigmoid(z_c)
+            tl.store(y_ch + (t0 + r)[:, None] * sy_l, y_tile.to(y_ptr.dtype.element_ty), mask=om_cur)
+    if SUMMARY:
+        tl.store(sum_h_ptr + (pid_b * NSEG + pid_s) * D * N + state_off, h, mask=m2)
+        tl.store(sum_dt_ptr + (pid_b * NSEG + pid_s) * D + ch, dt_total, mask=chm & (i % LANES == 0))
+    elif pid_s == NSEG - 1:
+        tl.store(hT_ptr + pid_b * D * N + state_off, h, mask=m2)
+
+
+def lanes_segments(batch: int, length: int, dim: int, lanes: int, is_cuda: bool, warps_per_scheduler: int = 4,
+                   min_steps: int = 64, max_segments: int = 16) -> int:
+    """Time segments of the lanes scan: one (a single pass of exponentials) where batch x channels x lanes threads
+    already give ``warps_per_scheduler`` warps to each of an H200's 528 schedulers, else enough to (each segment
+    at least ``min_steps`` steps, at most ``max_segments``); on CPU 1 (2 past 16 steps, to test the carry)."""
+    if not is_cuda:
+        return 1 if length <= 16 else 2
+    warps = batch * dim * lanes // 32
+    want = cdiv(132 * 4 * warps_per_scheduler, max(warps, 1))
+    return int(max(1, min(want, max_segments, length // min_steps)))
+
+
+def selective_scan_lanes(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=None, initial_state=None,
+                         delta_softplus: bool = True, lanes: int | None = None, n_segments: int | None = None,
+                         unroll: int | None = None, block_c: int | None = None, num_warps: int | None = None):
+    """The lanes method of :func:`selective_scan_triton` (:func:`_lanes_scan_kernel`): ``(y [B, L, D] in u.dtype,
+    final state fp32)``. ``lanes`` threads a channel (default 4: 4 of its 16 states each), ``n_segments`` (default
+    :func:`lanes_segments`), ``unroll`` steps a trip (4), ``block_c`` channels a program (32 x warps / lanes),
+    ``num_warps`` (1) are tuning knobs; every setting computes the same function."""
+    batch, length, dim, n = _check_scan_args(u, delta, A, B_ssm, C_ssm, D_skip, z, delta_bias, initial_state)
+    y = torch.empty(batch, length, dim, device=u.device, dtype=u.dtype)
+    final = torch.empty(batch, dim, n, device=u.device, dtype=torch.float32)
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    n_pad = next_pow2(n)
+    lanes = max(1, min(lanes or 4, n_pad))
+    states = n_pad // lanes
+    num_warps = num_warps or 1
+    block_c = block_c or max(1, 32 * num_warps // lanes)
+    unroll = unroll or 4
+    if u.is_cuda:
+        B_ssm, C_ssm = _bc_fp32(B_ssm, C_ssm)
+    segs = n_segments or lanes_segments(batch, length, dim, lanes, u.is_cuda)
+    seg = cdiv(cdiv(max(length, 1), segs), unroll) * unroll
+    segs = max(1, cdiv(length, seg))
+    sum_h = final if segs == 1 else torch.empty(batch, segs, dim, n, device=u.device, dtype=torch.float32)
+    sum_dt = final if segs == 1 else torch.empty(batch, segs, dim, device=u.device, dtype=torch.float32)
+    zs = z.stride() if z is not None else (0, 0, 0)
+    args = (u, delta, z if z is not None else u, B_ssm, C_ssm, A, D_skip if D_skip is not None else u,
+            delta_bias if delta_bias is not None else u, h0 if h0 is not None else final, y, final, sum_h, sum_dt,
+            length, dim, n, seg, segs, u.stride(0), u.stride(2), delta.stride(0), delta.stride(2), zs[0], zs[2],
+            B_ssm.stride(0), B_ssm.stride(2), C_ssm.stride(0), C_ssm.stride(2), y.stride(0), y.stride(2),
+            *A.stride(), n, 1)
+    common = dict(su_l=u.stride(1), sdt_l=delta.stride(1), sz_l=zs[1], sb_l=B_ssm.stride(1), sc_l=C_ssm.stride(1),
+                  sy_l=y.stride(1), HAS_Z=z is not None, HAS_D=D_skip is not None, HAS_BIAS=delta_bias is not None,
+                  HAS_H0=h0 is not None, SOFTPLUS=bool(delta_softplus), UNROLL=unroll, BLOCK_C=block_c,
+                  LANES=lanes, S=states, num_warps=num_warps)
+    grid_c = cdiv(dim, block_c)
+    if segs > 1:
+        _lanes_scan_kernel[(batch, grid_c, segs - 1)](*args, SUMMARY=True, **common)
+    _lanes_scan_kernel[(batch, grid_c, segs)](*args, SUMMARY=False, **common)
+    return y, final
+
+
 def _bc_fp32(B_ssm, C_ssm):
     """B and C as the two halves of one fp32 ``[B, L, 2N]`` tensor (one copy kernel when they are adjacent
     slices of one tensor, as x_proj's output gives them)."""
@@ -423,7 +608,7 @@ def _bc_fp32(B_ssm, C_ssm):
     return bc[..., :n], bc[..., n:]
 
 
-METHODS = {"chunked": selective_scan_chunked, "assoc": selective_scan_assoc}
+METHODS = {"chunked": selective_scan_chunked, "assoc": selective_scan_assoc, "lanes": selective_scan_lanes}
 # "auto": chunked from CHUNKED_MIN_TOKENS = B * L tokens, assoc below. H200, bf16, D = 2944, N = 16
 # (benchmarks/bench_scan.py, session 13): chunked 2.24-2.36x assoc at B=1, L = 2048 / 4096 and 1.60x at B=8,
 # L = 512..4096, but 0.71x at B=1, L=512
