@@ -3,7 +3,7 @@ BlackMamba-2.8B's shapes (d_inner 2944, d_state 16), with the time as a share of
 
     python benchmarks/bench_scan.py --json scan.json                      # GPU: B in 1,8 x L in 512,2048,4096
     python benchmarks/bench_scan.py --json scan.json --sweep              # ... plus a sweep of the chunked knobs
-    python benchmarks/bench_scan.py --json scan.json --knobs "method=lanes;method=lanes,n_segments=1;unroll=8"
+    python benchmarks/bench_scan.py --json scan.json --knobs "n_segments=32;unroll=8;method=assoc,block_t=64"
     python benchmarks/bench_scan.py --json scan.json --profile 3 --knobs ...   # no timing: each variant run 3 times
                                                                           #   (for ncu; checks still run first)
     TRITON_INTERPRET=1 python benchmarks/bench_scan.py --quick --json q.json   # CPU smoke test (tiny shapes)
@@ -97,7 +97,7 @@ def time_variant(fn, copies, device):
 
 
 def parse_knobs(text: str) -> list[dict]:
-    """``"lanes=2;method=lanes,n_segments=1"`` -> ``[{"lanes": 2}, {"method": "lanes", "n_segments": 1}]``
+    """``"lanes=2;method=assoc,block_t=64"`` -> ``[{"lanes": 2}, {"method": "assoc", "block_t": 64}]``
     (integers, ``true`` / ``false``, else strings; ``method`` picks the launcher, chunked by default, the rest are
     its tuning args)."""
     sets = []
@@ -117,7 +117,7 @@ def variants(device, sweep, knob_sets=()):
     launcher's tuning args."""
     out = {"assoc": lambda **a: selective_scan_triton(**a, method="assoc"),
            "chunked": lambda **a: selective_scan_triton(**a, method="chunked")}
-    for kw in knob_sets:  # a set's method (method=lanes) or the chunked one
+    for kw in knob_sets:  # a set's method (method=assoc) or the chunked one
         kw = dict(kw)
         method = kw.pop("method", "chunked")
         out[" ".join([method] + [f"{k}={v}" for k, v in kw.items()])] = \
