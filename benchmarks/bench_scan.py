@@ -217,12 +217,13 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         Path(args.json).write_text(json.dumps(result, indent=1))
-    # the table last (the default variants; the sweep's rows are in the log above and the JSON)
-    log(f"\nfloor = bytes read + written / {args.bandwidth / 1e12:.2f} TB/s; reference = fp32 sequential "
-        f"selective_scan_ref on {device.type}; {args.dtype} inputs")
-    log("|  B |     L | floor us | assoc us | chunked us | chunked % floor | speedup |")
-    log("|---:|------:|---------:|---------:|-----------:|----------------:|--------:|")
-    for b, length, *_ in shapes:
+    # the table last (the default variants; the sweep's rows are in the log above and the JSON); none when profiling
+    if not args.profile:
+        log(f"\nfloor = bytes read + written / {args.bandwidth / 1e12:.2f} TB/s; reference = fp32 sequential "
+            f"selective_scan_ref on {device.type}; {args.dtype} inputs")
+        log("|  B |     L | floor us | assoc us | chunked us | chunked % floor | speedup |")
+        log("|---:|------:|---------:|---------:|-----------:|----------------:|--------:|")
+    for b, length, *_ in ([] if args.profile else shapes):
         rows = {r["variant"]: r for r in result["rows"] if r["batch"] == b and r["length"] == length}
         a, c = rows.get("assoc", {}), rows.get("chunked", {})
         fmt = lambda v, f: format(v, f) if v is not None else "FAIL"  # noqa: E731
