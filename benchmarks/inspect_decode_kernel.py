@@ -7,8 +7,12 @@ SASS instruction count and mix per int4 code, for policy variants of bench_decod
 Each variant's kernel is compiled the way its launch would be: :func:`decode_linear` runs on CPU tensors with the
 kernel replaced by a recorder, which captures the arguments and meta-parameters; they are compiled for ``sm_<arch>``
 (Triton's own ptxas, no driver needed) with Triton's launch specialisations (pointers and integers divisible by
-16 marked so, integers equal to 1 folded). ``--out`` also writes the PTX and SASS of each. Read the figures as
-a guide to the arithmetic a variant costs, not as timings: the device's Triton may schedule differently. The test
+16 marked so, integers equal to 1 folded, except a kernel's ``do_not_specialize`` arguments). ``--out`` also writes
+the PTX and SASS of each. Read the figures as a guide to the arithmetic a variant costs, not as timings. **Compile
+with the device's Triton version**: the report is the importable Triton's (printed first), and versions differ a
+lot in layouts (session 21: a scan kernel compiled to 752 SASS instructions and 12 shuffles with Triton 3.9, 1,728
+and 288 with the H200 image's 3.6). For the H200 image: ``python -m pip install --target /tmp/t36 triton==3.6.0``,
+then run with ``PYTHONPATH=/tmp/t36:$PWD``. The test
 suite runs it (``tests/qmamba/kernels/test_decode_compiles.py``): the CUDA default must compile for sm_90 and not
 spill, which the interpreter alone cannot show.
 """
@@ -125,6 +129,9 @@ def main():
     args = ap.parse_args()
     spilled = []
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    import triton
+
+    print(f"triton {triton.__version__} (compile with the device's version: see the module docstring)")
     out_dir = Path(args.out) if args.out else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
