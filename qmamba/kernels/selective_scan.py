@@ -211,6 +211,20 @@ def _softplus_fast(x, FAST: tl.constexpr):
 
 
 @jit
+def _softplus_log2(x, ASM: tl.constexpr):
+    """softplus as ``log2(1 + 2^(x log2 e)) ln 2``, the logarithm one ``lg2.approx.f32`` (``ASM``, compiled CUDA only:
+    the interpreter has no inline PTX; else ``tl.log2``), instead of ``tl.log`` / ``tl.log2``, which compile to an
+    accurate polynomial (~35 SASS instructions a value with Triton 3.6: a fifth of a scan step's). Same
+    cancellation as :func:`_softplus` for very negative x; the approximate logarithm adds ~2^-22 absolute error."""
+    e = 1.0 + tl.exp2(tl.minimum(x, 20.0) * 1.4426950408889634)
+    if ASM:
+        lg = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [e], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        lg = tl.log2(e)
+    return tl.where(x > 20.0, x, lg * 0.6931471805599453)
+
+
+@jit
 def _sigmoid_fast(x, FAST: tl.constexpr):
     if FAST:
         e = _exp2(-x * 1.4426950408889634, FAST) + 1.0
@@ -231,7 +245,8 @@ def _chunked_scan_kernel(
     su_b, su_d, sdt_b, sdt_d, sz_b, sz_d, sb_b, sb_n, sc_b, sc_n, sy_b, sy_d, sa_d, sa_n, sh_d, sh_n,
     su_l: tl.constexpr, sdt_l: tl.constexpr, sz_l: tl.constexpr, sb_l: tl.constexpr, sc_l: tl.constexpr,
     sy_l: tl.constexpr, SUMMARY: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_EXP: tl.constexpr, EVEN_N: tl.constexpr,
+    HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_EXP: tl.constexpr, SP_LOG2: tl.constexpr,
+    SP_LOG2_ASM: tl.constexpr, EVEN_N: tl.constexpr,
     UNROLL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Program (batch, block of channels, segment). ``SUMMARY``: write the segment's summary (end state from zero,
@@ -304,7 +319,10 @@ def _chunked_scan_kernel(
         if HAS_BIAS:
             dt_tile += dbias[None, :]
         if SOFTPLUS:
-            dt_tile = _softplus_fast(dt_tile, FAST_EXP)
+            if SP_LOG2:
+                dt_tile = _softplus_log2(dt_tile, SP_LOG2_ASM)
+            else:
+                dt_tile = _softplus_fast(dt_tile, FAST_EXP)
         dt_tile = tl.where(td_cur, dt_tile, 0.0)  # steps past the end: decay 1, input 0
         dtu_tile = dt_tile * u_tile
         if SUMMARY:
@@ -362,15 +380,17 @@ def chunked_segments(batch: int, length: int, dim: int, block_d: int, num_warps:
 def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=None, initial_state=None,
                            delta_softplus: bool = True, n_segments: int | None = None, num_warps: int | None = None,
                            lanes: int | None = None, unroll: int | None = None, fast_exp: bool | None = None,
-                           bc_fp32: bool | None = None):
+                           bc_fp32: bool | None = None, softplus_log2: bool = False):
     """The chunked method of :func:`selective_scan_triton`: ``(y [B, L, D] in u.dtype, final state fp32)``.
 
     ``n_segments`` (time segments run in parallel; default :func:`chunked_segments`), ``num_warps``, ``lanes``
     (threads per channel, splitting its N states; channels per program = 32 x warps / lanes), ``unroll`` (steps
     per loop trip), ``fast_exp`` (one-instruction exp2; CUDA only, off by default: slower on the H200) and
     ``bc_fp32`` (B and C converted to one fp32 [B, L, 2N] tensor first, so the hot loop, where every thread reads
-    the whole B_t and C_t rows, loads them without a conversion each; default on CUDA for 16-bit inputs) are tuning
-    knobs; every setting computes the same function.
+    the whole B_t and C_t rows, loads them without a conversion each; default on CUDA for 16-bit inputs) and
+    ``softplus_log2`` (dt's softplus through base-2 functions, :func:`_softplus_log2`: ~25 fewer instructions a step
+    with the H200 image's Triton 3.6, session 21's compile report; off until timed) are tuning knobs; every setting
+    computes the same function (``softplus_log2`` to the approximate base-2 functions' rounding).
     """
     batch, length, dim, n = _check_scan_args(u, delta, A, B_ssm, C_ssm, D_skip, z, delta_bias, initial_state)
     y = torch.empty(batch, length, dim, device=u.device, dtype=u.dtype)
@@ -391,7 +411,8 @@ def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias
     sum_h = final if segs == 1 else torch.empty(batch, segs, dim, n, device=u.device, dtype=torch.float32)
     sum_dt = final if segs == 1 else torch.empty(batch, segs, dim, device=u.device, dtype=torch.float32)
     common = dict(HAS_Z=z is not None, HAS_D=D_skip is not None, HAS_BIAS=delta_bias is not None,
-                  HAS_H0=h0 is not None, SOFTPLUS=bool(delta_softplus), FAST_EXP=fast_exp, UNROLL=unroll,
+                  HAS_H0=h0 is not None, SOFTPLUS=bool(delta_softplus), FAST_EXP=fast_exp,
+                  SP_LOG2=bool(softplus_log2), SP_LOG2_ASM=bool(softplus_log2 and u.is_cuda), UNROLL=unroll,
                   BLOCK_D=block_d, BLOCK_N=next_pow2(n), EVEN_N=next_pow2(n) == n, num_warps=num_warps)
     zs = z.stride() if z is not None else (0, 0, 0)
     args = (u, delta, z if z is not None else u, B_ssm, C_ssm, A, D_skip if D_skip is not None else u,

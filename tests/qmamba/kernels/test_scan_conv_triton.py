@@ -69,12 +69,16 @@ def test_auto_method_picks_by_tokens(monkeypatch, device):
 # unroll of 4 steps each: 10 segments, the last one short (the carry-in walks 9 summaries)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,with_state", [(1, False), (2, True)])
-@pytest.mark.parametrize("n_segments,unroll,bc_fp32", [(1, 4, False), (3, 8, True), (3, 4, False), (10, 4, True)])
-def test_chunked_scan_knobs(dtype, batch, with_state, n_segments, unroll, bc_fp32, device):
+@pytest.mark.parametrize("n_segments,unroll,bc_fp32,sp_log2", [(1, 4, False, False), (3, 8, True, False),
+                                                               (3, 4, False, False), (10, 4, True, False),
+                                                               (3, 4, True, True), (1, 1, True, True)])
+def test_chunked_scan_knobs(dtype, batch, with_state, n_segments, unroll, bc_fp32, sp_log2, device):
+    """``sp_log2``: dt's softplus through base-2 functions (``softplus_log2``; on CUDA one lg2.approx)."""
     p = scan_inputs(batch, 37, 20, 5, device, dtype, seed=4)
     if with_state:
         p["initial_state"] = torch.randn(batch, 20, 5, device=device)
-    got = selective_scan_triton(**p, method="chunked", n_segments=n_segments, unroll=unroll, bc_fp32=bc_fp32)
+    got = selective_scan_triton(**p, method="chunked", n_segments=n_segments, unroll=unroll, bc_fp32=bc_fp32,
+                                softplus_log2=sp_log2)
     assert got[0].dtype == dtype and got[1].dtype == torch.float32
     assert_scan_close(got, selective_scan_ref(**p), dtype)
 
