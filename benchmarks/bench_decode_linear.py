@@ -99,7 +99,9 @@ def variants(pdl: bool, rows: int):
            # twice the int4 rows a program for a (not gated) grid just past 1056 programs (one wave at 8 a
            # multiprocessor: DecodePolicy.max_programs), and all int4 matrices at 8 rows a program
            "cuda_maxp1056": ("planes", dataclasses.replace(cuda, max_programs=1056)),
-           "cuda_bn8": ("planes", dataclasses.replace(cuda, block_n_int4=8))}
+           "cuda_bn8": ("planes", dataclasses.replace(cuda, block_n_int4=8)),
+           # the input read in the tile's shape for out_proj / fc2 too (DecodePolicy.int4_x_in_tile_wide)
+           "cuda_x_in_tile_wide": ("planes", dataclasses.replace(cuda, int4_x_in_tile_wide=True))}
     for bn in (4, 8, 16, 32):
         out[f"binary_bn{bn}"] = ("binary", DecodePolicy(pdl=pdl, block_n_binary=bn))
     for bn in (2, 4, 8):

@@ -110,6 +110,10 @@ class DecodePolicy:
     #                               of read once and broadcast over the rows, which Triton does through shared memory
     #                               with two barriers per nibble position (sm_90 compile: in_proj 21 -> 5 barriers,
     #                               fc1 23 -> 5, for ~1 more instruction per code). On in the CUDA policy (session 17)
+    int4_x_in_tile_wide: bool = False  # int4_x_in_tile for every "denorm" plane-word matrix at one row, also where a
+    #                               weight row's tiles cover the program's threads (out_proj, fc2): with the H200
+    #                               image's Triton 3.6 their broadcast input goes through shared memory (23 barriers a
+    #                               program; Triton 3.9 keeps it in registers). Off: not timed yet (session 21)
     routed_row_programs: bool = False  # routed rows at 2+ (top-1 MoE, batched decode): one program row per input row
     #                               (grid [M, N / BN]), each the one-row kernel on its own expert's tile (two rows of
     #                               one expert read it twice, the second mostly from L2), instead of one program
@@ -820,7 +824,7 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     kwargs = dict(launch_pdl=True) if policy.pdl else {}
     warps = policy.warps(weight.fmt, rows, nbp * wpg) if not mma else policy.num_warps
     unpack = INT4_UNPACK[policy.int4_unpack]
-    if unpack == 2 and policy.int4_x_in_tile and rows == 1 and nbp * wpg < 4 * 32 * warps:
+    if unpack == 2 and policy.int4_x_in_tile and rows == 1 and (nbp * wpg < 4 * 32 * warps or policy.int4_x_in_tile_wide):
         unpack = UNPACK_DENORM_X_IN_TILE
     use_planes = x_planes is not None and weight.fmt == FMT_INT4_PLANES and rows == 1 and unpack in (2, 3)
     kpad = check_x_planes("decode_linear", "x_planes", x_planes, m, k) if use_planes else 1

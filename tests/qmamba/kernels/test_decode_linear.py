@@ -155,10 +155,33 @@ def test_input_planes_match_the_dequantized_matmul(fmt, x_in_tile, case, device)
     torch.testing.assert_close(out, dequant_matmul_ref(x, w, row_expert=idx).float() * 0.75, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("sums", [True, False])
+def test_input_in_tile_shape_on_a_wide_tile_row(sums, device):
+    """``int4_x_in_tile_wide``: the input planes read in the tile's shape where a weight row's tiles cover the
+    program's threads (K 1100: 9 tiles padded to 16, 256 words), as out_proj / fc2 would (their word sums summed
+    in the kernel: ``x_plane_sums=False``), against the dequantized matmul."""
+    from qmamba.quant.layout import int4_x_planes
+
+    torch.manual_seed(12)
+    warps = 4 if device.type == "cuda" else 1
+    policy = DecodePolicy(pdl=False, block_n_int4=4, num_warps=warps, int4_unpack="denorm", int4_x_in_tile=True,
+                          int4_x_in_tile_wide=True)
+    n, k = 37, 1100
+    x = torch.randn(1, k, device=device).to(torch.bfloat16).float()
+    planes = int4_x_planes(x)
+    if not sums:
+        planes[:, 8] = float("nan")
+    w = weight_for("planes128", n, k, device, seed=6)
+    out = decode_linear(torch.full_like(x, float("nan")), w, poisoned(1, n, device), policy=policy, x_planes=planes,
+                        x_plane_sums=sums)
+    torch.testing.assert_close(out, dequant_matmul_ref(x, w).float(), atol=1e-4, rtol=1e-4)
+
+
 def test_input_in_tile_shape_only_where_the_tile_row_is_narrow(monkeypatch):
     """The launch rule of ``int4_x_in_tile`` at BlackMamba-2.8B's K with the CUDA policy's 4 warps: in_proj / fc1
     (K 1472: 16 tiles of 16 words, fewer than 4 x 32 threads x 4) read the input in the tile's shape (UNPACK 3);
-    out_proj (K 2944, 32 tiles) keeps the broadcast (2); so does every matrix without the flag, or at two rows."""
+    out_proj (K 2944, 32 tiles) keeps the broadcast (2) unless ``int4_x_in_tile_wide``; so does every matrix without
+    the flag, or at two rows."""
     import qmamba.kernels.decode_linear as dl
 
     seen = []
@@ -169,11 +192,13 @@ def test_input_in_tile_shape_only_where_the_tile_row_is_narrow(monkeypatch):
 
     monkeypatch.setattr(dl, "_decode_linear_kernel", Recorder())
     cuda = dl.DecodePolicy.cuda(132, False)
-    for k, flag, m, want in ((1472, True, 1, 3), (2944, True, 1, 2), (1472, False, 1, 2), (1472, True, 2, 2)):
+    for k, flag, m, want, wide in ((1472, True, 1, 3, False), (2944, True, 1, 2, False), (1472, False, 1, 2, False),
+                                   (1472, True, 2, 2, False), (2944, True, 1, 3, True), (2944, True, 2, 2, True)):
         w = weight_for("planes128", 8, k, torch.device("cpu"))
-        policy = dataclasses.replace(cuda, int4_x_in_tile=flag, planes_mma=False, max_rows_planes=2)
+        policy = dataclasses.replace(cuda, int4_x_in_tile=flag, planes_mma=False, max_rows_planes=2,
+                                     int4_x_in_tile_wide=wide)
         decode_linear(torch.randn(m, k), w, torch.empty(m, 8), policy=policy)
-        assert seen[-1] == want, (k, flag, m)
+        assert seen[-1] == want, (k, flag, m, wide)
 
 
 @pytest.mark.parametrize("m", [3, 8])
