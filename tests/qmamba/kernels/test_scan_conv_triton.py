@@ -69,16 +69,20 @@ def test_auto_method_picks_by_tokens(monkeypatch, device):
 # unroll of 4 steps each: 10 segments, the last one short (the carry-in walks 9 summaries)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,with_state", [(1, False), (2, True)])
-@pytest.mark.parametrize("n_segments,unroll,bc_fp32,sp_log2", [(1, 4, False, False), (3, 8, True, False),
-                                                               (3, 4, False, False), (10, 4, True, False),
-                                                               (3, 4, True, True), (1, 1, True, True)])
-def test_chunked_scan_knobs(dtype, batch, with_state, n_segments, unroll, bc_fp32, sp_log2, device):
-    """``sp_log2``: dt's softplus through base-2 functions (``softplus_log2``; on CUDA one lg2.approx)."""
-    p = scan_inputs(batch, 37, 20, 5, device, dtype, seed=4)
+@pytest.mark.parametrize("n_segments,unroll,bc_fp32,sp_log2,groups,n", [
+    (1, 4, False, False, False, 5), (3, 8, True, False, False, 5), (3, 4, False, False, False, 5),
+    (10, 4, True, False, False, 5), (3, 4, True, True, False, 5), (1, 1, True, True, False, 16),
+    (1, None, True, False, True, 5), (3, None, True, True, True, 5), (10, None, False, False, True, 16),
+    (3, None, True, False, True, 16)])
+def test_chunked_scan_knobs(dtype, batch, with_state, n_segments, unroll, bc_fp32, sp_log2, groups, n, device):
+    """``sp_log2``: dt's softplus through base-2 functions (``softplus_log2``; on CUDA one lg2.approx); ``groups``:
+    the grouped-states kernel (two steps a trip: L = 37 ends every segment count here on an odd step somewhere;
+    N = 5: groups of 2 states, the last ones masked; N = 16: 4 whole groups, unmasked B / C rows)."""
+    p = scan_inputs(batch, 37, 20, n, device, dtype, seed=4)
     if with_state:
-        p["initial_state"] = torch.randn(batch, 20, 5, device=device)
+        p["initial_state"] = torch.randn(batch, 20, n, device=device)
     got = selective_scan_triton(**p, method="chunked", n_segments=n_segments, unroll=unroll, bc_fp32=bc_fp32,
-                                softplus_log2=sp_log2)
+                                softplus_log2=sp_log2, groups=groups)
     assert got[0].dtype == dtype and got[1].dtype == torch.float32
     assert_scan_close(got, selective_scan_ref(**p), dtype)
 
