@@ -235,9 +235,10 @@ def _sigmoid_fast(x, FAST: tl.constexpr):
 
 
 # sa_n / sh_n are 1 at run time but must not be specialised to the constant 1: the [BLOCK_N, BLOCK_D] state tiles
-# then look non-contiguous to Triton's coalescing pass, which keeps their default layout (channels along the
-# threads, all N states of a channel in one thread) instead of vectorising along N or D and splitting a channel's
-# states over lanes (which cost a shared-memory layout conversion at every step: 10x slower, measured on the H200)
+# then look non-contiguous to Triton's coalescing pass, which keeps their default layout instead of vectorising along
+# N or D (a shared-memory layout conversion at every step: 10x slower, measured on the H200). That default is one
+# channel a thread with Triton 3.9, but 4 lanes over the states and 8 over the channels with the H200 image's 3.6
+# (session 21's compile report: 18-24 shuffles a step); _grouped_scan_kernel keeps one channel a thread with both
 @jit(do_not_specialize=["sa_n", "sh_n", "su_d", "sdt_d", "sz_d", "sy_d"])
 def _chunked_scan_kernel(
     u_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, dskip_ptr, dbias_ptr, h0_ptr, y_ptr, hT_ptr, sum_h_ptr, sum_dt_ptr,
@@ -380,6 +381,30 @@ def _group_row(ptr, d, q: tl.constexpr, GS: tl.constexpr, N, EVEN: tl.constexpr)
 
 
 @jit
+def _grouped_inputs(dt_base, u_base, z_base, b_row, c_row, t, d, dm, N, sdt_l: tl.constexpr, su_l: tl.constexpr,
+                    sz_l: tl.constexpr, sb_l: tl.constexpr, sc_l: tl.constexpr, GS: tl.constexpr,
+                    EVEN: tl.constexpr, WITH_Z: tl.constexpr, WITH_C: tl.constexpr):
+    """Step ``t``'s inputs for :func:`_grouped_step`: ``(dt, u, z, b0..b3, c0..c3)`` as stored (z and c only where
+    asked for; else placeholders that are never read)."""
+    dt = tl.load(dt_base + t * sdt_l, mask=dm, other=0.0)
+    u = tl.load(u_base + t * su_l, mask=dm, other=0.0)
+    z = dt
+    if WITH_Z:
+        z = tl.load(z_base + t * sz_l, mask=dm, other=0.0)
+    b0 = _group_row(b_row + t * sb_l, d, 0, GS, N, EVEN)
+    b1 = _group_row(b_row + t * sb_l, d, 1, GS, N, EVEN)
+    b2 = _group_row(b_row + t * sb_l, d, 2, GS, N, EVEN)
+    b3 = _group_row(b_row + t * sb_l, d, 3, GS, N, EVEN)
+    c0, c1, c2, c3 = b0, b1, b2, b3
+    if WITH_C:
+        c0 = _group_row(c_row + t * sc_l, d, 0, GS, N, EVEN)
+        c1 = _group_row(c_row + t * sc_l, d, 1, GS, N, EVEN)
+        c2 = _group_row(c_row + t * sc_l, d, 2, GS, N, EVEN)
+        c3 = _group_row(c_row + t * sc_l, d, 3, GS, N, EVEN)
+    return dt, u, z, b0, b1, b2, b3, c0, c1, c2, c3
+
+
+@jit
 def _grouped_step(h0, h1, h2, h3, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, dt, u, z, dbias, dskip, valid,
                   SUMMARY: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
                   SOFTPLUS: tl.constexpr, SP_LOG2: tl.constexpr, SP_LOG2_ASM: tl.constexpr):
@@ -474,39 +499,14 @@ def _grouped_scan_kernel(
     b_row = b_ptr + pid_b * sb_b
     c_row = c_ptr + pid_b * sc_b
     # set A: step t's inputs (the first trip's loaded here, later ones during the trip before)
-    dtA = tl.load(dt_base + t_lo * sdt_l, mask=dm, other=0.0)
-    uA = tl.load(u_base + t_lo * su_l, mask=dm, other=0.0)
-    zA = dtA
-    if HAS_Z and not SUMMARY:
-        zA = tl.load(z_base + t_lo * sz_l, mask=dm, other=0.0)
-    bA0 = _group_row(b_row + t_lo * sb_l, d, 0, GS, N, EVEN)
-    bA1 = _group_row(b_row + t_lo * sb_l, d, 1, GS, N, EVEN)
-    bA2 = _group_row(b_row + t_lo * sb_l, d, 2, GS, N, EVEN)
-    bA3 = _group_row(b_row + t_lo * sb_l, d, 3, GS, N, EVEN)
-    cA0, cA1, cA2, cA3 = bA0, bA1, bA2, bA3
-    if not SUMMARY:
-        cA0 = _group_row(c_row + t_lo * sc_l, d, 0, GS, N, EVEN)
-        cA1 = _group_row(c_row + t_lo * sc_l, d, 1, GS, N, EVEN)
-        cA2 = _group_row(c_row + t_lo * sc_l, d, 2, GS, N, EVEN)
-        cA3 = _group_row(c_row + t_lo * sc_l, d, 3, GS, N, EVEN)
+    dtA, uA, zA, bA0, bA1, bA2, bA3, cA0, cA1, cA2, cA3 = _grouped_inputs(
+        dt_base, u_base, z_base, b_row, c_row, t_lo, d, dm, N, sdt_l, su_l, sz_l, sb_l, sc_l, GS, EVEN,
+        HAS_Z and not SUMMARY, not SUMMARY)
     for t in range(t_lo, t_hi, 2):
         # set B: step t + 1 (an in-bounds row again past the end: an identity step, not stored)
-        tb = tl.minimum(t + 1, t_hi - 1)
-        dtB = tl.load(dt_base + tb * sdt_l, mask=dm, other=0.0)
-        uB = tl.load(u_base + tb * su_l, mask=dm, other=0.0)
-        zB = dtB
-        if HAS_Z and not SUMMARY:
-            zB = tl.load(z_base + tb * sz_l, mask=dm, other=0.0)
-        bB0 = _group_row(b_row + tb * sb_l, d, 0, GS, N, EVEN)
-        bB1 = _group_row(b_row + tb * sb_l, d, 1, GS, N, EVEN)
-        bB2 = _group_row(b_row + tb * sb_l, d, 2, GS, N, EVEN)
-        bB3 = _group_row(b_row + tb * sb_l, d, 3, GS, N, EVEN)
-        cB0, cB1, cB2, cB3 = bB0, bB1, bB2, bB3
-        if not SUMMARY:
-            cB0 = _group_row(c_row + tb * sc_l, d, 0, GS, N, EVEN)
-            cB1 = _group_row(c_row + tb * sc_l, d, 1, GS, N, EVEN)
-            cB2 = _group_row(c_row + tb * sc_l, d, 2, GS, N, EVEN)
-            cB3 = _group_row(c_row + tb * sc_l, d, 3, GS, N, EVEN)
+        dtB, uB, zB, bB0, bB1, bB2, bB3, cB0, cB1, cB2, cB3 = _grouped_inputs(
+            dt_base, u_base, z_base, b_row, c_row, tl.minimum(t + 1, t_hi - 1), d, dm, N, sdt_l, su_l, sz_l, sb_l,
+            sc_l, GS, EVEN, HAS_Z and not SUMMARY, not SUMMARY)
         h0, h1, h2, h3, dtv, y = _grouped_step(h0, h1, h2, h3, a0, a1, a2, a3, bA0, bA1, bA2, bA3, cA0, cA1, cA2,
                                                cA3, dtA, uA, zA, dbias, dskip, d * 0 + t < t_hi, SUMMARY, HAS_Z, HAS_D,
                                                HAS_BIAS, SOFTPLUS, SP_LOG2, SP_LOG2_ASM)
@@ -515,22 +515,9 @@ def _grouped_scan_kernel(
         else:
             tl.store(y_base + t * sy_l, y.to(y_ptr.dtype.element_ty), mask=dm)
         # set A again: step t + 2, the next trip's first
-        ta = tl.minimum(t + 2, t_hi - 1)
-        dtA = tl.load(dt_base + ta * sdt_l, mask=dm, other=0.0)
-        uA = tl.load(u_base + ta * su_l, mask=dm, other=0.0)
-        zA = dtA
-        if HAS_Z and not SUMMARY:
-            zA = tl.load(z_base + ta * sz_l, mask=dm, other=0.0)
-        bA0 = _group_row(b_row + ta * sb_l, d, 0, GS, N, EVEN)
-        bA1 = _group_row(b_row + ta * sb_l, d, 1, GS, N, EVEN)
-        bA2 = _group_row(b_row + ta * sb_l, d, 2, GS, N, EVEN)
-        bA3 = _group_row(b_row + ta * sb_l, d, 3, GS, N, EVEN)
-        cA0, cA1, cA2, cA3 = bA0, bA1, bA2, bA3
-        if not SUMMARY:
-            cA0 = _group_row(c_row + ta * sc_l, d, 0, GS, N, EVEN)
-            cA1 = _group_row(c_row + ta * sc_l, d, 1, GS, N, EVEN)
-            cA2 = _group_row(c_row + ta * sc_l, d, 2, GS, N, EVEN)
-            cA3 = _group_row(c_row + ta * sc_l, d, 3, GS, N, EVEN)
+        dtA, uA, zA, bA0, bA1, bA2, bA3, cA0, cA1, cA2, cA3 = _grouped_inputs(
+            dt_base, u_base, z_base, b_row, c_row, tl.minimum(t + 2, t_hi - 1), d, dm, N, sdt_l, su_l, sz_l, sb_l,
+            sc_l, GS, EVEN, HAS_Z and not SUMMARY, not SUMMARY)
         h0, h1, h2, h3, dtv, y = _grouped_step(h0, h1, h2, h3, a0, a1, a2, a3, bB0, bB1, bB2, bB3, cB0, cB1, cB2,
                                                cB3, dtB, uB, zB, dbias, dskip, d * 0 + t + 1 < t_hi, SUMMARY, HAS_Z, HAS_D,
                                                HAS_BIAS, SOFTPLUS, SP_LOG2, SP_LOG2_ASM)
