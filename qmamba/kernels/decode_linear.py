@@ -824,7 +824,8 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     kwargs = dict(launch_pdl=True) if policy.pdl else {}
     warps = policy.warps(weight.fmt, rows, nbp * wpg) if not mma else policy.num_warps
     unpack = INT4_UNPACK[policy.int4_unpack]
-    if unpack == 2 and policy.int4_x_in_tile and rows == 1 and (nbp * wpg < 4 * 32 * warps or policy.int4_x_in_tile_wide):
+    narrow = nbp * wpg < 4 * 32 * warps  # a weight row's tiles fewer words than the program's threads x 4
+    if unpack == 2 and policy.int4_x_in_tile and rows == 1 and (narrow or policy.int4_x_in_tile_wide):
         unpack = UNPACK_DENORM_X_IN_TILE
     use_planes = x_planes is not None and weight.fmt == FMT_INT4_PLANES and rows == 1 and unpack in (2, 3)
     kpad = check_x_planes("decode_linear", "x_planes", x_planes, m, k) if use_planes else 1

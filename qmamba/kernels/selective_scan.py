@@ -519,8 +519,8 @@ def _grouped_scan_kernel(
             dt_base, u_base, z_base, b_row, c_row, tl.minimum(t + 2, t_hi - 1), d, dm, N, sdt_l, su_l, sz_l, sb_l,
             sc_l, GS, EVEN, HAS_Z and not SUMMARY, not SUMMARY)
         h0, h1, h2, h3, dtv, y = _grouped_step(h0, h1, h2, h3, a0, a1, a2, a3, bB0, bB1, bB2, bB3, cB0, cB1, cB2,
-                                               cB3, dtB, uB, zB, dbias, dskip, d * 0 + t + 1 < t_hi, SUMMARY, HAS_Z, HAS_D,
-                                               HAS_BIAS, SOFTPLUS, SP_LOG2, SP_LOG2_ASM)
+                                               cB3, dtB, uB, zB, dbias, dskip, d * 0 + t + 1 < t_hi, SUMMARY, HAS_Z,
+                                               HAS_D, HAS_BIAS, SOFTPLUS, SP_LOG2, SP_LOG2_ASM)
         if SUMMARY:
             dt_total += dtv
         else:
@@ -586,13 +586,11 @@ def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias
     final = torch.empty(batch, dim, n, device=u.device, dtype=torch.float32)
     h0 = None if initial_state is None else initial_state.float().contiguous()
     num_warps = num_warps or 1
-    lanes = min(lanes or 1, next_pow2(n))
+    lanes = 1 if groups else min(lanes or 1, next_pow2(n))
     block_d = 32 * num_warps // lanes if u.is_cuda else min(next_pow2(dim), 16)
     # 4 steps a trip (8: 1483 us against 1153 at B = 8, L = 2048, 16 segments, H200) and the exact exp2 (the
     # one-instruction exp2 took 1153 against 877 us there; B = 1, L = 2048: 168 against 138; session 18's sweep)
     unroll = 2 if groups else (unroll or 4)  # (groups: two steps a trip, segments of an even length)
-    if groups:
-        lanes, block_d = 1, 32 * num_warps if u.is_cuda else min(next_pow2(dim), 16)
     fast_exp = False if fast_exp is None else bool(fast_exp and u.is_cuda)
     if u.is_cuda if bc_fp32 is None else bc_fp32:
         B_ssm, C_ssm = _bc_fp32(B_ssm, C_ssm)
@@ -622,7 +620,6 @@ def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias
             common.pop(key)
         common["GS"] = max(1, next_pow2(n) // 4)
         common["EVEN"] = 4 * common["GS"] == n
-        args = args[:-2] + (n, 1)
     if segs > 1:  # summaries of all segments but the last (whose summary nobody reads)
         kernel[(batch, cdiv(dim, block_d), segs - 1)](*args, SUMMARY=True, **common)
     kernel[(batch, cdiv(dim, block_d), segs)](*args, SUMMARY=False, **common)
