@@ -179,8 +179,9 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return dataclasses.replace(base, int4_x_planes=False)
     if v == "xp8":  # x_proj (narrow) on the decode kernels up to batch 8 (DecodePolicy.max_rows_narrow)
         return dataclasses.replace(base, max_rows_narrow=8)
-    if v == "xtilewide":  # out_proj / fc2 read their input planes in the tile's shape too (int4_x_in_tile_wide)
-        return dataclasses.replace(base, int4_x_in_tile_wide=True)
+    if v in ("xtilewide", "xtilewide0"):  # out_proj / fc2 read their input planes in the tile's shape at one row
+        #                                  too (int4_x_in_tile_wide "always"), or never (0: not at batch 8's fc2)
+        return dataclasses.replace(base, int4_x_in_tile_wide="always" if v == "xtilewide" else "off")
     if v.startswith("maxp"):  # e.g. maxp1056: twice the int4 / 1-bit rows a program for grids just past 1056 programs
         return dataclasses.replace(base, max_programs=int(v[4:]))
     if v.startswith("normp"):  # e.g. normp4: programs a row of each add + norm writing the int4 input planes

@@ -101,7 +101,7 @@ def variants(pdl: bool, rows: int):
            "cuda_maxp1056": ("planes", dataclasses.replace(cuda, max_programs=1056)),
            "cuda_bn8": ("planes", dataclasses.replace(cuda, block_n_int4=8)),
            # the input read in the tile's shape for out_proj / fc2 too (DecodePolicy.int4_x_in_tile_wide)
-           "cuda_x_in_tile_wide": ("planes", dataclasses.replace(cuda, int4_x_in_tile_wide=True))}
+           "cuda_x_in_tile_wide": ("planes", dataclasses.replace(cuda, int4_x_in_tile_wide="always"))}
     for bn in (4, 8, 16, 32):
         out[f"binary_bn{bn}"] = ("binary", DecodePolicy(pdl=pdl, block_n_binary=bn))
     for bn in (2, 4, 8):

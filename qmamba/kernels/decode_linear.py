@@ -71,6 +71,9 @@ def pdl_supported(device) -> bool:
     return ok and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+X_IN_TILE_WIDE = ("off", "row_programs", "always")  # DecodePolicy.int4_x_in_tile_wide's settings
+
+
 @dataclass(frozen=True)
 class DecodePolicy:
     """Launch choices of the decode kernels. ``rows_per_program``: output rows a program owns, by ``(format, rows)``
@@ -110,10 +113,13 @@ class DecodePolicy:
     #                               of read once and broadcast over the rows, which Triton does through shared memory
     #                               with two barriers per nibble position (sm_90 compile: in_proj 21 -> 5 barriers,
     #                               fc1 23 -> 5, for ~1 more instruction per code). On in the CUDA policy (session 17)
-    int4_x_in_tile_wide: bool = False  # int4_x_in_tile for every "denorm" plane-word matrix at one row, also where a
-    #                               weight row's tiles cover the program's threads (out_proj, fc2): with the H200
-    #                               image's Triton 3.6 their broadcast input goes through shared memory (23 barriers a
-    #                               program; Triton 3.9 keeps it in registers). Off: not timed yet (session 21)
+    int4_x_in_tile_wide: str = "off"  # int4_x_in_tile also where a weight row's tiles cover the program's threads
+    #                               (out_proj, fc2), whose broadcast input the H200 image's Triton 3.6 passes through
+    #                               shared memory (23 barriers a program; 3.9 keeps it in registers): "off", "row_
+    #                               programs" (the routed row programs of a batch: fc2 at 2+ rows) or "always" (one
+    #                               row too). Session 22 (H200, 3 interleaved rounds): "always" took batch 8 from
+    #                               1.713 to 1.683 ms/token but batch 1 from 0.522 to 0.529 (kernels alone: out_proj
+    #                               4.08 -> 3.26 us, fc2 4.96 -> 4.29): the CUDA policy's "row_programs"
     routed_row_programs: bool = False  # routed rows at 2+ (top-1 MoE, batched decode): one program row per input row
     #                               (grid [M, N / BN]), each the one-row kernel on its own expert's tile (two rows of
     #                               one expert read it twice, the second mostly from L2), instead of one program
@@ -131,6 +137,11 @@ class DecodePolicy:
     #                              to ~1/3 of the instructions per thread with 4x the programs: the CUDA policy's)
     ssm_block_d_batched: int = 32  # the same at 2+ rows (H200, session 17, batch 8: 32 beat 8 by ~5%)
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
+
+    def __post_init__(self):
+        if self.int4_x_in_tile_wide not in X_IN_TILE_WIDE:
+            raise ValueError(f"DecodePolicy: int4_x_in_tile_wide must be one of {X_IN_TILE_WIDE}, "
+                             f"got {self.int4_x_in_tile_wide!r}")
 
     def takes(self, weight, rows: int, routed: bool = False) -> bool:
         """Whether a caller should run ``weight`` at ``rows`` rows through :func:`decode_linear` (int4 plane words up
@@ -186,6 +197,9 @@ class DecodePolicy:
         unchanged); in_proj at 8 int4 rows a program (``max_programs``: 736 programs, one wave at 8 a
         multiprocessor, instead of 1,472): 0.526 -> 0.524 (kernel alone 5.20 -> 4.22 us; fc1, gated, lost at 8
         rows: 5.94 -> 8.27, so gated matrices keep theirs).
+        Session 22 (``--variants default,xtilewide --rounds 3``): out_proj / fc2 reading the input planes in the
+        tile's shape (``int4_x_in_tile_wide``) at one row lost at batch 1 (0.522 -> 0.529) and won at batch 8 (1.713
+        -> 1.683), where only fc2's routed row programs are one-row kernels: "row_programs".
         CPU (interpreter): every format and batch, wide row blocks (few programs)."""
         if device.type != "cuda":
             return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1, ssm_block_d=16)
@@ -198,7 +212,7 @@ class DecodePolicy:
         return cls(pdl=pdl, max_rows=1, max_rows_planes=1, block_n_int4=4, int4_planes=True, int4_unpack="denorm",
                    min_programs=2 * multiprocessors, int4_x_in_tile=True, ssm_block_d=8,
                    max_rows_routed=MAX_ROWS, routed_row_programs=True, int4_x_planes=True, binary_max_rows=1,
-                   norm_plane_programs=4, max_programs=8 * multiprocessors,
+                   norm_plane_programs=4, max_programs=8 * multiprocessors, int4_x_in_tile_wide="row_programs",
                    formats=(FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES, FMT_BINARY))
 
     @property
@@ -825,7 +839,8 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     warps = policy.warps(weight.fmt, rows, nbp * wpg) if not mma else policy.num_warps
     unpack = INT4_UNPACK[policy.int4_unpack]
     narrow = nbp * wpg < 4 * 32 * warps  # a weight row's tiles fewer words than the program's threads x 4
-    if unpack == 2 and policy.int4_x_in_tile and rows == 1 and (narrow or policy.int4_x_in_tile_wide):
+    wide = policy.int4_x_in_tile_wide == "always" or (policy.int4_x_in_tile_wide == "row_programs" and row_programs)
+    if unpack == 2 and policy.int4_x_in_tile and rows == 1 and (narrow or wide):
         unpack = UNPACK_DENORM_X_IN_TILE
     use_planes = x_planes is not None and weight.fmt == FMT_INT4_PLANES and rows == 1 and unpack in (2, 3)
     kpad = check_x_planes("decode_linear", "x_planes", x_planes, m, k) if use_planes else 1

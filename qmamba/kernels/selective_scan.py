@@ -238,7 +238,8 @@ def _sigmoid_fast(x, FAST: tl.constexpr):
 # then look non-contiguous to Triton's coalescing pass, which keeps their default layout instead of vectorising along
 # N or D (a shared-memory layout conversion at every step: 10x slower, measured on the H200). That default is one
 # channel a thread with Triton 3.9, but 4 lanes over the states and 8 over the channels with the H200 image's 3.6
-# (session 21's compile report: 18-24 shuffles a step); _grouped_scan_kernel keeps one channel a thread with both
+# (session 21's compile report: 18-24 shuffles a step; a kernel with the states as 4 explicit one-thread groups,
+# built to avoid them, was slower on the H200 in session 22: commit 1cd285d)
 @jit(do_not_specialize=["sa_n", "sh_n", "su_d", "sdt_d", "sz_d", "sy_d"])
 def _chunked_scan_kernel(
     u_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, dskip_ptr, dbias_ptr, h0_ptr, y_ptr, hT_ptr, sum_h_ptr, sum_dt_ptr,
@@ -360,192 +361,6 @@ def _chunked_scan_kernel(
         tl.store(hT_ptr + pid_b * D * N + state_off, h, mask=nd_mask)
 
 
-# ---- the chunked method with explicit state groups -----------------------------------------------------------------
-@jit
-def _group_tile(ptr, d, q: tl.constexpr, GS: tl.constexpr, s_d, s_n, N, dm):
-    """The ``[BLOCK_D, GS]`` tile of states ``[q GS, (q + 1) GS)`` of the channels ``d`` at ``ptr`` (strides s_d, s_n):
-    GS contiguous states a thread, one vector load, the layout every state tile of :func:`_grouped_scan_kernel` has."""
-    n = q * GS + tl.arange(0, GS)
-    return tl.load(ptr + d[:, None] * s_d + n[None, :] * s_n, mask=dm[:, None] & (n < N)[None, :], other=0.0)
-
-
-@jit
-def _group_row(ptr, d, q: tl.constexpr, GS: tl.constexpr, N, EVEN: tl.constexpr):
-    """Row entries ``[q GS, (q + 1) GS)`` of a B_t / C_t row, as a ``[BLOCK_D, GS]`` tile (the same addresses for
-    every channel: one broadcast vector load a thread, already in the state tiles' layout); unmasked where the 4
-    groups cover N exactly (``EVEN``)."""
-    n = q * GS + tl.arange(0, GS)
-    if EVEN:
-        return tl.load(ptr + n[None, :] + 0 * d[:, None])
-    return tl.load(ptr + n[None, :] + 0 * d[:, None], mask=(n < N)[None, :] & (d >= 0)[:, None], other=0.0)
-
-
-@jit
-def _grouped_inputs(dt_base, u_base, z_base, b_row, c_row, t, d, dm, N, sdt_l: tl.constexpr, su_l: tl.constexpr,
-                    sz_l: tl.constexpr, sb_l: tl.constexpr, sc_l: tl.constexpr, GS: tl.constexpr,
-                    EVEN: tl.constexpr, WITH_Z: tl.constexpr, WITH_C: tl.constexpr):
-    """Step ``t``'s inputs for :func:`_grouped_step`: ``(dt, u, z, b0..b3, c0..c3)`` as stored (z and c only where
-    asked for; else placeholders that are never read)."""
-    dt = tl.load(dt_base + t * sdt_l, mask=dm, other=0.0)
-    u = tl.load(u_base + t * su_l, mask=dm, other=0.0)
-    z = dt
-    if WITH_Z:
-        z = tl.load(z_base + t * sz_l, mask=dm, other=0.0)
-    b0 = _group_row(b_row + t * sb_l, d, 0, GS, N, EVEN)
-    b1 = _group_row(b_row + t * sb_l, d, 1, GS, N, EVEN)
-    b2 = _group_row(b_row + t * sb_l, d, 2, GS, N, EVEN)
-    b3 = _group_row(b_row + t * sb_l, d, 3, GS, N, EVEN)
-    c0, c1, c2, c3 = b0, b1, b2, b3
-    if WITH_C:
-        c0 = _group_row(c_row + t * sc_l, d, 0, GS, N, EVEN)
-        c1 = _group_row(c_row + t * sc_l, d, 1, GS, N, EVEN)
-        c2 = _group_row(c_row + t * sc_l, d, 2, GS, N, EVEN)
-        c3 = _group_row(c_row + t * sc_l, d, 3, GS, N, EVEN)
-    return dt, u, z, b0, b1, b2, b3, c0, c1, c2, c3
-
-
-@jit
-def _grouped_step(h0, h1, h2, h3, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, dt, u, z, dbias, dskip, valid,
-                  SUMMARY: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  SOFTPLUS: tl.constexpr, SP_LOG2: tl.constexpr, SP_LOG2_ASM: tl.constexpr):
-    """One step of :func:`_grouped_scan_kernel` on its loaded inputs: ``(h0..h3, dt, y)`` (dt after bias and
-    softplus, 0 where not ``valid``: the identity step; y only when not ``SUMMARY``)."""
-    dt = dt.to(tl.float32)
-    u = u.to(tl.float32)
-    if HAS_BIAS:
-        dt += dbias
-    if SOFTPLUS:
-        if SP_LOG2:
-            dt = _softplus_log2(dt, SP_LOG2_ASM)
-        else:
-            dt = _softplus(dt)
-    dt = tl.where(valid, dt, 0.0)
-    dtc = dt[:, None]
-    dtu = (dt * u)[:, None]
-    h0 = tl.exp2(dtc * a0) * h0 + b0 * dtu
-    h1 = tl.exp2(dtc * a1) * h1 + b1 * dtu
-    h2 = tl.exp2(dtc * a2) * h2 + b2 * dtu
-    h3 = tl.exp2(dtc * a3) * h3 + b3 * dtu
-    y = dt
-    if not SUMMARY:
-        y = tl.sum(h0 * c0 + h1 * c1 + h2 * c2 + h3 * c3, axis=1)
-        if HAS_D:
-            y += u * dskip
-        if HAS_Z:
-            zf = z.to(tl.float32)
-            y = y * zf * tl.sigmoid(zf)
-    return h0, h1, h2, h3, dt, y
-
-
-@jit(do_not_specialize=["su_d", "sdt_d", "sz_d", "sy_d"])
-def _grouped_scan_kernel(
-    u_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, dskip_ptr, dbias_ptr, h0_ptr, y_ptr, hT_ptr, sum_h_ptr, sum_dt_ptr,
-    L, D, N, SEG, NSEG,
-    su_b, su_d, sdt_b, sdt_d, sz_b, sz_d, sb_b, sb_n, sc_b, sc_n, sy_b, sy_d, sa_d, sa_n, sh_d, sh_n,
-    su_l: tl.constexpr, sdt_l: tl.constexpr, sz_l: tl.constexpr, sb_l: tl.constexpr, sc_l: tl.constexpr,
-    sy_l: tl.constexpr, SUMMARY: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, SP_LOG2: tl.constexpr, SP_LOG2_ASM: tl.constexpr,
-    BLOCK_D: tl.constexpr, GS: tl.constexpr, EVEN: tl.constexpr,
-):
-    """:func:`_chunked_scan_kernel` (same programs, summaries and carry-in) with a channel's states held as 4 explicit
-    ``[BLOCK_D, GS]`` groups (``GS = next_pow2(N) / 4``, N = 16: 4 a group). A group's GS states are one contiguous
-    vector a thread, so every compiler keeps one channel a thread: Triton 3.6 (the H200 image) gives the chunked
-    kernel's ``[N, BLOCK_D]`` tile 4 lanes over the states and its ``[UNROLL, BLOCK_D]`` input tiles 4 lanes over the
-    steps, and pays 18-24 shuffles a step for the sums and row picks. Two steps a trip with two sets of inputs
-    (ping-pong, no register copies): the second step's set is loaded before the first step's arithmetic, the next
-    trip's first set before the second step's; B_t / C_t come as broadcast tiles in the state layout. ``SEG`` is
-    even; a segment's odd last step runs as an identity step (dt 0, no store)."""
-    pid_b = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    dm = d < D
-    a0 = _group_tile(a_ptr, d, 0, GS, sa_d, sa_n, N, dm).to(tl.float32) * 1.4426950408889634
-    a1 = _group_tile(a_ptr, d, 1, GS, sa_d, sa_n, N, dm).to(tl.float32) * 1.4426950408889634
-    a2 = _group_tile(a_ptr, d, 2, GS, sa_d, sa_n, N, dm).to(tl.float32) * 1.4426950408889634
-    a3 = _group_tile(a_ptr, d, 3, GS, sa_d, sa_n, N, dm).to(tl.float32) * 1.4426950408889634
-    hb = h0_ptr + pid_b * D * N
-    if HAS_H0 and not SUMMARY:  # a summary starts from zero
-        h0 = _group_tile(hb, d, 0, GS, sh_d, sh_n, N, dm).to(tl.float32)
-        h1 = _group_tile(hb, d, 1, GS, sh_d, sh_n, N, dm).to(tl.float32)
-        h2 = _group_tile(hb, d, 2, GS, sh_d, sh_n, N, dm).to(tl.float32)
-        h3 = _group_tile(hb, d, 3, GS, sh_d, sh_n, N, dm).to(tl.float32)
-    else:
-        h0 = tl.zeros((BLOCK_D, GS), dtype=tl.float32)
-        h1 = tl.zeros((BLOCK_D, GS), dtype=tl.float32)
-        h2 = tl.zeros((BLOCK_D, GS), dtype=tl.float32)
-        h3 = tl.zeros((BLOCK_D, GS), dtype=tl.float32)
-    if not SUMMARY:
-        for j in range(0, pid_s):  # carry in: the earlier segments' summaries, in order
-            sb = sum_h_ptr + (pid_b * NSEG + j) * D * N
-            dtj = tl.load(sum_dt_ptr + (pid_b * NSEG + j) * D + d, mask=dm, other=0.0)[:, None]
-            h0 = tl.exp2(dtj * a0) * h0 + _group_tile(sb, d, 0, GS, sh_d, sh_n, N, dm)
-            h1 = tl.exp2(dtj * a1) * h1 + _group_tile(sb, d, 1, GS, sh_d, sh_n, N, dm)
-            h2 = tl.exp2(dtj * a2) * h2 + _group_tile(sb, d, 2, GS, sh_d, sh_n, N, dm)
-            h3 = tl.exp2(dtj * a3) * h3 + _group_tile(sb, d, 3, GS, sh_d, sh_n, N, dm)
-    dskip = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_D:
-        dskip = tl.load(dskip_ptr + d, mask=dm, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        dbias = tl.load(dbias_ptr + d, mask=dm, other=0.0).to(tl.float32)
-    dt_total = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    t_lo = pid_s * SEG
-    t_hi = tl.minimum(t_lo + SEG, L)
-    u_base = u_ptr + pid_b * su_b + d * su_d
-    dt_base = dt_ptr + pid_b * sdt_b + d * sdt_d
-    z_base = z_ptr + pid_b * sz_b + d * sz_d
-    y_base = y_ptr + pid_b * sy_b + d * sy_d
-    b_row = b_ptr + pid_b * sb_b
-    c_row = c_ptr + pid_b * sc_b
-    # set A: step t's inputs (the first trip's loaded here, later ones during the trip before)
-    dtA, uA, zA, bA0, bA1, bA2, bA3, cA0, cA1, cA2, cA3 = _grouped_inputs(
-        dt_base, u_base, z_base, b_row, c_row, t_lo, d, dm, N, sdt_l, su_l, sz_l, sb_l, sc_l, GS, EVEN,
-        HAS_Z and not SUMMARY, not SUMMARY)
-    for t in range(t_lo, t_hi, 2):
-        # set B: step t + 1 (an in-bounds row again past the end: an identity step, not stored)
-        dtB, uB, zB, bB0, bB1, bB2, bB3, cB0, cB1, cB2, cB3 = _grouped_inputs(
-            dt_base, u_base, z_base, b_row, c_row, tl.minimum(t + 1, t_hi - 1), d, dm, N, sdt_l, su_l, sz_l, sb_l,
-            sc_l, GS, EVEN, HAS_Z and not SUMMARY, not SUMMARY)
-        h0, h1, h2, h3, dtv, y = _grouped_step(h0, h1, h2, h3, a0, a1, a2, a3, bA0, bA1, bA2, bA3, cA0, cA1, cA2,
-                                               cA3, dtA, uA, zA, dbias, dskip, d * 0 + t < t_hi, SUMMARY, HAS_Z, HAS_D,
-                                               HAS_BIAS, SOFTPLUS, SP_LOG2, SP_LOG2_ASM)
-        if SUMMARY:
-            dt_total += dtv
-        else:
-            tl.store(y_base + t * sy_l, y.to(y_ptr.dtype.element_ty), mask=dm)
-        # set A again: step t + 2, the next trip's first
-        dtA, uA, zA, bA0, bA1, bA2, bA3, cA0, cA1, cA2, cA3 = _grouped_inputs(
-            dt_base, u_base, z_base, b_row, c_row, tl.minimum(t + 2, t_hi - 1), d, dm, N, sdt_l, su_l, sz_l, sb_l,
-            sc_l, GS, EVEN, HAS_Z and not SUMMARY, not SUMMARY)
-        h0, h1, h2, h3, dtv, y = _grouped_step(h0, h1, h2, h3, a0, a1, a2, a3, bB0, bB1, bB2, bB3, cB0, cB1, cB2,
-                                               cB3, dtB, uB, zB, dbias, dskip, d * 0 + t + 1 < t_hi, SUMMARY, HAS_Z,
-                                               HAS_D, HAS_BIAS, SOFTPLUS, SP_LOG2, SP_LOG2_ASM)
-        if SUMMARY:
-            dt_total += dtv
-        else:
-            tl.store(y_base + (t + 1) * sy_l, y.to(y_ptr.dtype.element_ty), mask=dm & (d * 0 + t + 1 < t_hi))
-    if SUMMARY:
-        sb = sum_h_ptr + (pid_b * NSEG + pid_s) * D * N
-        _store_group(sb, d, 0, GS, sh_d, sh_n, N, dm, h0)
-        _store_group(sb, d, 1, GS, sh_d, sh_n, N, dm, h1)
-        _store_group(sb, d, 2, GS, sh_d, sh_n, N, dm, h2)
-        _store_group(sb, d, 3, GS, sh_d, sh_n, N, dm, h3)
-        tl.store(sum_dt_ptr + (pid_b * NSEG + pid_s) * D + d, dt_total, mask=dm)
-    elif pid_s == NSEG - 1:
-        hb = hT_ptr + pid_b * D * N
-        _store_group(hb, d, 0, GS, sh_d, sh_n, N, dm, h0)
-        _store_group(hb, d, 1, GS, sh_d, sh_n, N, dm, h1)
-        _store_group(hb, d, 2, GS, sh_d, sh_n, N, dm, h2)
-        _store_group(hb, d, 3, GS, sh_d, sh_n, N, dm, h3)
-
-
-@jit
-def _store_group(ptr, d, q: tl.constexpr, GS: tl.constexpr, s_d, s_n, N, dm, h):
-    n = q * GS + tl.arange(0, GS)
-    tl.store(ptr + d[:, None] * s_d + n[None, :] * s_n, h, mask=dm[:, None] & (n < N)[None, :])
-
-
 def chunked_segments(batch: int, length: int, dim: int, block_d: int, num_warps: int, is_cuda: bool,
                      warps_per_scheduler: int = 32, max_segments: int = 16, min_steps: int = 32) -> int:
     """How many time segments the chunked scan runs in parallel: enough warps to fill an H200 (132 SMs x 4
@@ -564,33 +379,48 @@ def chunked_segments(batch: int, length: int, dim: int, block_d: int, num_warps:
     return int(max(1, min(want, max_segments, length // min_steps)))
 
 
+def chunked_step_knobs(batch: int, dim: int, block_d: int, num_warps: int, is_cuda: bool,
+                       full_warps: int = 132 * 4) -> tuple[int, bool]:
+    """Steps a loop trip and ``softplus_log2`` of the chunked scan by how busy the GPU is before any time split:
+    where batch x channel blocks give at least ``full_warps`` warps (one a scheduler of an H200; BlackMamba-2.8B
+    from batch 6), one step a trip with dt's softplus through base-2 functions; below that, 4 steps a trip (the
+    few warps need the unrolled trip's independent work) and the exact softplus. Session 22 (H200, Triton 3.6,
+    ``bench_scan.py --knobs``): B = 8, L = 512 / 2048 / 4096: 229 / 762 / 1476 us against 260 / 890 / 1726 for 4
+    steps (one step alone 250 / 850 / 1659); B = 1, L = 2048: 156 against 140 (4 steps with the base-2 softplus:
+    168)."""
+    if not is_cuda:
+        return 4, False
+    busy = batch * cdiv(dim, block_d) * num_warps >= full_warps
+    return (1, True) if busy else (4, False)
+
+
 def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=None, initial_state=None,
                            delta_softplus: bool = True, n_segments: int | None = None, num_warps: int | None = None,
                            lanes: int | None = None, unroll: int | None = None, fast_exp: bool | None = None,
-                           bc_fp32: bool | None = None, softplus_log2: bool = False, groups: bool = False):
+                           bc_fp32: bool | None = None, softplus_log2: bool | None = None):
     """The chunked method of :func:`selective_scan_triton`: ``(y [B, L, D] in u.dtype, final state fp32)``.
 
     ``n_segments`` (time segments run in parallel; default :func:`chunked_segments`), ``num_warps``, ``lanes``
     (threads per channel, splitting its N states; channels per program = 32 x warps / lanes), ``unroll`` (steps
-    per loop trip), ``fast_exp`` (one-instruction exp2; CUDA only, off by default: slower on the H200) and
-    ``bc_fp32`` (B and C converted to one fp32 [B, L, 2N] tensor first, so the hot loop, where every thread reads
-    the whole B_t and C_t rows, loads them without a conversion each; default on CUDA for 16-bit inputs) and
-    ``softplus_log2`` (dt's softplus through base-2 functions, :func:`_softplus_log2`: ~25 fewer instructions a step
-    with the H200 image's Triton 3.6, session 21's compile report; off until timed) are tuning knobs; every setting
-    computes the same function (``softplus_log2`` to the approximate base-2 functions' rounding). ``groups``: the
-    same method on :func:`_grouped_scan_kernel` (the states as 4 explicit groups, two steps a trip; ``unroll``,
-    ``lanes`` and ``fast_exp`` do not apply; off until timed).
+    per loop trip; default :func:`chunked_step_knobs`), ``fast_exp`` (one-instruction exp2; CUDA only, off by
+    default: slower on the H200), ``bc_fp32`` (B and C converted to one fp32 [B, L, 2N] tensor first, so the hot
+    loop, where every thread reads the whole B_t and C_t rows, loads them without a conversion each; default on
+    CUDA for 16-bit inputs) and ``softplus_log2`` (dt's softplus through base-2 functions, :func:`_softplus_log2`;
+    default :func:`chunked_step_knobs`) are tuning knobs; every setting computes the same function
+    (``softplus_log2`` to the approximate base-2 functions' rounding).
     """
     batch, length, dim, n = _check_scan_args(u, delta, A, B_ssm, C_ssm, D_skip, z, delta_bias, initial_state)
     y = torch.empty(batch, length, dim, device=u.device, dtype=u.dtype)
     final = torch.empty(batch, dim, n, device=u.device, dtype=torch.float32)
     h0 = None if initial_state is None else initial_state.float().contiguous()
     num_warps = num_warps or 1
-    lanes = 1 if groups else min(lanes or 1, next_pow2(n))
+    lanes = min(lanes or 1, next_pow2(n))
     block_d = 32 * num_warps // lanes if u.is_cuda else min(next_pow2(dim), 16)
-    # 4 steps a trip (8: 1483 us against 1153 at B = 8, L = 2048, 16 segments, H200) and the exact exp2 (the
-    # one-instruction exp2 took 1153 against 877 us there; B = 1, L = 2048: 168 against 138; session 18's sweep)
-    unroll = 2 if groups else (unroll or 4)  # (groups: two steps a trip, segments of an even length)
+    # the exact exp2 (the one-instruction exp2 took 1153 against 877 us at B = 8, L = 2048; B = 1: 168 against
+    # 138; session 18's sweep); 8 steps a trip lost everywhere (session 18: 1483 against 1153 us at B = 8)
+    auto_unroll, auto_sp = chunked_step_knobs(batch, dim, block_d, num_warps, u.is_cuda)
+    unroll = unroll or auto_unroll
+    softplus_log2 = auto_sp if softplus_log2 is None else bool(softplus_log2)
     fast_exp = False if fast_exp is None else bool(fast_exp and u.is_cuda)
     if u.is_cuda if bc_fp32 is None else bc_fp32:
         B_ssm, C_ssm = _bc_fp32(B_ssm, C_ssm)
@@ -613,16 +443,10 @@ def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias
     # are then immediate offsets from one pointer per input
     common.update(su_l=u.stride(1), sdt_l=delta.stride(1), sz_l=zs[1], sb_l=B_ssm.stride(1),
                   sc_l=C_ssm.stride(1), sy_l=y.stride(1))
-    kernel = _chunked_scan_kernel
-    if groups:
-        kernel = _grouped_scan_kernel
-        for key in ("FAST_EXP", "UNROLL", "BLOCK_N", "EVEN_N"):
-            common.pop(key)
-        common["GS"] = max(1, next_pow2(n) // 4)
-        common["EVEN"] = 4 * common["GS"] == n
+    grid = (batch, cdiv(dim, block_d))
     if segs > 1:  # summaries of all segments but the last (whose summary nobody reads)
-        kernel[(batch, cdiv(dim, block_d), segs - 1)](*args, SUMMARY=True, **common)
-    kernel[(batch, cdiv(dim, block_d), segs)](*args, SUMMARY=False, **common)
+        _chunked_scan_kernel[grid + (segs - 1,)](*args, SUMMARY=True, **common)
+    _chunked_scan_kernel[grid + (segs,)](*args, SUMMARY=False, **common)
     return y, final
 
 

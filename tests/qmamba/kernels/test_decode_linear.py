@@ -165,7 +165,7 @@ def test_input_in_tile_shape_on_a_wide_tile_row(sums, device):
     torch.manual_seed(12)
     warps = 4 if device.type == "cuda" else 1
     policy = DecodePolicy(pdl=False, block_n_int4=4, num_warps=warps, int4_unpack="denorm", int4_x_in_tile=True,
-                          int4_x_in_tile_wide=True)
+                          int4_x_in_tile_wide="always")
     n, k = 37, 1100
     x = torch.randn(1, k, device=device).to(torch.bfloat16).float()
     planes = int4_x_planes(x)
@@ -180,8 +180,9 @@ def test_input_in_tile_shape_on_a_wide_tile_row(sums, device):
 def test_input_in_tile_shape_only_where_the_tile_row_is_narrow(monkeypatch):
     """The launch rule of ``int4_x_in_tile`` at BlackMamba-2.8B's K with the CUDA policy's 4 warps: in_proj / fc1
     (K 1472: 16 tiles of 16 words, fewer than 4 x 32 threads x 4) read the input in the tile's shape (UNPACK 3);
-    out_proj (K 2944, 32 tiles) keeps the broadcast (2) unless ``int4_x_in_tile_wide``; so does every matrix without
-    the flag, or at two rows."""
+    out_proj (K 2944, 32 tiles) keeps the broadcast (2) unless ``int4_x_in_tile_wide`` is "always", or "row_programs"
+    (the CUDA policy's) and the rows are a batch's routed row programs (fc2 at batch 8); so does every matrix
+    without the flag, or at two rows of one program."""
     import qmamba.kernels.decode_linear as dl
 
     seen = []
@@ -192,13 +193,21 @@ def test_input_in_tile_shape_only_where_the_tile_row_is_narrow(monkeypatch):
 
     monkeypatch.setattr(dl, "_decode_linear_kernel", Recorder())
     cuda = dl.DecodePolicy.cuda(132, False)
-    for k, flag, m, want, wide in ((1472, True, 1, 3, False), (2944, True, 1, 2, False), (1472, False, 1, 2, False),
-                                   (1472, True, 2, 2, False), (2944, True, 1, 3, True), (2944, True, 2, 2, True)):
-        w = weight_for("planes128", 8, k, torch.device("cpu"))
+    assert cuda.int4_x_in_tile_wide == "row_programs"
+    for k, flag, m, want, wide, routed in (
+            (1472, True, 1, 3, "off", False), (2944, True, 1, 2, "off", False), (1472, False, 1, 2, "off", False),
+            (1472, True, 2, 2, "off", False), (2944, True, 1, 3, "always", False), (2944, True, 2, 2, "always", False),
+            (2944, True, 1, 2, "row_programs", False), (2944, True, 1, 2, "row_programs", True),
+            (2944, True, 8, 3, "row_programs", True), (2944, True, 8, 2, "off", True)):
+        experts = 3 if routed else 1
+        w = weight_for("planes128", 8, k, torch.device("cpu"), experts=experts)
         policy = dataclasses.replace(cuda, int4_x_in_tile=flag, planes_mma=False, max_rows_planes=2,
                                      int4_x_in_tile_wide=wide)
-        decode_linear(torch.randn(m, k), w, torch.empty(m, 8), policy=policy)
-        assert seen[-1] == want, (k, flag, m, wide)
+        kw = dict(row_expert=torch.zeros(m, dtype=torch.int32)) if routed else {}
+        decode_linear(torch.randn(m, k), w, torch.empty(m, 8), policy=policy, **kw)
+        assert seen[-1] == want, (k, flag, m, wide, routed)
+    with pytest.raises(ValueError, match="int4_x_in_tile_wide"):
+        dataclasses.replace(cuda, int4_x_in_tile_wide=True)
 
 
 @pytest.mark.parametrize("m", [3, 8])

@@ -7,7 +7,7 @@ import torch
 
 from qmamba.kernels.causal_conv1d import (causal_conv1d_ref, causal_conv1d_triton, causal_conv1d_update_ref,
                                           causal_conv1d_update_triton)
-from qmamba.kernels.selective_scan import (_bc_fp32, selective_scan_ref, selective_scan_triton,
+from qmamba.kernels.selective_scan import (_bc_fp32, chunked_step_knobs, selective_scan_ref, selective_scan_triton,
                                            selective_state_update_ref, selective_state_update_triton)
 
 REAL = os.environ.get("QMAMBA_TEST_DEVICE") == "cuda"
@@ -69,22 +69,32 @@ def test_auto_method_picks_by_tokens(monkeypatch, device):
 # unroll of 4 steps each: 10 segments, the last one short (the carry-in walks 9 summaries)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,with_state", [(1, False), (2, True)])
-@pytest.mark.parametrize("n_segments,unroll,bc_fp32,sp_log2,groups,n", [
-    (1, 4, False, False, False, 5), (3, 8, True, False, False, 5), (3, 4, False, False, False, 5),
-    (10, 4, True, False, False, 5), (3, 4, True, True, False, 5), (1, 1, True, True, False, 16),
-    (1, None, True, False, True, 5), (3, None, True, True, True, 5), (10, None, False, False, True, 16),
-    (3, None, True, False, True, 16)])
-def test_chunked_scan_knobs(dtype, batch, with_state, n_segments, unroll, bc_fp32, sp_log2, groups, n, device):
-    """``sp_log2``: dt's softplus through base-2 functions (``softplus_log2``; on CUDA one lg2.approx); ``groups``:
-    the grouped-states kernel (two steps a trip: L = 37 ends every segment count here on an odd step somewhere;
-    N = 5: groups of 2 states, the last ones masked; N = 16: 4 whole groups, unmasked B / C rows)."""
+@pytest.mark.parametrize("n_segments,unroll,bc_fp32,sp_log2,n", [
+    (1, 4, False, False, 5), (3, 8, True, False, 5), (3, 4, False, False, 5), (10, 4, True, False, 5),
+    (3, 4, True, True, 5), (1, 1, True, True, 16), (3, 1, False, True, 5), (10, 1, True, False, 16)])
+def test_chunked_scan_knobs(dtype, batch, with_state, n_segments, unroll, bc_fp32, sp_log2, n, device):
+    """``sp_log2``: dt's softplus through base-2 functions (``softplus_log2``; on CUDA one lg2.approx); one step a
+    trip (``unroll`` 1, the CUDA default of a busy GPU) with 3 and 10 segments."""
     p = scan_inputs(batch, 37, 20, n, device, dtype, seed=4)
     if with_state:
         p["initial_state"] = torch.randn(batch, 20, n, device=device)
     got = selective_scan_triton(**p, method="chunked", n_segments=n_segments, unroll=unroll, bc_fp32=bc_fp32,
-                                softplus_log2=sp_log2, groups=groups)
+                                softplus_log2=sp_log2)
     assert got[0].dtype == dtype and got[1].dtype == torch.float32
     assert_scan_close(got, selective_scan_ref(**p), dtype)
+
+
+def test_chunked_step_knobs_follow_the_warps_before_the_time_split():
+    """One step a trip with the base-2 softplus once batch x channel blocks fill an H200's 528 schedulers (session
+    22's timings: BlackMamba-2.8B's 2944 channels, 92 one-warp programs a batch row, from batch 6); 4 steps and the
+    exact softplus below that and off CUDA."""
+    assert chunked_step_knobs(1, 2944, 32, 1, True) == (4, False)
+    assert chunked_step_knobs(5, 2944, 32, 1, True) == (4, False)
+    assert chunked_step_knobs(6, 2944, 32, 1, True) == (1, True)
+    assert chunked_step_knobs(8, 2944, 32, 1, True) == (1, True)
+    assert chunked_step_knobs(6, 2944, 64, 2, True) == (1, True)  # 6 x 46 programs of 2 warps
+    assert chunked_step_knobs(5, 2944, 64, 2, True) == (4, False)
+    assert chunked_step_knobs(64, 2944, 16, 1, False) == (4, False)
 
 
 @pytest.mark.parametrize("adjacent", [True, False])
