@@ -380,17 +380,18 @@ def chunked_segments(batch: int, length: int, dim: int, block_d: int, num_warps:
 
 
 def chunked_step_knobs(batch: int, dim: int, block_d: int, num_warps: int, is_cuda: bool,
-                       full_warps: int = 132 * 4) -> tuple[int, bool]:
-    """Steps a loop trip and ``softplus_log2`` of the chunked scan by how busy the GPU is before any time split:
-    where batch x channel blocks give at least ``full_warps`` warps (one a scheduler of an H200; BlackMamba-2.8B
-    from batch 6), one step a trip with dt's softplus through base-2 functions; below that, 4 steps a trip (the
-    few warps need the unrolled trip's independent work) and the exact softplus. Session 22 (H200, Triton 3.6,
-    ``bench_scan.py --knobs``): B = 8, L = 512 / 2048 / 4096: 229 / 762 / 1476 us against 260 / 890 / 1726 for 4
-    steps (one step alone 250 / 850 / 1659); B = 1, L = 2048: 156 against 140 (4 steps with the base-2 softplus:
-    168)."""
+                       busy_warps: int = 132) -> tuple[int, bool]:
+    """Steps a loop trip and ``softplus_log2`` of the chunked scan by how many warps batch x channel blocks give
+    before any time split: from ``busy_warps`` (one a multiprocessor of an H200; BlackMamba-2.8B's 2,944 channels
+    from batch 2) one step a trip with dt's softplus through base-2 functions; below that, 4 steps a trip (the few
+    warps need the unrolled trip's independent work) and the exact softplus. Session 22 (H200, Triton 3.6,
+    ``bench_scan.py --knobs "unroll=1,softplus_log2=true;unroll=4,softplus_log2=false"``), L = 2048, one step and
+    base-2 against 4 steps and exact: B = 1 156 against 140 us; B = 2 249 / 264; B = 4 404 / 470; B = 6 622 / 684;
+    B = 8 762 / 887 (L = 512 / 4096 at B = 8: 229 / 1476 against 260 / 1726). Either knob alone did worse (B = 8, L =
+    2048: one step, exact 850 us; 4 steps, base-2 1166)."""
     if not is_cuda:
         return 4, False
-    busy = batch * cdiv(dim, block_d) * num_warps >= full_warps
+    busy = batch * cdiv(dim, block_d) * num_warps >= busy_warps
     return (1, True) if busy else (4, False)
 
 

@@ -26,7 +26,8 @@ def test_quick_run_checks_every_variant(tmp_path):
         done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_scan.py"), "--quick", "--json",
                                str(out), "--knobs", "n_segments=3;method=assoc,block_t=8", *extra],
                               capture_output=True, text=True, timeout=900,
-                              env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "TRITON_INTERPRET": "1"})
+                              env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "TRITON_INTERPRET": "1",
+                                   "CUDA_VISIBLE_DEVICES": ""})  # the CPU smoke run, also where a GPU is
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         rows = json.loads(out.read_text())["rows"]
         assert {r["variant"] for r in rows} == {"assoc", "chunked", "chunked n_segments=3", "assoc block_t=8"}
