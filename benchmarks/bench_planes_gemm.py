@@ -45,6 +45,19 @@ UNPACKS = {"float": (True, False), "int": (False, False), "wleft": (True, True)}
 N_EXPERTS = 8
 
 
+def parse_tile(spec: str) -> tuple:
+    """``64x128w4s3`` -> (block_m, block_n, warps, stages); a ``k2`` suffix adds split-K 2."""
+    found = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)(?:k(\d+))?", spec.strip())
+    if not found:
+        sys.exit(f"error: tile {spec!r} is not BMxBNwWARPSsSTAGES[kSPLIT], e.g. 64x128w4s3 or 16x64w4s3k2")
+    return tuple(int(v) for v in found.groups() if v is not None)
+
+
+def tile_name(tile: tuple) -> str:
+    bm, bn, warps, stages, *split = tile
+    return f"{bm}x{bn} w{warps} s{stages}" + (f" k{split[0]}" if split and split[0] > 1 else "")
+
+
 def _weights(k, n, experts, copies, device):
     """``copies`` int4 g128 weights (words form, planes form) and their bf16 dense twins."""
     fmt = Int4Format(128)
@@ -120,6 +133,18 @@ def run(m_values, sweep, quick, log, parts=("dense", "experts"), expert_sweep=No
             if sweep and timed and 1 < m <= 16:  # the small-M kernel's tiles (batched decode)
                 small_m_sweep(label, m, record, ref, n * k // 2,
                               lambda cfg: [lambda w=w: dequant_matmul(x, w[1], config=cfg) for w in ws], log)
+            if sweep and timed and expert_sweep and m <= 16:  # the grouped GEMM kernel, this matrix as one
+                one = torch.zeros(m, dtype=torch.int32, device=device)  # expert (batched decode's tiles)
+                for tile, how in itertools.product(expert_sweep, unpacks or list(UNPACKS)):
+                    bm, bn, warps, stages, split = tile + (1,) * (5 - len(tile))
+                    cfg = MatmulConfig(bm, bn, 128, split, warps, stages)
+                    fl, left = UNPACKS[how]
+                    pol = MatmulPolicy(plane_float_codes=fl, plane_weight_left=left)
+                    st = expert_tile_map(one, 1, bm)
+                    sweep_record(record, log, label, m, f"planes {tile_name(tile)} {how}",
+                                 [lambda w=w, c=cfg, p=pol, t=st: dequant_matmul(x, w[1], row_expert=one, tiles=t,
+                                                                                config=c, policy=p) for w in ws],
+                                 ref, n * k // 2)
             if sweep and timed and m >= 64:
                 for bm, bn, warps, stages in ((64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 256, 8, 3),
                                               (64, 256, 8, 3), (128, 128, 4, 4), (64, 64, 4, 4)):
@@ -162,14 +187,15 @@ def run(m_values, sweep, quick, log, parts=("dense", "experts"), expert_sweep=No
                 small_m_sweep(label, m, record, ref, n_experts * n * k // 2,
                               lambda cfg: [lambda w=w: dequant_matmul(x, w[1], row_expert=idx, config=cfg)
                                            for w in ws], log)
-            if sweep and timed and m >= 64:  # grouped GEMM tiles of the plane kernel by code unpacking / product
-                for (bm, bn, warps, stages), how in itertools.product(expert_sweep or EXPERT_SWEEP,
-                                                                      unpacks or list(UNPACKS)):
-                    cfg = MatmulConfig(bm, bn, 128, 1, warps, stages)
+            if sweep and timed and (m >= 64 or (expert_sweep and m <= 16)):  # grouped GEMM tiles of the plane
+                #                                   kernel by code unpacking / product
+                for tile, how in itertools.product(expert_sweep or EXPERT_SWEEP, unpacks or list(UNPACKS)):
+                    bm, bn, warps, stages, split = tile + (1,) * (5 - len(tile))
+                    cfg = MatmulConfig(bm, bn, 128, split, warps, stages)
                     fl, left = UNPACKS[how]
                     pol = MatmulPolicy(dequant_experts_min_m=1 << 40, plane_float_codes=fl, plane_weight_left=left)
                     st = expert_tile_map(idx, n_experts, bm)
-                    sweep_record(record, log, label, m, f"planes {bm}x{bn} w{warps} s{stages} {how}",
+                    sweep_record(record, log, label, m, f"planes {tile_name(tile)} {how}",
                                  [lambda w=w, c=cfg, p=pol, t=st: dequant_matmul(x, w[1], row_expert=idx, tiles=t,
                                                                                 config=c, policy=p) for w in ws],
                                  ref, n_experts * n * k // 2)
@@ -196,15 +222,16 @@ def main():
     ap.add_argument("--m", default="2,4,8,16,64,256,2048")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--parts", default="dense,experts", help="dense projections, expert stacks, or both")
-    ap.add_argument("--expert-tiles", help="the expert sweep's tiles, e.g. 64x128w4s3,256x64w8s3 (default: a grid)")
+    ap.add_argument("--expert-tiles", help="the expert sweep's tiles, e.g. 64x128w4s3,16x64w4s3k2 (k: split-K; "
+                    "default: a grid at M >= 64); given, they are also timed at M <= 16 (batched decode) on the "
+                    "grouped GEMM kernel, for the expert stacks and, as one expert, the dense projections")
     ap.add_argument("--unpacks", help="the expert sweep's unpacking: float (codes as floats), int (integer "
                     "conversions), wleft (float codes, the product as W x^T); default all three")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test under TRITON_INTERPRET=1)")
     args = ap.parse_args()
     require_idle_gpu()
     m_values = [int(v) for v in args.m.split(",")] if not args.quick else [3, 19]
-    tiles = [tuple(int(v) for v in re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)", t).groups())
-             for t in args.expert_tiles.split(",")] if args.expert_tiles else None
+    tiles = [parse_tile(t) for t in args.expert_tiles.split(",")] if args.expert_tiles else None
     unpacks = args.unpacks.split(",") if args.unpacks else None
     if unpacks and not set(unpacks) <= set(UNPACKS):
         sys.exit(f"error: --unpacks takes {', '.join(UNPACKS)}")
