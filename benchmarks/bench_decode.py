@@ -182,6 +182,11 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
     if v in ("xtilewide", "xtilewide0"):  # out_proj / fc2 read their input planes in the tile's shape at one row
         #                                  too (int4_x_in_tile_wide "always"), or never (0: not at batch 8's fc2)
         return dataclasses.replace(base, int4_x_in_tile_wide="always" if v == "xtilewide" else "off")
+    m = re.fullmatch(r"rgemm(\d+)?(?:w(\d+))?(?:s(\d+))?", v)
+    if m:  # e.g. rgemm, rgemm128w8: routed experts at 2+ rows as one grouped GEMM a matrix (block_n, warps, stages;
+        #    DecodePolicy.routed_gemm_rows / routed_gemm_tile)
+        tile = tuple(int(g) if g else d for g, d in zip(m.groups(), base.routed_gemm_tile))
+        return dataclasses.replace(base, routed_gemm_rows=2, routed_gemm_tile=tile)
     if v.startswith("maxp"):  # e.g. maxp1056: twice the int4 / 1-bit rows a program for grids just past 1056 programs
         return dataclasses.replace(base, max_programs=int(v[4:]))
     if v.startswith("normp"):  # e.g. normp4: programs a row of each add + norm writing the int4 input planes

@@ -126,7 +126,8 @@ def _dequant_gemm_kernel(
     n_ok = n < N
     t_lo, t_hi = split_k_range(pid_k, tl.cdiv(K_PAD, BLOCK_K), SPLIT_K)
     k_lo, k_hi = t_lo * BLOCK_K, tl.minimum(t_hi * BLOCK_K, K_PAD)
-    if ONLY:
+    if TILES:  # an empty tile (the map's spare tiles, or another expert's under ONLY) runs no K loop: the map has
+        #        cdiv(M, BLOCK_M) + E tiles, ~E / 2 of them spare (the last expert's weights, an empty row range)
         k_hi = tl.where(hi > lo, k_hi, k_lo)
     w_base = w_ptr + e64 * swe
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

@@ -211,3 +211,39 @@ def test_fused_step_with_shared_norm_planes(batch, programs, device):
         torch.testing.assert_close(logits, ref.float(), atol=1e-3, rtol=1e-3)
         torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
         tok = ref.argmax(-1)
+
+
+@pytest.mark.parametrize("fmt,batch", [("int4g128", 3), ("int4", 8), ("float", 2), ("int8", 4)])
+@torch.no_grad()
+def test_fused_step_routed_experts_as_grouped_gemm(fmt, batch, device, monkeypatch):
+    """``DecodePolicy.routed_gemm_rows``: at 2+ rows fc1 and fc2 of every MoE layer as one grouped GEMM each over
+    the rows sorted by expert (int4 g128 as plane words, the product as W x^T; int4 g32 stored words, int8 and
+    float on the same kernel), the dense matrices on the decode kernels' general fallback as before. The tile map
+    is built once a MoE layer and both matrices run on it (counted); logits and states as the reference model's."""
+    import qmamba.fused_step as fused_step
+
+    model = build("tiny-blackmamba", FORMATS[fmt], device)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 4), device=device)
+    _, state = model.prefill(ids)
+    ref_state = state.clone()
+    tok = ids[:, 1]
+    warps = 4 if device.type == "cuda" else 1
+    policy = dataclasses.replace(DecodePolicy.for_device(device), formats=(0, 1, 3), int4_planes=fmt == "int4g128",
+                                 routed_gemm_rows=2, routed_gemm_tile=(32, warps, 2))
+    step = FusedDecodeStep(model, policy)
+    moe = [p for p in step.layers if hasattr(p, "fc1")]
+    assert moe and all(policy.routed_gemm(p.fc1, batch) is not None and not policy.takes(p.fc1, batch, routed=True)
+                       for p in moe)
+    assert all(policy.routed_gemm(p.fc1, 1) is None for p in moe)  # one row: the decode kernels as before
+    maps, tiled = [], []
+    real_map, real_matmul = fused_step.expert_tile_map, fused_step.dequant_matmul
+    monkeypatch.setattr(fused_step, "expert_tile_map", lambda *a, **k: maps.append(1) or real_map(*a, **k))
+    monkeypatch.setattr(fused_step, "dequant_matmul",
+                        lambda *a, **k: tiled.append(k.get("tiles") is not None) or real_matmul(*a, **k))
+    for _ in range(2):
+        logits = step(tok, state)
+        ref = model.step(tok, ref_state)
+        torch.testing.assert_close(logits, ref.float(), atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
+        tok = ref.argmax(-1)
+    assert len(maps) == 2 * len(moe) and tiled == [True] * (4 * len(moe))
