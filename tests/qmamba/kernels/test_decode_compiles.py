@@ -155,11 +155,16 @@ def test_int4_gemm_defaults_compile_without_spills():
     count = lambda op, line: int(m.group(1)) if (m := re.search(rf"\b{op}=(\d+)", line)) else 0  # noqa: E731
     i2f = {line: count("I2F", line) for line in lines}
     # MatmulPolicy.plane_weight_left (the default): the dequantized tile no longer goes through shared memory (a few
-    # stores at most, against 42 as the right operand). Spills are allowed: none with Triton 3.9's ptxas, 80 bytes
-    # of stack (255 registers) with Triton 3.6's on the H200 (session 18's gpu_check)
+    # stores at most, against 42 as the right operand). Spills are allowed: none with Triton 3.9's ptxas; with
+    # Triton 3.6's (the H200 image) 80 bytes of stack at 255 registers until session 22's empty-tile skip, none at
+    # 231 registers since
     left = [line for line in lines if "W x^T" in line]
     assert len(left) == 2 and all(count("STS", line) <= 4 for line in left), stdout
     lines = [line for line in lines if line not in left]
     floats = [line for line in lines if " float codes " in line]
     assert len(floats) == 4 and all(" stack    0 " in line and i2f[line] <= 4 for line in floats), stdout
     assert all(i2f[line] >= 64 for line in lines if " int   codes " in line), stdout  # one per code, as before
+    # the grouped GEMM as DecodePolicy.routed_gemm_rows runs batched decode's experts (16-row tiles, W x^T)
+    stdout = _compiled(str(ROOT / "benchmarks" / "inspect_gemm_kernel.py"), "--cases", "batch8gemm", timeout=900)
+    lines = [line for line in stdout.splitlines() if " regs " in line]
+    assert len(lines) == 2 and all(" stack    0 " in line and " tile 16x" in line for line in lines), stdout
