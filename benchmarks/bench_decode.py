@@ -158,7 +158,7 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return base
     if v == "nopdl":
         return dataclasses.replace(base, pdl=False)
-    if v == "intcodes":  # the general kernels' int4 plane codes as integers (see matmul_variant)
+    if v == "intcodes" or DGEMM.fullmatch(v):  # the general kernels' policy only (see matmul_variant)
         return base
     if v == "xtile":  # int4 in_proj / fc1: the input read in the tile's shape (DecodePolicy.int4_x_in_tile)
         return dataclasses.replace(base, int4_x_in_tile=True)
@@ -229,8 +229,19 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
 
 def matmul_variant(v: str) -> MatmulPolicy:
     """The general matmuls' policy of a variant (batch 2+ and the prefill run on them): the default but for
-    ``intcodes`` (int4 plane codes through integer-to-float conversions, ``MatmulPolicy.plane_float_codes``)."""
-    return dataclasses.replace(DEFAULT_POLICY, plane_float_codes=False) if v == "intcodes" else DEFAULT_POLICY
+    ``intcodes`` (int4 plane codes through integer-to-float conversions, ``MatmulPolicy.plane_float_codes``) and
+    ``dgemm[BN][wW][sS][kK]`` (dense int4 plane-word matrices at 2..16 rows on the GEMM kernel's 16-row tiles,
+    ``MatmulPolicy.small_m_gemm_tile``; defaults 64, 4 warps, 3 stages, split-K 1)."""
+    if v == "intcodes":
+        return dataclasses.replace(DEFAULT_POLICY, plane_float_codes=False)
+    m = DGEMM.fullmatch(v)
+    if m:
+        tile = tuple(int(g) if g else d for g, d in zip(m.groups(), (64, 4, 3, 1)))
+        return dataclasses.replace(DEFAULT_POLICY, small_m_gemm_tile=tile)
+    return DEFAULT_POLICY
+
+
+DGEMM = re.compile(r"dgemm(\d+)?(?:w(\d+))?(?:s(\d+))?(?:k(\d+))?")
 
 
 def main():

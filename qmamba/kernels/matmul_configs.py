@@ -52,7 +52,11 @@ class MatmulPolicy:
     Tried and removed (session 19): two nibble positions per shift and logic instruction as 16-bit floats
     ``128 + code`` on the ``W x^T`` path, the zero point through per-tile input sums from a pre-pass (fewer
     unpacking instructions, more for the correction): fc1 x8 at M = 2048 260 against 261 us, fc2 162 against 148,
-    slower at M = 256 / 512 (commit 627fcaa has the code)."""
+    slower at M = 256 / 512 (commit 627fcaa has the code).
+    ``small_m_gemm_tile`` (block_n, warps, stages, split_k): dense int4 plane-word matrices at 2..16 rows (batched
+    decode) on the prefill GEMM kernel in 16-row tiles (W x^T with ``plane_weight_left``) instead of the small-M
+    kernel (x W^T, the tile through shared memory). None (the default): not timed yet. Session 22 (H200, 8 rows,
+    ``bench_decode_linear.py --rows 8``): the small-M kernel takes in_proj in 13.2 us against cuBLAS bf16's 7.8."""
 
     int4_word_gemv: bool = True
     binary_word_gemv: bool = True
@@ -62,6 +66,12 @@ class MatmulPolicy:
     word_gemv_max_weights: int = 1 << 24
     plane_float_codes: bool = True
     plane_weight_left: bool = True
+    small_m_gemm_tile: tuple | None = None
+
+    def __post_init__(self):
+        if self.small_m_gemm_tile is not None and len(self.small_m_gemm_tile) != 4:
+            raise ValueError("MatmulPolicy: small_m_gemm_tile is (block_n, warps, stages, split_k), got "
+                             f"{self.small_m_gemm_tile}")
 
     def binary_word_gemv_fits(self, m: int, weight: BinaryWeight) -> bool:
         return self.binary_word_gemv and (m == 1 or (m <= self.word_gemv_max_rows

@@ -247,3 +247,32 @@ def test_fused_step_routed_experts_as_grouped_gemm(fmt, batch, device, monkeypat
         torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
         tok = ref.argmax(-1)
     assert len(maps) == 2 * len(moe) and tiled == [True] * (4 * len(moe))
+
+
+@torch.no_grad()
+def test_fused_step_dense_small_m_on_the_gemm_kernel(device, monkeypatch):
+    """``MatmulPolicy.small_m_gemm_tile`` inside the fused step at batch 3: the dense int4 plane-word matrices on the
+    general path (in_proj, x_proj, out_proj, the head) run on the GEMM kernel's 16-row tiles with split-K into the
+    step's zeroed workspace (counted); logits and states as the reference model's, two steps."""
+    import qmamba.kernels.quant_matmul as qm
+    from qmamba.kernels.matmul_configs import MatmulPolicy, using_policy
+
+    model = build("tiny-blackmamba", FORMATS["int4g128"], device)
+    ids = torch.randint(0, model.config.vocab_size, (3, 4), device=device)
+    _, state = model.prefill(ids)
+    ref_state = state.clone()
+    tok = ids[:, 1]
+    policy = dataclasses.replace(DecodePolicy.for_device(device), formats=(), int4_planes=True, int4_x_planes=False)
+    seen = []
+    real = qm.dequant_gemm
+    monkeypatch.setattr(qm, "dequant_gemm", lambda *a, **k: seen.append((a[6].block_m, a[6].split_k)) or real(*a, **k))
+    with using_policy(MatmulPolicy(small_m_gemm_tile=(32, 4 if device.type == "cuda" else 1, 2, 2))):
+        step = FusedDecodeStep(model, policy)
+        for _ in range(2):
+            logits = step(tok, state)
+            ref = model.step(tok, ref_state)
+            torch.testing.assert_close(logits, ref.float(), atol=1e-3, rtol=1e-3)
+            torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
+            tok = ref.argmax(-1)
+    mamba = [p for p in step.layers if hasattr(p, "x_proj")]
+    assert seen.count((16, 2)) >= 2 * 3 * len(mamba), seen  # in_proj, x_proj, out_proj a Mamba layer a step
