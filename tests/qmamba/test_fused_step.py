@@ -27,6 +27,17 @@ def build(name, fmt, device):
     return quantize_rtn(model, fmt) if fmt is not None else model
 
 
+def steps_match_reference(step, model, tok, state, ref_state, steps: int = 2):
+    """``steps`` fused steps from ``tok`` (then the reference's greedy tokens): logits and SSM states as the reference
+    model's step from its own copy of the state."""
+    for _ in range(steps):
+        logits = step(tok, state)
+        ref = model.step(tok, ref_state)
+        torch.testing.assert_close(logits, ref.float(), atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
+        tok = ref.argmax(-1)
+
+
 @pytest.mark.parametrize("fmt,batch,kernels", [("float", 2, "decode"), ("int8", 2, "decode"), ("int4", 2, "decode"),
                                                ("int4", 1, "decode"), ("binary", 1, "decode"), ("binary", 2, "decode"),
                                                ("binary", 1, "decode_denorm"), ("binary", 3, "decode_denorm"),
@@ -240,12 +251,7 @@ def test_fused_step_routed_experts_as_grouped_gemm(fmt, batch, device, monkeypat
     monkeypatch.setattr(fused_step, "expert_tile_map", lambda *a, **k: maps.append(1) or real_map(*a, **k))
     monkeypatch.setattr(fused_step, "dequant_matmul",
                         lambda *a, **k: tiled.append(k.get("tiles") is not None) or real_matmul(*a, **k))
-    for _ in range(2):
-        logits = step(tok, state)
-        ref = model.step(tok, ref_state)
-        torch.testing.assert_close(logits, ref.float(), atol=1e-3, rtol=1e-3)
-        torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
-        tok = ref.argmax(-1)
+    steps_match_reference(step, model, tok, state, ref_state)
     assert len(maps) == 2 * len(moe) and tiled == [True] * (4 * len(moe))
 
 
@@ -268,11 +274,6 @@ def test_fused_step_dense_small_m_on_the_gemm_kernel(device, monkeypatch):
     monkeypatch.setattr(qm, "dequant_gemm", lambda *a, **k: seen.append((a[6].block_m, a[6].split_k)) or real(*a, **k))
     with using_policy(MatmulPolicy(small_m_gemm_tile=(32, 4 if device.type == "cuda" else 1, 2, 2))):
         step = FusedDecodeStep(model, policy)
-        for _ in range(2):
-            logits = step(tok, state)
-            ref = model.step(tok, ref_state)
-            torch.testing.assert_close(logits, ref.float(), atol=1e-3, rtol=1e-3)
-            torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
-            tok = ref.argmax(-1)
+        steps_match_reference(step, model, tok, state, ref_state)
     mamba = [p for p in step.layers if hasattr(p, "x_proj")]
     assert seen.count((16, 2)) >= 2 * 3 * len(mamba), seen  # in_proj, x_proj, out_proj a Mamba layer a step
