@@ -185,8 +185,7 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
     m = re.fullmatch(r"rgemm(\d+)?(?:w(\d+))?(?:s(\d+))?", v)
     if m:  # e.g. rgemm, rgemm128w8: routed experts at 2+ rows as one grouped GEMM a matrix (block_n, warps, stages;
         #    DecodePolicy.routed_gemm_rows / routed_gemm_tile)
-        tile = tuple(int(g) if g else d for g, d in zip(m.groups(), base.routed_gemm_tile))
-        return dataclasses.replace(base, routed_gemm_rows=2, routed_gemm_tile=tile)
+        return dataclasses.replace(base, routed_gemm_rows=2, routed_gemm_tile=_ints_or(m, base.routed_gemm_tile))
     if v.startswith("maxp"):  # e.g. maxp1056: twice the int4 / 1-bit rows a program for grids just past 1056 programs
         return dataclasses.replace(base, max_programs=int(v[4:]))
     if v.startswith("normp"):  # e.g. normp4: programs a row of each add + norm writing the int4 input planes
@@ -236,12 +235,16 @@ def matmul_variant(v: str) -> MatmulPolicy:
         return dataclasses.replace(DEFAULT_POLICY, plane_float_codes=False)
     m = DGEMM.fullmatch(v)
     if m:
-        tile = tuple(int(g) if g else d for g, d in zip(m.groups(), (64, 4, 3, 1)))
-        return dataclasses.replace(DEFAULT_POLICY, small_m_gemm_tile=tile)
+        return dataclasses.replace(DEFAULT_POLICY, small_m_gemm_tile=_ints_or(m, (64, 4, 3, 1)))
     return DEFAULT_POLICY
 
 
 DGEMM = re.compile(r"dgemm(\d+)?(?:w(\d+))?(?:s(\d+))?(?:k(\d+))?")
+
+
+def _ints_or(match: re.Match, defaults: tuple) -> tuple:
+    """A variant name's optional numbers (``rgemm128w8``: 128, 8, none) over their defaults."""
+    return tuple(int(g) if g else d for g, d in zip(match.groups(), defaults))
 
 
 def main():

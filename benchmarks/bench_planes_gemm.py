@@ -53,6 +53,12 @@ def parse_tile(spec: str) -> tuple:
     return tuple(int(v) for v in found.groups() if v is not None)
 
 
+def tile_config(tile: tuple) -> MatmulConfig:
+    """A sweep tile ``(block_m, block_n, warps, stages[, split_k])`` as the kernels' config (K tiles of 128)."""
+    bm, bn, warps, stages, split = tile + (1,) * (5 - len(tile))
+    return MatmulConfig(bm, bn, 128, split, warps, stages)
+
+
 def tile_name(tile: tuple) -> str:
     bm, bn, warps, stages, *split = tile
     return f"{bm}x{bn} w{warps} s{stages}" + (f" k{split[0]}" if split and split[0] > 1 else "")
@@ -136,11 +142,10 @@ def run(m_values, sweep, quick, log, parts=("dense", "experts"), expert_sweep=No
             if sweep and timed and expert_sweep and m <= 16:  # the grouped GEMM kernel, this matrix as one
                 one = torch.zeros(m, dtype=torch.int32, device=device)  # expert (batched decode's tiles)
                 for tile, how in itertools.product(expert_sweep, unpacks or list(UNPACKS)):
-                    bm, bn, warps, stages, split = tile + (1,) * (5 - len(tile))
-                    cfg = MatmulConfig(bm, bn, 128, split, warps, stages)
+                    cfg = tile_config(tile)
                     fl, left = UNPACKS[how]
                     pol = MatmulPolicy(plane_float_codes=fl, plane_weight_left=left)
-                    st = expert_tile_map(one, 1, bm)
+                    st = expert_tile_map(one, 1, cfg.block_m)
                     sweep_record(record, log, label, m, f"planes {tile_name(tile)} {how}",
                                  [lambda w=w, c=cfg, p=pol, t=st: dequant_matmul(x, w[1], row_expert=one, tiles=t,
                                                                                 config=c, policy=p) for w in ws],
@@ -190,11 +195,10 @@ def run(m_values, sweep, quick, log, parts=("dense", "experts"), expert_sweep=No
             if sweep and timed and (m >= 64 or (expert_sweep and m <= 16)):  # grouped GEMM tiles of the plane
                 #                                   kernel by code unpacking / product
                 for tile, how in itertools.product(expert_sweep or EXPERT_SWEEP, unpacks or list(UNPACKS)):
-                    bm, bn, warps, stages, split = tile + (1,) * (5 - len(tile))
-                    cfg = MatmulConfig(bm, bn, 128, split, warps, stages)
+                    cfg = tile_config(tile)
                     fl, left = UNPACKS[how]
                     pol = MatmulPolicy(dequant_experts_min_m=1 << 40, plane_float_codes=fl, plane_weight_left=left)
-                    st = expert_tile_map(idx, n_experts, bm)
+                    st = expert_tile_map(idx, n_experts, cfg.block_m)
                     sweep_record(record, log, label, m, f"planes {tile_name(tile)} {how}",
                                  [lambda w=w, c=cfg, p=pol, t=st: dequant_matmul(x, w[1], row_expert=idx, tiles=t,
                                                                                 config=c, policy=p) for w in ws],

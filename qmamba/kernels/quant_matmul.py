@@ -247,12 +247,13 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
             tiles = expert_tile_map(row_expert, weight.n_experts,
                                     pick_config(m, weight, x.device, policy=policy).block_m)
             route = ROUTE_TILES
-    cfg = config or pick_config(m, weight, x.device, route, policy)
     small_gemm = config is None and route == ROUTE_DENSE and weight.fmt == FMT_INT4_PLANES and \
         1 < m <= GEMV_MAX_M and policy.small_m_gemm_tile is not None  # the prefill kernel's 16-row tiles
     if small_gemm:
         bn, warps, stages, split = policy.small_m_gemm_tile
         cfg = MatmulConfig(16, bn, INT4_TILE, split, warps, stages)
+    else:
+        cfg = config or pick_config(m, weight, x.device, route, policy)
     if route == ROUTE_TILES:
         cfg = MatmulConfig(tiles.block_m, cfg.block_n, cfg.block_k, 1, cfg.num_warps, cfg.num_stages)
     atomic = cfg.split_k > 1
