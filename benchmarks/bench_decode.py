@@ -158,7 +158,7 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return base
     if v == "nopdl":
         return dataclasses.replace(base, pdl=False)
-    if v == "intcodes" or DGEMM.fullmatch(v):  # the general kernels' policy only (see matmul_variant)
+    if v == "intcodes":  # the general kernels' int4 plane codes as integers (see matmul_variant)
         return base
     if v == "xtile":  # int4 in_proj / fc1: the input read in the tile's shape (DecodePolicy.int4_x_in_tile)
         return dataclasses.replace(base, int4_x_in_tile=True)
@@ -182,10 +182,6 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
     if v in ("xtilewide", "xtilewide0"):  # out_proj / fc2 read their input planes in the tile's shape at one row
         #                                  too (int4_x_in_tile_wide "always"), or never (0: not at batch 8's fc2)
         return dataclasses.replace(base, int4_x_in_tile_wide="always" if v == "xtilewide" else "off")
-    m = re.fullmatch(r"rgemm(\d+)?(?:w(\d+))?(?:s(\d+))?", v)
-    if m:  # e.g. rgemm, rgemm128w8: routed experts at 2+ rows as one grouped GEMM a matrix (block_n, warps, stages;
-        #    DecodePolicy.routed_gemm_rows / routed_gemm_tile)
-        return dataclasses.replace(base, routed_gemm_rows=2, routed_gemm_tile=_ints_or(m, base.routed_gemm_tile))
     if v.startswith("maxp"):  # e.g. maxp1056: twice the int4 / 1-bit rows a program for grids just past 1056 programs
         return dataclasses.replace(base, max_programs=int(v[4:]))
     if v.startswith("normp"):  # e.g. normp4: programs a row of each add + norm writing the int4 input planes
@@ -228,23 +224,8 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
 
 def matmul_variant(v: str) -> MatmulPolicy:
     """The general matmuls' policy of a variant (batch 2+ and the prefill run on them): the default but for
-    ``intcodes`` (int4 plane codes through integer-to-float conversions, ``MatmulPolicy.plane_float_codes``) and
-    ``dgemm[BN][wW][sS][kK]`` (dense int4 plane-word matrices at 2..16 rows on the GEMM kernel's 16-row tiles,
-    ``MatmulPolicy.small_m_gemm_tile``; defaults 64, 4 warps, 3 stages, split-K 1)."""
-    if v == "intcodes":
-        return dataclasses.replace(DEFAULT_POLICY, plane_float_codes=False)
-    m = DGEMM.fullmatch(v)
-    if m:
-        return dataclasses.replace(DEFAULT_POLICY, small_m_gemm_tile=_ints_or(m, (64, 4, 3, 1)))
-    return DEFAULT_POLICY
-
-
-DGEMM = re.compile(r"dgemm(\d+)?(?:w(\d+))?(?:s(\d+))?(?:k(\d+))?")
-
-
-def _ints_or(match: re.Match, defaults: tuple) -> tuple:
-    """A variant name's optional numbers (``rgemm128w8``: 128, 8, none) over their defaults."""
-    return tuple(int(g) if g else d for g, d in zip(match.groups(), defaults))
+    ``intcodes`` (int4 plane codes through integer-to-float conversions, ``MatmulPolicy.plane_float_codes``)."""
+    return dataclasses.replace(DEFAULT_POLICY, plane_float_codes=False) if v == "intcodes" else DEFAULT_POLICY
 
 
 def main():

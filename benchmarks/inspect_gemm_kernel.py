@@ -4,13 +4,9 @@ BlackMamba-2.8B's expert shapes (8 experts, top-1):
 
 * ``prefill``: the grouped expert GEMM (``_dequant_gemm_kernel``) at M = 2048 tokens, the config of
   :func:`qmamba.kernels.matmul_configs.gemm_config`;
-* ``batch8``: the small-M kernel (``_dequant_matmul_kernel``) at 8 rows routed by expert (batched decode);
-* ``batch8gemm``: the grouped GEMM at 8 rows in 16-row tiles, as ``DecodePolicy.routed_gemm_rows`` runs the fused
-  step's experts (its ``routed_gemm_tile``; the product as W x^T, float codes only);
-* ``batch8dense``: one expert's matrix as a dense one at 8 rows on the same kernel, as ``MatmulPolicy.small_m_gemm_tile``
-  (64, 4 warps, 3 stages, split-K 2) runs the dense projections of batched decode (W x^T, float codes only).
+* ``batch8``: the small-M kernel (``_dequant_matmul_kernel``) at 8 rows routed by expert (batched decode).
 
-    python benchmarks/inspect_gemm_kernel.py [--cases prefill,batch8,batch8gemm] [--shapes fc1,fc2] [--no-stack]
+    python benchmarks/inspect_gemm_kernel.py [--cases prefill,batch8] [--shapes fc1,fc2] [--no-stack]
 
 Each case is compiled with the codes unpacked as integers and as floats (``MatmulPolicy.plane_float_codes``). A
 guide to the instructions a choice costs, not a timing (the device's Triton may schedule differently); the timings
@@ -33,8 +29,7 @@ from inspect_decode_kernel import _Recorder, compile_recorded, report  # noqa: E
 from qmamba.kernels import dequant_gemm as dg  # noqa: E402
 from qmamba.kernels import quant_matmul as qm  # noqa: E402
 from qmamba.kernels import matmul_configs  # noqa: E402
-from qmamba.kernels.decode_linear import DecodePolicy  # noqa: E402
-from qmamba.kernels.matmul_configs import MatmulConfig, MatmulPolicy, gemm_config, pick_config  # noqa: E402
+from qmamba.kernels.matmul_configs import MatmulPolicy, gemm_config, pick_config  # noqa: E402
 from qmamba.kernels.routing import ROUTE_BY_EXPERT, expert_tile_map  # noqa: E402
 from qmamba.kernels.weights import PackedWeight  # noqa: E402
 from qmamba.quant.formats import Int4Format  # noqa: E402
@@ -68,15 +63,6 @@ def compile_case(case: str, weight: PackedWeight, float_codes: bool, arch: int, 
         m = 2048
         cfg = gemm_config(m, weight, _CudaLike())
         recorder, module, name = _Recorder(dg._dequant_gemm_kernel), dg, "_dequant_gemm_kernel"
-    elif case == "batch8gemm":
-        m = 8
-        cfg = DecodePolicy(routed_gemm_rows=2).routed_gemm(weight, m)
-        recorder, module, name = _Recorder(dg._dequant_gemm_kernel), dg, "_dequant_gemm_kernel"
-    elif case == "batch8dense":
-        m, weight = 8, weight.expert(0)
-        policy = MatmulPolicy(plane_float_codes=True, plane_weight_left=True, small_m_gemm_tile=(64, 4, 3, 2))
-        cfg = None
-        recorder, module, name = _Recorder(dg._dequant_gemm_kernel), dg, "_dequant_gemm_kernel"
     else:
         m = 8
         cfg = pick_config(m, weight, _CudaLike(), ROUTE_BY_EXPERT, policy)
@@ -86,16 +72,11 @@ def compile_case(case: str, weight: PackedWeight, float_codes: bool, arch: int, 
     try:
         x = torch.randn(m, k).to(torch.bfloat16)
         idx = torch.randint(0, EXPERTS, (m,), dtype=torch.int32)
-        tiles = expert_tile_map(idx, EXPERTS, cfg.block_m) if case in ("prefill", "batch8gemm") else None
-        if case == "batch8dense":  # the policy picks the tile
-            qm.dequant_matmul(x, weight, policy=policy)
-        else:
-            qm.dequant_matmul(x, weight, row_expert=idx, tiles=tiles, config=cfg, policy=policy)
+        tiles = expert_tile_map(idx, EXPERTS, cfg.block_m) if case == "prefill" else None
+        qm.dequant_matmul(x, weight, row_expert=idx, tiles=tiles, config=cfg, policy=policy)
     finally:
         setattr(module, name, real)
     _, args, meta = recorder.calls[-1]
-    if cfg is None:
-        cfg = MatmulConfig(16, meta["BLOCK_N"], meta["BLOCK_K"], meta["SPLIT_K"], meta["num_warps"], meta["num_stages"])
     return compile_recorded(real, args, meta, arch), cfg
 
 
@@ -122,9 +103,6 @@ def main():
     for shape in args.shapes.split(","):
         weight = planes_stack(*SHAPES[shape])
         for case in args.cases.split(","):
-            if case in ("batch8gemm", "batch8dense"):
-                show(shape, case, "float codes, W x^T", *compile_case(case, weight, True, args.arch, weight_left=True))
-                continue
             for float_codes in (False, True):
                 r = show(shape, case, f"{'float' if float_codes else 'int':5s} codes",
                          *compile_case(case, weight, float_codes, args.arch))

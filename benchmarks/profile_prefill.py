@@ -9,7 +9,9 @@ per kernel name: launches, GPU microseconds per prefill, share of the total; and
 5). ``--graph``: also the CUDA-graph chunked prefill (qmamba/graph_prefill.py), checked against the eager prefill
 first (next token and final state, ``qmamba.bench.check_prefill``; a failed check exits non-zero), its wall time
 beside the eager one's, and the kernels of a graph replay. ``--experts``: each route of the routed expert matmuls in
-turn (``whole_stack``: every expert dequantized in one pass, then the float grouped GEMM).
+turn (``whole_stack``: every expert dequantized in one pass, then the float grouped GEMM; ``prestage``: each MoE
+block's stacks dequantized on a side stream while the block before it runs, qmamba/expert_prestage.py). Each route
+also prints its peak GPU memory (``torch.cuda.max_memory_allocated`` over its runs, graphs included).
 """
 
 from __future__ import annotations
@@ -56,8 +58,13 @@ def main():
         sys.exit(f"error: unknown expert route(s) {unknown}: {', '.join(PREFILL_EXPERT_ROUTES)}")
     report = dict(format=args.format, paths={})
     for route in routes:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
         with using_policy(PREFILL_EXPERT_ROUTES[route]):  # graphs capture the route active while they are captured
             profile_route(args, model, ids, route, report)
+        peak = torch.cuda.max_memory_allocated() / 1e9
+        print(f"{args.format} ({route}): peak GPU memory {peak:.3f} GB (weights and every graph of this route)")
+        report.setdefault("peak_gb", {})[route] = peak
     if args.out:
         Path(args.out).write_text(json.dumps(report))
 

@@ -21,9 +21,7 @@ int4 weights of group size 128 / 256 are first converted in place to plane words
 unchanged). What the policy does not take (on CUDA today: int4 groups below 128, dense matrices at batch 2+ and 1-bit
 weights at batch 2+, routed or not) runs on the general matmul kernels (:func:`dequant_matmul`,
 :func:`binary_matmul`, which read plane words too) with the conv step and the activation as their own launches
-(x_proj too when in_proj is not taken). With ``DecodePolicy.routed_gemm_rows`` (off by default) the expert stacks
-at that many rows and more run as one grouped GEMM a matrix over a device-side tile map of the rows sorted by
-expert (:func:`qmamba.kernels.routing.expert_tile_map`), the activation on its own.
+(x_proj too when in_proj is not taken).
 The module parameters are captured by reference at construction: rebuild the step after changing weights.
 Logits come back as float32 ``[B, V]``; the flat state tensors are updated in place.
 The kernels themselves (tensors in, tensors out) live in :mod:`qmamba.kernels.decode_step` and beside it.
@@ -41,8 +39,6 @@ from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
 from qmamba.kernels.decode_linear import DecodePolicy, binary_denorm_of, decode_linear
 from qmamba.kernels.decode_step import add_norm, dt_state_update
 from qmamba.kernels.fused_moe import gated_act, routed_matmul
-from qmamba.kernels.quant_matmul import dequant_matmul
-from qmamba.kernels.routing import expert_tile_map
 from qmamba.kernels.weights import FMT_INT4_PLANES, BinaryWeight, PackedWeight
 from qmamba.quant.layout import INT4_X_PLANES, int4_x_planes_width
 from qmamba.quant.modules import use_plane_words
@@ -268,16 +264,8 @@ class FusedDecodeStep:
         h1, out = views
         ffn = plan.fc1.n // 2 if plan.gated else plan.fc1.n
         act = buf["act"][:, :ffn]
-        rows = act.shape[0]
-        gemm1, gemm2 = self.policy.routed_gemm(plan.fc1, rows), self.policy.routed_gemm(plan.fc2, rows)
-        if gemm1 is not None and gemm2 is not None:  # one grouped GEMM a matrix over the rows sorted by expert
-            tiles = expert_tile_map(buf["idx"], plan.fc1.n_experts, gemm1.block_m)
-            dequant_matmul(buf["x"], plan.fc1, row_expert=buf["idx"], tiles=tiles, config=gemm1, out=h1)
-            gated_act(h1, plan.activation, plan.gated, out=act)
-            return dequant_matmul(act, plan.fc2, row_expert=buf["idx"], row_scale=buf["rwt"], tiles=tiles,
-                                  config=gemm2, out=out)
         # gate, up and activation in one kernel
-        if plan.gated and self.policy.takes(plan.fc1, rows, routed=True):
+        if plan.gated and self.policy.takes(plan.fc1, act.shape[0], routed=True):
             self._decode(buf["x"], plan.fc1, act, row_expert=buf["idx"], gated=plan.activation, x_planes=buf["xpl"],
                          out_planes=buf["apl"])
         else:

@@ -44,7 +44,7 @@ import torch
 from qmamba.kernels._triton import HAS_TRITON, jit, next_pow2, tl
 from qmamba.kernels.fused_moe import ACTIVATION_IDS, activate, gated_act_ref
 from qmamba.kernels.input_planes import store_x_planes, x_plane_scale
-from qmamba.kernels.matmul_configs import GEMV_MAX_M, MatmulConfig, sm_count
+from qmamba.kernels.matmul_configs import sm_count
 from qmamba.kernels.weights import (FMT_BINARY, FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT8, BinaryWeight,
                                     PackedWeight, int32_words)
 from qmamba.quant.layout import INT4_TILE, INT4_TILE_WORDS, binary_denorm_vectors, check_x_planes
@@ -137,41 +137,17 @@ class DecodePolicy:
     #                              to ~1/3 of the instructions per thread with 4x the programs: the CUDA policy's)
     ssm_block_d_batched: int = 32  # the same at 2+ rows (H200, session 17, batch 8: 32 beat 8 by ~5%)
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
-    routed_gemm_rows: int = 0    # fused step: routed expert stacks (not 1-bit) from this many rows (2..16; 0: never)
-    #                              as one grouped GEMM a matrix (qmamba.kernels.dequant_gemm, W x^T on plane words)
-    #                              over a device-side map of the rows sorted by expert into 16-row tiles
-    #                              (qmamba.kernels.routing.expert_tile_map, one more launch a MoE layer), each used
-    #                              expert's tile dequantized once for all its rows, instead of the row programs,
-    #                              which unpack it once a row. Session 22 (H200, ncu, fc1's row programs at batch 8,
-    #                              26.7 us): 68% of issue slots busy, 3.0 instructions a cycle, DRAM 24%: bound by
-    #                              the unpacking. Off until timed (``bench_decode.py --variants rgemm``)
-    routed_gemm_tile: tuple = (64, 4, 3)  # (block_n, warps, stages) of that GEMM
 
     def __post_init__(self):
         if self.int4_x_in_tile_wide not in X_IN_TILE_WIDE:
             raise ValueError(f"DecodePolicy: int4_x_in_tile_wide must be one of {X_IN_TILE_WIDE}, "
                              f"got {self.int4_x_in_tile_wide!r}")
-        if self.routed_gemm_rows < 0 or len(self.routed_gemm_tile) != 3:
-            raise ValueError("DecodePolicy: routed_gemm_rows must be >= 0 and routed_gemm_tile (block_n, warps, "
-                             f"stages), got {self.routed_gemm_rows}, {self.routed_gemm_tile}")
-
-    def routed_gemm(self, weight, rows: int) -> MatmulConfig | None:
-        """The grouped GEMM's tile config where ``routed_gemm_rows`` sends a routed stack at ``rows`` rows to it
-        (16-row tiles, K tiles of 128, no split-K: the fused step's outputs are written, not accumulated), else
-        None."""
-        if not self.routed_gemm_rows or rows < max(2, self.routed_gemm_rows) or rows > GEMV_MAX_M or \
-                not isinstance(weight, PackedWeight) or weight.n_experts == 1:
-            return None
-        block_n, warps, stages = self.routed_gemm_tile
-        return MatmulConfig(16, block_n, INT4_TILE, 1, warps, stages)
 
     def takes(self, weight, rows: int, routed: bool = False) -> bool:
         """Whether a caller should run ``weight`` at ``rows`` rows through :func:`decode_linear` (int4 plane words up
         to ``max_rows_planes`` rows: the tensor-core path from 2 rows; everything else up to ``max_rows``; a
         ``routed`` expert stack also up to ``max_rows_routed``, a narrow matrix also up to ``max_rows_narrow``)."""
         if not isinstance(weight, (PackedWeight, BinaryWeight)) or weight.fmt not in self.formats:
-            return False
-        if routed and self.routed_gemm(weight, rows) is not None:
             return False
         if isinstance(weight, BinaryWeight) and not binary_decodable(weight):
             return False

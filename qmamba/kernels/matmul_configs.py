@@ -53,10 +53,12 @@ class MatmulPolicy:
     ``128 + code`` on the ``W x^T`` path, the zero point through per-tile input sums from a pre-pass (fewer
     unpacking instructions, more for the correction): fc1 x8 at M = 2048 260 against 261 us, fc2 162 against 148,
     slower at M = 256 / 512 (commit 627fcaa has the code).
-    ``small_m_gemm_tile`` (block_n, warps, stages, split_k): dense int4 plane-word matrices at 2..16 rows (batched
-    decode) on the prefill GEMM kernel in 16-row tiles (W x^T with ``plane_weight_left``) instead of the small-M
-    kernel (x W^T, the tile through shared memory). None (the default): not timed yet. Session 22 (H200, 8 rows,
-    ``bench_decode_linear.py --rows 8``): the small-M kernel takes in_proj in 13.2 us against cuBLAS bf16's 7.8."""
+    ``prestage_experts_min_m``: a model's prefill of at least this many tokens (batch x length) dequantizes each
+    MoE block's int8 / int4 expert stacks on a side stream while the block before it runs, into one reused
+    buffer (fc1 + fc2 of one block in the compute dtype: 273 MB for BlackMamba-2.8B in bf16), and the block then
+    runs the float grouped GEMMs (:mod:`qmamba.expert_prestage`). None: off. ``prestage_programs``: that pass's
+    grid, each program looping over its tiles, so that it shares the GPU with the block it overlaps (None: one
+    program a tile, which queues the block's kernels behind the whole pass)."""
 
     int4_word_gemv: bool = True
     binary_word_gemv: bool = True
@@ -66,12 +68,8 @@ class MatmulPolicy:
     word_gemv_max_weights: int = 1 << 24
     plane_float_codes: bool = True
     plane_weight_left: bool = True
-    small_m_gemm_tile: tuple | None = None
-
-    def __post_init__(self):
-        if self.small_m_gemm_tile is not None and len(self.small_m_gemm_tile) != 4:
-            raise ValueError("MatmulPolicy: small_m_gemm_tile is (block_n, warps, stages, split_k), got "
-                             f"{self.small_m_gemm_tile}")
+    prestage_experts_min_m: int | None = None
+    prestage_programs: int | None = None
 
     def binary_word_gemv_fits(self, m: int, weight: BinaryWeight) -> bool:
         return self.binary_word_gemv and (m == 1 or (m <= self.word_gemv_max_rows

@@ -34,7 +34,6 @@ from qmamba.kernels.matmul_configs import (DEQUANT_GEMM_MIN_M, GEMV_MAX_M, Matmu
                                            current_policy, gemm_config, pick_config, small_block_m)
 from qmamba.kernels.routing import ROUTE_BY_EXPERT, ROUTE_DENSE, ROUTE_TILES, expert_tile_map
 from qmamba.kernels.weights import FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT8, PackedWeight, int32_words
-from qmamba.quant.layout import INT4_TILE
 
 
 # ---- reference twin ----------------------------------------------------------------------------------------------
@@ -247,13 +246,7 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
             tiles = expert_tile_map(row_expert, weight.n_experts,
                                     pick_config(m, weight, x.device, policy=policy).block_m)
             route = ROUTE_TILES
-    small_gemm = config is None and route == ROUTE_DENSE and weight.fmt == FMT_INT4_PLANES and \
-        1 < m <= GEMV_MAX_M and policy.small_m_gemm_tile is not None  # the prefill kernel's 16-row tiles
-    if small_gemm:
-        bn, warps, stages, split = policy.small_m_gemm_tile
-        cfg = MatmulConfig(16, bn, INT4_TILE, split, warps, stages)
-    else:
-        cfg = config or pick_config(m, weight, x.device, route, policy)
+    cfg = config or pick_config(m, weight, x.device, route, policy)
     if route == ROUTE_TILES:
         cfg = MatmulConfig(tiles.block_m, cfg.block_n, cfg.block_k, 1, cfg.num_warps, cfg.num_stages)
     atomic = cfg.split_k > 1
@@ -274,7 +267,7 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
         if words is not None:
             int4_gemv(x, words, weight, out, bias, row_scale, row_expert, cfg, atomic)
             return out.to(x.dtype) if convert else out
-    if route != ROUTE_BY_EXPERT and cfg.block_m >= 16 and (m > GEMV_MAX_M or route == ROUTE_TILES or small_gemm):
+    if route != ROUTE_BY_EXPERT and cfg.block_m >= 16 and (m > GEMV_MAX_M or route == ROUTE_TILES):
         dequant_gemm(x, weight, out, bias, row_scale, tiles if route == ROUTE_TILES else None, cfg, atomic,
                      plane_float_codes=policy.plane_float_codes, plane_weight_left=policy.plane_weight_left)
         return out.to(x.dtype) if convert else out

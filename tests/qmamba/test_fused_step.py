@@ -27,17 +27,6 @@ def build(name, fmt, device):
     return quantize_rtn(model, fmt) if fmt is not None else model
 
 
-def steps_match_reference(step, model, tok, state, ref_state, steps: int = 2):
-    """``steps`` fused steps from ``tok`` (then the reference's greedy tokens): logits and SSM states as the reference
-    model's step from its own copy of the state."""
-    for _ in range(steps):
-        logits = step(tok, state)
-        ref = model.step(tok, ref_state)
-        torch.testing.assert_close(logits, ref.float(), atol=1e-3, rtol=1e-3)
-        torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
-        tok = ref.argmax(-1)
-
-
 @pytest.mark.parametrize("fmt,batch,kernels", [("float", 2, "decode"), ("int8", 2, "decode"), ("int4", 2, "decode"),
                                                ("int4", 1, "decode"), ("binary", 1, "decode"), ("binary", 2, "decode"),
                                                ("binary", 1, "decode_denorm"), ("binary", 3, "decode_denorm"),
@@ -222,58 +211,3 @@ def test_fused_step_with_shared_norm_planes(batch, programs, device):
         torch.testing.assert_close(logits, ref.float(), atol=1e-3, rtol=1e-3)
         torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
         tok = ref.argmax(-1)
-
-
-@pytest.mark.parametrize("fmt,batch", [("int4g128", 3), ("int4", 8), ("float", 2), ("int8", 4)])
-@torch.no_grad()
-def test_fused_step_routed_experts_as_grouped_gemm(fmt, batch, device, monkeypatch):
-    """``DecodePolicy.routed_gemm_rows``: at 2+ rows fc1 and fc2 of every MoE layer as one grouped GEMM each over
-    the rows sorted by expert (int4 g128 as plane words, the product as W x^T; int4 g32 stored words, int8 and
-    float on the same kernel), the dense matrices on the decode kernels' general fallback as before. The tile map
-    is built once a MoE layer and both matrices run on it (counted); logits and states as the reference model's."""
-    import qmamba.fused_step as fused_step
-
-    model = build("tiny-blackmamba", FORMATS[fmt], device)
-    ids = torch.randint(0, model.config.vocab_size, (batch, 4), device=device)
-    _, state = model.prefill(ids)
-    ref_state = state.clone()
-    tok = ids[:, 1]
-    warps = 4 if device.type == "cuda" else 1
-    policy = dataclasses.replace(DecodePolicy.for_device(device), formats=(0, 1, 3), int4_planes=fmt == "int4g128",
-                                 routed_gemm_rows=2, routed_gemm_tile=(32, warps, 2))
-    step = FusedDecodeStep(model, policy)
-    moe = [p for p in step.layers if hasattr(p, "fc1")]
-    assert moe and all(policy.routed_gemm(p.fc1, batch) is not None and not policy.takes(p.fc1, batch, routed=True)
-                       for p in moe)
-    assert all(policy.routed_gemm(p.fc1, 1) is None for p in moe)  # one row: the decode kernels as before
-    maps, tiled = [], []
-    real_map, real_matmul = fused_step.expert_tile_map, fused_step.dequant_matmul
-    monkeypatch.setattr(fused_step, "expert_tile_map", lambda *a, **k: maps.append(1) or real_map(*a, **k))
-    monkeypatch.setattr(fused_step, "dequant_matmul",
-                        lambda *a, **k: tiled.append(k.get("tiles") is not None) or real_matmul(*a, **k))
-    steps_match_reference(step, model, tok, state, ref_state)
-    assert len(maps) == 2 * len(moe) and tiled == [True] * (4 * len(moe))
-
-
-@torch.no_grad()
-def test_fused_step_dense_small_m_on_the_gemm_kernel(device, monkeypatch):
-    """``MatmulPolicy.small_m_gemm_tile`` inside the fused step at batch 3: the dense int4 plane-word matrices on the
-    general path (in_proj, x_proj, out_proj, the head) run on the GEMM kernel's 16-row tiles with split-K into the
-    step's zeroed workspace (counted); logits and states as the reference model's, two steps."""
-    import qmamba.kernels.quant_matmul as qm
-    from qmamba.kernels.matmul_configs import MatmulPolicy, using_policy
-
-    model = build("tiny-blackmamba", FORMATS["int4g128"], device)
-    ids = torch.randint(0, model.config.vocab_size, (3, 4), device=device)
-    _, state = model.prefill(ids)
-    ref_state = state.clone()
-    tok = ids[:, 1]
-    policy = dataclasses.replace(DecodePolicy.for_device(device), formats=(), int4_planes=True, int4_x_planes=False)
-    seen = []
-    real = qm.dequant_gemm
-    monkeypatch.setattr(qm, "dequant_gemm", lambda *a, **k: seen.append((a[6].block_m, a[6].split_k)) or real(*a, **k))
-    with using_policy(MatmulPolicy(small_m_gemm_tile=(32, 4 if device.type == "cuda" else 1, 2, 2))):
-        step = FusedDecodeStep(model, policy)
-        steps_match_reference(step, model, tok, state, ref_state)
-    mamba = [p for p in step.layers if hasattr(p, "x_proj")]
-    assert seen.count((16, 2)) >= 2 * 3 * len(mamba), seen  # in_proj, x_proj, out_proj a Mamba layer a step

@@ -210,24 +210,6 @@ def test_input_in_tile_shape_only_where_the_tile_row_is_narrow(monkeypatch):
         dataclasses.replace(cuda, int4_x_in_tile_wide=True)
 
 
-def test_routed_gemm_rule():
-    """``routed_gemm_rows``: routed stacks (not 1-bit, not dense) from that many rows up to 16 go to the grouped
-    GEMM (16-row tiles, K tiles of 128, no split-K) and leave the decode kernels; off (0) by default."""
-    cuda = DecodePolicy.cuda(132, False)
-    stack = weight_for("planes128", 64, 256, torch.device("cpu"), experts=4)
-    dense = weight_for("planes128", 64, 256, torch.device("cpu"))
-    assert cuda.routed_gemm_rows == 0 and cuda.routed_gemm(stack, 8) is None and cuda.takes(stack, 8, routed=True)
-    on = dataclasses.replace(cuda, routed_gemm_rows=4, routed_gemm_tile=(128, 8, 4))
-    cfg = on.routed_gemm(stack, 8)
-    assert (cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages) == (16, 128, 128, 1, 8, 4)
-    assert not on.takes(stack, 8, routed=True) and on.takes(stack, 3, routed=True)
-    assert on.routed_gemm(stack, 3) is None and on.routed_gemm(stack, 17) is None and on.routed_gemm(dense, 8) is None
-    assert on.routed_gemm(weight_for("binary", 64, 256, torch.device("cpu"), experts=4), 8) is None
-    for bad in (dict(routed_gemm_rows=-1), dict(routed_gemm_tile=(64, 4))):
-        with pytest.raises(ValueError, match="routed_gemm"):
-            dataclasses.replace(cuda, **bad)
-
-
 @pytest.mark.parametrize("m", [3, 8])
 @pytest.mark.parametrize("unpack", ["shift", "denorm"])
 def test_planes_on_cuda_cores_at_several_rows(m, unpack, device):

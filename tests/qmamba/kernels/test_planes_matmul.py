@@ -157,32 +157,3 @@ def test_using_policy_scopes_the_default(device):
         assert pick_binary_config(4, weight, device) != word
         assert pick_binary_config(4, weight, device) == pick_binary_config(4, weight, device, off)
     assert current_policy() is DEFAULT_POLICY and pick_binary_config(4, weight, device) == word
-
-
-@pytest.mark.parametrize("m,split,left", [(2, 1, True), (8, 2, True), (16, 1, False), (5, 3, True)])
-def test_small_m_on_the_gemm_kernel(m, split, left, device, monkeypatch):
-    """``MatmulPolicy.small_m_gemm_tile``: dense plane-word matrices at 2..16 rows on the prefill GEMM kernel in
-    16-row tiles (W x^T or x W^T, split-K into a zeroed float32 buffer), with bias and row scales, against the
-    dequantized weight; it is that kernel that runs (counted), and one row, routed rows and 17 rows keep theirs."""
-    import qmamba.kernels.quant_matmul as qm
-    from qmamba.kernels.matmul_configs import MatmulPolicy
-
-    words, planes = plane_weight(40, 300, device, seed=5)  # ragged K: the last plane tile mostly padding
-    dtype = _dtype(device)
-    x = torch.randn(m, 300, device=device).to(dtype)
-    bias, scale = torch.randn(40, device=device), torch.rand(m, device=device) + 0.5
-    policy = MatmulPolicy(plane_weight_left=left, small_m_gemm_tile=(16, 4 if device.type == "cuda" else 1, 2, split))
-    seen = []
-    real = qm.dequant_gemm
-    monkeypatch.setattr(qm, "dequant_gemm", lambda *a, **k: seen.append(a[6]) or real(*a, **k))
-    got = dequant_matmul(x, planes, bias, row_scale=scale, policy=policy)
-    assert [(c.block_m, c.block_n, c.split_k) for c in seen] == [(16, 16, split)]
-    ref = (x.float() @ words.dequantized()[0].t() + bias) * scale[:, None]
-    assert got.dtype == dtype
-    close(got, ref, dtype)
-    idx = torch.zeros(m, device=device, dtype=torch.int32)
-    for rows, kw in ((x[:1], {}), (x, dict(row_expert=idx)), (torch.cat([x] * 17)[:17], {})):
-        dequant_matmul(rows, planes, policy=policy, **kw)
-    assert all((c.block_m, c.block_n) != (16, 16) for c in seen[1:])  # M = 17: the GEMM's own tiles, if any
-    with pytest.raises(ValueError, match="small_m_gemm_tile"):
-        MatmulPolicy(small_m_gemm_tile=(64, 4, 3))
