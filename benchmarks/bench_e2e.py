@@ -38,8 +38,8 @@ PREFILL_EXPERT_ROUTES = {"tiles": DEFAULT_POLICY,
                                                             dequant_experts_whole_stack=True),
                          # each MoE block's stacks dequantized on a side stream during the block before it
                          "prestage": dataclasses.replace(DEFAULT_POLICY, prestage_experts_min_m=512),
-                         **{f"prestage{p}": dataclasses.replace(DEFAULT_POLICY, prestage_experts_min_m=512,
-                                                                prestage_programs=p) for p in (66, 132, 264, 528)}}
+                         "prestage_fc2": dataclasses.replace(DEFAULT_POLICY, prestage_experts_min_m=512,
+                                                             prestage_stacks=("fc2",))}
 # name -> (format of the projections and experts, format of x_proj / dt_proj / head or None for the same);
 # "int4_cli": int4 g128 with x_proj, dt_proj and the head float, as `qmamba quantize` writes it by default
 FORMATS = {"bf16": (None, None), "int8": (Int8Format(), None), "int4_g128": (Int4Format(128), None),
@@ -71,7 +71,7 @@ def main():
                     help="route of the routed int8/int4 expert matmuls from M = 64 (the prefill): the int4 tile "
                          "kernel (default), expert by expert dequantized + float tiles, or the whole stack "
                          "dequantized + one float grouped GEMM, or (prestage) each MoE block's stacks dequantized on a "
-                         "side stream while the block before it runs (from 512 tokens)")
+                         "side stream while the block before it runs (from 512 tokens; prestage_fc2: fc2 alone)")
     args = ap.parse_args()
     require_idle_gpu()
     cfg = preset(args.preset)

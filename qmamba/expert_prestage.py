@@ -10,7 +10,7 @@ under that block. The cost is memory: one block's fc1 + fc2 in the compute dtype
 bf16), held for the prefill.
 
 On by :attr:`qmamba.kernels.matmul_configs.MatmulPolicy.prestage_experts_min_m` (a minimum number of tokens);
-``prestage_programs`` caps the pass's grid so that it runs beside the block instead of ahead of it.
+``prestage_stacks`` names the stacks staged (fc2 alone: a third of the buffer).
 :meth:`qmamba.model.MambaLM._prefill` calls :meth:`ExpertPrestage.before_block` before each block and hands the
 MoE block what :meth:`ExpertPrestage.take` returns. Without CUDA (the CPU reference of this path) the pass runs in
 order on the one stream. Inside a CUDA-graph capture the side stream forks from the capturing stream and joins it
@@ -26,6 +26,7 @@ from qmamba.kernels.dequantize import dequantize_stack
 from qmamba.kernels.matmul_configs import MatmulPolicy, current_policy
 from qmamba.kernels.weights import FMT_FLOAT, PackedWeight
 
+STACKS = ("fc1", "fc2")
 _SIDE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
 
 
@@ -43,17 +44,21 @@ def _stageable(weight) -> bool:
 class ExpertPrestage:
     """One prefill's staging of MoE expert stacks (see the module docstring). Build it with :meth:`for_prefill`."""
 
-    def __init__(self, blocks, dtype: torch.dtype, device: torch.device, programs: int | None = None):
-        self.dtype, self.device, self.programs = dtype, device, programs
-        # per MoE block index: (fc1, fc2) packed records, both stageable
-        self._stacks: dict[int, tuple[PackedWeight, PackedWeight]] = {}
+    def __init__(self, blocks, dtype: torch.dtype, device: torch.device, stacks: tuple[str, ...] = STACKS):
+        unknown = set(stacks) - set(STACKS)
+        if unknown or not stacks:
+            raise ValueError(f"expert prestage: stacks must be some of {STACKS}, got {stacks}")
+        self.dtype, self.device = dtype, device
+        # per MoE block index: its (fc1, fc2) records, the staged ones packed int8 / int4
+        self._records: dict[int, dict[str, PackedWeight]] = {}
         for block in blocks:
             if not block.is_mamba and getattr(block.mixer, "backend", None) == "triton":
-                fc1, fc2 = expert_weight(block.mixer.experts, "fc1"), expert_weight(block.mixer.experts, "fc2")
-                if _stageable(fc1) and _stageable(fc2):
-                    self._stacks[block.index] = (fc1, fc2)
+                records = {name: expert_weight(block.mixer.experts, name) for name in STACKS}
+                if all(_stageable(records[name]) for name in stacks):
+                    self._records[block.index] = records
+        self._names = tuple(name for name in STACKS if name in stacks)
         self._buffers: dict[tuple, torch.Tensor] = {}
-        self._staged: dict[int, tuple[PackedWeight, PackedWeight, "torch.cuda.Event | None"]] = {}
+        self._staged: dict[int, tuple[tuple, "torch.cuda.Event | None"]] = {}
         self._stream = _side_stream(device) if device.type == "cuda" else None
 
     @classmethod
@@ -63,48 +68,49 @@ class ExpertPrestage:
         policy: MatmulPolicy = current_policy()
         if policy.prestage_experts_min_m is None or tokens < policy.prestage_experts_min_m:
             return None
-        stage = cls(model.blocks, model.compute_dtype, model.device, policy.prestage_programs)
-        return stage if stage._stacks else None
+        stage = cls(model.blocks, model.compute_dtype, model.device, policy.prestage_stacks)
+        return stage if stage._records else None
 
     @property
     def blocks(self) -> tuple[int, ...]:
         """The indices of the MoE blocks whose experts are staged."""
-        return tuple(self._stacks)
+        return tuple(self._records)
 
-    def _buffer(self, weight: PackedWeight, slot: int) -> torch.Tensor:
-        key = (slot, weight.n_experts, weight.n, weight.k)
+    def _buffer(self, name: str, weight: PackedWeight) -> torch.Tensor:
+        key = (name, weight.n_experts, weight.n, weight.k)
         if key not in self._buffers:  # allocated on the calling stream, before the side stream first writes it
             self._buffers[key] = torch.empty(weight.n_experts, weight.n, weight.k, device=self.device,
                                              dtype=self.dtype)
         return self._buffers[key]
 
+    def _dequantize(self, records: dict[str, PackedWeight]) -> tuple:
+        return tuple(PackedWeight.from_float(dequantize_stack(records[n], self.dtype, out=self._buffer(n, records[n])))
+                     if n in self._names else records[n] for n in STACKS)
+
     def before_block(self, index: int) -> None:
         """Called before block ``index`` runs: starts the dequantization of block ``index + 1``'s experts if it is
         staged. The side stream first waits for everything issued so far, so the previous staged block's GEMMs
         (issued before this call) are done with the buffer before it is overwritten."""
-        stacks = self._stacks.get(index + 1)
-        if stacks is None:
+        records = self._records.get(index + 1)
+        if records is None:
             return
-        bufs = [self._buffer(w, slot) for slot, w in enumerate(stacks)]
         if self._stream is None:
-            dense = [dequantize_stack(w, self.dtype, out=b) for w, b in zip(stacks, bufs)]
-            self._staged[index + 1] = (*map(PackedWeight.from_float, dense), None)
+            self._staged[index + 1] = (self._dequantize(records), None)
             return
-        main = torch.cuda.current_stream(self.device)
-        self._stream.wait_stream(main)
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
-            dense = [dequantize_stack(w, self.dtype, out=b, programs=self.programs) for w, b in zip(stacks, bufs)]
+            experts = self._dequantize(records)
             done = torch.cuda.Event()
             done.record(self._stream)
-        self._staged[index + 1] = (*map(PackedWeight.from_float, dense), done)
+        self._staged[index + 1] = (experts, done)
 
-    def take(self, index: int) -> tuple[PackedWeight, PackedWeight] | None:
-        """The float fc1 / fc2 records of block ``index`` if they were staged (the calling stream then waits for
-        their pass), else None (the block runs on its packed weights)."""
+    def take(self, index: int) -> tuple | None:
+        """``(fc1, fc2)`` of block ``index`` if it was staged, the staged ones float records (the calling stream
+        then waits for their pass), else None (the block runs on its packed weights)."""
         staged = self._staged.pop(index, None)
         if staged is None:
             return None
-        fc1, fc2, done = staged
+        experts, done = staged
         if done is not None:
             torch.cuda.current_stream(self.device).wait_event(done)
-        return fc1, fc2
+        return experts

@@ -20,53 +20,47 @@ def _dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, ROWS, K, K_PAD, swn, ssn, s
     """Rows of a packed int8/int4 matrix (experts flattened into rows) -> dense ``out [ROWS, K]``, products in fp32
     and one rounding to the output dtype (the reference's order). int4: the K tile is one group (``BLOCK_K ==
     GROUP``): contiguous packed bytes, nibbles interleaved back with ``join``, one scale and zero point per row.
-    int4 plane words (``BLOCK_K == 128``, a group a multiple of it): eight stores of 16 contiguous k per row.
-    Each program takes the ``[BLOCK_R, BLOCK_K]`` tiles ``pid, pid + programs, ...`` (k fastest): one tile each
-    where the grid covers them all, or a few programs looping (a pass that shares the GPU with other work)."""
-    tiles_k = tl.cdiv(K_PAD, BLOCK_K)
-    for t in range(tl.program_id(0), tl.cdiv(ROWS, BLOCK_R) * tiles_k, tl.num_programs(0)):
-        r = (t // tiles_k) * BLOCK_R + tl.arange(0, BLOCK_R)
-        k0 = (t % tiles_k) * BLOCK_K
-        k = k0 + tl.arange(0, BLOCK_K)
-        r_ok = r < ROWS
-        mask = r_ok[:, None] & (k < K)[None, :]
-        r64 = r.to(tl.int64)
-        if FMT == 3:  # plane words: nibble i of the tile's word w holds k0 + 16 i + w (one group per tile)
-            words, zero, scale = plane_tile(w_ptr, s_ptr, z_ptr, 0, r64, r_ok, k0, swn, 0, ssn, 0, szn, GROUP)
-            for i in tl.static_range(8):
-                ki = k0 + 16 * i + tl.arange(0, 16)
-                wv = plane_codes(words, zero, i, True) * scale[:, None]  # exact codes as floats
-                tl.store(out_ptr + r64[:, None] * son + ki[None, :], wv.to(out_ptr.dtype.element_ty),
-                         mask=r_ok[:, None] & (ki < K)[None, :])
+    int4 plane words (``BLOCK_K == 128``, a group a multiple of it): eight stores of 16 contiguous k per row."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    k0 = tl.program_id(1) * BLOCK_K
+    k = k0 + tl.arange(0, BLOCK_K)
+    r_ok = r < ROWS
+    mask = r_ok[:, None] & (k < K)[None, :]
+    r64 = r.to(tl.int64)
+    if FMT == 3:  # plane words: nibble i of the tile's word w holds k0 + 16 i + w (one group per tile)
+        words, zero, scale = plane_tile(w_ptr, s_ptr, z_ptr, 0, r64, r_ok, k0, swn, 0, ssn, 0, szn, GROUP)
+        for i in tl.static_range(8):
+            ki = k0 + 16 * i + tl.arange(0, 16)
+            wv = plane_codes(words, zero, i, True) * scale[:, None]  # exact codes as floats
+            tl.store(out_ptr + r64[:, None] * son + ki[None, :], wv.to(out_ptr.dtype.element_ty),
+                     mask=r_ok[:, None] & (ki < K)[None, :])
+    else:
+        if FMT == 1:
+            q = tl.load(w_ptr + r64[:, None] * swn + k[None, :], mask=mask, other=0).to(tl.float32)
+            w = q * tl.load(s_ptr + r64 * ssn, mask=r_ok, other=0.0).to(tl.float32)[:, None]
         else:
-            if FMT == 1:
-                q = tl.load(w_ptr + r64[:, None] * swn + k[None, :], mask=mask, other=0).to(tl.float32)
-                w = q * tl.load(s_ptr + r64 * ssn, mask=r_ok, other=0.0).to(tl.float32)[:, None]
-            else:
-                j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-                packed = tl.load(w_ptr + r64[:, None] * swn + j[None, :],
-                                 mask=r_ok[:, None] & (j < K_PAD // 2)[None, :], other=0)
-                q = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_R, BLOCK_K)).to(tl.int32)
-                blk = k0 // GROUP
-                zb = tl.load(z_ptr + r64 * szn + blk // 2, mask=r_ok, other=0).to(tl.int32)
-                zero = (zb >> ((blk % 2) * 4)) & 0xF
-                scale = tl.load(s_ptr + r64 * ssn + blk, mask=r_ok, other=0.0).to(tl.float32)
-                w = (q - zero[:, None]).to(tl.float32) * scale[:, None]
-            tl.store(out_ptr + r64[:, None] * son + k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+            j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(w_ptr + r64[:, None] * swn + j[None, :], mask=r_ok[:, None] & (j < K_PAD // 2)[None, :],
+                             other=0)
+            q = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_R, BLOCK_K)).to(tl.int32)
+            blk = k0 // GROUP
+            zb = tl.load(z_ptr + r64 * szn + blk // 2, mask=r_ok, other=0).to(tl.int32)
+            zero = (zb >> ((blk % 2) * 4)) & 0xF
+            scale = tl.load(s_ptr + r64 * ssn + blk, mask=r_ok, other=0.0).to(tl.float32)
+            w = (q - zero[:, None]).to(tl.float32) * scale[:, None]
+        tl.store(out_ptr + r64[:, None] * son + k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def dequantize_stack(weight: PackedWeight, dtype, out: torch.Tensor | None = None,
-                     programs: int | None = None) -> torch.Tensor:
+def dequantize_stack(weight: PackedWeight, dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """``[E, N, K]`` in ``dtype`` (products in fp32, one rounding, as the reference); for large-M prefill GEMMs.
     One Triton pass on CUDA; the PyTorch expression below is its twin and the CPU path. ``out``: a contiguous
-    ``[E, N, K]`` tensor of ``dtype`` written instead of a new one (a reused buffer). ``programs``: at most this
-    many programs, each looping over its share of the tiles (CUDA; None: one program a tile)."""
+    ``[E, N, K]`` tensor of ``dtype`` written instead of a new one (a reused buffer)."""
     if out is not None and (tuple(out.shape) != (weight.n_experts, weight.n, weight.k) or out.dtype != dtype
                             or not out.is_contiguous()):
         raise ValueError(f"dequantize_stack: out must be a contiguous [{weight.n_experts}, {weight.n}, {weight.k}] "
                          f"{dtype} tensor, got {tuple(out.shape)} {out.dtype}")
     if weight.qweight.is_cuda and weight.fmt != FMT_FLOAT:
-        return dequantize_stack_triton(weight, dtype, out=out, programs=programs)
+        return dequantize_stack_triton(weight, dtype, out=out)
     dense = _dequantize_stack_torch(weight, dtype)
     return dense if out is None else out.copy_(dense)
 
@@ -87,9 +81,9 @@ def _dequantize_stack_torch(weight: PackedWeight, dtype) -> torch.Tensor:
 
 
 def dequantize_stack_triton(weight: PackedWeight, dtype, block_r: int = 64, block_k: int = 128,
-                            out: torch.Tensor | None = None, programs: int | None = None) -> torch.Tensor:
+                            out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton twin of :func:`dequantize_stack` (int8 / int4 only): ``[E, N, K]`` in ``dtype``. For int4 the K tile
-    is one group (``block_k`` applies to int8). ``programs``: the grid's cap (each program loops over tiles)."""
+    is one group (``block_k`` applies to int8)."""
     if weight.fmt not in (FMT_INT8, FMT_INT4, FMT_INT4_PLANES):
         raise ValueError("dequantize_stack_triton: int8 or int4 weights only")
     rows = weight.n_experts * weight.n
@@ -102,8 +96,7 @@ def dequantize_stack_triton(weight: PackedWeight, dtype, block_r: int = 64, bloc
         block_k = INT4_TILE
     if out is None:
         out = torch.empty(weight.n_experts, weight.n, weight.k, device=q.device, dtype=dtype)
-    n_tiles = cdiv(rows, block_r) * cdiv(weight.k_padded, block_k)
-    grid = (n_tiles if programs is None else max(1, min(n_tiles, programs)),)
+    grid = (cdiv(rows, block_r), cdiv(weight.k_padded, block_k))
     _dequantize_kernel[grid](q, s, z, out, rows, weight.k, weight.k_padded, q.stride(0), s.stride(0), z.stride(0),
                              weight.k, FMT=weight.fmt, GROUP=max(weight.group_size, 1), BLOCK_R=block_r,
                              BLOCK_K=block_k, num_warps=4 if q.is_cuda else 1)

@@ -56,9 +56,11 @@ class MatmulPolicy:
     ``prestage_experts_min_m``: a model's prefill of at least this many tokens (batch x length) dequantizes each
     MoE block's int8 / int4 expert stacks on a side stream while the block before it runs, into one reused
     buffer (fc1 + fc2 of one block in the compute dtype: 273 MB for BlackMamba-2.8B in bf16), and the block then
-    runs the float grouped GEMMs (:mod:`qmamba.expert_prestage`). None: off. ``prestage_programs``: that pass's
-    grid, each program looping over its tiles, so that it shares the GPU with the block it overlaps (None: one
-    program a tile, which queues the block's kernels behind the whole pass)."""
+    runs the float grouped GEMMs (:mod:`qmamba.expert_prestage`). None: off. ``prestage_stacks``: which stacks
+    (``"fc1"``, ``"fc2"``). H200, session 23 (``profile_prefill.py --format int4_cli --graph --experts
+    tiles,prestage``, 2,048 tokens): both stacks 163k against 153k tok/s for a peak of 2.16 against 1.85 GB;
+    the pass mostly runs ahead of the block rather than beside it (a grid of 66-528 looping programs instead
+    of one a tile: 129k-162k, the scan slowed up to 2x by the pass's memory traffic)."""
 
     int4_word_gemv: bool = True
     binary_word_gemv: bool = True
@@ -69,7 +71,7 @@ class MatmulPolicy:
     plane_float_codes: bool = True
     plane_weight_left: bool = True
     prestage_experts_min_m: int | None = None
-    prestage_programs: int | None = None
+    prestage_stacks: tuple = ("fc1", "fc2")
 
     def binary_word_gemv_fits(self, m: int, weight: BinaryWeight) -> bool:
         return self.binary_word_gemv and (m == 1 or (m <= self.word_gemv_max_rows

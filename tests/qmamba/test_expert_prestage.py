@@ -33,6 +33,8 @@ def test_when_the_prestage_is_taken():
         assert ExpertPrestage.for_prefill(model.set_backend("reference"), 8) is None  # its MoE is not Triton's
         assert ExpertPrestage.for_prefill(_model(torch.device("cpu"), BinaryFormat()), 8) is None  # 1-bit stacks
         assert ExpertPrestage.for_prefill(_model(torch.device("cpu"), cfg="tiny-mamba"), 8) is None  # no MoE
+    with pytest.raises(ValueError, match="stacks"):
+        ExpertPrestage(model.blocks, torch.float32, torch.device("cpu"), stacks=("fc3",))
 
 
 def test_staged_experts_need_the_triton_backend():
@@ -42,11 +44,13 @@ def test_staged_experts_need_the_triton_backend():
         moe(torch.zeros(2, model.config.d_model), experts=(None, None))
 
 
-@pytest.mark.parametrize("fmt", [Int4Format(32), Int8Format()], ids=lambda f: f.describe())
+@pytest.mark.parametrize("fmt,stacks", [(Int4Format(32), ("fc1", "fc2")), (Int8Format(), ("fc1", "fc2")),
+                                         (Int4Format(32), ("fc2",))], ids=["int4-g32", "int8", "int4-g32-fc2"])
 @torch.no_grad()
-def test_prestaged_prefill_equals_packed_and_reference(fmt, device, monkeypatch):
-    """Every MoE block of the prefill runs on its staged float stacks (counted), and the logits and state equal the
-    packed experts' prefill and the reference backend's."""
+def test_prestaged_prefill_equals_packed_and_reference(fmt, stacks, device, monkeypatch):
+    """Every MoE block of the prefill runs on its staged float stacks (the float ones counted: fc1 stays packed
+    when only fc2 is staged), and the logits and state equal the packed experts' prefill and the reference
+    backend's."""
     model = _model(device, fmt)
     ids = torch.randint(0, model.config.vocab_size, (2, 6), device=device)
     packed_logits, packed_state = model.prefill(ids)
@@ -54,23 +58,24 @@ def test_prestaged_prefill_equals_packed_and_reference(fmt, device, monkeypatch)
     forward = SwitchMoE.forward
 
     def counting(self, h, experts=None):
-        staged.append(experts is not None and all(e.fmt == FMT_FLOAT for e in experts))
+        staged.append(None if experts is None else tuple(e.fmt == FMT_FLOAT for e in experts))
         return forward(self, h, experts)
 
     monkeypatch.setattr(SwitchMoE, "forward", counting)
-    with using_policy(ON):
+    with using_policy(dataclasses.replace(ON, prestage_stacks=stacks)):
         logits, state = model.prefill(ids)
         model.prefill(ids[:1])  # 6 tokens: below the minimum, the packed experts
     n_moe = sum(not b.is_mamba for b in model.blocks)
-    assert staged == [True] * n_moe + [False] * n_moe
+    assert staged == [("fc1" in stacks, "fc2" in stacks)] * n_moe + [None] * n_moe
     torch.testing.assert_close(logits, packed_logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(state.ssm_state, packed_state.ssm_state, atol=1e-5, rtol=1e-5)
     ref_logits, _ = model.set_backend("reference").prefill(ids)
     torch.testing.assert_close(logits, ref_logits, atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("stacks", [("fc1", "fc2"), ("fc2",)], ids=["both", "fc2"])
 @torch.no_grad()
-def test_prestaged_graph_prefill_on_gpu(device):
+def test_prestaged_graph_prefill_on_gpu(stacks, device):
     """CUDA: the side stream forks from and joins the capturing stream; the captured prefill (bf16, replayed
     twice) gives the eager packed prefill's logits and state."""
     if device.type != "cuda":
@@ -78,7 +83,7 @@ def test_prestaged_graph_prefill_on_gpu(device):
     model = _model(device).to(torch.bfloat16)
     ids = torch.randint(0, model.config.vocab_size, (2, 64 + 16), device=device)
     whole_logits, whole_state = model.prefill(ids)
-    with using_policy(ON):
+    with using_policy(dataclasses.replace(ON, prestage_stacks=stacks)):
         prefill = GraphPrefill(model, max_chunk=64, min_chunk=16)
         eager_logits, _ = model.prefill(ids)
         for _ in range(2):

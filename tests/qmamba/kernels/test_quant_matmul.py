@@ -133,9 +133,6 @@ def test_dequantize_stack_equals_layout_dequantization(fmt, device):
     torch.testing.assert_close(dequantize_stack(w, torch.float32), ref)
     torch.testing.assert_close(dequantize_stack_triton(w, torch.float32, block_r=8, block_k=64), ref)
     torch.testing.assert_close(dequantize_stack_triton(w, torch.float16).float(), ref.half().float())
-    for programs in (1, 3):  # a few programs looping over all the tiles
-        torch.testing.assert_close(dequantize_stack_triton(w, torch.float32, block_r=8, block_k=64, programs=programs),
-                                   ref)
     buf = torch.full((2, 9, 150), float("nan"), device=device)  # a reused buffer: written in place, returned
     assert dequantize_stack(w, torch.float32, out=buf) is buf
     torch.testing.assert_close(buf, ref)
