@@ -35,11 +35,7 @@ PREFILL_EXPERT_ROUTES = {"tiles": DEFAULT_POLICY,
                          "tiles_wright": dataclasses.replace(DEFAULT_POLICY, plane_weight_left=False),
                          "per_expert": dataclasses.replace(DEFAULT_POLICY, dequant_experts_min_m=64),
                          "whole_stack": dataclasses.replace(DEFAULT_POLICY, dequant_experts_min_m=64,
-                                                            dequant_experts_whole_stack=True),
-                         # each MoE block's stacks dequantized on a side stream during the block before it
-                         "prestage": dataclasses.replace(DEFAULT_POLICY, prestage_experts_min_m=512),
-                         "prestage_fc2": dataclasses.replace(DEFAULT_POLICY, prestage_experts_min_m=512,
-                                                             prestage_stacks=("fc2",))}
+                                                            dequant_experts_whole_stack=True)}
 # name -> (format of the projections and experts, format of x_proj / dt_proj / head or None for the same);
 # "int4_cli": int4 g128 with x_proj, dt_proj and the head float, as `qmamba quantize` writes it by default
 FORMATS = {"bf16": (None, None), "int8": (Int8Format(), None), "int4_g128": (Int4Format(128), None),
@@ -70,8 +66,7 @@ def main():
     ap.add_argument("--prefill-experts", default="tiles", choices=sorted(PREFILL_EXPERT_ROUTES),
                     help="route of the routed int8/int4 expert matmuls from M = 64 (the prefill): the int4 tile "
                          "kernel (default), expert by expert dequantized + float tiles, or the whole stack "
-                         "dequantized + one float grouped GEMM, or (prestage) each MoE block's stacks dequantized on a "
-                         "side stream while the block before it runs (from 512 tokens; prestage_fc2: fc2 alone)")
+                         "dequantized + one float grouped GEMM")
     args = ap.parse_args()
     require_idle_gpu()
     cfg = preset(args.preset)

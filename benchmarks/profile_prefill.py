@@ -9,9 +9,8 @@ per kernel name: launches, GPU microseconds per prefill, share of the total; and
 5). ``--graph``: also the CUDA-graph chunked prefill (qmamba/graph_prefill.py), checked against the eager prefill
 first (next token and final state, ``qmamba.bench.check_prefill``; a failed check exits non-zero), its wall time
 beside the eager one's, and the kernels of a graph replay. ``--experts``: each route of the routed expert matmuls in
-turn (``whole_stack``: every expert dequantized in one pass, then the float grouped GEMM; ``prestage``: each MoE
-block's stacks dequantized on a side stream while the block before it runs, qmamba/expert_prestage.py). Each route
-also prints its peak GPU memory (``torch.cuda.max_memory_allocated`` over its runs, graphs included).
+turn (``whole_stack``: every expert dequantized in one pass, then the float grouped GEMM). Each route also prints
+its peak GPU memory (``torch.cuda.max_memory_allocated`` over its runs, graphs included).
 """
 
 from __future__ import annotations

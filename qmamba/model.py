@@ -13,7 +13,6 @@ from torch import nn
 from qmamba.block_plan import MAMBA, ModelBlock, block_plan
 from qmamba.config import ModelConfig
 from qmamba.errors import TokenIdError
-from qmamba.expert_prestage import ExpertPrestage
 from qmamba.mamba_mixer import MambaMixer
 from qmamba.moe import SwitchMoE
 from qmamba.norms import RMSNorm, make_final_norm
@@ -110,16 +109,13 @@ class MambaLM(nn.Module):
         conv_out, ssm_out = torch.empty_like(state.conv_state), torch.empty_like(state.ssm_state)
         h = self.embedding(input_ids).to(self.compute_dtype)
         residual = None
-        stage = ExpertPrestage.for_prefill(self, input_ids.numel())  # None unless the matmul policy asks for it
         for block in self.blocks:
-            if stage is not None:
-                stage.before_block(block.index)
             residual, x = block.norm.add_forward(residual, h, self.compute_dtype)
             if block.is_mamba:
                 s = block.slot
                 h, conv_out[s], ssm_out[s] = block.mixer(x, state.conv_state[s], state.ssm_state[s])
             else:
-                h = block.mixer(x, experts=stage.take(block.index) if stage is not None else None)
+                h = block.mixer(x)
         return self._logits(residual, h, last_only), InferenceState(conv_out, ssm_out)
 
     def step(self, input_ids: torch.Tensor, state: InferenceState, check: bool = True):

@@ -99,18 +99,12 @@ class SwitchMoE(nn.Module):
             return triton_ops.moe_route(x, *self.router_operands(x.dtype))
         return route_top1(self.router(x))
 
-    def forward(self, h, experts=None):
-        """``h [..., d]`` -> ``[..., d]``. ``experts``: ``(fc1, fc2)`` kernel records to run instead of this block's
-        own (its stacks dequantized ahead by :mod:`qmamba.expert_prestage`; Triton backend only)."""
+    def forward(self, h):
+        """``h [..., d]`` -> ``[..., d]``."""
         if self.backend == "triton":
             from qmamba.kernels import triton_ops  # lazily: triton is optional on CPU
 
-            operands = self.kernel_operands(h.dtype)
-            if experts is not None:
-                operands = (*operands[:2], *experts, *operands[4:])
-            return triton_ops.switch_moe(h, *operands)
-        if experts is not None:
-            raise ValueError("SwitchMoE: staged experts need the Triton backend")
+            return triton_ops.switch_moe(h, *self.kernel_operands(h.dtype))
         shape = h.shape
         x = h.reshape(-1, shape[-1])
         idx, weight = self.route(x)

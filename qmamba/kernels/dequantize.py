@@ -51,23 +51,13 @@ def _dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, ROWS, K, K_PAD, swn, ssn, s
         tl.store(out_ptr + r64[:, None] * son + k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def dequantize_stack(weight: PackedWeight, dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_stack(weight: PackedWeight, dtype) -> torch.Tensor:
     """``[E, N, K]`` in ``dtype`` (products in fp32, one rounding, as the reference); for large-M prefill GEMMs.
-    One Triton pass on CUDA; the PyTorch expression below is its twin and the CPU path. ``out``: a contiguous
-    ``[E, N, K]`` tensor of ``dtype`` written instead of a new one (a reused buffer)."""
-    if out is not None and (tuple(out.shape) != (weight.n_experts, weight.n, weight.k) or out.dtype != dtype
-                            or not out.is_contiguous()):
-        raise ValueError(f"dequantize_stack: out must be a contiguous [{weight.n_experts}, {weight.n}, {weight.k}] "
-                         f"{dtype} tensor, got {tuple(out.shape)} {out.dtype}")
-    if weight.qweight.is_cuda and weight.fmt != FMT_FLOAT:
-        return dequantize_stack_triton(weight, dtype, out=out)
-    dense = _dequantize_stack_torch(weight, dtype)
-    return dense if out is None else out.copy_(dense)
-
-
-def _dequantize_stack_torch(weight: PackedWeight, dtype) -> torch.Tensor:
+    One Triton pass on CUDA; the PyTorch expression below is its twin and the CPU path."""
     if weight.fmt == FMT_FLOAT:
         return weight.qweight.to(dtype)
+    if weight.qweight.is_cuda:
+        return dequantize_stack_triton(weight, dtype)
     if weight.fmt == FMT_INT4_PLANES:
         return weight.dequantized(torch.float32).to(dtype)
     if weight.fmt == FMT_INT8:
@@ -80,8 +70,7 @@ def _dequantize_stack_torch(weight: PackedWeight, dtype) -> torch.Tensor:
     return w.reshape(*q.shape[:-2], -1)[..., :weight.k].to(dtype)
 
 
-def dequantize_stack_triton(weight: PackedWeight, dtype, block_r: int = 64, block_k: int = 128,
-                            out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_stack_triton(weight: PackedWeight, dtype, block_r: int = 64, block_k: int = 128) -> torch.Tensor:
     """Triton twin of :func:`dequantize_stack` (int8 / int4 only): ``[E, N, K]`` in ``dtype``. For int4 the K tile
     is one group (``block_k`` applies to int8)."""
     if weight.fmt not in (FMT_INT8, FMT_INT4, FMT_INT4_PLANES):
@@ -94,8 +83,7 @@ def dequantize_stack_triton(weight: PackedWeight, dtype, block_r: int = 64, bloc
         block_k = weight.group_size
     elif weight.fmt == FMT_INT4_PLANES:
         block_k = INT4_TILE
-    if out is None:
-        out = torch.empty(weight.n_experts, weight.n, weight.k, device=q.device, dtype=dtype)
+    out = torch.empty(weight.n_experts, weight.n, weight.k, device=q.device, dtype=dtype)
     grid = (cdiv(rows, block_r), cdiv(weight.k_padded, block_k))
     _dequantize_kernel[grid](q, s, z, out, rows, weight.k, weight.k_padded, q.stride(0), s.stride(0), z.stride(0),
                              weight.k, FMT=weight.fmt, GROUP=max(weight.group_size, 1), BLOCK_R=block_r,

@@ -53,14 +53,11 @@ class MatmulPolicy:
     ``128 + code`` on the ``W x^T`` path, the zero point through per-tile input sums from a pre-pass (fewer
     unpacking instructions, more for the correction): fc1 x8 at M = 2048 260 against 261 us, fc2 162 against 148,
     slower at M = 256 / 512 (commit 627fcaa has the code).
-    ``prestage_experts_min_m``: a model's prefill of at least this many tokens (batch x length) dequantizes each
-    MoE block's int8 / int4 expert stacks on a side stream while the block before it runs, into one reused
-    buffer (fc1 + fc2 of one block in the compute dtype: 273 MB for BlackMamba-2.8B in bf16), and the block then
-    runs the float grouped GEMMs (:mod:`qmamba.expert_prestage`). None: off. ``prestage_stacks``: which stacks
-    (``"fc1"``, ``"fc2"``). H200, session 23 (``profile_prefill.py --format int4_cli --graph --experts
-    tiles,prestage``, 2,048 tokens): both stacks 163k against 153k tok/s for a peak of 2.16 against 1.85 GB;
-    the pass mostly runs ahead of the block rather than beside it (a grid of 66-528 looping programs instead
-    of one a tile: 129k-162k, the scan slowed up to 2x by the pass's memory traffic)."""
+    Tried and removed (session 23, commit c3618aa has the code): each MoE block's expert stacks dequantized on a side
+    stream while the block before it runs, into one reused buffer, then the float grouped GEMMs. 2,048 tokens, graph
+    prefill (``profile_prefill.py --format int4_cli --graph``): 165k tok/s against 156k at a peak of 2.19 against
+    1.85 GB (fc2 alone: 160k, 1.97 GB). The pass ran ahead of the block more than beside it; a capped grid of
+    66-528 looping programs ran beside it but slowed the scan up to 2x (129k-162k)."""
 
     int4_word_gemv: bool = True
     binary_word_gemv: bool = True
@@ -70,8 +67,6 @@ class MatmulPolicy:
     word_gemv_max_weights: int = 1 << 24
     plane_float_codes: bool = True
     plane_weight_left: bool = True
-    prestage_experts_min_m: int | None = None
-    prestage_stacks: tuple = ("fc1", "fc2")
 
     def binary_word_gemv_fits(self, m: int, weight: BinaryWeight) -> bool:
         return self.binary_word_gemv and (m == 1 or (m <= self.word_gemv_max_rows
