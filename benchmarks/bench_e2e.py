@@ -35,7 +35,12 @@ PREFILL_EXPERT_ROUTES = {"tiles": DEFAULT_POLICY,
                          "tiles_wright": dataclasses.replace(DEFAULT_POLICY, plane_weight_left=False),
                          "per_expert": dataclasses.replace(DEFAULT_POLICY, dequant_experts_min_m=64),
                          "whole_stack": dataclasses.replace(DEFAULT_POLICY, dequant_experts_min_m=64,
-                                                            dequant_experts_whole_stack=True)}
+                                                            dequant_experts_whole_stack=True),
+                         # the int4 plane-word GEMM's tile (MatmulPolicy.plane_gemm_tile: block_m x block_n, warps,
+                         # stages): 8 warps at ~128 registers, two programs (four warpgroups) a multiprocessor
+                         **{f"tiles_{bm}x{bn}w{w}s{s}": dataclasses.replace(DEFAULT_POLICY,
+                                                                            plane_gemm_tile=(bm, bn, w, s))
+                            for bm, bn, w, s in ((64, 128, 8, 4), (64, 128, 8, 3), (32, 128, 8, 4))}}
 # name -> (format of the projections and experts, format of x_proj / dt_proj / head or None for the same);
 # "int4_cli": int4 g128 with x_proj, dt_proj and the head float, as `qmamba quantize` writes it by default
 FORMATS = {"bf16": (None, None), "int8": (Int8Format(), None), "int4_g128": (Int4Format(128), None),

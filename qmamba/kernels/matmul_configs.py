@@ -44,6 +44,11 @@ class MatmulPolicy:
     the dequantization pass unpack int4 plane codes as floats by the 2^23 trick instead of integer-to-float
     conversions (low-precision inputs). H200, session 17, 64 x 128 tiles, 8 experts at M = 2048: fc1 350 -> 298 us,
     fc2 183 -> 166 (one dot per 2 or 4 nibble positions instead of one was slower, 347 / 353 us, and is gone).
+    ``plane_gemm_tile`` (block_m, block_n, warps, stages): the GEMM kernel's tile on int4 plane words above 64
+    rows (the grouped expert GEMM of the MoE prefill). 64 x 128 with 4 warps at every M, H200 session 17
+    (bench_planes_gemm.py --sweep, 8 experts, M = 512 / 2048 tokens): fc1 124 / 297 us, fc2 81 / 167 us against
+    239 / 486 and 190 / 294 for 128 x 128 with 8 warps; every wider tile was slower (sessions 19 and 23 likewise
+    for the ``W x^T`` product and for the smaller, more resident tiles 64 x 64, 32 x 128, 32 x 64, 64 x 32).
     ``plane_weight_left``: the GEMM kernel takes the product as ``W x^T`` on plane words, the dequantized tile the
     tensor cores' left operand, read from registers, instead of copied to shared memory as the right one. H200,
     session 19 (``bench_planes_gemm.py --parts experts --m 2048 --sweep``, 64 x 128 tiles, 8 experts): fc1 298 ->
@@ -67,6 +72,12 @@ class MatmulPolicy:
     word_gemv_max_weights: int = 1 << 24
     plane_float_codes: bool = True
     plane_weight_left: bool = True
+    plane_gemm_tile: tuple = (64, 128, 4, 3)
+
+    def __post_init__(self):
+        if len(self.plane_gemm_tile) != 4:
+            raise ValueError(f"MatmulPolicy: plane_gemm_tile is (block_m, block_n, warps, stages), got "
+                             f"{self.plane_gemm_tile}")
 
     def binary_word_gemv_fits(self, m: int, weight: BinaryWeight) -> bool:
         return self.binary_word_gemv and (m == 1 or (m <= self.word_gemv_max_rows
@@ -162,13 +173,13 @@ def pick_config(m: int, weight: PackedWeight, device, route: int = ROUTE_DENSE,
         if route == ROUTE_BY_EXPERT:  # most expert columns are idle: fill from the per-token experts only
             split = min(split, 4)
         return MatmulConfig(bm, bn, block_k, split, 4, 3)
-    return gemm_config(m, weight, device)
+    return gemm_config(m, weight, device, policy)
 
 
-def gemm_config(m: int, weight: PackedWeight, device) -> MatmulConfig:
+def gemm_config(m: int, weight: PackedWeight, device, policy: MatmulPolicy | None = None) -> MatmulConfig:
     """Tiles of the prefill GEMM kernel (M > 16), from the H100 sweep (benchmarks/results_tables_h100.md, "Prefill
     GEMM sweep"): up to 64 rows the GEMM is bandwidth-bound (narrow tiles, split-K while the grid is small), above it
-    64 x 128 and then 128 x 128 tiles."""
+    64 x 128 and then 128 x 128 tiles; int4 plane words above 64 rows: ``policy.plane_gemm_tile``."""
     g = weight.group_size
     int4 = weight.fmt in (FMT_INT4, FMT_INT4_PLANES)
     block_k = INT4_TILE if weight.fmt == FMT_INT4_PLANES else (g if g >= 64 else 64) if int4 else 64
@@ -183,10 +194,10 @@ def gemm_config(m: int, weight: PackedWeight, device) -> MatmulConfig:
         while programs * split < sm_count(device) and split < 4 and split * 2 <= k_tiles // 16:  # long K only
             split *= 2
         return MatmulConfig(bm, bn, block_k, split, 4, 4)
-    if m <= 256 or weight.fmt == FMT_INT4_PLANES:
-        # int4 plane words (the grouped expert GEMM of the MoE prefill): 64 x 128 at every M, H200 session 17
-        # (bench_planes_gemm.py --sweep, 8 experts, M = 512 / 2048 tokens): fc1 124 / 297 us, fc2 81 / 167 us
-        # against 239 / 486 and 190 / 294 for 128 x 128 with 8 warps; every wider tile was slower
+    if weight.fmt == FMT_INT4_PLANES:  # the grouped expert GEMM of the MoE prefill (MatmulPolicy.plane_gemm_tile)
+        bm, bn, warps, stages = (policy or current_policy()).plane_gemm_tile
+        return MatmulConfig(bm, bn, block_k, 1, warps, stages)
+    if m <= 256:
         return MatmulConfig(64, 128, block_k, 1, 4, 3 if int4 else 4)
     return MatmulConfig(128, 128, block_k, 1, 8, 3 if int4 else 4)
 

@@ -157,3 +157,30 @@ def test_using_policy_scopes_the_default(device):
         assert pick_binary_config(4, weight, device) != word
         assert pick_binary_config(4, weight, device) == pick_binary_config(4, weight, device, off)
     assert current_policy() is DEFAULT_POLICY and pick_binary_config(4, weight, device) == word
+
+
+@pytest.mark.parametrize("tile", [(64, 128, 8, 4), (32, 128, 8, 4)])
+def test_plane_gemm_tile_from_the_policy(tile, device):
+    """``MatmulPolicy.plane_gemm_tile`` sets the GEMM tile of plane words above 64 rows on CUDA (here a stand-in
+    device: the interpreter takes its own small tiles), scoped like every policy field, and the grouped expert
+    GEMM with that tile matches the reference on the GPU."""
+    from qmamba.kernels.matmul_configs import MatmulPolicy, gemm_config, using_policy
+
+    cuda_like = type("D", (), {"type": "cuda", "index": None})()
+    words, planes = plane_weight(192, 256, device, lead=(3,))
+    policy = MatmulPolicy(plane_gemm_tile=tile)
+    cfg = gemm_config(512, planes, cuda_like, policy)
+    assert (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.block_k) == (*tile, 128)
+    with using_policy(policy):
+        assert gemm_config(512, planes, cuda_like) == cfg
+    assert gemm_config(512, planes, cuda_like) != cfg  # the default policy's tile outside the block
+    with pytest.raises(ValueError, match="plane_gemm_tile"):
+        MatmulPolicy(plane_gemm_tile=(64, 128, 4))
+    if device.type == "cuda":  # the tile itself (the interpreter runs one warp: its own tile is tested above)
+        m = 300
+        x = torch.randn(m, 256, device=device).to(torch.bfloat16)
+        idx = torch.randint(0, 3, (m,), device=device, dtype=torch.int32)
+        cfg = MatmulConfig(tile[0], tile[1], 128, 1, tile[2], tile[3])
+        tiles = expert_tile_map(idx, 3, cfg.block_m)
+        got = dequant_matmul(x, planes, row_expert=idx, tiles=tiles, config=cfg)
+        close(got, dequant_matmul_ref(x, planes, row_expert=idx), torch.bfloat16)
