@@ -1,8 +1,13 @@
 """Compiler report of the decode linear kernel at BlackMamba-2.8B's shapes, with no GPU: registers, stack (spills),
-SASS instruction count and mix per int4 code, for policy variants of bench_decode_linear.py (one input row).
+SASS instruction count and mix per int4 code, for policy variants of bench_decode_linear.py (one input row, or with
+``--rows N`` the several-row variants on the routed expert stacks).
 
     python benchmarks/inspect_decode_kernel.py [--shapes in_proj,fc1_gated] [--variants cuda_default,planes_bn4]
-        [--arch 90] [--out DIR] [--no-stack]
+        [--arch 90] [--out DIR] [--no-stack] [--rows 8 --variants rowprog,shared2]
+
+"Per code" is the static SASS count times the threads launched over the codes a row reads: a loop body counts once
+(the several-row kernels' loops over chunks of rows run once or twice at batch 8), programs of an idle expert count
+in full though they return at once.
 
 Each variant's kernel is compiled the way its launch would be: :func:`decode_linear` runs on CPU tensors with the
 kernel replaced by a recorder, which captures the arguments and meta-parameters; they are compiled for ``sm_<arch>``
@@ -126,6 +131,8 @@ def main():
     ap.add_argument("--out", help="folder for the PTX and SASS of each variant")
     ap.add_argument("--no-stack", action="store_true", help="exit 1 if a variant spills (a stack frame)")
     ap.add_argument("--x-dtype", default="bfloat16", choices=("bfloat16", "float32"), help="the input's type")
+    ap.add_argument("--rows", type=int, default=1, help="input rows (2..8: bench_decode_linear.py's several-row "
+                    "variants; expert stacks routed to experts 0, 1, 0, 2, 3, 1, 0, 4 in turn)")
     args = ap.parse_args()
     spilled = []
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -135,7 +142,8 @@ def main():
     out_dir = Path(args.out) if args.out else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
-    table = variants(True, 1)
+    table = variants(True, args.rows)
+    routing = torch.tensor([0, 1, 0, 2, 3, 1, 0, 4][:args.rows], dtype=torch.int32)
     recorder = _Recorder(dl._decode_linear_kernel)
     real = dl._decode_linear_kernel
     dl._decode_linear_kernel = recorder
@@ -146,19 +154,21 @@ def main():
             lead = (experts,) if experts else ()
             forms = weight_forms(torch.randn(*lead, n, k), n, k, torch.device("cpu"),
                                  {table[v][0] for v in args.variants.split(",")})
-            x = torch.randn(1, k, dtype=getattr(torch, args.x_dtype))
-            kw = {"row_expert": torch.tensor([1], dtype=torch.int32)} if experts else {}
+            x = torch.randn(args.rows, k, dtype=getattr(torch, args.x_dtype))
+            kw = {"row_expert": torch.tensor([1], dtype=torch.int32) if args.rows == 1 else routing} if experts else {}
+            if args.rows > 1 and not experts:
+                continue  # several rows: the routed stacks only
             if opts.get("gated"):
                 kw["gated"] = opts["gated"]
             if opts.get("row_scale"):
-                kw["row_scale"] = torch.ones(1)
+                kw["row_scale"] = torch.ones(args.rows)
             codes = n * k  # int4 codes of one matrix (one expert)
             for v in args.variants.split(","):
                 form, policy = table[v]
                 if policy == "general":
                     raise SystemExit(f"variant {v}: the general kernels are not the decode kernel")
                 policy = dl.DecodePolicy(**{**policy.__dict__, "pdl": True})  # as on the H200
-                out = torch.empty(1, n // 2 if opts.get("gated") else n, dtype=torch.bfloat16)
+                out = torch.empty(args.rows, n // 2 if opts.get("gated") else n, dtype=torch.bfloat16)
                 xpl = int4_x_planes(x) if policy.int4_x_planes else None  # word sums as the fused step has them
                 dl.decode_linear(x, forms[form], out, policy=policy, x_planes=xpl,
                                  x_plane_sums=shape not in ("out_proj", "fc2"), **kw)
@@ -167,7 +177,7 @@ def main():
                 r = report(compiled)
                 programs = grid[0] * grid[1]
                 threads = 32 * meta["num_warps"]
-                per_code = sum(r["ops"].values()) * threads * programs / codes
+                per_code = sum(r["ops"].values()) * threads * programs / codes / args.rows  # static: a loop once
                 mix = ", ".join(f"{o}={c}" for o, c in r["ops"].most_common(8))
                 print(f"{shape:10s} {v:24s} regs {r['regs']:3d} stack {r['stack']:4d} warps {meta['num_warps']} "
                       f"programs {programs:5d} SASS {sum(r['ops'].values()):5d} "
