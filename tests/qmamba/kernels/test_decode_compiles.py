@@ -43,6 +43,16 @@ def test_cuda_default_compiles_without_spills():
     assert all(" stack    0 " in line for line in lines), stdout
 
 
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_routed_row_programs_compile_at_batch_eight():
+    """``--rows 8``: the routed expert stacks as batched decode's row programs launch them (one program row per input
+    row: 8 x 368 programs for fc2), without spills."""
+    stdout = _compiled(str(INSPECT), "--rows", "8", "--shapes", "fc2,in_proj", "--variants", "rowprog", "--no-stack",
+                       timeout=600)
+    lines = [line for line in stdout.splitlines() if " regs " in line]
+    assert len(lines) == 1 and lines[0].startswith("fc2 ") and " programs  2944 " in lines[0], stdout  # no in_proj
+
+
 _TILE_MAP_COMPILE = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
