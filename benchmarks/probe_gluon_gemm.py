@@ -163,22 +163,25 @@ def main():
     ap.add_argument("--compile-only", action="store_true")
     ap.add_argument("--m", default="256,2048")
     ap.add_argument("--shapes", default="fc1,in_proj,fc2")
-    ap.add_argument("--configs", default="128x64f1,128x64f0,128x128f1,64x64f1",
+    ap.add_argument("--configs", default="128x64f1,128x64f0,64x64f1,128x64f1w8,128x128f1w8",
                     help="BLOCK_N x BLOCK_M, f: products left in flight at each wait (0: the drain of the Triton "
-                         "kernel, for comparison)")
+                         "kernel, for comparison), w: warps (default 4; 8: two warpgroups split the weight rows)")
     args = ap.parse_args()
     configs = []
     for c in args.configs.split(","):
-        bn, bm, f = re.fullmatch(r"(\d+)x(\d+)f(\d)", c).groups()
-        configs.append((int(bn), int(bm), int(f)))
+        match = re.fullmatch(r"(\d+)x(\d+)f(\d)(?:w(\d+))?", c)
+        if match is None:
+            sys.exit(f"error: bad config {c!r} (e.g. 128x64f1 or 128x128f1w8)")
+        bn, bm, f, w = match.groups()
+        configs.append((int(bn), int(bm), int(f), int(w or 4)))
     if args.compile_only:
         os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-        for bn, bm, f in configs:
-            compiled, r = compile_offline(bn, bm, f, 4)
+        for bn, bm, f, w in configs:
+            compiled, r = compile_offline(bn, bm, f, w)
             waits = re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", r["sass"])
-            print(f"{bn}x{bm} in flight {f}: regs {r['regs']} stack {r['stack']} shared {compiled.metadata.shared} "
-                  f"HGMMA {r['ops']['HGMMA']} waits {len(waits)} ({', '.join(sorted(set(waits)))}) "
-                  f"SASS {sum(r['ops'].values())}", flush=True)
+            print(f"{bn}x{bm} w{w} in flight {f}: regs {r['regs']} stack {r['stack']} shared "
+                  f"{compiled.metadata.shared} HGMMA {r['ops']['HGMMA']} waits {len(waits)} "
+                  f"({', '.join(sorted(set(waits)))}) SASS {sum(r['ops'].values())}", flush=True)
         return
     from timing import require_idle_gpu, time_calls  # noqa: E402
 
@@ -204,8 +207,9 @@ def main():
             fns = {"cublas_bf16": lambda: F.linear(x, wb),
                    "triton_tiles": lambda: dequant_gemm(x, w, triton_out, None, None, None, cfg, False,
                                                         plane_float_codes=True, plane_weight_left=True)}
-            for bn, bm, f in configs:
-                fns[f"gluon_{bn}x{bm}f{f}"] = lambda bn=bn, bm=bm, f=f: planes_wgmma_matmul(x, w, bn, bm, f)
+            for bn, bm, f, nw in configs:
+                fns[f"gluon_{bn}x{bm}f{f}w{nw}"] = lambda bn=bn, bm=bm, f=f, nw=nw: planes_wgmma_matmul(x, w, bn, bm,
+                                                                                                    f, nw)
             for name, fn in fns.items():
                 out = fn() if name != "triton_tiles" else (fn(), triton_out)[1]
                 err = ((out.float() - ref).norm() / ref.norm()).item()

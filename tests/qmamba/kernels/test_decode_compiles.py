@@ -185,5 +185,5 @@ def test_gluon_probe_keeps_products_in_flight_without_spills():
     lines = [line for line in stdout.splitlines() if " regs " in line]
     assert len(lines) == 2, stdout
     assert all(" stack 0 " in line for line in lines), stdout
-    assert re.search(r"in flight 1: .* waits \d+ \(0x0, 0x1\)", lines[0]), stdout  # waits leave one in flight
-    assert re.search(r"in flight 0: .* waits \d+ \(0x0\)", lines[1]), stdout  # the drain, for comparison
+    assert re.search(r"w4 in flight 1: .* waits \d+ \(0x0, 0x1\)", lines[0]), stdout  # waits leave one in flight
+    assert re.search(r"w4 in flight 0: .* waits \d+ \(0x0\)", lines[1]), stdout  # the drain, for comparison

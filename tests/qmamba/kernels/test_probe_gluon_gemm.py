@@ -18,7 +18,8 @@ def _probe():
     return probe_gluon_gemm
 
 
-@pytest.mark.parametrize("config", [(128, 64, 1), (64, 64, 1), (128, 64, 0)])
+@pytest.mark.parametrize("config", [(128, 64, 1, 4), (64, 64, 1, 4), (128, 64, 0, 4), (128, 64, 1, 8),
+                                    (128, 128, 1, 8)])
 def test_matches_the_dequantized_matmul_on_gpu(config, device):
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
         pytest.skip("Gluon's warpgroup MMA needs a Hopper GPU (scripts/gpu_check.sh)")
