@@ -124,8 +124,13 @@ def _planes_wgmma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, rscale_ptr, tile_e
             # is done (passed through the wait)
             acc, a_prev = warpgroup_mma_wait(num_outstanding=IN_FLIGHT, deps=(acc, a_prev))
             a_prev = a
+            if i == 0 and num_warps > 4:
+                # two warpgroups: both have now seen the previous K tile's last product finish (the wait above),
+                # so neither overwrites that tile's buffer (next trip's store) while the other's product reads it
+                _barrier()
         words, zero, scale = words_1, zero_1, scale_1
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    # the last product's registers stay reserved until it is done
+    acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))
     if HAS_RSCALE:
         acc = acc * gl.load(rscale_ptr + t_e, mask=out_in, other=0.0).to(gl.float32)[None, :]
     n_e = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
