@@ -3,11 +3,10 @@ SASS instruction count and mix per int4 code, for policy variants of bench_decod
 ``--rows N`` the several-row variants on the routed expert stacks).
 
     python benchmarks/inspect_decode_kernel.py [--shapes in_proj,fc1_gated] [--variants cuda_default,planes_bn4]
-        [--arch 90] [--out DIR] [--no-stack] [--rows 8 --variants rowprog,shared2]
+        [--arch 90] [--out DIR] [--no-stack] [--rows 8 --variants rowprog]
 
-"Per code" is the static SASS count times the threads launched over the codes a row reads: a loop body counts once
-(the several-row kernels' loops over chunks of rows run once or twice at batch 8), programs of an idle expert count
-in full though they return at once.
+"Per code" is the static SASS count times the threads launched over the codes a row reads: a loop body counts once,
+and a program that returns at once (an idle expert's) counts in full.
 
 Each variant's kernel is compiled the way its launch would be: :func:`decode_linear` runs on CPU tensors with the
 kernel replaced by a recorder, which captures the arguments and meta-parameters; they are compiled for ``sm_<arch>``
