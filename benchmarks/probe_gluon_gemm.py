@@ -17,7 +17,7 @@ nibble ``i`` of word ``w`` of a 128-element K tile holds ``k = k0 + 16 i + w``, 
 pass + cuBLAS path computes), so the products accumulate over all K tiles with no per-tile rescale.
 
     python benchmarks/probe_gluon_gemm.py --compile-only        # no GPU: sm_90 registers, HGMMA / wait counts
-    python benchmarks/probe_gluon_gemm.py [--m 256,2048]        # GPU: checked against x @ W_hat^T, then timed
+    python benchmarks/probe_gluon_gemm.py [--m 8,256,2048]      # GPU: checked against x @ W_hat^T, then timed
         # beside the Triton tile kernel and cuBLAS bf16 (one matrix) or our bf16 grouped GEMM (8 routed experts)
 
 Exits non-zero when a result differs from the reference or the kernel does not build.
@@ -222,11 +222,11 @@ def _time_row(label, fns, ref, failures):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--compile-only", action="store_true")
-    ap.add_argument("--m", default="256,2048")
+    ap.add_argument("--m", default="8,256,2048", help="rows (tokens); 8: batched decode's routed experts")
     ap.add_argument("--shapes", default="fc1,in_proj,fc2,fc1x8,fc2x8",
                     help="one matrix, or (x8) the stack of 8 experts with random top-1 routing, fc2 times the "
                          "routing weight")
-    ap.add_argument("--configs", default="128x64f1,128x64f0,64x64f1,128x64f1w8,128x128f1w8",
+    ap.add_argument("--configs", default="128x64f1,128x64f0,64x64f1,128x64f1w8,128x128f1w8,64x16f1,128x16f1w8",
                     help="BLOCK_N x BLOCK_M, f: products left in flight at each wait (0: the drain of the Triton "
                          "kernel, for comparison), w: warps (default 4; 8: two warpgroups split the weight rows)")
     args = ap.parse_args()

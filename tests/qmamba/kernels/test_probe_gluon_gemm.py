@@ -19,7 +19,7 @@ def _probe():
 
 
 @pytest.mark.parametrize("config", [(128, 64, 1, 4), (64, 64, 1, 4), (128, 64, 0, 4), (128, 64, 1, 8),
-                                    (128, 128, 1, 8)])
+                                    (128, 128, 1, 8), (64, 16, 1, 4), (128, 16, 1, 8)])
 def test_matches_the_dequantized_matmul_on_gpu(config, device):
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
         pytest.skip("Gluon's warpgroup MMA needs a Hopper GPU (scripts/gpu_check.sh)")
