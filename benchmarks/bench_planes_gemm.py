@@ -105,6 +105,21 @@ def small_m_sweep(label, m, record, ref, bytes_, calls, log):
                      calls(MatmulConfig(16, bn, 128, split, warps, 3)), ref, bytes_)
 
 
+def grouped_tile_sweep(label, m, x, ws, row_expert, n_experts, tiles, unpacks, record, ref, bytes_, log):
+    """Time the grouped GEMM kernel on plane words (``ws``' copies) at every tile of ``tiles`` and code unpacking of
+    ``unpacks`` (:data:`UNPACKS`), its rows routed by ``row_expert`` over ``n_experts`` (a device-side tile map)."""
+    for tile, how in itertools.product(tiles, unpacks):
+        cfg = tile_config(tile)
+        fl, left = UNPACKS[how]
+        # (a config given: the expert-by-expert dequantization route is never taken)
+        pol = MatmulPolicy(dequant_experts_min_m=1 << 40, plane_float_codes=fl, plane_weight_left=left)
+        st = expert_tile_map(row_expert, n_experts, cfg.block_m)
+        sweep_record(record, log, label, m, f"planes {tile_name(tile)} {how}",
+                     [lambda w=w, c=cfg, p=pol, t=st: dequant_matmul(x, w[1], row_expert=row_expert, tiles=t,
+                                                                    config=c, policy=p) for w in ws],
+                     ref, bytes_)
+
+
 def run(m_values, sweep, quick, log, parts=("dense", "experts"), expert_sweep=None, unpacks=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     timed = device.type == "cuda"
@@ -141,15 +156,8 @@ def run(m_values, sweep, quick, log, parts=("dense", "experts"), expert_sweep=No
                               lambda cfg: [lambda w=w: dequant_matmul(x, w[1], config=cfg) for w in ws], log)
             if sweep and timed and expert_sweep and m <= 16:  # the grouped GEMM kernel, this matrix as one
                 one = torch.zeros(m, dtype=torch.int32, device=device)  # expert (batched decode's tiles)
-                for tile, how in itertools.product(expert_sweep, unpacks or list(UNPACKS)):
-                    cfg = tile_config(tile)
-                    fl, left = UNPACKS[how]
-                    pol = MatmulPolicy(plane_float_codes=fl, plane_weight_left=left)
-                    st = expert_tile_map(one, 1, cfg.block_m)
-                    sweep_record(record, log, label, m, f"planes {tile_name(tile)} {how}",
-                                 [lambda w=w, c=cfg, p=pol, t=st: dequant_matmul(x, w[1], row_expert=one, tiles=t,
-                                                                                config=c, policy=p) for w in ws],
-                                 ref, n * k // 2)
+                grouped_tile_sweep(label, m, x, ws, one, 1, expert_sweep, unpacks or list(UNPACKS), record, ref,
+                                   n * k // 2, log)
             if sweep and timed and m >= 64:
                 for bm, bn, warps, stages in ((64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 256, 8, 3),
                                               (64, 256, 8, 3), (128, 128, 4, 4), (64, 64, 4, 4)):
@@ -194,15 +202,8 @@ def run(m_values, sweep, quick, log, parts=("dense", "experts"), expert_sweep=No
                                            for w in ws], log)
             if sweep and timed and (m >= 64 or (expert_sweep and m <= 16)):  # grouped GEMM tiles of the plane
                 #                                   kernel by code unpacking / product
-                for tile, how in itertools.product(expert_sweep or EXPERT_SWEEP, unpacks or list(UNPACKS)):
-                    cfg = tile_config(tile)
-                    fl, left = UNPACKS[how]
-                    pol = MatmulPolicy(dequant_experts_min_m=1 << 40, plane_float_codes=fl, plane_weight_left=left)
-                    st = expert_tile_map(idx, n_experts, cfg.block_m)
-                    sweep_record(record, log, label, m, f"planes {tile_name(tile)} {how}",
-                                 [lambda w=w, c=cfg, p=pol, t=st: dequant_matmul(x, w[1], row_expert=idx, tiles=t,
-                                                                                config=c, policy=p) for w in ws],
-                                 ref, n_experts * n * k // 2)
+                grouped_tile_sweep(label, m, x, ws, idx, n_experts, expert_sweep or EXPERT_SWEEP,
+                                   unpacks or list(UNPACKS), record, ref, n_experts * n * k // 2, log)
         del ws
         if timed:
             torch.cuda.empty_cache()

@@ -167,7 +167,7 @@ def test_plane_gemm_tile_from_the_policy(tile, device):
     from qmamba.kernels.matmul_configs import MatmulPolicy, gemm_config, using_policy
 
     cuda_like = type("D", (), {"type": "cuda", "index": None})()
-    words, planes = plane_weight(192, 256, device, lead=(3,))
+    _, planes = plane_weight(192, 256, device, lead=(3,))
     policy = MatmulPolicy(plane_gemm_tile=tile)
     cfg = gemm_config(512, planes, cuda_like, policy)
     assert (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.block_k) == (*tile, 128)
@@ -180,7 +180,6 @@ def test_plane_gemm_tile_from_the_policy(tile, device):
         m = 300
         x = torch.randn(m, 256, device=device).to(torch.bfloat16)
         idx = torch.randint(0, 3, (m,), device=device, dtype=torch.int32)
-        cfg = MatmulConfig(tile[0], tile[1], 128, 1, tile[2], tile[3])
-        tiles = expert_tile_map(idx, 3, cfg.block_m)
+        tiles = expert_tile_map(idx, 3, cfg.block_m)  # cfg: the policy's tile, as gemm_config gave it above
         got = dequant_matmul(x, planes, row_expert=idx, tiles=tiles, config=cfg)
         close(got, dequant_matmul_ref(x, planes, row_expert=idx), torch.bfloat16)
