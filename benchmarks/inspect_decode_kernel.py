@@ -123,6 +123,27 @@ def report(compiled) -> dict:
                 sass=sass)
 
 
+def control_codes(sass: str) -> list[dict]:
+    """Each SASS instruction of a cuobjdump listing (sm_70 and later) with its control code decoded from the high
+    word of its 128-bit encoding (bits 41-61): ``addr``, ``text``, ``stall`` cycles, ``write_sb`` / ``read_sb`` (the
+    scoreboard a variable-latency instruction signals when its result is written / its sources read; None: none),
+    ``waits`` (the scoreboards it waits for before it issues). This is how to see where a kernel waits for a load:
+    the first instruction whose ``waits`` holds the load's ``write_sb``."""
+    lines = sass.splitlines()
+    out = []
+    for i, line in enumerate(lines[:-1]):
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;?\s*/\* 0x[0-9a-f]{16} \*/", line)
+        hi = re.search(r"^\s+/\* (0x[0-9a-f]{16}) \*/", lines[i + 1])
+        if not (m and hi):
+            continue
+        ctrl = int(hi.group(1), 16) >> 41
+        wb, rb, mask = (ctrl >> 5) & 7, (ctrl >> 8) & 7, (ctrl >> 11) & 0x3F
+        out.append(dict(addr=int(m.group(1), 16), text=m.group(2).rstrip(" ;"), stall=ctrl & 0xF,
+                        write_sb=None if wb == 7 else wb, read_sb=None if rb == 7 else rb,
+                        waits=[b for b in range(6) if mask >> b & 1]))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="in_proj,x_proj,out_proj,fc1_gated,fc2,head")

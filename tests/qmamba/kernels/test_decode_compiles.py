@@ -189,3 +189,57 @@ def test_gluon_probe_keeps_products_in_flight_without_spills():
         ours = [line for line in lines if line.startswith(kind)]
         assert re.search(r"w4 in flight 1: .* waits \d+ \(0x0, 0x1\)", ours[0]), stdout  # one left in flight
         assert re.search(r"w4 in flight 0: .* waits \d+ \(0x0\)", ours[1]), stdout  # the drain, for comparison
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_persistent_ahead_keeps_weight_loads_in_flight_through_the_barrier():
+    """benchmarks/probe_launch.py's persistent chain (one tile a program, the next layers' weights loaded before each
+    grid barrier): no spills, and no instruction between the barrier's release and the end of its spin loop waits
+    for those loads (the probe exits non-zero otherwise)."""
+    stdout = _compiled(str(ROOT / "benchmarks" / "probe_launch.py"), "--compile-only", timeout=900)
+    lines = [line for line in stdout.splitlines() if line.startswith("ahead")]
+    assert len(lines) == 10, stdout
+    assert all(" stack 0 " in line and line.endswith("before the spin: []") for line in lines), stdout
+
+
+# two instructions of that kernel's sm_90 SASS (Triton 3.6), as cuobjdump lists them, and what their control codes say
+_SASS = """
+        /*2a70*/               @P6 REDG.E.ADD.STRONG.GPU desc[UR10][R4.64], R31 ;        /* 0x0000001f0400698e */
+                                                                                         /* 0x0021e4000c10e18a */
+        /*2ac0*/               @P5 LDG.E.128 R52, desc[UR10][R28.64] ;                   /* 0x0000000a1c345981 */
+                                                                                         /* 0x000362000c1e1d00 */
+"""
+
+
+def test_control_codes_decode_scoreboards():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from inspect_decode_kernel import control_codes
+
+    red, ldg = control_codes(_SASS)
+    assert (red["addr"], red["text"]) == (0x2A70, "@P6 REDG.E.ADD.STRONG.GPU desc[UR10][R4.64], R31")
+    assert (red["write_sb"], red["read_sb"], red["waits"]) == (None, 0, [1])
+    assert (ldg["write_sb"], ldg["read_sb"], ldg["waits"], ldg["stall"]) == (5, 1, [], 1)
+
+
+def _instruction(addr: int, text: str, write_sb=None, read_sb=None, waits=()) -> str:
+    ctrl = 1 | (7 if write_sb is None else write_sb) << 5 | (7 if read_sb is None else read_sb) << 8
+    ctrl |= sum(1 << b for b in waits) << 11
+    return (f"        /*{addr:04x}*/  {text} ;  /* 0x{0:016x} */\n"
+            f"                                        /* 0x{ctrl << 41:016x} */\n")
+
+
+def test_ahead_wait_detector_finds_a_wait_for_the_weights():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    probe_launch = pytest.importorskip("probe_launch")
+
+    def listing(spin_wait):
+        return "".join([
+            _instruction(0x100, "REDG.E.ADD.STRONG.GPU desc[UR4][R2.64], R5", read_sb=0),
+            _instruction(0x110, "@P0 LDG.E.128 R8, desc[UR4][R6.64]", write_sb=5, read_sb=1),
+            _instruction(0x120, "LDG.E.STRONG.GPU R4, desc[UR4][R2.64]", write_sb=2, waits=[0]),
+            _instruction(0x130, "ISETP.GE.AND P1, PT, R4, R3, PT", waits=spin_wait),
+            _instruction(0x140, "@!P1 BRA 0x120"),
+            _instruction(0x150, "FADD R8, R8, R9", waits=[5]),  # the use, after the barrier: fine
+        ])
+    assert probe_launch.ahead_waits_before_spin(listing([2])) == []
+    assert probe_launch.ahead_waits_before_spin(listing([2, 5])) == ["0x130 ISETP.GE.AND P1, PT, R4, R3, PT"]
