@@ -16,7 +16,8 @@ so its time is set by per-kernel latency, not by bytes. This measures, inside on
 * ``persistent``: the same chain as one persistent launch (one or two programs a multiprocessor, all co-resident: a
   cooperative launch, each looping over its row tiles), a counter barrier between dependent GEMVs instead of a kernel
   boundary, each program's first tile of the next layer loaded before it arrives at the barrier (``_pre``) or after
-  it leaves: what a whole-step persistent kernel would pay per dependent phase.
+  it leaves: what a whole-step persistent kernel would pay per dependent phase; ``_l2``: all of the program's
+  next-layer tiles asked of L2 (bulk prefetch) after it arrives and before it spins.
 * ``ahead``: the persistent chain with one row tile a program (all co-resident) and the program's tiles of the
   next one or two layers loaded right after it arrives at the barrier and before it spins, as int32 words unpacked
   only at their use (:func:`_persistent_ahead`): session 20's ``persistent`` waited for its preloaded int8 tile
@@ -109,11 +110,15 @@ def _barrier_kernel(counter_ptr, out_ptr, ROUNDS, NPROG):
 
 @triton.jit
 def _persistent_chain(w_ptr, x0_ptr, y_ptr, counter_ptr, N, scale, LAYERS, NPROG, K: tl.constexpr,
-                      KP: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, PRELOAD: tl.constexpr):
+                      KP: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, PRELOAD: tl.constexpr,
+                      L2AHEAD: tl.constexpr = False, NT: tl.constexpr = 256):
     """``y[l] = scale * W[l] @ y[l-1][:K]`` (``x0`` for l = 0) for ``LAYERS`` layers in one launch of ``NPROG``
     co-resident programs: program ``pid`` owns the row tiles ``pid + i * NPROG`` (i < ``TILES``) of every layer; a
     counter barrier (monotonic: layer l ends when it reaches (l + 1) * NPROG) separates the layers. ``PRELOAD``: the
-    first tile of the next layer is loaded before the barrier (the others after it)."""
+    first tile of the next layer is loaded before the barrier (the others after it). ``L2AHEAD``: after its release
+    and before it spins, the program asks L2 for all its tiles of the next layer (Hopper's bulk prefetch, lane 0 of
+    warp i for tile i, ``TILES`` <= warps: nothing in registers, nothing to wait for), so after the barrier its loads
+    are L2 hits."""
     pid = tl.program_id(0)
     k = tl.arange(0, KP)
     km = k < K
@@ -141,6 +146,16 @@ def _persistent_chain(w_ptr, x0_ptr, y_ptr, counter_ptr, N, scale, LAYERS, NPROG
                              other=0)
             tl.debug_barrier()  # every thread's stores before the release
             tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+            if L2AHEAD:
+                t = tl.arange(0, NT)
+                tile = pid + (t // 32) * NPROG
+                row0 = tile * BLOCK_N
+                size = tl.where((t % 32 == 0) & (t // 32 < TILES) & (row0 < N),
+                                tl.minimum(N - row0, BLOCK_N) * K, 0).to(tl.int32)
+                tl.inline_asm_elementwise(
+                    "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; "
+                    "mov.u32 $0, 0; }", "=r,l,r", [base + N * K + row0 * K, size], dtype=tl.int32, is_pure=False,
+                    pack=1)
             target = (layer + 1) * NPROG
             cur = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
             while cur < target:
@@ -248,13 +263,17 @@ def persistent(n_layers: int, n: int, k: int, block_n: int, num_warps: int, per_
     tiles = triton.cdiv(n, block_n)
     nprog = min(tiles, per_sm * torch.cuda.get_device_properties(0).multi_processor_count)
     counter = torch.zeros(1, device="cuda", dtype=torch.int32)
-    for pre in (False, True):
+    n_tiles = triton.cdiv(tiles, nprog)
+    for suffix, pre, l2 in (("", False, False), ("_pre", True, False), ("_l2", False, True)):
+        if l2 and n_tiles > num_warps:
+            continue
+
         def run():
             counter.zero_()
             _persistent_chain[(nprog,)](w, x0, y, counter, n, c, n_layers, nprog, K=k, KP=triton.next_power_of_2(k),
-                                        BLOCK_N=block_n, TILES=triton.cdiv(tiles, nprog), PRELOAD=pre,
+                                        BLOCK_N=block_n, TILES=n_tiles, PRELOAD=pre, L2AHEAD=l2, NT=32 * num_warps,
                                         num_warps=num_warps, launch_cooperative_grid=True)
-        _check_and_time_persistent(f"persistent{'_pre' if pre else ''}", run, w, x0, y, c, results, failures,
+        _check_and_time_persistent(f"persistent{suffix}", run, w, x0, y, c, results, failures,
                                    f"bn{block_n}_w{num_warps}_p{nprog}")
 
 
