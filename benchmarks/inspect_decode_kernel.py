@@ -116,7 +116,7 @@ def report(compiled) -> dict:
     usage = re.search(r"REG:(\d+).*?STACK:(\d+)", _cuobjdump(compiled.asm["cubin"], "--dump-resource-usage"))
     ops = collections.Counter()
     for line in sass.splitlines():
-        m = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
+        m = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
         if m:
             ops[m.group(1)] += 1
     return dict(regs=int(usage.group(1)) if usage else -1, stack=int(usage.group(2)) if usage else -1, ops=ops,

@@ -555,9 +555,9 @@ def _load_weights(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, N_UP, swe, swn, ss
 
 
 @jit
-def _decode_linear_kernel(
-    x_ptr, st_ptr, cw_ptr, cb_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rexp_ptr, rscale_ptr, out_ptr, co_ptr, xpl_ptr,
-    opl_ptr, M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse, ssn, sze, szn, exp_bits, sxpl_m, sopl_m,
+def decode_linear_program(
+    pid_e, pid_n, x_ptr, st_ptr, cw_ptr, cb_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rexp_ptr, rscale_ptr, out_ptr, co_ptr,
+    xpl_ptr, opl_ptr, M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse, ssn, sze, szn, exp_bits, sxpl_m, sopl_m,
     FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr, CONV_W: tl.constexpr,
     HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr,
@@ -565,8 +565,8 @@ def _decode_linear_kernel(
     EXPERT_READY: tl.constexpr, ROW_PROGRAMS: tl.constexpr, X_PLANES: tl.constexpr, XPL_K: tl.constexpr,
     XPL_SUMS: tl.constexpr, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr,
 ):
-    pid_e = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """Program ``(pid_e, pid_n)`` of the decode linear kernel (:func:`_decode_linear_kernel`, which passes its
+    program ids): a body that a persistent kernel can run for any of the launch's programs."""
     if ROW_PROGRAMS:
         # program row pid_e serves input row pid_e alone (ROWS == 1): its input, output, routing and scale
         x_ptr += pid_e * sxm
@@ -617,6 +617,26 @@ def _decode_linear_kernel(
                   M, N, K, exp_bits, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP,
                   NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, xpl_ptr, sxpl_m, X_PLANES, XPL_K, XPL_SUMS,
                   opl_ptr, sopl_m, OUT_PLANES, OPL_K)
+
+
+@jit
+def _decode_linear_kernel(
+    x_ptr, st_ptr, cw_ptr, cb_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rexp_ptr, rscale_ptr, out_ptr, co_ptr, xpl_ptr,
+    opl_ptr, M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse, ssn, sze, szn, exp_bits, sxpl_m, sopl_m,
+    FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr, CONV_W: tl.constexpr, HAS_CB: tl.constexpr,
+    GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, KP: tl.constexpr,
+    NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr, UNPACK: tl.constexpr, CONV_EPI: tl.constexpr,
+    MMA: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr, EXPERT_READY: tl.constexpr,
+    ROW_PROGRAMS: tl.constexpr, X_PLANES: tl.constexpr, XPL_K: tl.constexpr, XPL_SUMS: tl.constexpr,
+    OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr,
+):
+    """The decode linear kernel: each program runs :func:`decode_linear_program` for its own ids."""
+    decode_linear_program(
+        tl.program_id(0), tl.program_id(1), x_ptr, st_ptr, cw_ptr, cb_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rexp_ptr,
+        rscale_ptr, out_ptr, co_ptr, xpl_ptr, opl_ptr, M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse,
+        ssn, sze, szn, exp_bits, sxpl_m, sopl_m, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS,
+        HAS_RSCALE, KP, NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, BLOCK_N, PDL, EXPERT_READY, ROW_PROGRAMS, X_PLANES,
+        XPL_K, XPL_SUMS, OUT_PLANES, OPL_K)
 
 
 @jit
@@ -686,7 +706,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                    OUT_PLANES, OPL_K)
     else:
         for r in tl.static_range(ROWS):
-            row_ok = (tl.program_id(1) * 0 + r) < M  # a tensor (the interpreter rejects a Python bool mask)
+            row_ok = (expert * 0 + r) < M  # a tensor (the interpreter rejects a Python bool mask)
             if ROUTED and ROWS > 1:
                 row_ok = row_ok & (tl.load(rexp_ptr + r, mask=row_ok, other=-1) == expert)
             if row_ok:

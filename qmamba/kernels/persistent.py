@@ -1,0 +1,395 @@
+"""A chain of dependent kernel launches replayed as one persistent launch, a grid barrier between launches.
+
+The decode step is ~150 small dependent kernels; on the H200 each costs ~3.7 us however few bytes it reads
+(benchmarks/results.md, session 21's profile), against ~0.9 us for a grid-wide barrier inside one kernel (session
+20, ``benchmarks/probe_launch.py``). :func:`recording` captures a chain's launches of the kernels registered in
+:data:`BODIES` (each a thin kernel over a ``*_program(pid0, pid1, ...)`` body) instead of running them;
+:class:`PersistentChain` then runs the same bodies with the same arguments in one launch of ``programs`` co-resident
+programs: program ``p`` runs tiles ``p, p + programs, ...`` of each recorded launch (tile ``t`` is the launch's
+program ``(t // grid[1], t % grid[1])``), then meets the others at a counter barrier before the next launch. So the
+chain computes exactly what the launches compute, in the same order, with the same arithmetic.
+
+The kernel is generated per set of launch *kinds* (a body with its compile-time arguments): one branch per kind,
+whose run-time arguments come from an int64 table, a row per launch (pointers, and the integers and floats that
+differ between the launches of a kind; the others are written into the source as constants, as Triton's launch
+would specialise them). Pointers that are 16-byte aligned in every launch of a kind, and integers divisible by 16 in
+every launch, carry that as a hint (Triton's own launch specialisation).
+
+Every program must be resident at once (the barrier waits for all of them): :meth:`PersistentChain.programs_for`
+sizes the grid from the compiled kernel's registers and shared memory. On CPU (the interpreter runs programs one
+after another) the chain runs with one program. This module knows tensors and kernels, not models:
+:mod:`qmamba.persistent_step` records the decode step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import linecache
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from qmamba.kernels._triton import HAS_TRITON, jit, tl
+
+# kernel name -> (module, kernel attribute, body function): the launches recording() captures
+BODIES = {
+    "decode_linear": ("qmamba.kernels.decode_linear", "_decode_linear_kernel", "decode_linear_program"),
+    "add_norm": ("qmamba.kernels.decode_step", "_add_norm_kernel", "add_norm_program"),
+    "dt_state_update": ("qmamba.kernels.decode_step", "_dt_state_update_kernel", "dt_state_update_program"),
+}
+# per body, the read-only arguments (weights) whose bytes the chain asks L2 for while the previous launch finishes;
+# a stacked expert weight (decode_linear with ROUTED) only the slice of the expert that row 0 is routed to
+PREFETCHED = {
+    "decode_linear": ("w_ptr", "s_ptr", "z_ptr"),
+    "add_norm": ("w_ptr", "nb_ptr", "rw_ptr"),
+    "dt_state_update": ("wdt_ptr", "dtb_ptr", "a_ptr", "dskip_ptr", "cw_ptr"),
+}
+_PF_COLS = 4  # a prefetched range's table columns: address, bytes, routing-index address (0: none), expert stride
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "launch_pdl", "launch_cooperative_grid", "maxnreg")
+_TL_TYPES = {torch.bfloat16: "tl.bfloat16", torch.float16: "tl.float16", torch.float32: "tl.float32",
+             torch.int64: "tl.int64", torch.int32: "tl.int32", torch.int16: "tl.int16", torch.int8: "tl.int8",
+             torch.uint8: "tl.uint8"}
+_HEAD = 3  # table columns before the arguments: kind, grid[1], tiles
+
+
+class UnsupportedLaunch(RuntimeError):
+    """A launch :func:`recording` cannot replay (a kernel without a registered body, a grid of three dimensions)."""
+
+
+@dataclass
+class Launch:
+    """One recorded launch: the registered kernel's name, its grid ``(g0, g1)``, and its arguments by parameter
+    name (compile-time ones included)."""
+
+    kernel: str
+    grid: tuple[int, int]
+    args: dict
+
+
+class _Recorder:
+    def __init__(self, name: str, fn, launches: list):
+        self.name, self.fn, self.launches = name, fn, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            g = tuple(grid(kwargs) if callable(grid) else grid)
+            if len(g) > 2 and any(v != 1 for v in g[2:]):
+                raise UnsupportedLaunch(f"{self.name}: a grid of three dimensions {g}")
+            names = self.fn.arg_names
+            given = dict(zip(names, args))
+            given.update({k: v for k, v in kwargs.items() if k not in _LAUNCH_OPTIONS})
+            missing = [n for n in names if n not in given]
+            if missing:
+                raise UnsupportedLaunch(f"{self.name}: arguments left to their defaults: {missing}")
+            bound = {n: given[n] for n in names}  # in the signature's order (the body's, after its program ids)
+            g2 = (int(g[0]), int(g[1]) if len(g) > 1 else 1)
+            self.launches.append(Launch(self.name, g2, bound))
+        return launch
+
+
+@contextmanager
+def recording():
+    """Inside, launches of the :data:`BODIES` kernels are recorded (the yielded list fills in launch order), not
+    run; any other Triton launch raises :class:`UnsupportedLaunch`. Plain PyTorch work still runs."""
+    if not HAS_TRITON:
+        raise UnsupportedLaunch("Triton is not installed")
+    launches: list[Launch] = []
+    saved = []
+    for name, (module, attr, _) in BODIES.items():
+        mod = importlib.import_module(module)
+        real = getattr(mod, attr)
+        saved.append((mod, attr, real))
+        setattr(mod, attr, _Recorder(name, real, launches))
+    from triton.runtime.jit import KernelInterface  # every launchable kernel (JIT, interpreted, autotuned)
+
+    launch_any = KernelInterface.__getitem__
+
+    def refuse(self, grid):
+        raise UnsupportedLaunch(f"{getattr(self, '__name__', 'a kernel')}: no registered body to replay it")
+    KernelInterface.__getitem__ = refuse
+    try:
+        yield launches
+    finally:
+        KernelInterface.__getitem__ = launch_any
+        for mod, attr, real in saved:
+            setattr(mod, attr, real)
+
+
+# ---- barrier ---------------------------------------------------------------------------------------------------------
+@jit
+def grid_arrive(counter_ptr):
+    """This program arrives at the grid barrier (release: its writes before the arrival)."""
+    tl.debug_barrier()  # every thread's stores before the release
+    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+
+
+@jit
+def grid_wait(counter_ptr, target):
+    """Wait until the counter reaches ``target`` (acquire: the other programs' writes after it). The counter only
+    grows: barrier i of a launch waits for ``(i + 1) * programs``."""
+    cur = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    while cur < target:
+        cur = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@jit
+def grid_barrier(counter_ptr, target):
+    """:func:`grid_arrive` then :func:`grid_wait`."""
+    grid_arrive(counter_ptr)
+    grid_wait(counter_ptr, target)
+
+
+@jit
+def prefetch_share(cols_ptr, pid, NPROG, NT: tl.constexpr):
+    """Ask L2 (Hopper's ``cp.async.bulk.prefetch.L2``: nothing to wait for, nothing in registers) for program
+    ``pid``'s share of the byte range in the table columns at ``cols_ptr`` (address, bytes, routing-index address,
+    expert stride in bytes: with an index, the range starts at that expert's slice): one chunk a warp, asked by its
+    lane 0, the range split over ``NPROG`` programs in 16-byte multiples."""
+    base = tl.load(cols_ptr)
+    nbytes = tl.load(cols_ptr + 1)
+    idx_addr = tl.load(cols_ptr + 2)
+    if idx_addr != 0:
+        base += tl.load(idx_addr.to(tl.pointer_type(tl.int32))).to(tl.int64) * tl.load(cols_ptr + 3)
+    warps: tl.constexpr = NT // 32
+    t = tl.arange(0, NT)
+    chunk = ((nbytes + NPROG * warps * 16 - 1) // (NPROG * warps * 16)) * 16
+    start = (pid * warps + t // 32).to(tl.int64) * chunk
+    size = tl.where((t % 32 == 0) & (base != 0), tl.minimum(tl.maximum(nbytes - start, 0), chunk), 0).to(tl.int32)
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r", [base.to(tl.pointer_type(tl.int8)) + start, size], dtype=tl.int32, is_pure=False, pack=1)
+
+
+# ---- kinds and the table ---------------------------------------------------------------------------------------------
+def _classify(value):
+    if isinstance(value, torch.Tensor):
+        return ("tensor", _TL_TYPES[value.dtype])
+    if value is None or isinstance(value, (bool, str)):
+        return ("const", repr(value))
+    if isinstance(value, int):
+        return ("int",)
+    if isinstance(value, float):
+        return ("float",)
+    raise UnsupportedLaunch(f"an argument of type {type(value).__name__}")
+
+
+@dataclass
+class _Kind:
+    kernel: str
+    key: tuple
+    launches: list
+    slots: dict          # parameter name -> table column (run-time arguments)
+    source_args: list    # the body's arguments after the program ids, as source text
+
+
+def _kinds(launches: list[Launch]) -> list[_Kind]:
+    """Group launches by body and compile-time arguments; per kind, which arguments go through the table."""
+    import inspect
+
+    groups: dict[tuple, list[Launch]] = {}
+    for launch in launches:
+        mod, _, body = BODIES[launch.kernel]
+        fn = getattr(importlib.import_module(mod), body)
+        constexprs = {p.name for p in inspect.signature(fn.fn).parameters.values()
+                      if p.annotation in ("tl.constexpr", tl.constexpr)}
+        key = [launch.kernel]
+        for name, value in launch.args.items():
+            c = _classify(value)
+            if name in constexprs:
+                key.append((name, "constexpr", repr(value)))
+            else:
+                key.append((name,) + c)
+        groups.setdefault(tuple(key), []).append(launch)
+    kinds = []
+    for key, group in groups.items():
+        slots, source = {}, []
+        for entry in key[1:]:
+            name, cls = entry[0], entry[1]
+            values = [launch.args[name] for launch in group]
+            if cls == "constexpr" or cls == "const":
+                source.append(entry[2])
+            elif cls == "tensor":
+                slots[name] = _HEAD + len(slots)
+                col = f"row + {slots[name]}"
+                ptr = f"tl.load({col}).to(tl.pointer_type({entry[2]}))"
+                aligned = all(v.data_ptr() % 16 == 0 for v in values)
+                source.append(f"tl.multiple_of({ptr}, 16)" if aligned else ptr)
+            elif cls == "int":
+                if all(v == values[0] for v in values):
+                    source.append(repr(int(values[0])))
+                else:
+                    slots[name] = _HEAD + len(slots)
+                    wide = any(not -2 ** 31 <= v < 2 ** 31 for v in values)
+                    val = f"tl.load(row + {slots[name]})" + ("" if wide else ".to(tl.int32)")
+                    source.append(f"tl.multiple_of({val}, 16)" if all(v % 16 == 0 for v in values) else val)
+            else:  # float
+                if all(v == values[0] for v in values):
+                    source.append(repr(float(values[0])))
+                else:
+                    slots[name] = _HEAD + len(slots)
+                    source.append(f"tl.load(row + {slots[name]}).to(tl.int32).to(tl.float32, bitcast=True)")
+        kinds.append(_Kind(key[0], key, group, slots, source))
+    return kinds
+
+
+def _float_bits(v: float) -> int:
+    return int(torch.tensor([v], dtype=torch.float32).view(torch.int32).item())
+
+
+def _span_bytes(t: torch.Tensor) -> int:
+    """Bytes from ``t``'s first element to just past its last (a strided view's whole extent)."""
+    if t.numel() == 0:
+        return 0
+    return (sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def _prefetch_ranges(launch: Launch) -> list[tuple[int, int, int, int]]:
+    """``(address, bytes, routing-index address, expert stride bytes)`` of a launch's :data:`PREFETCHED` tensors
+    (distinct tensors; 16-byte aligned starts, lengths rounded down to 16 bytes, as the bulk prefetch needs)."""
+    out, seen = [], set()
+    routed = launch.kernel == "decode_linear" and bool(launch.args.get("ROUTED"))
+    for name in PREFETCHED.get(launch.kernel, ()):
+        t = launch.args.get(name)
+        if not isinstance(t, torch.Tensor) or t.data_ptr() in seen or t.data_ptr() % 16:
+            continue
+        seen.add(t.data_ptr())
+        if routed and t.dim() == 3:  # the stack's slice of row 0's expert
+            stride = t.stride(0) * t.element_size()
+            out.append((t.data_ptr(), stride // 16 * 16, launch.args["rexp_ptr"].data_ptr(), stride))
+        else:
+            out.append((t.data_ptr(), _span_bytes(t) // 16 * 16, 0, 0))
+    return out
+
+
+def _table(launches: list[Launch], kinds: list[_Kind], ranges: int) -> torch.Tensor:
+    """A row per launch: kind, grid[1], tiles, the kind's run-time arguments, then the prefetch ranges of the
+    *next* launch (``ranges`` slots of :data:`_PF_COLS` columns; unused ones zero)."""
+    kind_of = {id(launch): i for i, kind in enumerate(kinds) for launch in kind.launches}
+    args = max((len(k.slots) for k in kinds), default=0)
+    width = _HEAD + args + ranges * _PF_COLS
+    rows = []
+    for n, launch in enumerate(launches):
+        i = kind_of[id(launch)]
+        row = [0] * width
+        row[:_HEAD] = [i, launch.grid[1], launch.grid[0] * launch.grid[1]]
+        for name, col in kinds[i].slots.items():
+            v = launch.args[name]
+            row[col] = v.data_ptr() if isinstance(v, torch.Tensor) else _float_bits(v) if isinstance(v, float) \
+                else int(v)
+        if ranges and n + 1 < len(launches):
+            for j, rng in enumerate(_prefetch_ranges(launches[n + 1])[:ranges]):
+                row[_HEAD + args + j * _PF_COLS:_HEAD + args + (j + 1) * _PF_COLS] = rng
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+# ---- the generated kernel --------------------------------------------------------------------------------------------
+def _source(kinds: list[_Kind]) -> str:
+    """The generated module: per kind a function (not inlined: each compiles on its own, so the compiler cannot
+    hoist one kind's constants out of the launch loop and keep them live through the others) that runs one tile of
+    a launch of that kind from its table row, then the kernel looping over the launches."""
+    imports = sorted({(BODIES[k.kernel][0], BODIES[k.kernel][2]) for k in kinds})
+    lines = ["from qmamba.kernels._triton import jit, tl",
+             "from qmamba.kernels.persistent import grid_arrive, grid_wait, prefetch_share"]
+    lines += [f"from {mod} import {body}" for mod, body in imports]
+    for i, kind in enumerate(kinds):
+        body = BODIES[kind.kernel][2]
+        names = [entry[0] for entry in kind.key[1:]]
+        lines += ["", "", "@jit(noinline=True)", f"def kind_{i}(t, g1, row):",
+                  f"    {body}(", "        t // g1,", "        t % g1,"]
+        lines += [f"        {arg},  # {name}" for name, arg in zip(names, kind.source_args)]
+        lines += ["    )"]
+    lines += ["", "", "@jit", "def persistent_chain(tab_ptr, counter_ptr, N_OPS, NPROG, ROW: tl.constexpr,",
+              "                     PF_COL: tl.constexpr, PF_RANGES: tl.constexpr, NT: tl.constexpr):",
+              "    pid = tl.program_id(0)",
+              "    for op in range(N_OPS):",
+              "        row = tab_ptr + op * ROW",
+              "        kind = tl.load(row)",
+              "        g1 = tl.load(row + 1).to(tl.int32)",
+              "        tiles = tl.load(row + 2).to(tl.int32)"]
+    for i in range(len(kinds)):
+        lines += [f"        if kind == {i}:",
+                  "            for t in range(pid, tiles, NPROG):",
+                  f"                kind_{i}(t, g1, row)"]
+    lines += ["        if op + 1 < N_OPS:",
+              "            grid_arrive(counter_ptr)",
+              "            for j in tl.static_range(PF_RANGES):  # the next launch's weights, while the others finish",
+              f"                prefetch_share(row + PF_COL + j * {_PF_COLS}, pid, NPROG, NT)",
+              "            grid_wait(counter_ptr, (op + 1) * NPROG)", ""]
+    return "\n".join(lines)
+
+
+_GENERATED: dict[str, object] = {}
+
+
+def _kernel_for(source: str):
+    """The ``persistent_chain`` kernel of a generated source (compiled once per distinct source)."""
+    digest = hashlib.sha1(source.encode()).hexdigest()[:16]
+    if digest not in _GENERATED:
+        filename = f"<qmamba-persistent-chain-{digest}>"
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # for inspect.getsource
+        namespace = {"__name__": f"qmamba_persistent_{digest}"}
+        exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - our own generated source
+        _GENERATED[digest] = namespace["persistent_chain"]
+    return _GENERATED[digest]
+
+
+class PersistentChain:
+    """Recorded launches (:func:`recording`) as one persistent launch; see the module docstring. ``programs``:
+    the grid (default: one on CPU, on CUDA as many as are resident at once, at most the largest launch's)."""
+
+    def __init__(self, launches: list[Launch], device, programs: int | None = None, num_warps: int = 4,
+                 prefetch: bool | None = None):
+        if not launches:
+            raise ValueError("PersistentChain: no launches")
+        self.launches = launches
+        self.kinds = _kinds(launches)
+        self.source = _source(self.kinds)
+        self.kernel = _kernel_for(self.source)
+        self.device = torch.device(device)
+        if prefetch is None:  # the bulk prefetch is Hopper's (sm_90) and compiled code's (not the interpreter's)
+            prefetch = self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9
+        self.ranges = max(len(_prefetch_ranges(launch)) for launch in launches) if prefetch else 0
+        self.args_width = max((len(k.slots) for k in self.kinds), default=0)
+        self.table = _table(launches, self.kinds, self.ranges).to(self.device)
+        self.counter = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self.num_warps = num_warps
+        self.max_tiles = max(launch.grid[0] * launch.grid[1] for launch in launches)
+        self.programs = programs if programs is not None else self.programs_for(self.device)
+
+    def _launch_args(self, programs: int):
+        return (self.table, self.counter, len(self.launches), programs), dict(
+            ROW=self.table.shape[1], PF_COL=_HEAD + self.args_width, PF_RANGES=self.ranges, NT=32 * self.num_warps,
+            num_warps=self.num_warps)
+
+    def programs_for(self, device) -> int:
+        """One on CPU; on CUDA the programs resident at once by the compiled kernel's registers, shared memory and
+        threads (a barrier over more would never open), capped at the largest launch's tile count."""
+        if device.type != "cuda":
+            return 1
+        args, meta = self._launch_args(1)
+        compiled = self.kernel.warmup(*args, grid=(1,), **meta)
+        compiled._init_handles()  # loads the binary: sets n_regs
+        props = torch.cuda.get_device_properties(device)
+        threads = 32 * self.num_warps
+        by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (-(-max(compiled.n_regs, 1) // 8) * 8 * threads)
+        by_threads = props.max_threads_per_multi_processor // threads
+        smem = compiled.metadata.shared
+        by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // smem if smem else by_threads
+        per_sm = min(by_regs, by_threads, by_smem, 32)
+        if per_sm < 1:
+            raise UnsupportedLaunch("PersistentChain: one program does not fit a multiprocessor")
+        return min(per_sm * props.multi_processor_count, self.max_tiles)
+
+    def __call__(self):
+        """Run the chain once (the counter is zeroed first, as part of the same stream's work)."""
+        self.counter.zero_()
+        args, meta = self._launch_args(self.programs)
+        self.kernel[(self.programs,)](*args, **meta)
+
+
+__all__ = ["BODIES", "PREFETCHED", "Launch", "PersistentChain", "UnsupportedLaunch", "grid_arrive", "grid_barrier",
+           "grid_wait", "prefetch_share", "recording"]

@@ -1,0 +1,67 @@
+"""The fused decode step as one persistent kernel launch (``DecodePolicy.persistent``; experimental, off by default).
+
+:class:`PersistentDecodeStep` records the launches of one :class:`qmamba.fused_step.FusedDecodeStep` call for a
+batch size (its Triton kernels replaced by recorders: nothing runs) and replays them through
+:class:`qmamba.kernels.persistent.PersistentChain`: the same kernel bodies, arguments and order, with a grid barrier
+in place of each kernel boundary (~0.9 us against ~3.7 us a dependent kernel on the H200). The recorded launches
+point at the step's own buffers, a static token-id buffer and the state's tensors, so a chain is kept per
+``(batch, state tensors)``; a call with another state records again (cheap: no kernel runs, the generated kernel is
+compiled once). Where the fused step would launch a kernel without a registered body (a weight the decode kernels do
+not take at this batch: the general matmul kernels), the step raises :class:`UnsupportedLaunch` at its first call.
+
+The chain's kernels run without programmatic dependent launch (``pdl`` off: there is no next kernel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+
+import torch
+
+from qmamba.fused_step import FusedDecodeStep
+from qmamba.kernels.decode_linear import DecodePolicy
+from qmamba.kernels.persistent import PersistentChain, UnsupportedLaunch, recording
+
+__all__ = ["PersistentDecodeStep", "UnsupportedLaunch"]
+
+
+@dataclasses.dataclass
+class _Recorded:
+    ids: torch.Tensor
+    chain: PersistentChain
+    logits: torch.Tensor
+
+
+class PersistentDecodeStep:
+    """``step(token_ids [B], state) -> logits [B, V]`` fp32, state updated in place, as :class:`FusedDecodeStep`;
+    see the module docstring. ``programs``: the persistent grid (default: what is resident at once on CUDA, one
+    program on CPU). The returned logits are the step's buffer, overwritten by the next call."""
+
+    max_recorded = 4  # chains kept (each a small table on the device); the oldest goes first
+
+    def __init__(self, model, policy: DecodePolicy | None = None, programs: int | None = None):
+        policy = policy or DecodePolicy.for_device(model.device)
+        self.fused = FusedDecodeStep(model, dataclasses.replace(policy, pdl=False))
+        self.device = model.device
+        self.programs = programs
+        self._recorded: OrderedDict[tuple, _Recorded] = OrderedDict()
+
+    def _record(self, token_ids: torch.Tensor, state) -> _Recorded:
+        ids = torch.zeros_like(token_ids, memory_format=torch.contiguous_format)
+        with recording() as launches:
+            logits = self.fused(ids, state)
+        chain = PersistentChain(launches, self.device, programs=self.programs, num_warps=self.fused.policy.num_warps)
+        return _Recorded(ids, chain, logits)
+
+    def __call__(self, token_ids: torch.Tensor, state) -> torch.Tensor:
+        key = (token_ids.shape[0], token_ids.dtype, state.conv_state.data_ptr(), state.ssm_state.data_ptr())
+        entry = self._recorded.get(key)
+        if entry is None:
+            entry = self._recorded[key] = self._record(token_ids, state)
+            while len(self._recorded) > self.max_recorded:
+                self._recorded.popitem(last=False)
+        self._recorded.move_to_end(key)
+        entry.ids.copy_(token_ids)
+        entry.chain()
+        return entry.logits

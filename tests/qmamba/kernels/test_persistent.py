@@ -1,0 +1,114 @@
+"""qmamba.kernels.persistent: recorded launches replayed as one persistent launch compute what the launches compute
+(the launches themselves are the reference; on CPU the chain runs one program through the interpreter)."""
+
+import pytest
+import torch
+
+from qmamba.kernels import persistent as P
+from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
+from qmamba.kernels.decode_linear import DecodePolicy, decode_linear
+from qmamba.kernels.decode_step import add_norm
+from qmamba.quant.formats import Int4Format
+
+
+def _int4(n, k, seed, experts=None, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(*((experts,) if experts else ()), n, k, generator=g) / k ** 0.5
+    fmt = Int4Format(32)
+    return fmt.kernel_weight({key: t.to(device) for key, t in fmt.quantize_rtn(w).items()}, n, k)
+
+
+def _chain_of_three(device, x, res, norm_w, w1, w2, experts, idx, rwt, h1, out, policy):
+    """add + norm with the router, then a dense int4 GEMV on its output, then a routed one on that (fc1 -> fc2's
+    shape of data flow)."""
+    add_norm(x, res, norm_w, 1e-5, h=h1, router_w=experts, expert_idx=idx, expert_weight=rwt)
+    decode_linear(x, w1, h1, policy=policy)
+    decode_linear(h1, w2, out, row_expert=idx, row_scale=rwt, policy=policy)
+
+
+def test_chain_of_recorded_launches_computes_what_the_launches_compute(device):
+    torch.manual_seed(0)
+    d, n = 64, 64
+    policy = DecodePolicy.for_device(device)
+    w1, w2 = _int4(d, d, 1, device=device), _int4(n, d, 2, experts=4, device=device)
+    router = torch.randn(4, d, device=device)
+    norm_w = torch.rand(d, device=device) + 0.5
+
+    def buffers():
+        return dict(x=torch.empty(2, d, device=device), res=torch.randn(2, d, device=device),
+                    h1=torch.randn(2, d, device=device), out=torch.empty(2, n, device=device),
+                    idx=torch.empty(2, dtype=torch.int32, device=device), rwt=torch.empty(2, device=device))
+    want, got = buffers(), buffers()
+    got["res"].copy_(want["res"])
+    got["h1"].copy_(want["h1"])
+    got["out"].fill_(float("nan"))
+    _chain_of_three(device, want["x"], want["res"], norm_w, w1, w2, router, want["idx"], want["rwt"], want["h1"],
+                    want["out"], policy)
+    with P.recording() as launches:
+        _chain_of_three(device, got["x"], got["res"], norm_w, w1, w2, router, got["idx"], got["rwt"], got["h1"],
+                        got["out"], policy)
+    assert [launch.kernel for launch in launches] == ["add_norm", "decode_linear", "decode_linear"]
+    assert got["out"].isnan().all()  # nothing ran while recording
+    chain = P.PersistentChain(launches, device)
+    chain()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+    # a second run starts from the new residual: compare with the launches run once more
+    _chain_of_three(device, want["x"], want["res"], norm_w, w1, w2, router, want["idx"], want["rwt"], want["h1"],
+                    want["out"], policy)
+    chain()
+    torch.testing.assert_close(got["out"], want["out"], rtol=0, atol=0)
+
+
+def test_recording_refuses_other_kernels_and_restores_them(device):
+    x = torch.randn(1, 8, device=device)
+    state = torch.zeros(1, 8, 4, device=device)
+    w = torch.randn(8, 4, device=device)
+    with pytest.raises(P.UnsupportedLaunch, match="no registered body"):
+        with P.recording():
+            causal_conv1d_update_triton(x, state, w, None, "silu")
+    out = causal_conv1d_update_triton(x, state, w, None, "silu")  # launches again outside
+    out = out[0] if isinstance(out, tuple) else out
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    from qmamba.kernels import decode_linear as dl
+
+    assert not isinstance(dl._decode_linear_kernel, P._Recorder)
+
+
+def test_launches_of_one_shape_share_a_kind_and_the_table_holds_what_differs():
+    policy = DecodePolicy.for_device(torch.device("cpu"))
+    ws = [_int4(32, 64, seed) for seed in range(3)]
+    x = torch.randn(1, 64)
+    outs = [torch.empty(1, 32) for _ in ws]
+    with P.recording() as launches:
+        for w, out in zip(ws, outs):
+            decode_linear(x, w, out, policy=policy)
+    chain = P.PersistentChain(launches, "cpu", prefetch=True)
+    assert len(chain.kinds) == 1 and len(chain.launches) == 3
+    kind = chain.kinds[0]
+    # the weights and outputs differ: table columns; x, the shapes and strides are the same: also columns for
+    # tensors (addresses), constants in the source for integers
+    assert {"w_ptr", "s_ptr", "z_ptr", "out_ptr", "x_ptr"} <= set(kind.slots)
+    assert "N" not in kind.slots and "K" not in kind.slots
+    table = chain.table
+    for row, w, out in zip(table, ws, outs):
+        assert row[kind.slots["w_ptr"]] == w.qweight.data_ptr() and row[kind.slots["out_ptr"]] == out.data_ptr()
+    # each row carries the next launch's weight ranges (the last none)
+    col = P._HEAD + chain.args_width
+    for i in range(2):
+        assert table[i, col] == ws[i + 1].qweight.data_ptr()
+        assert table[i, col + 1] == ws[i + 1].qweight.numel() * ws[i + 1].qweight.element_size() // 16 * 16
+    assert (table[2, col:] == 0).all()
+    assert "def kind_0(t, g1, row)" in chain.source and "prefetch_share" in chain.source
+
+
+def test_routed_prefetch_ranges_take_the_routed_experts_slice():
+    policy = DecodePolicy.for_device(torch.device("cpu"))
+    w = _int4(32, 64, 0, experts=4)
+    idx = torch.tensor([2], dtype=torch.int32)
+    with P.recording() as launches:
+        decode_linear(torch.randn(1, 64), w, torch.empty(1, 32), row_expert=idx, policy=policy)
+    (base, nbytes, idx_addr, stride), *_ = P._prefetch_ranges(launches[0])
+    q = w.qweight
+    assert (base, idx_addr) == (q.data_ptr(), idx.data_ptr())
+    assert stride == q.stride(0) * q.element_size() and nbytes == stride // 16 * 16

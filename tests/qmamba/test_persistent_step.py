@@ -1,0 +1,95 @@
+"""The decode step as one persistent launch (qmamba.persistent_step) against the fused step it replays (the same
+kernel bodies: equal bit for bit on CPU) and against the reference model's step (an independent reference)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from qmamba.config import preset
+from qmamba.fused_step import FusedDecodeStep
+from qmamba.kernels.decode_linear import DecodePolicy
+from qmamba.persistent_step import PersistentDecodeStep, UnsupportedLaunch
+from qmamba.quant.binary import BinaryFormat
+from qmamba.quant.formats import Int4Format, Int8Format
+from qmamba.testing import quantize_rtn, random_model
+
+
+def _policy(device, kind: str, batch: int = 1) -> DecodePolicy:
+    policy = DecodePolicy.for_device(device)
+    if kind == "cuda_like":  # the CUDA policy's choices that change kernels: plane words, denorm codes, input planes
+        policy = dataclasses.replace(policy, formats=(0, 1, 3, 4), max_rows=1, max_rows_planes=1, int4_planes=True,
+                                     int4_unpack="denorm", int4_x_planes=True, int4_x_in_tile=True,
+                                     max_rows_routed=8, routed_row_programs=True, planes_mma=False,
+                                     norm_plane_programs=4 if device.type == "cuda" else 1)
+        if batch > 1:  # dense matrices on the decode kernels at this batch too (the CUDA policy's general kernels
+            # have no registered body)
+            policy = dataclasses.replace(policy, max_rows=8, max_rows_planes=8)
+    elif kind == "decode":
+        policy = dataclasses.replace(policy, formats=DecodePolicy().formats, int4_x_planes=False)
+    return policy
+
+
+CASES = [("tiny-blackmamba", "float", 1, "decode"), ("tiny-blackmamba", "int8", 2, "decode"),
+         ("tiny-blackmamba", "int4g128", 1, "cuda_like"), ("tiny-blackmamba", "int4g128", 3, "cuda_like"),
+         ("tiny-blackmamba", "binary", 1, "decode"), ("tiny-mamba", "int4g128", 1, "cuda_like")]
+FORMATS = {"float": None, "int8": Int8Format(), "int4g128": Int4Format(128), "binary": BinaryFormat()}
+
+
+@pytest.mark.parametrize("name,fmt,batch,kind", CASES)
+@torch.no_grad()
+def test_persistent_step_replays_the_fused_step(name, fmt, batch, kind, device):
+    model = random_model(preset(name), device)
+    if FORMATS[fmt] is not None:
+        model = quantize_rtn(model, FORMATS[fmt], sensitive_fmt=Int4Format(32) if fmt == "binary" else None)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 5), device=device)
+    _, state = model.prefill(ids)
+    fused_state, ref_state = state.clone(), state.clone()
+    policy = _policy(device, kind, batch)
+    step = PersistentDecodeStep(model, policy)
+    fused = FusedDecodeStep(model, dataclasses.replace(policy, pdl=False))
+    tok = ids[:, 2]  # a strided column, as generation loops pass it
+    for _ in range(3):  # the state carried from step to step
+        logits = step(tok, state).clone()
+        want = fused(tok, fused_state)
+        if device.type == "cpu":  # the same bodies in the same order: the same numbers
+            assert torch.equal(logits, want)
+            assert torch.equal(state.ssm_state, fused_state.ssm_state)
+            assert torch.equal(state.conv_state, fused_state.conv_state)
+        else:
+            torch.testing.assert_close(logits, want, atol=1e-3, rtol=1e-3)
+        ref = model.step(tok, ref_state)
+        torch.testing.assert_close(logits, ref.float(), atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
+        tok = ref.argmax(-1)
+    chain = next(iter(step._recorded.values())).chain
+    n_layers = len(model.config.layers)
+    assert len(chain.launches) >= n_layers * 3 + 2  # every layer's kernels in the one launch
+
+
+@torch.no_grad()
+def test_another_state_is_recorded_again(device):
+    model = quantize_rtn(random_model(preset("tiny-blackmamba"), device), Int4Format(128))
+    step = PersistentDecodeStep(model, _policy(device, "cuda_like"))
+    ids = torch.randint(0, model.config.vocab_size, (1, 4), device=device)
+    _, a = model.prefill(ids)
+    _, b = model.prefill(ids.flip(1))
+    a_ref, b_ref = a.clone(), b.clone()
+    tok = ids[:, -1]
+    la = step(tok, a).clone()
+    lb = step(tok, b).clone()
+    assert len(step._recorded) == 2
+    torch.testing.assert_close(la, model.step(tok, a_ref).float(), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(lb, model.step(tok, b_ref).float(), atol=1e-3, rtol=1e-3)
+    assert not torch.equal(la, lb)
+
+
+@torch.no_grad()
+def test_a_step_on_the_general_kernels_is_refused(device):
+    """The general matmul kernels have no registered body: the first call says so (nothing half-run)."""
+    model = random_model(preset("tiny-blackmamba"), device)
+    step = PersistentDecodeStep(model, dataclasses.replace(DecodePolicy.for_device(device), formats=()))
+    state = model.new_state(1)
+    with pytest.raises(UnsupportedLaunch, match="no registered body"):
+        step(torch.zeros(1, dtype=torch.long, device=device), state)
+    assert not step._recorded
