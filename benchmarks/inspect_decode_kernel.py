@@ -68,7 +68,7 @@ def compile_recorded(fn, args, meta, arch: int, source_cls=None):
     names = fn.arg_names
     plain = set(getattr(fn, "do_not_specialize", ()) or ())  # launched unspecialised: no folding, no divisibility
     signature, constexprs, attrs = {}, {}, {}
-    options = {k: meta[k] for k in ("num_warps", "num_stages") if k in meta}
+    options = {k: meta[k] for k in ("num_warps", "num_stages", "maxnreg") if k in meta}
     for i, name in enumerate(names):
         if name in meta:
             constexprs[name] = meta[name]

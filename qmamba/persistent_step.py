@@ -7,9 +7,12 @@ in place of each kernel boundary (~0.9 us against ~3.7 us a dependent kernel on 
 point at the step's own buffers, a static token-id buffer and the state's tensors, so a chain is kept per
 ``(batch, state tensors)``; a call with another state records again (cheap: no kernel runs, the generated kernel is
 compiled once). Where the fused step would launch a kernel without a registered body (a weight the decode kernels do
-not take at this batch: the general matmul kernels), the step raises :class:`UnsupportedLaunch` at its first call.
+not take at this batch: the general matmul kernels; on CUDA every dense matrix at batch 2+), that batch size runs
+on the plain fused step instead (:attr:`PersistentDecodeStep.fallback_batches` lists them).
 
-The chain's kernels run without programmatic dependent launch (``pdl`` off: there is no next kernel).
+The chain's kernels run without programmatic dependent launch (``pdl`` off: there is no next kernel). Its grid and
+L2 prefetch and register cap follow ``DecodePolicy.persistent_programs`` / ``persistent_prefetch`` /
+``persistent_maxnreg``.
 """
 
 from __future__ import annotations
@@ -35,30 +38,46 @@ class _Recorded:
 
 class PersistentDecodeStep:
     """``step(token_ids [B], state) -> logits [B, V]`` fp32, state updated in place, as :class:`FusedDecodeStep`;
-    see the module docstring. ``programs``: the persistent grid (default: what is resident at once on CUDA, one
-    program on CPU). The returned logits are the step's buffer, overwritten by the next call."""
+    see the module docstring. ``programs``: the persistent grid (default: ``policy.persistent_programs``, or what is
+    resident at once on CUDA, one program on CPU). The returned logits are the step's buffer, overwritten by the
+    next call."""
 
     max_recorded = 4  # chains kept (each a small table on the device); the oldest goes first
 
     def __init__(self, model, policy: DecodePolicy | None = None, programs: int | None = None):
-        policy = policy or DecodePolicy.for_device(model.device)
-        self.fused = FusedDecodeStep(model, dataclasses.replace(policy, pdl=False))
+        self.policy = policy or DecodePolicy.for_device(model.device)
+        self.fused = FusedDecodeStep(model, dataclasses.replace(self.policy, pdl=False))
+        self.model = model
         self.device = model.device
-        self.programs = programs
+        self.programs = programs or self.policy.persistent_programs or None
+        self.fallback_batches: set[int] = set()
+        self._fallback: FusedDecodeStep | None = None
         self._recorded: OrderedDict[tuple, _Recorded] = OrderedDict()
 
     def _record(self, token_ids: torch.Tensor, state) -> _Recorded:
         ids = torch.zeros_like(token_ids, memory_format=torch.contiguous_format)
         with recording() as launches:
             logits = self.fused(ids, state)
-        chain = PersistentChain(launches, self.device, programs=self.programs, num_warps=self.fused.policy.num_warps)
+        prefetch = None if self.policy.persistent_prefetch else False
+        chain = PersistentChain(launches, self.device, programs=self.programs, num_warps=self.fused.policy.num_warps,
+                                prefetch=prefetch, maxnreg=self.policy.persistent_maxnreg)
         return _Recorded(ids, chain, logits)
 
     def __call__(self, token_ids: torch.Tensor, state) -> torch.Tensor:
-        key = (token_ids.shape[0], token_ids.dtype, state.conv_state.data_ptr(), state.ssm_state.data_ptr())
+        batch = token_ids.shape[0]
+        if batch in self.fallback_batches:
+            return self._fallback(token_ids, state)
+        key = (batch, token_ids.dtype, state.conv_state.data_ptr(), state.ssm_state.data_ptr())
         entry = self._recorded.get(key)
         if entry is None:
-            entry = self._recorded[key] = self._record(token_ids, state)
+            try:
+                entry = self._record(token_ids, state)
+            except UnsupportedLaunch:
+                self.fallback_batches.add(batch)
+                if self._fallback is None:
+                    self._fallback = FusedDecodeStep(self.model, self.policy)
+                return self._fallback(token_ids, state)
+            self._recorded[key] = entry
             while len(self._recorded) > self.max_recorded:
                 self._recorded.popitem(last=False)
         self._recorded.move_to_end(key)

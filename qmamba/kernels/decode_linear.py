@@ -137,6 +137,13 @@ class DecodePolicy:
     #                              to ~1/3 of the instructions per thread with 4x the programs: the CUDA policy's)
     ssm_block_d_batched: int = 32  # the same at 2+ rows (H200, session 17, batch 8: 32 beat 8 by ~5%)
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
+    persistent: bool = False     # the fused step's launches as one persistent launch (qmamba.persistent_step:
+    #                              grid barriers for kernel boundaries; experimental, not yet timed), at the batch
+    #                              sizes whose every launch has a registered body (the rest: the fused step)
+    persistent_programs: int = 0  # its grid (0: as many programs as are resident at once)
+    persistent_prefetch: bool = True  # its next launch's weights asked of L2 before each barrier wait (sm_90+)
+    persistent_maxnreg: int = 0  # its registers a thread capped (0: the compiler's choice; sm_90 compile at
+    #                              BlackMamba-2.8B's shapes: 160-168, 3 programs of 4 warps a multiprocessor; 128: 4)
 
     def __post_init__(self):
         if self.int4_x_in_tile_wide not in X_IN_TILE_WIDE:

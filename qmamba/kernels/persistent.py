@@ -342,7 +342,7 @@ class PersistentChain:
     the grid (default: one on CPU, on CUDA as many as are resident at once, at most the largest launch's)."""
 
     def __init__(self, launches: list[Launch], device, programs: int | None = None, num_warps: int = 4,
-                 prefetch: bool | None = None):
+                 prefetch: bool | None = None, maxnreg: int = 0):
         if not launches:
             raise ValueError("PersistentChain: no launches")
         self.launches = launches
@@ -357,13 +357,14 @@ class PersistentChain:
         self.table = _table(launches, self.kinds, self.ranges).to(self.device)
         self.counter = torch.zeros(1, dtype=torch.int32, device=self.device)
         self.num_warps = num_warps
+        self.maxnreg = maxnreg if maxnreg and self.device.type == "cuda" else 0  # (the interpreter takes none)
         self.max_tiles = max(launch.grid[0] * launch.grid[1] for launch in launches)
         self.programs = programs if programs is not None else self.programs_for(self.device)
 
     def _launch_args(self, programs: int):
         return (self.table, self.counter, len(self.launches), programs), dict(
             ROW=self.table.shape[1], PF_COL=_HEAD + self.args_width, PF_RANGES=self.ranges, NT=32 * self.num_warps,
-            num_warps=self.num_warps)
+            num_warps=self.num_warps, **(dict(maxnreg=self.maxnreg) if self.maxnreg else {}))
 
     def programs_for(self, device) -> int:
         """One on CPU; on CUDA the programs resident at once by the compiled kernel's registers, shared memory and

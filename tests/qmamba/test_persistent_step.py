@@ -85,11 +85,25 @@ def test_another_state_is_recorded_again(device):
 
 
 @torch.no_grad()
-def test_a_step_on_the_general_kernels_is_refused(device):
-    """The general matmul kernels have no registered body: the first call says so (nothing half-run)."""
+def test_a_batch_on_the_general_kernels_runs_the_fused_step(device):
+    """The general matmul kernels have no registered body: such a batch size runs on the fused step instead."""
     model = random_model(preset("tiny-blackmamba"), device)
     step = PersistentDecodeStep(model, dataclasses.replace(DecodePolicy.for_device(device), formats=()))
-    state = model.new_state(1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 4), device=device)
+    _, state = model.prefill(ids)
+    ref_state = state.clone()
+    logits = step(ids[:, -1], state)
+    assert step.fallback_batches == {2} and not step._recorded
+    torch.testing.assert_close(logits, model.step(ids[:, -1], ref_state).float(), atol=1e-3, rtol=1e-3)
     with pytest.raises(UnsupportedLaunch, match="no registered body"):
-        step(torch.zeros(1, dtype=torch.long, device=device), state)
-    assert not step._recorded
+        step._record(ids[:, -1], state)
+
+
+def test_the_policy_picks_the_step():
+    from qmamba.fused_step import make_decode_step
+
+    model = random_model(preset("tiny-mamba"), "cpu")
+    policy = DecodePolicy.for_device(torch.device("cpu"))
+    assert type(make_decode_step(model, policy)) is FusedDecodeStep
+    step = make_decode_step(model, dataclasses.replace(policy, persistent=True, persistent_programs=1))
+    assert isinstance(step, PersistentDecodeStep) and step.programs == 1

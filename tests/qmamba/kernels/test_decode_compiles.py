@@ -243,3 +243,17 @@ def test_ahead_wait_detector_finds_a_wait_for_the_weights():
         ])
     assert probe_launch.ahead_waits_before_spin(listing([2])) == []
     assert probe_launch.ahead_waits_before_spin(listing([2, 5])) == ["0x130 ISETP.GE.AND P1, PT, R4, R3, PT"]
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_persistent_step_compiles_with_its_prefetches():
+    """The persistent decode step's generated kernel (benchmarks/inspect_persistent_step.py: BlackMamba-2.8B's
+    shapes, int4 as `qmamba quantize` writes it, the CUDA policy) compiles for sm_90 without spills past the calls'
+    frames, one launch kind a noinline function, with the L2 bulk prefetches in it; capped at 128 registers (4
+    programs a multiprocessor) too."""
+    stdout = _compiled(str(ROOT / "benchmarks" / "inspect_persistent_step.py"), "--formats", "int4_g128",
+                       "--variants", "persist,persist_r128", "--no-stack", timeout=900)
+    lines = [line for line in stdout.splitlines() if line.startswith("int4_g128")]
+    assert len(lines) == 2 and all(" kinds 10 " in line for line in lines), stdout
+    assert all(int(re.search(r"UBLKPF +(\d+)", line).group(1)) > 0 for line in lines), stdout
+    assert int(re.search(r" regs +(\d+)", lines[1]).group(1)) <= 128 and "programs/SM 4" in lines[1], stdout
