@@ -264,6 +264,12 @@ def _prefetch_ranges(launch: Launch) -> list[tuple[int, int, int, int]]:
     return out
 
 
+def _writes(launch: Launch, address: int) -> bool:
+    """Whether ``launch`` writes the routing index at ``address`` (the add + norm kernel's router does)."""
+    idx = launch.args.get("idx_ptr") if launch.kernel == "add_norm" and launch.args.get("ROUTER") else None
+    return isinstance(idx, torch.Tensor) and idx.data_ptr() == address
+
+
 def _table(launches: list[Launch], kinds: list[_Kind], ranges: int) -> torch.Tensor:
     """A row per launch: kind, grid[1], tiles, the kind's run-time arguments, then the prefetch ranges of the
     *next* launch (``ranges`` slots of :data:`_PF_COLS` columns; unused ones zero)."""
@@ -280,7 +286,9 @@ def _table(launches: list[Launch], kinds: list[_Kind], ranges: int) -> torch.Ten
             row[col] = v.data_ptr() if isinstance(v, torch.Tensor) else _float_bits(v) if isinstance(v, float) \
                 else int(v)
         if ranges and n + 1 < len(launches):
-            for j, rng in enumerate(_prefetch_ranges(launches[n + 1])[:ranges]):
+            # (an expert slice whose routing index this launch writes is not known yet: not asked for)
+            wanted = [r for r in _prefetch_ranges(launches[n + 1]) if not (r[2] and _writes(launch, r[2]))]
+            for j, rng in enumerate(wanted[:ranges]):
                 row[_HEAD + args + j * _PF_COLS:_HEAD + args + (j + 1) * _PF_COLS] = rng
         rows.append(row)
     return torch.tensor(rows, dtype=torch.int64)

@@ -112,3 +112,23 @@ def test_routed_prefetch_ranges_take_the_routed_experts_slice():
     q = w.qweight
     assert (base, idx_addr) == (q.data_ptr(), idx.data_ptr())
     assert stride == q.stride(0) * q.element_size() and nbytes == stride // 16 * 16
+
+
+def test_an_expert_slice_is_not_asked_for_before_its_router_ran():
+    """fc1 after the router's add + norm: its expert is not known while the add + norm runs (no range); fc2 after
+    fc1: the slice of the routed expert."""
+    policy = DecodePolicy.for_device(torch.device("cpu"))
+    d = 64
+    fc1, fc2 = _int4(2 * d, d, 0, experts=4), _int4(d, d, 1, experts=4)
+    idx, rwt = torch.zeros(1, dtype=torch.int32), torch.zeros(1)
+    x, h = torch.empty(1, d), torch.randn(1, d)
+    act = torch.empty(1, d)
+    with P.recording() as launches:
+        add_norm(x, torch.randn(1, d), torch.ones(d), 1e-5, h=h, router_w=torch.randn(4, d), expert_idx=idx,
+                 expert_weight=rwt)
+        decode_linear(x, fc1, act, row_expert=idx, gated="silu", policy=policy)
+        decode_linear(act, fc2, torch.empty(1, d), row_expert=idx, row_scale=rwt, policy=policy)
+    chain = P.PersistentChain(launches, "cpu", prefetch=True)
+    col = P._HEAD + chain.args_width
+    assert (chain.table[0, col:] == 0).all()  # fc1's expert: unknown during the router's launch
+    assert chain.table[1, col] == fc2.qweight.data_ptr() and chain.table[1, col + 2] == idx.data_ptr()
