@@ -69,7 +69,8 @@ class PersistentDecodeStep:
             return self._fallback(token_ids, state)
         key = (batch, token_ids.dtype, state.conv_state.data_ptr(), state.ssm_state.data_ptr())
         entry = self._recorded.get(key)
-        if entry is None:
+        first = entry is None
+        if first:
             try:
                 entry = self._record(token_ids, state)
             except UnsupportedLaunch:
@@ -83,4 +84,10 @@ class PersistentDecodeStep:
         self._recorded.move_to_end(key)
         entry.ids.copy_(token_ids)
         entry.chain()
+        if first and self.device.type == "cuda" and not torch.cuda.is_current_stream_capturing() and \
+                entry.chain.timed_out():  # a new chain's first run is checked (one host synchronisation)
+            self._recorded.pop(key)
+            raise RuntimeError(f"the persistent decode step's {entry.chain.programs} programs were not all resident "
+                               "at once (its barriers timed out, its results are wrong): set "
+                               "DecodePolicy.persistent_programs lower, or run without DecodePolicy.persistent")
         return entry.logits

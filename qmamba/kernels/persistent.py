@@ -125,13 +125,24 @@ def grid_arrive(counter_ptr):
     tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
 
 
+TIMED_OUT = 1 << 30  # added to the counter by a program that waited MAX_SPINS: every later barrier opens at once
+_TIMED_OUT = tl.constexpr(TIMED_OUT) if HAS_TRITON else TIMED_OUT  # (kernels read constexpr globals only)
+
+
 @jit
-def grid_wait(counter_ptr, target):
+def grid_wait(counter_ptr, target, MAX_SPINS: tl.constexpr = 1 << 22):
     """Wait until the counter reaches ``target`` (acquire: the other programs' writes after it). The counter only
-    grows: barrier i of a launch waits for ``(i + 1) * programs``."""
+    grows: barrier i of a launch waits for ``(i + 1) * programs``. A program that has polled ``MAX_SPINS`` times
+    (seconds: some program of the grid is not running, the grid was larger than what is resident) adds
+    :data:`TIMED_OUT` to the counter, so that the launch ends (with wrong results) instead of hanging, and the host
+    can tell (:meth:`PersistentChain.timed_out`)."""
     cur = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-    while cur < target:
+    spins = 0
+    while (cur < target) & (spins < MAX_SPINS):
         cur = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+        spins += 1
+    if cur < target:
+        tl.atomic_add(counter_ptr, _TIMED_OUT, sem="relaxed", scope="gpu")
     tl.debug_barrier()
 
 
@@ -393,6 +404,11 @@ class PersistentChain:
             raise UnsupportedLaunch("PersistentChain: one program does not fit a multiprocessor")
         return min(per_sm * props.multi_processor_count, self.max_tiles)
 
+    def timed_out(self) -> bool:
+        """Whether the last run's barriers timed out (a host synchronisation): its grid was not all resident at
+        once, and its results are wrong."""
+        return int(self.counter.item()) >= TIMED_OUT
+
     def __call__(self):
         """Run the chain once (the counter is zeroed first, as part of the same stream's work)."""
         self.counter.zero_()
@@ -400,5 +416,5 @@ class PersistentChain:
         self.kernel[(self.programs,)](*args, **meta)
 
 
-__all__ = ["BODIES", "PREFETCHED", "Launch", "PersistentChain", "UnsupportedLaunch", "grid_arrive", "grid_barrier",
+__all__ = ["BODIES", "PREFETCHED", "TIMED_OUT", "Launch", "PersistentChain", "UnsupportedLaunch", "grid_arrive", "grid_barrier",
            "grid_wait", "prefetch_share", "recording"]

@@ -132,3 +132,17 @@ def test_an_expert_slice_is_not_asked_for_before_its_router_ran():
     col = P._HEAD + chain.args_width
     assert (chain.table[0, col:] == 0).all()  # fc1's expert: unknown during the router's launch
     assert chain.table[1, col] == fc2.qweight.data_ptr() and chain.table[1, col + 2] == idx.data_ptr()
+
+
+def test_a_barrier_that_never_opens_times_out_instead_of_hanging(device):
+    """A program that polls MAX_SPINS times marks the counter (TIMED_OUT) and goes on: every later barrier opens."""
+    import triton
+
+    @triton.jit
+    def waits_twice(counter_ptr):
+        P.grid_wait(counter_ptr, 5, 3)   # nobody else arrives: times out
+        P.grid_wait(counter_ptr, 9, 3)   # opens at once: the counter is past any target now
+
+    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    waits_twice[(1,)](counter)
+    assert int(counter.item()) == P.TIMED_OUT
