@@ -321,7 +321,9 @@ def _source(kinds: list[_Kind]) -> str:
                   f"    {body}(", "        t // g1,", "        t % g1,"]
         lines += [f"        {arg},  # {name}" for name, arg in zip(names, kind.source_args)]
         lines += ["    )"]
-    lines += ["", "", "@jit", "def persistent_chain(tab_ptr, counter_ptr, N_OPS, NPROG, ROW: tl.constexpr,",
+    # (N_OPS and NPROG unspecialised: the grid-sizing compile at NPROG = 1 is the kernel that runs)
+    lines += ["", "", '@jit(do_not_specialize=["N_OPS", "NPROG"])',
+              "def persistent_chain(tab_ptr, counter_ptr, N_OPS, NPROG, ROW: tl.constexpr,",
               "                     PF_COL: tl.constexpr, PF_RANGES: tl.constexpr, NT: tl.constexpr):",
               "    pid = tl.program_id(0)",
               "    for op in range(N_OPS):",
