@@ -154,6 +154,13 @@ def grid_barrier(counter_ptr, target):
 
 
 @jit
+def global_time_ns(like):
+    """The GPU's global nanosecond timer (``%globaltimer``; ``like``: any scalar, for the shape)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [like], dtype=tl.int64, is_pure=False,
+                                     pack=1)
+
+
+@jit
 def prefetch_share(cols_ptr, pid, NPROG, NT: tl.constexpr):
     """Ask L2 (Hopper's ``cp.async.bulk.prefetch.L2``: nothing to wait for, nothing in registers) for program
     ``pid``'s share of the byte range in the table columns at ``cols_ptr`` (address, bytes, routing-index address,
@@ -312,7 +319,7 @@ def _source(kinds: list[_Kind]) -> str:
     a launch of that kind from its table row, then the kernel looping over the launches."""
     imports = sorted({(BODIES[k.kernel][0], BODIES[k.kernel][2]) for k in kinds})
     lines = ["from qmamba.kernels._triton import jit, tl",
-             "from qmamba.kernels.persistent import grid_arrive, grid_wait, prefetch_share"]
+             "from qmamba.kernels.persistent import global_time_ns, grid_arrive, grid_wait, prefetch_share"]
     lines += [f"from {mod} import {body}" for mod, body in imports]
     for i, kind in enumerate(kinds):
         body = BODIES[kind.kernel][2]
@@ -323,9 +330,13 @@ def _source(kinds: list[_Kind]) -> str:
         lines += ["    )"]
     # (N_OPS and NPROG unspecialised: the grid-sizing compile at NPROG = 1 is the kernel that runs)
     lines += ["", "", '@jit(do_not_specialize=["N_OPS", "NPROG"])',
-              "def persistent_chain(tab_ptr, counter_ptr, N_OPS, NPROG, ROW: tl.constexpr,",
-              "                     PF_COL: tl.constexpr, PF_RANGES: tl.constexpr, NT: tl.constexpr):",
+              "def persistent_chain(tab_ptr, counter_ptr, times_ptr, N_OPS, NPROG, ROW: tl.constexpr,",
+              "                     PF_COL: tl.constexpr, PF_RANGES: tl.constexpr, NT: tl.constexpr,",
+              "                     TIMELINE: tl.constexpr):",
               "    pid = tl.program_id(0)",
+              "    if TIMELINE:  # program 0's clock at the start and as each barrier opens",
+              "        if pid == 0:",
+              "            tl.store(times_ptr, global_time_ns(pid))",
               "    for op in range(N_OPS):",
               "        row = tab_ptr + op * ROW",
               "        kind = tl.load(row)",
@@ -339,7 +350,10 @@ def _source(kinds: list[_Kind]) -> str:
               "            grid_arrive(counter_ptr)",
               "            for j in tl.static_range(PF_RANGES):  # the next launch's weights, while the others finish",
               f"                prefetch_share(row + PF_COL + j * {_PF_COLS}, pid, NPROG, NT)",
-              "            grid_wait(counter_ptr, (op + 1) * NPROG)", ""]
+              "            grid_wait(counter_ptr, (op + 1) * NPROG)",
+              "        if TIMELINE:",
+              "            if pid == 0:",
+              "                tl.store(times_ptr + op + 1, global_time_ns(pid))", ""]
     return "\n".join(lines)
 
 
@@ -382,10 +396,11 @@ class PersistentChain:
         self.max_tiles = max(launch.grid[0] * launch.grid[1] for launch in launches)
         self.programs = programs if programs is not None else self.programs_for(self.device)
 
-    def _launch_args(self, programs: int):
-        return (self.table, self.counter, len(self.launches), programs), dict(
-            ROW=self.table.shape[1], PF_COL=_HEAD + self.args_width, PF_RANGES=self.ranges, NT=32 * self.num_warps,
-            num_warps=self.num_warps, **(dict(maxnreg=self.maxnreg) if self.maxnreg else {}))
+    def _launch_args(self, programs: int, times: torch.Tensor | None = None):
+        return (self.table, self.counter, times if times is not None else self.counter, len(self.launches),
+                programs), dict(ROW=self.table.shape[1], PF_COL=_HEAD + self.args_width, PF_RANGES=self.ranges,
+                                NT=32 * self.num_warps, TIMELINE=times is not None, num_warps=self.num_warps,
+                                **(dict(maxnreg=self.maxnreg) if self.maxnreg else {}))
 
     def programs_for(self, device) -> int:
         """One on CPU; on CUDA the programs resident at once by the compiled kernel's registers, shared memory and
@@ -417,6 +432,19 @@ class PersistentChain:
         args, meta = self._launch_args(self.programs)
         self.kernel[(self.programs,)](*args, **meta)
 
+    def timeline(self) -> list[float]:
+        """Run the chain once (CUDA; a variant compiled with clock reads) and return each launch's phase in
+        microseconds as program 0 saw it: from the barrier that opened it to the one that closed it (the last: to
+        program 0's own end). A profile of the chain, one host synchronisation."""
+        if self.device.type != "cuda":
+            raise ValueError("PersistentChain.timeline: CUDA only (it reads the GPU's timer)")
+        times = torch.zeros(len(self.launches) + 1, dtype=torch.int64, device=self.device)
+        self.counter.zero_()
+        args, meta = self._launch_args(self.programs, times)
+        self.kernel[(self.programs,)](*args, **meta)
+        ns = times.tolist()
+        return [(b - a) / 1e3 for a, b in zip(ns, ns[1:])]
 
-__all__ = ["BODIES", "PREFETCHED", "TIMED_OUT", "Launch", "PersistentChain", "UnsupportedLaunch", "grid_arrive", "grid_barrier",
-           "grid_wait", "prefetch_share", "recording"]
+
+__all__ = ["BODIES", "PREFETCHED", "TIMED_OUT", "Launch", "PersistentChain", "UnsupportedLaunch", "global_time_ns",
+           "grid_arrive", "grid_barrier", "grid_wait", "prefetch_share", "recording"]

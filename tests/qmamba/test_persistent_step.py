@@ -107,3 +107,23 @@ def test_the_policy_picks_the_step():
     assert type(make_decode_step(model, policy)) is FusedDecodeStep
     step = make_decode_step(model, dataclasses.replace(policy, persistent=True, persistent_programs=1))
     assert isinstance(step, PersistentDecodeStep) and step.programs == 1
+
+
+def test_the_profile_script_names_every_launch():
+    """benchmarks/profile_persistent_step.py (GPU) imports on CPU and labels each recorded launch by its kernel."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from profile_persistent_step import _label
+
+    from qmamba.kernels import persistent
+
+    model = quantize_rtn(random_model(preset("tiny-blackmamba"), "cpu"), Int4Format(128))
+    step = PersistentDecodeStep(model, _policy(torch.device("cpu"), "cuda_like"))
+    with persistent.recording() as launches:
+        step.fused(torch.zeros(1, dtype=torch.long), model.new_state(1))
+    labels = [_label(launch) for launch in launches]
+    assert labels[0] == "add_norm first" and "add_norm router" in labels
+    assert any(label.startswith("decode_linear") and "routed gated" in label for label in labels)
+    assert any("conv_epi" in label for label in labels) and "dt_state_update" in labels
