@@ -45,9 +45,7 @@ def record(layers: int, fmt: str, policy: DecodePolicy) -> list:
     elif fmt != "bf16":
         raise SystemExit(f"unknown format {fmt!r} (int4_g128, bf16)")
     step = PersistentDecodeStep(model, policy, programs=1)
-    with persistent.recording() as launches:
-        step.fused(torch.zeros(1, dtype=torch.long), model.new_state(1))
-    return launches
+    return step.record(torch.zeros(1, dtype=torch.long), model.new_state(1))[0]
 
 
 def main():

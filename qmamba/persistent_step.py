@@ -34,6 +34,7 @@ class _Recorded:
     ids: torch.Tensor
     chain: PersistentChain
     logits: torch.Tensor
+    zeroed: torch.Tensor | None = None  # the workspace split-K launches accumulate into: zeroed before each run
 
 
 class PersistentDecodeStep:
@@ -54,14 +55,25 @@ class PersistentDecodeStep:
         self._fallback: FusedDecodeStep | None = None
         self._recorded: OrderedDict[tuple, _Recorded] = OrderedDict()
 
-    def _record(self, token_ids: torch.Tensor, state) -> _Recorded:
+    def record(self, token_ids: torch.Tensor, state):
+        """The launches of one fused step on ``state`` (nothing runs): ``(launches, ids buffer, logits buffer,
+        workspace to zero before each run or None)``; :class:`UnsupportedLaunch` where the step cannot be replayed."""
         ids = torch.zeros_like(token_ids, memory_format=torch.contiguous_format)
-        with recording() as launches:
-            logits = self.fused(ids, state)
+        buf = self.fused._workspace(token_ids.shape[0], token_ids.device)  # (allocated and zeroed outside)
+        zero, buf["zero"] = buf["zero"], False  # the per-step zeroing of split-K outputs: done by __call__
+        try:
+            with recording() as launches:
+                logits = self.fused(ids, state)
+        finally:
+            buf["zero"] = zero
+        return launches, ids, logits, buf["ws"] if zero else None
+
+    def _record(self, token_ids: torch.Tensor, state) -> _Recorded:
+        launches, ids, logits, zeroed = self.record(token_ids, state)
         prefetch = None if self.policy.persistent_prefetch else False
         chain = PersistentChain(launches, self.device, programs=self.programs, num_warps=self.fused.policy.num_warps,
                                 prefetch=prefetch, maxnreg=self.policy.persistent_maxnreg)
-        return _Recorded(ids, chain, logits)
+        return _Recorded(ids, chain, logits, zeroed)
 
     def __call__(self, token_ids: torch.Tensor, state) -> torch.Tensor:
         batch = token_ids.shape[0]
@@ -83,6 +95,8 @@ class PersistentDecodeStep:
                 self._recorded.popitem(last=False)
         self._recorded.move_to_end(key)
         entry.ids.copy_(token_ids)
+        if entry.zeroed is not None:
+            entry.zeroed.zero_()
         entry.chain()
         if first and self.device.type == "cuda" and not torch.cuda.is_current_stream_capturing() and \
                 entry.chain.timed_out():  # a new chain's first run is checked (one host synchronisation)

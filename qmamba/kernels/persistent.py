@@ -89,10 +89,30 @@ class _Recorder:
         return launch
 
 
+def _no_tensor_work():
+    """A dispatch mode that lets views, metadata and allocations through (an allocated tensor a launch reads or
+    writes stays alive in its :class:`Launch`) and refuses any PyTorch op that computes or writes: it would run once
+    while recording and never in the replay."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    allowed = {aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default,
+               aten.new_empty.default, aten.new_empty_strided.default}
+
+    class NoTensorWork(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.is_view or func in allowed:
+                return func(*args, **(kwargs or {}))
+            raise UnsupportedLaunch(f"{func}: PyTorch work inside a recorded step would not be replayed")
+
+    return NoTensorWork()
+
+
 @contextmanager
 def recording():
     """Inside, launches of the :data:`BODIES` kernels are recorded (the yielded list fills in launch order), not
-    run; any other Triton launch raises :class:`UnsupportedLaunch`. Plain PyTorch work still runs."""
+    run; any other Triton launch, and any PyTorch op other than a view or an allocation, raises
+    :class:`UnsupportedLaunch`."""
     if not HAS_TRITON:
         raise UnsupportedLaunch("Triton is not installed")
     launches: list[Launch] = []
@@ -110,7 +130,8 @@ def recording():
         raise UnsupportedLaunch(f"{getattr(self, '__name__', 'a kernel')}: no registered body to replay it")
     KernelInterface.__getitem__ = refuse
     try:
-        yield launches
+        with _no_tensor_work():
+            yield launches
     finally:
         KernelInterface.__getitem__ = launch_any
         for mod, attr, real in saved:

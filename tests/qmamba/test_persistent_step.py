@@ -117,12 +117,9 @@ def test_the_profile_script_names_every_launch():
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from profile_persistent_step import _label
 
-    from qmamba.kernels import persistent
-
     model = quantize_rtn(random_model(preset("tiny-blackmamba"), "cpu"), Int4Format(128))
     step = PersistentDecodeStep(model, _policy(torch.device("cpu"), "cuda_like"))
-    with persistent.recording() as launches:
-        step.fused(torch.zeros(1, dtype=torch.long), model.new_state(1))
+    launches = step.record(torch.zeros(1, dtype=torch.long), model.new_state(1))[0]
     labels = [_label(launch) for launch in launches]
     assert labels[0] == "add_norm first" and "add_norm router" in labels
     assert any(label.startswith("decode_linear") and "routed gated" in label for label in labels)

@@ -106,8 +106,9 @@ def test_routed_prefetch_ranges_take_the_routed_experts_slice():
     policy = DecodePolicy.for_device(torch.device("cpu"))
     w = _int4(32, 64, 0, experts=4)
     idx = torch.tensor([2], dtype=torch.int32)
+    x, out = torch.randn(1, 64), torch.empty(1, 32)
     with P.recording() as launches:
-        decode_linear(torch.randn(1, 64), w, torch.empty(1, 32), row_expert=idx, policy=policy)
+        decode_linear(x, w, out, row_expert=idx, policy=policy)
     (base, nbytes, idx_addr, stride), *_ = P._prefetch_ranges(launches[0])
     q = w.qweight
     assert (base, idx_addr) == (q.data_ptr(), idx.data_ptr())
@@ -122,12 +123,12 @@ def test_an_expert_slice_is_not_asked_for_before_its_router_ran():
     fc1, fc2 = _int4(2 * d, d, 0, experts=4), _int4(d, d, 1, experts=4)
     idx, rwt = torch.zeros(1, dtype=torch.int32), torch.zeros(1)
     x, h = torch.empty(1, d), torch.randn(1, d)
-    act = torch.empty(1, d)
+    act, res, norm_w, router, out = torch.empty(1, d), torch.randn(1, d), torch.ones(d), torch.randn(4, d), \
+        torch.empty(1, d)
     with P.recording() as launches:
-        add_norm(x, torch.randn(1, d), torch.ones(d), 1e-5, h=h, router_w=torch.randn(4, d), expert_idx=idx,
-                 expert_weight=rwt)
+        add_norm(x, res, norm_w, 1e-5, h=h, router_w=router, expert_idx=idx, expert_weight=rwt)
         decode_linear(x, fc1, act, row_expert=idx, gated="silu", policy=policy)
-        decode_linear(act, fc2, torch.empty(1, d), row_expert=idx, row_scale=rwt, policy=policy)
+        decode_linear(act, fc2, out, row_expert=idx, row_scale=rwt, policy=policy)
     chain = P.PersistentChain(launches, "cpu", prefetch=True)
     col = P._HEAD + chain.args_width
     assert (chain.table[0, col:] == 0).all()  # fc1's expert: unknown during the router's launch
@@ -146,3 +147,18 @@ def test_a_barrier_that_never_opens_times_out_instead_of_hanging(device):
     counter = torch.zeros(1, dtype=torch.int32, device=device)
     waits_twice[(1,)](counter)
     assert int(counter.item()) == P.TIMED_OUT
+
+
+def test_pytorch_work_inside_a_recording_is_refused():
+    """An op that computes would run once while recording and never in the replay: refused; views, metadata and
+    allocations pass."""
+    x = torch.randn(4, 8)
+    with P.recording():
+        view = x[:, :4]
+        fresh = torch.empty(3)
+        assert view.shape == (4, 4) and fresh.numel() == 3 and x.stride() == (8, 1)
+        with pytest.raises(P.UnsupportedLaunch, match="would not be replayed"):
+            x.zero_()
+        with pytest.raises(P.UnsupportedLaunch, match="would not be replayed"):
+            x + 1
+    assert torch.isfinite(x + 1).all()  # outside, PyTorch computes again
