@@ -216,8 +216,7 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
                                    max_rows_routed=8 if "rt8" in parts else 0,
                                    pdl=base.pdl and "nopdl" not in parts)
     if v.startswith("persist"):  # e.g. persist_bn16_p264_nopf: the step as one persistent launch
-        #                             (DecodePolicy.persistent; batch sizes with a general-kernel launch run the fused
-        #                             step), N int4 rows a program, P programs (default: resident at once), nopf: no
+        #                             (DecodePolicy.persistent, every batch size), N int4 rows a program, P programs (default: resident at once), nopf: no
         #                             L2 prefetch of the next launch's weights, normpK: K programs an add + norm,
         #                             rR: at most R registers a thread (DecodePolicy.persistent_maxnreg)
         out = dataclasses.replace(base, persistent=True)

@@ -2,7 +2,8 @@
 
 :class:`GraphDecoder` is a drop-in ``step_fn(token_ids [B], state) -> logits [B, V]`` (as ``model.step``, the state
 is updated in place). The captured step is :class:`qmamba.fused_step.FusedDecodeStep` (Triton kernels,
-no allocation, no host sync; with ``policy.persistent`` its launches as one persistent launch) or, with ``fused=False``, ``model.step`` itself on the model's current backend.
+no allocation, no host sync; with ``policy.persistent`` its launches as one persistent launch) or, with
+``fused=False``, ``model.step`` itself on the model's current backend.
 Each batch size gets its own graph over static buffers (token ids, the flat state tensors, logits); a call whose
 state tensors are not those buffers copies the state in and out around the replay, so any ``InferenceState``
 works, and :meth:`GraphDecoder.new_state` / :meth:`GraphDecoder.prefill` hand out the static state itself to skip
@@ -57,7 +58,7 @@ class GraphDecoder:
         self.model = model
         self.warmup = warmup
         if fused:
-            from qmamba.fused_step import make_decode_step
+            from qmamba.persistent_step import make_decode_step
 
             self._step = make_decode_step(model, policy)
         else:

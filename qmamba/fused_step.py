@@ -274,14 +274,3 @@ class FusedDecodeStep:
         # the router (in the add-norm kernel) ran before fc1: fc2 may read its expert's tile before fc1 is done
         return self._linear(act, plan.fc2, out, row_expert=buf["idx"], row_scale=buf["rwt"],
                             expert_ready=self.policy.expert_prefetch, x_planes=buf["apl"], x_plane_sums=False)
-
-
-def make_decode_step(model: nn.Module, policy: DecodePolicy | None = None):
-    """The decode step a policy asks for: :class:`FusedDecodeStep`, or with ``policy.persistent`` its launches as
-    one persistent launch (:class:`qmamba.persistent_step.PersistentDecodeStep`)."""
-    policy = policy or DecodePolicy.for_device(model.device)
-    if policy.persistent:
-        from qmamba.persistent_step import PersistentDecodeStep
-
-        return PersistentDecodeStep(model, policy)
-    return FusedDecodeStep(model, policy)

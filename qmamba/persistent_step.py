@@ -6,9 +6,11 @@ batch size (its Triton kernels replaced by recorders: nothing runs) and replays 
 in place of each kernel boundary (~0.9 us against ~3.7 us a dependent kernel on the H200). The recorded launches
 point at the step's own buffers, a static token-id buffer and the state's tensors, so a chain is kept per
 ``(batch, state tensors)``; a call with another state records again (cheap: no kernel runs, the generated kernel is
-compiled once). Where the fused step would launch a kernel without a registered body (a weight the decode kernels do
-not take at this batch: the general matmul kernels; on CUDA every dense matrix at batch 2+), that batch size runs
-on the plain fused step instead (:attr:`PersistentDecodeStep.fallback_batches` lists them).
+compiled once). The registered bodies (:data:`qmamba.kernels.persistent.BODIES`) cover what the CUDA policy
+launches at every batch size: the decode kernels, and at batch 2+ the general matmul kernel (its split-K outputs
+accumulate into the step's workspace, which the step zeroes before each run, as the fused step does) and the conv
+step. Where the fused step would launch anything else (another kernel, or PyTorch work inside the step), that batch
+size runs on the plain fused step instead (:attr:`PersistentDecodeStep.fallback_batches` lists them).
 
 The chain's kernels run without programmatic dependent launch (``pdl`` off: there is no next kernel). Its grid and
 L2 prefetch and register cap follow ``DecodePolicy.persistent_programs`` / ``persistent_prefetch`` /
@@ -26,7 +28,7 @@ from qmamba.fused_step import FusedDecodeStep
 from qmamba.kernels.decode_linear import DecodePolicy
 from qmamba.kernels.persistent import PersistentChain, UnsupportedLaunch, recording
 
-__all__ = ["PersistentDecodeStep", "UnsupportedLaunch"]
+__all__ = ["PersistentDecodeStep", "UnsupportedLaunch", "make_decode_step"]
 
 
 @dataclasses.dataclass
@@ -105,3 +107,10 @@ class PersistentDecodeStep:
                                "at once (its barriers timed out, its results are wrong): set "
                                "DecodePolicy.persistent_programs lower, or run without DecodePolicy.persistent")
         return entry.logits
+
+
+def make_decode_step(model, policy: DecodePolicy | None = None):
+    """The decode step a policy asks for: :class:`FusedDecodeStep`, or with ``policy.persistent`` its launches as
+    one persistent launch (:class:`PersistentDecodeStep`)."""
+    policy = policy or DecodePolicy.for_device(model.device)
+    return PersistentDecodeStep(model, policy) if policy.persistent else FusedDecodeStep(model, policy)

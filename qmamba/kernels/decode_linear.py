@@ -138,8 +138,8 @@ class DecodePolicy:
     ssm_block_d_batched: int = 32  # the same at 2+ rows (H200, session 17, batch 8: 32 beat 8 by ~5%)
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
     persistent: bool = False     # the fused step's launches as one persistent launch (qmamba.persistent_step:
-    #                              grid barriers for kernel boundaries; experimental, not yet timed), at the batch
-    #                              sizes whose every launch has a registered body (the rest: the fused step)
+    #                              grid barriers for kernel boundaries; experimental, not yet timed; a batch size
+    #                              whose step launches a kernel without a registered body runs the fused step)
     persistent_programs: int = 0  # its grid (0: as many programs as are resident at once)
     persistent_prefetch: bool = True  # its next launch's weights asked of L2 before each barrier wait (sm_90+)
     persistent_maxnreg: int = 0  # its registers a thread capped (0: the compiler's choice; sm_90 compile at
@@ -564,7 +564,8 @@ def _load_weights(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, N_UP, swe, swn, ss
 @jit
 def decode_linear_program(
     pid_e, pid_n, x_ptr, st_ptr, cw_ptr, cb_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rexp_ptr, rscale_ptr, out_ptr, co_ptr,
-    xpl_ptr, opl_ptr, M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse, ssn, sze, szn, exp_bits, sxpl_m, sopl_m,
+    xpl_ptr, opl_ptr, M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse, ssn, sze, szn, exp_bits, sxpl_m,
+    sopl_m,
     FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr, CONV_W: tl.constexpr,
     HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr,

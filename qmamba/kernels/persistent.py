@@ -6,7 +6,8 @@ The decode step is ~150 small dependent kernels; on the H200 each costs ~3.7 us 
 :data:`BODIES` (each a thin kernel over a ``*_program(pid0, pid1, ...)`` body) instead of running them;
 :class:`PersistentChain` then runs the same bodies with the same arguments in one launch of ``programs`` co-resident
 programs: program ``p`` runs tiles ``p, p + programs, ...`` of each recorded launch (tile ``t`` is the launch's
-program ``(t // grid[1], t % grid[1])``), then meets the others at a counter barrier before the next launch. So the
+program ``(t // (g1 g2), (t // g2) % g1, t % g2)`` of its grid ``(g0, g1, g2)``), then meets the others at a counter
+barrier before the next launch. So the
 chain computes exactly what the launches compute, in the same order, with the same arithmetic.
 
 The kernel is generated per set of launch *kinds* (a body with its compile-time arguments): one branch per kind,
@@ -33,11 +34,14 @@ import torch
 
 from qmamba.kernels._triton import HAS_TRITON, jit, tl
 
-# kernel name -> (module, kernel attribute, body function): the launches recording() captures
+# kernel name -> (module, kernel attribute, body function, program ids it takes): the launches recording() captures
 BODIES = {
-    "decode_linear": ("qmamba.kernels.decode_linear", "_decode_linear_kernel", "decode_linear_program"),
-    "add_norm": ("qmamba.kernels.decode_step", "_add_norm_kernel", "add_norm_program"),
-    "dt_state_update": ("qmamba.kernels.decode_step", "_dt_state_update_kernel", "dt_state_update_program"),
+    "decode_linear": ("qmamba.kernels.decode_linear", "_decode_linear_kernel", "decode_linear_program", 2),
+    "add_norm": ("qmamba.kernels.decode_step", "_add_norm_kernel", "add_norm_program", 2),
+    "dt_state_update": ("qmamba.kernels.decode_step", "_dt_state_update_kernel", "dt_state_update_program", 2),
+    "dequant_matmul": ("qmamba.kernels.quant_matmul", "_dequant_matmul_kernel", "dequant_matmul_program", 3),
+    "causal_conv1d_update": ("qmamba.kernels.causal_conv1d", "_causal_conv1d_update_kernel",
+                             "causal_conv1d_update_program", 2),
 }
 # per body, the read-only arguments (weights) whose bytes the chain asks L2 for while the previous launch finishes;
 # a stacked expert weight (decode_linear with ROUTED) only the slice of the expert that row 0 is routed to
@@ -45,13 +49,15 @@ PREFETCHED = {
     "decode_linear": ("w_ptr", "s_ptr", "z_ptr"),
     "add_norm": ("w_ptr", "nb_ptr", "rw_ptr"),
     "dt_state_update": ("wdt_ptr", "dtb_ptr", "a_ptr", "dskip_ptr", "cw_ptr"),
+    "dequant_matmul": ("w_ptr", "s_ptr", "z_ptr"),  # (dense launches: ROUTE 0)
+    "causal_conv1d_update": ("w_ptr", "b_ptr"),
 }
 _PF_COLS = 4  # a prefetched range's table columns: address, bytes, routing-index address (0: none), expert stride
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "launch_pdl", "launch_cooperative_grid", "maxnreg")
 _TL_TYPES = {torch.bfloat16: "tl.bfloat16", torch.float16: "tl.float16", torch.float32: "tl.float32",
              torch.int64: "tl.int64", torch.int32: "tl.int32", torch.int16: "tl.int16", torch.int8: "tl.int8",
              torch.uint8: "tl.uint8"}
-_HEAD = 3  # table columns before the arguments: kind, grid[1], tiles
+_HEAD = 4  # table columns before the arguments: kind, grid[1], grid[2], tiles
 
 
 class UnsupportedLaunch(RuntimeError):
@@ -60,12 +66,16 @@ class UnsupportedLaunch(RuntimeError):
 
 @dataclass
 class Launch:
-    """One recorded launch: the registered kernel's name, its grid ``(g0, g1)``, and its arguments by parameter
-    name (compile-time ones included)."""
+    """One recorded launch: the registered kernel's name, its grid ``(g0, g1, g2)``, and its arguments by parameter
+    name (compile-time ones included; the tensors stay alive with the record)."""
 
     kernel: str
-    grid: tuple[int, int]
+    grid: tuple[int, int, int]
     args: dict
+
+    @property
+    def tiles(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
 
 
 class _Recorder:
@@ -74,9 +84,9 @@ class _Recorder:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            g = tuple(grid(kwargs) if callable(grid) else grid)
-            if len(g) > 2 and any(v != 1 for v in g[2:]):
-                raise UnsupportedLaunch(f"{self.name}: a grid of three dimensions {g}")
+            g = tuple(int(v) for v in (grid(kwargs) if callable(grid) else grid)) + (1, 1)
+            if BODIES[self.name][3] < 3 and g[2] != 1:
+                raise UnsupportedLaunch(f"{self.name}: a third grid dimension {g[2]} its body does not take")
             names = self.fn.arg_names
             given = dict(zip(names, args))
             given.update({k: v for k, v in kwargs.items() if k not in _LAUNCH_OPTIONS})
@@ -84,8 +94,7 @@ class _Recorder:
             if missing:
                 raise UnsupportedLaunch(f"{self.name}: arguments left to their defaults: {missing}")
             bound = {n: given[n] for n in names}  # in the signature's order (the body's, after its program ids)
-            g2 = (int(g[0]), int(g[1]) if len(g) > 1 else 1)
-            self.launches.append(Launch(self.name, g2, bound))
+            self.launches.append(Launch(self.name, g[:3], bound))
         return launch
 
 
@@ -117,7 +126,7 @@ def recording():
         raise UnsupportedLaunch("Triton is not installed")
     launches: list[Launch] = []
     saved = []
-    for name, (module, attr, _) in BODIES.items():
+    for name, (module, attr, _, _) in BODIES.items():
         mod = importlib.import_module(module)
         real = getattr(mod, attr)
         saved.append((mod, attr, real))
@@ -230,7 +239,7 @@ def _kinds(launches: list[Launch]) -> list[_Kind]:
 
     groups: dict[tuple, list[Launch]] = {}
     for launch in launches:
-        mod, _, body = BODIES[launch.kernel]
+        mod, _, body, _ = BODIES[launch.kernel]
         fn = getattr(importlib.import_module(mod), body)
         constexprs = {p.name for p in inspect.signature(fn.fn).parameters.values()
                       if p.annotation in ("tl.constexpr", tl.constexpr)}
@@ -290,6 +299,8 @@ def _prefetch_ranges(launch: Launch) -> list[tuple[int, int, int, int]]:
     (distinct tensors; 16-byte aligned starts, lengths rounded down to 16 bytes, as the bulk prefetch needs)."""
     out, seen = [], set()
     routed = launch.kernel == "decode_linear" and bool(launch.args.get("ROUTED"))
+    if launch.kernel == "dequant_matmul" and launch.args.get("ROUTE"):
+        return out  # (a routed stack on the general kernel: several experts' slices; not asked for)
     for name in PREFETCHED.get(launch.kernel, ()):
         t = launch.args.get(name)
         if not isinstance(t, torch.Tensor) or t.data_ptr() in seen or t.data_ptr() % 16:
@@ -310,7 +321,7 @@ def _writes(launch: Launch, address: int) -> bool:
 
 
 def _table(launches: list[Launch], kinds: list[_Kind], ranges: int) -> torch.Tensor:
-    """A row per launch: kind, grid[1], tiles, the kind's run-time arguments, then the prefetch ranges of the
+    """A row per launch: kind, grid[1], grid[2], tiles, the kind's run-time arguments, then the prefetch ranges of the
     *next* launch (``ranges`` slots of :data:`_PF_COLS` columns; unused ones zero)."""
     kind_of = {id(launch): i for i, kind in enumerate(kinds) for launch in kind.launches}
     args = max((len(k.slots) for k in kinds), default=0)
@@ -319,7 +330,7 @@ def _table(launches: list[Launch], kinds: list[_Kind], ranges: int) -> torch.Ten
     for n, launch in enumerate(launches):
         i = kind_of[id(launch)]
         row = [0] * width
-        row[:_HEAD] = [i, launch.grid[1], launch.grid[0] * launch.grid[1]]
+        row[:_HEAD] = [i, launch.grid[1], launch.grid[2], launch.tiles]
         for name, col in kinds[i].slots.items():
             v = launch.args[name]
             row[col] = v.data_ptr() if isinstance(v, torch.Tensor) else _float_bits(v) if isinstance(v, float) \
@@ -338,15 +349,16 @@ def _source(kinds: list[_Kind]) -> str:
     """The generated module: per kind a function (not inlined: each compiles on its own, so the compiler cannot
     hoist one kind's constants out of the launch loop and keep them live through the others) that runs one tile of
     a launch of that kind from its table row, then the kernel looping over the launches."""
-    imports = sorted({(BODIES[k.kernel][0], BODIES[k.kernel][2]) for k in kinds})
+    imports = sorted({(BODIES[k.kernel][0], BODIES[k.kernel][2]) for k in kinds})  # (module, body)
     lines = ["from qmamba.kernels._triton import jit, tl",
              "from qmamba.kernels.persistent import global_time_ns, grid_arrive, grid_wait, prefetch_share"]
     lines += [f"from {mod} import {body}" for mod, body in imports]
     for i, kind in enumerate(kinds):
-        body = BODIES[kind.kernel][2]
+        _, _, body, n_pids = BODIES[kind.kernel]
         names = [entry[0] for entry in kind.key[1:]]
-        lines += ["", "", "@jit(noinline=True)", f"def kind_{i}(t, g1, row):",
-                  f"    {body}(", "        t // g1,", "        t % g1,"]
+        pids = ["t // g1", "t % g1"] if n_pids == 2 else ["t // (g1 * g2)", "(t // g2) % g1", "t % g2"]
+        lines += ["", "", "@jit(noinline=True)", f"def kind_{i}(t, g1, g2, row):", f"    {body}("]
+        lines += [f"        {pid}," for pid in pids]
         lines += [f"        {arg},  # {name}" for name, arg in zip(names, kind.source_args)]
         lines += ["    )"]
     # (N_OPS and NPROG unspecialised: the grid-sizing compile at NPROG = 1 is the kernel that runs)
@@ -362,11 +374,12 @@ def _source(kinds: list[_Kind]) -> str:
               "        row = tab_ptr + op * ROW",
               "        kind = tl.load(row)",
               "        g1 = tl.load(row + 1).to(tl.int32)",
-              "        tiles = tl.load(row + 2).to(tl.int32)"]
+              "        g2 = tl.load(row + 2).to(tl.int32)",
+              "        tiles = tl.load(row + 3).to(tl.int32)"]
     for i in range(len(kinds)):
         lines += [f"        if kind == {i}:",
                   "            for t in range(pid, tiles, NPROG):",
-                  f"                kind_{i}(t, g1, row)"]
+                  f"                kind_{i}(t, g1, g2, row)"]
     lines += ["        if op + 1 < N_OPS:",
               "            grid_arrive(counter_ptr)",
               "            for j in tl.static_range(PF_RANGES):  # the next launch's weights, while the others finish",
@@ -414,7 +427,7 @@ class PersistentChain:
         self.counter = torch.zeros(1, dtype=torch.int32, device=self.device)
         self.num_warps = num_warps
         self.maxnreg = maxnreg if maxnreg and self.device.type == "cuda" else 0  # (the interpreter takes none)
-        self.max_tiles = max(launch.grid[0] * launch.grid[1] for launch in launches)
+        self.max_tiles = max(launch.tiles for launch in launches)
         self.programs = programs if programs is not None else self.programs_for(self.device)
 
     def _launch_args(self, programs: int, times: torch.Tensor | None = None):
