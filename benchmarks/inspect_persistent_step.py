@@ -1,6 +1,6 @@
 """Compiler report of the persistent decode step (qmamba.persistent_step) at BlackMamba-2.8B's shapes, with no GPU.
 
-    python benchmarks/inspect_persistent_step.py [--layers 2] [--formats int4_g128,bf16]
+    python benchmarks/inspect_persistent_step.py [--layers 2] [--batch 1] [--formats int4_g128,bf16]
         [--variants persist,persist_bn16] [--source DIR] [--no-stack]
 
 The step is recorded on CPU (random weights, ``--layers`` of the preset's layers: the launch kinds, hence the
@@ -35,8 +35,8 @@ from qmamba.quant.formats import Int4Format  # noqa: E402
 from qmamba.testing import quantize_rtn, random_model  # noqa: E402
 
 
-def record(layers: int, fmt: str, policy: DecodePolicy) -> list:
-    """The launches of one batch-1 step of the preset's first ``layers`` layers, as the policy runs it."""
+def record(layers: int, fmt: str, policy: DecodePolicy, batch: int = 1) -> list:
+    """The launches of one step of the preset's first ``layers`` layers at ``batch`` rows, as the policy runs it."""
     base = preset("blackmamba-2.8b")
     cfg = dataclasses.replace(base, layers=base.layers[:layers])
     model = random_model(cfg, "cpu", dtype=torch.bfloat16)
@@ -45,12 +45,13 @@ def record(layers: int, fmt: str, policy: DecodePolicy) -> list:
     elif fmt != "bf16":
         raise SystemExit(f"unknown format {fmt!r} (int4_g128, bf16)")
     step = PersistentDecodeStep(model, policy, programs=1)
-    return step.record(torch.zeros(1, dtype=torch.long), model.new_state(1))[0]
+    return step.record(torch.zeros(batch, dtype=torch.long), model.new_state(batch))[0]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--formats", default="int4_g128,bf16")
     ap.add_argument("--variants", default="persist")
     ap.add_argument("--source", help="folder for the generated module of each format and variant")
@@ -64,7 +65,7 @@ def main():
     for fmt in args.formats.split(","):
         for variant in args.variants.split(","):
             policy = policy_variant(DecodePolicy.cuda(132, True), variant)
-            launches = record(args.layers, fmt, policy)
+            launches = record(args.layers, fmt, policy, args.batch)
             chain = persistent.PersistentChain(launches, "cpu", programs=1, num_warps=policy.num_warps,
                                                prefetch=policy.persistent_prefetch)
             call_args, meta = chain._launch_args(132)
