@@ -306,9 +306,10 @@ def _prefetch_ranges(launch: Launch) -> list[tuple[int, int, int, int]]:
         if not isinstance(t, torch.Tensor) or t.data_ptr() in seen or t.data_ptr() % 16:
             continue
         seen.add(t.data_ptr())
-        if routed and t.dim() == 3:  # the stack's slice of row 0's expert
+        if routed and t.dim() == 3:  # the stack's slice of row 0's expert (16-byte aligned slices only)
             stride = t.stride(0) * t.element_size()
-            out.append((t.data_ptr(), stride // 16 * 16, launch.args["rexp_ptr"].data_ptr(), stride))
+            if stride % 16 == 0:
+                out.append((t.data_ptr(), stride, launch.args["rexp_ptr"].data_ptr(), stride))
         else:
             out.append((t.data_ptr(), _span_bytes(t) // 16 * 16, 0, 0))
     return out
