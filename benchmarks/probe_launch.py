@@ -491,7 +491,7 @@ def main():
             persistent_ahead(100, n, k, bn, nw, results, failures)
     sms = props.multi_processor_count
     if "barrier" in parts:
-        for nprog in (sms, 2 * sms):
+        for nprog in (sms, 2 * sms, 3 * sms, 4 * sms):  # 3-4 a multiprocessor: the persistent step's grids
             barrier(nprog, 2000, results, failures, cooperative=False)
         barrier(sms, 2000, results, failures, cooperative=True)
     if args.out:
