@@ -7,14 +7,14 @@ The decode step is ~150 small dependent kernels; on the H200 each costs ~3.7 us 
 :class:`PersistentChain` then runs the same bodies with the same arguments in one launch of ``programs`` co-resident
 programs: program ``p`` runs tiles ``p, p + programs, ...`` of each recorded launch (tile ``t`` is the launch's
 program ``(t // (g1 g2), (t // g2) % g1, t % g2)`` of its grid ``(g0, g1, g2)``), then meets the others at a counter
-barrier before the next launch. So the
-chain computes exactly what the launches compute, in the same order, with the same arithmetic.
+barrier before the next launch, asking L2 for its share of the next launch's weights (:data:`PREFETCHED`) before it
+waits. So the chain computes exactly what the launches compute, in the same order, with the same arithmetic.
 
-The kernel is generated per set of launch *kinds* (a body with its compile-time arguments): one branch per kind,
-whose run-time arguments come from an int64 table, a row per launch (pointers, and the integers and floats that
-differ between the launches of a kind; the others are written into the source as constants, as Triton's launch
-would specialise them). Pointers that are 16-byte aligned in every launch of a kind, and integers divisible by 16 in
-every launch, carry that as a hint (Triton's own launch specialisation).
+The kernel is generated per set of launch *kinds* (a body with its compile-time arguments): one ``noinline``
+function per kind, whose run-time arguments come from an int64 table, a row per launch (pointers, and the integers
+and floats that differ between the launches of a kind; the others are written into the source as constants, as
+Triton's launch would specialise them). Pointers that are 16-byte aligned in every launch of a kind, and integers
+divisible by 16 in every launch, carry that as a hint (Triton's own launch specialisation).
 
 Every program must be resident at once (the barrier waits for all of them): :meth:`PersistentChain.programs_for`
 sizes the grid from the compiled kernel's registers and shared memory. On CPU (the interpreter runs programs one
@@ -61,7 +61,8 @@ _HEAD = 4  # table columns before the arguments: kind, grid[1], grid[2], tiles
 
 
 class UnsupportedLaunch(RuntimeError):
-    """A launch :func:`recording` cannot replay (a kernel without a registered body, a grid of three dimensions)."""
+    """What :func:`recording` cannot replay: a kernel without a registered body (or a grid dimension its body does
+    not take), PyTorch work inside the recorded code."""
 
 
 @dataclass
@@ -174,13 +175,6 @@ def grid_wait(counter_ptr, target, MAX_SPINS: tl.constexpr = 1 << 22):
     if cur < target:
         tl.atomic_add(counter_ptr, _TIMED_OUT, sem="relaxed", scope="gpu")
     tl.debug_barrier()
-
-
-@jit
-def grid_barrier(counter_ptr, target):
-    """:func:`grid_arrive` then :func:`grid_wait`."""
-    grid_arrive(counter_ptr)
-    grid_wait(counter_ptr, target)
 
 
 @jit
@@ -482,4 +476,4 @@ class PersistentChain:
 
 
 __all__ = ["BODIES", "PREFETCHED", "TIMED_OUT", "Launch", "PersistentChain", "UnsupportedLaunch", "global_time_ns",
-           "grid_arrive", "grid_barrier", "grid_wait", "prefetch_share", "recording"]
+           "grid_arrive", "grid_wait", "prefetch_share", "recording"]
