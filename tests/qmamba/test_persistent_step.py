@@ -129,3 +129,36 @@ def test_the_profile_script_names_every_launch():
     assert labels[0] == "add_norm first" and "add_norm router" in labels
     assert any(label.startswith("decode_linear") and "routed gated" in label for label in labels)
     assert any("conv_epi" in label for label in labels) and "dt_state_update" in labels
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@torch.no_grad()
+def test_graph_replay_of_the_persistent_step(batch, device):
+    """GPU: the CUDA-graph decoder (what `qmamba generate` runs) with the persistent step, the CUDA policy, float32
+    (split-K sums through atomics are not bitwise repeatable in bf16): logits as the fused step's eager ones, and
+    ``generate`` as its own replays."""
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    from qmamba.cuda_graph import GraphDecoder
+
+    model = quantize_rtn(random_model(preset("tiny-blackmamba"), device), Int4Format(128))
+    model.set_backend("triton")
+    policy = dataclasses.replace(DecodePolicy.for_device(device), persistent=True)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 7), device=device)
+    _, state = model.prefill(ids)
+    eager_state = state.clone()
+    decoder = GraphDecoder(model, policy=policy)
+    eager = FusedDecodeStep(model, DecodePolicy.for_device(device))
+    tok = ids[:, -1]
+    for _ in range(4):
+        got = decoder(tok, state)
+        ref = eager(tok, eager_state)
+        torch.testing.assert_close(got.float(), ref.float(), atol=1e-3, rtol=1e-3)
+        tok = ref.argmax(-1)
+    assert isinstance(decoder._step, PersistentDecodeStep) and not decoder._step.fallback_batches
+    greedy = decoder.generate(tok, state.clone(), 5)
+    st, t, manual = state.clone(), tok, []
+    for _ in range(5):
+        t = decoder(t, st).argmax(-1)
+        manual.append(t)
+    assert torch.equal(greedy, torch.stack(manual, 1))
