@@ -52,7 +52,8 @@ PREFETCHED = {
     "dequant_matmul": ("w_ptr", "s_ptr", "z_ptr"),  # (dense launches: ROUTE 0)
     "causal_conv1d_update": ("w_ptr", "b_ptr"),
 }
-_PF_COLS = 4  # a prefetched range's table columns: address, bytes, routing-index address (0: none), expert stride
+_PF_COLS = 5  # a prefetched range's table columns: address, bytes, bytes a program (set for the grid: see _table),
+#               routing-index address (0: none), expert stride
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "launch_pdl", "launch_cooperative_grid", "maxnreg")
 _TL_TYPES = {torch.bfloat16: "tl.bfloat16", torch.float16: "tl.float16", torch.float32: "tl.float32",
              torch.int64: "tl.int64", torch.int32: "tl.int32", torch.int16: "tl.int16", torch.int8: "tl.int8",
@@ -185,21 +186,28 @@ def global_time_ns(like):
 
 
 @jit
-def prefetch_share(cols_ptr, pid, NPROG, NT: tl.constexpr):
+def prefetch_ranges(cols_ptr, RANGES: tl.constexpr, NT: tl.constexpr):
+    """The next launch's prefetch ranges from a table row, read at the start of a launch so that nothing waits for
+    them after the barrier's arrival: ``(start, bytes, chunk)`` as ``[NT]`` vectors, thread t holding range t
+    (``RANGES`` <= NT of them; the others zero), an expert stack's range moved to the slice of the expert its index
+    holds (final by then: the launch that writes the index is not the one that prefetches for its reader)."""
+    r = tl.arange(0, NT)
+    m = r < RANGES
+    base = tl.load(cols_ptr + r * 5, mask=m, other=0)
+    nbytes = tl.load(cols_ptr + r * 5 + 1, mask=m, other=0)
+    chunk = tl.load(cols_ptr + r * 5 + 2, mask=m, other=0)
+    idx_addr = tl.load(cols_ptr + r * 5 + 3, mask=m, other=0)
+    expert = tl.load(idx_addr.to(tl.pointer_type(tl.int32)), mask=idx_addr != 0, other=0)
+    return base + expert.to(tl.int64) * tl.load(cols_ptr + r * 5 + 4, mask=m, other=0), nbytes, chunk
+
+
+@jit
+def prefetch_share(base, nbytes, chunk, pid):
     """Ask L2 (Hopper's ``cp.async.bulk.prefetch.L2``: nothing to wait for, nothing in registers) for program
-    ``pid``'s share of the byte range in the table columns at ``cols_ptr`` (address, bytes, routing-index address,
-    expert stride in bytes: with an index, the range starts at that expert's slice): one chunk a warp, asked by its
-    lane 0, the range split over ``NPROG`` programs in 16-byte multiples."""
-    base = tl.load(cols_ptr)
-    nbytes = tl.load(cols_ptr + 1)
-    idx_addr = tl.load(cols_ptr + 2)
-    if idx_addr != 0:
-        base += tl.load(idx_addr.to(tl.pointer_type(tl.int32))).to(tl.int64) * tl.load(cols_ptr + 3)
-    warps: tl.constexpr = NT // 32
-    t = tl.arange(0, NT)
-    chunk = ((nbytes + NPROG * warps * 16 - 1) // (NPROG * warps * 16)) * 16
-    start = (pid * warps + t // 32).to(tl.int64) * chunk
-    size = tl.where((t % 32 == 0) & (base != 0), tl.minimum(tl.maximum(nbytes - start, 0), chunk), 0).to(tl.int32)
+    ``pid``'s chunk of each range of :func:`prefetch_ranges` (``chunk`` bytes, a multiple of 16 sized on the host for
+    the grid), one range a thread: a few instructions between arriving at the barrier and waiting."""
+    start = pid.to(tl.int64) * chunk
+    size = tl.where(base != 0, tl.minimum(tl.maximum(nbytes - start, 0), chunk), 0).to(tl.int32)
     tl.inline_asm_elementwise(
         "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
         "=r,l,r", [base.to(tl.pointer_type(tl.int8)) + start, size], dtype=tl.int32, is_pure=False, pack=1)
@@ -315,9 +323,10 @@ def _writes(launch: Launch, address: int) -> bool:
     return isinstance(idx, torch.Tensor) and idx.data_ptr() == address
 
 
-def _table(launches: list[Launch], kinds: list[_Kind], ranges: int) -> torch.Tensor:
+def _table(launches: list[Launch], kinds: list[_Kind], ranges: int, programs: int = 1) -> torch.Tensor:
     """A row per launch: kind, grid[1], grid[2], tiles, the kind's run-time arguments, then the prefetch ranges of the
-    *next* launch (``ranges`` slots of :data:`_PF_COLS` columns; unused ones zero)."""
+    *next* launch (``ranges`` slots of :data:`_PF_COLS` columns; unused ones zero), each range's bytes split over
+    ``programs`` in 16-byte multiples."""
     kind_of = {id(launch): i for i, kind in enumerate(kinds) for launch in kind.launches}
     args = max((len(k.slots) for k in kinds), default=0)
     width = _HEAD + args + ranges * _PF_COLS
@@ -333,8 +342,10 @@ def _table(launches: list[Launch], kinds: list[_Kind], ranges: int) -> torch.Ten
         if ranges and n + 1 < len(launches):
             # (an expert slice whose routing index this launch writes is not known yet: not asked for)
             wanted = [r for r in _prefetch_ranges(launches[n + 1]) if not (r[2] and _writes(launch, r[2]))]
-            for j, rng in enumerate(wanted[:ranges]):
-                row[_HEAD + args + j * _PF_COLS:_HEAD + args + (j + 1) * _PF_COLS] = rng
+            for j, (addr, nbytes, idx_addr, stride) in enumerate(wanted[:ranges]):
+                chunk = -(-nbytes // (programs * 16)) * 16
+                row[_HEAD + args + j * _PF_COLS:_HEAD + args + (j + 1) * _PF_COLS] = [addr, nbytes, chunk, idx_addr,
+                                                                                      stride]
         rows.append(row)
     return torch.tensor(rows, dtype=torch.int64)
 
@@ -346,7 +357,8 @@ def _source(kinds: list[_Kind]) -> str:
     a launch of that kind from its table row, then the kernel looping over the launches."""
     imports = sorted({(BODIES[k.kernel][0], BODIES[k.kernel][2]) for k in kinds})  # (module, body)
     lines = ["from qmamba.kernels._triton import jit, tl",
-             "from qmamba.kernels.persistent import global_time_ns, grid_arrive, grid_wait, prefetch_share"]
+             "from qmamba.kernels.persistent import global_time_ns, grid_arrive, grid_wait, prefetch_ranges, "
+             "prefetch_share"]
     lines += [f"from {mod} import {body}" for mod, body in imports]
     for i, kind in enumerate(kinds):
         _, _, body, n_pids = BODIES[kind.kernel]
@@ -365,20 +377,28 @@ def _source(kinds: list[_Kind]) -> str:
               "    if TIMELINE:  # program 0's clock at the start and as each barrier opens",
               "        if pid == 0:",
               "            tl.store(times_ptr, global_time_ns(pid))",
+              "    # each launch's header (kind, grid, tiles) is read before the barrier that opens it (the acquire",
+              "    # empties L1: read after it, the header would cost one more L2 round trip a launch)",
+              "    kind = tl.load(tab_ptr)",
+              "    g1 = tl.load(tab_ptr + 1).to(tl.int32)",
+              "    g2 = tl.load(tab_ptr + 2).to(tl.int32)",
+              "    tiles = tl.load(tab_ptr + 3).to(tl.int32)",
               "    for op in range(N_OPS):",
               "        row = tab_ptr + op * ROW",
-              "        kind = tl.load(row)",
-              "        g1 = tl.load(row + 1).to(tl.int32)",
-              "        g2 = tl.load(row + 2).to(tl.int32)",
-              "        tiles = tl.load(row + 3).to(tl.int32)"]
+              "        if PF_RANGES > 0:  # the next launch's ranges, read now: nothing waits for them after arriving",
+              "            pf_base, pf_bytes, pf_chunk = prefetch_ranges(row + PF_COL, PF_RANGES, NT)"]
     for i in range(len(kinds)):
         lines += [f"        if kind == {i}:",
                   "            for t in range(pid, tiles, NPROG):",
                   f"                kind_{i}(t, g1, g2, row)"]
     lines += ["        if op + 1 < N_OPS:",
               "            grid_arrive(counter_ptr)",
-              "            for j in tl.static_range(PF_RANGES):  # the next launch's weights, while the others finish",
-              f"                prefetch_share(row + PF_COL + j * {_PF_COLS}, pid, NPROG, NT)",
+              "            if PF_RANGES > 0:  # the next launch's weights, asked of L2 while the others finish",
+              "                prefetch_share(pf_base, pf_bytes, pf_chunk, pid)",
+              "            kind = tl.load(row + ROW)",
+              "            g1 = tl.load(row + ROW + 1).to(tl.int32)",
+              "            g2 = tl.load(row + ROW + 2).to(tl.int32)",
+              "            tiles = tl.load(row + ROW + 3).to(tl.int32)",
               "            grid_wait(counter_ptr, (op + 1) * NPROG)",
               "        if TIMELINE:",
               "            if pid == 0:",
@@ -416,14 +436,17 @@ class PersistentChain:
         self.device = torch.device(device)
         if prefetch is None:  # the bulk prefetch is Hopper's (sm_90) and compiled code's (not the interpreter's)
             prefetch = self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9
-        self.ranges = max(len(_prefetch_ranges(launch)) for launch in launches) if prefetch else 0
+        self.ranges = min(max(len(_prefetch_ranges(launch)) for launch in launches), 32 * num_warps) \
+            if prefetch else 0
         self.args_width = max((len(k.slots) for k in self.kinds), default=0)
-        self.table = _table(launches, self.kinds, self.ranges).to(self.device)
+        self.table = _table(launches, self.kinds, self.ranges).to(self.device)  # (the grid's chunks below)
         self.counter = torch.zeros(1, dtype=torch.int32, device=self.device)
         self.num_warps = num_warps
         self.maxnreg = maxnreg if maxnreg and self.device.type == "cuda" else 0  # (the interpreter takes none)
         self.max_tiles = max(launch.tiles for launch in launches)
         self.programs = programs if programs is not None else self.programs_for(self.device)
+        if self.ranges:
+            self.table = _table(launches, self.kinds, self.ranges, self.programs).to(self.device)
 
     def _launch_args(self, programs: int, times: torch.Tensor | None = None):
         return (self.table, self.counter, times if times is not None else self.counter, len(self.launches),
@@ -476,4 +499,4 @@ class PersistentChain:
 
 
 __all__ = ["BODIES", "PREFETCHED", "TIMED_OUT", "Launch", "PersistentChain", "UnsupportedLaunch", "global_time_ns",
-           "grid_arrive", "grid_wait", "prefetch_share", "recording"]
+           "grid_arrive", "grid_wait", "prefetch_ranges", "prefetch_share", "recording"]

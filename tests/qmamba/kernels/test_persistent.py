@@ -95,7 +95,9 @@ def test_launches_of_one_shape_share_a_kind_and_the_table_holds_what_differs():
     col = P._HEAD + chain.args_width
     for i in range(2):
         assert table[i, col] == ws[i + 1].qweight.data_ptr()
-        assert table[i, col + 1] == ws[i + 1].qweight.numel() * ws[i + 1].qweight.element_size() // 16 * 16
+        nbytes = ws[i + 1].qweight.numel() * ws[i + 1].qweight.element_size() // 16 * 16
+        assert table[i, col + 1] == nbytes
+        assert table[i, col + 2] == -(-nbytes // (chain.programs * 16)) * 16  # a program's chunk
     assert (table[2, col:] == 0).all()
     assert "def kind_0(t, g1, g2, row)" in chain.source and "prefetch_share" in chain.source
 
@@ -130,7 +132,7 @@ def test_an_expert_slice_is_not_asked_for_before_its_router_ran():
     chain = P.PersistentChain(launches, "cpu", prefetch=True)
     col = P._HEAD + chain.args_width
     assert (chain.table[0, col:] == 0).all()  # fc1's expert: unknown during the router's launch
-    assert chain.table[1, col] == fc2.qweight.data_ptr() and chain.table[1, col + 2] == idx.data_ptr()
+    assert chain.table[1, col] == fc2.qweight.data_ptr() and chain.table[1, col + 3] == idx.data_ptr()
 
 
 def test_a_barrier_that_never_opens_times_out_instead_of_hanging(device):
