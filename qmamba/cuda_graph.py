@@ -163,16 +163,29 @@ class GraphDecoder:
         return entry.tokens.clone()
 
 
-def default_step_fn(model):
+DECODE_STEPS = ("fused", "persistent")
+
+
+def default_step_fn(model, decode_step: str = "fused"):
     """The step function ``qmamba generate`` uses: a :class:`GraphDecoder` when the model is on CUDA and runs the
     Triton backend (the fused step, or the captured ``model.step`` where a module has no fused kernel); ``None``
-    (the caller's eager ``model.step``) otherwise."""
+    (the caller's eager ``model.step``) otherwise. ``decode_step="persistent"`` (experimental): the fused step's
+    launches as one persistent launch (``DecodePolicy.persistent``)."""
+    if decode_step not in DECODE_STEPS:
+        raise ValueError(f"decode_step must be one of {DECODE_STEPS}, got {decode_step!r}")
     if model.device.type != "cuda":
         return None
     backends = {m.backend for m in model.modules() if m is not model and hasattr(m, "backend")}
     if backends != {"triton"}:
         return None
+    policy = None
+    if decode_step == "persistent":
+        import dataclasses
+
+        from qmamba.kernels.decode_linear import DecodePolicy
+
+        policy = dataclasses.replace(DecodePolicy.for_device(model.device), persistent=True)
     try:
-        return GraphDecoder(model)
+        return GraphDecoder(model, policy=policy)
     except (TypeError, ValueError):  # a module or format without a fused kernel
         return GraphDecoder(model, fused=False)
