@@ -197,7 +197,7 @@ def prefetch_ranges(cols_ptr, RANGES: tl.constexpr, NT: tl.constexpr):
     nbytes = tl.load(cols_ptr + r * 5 + 1, mask=m, other=0)
     chunk = tl.load(cols_ptr + r * 5 + 2, mask=m, other=0)
     idx_addr = tl.load(cols_ptr + r * 5 + 3, mask=m, other=0)
-    expert = tl.load(idx_addr.to(tl.pointer_type(tl.int32)), mask=idx_addr != 0, other=0)
+    expert = tl.maximum(tl.load(idx_addr.to(tl.pointer_type(tl.int32)), mask=idx_addr != 0, other=0), 0)
     return base + expert.to(tl.int64) * tl.load(cols_ptr + r * 5 + 4, mask=m, other=0), nbytes, chunk
 
 
