@@ -162,3 +162,29 @@ def test_pytorch_work_inside_a_recording_is_refused():
         with pytest.raises(P.UnsupportedLaunch, match="would not be replayed"):
             x + 1
     assert torch.isfinite(x + 1).all()  # outside, PyTorch computes again
+
+
+def test_prefetch_ranges_read_the_tables_columns(device):
+    """The kernel side of the prefetch columns: thread t gets range t (start moved to the routed expert's slice;
+    a -1 index reads as expert 0), the slots past the ranges zero."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def read(cols_ptr, out_ptr, RANGES: tl.constexpr, NT: tl.constexpr):
+        base, nbytes, chunk = P.prefetch_ranges(cols_ptr, RANGES, NT)
+        t = tl.arange(0, NT)
+        tl.store(out_ptr + t * 3, base)
+        tl.store(out_ptr + t * 3 + 1, nbytes)
+        tl.store(out_ptr + t * 3 + 2, chunk)
+
+    idx = torch.tensor([3], dtype=torch.int32, device=device)
+    stray = torch.tensor([-1], dtype=torch.int32, device=device)
+    cols = torch.tensor([4096, 640, 160, 0, 0,                        # a dense range
+                         8192, 512, 128, idx.data_ptr(), 1024,        # a routed one: expert 3's slice
+                         16384, 512, 128, stray.data_ptr(), 1024],    # no expert yet: expert 0
+                        dtype=torch.int64, device=device)
+    out = torch.full((32, 3), -7, dtype=torch.int64, device=device)
+    read[(1,)](cols, out, RANGES=3, NT=32, num_warps=1)
+    assert out[:3].tolist() == [[4096, 640, 160], [8192 + 3 * 1024, 512, 128], [16384, 512, 128]]
+    assert (out[3:] == 0).all()
