@@ -52,6 +52,8 @@ AHEAD_SHAPES = ((5888, 736, 16, 4), (5888, 736, 32, 8), (1472, 1472, 8, 4), (774
 
 from inspect_decode_kernel import _Recorder  # noqa: E402
 
+from qmamba.kernels.persistent import bulk_prefetch_l2, resident_programs  # noqa: E402
+
 
 @triton.jit
 def prefetch_l2(ptr, nbytes, chunk, part, NT: tl.constexpr):
@@ -61,9 +63,7 @@ def prefetch_l2(ptr, nbytes, chunk, part, NT: tl.constexpr):
     t = tl.arange(0, NT)
     start = (part * (NT // 32) + t // 32).to(tl.int64) * chunk
     size = tl.where(t % 32 == 0, tl.minimum(nbytes - start, chunk), 0).to(tl.int32)
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [ptr.to(tl.pointer_type(tl.int8)) + start, size], dtype=tl.int32, is_pure=False, pack=1)
+    bulk_prefetch_l2(ptr.to(tl.pointer_type(tl.int8)) + start, size)
 
 
 def prefetch_chunk(nbytes: int, programs: int, warps: int) -> int:
@@ -152,10 +152,7 @@ def _persistent_chain(w_ptr, x0_ptr, y_ptr, counter_ptr, N, scale, LAYERS, NPROG
                 row0 = tile * BLOCK_N
                 size = tl.where((t % 32 == 0) & (t // 32 < TILES) & (row0 < N),
                                 tl.minimum(N - row0, BLOCK_N) * K, 0).to(tl.int32)
-                tl.inline_asm_elementwise(
-                    "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; "
-                    "mov.u32 $0, 0; }", "=r,l,r", [base + N * K + row0 * K, size], dtype=tl.int32, is_pure=False,
-                    pack=1)
+                bulk_prefetch_l2(base + N * K + row0 * K, size)
             target = (layer + 1) * NPROG
             cur = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
             while cur < target:
@@ -211,6 +208,8 @@ def _persistent_ahead(w_ptr, x0_ptr, y_ptr, counter_ptr, N, scale, LAYERS, NPROG
                 w1 = nxt
             else:
                 w0 = nxt
+            # (an inline spin, not qmamba.kernels.persistent.grid_wait: with the time-out's second loop-carried
+            # value, ptxas moves DEPTH 2's rotated words inside the spin and waits for their loads there)
             target = (layer + 1) * NPROG
             cur = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
             while cur < target:
@@ -286,19 +285,6 @@ def _ahead_launch(w, x0, y, counter, c, block_n: int, depth: int, num_warps: int
                                             num_warps=num_warps, launch_cooperative_grid=True)
 
 
-def _co_resident(compiled, num_warps: int) -> int:
-    """How many programs of ``compiled`` fit on the GPU at once (registers, threads and shared memory a
-    multiprocessor; registers allocated 8 at a time a thread)."""
-    compiled._init_handles()  # loads the binary: sets n_regs
-    props = torch.cuda.get_device_properties(0)
-    threads = 32 * num_warps
-    regs = getattr(props, "regs_per_multiprocessor", 65536) // (-(-max(compiled.n_regs, 1) // 8) * 8 * threads)
-    by_threads = props.max_threads_per_multi_processor // threads
-    smem = compiled.metadata.shared
-    by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // smem if smem else by_threads
-    return min(regs, by_threads, by_smem, 32) * props.multi_processor_count
-
-
 def persistent_ahead(n_layers: int, n: int, k: int, block_n: int, num_warps: int, results: dict, failures: list):
     """The chain as one persistent launch of one row tile a program (:func:`_persistent_ahead`), the next one or two
     layers' tiles in flight through each barrier. A depth whose tile count is not co-resident (its registers) is
@@ -314,7 +300,7 @@ def persistent_ahead(n_layers: int, n: int, k: int, block_n: int, num_warps: int
         _ahead_launch(w, x0, y, counter, c, block_n, depth, num_warps, kernel=recorder)
         grid, args, meta = recorder.calls[-1]
         meta = {key: val for key, val in meta.items() if key != "launch_cooperative_grid"}
-        fits = _co_resident(_persistent_ahead.warmup(*args, grid=grid, **meta), num_warps)
+        fits = resident_programs(_persistent_ahead.warmup(*args, grid=grid, **meta), num_warps, "cuda")
         label = f"bn{block_n}_w{num_warps}_p{nprog}"
         if nprog > fits:
             print(f"persistent_ahead{depth}  N={n} K={k} {label}: skipped, {nprog} programs > {fits} co-resident",

@@ -202,15 +202,23 @@ def prefetch_ranges(cols_ptr, RANGES: tl.constexpr, NT: tl.constexpr):
 
 
 @jit
-def prefetch_share(base, nbytes, chunk, pid):
-    """Ask L2 (Hopper's ``cp.async.bulk.prefetch.L2``: nothing to wait for, nothing in registers) for program
-    ``pid``'s chunk of each range of :func:`prefetch_ranges` (``chunk`` bytes, a multiple of 16 sized on the host for
-    the grid), one range a thread: a few instructions between arriving at the barrier and waiting."""
-    start = pid.to(tl.int64) * chunk
-    size = tl.where(base != 0, tl.minimum(tl.maximum(nbytes - start, 0), chunk), 0).to(tl.int32)
+def bulk_prefetch_l2(ptr, size):
+    """Hopper's ``cp.async.bulk.prefetch.L2`` of ``size`` bytes at ``ptr`` (an int8 pointer, 16-byte aligned, a
+    multiple of 16), elementwise; an element with ``size <= 0`` asks nothing. Nothing to wait for, nothing in
+    registers."""
     tl.inline_asm_elementwise(
         "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [base.to(tl.pointer_type(tl.int8)) + start, size], dtype=tl.int32, is_pure=False, pack=1)
+        "=r,l,r", [ptr, size], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@jit
+def prefetch_share(base, nbytes, chunk, pid):
+    """Ask L2 (:func:`bulk_prefetch_l2`) for program ``pid``'s chunk of each range of :func:`prefetch_ranges`
+    (``chunk`` bytes, a multiple of 16 sized on the host for the grid), one range a thread: a few instructions
+    between arriving at the barrier and waiting."""
+    start = pid.to(tl.int64) * chunk
+    size = tl.where(base != 0, tl.minimum(tl.maximum(nbytes - start, 0), chunk), 0).to(tl.int32)
+    bulk_prefetch_l2(base.to(tl.pointer_type(tl.int8)) + start, size)
 
 
 # ---- kinds and the table ---------------------------------------------------------------------------------------------
@@ -406,6 +414,19 @@ def _source(kinds: list[_Kind]) -> str:
     return "\n".join(lines)
 
 
+def resident_programs(compiled, num_warps: int, device) -> int:
+    """How many programs of a compiled kernel (Triton's ``CompiledKernel``) the GPU holds at once: by registers
+    (allocated 8 at a time a thread), threads and shared memory a multiprocessor, times the multiprocessors."""
+    compiled._init_handles()  # loads the binary: sets n_regs
+    props = torch.cuda.get_device_properties(device)
+    threads = 32 * num_warps
+    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (-(-max(compiled.n_regs, 1) // 8) * 8 * threads)
+    by_threads = props.max_threads_per_multi_processor // threads
+    smem = compiled.metadata.shared
+    by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // smem if smem else by_threads
+    return min(by_regs, by_threads, by_smem, 32) * props.multi_processor_count
+
+
 _GENERATED: dict[str, object] = {}
 
 
@@ -460,18 +481,10 @@ class PersistentChain:
         if device.type != "cuda":
             return 1
         args, meta = self._launch_args(1)
-        compiled = self.kernel.warmup(*args, grid=(1,), **meta)
-        compiled._init_handles()  # loads the binary: sets n_regs
-        props = torch.cuda.get_device_properties(device)
-        threads = 32 * self.num_warps
-        by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (-(-max(compiled.n_regs, 1) // 8) * 8 * threads)
-        by_threads = props.max_threads_per_multi_processor // threads
-        smem = compiled.metadata.shared
-        by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // smem if smem else by_threads
-        per_sm = min(by_regs, by_threads, by_smem, 32)
-        if per_sm < 1:
+        resident = resident_programs(self.kernel.warmup(*args, grid=(1,), **meta), self.num_warps, device)
+        if resident < 1:
             raise UnsupportedLaunch("PersistentChain: one program does not fit a multiprocessor")
-        return min(per_sm * props.multi_processor_count, self.max_tiles)
+        return min(resident, self.max_tiles)
 
     def timed_out(self) -> bool:
         """Whether the last run's barriers timed out (a host synchronisation): its grid was not all resident at
@@ -498,5 +511,6 @@ class PersistentChain:
         return [(b - a) / 1e3 for a, b in zip(ns, ns[1:])]
 
 
-__all__ = ["BODIES", "PREFETCHED", "TIMED_OUT", "Launch", "PersistentChain", "UnsupportedLaunch", "global_time_ns",
-           "grid_arrive", "grid_wait", "prefetch_ranges", "prefetch_share", "recording"]
+__all__ = ["BODIES", "PREFETCHED", "TIMED_OUT", "Launch", "PersistentChain", "UnsupportedLaunch", "bulk_prefetch_l2",
+           "global_time_ns", "grid_arrive", "grid_wait", "prefetch_ranges", "prefetch_share", "recording",
+           "resident_programs"]
