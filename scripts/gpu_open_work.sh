@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The GPU runs that issues 12 and 13 wait for, in parts that each end inside one device call (600 s): the persistent
+# decode step and the Gluon int4 GEMM checked on the GPU and timed beside what they would replace, then the CLI
+# figures and the GPU check. Every figure is checked against its reference before it is timed (the scripts below
+# refuse otherwise). Not for CI: it needs a CUDA GPU (Hopper for the Gluon part and the L2 prefetches).
+#
+#   bash scripts/gpu_open_work.sh PART [PART ...]     PART: step | gluon | cli | check | all
+#     step   persistent-step tests on the GPU; probe_launch (one dependent phase as a kernel boundary against a grid
+#            barrier); bench_decode default against the persist variants (batch 1 and 8, greedy tokens checked
+#            first); profile_persistent_step (each launch's phase inside the persistent kernel)          ~8 min
+#     gluon  the Gluon GEMM's GPU tests, then probe_gluon_gemm at 8 / 256 / 2048 rows                  ~4 min
+#     cli    qmamba bench on bf16 and int4 checkpoints written by qmamba create / quantize, fused step and
+#            persistent step                                                                            ~9 min
+#     check  bash scripts/gpu_check.sh -rf                                                              ~8 min
+#
+# Logs and JSON go to $OUT (the device tool's folder) or runs/gpu-open-work; at most 8 files a part (what one
+# device call brings back). Each command runs under `timeout` (QMAMBA_GPU_PART_LIMIT seconds for the part, default
+# 570, shared out below), so a part returns its logs even when a command hangs. Exit status: the number of failed
+# commands (0: all passed). In a device call:
+#   export PYTHONPATH=$PWD; bash scripts/gpu_open_work.sh step
+set -uo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+LOGS=${OUT:-$ROOT/runs/gpu-open-work}
+mkdir -p "$LOGS"
+LIMIT=${QMAMBA_GPU_PART_LIMIT:-570}
+START=$SECONDS
+failed=0
+
+# run NAME SHARE CMD...: CMD under a timeout of SHARE percent of the part's limit (at most what is left of it),
+# output to $LOGS/NAME.log; a failure or a timeout counts, the part goes on
+run() {
+  local name=$1 share=$2; shift 2
+  local left=$((LIMIT - (SECONDS - START))) t
+  t=$((LIMIT * share / 100)); [ "$t" -gt "$left" ] && t=$left
+  if [ "$t" -lt 10 ]; then echo "== $name: skipped, the part's time is spent" | tee -a "$LOGS/summary.txt"; failed=$((failed + 1)); return; fi
+  echo "== $name ($t s): $*" | tee -a "$LOGS/summary.txt"
+  timeout -k 10 "$t" "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  echo "   rc $rc after $((SECONDS - START)) s of the part; last lines:" | tee -a "$LOGS/summary.txt"
+  tail -n 4 "$LOGS/$name.log" | sed 's/^/   | /' | tee -a "$LOGS/summary.txt"
+  [ "$rc" -ne 0 ] && failed=$((failed + 1))
+}
+
+part_step() {
+  QMAMBA_TEST_DEVICE=cuda TRITON_INTERPRET=0 run step_tests 25 "$PY" -m pytest -q -p no:cacheprovider \
+    tests/qmamba/test_persistent_step.py tests/qmamba/kernels/test_persistent.py
+  run step_probe 15 "$PY" benchmarks/probe_launch.py --out "$LOGS/step_probe.json"
+  run step_decode 45 "$PY" benchmarks/bench_decode.py --out "$LOGS/step_decode.json" --formats int4_g128,bf16 \
+    --batches 1,8 --check-steps 8 --rounds 3 --variants default,persist,persist_r128,persist_nopf
+  run step_profile 15 "$PY" benchmarks/profile_persistent_step.py --format int4_g128 --variant persist \
+    --out "$LOGS/step_profile.json"
+}
+
+part_gluon() {
+  QMAMBA_TEST_DEVICE=cuda TRITON_INTERPRET=0 run gluon_tests 40 "$PY" -m pytest -q -p no:cacheprovider \
+    tests/qmamba/kernels/test_probe_gluon_gemm.py
+  run gluon_probe 60 "$PY" benchmarks/probe_gluon_gemm.py --m 8,256,2048
+}
+
+part_cli() {
+  QMAMBA_CLI_NAMES="bf16 int4" QMAMBA_CLI_PREFILLS=eager run cli_fused 50 bash scripts/gpu_cli_bench.sh
+  QMAMBA_CLI_NAMES="bf16 int4" QMAMBA_CLI_PREFILLS=eager QMAMBA_CLI_DECODE_STEP=persistent \
+    run cli_persistent 50 bash scripts/gpu_cli_bench.sh
+}
+
+part_check() {
+  run check 100 bash scripts/gpu_check.sh -rf
+}
+
+[ $# -ge 1 ] || { sed -n '2,20p' "$0"; exit 2; }
+parts=()
+for p in "$@"; do
+  case "$p" in
+    all) parts+=(step gluon cli check) ;;
+    step|gluon|cli|check) parts+=("$p") ;;
+    *) echo "gpu_open_work.sh: unknown part '$p' (step gluon cli check all)" >&2; exit 2 ;;
+  esac
+done
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
+torch.cuda.get_device_name(0))" 2>&1 | tee -a "$LOGS/summary.txt"
+for p in "${parts[@]}"; do
+  START=$SECONDS
+  "part_$p"
+done
+echo "failed commands: $failed" | tee -a "$LOGS/summary.txt"
+exit "$failed"
