@@ -8,7 +8,8 @@
 #     step   persistent-step tests on the GPU; probe_launch (one dependent phase as a kernel boundary against a grid
 #            barrier); bench_decode default against the persist variants (batch 1 and 8, greedy tokens checked
 #            first); profile_persistent_step (each launch's phase inside the persistent kernel)          ~8 min
-#     gluon  the Gluon GEMM's GPU tests, then probe_gluon_gemm at 8 / 256 / 2048 rows                  ~4 min
+#     gluon  the Gluon GEMM's GPU tests, then probe_gluon_gemm at 8 / 256 / 2048 rows; batch 8's expert row
+#            programs at 8 int4 rows a program against 4 (bench_decode_linear)                        ~6 min
 #     cli    qmamba bench on bf16 and int4 checkpoints written by qmamba create / quantize, fused step and
 #            persistent step                                                                            ~9 min
 #     check  bash scripts/gpu_check.sh -rf                                                              ~8 min
@@ -57,7 +58,10 @@ part_step() {
 part_gluon() {
   QMAMBA_TEST_DEVICE=cuda TRITON_INTERPRET=0 run gluon_tests 40 "$PY" -m pytest -q -p no:cacheprovider \
     tests/qmamba/kernels/test_probe_gluon_gemm.py
-  run gluon_probe 60 "$PY" benchmarks/probe_gluon_gemm.py --m 8,256,2048
+  run gluon_probe 45 "$PY" benchmarks/probe_gluon_gemm.py --m 8,256,2048
+  # batch 8's expert row programs at 8 int4 rows a program against 4 (kernels alone, checked first)
+  run gluon_rowprog 15 "$PY" benchmarks/bench_decode_linear.py --out "$LOGS/gluon_rowprog.json" --rows 8 \
+    --only fc1_gated,fc2 --variants rowprog,rowprog_bn8,rowprog_bf16
 }
 
 part_cli() {

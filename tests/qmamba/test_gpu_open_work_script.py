@@ -28,7 +28,7 @@ def test_parts_run_their_commands_and_count_failures(tmp_path):
     run, out = _run(tmp_path, "step", "gluon")
     assert run.returncode == 0, run.stdout + run.stderr
     logs = sorted(p.name for p in out.iterdir())
-    assert logs == ["gluon_probe.log", "gluon_tests.log", "step_decode.log", "step_probe.log", "step_profile.log",
+    assert logs == ["gluon_probe.log", "gluon_rowprog.log", "gluon_tests.log", "step_decode.log", "step_probe.log", "step_profile.log",
                     "step_tests.log", "summary.txt"]
     assert "--variants default,persist" in (out / "step_decode.log").read_text()
     assert "failed commands: 0" in (out / "summary.txt").read_text()
@@ -51,11 +51,22 @@ def test_names_files_and_variants_that_exist():
     paths = set(re.findall(r"\b((?:benchmarks|tests|scripts)/[\w/]+\.(?:py|sh))", text))
     assert paths and not [p for p in paths if not (ROOT / p).exists()]
     sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_decode_linear
     from bench_decode import policy_variant
 
     from qmamba.kernels.decode_linear import DecodePolicy
 
-    variants = {v for group in re.findall(r"--variants ([\w,]+)", text) for v in group.split(",")}
-    assert "persist" in variants
-    for v in variants:
-        policy_variant(DecodePolicy.cuda(132, True), v)  # raises on an unknown name
+    checked = 0
+    for line in text.replace("\\\n", " ").splitlines():  # continuation lines joined
+        names = re.search(r"--variants ([\w,]+)", line)
+        if not names:
+            continue
+        for v in names.group(1).split(","):
+            if "bench_decode.py" in line:
+                policy_variant(DecodePolicy.cuda(132, True), v)  # raises on an unknown name
+            else:
+                assert "bench_decode_linear.py" in line, line
+                rows = int(re.search(r"--rows (\d+)", line).group(1))
+                assert v in bench_decode_linear.variants(True, rows), v
+            checked += 1
+    assert checked >= 6
