@@ -215,23 +215,6 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
                                    planes_mma="nomma" not in parts and "rt8" not in parts,
                                    max_rows_routed=8 if "rt8" in parts else 0,
                                    pdl=base.pdl and "nopdl" not in parts)
-    if v.startswith("persist"):  # e.g. persist_bn16_p264_nopf: the step as one persistent launch
-        #                             (DecodePolicy.persistent, every batch size), N int4 rows a program, P programs
-        #                             (default: resident at once), nopf: no L2 prefetch of the next launch's
-        #                             weights, normpK: K programs an add + norm, rR: at most R registers a thread
-        #                             (DecodePolicy.persistent_maxnreg)
-        out = dataclasses.replace(base, persistent=True)
-        for part in v.split("_")[1:]:
-            m = re.fullmatch(r"(bn|p|normp|r)(\d+)|(nopf)", part)
-            if m is None:
-                raise SystemExit(f"unknown part {part!r} of policy variant {v!r}")
-            if m.group(3):
-                out = dataclasses.replace(out, persistent_prefetch=False)
-            else:
-                field = {"bn": "block_n_int4", "p": "persistent_programs", "normp": "norm_plane_programs",
-                         "r": "persistent_maxnreg"}[m.group(1)]
-                out = dataclasses.replace(out, **{field: int(m.group(2))})
-        return out
     if v.startswith("bn"):
         i4, rest = v[2:].split("F")
         fl, w = rest.split("W")
@@ -272,10 +255,7 @@ def main():
                          "up to batch 8, tensor cores, or with nomma CUDA cores per row), "
                          "bnI<int4 block>F<float block>W<warps> e.g. bn16F4W4, xplanes / xplanesb (int4 input "
                          "planes read in the tile's shape / broadcast), noxplanes (none: x itself), "
-                         "binN[gG][r8] (1-bit on the decode kernels, N rows a program, G for gated stacks, to "
-                         "batch 8), "
-                         "persist[_bnN][_pP][_nopf][_normpK][_rR] (the step as one persistent launch: N int4 rows a "
-                         "program, P programs, no L2 prefetch, K programs an add + norm, R registers at most)")
+                         "binN[gG][r8] (1-bit on the decode kernels, N rows a program, G for gated stacks, to batch 8)")
     args = ap.parse_args()
     require_idle_gpu()
     log = lambda s: print(s, flush=True)  # noqa: E731

@@ -52,7 +52,29 @@ AHEAD_SHAPES = ((5888, 736, 16, 4), (5888, 736, 32, 8), (1472, 1472, 8, 4), (774
 
 from inspect_decode_kernel import _Recorder  # noqa: E402
 
-from qmamba.kernels.persistent import bulk_prefetch_l2, resident_programs  # noqa: E402
+
+
+@triton.jit
+def bulk_prefetch_l2(ptr, size):
+    """Hopper's ``cp.async.bulk.prefetch.L2`` of ``size`` bytes at ``ptr`` (an int8 pointer, 16-byte aligned, a
+    multiple of 16), elementwise; an element with ``size <= 0`` asks nothing. Nothing to wait for, nothing in
+    registers."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r", [ptr, size], dtype=tl.int32, is_pure=False, pack=1)
+
+
+def resident_programs(compiled, num_warps: int, device) -> int:
+    """How many programs of a compiled kernel (Triton's ``CompiledKernel``) the GPU holds at once: by registers
+    (allocated 8 at a time a thread), threads and shared memory a multiprocessor, times the multiprocessors."""
+    compiled._init_handles()  # loads the binary: sets n_regs
+    props = torch.cuda.get_device_properties(device)
+    threads = 32 * num_warps
+    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (-(-max(compiled.n_regs, 1) // 8) * 8 * threads)
+    by_threads = props.max_threads_per_multi_processor // threads
+    smem = compiled.metadata.shared
+    by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // smem if smem else by_threads
+    return min(by_regs, by_threads, by_smem, 32) * props.multi_processor_count
 
 
 @triton.jit
@@ -208,8 +230,8 @@ def _persistent_ahead(w_ptr, x0_ptr, y_ptr, counter_ptr, N, scale, LAYERS, NPROG
                 w1 = nxt
             else:
                 w0 = nxt
-            # (an inline spin, not qmamba.kernels.persistent.grid_wait: with the time-out's second loop-carried
-            # value, ptxas moves DEPTH 2's rotated words inside the spin and waits for their loads there)
+            # (a plain spin, no time-out: with a spin count as a second loop-carried value, ptxas moves DEPTH 2's
+            # rotated words inside the spin and waits for their loads there)
             target = (layer + 1) * NPROG
             cur = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
             while cur < target:

@@ -80,16 +80,15 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _timed_step_fn(model, decode_step: str = "fused"):
-    """``(step_fn, name)``: what ``qmamba generate`` (with that ``--decode-step``) decodes with on this model."""
+def _timed_step_fn(model):
+    """``(step_fn, name)``: what ``qmamba generate`` decodes with on this model."""
     from qmamba.cuda_graph import default_step_fn
 
-    fn = default_step_fn(model, decode_step)
+    fn = default_step_fn(model)
     if fn is None:
         return (lambda ids, state: model.step(ids, state, check=False)), f"eager {_backend(model)}"
-    kind = type(getattr(fn, "_step", None)).__name__
-    names = {"FusedDecodeStep": "cuda graph (fused step)", "PersistentDecodeStep": "cuda graph (persistent step)"}
-    return fn, names.get(kind, "cuda graph (model.step)")
+    return fn, "cuda graph (fused step)" if getattr(fn, "_step", None) is not None and \
+        type(fn._step).__name__ == "FusedDecodeStep" else "cuda graph (model.step)"
 
 
 def _backend(model) -> str:
@@ -208,12 +207,9 @@ def time_decode(model, step_fn, state, first, tokens: int) -> float:
 
 @torch.no_grad()
 def bench_model(model, batches=(1,), prompt_len: int = 2048, tokens: int = 256, check_tokens: int = 8,
-                seed: int = 0, log=None, check_model=None, prefill_graph: bool = False,
-                decode_step: str = "fused") -> list[BenchRow]:
+                seed: int = 0, log=None, check_model=None, prefill_graph: bool = False) -> list[BenchRow]:
     """One :class:`BenchRow` per batch size (see the module docstring); raises :class:`BenchCheckError` when the
     timed path's tokens differ from the reference's.
-
-    ``decode_step`` (CUDA): ``"fused"`` or ``"persistent"`` (experimental), as ``qmamba generate --decode-step``.
 
     ``prefill_graph`` (CUDA, Triton backend): time the prefill as CUDA-graph chunks
     (:class:`qmamba.graph_prefill.GraphPrefill`), first checked against the eager prefill (:func:`check_prefill`).
@@ -238,7 +234,7 @@ def bench_model(model, batches=(1,), prompt_len: int = 2048, tokens: int = 256, 
         prompts[batch] = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=gen).to(device)
     checks = {}
     checked = check_model() if check_model is not None else model
-    check_fn, _ = _timed_step_fn(checked, decode_step)
+    check_fn, _ = _timed_step_fn(checked)
     for batch in batches:
         if check_tokens > 0:
             _, state = checked.prefill(prompts[batch], check=False, last_only=True)
@@ -251,7 +247,7 @@ def bench_model(model, batches=(1,), prompt_len: int = 2048, tokens: int = 256, 
     del checked, check_fn
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    step_fn, path = _timed_step_fn(model, decode_step)
+    step_fn, path = _timed_step_fn(model)
     graph_prefill = None
     if prefill_graph:
         from qmamba.graph_prefill import GraphPrefill

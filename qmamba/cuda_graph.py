@@ -2,8 +2,7 @@
 
 :class:`GraphDecoder` is a drop-in ``step_fn(token_ids [B], state) -> logits [B, V]`` (as ``model.step``, the state
 is updated in place). The captured step is :class:`qmamba.fused_step.FusedDecodeStep` (Triton kernels,
-no allocation, no host sync; with ``policy.persistent`` its launches as one persistent launch) or, with
-``fused=False``, ``model.step`` itself on the model's current backend.
+no allocation, no host sync) or, with ``fused=False``, ``model.step`` itself on the model's current backend.
 Each batch size gets its own graph over static buffers (token ids, the flat state tensors, logits); a call whose
 state tensors are not those buffers copies the state in and out around the replay, so any ``InferenceState``
 works, and :meth:`GraphDecoder.new_state` / :meth:`GraphDecoder.prefill` hand out the static state itself to skip
@@ -58,9 +57,9 @@ class GraphDecoder:
         self.model = model
         self.warmup = warmup
         if fused:
-            from qmamba.persistent_step import make_decode_step
+            from qmamba.fused_step import FusedDecodeStep
 
-            self._step = make_decode_step(model, policy)
+            self._step = FusedDecodeStep(model, policy)
         else:
             self._step = lambda ids, state: model.step(ids, state, check=False)
         self._graphs: dict = {}
@@ -163,29 +162,16 @@ class GraphDecoder:
         return entry.tokens.clone()
 
 
-DECODE_STEPS = ("fused", "persistent")
-
-
-def default_step_fn(model, decode_step: str = "fused"):
+def default_step_fn(model):
     """The step function ``qmamba generate`` uses: a :class:`GraphDecoder` when the model is on CUDA and runs the
     Triton backend (the fused step, or the captured ``model.step`` where a module has no fused kernel); ``None``
-    (the caller's eager ``model.step``) otherwise. ``decode_step="persistent"`` (experimental): the fused step's
-    launches as one persistent launch (``DecodePolicy.persistent``)."""
-    if decode_step not in DECODE_STEPS:
-        raise ValueError(f"decode_step must be one of {DECODE_STEPS}, got {decode_step!r}")
+    (the caller's eager ``model.step``) otherwise."""
     if model.device.type != "cuda":
         return None
     backends = {m.backend for m in model.modules() if m is not model and hasattr(m, "backend")}
     if backends != {"triton"}:
         return None
-    policy = None
-    if decode_step == "persistent":
-        import dataclasses
-
-        from qmamba.kernels.decode_linear import DecodePolicy
-
-        policy = dataclasses.replace(DecodePolicy.for_device(model.device), persistent=True)
     try:
-        return GraphDecoder(model, policy=policy)
+        return GraphDecoder(model)
     except (TypeError, ValueError):  # a module or format without a fused kernel
         return GraphDecoder(model, fused=False)

@@ -15,8 +15,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 paths=0; for a in "$@"; do case "$a" in -*) ;; *) paths=1 ;; esac; done
 if [ $paths -eq 0 ]; then
   # the last one calibrates on the text shipped in qmamba/assets/data (no data directory needed)
-  set -- tests/qmamba/kernels tests/qmamba/test_fused_step.py tests/qmamba/test_persistent_step.py \
-    tests/qmamba/test_model_decode.py \
+  set -- tests/qmamba/kernels tests/qmamba/test_fused_step.py tests/qmamba/test_model_decode.py \
     tests/qmamba/test_router_agreement.py tests/qmamba/test_graph_prefill.py tests/qmamba/test_bench.py \
     tests/qmamba/calib/test_binarize_distill.py::test_distilled_fixture_greedy_tokens_on_gpu "$@"
 fi

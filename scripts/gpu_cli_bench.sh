@@ -16,7 +16,6 @@
 #   QMAMBA_CLI_GROUP   int4 group size [128]
 #   QMAMBA_CLI_NAMES   checkpoints to make and bench, of bf16 int4 int4-all b1 ["bf16 int4 int4-all"]
 #   QMAMBA_CLI_PREFILLS prefill modes, of eager graph ["eager graph" on CUDA, "eager" elsewhere]
-#   QMAMBA_CLI_DECODE_STEP the CUDA decode step, fused or persistent (experimental) [fused]
 # A dry run of the same commands on the CPU with a tiny model (a minute; no graph prefill there):
 #   QMAMBA_CLI_PRESET=tiny-blackmamba QMAMBA_CLI_DEVICE=cpu QMAMBA_CLI_GROUP=32 QMAMBA_CLI_PROMPT=32 \
 #   QMAMBA_CLI_TOKENS=4 QMAMBA_CLI_BATCH=1,2 QMAMBA_CLI_OUT=/tmp/cli bash scripts/gpu_cli_bench.sh
@@ -32,7 +31,6 @@ BATCH=${QMAMBA_CLI_BATCH:-1,8}
 PROMPT=${QMAMBA_CLI_PROMPT:-2048}
 TOKENS=${QMAMBA_CLI_TOKENS:-256}
 GROUP=${QMAMBA_CLI_GROUP:-128}
-STEP=${QMAMBA_CLI_DECODE_STEP:-fused}
 mkdir -p "$OUT"
 
 qmamba() {
@@ -63,19 +61,19 @@ if [ -n "${QMAMBA_CLI_PREFILLS:-}" ]; then read -r -a prefills <<<"$QMAMBA_CLI_P
 for name in "${names[@]}"; do
   for prefill in "${prefills[@]}"; do
     qmamba bench "$OUT/$PRESET-$name" --batch "$BATCH" --prompt-len "$PROMPT" --tokens "$TOKENS" --device "$DEVICE" \
-      --prefill "$prefill" --decode-step "$STEP" --json "$OUT/bench-$name-$prefill-$STEP.json"
+      --prefill "$prefill" --json "$OUT/bench-$name-$prefill.json"
   done
 done
 
-"$PY" - "$OUT" "$PRESET" "$STEP" "${names[*]}" "${prefills[@]}" <<'EOF'
+"$PY" - "$OUT" "$PRESET" "${names[*]}" "${prefills[@]}" <<'EOF'
 import json, sys
 from pathlib import Path
-out, preset, step, names, prefills = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4].split(), sys.argv[5:]
-print(f"\n{preset}: qmamba bench (decode checked first, {step} step); prefill tok/s " + " / ".join(prefills))
+out, preset, names, prefills = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(), sys.argv[4:]
+print(f"\n{preset}: qmamba bench (decode checked first); prefill tok/s " + " / ".join(prefills))
 print("| checkpoint | batch | prefill tok/s | decode ms/token | peak GB | weights GB |")
 print("|---|---:|---:|---:|---:|---:|")
 for name in names:
-    runs = {p: json.loads((out / f"bench-{name}-{p}-{step}.json").read_text())["rows"] for p in prefills}
+    runs = {p: json.loads((out / f"bench-{name}-{p}.json").read_text())["rows"] for p in prefills}
     for i, row in enumerate(runs[prefills[0]]):
         prefill = " / ".join(f"{runs[p][i]['prefill_tok_s']:,.0f}" for p in prefills)
         peak = "-" if row["peak_gb"] is None else f"{row['peak_gb']:.2f}"

@@ -1,24 +1,20 @@
 #!/usr/bin/env bash
-# The GPU runs that issues 12 and 13 wait for, in parts that each end inside one device call (600 s): the persistent
-# decode step and the Gluon int4 GEMM checked on the GPU and timed beside what they would replace, then the CLI
-# figures and the GPU check. Every figure is checked against its reference before it is timed (the scripts below
-# refuse otherwise). Not for CI: it needs a CUDA GPU (Hopper for the Gluon part and the L2 prefetches).
+# The GPU runs that issue 13 waits for, in parts that each end inside one device call (600 s): the Gluon int4 GEMM
+# and batch 8's expert row programs checked on the GPU and timed beside what they would replace, then the GPU check.
+# Every figure is checked against its reference before it is timed (the scripts below refuse otherwise). Not for CI:
+# it needs a CUDA GPU (Hopper for the Gluon part). (Session 25 ran its other parts: the persistent decode step, timed
+# and removed; benchmarks/results.md, "Session 25".)
 #
-#   bash scripts/gpu_open_work.sh PART [PART ...]     PART: step | gluon | cli | check | all
-#     step   persistent-step tests on the GPU; probe_launch (one dependent phase as a kernel boundary against a grid
-#            barrier); bench_decode default against the persist variants (batch 1 and 8, greedy tokens checked
-#            first); profile_persistent_step (each launch's phase inside the persistent kernel)          ~8 min
+#   bash scripts/gpu_open_work.sh PART [PART ...]     PART: gluon | check | all
 #     gluon  the Gluon GEMM's GPU tests, then probe_gluon_gemm at 8 / 256 / 2048 rows; batch 8's expert row
 #            programs at 8 int4 rows a program against 4 (bench_decode_linear)                        ~6 min
-#     cli    qmamba bench on bf16 and int4 checkpoints written by qmamba create / quantize, fused step and
-#            persistent step                                                                            ~9 min
-#     check  bash scripts/gpu_check.sh -rf                                                              ~8 min
+#     check  bash scripts/gpu_check.sh -rf                                                              ~4 min
 #
 # Logs and JSON go to $OUT (the device tool's folder) or runs/gpu-open-work; at most 8 files a part (what one
 # device call brings back). Each command runs under `timeout` (QMAMBA_GPU_PART_LIMIT seconds for the part, default
 # 570, shared out below), so a part returns its logs even when a command hangs. Exit status: the number of failed
 # commands (0: all passed). In a device call:
-#   export PYTHONPATH=$PWD; bash scripts/gpu_open_work.sh step
+#   export PYTHONPATH=$PWD; bash scripts/gpu_open_work.sh gluon
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -45,16 +41,6 @@ run() {
   [ "$rc" -ne 0 ] && failed=$((failed + 1))
 }
 
-part_step() {
-  QMAMBA_TEST_DEVICE=cuda TRITON_INTERPRET=0 run step_tests 25 "$PY" -m pytest -q -p no:cacheprovider \
-    tests/qmamba/test_persistent_step.py tests/qmamba/kernels/test_persistent.py
-  run step_probe 15 "$PY" benchmarks/probe_launch.py --out "$LOGS/step_probe.json"
-  run step_decode 45 "$PY" benchmarks/bench_decode.py --out "$LOGS/step_decode.json" --formats int4_g128,bf16 \
-    --batches 1,8 --check-steps 8 --rounds 3 --variants default,persist,persist_r128,persist_nopf
-  run step_profile 15 "$PY" benchmarks/profile_persistent_step.py --format int4_g128 --variant persist \
-    --out "$LOGS/step_profile.json"
-}
-
 part_gluon() {
   QMAMBA_TEST_DEVICE=cuda TRITON_INTERPRET=0 run gluon_tests 40 "$PY" -m pytest -q -p no:cacheprovider \
     tests/qmamba/kernels/test_probe_gluon_gemm.py
@@ -64,23 +50,17 @@ part_gluon() {
     --only fc1_gated,fc2 --variants rowprog,rowprog_bn8,rowprog_bf16
 }
 
-part_cli() {
-  QMAMBA_CLI_NAMES="bf16 int4" QMAMBA_CLI_PREFILLS=eager run cli_fused 50 bash scripts/gpu_cli_bench.sh
-  QMAMBA_CLI_NAMES="bf16 int4" QMAMBA_CLI_PREFILLS=eager QMAMBA_CLI_DECODE_STEP=persistent \
-    run cli_persistent 50 bash scripts/gpu_cli_bench.sh
-}
-
 part_check() {
   run check 100 bash scripts/gpu_check.sh -rf
 }
 
-[ $# -ge 1 ] || { sed -n '2,20p' "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,17p' "$0"; exit 2; }
 parts=()
 for p in "$@"; do
   case "$p" in
-    all) parts+=(step gluon cli check) ;;
-    step|gluon|cli|check) parts+=("$p") ;;
-    *) echo "gpu_open_work.sh: unknown part '$p' (step gluon cli check all)" >&2; exit 2 ;;
+    all) parts+=(gluon check) ;;
+    gluon|check) parts+=("$p") ;;
+    *) echo "gpu_open_work.sh: unknown part '$p' (gluon check all)" >&2; exit 2 ;;
   esac
 done
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \

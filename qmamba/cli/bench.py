@@ -44,13 +44,9 @@ def _int_list(ctx, param, value: str) -> list[int]:
 @click.option("--prefill", "prefill_path", default="eager", show_default=True, type=click.Choice(["eager", "graph"]),
               help="How the prefill is timed: eager (what qmamba generate runs) or graph (CUDA: the prompt in "
                    "power-of-two chunks, each a captured CUDA graph; checked against the eager prefill first).")
-@click.option("--decode-step", default="fused", show_default=True, type=click.Choice(["fused", "persistent"]),
-              help="The CUDA decode step: fused (a CUDA graph of kernels) or persistent (experimental: the same "
-                   "kernels' work as one persistent launch, grid barriers between them).")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False),
               help="Also write the rows as JSON to this file (the path is checked before the benchmark).")
-def bench(path, batches, prompt_len, tokens, check_tokens, check_dtype, device, dtype, prefill_path, decode_step,
-          json_out):
+def bench(path, batches, prompt_len, tokens, check_tokens, check_dtype, device, dtype, prefill_path, json_out):
     """Benchmark the checkpoint at PATH (checked figures only)."""
     import torch
 
@@ -72,7 +68,7 @@ def bench(path, batches, prompt_len, tokens, check_tokens, check_dtype, device, 
     try:
         rows = bench_model(model, batches, prompt_len, tokens, check_tokens,
                            log=lambda s: click.echo(s, err=True), check_model=twin,
-                           prefill_graph=prefill_path == "graph", decode_step=decode_step)
+                           prefill_graph=prefill_path == "graph")
     except BenchCheckError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)

@@ -47,10 +47,9 @@ def run_onnx(path: str, options: dict) -> dict:
 
 def generate_text(path: str, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                   seed: int | None, tokenizer: str | None, device: str, dtype: str | None, backend: str | None,
-                  out=None, err=None, decode_step: str = "fused") -> dict:
+                  out=None, err=None) -> dict:
     """Load, generate, and stream the text of one prompt to ``out``; returns timing figures, the generated text and
-    the device, dtype and backend that ran (the timing line also goes to ``err``). ``decode_step``: the CUDA decode
-    step (:func:`qmamba.cuda_graph.default_step_fn`)."""
+    the device, dtype and backend that ran (the timing line also goes to ``err``)."""
     import qmamba
     from qmamba.cuda_graph import default_step_fn  # CUDA + triton backend: graph-captured fused decode
     from qmamba.generation import check_sampling_options, stream_generate
@@ -62,7 +61,7 @@ def generate_text(path: str, prompt: str, *, max_new_tokens: int, temperature: f
 
     model = qmamba.load_model(path, device=device, dtype=dtype, backend=backend, cpu_int4=True)  # on CPU only
     stats = stream_generate(model, tok, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            seed=seed, step_fn=default_step_fn(model, decode_step), out=out, err=err)
+                            seed=seed, step_fn=default_step_fn(model), out=out, err=err)
     ran = {"device": str(model.embedding.weight.device), "dtype": str(model.compute_dtype).removeprefix("torch."),
            "backend": backend or default_backend(model.embedding.weight.device),
            "cpu_int4_modules": len(model.cpu_int4_modules)}
@@ -103,13 +102,10 @@ class LineTracker:
               help="Compute dtype [default: float32 on CPU, bfloat16 on CUDA].")
 @click.option("--backend", default=None, type=click.Choice(BACKEND_CHOICES),
               help="Sequence ops [default: triton on CUDA, reference on CPU]; onnxruntime for exported models.")
-@click.option("--decode-step", default="fused", show_default=True, type=click.Choice(["fused", "persistent"]),
-              help="The CUDA decode step (triton backend): fused (a CUDA graph of kernels) or persistent "
-                   "(experimental: the same kernels' work as one persistent launch).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the generated text and timings as JSON to this file.")
 def generate(path, prompt, max_new_tokens, temperature, top_k, top_p, seed, tokenizer, device, dtype, backend,
-             decode_step, json_out):
+             json_out):
     """Generate text from the checkpoint at PATH, streaming it to the terminal."""
     from qmamba.devices import parse_device
     from qmamba.output_files import check_output_file, write_json_file
@@ -125,8 +121,7 @@ def generate(path, prompt, max_new_tokens, temperature, top_k, top_p, seed, toke
                 parse_device(device)  # an explicit cuda without onnxruntime's CUDA provider is an error (no fallback)
             stats = run_onnx(path, dict(options, device=device or _default_onnx_device(), out=out))
         else:
-            stats = generate_text(path, **options, device=device or _default_device(), backend=backend, out=out,
-                                  decode_step=decode_step)
+            stats = generate_text(path, **options, device=device or _default_device(), backend=backend, out=out)
     except KeyboardInterrupt:
         if not out.at_line_start:
             out.write("\n")  # "interrupted" (stderr) starts on its own line

@@ -131,24 +131,12 @@ def causal_conv1d_triton(x, weight, bias=None, initial_state=None, activation: s
 
 @jit
 def _causal_conv1d_update_kernel(
-    x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, so_ptr, D, sx_b, sx_d, ss_b, ss_d, ss_w, sw_d, sw_w, sy_b, sy_d, so_b, so_d,
-    so_w, W: tl.constexpr, BLOCK_W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, so_ptr, D, sx_b, sx_d, ss_b, ss_d, ss_w, sw_d, sw_w, sy_b, sy_d,
+    so_b, so_d, so_w,
+    W: tl.constexpr, BLOCK_W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """The conv step kernel: each program runs :func:`causal_conv1d_update_program` for its own ids."""
-    causal_conv1d_update_program(
-        tl.program_id(0), tl.program_id(1), x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, so_ptr, D, sx_b, sx_d, ss_b, ss_d,
-        ss_w, sw_d, sw_w, sy_b, sy_d, so_b, so_d, so_w, W, BLOCK_W, HAS_BIAS, SILU, BLOCK_D)
-
-
-@jit
-def causal_conv1d_update_program(
-    pid_b, pid_d, x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, so_ptr, D, sx_b, sx_d, ss_b, ss_d, ss_w, sw_d, sw_w, sy_b,
-    sy_d, so_b, so_d, so_w, W: tl.constexpr, BLOCK_W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Program ``(pid_b, pid_d)`` of :func:`_causal_conv1d_update_kernel` (a row, a block of channels): a body a
-    persistent kernel can run for any of the launch's programs."""
-    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    pid_b = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     w = tl.arange(0, BLOCK_W)
     dm = d < D
     # new window = [state[1:], x]: slot w reads state slot w + 1, the last slot reads x

@@ -137,13 +137,6 @@ class DecodePolicy:
     #                              to ~1/3 of the instructions per thread with 4x the programs: the CUDA policy's)
     ssm_block_d_batched: int = 32  # the same at 2+ rows (H200, session 17, batch 8: 32 beat 8 by ~5%)
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
-    persistent: bool = False     # the fused step's launches as one persistent launch (qmamba.persistent_step:
-    #                              grid barriers for kernel boundaries; experimental, not yet timed; a batch size
-    #                              whose step launches a kernel without a registered body runs the fused step)
-    persistent_programs: int = 0  # its grid (0: as many programs as are resident at once)
-    persistent_prefetch: bool = True  # its next launch's weights asked of L2 before each barrier wait (sm_90+)
-    persistent_maxnreg: int = 0  # its registers a thread capped (0: the compiler's choice; sm_90 compile at
-    #                              BlackMamba-2.8B's shapes: 160-168, 3 programs of 4 warps a multiprocessor; 128: 4)
 
     def __post_init__(self):
         if self.int4_x_in_tile_wide not in X_IN_TILE_WIDE:
@@ -562,10 +555,9 @@ def _load_weights(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, N_UP, swe, swn, ss
 
 
 @jit
-def decode_linear_program(
-    pid_e, pid_n, x_ptr, st_ptr, cw_ptr, cb_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rexp_ptr, rscale_ptr, out_ptr, co_ptr,
-    xpl_ptr, opl_ptr, M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse, ssn, sze, szn, exp_bits, sxpl_m,
-    sopl_m,
+def _decode_linear_kernel(
+    x_ptr, st_ptr, cw_ptr, cb_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rexp_ptr, rscale_ptr, out_ptr, co_ptr, xpl_ptr,
+    opl_ptr, M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse, ssn, sze, szn, exp_bits, sxpl_m, sopl_m,
     FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr, CONV_W: tl.constexpr,
     HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr,
@@ -573,8 +565,8 @@ def decode_linear_program(
     EXPERT_READY: tl.constexpr, ROW_PROGRAMS: tl.constexpr, X_PLANES: tl.constexpr, XPL_K: tl.constexpr,
     XPL_SUMS: tl.constexpr, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr,
 ):
-    """Program ``(pid_e, pid_n)`` of the decode linear kernel (:func:`_decode_linear_kernel`, which passes its
-    program ids): a body that a persistent kernel can run for any of the launch's programs."""
+    pid_e = tl.program_id(0)
+    pid_n = tl.program_id(1)
     if ROW_PROGRAMS:
         # program row pid_e serves input row pid_e alone (ROWS == 1): its input, output, routing and scale
         x_ptr += pid_e * sxm
@@ -625,26 +617,6 @@ def decode_linear_program(
                   M, N, K, exp_bits, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP,
                   NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, xpl_ptr, sxpl_m, X_PLANES, XPL_K, XPL_SUMS,
                   opl_ptr, sopl_m, OUT_PLANES, OPL_K)
-
-
-@jit
-def _decode_linear_kernel(
-    x_ptr, st_ptr, cw_ptr, cb_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rexp_ptr, rscale_ptr, out_ptr, co_ptr, xpl_ptr,
-    opl_ptr, M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse, ssn, sze, szn, exp_bits, sxpl_m, sopl_m,
-    FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr, CONV_W: tl.constexpr, HAS_CB: tl.constexpr,
-    GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, KP: tl.constexpr,
-    NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr, UNPACK: tl.constexpr, CONV_EPI: tl.constexpr,
-    MMA: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr, EXPERT_READY: tl.constexpr,
-    ROW_PROGRAMS: tl.constexpr, X_PLANES: tl.constexpr, XPL_K: tl.constexpr, XPL_SUMS: tl.constexpr,
-    OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr,
-):
-    """The decode linear kernel: each program runs :func:`decode_linear_program` for its own ids."""
-    decode_linear_program(
-        tl.program_id(0), tl.program_id(1), x_ptr, st_ptr, cw_ptr, cb_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rexp_ptr,
-        rscale_ptr, out_ptr, co_ptr, xpl_ptr, opl_ptr, M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse,
-        ssn, sze, szn, exp_bits, sxpl_m, sopl_m, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS,
-        HAS_RSCALE, KP, NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, BLOCK_N, PDL, EXPERT_READY, ROW_PROGRAMS, X_PLANES,
-        XPL_K, XPL_SUMS, OUT_PLANES, OPL_K)
 
 
 @jit
@@ -714,7 +686,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                    OUT_PLANES, OPL_K)
     else:
         for r in tl.static_range(ROWS):
-            row_ok = (expert * 0 + r) < M  # a tensor (the interpreter rejects a Python bool mask)
+            row_ok = (tl.program_id(1) * 0 + r) < M  # a tensor (the interpreter rejects a Python bool mask)
             if ROUTED and ROWS > 1:
                 row_ok = row_ok & (tl.load(rexp_ptr + r, mask=row_ok, other=-1) == expert)
             if row_ok:

@@ -54,19 +54,6 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, o
                      FIRST: tl.constexpr, HAS_RES: tl.constexpr, LAYERNORM: tl.constexpr, ROUTER: tl.constexpr,
                      HAS_RB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr,
                      X_PLANES: tl.constexpr, KPAD: tl.constexpr, SLICE: tl.constexpr):
-    """The add + norm kernel: each program runs :func:`add_norm_program` for its own ids."""
-    add_norm_program(tl.program_id(0), tl.program_id(1), h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr,
-                     out_ptr, rw_ptr, rb_ptr, idx_ptr, rwt_ptr, xpl_ptr, D, E, eps, sh_b, s_emb, sri_b, sr_b, so_b,
-                     srw_e, sxpl_b, FIRST, HAS_RES, LAYERNORM, ROUTER, HAS_RB, BLOCK_D, BLOCK_E, PDL, X_PLANES, KPAD,
-                     SLICE)
-
-
-@jit
-def add_norm_program(b, part, h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, out_ptr, rw_ptr, rb_ptr,
-                     idx_ptr, rwt_ptr, xpl_ptr, D, E, eps, sh_b, s_emb, sri_b, sr_b, so_b, srw_e, sxpl_b,
-                     FIRST: tl.constexpr, HAS_RES: tl.constexpr, LAYERNORM: tl.constexpr, ROUTER: tl.constexpr,
-                     HAS_RB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr,
-                     X_PLANES: tl.constexpr, KPAD: tl.constexpr, SLICE: tl.constexpr):
     """residual = h (FIRST: embedding[ids]) [+ residual in, HAS_RES]; out = norm(residual); optional top-1 sigmoid
     router. The residual is read from ``rin`` and written to ``res`` (the same buffer in the decode step unless
     the planes are split, below). Every load is issued before the first reduction, so their latencies overlap (one
@@ -77,8 +64,9 @@ def add_norm_program(b, part, h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, 
     the row's mean / rstd from the whole row (a few KB from L2), then only the planes of columns ``[p SLICE, (p + 1)
     SLICE)`` (whole plane tiles), from those columns read again; program 0 also writes the residual, ``out`` and the
     routing. One program a row (``SLICE = KPAD``) computes and stores all 9 x KPAD plane values itself; spread over
-    programs, that work runs side by side (H200, session 21: 4 programs a row, int4 decode ~1% faster).
-    Program ``(b, part)`` of the kernel, as a body a persistent kernel can run for any of the launch's programs."""
+    programs, that work runs side by side (H200, session 21: 4 programs a row, int4 decode ~1% faster)."""
+    b = tl.program_id(0)
+    part = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
     dm = d < D
     out_ty: tl.constexpr = out_ptr.dtype.element_ty
@@ -148,25 +136,12 @@ def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dski
                             s_ypl, CONV: tl.constexpr, CONV_W: tl.constexpr, HAS_CB: tl.constexpr, PDL: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_W: tl.constexpr, Y_PLANES: tl.constexpr, YPL_K: tl.constexpr):
-    """The SSM update kernel: each program runs :func:`dt_state_update_program` for its own ids."""
-    dt_state_update_program(tl.program_id(0), tl.program_id(1), dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr,
-                            dskip_ptr, h_ptr, y_ptr, cs_ptr, cw_ptr, cb_ptr, ypl_ptr, DI, R, N, s_dbc, s_x, s_z, s_w,
-                            s_h, s_y, scs_b, scs_d, s_ypl, CONV, CONV_W, HAS_CB, PDL, BLOCK_D, BLOCK_R, BLOCK_N,
-                            BLOCK_W, Y_PLANES, YPL_K)
-
-
-@jit
-def dt_state_update_program(b, pid_d, dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dskip_ptr, h_ptr, y_ptr,
-                            cs_ptr, cw_ptr, cb_ptr, ypl_ptr, DI, R, N, s_dbc, s_x, s_z, s_w, s_h, s_y, scs_b, scs_d,
-                            s_ypl, CONV: tl.constexpr, CONV_W: tl.constexpr, HAS_CB: tl.constexpr, PDL: tl.constexpr,
-                            BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_W: tl.constexpr, Y_PLANES: tl.constexpr, YPL_K: tl.constexpr):
     """dt = softplus(W_dt @ dbc[:R] + dt_bias); h = exp(dt A) h + dt x B (in place); y = (C.h + D x) silu(z).
     ``CONV``: ``x`` is the conv step's input; the kernel computes ``silu(conv(window) + b)`` itself and writes the
     shifted window back to the conv state (every other reader of the old state ran before this kernel).
-    All loads first (their latencies overlap), then the arithmetic; with ``PDL`` the weights come before the wait.
-    Program ``(b, pid_d)`` of the kernel, as a body a persistent kernel can run for any of the launch's programs."""
-    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    All loads first (their latencies overlap), then the arithmetic; with ``PDL`` the weights come before the wait."""
+    b = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = d < DI
     r = tl.arange(0, BLOCK_R)
     n = tl.arange(0, BLOCK_N)

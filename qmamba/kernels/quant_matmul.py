@@ -69,30 +69,15 @@ def _tile_times_rows(w, x, rm, USE_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_
 @jit
 def _dequant_matmul_kernel(
     x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rscale_ptr, rexp_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr,
-    sorted_ptr, M, N, K, K_PAD, sxm, sxk, som, son, swe, swn, sse, ssn, sze, szn, FMT: tl.constexpr,
-    ROUTE: tl.constexpr, GROUP: tl.constexpr, PRESCALE: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
+    sorted_ptr, M, N, K, K_PAD, sxm, sxk, som, son, swe, swn, sse, ssn, sze, szn,
+    FMT: tl.constexpr, ROUTE: tl.constexpr, GROUP: tl.constexpr, PRESCALE: tl.constexpr, SPLIT_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLOAT_CODES: tl.constexpr,
 ):
-    """The general matmul kernel: each program runs :func:`dequant_matmul_program` for its own ids."""
-    dequant_matmul_program(
-        tl.program_id(0), tl.program_id(1), tl.program_id(2), x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr,
-        rscale_ptr, rexp_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, sorted_ptr, M, N, K, K_PAD, sxm, sxk, som, son,
-        swe, swn, sse, ssn, sze, szn, FMT, ROUTE, GROUP, PRESCALE, SPLIT_K, USE_DOT, HAS_BIAS, HAS_RSCALE, ATOMIC,
-        IEEE, BLOCK_M, BLOCK_N, BLOCK_K, FLOAT_CODES)
-
-
-@jit
-def dequant_matmul_program(
-    pid_m, pid_n, pid_k, x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rscale_ptr, rexp_ptr, tile_e_ptr,
-    tile_lo_ptr, tile_hi_ptr, sorted_ptr, M, N, K, K_PAD, sxm, sxk, som, son, swe, swn, sse, ssn, sze, szn,
-    FMT: tl.constexpr, ROUTE: tl.constexpr, GROUP: tl.constexpr, PRESCALE: tl.constexpr, SPLIT_K: tl.constexpr,
-    USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    FLOAT_CODES: tl.constexpr,
-):
-    """Program ``(pid_m, pid_n, pid_k)`` of :func:`_dequant_matmul_kernel` (row tile or expert, column tile, K split): a
-    body a persistent kernel can run for any of the launch's programs."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rm = tl.arange(0, BLOCK_M)
     # -- which rows, which expert
     if ROUTE == 0:

@@ -4,7 +4,6 @@ tokens differ from the reference path's is an error with no figure."""
 import json
 from pathlib import Path
 
-import pytest
 import torch
 from click.testing import CliRunner
 
@@ -146,22 +145,3 @@ def test_prefill_check_passes_the_chunked_prefill_and_refuses_a_wrong_one():
 def test_bench_prefill_graph_needs_cuda():
     res = CliRunner().invoke(main, ["bench", str(FIXTURE), "--prefill", "graph", "--device", "cpu"])
     assert res.exit_code == 2 and "needs a CUDA device" in res.output
-
-
-def test_bench_decode_step_option(tmp_path, device):
-    """``--decode-step persistent``: on CPU the eager reference path still (the option concerns the CUDA step); on
-    the GPU the timed path is the graph of the persistent step, checked like the fused one. A bad value is refused."""
-    out = tmp_path / "b.json"
-    res = CliRunner().invoke(main, ["bench", str(FIXTURE), "--prompt-len", "6", "--tokens", "3", "--check-tokens", "3",
-                                    "--decode-step", "persistent", "--device", device.type, "--json", str(out)])
-    assert res.exit_code == 0, res.output
-    (row,) = json.loads(out.read_text())["rows"]
-    assert row["check"].startswith("ok (3 tokens")
-    want = "cuda graph (persistent step)" if device.type == "cuda" else "eager"
-    assert row["path"].startswith(want), row
-    res = CliRunner().invoke(main, ["bench", str(FIXTURE), "--decode-step", "nope", "--device", "cpu"])
-    assert res.exit_code == 2 and "nope" in res.output
-    from qmamba.cuda_graph import default_step_fn
-
-    with pytest.raises(ValueError, match="decode_step"):
-        default_step_fn(qmamba.load_model(FIXTURE), "nope")

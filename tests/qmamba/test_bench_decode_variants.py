@@ -24,14 +24,3 @@ def test_x_in_tile_wide_variants():
 def test_unknown_variant_is_refused():
     with pytest.raises(SystemExit, match="unknown policy variant"):
         policy_variant(CUDA, "xtilewidex")
-
-
-def test_persistent_variants():
-    p = policy_variant(CUDA, "persist")
-    assert p.persistent and p.persistent_prefetch and p.persistent_programs == 0 and p.block_n_int4 == CUDA.block_n_int4
-    p = policy_variant(CUDA, "persist_bn16_p264_nopf_normp1_r128")
-    assert (p.persistent, p.block_n_int4, p.persistent_programs, p.persistent_prefetch, p.norm_plane_programs,
-            p.persistent_maxnreg) == (True, 16, 264, False, 1, 128)
-    assert not CUDA.persistent
-    with pytest.raises(SystemExit, match="unknown part"):
-        policy_variant(CUDA, "persist_bnx")

@@ -243,35 +243,3 @@ def test_ahead_wait_detector_finds_a_wait_for_the_weights():
         ])
     assert probe_launch.ahead_waits_before_spin(listing([2])) == []
     assert probe_launch.ahead_waits_before_spin(listing([2, 5])) == ["0x130 ISETP.GE.AND P1, PT, R4, R3, PT"]
-
-
-@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
-def test_persistent_step_compiles_with_its_prefetches():
-    """The persistent decode step's generated kernel (benchmarks/inspect_persistent_step.py: BlackMamba-2.8B's
-    shapes, int4 as `qmamba quantize` writes it, the CUDA policy) compiles for sm_90 without spills past the calls'
-    frames, one launch kind a noinline function, with the L2 bulk prefetches in it and no load through the
-    non-coherent path (a launch reads what an earlier one wrote in the same kernel); capped at 128 registers (4
-    programs a multiprocessor) too."""
-    stdout = _compiled(str(ROOT / "benchmarks" / "inspect_persistent_step.py"), "--formats", "int4_g128",
-                       "--variants", "persist,persist_r128", "--no-stack", timeout=900)
-    lines = [line for line in stdout.splitlines() if line.startswith("int4_g128")]
-    assert len(lines) == 2 and all(" kinds 10 " in line for line in lines), stdout
-    assert all(int(re.search(r"UBLKPF +(\d+)", line).group(1)) > 0 for line in lines), stdout
-    assert all(" nc 0 " in line for line in lines), stdout
-    assert int(re.search(r" regs +(\d+)", lines[1]).group(1)) <= 128 and "programs/SM 4" in lines[1], stdout
-
-
-def test_non_coherent_loads_are_counted():
-    """The persistent step's check for loads through the read-only path counts them in PTX and in SASS (and only
-    them: coherent loads, the acquire in the barrier's spin)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from inspect_persistent_step import non_coherent_loads
-
-    ptx = "ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];\nld.global.gpu.acquire.b32 %r5, [%rd2];"
-    sass = ("        /*0100*/                   LDG.E.128 R4, desc[UR4][R2.64] ;\n"
-            "        /*0110*/                   LDG.E.STRONG.GPU R6, desc[UR4][R8.64] ;")
-    assert non_coherent_loads(ptx, sass) == 0
-    assert non_coherent_loads(ptx + "\nld.global.nc.v4.b32 {%r6, %r7, %r8, %r9}, [%rd3];", sass) == 1
-    assert non_coherent_loads(ptx, sass + "\n        /*0120*/                   LDG.E.128.CONSTANT R8, "
-                                          "desc[UR4][R10.64] ;\n        /*0130*/   LDG.E.CONSTANT R9, "
-                                          "desc[UR4][R10.64] ;") == 2
