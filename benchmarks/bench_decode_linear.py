@@ -79,12 +79,7 @@ def variants(pdl: bool, rows: int):
         return {"planes_mma": ("planes", DecodePolicy(pdl=pdl)), "general": ("words", "general"),
                 "rowprog": ("planes", rowprog),
                 "rowprog_rw": ("planes", dataclasses.replace(rowprog, int4_row_warps=True)),
-                "rowprog_bf16": ("float", rowprog), "general_bf16": ("float", "general"),
-                # 8 int4 rows a row program (the one-row kernel's 4; fc1 only: fc2's 1472 rows fall under the
-                # policy's program floor): each program's fixed work (~200 of fc1's 640 SASS instructions a thread:
-                # reductions, zero points, epilogue) over twice the codes. sm_90, Triton 3.6: 5.9 instructions a code
-                # against 7.0, at 157 registers against 72 (3 programs a multiprocessor against 7); untimed
-                "rowprog_bn8": ("planes", dataclasses.replace(rowprog, block_n_int4=8))}
+                "rowprog_bf16": ("float", rowprog), "general_bf16": ("float", "general")}
     out = {"cuda_default": ("planes", cuda), "cuda_default_float": ("float", cuda),
            # int8 and 1-bit weights on the CUDA policy (which lists both), and on their general kernels
            "cuda_int8": ("int8", cuda),

@@ -58,9 +58,8 @@ class _Recorder:
         return launch
 
 
-def compile_recorded(fn, args, meta, arch: int, source_cls=None):
-    """Compile ``fn`` for ``args`` / ``meta`` (one recorded launch) for ``sm_<arch>`` without a device
-    (``source_cls``: the front end's source class, e.g. Gluon's; default Triton's ``ASTSource``)."""
+def compile_recorded(fn, args, meta, arch: int):
+    """Compile ``fn`` for ``args`` / ``meta`` (one recorded launch) for ``sm_<arch>`` without a device."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -94,7 +93,7 @@ def compile_recorded(fn, args, meta, arch: int, source_cls=None):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "fp32"
-    src = (source_cls or ASTSource)(fn, signature, constexprs, attrs)
+    src = ASTSource(fn, signature, constexprs, attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 

@@ -177,21 +177,6 @@ def test_int4_gemm_defaults_compile_without_spills():
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
-def test_gluon_probe_keeps_products_in_flight_without_spills():
-    """benchmarks/probe_gluon_gemm.py: the int4 plane-word GEMM in Gluon (one matrix, and the grouped expert GEMM)
-    waits with one product in flight."""
-    pytest.importorskip("triton.experimental.gluon")
-    stdout = _compiled(str(ROOT / "benchmarks" / "probe_gluon_gemm.py"), "--compile-only", "--configs",
-                       "128x64f1,64x64f0", timeout=600)
-    lines = [line for line in stdout.splitlines() if " regs " in line]
-    assert len(lines) == 4 and all(" stack 0 " in line for line in lines), stdout
-    for kind in ("dense", "experts"):
-        ours = [line for line in lines if line.startswith(kind)]
-        assert re.search(r"w4 in flight 1: .* waits \d+ \(0x0, 0x1\)", ours[0]), stdout  # one left in flight
-        assert re.search(r"w4 in flight 0: .* waits \d+ \(0x0\)", ours[1]), stdout  # the drain, for comparison
-
-
-@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_persistent_ahead_keeps_weight_loads_in_flight_through_the_barrier():
     """benchmarks/probe_launch.py's persistent chain (one tile a program, the next layers' weights loaded before each
     grid barrier): no spills, and no instruction between the barrier's release and the end of its spin loop waits
