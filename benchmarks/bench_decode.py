@@ -182,6 +182,8 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
     if v in ("xtilewide", "xtilewide0"):  # out_proj / fc2 read their input planes in the tile's shape at one row
         #                                  too (int4_x_in_tile_wide "always"), or never (0: not at batch 8's fc2)
         return dataclasses.replace(base, int4_x_in_tile_wide="always" if v == "xtilewide" else "off")
+    if v in ("normgemv", "nonormgemv"):  # the add + norm between layers in the GEMVs around it at one row
+        return dataclasses.replace(base, norm_in_gemvs=v == "normgemv")  # (DecodePolicy.norm_in_gemvs)
     if v.startswith("maxp"):  # e.g. maxp1056: twice the int4 / 1-bit rows a program for grids just past 1056 programs
         return dataclasses.replace(base, max_programs=int(v[4:]))
     if v.startswith("normp"):  # e.g. normp4: programs a row of each add + norm writing the int4 input planes

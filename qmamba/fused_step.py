@@ -12,6 +12,13 @@ step as a short, fixed sequence of Triton launches with no allocation and no hos
                           fc2 with the routing weight in the epilogue
     end (2):              residual add + final norm -> lm_head
 
+With ``DecodePolicy.norm_in_gemvs`` (one row) the add + norm between two layers is not a launch of its own: the
+GEMV before it (out_proj, fc2) adds its output to the residual and writes ``u = residual * norm weight`` with the
+sum of squares and the next router's sums by atomic adds (:class:`qmamba.kernels.decode_linear.NormOut`); the GEMVs
+after it multiply their products by ``1 / rms`` and fc1 / fc2 take the route from the sums (``NormIn``): a linear
+layer of the normed row is ``1 / rms`` times the same layer of ``u``. Only the first layer's add + norm (the
+embedding; it also zeroes the sums) and a LayerNorm final norm (BlackMamba's) stay kernels.
+
 The linear layers are :func:`qmamba.kernels.decode_linear.decode_linear` (whole rows per program, no split-K, no
 workspace to zero); on Hopper every kernel is a programmatic dependent launch, so inside the CUDA graph each
 kernel's weight loads overlap the previous kernel (:class:`DecodePolicy`, an explicit argument). Weights are read in
@@ -29,6 +36,7 @@ The kernels themselves (tensors in, tensors out) live in :mod:`qmamba.kernels.de
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +44,7 @@ from torch import nn
 
 from qmamba.kernel_view import dense_weight, expert_weight, linear_weight
 from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
-from qmamba.kernels.decode_linear import DecodePolicy, binary_denorm_of, decode_linear
+from qmamba.kernels.decode_linear import DecodePolicy, NormIn, NormOut, binary_denorm_of, decode_linear
 from qmamba.kernels.decode_step import add_norm, dt_state_update
 from qmamba.kernels.fused_moe import gated_act, routed_matmul
 from qmamba.kernels.weights import FMT_INT4_PLANES, BinaryWeight, PackedWeight
@@ -157,7 +165,10 @@ class FusedDecodeStep:
                    residual=torch.empty(2, batch, d, **f32), x=torch.empty(batch, d, **act),
                    xc=torch.empty(batch, di, **act), y=torch.empty(batch, di, **act), act=torch.empty(batch, ffn, **act),
                    conv_scratch=None, idx=torch.empty(batch, device=device, dtype=torch.int32),
-                   rwt=torch.empty(batch, **f32), xpl=None)
+                   rwt=torch.empty(batch, **f32), xpl=None, acc=None)
+        if self._norm_in_gemvs(batch):  # per add + norm: the sum of squares and the router sums (NormOut)
+            experts = max((p.router_w.shape[0] for p in self.layers if isinstance(p, _MoePlan)), default=0)
+            buf["acc"] = torch.zeros(len(self.layers) + 1, 1 + experts, **f32)
         if any(self._planes_read(w, batch, routed) for w, routed in self._x_readers()):
             # the int4 input planes of x, written by each add + norm, for the plane-word matrices that read x one row
             # a program (batch 1; routed experts as row programs at any batch)
@@ -186,6 +197,46 @@ class FusedDecodeStep:
             apl = torch.zeros(batch, INT4_X_PLANES, int4_x_planes_width(ffn), **f32)
         return ypl, apl
 
+    def _norm_in_gemvs(self, batch: int) -> bool:
+        """Whether the add + norm between two layers runs in the GEMVs around it (:attr:`DecodePolicy.norm_in_gemvs`):
+        one row, RMSNorm blocks, and every producer (out_proj, fc2) and consumer (in_proj with x_proj, gated fc1,
+        fc2; the head too where the final norm is an RMSNorm) on the decode kernels."""
+        if not self.policy.norm_in_gemvs or batch != 1 or len(self.layers) < 2:
+            return False
+        takes = self.policy.takes
+        for plan in self.layers:
+            if isinstance(plan, _MambaPlan):
+                ok = takes(plan.in_proj, 1) and takes(plan.x_proj, 1) and takes(plan.out_proj, 1)
+            else:
+                ok = plan.gated and takes(plan.fc1, 1, routed=True) and takes(plan.fc2, 1, routed=True)
+            if not ok:
+                return False
+        return self.final_b is not None or takes(self.head, 1)
+
+    def _live_residual(self, buf):
+        """The residual buffer the NormOut epilogues update in place (after the first add + norm wrote it)."""
+        return buf["residual"][1 if self._split_planes(buf) else 0]
+
+    def _split_planes(self, buf) -> bool:
+        return self.policy.norm_plane_programs > 1 and buf["xpl"] is not None
+
+    def _norm_out(self, buf, call: int):
+        """The :class:`NormOut` of the ``call``-th add + norm (the producer before layer ``call``, or the final
+        norm's at ``len(layers)``), or None where it stays a kernel (a LayerNorm final norm)."""
+        if call == len(self.layers):
+            if self.final_b is not None:
+                return None
+            norm_w, router = self.final_w, None
+        else:
+            plan = self.layers[call]
+            norm_w = plan.norm_w
+            router = plan.router_w if isinstance(plan, _MoePlan) else None
+        return NormOut(self._live_residual(buf), norm_w, buf["acc"][call], buf["x"], planes=buf["xpl"],
+                       router_w=router)
+
+    def _norm_in(self, buf, call: int, scale: bool = True, route: bool = False, router_b=None):
+        return NormIn(buf["acc"][call], self.d_model, self.eps, scale=scale, route=route, router_b=router_b)
+
     def _x_readers(self) -> list:
         """``(weight, routed)`` of the matrices whose input is an add + norm's output: in_proj, fc1, the head."""
         return [(self.head, False)] + [(p.in_proj, False) if isinstance(p, _MambaPlan) else (p.fc1, True)
@@ -195,15 +246,19 @@ class FusedDecodeStep:
     def _add_norm(self, buf, h, ids, norm_w, call: int, router=None, norm_b=None):
         """The ``call``-th add + norm of the step. Where several programs a row share the writing of the int4 input
         planes (``DecodePolicy.norm_plane_programs``), the residual alternates between two buffers (each program
-        reads it whole; the first writes the new one); otherwise it is updated in place."""
+        reads it whole; the first writes the new one); otherwise it is updated in place. With the norms in the
+        GEMVs (``buf["acc"]``) the first also zeroes their sums, and a last one reads the live residual."""
         rw, rb = router if router is not None else (None, None)
-        split = self.policy.norm_plane_programs > 1 and buf["xpl"] is not None
-        res_in = buf["residual"][call % 2 if split else 0]
-        res_out = buf["residual"][(call + 1) % 2] if split else None
+        split = self._split_planes(buf)
+        src = call % 2
+        if buf["acc"] is not None and call > 0:  # (the NormOut epilogues since the first kept it in one buffer)
+            src = 1 if split else 0
+        res_in = buf["residual"][src if split else 0]
+        res_out = buf["residual"][1 - src] if split else None
         add_norm(buf["x"], res_in, norm_w, self.eps, h=h, token_ids=ids, embedding=self.embedding,
                  norm_b=norm_b, router_w=rw, router_b=rb, expert_idx=buf["idx"], expert_weight=buf["rwt"],
                  pdl=self.policy.pdl, x_planes=buf["xpl"], plane_programs=self.policy.norm_plane_programs,
-                 residual_out=res_out)
+                 residual_out=res_out, zero=buf["acc"] if buf["acc"] is not None and call == 0 else None)
 
     def __call__(self, token_ids: torch.Tensor, state) -> torch.Tensor:
         token_ids = token_ids.contiguous()  # the gather kernel reads ids[b] at offset b (a column slice is strided)
@@ -211,17 +266,25 @@ class FusedDecodeStep:
         buf = self._workspace(batch, token_ids.device)
         if buf["zero"]:
             buf["ws"].zero_()
+        fused = buf["acc"] is not None  # the add + norms between layers in the GEMVs around them (NormOut / NormIn)
         h = None
+        n = len(self.layers)
         for i, plan in enumerate(self.layers):
             views = buf["views"][i]
-            if isinstance(plan, _MambaPlan):
-                self._add_norm(buf, h, token_ids, plan.norm_w, i)
-                h = self._mamba(buf, plan, views, state)
-            else:
-                self._add_norm(buf, h, token_ids, plan.norm_w, i, router=(plan.router_w, plan.router_b))
-                h = self._moe(buf, plan, views)
-        self._add_norm(buf, h, token_ids, self.final_w, len(self.layers), norm_b=self.final_b)
-        return self._linear(buf["x"], self.head, buf["logits"], bias=self.head_bias, x_planes=buf["xpl"])
+            moe = isinstance(plan, _MoePlan)
+            if not fused or i == 0:
+                self._add_norm(buf, h, token_ids, plan.norm_w, i,
+                               router=(plan.router_w, plan.router_b) if moe else None)
+            nin = self._norm_in(buf, i) if fused and i > 0 else None
+            nout = self._norm_out(buf, i + 1) if fused else None
+            h = self._moe(buf, plan, views, nin, nout) if moe else self._mamba(buf, plan, views, state, nin, nout)
+        nin = None
+        if fused and self.final_b is None:
+            nin = self._norm_in(buf, n)
+        else:
+            self._add_norm(buf, h, token_ids, self.final_w, n, norm_b=self.final_b)
+        return self._linear(buf["x"], self.head, buf["logits"], bias=self.head_bias, x_planes=buf["xpl"],
+                            x_plane_sums=nin is None, **({"norm_in": nin} if nin is not None else {}))
 
     def _linear(self, x, weight, out, expert_ready: bool = False, x_planes=None, x_plane_sums: bool = True, **kw):
         """``out <- x @ W^T``: the decode kernel where the policy takes it, else the general kernel (split-K into the
@@ -234,7 +297,7 @@ class FusedDecodeStep:
     def _decode(self, x, weight, out, **kw):
         return decode_linear(x, weight, out, policy=self.policy, **kw)
 
-    def _mamba(self, buf, plan: _MambaPlan, views, state):
+    def _mamba(self, buf, plan: _MambaPlan, views, state, nin: NormIn | None = None, nout: NormOut | None = None):
         xz, dbc, out = views
         di = plan.in_proj.n // 2
         conv_state = state.conv_state[plan.slot]
@@ -243,7 +306,8 @@ class FusedDecodeStep:
         if self.policy.takes(plan.in_proj, rows) and self.policy.takes(plan.x_proj, rows):
             # the conv step in in_proj's epilogue (its output into xc), x_proj on it
             xc = buf["xc"][:, :di]
-            self._decode(buf["x"], plan.in_proj, xz, bias=plan.in_bias, conv_out=conv + (xc,), x_planes=buf["xpl"])
+            self._decode(buf["x"], plan.in_proj, xz, bias=plan.in_bias, conv_out=conv + (xc,), x_planes=buf["xpl"],
+                         x_plane_sums=nin is None, norm_in=nin)
             self._decode(xc, plan.x_proj, dbc)
         else:  # the conv step's output on its own (the state is shifted by the dt kernel below)
             self._linear(buf["x"], plan.in_proj, xz, bias=plan.in_bias)
@@ -258,19 +322,28 @@ class FusedDecodeStep:
                         state.ssm_state[plan.slot], y, conv=conv, pdl=self.policy.pdl,
                         block_d=self.policy.ssm_block_d if y.shape[0] == 1 else self.policy.ssm_block_d_batched,
                         y_planes=buf["ypl"])
-        return self._linear(y, plan.out_proj, out, bias=plan.out_bias, x_planes=buf["ypl"], x_plane_sums=False)
+        return self._linear(y, plan.out_proj, out, bias=plan.out_bias, x_planes=buf["ypl"], x_plane_sums=False,
+                            **({"norm_out": nout} if nout is not None else {}))
 
-    def _moe(self, buf, plan: _MoePlan, views):
+    def _moe(self, buf, plan: _MoePlan, views, nin: NormIn | None = None, nout: NormOut | None = None):
         h1, out = views
         ffn = plan.fc1.n // 2 if plan.gated else plan.fc1.n
         act = buf["act"][:, :ffn]
         # gate, up and activation in one kernel
         if plan.gated and self.policy.takes(plan.fc1, act.shape[0], routed=True):
+            route = None
+            if nin is not None:  # the route from the accumulated norm (no router kernel ran)
+                route = dataclasses.replace(nin, route=True, router_b=plan.router_b)
             self._decode(buf["x"], plan.fc1, act, row_expert=buf["idx"], gated=plan.activation, x_planes=buf["xpl"],
-                         out_planes=buf["apl"])
+                         out_planes=buf["apl"], x_plane_sums=nin is None, norm_in=route)
         else:
             self._linear(buf["x"], plan.fc1, h1, row_expert=buf["idx"])
             gated_act(h1, plan.activation, plan.gated, out=act)
         # the router (in the add-norm kernel) ran before fc1: fc2 may read its expert's tile before fc1 is done
+        kw = {}
+        if nin is not None:
+            kw["norm_in"] = dataclasses.replace(nin, scale=False, route=True, router_b=plan.router_b)
+        if nout is not None:
+            kw["norm_out"] = nout
         return self._linear(act, plan.fc2, out, row_expert=buf["idx"], row_scale=buf["rwt"],
-                            expert_ready=self.policy.expert_prefetch, x_planes=buf["apl"], x_plane_sums=False)
+                            expert_ready=self.policy.expert_prefetch, x_planes=buf["apl"], x_plane_sums=False, **kw)

@@ -132,6 +132,10 @@ class DecodePolicy:
     norm_plane_programs: int = 1  # fused step, with int4_x_planes: programs a row of each add + norm, sharing the
     #                               writing of the planes (qmamba.kernels.decode_step.add_norm's plane_programs)
     expert_prefetch: bool = True  # fused step: fc2 reads its expert's tile before waiting for fc1 (expert_ready)
+    norm_in_gemvs: bool = False  # fused step at one row: the add + norm between two layers in the GEMVs around it
+    #                              (NormOut in out_proj's / fc2's epilogue, NormIn in in_proj's, fc1's, fc2's, the
+    #                              head's prologue and epilogue), not a kernel of its own: 36 launches a BlackMamba-2.8B
+    #                              token fewer (the first layer's and a LayerNorm final norm keep theirs)
     ssm_block_d: int = 32        # fused step at one row: channels per program of the SSM update kernel
     #                              (dt_state_update; 32: 92 programs for BlackMamba-2.8B's 2944 channels; 8 compiles
     #                              to ~1/3 of the instructions per thread with 4x the programs: the CUDA policy's)
@@ -558,7 +562,9 @@ def _load_weights(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, N_UP, swe, swn, ss
 def _decode_linear_kernel(
     x_ptr, st_ptr, cw_ptr, cb_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rexp_ptr, rscale_ptr, out_ptr, co_ptr, xpl_ptr,
     opl_ptr, M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse, ssn, sze, szn, exp_bits, sxpl_m, sopl_m,
-    FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr, CONV_W: tl.constexpr,
+    nacc_ptr, nrb_ptr, n_width, n_eps, n_e, pres_ptr, pnw_ptr, pacc_ptr, prw_ptr, srw_e, pux_ptr, p_e,
+    NORM_IN: tl.constexpr, ROUTE_ACC: tl.constexpr, HAS_NRB: tl.constexpr, NORM_OUT: tl.constexpr,
+    ROUTER_OUT: tl.constexpr, BLOCK_E: tl.constexpr, FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr, CONV_W: tl.constexpr,
     HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr,
     UNPACK: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
@@ -585,8 +591,12 @@ def _decode_linear_kernel(
         if PDL and not EXPERT_READY:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+        rwt = 1.0
         if ROWS == 1:
-            expert = tl.load(rexp_ptr)
+            if ROUTE_ACC:  # the route from the accumulated norm (NormIn): no router kernel ran
+                expert, rwt = _route_from_acc(nacc_ptr, nrb_ptr, n_width, n_eps, n_e, HAS_NRB, BLOCK_E)
+            else:
+                expert = tl.load(rexp_ptr)
             active = expert >= 0
         else:
             expert = pid_e
@@ -604,7 +614,8 @@ def _decode_linear_kernel(
                       bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, co_ptr, scom, DI, rows, rows_ok, expert,
                       M, N, K, exp_bits, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP,
                       NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, xpl_ptr, sxpl_m, X_PLANES, XPL_K, XPL_SUMS,
-                      opl_ptr, sopl_m, OUT_PLANES, OPL_K)
+                      opl_ptr, sopl_m, OUT_PLANES, OPL_K, rwt, nacc_ptr, n_width, n_eps, pres_ptr, pnw_ptr, pacc_ptr,
+                      prw_ptr, srw_e, pux_ptr, p_e, NORM_IN, ROUTE_ACC, NORM_OUT, ROUTER_OUT, BLOCK_E)
     else:
         w, scale, zero, w_up, scale_up, zero_up = _load_weights(
             w_ptr, s_ptr, z_ptr, pid_e.to(tl.int64) * 0, rows, rows_ok, K, N_UP, swe, swn, sse, ssn, sze, szn, FMT,
@@ -616,7 +627,49 @@ def _decode_linear_kernel(
                   bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, co_ptr, scom, DI, rows, rows_ok, pid_e,
                   M, N, K, exp_bits, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP,
                   NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, xpl_ptr, sxpl_m, X_PLANES, XPL_K, XPL_SUMS,
-                  opl_ptr, sopl_m, OUT_PLANES, OPL_K)
+                  opl_ptr, sopl_m, OUT_PLANES, OPL_K, 1.0, nacc_ptr, n_width, n_eps, pres_ptr, pnw_ptr, pacc_ptr,
+                  prw_ptr, srw_e, pux_ptr, p_e, NORM_IN, ROUTE_ACC, NORM_OUT, ROUTER_OUT, BLOCK_E)
+
+
+@jit
+def _rstd_from_acc(acc_ptr, width, eps):
+    """``1 / rms`` of a row from its accumulated sum of squares (``acc[0]``, :class:`NormOut`)."""
+    return tl.rsqrt(tl.load(acc_ptr) / width + eps)
+
+
+@jit
+def _route_from_acc(acc_ptr, rb_ptr, width, eps, E, HAS_RB: tl.constexpr, BLOCK_E: tl.constexpr):
+    """``(expert, weight)`` of the top-1 sigmoid router from an accumulated norm (:class:`NormOut`): logits
+    ``rstd * acc[1 + e] (+ bias)``, ``p = sigmoid``, the first index of the largest p (as the add + norm kernel)."""
+    e = tl.arange(0, BLOCK_E)
+    em = e < E
+    logits = _rstd_from_acc(acc_ptr, width, eps) * tl.load(acc_ptr + 1 + e, mask=em, other=0.0)
+    if HAS_RB:
+        logits += tl.load(rb_ptr + e, mask=em, other=0.0).to(tl.float32)
+    p = tl.where(em, tl.sigmoid(logits), -1.0)
+    best = tl.max(p, axis=0)
+    return tl.min(tl.where(p == best, e, BLOCK_E), axis=0).to(tl.int32), best
+
+
+@jit
+def _norm_out(y, rows, rows_ok, res, nw, res_ptr, ux_ptr, acc_ptr, upl_ptr, UPL_K: tl.constexpr,
+              UX_PLANES: tl.constexpr):
+    """:class:`NormOut` of one row: ``h = residual + y`` written back, ``u = h * nw`` stored (as ``ux``'s type; its
+    input planes 0..7 too, ``UX_PLANES``), ``acc[0] += sum h^2`` over these rows."""
+    h = res + tl.where(rows_ok, y, 0.0)
+    tl.store(res_ptr + rows, h, mask=rows_ok)
+    uq = (h * nw).to(ux_ptr.dtype.element_ty)
+    tl.store(ux_ptr + rows, uq, mask=rows_ok)
+    if UX_PLANES:
+        store_x_planes(upl_ptr, rows, uq.to(tl.float32), rows_ok, UPL_K)
+    tl.atomic_add(acc_ptr, tl.sum(h * h, axis=0))
+
+
+@jit
+def _router_out(y, rows_ok, res, nw, rw, ux_ptr, acc_ptr, e, E):
+    """``acc[1 + e] += sum over these rows of router_w[e] * u`` (u as stored, see :func:`_norm_out`)."""
+    uq = ((res + tl.where(rows_ok, y, 0.0)) * nw).to(ux_ptr.dtype.element_ty).to(tl.float32)
+    tl.atomic_add(acc_ptr + 1 + e, tl.sum(rw * uq[None, :], axis=1), mask=e < E)
 
 
 @jit
@@ -649,11 +702,21 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
               HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr,
               WPG: tl.constexpr, TPB: tl.constexpr, UNPACK: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr,
               xpl_ptr, sxpl_m, X_PLANES: tl.constexpr, XPL_K: tl.constexpr, XPL_SUMS: tl.constexpr,
-              opl_ptr, sopl_m, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr):
+              opl_ptr, sopl_m, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr, rwt, nacc_ptr, n_width, n_eps,
+              pres_ptr, pnw_ptr, pacc_ptr, prw_ptr, srw_e, pux_ptr, p_e, NORM_IN: tl.constexpr,
+              ROUTE_ACC: tl.constexpr, NORM_OUT: tl.constexpr, ROUTER_OUT: tl.constexpr, BLOCK_E: tl.constexpr):
     """Each input row (that is routed here) times the tile(s), epilogue, store. A row that is not computed costs a
-    branch, no arithmetic."""
+    branch, no arithmetic. ``NORM_IN`` / ``ROUTE_ACC`` / ``NORM_OUT``: see :class:`NormIn` and :class:`NormOut` (one
+    input row only; ``rwt`` is the row's routing weight where ``ROUTE_ACC``)."""
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
+    if NORM_OUT:  # the next norm's weight (and router columns) of this program's rows: issued before the products
+        pnw = tl.load(pnw_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
+        if ROUTER_OUT:
+            pe = tl.arange(0, BLOCK_E)
+            prw = tl.load(prw_ptr + pe[:, None] * srw_e + rows[None, :], mask=(pe < p_e)[:, None] & rows_ok[None, :],
+                          other=0.0).to(tl.float32)
+        pres = tl.load(pres_ptr + rows, mask=rows_ok, other=0.0)
     if FMT == 3 and ROWS > 1 and MMA:
         # plane tiles and several rows: tensor cores, all rows (routed here) at once; ROWS is at least 16 here
         rr = tl.arange(0, ROWS)
@@ -698,6 +761,9 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                     y, up = _dot_row_binary(w, w_up, scale, zero, x_ptr, r, sxm, tl.where(row_ok, K, 0), KP, True)
                 else:
                     y = _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, exp_bits, FMT, KP, NBP, WPG, UNPACK)
+                if NORM_IN:  # the input was h * norm weight: the row's 1 / rms now (linear in the input)
+                    rstd = _rstd_from_acc(nacc_ptr, n_width, n_eps)
+                    y = y * rstd
                 if HAS_BIAS:
                     y += bias
                 if GATED:
@@ -707,14 +773,78 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                     elif not binary_pair:  # (binary_pair: computed with y above)
                         up = _dot_row(w_up, scale_up, zero_up, x_ptr, r, sxm, K, row_ok, exp_bits, FMT, KP, NBP, WPG,
                                       UNPACK)
+                    if NORM_IN:
+                        up = up * rstd
                     y = activate(y, ACT) * up
                 if HAS_RSCALE:
-                    y = y * tl.load(rscale_ptr + r).to(tl.float32)
-                _store_out(y, r, rows, rows_ok, out_ptr, som, co_ptr, scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI,
-                           CONV_EPI, CONV_W, HAS_CB, opl_ptr, sopl_m, OUT_PLANES, OPL_K)
+                    if ROUTE_ACC:
+                        y = y * rwt
+                    else:
+                        y = y * tl.load(rscale_ptr + r).to(tl.float32)
+                if NORM_OUT:  # the next layer's add + norm, but for its 1 / rms (see NormOut)
+                    _norm_out(y, rows, rows_ok, pres, pnw, pres_ptr, pux_ptr, pacc_ptr, opl_ptr, OPL_K, OUT_PLANES)
+                    if ROUTER_OUT:
+                        _router_out(y, rows_ok, pres, pnw, prw, pux_ptr, pacc_ptr, pe, p_e)
+                else:
+                    _store_out(y, r, rows, rows_ok, out_ptr, som, co_ptr, scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
+                               DI, CONV_EPI, CONV_W, HAS_CB, opl_ptr, sopl_m, OUT_PLANES, OPL_K)
 
 
 # ---- launcher and reference twin -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NormOut:
+    """A producer's epilogue that does the next layer's residual add and RMSNorm but for its ``1 / rms`` (one input
+    row): ``residual [1, D]`` fp32 += the output, in place; ``x [1, D]`` <- ``u = residual * weight`` (its int4
+    input planes 0..7 into ``planes [1, 9, width]`` if given); ``acc [1 + E]`` fp32 (zeroed by the caller) +=
+    ``[sum residual^2, router_w @ u]`` by atomic adds (``router_w [E, D]``: an MoE layer's router, else None). The
+    output itself is not stored. Its consumer (:class:`NormIn`) multiplies its products by ``rsqrt(acc[0] / D +
+    eps)``: a linear layer of the normed row equals ``rstd`` times the same layer of ``u``, so the add + norm kernel
+    between two GEMVs goes."""
+
+    residual: torch.Tensor
+    weight: torch.Tensor
+    acc: torch.Tensor
+    x: torch.Tensor
+    planes: torch.Tensor | None = None
+    router_w: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class NormIn:
+    """A consumer of :class:`NormOut`: its input ``x`` is ``u``; its products are multiplied by ``rsqrt(acc[0] /
+    width + eps)`` (``scale``, the matrix reads ``u``; in_proj, fc1, the head) and / or, ``route``, the routed
+    expert and its weight come from ``acc``'s router sums: ``p = sigmoid(rstd * acc[1 + e] + router_b)``, the first
+    largest (fc1 and fc2 of the MoE layer; fc2 multiplies by ``p`` as ``row_scale`` would)."""
+
+    acc: torch.Tensor
+    width: int
+    eps: float
+    scale: bool = True
+    route: bool = False
+    router_b: torch.Tensor | None = None
+
+
+def _check_norm_args(m: int, n_out: int, k: int, norm_in: NormIn | None, norm_out: NormOut | None):
+    if (norm_in is not None or norm_out is not None) and m != 1:
+        raise ValueError("decode_linear: norm_in / norm_out take one input row")
+    if norm_in is not None:
+        if norm_in.acc.dtype != torch.float32 or norm_in.acc.dim() != 1 or norm_in.acc.numel() < 1:
+            raise ValueError("decode_linear: norm_in.acc must be a 1-D float32 tensor")
+        if norm_in.scale and norm_in.width != k:
+            raise ValueError(f"decode_linear: norm_in.width {norm_in.width} must be the input width {k}")
+    if norm_out is not None:
+        o = norm_out
+        if tuple(o.residual.shape) != (1, n_out) or o.residual.dtype != torch.float32 or not o.residual.is_contiguous():
+            raise ValueError(f"decode_linear: norm_out.residual must be a contiguous float32 [1, {n_out}]")
+        if tuple(o.x.shape) != (1, n_out) or not o.x.is_contiguous() or o.weight.numel() != n_out:
+            raise ValueError(f"decode_linear: norm_out.x must be a contiguous [1, {n_out}], weight [{n_out}]")
+        e = o.router_w.shape[0] if o.router_w is not None else 0
+        if o.acc.dtype != torch.float32 or o.acc.dim() != 1 or o.acc.numel() < 1 + e:
+            raise ValueError(f"decode_linear: norm_out.acc must be a 1-D float32 tensor of at least {1 + e}")
+        if o.router_w is not None and (o.router_w.shape[1] != n_out or o.router_w.stride(1) != 1):
+            raise ValueError(f"decode_linear: norm_out.router_w must be [E, {n_out}] with a unit last stride")
+
+
 def _binary_words(weight: BinaryWeight):
     """The sign words ``[E, N, K / 32]`` int32 the decode kernels read, or None where they do not take this 1-bit
     weight (a per-row scale, K not a multiple of 32, signs not viewable as aligned 32-bit words)."""
@@ -785,7 +915,8 @@ def _weight_args(weight: PackedWeight | BinaryWeight, denorm: bool = False):
 
 def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row_expert=None, row_scale=None, conv_out=None,
                   gated: str | None = None, policy: DecodePolicy | None = None, expert_ready: bool = False,
-                  x_planes=None, x_plane_sums: bool = True, out_planes=None):
+                  x_planes=None, x_plane_sums: bool = True, out_planes=None, norm_in: NormIn | None = None,
+                  norm_out: NormOut | None = None):
     """``out [M, N']`` (any float dtype) receives ``f(x) @ W_hat^T`` for ``M <= 8`` rows; semantics of
     :func:`decode_linear_ref`.
 
@@ -804,6 +935,8 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     word sums) is not written (a producer other than add + norm); the kernel sums the words itself.
     ``out_planes [M, 9, width]`` fp32: planes 0..7 receive the input planes of ``out`` as stored (the next GEMV's
     input; zero-initialised by the caller, whose padding columns stay 0).
+    ``norm_out`` (:class:`NormOut`) / ``norm_in`` (:class:`NormIn`), one row: the add + norm between this GEMV and
+    the next done in their epilogue / prologue (``out`` is then not written; ``out_planes`` must be None).
     """
     policy = policy or DecodePolicy.for_device(x.device)
     m, k = x.shape
@@ -828,6 +961,11 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
             raise ValueError("decode_linear: conv needs state [M, D, W] (unit last stride) and contiguous w [D, W]")
         if co.shape[0] != m or co.stride(1) != 1 or channels > n_out:
             raise ValueError(f"decode_linear: conv_out needs a row-major xc [{m}, D <= {n_out}]")
+    _check_norm_args(m, n_out, k, norm_in, norm_out)
+    if norm_in is not None and norm_in.route and row_expert is None:
+        raise ValueError("decode_linear: norm_in.route needs a stacked weight (row_expert names the fallback buffer)")
+    if norm_out is not None and out_planes is not None:
+        raise ValueError("decode_linear: norm_out writes the planes of its own x (norm_out.planes), not out_planes")
     # routed rows as program rows (DecodePolicy.routed_row_programs): each the one-row kernel on its own expert
     row_programs = row_expert is not None and m > 1 and policy.routed_row_programs and conv_out is None
     rows = 1 if row_programs else m  # input rows a program computes
@@ -844,7 +982,15 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         unpack = UNPACK_DENORM_X_IN_TILE
     use_planes = x_planes is not None and weight.fmt == FMT_INT4_PLANES and rows == 1 and unpack in (2, 3)
     kpad = check_x_planes("decode_linear", "x_planes", x_planes, m, k) if use_planes else 1
+    if norm_out is not None and norm_out.planes is not None:
+        out_planes = norm_out.planes
     opl_k = check_x_planes("decode_linear", "out_planes", out_planes, m, n_out) if out_planes is not None else 1
+    if mma and (norm_in is not None or norm_out is not None):
+        raise ValueError("decode_linear: norm_in / norm_out are not served by the tensor-core tiles")
+    nin, nout = norm_in, norm_out
+    n_e = nin.acc.numel() - 1 if nin is not None else 0
+    p_e = nout.router_w.shape[0] if nout is not None and nout.router_w is not None else 0
+    rw = nout.router_w if p_e else dummy
     _decode_linear_kernel[grid](
         x, st, cw, cb if cb is not None else dummy, w, s, z, bias if bias is not None else dummy,
         row_expert if row_expert is not None else dummy, row_scale if row_scale is not None else dummy, out, co,
@@ -853,6 +999,15 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         out.stride(0),
         co.stride(0), *strides, _FLOAT_2P23_BITS, x_planes.stride(0) if use_planes else 0,
         out_planes.stride(0) if out_planes is not None else 0,
+        nin.acc if nin is not None else dummy,
+        nin.router_b if nin is not None and nin.router_b is not None else dummy,
+        nin.width if nin is not None else 1, float(nin.eps) if nin is not None else 0.0, n_e,
+        nout.residual if nout is not None else dummy, nout.weight if nout is not None else dummy,
+        nout.acc if nout is not None else dummy, rw, rw.stride(0) if p_e else 0,
+        nout.x if nout is not None else dummy, p_e,
+        NORM_IN=nin is not None and nin.scale, ROUTE_ACC=nin is not None and nin.route and row_expert is not None,
+        HAS_NRB=nin is not None and nin.router_b is not None, NORM_OUT=nout is not None, ROUTER_OUT=p_e > 0,
+        BLOCK_E=next_pow2(max(n_e, p_e, 1)),
         FMT=weight.fmt, ROWS=max(MMA_ROWS, next_pow2(rows)) if mma else next_pow2(rows), ROUTED=row_expert is not None,
         CONV_EPI=conv_out is not None, CONV_W=cw.shape[1] if conv_out is not None else 1, HAS_CB=cb is not None,
         GATED=gated is not None,
@@ -864,10 +1019,39 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     return out
 
 
+def route_from_acc_ref(norm_in: NormIn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Twin of the kernels' route from :class:`NormIn`'s sums: ``(expert [1] int32, weight [1] fp32)``."""
+    acc = norm_in.acc.float()
+    logits = torch.rsqrt(acc[0] / norm_in.width + norm_in.eps) * acc[1:]
+    if norm_in.router_b is not None:
+        logits = logits + norm_in.router_b.float()
+    weight, idx = torch.sigmoid(logits).max(dim=-1)
+    return idx.reshape(1).to(torch.int32), weight.reshape(1)
+
+
+def norm_out_ref(y, norm_out: NormOut) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Twin of :class:`NormOut` for a GEMV output ``y [1, D]``: ``(new residual fp32, u as x's type, acc fp32
+    [1 + E])``: the sums over the whole row, as the kernels' atomic adds leave them."""
+    h = norm_out.residual.float() + y.float()
+    u = (h * norm_out.weight.float()).to(norm_out.x.dtype)
+    sums = [(h * h).sum().reshape(1)]
+    if norm_out.router_w is not None:
+        sums.append(norm_out.router_w.float() @ u.float()[0])
+    return h, u, torch.cat(sums)
+
+
 def decode_linear_ref(x, weight: PackedWeight | BinaryWeight, *, bias=None, row_expert=None, row_scale=None,
-                      gated: str | None = None):
-    """Twin of :func:`decode_linear` in fp32 over the dequantized weight: ``[M, N']``."""
+                      gated: str | None = None, norm_in: NormIn | None = None):
+    """Twin of :func:`decode_linear` in fp32 over the dequantized weight: ``[M, N']`` (``norm_in``: the input
+    scaled by its ``1 / rms``, and / or the expert and its weight from its router sums)."""
     xf = x.float()
+    if norm_in is not None:
+        if norm_in.scale:
+            xf = xf * torch.rsqrt(norm_in.acc[0].float() / norm_in.width + norm_in.eps)
+        if norm_in.route:
+            row_expert, w = route_from_acc_ref(norm_in)
+            if row_scale is not None:
+                row_scale = w
     w = weight.dequantized(torch.float32)
     idx = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if row_expert is None else row_expert.long()
     y = torch.einsum("mk,mnk->mn", xf, w[idx])

@@ -50,8 +50,8 @@ def _store_planes(xpl_row, cols, y, KPAD: tl.constexpr):
 
 @jit
 def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, out_ptr, rw_ptr, rb_ptr, idx_ptr,
-                     rwt_ptr, xpl_ptr, D, E, eps, sh_b, s_emb, sri_b, sr_b, so_b, srw_e, sxpl_b,
-                     FIRST: tl.constexpr, HAS_RES: tl.constexpr, LAYERNORM: tl.constexpr, ROUTER: tl.constexpr,
+                     rwt_ptr, xpl_ptr, zero_ptr, n_zero, D, E, eps, sh_b, s_emb, sri_b, sr_b, so_b, srw_e, sxpl_b,
+                     ZERO_BLOCK: tl.constexpr, FIRST: tl.constexpr, HAS_RES: tl.constexpr, LAYERNORM: tl.constexpr, ROUTER: tl.constexpr,
                      HAS_RB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr,
                      X_PLANES: tl.constexpr, KPAD: tl.constexpr, SLICE: tl.constexpr):
     """residual = h (FIRST: embedding[ids]) [+ residual in, HAS_RES]; out = norm(residual); optional top-1 sigmoid
@@ -64,7 +64,8 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, o
     the row's mean / rstd from the whole row (a few KB from L2), then only the planes of columns ``[p SLICE, (p + 1)
     SLICE)`` (whole plane tiles), from those columns read again; program 0 also writes the residual, ``out`` and the
     routing. One program a row (``SLICE = KPAD``) computes and stores all 9 x KPAD plane values itself; spread over
-    programs, that work runs side by side (H200, session 21: 4 programs a row, int4 decode ~1% faster)."""
+    programs, that work runs side by side (H200, session 21: 4 programs a row, int4 decode ~1% faster).
+    ``ZERO_BLOCK > 0``: program (0, 0) also zeroes ``n_zero`` floats at ``zero_ptr`` (after the wait)."""
     b = tl.program_id(0)
     part = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
@@ -85,6 +86,10 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, o
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+    if ZERO_BLOCK > 0:
+        if b == 0 and part == 0:
+            z = tl.arange(0, ZERO_BLOCK)
+            tl.store(zero_ptr + z, tl.zeros((ZERO_BLOCK,), dtype=tl.float32), mask=z < n_zero)
     tok = 0
     if FIRST:
         tok = tl.load(ids_ptr + b).to(tl.int64)
@@ -196,7 +201,7 @@ def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dski
 # ---- launchers and reference twins -------------------------------------------------------------------------------
 def add_norm(x_out, residual, norm_w, eps, h=None, token_ids=None, embedding=None, norm_b=None, router_w=None,
              router_b=None, expert_idx=None, expert_weight=None, pdl: bool = False, x_planes=None,
-             plane_programs: int = 1, residual_out=None):
+             plane_programs: int = 1, residual_out=None, zero=None):
     """In place: ``residual [B, d]`` fp32 becomes ``h + residual`` (``h [B, d]``), or ``embedding[token_ids]`` when
     ``h`` is None (the first layer); with ``residual_out`` (another ``[B, d]`` fp32 buffer) that one receives it and
     ``residual`` is only read; ``x_out [B, d]`` receives the norm of it (LayerNorm when ``norm_b`` is given,
@@ -207,7 +212,11 @@ def add_norm(x_out, residual, norm_w, eps, h=None, token_ids=None, embedding=Non
     the input the plane-word decode kernels read with ``DecodePolicy.int4_x_planes``. ``plane_programs``: programs
     a row that share the writing of its planes (at most one per 128-column plane tile; each computes the whole norm,
     see ``_add_norm_kernel``; ``DecodePolicy.norm_plane_programs``). Every program reads the residual and the first
-    writes the new one, so a residual added in place (no ``residual_out``) keeps one program a row."""
+    writes the new one, so a residual added in place (no ``residual_out``) keeps one program a row. ``zero``: a
+    contiguous float32 tensor (at most 4,096 elements) zeroed by the same launch (the fused step's norm sums,
+    :class:`qmamba.kernels.decode_linear.NormOut`)."""
+    if zero is not None and (zero.dtype != torch.float32 or not zero.is_contiguous() or zero.numel() > 4096):
+        raise ValueError("add_norm: zero must be a contiguous float32 tensor of at most 4096 elements")
     if h is None and (token_ids is None or embedding is None):
         raise ValueError("add_norm: the first layer needs token_ids and the embedding")
     if residual_out is None:
@@ -218,11 +227,12 @@ def add_norm(x_out, residual, norm_w, eps, h=None, token_ids=None, embedding=Non
         # (the split planes read the residual twice: it must not be the buffer written)
         raise ValueError("add_norm: residual_out must be another buffer of the residual's shape")
     _launch_add_norm(x_out, residual, residual_out, norm_w, eps, h, token_ids, embedding, norm_b, router_w,
-                     router_b, expert_idx, expert_weight, pdl, x_planes, plane_programs)
+                     router_b, expert_idx, expert_weight, pdl, x_planes, plane_programs, zero)
 
 
 def _launch_add_norm(x_out, residual_in, residual_out, norm_w, eps, h, token_ids, embedding, norm_b, router_w,
-                     router_b, expert_idx, expert_weight, pdl: bool, x_planes=None, plane_programs: int = 1):
+                     router_b, expert_idx, expert_weight, pdl: bool, x_planes=None, plane_programs: int = 1,
+                     zero=None):
     """``_add_norm_kernel`` over the rows of ``x_out``: the residual read from ``residual_in`` (None: none added)
     and written to ``residual_out``; with ``x_planes``, ``plane_programs`` programs a row (rounded down to a power
     of two that divides the planes' tiles)."""
@@ -243,10 +253,11 @@ def _launch_add_norm(x_out, residual_in, residual_out, norm_w, eps, h, token_ids
         norm_b if norm_b is not None else dummy, x_out, router_w if router_w is not None else dummy,
         router_b if router_b is not None else dummy, expert_idx if expert_idx is not None else residual_out,
         expert_weight if expert_weight is not None else residual_out,
-        x_planes if x_planes is not None else residual_out,
-        d, e, float(eps), h.stride(0) if h is not None else 0, embedding.stride(0) if embedding is not None else 0,
+        x_planes if x_planes is not None else residual_out, zero if zero is not None else residual_out,
+        zero.numel() if zero is not None else 0, d, e, float(eps), h.stride(0) if h is not None else 0, embedding.stride(0) if embedding is not None else 0,
         rin.stride(0), residual_out.stride(0), x_out.stride(0), router_w.stride(0) if router_w is not None else 0,
         x_planes.stride(0) if x_planes is not None else 0,
+        ZERO_BLOCK=next_pow2(zero.numel()) if zero is not None and zero.numel() else 0,
         FIRST=h is None, HAS_RES=residual_in is not None, LAYERNORM=norm_b is not None,
         ROUTER=router_w is not None, HAS_RB=router_b is not None, BLOCK_D=block_d, BLOCK_E=next_pow2(e),
         PDL=pdl, X_PLANES=x_planes is not None, KPAD=kpad, SLICE=kpad // parts,

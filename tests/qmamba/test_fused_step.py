@@ -211,3 +211,57 @@ def test_fused_step_with_shared_norm_planes(batch, programs, device):
         torch.testing.assert_close(logits, ref.float(), atol=1e-3, rtol=1e-3)
         torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
         tok = ref.argmax(-1)
+
+
+@pytest.mark.parametrize("name,fmt,programs", [("tiny-blackmamba", "int4g128", 1), ("tiny-blackmamba", "float", 1),
+                                               ("tiny-blackmamba", "binary", 1), ("tiny-mamba", "int4g128", 1),
+                                               ("wide-blackmamba", "int4g128", 4), ("tiny-mamba", "int8", 1)])
+@torch.no_grad()
+def test_fused_step_with_norms_in_the_gemvs(name, fmt, programs, device):
+    """``DecodePolicy.norm_in_gemvs``: at one row the add + norm between two layers runs in out_proj's / fc2's
+    epilogue (NormOut) and in_proj's, fc1's, fc2's and the head's prologue (NormIn); only the first layer's and a
+    LayerNorm final norm (BlackMamba's) stay add + norm launches (counted). Logits and states as the reference
+    model's over two steps (the sums re-zeroed each step): int4 plane words read through the input planes (split
+    over 4 programs a row on a model wide enough: the residual then lives in the second buffer), float, 1-bit
+    experts and projections, and plain Mamba (an RMSNorm final norm: the head scales its own products). At batch 2
+    the step keeps its add + norm kernels."""
+    import qmamba.fused_step as fused_step
+
+    if name == "wide-blackmamba":
+        model = quantize_rtn(random_model(dataclasses.replace(preset("tiny-blackmamba"), d_model=384, ffn_hidden=256,
+                                                              dt_rank=8), device), Int4Format(128))
+    else:
+        model = build(name, FORMATS[fmt], device)
+    policy = DecodePolicy.for_device(device)
+    if fmt == "int4g128":
+        policy = dataclasses.replace(policy, formats=(0, 1, 3), max_rows=1, max_rows_planes=1, max_rows_routed=8,
+                                     int4_planes=True, int4_unpack="denorm", planes_mma=False,
+                                     routed_row_programs=True, int4_x_planes=True, norm_plane_programs=programs)
+    elif fmt == "binary":
+        policy = dataclasses.replace(policy, formats=DecodePolicy().formats, int4_x_planes=False,
+                                     int4_unpack="denorm")
+    policy = dataclasses.replace(policy, norm_in_gemvs=True)
+    step = FusedDecodeStep(model, policy)
+    calls = []
+    real = fused_step.add_norm
+    fused_step.add_norm = lambda *a, **kw: (calls.append(kw.get("router_w") is not None), real(*a, **kw))[1]
+    try:
+        for batch in (1, 2):
+            ids = torch.randint(0, model.config.vocab_size, (batch, 4), device=device)
+            _, state = model.prefill(ids)
+            ref_state = state.clone()
+            tok = ids[:, 1]
+            for _ in range(2):
+                calls.clear()
+                logits = step(tok, state)
+                fused = step._buffers[batch]["acc"] is not None
+                assert fused == (batch == 1)
+                final_kernel = model.config.final_norm == "layernorm"
+                assert len(calls) == (1 + final_kernel if fused else len(step.layers) + 1)
+                ref = model.step(tok, ref_state)
+                torch.testing.assert_close(logits, ref.float(), atol=1e-3, rtol=1e-3)
+                torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(state.conv_state, ref_state.conv_state, atol=1e-4, rtol=1e-4)
+                tok = ref.argmax(-1)
+    finally:
+        fused_step.add_norm = real

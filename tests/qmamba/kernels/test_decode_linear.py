@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from qmamba.kernels.causal_conv1d import causal_conv1d_update_ref
-from qmamba.kernels.decode_linear import DecodePolicy, binary_denorm_of, decode_linear, decode_linear_ref
+from qmamba.kernels.decode_linear import (DecodePolicy, NormIn, NormOut, binary_denorm_of, decode_linear,
+                                          decode_linear_ref, norm_out_ref)
 from qmamba.kernels.fused_moe import gated_act_ref
 from qmamba.kernels.quant_matmul import dequant_matmul_ref
 from qmamba.kernels.binary_matmul import binary_matmul_ref
@@ -368,3 +369,103 @@ def test_binary_denorm_vectors_are_kept_and_follow_in_place_changes(device):
         frozen = weight_for("binary", 8, 64, device)
     a, g = binary_denorm_of(frozen)
     torch.testing.assert_close(g, (frozen.beta.float() - frozen.alpha.float()), atol=0, rtol=0)
+
+
+def _rms_normed(h, norm_w, eps):
+    """The model's RMSNorm of fp32 rows (an independent twin of NormOut + NormIn)."""
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm_w
+
+
+@pytest.mark.parametrize("fmt", ["float", "int8", "planes128", "binary"])
+@pytest.mark.parametrize("router", [False, True])
+def test_norm_out_epilogue(fmt, router, device):
+    """:class:`NormOut`: a producer's epilogue adds its output to the residual in place, writes ``u = h * w`` (and
+    its input planes 0..7) and accumulates ``sum h^2`` and the router's ``W_r u`` by atomic adds over its programs
+    (8 rows each: 7 programs, a ragged last one); ``out`` is not written. Against :func:`norm_out_ref` of the
+    dequantized matmul's output, and that twin against the plain sums."""
+    from qmamba.quant.layout import int4_x_planes
+
+    torch.manual_seed(5)
+    n, k, e = 52, 160, 5
+    policy = DecodePolicy(pdl=False, block_n_int4=8, block_n_float=8, block_n_binary=8, num_warps=1,
+                          int4_unpack="denorm")
+    w = weight_for(fmt, n, k, device, seed=6)
+    x = torch.randn(1, k, device=device)
+    res0 = torch.randn(1, n, device=device)
+    acc = torch.zeros(1 + e + 2, device=device)  # longer than needed: the tail stays 0
+    nout = NormOut(res0.clone(), torch.rand(n, device=device) + 0.5, acc, torch.full((1, n), float("nan"),
+                   device=device), planes=torch.zeros(1, 9, 128, device=device),
+                   router_w=torch.randn(e, n, device=device) if router else None)
+    out = poisoned(1, n, device)
+    decode_linear(x, w, out, policy=policy, norm_out=nout)
+    y = matmul_ref(x, w).float()
+    h, u, sums = norm_out_ref(y, NormOut(res0, nout.weight, acc, nout.x, router_w=nout.router_w))
+    torch.testing.assert_close(h, res0 + y)
+    torch.testing.assert_close(sums[0], ((res0 + y) ** 2).sum())
+    torch.testing.assert_close(nout.residual, h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(nout.x, u, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(acc[:sums.numel()], sums, atol=1e-3, rtol=1e-5)
+    assert torch.equal(acc[sums.numel():], torch.zeros_like(acc[sums.numel():]))
+    torch.testing.assert_close(nout.planes[:, :8], int4_x_planes(nout.x)[:, :8], atol=0, rtol=0)
+    assert torch.isnan(out).all()  # the output itself is not stored
+
+
+@pytest.mark.parametrize("fmt", ["float", "planes128", "binary"])
+def test_norm_in_equals_the_normed_input(fmt, device):
+    """:class:`NormIn` behind :class:`NormOut`: in_proj-like (bias, conv epilogue), a routed gated fc1 and fc2 whose
+    expert and weight come from the router sums, and a head, each fed ``u`` (or its planes) and scaled by ``1 /
+    rms``, against the same matrices on the normed input (RMSNorm, the sigmoid top-1 router) computed
+    independently."""
+    from qmamba.quant.layout import int4_x_planes
+
+    torch.manual_seed(6)
+    d, n, f, e, eps = 160, 45, 64, 4, 1e-5
+    policy = DecodePolicy(pdl=False, block_n_int4=4, block_n_float=8, num_warps=1, int4_unpack="denorm",
+                          int4_x_in_tile=True)
+    h = torch.randn(1, d, device=device) * 3
+    norm_w = torch.rand(d, device=device) + 0.5
+    router_w, router_b = torch.randn(e, d, device=device), torch.randn(e, device=device)
+    acc = torch.zeros(1 + e, device=device)
+    nout = NormOut(torch.zeros(1, d, device=device), norm_w, acc, torch.empty(1, d, device=device),
+                   planes=torch.zeros(1, 9, 256, device=device), router_w=router_w)
+    eye = PackedWeight.from_float(torch.eye(d, device=device))  # a producer that outputs h itself
+    decode_linear(h, eye, poisoned(1, d, device), policy=DecodePolicy(pdl=False, block_n_float=16, num_warps=1),
+                  norm_out=nout)
+    xn = _rms_normed(h, norm_w, eps)  # the layer's input as the model computes it
+    planes = int4_x_planes(nout.x) if fmt == "planes128" else None
+    u = nout.x if fmt != "planes128" else torch.full_like(nout.x, float("nan"))  # planes: x itself not read
+    kw = dict(x_planes=planes, x_plane_sums=False) if planes is not None else {}
+    nin = NormIn(acc, d, eps)
+    # in_proj-like: bias and the conv epilogue
+    w = weight_for(fmt, n, d, device, seed=7)
+    bias = torch.randn(n, device=device)
+    di, width = 20, 4
+    state = torch.randn(1, di, width, device=device)
+    conv_w, conv_b = torch.randn(di, width, device=device), torch.randn(di, device=device)
+    conv = (state, conv_w, conv_b, poisoned(1, di, device))
+    out = decode_linear(u, w, poisoned(1, n, device), bias=bias, conv_out=conv, policy=policy, norm_in=nin, **kw)
+    torch.testing.assert_close(out, matmul_ref(xn, w, bias).float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, decode_linear_ref(nout.x, w, bias=bias, norm_in=nin), atol=1e-4, rtol=1e-4)
+    want_conv, _ = causal_conv1d_update_ref(out[:, :di], state, conv_w, conv_b, "silu")
+    torch.testing.assert_close(conv[3], want_conv.float(), atol=1e-5, rtol=1e-5)
+    # the MoE layer: expert and weight from the router sums
+    p = torch.sigmoid(xn @ router_w.t() + router_b)
+    weight, idx = p.max(-1)
+    idx = idx.to(torch.int32)
+    other = torch.tensor([(int(idx) + 1) % e], dtype=torch.int32, device=device)  # a wrong fallback buffer
+    fc1 = weight_for(fmt, 2 * f, d, device, experts=e, seed=8)
+    fc2 = weight_for(fmt, d, f, device, experts=e, seed=9)
+    route = dataclasses.replace(nin, route=True, router_b=router_b)
+    act = decode_linear(u, fc1, poisoned(1, f, device), row_expert=other, gated="silu", policy=policy,
+                        norm_in=route, **kw)
+    want_act = gated_act_ref(matmul_ref(xn, fc1, row_expert=idx), "silu", True).float()
+    torch.testing.assert_close(act, want_act, atol=1e-4, rtol=1e-4)
+    y = decode_linear(act, fc2, poisoned(1, d, device), row_expert=other, row_scale=torch.zeros(1, device=device),
+                      policy=policy, expert_ready=True, norm_in=dataclasses.replace(route, scale=False))
+    torch.testing.assert_close(y, matmul_ref(act, fc2, row_expert=idx).float() * weight[:, None], atol=1e-4,
+                               rtol=1e-4)
+    # one row only; the scale's width is the input's
+    with pytest.raises(ValueError, match="one input row"):
+        decode_linear(u.expand(2, d), w, poisoned(2, n, device), policy=policy, norm_in=nin)
+    with pytest.raises(ValueError, match="width"):
+        decode_linear(act, fc2, poisoned(1, d, device), row_expert=idx, policy=policy, norm_in=nin)
