@@ -158,7 +158,7 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return base
     if v == "nopdl":
         return dataclasses.replace(base, pdl=False)
-    if v == "intcodes":  # the general kernels' int4 plane codes as integers (see matmul_variant)
+    if v in ("intcodes", "acqrel"):  # the general kernels' policy only (see matmul_variant)
         return base
     if v == "xtile":  # int4 in_proj / fc1: the input read in the tile's shape (DecodePolicy.int4_x_in_tile)
         return dataclasses.replace(base, int4_x_in_tile=True)
@@ -227,7 +227,11 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
 def matmul_variant(v: str) -> MatmulPolicy:
     """The general matmuls' policy of a variant (batch 2+ and the prefill run on them): the default but for
     ``intcodes`` (int4 plane codes through integer-to-float conversions, ``MatmulPolicy.plane_float_codes``)."""
-    return dataclasses.replace(DEFAULT_POLICY, plane_float_codes=False) if v == "intcodes" else DEFAULT_POLICY
+    if v == "intcodes":
+        return dataclasses.replace(DEFAULT_POLICY, plane_float_codes=False)
+    if v == "acqrel":  # the split-K atomic adds with Triton's default ordering (MatmulPolicy.split_k_atomic_sem)
+        return dataclasses.replace(DEFAULT_POLICY, split_k_atomic_sem="acq_rel")
+    return DEFAULT_POLICY
 
 
 def main():

@@ -200,8 +200,11 @@ class FusedDecodeStep:
     def _norm_in_gemvs(self, batch: int) -> bool:
         """Whether the add + norm between two layers runs in the GEMVs around it (:attr:`DecodePolicy.norm_in_gemvs`):
         one row, RMSNorm blocks, and every producer (out_proj, fc2) and consumer (in_proj with x_proj, gated fc1,
-        fc2; the head too where the final norm is an RMSNorm) on the decode kernels."""
+        fc2; the head too where the final norm is an RMSNorm) on the decode kernels; with 1-bit weights only if
+        :attr:`DecodePolicy.norm_in_gemvs_binary`."""
         if not self.policy.norm_in_gemvs or batch != 1 or len(self.layers) < 2:
+            return False
+        if not self.policy.norm_in_gemvs_binary and any(isinstance(w, BinaryWeight) for w in self._weights()):
             return False
         takes = self.policy.takes
         for plan in self.layers:

@@ -183,8 +183,8 @@ def _binary_gemv_kernel(
     if HAS_RSCALE:
         res = res * tl.load(rscale_ptr + row).to(tl.float32)
     out_row = out_ptr + row.to(tl.int64) * som
-    if ATOMIC:
-        tl.atomic_add(out_row + n * son, res, mask=n_ok)
+    if ATOMIC:  # relaxed: the split-K sums are read after the grid (see dequant_gemm.matmul_epilogue)
+        tl.atomic_add(out_row + n * son, res, mask=n_ok, sem="relaxed")
     else:
         tl.store(out_row + n * son, res.to(out_ptr.dtype.element_ty), mask=n_ok)
 

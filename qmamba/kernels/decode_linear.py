@@ -136,6 +136,8 @@ class DecodePolicy:
     #                              (NormOut in out_proj's / fc2's epilogue, NormIn in in_proj's, fc1's, fc2's, the
     #                              head's prologue and epilogue), not a kernel of its own: 36 launches a BlackMamba-2.8B
     #                              token fewer (the first layer's and a LayerNorm final norm keep theirs)
+    norm_in_gemvs_binary: bool = False  # norm_in_gemvs also where a step has 1-bit weights (session 26, H200:
+    #                              1-bit + int4 0.571 -> 0.576 ms/token with it, int4 0.522 -> 0.489)
     ssm_block_d: int = 32        # fused step at one row: channels per program of the SSM update kernel
     #                              (dt_state_update; 32: 92 programs for BlackMamba-2.8B's 2944 channels; 8 compiles
     #                              to ~1/3 of the instructions per thread with 4x the programs: the CUDA policy's)
@@ -204,6 +206,11 @@ class DecodePolicy:
         Session 22 (``--variants default,xtilewide --rounds 3``): out_proj / fc2 reading the input planes in the
         tile's shape (``int4_x_in_tile_wide``) at one row lost at batch 1 (0.522 -> 0.529) and won at batch 8 (1.713
         -> 1.683), where only fc2's routed row programs are one-row kernels: "row_programs".
+        Session 26 (``--variants default,normgemv --rounds 3``): the add + norm between layers in the GEMVs around
+        it at one row (``norm_in_gemvs``: 146 -> 110 launches a token) took int4 g128 from 0.522 to 0.489 ms/token
+        and bf16 from 0.576 to 0.538 (with its sums added by relaxed atomics; acq_rel ones, Triton's default, fence
+        every store first and gave nothing: 0.521 -> 0.523): on, but for steps with 1-bit weights (1-bit + int4
+        0.571 -> 0.576: ``norm_in_gemvs_binary`` off).
         CPU (interpreter): every format and batch, wide row blocks (few programs)."""
         if device.type != "cuda":
             return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1, ssm_block_d=16)
@@ -217,6 +224,7 @@ class DecodePolicy:
                    min_programs=2 * multiprocessors, int4_x_in_tile=True, ssm_block_d=8,
                    max_rows_routed=MAX_ROWS, routed_row_programs=True, int4_x_planes=True, binary_max_rows=1,
                    norm_plane_programs=4, max_programs=8 * multiprocessors, int4_x_in_tile_wide="row_programs",
+                   norm_in_gemvs=True,
                    formats=(FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES, FMT_BINARY))
 
     @property
@@ -662,14 +670,16 @@ def _norm_out(y, rows, rows_ok, res, nw, res_ptr, ux_ptr, acc_ptr, upl_ptr, UPL_
     tl.store(ux_ptr + rows, uq, mask=rows_ok)
     if UX_PLANES:
         store_x_planes(upl_ptr, rows, uq.to(tl.float32), rows_ok, UPL_K)
-    tl.atomic_add(acc_ptr, tl.sum(h * h, axis=0))
+    # relaxed: the consumer reads the sums after this grid completes (acq_rel would fence every store before the
+    # add, MEMBAR.ALL.GPU + CCTL.IVALL on sm_90, a memory round trip on the step's critical path)
+    tl.atomic_add(acc_ptr, tl.sum(h * h, axis=0), sem="relaxed")
 
 
 @jit
 def _router_out(y, rows_ok, res, nw, rw, ux_ptr, acc_ptr, e, E):
     """``acc[1 + e] += sum over these rows of router_w[e] * u`` (u as stored, see :func:`_norm_out`)."""
     uq = ((res + tl.where(rows_ok, y, 0.0)) * nw).to(ux_ptr.dtype.element_ty).to(tl.float32)
-    tl.atomic_add(acc_ptr + 1 + e, tl.sum(rw * uq[None, :], axis=1), mask=e < E)
+    tl.atomic_add(acc_ptr + 1 + e, tl.sum(rw * uq[None, :], axis=1), mask=e < E, sem="relaxed")
 
 
 @jit
@@ -710,6 +720,8 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
     input row only; ``rwt`` is the row's routing weight where ``ROUTE_ACC``)."""
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
+    if NORM_IN:  # the row's sum of squares, issued before the products (its latency hides under theirs)
+        rstd = _rstd_from_acc(nacc_ptr, n_width, n_eps)
     if NORM_OUT:  # the next norm's weight (and router columns) of this program's rows: issued before the products
         pnw = tl.load(pnw_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
         if ROUTER_OUT:
@@ -762,7 +774,6 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                 else:
                     y = _dot_row(w, scale, zero, x_ptr, r, sxm, K, row_ok, exp_bits, FMT, KP, NBP, WPG, UNPACK)
                 if NORM_IN:  # the input was h * norm weight: the row's 1 / rms now (linear in the input)
-                    rstd = _rstd_from_acc(nacc_ptr, n_width, n_eps)
                     y = y * rstd
                 if HAS_BIAS:
                     y += bias

@@ -13,11 +13,20 @@ from qmamba.kernels.routing import ExpertTiles
 from qmamba.kernels.weights import FMT_INT4, PackedWeight
 
 
+def atomic_mode(atomic: bool, sem: str) -> int:
+    """The epilogue's ``ATOMIC``: 0 a plain store, 1 a relaxed atomic add, 2 an acq_rel one."""
+    if sem not in ("relaxed", "acq_rel"):
+        raise ValueError(f"split-K atomic ordering must be 'relaxed' or 'acq_rel', got {sem!r}")
+    return (2 if sem == "acq_rel" else 1) if atomic else 0
+
+
 @jit
 def matmul_epilogue(acc, out_ptr, s_ptr, bias_ptr, rscale_ptr, rows, row_ok, n, n_ok, e64, pid_k, som, son, sse, ssn,
                     FMT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr):
     """The general matmuls' shared epilogue on ``acc [BLOCK_M, BLOCK_N]`` fp32: int8 row scale, bias (once, by the
-    first K split), per-row scale, then a store (or an atomic add into a zeroed fp32 buffer under split-K)."""
+    first K split), per-row scale, then a store (or an atomic add into a zeroed fp32 buffer under split-K: ``ATOMIC``
+    1 relaxed, 2 acq_rel; the sums are read after the grid completes, so nothing orders them here, and acq_rel fences
+    every earlier store before each add, ``MEMBAR.ALL.GPU`` + ``CCTL.IVALL`` on sm_90: ``split_k_atomic_sem``)."""
     if FMT == 1:
         acc = acc * tl.load(s_ptr + e64 * sse + n * ssn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
@@ -26,8 +35,10 @@ def matmul_epilogue(acc, out_ptr, s_ptr, bias_ptr, rscale_ptr, rows, row_ok, n, 
         acc = acc * tl.load(rscale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     out_ptrs = out_ptr + rows[:, None] * som + n[None, :] * son
     mask = row_ok[:, None] & n_ok[None, :]
-    if ATOMIC:
-        tl.atomic_add(out_ptrs, acc, mask=mask)
+    if ATOMIC == 2:
+        tl.atomic_add(out_ptrs, acc, mask=mask, sem="acq_rel")
+    elif ATOMIC:
+        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -190,13 +201,15 @@ def _dequant_gemm_kernel(
 
 
 def dequant_gemm(x, weight: PackedWeight, out, bias, row_scale, tiles: ExpertTiles | None, config, atomic: bool,
-                 only_expert: int | None = None, plane_float_codes: bool = False, plane_weight_left: bool = False):
+                 only_expert: int | None = None, plane_float_codes: bool = False, plane_weight_left: bool = False,
+                 atomic_sem: str = "relaxed"):
     """``out [M, N] <- x [M, K] @ W^T`` (+ ``bias``, * ``row_scale``): one matrix in row tiles of ``config.block_m``
     (swizzled in groups of 8 row tiles for L2 reuse), or with ``tiles`` the routed expert tiles (``config.block_m``
     must be ``tiles.block_m``). ``atomic``: split-K into a zeroed float32 ``out``. ``only_expert`` (with
     ``tiles``): only that expert's rows are computed and written, with ``weight`` a single matrix (its weight).
     ``plane_float_codes`` / ``plane_weight_left``: int4 plane codes unpacked as floats / the product taken as ``W x^T``
-    (:class:`qmamba.kernels.matmul_configs.MatmulPolicy`)."""
+    (:class:`qmamba.kernels.matmul_configs.MatmulPolicy`); ``atomic_sem``: the split-K adds' ordering
+    (``MatmulPolicy.split_k_atomic_sem``)."""
     m = x.shape[0]
     q = weight.qweight
     s = weight.scales if weight.scales is not None else q
@@ -212,7 +225,7 @@ def dequant_gemm(x, weight: PackedWeight, out, bias, row_scale, tiles: ExpertTil
         -1 if only_expert is None else only_expert,
         FMT=weight.fmt, TILES=tiles is not None, GROUP=max(weight.group_size, 1),
         SCALE_AFTER=weight.fmt == FMT_INT4 and weight.group_size % config.block_k == 0, SPLIT_K=config.split_k,
-        HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None, ATOMIC=atomic,
+        HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None, ATOMIC=atomic_mode(atomic, atomic_sem),
         IEEE=x.dtype == torch.float32, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SWIZZLE=1 if tiles is not None else 8, ONLY=only_expert is not None,
         FLOAT_CODES=plane_float_codes and x.dtype != torch.float32, W_LEFT=plane_weight_left,

@@ -62,8 +62,8 @@ def _int4_gemv_kernel(
     if HAS_RSCALE:
         acc = acc * tl.load(rscale_ptr).to(tl.float32)
     mask = n_ok & ((tl.zeros((BLOCK_N,), dtype=tl.int32) + active.to(tl.int32)) > 0)  # a vector mask (interpreter)
-    if ATOMIC:
-        tl.atomic_add(out_ptr + n * son, acc, mask=mask)
+    if ATOMIC:  # relaxed: the split-K sums are read after the grid (see dequant_gemm.matmul_epilogue)
+        tl.atomic_add(out_ptr + n * son, acc, mask=mask, sem="relaxed")
     else:
         tl.store(out_ptr + n * son, acc.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -73,8 +73,14 @@ class MatmulPolicy:
     plane_float_codes: bool = True
     plane_weight_left: bool = True
     plane_gemm_tile: tuple = (64, 128, 4, 3)
+    split_k_atomic_sem: str = "relaxed"  # the split-K atomic adds' ordering ("relaxed" or "acq_rel", Triton's
+    #                                      default, which fences every earlier store before each add: sm_90
+    #                                      MEMBAR.ALL.GPU + CCTL.IVALL; the sums are only read after the grid)
 
     def __post_init__(self):
+        if self.split_k_atomic_sem not in ("relaxed", "acq_rel"):
+            raise ValueError(f"MatmulPolicy: split_k_atomic_sem must be 'relaxed' or 'acq_rel', got "
+                             f"{self.split_k_atomic_sem!r}")
         if len(self.plane_gemm_tile) != 4:
             raise ValueError(f"MatmulPolicy: plane_gemm_tile is (block_m, block_n, warps, stages), got "
                              f"{self.plane_gemm_tile}")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from qmamba.kernels._triton import cdiv, jit, split_k_range, tl
-from qmamba.kernels.dequant_gemm import (dequant_gemm, matmul_epilogue, plane_codes, plane_tile,
+from qmamba.kernels.dequant_gemm import (atomic_mode, dequant_gemm, matmul_epilogue, plane_codes, plane_tile,
                                          weight_times_rows)
 from qmamba.kernels.dequantize import dense_linear, dequantize_stack
 from qmamba.kernels.int4_gemv import int4_gemv
@@ -269,7 +269,8 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
             return out.to(x.dtype) if convert else out
     if route != ROUTE_BY_EXPERT and cfg.block_m >= 16 and (m > GEMV_MAX_M or route == ROUTE_TILES):
         dequant_gemm(x, weight, out, bias, row_scale, tiles if route == ROUTE_TILES else None, cfg, atomic,
-                     plane_float_codes=policy.plane_float_codes, plane_weight_left=policy.plane_weight_left)
+                     plane_float_codes=policy.plane_float_codes, plane_weight_left=policy.plane_weight_left,
+                     atomic_sem=policy.split_k_atomic_sem)
         return out.to(x.dtype) if convert else out
     q, s, z = weight.qweight, weight.scales, weight.zeros
     s = s if s is not None else q
@@ -285,8 +286,8 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
         q.stride(0), swn, s.stride(0), s.stride(1), z.stride(0), z.stride(1),
         FMT=weight.fmt, ROUTE=route, GROUP=max(weight.group_size, 1),
         PRESCALE=weight.fmt == FMT_INT4 and cfg.block_k != weight.group_size, SPLIT_K=cfg.split_k, USE_DOT=cfg.use_dot,
-        HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None, ATOMIC=atomic,
-        IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
+        ATOMIC=atomic_mode(atomic, policy.split_k_atomic_sem), IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         FLOAT_CODES=policy.plane_float_codes and x.dtype != torch.float32, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     return out.to(x.dtype) if convert else out

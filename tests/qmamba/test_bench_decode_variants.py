@@ -1,10 +1,12 @@
 """benchmarks/bench_decode.py's policy variants, the names behind the decode A/B figures of benchmarks/results.md:
 each parses to the policy it documents (no GPU needed), an unknown name is refused."""
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from qmamba.kernels.decode_linear import DecodePolicy
 
@@ -24,3 +26,47 @@ def test_x_in_tile_wide_variants():
 def test_unknown_variant_is_refused():
     with pytest.raises(SystemExit, match="unknown policy variant"):
         policy_variant(CUDA, "xtilewidex")
+
+
+def test_norm_gemv_and_atomic_variants():
+    """``normgemv`` / ``nonormgemv`` (session 26: on in the CUDA policy) and ``acqrel`` (the general kernels' split-K
+    adds with Triton's default ordering; relaxed is the default)."""
+    from bench_decode import matmul_variant
+
+    assert CUDA.norm_in_gemvs and not CUDA.norm_in_gemvs_binary
+    assert not policy_variant(CUDA, "nonormgemv").norm_in_gemvs
+    assert policy_variant(dataclasses.replace(CUDA, norm_in_gemvs=False), "normgemv").norm_in_gemvs
+    assert matmul_variant("default").split_k_atomic_sem == "relaxed"
+    assert matmul_variant("acqrel").split_k_atomic_sem == "acq_rel"
+    assert policy_variant(CUDA, "acqrel") == CUDA
+
+
+@pytest.mark.parametrize("skip,norms,expected_missing", [("default", 5, None), ("no_norm_all", 2, None),
+                                                         ("no_norm_moe", 3, None), ("no_norm_mamba", 4, None),
+                                                         ("no_xproj", 5, "x_proj"), ("no_fc2", 5, "fc2")])
+def test_probe_phase_cost_skips_one_kind(skip, norms, expected_missing):
+    """benchmarks/probe_phase_cost.py's step skips exactly the launches of its kind (tiny-blackmamba: 2 Mamba and 2
+    MoE layers, 5 add + norms; the first and the last always run): counted on the CPU, kernels interpreted."""
+    import qmamba.fused_step as fs
+    from probe_phase_cost import SkippingStep
+    from qmamba.config import preset
+    from qmamba.testing import random_model
+
+    model = random_model(preset("tiny-blackmamba"), "cpu")
+    policy = dataclasses.replace(DecodePolicy.for_device(torch.device("cpu")), norm_in_gemvs=False)
+    step = SkippingStep(model, policy, skip)
+    norm_calls, decoded = [], []
+    real_norm, real_decode = fs.add_norm, fs.decode_linear
+    fs.add_norm = lambda *a, **kw: (norm_calls.append(1), real_norm(*a, **kw))[1]
+    fs.decode_linear = lambda x, w, out, **kw: (decoded.append(w), real_decode(x, w, out, **kw))[1]
+    try:
+        with torch.no_grad():
+            step(torch.tensor([3]), model.new_state(1))
+    finally:
+        fs.add_norm, fs.decode_linear = real_norm, real_decode
+    assert len(norm_calls) == norms
+    kinds = {k: sum(any(getattr(p, k, None) is w for p in step.layers) for w in decoded)
+             for k in ("x_proj", "fc2", "in_proj")}
+    assert kinds["in_proj"] == 2
+    assert kinds["x_proj"] == (0 if expected_missing == "x_proj" else 2)
+    assert kinds["fc2"] == (0 if expected_missing == "fc2" else 2)

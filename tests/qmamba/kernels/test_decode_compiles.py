@@ -85,9 +85,59 @@ x1 = torch.empty(1, d, dtype=torch.bfloat16)                # batch 1, the int4 
 decode_step.add_norm(x1, torch.empty(1, d), w, 1e-5, h=h[:1], router_w=torch.empty(8, d, dtype=torch.bfloat16),
                      expert_idx=torch.empty(1, dtype=torch.int32), expert_weight=torch.empty(1), pdl=True,
                      x_planes=torch.empty(1, 9, 2048), plane_programs=4, residual_out=torch.empty(1, d))
+decode_step.add_norm(x1, torch.empty(1, d), w, 1e-5, token_ids=torch.zeros(1, dtype=torch.long),  # the first, zeroing
+                     embedding=torch.empty(50304, d, dtype=torch.bfloat16), pdl=True,  # the NormOut sums
+                     x_planes=torch.empty(1, 9, 2048), plane_programs=4, residual_out=torch.empty(1, d),
+                     zero=torch.empty(37, 9))
 for grid, args, meta in rec.calls:
     meta = dict(meta, num_warps=4)
     meta.pop("launch_pdl", None)
+    r = report(compile_recorded(real, args, meta, 90))
+    print("regs", r["regs"], "stack", r["stack"])
+"""
+
+
+_NORM_GEMVS_COMPILE = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from inspect_decode_kernel import _Recorder, compile_recorded, report
+from qmamba.kernels import decode_linear as dl
+from qmamba.kernels.decode_linear import DecodePolicy, NormIn, NormOut
+from qmamba.quant.formats import Int4Format
+from qmamba.quant.layout import int4_x_planes
+real = dl._decode_linear_kernel
+dl._decode_linear_kernel = rec = _Recorder(real)
+pol = DecodePolicy.cuda(132, True)
+fmt = Int4Format(128)
+def planes(n, k, e=None):
+    lead = (e,) if e else ()
+    return fmt.kernel_weight(fmt.quantize_rtn(torch.randn(*lead, n, k) / k ** 0.5), n, k).to_planes()
+d, di, f = 1472, 2944, 3872
+acc = torch.zeros(9)
+x, y = torch.randn(1, d, dtype=torch.bfloat16), torch.randn(1, di, dtype=torch.bfloat16)
+xpl, ypl = int4_x_planes(x), int4_x_planes(y)
+nin = NormIn(acc, d, 1e-5)
+route = NormIn(acc, d, 1e-5, route=True, router_b=torch.zeros(8))
+idx = torch.zeros(1, dtype=torch.int32)
+nout = NormOut(torch.zeros(1, d), torch.ones(d, dtype=torch.bfloat16), acc, torch.empty(1, d, dtype=torch.bfloat16),
+               planes=torch.zeros(1, 9, 2048))
+conv = (torch.empty(1, di, 4, dtype=torch.bfloat16), torch.empty(di, 4, dtype=torch.bfloat16),
+        torch.empty(di, dtype=torch.bfloat16), torch.empty(1, di, dtype=torch.bfloat16))
+dl.decode_linear(x, planes(2 * di, d), torch.empty(1, 2 * di), conv_out=conv, policy=pol, x_planes=xpl,
+                 x_plane_sums=False, norm_in=nin)                                                  # in_proj
+dl.decode_linear(y, planes(d, di), torch.empty(1, d), policy=pol, x_planes=ypl, x_plane_sums=False,
+                 norm_out=NormOut(nout.residual, nout.weight, acc, nout.x, nout.planes,
+                                  router_w=torch.empty(8, d, dtype=torch.bfloat16)))              # out_proj, router
+dl.decode_linear(x, planes(2 * f, d, 8), torch.empty(1, f, dtype=torch.bfloat16), row_expert=idx, gated="silu",
+                 policy=pol, x_planes=xpl, x_plane_sums=False, norm_in=route,
+                 out_planes=torch.zeros(1, 9, 4096))                                              # fc1
+a = torch.randn(1, f, dtype=torch.bfloat16)
+dl.decode_linear(a, planes(d, f, 8), torch.empty(1, d), row_expert=idx, row_scale=torch.empty(1), policy=pol,
+                 expert_ready=True, x_planes=int4_x_planes(a), x_plane_sums=False,
+                 norm_in=NormIn(acc, d, 1e-5, scale=False, route=True), norm_out=nout)          # fc2
+dl.decode_linear(x, planes(50304, d), torch.empty(1, 50304), policy=pol, x_planes=xpl, x_plane_sums=False,
+                 norm_in=nin)                                                                      # int4 head
+for grid, args, meta in rec.calls:
     r = report(compile_recorded(real, args, meta, 90))
     print("regs", r["regs"], "stack", r["stack"])
 """
@@ -134,7 +184,7 @@ def test_add_norm_kernel_compiles():
     decode step (router, PDL; with the int4 input planes shared by 4 programs a row) launch it."""
     stdout = _compiled("-c", _ADD_NORM_COMPILE, str(ROOT / "benchmarks"), timeout=600)
     lines = [line for line in stdout.splitlines() if line.startswith("regs")]
-    assert len(lines) == 4 and all(line.endswith("stack 0") for line in lines), stdout
+    assert len(lines) == 5 and all(line.endswith("stack 0") for line in lines), stdout
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
@@ -228,3 +278,21 @@ def test_ahead_wait_detector_finds_a_wait_for_the_weights():
         ])
     assert probe_launch.ahead_waits_before_spin(listing([2])) == []
     assert probe_launch.ahead_waits_before_spin(listing([2, 5])) == ["0x130 ISETP.GE.AND P1, PT, R4, R3, PT"]
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_norms_in_the_gemvs_compile():
+    """``DecodePolicy.norm_in_gemvs`` (the CUDA default at one row): in_proj / fc1 / the head scaling by the
+    accumulated 1 / rms (fc1, fc2 routing from the sums), out_proj / fc2 adding the residual and the sums by atomic
+    adds, at BlackMamba-2.8B's shapes on int4 plane words, compile for sm_90 without spills. One exception, seen
+    in session 26: Triton 3.9 (this machine's) compiles in_proj (8 rows a program, the conv epilogue, the 1 / rms
+    loaded before the products) to 64 registers and 8 bytes of stack, where the H200 image's 3.6, which the timed
+    figures come from, has none; more than that fails here too."""
+    import triton
+
+    stdout = _compiled("-c", _NORM_GEMVS_COMPILE, str(ROOT / "benchmarks"), timeout=900)
+    lines = [line for line in stdout.splitlines() if line.startswith("regs")]
+    assert len(lines) == 5, stdout
+    stacks = [int(line.split()[-1]) for line in lines]
+    in_proj_allowance = 0 if triton.__version__.startswith("3.6") else 8
+    assert stacks[0] <= in_proj_allowance and stacks[1:] == [0, 0, 0, 0], stdout
