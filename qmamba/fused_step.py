@@ -237,8 +237,15 @@ class FusedDecodeStep:
         return NormOut(self._live_residual(buf), norm_w, buf["acc"][call], buf["x"], planes=buf["xpl"],
                        router_w=router)
 
-    def _norm_in(self, buf, call: int, scale: bool = True, route: bool = False, router_b=None):
-        return NormIn(buf["acc"][call], self.d_model, self.eps, scale=scale, route=route, router_b=router_b)
+    def _norm_in(self, buf, call: int) -> NormIn:
+        return NormIn(buf["acc"][call], self.d_model, self.eps)
+
+    @staticmethod
+    def _route(nin: NormIn, plan: _MoePlan, scale: bool) -> NormIn:
+        """``nin`` routing an MoE layer's experts from its sums: the sums row cut to this router's experts (the
+        workspace's rows are as wide as the widest router; a zero past this one's would be a sigmoid of 0.5)."""
+        experts = plan.router_w.shape[0]
+        return dataclasses.replace(nin, acc=nin.acc[:1 + experts], scale=scale, route=True, router_b=plan.router_b)
 
     def _x_readers(self) -> list:
         """``(weight, routed)`` of the matrices whose input is an add + norm's output: in_proj, fc1, the head."""
@@ -336,7 +343,7 @@ class FusedDecodeStep:
         if plan.gated and self.policy.takes(plan.fc1, act.shape[0], routed=True):
             route = None
             if nin is not None:  # the route from the accumulated norm (no router kernel ran)
-                route = dataclasses.replace(nin, route=True, router_b=plan.router_b)
+                route = self._route(nin, plan, scale=True)
             self._decode(buf["x"], plan.fc1, act, row_expert=buf["idx"], gated=plan.activation, x_planes=buf["xpl"],
                          out_planes=buf["apl"], x_plane_sums=nin is None, norm_in=route)
         else:
@@ -345,7 +352,7 @@ class FusedDecodeStep:
         # the router (in the add-norm kernel) ran before fc1: fc2 may read its expert's tile before fc1 is done
         kw = {}
         if nin is not None:
-            kw["norm_in"] = dataclasses.replace(nin, scale=False, route=True, router_b=plan.router_b)
+            kw["norm_in"] = self._route(nin, plan, scale=False)
         if nout is not None:
             kw["norm_out"] = nout
         return self._linear(act, plan.fc2, out, row_expert=buf["idx"], row_scale=buf["rwt"],
