@@ -87,8 +87,8 @@ def _timed_step_fn(model):
     fn = default_step_fn(model)
     if fn is None:
         return (lambda ids, state: model.step(ids, state, check=False)), f"eager {_backend(model)}"
-    return fn, "cuda graph (fused step)" if getattr(fn, "_step", None) is not None and \
-        type(fn._step).__name__ == "FusedDecodeStep" else "cuda graph (model.step)"
+    fused = type(getattr(fn, "_step", None)).__name__ == "FusedDecodeStep"
+    return fn, "cuda graph (fused step)" if fused else "cuda graph (model.step)"
 
 
 def _backend(model) -> str:

@@ -48,6 +48,25 @@ def cdiv(a: int, b: int) -> int:
     return -(-int(a) // int(b))
 
 
+def split_k_mode(atomic: bool, sem: str) -> int:
+    """A matmul's ``ATOMIC`` for :func:`store_or_add`: 0 a plain store, 1 a relaxed atomic add (split-K), 2 an
+    acq_rel one (``sem``: ``MatmulPolicy.split_k_atomic_sem``, which checks its value)."""
+    return (2 if sem == "acq_rel" else 1) if atomic else 0
+
+
+@jit
+def store_or_add(ptrs, val, mask, ATOMIC: tl.constexpr):
+    """A matmul's output: stored (``ATOMIC`` 0), or under split-K added into a zeroed fp32 buffer (1 relaxed, 2
+    acq_rel; the sums are read after the grid completes, so nothing needs ordering here, and acq_rel fences every
+    earlier store before each add: ``MEMBAR.ALL.GPU`` + ``CCTL.IVALL`` on sm_90)."""
+    if ATOMIC == 2:
+        tl.atomic_add(ptrs, val, mask=mask, sem="acq_rel")
+    elif ATOMIC:
+        tl.atomic_add(ptrs, val, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, val.to(ptrs.dtype.element_ty), mask=mask)
+
+
 @jit
 def split_k_range(pid_k, iters, SPLIT_K):
     """``[lo, hi)``: the iterations (of ``iters`` along K) that split ``pid_k`` of ``SPLIT_K`` runs (inside kernels)."""

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qmamba.kernels._triton import cdiv, jit, split_k_range, tl
+from qmamba.kernels._triton import cdiv, jit, split_k_mode, split_k_range, store_or_add, tl
 from qmamba.kernels.dequantize import dense_linear
 from qmamba.kernels.matmul_configs import (BINARY_DEQUANT_GEMM_MIN_M, GEMV_MAX_M, BinaryConfig,
                                            MatmulPolicy, current_policy, pick_binary_config)
@@ -183,10 +183,7 @@ def _binary_gemv_kernel(
     if HAS_RSCALE:
         res = res * tl.load(rscale_ptr + row).to(tl.float32)
     out_row = out_ptr + row.to(tl.int64) * som
-    if ATOMIC:  # relaxed: the split-K sums are read after the grid (see dequant_gemm.matmul_epilogue)
-        tl.atomic_add(out_row + n * son, res, mask=n_ok, sem="relaxed")
-    else:
-        tl.store(out_row + n * son, res.to(out_ptr.dtype.element_ty), mask=n_ok)
+    store_or_add(out_row + n * son, res, n_ok, ATOMIC)
 
 
 @jit
@@ -282,8 +279,9 @@ def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, r
             weight.n, weight.k, words.shape[-1], x.stride(0), x.stride(1), out.stride(0), out.stride(1),
             words.stride(0), words.stride(1), a.stride(0), b.stride(0), r.stride(0) if r is not None else 0,
             BY_EXPERT=route == ROUTE_BY_EXPERT, WPI=cfg.block_k // 32, SPLIT_K=cfg.split_k, HAS_ROW=r is not None,
-            HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None, ATOMIC=atomic, BLOCK_N=cfg.block_n,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
+            ATOMIC=split_k_mode(atomic, policy.split_k_atomic_sem), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
         return out.to(x.dtype) if convert else out
     grid_m = {ROUTE_DENSE: lambda: cdiv(m, cfg.block_m), ROUTE_BY_EXPERT: lambda: weight.n_experts,
               ROUTE_TILES: lambda: tiles.n_tiles}[route]()

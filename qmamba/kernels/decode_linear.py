@@ -663,23 +663,24 @@ def _route_from_acc(acc_ptr, rb_ptr, width, eps, E, HAS_RB: tl.constexpr, BLOCK_
 def _norm_out(y, rows, rows_ok, res, nw, res_ptr, ux_ptr, acc_ptr, upl_ptr, UPL_K: tl.constexpr,
               UX_PLANES: tl.constexpr):
     """:class:`NormOut` of one row: ``h = residual + y`` written back, ``u = h * nw`` stored (as ``ux``'s type; its
-    input planes 0..7 too, ``UX_PLANES``), ``acc[0] += sum h^2`` over these rows."""
+    input planes 0..7 too, ``UX_PLANES``), ``acc[0] += sum h^2`` over these rows. Returns u as stored, in fp32."""
     h = res + tl.where(rows_ok, y, 0.0)
     tl.store(res_ptr + rows, h, mask=rows_ok)
     uq = (h * nw).to(ux_ptr.dtype.element_ty)
     tl.store(ux_ptr + rows, uq, mask=rows_ok)
+    u = uq.to(tl.float32)
     if UX_PLANES:
-        store_x_planes(upl_ptr, rows, uq.to(tl.float32), rows_ok, UPL_K)
+        store_x_planes(upl_ptr, rows, u, rows_ok, UPL_K)
     # relaxed: the consumer reads the sums after this grid completes (acq_rel would fence every store before the
     # add, MEMBAR.ALL.GPU + CCTL.IVALL on sm_90, a memory round trip on the step's critical path)
     tl.atomic_add(acc_ptr, tl.sum(h * h, axis=0), sem="relaxed")
+    return u
 
 
 @jit
-def _router_out(y, rows_ok, res, nw, rw, ux_ptr, acc_ptr, e, E):
-    """``acc[1 + e] += sum over these rows of router_w[e] * u`` (u as stored, see :func:`_norm_out`)."""
-    uq = ((res + tl.where(rows_ok, y, 0.0)) * nw).to(ux_ptr.dtype.element_ty).to(tl.float32)
-    tl.atomic_add(acc_ptr + 1 + e, tl.sum(rw * uq[None, :], axis=1), mask=e < E, sem="relaxed")
+def _router_out(u, rw, acc_ptr, e, E):
+    """``acc[1 + e] += sum over these rows of router_w[e] * u`` (``u`` as :func:`_norm_out` stored it)."""
+    tl.atomic_add(acc_ptr + 1 + e, tl.sum(rw * u[None, :], axis=1), mask=e < E, sem="relaxed")
 
 
 @jit
@@ -793,9 +794,9 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                     else:
                         y = y * tl.load(rscale_ptr + r).to(tl.float32)
                 if NORM_OUT:  # the next layer's add + norm, but for its 1 / rms (see NormOut)
-                    _norm_out(y, rows, rows_ok, pres, pnw, pres_ptr, pux_ptr, pacc_ptr, opl_ptr, OPL_K, OUT_PLANES)
+                    u = _norm_out(y, rows, rows_ok, pres, pnw, pres_ptr, pux_ptr, pacc_ptr, opl_ptr, OPL_K, OUT_PLANES)
                     if ROUTER_OUT:
-                        _router_out(y, rows_ok, pres, pnw, prw, pux_ptr, pacc_ptr, pe, p_e)
+                        _router_out(u, prw, pacc_ptr, pe, p_e)
                 else:
                     _store_out(y, r, rows, rows_ok, out_ptr, som, co_ptr, scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
                                DI, CONV_EPI, CONV_W, HAS_CB, opl_ptr, sopl_m, OUT_PLANES, OPL_K)

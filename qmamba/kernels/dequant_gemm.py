@@ -8,39 +8,23 @@ from __future__ import annotations
 
 import torch
 
-from qmamba.kernels._triton import cdiv, jit, split_k_range, tl
+from qmamba.kernels._triton import cdiv, jit, split_k_mode, split_k_range, store_or_add, tl
 from qmamba.kernels.routing import ExpertTiles
 from qmamba.kernels.weights import FMT_INT4, PackedWeight
-
-
-def atomic_mode(atomic: bool, sem: str) -> int:
-    """The epilogue's ``ATOMIC``: 0 a plain store, 1 a relaxed atomic add, 2 an acq_rel one."""
-    if sem not in ("relaxed", "acq_rel"):
-        raise ValueError(f"split-K atomic ordering must be 'relaxed' or 'acq_rel', got {sem!r}")
-    return (2 if sem == "acq_rel" else 1) if atomic else 0
 
 
 @jit
 def matmul_epilogue(acc, out_ptr, s_ptr, bias_ptr, rscale_ptr, rows, row_ok, n, n_ok, e64, pid_k, som, son, sse, ssn,
                     FMT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr):
     """The general matmuls' shared epilogue on ``acc [BLOCK_M, BLOCK_N]`` fp32: int8 row scale, bias (once, by the
-    first K split), per-row scale, then a store (or an atomic add into a zeroed fp32 buffer under split-K: ``ATOMIC``
-    1 relaxed, 2 acq_rel; the sums are read after the grid completes, so nothing orders them here, and acq_rel fences
-    every earlier store before each add, ``MEMBAR.ALL.GPU`` + ``CCTL.IVALL`` on sm_90: ``split_k_atomic_sem``)."""
+    first K split), per-row scale, then :func:`store_or_add` (``ATOMIC``: :func:`split_k_mode`)."""
     if FMT == 1:
         acc = acc * tl.load(s_ptr + e64 * sse + n * ssn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.where(pid_k == 0, 1.0, 0.0) * tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_RSCALE:
         acc = acc * tl.load(rscale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    out_ptrs = out_ptr + rows[:, None] * som + n[None, :] * son
-    mask = row_ok[:, None] & n_ok[None, :]
-    if ATOMIC == 2:
-        tl.atomic_add(out_ptrs, acc, mask=mask, sem="acq_rel")
-    elif ATOMIC:
-        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
-    else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    store_or_add(out_ptr + rows[:, None] * som + n[None, :] * son, acc, row_ok[:, None] & n_ok[None, :], ATOMIC)
 
 
 @jit
@@ -225,7 +209,7 @@ def dequant_gemm(x, weight: PackedWeight, out, bias, row_scale, tiles: ExpertTil
         -1 if only_expert is None else only_expert,
         FMT=weight.fmt, TILES=tiles is not None, GROUP=max(weight.group_size, 1),
         SCALE_AFTER=weight.fmt == FMT_INT4 and weight.group_size % config.block_k == 0, SPLIT_K=config.split_k,
-        HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None, ATOMIC=atomic_mode(atomic, atomic_sem),
+        HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None, ATOMIC=split_k_mode(atomic, atomic_sem),
         IEEE=x.dtype == torch.float32, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SWIZZLE=1 if tiles is not None else 8, ONLY=only_expert is not None,
         FLOAT_CODES=plane_float_codes and x.dtype != torch.float32, W_LEFT=plane_weight_left,

@@ -5,7 +5,7 @@ matmul (:func:`qmamba.kernels.quant_matmul.dequant_matmul`) takes it on CUDA whe
 
 from __future__ import annotations
 
-from qmamba.kernels._triton import cdiv, jit, split_k_range, tl
+from qmamba.kernels._triton import cdiv, jit, split_k_mode, split_k_range, store_or_add, tl
 from qmamba.kernels.weights import PackedWeight
 
 
@@ -62,16 +62,15 @@ def _int4_gemv_kernel(
     if HAS_RSCALE:
         acc = acc * tl.load(rscale_ptr).to(tl.float32)
     mask = n_ok & ((tl.zeros((BLOCK_N,), dtype=tl.int32) + active.to(tl.int32)) > 0)  # a vector mask (interpreter)
-    if ATOMIC:  # relaxed: the split-K sums are read after the grid (see dequant_gemm.matmul_epilogue)
-        tl.atomic_add(out_ptr + n * son, acc, mask=mask, sem="relaxed")
-    else:
-        tl.store(out_ptr + n * son, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    store_or_add(out_ptr + n * son, acc, mask, ATOMIC)
 
 
-def int4_gemv(x, words, weight: PackedWeight, out, bias, row_scale, row_expert, config, atomic: bool):
+def int4_gemv(x, words, weight: PackedWeight, out, bias, row_scale, row_expert, config, atomic: bool,
+              atomic_sem: str = "relaxed"):
     """``out [1, N] <- x [1, K] @ W^T`` (+ ``bias``, * ``row_scale``) with ``words`` the int32 view of
     ``weight.qweight``. ``row_expert`` (one id) picks the expert of a stack (one program column per expert, only the
-    routed one computes); None: one matrix. ``atomic``: split-K into a zeroed float32 ``out``."""
+    routed one computes); None: one matrix. ``atomic``: split-K into a zeroed float32 ``out`` (``atomic_sem``: the
+    adds' ordering, ``MatmulPolicy.split_k_atomic_sem``)."""
     s, z, dummy = weight.scales, weight.zeros, x
     by_expert = row_expert is not None
     _int4_gemv_kernel[(weight.n_experts if by_expert else 1, cdiv(weight.n, config.block_n), config.split_k)](
@@ -81,5 +80,5 @@ def int4_gemv(x, words, weight: PackedWeight, out, bias, row_scale, row_expert, 
         s.stride(0), s.stride(1), z.stride(0), z.stride(1), BY_EXPERT=by_expert,
         GROUP=weight.group_size, WORDS=weight.group_size // 8,
         GPI=max(1, config.block_k // weight.group_size), SPLIT_K=config.split_k, HAS_BIAS=bias is not None,
-        HAS_RSCALE=row_scale is not None, ATOMIC=atomic, BLOCK_N=config.block_n, num_warps=config.num_warps,
-        num_stages=config.num_stages)
+        HAS_RSCALE=row_scale is not None, ATOMIC=split_k_mode(atomic, atomic_sem), BLOCK_N=config.block_n,
+        num_warps=config.num_warps, num_stages=config.num_stages)

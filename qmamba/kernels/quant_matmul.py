@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from qmamba.kernels._triton import cdiv, jit, split_k_range, tl
-from qmamba.kernels.dequant_gemm import (atomic_mode, dequant_gemm, matmul_epilogue, plane_codes, plane_tile,
+from qmamba.kernels._triton import cdiv, jit, split_k_mode, split_k_range, tl
+from qmamba.kernels.dequant_gemm import (dequant_gemm, matmul_epilogue, plane_codes, plane_tile,
                                          weight_times_rows)
 from qmamba.kernels.dequantize import dense_linear, dequantize_stack
 from qmamba.kernels.int4_gemv import int4_gemv
@@ -265,7 +265,7 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     if weight.fmt == FMT_INT4 and m == 1 and route != ROUTE_TILES and cfg.block_m == 1 and policy.int4_word_gemv:
         words = int32_words(weight.qweight)
         if words is not None:
-            int4_gemv(x, words, weight, out, bias, row_scale, row_expert, cfg, atomic)
+            int4_gemv(x, words, weight, out, bias, row_scale, row_expert, cfg, atomic, policy.split_k_atomic_sem)
             return out.to(x.dtype) if convert else out
     if route != ROUTE_BY_EXPERT and cfg.block_m >= 16 and (m > GEMV_MAX_M or route == ROUTE_TILES):
         dequant_gemm(x, weight, out, bias, row_scale, tiles if route == ROUTE_TILES else None, cfg, atomic,
@@ -287,7 +287,8 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
         FMT=weight.fmt, ROUTE=route, GROUP=max(weight.group_size, 1),
         PRESCALE=weight.fmt == FMT_INT4 and cfg.block_k != weight.group_size, SPLIT_K=cfg.split_k, USE_DOT=cfg.use_dot,
         HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
-        ATOMIC=atomic_mode(atomic, policy.split_k_atomic_sem), IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        ATOMIC=split_k_mode(atomic, policy.split_k_atomic_sem), IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         FLOAT_CODES=policy.plane_float_codes and x.dtype != torch.float32, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     return out.to(x.dtype) if convert else out

@@ -57,6 +57,31 @@ def test_split_k_and_explicit_config_agree(device):
           ref[:1], torch.float32)
 
 
+@pytest.mark.parametrize("sem", ["relaxed", "acq_rel"])
+def test_split_k_atomic_orderings_agree(sem, device):
+    """``MatmulPolicy.split_k_atomic_sem``: the split-K adds of the tile kernel, the int4 word GEMV and the 1-bit
+    word GEMV in either ordering give x @ W_hat^T; an unknown ordering is refused by the policy."""
+    import dataclasses
+
+    from qmamba.kernels.binary_matmul import binary_matmul, binary_matmul_ref
+    from qmamba.kernels.matmul_configs import DEFAULT_POLICY, BinaryConfig, MatmulPolicy
+    from qmamba.quant.formats import BinaryFormat
+
+    policy = dataclasses.replace(DEFAULT_POLICY, split_k_atomic_sem=sem)
+    w = make_weight(Int4Format(32), 24, 320, device)
+    x = torch.randn(3, 320, device=device)
+    ref = dequant_matmul_ref(x, w)
+    close(dequant_matmul(x, w, config=MatmulConfig(16, 16, 32, split_k=4, num_warps=1, num_stages=1),
+                         policy=policy), ref, torch.float32)
+    close(dequant_matmul(x[:1], w, config=MatmulConfig(1, 8, 32, split_k=3, num_warps=1, num_stages=1),
+                         policy=policy), ref[:1], torch.float32)
+    b = make_weight(BinaryFormat(), 24, 320, device)
+    close(binary_matmul(x[:1], b, config=BinaryConfig(1, 8, 64, 1, 1, 3), policy=policy),
+          binary_matmul_ref(x[:1], b), torch.float32)
+    with pytest.raises(ValueError, match="split_k_atomic_sem"):
+        MatmulPolicy(split_k_atomic_sem="seq_cst")
+
+
 def test_int4_word_gemv_is_a_policy_choice(device, monkeypatch):
     """M = 1 int4 takes the 32-bit-word GEMV by default and the tile kernel under ``MatmulPolicy(int4_word_gemv=
     False)`` (an argument, no module switch); both agree with the reference, routed by expert too."""
