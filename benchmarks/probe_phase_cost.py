@@ -10,7 +10,9 @@ between layers took int4 g128 batch 1 from 0.521 to 0.443 ms/token, which justif
 Kinds: ``no_norm_all`` / ``no_norm_mamba`` / ``no_norm_moe`` (the add + norm launches but the first and the last),
 ``no_xproj``, ``no_ssm`` (the dt / state update), ``no_inproj``, ``no_outproj``, ``no_fc1``, ``no_fc2``. Routing
 buffers are preset to valid experts so that skipped routers leave the expert kernels in bounds. The variants run
-under the device's default policy with ``norm_in_gemvs`` off (the add + norm launches exist to be skipped).
+under the device's default policy with ``norm_in_gemvs`` off (the add + norm launches exist to be skipped), or,
+with ``--norm-in-gemvs``, on (its step: 110 launches for BlackMamba-2.8B; a skipped producer then leaves the sums of
+its NormOut at zero, so the routes go to expert 0: still a timing of in-bounds kernels).
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ def main():
     ap.add_argument("--batches", default="1")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out")
+    ap.add_argument("--norm-in-gemvs", action="store_true",
+                    help="keep DecodePolicy.norm_in_gemvs on (the no_norm_* variants then skip nothing)")
     args = ap.parse_args()
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS] + [f for f in args.formats.split(",") if f not in FORMATS]
@@ -82,7 +86,8 @@ def main():
         raise SystemExit(f"unknown variants / formats: {unknown} (variants: {', '.join(VARIANTS)})")
     if not torch.cuda.is_available():
         raise SystemExit("probe_phase_cost.py times CUDA graphs: it needs a CUDA GPU")
-    policy = dataclasses.replace(DecodePolicy.for_device(torch.device("cuda")), norm_in_gemvs=False)
+    base = DecodePolicy.for_device(torch.device("cuda"))
+    policy = dataclasses.replace(base, norm_in_gemvs=args.norm_in_gemvs and base.norm_in_gemvs)
     dt_update = fs.dt_state_update
     cfg = preset(args.preset)
     res = {}

@@ -47,6 +47,7 @@ from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
 from qmamba.kernels.decode_linear import DecodePolicy, NormIn, NormOut, binary_denorm_of, decode_linear
 from qmamba.kernels.decode_step import add_norm, dt_state_update
 from qmamba.kernels.fused_moe import gated_act, routed_matmul
+from qmamba.kernels.ssm_fold import FOLD_FLOAT, SsmFold, out_columns, router_fold, ssm_update_fold
 from qmamba.kernels.weights import FMT_INT4_PLANES, BinaryWeight, PackedWeight
 from qmamba.quant.layout import INT4_X_PLANES, int4_x_planes_width
 from qmamba.quant.modules import use_plane_words
@@ -131,10 +132,34 @@ class FusedDecodeStep:
         self.final_w = norm_f.weight.detach()
         self.final_b = getattr(norm_f, "bias", None)  # LayerNorm has a bias, RMSNorm none
         self.head, self.head_bias = linear_weight(model.lm_head)
+        self._folds = self._fold_plans()
         self._buffers: dict[int, dict] = {}
         for w in self._weights():  # the 1-bit "denorm" vectors now, not inside a CUDA-graph capture
             if isinstance(w, BinaryWeight) and self.policy.denorm_reading and self.policy.takes(w, 1):
                 binary_denorm_of(w)
+
+    def _fold_plans(self) -> dict:
+        """``{i: (out_proj columns, router fold)}`` for the Mamba layers whose SSM update may take out_proj in
+        (:attr:`DecodePolicy.ssm_fold`, :mod:`qmamba.kernels.ssm_fold`): followed by a gated MoE layer whose fc2 has a
+        NormOut after it (not the last layer before a LayerNorm final norm), out_proj float or int4. Whether they do
+        at a batch size is :meth:`_folded`'s."""
+        if not (self.policy.ssm_fold and self.policy.norm_in_gemvs):
+            return {}
+        folds, n = {}, len(self.layers)
+        for i, plan in enumerate(self.layers[:-1]):
+            nxt = self.layers[i + 1]
+            if not isinstance(plan, _MambaPlan) or not isinstance(nxt, _MoePlan) or not nxt.gated:
+                continue
+            if i + 2 >= n and self.final_b is not None:
+                continue
+            cols = out_columns(plan.out_proj)
+            if cols is not None:
+                folds[i] = (cols, router_fold(nxt.router_w, nxt.norm_w, plan.out_proj))
+        return folds
+
+    def _folded(self, batch: int) -> frozenset:
+        """The Mamba layers whose SSM update takes out_proj in at this batch size (the norms in the GEMVs)."""
+        return frozenset(self._folds) if self._folds and self._norm_in_gemvs(batch) else frozenset()
 
     def _weights(self) -> list:
         """Every linear weight of a step: the head, then each layer's in forward order."""
@@ -168,7 +193,17 @@ class FusedDecodeStep:
                    rwt=torch.empty(batch, **f32), xpl=None, acc=None)
         if self._norm_in_gemvs(batch):  # per add + norm: the sum of squares and the router sums (NormOut)
             experts = max((p.router_w.shape[0] for p in self.layers if isinstance(p, _MoePlan)), default=0)
-            buf["acc"] = torch.zeros(len(self.layers) + 1, 1 + experts, **f32)
+            rows = (len(self.layers) + 1) * (1 + experts)
+            # the fold's pending and u (qmamba.kernels.ssm_fold; u zero-padded to the input planes' width, which the
+            # int4 plane-word fc1 after it reads as raw planes)
+            width = int4_x_planes_width(d)
+            folds = d + width if self._folded(batch) else 0
+            buf["norm_zero"] = torch.zeros(rows + folds, **f32)  # zeroed by the first add + norm of each step
+            buf["acc"] = buf["norm_zero"][:rows].view(len(self.layers) + 1, 1 + experts)
+            if folds:
+                buf["pend"] = buf["norm_zero"][rows:rows + d].view(1, d)
+                buf["u2pad"] = buf["norm_zero"][rows + d:].view(1, width)
+                buf["u2"] = buf["u2pad"][:, :d]
         if any(self._planes_read(w, batch, routed) for w, routed in self._x_readers()):
             # the int4 input planes of x, written by each add + norm, for the plane-word matrices that read x one row
             # a program (batch 1; routed experts as row programs at any batch)
@@ -268,7 +303,7 @@ class FusedDecodeStep:
         add_norm(buf["x"], res_in, norm_w, self.eps, h=h, token_ids=ids, embedding=self.embedding,
                  norm_b=norm_b, router_w=rw, router_b=rb, expert_idx=buf["idx"], expert_weight=buf["rwt"],
                  pdl=self.policy.pdl, x_planes=buf["xpl"], plane_programs=self.policy.norm_plane_programs,
-                 residual_out=res_out, zero=buf["acc"] if buf["acc"] is not None and call == 0 else None)
+                 residual_out=res_out, zero=buf["norm_zero"] if buf["acc"] is not None and call == 0 else None)
 
     def __call__(self, token_ids: torch.Tensor, state) -> torch.Tensor:
         token_ids = token_ids.contiguous()  # the gather kernel reads ids[b] at offset b (a column slice is strided)
@@ -277,6 +312,7 @@ class FusedDecodeStep:
         if buf["zero"]:
             buf["ws"].zero_()
         fused = buf["acc"] is not None  # the add + norms between layers in the GEMVs around them (NormOut / NormIn)
+        folded = self._folded(batch)  # Mamba layers with out_proj in their SSM update (qmamba.kernels.ssm_fold)
         h = None
         n = len(self.layers)
         for i, plan in enumerate(self.layers):
@@ -287,7 +323,12 @@ class FusedDecodeStep:
                                router=(plan.router_w, plan.router_b) if moe else None)
             nin = self._norm_in(buf, i) if fused and i > 0 else None
             nout = self._norm_out(buf, i + 1) if fused else None
-            h = self._moe(buf, plan, views, nin, nout) if moe else self._mamba(buf, plan, views, state, nin, nout)
+            if moe:
+                h = self._moe(buf, plan, views, nin, nout, after_fold=i - 1 in folded)
+            elif i in folded:
+                h = self._mamba_folded(buf, plan, views, state, nin, i)
+            else:
+                h = self._mamba(buf, plan, views, state, nin, nout)
         nin = None
         if fused and self.final_b is None:
             nin = self._norm_in(buf, n)
@@ -335,17 +376,49 @@ class FusedDecodeStep:
         return self._linear(y, plan.out_proj, out, bias=plan.out_bias, x_planes=buf["ypl"], x_plane_sums=False,
                             **({"norm_out": nout} if nout is not None else {}))
 
-    def _moe(self, buf, plan: _MoePlan, views, nin: NormIn | None = None, nout: NormOut | None = None):
+    def _mamba_folded(self, buf, plan: _MambaPlan, views, state, nin: NormIn, i: int):
+        """A Mamba layer whose SSM update takes out_proj in (:mod:`qmamba.kernels.ssm_fold`): in_proj (conv step in its
+        epilogue), x_proj, then the fold, which adds out_proj's output into ``pending`` and builds the next (MoE)
+        layer's norm input ``u2`` and router sums; that layer reads them (:meth:`_moe` ``after_fold``)."""
+        xz, dbc, _ = views
+        di = plan.in_proj.n // 2
+        conv_state = state.conv_state[plan.slot]
+        conv = (conv_state, plan.conv_w, plan.conv_b)
+        xc = buf["xc"][:, :di]
+        self._decode(buf["x"], plan.in_proj, xz, bias=plan.in_bias, conv_out=conv + (xc,), x_planes=buf["xpl"],
+                     x_plane_sums=nin is None, norm_in=nin)
+        self._decode(xc, plan.x_proj, dbc)
+        cols, rfold = self._folds[i]
+        nxt = self.layers[i + 1]
+        fold = SsmFold(cols, plan.out_bias, nxt.norm_w, nxt.router_w, rfold, self._live_residual(buf), buf["pend"],
+                       buf["u2"], buf["acc"][i + 1])
+        block_d = self.policy.ssm_fold_block_d_float if cols.fmt == FOLD_FLOAT else self.policy.ssm_fold_block_d
+        ssm_update_fold(dbc, plan.dt_w, plan.dt_bias, xz[:, :di], xz[:, di:], plan.A, plan.D,
+                        state.ssm_state[plan.slot], buf["y"], fold, conv=conv, pdl=self.policy.pdl, block_d=block_d,
+                        num_warps=self.policy.ssm_fold_warps)
+
+    def _moe(self, buf, plan: _MoePlan, views, nin: NormIn | None = None, nout: NormOut | None = None,
+             after_fold: bool = False):
+        """An MoE layer. ``after_fold``: the Mamba layer before it folded out_proj into its SSM update, so fc1 reads the
+        norm input ``u2`` the fold built and sums the squares of ``residual + pending`` itself (:class:`NormIn`'s
+        ``residual``), and fc2's NormOut adds ``pending`` into the residual (and zeroes it and ``u2``)."""
         h1, out = views
         ffn = plan.fc1.n // 2 if plan.gated else plan.fc1.n
         act = buf["act"][:, :ffn]
+        x, x_planes = buf["x"], buf["xpl"]
+        if after_fold:  # the fold's u: int4 plane words read it as raw planes (padded), others as x
+            x = buf["u2"]
+            x_planes = buf["u2pad"] if self._planes_read(plan.fc1, 1, routed=True) else None
+            nout = dataclasses.replace(nout, pending=buf["pend"], clear=buf["u2"])
         # gate, up and activation in one kernel
         if plan.gated and self.policy.takes(plan.fc1, act.shape[0], routed=True):
             route = None
             if nin is not None:  # the route from the accumulated norm (no router kernel ran)
                 route = self._route(nin, plan, scale=True)
-            self._decode(buf["x"], plan.fc1, act, row_expert=buf["idx"], gated=plan.activation, x_planes=buf["xpl"],
-                         out_planes=buf["apl"], x_plane_sums=nin is None, norm_in=route)
+                if after_fold:
+                    route = dataclasses.replace(route, residual=self._live_residual(buf), pending=buf["pend"])
+            self._decode(x, plan.fc1, act, row_expert=buf["idx"], gated=plan.activation, x_planes=x_planes,
+                         out_planes=buf["apl"], x_plane_sums=nin is None, norm_in=route, x_planes_raw=after_fold)
         else:
             self._linear(buf["x"], plan.fc1, h1, row_expert=buf["idx"])
             gated_act(h1, plan.activation, plan.gated, out=act)

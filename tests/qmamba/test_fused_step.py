@@ -267,3 +267,60 @@ def test_fused_step_with_norms_in_the_gemvs(name, fmt, programs, device):
                 tok = ref.argmax(-1)
     finally:
         fused_step.add_norm = real
+
+
+@pytest.mark.parametrize("fmt,final_norm,bias", [("int4g128", "layernorm", False), ("int4g128", "rmsnorm", True),
+                                                  ("float", "layernorm", True), ("int8", "rmsnorm", False)])
+@torch.no_grad()
+def test_fused_step_with_out_proj_folded_into_the_ssm_update(fmt, final_norm, bias, device):
+    """``DecodePolicy.ssm_fold`` (with the norms in the GEMVs, one row): a Mamba layer before an MoE layer runs its
+    SSM update with out_proj folded in (``qmamba.kernels.ssm_fold``); the MoE layer's fc1 reads the norm input the
+    fold built and sums the squares of residual + pending itself, its fc2 adds pending into the residual. Six layers:
+    every Mamba layer folds but the last before a LayerNorm final norm (its fc2 has no NormOut), int8 out_proj never
+    (counted). Logits and states as the reference model's over three steps; the fold's buffers zero after each
+    step; at batch 2 nothing folds."""
+    import qmamba.fused_step as fused_step
+
+    config = dataclasses.replace(preset("tiny-blackmamba"), layers=["r", "4"] * 3, final_norm=final_norm)
+    model = random_model(config, device)
+    if bias:
+        for block in model.blocks:
+            if block.is_mamba:
+                block.mixer.out_proj.bias = torch.nn.Parameter(torch.randn(config.d_model, device=device) * 0.1)
+    model = quantize_rtn(model, FORMATS[fmt]) if FORMATS[fmt] is not None else model
+    policy = DecodePolicy.for_device(device)
+    if fmt == "int4g128":
+        policy = dataclasses.replace(policy, formats=(0, 1, 3), max_rows=1, max_rows_planes=1, max_rows_routed=8,
+                                     int4_planes=True, int4_unpack="denorm", planes_mma=False,
+                                     routed_row_programs=True, int4_x_planes=True)
+    policy = dataclasses.replace(policy, norm_in_gemvs=True, ssm_fold=True, ssm_fold_block_d=32,
+                                 ssm_fold_block_d_float=16)
+    step = FusedDecodeStep(model, policy)
+    want = set() if fmt == "int8" else {0, 2} if final_norm == "layernorm" else {0, 2, 4}
+    assert set(step._folds) == want
+    folds, updates = [], []
+    real_fold, real_update = fused_step.ssm_update_fold, fused_step.dt_state_update
+    fused_step.ssm_update_fold = lambda *a, **kw: (folds.append(1), real_fold(*a, **kw))[1]
+    fused_step.dt_state_update = lambda *a, **kw: (updates.append(1), real_update(*a, **kw))[1]
+    try:
+        for batch in (1, 2):
+            ids = torch.randint(0, config.vocab_size, (batch, 4), device=device)
+            _, state = model.prefill(ids)
+            ref_state = state.clone()
+            tok = ids[:, 1]
+            for _ in range(3):
+                folds.clear()
+                updates.clear()
+                logits = step(tok, state)
+                n_folds = len(want) if batch == 1 else 0
+                assert (len(folds), len(updates)) == (n_folds, 3 - n_folds)
+                if n_folds:
+                    buf = step._buffers[batch]
+                    assert buf["pend"].abs().max() == 0 and buf["u2"].abs().max() == 0
+                ref = model.step(tok, ref_state)
+                torch.testing.assert_close(logits, ref.float(), atol=1e-3, rtol=1e-3)
+                torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(state.conv_state, ref_state.conv_state, atol=1e-4, rtol=1e-4)
+                tok = ref.argmax(-1)
+    finally:
+        fused_step.ssm_update_fold, fused_step.dt_state_update = real_fold, real_update

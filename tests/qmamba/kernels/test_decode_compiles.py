@@ -296,3 +296,59 @@ def test_norms_in_the_gemvs_compile():
     stacks = [int(line.split()[-1]) for line in lines]
     in_proj_allowance = 0 if triton.__version__.startswith("3.6") else 8
     assert stacks[0] <= in_proj_allowance and stacks[1:] == [0, 0, 0, 0], stdout
+
+
+_FOLD_COMPILE = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from inspect_decode_kernel import _Recorder, compile_recorded, report
+from qmamba.kernels import decode_linear as dl, ssm_fold as sf
+from qmamba.kernels.decode_linear import DecodePolicy, NormIn, NormOut
+from qmamba.kernels.weights import PackedWeight
+from qmamba.quant.formats import Int4Format
+from qmamba.quant.layout import int4_x_planes
+pol = DecodePolicy.cuda(132, True)
+fmt = Int4Format(128)
+def planes(n, k, e=None):
+    lead = (e,) if e else ()
+    return fmt.kernel_weight(fmt.quantize_rtn(torch.randn(*lead, n, k) / k ** 0.5), n, k).to_planes()
+d, di, f, r, n = 1472, 2944, 3872, 92, 16
+bf = torch.bfloat16
+e = lambda *s: torch.empty(*s, dtype=bf)
+acc, res, pend, u = torch.zeros(37 * 9), torch.zeros(1, d), torch.zeros(1, d), torch.zeros(1, d)
+fold_kernel, linear_kernel = sf._ssm_fold_kernel, dl._decode_linear_kernel
+sf._ssm_fold_kernel = frec = _Recorder(fold_kernel)
+dl._decode_linear_kernel = lrec = _Recorder(linear_kernel)
+for w, bd in ((planes(d, di), pol.ssm_fold_block_d), (PackedWeight.from_float(e(d, di)), pol.ssm_fold_block_d_float)):
+    fold = sf.SsmFold(sf.out_columns(w), None, e(d), e(8, d), torch.empty(8, di), res, pend, u, acc[:9])
+    sf.ssm_update_fold(e(1, r + 2 * n), e(di, r), e(di), e(1, di), e(1, di), torch.empty(di, n), e(di),
+                       torch.empty(1, di, n), e(1, di), fold, conv=(e(1, di, 4), e(di, 4), e(di)), pdl=True,
+                       block_d=bd, num_warps=pol.ssm_fold_warps)
+idx = torch.zeros(1, dtype=torch.int32)
+route = NormIn(acc[:9], d, 1e-5, route=True, router_b=torch.zeros(8), residual=res, pending=pend)
+dl.decode_linear(u, planes(2 * f, d, 8), e(1, f), row_expert=idx, gated="silu", policy=pol, norm_in=route,
+                 out_planes=torch.zeros(1, 9, 4096))                                  # fc1 after a fold: u, no planes
+a = torch.randn(1, f, dtype=bf)
+nout = NormOut(res, torch.ones(d, dtype=bf), acc[9:18], e(1, d), planes=torch.zeros(1, 9, 2048), pending=pend,
+               clear=u)
+dl.decode_linear(a, planes(d, f, 8), torch.empty(1, d), row_expert=idx, row_scale=torch.empty(1), policy=pol,
+                 expert_ready=True, x_planes=int4_x_planes(a), x_plane_sums=False,
+                 norm_in=NormIn(acc[:9], d, 1e-5, scale=False, route=True), norm_out=nout)   # fc2 adding pending
+for real, rec in ((fold_kernel, frec), (linear_kernel, lrec)):
+    for grid, args, meta in rec.calls:
+        meta = dict(meta, num_warps=pol.ssm_fold_warps if real is fold_kernel else meta["num_warps"])
+        meta.pop("launch_pdl", None)
+        r = report(compile_recorded(real, args, meta, 90))
+        print("regs", r["regs"], "stack", r["stack"])
+"""
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_ssm_fold_compiles():
+    """``DecodePolicy.ssm_fold``: the SSM update with out_proj folded in (int4 column words and float out_proj, the
+    CUDA policy's channels and warps), fc1 reading the fold's norm input with the sum of squares of residual +
+    pending, and fc2 adding pending into the residual, at BlackMamba-2.8B's shapes, compile for sm_90 without
+    spills."""
+    stdout = _compiled("-c", _FOLD_COMPILE, str(ROOT / "benchmarks"), timeout=900)
+    lines = [line for line in stdout.splitlines() if line.startswith("regs")]
+    assert len(lines) == 4 and all(line.endswith("stack 0") for line in lines), stdout
