@@ -119,9 +119,9 @@ def _ssm_fold_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dskip_ptr, 
         om = o < D
         wo = tl.load(ow_ptr + o[:, None] * s_ow + d[None, :], mask=om[:, None] & dm[None, :], other=0.0)
         nwo = tl.load(nw_ptr + o, mask=om, other=0.0).to(tl.float32)
-    else:  # int4: the block's column words [BLOCK_D, words]
+    else:  # int4: the block's column words as [words, BLOCK_D] (the words contiguous along axis 0)
         n_words = (D + 127) // 128 * 16  # layout.INT4_TILE elements in INT4_TILE_WORDS words (checked below)
-        wo = tl.load(ow_ptr + d[:, None] * s_ow + o[None, :], mask=dm[:, None] & (o < n_words)[None, :], other=0)
+        wo = tl.load(ow_ptr + d[None, :] * s_ow + o[:, None], mask=(o < n_words)[:, None] & dm[None, :], other=0)
     e = tl.arange(0, BLOCK_E)
     em = e < E
     rf = tl.load(rf_ptr + e[:, None] * s_rf + d[None, :], mask=em[:, None] & dm[None, :], other=0.0)
@@ -157,7 +157,7 @@ def _ssm_fold_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dskip_ptr, 
         hi = wo >> 20
         for i in tl.static_range(8):
             # code * 2^(4p - 149) times y * 2^(96 - 4p): code * y * 2^-53, summed over the block's channels
-            acc_i = tl.sum(_subnormal_codes(wo, hi, i) * (yq * x_plane_scale(i))[:, None], axis=0)
+            acc_i = tl.sum(_subnormal_codes(wo, hi, i) * (yq * x_plane_scale(i))[None, :], axis=1)
             n = (o // 16) * 128 + 16 * i + (o % 16)
             nm = n < D
             s = tl.load(os_ptr + g * s_os + n, mask=nm, other=0.0)
