@@ -19,6 +19,10 @@ after it multiply their products by ``1 / rms`` and fc1 / fc2 take the route fro
 layer of the normed row is ``1 / rms`` times the same layer of ``u``. Only the first layer's add + norm (the
 embedding; it also zeroes the sums) and a LayerNorm final norm (BlackMamba's) stay kernels.
 
+With ``DecodePolicy.ssm_fold`` too, a Mamba layer before an MoE layer has no out_proj launch: its SSM update adds
+out_proj's output block by block into a pending residual term, the MoE norm's input and its router sums
+(:mod:`qmamba.kernels.ssm_fold`); the MoE layer's fc1 sums the squares itself and fc2 adds the pending term in.
+
 The linear layers are :func:`qmamba.kernels.decode_linear.decode_linear` (whole rows per program, no split-K, no
 workspace to zero); on Hopper every kernel is a programmatic dependent launch, so inside the CUDA graph each
 kernel's weight loads overlap the previous kernel (:class:`DecodePolicy`, an explicit argument). Weights are read in
