@@ -99,6 +99,28 @@ class SsmFold:
 
 # ---- kernel --------------------------------------------------------------------------------------------------------
 @jit
+def _nibble_consts(os_ptr, oz_ptr, nw_ptr, g, s_os, o, D, i: tl.constexpr):
+    """Outputs ``n`` of nibble ``i`` of the column words ``o`` (layout.int4_to_columns), their mask, and their
+    scale, zero point (group ``g``) and next-norm weight, fp32 (constants: loaded before the wait)."""
+    n = (o // 16) * 128 + 16 * i + (o % 16)
+    nm = n < D
+    s = tl.load(os_ptr + g * s_os + n, mask=nm, other=0.0)
+    z = tl.load(oz_ptr + g * s_os + n, mask=nm, other=0.0)
+    return n, nm, s, z, tl.load(nw_ptr + n, mask=nm, other=0.0).to(tl.float32)
+
+
+@jit
+def _nibble_out(wo, hi, yb, ysum, n, nm, s, z, nw, pend_ptr, u_ptr, i: tl.constexpr):
+    """Nibble ``i``'s outputs of this block's share, added into ``pending`` and (times the norm weight) ``u``: the
+    code masked in place as a subnormal, ``code * 2^(4p - 149)``, times ``y * 2^(96 - 4p)`` is ``code * y * 2^-53``,
+    summed over the block's channels (``yb``: y broadcast to the words' tile once, its layout converted once)."""
+    acc = tl.sum(_subnormal_codes(wo, hi, i) * (yb * x_plane_scale(i)), axis=1)
+    part = s * (acc * (2.0 ** 53) - z * ysum)
+    tl.atomic_add(pend_ptr + n, part, mask=nm, sem="relaxed")
+    tl.atomic_add(u_ptr + n, part * nw, mask=nm, sem="relaxed")
+
+
+@jit
 def _ssm_fold_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dskip_ptr, h_ptr, cs_ptr, cw_ptr, cb_ptr, yty_ptr,
                      ow_ptr, os_ptr, oz_ptr, ob_ptr, nw_ptr, rf_ptr, rw_ptr, res_ptr, pend_ptr, u_ptr, acc_ptr,
                      DI, R, N, D, E, GS, s_dbc, s_x, s_z, s_w, s_h, scs_b, scs_d, s_ow, s_os, s_rf, s_rw,
@@ -122,6 +144,15 @@ def _ssm_fold_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dskip_ptr, 
     else:  # int4: the block's column words as [words, BLOCK_D] (the words contiguous along axis 0)
         n_words = (D + 127) // 128 * 16  # layout.INT4_TILE elements in INT4_TILE_WORDS words (checked below)
         wo = tl.load(ow_ptr + d[None, :] * s_ow + o[:, None], mask=(o < n_words)[:, None] & dm[None, :], other=0)
+        g = (c * BLOCK_D) // GS  # the block's quantization group (BLOCK_D divides the group size)
+        n0, m0, s0, z0, w0 = _nibble_consts(os_ptr, oz_ptr, nw_ptr, g, s_os, o, D, 0)
+        n1, m1, s1, z1, w1 = _nibble_consts(os_ptr, oz_ptr, nw_ptr, g, s_os, o, D, 1)
+        n2, m2, s2, z2, w2 = _nibble_consts(os_ptr, oz_ptr, nw_ptr, g, s_os, o, D, 2)
+        n3, m3, s3, z3, w3 = _nibble_consts(os_ptr, oz_ptr, nw_ptr, g, s_os, o, D, 3)
+        n4, m4, s4, z4, w4 = _nibble_consts(os_ptr, oz_ptr, nw_ptr, g, s_os, o, D, 4)
+        n5, m5, s5, z5, w5 = _nibble_consts(os_ptr, oz_ptr, nw_ptr, g, s_os, o, D, 5)
+        n6, m6, s6, z6, w6 = _nibble_consts(os_ptr, oz_ptr, nw_ptr, g, s_os, o, D, 6)
+        n7, m7, s7, z7, w7 = _nibble_consts(os_ptr, oz_ptr, nw_ptr, g, s_os, o, D, 7)
     e = tl.arange(0, BLOCK_E)
     em = e < E
     rf = tl.load(rf_ptr + e[:, None] * s_rf + d[None, :], mask=em[:, None] & dm[None, :], other=0.0)
@@ -152,20 +183,17 @@ def _ssm_fold_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dskip_ptr, 
         tl.atomic_add(pend_ptr + o, part, mask=om, sem="relaxed")
         tl.atomic_add(u_ptr + o, part * nwo, mask=om, sem="relaxed")
     else:
-        g = (c * BLOCK_D) // GS  # the block's quantization group (BLOCK_D divides the group size)
         ysum = tl.sum(yq, axis=0)
         hi = wo >> 20
-        for i in tl.static_range(8):
-            # code * 2^(4p - 149) times y * 2^(96 - 4p): code * y * 2^-53, summed over the block's channels
-            acc_i = tl.sum(_subnormal_codes(wo, hi, i) * (yq * x_plane_scale(i))[None, :], axis=1)
-            n = (o // 16) * 128 + 16 * i + (o % 16)
-            nm = n < D
-            s = tl.load(os_ptr + g * s_os + n, mask=nm, other=0.0)
-            zp = tl.load(oz_ptr + g * s_os + n, mask=nm, other=0.0)
-            part = s * (acc_i * (2.0 ** 53) - zp * ysum)
-            tl.atomic_add(pend_ptr + n, part, mask=nm, sem="relaxed")
-            tl.atomic_add(u_ptr + n, part * tl.load(nw_ptr + n, mask=nm, other=0.0).to(tl.float32), mask=nm,
-                          sem="relaxed")
+        yq = yq[None, :] + tl.zeros(wo.shape, dtype=tl.float32)
+        _nibble_out(wo, hi, yq, ysum, n0, m0, s0, z0, w0, pend_ptr, u_ptr, 0)
+        _nibble_out(wo, hi, yq, ysum, n1, m1, s1, z1, w1, pend_ptr, u_ptr, 1)
+        _nibble_out(wo, hi, yq, ysum, n2, m2, s2, z2, w2, pend_ptr, u_ptr, 2)
+        _nibble_out(wo, hi, yq, ysum, n3, m3, s3, z3, w3, pend_ptr, u_ptr, 3)
+        _nibble_out(wo, hi, yq, ysum, n4, m4, s4, z4, w4, pend_ptr, u_ptr, 4)
+        _nibble_out(wo, hi, yq, ysum, n5, m5, s5, z5, w5, pend_ptr, u_ptr, 5)
+        _nibble_out(wo, hi, yq, ysum, n6, m6, s6, z6, w6, pend_ptr, u_ptr, 6)
+        _nibble_out(wo, hi, yq, ysum, n7, m7, s7, z7, w7, pend_ptr, u_ptr, 7)
 
 
 # ---- launcher and reference twin -----------------------------------------------------------------------------------
