@@ -396,10 +396,12 @@ class FusedDecodeStep:
         nxt = self.layers[i + 1]
         fold = SsmFold(cols, plan.out_bias, nxt.norm_w, nxt.router_w, rfold, self._live_residual(buf), buf["pend"],
                        buf["u2"], buf["acc"][i + 1])
-        block_d = self.policy.ssm_fold_block_d_float if cols.fmt == FOLD_FLOAT else self.policy.ssm_fold_block_d
+        pol = self.policy
+        block_d, warps = ((pol.ssm_fold_block_d_float, pol.ssm_fold_warps_float) if cols.fmt == FOLD_FLOAT else
+                          (pol.ssm_fold_block_d, pol.ssm_fold_warps))
         ssm_update_fold(dbc, plan.dt_w, plan.dt_bias, xz[:, :di], xz[:, di:], plan.A, plan.D,
-                        state.ssm_state[plan.slot], buf["y"], fold, conv=conv, pdl=self.policy.pdl, block_d=block_d,
-                        num_warps=self.policy.ssm_fold_warps)
+                        state.ssm_state[plan.slot], buf["y"], fold, conv=conv, pdl=pol.pdl, block_d=block_d,
+                        num_warps=warps)
 
     def _moe(self, buf, plan: _MoePlan, views, nin: NormIn | None = None, nout: NormOut | None = None,
              after_fold: bool = False):

@@ -149,7 +149,8 @@ class DecodePolicy:
     #                              same adds): one launch a Mamba layer fewer (float and int4 out_proj)
     ssm_fold_block_d: int = 32   # channels a program of the fold, int4 out_proj (capped at the group size)
     ssm_fold_block_d_float: int = 16  # the same, float out_proj (its block is read as stored: D x channels)
-    ssm_fold_warps: int = 8
+    ssm_fold_warps: int = 8      # warps a program of the fold, int4 out_proj
+    ssm_fold_warps_float: int = 8  # the same, float out_proj
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
 
     def __post_init__(self):

@@ -319,11 +319,13 @@ acc, res, pend, u = torch.zeros(37 * 9), torch.zeros(1, d), torch.zeros(1, d), t
 fold_kernel, linear_kernel = sf._ssm_fold_kernel, dl._decode_linear_kernel
 sf._ssm_fold_kernel = frec = _Recorder(fold_kernel)
 dl._decode_linear_kernel = lrec = _Recorder(linear_kernel)
-for w, bd in ((planes(d, di), pol.ssm_fold_block_d), (PackedWeight.from_float(e(d, di)), pol.ssm_fold_block_d_float)):
+for w, bd, warps in ((planes(d, di), pol.ssm_fold_block_d, pol.ssm_fold_warps),
+                     (PackedWeight.from_float(e(d, di)), pol.ssm_fold_block_d_float, pol.ssm_fold_warps_float)):
     fold = sf.SsmFold(sf.out_columns(w), None, e(d), e(8, d), torch.empty(8, di), res, pend, u, acc[:9])
     sf.ssm_update_fold(e(1, r + 2 * n), e(di, r), e(di), e(1, di), e(1, di), torch.empty(di, n), e(di),
                        torch.empty(1, di, n), e(1, di), fold, conv=(e(1, di, 4), e(di, 4), e(di)), pdl=True,
-                       block_d=bd, num_warps=pol.ssm_fold_warps)
+                       block_d=bd, num_warps=warps)
+    frec.calls[-1][2]["num_warps"] = warps  # (the launcher gives CPU tensors one warp)
 idx = torch.zeros(1, dtype=torch.int32)
 route = NormIn(acc[:9], d, 1e-5, route=True, router_b=torch.zeros(8), residual=res, pending=pend)
 dl.decode_linear(u, planes(2 * f, d, 8), e(1, f), row_expert=idx, gated="silu", policy=pol, norm_in=route,
@@ -336,7 +338,6 @@ dl.decode_linear(a, planes(d, f, 8), torch.empty(1, d), row_expert=idx, row_scal
                  norm_in=NormIn(acc[:9], d, 1e-5, scale=False, route=True), norm_out=nout)   # fc2 adding pending
 for real, rec in ((fold_kernel, frec), (linear_kernel, lrec)):
     for grid, args, meta in rec.calls:
-        meta = dict(meta, num_warps=pol.ssm_fold_warps if real is fold_kernel else meta["num_warps"])
         meta.pop("launch_pdl", None)
         r = report(compile_recorded(real, args, meta, 90))
         print("regs", r["regs"], "stack", r["stack"])
