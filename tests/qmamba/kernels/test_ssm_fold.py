@@ -66,12 +66,14 @@ def test_ssm_fold_twin_is_the_ssm_update_then_out_proj(device):
     torch.manual_seed(1)
     pw = _out_proj("float", 0, device)
     w_out = pw.dequantized()[0]
-    dbc, dt_w, dt_b = torch.randn(1, R + 2 * N), torch.randn(DI, R) * 0.1, torch.randn(DI) * 0.1
-    x, z, A, D_skip, state = torch.randn(1, DI), torch.randn(1, DI), -torch.rand(DI, N), torch.randn(DI), \
-        torch.randn(1, DI, N)
-    norm_w, router_w, res = torch.rand(D) + 0.5, torch.randn(E, D), torch.randn(1, D)
+    f32 = dict(device=device, dtype=torch.float32)
+    dbc, dt_w, dt_b = torch.randn(1, R + 2 * N, **f32), torch.randn(DI, R, **f32) * 0.1, torch.randn(DI, **f32) * 0.1
+    x, z, A, D_skip = torch.randn(1, DI, **f32), torch.randn(1, DI, **f32), -torch.rand(DI, N, **f32), \
+        torch.randn(DI, **f32)
+    state = torch.randn(1, DI, N, **f32)
+    norm_w, router_w, res = torch.rand(D, **f32) + 0.5, torch.randn(E, D, **f32), torch.randn(1, D, **f32)
     fold = SsmFold(out_columns(pw), None, norm_w, router_w, router_fold(router_w, norm_w, pw), res,
-                   torch.zeros(1, D), torch.zeros(1, D), torch.zeros(1 + E))
+                   torch.zeros(1, D, **f32), torch.zeros(1, D, **f32), torch.zeros(1 + E, **f32))
     _, _, pending, u, acc = ssm_update_fold_ref(dbc, dt_w, dt_b, x, z, A, D_skip, state, torch.float32, fold, w_out)
     y, _ = dt_state_update_ref(dbc, dt_w, dt_b, x, z, A, D_skip, state)
     new_res = res + y @ w_out.t()
