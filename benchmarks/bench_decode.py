@@ -195,6 +195,8 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         if m.group(4):
             out = dataclasses.replace(out, ssm_fold_warps=int(m.group(4)))
         return out
+    if v.startswith("headbn"):  # e.g. headbn16: 16 rows a program of the head at one row (DecodePolicy.block_n_wide)
+        return dataclasses.replace(base, block_n_wide=int(v[6:]))
     if v.startswith("maxp"):  # e.g. maxp1056: twice the int4 / 1-bit rows a program for grids just past 1056 programs
         return dataclasses.replace(base, max_programs=int(v[4:]))
     if v.startswith("normp"):  # e.g. normp4: programs a row of each add + norm writing the int4 input planes

@@ -52,6 +52,7 @@ from qmamba.quant.layout import (INT4_TILE, INT4_TILE_WORDS, binary_denorm_vecto
 
 MAX_ROWS = 8
 NARROW_N = 512  # "narrow" matrices (DecodePolicy.max_rows_narrow): x_proj's dt rank + 2 d_state outputs
+WIDE_N = 16384  # "wide" matrices (DecodePolicy.block_n_wide): the vocabulary head
 MMA_ROWS = 16  # rows and weight rows of a tensor-core tile (plane words, 2+ input rows)
 INT4_UNPACK = {"shift": 0, "magic": 1, "denorm": 2}  # DecodePolicy.int4_unpack -> the kernels' UNPACK
 UNPACK_DENORM_X_IN_TILE = 3  # "denorm" with the input read in the tile's shape (DecodePolicy.int4_x_in_tile)
@@ -139,6 +140,8 @@ class DecodePolicy:
     #                              token fewer (the first layer's and a LayerNorm final norm keep theirs)
     norm_in_gemvs_binary: bool = False  # norm_in_gemvs also where a step has 1-bit weights (session 26, H200:
     #                              1-bit + int4 0.571 -> 0.576 ms/token with it, int4 0.522 -> 0.489)
+    block_n_wide: int = 0        # rows a program of a wide matrix (the head: N >= WIDE_N), int4 or float, one input
+    #                              row; 0: as any other matrix (BlackMamba-2.8B's int4 head: 4 rows, 12,576 programs)
     ssm_block_d: int = 32        # fused step at one row: channels per program of the SSM update kernel
     #                              (dt_state_update; 32: 92 programs for BlackMamba-2.8B's 2944 channels; 8 compiles
     #                              to ~1/3 of the instructions per thread with 4x the programs: the CUDA policy's)
@@ -248,6 +251,8 @@ class DecodePolicy:
         binary = self.block_n_binary_gated if gated else self.block_n_binary
         bn = self.block_n_int4 if int4 else binary if fmt == FMT_BINARY else self.block_n_float
         bn = max(1, bn // (1 if rows <= 2 else 2 if rows <= 4 else 4))
+        if self.block_n_wide and n >= WIDE_N and rows == 1 and not gated and fmt != FMT_BINARY:
+            return min(self.block_n_wide, next_pow2(n))
         if packed and self.max_programs and not gated and self.max_programs < -(-n // bn) <= 2 * self.max_programs:
             bn *= 2
         if packed and self.min_programs:
