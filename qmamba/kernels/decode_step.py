@@ -50,7 +50,8 @@ def _store_planes(xpl_row, cols, y, KPAD: tl.constexpr):
 
 @jit
 def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, out_ptr, rw_ptr, rb_ptr, idx_ptr,
-                     rwt_ptr, xpl_ptr, zero_ptr, n_zero, D, E, eps, sh_b, s_emb, sri_b, sr_b, so_b, srw_e, sxpl_b,
+                     rwt_ptr, xpl_ptr, zero_ptr, h2_ptr, n_zero, D, E, eps, sh_b, s_emb, sri_b, sr_b, so_b, srw_e,
+                     sxpl_b, sh2_b, HAS_H2: tl.constexpr,
                      ZERO_BLOCK: tl.constexpr, FIRST: tl.constexpr, HAS_RES: tl.constexpr, LAYERNORM: tl.constexpr,
                      ROUTER: tl.constexpr, HAS_RB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
                      PDL: tl.constexpr, X_PLANES: tl.constexpr, KPAD: tl.constexpr, SLICE: tl.constexpr):
@@ -65,7 +66,8 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, o
     SLICE)`` (whole plane tiles), from those columns read again; program 0 also writes the residual, ``out`` and the
     routing. One program a row (``SLICE = KPAD``) computes and stores all 9 x KPAD plane values itself; spread over
     programs, that work runs side by side (H200, session 21: 4 programs a row, int4 decode ~1% faster).
-    ``ZERO_BLOCK > 0``: program (0, 0) also zeroes ``n_zero`` floats at ``zero_ptr`` (after the wait)."""
+    ``ZERO_BLOCK > 0``: program (0, 0) also zeroes ``n_zero`` floats at ``zero_ptr`` (after the wait). ``HAS_H2``: a
+    second term ``h2`` (fp32) is added into the residual with ``h``."""
     b = tl.program_id(0)
     part = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
@@ -97,6 +99,8 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, o
         r = tl.load(emb_ptr + tok * s_emb + d, mask=dm, other=0.0).to(tl.float32)
     else:
         r = tl.load(h_ptr + b * sh_b + d, mask=dm, other=0.0).to(tl.float32)
+        if HAS_H2:
+            r += tl.load(h2_ptr + b * sh2_b + d, mask=dm, other=0.0)
         if HAS_RES:
             r += tl.load(rin_ptr + b * sri_b + d, mask=dm, other=0.0)
     mean = 0.0
@@ -126,6 +130,8 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, o
             rs = tl.load(emb_ptr + tok * s_emb + ds, mask=dsm, other=0.0).to(tl.float32)
         else:
             rs = tl.load(h_ptr + b * sh_b + ds, mask=dsm, other=0.0).to(tl.float32)
+            if HAS_H2:
+                rs += tl.load(h2_ptr + b * sh2_b + ds, mask=dsm, other=0.0)
             if HAS_RES:
                 rs += tl.load(rin_ptr + b * sri_b + ds, mask=dsm, other=0.0)
         nws = tl.load(w_ptr + ds, mask=dsm, other=0.0).to(tl.float32)
@@ -230,7 +236,7 @@ def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dski
 # ---- launchers and reference twins -------------------------------------------------------------------------------
 def add_norm(x_out, residual, norm_w, eps, h=None, token_ids=None, embedding=None, norm_b=None, router_w=None,
              router_b=None, expert_idx=None, expert_weight=None, pdl: bool = False, x_planes=None,
-             plane_programs: int = 1, residual_out=None, zero=None):
+             plane_programs: int = 1, residual_out=None, zero=None, h2=None):
     """In place: ``residual [B, d]`` fp32 becomes ``h + residual`` (``h [B, d]``), or ``embedding[token_ids]`` when
     ``h`` is None (the first layer); with ``residual_out`` (another ``[B, d]`` fp32 buffer) that one receives it and
     ``residual`` is only read; ``x_out [B, d]`` receives the norm of it (LayerNorm when ``norm_b`` is given,
@@ -244,11 +250,14 @@ def add_norm(x_out, residual, norm_w, eps, h=None, token_ids=None, embedding=Non
     writes the new one, so a residual added in place (no ``residual_out``) keeps one program a row. ``zero``: a
     contiguous float32 tensor zeroed by the same launch (by its first program, 4,096 elements a trip; the fused step's
     norm sums and the buffers of :mod:`qmamba.kernels.ssm_fold`,
-    :class:`qmamba.kernels.decode_linear.NormOut`)."""
+    :class:`qmamba.kernels.decode_linear.NormOut`). ``h2 [B, d]`` fp32 (with ``h``): a second term added into the
+    residual (a fold's pending term before a final norm, :mod:`qmamba.kernels.ssm_fold`)."""
     if zero is not None and (zero.dtype != torch.float32 or not zero.is_contiguous()):
         raise ValueError("add_norm: zero must be a contiguous float32 tensor")
     if h is None and (token_ids is None or embedding is None):
         raise ValueError("add_norm: the first layer needs token_ids and the embedding")
+    if h2 is not None and (h is None or h2.shape != h.shape or h2.dtype != torch.float32 or h2.stride(-1) != 1):
+        raise ValueError("add_norm: h2 must be a float32 tensor of h's shape (unit last stride)")
     if residual_out is None:
         residual_out = residual
         if h is not None:
@@ -257,12 +266,12 @@ def add_norm(x_out, residual, norm_w, eps, h=None, token_ids=None, embedding=Non
         # (the split planes read the residual twice: it must not be the buffer written)
         raise ValueError("add_norm: residual_out must be another buffer of the residual's shape")
     _launch_add_norm(x_out, residual, residual_out, norm_w, eps, h, token_ids, embedding, norm_b, router_w,
-                     router_b, expert_idx, expert_weight, pdl, x_planes, plane_programs, zero)
+                     router_b, expert_idx, expert_weight, pdl, x_planes, plane_programs, zero, h2)
 
 
 def _launch_add_norm(x_out, residual_in, residual_out, norm_w, eps, h, token_ids, embedding, norm_b, router_w,
                      router_b, expert_idx, expert_weight, pdl: bool, x_planes=None, plane_programs: int = 1,
-                     zero=None):
+                     zero=None, h2=None):
     """``_add_norm_kernel`` over the rows of ``x_out``: the residual read from ``residual_in`` (None: none added)
     and written to ``residual_out``; with ``x_planes``, ``plane_programs`` programs a row (rounded down to a power
     of two that divides the planes' tiles)."""
@@ -284,9 +293,12 @@ def _launch_add_norm(x_out, residual_in, residual_out, norm_w, eps, h, token_ids
         router_b if router_b is not None else dummy, expert_idx if expert_idx is not None else residual_out,
         expert_weight if expert_weight is not None else residual_out,
         x_planes if x_planes is not None else residual_out, zero if zero is not None else residual_out,
-        zero.numel() if zero is not None else 0, d, e, float(eps), h.stride(0) if h is not None else 0, embedding.stride(0) if embedding is not None else 0,
+        h2 if h2 is not None else residual_out,
+        zero.numel() if zero is not None else 0, d, e, float(eps), h.stride(0) if h is not None else 0,
+        embedding.stride(0) if embedding is not None else 0,
         rin.stride(0), residual_out.stride(0), x_out.stride(0), router_w.stride(0) if router_w is not None else 0,
-        x_planes.stride(0) if x_planes is not None else 0,
+        x_planes.stride(0) if x_planes is not None else 0, h2.stride(0) if h2 is not None else 0,
+        HAS_H2=h2 is not None,
         ZERO_BLOCK=min(next_pow2(zero.numel()), 4096) if zero is not None and zero.numel() else 0,
         FIRST=h is None, HAS_RES=residual_in is not None, LAYERNORM=norm_b is not None,
         ROUTER=router_w is not None, HAS_RB=router_b is not None, BLOCK_D=block_d, BLOCK_E=next_pow2(e),

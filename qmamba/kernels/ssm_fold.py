@@ -84,7 +84,10 @@ class SsmFold:
     """What the folded out_proj adds into (see the module docstring): ``out`` (:class:`OutColumns`), its ``bias``,
     the next norm's weight ``norm_w [D]``, the next router ``router_w [E, D]`` and ``router_fold [E, DI]``
     (:func:`router_fold`), the step's fp32 buffers ``residual [1, D]`` (read), ``pending [1, D]``, ``u [1, D]``
-    (both added to) and the next layer's sums row ``acc [1 + E]`` (its router sums added to)."""
+    (both added to) and the next layer's sums row ``acc [1 + E]`` (its router sums added to; ``E`` may be 0: a
+    Mamba layer next). ``pending_prev`` / ``u_prev``: the fold before this one (Mamba after Mamba) left its pending
+    term for this one to add into the residual: program ``c`` adds its slice of it (so the residual it reads is the
+    whole one) and zeroes that slice of both, for the fold after next."""
 
     out: OutColumns
     bias: torch.Tensor | None
@@ -95,6 +98,8 @@ class SsmFold:
     pending: torch.Tensor
     u: torch.Tensor
     acc: torch.Tensor
+    pending_prev: torch.Tensor | None = None  # a previous fold's pending term (and its u, ``[1, >= D]``), not yet
+    u_prev: torch.Tensor | None = None        # in the residual: each program adds its slice in and zeroes both
 
 
 # ---- kernel --------------------------------------------------------------------------------------------------------
@@ -123,9 +128,11 @@ def _nibble_out(wo, hi, yb, ysum, n, nm, s, z, nw, pend_ptr, u_ptr, i: tl.conste
 @jit
 def _ssm_fold_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dskip_ptr, h_ptr, cs_ptr, cw_ptr, cb_ptr, yty_ptr,
                      ow_ptr, os_ptr, oz_ptr, ob_ptr, nw_ptr, rf_ptr, rw_ptr, res_ptr, pend_ptr, u_ptr, acc_ptr,
+                     pprev_ptr, uprev_ptr,
                      DI, R, N, D, E, GS, s_dbc, s_x, s_z, s_w, s_h, scs_b, scs_d, s_ow, s_os, s_rf, s_rw,
                      FMT: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr, HAS_CB: tl.constexpr,
-                     HAS_OB: tl.constexpr, PDL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                     HAS_OB: tl.constexpr, PREV: tl.constexpr, PDL: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_R: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_E: tl.constexpr,
                      BLOCK_S: tl.constexpr):
     """Program ``c``: channels ``[c BLOCK_D, (c + 1) BLOCK_D)`` of the SSM and of out_proj's K, and outputs
@@ -167,6 +174,11 @@ def _ssm_fold_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dskip_ptr, 
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     res = tl.load(res_ptr + sl, mask=slm, other=0.0)
+    if PREV:  # the previous fold's pending term into the residual (this slice only: no other program reads it)
+        res += tl.load(pprev_ptr + sl, mask=slm, other=0.0)
+        tl.store(res_ptr + sl, res, mask=slm)
+        tl.store(pprev_ptr + sl, tl.zeros_like(res), mask=slm)
+        tl.store(uprev_ptr + sl, tl.zeros_like(res), mask=slm)
     y = _ssm_step(0, d, dm, dbc_ptr, x_ptr, z_ptr, h_ptr, cs_ptr, w, dtb, a, dskip, cw, cb, R, N, s_dbc, s_x, s_z, s_h,
                   scs_b, scs_d, CONV, CONV_W, HAS_CB, BLOCK_R, BLOCK_N, BLOCK_W)
     yq = tl.where(dm, y.to(yty_ptr.dtype.element_ty).to(tl.float32), 0.0)  # y as out_proj would read it
@@ -225,6 +237,12 @@ def ssm_update_fold(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_like, fold
     e = fold.router_w.shape[0]
     if tuple(fold.router_fold.shape) != (e, di) or fold.acc.numel() < 1 + e or fold.router_w.stride(1) != 1:
         raise ValueError("ssm_update_fold: router_fold must be [E, DI] beside router_w [E, D] and acc [1 + E]")
+    prev = fold.pending_prev is not None
+    if prev != (fold.u_prev is not None):
+        raise ValueError("ssm_update_fold: pending_prev and u_prev come together")
+    if prev and (fold.pending_prev.shape != fold.pending.shape or fold.u_prev.shape != fold.u.shape or
+                 not fold.pending_prev.is_contiguous() or not fold.u_prev.is_contiguous()):
+        raise ValueError(f"ssm_update_fold: pending_prev / u_prev must be contiguous float32 [1, {d}]")
     cs, cw, cb = conv if conv is not None else (ssm_state, dt_w, None)
     bd = fold_block_d(out, block_d)
     programs = -(-di // bd)
@@ -235,11 +253,12 @@ def ssm_update_fold(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_like, fold
         y_like, out.w,
         out.scale if out.scale is not None else dummy, out.zero if out.zero is not None else dummy,
         fold.bias if fold.bias is not None else dummy, fold.norm_w, fold.router_fold, fold.router_w, fold.residual,
-        fold.pending, fold.u, fold.acc, di, r, n, d, e, max(out.group_size, 1), dbc.stride(0), x.stride(0),
+        fold.pending, fold.u, fold.acc, fold.pending_prev if prev else dummy, fold.u_prev if prev else dummy,
+        di, r, n, d, e, max(out.group_size, 1), dbc.stride(0), x.stride(0),
         z.stride(0), dt_w.stride(0), ssm_state.stride(0), cs.stride(0), cs.stride(1), out.w.stride(0),
         out.scale.stride(0) if out.scale is not None else 0, fold.router_fold.stride(0), fold.router_w.stride(0),
         FMT=out.fmt, CONV=conv is not None, CONV_W=cw.shape[1] if conv is not None else 1, HAS_CB=cb is not None,
-        HAS_OB=fold.bias is not None, PDL=pdl, BLOCK_D=bd, BLOCK_R=next_pow2(r), BLOCK_N=next_pow2(n),
+        HAS_OB=fold.bias is not None, PREV=prev, PDL=pdl, BLOCK_D=bd, BLOCK_R=next_pow2(r), BLOCK_N=next_pow2(n),
         BLOCK_W=next_pow2(cw.shape[1]) if conv is not None else 1, BLOCK_O=block_o, BLOCK_E=next_pow2(e),
         BLOCK_S=next_pow2(-(-d // programs)), num_warps=num_warps if x.is_cuda else 1,
         **(dict(launch_pdl=True) if pdl else {}))
@@ -248,17 +267,21 @@ def ssm_update_fold(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_like, fold
 def ssm_update_fold_ref(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_dtype, fold: SsmFold, w_out: torch.Tensor,
                         conv=None):
     """Functional twin of :func:`ssm_update_fold` (``w_out [D, DI]``: out_proj dense): ``(new ssm state, new conv
-    state | None, pending, u, acc)`` as the kernel leaves them (fp32; nothing is modified)."""
+    state | None, pending, u, acc, residual)`` as the kernel leaves them (fp32; nothing is modified; with
+    ``pending_prev`` the kernel also zeroes it and ``u_prev``)."""
     got = dt_state_update_ref(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, conv=conv)
     y, h = got[0], got[1]
     yq = y.to(y_dtype).float()
     share = yq @ w_out.float().t()
     bias = fold.bias.float() if fold.bias is not None else torch.zeros_like(share[0])
     nw = fold.norm_w.float()
-    u_old = (fold.residual.float() + bias) * nw
+    residual = fold.residual.float()
+    if fold.pending_prev is not None:
+        residual = residual + fold.pending_prev.float()
+    u_old = (residual + bias) * nw
     pending = fold.pending.float() + share + bias
     u = fold.u.float() + u_old + share * nw
     acc = fold.acc.float().clone()
     e = fold.router_w.shape[0]
     acc[1:1 + e] += fold.router_w.float() @ u_old[0] + fold.router_fold.float() @ yq[0]
-    return h, (got[2] if conv is not None else None), pending, u, acc
+    return h, (got[2] if conv is not None else None), pending, u, acc, residual

@@ -326,10 +326,22 @@ for w, bd, warps in ((planes(d, di), pol.ssm_fold_block_d, pol.ssm_fold_warps),
                        torch.empty(1, di, n), e(1, di), fold, conv=(e(1, di, 4), e(di, 4), e(di)), pdl=True,
                        block_d=bd, num_warps=warps)
     frec.calls[-1][2]["num_warps"] = warps  # (the launcher gives CPU tensors one warp)
+w = planes(d, di)  # Mamba after Mamba: no router, the previous fold's pending term taken in
+fold = sf.SsmFold(sf.out_columns(w), None, e(d), e(0, d), torch.empty(0, di), res, pend, u, acc[:9],
+                  pending_prev=torch.zeros(1, d), u_prev=torch.zeros(1, d))
+sf.ssm_update_fold(e(1, r + 2 * n), e(di, r), e(di), e(1, di), e(1, di), torch.empty(di, n), e(di),
+                   torch.empty(1, di, n), e(1, di), fold, conv=(e(1, di, 4), e(di, 4), e(di)), pdl=True,
+                   block_d=pol.ssm_fold_block_d, num_warps=pol.ssm_fold_warps)
+frec.calls[-1][2]["num_warps"] = pol.ssm_fold_warps
+conv = (e(1, di, 4), e(di, 4), e(di), e(1, di))
+dl.decode_linear(u, planes(2 * di, d), torch.empty(1, 2 * di), conv_out=conv, policy=pol,
+                 x_planes=torch.zeros(1, 2048), x_planes_raw=True,
+                 norm_in=NormIn(acc[:9], d, 1e-5, residual=res, pending=pend))                # in_proj after a fold
 idx = torch.zeros(1, dtype=torch.int32)
 route = NormIn(acc[:9], d, 1e-5, route=True, router_b=torch.zeros(8), residual=res, pending=pend)
 dl.decode_linear(u, planes(2 * f, d, 8), e(1, f), row_expert=idx, gated="silu", policy=pol, norm_in=route,
-                 out_planes=torch.zeros(1, 9, 4096))                                  # fc1 after a fold: u, no planes
+                 out_planes=torch.zeros(1, 9, 4096), x_planes=torch.zeros(1, 2048),
+                 x_planes_raw=True)                                                   # fc1 after a fold: u, raw
 a = torch.randn(1, f, dtype=bf)
 nout = NormOut(res, torch.ones(d, dtype=bf), acc[9:18], e(1, d), planes=torch.zeros(1, 9, 2048), pending=pend,
                clear=u)
@@ -347,9 +359,9 @@ for real, rec in ((fold_kernel, frec), (linear_kernel, lrec)):
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_ssm_fold_compiles():
     """``DecodePolicy.ssm_fold``: the SSM update with out_proj folded in (int4 column words and float out_proj, the
-    CUDA policy's channels and warps), fc1 reading the fold's norm input with the sum of squares of residual +
-    pending, and fc2 adding pending into the residual, at BlackMamba-2.8B's shapes, compile for sm_90 without
-    spills."""
+    CUDA policy's channels and warps; a Mamba-after-Mamba fold taking the previous one's pending term in), fc1 and
+    in_proj reading the fold's norm input with the sum of squares of residual + pending, and fc2 adding pending into
+    the residual, at BlackMamba-2.8B's shapes, compile for sm_90 without spills."""
     stdout = _compiled("-c", _FOLD_COMPILE, str(ROOT / "benchmarks"), timeout=900)
     lines = [line for line in stdout.splitlines() if line.startswith("regs")]
-    assert len(lines) == 4 and all(line.endswith("stack 0") for line in lines), stdout
+    assert len(lines) == 6 and all(line.endswith("stack 0") for line in lines), stdout

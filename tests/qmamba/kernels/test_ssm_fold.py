@@ -27,10 +27,13 @@ def _out_proj(fmt, group, device):
     return pw.to_planes() if fmt == "planes" else pw
 
 
-@pytest.mark.parametrize("fmt,group,block_d", [("float", 0, 16), ("float", 0, 64), ("int4", 128, 32),
-                                               ("planes", 128, 64), ("int4", 32, 64)])
+@pytest.mark.parametrize("fmt,group,block_d,prev,experts", [
+    ("float", 0, 16, False, E), ("float", 0, 64, True, E), ("int4", 128, 32, False, E), ("planes", 128, 64, False, E),
+    ("int4", 32, 64, True, E), ("planes", 128, 32, True, 0)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_ssm_fold_matches_reference(fmt, group, block_d, bias, device):
+def test_ssm_fold_matches_reference(fmt, group, block_d, prev, experts, bias, device):
+    """``prev``: a previous fold's pending term added into the residual slice by slice (and it and its u zeroed);
+    ``experts`` 0: a Mamba layer next (no router)."""
     torch.manual_seed(block_d + bias)
     pw = _out_proj(fmt, group, device)
     cols = out_columns(pw)
@@ -43,13 +46,14 @@ def test_ssm_fold_matches_reference(fmt, group, block_d, bias, device):
     A, D_skip = -torch.rand(DI, N, **f32), torch.randn(DI, **f32)
     state, conv_state = torch.randn(1, DI, N, **f32), torch.randn(1, DI, W, **f32)
     conv_w, conv_b = torch.randn(DI, W, **f32), torch.randn(DI, **f32)
-    norm_w, router_w = torch.rand(D, **f32) + 0.5, torch.randn(E, D, **f32)
+    norm_w, router_w = torch.rand(D, **f32) + 0.5, torch.randn(experts, D, **f32)
     fold = SsmFold(cols, torch.randn(D, **f32) if bias else None, norm_w, router_w, router_fold(router_w, norm_w, pw),
                    torch.randn(1, D, **f32), torch.randn(1, D, **f32), torch.randn(1, D, **f32),
-                   torch.randn(1 + E + 2, **f32))
+                   torch.randn(1 + experts + 2, **f32), torch.randn(1, D, **f32) if prev else None,
+                   torch.randn(1, D, **f32) if prev else None)
     want = ssm_update_fold_ref(dbc, dt_w, dt_b, x, z, A, D_skip, state, torch.float32, fold, w_out,
                                conv=(conv_state, conv_w, conv_b))
-    acc_tail = fold.acc[1 + E:].clone()
+    acc_tail = fold.acc[1 + experts:].clone()
     ssm_update_fold(dbc, dt_w, dt_b, x, z, A, D_skip, state, x, fold, conv=(conv_state, conv_w, conv_b),
                     block_d=block_d)
     torch.testing.assert_close(state, want[0], atol=1e-5, rtol=1e-5)
@@ -57,7 +61,10 @@ def test_ssm_fold_matches_reference(fmt, group, block_d, bias, device):
     torch.testing.assert_close(fold.pending, want[2], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fold.u, want[3], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fold.acc, want[4], atol=1e-3, rtol=1e-4)
-    assert torch.equal(fold.acc[1 + E:], acc_tail)  # only this router's experts
+    assert torch.equal(fold.acc[1 + experts:], acc_tail)  # only this router's experts
+    torch.testing.assert_close(fold.residual, want[5], atol=0, rtol=0)
+    if prev:
+        assert fold.pending_prev.eq(0).all() and fold.u_prev.eq(0).all()
 
 
 def test_ssm_fold_twin_is_the_ssm_update_then_out_proj(device):
@@ -74,7 +81,7 @@ def test_ssm_fold_twin_is_the_ssm_update_then_out_proj(device):
     norm_w, router_w, res = torch.rand(D, **f32) + 0.5, torch.randn(E, D, **f32), torch.randn(1, D, **f32)
     fold = SsmFold(out_columns(pw), None, norm_w, router_w, router_fold(router_w, norm_w, pw), res,
                    torch.zeros(1, D, **f32), torch.zeros(1, D, **f32), torch.zeros(1 + E, **f32))
-    _, _, pending, u, acc = ssm_update_fold_ref(dbc, dt_w, dt_b, x, z, A, D_skip, state, torch.float32, fold, w_out)
+    _, _, pending, u, acc, _ = ssm_update_fold_ref(dbc, dt_w, dt_b, x, z, A, D_skip, state, torch.float32, fold, w_out)
     y, _ = dt_state_update_ref(dbc, dt_w, dt_b, x, z, A, D_skip, state)
     new_res = res + y @ w_out.t()
     torch.testing.assert_close(res + pending, new_res, atol=1e-5, rtol=1e-5)
