@@ -146,10 +146,11 @@ class DecodePolicy:
     #                              (dt_state_update; 32: 92 programs for BlackMamba-2.8B's 2944 channels; 8 compiles
     #                              to ~1/3 of the instructions per thread with 4x the programs: the CUDA policy's)
     ssm_block_d_batched: int = 32  # the same at 2+ rows (H200, session 17, batch 8: 32 beat 8 by ~5%)
-    ssm_fold: bool = False       # fused step, with norm_in_gemvs: a Mamba layer before an MoE layer runs its SSM
+    ssm_fold: bool = False       # fused step, with norm_in_gemvs: every Mamba layer but the last runs its SSM
     #                              update with out_proj folded in (qmamba.kernels.ssm_fold: split-K over the
     #                              channels by relaxed atomic adds, the next norm's input and router sums built by the
-    #                              same adds): one launch a Mamba layer fewer (float and int4 out_proj)
+    #                              same adds): one launch a Mamba layer fewer (float and int4 out_proj). Untimed
+    #                              (session 27 had no GPU to time it): off
     ssm_fold_block_d: int = 32   # channels a program of the fold, int4 out_proj (capped at the group size)
     ssm_fold_block_d_float: int = 16  # the same, float out_proj (its block is read as stored: D x channels)
     ssm_fold_warps: int = 8      # warps a program of the fold, int4 out_proj

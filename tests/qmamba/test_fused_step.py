@@ -20,6 +20,16 @@ FORMATS = {"float": None, "int8": Int8Format(), "int4": Int4Format(32), "int4g12
            "binary": (BinaryFormat(), Int4Format(32))}
 
 
+def reference_step(model, tok, state, ref_state, logits):
+    """One step of the reference model on ``ref_state``; the fused step's ``logits`` and ``state`` must match it.
+    Returns the next greedy tokens."""
+    ref = model.step(tok, ref_state)
+    torch.testing.assert_close(logits, ref.float(), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(state.conv_state, ref_state.conv_state, atol=1e-4, rtol=1e-4)
+    return ref.argmax(-1)
+
+
 def build(name, fmt, device):
     model = random_model(preset(name), device)
     if isinstance(fmt, tuple):
@@ -106,11 +116,7 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
         assert (buf["xpl"] is not None) == ("xplanes" in kernels)
         assert (buf["ypl"] is not None) == ("xplanes" in kernels and batch == 1)
         assert (buf["apl"] is not None) == ("xplanes" in kernels and (batch == 1 or "rowprog" in kernels))
-        ref = model.step(tok, ref_state)
-        torch.testing.assert_close(logits, ref.float(), atol=1e-3, rtol=1e-3)
-        torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(state.conv_state, ref_state.conv_state, atol=1e-4, rtol=1e-4)
-        tok = ref.argmax(-1)
+        tok = reference_step(model, tok, state, ref_state, logits)
 
 
 @torch.no_grad()
@@ -260,11 +266,7 @@ def test_fused_step_with_norms_in_the_gemvs(name, fmt, programs, device):
                 assert fused == (batch == 1)
                 final_kernel = model.config.final_norm == "layernorm"
                 assert len(calls) == (1 + final_kernel if fused else len(step.layers) + 1)
-                ref = model.step(tok, ref_state)
-                torch.testing.assert_close(logits, ref.float(), atol=1e-3, rtol=1e-3)
-                torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
-                torch.testing.assert_close(state.conv_state, ref_state.conv_state, atol=1e-4, rtol=1e-4)
-                tok = ref.argmax(-1)
+                tok = reference_step(model, tok, state, ref_state, logits)
     finally:
         fused_step.add_norm = real
 
@@ -328,10 +330,6 @@ def test_fused_step_with_out_proj_folded_into_the_ssm_update(name, fmt, final_no
                     last = (len(layers) - 2) % 2 if final_norm == "layernorm" and len(layers) - 2 in want else None
                     assert all(buf["pend"][j].abs().max() == 0 and buf["u2pad"][j].abs().max() == 0
                                for j in range(2) if j != last)
-                ref = model.step(tok, ref_state)
-                torch.testing.assert_close(logits, ref.float(), atol=1e-3, rtol=1e-3)
-                torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
-                torch.testing.assert_close(state.conv_state, ref_state.conv_state, atol=1e-4, rtol=1e-4)
-                tok = ref.argmax(-1)
+                tok = reference_step(model, tok, state, ref_state, logits)
     finally:
         fused_step.ssm_update_fold, fused_step.dt_state_update = real_fold, real_update
