@@ -13,8 +13,11 @@ linear up to its ``1 / rms``, so the same adds build it:
   router's sums of ``u`` through out_proj, computed once).
 
 Program ``c`` also adds the old residual's part of ``u`` and of the router sums (and out_proj's bias), over its slice
-``c`` of the D outputs. The consumer (an MoE layer's fc1, :class:`qmamba.kernels.decode_linear.NormIn` with its
-``residual``) reads ``u`` as its input, computes the sum of squares of ``residual + pending`` itself and routes.
+``c`` of the D outputs (after a fold just before this one, Mamba after Mamba, it first adds that fold's pending term
+into its slice of the residual: ``SsmFold.pending_prev``). The consumer (fc1 of an MoE layer, or in_proj of a Mamba
+layer: :class:`qmamba.kernels.decode_linear.NormIn` with its ``residual``) reads ``u`` as its input (raw planes),
+computes the sum of squares of ``residual + pending`` itself and, fc1, routes. The layer walk is
+:class:`qmamba.fused_step.FusedDecodeStep`'s (``DecodePolicy.ssm_fold``).
 
 Weights: float out_proj is read as stored (``[D, DI]``, a ``[D, BLOCK_D]`` block a program); int4 is read as column
 words (:func:`qmamba.quant.layout.int4_to_columns`, built once by :func:`out_columns`), codes masked in place as
