@@ -904,18 +904,24 @@ class NormIn:
     pending: torch.Tensor | None = None   # instead of acc[0] (which the first program then writes: qmamba.kernels.ssm_fold)
 
 
+def check_fp32_pair(who: str, names: str, a, b, numel: int) -> None:
+    """Two optional buffers that come together (both or neither), each a contiguous float32 of ``numel`` elements
+    (``names``: "a / b" for the messages)."""
+    if (a is None) != (b is None):
+        raise ValueError(f"{who}: {names.replace(' / ', ' and ')} come together")
+    for t in (a, b):
+        if t is not None and (t.numel() != numel or t.dtype != torch.float32 or not t.is_contiguous()):
+            raise ValueError(f"{who}: {names} must be contiguous float32 of {numel} elements")
+
+
 def _check_norm_args(m: int, n_out: int, k: int, norm_in: NormIn | None, norm_out: NormOut | None):
     if (norm_in is not None or norm_out is not None) and m != 1:
         raise ValueError("decode_linear: norm_in / norm_out take one input row")
     if norm_in is not None:
         if norm_in.acc.dtype != torch.float32 or norm_in.acc.dim() != 1 or norm_in.acc.numel() < 1:
             raise ValueError("decode_linear: norm_in.acc must be a 1-D float32 tensor")
-        if (norm_in.residual is None) != (norm_in.pending is None):
-            raise ValueError("decode_linear: norm_in.residual and norm_in.pending come together")
-        for t in (norm_in.residual, norm_in.pending):
-            if t is not None and (t.numel() != norm_in.width or t.dtype != torch.float32 or not t.is_contiguous()):
-                raise ValueError(f"decode_linear: norm_in.residual / pending must be contiguous float32 of "
-                                 f"{norm_in.width} elements")
+        check_fp32_pair("decode_linear", "norm_in.residual / norm_in.pending", norm_in.residual, norm_in.pending,
+                        norm_in.width)
         if norm_in.scale and norm_in.width != k:
             raise ValueError(f"decode_linear: norm_in.width {norm_in.width} must be the input width {k}")
     if norm_out is not None:
@@ -929,11 +935,7 @@ def _check_norm_args(m: int, n_out: int, k: int, norm_in: NormIn | None, norm_ou
             raise ValueError(f"decode_linear: norm_out.acc must be a 1-D float32 tensor of at least {1 + e}")
         if o.router_w is not None and (o.router_w.shape[1] != n_out or o.router_w.stride(1) != 1):
             raise ValueError(f"decode_linear: norm_out.router_w must be [E, {n_out}] with a unit last stride")
-        if (o.pending is None) != (o.clear is None):
-            raise ValueError("decode_linear: norm_out.pending and norm_out.clear come together")
-        for t in (o.pending, o.clear):
-            if t is not None and (t.numel() != n_out or t.dtype != torch.float32 or not t.is_contiguous()):
-                raise ValueError(f"decode_linear: norm_out.pending / clear must be contiguous float32 of {n_out}")
+        check_fp32_pair("decode_linear", "norm_out.pending / norm_out.clear", o.pending, o.clear, n_out)
 
 
 def _binary_words(weight: BinaryWeight):

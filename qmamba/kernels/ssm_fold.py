@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from qmamba.kernels._triton import jit, next_pow2, tl
-from qmamba.kernels.decode_linear import _subnormal_codes
+from qmamba.kernels.decode_linear import _subnormal_codes, check_fp32_pair
 from qmamba.kernels.decode_step import _ssm_step, _ssm_weights, dt_state_update_ref
 from qmamba.kernels.input_planes import x_plane_scale
 from qmamba.kernels.weights import FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, PackedWeight
@@ -77,7 +77,10 @@ def out_columns(weight: PackedWeight) -> OutColumns | None:
 
 def router_fold(router_w: torch.Tensor, norm_w: torch.Tensor, out_proj: PackedWeight) -> torch.Tensor:
     """``R = router_w diag(norm_w) W_out`` ``[E, DI]`` fp32: the router's sums of the next norm's input through
-    out_proj (the dequantized weight the kernels multiply)."""
+    out_proj (the dequantized weight the kernels multiply; none is made for a router of no experts, a Mamba layer
+    next)."""
+    if router_w.shape[0] == 0:
+        return router_w.new_zeros(0, out_proj.k, dtype=torch.float32)
     w_out = out_proj.dequantized(torch.float32)[0]
     return ((router_w.float() * norm_w.float()[None, :]) @ w_out).contiguous()
 
@@ -240,12 +243,8 @@ def ssm_update_fold(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_like, fold
     e = fold.router_w.shape[0]
     if tuple(fold.router_fold.shape) != (e, di) or fold.acc.numel() < 1 + e or fold.router_w.stride(1) != 1:
         raise ValueError("ssm_update_fold: router_fold must be [E, DI] beside router_w [E, D] and acc [1 + E]")
+    check_fp32_pair("ssm_update_fold", "pending_prev / u_prev", fold.pending_prev, fold.u_prev, d)
     prev = fold.pending_prev is not None
-    if prev != (fold.u_prev is not None):
-        raise ValueError("ssm_update_fold: pending_prev and u_prev come together")
-    if prev and (fold.pending_prev.shape != fold.pending.shape or fold.u_prev.shape != fold.u.shape or
-                 not fold.pending_prev.is_contiguous() or not fold.u_prev.is_contiguous()):
-        raise ValueError(f"ssm_update_fold: pending_prev / u_prev must be contiguous float32 [1, {d}]")
     cs, cw, cb = conv if conv is not None else (ssm_state, dt_w, None)
     bd = fold_block_d(out, block_d)
     programs = -(-di // bd)
