@@ -185,8 +185,9 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
     if v in ("normgemv", "nonormgemv"):  # the add + norm between layers in the GEMVs around it at one row
         return dataclasses.replace(base, norm_in_gemvs=v == "normgemv")  # (DecodePolicy.norm_in_gemvs)
     m = re.fullmatch(r"(no)?fold(\d+)?(?:f(\d+))?(?:w(\d+))?", v)
-    if m:  # fold / nofold: out_proj folded into the SSM update before an MoE layer (DecodePolicy.ssm_fold); e.g.
-        #    fold16f8w4: 16 channels a program for int4 out_proj, 8 for float, 4 warps (int4's)
+    if m:  # fold / nofold: out_proj folded into the SSM update of every Mamba layer but the last
+        #    (DecodePolicy.ssm_fold); e.g. fold16f8w4: 16 channels a program for int4 out_proj, 8 for float, 4
+        #    warps (int4's); fold64w8: 46 programs of 64 channels for BlackMamba-2.8B (half the atomic adds of 32)
         out = dataclasses.replace(base, ssm_fold=not m.group(1))
         if m.group(2):
             out = dataclasses.replace(out, ssm_fold_block_d=int(m.group(2)))

@@ -187,7 +187,8 @@ def main():
                 form, policy = table[v]
                 if policy == "general":
                     raise SystemExit(f"variant {v}: the general kernels are not the decode kernel")
-                policy = dl.DecodePolicy(**{**policy.__dict__, "pdl": True})  # as on the H200
+                # PDL as the GPU would launch it: sm_90 and later (the H200), never before (pdl_supported)
+                policy = dl.DecodePolicy(**{**policy.__dict__, "pdl": args.arch >= 90})
                 out = torch.empty(args.rows, n // 2 if opts.get("gated") else n, dtype=torch.bfloat16)
                 xpl = int4_x_planes(x) if policy.int4_x_planes else None  # word sums as the fused step has them
                 dl.decode_linear(x, forms[form], out, policy=policy, x_planes=xpl,

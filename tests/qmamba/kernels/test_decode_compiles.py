@@ -2,7 +2,9 @@
 kernels of the prefill and batched decode) compiles for sm_90 (Triton's own ptxas, no GPU) at every
 BlackMamba-2.8B shape, for int4 plane words and float weights, without a stack frame (spills). The interpreter runs
 the kernels' arithmetic but never the compiler: this catches what only the compiler rejects, and a register blow-up
-of the default path, on a machine without a GPU."""
+of the default path, on a machine without a GPU. The same kernels also compile for the consumer GPUs' sm_80 / sm_89 /
+sm_120 (no PDL there), with the general matmuls' tiles inside those GPUs' shared memory (99 KB a block on sm_89 and
+sm_120), which only the H200 has run."""
 
 import os
 import re
@@ -365,3 +367,60 @@ def test_ssm_fold_compiles():
     stdout = _compiled("-c", _FOLD_COMPILE, str(ROOT / "benchmarks"), timeout=900)
     lines = [line for line in stdout.splitlines() if line.startswith("regs")]
     assert len(lines) == 6 and all(line.endswith("stack 0") for line in lines), stdout
+
+
+# Shared memory a block may use (opt-in maximum, bytes): a launch above it fails with "out of resources".
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 120: 101376}
+
+_GEMM_SHARED = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+arch, limit = int(sys.argv[2]), int(sys.argv[3])
+from inspect_decode_kernel import _Recorder, compile_recorded
+from inspect_gemm_kernel import _CudaLike
+from qmamba.kernels import dequant_gemm as dg, quant_matmul as qm
+from qmamba.kernels.matmul_configs import MatmulPolicy, gemm_config, pick_config
+from qmamba.kernels.routing import ROUTE_BY_EXPERT, expert_tile_map
+from qmamba.kernels.weights import PackedWeight
+from qmamba.quant.formats import Int4Format, Int8Format
+k, n, e = 1472, 7744, 8  # BlackMamba-2.8B's expert fc1 (8 experts)
+w = torch.randn(e, n, k) / k ** 0.5
+stacks = {"bf16": PackedWeight.from_float(w.to(torch.bfloat16)),
+          "int8": Int8Format().kernel_weight(Int8Format().quantize_rtn(w), n, k),
+          "int4": Int4Format(128).kernel_weight(Int4Format(128).quantize_rtn(w), n, k).to_planes()}
+real = {"gemm": dg._dequant_gemm_kernel, "small": qm._dequant_matmul_kernel}
+for name, stack in stacks.items():
+    for m in (2048, 256, 64, 8):
+        dg._dequant_gemm_kernel, qm._dequant_matmul_kernel = gemm, small = _Recorder(real["gemm"]), _Recorder(real["small"])
+        try:
+            x = torch.randn(m, k).to(torch.bfloat16)
+            idx = torch.randint(0, e, (m,), dtype=torch.int32)
+            if m > 16:
+                cfg = gemm_config(m, stack, _CudaLike(), MatmulPolicy())
+                tiles = expert_tile_map(idx, e, cfg.block_m)
+            else:
+                cfg, tiles = pick_config(m, stack, _CudaLike(), ROUTE_BY_EXPERT, MatmulPolicy()), None
+            qm.dequant_matmul(x, stack, row_expert=idx, tiles=tiles, config=cfg, policy=MatmulPolicy())
+        finally:
+            dg._dequant_gemm_kernel, qm._dequant_matmul_kernel = real["gemm"], real["small"]
+        for kernel, rec in ((real["gemm"], gemm), (real["small"], small)):
+            for grid, args, meta in rec.calls:
+                shared = compile_recorded(kernel, args, meta, arch).metadata.shared
+                print("shared", name, m, cfg.block_m, cfg.block_n, cfg.num_stages, shared, "over" if shared > limit else "ok")
+"""
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+@pytest.mark.parametrize("arch", [80, 89, 120])
+def test_kernels_compile_for_consumer_gpus(arch):
+    """Ampere (sm_80; sm_86 has sm_89's shared memory), Ada (sm_89, RTX 40) and Blackwell consumer GPUs (sm_120, RTX
+    50): the decode linears as the CUDA policy launches them there (no PDL) at every BlackMamba-2.8B shape, int4 and
+    float, compile without spills; the grouped expert GEMM and the small-M kernel (bf16, int8, int4 plane words, at
+    the prefill's and batched decode's row counts) fit the GPU's shared memory with the tiles tuned on the H200."""
+    stdout = _compiled(str(INSPECT), "--arch", str(arch), "--variants", "cuda_default,cuda_default_float",
+                       "--no-stack", timeout=600)
+    lines = [line for line in stdout.splitlines() if " regs " in line]
+    assert len(lines) == 12 and all(" stack    0 " in line for line in lines), stdout
+    stdout = _compiled("-c", _GEMM_SHARED, str(ROOT / "benchmarks"), str(arch), str(SHARED_LIMIT[arch]), timeout=600)
+    lines = [line for line in stdout.splitlines() if line.startswith("shared")]
+    assert len(lines) == 12 and all(line.endswith(" ok") for line in lines), stdout
