@@ -423,4 +423,5 @@ def test_kernels_compile_for_consumer_gpus(arch):
     assert len(lines) == 12 and all(" stack    0 " in line for line in lines), stdout
     stdout = _compiled("-c", _GEMM_SHARED, str(ROOT / "benchmarks"), str(arch), str(SHARED_LIMIT[arch]), timeout=600)
     lines = [line for line in stdout.splitlines() if line.startswith("shared")]
+    print("\n".join(lines))  # (the figures of benchmarks/results.md, "Session 28": pytest -s shows them)
     assert len(lines) == 12 and all(line.endswith(" ok") for line in lines), stdout
