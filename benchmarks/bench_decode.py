@@ -162,23 +162,14 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return base
     if v == "xtile":  # int4 in_proj / fc1: the input read in the tile's shape (DecodePolicy.int4_x_in_tile)
         return dataclasses.replace(base, int4_x_in_tile=True)
-    if v in ("rw", "rt8", "rt8rw"):
-        # rw: int4 at one row on the warps of one weight row (DecodePolicy.int4_row_warps) instead of the input
-        # read in the tile's shape; rt8: routed expert stacks on the decode kernels up to batch 8, one program row
-        # per input row on its own expert's tile (max_rows_routed, routed_row_programs); rt8rw: both
-        out = base
-        if "rw" in v:
-            out = dataclasses.replace(out, int4_row_warps=True)
-        if v.startswith("rt8"):
-            out = dataclasses.replace(out, max_rows_routed=8, routed_row_programs=True)
-        return out
+    if v == "rt8":  # routed expert stacks on the decode kernels up to batch 8, one program row per input row on its
+        #             own expert's tile (max_rows_routed, routed_row_programs)
+        return dataclasses.replace(base, max_rows_routed=8, routed_row_programs=True)
     if v in ("xplanes", "xplanesb"):  # int4 in_proj / fc1 / head read the input planes add + norm writes
         #                               (DecodePolicy.int4_x_planes), in the tile's shape or (b) broadcast
         return dataclasses.replace(base, int4_x_planes=True, int4_x_in_tile=v == "xplanes")
     if v == "noxplanes":  # the int4 matrices read x itself (the CUDA policy before session 19)
         return dataclasses.replace(base, int4_x_planes=False)
-    if v == "xp8":  # x_proj (narrow) on the decode kernels up to batch 8 (DecodePolicy.max_rows_narrow)
-        return dataclasses.replace(base, max_rows_narrow=8)
     if v in ("xtilewide", "xtilewide0"):  # out_proj / fc2 read their input planes in the tile's shape at one row
         #                                  too (int4_x_in_tile_wide "always"), or never (0: not at batch 8's fc2)
         return dataclasses.replace(base, int4_x_in_tile_wide="always" if v == "xtilewide" else "off")
@@ -225,7 +216,7 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         unpack = next((p for p in parts if p in ("magic", "denorm")), "shift")
         mp = next((int(p[2:]) for p in parts if p.startswith("mp")), 0)
         return dataclasses.replace(base, formats=(0, 1, 2, 3), max_rows=1, int4_planes="planes" in parts,
-                                   int4_unpack=unpack, block_n_int4=bn, int4_row_warps="rw" in parts,
+                                   int4_unpack=unpack, block_n_int4=bn,
                                    min_programs=mp, expert_prefetch="noxp" not in parts,
                                    max_rows_planes=8 if "rows8" in parts else 1,
                                    planes_mma="nomma" not in parts and "rt8" not in parts,
@@ -248,7 +239,8 @@ def matmul_variant(v: str) -> MatmulPolicy:
     return DEFAULT_POLICY
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also parsed by the tests, against the invocations in scripts/gpu_pending.sh)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--preset", default="blackmamba-2.8b")
@@ -267,16 +259,26 @@ def main():
                          "the SSM update, e.g. ssmbd8), fmts[+-]FORMAT... (the default with int8, binary or float "
                          "weights added to / taken from those the decode kernels serve at batch 1, e.g. fmts+int8, "
                          "fmts+binary), "
-                         "dec[_planes][_magic|_denorm][_bnN][_rw][_mpP][_noxp][_rt8][_rows8[_nomma]] (the decode "
+                         "dec[_planes][_magic|_denorm][_bnN][_mpP][_noxp][_rt8][_rows8[_nomma]] (the decode "
                          "kernels for every non-binary format at batch 1: int4 as stored words or plane words, nibbles "
-                         "shifted or masked, N int4 rows per program, rw: the warps of one weight row, mpP: at least P "
+                         "shifted or masked, N int4 rows per program, mpP: at least P "
                          "programs, noxp: fc2 waits for fc1 before reading its expert, rt8: routed experts on these "
                          "kernels up to batch 8 (CUDA cores, each routed row; dense matrices not), rows8: plane words "
                          "up to batch 8, tensor cores, or with nomma CUDA cores per row), "
                          "bnI<int4 block>F<float block>W<warps> e.g. bn16F4W4, xplanes / xplanesb (int4 input "
                          "planes read in the tile's shape / broadcast), noxplanes (none: x itself), "
-                         "binN[gG][r8] (1-bit on the decode kernels, N rows a program, G for gated stacks, to batch 8)")
-    args = ap.parse_args()
+                         "binN[gG][r8] (1-bit on the decode kernels, N rows a program, G for gated stacks, to "
+                         "batch 8), "
+                         "normgemv / nonormgemv (DecodePolicy.norm_in_gemvs), xtilewide / xtilewide0 "
+                         "(int4_x_in_tile_wide always / off), maxpN (max_programs), normpN (norm_plane_programs), "
+                         "acqrel (split-K adds with acq_rel ordering), fold[N][fF][wW] / nofold (out_proj folded "
+                         "into the SSM update, DecodePolicy.ssm_fold: N channels a program for int4, F for float, W "
+                         "warps), headbnN (N rows a program of the head: DecodePolicy.block_n_wide)")
+    return ap
+
+
+def main():
+    args = build_parser().parse_args()
     require_idle_gpu()
     log = lambda s: print(s, flush=True)  # noqa: E731
     cfg = preset(args.preset)

@@ -73,12 +73,10 @@ def variants(pdl: bool, rows: int):
     cuda = DecodePolicy.cuda(132, pdl)  # the H200's CUDA policy (132 SMs)
     if rows > 1:
         # routed expert stacks (fc1, fc2): one program row per input row, each the one-row kernel on its own
-        # expert's tile (DecodePolicy.routed_row_programs), as the CUDA policy reads int4 / bf16 at one row, or on
-        # the warps of one weight row
+        # expert's tile (DecodePolicy.routed_row_programs), as the CUDA policy reads int4 / bf16 at one row
         rowprog = dataclasses.replace(cuda, routed_row_programs=True)
         return {"planes_mma": ("planes", DecodePolicy(pdl=pdl)), "general": ("words", "general"),
                 "rowprog": ("planes", rowprog),
-                "rowprog_rw": ("planes", dataclasses.replace(rowprog, int4_row_warps=True)),
                 "rowprog_bf16": ("float", rowprog), "general_bf16": ("float", "general")}
     out = {"cuda_default": ("planes", cuda), "cuda_default_float": ("float", cuda),
            # int8 and 1-bit weights on the CUDA policy (which lists both), and on their general kernels
@@ -113,12 +111,9 @@ def variants(pdl: bool, rows: int):
             for bn in (4, 8, 16):
                 name = f"{layout}{'' if unpack == 'shift' else '_' + unpack}_bn{bn}"
                 out[name] = (layout, DecodePolicy(pdl=pdl, block_n_int4=bn, int4_unpack=unpack))
-                # "_rw": the warps of one weight row's tiles (DecodePolicy.int4_row_warps); "_mp": at least 264
-                # programs (2 per multiprocessor) where the matrix has the rows for them
-                out[name + "_rw"] = (layout, DecodePolicy(pdl=pdl, block_n_int4=bn, int4_unpack=unpack,
-                                                          int4_row_warps=True))
-                out[name + "_rw_mp"] = (layout, DecodePolicy(pdl=pdl, block_n_int4=bn, int4_unpack=unpack,
-                                                             int4_row_warps=True, min_programs=264))
+                # "_mp": at least 264 programs (2 per multiprocessor) where the matrix has the rows for them
+                out[name + "_mp"] = (layout, DecodePolicy(pdl=pdl, block_n_int4=bn, int4_unpack=unpack,
+                                                          min_programs=264))
     for bn, warps in ((8, 2), (16, 8), (32, 8)):
         out[f"planes_magic_bn{bn}_w{warps}"] = ("planes", DecodePolicy(pdl=pdl, block_n_int4=bn, int4_unpack="magic",
                                                                        num_warps=warps))

@@ -6,7 +6,9 @@ kernel, from the PyTorch profiler (CUPTI kernel records of eager steps; a CUDA g
 Formats: those of bench_e2e.py (bf16, int8, int4_g128, binary+int4_g128).
 
 Prints, per kernel name: launches per step, GPU microseconds per step and per launch; the sum of kernel time per
-step beside the replayed graph's wall time per step (the difference is the gaps between graph nodes).
+step beside the replayed graph's wall time per step (the difference is the gaps between graph nodes). First the step
+is checked (``--check-steps``, as bench_decode.py checks it: the graph step's greedy tokens in float32 equal to the
+eager reference path's); a failed check exits 1 before anything is profiled.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from qmamba.fused_step import FusedDecodeStep
 from qmamba.kernels.decode_linear import DecodePolicy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import policy_variant, time_graph  # noqa: E402
+from bench_decode import check_fp32, policy_variant, time_graph  # noqa: E402
 from bench_e2e import FORMATS, build  # noqa: E402
 from timing import cuda_kernel_times, event_us, require_idle_gpu  # noqa: E402
 
@@ -38,11 +40,19 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--variant", default="default", help="a policy variant of bench_decode.py's --variants")
+    ap.add_argument("--check-steps", type=int, default=8, help="greedy steps checked first (at least 1)")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.check_steps < 1:
+        sys.exit("error: --check-steps must be at least 1: a profile of an unchecked step is not a result")
     require_idle_gpu()
-    model = build(preset(args.preset), args.format)
     policy = policy_variant(DecodePolicy.for_device(torch.device("cuda")), args.variant)
+    failures = []
+    check_fp32(preset(args.preset), args.format, [args.batch], args.check_steps, {args.variant: policy},
+               lambda s: print(s, flush=True), failures)
+    if failures:
+        sys.exit("FAILED:\n  " + "\n  ".join(failures))
+    model = build(preset(args.preset), args.format)
     step = FusedDecodeStep(model, policy)
     state = model.new_state(args.batch)
     ids = torch.randint(0, model.config.vocab_size, (args.batch,), device="cuda")

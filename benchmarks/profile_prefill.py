@@ -34,8 +34,8 @@ from bench_e2e import FORMATS, PREFILL_EXPERT_ROUTES, build  # noqa: E402
 from timing import cuda_kernel_times, require_idle_gpu  # noqa: E402
 
 
-@torch.no_grad()
-def main():
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also parsed by the tests, against the invocations in scripts/gpu_pending.sh)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="blackmamba-2.8b")
     ap.add_argument("--format", default="int4_g128", choices=sorted(FORMATS))
@@ -46,15 +46,26 @@ def main():
     ap.add_argument("--experts", default="tiles", help="comma-separated routes of the routed int8/int4 expert "
                     f"matmuls, each profiled in turn: {', '.join(PREFILL_EXPERT_ROUTES)} (bench_e2e.py)")
     ap.add_argument("--out")
-    args = ap.parse_args()
+    return ap
+
+
+def expert_routes(arg: str) -> list[str]:
+    """``--experts``' routes, each a key of ``PREFILL_EXPERT_ROUTES`` (else exit with the known ones)."""
+    routes = arg.split(",")
+    unknown = [r for r in routes if r not in PREFILL_EXPERT_ROUTES]
+    if unknown:
+        sys.exit(f"error: unknown expert route(s) {unknown}: {', '.join(PREFILL_EXPERT_ROUTES)}")
+    return routes
+
+
+@torch.no_grad()
+def main():
+    args = build_parser().parse_args()
+    routes = expert_routes(args.experts)
     require_idle_gpu()
     model = build(preset(args.preset), args.format)
     use_plane_words(model)  # as load_model holds int4 on CUDA
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt_len), device="cuda")
-    routes = args.experts.split(",")
-    unknown = [r for r in routes if r not in PREFILL_EXPERT_ROUTES]
-    if unknown:
-        sys.exit(f"error: unknown expert route(s) {unknown}: {', '.join(PREFILL_EXPERT_ROUTES)}")
     report = dict(format=args.format, paths={})
     for route in routes:
         torch.cuda.synchronize()

@@ -9,7 +9,9 @@ generation runs it), then
    reference step: the prefill over prompt + tokens, an independent forward). Every position's top-1 token must
    agree, except where the reference's own top two logits are within ``tie_tolerance`` of its logit range
    (a rounding-level tie, counted and reported). Anything else raises :class:`BenchCheckError`: no figure is
-   reported for an unchecked path.
+   reported for an unchecked path. The prefill that starts it is checked too (:func:`check_prefill_reference`):
+   where the model's backend is not the reference one (Triton on CUDA), its last-position top-1 tokens and final
+   SSM state against the reference backend's prefill of the same prompt.
 2. **time**: prefill tokens/s (median of repeats) and decode ms/token over ``tokens`` greedy tokens (the graph
    decoder's on-device loop on CUDA, one host sync; the eager loop elsewhere).
 
@@ -19,6 +21,7 @@ CPU: not measured), weight bytes, device name.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 import warnings
@@ -96,18 +99,25 @@ def _backend(model) -> str:
     return ",".join(sorted(backends)) or "reference"
 
 
+@contextlib.contextmanager
+def _reference_backend(model):
+    """Every module of ``model`` on the pure-PyTorch reference backend inside the block, as it was after it."""
+    saved = {m: m.backend for m in model.modules() if m is not model and hasattr(m, "backend")}
+    model.set_backend("reference")
+    try:
+        yield model
+    finally:
+        for m, b in saved.items():
+            m.backend = b
+
+
 def _reference_logits(model, prompt, fed, state):
     """Reference logits ``[B, T, V]`` fp32 after feeding ``fed [B, T]`` one by one from ``state`` (the state after
     ``prompt``): on CUDA the eager reference backend's steps, on CPU one prefill over ``prompt + fed``."""
     if model.device.type == "cuda":
-        saved = {m: m.backend for m in model.modules() if m is not model and hasattr(m, "backend")}
-        model.set_backend("reference")
-        try:
+        with _reference_backend(model):
             st = state.clone()
             return torch.stack([model.step(fed[:, t], st, check=False).float() for t in range(fed.shape[1])], 1)
-        finally:
-            for m, b in saved.items():
-                m.backend = b
     logits, _ = model.prefill(torch.cat([prompt, fed], 1), check=False)
     return logits[:, prompt.shape[1]:].float()
 
@@ -146,25 +156,42 @@ def check_decode(model, step_fn, prompt, state, n: int, tie_tolerance: float = 2
     return f"ok ({rows}, {int(mismatch.sum())} rounding-level ties)"
 
 
-def check_prefill(model, graph_prefill, prompt, tie_tolerance: float = 2e-3) -> str:
-    """The graph prefill's last-position top-1 token against the eager prefill's, per row (ties as in
-    :func:`check_decode`), and its final SSM state within 2% of the eager one's largest entry; raises
-    :class:`BenchCheckError` otherwise."""
-    ref, ref_state = model.prefill(prompt, check=False, last_only=True)
-    got, state = graph_prefill.prefill(prompt)
+def _compare_prefills(got, state, ref, ref_state, what: str, against: str, tie_tolerance: float) -> str:
+    """Last-position top-1 tokens per row (ties as in :func:`check_decode`) and final SSM states (within 2% of the
+    reference's largest entry) of two prefills; raises :class:`BenchCheckError` where they part."""
     got_top = got[:, -1].float().argmax(-1)
     ref_top, gap = _top1_gap(ref[:, -1].float(), got_top)
     bad = (ref_top != got_top) & (gap > tie_tolerance)
     if bad.any():
         b = int(bad.nonzero()[0, 0])
-        raise BenchCheckError(f"prefill check failed: in row {b} the graph prefill's next token is "
-                              f"{int(got_top[b])} and the eager prefill's {int(ref_top[b])}; no figure reported")
+        raise BenchCheckError(f"prefill check failed: in row {b} the {what}'s next token is {int(got_top[b])} and "
+                              f"the {against}'s {int(ref_top[b])}; no figure reported")
     err = float((state.ssm_state.float() - ref_state.ssm_state.float()).abs().max())
     scale = float(ref_state.ssm_state.float().abs().max()) or 1.0
     if not err <= 0.02 * scale:
-        raise BenchCheckError(f"prefill check failed: the graph prefill's final state is off by {err:.3g} "
-                              f"(largest entry {scale:.3g}); no figure reported")
-    return f"ok ({prompt.shape[0]} rows, state error {err / scale:.1e})"
+        raise BenchCheckError(f"prefill check failed: the {what}'s final state is off by {err:.3g} (largest entry "
+                              f"{scale:.3g} in the {against}'s); no figure reported")
+    return f"ok ({got.shape[0]} rows, state error {err / scale:.1e})"
+
+
+def check_prefill_reference(model, prompt, tie_tolerance: float = 2e-3, timed=None) -> str:
+    """The eager prefill as timed (the model's backend; ``timed``: its ``(logits, state)`` of ``prompt`` if already
+    computed) against the reference backend's prefill of the same prompt (see :func:`_compare_prefills`). A model
+    already on the reference backend (CPU) is its own reference: nothing to compare, and the check says so."""
+    if _backend(model) == "reference":
+        return "reference path"
+    got, state = timed if timed is not None else model.prefill(prompt, check=False, last_only=True)
+    with _reference_backend(model):
+        ref, ref_state = model.prefill(prompt, check=False, last_only=True)
+    return _compare_prefills(got, state, ref, ref_state, f"{_backend(model)} prefill", "reference prefill",
+                             tie_tolerance)
+
+
+def check_prefill(model, graph_prefill, prompt, tie_tolerance: float = 2e-3) -> str:
+    """The graph prefill against the eager prefill (see :func:`_compare_prefills`)."""
+    ref, ref_state = model.prefill(prompt, check=False, last_only=True)
+    got, state = graph_prefill.prefill(prompt)
+    return _compare_prefills(got, state, ref, ref_state, "graph prefill", "eager prefill", tie_tolerance)
 
 
 def time_prefill(model, ids, repeats: int, graph_prefill=None) -> float:
@@ -237,9 +264,11 @@ def bench_model(model, batches=(1,), prompt_len: int = 2048, tokens: int = 256, 
     check_fn, _ = _timed_step_fn(checked)
     for batch in batches:
         if check_tokens > 0:
-            _, state = checked.prefill(prompts[batch], check=False, last_only=True)
+            logits, state = checked.prefill(prompts[batch], check=False, last_only=True)
+            prefill_check = check_prefill_reference(checked, prompts[batch], timed=(logits, state.clone()))
             checks[batch] = check_decode(checked, check_fn, prompts[batch], state, check_tokens)
             checks[batch] += "" if checked is model else f", checked in {str(checked.compute_dtype)[6:]}"
+            checks[batch] += f"; prefill {prefill_check}"
         else:
             checks[batch] = "not checked"
         if log:

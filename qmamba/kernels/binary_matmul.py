@@ -37,7 +37,8 @@ from qmamba.kernels.dequantize import dense_linear
 from qmamba.kernels.matmul_configs import (BINARY_DEQUANT_GEMM_MIN_M, GEMV_MAX_M, BinaryConfig,
                                            MatmulPolicy, current_policy, pick_binary_config)
 from qmamba.kernels.quant_matmul import dequant_matmul, output_buffer
-from qmamba.kernels.routing import ROUTE_BY_EXPERT, ROUTE_DENSE, ROUTE_TILES, ExpertTiles, expert_tile_map
+from qmamba.kernels.routing import (ROUTE_BY_EXPERT, ROUTE_DENSE, ROUTE_TILES, ExpertTiles, expert_tile_map,
+                                    program_rows)
 from qmamba.kernels.weights import BinaryWeight, PackedWeight, int32_words
 from qmamba.quant import layout
 
@@ -71,21 +72,8 @@ def _binary_matmul_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
-    if ROUTE == 0:
-        rows = pid_m * BLOCK_M + rm
-        row_ok = rows < M
-        expert = pid_m * 0
-    elif ROUTE == 1:
-        rows = rm
-        expert = pid_m
-        ids = tl.load(rexp_ptr + rows, mask=rows < M, other=-1)
-        row_ok = ids == expert
-    else:
-        expert = tl.load(tile_e_ptr + pid_m)
-        lo = tl.load(tile_lo_ptr + pid_m)
-        hi = tl.load(tile_hi_ptr + pid_m)
-        row_ok = lo + rm < hi
-        rows = tl.load(sorted_ptr + lo + rm, mask=row_ok, other=0)
+    rows, row_ok, expert = program_rows(pid_m, M, rexp_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, sorted_ptr, ROUTE,
+                                        BLOCK_M)
     n_rows = tl.sum(row_ok.to(tl.int32), axis=0)
     k_end = tl.where(n_rows > 0, K, 0)  # an expert without rows reads nothing
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

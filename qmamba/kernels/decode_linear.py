@@ -51,7 +51,6 @@ from qmamba.quant.layout import (INT4_TILE, INT4_TILE_WORDS, binary_denorm_vecto
                                  int4_x_planes_width)
 
 MAX_ROWS = 8
-NARROW_N = 512  # "narrow" matrices (DecodePolicy.max_rows_narrow): x_proj's dt rank + 2 d_state outputs
 WIDE_N = 16384  # "wide" matrices (DecodePolicy.block_n_wide): the vocabulary head
 MMA_ROWS = 16  # rows and weight rows of a tensor-core tile (plane words, 2+ input rows)
 INT4_UNPACK = {"shift": 0, "magic": 1, "denorm": 2}  # DecodePolicy.int4_unpack -> the kernels' UNPACK
@@ -96,11 +95,7 @@ class DecodePolicy:
     max_rows_routed: int = 0     # routed expert stacks take these kernels up to this many rows even above max_rows
     #                              (one program column per expert: each expert's tile read once for its rows; or,
     #                              with routed_row_programs, one program row per input row)
-    max_rows_narrow: int = 0     # matrices of at most NARROW_N output rows (x_proj: dt rank + 2 d_state) likewise
     planes_mma: bool = True      # plane words at 2+ rows: tensor cores (16-row tiles); False: CUDA cores per row
-    int4_row_warps: bool = False  # int4 at one input row: as many warps as cover one weight row's tiles (16 B a
-    #                               thread), so each thread holds the same k of all its program's rows and reads the
-    #                               input once for all of them (instead of ``num_warps``)
     min_programs: int = 0        # fewer int4 rows per program where the matrix has too few rows to give this many
     max_programs: int = 0        # twice the int4 / 1-bit rows a program where a (not gated) matrix would take more
     #                              programs than this but at most twice as many (0: never): a grid just past what the
@@ -165,7 +160,7 @@ class DecodePolicy:
     def takes(self, weight, rows: int, routed: bool = False) -> bool:
         """Whether a caller should run ``weight`` at ``rows`` rows through :func:`decode_linear` (int4 plane words up
         to ``max_rows_planes`` rows: the tensor-core path from 2 rows; everything else up to ``max_rows``; a
-        ``routed`` expert stack also up to ``max_rows_routed``, a narrow matrix also up to ``max_rows_narrow``)."""
+        ``routed`` expert stack also up to ``max_rows_routed``)."""
         if not isinstance(weight, (PackedWeight, BinaryWeight)) or weight.fmt not in self.formats:
             return False
         if isinstance(weight, BinaryWeight) and not binary_decodable(weight):
@@ -173,8 +168,6 @@ class DecodePolicy:
         limit = self.max_rows_planes if weight.fmt == FMT_INT4_PLANES else self.max_rows
         if routed:
             limit = max(limit, self.max_rows_routed)
-        if weight.n <= NARROW_N and weight.n_experts == 1:
-            limit = max(limit, self.max_rows_narrow)
         if weight.fmt == FMT_BINARY:
             limit = min(limit, self.binary_max_rows)
         return rows <= min(limit, MAX_ROWS)
@@ -198,7 +191,7 @@ class DecodePolicy:
         Session 18 (``--variants default,rt8,rt8rw,rw``, one run): the routed expert stacks at batch 2-8 on these
         kernels, one program row per input row (``max_rows_routed``, ``routed_row_programs``): batch 8 int4 2.138
         -> 1.792 ms/token, bf16 1.793 -> 1.675 (fc1 alone 47.9 -> 34.5 us, fc2 31.2 -> 20.2; batch 1 unchanged);
-        on: the warps of one weight row instead (``rw``) lost at batch 1 (0.607 against 0.531).
+        on: the warps of one weight row instead (``rw``, a knob removed since) lost at batch 1 (0.607 against 0.531).
         Session 19 (``--variants default,xplanes,xplanesb``, one run): the int4 input planes from their producers
         (``int4_x_planes``) left batch 1 where it was (0.529 both) and took batch 8 from 1.797 to 1.724 ms/token
         (bf16, which has none, 1.898 / 1.878): on. Kernels alone at one row (``bench_decode_linear.py``): in_proj
@@ -260,12 +253,6 @@ class DecodePolicy:
             while bn > 1 and -(-n // bn) < self.min_programs:
                 bn //= 2
         return min(bn, next_pow2(n))
-
-    def warps(self, fmt: int, rows: int, tile_words: int) -> int:
-        """Warps of a program whose int4 row is ``tile_words`` words (padded tiles), per :attr:`int4_row_warps`."""
-        if self.int4_row_warps and rows == 1 and fmt in (FMT_INT4, FMT_INT4_PLANES):
-            return max(1, min(8, tile_words // 128))
-        return self.num_warps
 
 
 # ---- kernel --------------------------------------------------------------------------------------------------------
@@ -1069,7 +1056,7 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     grid = (m if row_programs else weight.n_experts if row_expert is not None and m > 1 else 1, -(-n_out // bn))
     dummy = x
     kwargs = dict(launch_pdl=True) if policy.pdl else {}
-    warps = policy.warps(weight.fmt, rows, nbp * wpg) if not mma else policy.num_warps
+    warps = policy.num_warps
     unpack = INT4_UNPACK[policy.int4_unpack]
     narrow = nbp * wpg < 4 * 32 * warps  # a weight row's tiles fewer words than the program's threads x 4
     wide = policy.int4_x_in_tile_wide == "always" or (policy.int4_x_in_tile_wide == "row_programs" and row_programs)

@@ -32,7 +32,7 @@ from qmamba.kernels.dequantize import dense_linear, dequantize_stack
 from qmamba.kernels.int4_gemv import int4_gemv
 from qmamba.kernels.matmul_configs import (DEQUANT_GEMM_MIN_M, GEMV_MAX_M, MatmulConfig, MatmulPolicy,
                                            current_policy, gemm_config, pick_config, small_block_m)
-from qmamba.kernels.routing import ROUTE_BY_EXPERT, ROUTE_DENSE, ROUTE_TILES, expert_tile_map
+from qmamba.kernels.routing import ROUTE_BY_EXPERT, ROUTE_DENSE, ROUTE_TILES, expert_tile_map, program_rows
 from qmamba.kernels.weights import FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT8, PackedWeight, int32_words
 
 
@@ -80,21 +80,8 @@ def _dequant_matmul_kernel(
     pid_k = tl.program_id(2)
     rm = tl.arange(0, BLOCK_M)
     # -- which rows, which expert
-    if ROUTE == 0:
-        rows = pid_m * BLOCK_M + rm
-        row_ok = rows < M
-        expert = pid_m * 0
-    elif ROUTE == 1:
-        rows = rm
-        expert = pid_m
-        ids = tl.load(rexp_ptr + rows, mask=rows < M, other=-1)
-        row_ok = ids == expert
-    else:
-        expert = tl.load(tile_e_ptr + pid_m)
-        lo = tl.load(tile_lo_ptr + pid_m)
-        hi = tl.load(tile_hi_ptr + pid_m)
-        row_ok = lo + rm < hi
-        rows = tl.load(sorted_ptr + lo + rm, mask=row_ok, other=0)
+    rows, row_ok, expert = program_rows(pid_m, M, rexp_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, sorted_ptr, ROUTE,
+                                        BLOCK_M)
     n_rows = tl.sum(row_ok.to(tl.int32), axis=0)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N

@@ -19,6 +19,32 @@ from qmamba.kernels._triton import HAS_TRITON, cdiv, jit, next_pow2, tl
 ROUTE_DENSE, ROUTE_BY_EXPERT, ROUTE_TILES = 0, 1, 2
 
 
+@jit
+def program_rows(pid_m, M, rexp_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, sorted_ptr, ROUTE: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """The input rows of program row ``pid_m`` of a routed matmul: ``(rows [BLOCK_M], row_ok [BLOCK_M], expert)``.
+    ``ROUTE_DENSE``: row tile ``pid_m`` of ``M`` rows, expert 0; ``ROUTE_BY_EXPERT``: the first ``BLOCK_M`` rows,
+    those whose ``row_expert`` (``rexp_ptr``) is ``pid_m``; ``ROUTE_TILES``: tile ``pid_m`` of the
+    :class:`ExpertTiles` map (its rows of ``sorted_ids``)."""
+    rm = tl.arange(0, BLOCK_M)
+    if ROUTE == 0:
+        rows = pid_m * BLOCK_M + rm
+        row_ok = rows < M
+        expert = pid_m * 0
+    elif ROUTE == 1:
+        rows = rm
+        expert = pid_m
+        ids = tl.load(rexp_ptr + rows, mask=rows < M, other=-1)
+        row_ok = ids == expert
+    else:
+        expert = tl.load(tile_e_ptr + pid_m)
+        lo = tl.load(tile_lo_ptr + pid_m)
+        hi = tl.load(tile_hi_ptr + pid_m)
+        row_ok = lo + rm < hi
+        rows = tl.load(sorted_ptr + lo + rm, mask=row_ok, other=0)
+    return rows, row_ok, expert
+
+
 @dataclass
 class ExpertTiles:
     """Tokens sorted by expert, cut into tiles of ``block_m`` rows that never straddle two experts.

@@ -62,7 +62,7 @@ def test_bench_checks_a_bf16_model_on_its_float32_twin(tmp_path):
                                     "--dtype", "bfloat16", "--device", "cpu", "--json", str(out)])
     assert res.exit_code == 0, res.output
     (row,) = json.loads(out.read_text())["rows"]
-    assert row["dtype"] == "bfloat16" and row["check"].endswith("checked in float32")
+    assert row["dtype"] == "bfloat16" and "checked in float32" in row["check"]
 
 
 def _fake_gpu(monkeypatch, used_gib: float, reserved_gib: float):
@@ -145,3 +145,40 @@ def test_prefill_check_passes_the_chunked_prefill_and_refuses_a_wrong_one():
 def test_bench_prefill_graph_needs_cuda():
     res = CliRunner().invoke(main, ["bench", str(FIXTURE), "--prefill", "graph", "--device", "cpu"])
     assert res.exit_code == 2 and "needs a CUDA device" in res.output
+
+
+def test_prefill_is_checked_against_the_reference_backend(monkeypatch):
+    """The eager prefill that ``qmamba bench`` times is checked against the reference backend's prefill of the same
+    prompt: the Triton backend (interpreted here) passes; one whose next token or final state differs is refused;
+    a model on the reference backend is its own reference and says so."""
+    model = qmamba.load_model(FIXTURE)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 5))
+    assert bench_lib.check_prefill_reference(model, prompt) == "reference path"
+    model.set_backend("triton")
+    assert bench_lib.check_prefill_reference(model, prompt).startswith("ok (2 rows")
+    assert bench_lib._backend(model) == "triton"  # the check put the backend back
+    # wrong timed prefills: the first call of a check is the timed path's, the second the reference's (the model
+    # stays on the reference backend here, so only the check's logic is exercised, quickly)
+    model.set_backend("reference")
+    monkeypatch.setattr(bench_lib, "_backend", lambda m: "triton")
+    real = model.prefill
+
+    def wrong_first(fault):
+        calls = []
+
+        def prefill(ids, **kw):
+            calls.append(1)
+            logits, state = real(ids, **kw)
+            if len(calls) % 2 == 0:
+                return logits, state
+            return (-logits, state) if fault == "next token" else (logits, real(ids.flip(1), **kw)[1])
+        return prefill
+
+    for what in ("next token", "final state"):
+        monkeypatch.setattr(model, "prefill", wrong_first(what))
+        try:
+            bench_lib.check_prefill_reference(model, prompt)
+        except bench_lib.BenchCheckError as exc:
+            assert what in str(exc) and "no figure reported" in str(exc)
+        else:
+            raise AssertionError(f"a prefill with a wrong {what} passed the check")

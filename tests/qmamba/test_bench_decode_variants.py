@@ -70,3 +70,73 @@ def test_probe_phase_cost_skips_one_kind(skip, norms, expected_missing):
     assert kinds["in_proj"] == 2
     assert kinds["x_proj"] == (0 if expected_missing == "x_proj" else 2)
     assert kinds["fc2"] == (0 if expected_missing == "fc2" else 2)
+
+
+def _script_calls(script: Path, bench: str) -> list[list[str]]:
+    """The argument lists of every ``benchmarks/<bench>`` invocation in a shell script (continuation lines joined,
+    shell variables replaced by a placeholder)."""
+    import re
+    import shlex
+
+    text = script.read_text().replace("\\\n", " ")
+    calls = []
+    for line in text.splitlines():
+        if line.lstrip().startswith("#") or f"benchmarks/{bench}" not in line:
+            continue
+        args = shlex.split(line.split(f"benchmarks/{bench}", 1)[1])
+        calls.append([re.sub(r"\$\{?\w+\}?", "X", a) for a in args])
+    return calls
+
+
+PENDING = Path(__file__).resolve().parents[2] / "scripts" / "gpu_pending.sh"
+
+
+def test_pending_gpu_script_calls_parse():
+    """scripts/gpu_pending.sh is the next GPU session's first call: every benchmark line in it must parse (session
+    28's planned commands lacked bench_decode.py's required --out) and name only known variants, formats, presets and
+    expert routes, so that no device minute is lost to a typo."""
+    from bench_decode import build_parser
+    from bench_e2e import FORMATS
+    from qmamba.config import preset
+
+    calls = _script_calls(PENDING, "bench_decode.py")
+    assert calls, "scripts/gpu_pending.sh runs no bench_decode.py"
+    for argv in calls:
+        args = build_parser().parse_args(argv)
+        preset(args.preset)
+        for name in args.formats.split(","):
+            assert name in FORMATS, f"unknown format {name!r} in {argv}"
+        for v in args.variants.split(","):
+            policy_variant(CUDA, v)
+    import profile_prefill
+
+    for argv in _script_calls(PENDING, "profile_prefill.py"):
+        args = profile_prefill.build_parser().parse_args(argv)
+        preset(args.preset)
+        profile_prefill.expert_routes(args.experts)
+    import bench_matmul
+
+    for argv in _script_calls(PENDING, "bench_matmul.py"):
+        args = bench_matmul.build_parser().parse_args(argv)
+        assert set(filter(None, args.shapes.split(","))) <= set(bench_matmul.SHAPES)
+        assert set(filter(None, args.peers.split(","))) <= set(bench_matmul.PEERS)
+
+
+def test_pending_script_checks_can_fail():
+    """The checks above can fail: a bench_decode.py line without --out, and an unknown expert route, are refused."""
+    import profile_prefill
+    from bench_decode import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--formats", "int4_g128", "--variants", "default,fold"])
+    with pytest.raises(SystemExit, match="unknown expert route"):
+        profile_prefill.expert_routes("tiles,per_expret")
+
+
+def test_pending_script_lists_its_steps():
+    """ALL_STEPS (what the step arguments are checked against) names the script's step lines, in order."""
+    import re
+
+    text = PENDING.read_text()
+    listed = re.search(r'^ALL_STEPS="([^"]*)"', text, re.M).group(1).split()
+    assert listed == re.findall(r"^step (\w+) ", text, re.M)

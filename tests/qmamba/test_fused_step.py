@@ -47,7 +47,6 @@ def build(name, fmt, device):
                                                ("int4g128", 2, "planes_magic"), ("int4g128", 1, "planes_denorm"),
                                                ("int4g128", 3, "routed_denorm"), ("float", 3, "routed"),
                                                ("int4g128", 4, "routed_denorm_rowprog"), ("float", 3, "routed_rowprog"),
-                                               ("int4g128", 3, "routed_denorm_rowprog_narrow"),
                                                ("int4g128", 3, "routed_denorm_rowprog_xplanes"),
                                                ("int4g128", 1, "planes_denorm_xplanes"),
                                                ("int4g128", 1, "planes_denorm_xplanes_bcast")])
@@ -61,8 +60,8 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     ``DecodePolicy.int4_unpack``; ``_xplanes``: their input as the int4 input planes add + norm writes,
     ``DecodePolicy.int4_x_planes``, read in the tile's shape or, ``_bcast``, broadcast); ``routed``: only the routed expert stacks on the decode kernels at 2+ rows (each
     routed row on CUDA cores), dense matrices on the general kernels; ``_rowprog``: one program row per routed row,
-    on its own expert's tile (``DecodePolicy.routed_row_programs``); ``_narrow``: x_proj too
-    (``DecodePolicy.max_rows_narrow``); ``_xplanes``: fc1's row programs read the int4 input planes of x."""
+    on its own expert's tile (``DecodePolicy.routed_row_programs``); ``_xplanes``: fc1's row programs read the int4
+    input planes of x."""
     model = build("tiny-blackmamba", FORMATS[fmt], device)
     if fmt == "binary":
         from qmamba.quant.binary import BinaryExperts, BinaryLinear
@@ -93,7 +92,6 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
         policy = dataclasses.replace(policy, formats=(0, 1, 3), max_rows=1, max_rows_planes=1, max_rows_routed=8,
                                      int4_planes=True, int4_unpack=unpack, planes_mma=False,
                                      routed_row_programs="rowprog" in parts,
-                                     max_rows_narrow=8 if "narrow" in parts else 0,
                                      int4_x_planes="xplanes" in parts)
     step = FusedDecodeStep(model, policy)
     if fmt == "binary":  # the 1-bit matrices take the decode kernels exactly when the policy lists the format
@@ -104,7 +102,7 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
         moe = [p for p in step.layers if hasattr(p, "fc1")]
         assert moe and all(policy.takes(p.fc1, batch, routed=True) and not policy.takes(p.fc1, batch) for p in moe)
         mamba = [p for p in step.layers if hasattr(p, "x_proj")]
-        assert mamba and all(policy.takes(p.x_proj, batch) == ("narrow" in kernels) for p in mamba)
+        assert mamba and not any(policy.takes(p.x_proj, batch) for p in mamba)
     if kernels.startswith("planes"):  # the model's int4 weights now hold plane words; the reference reads them too
         assert any(getattr(m, "_plane_words", False) for m in model.modules()), "no int4 weight became plane words"
         assert all(w.fmt == 3 for w in step._weights() if getattr(w, "group_size", 0) == 128)

@@ -50,21 +50,21 @@ def poisoned(m, n, device):
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("block,unpack", [(None, "shift"), (4, "shift"), (4, "magic"), (4, "denorm"),
-                                          (2, "denorm-rowwarps")])
+                                          (2, "denorm-2warps")])
 def test_dense_matches_dequantized_matmul(fmt, m, block, unpack, device):
     """``block``: rows per program (None: the device's policy; 4: several programs and a ragged last one);
     ``unpack``: int4 nibbles shifted down, masked in place against a pre-scaled input ("magic"), or masked in place
-    and read as subnormal floats ("denorm"); "-rowwarps": the warps of one weight row's tiles
-    (``DecodePolicy.int4_row_warps``)."""
+    and read as subnormal floats ("denorm"); "-2warps": programs of 2 warps (4 elsewhere on CUDA), so that a weight
+    row's tiles span a different share of the program's threads."""
     torch.manual_seed(m)
     n, k = 37, 200 if not fmt.startswith("planes") else 300  # K not a multiple of any group: padded tail
     w = weight_for(fmt, n, k, device)
     x = torch.randn(m, k, device=device)
     bias = torch.randn(n, device=device)
     policy = None if block is None else DecodePolicy(pdl=False, block_n_int4=block, block_n_float=block,
-                                                     num_warps=4 if device.type == "cuda" else 1,
-                                                     int4_unpack=unpack.split("-")[0],
-                                                     int4_row_warps=unpack.endswith("-rowwarps"))
+                                                     num_warps=(2 if unpack.endswith("-2warps") else 4)
+                                                     if device.type == "cuda" else 1,
+                                                     int4_unpack=unpack.split("-")[0])
     out = decode_linear(x, w, poisoned(m, n, device), bias=bias, policy=policy)
     ref = decode_linear_ref(x, w, bias=bias)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
@@ -243,7 +243,7 @@ def test_routed_gated_and_row_scale(fmt, m, device):
     if fmt.endswith(("-magic", "-denorm")):
         fmt, unpack = fmt.split("-")
         policy = DecodePolicy(pdl=policy.pdl, num_warps=policy.num_warps, int4_unpack=unpack,
-                              block_n_int4=policy.block_n_int4, int4_row_warps=True)
+                              block_n_int4=policy.block_n_int4)
     if fmt.endswith("-nomma"):  # several routed rows on plane words, row by row on CUDA cores
         fmt, policy = fmt[:-6], DecodePolicy(pdl=policy.pdl, num_warps=policy.num_warps, planes_mma=False,
                                              block_n_int4=policy.block_n_int4)
