@@ -175,20 +175,6 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return dataclasses.replace(base, int4_x_in_tile_wide="always" if v == "xtilewide" else "off")
     if v in ("normgemv", "nonormgemv"):  # the add + norm between layers in the GEMVs around it at one row
         return dataclasses.replace(base, norm_in_gemvs=v == "normgemv")  # (DecodePolicy.norm_in_gemvs)
-    m = re.fullmatch(r"(no)?fold(\d+)?(?:f(\d+))?(?:w(\d+))?", v)
-    if m:  # fold / nofold: out_proj folded into the SSM update of every Mamba layer but the last
-        #    (DecodePolicy.ssm_fold); e.g. fold16f8w4: 16 channels a program for int4 out_proj, 8 for float, 4
-        #    warps (int4's); fold64w8: 46 programs of 64 channels for BlackMamba-2.8B (half the atomic adds of 32)
-        out = dataclasses.replace(base, ssm_fold=not m.group(1))
-        if m.group(2):
-            out = dataclasses.replace(out, ssm_fold_block_d=int(m.group(2)))
-        if m.group(3):
-            out = dataclasses.replace(out, ssm_fold_block_d_float=int(m.group(3)))
-        if m.group(4):
-            out = dataclasses.replace(out, ssm_fold_warps=int(m.group(4)))
-        return out
-    if v.startswith("headbn"):  # e.g. headbn16: 16 rows a program of the head at one row (DecodePolicy.block_n_wide)
-        return dataclasses.replace(base, block_n_wide=int(v[6:]))
     if v.startswith("maxp"):  # e.g. maxp1056: twice the int4 / 1-bit rows a program for grids just past 1056 programs
         return dataclasses.replace(base, max_programs=int(v[4:]))
     if v.startswith("normp"):  # e.g. normp4: programs a row of each add + norm writing the int4 input planes
@@ -271,9 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "batch 8), "
                          "normgemv / nonormgemv (DecodePolicy.norm_in_gemvs), xtilewide / xtilewide0 "
                          "(int4_x_in_tile_wide always / off), maxpN (max_programs), normpN (norm_plane_programs), "
-                         "acqrel (split-K adds with acq_rel ordering), fold[N][fF][wW] / nofold (out_proj folded "
-                         "into the SSM update, DecodePolicy.ssm_fold: N channels a program for int4, F for float, W "
-                         "warps), headbnN (N rows a program of the head: DecodePolicy.block_n_wide)")
+                         "acqrel (split-K adds with acq_rel ordering)")
     return ap
 
 

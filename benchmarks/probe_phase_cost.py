@@ -10,9 +10,7 @@ between layers took int4 g128 batch 1 from 0.521 to 0.443 ms/token, which justif
 Kinds: ``no_norm_all`` / ``no_norm_mamba`` / ``no_norm_moe`` (the add + norm launches but the first and the last),
 ``no_xproj``, ``no_ssm`` (the dt / state update), ``no_inproj``, ``no_outproj``, ``no_fc1``, ``no_fc2``. Routing
 buffers are preset to valid experts so that skipped routers leave the expert kernels in bounds. The variants run
-under the device's default policy with ``norm_in_gemvs`` off (the add + norm launches exist to be skipped), or,
-with ``--norm-in-gemvs``, on (its step: 110 launches for BlackMamba-2.8B; a skipped producer then leaves the sums of
-its NormOut at zero, so the routes go to expert 0: still a timing of in-bounds kernels).
+under the device's default policy with ``norm_in_gemvs`` off (the add + norm launches exist to be skipped).
 """
 
 from __future__ import annotations
@@ -55,12 +53,12 @@ class SkippingStep(fs.FusedDecodeStep):
             buf["rwt"].fill_(0.5)
         return buf
 
-    def _add_norm(self, buf, h, ids, norm_w, call, router=None, norm_b=None, **kw):
+    def _add_norm(self, buf, h, ids, norm_w, call, router=None, norm_b=None):
         if 0 < call < len(self.layers) and (self.skip == "no_norm_all" or
                                             (self.skip == "no_norm_mamba" and router is None) or
                                             (self.skip == "no_norm_moe" and router is not None)):
             return
-        return super()._add_norm(buf, h, ids, norm_w, call, router=router, norm_b=norm_b, **kw)
+        return super()._add_norm(buf, h, ids, norm_w, call, router=router, norm_b=norm_b)
 
     def _decode(self, x, weight, out, **kw):
         kind = KINDS.get(self.skip)
@@ -77,8 +75,6 @@ def main():
     ap.add_argument("--batches", default="1")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out")
-    ap.add_argument("--norm-in-gemvs", action="store_true",
-                    help="keep DecodePolicy.norm_in_gemvs on (the no_norm_* variants then skip nothing)")
     args = ap.parse_args()
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS] + [f for f in args.formats.split(",") if f not in FORMATS]
@@ -86,8 +82,7 @@ def main():
         raise SystemExit(f"unknown variants / formats: {unknown} (variants: {', '.join(VARIANTS)})")
     if not torch.cuda.is_available():
         raise SystemExit("probe_phase_cost.py times CUDA graphs: it needs a CUDA GPU")
-    base = DecodePolicy.for_device(torch.device("cuda"))
-    policy = dataclasses.replace(base, norm_in_gemvs=args.norm_in_gemvs and base.norm_in_gemvs)
+    policy = dataclasses.replace(DecodePolicy.for_device(torch.device("cuda")), norm_in_gemvs=False)
     dt_update = fs.dt_state_update
     cfg = preset(args.preset)
     res = {}

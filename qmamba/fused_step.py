@@ -19,12 +19,6 @@ after it multiply their products by ``1 / rms`` and fc1 / fc2 take the route fro
 layer of the normed row is ``1 / rms`` times the same layer of ``u``. Only the first layer's add + norm (the
 embedding; it also zeroes the sums) and a LayerNorm final norm (BlackMamba's) stay kernels.
 
-With ``DecodePolicy.ssm_fold`` too, a Mamba layer (but the last) has no out_proj launch: its SSM update adds
-out_proj's output block by block into a pending residual term, the next norm's input and, before an MoE layer, its
-router sums (:mod:`qmamba.kernels.ssm_fold`). The next layer's first GEMV (fc1, in_proj) reads that input and sums the
-squares of residual + pending itself; the pending term goes into the residual in the next producer (fc2's or an
-unfolded out_proj's NormOut, the next fold, or the final add + norm). Two alternating buffer pairs (Mamba after Mamba).
-
 The linear layers are :func:`qmamba.kernels.decode_linear.decode_linear` (whole rows per program, no split-K, no
 workspace to zero); on Hopper every kernel is a programmatic dependent launch, so inside the CUDA graph each
 kernel's weight loads overlap the previous kernel (:class:`DecodePolicy`, an explicit argument). Weights are read in
@@ -53,7 +47,6 @@ from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
 from qmamba.kernels.decode_linear import DecodePolicy, NormIn, NormOut, binary_denorm_of, decode_linear
 from qmamba.kernels.decode_step import add_norm, dt_state_update
 from qmamba.kernels.fused_moe import gated_act, routed_matmul
-from qmamba.kernels.ssm_fold import FOLD_FLOAT, SsmFold, out_columns, router_fold, ssm_update_fold
 from qmamba.kernels.weights import FMT_INT4_PLANES, BinaryWeight, PackedWeight
 from qmamba.quant.layout import INT4_X_PLANES, int4_x_planes_width
 from qmamba.quant.modules import use_plane_words
@@ -138,34 +131,10 @@ class FusedDecodeStep:
         self.final_w = norm_f.weight.detach()
         self.final_b = getattr(norm_f, "bias", None)  # LayerNorm has a bias, RMSNorm none
         self.head, self.head_bias = linear_weight(model.lm_head)
-        self._folds = self._fold_plans()
         self._buffers: dict[int, dict] = {}
         for w in self._weights():  # the 1-bit "denorm" vectors now, not inside a CUDA-graph capture
             if isinstance(w, BinaryWeight) and self.policy.denorm_reading and self.policy.takes(w, 1):
                 binary_denorm_of(w)
-
-    def _fold_plans(self) -> dict:
-        """``{i: (out_proj columns, router fold, router)}`` for the Mamba layers whose SSM update may take out_proj in
-        (:attr:`DecodePolicy.ssm_fold`, :mod:`qmamba.kernels.ssm_fold`): every Mamba layer but the last (whose
-        consumer is the head) with a float or int4 out_proj, before a Mamba layer or a gated MoE layer (the router of
-        ``[0, D]`` before a Mamba layer). Whether they do at a batch size is :meth:`_folded`'s."""
-        if not (self.policy.ssm_fold and self.policy.norm_in_gemvs):
-            return {}
-        folds = {}
-        for i, plan in enumerate(self.layers[:-1]):
-            nxt = self.layers[i + 1]
-            if not isinstance(plan, _MambaPlan) or (isinstance(nxt, _MoePlan) and not nxt.gated):
-                continue
-            cols = out_columns(plan.out_proj)
-            if cols is None:
-                continue
-            router = nxt.router_w if isinstance(nxt, _MoePlan) else nxt.norm_w.new_zeros(0, self.d_model)
-            folds[i] = (cols, router_fold(router, nxt.norm_w, plan.out_proj), router)
-        return folds
-
-    def _folded(self, batch: int) -> frozenset:
-        """The Mamba layers whose SSM update takes out_proj in at this batch size (the norms in the GEMVs)."""
-        return frozenset(self._folds) if self._folds and self._norm_in_gemvs(batch) else frozenset()
 
     def _weights(self) -> list:
         """Every linear weight of a step: the head, then each layer's in forward order."""
@@ -199,18 +168,7 @@ class FusedDecodeStep:
                    rwt=torch.empty(batch, **f32), xpl=None, acc=None)
         if self._norm_in_gemvs(batch):  # per add + norm: the sum of squares and the router sums (NormOut)
             experts = max((p.router_w.shape[0] for p in self.layers if isinstance(p, _MoePlan)), default=0)
-            rows = (len(self.layers) + 1) * (1 + experts)
-            # two pairs of a fold's pending term and u (qmamba.kernels.ssm_fold; u zero-padded to the input planes'
-            # width, which an int4 plane-word consumer reads as raw planes): fold i writes pair i % 2
-            width = int4_x_planes_width(d)
-            folds = 2 * (d + width) if self._folded(batch) else 0
-            buf["norm_zero"] = torch.zeros(rows + folds, **f32)  # zeroed by the first add + norm of each step
-            buf["acc"] = buf["norm_zero"][:rows].view(len(self.layers) + 1, 1 + experts)
-            if folds:
-                pairs = buf["norm_zero"][rows:].view(2, d + width)
-                buf["pend"] = [pairs[j, None, :d] for j in range(2)]
-                buf["u2pad"] = [pairs[j, None, d:] for j in range(2)]
-                buf["u2"] = [pad[:, :d] for pad in buf["u2pad"]]
+            buf["acc"] = torch.zeros(len(self.layers) + 1, 1 + experts, **f32)
         if any(self._planes_read(w, batch, routed) for w, routed in self._x_readers()):
             # the int4 input planes of x, written by each add + norm, for the plane-word matrices that read x one row
             # a program (batch 1; routed experts as row programs at any batch)
@@ -295,7 +253,7 @@ class FusedDecodeStep:
                                        for p in self.layers]
 
     # ---- one step --------------------------------------------------------------------------------------------------
-    def _add_norm(self, buf, h, ids, norm_w, call: int, router=None, norm_b=None, h2=None):
+    def _add_norm(self, buf, h, ids, norm_w, call: int, router=None, norm_b=None):
         """The ``call``-th add + norm of the step. Where several programs a row share the writing of the int4 input
         planes (``DecodePolicy.norm_plane_programs``), the residual alternates between two buffers (each program
         reads it whole; the first writes the new one); otherwise it is updated in place. With the norms in the
@@ -310,8 +268,7 @@ class FusedDecodeStep:
         add_norm(buf["x"], res_in, norm_w, self.eps, h=h, token_ids=ids, embedding=self.embedding,
                  norm_b=norm_b, router_w=rw, router_b=rb, expert_idx=buf["idx"], expert_weight=buf["rwt"],
                  pdl=self.policy.pdl, x_planes=buf["xpl"], plane_programs=self.policy.norm_plane_programs,
-                 residual_out=res_out, zero=buf["norm_zero"] if buf["acc"] is not None and call == 0 else None,
-                 h2=h2)
+                 residual_out=res_out, zero=buf["acc"] if buf["acc"] is not None and call == 0 else None)
 
     def __call__(self, token_ids: torch.Tensor, state) -> torch.Tensor:
         token_ids = token_ids.contiguous()  # the gather kernel reads ids[b] at offset b (a column slice is strided)
@@ -320,7 +277,6 @@ class FusedDecodeStep:
         if buf["zero"]:
             buf["ws"].zero_()
         fused = buf["acc"] is not None  # the add + norms between layers in the GEMVs around them (NormOut / NormIn)
-        folded = self._folded(batch)  # Mamba layers with out_proj in their SSM update (qmamba.kernels.ssm_fold)
         h = None
         n = len(self.layers)
         for i, plan in enumerate(self.layers):
@@ -331,19 +287,12 @@ class FusedDecodeStep:
                                router=(plan.router_w, plan.router_b) if moe else None)
             nin = self._norm_in(buf, i) if fused and i > 0 else None
             nout = self._norm_out(buf, i + 1) if fused else None
-            after = (i - 1) % 2 if i - 1 in folded else None  # the pair of the fold before this layer
-            if moe:
-                h = self._moe(buf, plan, views, nin, nout, after)
-            elif i in folded:
-                h = self._mamba_folded(buf, plan, views, state, nin, i, after)
-            else:
-                h = self._mamba(buf, plan, views, state, nin, nout, after)
+            h = self._moe(buf, plan, views, nin, nout) if moe else self._mamba(buf, plan, views, state, nin, nout)
         nin = None
         if fused and self.final_b is None:
             nin = self._norm_in(buf, n)
-        else:  # (a fold two layers back whose pending term no NormOut took: the final add + norm adds it)
-            h2 = buf["pend"][(n - 2) % 2] if n - 2 in folded else None
-            self._add_norm(buf, h, token_ids, self.final_w, n, norm_b=self.final_b, h2=h2)
+        else:
+            self._add_norm(buf, h, token_ids, self.final_w, n, norm_b=self.final_b)
         return self._linear(buf["x"], self.head, buf["logits"], bias=self.head_bias, x_planes=buf["xpl"],
                             x_plane_sums=nin is None, **({"norm_in": nin} if nin is not None else {}))
 
@@ -358,44 +307,18 @@ class FusedDecodeStep:
     def _decode(self, x, weight, out, **kw):
         return decode_linear(x, weight, out, policy=self.policy, **kw)
 
-    def _after_fold(self, buf, after: int | None, weight, nin: NormIn | None, routed: bool = False):
-        """``(x, x_planes, raw, nin)`` of a layer's first GEMV: after a fold (pair ``after``), the fold's ``u`` (as raw
-        planes for int4 plane words) and ``nin`` summing the squares of residual + pending itself; else the add +
-        norm's ``x`` and planes."""
-        if after is None:
-            return buf["x"], buf["xpl"], False, nin
-        planes = buf["u2pad"][after] if self._planes_read(weight, 1, routed) else None
-        if nin is not None:
-            nin = dataclasses.replace(nin, residual=self._live_residual(buf), pending=buf["pend"][after])
-        return buf["u2"][after], planes, True, nin
-
-    @staticmethod
-    def _taking_pending(buf, after: int | None, nout: NormOut | None) -> NormOut | None:
-        """``nout`` adding a fold's pending term (pair ``after``) into the residual and zeroing the pair."""
-        if after is None or nout is None:
-            return nout
-        return dataclasses.replace(nout, pending=buf["pend"][after], clear=buf["u2"][after])
-
-    def _in_proj(self, buf, plan: _MambaPlan, views, conv, nin: NormIn | None, after: int | None):
-        """in_proj with the conv step in its epilogue (its output into xc), then x_proj on it."""
-        xz, dbc = views[0], views[1]
-        xc = buf["xc"][:, :plan.in_proj.n // 2]
-        x, planes, raw, nin = self._after_fold(buf, after, plan.in_proj, nin)
-        self._decode(x, plan.in_proj, xz, bias=plan.in_bias, conv_out=conv + (xc,), x_planes=planes,
-                     x_plane_sums=nin is None, norm_in=nin, x_planes_raw=raw)
-        self._decode(xc, plan.x_proj, dbc)
-
-    def _mamba(self, buf, plan: _MambaPlan, views, state, nin: NormIn | None = None, nout: NormOut | None = None,
-               after: int | None = None):
-        """A Mamba layer (``after``: the pair of a fold before it, see :meth:`_after_fold`; its out_proj's NormOut then
-        adds the fold's pending term in)."""
+    def _mamba(self, buf, plan: _MambaPlan, views, state, nin: NormIn | None = None, nout: NormOut | None = None):
         xz, dbc, out = views
         di = plan.in_proj.n // 2
         conv_state = state.conv_state[plan.slot]
         conv = (conv_state, plan.conv_w, plan.conv_b)
         rows = xz.shape[0]
         if self.policy.takes(plan.in_proj, rows) and self.policy.takes(plan.x_proj, rows):
-            self._in_proj(buf, plan, views, conv, nin, after)
+            # the conv step in in_proj's epilogue (its output into xc), x_proj on it
+            xc = buf["xc"][:, :di]
+            self._decode(buf["x"], plan.in_proj, xz, bias=plan.in_bias, conv_out=conv + (xc,), x_planes=buf["xpl"],
+                         x_plane_sums=nin is None, norm_in=nin)
+            self._decode(xc, plan.x_proj, dbc)
         else:  # the conv step's output on its own (the state is shifted by the dt kernel below)
             self._linear(buf["x"], plan.in_proj, xz, bias=plan.in_bias)
             if buf["conv_scratch"] is None or buf["conv_scratch"].shape != conv_state.shape:
@@ -409,36 +332,10 @@ class FusedDecodeStep:
                         state.ssm_state[plan.slot], y, conv=conv, pdl=self.policy.pdl,
                         block_d=self.policy.ssm_block_d if y.shape[0] == 1 else self.policy.ssm_block_d_batched,
                         y_planes=buf["ypl"])
-        nout = self._taking_pending(buf, after, nout)
         return self._linear(y, plan.out_proj, out, bias=plan.out_bias, x_planes=buf["ypl"], x_plane_sums=False,
                             **({"norm_out": nout} if nout is not None else {}))
 
-    def _mamba_folded(self, buf, plan: _MambaPlan, views, state, nin: NormIn | None, i: int, after: int | None):
-        """A Mamba layer whose SSM update takes out_proj in (:mod:`qmamba.kernels.ssm_fold`): in_proj, x_proj, then the
-        fold, which adds out_proj's output into pair ``i % 2``'s pending term and builds the next layer's norm input
-        and router sums there (the next layer reads them, :meth:`_after_fold`); after another fold (``after``) it
-        also adds that one's pending term into the residual."""
-        xz, dbc, _ = views
-        di = plan.in_proj.n // 2
-        conv = (state.conv_state[plan.slot], plan.conv_w, plan.conv_b)
-        self._in_proj(buf, plan, views, conv, nin, after)
-        cols, rfold, router = self._folds[i]
-        p = i % 2
-        fold = SsmFold(cols, plan.out_bias, self.layers[i + 1].norm_w, router, rfold, self._live_residual(buf),
-                       buf["pend"][p], buf["u2"][p], buf["acc"][i + 1],
-                       pending_prev=None if after is None else buf["pend"][after],
-                       u_prev=None if after is None else buf["u2"][after])
-        pol = self.policy
-        block_d, warps = ((pol.ssm_fold_block_d_float, pol.ssm_fold_warps_float) if cols.fmt == FOLD_FLOAT else
-                          (pol.ssm_fold_block_d, pol.ssm_fold_warps))
-        ssm_update_fold(dbc, plan.dt_w, plan.dt_bias, xz[:, :di], xz[:, di:], plan.A, plan.D,
-                        state.ssm_state[plan.slot], buf["y"], fold, conv=conv, pdl=pol.pdl, block_d=block_d,
-                        num_warps=warps)
-
-    def _moe(self, buf, plan: _MoePlan, views, nin: NormIn | None = None, nout: NormOut | None = None,
-             after: int | None = None):
-        """An MoE layer (``after``: the pair of a fold before it: fc1 reads the fold's norm input, :meth:`_after_fold`,
-        and fc2's NormOut adds the fold's pending term into the residual)."""
+    def _moe(self, buf, plan: _MoePlan, views, nin: NormIn | None = None, nout: NormOut | None = None):
         h1, out = views
         ffn = plan.fc1.n // 2 if plan.gated else plan.fc1.n
         act = buf["act"][:, :ffn]
@@ -447,9 +344,8 @@ class FusedDecodeStep:
             route = None
             if nin is not None:  # the route from the accumulated norm (no router kernel ran)
                 route = self._route(nin, plan, scale=True)
-            x, planes, raw, route = self._after_fold(buf, after, plan.fc1, route, routed=True)
-            self._decode(x, plan.fc1, act, row_expert=buf["idx"], gated=plan.activation, x_planes=planes,
-                         out_planes=buf["apl"], x_plane_sums=nin is None, norm_in=route, x_planes_raw=raw)
+            self._decode(buf["x"], plan.fc1, act, row_expert=buf["idx"], gated=plan.activation, x_planes=buf["xpl"],
+                         out_planes=buf["apl"], x_plane_sums=nin is None, norm_in=route)
         else:
             self._linear(buf["x"], plan.fc1, h1, row_expert=buf["idx"])
             gated_act(h1, plan.activation, plan.gated, out=act)
@@ -457,7 +353,6 @@ class FusedDecodeStep:
         kw = {}
         if nin is not None:
             kw["norm_in"] = self._route(nin, plan, scale=False)
-        nout = self._taking_pending(buf, after, nout)
         if nout is not None:
             kw["norm_out"] = nout
         return self._linear(act, plan.fc2, out, row_expert=buf["idx"], row_scale=buf["rwt"],

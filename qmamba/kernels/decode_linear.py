@@ -47,11 +47,9 @@ from qmamba.kernels.input_planes import store_x_planes, x_plane_scale
 from qmamba.kernels.matmul_configs import sm_count
 from qmamba.kernels.weights import (FMT_BINARY, FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT8, BinaryWeight,
                                     PackedWeight, int32_words)
-from qmamba.quant.layout import (INT4_TILE, INT4_TILE_WORDS, binary_denorm_vectors, check_x_planes,
-                                 int4_x_planes_width)
+from qmamba.quant.layout import INT4_TILE, INT4_TILE_WORDS, binary_denorm_vectors, check_x_planes
 
 MAX_ROWS = 8
-WIDE_N = 16384  # "wide" matrices (DecodePolicy.block_n_wide): the vocabulary head
 MMA_ROWS = 16  # rows and weight rows of a tensor-core tile (plane words, 2+ input rows)
 INT4_UNPACK = {"shift": 0, "magic": 1, "denorm": 2}  # DecodePolicy.int4_unpack -> the kernels' UNPACK
 UNPACK_DENORM_X_IN_TILE = 3  # "denorm" with the input read in the tile's shape (DecodePolicy.int4_x_in_tile)
@@ -135,21 +133,10 @@ class DecodePolicy:
     #                              token fewer (the first layer's and a LayerNorm final norm keep theirs)
     norm_in_gemvs_binary: bool = False  # norm_in_gemvs also where a step has 1-bit weights (session 26, H200:
     #                              1-bit + int4 0.571 -> 0.576 ms/token with it, int4 0.522 -> 0.489)
-    block_n_wide: int = 0        # rows a program of a wide matrix (the head: N >= WIDE_N), int4 or float, one input
-    #                              row; 0: as any other matrix (BlackMamba-2.8B's int4 head: 4 rows, 12,576 programs)
     ssm_block_d: int = 32        # fused step at one row: channels per program of the SSM update kernel
     #                              (dt_state_update; 32: 92 programs for BlackMamba-2.8B's 2944 channels; 8 compiles
     #                              to ~1/3 of the instructions per thread with 4x the programs: the CUDA policy's)
     ssm_block_d_batched: int = 32  # the same at 2+ rows (H200, session 17, batch 8: 32 beat 8 by ~5%)
-    ssm_fold: bool = False       # fused step, with norm_in_gemvs: every Mamba layer but the last runs its SSM
-    #                              update with out_proj folded in (qmamba.kernels.ssm_fold: split-K over the
-    #                              channels by relaxed atomic adds, the next norm's input and router sums built by the
-    #                              same adds): one launch a Mamba layer fewer (float and int4 out_proj). Untimed
-    #                              (session 27 had no GPU to time it): off
-    ssm_fold_block_d: int = 32   # channels a program of the fold, int4 out_proj (capped at the group size)
-    ssm_fold_block_d_float: int = 16  # the same, float out_proj (its block is read as stored: D x channels)
-    ssm_fold_warps: int = 8      # warps a program of the fold, int4 out_proj
-    ssm_fold_warps_float: int = 8  # the same, float out_proj
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
 
     def __post_init__(self):
@@ -245,8 +232,6 @@ class DecodePolicy:
         binary = self.block_n_binary_gated if gated else self.block_n_binary
         bn = self.block_n_int4 if int4 else binary if fmt == FMT_BINARY else self.block_n_float
         bn = max(1, bn // (1 if rows <= 2 else 2 if rows <= 4 else 4))
-        if self.block_n_wide and n >= WIDE_N and rows == 1 and not gated and fmt != FMT_BINARY:
-            return min(self.block_n_wide, next_pow2(n))
         if packed and self.max_programs and not gated and self.max_programs < -(-n // bn) <= 2 * self.max_programs:
             bn *= 2
         if packed and self.min_programs:
@@ -475,15 +460,13 @@ def _plane_at(ptr, offs, lim, FULL: tl.constexpr):
 
 @jit
 def _dot_row_planes(w, scale, zero, xr, K, row_ok, NBP: tl.constexpr, WPG: tl.constexpr, UNPACK: tl.constexpr,
-                    XPL_K: tl.constexpr, SUMS: tl.constexpr, RAW: tl.constexpr):
+                    XPL_K: tl.constexpr, SUMS: tl.constexpr):
     """``[BN]`` fp32: a plane-word tile ("denorm" codes) times one input row given as its prepared input planes
     ``xr`` (:data:`qmamba.quant.layout.INT4_X_PLANES`, ``XPL_K`` columns a plane): per code a mask, a read of its
     input already in the code's scale and an FMA; the zero point per word against the word sums of plane 8. The
     input is read in the tile's shape (``UNPACK`` 3, every thread that needs it, from L1) or once per nibble
     position and broadcast over the rows (2). ``SUMS``: plane 8 holds the word sums; else (a producer that writes
-    planes 0..7 only) they are summed here from the planes, once per word for all rows. ``RAW``: ``xr`` is the fp32
-    input itself, zero-padded to ``XPL_K`` columns (no planes were written: every plane is the input times its
-    power of two, applied here; ``SUMS`` must be false)."""
+    planes 0..7 only) they are summed here from the planes, once per word for all rows."""
     k_lim = tl.where(row_ok, K, 0)
     hi = w >> 20
     part = tl.zeros(w.shape, dtype=tl.float32)
@@ -492,18 +475,12 @@ def _dot_row_planes(w, scale, zero, xr, K, row_ok, NBP: tl.constexpr, WPG: tl.co
     xsum = tl.zeros((NBP, WPG), dtype=tl.float32)
     for i in tl.static_range(8):
         k = _int4_k(i, NBP, WPG, 3)
-        plane = xr if RAW else xr + i * XPL_K
         if not SUMS:  # the word's input sum: x from each plane's 2^(96 - 4p) x
-            if RAW:
-                xsum += _plane_at(plane, k, k_lim, full)
-            else:
-                xsum += _plane_at(plane, k, k_lim, full) / x_plane_scale(i)
+            xsum += _plane_at(xr + i * XPL_K, k, k_lim, full) / x_plane_scale(i)
         if UNPACK == 3:
-            xp = _plane_at(plane, k[None, :, :] + row0, k_lim, full)
+            xp = _plane_at(xr + i * XPL_K, k[None, :, :] + row0, k_lim, full)
         else:
-            xp = _plane_at(plane, k, k_lim, full)[None, :, :]
-        if RAW:
-            xp = xp * x_plane_scale(i)
+            xp = _plane_at(xr + i * XPL_K, k, k_lim, full)[None, :, :]
         part += _subnormal_codes(w, hi, i) * xp
     if SUMS:
         xs = _plane_at(xr + 8 * XPL_K, tl.arange(0, NBP)[:, None] * WPG + tl.arange(0, WPG)[None, :], k_lim, full)
@@ -581,15 +558,13 @@ def _decode_linear_kernel(
     x_ptr, st_ptr, cw_ptr, cb_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rexp_ptr, rscale_ptr, out_ptr, co_ptr, xpl_ptr,
     opl_ptr, M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse, ssn, sze, szn, exp_bits, sxpl_m, sopl_m,
     nacc_ptr, nrb_ptr, n_width, n_eps, n_e, pres_ptr, pnw_ptr, pacc_ptr, prw_ptr, srw_e, pux_ptr, p_e,
-    nres_ptr, npend_ptr, ppend_ptr, pclr_ptr,
     NORM_IN: tl.constexpr, ROUTE_ACC: tl.constexpr, HAS_NRB: tl.constexpr, NORM_OUT: tl.constexpr,
-    NORM_RES: tl.constexpr, BLOCK_DR: tl.constexpr, NORM_PEND: tl.constexpr,
     ROUTER_OUT: tl.constexpr, BLOCK_E: tl.constexpr, FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr,
     CONV_W: tl.constexpr, HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr,
     UNPACK: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
     EXPERT_READY: tl.constexpr, ROW_PROGRAMS: tl.constexpr, X_PLANES: tl.constexpr, XPL_K: tl.constexpr,
-    XPL_SUMS: tl.constexpr, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr, XPL_RAW: tl.constexpr,
+    XPL_SUMS: tl.constexpr, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -612,11 +587,9 @@ def _decode_linear_kernel(
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         rwt = 1.0
-        ss = _norm_sumsq(nacc_ptr, nres_ptr, npend_ptr, n_width, pid_e + pid_n, NORM_IN or ROUTE_ACC, NORM_RES,
-                         BLOCK_DR)
         if ROWS == 1:
             if ROUTE_ACC:  # the route from the accumulated norm (NormIn): no router kernel ran
-                expert, rwt = _route_from_acc(ss, nacc_ptr, nrb_ptr, n_width, n_eps, n_e, HAS_NRB, BLOCK_E)
+                expert, rwt = _route_from_acc(nacc_ptr, nrb_ptr, n_width, n_eps, n_e, HAS_NRB, BLOCK_E)
             else:
                 expert = tl.load(rexp_ptr)
             active = expert >= 0
@@ -635,10 +608,9 @@ def _decode_linear_kernel(
             _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
                       bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, co_ptr, scom, DI, rows, rows_ok, expert,
                       M, N, K, exp_bits, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP,
-                      NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, xpl_ptr, sxpl_m, X_PLANES, XPL_K, XPL_SUMS, XPL_RAW,
-                      opl_ptr, sopl_m, OUT_PLANES, OPL_K, rwt, ss, n_width, n_eps, pres_ptr, pnw_ptr, pacc_ptr,
-                      prw_ptr, srw_e, pux_ptr, p_e, ppend_ptr, pclr_ptr, NORM_IN, ROUTE_ACC, NORM_OUT, ROUTER_OUT,
-                      BLOCK_E, NORM_PEND)
+                      NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, xpl_ptr, sxpl_m, X_PLANES, XPL_K, XPL_SUMS,
+                      opl_ptr, sopl_m, OUT_PLANES, OPL_K, rwt, nacc_ptr, n_width, n_eps, pres_ptr, pnw_ptr, pacc_ptr,
+                      prw_ptr, srw_e, pux_ptr, p_e, NORM_IN, ROUTE_ACC, NORM_OUT, ROUTER_OUT, BLOCK_E)
     else:
         w, scale, zero, w_up, scale_up, zero_up = _load_weights(
             w_ptr, s_ptr, z_ptr, pid_e.to(tl.int64) * 0, rows, rows_ok, K, N_UP, swe, swn, sse, ssn, sze, szn, FMT,
@@ -646,50 +618,27 @@ def _decode_linear_kernel(
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        ss = _norm_sumsq(nacc_ptr, nres_ptr, npend_ptr, n_width, pid_e + pid_n, NORM_IN, NORM_RES, BLOCK_DR)
         _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
                   bias_ptr, rexp_ptr, rscale_ptr, out_ptr, som, co_ptr, scom, DI, rows, rows_ok, pid_e,
                   M, N, K, exp_bits, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP,
-                  NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, xpl_ptr, sxpl_m, X_PLANES, XPL_K, XPL_SUMS, XPL_RAW,
-                  opl_ptr, sopl_m, OUT_PLANES, OPL_K, 1.0, ss, n_width, n_eps, pres_ptr, pnw_ptr, pacc_ptr,
-                  prw_ptr, srw_e, pux_ptr, p_e, ppend_ptr, pclr_ptr, NORM_IN, ROUTE_ACC, NORM_OUT, ROUTER_OUT,
-                  BLOCK_E, NORM_PEND)
+                  NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, xpl_ptr, sxpl_m, X_PLANES, XPL_K, XPL_SUMS,
+                  opl_ptr, sopl_m, OUT_PLANES, OPL_K, 1.0, nacc_ptr, n_width, n_eps, pres_ptr, pnw_ptr, pacc_ptr,
+                  prw_ptr, srw_e, pux_ptr, p_e, NORM_IN, ROUTE_ACC, NORM_OUT, ROUTER_OUT, BLOCK_E)
 
 
 @jit
-def _norm_sumsq(acc_ptr, res_ptr, pend_ptr, width, first, USED: tl.constexpr, NORM_RES: tl.constexpr,
-                BLOCK_DR: tl.constexpr):
-    """A :class:`NormIn`'s sum of squares (0.0 unless ``USED``): ``acc[0]`` (:class:`NormOut` accumulated it), or
-    (``NORM_RES``) that of ``residual + pending`` read whole, which the program with ``first == 0`` also stores into
-    ``acc[0]`` (for the next consumer of the same norm)."""
-    ss = 0.0
-    if USED:
-        if NORM_RES:
-            j = tl.arange(0, BLOCK_DR)
-            jm = j < width
-            r = tl.load(res_ptr + j, mask=jm, other=0.0) + tl.load(pend_ptr + j, mask=jm, other=0.0)
-            ss = tl.sum(r * r, axis=0)
-            if first == 0:
-                tl.store(acc_ptr, ss)
-        else:
-            ss = tl.load(acc_ptr)
-    return ss
+def _rstd_from_acc(acc_ptr, width, eps):
+    """``1 / rms`` of a row from its accumulated sum of squares (``acc[0]``, :class:`NormOut`)."""
+    return tl.rsqrt(tl.load(acc_ptr) / width + eps)
 
 
 @jit
-def _rstd(ss, width, eps):
-    """``1 / rms`` of a row from its sum of squares (:func:`_norm_sumsq`)."""
-    return tl.rsqrt(ss / width + eps)
-
-
-@jit
-def _route_from_acc(ss, acc_ptr, rb_ptr, width, eps, E, HAS_RB: tl.constexpr, BLOCK_E: tl.constexpr):
-    """``(expert, weight)`` of the top-1 sigmoid router from an accumulated norm (:class:`NormOut`; ``ss`` its sum of
-    squares): logits ``rstd * acc[1 + e] (+ bias)``, ``p = sigmoid``, the first index of the largest p (as the add +
-    norm kernel)."""
+def _route_from_acc(acc_ptr, rb_ptr, width, eps, E, HAS_RB: tl.constexpr, BLOCK_E: tl.constexpr):
+    """``(expert, weight)`` of the top-1 sigmoid router from an accumulated norm (:class:`NormOut`): logits
+    ``rstd * acc[1 + e] (+ bias)``, ``p = sigmoid``, the first index of the largest p (as the add + norm kernel)."""
     e = tl.arange(0, BLOCK_E)
     em = e < E
-    logits = _rstd(ss, width, eps) * tl.load(acc_ptr + 1 + e, mask=em, other=0.0)
+    logits = _rstd_from_acc(acc_ptr, width, eps) * tl.load(acc_ptr + 1 + e, mask=em, other=0.0)
     if HAS_RB:
         logits += tl.load(rb_ptr + e, mask=em, other=0.0).to(tl.float32)
     p = tl.where(em, tl.sigmoid(logits), -1.0)
@@ -698,16 +647,11 @@ def _route_from_acc(ss, acc_ptr, rb_ptr, width, eps, E, HAS_RB: tl.constexpr, BL
 
 
 @jit
-def _norm_out(y, rows, rows_ok, res, nw, res_ptr, ux_ptr, acc_ptr, upl_ptr, pend, pend_ptr, clr_ptr,
-              UPL_K: tl.constexpr, UX_PLANES: tl.constexpr, PEND: tl.constexpr):
-    """:class:`NormOut` of one row: ``h = residual (+ pending) + y`` written back (``PEND``: ``pending`` and ``clear``
-    zeroed at these rows), ``u = h * nw`` stored (as ``ux``'s type; its input planes 0..7 too, ``UX_PLANES``),
-    ``acc[0] += sum h^2`` over these rows. Returns u as stored, in fp32."""
+def _norm_out(y, rows, rows_ok, res, nw, res_ptr, ux_ptr, acc_ptr, upl_ptr, UPL_K: tl.constexpr,
+              UX_PLANES: tl.constexpr):
+    """:class:`NormOut` of one row: ``h = residual + y`` written back, ``u = h * nw`` stored (as ``ux``'s type; its
+    input planes 0..7 too, ``UX_PLANES``), ``acc[0] += sum h^2`` over these rows. Returns u as stored, in fp32."""
     h = res + tl.where(rows_ok, y, 0.0)
-    if PEND:
-        h += pend
-        tl.store(pend_ptr + rows, tl.zeros_like(h), mask=rows_ok)
-        tl.store(clr_ptr + rows, tl.zeros_like(h), mask=rows_ok)
     tl.store(res_ptr + rows, h, mask=rows_ok)
     uq = (h * nw).to(ux_ptr.dtype.element_ty)
     tl.store(ux_ptr + rows, uq, mask=rows_ok)
@@ -756,18 +700,16 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
               HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr,
               WPG: tl.constexpr, TPB: tl.constexpr, UNPACK: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr,
               xpl_ptr, sxpl_m, X_PLANES: tl.constexpr, XPL_K: tl.constexpr, XPL_SUMS: tl.constexpr,
-              XPL_RAW: tl.constexpr,
-              opl_ptr, sopl_m, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr, rwt, ss, n_width, n_eps,
-              pres_ptr, pnw_ptr, pacc_ptr, prw_ptr, srw_e, pux_ptr, p_e, ppend_ptr, pclr_ptr, NORM_IN: tl.constexpr,
-              ROUTE_ACC: tl.constexpr, NORM_OUT: tl.constexpr, ROUTER_OUT: tl.constexpr, BLOCK_E: tl.constexpr,
-              NORM_PEND: tl.constexpr):
+              opl_ptr, sopl_m, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr, rwt, nacc_ptr, n_width, n_eps,
+              pres_ptr, pnw_ptr, pacc_ptr, prw_ptr, srw_e, pux_ptr, p_e, NORM_IN: tl.constexpr,
+              ROUTE_ACC: tl.constexpr, NORM_OUT: tl.constexpr, ROUTER_OUT: tl.constexpr, BLOCK_E: tl.constexpr):
     """Each input row (that is routed here) times the tile(s), epilogue, store. A row that is not computed costs a
     branch, no arithmetic. ``NORM_IN`` / ``ROUTE_ACC`` / ``NORM_OUT``: see :class:`NormIn` and :class:`NormOut` (one
     input row only; ``rwt`` is the row's routing weight where ``ROUTE_ACC``)."""
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
-    if NORM_IN:  # the row's 1 / rms (its sum of squares was issued before the products: its latency hides)
-        rstd = _rstd(ss, n_width, n_eps)
+    if NORM_IN:  # the row's sum of squares, issued before the products (its latency hides under theirs)
+        rstd = _rstd_from_acc(nacc_ptr, n_width, n_eps)
     if NORM_OUT:  # the next norm's weight (and router columns) of this program's rows: issued before the products
         pnw = tl.load(pnw_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
         if ROUTER_OUT:
@@ -775,9 +717,6 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
             prw = tl.load(prw_ptr + pe[:, None] * srw_e + rows[None, :], mask=(pe < p_e)[:, None] & rows_ok[None, :],
                           other=0.0).to(tl.float32)
         pres = tl.load(pres_ptr + rows, mask=rows_ok, other=0.0)
-        ppend = pres
-        if NORM_PEND:
-            ppend = tl.load(ppend_ptr + rows, mask=rows_ok, other=0.0)
     if FMT == 3 and ROWS > 1 and MMA:
         # plane tiles and several rows: tensor cores, all rows (routed here) at once; ROWS is at least 16 here
         rr = tl.arange(0, ROWS)
@@ -817,7 +756,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                 binary_pair: tl.constexpr = FMT == 4 and UNPACK >= 2 and GATED  # gate and up rows in one pass
                 if X_PLANES:
                     y = _dot_row_planes(w, scale, zero, xpl_ptr + r * sxpl_m, K, row_ok, NBP, WPG, UNPACK, XPL_K,
-                                        XPL_SUMS, XPL_RAW)
+                                        XPL_SUMS)
                 elif binary_pair:
                     y, up = _dot_row_binary(w, w_up, scale, zero, x_ptr, r, sxm, tl.where(row_ok, K, 0), KP, True)
                 else:
@@ -829,7 +768,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                 if GATED:
                     if X_PLANES:
                         up = _dot_row_planes(w_up, scale_up, zero_up, xpl_ptr + r * sxpl_m, K, row_ok, NBP, WPG,
-                                             UNPACK, XPL_K, XPL_SUMS, XPL_RAW)
+                                             UNPACK, XPL_K, XPL_SUMS)
                     elif not binary_pair:  # (binary_pair: computed with y above)
                         up = _dot_row(w_up, scale_up, zero_up, x_ptr, r, sxm, K, row_ok, exp_bits, FMT, KP, NBP, WPG,
                                       UNPACK)
@@ -842,8 +781,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                     else:
                         y = y * tl.load(rscale_ptr + r).to(tl.float32)
                 if NORM_OUT:  # the next layer's add + norm, but for its 1 / rms (see NormOut)
-                    u = _norm_out(y, rows, rows_ok, pres, pnw, pres_ptr, pux_ptr, pacc_ptr, opl_ptr, ppend, ppend_ptr,
-                                  pclr_ptr, OPL_K, OUT_PLANES, NORM_PEND)
+                    u = _norm_out(y, rows, rows_ok, pres, pnw, pres_ptr, pux_ptr, pacc_ptr, opl_ptr, OPL_K, OUT_PLANES)
                     if ROUTER_OUT:
                         _router_out(u, prw, pacc_ptr, pe, p_e)
                 else:
@@ -868,8 +806,6 @@ class NormOut:
     x: torch.Tensor
     planes: torch.Tensor | None = None
     router_w: torch.Tensor | None = None
-    pending: torch.Tensor | None = None  # [1, D] fp32 added into the residual too, then zeroed with ``clear``
-    clear: torch.Tensor | None = None    # (the SSM update with out_proj folded in, qmamba.kernels.ssm_fold)
 
 
 @dataclass(frozen=True)
@@ -877,9 +813,7 @@ class NormIn:
     """A consumer of :class:`NormOut`: its input ``x`` is ``u``; its products are multiplied by ``rsqrt(acc[0] /
     width + eps)`` (``scale``, the matrix reads ``u``; in_proj, fc1, the head) and / or, ``route``, the routed
     expert and its weight come from ``acc``'s router sums: ``p = sigmoid(rstd * acc[1 + e] + router_b)``, the first
-    largest (fc1 and fc2 of the MoE layer; fc2 multiplies by ``p`` as ``row_scale`` would). With ``residual`` and
-    ``pending`` (after :func:`qmamba.kernels.ssm_fold.ssm_update_fold`, whose adds cannot sum squares) the sum of
-    squares is that of ``residual + pending``, computed by every program and stored into ``acc[0]`` by the first."""
+    largest (fc1 and fc2 of the MoE layer; fc2 multiplies by ``p`` as ``row_scale`` would)."""
 
     acc: torch.Tensor
     width: int
@@ -887,18 +821,6 @@ class NormIn:
     scale: bool = True
     route: bool = False
     router_b: torch.Tensor | None = None
-    residual: torch.Tensor | None = None  # the sum of squares of residual + pending [1, width] fp32, read whole,
-    pending: torch.Tensor | None = None   # instead of acc[0] (which the first program then writes: qmamba.kernels.ssm_fold)
-
-
-def check_fp32_pair(who: str, names: str, a, b, numel: int) -> None:
-    """Two optional buffers that come together (both or neither), each a contiguous float32 of ``numel`` elements
-    (``names``: "a / b" for the messages)."""
-    if (a is None) != (b is None):
-        raise ValueError(f"{who}: {names.replace(' / ', ' and ')} come together")
-    for t in (a, b):
-        if t is not None and (t.numel() != numel or t.dtype != torch.float32 or not t.is_contiguous()):
-            raise ValueError(f"{who}: {names} must be contiguous float32 of {numel} elements")
 
 
 def _check_norm_args(m: int, n_out: int, k: int, norm_in: NormIn | None, norm_out: NormOut | None):
@@ -907,8 +829,6 @@ def _check_norm_args(m: int, n_out: int, k: int, norm_in: NormIn | None, norm_ou
     if norm_in is not None:
         if norm_in.acc.dtype != torch.float32 or norm_in.acc.dim() != 1 or norm_in.acc.numel() < 1:
             raise ValueError("decode_linear: norm_in.acc must be a 1-D float32 tensor")
-        check_fp32_pair("decode_linear", "norm_in.residual / norm_in.pending", norm_in.residual, norm_in.pending,
-                        norm_in.width)
         if norm_in.scale and norm_in.width != k:
             raise ValueError(f"decode_linear: norm_in.width {norm_in.width} must be the input width {k}")
     if norm_out is not None:
@@ -922,7 +842,6 @@ def _check_norm_args(m: int, n_out: int, k: int, norm_in: NormIn | None, norm_ou
             raise ValueError(f"decode_linear: norm_out.acc must be a 1-D float32 tensor of at least {1 + e}")
         if o.router_w is not None and (o.router_w.shape[1] != n_out or o.router_w.stride(1) != 1):
             raise ValueError(f"decode_linear: norm_out.router_w must be [E, {n_out}] with a unit last stride")
-        check_fp32_pair("decode_linear", "norm_out.pending / norm_out.clear", o.pending, o.clear, n_out)
 
 
 def _binary_words(weight: BinaryWeight):
@@ -996,7 +915,7 @@ def _weight_args(weight: PackedWeight | BinaryWeight, denorm: bool = False):
 def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row_expert=None, row_scale=None, conv_out=None,
                   gated: str | None = None, policy: DecodePolicy | None = None, expert_ready: bool = False,
                   x_planes=None, x_plane_sums: bool = True, out_planes=None, norm_in: NormIn | None = None,
-                  norm_out: NormOut | None = None, x_planes_raw: bool = False):
+                  norm_out: NormOut | None = None):
     """``out [M, N']`` (any float dtype) receives ``f(x) @ W_hat^T`` for ``M <= 8`` rows; semantics of
     :func:`decode_linear_ref`.
 
@@ -1013,8 +932,6 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     :func:`qmamba.kernels.decode_step.add_norm` writes them), read instead of ``x`` where the kernel takes int4 plane
     words with "denorm" codes one input row a program; ignored elsewhere. ``x_plane_sums=False``: their plane 8 (the
     word sums) is not written (a producer other than add + norm); the kernel sums the words itself.
-    ``x_planes_raw``: ``x_planes`` is ``[M, width]`` fp32, ``x`` itself zero-padded to the planes' width (no planes
-    written: each plane's power of two is applied in the kernel; :mod:`qmamba.kernels.ssm_fold`'s norm input).
     ``out_planes [M, 9, width]`` fp32: planes 0..7 receive the input planes of ``out`` as stored (the next GEMV's
     input; zero-initialised by the caller, whose padding columns stay 0).
     ``norm_out`` (:class:`NormOut`) / ``norm_in`` (:class:`NormIn`), one row: the add + norm between this GEMV and
@@ -1063,15 +980,7 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     if unpack == 2 and policy.int4_x_in_tile and rows == 1 and (narrow or wide):
         unpack = UNPACK_DENORM_X_IN_TILE
     use_planes = x_planes is not None and weight.fmt == FMT_INT4_PLANES and rows == 1 and unpack in (2, 3)
-    if use_planes and x_planes_raw:
-        kpad = int4_x_planes_width(k)
-        if tuple(x_planes.shape) != (m, kpad) or x_planes.dtype != torch.float32 or x_planes.stride(1) != 1:
-            raise ValueError(f"decode_linear: raw x_planes must be a row-major [{m}, {kpad}] float32 tensor")
-        x_plane_sums = False
-    elif use_planes:
-        kpad = check_x_planes("decode_linear", "x_planes", x_planes, m, k)
-    else:
-        kpad = 1
+    kpad = check_x_planes("decode_linear", "x_planes", x_planes, m, k) if use_planes else 1
     if norm_out is not None and norm_out.planes is not None:
         out_planes = norm_out.planes
     opl_k = check_x_planes("decode_linear", "out_planes", out_planes, m, n_out) if out_planes is not None else 1
@@ -1081,8 +990,6 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     n_e = nin.acc.numel() - 1 if nin is not None else 0
     p_e = nout.router_w.shape[0] if nout is not None and nout.router_w is not None else 0
     rw = nout.router_w if p_e else dummy
-    norm_res = nin is not None and nin.residual is not None
-    norm_pend = nout is not None and nout.pending is not None
     _decode_linear_kernel[grid](
         x, st, cw, cb if cb is not None else dummy, w, s, z, bias if bias is not None else dummy,
         row_expert if row_expert is not None else dummy, row_scale if row_scale is not None else dummy, out, co,
@@ -1097,9 +1004,6 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         nout.residual if nout is not None else dummy, nout.weight if nout is not None else dummy,
         nout.acc if nout is not None else dummy, rw, rw.stride(0) if p_e else 0,
         nout.x if nout is not None else dummy, p_e,
-        nin.residual if norm_res else dummy, nin.pending if norm_res else dummy,
-        nout.pending if norm_pend else dummy, nout.clear if norm_pend else dummy,
-        NORM_RES=norm_res, BLOCK_DR=next_pow2(nin.width) if norm_res else 1, NORM_PEND=norm_pend,
         NORM_IN=nin is not None and nin.scale, ROUTE_ACC=nin is not None and nin.route and row_expert is not None,
         HAS_NRB=nin is not None and nin.router_b is not None, NORM_OUT=nout is not None, ROUTER_OUT=p_e > 0,
         BLOCK_E=next_pow2(max(n_e, p_e, 1)),
@@ -1109,8 +1013,7 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         ACT=ACTIVATION_IDS[gated] if gated else 0, HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
         KP=kp, NBP=nbp, WPG=wpg, TPB=tpb, UNPACK=unpack, MMA=mma, BLOCK_N=bn, PDL=policy.pdl,
         EXPERT_READY=expert_ready and row_expert is not None, ROW_PROGRAMS=row_programs, X_PLANES=use_planes,
-        XPL_K=kpad, XPL_SUMS=bool(x_plane_sums), XPL_RAW=use_planes and x_planes_raw,
-        OUT_PLANES=out_planes is not None, OPL_K=opl_k, num_warps=warps,
+        XPL_K=kpad, XPL_SUMS=bool(x_plane_sums), OUT_PLANES=out_planes is not None, OPL_K=opl_k, num_warps=warps,
         **kwargs)
     return out
 
@@ -1118,27 +1021,17 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
 def route_from_acc_ref(norm_in: NormIn) -> tuple[torch.Tensor, torch.Tensor]:
     """Twin of the kernels' route from :class:`NormIn`'s sums: ``(expert [1] int32, weight [1] fp32)``."""
     acc = norm_in.acc.float()
-    logits = torch.rsqrt(_sumsq_ref(norm_in) / norm_in.width + norm_in.eps) * acc[1:]
+    logits = torch.rsqrt(acc[0] / norm_in.width + norm_in.eps) * acc[1:]
     if norm_in.router_b is not None:
         logits = logits + norm_in.router_b.float()
     weight, idx = torch.sigmoid(logits).max(dim=-1)
     return idx.reshape(1).to(torch.int32), weight.reshape(1)
 
 
-def _sumsq_ref(norm_in: NormIn) -> torch.Tensor:
-    """A :class:`NormIn`'s sum of squares: ``acc[0]``, or that of ``residual + pending``."""
-    if norm_in.residual is None:
-        return norm_in.acc[0].float()
-    return (norm_in.residual.float() + norm_in.pending.float()).pow(2).sum()
-
-
 def norm_out_ref(y, norm_out: NormOut) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Twin of :class:`NormOut` for a GEMV output ``y [1, D]``: ``(new residual fp32, u as x's type, acc fp32
-    [1 + E])``: the sums over the whole row, as the kernels' atomic adds leave them (``pending`` added in; the kernel
-    then zeroes it and ``clear``)."""
+    [1 + E])``: the sums over the whole row, as the kernels' atomic adds leave them."""
     h = norm_out.residual.float() + y.float()
-    if norm_out.pending is not None:
-        h = h + norm_out.pending.float().reshape(h.shape)
     u = (h * norm_out.weight.float()).to(norm_out.x.dtype)
     sums = [(h * h).sum().reshape(1)]
     if norm_out.router_w is not None:
@@ -1153,7 +1046,7 @@ def decode_linear_ref(x, weight: PackedWeight | BinaryWeight, *, bias=None, row_
     xf = x.float()
     if norm_in is not None:
         if norm_in.scale:
-            xf = xf * torch.rsqrt(_sumsq_ref(norm_in) / norm_in.width + norm_in.eps)
+            xf = xf * torch.rsqrt(norm_in.acc[0].float() / norm_in.width + norm_in.eps)
         if norm_in.route:
             row_expert, w = route_from_acc_ref(norm_in)
             if row_scale is not None:

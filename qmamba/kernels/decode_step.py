@@ -50,8 +50,7 @@ def _store_planes(xpl_row, cols, y, KPAD: tl.constexpr):
 
 @jit
 def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, out_ptr, rw_ptr, rb_ptr, idx_ptr,
-                     rwt_ptr, xpl_ptr, zero_ptr, h2_ptr, n_zero, D, E, eps, sh_b, s_emb, sri_b, sr_b, so_b, srw_e,
-                     sxpl_b, sh2_b, HAS_H2: tl.constexpr,
+                     rwt_ptr, xpl_ptr, zero_ptr, n_zero, D, E, eps, sh_b, s_emb, sri_b, sr_b, so_b, srw_e, sxpl_b,
                      ZERO_BLOCK: tl.constexpr, FIRST: tl.constexpr, HAS_RES: tl.constexpr, LAYERNORM: tl.constexpr,
                      ROUTER: tl.constexpr, HAS_RB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
                      PDL: tl.constexpr, X_PLANES: tl.constexpr, KPAD: tl.constexpr, SLICE: tl.constexpr):
@@ -66,8 +65,7 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, o
     SLICE)`` (whole plane tiles), from those columns read again; program 0 also writes the residual, ``out`` and the
     routing. One program a row (``SLICE = KPAD``) computes and stores all 9 x KPAD plane values itself; spread over
     programs, that work runs side by side (H200, session 21: 4 programs a row, int4 decode ~1% faster).
-    ``ZERO_BLOCK > 0``: program (0, 0) also zeroes ``n_zero`` floats at ``zero_ptr`` (after the wait). ``HAS_H2``: a
-    second term ``h2`` (fp32) is added into the residual with ``h``."""
+    ``ZERO_BLOCK > 0``: program (0, 0) also zeroes ``n_zero`` floats at ``zero_ptr`` (after the wait)."""
     b = tl.program_id(0)
     part = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
@@ -91,16 +89,13 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, o
     if ZERO_BLOCK > 0:
         if b == 0 and part == 0:
             z = tl.arange(0, ZERO_BLOCK)
-            for off in range(0, n_zero, ZERO_BLOCK):
-                tl.store(zero_ptr + off + z, tl.zeros((ZERO_BLOCK,), dtype=tl.float32), mask=off + z < n_zero)
+            tl.store(zero_ptr + z, tl.zeros((ZERO_BLOCK,), dtype=tl.float32), mask=z < n_zero)
     tok = 0
     if FIRST:
         tok = tl.load(ids_ptr + b).to(tl.int64)
         r = tl.load(emb_ptr + tok * s_emb + d, mask=dm, other=0.0).to(tl.float32)
     else:
         r = tl.load(h_ptr + b * sh_b + d, mask=dm, other=0.0).to(tl.float32)
-        if HAS_H2:
-            r += tl.load(h2_ptr + b * sh2_b + d, mask=dm, other=0.0)
         if HAS_RES:
             r += tl.load(rin_ptr + b * sri_b + d, mask=dm, other=0.0)
     mean = 0.0
@@ -130,8 +125,6 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, o
             rs = tl.load(emb_ptr + tok * s_emb + ds, mask=dsm, other=0.0).to(tl.float32)
         else:
             rs = tl.load(h_ptr + b * sh_b + ds, mask=dsm, other=0.0).to(tl.float32)
-            if HAS_H2:
-                rs += tl.load(h2_ptr + b * sh2_b + ds, mask=dsm, other=0.0)
             if HAS_RES:
                 rs += tl.load(rin_ptr + b * sri_b + ds, mask=dsm, other=0.0)
         nws = tl.load(w_ptr + ds, mask=dsm, other=0.0).to(tl.float32)
@@ -143,39 +136,35 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, o
 
 
 @jit
-def _ssm_weights(wdt_ptr, dtb_ptr, a_ptr, dskip_ptr, cw_ptr, cb_ptr, d, dm, R, N, s_w, CONV: tl.constexpr,
-                 CONV_W: tl.constexpr, HAS_CB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_W: tl.constexpr):
-    """The SSM update's constants for channels ``d`` (loaded before a PDL wait): ``(W_dt rows, dt bias, A, D,
-    conv weights [BD, BLOCK_W] fp32, conv bias)`` (zeros where ``CONV`` / ``HAS_CB`` say there are none)."""
-    r = tl.arange(0, BLOCK_R)
-    n = tl.arange(0, BLOCK_N)
-    w = tl.load(wdt_ptr + d[:, None] * s_w + r[None, :], mask=dm[:, None] & (r < R)[None, :], other=0.0)
-    dtb = tl.load(dtb_ptr + d, mask=dm, other=0.0).to(tl.float32)
-    a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=dm[:, None] & (n < N)[None, :], other=0.0)
-    dskip = tl.load(dskip_ptr + d, mask=dm, other=0.0).to(tl.float32)
-    t = tl.arange(0, BLOCK_W)
-    cw = tl.zeros((d.shape[0], BLOCK_W), dtype=tl.float32)
-    cb = tl.zeros(d.shape, dtype=tl.float32)
-    if CONV:
-        cw = tl.load(cw_ptr + d[:, None] * CONV_W + t[None, :], mask=dm[:, None] & (t < CONV_W)[None, :],
-                     other=0.0).to(tl.float32)
-        if HAS_CB:
-            cb = tl.load(cb_ptr + d, mask=dm, other=0.0).to(tl.float32)
-    return w, dtb, a, dskip, cw, cb
-
-
-@jit
-def _ssm_step(b, d, dm, dbc_ptr, x_ptr, z_ptr, h_ptr, cs_ptr, w, dtb, a, dskip, cw, cb, R, N, s_dbc, s_x, s_z, s_h,
-              scs_b, scs_d, CONV: tl.constexpr, CONV_W: tl.constexpr, HAS_CB: tl.constexpr, BLOCK_R: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-    """One token of the SSM for row ``b``, channels ``d`` (after the wait; constants from :func:`_ssm_weights`):
-    the conv step (``CONV``: the conv state shifted in place), ``dt = softplus(W_dt @ dbc[:R] + dt_bias)``, the state
-    update in place, ``y = (C . h + D x) silu(z)`` returned in fp32. All loads first (their latencies overlap)."""
+def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dskip_ptr, h_ptr, y_ptr,
+                            cs_ptr, cw_ptr, cb_ptr, ypl_ptr, DI, R, N, s_dbc, s_x, s_z, s_w, s_h, s_y, scs_b, scs_d,
+                            s_ypl, CONV: tl.constexpr, CONV_W: tl.constexpr, HAS_CB: tl.constexpr, PDL: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_W: tl.constexpr, Y_PLANES: tl.constexpr, YPL_K: tl.constexpr):
+    """dt = softplus(W_dt @ dbc[:R] + dt_bias); h = exp(dt A) h + dt x B (in place); y = (C.h + D x) silu(z).
+    ``CONV``: ``x`` is the conv step's input; the kernel computes ``silu(conv(window) + b)`` itself and writes the
+    shifted window back to the conv state (every other reader of the old state ran before this kernel).
+    All loads first (their latencies overlap), then the arithmetic; with ``PDL`` the weights come before the wait."""
+    b = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dm = d < DI
     r = tl.arange(0, BLOCK_R)
     n = tl.arange(0, BLOCK_N)
     nm = n < N
     mask = dm[:, None] & nm[None, :]
+    w = tl.load(wdt_ptr + d[:, None] * s_w + r[None, :], mask=dm[:, None] & (r < R)[None, :], other=0.0)
+    dtb = tl.load(dtb_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=mask, other=0.0)
+    dskip = tl.load(dskip_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    if CONV:
+        t = tl.arange(0, BLOCK_W)
+        tm = dm[:, None] & (t < CONV_W)[None, :]
+        cw = tl.load(cw_ptr + d[:, None] * CONV_W + t[None, :], mask=tm, other=0.0).to(tl.float32)
+        if HAS_CB:
+            cb = tl.load(cb_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     low = tl.load(dbc_ptr + b * s_dbc + r, mask=r < R, other=0.0).to(tl.float32)
     bm = tl.load(dbc_ptr + b * s_dbc + R + n, mask=nm, other=0.0).to(tl.float32)
     cm = tl.load(dbc_ptr + b * s_dbc + R + N + n, mask=nm, other=0.0).to(tl.float32)
@@ -185,8 +174,6 @@ def _ssm_step(b, d, dm, dbc_ptr, x_ptr, z_ptr, h_ptr, cs_ptr, w, dtb, a, dskip, 
     h = tl.load(hp, mask=mask, other=0.0)
     if CONV:
         # window = [state[1:], x]: element t of the new window is state[t + 1] (t < W - 1) or x
-        t = tl.arange(0, BLOCK_W)
-        tm = dm[:, None] & (t < CONV_W)[None, :]
         sp = cs_ptr + b * scs_b + d[:, None] * scs_d + t[None, :]
         old = tl.load(sp + 1, mask=tm & (t < CONV_W - 1)[None, :], other=0.0)
     # The states are updated in place, and a tile smaller than the program's threads (the conv window [BLOCK_D, W]
@@ -204,29 +191,7 @@ def _ssm_step(b, d, dm, dbc_ptr, x_ptr, z_ptr, h_ptr, cs_ptr, w, dtb, a, dskip, 
     h = tl.exp(dt[:, None] * a) * h + (dt * x)[:, None] * bm[None, :]
     tl.store(hp, h, mask=mask)
     y = tl.sum(h * cm[None, :], axis=1) + x * dskip
-    return y * z * tl.sigmoid(z)
-
-
-@jit
-def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dskip_ptr, h_ptr, y_ptr,
-                            cs_ptr, cw_ptr, cb_ptr, ypl_ptr, DI, R, N, s_dbc, s_x, s_z, s_w, s_h, s_y, scs_b, scs_d,
-                            s_ypl, CONV: tl.constexpr, CONV_W: tl.constexpr, HAS_CB: tl.constexpr, PDL: tl.constexpr,
-                            BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_W: tl.constexpr, Y_PLANES: tl.constexpr, YPL_K: tl.constexpr):
-    """dt = softplus(W_dt @ dbc[:R] + dt_bias); h = exp(dt A) h + dt x B (in place); y = (C.h + D x) silu(z).
-    ``CONV``: ``x`` is the conv step's input; the kernel computes ``silu(conv(window) + b)`` itself and writes the
-    shifted window back to the conv state (every other reader of the old state ran before this kernel).
-    All loads first (their latencies overlap), then the arithmetic; with ``PDL`` the weights come before the wait."""
-    b = tl.program_id(0)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    dm = d < DI
-    w, dtb, a, dskip, cw, cb = _ssm_weights(wdt_ptr, dtb_ptr, a_ptr, dskip_ptr, cw_ptr, cb_ptr, d, dm, R, N, s_w, CONV,
-                                            CONV_W, HAS_CB, BLOCK_R, BLOCK_N, BLOCK_W)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    y = _ssm_step(b, d, dm, dbc_ptr, x_ptr, z_ptr, h_ptr, cs_ptr, w, dtb, a, dskip, cw, cb, R, N, s_dbc, s_x, s_z, s_h,
-                  scs_b, scs_d, CONV, CONV_W, HAS_CB, BLOCK_R, BLOCK_N, BLOCK_W)
+    y = y * z * tl.sigmoid(z)
     yq = y.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + b * s_y + d, yq, mask=dm)
     if Y_PLANES:  # planes 0..7 of the int4 input planes of y as stored (out_proj's input; no word sums)
@@ -236,7 +201,7 @@ def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dski
 # ---- launchers and reference twins -------------------------------------------------------------------------------
 def add_norm(x_out, residual, norm_w, eps, h=None, token_ids=None, embedding=None, norm_b=None, router_w=None,
              router_b=None, expert_idx=None, expert_weight=None, pdl: bool = False, x_planes=None,
-             plane_programs: int = 1, residual_out=None, zero=None, h2=None):
+             plane_programs: int = 1, residual_out=None, zero=None):
     """In place: ``residual [B, d]`` fp32 becomes ``h + residual`` (``h [B, d]``), or ``embedding[token_ids]`` when
     ``h`` is None (the first layer); with ``residual_out`` (another ``[B, d]`` fp32 buffer) that one receives it and
     ``residual`` is only read; ``x_out [B, d]`` receives the norm of it (LayerNorm when ``norm_b`` is given,
@@ -248,16 +213,12 @@ def add_norm(x_out, residual, norm_w, eps, h=None, token_ids=None, embedding=Non
     a row that share the writing of its planes (at most one per 128-column plane tile; each computes the whole norm,
     see ``_add_norm_kernel``; ``DecodePolicy.norm_plane_programs``). Every program reads the residual and the first
     writes the new one, so a residual added in place (no ``residual_out``) keeps one program a row. ``zero``: a
-    contiguous float32 tensor zeroed by the same launch (by its first program, 4,096 elements a trip; the fused step's
-    norm sums and the buffers of :mod:`qmamba.kernels.ssm_fold`,
-    :class:`qmamba.kernels.decode_linear.NormOut`). ``h2 [B, d]`` fp32 (with ``h``): a second term added into the
-    residual (a fold's pending term before a final norm, :mod:`qmamba.kernels.ssm_fold`)."""
-    if zero is not None and (zero.dtype != torch.float32 or not zero.is_contiguous()):
-        raise ValueError("add_norm: zero must be a contiguous float32 tensor")
+    contiguous float32 tensor (at most 4,096 elements) zeroed by the same launch (the fused step's norm sums,
+    :class:`qmamba.kernels.decode_linear.NormOut`)."""
+    if zero is not None and (zero.dtype != torch.float32 or not zero.is_contiguous() or zero.numel() > 4096):
+        raise ValueError("add_norm: zero must be a contiguous float32 tensor of at most 4096 elements")
     if h is None and (token_ids is None or embedding is None):
         raise ValueError("add_norm: the first layer needs token_ids and the embedding")
-    if h2 is not None and (h is None or h2.shape != h.shape or h2.dtype != torch.float32 or h2.stride(-1) != 1):
-        raise ValueError("add_norm: h2 must be a float32 tensor of h's shape (unit last stride)")
     if residual_out is None:
         residual_out = residual
         if h is not None:
@@ -266,12 +227,12 @@ def add_norm(x_out, residual, norm_w, eps, h=None, token_ids=None, embedding=Non
         # (the split planes read the residual twice: it must not be the buffer written)
         raise ValueError("add_norm: residual_out must be another buffer of the residual's shape")
     _launch_add_norm(x_out, residual, residual_out, norm_w, eps, h, token_ids, embedding, norm_b, router_w,
-                     router_b, expert_idx, expert_weight, pdl, x_planes, plane_programs, zero, h2)
+                     router_b, expert_idx, expert_weight, pdl, x_planes, plane_programs, zero)
 
 
 def _launch_add_norm(x_out, residual_in, residual_out, norm_w, eps, h, token_ids, embedding, norm_b, router_w,
                      router_b, expert_idx, expert_weight, pdl: bool, x_planes=None, plane_programs: int = 1,
-                     zero=None, h2=None):
+                     zero=None):
     """``_add_norm_kernel`` over the rows of ``x_out``: the residual read from ``residual_in`` (None: none added)
     and written to ``residual_out``; with ``x_planes``, ``plane_programs`` programs a row (rounded down to a power
     of two that divides the planes' tiles)."""
@@ -293,13 +254,10 @@ def _launch_add_norm(x_out, residual_in, residual_out, norm_w, eps, h, token_ids
         router_b if router_b is not None else dummy, expert_idx if expert_idx is not None else residual_out,
         expert_weight if expert_weight is not None else residual_out,
         x_planes if x_planes is not None else residual_out, zero if zero is not None else residual_out,
-        h2 if h2 is not None else residual_out,
-        zero.numel() if zero is not None else 0, d, e, float(eps), h.stride(0) if h is not None else 0,
-        embedding.stride(0) if embedding is not None else 0,
+        zero.numel() if zero is not None else 0, d, e, float(eps), h.stride(0) if h is not None else 0, embedding.stride(0) if embedding is not None else 0,
         rin.stride(0), residual_out.stride(0), x_out.stride(0), router_w.stride(0) if router_w is not None else 0,
-        x_planes.stride(0) if x_planes is not None else 0, h2.stride(0) if h2 is not None else 0,
-        HAS_H2=h2 is not None,
-        ZERO_BLOCK=min(next_pow2(zero.numel()), 4096) if zero is not None and zero.numel() else 0,
+        x_planes.stride(0) if x_planes is not None else 0,
+        ZERO_BLOCK=next_pow2(zero.numel()) if zero is not None and zero.numel() else 0,
         FIRST=h is None, HAS_RES=residual_in is not None, LAYERNORM=norm_b is not None,
         ROUTER=router_w is not None, HAS_RB=router_b is not None, BLOCK_D=block_d, BLOCK_E=next_pow2(e),
         PDL=pdl, X_PLANES=x_planes is not None, KPAD=kpad, SLICE=kpad // parts,

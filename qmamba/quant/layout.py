@@ -114,35 +114,6 @@ def int4_to_planes(qweight: torch.Tensor, k: int) -> torch.Tensor:
     return words.to(torch.int32).reshape(*lead, n, tiles * INT4_TILE_WORDS).contiguous()
 
 
-
-# ---- int4 "columns": the same codes transposed, for a kernel that owns a block of K (input channels) ---------------
-# The SSM update with out_proj folded in (qmamba.kernels.ssm_fold) computes y for a block of channels and adds
-# ``W[:, block] @ y[block]`` into the output: it reads whole columns of W. Row k of the column words holds the codes
-# of column k, packed along N as plane words: bits 4i..4i+3 of word 16 t + j hold the code of W[128 t + 16 i + j, k]
-# (0 past N). One nibble position over a tile's 16 words is then 16 consecutive outputs. Scales and zero points are
-# the stored ones, transposed by the caller.
-
-
-def int4_to_columns(codes: torch.Tensor) -> torch.Tensor:
-    """Codes ``[N, K]`` (0..15, any integer dtype) -> column words ``[K, ceil(N / 128) * 16]`` int32."""
-    n, k = codes.shape
-    tiles = math.ceil(n / INT4_TILE)
-    c = torch.nn.functional.pad(codes.to(torch.int64).t(), (0, tiles * INT4_TILE - n))      # [K, n_pad]
-    c = c.reshape(k, tiles, 8, INT4_TILE_WORDS).transpose(-1, -2)                           # [K, t, j, i]
-    words = (c << (4 * torch.arange(8, device=c.device, dtype=torch.int64))).sum(-1)
-    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words)
-    return words.to(torch.int32).reshape(k, tiles * INT4_TILE_WORDS).contiguous()
-
-
-def int4_from_columns(words: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of :func:`int4_to_columns`: column words ``[K, W]`` -> codes ``[N, K]`` uint8."""
-    k, n_words = words.shape
-    tiles = n_words // INT4_TILE_WORDS
-    shifts = 4 * torch.arange(8, device=words.device, dtype=torch.int64)
-    c = (words.to(torch.int64)[..., None] >> shifts) & 0xF                                  # [K, t*16, i]
-    c = c.reshape(k, tiles, INT4_TILE_WORDS, 8).transpose(-1, -2).reshape(k, tiles * INT4_TILE)
-    return c[:, :n].t().to(torch.uint8).contiguous()
-
 # The input side of a plane-word GEMV at one row, prepared once per token by its producer ("input planes",
 # ``[..., INT4_X_PLANES, width]`` fp32, width = a power-of-two number of tiles, which a kernel's padded tile row
 # never passes, so it reads them unmasked): row i < 8 holds x[k] * 2^(96 - 4p), p = i for i < 5 and

@@ -469,19 +469,3 @@ def test_norm_in_equals_the_normed_input(fmt, device):
         decode_linear(u.expand(2, d), w, poisoned(2, n, device), policy=policy, norm_in=nin)
     with pytest.raises(ValueError, match="width"):
         decode_linear(act, fc2, poisoned(1, d, device), row_expert=idx, policy=policy, norm_in=nin)
-
-
-@pytest.mark.parametrize("fmt", ["float", "planes128"])
-def test_wide_matrix_rows_a_program(fmt, device):
-    """``DecodePolicy.block_n_wide``: a vocabulary-wide matrix (N >= WIDE_N, ragged) at one row, many rows a program
-    (the CUDA policy's int4 x in the tile's shape), against the dequantized matmul; other matrices keep theirs."""
-    from qmamba.kernels.decode_linear import WIDE_N
-
-    n, k = WIDE_N + 40, 128
-    w = weight_for(fmt, n, k, device)
-    x = torch.randn(1, k, device=device)
-    policy = dataclasses.replace(DecodePolicy.cuda(132, False), block_n_wide=64,
-                                 formats=DecodePolicy().formats)
-    assert policy.block_n(w.fmt, 1, n) == 64 and policy.block_n(w.fmt, 1, 5888) < 64
-    out = decode_linear(x, w, torch.empty(1, n, device=device), policy=policy)
-    torch.testing.assert_close(out, x @ w.dequantized()[0].t(), atol=1e-4, rtol=1e-4)

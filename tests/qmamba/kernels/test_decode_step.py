@@ -243,29 +243,3 @@ def test_dt_state_update_rejects_strided_state(device):
                         torch.zeros(8, device=device), torch.zeros(1, 8, device=device),
                         torch.zeros(1, 8, device=device), torch.zeros(8, 8, device=device),
                         torch.zeros(8, device=device), state, torch.zeros(1, 8, device=device))
-
-
-@pytest.mark.parametrize("programs", [1, 2])
-@pytest.mark.parametrize("layernorm", [False, True])
-def test_add_norm_adds_a_second_term(programs, layernorm, device):
-    """``h2``: a second fp32 term (a fold's pending residual term) added with ``h``, as if ``h + h2`` were given; with
-    the int4 input planes split over programs too (each re-reads both terms)."""
-    from qmamba.quant.layout import int4_x_planes
-
-    torch.manual_seed(programs)
-    d = 300
-    residual = torch.randn(1, d, device=device)
-    h, h2 = torch.randn(1, d, device=device), torch.randn(1, d, device=device)
-    norm_w = torch.rand(d, device=device) + 0.5
-    norm_b = torch.randn(d, device=device) if layernorm else None
-    ref_r, ref_x, _, _ = add_norm_ref(residual, norm_w, 1e-5, h + h2, norm_b=norm_b)
-    x = torch.empty(1, d, device=device)
-    planes = torch.zeros(1, 9, 512, device=device)
-    out = torch.empty(1, d, device=device)
-    add_norm(x, residual, norm_w, 1e-5, h=h, norm_b=norm_b, x_planes=planes, plane_programs=programs,
-             residual_out=out, h2=h2)
-    torch.testing.assert_close(out, ref_r, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(x, ref_x, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(planes, int4_x_planes(x), atol=1e-3, rtol=1e-5)
-    with pytest.raises(ValueError, match="h2"):
-        add_norm(x, residual, norm_w, 1e-5, h=h, h2=h2[:, :10])

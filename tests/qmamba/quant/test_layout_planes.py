@@ -74,22 +74,3 @@ def test_binary_denorm_vectors_give_the_matmul():
         (x.double() @ gamma.double())[:, None]
     want = x.double() @ dequantize_binary(packed, alpha, beta, k).double().T
     torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
-
-
-@pytest.mark.parametrize("n,k", [(1472, 256), (200, 40), (5, 3)])
-def test_column_words_hold_each_code_where_the_layout_says(n, k):
-    """int4 column words (out_proj as the SSM fold reads it): code W[n, k] in bits 4i.. of word 16 t + j of row k,
-    n = 128 t + 16 i + j, zero past N; the inverse gives the codes back."""
-    torch.manual_seed(n)
-    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
-    words = layout.int4_to_columns(codes)
-    tiles = -(-n // 128)
-    assert words.shape == (k, tiles * 16) and words.dtype == torch.int32
-    as_unsigned = words.to(torch.int64) % (2 ** 32)
-    for nn in torch.randint(0, n, (64,)).tolist() + [0, n - 1]:
-        t, i, j = nn // 128, (nn % 128) // 16, nn % 16
-        assert torch.equal((as_unsigned[:, 16 * t + j] >> (4 * i)) & 0xF, codes[nn].to(torch.int64)), nn
-    past = [(t, i, j) for t in range(tiles) for i in range(8) for j in range(16) if 128 * t + 16 * i + j >= n]
-    for t, i, j in past[:50]:
-        assert ((as_unsigned[:, 16 * t + j] >> (4 * i)) & 0xF).eq(0).all()
-    assert torch.equal(layout.int4_from_columns(words, n), codes)
