@@ -147,12 +147,12 @@ def test_bench_prefill_graph_needs_cuda():
     assert res.exit_code == 2 and "needs a CUDA device" in res.output
 
 
-def test_prefill_is_checked_against_the_reference_backend(monkeypatch):
+def test_prefill_is_checked_against_the_reference_backend(monkeypatch, device):
     """The eager prefill that ``qmamba bench`` times is checked against the reference backend's prefill of the same
-    prompt: the Triton backend (interpreted here) passes; one whose next token or final state differs is refused;
-    a model on the reference backend is its own reference and says so."""
-    model = qmamba.load_model(FIXTURE)
-    prompt = torch.randint(0, model.config.vocab_size, (2, 5))
+    prompt: the Triton backend (interpreted on the CPU, compiled on the GPU) passes; one whose next token or final
+    state differs is refused; a model on the reference backend is its own reference and says so."""
+    model = qmamba.load_model(FIXTURE, device=device, dtype="float32", backend="reference")
+    prompt = torch.randint(0, model.config.vocab_size, (2, 5), device=device)
     assert bench_lib.check_prefill_reference(model, prompt) == "reference path"
     model.set_backend("triton")
     assert bench_lib.check_prefill_reference(model, prompt).startswith("ok (2 rows")

@@ -39,14 +39,14 @@ def test_quick_run_checks_every_method(tmp_path):
 
 
 @pytest.mark.parametrize("m", [1, 3])
-def test_check_tells_int4_from_its_float_weight(m):
+def test_check_tells_int4_from_its_float_weight(m, device):
     """The int4 method passes against its own dequantized weight and fails against the float weight it was
     quantized from (the quantization error is far above the 1e-2 limit), so the check can fail."""
-    policy = DecodePolicy.for_device(torch.device("cpu"))
+    policy = DecodePolicy.for_device(device)
     k, n = bm.QUICK_SHAPES["in_proj"]
-    methods = bm.build_methods(k, n, torch.device("cpu"), (), policy, timing=False)
+    methods = bm.build_methods(k, n, device, (), policy, timing=False)
     int4, bf16 = methods["int4_g128"], methods["cublas_bf16"]
-    x = torch.randn(m, k)
+    x = torch.randn(m, k, device=device)
     got = int4.run(x, 0)
     assert bm.rel_err(got, bm.reference(x, int4)) < bm.TOL
     assert bm.rel_err(got, bm.reference(x, bf16)) > 3 * bm.TOL  # int4 g128 RTN: ~0.1
