@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode_linear import clones  # noqa: E402
 from timing import copies_for, time_calls, require_idle_gpu  # noqa: E402
 
 from qmamba.kernels.decode_linear import DecodePolicy, decode_linear  # noqa: E402
@@ -103,12 +104,6 @@ def _nbytes(*ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
-def _clones(weight: PackedWeight, copies: int) -> list[PackedWeight]:
-    fields = [f for f in ("qweight", "scales", "zeros") if getattr(weight, f) is not None]
-    return [weight] + [dataclasses.replace(weight, **{f: getattr(weight, f).clone() for f in fields})
-                       for _ in range(copies - 1)]
-
-
 def input_planes(x, weight: PackedWeight, policy: DecodePolicy):
     """The int4 input planes the fused step's add + norm hands the one-row decode kernel (None where it hands none)."""
     return int4_x_planes(x) if policy.int4_x_planes and x.shape[0] == 1 and weight.fmt == 3 else None
@@ -141,11 +136,10 @@ def build_methods(k: int, n: int, dev, peers, policy: DecodePolicy, experts: int
     cp = lambda nbytes: copies_for(nbytes) if timing else 1  # noqa: E731
     methods = {}
     int4_bytes = _nbytes(planes.qweight, planes.scales, planes.zeros)
-    int4_copies = _clones(planes, cp(int4_bytes))
+    int4_copies = clones(planes, int4_bytes) if timing else [planes]
     if experts:
         bf16 = PackedWeight.from_float(w.to(torch.bfloat16))
-        bf16_copies = [bf16] + [PackedWeight.from_float(bf16.qweight.clone())
-                                for _ in range(cp(_nbytes(bf16.qweight)) - 1)]
+        bf16_copies = clones(bf16, _nbytes(bf16.qweight)) if timing else [bf16]
         methods["bf16_ours"] = Method("bf16_ours", bf16.qweight.float(), lambda x, i, r=None: runtime_matmul(
             x, bf16_copies[i], policy, r), len(bf16_copies), _nbytes(bf16.qweight))
     else:

@@ -28,7 +28,6 @@ for s in "${STEPS[@]}"; do
 done
 wanted() { [ ${#STEPS[@]} -eq 0 ] || [[ " ${STEPS[*]} " == *" $1 "* ]]; }
 step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal and to DEST/NAME.log
-  [[ " $ALL_STEPS " == *" $1 "* ]] || { echo "error: step $1 is not in ALL_STEPS"; exit 2; }
   wanted "$1" || return 0
   echo "== $1: ${*:2}"
   "${@:2}" 2>&1 | tee "$DEST/$1.log"
@@ -39,6 +38,7 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
   || exit 1
 
 # session 29: issue 13's table (int4 g128 as the runtime runs it against cuBLAS bf16 and the 4-bit peers, M = 1..2048,
-# every output checked first), never run: benchmarks/bench_matmul.py replaces the retired, unchecked bench_kernels.py
+# every output checked first): its first whole run had a void 1-row column and a reference out of memory, both fixed
+# since (the 1-row fix checked on in_proj / out_proj only); the whole table again, on the H200 if lent
 step matmul_table "$PY" benchmarks/bench_matmul.py --json "$DEST/matmul_table.json" --experts
 exit $status
