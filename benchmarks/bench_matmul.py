@@ -15,6 +15,12 @@ Methods (``--peers`` picks the last two; ``--experts`` adds the routed expert st
   (batched decode's dense projections); from 17 rows, one dequantization pass then cuBLAS (the prefill).
 * ``torch_int4``: torch's tinygemm kernel (``_weight_int4pack_mm``) on the same codes, scales and zero points.
 * ``bnb_nf4``: bitsandbytes NF4 (block 64) of the same float weight.
+* ``--small-m-tiles 16x32k1w4s3,...``: candidates for the dense projections at 2-16 rows, ``int4_sm_<tile>``: the
+  small-M kernel on the same plane words with that tile (rows x weight rows, split-K, warps, stages; a trailing
+  ``b``: the tile's 8 nibble positions as one batched product, ``MatmulPolicy.small_m_batched``) into a
+  float32 output made outside the timed call, as the fused step hands it its zeroed workspace (one memset a token
+  for every matrix), so a split-K tile is timed without a zeroing of its own; ``int4_sm_default`` is the
+  runtime's own tile that way. Timed only at 2-16 rows.
 * ``--experts``: ``fc1 x8`` / ``fc2 x8``, a stack of 8 experts with random top-1 routing, in int4 g128 and in bf16,
   both on our kernels as a BlackMamba step runs them (1-16 rows: the decode kernel's routed row programs; from 17
   rows: the grouped GEMM over the expert tile map).
@@ -44,6 +50,7 @@ from bench_decode_linear import clones  # noqa: E402
 from timing import copies_for, time_calls, require_idle_gpu  # noqa: E402
 
 from qmamba.kernels.decode_linear import DecodePolicy, decode_linear  # noqa: E402
+from qmamba.kernels.matmul_configs import GEMV_MAX_M, MatmulConfig, MatmulPolicy  # noqa: E402
 from qmamba.kernels.quant_matmul import dequant_matmul, dequant_matmul_ref  # noqa: E402
 from qmamba.kernels.weights import PackedWeight  # noqa: E402
 from qmamba.quant.formats import Int4Format  # noqa: E402
@@ -78,6 +85,7 @@ class Method:
     copies: int
     bytes_per_copy: int
     prepare: object = None
+    rows: tuple = (1, 1 << 30)  # the M it is timed at (min, max)
 
 
 def target_for(m: int) -> float | None:
@@ -122,8 +130,36 @@ def runtime_matmul(x, weight: PackedWeight, policy: DecodePolicy, row_expert=Non
     return dequant_matmul(x, weight, row_expert=row_expert)
 
 
+def parse_tile(spec: str) -> tuple[MatmulConfig, bool]:
+    """``16x32k1w4s3[b]`` -> (the small-M kernel's tile: 16 rows, 32 weight rows, split-K 1, 4 warps, 3 stages (the
+    plane words' K tile is 128), whether the 8 nibble positions are one batched product: ``b``,
+    ``MatmulPolicy.small_m_batched``)."""
+    import re
+
+    m = re.fullmatch(r"(\d+)x(\d+)k(\d+)w(\d+)s(\d+)(b?)", spec)
+    if not m:
+        raise ValueError(f"tile {spec!r}: expected ROWSxCOLSkSPLITwWARPSsSTAGES[b], e.g. 16x32k1w4s3")
+    bm_, bn, split, warps, stages = map(int, m.groups()[:5])
+    return MatmulConfig(bm_, bn, 128, split, warps, stages), m.group(6) == "b"
+
+
+def small_m_methods(planes: PackedWeight, copies: list, ref, per_copy: int, tiles) -> dict:
+    """``int4_sm_<tile>`` for each tile spec (``"default"``: the runtime's own tile), see the module docstring."""
+    out = {}
+    for spec in tiles:
+        cfg, batched = (None, False) if spec == "default" else parse_tile(spec)
+        policy = MatmulPolicy(small_m_batched=batched)
+
+        def run(x, i, r=None, ws=None, cfg=cfg, policy=policy):
+            return dequant_matmul(x, copies[i], config=cfg, out=ws, policy=policy)
+        out[f"int4_sm_{spec}"] = Method(
+            f"int4_sm_{spec}", ref, run, len(copies), per_copy, rows=(2, GEMV_MAX_M),
+            prepare=lambda x: torch.zeros(x.shape[0], planes.n, device=x.device, dtype=torch.float32))
+    return out
+
+
 def build_methods(k: int, n: int, dev, peers, policy: DecodePolicy, experts: int = 0, plane_sums: bool = True,
-                  timing: bool = True):
+                  timing: bool = True, small_m_tiles=()):
     """name -> Method (or an ``Unavailable`` exception) for a ``[N, K]`` matrix (``experts``: a stack)."""
     g = torch.Generator(device="cpu").manual_seed(k * 7 + n)
     w = (torch.randn(*((experts,) if experts else ()), n, k, generator=g) / k ** 0.5).to(dev)
@@ -150,6 +186,8 @@ def build_methods(k: int, n: int, dev, peers, policy: DecodePolicy, experts: int
     methods["int4_g128"] = Method("int4_g128", w_int4, lambda x, i, r=None, xpl=None: runtime_matmul(
         x, int4_copies[i], policy, r, plane_sums, xpl), len(int4_copies), int4_bytes,
         prepare=None if experts else (lambda x: input_planes(x, planes, policy)))
+    if small_m_tiles and not experts:
+        methods.update(small_m_methods(planes, int4_copies, w_int4, int4_bytes, small_m_tiles))
     for peer in peers if not experts else ():
         try:
             methods[peer] = PEER_BUILDERS[peer](w, int4, w_int4, dev, cp)
@@ -204,17 +242,18 @@ def _bnb_nf4(w, int4, w_int4, dev, cp):
 PEER_BUILDERS = {"torch_int4": _torch_int4, "bnb_nf4": _bnb_nf4}
 
 
-def bench_shape(label, k, n, m_values, dev, dtype, peers, policy, result, timing, experts=0):
-    """Check, then time, every method at every M of one shape; returns its rows (one a method and M)."""
+def bench_shape(label, k, n, m_values, dev, dtype, peers, policy, result, timing, experts=0, small_m_tiles=()):
+    """Check, then time, every method at every M of one shape (that it serves); returns its rows (one a method and
+    M)."""
     methods = build_methods(k, n, dev, peers, policy, experts, plane_sums=label not in ("out_proj", "fc2"),
-                            timing=timing)
+                            timing=timing, small_m_tiles=small_m_tiles)
     rows = []
     for name, method in methods.items():
         if isinstance(method, Unavailable):
             rows.append(dict(shape=label, method=name, unavailable=str(method)))
             print(f"{label:10s} {name:12s} unavailable: {method}", flush=True)
             continue
-        for m in m_values:
+        for m in [m for m in m_values if method.rows[0] <= m <= method.rows[1]]:
             g = torch.Generator(device="cpu").manual_seed(m)
             x = torch.randn(m, k, generator=g).to(dev, dtype)
             r = torch.randint(0, experts, (m,), generator=g, dtype=torch.int32).to(dev) if experts else None
@@ -266,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shapes", default="", help=f"of {', '.join(SHAPES)} [all]")
     ap.add_argument("--peers", default=",".join(PEERS), help=f"of {', '.join(PEERS)} ('' for none)")
     ap.add_argument("--experts", action="store_true", help="also fc1 / fc2 as routed stacks of 8 experts")
+    ap.add_argument("--small-m-tiles", default="", help="candidate tiles of the small-M kernel at 2-16 rows, e.g. "
+                    "default,16x32k1w4s3 (see the module docstring)")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: tiny shapes, checks only (no timing)")
     return ap
 
@@ -280,6 +321,11 @@ def main():
     if bad:
         sys.exit(f"error: unknown peer(s) or shape(s) {bad}: peers {', '.join(PEERS)}; shapes {', '.join(shapes)}")
     m_values = [int(v) for v in args.m.split(",") if v] or (QUICK_M if args.quick else M_VALUES)
+    tiles = [t for t in args.small_m_tiles.split(",") if t]
+    try:
+        [parse_tile(t) for t in tiles if t != "default"]
+    except ValueError as exc:
+        sys.exit(f"error: --small-m-tiles: {exc}")
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     timing = dev.type == "cuda"
     if timing:
@@ -294,7 +340,8 @@ def main():
     with torch.no_grad():
         for label in chosen:
             k, n = shapes[label]
-            result["rows"] += bench_shape(label, k, n, m_values, dev, dtype, peers, policy, result, timing)
+            result["rows"] += bench_shape(label, k, n, m_values, dev, dtype, peers, policy, result, timing,
+                                          small_m_tiles=tiles)
             out.write_text(json.dumps(result, indent=1))
         if args.experts:
             for label in [s for s in ("fc1", "fc2") if s in shapes]:

@@ -73,6 +73,10 @@ class MatmulPolicy:
     plane_float_codes: bool = True
     plane_weight_left: bool = True
     plane_gemm_tile: tuple = (64, 128, 4, 3)
+    small_m_batched: bool = False  # the small-M kernel's plane tiles as one batched product over the 8 nibble
+    #                                positions (session 30 candidate)
+    small_m_tile: tuple = ()  # (block_n, split_k, warps, stages) of the small-M kernel for dense matrices at 2..16
+    #                           rows on CUDA (batched decode's projections); () keeps pick_config's heuristic
     split_k_atomic_sem: str = "relaxed"  # the split-K atomic adds' ordering ("relaxed" or "acq_rel", Triton's
     #                                      default, which fences every earlier store before each add: sm_90
     #                                      MEMBAR.ALL.GPU + CCTL.IVALL; the sums are only read after the grid)
@@ -81,6 +85,8 @@ class MatmulPolicy:
         if self.split_k_atomic_sem not in ("relaxed", "acq_rel"):
             raise ValueError(f"MatmulPolicy: split_k_atomic_sem must be 'relaxed' or 'acq_rel', got "
                              f"{self.split_k_atomic_sem!r}")
+        if self.small_m_tile and len(self.small_m_tile) != 4:
+            raise ValueError(f"MatmulPolicy: small_m_tile is (block_n, split_k, warps, stages), got {self.small_m_tile}")
         if len(self.plane_gemm_tile) != 4:
             raise ValueError(f"MatmulPolicy: plane_gemm_tile is (block_m, block_n, warps, stages), got "
                              f"{self.plane_gemm_tile}")
@@ -169,6 +175,9 @@ def pick_config(m: int, weight: PackedWeight, device, route: int = ROUTE_DENSE,
         while programs * split < 4 * sm_count(device) and split < 8 and split * 2 <= groups:
             split *= 2
         return MatmulConfig(1, bn, g, split, 2 if n >= 8192 else 4, 3)
+    if m <= GEMV_MAX_M and policy.small_m_tile and bm >= 16 and route == ROUTE_DENSE:
+        bn, split, warps, stages = policy.small_m_tile
+        return MatmulConfig(bm, bn, block_k, split, warps, stages)
     if m <= GEMV_MAX_M:
         bn = 128 if n >= 4096 and bm <= 2 else 64
         programs = cdiv(n, bn)

@@ -53,6 +53,30 @@ def test_check_tells_int4_from_its_float_weight(m, device):
     assert bm.rel_err(torch.full_like(got, float("nan")), bm.reference(x, int4)) == float("inf")
 
 
+def test_small_m_tile_candidates_are_checked(device):
+    """``--small-m-tiles``: each candidate tile of the small-M kernel (split-K ones into a zeroed float32 output made
+    outside the timed call) computes the int4 product; it runs only at 2..16 rows; a malformed tile is refused."""
+    policy = DecodePolicy.for_device(device)
+    k, n = bm.QUICK_SHAPES["fc2"]
+    methods = bm.build_methods(k, n, device, (), policy, timing=False,
+                               small_m_tiles=("default", "16x32k1w4s3", "16x16k2w4s3", "16x32k2w4s3b"))
+    x = torch.randn(3, k, device=device)
+    for name in ("int4_sm_default", "int4_sm_16x32k1w4s3", "int4_sm_16x16k2w4s3", "int4_sm_16x32k2w4s3b"):
+        method = methods[name]
+        assert method.rows == (2, 16)
+        got = method.run(x, 0, None, method.prepare(x))
+        assert got.shape == (3, n) and bm.rel_err(got, bm.reference(x, method)) < bm.TOL
+    assert bm.parse_tile("16x32k2w8s4") == (bm.MatmulConfig(16, 32, 128, 2, 8, 4), False)
+    assert bm.parse_tile("16x32k2w8s4b") == (bm.MatmulConfig(16, 32, 128, 2, 8, 4), True)
+    with pytest.raises(ValueError, match="expected"):
+        bm.parse_tile("16x32w4")
+    result = dict(failures=[])
+    rows = bm.bench_shape("fc2", k, n, [1, 3], device, torch.float32, (), policy, result, False,
+                          small_m_tiles=("16x32k1w4s3",))
+    assert not result["failures"]
+    assert {(r["method"], r["m"]) for r in rows if r["method"] == "int4_sm_16x32k1w4s3"} == {("int4_sm_16x32k1w4s3", 3)}
+
+
 def test_table_speedups_and_targets():
     rows = [dict(shape="in_proj", m=m, method=name, us=us) for m, name, us in
             [(8, "cublas_bf16", 7.8), (8, "int4_g128", 13.0), (2048, "cublas_bf16", 52.0), (2048, "int4_g128", 50.0),

@@ -97,6 +97,35 @@ def test_plane_codes_as_floats_match_reference(group, symmetric, dtype, device):
         close(dequant_matmul(x[:5], one, config=pick_config(5, one, x.device), policy=policy), dense_ref[:5], dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, "half"])
+@pytest.mark.parametrize("tile", [(32, 1, 4, 3), (16, 2, 4, 3), (64, 1, 4, 2)])
+def test_small_m_batched_and_tiles(tile, dtype, device):
+    """``MatmulPolicy.small_m_batched`` (the eight nibble positions of a plane tile as one batched product) and
+    ``small_m_tile`` (the small-M kernel's tile for dense matrices): the small-M kernel at 2..16 rows against the
+    dequantized weight, ragged K (1472 = 11.5 plane tiles on CUDA), with bias and row scale, split-K into a zeroed
+    float32 output as the fused step hands it; equal to the unbatched kernel."""
+    from qmamba.kernels.matmul_configs import MatmulPolicy
+
+    dtype = dtype if dtype == torch.float32 else torch.bfloat16 if device.type == "cuda" else torch.float16
+    n, k = (96, 1472) if device.type == "cuda" else (40, 300)
+    words, planes = plane_weight(n, k, device, seed=7)
+    bias = torch.randn(n, device=device)
+    for m in (2, 7, GEMV_MAX_M):
+        x = torch.randn(m, k, device=device).to(dtype)
+        scale = torch.rand(m, device=device)
+        ref = (x.float() @ words.dequantized()[0].t() + bias) * scale[:, None]
+        plain = dequant_matmul(x, planes, bias, row_scale=scale, policy=MatmulPolicy(small_m_tile=tile))
+        close(plain, ref, dtype)
+        policy = MatmulPolicy(small_m_tile=tile, small_m_batched=True)
+        got = dequant_matmul(x, planes, bias, row_scale=scale, policy=policy)
+        close(got, ref, dtype)
+        close(got, plain, dtype)
+        ws = torch.zeros(m, n, device=device, dtype=torch.float32)
+        cfg = MatmulConfig(16, tile[0], 128, tile[1], tile[2], tile[3])
+        dequant_matmul(x, planes, bias, row_scale=scale, config=cfg, out=ws, policy=policy)
+        close(ws, ref, dtype)
+
+
 def test_planes_split_k_configs(device):
     _, planes = plane_weight(24, 520, device, seed=2)  # 5 plane tiles
     x = torch.randn(19, 520, device=device)
