@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode_linear import clones  # noqa: E402
-from timing import copies_for, time_calls, require_idle_gpu  # noqa: E402
+from timing import EAGER_FALLBACKS, copies_for, time_calls, require_idle_gpu  # noqa: E402
 
 from qmamba.kernels.decode_linear import DecodePolicy, decode_linear  # noqa: E402
 from qmamba.kernels.matmul_configs import GEMV_MAX_M, MatmulConfig, MatmulPolicy  # noqa: E402
@@ -268,11 +268,14 @@ def bench_shape(label, k, n, m_values, dev, dtype, peers, policy, result, timing
             if not row["check_ok"]:
                 result["failures"].append(f"{label} M={m} {name}: rel err {err:.3g} {row.get('error', '')}")
             elif timing:
+                fallbacks = len(EAGER_FALLBACKS)
                 row["us"] = time_calls([lambda i=i: method.run(x, i, r, *prepared) for i in range(method.copies)])
+                if len(EAGER_FALLBACKS) > fallbacks:  # not a graph node: host launch overhead included
+                    row["eager"] = EAGER_FALLBACKS[-1]
             rows.append(row)
             us = f"{row['us']:9.2f} us" if "us" in row else "   (not timed)"
-            print(f"{label:10s} {name:12s} M={m:5d} {us}  rel err {err:.1e}{'' if row['check_ok'] else '  FAILED'}",
-                  flush=True)
+            print(f"{label:10s} {name:12s} M={m:5d} {us}  rel err {err:.1e}{'' if row['check_ok'] else '  FAILED'}"
+                  f"{'  (eager launches: not capturable)' if 'eager' in row else ''}", flush=True)
     return rows
 
 

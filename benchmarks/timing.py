@@ -16,6 +16,7 @@ import torch
 from qmamba.devices import foreign_gpu_bytes, format_bytes
 
 L2_BYTES = 60 * 2 ** 20  # the H200's (KINDS.md: 60 MB); the H100 has 50 MB
+EAGER_FALLBACKS: list[str] = []  # why each time_calls that could not capture its calls timed eager launches instead
 
 
 def require_idle_gpu() -> None:
@@ -60,9 +61,12 @@ def time_calls(fns, reps: int = 5, calls_per_graph: int | None = None, use_graph
             with torch.cuda.graph(graph):
                 for fn in seq:
                     fn()
-        except Exception:  # not capturable: time back-to-back launches instead
+        except Exception as exc:  # noqa: BLE001 - not capturable: time back-to-back launches instead, and say so
             graph = None
             torch.cuda.synchronize()
+            EAGER_FALLBACKS.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+            print(f"warning: timing: CUDA-graph capture failed ({EAGER_FALLBACKS[-1]}); this figure times eager "
+                  "launches, host overhead included", file=sys.stderr, flush=True)
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
