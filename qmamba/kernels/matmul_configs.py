@@ -54,6 +54,13 @@ class MatmulPolicy:
     session 19 (``bench_planes_gemm.py --parts experts --m 2048 --sweep``, 64 x 128 tiles, 8 experts): fc1 298 ->
     261 us, fc2 166 -> 145 (bf16 experts 156 / 94), faster at each of the sweep's six tiles; level at M = 256 /
     512. On.
+    ``small_m_tile`` (block_n, split_k, warps, stages) and ``small_m_batched``: candidates for the dense projections of
+    batched decode (2..16 rows, the small-M kernel on plane words), built in session 30 and not yet timed (no GPU
+    could be started): the default 16 x 64 tile compiles to warpgroup MMAs that drain after every nibble position
+    (eight a K tile, sm_90 with Triton 3.6); 32 or 16 weight rows compile to ``mma.sync``, and the batched product
+    (the tile's eight positions as one ``[8, BN, 16] x [8, 16, rows]`` product, summed once after the K loop) to
+    ``mma.sync`` without drains at any width. Off until ``scripts/gpu_pending.sh``'s ``smallm_tiles`` /
+    ``decode_b8_smt`` steps say otherwise.
     Tried and removed (session 19): two nibble positions per shift and logic instruction as 16-bit floats
     ``128 + code`` on the ``W x^T`` path, the zero point through per-tile input sums from a pre-pass (fewer
     unpacking instructions, more for the correction): fc1 x8 at M = 2048 260 against 261 us, fc2 162 against 148,
@@ -73,10 +80,8 @@ class MatmulPolicy:
     plane_float_codes: bool = True
     plane_weight_left: bool = True
     plane_gemm_tile: tuple = (64, 128, 4, 3)
-    small_m_batched: bool = False  # the small-M kernel's plane tiles as one batched product over the 8 nibble
-    #                                positions (session 30 candidate)
-    small_m_tile: tuple = ()  # (block_n, split_k, warps, stages) of the small-M kernel for dense matrices at 2..16
-    #                           rows on CUDA (batched decode's projections); () keeps pick_config's heuristic
+    small_m_batched: bool = False
+    small_m_tile: tuple = ()  # (): pick_config's heuristic
     split_k_atomic_sem: str = "relaxed"  # the split-K atomic adds' ordering ("relaxed" or "acq_rel", Triton's
     #                                      default, which fences every earlier store before each add: sm_90
     #                                      MEMBAR.ALL.GPU + CCTL.IVALL; the sums are only read after the grid)
