@@ -158,7 +158,7 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return base
     if v == "nopdl":
         return dataclasses.replace(base, pdl=False)
-    if v in ("intcodes", "acqrel") or re.fullmatch(r"smt\d+k\d+w\d+s\d+b?", v):  # the general kernels' policy
+    if v in ("intcodes", "acqrel") or re.fullmatch(r"smbn\d+", v):  # the general kernels' policy
         return base  #                                                                  only (see matmul_variant)
     if v == "xtile":  # int4 in_proj / fc1: the input read in the tile's shape (DecodePolicy.int4_x_in_tile)
         return dataclasses.replace(base, int4_x_in_tile=True)
@@ -222,11 +222,9 @@ def matmul_variant(v: str) -> MatmulPolicy:
         return dataclasses.replace(DEFAULT_POLICY, plane_float_codes=False)
     if v == "acqrel":  # the split-K atomic adds with Triton's default ordering (MatmulPolicy.split_k_atomic_sem)
         return dataclasses.replace(DEFAULT_POLICY, split_k_atomic_sem="acq_rel")
-    m = re.fullmatch(r"smt(\d+)k(\d+)w(\d+)s(\d+)(b?)", v)
-    if m:  # e.g. smt32k1w4s3: the small-M kernel's tile for dense matrices at 2..16 rows (MatmulPolicy.small_m_tile);
-        #    b: its plane tiles as one batched product over the nibble positions (small_m_batched)
-        return dataclasses.replace(DEFAULT_POLICY, small_m_tile=tuple(map(int, m.groups()[:4])),
-                                   small_m_batched=m.group(5) == "b")
+    m = re.fullmatch(r"smbn(\d+)", v)
+    if m:  # e.g. smbn128: weight rows a program of the small-M kernel for dense matrices at 2..16 rows
+        return dataclasses.replace(DEFAULT_POLICY, small_m_block_n=int(m.group(1)))  # (MatmulPolicy.small_m_block_n)
     return DEFAULT_POLICY
 
 
@@ -262,9 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "batch 8), "
                          "normgemv / nonormgemv (DecodePolicy.norm_in_gemvs), xtilewide / xtilewide0 "
                          "(int4_x_in_tile_wide always / off), maxpN (max_programs), normpN (norm_plane_programs), "
-                         "acqrel (split-K adds with acq_rel ordering), smtNkSwWsS e.g. smt32k1w4s3 (the small-M "
-                         "kernel's tile for dense matrices at 2..16 rows: N weight rows, split-K S, W warps, S "
-                         "stages: MatmulPolicy.small_m_tile; a trailing b: small_m_batched)")
+                         "acqrel (split-K adds with acq_rel ordering), smbnN e.g. smbn128 (N weight rows a program of "
+                         "the small-M kernel for dense matrices at 2..16 rows: MatmulPolicy.small_m_block_n)")
     return ap
 
 

@@ -12,18 +12,18 @@ Methods (``--peers`` picks the last two; ``--experts`` adds the routed expert st
 * ``int4_g128``: RTN int4, group 128, held as plane words (as ``load_model`` holds int4 on CUDA), dispatched as the
   runtime does: 1 row, the decode kernel as the fused step launches it (the device's ``DecodePolicy``, the input
   as the int4 input planes that the step's add + norm writes); 2-16 rows, :func:`dequant_matmul`'s small-M kernel
-  (batched decode's dense projections); from 17 rows, one dequantization pass then cuBLAS (the prefill).
+  (batched decode's dense projections) into a float32 output made outside the timed call, as the fused step hands
+  it a view of its workspace (zeroed by one memset a token for all its matrices: split-K adds into it); from 17
+  rows, one dequantization pass then cuBLAS (the prefill).
 * ``torch_int4``: torch's tinygemm kernel (``_weight_int4pack_mm``) on the same codes, scales and zero points.
 * ``bnb_nf4``: bitsandbytes NF4 (block 64) of the same float weight.
 * ``--small-m-tiles 16x32k1w4s3,...``: candidates for the dense projections at 2-16 rows, ``int4_sm_<tile>``: the
-  small-M kernel on the same plane words with that tile (rows x weight rows, split-K, warps, stages; a trailing
-  ``b``: the tile's 8 nibble positions as one batched product, ``MatmulPolicy.small_m_batched``) into a
-  float32 output made outside the timed call, as the fused step hands it its zeroed workspace (one memset a token
-  for every matrix), so a split-K tile is timed without a zeroing of its own; ``int4_sm_default`` is the
-  runtime's own tile that way. Timed only at 2-16 rows.
+  small-M kernel on the same plane words with that tile (rows x weight rows, split-K, warps, stages) into a
+  float32 output made outside the timed call, as ``int4_g128`` is there; ``int4_sm_default`` is the runtime's own
+  tile (``int4_g128`` again, for a side-by-side column). Timed only at 2-16 rows.
 * ``--experts``: ``fc1 x8`` / ``fc2 x8``, a stack of 8 experts with random top-1 routing, in int4 g128 and in bf16,
-  both on our kernels as a BlackMamba step runs them (1-16 rows: the decode kernel's routed row programs; from 17
-  rows: the grouped GEMM over the expert tile map).
+  both on our kernels as a BlackMamba step runs them (1-8 rows: the decode kernel's routed row programs; 16 rows:
+  the small-M kernel into a workspace; from 17 rows: the grouped GEMM over the expert tile map).
 
 Check (before timing, outputs of fresh calls): ``||y - y_ref|| / ||y_ref|| < 1e-2`` against ``x @ W_ref^T`` in
 float32, where ``W_ref`` is exactly what the method computes with (the bf16 weight, the int4 or NF4 dequantized
@@ -50,7 +50,7 @@ from bench_decode_linear import clones  # noqa: E402
 from timing import EAGER_FALLBACKS, copies_for, time_calls, require_idle_gpu  # noqa: E402
 
 from qmamba.kernels.decode_linear import DecodePolicy, decode_linear  # noqa: E402
-from qmamba.kernels.matmul_configs import GEMV_MAX_M, MatmulConfig, MatmulPolicy  # noqa: E402
+from qmamba.kernels.matmul_configs import GEMV_MAX_M, MatmulConfig  # noqa: E402
 from qmamba.kernels.quant_matmul import dequant_matmul, dequant_matmul_ref  # noqa: E402
 from qmamba.kernels.weights import PackedWeight  # noqa: E402
 from qmamba.quant.formats import Int4Format  # noqa: E402
@@ -77,7 +77,8 @@ class Method:
     """One way to compute ``x @ W^T``: ``run(x, i, row_expert, prepared)`` with weight copy ``i`` (``copies`` of
     them, ``bytes_per_copy`` each) and ``ref`` the float32 weight (``[N, K]``, or ``[E, N, K]`` with ``row_expert``)
     it computes with. ``prepare(x)``, if given, makes what the step hands the kernel beside ``x`` (the int4 input
-    planes that the add + norm before it writes), once per input, outside the timed call."""
+    planes that the add + norm before it writes, or the workspace it writes into: :func:`step_inputs`), once per
+    input, outside the timed call."""
 
     name: str
     ref: torch.Tensor
@@ -112,46 +113,54 @@ def _nbytes(*ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
-def input_planes(x, weight: PackedWeight, policy: DecodePolicy):
-    """The int4 input planes the fused step's add + norm hands the one-row decode kernel (None where it hands none)."""
-    return int4_x_planes(x) if policy.int4_x_planes and x.shape[0] == 1 and weight.fmt == 3 else None
+def step_inputs(x, weight: PackedWeight, policy: DecodePolicy, routed: bool = False) -> dict:
+    """What a BlackMamba step hands the kernel beside ``x``, made once per input outside the timed call: at one row
+    the int4 input planes that the add + norm before a dense matrix writes; where the decode kernel does not take
+    the rows (2..16), the float32 workspace view the general kernel writes (split-K adds into it), which the step
+    zeroes with one memset a token for all its matrices."""
+    m = x.shape[0]
+    if policy.takes(weight, m, routed=routed):
+        planes = policy.int4_x_planes and m == 1 and weight.fmt == 3 and not routed
+        return dict(x_planes=int4_x_planes(x) if planes else None)
+    if m <= GEMV_MAX_M:
+        return dict(out=torch.zeros(m, weight.n, device=x.device, dtype=torch.float32))
+    return {}
 
 
 def runtime_matmul(x, weight: PackedWeight, policy: DecodePolicy, row_expert=None, plane_sums: bool = True,
-                   x_planes=None):
+                   inputs: dict | None = None):
     """``x @ W^T`` the way a BlackMamba step or prefill runs it (see the module docstring); int4 plane words or
-    float weights."""
+    float weights. ``inputs``: :func:`step_inputs` (None: the input alone, a new output)."""
     m = x.shape[0]
+    inputs = inputs or {}
     routed = row_expert is not None
     if policy.takes(weight, m, routed=routed):  # the decode kernel: 1 row, or routed rows (row programs)
         out = torch.empty(m, weight.n, device=x.device, dtype=x.dtype)
-        return decode_linear(x, weight, out, row_expert=row_expert, policy=policy, x_planes=x_planes,
+        return decode_linear(x, weight, out, row_expert=row_expert, policy=policy, x_planes=inputs.get("x_planes"),
                              x_plane_sums=plane_sums)
-    return dequant_matmul(x, weight, row_expert=row_expert)
+    return dequant_matmul(x, weight, row_expert=row_expert, out=inputs.get("out"))
 
 
-def parse_tile(spec: str) -> tuple[MatmulConfig, bool]:
-    """``16x32k1w4s3[b]`` -> (the small-M kernel's tile: 16 rows, 32 weight rows, split-K 1, 4 warps, 3 stages (the
-    plane words' K tile is 128), whether the 8 nibble positions are one batched product: ``b``,
-    ``MatmulPolicy.small_m_batched``)."""
+def parse_tile(spec: str) -> MatmulConfig:
+    """``16x32k1w4s3`` -> the small-M kernel's tile: 16 rows, 32 weight rows, split-K 1, 4 warps, 3 stages (the
+    plane words' K tile is 128)."""
     import re
 
-    m = re.fullmatch(r"(\d+)x(\d+)k(\d+)w(\d+)s(\d+)(b?)", spec)
+    m = re.fullmatch(r"(\d+)x(\d+)k(\d+)w(\d+)s(\d+)", spec)
     if not m:
-        raise ValueError(f"tile {spec!r}: expected ROWSxCOLSkSPLITwWARPSsSTAGES[b], e.g. 16x32k1w4s3")
-    bm_, bn, split, warps, stages = map(int, m.groups()[:5])
-    return MatmulConfig(bm_, bn, 128, split, warps, stages), m.group(6) == "b"
+        raise ValueError(f"tile {spec!r}: expected ROWSxCOLSkSPLITwWARPSsSTAGES, e.g. 16x32k1w4s3")
+    bm_, bn, split, warps, stages = map(int, m.groups())
+    return MatmulConfig(bm_, bn, 128, split, warps, stages)
 
 
 def small_m_methods(planes: PackedWeight, copies: list, ref, per_copy: int, tiles) -> dict:
     """``int4_sm_<tile>`` for each tile spec (``"default"``: the runtime's own tile), see the module docstring."""
     out = {}
     for spec in tiles:
-        cfg, batched = (None, False) if spec == "default" else parse_tile(spec)
-        policy = MatmulPolicy(small_m_batched=batched)
+        cfg = None if spec == "default" else parse_tile(spec)
 
-        def run(x, i, r=None, ws=None, cfg=cfg, policy=policy):
-            return dequant_matmul(x, copies[i], config=cfg, out=ws, policy=policy)
+        def run(x, i, r=None, ws=None, cfg=cfg):
+            return dequant_matmul(x, copies[i], config=cfg, out=ws)
         out[f"int4_sm_{spec}"] = Method(
             f"int4_sm_{spec}", ref, run, len(copies), per_copy, rows=(2, GEMV_MAX_M),
             prepare=lambda x: torch.zeros(x.shape[0], planes.n, device=x.device, dtype=torch.float32))
@@ -176,16 +185,18 @@ def build_methods(k: int, n: int, dev, peers, policy: DecodePolicy, experts: int
     if experts:
         bf16 = PackedWeight.from_float(w.to(torch.bfloat16))
         bf16_copies = clones(bf16, _nbytes(bf16.qweight)) if timing else [bf16]
-        methods["bf16_ours"] = Method("bf16_ours", bf16.qweight.float(), lambda x, i, r=None: runtime_matmul(
-            x, bf16_copies[i], policy, r), len(bf16_copies), _nbytes(bf16.qweight))
+        methods["bf16_ours"] = Method(
+            "bf16_ours", bf16.qweight.float(),
+            lambda x, i, r=None, inputs=None: runtime_matmul(x, bf16_copies[i], policy, r, inputs=inputs),
+            len(bf16_copies), _nbytes(bf16.qweight), prepare=lambda x: step_inputs(x, bf16, policy, routed=True))
     else:
         wb = w.to(torch.bfloat16)
         mats = [wb] + [wb.clone() for _ in range(cp(_nbytes(wb)) - 1)]
         methods["cublas_bf16"] = Method("cublas_bf16", wb.float(),
                                         lambda x, i, r=None: F.linear(x, mats[i].to(x.dtype)), len(mats), _nbytes(wb))
-    methods["int4_g128"] = Method("int4_g128", w_int4, lambda x, i, r=None, xpl=None: runtime_matmul(
-        x, int4_copies[i], policy, r, plane_sums, xpl), len(int4_copies), int4_bytes,
-        prepare=None if experts else (lambda x: input_planes(x, planes, policy)))
+    methods["int4_g128"] = Method("int4_g128", w_int4, lambda x, i, r=None, inputs=None: runtime_matmul(
+        x, int4_copies[i], policy, r, plane_sums, inputs), len(int4_copies), int4_bytes,
+        prepare=lambda x: step_inputs(x, planes, policy, routed=bool(experts)))
     if small_m_tiles and not experts:
         methods.update(small_m_methods(planes, int4_copies, w_int4, int4_bytes, small_m_tiles))
     for peer in peers if not experts else ():

@@ -22,7 +22,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="smallm_tiles decode_b8_smt decode_linear_m1 matmul_table"  # the step lines below, in order
+ALL_STEPS="decode_b8_smbn matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -37,23 +37,13 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" \
   || exit 1
 
-# session 30: the small-M kernel's tile for the dense projections at 2-16 rows (batched decode): its wgmma path
-# (64 weight rows a program) waits for each nibble position's product before the next (sm_90 SASS, Triton 3.6);
-# 32 or 16 weight rows take mma.sync instead, and without split-K need no zeroed workspace; "b": the 8 nibble
-# positions as one batched product (MatmulPolicy.small_m_batched, no wait between them). Kernels alone, then the
-# step at batch 8 (float32 greedy tokens checked against the eager reference first)
-step smallm_tiles "$PY" benchmarks/bench_matmul.py --json "$DEST/smallm_tiles.json" --m 2,4,8,16 \
-  --shapes in_proj,out_proj,head --peers "" \
-  --small-m-tiles default,16x32k1w4s3,16x32k2w4s3,16x16k1w4s3,16x64k1w4s3,16x32k1w4s3b,16x64k1w4s3b,16x32k2w4s3b
-step decode_b8_smt "$PY" benchmarks/bench_decode.py --out "$DEST/decode_b8_smt.json" --formats int4_g128 \
-  --batches 8 --rounds 3 --check-steps 8 --variants default,smt32k1w4s3,smt16k1w4s3,smt32k1w4s3b,smt64k1w4s3b
-# session 29's 1-row fix of bench_matmul against the decode kernels alone (the same kernels, two harnesses; fc2: the
-# routed stack, 36 us a call at one row in bench_matmul's first run, ~5 in the step)
-step decode_linear_m1 "$PY" benchmarks/bench_decode_linear.py --out "$DEST/decode_linear_m1.json" --rows 1 \
-  --only in_proj,out_proj,fc2 --variants cuda_default,cuda_x_direct
+# session 30: 128 weight rows a program of the small-M kernel for batched decode's dense projections
+# (MatmulPolicy.small_m_block_n): in_proj / out_proj 6-9% faster than 64 alone at 2-16 rows on the H100; the step at
+# batch 8 decides (float32 greedy tokens checked against the eager reference first)
+step decode_b8_smbn "$PY" benchmarks/bench_decode.py --out "$DEST/decode_b8_smbn.json" --formats int4_g128,bf16 \
+  --batches 8 --rounds 3 --check-steps 8 --variants default,smbn128
 
-# session 29: issue 13's table (int4 g128 as the runtime runs it against cuBLAS bf16 and the 4-bit peers, M = 1..2048,
-# every output checked first): its first whole run had a void 1-row column and a reference out of memory, both fixed
-# since (the 1-row fix checked on in_proj / out_proj only); the whole table again, on the H200 if lent
+# issue 13's table (int4 g128 as the runtime runs it against cuBLAS bf16 and the 4-bit peers, M = 1..2048, every
+# output checked first): run whole on the H100 in sessions 29 and 30; its targets are the H200's
 step matmul_table "$PY" benchmarks/bench_matmul.py --json "$DEST/matmul_table.json" --experts
 exit $status

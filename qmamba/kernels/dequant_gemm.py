@@ -41,13 +41,12 @@ def plane_tile(w_base, s_ptr, z_ptr, e64, n, n_ok, k0, swn, sse, ssn, sze, szn, 
 
 
 @jit
-def plane_codes(words, zero, shift, FLOAT_CODES: tl.constexpr):
-    """``code - zero`` of the nibbles ``(words >> shift) & 0xF`` of a plane tile (``words [BN, 16]``, ``zero [BN,
-    1]`` from :func:`plane_tile`; ``shift = 4 i`` picks nibble position ``i``: the 16 consecutive k = k0 + 16 i + w;
-    a tensor ``shift`` broadcast against ``words`` takes several positions at once). ``FLOAT_CODES``: fp32, each
-    code OR'ed into the mantissa of 2^23 and read as a float, minus 2^23 + zero (a logic instruction and a
-    subtraction, no integer-to-float conversion); else int32."""
-    nib = (words >> shift) & 0xF
+def plane_codes(words, zero, i: tl.constexpr, FLOAT_CODES: tl.constexpr):
+    """``code - zero`` of nibble position ``i`` of a plane tile (``words [BN, 16]``, ``zero [BN, 1]`` from
+    :func:`plane_tile`): ``[BN, 16]``, the 16 consecutive k = k0 + 16 i + w. ``FLOAT_CODES``: fp32, each code OR'ed
+    into the mantissa of 2^23 and read as a float, minus 2^23 + zero (a logic instruction and a subtraction, no
+    integer-to-float conversion); else int32."""
+    nib = (words >> (4 * i)) & 0xF
     if FLOAT_CODES:
         codes = (nib | 0x4B000000).to(tl.float32, bitcast=True) - (zero.to(tl.float32) + 8388608.0)
     else:
@@ -143,7 +142,7 @@ def _dequant_gemm_kernel(
                 ki = k0 + 16 * i + tl.arange(0, 16)
                 xi = tl.load(x_ptr + rows[:, None] * sxm + ki[None, :] * sxk,
                              mask=row_ok[:, None] & (ki < K)[None, :], other=0.0)
-                codes = plane_codes(words, zero, 4 * i, FLOAT_CODES)
+                codes = plane_codes(words, zero, i, FLOAT_CODES)
                 if W_LEFT:
                     part_t += weight_times_rows(codes, xi, IEEE)
                 else:

@@ -31,7 +31,7 @@ def _dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, ROWS, K, K_PAD, swn, ssn, s
         words, zero, scale = plane_tile(w_ptr, s_ptr, z_ptr, 0, r64, r_ok, k0, swn, 0, ssn, 0, szn, GROUP)
         for i in tl.static_range(8):
             ki = k0 + 16 * i + tl.arange(0, 16)
-            wv = plane_codes(words, zero, 4 * i, True) * scale[:, None]  # exact codes as floats
+            wv = plane_codes(words, zero, i, True) * scale[:, None]  # exact codes as floats
             tl.store(out_ptr + r64[:, None] * son + ki[None, :], wv.to(out_ptr.dtype.element_ty),
                      mask=r_ok[:, None] & (ki < K)[None, :])
     else:

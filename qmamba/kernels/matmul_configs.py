@@ -54,13 +54,13 @@ class MatmulPolicy:
     session 19 (``bench_planes_gemm.py --parts experts --m 2048 --sweep``, 64 x 128 tiles, 8 experts): fc1 298 ->
     261 us, fc2 166 -> 145 (bf16 experts 156 / 94), faster at each of the sweep's six tiles; level at M = 256 /
     512. On.
-    ``small_m_tile`` (block_n, split_k, warps, stages) and ``small_m_batched``: candidates for the dense projections of
-    batched decode (2..16 rows, the small-M kernel on plane words), built in session 30 and not yet timed (no GPU
-    could be started): the default 16 x 64 tile compiles to warpgroup MMAs that drain after every nibble position
-    (eight a K tile, sm_90 with Triton 3.6); 32 or 16 weight rows compile to ``mma.sync``, and the batched product
-    (the tile's eight positions as one ``[8, BN, 16] x [8, 16, rows]`` product, summed once after the K loop) to
-    ``mma.sync`` without drains at any width. Off until ``scripts/gpu_pending.sh``'s ``smallm_tiles`` /
-    ``decode_b8_smt`` steps say otherwise.
+    ``small_m_block_n``: weight rows a program of the small-M kernel (dense matrices at 2..16 rows: batched decode's
+    projections) where the heuristic would take 64. Session 30 (H100, ``bench_matmul.py --small-m-tiles``, each into
+    a float32 output as the step hands its workspace): 128 rows (with the heuristic's split-K: 4 for in_proj, 8 for
+    out_proj) took in_proj at 2 / 8 / 16 rows from 8.82 / 8.96 / 9.66 to 8.28 / 8.45 / 8.75 us and out_proj from
+    6.71 / 6.83 / 6.95 to 6.30 / 6.36 / 6.52 (cuBLAS bf16 9.38-9.49 / 7.95-8.95); 32 or 16 rows (``mma.sync`` instead
+    of warpgroup MMAs), fewer splits and the tile's eight nibble positions as one batched product were all slower
+    (in_proj 10.5-16.7 us). Not yet timed in the step (batch 8), so 64 stays.
     Tried and removed (session 19): two nibble positions per shift and logic instruction as 16-bit floats
     ``128 + code`` on the ``W x^T`` path, the zero point through per-tile input sums from a pre-pass (fewer
     unpacking instructions, more for the correction): fc1 x8 at M = 2048 260 against 261 us, fc2 162 against 148,
@@ -80,8 +80,7 @@ class MatmulPolicy:
     plane_float_codes: bool = True
     plane_weight_left: bool = True
     plane_gemm_tile: tuple = (64, 128, 4, 3)
-    small_m_batched: bool = False
-    small_m_tile: tuple = ()  # (): pick_config's heuristic
+    small_m_block_n: int = 64
     split_k_atomic_sem: str = "relaxed"  # the split-K atomic adds' ordering ("relaxed" or "acq_rel", Triton's
     #                                      default, which fences every earlier store before each add: sm_90
     #                                      MEMBAR.ALL.GPU + CCTL.IVALL; the sums are only read after the grid)
@@ -90,8 +89,9 @@ class MatmulPolicy:
         if self.split_k_atomic_sem not in ("relaxed", "acq_rel"):
             raise ValueError(f"MatmulPolicy: split_k_atomic_sem must be 'relaxed' or 'acq_rel', got "
                              f"{self.split_k_atomic_sem!r}")
-        if self.small_m_tile and len(self.small_m_tile) != 4:
-            raise ValueError(f"MatmulPolicy: small_m_tile is (block_n, split_k, warps, stages), got {self.small_m_tile}")
+        if self.small_m_block_n not in (16, 32, 64, 128, 256):
+            raise ValueError(f"MatmulPolicy: small_m_block_n must be a power of two from 16 to 256, got "
+                             f"{self.small_m_block_n}")
         if len(self.plane_gemm_tile) != 4:
             raise ValueError(f"MatmulPolicy: plane_gemm_tile is (block_m, block_n, warps, stages), got "
                              f"{self.plane_gemm_tile}")
@@ -180,11 +180,8 @@ def pick_config(m: int, weight: PackedWeight, device, route: int = ROUTE_DENSE,
         while programs * split < 4 * sm_count(device) and split < 8 and split * 2 <= groups:
             split *= 2
         return MatmulConfig(1, bn, g, split, 2 if n >= 8192 else 4, 3)
-    if m <= GEMV_MAX_M and policy.small_m_tile and bm >= 16 and route == ROUTE_DENSE:
-        bn, split, warps, stages = policy.small_m_tile
-        return MatmulConfig(bm, bn, block_k, split, warps, stages)
     if m <= GEMV_MAX_M:
-        bn = 128 if n >= 4096 and bm <= 2 else 64
+        bn = 128 if n >= 4096 and bm <= 2 else (policy.small_m_block_n if route == ROUTE_DENSE else 64)
         programs = cdiv(n, bn)
         split = 1
         k_tiles = cdiv(k_pad, block_k)

@@ -74,7 +74,6 @@ def _dequant_matmul_kernel(
     USE_DOT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLOAT_CODES: tl.constexpr,
-    BATCHED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -94,7 +93,6 @@ def _dequant_matmul_kernel(
     # the weight is the dot's left operand (it can stay in registers after dequantization): acc is [BLOCK_N,
     # BLOCK_M] on the tensor-core path, a [BLOCK_N] vector on the single-row path
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    acc3 = tl.zeros((8 if BATCHED else 1, BLOCK_N, BLOCK_M), dtype=tl.float32)
     e64 = expert.to(tl.int64)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if FMT == 3:
@@ -102,28 +100,13 @@ def _dequant_matmul_kernel(
             # each nibble position meets 16 contiguous inputs; exact codes minus the zero point (as floats by the
             # 2^23 trick where FLOAT_CODES), group scale after
             words, zero, scale = plane_tile(w_base, s_ptr, z_ptr, e64, n, n_ok, k0, swn, sse, ssn, sze, szn, GROUP)
-            if BATCHED:
-                # the eight nibble positions as one batched product [8, BN, 16] x [8, 16, rows]: the tile's inputs
-                # read once ([8 positions, 16 words, rows]), no wait between positions; summed over them at the end
-                pos = tl.arange(0, 8)[:, None, None]
-                codes = plane_codes(words[None, :, :], zero[None, :, :], pos * 4, FLOAT_CODES)        # [8, BN, 16]
-                kx = k0 + 16 * pos + tl.arange(0, 16)[None, :, None]                                 # [8, 16, 1]
-                x3 = tl.load(x_ptr + rows[None, None, :] * sxm + kx * sxk,
-                             mask=row_ok[None, None, :] & (kx < K), other=0.0)                       # [8, 16, BM]
-                if IEEE:
-                    part3 = tl.dot(codes.to(tl.float32), x3.to(tl.float32), input_precision="ieee")
-                else:
-                    part3 = tl.dot(codes.to(x_ptr.dtype.element_ty), x3)
-                acc3 += part3 * scale[None, :, None]
-            else:
-                part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-                for i in tl.static_range(8):
-                    ki = k0 + 16 * i + tl.arange(0, 16)
-                    xi = tl.load(x_ptr + rows[:, None] * sxm + ki[None, :] * sxk,
-                                 mask=row_ok[:, None] & (ki < K)[None, :], other=0.0)
-                    part += _tile_times_rows(plane_codes(words, zero, 4 * i, FLOAT_CODES), xi, rm, USE_DOT, IEEE,
-                                             BLOCK_M)
-                acc += part * scale[:, None]
+            part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for i in tl.static_range(8):
+                ki = k0 + 16 * i + tl.arange(0, 16)
+                xi = tl.load(x_ptr + rows[:, None] * sxm + ki[None, :] * sxk,
+                             mask=row_ok[:, None] & (ki < K)[None, :], other=0.0)
+                part += _tile_times_rows(plane_codes(words, zero, i, FLOAT_CODES), xi, rm, USE_DOT, IEEE, BLOCK_M)
+            acc += part * scale[:, None]
         elif FMT == 2:
             # int4: low nibbles hold even k, high nibbles odd k; no interleaving, two half-width products
             j = tl.arange(0, BLOCK_K // 2)
@@ -175,8 +158,6 @@ def _dequant_matmul_kernel(
                         other=0.0)
             w = tl.load(w_base + n[:, None] * swn + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
             acc += _tile_times_rows(w, x, rm, USE_DOT, IEEE, BLOCK_M)
-    if BATCHED:
-        acc = tl.sum(acc3, axis=0)
     acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     # -- epilogue
     matmul_epilogue(acc, out_ptr, s_ptr, bias_ptr, rscale_ptr, rows, row_ok, n, n_ok, e64, pid_k, som, son, sse, ssn,
@@ -295,7 +276,6 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
         HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
         ATOMIC=split_k_mode(atomic, policy.split_k_atomic_sem), IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        FLOAT_CODES=policy.plane_float_codes and x.dtype != torch.float32,
-        BATCHED=weight.fmt == FMT_INT4_PLANES and cfg.use_dot and policy.small_m_batched, num_warps=cfg.num_warps,
+        FLOAT_CODES=policy.plane_float_codes and x.dtype != torch.float32, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     return out.to(x.dtype) if convert else out

@@ -41,33 +41,31 @@ def test_norm_gemv_and_atomic_variants():
     assert policy_variant(CUDA, "acqrel") == CUDA
 
 
-def test_small_m_tile_variants():
-    """``smtNkSwWsS`` sets the general kernels' small-M tile (MatmulPolicy.small_m_tile) and leaves the decode
+def test_small_m_block_n_variants():
+    """``smbnN`` sets the general kernels' small-M width (MatmulPolicy.small_m_block_n) and leaves the decode
     kernels' policy alone; pick_config takes it for dense matrices at 2..16 rows only."""
     from bench_decode import matmul_variant
-    from qmamba.kernels.matmul_configs import MatmulConfig, MatmulPolicy, pick_config
+    from qmamba.kernels import matmul_configs
+    from qmamba.kernels.matmul_configs import MatmulPolicy, pick_config
     from qmamba.kernels.routing import ROUTE_BY_EXPERT
     from qmamba.kernels.weights import PackedWeight
 
-    policy = matmul_variant("smt32k2w8s4")
-    assert policy.small_m_tile == (32, 2, 8, 4) and matmul_variant("default").small_m_tile == ()
-    assert not policy.small_m_batched and matmul_variant("smt32k2w8s4b").small_m_batched
-    assert policy_variant(CUDA, "smt32k2w8s4") == CUDA
-    with pytest.raises(ValueError, match="small_m_tile"):
-        MatmulPolicy(small_m_tile=(32, 2))
+    policy = matmul_variant("smbn128")
+    assert policy.small_m_block_n == 128 and matmul_variant("default").small_m_block_n == 64
+    assert policy_variant(CUDA, "smbn128") == CUDA
+    with pytest.raises(ValueError, match="small_m_block_n"):
+        MatmulPolicy(small_m_block_n=96)
 
     class Cuda:  # pick_config reads only the device's type (and its SM count, cached below)
         type, index = "cuda", -1
 
-    from qmamba.kernels import matmul_configs
-
     matmul_configs._SM_COUNT[-1] = 132
-    w = PackedWeight.from_float(torch.zeros(1, 256, 512))
-    assert pick_config(8, w, Cuda(), policy=policy) == MatmulConfig(16, 32, 128, 2, 8, 4)
-    assert pick_config(8, w, Cuda()) != MatmulConfig(16, 32, 128, 2, 8, 4)
-    assert pick_config(8, w, Cuda(), ROUTE_BY_EXPERT, policy) != MatmulConfig(16, 32, 128, 2, 8, 4)  # routed
+    w = PackedWeight.from_float(torch.zeros(1, 1472, 2944))  # out_proj's shape: split-K 8 at either width
+    assert pick_config(8, w, Cuda(), policy=policy).block_n == 128
+    assert pick_config(8, w, Cuda()).block_n == 64
+    assert pick_config(8, w, Cuda(), ROUTE_BY_EXPERT, policy).block_n == 64  # routed stacks keep theirs
     assert pick_config(1, w, Cuda(), policy=policy).block_m == 1  # one row: not the 16-row tile
-    assert pick_config(32, w, Cuda(), policy=policy) != MatmulConfig(16, 32, 128, 2, 8, 4)  # prefill GEMM
+    assert pick_config(32, w, Cuda(), policy=policy).block_m == 32  # the prefill GEMM
 
 
 @pytest.mark.parametrize("skip,norms,expected_missing", [("default", 5, None), ("no_norm_all", 2, None),

@@ -53,21 +53,23 @@ def test_check_tells_int4_from_its_float_weight(m, device):
     assert bm.rel_err(torch.full_like(got, float("nan")), bm.reference(x, int4)) == float("inf")
 
 
-def test_small_m_tile_candidates_are_checked(device):
-    """``--small-m-tiles``: each candidate tile of the small-M kernel (split-K ones into a zeroed float32 output made
-    outside the timed call) computes the int4 product; it runs only at 2..16 rows; a malformed tile is refused."""
-    policy = DecodePolicy.for_device(device)
+def test_small_m_rows_write_the_step_workspace(device):
+    """At 2..16 rows the int4 method writes a float32 workspace made outside the timed call, as the fused step's
+    general kernels do (split-K adds into it); ``--small-m-tiles`` candidates likewise, only at 2..16 rows; a
+    malformed tile is refused."""
+    policy = DecodePolicy.cuda(4, False)  # the CUDA policy (without PDL): 2+ dense rows on the general kernels
     k, n = bm.QUICK_SHAPES["fc2"]
-    methods = bm.build_methods(k, n, device, (), policy, timing=False,
-                               small_m_tiles=("default", "16x32k1w4s3", "16x16k2w4s3", "16x32k2w4s3b"))
+    methods = bm.build_methods(k, n, device, (), policy, timing=False, small_m_tiles=("default", "16x32k2w4s3"))
     x = torch.randn(3, k, device=device)
-    for name in ("int4_sm_default", "int4_sm_16x32k1w4s3", "int4_sm_16x16k2w4s3", "int4_sm_16x32k2w4s3b"):
+    for name in ("int4_g128", "int4_sm_default", "int4_sm_16x32k2w4s3"):
         method = methods[name]
-        assert method.rows == (2, 16)
-        got = method.run(x, 0, None, method.prepare(x))
-        assert got.shape == (3, n) and bm.rel_err(got, bm.reference(x, method)) < bm.TOL
-    assert bm.parse_tile("16x32k2w8s4") == (bm.MatmulConfig(16, 32, 128, 2, 8, 4), False)
-    assert bm.parse_tile("16x32k2w8s4b") == (bm.MatmulConfig(16, 32, 128, 2, 8, 4), True)
+        prepared = method.prepare(x)
+        ws = prepared["out"] if isinstance(prepared, dict) else prepared
+        assert ws.dtype == torch.float32 and not ws.any()
+        got = method.run(x, 0, None, prepared)
+        assert got.data_ptr() == ws.data_ptr() and bm.rel_err(got, bm.reference(x, method)) < bm.TOL
+    assert methods["int4_sm_default"].rows == (2, 16)
+    assert bm.parse_tile("16x32k2w8s4") == bm.MatmulConfig(16, 32, 128, 2, 8, 4)
     with pytest.raises(ValueError, match="expected"):
         bm.parse_tile("16x32w4")
     result = dict(failures=[])

@@ -98,31 +98,30 @@ def test_plane_codes_as_floats_match_reference(group, symmetric, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, "half"])
-@pytest.mark.parametrize("tile", [(32, 1, 4, 3), (16, 2, 4, 3), (64, 1, 4, 2)])
-def test_small_m_batched_and_tiles(tile, dtype, device):
-    """``MatmulPolicy.small_m_batched`` (the eight nibble positions of a plane tile as one batched product) and
-    ``small_m_tile`` (the small-M kernel's tile for dense matrices): the small-M kernel at 2..16 rows against the
-    dequantized weight, ragged K (1472 = 11.5 plane tiles on CUDA), with bias and row scale, split-K into a zeroed
-    float32 output as the fused step hands it; equal to the unbatched kernel."""
+@pytest.mark.parametrize("block_n", [32, 128])
+def test_small_m_block_n(block_n, dtype, device):
+    """``MatmulPolicy.small_m_block_n``: the small-M kernel's weight rows a program for dense matrices at 2..16 rows
+    (batched decode), with pick_config's split-K, into a zeroed float32 workspace as the fused step hands it: equal
+    to x @ the dequantized weight at ragged K (1472 = 11.5 plane tiles on CUDA), with bias and row scale."""
     from qmamba.kernels.matmul_configs import MatmulPolicy
 
     dtype = dtype if dtype == torch.float32 else torch.bfloat16 if device.type == "cuda" else torch.float16
-    n, k = (96, 1472) if device.type == "cuda" else (40, 300)
+    n, k = (320, 1472) if device.type == "cuda" else (40, 300)
     words, planes = plane_weight(n, k, device, seed=7)
     bias = torch.randn(n, device=device)
+    policy = MatmulPolicy(small_m_block_n=block_n)
     for m in (2, 7, GEMV_MAX_M):
         x = torch.randn(m, k, device=device).to(dtype)
         scale = torch.rand(m, device=device)
         ref = (x.float() @ words.dequantized()[0].t() + bias) * scale[:, None]
-        plain = dequant_matmul(x, planes, bias, row_scale=scale, policy=MatmulPolicy(small_m_tile=tile))
-        close(plain, ref, dtype)
-        policy = MatmulPolicy(small_m_tile=tile, small_m_batched=True)
-        got = dequant_matmul(x, planes, bias, row_scale=scale, policy=policy)
-        close(got, ref, dtype)
-        close(got, plain, dtype)
+        close(dequant_matmul(x, planes, bias, row_scale=scale, policy=policy), ref, dtype)
+        cfg = pick_config(m, planes, device, policy=policy)
+        if device.type == "cuda":
+            assert cfg.block_n == block_n
+        else:  # the interpreter's own tiles: the policy's width through an explicit tile, split-K 2
+            cfg = MatmulConfig(16, block_n, 128, 2, 1, 1)
         ws = torch.zeros(m, n, device=device, dtype=torch.float32)
-        cfg = MatmulConfig(16, tile[0], 128, tile[1], tile[2], tile[3])
-        dequant_matmul(x, planes, bias, row_scale=scale, config=cfg, out=ws, policy=policy)
+        dequant_matmul(x, planes, bias, row_scale=scale, config=cfg, out=ws)
         close(ws, ref, dtype)
 
 
