@@ -158,8 +158,8 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return base
     if v == "nopdl":
         return dataclasses.replace(base, pdl=False)
-    if v in ("intcodes", "acqrel") or re.fullmatch(r"smbn\d+", v):  # the general kernels' policy
-        return base  #                                                                  only (see matmul_variant)
+    if matmul_variant(v) is not DEFAULT_POLICY:  # a variant of the general kernels' policy only
+        return base
     if v == "xtile":  # int4 in_proj / fc1: the input read in the tile's shape (DecodePolicy.int4_x_in_tile)
         return dataclasses.replace(base, int4_x_in_tile=True)
     if v == "rt8":  # routed expert stacks on the decode kernels up to batch 8, one program row per input row on its
@@ -216,15 +216,17 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
 
 
 def matmul_variant(v: str) -> MatmulPolicy:
-    """The general matmuls' policy of a variant (batch 2+ and the prefill run on them): the default but for
-    ``intcodes`` (int4 plane codes through integer-to-float conversions, ``MatmulPolicy.plane_float_codes``)."""
+    """The general matmuls' policy of a variant (batch 2+ and the prefill run on them): :data:`DEFAULT_POLICY`
+    itself but for ``intcodes`` (int4 plane codes through integer-to-float conversions,
+    ``MatmulPolicy.plane_float_codes``), ``acqrel`` and ``smbnN``, whose policies :func:`policy_variant` leaves to
+    this function."""
     if v == "intcodes":
         return dataclasses.replace(DEFAULT_POLICY, plane_float_codes=False)
     if v == "acqrel":  # the split-K atomic adds with Triton's default ordering (MatmulPolicy.split_k_atomic_sem)
         return dataclasses.replace(DEFAULT_POLICY, split_k_atomic_sem="acq_rel")
     m = re.fullmatch(r"smbn(\d+)", v)
     if m:  # e.g. smbn128: weight rows a program of the small-M kernel for dense matrices at 2..16 rows
-        return dataclasses.replace(DEFAULT_POLICY, small_m_block_n=int(m.group(1)))  # (MatmulPolicy.small_m_block_n)
+        return dataclasses.replace(DEFAULT_POLICY, small_m_block_n=int(m.group(1)))
     return DEFAULT_POLICY
 
 

@@ -19,8 +19,8 @@ Methods (``--peers`` picks the last two; ``--experts`` adds the routed expert st
 * ``bnb_nf4``: bitsandbytes NF4 (block 64) of the same float weight.
 * ``--small-m-tiles 16x32k1w4s3,...``: candidates for the dense projections at 2-16 rows, ``int4_sm_<tile>``: the
   small-M kernel on the same plane words with that tile (rows x weight rows, split-K, warps, stages) into a
-  float32 output made outside the timed call, as ``int4_g128`` is there; ``int4_sm_default`` is the runtime's own
-  tile (``int4_g128`` again, for a side-by-side column). Timed only at 2-16 rows.
+  float32 output made outside the timed call, as ``int4_g128`` is there (which is the runtime's own tile). Timed
+  only at 2-16 rows.
 * ``--experts``: ``fc1 x8`` / ``fc2 x8``, a stack of 8 experts with random top-1 routing, in int4 g128 and in bf16,
   both on our kernels as a BlackMamba step runs them (1-8 rows: the decode kernel's routed row programs; 16 rows:
   the small-M kernel into a workspace; from 17 rows: the grouped GEMM over the expert tile map).
@@ -123,8 +123,13 @@ def step_inputs(x, weight: PackedWeight, policy: DecodePolicy, routed: bool = Fa
         planes = policy.int4_x_planes and m == 1 and weight.fmt == 3 and not routed
         return dict(x_planes=int4_x_planes(x) if planes else None)
     if m <= GEMV_MAX_M:
-        return dict(out=torch.zeros(m, weight.n, device=x.device, dtype=torch.float32))
+        return dict(out=workspace(x, weight.n))
     return {}
+
+
+def workspace(x, n: int) -> torch.Tensor:
+    """A zeroed float32 ``[M, n]`` output, as the fused step's workspace view (split-K adds into it)."""
+    return torch.zeros(x.shape[0], n, device=x.device, dtype=torch.float32)
 
 
 def runtime_matmul(x, weight: PackedWeight, policy: DecodePolicy, row_expert=None, plane_sums: bool = True,
@@ -154,16 +159,13 @@ def parse_tile(spec: str) -> MatmulConfig:
 
 
 def small_m_methods(planes: PackedWeight, copies: list, ref, per_copy: int, tiles) -> dict:
-    """``int4_sm_<tile>`` for each tile spec (``"default"``: the runtime's own tile), see the module docstring."""
+    """``int4_sm_<tile>`` for each tile spec, see the module docstring."""
     out = {}
     for spec in tiles:
-        cfg = None if spec == "default" else parse_tile(spec)
-
-        def run(x, i, r=None, ws=None, cfg=cfg):
+        def run(x, i, r=None, ws=None, cfg=parse_tile(spec)):
             return dequant_matmul(x, copies[i], config=cfg, out=ws)
-        out[f"int4_sm_{spec}"] = Method(
-            f"int4_sm_{spec}", ref, run, len(copies), per_copy, rows=(2, GEMV_MAX_M),
-            prepare=lambda x: torch.zeros(x.shape[0], planes.n, device=x.device, dtype=torch.float32))
+        out[f"int4_sm_{spec}"] = Method(f"int4_sm_{spec}", ref, run, len(copies), per_copy, rows=(2, GEMV_MAX_M),
+                                        prepare=lambda x: workspace(x, planes.n))
     return out
 
 
@@ -320,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--peers", default=",".join(PEERS), help=f"of {', '.join(PEERS)} ('' for none)")
     ap.add_argument("--experts", action="store_true", help="also fc1 / fc2 as routed stacks of 8 experts")
     ap.add_argument("--small-m-tiles", default="", help="candidate tiles of the small-M kernel at 2-16 rows, e.g. "
-                    "default,16x32k1w4s3 (see the module docstring)")
+                    "16x32k1w4s3,16x128k4w4s3 (see the module docstring)")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: tiny shapes, checks only (no timing)")
     return ap
 
@@ -337,7 +339,7 @@ def main():
     m_values = [int(v) for v in args.m.split(",") if v] or (QUICK_M if args.quick else M_VALUES)
     tiles = [t for t in args.small_m_tiles.split(",") if t]
     try:
-        [parse_tile(t) for t in tiles if t != "default"]
+        [parse_tile(t) for t in tiles]
     except ValueError as exc:
         sys.exit(f"error: --small-m-tiles: {exc}")
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")

@@ -59,16 +59,16 @@ def test_small_m_rows_write_the_step_workspace(device):
     malformed tile is refused."""
     policy = DecodePolicy.cuda(4, False)  # the CUDA policy (without PDL): 2+ dense rows on the general kernels
     k, n = bm.QUICK_SHAPES["fc2"]
-    methods = bm.build_methods(k, n, device, (), policy, timing=False, small_m_tiles=("default", "16x32k2w4s3"))
+    methods = bm.build_methods(k, n, device, (), policy, timing=False, small_m_tiles=("16x32k2w4s3",))
     x = torch.randn(3, k, device=device)
-    for name in ("int4_g128", "int4_sm_default", "int4_sm_16x32k2w4s3"):
+    for name in ("int4_g128", "int4_sm_16x32k2w4s3"):
         method = methods[name]
         prepared = method.prepare(x)
         ws = prepared["out"] if isinstance(prepared, dict) else prepared
         assert ws.dtype == torch.float32 and not ws.any()
         got = method.run(x, 0, None, prepared)
         assert got.data_ptr() == ws.data_ptr() and bm.rel_err(got, bm.reference(x, method)) < bm.TOL
-    assert methods["int4_sm_default"].rows == (2, 16)
+    assert methods["int4_sm_16x32k2w4s3"].rows == (2, 16)
     assert bm.parse_tile("16x32k2w8s4") == bm.MatmulConfig(16, 32, 128, 2, 8, 4)
     with pytest.raises(ValueError, match="expected"):
         bm.parse_tile("16x32w4")
