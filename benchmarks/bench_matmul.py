@@ -51,7 +51,7 @@ from timing import EAGER_FALLBACKS, copies_for, time_calls, require_idle_gpu  # 
 
 from qmamba.kernels.decode_linear import DecodePolicy, decode_linear  # noqa: E402
 from qmamba.kernels.matmul_configs import GEMV_MAX_M, MatmulConfig  # noqa: E402
-from qmamba.kernels.quant_matmul import dequant_matmul, dequant_matmul_ref  # noqa: E402
+from qmamba.kernels.quant_matmul import dequant_matmul  # noqa: E402
 from qmamba.kernels.weights import PackedWeight  # noqa: E402
 from qmamba.quant.formats import Int4Format  # noqa: E402
 from qmamba.quant.layout import int4_x_planes  # noqa: E402

@@ -71,7 +71,6 @@ def _binary_matmul_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rm = tl.arange(0, BLOCK_M)
     rows, row_ok, expert = program_rows(pid_m, M, rexp_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, sorted_ptr, ROUTE,
                                         BLOCK_M)
     n_rows = tl.sum(row_ok.to(tl.int32), axis=0)
