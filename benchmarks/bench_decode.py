@@ -179,6 +179,8 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return dataclasses.replace(base, max_programs=int(v[4:]))
     if v.startswith("normp"):  # e.g. normp4: programs a row of each add + norm writing the int4 input planes
         return dataclasses.replace(base, norm_plane_programs=int(v[5:]))
+    if v == "dtrows0":  # the SSM update reads dt_proj's weight as stored (DecodePolicy.dt_rows_aligned off)
+        return dataclasses.replace(base, dt_rows_aligned=False)
     if v.startswith("ssmbd"):  # e.g. ssmbd8: channels per program of the SSM update (DecodePolicy.ssm_block_d)
         return dataclasses.replace(base, ssm_block_d=int(v[5:]), ssm_block_d_batched=int(v[5:]))
     m = re.fullmatch(r"bin(\d+)(?:g(\d+))?(r8)?", v)

@@ -45,7 +45,7 @@ from torch import nn
 from qmamba.kernel_view import dense_weight, expert_weight, linear_weight
 from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
 from qmamba.kernels.decode_linear import DecodePolicy, NormIn, NormOut, binary_denorm_of, decode_linear
-from qmamba.kernels.decode_step import add_norm, dt_state_update
+from qmamba.kernels.decode_step import add_norm, aligned_rows, dt_state_update
 from qmamba.kernels.fused_moe import gated_act, routed_matmul
 from qmamba.kernels.weights import FMT_INT4_PLANES, BinaryWeight, PackedWeight
 from qmamba.quant.layout import INT4_X_PLANES, int4_x_planes_width
@@ -84,16 +84,18 @@ class _MoePlan:
     gated: bool
 
 
-def _mamba_plan(block, dtype) -> _MambaPlan:
-    """The kernel view of one Mamba block of ``model.blocks``."""
+def _mamba_plan(block, dtype, align_dt: bool = False) -> _MambaPlan:
+    """The kernel view of one Mamba block of ``model.blocks``; ``align_dt``: dt_proj's weight with its rows padded to
+    a multiple of 16 elements (``DecodePolicy.dt_rows_aligned``)."""
     mixer = block.mixer
+    dt_w = dense_weight(mixer.dt_proj, dtype).contiguous()
     in_w, in_b = linear_weight(mixer.in_proj)
     x_w, _ = linear_weight(mixer.x_proj)
     out_w, out_b = linear_weight(mixer.out_proj)
     return _MambaPlan(
         block.slot, block.norm.weight.detach(), in_w, in_b, mixer.conv_weight.detach().contiguous(),
         None if mixer.conv_bias is None else mixer.conv_bias.detach(), x_w,
-        dense_weight(mixer.dt_proj, dtype).contiguous(), mixer.dt_bias.detach(),
+        aligned_rows(dt_w) if align_dt else dt_w, mixer.dt_bias.detach(),
         (-torch.exp(mixer.A_log.detach().float())).contiguous(), mixer.D.detach(), out_w, out_b)
 
 
@@ -125,7 +127,8 @@ class FusedDecodeStep:
         self.embedding = model.embedding.weight.detach()
         if self.policy.int4_planes:  # int4 weights to the plane words the kernels read, in place (no copy)
             use_plane_words(model)
-        self.layers = [_mamba_plan(block, self.dtype) if block.is_mamba else _moe_plan(block, self.dtype)
+        self.layers = [_mamba_plan(block, self.dtype, self.policy.dt_rows_aligned) if block.is_mamba
+                       else _moe_plan(block, self.dtype)
                        for block in model.blocks]
         norm_f = model.norm_f
         self.final_w = norm_f.weight.detach()

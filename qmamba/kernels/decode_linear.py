@@ -137,6 +137,14 @@ class DecodePolicy:
     #                              (dt_state_update; 32: 92 programs for BlackMamba-2.8B's 2944 channels; 8 compiles
     #                              to ~1/3 of the instructions per thread with 4x the programs: the CUDA policy's)
     ssm_block_d_batched: int = 32  # the same at 2+ rows (H200, session 17, batch 8: 32 beat 8 by ~5%)
+    dt_rows_aligned: bool = True  # fused step: the SSM update reads dt_proj's weight with rows padded to a multiple of
+    #                              16 elements (qmamba.kernels.decode_step.aligned_rows; a copy where the rank is not:
+    #                              BlackMamba-2.8B's 92 -> 96, 10 MB in bf16). Triton then reads a row 8 values a thread,
+    #                              16 threads a channel, instead of one value a thread over every thread of the program,
+    #                              whose reduction leaves each dt in every thread (each thread then evaluates the
+    #                              softplus of all the program's channels). sm_90 compile (Triton 3.6 and 3.9), session
+    #                              31: 848 -> 384 SASS instructions a thread at 8 channels a program (one row), 2,032 ->
+    #                              840 at 32 (batch 8); 56 -> 40 / 124 -> 96 registers
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
 
     def __post_init__(self):

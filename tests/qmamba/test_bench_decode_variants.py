@@ -41,6 +41,13 @@ def test_norm_gemv_and_atomic_variants():
     assert policy_variant(CUDA, "acqrel") == CUDA
 
 
+def test_dt_rows_variant():
+    """``dtrows0``: the SSM update reads dt_proj's weight as stored (``DecodePolicy.dt_rows_aligned`` off; on in the
+    CUDA policy), nothing else changed."""
+    assert CUDA.dt_rows_aligned
+    assert policy_variant(CUDA, "dtrows0") == dataclasses.replace(CUDA, dt_rows_aligned=False)
+
+
 def test_small_m_block_n_variants():
     """``smbnN`` sets the general kernels' small-M width (MatmulPolicy.small_m_block_n) and leaves the decode
     kernels' policy alone; pick_config takes it for dense matrices at 2..16 rows only."""

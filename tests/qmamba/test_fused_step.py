@@ -31,6 +31,7 @@ def build(name, fmt, device):
                                                ("int4", 1, "decode"), ("binary", 1, "decode"), ("binary", 2, "decode"),
                                                ("binary", 1, "decode_denorm"), ("binary", 3, "decode_denorm"),
                                                ("int4g128", 1, "decode_ssm8"), ("float", 3, "decode_ssm8"),
+                                               ("float", 2, "decode_dtrows0"), ("int4g128", 1, "decode_ssm8_dtrows0"),
                                                ("binary", 1, "general"),
                                                ("float", 1, "general"), ("int4", 1, "general"),
                                                ("int8", 3, "general"), ("int4g128", 1, "planes"),
@@ -43,7 +44,8 @@ def build(name, fmt, device):
 @torch.no_grad()
 def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     """``decode``: the decode-linear kernels for float / int8 / int4 / 1-bit (conv fused into in_proj's epilogue,
-    activation into fc1; ``_denorm``: 1-bit signs read as subnormal floats); ``general``: the general matmul
+    activation into fc1; ``_denorm``: 1-bit signs read as subnormal floats; ``_dtrows0``: the SSM update on
+    dt_proj's weight as stored, not through ``aligned_rows``); ``general``: the general matmul
     kernels (GEMV word kernels, the 1-bit kernels, small-M
     tiles, split-K into the zeroed workspace, conv and activation on their own); ``planes``: the decode kernels on the int4
     weights converted in place to plane words (``_magic`` / ``_denorm``: nibbles masked in place, see
@@ -66,8 +68,10 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     if kernels.startswith("decode"):  # every format on these kernels, whatever the device's default lists
         policy = dataclasses.replace(policy, formats=DecodePolicy().formats,  # (CUDA: not int4 stored words)
                                      int4_x_planes=False)  # the input planes: the "_xplanes" cases
-        if kernels == "decode_ssm8":  # 8 channels per program of the SSM update (DecodePolicy.ssm_block_d)
+        if kernels.startswith("decode_ssm8"):  # 8 channels per program of the SSM update (DecodePolicy.ssm_block_d)
             policy = dataclasses.replace(policy, ssm_block_d=8, ssm_block_d_batched=8)
+        if kernels.endswith("dtrows0"):  # dt_proj's weight as stored (rank 4), not padded to 16-element rows
+            policy = dataclasses.replace(policy, dt_rows_aligned=False)
         if kernels == "decode_denorm":  # 1-bit bits (and int4 codes) read as subnormal floats, as the CUDA policy
             policy = dataclasses.replace(policy, int4_unpack="denorm")
     elif kernels == "general":
@@ -84,6 +88,8 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
                                      routed_row_programs="rowprog" in parts,
                                      int4_x_planes="xplanes" in parts)
     step = FusedDecodeStep(model, policy)
+    dt_strides = {p.dt_w.stride(0) for p in step.layers if hasattr(p, "dt_w")}  # rank 4: padded to 16 by default
+    assert dt_strides == ({16} if policy.dt_rows_aligned else {model.config.dt_rank})
     if fmt == "binary":  # the 1-bit matrices take the decode kernels exactly when the policy lists the format
         binary = [w for w in step._weights() if isinstance(w, BinaryWeight)]
         want = kernels.startswith("decode") and batch <= policy.max_rows  # (the CUDA policy: one row at most)

@@ -4,8 +4,8 @@ PyTorch twins, on odd sizes: RMSNorm and LayerNorm, first layer (embedding gathe
 import pytest
 import torch
 
-from qmamba.kernels.decode_step import (add_norm, add_norm_ref, add_norm_rows, add_norm_rows_ref, dt_state_update,
-                                        dt_state_update_ref)
+from qmamba.kernels.decode_step import (add_norm, add_norm_ref, add_norm_rows, add_norm_rows_ref, aligned_rows,
+                                        dt_state_update, dt_state_update_ref)
 
 
 @pytest.mark.parametrize("first", [True, False])
@@ -234,6 +234,42 @@ def test_dt_state_update_writes_the_input_planes_of_y(device):
     assert (planes[:, 8] == 7.0).all()
     with pytest.raises(ValueError, match="y_planes"):
         dt_state_update(dbc, dt_w, dt_b, x, z, A, D, state, y, y_planes=planes[:, :8])
+
+
+def test_aligned_rows_pads_the_stride_and_keeps_the_values(device):
+    """``aligned_rows``: the same values with a row stride that is a multiple of 16 elements (zeros past them); a
+    tensor whose rows already are is returned itself (no copy)."""
+    w = torch.randn(7, 92, device=device).to(torch.bfloat16)
+    a = aligned_rows(w)
+    assert a.shape == w.shape and a.stride() == (96, 1) and a.dtype == w.dtype
+    torch.testing.assert_close(a, w, atol=0, rtol=0)
+    assert (a.as_strided((7, 96), (96, 1))[:, 92:] == 0).all()
+    ok = torch.randn(5, 48, device=device)
+    assert aligned_rows(ok) is ok
+    assert aligned_rows(ok.t().contiguous().t()).stride() == (48, 1)  # column-major: copied into aligned rows
+    with pytest.raises(ValueError, match="2-D"):
+        aligned_rows(torch.zeros(3, device=device))
+
+
+@pytest.mark.parametrize("batch,block_d", [(1, 8), (3, 32)])
+def test_dt_state_update_with_aligned_dt_rows(batch, block_d, device):
+    """The SSM update on a dt_proj weight read through ``aligned_rows`` (BlackMamba-2.8B's rank 92 -> stride 96:
+    ``DecodePolicy.dt_rows_aligned``, the fused step's default) gives the reference's update, with the conv step."""
+    from qmamba.kernels.causal_conv1d import causal_conv1d_update_ref
+
+    torch.manual_seed(7 + batch)
+    di, r, n, width = 72, 92, 16, 4
+    dbc, dt_w, dt_bias, x, z, A, D_skip, state = ssm_step_inputs(batch, di, r, n, device)
+    conv_state, conv_w = torch.randn(batch, di, width, device=device), torch.randn(di, width, device=device)
+    xc, ref_conv = causal_conv1d_update_ref(x, conv_state, conv_w, None, "silu")
+    ref_y, ref_h = dt_state_update_ref(dbc, dt_w, dt_bias, xc, z, A, D_skip, state)
+    y = torch.empty(batch, di, device=device)
+    dt_w = aligned_rows(dt_w)
+    assert dt_w.stride(0) == 96
+    dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, state, y, conv=(conv_state, conv_w, None), block_d=block_d)
+    torch.testing.assert_close(state, ref_h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(conv_state, ref_conv, atol=0, rtol=0)
+    torch.testing.assert_close(y, ref_y, atol=1e-4, rtol=1e-4)
 
 
 def test_dt_state_update_rejects_strided_state(device):
