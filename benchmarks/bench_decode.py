@@ -220,15 +220,12 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
 def matmul_variant(v: str) -> MatmulPolicy:
     """The general matmuls' policy of a variant (batch 2+ and the prefill run on them): :data:`DEFAULT_POLICY`
     itself but for ``intcodes`` (int4 plane codes through integer-to-float conversions,
-    ``MatmulPolicy.plane_float_codes``), ``acqrel`` and ``smbnN``, whose policies :func:`policy_variant` leaves to
-    this function."""
+    ``MatmulPolicy.plane_float_codes``) and ``acqrel``, whose policies :func:`policy_variant` leaves to this
+    function."""
     if v == "intcodes":
         return dataclasses.replace(DEFAULT_POLICY, plane_float_codes=False)
     if v == "acqrel":  # the split-K atomic adds with Triton's default ordering (MatmulPolicy.split_k_atomic_sem)
         return dataclasses.replace(DEFAULT_POLICY, split_k_atomic_sem="acq_rel")
-    m = re.fullmatch(r"smbn(\d+)", v)
-    if m:  # e.g. smbn128: weight rows a program of the small-M kernel for dense matrices at 2..16 rows
-        return dataclasses.replace(DEFAULT_POLICY, small_m_block_n=int(m.group(1)))
     return DEFAULT_POLICY
 
 
@@ -264,8 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "batch 8), "
                          "normgemv / nonormgemv (DecodePolicy.norm_in_gemvs), xtilewide / xtilewide0 "
                          "(int4_x_in_tile_wide always / off), maxpN (max_programs), normpN (norm_plane_programs), "
-                         "acqrel (split-K adds with acq_rel ordering), smbnN e.g. smbn128 (N weight rows a program of "
-                         "the small-M kernel for dense matrices at 2..16 rows: MatmulPolicy.small_m_block_n)")
+                         "acqrel (split-K adds with acq_rel ordering)")
     return ap
 
 

@@ -22,7 +22,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="decode_ab matmul_table"  # the step lines below, in order
+ALL_STEPS="matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -36,14 +36,6 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 }
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" \
   || exit 1
-
-# session 30: 128 weight rows a program of the small-M kernel for batched decode's dense projections
-# (MatmulPolicy.small_m_block_n): in_proj / out_proj 6-9% faster than 64 alone at 2-16 rows on the H100; the step at
-# batch 8 decides (float32 greedy tokens checked against the eager reference first). Session 31: dt_proj's rows padded
-# to 16 elements for the SSM update (DecodePolicy.dt_rows_aligned, on; 2-2.4x fewer instructions a thread in the sm_90
-# compile): `dtrows0` is the weight as stored
-step decode_ab "$PY" benchmarks/bench_decode.py --out "$DEST/decode_ab.json" --formats int4_g128,bf16 \
-  --batches 1,8 --rounds 3 --check-steps 8 --variants default,dtrows0,smbn128
 
 # issue 13's table (int4 g128 as the runtime runs it against cuBLAS bf16 and the 4-bit peers, M = 1..2048, every
 # output checked first): run whole on the H100 in sessions 29 and 30; its targets are the H200's

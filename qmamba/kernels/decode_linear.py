@@ -136,7 +136,8 @@ class DecodePolicy:
     ssm_block_d: int = 32        # fused step at one row: channels per program of the SSM update kernel
     #                              (dt_state_update; 32: 92 programs for BlackMamba-2.8B's 2944 channels; 8 compiles
     #                              to ~1/3 of the instructions per thread with 4x the programs: the CUDA policy's)
-    ssm_block_d_batched: int = 32  # the same at 2+ rows (H200, session 17, batch 8: 32 beat 8 by ~5%)
+    ssm_block_d_batched: int = 32  # the same at 2+ rows (H200, session 17, batch 8: 32 beat 8 by ~5%; with
+    #                              dt_rows_aligned, H100, session 31: 16 beat 32 by ~1%, the CUDA policy's)
     dt_rows_aligned: bool = True  # fused step: the SSM update reads dt_proj's weight with rows padded to a multiple of
     #                              16 elements (qmamba.kernels.decode_step.aligned_rows; a copy where the rank is not:
     #                              BlackMamba-2.8B's 92 -> 96, 10 MB in bf16). Triton then reads a row 8 values a thread,
@@ -144,7 +145,9 @@ class DecodePolicy:
     #                              whose reduction leaves each dt in every thread (each thread then evaluates the
     #                              softplus of all the program's channels). sm_90 compile (Triton 3.6 and 3.9), session
     #                              31: 848 -> 384 SASS instructions a thread at 8 channels a program (one row), 2,032 ->
-    #                              840 at 32 (batch 8); 56 -> 40 / 124 -> 96 registers
+    #                              840 at 32 (batch 8); 56 -> 40 / 124 -> 96 registers. H100, session 31: the kernel
+    #                              3.51 -> 2.77 us (one row), 10.62 -> 6.59 (batch 8); int4 g128 0.511 -> 0.494
+    #                              ms/token (one row), 1.630 -> 1.565 (batch 8); bf16 level / 2.059 -> 2.005
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
 
     def __post_init__(self):
@@ -212,6 +215,11 @@ class DecodePolicy:
         and bf16 from 0.576 to 0.538 (with its sums added by relaxed atomics; acq_rel ones, Triton's default, fence
         every store first and gave nothing: 0.521 -> 0.523): on, but for steps with 1-bit weights (1-bit + int4
         0.571 -> 0.576: ``norm_in_gemvs_binary`` off).
+        Session 31 (H100, ``--variants default,dtrows0`` and ``default,ssmbd16,ssmbd64`` at batch 8, 3-5 interleaved
+        rounds): dt_proj's rows padded for the SSM update (``dt_rows_aligned``) took int4 g128 from 0.511 to 0.494
+        ms/token at batch 1 and 1.630 to 1.565 at batch 8 (bf16 level at batch 1, 2.059 -> 2.005 at batch 8), and 16
+        channels a program at batch 2+ (``ssm_block_d_batched``) int4 from 1.562 to 1.544 (64: 1.544; bf16 level):
+        both on.
         CPU (interpreter): every format and batch, wide row blocks (few programs)."""
         if device.type != "cuda":
             return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1, ssm_block_d=16)
@@ -225,7 +233,7 @@ class DecodePolicy:
                    min_programs=2 * multiprocessors, int4_x_in_tile=True, ssm_block_d=8,
                    max_rows_routed=MAX_ROWS, routed_row_programs=True, int4_x_planes=True, binary_max_rows=1,
                    norm_plane_programs=4, max_programs=8 * multiprocessors, int4_x_in_tile_wide="row_programs",
-                   norm_in_gemvs=True,
+                   norm_in_gemvs=True, ssm_block_d_batched=16,
                    formats=(FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES, FMT_BINARY))
 
     @property

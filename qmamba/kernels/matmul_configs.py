@@ -54,13 +54,10 @@ class MatmulPolicy:
     session 19 (``bench_planes_gemm.py --parts experts --m 2048 --sweep``, 64 x 128 tiles, 8 experts): fc1 298 ->
     261 us, fc2 166 -> 145 (bf16 experts 156 / 94), faster at each of the sweep's six tiles; level at M = 256 /
     512. On.
-    ``small_m_block_n``: weight rows a program of the small-M kernel (dense matrices at 2..16 rows: batched decode's
-    projections) where the heuristic would take 64. Session 30 (H100, ``bench_matmul.py --small-m-tiles``, each into
-    a float32 output as the step hands its workspace): 128 rows (with the heuristic's split-K: 4 for in_proj, 8 for
-    out_proj) took in_proj at 2 / 8 / 16 rows from 8.82 / 8.96 / 9.66 to 8.28 / 8.45 / 8.75 us and out_proj from
-    6.71 / 6.83 / 6.95 to 6.30 / 6.36 / 6.52 (cuBLAS bf16 9.38-9.49 / 7.95-8.95); 32 or 16 rows (``mma.sync`` instead
-    of warpgroup MMAs), fewer splits and the tile's eight nibble positions as one batched product were all slower
-    (in_proj 10.5-16.7 us). Not yet timed in the step (batch 8), so 64 stays.
+    Tried and removed (sessions 30-31): 128 weight rows a program of the small-M kernel (dense matrices at 2..16
+    rows, batched decode), 6-9% faster than 64 alone (H100, ``bench_matmul.py --small-m-tiles``: in_proj 8.28-8.75
+    against 8.82-9.66 us, out_proj 6.30-6.52 against 6.71-6.95) but level in the step (session 31, H100, batch 8:
+    int4 g128 1.553 against 1.565 ms/token, bf16 2.024 against 2.005); the code is in commit f098da0.
     Tried and removed (session 19): two nibble positions per shift and logic instruction as 16-bit floats
     ``128 + code`` on the ``W x^T`` path, the zero point through per-tile input sums from a pre-pass (fewer
     unpacking instructions, more for the correction): fc1 x8 at M = 2048 260 against 261 us, fc2 162 against 148,
@@ -80,7 +77,6 @@ class MatmulPolicy:
     plane_float_codes: bool = True
     plane_weight_left: bool = True
     plane_gemm_tile: tuple = (64, 128, 4, 3)
-    small_m_block_n: int = 64
     split_k_atomic_sem: str = "relaxed"  # the split-K atomic adds' ordering ("relaxed" or "acq_rel", Triton's
     #                                      default, which fences every earlier store before each add: sm_90
     #                                      MEMBAR.ALL.GPU + CCTL.IVALL; the sums are only read after the grid)
@@ -89,9 +85,6 @@ class MatmulPolicy:
         if self.split_k_atomic_sem not in ("relaxed", "acq_rel"):
             raise ValueError(f"MatmulPolicy: split_k_atomic_sem must be 'relaxed' or 'acq_rel', got "
                              f"{self.split_k_atomic_sem!r}")
-        if self.small_m_block_n not in (16, 32, 64, 128, 256):
-            raise ValueError(f"MatmulPolicy: small_m_block_n must be a power of two from 16 to 256, got "
-                             f"{self.small_m_block_n}")
         if len(self.plane_gemm_tile) != 4:
             raise ValueError(f"MatmulPolicy: plane_gemm_tile is (block_m, block_n, warps, stages), got "
                              f"{self.plane_gemm_tile}")
@@ -181,7 +174,7 @@ def pick_config(m: int, weight: PackedWeight, device, route: int = ROUTE_DENSE,
             split *= 2
         return MatmulConfig(1, bn, g, split, 2 if n >= 8192 else 4, 3)
     if m <= GEMV_MAX_M:
-        bn = 128 if n >= 4096 and bm <= 2 else (policy.small_m_block_n if route == ROUTE_DENSE else 64)
+        bn = 128 if n >= 4096 and bm <= 2 else 64
         programs = cdiv(n, bn)
         split = 1
         k_tiles = cdiv(k_pad, block_k)

@@ -48,33 +48,6 @@ def test_dt_rows_variant():
     assert policy_variant(CUDA, "dtrows0") == dataclasses.replace(CUDA, dt_rows_aligned=False)
 
 
-def test_small_m_block_n_variants():
-    """``smbnN`` sets the general kernels' small-M width (MatmulPolicy.small_m_block_n) and leaves the decode
-    kernels' policy alone; pick_config takes it for dense matrices at 2..16 rows only."""
-    from bench_decode import matmul_variant
-    from qmamba.kernels import matmul_configs
-    from qmamba.kernels.matmul_configs import MatmulPolicy, pick_config
-    from qmamba.kernels.routing import ROUTE_BY_EXPERT
-    from qmamba.kernels.weights import PackedWeight
-
-    policy = matmul_variant("smbn128")
-    assert policy.small_m_block_n == 128 and matmul_variant("default").small_m_block_n == 64
-    assert policy_variant(CUDA, "smbn128") == CUDA
-    with pytest.raises(ValueError, match="small_m_block_n"):
-        MatmulPolicy(small_m_block_n=96)
-
-    class Cuda:  # pick_config reads only the device's type (and its SM count, cached below)
-        type, index = "cuda", -1
-
-    matmul_configs._SM_COUNT[-1] = 132
-    w = PackedWeight.from_float(torch.zeros(1, 1472, 2944))  # out_proj's shape: split-K 8 at either width
-    assert pick_config(8, w, Cuda(), policy=policy).block_n == 128
-    assert pick_config(8, w, Cuda()).block_n == 64
-    assert pick_config(8, w, Cuda(), ROUTE_BY_EXPERT, policy).block_n == 64  # routed stacks keep theirs
-    assert pick_config(1, w, Cuda(), policy=policy).block_m == 1  # one row: not the 16-row tile
-    assert pick_config(32, w, Cuda(), policy=policy).block_m == 32  # the prefill GEMM
-
-
 @pytest.mark.parametrize("skip,norms,expected_missing", [("default", 5, None), ("no_norm_all", 2, None),
                                                          ("no_norm_moe", 3, None), ("no_norm_mamba", 4, None),
                                                          ("no_xproj", 5, "x_proj"), ("no_fc2", 5, "fc2")])

@@ -97,34 +97,6 @@ def test_plane_codes_as_floats_match_reference(group, symmetric, dtype, device):
         close(dequant_matmul(x[:5], one, config=pick_config(5, one, x.device), policy=policy), dense_ref[:5], dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, "half"])
-@pytest.mark.parametrize("block_n", [32, 128])
-def test_small_m_block_n(block_n, dtype, device):
-    """``MatmulPolicy.small_m_block_n``: the small-M kernel's weight rows a program for dense matrices at 2..16 rows
-    (batched decode), with pick_config's split-K, into a zeroed float32 workspace as the fused step hands it: equal
-    to x @ the dequantized weight at ragged K (1472 = 11.5 plane tiles on CUDA), with bias and row scale."""
-    from qmamba.kernels.matmul_configs import MatmulPolicy
-
-    dtype = dtype if dtype == torch.float32 else torch.bfloat16 if device.type == "cuda" else torch.float16
-    n, k = (320, 1472) if device.type == "cuda" else (40, 300)
-    words, planes = plane_weight(n, k, device, seed=7)
-    bias = torch.randn(n, device=device)
-    policy = MatmulPolicy(small_m_block_n=block_n)
-    for m in (2, 7, GEMV_MAX_M):
-        x = torch.randn(m, k, device=device).to(dtype)
-        scale = torch.rand(m, device=device)
-        ref = (x.float() @ words.dequantized()[0].t() + bias) * scale[:, None]
-        close(dequant_matmul(x, planes, bias, row_scale=scale, policy=policy), ref, dtype)
-        cfg = pick_config(m, planes, device, policy=policy)
-        if device.type == "cuda":
-            assert cfg.block_n == block_n
-        else:  # the interpreter's own tiles: the policy's width through an explicit tile, split-K 2
-            cfg = MatmulConfig(16, block_n, 128, 2, 1, 1)
-        ws = torch.zeros(m, n, device=device, dtype=torch.float32)
-        dequant_matmul(x, planes, bias, row_scale=scale, config=cfg, out=ws)
-        close(ws, ref, dtype)
-
-
 def test_planes_split_k_configs(device):
     _, planes = plane_weight(24, 520, device, seed=2)  # 5 plane tiles
     x = torch.randn(19, 520, device=device)
