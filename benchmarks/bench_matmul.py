@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -149,8 +150,6 @@ def runtime_matmul(x, weight: PackedWeight, policy: DecodePolicy, row_expert=Non
 def parse_tile(spec: str) -> MatmulConfig:
     """``16x32k1w4s3`` -> the small-M kernel's tile: 16 rows, 32 weight rows, split-K 1, 4 warps, 3 stages (the
     plane words' K tile is 128)."""
-    import re
-
     m = re.fullmatch(r"(\d+)x(\d+)k(\d+)w(\d+)s(\d+)", spec)
     if not m:
         raise ValueError(f"tile {spec!r}: expected ROWSxCOLSkSPLITwWARPSsSTAGES, e.g. 16x32k1w4s3")

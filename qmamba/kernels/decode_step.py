@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qmamba.kernels._triton import jit, next_pow2, tl
+from qmamba.kernels._triton import cdiv, jit, next_pow2, tl
 from qmamba.kernels.input_planes import store_x_planes
 from qmamba.kernels.selective_scan import _softplus
 from qmamba.quant.layout import check_x_planes
@@ -356,7 +356,7 @@ def aligned_rows(w: torch.Tensor, multiple: int = 16) -> torch.Tensor:
     n, k = w.shape
     if w.stride(1) == 1 and w.stride(0) % multiple == 0 and w.stride(0) >= k:
         return w
-    padded = torch.zeros(n, -(-k // multiple) * multiple, dtype=w.dtype, device=w.device)
+    padded = torch.zeros(n, cdiv(k, multiple) * multiple, dtype=w.dtype, device=w.device)
     padded[:, :k] = w
     return padded[:, :k]
 
