@@ -236,20 +236,11 @@ def _sigmoid_fast(x, FAST: tl.constexpr):
 
 # sa_n / sh_n are 1 at run time but must not be specialised to the constant 1: the [BLOCK_N, BLOCK_D] state tiles
 # then look non-contiguous to Triton's coalescing pass, which keeps their default layout instead of vectorising along
-# N or D (a shared-memory layout conversion at every step: 10x slower, measured on the H200).
-# The channel strides su_d / sdt_d / sz_d / sy_d are specialised (1 at run time) and the batch strides su_b / sdt_b /
-# sz_b / sy_b are not: the coalescing pass orders a load's dimensions by the pointer's contiguity, and on a tie
-# (contiguity 1 both ways, as with unspecialised channel strides) Triton 3.9 keeps D fastest but the H200 image's
-# 3.6 puts dim 0 fastest: threadsPerWarp [4, 8] for the [UNROLL, BLOCK_D] u / dt / z / y tiles, which pulled the
-# loop's state tiles to [16, 2] (shuffles and replicated softplus: 904 SASS instructions a 4-step trip of the final
-# pass, 662 of the summary pass, against 3.9's 688 / 517; session 21's 18-24 shuffles a step). With su_d = 1 the
-# tiles are contiguous along D, so both versions give one channel a thread ([1, 32], order [1, 0]; the state tiles
-# follow in the loop: 664 / 512 with 3.6, 3.9 unchanged); the unspecialised batch strides keep the pointers'
-# known alignment at one element, so the loads stay one element a thread (with su_b specialised, divisible by 16,
-# Triton vectorises them 4 channels a thread and both versions lose: 878 / 647 with 3.6, 883 / 644 with 3.9).
-# (A kernel with the states as 4 explicit one-thread groups, built to avoid 3.6's shuffles, was slower on the H200
-# in session 22: commit 1cd285d.)
-@jit(do_not_specialize=["sa_n", "sh_n", "su_b", "sdt_b", "sz_b", "sy_b"])
+# N or D (a shared-memory layout conversion at every step: 10x slower, measured on the H200). That default is one
+# channel a thread with Triton 3.9, but 4 lanes over the states and 8 over the channels with the H200 image's 3.6
+# (session 21's compile report: 18-24 shuffles a step; a kernel with the states as 4 explicit one-thread groups,
+# built to avoid them, was slower on the H200 in session 22: commit 1cd285d)
+@jit(do_not_specialize=["sa_n", "sh_n", "su_d", "sdt_d", "sz_d", "sy_d"])
 def _chunked_scan_kernel(
     u_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, dskip_ptr, dbias_ptr, h0_ptr, y_ptr, hT_ptr, sum_h_ptr, sum_dt_ptr,
     L, D, N, SEG, NSEG,

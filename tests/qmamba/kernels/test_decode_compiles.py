@@ -364,37 +364,3 @@ def test_kernels_compile_for_consumer_gpus(arch):
     lines = [line for line in stdout.splitlines() if line.startswith("shared")]
     print("\n".join(lines))  # (the figures of benchmarks/results.md, "Session 28": pytest -s shows them)
     assert len(lines) == 12 and all(line.endswith(" ok") for line in lines), stdout
-
-
-_CHUNKED_SCAN_COMPILE = """
-import sys, torch
-sys.path.insert(0, sys.argv[1])
-from inspect_decode_kernel import _Recorder, compile_recorded, report
-from qmamba.kernels import selective_scan as ss
-real = ss._chunked_scan_kernel
-ss._chunked_scan_kernel = rec = _Recorder(real)
-l, d, n = 2048, 2944, 16  # BlackMamba-2.8B
-for b in (1, 8):  # the CUDA knobs: 4 exact-softplus steps a trip at batch 1, one base-2 step at batch 8
-    x = torch.empty(b, l, 2 * d, dtype=torch.bfloat16)  # u and z, the halves of in_proj's output
-    dbc = torch.empty(b, l, 96 + 2 * n, dtype=torch.bfloat16)  # x_proj's output
-    ss.selective_scan_chunked(x[..., :d], torch.empty(b, l, d, dtype=torch.bfloat16), torch.empty(d, n),
-                              dbc[..., 96:96 + n], dbc[..., 96 + n:], torch.empty(d), x[..., d:], torch.empty(d),
-                              torch.empty(b, d, n), True, num_warps=1, lanes=1, unroll=4 if b == 1 else 1,
-                              softplus_log2=b > 1, bc_fp32=True, n_segments=16)
-for grid, args, meta in rec.calls:
-    meta = dict(meta, BLOCK_D=32 * meta["num_warps"], SP_LOG2_ASM=meta["SP_LOG2"])  # as launched on CUDA
-    r = report(compile_recorded(real, args, meta, 90))
-    print("scan", "summary" if meta["SUMMARY"] else "final", "shfl", r["ops"]["SHFL"], "stack", r["stack"])
-"""
-
-
-@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
-def test_chunked_scan_keeps_one_channel_a_thread():
-    """The prefill's chunked scan as the CUDA launch compiles it (BlackMamba-2.8B, batch 1 and 8, summary and final
-    passes): one channel a thread, so no shuffle anywhere and no spills. With the channel strides unspecialised,
-    Triton 3.6 (the H200 image) spread a channel's 16 states over 4 lanes (96 shuffles a 4-step trip of the final
-    pass at batch 1); with the batch strides specialised, both 3.6 and 3.9 vectorised the u / dt / z loads 4
-    channels a thread and shuffled as much (see the comment above ``_chunked_scan_kernel``)."""
-    stdout = _compiled("-c", _CHUNKED_SCAN_COMPILE, str(ROOT / "benchmarks"), timeout=600)
-    lines = [line for line in stdout.splitlines() if line.startswith("scan")]
-    assert len(lines) == 4 and all(line.endswith("shfl 0 stack 0") for line in lines), stdout
