@@ -31,6 +31,13 @@ class MatmulPolicy:
     False: the tile kernel. The 1-bit word kernel reads the weights once per row, so beyond M = 1 it is taken only
     for up to ``word_gemv_max_rows`` rows of a matrix of at most ``word_gemv_max_weights`` (N * K) weights (H200: at
     M = 4 1.5-3x faster than the tile kernel on the BlackMamba-2.8B shapes, at M = 16 slower on most of them).
+    ``binary_word_dots_min_rows``: a 1-bit matrix (not a routed stack) from this many rows to 16 (K a multiple of
+    32) takes the tile kernel's bit-position dots (:mod:`qmamba.kernels.binary_matmul`: the signs read as words,
+    each bit position a tensor-core dot, each weight read once for all rows) instead of the word GEMV, which reads
+    it once a row. H100, session 32, batch-8 1-bit + int4 decode: in_proj 13.9 against 23.7 us, out_proj 13.0
+    against 13.9; at batch 2 the dots lost (the step 1.465 against 0.998 ms/token with them on every 1-bit matmul),
+    and on the routed expert stacks too (fc1 44.6 against 30.4 us at batch 8): from 8 rows, dense only. A value
+    above 16 turns them off.
     ``dequant_experts_min_m``: routed int8/int4 expert stacks on CUDA from this many rows run expert by expert as
     one dequantization pass of that expert's matrix then the float tile kernel on its rows. Off by default: on the
     H200 (benchmarks/results.md, "session 12") it cuts fc1's GPU time at M = 2048 from 483 to 338 us (fc2 294 ->
@@ -70,6 +77,7 @@ class MatmulPolicy:
 
     int4_word_gemv: bool = True
     binary_word_gemv: bool = True
+    binary_word_dots_min_rows: int = 8
     dequant_experts_min_m: int = 1 << 62
     dequant_experts_whole_stack: bool = False
     word_gemv_max_rows: int = 8
@@ -236,6 +244,19 @@ class BinaryConfig:
 
 
 BINARY_DEQUANT_GEMM_MIN_M = GEMV_MAX_M + 1  # CUDA, M from this: one dequantization pass + cuBLAS / the float GEMM
+
+
+def binary_word_dots_tile(n: int, k: int, row_blocks: int, device) -> tuple[int, int, int]:
+    """``(weight rows a program, warps, K splits)`` of the 1-bit bit-position dots for ``row_blocks`` program rows
+    (tiles of 16 input rows): 64 weight rows and 4 warps on CUDA (one warpgroup's tensor-core tile),
+    split along K (512-column tiles) until the busy programs reach twice the multiprocessors; 64 rows, one warp, no
+    split on the interpreter."""
+    if device.type != "cuda":
+        return 64, 1, 1
+    programs, tiles, split = row_blocks * cdiv(n, 64), cdiv(k, 512), 1
+    while programs * split < 2 * sm_count(device) and split * 2 <= tiles:
+        split *= 2
+    return 64, 4, split
 
 
 def pick_binary_config(m: int, weight: BinaryWeight, device,

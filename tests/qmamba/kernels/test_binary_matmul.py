@@ -9,7 +9,7 @@ import torch
 from qmamba.kernels import custom_ops, triton_ops
 from qmamba.kernels.binary_matmul import binary_matmul, binary_matmul_ref
 from qmamba.kernels.fused_moe import moe_forward, moe_forward_ref
-from qmamba.kernels.matmul_configs import BinaryConfig, MatmulPolicy, pick_binary_config
+from qmamba.kernels.matmul_configs import GEMV_MAX_M, BinaryConfig, MatmulPolicy, pick_binary_config
 from qmamba.kernels.weights import BinaryWeight
 from qmamba.quant.binary import BinaryExperts, BinaryFormat
 from qmamba.quant.formats import Int4Format
@@ -235,3 +235,86 @@ def test_binarized_model_triton_equals_reference(device):
     close(model(ids), ref, torch.float32)
     _, state = model.prefill(ids[:, :6])
     close(model.step(ids[:, 6], state), ref[:, 6], torch.float32)
+
+
+# ---- bit-position dots (one matrix, 8..16 rows by default) -------------------------------------------------------
+DOTS = MatmulPolicy(binary_word_dots_min_rows=2)  # every 2..16 rows on the dots (the default: from 8)
+
+
+def _spy_word_dots(monkeypatch, tile=None):
+    """Count the launches of the bit-position dots; ``tile``: force ``(block_n, warps, split)``."""
+    from qmamba.kernels import binary_matmul as bm
+
+    calls = []
+    real = bm._word_dots_matmul
+    monkeypatch.setattr(bm, "_word_dots_matmul", lambda *a: calls.append(1) or real(*a))
+    if tile is not None:
+        monkeypatch.setattr(bm, "binary_word_dots_tile", lambda *a: tile)
+    return calls
+
+
+def _dots_dtypes(device):
+    # the interpreter's 16-bit float dots: fp16 only (its bf16 dot of 16-wide tiles is wrong on the old path too)
+    return (torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float32, torch.float16)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
+@pytest.mark.parametrize("m", [2, 8, 16])
+@pytest.mark.parametrize("k", [64, 544, 1472])
+def test_word_dots_dense(fmt, m, k, device, monkeypatch):
+    """One matrix at 2-16 rows on the bit-position dots (K a multiple of 32): K of one partial 512-column tile, one
+    full tile and a word past it, and BlackMamba-2.8B's 1472 (three tiles, the last partial), with bias, against the
+    dequantized weight; the word GEMV (dots off) agrees."""
+    calls = _spy_word_dots(monkeypatch)
+    n = 70
+    packed, w = make_weight(fmt, n, k, device, seed=11)
+    W_hat = fmt.dequantize(packed, k).float()
+    bias = torch.randn(n, device=device)
+    for dtype in _dots_dtypes(device):
+        x = torch.randn(m, k, device=device).to(dtype)
+        ref = x.float() @ W_hat.t() + bias
+        got = binary_matmul(x, w, bias, policy=DOTS)
+        assert got.dtype == dtype and got.shape == (m, n)
+        close(got, ref, dtype)
+    assert len(calls) == 2
+    off = binary_matmul(x, w, bias, policy=MatmulPolicy(binary_word_dots_min_rows=GEMV_MAX_M + 1))
+    assert len(calls) == 2
+    close(off, ref, x.dtype)
+
+
+def test_word_dots_default_rows(device, monkeypatch):
+    """By default one matrix takes the dots from 8 rows (not 1-7), K a multiple of 32 only; routed stacks never."""
+    calls = _spy_word_dots(monkeypatch)
+    n, k = 24, 96
+    _, w = make_weight(BinaryFormat(), n, k, device, seed=14)
+    for m, taken in ((1, 0), (4, 0), (7, 0), (8, 1), (16, 1)):
+        x = torch.randn(m, k, device=device)
+        close(binary_matmul(x, w), x @ w.dequantized()[0].float().t(), torch.float32)
+        assert len(calls) == taken
+        calls.clear()
+    _, odd = make_weight(BinaryFormat(), n, 100, device, seed=15)
+    binary_matmul(torch.randn(8, 100, device=device), odd)
+    _, stack = make_weight(BinaryFormat(), n, k, device, lead=(3,), seed=16)
+    binary_matmul(torch.randn(8, k, device=device), stack,
+                  row_expert=torch.randint(0, 3, (8,), device=device).to(torch.int32))
+    assert calls == []
+
+
+def test_word_dots_split_k(device, monkeypatch):
+    """Split along K (forced: 3 ways over 4 tiles, 16 weight rows a program): atomic adds into a new zeroed float32
+    buffer, or into a given zeroed float32 ``out`` (bias once); a given ``out`` of another type is not split."""
+    calls = _spy_word_dots(monkeypatch, tile=(16, 1 if device.type != "cuda" else 4, 3))
+    n, k, m = 40, 2016, 5
+    _, w = make_weight(BinaryFormat(row_scale=True), n, k, device, seed=13)
+    x = torch.randn(m, k, device=device)
+    bias = torch.randn(n, device=device)
+    ref = x @ w.dequantized()[0].float().t() + bias
+    close(binary_matmul(x, w, bias, policy=DOTS), ref, torch.float32)
+    out = torch.zeros(m, n, device=device)
+    assert binary_matmul(x, w, bias, out=out, policy=DOTS) is out
+    close(out, ref, torch.float32)
+    xh = x.half()
+    out_h = torch.full((m, n), float("nan"), device=device, dtype=torch.half)  # stored, not added: no zeroing needed
+    binary_matmul(xh, w, bias, out=out_h, policy=DOTS)
+    close(out_h, xh.float() @ w.dequantized()[0].float().t() + bias, torch.float16)
+    assert len(calls) == 3

@@ -1,6 +1,7 @@
 """The decode linear kernel as the CUDA policy launches it (and the prefill's tile-map kernel, the general int4 GEMM
 kernels of the prefill and batched decode) compiles for sm_90 (Triton's own ptxas, no GPU) at every
-BlackMamba-2.8B shape, for int4 plane words and float weights, without a stack frame (spills). The interpreter runs
+BlackMamba-2.8B shape, for int4 plane words and float weights (and the 1-bit matmul's bit-position dots of batched
+decode), without a stack frame (spills). The interpreter runs
 the kernels' arithmetic but never the compiler: this catches what only the compiler rejects, and a register blow-up
 of the default path, on a machine without a GPU. The same kernels also compile for the consumer GPUs' sm_80 / sm_89 /
 sm_120 (no PDL there), with the general matmuls' tiles inside those GPUs' shared memory (99 KB a block on sm_89 and
@@ -164,6 +165,35 @@ for grid, args, meta in rec.calls:
     r = report(compile_recorded(real, args, meta, 90))
     print("sass", sum(r["ops"].values()), "regs", r["regs"], "stack", r["stack"])
 """
+
+
+_BINARY_DOTS_COMPILE = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from inspect_decode_kernel import _Recorder, compile_recorded, report
+from qmamba.kernels import binary_matmul as bm
+from qmamba.kernels.weights import BinaryWeight
+from qmamba.quant.binary import BinaryFormat
+real = bm._binary_matmul_kernel
+bm._binary_matmul_kernel = rec = _Recorder(real)
+bm.binary_word_dots_tile = lambda n, k, rows, device: (64, 4, 2)  # the CUDA tile, split in two
+for n, k in ((5888, 1472), (1472, 2944)):  # BlackMamba-2.8B's in_proj / out_proj, 8 rows of batched decode
+    w = BinaryWeight.from_packed(BinaryFormat().quantize_rtn(torch.randn(n, k)), n, k)
+    bm.binary_matmul(torch.randn(8, k).to(torch.bfloat16), w)
+for grid, args, meta in rec.calls:
+    meta = dict(meta, SIGN16=True)  # as on CUDA (the signs built in bf16's own bits)
+    r = report(compile_recorded(real, args, meta, 90))
+    print("hgmma", r["ops"]["HGMMA"], "regs", r["regs"], "stack", r["stack"])
+"""
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_binary_word_dots_compile():
+    """The 1-bit bit-position dots (batched decode's in_proj / out_proj at 8 rows, bf16, split along K) compile for
+    sm_90 to warpgroup tensor-core products (one a bit position: 32 a 512-column tile) without spills."""
+    stdout = _compiled("-c", _BINARY_DOTS_COMPILE, str(ROOT / "benchmarks"), timeout=600)
+    lines = [line for line in stdout.splitlines() if line.startswith("hgmma")]
+    assert len(lines) == 2 and all(line.startswith("hgmma 32 ") and line.endswith("stack 0") for line in lines), stdout
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
