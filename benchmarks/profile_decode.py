@@ -25,9 +25,10 @@ from qmamba.config import preset
 from qmamba.cuda_graph import GraphDecoder
 from qmamba.fused_step import FusedDecodeStep
 from qmamba.kernels.decode_linear import DecodePolicy
+from qmamba.kernels.matmul_configs import using_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import check_fp32, policy_variant, time_graph  # noqa: E402
+from bench_decode import check_fp32, matmul_variant, policy_variant, time_graph  # noqa: E402
 from bench_e2e import FORMATS, build  # noqa: E402
 from timing import cuda_kernel_times, event_us, require_idle_gpu  # noqa: E402
 
@@ -52,17 +53,18 @@ def main():
                lambda s: print(s, flush=True), failures)
     if failures:
         sys.exit("FAILED:\n  " + "\n  ".join(failures))
-    model = build(preset(args.preset), args.format)
-    step = FusedDecodeStep(model, policy)
-    state = model.new_state(args.batch)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch,), device="cuda")
-    for _ in range(3):
-        step(ids, state)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.steps):
+    with using_policy(matmul_variant(args.variant)):  # the general matmuls' policy of the variant, if any
+        model = build(preset(args.preset), args.format)
+        step = FusedDecodeStep(model, policy)
+        state = model.new_state(args.batch)
+        ids = torch.randint(0, model.config.vocab_size, (args.batch,), device="cuda")
+        for _ in range(3):
             step(ids, state)
         torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                step(ids, state)
+            torch.cuda.synchronize()
     per_name = cuda_kernel_times(prof)
     # the kernels of the last step in launch order: which matrix each linear kernel is follows from its position
     kernel_events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
@@ -75,7 +77,8 @@ def main():
     rows = sorted(((name, calls / args.steps, us / args.steps) for name, (calls, us) in per_name.items()),
                   key=lambda r: -r[2])
     kernel_us = sum(r[2] for r in rows)
-    graph_ms = time_graph(GraphDecoder(model, policy=policy), args.batch)
+    with using_policy(matmul_variant(args.variant)):  # graphs capture the matmul policy active at capture
+        graph_ms = time_graph(GraphDecoder(model, policy=policy), args.batch)
     print(f"{args.preset} {args.format} batch {args.batch} {args.variant}: kernels {kernel_us:.0f} us/step "
           f"({sum(r[1] for r in rows):.0f} launches), graph replay {graph_ms * 1e3:.0f} us/step")
     for name, calls, us in rows:

@@ -76,8 +76,9 @@ WORD_DOTS_BLOCK_K = 512  # the bit-position dots' K tile: 16 words (a dot's K) o
 
 
 @jit
-def _signs_at(words, i: tl.constexpr, dtype: tl.constexpr, SIGN16: tl.constexpr):
-    """+/-1 in ``dtype`` from bit ``i`` of each int32 word (bit 1 = +1): the sign bit of the float 1 set or not, in
+def _signs_at(words, i, dtype: tl.constexpr, SIGN16: tl.constexpr):
+    """+/-1 in ``dtype`` from bit ``i`` (a constant or a run-time scalar) of each int32 word (bit 1 = +1): the sign
+    bit of the float 1 set or not, in
     float32's bits then converted (exact), or (``SIGN16``, bf16 / fp16 on CUDA: the interpreter has no 16-bit float
     bit casts) in the 16-bit type's own bits. No integer-to-float conversion either way."""
     if SIGN16:
@@ -121,6 +122,74 @@ def _word_dots(x_ptr, w_base, a_ptr, b_ptr, e64, rows, row_ok, n, n_ok, k_lo, k_
             else:
                 acc += tl.dot(signs, tl.trans(xa))
     return tl.trans(acc) + acc_beta[:, None]
+
+
+@jit
+def _prepare_dots_input_kernel(x_ptr, a_ptr, b_ptr, xp_ptr, xb_ptr, K, KT, sxm, sxk, sxpm):
+    """Row ``m`` (program ``m``) of the prepared input of :func:`_prepared_dots_kernel`: per 512-column tile ``t``,
+    ``xp[m, 512 t + 16 i + w] = alpha[k] x[m, k]`` for ``k = 512 t + 32 w + i`` (0 past K), so that each bit
+    position's 16 columns are contiguous; ``xb[m] = x[m] . beta`` in fp32."""
+    m = tl.program_id(0)
+    pos = tl.arange(0, 32)[:, None]  # bit position i
+    wj = tl.arange(0, 16)[None, :]   # word w
+    acc_b = tl.zeros((32, 16), dtype=tl.float32)
+    for t in range(0, KT):
+        k = t * 512 + 32 * wj + pos
+        ok = k < K
+        x = tl.load(x_ptr + m * sxm + k * sxk, mask=ok, other=0.0).to(tl.float32)
+        acc_b += x * tl.load(b_ptr + k, mask=ok, other=0.0).to(tl.float32)
+        xa = x * tl.load(a_ptr + k, mask=ok, other=0.0).to(tl.float32)
+        tl.store(xp_ptr + m * sxpm + t * 512 + 16 * pos + wj, xa.to(xp_ptr.dtype.element_ty))
+    tl.store(xb_ptr + m, tl.sum(tl.sum(acc_b, axis=1), axis=0))
+
+
+@jit
+def _prepared_dots_kernel(
+    xp_ptr, xb_ptr, out_ptr, w_ptr, r_ptr, bias_ptr, rscale_ptr, M, N, KW, KT, sxpm, som, son, swn,
+    HAS_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, IEEE: tl.constexpr,
+    SIGN16: tl.constexpr, SPLIT_K: tl.constexpr, ATOMIC: tl.constexpr, POS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The bit-position dots of one 1-bit matrix on a prepared input (:func:`_prepare_dots_input_kernel`): one flat
+    loop over (512-column tile, ``POS`` bit positions), each trip the tile's 16 words of ``BLOCK_N`` weight rows, the
+    signs of those positions built in registers (``[BLOCK_N, 16 POS]``, column ``16 j + w`` the bit ``i + j`` of word
+    ``w``: the dot's left operand) against the ``16 POS`` contiguous prepared input columns of the same order, which
+    Triton's loop pipeliner prefetches (``num_stages``); ``x . beta`` (``xb``) added by the first K split, then the
+    row scale, bias and gate; split ``SPLIT_K`` ways along K (``ATOMIC``)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    wj = tl.arange(0, 16)
+    pj = tl.arange(0, POS)
+    cols = tl.arange(0, 16 * POS)
+    t_lo, t_hi = split_k_range(pid_k, KT, SPLIT_K)
+    dt = tl.float32 if IEEE else xp_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    trips = 32 // POS
+    for it in range(t_lo * trips, t_hi * trips):
+        wi = (it // trips) * 16 + wj
+        words = tl.load(w_ptr + n[:, None] * swn + wi[None, :], mask=n_ok[:, None] & (wi < KW)[None, :], other=0)
+        pos = (it % trips) * POS + pj
+        bits = (words[:, None, :] >> pos[None, :, None]) & 1                      # [BLOCK_N, POS, 16]
+        signs = _signs_at(tl.reshape(bits, (BLOCK_N, 16 * POS)), 0, dt, SIGN16)
+        xa = tl.load(xp_ptr + rows[:, None] * sxpm + (it * 16 * POS + cols)[None, :], mask=row_ok[:, None],
+                     other=0.0)
+        if IEEE:
+            acc = tl.dot(signs, tl.trans(xa), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(signs, tl.trans(xa), acc)
+    y = tl.trans(acc) + tl.where(pid_k == 0, 1.0, 0.0) * tl.load(xb_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    if HAS_ROW:
+        y = y * tl.load(r_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y += tl.where(pid_k == 0, 1.0, 0.0) * tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_RSCALE:
+        y = y * tl.load(rscale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    store_or_add(out_ptr + rows[:, None] * som + n[None, :] * son, y, row_ok[:, None] & n_ok[None, :], ATOMIC)
 
 
 @jit
@@ -323,6 +392,8 @@ def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, r
     if config is None and route == ROUTE_DENSE and max(2, policy.binary_word_dots_min_rows) <= m <= GEMV_MAX_M:
         words = int32_words(weight.qweight) if weight.k % 32 == 0 else None
         if words is not None:
+            if policy.binary_dots_prepared:
+                return _prepared_dots_matmul(x, weight, words, bias, row_scale, out, policy.split_k_atomic_sem)
             return _word_dots_matmul(x, weight, words, bias, row_scale, out, policy.split_k_atomic_sem)
     cfg = config or pick_binary_config(m, weight, x.device, policy)
     if cfg.block_k % 8:
@@ -394,4 +465,32 @@ def _word_dots_matmul(x, weight: BinaryWeight, words, bias, row_scale, out, sem:
         HAS_RSCALE=row_scale is not None, IEEE=x.dtype == torch.float32, BLOCK_M=GEMV_MAX_M, BLOCK_N=block_n,
         BLOCK_K=WORD_DOTS_BLOCK_K, WORD_DOTS=True, SIGN16=x.is_cuda and x.dtype in (torch.bfloat16, torch.float16),
         SPLIT_K=split, ATOMIC=split_k_mode(atomic, sem), num_warps=warps, num_stages=1)
+    return out.to(x.dtype) if convert else out
+
+
+def _prepared_dots_matmul(x, weight: BinaryWeight, words, bias, row_scale, out, sem: str, positions: int = 8):
+    """:func:`_word_dots_matmul` on a prepared input (``MatmulPolicy.binary_dots_prepared``): one small launch
+    permutes and scales the input (``[M, 512 * tiles]`` in x's type, and ``x . beta``), then the pipelined dots."""
+    m, k = x.shape
+    tiles = cdiv(k, WORD_DOTS_BLOCK_K)
+    xp = torch.empty(m, tiles * WORD_DOTS_BLOCK_K, device=x.device, dtype=x.dtype)
+    xb = torch.empty(m, device=x.device, dtype=torch.float32)
+    a, b, r = weight.alpha, weight.beta, weight.row_scale
+    _prepare_dots_input_kernel[(m,)](x, a, b, xp, xb, k, tiles, x.stride(0), x.stride(1), xp.stride(0),
+                                     num_warps=4 if x.is_cuda else 1)
+    grid_m = cdiv(m, GEMV_MAX_M)
+    block_n, warps, split = binary_word_dots_tile(weight.n, k, grid_m, x.device)
+    if out is not None and out.dtype != torch.float32:
+        split = 1
+    atomic = split > 1
+    out, convert = output_buffer(x, weight.n, out, atomic, "binary matmul")
+    dummy = x
+    _prepared_dots_kernel[(grid_m, cdiv(weight.n, block_n), split)](
+        xp, xb, out, words, r if r is not None else a, bias if bias is not None else dummy,
+        row_scale if row_scale is not None else dummy, m, weight.n, words.shape[-1], tiles, xp.stride(0),
+        out.stride(0), out.stride(1), words.stride(1),
+        HAS_ROW=r is not None, HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
+        IEEE=x.dtype == torch.float32, SIGN16=x.is_cuda and x.dtype in (torch.bfloat16, torch.float16),
+        SPLIT_K=split, ATOMIC=split_k_mode(atomic, sem), POS=positions, BLOCK_M=GEMV_MAX_M, BLOCK_N=block_n,
+        num_warps=warps, num_stages=3 if x.is_cuda else 1)
     return out.to(x.dtype) if convert else out

@@ -37,7 +37,10 @@ class MatmulPolicy:
     it once a row. H100, session 32, batch-8 1-bit + int4 decode: in_proj 13.9 against 23.7 us, out_proj 13.0
     against 13.9; at batch 2 the dots lost (the step 1.465 against 0.998 ms/token with them on every 1-bit matmul),
     and on the routed expert stacks too (fc1 44.6 against 30.4 us at batch 8): from 8 rows, dense only. A value
-    above 16 turns them off.
+    above 16 turns them off. ``binary_dots_prepared`` (candidate, not yet run on a GPU: off): the same dots on an
+    input permuted and scaled by alpha in one small launch first, so that each bit position's input is 16 contiguous
+    columns and the loop over (tile, position) is one flat loop Triton's pipeliner can prefetch, the products left
+    in flight (the dots above drain each product and pass each input tile through shared memory by hand).
     ``dequant_experts_min_m``: routed int8/int4 expert stacks on CUDA from this many rows run expert by expert as
     one dequantization pass of that expert's matrix then the float tile kernel on its rows. Off by default: on the
     H200 (benchmarks/results.md, "session 12") it cuts fc1's GPU time at M = 2048 from 483 to 338 us (fc2 294 ->
@@ -78,6 +81,7 @@ class MatmulPolicy:
     int4_word_gemv: bool = True
     binary_word_gemv: bool = True
     binary_word_dots_min_rows: int = 8
+    binary_dots_prepared: bool = False
     dequant_experts_min_m: int = 1 << 62
     dequant_experts_whole_stack: bool = False
     word_gemv_max_rows: int = 8

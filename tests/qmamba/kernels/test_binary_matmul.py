@@ -318,3 +318,32 @@ def test_word_dots_split_k(device, monkeypatch):
     binary_matmul(xh, w, bias, out=out_h, policy=DOTS)
     close(out_h, xh.float() @ w.dequantized()[0].float().t() + bias, torch.float16)
     assert len(calls) == 3
+
+
+PREPARED = MatmulPolicy(binary_word_dots_min_rows=2, binary_dots_prepared=True)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
+@pytest.mark.parametrize("m,k", [(2, 96), (8, 1472), (16, 544)])
+def test_prepared_dots(fmt, m, k, device, monkeypatch):
+    """The candidate ``binary_dots_prepared``: the input permuted and scaled by alpha (and ``x . beta``) by one small
+    kernel, then the dots 8 bit positions a trip over 128 contiguous prepared columns: against the dequantized
+    weight with bias, K of a partial tile, BlackMamba-2.8B's 1472 and a tile and a word; split along K (forced)."""
+    from qmamba.kernels import binary_matmul as bm
+
+    calls = []
+    real = bm._prepared_dots_matmul
+    monkeypatch.setattr(bm, "_prepared_dots_matmul", lambda *a: calls.append(1) or real(*a))
+    n = 45
+    packed, w = make_weight(fmt, n, k, device, seed=17)
+    W_hat = fmt.dequantize(packed, k).float()
+    bias = torch.randn(n, device=device)
+    for dtype in _dots_dtypes(device):
+        x = torch.randn(m, k, device=device).to(dtype)
+        close(binary_matmul(x, w, bias, policy=PREPARED), x.float() @ W_hat.t() + bias, dtype)
+    monkeypatch.setattr(bm, "binary_word_dots_tile", lambda *a: (16, 1 if device.type != "cuda" else 4, 2))
+    out = torch.zeros(m, n, device=device)
+    x = torch.randn(m, k, device=device)
+    binary_matmul(x, w, bias, out=out, policy=PREPARED)
+    close(out, x @ W_hat.t() + bias, torch.float32)
+    assert len(calls) == 3
