@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from qmamba.kernels._triton import cdiv, jit, split_k_mode, split_k_range, store_or_add, tl
+from qmamba.kernels.dequant_gemm import matmul_epilogue
 from qmamba.kernels.dequantize import dense_linear
 from qmamba.kernels.matmul_configs import (BINARY_DEQUANT_GEMM_MIN_M, GEMV_MAX_M, BinaryConfig,
                                            MatmulPolicy, binary_word_dots_tile, current_policy, pick_binary_config)
@@ -183,13 +184,9 @@ def _prepared_dots_kernel(
         else:
             acc = tl.dot(signs, tl.trans(xa), acc)
     y = tl.trans(acc) + tl.where(pid_k == 0, 1.0, 0.0) * tl.load(xb_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    if HAS_ROW:
-        y = y * tl.load(r_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        y += tl.where(pid_k == 0, 1.0, 0.0) * tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_RSCALE:
-        y = y * tl.load(rscale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    store_or_add(out_ptr + rows[:, None] * som + n[None, :] * son, y, row_ok[:, None] & n_ok[None, :], ATOMIC)
+    # the row scale r[n] as int8's (FMT 1: HAS_ROW, True == 1)
+    matmul_epilogue(y, out_ptr, r_ptr, bias_ptr, rscale_ptr, rows, row_ok, n, n_ok, 0, pid_k, som, son, 0, 1,
+                    HAS_ROW, HAS_BIAS, HAS_RSCALE, ATOMIC)
 
 
 @jit
@@ -259,14 +256,9 @@ def _binary_matmul_kernel(
     else:
         acc = _byte_tiles(x_ptr, q_base, a_ptr, b_ptr, e64, rows, row_ok, n, n_ok, k_end, K, KB, sxm, sxk, sqn, sae,
                           sbe, USE_DOT, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
-    if HAS_ROW:
-        r = tl.load(r_ptr + e64 * sre + n, mask=n_ok, other=0.0).to(tl.float32)
-        acc = acc * r[None, :]
-    if HAS_BIAS:  # once: by the first K split
-        acc += tl.where(pid_k == 0, 1.0, 0.0) * tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_RSCALE:
-        acc = acc * tl.load(rscale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    store_or_add(out_ptr + rows[:, None] * som + n[None, :] * son, acc, row_ok[:, None] & n_ok[None, :], ATOMIC)
+    # the row scale r[e, n] as int8's (FMT 1: HAS_ROW, True == 1)
+    matmul_epilogue(acc, out_ptr, r_ptr, bias_ptr, rscale_ptr, rows, row_ok, n, n_ok, e64, pid_k, som, son, sre, 1,
+                    HAS_ROW, HAS_BIAS, HAS_RSCALE, ATOMIC)
 
 
 @jit
