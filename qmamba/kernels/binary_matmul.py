@@ -4,22 +4,23 @@
 
     y[m, n] = sum_k s[n, k] * (alpha[k] * x[m, k])  +  sum_k beta[k] * x[m, k]        (then * r[n], + bias[n])
 
-Three paths, picked by M (:func:`binary_matmul`):
+Four paths, picked by M (:func:`binary_matmul`):
 
 - **word GEMV** (M = 1, and a few rows of small matrices: :class:`MatmulPolicy`; K a multiple of 32): the signs
   are read as 32-bit words and each +/-1 product is a sign-bit flip of ``-(x * alpha)`` (shift, and-xor, add; no
   multiply, no int-to-float conversion); one program row per activation row, split-K with atomics.
 - **bit-position dots** (one matrix at 8..16 rows: :attr:`MatmulPolicy.binary_word_dots_min_rows`; K a multiple of
-  32): the tile kernel
-  reads the signs as 32-bit words, 16 a row per 512-column K tile, and takes bit position ``i`` of all 16 words at
-  once: the columns ``k0 + 32 w + i`` (w = 0..15), whose +/-1 signs are built in the input's float type by two logic
-  instructions (no shift of a byte into 8 lanes, no reshape, no integer-to-float conversion) and go to the tensor
-  cores as the dot's left operand, against the 16 input columns at stride 32 scaled by alpha: 32 dots of K = 16 a
-  tile, each weight read once for all rows. Bound by each dot's latency (the input tile through shared memory, the
-  product drained before the next bit position), so it pays only where the word GEMV's per-row cost is larger:
-  H100, batch-8 1-bit + int4 decode (session 32), in_proj 13.9 against 23.7 us, out_proj 13.0 against 13.9; the
-  routed expert stacks (by expert, which the kernel supports) lost, 44.6 / 30.7 against 30.4 / 18.9 us, and so did
-  batch 2 (1.465 against 0.998 ms/token a step).
+  32): the tile kernel reads the signs as 32-bit words, 16 a row per 512-column K tile, and takes bit position ``i``
+  of all 16 words at once: the columns ``k0 + 32 w + i`` (w = 0..15), whose +/-1 signs are built in the input's
+  float type by a shift and a logic instruction (no byte expanded into 8 lanes, no reshape, no integer-to-float
+  conversion) and go to the tensor cores as the dot's left operand, against the 16 input columns at stride 32 scaled
+  by alpha: 32 dots of K = 16 a tile, each weight read once for all rows. Bound by each dot's latency (the input
+  tile through shared memory, the product drained before the next bit position), so it pays only where the word
+  GEMV's per-row cost is larger: H100, batch-8 1-bit + int4 decode (session 32), in_proj 13.9 against 23.7 us,
+  out_proj 13.0 against 13.9; routed expert stacks (by expert, which the kernel supports) lost, 44.6 / 30.7 against
+  30.4 / 18.9 us, and so did batch 2 (1.465 against 0.998 ms/token a step). A candidate not yet run on a GPU
+  (``MatmulPolicy.binary_dots_prepared``): the same dots on an input permuted and scaled once, in a loop Triton
+  pipelines (:func:`_prepared_dots_kernel`).
 - **tile kernel** (other M <= 16, the interpreter, explicit configs): each K tile loads ``x``, scales it by
   ``alpha``, expands ``BLOCK_K / 8`` bytes per output row into +/-1 values (bit j of a byte is column 8 b + j;
   bit 1 = +1) and accumulates in fp32 (broadcast-multiply-reduce for one row, ``tl.dot`` for more: +/-1 is exact
