@@ -254,7 +254,7 @@ def _spy_word_dots(monkeypatch, tile=None, launcher="_word_dots_matmul"):
 
 
 def _dots_dtypes(device):
-    # the interpreter's 16-bit float dots: fp16 only (its bf16 dot of 16-wide tiles is wrong on the old path too)
+    # the interpreter's 16-bit float dots: fp16 only (a bf16 dot of 16 x 16 tiles, even a plain one, comes out wrong)
     return (torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float32, torch.float16)
 
 
