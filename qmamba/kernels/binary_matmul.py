@@ -80,9 +80,8 @@ WORD_DOTS_BLOCK_K = 512  # the bit-position dots' K tile: 16 words (a dot's K) o
 @jit
 def _signs_at(words, i, dtype: tl.constexpr, SIGN16: tl.constexpr):
     """+/-1 in ``dtype`` from bit ``i`` (a constant or a run-time scalar) of each int32 word (bit 1 = +1): the sign
-    bit of the float 1 set or not, in
-    float32's bits then converted (exact), or (``SIGN16``, bf16 / fp16 on CUDA: the interpreter has no 16-bit float
-    bit casts) in the 16-bit type's own bits. No integer-to-float conversion either way."""
+    bit of the float 1 set or not, in float32's bits then converted (exact), or (``SIGN16``, bf16 / fp16 on CUDA: the
+    interpreter has no 16-bit float bit casts) in the 16-bit type's own bits. No integer-to-float conversion."""
     if SIGN16:
         one = 0x3F80 if dtype == tl.bfloat16 else 0x3C00  # 1.0 as bf16 / fp16
         bits = (((words >> i) & 1) << 15) ^ (one | 0x8000)
@@ -95,10 +94,9 @@ def _signs_at(words, i, dtype: tl.constexpr, SIGN16: tl.constexpr):
 def _word_dots(x_ptr, w_base, a_ptr, b_ptr, e64, rows, row_ok, n, n_ok, k_lo, k_hi, K, KW, sxm, sxk, swn, sae, sbe,
                IEEE: tl.constexpr, SIGN16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """``[BLOCK_M, BLOCK_N]`` fp32: ``(x * alpha) @ S^T + x . beta`` over ``[k_lo, k_hi)`` (512-column tiles) for
-    these rows and weight rows, the
-    signs read as int32 words (bit i of word w is column 32 w + i): per 512-column tile, bit position i of the
-    tile's 16 words meets the 16 input columns ``k0 + 32 w + i`` in one tensor-core dot (the signs the left
-    operand, in registers); ``x . beta`` from the tile's contiguous input once."""
+    these rows and weight rows, the signs read as int32 words (bit i of word w is column 32 w + i): per tile, bit
+    position i of its 16 words meets the 16 input columns ``k0 + 32 w + i`` in one tensor-core dot (the signs the
+    left operand, in registers); ``x . beta`` from the tile's contiguous input once."""
     wj = tl.arange(0, 16)
     kt = tl.arange(0, 512)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -435,29 +433,34 @@ def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, r
     return out
 
 
-def _word_dots_matmul(x, weight: BinaryWeight, words, bias, row_scale, out, sem: str):
-    """The bit-position dots of the tile kernel on one matrix (2 <= M <= 16; ``words`` the signs as int32
-    ``[1, N, K / 32]``): program rows of 16 input rows, columns of weight rows, split along K where that leaves too
-    few programs (:func:`binary_word_dots_tile`; atomic adds into a zeroed float32 ``out``, as the word GEMV's
-    split-K; a given ``out`` of another type is not split)."""
-    m = x.shape[0]
-    grid_m = cdiv(m, GEMV_MAX_M)
+def _dots_launch(x, weight: BinaryWeight, out, sem: str):
+    """What both dots launchers share on one matrix: ``(grid, block_n, warps, kernel switches, out, convert)``, the
+    grid of 16-row program rows x weight-row blocks x K splits (:func:`binary_word_dots_tile`; atomic adds into a
+    zeroed float32 ``out``, as the word GEMV's split-K; a given ``out`` of another type is not split)."""
+    grid_m = cdiv(x.shape[0], GEMV_MAX_M)
     block_n, warps, split = binary_word_dots_tile(weight.n, weight.k, grid_m, x.device)
     if out is not None and out.dtype != torch.float32:
         split = 1
-    atomic = split > 1
-    out, convert = output_buffer(x, weight.n, out, atomic, "binary matmul")
+    out, convert = output_buffer(x, weight.n, out, split > 1, "binary matmul")
+    switches = dict(HAS_ROW=weight.row_scale is not None, IEEE=x.dtype == torch.float32,
+                    SIGN16=x.is_cuda and x.dtype in (torch.bfloat16, torch.float16), SPLIT_K=split,
+                    ATOMIC=split_k_mode(split > 1, sem), BLOCK_M=GEMV_MAX_M, BLOCK_N=block_n)
+    return (grid_m, cdiv(weight.n, block_n), split), warps, switches, out, convert
+
+
+def _word_dots_matmul(x, weight: BinaryWeight, words, bias, row_scale, out, sem: str):
+    """The bit-position dots of the tile kernel on one matrix (2 <= M <= 16; ``words`` the signs as int32
+    ``[1, N, K / 32]``), launched as :func:`_dots_launch` says."""
+    grid, warps, switches, out, convert = _dots_launch(x, weight, out, sem)
     a, b, r = weight.alpha, weight.beta, weight.row_scale
     dummy = x
-    _binary_matmul_kernel[(grid_m, cdiv(weight.n, block_n), split)](
+    _binary_matmul_kernel[grid](
         x, out, words, a, b, r if r is not None else a, bias if bias is not None else dummy,
-        row_scale if row_scale is not None else dummy, dummy, dummy, dummy, dummy, dummy, m, weight.n, weight.k,
-        words.shape[-1], x.stride(0), x.stride(1), out.stride(0), out.stride(1), words.stride(0), words.stride(1),
-        a.stride(0), b.stride(0), r.stride(0) if r is not None else 0,
-        ROUTE=ROUTE_DENSE, USE_DOT=True, HAS_ROW=r is not None, HAS_BIAS=bias is not None,
-        HAS_RSCALE=row_scale is not None, IEEE=x.dtype == torch.float32, BLOCK_M=GEMV_MAX_M, BLOCK_N=block_n,
-        BLOCK_K=WORD_DOTS_BLOCK_K, WORD_DOTS=True, SIGN16=x.is_cuda and x.dtype in (torch.bfloat16, torch.float16),
-        SPLIT_K=split, ATOMIC=split_k_mode(atomic, sem), num_warps=warps, num_stages=1)
+        row_scale if row_scale is not None else dummy, dummy, dummy, dummy, dummy, dummy, x.shape[0], weight.n,
+        weight.k, words.shape[-1], x.stride(0), x.stride(1), out.stride(0), out.stride(1), words.stride(0),
+        words.stride(1), a.stride(0), b.stride(0), r.stride(0) if r is not None else 0,
+        ROUTE=ROUTE_DENSE, USE_DOT=True, HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
+        BLOCK_K=WORD_DOTS_BLOCK_K, WORD_DOTS=True, num_warps=warps, num_stages=1, **switches)
     return out.to(x.dtype) if convert else out
 
 
@@ -468,22 +471,14 @@ def _prepared_dots_matmul(x, weight: BinaryWeight, words, bias, row_scale, out, 
     tiles = cdiv(k, WORD_DOTS_BLOCK_K)
     xp = torch.empty(m, tiles * WORD_DOTS_BLOCK_K, device=x.device, dtype=x.dtype)
     xb = torch.empty(m, device=x.device, dtype=torch.float32)
-    a, b, r = weight.alpha, weight.beta, weight.row_scale
-    _prepare_dots_input_kernel[(m,)](x, a, b, xp, xb, k, tiles, x.stride(0), x.stride(1), xp.stride(0),
+    a, r = weight.alpha, weight.row_scale
+    _prepare_dots_input_kernel[(m,)](x, a, weight.beta, xp, xb, k, tiles, x.stride(0), x.stride(1), xp.stride(0),
                                      num_warps=4 if x.is_cuda else 1)
-    grid_m = cdiv(m, GEMV_MAX_M)
-    block_n, warps, split = binary_word_dots_tile(weight.n, k, grid_m, x.device)
-    if out is not None and out.dtype != torch.float32:
-        split = 1
-    atomic = split > 1
-    out, convert = output_buffer(x, weight.n, out, atomic, "binary matmul")
+    grid, warps, switches, out, convert = _dots_launch(x, weight, out, sem)
     dummy = x
-    _prepared_dots_kernel[(grid_m, cdiv(weight.n, block_n), split)](
+    _prepared_dots_kernel[grid](
         xp, xb, out, words, r if r is not None else a, bias if bias is not None else dummy,
         row_scale if row_scale is not None else dummy, m, weight.n, words.shape[-1], tiles, xp.stride(0),
-        out.stride(0), out.stride(1), words.stride(1),
-        HAS_ROW=r is not None, HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
-        IEEE=x.dtype == torch.float32, SIGN16=x.is_cuda and x.dtype in (torch.bfloat16, torch.float16),
-        SPLIT_K=split, ATOMIC=split_k_mode(atomic, sem), POS=positions, BLOCK_M=GEMV_MAX_M, BLOCK_N=block_n,
-        num_warps=warps, num_stages=3 if x.is_cuda else 1)
+        out.stride(0), out.stride(1), words.stride(1), HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
+        POS=positions, num_warps=warps, num_stages=3 if x.is_cuda else 1, **switches)
     return out.to(x.dtype) if convert else out
