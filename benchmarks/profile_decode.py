@@ -53,7 +53,8 @@ def main():
                lambda s: print(s, flush=True), failures)
     if failures:
         sys.exit("FAILED:\n  " + "\n  ".join(failures))
-    with using_policy(matmul_variant(args.variant)):  # the general matmuls' policy of the variant, if any
+    general = matmul_variant(args.variant)  # the general matmuls' policy of the variant (default: the default)
+    with using_policy(general):
         model = build(preset(args.preset), args.format)
         step = FusedDecodeStep(model, policy)
         state = model.new_state(args.batch)
@@ -77,7 +78,7 @@ def main():
     rows = sorted(((name, calls / args.steps, us / args.steps) for name, (calls, us) in per_name.items()),
                   key=lambda r: -r[2])
     kernel_us = sum(r[2] for r in rows)
-    with using_policy(matmul_variant(args.variant)):  # graphs capture the matmul policy active at capture
+    with using_policy(general):  # graphs capture the matmul policy active at capture
         graph_ms = time_graph(GraphDecoder(model, policy=policy), args.batch)
     print(f"{args.preset} {args.format} batch {args.batch} {args.variant}: kernels {kernel_us:.0f} us/step "
           f"({sum(r[1] for r in rows):.0f} launches), graph replay {graph_ms * 1e3:.0f} us/step")
