@@ -220,8 +220,8 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
 def matmul_variant(v: str) -> MatmulPolicy:
     """The general matmuls' policy of a variant (batch 2+ and the prefill run on them): :data:`DEFAULT_POLICY`
     itself but for ``intcodes`` (int4 plane codes through integer-to-float conversions,
-    ``MatmulPolicy.plane_float_codes``), ``acqrel``, ``nowdots`` and ``wdprep``, whose policies :func:`policy_variant`
-    leaves to this function."""
+    ``MatmulPolicy.plane_float_codes``), ``acqrel`` and ``nowdots``, whose policies :func:`policy_variant` leaves to
+    this function."""
     if v == "intcodes":
         return dataclasses.replace(DEFAULT_POLICY, plane_float_codes=False)
     if v == "acqrel":  # the split-K atomic adds with Triton's default ordering (MatmulPolicy.split_k_atomic_sem)
@@ -229,8 +229,6 @@ def matmul_variant(v: str) -> MatmulPolicy:
     if v == "nowdots":  # 1-bit matrices at 8..16 rows without the bit-position dots (MatmulPolicy.
         #               binary_word_dots_min_rows): the word GEMV, one program row per input row, as before session 32
         return dataclasses.replace(DEFAULT_POLICY, binary_word_dots_min_rows=GEMV_MAX_M + 1)
-    if v == "wdprep":  # the bit-position dots on a prepared input, pipelined (MatmulPolicy.binary_dots_prepared)
-        return dataclasses.replace(DEFAULT_POLICY, binary_dots_prepared=True)
     return DEFAULT_POLICY
 
 
@@ -250,8 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--variants", default="default,nopdl",
                     help="policy variants: default, nopdl, intcodes (the general kernels' int4 codes through "
                          "integer-to-float conversions: MatmulPolicy.plane_float_codes off), nowdots (1-bit matrices "
-                         "at 8-16 rows on the word GEMV: MatmulPolicy.binary_word_dots_min_rows), wdprep (their "
-                         "bit-position dots on a prepared input, pipelined: MatmulPolicy.binary_dots_prepared), xtile "
+                         "at 8-16 rows on the word GEMV: MatmulPolicy.binary_word_dots_min_rows), xtile "
                          "(int4 input read in the tile's shape where the tile row is narrow: "
                          "DecodePolicy.int4_x_in_tile), ssmbdN (N channels per program of the SSM update, e.g. "
                          "ssmbd8), fmts[+-]FORMAT... (the default with int8, binary or float weights added to / "

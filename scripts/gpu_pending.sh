@@ -22,7 +22,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="binary_dots_prep binary_dots_prep_profile matmul_table"  # the step lines below, in order
+ALL_STEPS="matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -36,14 +36,6 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 }
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" \
   || exit 1
-
-# 1-bit matrices at 8-16 rows (batched decode's in_proj / out_proj): the bit-position dots on a prepared input,
-# pipelined (MatmulPolicy.binary_dots_prepared, session 32, built offline), against the dots as they are (default) and
-# the word GEMV; then the per-kernel profile of the candidate
-step binary_dots_prep "$PY" benchmarks/bench_decode.py --out "$DEST/binary_dots_prep.json" --formats binary+int4_g128 \
-  --batches 8 --rounds 3 --check-steps 8 --variants default,wdprep,nowdots
-step binary_dots_prep_profile "$PY" benchmarks/profile_decode.py --format binary+int4_g128 --batch 8 --variant wdprep \
-  --out "$DEST/binary_dots_prep_profile.json"
 
 # issue 13's table (int4 g128 as the runtime runs it against cuBLAS bf16 and the 4-bit peers, M = 1..2048, every
 # output checked first): run whole on the H100 in sessions 29 and 30; its targets are the H200's

@@ -18,9 +18,9 @@ Four paths, picked by M (:func:`binary_matmul`):
   tile through shared memory, the product drained before the next bit position), so it pays only where the word
   GEMV's per-row cost is larger: H100, batch-8 1-bit + int4 decode (session 32), in_proj 13.9 against 23.7 us,
   out_proj 13.0 against 13.9; routed expert stacks (by expert, which the kernel supports) lost, 44.6 / 30.7 against
-  30.4 / 18.9 us, and so did batch 2 (1.465 against 0.998 ms/token a step). A candidate not yet run on a GPU
-  (``MatmulPolicy.binary_dots_prepared``): the same dots on an input permuted and scaled once, in a loop Triton
-  pipelines (:func:`_prepared_dots_kernel`).
+  30.4 / 18.9 us, and so did batch 2 (1.465 against 0.998 ms/token a step). The same dots on an input permuted and
+  scaled by a kernel of its own first, in a loop Triton pipelines, lost (H100, session 33, batch 8: 2.339 against
+  1.798 ms/token) and were removed.
 - **tile kernel** (other M <= 16, the interpreter, explicit configs): each K tile loads ``x``, scales it by
   ``alpha``, expands ``BLOCK_K / 8`` bytes per output row into +/-1 values (bit j of a byte is column 8 b + j;
   bit 1 = +1) and accumulates in fp32 (broadcast-multiply-reduce for one row, ``tl.dot`` for more: +/-1 is exact
@@ -122,70 +122,6 @@ def _word_dots(x_ptr, w_base, a_ptr, b_ptr, e64, rows, row_ok, n, n_ok, k_lo, k_
             else:
                 acc += tl.dot(signs, tl.trans(xa))
     return tl.trans(acc) + acc_beta[:, None]
-
-
-@jit
-def _prepare_dots_input_kernel(x_ptr, a_ptr, b_ptr, xp_ptr, xb_ptr, K, KT, sxm, sxk, sxpm):
-    """Row ``m`` (program ``m``) of the prepared input of :func:`_prepared_dots_kernel`: per 512-column tile ``t``,
-    ``xp[m, 512 t + 16 i + w] = alpha[k] x[m, k]`` for ``k = 512 t + 32 w + i`` (0 past K), so that each bit
-    position's 16 columns are contiguous; ``xb[m] = x[m] . beta`` in fp32."""
-    m = tl.program_id(0)
-    pos = tl.arange(0, 32)[:, None]  # bit position i
-    wj = tl.arange(0, 16)[None, :]   # word w
-    acc_b = tl.zeros((32, 16), dtype=tl.float32)
-    for t in range(0, KT):
-        k = t * 512 + 32 * wj + pos
-        ok = k < K
-        x = tl.load(x_ptr + m * sxm + k * sxk, mask=ok, other=0.0).to(tl.float32)
-        acc_b += x * tl.load(b_ptr + k, mask=ok, other=0.0).to(tl.float32)
-        xa = x * tl.load(a_ptr + k, mask=ok, other=0.0).to(tl.float32)
-        tl.store(xp_ptr + m * sxpm + t * 512 + 16 * pos + wj, xa.to(xp_ptr.dtype.element_ty))
-    tl.store(xb_ptr + m, tl.sum(tl.sum(acc_b, axis=1), axis=0))
-
-
-@jit
-def _prepared_dots_kernel(
-    xp_ptr, xb_ptr, out_ptr, w_ptr, r_ptr, bias_ptr, rscale_ptr, M, N, KW, KT, sxpm, som, son, swn,
-    HAS_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, IEEE: tl.constexpr,
-    SIGN16: tl.constexpr, SPLIT_K: tl.constexpr, ATOMIC: tl.constexpr, POS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """The bit-position dots of one 1-bit matrix on a prepared input (:func:`_prepare_dots_input_kernel`): one flat
-    loop over (512-column tile, ``POS`` bit positions), each trip the tile's 16 words of ``BLOCK_N`` weight rows, the
-    signs of those positions built in registers (``[BLOCK_N, 16 POS]``, column ``16 j + w`` the bit ``i + j`` of word
-    ``w``: the dot's left operand) against the ``16 POS`` contiguous prepared input columns of the same order, which
-    Triton's loop pipeliner prefetches (``num_stages``); ``x . beta`` (``xb``) added by the first K split, then the
-    row scale, bias and gate; split ``SPLIT_K`` ways along K (``ATOMIC``)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    wj = tl.arange(0, 16)
-    pj = tl.arange(0, POS)
-    cols = tl.arange(0, 16 * POS)
-    t_lo, t_hi = split_k_range(pid_k, KT, SPLIT_K)
-    dt = tl.float32 if IEEE else xp_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    trips = 32 // POS
-    for it in range(t_lo * trips, t_hi * trips):
-        wi = (it // trips) * 16 + wj
-        words = tl.load(w_ptr + n[:, None] * swn + wi[None, :], mask=n_ok[:, None] & (wi < KW)[None, :], other=0)
-        pos = (it % trips) * POS + pj
-        bits = (words[:, None, :] >> pos[None, :, None]) & 1                      # [BLOCK_N, POS, 16]
-        signs = _signs_at(tl.reshape(bits, (BLOCK_N, 16 * POS)), 0, dt, SIGN16)
-        xa = tl.load(xp_ptr + rows[:, None] * sxpm + (it * 16 * POS + cols)[None, :], mask=row_ok[:, None],
-                     other=0.0)
-        if IEEE:
-            acc = tl.dot(signs, tl.trans(xa), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(signs, tl.trans(xa), acc)
-    y = tl.trans(acc) + tl.where(pid_k == 0, 1.0, 0.0) * tl.load(xb_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    # the row scale r[n] as int8's (FMT 1: HAS_ROW, True == 1)
-    matmul_epilogue(y, out_ptr, r_ptr, bias_ptr, rscale_ptr, rows, row_ok, n, n_ok, 0, pid_k, som, son, 0, 1,
-                    HAS_ROW, HAS_BIAS, HAS_RSCALE, ATOMIC)
 
 
 @jit
@@ -383,8 +319,6 @@ def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, r
     if config is None and route == ROUTE_DENSE and max(2, policy.binary_word_dots_min_rows) <= m <= GEMV_MAX_M:
         words = int32_words(weight.qweight) if weight.k % 32 == 0 else None
         if words is not None:
-            if policy.binary_dots_prepared:
-                return _prepared_dots_matmul(x, weight, words, bias, row_scale, out, policy.split_k_atomic_sem)
             return _word_dots_matmul(x, weight, words, bias, row_scale, out, policy.split_k_atomic_sem)
     cfg = config or pick_binary_config(m, weight, x.device, policy)
     if cfg.block_k % 8:
@@ -434,9 +368,9 @@ def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, r
 
 
 def _dots_launch(x, weight: BinaryWeight, out, sem: str):
-    """What both dots launchers share on one matrix: ``(grid, block_n, warps, kernel switches, out, convert)``, the
-    grid of 16-row program rows x weight-row blocks x K splits (:func:`binary_word_dots_tile`; atomic adds into a
-    zeroed float32 ``out``, as the word GEMV's split-K; a given ``out`` of another type is not split)."""
+    """The dots launch on one matrix: ``(grid, warps, kernel switches, out, convert)``, the grid of 16-row program
+    rows x weight-row blocks x K splits (:func:`binary_word_dots_tile`; atomic adds into a zeroed float32 ``out``, as
+    the word GEMV's split-K; a given ``out`` of another type is not split)."""
     grid_m = cdiv(x.shape[0], GEMV_MAX_M)
     block_n, warps, split = binary_word_dots_tile(weight.n, weight.k, grid_m, x.device)
     if out is not None and out.dtype != torch.float32:
@@ -463,22 +397,3 @@ def _word_dots_matmul(x, weight: BinaryWeight, words, bias, row_scale, out, sem:
         BLOCK_K=WORD_DOTS_BLOCK_K, WORD_DOTS=True, num_warps=warps, num_stages=1, **switches)
     return out.to(x.dtype) if convert else out
 
-
-def _prepared_dots_matmul(x, weight: BinaryWeight, words, bias, row_scale, out, sem: str, positions: int = 8):
-    """:func:`_word_dots_matmul` on a prepared input (``MatmulPolicy.binary_dots_prepared``): one small launch
-    permutes and scales the input (``[M, 512 * tiles]`` in x's type, and ``x . beta``), then the pipelined dots."""
-    m, k = x.shape
-    tiles = cdiv(k, WORD_DOTS_BLOCK_K)
-    xp = torch.empty(m, tiles * WORD_DOTS_BLOCK_K, device=x.device, dtype=x.dtype)
-    xb = torch.empty(m, device=x.device, dtype=torch.float32)
-    a, r = weight.alpha, weight.row_scale
-    _prepare_dots_input_kernel[(m,)](x, a, weight.beta, xp, xb, k, tiles, x.stride(0), x.stride(1), xp.stride(0),
-                                     num_warps=4 if x.is_cuda else 1)
-    grid, warps, switches, out, convert = _dots_launch(x, weight, out, sem)
-    dummy = x
-    _prepared_dots_kernel[grid](
-        xp, xb, out, words, r if r is not None else a, bias if bias is not None else dummy,
-        row_scale if row_scale is not None else dummy, m, weight.n, words.shape[-1], tiles, xp.stride(0),
-        out.stride(0), out.stride(1), words.stride(1), HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
-        POS=positions, num_warps=warps, num_stages=3 if x.is_cuda else 1, **switches)
-    return out.to(x.dtype) if convert else out

@@ -37,10 +37,7 @@ class MatmulPolicy:
     it once a row. H100, session 32, batch-8 1-bit + int4 decode: in_proj 13.9 against 23.7 us, out_proj 13.0
     against 13.9; at batch 2 the dots lost (the step 1.465 against 0.998 ms/token with them on every 1-bit matmul),
     and on the routed expert stacks too (fc1 44.6 against 30.4 us at batch 8): from 8 rows, dense only. A value
-    above 16 turns them off. ``binary_dots_prepared`` (candidate, not yet run on a GPU: off): the same dots on an
-    input permuted and scaled by alpha in one small launch first, so that each bit position's input is 16 contiguous
-    columns and the loop over (tile, position) is one flat loop Triton's pipeliner can prefetch, the products left
-    in flight (the dots above drain each product and pass each input tile through shared memory by hand).
+    above 16 turns them off.
     ``dequant_experts_min_m``: routed int8/int4 expert stacks on CUDA from this many rows run expert by expert as
     one dequantization pass of that expert's matrix then the float tile kernel on its rows. Off by default: on the
     H200 (benchmarks/results.md, "session 12") it cuts fc1's GPU time at M = 2048 from 483 to 338 us (fc2 294 ->
@@ -64,6 +61,10 @@ class MatmulPolicy:
     session 19 (``bench_planes_gemm.py --parts experts --m 2048 --sweep``, 64 x 128 tiles, 8 experts): fc1 298 ->
     261 us, fc2 166 -> 145 (bf16 experts 156 / 94), faster at each of the sweep's six tiles; level at M = 256 /
     512. On.
+    Tried and removed (session 33, commit 3afa750 has the code): the bit-position dots on an input permuted and
+    scaled by alpha in one small launch first, each bit position's input 16 contiguous columns, in one flat loop over
+    (tile, 8 positions) that Triton pipelines. H100, batch-8 1-bit + int4 decode: 2.339 against 1.798 ms/token (the
+    word GEMV 1.992); the dots 23.7 us a call (in_proj 27.8 against 13.9) plus 4.9 for the preparing kernel.
     Tried and removed (sessions 30-31): 128 weight rows a program of the small-M kernel (dense matrices at 2..16
     rows, batched decode), 6-9% faster than 64 alone (H100, ``bench_matmul.py --small-m-tiles``: in_proj 8.28-8.75
     against 8.82-9.66 us, out_proj 6.30-6.52 against 6.71-6.95) but level in the step (session 31, H100, batch 8:
@@ -81,7 +82,6 @@ class MatmulPolicy:
     int4_word_gemv: bool = True
     binary_word_gemv: bool = True
     binary_word_dots_min_rows: int = 8
-    binary_dots_prepared: bool = False
     dequant_experts_min_m: int = 1 << 62
     dequant_experts_whole_stack: bool = False
     word_gemv_max_rows: int = 8

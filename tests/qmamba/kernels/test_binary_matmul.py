@@ -241,13 +241,13 @@ def test_binarized_model_triton_equals_reference(device):
 DOTS = MatmulPolicy(binary_word_dots_min_rows=2)  # every 2..16 rows on the dots (the default: from 8)
 
 
-def _spy_word_dots(monkeypatch, tile=None, launcher="_word_dots_matmul"):
-    """Count the launches of the bit-position dots (``launcher``); ``tile``: force ``(block_n, warps, split)``."""
+def _spy_word_dots(monkeypatch, tile=None):
+    """Count the launches of the bit-position dots; ``tile``: force ``(block_n, warps, split)``."""
     from qmamba.kernels import binary_matmul as bm
 
     calls = []
-    real = getattr(bm, launcher)
-    monkeypatch.setattr(bm, launcher, lambda *a: calls.append(1) or real(*a))
+    real = bm._word_dots_matmul
+    monkeypatch.setattr(bm, "_word_dots_matmul", lambda *a: calls.append(1) or real(*a))
     if tile is not None:
         monkeypatch.setattr(bm, "binary_word_dots_tile", lambda *a: tile)
     return calls
@@ -258,21 +258,14 @@ def _dots_dtypes(device):
     return (torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float32, torch.float16)
 
 
-DOTS_WAYS = {"_word_dots_matmul": DOTS,  # the dots (the default from 8 rows)
-             "_prepared_dots_matmul": MatmulPolicy(binary_word_dots_min_rows=2, binary_dots_prepared=True)}
-# the candidate binary_dots_prepared: the input permuted and scaled by alpha (and x . beta) by one small kernel, then
-# the dots 8 bit positions a trip over 128 contiguous prepared columns, in a loop Triton pipelines
-
-
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
 @pytest.mark.parametrize("m", [2, 8, 16])
 @pytest.mark.parametrize("k", [64, 544, 1472])
-@pytest.mark.parametrize("way", DOTS_WAYS)
-def test_word_dots_dense(fmt, m, k, way, device, monkeypatch):
-    """One matrix at 2-16 rows on the bit-position dots (K a multiple of 32), as they are and on a prepared input: K
-    of one partial 512-column tile, one full tile and a word past it, and BlackMamba-2.8B's 1472 (three tiles, the
-    last partial), with bias, against the dequantized weight; the word GEMV (dots off) agrees."""
-    calls = _spy_word_dots(monkeypatch, launcher=way)
+def test_word_dots_dense(fmt, m, k, device, monkeypatch):
+    """One matrix at 2-16 rows on the bit-position dots (K a multiple of 32): K of one partial 512-column tile, one
+    full tile and a word past it, and BlackMamba-2.8B's 1472 (three tiles, the last partial), with bias, against the
+    dequantized weight; the word GEMV (dots off) agrees."""
+    calls = _spy_word_dots(monkeypatch)
     n = 70
     packed, w = make_weight(fmt, n, k, device, seed=11)
     W_hat = fmt.dequantize(packed, k).float()
@@ -280,7 +273,7 @@ def test_word_dots_dense(fmt, m, k, way, device, monkeypatch):
     for dtype in _dots_dtypes(device):
         x = torch.randn(m, k, device=device).to(dtype)
         ref = x.float() @ W_hat.t() + bias
-        got = binary_matmul(x, w, bias, policy=DOTS_WAYS[way])
+        got = binary_matmul(x, w, bias, policy=DOTS)
         assert got.dtype == dtype and got.shape == (m, n)
         close(got, ref, dtype)
     assert len(calls) == 2
@@ -307,25 +300,21 @@ def test_word_dots_default_rows(device, monkeypatch):
     assert calls == []
 
 
-@pytest.mark.parametrize("way", DOTS_WAYS)
-def test_word_dots_split_k(way, device, monkeypatch):
-    """Split along K (forced: 3 ways over 4 tiles, 16 weight rows a program), both ways: atomic adds into a new
-    zeroed float32 buffer, or into a given zeroed float32 ``out`` (bias once); a given ``out`` of another type is not
-    split."""
-    calls = _spy_word_dots(monkeypatch, tile=(16, 1 if device.type != "cuda" else 4, 3), launcher=way)
-    policy = DOTS_WAYS[way]
+def test_word_dots_split_k(device, monkeypatch):
+    """Split along K (forced: 3 ways over 4 tiles, 16 weight rows a program): atomic adds into a new zeroed float32
+    buffer, or into a given zeroed float32 ``out`` (bias once); a given ``out`` of another type is not split."""
+    calls = _spy_word_dots(monkeypatch, tile=(16, 1 if device.type != "cuda" else 4, 3))
     n, k, m = 40, 2016, 5
     _, w = make_weight(BinaryFormat(row_scale=True), n, k, device, seed=13)
     x = torch.randn(m, k, device=device)
     bias = torch.randn(n, device=device)
     ref = x @ w.dequantized()[0].float().t() + bias
-    close(binary_matmul(x, w, bias, policy=policy), ref, torch.float32)
+    close(binary_matmul(x, w, bias, policy=DOTS), ref, torch.float32)
     out = torch.zeros(m, n, device=device)
-    assert binary_matmul(x, w, bias, out=out, policy=policy) is out
+    assert binary_matmul(x, w, bias, out=out, policy=DOTS) is out
     close(out, ref, torch.float32)
     xh = x.half()
     out_h = torch.full((m, n), float("nan"), device=device, dtype=torch.half)  # stored, not added: no zeroing needed
-    binary_matmul(xh, w, bias, out=out_h, policy=policy)
+    binary_matmul(xh, w, bias, out=out_h, policy=DOTS)
     close(out_h, xh.float() @ w.dequantized()[0].float().t() + bias, torch.float16)
     assert len(calls) == 3
-
