@@ -181,6 +181,13 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return dataclasses.replace(base, norm_plane_programs=int(v[5:]))
     if v == "dtrows0":  # the SSM update reads dt_proj's weight as stored (DecodePolicy.dt_rows_aligned off)
         return dataclasses.replace(base, dt_rows_aligned=False)
+    if v == "nopieces":  # the CUDA policy before session 33: one padded tile row, 4 int4 rows a program
+        return dataclasses.replace(base, int4_tile_pieces=False, block_n_int4=4)
+    m = re.fullmatch(r"pieces(\d+)?", v)
+    if m:  # int4 tile rows in two power-of-two pieces (DecodePolicy.int4_tile_pieces); e.g. pieces8: and 8 int4 rows
+        #    a program where the matrix has them (fc1, the head)
+        return dataclasses.replace(base, int4_tile_pieces=True,
+                                   block_n_int4=int(m.group(1)) if m.group(1) else base.block_n_int4)
     if v.startswith("ssmbd"):  # e.g. ssmbd8: channels per program of the SSM update (DecodePolicy.ssm_block_d)
         return dataclasses.replace(base, ssm_block_d=int(v[5:]), ssm_block_d_batched=int(v[5:]))
     m = re.fullmatch(r"bin(\d+)(?:g(\d+))?(r8)?", v)
@@ -250,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "integer-to-float conversions: MatmulPolicy.plane_float_codes off), nowdots (1-bit matrices "
                          "at 8-16 rows on the word GEMV: MatmulPolicy.binary_word_dots_min_rows), xtile "
                          "(int4 input read in the tile's shape where the tile row is narrow: "
-                         "DecodePolicy.int4_x_in_tile), ssmbdN (N channels per program of the SSM update, e.g. "
+                         "DecodePolicy.int4_x_in_tile), pieces[N] (int4 tile rows in two power-of-two pieces: "
+                         "DecodePolicy.int4_tile_pieces; N int4 rows a program), nopieces (one padded tile row, 4 int4 rows a "
+                         "program: the CUDA policy before session 33), ssmbdN (N channels per program of the SSM update, e.g. "
                          "ssmbd8), fmts[+-]FORMAT... (the default with int8, binary or float weights added to / "
                          "taken from those the decode kernels serve at batch 1, e.g. fmts+int8, fmts+binary), "
                          "dec[_planes][_magic|_denorm][_bnN][_mpP][_noxp][_rt8][_rows8[_nomma]] (the decode "

@@ -77,6 +77,8 @@ def variants(pdl: bool, rows: int):
         rowprog = dataclasses.replace(cuda, routed_row_programs=True)
         return {"planes_mma": ("planes", DecodePolicy(pdl=pdl)), "general": ("words", "general"),
                 "rowprog": ("planes", rowprog),
+                # the tile row in two power-of-two pieces (DecodePolicy.int4_tile_pieces)
+                "rowprog_pieces": ("planes", dataclasses.replace(rowprog, int4_tile_pieces=True)),
                 "rowprog_bf16": ("float", rowprog), "general_bf16": ("float", "general")}
     out = {"cuda_default": ("planes", cuda), "cuda_default_float": ("float", cuda),
            # int8 and 1-bit weights on the CUDA policy (which lists both), and on their general kernels
@@ -99,7 +101,15 @@ def variants(pdl: bool, rows: int):
            "cuda_maxp1056": ("planes", dataclasses.replace(cuda, max_programs=1056)),
            "cuda_bn8": ("planes", dataclasses.replace(cuda, block_n_int4=8)),
            # the input read in the tile's shape for out_proj / fc2 too (DecodePolicy.int4_x_in_tile_wide)
-           "cuda_x_in_tile_wide": ("planes", dataclasses.replace(cuda, int4_x_in_tile_wide="always"))}
+           "cuda_x_in_tile_wide": ("planes", dataclasses.replace(cuda, int4_x_in_tile_wide="always")),
+           # the tile row in two power-of-two pieces, not one padded (DecodePolicy.int4_tile_pieces); and with 8
+           # int4 rows a program (the head: 6,288 programs instead of 12,576)
+           "cuda_pieces": ("planes", dataclasses.replace(cuda, int4_tile_pieces=True)),
+           "cuda_pieces_bn8": ("planes", dataclasses.replace(cuda, int4_tile_pieces=True, block_n_int4=8)),
+           "cuda_pieces_bn16": ("planes", dataclasses.replace(cuda, int4_tile_pieces=True, block_n_int4=16)),
+           # the CUDA policy with 2 or 8 warps a program (the same rows: twice or half the codes a thread)
+           "cuda_w2": ("planes", dataclasses.replace(cuda, num_warps=2)),
+           "cuda_w8": ("planes", dataclasses.replace(cuda, num_warps=8))}
     for bn in (4, 8, 16, 32):
         out[f"binary_bn{bn}"] = ("binary", DecodePolicy(pdl=pdl, block_n_binary=bn))
     for bn in (2, 4, 8):

@@ -114,7 +114,9 @@ class DecodePolicy:
     #                               programs" (the routed row programs of a batch: fc2 at 2+ rows) or "always" (one
     #                               row too). Session 22 (H200, 3 interleaved rounds): "always" took batch 8 from
     #                               1.713 to 1.683 ms/token but batch 1 from 0.522 to 0.529 (kernels alone: out_proj
-    #                               4.08 -> 3.26 us, fc2 4.96 -> 4.29): the CUDA policy's "row_programs"
+    #                               4.08 -> 3.26 us, fc2 4.96 -> 4.29): "row_programs" until session 33 (H100,
+    #                               with int4_tile_pieces, whose 16 + 8 pieces out_proj then takes: "always" 0.450 ->
+    #                               0.443 ms/token at batch 1): "always"
     routed_row_programs: bool = False  # routed rows at 2+ (top-1 MoE, batched decode): one program row per input row
     #                               (grid [M, N / BN]), each the one-row kernel on its own expert's tile (two rows of
     #                               one expert read it twice, the second mostly from L2), instead of one program
@@ -148,6 +150,15 @@ class DecodePolicy:
     #                              840 at 32 (batch 8); 56 -> 40 / 124 -> 96 registers. H100, session 31: the kernel
     #                              3.51 -> 2.77 us (one row), 10.62 -> 6.59 (batch 8); int4 g128 0.511 -> 0.494
     #                              ms/token (one row), 1.630 -> 1.565 (batch 8); bf16 level / 2.059 -> 2.005
+    int4_tile_pieces: bool = False  # int4 plane words read from input planes in the tile's shape (int4_x_in_tile;
+    #                              one row, or a batch's routed row programs): a weight row whose tile count is not a
+    #                              power of two is read as two power-of-two pieces (tile_pieces: BlackMamba-2.8B's 12
+    #                              tiles of in_proj / fc1 / head as 8 + 4, not 16 with 4 masked), so that no mask, FMA
+    #                              or address of a padding tile is computed. Session 33 (H100): sm_90 compile (Triton
+    #                              3.6) in_proj 608 -> 480 SASS instructions a thread (6.6 -> 5.2 a code), the head at
+    #                              8 rows a program 352 (4 rows) -> 480 for twice the codes; kernels alone in_proj 4.40
+    #                              -> 3.87 us, head 28.20 -> 22.54 (with 8 rows); out_proj, whose input is broadcast
+    #                              (16 + 8 pieces: a second pass through shared memory), 4.24 -> 4.49: not split
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
 
     def __post_init__(self):
@@ -220,6 +231,12 @@ class DecodePolicy:
         ms/token at batch 1 and 1.630 to 1.565 at batch 8 (bf16 level at batch 1, 2.059 -> 2.005 at batch 8), and 16
         channels a program at batch 2+ (``ssm_block_d_batched``) int4 from 1.562 to 1.544 (64: 1.544; bf16 level):
         both on.
+        Session 33 (H100, ``--variants default,nopieces``, 3 interleaved rounds): int4 rows of 12 tiles read as 8 + 4
+        where the input is read in the tile's shape (``int4_tile_pieces``) and 8 int4 rows a program (fc1 and the
+        head; in_proj had 8 by ``max_programs``, out_proj / fc2 keep 4 by ``min_programs``): int4 g128 0.492 ->
+        0.451 ms/token at batch 1, 1.539 -> 1.460 at batch 8 (1-bit + int4 0.553 -> 0.548; bf16 unchanged): on;
+        then (``--variants default,xtilewide``) out_proj / fc2 reading their input planes in the tile's shape at one
+        row too (``int4_x_in_tile_wide`` "always"; out_proj in 16 + 8 pieces) 0.450 -> 0.443 at batch 1: on.
         CPU (interpreter): every format and batch, wide row blocks (few programs)."""
         if device.type != "cuda":
             return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1, ssm_block_d=16)
@@ -229,11 +246,11 @@ class DecodePolicy:
     def cuda(cls, multiprocessors: int, pdl: bool) -> "DecodePolicy":
         """The CUDA policy of :meth:`for_device` for a GPU of ``multiprocessors`` SMs (no device needed: offline
         compiles and reports build it for the H200's 132)."""
-        return cls(pdl=pdl, max_rows=1, max_rows_planes=1, block_n_int4=4, int4_planes=True, int4_unpack="denorm",
+        return cls(pdl=pdl, max_rows=1, max_rows_planes=1, block_n_int4=8, int4_planes=True, int4_unpack="denorm",
                    min_programs=2 * multiprocessors, int4_x_in_tile=True, ssm_block_d=8,
                    max_rows_routed=MAX_ROWS, routed_row_programs=True, int4_x_planes=True, binary_max_rows=1,
-                   norm_plane_programs=4, max_programs=8 * multiprocessors, int4_x_in_tile_wide="row_programs",
-                   norm_in_gemvs=True, ssm_block_d_batched=16,
+                   norm_plane_programs=4, max_programs=8 * multiprocessors, int4_x_in_tile_wide="always",
+                   norm_in_gemvs=True, ssm_block_d_batched=16, int4_tile_pieces=True,
                    formats=(FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES, FMT_BINARY))
 
     @property
@@ -256,6 +273,15 @@ class DecodePolicy:
         return min(bn, next_pow2(n))
 
 
+def tile_pieces(tiles: int) -> tuple[int, int]:
+    """``(NBP, NBP2)``: a row of ``tiles`` int4 tiles as a power-of-two piece and a second, smaller one after it
+    (``NBP2`` 0: one piece, ``next_pow2(tiles)``), where two pieces cover fewer padding tiles than one."""
+    whole = next_pow2(tiles)
+    first = whole if whole == tiles else whole // 2
+    second = next_pow2(tiles - first) if tiles > first else 0
+    return (first, second) if second and first + second < whole else (whole, 0)
+
+
 # ---- kernel --------------------------------------------------------------------------------------------------------
 # int4 tiles: ``words [BN, NBP, WPG]`` int32, one row of ``NBP`` (padded to a power of two) tiles of ``WPG`` words.
 # "words" (FMT 2, the stored layout read as int32): a tile is one quantization group, nibble i of word w holds
@@ -263,9 +289,11 @@ class DecodePolicy:
 # word w holds k = 128 t + 16 i + w, and the tile's scale block is t // TPB.
 @jit
 def _load_tile(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, swe, swn, sse, ssn, sze, szn,
-               FMT: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr):
+               FMT: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr,
+               T0: tl.constexpr):
     """The weight rows ``rows`` of expert ``e64`` as stored, into registers: ``(words [BN, NBP, WPG] int32, scale
-    [BN, NBP] fp32, zero point [BN, NBP] fp32)`` for int4, ``(w [BN, KP], row scale [BN] fp32, unused)`` otherwise.
+    [BN, NBP] fp32, zero point [BN, NBP] fp32)`` of tiles ``T0 .. T0 + NBP - 1`` for int4, ``(w [BN, KP], row scale
+    [BN] fp32, unused)`` otherwise.
     Masked (no memory read) where ``rows_ok`` is false. Binary (FMT 4): ``(sign words [BN, KP] int32, pointer to
     the expert's alpha [K], pointer to its beta [K])``: alpha and beta are read with the input, per bit position."""
     if FMT == 4:
@@ -275,7 +303,7 @@ def _load_tile(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, swe, swn, sse, ssn, s
         scale = s_ptr + e64 * sse
         zero = z_ptr + e64 * sze
     elif FMT == 2 or FMT == 3:
-        t = tl.arange(0, NBP)
+        t = T0 + tl.arange(0, NBP)
         j = tl.arange(0, WPG)
         n_tiles = (K + WPG * 8 - 1) // (WPG * 8)
         tm = (t < n_tiles)[None, :] & rows_ok[:, None]
@@ -476,8 +504,9 @@ def _plane_at(ptr, offs, lim, FULL: tl.constexpr):
 
 @jit
 def _dot_row_planes(w, scale, zero, xr, K, row_ok, NBP: tl.constexpr, WPG: tl.constexpr, UNPACK: tl.constexpr,
-                    XPL_K: tl.constexpr, SUMS: tl.constexpr):
-    """``[BN]`` fp32: a plane-word tile ("denorm" codes) times one input row given as its prepared input planes
+                    XPL_K: tl.constexpr, SUMS: tl.constexpr, T0: tl.constexpr):
+    """``[BN]`` fp32: a plane-word tile ("denorm" codes, tiles ``T0 .. T0 + NBP - 1`` of the row) times one input
+    row given as its prepared input planes
     ``xr`` (:data:`qmamba.quant.layout.INT4_X_PLANES`, ``XPL_K`` columns a plane): per code a mask, a read of its
     input already in the code's scale and an FMA; the zero point per word against the word sums of plane 8. The
     input is read in the tile's shape (``UNPACK`` 3, every thread that needs it, from L1) or once per nibble
@@ -487,10 +516,10 @@ def _dot_row_planes(w, scale, zero, xr, K, row_ok, NBP: tl.constexpr, WPG: tl.co
     hi = w >> 20
     part = tl.zeros(w.shape, dtype=tl.float32)
     row0 = tl.zeros((w.shape[0], 1, 1), dtype=tl.int32)
-    full: tl.constexpr = NBP * 128 <= XPL_K  # the planes cover the padded tile row: no masks (their padding is 0)
+    full: tl.constexpr = (T0 + NBP) * 128 <= XPL_K  # the planes cover the padded tiles: no masks (padding is 0)
     xsum = tl.zeros((NBP, WPG), dtype=tl.float32)
     for i in tl.static_range(8):
-        k = _int4_k(i, NBP, WPG, 3)
+        k = _int4_k(i, NBP, WPG, 3) + T0 * 128
         if not SUMS:  # the word's input sum: x from each plane's 2^(96 - 4p) x
             xsum += _plane_at(xr + i * XPL_K, k, k_lim, full) / x_plane_scale(i)
         if UNPACK == 3:
@@ -499,7 +528,8 @@ def _dot_row_planes(w, scale, zero, xr, K, row_ok, NBP: tl.constexpr, WPG: tl.co
             xp = _plane_at(xr + i * XPL_K, k, k_lim, full)[None, :, :]
         part += _subnormal_codes(w, hi, i) * xp
     if SUMS:
-        xs = _plane_at(xr + 8 * XPL_K, tl.arange(0, NBP)[:, None] * WPG + tl.arange(0, WPG)[None, :], k_lim, full)
+        xs = _plane_at(xr + 8 * XPL_K, (T0 + tl.arange(0, NBP))[:, None] * WPG + tl.arange(0, WPG)[None, :], k_lim,
+                       full)
     else:
         xs = xsum * (2.0 ** -53)
     part -= zero[:, :, None] * xs[None, :, :]
@@ -556,14 +586,14 @@ def _dot_rows_mma(w, scale, zero, x_ptr, rr, rok, sxm, K, NBP: tl.constexpr):
 @jit
 def _load_weights(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, N_UP, swe, swn, sse, ssn, sze, szn,
                   FMT: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr,
-                  GATED: tl.constexpr):
-    """A program's weights: ``(w, scale, zero)`` of its rows, then the same of the up rows ``rows + N_UP`` if
-    ``GATED`` (else the first three again)."""
+                  GATED: tl.constexpr, T0: tl.constexpr):
+    """A program's weights (int4: tiles ``T0 .. T0 + NBP - 1``): ``(w, scale, zero)`` of its rows, then the same of
+    the up rows ``rows + N_UP`` if ``GATED`` (else the first three again)."""
     w, scale, zero = _load_tile(w_ptr, s_ptr, z_ptr, e64, rows, rows_ok, K, swe, swn, sse, ssn, sze, szn,
-                                FMT, KP, NBP, WPG, TPB)
+                                FMT, KP, NBP, WPG, TPB, T0)
     if GATED:
         w_up, scale_up, zero_up = _load_tile(w_ptr, s_ptr, z_ptr, e64, rows + N_UP, rows_ok, K, swe, swn, sse, ssn,
-                                             sze, szn, FMT, KP, NBP, WPG, TPB)
+                                             sze, szn, FMT, KP, NBP, WPG, TPB, T0)
     else:
         w_up, scale_up, zero_up = w, scale, zero
     return w, scale, zero, w_up, scale_up, zero_up
@@ -580,7 +610,7 @@ def _decode_linear_kernel(
     HAS_RSCALE: tl.constexpr, KP: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, TPB: tl.constexpr,
     UNPACK: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
     EXPERT_READY: tl.constexpr, ROW_PROGRAMS: tl.constexpr, X_PLANES: tl.constexpr, XPL_K: tl.constexpr,
-    XPL_SUMS: tl.constexpr, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr,
+    XPL_SUMS: tl.constexpr, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr, NBP2: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -617,7 +647,13 @@ def _decode_linear_kernel(
         if active:
             w, scale, zero, w_up, scale_up, zero_up = _load_weights(
                 w_ptr, s_ptr, z_ptr, expert.to(tl.int64), rows, rows_ok, K, N_UP, swe, swn, sse, ssn, sze, szn, FMT,
-                KP, NBP, WPG, TPB, GATED)
+                KP, NBP, WPG, TPB, GATED, 0)
+            if NBP2 > 0:  # the row's last tiles, a second power-of-two piece (DecodePolicy.int4_tile_pieces)
+                w2, scale2, zero2, w2_up, scale2_up, zero2_up = _load_weights(
+                    w_ptr, s_ptr, z_ptr, expert.to(tl.int64), rows, rows_ok, K, N_UP, swe, swn, sse, ssn, sze, szn,
+                    FMT, KP, NBP2, WPG, TPB, GATED, NBP)
+            else:
+                w2, scale2, zero2, w2_up, scale2_up, zero2_up = w, scale, zero, w_up, scale_up, zero_up
             if PDL and EXPERT_READY:
                 tl.extra.cuda.gdc_wait()
                 tl.extra.cuda.gdc_launch_dependents()
@@ -626,11 +662,18 @@ def _decode_linear_kernel(
                       M, N, K, exp_bits, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP,
                       NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, xpl_ptr, sxpl_m, X_PLANES, XPL_K, XPL_SUMS,
                       opl_ptr, sopl_m, OUT_PLANES, OPL_K, rwt, nacc_ptr, n_width, n_eps, pres_ptr, pnw_ptr, pacc_ptr,
-                      prw_ptr, srw_e, pux_ptr, p_e, NORM_IN, ROUTE_ACC, NORM_OUT, ROUTER_OUT, BLOCK_E)
+                      prw_ptr, srw_e, pux_ptr, p_e, NORM_IN, ROUTE_ACC, NORM_OUT, ROUTER_OUT, BLOCK_E,
+                      w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2)
     else:
         w, scale, zero, w_up, scale_up, zero_up = _load_weights(
             w_ptr, s_ptr, z_ptr, pid_e.to(tl.int64) * 0, rows, rows_ok, K, N_UP, swe, swn, sse, ssn, sze, szn, FMT,
-            KP, NBP, WPG, TPB, GATED)
+            KP, NBP, WPG, TPB, GATED, 0)
+        if NBP2 > 0:
+            w2, scale2, zero2, w2_up, scale2_up, zero2_up = _load_weights(
+                w_ptr, s_ptr, z_ptr, pid_e.to(tl.int64) * 0, rows, rows_ok, K, N_UP, swe, swn, sse, ssn, sze, szn,
+                FMT, KP, NBP2, WPG, TPB, GATED, NBP)
+        else:
+            w2, scale2, zero2, w2_up, scale2_up, zero2_up = w, scale, zero, w_up, scale_up, zero_up
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -639,7 +682,8 @@ def _decode_linear_kernel(
                   M, N, K, exp_bits, FMT, ROWS, ROUTED, CONV_W, HAS_CB, GATED, ACT, HAS_BIAS, HAS_RSCALE, KP,
                   NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, xpl_ptr, sxpl_m, X_PLANES, XPL_K, XPL_SUMS,
                   opl_ptr, sopl_m, OUT_PLANES, OPL_K, 1.0, nacc_ptr, n_width, n_eps, pres_ptr, pnw_ptr, pacc_ptr,
-                  prw_ptr, srw_e, pux_ptr, p_e, NORM_IN, ROUTE_ACC, NORM_OUT, ROUTER_OUT, BLOCK_E)
+                  prw_ptr, srw_e, pux_ptr, p_e, NORM_IN, ROUTE_ACC, NORM_OUT, ROUTER_OUT, BLOCK_E,
+                  w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2)
 
 
 @jit
@@ -718,10 +762,12 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
               xpl_ptr, sxpl_m, X_PLANES: tl.constexpr, XPL_K: tl.constexpr, XPL_SUMS: tl.constexpr,
               opl_ptr, sopl_m, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr, rwt, nacc_ptr, n_width, n_eps,
               pres_ptr, pnw_ptr, pacc_ptr, prw_ptr, srw_e, pux_ptr, p_e, NORM_IN: tl.constexpr,
-              ROUTE_ACC: tl.constexpr, NORM_OUT: tl.constexpr, ROUTER_OUT: tl.constexpr, BLOCK_E: tl.constexpr):
+              ROUTE_ACC: tl.constexpr, NORM_OUT: tl.constexpr, ROUTER_OUT: tl.constexpr, BLOCK_E: tl.constexpr,
+              w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2: tl.constexpr):
     """Each input row (that is routed here) times the tile(s), epilogue, store. A row that is not computed costs a
     branch, no arithmetic. ``NORM_IN`` / ``ROUTE_ACC`` / ``NORM_OUT``: see :class:`NormIn` and :class:`NormOut` (one
-    input row only; ``rwt`` is the row's routing weight where ``ROUTE_ACC``)."""
+    input row only; ``rwt`` is the row's routing weight where ``ROUTE_ACC``). ``NBP2 > 0`` (input planes only): the
+    tile row comes in two pieces, ``w`` of ``NBP`` tiles and ``w2`` of the ``NBP2`` after them."""
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
     if NORM_IN:  # the row's sum of squares, issued before the products (its latency hides under theirs)
@@ -772,7 +818,10 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                 binary_pair: tl.constexpr = FMT == 4 and UNPACK >= 2 and GATED  # gate and up rows in one pass
                 if X_PLANES:
                     y = _dot_row_planes(w, scale, zero, xpl_ptr + r * sxpl_m, K, row_ok, NBP, WPG, UNPACK, XPL_K,
-                                        XPL_SUMS)
+                                        XPL_SUMS, 0)
+                    if NBP2 > 0:
+                        y += _dot_row_planes(w2, scale2, zero2, xpl_ptr + r * sxpl_m, K, row_ok, NBP2, WPG, UNPACK,
+                                             XPL_K, XPL_SUMS, NBP)
                 elif binary_pair:
                     y, up = _dot_row_binary(w, w_up, scale, zero, x_ptr, r, sxm, tl.where(row_ok, K, 0), KP, True)
                 else:
@@ -784,7 +833,10 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                 if GATED:
                     if X_PLANES:
                         up = _dot_row_planes(w_up, scale_up, zero_up, xpl_ptr + r * sxpl_m, K, row_ok, NBP, WPG,
-                                             UNPACK, XPL_K, XPL_SUMS)
+                                             UNPACK, XPL_K, XPL_SUMS, 0)
+                        if NBP2 > 0:
+                            up += _dot_row_planes(w2_up, scale2_up, zero2_up, xpl_ptr + r * sxpl_m, K, row_ok, NBP2,
+                                                  WPG, UNPACK, XPL_K, XPL_SUMS, NBP)
                     elif not binary_pair:  # (binary_pair: computed with y above)
                         up = _dot_row(w_up, scale_up, zero_up, x_ptr, r, sxm, K, row_ok, exp_bits, FMT, KP, NBP, WPG,
                                       UNPACK)
@@ -997,6 +1049,9 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         unpack = UNPACK_DENORM_X_IN_TILE
     use_planes = x_planes is not None and weight.fmt == FMT_INT4_PLANES and rows == 1 and unpack in (2, 3)
     kpad = check_x_planes("decode_linear", "x_planes", x_planes, m, k) if use_planes else 1
+    nbp2 = 0
+    if use_planes and policy.int4_tile_pieces and unpack == UNPACK_DENORM_X_IN_TILE:
+        nbp, nbp2 = tile_pieces(w.shape[-1] // wpg)
     if norm_out is not None and norm_out.planes is not None:
         out_planes = norm_out.planes
     opl_k = check_x_planes("decode_linear", "out_planes", out_planes, m, n_out) if out_planes is not None else 1
@@ -1029,7 +1084,8 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         ACT=ACTIVATION_IDS[gated] if gated else 0, HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
         KP=kp, NBP=nbp, WPG=wpg, TPB=tpb, UNPACK=unpack, MMA=mma, BLOCK_N=bn, PDL=policy.pdl,
         EXPERT_READY=expert_ready and row_expert is not None, ROW_PROGRAMS=row_programs, X_PLANES=use_planes,
-        XPL_K=kpad, XPL_SUMS=bool(x_plane_sums), OUT_PLANES=out_planes is not None, OPL_K=opl_k, num_warps=warps,
+        XPL_K=kpad, XPL_SUMS=bool(x_plane_sums), OUT_PLANES=out_planes is not None, OPL_K=opl_k, NBP2=nbp2,
+        num_warps=warps,
         **kwargs)
     return out
 

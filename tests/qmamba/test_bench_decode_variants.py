@@ -18,8 +18,9 @@ CUDA = DecodePolicy.cuda(132, True)
 
 
 def test_x_in_tile_wide_variants():
-    assert CUDA.int4_x_in_tile_wide == "row_programs"
-    assert policy_variant(CUDA, "xtilewide").int4_x_in_tile_wide == "always"
+    assert CUDA.int4_x_in_tile_wide == "always"  # session 33
+    assert policy_variant(dataclasses.replace(CUDA, int4_x_in_tile_wide="off"), "xtilewide").int4_x_in_tile_wide == \
+        "always"
     assert policy_variant(CUDA, "xtilewide0").int4_x_in_tile_wide == "off"
 
 

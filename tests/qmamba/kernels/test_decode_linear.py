@@ -98,19 +98,22 @@ def test_denorm_input_read_in_the_tile_shape(fmt, gated, device):
 @pytest.mark.parametrize("fmt", ["planes128", "planes256"])
 @pytest.mark.parametrize("x_in_tile", [True, False])
 @pytest.mark.parametrize("case", ["dense", "conv", "gated", "row_scale", "dense-nosums", "row_scale-nosums"])
-def test_input_planes_match_the_dequantized_matmul(fmt, x_in_tile, case, device):
+@pytest.mark.parametrize("pieces", [False, True])
+def test_input_planes_match_the_dequantized_matmul(fmt, x_in_tile, case, pieces, device):
     """``x_planes`` (the int4 input planes add + norm writes, :func:`int4_x_planes`): one row, "denorm" plane
     words, the input read from the planes in the tile's shape (UNPACK 3) or broadcast over the rows (2): dense with a
     bias and a ragged last program, in_proj's conv epilogue, a routed gated expert and fc2's routing weight, against
     the dequantized matmul of x (ragged K: padded tiles; group 256: two tiles a scale). A planes tensor of the wrong
     shape is an error. "-nosums": plane 8 (the word sums) unwritten (NaN), ``x_plane_sums=False``: summed in the
-    kernel. The gated case also writes the input planes of its output (``out_planes``, fc1 for fc2)."""
+    kernel. The gated case also writes the input planes of its output (``out_planes``, fc1 for fc2). ``pieces``
+    (``DecodePolicy.int4_tile_pieces``): K 700, 6 tiles read as 4 + 2 (group 256: the second piece's scale blocks
+    start at block 2)."""
     from qmamba.quant.layout import int4_x_planes
 
     torch.manual_seed(11)
     policy = DecodePolicy(pdl=False, block_n_int4=4, num_warps=4 if device.type == "cuda" else 1,
-                          int4_unpack="denorm", int4_x_in_tile=x_in_tile)
-    n, k = 45, 300
+                          int4_unpack="denorm", int4_x_in_tile=x_in_tile, int4_tile_pieces=pieces)
+    n, k = 45, 700 if pieces else 300
     x = torch.randn(1, k, device=device).to(torch.bfloat16).float()
     planes = int4_x_planes(x)
     sums = not case.endswith("-nosums")
@@ -157,16 +160,17 @@ def test_input_planes_match_the_dequantized_matmul(fmt, x_in_tile, case, device)
 
 
 @pytest.mark.parametrize("sums", [True, False])
-def test_input_in_tile_shape_on_a_wide_tile_row(sums, device):
+@pytest.mark.parametrize("pieces", [False, True])
+def test_input_in_tile_shape_on_a_wide_tile_row(sums, pieces, device):
     """``int4_x_in_tile_wide``: the input planes read in the tile's shape where a weight row's tiles cover the
-    program's threads (K 1100: 9 tiles padded to 16, 256 words), as out_proj / fc2 would (their word sums summed
-    in the kernel: ``x_plane_sums=False``), against the dequantized matmul."""
+    program's threads (K 1100: 9 tiles padded to 16, 256 words; ``pieces``: 8 + 1), as out_proj / fc2 would (their
+    word sums summed in the kernel: ``x_plane_sums=False``), against the dequantized matmul."""
     from qmamba.quant.layout import int4_x_planes
 
     torch.manual_seed(12)
     warps = 4 if device.type == "cuda" else 1
     policy = DecodePolicy(pdl=False, block_n_int4=4, num_warps=warps, int4_unpack="denorm", int4_x_in_tile=True,
-                          int4_x_in_tile_wide="always")
+                          int4_x_in_tile_wide="always", int4_tile_pieces=pieces)
     n, k = 37, 1100
     x = torch.randn(1, k, device=device).to(torch.bfloat16).float()
     planes = int4_x_planes(x)
@@ -181,9 +185,9 @@ def test_input_in_tile_shape_on_a_wide_tile_row(sums, device):
 def test_input_in_tile_shape_only_where_the_tile_row_is_narrow(monkeypatch):
     """The launch rule of ``int4_x_in_tile`` at BlackMamba-2.8B's K with the CUDA policy's 4 warps: in_proj / fc1
     (K 1472: 16 tiles of 16 words, fewer than 4 x 32 threads x 4) read the input in the tile's shape (UNPACK 3);
-    out_proj (K 2944, 32 tiles) keeps the broadcast (2) unless ``int4_x_in_tile_wide`` is "always", or "row_programs"
-    (the CUDA policy's) and the rows are a batch's routed row programs (fc2 at batch 8); so does every matrix
-    without the flag, or at two rows of one program."""
+    out_proj (K 2944, 32 tiles) keeps the broadcast (2) unless ``int4_x_in_tile_wide`` is "always" (the CUDA
+    policy's since session 33), or "row_programs" and the rows are a batch's routed row programs (fc2 at batch 8); so
+    does every matrix without the flag, or at two rows of one program."""
     import qmamba.kernels.decode_linear as dl
 
     seen = []
@@ -194,7 +198,7 @@ def test_input_in_tile_shape_only_where_the_tile_row_is_narrow(monkeypatch):
 
     monkeypatch.setattr(dl, "_decode_linear_kernel", Recorder())
     cuda = dl.DecodePolicy.cuda(132, False)
-    assert cuda.int4_x_in_tile_wide == "row_programs"
+    assert cuda.int4_x_in_tile_wide == "always"
     for k, flag, m, want, wide, routed in (
             (1472, True, 1, 3, "off", False), (2944, True, 1, 2, "off", False), (1472, False, 1, 2, "off", False),
             (1472, True, 2, 2, "off", False), (2944, True, 1, 3, "always", False), (2944, True, 2, 2, "always", False),
@@ -209,6 +213,36 @@ def test_input_in_tile_shape_only_where_the_tile_row_is_narrow(monkeypatch):
         assert seen[-1] == want, (k, flag, m, wide, routed)
     with pytest.raises(ValueError, match="int4_x_in_tile_wide"):
         dataclasses.replace(cuda, int4_x_in_tile_wide=True)
+
+
+def test_tile_pieces_launch_rule(monkeypatch):
+    """``int4_tile_pieces``: a row of tiles that is not a power of two is read as two power-of-two pieces where
+    they pad less (BlackMamba-2.8B: K 1472, 12 tiles: 8 + 4; K 2944, 23: 16 + 8; K 3872, 31: 32 in one piece),
+    and only where the kernel reads input planes in the tile's shape (one row: out_proj's input is broadcast unless
+    ``int4_x_in_tile_wide`` is "always"); the flag off, or no planes, one padded piece. On in the CUDA policy."""
+    import qmamba.kernels.decode_linear as dl
+    from qmamba.quant.layout import int4_x_planes
+
+    assert [dl.tile_pieces(t) for t in (1, 2, 3, 6, 8, 9, 12, 23, 31, 32)] == \
+        [(1, 0), (2, 0), (2, 1), (4, 2), (8, 0), (8, 1), (8, 4), (16, 8), (32, 0), (32, 0)]
+    seen = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: seen.append((meta["NBP"], meta["NBP2"]))
+
+    monkeypatch.setattr(dl, "_decode_linear_kernel", Recorder())
+    cuda = dl.DecodePolicy.cuda(132, False)
+    assert cuda.int4_tile_pieces
+    for k, flag, planes, wide, want in ((1472, True, True, "off", (8, 4)), (2944, True, True, "off", (32, 0)),
+                                        (2944, True, True, "always", (16, 8)), (3872, True, True, "always", (32, 0)),
+                                        (1472, False, True, "off", (16, 0)), (1472, True, False, "off", (16, 0))):
+        w = weight_for("planes128", 8, k, torch.device("cpu"))
+        x = torch.randn(1, k)
+        kw = dict(x_planes=int4_x_planes(x)) if planes else {}
+        policy = dataclasses.replace(cuda, int4_tile_pieces=flag, int4_x_in_tile_wide=wide)
+        decode_linear(x, w, torch.empty(1, 8), policy=policy, **kw)
+        assert seen[-1] == want, (k, flag, planes, wide)
 
 
 @pytest.mark.parametrize("m", [3, 8])
