@@ -109,6 +109,8 @@ def variants(pdl: bool, rows: int):
            "cuda_pieces_bn16": ("planes", dataclasses.replace(cuda, int4_tile_pieces=True, block_n_int4=16)),
            # the CUDA policy with 2 or 8 warps a program (the same rows: twice or half the codes a thread)
            "cuda_w2": ("planes", dataclasses.replace(cuda, num_warps=2)),
+           # every product of a row before any reduction (DecodePolicy.planes_joint)
+           "cuda_joint": ("planes", dataclasses.replace(cuda, planes_joint=True)),
            "cuda_w8": ("planes", dataclasses.replace(cuda, num_warps=8))}
     for bn in (4, 8, 16, 32):
         out[f"binary_bn{bn}"] = ("binary", DecodePolicy(pdl=pdl, block_n_binary=bn))

@@ -22,7 +22,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="matmul_table"  # the step lines below, in order
+ALL_STEPS="planes_joint planes_joint_kernels matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -36,6 +36,14 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 }
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" \
   || exit 1
+
+# int4 input planes (one row; batch 8's routed row programs): every product of a row (both tile pieces; fc1's gate and
+# up rows from one read of the input) before any reduction, the word sums read in the tile's shape
+# (DecodePolicy.planes_joint, session 33, built offline), in the step beside the default and bf16, then the kernels alone
+step planes_joint "$PY" benchmarks/bench_decode.py --out "$DEST/planes_joint.json" --formats int4_g128,bf16 \
+  --batches 1,8 --rounds 3 --check-steps 8 --variants default,joint
+step planes_joint_kernels "$PY" benchmarks/bench_decode_linear.py --out "$DEST/planes_joint_kernels.json" --rows 1 \
+  --only in_proj,out_proj,fc1_gated,fc2,head --variants cuda_default,cuda_joint
 
 # issue 13's table (int4 g128 as the runtime runs it against cuBLAS bf16 and the 4-bit peers, M = 1..2048, every
 # output checked first): run whole on the H100 in sessions 29 and 30; its targets are the H200's

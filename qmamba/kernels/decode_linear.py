@@ -159,6 +159,13 @@ class DecodePolicy:
     #                              8 rows a program 352 (4 rows) -> 480 for twice the codes; kernels alone in_proj 4.40
     #                              -> 3.87 us, head 28.20 -> 22.54 (with 8 rows); out_proj, whose input is broadcast
     #                              (16 + 8 pieces: a second pass through shared memory), 4.24 -> 4.49: not split
+    planes_joint: bool = False  # int4 input planes: every product of a row (both tile pieces; a gated stack's gate
+    #                             and up rows, from one read of the input) before any reduction, and the word sums
+    #                             read in the tile's shape where the input is (_rows_out's PLANES_JOINT). sm_90
+    #                             compile (Triton 3.6): the same instructions, every input load before the first
+    #                             reduction (in_proj: the second piece's loads came after 3 barriers), in_proj 7 -> 5
+    #                             barriers, 64 -> 58 registers, fc1 13 -> 11, 90 -> 80, no spills. Candidate
+    #                             (session 33, built without a GPU): scripts/gpu_pending.sh
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
 
     def __post_init__(self):
@@ -503,18 +510,25 @@ def _plane_at(ptr, offs, lim, FULL: tl.constexpr):
 
 
 @jit
-def _dot_row_planes(w, scale, zero, xr, K, row_ok, NBP: tl.constexpr, WPG: tl.constexpr, UNPACK: tl.constexpr,
-                    XPL_K: tl.constexpr, SUMS: tl.constexpr, T0: tl.constexpr):
-    """``[BN]`` fp32: a plane-word tile ("denorm" codes, tiles ``T0 .. T0 + NBP - 1`` of the row) times one input
-    row given as its prepared input planes
-    ``xr`` (:data:`qmamba.quant.layout.INT4_X_PLANES`, ``XPL_K`` columns a plane): per code a mask, a read of its
-    input already in the code's scale and an FMA; the zero point per word against the word sums of plane 8. The
-    input is read in the tile's shape (``UNPACK`` 3, every thread that needs it, from L1) or once per nibble
-    position and broadcast over the rows (2). ``SUMS``: plane 8 holds the word sums; else (a producer that writes
-    planes 0..7 only) they are summed here from the planes, once per word for all rows."""
+def _planes_parts(w, zero, w_up, zero_up, xr, K, row_ok, NBP: tl.constexpr, WPG: tl.constexpr,
+                  UNPACK: tl.constexpr, XPL_K: tl.constexpr, SUMS: tl.constexpr, T0: tl.constexpr, UP: tl.constexpr,
+                  SUMS_IN_TILE: tl.constexpr):
+    """``(part, part_up)`` ``[BN, NBP, WPG]`` fp32, not yet reduced: plane-word tiles ("denorm" codes, tiles ``T0 ..
+    T0 + NBP - 1`` of the row; ``w_up`` too if ``UP``, from the same reads of the input, else ``part_up`` is
+    ``part``) times one input row given as its prepared input planes ``xr`` (:data:`qmamba.quant.layout.
+    INT4_X_PLANES`, ``XPL_K`` columns a plane): per code a mask, a read of its input already in the code's scale and
+    an FMA; the zero point per word against the word sums of plane 8, in the scale 2^-53 (:func:`_planes_reduce`
+    carries it back). The input is read in the tile's shape (``UNPACK`` 3, every thread that needs it, from L1) or
+    once per nibble position and broadcast over the rows (2). ``SUMS``: plane 8 holds the word sums; else (a producer
+    that writes planes 0..7 only) they are summed here from the planes, once per word for all rows;
+    ``SUMS_IN_TILE`` (with ``UNPACK`` 3): plane 8 read in the tile's shape too, by every thread that needs it (from
+    L1), not once and broadcast over the rows through shared memory (a barrier)."""
     k_lim = tl.where(row_ok, K, 0)
     hi = w >> 20
     part = tl.zeros(w.shape, dtype=tl.float32)
+    if UP:
+        hi_up = w_up >> 20
+        part_up = tl.zeros(w.shape, dtype=tl.float32)
     row0 = tl.zeros((w.shape[0], 1, 1), dtype=tl.int32)
     full: tl.constexpr = (T0 + NBP) * 128 <= XPL_K  # the planes cover the padded tiles: no masks (padding is 0)
     xsum = tl.zeros((NBP, WPG), dtype=tl.float32)
@@ -527,13 +541,35 @@ def _dot_row_planes(w, scale, zero, xr, K, row_ok, NBP: tl.constexpr, WPG: tl.co
         else:
             xp = _plane_at(xr + i * XPL_K, k, k_lim, full)[None, :, :]
         part += _subnormal_codes(w, hi, i) * xp
-    if SUMS:
-        xs = _plane_at(xr + 8 * XPL_K, (T0 + tl.arange(0, NBP))[:, None] * WPG + tl.arange(0, WPG)[None, :], k_lim,
-                       full)
+        if UP:
+            part_up += _subnormal_codes(w_up, hi_up, i) * xp
+    words = (T0 + tl.arange(0, NBP))[:, None] * WPG + tl.arange(0, WPG)[None, :]
+    if SUMS and UNPACK == 3 and SUMS_IN_TILE:
+        xs = _plane_at(xr + 8 * XPL_K, words[None, :, :] + row0, k_lim, full)
+    elif SUMS:
+        xs = _plane_at(xr + 8 * XPL_K, words, k_lim, full)[None, :, :]
     else:
-        xs = xsum * (2.0 ** -53)
-    part -= zero[:, :, None] * xs[None, :, :]
+        xs = (xsum * (2.0 ** -53))[None, :, :]
+    part -= zero[:, :, None] * xs
+    if UP:
+        part_up -= zero_up[:, :, None] * xs
+    else:
+        part_up = part
+    return part, part_up
+
+
+@jit
+def _planes_reduce(part, scale):
+    """``[BN]``: a :func:`_planes_parts` part summed over its tile row, each tile times its scale."""
     return tl.sum(tl.sum(part, axis=2) * (scale * (2.0 ** 53)), axis=1)
+
+
+@jit
+def _dot_row_planes(w, scale, zero, xr, K, row_ok, NBP: tl.constexpr, WPG: tl.constexpr, UNPACK: tl.constexpr,
+                    XPL_K: tl.constexpr, SUMS: tl.constexpr, T0: tl.constexpr):
+    """``[BN]`` fp32: a plane-word tile times one input row given as its input planes (:func:`_planes_parts`)."""
+    return _planes_reduce(_planes_parts(w, zero, w, zero, xr, K, row_ok, NBP, WPG, UNPACK, XPL_K, SUMS, T0,
+                                        False, False)[0], scale)
 
 
 @jit
@@ -611,6 +647,7 @@ def _decode_linear_kernel(
     UNPACK: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
     EXPERT_READY: tl.constexpr, ROW_PROGRAMS: tl.constexpr, X_PLANES: tl.constexpr, XPL_K: tl.constexpr,
     XPL_SUMS: tl.constexpr, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr, NBP2: tl.constexpr,
+    PLANES_JOINT: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -663,7 +700,7 @@ def _decode_linear_kernel(
                       NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, xpl_ptr, sxpl_m, X_PLANES, XPL_K, XPL_SUMS,
                       opl_ptr, sopl_m, OUT_PLANES, OPL_K, rwt, nacc_ptr, n_width, n_eps, pres_ptr, pnw_ptr, pacc_ptr,
                       prw_ptr, srw_e, pux_ptr, p_e, NORM_IN, ROUTE_ACC, NORM_OUT, ROUTER_OUT, BLOCK_E,
-                      w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2)
+                      w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2, PLANES_JOINT)
     else:
         w, scale, zero, w_up, scale_up, zero_up = _load_weights(
             w_ptr, s_ptr, z_ptr, pid_e.to(tl.int64) * 0, rows, rows_ok, K, N_UP, swe, swn, sse, ssn, sze, szn, FMT,
@@ -683,7 +720,7 @@ def _decode_linear_kernel(
                   NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, xpl_ptr, sxpl_m, X_PLANES, XPL_K, XPL_SUMS,
                   opl_ptr, sopl_m, OUT_PLANES, OPL_K, 1.0, nacc_ptr, n_width, n_eps, pres_ptr, pnw_ptr, pacc_ptr,
                   prw_ptr, srw_e, pux_ptr, p_e, NORM_IN, ROUTE_ACC, NORM_OUT, ROUTER_OUT, BLOCK_E,
-                  w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2)
+                  w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2, PLANES_JOINT)
 
 
 @jit
@@ -763,11 +800,14 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
               opl_ptr, sopl_m, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr, rwt, nacc_ptr, n_width, n_eps,
               pres_ptr, pnw_ptr, pacc_ptr, prw_ptr, srw_e, pux_ptr, p_e, NORM_IN: tl.constexpr,
               ROUTE_ACC: tl.constexpr, NORM_OUT: tl.constexpr, ROUTER_OUT: tl.constexpr, BLOCK_E: tl.constexpr,
-              w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2: tl.constexpr):
+              w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2: tl.constexpr, PLANES_JOINT: tl.constexpr):
     """Each input row (that is routed here) times the tile(s), epilogue, store. A row that is not computed costs a
     branch, no arithmetic. ``NORM_IN`` / ``ROUTE_ACC`` / ``NORM_OUT``: see :class:`NormIn` and :class:`NormOut` (one
     input row only; ``rwt`` is the row's routing weight where ``ROUTE_ACC``). ``NBP2 > 0`` (input planes only): the
-    tile row comes in two pieces, ``w`` of ``NBP`` tiles and ``w2`` of the ``NBP2`` after them."""
+    tile row comes in two pieces, ``w`` of ``NBP`` tiles and ``w2`` of the ``NBP2`` after them. ``PLANES_JOINT``
+    (input planes): every product of the row (both pieces; gate and up rows from one read of the input) before any
+    of their reductions, whose barriers would otherwise hold the next product's input loads back, and the word sums
+    read in the tile's shape."""
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
     if NORM_IN:  # the row's sum of squares, issued before the products (its latency hides under theirs)
@@ -816,7 +856,20 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                 row_ok = row_ok & (tl.load(rexp_ptr + r, mask=row_ok, other=-1) == expert)
             if row_ok:
                 binary_pair: tl.constexpr = FMT == 4 and UNPACK >= 2 and GATED  # gate and up rows in one pass
-                if X_PLANES:
+                if X_PLANES and PLANES_JOINT:
+                    pa, pa_up = _planes_parts(w, zero, w_up, zero_up, xpl_ptr + r * sxpl_m, K, row_ok, NBP, WPG,
+                                              UNPACK, XPL_K, XPL_SUMS, 0, GATED, True)
+                    if NBP2 > 0:
+                        pb, pb_up = _planes_parts(w2, zero2, w2_up, zero2_up, xpl_ptr + r * sxpl_m, K, row_ok, NBP2,
+                                                  WPG, UNPACK, XPL_K, XPL_SUMS, NBP, GATED, True)
+                    y = _planes_reduce(pa, scale)
+                    if NBP2 > 0:
+                        y += _planes_reduce(pb, scale2)
+                    if GATED:
+                        up = _planes_reduce(pa_up, scale_up)
+                        if NBP2 > 0:
+                            up += _planes_reduce(pb_up, scale2_up)
+                elif X_PLANES:
                     y = _dot_row_planes(w, scale, zero, xpl_ptr + r * sxpl_m, K, row_ok, NBP, WPG, UNPACK, XPL_K,
                                         XPL_SUMS, 0)
                     if NBP2 > 0:
@@ -831,13 +884,13 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                 if HAS_BIAS:
                     y += bias
                 if GATED:
-                    if X_PLANES:
+                    if X_PLANES and not PLANES_JOINT:
                         up = _dot_row_planes(w_up, scale_up, zero_up, xpl_ptr + r * sxpl_m, K, row_ok, NBP, WPG,
                                              UNPACK, XPL_K, XPL_SUMS, 0)
                         if NBP2 > 0:
                             up += _dot_row_planes(w2_up, scale2_up, zero2_up, xpl_ptr + r * sxpl_m, K, row_ok, NBP2,
                                                   WPG, UNPACK, XPL_K, XPL_SUMS, NBP)
-                    elif not binary_pair:  # (binary_pair: computed with y above)
+                    elif not binary_pair and not X_PLANES:  # (binary_pair, joint planes: computed with y above)
                         up = _dot_row(w_up, scale_up, zero_up, x_ptr, r, sxm, K, row_ok, exp_bits, FMT, KP, NBP, WPG,
                                       UNPACK)
                     if NORM_IN:
@@ -1085,6 +1138,7 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         KP=kp, NBP=nbp, WPG=wpg, TPB=tpb, UNPACK=unpack, MMA=mma, BLOCK_N=bn, PDL=policy.pdl,
         EXPERT_READY=expert_ready and row_expert is not None, ROW_PROGRAMS=row_programs, X_PLANES=use_planes,
         XPL_K=kpad, XPL_SUMS=bool(x_plane_sums), OUT_PLANES=out_planes is not None, OPL_K=opl_k, NBP2=nbp2,
+        PLANES_JOINT=use_planes and policy.planes_joint,
         num_warps=warps,
         **kwargs)
     return out

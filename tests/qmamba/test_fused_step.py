@@ -40,6 +40,8 @@ def build(name, fmt, device):
                                                ("int4g128", 4, "routed_denorm_rowprog"), ("float", 3, "routed_rowprog"),
                                                ("int4g128", 3, "routed_denorm_rowprog_xplanes"),
                                                ("int4g128", 1, "planes_denorm_xplanes"),
+                                               ("int4g128", 1, "planes_denorm_xplanes_joint"),
+                                               ("int4g128", 3, "routed_denorm_rowprog_xplanes_joint"),
                                                ("int4g128", 1, "planes_denorm_xplanes_bcast")])
 @torch.no_grad()
 def test_fused_step_matches_model_step(fmt, batch, kernels, device):
@@ -53,7 +55,8 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     ``DecodePolicy.int4_x_planes``, read in the tile's shape or, ``_bcast``, broadcast); ``routed``: only the routed expert stacks on the decode kernels at 2+ rows (each
     routed row on CUDA cores), dense matrices on the general kernels; ``_rowprog``: one program row per routed row,
     on its own expert's tile (``DecodePolicy.routed_row_programs``); ``_xplanes``: fc1's row programs read the int4
-    input planes of x."""
+    input planes of x; ``_joint``: with the tile pieces and every product before any reduction
+    (``DecodePolicy.int4_tile_pieces``, ``planes_joint``)."""
     model = build("tiny-blackmamba", FORMATS[fmt], device)
     if fmt == "binary":
         from qmamba.quant.binary import BinaryExperts, BinaryLinear
@@ -87,6 +90,8 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
                                      int4_planes=True, int4_unpack=unpack, planes_mma=False,
                                      routed_row_programs="rowprog" in parts,
                                      int4_x_planes="xplanes" in parts)
+    if kernels.endswith("_joint"):
+        policy = dataclasses.replace(policy, int4_tile_pieces=True, planes_joint=True)
     step = FusedDecodeStep(model, policy)
     dt_strides = {p.dt_w.stride(0) for p in step.layers if hasattr(p, "dt_w")}  # rank 4: padded to 16 by default
     assert dt_strides == ({16} if policy.dt_rows_aligned else {model.config.dt_rank})

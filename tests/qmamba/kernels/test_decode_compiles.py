@@ -47,6 +47,22 @@ def test_cuda_default_compiles_without_spills():
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_joint_planes_candidate_compiles_without_spills():
+    """``DecodePolicy.planes_joint`` (a candidate): the int4 matrices at one row with every product before any
+    reduction compile for sm_90 without spills with the device image's Triton 3.6 (80 registers for fc1); Triton 3.9
+    (this machine's) gives fc1 8 bytes of stack at 80 registers, allowed there, no more."""
+    import triton
+
+    stdout = _compiled(str(INSPECT), "--shapes", "in_proj,out_proj,fc1_gated,fc2,head", "--variants", "cuda_joint",
+                       timeout=900)
+    lines = [line for line in stdout.splitlines() if " regs " in line]
+    assert len(lines) == 5, stdout
+    stacks = {line.split()[0]: int(line.split()[5]) for line in lines}
+    fc1_allowance = 0 if triton.__version__.startswith("3.6") else 8
+    assert stacks.pop("fc1_gated") <= fc1_allowance and set(stacks.values()) == {0}, stdout
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_routed_row_programs_compile_at_batch_eight():
     """``--rows 8``: the routed expert stacks as batched decode's row programs launch them (one program row per input
     row: 8 x 368 programs for fc2), without spills."""

@@ -98,22 +98,24 @@ def test_denorm_input_read_in_the_tile_shape(fmt, gated, device):
 @pytest.mark.parametrize("fmt", ["planes128", "planes256"])
 @pytest.mark.parametrize("x_in_tile", [True, False])
 @pytest.mark.parametrize("case", ["dense", "conv", "gated", "row_scale", "dense-nosums", "row_scale-nosums"])
-@pytest.mark.parametrize("pieces", [False, True])
-def test_input_planes_match_the_dequantized_matmul(fmt, x_in_tile, case, pieces, device):
+@pytest.mark.parametrize("mode", ["plain", "pieces", "pieces-joint"])
+def test_input_planes_match_the_dequantized_matmul(fmt, x_in_tile, case, mode, device):
     """``x_planes`` (the int4 input planes add + norm writes, :func:`int4_x_planes`): one row, "denorm" plane
     words, the input read from the planes in the tile's shape (UNPACK 3) or broadcast over the rows (2): dense with a
     bias and a ragged last program, in_proj's conv epilogue, a routed gated expert and fc2's routing weight, against
     the dequantized matmul of x (ragged K: padded tiles; group 256: two tiles a scale). A planes tensor of the wrong
     shape is an error. "-nosums": plane 8 (the word sums) unwritten (NaN), ``x_plane_sums=False``: summed in the
-    kernel. The gated case also writes the input planes of its output (``out_planes``, fc1 for fc2). ``pieces``
+    kernel. The gated case also writes the input planes of its output (``out_planes``, fc1 for fc2). "pieces"
     (``DecodePolicy.int4_tile_pieces``): K 700, 6 tiles read as 4 + 2 (group 256: the second piece's scale blocks
-    start at block 2)."""
+    start at block 2); "-joint" (``DecodePolicy.planes_joint``): every product (gate and up from one read of the
+    input) before any reduction, the word sums read in the tile's shape."""
     from qmamba.quant.layout import int4_x_planes
 
     torch.manual_seed(11)
     policy = DecodePolicy(pdl=False, block_n_int4=4, num_warps=4 if device.type == "cuda" else 1,
-                          int4_unpack="denorm", int4_x_in_tile=x_in_tile, int4_tile_pieces=pieces)
-    n, k = 45, 700 if pieces else 300
+                          int4_unpack="denorm", int4_x_in_tile=x_in_tile, int4_tile_pieces=mode != "plain",
+                          planes_joint=mode.endswith("joint"))
+    n, k = 45, 300 if mode == "plain" else 700
     x = torch.randn(1, k, device=device).to(torch.bfloat16).float()
     planes = int4_x_planes(x)
     sums = not case.endswith("-nosums")
@@ -160,8 +162,8 @@ def test_input_planes_match_the_dequantized_matmul(fmt, x_in_tile, case, pieces,
 
 
 @pytest.mark.parametrize("sums", [True, False])
-@pytest.mark.parametrize("pieces", [False, True])
-def test_input_in_tile_shape_on_a_wide_tile_row(sums, pieces, device):
+@pytest.mark.parametrize("pieces,joint", [(False, False), (True, False), (True, True)])
+def test_input_in_tile_shape_on_a_wide_tile_row(sums, pieces, joint, device):
     """``int4_x_in_tile_wide``: the input planes read in the tile's shape where a weight row's tiles cover the
     program's threads (K 1100: 9 tiles padded to 16, 256 words; ``pieces``: 8 + 1), as out_proj / fc2 would (their
     word sums summed in the kernel: ``x_plane_sums=False``), against the dequantized matmul."""
@@ -170,7 +172,7 @@ def test_input_in_tile_shape_on_a_wide_tile_row(sums, pieces, device):
     torch.manual_seed(12)
     warps = 4 if device.type == "cuda" else 1
     policy = DecodePolicy(pdl=False, block_n_int4=4, num_warps=warps, int4_unpack="denorm", int4_x_in_tile=True,
-                          int4_x_in_tile_wide="always", int4_tile_pieces=pieces)
+                          int4_x_in_tile_wide="always", int4_tile_pieces=pieces, planes_joint=joint)
     n, k = 37, 1100
     x = torch.randn(1, k, device=device).to(torch.bfloat16).float()
     planes = int4_x_planes(x)
