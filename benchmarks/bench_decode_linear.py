@@ -97,20 +97,22 @@ def variants(pdl: bool, rows: int):
            # the input x itself, converted and scaled per code (the CUDA policy before session 19)
            "cuda_x_direct": ("planes", dataclasses.replace(cuda, int4_x_planes=False)),
            # twice the int4 rows a program for a (not gated) grid just past 1056 programs (one wave at 8 a
-           # multiprocessor: DecodePolicy.max_programs), and all int4 matrices at 8 rows a program
+           # multiprocessor: DecodePolicy.max_programs), and all int4 matrices at 4 or 16 rows a program (the CUDA
+           # policy's: 8 since session 33)
            "cuda_maxp1056": ("planes", dataclasses.replace(cuda, max_programs=1056)),
-           "cuda_bn8": ("planes", dataclasses.replace(cuda, block_n_int4=8)),
-           # the input read in the tile's shape for out_proj / fc2 too (DecodePolicy.int4_x_in_tile_wide)
-           "cuda_x_in_tile_wide": ("planes", dataclasses.replace(cuda, int4_x_in_tile_wide="always")),
-           # the tile row in two power-of-two pieces, not one padded (DecodePolicy.int4_tile_pieces); and with 8
-           # int4 rows a program (the head: 6,288 programs instead of 12,576)
-           "cuda_pieces": ("planes", dataclasses.replace(cuda, int4_tile_pieces=True)),
-           "cuda_pieces_bn8": ("planes", dataclasses.replace(cuda, int4_tile_pieces=True, block_n_int4=8)),
-           "cuda_pieces_bn16": ("planes", dataclasses.replace(cuda, int4_tile_pieces=True, block_n_int4=16)),
+           "cuda_bn4": ("planes", dataclasses.replace(cuda, block_n_int4=4)),
+           "cuda_bn16": ("planes", dataclasses.replace(cuda, block_n_int4=16)),
+           # out_proj / fc2 with their input broadcast, not read in the tile's shape (DecodePolicy.int4_x_in_tile_wide
+           # "row_programs": the CUDA policy's until session 33)
+           "cuda_x_in_tile_narrow": ("planes", dataclasses.replace(cuda, int4_x_in_tile_wide="row_programs")),
+           # the tile row padded to a power of two, not in two pieces (DecodePolicy.int4_tile_pieces off), and with
+           # it 4 int4 rows a program: the CUDA policy of session 32 (what session 33's table calls cuda_default)
+           "cuda_nopieces": ("planes", dataclasses.replace(cuda, int4_tile_pieces=False, block_n_int4=4,
+                                                          int4_x_in_tile_wide="row_programs")),
+           # every product of a row before any reduction (DecodePolicy.planes_joint, a candidate)
+           "cuda_joint": ("planes", dataclasses.replace(cuda, planes_joint=True)),
            # the CUDA policy with 2 or 8 warps a program (the same rows: twice or half the codes a thread)
            "cuda_w2": ("planes", dataclasses.replace(cuda, num_warps=2)),
-           # every product of a row before any reduction (DecodePolicy.planes_joint)
-           "cuda_joint": ("planes", dataclasses.replace(cuda, planes_joint=True)),
            "cuda_w8": ("planes", dataclasses.replace(cuda, num_warps=8))}
     for bn in (4, 8, 16, 32):
         out[f"binary_bn{bn}"] = ("binary", DecodePolicy(pdl=pdl, block_n_binary=bn))
