@@ -183,6 +183,8 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return dataclasses.replace(base, dt_rows_aligned=False)
     if v == "joint":  # int4 input planes: every product of a row before any reduction (DecodePolicy.planes_joint)
         return dataclasses.replace(base, planes_joint=True)
+    if v == "wsums":  # and the producers of the planes adding their word sums (DecodePolicy.producer_word_sums)
+        return dataclasses.replace(base, planes_joint=True, producer_word_sums=True)
     if v == "nopieces":  # the CUDA policy before session 33: one padded tile row, 4 int4 rows a program
         return dataclasses.replace(base, int4_tile_pieces=False, block_n_int4=4)
     m = re.fullmatch(r"pieces(\d+)?", v)
@@ -262,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "DecodePolicy.int4_x_in_tile), pieces[N] (int4 tile rows in two power-of-two pieces: "
                          "DecodePolicy.int4_tile_pieces; N int4 rows a program), nopieces (one padded tile row, 4 int4 rows a "
                          "program: the CUDA policy before session 33), joint (every product of an int4 row before any reduction: "
-                         "DecodePolicy.planes_joint), ssmbdN (N channels per program of the SSM update, e.g. "
+                         "DecodePolicy.planes_joint), wsums (joint, and the planes' producers add their word sums: "
+                         "DecodePolicy.producer_word_sums), ssmbdN (N channels per program of the SSM update, e.g. "
                          "ssmbd8), fmts[+-]FORMAT... (the default with int8, binary or float weights added to / "
                          "taken from those the decode kernels serve at batch 1, e.g. fmts+int8, fmts+binary), "
                          "dec[_planes][_magic|_denorm][_bnN][_mpP][_noxp][_rt8][_rows8[_nomma]] (the decode "

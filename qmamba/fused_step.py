@@ -168,17 +168,46 @@ class FusedDecodeStep:
                    residual=torch.empty(2, batch, d, **f32), x=torch.empty(batch, d, **act),
                    xc=torch.empty(batch, di, **act), y=torch.empty(batch, di, **act), act=torch.empty(batch, ffn, **act),
                    conv_scratch=None, idx=torch.empty(batch, device=device, dtype=torch.int32),
-                   rwt=torch.empty(batch, **f32), xpl=None, acc=None)
-        if self._norm_in_gemvs(batch):  # per add + norm: the sum of squares and the router sums (NormOut)
-            experts = max((p.router_w.shape[0] for p in self.layers if isinstance(p, _MoePlan)), default=0)
-            buf["acc"] = torch.zeros(len(self.layers) + 1, 1 + experts, **f32)
+                   rwt=torch.empty(batch, **f32), xpl=None, acc=None, zeroed=None, wx=None, wy=None, wa=None)
         if any(self._planes_read(w, batch, routed) for w, routed in self._x_readers()):
             # the int4 input planes of x, written by each add + norm, for the plane-word matrices that read x one row
             # a program (batch 1; routed experts as row programs at any batch)
             buf["xpl"] = torch.zeros(batch, INT4_X_PLANES, int4_x_planes_width(d), **f32)
         buf["ypl"], buf["apl"] = self._producer_planes(batch, di, ffn, f32)
+        if self._norm_in_gemvs(batch):  # per add + norm: the sum of squares and the router sums (NormOut)
+            self._norm_sums(buf, f32)
         self._buffers[batch] = buf
         return buf
+
+    def _norm_sums(self, buf, f32: dict):
+        """The step's accumulators, in one buffer the first add + norm zeroes (``buf["zeroed"]``): the norm sums of
+        each add + norm (``buf["acc"]``: sum of squares, router sums) and, with
+        :attr:`DecodePolicy.producer_word_sums`, the word sums of each producer's input planes, a row per call
+        (``buf["wx"][call]``: NormOut's planes of x; ``buf["wy"][layer]``: the SSM update's of y;
+        ``buf["wa"][layer]``: fc1's of its activation), added there by atomic adds and read by their consumer
+        instead of each summing its words itself."""
+        n = len(self.layers)
+        experts = max((p.router_w.shape[0] for p in self.layers if isinstance(p, _MoePlan)), default=0)
+        rows = [("acc", n + 1, 1 + experts)]
+        if self.policy.producer_word_sums:
+            mamba = [i for i, p in enumerate(self.layers) if isinstance(p, _MambaPlan)]
+            moe = [i for i, p in enumerate(self.layers) if isinstance(p, _MoePlan)]
+            for key, planes, count in (("wx", buf["xpl"], n + 1), ("wy", buf["ypl"], len(mamba)),
+                                       ("wa", buf["apl"], len(moe))):
+                if planes is not None:
+                    rows.append((key, count, planes.shape[-1] // 8))
+        zeroed = torch.zeros(sum(r * w for _, r, w in rows), **f32)
+        off = 0
+        for key, count, width in rows:
+            view = zeroed[off:off + count * width].view(count, 1, width) if key != "acc" else \
+                zeroed[off:off + count * width].view(count, width)
+            off += count * width
+            if key == "wy":
+                view = dict(zip(mamba, view))
+            elif key == "wa":
+                view = dict(zip(moe, view))
+            buf[key] = view
+        buf["zeroed"] = zeroed
 
     def _planes_read(self, weight, batch: int, routed: bool = False) -> bool:
         """Whether ``weight`` reads its input as int4 input planes at this batch (:attr:`DecodePolicy.int4_x_planes`:
@@ -238,7 +267,15 @@ class FusedDecodeStep:
             norm_w = plan.norm_w
             router = plan.router_w if isinstance(plan, _MoePlan) else None
         return NormOut(self._live_residual(buf), norm_w, buf["acc"][call], buf["x"], planes=buf["xpl"],
-                       router_w=router)
+                       router_w=router, word_sums=self._sums(buf, "wx", call))
+
+    @staticmethod
+    def _sums(buf, key: str, index: int):
+        """The word-sum row ``buf[key][index]`` (:meth:`_norm_sums`), or None where there is none."""
+        rows = buf[key]
+        if rows is None:
+            return None
+        return rows.get(index) if isinstance(rows, dict) else rows[index]
 
     def _norm_in(self, buf, call: int) -> NormIn:
         return NormIn(buf["acc"][call], self.d_model, self.eps)
@@ -271,7 +308,7 @@ class FusedDecodeStep:
         add_norm(buf["x"], res_in, norm_w, self.eps, h=h, token_ids=ids, embedding=self.embedding,
                  norm_b=norm_b, router_w=rw, router_b=rb, expert_idx=buf["idx"], expert_weight=buf["rwt"],
                  pdl=self.policy.pdl, x_planes=buf["xpl"], plane_programs=self.policy.norm_plane_programs,
-                 residual_out=res_out, zero=buf["acc"] if buf["acc"] is not None and call == 0 else None)
+                 residual_out=res_out, zero=buf["zeroed"] if buf["acc"] is not None and call == 0 else None)
 
     def __call__(self, token_ids: torch.Tensor, state) -> torch.Tensor:
         token_ids = token_ids.contiguous()  # the gather kernel reads ids[b] at offset b (a column slice is strided)
@@ -290,27 +327,36 @@ class FusedDecodeStep:
                                router=(plan.router_w, plan.router_b) if moe else None)
             nin = self._norm_in(buf, i) if fused and i > 0 else None
             nout = self._norm_out(buf, i + 1) if fused else None
-            h = self._moe(buf, plan, views, nin, nout) if moe else self._mamba(buf, plan, views, state, nin, nout)
+            h = self._moe(buf, plan, views, nin, nout, i) if moe else self._mamba(buf, plan, views, state, nin, nout, i)
         nin = None
         if fused and self.final_b is None:
             nin = self._norm_in(buf, n)
         else:
             self._add_norm(buf, h, token_ids, self.final_w, n, norm_b=self.final_b)
         return self._linear(buf["x"], self.head, buf["logits"], bias=self.head_bias, x_planes=buf["xpl"],
-                            x_plane_sums=nin is None, **({"norm_in": nin} if nin is not None else {}))
+                            x_plane_sums=nin is None, x_word_sums=self._sums(buf, "wx", n) if nin is not None else None,
+                            **({"norm_in": nin} if nin is not None else {}))
 
-    def _linear(self, x, weight, out, expert_ready: bool = False, x_planes=None, x_plane_sums: bool = True, **kw):
+    def _linear(self, x, weight, out, expert_ready: bool = False, x_planes=None, x_plane_sums: bool = True,
+                x_word_sums=None, **kw):
         """``out <- x @ W^T``: the decode kernel where the policy takes it, else the general kernel (split-K into the
-        zeroed workspace view ``out``). ``expert_ready``, ``x_planes``, ``x_plane_sums``: see :func:`decode_linear`."""
+        zeroed workspace view ``out``). ``expert_ready``, ``x_planes``, ``x_plane_sums``, ``x_word_sums``: see
+        :func:`decode_linear`."""
         if self.policy.takes(weight, x.shape[0], routed=kw.get("row_expert") is not None):
             return self._decode(x, weight, out, expert_ready=expert_ready, x_planes=x_planes,
-                                x_plane_sums=x_plane_sums, **kw)
+                                x_plane_sums=x_plane_sums, x_word_sums=x_word_sums, **kw)
         return routed_matmul(x, weight, out=out, **kw)
 
     def _decode(self, x, weight, out, **kw):
         return decode_linear(x, weight, out, policy=self.policy, **kw)
 
-    def _mamba(self, buf, plan: _MambaPlan, views, state, nin: NormIn | None = None, nout: NormOut | None = None):
+    def _consumer_sums(self, buf, nin: NormIn | None, layer: int):
+        """The word sums of x's planes for layer ``layer``'s first GEMV: its NormOut producer's row (None after an
+        add + norm kernel, which writes plane 8 itself)."""
+        return self._sums(buf, "wx", layer) if nin is not None else None
+
+    def _mamba(self, buf, plan: _MambaPlan, views, state, nin: NormIn | None = None, nout: NormOut | None = None,
+               layer: int = 0):
         xz, dbc, out = views
         di = plan.in_proj.n // 2
         conv_state = state.conv_state[plan.slot]
@@ -320,7 +366,7 @@ class FusedDecodeStep:
             # the conv step in in_proj's epilogue (its output into xc), x_proj on it
             xc = buf["xc"][:, :di]
             self._decode(buf["x"], plan.in_proj, xz, bias=plan.in_bias, conv_out=conv + (xc,), x_planes=buf["xpl"],
-                         x_plane_sums=nin is None, norm_in=nin)
+                         x_plane_sums=nin is None, norm_in=nin, x_word_sums=self._consumer_sums(buf, nin, layer))
             self._decode(xc, plan.x_proj, dbc)
         else:  # the conv step's output on its own (the state is shifted by the dt kernel below)
             self._linear(buf["x"], plan.in_proj, xz, bias=plan.in_bias)
@@ -334,11 +380,12 @@ class FusedDecodeStep:
         dt_state_update(dbc, plan.dt_w, plan.dt_bias, xz[:, :di], xz[:, di:], plan.A, plan.D,
                         state.ssm_state[plan.slot], y, conv=conv, pdl=self.policy.pdl,
                         block_d=self.policy.ssm_block_d if y.shape[0] == 1 else self.policy.ssm_block_d_batched,
-                        y_planes=buf["ypl"])
+                        y_planes=buf["ypl"], y_word_sums=self._sums(buf, "wy", layer))
         return self._linear(y, plan.out_proj, out, bias=plan.out_bias, x_planes=buf["ypl"], x_plane_sums=False,
-                            **({"norm_out": nout} if nout is not None else {}))
+                            x_word_sums=self._sums(buf, "wy", layer), **({"norm_out": nout} if nout is not None else {}))
 
-    def _moe(self, buf, plan: _MoePlan, views, nin: NormIn | None = None, nout: NormOut | None = None):
+    def _moe(self, buf, plan: _MoePlan, views, nin: NormIn | None = None, nout: NormOut | None = None,
+             layer: int = 0):
         h1, out = views
         ffn = plan.fc1.n // 2 if plan.gated else plan.fc1.n
         act = buf["act"][:, :ffn]
@@ -348,7 +395,9 @@ class FusedDecodeStep:
             if nin is not None:  # the route from the accumulated norm (no router kernel ran)
                 route = self._route(nin, plan, scale=True)
             self._decode(buf["x"], plan.fc1, act, row_expert=buf["idx"], gated=plan.activation, x_planes=buf["xpl"],
-                         out_planes=buf["apl"], x_plane_sums=nin is None, norm_in=route)
+                         out_planes=buf["apl"], x_plane_sums=nin is None, norm_in=route,
+                         x_word_sums=self._consumer_sums(buf, nin, layer),
+                         out_word_sums=self._sums(buf, "wa", layer) if buf["apl"] is not None else None)
         else:
             self._linear(buf["x"], plan.fc1, h1, row_expert=buf["idx"])
             gated_act(h1, plan.activation, plan.gated, out=act)
@@ -359,4 +408,5 @@ class FusedDecodeStep:
         if nout is not None:
             kw["norm_out"] = nout
         return self._linear(act, plan.fc2, out, row_expert=buf["idx"], row_scale=buf["rwt"],
-                            expert_ready=self.policy.expert_prefetch, x_planes=buf["apl"], x_plane_sums=False, **kw)
+                            expert_ready=self.policy.expert_prefetch, x_planes=buf["apl"], x_plane_sums=False,
+                            x_word_sums=self._sums(buf, "wa", layer), **kw)

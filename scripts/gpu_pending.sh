@@ -39,9 +39,11 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 
 # int4 input planes (one row; batch 8's routed row programs): every product of a row (both tile pieces; fc1's gate and
 # up rows from one read of the input) before any reduction, the word sums read in the tile's shape
-# (DecodePolicy.planes_joint, session 33, built offline), in the step beside the default and bf16, then the kernels alone
+# (DecodePolicy.planes_joint), and with it the planes' producers adding their word sums into rows the consumers read
+# (DecodePolicy.producer_word_sums: one row, the fused step), both session 33, built offline; in the step beside the
+# default and bf16, then the kernels alone (as bench_decode_linear.py launches them: word sums given)
 step planes_joint "$PY" benchmarks/bench_decode.py --out "$DEST/planes_joint.json" --formats int4_g128,bf16 \
-  --batches 1,8 --rounds 3 --check-steps 8 --variants default,joint
+  --batches 1,8 --rounds 3 --check-steps 8 --variants default,joint,wsums
 step planes_joint_kernels "$PY" benchmarks/bench_decode_linear.py --out "$DEST/planes_joint_kernels.json" --rows 1 \
   --only in_proj,out_proj,fc1_gated,fc2,head --variants cuda_default,cuda_joint
 

@@ -43,7 +43,7 @@ import torch
 
 from qmamba.kernels._triton import HAS_TRITON, jit, next_pow2, tl
 from qmamba.kernels.fused_moe import ACTIVATION_IDS, activate, gated_act_ref
-from qmamba.kernels.input_planes import store_x_planes, x_plane_scale
+from qmamba.kernels.input_planes import add_word_sums, store_x_planes, x_plane_scale
 from qmamba.kernels.matmul_configs import sm_count
 from qmamba.kernels.weights import (FMT_BINARY, FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT8, BinaryWeight,
                                     PackedWeight, int32_words)
@@ -164,8 +164,19 @@ class DecodePolicy:
     #                             read in the tile's shape where the input is (_rows_out's PLANES_JOINT). sm_90
     #                             compile (Triton 3.6): the same instructions, every input load before the first
     #                             reduction (in_proj: the second piece's loads came after 3 barriers), in_proj 7 -> 5
-    #                             barriers, 64 -> 58 registers, fc1 13 -> 11, 90 -> 80, no spills. Candidate
-    #                             (session 33, built without a GPU): scripts/gpu_pending.sh
+    #                             barriers, 64 -> 58 registers, fc1 13 -> 11, 90 -> 80, no spills, where plane 8
+    #                             (the word sums) is given; in the fused step no producer writes it since
+    #                             norm_in_gemvs, and there only the loads' order changes (benchmarks/results.md,
+    #                             "Session 33"). Candidate (session 33, built without a GPU): scripts/gpu_pending.sh
+    producer_word_sums: bool = False  # fused step at one row with norm_in_gemvs: the producers of int4 input planes
+    #                             (NormOut in out_proj / fc2, the SSM update, fc1's epilogue) also add their words' sums
+    #                             (plane 8's values) into a row per call by relaxed atomic adds (zeroed with the norm
+    #                             sums by the first add + norm), and each consumer reads that row instead of summing
+    #                             its words from the planes (8 more loads a piece and a pass through shared memory).
+    #                             sm_90 compile (Triton 3.6), the step's five GEMVs with planes_joint: SASS a thread /
+    #                             barriers in_proj 608 / 7 -> 544 / 5, out_proj 632 / 8 -> 560 / 5, fc1 968 / 13 -> 904
+    #                             / 11, fc2 752 / 8 -> 704 / 6, head 544 / 7 -> 480 / 5. Candidate (session 33, built
+    #                             without a GPU): scripts/gpu_pending.sh
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
 
     def __post_init__(self):
@@ -510,7 +521,7 @@ def _plane_at(ptr, offs, lim, FULL: tl.constexpr):
 
 
 @jit
-def _planes_parts(w, zero, w_up, zero_up, xr, K, row_ok, NBP: tl.constexpr, WPG: tl.constexpr,
+def _planes_parts(w, zero, w_up, zero_up, xr, xs_row, K, row_ok, NBP: tl.constexpr, WPG: tl.constexpr,
                   UNPACK: tl.constexpr, XPL_K: tl.constexpr, SUMS: tl.constexpr, T0: tl.constexpr, UP: tl.constexpr,
                   SUMS_IN_TILE: tl.constexpr):
     """``(part, part_up)`` ``[BN, NBP, WPG]`` fp32, not yet reduced: plane-word tiles ("denorm" codes, tiles ``T0 ..
@@ -519,8 +530,9 @@ def _planes_parts(w, zero, w_up, zero_up, xr, K, row_ok, NBP: tl.constexpr, WPG:
     INT4_X_PLANES`, ``XPL_K`` columns a plane): per code a mask, a read of its input already in the code's scale and
     an FMA; the zero point per word against the word sums of plane 8, in the scale 2^-53 (:func:`_planes_reduce`
     carries it back). The input is read in the tile's shape (``UNPACK`` 3, every thread that needs it, from L1) or
-    once per nibble position and broadcast over the rows (2). ``SUMS``: plane 8 holds the word sums; else (a producer
-    that writes planes 0..7 only) they are summed here from the planes, once per word for all rows;
+    once per nibble position and broadcast over the rows (2). ``SUMS``: the row at ``xs_row`` holds the word sums
+    (plane 8, ``xr + 8 XPL_K``, or a row its producer added them into); else (a producer that writes planes 0..7
+    only) they are summed here from the planes, once per word for all rows;
     ``SUMS_IN_TILE`` (with ``UNPACK`` 3): plane 8 read in the tile's shape too, by every thread that needs it (from
     L1), not once and broadcast over the rows through shared memory (a barrier)."""
     k_lim = tl.where(row_ok, K, 0)
@@ -545,9 +557,9 @@ def _planes_parts(w, zero, w_up, zero_up, xr, K, row_ok, NBP: tl.constexpr, WPG:
             part_up += _subnormal_codes(w_up, hi_up, i) * xp
     words = (T0 + tl.arange(0, NBP))[:, None] * WPG + tl.arange(0, WPG)[None, :]
     if SUMS and UNPACK == 3 and SUMS_IN_TILE:
-        xs = _plane_at(xr + 8 * XPL_K, words[None, :, :] + row0, k_lim, full)
+        xs = _plane_at(xs_row, words[None, :, :] + row0, k_lim, full)
     elif SUMS:
-        xs = _plane_at(xr + 8 * XPL_K, words, k_lim, full)[None, :, :]
+        xs = _plane_at(xs_row, words, k_lim, full)[None, :, :]
     else:
         xs = (xsum * (2.0 ** -53))[None, :, :]
     part -= zero[:, :, None] * xs
@@ -565,10 +577,10 @@ def _planes_reduce(part, scale):
 
 
 @jit
-def _dot_row_planes(w, scale, zero, xr, K, row_ok, NBP: tl.constexpr, WPG: tl.constexpr, UNPACK: tl.constexpr,
-                    XPL_K: tl.constexpr, SUMS: tl.constexpr, T0: tl.constexpr):
+def _dot_row_planes(w, scale, zero, xr, xs_row, K, row_ok, NBP: tl.constexpr, WPG: tl.constexpr,
+                    UNPACK: tl.constexpr, XPL_K: tl.constexpr, SUMS: tl.constexpr, T0: tl.constexpr):
     """``[BN]`` fp32: a plane-word tile times one input row given as its input planes (:func:`_planes_parts`)."""
-    return _planes_reduce(_planes_parts(w, zero, w, zero, xr, K, row_ok, NBP, WPG, UNPACK, XPL_K, SUMS, T0,
+    return _planes_reduce(_planes_parts(w, zero, w, zero, xr, xs_row, K, row_ok, NBP, WPG, UNPACK, XPL_K, SUMS, T0,
                                         False, False)[0], scale)
 
 
@@ -640,6 +652,7 @@ def _decode_linear_kernel(
     x_ptr, st_ptr, cw_ptr, cb_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rexp_ptr, rscale_ptr, out_ptr, co_ptr, xpl_ptr,
     opl_ptr, M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse, ssn, sze, szn, exp_bits, sxpl_m, sopl_m,
     nacc_ptr, nrb_ptr, n_width, n_eps, n_e, pres_ptr, pnw_ptr, pacc_ptr, prw_ptr, srw_e, pux_ptr, p_e,
+    xws_ptr, ows_ptr, sxws_m, sows_m,
     NORM_IN: tl.constexpr, ROUTE_ACC: tl.constexpr, HAS_NRB: tl.constexpr, NORM_OUT: tl.constexpr,
     ROUTER_OUT: tl.constexpr, BLOCK_E: tl.constexpr, FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr,
     CONV_W: tl.constexpr, HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -647,7 +660,7 @@ def _decode_linear_kernel(
     UNPACK: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
     EXPERT_READY: tl.constexpr, ROW_PROGRAMS: tl.constexpr, X_PLANES: tl.constexpr, XPL_K: tl.constexpr,
     XPL_SUMS: tl.constexpr, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr, NBP2: tl.constexpr,
-    PLANES_JOINT: tl.constexpr,
+    PLANES_JOINT: tl.constexpr, X_WSUMS: tl.constexpr, OUT_WSUMS: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -656,6 +669,8 @@ def _decode_linear_kernel(
         x_ptr += pid_e * sxm
         xpl_ptr += pid_e * sxpl_m
         opl_ptr += pid_e * sopl_m
+        xws_ptr += pid_e * sxws_m
+        ows_ptr += pid_e * sows_m
         out_ptr += pid_e * som
         rexp_ptr += pid_e
         rscale_ptr += pid_e
@@ -700,7 +715,8 @@ def _decode_linear_kernel(
                       NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, xpl_ptr, sxpl_m, X_PLANES, XPL_K, XPL_SUMS,
                       opl_ptr, sopl_m, OUT_PLANES, OPL_K, rwt, nacc_ptr, n_width, n_eps, pres_ptr, pnw_ptr, pacc_ptr,
                       prw_ptr, srw_e, pux_ptr, p_e, NORM_IN, ROUTE_ACC, NORM_OUT, ROUTER_OUT, BLOCK_E,
-                      w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2, PLANES_JOINT)
+                      w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2, PLANES_JOINT, xws_ptr, sxws_m, X_WSUMS,
+                      ows_ptr, sows_m, OUT_WSUMS)
     else:
         w, scale, zero, w_up, scale_up, zero_up = _load_weights(
             w_ptr, s_ptr, z_ptr, pid_e.to(tl.int64) * 0, rows, rows_ok, K, N_UP, swe, swn, sse, ssn, sze, szn, FMT,
@@ -720,7 +736,8 @@ def _decode_linear_kernel(
                   NBP, WPG, TPB, UNPACK, CONV_EPI, MMA, xpl_ptr, sxpl_m, X_PLANES, XPL_K, XPL_SUMS,
                   opl_ptr, sopl_m, OUT_PLANES, OPL_K, 1.0, nacc_ptr, n_width, n_eps, pres_ptr, pnw_ptr, pacc_ptr,
                   prw_ptr, srw_e, pux_ptr, p_e, NORM_IN, ROUTE_ACC, NORM_OUT, ROUTER_OUT, BLOCK_E,
-                  w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2, PLANES_JOINT)
+                  w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2, PLANES_JOINT, xws_ptr, sxws_m, X_WSUMS,
+                  ows_ptr, sows_m, OUT_WSUMS)
 
 
 @jit
@@ -745,9 +762,10 @@ def _route_from_acc(acc_ptr, rb_ptr, width, eps, E, HAS_RB: tl.constexpr, BLOCK_
 
 @jit
 def _norm_out(y, rows, rows_ok, res, nw, res_ptr, ux_ptr, acc_ptr, upl_ptr, UPL_K: tl.constexpr,
-              UX_PLANES: tl.constexpr):
+              UX_PLANES: tl.constexpr, uws_ptr, UX_WSUMS: tl.constexpr):
     """:class:`NormOut` of one row: ``h = residual + y`` written back, ``u = h * nw`` stored (as ``ux``'s type; its
-    input planes 0..7 too, ``UX_PLANES``), ``acc[0] += sum h^2`` over these rows. Returns u as stored, in fp32."""
+    input planes 0..7 too, ``UX_PLANES``, and their word sums added into ``uws``, ``UX_WSUMS``), ``acc[0] += sum
+    h^2`` over these rows. Returns u as stored, in fp32."""
     h = res + tl.where(rows_ok, y, 0.0)
     tl.store(res_ptr + rows, h, mask=rows_ok)
     uq = (h * nw).to(ux_ptr.dtype.element_ty)
@@ -755,6 +773,8 @@ def _norm_out(y, rows, rows_ok, res, nw, res_ptr, ux_ptr, acc_ptr, upl_ptr, UPL_
     u = uq.to(tl.float32)
     if UX_PLANES:
         store_x_planes(upl_ptr, rows, u, rows_ok, UPL_K)
+    if UX_WSUMS:
+        add_word_sums(uws_ptr, rows, u, rows_ok)
     # relaxed: the consumer reads the sums after this grid completes (acq_rel would fence every store before the
     # add, MEMBAR.ALL.GPU + CCTL.IVALL on sm_90, a memory round trip on the step's critical path)
     tl.atomic_add(acc_ptr, tl.sum(h * h, axis=0), sem="relaxed")
@@ -770,14 +790,16 @@ def _router_out(u, rw, acc_ptr, e, E):
 @jit
 def _store_out(y, ri, ni, mask, out_ptr, som, co_ptr, scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI,
                CONV_EPI: tl.constexpr, CONV_W: tl.constexpr, HAS_CB: tl.constexpr, opl_ptr, sopl_m,
-               OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr):
+               OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr, ows_ptr, sows_m, OUT_WSUMS: tl.constexpr):
     """Store ``y`` at rows ``ri`` / columns ``ni`` (broadcast together, ``mask``). ``CONV_EPI``: columns below ``DI``
     are also the new conv input of those channels, and ``co`` gets the conv step's output
     ``silu(sum_j state[j + 1] w[j] + y w[W-1] + b)`` of the stored (rounded) value, from the old conv state."""
     yq = y.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + ri * som + ni, yq, mask=mask)
-    if OUT_PLANES:  # planes 0..7 of the stored output (the next GEMV's input; no word sums)
+    if OUT_PLANES:  # planes 0..7 of the stored output (the next GEMV's input); its word sums with OUT_WSUMS
         store_x_planes(opl_ptr + ri * sopl_m, ni, yq.to(tl.float32), mask, OPL_K)
+    if OUT_WSUMS:
+        add_word_sums(ows_ptr + ri * sows_m, ni, yq.to(tl.float32), mask)
     if CONV_EPI:
         cm = mask & (ni < DI)
         acc = yq.to(tl.float32) * tl.load(cw_ptr + ni * CONV_W + (CONV_W - 1), mask=cm, other=0.0).to(tl.float32)
@@ -800,14 +822,16 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
               opl_ptr, sopl_m, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr, rwt, nacc_ptr, n_width, n_eps,
               pres_ptr, pnw_ptr, pacc_ptr, prw_ptr, srw_e, pux_ptr, p_e, NORM_IN: tl.constexpr,
               ROUTE_ACC: tl.constexpr, NORM_OUT: tl.constexpr, ROUTER_OUT: tl.constexpr, BLOCK_E: tl.constexpr,
-              w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2: tl.constexpr, PLANES_JOINT: tl.constexpr):
+              w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2: tl.constexpr, PLANES_JOINT: tl.constexpr,
+              xws_ptr, sxws_m, X_WSUMS: tl.constexpr, ows_ptr, sows_m, OUT_WSUMS: tl.constexpr):
     """Each input row (that is routed here) times the tile(s), epilogue, store. A row that is not computed costs a
     branch, no arithmetic. ``NORM_IN`` / ``ROUTE_ACC`` / ``NORM_OUT``: see :class:`NormIn` and :class:`NormOut` (one
     input row only; ``rwt`` is the row's routing weight where ``ROUTE_ACC``). ``NBP2 > 0`` (input planes only): the
     tile row comes in two pieces, ``w`` of ``NBP`` tiles and ``w2`` of the ``NBP2`` after them. ``PLANES_JOINT``
     (input planes): every product of the row (both pieces; gate and up rows from one read of the input) before any
     of their reductions, whose barriers would otherwise hold the next product's input loads back, and the word sums
-    read in the tile's shape."""
+    read in the tile's shape. ``X_WSUMS``: the input's word sums are the row at ``xws`` (added there by its
+    producer), not plane 8; ``OUT_WSUMS``: the output's planes' word sums are added into ``ows``."""
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
     if NORM_IN:  # the row's sum of squares, issued before the products (its latency hides under theirs)
@@ -834,7 +858,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
             y = y * tl.load(rscale_ptr + rr, mask=rok, other=0.0).to(tl.float32)[:, None]
         _store_out(y, rr[:, None], rows[None, :], rok[:, None] & rows_ok[None, :], out_ptr, som, co_ptr, scom,
                    st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI, CONV_EPI, CONV_W, HAS_CB, opl_ptr, sopl_m, OUT_PLANES,
-                   OPL_K)
+                   OPL_K, ows_ptr, sows_m, OUT_WSUMS)
     elif (FMT == 2 or FMT == 3) and ROWS > 1 and not ROUTED:
         # every row uses the same tile: unpack each code once, multiply it into all rows
         rr = tl.arange(0, ROWS)
@@ -848,7 +872,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
             y = y * tl.load(rscale_ptr + rr, mask=rr < M, other=0.0).to(tl.float32)[:, None]
         _store_out(y, rr[:, None], rows[None, :], (rr < M)[:, None] & rows_ok[None, :], out_ptr, som, co_ptr,
                    scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI, CONV_EPI, CONV_W, HAS_CB, opl_ptr, sopl_m,
-                   OUT_PLANES, OPL_K)
+                   OUT_PLANES, OPL_K, ows_ptr, sows_m, OUT_WSUMS)
     else:
         for r in tl.static_range(ROWS):
             row_ok = (tl.program_id(1) * 0 + r) < M  # a tensor (the interpreter rejects a Python bool mask)
@@ -856,12 +880,18 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                 row_ok = row_ok & (tl.load(rexp_ptr + r, mask=row_ok, other=-1) == expert)
             if row_ok:
                 binary_pair: tl.constexpr = FMT == 4 and UNPACK >= 2 and GATED  # gate and up rows in one pass
+                if X_PLANES:
+                    xr = xpl_ptr + r * sxpl_m  # this row's input planes, and where its word sums are
+                    if X_WSUMS:
+                        xs_row = xws_ptr + r * sxws_m
+                    else:
+                        xs_row = xr + 8 * XPL_K
                 if X_PLANES and PLANES_JOINT:
-                    pa, pa_up = _planes_parts(w, zero, w_up, zero_up, xpl_ptr + r * sxpl_m, K, row_ok, NBP, WPG,
-                                              UNPACK, XPL_K, XPL_SUMS, 0, GATED, True)
+                    pa, pa_up = _planes_parts(w, zero, w_up, zero_up, xr, xs_row, K, row_ok, NBP, WPG, UNPACK, XPL_K,
+                                              XPL_SUMS, 0, GATED, True)
                     if NBP2 > 0:
-                        pb, pb_up = _planes_parts(w2, zero2, w2_up, zero2_up, xpl_ptr + r * sxpl_m, K, row_ok, NBP2,
-                                                  WPG, UNPACK, XPL_K, XPL_SUMS, NBP, GATED, True)
+                        pb, pb_up = _planes_parts(w2, zero2, w2_up, zero2_up, xr, xs_row, K, row_ok, NBP2, WPG, UNPACK,
+                                                  XPL_K, XPL_SUMS, NBP, GATED, True)
                     y = _planes_reduce(pa, scale)
                     if NBP2 > 0:
                         y += _planes_reduce(pb, scale2)
@@ -870,11 +900,10 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                         if NBP2 > 0:
                             up += _planes_reduce(pb_up, scale2_up)
                 elif X_PLANES:
-                    y = _dot_row_planes(w, scale, zero, xpl_ptr + r * sxpl_m, K, row_ok, NBP, WPG, UNPACK, XPL_K,
-                                        XPL_SUMS, 0)
+                    y = _dot_row_planes(w, scale, zero, xr, xs_row, K, row_ok, NBP, WPG, UNPACK, XPL_K, XPL_SUMS, 0)
                     if NBP2 > 0:
-                        y += _dot_row_planes(w2, scale2, zero2, xpl_ptr + r * sxpl_m, K, row_ok, NBP2, WPG, UNPACK,
-                                             XPL_K, XPL_SUMS, NBP)
+                        y += _dot_row_planes(w2, scale2, zero2, xr, xs_row, K, row_ok, NBP2, WPG, UNPACK, XPL_K,
+                                             XPL_SUMS, NBP)
                 elif binary_pair:
                     y, up = _dot_row_binary(w, w_up, scale, zero, x_ptr, r, sxm, tl.where(row_ok, K, 0), KP, True)
                 else:
@@ -885,11 +914,11 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                     y += bias
                 if GATED:
                     if X_PLANES and not PLANES_JOINT:
-                        up = _dot_row_planes(w_up, scale_up, zero_up, xpl_ptr + r * sxpl_m, K, row_ok, NBP, WPG,
-                                             UNPACK, XPL_K, XPL_SUMS, 0)
+                        up = _dot_row_planes(w_up, scale_up, zero_up, xr, xs_row, K, row_ok, NBP, WPG, UNPACK, XPL_K,
+                                             XPL_SUMS, 0)
                         if NBP2 > 0:
-                            up += _dot_row_planes(w2_up, scale2_up, zero2_up, xpl_ptr + r * sxpl_m, K, row_ok, NBP2,
-                                                  WPG, UNPACK, XPL_K, XPL_SUMS, NBP)
+                            up += _dot_row_planes(w2_up, scale2_up, zero2_up, xr, xs_row, K, row_ok, NBP2, WPG, UNPACK,
+                                                  XPL_K, XPL_SUMS, NBP)
                     elif not binary_pair and not X_PLANES:  # (binary_pair, joint planes: computed with y above)
                         up = _dot_row(w_up, scale_up, zero_up, x_ptr, r, sxm, K, row_ok, exp_bits, FMT, KP, NBP, WPG,
                                       UNPACK)
@@ -902,12 +931,14 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                     else:
                         y = y * tl.load(rscale_ptr + r).to(tl.float32)
                 if NORM_OUT:  # the next layer's add + norm, but for its 1 / rms (see NormOut)
-                    u = _norm_out(y, rows, rows_ok, pres, pnw, pres_ptr, pux_ptr, pacc_ptr, opl_ptr, OPL_K, OUT_PLANES)
+                    u = _norm_out(y, rows, rows_ok, pres, pnw, pres_ptr, pux_ptr, pacc_ptr, opl_ptr, OPL_K, OUT_PLANES,
+                                  ows_ptr, OUT_WSUMS)
                     if ROUTER_OUT:
                         _router_out(u, prw, pacc_ptr, pe, p_e)
                 else:
                     _store_out(y, r, rows, rows_ok, out_ptr, som, co_ptr, scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
-                               DI, CONV_EPI, CONV_W, HAS_CB, opl_ptr, sopl_m, OUT_PLANES, OPL_K)
+                               DI, CONV_EPI, CONV_W, HAS_CB, opl_ptr, sopl_m, OUT_PLANES, OPL_K, ows_ptr, sows_m,
+                               OUT_WSUMS)
 
 
 # ---- launcher and reference twin -------------------------------------------------------------------------------------
@@ -927,6 +958,8 @@ class NormOut:
     x: torch.Tensor
     planes: torch.Tensor | None = None
     router_w: torch.Tensor | None = None
+    word_sums: torch.Tensor | None = None  # [1, width / 8] fp32, zeroed by the caller: the planes' word sums (plane
+    #                                        8's values) are added into it (DecodePolicy.producer_word_sums)
 
 
 @dataclass(frozen=True)
@@ -942,6 +975,14 @@ class NormIn:
     scale: bool = True
     route: bool = False
     router_b: torch.Tensor | None = None
+
+
+def _check_word_sums(name: str, sums: torch.Tensor, rows: int, width: int):
+    """Raise ``ValueError`` unless ``sums`` is a row-contiguous ``[rows, width / 8]`` float32 tensor (the word sums
+    of input planes ``width`` columns wide)."""
+    if tuple(sums.shape) != (rows, width // 8) or sums.dtype != torch.float32 or sums.stride(1) != 1:
+        raise ValueError(f"decode_linear: {name} must be a row-contiguous [{rows}, {width // 8}] float32 tensor, got "
+                         f"{tuple(sums.shape)} {sums.dtype}")
 
 
 def _check_norm_args(m: int, n_out: int, k: int, norm_in: NormIn | None, norm_out: NormOut | None):
@@ -1036,7 +1077,7 @@ def _weight_args(weight: PackedWeight | BinaryWeight, denorm: bool = False):
 def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row_expert=None, row_scale=None, conv_out=None,
                   gated: str | None = None, policy: DecodePolicy | None = None, expert_ready: bool = False,
                   x_planes=None, x_plane_sums: bool = True, out_planes=None, norm_in: NormIn | None = None,
-                  norm_out: NormOut | None = None):
+                  norm_out: NormOut | None = None, x_word_sums=None, out_word_sums=None):
     """``out [M, N']`` (any float dtype) receives ``f(x) @ W_hat^T`` for ``M <= 8`` rows; semantics of
     :func:`decode_linear_ref`.
 
@@ -1057,6 +1098,10 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     input; zero-initialised by the caller, whose padding columns stay 0).
     ``norm_out`` (:class:`NormOut`) / ``norm_in`` (:class:`NormIn`), one row: the add + norm between this GEMV and
     the next done in their epilogue / prologue (``out`` is then not written; ``out_planes`` must be None).
+    ``x_word_sums [M, width / 8]`` fp32: the word sums of ``x_planes`` (plane 8's values), read instead of plane 8
+    where the planes are read (a producer added them there: ``DecodePolicy.producer_word_sums``).
+    ``out_word_sums [M, width / 8]`` fp32, with ``out_planes`` (``norm_out.word_sums`` with its planes): zeroed by
+    the caller; the word sums of the planes written are added into it by atomic adds.
     """
     policy = policy or DecodePolicy.for_device(x.device)
     m, k = x.shape
@@ -1102,12 +1147,20 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         unpack = UNPACK_DENORM_X_IN_TILE
     use_planes = x_planes is not None and weight.fmt == FMT_INT4_PLANES and rows == 1 and unpack in (2, 3)
     kpad = check_x_planes("decode_linear", "x_planes", x_planes, m, k) if use_planes else 1
+    xws = x_word_sums if use_planes else None
+    if xws is not None:
+        _check_word_sums("x_word_sums", xws, m, kpad)
     nbp2 = 0
     if use_planes and policy.int4_tile_pieces and unpack == UNPACK_DENORM_X_IN_TILE:
         nbp, nbp2 = tile_pieces(w.shape[-1] // wpg)
     if norm_out is not None and norm_out.planes is not None:
         out_planes = norm_out.planes
     opl_k = check_x_planes("decode_linear", "out_planes", out_planes, m, n_out) if out_planes is not None else 1
+    ows = norm_out.word_sums if norm_out is not None else out_word_sums
+    if ows is not None:
+        if out_planes is None:
+            raise ValueError("decode_linear: word sums of the output need its planes (out_planes / norm_out.planes)")
+        _check_word_sums("out_word_sums", ows, m, opl_k)
     if mma and (norm_in is not None or norm_out is not None):
         raise ValueError("decode_linear: norm_in / norm_out are not served by the tensor-core tiles")
     nin, nout = norm_in, norm_out
@@ -1128,6 +1181,8 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         nout.residual if nout is not None else dummy, nout.weight if nout is not None else dummy,
         nout.acc if nout is not None else dummy, rw, rw.stride(0) if p_e else 0,
         nout.x if nout is not None else dummy, p_e,
+        xws if xws is not None else dummy, ows if ows is not None else dummy,
+        xws.stride(0) if xws is not None else 0, ows.stride(0) if ows is not None else 0,
         NORM_IN=nin is not None and nin.scale, ROUTE_ACC=nin is not None and nin.route and row_expert is not None,
         HAS_NRB=nin is not None and nin.router_b is not None, NORM_OUT=nout is not None, ROUTER_OUT=p_e > 0,
         BLOCK_E=next_pow2(max(n_e, p_e, 1)),
@@ -1137,8 +1192,8 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         ACT=ACTIVATION_IDS[gated] if gated else 0, HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
         KP=kp, NBP=nbp, WPG=wpg, TPB=tpb, UNPACK=unpack, MMA=mma, BLOCK_N=bn, PDL=policy.pdl,
         EXPERT_READY=expert_ready and row_expert is not None, ROW_PROGRAMS=row_programs, X_PLANES=use_planes,
-        XPL_K=kpad, XPL_SUMS=bool(x_plane_sums), OUT_PLANES=out_planes is not None, OPL_K=opl_k, NBP2=nbp2,
-        PLANES_JOINT=use_planes and policy.planes_joint,
+        XPL_K=kpad, XPL_SUMS=bool(x_plane_sums) or xws is not None, OUT_PLANES=out_planes is not None, OPL_K=opl_k, NBP2=nbp2,
+        PLANES_JOINT=use_planes and policy.planes_joint, X_WSUMS=xws is not None, OUT_WSUMS=ows is not None,
         num_warps=warps,
         **kwargs)
     return out

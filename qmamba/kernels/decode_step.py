@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from qmamba.kernels._triton import cdiv, jit, next_pow2, tl
-from qmamba.kernels.input_planes import store_x_planes
+from qmamba.kernels.input_planes import add_word_sums, store_x_planes
 from qmamba.kernels.selective_scan import _softplus
 from qmamba.quant.layout import check_x_planes
 
@@ -51,7 +51,7 @@ def _store_planes(xpl_row, cols, y, KPAD: tl.constexpr):
 @jit
 def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, out_ptr, rw_ptr, rb_ptr, idx_ptr,
                      rwt_ptr, xpl_ptr, zero_ptr, n_zero, D, E, eps, sh_b, s_emb, sri_b, sr_b, so_b, srw_e, sxpl_b,
-                     ZERO_BLOCK: tl.constexpr, FIRST: tl.constexpr, HAS_RES: tl.constexpr, LAYERNORM: tl.constexpr,
+                     ZERO_BLOCK: tl.constexpr, ZERO_SPREAD: tl.constexpr, FIRST: tl.constexpr, HAS_RES: tl.constexpr, LAYERNORM: tl.constexpr,
                      ROUTER: tl.constexpr, HAS_RB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
                      PDL: tl.constexpr, X_PLANES: tl.constexpr, KPAD: tl.constexpr, SLICE: tl.constexpr):
     """residual = h (FIRST: embedding[ids]) [+ residual in, HAS_RES]; out = norm(residual); optional top-1 sigmoid
@@ -65,7 +65,8 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, o
     SLICE)`` (whole plane tiles), from those columns read again; program 0 also writes the residual, ``out`` and the
     routing. One program a row (``SLICE = KPAD``) computes and stores all 9 x KPAD plane values itself; spread over
     programs, that work runs side by side (H200, session 21: 4 programs a row, int4 decode ~1% faster).
-    ``ZERO_BLOCK > 0``: program (0, 0) also zeroes ``n_zero`` floats at ``zero_ptr`` (after the wait)."""
+    ``ZERO_BLOCK > 0``: program (0, 0) also zeroes ``n_zero`` floats at ``zero_ptr`` (after the wait); with
+    ``ZERO_SPREAD`` every program zeroes blocks of ``ZERO_BLOCK`` in turn."""
     b = tl.program_id(0)
     part = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
@@ -86,7 +87,12 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, o
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    if ZERO_BLOCK > 0:
+    if ZERO_SPREAD:
+        programs = tl.num_programs(0) * tl.num_programs(1)
+        for z0 in range((b * tl.num_programs(1) + part) * ZERO_BLOCK, n_zero, programs * ZERO_BLOCK):
+            z = z0 + tl.arange(0, ZERO_BLOCK)
+            tl.store(zero_ptr + z, tl.zeros((ZERO_BLOCK,), dtype=tl.float32), mask=z < n_zero)
+    elif ZERO_BLOCK > 0:
         if b == 0 and part == 0:
             z = tl.arange(0, ZERO_BLOCK)
             tl.store(zero_ptr + z, tl.zeros((ZERO_BLOCK,), dtype=tl.float32), mask=z < n_zero)
@@ -140,7 +146,8 @@ def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dski
                             cs_ptr, cw_ptr, cb_ptr, ypl_ptr, DI, R, N, s_dbc, s_x, s_z, s_w, s_h, s_y, scs_b, scs_d,
                             s_ypl, CONV: tl.constexpr, CONV_W: tl.constexpr, HAS_CB: tl.constexpr, PDL: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_W: tl.constexpr, Y_PLANES: tl.constexpr, YPL_K: tl.constexpr):
+                            BLOCK_W: tl.constexpr, Y_PLANES: tl.constexpr, YPL_K: tl.constexpr, yws_ptr, s_yws,
+                            Y_WSUMS: tl.constexpr):
     """dt = softplus(W_dt @ dbc[:R] + dt_bias); h = exp(dt A) h + dt x B (in place); y = (C.h + D x) silu(z).
     ``CONV``: ``x`` is the conv step's input; the kernel computes ``silu(conv(window) + b)`` itself and writes the
     shifted window back to the conv state (every other reader of the old state ran before this kernel).
@@ -194,8 +201,10 @@ def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dski
     y = y * z * tl.sigmoid(z)
     yq = y.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + b * s_y + d, yq, mask=dm)
-    if Y_PLANES:  # planes 0..7 of the int4 input planes of y as stored (out_proj's input; no word sums)
+    if Y_PLANES:  # planes 0..7 of the int4 input planes of y as stored (out_proj's input)
         store_x_planes(ypl_ptr + b * s_ypl, d, yq.to(tl.float32), dm, YPL_K)
+    if Y_WSUMS:  # and their word sums, added into a row of their own (zeroed by the caller)
+        add_word_sums(yws_ptr + b * s_yws, d, yq.to(tl.float32), dm)
 
 
 # ---- launchers and reference twins -------------------------------------------------------------------------------
@@ -213,10 +222,11 @@ def add_norm(x_out, residual, norm_w, eps, h=None, token_ids=None, embedding=Non
     a row that share the writing of its planes (at most one per 128-column plane tile; each computes the whole norm,
     see ``_add_norm_kernel``; ``DecodePolicy.norm_plane_programs``). Every program reads the residual and the first
     writes the new one, so a residual added in place (no ``residual_out``) keeps one program a row. ``zero``: a
-    contiguous float32 tensor (at most 4,096 elements) zeroed by the same launch (the fused step's norm sums,
-    :class:`qmamba.kernels.decode_linear.NormOut`)."""
-    if zero is not None and (zero.dtype != torch.float32 or not zero.is_contiguous() or zero.numel() > 4096):
-        raise ValueError("add_norm: zero must be a contiguous float32 tensor of at most 4096 elements")
+    contiguous float32 tensor zeroed by the same launch (the fused step's norm sums,
+    :class:`qmamba.kernels.decode_linear.NormOut`, and with ``DecodePolicy.producer_word_sums`` the word-sum rows):
+    by one program up to 4,096 elements, else by every program in 1,024-element blocks."""
+    if zero is not None and (zero.dtype != torch.float32 or not zero.is_contiguous()):
+        raise ValueError("add_norm: zero must be a contiguous float32 tensor")
     if h is None and (token_ids is None or embedding is None):
         raise ValueError("add_norm: the first layer needs token_ids and the embedding")
     if residual_out is None:
@@ -247,6 +257,7 @@ def _launch_add_norm(x_out, residual_in, residual_out, norm_w, eps, h, token_ids
         block_d = max(block_d, kpad)
         parts = max(1, min(int(plane_programs), kpad // 128))
         parts = 1 << (parts.bit_length() - 1)  # kpad // 128 is a power of two: parts divides it
+    spread = zero is not None and zero.numel() > 4096
     _add_norm_kernel[(batch, parts)](
         h if h is not None else residual_out, token_ids if token_ids is not None else residual_out,
         embedding if embedding is not None else dummy, rin, residual_out, norm_w,
@@ -257,7 +268,8 @@ def _launch_add_norm(x_out, residual_in, residual_out, norm_w, eps, h, token_ids
         zero.numel() if zero is not None else 0, d, e, float(eps), h.stride(0) if h is not None else 0, embedding.stride(0) if embedding is not None else 0,
         rin.stride(0), residual_out.stride(0), x_out.stride(0), router_w.stride(0) if router_w is not None else 0,
         x_planes.stride(0) if x_planes is not None else 0,
-        ZERO_BLOCK=next_pow2(zero.numel()) if zero is not None and zero.numel() else 0,
+        ZERO_BLOCK=(1024 if spread else next_pow2(zero.numel())) if zero is not None and zero.numel() else 0,
+        ZERO_SPREAD=spread,
         FIRST=h is None, HAS_RES=residual_in is not None, LAYERNORM=norm_b is not None,
         ROUTER=router_w is not None, HAS_RB=router_b is not None, BLOCK_D=block_d, BLOCK_E=next_pow2(e),
         PDL=pdl, X_PLANES=x_planes is not None, KPAD=kpad, SLICE=kpad // parts,
@@ -303,7 +315,7 @@ def add_norm_ref(residual, norm_w, eps, h=None, token_ids=None, embedding=None, 
 
 
 def dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, conv=None, pdl: bool = False,
-                    block_d: int | None = None, y_planes=None):
+                    block_d: int | None = None, y_planes=None, y_word_sums=None):
     """One token of the SSM, in place on ``ssm_state [B, DI, N]`` fp32 (contiguous per row).
 
     ``dbc [B, R + 2N]`` (x_proj output: dt low-rank, B, C), ``dt_w [DI, R]`` (any row stride; a multiple of 16
@@ -313,7 +325,9 @@ def dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, conv=
     step's *input*; the kernel applies the conv step (SiLU) and updates ``conv_state`` in place. ``block_d``:
     channels per program (a power of two; default 32 on CUDA, 16 elsewhere). ``y_planes [B, 9, width]`` fp32
     (row-contiguous planes, zero where no channel is): planes 0..7 receive the int4 input planes of ``y_out`` as
-    stored (:func:`qmamba.quant.layout.int4_x_planes`; plane 8, the word sums, is left alone)."""
+    stored (:func:`qmamba.quant.layout.int4_x_planes`; plane 8, the word sums, is left alone). ``y_word_sums [B,
+    width / 8]`` fp32, with ``y_planes``: zeroed by the caller; the planes' word sums (plane 8's values) are added
+    into it by atomic adds (``DecodePolicy.producer_word_sums``)."""
     batch, di = x.shape
     r = dt_w.shape[1]
     n = A.shape[1]
@@ -331,6 +345,10 @@ def dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, conv=
             raise ValueError(f"dt_state_update: conv needs state [{batch}, {di}, W] and contiguous weights [{di}, W]")
     block_d = block_d or (32 if x.is_cuda else 16)
     ypl_k = check_x_planes("dt_state_update", "y_planes", y_planes, batch, di) if y_planes is not None else 1
+    if y_word_sums is not None and (y_planes is None or tuple(y_word_sums.shape) != (batch, ypl_k // 8) or
+                                    y_word_sums.dtype != torch.float32 or y_word_sums.stride(1) != 1):
+        raise ValueError(f"dt_state_update: y_word_sums needs y_planes and a row-contiguous [{batch}, {ypl_k // 8}] "
+                         "float32 tensor")
     if block_d & (block_d - 1):
         raise ValueError(f"dt_state_update: block_d must be a power of two, got {block_d}")
     _dt_state_update_kernel[(batch, -(-di // block_d))](
@@ -339,6 +357,8 @@ def dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, conv=
         dbc.stride(0), x.stride(0), z.stride(0), dt_w.stride(0), ssm_state.stride(0), y_out.stride(0),
         cs.stride(0), cs.stride(1), y_planes.stride(0) if y_planes is not None else 0,
         Y_PLANES=y_planes is not None, YPL_K=ypl_k, CONV=conv is not None,
+        yws_ptr=y_word_sums if y_word_sums is not None else ssm_state,
+        s_yws=y_word_sums.stride(0) if y_word_sums is not None else 0, Y_WSUMS=y_word_sums is not None,
         CONV_W=cw.shape[1] if conv is not None else 1,
         HAS_CB=cb is not None, PDL=pdl, BLOCK_D=block_d, BLOCK_R=next_pow2(r), BLOCK_N=next_pow2(n),
         BLOCK_W=next_pow2(cw.shape[1]) if conv is not None else 1, num_warps=4 if x.is_cuda else 1,

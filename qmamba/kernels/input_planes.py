@@ -22,3 +22,12 @@ def store_x_planes(ptr, cols, xf, mask, KPAD: tl.constexpr):
     w >> 20. Producers of a plane-word GEMV's input call it (add + norm, the SSM update, fc1's epilogue)."""
     for i in tl.static_range(8):
         tl.store(ptr + i * KPAD + cols, xf * x_plane_scale(i), mask=mask)
+
+
+@jit
+def add_word_sums(sums_ptr, cols, xf, mask):
+    """Plane 8 of the int4 input planes (the word sums) built by the producers themselves: each fp32 value ``xf`` at
+    column ``cols`` (any shape) adds ``2^-53 x`` into the sum of its word, ``16 (col // 128) + col % 16``, in the
+    row at ``sums_ptr`` (zeroed before its producer runs). Relaxed: the consumer reads the row after this grid
+    completes, so nothing needs ordering (acq_rel would fence every store first)."""
+    tl.atomic_add(sums_ptr + (cols // 128) * 16 + cols % 16, xf * (2.0 ** -53), mask=mask, sem="relaxed")

@@ -224,7 +224,10 @@ def test_fused_step_with_shared_norm_planes(batch, programs, device):
 
 @pytest.mark.parametrize("name,fmt,programs", [("tiny-blackmamba", "int4g128", 1), ("tiny-blackmamba", "float", 1),
                                                ("tiny-blackmamba", "binary", 1), ("tiny-mamba", "int4g128", 1),
-                                               ("wide-blackmamba", "int4g128", 4), ("tiny-mamba", "int8", 1)])
+                                               ("wide-blackmamba", "int4g128", 4), ("tiny-mamba", "int8", 1),
+                                               ("tiny-blackmamba", "int4g128-wsums", 1),
+                                               ("tiny-mamba", "int4g128-wsums", 1),
+                                               ("wide-blackmamba", "int4g128-wsums", 4)])
 @torch.no_grad()
 def test_fused_step_with_norms_in_the_gemvs(name, fmt, programs, device):
     """``DecodePolicy.norm_in_gemvs``: at one row the add + norm between two layers runs in out_proj's / fc2's
@@ -233,8 +236,13 @@ def test_fused_step_with_norms_in_the_gemvs(name, fmt, programs, device):
     model's over two steps (the sums re-zeroed each step): int4 plane words read through the input planes (split
     over 4 programs a row on a model wide enough: the residual then lives in the second buffer), float, 1-bit
     experts and projections, and plain Mamba (an RMSNorm final norm: the head scales its own products). At batch 2
-    the step keeps its add + norm kernels."""
+    the step keeps its add + norm kernels. "-wsums" (``DecodePolicy.producer_word_sums``, with ``planes_joint`` and the
+    tile pieces): the producers add their planes' word sums into rows of their own, which the consumers read (and
+    which the first add + norm zeroes each step)."""
     import qmamba.fused_step as fused_step
+
+    wsums = fmt.endswith("-wsums")
+    fmt = fmt.split("-")[0]
 
     if name == "wide-blackmamba":
         model = quantize_rtn(random_model(dataclasses.replace(preset("tiny-blackmamba"), d_model=384, ffn_hidden=256,
@@ -250,6 +258,8 @@ def test_fused_step_with_norms_in_the_gemvs(name, fmt, programs, device):
         policy = dataclasses.replace(policy, formats=DecodePolicy().formats, int4_x_planes=False,
                                      int4_unpack="denorm")
     policy = dataclasses.replace(policy, norm_in_gemvs=True, norm_in_gemvs_binary=fmt == "binary")
+    if wsums:
+        policy = dataclasses.replace(policy, producer_word_sums=True, planes_joint=True, int4_tile_pieces=True)
     step = FusedDecodeStep(model, policy)
     if fmt == "binary":  # 1-bit weights keep their add + norm kernels unless asked (measured slower on the H200)
         assert not FusedDecodeStep(model, dataclasses.replace(policy, norm_in_gemvs_binary=False))._norm_in_gemvs(1)
@@ -267,6 +277,10 @@ def test_fused_step_with_norms_in_the_gemvs(name, fmt, programs, device):
                 logits = step(tok, state)
                 fused = step._buffers[batch]["acc"] is not None
                 assert fused == (batch == 1)
+                if wsums and fused:  # the rows exist, and were written (the step's last NormOut's, for example)
+                    rows = step._buffers[batch]
+                    assert rows["wx"] is not None and rows["wx"].abs().sum() > 0
+                    assert (rows["wy"] is not None) == any(isinstance(p, fused_step._MambaPlan) for p in step.layers)
                 final_kernel = model.config.final_norm == "layernorm"
                 assert len(calls) == (1 + final_kernel if fused else len(step.layers) + 1)
                 ref = model.step(tok, ref_state)

@@ -98,7 +98,7 @@ def test_denorm_input_read_in_the_tile_shape(fmt, gated, device):
 @pytest.mark.parametrize("fmt", ["planes128", "planes256"])
 @pytest.mark.parametrize("x_in_tile", [True, False])
 @pytest.mark.parametrize("case", ["dense", "conv", "gated", "row_scale", "dense-nosums", "row_scale-nosums"])
-@pytest.mark.parametrize("mode", ["plain", "pieces", "pieces-joint"])
+@pytest.mark.parametrize("mode", ["plain", "pieces", "pieces-joint", "pieces-joint-wsums"])
 def test_input_planes_match_the_dequantized_matmul(fmt, x_in_tile, case, mode, device):
     """``x_planes`` (the int4 input planes add + norm writes, :func:`int4_x_planes`): one row, "denorm" plane
     words, the input read from the planes in the tile's shape (UNPACK 3) or broadcast over the rows (2): dense with a
@@ -108,21 +108,28 @@ def test_input_planes_match_the_dequantized_matmul(fmt, x_in_tile, case, mode, d
     kernel. The gated case also writes the input planes of its output (``out_planes``, fc1 for fc2). "pieces"
     (``DecodePolicy.int4_tile_pieces``): K 700, 6 tiles read as 4 + 2 (group 256: the second piece's scale blocks
     start at block 2); "-joint" (``DecodePolicy.planes_joint``): every product (gate and up from one read of the
-    input) before any reduction, the word sums read in the tile's shape."""
+    input) before any reduction, the word sums read in the tile's shape; "-wsums"
+    (``DecodePolicy.producer_word_sums``): the word sums given as a row of their own (``x_word_sums``; plane 8 NaN),
+    and the gated case adds its output planes' word sums into ``out_word_sums``."""
     from qmamba.quant.layout import int4_x_planes
 
     torch.manual_seed(11)
     policy = DecodePolicy(pdl=False, block_n_int4=4, num_warps=4 if device.type == "cuda" else 1,
                           int4_unpack="denorm", int4_x_in_tile=x_in_tile, int4_tile_pieces=mode != "plain",
-                          planes_joint=mode.endswith("joint"))
+                          planes_joint="joint" in mode)
+    wsums = mode.endswith("wsums")
     n, k = 45, 300 if mode == "plain" else 700
     x = torch.randn(1, k, device=device).to(torch.bfloat16).float()
     planes = int4_x_planes(x)
+    kw = {}
+    if wsums:  # the word sums in a row of their own; plane 8 unread
+        kw["x_word_sums"] = planes[:, 8, :planes.shape[-1] // 8].clone()
+        planes[:, 8] = float("nan")
     sums = not case.endswith("-nosums")
     case = case.split("-")[0]
     if not sums:
         planes[:, 8] = float("nan")
-    kw = dict(x_planes=planes, x_plane_sums=sums)
+    kw.update(x_planes=planes, x_plane_sums=sums)
     if case in ("dense", "conv"):
         w = weight_for(fmt, n, k, device, seed=2)
         bias = torch.randn(n, device=device) if case == "dense" else None
@@ -145,11 +152,14 @@ def test_input_planes_match_the_dequantized_matmul(fmt, x_in_tile, case, mode, d
     if case == "gated":
         w = weight_for(fmt, 2 * n, k, device, experts=3, seed=3)
         out_planes = torch.zeros(1, 9, 128, device=device)
+        out_sums = torch.zeros(1, 16, device=device) if wsums else None
         act = decode_linear(torch.full_like(x, float("nan")), w, poisoned(1, n, device), row_expert=idx, gated="silu",
-                            policy=policy, out_planes=out_planes, **kw)
+                            policy=policy, out_planes=out_planes, out_word_sums=out_sums, **kw)
         want = gated_act_ref(dequant_matmul_ref(x, w, row_expert=idx), "silu", True).float()
         torch.testing.assert_close(act, want, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(out_planes[:, :8], int4_x_planes(act)[:, :8], atol=0, rtol=0)  # as stored
+        if wsums:
+            torch.testing.assert_close(out_sums, int4_x_planes(act)[:, 8, :16], atol=1e-22, rtol=1e-5)
         assert torch.equal(out_planes[:, 8], torch.zeros_like(out_planes[:, 8]))  # the sums are not written
         with pytest.raises(ValueError, match="out_planes"):
             decode_linear(x, w, poisoned(1, n, device), row_expert=idx, gated="silu", policy=policy,
@@ -418,7 +428,8 @@ def test_norm_out_epilogue(fmt, router, device):
     """:class:`NormOut`: a producer's epilogue adds its output to the residual in place, writes ``u = h * w`` (and
     its input planes 0..7) and accumulates ``sum h^2`` and the router's ``W_r u`` by atomic adds over its programs
     (8 rows each: 7 programs, a ragged last one); ``out`` is not written. Against :func:`norm_out_ref` of the
-    dequantized matmul's output, and that twin against the plain sums."""
+    dequantized matmul's output, and that twin against the plain sums. The planes' word sums (``word_sums``,
+    ``DecodePolicy.producer_word_sums``) added by every program equal plane 8 of :func:`int4_x_planes` of ``u``."""
     from qmamba.quant.layout import int4_x_planes
 
     torch.manual_seed(5)
@@ -431,7 +442,8 @@ def test_norm_out_epilogue(fmt, router, device):
     acc = torch.zeros(1 + e + 2, device=device)  # longer than needed: the tail stays 0
     nout = NormOut(res0.clone(), torch.rand(n, device=device) + 0.5, acc, torch.full((1, n), float("nan"),
                    device=device), planes=torch.zeros(1, 9, 128, device=device),
-                   router_w=torch.randn(e, n, device=device) if router else None)
+                   router_w=torch.randn(e, n, device=device) if router else None,
+                   word_sums=torch.zeros(1, 16, device=device))
     out = poisoned(1, n, device)
     decode_linear(x, w, out, policy=policy, norm_out=nout)
     y = matmul_ref(x, w).float()
@@ -443,7 +455,11 @@ def test_norm_out_epilogue(fmt, router, device):
     torch.testing.assert_close(acc[:sums.numel()], sums, atol=1e-3, rtol=1e-5)
     assert torch.equal(acc[sums.numel():], torch.zeros_like(acc[sums.numel():]))
     torch.testing.assert_close(nout.planes[:, :8], int4_x_planes(nout.x)[:, :8], atol=0, rtol=0)
+    torch.testing.assert_close(nout.word_sums, int4_x_planes(nout.x)[:, 8, :16], atol=1e-22, rtol=1e-5)
     assert torch.isnan(out).all()  # the output itself is not stored
+    with pytest.raises(ValueError, match="out_word_sums"):
+        decode_linear(x, w, out, policy=policy, norm_out=dataclasses.replace(nout, word_sums=torch.zeros(1, 8,
+                                                                                                    device=device)))
 
 
 @pytest.mark.parametrize("fmt", ["float", "planes128", "binary"])

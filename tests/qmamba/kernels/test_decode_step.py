@@ -100,6 +100,30 @@ def test_int4_x_planes_reference():
     assert torch.equal(p[:, 8, 32:], torch.zeros(3, 224))
 
 
+@pytest.mark.parametrize("n_zero,programs", [(333, 1), (27904, 1), (27904, 4)])
+def test_add_norm_zeroes_its_zero_buffer(n_zero, programs, device):
+    """``zero``: the launch also zeroes a float32 buffer (the fused step's norm sums; with
+    ``DecodePolicy.producer_word_sums`` their word-sum rows too, past 4,096 elements: every program in blocks), and
+    nothing beside it; the norm is as without it."""
+    from qmamba.quant.layout import int4_x_planes
+
+    torch.manual_seed(3)
+    batch, d = 2, 300
+    h, emb_ids = None, torch.tensor([1, 4], device=device)
+    emb = torch.randn(6, d, device=device)
+    w = torch.rand(d, device=device) + 0.5
+    res, res_out = torch.zeros(batch, d, device=device), torch.zeros(batch, d, device=device)
+    x = torch.empty(batch, d, device=device)
+    planes = torch.zeros(batch, 9, 512, device=device)
+    store = torch.full((n_zero + 100,), 7.0, device=device)
+    add_norm(x, res, w, 1e-5, h=h, token_ids=emb_ids, embedding=emb, x_planes=planes, plane_programs=programs,
+             residual_out=res_out if programs > 1 else None, zero=store[:n_zero])
+    assert (store[:n_zero] == 0).all() and (store[n_zero:] == 7.0).all()
+    _, want, _, _ = add_norm_ref(None, w, 1e-5, token_ids=emb_ids, embedding=emb)
+    torch.testing.assert_close(x, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(planes, int4_x_planes(x), atol=1e-20, rtol=1e-5)
+
+
 def test_add_norm_router_tie_takes_lowest_expert(device):
     d = 8
     residual = torch.randn(1, d, device=device)
@@ -211,9 +235,12 @@ def test_dt_state_update_with_conv_step_matches_conv_then_update(has_bias, devic
     torch.testing.assert_close(y, ref_y, atol=1e-4, rtol=1e-4)
 
 
-def test_dt_state_update_writes_the_input_planes_of_y(device):
+@pytest.mark.parametrize("word_sums", [False, True])
+def test_dt_state_update_writes_the_input_planes_of_y(word_sums, device):
     """``y_planes``: planes 0..7 receive the int4 input planes of ``y_out`` as stored (out_proj's input), plane 8
-    and the padding columns are left alone; y and the state as without them."""
+    and the padding columns are left alone; y and the state as without them. ``y_word_sums``
+    (``DecodePolicy.producer_word_sums``): the planes' word sums, added over the programs into a zeroed row, equal
+    plane 8 of :func:`int4_x_planes` of y."""
     from qmamba.quant.layout import int4_x_planes
 
     torch.manual_seed(5)
@@ -227,11 +254,16 @@ def test_dt_state_update_writes_the_input_planes_of_y(device):
     y = torch.empty(batch, di, device=device, dtype=torch.bfloat16)
     planes = torch.zeros(batch, 9, 256, device=device)
     planes[:, 8] = 7.0
-    dt_state_update(dbc, dt_w, dt_b, x, z, A, D, state, y, y_planes=planes)
+    sums = torch.zeros(batch, 32, device=device) if word_sums else None
+    dt_state_update(dbc, dt_w, dt_b, x, z, A, D, state, y, y_planes=planes, y_word_sums=sums)
     torch.testing.assert_close(y.float(), want_y, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(state, want_h, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(planes[:, :8], int4_x_planes(y)[:, :8], atol=0, rtol=0)
     assert (planes[:, 8] == 7.0).all()
+    if word_sums:
+        torch.testing.assert_close(sums, int4_x_planes(y)[:, 8, :32], atol=1e-22, rtol=1e-5)
+        with pytest.raises(ValueError, match="y_word_sums"):
+            dt_state_update(dbc, dt_w, dt_b, x, z, A, D, state, y, y_planes=planes, y_word_sums=sums[:, :16])
     with pytest.raises(ValueError, match="y_planes"):
         dt_state_update(dbc, dt_w, dt_b, x, z, A, D, state, y, y_planes=planes[:, :8])
 
