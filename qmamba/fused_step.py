@@ -382,7 +382,8 @@ class FusedDecodeStep:
                         block_d=self.policy.ssm_block_d if y.shape[0] == 1 else self.policy.ssm_block_d_batched,
                         y_planes=buf["ypl"], y_word_sums=self._sums(buf, "wy", layer))
         return self._linear(y, plan.out_proj, out, bias=plan.out_bias, x_planes=buf["ypl"], x_plane_sums=False,
-                            x_word_sums=self._sums(buf, "wy", layer), **({"norm_out": nout} if nout is not None else {}))
+                            x_word_sums=self._sums(buf, "wy", layer),
+                            **({"norm_out": nout} if nout is not None else {}))
 
     def _moe(self, buf, plan: _MoePlan, views, nin: NormIn | None = None, nout: NormOut | None = None,
              layer: int = 0):

@@ -51,9 +51,10 @@ def _store_planes(xpl_row, cols, y, KPAD: tl.constexpr):
 @jit
 def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, out_ptr, rw_ptr, rb_ptr, idx_ptr,
                      rwt_ptr, xpl_ptr, zero_ptr, n_zero, D, E, eps, sh_b, s_emb, sri_b, sr_b, so_b, srw_e, sxpl_b,
-                     ZERO_BLOCK: tl.constexpr, ZERO_SPREAD: tl.constexpr, FIRST: tl.constexpr, HAS_RES: tl.constexpr, LAYERNORM: tl.constexpr,
-                     ROUTER: tl.constexpr, HAS_RB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-                     PDL: tl.constexpr, X_PLANES: tl.constexpr, KPAD: tl.constexpr, SLICE: tl.constexpr):
+                     ZERO_BLOCK: tl.constexpr, ZERO_SPREAD: tl.constexpr, FIRST: tl.constexpr, HAS_RES: tl.constexpr,
+                     LAYERNORM: tl.constexpr, ROUTER: tl.constexpr, HAS_RB: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_E: tl.constexpr, PDL: tl.constexpr, X_PLANES: tl.constexpr, KPAD: tl.constexpr,
+                     SLICE: tl.constexpr):
     """residual = h (FIRST: embedding[ids]) [+ residual in, HAS_RES]; out = norm(residual); optional top-1 sigmoid
     router. The residual is read from ``rin`` and written to ``res`` (the same buffer in the decode step unless
     the planes are split, below). Every load is issued before the first reduction, so their latencies overlap (one

@@ -153,10 +153,10 @@ dl.decode_linear(x, planes(2 * di, d), torch.empty(1, 2 * di), conv_out=conv, po
 dl.decode_linear(y, planes(d, di), torch.empty(1, d), policy=pol, x_planes=ypl, x_plane_sums=False,
                  norm_out=NormOut(nout.residual, nout.weight, acc, nout.x, nout.planes,
                                   router_w=torch.empty(8, d, dtype=torch.bfloat16),
-                                  word_sums=torch.zeros(1, 256) if W else None), **ws(512))              # out_proj, router
+                                  word_sums=torch.zeros(1, 256) if W else None), **ws(512))  # out_proj, router
 dl.decode_linear(x, planes(2 * f, d, 8), torch.empty(1, f, dtype=torch.bfloat16), row_expert=idx, gated="silu",
                  policy=pol, x_planes=xpl, x_plane_sums=False, norm_in=route,
-                 out_planes=torch.zeros(1, 9, 4096), out_word_sums=torch.zeros(1, 512) if W else None, **ws(256))                                              # fc1
+                 out_planes=torch.zeros(1, 9, 4096), out_word_sums=torch.zeros(1, 512) if W else None, **ws(256))  # fc1
 a = torch.randn(1, f, dtype=torch.bfloat16)
 dl.decode_linear(a, planes(d, f, 8), torch.empty(1, d), row_expert=idx, row_scale=torch.empty(1), policy=pol,
                  expert_ready=True, x_planes=int4_x_planes(a), x_plane_sums=False,
@@ -164,7 +164,7 @@ dl.decode_linear(a, planes(d, f, 8), torch.empty(1, d), row_expert=idx, row_scal
                  norm_out=NormOut(nout.residual, nout.weight, acc, nout.x, nout.planes,
                                   word_sums=torch.zeros(1, 256) if W else None), **ws(512))          # fc2
 dl.decode_linear(x, planes(50304, d), torch.empty(1, 50304), policy=pol, x_planes=xpl, x_plane_sums=False,
-                 norm_in=nin, **ws(256))                                                                      # int4 head
+                 norm_in=nin, **ws(256))  # int4 head
 for grid, args, meta in rec.calls:
     r = report(compile_recorded(real, args, meta, 90))
     print("regs", r["regs"], "stack", r["stack"])
