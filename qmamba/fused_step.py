@@ -334,7 +334,7 @@ class FusedDecodeStep:
         else:
             self._add_norm(buf, h, token_ids, self.final_w, n, norm_b=self.final_b)
         return self._linear(buf["x"], self.head, buf["logits"], bias=self.head_bias, x_planes=buf["xpl"],
-                            x_plane_sums=nin is None, x_word_sums=self._sums(buf, "wx", n) if nin is not None else None,
+                            x_plane_sums=nin is None, x_word_sums=self._consumer_sums(buf, nin, n),
                             **({"norm_in": nin} if nin is not None else {}))
 
     def _linear(self, x, weight, out, expert_ready: bool = False, x_planes=None, x_plane_sums: bool = True,
@@ -350,10 +350,11 @@ class FusedDecodeStep:
     def _decode(self, x, weight, out, **kw):
         return decode_linear(x, weight, out, policy=self.policy, **kw)
 
-    def _consumer_sums(self, buf, nin: NormIn | None, layer: int):
-        """The word sums of x's planes for layer ``layer``'s first GEMV: its NormOut producer's row (None after an
-        add + norm kernel, which writes plane 8 itself)."""
-        return self._sums(buf, "wx", layer) if nin is not None else None
+    def _consumer_sums(self, buf, nin: NormIn | None, call: int):
+        """The word sums of x's planes for the GEMV after the ``call``-th add + norm (layer ``call``'s first, or the
+        head at ``len(layers)``): its NormOut producer's row (None after an add + norm kernel, which writes plane 8
+        itself)."""
+        return self._sums(buf, "wx", call) if nin is not None else None
 
     def _mamba(self, buf, plan: _MambaPlan, views, state, nin: NormIn | None = None, nout: NormOut | None = None,
                layer: int = 0):

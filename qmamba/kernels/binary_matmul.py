@@ -367,33 +367,25 @@ def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, r
     return out
 
 
-def _dots_launch(x, weight: BinaryWeight, out, sem: str):
-    """The dots launch on one matrix: ``(grid, warps, kernel switches, out, convert)``, the grid of 16-row program
-    rows x weight-row blocks x K splits (:func:`binary_word_dots_tile`; atomic adds into a zeroed float32 ``out``, as
-    the word GEMV's split-K; a given ``out`` of another type is not split)."""
+def _word_dots_matmul(x, weight: BinaryWeight, words, bias, row_scale, out, sem: str):
+    """The bit-position dots of the tile kernel on one matrix (2 <= M <= 16; ``words`` the signs as int32
+    ``[1, N, K / 32]``): program rows of 16 input rows x weight-row blocks x K splits (:func:`binary_word_dots_tile`;
+    atomic adds into a zeroed float32 ``out``, as the word GEMV's split-K; a given ``out`` of another type is not
+    split)."""
     grid_m = cdiv(x.shape[0], GEMV_MAX_M)
     block_n, warps, split = binary_word_dots_tile(weight.n, weight.k, grid_m, x.device)
     if out is not None and out.dtype != torch.float32:
         split = 1
     out, convert = output_buffer(x, weight.n, out, split > 1, "binary matmul")
-    switches = dict(HAS_ROW=weight.row_scale is not None, IEEE=x.dtype == torch.float32,
-                    SIGN16=x.is_cuda and x.dtype in (torch.bfloat16, torch.float16), SPLIT_K=split,
-                    ATOMIC=split_k_mode(split > 1, sem), BLOCK_M=GEMV_MAX_M, BLOCK_N=block_n)
-    return (grid_m, cdiv(weight.n, block_n), split), warps, switches, out, convert
-
-
-def _word_dots_matmul(x, weight: BinaryWeight, words, bias, row_scale, out, sem: str):
-    """The bit-position dots of the tile kernel on one matrix (2 <= M <= 16; ``words`` the signs as int32
-    ``[1, N, K / 32]``), launched as :func:`_dots_launch` says."""
-    grid, warps, switches, out, convert = _dots_launch(x, weight, out, sem)
     a, b, r = weight.alpha, weight.beta, weight.row_scale
     dummy = x
-    _binary_matmul_kernel[grid](
+    _binary_matmul_kernel[(grid_m, cdiv(weight.n, block_n), split)](
         x, out, words, a, b, r if r is not None else a, bias if bias is not None else dummy,
         row_scale if row_scale is not None else dummy, dummy, dummy, dummy, dummy, dummy, x.shape[0], weight.n,
         weight.k, words.shape[-1], x.stride(0), x.stride(1), out.stride(0), out.stride(1), words.stride(0),
         words.stride(1), a.stride(0), b.stride(0), r.stride(0) if r is not None else 0,
-        ROUTE=ROUTE_DENSE, USE_DOT=True, HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
-        BLOCK_K=WORD_DOTS_BLOCK_K, WORD_DOTS=True, num_warps=warps, num_stages=1, **switches)
+        ROUTE=ROUTE_DENSE, USE_DOT=True, HAS_ROW=r is not None, HAS_BIAS=bias is not None,
+        HAS_RSCALE=row_scale is not None, IEEE=x.dtype == torch.float32, BLOCK_M=GEMV_MAX_M, BLOCK_N=block_n,
+        BLOCK_K=WORD_DOTS_BLOCK_K, WORD_DOTS=True, SIGN16=x.is_cuda and x.dtype in (torch.bfloat16, torch.float16),
+        SPLIT_K=split, ATOMIC=split_k_mode(split > 1, sem), num_warps=warps, num_stages=1)
     return out.to(x.dtype) if convert else out
-

@@ -47,7 +47,7 @@ from qmamba.kernels.input_planes import add_word_sums, store_x_planes, x_plane_s
 from qmamba.kernels.matmul_configs import sm_count
 from qmamba.kernels.weights import (FMT_BINARY, FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT8, BinaryWeight,
                                     PackedWeight, int32_words)
-from qmamba.quant.layout import INT4_TILE, INT4_TILE_WORDS, binary_denorm_vectors, check_x_planes
+from qmamba.quant.layout import INT4_TILE, INT4_TILE_WORDS, binary_denorm_vectors, check_word_sums, check_x_planes
 
 MAX_ROWS = 8
 MMA_ROWS = 16  # rows and weight rows of a tensor-core tile (plane words, 2+ input rows)
@@ -577,11 +577,17 @@ def _planes_reduce(part, scale):
 
 
 @jit
-def _dot_row_planes(w, scale, zero, xr, xs_row, K, row_ok, NBP: tl.constexpr, WPG: tl.constexpr,
-                    UNPACK: tl.constexpr, XPL_K: tl.constexpr, SUMS: tl.constexpr, T0: tl.constexpr):
-    """``[BN]`` fp32: a plane-word tile times one input row given as its input planes (:func:`_planes_parts`)."""
-    return _planes_reduce(_planes_parts(w, zero, w, zero, xr, xs_row, K, row_ok, NBP, WPG, UNPACK, XPL_K, SUMS, T0,
-                                        False, False)[0], scale)
+def _dot_row_planes(w, scale, zero, w2, scale2, zero2, xr, xs_row, K, row_ok, NBP: tl.constexpr,
+                    NBP2: tl.constexpr, WPG: tl.constexpr, UNPACK: tl.constexpr, XPL_K: tl.constexpr,
+                    SUMS: tl.constexpr):
+    """``[BN]`` fp32: a plane-word tile row times one input row given as its input planes (:func:`_planes_parts`),
+    piece by piece: ``w`` (``NBP`` tiles) reduced, then ``w2`` (the ``NBP2`` after them; none if 0)."""
+    y = _planes_reduce(_planes_parts(w, zero, w, zero, xr, xs_row, K, row_ok, NBP, WPG, UNPACK, XPL_K, SUMS, 0,
+                                     False, False)[0], scale)
+    if NBP2 > 0:
+        y += _planes_reduce(_planes_parts(w2, zero2, w2, zero2, xr, xs_row, K, row_ok, NBP2, WPG, UNPACK, XPL_K, SUMS,
+                                          NBP, False, False)[0], scale2)
+    return y
 
 
 @jit
@@ -900,10 +906,8 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                         if NBP2 > 0:
                             up += _planes_reduce(pb_up, scale2_up)
                 elif X_PLANES:
-                    y = _dot_row_planes(w, scale, zero, xr, xs_row, K, row_ok, NBP, WPG, UNPACK, XPL_K, XPL_SUMS, 0)
-                    if NBP2 > 0:
-                        y += _dot_row_planes(w2, scale2, zero2, xr, xs_row, K, row_ok, NBP2, WPG, UNPACK, XPL_K,
-                                             XPL_SUMS, NBP)
+                    y = _dot_row_planes(w, scale, zero, w2, scale2, zero2, xr, xs_row, K, row_ok, NBP, NBP2, WPG,
+                                        UNPACK, XPL_K, XPL_SUMS)
                 elif binary_pair:
                     y, up = _dot_row_binary(w, w_up, scale, zero, x_ptr, r, sxm, tl.where(row_ok, K, 0), KP, True)
                 else:
@@ -914,11 +918,8 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                     y += bias
                 if GATED:
                     if X_PLANES and not PLANES_JOINT:
-                        up = _dot_row_planes(w_up, scale_up, zero_up, xr, xs_row, K, row_ok, NBP, WPG, UNPACK, XPL_K,
-                                             XPL_SUMS, 0)
-                        if NBP2 > 0:
-                            up += _dot_row_planes(w2_up, scale2_up, zero2_up, xr, xs_row, K, row_ok, NBP2, WPG, UNPACK,
-                                                  XPL_K, XPL_SUMS, NBP)
+                        up = _dot_row_planes(w_up, scale_up, zero_up, w2_up, scale2_up, zero2_up, xr, xs_row, K,
+                                             row_ok, NBP, NBP2, WPG, UNPACK, XPL_K, XPL_SUMS)
                     elif not binary_pair and not X_PLANES:  # (binary_pair, joint planes: computed with y above)
                         up = _dot_row(w_up, scale_up, zero_up, x_ptr, r, sxm, K, row_ok, exp_bits, FMT, KP, NBP, WPG,
                                       UNPACK)
@@ -975,14 +976,6 @@ class NormIn:
     scale: bool = True
     route: bool = False
     router_b: torch.Tensor | None = None
-
-
-def _check_word_sums(name: str, sums: torch.Tensor, rows: int, width: int):
-    """Raise ``ValueError`` unless ``sums`` is a row-contiguous ``[rows, width / 8]`` float32 tensor (the word sums
-    of input planes ``width`` columns wide)."""
-    if tuple(sums.shape) != (rows, width // 8) or sums.dtype != torch.float32 or sums.stride(1) != 1:
-        raise ValueError(f"decode_linear: {name} must be a row-contiguous [{rows}, {width // 8}] float32 tensor, got "
-                         f"{tuple(sums.shape)} {sums.dtype}")
 
 
 def _check_norm_args(m: int, n_out: int, k: int, norm_in: NormIn | None, norm_out: NormOut | None):
@@ -1149,7 +1142,7 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     kpad = check_x_planes("decode_linear", "x_planes", x_planes, m, k) if use_planes else 1
     xws = x_word_sums if use_planes else None
     if xws is not None:
-        _check_word_sums("x_word_sums", xws, m, kpad)
+        check_word_sums("decode_linear", "x_word_sums", xws, m, kpad)
     nbp2 = 0
     if use_planes and policy.int4_tile_pieces and unpack == UNPACK_DENORM_X_IN_TILE:
         nbp, nbp2 = tile_pieces(w.shape[-1] // wpg)
@@ -1160,7 +1153,7 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     if ows is not None:
         if out_planes is None:
             raise ValueError("decode_linear: word sums of the output need its planes (out_planes / norm_out.planes)")
-        _check_word_sums("out_word_sums", ows, m, opl_k)
+        check_word_sums("decode_linear", "out_word_sums", ows, m, opl_k)
     if mma and (norm_in is not None or norm_out is not None):
         raise ValueError("decode_linear: norm_in / norm_out are not served by the tensor-core tiles")
     nin, nout = norm_in, norm_out

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from qmamba.kernels._triton import cdiv, jit, next_pow2, tl
 from qmamba.kernels.input_planes import add_word_sums, store_x_planes
 from qmamba.kernels.selective_scan import _softplus
-from qmamba.quant.layout import check_x_planes
+from qmamba.quant.layout import check_word_sums, check_x_planes
 
 
 # ---- kernels ---------------------------------------------------------------------------------------------------------
@@ -51,7 +51,7 @@ def _store_planes(xpl_row, cols, y, KPAD: tl.constexpr):
 @jit
 def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, out_ptr, rw_ptr, rb_ptr, idx_ptr,
                      rwt_ptr, xpl_ptr, zero_ptr, n_zero, D, E, eps, sh_b, s_emb, sri_b, sr_b, so_b, srw_e, sxpl_b,
-                     ZERO_BLOCK: tl.constexpr, ZERO_SPREAD: tl.constexpr, FIRST: tl.constexpr, HAS_RES: tl.constexpr,
+                     ZERO_BLOCK: tl.constexpr, FIRST: tl.constexpr, HAS_RES: tl.constexpr,
                      LAYERNORM: tl.constexpr, ROUTER: tl.constexpr, HAS_RB: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_E: tl.constexpr, PDL: tl.constexpr, X_PLANES: tl.constexpr, KPAD: tl.constexpr,
                      SLICE: tl.constexpr):
@@ -66,8 +66,8 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, o
     SLICE)`` (whole plane tiles), from those columns read again; program 0 also writes the residual, ``out`` and the
     routing. One program a row (``SLICE = KPAD``) computes and stores all 9 x KPAD plane values itself; spread over
     programs, that work runs side by side (H200, session 21: 4 programs a row, int4 decode ~1% faster).
-    ``ZERO_BLOCK > 0``: program (0, 0) also zeroes ``n_zero`` floats at ``zero_ptr`` (after the wait); with
-    ``ZERO_SPREAD`` every program zeroes blocks of ``ZERO_BLOCK`` in turn."""
+    ``ZERO_BLOCK > 0``: the programs also zero ``n_zero`` floats at ``zero_ptr`` (after the wait), blocks of
+    ``ZERO_BLOCK`` in turn (a buffer of one block: program (0, 0) alone)."""
     b = tl.program_id(0)
     part = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
@@ -88,14 +88,10 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, o
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    if ZERO_SPREAD:
+    if ZERO_BLOCK > 0:
         programs = tl.num_programs(0) * tl.num_programs(1)
         for z0 in range((b * tl.num_programs(1) + part) * ZERO_BLOCK, n_zero, programs * ZERO_BLOCK):
             z = z0 + tl.arange(0, ZERO_BLOCK)
-            tl.store(zero_ptr + z, tl.zeros((ZERO_BLOCK,), dtype=tl.float32), mask=z < n_zero)
-    elif ZERO_BLOCK > 0:
-        if b == 0 and part == 0:
-            z = tl.arange(0, ZERO_BLOCK)
             tl.store(zero_ptr + z, tl.zeros((ZERO_BLOCK,), dtype=tl.float32), mask=z < n_zero)
     tok = 0
     if FIRST:
@@ -224,8 +220,8 @@ def add_norm(x_out, residual, norm_w, eps, h=None, token_ids=None, embedding=Non
     see ``_add_norm_kernel``; ``DecodePolicy.norm_plane_programs``). Every program reads the residual and the first
     writes the new one, so a residual added in place (no ``residual_out``) keeps one program a row. ``zero``: a
     contiguous float32 tensor zeroed by the same launch (the fused step's norm sums,
-    :class:`qmamba.kernels.decode_linear.NormOut`, and with ``DecodePolicy.producer_word_sums`` the word-sum rows):
-    by one program up to 4,096 elements, else by every program in 1,024-element blocks."""
+    :class:`qmamba.kernels.decode_linear.NormOut`, and with ``DecodePolicy.producer_word_sums`` the word-sum rows),
+    by the programs in turn, blocks of up to 1,024 elements."""
     if zero is not None and (zero.dtype != torch.float32 or not zero.is_contiguous()):
         raise ValueError("add_norm: zero must be a contiguous float32 tensor")
     if h is None and (token_ids is None or embedding is None):
@@ -258,7 +254,6 @@ def _launch_add_norm(x_out, residual_in, residual_out, norm_w, eps, h, token_ids
         block_d = max(block_d, kpad)
         parts = max(1, min(int(plane_programs), kpad // 128))
         parts = 1 << (parts.bit_length() - 1)  # kpad // 128 is a power of two: parts divides it
-    spread = zero is not None and zero.numel() > 4096
     _add_norm_kernel[(batch, parts)](
         h if h is not None else residual_out, token_ids if token_ids is not None else residual_out,
         embedding if embedding is not None else dummy, rin, residual_out, norm_w,
@@ -269,8 +264,7 @@ def _launch_add_norm(x_out, residual_in, residual_out, norm_w, eps, h, token_ids
         zero.numel() if zero is not None else 0, d, e, float(eps), h.stride(0) if h is not None else 0, embedding.stride(0) if embedding is not None else 0,
         rin.stride(0), residual_out.stride(0), x_out.stride(0), router_w.stride(0) if router_w is not None else 0,
         x_planes.stride(0) if x_planes is not None else 0,
-        ZERO_BLOCK=(1024 if spread else next_pow2(zero.numel())) if zero is not None and zero.numel() else 0,
-        ZERO_SPREAD=spread,
+        ZERO_BLOCK=min(1024, next_pow2(zero.numel())) if zero is not None and zero.numel() else 0,
         FIRST=h is None, HAS_RES=residual_in is not None, LAYERNORM=norm_b is not None,
         ROUTER=router_w is not None, HAS_RB=router_b is not None, BLOCK_D=block_d, BLOCK_E=next_pow2(e),
         PDL=pdl, X_PLANES=x_planes is not None, KPAD=kpad, SLICE=kpad // parts,
@@ -346,10 +340,10 @@ def dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, conv=
             raise ValueError(f"dt_state_update: conv needs state [{batch}, {di}, W] and contiguous weights [{di}, W]")
     block_d = block_d or (32 if x.is_cuda else 16)
     ypl_k = check_x_planes("dt_state_update", "y_planes", y_planes, batch, di) if y_planes is not None else 1
-    if y_word_sums is not None and (y_planes is None or tuple(y_word_sums.shape) != (batch, ypl_k // 8) or
-                                    y_word_sums.dtype != torch.float32 or y_word_sums.stride(1) != 1):
-        raise ValueError(f"dt_state_update: y_word_sums needs y_planes and a row-contiguous [{batch}, {ypl_k // 8}] "
-                         "float32 tensor")
+    if y_word_sums is not None:
+        if y_planes is None:
+            raise ValueError("dt_state_update: y_word_sums needs y_planes")
+        check_word_sums("dt_state_update", "y_word_sums", y_word_sums, batch, ypl_k)
     if block_d & (block_d - 1):
         raise ValueError(f"dt_state_update: block_d must be a power of two, got {block_d}")
     _dt_state_update_kernel[(batch, -(-di // block_d))](

@@ -146,6 +146,14 @@ def check_x_planes(who: str, name: str, planes: torch.Tensor, rows: int, k: int)
     return width
 
 
+def check_word_sums(who: str, name: str, sums: torch.Tensor, rows: int, width: int):
+    """Raise ``ValueError`` unless ``sums`` is a row-contiguous ``[rows, width / 8]`` float32 tensor: the word sums
+    (plane 8's values) of input planes ``width`` columns wide, kept in a row of their own."""
+    if tuple(sums.shape) != (rows, width // 8) or sums.dtype != torch.float32 or sums.stride(1) != 1:
+        raise ValueError(f"{who}: {name} must be a row-contiguous [{rows}, {width // 8}] float32 tensor, got "
+                         f"{tuple(sums.shape)} {sums.dtype}")
+
+
 def int4_x_planes(x: torch.Tensor) -> torch.Tensor:
     """Reference: ``x [..., K]`` -> input planes ``[..., 9, int4_x_planes_width(K)]`` fp32 (see above)."""
     k = x.shape[-1]

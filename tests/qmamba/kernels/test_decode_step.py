@@ -103,7 +103,7 @@ def test_int4_x_planes_reference():
 @pytest.mark.parametrize("n_zero,programs", [(333, 1), (27904, 1), (27904, 4)])
 def test_add_norm_zeroes_its_zero_buffer(n_zero, programs, device):
     """``zero``: the launch also zeroes a float32 buffer (the fused step's norm sums; with
-    ``DecodePolicy.producer_word_sums`` their word-sum rows too, past 4,096 elements: every program in blocks), and
+    ``DecodePolicy.producer_word_sums`` their word-sum rows too: the programs in turn, 1,024-element blocks), and
     nothing beside it; the norm is as without it."""
     from qmamba.quant.layout import int4_x_planes
 
