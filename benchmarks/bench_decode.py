@@ -185,6 +185,9 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return dataclasses.replace(base, planes_joint=True)
     if v == "wsums":  # and the producers of the planes adding their word sums (DecodePolicy.producer_word_sums)
         return dataclasses.replace(base, planes_joint=True, producer_word_sums=True)
+    if v == "mmapairs":  # plane words' tensor-core tiles at 2+ rows with the codes two at a time, scaled in the
+        #                  input's type (DecodePolicy.planes_mma_pairs: batch 8's dense int4 matrices)
+        return dataclasses.replace(base, planes_mma_pairs=True)
     if v == "nopieces":  # the CUDA policy before session 33: one padded tile row, 4 int4 rows a program
         return dataclasses.replace(base, int4_tile_pieces=False, block_n_int4=4)
     m = re.fullmatch(r"pieces(\d+)?", v)
@@ -231,12 +234,15 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
 def matmul_variant(v: str) -> MatmulPolicy:
     """The general matmuls' policy of a variant (batch 2+ and the prefill run on them): :data:`DEFAULT_POLICY`
     itself but for ``intcodes`` (int4 plane codes through integer-to-float conversions,
-    ``MatmulPolicy.plane_float_codes``), ``acqrel`` and ``nowdots``, whose policies :func:`policy_variant` leaves to
-    this function."""
+    ``MatmulPolicy.plane_float_codes``), ``acqrel``, ``nowdots``, ``pairs`` and ``pairss``, whose policies
+    :func:`policy_variant` leaves to this function."""
     if v == "intcodes":
         return dataclasses.replace(DEFAULT_POLICY, plane_float_codes=False)
     if v == "acqrel":  # the split-K atomic adds with Triton's default ordering (MatmulPolicy.split_k_atomic_sem)
         return dataclasses.replace(DEFAULT_POLICY, split_k_atomic_sem="acq_rel")
+    if v in ("pairs", "pairss"):  # the general kernels' int4 plane codes two at a time (MatmulPolicy.plane_code_pairs
+        #                          "exact", or s: "scaled")
+        return dataclasses.replace(DEFAULT_POLICY, plane_code_pairs="scaled" if v == "pairss" else "exact")
     if v == "nowdots":  # 1-bit matrices at 8..16 rows without the bit-position dots (MatmulPolicy.
         #               binary_word_dots_min_rows): the word GEMV, one program row per input row, as before session 32
         return dataclasses.replace(DEFAULT_POLICY, binary_word_dots_min_rows=GEMV_MAX_M + 1)
@@ -265,7 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "DecodePolicy.int4_tile_pieces; N int4 rows a program), nopieces (one padded tile row, 4 int4 "
                          "rows a program: the CUDA policy before session 33), joint (every product of an int4 row "
                          "before any reduction: DecodePolicy.planes_joint), wsums (joint, and the planes' "
-                         "producers add their word sums: DecodePolicy.producer_word_sums), ssmbdN (N channels per "
+                         "producers add their word sums: DecodePolicy.producer_word_sums), mmapairs (batch 2+'s "
+                         "int4 tensor-core tiles with the codes two at a time: DecodePolicy.planes_mma_pairs), "
+                         "pairs / pairss (the general kernels' int4 codes two at a time, exact / scaled: "
+                         "MatmulPolicy.plane_code_pairs), ssmbdN (N channels per "
                          "program of the SSM update, e.g. "
                          "ssmbd8), fmts[+-]FORMAT... (the default with int8, binary or float weights added to / "
                          "taken from those the decode kernels serve at batch 1, e.g. fmts+int8, fmts+binary), "

@@ -40,7 +40,16 @@ PREFILL_EXPERT_ROUTES = {"tiles": DEFAULT_POLICY,
                          # stages): 8 warps at ~128 registers, two programs (four warpgroups) a multiprocessor
                          **{f"tiles_{bm}x{bn}w{w}s{s}": dataclasses.replace(DEFAULT_POLICY,
                                                                             plane_gemm_tile=(bm, bn, w, s))
-                            for bm, bn, w, s in ((64, 128, 8, 4), (64, 128, 8, 3), (32, 128, 8, 4))}}
+                            for bm, bn, w, s in ((64, 128, 8, 4), (64, 128, 8, 3), (32, 128, 8, 4))},
+                         # int4 plane codes two at a time (MatmulPolicy.plane_code_pairs, a candidate), scaled also
+                         # at larger tiles (one accumulator; sm_90, Triton 3.6, fc1: 166 registers at 64 x 128 w4,
+                         # 233 at 128 x 128 w4 and 128 at 128 x 128 w8, none spilled; float codes spill at 128 x 128
+                         # w4)
+                         "tiles_pairs": dataclasses.replace(DEFAULT_POLICY, plane_code_pairs="exact"),
+                         **{f"tiles_pairss{'' if t is None else '_%dx%dw%ds%d' % t}": dataclasses.replace(
+                             DEFAULT_POLICY, plane_code_pairs="scaled",
+                             plane_gemm_tile=t or DEFAULT_POLICY.plane_gemm_tile)
+                            for t in (None, (128, 128, 4, 2), (128, 128, 8, 3), (64, 256, 8, 3))}}
 # name -> (format of the projections and experts, format of x_proj / dt_proj / head or None for the same);
 # "int4_cli": int4 g128 with x_proj, dt_proj and the head float, as `qmamba quantize` writes it by default
 FORMATS = {"bf16": (None, None), "int8": (Int8Format(), None), "int4_g128": (Int4Format(128), None),

@@ -3,14 +3,14 @@ BlackMamba-2.8B shapes and M = 2..2048: dense projections beside cuBLAS, and the
 top-1, tokens spread at random) beside our float (bf16) expert kernel, which is what the bf16 model runs.
 
     python benchmarks/bench_planes_gemm.py --out planes.json [--m 2,4,8,16,64,256,2048] [--sweep] [--quick]
-        [--parts dense,experts] [--expert-tiles 64x128w4s3,...] [--unpacks float,int,wleft]
+        [--parts dense,experts] [--expert-tiles 64x128w4s3,...] [--unpacks float,int,wleft,pairs,pairs_scaled]
 
 Every variant's output is compared with x @ the dequantized weight (fp32) before it is timed; a variant that
 disagrees is an error (exit 1), never a figure. Method: benchmarks/timing.py (CUDA-graph replay, weight copies
 rotated past the L2, median). ``--sweep`` also times the small-M kernel's tiles at 2 <= M <= 16 (batched decode:
 block_n, split-K, warps) and a grid of GEMM tiles for the plane kernel at M >= 64 (for the
-expert stacks: each tile with the codes unpacked as floats and as integers, and as W x^T: ``MatmulPolicy.plane_float_codes``,
-``plane_weight_left``).
+expert stacks: each tile with the codes unpacked as floats and as integers, as W x^T, and two at a time:
+``MatmulPolicy.plane_float_codes``, ``plane_weight_left``, ``plane_code_pairs``).
 On the CPU (``TRITON_INTERPRET=1``) ``--quick`` runs the same checks on tiny shapes without timing.
 """
 
@@ -40,8 +40,10 @@ DENSE = [("in_proj", 1472, 5888), ("x_proj", 2944, 124), ("out_proj", 2944, 1472
 EXPERTS = [("fc1 x8", 1472, 7744), ("fc2 x8", 3872, 1472)]
 EXPERT_SWEEP = [(64, 128, 4, 3), (64, 128, 4, 4), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 4, 4), (64, 64, 4, 2),
                 (64, 128, 8, 3)]  # (block_m, block_n, warps, stages)
-# how the plane GEMM unpacks and multiplies: name -> (MatmulPolicy.plane_float_codes, plane_weight_left)
-UNPACKS = {"float": (True, False), "int": (False, False), "wleft": (True, True)}
+# how the plane GEMM unpacks and multiplies: name -> (MatmulPolicy.plane_float_codes, plane_weight_left,
+# plane_code_pairs)
+UNPACKS = {"float": (True, False, ""), "int": (False, False, ""), "wleft": (True, True, ""),
+           "pairs": (True, True, "exact"), "pairs_scaled": (True, True, "scaled")}
 N_EXPERTS = 8
 
 
@@ -110,9 +112,10 @@ def grouped_tile_sweep(label, m, x, ws, row_expert, n_experts, tiles, unpacks, r
     ``unpacks`` (:data:`UNPACKS`), its rows routed by ``row_expert`` over ``n_experts`` (a device-side tile map)."""
     for tile, how in itertools.product(tiles, unpacks):
         cfg = tile_config(tile)
-        fl, left = UNPACKS[how]
+        fl, left, pairs = UNPACKS[how]
         # (a config given: the expert-by-expert dequantization route is never taken)
-        pol = MatmulPolicy(dequant_experts_min_m=1 << 40, plane_float_codes=fl, plane_weight_left=left)
+        pol = MatmulPolicy(dequant_experts_min_m=1 << 40, plane_float_codes=fl, plane_weight_left=left,
+                           plane_code_pairs=pairs)
         st = expert_tile_map(row_expert, n_experts, cfg.block_m)
         sweep_record(record, log, label, m, f"planes {tile_name(tile)} {how}",
                      [lambda w=w, c=cfg, p=pol, t=st: dequant_matmul(x, w[1], row_expert=row_expert, tiles=t,
@@ -231,7 +234,8 @@ def main():
                     "default: a grid at M >= 64); given, they are also timed at M <= 16 (batched decode) on the "
                     "grouped GEMM kernel, for the expert stacks and, as one expert, the dense projections")
     ap.add_argument("--unpacks", help="the expert sweep's unpacking: float (codes as floats), int (integer "
-                    "conversions), wleft (float codes, the product as W x^T); default all three")
+                    "conversions), wleft (float codes, the product as W x^T), pairs / pairs_scaled (W x^T, the "
+                    "codes two at a time: MatmulPolicy.plane_code_pairs exact / scaled); default all five")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test under TRITON_INTERPRET=1)")
     args = ap.parse_args()
     require_idle_gpu()

@@ -3,7 +3,7 @@ SASS instruction count and mix per int4 code, for policy variants of bench_decod
 ``--rows N`` the several-row variants on the routed expert stacks).
 
     python benchmarks/inspect_decode_kernel.py [--shapes in_proj,fc1_gated] [--variants cuda_default,planes_bn4]
-        [--arch 90] [--out DIR] [--no-stack] [--rows 8 --variants rowprog]
+        [--arch 90] [--out DIR] [--no-stack] [--rows 8 --variants rowprog] [--rows 8 --dense --variants planes_mma]
 
 "Per code" is the static SASS count times the threads launched over the codes a row reads: a loop body counts once,
 and a program that returns at once (an idle expert's) counts in full.
@@ -153,6 +153,8 @@ def main():
     ap.add_argument("--x-dtype", default="bfloat16", choices=("bfloat16", "float32"), help="the input's type")
     ap.add_argument("--rows", type=int, default=1, help="input rows (2..8: bench_decode_linear.py's several-row "
                     "variants; expert stacks routed to experts 0, 1, 0, 2, 3, 1, 0, 4 in turn)")
+    ap.add_argument("--dense", action="store_true", help="with --rows 2..8, the dense matrices too (the tensor-core "
+                    "tiles of planes_mma*; by default several rows compile the routed stacks only)")
     args = ap.parse_args()
     spilled = []
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -176,8 +178,8 @@ def main():
                                  {table[v][0] for v in args.variants.split(",")})
             x = torch.randn(args.rows, k, dtype=getattr(torch, args.x_dtype))
             kw = {"row_expert": torch.tensor([1], dtype=torch.int32) if args.rows == 1 else routing} if experts else {}
-            if args.rows > 1 and not experts:
-                continue  # several rows: the routed stacks only
+            if args.rows > 1 and not experts and not args.dense:
+                continue  # several rows: the routed stacks only, unless --dense
             if opts.get("gated"):
                 kw["gated"] = opts["gated"]
             if opts.get("row_scale"):
@@ -194,6 +196,8 @@ def main():
                 dl.decode_linear(x, forms[form], out, policy=policy, x_planes=xpl,
                                  x_plane_sums=shape not in ("out_proj", "fc2"), **kw)
                 grid, kargs, meta = recorder.calls[-1]
+                if meta.get("MMA") == 2:  # recorded on CPU tensors: on CUDA the pairs take their inline PTX
+                    meta = dict(meta, MMA=3)
                 compiled = compile_recorded(real, kargs, meta, args.arch)
                 r = report(compiled)
                 programs = grid[0] * grid[1]

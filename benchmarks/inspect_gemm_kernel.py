@@ -6,18 +6,23 @@ BlackMamba-2.8B's expert shapes (8 experts, top-1):
   :func:`qmamba.kernels.matmul_configs.gemm_config`;
 * ``batch8``: the small-M kernel (``_dequant_matmul_kernel``) at 8 rows routed by expert (batched decode).
 
-    python benchmarks/inspect_gemm_kernel.py [--cases prefill,batch8] [--shapes fc1,fc2] [--no-stack]
+    python benchmarks/inspect_gemm_kernel.py [--cases prefill,batch8] [--shapes fc1,fc2] [--no-stack] [--weight-left]
+        [--pairs] [--loop]
 
 Each case is compiled with the codes unpacked as integers and as floats (``MatmulPolicy.plane_float_codes``). A
 guide to the instructions a choice costs, not a timing (the device's Triton may schedule differently); the timings
 are ``bench_planes_gemm.py`` and ``bench_decode.py`` on a GPU. ``--no-stack`` exits 1 where the default (float codes)
-spills.
+spills. ``--pairs``: also each case with the codes unpacked two at a time (``MatmulPolicy.plane_code_pairs`` "exact"
+and "scaled", as ``W x^T`` in the prefill). ``--loop``: each line also gives the instructions of the kernel's
+longest loop (the K loop: one K tile of 128, per thread) and their mix.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -36,7 +41,8 @@ from qmamba.quant.formats import Int4Format  # noqa: E402
 
 SHAPES = {"fc1": (1472, 7744), "fc2": (3872, 1472)}  # (K, N) of one expert of BlackMamba-2.8B
 EXPERTS = 8
-WATCH = ("HGMMA", "HMMA", "I2F", "F2FP", "FADD", "LOP3", "BAR", "STS", "LDS", "LDGSTS")
+WATCH = ("HGMMA", "HMMA", "I2F", "F2FP", "FADD", "FFMA", "HFMA2", "HADD2", "HMUL2", "PRMT", "LOP3", "BAR", "STS", "LDS",
+         "LDGSTS")
 
 
 class _CudaLike:
@@ -55,10 +61,12 @@ def planes_stack(k: int, n: int) -> PackedWeight:
     return fmt.kernel_weight(fmt.quantize_rtn(w), n, k).to_planes()
 
 
-def compile_case(case: str, weight: PackedWeight, float_codes: bool, arch: int, weight_left: bool = False):
-    """``(compiled kernel, config)`` of one case, recorded from the real launcher on CPU tensors."""
+def compile_case(case: str, weight: PackedWeight, float_codes: bool, arch: int, weight_left: bool = False,
+                 pairs: str = ""):
+    """``(compiled kernel, config)`` of one case, recorded from the real launcher on CPU tensors (``pairs``:
+    ``MatmulPolicy.plane_code_pairs``, with the inline PTX the CUDA launch takes)."""
     k = weight.k
-    policy = MatmulPolicy(plane_float_codes=float_codes, plane_weight_left=weight_left)
+    policy = MatmulPolicy(plane_float_codes=float_codes, plane_weight_left=weight_left, plane_code_pairs=pairs)
     if case == "prefill":
         m = 2048
         cfg = gemm_config(m, weight, _CudaLike())
@@ -77,7 +85,25 @@ def compile_case(case: str, weight: PackedWeight, float_codes: bool, arch: int, 
     finally:
         setattr(module, name, real)
     _, args, meta = recorder.calls[-1]
+    if pairs:
+        meta = dict(meta, ASM=True)  # recorded on CPU tensors: the launch on CUDA takes the PTX
     return compile_recorded(real, args, meta, arch), cfg
+
+
+def loop_body(sass: str) -> list[str]:
+    """The opcodes of the longest loop of a SASS listing (a backward branch's target up to the branch)."""
+    ins = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)[A-Z0-9_.]*(.*?);", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    best = []
+    for addr, op, rest in ins:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        if target and int(target.group(1), 16) < addr:
+            body = [o for (a, o, _) in ins if int(target.group(1), 16) <= a <= addr]
+            best = body if len(body) > len(best) else best
+    return best
 
 
 def main():
@@ -88,6 +114,9 @@ def main():
     ap.add_argument("--no-stack", action="store_true", help="exit 1 if the default (float codes) spills")
     ap.add_argument("--weight-left", action="store_true",
                     help="also the prefill GEMM as W x^T (MatmulPolicy.plane_weight_left), float codes")
+    ap.add_argument("--pairs", action="store_true",
+                    help="also the codes two at a time (MatmulPolicy.plane_code_pairs exact / scaled)")
+    ap.add_argument("--loop", action="store_true", help="also the K loop's instructions a thread and their mix")
     args = ap.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     spilled = []
@@ -95,9 +124,13 @@ def main():
     def show(shape, case, label, compiled, cfg):
         r = report(compiled)
         mix = ", ".join(f"{o}={r['ops'][o]}" for o in WATCH if r["ops"][o])
+        loop = ""
+        if args.loop:
+            body = collections.Counter(loop_body(r["sass"]))
+            loop = f"  | loop {sum(body.values())}: " + ", ".join(f"{o}={body[o]}" for o in WATCH if body[o])
         print(f"{shape:4s} {case:8s} {label}  tile {cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}  "
               f"regs {r['regs']:3d} stack {r['stack']:4d} shared {compiled.metadata.shared:6d}  "
-              f"SASS {sum(r['ops'].values()):5d}: {mix}", flush=True)
+              f"SASS {sum(r['ops'].values()):5d}: {mix}{loop}", flush=True)
         return r
 
     for shape in args.shapes.split(","):
@@ -110,6 +143,9 @@ def main():
                     spilled.append(f"{shape} {case}")
             if args.weight_left and case == "prefill":
                 show(shape, case, "float codes, W x^T", *compile_case(case, weight, True, args.arch, weight_left=True))
+            for pairs in ("exact", "scaled") if args.pairs else ():
+                show(shape, case, f"pairs {pairs:6s}", *compile_case(case, weight, True, args.arch,
+                                                                     weight_left=case == "prefill", pairs=pairs))
     if args.no_stack and spilled:
         sys.exit(f"spills: {', '.join(spilled)}")
 

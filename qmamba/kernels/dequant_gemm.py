@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from qmamba.kernels._triton import cdiv, jit, split_k_mode, split_k_range, store_or_add, tl
+from qmamba.kernels._triton import HAS_TRITON, cdiv, jit, split_k_mode, split_k_range, store_or_add, tl
 from qmamba.kernels.routing import ExpertTiles
 from qmamba.kernels.weights import FMT_INT4, PackedWeight
 
@@ -54,6 +54,83 @@ def plane_codes(words, zero, i: tl.constexpr, FLOAT_CODES: tl.constexpr):
     return codes
 
 
+# ---- int4 plane codes two at a time (MatmulPolicy.plane_code_pairs) ---------------------------------------------
+PLANE_CODE_PAIRS = {"": 0, "exact": 1, "scaled": 2}  # MatmulPolicy.plane_code_pairs -> the kernels' PAIRS
+
+
+def _pair_asm(shift: int, fp16: bool, scaled: bool) -> str:
+    """Inline PTX for one register of two 16-bit halves of plane words (a half holds four nibble positions: the
+    low half 0..3, the high half 4..7; ``shift`` = 4 (i % 4)): shift and mask both halves' nibble into the
+    mantissas of ``MAGIC + code`` (bfloat16 128, float16 1024: the spacing is 1 there), add ``-(MAGIC + zero)``
+    (``$2``, exact), and with ``scaled`` multiply by the group scale (``$3``; plus -0.0, so that the FMA is one
+    rounding of the exact product). Each half is computed on its own. sm_80 or newer (``fma.rn.bf16x2``)."""
+    ftype, magic, one = ("f16x2", "0x64006400", "0x3C003C00") if fp16 else ("bf16x2", "0x43004300", "0x3F803F80")
+    body = (f"shr.u32 t, $1, {shift}; lop3.b32 t, t, 0x000F000F, {magic}, 0xEA; mov.b32 o, {one}; "
+            f"fma.rn.{ftype} t, t, o, $2; ")
+    body += f"mov.b32 o, 0x80008000; fma.rn.{ftype} $0, t, $3, o;" if scaled else "mov.b32 $0, t;"
+    return "{ .reg .b32 t, o; " + body + " }"
+
+
+# indexed by (i % 4) + 4 fp16 + 8 scaled
+_PAIR_ASM = tl.constexpr(tuple(_pair_asm(4 * (j % 4), bool(j & 4), bool(j & 8)) for j in range(16))) \
+    if HAS_TRITON else None
+
+
+@jit
+def plane_code_pairs(words, zero, scale, i: tl.constexpr, SCALED: tl.constexpr, ASM: tl.constexpr,
+                     FP16: tl.constexpr):
+    """``code - zero`` (``SCALED``: times the group scale rounded to the input's type, one rounding) of nibble
+    position ``i`` of plane words (``words [BN, 16]``, ``zero [BN, 1]`` and ``scale [BN, 1]`` from
+    :func:`plane_tile`; or any words with zero points and scales that broadcast to them, as the decode kernels'
+    ``[BN, NBP, 16]``): the words' shape in bfloat16 (``FP16``: float16), as :func:`plane_codes`' k. ``ASM``
+    (compiled CUDA, sm_80+): the words' 16-bit halves holding position ``i`` (two neighbouring words' halves a
+    register, as Triton packs 16-bit elements) are unpacked two codes at a time by :func:`_pair_asm` (a shift, a
+    logic instruction and a packed FMA for two codes, one FMA more scaled, against ~3.5 instructions a code for
+    :func:`plane_codes`' float codes); without it (the interpreter has no inline PTX) the same values one element
+    at a time."""
+    if ASM:
+        if i >= 4:
+            src = (words >> 16).to(tl.int16)
+        else:
+            src = words.to(tl.int16)
+        if FP16:
+            negz = (-(zero.to(tl.float32) + 1024.0)).to(tl.float16)
+            if SCALED:
+                codes = tl.inline_asm_elementwise(_PAIR_ASM[i % 4 + 12], "=r,r,r,r",
+                                                  [src, negz, scale.to(tl.float16)], dtype=tl.float16,
+                                                  is_pure=True, pack=2)
+            else:
+                codes = tl.inline_asm_elementwise(_PAIR_ASM[i % 4 + 4], "=r,r,r", [src, negz], dtype=tl.float16,
+                                                  is_pure=True, pack=2)
+        else:
+            negz = (-(zero.to(tl.float32) + 128.0)).to(tl.bfloat16)
+            if SCALED:
+                codes = tl.inline_asm_elementwise(_PAIR_ASM[i % 4 + 8], "=r,r,r,r",
+                                                  [src, negz, scale.to(tl.bfloat16)], dtype=tl.bfloat16,
+                                                  is_pure=True, pack=2)
+            else:
+                codes = tl.inline_asm_elementwise(_PAIR_ASM[i % 4], "=r,r,r", [src, negz], dtype=tl.bfloat16,
+                                                  is_pure=True, pack=2)
+    else:
+        q = (((words >> (4 * i)) & 0xF) - zero).to(tl.float32)
+        if FP16:
+            if SCALED:
+                q = q * scale.to(tl.float16).to(tl.float32)
+            codes = q.to(tl.float16)
+        else:
+            if SCALED:
+                q = q * scale.to(tl.bfloat16).to(tl.float32)
+            codes = q.to(tl.bfloat16)
+    return codes
+
+
+def plane_pairs_args(mode: str, x) -> dict:
+    """The kernels' ``PAIRS`` / ``ASM`` for ``MatmulPolicy.plane_code_pairs`` and an input ``x``: 16-bit inputs
+    only (float32 inputs take the exact IEEE products), the PTX on CUDA only."""
+    pairs = PLANE_CODE_PAIRS[mode] if x.dtype in (torch.bfloat16, torch.float16) else 0
+    return dict(PAIRS=pairs, ASM=bool(pairs) and x.is_cuda)
+
+
 @jit
 def _rows_times_tile(x, w, IEEE: tl.constexpr):
     """``[BLOCK_M, BLOCK_N]`` fp32 on tensor cores: input rows ``x [BLOCK_M, BK]`` times a weight tile ``w [BLOCK_N,
@@ -85,16 +162,17 @@ def _dequant_gemm_kernel(
     FMT: tl.constexpr, TILES: tl.constexpr, GROUP: tl.constexpr, SCALE_AFTER: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIZZLE: tl.constexpr, ONLY: tl.constexpr,
-    FLOAT_CODES: tl.constexpr, W_LEFT: tl.constexpr,
+    FLOAT_CODES: tl.constexpr, W_LEFT: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr,
 ):
     """Prefill GEMM (M > 16): ``[BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]`` tensor-core tiles, the weight tile
     dequantized in registers. int4 nibbles are interleaved back to k order with ``join``; with one group per K tile
     (``SCALE_AFTER``) the exact integer codes minus the zero point go through the dot and the group scale multiplies
     the partial product, otherwise each weight is scaled before the dot. Programs are swizzled in groups of
     ``SWIZZLE`` row tiles so that neighbouring programs share weight tiles in L2. int4 plane words: the codes
-    unpacked as floats where ``FLOAT_CODES`` (:func:`plane_codes`); ``W_LEFT``: the transposed product ``W x^T``
-    (the dequantized tile the left operand, read by the tensor cores from registers), transposed back once at the
-    end."""
+    unpacked as floats where ``FLOAT_CODES`` (:func:`plane_codes`), or two at a time where ``PAIRS``
+    (:func:`plane_code_pairs`; 2: scaled, the products then go straight into the accumulator); ``W_LEFT``: the
+    transposed product ``W x^T`` (the dequantized tile the left operand, read by the tensor cores from registers),
+    transposed back once at the end."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     per_group = SWIZZLE * GRID_N
@@ -142,15 +220,25 @@ def _dequant_gemm_kernel(
                 ki = k0 + 16 * i + tl.arange(0, 16)
                 xi = tl.load(x_ptr + rows[:, None] * sxm + ki[None, :] * sxk,
                              mask=row_ok[:, None] & (ki < K)[None, :], other=0.0)
-                codes = plane_codes(words, zero, i, FLOAT_CODES)
-                if W_LEFT:
+                if PAIRS:
+                    codes = plane_code_pairs(words, zero, scale[:, None], i, PAIRS == 2, ASM,
+                                             x_ptr.dtype.element_ty == tl.float16)
+                else:
+                    codes = plane_codes(words, zero, i, FLOAT_CODES)
+                if PAIRS == 2:  # scaled codes: no partial sum per tile, one accumulator
+                    if W_LEFT:
+                        acc_t += weight_times_rows(codes, xi, IEEE)
+                    else:
+                        acc += _rows_times_tile(xi, codes, IEEE)
+                elif W_LEFT:
                     part_t += weight_times_rows(codes, xi, IEEE)
                 else:
                     part += _rows_times_tile(xi, codes, IEEE)
-            if W_LEFT:
-                acc_t += part_t * scale[:, None]
-            else:
-                acc += part * scale[None, :]
+            if PAIRS != 2:
+                if W_LEFT:
+                    acc_t += part_t * scale[:, None]
+                else:
+                    acc += part * scale[None, :]
         elif FMT == 2:
             j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             packed = tl.load(w_base + n[:, None] * swn + j[None, :], mask=n_ok[:, None] & (j < K_PAD // 2)[None, :],
@@ -186,14 +274,14 @@ def _dequant_gemm_kernel(
 
 def dequant_gemm(x, weight: PackedWeight, out, bias, row_scale, tiles: ExpertTiles | None, config, atomic: bool,
                  only_expert: int | None = None, plane_float_codes: bool = False, plane_weight_left: bool = False,
-                 atomic_sem: str = "relaxed"):
+                 atomic_sem: str = "relaxed", plane_code_pairs: str = ""):
     """``out [M, N] <- x [M, K] @ W^T`` (+ ``bias``, * ``row_scale``): one matrix in row tiles of ``config.block_m``
     (swizzled in groups of 8 row tiles for L2 reuse), or with ``tiles`` the routed expert tiles (``config.block_m``
     must be ``tiles.block_m``). ``atomic``: split-K into a zeroed float32 ``out``. ``only_expert`` (with
     ``tiles``): only that expert's rows are computed and written, with ``weight`` a single matrix (its weight).
     ``plane_float_codes`` / ``plane_weight_left``: int4 plane codes unpacked as floats / the product taken as ``W x^T``
     (:class:`qmamba.kernels.matmul_configs.MatmulPolicy`); ``atomic_sem``: the split-K adds' ordering
-    (``MatmulPolicy.split_k_atomic_sem``)."""
+    (``MatmulPolicy.split_k_atomic_sem``); ``plane_code_pairs``: ``MatmulPolicy.plane_code_pairs``."""
     m = x.shape[0]
     q = weight.qweight
     s = weight.scales if weight.scales is not None else q
@@ -213,5 +301,5 @@ def dequant_gemm(x, weight: PackedWeight, out, bias, row_scale, tiles: ExpertTil
         IEEE=x.dtype == torch.float32, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SWIZZLE=1 if tiles is not None else 8, ONLY=only_expert is not None,
         FLOAT_CODES=plane_float_codes and x.dtype != torch.float32, W_LEFT=plane_weight_left,
-        num_warps=config.num_warps,
+        **plane_pairs_args(plane_code_pairs, x), num_warps=config.num_warps,
         num_stages=config.num_stages)

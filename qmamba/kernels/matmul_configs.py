@@ -61,6 +61,16 @@ class MatmulPolicy:
     session 19 (``bench_planes_gemm.py --parts experts --m 2048 --sweep``, 64 x 128 tiles, 8 experts): fc1 298 ->
     261 us, fc2 166 -> 145 (bf16 experts 156 / 94), faster at each of the sweep's six tiles; level at M = 256 /
     512. On.
+    ``plane_code_pairs`` (a candidate, off until timed on a GPU): the GEMM kernel and the small-M kernel unpack the
+    16-bit inputs' int4 plane codes two at a time (:func:`qmamba.kernels.dequant_gemm.plane_code_pairs`: a word's
+    16-bit halves hold four nibble positions each; with two halves a register, a shift, a logic instruction and one
+    packed FMA make two codes ``code - zero`` exactly, inline PTX, sm_80+). "exact": the group scale still multiplies each tile's partial
+    products in float32, as with float codes; "scaled": one more packed FMA multiplies the codes by the scale rounded
+    to the input's type (bfloat16 rounds the fp16 scale: ~2^-9 relative per group; float16 keeps it exact), and the
+    products go straight into one accumulator. Compiled for sm_90 with Triton 3.6 (fc1 at M = 2048, 64 x 128 tiles,
+    ``W x^T``): the K tile's loop 812 -> 475 SASS instructions a thread scaled, 128 registers against 231
+    (``inspect_gemm_kernel.py --pairs``). Unlike session 19's pairs (removed below) the zero point comes off in
+    registers, with no correction. ``""``: off.
     Tried and removed (session 33, commit 3afa750 has the code): the bit-position dots on an input permuted and
     scaled by alpha in one small launch first, each bit position's input 16 contiguous columns, in one flat loop over
     (tile, 8 positions) that Triton pipelines. H100, batch-8 1-bit + int4 decode: 2.339 against 1.798 ms/token (the
@@ -89,6 +99,7 @@ class MatmulPolicy:
     plane_float_codes: bool = True
     plane_weight_left: bool = True
     plane_gemm_tile: tuple = (64, 128, 4, 3)
+    plane_code_pairs: str = ""
     split_k_atomic_sem: str = "relaxed"  # the split-K atomic adds' ordering ("relaxed" or "acq_rel", Triton's
     #                                      default, which fences every earlier store before each add: sm_90
     #                                      MEMBAR.ALL.GPU + CCTL.IVALL; the sums are only read after the grid)
@@ -97,6 +108,9 @@ class MatmulPolicy:
         if self.split_k_atomic_sem not in ("relaxed", "acq_rel"):
             raise ValueError(f"MatmulPolicy: split_k_atomic_sem must be 'relaxed' or 'acq_rel', got "
                              f"{self.split_k_atomic_sem!r}")
+        if self.plane_code_pairs not in ("", "exact", "scaled"):
+            raise ValueError(f"MatmulPolicy: plane_code_pairs must be '', 'exact' or 'scaled', got "
+                             f"{self.plane_code_pairs!r}")
         if len(self.plane_gemm_tile) != 4:
             raise ValueError(f"MatmulPolicy: plane_gemm_tile is (block_m, block_n, warps, stages), got "
                              f"{self.plane_gemm_tile}")

@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 
 from qmamba.kernels._triton import cdiv, jit, split_k_mode, split_k_range, tl
-from qmamba.kernels.dequant_gemm import (dequant_gemm, matmul_epilogue, plane_codes, plane_tile,
-                                         weight_times_rows)
+from qmamba.kernels.dequant_gemm import (dequant_gemm, matmul_epilogue, plane_code_pairs, plane_codes,
+                                         plane_pairs_args, plane_tile, weight_times_rows)
 from qmamba.kernels.dequantize import dense_linear, dequantize_stack
 from qmamba.kernels.int4_gemv import int4_gemv
 from qmamba.kernels.matmul_configs import (DEQUANT_GEMM_MIN_M, GEMV_MAX_M, MatmulConfig, MatmulPolicy,
@@ -74,6 +74,7 @@ def _dequant_matmul_kernel(
     USE_DOT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLOAT_CODES: tl.constexpr,
+    PAIRS: tl.constexpr, ASM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -98,15 +99,25 @@ def _dequant_matmul_kernel(
         if FMT == 3:
             # int4 plane words (BLOCK_K = 128, one group per tile): nibble i of word w holds k = k0 + 16 i + w, so
             # each nibble position meets 16 contiguous inputs; exact codes minus the zero point (as floats by the
-            # 2^23 trick where FLOAT_CODES), group scale after
+            # 2^23 trick where FLOAT_CODES), group scale after; or two at a time where PAIRS (2: scaled, straight
+            # into the accumulator)
             words, zero, scale = plane_tile(w_base, s_ptr, z_ptr, e64, n, n_ok, k0, swn, sse, ssn, sze, szn, GROUP)
             part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for i in tl.static_range(8):
                 ki = k0 + 16 * i + tl.arange(0, 16)
                 xi = tl.load(x_ptr + rows[:, None] * sxm + ki[None, :] * sxk,
                              mask=row_ok[:, None] & (ki < K)[None, :], other=0.0)
-                part += _tile_times_rows(plane_codes(words, zero, i, FLOAT_CODES), xi, rm, USE_DOT, IEEE, BLOCK_M)
-            acc += part * scale[:, None]
+                if PAIRS:
+                    codes = plane_code_pairs(words, zero, scale[:, None], i, PAIRS == 2, ASM,
+                                             x_ptr.dtype.element_ty == tl.float16)
+                else:
+                    codes = plane_codes(words, zero, i, FLOAT_CODES)
+                if PAIRS == 2:
+                    acc += _tile_times_rows(codes, xi, rm, USE_DOT, IEEE, BLOCK_M)
+                else:
+                    part += _tile_times_rows(codes, xi, rm, USE_DOT, IEEE, BLOCK_M)
+            if PAIRS != 2:
+                acc += part * scale[:, None]
         elif FMT == 2:
             # int4: low nibbles hold even k, high nibbles odd k; no interleaving, two half-width products
             j = tl.arange(0, BLOCK_K // 2)
@@ -257,7 +268,7 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     if route != ROUTE_BY_EXPERT and cfg.block_m >= 16 and (m > GEMV_MAX_M or route == ROUTE_TILES):
         dequant_gemm(x, weight, out, bias, row_scale, tiles if route == ROUTE_TILES else None, cfg, atomic,
                      plane_float_codes=policy.plane_float_codes, plane_weight_left=policy.plane_weight_left,
-                     atomic_sem=policy.split_k_atomic_sem)
+                     atomic_sem=policy.split_k_atomic_sem, plane_code_pairs=policy.plane_code_pairs)
         return out.to(x.dtype) if convert else out
     q, s, z = weight.qweight, weight.scales, weight.zeros
     s = s if s is not None else q
@@ -276,6 +287,7 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
         HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
         ATOMIC=split_k_mode(atomic, policy.split_k_atomic_sem), IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        FLOAT_CODES=policy.plane_float_codes and x.dtype != torch.float32, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        FLOAT_CODES=policy.plane_float_codes and x.dtype != torch.float32,
+        **plane_pairs_args(policy.plane_code_pairs if weight.fmt == FMT_INT4_PLANES else "", x),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.to(x.dtype) if convert else out

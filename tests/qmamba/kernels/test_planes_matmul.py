@@ -67,8 +67,9 @@ def test_routed_planes_by_expert_and_tiles(m, device):
 @pytest.mark.parametrize("dtype", [torch.float32, "half"])
 @pytest.mark.parametrize("group,symmetric", [(128, False), (256, True)])
 def test_plane_codes_as_floats_match_reference(group, symmetric, dtype, device):
-    """``MatmulPolicy.plane_float_codes`` / ``plane_weight_left``: the GEMM kernel on plane words with the codes
-    unpacked as integers or as floats (2^23 trick, low-precision inputs only), as ``x W^T`` or ``(W x^T)^T``, for
+    """``MatmulPolicy.plane_float_codes`` / ``plane_weight_left`` / ``plane_code_pairs``: the GEMM kernel on plane
+    words with the codes unpacked as integers, as floats (2^23 trick) or two at a time (exact, or scaled into the
+    accumulator; low-precision inputs only, the inline PTX on CUDA), as ``x W^T`` or ``(W x^T)^T``, for
     routed expert tiles and dense rows (split-K too), and the small-M kernel with either unpacking, ragged K (BlackMamba-2.8B's 1472 = 11.5 tiles on CUDA): equal
     to the reference, and to each other."""
     from qmamba.kernels.matmul_configs import MatmulPolicy
@@ -85,8 +86,9 @@ def test_plane_codes_as_floats_match_reference(group, symmetric, dtype, device):
     one = planes.expert(1)
     dense_ref = x.float() @ words.expert(1).dequantized()[0].t()
     first = None
-    for float_codes, weight_left in ((False, False), (True, False), (True, True), (False, True)):
-        policy = MatmulPolicy(plane_float_codes=float_codes, plane_weight_left=weight_left)
+    for float_codes, weight_left, pairs in ((False, False, ""), (True, False, ""), (True, True, ""), (False, True, ""),
+                                            (True, True, "exact"), (True, True, "scaled"), (True, False, "scaled")):
+        policy = MatmulPolicy(plane_float_codes=float_codes, plane_weight_left=weight_left, plane_code_pairs=pairs)
         got = dequant_matmul(x, planes, row_expert=idx, row_scale=scale, tiles=tiles, policy=policy)
         close(got, ref, dtype)
         first = got if first is None else first
@@ -183,3 +185,70 @@ def test_plane_gemm_tile_from_the_policy(tile, device):
         tiles = expert_tile_map(idx, 3, cfg.block_m)  # cfg: the policy's tile, as gemm_config gave it above
         got = dequant_matmul(x, planes, row_expert=idx, tiles=tiles, config=cfg)
         close(got, dequant_matmul_ref(x, planes, row_expert=idx), torch.bfloat16)
+
+
+def _run_pair_asm(asm: str, regs: dict) -> int:
+    """A tiny interpreter for the PTX of :func:`qmamba.kernels.dequant_gemm._pair_asm` (``mov``, ``shr.u32``,
+    ``lop3.b32``, ``fma.rn.bf16x2`` / ``fma.rn.f16x2`` on 32-bit registers): ``$0`` after running it on ``regs``."""
+    import re
+
+    def val(op):
+        return regs[op] if op in regs else int(op, 0) & 0xFFFFFFFF
+
+    def halves(v, dt):
+        return torch.tensor([v & 0xFFFF, v >> 16], dtype=torch.int32).to(torch.int16).view(dt).double()
+
+    for ins in (part.strip() for part in asm.strip("{} ").split(";")):
+        if not ins or ins.startswith(".reg"):
+            continue
+        op, args = ins.split(None, 1)
+        a = [x.strip() for x in args.split(",")]
+        if op == "mov.b32":
+            regs[a[0]] = val(a[1])
+        elif op == "shr.u32":
+            regs[a[0]] = val(a[1]) >> int(a[2])
+        elif op == "lop3.b32":
+            x, y, z, lut = val(a[1]), val(a[2]), val(a[3]), int(a[4], 0)
+            out = 0
+            for bit in range(8):  # bit (4 a + 2 b + c) of the table, as PTX's F(0xF0, 0xCC, 0xAA)
+                if lut >> bit & 1:
+                    m = ((x if bit & 4 else ~x) & (y if bit & 2 else ~y) & (z if bit & 1 else ~z)) & 0xFFFFFFFF
+                    out |= m
+            regs[a[0]] = out
+        elif re.fullmatch(r"fma\.rn\.(bf16x2|f16x2)", op):
+            dt = torch.bfloat16 if "bf16" in op else torch.float16
+            r = (halves(val(a[1]), dt) * halves(val(a[2]), dt) + halves(val(a[3]), dt)).to(dt)
+            bits = r.view(torch.int16).to(torch.int32) & 0xFFFF
+            regs[a[0]] = int(bits[0]) | int(bits[1]) << 16
+        else:
+            raise AssertionError(f"unexpected PTX: {ins}")
+    return regs["$0"]
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_pair_asm_unpacks_both_nibbles(fp16, scaled):
+    """The inline PTX of ``MatmulPolicy.plane_code_pairs`` (which only a GPU runs; the interpreter takes the
+    elementwise twin) read by a small PTX interpreter: for every shift and a spread of registers (here a word's own
+    two halves: nibbles i and i + 4), zero points and scales, each 16-bit half of the result is ``code - zero``
+    (times the scale in the input's type) of its own half's nibble, as the elementwise twin computes it."""
+    from qmamba.kernels.dequant_gemm import _pair_asm
+
+    dt = torch.float16 if fp16 else torch.bfloat16
+    magic = 1024.0 if fp16 else 128.0
+    gen = torch.Generator().manual_seed(11)
+    words = torch.randint(-2 ** 31, 2 ** 31, (24,), generator=gen, dtype=torch.int64).tolist() + [0, -1, 0x12345678]
+    for shift in (0, 4, 8, 12):
+        asm = _pair_asm(shift, fp16, scaled)
+        for n, word in enumerate(words):
+            zero = n % 16
+            scale = torch.tensor(0.0123 * (n + 1), dtype=torch.float16)  # stored as fp16, as the format keeps it
+            pair = lambda v: int(v[0]) | int(v[1]) << 16  # noqa: E731
+            negz = torch.tensor([-(magic + zero)] * 2, dtype=dt).view(torch.int16).to(torch.int32) & 0xFFFF
+            sc = scale.to(dt).repeat(2).view(torch.int16).to(torch.int32) & 0xFFFF
+            src = word & 0xFFFFFFFF  # the word's two 16-bit halves, as the kernel packs them
+            got = _run_pair_asm(asm, {"$1": src, "$2": pair(negz), "$3": pair(sc)})
+            got = torch.tensor([got & 0xFFFF, got >> 16], dtype=torch.int32).to(torch.int16).view(dt)
+            codes = torch.tensor([(src >> (shift + 16 * h)) & 0xF for h in (0, 1)], dtype=torch.float32) - zero
+            want = (codes * scale.to(dt).float() if scaled else codes).to(dt)
+            assert torch.equal(got, want), (shift, hex(src), zero, got, want)
