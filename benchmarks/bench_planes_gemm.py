@@ -38,6 +38,8 @@ from qmamba.quant.formats import Int4Format  # noqa: E402
 
 DENSE = [("in_proj", 1472, 5888), ("x_proj", 2944, 124), ("out_proj", 2944, 1472), ("head", 1472, 50304)]
 EXPERTS = [("fc1 x8", 1472, 7744), ("fc2 x8", 3872, 1472)]
+DENSE_SWEEP = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 256, 8, 3), (64, 256, 8, 3), (128, 128, 4, 4),
+               (64, 64, 4, 4)]  # the dense sweep at M >= 64 unless --expert-tiles are given
 EXPERT_SWEEP = [(64, 128, 4, 3), (64, 128, 4, 4), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 4, 4), (64, 64, 4, 2),
                 (64, 128, 8, 3)]  # (block_m, block_n, warps, stages)
 # how the plane GEMM unpacks and multiplies: name -> (MatmulPolicy.plane_float_codes, plane_weight_left,
@@ -161,12 +163,14 @@ def run(m_values, sweep, quick, log, parts=("dense", "experts"), expert_sweep=No
                 one = torch.zeros(m, dtype=torch.int32, device=device)  # expert (batched decode's tiles)
                 grouped_tile_sweep(label, m, x, ws, one, 1, expert_sweep, unpacks or list(UNPACKS), record, ref,
                                    n * k // 2, log)
-            if sweep and timed and m >= 64:
-                for bm, bn, warps, stages in ((64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 256, 8, 3),
-                                              (64, 256, 8, 3), (128, 128, 4, 4), (64, 64, 4, 4)):
-                    cfg = MatmulConfig(bm, bn, 128, 1, warps, stages)
-                    sweep_record(record, log, label, m, f"planes {bm}x{bn} w{warps} s{stages}",
-                                 [lambda w=w: dequant_matmul(x, w[1], config=cfg) for w in ws], ref, n * k // 2)
+            if sweep and timed and m >= 64:  # the tile kernel itself (a config given: no dequantization pass), at
+                #                               the given tiles and unpackings (default: a grid, the default's)
+                for tile, how in itertools.product(expert_sweep or DENSE_SWEEP, unpacks or ["wleft"]):
+                    cfg, (fl, left, pairs) = tile_config(tile), UNPACKS[how]
+                    pol = MatmulPolicy(plane_float_codes=fl, plane_weight_left=left, plane_code_pairs=pairs)
+                    sweep_record(record, log, label, m, f"planes {tile_name(tile)} {how}",
+                                 [lambda w=w, c=cfg, p=pol: dequant_matmul(x, w[1], config=c, policy=p) for w in ws],
+                                 ref, n * k // 2)
         del ws
         if timed:
             torch.cuda.empty_cache()
@@ -232,7 +236,8 @@ def main():
     ap.add_argument("--parts", default="dense,experts", help="dense projections, expert stacks, or both")
     ap.add_argument("--expert-tiles", help="the expert sweep's tiles, e.g. 64x128w4s3,16x64w4s3k2 (k: split-K; "
                     "default: a grid at M >= 64); given, they are also timed at M <= 16 (batched decode) on the "
-                    "grouped GEMM kernel, for the expert stacks and, as one expert, the dense projections")
+                    "grouped GEMM kernel, for the expert stacks and, as one expert, the dense projections, and "
+                    "they replace the dense sweep's grid at M >= 64 (with --unpacks there too)")
     ap.add_argument("--unpacks", help="the expert sweep's unpacking: float (codes as floats), int (integer "
                     "conversions), wleft (float codes, the product as W x^T), pairs / pairs_scaled (W x^T, the "
                     "codes two at a time: MatmulPolicy.plane_code_pairs exact / scaled); default all five")

@@ -22,7 +22,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="plane_pairs_tests plane_pairs_gemm plane_pairs_prefill mma_pairs mma_pairs_kernels planes_joint planes_joint_kernels matmul_table"  # the step lines below, in order
+ALL_STEPS="plane_pairs_tests plane_pairs_gemm plane_pairs_dense plane_pairs_prefill mma_pairs mma_pairs_kernels planes_joint planes_joint_kernels matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -41,13 +41,17 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 # instruction and a packed FMA make two codes into `code - zero` (MatmulPolicy.plane_code_pairs: the grouped expert
 # GEMM of the prefill and the general small-M kernel, "exact" or "scaled" into one accumulator; DecodePolicy.
 # planes_mma_pairs: batch 2+'s tensor-core tiles of the dense int4 matrices). First the tests on the GPU (the PTX
-# against the reference), then the grouped expert GEMM beside the default at larger tiles too, the graph prefill by
-# route, batch 8 in the step and its kernels alone
+# against the reference), then the grouped expert GEMM beside the default at larger tiles too, the dense projections'
+# tile kernel, the graph prefill by route, batch 8 in the step and its kernels alone
 step plane_pairs_tests bash scripts/gpu_check.sh tests/qmamba/kernels/test_planes_matmul.py \
   tests/qmamba/kernels/test_decode_linear.py tests/qmamba/kernels/test_quant_matmul.py -k "pair or plane_codes"
 step plane_pairs_gemm "$PY" benchmarks/bench_planes_gemm.py --out "$DEST/plane_pairs_gemm.json" --parts experts \
   --m 256,2048 --sweep --expert-tiles 64x128w4s3,128x128w4s2,128x128w4s3,128x128w8s3,64x256w8s3 \
   --unpacks wleft,pairs,pairs_scaled
+# the dense projections' tile kernel at M = 64..2048 (the default there: one dequantization pass + cuBLAS, 0.40-0.72x
+# of cuBLAS bf16 at 64..256 on the H100; issue 13 asks >= 1.0x), beside cuBLAS and the default route
+step plane_pairs_dense "$PY" benchmarks/bench_planes_gemm.py --out "$DEST/plane_pairs_dense.json" --parts dense \
+  --m 64,256,2048 --sweep --expert-tiles 64x128w4s3,128x128w4s2,128x128w8s3 --unpacks wleft,pairs_scaled
 step plane_pairs_prefill "$PY" benchmarks/profile_prefill.py --format int4_cli --graph \
   --experts tiles,tiles_pairs,tiles_pairss,tiles_pairss_128x128w4s2,tiles_pairss_128x128w8s3,tiles_pairss_64x256w8s3
 step mma_pairs "$PY" benchmarks/bench_decode.py --out "$DEST/mma_pairs.json" --formats int4_g128,bf16 --batches 8 \
