@@ -185,9 +185,6 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return dataclasses.replace(base, planes_joint=True)
     if v == "wsums":  # and the producers of the planes adding their word sums (DecodePolicy.producer_word_sums)
         return dataclasses.replace(base, planes_joint=True, producer_word_sums=True)
-    if v == "mmapairs":  # plane words' tensor-core tiles at 2+ rows with the codes two at a time, scaled in the
-        #                  input's type (DecodePolicy.planes_mma_pairs: batch 8's dense int4 matrices)
-        return dataclasses.replace(base, planes_mma_pairs=True)
     if v == "nopieces":  # the CUDA policy before session 33: one padded tile row, 4 int4 rows a program
         return dataclasses.replace(base, int4_tile_pieces=False, block_n_int4=4)
     m = re.fullmatch(r"pieces(\d+)?", v)
@@ -271,9 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "DecodePolicy.int4_tile_pieces; N int4 rows a program), nopieces (one padded tile row, 4 int4 "
                          "rows a program: the CUDA policy before session 33), joint (every product of an int4 row "
                          "before any reduction: DecodePolicy.planes_joint), wsums (joint, and the planes' "
-                         "producers add their word sums: DecodePolicy.producer_word_sums), mmapairs (batch 2+'s "
-                         "int4 tensor-core tiles with the codes two at a time: DecodePolicy.planes_mma_pairs), "
-                         "pairs / pairss (the general kernels' int4 codes two at a time, exact / scaled: "
+                         "producers add their word sums: DecodePolicy.producer_word_sums), pairs / pairss (the general kernels' int4 codes two at a time, exact / scaled: "
                          "MatmulPolicy.plane_code_pairs), ssmbdN (N channels per "
                          "program of the SSM update, e.g. "
                          "ssmbd8), fmts[+-]FORMAT... (the default with int8, binary or float weights added to / "

@@ -76,8 +76,6 @@ def variants(pdl: bool, rows: int):
         # expert's tile (DecodePolicy.routed_row_programs), as the CUDA policy reads int4 / bf16 at one row
         rowprog = dataclasses.replace(cuda, routed_row_programs=True)
         return {"planes_mma": ("planes", DecodePolicy(pdl=pdl)), "general": ("words", "general"),
-                # the tensor-core tiles with the codes two at a time (DecodePolicy.planes_mma_pairs, a candidate)
-                "planes_mma_pairs": ("planes", DecodePolicy(pdl=pdl, planes_mma_pairs=True)),
                 "rowprog": ("planes", rowprog),
                 # the tile row in two power-of-two pieces (DecodePolicy.int4_tile_pieces)
                 "rowprog_pieces": ("planes", dataclasses.replace(rowprog, int4_tile_pieces=True)),

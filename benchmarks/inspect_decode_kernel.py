@@ -154,7 +154,8 @@ def main():
     ap.add_argument("--rows", type=int, default=1, help="input rows (2..8: bench_decode_linear.py's several-row "
                     "variants; expert stacks routed to experts 0, 1, 0, 2, 3, 1, 0, 4 in turn)")
     ap.add_argument("--dense", action="store_true", help="with --rows 2..8, the dense matrices too (the tensor-core "
-                    "tiles of planes_mma*; by default several rows compile the routed stacks only)")
+                    "tiles of planes_mma, which the CUDA policy does not take: max_rows 1; by default several rows "
+                    "compile the routed stacks only)")
     args = ap.parse_args()
     spilled = []
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -196,8 +197,6 @@ def main():
                 dl.decode_linear(x, forms[form], out, policy=policy, x_planes=xpl,
                                  x_plane_sums=shape not in ("out_proj", "fc2"), **kw)
                 grid, kargs, meta = recorder.calls[-1]
-                if meta.get("MMA") == 2:  # recorded on CPU tensors: on CUDA the pairs take their inline PTX
-                    meta = dict(meta, MMA=3)
                 compiled = compile_recorded(real, kargs, meta, args.arch)
                 r = report(compiled)
                 programs = grid[0] * grid[1]

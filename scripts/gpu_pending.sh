@@ -22,7 +22,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="plane_pairs_tests plane_pairs_gemm plane_pairs_dense plane_pairs_prefill mma_pairs mma_pairs_kernels planes_joint planes_joint_kernels matmul_table"  # the step lines below, in order
+ALL_STEPS="plane_pairs_tests plane_pairs_gemm plane_pairs_dense plane_pairs_prefill batch8_pairs planes_joint planes_joint_kernels matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -39,10 +39,9 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 
 # int4 plane codes two at a time (session 34, built offline; inline PTX that only a GPU runs): a shift, a logic
 # instruction and a packed FMA make two codes into `code - zero` (MatmulPolicy.plane_code_pairs: the grouped expert
-# GEMM of the prefill and the general small-M kernel, "exact" or "scaled" into one accumulator; DecodePolicy.
-# planes_mma_pairs: batch 2+'s tensor-core tiles of the dense int4 matrices). First the tests on the GPU (the PTX
-# against the reference), then the grouped expert GEMM beside the default at larger tiles too, the dense projections'
-# tile kernel, the graph prefill by route, batch 8 in the step and its kernels alone
+# GEMM of the prefill and the general small-M kernel, which batch 8's dense int4 matrices take: "exact", or "scaled"
+# into one accumulator). First the tests on the GPU (the PTX against the reference), then the grouped expert GEMM
+# beside the default at larger tiles too, the dense projections' tile kernel, the graph prefill by route, batch 8
 step plane_pairs_tests bash scripts/gpu_check.sh tests/qmamba/kernels/test_planes_matmul.py \
   tests/qmamba/kernels/test_decode_linear.py tests/qmamba/kernels/test_quant_matmul.py -k "pair or plane_codes"
 step plane_pairs_gemm "$PY" benchmarks/bench_planes_gemm.py --out "$DEST/plane_pairs_gemm.json" --parts experts \
@@ -54,10 +53,8 @@ step plane_pairs_dense "$PY" benchmarks/bench_planes_gemm.py --out "$DEST/plane_
   --m 64,256,2048 --sweep --expert-tiles 64x128w4s3,128x128w4s2,128x128w8s3 --unpacks wleft,pairs_scaled
 step plane_pairs_prefill "$PY" benchmarks/profile_prefill.py --format int4_cli --graph \
   --experts tiles,tiles_pairs,tiles_pairss,tiles_pairss_128x128w4s2,tiles_pairss_128x128w8s3,tiles_pairss_64x256w8s3
-step mma_pairs "$PY" benchmarks/bench_decode.py --out "$DEST/mma_pairs.json" --formats int4_g128,bf16 --batches 8 \
-  --rounds 3 --check-steps 8 --variants default,mmapairs,pairss
-step mma_pairs_kernels "$PY" benchmarks/bench_decode_linear.py --out "$DEST/mma_pairs_kernels.json" --rows 8 \
-  --only in_proj,out_proj,head --variants planes_mma,planes_mma_pairs
+step batch8_pairs "$PY" benchmarks/bench_decode.py --out "$DEST/batch8_pairs.json" --formats int4_g128,bf16 \
+  --batches 8 --rounds 3 --check-steps 8 --variants default,pairs,pairss
 
 # int4 input planes (one row; batch 8's routed row programs): every product of a row (both tile pieces; fc1's gate and
 # up rows from one read of the input) before any reduction, the word sums read in the tile's shape

@@ -42,7 +42,6 @@ from dataclasses import dataclass
 import torch
 
 from qmamba.kernels._triton import HAS_TRITON, jit, next_pow2, tl
-from qmamba.kernels.dequant_gemm import plane_code_pairs
 from qmamba.kernels.fused_moe import ACTIVATION_IDS, activate, gated_act_ref
 from qmamba.kernels.input_planes import add_word_sums, store_x_planes, x_plane_scale
 from qmamba.kernels.matmul_configs import sm_count
@@ -95,10 +94,6 @@ class DecodePolicy:
     #                              (one program column per expert: each expert's tile read once for its rows; or,
     #                              with routed_row_programs, one program row per input row)
     planes_mma: bool = True      # plane words at 2+ rows: tensor cores (16-row tiles); False: CUDA cores per row
-    planes_mma_pairs: bool = False  # planes_mma with the codes two at a time (a candidate, not yet timed): the
-    #                              general kernels' MatmulPolicy.plane_code_pairs "scaled", the scale rounded to the
-    #                              input's type (sm_90, Triton 3.6, 8 rows: in_proj and the head 2.8 -> 2.2 SASS
-    #                              instructions a code, out_proj 2.7 -> 2.1; inspect_decode_kernel.py --dense)
     min_programs: int = 0        # fewer int4 rows per program where the matrix has too few rows to give this many
     max_programs: int = 0        # twice the int4 / 1-bit rows a program where a (not gated) matrix would take more
     #                              programs than this but at most twice as many (0: never): a grid just past what the
@@ -622,23 +617,17 @@ def _dot_rows_int4(w, scale, zero, x_ptr, rr, sxm, K, M, exp_bits,
 
 
 @jit
-def _dot_rows_mma(w, scale, zero, x_ptr, rr, rok, sxm, K, NBP: tl.constexpr, MMA: tl.constexpr):
+def _dot_rows_mma(w, scale, zero, x_ptr, rr, rok, sxm, K, NBP: tl.constexpr):
     """``[R, BN]`` fp32: an int4 plane tile times the input rows ``rr`` where ``rok`` (R >= 16 and BN >= 16), on the
     tensor cores: per nibble position, the dequantized weights ``[BN, NBP * 16]`` times the inputs at the k they
     hold (for a tile row, 16 consecutive k per tile). Float32 inputs take the exact (IEEE) product; others round
-    the dequantized weight to the input's type, as the general kernels' small-M tiles do: ``MMA`` 1 as
-    ``((code - zero) * scale)`` in float32, 2 / 3 two codes at a time with the scale rounded to the input's type
-    (``DecodePolicy.planes_mma_pairs``, :func:`qmamba.kernels.dequant_gemm.plane_code_pairs`; 3: its inline PTX)."""
+    the dequantized weight to the input's type, as the general kernels' small-M tiles do."""
     bn: tl.constexpr = w.shape[0]
     nw: tl.constexpr = NBP * 16
     q = tl.arange(0, nw)
     acc = tl.zeros((bn, rr.shape[0]), dtype=tl.float32)
     for i in tl.static_range(8):
-        if MMA >= 2:
-            a = tl.reshape(plane_code_pairs(w, zero[:, :, None], scale[:, :, None], i, True, MMA == 3,
-                                            x_ptr.dtype.element_ty == tl.float16), (bn, nw))
-        else:
-            a = tl.reshape((((w >> (4 * i)) & 0xF).to(tl.float32) - zero[:, :, None]) * scale[:, :, None], (bn, nw))
+        a = tl.reshape((((w >> (4 * i)) & 0xF).to(tl.float32) - zero[:, :, None]) * scale[:, :, None], (bn, nw))
         k = (q // 16) * 128 + 16 * i + (q % 16)
         xi = _input_at(x_ptr, rr[None, :], sxm, k[:, None], (k < K)[:, None] & rok[None, :])        # [NW, R]
         if x_ptr.dtype.element_ty == tl.float32:
@@ -866,11 +855,11 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
         rok = rr < M
         if ROUTED:
             rok = rok & (tl.load(rexp_ptr + rr, mask=rok, other=-1) == expert)
-        y = _dot_rows_mma(w, scale, zero, x_ptr, rr, rok, sxm, K, NBP, MMA)                            # [ROWS, BN]
+        y = _dot_rows_mma(w, scale, zero, x_ptr, rr, rok, sxm, K, NBP)                              # [ROWS, BN]
         if HAS_BIAS:
             y += bias[None, :]
         if GATED:
-            y = activate(y, ACT) * _dot_rows_mma(w_up, scale_up, zero_up, x_ptr, rr, rok, sxm, K, NBP, MMA)
+            y = activate(y, ACT) * _dot_rows_mma(w_up, scale_up, zero_up, x_ptr, rr, rok, sxm, K, NBP)
         if HAS_RSCALE:
             y = y * tl.load(rscale_ptr + rr, mask=rok, other=0.0).to(tl.float32)[:, None]
         _store_out(y, rr[:, None], rows[None, :], rok[:, None] & rows_ok[None, :], out_ptr, som, co_ptr, scom,
@@ -1194,7 +1183,7 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         CONV_EPI=conv_out is not None, CONV_W=cw.shape[1] if conv_out is not None else 1, HAS_CB=cb is not None,
         GATED=gated is not None,
         ACT=ACTIVATION_IDS[gated] if gated else 0, HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
-        KP=kp, NBP=nbp, WPG=wpg, TPB=tpb, UNPACK=unpack, MMA=_mma_kind(mma, policy, x), BLOCK_N=bn, PDL=policy.pdl,
+        KP=kp, NBP=nbp, WPG=wpg, TPB=tpb, UNPACK=unpack, MMA=mma, BLOCK_N=bn, PDL=policy.pdl,
         EXPERT_READY=expert_ready and row_expert is not None, ROW_PROGRAMS=row_programs, X_PLANES=use_planes,
         XPL_K=kpad, XPL_SUMS=bool(x_plane_sums) or xws is not None, OUT_PLANES=out_planes is not None, OPL_K=opl_k,
         NBP2=nbp2,
@@ -1202,16 +1191,6 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         num_warps=warps,
         **kwargs)
     return out
-
-
-def _mma_kind(mma: bool, policy: DecodePolicy, x) -> int:
-    """The kernel's ``MMA``: 0 no tensor cores, 1 the weights dequantized in float32, 2 / 3 two codes at a time
-    (``policy.planes_mma_pairs``, 16-bit inputs; 3: compiled CUDA, the inline PTX)."""
-    if not mma:
-        return 0
-    if policy.planes_mma_pairs and x.dtype in (torch.bfloat16, torch.float16):
-        return 3 if x.is_cuda else 2
-    return 1
 
 
 def route_from_acc_ref(norm_in: NormIn) -> tuple[torch.Tensor, torch.Tensor]:

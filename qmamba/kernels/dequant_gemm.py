@@ -80,9 +80,8 @@ _PAIR_ASM = tl.constexpr(tuple(_pair_asm(4 * (j % 4), bool(j & 4), bool(j & 8)) 
 def plane_code_pairs(words, zero, scale, i: tl.constexpr, SCALED: tl.constexpr, ASM: tl.constexpr,
                      FP16: tl.constexpr):
     """``code - zero`` (``SCALED``: times the group scale rounded to the input's type, one rounding) of nibble
-    position ``i`` of plane words (``words [BN, 16]``, ``zero [BN, 1]`` and ``scale [BN, 1]`` from
-    :func:`plane_tile`; or any words with zero points and scales that broadcast to them, as the decode kernels'
-    ``[BN, NBP, 16]``): the words' shape in bfloat16 (``FP16``: float16), as :func:`plane_codes`' k. ``ASM``
+    position ``i`` of a plane tile (``words [BN, 16]``, ``zero [BN, 1]``; ``scale [BN, 1]``, :func:`plane_tile`'s
+    with a unit axis): ``[BN, 16]`` in bfloat16 (``FP16``: float16), as :func:`plane_codes`' k. ``ASM``
     (compiled CUDA, sm_80+): the words' 16-bit halves holding position ``i`` (two neighbouring words' halves a
     register, as Triton packs 16-bit elements) are unpacked two codes at a time by :func:`_pair_asm` (a shift, a
     logic instruction and a packed FMA for two codes, one FMA more scaled, against ~3.5 instructions a code for

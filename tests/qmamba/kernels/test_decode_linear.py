@@ -271,33 +271,6 @@ def test_planes_on_cuda_cores_at_several_rows(m, unpack, device):
     torch.testing.assert_close(out, decode_linear_ref(x, w), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("m", [3, 8])
-@pytest.mark.parametrize("routed", [False, True])
-def test_planes_mma_pairs_at_several_rows(m, routed, device):
-    """``DecodePolicy.planes_mma_pairs`` (a candidate): the tensor-core tiles of plane words at 2+ rows with the codes
-    two at a time, scaled in the input's 16-bit type (bfloat16 on CUDA, float16 in the interpreter, whose dots have
-    no bfloat16), ragged K, dense and a routed gated stack (one program column per expert, one idle): equal to the
-    reference within 16-bit rounding, and to the float32-dequantized tiles (``planes_mma`` alone)."""
-    torch.manual_seed(m)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
-    n, k, e = 40, 300, 4
-    base = DecodePolicy(pdl=False, num_warps=4 if device.type == "cuda" else 1)
-    x = torch.randn(m, k, device=device).to(dtype)
-    kw = {}
-    if routed:
-        w = weight_for("planes128", 2 * n, k, device, experts=e, seed=3)
-        kw = dict(row_expert=torch.tensor([3, 0, 3, 1, 0, 0, 1, 3][:m], dtype=torch.int32, device=device),
-                  gated="silu")
-    else:
-        w = weight_for("planes128", n, k, device, seed=3)
-    outs = [decode_linear(x, w, poisoned(m, n, device).to(dtype), policy=dataclasses.replace(base, planes_mma_pairs=p),
-                          **kw) for p in (True, False)]
-    ref = decode_linear_ref(x.float(), w, **kw)
-    for out in outs:
-        torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
-    torch.testing.assert_close(outs[0].float(), outs[1].float(), atol=3e-2, rtol=3e-2)
-
-
 @pytest.mark.parametrize("fmt", ["float", "int8", "int4g32", "int4g32-magic", "planes128-magic", "planes128-denorm",
                                  "planes128-nomma", "binary", "binary-denorm", "float-rowprog", "planes128-rowprog",
                                  "binary-rowprog"])
