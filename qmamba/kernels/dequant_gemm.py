@@ -125,9 +125,13 @@ def plane_code_pairs(words, zero, scale, i: tl.constexpr, SCALED: tl.constexpr, 
 
 def plane_pairs_args(mode: str, x) -> dict:
     """The kernels' ``PAIRS`` / ``ASM`` for ``MatmulPolicy.plane_code_pairs`` and an input ``x``: 16-bit inputs
-    only (float32 inputs take the exact IEEE products), the PTX on CUDA only."""
+    only (float32 inputs take the exact IEEE products), the PTX on CUDA only, bfloat16's from sm_80 (its packed FMA;
+    older GPUs have no bfloat16 tensor cores either: the elementwise twin there)."""
     pairs = PLANE_CODE_PAIRS[mode] if x.dtype in (torch.bfloat16, torch.float16) else 0
-    return dict(PAIRS=pairs, ASM=bool(pairs) and x.is_cuda)
+    asm = bool(pairs) and x.is_cuda
+    if asm and x.dtype == torch.bfloat16:
+        asm = torch.cuda.get_device_capability(x.device)[0] >= 8
+    return dict(PAIRS=pairs, ASM=asm)
 
 
 @jit
