@@ -10,7 +10,7 @@ import torch
 
 from qmamba.kernels._triton import HAS_TRITON, cdiv, jit, split_k_mode, split_k_range, store_or_add, tl
 from qmamba.kernels.routing import ExpertTiles
-from qmamba.kernels.weights import FMT_INT4, PackedWeight
+from qmamba.kernels.weights import FMT_INT4, FMT_INT4_PLANES, PackedWeight
 
 
 @jit
@@ -304,5 +304,5 @@ def dequant_gemm(x, weight: PackedWeight, out, bias, row_scale, tiles: ExpertTil
         IEEE=x.dtype == torch.float32, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SWIZZLE=1 if tiles is not None else 8, ONLY=only_expert is not None,
         FLOAT_CODES=plane_float_codes and x.dtype != torch.float32, W_LEFT=plane_weight_left,
-        **plane_pairs_args(plane_code_pairs, x), num_warps=config.num_warps,
+        **plane_pairs_args(plane_code_pairs if weight.fmt == FMT_INT4_PLANES else "", x), num_warps=config.num_warps,
         num_stages=config.num_stages)

@@ -64,13 +64,14 @@ class MatmulPolicy:
     ``plane_code_pairs`` (a candidate, off until timed on a GPU): the GEMM kernel and the small-M kernel unpack the
     16-bit inputs' int4 plane codes two at a time (:func:`qmamba.kernels.dequant_gemm.plane_code_pairs`: a word's
     16-bit halves hold four nibble positions each; with two halves a register, a shift, a logic instruction and one
-    packed FMA make two codes ``code - zero`` exactly, inline PTX, sm_80+). "exact": the group scale still multiplies each tile's partial
-    products in float32, as with float codes; "scaled": one more packed FMA multiplies the codes by the scale rounded
-    to the input's type (bfloat16 rounds the fp16 scale: ~2^-9 relative per group; float16 keeps it exact), and the
-    products go straight into one accumulator. Compiled for sm_90 with Triton 3.6 (fc1 at M = 2048, 64 x 128 tiles,
-    ``W x^T``): the K tile's loop 812 -> 475 SASS instructions a thread scaled, 128 registers against 231
-    (``inspect_gemm_kernel.py --pairs``). Unlike session 19's pairs (removed below) the zero point comes off in
-    registers, with no correction. ``""``: off.
+    packed FMA make two codes ``code - zero`` exactly; inline PTX, sm_80+). "exact": the group scale still
+    multiplies each tile's partial products in float32, as with float codes; "scaled": one more packed FMA
+    multiplies the codes by the scale rounded to the input's type (bfloat16 rounds the fp16 scale: ~2^-9 relative
+    per group; float16 keeps it exact), and the products go straight into one accumulator. Compiled for sm_90 with
+    Triton 3.6 (fc1, 8 experts at M = 2048, 64 x 128 tiles, ``W x^T``; ``inspect_gemm_kernel.py --pairs --loop``):
+    the K loop 850 -> 521 / 522 SASS instructions a thread (exact / scaled), 231 -> 242 / 166 registers; scaled,
+    the 128-token tiles no longer spill (benchmarks/results.md, "Session 34"). Unlike session 19's pairs (removed
+    below) the zero point comes off in registers, with no correction. ``""``: off.
     Tried and removed (session 33, commit 3afa750 has the code): the bit-position dots on an input permuted and
     scaled by alpha in one small launch first, each bit position's input 16 contiguous columns, in one flat loop over
     (tile, 8 positions) that Triton pipelines. H100, batch-8 1-bit + int4 decode: 2.339 against 1.798 ms/token (the
