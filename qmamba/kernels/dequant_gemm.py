@@ -87,39 +87,24 @@ def plane_code_pairs(words, zero, scale, i: tl.constexpr, SCALED: tl.constexpr, 
     logic instruction and a packed FMA for two codes, one FMA more scaled, against ~3.5 instructions a code for
     :func:`plane_codes`' float codes); without it (the interpreter has no inline PTX) the same values one element
     at a time."""
+    dt = tl.float16 if FP16 else tl.bfloat16
     if ASM:
         if i >= 4:
             src = (words >> 16).to(tl.int16)
         else:
             src = words.to(tl.int16)
-        if FP16:
-            negz = (-(zero.to(tl.float32) + 1024.0)).to(tl.float16)
-            if SCALED:
-                codes = tl.inline_asm_elementwise(_PAIR_ASM[i % 4 + 12], "=r,r,r,r",
-                                                  [src, negz, scale.to(tl.float16)], dtype=tl.float16,
-                                                  is_pure=True, pack=2)
-            else:
-                codes = tl.inline_asm_elementwise(_PAIR_ASM[i % 4 + 4], "=r,r,r", [src, negz], dtype=tl.float16,
-                                                  is_pure=True, pack=2)
+        negz = (-(zero.to(tl.float32) + (1024.0 if FP16 else 128.0))).to(dt)
+        if SCALED:
+            codes = tl.inline_asm_elementwise(_PAIR_ASM[i % 4 + 4 * FP16 + 8], "=r,r,r,r", [src, negz, scale.to(dt)],
+                                              dtype=dt, is_pure=True, pack=2)
         else:
-            negz = (-(zero.to(tl.float32) + 128.0)).to(tl.bfloat16)
-            if SCALED:
-                codes = tl.inline_asm_elementwise(_PAIR_ASM[i % 4 + 8], "=r,r,r,r",
-                                                  [src, negz, scale.to(tl.bfloat16)], dtype=tl.bfloat16,
-                                                  is_pure=True, pack=2)
-            else:
-                codes = tl.inline_asm_elementwise(_PAIR_ASM[i % 4], "=r,r,r", [src, negz], dtype=tl.bfloat16,
-                                                  is_pure=True, pack=2)
+            codes = tl.inline_asm_elementwise(_PAIR_ASM[i % 4 + 4 * FP16], "=r,r,r", [src, negz], dtype=dt,
+                                              is_pure=True, pack=2)
     else:
         q = (((words >> (4 * i)) & 0xF) - zero).to(tl.float32)
-        if FP16:
-            if SCALED:
-                q = q * scale.to(tl.float16).to(tl.float32)
-            codes = q.to(tl.float16)
-        else:
-            if SCALED:
-                q = q * scale.to(tl.bfloat16).to(tl.float32)
-            codes = q.to(tl.bfloat16)
+        if SCALED:
+            q = q * scale.to(dt).to(tl.float32)
+        codes = q.to(dt)
     return codes
 
 
