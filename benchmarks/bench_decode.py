@@ -231,15 +231,16 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
 def matmul_variant(v: str) -> MatmulPolicy:
     """The general matmuls' policy of a variant (batch 2+ and the prefill run on them): :data:`DEFAULT_POLICY`
     itself but for ``intcodes`` (int4 plane codes through integer-to-float conversions,
-    ``MatmulPolicy.plane_float_codes``), ``acqrel``, ``nowdots``, ``pairs`` and ``pairss``, whose policies
+    ``MatmulPolicy.plane_float_codes``), ``acqrel``, ``nowdots``, ``pairs``, ``pairss`` and ``nopairs``, whose policies
     :func:`policy_variant` leaves to this function."""
     if v == "intcodes":
         return dataclasses.replace(DEFAULT_POLICY, plane_float_codes=False)
     if v == "acqrel":  # the split-K atomic adds with Triton's default ordering (MatmulPolicy.split_k_atomic_sem)
         return dataclasses.replace(DEFAULT_POLICY, split_k_atomic_sem="acq_rel")
-    if v in ("pairs", "pairss"):  # the general kernels' int4 plane codes two at a time (MatmulPolicy.plane_code_pairs
-        #                          "exact", or s: "scaled")
-        return dataclasses.replace(DEFAULT_POLICY, plane_code_pairs="scaled" if v == "pairss" else "exact")
+    if v in ("pairs", "pairss", "nopairs"):  # the general kernels' int4 plane codes two at a time
+        #                                     (MatmulPolicy.plane_code_pairs "exact", the default, or s: "scaled"),
+        #                                     or no: float codes (the default before session 34)
+        return dataclasses.replace(DEFAULT_POLICY, plane_code_pairs={"pairs": "exact", "pairss": "scaled"}.get(v, ""))
     if v == "nowdots":  # 1-bit matrices at 8..16 rows without the bit-position dots (MatmulPolicy.
         #               binary_word_dots_min_rows): the word GEMV, one program row per input row, as before session 32
         return dataclasses.replace(DEFAULT_POLICY, binary_word_dots_min_rows=GEMV_MAX_M + 1)
@@ -268,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "DecodePolicy.int4_tile_pieces; N int4 rows a program), nopieces (one padded tile row, 4 int4 "
                          "rows a program: the CUDA policy before session 33), joint (every product of an int4 row "
                          "before any reduction: DecodePolicy.planes_joint), wsums (joint, and the planes' "
-                         "producers add their word sums: DecodePolicy.producer_word_sums), pairs / pairss (the general kernels' int4 codes two at a time, exact / scaled: "
-                         "MatmulPolicy.plane_code_pairs), ssmbdN (N channels per "
+                         "producers add their word sums: DecodePolicy.producer_word_sums), pairs / pairss / nopairs "
+                         "(the general kernels' int4 codes two at a time, exact (the default) / scaled, or float "
+                         "codes: MatmulPolicy.plane_code_pairs), ssmbdN (N channels per "
                          "program of the SSM update, e.g. "
                          "ssmbd8), fmts[+-]FORMAT... (the default with int8, binary or float weights added to / "
                          "taken from those the decode kernels serve at batch 1, e.g. fmts+int8, fmts+binary), "

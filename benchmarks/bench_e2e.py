@@ -41,11 +41,13 @@ PREFILL_EXPERT_ROUTES = {"tiles": DEFAULT_POLICY,
                          **{f"tiles_{bm}x{bn}w{w}s{s}": dataclasses.replace(DEFAULT_POLICY,
                                                                             plane_gemm_tile=(bm, bn, w, s))
                             for bm, bn, w, s in ((64, 128, 8, 4), (64, 128, 8, 3), (32, 128, 8, 4))},
-                         # int4 plane codes two at a time (MatmulPolicy.plane_code_pairs, a candidate), scaled also
+                         # int4 plane codes two at a time (MatmulPolicy.plane_code_pairs, "exact" the default since
+                         # session 34), or float codes (nopairs), scaled also
                          # at larger tiles (one accumulator; sm_90, Triton 3.6, fc1: 166 registers at 64 x 128 w4,
                          # 233 at 128 x 128 w4 and 128 at 128 x 128 w8, none spilled; float codes spill at 128 x 128
                          # w4)
                          "tiles_pairs": dataclasses.replace(DEFAULT_POLICY, plane_code_pairs="exact"),
+                         "tiles_nopairs": dataclasses.replace(DEFAULT_POLICY, plane_code_pairs=""),  # before session 34
                          **{f"tiles_pairss{'' if t is None else '_%dx%dw%ds%d' % t}": dataclasses.replace(
                              DEFAULT_POLICY, plane_code_pairs="scaled",
                              plane_gemm_tile=t or DEFAULT_POLICY.plane_gemm_tile)

@@ -61,18 +61,22 @@ class MatmulPolicy:
     session 19 (``bench_planes_gemm.py --parts experts --m 2048 --sweep``, 64 x 128 tiles, 8 experts): fc1 298 ->
     261 us, fc2 166 -> 145 (bf16 experts 156 / 94), faster at each of the sweep's six tiles; level at M = 256 /
     512. On.
-    ``plane_code_pairs`` (a candidate, off until timed on a GPU): the GEMM kernel and the small-M kernel unpack the
-    16-bit inputs' int4 plane codes two at a time (:func:`qmamba.kernels.dequant_gemm.plane_code_pairs`: a word's
-    16-bit halves hold four nibble positions each; with two halves a register, a shift, a logic instruction and one
-    packed FMA make two codes ``code - zero`` exactly; inline PTX, sm_80+). "exact": the group scale still
-    multiplies each tile's partial products in float32, as with float codes; "scaled": one more packed FMA
-    multiplies the codes by the scale rounded to the input's type (bfloat16 rounds the fp16 scale: ~2^-9 relative
-    per group, tiny-blackmamba's perplexity 73.196 -> 73.205 with every matrix so, benchmarks/ppl_scale_rounding.py;
-    float16 keeps it exact), and the products go straight into one accumulator. Compiled for sm_90 with
-    Triton 3.6 (fc1, 8 experts at M = 2048, 64 x 128 tiles, ``W x^T``; ``inspect_gemm_kernel.py --pairs --loop``):
-    the K loop 850 -> 521 / 522 SASS instructions a thread (exact / scaled), 231 -> 242 / 166 registers; scaled,
-    the 128-token tiles no longer spill (benchmarks/results.md, "Session 34"). Unlike session 19's pairs (removed
-    below) the zero point comes off in registers, with no correction. ``""``: off.
+    ``plane_code_pairs``: the GEMM kernel and the small-M kernel unpack the 16-bit inputs' int4 plane codes two at a
+    time (:func:`qmamba.kernels.dequant_gemm.plane_code_pairs`: a word's 16-bit halves hold four nibble positions
+    each; with two halves a register, a shift, a logic instruction and one packed FMA make two codes ``code - zero``
+    exactly; inline PTX, sm_80+). "exact" (the default): the group scale still multiplies each tile's partial
+    products in float32, as with float codes; "scaled": one more packed FMA multiplies the codes by the scale
+    rounded to the input's type (bfloat16 rounds the fp16 scale: ~2^-9 relative per group, tiny-blackmamba's
+    perplexity 73.196 -> 73.205 with every matrix so, benchmarks/ppl_scale_rounding.py; float16 keeps it exact), and
+    the products go straight into one accumulator; ``""``: float codes (:func:`plane_codes`). sm_90, Triton 3.6
+    (fc1, 8 experts at M = 2048, 64 x 128 tiles, ``W x^T``; ``inspect_gemm_kernel.py --pairs --loop``): the K loop
+    850 -> 521 / 522 SASS instructions a thread (exact / scaled). H100, session 34 (``bench_planes_gemm.py --parts
+    experts --m 2048,256 --sweep``, 8 experts, us, float codes / exact / scaled at 64 x 128): fc1 at M = 2048 217.6 /
+    175.7 / 162.3, fc2 134.8 / 100.8 / 135.0 (scaled at 128 x 128 with 4 warps, 2 stages: 166.0 / 86.3; bf16 141.6
+    / 68.9); M = 256: fc1 54.9 / 40.8 / 45.7, fc2 46.1 / 38.6 / 39.8. Graph prefill of 2,048 tokens (int4 as
+    ``qmamba quantize`` writes it): 150.5k -> 169.9k tok/s exact (scaled at 128 x 128: 172.3k; bf16 194.6k); batch-8
+    decode 1.468 -> 1.428 ms/token (scaled 1.445). Unlike session 19's pairs (removed below) the zero point comes off
+    in registers, with no correction.
     Tried and removed (session 33, commit 3afa750 has the code): the bit-position dots on an input permuted and
     scaled by alpha in one small launch first, each bit position's input 16 contiguous columns, in one flat loop over
     (tile, 8 positions) that Triton pipelines. H100, batch-8 1-bit + int4 decode: 2.339 against 1.798 ms/token (the
@@ -101,7 +105,7 @@ class MatmulPolicy:
     plane_float_codes: bool = True
     plane_weight_left: bool = True
     plane_gemm_tile: tuple = (64, 128, 4, 3)
-    plane_code_pairs: str = ""
+    plane_code_pairs: str = "exact"
     split_k_atomic_sem: str = "relaxed"  # the split-K atomic adds' ordering ("relaxed" or "acq_rel", Triton's
     #                                      default, which fences every earlier store before each add: sm_90
     #                                      MEMBAR.ALL.GPU + CCTL.IVALL; the sums are only read after the grid)
