@@ -11,8 +11,7 @@ BlackMamba-2.8B's expert shapes (8 experts, top-1):
 
 Each case is compiled with the codes unpacked as integers and as floats (``MatmulPolicy.plane_float_codes``). A
 guide to the instructions a choice costs, not a timing (the device's Triton may schedule differently); the timings
-are ``bench_planes_gemm.py`` and ``bench_decode.py`` on a GPU. ``--no-stack`` exits 1 where the default (float codes)
-spills. ``--pairs``: also each case with the codes unpacked two at a time (``MatmulPolicy.plane_code_pairs`` "exact"
+are ``bench_planes_gemm.py`` and ``bench_decode.py`` on a GPU. ``--no-stack`` exits 1 where the float codes spill. ``--pairs``: also each case with the codes unpacked two at a time (``MatmulPolicy.plane_code_pairs`` "exact"
 and "scaled", as ``W x^T`` in the prefill). ``--loop``: each line also gives the instructions of the kernel's
 longest loop (the K loop: one K tile of 128, per thread) and their mix.
 """
@@ -111,7 +110,7 @@ def main():
     ap.add_argument("--cases", default="prefill,batch8")
     ap.add_argument("--shapes", default="fc1,fc2")
     ap.add_argument("--arch", type=int, default=90)
-    ap.add_argument("--no-stack", action="store_true", help="exit 1 if the default (float codes) spills")
+    ap.add_argument("--no-stack", action="store_true", help="exit 1 if the float codes spill")
     ap.add_argument("--weight-left", action="store_true",
                     help="also the prefill GEMM as W x^T (MatmulPolicy.plane_weight_left), float codes")
     ap.add_argument("--pairs", action="store_true",

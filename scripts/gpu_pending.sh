@@ -22,7 +22,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="plane_pairs_tests plane_pairs_gemm plane_pairs_dense plane_pairs_prefill batch8_pairs planes_joint planes_joint_kernels matmul_table"  # the step lines below, in order
+ALL_STEPS="plane_pairs_dense planes_joint planes_joint_kernels matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -37,24 +37,11 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" \
   || exit 1
 
-# int4 plane codes two at a time (session 34, built offline; inline PTX that only a GPU runs): a shift, a logic
-# instruction and a packed FMA make two codes into `code - zero` (MatmulPolicy.plane_code_pairs: the grouped expert
-# GEMM of the prefill and the general small-M kernel, which batch 8's dense int4 matrices take: "exact", or "scaled"
-# into one accumulator). First the tests on the GPU (the PTX against the reference), then the grouped expert GEMM
-# beside the default at larger tiles too, the dense projections' tile kernel, the graph prefill by route, batch 8
-step plane_pairs_tests bash scripts/gpu_check.sh tests/qmamba/kernels/test_planes_matmul.py \
-  tests/qmamba/kernels/test_decode_linear.py tests/qmamba/kernels/test_quant_matmul.py -k "pair or plane_codes"
-step plane_pairs_gemm "$PY" benchmarks/bench_planes_gemm.py --out "$DEST/plane_pairs_gemm.json" --parts experts \
-  --m 256,2048 --sweep --expert-tiles 64x128w4s3,128x128w4s2,128x128w4s3,128x128w8s3,64x256w8s3 \
-  --unpacks wleft,pairs,pairs_scaled
-# the dense projections' tile kernel at M = 64..2048 (the default there: one dequantization pass + cuBLAS, 0.40-0.72x
-# of cuBLAS bf16 at 64..256 on the H100; issue 13 asks >= 1.0x), beside cuBLAS and the default route
+# the dense projections' tile kernel at M = 64..2048 with the int4 codes two at a time (MatmulPolicy.plane_code_pairs,
+# "exact" the default since session 34; scaled too) beside cuBLAS bf16 and the default route there (one
+# dequantization pass + cuBLAS, 0.40-0.72x of cuBLAS bf16 at 64..256 on the H100; issue 13 asks >= 1.0x)
 step plane_pairs_dense "$PY" benchmarks/bench_planes_gemm.py --out "$DEST/plane_pairs_dense.json" --parts dense \
-  --m 64,256,2048 --sweep --expert-tiles 64x128w4s3,128x128w4s2,128x128w8s3 --unpacks wleft,pairs_scaled
-step plane_pairs_prefill "$PY" benchmarks/profile_prefill.py --format int4_cli --graph \
-  --experts tiles,tiles_pairs,tiles_pairss,tiles_pairss_128x128w4s2,tiles_pairss_128x128w8s3,tiles_pairss_64x256w8s3
-step batch8_pairs "$PY" benchmarks/bench_decode.py --out "$DEST/batch8_pairs.json" --formats int4_g128,bf16 \
-  --batches 8 --rounds 3 --check-steps 8 --variants default,pairs,pairss
+  --m 64,256,2048 --sweep --expert-tiles 64x128w4s3,128x128w4s2,128x128w8s3 --unpacks wleft,pairs,pairs_scaled
 
 # int4 input planes (one row; batch 8's routed row programs): every product of a row (both tile pieces; fc1's gate and
 # up rows from one read of the input) before any reduction, the word sums read in the tile's shape

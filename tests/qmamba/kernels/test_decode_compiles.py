@@ -270,9 +270,9 @@ def test_int8_binary_and_x_in_tile_compile():
 def test_int4_gemm_defaults_compile_without_spills():
     """The grouped expert GEMM of the prefill (M = 2048, 64 x 128 tiles) and the small-M kernel of batched decode (8
     rows routed by expert) on int4 plane words, as the CUDA defaults launch them at BlackMamba-2.8B's fc1 / fc2:
-    with the codes unpacked as floats (the default) no integer-to-float conversion is left and, as ``x W^T``, nothing
-    spills; the prefill GEMM as ``W x^T`` (the default since session 19) keeps its dequantized tile out of shared
-    memory."""
+    with the codes unpacked as floats (the default until session 34; the pairs that replaced it are
+    ``test_plane_code_pairs_compile``'s) no integer-to-float conversion is left and, as ``x W^T``, nothing spills; the
+    prefill GEMM as ``W x^T`` (the default since session 19) keeps its dequantized tile out of shared memory."""
     stdout = _compiled(str(ROOT / "benchmarks" / "inspect_gemm_kernel.py"), "--no-stack", "--weight-left",
                        timeout=900)
     lines = [line for line in stdout.splitlines() if " regs " in line]
