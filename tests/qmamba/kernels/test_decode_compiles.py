@@ -311,7 +311,8 @@ def test_plane_code_pairs_compile(arch):
         for mode in ("exact", "scaled"):
             line = lines[f"{case} pairs {mode}"]
             # (sm_80: Triton 3.9 gives the scaled prefill GEMM 48 bytes of stack at 168 registers, 3.6 none)
-            assert (" stack    0 " in line or arch < 90) and count("I2F", line) <= count("I2F", base), stdout
+            # a few conversions for indices (2-6 by Triton version and target), not one a code (64+ with integer codes)
+            assert (" stack    0 " in line or arch < 90) and count("I2F", line) < 16, stdout
             assert count(packed, line) >= 32 and sass(line) < sass(base), stdout
 
 
