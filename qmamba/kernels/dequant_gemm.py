@@ -108,15 +108,30 @@ def plane_code_pairs(words, zero, scale, i: tl.constexpr, SCALED: tl.constexpr, 
     return codes
 
 
-def plane_pairs_args(mode: str, x) -> dict:
-    """The kernels' ``PAIRS`` / ``ASM`` for ``MatmulPolicy.plane_code_pairs`` and an input ``x``: 16-bit inputs
-    only (float32 inputs take the exact IEEE products), the PTX on CUDA only, bfloat16's from sm_80 (its packed FMA;
-    older GPUs have no bfloat16 tensor cores either: the elementwise twin there)."""
-    pairs = PLANE_CODE_PAIRS[mode] if x.dtype in (torch.bfloat16, torch.float16) else 0
+@jit
+def plane_position_codes(words, zero, scale, i: tl.constexpr, PAIRS: tl.constexpr, FLOAT_CODES: tl.constexpr,
+                         ASM: tl.constexpr, FP16: tl.constexpr):
+    """Nibble position ``i`` of a plane tile as the GEMM kernels' dot operand: two codes at a time where ``PAIRS``
+    (:func:`plane_code_pairs`; 2: scaled), else :func:`plane_codes` (as floats where ``FLOAT_CODES``).
+    ``PAIRS`` / ``ASM`` / ``FP16``: :func:`plane_pairs_args`."""
+    if PAIRS:
+        codes = plane_code_pairs(words, zero, scale[:, None], i, PAIRS == 2, ASM, FP16)
+    else:
+        codes = plane_codes(words, zero, i, FLOAT_CODES)
+    return codes
+
+
+def plane_pairs_args(mode: str, weight: PackedWeight, x) -> dict:
+    """The kernels' ``PAIRS`` / ``ASM`` / ``FP16`` for ``MatmulPolicy.plane_code_pairs``, a weight and an input
+    ``x``: int4 plane words and 16-bit inputs only (float32 inputs take the exact IEEE products), the PTX on CUDA
+    only, bfloat16's from sm_80 (its packed FMA; older GPUs have no bfloat16 tensor cores either: the elementwise
+    twin there)."""
+    pairs = (PLANE_CODE_PAIRS[mode] if weight.fmt == FMT_INT4_PLANES and x.dtype in (torch.bfloat16, torch.float16)
+             else 0)
     asm = bool(pairs) and x.is_cuda
     if asm and x.dtype == torch.bfloat16:
         asm = torch.cuda.get_device_capability(x.device)[0] >= 8
-    return dict(PAIRS=pairs, ASM=asm)
+    return dict(PAIRS=pairs, ASM=asm, FP16=x.dtype == torch.float16)
 
 
 @jit
@@ -150,7 +165,7 @@ def _dequant_gemm_kernel(
     FMT: tl.constexpr, TILES: tl.constexpr, GROUP: tl.constexpr, SCALE_AFTER: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIZZLE: tl.constexpr, ONLY: tl.constexpr,
-    FLOAT_CODES: tl.constexpr, W_LEFT: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr,
+    FLOAT_CODES: tl.constexpr, W_LEFT: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr, FP16: tl.constexpr,
 ):
     """Prefill GEMM (M > 16): ``[BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]`` tensor-core tiles, the weight tile
     dequantized in registers. int4 nibbles are interleaved back to k order with ``join``; with one group per K tile
@@ -208,11 +223,7 @@ def _dequant_gemm_kernel(
                 ki = k0 + 16 * i + tl.arange(0, 16)
                 xi = tl.load(x_ptr + rows[:, None] * sxm + ki[None, :] * sxk,
                              mask=row_ok[:, None] & (ki < K)[None, :], other=0.0)
-                if PAIRS:
-                    codes = plane_code_pairs(words, zero, scale[:, None], i, PAIRS == 2, ASM,
-                                             x_ptr.dtype.element_ty == tl.float16)
-                else:
-                    codes = plane_codes(words, zero, i, FLOAT_CODES)
+                codes = plane_position_codes(words, zero, scale, i, PAIRS, FLOAT_CODES, ASM, FP16)
                 if PAIRS == 2:  # scaled codes: no partial sum per tile, one accumulator
                     if W_LEFT:
                         acc_t += weight_times_rows(codes, xi, IEEE)
@@ -289,5 +300,5 @@ def dequant_gemm(x, weight: PackedWeight, out, bias, row_scale, tiles: ExpertTil
         IEEE=x.dtype == torch.float32, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SWIZZLE=1 if tiles is not None else 8, ONLY=only_expert is not None,
         FLOAT_CODES=plane_float_codes and x.dtype != torch.float32, W_LEFT=plane_weight_left,
-        **plane_pairs_args(plane_code_pairs if weight.fmt == FMT_INT4_PLANES else "", x), num_warps=config.num_warps,
+        **plane_pairs_args(plane_code_pairs, weight, x), num_warps=config.num_warps,
         num_stages=config.num_stages)

@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 
 from qmamba.kernels._triton import cdiv, jit, split_k_mode, split_k_range, tl
-from qmamba.kernels.dequant_gemm import (dequant_gemm, matmul_epilogue, plane_code_pairs, plane_codes,
-                                         plane_pairs_args, plane_tile, weight_times_rows)
+from qmamba.kernels.dequant_gemm import (dequant_gemm, matmul_epilogue, plane_pairs_args,
+                                         plane_position_codes, plane_tile, weight_times_rows)
 from qmamba.kernels.dequantize import dense_linear, dequantize_stack
 from qmamba.kernels.int4_gemv import int4_gemv
 from qmamba.kernels.matmul_configs import (DEQUANT_GEMM_MIN_M, GEMV_MAX_M, MatmulConfig, MatmulPolicy,
@@ -74,7 +74,7 @@ def _dequant_matmul_kernel(
     USE_DOT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLOAT_CODES: tl.constexpr,
-    PAIRS: tl.constexpr, ASM: tl.constexpr,
+    PAIRS: tl.constexpr, ASM: tl.constexpr, FP16: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -107,11 +107,7 @@ def _dequant_matmul_kernel(
                 ki = k0 + 16 * i + tl.arange(0, 16)
                 xi = tl.load(x_ptr + rows[:, None] * sxm + ki[None, :] * sxk,
                              mask=row_ok[:, None] & (ki < K)[None, :], other=0.0)
-                if PAIRS:
-                    codes = plane_code_pairs(words, zero, scale[:, None], i, PAIRS == 2, ASM,
-                                             x_ptr.dtype.element_ty == tl.float16)
-                else:
-                    codes = plane_codes(words, zero, i, FLOAT_CODES)
+                codes = plane_position_codes(words, zero, scale, i, PAIRS, FLOAT_CODES, ASM, FP16)
                 if PAIRS == 2:
                     acc += _tile_times_rows(codes, xi, rm, USE_DOT, IEEE, BLOCK_M)
                 else:
@@ -288,6 +284,6 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
         ATOMIC=split_k_mode(atomic, policy.split_k_atomic_sem), IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         FLOAT_CODES=policy.plane_float_codes and x.dtype != torch.float32,
-        **plane_pairs_args(policy.plane_code_pairs if weight.fmt == FMT_INT4_PLANES else "", x),
+        **plane_pairs_args(policy.plane_code_pairs, weight, x),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.to(x.dtype) if convert else out
