@@ -45,13 +45,14 @@ PREFILL_EXPERT_ROUTES = {"tiles": DEFAULT_POLICY,
                          # session 34), or float codes (nopairs), scaled also
                          # at larger tiles (one accumulator; sm_90, Triton 3.6, fc1: 166 registers at 64 x 128 w4,
                          # 233 at 128 x 128 w4 and 128 at 128 x 128 w8, none spilled; float codes spill at 128 x 128
-                         # w4)
+                         # w4; 256 x 64 w4 194 and 256 x 128 w8 191, exact spills there)
                          "tiles_pairs": dataclasses.replace(DEFAULT_POLICY, plane_code_pairs="exact"),
                          "tiles_nopairs": dataclasses.replace(DEFAULT_POLICY, plane_code_pairs=""),  # before session 34
                          **{f"tiles_pairss{'' if t is None else '_%dx%dw%ds%d' % t}": dataclasses.replace(
                              DEFAULT_POLICY, plane_code_pairs="scaled",
                              plane_gemm_tile=t or DEFAULT_POLICY.plane_gemm_tile)
-                            for t in (None, (128, 128, 4, 2), (128, 128, 8, 3), (64, 256, 8, 3))}}
+                            for t in (None, (128, 128, 4, 2), (128, 128, 8, 3), (64, 256, 8, 3), (128, 64, 4, 3),
+                                      (256, 64, 4, 2), (256, 64, 4, 3), (256, 128, 8, 2))}}
 # name -> (format of the projections and experts, format of x_proj / dt_proj / head or None for the same);
 # "int4_cli": int4 g128 with x_proj, dt_proj and the head float, as `qmamba quantize` writes it by default
 FORMATS = {"bf16": (None, None), "int8": (Int8Format(), None), "int4_g128": (Int4Format(128), None),
