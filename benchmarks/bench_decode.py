@@ -237,7 +237,7 @@ def matmul_variant(v: str) -> MatmulPolicy:
         return dataclasses.replace(DEFAULT_POLICY, plane_float_codes=False)
     if v == "acqrel":  # the split-K atomic adds with Triton's default ordering (MatmulPolicy.split_k_atomic_sem)
         return dataclasses.replace(DEFAULT_POLICY, split_k_atomic_sem="acq_rel")
-    if v in ("pairs", "pairss", "nopairs"):  # the general kernels' int4 plane codes two at a time
+    if v in ("pairs", "pairss", "nopairs"):  # the small-M kernel's int4 plane codes two at a time
         #                                     (MatmulPolicy.plane_code_pairs "exact", the default, or s: "scaled"),
         #                                     or no: float codes (the default before session 34)
         return dataclasses.replace(DEFAULT_POLICY, plane_code_pairs={"pairs": "exact", "pairss": "scaled"}.get(v, ""))

@@ -41,15 +41,16 @@ PREFILL_EXPERT_ROUTES = {"tiles": DEFAULT_POLICY,
                          **{f"tiles_{bm}x{bn}w{w}s{s}": dataclasses.replace(DEFAULT_POLICY,
                                                                             plane_gemm_tile=(bm, bn, w, s))
                             for bm, bn, w, s in ((64, 128, 8, 4), (64, 128, 8, 3), (32, 128, 8, 4))},
-                         # int4 plane codes two at a time (MatmulPolicy.plane_code_pairs, "exact" the default since
-                         # session 34), or float codes (nopairs), scaled also
+                         # int4 plane codes two at a time in the GEMM kernel (MatmulPolicy.plane_gemm_code_pairs,
+                         # "scaled" the default since session 35, "exact" session 34's), or float codes (nopairs);
+                         # scaled also
                          # at larger tiles (one accumulator; sm_90, Triton 3.6, fc1: 166 registers at 64 x 128 w4,
                          # 233 at 128 x 128 w4 and 128 at 128 x 128 w8, none spilled; float codes spill at 128 x 128
                          # w4; 256 x 64 w4 194 and 256 x 128 w8 191, exact spills there)
-                         "tiles_pairs": dataclasses.replace(DEFAULT_POLICY, plane_code_pairs="exact"),
-                         "tiles_nopairs": dataclasses.replace(DEFAULT_POLICY, plane_code_pairs=""),  # before session 34
+                         "tiles_pairs": dataclasses.replace(DEFAULT_POLICY, plane_gemm_code_pairs="exact"),
+                         "tiles_nopairs": dataclasses.replace(DEFAULT_POLICY, plane_gemm_code_pairs=""),  # before session 34
                          **{f"tiles_pairss{'' if t is None else '_%dx%dw%ds%d' % t}": dataclasses.replace(
-                             DEFAULT_POLICY, plane_code_pairs="scaled",
+                             DEFAULT_POLICY, plane_gemm_code_pairs="scaled",
                              plane_gemm_tile=t or DEFAULT_POLICY.plane_gemm_tile)
                             for t in (None, (128, 128, 4, 2), (128, 128, 8, 3), (64, 256, 8, 3), (128, 64, 4, 3),
                                       (256, 64, 4, 2), (256, 64, 4, 3), (256, 128, 8, 2))}}

@@ -10,7 +10,7 @@ disagrees is an error (exit 1), never a figure. Method: benchmarks/timing.py (CU
 rotated past the L2, median). ``--sweep`` also times the small-M kernel's tiles at 2 <= M <= 16 (batched decode:
 block_n, split-K, warps) and a grid of GEMM tiles for the plane kernel at M >= 64 (for the
 expert stacks: each tile with the codes unpacked as floats and as integers, as W x^T, and two at a time:
-``MatmulPolicy.plane_float_codes``, ``plane_weight_left``, ``plane_code_pairs``).
+``MatmulPolicy.plane_float_codes``, ``plane_weight_left``, ``plane_code_pairs`` and ``plane_gemm_code_pairs``).
 On the CPU (``TRITON_INTERPRET=1``) ``--quick`` runs the same checks on tiny shapes without timing.
 """
 
@@ -43,7 +43,7 @@ DENSE_SWEEP = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 256, 8,
 EXPERT_SWEEP = [(64, 128, 4, 3), (64, 128, 4, 4), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 4, 4), (64, 64, 4, 2),
                 (64, 128, 8, 3)]  # (block_m, block_n, warps, stages)
 # how the plane GEMM unpacks and multiplies: name -> (MatmulPolicy.plane_float_codes, plane_weight_left,
-# plane_code_pairs)
+# plane_code_pairs and plane_gemm_code_pairs)
 UNPACKS = {"float": (True, False, ""), "int": (False, False, ""), "wleft": (True, True, ""),
            "pairs": (True, True, "exact"), "pairs_scaled": (True, True, "scaled")}
 N_EXPERTS = 8
@@ -117,7 +117,7 @@ def grouped_tile_sweep(label, m, x, ws, row_expert, n_experts, tiles, unpacks, r
         fl, left, pairs = UNPACKS[how]
         # (a config given: the expert-by-expert dequantization route is never taken)
         pol = MatmulPolicy(dequant_experts_min_m=1 << 40, plane_float_codes=fl, plane_weight_left=left,
-                           plane_code_pairs=pairs)
+                           plane_code_pairs=pairs, plane_gemm_code_pairs=pairs)
         st = expert_tile_map(row_expert, n_experts, cfg.block_m)
         sweep_record(record, log, label, m, f"planes {tile_name(tile)} {how}",
                      [lambda w=w, c=cfg, p=pol, t=st: dequant_matmul(x, w[1], row_expert=row_expert, tiles=t,
@@ -167,7 +167,8 @@ def run(m_values, sweep, quick, log, parts=("dense", "experts"), expert_sweep=No
                 #                               the given tiles and unpackings (default: a grid, the default's)
                 for tile, how in itertools.product(expert_sweep or DENSE_SWEEP, unpacks or ["wleft"]):
                     cfg, (fl, left, pairs) = tile_config(tile), UNPACKS[how]
-                    pol = MatmulPolicy(plane_float_codes=fl, plane_weight_left=left, plane_code_pairs=pairs)
+                    pol = MatmulPolicy(plane_float_codes=fl, plane_weight_left=left, plane_code_pairs=pairs,
+                                       plane_gemm_code_pairs=pairs)
                     sweep_record(record, log, label, m, f"planes {tile_name(tile)} {how}",
                                  [lambda w=w, c=cfg, p=pol: dequant_matmul(x, w[1], config=c, policy=p) for w in ws],
                                  ref, n * k // 2)
@@ -243,7 +244,7 @@ def main():
                     "they replace the dense sweep's grid at M >= 64 (with --unpacks there too)")
     ap.add_argument("--unpacks", help="the expert sweep's unpacking: float (codes as floats), int (integer "
                     "conversions), wleft (float codes, the product as W x^T), pairs / pairs_scaled (W x^T, the "
-                    "codes two at a time: MatmulPolicy.plane_code_pairs exact / scaled); default all five")
+                    "codes two at a time: MatmulPolicy.plane_(gemm_)code_pairs exact / scaled); default all five")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test under TRITON_INTERPRET=1)")
     args = ap.parse_args()
     require_idle_gpu()

@@ -65,7 +65,8 @@ def compile_case(case: str, weight: PackedWeight, float_codes: bool, arch: int, 
     """``(compiled kernel, config)`` of one case, recorded from the real launcher on CPU tensors (``pairs``:
     ``MatmulPolicy.plane_code_pairs``, with the inline PTX the CUDA launch takes)."""
     k = weight.k
-    policy = MatmulPolicy(plane_float_codes=float_codes, plane_weight_left=weight_left, plane_code_pairs=pairs)
+    policy = MatmulPolicy(plane_float_codes=float_codes, plane_weight_left=weight_left, plane_code_pairs=pairs,
+                          plane_gemm_code_pairs=pairs)
     if case == "prefill":
         m = 2048
         cfg = gemm_config(m, weight, _CudaLike())

@@ -122,7 +122,8 @@ def plane_position_codes(words, zero, scale, i: tl.constexpr, PAIRS: tl.constexp
 
 
 def plane_pairs_args(mode: str, weight: PackedWeight, x) -> dict:
-    """The kernels' ``PAIRS`` / ``ASM`` / ``FP16`` for ``MatmulPolicy.plane_code_pairs``, a weight and an input
+    """The kernels' ``PAIRS`` / ``ASM`` / ``FP16`` for a pairs mode (``MatmulPolicy.plane_code_pairs``,
+    ``plane_gemm_code_pairs``), a weight and an input
     ``x``: int4 plane words and 16-bit inputs only (float32 inputs take the exact IEEE products), the PTX on CUDA
     only, bfloat16's from sm_80 (its packed FMA; older GPUs have no bfloat16 tensor cores either: the elementwise
     twin there)."""
@@ -280,7 +281,7 @@ def dequant_gemm(x, weight: PackedWeight, out, bias, row_scale, tiles: ExpertTil
     ``tiles``): only that expert's rows are computed and written, with ``weight`` a single matrix (its weight).
     ``plane_float_codes`` / ``plane_weight_left``: int4 plane codes unpacked as floats / the product taken as ``W x^T``
     (:class:`qmamba.kernels.matmul_configs.MatmulPolicy`); ``atomic_sem``: the split-K adds' ordering
-    (``MatmulPolicy.split_k_atomic_sem``); ``plane_code_pairs``: ``MatmulPolicy.plane_code_pairs``."""
+    (``MatmulPolicy.split_k_atomic_sem``); ``plane_code_pairs``: ``MatmulPolicy.plane_gemm_code_pairs``."""
     m = x.shape[0]
     q = weight.qweight
     s = weight.scales if weight.scales is not None else q

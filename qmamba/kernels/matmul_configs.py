@@ -61,8 +61,8 @@ class MatmulPolicy:
     session 19 (``bench_planes_gemm.py --parts experts --m 2048 --sweep``, 64 x 128 tiles, 8 experts): fc1 298 ->
     261 us, fc2 166 -> 145 (bf16 experts 156 / 94), faster at each of the sweep's six tiles; level at M = 256 /
     512. On.
-    ``plane_code_pairs``: the GEMM kernel and the small-M kernel unpack the 16-bit inputs' int4 plane codes two at a
-    time (:func:`qmamba.kernels.dequant_gemm.plane_code_pairs`: a word's 16-bit halves hold four nibble positions
+    ``plane_code_pairs``: the small-M kernel (``plane_gemm_code_pairs``: the GEMM kernel) unpacks the 16-bit inputs'
+    int4 plane codes two at a time (:func:`qmamba.kernels.dequant_gemm.plane_code_pairs`: a word's 16-bit halves hold four nibble positions
     each; with two halves a register, a shift, a logic instruction and one packed FMA make two codes ``code - zero``
     exactly; inline PTX, sm_80+). "exact" (the default): the group scale still multiplies each tile's partial
     products in float32, as with float codes; "scaled": one more packed FMA multiplies the codes by the scale
@@ -76,7 +76,11 @@ class MatmulPolicy:
     / 68.9); M = 256: fc1 54.9 / 40.8 / 45.7, fc2 46.1 / 38.6 / 39.8. Graph prefill of 2,048 tokens (int4 as
     ``qmamba quantize`` writes it): 150.5k -> 169.9k tok/s exact (scaled at 128 x 128: 172.3k; bf16 194.6k); batch-8
     decode 1.468 -> 1.428 ms/token (scaled 1.445). Unlike session 19's pairs (removed below) the zero point comes off
-    in registers, with no correction.
+    in registers, with no correction. ``plane_gemm_code_pairs``: the same choice for the GEMM kernel (M > 16 and
+    expert tiles: the prefill's grouped expert GEMM), "scaled" by default: H100, session 35, graph prefill of 2,048
+    tokens (``profile_prefill.py --format int4_cli --graph --experts tiles_pairs,tiles_pairss``) 169.6k -> 174.1k
+    tok/s (bf16 194.9k), the expert GEMMs 5.10 -> 4.84 ms of the prefill's kernels; the small-M kernel keeps "exact"
+    (batch 8 above).
     Tried and removed (session 33, commit 3afa750 has the code): the bit-position dots on an input permuted and
     scaled by alpha in one small launch first, each bit position's input 16 contiguous columns, in one flat loop over
     (tile, 8 positions) that Triton pipelines. H100, batch-8 1-bit + int4 decode: 2.339 against 1.798 ms/token (the
@@ -106,6 +110,7 @@ class MatmulPolicy:
     plane_weight_left: bool = True
     plane_gemm_tile: tuple = (64, 128, 4, 3)
     plane_code_pairs: str = "exact"
+    plane_gemm_code_pairs: str = "scaled"
     split_k_atomic_sem: str = "relaxed"  # the split-K atomic adds' ordering ("relaxed" or "acq_rel", Triton's
     #                                      default, which fences every earlier store before each add: sm_90
     #                                      MEMBAR.ALL.GPU + CCTL.IVALL; the sums are only read after the grid)
@@ -114,9 +119,10 @@ class MatmulPolicy:
         if self.split_k_atomic_sem not in ("relaxed", "acq_rel"):
             raise ValueError(f"MatmulPolicy: split_k_atomic_sem must be 'relaxed' or 'acq_rel', got "
                              f"{self.split_k_atomic_sem!r}")
-        if self.plane_code_pairs not in ("", "exact", "scaled"):
-            raise ValueError(f"MatmulPolicy: plane_code_pairs must be '', 'exact' or 'scaled', got "
-                             f"{self.plane_code_pairs!r}")
+        for name in ("plane_code_pairs", "plane_gemm_code_pairs"):
+            if getattr(self, name) not in ("", "exact", "scaled"):
+                raise ValueError(f"MatmulPolicy: {name} must be '', 'exact' or 'scaled', got "
+                                 f"{getattr(self, name)!r}")
         if len(self.plane_gemm_tile) != 4:
             raise ValueError(f"MatmulPolicy: plane_gemm_tile is (block_m, block_n, warps, stages), got "
                              f"{self.plane_gemm_tile}")

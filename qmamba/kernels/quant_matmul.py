@@ -264,7 +264,7 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     if route != ROUTE_BY_EXPERT and cfg.block_m >= 16 and (m > GEMV_MAX_M or route == ROUTE_TILES):
         dequant_gemm(x, weight, out, bias, row_scale, tiles if route == ROUTE_TILES else None, cfg, atomic,
                      plane_float_codes=policy.plane_float_codes, plane_weight_left=policy.plane_weight_left,
-                     atomic_sem=policy.split_k_atomic_sem, plane_code_pairs=policy.plane_code_pairs)
+                     atomic_sem=policy.split_k_atomic_sem, plane_code_pairs=policy.plane_gemm_code_pairs)
         return out.to(x.dtype) if convert else out
     q, s, z = weight.qweight, weight.scales, weight.zeros
     s = s if s is not None else q

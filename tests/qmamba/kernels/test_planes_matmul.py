@@ -67,7 +67,7 @@ def test_routed_planes_by_expert_and_tiles(m, device):
 @pytest.mark.parametrize("dtype", [torch.float32, "half", torch.float16])
 @pytest.mark.parametrize("group,symmetric", [(128, False), (256, True)])
 def test_plane_codes_as_floats_match_reference(group, symmetric, dtype, device):
-    """``MatmulPolicy.plane_float_codes`` / ``plane_weight_left`` / ``plane_code_pairs``: the GEMM kernel on plane
+    """``MatmulPolicy.plane_float_codes`` / ``plane_weight_left`` / ``plane_(gemm_)code_pairs``: the GEMM kernel on plane
     words with the codes unpacked as integers, as floats (2^23 trick) or two at a time (exact, or scaled into the
     accumulator; low-precision inputs only, the inline PTX on CUDA), as ``x W^T`` or ``(W x^T)^T``, for
     routed expert tiles and dense rows (split-K too), and the small-M kernel with either unpacking, ragged K (BlackMamba-2.8B's 1472 = 11.5 tiles on CUDA): equal
@@ -92,7 +92,8 @@ def test_plane_codes_as_floats_match_reference(group, symmetric, dtype, device):
     first = None
     for float_codes, weight_left, pairs in ((False, False, ""), (True, False, ""), (True, True, ""), (False, True, ""),
                                             (True, True, "exact"), (True, True, "scaled"), (True, False, "scaled")):
-        policy = MatmulPolicy(plane_float_codes=float_codes, plane_weight_left=weight_left, plane_code_pairs=pairs)
+        policy = MatmulPolicy(plane_float_codes=float_codes, plane_weight_left=weight_left, plane_code_pairs=pairs,
+                              plane_gemm_code_pairs=pairs)
         got = dequant_matmul(x, planes, row_expert=idx, row_scale=scale, tiles=tiles, policy=policy)
         close(got, ref, dtype)
         first = got if first is None else first
@@ -146,6 +147,36 @@ def test_experts_via_dense_matches_reference(form, whole_stack, device):
         got = dequant_matmul(xb, w, bias, row_expert=idx, row_scale=scale,
                              policy=MatmulPolicy(dequant_experts_min_m=0, dequant_experts_whole_stack=whole_stack))
         close(got, dequant_matmul_ref(xb, w, bias=bias, row_expert=idx, row_scale=scale), torch.bfloat16)
+
+
+def test_pairs_mode_per_kernel(monkeypatch, device):
+    """``MatmulPolicy.plane_gemm_code_pairs`` reaches the GEMM kernel (M > 16, expert tiles) and
+    ``plane_code_pairs`` the small-M kernel (2..16 rows), each its own mode; the defaults are "scaled" / "exact"
+    (benchmarks/results.md, sessions 34-35)."""
+    from qmamba.kernels import dequant_gemm, quant_matmul
+    from qmamba.kernels.matmul_configs import DEFAULT_POLICY, MatmulPolicy
+
+    assert (DEFAULT_POLICY.plane_gemm_code_pairs, DEFAULT_POLICY.plane_code_pairs) == ("scaled", "exact")
+    with pytest.raises(ValueError, match="plane_gemm_code_pairs"):
+        MatmulPolicy(plane_gemm_code_pairs="fast")
+    seen = []
+
+    def spy(mode, weight, x):
+        seen.append(mode)
+        return real(mode, weight, x)
+
+    real = dequant_gemm.plane_pairs_args
+    monkeypatch.setattr(dequant_gemm, "plane_pairs_args", spy)
+    monkeypatch.setattr(quant_matmul, "plane_pairs_args", spy)
+    _, planes = plane_weight(40, 256, device)
+    x = torch.randn(GEMV_MAX_M + 9, 256, device=device).to(torch.float16 if device.type != "cuda" else torch.bfloat16)
+    policy = MatmulPolicy(plane_code_pairs="", plane_gemm_code_pairs="exact")
+    for m, mode in ((GEMV_MAX_M + 9, "exact"), (5, "")):
+        seen.clear()
+        # a config given: CUDA's dequantization pass + cuBLAS for dense rows above 16 is not taken
+        got = dequant_matmul(x[:m], planes, policy=policy, config=pick_config(m, planes, x.device, policy=policy))
+        assert seen == [mode]
+        close(got, dequant_matmul_ref(x[:m].float(), planes), x.dtype)
 
 
 def test_using_policy_scopes_the_default(device):
