@@ -22,7 +22,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="plane_pairs_dense planes_joint planes_joint_kernels matmul_table"  # the step lines below, in order
+ALL_STEPS="dense_split_k planes_joint planes_joint_kernels matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -37,11 +37,10 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" \
   || exit 1
 
-# the dense projections' tile kernel at M = 64..2048 with the int4 codes two at a time (MatmulPolicy.plane_code_pairs,
-# "exact" the default since session 34; scaled too) beside cuBLAS bf16 and the default route there (one
-# dequantization pass + cuBLAS, 0.40-0.72x of cuBLAS bf16 at 64..256 on the H100; issue 13 asks >= 1.0x)
-step plane_pairs_dense "$PY" benchmarks/bench_planes_gemm.py --out "$DEST/plane_pairs_dense.json" --parts dense \
-  --m 64,256,2048 --sweep --expert-tiles 64x128w4s3,128x128w4s2,128x128w8s3 --unpacks wleft,pairs,pairs_scaled
+# the dense projections' tile kernel at M = 64..256 split along K (session 35: without a split its 12-48 programs
+# lost to the default's dequantization pass + cuBLAS on x_proj / out_proj, 2-3x; issue 13 asks >= 1.0x of cuBLAS bf16)
+step dense_split_k "$PY" benchmarks/bench_planes_gemm.py --out "$DEST/dense_split_k.json" --parts dense --m 64,256 \
+  --sweep --expert-tiles 64x128w4s3k2,64x128w4s3k4,64x64w4s3k4,32x128w4s3k4,64x64w4s3k8 --unpacks pairs,pairs_scaled
 
 # int4 input planes (one row; batch 8's routed row programs): every product of a row (both tile pieces; fc1's gate and
 # up rows from one read of the input) before any reduction, the word sums read in the tile's shape
