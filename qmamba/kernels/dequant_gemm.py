@@ -123,10 +123,9 @@ def plane_position_codes(words, zero, scale, i: tl.constexpr, PAIRS: tl.constexp
 
 def plane_pairs_args(mode: str, weight: PackedWeight, x) -> dict:
     """The kernels' ``PAIRS`` / ``ASM`` / ``FP16`` for a pairs mode (``MatmulPolicy.plane_code_pairs``,
-    ``plane_gemm_code_pairs``), a weight and an input
-    ``x``: int4 plane words and 16-bit inputs only (float32 inputs take the exact IEEE products), the PTX on CUDA
-    only, bfloat16's from sm_80 (its packed FMA; older GPUs have no bfloat16 tensor cores either: the elementwise
-    twin there)."""
+    ``plane_gemm_code_pairs``), a weight and an input ``x``: int4 plane words and 16-bit inputs only (float32 inputs
+    take the exact IEEE products), the PTX on CUDA only, bfloat16's from sm_80 (its packed FMA; older GPUs have no
+    bfloat16 tensor cores either: the elementwise twin there)."""
     pairs = (PLANE_CODE_PAIRS[mode] if weight.fmt == FMT_INT4_PLANES and x.dtype in (torch.bfloat16, torch.float16)
              else 0)
     asm = bool(pairs) and x.is_cuda
