@@ -48,7 +48,8 @@ PREFILL_EXPERT_ROUTES = {"tiles": DEFAULT_POLICY,
                          # 233 at 128 x 128 w4 and 128 at 128 x 128 w8, none spilled; float codes spill at 128 x 128
                          # w4; 256 x 64 w4 194 and 256 x 128 w8 191, exact spills there)
                          "tiles_pairs": dataclasses.replace(DEFAULT_POLICY, plane_gemm_code_pairs="exact"),
-                         "tiles_nopairs": dataclasses.replace(DEFAULT_POLICY, plane_gemm_code_pairs=""),  # before session 34
+                         # float codes, as before session 34
+                         "tiles_nopairs": dataclasses.replace(DEFAULT_POLICY, plane_gemm_code_pairs=""),
                          **{f"tiles_pairss{'' if t is None else '_%dx%dw%ds%d' % t}": dataclasses.replace(
                              DEFAULT_POLICY, plane_gemm_code_pairs="scaled",
                              plane_gemm_tile=t or DEFAULT_POLICY.plane_gemm_tile)

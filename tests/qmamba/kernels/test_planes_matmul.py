@@ -67,11 +67,11 @@ def test_routed_planes_by_expert_and_tiles(m, device):
 @pytest.mark.parametrize("dtype", [torch.float32, "half", torch.float16])
 @pytest.mark.parametrize("group,symmetric", [(128, False), (256, True)])
 def test_plane_codes_as_floats_match_reference(group, symmetric, dtype, device):
-    """``MatmulPolicy.plane_float_codes`` / ``plane_weight_left`` / ``plane_(gemm_)code_pairs``: the GEMM kernel on plane
-    words with the codes unpacked as integers, as floats (2^23 trick) or two at a time (exact, or scaled into the
-    accumulator; low-precision inputs only, the inline PTX on CUDA), as ``x W^T`` or ``(W x^T)^T``, for
-    routed expert tiles and dense rows (split-K too), and the small-M kernel with either unpacking, ragged K (BlackMamba-2.8B's 1472 = 11.5 tiles on CUDA): equal
-    to the reference, and to each other."""
+    """``MatmulPolicy.plane_float_codes`` / ``plane_weight_left`` / ``plane_(gemm_)code_pairs``: the GEMM kernel on
+    plane words with the codes unpacked as integers, as floats (2^23 trick) or two at a time (exact, or scaled into
+    the accumulator; low-precision inputs only, the inline PTX on CUDA), as ``x W^T`` or ``(W x^T)^T``, for routed
+    expert tiles and dense rows (split-K too), and the small-M kernel with either unpacking, ragged K
+    (BlackMamba-2.8B's 1472 = 11.5 tiles on CUDA): equal to the reference, and to each other."""
     from qmamba.kernels.matmul_configs import MatmulPolicy
 
     # "half": bf16 on CUDA; the interpreter's dots have no bf16 (numpy), fp16 takes the same (non-IEEE) path there.
