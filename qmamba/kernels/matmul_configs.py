@@ -66,9 +66,9 @@ class MatmulPolicy:
     hold four nibble positions each; with two halves a register, a shift, a logic instruction and one packed FMA
     make two codes ``code - zero`` exactly; inline PTX, sm_80+). "exact" (the small-M kernel's default): the group
     scale still multiplies each tile's partial products in float32, as with float codes; "scaled": one more packed
-    FMA multiplies the codes by the scale rounded to the input's type (bfloat16 rounds the fp16 scale: ~2^-9 relative per group, tiny-blackmamba's
-    perplexity 73.196 -> 73.205 with every matrix so, benchmarks/ppl_scale_rounding.py; float16 keeps it exact), and
-    the products go straight into one accumulator; ``""``: float codes (:func:`plane_codes`). sm_90, Triton 3.6
+    FMA multiplies the codes by the scale rounded to the input's type (bfloat16 rounds the fp16 scale: ~2^-9
+    relative per group, tiny-blackmamba's perplexity 73.196 -> 73.205 with every matrix so,
+    benchmarks/ppl_scale_rounding.py; float16 keeps it exact), and the products go straight into one accumulator; ``""``: float codes (:func:`plane_codes`). sm_90, Triton 3.6
     (fc1, 8 experts at M = 2048, 64 x 128 tiles, ``W x^T``; ``inspect_gemm_kernel.py --pairs --loop``): the K loop
     850 -> 521 / 522 SASS instructions a thread (exact / scaled). H100, session 34 (``bench_planes_gemm.py --parts
     experts --m 2048,256 --sweep``, 8 experts, us, float codes / exact / scaled at 64 x 128): fc1 at M = 2048 217.6 /
