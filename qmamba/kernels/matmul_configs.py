@@ -68,19 +68,19 @@ class MatmulPolicy:
     scale still multiplies each tile's partial products in float32, as with float codes; "scaled": one more packed
     FMA multiplies the codes by the scale rounded to the input's type (bfloat16 rounds the fp16 scale: ~2^-9
     relative per group, tiny-blackmamba's perplexity 73.196 -> 73.205 with every matrix so,
-    benchmarks/ppl_scale_rounding.py; float16 keeps it exact), and the products go straight into one accumulator; ``""``: float codes (:func:`plane_codes`). sm_90, Triton 3.6
-    (fc1, 8 experts at M = 2048, 64 x 128 tiles, ``W x^T``; ``inspect_gemm_kernel.py --pairs --loop``): the K loop
-    850 -> 521 / 522 SASS instructions a thread (exact / scaled). H100, session 34 (``bench_planes_gemm.py --parts
-    experts --m 2048,256 --sweep``, 8 experts, us, float codes / exact / scaled at 64 x 128): fc1 at M = 2048 217.6 /
-    175.7 / 162.3, fc2 134.8 / 100.8 / 135.0 (scaled at 128 x 128 with 4 warps, 2 stages: 166.0 / 86.3; bf16 141.6
-    / 68.9); M = 256: fc1 54.9 / 40.8 / 45.7, fc2 46.1 / 38.6 / 39.8. Graph prefill of 2,048 tokens (int4 as
-    ``qmamba quantize`` writes it): 150.5k -> 169.9k tok/s exact (scaled at 128 x 128: 172.3k; bf16 194.6k); batch-8
-    decode 1.468 -> 1.428 ms/token (scaled 1.445). Unlike session 19's pairs (removed below) the zero point comes off
-    in registers, with no correction. ``plane_gemm_code_pairs``: the same choice for the GEMM kernel (M > 16 and
-    expert tiles: the prefill's grouped expert GEMM), "scaled" by default: H100, session 35, graph prefill of 2,048
-    tokens (``profile_prefill.py --format int4_cli --graph --experts tiles_pairs,tiles_pairss``) 169.6k -> 174.1k
-    tok/s (bf16 194.9k), the expert GEMMs 5.10 -> 4.84 ms of the prefill's kernels; the small-M kernel keeps "exact"
-    (batch 8 above).
+    benchmarks/ppl_scale_rounding.py; float16 keeps it exact), and the products go straight into one accumulator;
+    ``""``: float codes (:func:`plane_codes`). sm_90, Triton 3.6 (fc1, 8 experts at M = 2048, 64 x 128 tiles,
+    ``W x^T``; ``inspect_gemm_kernel.py --pairs --loop``): the K loop 850 -> 521 / 522 SASS instructions a thread (exact
+    / scaled). H100, session 34 (``bench_planes_gemm.py --parts experts --m 2048,256 --sweep``, 8 experts, us, float
+    codes / exact / scaled at 64 x 128): fc1 at M = 2048 217.6 / 175.7 / 162.3, fc2 134.8 / 100.8 / 135.0 (scaled at
+    128 x 128 with 4 warps, 2 stages: 166.0 / 86.3; bf16 141.6 / 68.9); M = 256: fc1 54.9 / 40.8 / 45.7, fc2 46.1 /
+    38.6 / 39.8. Graph prefill of 2,048 tokens (int4 as ``qmamba quantize`` writes it): 150.5k -> 169.9k tok/s exact
+    (scaled at 128 x 128: 172.3k; bf16 194.6k); batch-8 decode 1.468 -> 1.428 ms/token (scaled 1.445). Unlike
+    session 19's pairs (removed below) the zero point comes off in registers, with no correction.
+    ``plane_gemm_code_pairs``: the same choice for the GEMM kernel (M > 16 and expert tiles: the prefill's grouped
+    expert GEMM), "scaled" by default: H100, session 35, graph prefill of 2,048 tokens (``profile_prefill.py
+    --format int4_cli --graph --experts tiles_pairs,tiles_pairss``) 169.6k -> 174.1k tok/s (bf16 194.9k), the expert
+    GEMMs 5.10 -> 4.84 ms of the prefill's kernels; the small-M kernel keeps "exact" (batch 8 above).
     Tried and removed (session 33, commit 3afa750 has the code): the bit-position dots on an input permuted and
     scaled by alpha in one small launch first, each bit position's input 16 contiguous columns, in one flat loop over
     (tile, 8 positions) that Triton pipelines. H100, batch-8 1-bit + int4 decode: 2.339 against 1.798 ms/token (the
