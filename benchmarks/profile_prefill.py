@@ -31,7 +31,7 @@ from qmamba.quant.modules import use_plane_words
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import FORMATS, PREFILL_EXPERT_ROUTES, build  # noqa: E402
-from timing import cuda_kernel_times, require_idle_gpu  # noqa: E402
+from timing import cuda_kernel_times, kernel_launch_us, require_idle_gpu  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,8 +112,24 @@ def profile_route(args, model, ids, route, report):
         rows = sorted(per.items(), key=lambda kv: -kv[1][1])
         for name, (calls, us) in rows[:args.top]:
             print(f"{us:10.0f} us {100 * us / total:5.1f}% {calls:5d} x  {name[:110]}")
-        report["paths"][path] = dict(wall_us=wall_us, walls_us=walls, total_us=total,
+        split = expert_gemm_split(kernel_launch_us(prof, EXPERT_GEMM_KERNEL))
+        if split:
+            print(f"{'':10} expert GEMMs: fc1 {split['fc1_us']:.0f} us, fc2 {split['fc2_us']:.0f} us "
+                  f"({split['layers']} MoE layers, {EXPERT_GEMM_KERNEL} launches taken in turn)")
+        report["paths"][path] = dict(wall_us=wall_us, walls_us=walls, total_us=total, expert_gemms=split,
                                      kernels=[dict(name=n, calls=c, us=u) for n, (c, u) in rows])
+
+
+EXPERT_GEMM_KERNEL = "_dequant_gemm_kernel"
+
+
+def expert_gemm_split(launch_us: list[float]) -> dict | None:
+    """fc1's and fc2's shares of the grouped expert GEMM's time: at M > 16 the dense projections run on cuBLAS (a
+    float weight, or int4 / int8 dequantized in one pass first), so the GEMM kernel's launches are the MoE blocks'
+    fc1, fc2, fc1, fc2, ... in launch order. None where the count is odd (not that pattern)."""
+    if not launch_us or len(launch_us) % 2:
+        return None
+    return dict(layers=len(launch_us) // 2, fc1_us=sum(launch_us[0::2]), fc2_us=sum(launch_us[1::2]))
 
 
 if __name__ == "__main__":

@@ -104,3 +104,9 @@ def cuda_kernel_times(prof) -> dict:
             calls_us[0] += 1
             calls_us[1] += event_us(event)
     return per_name
+
+
+def kernel_launch_us(prof, name: str) -> list[float]:
+    """GPU microseconds of each launch of the kernel ``name`` in a ``torch.profiler`` run, in launch order."""
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and e.name == name]
+    return [event_us(e) for e in sorted(events, key=lambda e: e.time_range.start)]

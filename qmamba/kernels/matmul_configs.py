@@ -56,6 +56,13 @@ class MatmulPolicy:
     (bench_planes_gemm.py --sweep, 8 experts, M = 512 / 2048 tokens): fc1 124 / 297 us, fc2 81 / 167 us against
     239 / 486 and 190 / 294 for 128 x 128 with 8 warps; every wider tile was slower (sessions 19 and 23 likewise
     for the ``W x^T`` product and for the smaller, more resident tiles 64 x 64, 32 x 128, 32 x 64, 64 x 32).
+    ``plane_gemm_tile_long_k``: where set, the tile of plane-word matrices whose K exceeds N (the MoE's fc2, 3872 ->
+    1472 in BlackMamba-2.8B: 12 column tiles of 128, a long K loop); None: ``plane_gemm_tile`` for every matrix.
+    H100, session 35 (``bench_planes_gemm.py --parts experts --m 2048``, scaled pairs): fc2 87.5 us at 128 x 128 with
+    4 warps, 2 stages against 134.8 at 64 x 128, fc1 the other way (167.3 against 163.8); but the prefill with
+    128 x 128 for both lost (4.95 against 4.84 ms of expert GEMMs), so the prefill (``profile_prefill.py --experts
+    tiles,tiles_fc2_128x128w4s2``, which also splits the expert GEMM time into fc1 and fc2) decides; None until
+    it does.
     ``plane_weight_left``: the GEMM kernel takes the product as ``W x^T`` on plane words, the dequantized tile the
     tensor cores' left operand, read from registers, instead of copied to shared memory as the right one. H200,
     session 19 (``bench_planes_gemm.py --parts experts --m 2048 --sweep``, 64 x 128 tiles, 8 experts): fc1 298 ->
@@ -109,6 +116,7 @@ class MatmulPolicy:
     plane_float_codes: bool = True
     plane_weight_left: bool = True
     plane_gemm_tile: tuple = (64, 128, 4, 3)
+    plane_gemm_tile_long_k: tuple | None = None
     plane_code_pairs: str = "exact"
     plane_gemm_code_pairs: str = "scaled"
     split_k_atomic_sem: str = "relaxed"  # the split-K atomic adds' ordering ("relaxed" or "acq_rel", Triton's
@@ -123,9 +131,10 @@ class MatmulPolicy:
             if getattr(self, name) not in ("", "exact", "scaled"):
                 raise ValueError(f"MatmulPolicy: {name} must be '', 'exact' or 'scaled', got "
                                  f"{getattr(self, name)!r}")
-        if len(self.plane_gemm_tile) != 4:
-            raise ValueError(f"MatmulPolicy: plane_gemm_tile is (block_m, block_n, warps, stages), got "
-                             f"{self.plane_gemm_tile}")
+        for name, tile, optional in (("plane_gemm_tile", self.plane_gemm_tile, False),
+                                     ("plane_gemm_tile_long_k", self.plane_gemm_tile_long_k, True)):
+            if not (optional and tile is None) and (tile is None or len(tile) != 4):
+                raise ValueError(f"MatmulPolicy: {name} is (block_m, block_n, warps, stages), got {tile}")
 
     def binary_word_gemv_fits(self, m: int, weight: BinaryWeight) -> bool:
         return self.binary_word_gemv and (m == 1 or (m <= self.word_gemv_max_rows
@@ -227,7 +236,8 @@ def pick_config(m: int, weight: PackedWeight, device, route: int = ROUTE_DENSE,
 def gemm_config(m: int, weight: PackedWeight, device, policy: MatmulPolicy | None = None) -> MatmulConfig:
     """Tiles of the prefill GEMM kernel (M > 16), from the H100 sweep (benchmarks/results_tables_h100.md, "Prefill
     GEMM sweep"): up to 64 rows the GEMM is bandwidth-bound (narrow tiles, split-K while the grid is small), above it
-    64 x 128 and then 128 x 128 tiles; int4 plane words above 64 rows: ``policy.plane_gemm_tile``."""
+    64 x 128 and then 128 x 128 tiles; int4 plane words above 64 rows: ``policy.plane_gemm_tile`` (its
+    ``plane_gemm_tile_long_k`` where K > N, if set)."""
     g = weight.group_size
     int4 = weight.fmt in (FMT_INT4, FMT_INT4_PLANES)
     block_k = INT4_TILE if weight.fmt == FMT_INT4_PLANES else (g if g >= 64 else 64) if int4 else 64
@@ -243,7 +253,9 @@ def gemm_config(m: int, weight: PackedWeight, device, policy: MatmulPolicy | Non
             split *= 2
         return MatmulConfig(bm, bn, block_k, split, 4, 4)
     if weight.fmt == FMT_INT4_PLANES:  # the grouped expert GEMM of the MoE prefill (MatmulPolicy.plane_gemm_tile)
-        bm, bn, warps, stages = (policy or current_policy()).plane_gemm_tile
+        policy = policy or current_policy()
+        long_k = policy.plane_gemm_tile_long_k is not None and weight.k > weight.n
+        bm, bn, warps, stages = policy.plane_gemm_tile_long_k if long_k else policy.plane_gemm_tile
         return MatmulConfig(bm, bn, block_k, 1, warps, stages)
     if m <= 256:
         return MatmulConfig(64, 128, block_k, 1, 4, 3 if int4 else 4)
