@@ -22,7 +22,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="prefill_fc2_tile prefill_bf16 dense_split_k planes_joint planes_joint_kernels matmul_table"  # the step lines below, in order
+ALL_STEPS="tile_map prefill_fc2_tile prefill_bf16 dense_split_k planes_joint planes_joint_kernels matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -37,12 +37,17 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" \
   || exit 1
 
+# the prefill MoE's one-program tile map in blocks of up to 1,024 rows (session 36) against 256 (before), each map
+# checked against the PyTorch twin's
+step tile_map "$PY" benchmarks/bench_tile_map.py --json "$DEST/tile_map.json" --rows 256,512,1024,2048,4096 \
+  --blocks 256,512,1024
+
 # fc2 (K > N) on a tile of its own in the graph prefill (MatmulPolicy.plane_gemm_tile_long_k; session 35's kernel
 # bench: fc2 87.5 us at 128 x 128 w4 s2 against 134.8 at the default 64 x 128, which the prefill did not bear out
 # with 128 x 128 for fc1 too), the expert GEMM time split into fc1 and fc2; bf16 beside it for the ratio
-step prefill_fc2_tile "$PY" benchmarks/profile_prefill.py --format int4_cli --graph --top 6 \
+step prefill_fc2_tile "$PY" benchmarks/profile_prefill.py --format int4_cli --graph --top 10 \
   --experts tiles,tiles_fc2_128x128w4s2,tiles_fc2_128x128w4s3,tiles_fc2_128x64w4s3,tiles_fc2_64x64w4s3
-step prefill_bf16 "$PY" benchmarks/profile_prefill.py --format bf16 --graph --top 6
+step prefill_bf16 "$PY" benchmarks/profile_prefill.py --format bf16 --graph --top 10
 
 # the dense projections' tile kernel at M = 64..256 split along K (session 35: without a split its 12-48 programs
 # lost to the default's dequantization pass + cuBLAS on x_proj / out_proj, 2-3x; issue 13 asks >= 1.0x of cuBLAS bf16)

@@ -81,7 +81,7 @@ m, e = 2048, 8
 t = -(-m // 64) + e
 i32 = lambda n: torch.empty(n, dtype=torch.int32)
 args = (i32(m), i32(m), i32(t), i32(t), i32(t), m, e, t, 64)
-r = report(compile_recorded(routing._expert_tile_map_kernel, args, routing.tile_map_launch(e, True), 90))
+r = report(compile_recorded(routing._expert_tile_map_kernel, args, routing.tile_map_launch(e, True, m), 90))
 print("regs", r["regs"], "stack", r["stack"])
 """
 

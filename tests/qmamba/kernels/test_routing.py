@@ -13,7 +13,8 @@ def _assert_same(a, b):
     assert a.block_m == b.block_m
 
 
-@pytest.mark.parametrize("m,experts,block_m", [(9, 4, 2), (1, 8, 16), (300, 8, 16), (700, 3, 64), (2, 5, 4)])
+@pytest.mark.parametrize("m,experts,block_m", [(9, 4, 2), (1, 8, 16), (300, 8, 16), (700, 3, 64), (2, 5, 4),
+                                              (2500, 8, 64)])  # 2500: three blocks of the largest size
 def test_triton_tile_map_equals_reference(m, experts, block_m, device):
     g = torch.Generator().manual_seed(m)
     idx = torch.randint(0, experts, (m,), generator=g)
