@@ -175,6 +175,9 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return dataclasses.replace(base, int4_x_in_tile_wide="always" if v == "xtilewide" else "off")
     if v in ("normgemv", "nonormgemv"):  # the add + norm between layers in the GEMVs around it at one row
         return dataclasses.replace(base, norm_in_gemvs=v == "normgemv")  # (DecodePolicy.norm_in_gemvs)
+    if v == "normgemvbin":  # and so where a step has 1-bit weights (DecodePolicy.norm_in_gemvs_binary; session 26,
+        #                     H200: 0.571 -> 0.576 ms/token, since when the 1-bit decode kernels changed)
+        return dataclasses.replace(base, norm_in_gemvs=True, norm_in_gemvs_binary=True)
     if v.startswith("maxp"):  # e.g. maxp1056: twice the int4 / 1-bit rows a program for grids just past 1056 programs
         return dataclasses.replace(base, max_programs=int(v[4:]))
     if v.startswith("normp"):  # e.g. normp4: programs a row of each add + norm writing the int4 input planes

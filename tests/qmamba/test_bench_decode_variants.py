@@ -38,6 +38,8 @@ def test_norm_gemv_and_atomic_variants():
     assert not policy_variant(CUDA, "nonormgemv").norm_in_gemvs
     assert policy_variant(dataclasses.replace(CUDA, norm_in_gemvs=False), "normgemv").norm_in_gemvs
     assert matmul_variant("default").split_k_atomic_sem == "relaxed"
+    assert not CUDA.norm_in_gemvs_binary and policy_variant(CUDA, "normgemvbin").norm_in_gemvs_binary
+    assert policy_variant(dataclasses.replace(CUDA, norm_in_gemvs=False), "normgemvbin").norm_in_gemvs
     assert matmul_variant("acqrel").split_k_atomic_sem == "acq_rel"
     assert policy_variant(CUDA, "acqrel") == CUDA
 
