@@ -22,7 +22,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="tile_map prefill_fc2_tile prefill_bf16 dense_split_k planes_joint planes_joint_kernels matmul_table"  # the step lines below, in order
+ALL_STEPS="tile_map prefill_fc2_tile prefill_bf16 binary_normgemv dense_split_k planes_joint planes_joint_kernels matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -48,6 +48,12 @@ step tile_map "$PY" benchmarks/bench_tile_map.py --json "$DEST/tile_map.json" --
 step prefill_fc2_tile "$PY" benchmarks/profile_prefill.py --format int4_cli --graph --top 10 \
   --experts tiles,tiles_fc2_128x128w4s2,tiles_fc2_128x128w4s3,tiles_fc2_128x64w4s3,tiles_fc2_64x64w4s3
 step prefill_bf16 "$PY" benchmarks/profile_prefill.py --format bf16 --graph --top 10
+
+# 1-bit + int4 at one row with the add + norms in the GEMVs (DecodePolicy.norm_in_gemvs_binary: off since session 26,
+# when it lost 0.571 -> 0.576 ms/token on the H200; the 1-bit decode kernels changed since, and the 37 add + norm
+# launches are 106 of the step's 628 us of kernels: session 32's profile)
+step binary_normgemv "$PY" benchmarks/bench_decode.py --out "$DEST/binary_normgemv.json" \
+  --formats binary+int4_g128 --batches 1 --rounds 3 --variants default,normgemvbin
 
 # the dense projections' tile kernel at M = 64..256 split along K (session 35: without a split its 12-48 programs
 # lost to the default's dequantization pass + cuBLAS on x_proj / out_proj, 2-3x; issue 13 asks >= 1.0x of cuBLAS bf16)
