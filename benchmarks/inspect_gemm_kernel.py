@@ -7,7 +7,7 @@ BlackMamba-2.8B's expert shapes (8 experts, top-1):
 * ``batch8``: the small-M kernel (``_dequant_matmul_kernel``) at 8 rows routed by expert (batched decode).
 
     python benchmarks/inspect_gemm_kernel.py [--cases prefill,batch8] [--shapes fc1,fc2] [--no-stack] [--weight-left]
-        [--pairs] [--loop]
+        [--pairs] [--loop] [--gated]
 
 Each case is compiled with the codes unpacked as integers and as floats (``MatmulPolicy.plane_float_codes``). A
 guide to the instructions a choice costs, not a timing (the device's Triton may schedule differently); the timings
@@ -61,9 +61,10 @@ def planes_stack(k: int, n: int) -> PackedWeight:
 
 
 def compile_case(case: str, weight: PackedWeight, float_codes: bool, arch: int, weight_left: bool = False,
-                 pairs: str = ""):
+                 pairs: str = "", gate: str | None = None):
     """``(compiled kernel, config)`` of one case, recorded from the real launcher on CPU tensors (``pairs``:
-    ``MatmulPolicy.plane_code_pairs``, with the inline PTX the CUDA launch takes)."""
+    ``MatmulPolicy.plane_code_pairs``, with the inline PTX the CUDA launch takes; ``gate``: the prefill GEMM with
+    the gated epilogue, ``MatmulPolicy.gemm_gated_act``)."""
     k = weight.k
     policy = MatmulPolicy(plane_float_codes=float_codes, plane_weight_left=weight_left, plane_code_pairs=pairs,
                           plane_gemm_code_pairs=pairs)
@@ -81,7 +82,7 @@ def compile_case(case: str, weight: PackedWeight, float_codes: bool, arch: int, 
         x = torch.randn(m, k).to(torch.bfloat16)
         idx = torch.randint(0, EXPERTS, (m,), dtype=torch.int32)
         tiles = expert_tile_map(idx, EXPERTS, cfg.block_m) if case == "prefill" else None
-        qm.dequant_matmul(x, weight, row_expert=idx, tiles=tiles, config=cfg, policy=policy)
+        qm.dequant_matmul(x, weight, row_expert=idx, tiles=tiles, config=cfg, policy=policy, gate=gate)
     finally:
         setattr(module, name, real)
     _, args, meta = recorder.calls[-1]
@@ -117,6 +118,8 @@ def main():
     ap.add_argument("--pairs", action="store_true",
                     help="also the codes two at a time (MatmulPolicy.plane_code_pairs exact / scaled)")
     ap.add_argument("--loop", action="store_true", help="also the K loop's instructions a thread and their mix")
+    ap.add_argument("--gated", action="store_true", help="also fc1's prefill GEMM with the gated GELU epilogue "
+                    "(MatmulPolicy.gemm_gated_act), scaled pairs and float codes")
     args = ap.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     spilled = []
@@ -146,6 +149,10 @@ def main():
             for pairs in ("exact", "scaled") if args.pairs else ():
                 show(shape, case, f"pairs {pairs:6s}", *compile_case(case, weight, True, args.arch,
                                                                      weight_left=case == "prefill", pairs=pairs))
+            if args.gated and case == "prefill" and shape == "fc1":
+                for pairs in ("scaled", ""):
+                    show(shape, case, f"gated, {pairs or 'float codes'}", *compile_case(
+                        case, weight, True, args.arch, weight_left=True, pairs=pairs, gate="gelu"))
     if args.no_stack and spilled:
         sys.exit(f"spills: {', '.join(spilled)}")
 

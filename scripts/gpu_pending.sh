@@ -22,7 +22,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="tile_map prefill_fc2_tile prefill_bf16 binary_normgemv dense_split_k planes_joint planes_joint_kernels matmul_table"  # the step lines below, in order
+ALL_STEPS="tile_map prefill_routes prefill_bf16 binary_normgemv dense_split_k planes_joint planes_joint_kernels matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -42,12 +42,13 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 step tile_map "$PY" benchmarks/bench_tile_map.py --json "$DEST/tile_map.json" --rows 256,512,1024,2048,4096 \
   --blocks 256,512,1024
 
-# fc2 (K > N) on a tile of its own in the graph prefill (MatmulPolicy.plane_gemm_tile_long_k; session 35's kernel
-# bench: fc2 87.5 us at 128 x 128 w4 s2 against 134.8 at the default 64 x 128, which the prefill did not bear out
-# with 128 x 128 for fc1 too), the expert GEMM time split into fc1 and fc2; bf16 beside it for the ratio
-step prefill_fc2_tile "$PY" benchmarks/profile_prefill.py --format int4_cli --graph --top 10 \
-  --experts tiles,tiles_fc2_128x128w4s2,tiles_fc2_128x128w4s3,tiles_fc2_128x64w4s3,tiles_fc2_64x64w4s3
-step prefill_bf16 "$PY" benchmarks/profile_prefill.py --format bf16 --graph --top 10
+# the graph prefill's MoE candidates (session 36), the expert GEMM time split into fc1 and fc2, bf16 beside int4:
+# fc2 (K > N) on a tile of its own (MatmulPolicy.plane_gemm_tile_long_k; session 35's kernel bench: fc2 87.5 us at
+# 128 x 128 w4 s2 against 134.8 at the default 64 x 128, which the prefill did not bear out with 128 x 128 for fc1
+# too), and the gated activation in fc1's epilogue (MatmulPolicy.gemm_gated_act; bf16 and int4 alike)
+step prefill_routes "$PY" benchmarks/profile_prefill.py --format int4_cli --graph --top 10 \
+  --experts tiles,tiles_fc2_128x128w4s2,tiles_fc2_128x64w4s3,tiles_gated,tiles_gated_fc2_128x128w4s2
+step prefill_bf16 "$PY" benchmarks/profile_prefill.py --format bf16 --graph --top 10 --experts tiles,tiles_gated
 
 # 1-bit + int4 at one row with the add + norms in the GEMVs (DecodePolicy.norm_in_gemvs_binary: off since session 26,
 # when it lost 0.571 -> 0.576 ms/token on the H200; the 1-bit decode kernels changed since, and the 37 add + norm

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 import torch
 
 from qmamba.kernels._triton import HAS_TRITON, jit, next_pow2, tl
-from qmamba.kernels.fused_moe import ACTIVATION_IDS, activate, gated_act_ref
+from qmamba.kernels.activations import ACTIVATION_IDS, activate
+from qmamba.kernels.fused_moe import gated_act_ref
 from qmamba.kernels.input_planes import add_word_sums, store_x_planes, x_plane_scale
 from qmamba.kernels.matmul_configs import sm_count
 from qmamba.kernels.weights import (FMT_BINARY, FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT8, BinaryWeight,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from qmamba.kernels._triton import HAS_TRITON, cdiv, jit, split_k_mode, split_k_range, store_or_add, tl
+from qmamba.kernels.activations import ACTIVATION_IDS, activate
 from qmamba.kernels.routing import ExpertTiles
 from qmamba.kernels.weights import FMT_INT4, FMT_INT4_PLANES, PackedWeight
 
@@ -25,6 +26,26 @@ def matmul_epilogue(acc, out_ptr, s_ptr, bias_ptr, rscale_ptr, rows, row_ok, n, 
     if HAS_RSCALE:
         acc = acc * tl.load(rscale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     store_or_add(out_ptr + rows[:, None] * som + n[None, :] * son, acc, row_ok[:, None] & n_ok[None, :], ATOMIC)
+
+
+@jit
+def gated_epilogue(acc, out_ptr, s_ptr, bias_ptr, rscale_ptr, rows, row_ok, n, n_ok, e64, pid_n, F, som, son, sse,
+                   ssn, FMT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ACT: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """The gated fc1's epilogue on ``acc [BLOCK_M, BLOCK_N]`` fp32, gate columns then up columns (weight rows ``n``,
+    see ``GATE`` in :func:`_dequant_gemm_kernel`): int8 row scale and bias by weight row, then
+    ``act(gate) * up`` into the tile's ``BLOCK_N / 2`` output columns (no split-K: the activation needs the sums)."""
+    if FMT == 1:
+        acc = acc * tl.load(s_ptr + e64 * sse + n * ssn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    gate, up = tl.split(tl.permute(tl.reshape(acc, (acc.shape[0], 2, BLOCK_N // 2)), (0, 2, 1)))
+    a = activate(gate, ACT) * up
+    if HAS_RSCALE:
+        a = a * tl.load(rscale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    col = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    mask = row_ok[:, None] & (col < F)[None, :]
+    tl.store(out_ptr + rows[:, None] * som + col[None, :] * son, a.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @jit
@@ -166,6 +187,7 @@ def _dequant_gemm_kernel(
     HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIZZLE: tl.constexpr, ONLY: tl.constexpr,
     FLOAT_CODES: tl.constexpr, W_LEFT: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr, FP16: tl.constexpr,
+    GATE: tl.constexpr,
 ):
     """Prefill GEMM (M > 16): ``[BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]`` tensor-core tiles, the weight tile
     dequantized in registers. int4 nibbles are interleaved back to k order with ``join``; with one group per K tile
@@ -175,7 +197,11 @@ def _dequant_gemm_kernel(
     unpacked as floats where ``FLOAT_CODES`` (:func:`plane_codes`), or two at a time where ``PAIRS``
     (:func:`plane_code_pairs`; 2: scaled, the products then go straight into the accumulator); ``W_LEFT``: the
     transposed product ``W x^T`` (the dequantized tile the left operand, read by the tensor cores from registers),
-    transposed back once at the end."""
+    transposed back once at the end. ``GATE`` (an activation id, or -1): the gated fc1 of an MoE, N = 2F weight
+    rows (gate rows, then up rows) giving F output columns ``act(gate) * up``: a tile's first BLOCK_N / 2 weight rows
+    are the gate rows of its BLOCK_N / 2 output columns, the rest their up rows, which the epilogue pairs up
+    (:func:`gated_epilogue`). (Alternating gate and up rows instead made ptxas reuse one operand register set for
+    both of the K step's wgmma, each then waiting for the other: sm_90, Triton 3.6.)"""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     per_group = SWIZZLE * GRID_N
@@ -198,8 +224,14 @@ def _dequant_gemm_kernel(
         row_ok = rows < M
         expert = pid_m * 0
     e64 = expert.to(tl.int64)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
+    if GATE >= 0:  # weight rows: gate rows c, then up rows F + c, of the tile's BLOCK_N / 2 output columns c
+        r = tl.arange(0, BLOCK_N)
+        col = pid_n * (BLOCK_N // 2) + r % (BLOCK_N // 2)
+        n = col + (r // (BLOCK_N // 2)) * (N // 2)
+        n_ok = col < N // 2
+    else:
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < N
     t_lo, t_hi = split_k_range(pid_k, tl.cdiv(K_PAD, BLOCK_K), SPLIT_K)
     k_lo, k_hi = t_lo * BLOCK_K, tl.minimum(t_hi * BLOCK_K, K_PAD)
     if TILES:  # an empty tile (the map's spare tiles, or another expert's under ONLY) runs no K loop: the map has
@@ -267,27 +299,35 @@ def _dequant_gemm_kernel(
                 acc += part
     if FMT == 3 and W_LEFT:
         acc = tl.trans(acc_t)
-    matmul_epilogue(acc, out_ptr, s_ptr, bias_ptr, rscale_ptr, rows, row_ok, n, n_ok, e64, pid_k, som, son, sse, ssn,
-                    FMT, HAS_BIAS, HAS_RSCALE, ATOMIC)
+    if GATE >= 0:
+        gated_epilogue(acc, out_ptr, s_ptr, bias_ptr, rscale_ptr, rows, row_ok, n, n_ok, e64, pid_n, N // 2, som, son,
+                       sse, ssn, FMT, HAS_BIAS, HAS_RSCALE, GATE, BLOCK_N)
+    else:
+        matmul_epilogue(acc, out_ptr, s_ptr, bias_ptr, rscale_ptr, rows, row_ok, n, n_ok, e64, pid_k, som, son, sse,
+                        ssn, FMT, HAS_BIAS, HAS_RSCALE, ATOMIC)
 
 
 def dequant_gemm(x, weight: PackedWeight, out, bias, row_scale, tiles: ExpertTiles | None, config, atomic: bool,
                  only_expert: int | None = None, plane_float_codes: bool = False, plane_weight_left: bool = False,
-                 atomic_sem: str = "relaxed", plane_code_pairs: str = ""):
+                 atomic_sem: str = "relaxed", plane_code_pairs: str = "", gate: str | None = None):
     """``out [M, N] <- x [M, K] @ W^T`` (+ ``bias``, * ``row_scale``): one matrix in row tiles of ``config.block_m``
     (swizzled in groups of 8 row tiles for L2 reuse), or with ``tiles`` the routed expert tiles (``config.block_m``
     must be ``tiles.block_m``). ``atomic``: split-K into a zeroed float32 ``out``. ``only_expert`` (with
     ``tiles``): only that expert's rows are computed and written, with ``weight`` a single matrix (its weight).
     ``plane_float_codes`` / ``plane_weight_left``: int4 plane codes unpacked as floats / the product taken as ``W x^T``
     (:class:`qmamba.kernels.matmul_configs.MatmulPolicy`); ``atomic_sem``: the split-K adds' ordering
-    (``MatmulPolicy.split_k_atomic_sem``); ``plane_code_pairs``: ``MatmulPolicy.plane_gemm_code_pairs``."""
+    (``MatmulPolicy.split_k_atomic_sem``); ``plane_code_pairs``: ``MatmulPolicy.plane_gemm_code_pairs``.
+    ``gate`` (an activation of :data:`ACTIVATION_IDS`): ``W`` is a gated fc1 (2F rows: gate, then up) and ``out [M,
+    F]`` receives ``act(x W_gate^T) * (x W_up^T)`` (times ``row_scale``); no split-K."""
+    if gate is not None and (atomic or config.split_k != 1 or weight.n % 2 or config.block_n % 2):
+        raise ValueError("dequant gemm: a gated epilogue needs an even N and block_n, and no split-K")
     m = x.shape[0]
     q = weight.qweight
     s = weight.scales if weight.scales is not None else q
     z = weight.zeros if weight.zeros is not None else q
     dummy = x
     grid_m = tiles.n_tiles if tiles is not None else cdiv(m, config.block_m)
-    grid_n = cdiv(weight.n, config.block_n)
+    grid_n = cdiv(weight.n // 2, config.block_n // 2) if gate is not None else cdiv(weight.n, config.block_n)
     _dequant_gemm_kernel[(grid_m * grid_n, config.split_k)](
         x, out, q, s, z, bias if bias is not None else dummy, row_scale if row_scale is not None else dummy,
         *(tiles.tensors() if tiles is not None else (dummy, dummy, dummy, dummy)),
@@ -300,5 +340,5 @@ def dequant_gemm(x, weight: PackedWeight, out, bias, row_scale, tiles: ExpertTil
         IEEE=x.dtype == torch.float32, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SWIZZLE=1 if tiles is not None else 8, ONLY=only_expert is not None,
         FLOAT_CODES=plane_float_codes and x.dtype != torch.float32, W_LEFT=plane_weight_left,
-        **plane_pairs_args(plane_code_pairs, weight, x), num_warps=config.num_warps,
-        num_stages=config.num_stages)
+        **plane_pairs_args(plane_code_pairs, weight, x), GATE=-1 if gate is None else ACTIVATION_IDS[gate],
+        num_warps=config.num_warps, num_stages=config.num_stages)

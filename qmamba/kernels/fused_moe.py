@@ -2,7 +2,8 @@
 
     idx, weight = route_top1(x, router_w, router_b)        # one kernel: logits, sigmoid, argmax, p[argmax]
     h   = fc1(x) by expert                                  # routed matmul
-    a   = act(h[:, :F]) * h[:, F:]   (gated) | act(h)       # one elementwise kernel
+    a   = act(h[:, :F]) * h[:, F:]   (gated) | act(h)       # one elementwise kernel (or fc1's epilogue:
+                                                            #   MatmulPolicy.gemm_gated_act, prefill)
     out = weight * fc2(a) by expert                         # routed matmul, routing weight in the epilogue
 
 Decode (T <= 16 tokens): the routed matmuls launch one program column per expert and each reads only its own
@@ -21,15 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from qmamba.kernels._triton import jit, next_pow2, tl
+from qmamba.kernels.activations import ACTIVATION_IDS, activate
 from qmamba.kernels.binary_matmul import binary_matmul, binary_matmul_ref
-from qmamba.kernels.matmul_configs import GEMV_MAX_M, pick_config
+from qmamba.kernels.matmul_configs import GEMV_MAX_M, current_policy, pick_config
 from qmamba.kernels.quant_matmul import dequant_matmul, dequant_matmul_ref
 from qmamba.kernels.routing import expert_tile_map
 from qmamba.kernels.weights import BinaryWeight, PackedWeight
 
 KernelWeight = PackedWeight | BinaryWeight
-
-ACTIVATION_IDS = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "relu": 3}
 
 
 # ---- references ----------------------------------------------------------------------------------------------------
@@ -103,26 +103,6 @@ def route_top1(x, router_w, router_b=None):
 
 
 @jit
-def _erf_gelu(v):
-    return 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
-
-
-@jit
-def activate(a, ACT: tl.constexpr):
-    """The expert activation of :data:`ACTIVATION_IDS` on fp32 ``a`` (shared by the kernels that fuse it)."""
-    if ACT == 0:
-        a = _erf_gelu(a)
-    elif ACT == 1:
-        inner = 0.7978845608028654 * (a + 0.044715 * a * a * a)
-        a = 0.5 * a * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
-    elif ACT == 2:
-        a = a * tl.sigmoid(a)
-    else:
-        a = tl.maximum(a, 0.0)
-    return a
-
-
-@jit
 def _gated_act_kernel(h_ptr, out_ptr, F_OUT, shm, shf, som, sof,
                       ACT: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -174,6 +154,10 @@ def moe_forward(x, router_w, router_b, fc1: KernelWeight, fc2: KernelWeight, act
     tiles = None
     if t > GEMV_MAX_M:
         tiles = expert_tile_map(idx, fc1.n_experts, block_m or _tile_rows(t, fc1, x.device))
-    h = routed_matmul(x, fc1, row_expert=idx, tiles=tiles)
-    a = gated_act(h, activation, gated)
+    policy = current_policy()
+    if (tiles is not None and gated and isinstance(fc1, PackedWeight) and policy.gemm_gated_act
+            and t < policy.dequant_experts_min_m):
+        a = dequant_matmul(x, fc1, row_expert=idx, tiles=tiles, gate=activation)  # the activation in the epilogue
+    else:
+        a = gated_act(routed_matmul(x, fc1, row_expert=idx, tiles=tiles), activation, gated)
     return routed_matmul(a, fc2, row_expert=idx, row_scale=weight, tiles=tiles)

@@ -88,6 +88,11 @@ class MatmulPolicy:
     expert GEMM), "scaled" by default: H100, session 35, graph prefill of 2,048 tokens (``profile_prefill.py
     --format int4_cli --graph --experts tiles_pairs,tiles_pairss``) 169.6k -> 174.1k tok/s (bf16 194.9k), the expert
     GEMMs 5.10 -> 4.84 ms of the prefill's kernels; the small-M kernel keeps "exact" (batch 8 above).
+    ``gemm_gated_act``: the prefill's grouped fc1 GEMM (a gated MoE, int8 / int4 / float experts) applies
+    ``act(gate) * up`` in its epilogue and writes the ``[M, F]`` activation fc2 reads, instead of ``[M, 2F]`` for
+    an elementwise kernel (:func:`qmamba.kernels.fused_moe.gated_act`; H100, session 35: 280 us of a 2,048-token
+    graph prefill's 11.9 ms, plus fc1's twice-as-wide store). Off until timed (``profile_prefill.py --experts
+    tiles,tiles_gated``).
     Tried and removed (session 33, commit 3afa750 has the code): the bit-position dots on an input permuted and
     scaled by alpha in one small launch first, each bit position's input 16 contiguous columns, in one flat loop over
     (tile, 8 positions) that Triton pipelines. H100, batch-8 1-bit + int4 decode: 2.339 against 1.798 ms/token (the
@@ -119,6 +124,7 @@ class MatmulPolicy:
     plane_gemm_tile_long_k: tuple | None = None
     plane_code_pairs: str = "exact"
     plane_gemm_code_pairs: str = "scaled"
+    gemm_gated_act: bool = False
     split_k_atomic_sem: str = "relaxed"  # the split-K atomic adds' ordering ("relaxed" or "acq_rel", Triton's
     #                                      default, which fences every earlier store before each add: sm_90
     #                                      MEMBAR.ALL.GPU + CCTL.IVALL; the sums are only read after the grid)

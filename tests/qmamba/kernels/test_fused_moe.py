@@ -4,7 +4,8 @@ tokens; decode (per-expert programs) and prefill (grouped tiles); float, int8 an
 import pytest
 import torch
 
-from qmamba.kernels.fused_moe import (ACTIVATION_IDS, gated_act, gated_act_ref, moe_forward, moe_forward_ref,
+from qmamba.kernels.activations import ACTIVATION_IDS
+from qmamba.kernels.fused_moe import (gated_act, gated_act_ref, moe_forward, moe_forward_ref,
                                       route_top1, route_top1_ref)
 from qmamba.kernels.weights import PackedWeight
 from qmamba.quant.formats import Int4Format, Int8Format
@@ -81,3 +82,56 @@ def test_gated_activation(activation, gated, device):
     h = torch.randn(5, 2 * FFN, device=device) * 3
     torch.testing.assert_close(gated_act(h, activation, gated), gated_act_ref(h, activation, gated),
                                atol=1e-5, rtol=1e-5)
+
+
+def _plane_experts(device, n=2 * 48, k=256, seed=3):
+    """An int4 g128 fc1 stack held as plane words (as ``load_model`` holds int4 on CUDA)."""
+    g = torch.Generator().manual_seed(seed)
+    fmt = Int4Format(128)
+    w = torch.randn(E, n, k, generator=g) / k ** 0.5
+    return fmt.kernel_weight({key: t.to(device) for key, t in fmt.quantize_rtn(w).items()}, n, k).to_planes()
+
+
+@pytest.mark.parametrize("kind", ["float", "int8", "int4", "int4_planes"])
+@pytest.mark.parametrize("activation", sorted(ACTIVATION_IDS))
+def test_gated_epilogue_matches_reference(kind, activation, device):
+    """``dequant_matmul(..., gate=act)`` over expert tiles (the prefill's grouped fc1 GEMM with the gated activation
+    in its epilogue, ``MatmulPolicy.gemm_gated_act``) equals ``act(h[:, :F]) * h[:, F:]`` of the reference matmul,
+    with a bias and a per-row scale; the output's F columns span several tiles (ragged last one)."""
+    from qmamba.kernels.quant_matmul import dequant_matmul, dequant_matmul_ref
+    from qmamba.kernels.routing import expert_tile_map
+
+    fc1 = _plane_experts(device) if kind == "int4_planes" else experts(kind, device)[0]
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(70, fc1.k, generator=g).to(device)
+    dtype = torch.bfloat16 if kind == "int4_planes" and device.type == "cuda" else torch.float32
+    x = x.to(dtype)
+    idx = torch.randint(0, E, (70,), generator=g).to(device=device, dtype=torch.int32)
+    bias = torch.randn(fc1.n, generator=g).to(device)
+    scale = torch.rand(70, generator=g).to(device)
+    tiles = expert_tile_map(idx, E, 32)
+    got = dequant_matmul(x, fc1, bias, row_expert=idx, row_scale=scale, tiles=tiles, gate=activation)
+    h = dequant_matmul_ref(x.float(), fc1, bias, row_expert=idx)
+    ref = gated_act_ref(h, activation, True) * scale[:, None]
+    assert got.shape == (70, fc1.n // 2) and got.dtype == dtype
+    tol = dict(atol=3e-2, rtol=3e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.float(), ref, **tol)
+    with pytest.raises(ValueError, match="expert tiles"):
+        dequant_matmul(x, fc1, row_expert=idx, gate=activation)
+
+
+@pytest.mark.parametrize("kind", ["float", "int8", "int4"])
+def test_moe_with_gated_epilogue(kind, device):
+    """The MoE prefill with ``MatmulPolicy.gemm_gated_act`` (fc1's epilogue instead of the elementwise kernel)
+    matches the reference; decode-sized batches keep the elementwise kernel."""
+    import dataclasses
+
+    from qmamba.kernels.matmul_configs import current_policy, using_policy
+
+    fc1, fc2 = experts(kind, device)
+    rw, rb = router_for(None, device)
+    x = torch.randn(50, D, device=device)
+    with using_policy(dataclasses.replace(current_policy(), gemm_gated_act=True)):
+        for t in (50, 7):
+            torch.testing.assert_close(moe_forward(x[:t], rw, rb, fc1, fc2, "silu", True),
+                                       moe_forward_ref(x[:t], rw, rb, fc1, fc2, "silu", True), atol=1e-4, rtol=1e-4)
