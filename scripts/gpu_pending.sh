@@ -22,7 +22,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="tile_map prefill_routes prefill_bf16 binary_normgemv dense_split_k planes_joint planes_joint_kernels matmul_table"  # the step lines below, in order
+ALL_STEPS="tile_map conv_tiles prefill_routes prefill_bf16 binary_normgemv dense_split_k planes_joint planes_joint_kernels matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -41,6 +41,10 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 # checked against the PyTorch twin's
 step tile_map "$PY" benchmarks/bench_tile_map.py --json "$DEST/tile_map.json" --rows 256,512,1024,2048,4096 \
   --blocks 256,512,1024
+
+# the prefill's causal conv by tile (session 35's profile: 29 us a layer at 2,048 tokens, ~3x its memory floor;
+# 521 us of the graph prefill), each tile checked against the reference
+step conv_tiles "$PY" benchmarks/bench_conv.py --json "$DEST/conv_tiles.json" --batches 1,8 --lengths 2048
 
 # the graph prefill's MoE candidates (session 36), the expert GEMM time split into fc1 and fc2, bf16 beside int4:
 # fc2 (K > N) on a tile of its own (MatmulPolicy.plane_gemm_tile_long_k; session 35's kernel bench: fc2 87.5 us at

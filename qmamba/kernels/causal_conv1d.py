@@ -110,22 +110,26 @@ def _activation_flag(activation):
     return activation == "silu"
 
 
-def causal_conv1d_triton(x, weight, bias=None, initial_state=None, activation: str | None = "silu"):
-    """Triton twin of :func:`causal_conv1d_ref`: ``(y [B, L, D], final_state [B, D, W])`` in x.dtype."""
+def causal_conv1d_triton(x, weight, bias=None, initial_state=None, activation: str | None = "silu",
+                         block_l: int | None = None, block_d: int | None = None, num_warps: int | None = None):
+    """Triton twin of :func:`causal_conv1d_ref`: ``(y [B, L, D], final_state [B, D, W])`` in x.dtype.
+    ``block_l`` (tokens a program), ``block_d`` (channels a program) and ``num_warps`` are tuning knobs
+    (``benchmarks/bench_conv.py`` times them); every setting computes the same function."""
     batch, length, dim = x.shape
     width = _check_conv(x, weight, bias, initial_state, batch, dim)
     silu = _activation_flag(activation)
     y = torch.empty(batch, length, dim, device=x.device, dtype=x.dtype)
     final = torch.empty(batch, dim, width, device=x.device, dtype=x.dtype)
-    block_l = 16 if x.is_cuda else 8
-    block_d = min(next_pow2(dim), 128 if x.is_cuda else 16)
+    block_l = block_l or (16 if x.is_cuda else 8)
+    block_d = block_d or min(next_pow2(dim), 128 if x.is_cuda else 16)
+    num_warps = num_warps or (4 if x.is_cuda else 1)
     grid = (batch, max(1, _cdiv(length, block_l)), _cdiv(dim, block_d))
     s0 = initial_state if initial_state is not None else final
     _causal_conv1d_kernel[grid](
         x, weight, bias if bias is not None else weight, s0, y, final, length, dim,
         *x.stride(), *weight.stride(), *s0.stride(), *y.stride(), *final.stride(),
         W=width, HAS_BIAS=bias is not None, HAS_STATE=initial_state is not None, SILU=silu,
-        BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4 if x.is_cuda else 1)
+        BLOCK_L=block_l, BLOCK_D=block_d, num_warps=num_warps)
     return y, final
 
 
