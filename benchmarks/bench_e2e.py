@@ -55,15 +55,9 @@ PREFILL_EXPERT_ROUTES = {"tiles": DEFAULT_POLICY,
                              plane_gemm_tile=t or DEFAULT_POLICY.plane_gemm_tile)
                             for t in (None, (128, 128, 4, 2), (128, 128, 8, 3), (64, 256, 8, 3), (128, 64, 4, 3),
                                       (256, 64, 4, 2), (256, 64, 4, 3), (256, 128, 8, 2))},
-                         # a tile of its own for the matrices whose K exceeds N (fc2; MatmulPolicy.
-                         # plane_gemm_tile_long_k), fc1 keeping the default's
-                         **{"tiles_fc2_%dx%dw%ds%d" % t: dataclasses.replace(DEFAULT_POLICY, plane_gemm_tile_long_k=t)
-                            for t in ((128, 128, 4, 2), (128, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 3))},
-                         # the gated activation in fc1's epilogue (MatmulPolicy.gemm_gated_act), alone and with
-                         # fc2's 128 x 128 tile
-                         "tiles_gated": dataclasses.replace(DEFAULT_POLICY, gemm_gated_act=True),
-                         "tiles_gated_fc2_128x128w4s2": dataclasses.replace(
-                             DEFAULT_POLICY, gemm_gated_act=True, plane_gemm_tile_long_k=(128, 128, 4, 2))}
+                         # the gated activation in an elementwise kernel after fc1 (MatmulPolicy.gemm_gated_act
+                         # off; on, in fc1's epilogue, the default since session 36)
+                         "tiles_ungated": dataclasses.replace(DEFAULT_POLICY, gemm_gated_act=False)}
 # name -> (format of the projections and experts, format of x_proj / dt_proj / head or None for the same);
 # "int4_cli": int4 g128 with x_proj, dt_proj and the head float, as `qmamba quantize` writes it by default
 FORMATS = {"bf16": (None, None), "int8": (Int8Format(), None), "int4_g128": (Int4Format(128), None),

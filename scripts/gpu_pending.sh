@@ -22,7 +22,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="tile_map conv_tiles prefill_routes prefill_bf16 binary_normgemv dense_split_k planes_joint planes_joint_kernels matmul_table"  # the step lines below, in order
+ALL_STEPS="planes_joint planes_joint_kernels matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -36,34 +36,6 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 }
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" \
   || exit 1
-
-# the prefill MoE's one-program tile map in blocks of up to 1,024 rows (session 36) against 256 (before), each map
-# checked against the PyTorch twin's
-step tile_map "$PY" benchmarks/bench_tile_map.py --json "$DEST/tile_map.json" --rows 256,512,1024,2048,4096 \
-  --blocks 256,512,1024
-
-# the prefill's causal conv by tile (session 35's profile: 29 us a layer at 2,048 tokens, ~3x its memory floor;
-# 521 us of the graph prefill), each tile checked against the reference
-step conv_tiles "$PY" benchmarks/bench_conv.py --json "$DEST/conv_tiles.json" --batches 1,8 --lengths 2048
-
-# the graph prefill's MoE candidates (session 36), the expert GEMM time split into fc1 and fc2, bf16 beside int4:
-# fc2 (K > N) on a tile of its own (MatmulPolicy.plane_gemm_tile_long_k; session 35's kernel bench: fc2 87.5 us at
-# 128 x 128 w4 s2 against 134.8 at the default 64 x 128, which the prefill did not bear out with 128 x 128 for fc1
-# too), and the gated activation in fc1's epilogue (MatmulPolicy.gemm_gated_act; bf16 and int4 alike)
-step prefill_routes "$PY" benchmarks/profile_prefill.py --format int4_cli --graph --top 10 \
-  --experts tiles,tiles_fc2_128x128w4s2,tiles_fc2_128x64w4s3,tiles_gated,tiles_gated_fc2_128x128w4s2
-step prefill_bf16 "$PY" benchmarks/profile_prefill.py --format bf16 --graph --top 10 --experts tiles,tiles_gated
-
-# 1-bit + int4 at one row with the add + norms in the GEMVs (DecodePolicy.norm_in_gemvs_binary: off since session 26,
-# when it lost 0.571 -> 0.576 ms/token on the H200; the 1-bit decode kernels changed since, and the 37 add + norm
-# launches are 106 of the step's 628 us of kernels: session 32's profile)
-step binary_normgemv "$PY" benchmarks/bench_decode.py --out "$DEST/binary_normgemv.json" \
-  --formats binary+int4_g128 --batches 1 --rounds 3 --variants default,normgemvbin
-
-# the dense projections' tile kernel at M = 64..256 split along K (session 35: without a split its 12-48 programs
-# lost to the default's dequantization pass + cuBLAS on x_proj / out_proj, 2-3x; issue 13 asks >= 1.0x of cuBLAS bf16)
-step dense_split_k "$PY" benchmarks/bench_planes_gemm.py --out "$DEST/dense_split_k.json" --parts dense --m 64,256 \
-  --sweep --expert-tiles 64x128w4s3k2,64x128w4s3k4,64x64w4s3k4,32x128w4s3k4,64x64w4s3k8 --unpacks pairs,pairs_scaled
 
 # int4 input planes (one row; batch 8's routed row programs): every product of a row (both tile pieces; fc1's gate and
 # up rows from one read of the input) before any reduction, the word sums read in the tile's shape

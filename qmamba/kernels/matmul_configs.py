@@ -56,13 +56,6 @@ class MatmulPolicy:
     (bench_planes_gemm.py --sweep, 8 experts, M = 512 / 2048 tokens): fc1 124 / 297 us, fc2 81 / 167 us against
     239 / 486 and 190 / 294 for 128 x 128 with 8 warps; every wider tile was slower (sessions 19 and 23 likewise
     for the ``W x^T`` product and for the smaller, more resident tiles 64 x 64, 32 x 128, 32 x 64, 64 x 32).
-    ``plane_gemm_tile_long_k``: where set, the tile of plane-word matrices whose K exceeds N (the MoE's fc2, 3872 ->
-    1472 in BlackMamba-2.8B: 12 column tiles of 128, a long K loop); None: ``plane_gemm_tile`` for every matrix.
-    H100, session 35 (``bench_planes_gemm.py --parts experts --m 2048``, scaled pairs): fc2 87.5 us at 128 x 128 with
-    4 warps, 2 stages against 134.8 at 64 x 128, fc1 the other way (167.3 against 163.8); but the prefill with
-    128 x 128 for both lost (4.95 against 4.84 ms of expert GEMMs), so the prefill (``profile_prefill.py --experts
-    tiles,tiles_fc2_128x128w4s2``, which also splits the expert GEMM time into fc1 and fc2) decides; None until
-    it does.
     ``plane_weight_left``: the GEMM kernel takes the product as ``W x^T`` on plane words, the dequantized tile the
     tensor cores' left operand, read from registers, instead of copied to shared memory as the right one. H200,
     session 19 (``bench_planes_gemm.py --parts experts --m 2048 --sweep``, 64 x 128 tiles, 8 experts): fc1 298 ->
@@ -91,8 +84,14 @@ class MatmulPolicy:
     ``gemm_gated_act``: the prefill's grouped fc1 GEMM (a gated MoE, int8 / int4 / float experts) applies
     ``act(gate) * up`` in its epilogue and writes the ``[M, F]`` activation fc2 reads, instead of ``[M, 2F]`` for
     an elementwise kernel (:func:`qmamba.kernels.fused_moe.gated_act`; H100, session 35: 280 us of a 2,048-token
-    graph prefill's 11.9 ms, plus fc1's twice-as-wide store). Off until timed (``profile_prefill.py --experts
-    tiles,tiles_gated``).
+    graph prefill's 11.9 ms, plus fc1's twice-as-wide store). On: H100, session 36 (``profile_prefill.py --format
+    int4_cli|bf16 --graph --experts tiles_ungated,tiles``), graph prefill of 2,048 tokens, int4 as ``qmamba
+    quantize`` writes it 175.4k -> 178.8k tok/s, bf16 197.0k -> 201.4k; the elementwise kernel's 281 us go, fc1
+    takes 62 us more (int4; bf16 110).
+    Tried and removed (session 36, commit fc1eabf has the code): a tile of its own for plane-word matrices whose K
+    exceeds N (fc2). The kernel bench had fc2 at 87.5 us on 128 x 128 w4 s2 against 134.8 on 64 x 128 (session 35),
+    but in the graph prefill, split by launch (H100, ``profile_prefill.py --format int4_cli --graph``), fc2 took
+    2,072 us against 1,853 (18 layers) and the prefill 172.5k against 175.4k tok/s.
     Tried and removed (session 33, commit 3afa750 has the code): the bit-position dots on an input permuted and
     scaled by alpha in one small launch first, each bit position's input 16 contiguous columns, in one flat loop over
     (tile, 8 positions) that Triton pipelines. H100, batch-8 1-bit + int4 decode: 2.339 against 1.798 ms/token (the
@@ -121,10 +120,9 @@ class MatmulPolicy:
     plane_float_codes: bool = True
     plane_weight_left: bool = True
     plane_gemm_tile: tuple = (64, 128, 4, 3)
-    plane_gemm_tile_long_k: tuple | None = None
     plane_code_pairs: str = "exact"
     plane_gemm_code_pairs: str = "scaled"
-    gemm_gated_act: bool = False
+    gemm_gated_act: bool = True
     split_k_atomic_sem: str = "relaxed"  # the split-K atomic adds' ordering ("relaxed" or "acq_rel", Triton's
     #                                      default, which fences every earlier store before each add: sm_90
     #                                      MEMBAR.ALL.GPU + CCTL.IVALL; the sums are only read after the grid)
@@ -137,10 +135,9 @@ class MatmulPolicy:
             if getattr(self, name) not in ("", "exact", "scaled"):
                 raise ValueError(f"MatmulPolicy: {name} must be '', 'exact' or 'scaled', got "
                                  f"{getattr(self, name)!r}")
-        for name, tile, optional in (("plane_gemm_tile", self.plane_gemm_tile, False),
-                                     ("plane_gemm_tile_long_k", self.plane_gemm_tile_long_k, True)):
-            if not (optional and tile is None) and (tile is None or len(tile) != 4):
-                raise ValueError(f"MatmulPolicy: {name} is (block_m, block_n, warps, stages), got {tile}")
+        if len(self.plane_gemm_tile) != 4:
+            raise ValueError(f"MatmulPolicy: plane_gemm_tile is (block_m, block_n, warps, stages), got "
+                             f"{self.plane_gemm_tile}")
 
     def binary_word_gemv_fits(self, m: int, weight: BinaryWeight) -> bool:
         return self.binary_word_gemv and (m == 1 or (m <= self.word_gemv_max_rows
@@ -242,8 +239,7 @@ def pick_config(m: int, weight: PackedWeight, device, route: int = ROUTE_DENSE,
 def gemm_config(m: int, weight: PackedWeight, device, policy: MatmulPolicy | None = None) -> MatmulConfig:
     """Tiles of the prefill GEMM kernel (M > 16), from the H100 sweep (benchmarks/results_tables_h100.md, "Prefill
     GEMM sweep"): up to 64 rows the GEMM is bandwidth-bound (narrow tiles, split-K while the grid is small), above it
-    64 x 128 and then 128 x 128 tiles; int4 plane words above 64 rows: ``policy.plane_gemm_tile`` (its
-    ``plane_gemm_tile_long_k`` where K > N, if set)."""
+    64 x 128 and then 128 x 128 tiles; int4 plane words above 64 rows: ``policy.plane_gemm_tile``."""
     g = weight.group_size
     int4 = weight.fmt in (FMT_INT4, FMT_INT4_PLANES)
     block_k = INT4_TILE if weight.fmt == FMT_INT4_PLANES else (g if g >= 64 else 64) if int4 else 64
@@ -259,9 +255,7 @@ def gemm_config(m: int, weight: PackedWeight, device, policy: MatmulPolicy | Non
             split *= 2
         return MatmulConfig(bm, bn, block_k, split, 4, 4)
     if weight.fmt == FMT_INT4_PLANES:  # the grouped expert GEMM of the MoE prefill (MatmulPolicy.plane_gemm_tile)
-        policy = policy or current_policy()
-        long_k = policy.plane_gemm_tile_long_k is not None and weight.k > weight.n
-        bm, bn, warps, stages = policy.plane_gemm_tile_long_k if long_k else policy.plane_gemm_tile
+        bm, bn, warps, stages = (policy or current_policy()).plane_gemm_tile
         return MatmulConfig(bm, bn, block_k, 1, warps, stages)
     if m <= 256:
         return MatmulConfig(64, 128, block_k, 1, 4, 3 if int4 else 4)

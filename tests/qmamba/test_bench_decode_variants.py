@@ -152,16 +152,13 @@ def test_pending_script_lists_its_steps():
     assert listed == re.findall(r"^step (\w+) ", text, re.M)
 
 
-def test_fc2_tile_routes_and_expert_gemm_split():
-    """profile_prefill.py's ``tiles_fc2_*`` routes give the long-K matrix (fc2) their tile and leave fc1 on the
-    default's; its fc1 / fc2 split takes the expert GEMM kernel's launches in turn (the MoE's fc1, fc2, ...)."""
+def test_ungated_route_and_expert_gemm_split():
+    """profile_prefill.py's ``tiles_ungated`` route turns the gated epilogue off (on by default); its fc1 / fc2
+    split takes the expert GEMM kernel's launches in turn (the MoE's fc1, fc2, ...)."""
     from bench_e2e import PREFILL_EXPERT_ROUTES
     from profile_prefill import expert_gemm_split
 
-    route = PREFILL_EXPERT_ROUTES["tiles_fc2_128x128w4s2"]
-    assert route.plane_gemm_tile_long_k == (128, 128, 4, 2)
-    assert route.plane_gemm_tile == PREFILL_EXPERT_ROUTES["tiles"].plane_gemm_tile
-    assert PREFILL_EXPERT_ROUTES["tiles"].plane_gemm_tile_long_k is None
+    assert PREFILL_EXPERT_ROUTES["tiles"].gemm_gated_act and not PREFILL_EXPERT_ROUTES["tiles_ungated"].gemm_gated_act
     split = expert_gemm_split([10.0, 4.0, 12.0, 5.0])
     assert split == dict(layers=2, fc1_us=22.0, fc2_us=9.0)
     assert expert_gemm_split([10.0, 4.0, 12.0]) is None and expert_gemm_split([]) is None
