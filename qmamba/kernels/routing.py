@@ -170,7 +170,9 @@ def tile_map_launch(n_experts: int, cuda: bool, rows: int = 0) -> dict:
     ``BLOCK`` the rows' power of two between 256 and :data:`TILE_MAP_MAX_BLOCK`, with 4 warps up to 512 rows and 8
     above. One program walks the rows twice (counts, then places), and each block is a few dependent global and
     shared-memory round trips: 256 rows a block made a 2,048-row prefill 16 blocks, ~17 us a MoE layer on the H100
-    (session 35's profile, 307 us of the graph prefill's 11.9 ms); 1,024 make it 4."""
+    (session 35's profile, 307 us of the graph prefill's 11.9 ms); 1,024 make it 4. H100, session 36
+    (``benchmarks/bench_tile_map.py``), us a map at 1,024 / 2,048 / 4,096 rows: 9.7 / 17.5 / 33.0 in blocks of 256,
+    6.1 / 9.9 / 17.8 in blocks of 1,024 (512: 7.1 / 12.2 / 22.5)."""
     block = min(max(next_pow2(max(rows, 1)), 256), TILE_MAP_MAX_BLOCK)
     warps = (4 if block <= 512 else 8) if cuda else 1
     return dict(EP=next_pow2(max(n_experts, 2)), BLOCK=block, BLOCK_T=128, num_warps=warps)
