@@ -88,10 +88,12 @@ class MatmulPolicy:
     int4_cli|bf16 --graph --experts tiles_ungated,tiles``), graph prefill of 2,048 tokens, int4 as ``qmamba
     quantize`` writes it 175.4k -> 178.8k tok/s, bf16 197.0k -> 201.4k; the elementwise kernel's 281 us go, fc1
     takes 62 us more (int4; bf16 110).
-    Tried and removed (session 36, commit fc1eabf has the code): a tile of its own for plane-word matrices whose K
-    exceeds N (fc2). The kernel bench had fc2 at 87.5 us on 128 x 128 w4 s2 against 134.8 on 64 x 128 (session 35),
-    but in the graph prefill, split by launch (H100, ``profile_prefill.py --format int4_cli --graph``), fc2 took
-    2,072 us against 1,853 (18 layers) and the prefill 172.5k against 175.4k tok/s.
+    ``plane_gemm_tile_long_k``: where set, the tile of plane-word matrices whose K exceeds N (the MoE's fc2, 3872 ->
+    1472 in BlackMamba-2.8B: 12 column tiles of 128, a long K loop), its block_m too (the MoE then maps fc2's rows
+    into tiles of their own: a second tile-map launch); None: ``plane_gemm_tile``. Session 35's kernel bench had fc2
+    at 87.5 us on 128 x 128 w4 s2 against 134.8 on 64 x 128. Session 36's first prefill timing of it ran fc2 at 64
+    rows, the tile map's (2,072 against 1,853 us: 2 stages instead of 3); the prefill with fc2 on its own 128-row
+    tiles (``profile_prefill.py --experts tiles,tiles_fc2_128x128w4s2``) decides. None until it does.
     Tried and removed (session 33, commit 3afa750 has the code): the bit-position dots on an input permuted and
     scaled by alpha in one small launch first, each bit position's input 16 contiguous columns, in one flat loop over
     (tile, 8 positions) that Triton pipelines. H100, batch-8 1-bit + int4 decode: 2.339 against 1.798 ms/token (the
@@ -120,6 +122,7 @@ class MatmulPolicy:
     plane_float_codes: bool = True
     plane_weight_left: bool = True
     plane_gemm_tile: tuple = (64, 128, 4, 3)
+    plane_gemm_tile_long_k: tuple | None = None
     plane_code_pairs: str = "exact"
     plane_gemm_code_pairs: str = "scaled"
     gemm_gated_act: bool = True
@@ -135,9 +138,10 @@ class MatmulPolicy:
             if getattr(self, name) not in ("", "exact", "scaled"):
                 raise ValueError(f"MatmulPolicy: {name} must be '', 'exact' or 'scaled', got "
                                  f"{getattr(self, name)!r}")
-        if len(self.plane_gemm_tile) != 4:
-            raise ValueError(f"MatmulPolicy: plane_gemm_tile is (block_m, block_n, warps, stages), got "
-                             f"{self.plane_gemm_tile}")
+        for name in ("plane_gemm_tile", "plane_gemm_tile_long_k"):
+            tile = getattr(self, name)
+            if (tile is not None or name == "plane_gemm_tile") and len(tile or ()) != 4:
+                raise ValueError(f"MatmulPolicy: {name} is (block_m, block_n, warps, stages), got {tile}")
 
     def binary_word_gemv_fits(self, m: int, weight: BinaryWeight) -> bool:
         return self.binary_word_gemv and (m == 1 or (m <= self.word_gemv_max_rows
@@ -255,7 +259,9 @@ def gemm_config(m: int, weight: PackedWeight, device, policy: MatmulPolicy | Non
             split *= 2
         return MatmulConfig(bm, bn, block_k, split, 4, 4)
     if weight.fmt == FMT_INT4_PLANES:  # the grouped expert GEMM of the MoE prefill (MatmulPolicy.plane_gemm_tile)
-        bm, bn, warps, stages = (policy or current_policy()).plane_gemm_tile
+        policy = policy or current_policy()
+        long_k = policy.plane_gemm_tile_long_k is not None and weight.k > weight.n
+        bm, bn, warps, stages = policy.plane_gemm_tile_long_k if long_k else policy.plane_gemm_tile
         return MatmulConfig(bm, bn, block_k, 1, warps, stages)
     if m <= 256:
         return MatmulConfig(64, 128, block_k, 1, 4, 3 if int4 else 4)
