@@ -22,7 +22,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="planes_joint planes_joint_kernels matmul_table"  # the step lines below, in order
+ALL_STEPS="prefill_fc2_tiles planes_joint planes_joint_kernels matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -36,6 +36,12 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 }
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" \
   || exit 1
+
+# fc2 (K > N) on tiles of its own height in the graph prefill (MatmulPolicy.plane_gemm_tile_long_k; session 36:
+# the MoE maps fc2's rows a second time where its tile height differs; its first timing had run fc2 at the tile
+# map's 64 rows); session 35's kernel bench had fc2 at 87.5 us on 128 x 128 w4 s2 against 134.8 on 64 x 128
+step prefill_fc2_tiles "$PY" benchmarks/profile_prefill.py --format int4_cli --graph --top 3 \
+  --experts tiles,tiles_fc2_128x128w4s2,tiles_fc2_128x128w8s3,tiles_fc2_64x64w4s3
 
 # int4 input planes (one row; batch 8's routed row programs): every product of a row (both tile pieces; fc1's gate and
 # up rows from one read of the input) before any reduction, the word sums read in the tile's shape
