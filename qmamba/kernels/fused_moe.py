@@ -151,8 +151,7 @@ def moe_forward(x, router_w, router_b, fc1: KernelWeight, fc2: KernelWeight, act
         raise ValueError(f"MoE: router has {router_w.shape[0]} experts, fc1 {fc1.n_experts}, fc2 {fc2.n_experts}")
     idx, weight = route_top1(x, router_w, router_b)
     t = x.shape[0]
-    tiles = None
-    fc2_tiles = None
+    tiles = fc2_tiles = None
     if t > GEMV_MAX_M:
         tiles = fc2_tiles = expert_tile_map(idx, fc1.n_experts, block_m or _tile_rows(t, fc1, x.device))
         fc2_rows = block_m or _tile_rows(t, fc2, x.device)
