@@ -10,7 +10,8 @@ per kernel name: launches, GPU microseconds per prefill, share of the total; and
 first (next token and final state, ``qmamba.bench.check_prefill``; a failed check exits non-zero), its wall time
 beside the eager one's, and the kernels of a graph replay. ``--experts``: each route of the routed expert matmuls in
 turn (``whole_stack``: every expert dequantized in one pass, then the float grouped GEMM). Each route also prints
-its peak GPU memory (``torch.cuda.max_memory_allocated`` over its runs, graphs included).
+its peak GPU memory (``torch.cuda.max_memory_allocated`` over its runs, graphs included), and each path the grouped
+expert GEMMs' time split into fc1 and fc2 (:func:`expert_gemm_split`).
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def profile_route(args, model, ids, route, report):
         rows = sorted(per.items(), key=lambda kv: -kv[1][1])
         for name, (calls, us) in rows[:args.top]:
             print(f"{us:10.0f} us {100 * us / total:5.1f}% {calls:5d} x  {name[:110]}")
-        split = expert_gemm_split(kernel_launch_us(prof, EXPERT_GEMM_KERNEL))
+        split = expert_gemm_split(kernel_launch_us(prof, EXPERT_GEMM_KERNEL), moe_layers(model))
         if split:
             print(f"{'':10} expert GEMMs: fc1 {split['fc1_us']:.0f} us, fc2 {split['fc2_us']:.0f} us "
                   f"({split['layers']} MoE layers, {EXPERT_GEMM_KERNEL} launches taken in turn)")
@@ -123,13 +124,21 @@ def profile_route(args, model, ids, route, report):
 EXPERT_GEMM_KERNEL = "_dequant_gemm_kernel"
 
 
-def expert_gemm_split(launch_us: list[float]) -> dict | None:
+def moe_layers(model) -> int:
+    """The model's MoE blocks (:func:`qmamba.block_plan.block_plan`)."""
+    from qmamba.block_plan import block_plan
+
+    return sum(not spec.is_mamba for spec in block_plan(model.config))
+
+
+def expert_gemm_split(launch_us: list[float], layers: int) -> dict | None:
     """fc1's and fc2's shares of the grouped expert GEMM's time: at M > 16 the dense projections run on cuBLAS (a
-    float weight, or int4 / int8 dequantized in one pass first), so the GEMM kernel's launches are the MoE blocks'
-    fc1, fc2, fc1, fc2, ... in launch order. None where the count is odd (not that pattern)."""
-    if not launch_us or len(launch_us) % 2:
+    float weight, or int4 / int8 dequantized in one pass first), so the GEMM kernel's launches are the ``layers`` MoE
+    blocks' fc1, fc2, fc1, fc2, ... in launch order. None where there are not two launches a layer (the per-expert
+    routes launch it once an expert)."""
+    if not layers or len(launch_us) != 2 * layers:
         return None
-    return dict(layers=len(launch_us) // 2, fc1_us=sum(launch_us[0::2]), fc2_us=sum(launch_us[1::2]))
+    return dict(layers=layers, fc1_us=sum(launch_us[0::2]), fc2_us=sum(launch_us[1::2]))
 
 
 if __name__ == "__main__":

@@ -159,6 +159,7 @@ def test_ungated_route_and_expert_gemm_split():
     from profile_prefill import expert_gemm_split
 
     assert PREFILL_EXPERT_ROUTES["tiles"].gemm_gated_act and not PREFILL_EXPERT_ROUTES["tiles_ungated"].gemm_gated_act
-    split = expert_gemm_split([10.0, 4.0, 12.0, 5.0])
+    split = expert_gemm_split([10.0, 4.0, 12.0, 5.0], 2)
     assert split == dict(layers=2, fc1_us=22.0, fc2_us=9.0)
-    assert expert_gemm_split([10.0, 4.0, 12.0]) is None and expert_gemm_split([]) is None
+    assert expert_gemm_split([10.0, 4.0, 12.0], 2) is None and expert_gemm_split([10.0, 4.0, 12.0, 5.0], 1) is None
+    assert expert_gemm_split([], 0) is None
