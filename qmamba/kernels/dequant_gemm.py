@@ -15,14 +15,23 @@ from qmamba.kernels.weights import FMT_INT4, FMT_INT4_PLANES, PackedWeight
 
 
 @jit
-def matmul_epilogue(acc, out_ptr, s_ptr, bias_ptr, rscale_ptr, rows, row_ok, n, n_ok, e64, pid_k, som, son, sse, ssn,
-                    FMT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr):
-    """The general matmuls' shared epilogue on ``acc [BLOCK_M, BLOCK_N]`` fp32: int8 row scale, bias (once, by the
-    first K split), per-row scale, then :func:`store_or_add` (``ATOMIC``: :func:`split_k_mode`)."""
+def _row_scale_and_bias(acc, s_ptr, bias_ptr, n, n_ok, e64, pid_k, sse, ssn, FMT: tl.constexpr,
+                        HAS_BIAS: tl.constexpr):
+    """``acc [BLOCK_M, BLOCK_N]`` fp32 of weight rows ``n`` times the int8 row scale, plus the bias (once, by the
+    first K split)."""
     if FMT == 1:
         acc = acc * tl.load(s_ptr + e64 * sse + n * ssn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.where(pid_k == 0, 1.0, 0.0) * tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@jit
+def matmul_epilogue(acc, out_ptr, s_ptr, bias_ptr, rscale_ptr, rows, row_ok, n, n_ok, e64, pid_k, som, son, sse, ssn,
+                    FMT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr):
+    """The general matmuls' shared epilogue on ``acc [BLOCK_M, BLOCK_N]`` fp32: int8 row scale, bias (once, by the
+    first K split), per-row scale, then :func:`store_or_add` (``ATOMIC``: :func:`split_k_mode`)."""
+    acc = _row_scale_and_bias(acc, s_ptr, bias_ptr, n, n_ok, e64, pid_k, sse, ssn, FMT, HAS_BIAS)
     if HAS_RSCALE:
         acc = acc * tl.load(rscale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     store_or_add(out_ptr + rows[:, None] * som + n[None, :] * son, acc, row_ok[:, None] & n_ok[None, :], ATOMIC)
@@ -34,18 +43,13 @@ def gated_epilogue(acc, out_ptr, s_ptr, bias_ptr, rscale_ptr, rows, row_ok, n, n
                    BLOCK_N: tl.constexpr):
     """The gated fc1's epilogue on ``acc [BLOCK_M, BLOCK_N]`` fp32, gate columns then up columns (weight rows ``n``,
     see ``GATE`` in :func:`_dequant_gemm_kernel`): int8 row scale and bias by weight row, then
-    ``act(gate) * up`` into the tile's ``BLOCK_N / 2`` output columns (no split-K: the activation needs the sums)."""
-    if FMT == 1:
-        acc = acc * tl.load(s_ptr + e64 * sse + n * ssn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    ``act(gate) * up`` into the tile's ``BLOCK_N / 2`` output columns through :func:`matmul_epilogue` (per-row
+    scale, a plain store: no split-K, the activation needs the sums)."""
+    acc = _row_scale_and_bias(acc, s_ptr, bias_ptr, n, n_ok, e64, 0, sse, ssn, FMT, HAS_BIAS)
     gate, up = tl.split(tl.permute(tl.reshape(acc, (acc.shape[0], 2, BLOCK_N // 2)), (0, 2, 1)))
-    a = activate(gate, ACT) * up
-    if HAS_RSCALE:
-        a = a * tl.load(rscale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     col = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-    mask = row_ok[:, None] & (col < F)[None, :]
-    tl.store(out_ptr + rows[:, None] * som + col[None, :] * son, a.to(out_ptr.dtype.element_ty), mask=mask)
+    matmul_epilogue(activate(gate, ACT) * up, out_ptr, s_ptr, bias_ptr, rscale_ptr, rows, row_ok, col, col < F, e64,
+                    0, som, son, sse, ssn, 0, False, HAS_RSCALE, 0)
 
 
 @jit

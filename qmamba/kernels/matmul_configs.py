@@ -138,9 +138,11 @@ class MatmulPolicy:
             if getattr(self, name) not in ("", "exact", "scaled"):
                 raise ValueError(f"MatmulPolicy: {name} must be '', 'exact' or 'scaled', got "
                                  f"{getattr(self, name)!r}")
-        for name in ("plane_gemm_tile", "plane_gemm_tile_long_k"):
-            tile = getattr(self, name)
-            if (tile is not None or name == "plane_gemm_tile") and len(tile or ()) != 4:
+        tiles = {"plane_gemm_tile": self.plane_gemm_tile}
+        if self.plane_gemm_tile_long_k is not None:  # None: plane_gemm_tile serves every matrix
+            tiles["plane_gemm_tile_long_k"] = self.plane_gemm_tile_long_k
+        for name, tile in tiles.items():
+            if len(tile) != 4:
                 raise ValueError(f"MatmulPolicy: {name} is (block_m, block_n, warps, stages), got {tile}")
 
     def binary_word_gemv_fits(self, m: int, weight: BinaryWeight) -> bool:

@@ -207,24 +207,6 @@ def experts_via_dense(x, weight: PackedWeight, bias, row_expert, row_scale, tile
     return out
 
 
-def _gated_tiles_matmul(x, weight: PackedWeight, bias, row_scale, tiles, config, out, policy: MatmulPolicy,
-                        gate: str):
-    """:func:`dequant_matmul` with ``gate``: the grouped GEMM over ``tiles`` with the gated epilogue."""
-    if tiles is None or weight.n % 2:
-        raise ValueError("dequant matmul: a gated epilogue needs expert tiles and a weight of 2F rows")
-    if bias is not None and tuple(bias.shape) != (weight.n,):
-        raise ValueError(f"dequant matmul: bias must be [{weight.n}], got {tuple(bias.shape)}")
-    m = x.shape[0]
-    cfg = config or pick_config(m, weight, x.device, ROUTE_TILES, policy)
-    cfg = MatmulConfig(tiles.block_m, cfg.block_n, cfg.block_k, 1, cfg.num_warps, cfg.num_stages)
-    out = torch.empty(m, weight.n // 2, device=x.device, dtype=x.dtype) if out is None else out
-    if m:
-        dequant_gemm(x, weight, out, bias, row_scale, tiles, cfg, False, plane_float_codes=policy.plane_float_codes,
-                     plane_weight_left=policy.plane_weight_left, atomic_sem=policy.split_k_atomic_sem,
-                     plane_code_pairs=policy.plane_gemm_code_pairs, gate=gate)
-    return out
-
-
 def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scale=None, tiles=None,
                    config: MatmulConfig | None = None, out=None, policy: MatmulPolicy | None = None,
                    gate: str | None = None):
@@ -234,23 +216,25 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     :func:`expert_tile_map`, needs ``row_expert`` sorted into tiles) runs the grouped GEMM. ``out`` (optional
     ``[M, N]``) receives the result as is: with split-K it must be float32 and zeroed (the captured decode step
     zeroes one workspace per token); without it any float dtype. ``policy``: which kernel paths may be taken
-    (None: :func:`current_policy`). ``gate`` (an activation name; with ``tiles`` only, the grouped GEMM): ``weight``
-    is a gated fc1 (2F rows: gate, then up) and the result ``[M, F]`` is ``act(h[:, :F]) * h[:, F:]`` of ``h = x @
-    W^T``, computed in the GEMM's epilogue (:func:`qmamba.kernels.dequant_gemm.gated_epilogue`).
+    (None: :func:`current_policy`). ``gate`` (an activation name; with ``row_expert`` and ``tiles`` only, the
+    grouped GEMM): ``weight`` is a gated fc1 (2F rows: gate, then up) and the result ``[M, F]`` is ``act(h[:, :F]) *
+    h[:, F:]`` of ``h = x @ W^T``, computed in the GEMM's epilogue (:func:`qmamba.kernels.dequant_gemm.gated_epilogue`).
     """
     policy = policy or current_policy()
     if x.dim() != 2 or x.shape[1] != weight.k:
         raise ValueError(f"dequant matmul: x must be [M, {weight.k}], got {tuple(x.shape)}")
     m = x.shape[0]
-    if gate is not None:
-        return _gated_tiles_matmul(x, weight, bias, row_scale, tiles, config, out, policy, gate)
+    if gate is not None and (tiles is None or row_expert is None or tiles.block_m < 16 or weight.n % 2):
+        raise ValueError("dequant matmul: a gated epilogue needs row_expert with its expert tiles (of at least 16 "
+                         "rows) and a weight of 2F rows")
     if (x.is_cuda and row_expert is None and m >= DEQUANT_GEMM_MIN_M.get(weight.fmt, 1 << 62) and config is None
             and out is None and x.dtype != torch.float32):
         return dense_linear(x, dequantize_stack(weight, x.dtype)[0], bias, row_scale)
     if bias is not None and tuple(bias.shape) != (weight.n,):
         raise ValueError(f"dequant matmul: bias must be [{weight.n}], got {tuple(bias.shape)}")
     if (x.is_cuda and row_expert is not None and weight.fmt in (FMT_INT8, FMT_INT4, FMT_INT4_PLANES)
-            and m >= policy.dequant_experts_min_m and config is None and out is None and x.dtype != torch.float32):
+            and m >= policy.dequant_experts_min_m and config is None and out is None and x.dtype != torch.float32
+            and gate is None):
         return experts_via_dense(x, weight, bias, row_expert, row_scale, tiles,
                                  whole_stack=policy.dequant_experts_whole_stack)
     if row_expert is None:
@@ -267,7 +251,7 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     if route == ROUTE_TILES:
         cfg = MatmulConfig(tiles.block_m, cfg.block_n, cfg.block_k, 1, cfg.num_warps, cfg.num_stages)
     atomic = cfg.split_k > 1
-    out, convert = output_buffer(x, weight.n, out, atomic, "dequant matmul")
+    out, convert = output_buffer(x, weight.n // 2 if gate is not None else weight.n, out, atomic, "dequant matmul")
     if m == 0:
         return out.to(x.dtype) if convert else out
     if route == ROUTE_DENSE:
@@ -287,7 +271,7 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     if route != ROUTE_BY_EXPERT and cfg.block_m >= 16 and (m > GEMV_MAX_M or route == ROUTE_TILES):
         dequant_gemm(x, weight, out, bias, row_scale, tiles if route == ROUTE_TILES else None, cfg, atomic,
                      plane_float_codes=policy.plane_float_codes, plane_weight_left=policy.plane_weight_left,
-                     atomic_sem=policy.split_k_atomic_sem, plane_code_pairs=policy.plane_gemm_code_pairs)
+                     atomic_sem=policy.split_k_atomic_sem, plane_code_pairs=policy.plane_gemm_code_pairs, gate=gate)
         return out.to(x.dtype) if convert else out
     q, s, z = weight.qweight, weight.scales, weight.zeros
     s = s if s is not None else q
