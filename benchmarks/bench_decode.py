@@ -185,9 +185,12 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
     if v == "dtrows0":  # the SSM update reads dt_proj's weight as stored (DecodePolicy.dt_rows_aligned off)
         return dataclasses.replace(base, dt_rows_aligned=False)
     if v == "joint":  # int4 input planes: every product of a row before any reduction (DecodePolicy.planes_joint)
-        return dataclasses.replace(base, planes_joint=True)
-    if v == "wsums":  # and the producers of the planes adding their word sums (DecodePolicy.producer_word_sums)
+        return dataclasses.replace(base, planes_joint=True, producer_word_sums=False)
+    if v == "wsums":  # and the producers of the planes adding their word sums (DecodePolicy.producer_word_sums; the
+        #               CUDA policy's at one row since session 37)
         return dataclasses.replace(base, planes_joint=True, producer_word_sums=True)
+    if v == "nowsums":  # neither (the CUDA policy before session 37)
+        return dataclasses.replace(base, planes_joint=False, producer_word_sums=False)
     if v == "nopieces":  # the CUDA policy before session 33: one padded tile row, 4 int4 rows a program
         return dataclasses.replace(base, int4_tile_pieces=False, block_n_int4=4)
     m = re.fullmatch(r"pieces(\d+)?", v)
@@ -271,8 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "DecodePolicy.int4_x_in_tile), pieces[N] (int4 tile rows in two power-of-two pieces: "
                          "DecodePolicy.int4_tile_pieces; N int4 rows a program), nopieces (one padded tile row, 4 int4 "
                          "rows a program: the CUDA policy before session 33), joint (every product of an int4 row "
-                         "before any reduction: DecodePolicy.planes_joint), wsums (joint, and the planes' "
-                         "producers add their word sums: DecodePolicy.producer_word_sums), pairs / pairss / nopairs "
+                         "before any reduction: DecodePolicy.planes_joint, alone), wsums (joint, and the planes' "
+                         "producers add their word sums: DecodePolicy.producer_word_sums; the CUDA policy's since "
+                         "session 37), nowsums (neither: the CUDA policy before session 37), pairs / pairss / nopairs "
                          "(the general kernels' int4 codes two at a time, exact (the default) / scaled, or float "
                          "codes: MatmulPolicy.plane_code_pairs), ssmbdN (N channels per "
                          "program of the SSM update, e.g. "

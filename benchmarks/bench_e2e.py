@@ -55,9 +55,6 @@ PREFILL_EXPERT_ROUTES = {"tiles": DEFAULT_POLICY,
                              plane_gemm_tile=t or DEFAULT_POLICY.plane_gemm_tile)
                             for t in (None, (128, 128, 4, 2), (128, 128, 8, 3), (64, 256, 8, 3), (128, 64, 4, 3),
                                       (256, 64, 4, 2), (256, 64, 4, 3), (256, 128, 8, 2))},
-                         # fc2 (K > N) on tiles of its own (MatmulPolicy.plane_gemm_tile_long_k; a second tile map)
-                         **{"tiles_fc2_%dx%dw%ds%d" % t: dataclasses.replace(DEFAULT_POLICY, plane_gemm_tile_long_k=t)
-                            for t in ((128, 128, 4, 2), (128, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3))},
                          # the gated activation in an elementwise kernel after fc1 (MatmulPolicy.gemm_gated_act
                          # off; on, in fc1's epilogue, the default since session 36)
                          "tiles_ungated": dataclasses.replace(DEFAULT_POLICY, gemm_gated_act=False)}

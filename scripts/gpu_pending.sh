@@ -5,7 +5,8 @@
 # a session that has a GPU, each step within the device's 10-minute calls, then `bash scripts/gpu_check.sh -rf`. When
 # a candidate is decided (taken into the defaults, or removed with its figures in benchmarks/results.md), take its
 # step out; add a step for each new candidate (session 29 ran and removed the fold, block_n_wide and the per-expert
-# prefill route this way: benchmarks/results.md, "Session 29").
+# prefill route this way: benchmarks/results.md, "Session 29"; session 37 took the producer word sums and removed
+# fc2's own tiles).
 #
 #   bash scripts/gpu_pending.sh [OUT_DIR [STEP ...]]   # logs and JSON under OUT_DIR [${OUT:-runs/gpu-pending}];
 #                                                       # STEPs: a subset of those below (default: all, in order)
@@ -22,7 +23,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="prefill_fc2_tiles planes_joint planes_joint_kernels matmul_table"  # the step lines below, in order
+ALL_STEPS="matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -36,22 +37,6 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 }
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" \
   || exit 1
-
-# fc2 (K > N) on tiles of its own height in the graph prefill (MatmulPolicy.plane_gemm_tile_long_k; session 36:
-# the MoE maps fc2's rows a second time where its tile height differs; its first timing had run fc2 at the tile
-# map's 64 rows); session 35's kernel bench had fc2 at 87.5 us on 128 x 128 w4 s2 against 134.8 on 64 x 128
-step prefill_fc2_tiles "$PY" benchmarks/profile_prefill.py --format int4_cli --graph --top 3 \
-  --experts tiles,tiles_fc2_128x128w4s2,tiles_fc2_128x128w8s3,tiles_fc2_64x64w4s3
-
-# int4 input planes (one row; batch 8's routed row programs): every product of a row (both tile pieces; fc1's gate and
-# up rows from one read of the input) before any reduction, the word sums read in the tile's shape
-# (DecodePolicy.planes_joint), and with it the planes' producers adding their word sums into rows the consumers read
-# (DecodePolicy.producer_word_sums: one row, the fused step), both session 33, built offline; in the step beside the
-# default and bf16, then the kernels alone (as bench_decode_linear.py launches them: word sums given)
-step planes_joint "$PY" benchmarks/bench_decode.py --out "$DEST/planes_joint.json" --formats int4_g128,bf16 \
-  --batches 1,8 --rounds 3 --check-steps 8 --variants default,joint,wsums
-step planes_joint_kernels "$PY" benchmarks/bench_decode_linear.py --out "$DEST/planes_joint_kernels.json" --rows 1 \
-  --only in_proj,out_proj,fc1_gated,fc2,head --variants cuda_default,cuda_joint
 
 # issue 13's table (int4 g128 as the runtime runs it against cuBLAS bf16 and the 4-bit peers, M = 1..2048, every
 # output checked first): run whole on the H100 in sessions 29 and 30; its targets are the H200's

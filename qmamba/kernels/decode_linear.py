@@ -166,9 +166,12 @@ class DecodePolicy:
     #                             compile (Triton 3.6): the same instructions, every input load before the first
     #                             reduction (in_proj: the second piece's loads came after 3 barriers), in_proj 7 -> 5
     #                             barriers, 64 -> 58 registers, fc1 13 -> 11, 90 -> 80, no spills, where plane 8
-    #                             (the word sums) is given; in the fused step no producer writes it since
-    #                             norm_in_gemvs, and there only the loads' order changes (benchmarks/results.md,
-    #                             "Session 33"). Candidate (session 33, built without a GPU): scripts/gpu_pending.sh
+    #                             (the word sums) is given. Alone it loses (H100, session 37, int4 g128 batch 1 0.441
+    #                             -> 0.447 ms/token; kernels alone in_proj 3.83 -> 3.54 us, fc1 5.94 -> 6.45): on in
+    #                             the CUDA policy with producer_word_sums, at one row (planes_joint_batched off)
+    planes_joint_batched: bool = True  # planes_joint also in a batch's routed row programs (H100, session 37, batch
+    #                             8: 1.425 -> 1.444 ms/token with it, 1.439 with producer_word_sums too): off in the
+    #                             CUDA policy
     producer_word_sums: bool = False  # fused step at one row with norm_in_gemvs: the producers of int4 input planes
     #                             (NormOut in out_proj / fc2, the SSM update, fc1's epilogue) also add their words' sums
     #                             (plane 8's values) into a row per call by relaxed atomic adds (zeroed with the norm
@@ -176,8 +179,9 @@ class DecodePolicy:
     #                             its words from the planes (8 more loads a piece and a pass through shared memory).
     #                             sm_90 compile (Triton 3.6), the step's five GEMVs with planes_joint: SASS a thread /
     #                             barriers in_proj 608 / 7 -> 544 / 5, out_proj 632 / 8 -> 560 / 5, fc1 968 / 13 -> 904
-    #                             / 11, fc2 752 / 8 -> 704 / 6, head 544 / 7 -> 480 / 5. Candidate (session 33, built
-    #                             without a GPU): scripts/gpu_pending.sh
+    #                             / 11, fc2 752 / 8 -> 704 / 6, head 544 / 7 -> 480 / 5. On in the CUDA policy, with
+    #                             planes_joint: H100, session 37 (bench_decode.py --variants default,wsums), int4 g128
+    #                             batch 1 0.441 -> 0.434 ms/token (a second call, 5 rounds: 0.444 -> 0.435)
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
 
     def __post_init__(self):
@@ -256,6 +260,11 @@ class DecodePolicy:
         0.451 ms/token at batch 1, 1.539 -> 1.460 at batch 8 (1-bit + int4 0.553 -> 0.548; bf16 unchanged): on;
         then (``--variants default,xtilewide``) out_proj / fc2 reading their input planes in the tile's shape at one
         row too (``int4_x_in_tile_wide`` "always"; out_proj in 16 + 8 pieces) 0.450 -> 0.443 at batch 1: on.
+        Session 37 (H100, ``--variants default,joint,wsums``, 3 interleaved rounds): the producers of the int4 input
+        planes adding their word sums for the consumers (``producer_word_sums``) with every product of a row before
+        any reduction (``planes_joint``) took int4 g128 from 0.441 to 0.434 ms/token at batch 1 (``planes_joint``
+        alone 0.447; 5 rounds in a second call: 0.444 -> 0.435); at batch 8, where only the routed row programs
+        read planes, 1.425 -> 1.439 (alone 1.444): on at one row (``planes_joint_batched`` off).
         CPU (interpreter): every format and batch, wide row blocks (few programs)."""
         if device.type != "cuda":
             return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1, ssm_block_d=16)
@@ -269,7 +278,8 @@ class DecodePolicy:
                    min_programs=2 * multiprocessors, int4_x_in_tile=True, ssm_block_d=8,
                    max_rows_routed=MAX_ROWS, routed_row_programs=True, int4_x_planes=True, binary_max_rows=1,
                    norm_plane_programs=4, max_programs=8 * multiprocessors, int4_x_in_tile_wide="always",
-                   norm_in_gemvs=True, ssm_block_d_batched=16, int4_tile_pieces=True,
+                   norm_in_gemvs=True, ssm_block_d_batched=16, int4_tile_pieces=True, planes_joint=True,
+                   planes_joint_batched=False, producer_word_sums=True,
                    formats=(FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES, FMT_BINARY))
 
     @property
@@ -1188,7 +1198,8 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         EXPERT_READY=expert_ready and row_expert is not None, ROW_PROGRAMS=row_programs, X_PLANES=use_planes,
         XPL_K=kpad, XPL_SUMS=bool(x_plane_sums) or xws is not None, OUT_PLANES=out_planes is not None, OPL_K=opl_k,
         NBP2=nbp2,
-        PLANES_JOINT=use_planes and policy.planes_joint, X_WSUMS=xws is not None, OUT_WSUMS=ows is not None,
+        PLANES_JOINT=use_planes and policy.planes_joint and (policy.planes_joint_batched or not row_programs),
+        X_WSUMS=xws is not None, OUT_WSUMS=ows is not None,
         num_warps=warps,
         **kwargs)
     return out

@@ -136,8 +136,8 @@ def routed_matmul(x, weight: KernelWeight, bias=None, row_expert=None, row_scale
 
 
 def _tile_rows(t: int, fc1: KernelWeight, device) -> int:
-    """Rows per expert tile of a prefill of ``t`` tokens: the general matmul's config for an int8/int4/float matrix
-    (fc1, or fc2 where its tile differs); 64 on CUDA (32 elsewhere) for 1-bit."""
+    """Rows per expert tile of a prefill of ``t`` tokens: the general matmul's config for an int8/int4/float fc1
+    (fc2 runs on the same tiles); 64 on CUDA (32 elsewhere) for 1-bit."""
     if isinstance(fc1, BinaryWeight):
         return 32 if device.type != "cuda" else 64
     return pick_config(t, fc1, device).block_m
@@ -151,16 +151,13 @@ def moe_forward(x, router_w, router_b, fc1: KernelWeight, fc2: KernelWeight, act
         raise ValueError(f"MoE: router has {router_w.shape[0]} experts, fc1 {fc1.n_experts}, fc2 {fc2.n_experts}")
     idx, weight = route_top1(x, router_w, router_b)
     t = x.shape[0]
-    tiles = fc2_tiles = None
+    tiles = None
     if t > GEMV_MAX_M:
-        tiles = fc2_tiles = expert_tile_map(idx, fc1.n_experts, block_m or _tile_rows(t, fc1, x.device))
-        fc2_rows = block_m or _tile_rows(t, fc2, x.device)
-        if fc2_rows != tiles.block_m:  # fc2 on tiles of its own height (MatmulPolicy.plane_gemm_tile_long_k)
-            fc2_tiles = expert_tile_map(idx, fc1.n_experts, fc2_rows)
+        tiles = expert_tile_map(idx, fc1.n_experts, block_m or _tile_rows(t, fc1, x.device))
     policy = current_policy()
     if (tiles is not None and gated and isinstance(fc1, PackedWeight) and policy.gemm_gated_act
             and t < policy.dequant_experts_min_m):
         a = dequant_matmul(x, fc1, row_expert=idx, tiles=tiles, gate=activation)  # the activation in the epilogue
     else:
         a = gated_act(routed_matmul(x, fc1, row_expert=idx, tiles=tiles), activation, gated)
-    return routed_matmul(a, fc2, row_expert=idx, row_scale=weight, tiles=fc2_tiles)
+    return routed_matmul(a, fc2, row_expert=idx, row_scale=weight, tiles=tiles)

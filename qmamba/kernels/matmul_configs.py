@@ -88,12 +88,6 @@ class MatmulPolicy:
     int4_cli|bf16 --graph --experts tiles_ungated,tiles``), graph prefill of 2,048 tokens, int4 as ``qmamba
     quantize`` writes it 175.4k -> 178.8k tok/s, bf16 197.0k -> 201.4k; the elementwise kernel's 281 us go, fc1
     takes 62 us more (int4; bf16 110).
-    ``plane_gemm_tile_long_k``: where set, the tile of plane-word matrices whose K exceeds N (the MoE's fc2, 3872 ->
-    1472 in BlackMamba-2.8B: 12 column tiles of 128, a long K loop), its block_m too (the MoE then maps fc2's rows
-    into tiles of their own: a second tile-map launch); None: ``plane_gemm_tile``. Session 35's kernel bench had fc2
-    at 87.5 us on 128 x 128 w4 s2 against 134.8 on 64 x 128. Session 36's first prefill timing of it ran fc2 at 64
-    rows, the tile map's (2,072 against 1,853 us: 2 stages instead of 3); the prefill with fc2 on its own 128-row
-    tiles (``profile_prefill.py --experts tiles,tiles_fc2_128x128w4s2``) decides. None until it does.
     Tried and removed (session 33, commit 3afa750 has the code): the bit-position dots on an input permuted and
     scaled by alpha in one small launch first, each bit position's input 16 contiguous columns, in one flat loop over
     (tile, 8 positions) that Triton pipelines. H100, batch-8 1-bit + int4 decode: 2.339 against 1.798 ms/token (the
@@ -106,6 +100,11 @@ class MatmulPolicy:
     ``128 + code`` on the ``W x^T`` path, the zero point through per-tile input sums from a pre-pass (fewer
     unpacking instructions, more for the correction): fc1 x8 at M = 2048 260 against 261 us, fc2 162 against 148,
     slower at M = 256 / 512 (commit 627fcaa has the code).
+    Tried and removed (session 37): the MoE's fc2 (K > N) on tiles of its own height, the rows mapped into tiles a
+    second time (``plane_gemm_tile_long_k``, built in session 36; commit 66813aa has the code). H100, graph prefill of
+    2,048 tokens (``profile_prefill.py --format int4_cli --graph --experts tiles,tiles_fc2_...``), fc2's 18 launches
+    1,871 us at the shared 64 x 128 w4 s3 against 1,981 (128 x 128 w4 s2), 2,682 (128 x 128 w8 s3), 3,140 (64 x 64 w4
+    s3): session 35's kernel bench (87.5 against 134.8 us) had not run fc2 on the MoE's own rows.
     Tried and removed (session 23, commit c3618aa has the code): each MoE block's expert stacks dequantized on a side
     stream while the block before it runs, into one reused buffer, then the float grouped GEMMs. 2,048 tokens, graph
     prefill (``profile_prefill.py --format int4_cli --graph``): 165k tok/s against 156k at a peak of 2.19 against
@@ -122,7 +121,6 @@ class MatmulPolicy:
     plane_float_codes: bool = True
     plane_weight_left: bool = True
     plane_gemm_tile: tuple = (64, 128, 4, 3)
-    plane_gemm_tile_long_k: tuple | None = None
     plane_code_pairs: str = "exact"
     plane_gemm_code_pairs: str = "scaled"
     gemm_gated_act: bool = True
@@ -138,12 +136,9 @@ class MatmulPolicy:
             if getattr(self, name) not in ("", "exact", "scaled"):
                 raise ValueError(f"MatmulPolicy: {name} must be '', 'exact' or 'scaled', got "
                                  f"{getattr(self, name)!r}")
-        tiles = {"plane_gemm_tile": self.plane_gemm_tile}
-        if self.plane_gemm_tile_long_k is not None:  # None: plane_gemm_tile serves every matrix
-            tiles["plane_gemm_tile_long_k"] = self.plane_gemm_tile_long_k
-        for name, tile in tiles.items():
-            if len(tile) != 4:
-                raise ValueError(f"MatmulPolicy: {name} is (block_m, block_n, warps, stages), got {tile}")
+        if len(self.plane_gemm_tile) != 4:
+            raise ValueError(f"MatmulPolicy: plane_gemm_tile is (block_m, block_n, warps, stages), got "
+                             f"{self.plane_gemm_tile}")
 
     def binary_word_gemv_fits(self, m: int, weight: BinaryWeight) -> bool:
         return self.binary_word_gemv and (m == 1 or (m <= self.word_gemv_max_rows
@@ -262,8 +257,7 @@ def gemm_config(m: int, weight: PackedWeight, device, policy: MatmulPolicy | Non
         return MatmulConfig(bm, bn, block_k, split, 4, 4)
     if weight.fmt == FMT_INT4_PLANES:  # the grouped expert GEMM of the MoE prefill (MatmulPolicy.plane_gemm_tile)
         policy = policy or current_policy()
-        long_k = policy.plane_gemm_tile_long_k is not None and weight.k > weight.n
-        bm, bn, warps, stages = policy.plane_gemm_tile_long_k if long_k else policy.plane_gemm_tile
+        bm, bn, warps, stages = policy.plane_gemm_tile
         return MatmulConfig(bm, bn, block_k, 1, warps, stages)
     if m <= 256:
         return MatmulConfig(64, 128, block_k, 1, 4, 3 if int4 else 4)

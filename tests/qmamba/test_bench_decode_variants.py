@@ -44,6 +44,16 @@ def test_norm_gemv_and_atomic_variants():
     assert policy_variant(CUDA, "acqrel") == CUDA
 
 
+def test_word_sums_variants():
+    """The CUDA policy takes the producers' word sums with every product of a row before any reduction, at one row
+    (session 37); ``nowsums`` is the policy before, ``joint`` the joint products alone, ``wsums`` both."""
+    assert CUDA.producer_word_sums and CUDA.planes_joint and not CUDA.planes_joint_batched
+    before = policy_variant(CUDA, "nowsums")
+    assert before == dataclasses.replace(CUDA, planes_joint=False, producer_word_sums=False)
+    assert policy_variant(before, "wsums") == CUDA
+    assert policy_variant(CUDA, "joint") == dataclasses.replace(CUDA, producer_word_sums=False)
+
+
 def test_dt_rows_variant():
     """``dtrows0``: the SSM update reads dt_proj's weight as stored (``DecodePolicy.dt_rows_aligned`` off; on in the
     CUDA policy), nothing else changed."""

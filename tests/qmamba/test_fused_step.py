@@ -56,7 +56,7 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     routed row on CUDA cores), dense matrices on the general kernels; ``_rowprog``: one program row per routed row,
     on its own expert's tile (``DecodePolicy.routed_row_programs``); ``_xplanes``: fc1's row programs read the int4
     input planes of x; ``_joint``: with the tile pieces and every product before any reduction
-    (``DecodePolicy.int4_tile_pieces``, ``planes_joint``)."""
+    (``DecodePolicy.int4_tile_pieces``, ``planes_joint``; the other ``planes`` / ``routed`` cases without it)."""
     model = build("tiny-blackmamba", FORMATS[fmt], device)
     if fmt == "binary":
         from qmamba.quant.binary import BinaryExperts, BinaryLinear
@@ -90,8 +90,10 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
                                      int4_planes=True, int4_unpack=unpack, planes_mma=False,
                                      routed_row_programs="rowprog" in parts,
                                      int4_x_planes="xplanes" in parts)
-    if kernels.endswith("_joint"):
-        policy = dataclasses.replace(policy, int4_tile_pieces=True, planes_joint=True)
+    if kernels.endswith("_joint"):  # in the routed row programs too (the CUDA policy joins them at one row only)
+        policy = dataclasses.replace(policy, int4_tile_pieces=True, planes_joint=True, planes_joint_batched=True)
+    elif kernels.startswith(("planes", "routed")):  # each piece reduced before the next (CUDA: joint since 37)
+        policy = dataclasses.replace(policy, planes_joint=False)
     step = FusedDecodeStep(model, policy)
     dt_strides = {p.dt_w.stride(0) for p in step.layers if hasattr(p, "dt_w")}  # rank 4: padded to 16 by default
     assert dt_strides == ({16} if policy.dt_rows_aligned else {model.config.dt_rank})
@@ -258,8 +260,9 @@ def test_fused_step_with_norms_in_the_gemvs(name, fmt, programs, device):
         policy = dataclasses.replace(policy, formats=DecodePolicy().formats, int4_x_planes=False,
                                      int4_unpack="denorm")
     policy = dataclasses.replace(policy, norm_in_gemvs=True, norm_in_gemvs_binary=fmt == "binary")
-    if wsums:
-        policy = dataclasses.replace(policy, producer_word_sums=True, planes_joint=True, int4_tile_pieces=True)
+    # "-wsums" as the CUDA policy since session 37; the others without (the CUDA policy before it)
+    policy = dataclasses.replace(policy, producer_word_sums=wsums, planes_joint=wsums,
+                                 int4_tile_pieces=wsums or policy.int4_tile_pieces)
     step = FusedDecodeStep(model, policy)
     if fmt == "binary":  # 1-bit weights keep their add + norm kernels unless asked (measured slower on the H200)
         assert not FusedDecodeStep(model, dataclasses.replace(policy, norm_in_gemvs_binary=False))._norm_in_gemvs(1)

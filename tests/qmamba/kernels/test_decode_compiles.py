@@ -40,26 +40,18 @@ def _compiled(*argv, timeout: int):
 
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_cuda_default_compiles_without_spills():
-    stdout = _compiled(str(INSPECT), "--variants", "cuda_default,cuda_default_float", "--no-stack", timeout=900)
-    lines = [line for line in stdout.splitlines() if " regs " in line]
-    assert len(lines) == 12, stdout  # 6 shapes x 2 weight forms
-    assert all(" stack    0 " in line for line in lines), stdout
-
-
-@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
-def test_joint_planes_candidate_compiles_without_spills():
-    """``DecodePolicy.planes_joint`` (a candidate): the int4 matrices at one row with every product before any
-    reduction compile for sm_90 without spills with the device image's Triton 3.6 (80 registers for fc1); Triton 3.9
-    (this machine's) gives fc1 8 bytes of stack at 80 registers, allowed there, no more."""
+    """The CUDA policy's one-row kernels at the six shapes, int4 plane words and bf16, compile for sm_90 without
+    spills with the device image's Triton 3.6. The int4 matrices take every product of a row before any reduction
+    (``DecodePolicy.planes_joint``, since session 37: 80 registers for fc1 on 3.6); Triton 3.9 (this machine's)
+    gives that fc1 8 bytes of stack, allowed there, no more."""
     import triton
 
-    stdout = _compiled(str(INSPECT), "--shapes", "in_proj,out_proj,fc1_gated,fc2,head", "--variants", "cuda_joint",
-                       timeout=900)
+    stdout = _compiled(str(INSPECT), "--variants", "cuda_default,cuda_default_float", timeout=900)
     lines = [line for line in stdout.splitlines() if " regs " in line]
-    assert len(lines) == 5, stdout
-    stacks = {line.split()[0]: int(line.split()[5]) for line in lines}
+    assert len(lines) == 12, stdout  # 6 shapes x 2 weight forms
     fc1_allowance = 0 if triton.__version__.startswith("3.6") else 8
-    assert stacks.pop("fc1_gated") <= fc1_allowance and set(stacks.values()) == {0}, stdout
+    stacks = [(line.split()[0], int(line.split()[5])) for line in lines]
+    assert all(stack == 0 or (name == "fc1_gated" and stack <= fc1_allowance) for name, stack in stacks), stdout
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
@@ -127,10 +119,7 @@ from qmamba.quant.layout import int4_x_planes
 real = dl._decode_linear_kernel
 dl._decode_linear_kernel = rec = _Recorder(real)
 pol = DecodePolicy.cuda(132, True)
-W = len(sys.argv) > 2  # the producer_word_sums candidate (with planes_joint): sums rows read and added
-if W:
-    import dataclasses
-    pol = dataclasses.replace(pol, planes_joint=True, producer_word_sums=True)
+W = pol.producer_word_sums  # the word sums' rows read (and added by the producers), as the fused step passes them
 def ws(words):
     return dict(x_word_sums=torch.zeros(1, words)) if W else {}
 fmt = Int4Format(128)
@@ -374,34 +363,20 @@ def test_ahead_wait_detector_finds_a_wait_for_the_weights():
 def test_norms_in_the_gemvs_compile():
     """``DecodePolicy.norm_in_gemvs`` (the CUDA default at one row): in_proj / fc1 / the head scaling by the
     accumulated 1 / rms (fc1, fc2 routing from the sums), out_proj / fc2 adding the residual and the sums by atomic
-    adds, at BlackMamba-2.8B's shapes on int4 plane words, compile for sm_90 without spills. One exception, seen
-    in session 26: Triton 3.9 (this machine's) compiles in_proj (8 rows a program, the conv epilogue, the 1 / rms
-    loaded before the products) to 64 registers and 8 bytes of stack, where the H200 image's 3.6, which the timed
-    figures come from, has none; more than that fails here too."""
+    adds, at BlackMamba-2.8B's shapes on int4 plane words, as the CUDA policy launches them since session 37 (the
+    input's word sums read from a row of their own, the output planes' added into one: ``producer_word_sums``, with
+    ``planes_joint``), compile for sm_90 without spills (Triton 3.6: 544 / 576 / 920 / 720 / 480 SASS instructions a
+    thread against 608 / 632 / 968 / 752 / 544 before). Triton 3.9 (this machine's) may give in_proj and fc1 8 bytes
+    of stack each (seen in sessions 26 and 33), where the H200 image's 3.6, which the timed figures come from, has
+    none; more than that fails here too."""
     import triton
 
+    allowance = 0 if triton.__version__.startswith("3.6") else 8
     stdout = _compiled("-c", _NORM_GEMVS_COMPILE, str(ROOT / "benchmarks"), timeout=900)
     lines = [line for line in stdout.splitlines() if line.startswith("regs")]
     assert len(lines) == 5, stdout
     stacks = [int(line.split()[-1]) for line in lines]
-    in_proj_allowance = 0 if triton.__version__.startswith("3.6") else 8
-    assert stacks[0] <= in_proj_allowance and stacks[1:] == [0, 0, 0, 0], stdout
-
-
-@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
-def test_producer_word_sums_candidate_compiles():
-    """``DecodePolicy.producer_word_sums`` with ``planes_joint`` (a candidate): the same five GEMVs reading their
-    input's word sums from a row of their own and adding their output planes' into one, without spills (Triton 3.6
-    for sm_90: 544 / 576 / 920 / 720 / 480 SASS instructions a thread against 608 / 632 / 968 / 752 / 544 as
-    shipped; Triton 3.9 may give fc1 8 bytes of stack, as with planes_joint alone)."""
-    import triton
-
-    stdout = _compiled("-c", _NORM_GEMVS_COMPILE, str(ROOT / "benchmarks"), "wsums", timeout=900)
-    lines = [line for line in stdout.splitlines() if line.startswith("regs")]
-    assert len(lines) == 5, stdout
-    stacks = [int(line.split()[-1]) for line in lines]
-    fc1_allowance = 0 if triton.__version__.startswith("3.6") else 8
-    assert stacks[2] <= fc1_allowance and stacks[:2] + stacks[3:] == [0, 0, 0, 0], stdout
+    assert stacks[0] <= allowance and stacks[2] <= allowance and stacks[1] == stacks[3] == stacks[4] == 0, stdout
 
 
 # Shared memory a block may use (opt-in maximum, bytes): a launch above it fails with "out of resources".

@@ -137,31 +137,3 @@ def test_moe_with_gated_epilogue(kind, device):
                                        moe_forward_ref(x[:t], rw, rb, fc1, fc2, "silu", True), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["float", "int4"])
-def test_moe_fc2_on_tiles_of_its_own(kind, device, monkeypatch):
-    """Where fc2's tile height differs from fc1's (``MatmulPolicy.plane_gemm_tile_long_k``), the MoE maps the rows
-    into tiles a second time for fc2; the result still matches the reference (here the heights forced through
-    ``_tile_rows``, as the CUDA configs would give them)."""
-    from qmamba.kernels import fused_moe
-
-    fc1, fc2 = experts(kind, device)
-    heights = {id(fc1): 16, id(fc2): 32}
-    monkeypatch.setattr(fused_moe, "_tile_rows", lambda t, w, dev: heights[id(w)])
-    maps, used = [], {}
-    real_map, real_matmul = fused_moe.expert_tile_map, fused_moe.routed_matmul
-    monkeypatch.setattr(fused_moe, "expert_tile_map", lambda *a: maps.append(a[2]) or real_map(*a))
-
-    def spy(x, weight, *args, tiles=None, **kw):
-        used[id(weight)] = tiles.block_m
-        return real_matmul(x, weight, *args, tiles=tiles, **kw)
-
-    monkeypatch.setattr(fused_moe, "routed_matmul", spy)
-    rw, rb = router_for(None, device)
-    x = torch.randn(70, D, device=device)
-    torch.testing.assert_close(moe_forward(x, rw, rb, fc1, fc2, "gelu", True),
-                               moe_forward_ref(x, rw, rb, fc1, fc2, "gelu", True), atol=1e-4, rtol=1e-4)
-    assert maps == [16, 32] and used[id(fc2)] == 32
-    heights[id(fc2)] = 16
-    maps.clear()
-    moe_forward(x, rw, rb, fc1, fc2, "gelu", True)
-    assert maps == [16]  # one map where the heights agree

@@ -222,33 +222,6 @@ def test_plane_gemm_tile_from_the_policy(tile, device):
         close(got, dequant_matmul_ref(x, planes, row_expert=idx), torch.bfloat16)
 
 
-def test_plane_gemm_tile_long_k(device):
-    """``MatmulPolicy.plane_gemm_tile_long_k`` sets the tile of plane-word matrices whose K exceeds N only (the MoE's
-    fc2); the others keep ``plane_gemm_tile``; unset, every matrix takes ``plane_gemm_tile``. The grouped GEMM
-    with the long-K tile matches the reference on the GPU."""
-    from qmamba.kernels.matmul_configs import MatmulPolicy, gemm_config
-
-    cuda_like = type("D", (), {"type": "cuda", "index": None})()
-    _, wide = plane_weight(384, 256, device, lead=(3,))   # fc1-like: N > K
-    _, long_k = plane_weight(128, 384, device, lead=(3,))  # fc2-like: K > N
-    short, long = (64, 128, 4, 3), (128, 128, 4, 2)
-    policy = MatmulPolicy(plane_gemm_tile=short, plane_gemm_tile_long_k=long)
-    tile = lambda cfg: (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)  # noqa: E731
-    assert tile(gemm_config(512, wide, cuda_like, policy)) == short
-    assert tile(gemm_config(512, long_k, cuda_like, policy)) == long
-    assert tile(gemm_config(512, long_k, cuda_like, MatmulPolicy(plane_gemm_tile=short))) == short
-    with pytest.raises(ValueError, match="plane_gemm_tile_long_k"):
-        MatmulPolicy(plane_gemm_tile_long_k=(128, 128, 4))
-    if device.type == "cuda":
-        cfg = gemm_config(512, long_k, device, policy)
-        m = 300
-        x = torch.randn(m, 384, device=device).to(torch.bfloat16)
-        idx = torch.randint(0, 3, (m,), device=device, dtype=torch.int32)
-        tiles = expert_tile_map(idx, 3, cfg.block_m)
-        got = dequant_matmul(x, long_k, row_expert=idx, tiles=tiles, config=cfg)
-        close(got, dequant_matmul_ref(x, long_k, row_expert=idx), torch.bfloat16)
-
-
 def _run_pair_asm(asm: str, regs: dict) -> int:
     """A tiny interpreter for the PTX of :func:`qmamba.kernels.dequant_gemm._pair_asm` (``mov``, ``shr.u32``,
     ``lop3.b32``, ``fma.rn.bf16x2`` / ``fma.rn.f16x2`` on 32-bit registers): ``$0`` after running it on ``regs``."""
