@@ -26,12 +26,10 @@ import triton.language as tl
 from qmamba.config import preset
 from qmamba.kernels.binary_matmul import binary_matmul
 from qmamba.kernels.decode_linear import DecodePolicy, decode_linear, decode_linear_ref, pdl_supported
-from qmamba.kernels.matmul_configs import MatmulConfig
 from qmamba.kernels.quant_matmul import dequant_matmul
-from qmamba.kernels.routing import expert_tile_map
 from qmamba.kernels.weights import BinaryWeight, PackedWeight, int32_words
 from qmamba.quant.formats import BinaryFormat, Int4Format, Int8Format
-from qmamba.quant.layout import INT4_TILE, int4_x_planes
+from qmamba.quant.layout import int4_x_planes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import copies_for, time_calls, require_idle_gpu  # noqa: E402
@@ -77,12 +75,7 @@ def variants(pdl: bool, rows: int):
         # routed expert stacks (fc1, fc2): one program row per input row, each the one-row kernel on its own
         # expert's tile (DecodePolicy.routed_row_programs), as the CUDA policy reads int4 / bf16 at one row
         rowprog = dataclasses.replace(cuda, routed_row_programs=True)
-        # routed expert stacks (fc1 gated, fc2) on the prefill's grouped GEMM (tensor cores, W x^T) over tiles of
-        # 16 rows: each used expert's weight read and unpacked once for all of its rows, the tile map (one launch)
-        # built in every call; "tiles16_n64w4s4" = block_n 64, 4 warps, 4 stages
-        tiles = {f"tiles16_n{bn}w{w}s{st}": ("planes", ("tiles", 16, bn, w, st))
-                 for bn, w, st in ((128, 4, 3), (64, 4, 4), (128, 8, 3), (256, 8, 3))}
-        return {"planes_mma": ("planes", DecodePolicy(pdl=pdl)), "general": ("words", "general"), **tiles,
+        return {"planes_mma": ("planes", DecodePolicy(pdl=pdl)), "general": ("words", "general"),
                 "rowprog": ("planes", rowprog),
                 # the tile row in two power-of-two pieces (DecodePolicy.int4_tile_pieces)
                 "rowprog_pieces": ("planes", dataclasses.replace(rowprog, int4_tile_pieces=True)),
@@ -117,8 +110,8 @@ def variants(pdl: bool, rows: int):
            "cuda_nopieces": ("planes", dataclasses.replace(cuda, int4_tile_pieces=False, block_n_int4=4,
                                                           int4_x_in_tile_wide="row_programs")),
            # the products of a row reduced piece by piece (DecodePolicy.planes_joint off: the CUDA policy before
-           # session 37; kernels alone, with the word sums in plane 8: in_proj 3.54 against 3.83 us on, fc1 6.45
-           # against 5.94)
+           # session 37; H100, kernels alone, the word sums in plane 8, joint against this: in_proj 3.54 against
+           # 3.83 us, fc1 6.45 against 5.94)
            "cuda_nojoint": ("planes", dataclasses.replace(cuda, planes_joint=False)),
            # the CUDA policy with 2 or 8 warps a program (the same rows: twice or half the codes a thread)
            "cuda_w2": ("planes", dataclasses.replace(cuda, num_warps=2)),
@@ -187,17 +180,7 @@ def bench_shape(name, n, k, experts, opts, rows, pdl, dev, result, only_variants
     for vname, (form, policy) in chosen.items():
         weight = forms[form]
         exact = int4 if form in ("words", "planes", "float") else weight  # what the output is checked against
-        if isinstance(policy, tuple):  # ("tiles", block_m, block_n, warps, stages): routed stacks only
-            if not experts:
-                continue
-            _, bm, bn, warps, stages = policy
-            ref = decode_linear_ref(x, exact, gated=gated, **kw)
-            cfg = MatmulConfig(bm, bn, INT4_TILE, 1, warps, stages)
-            call = lambda wc, cfg=cfg: dequant_matmul(  # noqa: E731
-                x, wc, row_expert=kw["row_expert"], row_scale=kw.get("row_scale"), config=cfg, gate=gated,
-                tiles=expert_tile_map(kw["row_expert"], experts, cfg.block_m))
-            out = call(weight)
-        elif policy == "general":  # the general kernel computes fc1 without the activation
+        if policy == "general":  # the general kernel computes fc1 without the activation
             ref = decode_linear_ref(x, exact, **kw)
             general = binary_matmul if form == "binary" else dequant_matmul
             call = lambda wc, general=general: general(x, wc, **kw)  # noqa: E731

@@ -4,9 +4,7 @@ BlackMamba-2.8B's expert shapes (8 experts, top-1):
 
 * ``prefill``: the grouped expert GEMM (``_dequant_gemm_kernel``) at M = 2048 tokens, the config of
   :func:`qmamba.kernels.matmul_configs.gemm_config`;
-* ``batch8``: the small-M kernel (``_dequant_matmul_kernel``) at 8 rows routed by expert (batched decode);
-* ``tiles8``: the grouped expert GEMM at 8 rows over tiles of 16 (``bench_decode_linear.py --rows 8``'s
-  ``tiles16_*`` variants; ``--tile`` sets block_n, warps and stages, default 128,4,3).
+* ``batch8``: the small-M kernel (``_dequant_matmul_kernel``) at 8 rows routed by expert (batched decode).
 
     python benchmarks/inspect_gemm_kernel.py [--cases prefill,batch8] [--shapes fc1,fc2] [--no-stack] [--weight-left]
         [--pairs] [--loop] [--gated]
@@ -35,11 +33,10 @@ from inspect_decode_kernel import _Recorder, compile_recorded, report  # noqa: E
 from qmamba.kernels import dequant_gemm as dg  # noqa: E402
 from qmamba.kernels import quant_matmul as qm  # noqa: E402
 from qmamba.kernels import matmul_configs  # noqa: E402
-from qmamba.kernels.matmul_configs import MatmulConfig, MatmulPolicy, gemm_config, pick_config  # noqa: E402
+from qmamba.kernels.matmul_configs import MatmulPolicy, gemm_config, pick_config  # noqa: E402
 from qmamba.kernels.routing import ROUTE_BY_EXPERT, expert_tile_map  # noqa: E402
 from qmamba.kernels.weights import PackedWeight  # noqa: E402
 from qmamba.quant.formats import Int4Format  # noqa: E402
-from qmamba.quant.layout import INT4_TILE  # noqa: E402
 
 SHAPES = {"fc1": (1472, 7744), "fc2": (3872, 1472)}  # (K, N) of one expert of BlackMamba-2.8B
 EXPERTS = 8
@@ -64,7 +61,7 @@ def planes_stack(k: int, n: int) -> PackedWeight:
 
 
 def compile_case(case: str, weight: PackedWeight, float_codes: bool, arch: int, weight_left: bool = False,
-                 pairs: str = "", gate: str | None = None, tile8: tuple = (128, 4, 3)):
+                 pairs: str = "", gate: str | None = None):
     """``(compiled kernel, config)`` of one case, recorded from the real launcher on CPU tensors (``pairs``:
     ``MatmulPolicy.plane_code_pairs``, with the inline PTX the CUDA launch takes; ``gate``: the prefill GEMM with
     the gated epilogue, ``MatmulPolicy.gemm_gated_act``)."""
@@ -75,10 +72,6 @@ def compile_case(case: str, weight: PackedWeight, float_codes: bool, arch: int, 
         m = 2048
         cfg = gemm_config(m, weight, _CudaLike())
         recorder, module, name = _Recorder(dg._dequant_gemm_kernel), dg, "_dequant_gemm_kernel"
-    elif case == "tiles8":
-        m = 8
-        cfg = MatmulConfig(16, *tile8[:1], INT4_TILE, 1, *tile8[1:])
-        recorder, module, name = _Recorder(dg._dequant_gemm_kernel), dg, "_dequant_gemm_kernel"
     else:
         m = 8
         cfg = pick_config(m, weight, _CudaLike(), ROUTE_BY_EXPERT, policy)
@@ -88,7 +81,7 @@ def compile_case(case: str, weight: PackedWeight, float_codes: bool, arch: int, 
     try:
         x = torch.randn(m, k).to(torch.bfloat16)
         idx = torch.randint(0, EXPERTS, (m,), dtype=torch.int32)
-        tiles = expert_tile_map(idx, EXPERTS, cfg.block_m) if case in ("prefill", "tiles8") else None
+        tiles = expert_tile_map(idx, EXPERTS, cfg.block_m) if case == "prefill" else None
         qm.dequant_matmul(x, weight, row_expert=idx, tiles=tiles, config=cfg, policy=policy, gate=gate)
     finally:
         setattr(module, name, real)
@@ -127,9 +120,7 @@ def main():
     ap.add_argument("--loop", action="store_true", help="also the K loop's instructions a thread and their mix")
     ap.add_argument("--gated", action="store_true", help="also fc1's prefill GEMM with the gated GELU epilogue "
                     "(MatmulPolicy.gemm_gated_act), scaled pairs and float codes")
-    ap.add_argument("--tile", default="128,4,3", help="tiles8: block_n, warps, stages")
     args = ap.parse_args()
-    tile8 = tuple(int(v) for v in args.tile.split(","))
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     spilled = []
 
@@ -148,11 +139,6 @@ def main():
     for shape in args.shapes.split(","):
         weight = planes_stack(*SHAPES[shape])
         for case in args.cases.split(","):
-            if case == "tiles8":  # as batched decode would run it: W x^T, scaled pairs, fc1 gated
-                show(shape, case, "pairs scaled", *compile_case(
-                    case, weight, True, args.arch, weight_left=True, pairs="scaled",
-                    gate="silu" if shape == "fc1" else None, tile8=tile8))
-                continue
             for float_codes in (False, True):
                 r = show(shape, case, f"{'float' if float_codes else 'int':5s} codes",
                          *compile_case(case, weight, float_codes, args.arch))
