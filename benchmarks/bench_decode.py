@@ -191,6 +191,8 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return dataclasses.replace(base, planes_joint=True, producer_word_sums=True)
     if v == "nowsums":  # neither (the CUDA policy before session 37)
         return dataclasses.replace(base, planes_joint=False, producer_word_sums=False)
+    if v == "jointng":  # the joint products for every matrix but a gated stack (DecodePolicy.planes_joint_gated)
+        return dataclasses.replace(base, planes_joint_gated=False)
     if v == "nopieces":  # the CUDA policy before session 33: one padded tile row, 4 int4 rows a program
         return dataclasses.replace(base, int4_tile_pieces=False, block_n_int4=4)
     m = re.fullmatch(r"pieces(\d+)?", v)
@@ -276,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "rows a program: the CUDA policy before session 33), joint (every product of an int4 row "
                          "before any reduction: DecodePolicy.planes_joint, alone), wsums (joint, and the planes' "
                          "producers add their word sums: DecodePolicy.producer_word_sums; the CUDA policy's since "
-                         "session 37), nowsums (neither: the CUDA policy before session 37), pairs / pairss / nopairs "
+                         "session 37), nowsums (neither: the CUDA policy before session 37), jointng (fc1 without "
+                         "the joint products: DecodePolicy.planes_joint_gated off), pairs / pairss / nopairs "
                          "(the general kernels' int4 codes two at a time, exact (the default) / scaled, or float "
                          "codes: MatmulPolicy.plane_code_pairs), ssmbdN (N channels per "
                          "program of the SSM update, e.g. "

@@ -23,7 +23,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="matmul_table"  # the step lines below, in order
+ALL_STEPS="joint_gated matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -37,6 +37,11 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 }
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" \
   || exit 1
+
+# fc1 (the gated stack) without the joint products while the other int4 matrices keep them
+# (DecodePolicy.planes_joint_gated off; session 37: fc1 alone 6.45 us joint against 5.94, the step timed all joint)
+step joint_gated "$PY" benchmarks/bench_decode.py --out "$DEST/joint_gated.json" --formats int4_g128 --batches 1 \
+  --rounds 5 --check-steps 8 --variants default,jointng,nowsums
 
 # issue 13's table (int4 g128 as the runtime runs it against cuBLAS bf16 and the 4-bit peers, M = 1..2048, every
 # output checked first): run whole on the H100 in sessions 29 and 30; its targets are the H200's

@@ -172,6 +172,10 @@ class DecodePolicy:
     planes_joint_batched: bool = True  # planes_joint also in a batch's routed row programs (H100, session 37, batch
     #                             8: 1.425 -> 1.444 ms/token with it, 1.439 with producer_word_sums too): off in the
     #                             CUDA policy
+    planes_joint_gated: bool = True  # planes_joint also for a gated stack (fc1: gate and up rows from one read of the
+    #                             input). Kernels alone (session 37, word sums in plane 8) fc1 took 6.45 us joint
+    #                             against 5.94, while the step was timed with every matrix joint: False is the
+    #                             candidate (scripts/gpu_pending.sh)
     producer_word_sums: bool = False  # fused step at one row with norm_in_gemvs: the producers of int4 input planes
     #                             (NormOut in out_proj / fc2, the SSM update, fc1's epilogue) also add their words' sums
     #                             (plane 8's values) into a row per call by relaxed atomic adds (zeroed with the norm
@@ -1198,7 +1202,8 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         EXPERT_READY=expert_ready and row_expert is not None, ROW_PROGRAMS=row_programs, X_PLANES=use_planes,
         XPL_K=kpad, XPL_SUMS=bool(x_plane_sums) or xws is not None, OUT_PLANES=out_planes is not None, OPL_K=opl_k,
         NBP2=nbp2,
-        PLANES_JOINT=use_planes and policy.planes_joint and (policy.planes_joint_batched or not row_programs),
+        PLANES_JOINT=use_planes and policy.planes_joint and (policy.planes_joint_batched or not row_programs)
+        and (policy.planes_joint_gated or gated is None),
         X_WSUMS=xws is not None, OUT_WSUMS=ows is not None,
         num_warps=warps,
         **kwargs)

@@ -52,6 +52,7 @@ def test_word_sums_variants():
     assert before == dataclasses.replace(CUDA, planes_joint=False, producer_word_sums=False)
     assert policy_variant(before, "wsums") == CUDA
     assert policy_variant(CUDA, "joint") == dataclasses.replace(CUDA, producer_word_sums=False)
+    assert CUDA.planes_joint_gated and not policy_variant(CUDA, "jointng").planes_joint_gated
 
 
 def test_dt_rows_variant():

@@ -98,7 +98,7 @@ def test_denorm_input_read_in_the_tile_shape(fmt, gated, device):
 @pytest.mark.parametrize("fmt", ["planes128", "planes256"])
 @pytest.mark.parametrize("x_in_tile", [True, False])
 @pytest.mark.parametrize("case", ["dense", "conv", "gated", "row_scale", "dense-nosums", "row_scale-nosums"])
-@pytest.mark.parametrize("mode", ["plain", "pieces", "pieces-joint", "pieces-joint-wsums"])
+@pytest.mark.parametrize("mode", ["plain", "pieces", "pieces-joint", "pieces-joint-wsums", "pieces-jointng-wsums"])
 def test_input_planes_match_the_dequantized_matmul(fmt, x_in_tile, case, mode, device):
     """``x_planes`` (the int4 input planes add + norm writes, :func:`int4_x_planes`): one row, "denorm" plane
     words, the input read from the planes in the tile's shape (UNPACK 3) or broadcast over the rows (2): dense with a
@@ -110,13 +110,14 @@ def test_input_planes_match_the_dequantized_matmul(fmt, x_in_tile, case, mode, d
     start at block 2); "-joint" (``DecodePolicy.planes_joint``): every product (gate and up from one read of the
     input) before any reduction, the word sums read in the tile's shape; "-wsums"
     (``DecodePolicy.producer_word_sums``): the word sums given as a row of their own (``x_word_sums``; plane 8 NaN),
-    and the gated case adds its output planes' word sums into ``out_word_sums``."""
+    and the gated case adds its output planes' word sums into ``out_word_sums``; "-jointng": joint but for the gated
+    stack (``DecodePolicy.planes_joint_gated`` off: its word sums given, its products reduced piece by piece)."""
     from qmamba.quant.layout import int4_x_planes
 
     torch.manual_seed(11)
     policy = DecodePolicy(pdl=False, block_n_int4=4, num_warps=4 if device.type == "cuda" else 1,
                           int4_unpack="denorm", int4_x_in_tile=x_in_tile, int4_tile_pieces=mode != "plain",
-                          planes_joint="joint" in mode)
+                          planes_joint="joint" in mode, planes_joint_gated="jointng" not in mode)
     wsums = mode.endswith("wsums")
     n, k = 45, 300 if mode == "plain" else 700
     x = torch.randn(1, k, device=device).to(torch.bfloat16).float()
