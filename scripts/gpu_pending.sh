@@ -23,7 +23,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="joint_gated matmul_table"  # the step lines below, in order
+ALL_STEPS="joint_gated prefill_fc2_split matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -42,6 +42,11 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 # (DecodePolicy.planes_joint_gated off; session 37: fc1 alone 6.45 us joint against 5.94, the step timed all joint)
 step joint_gated "$PY" benchmarks/bench_decode.py --out "$DEST/joint_gated.json" --formats int4_g128 --batches 1 \
   --rounds 5 --check-steps 8 --variants default,jointng,nowsums
+
+# the MoE's fc2 (K > N, 12 column tiles) split along K into 2-4 pieces added by atomics into a zeroed float32 result
+# (MatmulPolicy.plane_gemm_split_k_long_k, session 37: fc2 ran at 224 TFLOP/s in the prefill against fc1's 276)
+step prefill_fc2_split "$PY" benchmarks/profile_prefill.py --format int4_cli --graph --top 3 \
+  --experts tiles,tiles_fc2k2,tiles_fc2k3,tiles_fc2k4
 
 # issue 13's table (int4 g128 as the runtime runs it against cuBLAS bf16 and the 4-bit peers, M = 1..2048, every
 # output checked first): run whole on the H100 in sessions 29 and 30; its targets are the H200's
