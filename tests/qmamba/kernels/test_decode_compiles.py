@@ -247,12 +247,18 @@ def test_int8_binary_and_x_in_tile_compile():
     session 16; 1-bit: at batch 1 since session 20, with the "denorm" reading) and int4 with ``int4_x_in_tile`` (the CUDA default since
     session 17: ``bench_decode.py --variants default,xtile``) and on the int4 input planes (``int4_x_planes``, the
     CUDA default since session 19) compile for sm_90 at every shape; int8 and the int4 variants without spills (as
-    the paths they mirror)."""
+    the paths they mirror; Triton 3.9, not the device's 3.6, gives the joint fc1 8 bytes of stack, allowed as in
+    ``test_cuda_default_compiles_without_spills``)."""
+    import triton
+
     stdout = _compiled(str(INSPECT), "--variants", "cuda_int8,cuda_binary,cuda_x_in_tile,cuda_x_planes", timeout=900)
     lines = [line for line in stdout.splitlines() if " regs " in line]
     assert len(lines) == 24, stdout  # 6 shapes x 4 variants
-    assert all(" stack    0 " in line for line in lines
-               if " cuda_int8 " in line or " cuda_x_in_tile " in line or " cuda_x_planes " in line), stdout
+    fc1_allowance = 0 if triton.__version__.startswith("3.6") else 8
+    checked = [line.split() for line in lines
+               if " cuda_int8 " in line or " cuda_x_in_tile " in line or " cuda_x_planes " in line]
+    assert all(int(f[5]) == 0 or (f[0] == "fc1_gated" and f[1] != "cuda_int8" and int(f[5]) <= fc1_allowance)
+               for f in checked), stdout
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
