@@ -29,6 +29,23 @@ def _ptxas_available() -> bool:
 INSPECT = ROOT / "benchmarks" / "inspect_decode_kernel.py"
 
 
+def _newer_triton_stack() -> int:
+    """Bytes of stack allowed where a Triton newer than the device image's 3.6 (which the timed figures come from)
+    spills a little that 3.6 does not: this machine's 3.9 gives the joint fc1 (and in_proj with the norms in the
+    GEMVs) 8 bytes; none with 3.6."""
+    import triton
+
+    return 0 if triton.__version__.startswith("3.6") else 8
+
+
+def _spill_free_but_joint_fc1(lines) -> bool:
+    """``inspect_decode_kernel.py`` report lines (shape, variant, ..., stack at field 5): no stack, but fc1's (the
+    joint products, ``DecodePolicy.planes_joint``) up to :func:`_newer_triton_stack`."""
+    allowance = _newer_triton_stack()
+    fields = [line.split() for line in lines]
+    return all(int(f[5]) == 0 or (f[0] == "fc1_gated" and int(f[5]) <= allowance) for f in fields)
+
+
 def _compiled(*argv, timeout: int):
     """Run ``python *argv`` with Triton compiling (not interpreting) and the checkout importable; its stdout, or a
     failure with the end of its output."""
@@ -44,14 +61,10 @@ def test_cuda_default_compiles_without_spills():
     spills with the device image's Triton 3.6. The int4 matrices take every product of a row before any reduction
     (``DecodePolicy.planes_joint``, since session 37: 80 registers for fc1 on 3.6); Triton 3.9 (this machine's)
     gives that fc1 8 bytes of stack, allowed there, no more."""
-    import triton
-
     stdout = _compiled(str(INSPECT), "--variants", "cuda_default,cuda_default_float", timeout=900)
     lines = [line for line in stdout.splitlines() if " regs " in line]
     assert len(lines) == 12, stdout  # 6 shapes x 2 weight forms
-    fc1_allowance = 0 if triton.__version__.startswith("3.6") else 8
-    stacks = [(line.split()[0], int(line.split()[5])) for line in lines]
-    assert all(stack == 0 or (name == "fc1_gated" and stack <= fc1_allowance) for name, stack in stacks), stdout
+    assert _spill_free_but_joint_fc1(lines), stdout
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
@@ -249,16 +262,12 @@ def test_int8_binary_and_x_in_tile_compile():
     CUDA default since session 19) compile for sm_90 at every shape; int8 and the int4 variants without spills (as
     the paths they mirror; Triton 3.9, not the device's 3.6, gives the joint fc1 8 bytes of stack, allowed as in
     ``test_cuda_default_compiles_without_spills``)."""
-    import triton
-
     stdout = _compiled(str(INSPECT), "--variants", "cuda_int8,cuda_binary,cuda_x_in_tile,cuda_x_planes", timeout=900)
     lines = [line for line in stdout.splitlines() if " regs " in line]
     assert len(lines) == 24, stdout  # 6 shapes x 4 variants
-    fc1_allowance = 0 if triton.__version__.startswith("3.6") else 8
-    checked = [line.split() for line in lines
-               if " cuda_int8 " in line or " cuda_x_in_tile " in line or " cuda_x_planes " in line]
-    assert all(int(f[5]) == 0 or (f[0] == "fc1_gated" and f[1] != "cuda_int8" and int(f[5]) <= fc1_allowance)
-               for f in checked), stdout
+    int4 = [line for line in lines if " cuda_x_in_tile " in line or " cuda_x_planes " in line]
+    assert all(" stack    0 " in line for line in lines if " cuda_int8 " in line), stdout
+    assert _spill_free_but_joint_fc1(int4), stdout
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
@@ -375,9 +384,7 @@ def test_norms_in_the_gemvs_compile():
     thread against 608 / 632 / 968 / 752 / 544 before). Triton 3.9 (this machine's) may give in_proj and fc1 8 bytes
     of stack each (seen in sessions 26 and 33), where the H200 image's 3.6, which the timed figures come from, has
     none; more than that fails here too."""
-    import triton
-
-    allowance = 0 if triton.__version__.startswith("3.6") else 8
+    allowance = _newer_triton_stack()
     stdout = _compiled("-c", _NORM_GEMVS_COMPILE, str(ROOT / "benchmarks"), timeout=900)
     lines = [line for line in stdout.splitlines() if line.startswith("regs")]
     assert len(lines) == 5, stdout
