@@ -57,10 +57,7 @@ PREFILL_EXPERT_ROUTES = {"tiles": DEFAULT_POLICY,
                                       (256, 64, 4, 2), (256, 64, 4, 3), (256, 128, 8, 2))},
                          # the gated activation in an elementwise kernel after fc1 (MatmulPolicy.gemm_gated_act
                          # off; on, in fc1's epilogue, the default since session 36)
-                         "tiles_ungated": dataclasses.replace(DEFAULT_POLICY, gemm_gated_act=False),
-                         # fc2 (K > N) split along K (MatmulPolicy.plane_gemm_split_k_long_k; a candidate)
-                         **{f"tiles_fc2k{k}": dataclasses.replace(DEFAULT_POLICY, plane_gemm_split_k_long_k=k)
-                            for k in (2, 3, 4)}}
+                         "tiles_ungated": dataclasses.replace(DEFAULT_POLICY, gemm_gated_act=False)}
 # name -> (format of the projections and experts, format of x_proj / dt_proj / head or None for the same);
 # "int4_cli": int4 g128 with x_proj, dt_proj and the head float, as `qmamba quantize` writes it by default
 FORMATS = {"bf16": (None, None), "int8": (Int8Format(), None), "int4_g128": (Int4Format(128), None),

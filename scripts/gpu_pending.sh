@@ -6,7 +6,7 @@
 # a candidate is decided (taken into the defaults, or removed with its figures in benchmarks/results.md), take its
 # step out; add a step for each new candidate (session 29 ran and removed the fold, block_n_wide and the per-expert
 # prefill route this way: benchmarks/results.md, "Session 29"; session 37 took the producer word sums and removed
-# fc2's own tiles).
+# fc2's own tiles; session 38 took fc1 without the joint products and removed fc2's split along K).
 #
 #   bash scripts/gpu_pending.sh [OUT_DIR [STEP ...]]   # logs and JSON under OUT_DIR [${OUT:-runs/gpu-pending}];
 #                                                       # STEPs: a subset of those below (default: all, in order)
@@ -23,7 +23,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="joint_gated prefill_fc2_split matmul_table"  # the step lines below, in order
+ALL_STEPS="xpin xpin_cli matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -38,15 +38,13 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" \
   || exit 1
 
-# fc1 (the gated stack) without the joint products while the other int4 matrices keep them
-# (DecodePolicy.planes_joint_gated off; session 37: fc1 alone 6.45 us joint against 5.94, the step timed all joint)
-step joint_gated "$PY" benchmarks/bench_decode.py --out "$DEST/joint_gated.json" --formats int4_g128 --batches 1 \
-  --rounds 5 --check-steps 8 --variants default,jointng,nowsums
-
-# the MoE's fc2 (K > N, 12 column tiles) split along K into 2-4 pieces added by atomics into a zeroed float32 result
-# (MatmulPolicy.plane_gemm_split_k_long_k, session 37: fc2 ran at 224 TFLOP/s in the prefill against fc1's 276)
-step prefill_fc2_split "$PY" benchmarks/profile_prefill.py --format int4_cli --graph --top 3 \
-  --experts tiles,tiles_fc2k2,tiles_fc2k3,tiles_fc2k4
+# x_proj in in_proj's epilogue at one row (DecodePolicy.x_proj_in_conv, session 38): 18 launches a token fewer,
+# in_proj 544 -> 664 SASS instructions a thread (sm_90, Triton 3.6), no spills; int4 g128 and as `qmamba quantize`
+# writes it (x_proj float)
+step xpin "$PY" benchmarks/bench_decode.py --out "$DEST/xpin.json" --formats int4_g128,bf16 --batches 1 \
+  --rounds 5 --check-steps 8 --variants default,xpin,xpin1
+step xpin_cli "$PY" benchmarks/bench_decode.py --out "$DEST/xpin_cli.json" --formats int4_cli --batches 1 \
+  --rounds 3 --check-steps 8 --variants default,xpin
 
 # issue 13's table (int4 g128 as the runtime runs it against cuBLAS bf16 and the 4-bit peers, M = 1..2048, every
 # output checked first): run whole on the H100 in sessions 29 and 30; its targets are the H200's

@@ -88,13 +88,6 @@ class MatmulPolicy:
     int4_cli|bf16 --graph --experts tiles_ungated,tiles``), graph prefill of 2,048 tokens, int4 as ``qmamba
     quantize`` writes it 175.4k -> 178.8k tok/s, bf16 197.0k -> 201.4k; the elementwise kernel's 281 us go, fc1
     takes 62 us more (int4; bf16 110).
-    ``plane_gemm_split_k_long_k``: the grouped GEMM on int4 plane words whose K exceeds N (the MoE's fc2, 3872 ->
-    1472 in BlackMamba-2.8B), not gated, split along K into this many pieces, each program adding its partial sums
-    into a zeroed float32 result by atomics (then converted to the input's type: two more launches). fc2 has 12
-    column tiles of 128 against fc1's 61, so at 2,048 tokens it runs ~390 programs with a 31-tile K loop; inside
-    the graph prefill it reached 224 TFLOP/s against fc1's 276 (H100, session 37: 1,871 against 3,030 us for half
-    of fc1's products; bf16 fc2 1,225). 1: no split. Candidate (session 37, built without a GPU):
-    scripts/gpu_pending.sh.
     Tried and removed (session 33, commit 3afa750 has the code): the bit-position dots on an input permuted and
     scaled by alpha in one small launch first, each bit position's input 16 contiguous columns, in one flat loop over
     (tile, 8 positions) that Triton pipelines. H100, batch-8 1-bit + int4 decode: 2.339 against 1.798 ms/token (the
@@ -112,6 +105,11 @@ class MatmulPolicy:
     2,048 tokens (``profile_prefill.py --format int4_cli --graph --experts tiles,tiles_fc2_...``), fc2's 18 launches
     1,871 us at the shared 64 x 128 w4 s3 against 1,981 (128 x 128 w4 s2), 2,682 (128 x 128 w8 s3), 3,140 (64 x 64 w4
     s3): session 35's kernel bench (87.5 against 134.8 us) had not run fc2 on the MoE's own rows.
+    Tried and removed (session 38): the MoE's fc2 split along K into 2-4 pieces, each program adding its partial sums
+    into a zeroed float32 result by atomics (``plane_gemm_split_k_long_k``, built in session 37; commit 9076688 has
+    the code). H100, graph prefill of 2,048 tokens (``profile_prefill.py --format int4_cli --graph --experts
+    tiles,tiles_fc2k2,tiles_fc2k3,tiles_fc2k4``): fc2's 18 launches 1,868 us unsplit against 2,507 / 2,335 / 2,455
+    (176.5k against 167.3k-168.9k tok/s): the zeroing, the atomics and the conversion cost more than the second wave.
     Tried and removed (session 23, commit c3618aa has the code): each MoE block's expert stacks dequantized on a side
     stream while the block before it runs, into one reused buffer, then the float grouped GEMMs. 2,048 tokens, graph
     prefill (``profile_prefill.py --format int4_cli --graph``): 165k tok/s against 156k at a peak of 2.19 against
@@ -128,7 +126,6 @@ class MatmulPolicy:
     plane_float_codes: bool = True
     plane_weight_left: bool = True
     plane_gemm_tile: tuple = (64, 128, 4, 3)
-    plane_gemm_split_k_long_k: int = 1
     plane_code_pairs: str = "exact"
     plane_gemm_code_pairs: str = "scaled"
     gemm_gated_act: bool = True
@@ -144,9 +141,6 @@ class MatmulPolicy:
             if getattr(self, name) not in ("", "exact", "scaled"):
                 raise ValueError(f"MatmulPolicy: {name} must be '', 'exact' or 'scaled', got "
                                  f"{getattr(self, name)!r}")
-        if self.plane_gemm_split_k_long_k < 1:
-            raise ValueError(f"MatmulPolicy: plane_gemm_split_k_long_k must be at least 1, got "
-                             f"{self.plane_gemm_split_k_long_k}")
         if len(self.plane_gemm_tile) != 4:
             raise ValueError(f"MatmulPolicy: plane_gemm_tile is (block_m, block_n, warps, stages), got "
                              f"{self.plane_gemm_tile}")

@@ -248,10 +248,8 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
                                     pick_config(m, weight, x.device, policy=policy).block_m)
             route = ROUTE_TILES
     cfg = config or pick_config(m, weight, x.device, route, policy)
-    if route == ROUTE_TILES:  # split along K only for a long-K plane stack, by the policy (the MoE's fc2)
-        split = (policy.plane_gemm_split_k_long_k if config is None and out is None and gate is None
-                 and weight.fmt == FMT_INT4_PLANES and weight.k > weight.n else 1)
-        cfg = MatmulConfig(tiles.block_m, cfg.block_n, cfg.block_k, split, cfg.num_warps, cfg.num_stages)
+    if route == ROUTE_TILES:
+        cfg = MatmulConfig(tiles.block_m, cfg.block_n, cfg.block_k, 1, cfg.num_warps, cfg.num_stages)
     atomic = cfg.split_k > 1
     out, convert = output_buffer(x, weight.n // 2 if gate is not None else weight.n, out, atomic, "dequant matmul")
     if m == 0:

@@ -47,13 +47,23 @@ def test_norm_gemv_and_atomic_variants():
 
 def test_word_sums_variants():
     """The CUDA policy takes the producers' word sums with every product of a row before any reduction, at one row
-    (session 37); ``nowsums`` is the policy before, ``joint`` the joint products alone, ``wsums`` both."""
+    (session 37), but for the gated stack (session 38); ``nowsums`` is the policy before, ``joint`` the joint
+    products alone, ``wsums`` both, ``jointg`` session 37's policy (fc1 joint too)."""
     assert CUDA.producer_word_sums and CUDA.planes_joint and not CUDA.planes_joint_batched
+    assert not CUDA.planes_joint_gated and policy_variant(CUDA, "jointng") == CUDA
     before = policy_variant(CUDA, "nowsums")
     assert before == dataclasses.replace(CUDA, planes_joint=False, producer_word_sums=False)
     assert policy_variant(before, "wsums") == CUDA
     assert policy_variant(CUDA, "joint") == dataclasses.replace(CUDA, producer_word_sums=False)
-    assert CUDA.planes_joint_gated and not policy_variant(CUDA, "jointng").planes_joint_gated
+    assert policy_variant(CUDA, "jointg") == dataclasses.replace(CUDA, planes_joint_gated=True)
+
+
+def test_x_proj_in_conv_variant():
+    """``xpin[N]``: x_proj in in_proj's epilogue into N rows, 8 by default (``DecodePolicy.x_proj_in_conv``; off in
+    the CUDA policy until timed)."""
+    assert not CUDA.x_proj_in_conv
+    assert policy_variant(CUDA, "xpin") == dataclasses.replace(CUDA, x_proj_in_conv=8)
+    assert policy_variant(CUDA, "xpin1") == dataclasses.replace(CUDA, x_proj_in_conv=1)
 
 
 def test_dt_rows_variant():

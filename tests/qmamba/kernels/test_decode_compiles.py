@@ -59,8 +59,8 @@ def _compiled(*argv, timeout: int):
 def test_cuda_default_compiles_without_spills():
     """The CUDA policy's one-row kernels at the six shapes, int4 plane words and bf16, compile for sm_90 without
     spills with the device image's Triton 3.6. The int4 matrices take every product of a row before any reduction
-    (``DecodePolicy.planes_joint``, since session 37: 80 registers for fc1 on 3.6); Triton 3.9 (this machine's)
-    gives that fc1 8 bytes of stack, allowed there, no more."""
+    (``DecodePolicy.planes_joint``, since session 37), but for fc1 since session 38 (``planes_joint_gated``); Triton
+    3.9 (this machine's) gave the joint fc1 8 bytes of stack, allowed there, no more."""
     stdout = _compiled(str(INSPECT), "--variants", "cuda_default,cuda_default_float", timeout=900)
     lines = [line for line in stdout.splitlines() if " regs " in line]
     assert len(lines) == 12, stdout  # 6 shapes x 2 weight forms
@@ -167,9 +167,12 @@ dl.decode_linear(a, planes(d, f, 8), torch.empty(1, d), row_expert=idx, row_scal
                                   word_sums=torch.zeros(1, 256) if W else None), **ws(512))          # fc2
 dl.decode_linear(x, planes(50304, d), torch.empty(1, 50304), policy=pol, x_planes=xpl, x_plane_sums=False,
                  norm_in=nin, **ws(256))  # int4 head
+dl.decode_linear(x, planes(2 * di, d), torch.empty(1, 2 * di), conv_out=conv, policy=pol, x_planes=xpl,
+                 x_plane_sums=False, norm_in=nin, conv_proj=(torch.empty(124, di, dtype=torch.bfloat16),
+                 torch.zeros(8, 128)[:, :124]), **ws(256))               # in_proj with x_proj (x_proj_in_conv 8)
 for grid, args, meta in rec.calls:
     r = report(compile_recorded(real, args, meta, 90))
-    print("regs", r["regs"], "stack", r["stack"])
+    print("regs", r["regs"], "stack", r["stack"], "sass", sum(r["ops"].values()))
 """
 
 
@@ -187,6 +190,9 @@ for dt_w in (e(di, r), decode_step.aligned_rows(e(di, r))):  # as stored (row st
         decode_step.dt_state_update(e(b, r + 2 * n), dt_w, e(di), e(b, di), e(b, di), torch.empty(di, n), e(di),
                                     torch.empty(b, di, n), e(b, di), conv=(e(b, di, w), e(di, w), e(di)),
                                     block_d=block_d)
+decode_step.dt_state_update(e(8, r + 2 * n).float(), decode_step.aligned_rows(e(di, r)), e(di), e(b, di), e(b, di),
+                            torch.empty(di, n), e(di), torch.empty(b, di, n), e(b, di), conv=(e(b, di, w), e(di, w),
+                            e(di)), block_d=8, dbc_parts=8)  # x_proj's output in 8 rows (x_proj_in_conv)
 for grid, args, meta in rec.calls:
     meta = dict(meta, num_warps=4)
     r = report(compile_recorded(real, args, meta, 90))
@@ -233,7 +239,7 @@ def test_dt_state_update_kernel_compiles():
     every channel no longer evaluated by every thread)."""
     stdout = _compiled("-c", _DT_STATE_COMPILE, str(ROOT / "benchmarks"), timeout=600)
     lines = [line for line in stdout.splitlines() if line.startswith("sass")]
-    assert len(lines) == 6 and all(line.endswith("stack 0") for line in lines), stdout
+    assert len(lines) == 7 and all(line.endswith("stack 0") for line in lines), stdout
     sass = [int(line.split()[1]) for line in lines]
     assert all(sass[3 + i] < 2 / 3 * sass[i] for i in range(3)), stdout
 
@@ -380,16 +386,17 @@ def test_norms_in_the_gemvs_compile():
     accumulated 1 / rms (fc1, fc2 routing from the sums), out_proj / fc2 adding the residual and the sums by atomic
     adds, at BlackMamba-2.8B's shapes on int4 plane words, as the CUDA policy launches them since session 37 (the
     input's word sums read from a row of their own, the output planes' added into one: ``producer_word_sums``, with
-    ``planes_joint``), compile for sm_90 without spills (Triton 3.6: 544 / 576 / 920 / 720 / 480 SASS instructions a
-    thread against 608 / 632 / 968 / 752 / 544 before). Triton 3.9 (this machine's) may give in_proj and fc1 8 bytes
+    ``planes_joint``, fc1 without it since session 38), compile for sm_90 without spills (Triton 3.6: 544 / 576 / 928
+    / 720 / 480 SASS instructions a thread against 608 / 632 / 968 / 752 / 544 before session 37). Triton 3.9 (this machine's) may give in_proj and fc1 8 bytes
     of stack each (seen in sessions 26 and 33), where the H200 image's 3.6, which the timed figures come from, has
-    none; more than that fails here too."""
+    none; more than that fails here too. A sixth launch: in_proj with x_proj in its epilogue (``conv_proj``,
+    ``DecodePolicy.x_proj_in_conv``; Triton 3.6: 696 SASS instructions a thread, 64 registers, no stack)."""
     allowance = _newer_triton_stack()
     stdout = _compiled("-c", _NORM_GEMVS_COMPILE, str(ROOT / "benchmarks"), timeout=900)
     lines = [line for line in stdout.splitlines() if line.startswith("regs")]
-    assert len(lines) == 5, stdout
-    stacks = [int(line.split()[-1]) for line in lines]
-    assert stacks[0] <= allowance and stacks[2] <= allowance and stacks[1] == stacks[3] == stacks[4] == 0, stdout
+    assert len(lines) == 6, stdout
+    stacks = [int(line.split()[3]) for line in lines]
+    assert max(stacks[0], stacks[2], stacks[5]) <= allowance and stacks[1] == stacks[3] == stacks[4] == 0, stdout
 
 
 # Shared memory a block may use (opt-in maximum, bytes): a launch above it fails with "out of resources".

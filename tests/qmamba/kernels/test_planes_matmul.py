@@ -222,37 +222,6 @@ def test_plane_gemm_tile_from_the_policy(tile, device):
         close(got, dequant_matmul_ref(x, planes, row_expert=idx), torch.bfloat16)
 
 
-@pytest.mark.parametrize("split", [2, 3])
-def test_long_k_plane_stack_split_along_k(split, device, monkeypatch):
-    """``MatmulPolicy.plane_gemm_split_k_long_k``: the grouped GEMM of a plane stack whose K exceeds N (fc2-like,
-    ragged K 700: 6 tiles) runs split along K into a zeroed float32 result, the routing weight applied to each
-    partial sum, and matches the reference; a stack with N >= K and a gated fc1 keep one piece."""
-    from qmamba.kernels import quant_matmul
-    from qmamba.kernels.matmul_configs import MatmulPolicy
-
-    splits = []
-    real = quant_matmul.dequant_gemm
-    monkeypatch.setattr(quant_matmul, "dequant_gemm",
-                        lambda *a, **kw: (splits.append((a[6].split_k, a[7])), real(*a, **kw))[1])
-    policy = MatmulPolicy(plane_gemm_split_k_long_k=split)
-    _, long_k = plane_weight(96, 700, device, lead=(3,))
-    m = 70
-    dtype = _dtype(device)
-    x = torch.randn(m, 700, device=device).to(dtype)
-    idx = torch.randint(0, 3, (m,), device=device, dtype=torch.int32)
-    scale = torch.rand(m, device=device) + 0.5
-    tiles = expert_tile_map(idx, 3, pick_config(m, long_k, device).block_m)
-    got = dequant_matmul(x, long_k, row_expert=idx, row_scale=scale, tiles=tiles, policy=policy)
-    assert splits == [(split, True)] and got.dtype == dtype
-    close(got, dequant_matmul_ref(x, long_k, row_expert=idx, row_scale=scale), dtype)
-    _, wide = plane_weight(192, 128, device, lead=(3,))  # N > K: one piece
-    dequant_matmul(x[:, :128], wide, row_expert=idx, tiles=tiles, policy=policy)
-    dequant_matmul(x[:, :128], wide, row_expert=idx, tiles=tiles, policy=policy, gate="silu")
-    assert splits[1:] == [(1, False), (1, False)]
-    with pytest.raises(ValueError, match="plane_gemm_split_k_long_k"):
-        MatmulPolicy(plane_gemm_split_k_long_k=0)
-
-
 def _run_pair_asm(asm: str, regs: dict) -> int:
     """A tiny interpreter for the PTX of :func:`qmamba.kernels.dequant_gemm._pair_asm` (``mov``, ``shr.u32``,
     ``lop3.b32``, ``fma.rn.bf16x2`` / ``fma.rn.f16x2`` on 32-bit registers): ``$0`` after running it on ``regs``."""
