@@ -182,9 +182,6 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return dataclasses.replace(base, max_programs=int(v[4:]))
     if v.startswith("normp"):  # e.g. normp4: programs a row of each add + norm writing the int4 input planes
         return dataclasses.replace(base, norm_plane_programs=int(v[5:]))
-    m = re.fullmatch(r"xpin(\d+)?", v)
-    if m:  # x_proj in in_proj's epilogue at one row, into N accumulator rows (DecodePolicy.x_proj_in_conv; xpin: 8)
-        return dataclasses.replace(base, x_proj_in_conv=int(m.group(1) or 8))
     if v == "dtrows0":  # the SSM update reads dt_proj's weight as stored (DecodePolicy.dt_rows_aligned off)
         return dataclasses.replace(base, dt_rows_aligned=False)
     if v == "joint":  # int4 input planes: every product of a row before any reduction (DecodePolicy.planes_joint)
@@ -286,8 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "producers add their word sums: DecodePolicy.producer_word_sums; the CUDA policy's since "
                          "session 37), nowsums (neither: the CUDA policy before session 37), jointng (fc1 without "
                          "the joint products: DecodePolicy.planes_joint_gated off; the CUDA policy's since session "
-                         "38), jointg (fc1 with them: the CUDA policy in session 37), xpin[N] (x_proj in in_proj's epilogue at "
-                         "one row, its sums spread over N rows, 8 by default: DecodePolicy.x_proj_in_conv), pairs / pairss / nopairs "
+                         "38), jointg (fc1 with them: the CUDA policy in session 37), pairs / pairss / nopairs "
                          "(the general kernels' int4 codes two at a time, exact (the default) / scaled, or float "
                          "codes: MatmulPolicy.plane_code_pairs), ssmbdN (N channels per "
                          "program of the SSM update, e.g. "

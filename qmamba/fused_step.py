@@ -71,7 +71,6 @@ class _MambaPlan:
     D: torch.Tensor
     out_proj: KernelWeight
     out_bias: torch.Tensor | None
-    x_proj_dense: torch.Tensor | None = None  # x_proj's weight dense, [R, DI] (DecodePolicy.x_proj_in_conv)
 
 
 @dataclass
@@ -85,10 +84,9 @@ class _MoePlan:
     gated: bool
 
 
-def _mamba_plan(block, dtype, align_dt: bool = False, x_proj_dense: bool = False) -> _MambaPlan:
+def _mamba_plan(block, dtype, align_dt: bool = False) -> _MambaPlan:
     """The kernel view of one Mamba block of ``model.blocks``; ``align_dt``: dt_proj's weight with its rows padded to
-    a multiple of 16 elements (``DecodePolicy.dt_rows_aligned``); ``x_proj_dense``: x_proj's weight as a dense
-    matrix too (dequantized where it is quantized; ``DecodePolicy.x_proj_in_conv``)."""
+    a multiple of 16 elements (``DecodePolicy.dt_rows_aligned``)."""
     mixer = block.mixer
     dt_w = dense_weight(mixer.dt_proj, dtype).contiguous()
     in_w, in_b = linear_weight(mixer.in_proj)
@@ -98,8 +96,7 @@ def _mamba_plan(block, dtype, align_dt: bool = False, x_proj_dense: bool = False
         block.slot, block.norm.weight.detach(), in_w, in_b, mixer.conv_weight.detach().contiguous(),
         None if mixer.conv_bias is None else mixer.conv_bias.detach(), x_w,
         aligned_rows(dt_w) if align_dt else dt_w, mixer.dt_bias.detach(),
-        (-torch.exp(mixer.A_log.detach().float())).contiguous(), mixer.D.detach(), out_w, out_b,
-        dense_weight(mixer.x_proj, dtype).contiguous() if x_proj_dense else None)
+        (-torch.exp(mixer.A_log.detach().float())).contiguous(), mixer.D.detach(), out_w, out_b)
 
 
 def _moe_plan(block, dtype) -> _MoePlan:
@@ -130,8 +127,7 @@ class FusedDecodeStep:
         self.embedding = model.embedding.weight.detach()
         if self.policy.int4_planes:  # int4 weights to the plane words the kernels read, in place (no copy)
             use_plane_words(model)
-        self.layers = [_mamba_plan(block, self.dtype, self.policy.dt_rows_aligned, self.policy.x_proj_in_conv)
-                       if block.is_mamba
+        self.layers = [_mamba_plan(block, self.dtype, self.policy.dt_rows_aligned) if block.is_mamba
                        else _moe_plan(block, self.dtype)
                        for block in model.blocks]
         norm_f = model.norm_f
@@ -172,8 +168,7 @@ class FusedDecodeStep:
                    residual=torch.empty(2, batch, d, **f32), x=torch.empty(batch, d, **act),
                    xc=torch.empty(batch, di, **act), y=torch.empty(batch, di, **act), act=torch.empty(batch, ffn, **act),
                    conv_scratch=None, idx=torch.empty(batch, device=device, dtype=torch.int32),
-                   rwt=torch.empty(batch, **f32), xpl=None, acc=None, zeroed=None, wx=None, wy=None, wa=None,
-                   xpa=None)
+                   rwt=torch.empty(batch, **f32), xpl=None, acc=None, zeroed=None, wx=None, wy=None, wa=None)
         if any(self._planes_read(w, batch, routed) for w, routed in self._x_readers()):
             # the int4 input planes of x, written by each add + norm, for the plane-word matrices that read x one row
             # a program (batch 1; routed experts as row programs at any batch)
@@ -190,8 +185,7 @@ class FusedDecodeStep:
         :attr:`DecodePolicy.producer_word_sums`, the word sums of each producer's input planes, a row per call
         (``buf["wx"][call]``: NormOut's planes of x; ``buf["wy"][layer]``: the SSM update's of y;
         ``buf["wa"][layer]``: fc1's of its activation), added there by atomic adds and read by their consumer
-        instead of each summing its words itself; with :attr:`DecodePolicy.x_proj_in_conv`, x_proj's output of each
-        Mamba layer (``buf["xpa"][layer]``, added by in_proj's programs)."""
+        instead of each summing its words itself."""
         n = len(self.layers)
         experts = max((p.router_w.shape[0] for p in self.layers if isinstance(p, _MoePlan)), default=0)
         rows = [("acc", n + 1, 1 + experts)]
@@ -202,10 +196,6 @@ class FusedDecodeStep:
                                        ("wa", buf["apl"], len(moe))):
                 if planes is not None:
                     rows.append((key, count, planes.shape[-1] // 8))
-        xp = [i for i, p in enumerate(self.layers) if isinstance(p, _MambaPlan) and p.x_proj_dense is not None]
-        if xp:
-            parts = self.policy.x_proj_in_conv
-            rows.append(("xpa", len(xp), parts * max(self.layers[i].x_proj_dense.shape[0] for i in xp)))
         zeroed = torch.zeros(sum(r * w for _, r, w in rows), **f32)
         off = 0
         for key, count, width in rows:
@@ -216,8 +206,6 @@ class FusedDecodeStep:
                 view = dict(zip(mamba, view))
             elif key == "wa":
                 view = dict(zip(moe, view))
-            elif key == "xpa":  # [parts, R] a layer
-                view = dict(zip(xp, view.view(count, parts, width // parts)))
             buf[key] = view
         buf["zeroed"] = zeroed
 
@@ -375,20 +363,12 @@ class FusedDecodeStep:
         conv_state = state.conv_state[plan.slot]
         conv = (conv_state, plan.conv_w, plan.conv_b)
         rows = xz.shape[0]
-        xpa = None
         if self.policy.takes(plan.in_proj, rows) and self.policy.takes(plan.x_proj, rows):
             # the conv step in in_proj's epilogue (its output into xc), x_proj on it
             xc = buf["xc"][:, :di]
-            xpa = self._sums(buf, "xpa", layer)  # x_proj in in_proj's epilogue, into a row zeroed this step
-            if xpa is not None:
-                xpa = xpa[:, :plan.x_proj_dense.shape[0]]  # [parts, R] (rows as wide as the widest x_proj)
             self._decode(buf["x"], plan.in_proj, xz, bias=plan.in_bias, conv_out=conv + (xc,), x_planes=buf["xpl"],
-                         x_plane_sums=nin is None, norm_in=nin, x_word_sums=self._consumer_sums(buf, nin, layer),
-                         conv_proj=(plan.x_proj_dense, xpa) if xpa is not None else None)
-            if xpa is None:
-                self._decode(xc, plan.x_proj, dbc)
-            else:
-                dbc = xpa
+                         x_plane_sums=nin is None, norm_in=nin, x_word_sums=self._consumer_sums(buf, nin, layer))
+            self._decode(xc, plan.x_proj, dbc)
         else:  # the conv step's output on its own (the state is shifted by the dt kernel below)
             self._linear(buf["x"], plan.in_proj, xz, bias=plan.in_bias)
             if buf["conv_scratch"] is None or buf["conv_scratch"].shape != conv_state.shape:
@@ -400,7 +380,6 @@ class FusedDecodeStep:
         y = buf["y"][:, :di]
         dt_state_update(dbc, plan.dt_w, plan.dt_bias, xz[:, :di], xz[:, di:], plan.A, plan.D,
                         state.ssm_state[plan.slot], y, conv=conv, pdl=self.policy.pdl,
-                        dbc_parts=self.policy.x_proj_in_conv if xpa is not None else 1,
                         block_d=self.policy.ssm_block_d if y.shape[0] == 1 else self.policy.ssm_block_d_batched,
                         y_planes=buf["ypl"], y_word_sums=self._sums(buf, "wy", layer))
         return self._linear(y, plan.out_proj, out, bias=plan.out_bias, x_planes=buf["ypl"], x_plane_sums=False,

@@ -6,7 +6,8 @@
 # a candidate is decided (taken into the defaults, or removed with its figures in benchmarks/results.md), take its
 # step out; add a step for each new candidate (session 29 ran and removed the fold, block_n_wide and the per-expert
 # prefill route this way: benchmarks/results.md, "Session 29"; session 37 took the producer word sums and removed
-# fc2's own tiles; session 38 took fc1 without the joint products and removed fc2's split along K).
+# fc2's own tiles; session 38 took fc1 without the joint products, removed fc2's split along K and x_proj in
+# in_proj's epilogue).
 #
 #   bash scripts/gpu_pending.sh [OUT_DIR [STEP ...]]   # logs and JSON under OUT_DIR [${OUT:-runs/gpu-pending}];
 #                                                       # STEPs: a subset of those below (default: all, in order)
@@ -23,7 +24,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="xpin xpin_cli matmul_table"  # the step lines below, in order
+ALL_STEPS="matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -37,14 +38,6 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 }
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" \
   || exit 1
-
-# x_proj in in_proj's epilogue at one row (DecodePolicy.x_proj_in_conv, session 38): 18 launches a token fewer,
-# in_proj 544 -> 664 SASS instructions a thread (sm_90, Triton 3.6), no spills; int4 g128 and as `qmamba quantize`
-# writes it (x_proj float)
-step xpin "$PY" benchmarks/bench_decode.py --out "$DEST/xpin.json" --formats int4_g128,bf16 --batches 1 \
-  --rounds 5 --check-steps 8 --variants default,xpin,xpin1
-step xpin_cli "$PY" benchmarks/bench_decode.py --out "$DEST/xpin_cli.json" --formats int4_cli --batches 1 \
-  --rounds 3 --check-steps 8 --variants default,xpin
 
 # issue 13's table (int4 g128 as the runtime runs it against cuBLAS bf16 and the 4-bit peers, M = 1..2048, every
 # output checked first): run whole on the H100 in sessions 29 and 30; its targets are the H200's

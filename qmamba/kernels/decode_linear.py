@@ -187,15 +187,6 @@ class DecodePolicy:
     #                             / 11, fc2 752 / 8 -> 704 / 6, head 544 / 7 -> 480 / 5. On in the CUDA policy, with
     #                             planes_joint: H100, session 37 (bench_decode.py --variants default,wsums), int4 g128
     #                             batch 1 0.441 -> 0.434 ms/token (a second call, 5 rounds: 0.444 -> 0.435)
-    x_proj_in_conv: int = 0  # fused step at one row with norm_in_gemvs: x_proj in in_proj's epilogue, no launch of
-    #                             its own (0: off). Each program of in_proj's x rows multiplies its channels' conv output
-    #                             by their columns of x_proj (dense, read before the wait) and adds the [R] partial
-    #                             products into one of this many rows (a power of two; spread so that fewer adds meet
-    #                             at one address) zeroed with the norm sums; the SSM update reads their sum
-    #                             (decode_linear's conv_proj). BlackMamba-2.8B: 368 programs add 124 floats each; 18
-    #                             launches a token fewer. Session 21 lost with one row, the weight read after the wait
-    #                             and 736 programs (0.528 -> 0.559 ms/token, H200, commit 789beda). Candidate (session
-    #                             38, built without a GPU): scripts/gpu_pending.sh
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
 
     def __post_init__(self):
@@ -280,7 +271,13 @@ class DecodePolicy:
         alone 0.447; 5 rounds in a second call: 0.444 -> 0.435); at batch 8, where only the routed row programs
         read planes, 1.425 -> 1.439 (alone 1.444): on at one row (``planes_joint_batched`` off).
         Session 38 (H100, ``--variants default,jointng,nowsums``, 5 interleaved rounds): fc1 (the gated stack)
-        without the joint products (``planes_joint_gated`` off) 0.432 -> 0.422 ms/token at batch 1: off.
+        without the joint products (``planes_joint_gated`` off) 0.432 -> 0.422 ms/token at batch 1: off. Tried and
+        removed (commit 2f75220 has the code): x_proj in in_proj's epilogue, each program of x rows adding its
+        channels' share of ``xc @ W_x^T`` (the weight read before the wait) into 1 or 8 zeroed rows by atomic adds
+        and the SSM update reading their sum (18 launches a token fewer): 0.424 -> 0.441 / 0.529 ms/token (bf16
+        0.634 -> 0.680 / 0.670; x_proj float as ``qmamba quantize`` writes it, 0.446 -> 0.556). As in session 21 (one
+        row, the weight read after the wait: 0.528 -> 0.559 on the H200), the epilogue's products and atomics on
+        in_proj's tail cost more than the launch, whose weight loads and start overlap the kernel before it.
         CPU (interpreter): every format and batch, wide row blocks (few programs)."""
         if device.type != "cuda":
             return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1, ssm_block_d=16)
@@ -685,7 +682,7 @@ def _decode_linear_kernel(
     x_ptr, st_ptr, cw_ptr, cb_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rexp_ptr, rscale_ptr, out_ptr, co_ptr, xpl_ptr,
     opl_ptr, M, N, K, N_UP, DI, sxm, ss_m, ss_d, som, scom, swe, swn, sse, ssn, sze, szn, exp_bits, sxpl_m, sopl_m,
     nacc_ptr, nrb_ptr, n_width, n_eps, n_e, pres_ptr, pnw_ptr, pacc_ptr, prw_ptr, srw_e, pux_ptr, p_e,
-    xws_ptr, ows_ptr, sxws_m, sows_m, xp_ptr, xpo_ptr, XP_R, XP_S, sxp, sxpo,
+    xws_ptr, ows_ptr, sxws_m, sows_m,
     NORM_IN: tl.constexpr, ROUTE_ACC: tl.constexpr, HAS_NRB: tl.constexpr, NORM_OUT: tl.constexpr,
     ROUTER_OUT: tl.constexpr, BLOCK_E: tl.constexpr, FMT: tl.constexpr, ROWS: tl.constexpr, ROUTED: tl.constexpr,
     CONV_W: tl.constexpr, HAS_CB: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -693,8 +690,7 @@ def _decode_linear_kernel(
     UNPACK: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
     EXPERT_READY: tl.constexpr, ROW_PROGRAMS: tl.constexpr, X_PLANES: tl.constexpr, XPL_K: tl.constexpr,
     XPL_SUMS: tl.constexpr, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr, NBP2: tl.constexpr,
-    PLANES_JOINT: tl.constexpr, X_WSUMS: tl.constexpr, OUT_WSUMS: tl.constexpr, XP_EPI: tl.constexpr,
-    XP_RP: tl.constexpr,
+    PLANES_JOINT: tl.constexpr, X_WSUMS: tl.constexpr, OUT_WSUMS: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -750,7 +746,7 @@ def _decode_linear_kernel(
                       opl_ptr, sopl_m, OUT_PLANES, OPL_K, rwt, nacc_ptr, n_width, n_eps, pres_ptr, pnw_ptr, pacc_ptr,
                       prw_ptr, srw_e, pux_ptr, p_e, NORM_IN, ROUTE_ACC, NORM_OUT, ROUTER_OUT, BLOCK_E,
                       w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2, PLANES_JOINT, xws_ptr, sxws_m, X_WSUMS,
-                      ows_ptr, sows_m, OUT_WSUMS, 0.0, xpo_ptr, XP_R, XP_S, sxpo, False)
+                      ows_ptr, sows_m, OUT_WSUMS)
     else:
         w, scale, zero, w_up, scale_up, zero_up = _load_weights(
             w_ptr, s_ptr, z_ptr, pid_e.to(tl.int64) * 0, rows, rows_ok, K, N_UP, swe, swn, sse, ssn, sze, szn, FMT,
@@ -761,12 +757,6 @@ def _decode_linear_kernel(
                 FMT, KP, NBP2, WPG, TPB, GATED, NBP)
         else:
             w2, scale2, zero2, w2_up, scale2_up, zero2_up = w, scale, zero, w_up, scale_up, zero_up
-        if XP_EPI:  # the conv channels' columns of the next matrix (x_proj), read before the wait as weights are
-            xj = tl.arange(0, XP_RP)
-            xpw = tl.load(xp_ptr + xj[:, None] * sxp + rows[None, :], mask=(xj < XP_R)[:, None] & (rows < DI)[None, :],
-                          other=0.0).to(tl.float32)
-        else:
-            xpw = 0.0
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -777,7 +767,7 @@ def _decode_linear_kernel(
                   opl_ptr, sopl_m, OUT_PLANES, OPL_K, 1.0, nacc_ptr, n_width, n_eps, pres_ptr, pnw_ptr, pacc_ptr,
                   prw_ptr, srw_e, pux_ptr, p_e, NORM_IN, ROUTE_ACC, NORM_OUT, ROUTER_OUT, BLOCK_E,
                   w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2, PLANES_JOINT, xws_ptr, sxws_m, X_WSUMS,
-                  ows_ptr, sows_m, OUT_WSUMS, xpw, xpo_ptr, XP_R, XP_S, sxpo, XP_EPI)
+                  ows_ptr, sows_m, OUT_WSUMS)
 
 
 @jit
@@ -830,14 +820,10 @@ def _router_out(u, rw, acc_ptr, e, E):
 @jit
 def _store_out(y, ri, ni, mask, out_ptr, som, co_ptr, scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI,
                CONV_EPI: tl.constexpr, CONV_W: tl.constexpr, HAS_CB: tl.constexpr, opl_ptr, sopl_m,
-               OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr, ows_ptr, sows_m, OUT_WSUMS: tl.constexpr,
-               xpw, xpo_ptr, XP_R, XP_S, sxpo, XP_EPI: tl.constexpr):
+               OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr, ows_ptr, sows_m, OUT_WSUMS: tl.constexpr):
     """Store ``y`` at rows ``ri`` / columns ``ni`` (broadcast together, ``mask``). ``CONV_EPI``: columns below ``DI``
     are also the new conv input of those channels, and ``co`` gets the conv step's output
-    ``silu(sum_j state[j + 1] w[j] + y w[W-1] + b)`` of the stored (rounded) value, from the old conv state.
-    ``XP_EPI`` (one row, ``ni`` the program's rows): ``xpo [XP_S, XP_R]`` fp32, row ``pid % XP_S``, += ``xpw @ co``
-    over these channels, by atomic adds (``xpw [XP_RP, BN]``: the next matrix's columns of them, zero past ``XP_R`` and ``DI``; each thread
-    holds a row's columns, so the sum is its own)."""
+    ``silu(sum_j state[j + 1] w[j] + y w[W-1] + b)`` of the stored (rounded) value, from the old conv state."""
     yq = y.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + ri * som + ni, yq, mask=mask)
     if OUT_PLANES:  # planes 0..7 of the stored output (the next GEMV's input); its word sums with OUT_WSUMS
@@ -852,14 +838,7 @@ def _store_out(y, ri, ni, mask, out_ptr, som, co_ptr, scom, st_ptr, cw_ptr, cb_p
                 tl.load(cw_ptr + ni * CONV_W + t, mask=cm, other=0.0).to(tl.float32)
         if HAS_CB:
             acc += tl.load(cb_ptr + ni, mask=cm, other=0.0).to(tl.float32)
-        cq = (acc * tl.sigmoid(acc)).to(co_ptr.dtype.element_ty)
-        tl.store(co_ptr + ri * scom + ni, cq, mask=cm)
-        if XP_EPI:  # relaxed: the consumer reads the sums after this grid completes (as NormOut's)
-            xj = tl.arange(0, xpw.shape[0])
-            part = tl.sum(xpw * cq.to(tl.float32)[None, :], axis=1)
-            some = tl.max(cm.to(tl.int32), axis=0)  # 0: every channel past DI (z's rows), nothing to add
-            slot = tl.program_id(1) % XP_S  # spread over XP_S rows: fewer adds to one address
-            tl.atomic_add(xpo_ptr + slot * sxpo + xj, part, mask=(xj < XP_R) & (xj * 0 + some > 0), sem="relaxed")
+        tl.store(co_ptr + ri * scom + ni, (acc * tl.sigmoid(acc)).to(co_ptr.dtype.element_ty), mask=cm)
 
 
 @jit
@@ -874,8 +853,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
               pres_ptr, pnw_ptr, pacc_ptr, prw_ptr, srw_e, pux_ptr, p_e, NORM_IN: tl.constexpr,
               ROUTE_ACC: tl.constexpr, NORM_OUT: tl.constexpr, ROUTER_OUT: tl.constexpr, BLOCK_E: tl.constexpr,
               w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2: tl.constexpr, PLANES_JOINT: tl.constexpr,
-              xws_ptr, sxws_m, X_WSUMS: tl.constexpr, ows_ptr, sows_m, OUT_WSUMS: tl.constexpr,
-              xpw, xpo_ptr, XP_R, XP_S, sxpo, XP_EPI: tl.constexpr):
+              xws_ptr, sxws_m, X_WSUMS: tl.constexpr, ows_ptr, sows_m, OUT_WSUMS: tl.constexpr):
     """Each input row (that is routed here) times the tile(s), epilogue, store. A row that is not computed costs a
     branch, no arithmetic. ``NORM_IN`` / ``ROUTE_ACC`` / ``NORM_OUT``: see :class:`NormIn` and :class:`NormOut` (one
     input row only; ``rwt`` is the row's routing weight where ``ROUTE_ACC``). ``NBP2 > 0`` (input planes only): the
@@ -910,7 +888,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
             y = y * tl.load(rscale_ptr + rr, mask=rok, other=0.0).to(tl.float32)[:, None]
         _store_out(y, rr[:, None], rows[None, :], rok[:, None] & rows_ok[None, :], out_ptr, som, co_ptr, scom,
                    st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI, CONV_EPI, CONV_W, HAS_CB, opl_ptr, sopl_m, OUT_PLANES,
-                   OPL_K, ows_ptr, sows_m, OUT_WSUMS, xpw, xpo_ptr, XP_R, XP_S, sxpo, XP_EPI)
+                   OPL_K, ows_ptr, sows_m, OUT_WSUMS)
     elif (FMT == 2 or FMT == 3) and ROWS > 1 and not ROUTED:
         # every row uses the same tile: unpack each code once, multiply it into all rows
         rr = tl.arange(0, ROWS)
@@ -924,7 +902,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
             y = y * tl.load(rscale_ptr + rr, mask=rr < M, other=0.0).to(tl.float32)[:, None]
         _store_out(y, rr[:, None], rows[None, :], (rr < M)[:, None] & rows_ok[None, :], out_ptr, som, co_ptr,
                    scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI, CONV_EPI, CONV_W, HAS_CB, opl_ptr, sopl_m,
-                   OUT_PLANES, OPL_K, ows_ptr, sows_m, OUT_WSUMS, xpw, xpo_ptr, XP_R, XP_S, sxpo, XP_EPI)
+                   OUT_PLANES, OPL_K, ows_ptr, sows_m, OUT_WSUMS)
     else:
         for r in tl.static_range(ROWS):
             row_ok = (tl.program_id(1) * 0 + r) < M  # a tensor (the interpreter rejects a Python bool mask)
@@ -985,7 +963,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                 else:
                     _store_out(y, r, rows, rows_ok, out_ptr, som, co_ptr, scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
                                DI, CONV_EPI, CONV_W, HAS_CB, opl_ptr, sopl_m, OUT_PLANES, OPL_K, ows_ptr, sows_m,
-                               OUT_WSUMS, xpw, xpo_ptr, XP_R, XP_S, sxpo, XP_EPI)
+                               OUT_WSUMS)
 
 
 # ---- launcher and reference twin -------------------------------------------------------------------------------------
@@ -1116,17 +1094,13 @@ def _weight_args(weight: PackedWeight | BinaryWeight, denorm: bool = False):
 def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row_expert=None, row_scale=None, conv_out=None,
                   gated: str | None = None, policy: DecodePolicy | None = None, expert_ready: bool = False,
                   x_planes=None, x_plane_sums: bool = True, out_planes=None, norm_in: NormIn | None = None,
-                  norm_out: NormOut | None = None, x_word_sums=None, out_word_sums=None, conv_proj=None):
+                  norm_out: NormOut | None = None, x_word_sums=None, out_word_sums=None):
     """``out [M, N']`` (any float dtype) receives ``f(x) @ W_hat^T`` for ``M <= 8`` rows; semantics of
     :func:`decode_linear_ref`.
 
     ``conv_out = (conv_state [M, D, W], conv_w [D, W], conv_b [D] | None, xc [M, D])``: the first ``D`` output
     columns are the new conv input of ``D`` channels, and ``xc`` also receives the conv step's output of them (the
     same function of the stored output; in_proj's epilogue, so that x_proj reads a finished input).
-    ``conv_proj = (w [R, D], acc [S, R] fp32)``, with ``conv_out`` at one row: ``acc.sum(0)`` (``acc`` zeroed by the
-    caller) += ``xc @ w^T`` by atomic adds, each program its channels' share into row ``program % S``: x_proj in
-    in_proj's epilogue, no launch of its own (``w``: x_proj's dense weight, unit stride along D, any float dtype;
-    ``DecodePolicy.x_proj_in_conv``).
     ``gated = activation name``: the weight is ``[.., 2F, K]`` and ``out [M, F]`` gets ``act(x W_gate^T) * (x W_up^T)``
     (the bias, if any, applies to the gate half only and must be None for gated weights).
     ``row_expert [M]`` int32 picks each row's expert of a stacked weight; ``row_scale [M]`` multiplies each row.
@@ -1170,17 +1144,6 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         if co.shape[0] != m or co.stride(1) != 1 or channels > n_out:
             raise ValueError(f"decode_linear: conv_out needs a row-major xc [{m}, D <= {n_out}]")
     _check_norm_args(m, n_out, k, norm_in, norm_out)
-    xp_w, xp_acc = conv_proj if conv_proj is not None else (x, x)
-    xp_r = xp_w.shape[0] if conv_proj is not None else 1
-    if conv_proj is not None:
-        if conv_out is None or m != 1:
-            raise ValueError("decode_linear: conv_proj needs conv_out and one input row")
-        if xp_w.dim() != 2 or xp_w.shape[1] != channels or xp_w.stride(1) != 1 or not xp_w.is_floating_point():
-            raise ValueError(f"decode_linear: conv_proj's weight must be a float [R, {channels}] with a unit last "
-                             "stride")
-        if xp_acc.dtype != torch.float32 or xp_acc.dim() != 2 or xp_acc.shape[1] != xp_r or xp_acc.stride(1) != 1:
-            raise ValueError(f"decode_linear: conv_proj's accumulator must be a float32 [S, {xp_r}] with a unit last "
-                             "stride")
     if norm_in is not None and norm_in.route and row_expert is None:
         raise ValueError("decode_linear: norm_in.route needs a stacked weight (row_expert names the fallback buffer)")
     if norm_out is not None and out_planes is not None:
@@ -1236,9 +1199,7 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         nout.acc if nout is not None else dummy, rw, rw.stride(0) if p_e else 0,
         nout.x if nout is not None else dummy, p_e,
         xws if xws is not None else dummy, ows if ows is not None else dummy,
-        xws.stride(0) if xws is not None else 0, ows.stride(0) if ows is not None else 0, xp_w, xp_acc, xp_r,
-        xp_acc.shape[0] if conv_proj is not None else 1, xp_w.stride(0) if conv_proj is not None else 0,
-        xp_acc.stride(0) if conv_proj is not None else 0,
+        xws.stride(0) if xws is not None else 0, ows.stride(0) if ows is not None else 0,
         NORM_IN=nin is not None and nin.scale, ROUTE_ACC=nin is not None and nin.route and row_expert is not None,
         HAS_NRB=nin is not None and nin.router_b is not None, NORM_OUT=nout is not None, ROUTER_OUT=p_e > 0,
         BLOCK_E=next_pow2(max(n_e, p_e, 1)),
@@ -1252,7 +1213,7 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         NBP2=nbp2,
         PLANES_JOINT=use_planes and policy.planes_joint and (policy.planes_joint_batched or not row_programs)
         and (policy.planes_joint_gated or gated is None),
-        X_WSUMS=xws is not None, OUT_WSUMS=ows is not None, XP_EPI=conv_proj is not None, XP_RP=next_pow2(xp_r),
+        X_WSUMS=xws is not None, OUT_WSUMS=ows is not None,
         num_warps=warps,
         **kwargs)
     return out

@@ -144,7 +144,7 @@ def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dski
                             s_ypl, CONV: tl.constexpr, CONV_W: tl.constexpr, HAS_CB: tl.constexpr, PDL: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_W: tl.constexpr, Y_PLANES: tl.constexpr, YPL_K: tl.constexpr, yws_ptr, s_yws,
-                            Y_WSUMS: tl.constexpr, DBC_PARTS: tl.constexpr):
+                            Y_WSUMS: tl.constexpr):
     """dt = softplus(W_dt @ dbc[:R] + dt_bias); h = exp(dt A) h + dt x B (in place); y = (C.h + D x) silu(z).
     ``CONV``: ``x`` is the conv step's input; the kernel computes ``silu(conv(window) + b)`` itself and writes the
     shifted window back to the conv state (every other reader of the old state ran before this kernel).
@@ -169,15 +169,9 @@ def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dski
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    if DBC_PARTS > 1:  # x_proj's output as the sum of DBC_PARTS rows (added by atomics into spread rows)
-        q = (b * DBC_PARTS + tl.arange(0, DBC_PARTS))[:, None] * s_dbc
-        low = tl.sum(tl.load(dbc_ptr + q + r[None, :], mask=(r < R)[None, :], other=0.0).to(tl.float32), axis=0)
-        bm = tl.sum(tl.load(dbc_ptr + q + R + n[None, :], mask=nm[None, :], other=0.0).to(tl.float32), axis=0)
-        cm = tl.sum(tl.load(dbc_ptr + q + R + N + n[None, :], mask=nm[None, :], other=0.0).to(tl.float32), axis=0)
-    else:
-        low = tl.load(dbc_ptr + b * s_dbc + r, mask=r < R, other=0.0).to(tl.float32)
-        bm = tl.load(dbc_ptr + b * s_dbc + R + n, mask=nm, other=0.0).to(tl.float32)
-        cm = tl.load(dbc_ptr + b * s_dbc + R + N + n, mask=nm, other=0.0).to(tl.float32)
+    low = tl.load(dbc_ptr + b * s_dbc + r, mask=r < R, other=0.0).to(tl.float32)
+    bm = tl.load(dbc_ptr + b * s_dbc + R + n, mask=nm, other=0.0).to(tl.float32)
+    cm = tl.load(dbc_ptr + b * s_dbc + R + N + n, mask=nm, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + b * s_x + d, mask=dm, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + b * s_z + d, mask=dm, other=0.0).to(tl.float32)
     hp = h_ptr + b * s_h + d[:, None] * N + n[None, :]
@@ -316,7 +310,7 @@ def add_norm_ref(residual, norm_w, eps, h=None, token_ids=None, embedding=None, 
 
 
 def dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, conv=None, pdl: bool = False,
-                    block_d: int | None = None, y_planes=None, y_word_sums=None, dbc_parts: int = 1):
+                    block_d: int | None = None, y_planes=None, y_word_sums=None):
     """One token of the SSM, in place on ``ssm_state [B, DI, N]`` fp32 (contiguous per row).
 
     ``dbc [B, R + 2N]`` (x_proj output: dt low-rank, B, C), ``dt_w [DI, R]`` (any row stride; a multiple of 16
@@ -328,9 +322,7 @@ def dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, conv=
     (row-contiguous planes, zero where no channel is): planes 0..7 receive the int4 input planes of ``y_out`` as
     stored (:func:`qmamba.quant.layout.int4_x_planes`; plane 8, the word sums, is left alone). ``y_word_sums [B,
     width / 8]`` fp32, with ``y_planes``: zeroed by the caller; the planes' word sums (plane 8's values) are added
-    into it by atomic adds (``DecodePolicy.producer_word_sums``). ``dbc_parts`` (a power of two): ``dbc`` is
-    ``[B * parts, R + 2N]`` and row ``b``'s x_proj output the sum of its ``parts`` rows (in_proj's programs add their
-    shares into spread rows: ``DecodePolicy.x_proj_in_conv``)."""
+    into it by atomic adds (``DecodePolicy.producer_word_sums``)."""
     batch, di = x.shape
     r = dt_w.shape[1]
     n = A.shape[1]
@@ -352,9 +344,6 @@ def dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, conv=
         if y_planes is None:
             raise ValueError("dt_state_update: y_word_sums needs y_planes")
         check_word_sums("dt_state_update", "y_word_sums", y_word_sums, batch, ypl_k)
-    if dbc_parts < 1 or dbc_parts & (dbc_parts - 1) or dbc.shape[0] != batch * dbc_parts:
-        raise ValueError(f"dt_state_update: dbc must have {batch} x dbc_parts rows (a power of two), got "
-                         f"{dbc.shape[0]} / {dbc_parts}")
     if block_d & (block_d - 1):
         raise ValueError(f"dt_state_update: block_d must be a power of two, got {block_d}")
     _dt_state_update_kernel[(batch, -(-di // block_d))](
@@ -365,7 +354,6 @@ def dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, conv=
         Y_PLANES=y_planes is not None, YPL_K=ypl_k, CONV=conv is not None,
         yws_ptr=y_word_sums if y_word_sums is not None else ssm_state,
         s_yws=y_word_sums.stride(0) if y_word_sums is not None else 0, Y_WSUMS=y_word_sums is not None,
-        DBC_PARTS=dbc_parts,
         CONV_W=cw.shape[1] if conv is not None else 1,
         HAS_CB=cb is not None, PDL=pdl, BLOCK_D=block_d, BLOCK_R=next_pow2(r), BLOCK_N=next_pow2(n),
         BLOCK_W=next_pow2(cw.shape[1]) if conv is not None else 1, num_warps=4 if x.is_cuda else 1,

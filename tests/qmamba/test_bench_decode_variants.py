@@ -58,14 +58,6 @@ def test_word_sums_variants():
     assert policy_variant(CUDA, "jointg") == dataclasses.replace(CUDA, planes_joint_gated=True)
 
 
-def test_x_proj_in_conv_variant():
-    """``xpin[N]``: x_proj in in_proj's epilogue into N rows, 8 by default (``DecodePolicy.x_proj_in_conv``; off in
-    the CUDA policy until timed)."""
-    assert not CUDA.x_proj_in_conv
-    assert policy_variant(CUDA, "xpin") == dataclasses.replace(CUDA, x_proj_in_conv=8)
-    assert policy_variant(CUDA, "xpin1") == dataclasses.replace(CUDA, x_proj_in_conv=1)
-
-
 def test_dt_rows_variant():
     """``dtrows0``: the SSM update reads dt_proj's weight as stored (``DecodePolicy.dt_rows_aligned`` off; on in the
     CUDA policy), nothing else changed."""

@@ -361,54 +361,6 @@ def test_conv_epilogue_writes_the_conv_step_of_the_stored_output(fmt, m, device)
     assert torch.equal(state, before)
 
 
-@pytest.mark.parametrize("fmt,policy,slots", [
-    ("float", DecodePolicy(), 1),
-    ("planes128", DecodePolicy(pdl=False, block_n_int4=4, num_warps=1, int4_unpack="denorm", int4_x_in_tile=True), 4),
-    ("int4g128", DecodePolicy(block_n_int4=8, num_warps=2), 2)])
-def test_conv_proj_adds_the_next_matrix_of_the_conv_output(fmt, policy, slots, device):
-    """``conv_proj`` (x_proj in in_proj's epilogue, ``DecodePolicy.x_proj_in_conv``): the accumulator, holding a
-    value before the call, gains ``xc @ w^T`` with ``xc`` the conv step's output (checked against the conv-update
-    reference), over channels spread across several programs (D = 136 is not a multiple of the rows a program, and
-    the programs past D add nothing: R = 13 is not a power of two) and ``slots`` accumulator rows (strided: rows of
-    16), whose sum is the product; in_proj's output and xc as without it."""
-    torch.manual_seed(12)
-    d, di, width, r = 128, 136, 4, 13
-    w = weight_for(fmt, 2 * di, d, device, seed=13)
-    x = torch.randn(1, d, device=device)
-    state = torch.randn(1, di, width, device=device)
-    conv_w, conv_b = torch.randn(di, width, device=device), torch.randn(di, device=device)
-    w_xp = torch.randn(r, di, device=device).to(torch.bfloat16)
-    start = torch.randn(slots, 16, device=device)[:, :r]
-    acc = start.clone() if slots == 1 else torch.randn(slots, 16, device=device)[:, :r]
-    acc.copy_(start)
-    out, xc = poisoned(1, 2 * di, device), poisoned(1, di, device)
-    decode_linear(x, w, out, conv_out=(state, conv_w, conv_b, xc), conv_proj=(w_xp, acc), policy=policy)
-    torch.testing.assert_close(out, matmul_ref(x, w).float(), atol=1e-4, rtol=1e-4)
-    want_xc, _ = causal_conv1d_update_ref(out[:, :di], state, conv_w, conv_b, "silu")
-    torch.testing.assert_close(xc, want_xc.float(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(acc.sum(0), start.sum(0) + (want_xc.float() @ w_xp.float().t())[0], atol=1e-4,
-                               rtol=1e-4)
-    if slots > 1:  # the programs' shares spread over the rows (4 programs of x rows at least)
-        assert ((acc - start).abs().sum(1) > 0).sum() >= 2
-
-
-def test_conv_proj_checks_its_arguments(device):
-    d, di, r = 32, 16, 5
-    w = weight_for("float", 2 * di, d, device)
-    conv = (torch.zeros(1, di, 4, device=device), torch.zeros(di, 4, device=device), None,
-            torch.empty(1, di, device=device))
-    acc = torch.zeros(1, r, device=device)
-    x = torch.randn(1, d, device=device)
-    with pytest.raises(ValueError, match="needs conv_out"):
-        decode_linear(x, w, torch.empty(1, 2 * di, device=device), conv_proj=(torch.zeros(r, di, device=device), acc))
-    with pytest.raises(ValueError, match="unit last stride"):
-        decode_linear(x, w, torch.empty(1, 2 * di, device=device), conv_out=conv,
-                      conv_proj=(torch.zeros(di, r, device=device).t(), acc))
-    with pytest.raises(ValueError, match="accumulator"):
-        decode_linear(x, w, torch.empty(1, 2 * di, device=device), conv_out=conv,
-                      conv_proj=(torch.zeros(r, di, device=device), acc.double()))
-
-
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("block", [None, 4])
 @pytest.mark.parametrize("unpack", ["shift", "denorm"])

@@ -311,24 +311,3 @@ def test_dt_state_update_rejects_strided_state(device):
                         torch.zeros(8, device=device), torch.zeros(1, 8, device=device),
                         torch.zeros(1, 8, device=device), torch.zeros(8, 8, device=device),
                         torch.zeros(8, device=device), state, torch.zeros(1, 8, device=device))
-
-
-@pytest.mark.parametrize("batch,parts", [(1, 8), (2, 4), (1, 1)])
-def test_dt_state_update_reads_dbc_as_a_sum_of_parts(batch, parts, device):
-    """``dbc_parts`` (x_proj's output added by in_proj's programs into spread rows, ``DecodePolicy.x_proj_in_conv``):
-    row b's x_proj output is the sum of rows ``b * parts .. b * parts + parts - 1`` of a strided buffer, and the
-    update equals the reference on that sum."""
-    torch.manual_seed(21)
-    di, r, n = 40, 5, 16
-    dbc, dt_w, dt_bias, x, z, A, D_skip, state = ssm_step_inputs(batch, di, r, n, device)
-    pieces = torch.randn(batch, parts, r + 2 * n, device=device)
-    pieces[:, -1] = dbc - pieces[:, :-1].sum(1)  # the parts sum to dbc
-    spread = torch.zeros(batch * parts, r + 2 * n + 3, device=device)[:, :r + 2 * n]
-    spread.copy_(pieces.reshape(batch * parts, -1))
-    ref_y, ref_h = dt_state_update_ref(dbc, dt_w, dt_bias, x, z, A, D_skip, state)
-    y = torch.empty(batch, di, device=device)
-    dt_state_update(spread, dt_w, dt_bias, x, z, A, D_skip, state, y, dbc_parts=parts)
-    torch.testing.assert_close(state, ref_h, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(y, ref_y, atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="dbc_parts"):
-        dt_state_update(spread, dt_w, dt_bias, x, z, A, D_skip, state, y, dbc_parts=3)
