@@ -182,6 +182,11 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return dataclasses.replace(base, max_programs=int(v[4:]))
     if v.startswith("normp"):  # e.g. normp4: programs a row of each add + norm writing the int4 input planes
         return dataclasses.replace(base, norm_plane_programs=int(v[5:]))
+    if v == "early":  # reads of what was written two launches back before the PDL wait (DecodePolicy.early_reads;
+        #               the CUDA policy's since session 38)
+        return dataclasses.replace(base, early_reads=True)
+    if v == "late":  # those reads after the wait (the CUDA policy before session 38)
+        return dataclasses.replace(base, early_reads=False)
     if v == "dtrows0":  # the SSM update reads dt_proj's weight as stored (DecodePolicy.dt_rows_aligned off)
         return dataclasses.replace(base, dt_rows_aligned=False)
     if v == "joint":  # int4 input planes: every product of a row before any reduction (DecodePolicy.planes_joint)
@@ -283,7 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "producers add their word sums: DecodePolicy.producer_word_sums; the CUDA policy's since "
                          "session 37), nowsums (neither: the CUDA policy before session 37), jointng (fc1 without "
                          "the joint products: DecodePolicy.planes_joint_gated off; the CUDA policy's since session "
-                         "38), jointg (fc1 with them: the CUDA policy in session 37), pairs / pairss / nopairs "
+                         "38), jointg (fc1 with them: the CUDA policy in session 37), early "
+                         "(the SSM update's inputs and in_proj's conv operands read before the wait: "
+                         "DecodePolicy.early_reads, the CUDA policy's since session 38), late (after it: the CUDA "
+                         "policy before), pairs / pairss / nopairs "
                          "(the general kernels' int4 codes two at a time, exact (the default) / scaled, or float "
                          "codes: MatmulPolicy.plane_code_pairs), ssmbdN (N channels per "
                          "program of the SSM update, e.g. "

@@ -21,7 +21,10 @@ embedding; it also zeroes the sums) and a LayerNorm final norm (BlackMamba's) st
 
 The linear layers are :func:`qmamba.kernels.decode_linear.decode_linear` (whole rows per program, no split-K, no
 workspace to zero); on Hopper every kernel is a programmatic dependent launch, so inside the CUDA graph each
-kernel's weight loads overlap the previous kernel (:class:`DecodePolicy`, an explicit argument). Weights are read in
+kernel's weight loads overlap the previous kernel (:class:`DecodePolicy`, an explicit argument), and with
+``DecodePolicy.early_reads`` so do its reads of what was written two launches or more before it (each kernel waits
+for the one before it before letting the next start): the SSM update's x, z and states, in_proj's conv state and
+weights. Weights are read in
 their stored formats (float, int8, int4, 1-bit); with ``DecodePolicy.int4_planes`` (the CUDA default) the model's
 int4 weights of group size 128 / 256 are first converted in place to plane words
 (:func:`qmamba.quant.modules.use_plane_words`: the same bytes, the layout the kernels read, every other path
@@ -367,7 +370,8 @@ class FusedDecodeStep:
             # the conv step in in_proj's epilogue (its output into xc), x_proj on it
             xc = buf["xc"][:, :di]
             self._decode(buf["x"], plan.in_proj, xz, bias=plan.in_bias, conv_out=conv + (xc,), x_planes=buf["xpl"],
-                         x_plane_sums=nin is None, norm_in=nin, x_word_sums=self._consumer_sums(buf, nin, layer))
+                         x_plane_sums=nin is None, norm_in=nin, x_word_sums=self._consumer_sums(buf, nin, layer),
+                         conv_ready=self.policy.early_reads)
             self._decode(xc, plan.x_proj, dbc)
         else:  # the conv step's output on its own (the state is shifted by the dt kernel below)
             self._linear(buf["x"], plan.in_proj, xz, bias=plan.in_bias)
@@ -380,6 +384,7 @@ class FusedDecodeStep:
         y = buf["y"][:, :di]
         dt_state_update(dbc, plan.dt_w, plan.dt_bias, xz[:, :di], xz[:, di:], plan.A, plan.D,
                         state.ssm_state[plan.slot], y, conv=conv, pdl=self.policy.pdl,
+                        inputs_ready=self.policy.early_reads,
                         block_d=self.policy.ssm_block_d if y.shape[0] == 1 else self.policy.ssm_block_d_batched,
                         y_planes=buf["ypl"], y_word_sums=self._sums(buf, "wy", layer))
         return self._linear(y, plan.out_proj, out, bias=plan.out_bias, x_planes=buf["ypl"], x_plane_sums=False,

@@ -7,7 +7,7 @@
 # step out; add a step for each new candidate (session 29 ran and removed the fold, block_n_wide and the per-expert
 # prefill route this way: benchmarks/results.md, "Session 29"; session 37 took the producer word sums and removed
 # fc2's own tiles; session 38 took fc1 without the joint products, removed fc2's split along K and x_proj in
-# in_proj's epilogue).
+# in_proj's epilogue, took the early reads).
 #
 #   bash scripts/gpu_pending.sh [OUT_DIR [STEP ...]]   # logs and JSON under OUT_DIR [${OUT:-runs/gpu-pending}];
 #                                                       # STEPs: a subset of those below (default: all, in order)

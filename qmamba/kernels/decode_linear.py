@@ -187,6 +187,16 @@ class DecodePolicy:
     #                             / 11, fc2 752 / 8 -> 704 / 6, head 544 / 7 -> 480 / 5. On in the CUDA policy, with
     #                             planes_joint: H100, session 37 (bench_decode.py --variants default,wsums), int4 g128
     #                             batch 1 0.441 -> 0.434 ms/token (a second call, 5 rounds: 0.444 -> 0.435)
+    early_reads: bool = False  # fused step: what a kernel reads that was written two launches or more before it is
+    #                             read before its programmatic-dependent-launch wait, with its weights (the launch
+    #                             before it waited for the one before that before letting it start): the SSM update's
+    #                             x, z, SSM and conv states (only x_proj's output after the wait; the states come
+    #                             from DRAM, last written a token ago) and, at one row, in_proj's conv state and
+    #                             weights (read in its epilogue otherwise). On in the CUDA policy: H100, session 38
+    #                             (bench_decode.py --variants default,early, 3-5 interleaved rounds), batch 1: int4
+    #                             g128 0.423 -> 0.416 ms/token, bf16 0.629 -> 0.618, 1-bit + int4 0.549 -> 0.535, int4
+    #                             as quantize writes it 0.446 -> 0.436; batch 8 level (int4 1.424 -> 1.419, bf16 1.924
+    #                             -> 1.947 within its spread of 0.044)
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
 
     def __post_init__(self):
@@ -277,7 +287,11 @@ class DecodePolicy:
         and the SSM update reading their sum (18 launches a token fewer): 0.424 -> 0.441 / 0.529 ms/token (bf16
         0.634 -> 0.680 / 0.670; x_proj float as ``qmamba quantize`` writes it, 0.446 -> 0.556). As in session 21 (one
         row, the weight read after the wait: 0.528 -> 0.559 on the H200), the epilogue's products and atomics on
-        in_proj's tail cost more than the launch, whose weight loads and start overlap the kernel before it.
+        in_proj's tail cost more than the launch, whose weight loads and start overlap the kernel before it. Then
+        (``--variants default,early``, 5 rounds; 3 for 1-bit + int4 and int4 as ``qmamba quantize`` writes it): what a
+        kernel reads that was written two launches or more before it, read before its wait (``early_reads``: the
+        SSM update's x, z and states, in_proj's conv operands) took batch 1 from 0.423 to 0.416 ms/token (bf16 0.629
+        -> 0.618, 1-bit + int4 0.549 -> 0.535, int4 as quantize writes it 0.446 -> 0.436), batch 8 level: on.
         CPU (interpreter): every format and batch, wide row blocks (few programs)."""
         if device.type != "cuda":
             return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1, ssm_block_d=16)
@@ -292,7 +306,7 @@ class DecodePolicy:
                    max_rows_routed=MAX_ROWS, routed_row_programs=True, int4_x_planes=True, binary_max_rows=1,
                    norm_plane_programs=4, max_programs=8 * multiprocessors, int4_x_in_tile_wide="always",
                    norm_in_gemvs=True, ssm_block_d_batched=16, int4_tile_pieces=True, planes_joint=True,
-                   planes_joint_batched=False, planes_joint_gated=False, producer_word_sums=True,
+                   planes_joint_batched=False, planes_joint_gated=False, producer_word_sums=True, early_reads=True,
                    formats=(FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES, FMT_BINARY))
 
     @property
@@ -690,7 +704,7 @@ def _decode_linear_kernel(
     UNPACK: tl.constexpr, CONV_EPI: tl.constexpr, MMA: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
     EXPERT_READY: tl.constexpr, ROW_PROGRAMS: tl.constexpr, X_PLANES: tl.constexpr, XPL_K: tl.constexpr,
     XPL_SUMS: tl.constexpr, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr, NBP2: tl.constexpr,
-    PLANES_JOINT: tl.constexpr, X_WSUMS: tl.constexpr, OUT_WSUMS: tl.constexpr,
+    PLANES_JOINT: tl.constexpr, X_WSUMS: tl.constexpr, OUT_WSUMS: tl.constexpr, CONV_EARLY: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -746,7 +760,7 @@ def _decode_linear_kernel(
                       opl_ptr, sopl_m, OUT_PLANES, OPL_K, rwt, nacc_ptr, n_width, n_eps, pres_ptr, pnw_ptr, pacc_ptr,
                       prw_ptr, srw_e, pux_ptr, p_e, NORM_IN, ROUTE_ACC, NORM_OUT, ROUTER_OUT, BLOCK_E,
                       w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2, PLANES_JOINT, xws_ptr, sxws_m, X_WSUMS,
-                      ows_ptr, sows_m, OUT_WSUMS)
+                      ows_ptr, sows_m, OUT_WSUMS, 0.0, 0.0, False)
     else:
         w, scale, zero, w_up, scale_up, zero_up = _load_weights(
             w_ptr, s_ptr, z_ptr, pid_e.to(tl.int64) * 0, rows, rows_ok, K, N_UP, swe, swn, sse, ssn, sze, szn, FMT,
@@ -757,6 +771,10 @@ def _decode_linear_kernel(
                 FMT, KP, NBP2, WPG, TPB, GATED, NBP)
         else:
             w2, scale2, zero2, w2_up, scale2_up, zero2_up = w, scale, zero, w_up, scale_up, zero_up
+        if CONV_EARLY:  # the conv step's old state and weights of these channels, before the wait (one row)
+            cpart, clast = _conv_operands(st_ptr, cw_ptr, cb_ptr, rows, DI, ss_d, CONV_W, HAS_CB)
+        else:
+            cpart, clast = 0.0, 0.0
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -767,7 +785,21 @@ def _decode_linear_kernel(
                   opl_ptr, sopl_m, OUT_PLANES, OPL_K, 1.0, nacc_ptr, n_width, n_eps, pres_ptr, pnw_ptr, pacc_ptr,
                   prw_ptr, srw_e, pux_ptr, p_e, NORM_IN, ROUTE_ACC, NORM_OUT, ROUTER_OUT, BLOCK_E,
                   w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2, PLANES_JOINT, xws_ptr, sxws_m, X_WSUMS,
-                  ows_ptr, sows_m, OUT_WSUMS)
+                  ows_ptr, sows_m, OUT_WSUMS, cpart, clast, CONV_EARLY)
+
+
+@jit
+def _conv_operands(st_ptr, cw_ptr, cb_ptr, rows, DI, ss_d, CONV_W: tl.constexpr, HAS_CB: tl.constexpr):
+    """The conv step of channels ``rows`` (one row) but for its newest input: ``(sum_t state[t + 1] w[t] + b, w[W -
+    1])``, fp32 ``[BN]`` in the layout of ``rows`` (0 past ``DI``)."""
+    cm = rows < DI
+    part = tl.zeros(rows.shape, tl.float32)
+    for t in tl.static_range(CONV_W - 1):
+        part += tl.load(st_ptr + rows * ss_d + (t + 1), mask=cm, other=0.0).to(tl.float32) * \
+            tl.load(cw_ptr + rows * CONV_W + t, mask=cm, other=0.0).to(tl.float32)
+    if HAS_CB:
+        part += tl.load(cb_ptr + rows, mask=cm, other=0.0).to(tl.float32)
+    return part, tl.load(cw_ptr + rows * CONV_W + (CONV_W - 1), mask=cm, other=0.0).to(tl.float32)
 
 
 @jit
@@ -820,10 +852,12 @@ def _router_out(u, rw, acc_ptr, e, E):
 @jit
 def _store_out(y, ri, ni, mask, out_ptr, som, co_ptr, scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI,
                CONV_EPI: tl.constexpr, CONV_W: tl.constexpr, HAS_CB: tl.constexpr, opl_ptr, sopl_m,
-               OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr, ows_ptr, sows_m, OUT_WSUMS: tl.constexpr):
+               OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr, ows_ptr, sows_m, OUT_WSUMS: tl.constexpr,
+               cpart, clast, CONV_EARLY: tl.constexpr):
     """Store ``y`` at rows ``ri`` / columns ``ni`` (broadcast together, ``mask``). ``CONV_EPI``: columns below ``DI``
     are also the new conv input of those channels, and ``co`` gets the conv step's output
-    ``silu(sum_j state[j + 1] w[j] + y w[W-1] + b)`` of the stored (rounded) value, from the old conv state."""
+    ``silu(sum_j state[j + 1] w[j] + y w[W-1] + b)`` of the stored (rounded) value, from the old conv state
+    (``CONV_EARLY``, one row: ``y cw[W-1] + cpart``, the rest from :func:`_conv_operands` before the wait)."""
     yq = y.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + ri * som + ni, yq, mask=mask)
     if OUT_PLANES:  # planes 0..7 of the stored output (the next GEMV's input); its word sums with OUT_WSUMS
@@ -832,12 +866,15 @@ def _store_out(y, ri, ni, mask, out_ptr, som, co_ptr, scom, st_ptr, cw_ptr, cb_p
         add_word_sums(ows_ptr + ri * sows_m, ni, yq.to(tl.float32), mask)
     if CONV_EPI:
         cm = mask & (ni < DI)
-        acc = yq.to(tl.float32) * tl.load(cw_ptr + ni * CONV_W + (CONV_W - 1), mask=cm, other=0.0).to(tl.float32)
-        for t in tl.static_range(CONV_W - 1):
-            acc += tl.load(st_ptr + ri * ss_m + ni * ss_d + (t + 1), mask=cm, other=0.0).to(tl.float32) * \
-                tl.load(cw_ptr + ni * CONV_W + t, mask=cm, other=0.0).to(tl.float32)
-        if HAS_CB:
-            acc += tl.load(cb_ptr + ni, mask=cm, other=0.0).to(tl.float32)
+        if CONV_EARLY:
+            acc = yq.to(tl.float32) * clast + cpart
+        else:
+            acc = yq.to(tl.float32) * tl.load(cw_ptr + ni * CONV_W + (CONV_W - 1), mask=cm, other=0.0).to(tl.float32)
+            for t in tl.static_range(CONV_W - 1):
+                acc += tl.load(st_ptr + ri * ss_m + ni * ss_d + (t + 1), mask=cm, other=0.0).to(tl.float32) * \
+                    tl.load(cw_ptr + ni * CONV_W + t, mask=cm, other=0.0).to(tl.float32)
+            if HAS_CB:
+                acc += tl.load(cb_ptr + ni, mask=cm, other=0.0).to(tl.float32)
         tl.store(co_ptr + ri * scom + ni, (acc * tl.sigmoid(acc)).to(co_ptr.dtype.element_ty), mask=cm)
 
 
@@ -853,7 +890,8 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
               pres_ptr, pnw_ptr, pacc_ptr, prw_ptr, srw_e, pux_ptr, p_e, NORM_IN: tl.constexpr,
               ROUTE_ACC: tl.constexpr, NORM_OUT: tl.constexpr, ROUTER_OUT: tl.constexpr, BLOCK_E: tl.constexpr,
               w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2: tl.constexpr, PLANES_JOINT: tl.constexpr,
-              xws_ptr, sxws_m, X_WSUMS: tl.constexpr, ows_ptr, sows_m, OUT_WSUMS: tl.constexpr):
+              xws_ptr, sxws_m, X_WSUMS: tl.constexpr, ows_ptr, sows_m, OUT_WSUMS: tl.constexpr,
+              cpart, clast, CONV_EARLY: tl.constexpr):
     """Each input row (that is routed here) times the tile(s), epilogue, store. A row that is not computed costs a
     branch, no arithmetic. ``NORM_IN`` / ``ROUTE_ACC`` / ``NORM_OUT``: see :class:`NormIn` and :class:`NormOut` (one
     input row only; ``rwt`` is the row's routing weight where ``ROUTE_ACC``). ``NBP2 > 0`` (input planes only): the
@@ -888,7 +926,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
             y = y * tl.load(rscale_ptr + rr, mask=rok, other=0.0).to(tl.float32)[:, None]
         _store_out(y, rr[:, None], rows[None, :], rok[:, None] & rows_ok[None, :], out_ptr, som, co_ptr, scom,
                    st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI, CONV_EPI, CONV_W, HAS_CB, opl_ptr, sopl_m, OUT_PLANES,
-                   OPL_K, ows_ptr, sows_m, OUT_WSUMS)
+                   OPL_K, ows_ptr, sows_m, OUT_WSUMS, cpart, clast, CONV_EARLY)
     elif (FMT == 2 or FMT == 3) and ROWS > 1 and not ROUTED:
         # every row uses the same tile: unpack each code once, multiply it into all rows
         rr = tl.arange(0, ROWS)
@@ -902,7 +940,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
             y = y * tl.load(rscale_ptr + rr, mask=rr < M, other=0.0).to(tl.float32)[:, None]
         _store_out(y, rr[:, None], rows[None, :], (rr < M)[:, None] & rows_ok[None, :], out_ptr, som, co_ptr,
                    scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d, DI, CONV_EPI, CONV_W, HAS_CB, opl_ptr, sopl_m,
-                   OUT_PLANES, OPL_K, ows_ptr, sows_m, OUT_WSUMS)
+                   OUT_PLANES, OPL_K, ows_ptr, sows_m, OUT_WSUMS, cpart, clast, CONV_EARLY)
     else:
         for r in tl.static_range(ROWS):
             row_ok = (tl.program_id(1) * 0 + r) < M  # a tensor (the interpreter rejects a Python bool mask)
@@ -963,7 +1001,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
                 else:
                     _store_out(y, r, rows, rows_ok, out_ptr, som, co_ptr, scom, st_ptr, cw_ptr, cb_ptr, ss_m, ss_d,
                                DI, CONV_EPI, CONV_W, HAS_CB, opl_ptr, sopl_m, OUT_PLANES, OPL_K, ows_ptr, sows_m,
-                               OUT_WSUMS)
+                               OUT_WSUMS, cpart, clast, CONV_EARLY)
 
 
 # ---- launcher and reference twin -------------------------------------------------------------------------------------
@@ -1094,13 +1132,16 @@ def _weight_args(weight: PackedWeight | BinaryWeight, denorm: bool = False):
 def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row_expert=None, row_scale=None, conv_out=None,
                   gated: str | None = None, policy: DecodePolicy | None = None, expert_ready: bool = False,
                   x_planes=None, x_plane_sums: bool = True, out_planes=None, norm_in: NormIn | None = None,
-                  norm_out: NormOut | None = None, x_word_sums=None, out_word_sums=None):
+                  norm_out: NormOut | None = None, x_word_sums=None, out_word_sums=None, conv_ready: bool = False):
     """``out [M, N']`` (any float dtype) receives ``f(x) @ W_hat^T`` for ``M <= 8`` rows; semantics of
     :func:`decode_linear_ref`.
 
     ``conv_out = (conv_state [M, D, W], conv_w [D, W], conv_b [D] | None, xc [M, D])``: the first ``D`` output
     columns are the new conv input of ``D`` channels, and ``xc`` also receives the conv step's output of them (the
     same function of the stored output; in_proj's epilogue, so that x_proj reads a finished input).
+    ``conv_ready`` (one row): the conv state was written two launches or more before this one, so it and the conv
+    weights are read with the weight, before the wait of programmatic dependent launch (the launch before this one
+    waited for the one before it before letting this one start), not in the epilogue (``DecodePolicy.early_reads``).
     ``gated = activation name``: the weight is ``[.., 2F, K]`` and ``out [M, F]`` gets ``act(x W_gate^T) * (x W_up^T)``
     (the bias, if any, applies to the gate half only and must be None for gated weights).
     ``row_expert [M]`` int32 picks each row's expert of a stacked weight; ``row_scale [M]`` multiplies each row.
@@ -1214,6 +1255,7 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         PLANES_JOINT=use_planes and policy.planes_joint and (policy.planes_joint_batched or not row_programs)
         and (policy.planes_joint_gated or gated is None),
         X_WSUMS=xws is not None, OUT_WSUMS=ows is not None,
+        CONV_EARLY=bool(conv_ready and conv_out is not None and m == 1 and row_expert is None),
         num_warps=warps,
         **kwargs)
     return out

@@ -139,16 +139,38 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, o
 
 
 @jit
+def _ssm_inputs(x_ptr, z_ptr, h_ptr, cs_ptr, b, d, dm, n, mask, s_x, s_z, s_h, scs_b, scs_d, N,
+                CONV: tl.constexpr, CONV_W: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The SSM update's inputs of this program's channels: ``(x, z, h, h's pointers, the conv window's old state
+    [BLOCK_D, BLOCK_W] or 0, its pointers or 0)``."""
+    x = tl.load(x_ptr + b * s_x + d, mask=dm, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + b * s_z + d, mask=dm, other=0.0).to(tl.float32)
+    hp = h_ptr + b * s_h + d[:, None] * N + n[None, :]
+    h = tl.load(hp, mask=mask, other=0.0)
+    old = 0.0
+    sp = cs_ptr
+    if CONV:
+        # window = [state[1:], x]: element t of the new window is state[t + 1] (t < W - 1) or x
+        t = tl.arange(0, BLOCK_W)
+        tm = dm[:, None] & (t < CONV_W)[None, :]
+        sp = cs_ptr + b * scs_b + d[:, None] * scs_d + t[None, :]
+        old = tl.load(sp + 1, mask=tm & (t < CONV_W - 1)[None, :], other=0.0)
+    return x, z, h, hp, old, sp
+
+
+@jit
 def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dskip_ptr, h_ptr, y_ptr,
                             cs_ptr, cw_ptr, cb_ptr, ypl_ptr, DI, R, N, s_dbc, s_x, s_z, s_w, s_h, s_y, scs_b, scs_d,
                             s_ypl, CONV: tl.constexpr, CONV_W: tl.constexpr, HAS_CB: tl.constexpr, PDL: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_W: tl.constexpr, Y_PLANES: tl.constexpr, YPL_K: tl.constexpr, yws_ptr, s_yws,
-                            Y_WSUMS: tl.constexpr):
+                            Y_WSUMS: tl.constexpr, EARLY: tl.constexpr):
     """dt = softplus(W_dt @ dbc[:R] + dt_bias); h = exp(dt A) h + dt x B (in place); y = (C.h + D x) silu(z).
     ``CONV``: ``x`` is the conv step's input; the kernel computes ``silu(conv(window) + b)`` itself and writes the
     shifted window back to the conv state (every other reader of the old state ran before this kernel).
-    All loads first (their latencies overlap), then the arithmetic; with ``PDL`` the weights come before the wait."""
+    All loads first (their latencies overlap), then the arithmetic; with ``PDL`` the weights come before the wait,
+    and with ``EARLY`` also x, z and the states (written two launches or more before this one: see
+    :func:`dt_state_update`), so that only ``dbc`` is read after it."""
     b = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = d < DI
@@ -166,20 +188,18 @@ def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dski
         cw = tl.load(cw_ptr + d[:, None] * CONV_W + t[None, :], mask=tm, other=0.0).to(tl.float32)
         if HAS_CB:
             cb = tl.load(cb_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    if EARLY:
+        x, z, h, hp, old, sp = _ssm_inputs(x_ptr, z_ptr, h_ptr, cs_ptr, b, d, dm, n, mask, s_x, s_z, s_h, scs_b, scs_d,
+                                           N, CONV, CONV_W, BLOCK_W)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     low = tl.load(dbc_ptr + b * s_dbc + r, mask=r < R, other=0.0).to(tl.float32)
     bm = tl.load(dbc_ptr + b * s_dbc + R + n, mask=nm, other=0.0).to(tl.float32)
     cm = tl.load(dbc_ptr + b * s_dbc + R + N + n, mask=nm, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + b * s_x + d, mask=dm, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + b * s_z + d, mask=dm, other=0.0).to(tl.float32)
-    hp = h_ptr + b * s_h + d[:, None] * N + n[None, :]
-    h = tl.load(hp, mask=mask, other=0.0)
-    if CONV:
-        # window = [state[1:], x]: element t of the new window is state[t + 1] (t < W - 1) or x
-        sp = cs_ptr + b * scs_b + d[:, None] * scs_d + t[None, :]
-        old = tl.load(sp + 1, mask=tm & (t < CONV_W - 1)[None, :], other=0.0)
+    if not EARLY:
+        x, z, h, hp, old, sp = _ssm_inputs(x_ptr, z_ptr, h_ptr, cs_ptr, b, d, dm, n, mask, s_x, s_z, s_h, scs_b, scs_d,
+                                           N, CONV, CONV_W, BLOCK_W)
     # The states are updated in place, and a tile smaller than the program's threads (the conv window [BLOCK_D, W]
     # always below 32 channels; h where BLOCK_D * BLOCK_N < 128) is held by several threads: every thread's loads
     # must precede any thread's stores (without this, 8 channels a program at batch 8 gave wrong tokens on the H200)
@@ -310,7 +330,7 @@ def add_norm_ref(residual, norm_w, eps, h=None, token_ids=None, embedding=None, 
 
 
 def dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, conv=None, pdl: bool = False,
-                    block_d: int | None = None, y_planes=None, y_word_sums=None):
+                    block_d: int | None = None, y_planes=None, y_word_sums=None, inputs_ready: bool = False):
     """One token of the SSM, in place on ``ssm_state [B, DI, N]`` fp32 (contiguous per row).
 
     ``dbc [B, R + 2N]`` (x_proj output: dt low-rank, B, C), ``dt_w [DI, R]`` (any row stride; a multiple of 16
@@ -322,7 +342,10 @@ def dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, conv=
     (row-contiguous planes, zero where no channel is): planes 0..7 receive the int4 input planes of ``y_out`` as
     stored (:func:`qmamba.quant.layout.int4_x_planes`; plane 8, the word sums, is left alone). ``y_word_sums [B,
     width / 8]`` fp32, with ``y_planes``: zeroed by the caller; the planes' word sums (plane 8's values) are added
-    into it by atomic adds (``DecodePolicy.producer_word_sums``)."""
+    into it by atomic adds (``DecodePolicy.producer_word_sums``). ``inputs_ready``: ``x``, ``z``, the SSM state and the
+    conv state were written two launches or more before this one, so they are read with the weights, before the
+    wait of ``pdl`` (the launch before this one waited for the one before it before letting this one start), and
+    only ``dbc`` after it (``DecodePolicy.early_reads``)."""
     batch, di = x.shape
     r = dt_w.shape[1]
     n = A.shape[1]
@@ -354,6 +377,7 @@ def dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, conv=
         Y_PLANES=y_planes is not None, YPL_K=ypl_k, CONV=conv is not None,
         yws_ptr=y_word_sums if y_word_sums is not None else ssm_state,
         s_yws=y_word_sums.stride(0) if y_word_sums is not None else 0, Y_WSUMS=y_word_sums is not None,
+        EARLY=bool(inputs_ready),
         CONV_W=cw.shape[1] if conv is not None else 1,
         HAS_CB=cb is not None, PDL=pdl, BLOCK_D=block_d, BLOCK_R=next_pow2(r), BLOCK_N=next_pow2(n),
         BLOCK_W=next_pow2(cw.shape[1]) if conv is not None else 1, num_warps=4 if x.is_cuda else 1,

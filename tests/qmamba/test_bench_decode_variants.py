@@ -58,6 +58,13 @@ def test_word_sums_variants():
     assert policy_variant(CUDA, "jointg") == dataclasses.replace(CUDA, planes_joint_gated=True)
 
 
+def test_early_reads_variant():
+    """``early``: reads of what was written two launches back moved before the wait (``DecodePolicy.early_reads``;
+    on in the CUDA policy since session 38); ``late``: the policy before."""
+    assert CUDA.early_reads and policy_variant(CUDA, "early") == CUDA
+    assert policy_variant(CUDA, "late") == dataclasses.replace(CUDA, early_reads=False)
+
+
 def test_dt_rows_variant():
     """``dtrows0``: the SSM update reads dt_proj's weight as stored (``DecodePolicy.dt_rows_aligned`` off; on in the
     CUDA policy), nothing else changed."""

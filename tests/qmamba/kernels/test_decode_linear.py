@@ -340,11 +340,14 @@ def test_policy_is_explicit_and_cpu_has_no_pdl():
     assert wave.block_n(0, 1, 5888) == DecodePolicy().block_n_float  # float weights keep their rows
 
 
-@pytest.mark.parametrize("fmt,m", [("float", 1), ("int4g128", 1), ("planes128", 1), ("int4g32", 3), ("planes128", 3),
-                                   ("binary", 1), ("binary", 3)])
-def test_conv_epilogue_writes_the_conv_step_of_the_stored_output(fmt, m, device):
+@pytest.mark.parametrize("fmt,m,ready", [("float", 1, False), ("int4g128", 1, False), ("planes128", 1, False),
+                                         ("int4g32", 3, False), ("planes128", 3, False), ("binary", 1, False),
+                                         ("binary", 3, False), ("float", 1, True), ("planes128", 1, True),
+                                         ("binary", 1, True), ("int4g32", 3, True)])
+def test_conv_epilogue_writes_the_conv_step_of_the_stored_output(fmt, m, ready, device):
     """in_proj with the conv step in its epilogue: ``out`` is x @ W^T as without it, and ``xc`` is the conv-update
-    reference applied to the first D stored columns and the old state (which is left unchanged)."""
+    reference applied to the first D stored columns and the old state (which is left unchanged). ``ready``
+    (``conv_ready``, ``DecodePolicy.early_reads``): the conv operands read with the weight (one row; ignored at 3)."""
     torch.manual_seed(4)
     d, di, width = 96, 136, 4
     w = weight_for(fmt, 2 * di, d, device, seed=5)
@@ -354,7 +357,7 @@ def test_conv_epilogue_writes_the_conv_step_of_the_stored_output(fmt, m, device)
     conv_b = torch.randn(di, device=device)
     before = state.clone()
     out, xc = poisoned(m, 2 * di, device), poisoned(m, di, device)
-    decode_linear(x, w, out, conv_out=(state, conv_w, conv_b, xc))
+    decode_linear(x, w, out, conv_out=(state, conv_w, conv_b, xc), conv_ready=ready)
     torch.testing.assert_close(out, matmul_ref(x, w).float(), atol=1e-4, rtol=1e-4)
     want, _ = causal_conv1d_update_ref(out[:, :di], state, conv_w, conv_b, "silu")
     torch.testing.assert_close(xc, want.float(), atol=1e-5, rtol=1e-5)

@@ -169,14 +169,14 @@ def ssm_step_inputs(batch, di, r, n, device):
     return dbc, dt_w, dt_bias, x, z, A, D_skip, torch.randn(batch, di, n, device=device)
 
 
-@pytest.mark.parametrize("di,r,n", [(24, 3, 16), (50, 5, 7)])
-def test_dt_state_update_matches_reference(di, r, n, device):
+@pytest.mark.parametrize("di,r,n,ready", [(24, 3, 16, False), (50, 5, 7, False), (50, 5, 7, True)])
+def test_dt_state_update_matches_reference(di, r, n, ready, device):
     torch.manual_seed(1)
     batch = 2
     dbc, dt_w, dt_bias, x, z, A, D_skip, state = ssm_step_inputs(batch, di, r, n, device)
     ref_y, ref_h = dt_state_update_ref(dbc, dt_w, dt_bias, x, z, A, D_skip, state)
     y = torch.empty(batch, di, device=device)
-    dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, state, y)
+    dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, state, y, inputs_ready=ready)
     torch.testing.assert_close(state, ref_h, atol=1e-5, rtol=1e-5)  # updated in place
     torch.testing.assert_close(y, ref_y, atol=1e-4, rtol=1e-4)
 
@@ -203,10 +203,11 @@ def test_dt_state_update_channels_per_program(block_d, batch, n, device):
         dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, state, y, block_d=12)
 
 
-@pytest.mark.parametrize("has_bias", [True, False])
-def test_dt_state_update_with_conv_step_matches_conv_then_update(has_bias, device):
+@pytest.mark.parametrize("has_bias,ready", [(True, False), (False, False), (True, True), (False, True)])
+def test_dt_state_update_with_conv_step_matches_conv_then_update(has_bias, ready, device):
     """The conv variant: x is the conv input; the kernel applies the conv step and shifts the conv state in place.
-    Checked against the independent conv-update reference followed by the plain update."""
+    Checked against the independent conv-update reference followed by the plain update. ``ready``
+    (``inputs_ready``, ``DecodePolicy.early_reads``): x, z and the states read before dbc, the same results."""
     from qmamba.kernels.causal_conv1d import causal_conv1d_update_ref
 
     torch.manual_seed(3)
@@ -229,7 +230,7 @@ def test_dt_state_update_with_conv_step_matches_conv_then_update(has_bias, devic
     torch.testing.assert_close(twin_conv, ref_conv)
     y = torch.empty(batch, di, device=device)
     dt_state_update(dbc, dt_w, dt_bias, xz[:, :di], xz[:, di:], A, D_skip, state, y,
-                    conv=(conv_state, conv_w, conv_b))
+                    conv=(conv_state, conv_w, conv_b), inputs_ready=ready)
     torch.testing.assert_close(state, ref_h, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(conv_state, ref_conv, atol=0, rtol=0)  # the window is shifted exactly
     torch.testing.assert_close(y, ref_y, atol=1e-4, rtol=1e-4)
