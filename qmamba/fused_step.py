@@ -270,7 +270,7 @@ class FusedDecodeStep:
             norm_w = plan.norm_w
             router = plan.router_w if isinstance(plan, _MoePlan) else None
         return NormOut(self._live_residual(buf), norm_w, buf["acc"][call], buf["x"], planes=buf["xpl"],
-                       router_w=router, word_sums=self._sums(buf, "wx", call))
+                       router_w=router, word_sums=self._sums(buf, "wx", call), ready=self.policy.early_norm_out)
 
     @staticmethod
     def _sums(buf, key: str, index: int):

@@ -231,7 +231,9 @@ def test_fused_step_with_shared_norm_planes(batch, programs, device):
                                                ("tiny-mamba", "int4g128-wsums", 1),
                                                ("wide-blackmamba", "int4g128-wsums", 4),
                                                ("tiny-blackmamba", "int4g128-wsums-early", 1),
-                                               ("tiny-mamba", "float-early", 1)])
+                                               ("tiny-mamba", "float-early", 1),
+                                               ("tiny-blackmamba", "int4g128-wsums-enorm", 1),
+                                               ("wide-blackmamba", "int4g128-wsums-enorm", 4)])
 @torch.no_grad()
 def test_fused_step_with_norms_in_the_gemvs(name, fmt, programs, device):
     """``DecodePolicy.norm_in_gemvs``: at one row the add + norm between two layers runs in out_proj's / fc2's
@@ -243,11 +245,13 @@ def test_fused_step_with_norms_in_the_gemvs(name, fmt, programs, device):
     the step keeps its add + norm kernels. "-wsums" (``DecodePolicy.producer_word_sums``, with ``planes_joint`` and the
     tile pieces): the producers add their planes' word sums into rows of their own, which the consumers read (and
     which the first add + norm zeroes each step). "-early" (``DecodePolicy.early_reads``): the SSM update's inputs
-    and in_proj's conv operands read before the wait (at batch 2 too, for the SSM update)."""
+    and in_proj's conv operands read before the wait (at batch 2 too, for the SSM update). "-enorm"
+    (``DecodePolicy.early_norm_out``): out_proj's NormOut reads before the wait (fc2's stay after it)."""
     import qmamba.fused_step as fused_step
 
     wsums = "-wsums" in fmt
     early = fmt.endswith("-early")
+    enorm = fmt.endswith("-enorm")
     fmt = fmt.split("-")[0]
 
     if name == "wide-blackmamba":
@@ -266,7 +270,8 @@ def test_fused_step_with_norms_in_the_gemvs(name, fmt, programs, device):
     policy = dataclasses.replace(policy, norm_in_gemvs=True, norm_in_gemvs_binary=fmt == "binary")
     # "-wsums" as the CUDA policy since session 37; the others without (the CUDA policy before it)
     policy = dataclasses.replace(policy, producer_word_sums=wsums, planes_joint=wsums,
-                                 int4_tile_pieces=wsums or policy.int4_tile_pieces, early_reads=early)
+                                 int4_tile_pieces=wsums or policy.int4_tile_pieces, early_reads=early,
+                                 early_norm_out=enorm)
     step = FusedDecodeStep(model, policy)
     if fmt == "binary":  # 1-bit weights keep their add + norm kernels unless asked (measured slower on the H200)
         assert not FusedDecodeStep(model, dataclasses.replace(policy, norm_in_gemvs_binary=False))._norm_in_gemvs(1)

@@ -428,12 +428,15 @@ def _rms_normed(h, norm_w, eps):
 
 @pytest.mark.parametrize("fmt", ["float", "int8", "planes128", "binary"])
 @pytest.mark.parametrize("router", [False, True])
-def test_norm_out_epilogue(fmt, router, device):
+@pytest.mark.parametrize("ready", [False, True])
+def test_norm_out_epilogue(fmt, router, ready, device):
     """:class:`NormOut`: a producer's epilogue adds its output to the residual in place, writes ``u = h * w`` (and
     its input planes 0..7) and accumulates ``sum h^2`` and the router's ``W_r u`` by atomic adds over its programs
     (8 rows each: 7 programs, a ragged last one); ``out`` is not written. Against :func:`norm_out_ref` of the
     dequantized matmul's output, and that twin against the plain sums. The planes' word sums (``word_sums``,
-    ``DecodePolicy.producer_word_sums``) added by every program equal plane 8 of :func:`int4_x_planes` of ``u``."""
+    ``DecodePolicy.producer_word_sums``) added by every program equal plane 8 of :func:`int4_x_planes` of ``u``.
+    ``ready`` (``NormOut.ready``, ``DecodePolicy.early_norm_out``): the residual and weights read with the weight
+    tile, the same results."""
     from qmamba.quant.layout import int4_x_planes
 
     torch.manual_seed(5)
@@ -447,7 +450,7 @@ def test_norm_out_epilogue(fmt, router, device):
     nout = NormOut(res0.clone(), torch.rand(n, device=device) + 0.5, acc, torch.full((1, n), float("nan"),
                    device=device), planes=torch.zeros(1, 9, 128, device=device),
                    router_w=torch.randn(e, n, device=device) if router else None,
-                   word_sums=torch.zeros(1, 16, device=device))
+                   word_sums=torch.zeros(1, 16, device=device), ready=ready)
     out = poisoned(1, n, device)
     decode_linear(x, w, out, policy=policy, norm_out=nout)
     y = matmul_ref(x, w).float()
