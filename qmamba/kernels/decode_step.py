@@ -139,10 +139,10 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, o
 
 
 @jit
-def _ssm_inputs(x_ptr, z_ptr, h_ptr, cs_ptr, b, d, dm, n, mask, s_x, s_z, s_h, scs_b, scs_d, N,
-                CONV: tl.constexpr, CONV_W: tl.constexpr, BLOCK_W: tl.constexpr):
+def _ssm_inputs(x_ptr, z_ptr, h_ptr, cs_ptr, b, d, dm, n, mask, t, tm, s_x, s_z, s_h, scs_b, scs_d, N,
+                CONV: tl.constexpr, CONV_W: tl.constexpr):
     """The SSM update's inputs of this program's channels: ``(x, z, h, h's pointers, the conv window's old state
-    [BLOCK_D, BLOCK_W] or 0, its pointers or 0)``."""
+    [BLOCK_D, BLOCK_W] or 0, its pointers)``; ``t`` / ``tm``: the window's positions and their mask."""
     x = tl.load(x_ptr + b * s_x + d, mask=dm, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + b * s_z + d, mask=dm, other=0.0).to(tl.float32)
     hp = h_ptr + b * s_h + d[:, None] * N + n[None, :]
@@ -151,8 +151,6 @@ def _ssm_inputs(x_ptr, z_ptr, h_ptr, cs_ptr, b, d, dm, n, mask, s_x, s_z, s_h, s
     sp = cs_ptr
     if CONV:
         # window = [state[1:], x]: element t of the new window is state[t + 1] (t < W - 1) or x
-        t = tl.arange(0, BLOCK_W)
-        tm = dm[:, None] & (t < CONV_W)[None, :]
         sp = cs_ptr + b * scs_b + d[:, None] * scs_d + t[None, :]
         old = tl.load(sp + 1, mask=tm & (t < CONV_W - 1)[None, :], other=0.0)
     return x, z, h, hp, old, sp
@@ -182,15 +180,15 @@ def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dski
     dtb = tl.load(dtb_ptr + d, mask=dm, other=0.0).to(tl.float32)
     a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=mask, other=0.0)
     dskip = tl.load(dskip_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    t = tl.arange(0, BLOCK_W)  # the conv window's positions (BLOCK_W 1 without CONV)
+    tm = dm[:, None] & (t < CONV_W)[None, :]
     if CONV:
-        t = tl.arange(0, BLOCK_W)
-        tm = dm[:, None] & (t < CONV_W)[None, :]
         cw = tl.load(cw_ptr + d[:, None] * CONV_W + t[None, :], mask=tm, other=0.0).to(tl.float32)
         if HAS_CB:
             cb = tl.load(cb_ptr + d, mask=dm, other=0.0).to(tl.float32)
     if EARLY:
-        x, z, h, hp, old, sp = _ssm_inputs(x_ptr, z_ptr, h_ptr, cs_ptr, b, d, dm, n, mask, s_x, s_z, s_h, scs_b, scs_d,
-                                           N, CONV, CONV_W, BLOCK_W)
+        x, z, h, hp, old, sp = _ssm_inputs(x_ptr, z_ptr, h_ptr, cs_ptr, b, d, dm, n, mask, t, tm, s_x, s_z, s_h, scs_b,
+                                           scs_d, N, CONV, CONV_W)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -198,8 +196,8 @@ def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dski
     bm = tl.load(dbc_ptr + b * s_dbc + R + n, mask=nm, other=0.0).to(tl.float32)
     cm = tl.load(dbc_ptr + b * s_dbc + R + N + n, mask=nm, other=0.0).to(tl.float32)
     if not EARLY:
-        x, z, h, hp, old, sp = _ssm_inputs(x_ptr, z_ptr, h_ptr, cs_ptr, b, d, dm, n, mask, s_x, s_z, s_h, scs_b, scs_d,
-                                           N, CONV, CONV_W, BLOCK_W)
+        x, z, h, hp, old, sp = _ssm_inputs(x_ptr, z_ptr, h_ptr, cs_ptr, b, d, dm, n, mask, t, tm, s_x, s_z, s_h, scs_b,
+                                           scs_d, N, CONV, CONV_W)
     # The states are updated in place, and a tile smaller than the program's threads (the conv window [BLOCK_D, W]
     # always below 32 channels; h where BLOCK_D * BLOCK_N < 128) is held by several threads: every thread's loads
     # must precede any thread's stores (without this, 8 channels a program at batch 8 gave wrong tokens on the H200)

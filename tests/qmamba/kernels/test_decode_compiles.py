@@ -39,8 +39,9 @@ def _newer_triton_stack() -> int:
 
 
 def _spill_free_but_joint_fc1(lines) -> bool:
-    """``inspect_decode_kernel.py`` report lines (shape, variant, ..., stack at field 5): no stack, but fc1's (the
-    joint products, ``DecodePolicy.planes_joint``) up to :func:`_newer_triton_stack`."""
+    """``inspect_decode_kernel.py`` report lines (shape, variant, ..., stack at field 5): no stack, but fc1's up to
+    :func:`_newer_triton_stack` (its joint products, ``DecodePolicy.planes_joint``, where ``planes_joint_gated`` is
+    on: not in the CUDA policy since session 38)."""
     allowance = _newer_triton_stack()
     fields = [line.split() for line in lines]
     return all(int(f[5]) == 0 or (f[0] == "fc1_gated" and int(f[5]) <= allowance) for f in fields)
