@@ -187,8 +187,11 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return dataclasses.replace(base, early_reads=True)
     if v == "late":  # those reads after the wait (the CUDA policy before session 38)
         return dataclasses.replace(base, early_reads=False)
-    if v == "enorm":  # out_proj's NormOut reads before the wait too (DecodePolicy.early_norm_out)
-        return dataclasses.replace(base, early_norm_out=True)
+    m = re.fullmatch(r"rpbn(\d+)", v)
+    if m:  # e.g. rpbn8: int4 rows a routed row program at batch 2+ (DecodePolicy.block_n_row_programs)
+        return dataclasses.replace(base, block_n_row_programs=int(m.group(1)))
+    if v == "pdlgen":  # the general kernels of a batch-2+ step as programmatic dependents (DecodePolicy.pdl_general)
+        return dataclasses.replace(base, pdl_general=True)
     if v == "dtrows0":  # the SSM update reads dt_proj's weight as stored (DecodePolicy.dt_rows_aligned off)
         return dataclasses.replace(base, dt_rows_aligned=False)
     if v == "joint":  # int4 input planes: every product of a row before any reduction (DecodePolicy.planes_joint)
@@ -293,8 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "38), jointg (fc1 with them: the CUDA policy in session 37), early "
                          "(the SSM update's inputs and in_proj's conv operands read before the wait: "
                          "DecodePolicy.early_reads, the CUDA policy's since session 38), late (after it: the CUDA "
-                         "policy before), enorm (out_proj's NormOut residual and weights read before the "
-                         "wait too: DecodePolicy.early_norm_out), pairs / pairss / nopairs "
+                         "policy before), pairs / pairss / nopairs "
                          "(the general kernels' int4 codes two at a time, exact (the default) / scaled, or float "
                          "codes: MatmulPolicy.plane_code_pairs), ssmbdN (N channels per "
                          "program of the SSM update, e.g. "

@@ -76,7 +76,13 @@ def variants(pdl: bool, rows: int):
         # expert's tile (DecodePolicy.routed_row_programs), as the CUDA policy reads int4 / bf16 at one row
         rowprog = dataclasses.replace(cuda, routed_row_programs=True)
         return {"planes_mma": ("planes", DecodePolicy(pdl=pdl)), "general": ("words", "general"),
+                # the general small-M kernel on plane words (its codes two at a time since session 34; fc1 without
+                # the activation, a launch of its own in the step)
+                "general_planes": ("planes", "general"),
                 "rowprog": ("planes", rowprog),
+                # 8 or 16 int4 rows a row program (DecodePolicy.block_n_row_programs; the CUDA policy's: fc1 8, fc2 4)
+                "rowprog_bn8": ("planes", dataclasses.replace(rowprog, block_n_row_programs=8)),
+                "rowprog_bn16": ("planes", dataclasses.replace(rowprog, block_n_row_programs=16)),
                 # the tile row in two power-of-two pieces (DecodePolicy.int4_tile_pieces)
                 "rowprog_pieces": ("planes", dataclasses.replace(rowprog, int4_tile_pieces=True)),
                 "rowprog_bf16": ("float", rowprog), "general_bf16": ("float", "general")}

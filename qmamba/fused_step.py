@@ -270,7 +270,7 @@ class FusedDecodeStep:
             norm_w = plan.norm_w
             router = plan.router_w if isinstance(plan, _MoePlan) else None
         return NormOut(self._live_residual(buf), norm_w, buf["acc"][call], buf["x"], planes=buf["xpl"],
-                       router_w=router, word_sums=self._sums(buf, "wx", call), ready=self.policy.early_norm_out)
+                       router_w=router, word_sums=self._sums(buf, "wx", call))
 
     @staticmethod
     def _sums(buf, key: str, index: int):
@@ -348,7 +348,12 @@ class FusedDecodeStep:
         if self.policy.takes(weight, x.shape[0], routed=kw.get("row_expert") is not None):
             return self._decode(x, weight, out, expert_ready=expert_ready, x_planes=x_planes,
                                 x_plane_sums=x_plane_sums, x_word_sums=x_word_sums, **kw)
-        return routed_matmul(x, weight, out=out, **kw)
+        return routed_matmul(x, weight, out=out, pdl=self._pdl_general, **kw)
+
+    @property
+    def _pdl_general(self) -> bool:
+        """Whether the step's general kernels launch as programmatic dependents (:attr:`DecodePolicy.pdl_general`)."""
+        return self.policy.pdl and self.policy.pdl_general
 
     def _decode(self, x, weight, out, **kw):
         return decode_linear(x, weight, out, policy=self.policy, **kw)
@@ -379,7 +384,7 @@ class FusedDecodeStep:
                 buf["conv_scratch"] = torch.empty_like(conv_state)
             xc = buf["xc"][:, :di]
             causal_conv1d_update_triton(xz[:, :di], conv_state, plan.conv_w, plan.conv_b, "silu",
-                                        out_state=buf["conv_scratch"], out=xc)
+                                        out_state=buf["conv_scratch"], out=xc, pdl=self._pdl_general)
             self._linear(xc, plan.x_proj, dbc)
         y = buf["y"][:, :di]
         dt_state_update(dbc, plan.dt_w, plan.dt_bias, xz[:, :di], xz[:, di:], plan.A, plan.D,

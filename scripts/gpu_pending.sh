@@ -24,7 +24,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="enorm matmul_table"  # the step lines below, in order
+ALL_STEPS="pdlgen matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -39,11 +39,10 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" \
   || exit 1
 
-# out_proj's NormOut reads (the residual, written four launches back, the norm weight, the router columns) before the
-# PDL wait with the weight tile (DecodePolicy.early_norm_out, session 38; sm_90 compile: the same 576 instructions,
-# 64 registers, 13 of 40 global loads before the wait instead of 9)
-step enorm "$PY" benchmarks/bench_decode.py --out "$DEST/enorm.json" --formats int4_g128,bf16 --batches 1 \
-  --rounds 5 --check-steps 8 --variants default,enorm
+# the general kernels of the batch-8 step (the dense matrices on dequant_matmul's small-M kernel, the conv step) as
+# programmatic dependents too (DecodePolicy.pdl_general, session 39): 4 of a Mamba layer's 6 launches broke the chain
+step pdlgen "$PY" benchmarks/bench_decode.py --out "$DEST/pdlgen.json" --formats int4_g128,bf16 --batches 8 \
+  --rounds 5 --check-steps 8 --variants default,pdlgen
 
 # issue 13's table (int4 g128 as the runtime runs it against cuBLAS bf16 and the 4-bit peers, M = 1..2048, every
 # output checked first): run whole on the H100 in sessions 29 and 30; its targets are the H200's

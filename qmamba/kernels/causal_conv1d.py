@@ -138,21 +138,28 @@ def _causal_conv1d_update_kernel(
     x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, so_ptr, D, sx_b, sx_d, ss_b, ss_d, ss_w, sw_d, sw_w, sy_b, sy_d,
     so_b, so_d, so_w,
     W: tl.constexpr, BLOCK_W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     w = tl.arange(0, BLOCK_W)
     dm = d < D
-    # new window = [state[1:], x]: slot w reads state slot w + 1, the last slot reads x
+    # new window = [state[1:], x]: slot w reads state slot w + 1, the last slot reads x. The old state, the weights
+    # and the bias come before a programmatic-dependent-launch wait (the state was written a token ago), x after it
     from_state = (w < W - 1)[None, :] & dm[:, None]
     win = tl.load(s_ptr + pid_b * ss_b + d[:, None] * ss_d + (w + 1)[None, :] * ss_w, mask=from_state, other=0.0)
-    xv = tl.load(x_ptr + pid_b * sx_b + d * sx_d, mask=dm, other=0.0)
-    win = tl.where((w == W - 1)[None, :], xv[:, None].to(win.dtype), win)
     wmask = dm[:, None] & (w < W)[None, :]
     wt = tl.load(w_ptr + d[:, None] * sw_d + w[None, :] * sw_w, mask=wmask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    xv = tl.load(x_ptr + pid_b * sx_b + d * sx_d, mask=dm, other=0.0)
+    win = tl.where((w == W - 1)[None, :], xv[:, None].to(win.dtype), win)
     acc = tl.sum(win.to(tl.float32) * wt, axis=1)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + d, mask=dm, other=0.0).to(tl.float32)
+        acc += bias
     if SILU:
         acc = acc * tl.sigmoid(acc)
     tl.store(so_ptr + pid_b * so_b + d[:, None] * so_d + w[None, :] * so_w, win.to(so_ptr.dtype.element_ty),
@@ -161,11 +168,14 @@ def _causal_conv1d_update_kernel(
 
 
 def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation: str | None = "silu",
-                                out_state=None, out=None):
+                                out_state=None, out=None, pdl: bool = False):
     """Triton twin of :func:`causal_conv1d_update_ref`: ``(y [B, D], new_state [B, D, W])``.
 
     ``out_state=conv_state`` updates the state in place (each program reads its whole window before writing it);
-    ``out`` (``[B, D]``, any float dtype) receives y instead of a new tensor.
+    ``out`` (``[B, D]``, any float dtype) receives y instead of a new tensor. ``pdl`` (Hopper and newer, inside the
+    decode step's CUDA graph): a programmatic dependent launch that reads the old state, the weights and the bias
+    before waiting for the kernel before it (x's producer), and x after. The state must not be written by that
+    kernel or the one before it.
     """
     batch, dim = x.shape
     width = _check_conv(x, weight, bias, conv_state, batch, dim)
@@ -177,6 +187,6 @@ def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation: st
     _causal_conv1d_update_kernel[grid](
         x, conv_state, weight, bias if bias is not None else weight, y, out_state, dim,
         *x.stride(), *conv_state.stride(), *weight.stride(), *y.stride(), *out_state.stride(),
-        W=width, BLOCK_W=next_pow2(width), HAS_BIAS=bias is not None, SILU=silu, BLOCK_D=block_d,
-        num_warps=4 if x.is_cuda else 1)
+        W=width, BLOCK_W=next_pow2(width), HAS_BIAS=bias is not None, SILU=silu, BLOCK_D=block_d, PDL=pdl,
+        num_warps=4 if x.is_cuda else 1, **(dict(launch_pdl=True) if pdl else {}))
     return y, out_state

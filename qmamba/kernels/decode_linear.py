@@ -197,12 +197,17 @@ class DecodePolicy:
     #                             g128 0.423 -> 0.416 ms/token, bf16 0.629 -> 0.618, 1-bit + int4 0.549 -> 0.535, int4
     #                             as quantize writes it 0.446 -> 0.436; batch 8 level (int4 1.424 -> 1.419, bf16 1.924
     #                             -> 1.947 within its spread of 0.044)
-    early_norm_out: bool = False  # fused step at one row with norm_in_gemvs: out_proj's NormOut reads (the residual,
-    #                             written four launches before it, the norm weight and router columns) before the
-    #                             wait, with the weight tile (NormOut.ready), instead of with the input after it (sm_90,
-    #                             Triton 3.6: the same 576 instructions, 64 registers; fc2, routed, spilled 8 bytes
-    #                             with it and keeps them after the wait). Candidate (session 38, built without a GPU):
-    #                             scripts/gpu_pending.sh
+    block_n_row_programs: int = 0  # int4 rows a program of the routed row programs (batch 2+; 0: as at one row,
+    #                             where min_programs keeps out_proj / fc2 at 4): there are M times the programs of
+    #                             one row, and each reads its row's input planes (fp32, ~2.3x the bytes of fc2's 4
+    #                             weight rows) once for all its rows. Candidate (session 39): scripts/gpu_pending.sh
+    pdl_general: bool = False  # fused step, with pdl: what runs on the general kernels (batch 2+: the dense matrices
+    #                             on dequant_matmul's small-M kernel, the conv step on its own) launched as
+    #                             programmatic dependents too, each waiting for the kernel before it before reading
+    #                             anything (the conv step reads its old state and weights before), so that the
+    #                             graph's chain of early launches is not broken four times a Mamba layer. 1-bit
+    #                             matrices (binary_matmul) and the prefill paths launch as usual. Candidate (session
+    #                             39): scripts/gpu_pending.sh
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
 
     def __post_init__(self):
@@ -711,7 +716,6 @@ def _decode_linear_kernel(
     EXPERT_READY: tl.constexpr, ROW_PROGRAMS: tl.constexpr, X_PLANES: tl.constexpr, XPL_K: tl.constexpr,
     XPL_SUMS: tl.constexpr, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr, NBP2: tl.constexpr,
     PLANES_JOINT: tl.constexpr, X_WSUMS: tl.constexpr, OUT_WSUMS: tl.constexpr, CONV_EARLY: tl.constexpr,
-    NORM_EARLY: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -767,7 +771,7 @@ def _decode_linear_kernel(
                       opl_ptr, sopl_m, OUT_PLANES, OPL_K, rwt, nacc_ptr, n_width, n_eps, pres_ptr, pnw_ptr, pacc_ptr,
                       prw_ptr, srw_e, pux_ptr, p_e, NORM_IN, ROUTE_ACC, NORM_OUT, ROUTER_OUT, BLOCK_E,
                       w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2, PLANES_JOINT, xws_ptr, sxws_m, X_WSUMS,
-                      ows_ptr, sows_m, OUT_WSUMS, 0.0, 0.0, False, 0.0, 0.0, 0.0, False)
+                      ows_ptr, sows_m, OUT_WSUMS, 0.0, 0.0, False)
     else:
         w, scale, zero, w_up, scale_up, zero_up = _load_weights(
             w_ptr, s_ptr, z_ptr, pid_e.to(tl.int64) * 0, rows, rows_ok, K, N_UP, swe, swn, sse, ssn, sze, szn, FMT,
@@ -782,11 +786,6 @@ def _decode_linear_kernel(
             cpart, clast = _conv_operands(st_ptr, cw_ptr, cb_ptr, rows, DI, ss_d, CONV_W, HAS_CB)
         else:
             cpart, clast = 0.0, 0.0
-        if NORM_EARLY:  # NormOut's residual and weights (out_proj), before the wait
-            e_res, e_nw, e_rw = _norm_out_operands(pres_ptr, pnw_ptr, prw_ptr, srw_e, rows, rows_ok, p_e, ROUTER_OUT,
-                                                   BLOCK_E)
-        else:
-            e_res, e_nw, e_rw = 0.0, 0.0, 0.0
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -797,21 +796,7 @@ def _decode_linear_kernel(
                   opl_ptr, sopl_m, OUT_PLANES, OPL_K, 1.0, nacc_ptr, n_width, n_eps, pres_ptr, pnw_ptr, pacc_ptr,
                   prw_ptr, srw_e, pux_ptr, p_e, NORM_IN, ROUTE_ACC, NORM_OUT, ROUTER_OUT, BLOCK_E,
                   w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2, PLANES_JOINT, xws_ptr, sxws_m, X_WSUMS,
-                  ows_ptr, sows_m, OUT_WSUMS, cpart, clast, CONV_EARLY, e_res, e_nw, e_rw, NORM_EARLY)
-
-
-@jit
-def _norm_out_operands(pres_ptr, pnw_ptr, prw_ptr, srw_e, rows, rows_ok, p_e, ROUTER_OUT: tl.constexpr,
-                       BLOCK_E: tl.constexpr):
-    """:class:`NormOut`'s reads of this program's rows: ``(residual fp32, norm weight fp32, router columns [BLOCK_E,
-    BN] fp32 or 0)``."""
-    pnw = tl.load(pnw_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
-    prw = 0.0
-    if ROUTER_OUT:
-        pe = tl.arange(0, BLOCK_E)
-        prw = tl.load(prw_ptr + pe[:, None] * srw_e + rows[None, :], mask=(pe < p_e)[:, None] & rows_ok[None, :],
-                      other=0.0).to(tl.float32)
-    return tl.load(pres_ptr + rows, mask=rows_ok, other=0.0), pnw, prw
+                  ows_ptr, sows_m, OUT_WSUMS, cpart, clast, CONV_EARLY)
 
 
 @jit
@@ -917,7 +902,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
               ROUTE_ACC: tl.constexpr, NORM_OUT: tl.constexpr, ROUTER_OUT: tl.constexpr, BLOCK_E: tl.constexpr,
               w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2: tl.constexpr, PLANES_JOINT: tl.constexpr,
               xws_ptr, sxws_m, X_WSUMS: tl.constexpr, ows_ptr, sows_m, OUT_WSUMS: tl.constexpr,
-              cpart, clast, CONV_EARLY: tl.constexpr, e_res, e_nw, e_rw, NORM_EARLY: tl.constexpr):
+              cpart, clast, CONV_EARLY: tl.constexpr):
     """Each input row (that is routed here) times the tile(s), epilogue, store. A row that is not computed costs a
     branch, no arithmetic. ``NORM_IN`` / ``ROUTE_ACC`` / ``NORM_OUT``: see :class:`NormIn` and :class:`NormOut` (one
     input row only; ``rwt`` is the row's routing weight where ``ROUTE_ACC``). ``NBP2 > 0`` (input planes only): the
@@ -931,12 +916,12 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
     if NORM_IN:  # the row's sum of squares, issued before the products (its latency hides under theirs)
         rstd = _rstd_from_acc(nacc_ptr, n_width, n_eps)
     if NORM_OUT:  # the next norm's weight (and router columns) of this program's rows: issued before the products
-        pe = tl.arange(0, BLOCK_E)
-        if NORM_EARLY:  # (read before the wait)
-            pres, pnw, prw = e_res, e_nw, e_rw
-        else:
-            pres, pnw, prw = _norm_out_operands(pres_ptr, pnw_ptr, prw_ptr, srw_e, rows, rows_ok, p_e, ROUTER_OUT,
-                                                BLOCK_E)
+        pnw = tl.load(pnw_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
+        if ROUTER_OUT:
+            pe = tl.arange(0, BLOCK_E)
+            prw = tl.load(prw_ptr + pe[:, None] * srw_e + rows[None, :], mask=(pe < p_e)[:, None] & rows_ok[None, :],
+                          other=0.0).to(tl.float32)
+        pres = tl.load(pres_ptr + rows, mask=rows_ok, other=0.0)
     if FMT == 3 and ROWS > 1 and MMA:
         # plane tiles and several rows: tensor cores, all rows (routed here) at once; ROWS is at least 16 here
         rr = tl.arange(0, ROWS)
@@ -1049,10 +1034,6 @@ class NormOut:
     router_w: torch.Tensor | None = None
     word_sums: torch.Tensor | None = None  # [1, width / 8] fp32, zeroed by the caller: the planes' word sums (plane
     #                                        8's values) are added into it (DecodePolicy.producer_word_sums)
-    ready: bool = False  # the residual was written two launches or more before this one: it and the norm and router
-    #                      weights are read with the weight, before the wait of programmatic dependent launch
-    #                      (DecodePolicy.early_norm_out; an unrouted weight only: fc2 spilled 8 bytes with it on
-    #                      sm_90, Triton 3.6)
 
 
 @dataclass(frozen=True)
@@ -1224,6 +1205,8 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     rows = 1 if row_programs else m  # input rows a program computes
     mma = weight.fmt == FMT_INT4_PLANES and rows > 1 and policy.planes_mma  # the tensor-core path of plane tiles
     bn = MMA_ROWS if mma else policy.block_n(weight.fmt, rows, n_out, gated=gated is not None)
+    if row_programs and policy.block_n_row_programs and weight.fmt in (FMT_INT4, FMT_INT4_PLANES):
+        bn = min(policy.block_n_row_programs, next_pow2(n_out))
     grid = (m if row_programs else weight.n_experts if row_expert is not None and m > 1 else 1, -(-n_out // bn))
     dummy = x
     kwargs = dict(launch_pdl=True) if policy.pdl else {}
@@ -1286,7 +1269,6 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         and (policy.planes_joint_gated or gated is None),
         X_WSUMS=xws is not None, OUT_WSUMS=ows is not None,
         CONV_EARLY=bool(conv_ready and conv_out is not None and m == 1 and row_expert is None),
-        NORM_EARLY=nout is not None and nout.ready and row_expert is None,
         num_warps=warps,
         **kwargs)
     return out

@@ -127,12 +127,15 @@ def gated_act(h, activation: str, gated: bool, out=None):
     return out
 
 
-def routed_matmul(x, weight: KernelWeight, bias=None, row_expert=None, row_scale=None, tiles=None, out=None):
+def routed_matmul(x, weight: KernelWeight, bias=None, row_expert=None, row_scale=None, tiles=None, out=None,
+                  pdl: bool = False):
     """``x @ W^T`` (optional ``bias``, routing ``row_expert`` / gate ``row_scale`` / expert ``tiles``, ``out``) on
     the general kernel of the record's type: :func:`binary_matmul` for a :class:`BinaryWeight`, else
-    :func:`dequant_matmul` (same arguments)."""
-    matmul = binary_matmul if isinstance(weight, BinaryWeight) else dequant_matmul
-    return matmul(x, weight, bias, row_expert=row_expert, row_scale=row_scale, tiles=tiles, out=out)
+    :func:`dequant_matmul` (same arguments; ``pdl``: its small-M kernel as a programmatic dependent launch, which
+    :func:`binary_matmul` does not take: it launches as usual)."""
+    if isinstance(weight, BinaryWeight):
+        return binary_matmul(x, weight, bias, row_expert=row_expert, row_scale=row_scale, tiles=tiles, out=out)
+    return dequant_matmul(x, weight, bias, row_expert=row_expert, row_scale=row_scale, tiles=tiles, out=out, pdl=pdl)
 
 
 def _tile_rows(t: int, fc1: KernelWeight, device) -> int:

@@ -74,8 +74,11 @@ def _dequant_matmul_kernel(
     USE_DOT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLOAT_CODES: tl.constexpr,
-    PAIRS: tl.constexpr, ASM: tl.constexpr, FP16: tl.constexpr,
+    PAIRS: tl.constexpr, ASM: tl.constexpr, FP16: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # a programmatic dependent launch: wait for the kernel before (its rows, experts, input) first
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -209,7 +212,7 @@ def experts_via_dense(x, weight: PackedWeight, bias, row_expert, row_scale, tile
 
 def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scale=None, tiles=None,
                    config: MatmulConfig | None = None, out=None, policy: MatmulPolicy | None = None,
-                   gate: str | None = None):
+                   gate: str | None = None, pdl: bool = False):
     """``x [M, K]`` -> ``[M, N]`` in x.dtype, with the reference semantics of :func:`dequant_matmul_ref`.
 
     Routing: ``row_expert`` alone with M <= 16 uses one program column per expert; ``tiles`` (from
@@ -219,6 +222,10 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     (None: :func:`current_policy`). ``gate`` (an activation name; with ``row_expert`` and ``tiles`` only, the
     grouped GEMM): ``weight`` is a gated fc1 (2F rows: gate, then up) and the result ``[M, F]`` is ``act(h[:, :F]) *
     h[:, F:]`` of ``h = x @ W^T``, computed in the GEMM's epilogue (:func:`qmamba.kernels.dequant_gemm.gated_epilogue`).
+    ``pdl`` (Hopper and newer, inside the decode step's CUDA graph): the small-M tile kernel is launched as a
+    programmatic dependent of the kernel before it and waits for it before reading anything, then lets the next one
+    start (the order every PDL kernel of the step keeps); the other paths (prefill GEMM, word GEMV, dequantization
+    pass + cuBLAS) launch as usual, which is always safe.
     """
     policy = policy or current_policy()
     if x.dim() != 2 or x.shape[1] != weight.k:
@@ -291,6 +298,6 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
         ATOMIC=split_k_mode(atomic, policy.split_k_atomic_sem), IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         FLOAT_CODES=policy.plane_float_codes and x.dtype != torch.float32,
-        **plane_pairs_args(policy.plane_code_pairs, weight, x),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        **plane_pairs_args(policy.plane_code_pairs, weight, x), PDL=pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **(dict(launch_pdl=True) if pdl else {}))
     return out.to(x.dtype) if convert else out

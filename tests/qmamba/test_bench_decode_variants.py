@@ -63,8 +63,6 @@ def test_early_reads_variant():
     on in the CUDA policy since session 38); ``late``: the policy before."""
     assert CUDA.early_reads and policy_variant(CUDA, "early") == CUDA
     assert policy_variant(CUDA, "late") == dataclasses.replace(CUDA, early_reads=False)
-    assert not CUDA.early_norm_out  # a candidate (scripts/gpu_pending.sh)
-    assert policy_variant(CUDA, "enorm") == dataclasses.replace(CUDA, early_norm_out=True)
 
 
 def test_dt_rows_variant():

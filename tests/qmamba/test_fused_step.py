@@ -231,9 +231,7 @@ def test_fused_step_with_shared_norm_planes(batch, programs, device):
                                                ("tiny-mamba", "int4g128-wsums", 1),
                                                ("wide-blackmamba", "int4g128-wsums", 4),
                                                ("tiny-blackmamba", "int4g128-wsums-early", 1),
-                                               ("tiny-mamba", "float-early", 1),
-                                               ("tiny-blackmamba", "int4g128-wsums-enorm", 1),
-                                               ("wide-blackmamba", "int4g128-wsums-enorm", 4)])
+                                               ("tiny-mamba", "float-early", 1)])
 @torch.no_grad()
 def test_fused_step_with_norms_in_the_gemvs(name, fmt, programs, device):
     """``DecodePolicy.norm_in_gemvs``: at one row the add + norm between two layers runs in out_proj's / fc2's
@@ -245,13 +243,11 @@ def test_fused_step_with_norms_in_the_gemvs(name, fmt, programs, device):
     the step keeps its add + norm kernels. "-wsums" (``DecodePolicy.producer_word_sums``, with ``planes_joint`` and the
     tile pieces): the producers add their planes' word sums into rows of their own, which the consumers read (and
     which the first add + norm zeroes each step). "-early" (``DecodePolicy.early_reads``): the SSM update's inputs
-    and in_proj's conv operands read before the wait (at batch 2 too, for the SSM update). "-enorm"
-    (``DecodePolicy.early_norm_out``): out_proj's NormOut reads before the wait (fc2's stay after it)."""
+    and in_proj's conv operands read before the wait (at batch 2 too, for the SSM update)."""
     import qmamba.fused_step as fused_step
 
     wsums = "-wsums" in fmt
     early = fmt.endswith("-early")
-    enorm = fmt.endswith("-enorm")
     fmt = fmt.split("-")[0]
 
     if name == "wide-blackmamba":
@@ -270,8 +266,7 @@ def test_fused_step_with_norms_in_the_gemvs(name, fmt, programs, device):
     policy = dataclasses.replace(policy, norm_in_gemvs=True, norm_in_gemvs_binary=fmt == "binary")
     # "-wsums" as the CUDA policy since session 37; the others without (the CUDA policy before it)
     policy = dataclasses.replace(policy, producer_word_sums=wsums, planes_joint=wsums,
-                                 int4_tile_pieces=wsums or policy.int4_tile_pieces, early_reads=early,
-                                 early_norm_out=enorm)
+                                 int4_tile_pieces=wsums or policy.int4_tile_pieces, early_reads=early)
     step = FusedDecodeStep(model, policy)
     if fmt == "binary":  # 1-bit weights keep their add + norm kernels unless asked (measured slower on the H200)
         assert not FusedDecodeStep(model, dataclasses.replace(policy, norm_in_gemvs_binary=False))._norm_in_gemvs(1)
@@ -302,3 +297,64 @@ def test_fused_step_with_norms_in_the_gemvs(name, fmt, programs, device):
                 tok = ref.argmax(-1)
     finally:
         fused_step.add_norm = real
+
+
+@pytest.mark.parametrize("general_pdl", [True, False])
+@torch.no_grad()
+def test_general_kernels_as_programmatic_dependents(general_pdl, device, monkeypatch):
+    """``DecodePolicy.pdl_general``: at batch 3 the dense matrices (the general small-M kernel) and the conv step are
+    launched as programmatic dependents exactly when it is on (with ``pdl``), and the step still equals the model's.
+    On a GPU with PDL the kernels run so, eagerly and replayed in a CUDA graph; elsewhere (the interpreter has no
+    PDL) the launchers record the flag and run without it."""
+    import qmamba.fused_step as fs
+    from qmamba.kernels.decode_linear import pdl_supported
+
+    model = build("tiny-blackmamba", FORMATS["int4g128"], device)
+    model.set_backend("triton")
+    ids = torch.randint(0, model.config.vocab_size, (3, 6), device=device)
+    _, state = model.prefill(ids)
+    ref_state = state.clone()
+    policy = DecodePolicy.for_device(device)
+    on_gpu = pdl_supported(device)
+    if not on_gpu:  # the CUDA policy's split at batch 2+ (the routed experts' row programs on the decode kernels,
+        #             the rest on the general ones), PDL asked for; every launch runs without it
+        policy = dataclasses.replace(policy, pdl=True, formats=(0, 1, 3), max_rows=1, max_rows_planes=1,
+                                     max_rows_routed=8, int4_planes=True, int4_unpack="denorm", planes_mma=False,
+                                     routed_row_programs=True, int4_x_planes=True)
+        for name in ("add_norm", "dt_state_update", "decode_linear"):
+            real = getattr(fs, name)
+            monkeypatch.setattr(fs, name, lambda *a, _real=real, **kw: _real(*a, **{**kw, "pdl": False})
+                                if "pdl" in kw else _real(*a, **kw))
+        monkeypatch.setattr(fs.FusedDecodeStep, "_decode", lambda self, x, weight, out, **kw: fs.decode_linear(
+            x, weight, out, policy=dataclasses.replace(self.policy, pdl=False), **kw))
+    policy = dataclasses.replace(policy, pdl_general=general_pdl)
+    seen = []
+    for name in ("routed_matmul", "causal_conv1d_update_triton"):
+        real = getattr(fs, name)
+
+        def record(*a, _real=real, _name=name, **kw):
+            seen.append((_name, kw.get("pdl", False)))
+            return _real(*a, **{**kw, "pdl": kw.get("pdl", False) and on_gpu})
+        monkeypatch.setattr(fs, name, record)
+    step = FusedDecodeStep(model, policy)
+    tok = ids[:, -1]
+    for _ in range(2):
+        logits = step(tok, state)
+        ref = model.step(tok, ref_state)
+        torch.testing.assert_close(logits, ref.float(), atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
+        tok = ref.argmax(-1)
+    kinds = {name for name, _ in seen}
+    assert kinds == {"routed_matmul", "causal_conv1d_update_triton"}, kinds  # dense matrices and conv: general
+    assert all(flag == general_pdl for _, flag in seen), seen
+    if on_gpu:  # replayed in a CUDA graph: equal to the eager step
+        from qmamba.cuda_graph import GraphDecoder
+
+        decoder = GraphDecoder(model, fused=True, policy=policy)
+        eager = FusedDecodeStep(model, policy)
+        graph_state, eager_state = state.clone(), state.clone()
+        for _ in range(3):
+            got = decoder(tok, graph_state)
+            want = eager(tok, eager_state)
+            torch.testing.assert_close(got.float(), want.float(), atol=1e-3, rtol=1e-3)
+            tok = want.argmax(-1)

@@ -274,19 +274,20 @@ def test_planes_on_cuda_cores_at_several_rows(m, unpack, device):
 
 @pytest.mark.parametrize("fmt", ["float", "int8", "int4g32", "int4g32-magic", "planes128-magic", "planes128-denorm",
                                  "planes128-nomma", "binary", "binary-denorm", "float-rowprog", "planes128-rowprog",
-                                 "binary-rowprog"])
+                                 "planes128-rowprog16", "binary-rowprog"])
 @pytest.mark.parametrize("m", [1, 4])
 def test_routed_gated_and_row_scale(fmt, m, device):
     """fc1 of a gated MoE (act(gate) * up of each row's expert) and fc2 with the routing weight; expert 2 idle.
     "-rowprog": one program row per input row (``DecodePolicy.routed_row_programs``; int4 as the CUDA policy
-    reads it: "denorm" codes, the input in the tile's shape), expert 3 read by two of them."""
+    reads it: "denorm" codes, the input in the tile's shape), expert 3 read by two of them; "-rowprog16": 16 int4
+    rows a row program (``DecodePolicy.block_n_row_programs``)."""
     torch.manual_seed(1)
     e, f, d = 4, 24, 96
     policy = DecodePolicy.for_device(device)
-    if fmt.endswith("-rowprog"):
-        fmt = fmt[:-8]
+    if "-rowprog" in fmt:
+        fmt, rows = fmt.split("-rowprog")
         policy = dataclasses.replace(policy, routed_row_programs=True, int4_unpack="denorm", int4_x_in_tile=True,
-                                     block_n_int4=4)
+                                     block_n_int4=4, block_n_row_programs=int(rows or 0))
     if fmt.endswith(("-magic", "-denorm")):
         fmt, unpack = fmt.split("-")
         policy = DecodePolicy(pdl=policy.pdl, num_warps=policy.num_warps, int4_unpack=unpack,
@@ -428,15 +429,12 @@ def _rms_normed(h, norm_w, eps):
 
 @pytest.mark.parametrize("fmt", ["float", "int8", "planes128", "binary"])
 @pytest.mark.parametrize("router", [False, True])
-@pytest.mark.parametrize("ready", [False, True])
-def test_norm_out_epilogue(fmt, router, ready, device):
+def test_norm_out_epilogue(fmt, router, device):
     """:class:`NormOut`: a producer's epilogue adds its output to the residual in place, writes ``u = h * w`` (and
     its input planes 0..7) and accumulates ``sum h^2`` and the router's ``W_r u`` by atomic adds over its programs
     (8 rows each: 7 programs, a ragged last one); ``out`` is not written. Against :func:`norm_out_ref` of the
     dequantized matmul's output, and that twin against the plain sums. The planes' word sums (``word_sums``,
-    ``DecodePolicy.producer_word_sums``) added by every program equal plane 8 of :func:`int4_x_planes` of ``u``.
-    ``ready`` (``NormOut.ready``, ``DecodePolicy.early_norm_out``): the residual and weights read with the weight
-    tile, the same results."""
+    ``DecodePolicy.producer_word_sums``) added by every program equal plane 8 of :func:`int4_x_planes` of ``u``."""
     from qmamba.quant.layout import int4_x_planes
 
     torch.manual_seed(5)
@@ -450,7 +448,7 @@ def test_norm_out_epilogue(fmt, router, ready, device):
     nout = NormOut(res0.clone(), torch.rand(n, device=device) + 0.5, acc, torch.full((1, n), float("nan"),
                    device=device), planes=torch.zeros(1, 9, 128, device=device),
                    router_w=torch.randn(e, n, device=device) if router else None,
-                   word_sums=torch.zeros(1, 16, device=device), ready=ready)
+                   word_sums=torch.zeros(1, 16, device=device))
     out = poisoned(1, n, device)
     decode_linear(x, w, out, policy=policy, norm_out=nout)
     y = matmul_ref(x, w).float()
