@@ -80,9 +80,6 @@ def variants(pdl: bool, rows: int):
                 # the activation, a launch of its own in the step)
                 "general_planes": ("planes", "general"),
                 "rowprog": ("planes", rowprog),
-                # 8 or 16 int4 rows a row program (DecodePolicy.block_n_row_programs; the CUDA policy's: fc1 8, fc2 4)
-                "rowprog_bn8": ("planes", dataclasses.replace(rowprog, block_n_row_programs=8)),
-                "rowprog_bn16": ("planes", dataclasses.replace(rowprog, block_n_row_programs=16)),
                 # the tile row in two power-of-two pieces (DecodePolicy.int4_tile_pieces)
                 "rowprog_pieces": ("planes", dataclasses.replace(rowprog, int4_tile_pieces=True)),
                 "rowprog_bf16": ("float", rowprog), "general_bf16": ("float", "general")}

@@ -348,7 +348,8 @@ class FusedDecodeStep:
         if self.policy.takes(weight, x.shape[0], routed=kw.get("row_expert") is not None):
             return self._decode(x, weight, out, expert_ready=expert_ready, x_planes=x_planes,
                                 x_plane_sums=x_plane_sums, x_word_sums=x_word_sums, **kw)
-        return routed_matmul(x, weight, out=out, pdl=self._pdl_general, **kw)
+        pdl = self._pdl_general
+        return routed_matmul(x, weight, out=out, pdl=pdl, early_tile=pdl and self.policy.general_early_tile, **kw)
 
     @property
     def _pdl_general(self) -> bool:
@@ -412,7 +413,7 @@ class FusedDecodeStep:
                          out_word_sums=self._sums(buf, "wa", layer) if buf["apl"] is not None else None)
         else:
             self._linear(buf["x"], plan.fc1, h1, row_expert=buf["idx"])
-            gated_act(h1, plan.activation, plan.gated, out=act)
+            gated_act(h1, plan.activation, plan.gated, out=act, pdl=self._pdl_general)
         # the router (in the add-norm kernel) ran before fc1: fc2 may read its expert's tile before fc1 is done
         kw = {}
         if nin is not None:

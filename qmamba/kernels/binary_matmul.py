@@ -166,12 +166,16 @@ def _binary_matmul_kernel(
     ROUTE: tl.constexpr, USE_DOT: tl.constexpr, HAS_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RSCALE: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, WORD_DOTS: tl.constexpr = False, SIGN16: tl.constexpr = False,
-    SPLIT_K: tl.constexpr = 1, ATOMIC: tl.constexpr = 0,
+    SPLIT_K: tl.constexpr = 1, ATOMIC: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     """The 1-bit tile kernel: program (row tile / expert, BLOCK_N weight rows) over all of K. ``WORD_DOTS``
     (``q_ptr`` the signs as int32 words ``[E, N, KB]``: ``KB`` and the strides ``sqe`` / ``sqn`` in words): the
     bit-position dots of the module docstring, split ``SPLIT_K`` ways along K (program axis 2; ``ATOMIC``:
-    :func:`store_or_add` into a zeroed fp32 ``out``); else bytes (``KB`` a row) expanded to +/-1 per K tile."""
+    :func:`store_or_add` into a zeroed fp32 ``out``); else bytes (``KB`` a row) expanded to +/-1 per K tile.
+    ``PDL``: a programmatic dependent launch, which waits for the kernel before it before reading anything."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -201,13 +205,17 @@ def _binary_gemv_kernel(
     x_ptr, out_ptr, w_ptr, a_ptr, b_ptr, r_ptr, bias_ptr, rscale_ptr, rexp_ptr, N, K, KW, sxm, sxk, som, son,
     swe, swn, sae, sbe, sre, BY_EXPERT: tl.constexpr, WPI: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """1-bit GEMV, one activation row per program row (decode, M <= 16): the signs are read as 32-bit words
     (32 columns each, bit i of word w is column 32 w + i) and a +/-1 product costs no multiply: the sign bit of
     ``-(x * alpha)`` is flipped where the weight bit is 1, so ``s * x * alpha`` is one shift, one and-xor and one
     add per weight. ``x . beta`` accumulates beside it from contiguous loads. Each iteration reads ``WPI`` words of
-    ``BLOCK_N`` rows. ``BY_EXPERT``: row m reads the weights of expert ``row_expert[m]`` (decode MoE)."""
+    ``BLOCK_N`` rows. ``BY_EXPERT``: row m reads the weights of expert ``row_expert[m]`` (decode MoE). ``PDL``: a
+    programmatic dependent launch, which waits for the kernel before it before reading anything."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -291,7 +299,7 @@ def dequantize_binary_triton(weight: "BinaryWeight", dtype=torch.bfloat16) -> Te
 
 def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, row_scale=None,
                   tiles: ExpertTiles | None = None, config: BinaryConfig | None = None, out=None,
-                  policy: MatmulPolicy | None = None) -> Tensor:
+                  policy: MatmulPolicy | None = None, pdl: bool = False) -> Tensor:
     """``x [M, K]`` -> ``[M, N]`` in x.dtype, semantics of :func:`binary_matmul_ref` (routing as ``dequant_matmul``).
 
     Paths: the word GEMV (M = 1, or M <= 8 on small matrices; split-K), the tile kernel (other M <= 16, and
@@ -299,7 +307,9 @@ def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, r
     dequantization pass followed by cuBLAS (one matrix) or the float grouped GEMM (experts).
     ``out`` (optional ``[M, N]``) receives the result as is: with split-K it must be float32 and zeroed; otherwise
     any float dtype. ``policy``: which kernel paths may be taken (:class:`MatmulPolicy`; None:
-    :func:`current_policy`)."""
+    :func:`current_policy`). ``pdl`` (Hopper and newer, inside the decode step's CUDA graph): the word GEMV and the
+    tile kernel launch as programmatic dependents (each waits for the kernel before it before reading anything); the
+    paths above 16 rows launch as usual."""
     policy = policy or current_policy()
     if x.dim() != 2 or x.shape[1] != weight.k:
         raise ValueError(f"binary matmul: x must be [M, {weight.k}], got {tuple(x.shape)}")
@@ -319,7 +329,7 @@ def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, r
     if config is None and route == ROUTE_DENSE and max(2, policy.binary_word_dots_min_rows) <= m <= GEMV_MAX_M:
         words = int32_words(weight.qweight) if weight.k % 32 == 0 else None
         if words is not None:
-            return _word_dots_matmul(x, weight, words, bias, row_scale, out, policy.split_k_atomic_sem)
+            return _word_dots_matmul(x, weight, words, bias, row_scale, out, policy.split_k_atomic_sem, pdl)
     cfg = config or pick_binary_config(m, weight, x.device, policy)
     if cfg.block_k % 8:
         raise ValueError("binary matmul: BLOCK_K must be a multiple of 8")
@@ -351,7 +361,7 @@ def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, r
             BY_EXPERT=route == ROUTE_BY_EXPERT, WPI=cfg.block_k // 32, SPLIT_K=cfg.split_k, HAS_ROW=r is not None,
             HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
             ATOMIC=split_k_mode(atomic, policy.split_k_atomic_sem), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
+            num_stages=cfg.num_stages, PDL=pdl, **(dict(launch_pdl=True) if pdl else {}))
         return out.to(x.dtype) if convert else out
     grid_m = {ROUTE_DENSE: lambda: cdiv(m, cfg.block_m), ROUTE_BY_EXPERT: lambda: weight.n_experts,
               ROUTE_TILES: lambda: tiles.n_tiles}[route]()
@@ -363,11 +373,12 @@ def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, r
         q.stride(0), q.stride(1), a.stride(0), b.stride(0), r.stride(0) if r is not None else 0,
         ROUTE=route, USE_DOT=cfg.block_m > 1, HAS_ROW=r is not None, HAS_BIAS=bias is not None,
         HAS_RSCALE=row_scale is not None, IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, PDL=pdl,
+        **(dict(launch_pdl=True) if pdl else {}))
     return out
 
 
-def _word_dots_matmul(x, weight: BinaryWeight, words, bias, row_scale, out, sem: str):
+def _word_dots_matmul(x, weight: BinaryWeight, words, bias, row_scale, out, sem: str, pdl: bool = False):
     """The bit-position dots of the tile kernel on one matrix (2 <= M <= 16; ``words`` the signs as int32
     ``[1, N, K / 32]``): program rows of 16 input rows x weight-row blocks x K splits (:func:`binary_word_dots_tile`;
     atomic adds into a zeroed float32 ``out``, as the word GEMV's split-K; a given ``out`` of another type is not
@@ -387,5 +398,6 @@ def _word_dots_matmul(x, weight: BinaryWeight, words, bias, row_scale, out, sem:
         ROUTE=ROUTE_DENSE, USE_DOT=True, HAS_ROW=r is not None, HAS_BIAS=bias is not None,
         HAS_RSCALE=row_scale is not None, IEEE=x.dtype == torch.float32, BLOCK_M=GEMV_MAX_M, BLOCK_N=block_n,
         BLOCK_K=WORD_DOTS_BLOCK_K, WORD_DOTS=True, SIGN16=x.is_cuda and x.dtype in (torch.bfloat16, torch.float16),
-        SPLIT_K=split, ATOMIC=split_k_mode(split > 1, sem), num_warps=warps, num_stages=1)
+        SPLIT_K=split, ATOMIC=split_k_mode(split > 1, sem), num_warps=warps, num_stages=1, PDL=pdl,
+        **(dict(launch_pdl=True) if pdl else {}))
     return out.to(x.dtype) if convert else out

@@ -197,17 +197,19 @@ class DecodePolicy:
     #                             g128 0.423 -> 0.416 ms/token, bf16 0.629 -> 0.618, 1-bit + int4 0.549 -> 0.535, int4
     #                             as quantize writes it 0.446 -> 0.436; batch 8 level (int4 1.424 -> 1.419, bf16 1.924
     #                             -> 1.947 within its spread of 0.044)
-    block_n_row_programs: int = 0  # int4 rows a program of the routed row programs (batch 2+; 0: as at one row,
-    #                             where min_programs keeps out_proj / fc2 at 4): there are M times the programs of
-    #                             one row, and each reads its row's input planes (fp32, ~2.3x the bytes of fc2's 4
-    #                             weight rows) once for all its rows. Candidate (session 39): scripts/gpu_pending.sh
     pdl_general: bool = False  # fused step, with pdl: what runs on the general kernels (batch 2+: the dense matrices
     #                             on dequant_matmul's small-M kernel, the conv step on its own) launched as
     #                             programmatic dependents too, each waiting for the kernel before it before reading
     #                             anything (the conv step reads its old state and weights before), so that the
-    #                             graph's chain of early launches is not broken four times a Mamba layer. 1-bit
-    #                             matrices (binary_matmul) and the prefill paths launch as usual. Candidate (session
-    #                             39): scripts/gpu_pending.sh
+    #                             graph's chain of early launches is not broken four times a Mamba layer (1-bit
+    #                             matrices on binary_matmul's GEMV / tile kernels and a general fc1's activation
+    #                             kernel too; the prefill paths launch as usual). On in the CUDA
+    #                             policy: H100, session 39 (bench_decode.py --variants default,pdlgen, 5 interleaved
+    #                             rounds), batch 8: int4 g128 1.400 -> 1.334 ms/token, bf16 1.910 -> 1.849
+    general_early_tile: bool = False  # with pdl_general: the small-M kernel of a dense matrix (int4 plane words or
+    #                             float) reads each program's first K tile of the weight before its wait (BlackMamba-
+    #                             2.8B at batch 8: in_proj's programs have 3 tiles, out_proj's 3, x_proj's 3).
+    #                             Candidate (session 39): scripts/gpu_pending.sh
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
 
     def __post_init__(self):
@@ -318,7 +320,7 @@ class DecodePolicy:
                    norm_plane_programs=4, max_programs=8 * multiprocessors, int4_x_in_tile_wide="always",
                    norm_in_gemvs=True, ssm_block_d_batched=16, int4_tile_pieces=True, planes_joint=True,
                    planes_joint_batched=False, planes_joint_gated=False, producer_word_sums=True, early_reads=True,
-                   formats=(FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES, FMT_BINARY))
+                   pdl_general=True, formats=(FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES, FMT_BINARY))
 
     @property
     def denorm_reading(self) -> bool:
@@ -1205,8 +1207,6 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     rows = 1 if row_programs else m  # input rows a program computes
     mma = weight.fmt == FMT_INT4_PLANES and rows > 1 and policy.planes_mma  # the tensor-core path of plane tiles
     bn = MMA_ROWS if mma else policy.block_n(weight.fmt, rows, n_out, gated=gated is not None)
-    if row_programs and policy.block_n_row_programs and weight.fmt in (FMT_INT4, FMT_INT4_PLANES):
-        bn = min(policy.block_n_row_programs, next_pow2(n_out))
     grid = (m if row_programs else weight.n_experts if row_expert is not None and m > 1 else 1, -(-n_out // bn))
     dummy = x
     kwargs = dict(launch_pdl=True) if policy.pdl else {}

@@ -104,7 +104,10 @@ def route_top1(x, router_w, router_b=None):
 
 @jit
 def _gated_act_kernel(h_ptr, out_ptr, F_OUT, shm, shf, som, sof,
-                      ACT: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr):
+                      ACT: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # a programmatic dependent launch: h comes from the kernel before
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = f < F_OUT
@@ -114,8 +117,9 @@ def _gated_act_kernel(h_ptr, out_ptr, F_OUT, shm, shf, som, sof,
     tl.store(out_ptr + row * som + f * sof, a.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def gated_act(h, activation: str, gated: bool, out=None):
-    """Triton twin of :func:`gated_act_ref`: ``h [T, 2F or F]`` -> ``[T, F]`` (into ``out`` when given)."""
+def gated_act(h, activation: str, gated: bool, out=None, pdl: bool = False):
+    """Triton twin of :func:`gated_act_ref`: ``h [T, 2F or F]`` -> ``[T, F]`` (into ``out`` when given; ``pdl``: as
+    a programmatic dependent launch, Hopper and newer)."""
     t, width = h.shape
     f_out = width // 2 if gated else width
     out = torch.empty(t, f_out, device=h.device, dtype=h.dtype) if out is None else out
@@ -123,19 +127,22 @@ def gated_act(h, activation: str, gated: bool, out=None):
         block = min(next_pow2(f_out), 1024 if h.is_cuda else 64)
         _gated_act_kernel[(t, -(-f_out // block))](h, out, f_out, *h.stride(), *out.stride(),
                                                    ACT=ACTIVATION_IDS[activation], GATED=gated, BLOCK=block,
-                                                   num_warps=4 if h.is_cuda else 1)
+                                                   PDL=pdl, num_warps=4 if h.is_cuda else 1,
+                                                   **(dict(launch_pdl=True) if pdl else {}))
     return out
 
 
 def routed_matmul(x, weight: KernelWeight, bias=None, row_expert=None, row_scale=None, tiles=None, out=None,
-                  pdl: bool = False):
+                  pdl: bool = False, early_tile: bool = False):
     """``x @ W^T`` (optional ``bias``, routing ``row_expert`` / gate ``row_scale`` / expert ``tiles``, ``out``) on
     the general kernel of the record's type: :func:`binary_matmul` for a :class:`BinaryWeight`, else
-    :func:`dequant_matmul` (same arguments; ``pdl``: its small-M kernel as a programmatic dependent launch, which
-    :func:`binary_matmul` does not take: it launches as usual)."""
+    :func:`dequant_matmul` (same arguments; ``pdl``: their small-M kernels as programmatic dependent launches;
+    ``early_tile``: the first weight tile of int4 plane words read before the wait, :func:`dequant_matmul` only)."""
     if isinstance(weight, BinaryWeight):
-        return binary_matmul(x, weight, bias, row_expert=row_expert, row_scale=row_scale, tiles=tiles, out=out)
-    return dequant_matmul(x, weight, bias, row_expert=row_expert, row_scale=row_scale, tiles=tiles, out=out, pdl=pdl)
+        return binary_matmul(x, weight, bias, row_expert=row_expert, row_scale=row_scale, tiles=tiles, out=out,
+                             pdl=pdl)
+    return dequant_matmul(x, weight, bias, row_expert=row_expert, row_scale=row_scale, tiles=tiles, out=out, pdl=pdl,
+                          early_tile=early_tile)
 
 
 def _tile_rows(t: int, fc1: KernelWeight, device) -> int:

@@ -74,15 +74,21 @@ def _dequant_matmul_kernel(
     USE_DOT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLOAT_CODES: tl.constexpr,
-    PAIRS: tl.constexpr, ASM: tl.constexpr, FP16: tl.constexpr, PDL: tl.constexpr,
+    PAIRS: tl.constexpr, ASM: tl.constexpr, FP16: tl.constexpr, PDL: tl.constexpr, EARLY_TILE: tl.constexpr,
 ):
-    if PDL:  # a programmatic dependent launch: wait for the kernel before (its rows, experts, input) first
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     rm = tl.arange(0, BLOCK_M)
+    if EARLY_TILE:  # (one matrix of int4 plane words) this split's first K tile, before the wait below
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        e_lo, e_hi = split_k_range(pid_k, tl.cdiv(K_PAD, BLOCK_K), SPLIT_K)
+        e_ok = n < tl.where(e_lo < e_hi, N, 0)  # no rows where the split has no tile
+        e_words, e_zero, e_scale = plane_tile(w_ptr, s_ptr, z_ptr, 0, n, e_ok, e_lo * BLOCK_K, swn, sse, ssn, sze,
+                                              szn, GROUP)
+    if PDL:  # a programmatic dependent launch: wait for the kernel before (its rows, experts, input) first
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # -- which rows, which expert
     rows, row_ok, expert = program_rows(pid_m, M, rexp_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, sorted_ptr, ROUTE,
                                         BLOCK_M)
@@ -104,7 +110,17 @@ def _dequant_matmul_kernel(
             # each nibble position meets 16 contiguous inputs; exact codes minus the zero point (as floats by the
             # 2^23 trick where FLOAT_CODES), group scale after; or two at a time where PAIRS (2: scaled, straight
             # into the accumulator)
-            words, zero, scale = plane_tile(w_base, s_ptr, z_ptr, e64, n, n_ok, k0, swn, sse, ssn, sze, szn, GROUP)
+            if EARLY_TILE:  # the first tile was read before the wait
+                first = k0 == k_lo
+                later = n < tl.where(k0 != k_lo, N, 0)  # rows to read: none in the first tile
+                words, zero, scale = plane_tile(w_base, s_ptr, z_ptr, e64, n, later, k0, swn, sse, ssn, sze, szn,
+                                                GROUP)
+                words = tl.where(first, e_words, words)
+                zero = tl.where(first, e_zero, zero)
+                scale = tl.where(first, e_scale, scale)
+            else:
+                words, zero, scale = plane_tile(w_base, s_ptr, z_ptr, e64, n, n_ok, k0, swn, sse, ssn, sze, szn,
+                                                GROUP)
             part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for i in tl.static_range(8):
                 ki = k0 + 16 * i + tl.arange(0, 16)
@@ -212,7 +228,7 @@ def experts_via_dense(x, weight: PackedWeight, bias, row_expert, row_scale, tile
 
 def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scale=None, tiles=None,
                    config: MatmulConfig | None = None, out=None, policy: MatmulPolicy | None = None,
-                   gate: str | None = None, pdl: bool = False):
+                   gate: str | None = None, pdl: bool = False, early_tile: bool = False):
     """``x [M, K]`` -> ``[M, N]`` in x.dtype, with the reference semantics of :func:`dequant_matmul_ref`.
 
     Routing: ``row_expert`` alone with M <= 16 uses one program column per expert; ``tiles`` (from
@@ -225,7 +241,9 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     ``pdl`` (Hopper and newer, inside the decode step's CUDA graph): the small-M tile kernel is launched as a
     programmatic dependent of the kernel before it and waits for it before reading anything, then lets the next one
     start (the order every PDL kernel of the step keeps); the other paths (prefill GEMM, word GEMV, dequantization
-    pass + cuBLAS) launch as usual, which is always safe.
+    pass + cuBLAS) launch as usual, which is always safe. ``early_tile`` (one matrix of int4 plane words, the small-M
+    kernel): each program reads its first K tile of the weight first, before that wait (a float tile would hold ~64
+    more registers a thread through the loop: not offered).
     """
     policy = policy or current_policy()
     if x.dim() != 2 or x.shape[1] != weight.k:
@@ -299,5 +317,6 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         FLOAT_CODES=policy.plane_float_codes and x.dtype != torch.float32,
         **plane_pairs_args(policy.plane_code_pairs, weight, x), PDL=pdl,
+        EARLY_TILE=early_tile and route == ROUTE_DENSE and weight.fmt == FMT_INT4_PLANES,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **(dict(launch_pdl=True) if pdl else {}))
     return out.to(x.dtype) if convert else out

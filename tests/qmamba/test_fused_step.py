@@ -299,17 +299,21 @@ def test_fused_step_with_norms_in_the_gemvs(name, fmt, programs, device):
         fused_step.add_norm = real
 
 
-@pytest.mark.parametrize("general_pdl", [True, False])
+@pytest.mark.parametrize("fmt,mode", [("int4g128", "pdl"), ("int4g128", "pdl-early"), ("int4g128", "off"),
+                                      ("binary", "pdl")])
 @torch.no_grad()
-def test_general_kernels_as_programmatic_dependents(general_pdl, device, monkeypatch):
+def test_general_kernels_as_programmatic_dependents(fmt, mode, device, monkeypatch):
     """``DecodePolicy.pdl_general``: at batch 3 the dense matrices (the general small-M kernel) and the conv step are
-    launched as programmatic dependents exactly when it is on (with ``pdl``), and the step still equals the model's.
-    On a GPU with PDL the kernels run so, eagerly and replayed in a CUDA graph; elsewhere (the interpreter has no
-    PDL) the launchers record the flag and run without it."""
+    launched as programmatic dependents exactly when it is on (with ``pdl``), and the step still equals the model's;
+    "-early": with ``general_early_tile``, the dense matrices' first weight tile read before the wait. On a GPU with
+    PDL the kernels run so, eagerly and replayed in a CUDA graph; elsewhere (the interpreter has no PDL) the launchers
+    record the flag and run without it (the early tile runs there too). "binary": 1-bit projections and experts
+    (binary_matmul) and a general fc1, whose activation kernel is one of them."""
+    general_pdl = mode != "off"
     import qmamba.fused_step as fs
     from qmamba.kernels.decode_linear import pdl_supported
 
-    model = build("tiny-blackmamba", FORMATS["int4g128"], device)
+    model = build("tiny-blackmamba", FORMATS[fmt], device)
     model.set_backend("triton")
     ids = torch.randint(0, model.config.vocab_size, (3, 6), device=device)
     _, state = model.prefill(ids)
@@ -327,13 +331,16 @@ def test_general_kernels_as_programmatic_dependents(general_pdl, device, monkeyp
                                 if "pdl" in kw else _real(*a, **kw))
         monkeypatch.setattr(fs.FusedDecodeStep, "_decode", lambda self, x, weight, out, **kw: fs.decode_linear(
             x, weight, out, policy=dataclasses.replace(self.policy, pdl=False), **kw))
-    policy = dataclasses.replace(policy, pdl_general=general_pdl)
+    policy = dataclasses.replace(policy, pdl_general=general_pdl, general_early_tile=mode == "pdl-early")
     seen = []
-    for name in ("routed_matmul", "causal_conv1d_update_triton"):
+    launchers = ("routed_matmul", "causal_conv1d_update_triton") + (("gated_act",) if fmt == "binary" else ())
+    for name in launchers:
         real = getattr(fs, name)
 
         def record(*a, _real=real, _name=name, **kw):
             seen.append((_name, kw.get("pdl", False)))
+            if _name == "routed_matmul":
+                assert kw["early_tile"] == (mode == "pdl-early"), kw
             return _real(*a, **{**kw, "pdl": kw.get("pdl", False) and on_gpu})
         monkeypatch.setattr(fs, name, record)
     step = FusedDecodeStep(model, policy)
@@ -345,7 +352,7 @@ def test_general_kernels_as_programmatic_dependents(general_pdl, device, monkeyp
         torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
         tok = ref.argmax(-1)
     kinds = {name for name, _ in seen}
-    assert kinds == {"routed_matmul", "causal_conv1d_update_triton"}, kinds  # dense matrices and conv: general
+    assert kinds == set(launchers), kinds  # dense matrices, conv (and a general fc1's activation) on their own
     assert all(flag == general_pdl for _, flag in seen), seen
     if on_gpu:  # replayed in a CUDA graph: equal to the eager step
         from qmamba.cuda_graph import GraphDecoder

@@ -250,34 +250,51 @@ for n, k in ((2 * di, d), (124, di), (d, di)):  # in_proj, x_proj, out_proj
                    PackedWeight.from_float(w.to(torch.bfloat16))):
         cfg = pick_config(8, weight, _CudaLike(), ROUTE_DENSE, MatmulPolicy())
         out = torch.empty(8, n) if cfg.split_k > 1 else None
-        qm.dequant_matmul(x8(k), weight, config=cfg, out=out, policy=MatmulPolicy(), pdl=True)
+        for early in (False, True):  # DecodePolicy.general_early_tile: the first weight tile before the wait
+            qm.dequant_matmul(x8(k), weight, config=cfg, out=out, policy=MatmulPolicy(), pdl=True, early_tile=early)
 cc.causal_conv1d_update_triton(x8(di), torch.empty(8, di, 4, dtype=torch.bfloat16),
                                torch.empty(di, 4, dtype=torch.bfloat16), torch.empty(di, dtype=torch.bfloat16),
                                out_state=torch.empty(8, di, 4, dtype=torch.bfloat16), out=x8(di), pdl=True)
-for label, kernel, rec in (("matmul", real_mm, mm), ("conv", real_conv, conv)):
+from qmamba.kernels import binary_matmul as bm, fused_moe as fm
+from qmamba.kernels.weights import BinaryWeight
+from qmamba.quant.binary import BinaryFormat
+real_bin, real_act = bm._binary_matmul_kernel, fm._gated_act_kernel
+bm._binary_matmul_kernel = binr = _Recorder(real_bin)
+fm._gated_act_kernel = act = _Recorder(real_act)
+bm.binary_word_dots_tile = lambda n, k, rows, device: (64, 4, 2)  # the CUDA tile of 1-bit in_proj at batch 8
+w = BinaryWeight.from_packed(BinaryFormat().quantize_rtn(torch.randn(2 * di, d)), 2 * di, d)
+bm.binary_matmul(x8(d), w, pdl=True)
+fm.gated_act(torch.empty(8, 7744, dtype=torch.bfloat16), "gelu", True, pdl=True)  # a general fc1's activation
+for label, kernel, rec in (("matmul", real_mm, mm), ("conv", real_conv, conv), ("binary", real_bin, binr),
+                           ("act", real_act, act)):
     for grid, args, meta in rec.calls:
         assert meta.pop("launch_pdl") is True and meta["PDL"] is True
         meta = dict(meta, num_warps=meta.get("num_warps", 4))
+        if label == "binary":
+            meta["SIGN16"] = True  # as on CUDA
         compiled = compile_recorded(kernel, args, meta, 90)
         r = report(compiled)
         lines = [l for l in compiled.asm["ptx"].splitlines() if "ld.global" in l or "griddepcontrol" in l]
         wait = next(i for i, l in enumerate(lines) if "griddepcontrol.wait" in l)
         launch = next(i for i, l in enumerate(lines) if "griddepcontrol.launch_dependents" in l)
         after = len(lines) - wait - 2
-        print(label, "grid", grid, "regs", r["regs"], "loads", wait, after, "order", int(wait < launch), "stack", r["stack"])
+        name = label + ("_early" if meta.get("EARLY_TILE") else "")
+        print(name, "grid", grid, "regs", r["regs"], "loads", wait, after, "order", int(wait < launch), "stack", r["stack"])
 """
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_general_kernels_compile_as_programmatic_dependents():
     """The batch-8 step's general kernels with ``DecodePolicy.pdl_general`` (the dense matrices on the small-M kernel,
-    int4 plane words and bf16; the conv step) compile for sm_90 with the wait before the launch of the dependents and
-    without spills; the matmul reads nothing before its wait, the conv step everything but x (its old state, weights
-    and bias)."""
+    int4 plane words and bf16; the conv step; 1-bit in_proj's bit-position dots, a general fc1's activation) compile for sm_90 with the wait before the launch of the dependents and
+    without spills; the matmul reads nothing before its wait but, with ``DecodePolicy.general_early_tile`` (int4 plane
+    words), its first weight tile; the conv step everything but x (its old state, weights and bias)."""
     stdout = _compiled("-c", _GENERAL_PDL_COMPILE, str(ROOT / "benchmarks"), timeout=600)
-    lines = [line.split() for line in stdout.splitlines() if line.startswith(("matmul", "conv"))]
-    assert len(lines) == 7 and all(f[-1] == "0" and f[-3] == "1" for f in lines), stdout
-    assert all(f[-6] == "0" for f in lines if f[0] == "matmul"), stdout  # global loads before the wait: none
+    lines = [line.split() for line in stdout.splitlines() if line.startswith(("matmul", "conv", "binary", "act"))]
+    assert len(lines) == 15 and all(f[-1] == "0" and f[-3] == "1" for f in lines), stdout
+    assert all(f[-6] == "0" for f in lines if f[0] in ("matmul", "binary", "act")), stdout  # loads before the wait
+    early = [int(f[-6]) for f in lines if f[0] == "matmul_early"]
+    assert len(early) == 3 and all(loads > 0 for loads in early), stdout  # the first tile's
     assert [(int(f[-6]) > 0, f[-5]) for f in lines if f[0] == "conv"] == [(True, "1")], stdout  # x alone after it
 
 

@@ -274,20 +274,19 @@ def test_planes_on_cuda_cores_at_several_rows(m, unpack, device):
 
 @pytest.mark.parametrize("fmt", ["float", "int8", "int4g32", "int4g32-magic", "planes128-magic", "planes128-denorm",
                                  "planes128-nomma", "binary", "binary-denorm", "float-rowprog", "planes128-rowprog",
-                                 "planes128-rowprog16", "binary-rowprog"])
+                                 "binary-rowprog"])
 @pytest.mark.parametrize("m", [1, 4])
 def test_routed_gated_and_row_scale(fmt, m, device):
     """fc1 of a gated MoE (act(gate) * up of each row's expert) and fc2 with the routing weight; expert 2 idle.
     "-rowprog": one program row per input row (``DecodePolicy.routed_row_programs``; int4 as the CUDA policy
-    reads it: "denorm" codes, the input in the tile's shape), expert 3 read by two of them; "-rowprog16": 16 int4
-    rows a row program (``DecodePolicy.block_n_row_programs``)."""
+    reads it: "denorm" codes, the input in the tile's shape), expert 3 read by two of them."""
     torch.manual_seed(1)
     e, f, d = 4, 24, 96
     policy = DecodePolicy.for_device(device)
-    if "-rowprog" in fmt:
-        fmt, rows = fmt.split("-rowprog")
+    if fmt.endswith("-rowprog"):
+        fmt = fmt[:-8]
         policy = dataclasses.replace(policy, routed_row_programs=True, int4_unpack="denorm", int4_x_in_tile=True,
-                                     block_n_int4=4, block_n_row_programs=int(rows or 0))
+                                     block_n_int4=4)
     if fmt.endswith(("-magic", "-denorm")):
         fmt, unpack = fmt.split("-")
         policy = DecodePolicy(pdl=policy.pdl, num_warps=policy.num_warps, int4_unpack=unpack,

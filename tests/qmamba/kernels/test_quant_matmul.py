@@ -57,6 +57,21 @@ def test_split_k_and_explicit_config_agree(device):
           ref[:1], torch.float32)
 
 
+@pytest.mark.parametrize("m,split_k", [(1, 1), (5, 1), (5, 2), (5, 4)])
+def test_early_tile_matches(m, split_k, device):
+    """``early_tile``: the small-M kernel reads each split's first K tile of int4 plane words before its (PDL) wait;
+    ragged K (300: 3 plane tiles) and a split with no tile (4 splits of 3)."""
+    n, k = 40, 300
+    w = make_weight(Int4Format(128), n, k, device).to_planes()
+    x = torch.randn(m, k, device=device)
+    ref = dequant_matmul_ref(x, w)
+    cfg = MatmulConfig(16 if m > 1 else 1, 16, 128, split_k=split_k, num_warps=1 if device.type != "cuda" else 4,
+                       num_stages=1)
+    pdl = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    for early in (False, True):
+        close(dequant_matmul(x, w, config=cfg, early_tile=early, pdl=pdl), ref, torch.float32)
+
+
 @pytest.mark.parametrize("sem", ["relaxed", "acq_rel"])
 def test_split_k_atomic_orderings_agree(sem, device):
     """``MatmulPolicy.split_k_atomic_sem``: the split-K adds of the tile kernel, the int4 word GEMV and the 1-bit
