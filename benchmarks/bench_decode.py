@@ -189,9 +189,11 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return dataclasses.replace(base, early_reads=False)
     if v in ("pdlgen", "nopdlgen"):  # the general kernels of a batch-2+ step as programmatic dependents, or not
         #                             (DecodePolicy.pdl_general; the CUDA policy's since session 39)
-        return dataclasses.replace(base, pdl_general=v == "pdlgen")
-    if v == "etile":  # and the dense matrices' first weight tile before the wait (DecodePolicy.general_early_tile)
-        return dataclasses.replace(base, pdl_general=True, general_early_tile=True)
+        return dataclasses.replace(base, pdl_general=v == "pdlgen", general_early_tile=base.general_early_tile and
+                                   v == "pdlgen")
+    if v in ("etile", "noetile"):  # the dense int4 matrices' first weight tile before the wait, or not
+        #                             (DecodePolicy.general_early_tile; the CUDA policy's since session 39)
+        return dataclasses.replace(base, general_early_tile=v == "etile")
     if v == "dtrows0":  # the SSM update reads dt_proj's weight as stored (DecodePolicy.dt_rows_aligned off)
         return dataclasses.replace(base, dt_rows_aligned=False)
     if v == "joint":  # int4 input planes: every product of a row before any reduction (DecodePolicy.planes_joint)

@@ -31,7 +31,8 @@ int4 weights of group size 128 / 256 are first converted in place to plane words
 unchanged). What the policy does not take (on CUDA today: int4 groups below 128, dense matrices at batch 2+ and 1-bit
 weights at batch 2+, routed or not) runs on the general matmul kernels (:func:`dequant_matmul`,
 :func:`binary_matmul`, which read plane words too) with the conv step and the activation as their own launches
-(x_proj too when in_proj is not taken).
+(x_proj too when in_proj is not taken); with ``DecodePolicy.pdl_general`` (the CUDA default since session 39) these
+are programmatic dependent launches as well, so the chain of early launches runs through the whole batched step.
 The module parameters are captured by reference at construction: rebuild the step after changing weights.
 Logits come back as float32 ``[B, V]``; the flat state tensors are updated in place.
 The kernels themselves (tensors in, tensors out) live in :mod:`qmamba.kernels.decode_step` and beside it.

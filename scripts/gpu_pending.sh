@@ -7,7 +7,8 @@
 # step out; add a step for each new candidate (session 29 ran and removed the fold, block_n_wide and the per-expert
 # prefill route this way: benchmarks/results.md, "Session 29"; session 37 took the producer word sums and removed
 # fc2's own tiles; session 38 took fc1 without the joint products, removed fc2's split along K and x_proj in
-# in_proj's epilogue, took the early reads).
+# in_proj's epilogue, took the early reads; session 39 removed out_proj's early NormOut reads and 8 int4 rows a routed
+# row program, took the batched step's general kernels as programmatic dependents and their early first tile).
 #
 #   bash scripts/gpu_pending.sh [OUT_DIR [STEP ...]]   # logs and JSON under OUT_DIR [${OUT:-runs/gpu-pending}];
 #                                                       # STEPs: a subset of those below (default: all, in order)
@@ -24,7 +25,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="pdlgen matmul_table"  # the step lines below, in order
+ALL_STEPS="matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -38,11 +39,6 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 }
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" \
   || exit 1
-
-# the general kernels of the batch-8 step (the dense matrices on dequant_matmul's small-M kernel, the conv step) as
-# programmatic dependents too (DecodePolicy.pdl_general, session 39): 4 of a Mamba layer's 6 launches broke the chain
-step pdlgen "$PY" benchmarks/bench_decode.py --out "$DEST/pdlgen.json" --formats int4_g128,bf16 --batches 8 \
-  --rounds 5 --check-steps 8 --variants default,pdlgen
 
 # issue 13's table (int4 g128 as the runtime runs it against cuBLAS bf16 and the 4-bit peers, M = 1..2048, every
 # output checked first): run whole on the H100 in sessions 29 and 30; its targets are the H200's

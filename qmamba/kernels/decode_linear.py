@@ -205,11 +205,14 @@ class DecodePolicy:
     #                             matrices on binary_matmul's GEMV / tile kernels and a general fc1's activation
     #                             kernel too; the prefill paths launch as usual). On in the CUDA
     #                             policy: H100, session 39 (bench_decode.py --variants default,pdlgen, 5 interleaved
-    #                             rounds), batch 8: int4 g128 1.400 -> 1.334 ms/token, bf16 1.910 -> 1.849
-    general_early_tile: bool = False  # with pdl_general: the small-M kernel of a dense matrix (int4 plane words or
-    #                             float) reads each program's first K tile of the weight before its wait (BlackMamba-
-    #                             2.8B at batch 8: in_proj's programs have 3 tiles, out_proj's 3, x_proj's 3).
-    #                             Candidate (session 39): scripts/gpu_pending.sh
+    #                             rounds), batch 8: int4 g128 1.400 -> 1.334 ms/token, bf16 1.910 -> 1.849; a
+    #                             second call: int4 1.408 -> 1.334, bf16 1.958 -> 1.865, int4 as quantize writes it
+    #                             1.399 -> 1.323, 1-bit + int4 1.763 -> 1.615 (3 rounds)
+    general_early_tile: bool = False  # with pdl_general: the small-M kernel of a dense matrix of int4 plane words
+    #                             reads each program's first K tile of the weight before its wait (BlackMamba-2.8B at
+    #                             batch 8: in_proj's, x_proj's and out_proj's programs have 3 tiles each; sm_90,
+    #                             Triton 3.6: 80 -> 92 registers, no spills). On in the CUDA policy: H100, session 39
+    #                             (--variants default,etile, 5 rounds), int4 g128 batch 8 1.334 -> 1.314 ms/token
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
 
     def __post_init__(self):
@@ -305,6 +308,14 @@ class DecodePolicy:
         kernel reads that was written two launches or more before it, read before its wait (``early_reads``: the
         SSM update's x, z and states, in_proj's conv operands) took batch 1 from 0.423 to 0.416 ms/token (bf16 0.629
         -> 0.618, 1-bit + int4 0.549 -> 0.535, int4 as quantize writes it 0.446 -> 0.436), batch 8 level: on.
+        Session 39 (H100, ``--variants default,enorm``, then at batch 8 ``default,pdlgen,rpbn8`` and
+        ``default,nopdlgen,etile``, 5 interleaved rounds): out_proj's NormOut reads before the wait (session 38's
+        ``early_norm_out``) left batch 1 level (0.414 against 0.416 with it): removed (commit 1ab1307 has it); 8 int4
+        rows a routed row program (fc2 1,472 programs instead of 2,944) lost at batch 8 (1.400 -> 1.508, though fc2
+        alone went 21.27 -> 19.81 us): removed; the batched step's general kernels (dense matrices, conv step, 1-bit
+        matrices, a general fc1's activation) as programmatic dependents (``pdl_general``) took batch 8 from 1.400 to
+        1.334 ms/token (bf16 1.910 -> 1.849, 1-bit + int4 1.763 -> 1.615) and the dense int4 matrices' first weight
+        tile before the wait (``general_early_tile``) to 1.314: both on.
         CPU (interpreter): every format and batch, wide row blocks (few programs)."""
         if device.type != "cuda":
             return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1, ssm_block_d=16)
@@ -320,7 +331,8 @@ class DecodePolicy:
                    norm_plane_programs=4, max_programs=8 * multiprocessors, int4_x_in_tile_wide="always",
                    norm_in_gemvs=True, ssm_block_d_batched=16, int4_tile_pieces=True, planes_joint=True,
                    planes_joint_batched=False, planes_joint_gated=False, producer_word_sums=True, early_reads=True,
-                   pdl_general=True, formats=(FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES, FMT_BINARY))
+                   pdl_general=True, general_early_tile=True,
+                   formats=(FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES, FMT_BINARY))
 
     @property
     def denorm_reading(self) -> bool:
