@@ -198,16 +198,15 @@ class DecodePolicy:
     #                             as quantize writes it 0.446 -> 0.436; batch 8 level (int4 1.424 -> 1.419, bf16 1.924
     #                             -> 1.947 within its spread of 0.044)
     pdl_general: bool = False  # fused step, with pdl: what runs on the general kernels (batch 2+: the dense matrices
-    #                             on dequant_matmul's small-M kernel, the conv step on its own) launched as
-    #                             programmatic dependents too, each waiting for the kernel before it before reading
-    #                             anything (the conv step reads its old state and weights before), so that the
-    #                             graph's chain of early launches is not broken four times a Mamba layer (1-bit
-    #                             matrices on binary_matmul's GEMV / tile kernels and a general fc1's activation
-    #                             kernel too; the prefill paths launch as usual). On in the CUDA
-    #                             policy: H100, session 39 (bench_decode.py --variants default,pdlgen, 5 interleaved
-    #                             rounds), batch 8: int4 g128 1.400 -> 1.334 ms/token, bf16 1.910 -> 1.849; a
-    #                             second call: int4 1.408 -> 1.334, bf16 1.958 -> 1.865, int4 as quantize writes it
-    #                             1.399 -> 1.323, 1-bit + int4 1.763 -> 1.615 (3 rounds)
+    #                             on dequant_matmul's small-M kernel, 1-bit matrices on binary_matmul's, the conv step
+    #                             and a general fc1's activation on their own) launched as programmatic dependents
+    #                             too, each waiting for the kernel before it before reading anything (the conv step
+    #                             reads its old state and weights before), so that the graph's chain of early
+    #                             launches is not broken four times a Mamba layer; the prefill paths launch as usual.
+    #                             On in the CUDA policy: H100, session 39 (bench_decode.py --variants default,pdlgen,
+    #                             5 interleaved rounds), batch 8: int4 g128 1.400 -> 1.334 ms/token, bf16 1.910 ->
+    #                             1.849; a second call: int4 1.408 -> 1.334, bf16 1.958 -> 1.865, int4 as quantize
+    #                             writes it 1.399 -> 1.323, 1-bit + int4 1.763 -> 1.615 (3 rounds)
     general_early_tile: bool = False  # with pdl_general: the small-M kernel of a dense matrix of int4 plane words
     #                             reads each program's first K tile of the weight before its wait (BlackMamba-2.8B at
     #                             batch 8: in_proj's, x_proj's and out_proj's programs have 3 tiles each; sm_90,
