@@ -25,7 +25,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="matmul_table"  # the step lines below, in order
+ALL_STEPS="pairs pairs_kernels matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -39,6 +39,15 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 }
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" \
   || exit 1
+
+# two rows routed to one expert in one routed row program at batch 8, reading and unpacking the tile once
+# (DecodePolicy.routed_row_pairs, session 39: "all" fc1 and fc2, "plain" fc2 only; sm_90, Triton 3.6: a pair's path
+# 1,312 SASS instructions a thread for fc1 against 880 a row alone, 1,000 for fc2 against 688; registers fc1 90 ->
+# 164, fc2 71 -> 118): the step, then the two kernels alone
+step pairs "$PY" benchmarks/bench_decode.py --out "$DEST/pairs.json" --formats int4_g128 --batches 8 \
+  --rounds 5 --check-steps 8 --variants default,pairs,pairs2
+step pairs_kernels "$PY" benchmarks/bench_decode_linear.py --out "$DEST/pairs_kernels.json" --rows 8 \
+  --only fc1_gated,fc2 --variants rowprog,rowprog_pairs
 
 # issue 13's table (int4 g128 as the runtime runs it against cuBLAS bf16 and the 4-bit peers, M = 1..2048, every
 # output checked first): run whole on the H100 in sessions 29 and 30; its targets are the H200's

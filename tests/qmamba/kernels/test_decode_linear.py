@@ -525,3 +525,49 @@ def test_norm_in_equals_the_normed_input(fmt, device):
         decode_linear(u.expand(2, d), w, poisoned(2, n, device), policy=policy, norm_in=nin)
     with pytest.raises(ValueError, match="width"):
         decode_linear(act, fc2, poisoned(1, d, device), row_expert=idx, policy=policy, norm_in=nin)
+
+
+@pytest.mark.parametrize("pairs", ["all", "plain"])
+@pytest.mark.parametrize("mode", ["plain", "pieces", "pieces-nosums", "pieces-wsums"])
+def test_routed_row_pairs(pairs, mode, device):
+    """``DecodePolicy.routed_row_pairs``: the routed row programs of 7 rows reading their int4 input planes in the
+    tile's shape, two rows of one expert computed by one program from one unpacking (expert 2's rows 0 + 2 and 4 + 5,
+    expert 0's 1 + 6; row 3 alone), against the dequantized matmul: a gated fc1 writing its output's planes, fc2 with
+    the routing weight ("plain": fc2 only). "pieces": K 700, 6 tiles as 4 + 2; "-nosums": plane 8 unwritten (NaN),
+    summed in the kernel; "-wsums": the word sums as rows of their own (``x_word_sums``) and the output's added into
+    ``out_word_sums``."""
+    from qmamba.quant.layout import int4_x_planes
+
+    torch.manual_seed(5)
+    policy = DecodePolicy(pdl=False, block_n_int4=4, num_warps=4 if device.type == "cuda" else 1,
+                          int4_unpack="denorm", int4_x_in_tile=True, int4_x_in_tile_wide="row_programs",
+                          routed_row_programs=True, int4_tile_pieces=mode != "plain", routed_row_pairs=pairs)
+    n, k, e = 24, 300 if mode == "plain" else 700, 3
+    idx = torch.tensor([2, 0, 2, 1, 2, 2, 0], dtype=torch.int32, device=device)
+    m = idx.numel()
+    x = torch.randn(m, k, device=device).to(torch.bfloat16).float()
+    kw = dict(x_planes=int4_x_planes(x))
+    if mode.endswith("wsums"):
+        kw["x_word_sums"] = kw["x_planes"][:, 8, :kw["x_planes"].shape[-1] // 8].clone()
+        kw["x_planes"][:, 8] = float("nan")
+    if mode.endswith("nosums"):
+        kw["x_planes"][:, 8] = float("nan")
+        kw["x_plane_sums"] = False
+    fc1 = weight_for("planes128", 2 * n, k, device, experts=e, seed=3)
+    fc2 = weight_for("planes128", k, n, device, experts=e, seed=4)
+    out_planes = torch.zeros(m, 9, 128, device=device)
+    out_sums = torch.zeros(m, 16, device=device) if mode.endswith("wsums") else None
+    nan_x = torch.full_like(x, float("nan"))  # x itself is not read
+    act = decode_linear(nan_x, fc1, poisoned(m, n, device), row_expert=idx, gated="silu", policy=policy,
+                        out_planes=out_planes, out_word_sums=out_sums, **kw)
+    want = gated_act_ref(dequant_matmul_ref(x, fc1, row_expert=idx), "silu", True).float()
+    torch.testing.assert_close(act, want, atol=1e-4, rtol=1e-4)
+    planes = int4_x_planes(act)  # of the output as stored
+    torch.testing.assert_close(out_planes[:, :8], planes[:, :8], atol=0, rtol=0)
+    if out_sums is not None:
+        torch.testing.assert_close(out_sums, planes[:, 8, :16], atol=1e-22, rtol=1e-5)
+    rw = torch.rand(m, device=device) + 0.5
+    y = decode_linear(torch.full_like(act, float("nan")), fc2, poisoned(m, k, device), row_expert=idx, row_scale=rw,
+                      policy=policy, x_planes=out_planes, x_plane_sums=False, expert_ready=True)
+    torch.testing.assert_close(y, dequant_matmul_ref(act, fc2, row_expert=idx, row_scale=rw).float(), atol=1e-4,
+                               rtol=1e-4)
