@@ -1424,7 +1424,7 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         EXPERT_READY=expert_ready and row_expert is not None, ROW_PROGRAMS=row_programs, X_PLANES=use_planes,
         XPL_K=kpad, XPL_SUMS=bool(x_plane_sums) or xws is not None, OUT_PLANES=out_planes is not None, OPL_K=opl_k,
         NBP2=nbp2,
-        PLANES_JOINT=joint, ROW_PAIRS=pairs, PAIR_R=next_pow2(m),
+        PLANES_JOINT=joint, ROW_PAIRS=pairs, PAIR_R=next_pow2(m) if pairs else 1,  # (no batch specialisation)
         X_WSUMS=xws is not None, OUT_WSUMS=ows is not None,
         CONV_EARLY=bool(conv_ready and conv_out is not None and m == 1 and row_expert is None),
         num_warps=warps,
