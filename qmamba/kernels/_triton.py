@@ -48,6 +48,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-int(a) // int(b))
 
 
+def pdl_launch(pdl: bool) -> dict:
+    """A kernel launch's options for a programmatic dependent launch (Hopper and newer; the kernel itself waits with
+    ``gdc_wait`` before it reads what the kernel before it wrote), or none."""
+    return dict(launch_pdl=True) if pdl else {}
+
+
 def split_k_mode(atomic: bool, sem: str) -> int:
     """A matmul's ``ATOMIC`` for :func:`store_or_add`: 0 a plain store, 1 a relaxed atomic add (split-K), 2 an
     acq_rel one (``sem``: ``MatmulPolicy.split_k_atomic_sem``, which checks its value)."""

@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qmamba.kernels._triton import cdiv, jit, split_k_mode, split_k_range, store_or_add, tl
+from qmamba.kernels._triton import cdiv, jit, pdl_launch, split_k_mode, split_k_range, store_or_add, tl
 from qmamba.kernels.dequant_gemm import matmul_epilogue
 from qmamba.kernels.dequantize import dense_linear
 from qmamba.kernels.matmul_configs import (BINARY_DEQUANT_GEMM_MIN_M, GEMV_MAX_M, BinaryConfig,
@@ -361,7 +361,7 @@ def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, r
             BY_EXPERT=route == ROUTE_BY_EXPERT, WPI=cfg.block_k // 32, SPLIT_K=cfg.split_k, HAS_ROW=r is not None,
             HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
             ATOMIC=split_k_mode(atomic, policy.split_k_atomic_sem), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, PDL=pdl, **(dict(launch_pdl=True) if pdl else {}))
+            num_stages=cfg.num_stages, PDL=pdl, **pdl_launch(pdl))
         return out.to(x.dtype) if convert else out
     grid_m = {ROUTE_DENSE: lambda: cdiv(m, cfg.block_m), ROUTE_BY_EXPERT: lambda: weight.n_experts,
               ROUTE_TILES: lambda: tiles.n_tiles}[route]()
@@ -374,7 +374,7 @@ def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, r
         ROUTE=route, USE_DOT=cfg.block_m > 1, HAS_ROW=r is not None, HAS_BIAS=bias is not None,
         HAS_RSCALE=row_scale is not None, IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, PDL=pdl,
-        **(dict(launch_pdl=True) if pdl else {}))
+        **pdl_launch(pdl))
     return out
 
 
@@ -399,5 +399,5 @@ def _word_dots_matmul(x, weight: BinaryWeight, words, bias, row_scale, out, sem:
         HAS_RSCALE=row_scale is not None, IEEE=x.dtype == torch.float32, BLOCK_M=GEMV_MAX_M, BLOCK_N=block_n,
         BLOCK_K=WORD_DOTS_BLOCK_K, WORD_DOTS=True, SIGN16=x.is_cuda and x.dtype in (torch.bfloat16, torch.float16),
         SPLIT_K=split, ATOMIC=split_k_mode(split > 1, sem), num_warps=warps, num_stages=1, PDL=pdl,
-        **(dict(launch_pdl=True) if pdl else {}))
+        **pdl_launch(pdl))
     return out.to(x.dtype) if convert else out

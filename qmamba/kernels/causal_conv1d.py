@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qmamba.kernels._triton import jit, next_pow2, tl
+from qmamba.kernels._triton import jit, next_pow2, pdl_launch, tl
 
 
 def causal_conv1d_ref(x, weight, bias=None, initial_state=None, activation: str | None = "silu"):
@@ -188,5 +188,5 @@ def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation: st
         x, conv_state, weight, bias if bias is not None else weight, y, out_state, dim,
         *x.stride(), *conv_state.stride(), *weight.stride(), *y.stride(), *out_state.stride(),
         W=width, BLOCK_W=next_pow2(width), HAS_BIAS=bias is not None, SILU=silu, BLOCK_D=block_d, PDL=pdl,
-        num_warps=4 if x.is_cuda else 1, **(dict(launch_pdl=True) if pdl else {}))
+        num_warps=4 if x.is_cuda else 1, **pdl_launch(pdl))
     return y, out_state

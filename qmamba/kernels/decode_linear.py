@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qmamba.kernels._triton import HAS_TRITON, jit, next_pow2, tl
+from qmamba.kernels._triton import HAS_TRITON, jit, next_pow2, pdl_launch, tl
 from qmamba.kernels.activations import ACTIVATION_IDS, activate
 from qmamba.kernels.fused_moe import gated_act_ref
 from qmamba.kernels.input_planes import add_word_sums, store_x_planes, x_plane_scale
@@ -1362,7 +1362,7 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     bn = MMA_ROWS if mma else policy.block_n(weight.fmt, rows, n_out, gated=gated is not None)
     grid = (m if row_programs else weight.n_experts if row_expert is not None and m > 1 else 1, -(-n_out // bn))
     dummy = x
-    kwargs = dict(launch_pdl=True) if policy.pdl else {}
+    kwargs = pdl_launch(policy.pdl)
     warps = policy.num_warps
     unpack = INT4_UNPACK[policy.int4_unpack]
     narrow = nbp * wpg < 4 * 32 * warps  # a weight row's tiles fewer words than the program's threads x 4

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qmamba.kernels._triton import cdiv, jit, next_pow2, tl
+from qmamba.kernels._triton import cdiv, jit, next_pow2, pdl_launch, tl
 from qmamba.kernels.input_planes import add_word_sums, store_x_planes
 from qmamba.kernels.selective_scan import _softplus
 from qmamba.quant.layout import check_word_sums, check_x_planes
@@ -287,7 +287,7 @@ def _launch_add_norm(x_out, residual_in, residual_out, norm_w, eps, h, token_ids
         ROUTER=router_w is not None, HAS_RB=router_b is not None, BLOCK_D=block_d, BLOCK_E=next_pow2(e),
         PDL=pdl, X_PLANES=x_planes is not None, KPAD=kpad, SLICE=kpad // parts,
         num_warps=4 if residual_out.is_cuda else 1,
-        **(dict(launch_pdl=True) if pdl else {}))
+        **pdl_launch(pdl))
 
 
 def add_norm_rows(residual, h, norm_w, eps, norm_b=None, out_dtype=None):
@@ -379,7 +379,7 @@ def dt_state_update(dbc, dt_w, dt_bias, x, z, A, D_skip, ssm_state, y_out, conv=
         CONV_W=cw.shape[1] if conv is not None else 1,
         HAS_CB=cb is not None, PDL=pdl, BLOCK_D=block_d, BLOCK_R=next_pow2(r), BLOCK_N=next_pow2(n),
         BLOCK_W=next_pow2(cw.shape[1]) if conv is not None else 1, num_warps=4 if x.is_cuda else 1,
-        **(dict(launch_pdl=True) if pdl else {}))
+        **pdl_launch(pdl))
 
 
 def aligned_rows(w: torch.Tensor, multiple: int = 16) -> torch.Tensor:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qmamba.kernels._triton import jit, next_pow2, tl
+from qmamba.kernels._triton import jit, next_pow2, pdl_launch, tl
 from qmamba.kernels.activations import ACTIVATION_IDS, activate
 from qmamba.kernels.binary_matmul import binary_matmul, binary_matmul_ref
 from qmamba.kernels.matmul_configs import GEMV_MAX_M, current_policy, pick_config
@@ -128,7 +128,7 @@ def gated_act(h, activation: str, gated: bool, out=None, pdl: bool = False):
         _gated_act_kernel[(t, -(-f_out // block))](h, out, f_out, *h.stride(), *out.stride(),
                                                    ACT=ACTIVATION_IDS[activation], GATED=gated, BLOCK=block,
                                                    PDL=pdl, num_warps=4 if h.is_cuda else 1,
-                                                   **(dict(launch_pdl=True) if pdl else {}))
+                                                   **pdl_launch(pdl))
     return out
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from qmamba.kernels._triton import cdiv, jit, split_k_mode, split_k_range, tl
+from qmamba.kernels._triton import cdiv, jit, pdl_launch, split_k_mode, split_k_range, tl
 from qmamba.kernels.dequant_gemm import (dequant_gemm, matmul_epilogue, plane_pairs_args,
                                          plane_position_codes, plane_tile, weight_times_rows)
 from qmamba.kernels.dequantize import dense_linear, dequantize_stack
@@ -318,5 +318,5 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
         FLOAT_CODES=policy.plane_float_codes and x.dtype != torch.float32,
         **plane_pairs_args(policy.plane_code_pairs, weight, x), PDL=pdl,
         EARLY_TILE=early_tile and route == ROUTE_DENSE and weight.fmt == FMT_INT4_PLANES,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **(dict(launch_pdl=True) if pdl else {}))
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(pdl))
     return out.to(x.dtype) if convert else out
