@@ -167,6 +167,19 @@ def int4_x_planes(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def int8_x_plane_order(k_pad: int) -> torch.Tensor:
+    """The int8 activations of the W4A8 GEMM (:mod:`qmamba.kernels.w4a8_gemm`) in plane-byte order: ``[k_pad]``
+    int64, entry j the input element k stored at column j. Read as bytes, a tile's 16 plane words are 64 bytes; byte
+    ``4 w + c`` holds nibble ``2 c`` (low: k = 128 t + 32 c + w) and nibble ``2 c + 1`` (high: k + 16). Columns 0..63
+    of tile t are the low nibbles' k in byte order, columns 64..127 the high nibbles', so that a tile's bytes masked
+    (low) or shifted (high) are the codes of two contiguous 64-column runs of the input: no shuffle of either."""
+    tiles = math.ceil(k_pad / INT4_TILE)
+    j = torch.arange(INT4_TILE // 2)
+    low = 32 * (j % 4) + j // 4
+    tile = torch.cat([low, low + 16])
+    return (torch.arange(tiles)[:, None] * INT4_TILE + tile[None, :]).reshape(-1)
+
+
 def int4_from_planes(words: torch.Tensor, n_blocks: int, group_size: int) -> torch.Tensor:
     """Inverse of :func:`int4_to_planes`: plane words -> int4 bytes ``[..., N, n_blocks, group_size / 2]``."""
     *lead, n, n_words = words.shape

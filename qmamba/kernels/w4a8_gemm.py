@@ -1,0 +1,209 @@
+"""W4A8 GEMM: int4 group-wise weights (plane words) times int8 activations on int8 tensor cores, in Triton.
+
+A candidate for the prefill (M in the hundreds to thousands), where the bf16 GEMMs are bound by the tensor cores and
+an int4 weight dequantized to bf16 can at best tie them (benchmarks/results.md, session 36). Here neither operand
+is converted to a float in the K loop:
+
+* the activations are quantized once per row (:func:`quantize_rows_int8`: a per-row scale, ``round(x / scale)`` in
+  [-127, 127]) and stored in plane-byte order (:func:`qmamba.quant.layout.int8_x_plane_order`), with each 128-column
+  tile's sum of codes;
+* the weight's plane words are read as bytes: a mask gives the low nibbles and a shift and a mask the high ones,
+  four codes a 32-bit instruction, as int8 operands of ``tl.dot`` (``code`` in 0..15 is exact in int8);
+* per 128-column tile (one quantization group, or a part of one), the int32 product minus ``zero * sum(x codes)`` is
+  exact, and is scaled by the group scale into a float32 accumulator; the row scale multiplies the sum at the end.
+
+So ``out = x_hat @ W_hat^T`` exactly up to float32 accumulation, where ``x_hat`` is the quantized activation
+(:func:`dequantize_rows_int8`): the activation quantization is the only approximation. int8 tensor cores run at
+twice the bf16 rate (sm_80 / sm_90). The pure-PyTorch twins are :func:`quantize_rows_int8_ref` and
+:func:`w4a8_gemm_ref` (the latter from the dequantized weight and activation, not from the codes).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qmamba.kernels._triton import cdiv, jit, next_pow2, tl
+from qmamba.kernels.routing import ExpertTiles
+from qmamba.kernels.weights import FMT_INT4_PLANES, PackedWeight
+from qmamba.quant.layout import INT4_TILE, int8_x_plane_order
+
+INT8_MAX = 127
+
+
+# ---- reference twins ------------------------------------------------------------------------------------------------
+def quantize_rows_int8_ref(x: torch.Tensor, k_pad: int):
+    """``x [M, K]`` -> ``(codes [M, k_pad] int8 in plane-byte order, scale [M] float32, sums [M, k_pad / 128] int32)``:
+    ``code = floor(x / scale + 1/2)`` with ``scale = max |x| / 127`` per row (1 where the row is all zeros); padding
+    columns hold 0; ``sums`` are each 128-column tile's code sums."""
+    m, k = x.shape
+    xf = x.float()
+    amax = xf.abs().amax(dim=1) if k else xf.new_zeros(m)
+    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    q = torch.floor(xf / scale[:, None] + 0.5).clamp(-INT8_MAX, INT8_MAX)
+    q = torch.nn.functional.pad(q, (0, k_pad - k))
+    sums = q.reshape(m, k_pad // INT4_TILE, INT4_TILE).sum(-1).to(torch.int32)
+    codes = q[:, int8_x_plane_order(k_pad).to(x.device)].to(torch.int8)
+    return codes, scale, sums
+
+
+def dequantize_rows_int8(codes: torch.Tensor, scale: torch.Tensor, k: int) -> torch.Tensor:
+    """The activation the W4A8 GEMM multiplies: ``[M, k]`` float32 from :func:`quantize_rows_int8`'s codes (plane-byte
+    order) and row scales."""
+    order = int8_x_plane_order(codes.shape[1]).to(codes.device)
+    x = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+    x[:, order] = codes.float()
+    return x[:, :k] * scale[:, None]
+
+
+def w4a8_gemm_ref(codes, scale, weight: PackedWeight, bias=None, row_expert=None) -> torch.Tensor:
+    """``[M, N]`` float32: the dequantized activation times the dequantized weight (row m on expert
+    ``row_expert[m]``, 0 when None), plus ``bias``."""
+    x = dequantize_rows_int8(codes, scale, weight.k)
+    w = weight.dequantized(torch.float32)
+    idx = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if row_expert is None else row_expert.long()
+    y = torch.einsum("mk,mnk->mn", x, w[idx]) if x.shape[0] else x.new_zeros(0, weight.n)
+    return y if bias is None else y + bias.float()
+
+
+# ---- activation quantization ----------------------------------------------------------------------------------------
+@jit
+def _quantize_rows_int8_kernel(x_ptr, q_ptr, s_ptr, sum_ptr, K, sxm, sxk, sqm, ssum, BLOCK_K: tl.constexpr,
+                               TILES: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK_K)
+    # column j of the output holds input k (int8_x_plane_order): tile t, half h (low / high nibbles), byte r
+    r = j % 64
+    k = (j // 128) * 128 + 32 * (r % 4) + r // 4 + 16 * ((j % 128) // 64)
+    x = tl.load(x_ptr + row * sxm + k * sxk, mask=k < K, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=0)
+    scale = tl.where(amax > 0, amax / 127.0, 1.0)
+    q = tl.floor(x / scale + 0.5)
+    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+    tl.store(q_ptr + row * sqm + j, q.to(tl.int8), mask=j < TILES * 128)
+    tl.store(s_ptr + row, scale)
+    t = tl.arange(0, BLOCK_K // 128)
+    sums = tl.sum(tl.reshape(q, (BLOCK_K // 128, 128)), axis=1).to(tl.int32)
+    tl.store(sum_ptr + row * ssum + t, sums, mask=t < TILES)
+
+
+def quantize_rows_int8(x: torch.Tensor, k_pad: int):
+    """Triton twin of :func:`quantize_rows_int8_ref` (one program a row)."""
+    if x.dim() != 2 or k_pad % INT4_TILE or k_pad < x.shape[1]:
+        raise ValueError(f"quantize_rows_int8: x must be [M, K] with K <= k_pad, k_pad a multiple of {INT4_TILE}")
+    m = x.shape[0]
+    tiles = k_pad // INT4_TILE
+    codes = torch.empty(m, k_pad, dtype=torch.int8, device=x.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    sums = torch.empty(m, tiles, dtype=torch.int32, device=x.device)
+    if m:
+        _quantize_rows_int8_kernel[(m,)](x, codes, scale, sums, x.shape[1], x.stride(0), x.stride(1), codes.stride(0),
+                                         sums.stride(0), BLOCK_K=next_pow2(k_pad), TILES=tiles, num_warps=4)
+    return codes, scale, sums
+
+
+# ---- the GEMM -------------------------------------------------------------------------------------------------------
+@jit
+def _nibble_bytes(wb, HIGH: tl.constexpr, ASM: tl.constexpr):
+    """The low (or ``HIGH``) nibbles of bytes ``wb`` (uint8) as int8 codes: on CUDA four bytes a 32-bit mask (and a
+    shift), elsewhere (the interpreter has no inline PTX) one element at a time."""
+    if ASM:
+        if HIGH:
+            codes = tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 $0, t, 0x0F0F0F0F; }",
+                                              "=r,r", [wb], dtype=tl.int8, is_pure=True, pack=4)
+        else:
+            codes = tl.inline_asm_elementwise("and.b32 $0, $1, 0x0F0F0F0F;", "=r,r", [wb], dtype=tl.int8,
+                                              is_pure=True, pack=4)
+    else:
+        if HIGH:
+            codes = (wb >> 4).to(tl.int8)
+        else:
+            codes = (wb & 0xF).to(tl.int8)
+    return codes
+
+
+@jit
+def _w4a8_gemm_kernel(
+    q_ptr, xs_ptr, xsum_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, sorted_ptr,
+    M, N, K_PAD, GRID_M, GRID_N, sqm, ssum, som, son, swe, swn, sse, ssn, sze, szn,
+    TILES: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWIZZLE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    per_group = SWIZZLE * GRID_N
+    first_m = (pid // per_group) * SWIZZLE
+    group_rows = tl.minimum(GRID_M - first_m, SWIZZLE)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    rm = tl.arange(0, BLOCK_M)
+    if TILES:
+        expert = tl.load(tile_e_ptr + pid_m)
+        lo = tl.load(tile_lo_ptr + pid_m)
+        hi = tl.load(tile_hi_ptr + pid_m)
+        row_ok = lo + rm < hi
+        rows = tl.load(sorted_ptr + lo + rm, mask=row_ok, other=0)
+        k_end = tl.where(hi > lo, K_PAD, 0)  # the map's spare tiles run no K loop
+    else:
+        rows = pid_m * BLOCK_M + rm
+        row_ok = rows < M
+        expert = pid_m * 0
+        k_end = K_PAD
+    e64 = expert.to(tl.int64)
+    rows64 = rows.to(tl.int64)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    jb = tl.arange(0, 64)
+    w_rows = w_ptr + e64 * swe + n[:, None] * swn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, k_end, 128):
+        # the tile's 64 bytes a weight row: low nibbles are the codes of input columns k0 .. k0 + 63 (plane-byte
+        # order), high nibbles those of k0 + 64 .. k0 + 127
+        wb = tl.load(w_rows + (k0 // 2 + jb)[None, :], mask=n_ok[:, None], other=0)
+        x_lo = tl.load(q_ptr + rows64[:, None] * sqm + (k0 + jb)[None, :], mask=row_ok[:, None], other=0)
+        x_hi = tl.load(q_ptr + rows64[:, None] * sqm + (k0 + 64 + jb)[None, :], mask=row_ok[:, None], other=0)
+        part = tl.dot(x_lo, tl.trans(_nibble_bytes(wb, False, ASM)), out_dtype=tl.int32)
+        part = tl.dot(x_hi, tl.trans(_nibble_bytes(wb, True, ASM)), part, out_dtype=tl.int32)
+        blk = k0 // GROUP
+        zb = tl.load(z_ptr + e64 * sze + n * szn + blk // 2, mask=n_ok, other=0).to(tl.int32)
+        zero = (zb >> ((blk % 2) * 4)) & 0xF
+        scale = tl.load(s_ptr + e64 * sse + n * ssn + blk, mask=n_ok, other=0.0).to(tl.float32)
+        xsum = tl.load(xsum_ptr + rows64 * ssum + k0 // 128, mask=row_ok, other=0)
+        part -= xsum[:, None] * zero[None, :]
+        acc += part.to(tl.float32) * scale[None, :]
+    acc *= tl.load(xs_ptr + rows64, mask=row_ok, other=0.0)[:, None]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + e64 * N + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows64[:, None] * som + n[None, :] * son, acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & n_ok[None, :])
+
+
+def w4a8_gemm(codes, scale, sums, weight: PackedWeight, out=None, bias=None, tiles: ExpertTiles | None = None,
+              block_m: int = 128, block_n: int = 128, num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
+    """``out [M, N] <- x_hat @ W_hat^T (+ bias)`` from :func:`quantize_rows_int8`'s ``codes, scale, sums`` and int4
+    plane words (group size a multiple of 128); one matrix, or with ``tiles`` the routed expert tiles of a stack
+    (``tiles.block_m`` rows a tile, which must be ``block_m``). ``out`` defaults to a new bfloat16 tensor."""
+    if weight.fmt != FMT_INT4_PLANES or weight.group_size % INT4_TILE:
+        raise ValueError("w4a8_gemm: the weight must be int4 plane words with a group size a multiple of 128")
+    m, k_pad = codes.shape
+    if k_pad != weight.qweight.shape[-1] * 8 or codes.dtype != torch.int8:
+        raise ValueError(f"w4a8_gemm: codes must be [M, {weight.qweight.shape[-1] * 8}] int8, got "
+                         f"{tuple(codes.shape)} {codes.dtype}")
+    if tiles is None and weight.n_experts != 1:
+        raise ValueError("w4a8_gemm: an expert stack needs its tile map")
+    if tiles is not None and tiles.block_m != block_m:
+        raise ValueError(f"w4a8_gemm: the tile map has {tiles.block_m} rows a tile, the kernel {block_m}")
+    if out is None:
+        out = torch.empty(m, weight.n, dtype=torch.bfloat16, device=codes.device)
+    wb = weight.qweight.view(torch.uint8)  # [E, N, 4 W] bytes of the plane words
+    grid_m = tiles.n_tiles if tiles is not None else cdiv(m, block_m)
+    grid_n = cdiv(weight.n, block_n)
+    dummy = scale
+    _w4a8_gemm_kernel[(grid_m * grid_n,)](
+        codes, scale, sums, out, wb, weight.scales, weight.zeros, bias if bias is not None else dummy,
+        *(tiles.tensors() if tiles is not None else (dummy, dummy, dummy, dummy)),
+        m, weight.n, k_pad, grid_m, grid_n, codes.stride(0), sums.stride(0), out.stride(0), out.stride(1),
+        wb.stride(0), wb.stride(1), weight.scales.stride(0), weight.scales.stride(1), weight.zeros.stride(0),
+        weight.zeros.stride(1),
+        TILES=tiles is not None, GROUP=weight.group_size, HAS_BIAS=bias is not None, ASM=codes.is_cuda,
+        BLOCK_M=block_m, BLOCK_N=block_n, SWIZZLE=1 if tiles is not None else 8,
+        num_warps=num_warps, num_stages=num_stages)
+    return out

@@ -1,0 +1,93 @@
+"""The W4A8 GEMM candidate: the activation quantizer against its twin, the GEMM against the dequantized activation
+times the dequantized weight (one matrix, routed expert tiles, ragged K, a group of 256, bias), the plane-byte order
+as a permutation, and bad input refused."""
+
+import pytest
+import torch
+
+from qmamba.kernels.routing import expert_tile_map
+from qmamba.kernels.w4a8_gemm import (dequantize_rows_int8, quantize_rows_int8, quantize_rows_int8_ref, w4a8_gemm,
+                                      w4a8_gemm_ref)
+from qmamba.quant.formats import Int4Format
+from qmamba.quant.layout import int8_x_plane_order
+
+
+def planes_weight(n, k, device, experts=1, group=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    fmt = Int4Format(group)
+    w = torch.randn(experts, n, k, generator=g) / k ** 0.5
+    packed = fmt.kernel_weight({key: t.to(device) for key, t in fmt.quantize_rtn(w).items()}, n, k)
+    return packed.to_planes()
+
+
+def test_plane_byte_order_is_a_permutation_matching_the_plane_words():
+    order = int8_x_plane_order(256)
+    assert sorted(order.tolist()) == list(range(256))
+    # byte 4 w + c of a tile's plane words holds nibbles 2c (low: k = 32 c + w) and 2c + 1 (high: k + 16)
+    w = planes_weight(3, 256, "cpu")
+    words = w.qweight[0]                                                         # [N, 32] int32
+    nib = (words.to(torch.int64)[..., None] >> (4 * torch.arange(8))) & 0xF       # [N, 32, 8]
+    by_k = torch.empty(3, 256, dtype=torch.int64)
+    for t in range(2):
+        for i in range(8):
+            by_k[:, 128 * t + 16 * i:128 * t + 16 * i + 16] = nib[:, 16 * t:16 * t + 16, i]
+    as_bytes = words.contiguous().view(torch.uint8).reshape(3, 2, 64).to(torch.int64)
+    low, high = as_bytes & 0xF, as_bytes >> 4
+    for t in range(2):
+        assert torch.equal(low[:, t], by_k[:, order[128 * t:128 * t + 64]])
+        assert torch.equal(high[:, t], by_k[:, order[128 * t + 64:128 * t + 128]])
+
+
+@pytest.mark.parametrize("m,k", [(1, 128), (7, 200), (33, 300)])
+def test_quantize_rows_matches_twin(m, k, device):
+    x = torch.randn(m, k, device=device) * 3
+    x[0, :] = 0  # an all-zero row: scale 1, codes 0
+    k_pad = -(-k // 128) * 128
+    got = quantize_rows_int8(x, k_pad)
+    ref = quantize_rows_int8_ref(x, k_pad)
+    assert torch.equal(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-6, atol=0)
+    assert torch.equal(got[2], ref[2])
+    # the codes are the row's values over its scale, rounded: within half a step of x
+    back = dequantize_rows_int8(got[0], got[1], k)
+    assert ((back - x).abs() <= got[1][:, None] * 0.5 + 1e-6).all()
+    assert got[0][:, :].abs().max() <= 127
+
+
+@pytest.mark.parametrize("m,k,n,group", [(5, 200, 40, 128), (37, 300, 130, 128), (19, 256, 24, 256)])
+def test_gemm_matches_dequantized(m, k, n, group, device):
+    w = planes_weight(n, k, device, group=group)
+    x = torch.randn(m, k, device=device)
+    bias = torch.randn(n, device=device)
+    codes, scale, sums = quantize_rows_int8(x, w.qweight.shape[-1] * 8)
+    got = w4a8_gemm(codes, scale, sums, w, out=torch.empty(m, n, device=device), bias=bias, block_m=16, block_n=32,
+                    num_warps=4, num_stages=2)
+    ref = w4a8_gemm_ref(codes, scale, w, bias=bias)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    # and the product is x @ W_hat up to the activation's rounding
+    exact = x @ w.dequantized(torch.float32)[0].t() + bias
+    assert (got - exact).norm() / exact.norm() < 2e-2
+
+
+def test_gemm_on_expert_tiles(device):
+    m, k, n, experts = 29, 264, 48, 3
+    w = planes_weight(n, k, device, experts=experts, seed=1)
+    x = torch.randn(m, k, device=device)
+    row_expert = torch.randint(0, experts, (m,), generator=torch.Generator().manual_seed(2)).to(device)
+    tiles = expert_tile_map(row_expert, experts, 16)
+    codes, scale, sums = quantize_rows_int8(x, w.qweight.shape[-1] * 8)
+    got = w4a8_gemm(codes, scale, sums, w, out=torch.empty(m, n, device=device), tiles=tiles, block_m=16,
+                    block_n=32, num_warps=4, num_stages=2)
+    ref = w4a8_gemm_ref(codes, scale, w, row_expert=row_expert)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_bad_input_is_refused():
+    w = planes_weight(8, 128, "cpu")
+    codes, scale, sums = quantize_rows_int8_ref(torch.randn(2, 128), 128)
+    with pytest.raises(ValueError, match="int8"):
+        w4a8_gemm(codes.float(), scale, sums, w)
+    with pytest.raises(ValueError, match="tile map"):
+        w4a8_gemm(codes, scale, sums, planes_weight(8, 128, "cpu", experts=2))
+    with pytest.raises(ValueError, match="k_pad"):
+        quantize_rows_int8(torch.randn(2, 200), 128)
