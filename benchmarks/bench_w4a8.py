@@ -11,7 +11,7 @@ for information). Timing: CUDA graphs over rotating weight copies (``timing.py``
 quantizer plus the GEMM, ``w4a8_gemm`` the GEMM alone. Exits 1 when a check fails.
 
     python benchmarks/bench_w4a8.py [--m 256,512,2048] [--shapes in_proj,out_proj,fc1,fc2]
-        [--tiles 64x128x4x3,64x256x8x3] [--json OUT]
+        [--tiles 64x128x4x3,64x128x4x3m,128x128x8x3] [--json OUT]
 
 Without a GPU it runs the checks only (``--m`` small, the interpreter), for CI.
 """
@@ -31,7 +31,7 @@ from timing import EAGER_FALLBACKS, time_calls, require_idle_gpu  # noqa: E402
 
 from qmamba.kernels.quant_matmul import dequant_matmul, dequant_matmul_ref  # noqa: E402
 from qmamba.kernels.w4a8_gemm import (quantize_rows_int8, quantize_rows_int8_ref, w4a8_gemm,  # noqa: E402
-                                      w4a8_gemm_ref)
+                                      w4a8_gemm_ref, w4a8_weight)
 from qmamba.quant.formats import Int4Format  # noqa: E402
 
 SHAPES = {"in_proj": (1472, 5888), "out_proj": (2944, 1472), "fc1": (1472, 7744), "fc2": (3872, 1472)}  # (K, N)
@@ -43,8 +43,10 @@ def rel_err(out, ref) -> float:
 
 
 def parse_tile(spec: str) -> dict:
-    bm, bn, nw, ns = (int(v) for v in spec.split("x"))
-    return dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
+    """``BMxBNxWARPSxSTAGES``, an ``m`` at the end for the magic-number conversion (``w4a8_gemm``'s ``magic``)."""
+    magic = spec.endswith("m")
+    bm, bn, nw, ns = (int(v) for v in spec.rstrip("m").split("x"))
+    return dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, magic=magic)
 
 
 def bench_shape(name, k, n, m, tiles, dev, timing: bool) -> tuple[dict, list[str]]:
@@ -62,9 +64,10 @@ def bench_shape(name, k, n, m, tiles, dev, timing: bool) -> tuple[dict, list[str
     if not (torch.equal(codes, rc) and torch.allclose(scale, rs, rtol=1e-6) and torch.equal(sums, rsu)):
         fails.append(f"{name} M={m}: the activation quantizer differs from its twin")
     ref = w4a8_gemm_ref(codes, scale, planes)
+    tables = w4a8_weight(planes)
     exact = x.float() @ planes.dequantized(torch.float32)[0].t()
     for spec in tiles:
-        y = w4a8_gemm(codes, scale, sums, planes, out=torch.empty(m, n, device=dev, dtype=x.dtype), **parse_tile(spec))
+        y = w4a8_gemm(codes, scale, sums, tables, out=torch.empty(m, n, device=dev, dtype=x.dtype), **parse_tile(spec))
         err = rel_err(y, ref)
         row[f"err_{spec}"] = err
         if err > (1e-2 if x.dtype == torch.bfloat16 else 1e-5):
@@ -83,6 +86,7 @@ def bench_shape(name, k, n, m, tiles, dev, timing: bool) -> tuple[dict, list[str
     w_bf16 = [c.dequantized(torch.bfloat16)[0] for c in copies[:max(2, len(copies) // 4 + 1)]]
     row["cublas_bf16"] = time_calls([lambda wb=wb: x @ wb.t() for wb in w_bf16])
     row["int4_runtime"] = time_calls([lambda c=c: dequant_matmul(x, c) for c in copies])
+    copies = [w4a8_weight(c) for c in copies]
     out = torch.empty(m, n, device=dev, dtype=x.dtype)
     for spec in tiles:
         cfg = parse_tile(spec)
@@ -104,7 +108,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--m", default="256,512,2048")
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--tiles", default="64x128x4x3,64x256x8x3,64x128x4x2")
+    ap.add_argument("--tiles", default="64x128x4x3,64x128x4x3m,64x128x4x4,128x128x8x3,128x128x8x3m,64x256x8x3")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -9,8 +9,11 @@ is converted to a float in the K loop:
   tile's sum of codes;
 * the weight's plane words are read as bytes: a mask gives the low nibbles and a shift and a mask the high ones,
   four codes a 32-bit instruction, as int8 operands of ``tl.dot`` (``code`` in 0..15 is exact in int8);
-* per 128-column tile (one quantization group, or a part of one), the int32 product minus ``zero * sum(x codes)`` is
-  exact, and is scaled by the group scale into a float32 accumulator; the row scale multiplies the sum at the end.
+* per 128-column tile (one quantization group, or a part of one), the exact int32 product of the codes is scaled by
+  the group scale into a float32 accumulator (two instructions an output a tile: the conversion and an FMA); the zero
+  points' share, ``sum over tiles of scale * zero * sum(x codes)``, is one small product after the K loop, on tensor
+  cores in three-pass tf32 (~fp32); the row scale multiplies the sum at the end. The weight's tables (a float32
+  scale and ``scale * zero`` a tile) are made once (:func:`w4a8_weight`), as the plane words are.
 
 So ``out = x_hat @ W_hat^T`` exactly up to float32 accumulation, where ``x_hat`` is the quantized activation
 (:func:`dequantize_rows_int8`): the activation quantization is the only approximation. int8 tensor cores run at
@@ -20,28 +23,60 @@ twice the bf16 rate (sm_80 / sm_90). The pure-PyTorch twins are :func:`quantize_
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from qmamba.kernels._triton import cdiv, jit, next_pow2, tl
 from qmamba.kernels.routing import ExpertTiles
 from qmamba.kernels.weights import FMT_INT4_PLANES, PackedWeight
-from qmamba.quant.layout import INT4_TILE, int8_x_plane_order
+from qmamba.quant.layout import INT4_TILE, int8_x_plane_order, unpack_nibbles
 
 INT8_MAX = 127
 
 
+@dataclass
+class W4A8Weight:
+    """An int4 weight as the W4A8 GEMM reads it: the plane words, and per 128-column tile the group's scale and
+    ``scale * zero`` in float32 (``[E, N, tiles]`` and ``[E, N, sum_columns]``, zero-padded)."""
+
+    planes: PackedWeight
+    tile_scale: torch.Tensor
+    tile_zero_scale: torch.Tensor
+
+
+def w4a8_weight(planes: PackedWeight) -> W4A8Weight:
+    """The tables of :class:`W4A8Weight` for int4 plane words (group size a multiple of 128); made once per weight."""
+    if planes.fmt != FMT_INT4_PLANES or planes.group_size % INT4_TILE:
+        raise ValueError("w4a8_gemm: the weight must be int4 plane words with a group size a multiple of 128")
+    k_pad = planes.qweight.shape[-1] * 8
+    n_groups = planes.scales.shape[-1]
+    group_of_tile = (torch.arange(k_pad // INT4_TILE, device=planes.scales.device) * INT4_TILE) // planes.group_size
+    scale = planes.scales.float()[..., group_of_tile]
+    zero = unpack_nibbles(planes.zeros)[..., :n_groups].float()[..., group_of_tile]
+    zero_scale = torch.nn.functional.pad(scale * zero, (0, sum_columns(k_pad) - group_of_tile.numel()))
+    return W4A8Weight(planes, scale.contiguous(), zero_scale.contiguous())
+
+
 # ---- reference twins ------------------------------------------------------------------------------------------------
+def sum_columns(k_pad: int) -> int:
+    """Columns of the tile sums of an input of ``k_pad`` columns: one a 128-column tile, padded with zeros to a power
+    of two of at least 16 (the K of the zero points' product)."""
+    return max(16, next_pow2(k_pad // INT4_TILE))
+
+
 def quantize_rows_int8_ref(x: torch.Tensor, k_pad: int):
-    """``x [M, K]`` -> ``(codes [M, k_pad] int8 in plane-byte order, scale [M] float32, sums [M, k_pad / 128] int32)``:
-    ``code = floor(x / scale + 1/2)`` with ``scale = max |x| / 127`` per row (1 where the row is all zeros); padding
-    columns hold 0; ``sums`` are each 128-column tile's code sums."""
+    """``x [M, K]`` -> ``(codes [M, k_pad] int8 in plane-byte order, scale [M] float32, sums [M, sum_columns(k_pad)]
+    float32)``: ``code = floor(x / scale + 1/2)`` with ``scale = max |x| / 127`` per row (1 where the row is all
+    zeros); padding columns hold 0; ``sums`` are each 128-column tile's code sums (exact integers), then zeros."""
     m, k = x.shape
     xf = x.float()
     amax = xf.abs().amax(dim=1) if k else xf.new_zeros(m)
     scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
     q = torch.floor(xf / scale[:, None] + 0.5).clamp(-INT8_MAX, INT8_MAX)
     q = torch.nn.functional.pad(q, (0, k_pad - k))
-    sums = q.reshape(m, k_pad // INT4_TILE, INT4_TILE).sum(-1).to(torch.int32)
+    sums = q.reshape(m, k_pad // INT4_TILE, INT4_TILE).sum(-1)
+    sums = torch.nn.functional.pad(sums, (0, sum_columns(k_pad) - sums.shape[1]))
     codes = q[:, int8_x_plane_order(k_pad).to(x.device)].to(torch.int8)
     return codes, scale, sums
 
@@ -56,8 +91,8 @@ def dequantize_rows_int8(codes: torch.Tensor, scale: torch.Tensor, k: int) -> to
 
 
 def w4a8_gemm_ref(codes, scale, weight: PackedWeight, bias=None, row_expert=None) -> torch.Tensor:
-    """``[M, N]`` float32: the dequantized activation times the dequantized weight (row m on expert
-    ``row_expert[m]``, 0 when None), plus ``bias``."""
+    """``[M, N]`` float32: the dequantized activation times the dequantized weight (the int4 record, not its W4A8
+    tables; row m on expert ``row_expert[m]``, 0 when None), plus ``bias``."""
     x = dequantize_rows_int8(codes, scale, weight.k)
     w = weight.dequantized(torch.float32)
     idx = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if row_expert is None else row_expert.long()
@@ -82,8 +117,8 @@ def _quantize_rows_int8_kernel(x_ptr, q_ptr, s_ptr, sum_ptr, K, sxm, sxk, sqm, s
     tl.store(q_ptr + row * sqm + j, q.to(tl.int8), mask=j < TILES * 128)
     tl.store(s_ptr + row, scale)
     t = tl.arange(0, BLOCK_K // 128)
-    sums = tl.sum(tl.reshape(q, (BLOCK_K // 128, 128)), axis=1).to(tl.int32)
-    tl.store(sum_ptr + row * ssum + t, sums, mask=t < TILES)
+    sums = tl.sum(tl.reshape(q, (BLOCK_K // 128, 128)), axis=1)
+    tl.store(sum_ptr + row * ssum + t, sums, mask=t < TILES)  # (the padding columns are zeroed by the launcher)
 
 
 def quantize_rows_int8(x: torch.Tensor, k_pad: int):
@@ -94,7 +129,7 @@ def quantize_rows_int8(x: torch.Tensor, k_pad: int):
     tiles = k_pad // INT4_TILE
     codes = torch.empty(m, k_pad, dtype=torch.int8, device=x.device)
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
-    sums = torch.empty(m, tiles, dtype=torch.int32, device=x.device)
+    sums = torch.zeros(m, sum_columns(k_pad), dtype=torch.float32, device=x.device)
     if m:
         _quantize_rows_int8_kernel[(m,)](x, codes, scale, sums, x.shape[1], x.stride(0), x.stride(1), codes.stride(0),
                                          sums.stride(0), BLOCK_K=next_pow2(k_pad), TILES=tiles, num_warps=4)
@@ -123,10 +158,10 @@ def _nibble_bytes(wb, HIGH: tl.constexpr, ASM: tl.constexpr):
 
 @jit
 def _w4a8_gemm_kernel(
-    q_ptr, xs_ptr, xsum_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, sorted_ptr,
-    M, N, K_PAD, GRID_M, GRID_N, sqm, ssum, som, son, swe, swn, sse, ssn, sze, szn,
-    TILES: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWIZZLE: tl.constexpr,
+    q_ptr, xs_ptr, xsum_ptr, out_ptr, w_ptr, ts_ptr, tz_ptr, bias_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, sorted_ptr,
+    M, N, K_PAD, GRID_M, GRID_N, sqm, ssum, som, son, swe, swn, stse, stsn, stze, stzn,
+    TILES: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, PRECISION: tl.constexpr,
+    MAGIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWIZZLE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     per_group = SWIZZLE * GRID_N
@@ -162,13 +197,16 @@ def _w4a8_gemm_kernel(
         x_hi = tl.load(q_ptr + rows64[:, None] * sqm + (k0 + 64 + jb)[None, :], mask=row_ok[:, None], other=0)
         part = tl.dot(x_lo, tl.trans(_nibble_bytes(wb, False, ASM)), out_dtype=tl.int32)
         part = tl.dot(x_hi, tl.trans(_nibble_bytes(wb, True, ASM)), part, out_dtype=tl.int32)
-        blk = k0 // GROUP
-        zb = tl.load(z_ptr + e64 * sze + n * szn + blk // 2, mask=n_ok, other=0).to(tl.int32)
-        zero = (zb >> ((blk % 2) * 4)) & 0xF
-        scale = tl.load(s_ptr + e64 * sse + n * ssn + blk, mask=n_ok, other=0.0).to(tl.float32)
-        xsum = tl.load(xsum_ptr + rows64 * ssum + k0 // 128, mask=row_ok, other=0)
-        part -= xsum[:, None] * zero[None, :]
-        acc += part.to(tl.float32) * scale[None, :]
+        scale = tl.load(ts_ptr + e64 * stse + n * stsn + k0 // 128, mask=n_ok, other=0.0)
+        if MAGIC:  # |part| < 2^22: the int added to the bits of 1.5 * 2^23 is a float exactly that much larger
+            acc += ((part + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0) * scale[None, :]
+        else:
+            acc += part.to(tl.float32) * scale[None, :]
+    # the zero points: acc -= sum over tiles t of sum(x codes of t) * scale_t * zero_t
+    t = tl.arange(0, SUMS)
+    xsum = tl.load(xsum_ptr + rows64[:, None] * ssum + t[None, :], mask=row_ok[:, None], other=0.0)
+    zs = tl.load(tz_ptr + e64 * stze + n[:, None] * stzn + t[None, :], mask=n_ok[:, None], other=0.0)
+    acc -= tl.dot(xsum, tl.trans(zs), input_precision=PRECISION)
     acc *= tl.load(xs_ptr + rows64, mask=row_ok, other=0.0)[:, None]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + e64 * N + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -176,34 +214,40 @@ def _w4a8_gemm_kernel(
              mask=row_ok[:, None] & n_ok[None, :])
 
 
-def w4a8_gemm(codes, scale, sums, weight: PackedWeight, out=None, bias=None, tiles: ExpertTiles | None = None,
-              block_m: int = 128, block_n: int = 128, num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
-    """``out [M, N] <- x_hat @ W_hat^T (+ bias)`` from :func:`quantize_rows_int8`'s ``codes, scale, sums`` and int4
-    plane words (group size a multiple of 128); one matrix, or with ``tiles`` the routed expert tiles of a stack
-    (``tiles.block_m`` rows a tile, which must be ``block_m``). ``out`` defaults to a new bfloat16 tensor."""
-    if weight.fmt != FMT_INT4_PLANES or weight.group_size % INT4_TILE:
-        raise ValueError("w4a8_gemm: the weight must be int4 plane words with a group size a multiple of 128")
+def w4a8_gemm(codes, scale, sums, weight: W4A8Weight, out=None, bias=None, tiles: ExpertTiles | None = None,
+              block_m: int = 64, block_n: int = 128, num_warps: int = 4, num_stages: int = 3,
+              magic: bool = False) -> torch.Tensor:
+    """``out [M, N] <- x_hat @ W_hat^T (+ bias)`` from :func:`quantize_rows_int8`'s ``codes, scale, sums`` and
+    :func:`w4a8_weight`'s tables; one matrix, or with ``tiles`` the routed expert tiles of a stack (``tiles.block_m``
+    rows a tile, which must be ``block_m``). ``out`` defaults to a new bfloat16 tensor. ``magic``: each tile's int32
+    product converted to float by an add to the bits of 1.5 * 2^23 and a float subtraction (two full-rate
+    instructions) instead of ``I2FP`` (one, of a throughput to be measured)."""
+    if not isinstance(weight, W4A8Weight):
+        raise ValueError("w4a8_gemm: the weight must be a W4A8Weight (w4a8_weight(plane words))")
+    planes = weight.planes
     m, k_pad = codes.shape
-    if k_pad != weight.qweight.shape[-1] * 8 or codes.dtype != torch.int8:
-        raise ValueError(f"w4a8_gemm: codes must be [M, {weight.qweight.shape[-1] * 8}] int8, got "
+    if k_pad != planes.qweight.shape[-1] * 8 or codes.dtype != torch.int8:
+        raise ValueError(f"w4a8_gemm: codes must be [M, {planes.qweight.shape[-1] * 8}] int8, got "
                          f"{tuple(codes.shape)} {codes.dtype}")
-    if tiles is None and weight.n_experts != 1:
+    if tuple(sums.shape) != (m, sum_columns(k_pad)) or sums.dtype != torch.float32:
+        raise ValueError(f"w4a8_gemm: sums must be [{m}, {sum_columns(k_pad)}] float32")
+    if tiles is None and planes.n_experts != 1:
         raise ValueError("w4a8_gemm: an expert stack needs its tile map")
     if tiles is not None and tiles.block_m != block_m:
         raise ValueError(f"w4a8_gemm: the tile map has {tiles.block_m} rows a tile, the kernel {block_m}")
     if out is None:
-        out = torch.empty(m, weight.n, dtype=torch.bfloat16, device=codes.device)
-    wb = weight.qweight.view(torch.uint8)  # [E, N, 4 W] bytes of the plane words
+        out = torch.empty(m, planes.n, dtype=torch.bfloat16, device=codes.device)
+    wb = planes.qweight.view(torch.uint8)  # [E, N, 4 W] bytes of the plane words
+    ts, tz = weight.tile_scale, weight.tile_zero_scale
     grid_m = tiles.n_tiles if tiles is not None else cdiv(m, block_m)
-    grid_n = cdiv(weight.n, block_n)
+    grid_n = cdiv(planes.n, block_n)
     dummy = scale
     _w4a8_gemm_kernel[(grid_m * grid_n,)](
-        codes, scale, sums, out, wb, weight.scales, weight.zeros, bias if bias is not None else dummy,
+        codes, scale, sums, out, wb, ts, tz, bias if bias is not None else dummy,
         *(tiles.tensors() if tiles is not None else (dummy, dummy, dummy, dummy)),
-        m, weight.n, k_pad, grid_m, grid_n, codes.stride(0), sums.stride(0), out.stride(0), out.stride(1),
-        wb.stride(0), wb.stride(1), weight.scales.stride(0), weight.scales.stride(1), weight.zeros.stride(0),
-        weight.zeros.stride(1),
-        TILES=tiles is not None, GROUP=weight.group_size, HAS_BIAS=bias is not None, ASM=codes.is_cuda,
-        BLOCK_M=block_m, BLOCK_N=block_n, SWIZZLE=1 if tiles is not None else 8,
-        num_warps=num_warps, num_stages=num_stages)
+        m, planes.n, k_pad, grid_m, grid_n, codes.stride(0), sums.stride(0), out.stride(0), out.stride(1),
+        wb.stride(0), wb.stride(1), ts.stride(0), ts.stride(1), tz.stride(0), tz.stride(1),
+        TILES=tiles is not None, SUMS=sums.shape[1], HAS_BIAS=bias is not None, ASM=codes.is_cuda,
+        PRECISION="tf32x3" if codes.is_cuda else "ieee", MAGIC=magic, BLOCK_M=block_m, BLOCK_N=block_n,
+        SWIZZLE=1 if tiles is not None else 8, num_warps=num_warps, num_stages=num_stages)
     return out

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qmamba.kernels.routing import expert_tile_map
-from qmamba.kernels.w4a8_gemm import (dequantize_rows_int8, quantize_rows_int8, quantize_rows_int8_ref, w4a8_gemm,
-                                      w4a8_gemm_ref)
+from qmamba.kernels.w4a8_gemm import (dequantize_rows_int8, quantize_rows_int8, quantize_rows_int8_ref, sum_columns,
+                                      w4a8_gemm, w4a8_gemm_ref, w4a8_weight)
 from qmamba.quant.formats import Int4Format
 from qmamba.quant.layout import int8_x_plane_order
 
@@ -48,20 +48,25 @@ def test_quantize_rows_matches_twin(m, k, device):
     assert torch.equal(got[0], ref[0])
     torch.testing.assert_close(got[1], ref[1], rtol=1e-6, atol=0)
     assert torch.equal(got[2], ref[2])
+    # a tile's codes are permuted within the tile: their sums are the tiles' sums, then zeros
+    tile_sums = got[0].float().reshape(m, -1, 128).sum(-1)
+    assert got[2].shape == (m, sum_columns(k_pad))
+    assert torch.equal(got[2][:, :tile_sums.shape[1]], tile_sums) and not got[2][:, tile_sums.shape[1]:].any()
     # the codes are the row's values over its scale, rounded: within half a step of x
     back = dequantize_rows_int8(got[0], got[1], k)
     assert ((back - x).abs() <= got[1][:, None] * 0.5 + 1e-6).all()
     assert got[0][:, :].abs().max() <= 127
 
 
-@pytest.mark.parametrize("m,k,n,group", [(5, 200, 40, 128), (37, 300, 130, 128), (19, 256, 24, 256)])
-def test_gemm_matches_dequantized(m, k, n, group, device):
+@pytest.mark.parametrize("m,k,n,group,magic", [(5, 200, 40, 128, False), (37, 300, 130, 128, False),
+                                               (19, 256, 24, 256, False), (37, 300, 130, 128, True)])
+def test_gemm_matches_dequantized(m, k, n, group, magic, device):
     w = planes_weight(n, k, device, group=group)
     x = torch.randn(m, k, device=device)
     bias = torch.randn(n, device=device)
     codes, scale, sums = quantize_rows_int8(x, w.qweight.shape[-1] * 8)
-    got = w4a8_gemm(codes, scale, sums, w, out=torch.empty(m, n, device=device), bias=bias, block_m=16, block_n=32,
-                    num_warps=4, num_stages=2)
+    got = w4a8_gemm(codes, scale, sums, w4a8_weight(w), out=torch.empty(m, n, device=device), bias=bias, block_m=16,
+                    block_n=32, num_warps=4, num_stages=2, magic=magic)
     ref = w4a8_gemm_ref(codes, scale, w, bias=bias)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
     # and the product is x @ W_hat up to the activation's rounding
@@ -76,8 +81,8 @@ def test_gemm_on_expert_tiles(device):
     row_expert = torch.randint(0, experts, (m,), generator=torch.Generator().manual_seed(2)).to(device)
     tiles = expert_tile_map(row_expert, experts, 16)
     codes, scale, sums = quantize_rows_int8(x, w.qweight.shape[-1] * 8)
-    got = w4a8_gemm(codes, scale, sums, w, out=torch.empty(m, n, device=device), tiles=tiles, block_m=16,
-                    block_n=32, num_warps=4, num_stages=2)
+    got = w4a8_gemm(codes, scale, sums, w4a8_weight(w), out=torch.empty(m, n, device=device), tiles=tiles,
+                    block_m=16, block_n=32, num_warps=4, num_stages=2)
     ref = w4a8_gemm_ref(codes, scale, w, row_expert=row_expert)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
 
@@ -85,9 +90,15 @@ def test_gemm_on_expert_tiles(device):
 def test_bad_input_is_refused():
     w = planes_weight(8, 128, "cpu")
     codes, scale, sums = quantize_rows_int8_ref(torch.randn(2, 128), 128)
+    with pytest.raises(ValueError, match="W4A8Weight"):
+        w4a8_gemm(codes, scale, sums, w)
     with pytest.raises(ValueError, match="int8"):
-        w4a8_gemm(codes.float(), scale, sums, w)
+        w4a8_gemm(codes.float(), scale, sums, w4a8_weight(w))
+    with pytest.raises(ValueError, match="sums"):
+        w4a8_gemm(codes, scale, sums[:, :1], w4a8_weight(w))
     with pytest.raises(ValueError, match="tile map"):
-        w4a8_gemm(codes, scale, sums, planes_weight(8, 128, "cpu", experts=2))
+        w4a8_gemm(codes, scale, sums, w4a8_weight(planes_weight(8, 128, "cpu", experts=2)))
+    with pytest.raises(ValueError, match="plane words"):
+        w4a8_weight(Int4Format(128).kernel_weight(Int4Format(128).quantize_rtn(torch.randn(1, 8, 128)), 8, 128))
     with pytest.raises(ValueError, match="k_pad"):
         quantize_rows_int8(torch.randn(2, 200), 128)
