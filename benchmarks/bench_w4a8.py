@@ -104,13 +104,26 @@ def bench_shape(name, k, n, m, tiles, dev, timing: bool) -> tuple[dict, list[str
     return row, fails
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--m", default="256,512,2048")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--tiles", default="64x128x4x3,64x128x4x3m,64x128x4x4,128x128x8x3,128x128x8x3m,64x256x8x3")
     ap.add_argument("--json", default=None)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    unknown = set(args.shapes.split(",")) - set(SHAPES)
+    if unknown:
+        print(f"error: unknown shapes {sorted(unknown)} (known: {', '.join(SHAPES)})", file=sys.stderr)
+        return 2
+    try:
+        [parse_tile(t) for t in args.tiles.split(",")]
+    except ValueError:
+        print(f"error: --tiles wants BMxBNxWARPSxSTAGES[m] entries, got {args.tiles!r}", file=sys.stderr)
+        return 2
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     timing = dev.type == "cuda"
     if timing:

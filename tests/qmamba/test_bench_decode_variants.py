@@ -132,7 +132,7 @@ def test_pending_gpu_script_calls_parse():
     from bench_e2e import FORMATS
     from qmamba.config import preset
 
-    benches = ("bench_decode.py", "profile_prefill.py", "bench_matmul.py")
+    benches = ("bench_decode.py", "profile_prefill.py", "bench_matmul.py", "bench_w4a8.py")
     assert any(_script_calls(PENDING, b) for b in benches), "scripts/gpu_pending.sh runs no benchmark"
     for argv in _script_calls(PENDING, "bench_decode.py"):
         args = build_parser().parse_args(argv)
@@ -153,6 +153,13 @@ def test_pending_gpu_script_calls_parse():
         args = bench_matmul.build_parser().parse_args(argv)
         assert set(filter(None, args.shapes.split(","))) <= set(bench_matmul.SHAPES)
         assert set(filter(None, args.peers.split(","))) <= set(bench_matmul.PEERS)
+    import bench_w4a8
+
+    for argv in _script_calls(PENDING, "bench_w4a8.py"):
+        args = bench_w4a8.build_parser().parse_args(argv)
+        assert set(args.shapes.split(",")) <= set(bench_w4a8.SHAPES)
+        for tile in args.tiles.split(","):
+            bench_w4a8.parse_tile(tile)
 
 
 def test_pending_script_checks_can_fail():
