@@ -102,3 +102,30 @@ def test_bad_input_is_refused():
         w4a8_weight(Int4Format(128).kernel_weight(Int4Format(128).quantize_rtn(torch.randn(1, 8, 128)), 8, 128))
     with pytest.raises(ValueError, match="k_pad"):
         quantize_rows_int8(torch.randn(2, 200), 128)
+
+
+def test_eval_emulation_quantizes_int4_inputs():
+    """benchmarks/eval_w4a8.py's emulation: inside it an int4 linear multiplies the int8-quantized input (the W4A8
+    kernel's product), not with the dense switch off, and leaving the block restores the plain product."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
+    from eval_w4a8 import emulate_w4a8, int8_activations
+
+    from qmamba.quant.modules import QuantLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 16, bias=False)
+    q4 = QuantLinear.from_linear(lin, Int4Format(128))
+    x = torch.randn(3, 5, 256)
+    plain = q4(x)
+    with emulate_w4a8(dense=True, experts=True):
+        emulated = q4(x)
+    with emulate_w4a8(dense=False, experts=True):
+        dense_off = q4(x)
+    torch.testing.assert_close(emulated, q4(int8_activations(x)))
+    assert not torch.equal(emulated, plain)
+    assert torch.equal(dense_off, plain) and torch.equal(q4(x), plain)
+    codes, scale, _ = quantize_rows_int8_ref(x.reshape(-1, 256), 256)
+    torch.testing.assert_close(int8_activations(x), dequantize_rows_int8(codes, scale, 256).reshape(x.shape))
