@@ -57,7 +57,10 @@ PREFILL_EXPERT_ROUTES = {"tiles": DEFAULT_POLICY,
                                       (256, 64, 4, 2), (256, 64, 4, 3), (256, 128, 8, 2))},
                          # the gated activation in an elementwise kernel after fc1 (MatmulPolicy.gemm_gated_act
                          # off; on, in fc1's epilogue, the default since session 36)
-                         "tiles_ungated": dataclasses.replace(DEFAULT_POLICY, gemm_gated_act=False)}
+                         "tiles_ungated": dataclasses.replace(DEFAULT_POLICY, gemm_gated_act=False),
+                         # every int4 plane-word matmul from 64 rows on int8 activations and int8 tensor cores
+                         # (MatmulPolicy.w4a8_min_m, session 40's candidate: a change of numerics, off by default)
+                         "w4a8": dataclasses.replace(DEFAULT_POLICY, w4a8_min_m=64)}
 # name -> (format of the projections and experts, format of x_proj / dt_proj / head or None for the same);
 # "int4_cli": int4 g128 with x_proj, dt_proj and the head float, as `qmamba quantize` writes it by default
 FORMATS = {"bf16": (None, None), "int8": (Int8Format(), None), "int4_g128": (Int4Format(128), None),

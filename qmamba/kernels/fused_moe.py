@@ -166,7 +166,7 @@ def moe_forward(x, router_w, router_b, fc1: KernelWeight, fc2: KernelWeight, act
         tiles = expert_tile_map(idx, fc1.n_experts, block_m or _tile_rows(t, fc1, x.device))
     policy = current_policy()
     if (tiles is not None and gated and isinstance(fc1, PackedWeight) and policy.gemm_gated_act
-            and t < policy.dequant_experts_min_m):
+            and t < policy.dequant_experts_min_m and not policy.takes_w4a8(t, fc1)):
         a = dequant_matmul(x, fc1, row_expert=idx, tiles=tiles, gate=activation)  # the activation in the epilogue
     else:
         a = gated_act(routed_matmul(x, fc1, row_expert=idx, tiles=tiles), activation, gated)

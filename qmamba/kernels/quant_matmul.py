@@ -33,6 +33,7 @@ from qmamba.kernels.int4_gemv import int4_gemv
 from qmamba.kernels.matmul_configs import (DEQUANT_GEMM_MIN_M, GEMV_MAX_M, MatmulConfig, MatmulPolicy,
                                            current_policy, gemm_config, pick_config, small_block_m)
 from qmamba.kernels.routing import ROUTE_BY_EXPERT, ROUTE_DENSE, ROUTE_TILES, expert_tile_map, program_rows
+from qmamba.kernels.w4a8_gemm import w4a8_linear
 from qmamba.kernels.weights import FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT8, PackedWeight, int32_words
 
 
@@ -257,6 +258,8 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
         return dense_linear(x, dequantize_stack(weight, x.dtype)[0], bias, row_scale)
     if bias is not None and tuple(bias.shape) != (weight.n,):
         raise ValueError(f"dequant matmul: bias must be [{weight.n}], got {tuple(bias.shape)}")
+    if gate is None and config is None and out is None and policy.takes_w4a8(m, weight):
+        return w4a8_linear(x, weight, bias, row_expert, row_scale, tiles)  # int8 activations (MatmulPolicy)
     if (x.is_cuda and row_expert is not None and weight.fmt in (FMT_INT8, FMT_INT4, FMT_INT4_PLANES)
             and m >= policy.dequant_experts_min_m and config is None and out is None and x.dtype != torch.float32
             and gate is None):

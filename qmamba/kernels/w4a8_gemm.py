@@ -12,8 +12,8 @@ is converted to a float in the K loop:
 * per 128-column tile (one quantization group, or a part of one), the exact int32 product of the codes is scaled by
   the group scale into a float32 accumulator (two instructions an output a tile: the conversion and an FMA); the zero
   points' share, ``sum over tiles of scale * zero * sum(x codes)``, is one small product after the K loop, on tensor
-  cores in three-pass tf32 (~fp32); the row scale multiplies the sum at the end. The weight's tables (a float32
-  scale and ``scale * zero`` a tile) are made once (:func:`w4a8_weight`), as the plane words are.
+  cores in three-pass tf32 (~fp32); the row scale multiplies the sum at the end. The weight is the plane-word record
+  as the other int4 kernels read it (fp16 group scales, packed zero points): nothing is stored for this kernel.
 
 So ``out = x_hat @ W_hat^T`` exactly up to float32 accumulation, where ``x_hat`` is the quantized activation
 (:func:`dequantize_rows_int8`): the activation quantization is the only approximation. int8 tensor cores run at
@@ -23,42 +23,16 @@ twice the bf16 rate (sm_80 / sm_90). The pure-PyTorch twins are :func:`quantize_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from qmamba.kernels._triton import cdiv, jit, next_pow2, tl
 from qmamba.kernels.routing import ExpertTiles
 from qmamba.kernels.weights import FMT_INT4_PLANES, PackedWeight
-from qmamba.quant.layout import INT4_TILE, int8_x_plane_order, unpack_nibbles
+from qmamba.quant.layout import INT4_TILE, int8_x_plane_order
 
 INT8_MAX = 127
 
 
-@dataclass
-class W4A8Weight:
-    """An int4 weight as the W4A8 GEMM reads it: the plane words, and per 128-column tile the group's scale and
-    ``scale * zero`` in float32 (``[E, N, tiles]`` and ``[E, N, sum_columns]``, zero-padded)."""
-
-    planes: PackedWeight
-    tile_scale: torch.Tensor
-    tile_zero_scale: torch.Tensor
-
-
-def w4a8_weight(planes: PackedWeight) -> W4A8Weight:
-    """The tables of :class:`W4A8Weight` for int4 plane words (group size a multiple of 128); made once per weight."""
-    if planes.fmt != FMT_INT4_PLANES or planes.group_size % INT4_TILE:
-        raise ValueError("w4a8_gemm: the weight must be int4 plane words with a group size a multiple of 128")
-    k_pad = planes.qweight.shape[-1] * 8
-    n_groups = planes.scales.shape[-1]
-    group_of_tile = (torch.arange(k_pad // INT4_TILE, device=planes.scales.device) * INT4_TILE) // planes.group_size
-    scale = planes.scales.float()[..., group_of_tile]
-    zero = unpack_nibbles(planes.zeros)[..., :n_groups].float()[..., group_of_tile]
-    zero_scale = torch.nn.functional.pad(scale * zero, (0, sum_columns(k_pad) - group_of_tile.numel()))
-    return W4A8Weight(planes, scale.contiguous(), zero_scale.contiguous())
-
-
-# ---- reference twins ------------------------------------------------------------------------------------------------
 def sum_columns(k_pad: int) -> int:
     """Columns of the tile sums of an input of ``k_pad`` columns: one a 128-column tile, padded with zeros to a power
     of two of at least 16 (the K of the zero points' product)."""
@@ -90,14 +64,15 @@ def dequantize_rows_int8(codes: torch.Tensor, scale: torch.Tensor, k: int) -> to
     return x[:, :k] * scale[:, None]
 
 
-def w4a8_gemm_ref(codes, scale, weight: PackedWeight, bias=None, row_expert=None) -> torch.Tensor:
-    """``[M, N]`` float32: the dequantized activation times the dequantized weight (the int4 record, not its W4A8
-    tables; row m on expert ``row_expert[m]``, 0 when None), plus ``bias``."""
+def w4a8_gemm_ref(codes, scale, weight: PackedWeight, bias=None, row_expert=None, row_scale=None) -> torch.Tensor:
+    """``[M, N]`` float32: the dequantized activation times the dequantized weight (row m on expert
+    ``row_expert[m]``, 0 when None), plus ``bias``, times ``row_scale[m]``."""
     x = dequantize_rows_int8(codes, scale, weight.k)
     w = weight.dequantized(torch.float32)
     idx = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if row_expert is None else row_expert.long()
     y = torch.einsum("mk,mnk->mn", x, w[idx]) if x.shape[0] else x.new_zeros(0, weight.n)
-    return y if bias is None else y + bias.float()
+    y = y if bias is None else y + bias.float()
+    return y if row_scale is None else y * row_scale.float()[:, None]
 
 
 # ---- activation quantization ----------------------------------------------------------------------------------------
@@ -158,10 +133,11 @@ def _nibble_bytes(wb, HIGH: tl.constexpr, ASM: tl.constexpr):
 
 @jit
 def _w4a8_gemm_kernel(
-    q_ptr, xs_ptr, xsum_ptr, out_ptr, w_ptr, ts_ptr, tz_ptr, bias_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, sorted_ptr,
-    M, N, K_PAD, GRID_M, GRID_N, sqm, ssum, som, son, swe, swn, stse, stsn, stze, stzn,
-    TILES: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, PRECISION: tl.constexpr,
-    MAGIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWIZZLE: tl.constexpr,
+    q_ptr, xs_ptr, xsum_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rscale_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr,
+    sorted_ptr, M, N, K_PAD, GRID_M, GRID_N, sqm, ssum, som, son, swe, swn, sse, ssn, sze, szn,
+    TILES: tl.constexpr, GROUP: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr,
+    ASM: tl.constexpr, PRECISION: tl.constexpr, MAGIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SWIZZLE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     per_group = SWIZZLE * GRID_N
@@ -197,57 +173,81 @@ def _w4a8_gemm_kernel(
         x_hi = tl.load(q_ptr + rows64[:, None] * sqm + (k0 + 64 + jb)[None, :], mask=row_ok[:, None], other=0)
         part = tl.dot(x_lo, tl.trans(_nibble_bytes(wb, False, ASM)), out_dtype=tl.int32)
         part = tl.dot(x_hi, tl.trans(_nibble_bytes(wb, True, ASM)), part, out_dtype=tl.int32)
-        scale = tl.load(ts_ptr + e64 * stse + n * stsn + k0 // 128, mask=n_ok, other=0.0)
+        scale = tl.load(s_ptr + e64 * sse + n * ssn + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
         if MAGIC:  # |part| < 2^22: the int added to the bits of 1.5 * 2^23 is a float exactly that much larger
             acc += ((part + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0) * scale[None, :]
         else:
             acc += part.to(tl.float32) * scale[None, :]
-    # the zero points: acc -= sum over tiles t of sum(x codes of t) * scale_t * zero_t
+    # the zero points: acc -= sum over tiles t of sum(x codes of t) * scale_t * zero_t (the tile's group's)
     t = tl.arange(0, SUMS)
+    blk = (t * 128) // GROUP
+    zm = n_ok[:, None] & (t < K_PAD // 128)[None, :]
+    zs = tl.load(s_ptr + e64 * sse + n[:, None] * ssn + blk[None, :], mask=zm, other=0.0).to(tl.float32)
+    zb = tl.load(z_ptr + e64 * sze + n[:, None] * szn + (blk // 2)[None, :], mask=zm, other=0).to(tl.int32)
+    zs *= ((zb >> ((blk % 2) * 4)[None, :]) & 0xF).to(tl.float32)
     xsum = tl.load(xsum_ptr + rows64[:, None] * ssum + t[None, :], mask=row_ok[:, None], other=0.0)
-    zs = tl.load(tz_ptr + e64 * stze + n[:, None] * stzn + t[None, :], mask=n_ok[:, None], other=0.0)
     acc -= tl.dot(xsum, tl.trans(zs), input_precision=PRECISION)
     acc *= tl.load(xs_ptr + rows64, mask=row_ok, other=0.0)[:, None]
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + e64 * N + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_RSCALE:
+        acc *= tl.load(rscale_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     tl.store(out_ptr + rows64[:, None] * som + n[None, :] * son, acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & n_ok[None, :])
 
 
-def w4a8_gemm(codes, scale, sums, weight: W4A8Weight, out=None, bias=None, tiles: ExpertTiles | None = None,
-              block_m: int = 64, block_n: int = 128, num_warps: int = 4, num_stages: int = 3,
-              magic: bool = False) -> torch.Tensor:
-    """``out [M, N] <- x_hat @ W_hat^T (+ bias)`` from :func:`quantize_rows_int8`'s ``codes, scale, sums`` and
-    :func:`w4a8_weight`'s tables; one matrix, or with ``tiles`` the routed expert tiles of a stack (``tiles.block_m``
-    rows a tile, which must be ``block_m``). ``out`` defaults to a new bfloat16 tensor. ``magic``: each tile's int32
-    product converted to float by an add to the bits of 1.5 * 2^23 and a float subtraction (two full-rate
-    instructions) instead of ``I2FP`` (one, of a throughput to be measured)."""
-    if not isinstance(weight, W4A8Weight):
-        raise ValueError("w4a8_gemm: the weight must be a W4A8Weight (w4a8_weight(plane words))")
-    planes = weight.planes
+def w4a8_gemm(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row_scale=None,
+              tiles: ExpertTiles | None = None, block_m: int = 64, block_n: int = 128, num_warps: int = 4,
+              num_stages: int = 3, magic: bool = False) -> torch.Tensor:
+    """``out [M, N] <- (x_hat @ W_hat^T + bias) * row_scale`` from :func:`quantize_rows_int8`'s ``codes, scale,
+    sums`` and int4 plane words (group size a multiple of 128); one matrix, or with ``tiles`` the routed expert
+    tiles of a stack (``tiles.block_m`` rows a tile, which must be ``block_m``). ``out`` defaults to a new bfloat16
+    tensor. ``magic``: each tile's int32 product converted to float by an add to the bits of 1.5 * 2^23 and a float
+    subtraction (two full-rate instructions) instead of ``I2FP`` (one, of a throughput to be measured)."""
+    if weight.fmt != FMT_INT4_PLANES or weight.group_size % INT4_TILE:
+        raise ValueError("w4a8_gemm: the weight must be int4 plane words with a group size a multiple of 128")
     m, k_pad = codes.shape
-    if k_pad != planes.qweight.shape[-1] * 8 or codes.dtype != torch.int8:
-        raise ValueError(f"w4a8_gemm: codes must be [M, {planes.qweight.shape[-1] * 8}] int8, got "
+    if k_pad != weight.qweight.shape[-1] * 8 or codes.dtype != torch.int8:
+        raise ValueError(f"w4a8_gemm: codes must be [M, {weight.qweight.shape[-1] * 8}] int8, got "
                          f"{tuple(codes.shape)} {codes.dtype}")
     if tuple(sums.shape) != (m, sum_columns(k_pad)) or sums.dtype != torch.float32:
         raise ValueError(f"w4a8_gemm: sums must be [{m}, {sum_columns(k_pad)}] float32")
-    if tiles is None and planes.n_experts != 1:
+    if tiles is None and weight.n_experts != 1:
         raise ValueError("w4a8_gemm: an expert stack needs its tile map")
     if tiles is not None and tiles.block_m != block_m:
         raise ValueError(f"w4a8_gemm: the tile map has {tiles.block_m} rows a tile, the kernel {block_m}")
     if out is None:
-        out = torch.empty(m, planes.n, dtype=torch.bfloat16, device=codes.device)
-    wb = planes.qweight.view(torch.uint8)  # [E, N, 4 W] bytes of the plane words
-    ts, tz = weight.tile_scale, weight.tile_zero_scale
+        out = torch.empty(m, weight.n, dtype=torch.bfloat16, device=codes.device)
+    if m == 0:
+        return out
+    wb = weight.qweight.view(torch.uint8)  # [E, N, 4 W] bytes of the plane words
+    s, z = weight.scales, weight.zeros
     grid_m = tiles.n_tiles if tiles is not None else cdiv(m, block_m)
-    grid_n = cdiv(planes.n, block_n)
+    grid_n = cdiv(weight.n, block_n)
     dummy = scale
     _w4a8_gemm_kernel[(grid_m * grid_n,)](
-        codes, scale, sums, out, wb, ts, tz, bias if bias is not None else dummy,
+        codes, scale, sums, out, wb, s, z, bias if bias is not None else dummy,
+        row_scale if row_scale is not None else dummy,
         *(tiles.tensors() if tiles is not None else (dummy, dummy, dummy, dummy)),
-        m, planes.n, k_pad, grid_m, grid_n, codes.stride(0), sums.stride(0), out.stride(0), out.stride(1),
-        wb.stride(0), wb.stride(1), ts.stride(0), ts.stride(1), tz.stride(0), tz.stride(1),
-        TILES=tiles is not None, SUMS=sums.shape[1], HAS_BIAS=bias is not None, ASM=codes.is_cuda,
-        PRECISION="tf32x3" if codes.is_cuda else "ieee", MAGIC=magic, BLOCK_M=block_m, BLOCK_N=block_n,
-        SWIZZLE=1 if tiles is not None else 8, num_warps=num_warps, num_stages=num_stages)
+        m, weight.n, k_pad, grid_m, grid_n, codes.stride(0), sums.stride(0), out.stride(0), out.stride(1),
+        wb.stride(0), wb.stride(1), s.stride(0), s.stride(1), z.stride(0), z.stride(1),
+        TILES=tiles is not None, GROUP=weight.group_size, SUMS=sums.shape[1], HAS_BIAS=bias is not None,
+        HAS_RSCALE=row_scale is not None, ASM=codes.is_cuda, PRECISION="tf32x3" if codes.is_cuda else "ieee",
+        MAGIC=magic, BLOCK_M=block_m, BLOCK_N=block_n, SWIZZLE=1 if tiles is not None else 8,
+        num_warps=num_warps, num_stages=num_stages)
     return out
+
+
+def w4a8_linear(x, weight: PackedWeight, bias=None, row_expert=None, row_scale=None, tiles: ExpertTiles | None = None,
+                block_m: int = 64) -> torch.Tensor:
+    """``x [M, K]`` -> ``[M, N]`` in x.dtype: the activation quantized per row (:func:`quantize_rows_int8`), then
+    :func:`w4a8_gemm` (routed rows: ``row_expert`` with its ``tiles``, built here at ``block_m`` rows a tile when
+    not given). The matmul entry point's W4A8 path (``MatmulPolicy.w4a8_min_m``)."""
+    from qmamba.kernels.routing import expert_tile_map
+
+    if row_expert is not None and tiles is None:
+        tiles = expert_tile_map(row_expert, weight.n_experts, block_m)
+    codes, scale, sums = quantize_rows_int8(x, weight.qweight.shape[-1] * 8)
+    out = torch.empty(x.shape[0], weight.n, dtype=x.dtype, device=x.device)
+    return w4a8_gemm(codes, scale, sums, weight, out=out, bias=bias, row_scale=row_scale, tiles=tiles,
+                     block_m=tiles.block_m if tiles is not None else block_m)

@@ -5,9 +5,12 @@ as a permutation, and bad input refused."""
 import pytest
 import torch
 
+from qmamba.kernels.fused_moe import gated_act_ref, moe_forward, moe_forward_ref, route_top1_ref
+from qmamba.kernels.matmul_configs import MatmulPolicy, using_policy
+from qmamba.kernels.quant_matmul import dequant_matmul, dequant_matmul_ref
 from qmamba.kernels.routing import expert_tile_map
 from qmamba.kernels.w4a8_gemm import (dequantize_rows_int8, quantize_rows_int8, quantize_rows_int8_ref, sum_columns,
-                                      w4a8_gemm, w4a8_gemm_ref, w4a8_weight)
+                                      w4a8_gemm, w4a8_gemm_ref)
 from qmamba.quant.formats import Int4Format
 from qmamba.quant.layout import int8_x_plane_order
 
@@ -65,7 +68,7 @@ def test_gemm_matches_dequantized(m, k, n, group, magic, device):
     x = torch.randn(m, k, device=device)
     bias = torch.randn(n, device=device)
     codes, scale, sums = quantize_rows_int8(x, w.qweight.shape[-1] * 8)
-    got = w4a8_gemm(codes, scale, sums, w4a8_weight(w), out=torch.empty(m, n, device=device), bias=bias, block_m=16,
+    got = w4a8_gemm(codes, scale, sums, w, out=torch.empty(m, n, device=device), bias=bias, block_m=16,
                     block_n=32, num_warps=4, num_stages=2, magic=magic)
     ref = w4a8_gemm_ref(codes, scale, w, bias=bias)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
@@ -81,25 +84,25 @@ def test_gemm_on_expert_tiles(device):
     row_expert = torch.randint(0, experts, (m,), generator=torch.Generator().manual_seed(2)).to(device)
     tiles = expert_tile_map(row_expert, experts, 16)
     codes, scale, sums = quantize_rows_int8(x, w.qweight.shape[-1] * 8)
-    got = w4a8_gemm(codes, scale, sums, w4a8_weight(w), out=torch.empty(m, n, device=device), tiles=tiles,
+    row_scale = torch.rand(m, device=device)
+    got = w4a8_gemm(codes, scale, sums, w, out=torch.empty(m, n, device=device), tiles=tiles, row_scale=row_scale,
                     block_m=16, block_n=32, num_warps=4, num_stages=2)
-    ref = w4a8_gemm_ref(codes, scale, w, row_expert=row_expert)
+    ref = w4a8_gemm_ref(codes, scale, w, row_expert=row_expert, row_scale=row_scale)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
 
 
 def test_bad_input_is_refused():
     w = planes_weight(8, 128, "cpu")
     codes, scale, sums = quantize_rows_int8_ref(torch.randn(2, 128), 128)
-    with pytest.raises(ValueError, match="W4A8Weight"):
-        w4a8_gemm(codes, scale, sums, w)
     with pytest.raises(ValueError, match="int8"):
-        w4a8_gemm(codes.float(), scale, sums, w4a8_weight(w))
+        w4a8_gemm(codes.float(), scale, sums, w)
     with pytest.raises(ValueError, match="sums"):
-        w4a8_gemm(codes, scale, sums[:, :1], w4a8_weight(w))
+        w4a8_gemm(codes, scale, sums[:, :1], w)
     with pytest.raises(ValueError, match="tile map"):
-        w4a8_gemm(codes, scale, sums, w4a8_weight(planes_weight(8, 128, "cpu", experts=2)))
+        w4a8_gemm(codes, scale, sums, planes_weight(8, 128, "cpu", experts=2))
     with pytest.raises(ValueError, match="plane words"):
-        w4a8_weight(Int4Format(128).kernel_weight(Int4Format(128).quantize_rtn(torch.randn(1, 8, 128)), 8, 128))
+        w4a8_gemm(codes, scale, sums,
+                  Int4Format(128).kernel_weight(Int4Format(128).quantize_rtn(torch.randn(1, 8, 128)), 8, 128))
     with pytest.raises(ValueError, match="k_pad"):
         quantize_rows_int8(torch.randn(2, 200), 128)
 
@@ -129,3 +132,59 @@ def test_eval_emulation_quantizes_int4_inputs():
     assert torch.equal(dense_off, plain) and torch.equal(q4(x), plain)
     codes, scale, _ = quantize_rows_int8_ref(x.reshape(-1, 256), 256)
     torch.testing.assert_close(int8_activations(x), dequantize_rows_int8(codes, scale, 256).reshape(x.shape))
+
+
+W4A8_POLICY = MatmulPolicy(w4a8_min_m=8)
+
+
+def int8_rounded(x):
+    """The activation the W4A8 path multiplies: ``x`` quantized per row and dequantized."""
+    k = x.shape[1]
+    codes, scale, _ = quantize_rows_int8_ref(x, -(-k // 128) * 128)
+    return dequantize_rows_int8(codes, scale, k)
+
+
+def test_matmul_entry_point_takes_w4a8_by_policy(device):
+    """dequant_matmul under ``MatmulPolicy.w4a8_min_m``: from that many rows an int4 plane-word matrix (dense, and a
+    routed stack with its routing weights) multiplies the int8-rounded input; below it, and without the policy, the
+    input as is."""
+    m, k, n, experts = 21, 200, 40, 3
+    dense = planes_weight(n, k, device)
+    stack = planes_weight(n, k, device, experts=experts, seed=3)
+    x = torch.randn(m, k, device=device)
+    bias = torch.randn(n, device=device)
+    row_expert = torch.randint(0, experts, (m,), generator=torch.Generator().manual_seed(4)).to(device)
+    row_scale = torch.rand(m, device=device)
+    with using_policy(W4A8_POLICY):
+        got = dequant_matmul(x, dense, bias)
+        got_routed = dequant_matmul(x, stack, row_expert=row_expert, row_scale=row_scale)
+        got_small = dequant_matmul(x[:5], dense, bias)  # 5 rows < w4a8_min_m: the usual path
+    torch.testing.assert_close(got, dequant_matmul_ref(int8_rounded(x), dense, bias), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got_routed, dequant_matmul_ref(int8_rounded(x), stack, row_expert=row_expert,
+                                                              row_scale=row_scale), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got_small, dequant_matmul_ref(x[:5], dense, bias), rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(got, dequant_matmul_ref(x, dense, bias), rtol=1e-5, atol=1e-4)
+
+
+def test_moe_prefill_with_w4a8(device):
+    """moe_forward under the W4A8 policy: fc1 and fc2 each multiply their int8-rounded input (fc1's gated
+    activation by the elementwise kernel, the W4A8 GEMM having no gated epilogue)."""
+    t, d, f, experts = 40, 128, 96, 4
+    g = torch.Generator().manual_seed(5)
+    router_w = torch.randn(experts, d, generator=g).to(device)
+    fc1 = planes_weight(2 * f, d, device, experts=experts, seed=6)
+    fc2 = planes_weight(d, f, device, experts=experts, seed=7)
+    x = torch.randn(t, d, generator=g).to(device)
+    with using_policy(W4A8_POLICY):
+        got = moe_forward(x, router_w, None, fc1, fc2, "gelu", True, block_m=16)
+    idx, weight = route_top1_ref(x, router_w)
+    h = dequant_matmul_ref(int8_rounded(x), fc1, row_expert=idx)
+    ref = dequant_matmul_ref(int8_rounded(gated_act_ref(h, "gelu", True)), fc2, row_expert=idx, row_scale=weight)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # and not the W4A16 product
+    assert not torch.allclose(got, moe_forward_ref(x, router_w, None, fc1, fc2, "gelu", True), rtol=1e-4, atol=1e-4)
+
+
+def test_policy_refuses_a_negative_threshold():
+    with pytest.raises(ValueError, match="w4a8_min_m"):
+        MatmulPolicy(w4a8_min_m=-1)
