@@ -10,7 +10,7 @@ import torch
 
 from qmamba.kernels._triton import HAS_TRITON, cdiv, jit, split_k_mode, split_k_range, store_or_add, tl
 from qmamba.kernels.activations import ACTIVATION_IDS, activate
-from qmamba.kernels.routing import ExpertTiles
+from qmamba.kernels.routing import ExpertTiles, swizzled_program
 from qmamba.kernels.weights import FMT_INT4, FMT_INT4_PLANES, PackedWeight
 
 
@@ -206,13 +206,8 @@ def _dequant_gemm_kernel(
     are the gate rows of its BLOCK_N / 2 output columns, the rest their up rows, which the epilogue pairs up
     (:func:`gated_epilogue`). (Alternating gate and up rows instead made ptxas reuse one operand register set for
     both of the K step's wgmma, each then waiting for the other: sm_90, Triton 3.6.)"""
-    pid = tl.program_id(0)
+    pid_m, pid_n = swizzled_program(tl.program_id(0), GRID_M, GRID_N, SWIZZLE)
     pid_k = tl.program_id(1)
-    per_group = SWIZZLE * GRID_N
-    first_m = (pid // per_group) * SWIZZLE
-    group_rows = tl.minimum(GRID_M - first_m, SWIZZLE)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
     rm = tl.arange(0, BLOCK_M)
     if TILES:
         expert = tl.load(tile_e_ptr + pid_m)

@@ -20,6 +20,16 @@ ROUTE_DENSE, ROUTE_BY_EXPERT, ROUTE_TILES = 0, 1, 2
 
 
 @jit
+def swizzled_program(pid, GRID_M, GRID_N, SWIZZLE: tl.constexpr):
+    """``(pid_m, pid_n)`` of program ``pid`` of a ``GRID_M x GRID_N`` GEMM grid launched flat, in groups of
+    ``SWIZZLE`` row tiles (column-major within a group), so that neighbouring programs share weight tiles in L2."""
+    per_group = SWIZZLE * GRID_N
+    first_m = (pid // per_group) * SWIZZLE
+    group_rows = tl.minimum(GRID_M - first_m, SWIZZLE)
+    return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+
+@jit
 def program_rows(pid_m, M, rexp_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, sorted_ptr, ROUTE: tl.constexpr,
                  BLOCK_M: tl.constexpr):
     """The input rows of program row ``pid_m`` of a routed matmul: ``(rows [BLOCK_M], row_ok [BLOCK_M], expert)``.

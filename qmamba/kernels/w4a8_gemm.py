@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from qmamba.kernels._triton import cdiv, jit, next_pow2, tl
-from qmamba.kernels.routing import ExpertTiles
+from qmamba.kernels.routing import ExpertTiles, program_rows, swizzled_program
 from qmamba.kernels.weights import FMT_INT4_PLANES, PackedWeight
 from qmamba.quant.layout import INT4_TILE, int8_x_plane_order
 
@@ -139,25 +139,10 @@ def _w4a8_gemm_kernel(
     ASM: tl.constexpr, PRECISION: tl.constexpr, MAGIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SWIZZLE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    per_group = SWIZZLE * GRID_N
-    first_m = (pid // per_group) * SWIZZLE
-    group_rows = tl.minimum(GRID_M - first_m, SWIZZLE)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-    rm = tl.arange(0, BLOCK_M)
-    if TILES:
-        expert = tl.load(tile_e_ptr + pid_m)
-        lo = tl.load(tile_lo_ptr + pid_m)
-        hi = tl.load(tile_hi_ptr + pid_m)
-        row_ok = lo + rm < hi
-        rows = tl.load(sorted_ptr + lo + rm, mask=row_ok, other=0)
-        k_end = tl.where(hi > lo, K_PAD, 0)  # the map's spare tiles run no K loop
-    else:
-        rows = pid_m * BLOCK_M + rm
-        row_ok = rows < M
-        expert = pid_m * 0
-        k_end = K_PAD
+    pid_m, pid_n = swizzled_program(tl.program_id(0), GRID_M, GRID_N, SWIZZLE)
+    rows, row_ok, expert = program_rows(pid_m, M, xs_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, sorted_ptr,
+                                        2 if TILES else 0, BLOCK_M)  # ROUTE_TILES / ROUTE_DENSE
+    k_end = tl.where(tl.max(row_ok.to(tl.int32), axis=0) > 0, K_PAD, 0)  # an empty tile (the map's spares): no loop
     e64 = expert.to(tl.int64)
     rows64 = rows.to(tl.int64)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
