@@ -31,16 +31,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inspect_decode_kernel import _Recorder, compile_recorded, report  # noqa: E402
 
 from qmamba.kernels import dequant_gemm as dg  # noqa: E402
+from qmamba.kernels import w4a8_gemm as wg  # noqa: E402
 from qmamba.kernels import quant_matmul as qm  # noqa: E402
 from qmamba.kernels import matmul_configs  # noqa: E402
-from qmamba.kernels.matmul_configs import MatmulPolicy, gemm_config, pick_config  # noqa: E402
+from qmamba.kernels.matmul_configs import MatmulConfig, MatmulPolicy, gemm_config, pick_config  # noqa: E402
 from qmamba.kernels.routing import ROUTE_BY_EXPERT, expert_tile_map  # noqa: E402
 from qmamba.kernels.weights import PackedWeight  # noqa: E402
 from qmamba.quant.formats import Int4Format  # noqa: E402
 
 SHAPES = {"fc1": (1472, 7744), "fc2": (3872, 1472)}  # (K, N) of one expert of BlackMamba-2.8B
 EXPERTS = 8
-WATCH = ("HGMMA", "HMMA", "I2F", "F2FP", "FADD", "FFMA", "HFMA2", "HADD2", "HMUL2", "PRMT", "LOP3", "BAR", "STS", "LDS",
+WATCH = ("HGMMA", "HMMA", "IGMMA", "IMMA", "I2FP", "I2F", "F2FP", "FADD", "FFMA", "HFMA2", "HADD2", "HMUL2", "PRMT", "LOP3", "BAR", "STS", "LDS",
          "LDGSTS")
 
 
@@ -91,6 +92,29 @@ def compile_case(case: str, weight: PackedWeight, float_codes: bool, arch: int, 
     return compile_recorded(real, args, meta, arch), cfg
 
 
+W4A8_TILES = ((64, 128, 4, 3, False), (64, 128, 4, 3, True), (128, 128, 8, 3, False))  # + magic conversion
+
+
+def compile_w4a8(weight: PackedWeight, arch: int, block_m: int, block_n: int, warps: int, stages: int,
+                 magic: bool):
+    """``(compiled kernel, config)`` of the W4A8 GEMM (:mod:`qmamba.kernels.w4a8_gemm`) on the experts' tiles of
+    2,048 rows, with the inline PTX and the three-pass tf32 product a CUDA launch takes."""
+    m = 2048
+    recorder, real = _Recorder(wg._w4a8_gemm_kernel), wg._w4a8_gemm_kernel
+    wg._w4a8_gemm_kernel = recorder
+    try:
+        idx = torch.randint(0, EXPERTS, (m,), dtype=torch.int32)
+        codes, scale, sums = wg.quantize_rows_int8_ref(torch.randn(m, weight.k), weight.qweight.shape[-1] * 8)
+        wg.w4a8_gemm(codes, scale, sums, weight, out=torch.empty(m, weight.n, dtype=torch.bfloat16),
+                     tiles=expert_tile_map(idx, EXPERTS, block_m), block_m=block_m, block_n=block_n,
+                     num_warps=warps, num_stages=stages, magic=magic)
+    finally:
+        wg._w4a8_gemm_kernel = real
+    _, args, meta = recorder.calls[-1]
+    cfg = MatmulConfig(block_m, block_n, 128, 1, warps, stages)
+    return compile_recorded(real, args, dict(meta, ASM=True, PRECISION="tf32x3"), arch), cfg
+
+
 def loop_body(sass: str) -> list[str]:
     """The opcodes of the longest loop of a SASS listing (a backward branch's target up to the branch)."""
     ins = []
@@ -118,6 +142,8 @@ def main():
     ap.add_argument("--pairs", action="store_true",
                     help="also the codes two at a time (MatmulPolicy.plane_code_pairs exact / scaled)")
     ap.add_argument("--loop", action="store_true", help="also the K loop's instructions a thread and their mix")
+    ap.add_argument("--w4a8", action="store_true", help="also the W4A8 GEMM (int8 activations, int8 tensor cores; "
+                    "MatmulPolicy.w4a8_min_m) on the prefill's expert tiles")
     ap.add_argument("--gated", action="store_true", help="also fc1's prefill GEMM with the gated GELU epilogue "
                     "(MatmulPolicy.gemm_gated_act), scaled pairs and float codes")
     args = ap.parse_args()
@@ -153,6 +179,9 @@ def main():
                 for pairs in ("scaled", ""):
                     show(shape, case, f"gated, {pairs or 'float codes'}", *compile_case(
                         case, weight, True, args.arch, weight_left=True, pairs=pairs, gate="gelu"))
+        for bm, bn, warps, stages, magic in W4A8_TILES if args.w4a8 else ():
+            show(shape, "prefill", f"W4A8{' magic' if magic else ''}",
+                 *compile_w4a8(weight, args.arch, bm, bn, warps, stages, magic))
     if args.no_stack and spilled:
         sys.exit(f"spills: {', '.join(spilled)}")
 
