@@ -136,6 +136,8 @@ def main(argv=None) -> int:
             row, bad = bench_shape(name, k, n, m, tiles, dev, timing)
             rows.append(row)
             fails += bad
+            for f in bad:
+                print("FAIL:", f, flush=True)
             line = f"{name:9s} M={m:5d} act-quant err {row['act_quant_err']:.2e}"
             if "w4a8" in row:
                 line += (f"  cuBLAS bf16 {row['cublas_bf16']:8.2f} us  int4 runtime {row['int4_runtime']:8.2f}  "
@@ -145,8 +147,8 @@ def main(argv=None) -> int:
             print(line, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(rows=rows, fails=fails, eager_fallbacks=EAGER_FALLBACKS), indent=1))
-    for f in fails:
-        print("FAIL:", f, file=sys.stderr)
+    if fails:
+        print(f"{len(fails)} check(s) failed: no figure above them is a result", file=sys.stderr)
     return 1 if fails else 0
 
 

@@ -70,7 +70,10 @@ def w4a8_gemm_ref(codes, scale, weight: PackedWeight, bias=None, row_expert=None
     x = dequantize_rows_int8(codes, scale, weight.k)
     w = weight.dequantized(torch.float32)
     idx = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if row_expert is None else row_expert.long()
-    y = torch.einsum("mk,mnk->mn", x, w[idx]) if x.shape[0] else x.new_zeros(0, weight.n)
+    y = x.new_zeros(x.shape[0], weight.n)
+    for e in idx.unique().tolist():  # expert by expert: no [M, N, K] gather
+        rows = idx == e
+        y[rows] = x[rows] @ w[e].t()
     y = y if bias is None else y + bias.float()
     return y if row_scale is None else y * row_scale.float()[:, None]
 
@@ -86,8 +89,8 @@ def _quantize_rows_int8_kernel(x_ptr, q_ptr, s_ptr, sum_ptr, K, sxm, sxk, sqm, s
     k = (j // 128) * 128 + 32 * (r % 4) + r // 4 + 16 * ((j % 128) // 64)
     x = tl.load(x_ptr + row * sxm + k * sxk, mask=k < K, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=0)
-    scale = tl.where(amax > 0, amax / 127.0, 1.0)
-    q = tl.floor(x / scale + 0.5)
+    scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32)), 1.0)
+    q = tl.floor(tl.math.div_rn(x, scale) + 0.5)  # IEEE division, as the twin's (CUDA's "/" is approximate)
     q = tl.minimum(tl.maximum(q, -127.0), 127.0)
     tl.store(q_ptr + row * sqm + j, q.to(tl.int8), mask=j < TILES * 128)
     tl.store(s_ptr + row, scale)
