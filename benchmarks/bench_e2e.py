@@ -58,9 +58,11 @@ PREFILL_EXPERT_ROUTES = {"tiles": DEFAULT_POLICY,
                          # the gated activation in an elementwise kernel after fc1 (MatmulPolicy.gemm_gated_act
                          # off; on, in fc1's epilogue, the default since session 36)
                          "tiles_ungated": dataclasses.replace(DEFAULT_POLICY, gemm_gated_act=False),
-                         # every int4 plane-word matmul from 64 rows on int8 activations and int8 tensor cores
-                         # (MatmulPolicy.w4a8_min_m, session 40's candidate: a change of numerics, off by default)
-                         "w4a8": dataclasses.replace(DEFAULT_POLICY, w4a8_min_m=64)}
+                         # the routed int4 expert stacks from 64 rows on int8 activations and int8 tensor cores
+                         # (MatmulPolicy.w4a8_min_m, session 40: a change of numerics, off by default), and with the
+                         # dense int4 matrices too (w4a8_dense)
+                         "w4a8": dataclasses.replace(DEFAULT_POLICY, w4a8_min_m=64),
+                         "w4a8_all": dataclasses.replace(DEFAULT_POLICY, w4a8_min_m=64, w4a8_dense=True)}
 # name -> (format of the projections and experts, format of x_proj / dt_proj / head or None for the same);
 # "int4_cli": int4 g128 with x_proj, dt_proj and the head float, as `qmamba quantize` writes it by default
 FORMATS = {"bf16": (None, None), "int8": (Int8Format(), None), "int4_g128": (Int4Format(128), None),

@@ -43,9 +43,9 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 # the W4A8 GEMM candidate (session 40: int4 plane words times int8 activations on int8 tensor cores; not in the
 # runtime) against cuBLAS bf16 and the runtime's int4 matmul at prefill sizes, every output checked first
 step w4a8 "$PY" benchmarks/bench_w4a8.py --json "$DEST/w4a8.json" --m 256,512,2048
-# ... and in the graph prefill of 2,048 tokens (MatmulPolicy.w4a8_min_m = 64: every int4 matmul of the prefill, the
-# experts and the dense projections), beside the default route and bf16
-step w4a8_prefill "$PY" benchmarks/profile_prefill.py --format int4_cli --graph --experts tiles,w4a8
+# ... and in the graph prefill of 2,048 tokens (MatmulPolicy.w4a8_min_m = 64: the expert stacks; w4a8_all: the dense
+# int4 projections too), beside the default route (session 40, H100, experts only: 183.7k against 178.2k tok/s)
+step w4a8_prefill "$PY" benchmarks/profile_prefill.py --format int4_cli --graph --experts tiles,w4a8,w4a8_all
 
 # two rows routed to one expert in one routed row program at batch 8, reading and unpacking the tile once
 # (DecodePolicy.routed_row_pairs, session 39: "all" fc1 and fc2, "plain" fc2 only; sm_90, Triton 3.6: a pair's path

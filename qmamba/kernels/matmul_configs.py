@@ -88,13 +88,15 @@ class MatmulPolicy:
     int4_cli|bf16 --graph --experts tiles_ungated,tiles``), graph prefill of 2,048 tokens, int4 as ``qmamba
     quantize`` writes it 175.4k -> 178.8k tok/s, bf16 197.0k -> 201.4k; the elementwise kernel's 281 us go, fc1
     takes 62 us more (int4; bf16 110).
-    ``w4a8_min_m`` (a candidate of session 40, off): from this many rows, int4 plane-word matmuls (dense and routed
-    stacks: the prefill) quantize their input per row to int8 and run :func:`qmamba.kernels.w4a8_gemm.w4a8_gemm` on
-    int8 tensor cores (twice the bf16 rate; the codes masked four at a time, no float unpacking) instead of the
-    bf16 paths. This changes the numerics: the activations are rounded to int8 with a per-row scale (built-in tiny
-    BlackMamba, int4 g128 GPTQ, held-out perplexity 58.953 -> 58.951, ``benchmarks/eval_w4a8.py``). Not yet timed on
-    a GPU (``bench_w4a8.py``; the prefill: ``profile_prefill.py --experts tiles,w4a8``). A gated fc1 then runs
-    without the gated epilogue (the W4A8 GEMM has none): its activation is an elementwise kernel.
+    ``w4a8_min_m`` (session 40, off: it changes the numerics): from this many rows, the routed int4 plane-word expert
+    stacks (the MoE prefill; with ``w4a8_dense`` the dense matrices too) quantize their input per row to int8 and
+    run :func:`qmamba.kernels.w4a8_gemm.w4a8_gemm` on int8 tensor cores (the codes masked four at a time, no float
+    unpacking) instead of the bf16 paths. The activations are rounded to int8 with a per-row scale (built-in tiny
+    BlackMamba, int4 g128 GPTQ, held-out perplexity 58.953 -> 58.951, ``benchmarks/eval_w4a8.py``). A gated fc1
+    then runs without the gated epilogue (the W4A8 GEMM has none): its activation is an elementwise kernel. H100,
+    session 40 (``profile_prefill.py --format int4_cli --graph --experts tiles,w4a8``, experts only): graph prefill
+    of 2,048 tokens 178.2k -> 183.7k tok/s (bf16 200.8k in the same call), the 36 expert GEMMs 4,946 -> 3,965 us plus
+    280 for the activation kernel and 249 for the row quantizers; ~160 T multiply-adds/s, ~16% of the int8 peak.
     Tried and removed (session 33, commit 3afa750 has the code): the bit-position dots on an input permuted and
     scaled by alpha in one small launch first, each bit position's input 16 contiguous columns, in one flat loop over
     (tile, 8 positions) that Triton pipelines. H100, batch-8 1-bit + int4 decode: 2.339 against 1.798 ms/token (the
@@ -137,6 +139,7 @@ class MatmulPolicy:
     plane_gemm_code_pairs: str = "scaled"
     gemm_gated_act: bool = True
     w4a8_min_m: int = 0  # from this many rows (0: never), int4 plane words multiply int8 activations (W4A8)
+    w4a8_dense: bool = False  # ... also the dense (not routed) matrices, not only the MoE's expert stacks
     split_k_atomic_sem: str = "relaxed"  # the split-K atomic adds' ordering ("relaxed" or "acq_rel", Triton's
     #                                      default, which fences every earlier store before each add: sm_90
     #                                      MEMBAR.ALL.GPU + CCTL.IVALL; the sums are only read after the grid)
@@ -155,10 +158,11 @@ class MatmulPolicy:
             raise ValueError(f"MatmulPolicy: plane_gemm_tile is (block_m, block_n, warps, stages), got "
                              f"{self.plane_gemm_tile}")
 
-    def takes_w4a8(self, m: int, weight) -> bool:
-        """Whether ``m`` rows of ``weight`` take the W4A8 path (``w4a8_min_m``)."""
-        return (0 < self.w4a8_min_m <= m and isinstance(weight, PackedWeight) and weight.fmt == FMT_INT4_PLANES
-                and weight.group_size % INT4_TILE == 0)
+    def takes_w4a8(self, m: int, weight, routed: bool = True) -> bool:
+        """Whether ``m`` rows of ``weight`` (a routed expert stack, or a dense matrix) take the W4A8 path
+        (``w4a8_min_m``, ``w4a8_dense``)."""
+        return (0 < self.w4a8_min_m <= m and (routed or self.w4a8_dense) and isinstance(weight, PackedWeight)
+                and weight.fmt == FMT_INT4_PLANES and weight.group_size % INT4_TILE == 0)
 
     def binary_word_gemv_fits(self, m: int, weight: BinaryWeight) -> bool:
         return self.binary_word_gemv and (m == 1 or (m <= self.word_gemv_max_rows

@@ -253,13 +253,13 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     if gate is not None and (tiles is None or row_expert is None or tiles.block_m < 16 or weight.n % 2):
         raise ValueError("dequant matmul: a gated epilogue needs row_expert with its expert tiles (of at least 16 "
                          "rows) and a weight of 2F rows")
+    if bias is not None and tuple(bias.shape) != (weight.n,):
+        raise ValueError(f"dequant matmul: bias must be [{weight.n}], got {tuple(bias.shape)}")
+    if gate is None and config is None and out is None and policy.takes_w4a8(m, weight, routed=row_expert is not None):
+        return w4a8_linear(x, weight, bias, row_expert, row_scale, tiles)  # int8 activations (MatmulPolicy)
     if (x.is_cuda and row_expert is None and m >= DEQUANT_GEMM_MIN_M.get(weight.fmt, 1 << 62) and config is None
             and out is None and x.dtype != torch.float32):
         return dense_linear(x, dequantize_stack(weight, x.dtype)[0], bias, row_scale)
-    if bias is not None and tuple(bias.shape) != (weight.n,):
-        raise ValueError(f"dequant matmul: bias must be [{weight.n}], got {tuple(bias.shape)}")
-    if gate is None and config is None and out is None and policy.takes_w4a8(m, weight):
-        return w4a8_linear(x, weight, bias, row_expert, row_scale, tiles)  # int8 activations (MatmulPolicy)
     if (x.is_cuda and row_expert is not None and weight.fmt in (FMT_INT8, FMT_INT4, FMT_INT4_PLANES)
             and m >= policy.dequant_experts_min_m and config is None and out is None and x.dtype != torch.float32
             and gate is None):

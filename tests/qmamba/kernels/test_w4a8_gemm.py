@@ -134,7 +134,8 @@ def test_eval_emulation_quantizes_int4_inputs():
     torch.testing.assert_close(int8_activations(x), dequantize_rows_int8(codes, scale, 256).reshape(x.shape))
 
 
-W4A8_POLICY = MatmulPolicy(w4a8_min_m=8)
+W4A8_POLICY = MatmulPolicy(w4a8_min_m=8)  # the routed expert stacks
+W4A8_ALL = MatmulPolicy(w4a8_min_m=8, w4a8_dense=True)  # and the dense matrices
 
 
 def int8_rounded(x):
@@ -145,9 +146,9 @@ def int8_rounded(x):
 
 
 def test_matmul_entry_point_takes_w4a8_by_policy(device):
-    """dequant_matmul under ``MatmulPolicy.w4a8_min_m``: from that many rows an int4 plane-word matrix (dense, and a
-    routed stack with its routing weights) multiplies the int8-rounded input; below it, and without the policy, the
-    input as is."""
+    """dequant_matmul under ``MatmulPolicy.w4a8_min_m``: from that many rows a routed int4 plane-word stack (with its
+    routing weights) multiplies the int8-rounded input, a dense matrix too with ``w4a8_dense``; below the
+    threshold, and a dense matrix without ``w4a8_dense``, the input as is."""
     m, k, n, experts = 21, 200, 40, 3
     dense = planes_weight(n, k, device)
     stack = planes_weight(n, k, device, experts=experts, seed=3)
@@ -155,15 +156,18 @@ def test_matmul_entry_point_takes_w4a8_by_policy(device):
     bias = torch.randn(n, device=device)
     row_expert = torch.randint(0, experts, (m,), generator=torch.Generator().manual_seed(4)).to(device)
     row_scale = torch.rand(m, device=device)
-    with using_policy(W4A8_POLICY):
+    with using_policy(W4A8_ALL):
         got = dequant_matmul(x, dense, bias)
-        got_routed = dequant_matmul(x, stack, row_expert=row_expert, row_scale=row_scale)
         got_small = dequant_matmul(x[:5], dense, bias)  # 5 rows < w4a8_min_m: the usual path
+    with using_policy(W4A8_POLICY):
+        got_routed = dequant_matmul(x, stack, row_expert=row_expert, row_scale=row_scale)
+        got_dense_off = dequant_matmul(x, dense, bias)
     torch.testing.assert_close(got, dequant_matmul_ref(int8_rounded(x), dense, bias), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(got_routed, dequant_matmul_ref(int8_rounded(x), stack, row_expert=row_expert,
                                                               row_scale=row_scale), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(got_small, dequant_matmul_ref(x[:5], dense, bias), rtol=1e-5, atol=1e-4)
     assert not torch.allclose(got, dequant_matmul_ref(x, dense, bias), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got_dense_off, dequant_matmul_ref(x, dense, bias), rtol=1e-5, atol=1e-4)
 
 
 def test_moe_prefill_with_w4a8(device):
