@@ -180,8 +180,12 @@ def main():
                     show(shape, case, f"gated, {pairs or 'float codes'}", *compile_case(
                         case, weight, True, args.arch, weight_left=True, pairs=pairs, gate="gelu"))
         for bm, bn, warps, stages, magic in W4A8_TILES if args.w4a8 else ():
-            show(shape, "prefill", f"W4A8{' magic' if magic else ''}",
-                 *compile_w4a8(weight, args.arch, bm, bn, warps, stages, magic))
+            r = show(shape, "prefill", f"W4A8{' magic' if magic else ''}",
+                     *compile_w4a8(weight, args.arch, bm, bn, warps, stages, magic))
+            if args.loop:  # where the loop waits for its tensor-core products
+                waits = [line.split(";")[0].split("*/")[-1].strip() for line in r["sass"].splitlines()
+                         if "WARPGROUP.DEPBAR" in line]
+                print(f"     waits: {', '.join(waits)}")
     if args.no_stack and spilled:
         sys.exit(f"spills: {', '.join(spilled)}")
 
