@@ -46,7 +46,9 @@ def quantize_rows_int8_ref(x: torch.Tensor, k_pad: int):
     m, k = x.shape
     xf = x.float()
     amax = xf.abs().amax(dim=1) if k else xf.new_zeros(m)
-    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    # amax / 127 correctly rounded, as the kernel divides (a tensor over a Python number is a multiply by the
+    # reciprocal on CUDA, one rounding more)
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, INT8_MAX), torch.ones_like(amax))
     q = torch.floor(xf / scale[:, None] + 0.5).clamp(-INT8_MAX, INT8_MAX)
     q = torch.nn.functional.pad(q, (0, k_pad - k))
     sums = q.reshape(m, k_pad // INT4_TILE, INT4_TILE).sum(-1)
