@@ -8,7 +8,8 @@
 # prefill route this way: benchmarks/results.md, "Session 29"; session 37 took the producer word sums and removed
 # fc2's own tiles; session 38 took fc1 without the joint products, removed fc2's split along K and x_proj in
 # in_proj's epilogue, took the early reads; session 39 removed out_proj's early NormOut reads and 8 int4 rows a routed
-# row program, took the batched step's general kernels as programmatic dependents and their early first tile).
+# row program, took the batched step's general kernels as programmatic dependents and their early first tile; session
+40 timed the W4A8 prefill route, not yet its kernel table).
 #
 #   bash scripts/gpu_pending.sh [OUT_DIR [STEP ...]]   # logs and JSON under OUT_DIR [${OUT:-runs/gpu-pending}];
 #                                                       # STEPs: a subset of those below (default: all, in order)
