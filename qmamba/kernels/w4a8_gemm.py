@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from qmamba.kernels._triton import cdiv, jit, next_pow2, tl
-from qmamba.kernels.routing import ExpertTiles, program_rows, swizzled_program
+from qmamba.kernels.routing import ExpertTiles, expert_tile_map, program_rows, swizzled_program
 from qmamba.kernels.weights import FMT_INT4_PLANES, PackedWeight
 from qmamba.quant.layout import INT4_TILE, int8_x_plane_order
 
@@ -233,8 +233,6 @@ def w4a8_linear(x, weight: PackedWeight, bias=None, row_expert=None, row_scale=N
     """``x [M, K]`` -> ``[M, N]`` in x.dtype: the activation quantized per row (:func:`quantize_rows_int8`), then
     :func:`w4a8_gemm` (routed rows: ``row_expert`` with its ``tiles``, built here at ``block_m`` rows a tile when
     not given). The matmul entry point's W4A8 path (``MatmulPolicy.w4a8_min_m``)."""
-    from qmamba.kernels.routing import expert_tile_map
-
     if row_expert is not None and tiles is None:
         tiles = expert_tile_map(row_expert, weight.n_experts, block_m)
     codes, scale, sums = quantize_rows_int8(x, weight.qweight.shape[-1] * 8)
