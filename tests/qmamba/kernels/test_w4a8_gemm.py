@@ -41,9 +41,13 @@ def test_plane_byte_order_is_a_permutation_matching_the_plane_words():
         assert torch.equal(high[:, t], by_k[:, order[128 * t + 64:128 * t + 128]])
 
 
-@pytest.mark.parametrize("m,k", [(1, 128), (7, 200), (33, 300)])
-def test_quantize_rows_matches_twin(m, k, device):
-    x = torch.randn(m, k, device=device) * 3
+@pytest.mark.parametrize("m,k,dtype", [(1, 128, torch.float32), (7, 200, torch.float32), (33, 300, torch.float32),
+                                       (96, 1472, torch.bfloat16)])
+def test_quantize_rows_matches_twin(m, k, dtype, device):
+    """Codes equal to the twin's, bit for bit (on CUDA too: the twin divides as the kernel does, with one rounding;
+    a tensor over a Python number there multiplies by the reciprocal, which moved codes of BlackMamba-2.8B's
+    inputs by one in session 40)."""
+    x = (torch.randn(m, k, device=device) * 3).to(dtype)
     x[0, :] = 0  # an all-zero row: scale 1, codes 0
     k_pad = -(-k // 128) * 128
     got = quantize_rows_int8(x, k_pad)
@@ -57,7 +61,7 @@ def test_quantize_rows_matches_twin(m, k, device):
     assert torch.equal(got[2][:, :tile_sums.shape[1]], tile_sums) and not got[2][:, tile_sums.shape[1]:].any()
     # the codes are the row's values over its scale, rounded: within half a step of x
     back = dequantize_rows_int8(got[0], got[1], k)
-    assert ((back - x).abs() <= got[1][:, None] * 0.5 + 1e-6).all()
+    assert ((back - x.float()).abs() <= got[1][:, None] * 0.5 + 1e-6).all()
     assert got[0][:, :].abs().max() <= 127
 
 
