@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode_linear import clones  # noqa: E402
-from timing import EAGER_FALLBACKS, time_calls, require_idle_gpu  # noqa: E402
+from timing import EAGER_FALLBACKS, copies_for, time_calls, require_idle_gpu  # noqa: E402
 
 from qmamba.kernels.quant_matmul import dequant_matmul  # noqa: E402
 from qmamba.kernels.w4a8_gemm import (quantize_rows_int8, quantize_rows_int8_ref, w4a8_gemm,  # noqa: E402
@@ -82,7 +82,7 @@ def bench_shape(name, k, n, m, tiles, dev, timing: bool) -> tuple[dict, list[str
     # -- timings (us a call, weight copies rotated out of L2)
     per_copy = planes.qweight.numel() * 4
     copies = clones(planes, per_copy)
-    w_bf16 = [c.dequantized(torch.bfloat16)[0] for c in copies[:max(2, len(copies) // 4 + 1)]]
+    w_bf16 = [copies[i % len(copies)].dequantized(torch.bfloat16)[0] for i in range(copies_for(2 * n * k))]
     row["cublas_bf16"] = time_calls([lambda wb=wb: x @ wb.t() for wb in w_bf16])
     row["int4_runtime"] = time_calls([lambda c=c: dequant_matmul(x, c) for c in copies])
     out = torch.empty(m, n, device=dev, dtype=x.dtype)

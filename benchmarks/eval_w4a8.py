@@ -27,7 +27,7 @@ from qmamba import load_model
 from qmamba.assets import default_model_path
 from qmamba.calib.quantize import QuantizeOptions, quantize_checkpoint
 from qmamba.eval import evaluate_model
-from qmamba.kernels.w4a8_gemm import dequantize_rows_int8, quantize_rows_int8_ref
+from qmamba.kernels.w4a8_gemm import int8_rounded_ref
 from qmamba.quant.formats import Int4Format
 from qmamba.quant.modules import QuantExperts, QuantLinear
 from qmamba.tokenizer import resolve_tokenizer
@@ -35,11 +35,7 @@ from qmamba.tokenizer import resolve_tokenizer
 
 def int8_activations(x: torch.Tensor) -> torch.Tensor:
     """``x [..., K]`` quantized per row to int8 as the W4A8 kernel's quantizer does, and dequantized."""
-    k = x.shape[-1]
-    flat = x.reshape(-1, k)
-    k_pad = -(-k // 128) * 128
-    codes, scale, _ = quantize_rows_int8_ref(flat, k_pad)
-    return dequantize_rows_int8(codes, scale, k).to(x.dtype).reshape(x.shape)
+    return int8_rounded_ref(x)
 
 
 @contextlib.contextmanager

@@ -66,6 +66,14 @@ def dequantize_rows_int8(codes: torch.Tensor, scale: torch.Tensor, k: int) -> to
     return x[:, :k] * scale[:, None]
 
 
+def int8_rounded_ref(x: torch.Tensor) -> torch.Tensor:
+    """The activation the W4A8 path multiplies: ``x [..., K]`` quantized per row as :func:`quantize_rows_int8_ref`
+    does, and dequantized, in x's shape and dtype."""
+    k = x.shape[-1]
+    codes, scale, _ = quantize_rows_int8_ref(x.reshape(-1, k), -(-k // INT4_TILE) * INT4_TILE)
+    return dequantize_rows_int8(codes, scale, k).to(x.dtype).reshape(x.shape)
+
+
 def w4a8_gemm_ref(codes, scale, weight: PackedWeight, bias=None, row_expert=None, row_scale=None) -> torch.Tensor:
     """``[M, N]`` float32: the dequantized activation times the dequantized weight (row m on expert
     ``row_expert[m]``, 0 when None), plus ``bias``, times ``row_scale[m]``."""

@@ -9,8 +9,8 @@ from qmamba.kernels.fused_moe import gated_act_ref, moe_forward, moe_forward_ref
 from qmamba.kernels.matmul_configs import MatmulPolicy, using_policy
 from qmamba.kernels.quant_matmul import dequant_matmul, dequant_matmul_ref
 from qmamba.kernels.routing import expert_tile_map
-from qmamba.kernels.w4a8_gemm import (dequantize_rows_int8, quantize_rows_int8, quantize_rows_int8_ref, sum_columns,
-                                      w4a8_gemm, w4a8_gemm_ref)
+from qmamba.kernels.w4a8_gemm import (dequantize_rows_int8, int8_rounded_ref, quantize_rows_int8,
+                                      quantize_rows_int8_ref, sum_columns, w4a8_gemm, w4a8_gemm_ref)
 from qmamba.quant.formats import Int4Format
 from qmamba.quant.layout import int8_x_plane_order
 
@@ -142,13 +142,6 @@ W4A8_POLICY = MatmulPolicy(w4a8_min_m=8)  # the routed expert stacks
 W4A8_ALL = MatmulPolicy(w4a8_min_m=8, w4a8_dense=True)  # and the dense matrices
 
 
-def int8_rounded(x):
-    """The activation the W4A8 path multiplies: ``x`` quantized per row and dequantized."""
-    k = x.shape[1]
-    codes, scale, _ = quantize_rows_int8_ref(x, -(-k // 128) * 128)
-    return dequantize_rows_int8(codes, scale, k)
-
-
 def test_matmul_entry_point_takes_w4a8_by_policy(device):
     """dequant_matmul under ``MatmulPolicy.w4a8_min_m``: from that many rows a routed int4 plane-word stack (with its
     routing weights) multiplies the int8-rounded input, a dense matrix too with ``w4a8_dense``; below the
@@ -166,8 +159,8 @@ def test_matmul_entry_point_takes_w4a8_by_policy(device):
     with using_policy(W4A8_POLICY):
         got_routed = dequant_matmul(x, stack, row_expert=row_expert, row_scale=row_scale)
         got_dense_off = dequant_matmul(x, dense, bias)
-    torch.testing.assert_close(got, dequant_matmul_ref(int8_rounded(x), dense, bias), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(got_routed, dequant_matmul_ref(int8_rounded(x), stack, row_expert=row_expert,
+    torch.testing.assert_close(got, dequant_matmul_ref(int8_rounded_ref(x), dense, bias), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got_routed, dequant_matmul_ref(int8_rounded_ref(x), stack, row_expert=row_expert,
                                                               row_scale=row_scale), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(got_small, dequant_matmul_ref(x[:5], dense, bias), rtol=1e-5, atol=1e-4)
     assert not torch.allclose(got, dequant_matmul_ref(x, dense, bias), rtol=1e-5, atol=1e-4)
@@ -186,8 +179,8 @@ def test_moe_prefill_with_w4a8(device):
     with using_policy(W4A8_POLICY):
         got = moe_forward(x, router_w, None, fc1, fc2, "gelu", True, block_m=16)
     idx, weight = route_top1_ref(x, router_w)
-    h = dequant_matmul_ref(int8_rounded(x), fc1, row_expert=idx)
-    ref = dequant_matmul_ref(int8_rounded(gated_act_ref(h, "gelu", True)), fc2, row_expert=idx, row_scale=weight)
+    h = dequant_matmul_ref(int8_rounded_ref(x), fc1, row_expert=idx)
+    ref = dequant_matmul_ref(int8_rounded_ref(gated_act_ref(h, "gelu", True)), fc2, row_expert=idx, row_scale=weight)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     # and not the W4A16 product
     assert not torch.allclose(got, moe_forward_ref(x, router_w, None, fc1, fc2, "gelu", True), rtol=1e-4, atol=1e-4)
