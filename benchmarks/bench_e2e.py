@@ -62,7 +62,15 @@ PREFILL_EXPERT_ROUTES = {"tiles": DEFAULT_POLICY,
                          # (MatmulPolicy.w4a8_min_m, session 40: a change of numerics, off by default), and with the
                          # dense int4 matrices too (w4a8_dense)
                          "w4a8": dataclasses.replace(DEFAULT_POLICY, w4a8_min_m=64),
-                         "w4a8_all": dataclasses.replace(DEFAULT_POLICY, w4a8_min_m=64, w4a8_dense=True)}
+                         # ... fc1's gated activation by the elementwise kernel, as in session 40
+                         "w4a8_ungated": dataclasses.replace(DEFAULT_POLICY, w4a8_min_m=64, gemm_gated_act=False),
+                         "w4a8_all": dataclasses.replace(DEFAULT_POLICY, w4a8_min_m=64, w4a8_dense=True),
+                         # ... on other W4A8 tiles (MatmulPolicy.w4a8_tile; session 41): the product taken as W x^T
+                         # (the codes the left operand, from registers) on 64 x 128 (4 warps), 128 x 128 and
+                         # 64 x 256 (8 warps) tiles, then 128 x 128 with 4 stages
+                         **{f"w4a8_l{name}": dataclasses.replace(DEFAULT_POLICY, w4a8_min_m=64, w4a8_tile=tile)
+                            for name, tile in (("", (64, 128, 4, 3, True)), ("128", (128, 128, 8, 3, True)),
+                                               ("256", (64, 256, 8, 3, True)), ("128s4", (128, 128, 8, 4, True)))}}
 # name -> (format of the projections and experts, format of x_proj / dt_proj / head or None for the same);
 # "int4_cli": int4 g128 with x_proj, dt_proj and the head float, as `qmamba quantize` writes it by default
 FORMATS = {"bf16": (None, None), "int8": (Int8Format(), None), "int4_g128": (Int4Format(128), None),

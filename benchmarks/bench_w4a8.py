@@ -43,10 +43,12 @@ def rel_err(out, ref) -> float:
 
 
 def parse_tile(spec: str) -> dict:
-    """``BMxBNxWARPSxSTAGES``, an ``m`` at the end for the magic-number conversion (``w4a8_gemm``'s ``magic``)."""
-    magic = spec.endswith("m")
-    bm, bn, nw, ns = (int(v) for v in spec.rstrip("m").split("x"))
-    return dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, magic=magic)
+    """``BMxBNxWARPSxSTAGES``, then letters: ``m`` for the magic-number conversion (``w4a8_gemm``'s ``magic``), ``l``
+    for the product taken as ``W x^T`` (``weight_left``)."""
+    body = spec.rstrip("ml")
+    flags = spec[len(body):]
+    bm, bn, nw, ns = (int(v) for v in body.split("x"))
+    return dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, magic="m" in flags, weight_left="l" in flags)
 
 
 def bench_shape(name, k, n, m, tiles, dev, timing: bool) -> tuple[dict, list[str]]:
@@ -106,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--m", default="256,512,2048")
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--tiles", default="64x128x4x3,64x128x4x3m,64x128x4x4,128x128x8x3,128x128x8x3m,64x256x8x3")
+    ap.add_argument("--tiles", default="64x128x4x3,64x128x4x3l,128x128x8x3l,128x128x8x4l,64x256x8x3l")
     ap.add_argument("--json", default=None)
     return ap
 
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
     try:
         [parse_tile(t) for t in args.tiles.split(",")]
     except ValueError:
-        print(f"error: --tiles wants BMxBNxWARPSxSTAGES[m] entries, got {args.tiles!r}", file=sys.stderr)
+        print(f"error: --tiles wants BMxBNxWARPSxSTAGES[m][l] entries, got {args.tiles!r}", file=sys.stderr)
         return 2
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     timing = dev.type == "cuda"

@@ -92,22 +92,26 @@ def compile_case(case: str, weight: PackedWeight, float_codes: bool, arch: int, 
     return compile_recorded(real, args, meta, arch), cfg
 
 
-W4A8_TILES = ((64, 128, 4, 3, False), (64, 128, 4, 3, True), (128, 128, 8, 3, False))  # + magic conversion
+# (block_m, block_n, warps, stages, magic conversion, W x^T)
+W4A8_TILES = ((64, 128, 4, 3, False, False), (64, 128, 4, 3, True, False), (128, 128, 8, 3, False, False),
+              (64, 128, 4, 3, False, True), (128, 128, 8, 3, False, True), (64, 256, 8, 3, False, True))
 
 
 def compile_w4a8(weight: PackedWeight, arch: int, block_m: int, block_n: int, warps: int, stages: int,
-                 magic: bool):
+                 magic: bool, weight_left: bool = False, gate: str | None = None):
     """``(compiled kernel, config)`` of the W4A8 GEMM (:mod:`qmamba.kernels.w4a8_gemm`) on the experts' tiles of
-    2,048 rows, with the inline PTX and the three-pass tf32 product a CUDA launch takes."""
+    2,048 rows, with the inline PTX and the three-pass tf32 product a CUDA launch takes (``gate``: fc1's gated
+    epilogue)."""
     m = 2048
     recorder, real = _Recorder(wg._w4a8_gemm_kernel), wg._w4a8_gemm_kernel
     wg._w4a8_gemm_kernel = recorder
     try:
         idx = torch.randint(0, EXPERTS, (m,), dtype=torch.int32)
         codes, scale, sums = wg.quantize_rows_int8_ref(torch.randn(m, weight.k), weight.qweight.shape[-1] * 8)
-        wg.w4a8_gemm(codes, scale, sums, weight, out=torch.empty(m, weight.n, dtype=torch.bfloat16),
+        wg.w4a8_gemm(codes, scale, sums, weight,
+                     out=torch.empty(m, weight.n // (2 if gate else 1), dtype=torch.bfloat16),
                      tiles=expert_tile_map(idx, EXPERTS, block_m), block_m=block_m, block_n=block_n,
-                     num_warps=warps, num_stages=stages, magic=magic)
+                     num_warps=warps, num_stages=stages, magic=magic, gate=gate, weight_left=weight_left)
     finally:
         wg._w4a8_gemm_kernel = real
     _, args, meta = recorder.calls[-1]
@@ -179,9 +183,13 @@ def main():
                 for pairs in ("scaled", ""):
                     show(shape, case, f"gated, {pairs or 'float codes'}", *compile_case(
                         case, weight, True, args.arch, weight_left=True, pairs=pairs, gate="gelu"))
-        for bm, bn, warps, stages, magic in W4A8_TILES if args.w4a8 else ():
-            r = show(shape, "prefill", f"W4A8{' magic' if magic else ''}",
-                     *compile_w4a8(weight, args.arch, bm, bn, warps, stages, magic))
+        w4a8_cases = [(t, None) for t in W4A8_TILES] if args.w4a8 else []
+        if args.w4a8 and args.gated and shape == "fc1":
+            w4a8_cases += [(W4A8_TILES[0], "gelu"), (W4A8_TILES[4], "gelu")]
+        for (bm, bn, warps, stages, magic, left), gate in w4a8_cases:
+            r = show(shape, "prefill", f"W4A8{' magic' if magic else ''}{' Wx^T' if left else ''}"
+                     f"{' gated' if gate else ''}",
+                     *compile_w4a8(weight, args.arch, bm, bn, warps, stages, magic, left, gate))
             if args.loop:  # where the loop waits for its tensor-core products
                 waits = [line.split(";")[0].split("*/")[-1].strip() for line in r["sass"].splitlines()
                          if "WARPGROUP.DEPBAR" in line]

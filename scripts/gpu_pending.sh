@@ -9,7 +9,7 @@
 # fc2's own tiles; session 38 took fc1 without the joint products, removed fc2's split along K and x_proj in
 # in_proj's epilogue, took the early reads; session 39 removed out_proj's early NormOut reads and 8 int4 rows a routed
 # row program, took the batched step's general kernels as programmatic dependents and their early first tile; session
-40 timed the W4A8 prefill route, not yet its kernel table).
+# 40 timed the W4A8 prefill route, not yet its kernel table; session 41 built W4A8's gated epilogue and W x^T tiles).
 #
 #   bash scripts/gpu_pending.sh [OUT_DIR [STEP ...]]   # logs and JSON under OUT_DIR [${OUT:-runs/gpu-pending}];
 #                                                       # STEPs: a subset of those below (default: all, in order)
@@ -41,12 +41,15 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" \
   || exit 1
 
-# the W4A8 GEMM candidate (session 40: int4 plane words times int8 activations on int8 tensor cores; not in the
-# runtime) against cuBLAS bf16 and the runtime's int4 matmul at prefill sizes, every output checked first
-step w4a8 "$PY" benchmarks/bench_w4a8.py --json "$DEST/w4a8.json" --m 256,512,2048
-# ... and in the graph prefill of 2,048 tokens (MatmulPolicy.w4a8_min_m = 64: the expert stacks; w4a8_all: the dense
-# int4 projections too), beside the default route (session 40, H100, experts only: 183.7k against 178.2k tok/s)
-step w4a8_prefill "$PY" benchmarks/profile_prefill.py --format int4_cli --graph --experts tiles,w4a8,w4a8_all
+# the W4A8 GEMM candidate (session 40: int4 plane words times int8 activations on int8 tensor cores; off by
+# default) against cuBLAS bf16 and the runtime's int4 matmul at prefill sizes, every output checked first; session
+# 41's tiles with the product taken as W x^T (the suffix l) among them
+step w4a8 "$PY" benchmarks/bench_w4a8.py --json "$DEST/w4a8.json" --m 256,2048 --shapes fc1,fc2,in_proj
+# ... and in the graph prefill of 2,048 tokens (MatmulPolicy.w4a8_min_m = 64: the expert stacks), beside the
+# default route (session 40, H100: 183.7k against 178.2k tok/s with fc1's activation an elementwise kernel, now
+# w4a8_ungated; w4a8 has it in fc1's epilogue since session 41; w4a8_l*: W x^T on other tiles, MatmulPolicy.w4a8_tile)
+step w4a8_prefill "$PY" benchmarks/profile_prefill.py --format int4_cli --graph \
+  --experts tiles,w4a8_ungated,w4a8,w4a8_l,w4a8_l128,w4a8_l256
 
 # two rows routed to one expert in one routed row program at batch 8, reading and unpacking the tile once
 # (DecodePolicy.routed_row_pairs, session 39: "all" fc1 and fc2, "plain" fc2 only; sm_90, Triton 3.6: a pair's path

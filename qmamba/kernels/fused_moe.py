@@ -150,7 +150,10 @@ def _tile_rows(t: int, fc1: KernelWeight, device) -> int:
     (fc2 runs on the same tiles); 64 on CUDA (32 elsewhere) for 1-bit."""
     if isinstance(fc1, BinaryWeight):
         return 32 if device.type != "cuda" else 64
-    return pick_config(t, fc1, device).block_m
+    policy = current_policy()
+    if policy.takes_w4a8(t, fc1):  # fc2 too: the policy's W4A8 tile
+        return policy.w4a8_tile[0]
+    return pick_config(t, fc1, device, policy=policy).block_m
 
 
 def moe_forward(x, router_w, router_b, fc1: KernelWeight, fc2: KernelWeight, activation: str, gated: bool,
@@ -166,7 +169,7 @@ def moe_forward(x, router_w, router_b, fc1: KernelWeight, fc2: KernelWeight, act
         tiles = expert_tile_map(idx, fc1.n_experts, block_m or _tile_rows(t, fc1, x.device))
     policy = current_policy()
     if (tiles is not None and gated and isinstance(fc1, PackedWeight) and policy.gemm_gated_act
-            and t < policy.dequant_experts_min_m and not policy.takes_w4a8(t, fc1)):
+            and t < policy.dequant_experts_min_m):
         a = dequant_matmul(x, fc1, row_expert=idx, tiles=tiles, gate=activation)  # the activation in the epilogue
     else:
         a = gated_act(routed_matmul(x, fc1, row_expert=idx, tiles=tiles), activation, gated)

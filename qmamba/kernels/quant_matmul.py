@@ -255,8 +255,9 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
                          "rows) and a weight of 2F rows")
     if bias is not None and tuple(bias.shape) != (weight.n,):
         raise ValueError(f"dequant matmul: bias must be [{weight.n}], got {tuple(bias.shape)}")
-    if gate is None and config is None and out is None and policy.takes_w4a8(m, weight, routed=row_expert is not None):
-        return w4a8_linear(x, weight, bias, row_expert, row_scale, tiles)  # int8 activations (MatmulPolicy)
+    if config is None and out is None and policy.takes_w4a8(m, weight, routed=row_expert is not None):
+        return w4a8_linear(x, weight, bias, row_expert, row_scale, tiles, gate=gate,  # int8 activations
+                           tile=policy.w4a8_tile)
     if (x.is_cuda and row_expert is None and m >= DEQUANT_GEMM_MIN_M.get(weight.fmt, 1 << 62) and config is None
             and out is None and x.dtype != torch.float32):
         return dense_linear(x, dequantize_stack(weight, x.dtype)[0], bias, row_scale)

@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 
 from qmamba.kernels._triton import cdiv, jit, next_pow2, tl
+from qmamba.kernels.activations import ACTIVATION_IDS
+from qmamba.kernels.dequant_gemm import gated_epilogue
 from qmamba.kernels.routing import ExpertTiles, expert_tile_map, program_rows, swizzled_program
 from qmamba.kernels.weights import FMT_INT4_PLANES, PackedWeight
 from qmamba.quant.layout import INT4_TILE, int8_x_plane_order
@@ -145,37 +147,63 @@ def _nibble_bytes(wb, HIGH: tl.constexpr, ASM: tl.constexpr):
 
 
 @jit
+def _as_float(part, MAGIC: tl.constexpr):
+    """int32 ``part`` as float32. ``MAGIC`` (|part| < 2^22): the int added to the bits of 1.5 * 2^23 is a float
+    exactly that much larger, minus 1.5 * 2^23 (two full-rate instructions instead of ``I2FP``)."""
+    if MAGIC:
+        f = (part + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    else:
+        f = part.to(tl.float32)
+    return f
+
+
+@jit
 def _w4a8_gemm_kernel(
     q_ptr, xs_ptr, xsum_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rscale_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr,
     sorted_ptr, M, N, K_PAD, GRID_M, GRID_N, sqm, ssum, som, son, swe, swn, sse, ssn, sze, szn,
     TILES: tl.constexpr, GROUP: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr,
     ASM: tl.constexpr, PRECISION: tl.constexpr, MAGIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SWIZZLE: tl.constexpr,
+    SWIZZLE: tl.constexpr, GATE: tl.constexpr, W_LEFT: tl.constexpr,
 ):
+    """``GATE`` (an activation id, or -1): a gated fc1, N = 2F weight rows, a tile's gate rows then their up rows, as
+    ``GATE`` of :func:`qmamba.kernels.dequant_gemm._dequant_gemm_kernel`; the epilogue writes ``act(gate) * up``.
+    ``W_LEFT``: the transposed product ``W x^T`` (the weight's codes the left operand, read by the tensor cores from
+    registers: no shared-memory copy of the unpacked tile), transposed back once after the K loop."""
     pid_m, pid_n = swizzled_program(tl.program_id(0), GRID_M, GRID_N, SWIZZLE)
     rows, row_ok, expert = program_rows(pid_m, M, xs_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, sorted_ptr,
                                         2 if TILES else 0, BLOCK_M)  # ROUTE_TILES / ROUTE_DENSE
     k_end = tl.where(tl.max(row_ok.to(tl.int32), axis=0) > 0, K_PAD, 0)  # an empty tile (the map's spares): no loop
     e64 = expert.to(tl.int64)
     rows64 = rows.to(tl.int64)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
+    if GATE >= 0:  # weight rows: gate rows c, then up rows F + c, of the tile's BLOCK_N / 2 output columns c
+        r = tl.arange(0, BLOCK_N)
+        col = pid_n * (BLOCK_N // 2) + r % (BLOCK_N // 2)
+        n = col + (r // (BLOCK_N // 2)) * (N // 2)
+        n_ok = col < N // 2
+    else:
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < N
     jb = tl.arange(0, 64)
     w_rows = w_ptr + e64 * swe + n[:, None] * swn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # W_LEFT's accumulator
     for k0 in range(0, k_end, 128):
         # the tile's 64 bytes a weight row: low nibbles are the codes of input columns k0 .. k0 + 63 (plane-byte
         # order), high nibbles those of k0 + 64 .. k0 + 127
         wb = tl.load(w_rows + (k0 // 2 + jb)[None, :], mask=n_ok[:, None], other=0)
         x_lo = tl.load(q_ptr + rows64[:, None] * sqm + (k0 + jb)[None, :], mask=row_ok[:, None], other=0)
         x_hi = tl.load(q_ptr + rows64[:, None] * sqm + (k0 + 64 + jb)[None, :], mask=row_ok[:, None], other=0)
-        part = tl.dot(x_lo, tl.trans(_nibble_bytes(wb, False, ASM)), out_dtype=tl.int32)
-        part = tl.dot(x_hi, tl.trans(_nibble_bytes(wb, True, ASM)), part, out_dtype=tl.int32)
         scale = tl.load(s_ptr + e64 * sse + n * ssn + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
-        if MAGIC:  # |part| < 2^22: the int added to the bits of 1.5 * 2^23 is a float exactly that much larger
-            acc += ((part + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0) * scale[None, :]
+        if W_LEFT:  # the weight's codes the dot's left operand, which the tensor cores read from registers
+            part_t = tl.dot(_nibble_bytes(wb, False, ASM), tl.trans(x_lo), out_dtype=tl.int32)
+            part_t = tl.dot(_nibble_bytes(wb, True, ASM), tl.trans(x_hi), part_t, out_dtype=tl.int32)
+            acc_t += _as_float(part_t, MAGIC) * scale[:, None]
         else:
-            acc += part.to(tl.float32) * scale[None, :]
+            part = tl.dot(x_lo, tl.trans(_nibble_bytes(wb, False, ASM)), out_dtype=tl.int32)
+            part = tl.dot(x_hi, tl.trans(_nibble_bytes(wb, True, ASM)), part, out_dtype=tl.int32)
+            acc += _as_float(part, MAGIC) * scale[None, :]
+    if W_LEFT:
+        acc = tl.trans(acc_t)
     # the zero points: acc -= sum over tiles t of sum(x codes of t) * scale_t * zero_t (the tile's group's)
     t = tl.arange(0, SUMS)
     blk = (t * 128) // GROUP
@@ -186,22 +214,30 @@ def _w4a8_gemm_kernel(
     xsum = tl.load(xsum_ptr + rows64[:, None] * ssum + t[None, :], mask=row_ok[:, None], other=0.0)
     acc -= tl.dot(xsum, tl.trans(zs), input_precision=PRECISION)
     acc *= tl.load(xs_ptr + rows64, mask=row_ok, other=0.0)[:, None]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_RSCALE:
-        acc *= tl.load(rscale_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    tl.store(out_ptr + rows64[:, None] * som + n[None, :] * son, acc.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & n_ok[None, :])
+    if GATE >= 0:
+        gated_epilogue(acc, out_ptr, s_ptr, bias_ptr, rscale_ptr, rows64, row_ok, n, n_ok, e64, pid_n, N // 2, som,
+                       son, sse, ssn, 0, HAS_BIAS, HAS_RSCALE, GATE, BLOCK_N)  # (FMT 0: no int8 row scale)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_RSCALE:
+            acc *= tl.load(rscale_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + rows64[:, None] * som + n[None, :] * son, acc.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & n_ok[None, :])
 
 
 def w4a8_gemm(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row_scale=None,
               tiles: ExpertTiles | None = None, block_m: int = 64, block_n: int = 128, num_warps: int = 4,
-              num_stages: int = 3, magic: bool = False) -> torch.Tensor:
+              num_stages: int = 3, magic: bool = False, gate: str | None = None,
+              weight_left: bool = False) -> torch.Tensor:
     """``out [M, N] <- (x_hat @ W_hat^T + bias) * row_scale`` from :func:`quantize_rows_int8`'s ``codes, scale,
     sums`` and int4 plane words (group size a multiple of 128); one matrix, or with ``tiles`` the routed expert
     tiles of a stack (``tiles.block_m`` rows a tile, which must be ``block_m``). ``out`` defaults to a new bfloat16
     tensor. ``magic``: each tile's int32 product converted to float by an add to the bits of 1.5 * 2^23 and a float
-    subtraction (two full-rate instructions) instead of ``I2FP`` (one, of a throughput to be measured)."""
+    subtraction (two full-rate instructions) instead of ``I2FP`` (one, of a throughput to be measured). ``gate`` (an
+    activation of :data:`qmamba.kernels.activations.ACTIVATION_IDS`): the weight is a gated fc1 (2F rows: gate, then
+    up) and ``out [M, F]`` receives ``act(gate) * up`` (then times ``row_scale``), computed in the epilogue.
+    ``weight_left``: the product taken as ``W x^T`` (``W_LEFT`` of the kernel)."""
     if weight.fmt != FMT_INT4_PLANES or weight.group_size % INT4_TILE:
         raise ValueError("w4a8_gemm: the weight must be int4 plane words with a group size a multiple of 128")
     m, k_pad = codes.shape
@@ -214,14 +250,19 @@ def w4a8_gemm(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row
         raise ValueError("w4a8_gemm: an expert stack needs its tile map")
     if tiles is not None and tiles.block_m != block_m:
         raise ValueError(f"w4a8_gemm: the tile map has {tiles.block_m} rows a tile, the kernel {block_m}")
+    if gate is not None and (weight.n % 2 or block_n % 2):
+        raise ValueError("w4a8_gemm: a gated epilogue needs an even N and block_n")
+    n_out = weight.n // 2 if gate is not None else weight.n
     if out is None:
-        out = torch.empty(m, weight.n, dtype=torch.bfloat16, device=codes.device)
+        out = torch.empty(m, n_out, dtype=torch.bfloat16, device=codes.device)
+    if tuple(out.shape) != (m, n_out):
+        raise ValueError(f"w4a8_gemm: out must be [{m}, {n_out}], got {tuple(out.shape)}")
     if m == 0:
         return out
     wb = weight.qweight.view(torch.uint8)  # [E, N, 4 W] bytes of the plane words
     s, z = weight.scales, weight.zeros
     grid_m = tiles.n_tiles if tiles is not None else cdiv(m, block_m)
-    grid_n = cdiv(weight.n, block_n)
+    grid_n = cdiv(n_out, block_n // 2) if gate is not None else cdiv(weight.n, block_n)
     dummy = scale
     _w4a8_gemm_kernel[(grid_m * grid_n,)](
         codes, scale, sums, out, wb, s, z, bias if bias is not None else dummy,
@@ -232,18 +273,23 @@ def w4a8_gemm(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row
         TILES=tiles is not None, GROUP=weight.group_size, SUMS=sums.shape[1], HAS_BIAS=bias is not None,
         HAS_RSCALE=row_scale is not None, ASM=codes.is_cuda, PRECISION="tf32x3" if codes.is_cuda else "ieee",
         MAGIC=magic, BLOCK_M=block_m, BLOCK_N=block_n, SWIZZLE=1 if tiles is not None else 8,
-        num_warps=num_warps, num_stages=num_stages)
+        GATE=-1 if gate is None else ACTIVATION_IDS[gate], W_LEFT=weight_left, num_warps=num_warps,
+        num_stages=num_stages)
     return out
 
 
 def w4a8_linear(x, weight: PackedWeight, bias=None, row_expert=None, row_scale=None, tiles: ExpertTiles | None = None,
-                block_m: int = 64) -> torch.Tensor:
-    """``x [M, K]`` -> ``[M, N]`` in x.dtype: the activation quantized per row (:func:`quantize_rows_int8`), then
-    :func:`w4a8_gemm` (routed rows: ``row_expert`` with its ``tiles``, built here at ``block_m`` rows a tile when
-    not given). The matmul entry point's W4A8 path (``MatmulPolicy.w4a8_min_m``)."""
+                gate: str | None = None, tile: tuple = (64, 128, 4, 3, False)) -> torch.Tensor:
+    """``x [M, K]`` -> ``[M, N]`` (``gate``: ``[M, N / 2]``, see :func:`w4a8_gemm`) in x.dtype: the activation
+    quantized per row (:func:`quantize_rows_int8`), then :func:`w4a8_gemm` on ``tile`` = ``(block_m, block_n, warps,
+    stages, weight_left)`` (routed rows: ``row_expert`` with its ``tiles``, built here at ``block_m`` rows a tile
+    when not given; given, theirs). The matmul entry point's W4A8 path (``MatmulPolicy.w4a8_min_m``,
+    ``w4a8_tile``)."""
+    block_m, block_n, warps, stages, left = tile
     if row_expert is not None and tiles is None:
         tiles = expert_tile_map(row_expert, weight.n_experts, block_m)
     codes, scale, sums = quantize_rows_int8(x, weight.qweight.shape[-1] * 8)
-    out = torch.empty(x.shape[0], weight.n, dtype=x.dtype, device=x.device)
+    out = torch.empty(x.shape[0], weight.n // 2 if gate is not None else weight.n, dtype=x.dtype, device=x.device)
     return w4a8_gemm(codes, scale, sums, weight, out=out, bias=bias, row_scale=row_scale, tiles=tiles,
-                     block_m=tiles.block_m if tiles is not None else block_m)
+                     block_m=tiles.block_m if tiles is not None else block_m, block_n=block_n, num_warps=warps,
+                     num_stages=stages, gate=gate, weight_left=left)

@@ -2,10 +2,12 @@
 times the dequantized weight (one matrix, routed expert tiles, ragged K, a group of 256, bias), the plane-byte order
 as a permutation, and bad input refused."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from qmamba.kernels.fused_moe import gated_act_ref, moe_forward, moe_forward_ref, route_top1_ref
+from qmamba.kernels.fused_moe import _tile_rows, gated_act_ref, moe_forward, moe_forward_ref, route_top1_ref
 from qmamba.kernels.matmul_configs import MatmulPolicy, using_policy
 from qmamba.kernels.quant_matmul import dequant_matmul, dequant_matmul_ref
 from qmamba.kernels.routing import expert_tile_map
@@ -65,15 +67,17 @@ def test_quantize_rows_matches_twin(m, k, dtype, device):
     assert got[0][:, :].abs().max() <= 127
 
 
-@pytest.mark.parametrize("m,k,n,group,magic", [(5, 200, 40, 128, False), (37, 300, 130, 128, False),
-                                               (19, 256, 24, 256, False), (37, 300, 130, 128, True)])
-def test_gemm_matches_dequantized(m, k, n, group, magic, device):
+@pytest.mark.parametrize("m,k,n,group,magic,left", [(5, 200, 40, 128, False, False), (37, 300, 130, 128, False, False),
+                                                    (19, 256, 24, 256, False, False), (37, 300, 130, 128, True, False),
+                                                    (37, 300, 130, 128, False, True), (19, 256, 24, 256, True, True)])
+def test_gemm_matches_dequantized(m, k, n, group, magic, left, device):
+    """One matrix (``left``: the product taken as ``W x^T``)."""
     w = planes_weight(n, k, device, group=group)
     x = torch.randn(m, k, device=device)
     bias = torch.randn(n, device=device)
     codes, scale, sums = quantize_rows_int8(x, w.qweight.shape[-1] * 8)
     got = w4a8_gemm(codes, scale, sums, w, out=torch.empty(m, n, device=device), bias=bias, block_m=16,
-                    block_n=32, num_warps=4, num_stages=2, magic=magic)
+                    block_n=32, num_warps=4, num_stages=2, magic=magic, weight_left=left)
     ref = w4a8_gemm_ref(codes, scale, w, bias=bias)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
     # and the product is x @ W_hat up to the activation's rounding
@@ -81,7 +85,8 @@ def test_gemm_matches_dequantized(m, k, n, group, magic, device):
     assert (got - exact).norm() / exact.norm() < 2e-2
 
 
-def test_gemm_on_expert_tiles(device):
+@pytest.mark.parametrize("left", [False, True])
+def test_gemm_on_expert_tiles(left, device):
     m, k, n, experts = 29, 264, 48, 3
     w = planes_weight(n, k, device, experts=experts, seed=1)
     x = torch.randn(m, k, device=device)
@@ -90,9 +95,31 @@ def test_gemm_on_expert_tiles(device):
     codes, scale, sums = quantize_rows_int8(x, w.qweight.shape[-1] * 8)
     row_scale = torch.rand(m, device=device)
     got = w4a8_gemm(codes, scale, sums, w, out=torch.empty(m, n, device=device), tiles=tiles, row_scale=row_scale,
-                    block_m=16, block_n=32, num_warps=4, num_stages=2)
+                    block_m=16, block_n=32, num_warps=4, num_stages=2, weight_left=left)
     ref = w4a8_gemm_ref(codes, scale, w, row_expert=row_expert, row_scale=row_scale)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("act,left", [("gelu", False), ("silu", True)])
+def test_gated_epilogue_on_expert_tiles(act, left, device):
+    """A gated fc1 (2F rows: gate, then up) on routed tiles: ``act(gate) * up`` times the routing weight, into F
+    columns, against the dequantized product; F not a multiple of the tile's 16 output columns (a ragged last tile),
+    ragged K, bias by weight row."""
+    m, k, f, experts = 29, 200, 40, 3
+    w = planes_weight(2 * f, k, device, experts=experts, seed=8)
+    x = torch.randn(m, k, device=device)
+    row_expert = torch.randint(0, experts, (m,), generator=torch.Generator().manual_seed(9)).to(device)
+    tiles = expert_tile_map(row_expert, experts, 16)
+    codes, scale, sums = quantize_rows_int8(x, w.qweight.shape[-1] * 8)
+    bias, row_scale = torch.randn(2 * f, device=device), torch.rand(m, device=device)
+    got = w4a8_gemm(codes, scale, sums, w, out=torch.empty(m, f, device=device), bias=bias, row_scale=row_scale,
+                    tiles=tiles, block_m=16, block_n=32, num_warps=4, num_stages=2, gate=act, weight_left=left)
+    h = w4a8_gemm_ref(codes, scale, w, bias=bias, row_expert=row_expert)
+    ref = gated_act_ref(h, act, True) * row_scale[:, None]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="out must be"):
+        w4a8_gemm(codes, scale, sums, w, out=torch.empty(m, 2 * f, device=device), tiles=tiles, block_m=16,
+                  gate=act)
 
 
 def test_bad_input_is_refused():
@@ -167,17 +194,20 @@ def test_matmul_entry_point_takes_w4a8_by_policy(device):
     torch.testing.assert_close(got_dense_off, dequant_matmul_ref(x, dense, bias), rtol=1e-5, atol=1e-4)
 
 
-def test_moe_prefill_with_w4a8(device):
+@pytest.mark.parametrize("gated_epilogue,tile", [(True, (16, 32, 4, 2, True)), (False, (16, 128, 4, 3, False))])
+def test_moe_prefill_with_w4a8(gated_epilogue, tile, device):
     """moe_forward under the W4A8 policy: fc1 and fc2 each multiply their int8-rounded input (fc1's gated
-    activation by the elementwise kernel, the W4A8 GEMM having no gated epilogue)."""
+    activation in the W4A8 GEMM's epilogue, or by the elementwise kernel with ``gemm_gated_act`` off), on the
+    policy's W4A8 tile (its rows also the MoE's rows a tile)."""
     t, d, f, experts = 40, 128, 96, 4
     g = torch.Generator().manual_seed(5)
     router_w = torch.randn(experts, d, generator=g).to(device)
     fc1 = planes_weight(2 * f, d, device, experts=experts, seed=6)
     fc2 = planes_weight(d, f, device, experts=experts, seed=7)
     x = torch.randn(t, d, generator=g).to(device)
-    with using_policy(W4A8_POLICY):
-        got = moe_forward(x, router_w, None, fc1, fc2, "gelu", True, block_m=16)
+    with using_policy(dataclasses.replace(W4A8_POLICY, gemm_gated_act=gated_epilogue, w4a8_tile=tile)):
+        got = moe_forward(x, router_w, None, fc1, fc2, "gelu", True)
+        assert _tile_rows(t, fc1, x.device) == tile[0]
     idx, weight = route_top1_ref(x, router_w)
     h = dequant_matmul_ref(int8_rounded_ref(x), fc1, row_expert=idx)
     ref = dequant_matmul_ref(int8_rounded_ref(gated_act_ref(h, "gelu", True)), fc2, row_expert=idx, row_scale=weight)
@@ -186,6 +216,8 @@ def test_moe_prefill_with_w4a8(device):
     assert not torch.allclose(got, moe_forward_ref(x, router_w, None, fc1, fc2, "gelu", True), rtol=1e-4, atol=1e-4)
 
 
-def test_policy_refuses_a_negative_threshold():
+def test_policy_refuses_a_negative_threshold_or_a_short_tile():
     with pytest.raises(ValueError, match="w4a8_min_m"):
         MatmulPolicy(w4a8_min_m=-1)
+    with pytest.raises(ValueError, match="w4a8_tile"):
+        MatmulPolicy(w4a8_tile=(64, 128, 4, 3))
