@@ -70,7 +70,9 @@ PREFILL_EXPERT_ROUTES = {"tiles": DEFAULT_POLICY,
                          # 64 x 256 (8 warps) tiles, then 128 x 128 with 4 stages
                          **{f"w4a8_l{name}": dataclasses.replace(DEFAULT_POLICY, w4a8_min_m=64, w4a8_tile=tile)
                             for name, tile in (("", (64, 128, 4, 3, True)), ("128", (128, 128, 8, 3, True)),
-                                               ("256", (64, 256, 8, 3, True)), ("128s4", (128, 128, 8, 4, True)))}}
+                                               ("256", (64, 256, 8, 3, True)), ("128s4", (128, 128, 8, 4, True)))},
+                         "w4a8_all_l128": dataclasses.replace(DEFAULT_POLICY, w4a8_min_m=64, w4a8_dense=True,
+                                                              w4a8_tile=(128, 128, 8, 3, True))}
 # name -> (format of the projections and experts, format of x_proj / dt_proj / head or None for the same);
 # "int4_cli": int4 g128 with x_proj, dt_proj and the head float, as `qmamba quantize` writes it by default
 FORMATS = {"bf16": (None, None), "int8": (Int8Format(), None), "int4_g128": (Int4Format(128), None),
