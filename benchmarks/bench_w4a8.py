@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--m", default="256,512,2048")
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--tiles", default="64x128x4x3,64x128x4x3l,128x128x8x3l,128x128x8x4l,64x256x8x3l")
+    ap.add_argument("--tiles", default="64x128x4x3,64x128x4x3l,64x128x4x3lm,128x128x8x3l,128x128x8x3lm,"
+                                       "128x128x8x4l,64x256x8x3l")
     ap.add_argument("--json", default=None)
     return ap
 
