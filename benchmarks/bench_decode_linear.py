@@ -27,6 +27,8 @@ from qmamba.config import preset
 from qmamba.kernels.binary_matmul import binary_matmul
 from qmamba.kernels.decode_linear import DecodePolicy, decode_linear, decode_linear_ref, pdl_supported
 from qmamba.kernels.quant_matmul import dequant_matmul
+from qmamba.kernels.w4a8_gemm import int8_rounded_ref, quantize_rows_int8
+from qmamba.kernels.w4a8_rows import w4a8_rows
 from qmamba.kernels.weights import BinaryWeight, PackedWeight, int32_words
 from qmamba.quant.formats import BinaryFormat, Int4Format, Int8Format
 from qmamba.quant.layout import int4_x_planes
@@ -84,7 +86,12 @@ def variants(pdl: bool, rows: int):
                 "rowprog_pairs": ("planes", dataclasses.replace(rowprog, routed_row_pairs="all")),
                 # the tile row in two power-of-two pieces (DecodePolicy.int4_tile_pieces)
                 "rowprog_pieces": ("planes", dataclasses.replace(rowprog, int4_tile_pieces=True)),
-                "rowprog_bf16": ("float", rowprog), "general_bf16": ("float", "general")}
+                "rowprog_bf16": ("float", rowprog), "general_bf16": ("float", "general"),
+                # int8 activations with dp4a, a program a row (qmamba.kernels.w4a8_rows, session 41): the kernel
+                # alone on codes quantized before (16 / 32 / 64 weight rows a program), then with the row quantizer
+                # in each call
+                **{f"w4a8_rows_bn{bn}": ("planes", f"w4a8_rows:{bn}:0") for bn in (16, 32, 64)},
+                "w4a8_rows_q": ("planes", "w4a8_rows:32:1")}
     out = {"cuda_default": ("planes", cuda), "cuda_default_float": ("float", cuda),
            # int8 and 1-bit weights on the CUDA policy (which lists both), and on their general kernels
            "cuda_int8": ("int8", cuda),
@@ -185,7 +192,17 @@ def bench_shape(name, n, k, experts, opts, rows, pdl, dev, result, only_variants
     for vname, (form, policy) in chosen.items():
         weight = forms[form]
         exact = int4 if form in ("words", "planes", "float") else weight  # what the output is checked against
-        if policy == "general":  # the general kernel computes fc1 without the activation
+        if isinstance(policy, str) and policy.startswith("w4a8_rows"):  # int8 activations: checked against the
+            #                                                               int8-rounded input's product
+            _, bn, with_quantizer = policy.split(":")
+            ref = decode_linear_ref(int8_rounded_ref(x), exact, gated=gated, **kw)
+            out = torch.full((rows, n_out), float("nan"), device=dev, dtype=torch.bfloat16)
+            q = quantize_rows_int8(x, int4.k_padded)
+            call = lambda wc, out=out, bn=int(bn), wq=with_quantizer == "1", q=q: w4a8_rows(  # noqa: E731
+                *(quantize_rows_int8(x, int4.k_padded) if wq else q), wc, out=out, gate=gated, block_n=bn, pdl=pdl,
+                **kw)
+            call(weight)
+        elif policy == "general":  # the general kernel computes fc1 without the activation
             ref = decode_linear_ref(x, exact, **kw)
             general = binary_matmul if form == "binary" else dequant_matmul
             call = lambda wc, general=general: general(x, wc, **kw)  # noqa: E731

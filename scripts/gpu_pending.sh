@@ -9,7 +9,8 @@
 # fc2's own tiles; session 38 took fc1 without the joint products, removed fc2's split along K and x_proj in
 # in_proj's epilogue, took the early reads; session 39 removed out_proj's early NormOut reads and 8 int4 rows a routed
 # row program, took the batched step's general kernels as programmatic dependents and their early first tile; session
-# 40 timed the W4A8 prefill route, not yet its kernel table; session 41 built W4A8's gated epilogue and W x^T tiles).
+# 40 timed the W4A8 prefill route, not yet its kernel table; session 41 built W4A8's gated epilogue, W x^T
+# tiles and dp4a row programs).
 #
 #   bash scripts/gpu_pending.sh [OUT_DIR [STEP ...]]   # logs and JSON under OUT_DIR [${OUT:-runs/gpu-pending}];
 #                                                       # STEPs: a subset of those below (default: all, in order)
@@ -26,7 +27,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="w4a8 w4a8_prefill pairs pairs_kernels matmul_table"  # the step lines below, in order
+ALL_STEPS="w4a8 w4a8_prefill w4a8_rows pairs pairs_kernels matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -50,6 +51,11 @@ step w4a8 "$PY" benchmarks/bench_w4a8.py --json "$DEST/w4a8.json" --m 256,2048 -
 # w4a8_ungated; w4a8 has it in fc1's epilogue since session 41; w4a8_l*: W x^T on other tiles, MatmulPolicy.w4a8_tile)
 step w4a8_prefill "$PY" benchmarks/profile_prefill.py --format int4_cli --graph \
   --experts tiles,w4a8_ungated,w4a8,w4a8_l,w4a8_l128,w4a8_l256
+
+# int8 activations for batch 8's routed experts: dp4a row programs (qmamba.kernels.w4a8_rows, session 41; not in the
+# step) against the step's routed row programs, the kernels alone, every output checked first
+step w4a8_rows "$PY" benchmarks/bench_decode_linear.py --out "$DEST/w4a8_rows.json" --rows 8 --only fc1_gated,fc2 \
+  --variants rowprog,w4a8_rows_bn16,w4a8_rows_bn32,w4a8_rows_bn64,w4a8_rows_q
 
 # two rows routed to one expert in one routed row program at batch 8, reading and unpacking the tile once
 # (DecodePolicy.routed_row_pairs, session 39: "all" fc1 and fc2, "plain" fc2 only; sm_90, Triton 3.6: a pair's path

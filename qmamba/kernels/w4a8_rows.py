@@ -1,0 +1,146 @@
+"""W4A8 for a few rows (batched decode): int4 plane words times int8 activations with ``dp4a``, a program a row.
+
+A candidate for batch 2..16 decode, where each routed expert row program of the decode kernels unpacks its
+expert's int4 codes to floats (fc1 at batch 8 is bound by instruction issue: ~4.8 SASS instructions a code,
+benchmarks/results.md, session 38). Here the activation row is quantized to int8 once
+(:func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8`: a per-row scale, codes in plane-byte order, each 128-column
+tile's code sum) and each 32-bit plane word of the weight meets its 8 activation codes in two ``dp4a``: the low
+nibbles masked in place (one instruction), the high ones shifted and masked (two), each set of four bytes one
+``dp4a.u32.s32`` against the four int8 codes they pair with. Five instructions for eight codes; the exact int32 sum
+of a 128-column tile is scaled once per weight row by its group scale, and the zero point's share is ``zero *
+sum(x codes of the tile)``.
+
+So ``out = x_hat @ W_hat^T`` exactly up to float32 accumulation, as :func:`qmamba.kernels.w4a8_gemm.w4a8_gemm`
+(the same activation quantization, the same weight record: nothing is stored for this kernel); its reference twin
+is :func:`qmamba.kernels.w4a8_gemm.w4a8_gemm_ref`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qmamba.kernels._triton import cdiv, jit, pdl_launch, tl
+from qmamba.kernels.activations import ACTIVATION_IDS, activate
+from qmamba.kernels.w4a8_gemm import sum_columns
+from qmamba.kernels.weights import FMT_INT4_PLANES, PackedWeight
+from qmamba.quant.layout import INT4_TILE
+
+
+@jit
+def _dp4a_words(words, x_lo, x_hi, ASM: tl.constexpr):
+    """``[BN, 16]`` int32: for each plane word (8 nibbles, one 128-column tile holds 16 words a weight row) the sum
+    of its low nibbles times the four int8 codes packed in ``x_lo`` and of its high nibbles times those in ``x_hi``
+    (``[1, 16]`` int32 words of the activation codes in plane-byte order). ``ASM`` (compiled CUDA): two ``dp4a``;
+    elsewhere (the interpreter has no inline PTX) the same sums byte by byte."""
+    if ASM:
+        d = tl.inline_asm_elementwise(
+            "{ .reg .b32 l, h; and.b32 l, $1, 0x0F0F0F0F; shr.b32 h, $1, 4; and.b32 h, h, 0x0F0F0F0F; "
+            "dp4a.u32.s32 $0, l, $2, 0; dp4a.u32.s32 $0, h, $3, $0; }",
+            "=r,r,r,r", [words, tl.broadcast_to(x_lo, words.shape), tl.broadcast_to(x_hi, words.shape)],
+            dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        d = tl.zeros(words.shape, dtype=tl.int32)
+        for i in tl.static_range(4):
+            lo = (words >> (8 * i)) & 0xF
+            hi = (words >> (8 * i + 4)) & 0xF
+            d += lo * ((x_lo << (24 - 8 * i)) >> 24) + hi * ((x_hi << (24 - 8 * i)) >> 24)  # sign-extended bytes
+    return d
+
+
+@jit
+def _w4a8_rows_kernel(
+    q_ptr, xs_ptr, xsum_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rscale_ptr, rexp_ptr,
+    N, sqm, ssum, som, son, swe, swn, sse, ssn, sze, szn,
+    TILES: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr,
+    ROUTED: tl.constexpr, ASM: tl.constexpr, GATE: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Program (row m, block of weight rows): ``out[m, n] = (sum over tiles of scale * (dot - zero * xsum)) *
+    xscale[m]`` (+ bias, ``GATE``: ``act(gate) * up`` of the block's gate rows then up rows as the W4A8 GEMM's,
+    times ``row_scale[m]``). ``ROUTED``: row m reads expert ``row_expert[m]``'s matrix. ``PDL``: the expert index
+    and the first tile's weight words are read before the wait for the kernel before (which wrote the codes)."""
+    m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    if GATE >= 0:  # weight rows: gate rows c, then up rows F + c, of the block's BLOCK_N / 2 output columns c
+        r = tl.arange(0, BLOCK_N)
+        col = pid_n * (BLOCK_N // 2) + r % (BLOCK_N // 2)
+        n = col + (r // (BLOCK_N // 2)) * (N // 2)
+        n_ok = col < N // 2
+    else:
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+    if ROUTED:
+        e = tl.load(rexp_ptr + m).to(tl.int64)
+    else:
+        e = m * 0
+    w16 = tl.arange(0, 16)
+    w_rows = w_ptr + e * swe + n[:, None] * swn
+    words = tl.load(w_rows + w16[None, :], mask=n_ok[:, None], other=0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    x_row = q_ptr + m * sqm  # the row's codes as int32 words: tile t's low-nibble codes at 32 t, high at 32 t + 16
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for t in range(TILES):
+        x_lo = tl.load(x_row + 32 * t + w16)
+        x_hi = tl.load(x_row + 32 * t + 16 + w16)
+        part = tl.sum(_dp4a_words(words, x_lo[None, :], x_hi[None, :], ASM), axis=1)
+        # the next tile's words (none past the last), loaded while this one is scaled
+        words = tl.load(w_rows + (16 * t + 16 + w16)[None, :], mask=n_ok[:, None] & (t + 1 < TILES), other=0)
+        blk = (t * 128) // GROUP  # (a tile is 128 columns)
+        scale = tl.load(s_ptr + e * sse + n * ssn + blk, mask=n_ok, other=0.0).to(tl.float32)
+        zb = tl.load(z_ptr + e * sze + n * szn + blk // 2, mask=n_ok, other=0).to(tl.int32)
+        zero = ((zb >> ((blk % 2) * 4)) & 0xF).to(tl.float32)
+        acc += scale * (part.to(tl.float32) - zero * tl.load(xsum_ptr + m * ssum + t))
+    acc *= tl.load(xs_ptr + m)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+    if GATE >= 0:
+        gate, up = tl.split(tl.permute(tl.reshape(acc, (2, BLOCK_N // 2)), (1, 0)))
+        acc = activate(gate, GATE) * up
+        n = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        n_ok = n < N // 2
+    if HAS_RSCALE:
+        acc *= tl.load(rscale_ptr + m).to(tl.float32)
+    tl.store(out_ptr + m * som + n * son, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def w4a8_rows(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row_expert=None, row_scale=None,
+              gate: str | None = None, block_n: int = 32, num_warps: int = 4, pdl: bool = False) -> torch.Tensor:
+    """``out [M, N] <- (x_hat @ W_hat^T + bias) * row_scale`` (row m on expert ``row_expert[m]`` of a stack) from
+    :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8`'s ``codes, scale, sums`` and int4 plane words (group size a
+    multiple of 128), a program a row and ``block_n`` weight rows. ``gate`` (an activation of
+    :data:`ACTIVATION_IDS`): a gated fc1 (2F rows: gate, then up), ``out [M, F]`` receives ``act(gate) * up``.
+    ``pdl`` (Hopper and newer, inside a CUDA graph): a programmatic dependent launch. ``out`` defaults to a new
+    bfloat16 tensor."""
+    if weight.fmt != FMT_INT4_PLANES or weight.group_size % INT4_TILE:
+        raise ValueError("w4a8_rows: the weight must be int4 plane words with a group size a multiple of 128")
+    m, k_pad = codes.shape
+    if k_pad != weight.qweight.shape[-1] * 8 or codes.dtype != torch.int8 or not codes.is_contiguous():
+        raise ValueError(f"w4a8_rows: codes must be contiguous [M, {weight.qweight.shape[-1] * 8}] int8")
+    if tuple(sums.shape) != (m, sum_columns(k_pad)) or sums.dtype != torch.float32:
+        raise ValueError(f"w4a8_rows: sums must be [{m}, {sum_columns(k_pad)}] float32")
+    if weight.n_experts != 1 and row_expert is None:
+        raise ValueError("w4a8_rows: an expert stack needs row_expert")
+    if gate is not None and (weight.n % 2 or block_n % 2):
+        raise ValueError("w4a8_rows: a gated epilogue needs an even N and block_n")
+    n_out = weight.n // 2 if gate is not None else weight.n
+    if out is None:
+        out = torch.empty(m, n_out, dtype=torch.bfloat16, device=codes.device)
+    if tuple(out.shape) != (m, n_out):
+        raise ValueError(f"w4a8_rows: out must be [{m}, {n_out}], got {tuple(out.shape)}")
+    if m == 0:
+        return out
+    words = codes.view(torch.int32)
+    q, s, z = weight.qweight, weight.scales, weight.zeros
+    grid_n = cdiv(n_out, block_n // 2) if gate is not None else cdiv(weight.n, block_n)
+    dummy = scale
+    _w4a8_rows_kernel[(m, grid_n)](
+        words, scale, sums, out, q, s, z, bias if bias is not None else dummy,
+        row_scale if row_scale is not None else dummy, row_expert if row_expert is not None else dummy,
+        weight.n, words.stride(0), sums.stride(0), out.stride(0), out.stride(1), q.stride(0), q.stride(1),
+        s.stride(0), s.stride(1), z.stride(0), z.stride(1),
+        TILES=k_pad // INT4_TILE, GROUP=weight.group_size, HAS_BIAS=bias is not None,
+        HAS_RSCALE=row_scale is not None, ROUTED=row_expert is not None, ASM=codes.is_cuda,
+        GATE=-1 if gate is None else ACTIVATION_IDS[gate], PDL=pdl, BLOCK_N=block_n, num_warps=num_warps,
+        **pdl_launch(pdl))
+    return out

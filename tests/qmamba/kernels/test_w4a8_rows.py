@@ -1,0 +1,62 @@
+"""The few-row W4A8 kernel (dp4a, a program a row) against the dequantized activation times the dequantized weight:
+one matrix and routed expert rows, ragged K, a group of 256, bias, the gated epilogue with routing weights; bad input
+refused."""
+
+import pytest
+import torch
+
+from qmamba.kernels.fused_moe import gated_act_ref
+from qmamba.kernels.w4a8_gemm import quantize_rows_int8, quantize_rows_int8_ref, w4a8_gemm_ref
+from qmamba.kernels.w4a8_rows import w4a8_rows
+from qmamba.quant.formats import Int4Format
+
+
+def planes_weight(n, k, device, experts=1, group=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    fmt = Int4Format(group)
+    w = torch.randn(experts, n, k, generator=g) / k ** 0.5
+    w[..., 0, :] *= 4  # a row of larger codes and zero points than the rest
+    packed = fmt.kernel_weight({key: t.to(device) for key, t in fmt.quantize_rtn(w).items()}, n, k)
+    return packed.to_planes()
+
+
+@pytest.mark.parametrize("m,k,n,group,block_n", [(1, 200, 40, 128, 16), (8, 300, 70, 128, 32),
+                                                 (3, 512, 24, 256, 8)])
+def test_rows_match_dequantized(m, k, n, group, block_n, device):
+    w = planes_weight(n, k, device, group=group)
+    x = torch.randn(m, k, device=device) * 2
+    bias = torch.randn(n, device=device)
+    codes, scale, sums = quantize_rows_int8(x, w.qweight.shape[-1] * 8)
+    got = w4a8_rows(codes, scale, sums, w, out=torch.empty(m, n, device=device), bias=bias, block_n=block_n)
+    torch.testing.assert_close(got, w4a8_gemm_ref(codes, scale, w, bias=bias), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("gate", [None, "silu"])
+def test_routed_rows(gate, device):
+    """Rows on their own experts (two rows sharing one), the routing weight, and fc1's gated epilogue (F not a
+    multiple of the block's output columns)."""
+    m, k, f, experts = 6, 200, 36, 4
+    n = 2 * f if gate else f
+    w = planes_weight(n, k, device, experts=experts, seed=1)
+    x = torch.randn(m, k, device=device)
+    row_expert = torch.tensor([2, 0, 3, 2, 1, 3], dtype=torch.int32, device=device)
+    row_scale = torch.rand(m, device=device) + 0.5
+    codes, scale, sums = quantize_rows_int8(x, w.qweight.shape[-1] * 8)
+    got = w4a8_rows(codes, scale, sums, w, out=torch.empty(m, f, device=device), row_expert=row_expert,
+                    row_scale=row_scale, gate=gate, block_n=16)
+    h = w4a8_gemm_ref(codes, scale, w, row_expert=row_expert)
+    ref = (gated_act_ref(h, gate, True) if gate else h) * row_scale[:, None]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_bad_input_is_refused():
+    w = planes_weight(8, 128, "cpu")
+    codes, scale, sums = quantize_rows_int8_ref(torch.randn(2, 128), 128)
+    with pytest.raises(ValueError, match="int8"):
+        w4a8_rows(codes.float(), scale, sums, w)
+    with pytest.raises(ValueError, match="sums"):
+        w4a8_rows(codes, scale, sums[:, :1], w)
+    with pytest.raises(ValueError, match="row_expert"):
+        w4a8_rows(codes, scale, sums, planes_weight(8, 128, "cpu", experts=2))
+    with pytest.raises(ValueError, match="out must be"):
+        w4a8_rows(codes, scale, sums, w, out=torch.empty(2, 4))
