@@ -60,17 +60,17 @@ PREFILL_EXPERT_ROUTES = {"tiles": DEFAULT_POLICY,
                          "tiles_ungated": dataclasses.replace(DEFAULT_POLICY, gemm_gated_act=False),
                          # the routed int4 expert stacks from 64 rows on int8 activations and int8 tensor cores
                          # (MatmulPolicy.w4a8_min_m, session 40: a change of numerics, off by default), and with the
-                         # dense int4 matrices too (w4a8_dense)
+                         # dense int4 matrices too (w4a8_all)
                          "w4a8": dataclasses.replace(DEFAULT_POLICY, w4a8_min_m=64),
-                         # ... fc1's gated activation by the elementwise kernel, as in session 40
-                         "w4a8_ungated": dataclasses.replace(DEFAULT_POLICY, w4a8_min_m=64, gemm_gated_act=False),
                          "w4a8_all": dataclasses.replace(DEFAULT_POLICY, w4a8_min_m=64, w4a8_dense=True),
-                         # ... on other W4A8 tiles (MatmulPolicy.w4a8_tile; session 41): the product taken as W x^T
-                         # (the codes the left operand, from registers) on 64 x 128 (4 warps), 128 x 128 and
-                         # 64 x 256 (8 warps) tiles, then 128 x 128 with 4 stages
-                         **{f"w4a8_l{name}": dataclasses.replace(DEFAULT_POLICY, w4a8_min_m=64, w4a8_tile=tile)
-                            for name, tile in (("", (64, 128, 4, 3, True)), ("128", (128, 128, 8, 3, True)),
-                                               ("256", (64, 256, 8, 3, True)), ("128s4", (128, 128, 8, 4, True)))},
+                         # ... with fc1's gated activation by the elementwise kernel (session 40's route)
+                         "w4a8_ungated": dataclasses.replace(DEFAULT_POLICY, w4a8_min_m=64, gemm_gated_act=False),
+                         # ... on other tiles (MatmulPolicy.w4a8_tile, the default since session 41 is 64 x 128 with
+                         # 4 warps and the product taken as W x^T, session 41's "w4a8_l"): the product x W^T as in
+                         # session 40 ("r"), W x^T on 128 x 128 and 64 x 256 tiles (8 warps)
+                         **{f"w4a8_{name}": dataclasses.replace(DEFAULT_POLICY, w4a8_min_m=64, w4a8_tile=tile)
+                            for name, tile in (("r", (64, 128, 4, 3, False)), ("l128", (128, 128, 8, 3, True)),
+                                               ("l256", (64, 256, 8, 3, True)), ("l128s4", (128, 128, 8, 4, True)))},
                          "w4a8_all_l128": dataclasses.replace(DEFAULT_POLICY, w4a8_min_m=64, w4a8_dense=True,
                                                               w4a8_tile=(128, 128, 8, 3, True))}
 # name -> (format of the projections and experts, format of x_proj / dt_proj / head or None for the same);

@@ -47,10 +47,10 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 # 41's tiles with the product taken as W x^T (the suffix l) among them
 step w4a8 "$PY" benchmarks/bench_w4a8.py --json "$DEST/w4a8.json" --m 256,2048 --shapes fc1,fc2,in_proj
 # ... and in the graph prefill of 2,048 tokens (MatmulPolicy.w4a8_min_m = 64: the expert stacks), beside the
-# default route (session 40, H100: 183.7k against 178.2k tok/s with fc1's activation an elementwise kernel, now
-# w4a8_ungated; w4a8 has it in fc1's epilogue since session 41; w4a8_l*: W x^T on other tiles, MatmulPolicy.w4a8_tile)
+# default route (session 41, H100: 196.3k against 179.5k tok/s and bf16's 202.4k, W x^T since then the default tile;
+# w4a8_ungated: fc1's activation an elementwise kernel; w4a8_r: session 40's x W^T)
 step w4a8_prefill "$PY" benchmarks/profile_prefill.py --format int4_cli --graph \
-  --experts tiles,w4a8_ungated,w4a8,w4a8_l,w4a8_l128,w4a8_l256
+  --experts tiles,w4a8,w4a8_ungated,w4a8_r,w4a8_l128
 
 # int8 activations for batch 8's routed experts: dp4a row programs (qmamba.kernels.w4a8_rows, session 41; not in the
 # step) against the step's routed row programs, the kernels alone, every output checked first

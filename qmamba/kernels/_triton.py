@@ -11,11 +11,13 @@ from __future__ import annotations
 try:  # pragma: no cover - exercised by the environment, not by tests
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice  # CUDA's device functions (compiled kernels only)
 
     HAS_TRITON = True
     jit = triton.jit
 except ImportError:  # pragma: no cover
     triton = None
+    libdevice = None
     HAS_TRITON = False
 
     class _Missing:

@@ -140,8 +140,8 @@ class MatmulPolicy:
     gemm_gated_act: bool = True
     w4a8_min_m: int = 0  # from this many rows (0: never), int4 plane words multiply int8 activations (W4A8)
     w4a8_dense: bool = False  # ... also the dense (not routed) matrices, not only the MoE's expert stacks
-    w4a8_tile: tuple = (64, 128, 4, 3, False)  # the W4A8 GEMM's (block_m, block_n, warps, stages, W x^T); block_m is
-    #                                             also the MoE's rows a tile when its stacks take W4A8
+    w4a8_tile: tuple = (64, 128, 4, 3, True)  # the W4A8 GEMM's (block_m, block_n, warps, stages, W x^T); block_m is
+    #                                            also the MoE's rows a tile when its stacks take W4A8
     split_k_atomic_sem: str = "relaxed"  # the split-K atomic adds' ordering ("relaxed" or "acq_rel", Triton's
     #                                      default, which fences every earlier store before each add: sm_90
     #                                      MEMBAR.ALL.GPU + CCTL.IVALL; the sums are only read after the grid)

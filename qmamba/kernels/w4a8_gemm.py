@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from qmamba.kernels._triton import cdiv, jit, next_pow2, tl
+from qmamba.kernels._triton import cdiv, jit, libdevice, next_pow2, tl
 from qmamba.kernels.activations import ACTIVATION_IDS
 from qmamba.kernels.dequant_gemm import gated_epilogue
 from qmamba.kernels.routing import ExpertTiles, expert_tile_map, program_rows, swizzled_program
@@ -43,7 +43,7 @@ def sum_columns(k_pad: int) -> int:
 
 def quantize_rows_int8_ref(x: torch.Tensor, k_pad: int):
     """``x [M, K]`` -> ``(codes [M, k_pad] int8 in plane-byte order, scale [M] float32, sums [M, sum_columns(k_pad)]
-    float32)``: ``code = floor(x / scale + 1/2)`` with ``scale = max |x| / 127`` per row (1 where the row is all
+    float32)``: ``code = floor(x * (1 / scale) + 1/2)`` with ``scale = max |x| / 127`` per row (1 where the row is all
     zeros); padding columns hold 0; ``sums`` are each 128-column tile's code sums (exact integers), then zeros."""
     m, k = x.shape
     xf = x.float()
@@ -51,7 +51,8 @@ def quantize_rows_int8_ref(x: torch.Tensor, k_pad: int):
     # amax / 127 correctly rounded, as the kernel divides (a tensor over a Python number is a multiply by the
     # reciprocal on CUDA, one rounding more)
     scale = torch.where(amax > 0, amax / torch.full_like(amax, INT8_MAX), torch.ones_like(amax))
-    q = torch.floor(xf / scale[:, None] + 0.5).clamp(-INT8_MAX, INT8_MAX)
+    inv = torch.ones_like(scale) / scale  # correctly rounded (a tensor over a tensor), as the kernel's
+    q = torch.floor(xf * inv[:, None] + 0.5).clamp(-INT8_MAX, INT8_MAX)
     q = torch.nn.functional.pad(q, (0, k_pad - k))
     sums = q.reshape(m, k_pad // INT4_TILE, INT4_TILE).sum(-1)
     sums = torch.nn.functional.pad(sums, (0, sum_columns(k_pad) - sums.shape[1]))
@@ -93,7 +94,7 @@ def w4a8_gemm_ref(codes, scale, weight: PackedWeight, bias=None, row_expert=None
 # ---- activation quantization ----------------------------------------------------------------------------------------
 @jit
 def _quantize_rows_int8_kernel(x_ptr, q_ptr, s_ptr, sum_ptr, K, sxm, sxk, sqm, ssum, BLOCK_K: tl.constexpr,
-                               TILES: tl.constexpr):
+                               TILES: tl.constexpr, CUDA: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK_K)
     # column j of the output holds input k (int8_x_plane_order): tile t, half h (low / high nibbles), byte r
@@ -102,7 +103,11 @@ def _quantize_rows_int8_kernel(x_ptr, q_ptr, s_ptr, sum_ptr, K, sxm, sxk, sqm, s
     x = tl.load(x_ptr + row * sxm + k * sxk, mask=k < K, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=0)
     scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32)), 1.0)
-    q = tl.floor(tl.math.div_rn(x, scale) + 0.5)  # IEEE division, as the twin's (CUDA's "/" is approximate)
+    inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)  # IEEE, as the twin's (CUDA's "/" is not)
+    if CUDA:  # a product the compiler may not fuse with the add (mul.rn): one rounding, then the add's, as the twin
+        q = tl.floor(libdevice.mul_rn(x, inv) + 0.5)
+    else:
+        q = tl.floor(x * inv + 0.5)
     q = tl.minimum(tl.maximum(q, -127.0), 127.0)
     tl.store(q_ptr + row * sqm + j, q.to(tl.int8), mask=j < TILES * 128)
     tl.store(s_ptr + row, scale)
@@ -122,7 +127,8 @@ def quantize_rows_int8(x: torch.Tensor, k_pad: int):
     sums = torch.zeros(m, sum_columns(k_pad), dtype=torch.float32, device=x.device)
     if m:
         _quantize_rows_int8_kernel[(m,)](x, codes, scale, sums, x.shape[1], x.stride(0), x.stride(1), codes.stride(0),
-                                         sums.stride(0), BLOCK_K=next_pow2(k_pad), TILES=tiles, num_warps=4)
+                                         sums.stride(0), BLOCK_K=next_pow2(k_pad), TILES=tiles, CUDA=x.is_cuda,
+                                         num_warps=4)
     return codes, scale, sums
 
 
