@@ -92,11 +92,15 @@ class MatmulPolicy:
     stacks (the MoE prefill; with ``w4a8_dense`` the dense matrices too) quantize their input per row to int8 and
     run :func:`qmamba.kernels.w4a8_gemm.w4a8_gemm` on int8 tensor cores (the codes masked four at a time, no float
     unpacking) instead of the bf16 paths. The activations are rounded to int8 with a per-row scale (built-in tiny
-    BlackMamba, int4 g128 GPTQ, held-out perplexity 58.953 -> 58.951, ``benchmarks/eval_w4a8.py``). A gated fc1
-    then runs without the gated epilogue (the W4A8 GEMM has none): its activation is an elementwise kernel. H100,
-    session 40 (``profile_prefill.py --format int4_cli --graph --experts tiles,w4a8``, experts only): graph prefill
-    of 2,048 tokens 178.2k -> 183.7k tok/s (bf16 200.8k in the same call), the 36 expert GEMMs 4,946 -> 3,965 us plus
-    280 for the activation kernel and 249 for the row quantizers; ~160 T multiply-adds/s, ~16% of the int8 peak.
+    BlackMamba, int4 g128 GPTQ, held-out perplexity 58.953 -> 58.951, ``benchmarks/eval_w4a8.py``). H100, session
+    40 (``profile_prefill.py --format int4_cli --graph --experts tiles,w4a8``, experts only, fc1's activation then an
+    elementwise kernel): graph prefill of 2,048 tokens 178.2k -> 183.7k tok/s (bf16 200.8k in the same call).
+    Session 41: a gated fc1 has the activation in the W4A8 GEMM's epilogue, and ``w4a8_tile`` takes the product as
+    ``W x^T`` (the weight codes the left operand, read by the tensor cores from registers: no shared-memory round
+    trip of the unpacked tile; sm_90 K loop 353 -> 302 SASS instructions a thread): H100, 196.3k tok/s against the
+    default route's 179.5k and bf16's 202.4k in the same call (``--experts tiles,w4a8_l``), the 36 expert GEMMs 3,386
+    us against bf16's 3,888; 128 x 128 (8 warps) 189.8k, 64 x 256 182.8k, session 40's ``x W^T`` tile 175.4k, every
+    int4 matrix on W4A8 (128 x 128) 174.0k.
     Tried and removed (session 33, commit 3afa750 has the code): the bit-position dots on an input permuted and
     scaled by alpha in one small launch first, each bit position's input 16 contiguous columns, in one flat loop over
     (tile, 8 positions) that Triton pipelines. H100, batch-8 1-bit + int4 decode: 2.339 against 1.798 ms/token (the
