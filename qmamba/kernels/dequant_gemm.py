@@ -53,6 +53,23 @@ def gated_epilogue(acc, out_ptr, s_ptr, bias_ptr, rscale_ptr, rows, row_ok, n, n
 
 
 @jit
+def weight_rows(pid_n, N, BLOCK_N: tl.constexpr, GATE: tl.constexpr):
+    """``(n, n_ok)``: the weight rows of output block ``pid_n``, ``BLOCK_N`` consecutive rows, or for a gated fc1
+    (``GATE`` >= 0, N = 2F rows: gate, then up) the gate rows c, then the up rows F + c, of the block's
+    ``BLOCK_N / 2`` output columns c (the epilogue pairs them up, :func:`gated_epilogue`). Shared by the GEMM
+    kernels with a gated epilogue."""
+    if GATE >= 0:
+        r = tl.arange(0, BLOCK_N)
+        col = pid_n * (BLOCK_N // 2) + r % (BLOCK_N // 2)
+        n = col + (r // (BLOCK_N // 2)) * (N // 2)
+        n_ok = col < N // 2
+    else:
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+    return n, n_ok
+
+
+@jit
 def plane_tile(w_base, s_ptr, z_ptr, e64, n, n_ok, k0, swn, sse, ssn, sze, szn, GROUP: tl.constexpr):
     """One 128-element K tile of int4 plane words for weight rows ``n`` (``w_base``: the expert's words):
     ``(words [BN, 16] int32, zero point [BN, 1] int32, scale [BN] fp32)``; the group (a multiple of the tile)
@@ -223,14 +240,7 @@ def _dequant_gemm_kernel(
         row_ok = rows < M
         expert = pid_m * 0
     e64 = expert.to(tl.int64)
-    if GATE >= 0:  # weight rows: gate rows c, then up rows F + c, of the tile's BLOCK_N / 2 output columns c
-        r = tl.arange(0, BLOCK_N)
-        col = pid_n * (BLOCK_N // 2) + r % (BLOCK_N // 2)
-        n = col + (r // (BLOCK_N // 2)) * (N // 2)
-        n_ok = col < N // 2
-    else:
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < N
+    n, n_ok = weight_rows(pid_n, N, BLOCK_N, GATE)
     t_lo, t_hi = split_k_range(pid_k, tl.cdiv(K_PAD, BLOCK_K), SPLIT_K)
     k_lo, k_hi = t_lo * BLOCK_K, tl.minimum(t_hi * BLOCK_K, K_PAD)
     if TILES:  # an empty tile (the map's spare tiles, or another expert's under ONLY) runs no K loop: the map has

@@ -27,7 +27,7 @@ import torch
 
 from qmamba.kernels._triton import cdiv, jit, libdevice, next_pow2, tl
 from qmamba.kernels.activations import ACTIVATION_IDS
-from qmamba.kernels.dequant_gemm import gated_epilogue
+from qmamba.kernels.dequant_gemm import gated_epilogue, weight_rows
 from qmamba.kernels.routing import ExpertTiles, expert_tile_map, program_rows, swizzled_program
 from qmamba.kernels.weights import FMT_INT4_PLANES, PackedWeight
 from qmamba.quant.layout import INT4_TILE, int8_x_plane_order
@@ -181,14 +181,7 @@ def _w4a8_gemm_kernel(
     k_end = tl.where(tl.max(row_ok.to(tl.int32), axis=0) > 0, K_PAD, 0)  # an empty tile (the map's spares): no loop
     e64 = expert.to(tl.int64)
     rows64 = rows.to(tl.int64)
-    if GATE >= 0:  # weight rows: gate rows c, then up rows F + c, of the tile's BLOCK_N / 2 output columns c
-        r = tl.arange(0, BLOCK_N)
-        col = pid_n * (BLOCK_N // 2) + r % (BLOCK_N // 2)
-        n = col + (r // (BLOCK_N // 2)) * (N // 2)
-        n_ok = col < N // 2
-    else:
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < N
+    n, n_ok = weight_rows(pid_n, N, BLOCK_N, GATE)
     jb = tl.arange(0, 64)
     w_rows = w_ptr + e64 * swe + n[:, None] * swn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -232,6 +225,28 @@ def _w4a8_gemm_kernel(
                  mask=row_ok[:, None] & n_ok[None, :])
 
 
+def w4a8_operands(who: str, codes, sums, weight: PackedWeight, out, gate: str | None, block_n: int):
+    """The W4A8 kernels' shared checks of :func:`quantize_rows_int8`'s ``codes`` (contiguous int8 ``[M, k_pad]``)
+    and ``sums`` against int4 plane words (group size a multiple of 128; ``gate``: a gated fc1, even N and
+    ``block_n``); returns ``out``, ``[M, N]`` (``gate``: ``[M, N / 2]``), a new bfloat16 tensor when None."""
+    if weight.fmt != FMT_INT4_PLANES or weight.group_size % INT4_TILE:
+        raise ValueError(f"{who}: the weight must be int4 plane words with a group size a multiple of 128")
+    m, k_pad = codes.shape
+    if k_pad != weight.qweight.shape[-1] * 8 or codes.dtype != torch.int8 or not codes.is_contiguous():
+        raise ValueError(f"{who}: codes must be contiguous [M, {weight.qweight.shape[-1] * 8}] int8, got "
+                         f"{tuple(codes.shape)} {codes.dtype}")
+    if tuple(sums.shape) != (m, sum_columns(k_pad)) or sums.dtype != torch.float32:
+        raise ValueError(f"{who}: sums must be [{m}, {sum_columns(k_pad)}] float32")
+    if gate is not None and (weight.n % 2 or block_n % 2):
+        raise ValueError(f"{who}: a gated epilogue needs an even N and block_n")
+    n_out = weight.n // 2 if gate is not None else weight.n
+    if out is None:
+        out = torch.empty(m, n_out, dtype=torch.bfloat16, device=codes.device)
+    if tuple(out.shape) != (m, n_out):
+        raise ValueError(f"{who}: out must be [{m}, {n_out}], got {tuple(out.shape)}")
+    return out
+
+
 def w4a8_gemm(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row_scale=None,
               tiles: ExpertTiles | None = None, block_m: int = 64, block_n: int = 128, num_warps: int = 4,
               num_stages: int = 3, magic: bool = False, gate: str | None = None,
@@ -244,25 +259,13 @@ def w4a8_gemm(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row
     activation of :data:`qmamba.kernels.activations.ACTIVATION_IDS`): the weight is a gated fc1 (2F rows: gate, then
     up) and ``out [M, F]`` receives ``act(gate) * up`` (then times ``row_scale``), computed in the epilogue.
     ``weight_left``: the product taken as ``W x^T`` (``W_LEFT`` of the kernel)."""
-    if weight.fmt != FMT_INT4_PLANES or weight.group_size % INT4_TILE:
-        raise ValueError("w4a8_gemm: the weight must be int4 plane words with a group size a multiple of 128")
-    m, k_pad = codes.shape
-    if k_pad != weight.qweight.shape[-1] * 8 or codes.dtype != torch.int8:
-        raise ValueError(f"w4a8_gemm: codes must be [M, {weight.qweight.shape[-1] * 8}] int8, got "
-                         f"{tuple(codes.shape)} {codes.dtype}")
-    if tuple(sums.shape) != (m, sum_columns(k_pad)) or sums.dtype != torch.float32:
-        raise ValueError(f"w4a8_gemm: sums must be [{m}, {sum_columns(k_pad)}] float32")
+    out = w4a8_operands("w4a8_gemm", codes, sums, weight, out, gate, block_n)
     if tiles is None and weight.n_experts != 1:
         raise ValueError("w4a8_gemm: an expert stack needs its tile map")
     if tiles is not None and tiles.block_m != block_m:
         raise ValueError(f"w4a8_gemm: the tile map has {tiles.block_m} rows a tile, the kernel {block_m}")
-    if gate is not None and (weight.n % 2 or block_n % 2):
-        raise ValueError("w4a8_gemm: a gated epilogue needs an even N and block_n")
-    n_out = weight.n // 2 if gate is not None else weight.n
-    if out is None:
-        out = torch.empty(m, n_out, dtype=torch.bfloat16, device=codes.device)
-    if tuple(out.shape) != (m, n_out):
-        raise ValueError(f"w4a8_gemm: out must be [{m}, {n_out}], got {tuple(out.shape)}")
+    m, k_pad = codes.shape
+    n_out = out.shape[1]
     if m == 0:
         return out
     wb = weight.qweight.view(torch.uint8)  # [E, N, 4 W] bytes of the plane words

@@ -21,8 +21,9 @@ import torch
 
 from qmamba.kernels._triton import cdiv, jit, pdl_launch, tl
 from qmamba.kernels.activations import ACTIVATION_IDS, activate
-from qmamba.kernels.w4a8_gemm import sum_columns
-from qmamba.kernels.weights import FMT_INT4_PLANES, PackedWeight
+from qmamba.kernels.dequant_gemm import weight_rows
+from qmamba.kernels.w4a8_gemm import w4a8_operands
+from qmamba.kernels.weights import PackedWeight
 from qmamba.quant.layout import INT4_TILE
 
 
@@ -60,14 +61,7 @@ def _w4a8_rows_kernel(
     and the first tile's weight words are read before the wait for the kernel before (which wrote the codes)."""
     m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
-    if GATE >= 0:  # weight rows: gate rows c, then up rows F + c, of the block's BLOCK_N / 2 output columns c
-        r = tl.arange(0, BLOCK_N)
-        col = pid_n * (BLOCK_N // 2) + r % (BLOCK_N // 2)
-        n = col + (r // (BLOCK_N // 2)) * (N // 2)
-        n_ok = col < N // 2
-    else:
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < N
+    n, n_ok = weight_rows(pid_n, N, BLOCK_N, GATE)
     if ROUTED:
         e = tl.load(rexp_ptr + m).to(tl.int64)
     else:
@@ -112,22 +106,11 @@ def w4a8_rows(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row
     :data:`ACTIVATION_IDS`): a gated fc1 (2F rows: gate, then up), ``out [M, F]`` receives ``act(gate) * up``.
     ``pdl`` (Hopper and newer, inside a CUDA graph): a programmatic dependent launch. ``out`` defaults to a new
     bfloat16 tensor."""
-    if weight.fmt != FMT_INT4_PLANES or weight.group_size % INT4_TILE:
-        raise ValueError("w4a8_rows: the weight must be int4 plane words with a group size a multiple of 128")
-    m, k_pad = codes.shape
-    if k_pad != weight.qweight.shape[-1] * 8 or codes.dtype != torch.int8 or not codes.is_contiguous():
-        raise ValueError(f"w4a8_rows: codes must be contiguous [M, {weight.qweight.shape[-1] * 8}] int8")
-    if tuple(sums.shape) != (m, sum_columns(k_pad)) or sums.dtype != torch.float32:
-        raise ValueError(f"w4a8_rows: sums must be [{m}, {sum_columns(k_pad)}] float32")
+    out = w4a8_operands("w4a8_rows", codes, sums, weight, out, gate, block_n)
     if weight.n_experts != 1 and row_expert is None:
         raise ValueError("w4a8_rows: an expert stack needs row_expert")
-    if gate is not None and (weight.n % 2 or block_n % 2):
-        raise ValueError("w4a8_rows: a gated epilogue needs an even N and block_n")
-    n_out = weight.n // 2 if gate is not None else weight.n
-    if out is None:
-        out = torch.empty(m, n_out, dtype=torch.bfloat16, device=codes.device)
-    if tuple(out.shape) != (m, n_out):
-        raise ValueError(f"w4a8_rows: out must be [{m}, {n_out}], got {tuple(out.shape)}")
+    m, k_pad = codes.shape
+    n_out = out.shape[1]
     if m == 0:
         return out
     words = codes.view(torch.int32)
