@@ -191,9 +191,6 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         #                             (DecodePolicy.pdl_general; the CUDA policy's since session 39)
         return dataclasses.replace(base, pdl_general=v == "pdlgen", general_early_tile=base.general_early_tile and
                                    v == "pdlgen")
-    if v in ("pairs", "pairs2"):  # two rows of one expert in one routed row program, every stack or fc2 only
-        #                         (DecodePolicy.routed_row_pairs "all" / "plain")
-        return dataclasses.replace(base, routed_row_pairs="all" if v == "pairs" else "plain")
     if v in ("etile", "noetile"):  # the dense int4 matrices' first weight tile before the wait, or not
         #                             (DecodePolicy.general_early_tile; the CUDA policy's since session 39)
         return dataclasses.replace(base, general_early_tile=v == "etile")

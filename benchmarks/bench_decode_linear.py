@@ -82,8 +82,6 @@ def variants(pdl: bool, rows: int):
                 # the activation, a launch of its own in the step)
                 "general_planes": ("planes", "general"),
                 "rowprog": ("planes", rowprog),
-                # two rows of one expert in one row program (DecodePolicy.routed_row_pairs)
-                "rowprog_pairs": ("planes", dataclasses.replace(rowprog, routed_row_pairs="all")),
                 # the tile row in two power-of-two pieces (DecodePolicy.int4_tile_pieces)
                 "rowprog_pieces": ("planes", dataclasses.replace(rowprog, int4_tile_pieces=True)),
                 "rowprog_bf16": ("float", rowprog), "general_bf16": ("float", "general"),

@@ -10,7 +10,7 @@
 # in_proj's epilogue, took the early reads; session 39 removed out_proj's early NormOut reads and 8 int4 rows a routed
 # row program, took the batched step's general kernels as programmatic dependents and their early first tile; session
 # 40 timed the W4A8 prefill route, not yet its kernel table; session 41 built W4A8's gated epilogue, W x^T
-# tiles and dp4a row programs).
+# tiles and dp4a row programs, timed them and removed session 39's pair candidate).
 #
 #   bash scripts/gpu_pending.sh [OUT_DIR [STEP ...]]   # logs and JSON under OUT_DIR [${OUT:-runs/gpu-pending}];
 #                                                       # STEPs: a subset of those below (default: all, in order)
@@ -27,7 +27,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="w4a8 w4a8_prefill w4a8_rows pairs pairs_kernels matmul_table"  # the step lines below, in order
+ALL_STEPS="w4a8 w4a8_prefill w4a8_rows matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -56,15 +56,6 @@ step w4a8_prefill "$PY" benchmarks/profile_prefill.py --format int4_cli --graph 
 # step) against the step's routed row programs, the kernels alone, every output checked first
 step w4a8_rows "$PY" benchmarks/bench_decode_linear.py --out "$DEST/w4a8_rows.json" --rows 8 --only fc1_gated,fc2 \
   --variants rowprog,w4a8_rows_bn16,w4a8_rows_bn32,w4a8_rows_bn64,w4a8_rows_q
-
-# two rows routed to one expert in one routed row program at batch 8, reading and unpacking the tile once
-# (DecodePolicy.routed_row_pairs, session 39: "all" fc1 and fc2, "plain" fc2 only; sm_90, Triton 3.6: a pair's path
-# 1,312 SASS instructions a thread for fc1 against 880 a row alone, 1,000 for fc2 against 688; registers fc1 90 ->
-# 164, fc2 71 -> 118): the step, then the two kernels alone
-step pairs "$PY" benchmarks/bench_decode.py --out "$DEST/pairs.json" --formats int4_g128 --batches 8 \
-  --rounds 5 --check-steps 8 --variants default,pairs,pairs2
-step pairs_kernels "$PY" benchmarks/bench_decode_linear.py --out "$DEST/pairs_kernels.json" --rows 8 \
-  --only fc1_gated,fc2 --variants rowprog,rowprog_pairs
 
 # issue 13's table (int4 g128 as the runtime runs it against cuBLAS bf16 and the 4-bit peers, M = 1..2048, every
 # output checked first): run whole on the H100 in sessions 29 and 30; its targets are the H200's

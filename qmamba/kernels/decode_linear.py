@@ -72,7 +72,6 @@ def pdl_supported(device) -> bool:
 
 
 X_IN_TILE_WIDE = ("off", "row_programs", "always")  # DecodePolicy.int4_x_in_tile_wide's settings
-ROW_PAIRS = ("off", "plain", "all")  # DecodePolicy.routed_row_pairs's settings
 
 
 @dataclass(frozen=True)
@@ -198,15 +197,6 @@ class DecodePolicy:
     #                             g128 0.423 -> 0.416 ms/token, bf16 0.629 -> 0.618, 1-bit + int4 0.549 -> 0.535, int4
     #                             as quantize writes it 0.446 -> 0.436; batch 8 level (int4 1.424 -> 1.419, bf16 1.924
     #                             -> 1.947 within its spread of 0.044)
-    routed_row_pairs: str = "off"  # routed row programs (batch 2+, int4 input planes read in the tile's shape, not
-    #                             joint): two rows routed to the same expert share one program, which reads and
-    #                             unpacks the tile once for both (each code masked once, an FMA a row; the first row of
-    #                             each pair in row order computes both, the second's program exits): "off", "plain"
-    #                             (stacks that are not gated: fc2) or "all" (fc1 too, gate and up rows from one read
-    #                             of each input). sm_90, Triton 3.6, BlackMamba-2.8B at 8 rows: a pair's path 1,312
-    #                             SASS instructions a thread for fc1 against 880 a row alone, 1,000 for fc2 against
-    #                             688, but the kernels hold both paths: fc1 90 -> 164 registers, fc2 71 -> 118.
-    #                             Candidate (session 39): scripts/gpu_pending.sh
     pdl_general: bool = False  # fused step, with pdl: what runs on the general kernels (batch 2+: the dense matrices
     #                             on dequant_matmul's small-M kernel, 1-bit matrices on binary_matmul's, the conv step
     #                             and a general fc1's activation on their own) launched as programmatic dependents
@@ -228,9 +218,6 @@ class DecodePolicy:
         if self.int4_x_in_tile_wide not in X_IN_TILE_WIDE:
             raise ValueError(f"DecodePolicy: int4_x_in_tile_wide must be one of {X_IN_TILE_WIDE}, "
                              f"got {self.int4_x_in_tile_wide!r}")
-        if self.routed_row_pairs not in ROW_PAIRS:
-            raise ValueError(f"DecodePolicy: routed_row_pairs must be one of {ROW_PAIRS}, "
-                             f"got {self.routed_row_pairs!r}")
 
     def takes(self, weight, rows: int, routed: bool = False) -> bool:
         """Whether a caller should run ``weight`` at ``rows`` rows through :func:`decode_linear` (int4 plane words up
@@ -666,117 +653,6 @@ def _dot_row_planes(w, scale, zero, w2, scale2, zero2, xr, xs_row, K, row_ok, NB
 
 
 @jit
-def _planes_parts_pair(w, zero, w_up, zero_up, xa, sa, xb, sb, K, NBP: tl.constexpr, WPG: tl.constexpr,
-                       XPL_K: tl.constexpr, SUMS: tl.constexpr, T0: tl.constexpr, UP: tl.constexpr):
-    """``(part_a, part_b, part_a_up, part_b_up)``: :func:`_planes_parts` (input in the tile's shape, ``UNPACK`` 3) for
-    two input rows at once, ``xa`` / ``xb`` their input planes and ``sa`` / ``sb`` their word-sum rows: each code is
-    masked once for both, each input value read once for the gate and up rows (``UP``; else the up parts are the
-    others) (``DecodePolicy.routed_row_pairs``)."""
-    hi = w >> 20
-    pa = tl.zeros(w.shape, dtype=tl.float32)
-    pb = tl.zeros(w.shape, dtype=tl.float32)
-    if UP:
-        hi_up = w_up >> 20
-        pa_up = tl.zeros(w.shape, dtype=tl.float32)
-        pb_up = tl.zeros(w.shape, dtype=tl.float32)
-    row0 = tl.zeros((w.shape[0], 1, 1), dtype=tl.int32)
-    full: tl.constexpr = (T0 + NBP) * 128 <= XPL_K  # the planes cover the padded tiles: no masks (padding is 0)
-    xsum_a = tl.zeros((NBP, WPG), dtype=tl.float32)
-    xsum_b = tl.zeros((NBP, WPG), dtype=tl.float32)
-    for i in tl.static_range(8):
-        k = _int4_k(i, NBP, WPG, 3) + T0 * 128
-        if not SUMS:  # each word's input sum, from the planes
-            xsum_a += _plane_at(xa + i * XPL_K, k, K, full) / x_plane_scale(i)
-            xsum_b += _plane_at(xb + i * XPL_K, k, K, full) / x_plane_scale(i)
-        x_a = _plane_at(xa + i * XPL_K, k[None, :, :] + row0, K, full)
-        x_b = _plane_at(xb + i * XPL_K, k[None, :, :] + row0, K, full)
-        codes = _subnormal_codes(w, hi, i)
-        pa += codes * x_a
-        pb += codes * x_b
-        if UP:
-            codes_up = _subnormal_codes(w_up, hi_up, i)
-            pa_up += codes_up * x_a
-            pb_up += codes_up * x_b
-    if SUMS:
-        words = (T0 + tl.arange(0, NBP))[:, None] * WPG + tl.arange(0, WPG)[None, :]
-        xs_a = _plane_at(sa, words, K, full)[None, :, :]
-        xs_b = _plane_at(sb, words, K, full)[None, :, :]
-    else:
-        xs_a = (xsum_a * (2.0 ** -53))[None, :, :]
-        xs_b = (xsum_b * (2.0 ** -53))[None, :, :]
-    pa -= zero[:, :, None] * xs_a
-    pb -= zero[:, :, None] * xs_b
-    if UP:
-        pa_up -= zero_up[:, :, None] * xs_a
-        pb_up -= zero_up[:, :, None] * xs_b
-    else:
-        pa_up, pb_up = pa, pb
-    return pa, pb, pa_up, pb_up
-
-
-@jit
-def _dot_pair_planes(w, scale, zero, w_up, scale_up, zero_up, w2, scale2, zero2, w2_up, scale2_up, zero2_up, xa, sa,
-                     xb, sb, K, NBP: tl.constexpr, NBP2: tl.constexpr, WPG: tl.constexpr, XPL_K: tl.constexpr,
-                     SUMS: tl.constexpr, UP: tl.constexpr):
-    """``(y_a, y_b, up_a, up_b)`` ``[BN]`` fp32: :func:`_dot_row_planes` of two input rows at once, for the gate and up
-    rows of a gated stack together (``UP``; else the up values are the others), tile piece by piece
-    (:func:`_planes_parts_pair`)."""
-    pa, pb, pa_up, pb_up = _planes_parts_pair(w, zero, w_up, zero_up, xa, sa, xb, sb, K, NBP, WPG, XPL_K, SUMS, 0,
-                                              UP)
-    ya = _planes_reduce(pa, scale)
-    yb = _planes_reduce(pb, scale)
-    if UP:
-        ua = _planes_reduce(pa_up, scale_up)
-        ub = _planes_reduce(pb_up, scale_up)
-    if NBP2 > 0:
-        pa, pb, pa_up, pb_up = _planes_parts_pair(w2, zero2, w2_up, zero2_up, xa, sa, xb, sb, K, NBP2, WPG, XPL_K,
-                                                  SUMS, NBP, UP)
-        ya += _planes_reduce(pa, scale2)
-        yb += _planes_reduce(pb, scale2)
-        if UP:
-            ua += _planes_reduce(pa_up, scale2_up)
-            ub += _planes_reduce(pb_up, scale2_up)
-    if not UP:
-        ua, ub = ya, yb
-    return ya, yb, ua, ub
-
-
-@jit
-def _pair_out(w, scale, zero, w_up, scale_up, zero_up, w2, scale2, zero2, w2_up, scale2_up, zero2_up, d, K,
-              rows, rows_ok, bias_ptr, rscale_ptr, out_ptr, som, xpl_ptr, sxpl_m, xws_ptr, sxws_m, opl_ptr, sopl_m,
-              ows_ptr, sows_m, NBP: tl.constexpr, NBP2: tl.constexpr, WPG: tl.constexpr, XPL_K: tl.constexpr,
-              XPL_SUMS: tl.constexpr, X_WSUMS: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
-              HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr,
-              OUT_WSUMS: tl.constexpr, ROW_PAIRS: tl.constexpr):
-    """A routed row program's row (its pointers at offset 0) and the row ``d`` rows after it, routed to the same
-    expert, from one read and one unpacking of the tile (``DecodePolicy.routed_row_pairs``; int4 input planes read in
-    the tile's shape, products reduced piece by piece): products, bias, gated activation, routing weight, stores."""
-    if ROW_PAIRS:
-        xb = xpl_ptr + d * sxpl_m
-        if X_WSUMS:
-            sa, sb = xws_ptr, xws_ptr + d * sxws_m
-        else:
-            sa, sb = xpl_ptr + 8 * XPL_K, xb + 8 * XPL_K
-        ya, yb, ua, ub = _dot_pair_planes(w, scale, zero, w_up, scale_up, zero_up, w2, scale2, zero2, w2_up,
-                                          scale2_up, zero2_up, xpl_ptr, sa, xb, sb, K, NBP, NBP2, WPG, XPL_K,
-                                          XPL_SUMS, GATED)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
-            ya += bias
-            yb += bias
-        if GATED:
-            ya = activate(ya, ACT) * ua
-            yb = activate(yb, ACT) * ub
-        if HAS_RSCALE:
-            ya = ya * tl.load(rscale_ptr).to(tl.float32)
-            yb = yb * tl.load(rscale_ptr + d).to(tl.float32)
-        _store_out(ya, 0, rows, rows_ok, out_ptr, som, out_ptr, som, out_ptr, out_ptr, out_ptr, 0, 0, 0, False, 1,
-                   False, opl_ptr, sopl_m, OUT_PLANES, OPL_K, ows_ptr, sows_m, OUT_WSUMS, 0.0, 0.0, False)
-        _store_out(yb, d, rows, rows_ok, out_ptr, som, out_ptr, som, out_ptr, out_ptr, out_ptr, 0, 0, 0, False, 1,
-                   False, opl_ptr, sopl_m, OUT_PLANES, OPL_K, ows_ptr, sows_m, OUT_WSUMS, 0.0, 0.0, False)
-
-
-@jit
 def _dot_rows_int4(w, scale, zero, x_ptr, rr, sxm, K, M, exp_bits,
                    FMT: tl.constexpr, NBP: tl.constexpr, WPG: tl.constexpr, UNPACK: tl.constexpr):
     """``[ROWS, BN]`` fp32: int4 tile times the input rows ``rr`` (rows >= M read nothing), each code unpacked once
@@ -853,11 +729,9 @@ def _decode_linear_kernel(
     EXPERT_READY: tl.constexpr, ROW_PROGRAMS: tl.constexpr, X_PLANES: tl.constexpr, XPL_K: tl.constexpr,
     XPL_SUMS: tl.constexpr, OUT_PLANES: tl.constexpr, OPL_K: tl.constexpr, NBP2: tl.constexpr,
     PLANES_JOINT: tl.constexpr, X_WSUMS: tl.constexpr, OUT_WSUMS: tl.constexpr, CONV_EARLY: tl.constexpr,
-    ROW_PAIRS: tl.constexpr, PAIR_R: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rexp0 = rexp_ptr  # every row's expert (ROW_PAIRS)
     if ROW_PROGRAMS:
         # program row pid_e serves input row pid_e alone (ROWS == 1): its input, output, routing and scale
         x_ptr += pid_e * sxm
@@ -885,20 +759,11 @@ def _decode_linear_kernel(
             else:
                 expert = tl.load(rexp_ptr)
             active = expert >= 0
-            pair_d = 0
-            if ROW_PAIRS:  # the rows of an expert in pairs, in row order: the first of a pair computes both
-                ri = tl.arange(0, PAIR_R)
-                same = tl.load(rexp0 + ri, mask=ri < tl.num_programs(0), other=-1) == expert
-                rank = tl.sum((same & (ri < pid_e)).to(tl.int32), axis=0)
-                partner = tl.min(tl.where(same & (ri > pid_e), ri, PAIR_R), axis=0)
-                active = active & (rank % 2 == 0)
-                pair_d = tl.where(partner < PAIR_R, partner - pid_e, 0)
         else:
             expert = pid_e
             r_idx = tl.arange(0, ROWS)
             routed = tl.load(rexp_ptr + r_idx, mask=r_idx < M, other=-1)
             active = tl.sum((routed == pid_e).to(tl.int32), axis=0) > 0
-            pair_d = 0
         if active:
             w, scale, zero, w_up, scale_up, zero_up = _load_weights(
                 w_ptr, s_ptr, z_ptr, expert.to(tl.int64), rows, rows_ok, K, N_UP, swe, swn, sse, ssn, sze, szn, FMT,
@@ -919,7 +784,7 @@ def _decode_linear_kernel(
                       opl_ptr, sopl_m, OUT_PLANES, OPL_K, rwt, nacc_ptr, n_width, n_eps, pres_ptr, pnw_ptr, pacc_ptr,
                       prw_ptr, srw_e, pux_ptr, p_e, NORM_IN, ROUTE_ACC, NORM_OUT, ROUTER_OUT, BLOCK_E,
                       w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2, PLANES_JOINT, xws_ptr, sxws_m, X_WSUMS,
-                      ows_ptr, sows_m, OUT_WSUMS, 0.0, 0.0, False, pair_d, ROW_PAIRS)
+                      ows_ptr, sows_m, OUT_WSUMS, 0.0, 0.0, False)
     else:
         w, scale, zero, w_up, scale_up, zero_up = _load_weights(
             w_ptr, s_ptr, z_ptr, pid_e.to(tl.int64) * 0, rows, rows_ok, K, N_UP, swe, swn, sse, ssn, sze, szn, FMT,
@@ -944,7 +809,7 @@ def _decode_linear_kernel(
                   opl_ptr, sopl_m, OUT_PLANES, OPL_K, 1.0, nacc_ptr, n_width, n_eps, pres_ptr, pnw_ptr, pacc_ptr,
                   prw_ptr, srw_e, pux_ptr, p_e, NORM_IN, ROUTE_ACC, NORM_OUT, ROUTER_OUT, BLOCK_E,
                   w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2, PLANES_JOINT, xws_ptr, sxws_m, X_WSUMS,
-                  ows_ptr, sows_m, OUT_WSUMS, cpart, clast, CONV_EARLY, 0, False)
+                  ows_ptr, sows_m, OUT_WSUMS, cpart, clast, CONV_EARLY)
 
 
 @jit
@@ -1050,7 +915,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
               ROUTE_ACC: tl.constexpr, NORM_OUT: tl.constexpr, ROUTER_OUT: tl.constexpr, BLOCK_E: tl.constexpr,
               w2, scale2, zero2, w2_up, scale2_up, zero2_up, NBP2: tl.constexpr, PLANES_JOINT: tl.constexpr,
               xws_ptr, sxws_m, X_WSUMS: tl.constexpr, ows_ptr, sows_m, OUT_WSUMS: tl.constexpr,
-              cpart, clast, CONV_EARLY: tl.constexpr, pair_d, ROW_PAIRS: tl.constexpr):
+              cpart, clast, CONV_EARLY: tl.constexpr):
     """Each input row (that is routed here) times the tile(s), epilogue, store. A row that is not computed costs a
     branch, no arithmetic. ``NORM_IN`` / ``ROUTE_ACC`` / ``NORM_OUT``: see :class:`NormIn` and :class:`NormOut` (one
     input row only; ``rwt`` is the row's routing weight where ``ROUTE_ACC``). ``NBP2 > 0`` (input planes only): the
@@ -1058,9 +923,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
     (input planes): every product of the row (both pieces; gate and up rows from one read of the input) before any
     of their reductions, whose barriers would otherwise hold the next product's input loads back, and the word sums
     read in the tile's shape. ``X_WSUMS``: the input's word sums are the row at ``xws`` (added there by its
-    producer), not plane 8; ``OUT_WSUMS``: the output's planes' word sums are added into ``ows``. ``ROW_PAIRS``
-    (routed row programs): where ``pair_d > 0`` the row ``pair_d`` rows after this program's, routed to the same
-    expert, is computed here too, from the same unpacked codes (:func:`_pair_out`)."""
+    producer), not plane 8; ``OUT_WSUMS``: the output's planes' word sums are added into ``ows``."""
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=rows_ok, other=0.0).to(tl.float32)
     if NORM_IN:  # the row's sum of squares, issued before the products (its latency hides under theirs)
@@ -1107,12 +970,7 @@ def _rows_out(w, scale, zero, w_up, scale_up, zero_up, x_ptr, sxm, st_ptr, cw_pt
             row_ok = (tl.program_id(1) * 0 + r) < M  # a tensor (the interpreter rejects a Python bool mask)
             if ROUTED and ROWS > 1:
                 row_ok = row_ok & (tl.load(rexp_ptr + r, mask=row_ok, other=-1) == expert)
-            if row_ok & (pair_d > 0):  # (ROW_PAIRS) this row and a later one of the same expert
-                _pair_out(w, scale, zero, w_up, scale_up, zero_up, w2, scale2, zero2, w2_up, scale2_up, zero2_up,
-                          pair_d, K, rows, rows_ok, bias_ptr, rscale_ptr, out_ptr, som, xpl_ptr, sxpl_m, xws_ptr,
-                          sxws_m, opl_ptr, sopl_m, ows_ptr, sows_m, NBP, NBP2, WPG, XPL_K, XPL_SUMS, X_WSUMS, GATED,
-                          ACT, HAS_BIAS, HAS_RSCALE, OUT_PLANES, OPL_K, OUT_WSUMS, ROW_PAIRS)
-            elif row_ok:
+            if row_ok:
                 binary_pair: tl.constexpr = FMT == 4 and UNPACK >= 2 and GATED  # gate and up rows in one pass
                 if X_PLANES:
                     xr = xpl_ptr + r * sxpl_m  # this row's input planes, and where its word sums are
@@ -1388,12 +1246,6 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
     if mma and (norm_in is not None or norm_out is not None):
         raise ValueError("decode_linear: norm_in / norm_out are not served by the tensor-core tiles")
     nin, nout = norm_in, norm_out
-    joint = use_planes and policy.planes_joint and (policy.planes_joint_batched or not row_programs) and \
-        (policy.planes_joint_gated or gated is None)
-    # two rows of one expert in one row program (DecodePolicy.routed_row_pairs): int4 input planes read in the tile's
-    # shape, products reduced piece by piece
-    pairs = row_programs and use_planes and unpack == UNPACK_DENORM_X_IN_TILE and not joint and nin is None and \
-        nout is None and (policy.routed_row_pairs == "all" or (policy.routed_row_pairs == "plain" and gated is None))
     n_e = nin.acc.numel() - 1 if nin is not None else 0
     p_e = nout.router_w.shape[0] if nout is not None and nout.router_w is not None else 0
     rw = nout.router_w if p_e else dummy
@@ -1424,7 +1276,8 @@ def decode_linear(x, weight: PackedWeight | BinaryWeight, out, *, bias=None, row
         EXPERT_READY=expert_ready and row_expert is not None, ROW_PROGRAMS=row_programs, X_PLANES=use_planes,
         XPL_K=kpad, XPL_SUMS=bool(x_plane_sums) or xws is not None, OUT_PLANES=out_planes is not None, OPL_K=opl_k,
         NBP2=nbp2,
-        PLANES_JOINT=joint, ROW_PAIRS=pairs, PAIR_R=next_pow2(m) if pairs else 1,  # (no batch specialisation)
+        PLANES_JOINT=use_planes and policy.planes_joint and (policy.planes_joint_batched or not row_programs)
+        and (policy.planes_joint_gated or gated is None),
         X_WSUMS=xws is not None, OUT_WSUMS=ows is not None,
         CONV_EARLY=bool(conv_ready and conv_out is not None and m == 1 and row_expert is None),
         num_warps=warps,

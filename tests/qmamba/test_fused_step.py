@@ -42,7 +42,6 @@ def build(name, fmt, device):
                                                ("int4g128", 1, "planes_denorm_xplanes"),
                                                ("int4g128", 1, "planes_denorm_xplanes_joint"),
                                                ("int4g128", 3, "routed_denorm_rowprog_xplanes_joint"),
-                                               ("int4g128", 6, "routed_denorm_rowprog_xplanes_pairs"),
                                                ("int4g128", 1, "planes_denorm_xplanes_bcast")])
 @torch.no_grad()
 def test_fused_step_matches_model_step(fmt, batch, kernels, device):
@@ -56,9 +55,7 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     ``DecodePolicy.int4_x_planes``, read in the tile's shape or, ``_bcast``, broadcast); ``routed``: only the routed expert stacks on the decode kernels at 2+ rows (each
     routed row on CUDA cores), dense matrices on the general kernels; ``_rowprog``: one program row per routed row,
     on its own expert's tile (``DecodePolicy.routed_row_programs``); ``_xplanes``: fc1's row programs read the int4
-    input planes of x; ``_pairs``: two rows of one expert in one row program (``DecodePolicy.routed_row_pairs``; 6
-    rows over the tiny model's experts share some); ``_joint``: with the tile pieces and every product before any
-    reduction
+    input planes of x; ``_joint``: with the tile pieces and every product before any reduction
     (``DecodePolicy.int4_tile_pieces``, ``planes_joint``; the other ``planes`` / ``routed`` cases without it)."""
     model = build("tiny-blackmamba", FORMATS[fmt], device)
     if fmt == "binary":
@@ -93,9 +90,6 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
                                      int4_planes=True, int4_unpack=unpack, planes_mma=False,
                                      routed_row_programs="rowprog" in parts,
                                      int4_x_planes="xplanes" in parts)
-        if "pairs" in parts:  # two rows of one expert in one row program (the input planes in the tile's shape)
-            policy = dataclasses.replace(policy, routed_row_pairs="all", int4_x_in_tile=True,
-                                         int4_x_in_tile_wide="row_programs")
     if kernels.endswith("_joint"):  # in the routed row programs too (the CUDA policy joins them at one row only)
         policy = dataclasses.replace(policy, int4_tile_pieces=True, planes_joint=True, planes_joint_batched=True)
     elif kernels.startswith(("planes", "routed")):  # each piece reduced before the next (CUDA: joint since 37)

@@ -78,17 +78,6 @@ def test_routed_row_programs_compile_at_batch_eight():
     assert len(lines) == 1 and lines[0].startswith("fc2 ") and " programs  2944 " in lines[0], stdout  # no in_proj
 
 
-@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
-def test_routed_row_pairs_compile_at_batch_eight():
-    """``DecodePolicy.routed_row_pairs`` "all" (two rows of one expert in one routed row program, a session-39
-    candidate): fc1 and fc2 at 8 rows compile for sm_90 without spills, with fewer registers than the 255 that would
-    leave one program a multiprocessor (Triton 3.6: fc1 164, fc2 118)."""
-    stdout = _compiled(str(INSPECT), "--rows", "8", "--shapes", "fc1_gated,fc2", "--variants", "rowprog_pairs",
-                       "--no-stack", timeout=600)
-    lines = [line.split() for line in stdout.splitlines() if " regs " in line]
-    assert [f[0] for f in lines] == ["fc1_gated", "fc2"] and all(int(f[3]) < 200 for f in lines), stdout
-
-
 _TILE_MAP_COMPILE = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
