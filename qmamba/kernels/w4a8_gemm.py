@@ -4,8 +4,8 @@ A candidate for the prefill (M in the hundreds to thousands), where the bf16 GEM
 an int4 weight dequantized to bf16 can at best tie them (benchmarks/results.md, session 36). Here neither operand
 is converted to a float in the K loop:
 
-* the activations are quantized once per row (:func:`quantize_rows_int8`: a per-row scale, ``round(x / scale)`` in
-  [-127, 127]) and stored in plane-byte order (:func:`qmamba.quant.layout.int8_x_plane_order`), with each 128-column
+* the activations are quantized once per row (:func:`quantize_rows_int8`: a per-row scale, ``x / scale`` rounded
+  to an integer in [-127, 127]) and stored in plane-byte order (:func:`qmamba.quant.layout.int8_x_plane_order`), with each 128-column
   tile's sum of codes;
 * the weight's plane words are read as bytes: a mask gives the low nibbles and a shift and a mask the high ones,
   four codes a 32-bit instruction, as int8 operands of ``tl.dot`` (``code`` in 0..15 is exact in int8);
@@ -13,7 +13,10 @@ is converted to a float in the K loop:
   the group scale into a float32 accumulator (two instructions an output a tile: the conversion and an FMA); the zero
   points' share, ``sum over tiles of scale * zero * sum(x codes)``, is one small product after the K loop, on tensor
   cores in three-pass tf32 (~fp32); the row scale multiplies the sum at the end. The weight is the plane-word record
-  as the other int4 kernels read it (fp16 group scales, packed zero points): nothing is stored for this kernel.
+  as the other int4 kernels read it (fp16 group scales, packed zero points): nothing is stored for this kernel;
+* the product can be taken as ``W x^T`` (``weight_left``, the default tile of ``MatmulPolicy.w4a8_tile``): the
+  masked codes are then the tensor cores' left operand, read from registers, with no shared-memory copy of the
+  unpacked tile; a gated fc1 writes ``act(gate) * up`` from its epilogue (``gate``).
 
 So ``out = x_hat @ W_hat^T`` exactly up to float32 accumulation, where ``x_hat`` is the quantized activation
 (:func:`dequantize_rows_int8`): the activation quantization is the only approximation. int8 tensor cores run at

@@ -1,6 +1,7 @@
-"""The W4A8 GEMM candidate: the activation quantizer against its twin, the GEMM against the dequantized activation
-times the dequantized weight (one matrix, routed expert tiles, ragged K, a group of 256, bias), the plane-byte order
-as a permutation, and bad input refused."""
+"""The W4A8 GEMM: the activation quantizer against its twin, the GEMM against the dequantized activation times the
+dequantized weight (one matrix, routed expert tiles, ragged K, a group of 256, bias; as ``x W^T`` and ``W x^T``; fc1's
+gated epilogue), the MoE and the matmul entry point under the policy, the plane-byte order as a permutation, and bad
+input refused."""
 
 import dataclasses
 
