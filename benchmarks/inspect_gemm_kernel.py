@@ -185,7 +185,7 @@ def main():
                         case, weight, True, args.arch, weight_left=True, pairs=pairs, gate="gelu"))
         w4a8_cases = [(t, None) for t in W4A8_TILES] if args.w4a8 else []
         if args.w4a8 and args.gated and shape == "fc1":
-            w4a8_cases += [(W4A8_TILES[0], "gelu"), (W4A8_TILES[4], "gelu")]
+            w4a8_cases += [(W4A8_TILES[3], "gelu"), (W4A8_TILES[4], "gelu")]  # W x^T: the default tile, 128 x 128
         for (bm, bn, warps, stages, magic, left), gate in w4a8_cases:
             r = show(shape, "prefill", f"W4A8{' magic' if magic else ''}{' Wx^T' if left else ''}"
                      f"{' gated' if gate else ''}",

@@ -524,3 +524,45 @@ def test_kernels_compile_for_consumer_gpus(arch):
     lines = [line for line in stdout.splitlines() if line.startswith("shared")]
     print("\n".join(lines))  # (the figures of benchmarks/results.md, "Session 28": pytest -s shows them)
     assert len(lines) == 12 and all(line.endswith(" ok") for line in lines), stdout
+
+
+_W4A8_COMPILE = """
+import sys
+import torch
+sys.path.insert(0, {bench!r})
+import inspect_gemm_kernel as ig
+from inspect_decode_kernel import _Recorder, compile_recorded, report
+from qmamba.kernels import w4a8_rows as wr
+from qmamba.kernels.w4a8_gemm import quantize_rows_int8_ref
+w = ig.planes_stack(*ig.SHAPES["fc1"])
+r = ig.report(ig.compile_w4a8(w, 90, 64, 128, 4, 3, False, True, "gelu")[0])
+loop = ig.loop_body(r["sass"])
+print("gemm", r["stack"], loop.count("IGMMA"), loop.count("STS"))
+rec, real = _Recorder(wr._w4a8_rows_kernel), wr._w4a8_rows_kernel
+wr._w4a8_rows_kernel = rec
+codes, scale, sums = quantize_rows_int8_ref(torch.randn(8, w.k), w.qweight.shape[-1] * 8)
+wr.w4a8_rows(codes, scale, sums, w, row_expert=torch.randint(0, 8, (8,), dtype=torch.int32), gate="gelu",
+             block_n=16, pdl=True)
+wr._w4a8_rows_kernel = real
+_, args, meta = rec.calls[-1]
+meta = dict(meta, ASM=True)
+meta.pop("launch_pdl", None)
+r = report(compile_recorded(real, args, meta, 90))
+print("rows", r["stack"], r["ops"]["IDP"], r["ops"]["I2F"] + r["ops"]["I2FP"])
+"""
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_w4a8_kernels_compile_for_sm90():
+    """The W4A8 kernels' inline PTX only a GPU runs (the interpreter takes their elementwise twins): the prefill GEMM
+    on its default tile (64 x 128, ``W x^T``, fc1's gated epilogue) compiles for sm_90 on int8 tensor cores
+    (``IGMMA``) without spills and with the unpacked codes kept out of shared memory (no store in the K loop but
+    at most one, against 9 as the right operand with Triton 3.6); the
+    batched-decode row programs at fc1 (8 rows, 16 weight rows a program) use ``dp4a`` (``IDP``), two a plane word
+    (16 words a tile a weight row, 12 tiles: 48 a thread for 4 warps), with conversions by the tile, not by the
+    code (24 with Triton 3.6 and 3.9)."""
+    stdout = _compiled("-c", _W4A8_COMPILE.format(bench=str(ROOT / "benchmarks")), timeout=900)
+    gemm = next(line.split() for line in stdout.splitlines() if line.startswith("gemm "))
+    rows = next(line.split() for line in stdout.splitlines() if line.startswith("rows "))
+    assert gemm[1] == "0" and int(gemm[2]) >= 4 and int(gemm[3]) <= 1, stdout
+    assert rows[1] == "0" and int(rows[2]) >= 48 and int(rows[3]) < 48, stdout
