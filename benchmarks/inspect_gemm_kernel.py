@@ -108,10 +108,9 @@ def compile_w4a8(weight: PackedWeight, arch: int, block_m: int, block_n: int, wa
     try:
         idx = torch.randint(0, EXPERTS, (m,), dtype=torch.int32)
         codes, scale, sums = wg.quantize_rows_int8_ref(torch.randn(m, weight.k), weight.qweight.shape[-1] * 8)
-        wg.w4a8_gemm(codes, scale, sums, weight,
-                     out=torch.empty(m, weight.n // (2 if gate else 1), dtype=torch.bfloat16),
-                     tiles=expert_tile_map(idx, EXPERTS, block_m), block_m=block_m, block_n=block_n,
-                     num_warps=warps, num_stages=stages, magic=magic, gate=gate, weight_left=weight_left)
+        wg.w4a8_gemm(codes, scale, sums, weight, tiles=expert_tile_map(idx, EXPERTS, block_m), block_m=block_m,
+                     block_n=block_n, num_warps=warps, num_stages=stages, magic=magic, gate=gate,
+                     weight_left=weight_left)
     finally:
         wg._w4a8_gemm_kernel = real
     _, args, meta = recorder.calls[-1]

@@ -5,8 +5,8 @@ an int4 weight dequantized to bf16 can at best tie them (benchmarks/results.md, 
 is converted to a float in the K loop:
 
 * the activations are quantized once per row (:func:`quantize_rows_int8`: a per-row scale, ``x / scale`` rounded
-  to an integer in [-127, 127]) and stored in plane-byte order (:func:`qmamba.quant.layout.int8_x_plane_order`), with each 128-column
-  tile's sum of codes;
+  to an integer in [-127, 127]) and stored in plane-byte order (:func:`qmamba.quant.layout.int8_x_plane_order`),
+  with each 128-column tile's sum of codes;
 * the weight's plane words are read as bytes: a mask gives the low nibbles and a shift and a mask the high ones,
   four codes a 32-bit instruction, as int8 operands of ``tl.dot`` (``code`` in 0..15 is exact in int8);
 * per 128-column tile (one quantization group, or a part of one), the exact int32 product of the codes is scaled by
@@ -228,10 +228,11 @@ def _w4a8_gemm_kernel(
                  mask=row_ok[:, None] & n_ok[None, :])
 
 
-def w4a8_operands(who: str, codes, sums, weight: PackedWeight, out, gate: str | None, block_n: int):
+def w4a8_operands(who: str, codes, sums, weight: PackedWeight, out, gate: str | None, block_n: int,
+                  out_dtype=torch.bfloat16):
     """The W4A8 kernels' shared checks of :func:`quantize_rows_int8`'s ``codes`` (contiguous int8 ``[M, k_pad]``)
     and ``sums`` against int4 plane words (group size a multiple of 128; ``gate``: a gated fc1, even N and
-    ``block_n``); returns ``out``, ``[M, N]`` (``gate``: ``[M, N / 2]``), a new bfloat16 tensor when None."""
+    ``block_n``); returns ``out``, ``[M, N]`` (``gate``: ``[M, N / 2]``), a new ``out_dtype`` tensor when None."""
     if weight.fmt != FMT_INT4_PLANES or weight.group_size % INT4_TILE:
         raise ValueError(f"{who}: the weight must be int4 plane words with a group size a multiple of 128")
     m, k_pad = codes.shape
@@ -244,7 +245,7 @@ def w4a8_operands(who: str, codes, sums, weight: PackedWeight, out, gate: str | 
         raise ValueError(f"{who}: a gated epilogue needs an even N and block_n")
     n_out = weight.n // 2 if gate is not None else weight.n
     if out is None:
-        out = torch.empty(m, n_out, dtype=torch.bfloat16, device=codes.device)
+        out = torch.empty(m, n_out, dtype=out_dtype, device=codes.device)
     if tuple(out.shape) != (m, n_out):
         raise ValueError(f"{who}: out must be [{m}, {n_out}], got {tuple(out.shape)}")
     return out
@@ -252,17 +253,17 @@ def w4a8_operands(who: str, codes, sums, weight: PackedWeight, out, gate: str | 
 
 def w4a8_gemm(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row_scale=None,
               tiles: ExpertTiles | None = None, block_m: int = 64, block_n: int = 128, num_warps: int = 4,
-              num_stages: int = 3, magic: bool = False, gate: str | None = None,
-              weight_left: bool = False) -> torch.Tensor:
+              num_stages: int = 3, magic: bool = False, gate: str | None = None, weight_left: bool = False,
+              out_dtype=torch.bfloat16) -> torch.Tensor:
     """``out [M, N] <- (x_hat @ W_hat^T + bias) * row_scale`` from :func:`quantize_rows_int8`'s ``codes, scale,
     sums`` and int4 plane words (group size a multiple of 128); one matrix, or with ``tiles`` the routed expert
-    tiles of a stack (``tiles.block_m`` rows a tile, which must be ``block_m``). ``out`` defaults to a new bfloat16
-    tensor. ``magic``: each tile's int32 product converted to float by an add to the bits of 1.5 * 2^23 and a float
+    tiles of a stack (``tiles.block_m`` rows a tile, which must be ``block_m``). ``out`` defaults to a new
+    ``out_dtype`` tensor. ``magic``: each tile's int32 product converted to float by an add to the bits of 1.5 * 2^23 and a float
     subtraction (two full-rate instructions) instead of ``I2FP`` (one, of a throughput to be measured). ``gate`` (an
     activation of :data:`qmamba.kernels.activations.ACTIVATION_IDS`): the weight is a gated fc1 (2F rows: gate, then
     up) and ``out [M, F]`` receives ``act(gate) * up`` (then times ``row_scale``), computed in the epilogue.
     ``weight_left``: the product taken as ``W x^T`` (``W_LEFT`` of the kernel)."""
-    out = w4a8_operands("w4a8_gemm", codes, sums, weight, out, gate, block_n)
+    out = w4a8_operands("w4a8_gemm", codes, sums, weight, out, gate, block_n, out_dtype)
     if tiles is None and weight.n_experts != 1:
         raise ValueError("w4a8_gemm: an expert stack needs its tile map")
     if tiles is not None and tiles.block_m != block_m:
@@ -301,7 +302,6 @@ def w4a8_linear(x, weight: PackedWeight, bias=None, row_expert=None, row_scale=N
     if row_expert is not None and tiles is None:
         tiles = expert_tile_map(row_expert, weight.n_experts, block_m)
     codes, scale, sums = quantize_rows_int8(x, weight.qweight.shape[-1] * 8)
-    out = torch.empty(x.shape[0], weight.n // 2 if gate is not None else weight.n, dtype=x.dtype, device=x.device)
-    return w4a8_gemm(codes, scale, sums, weight, out=out, bias=bias, row_scale=row_scale, tiles=tiles,
+    return w4a8_gemm(codes, scale, sums, weight, bias=bias, row_scale=row_scale, tiles=tiles,
                      block_m=tiles.block_m if tiles is not None else block_m, block_n=block_n, num_warps=warps,
-                     num_stages=stages, gate=gate, weight_left=left)
+                     num_stages=stages, gate=gate, weight_left=left, out_dtype=x.dtype)
