@@ -33,24 +33,20 @@ from qmamba.quant.modules import QuantExperts, QuantLinear
 from qmamba.tokenizer import resolve_tokenizer
 
 
-def int8_activations(x: torch.Tensor) -> torch.Tensor:
-    """``x [..., K]`` quantized per row to int8 as the W4A8 kernel's quantizer does, and dequantized."""
-    return int8_rounded_ref(x)
-
-
 @contextlib.contextmanager
 def emulate_w4a8(dense: bool, experts: bool):
     """Within the block, int4 matmuls (``dense``: QuantLinear; ``experts``: QuantExperts' fc1 / fc2) multiply the
-    int8-quantized activation."""
+    int8-quantized activation (:func:`int8_rounded_ref`: quantized per row as the W4A8 kernel's quantizer does, and
+    dequantized)."""
     linear_matmul, expert_matmul = QuantLinear._matmul, QuantExperts._expert_matmul
 
     def linear(self, x):
-        return linear_matmul(self, int8_activations(x) if dense and isinstance(self.fmt, Int4Format) else x)
+        return linear_matmul(self, int8_rounded_ref(x) if dense and isinstance(self.fmt, Int4Format) else x)
 
     def expert(self, x, name, e):
         w = getattr(self, name)
         int4 = isinstance(getattr(w, "fmt", None), Int4Format)
-        return expert_matmul(self, int8_activations(x) if experts and int4 else x, name, e)
+        return expert_matmul(self, int8_rounded_ref(x) if experts and int4 else x, name, e)
 
     QuantLinear._matmul, QuantExperts._expert_matmul = linear, expert
     try:
