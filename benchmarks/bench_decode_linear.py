@@ -88,8 +88,8 @@ def variants(pdl: bool, rows: int):
                 # int8 activations with dp4a, a program a row (qmamba.kernels.w4a8_rows, session 41): the kernel
                 # alone on codes quantized before (16 / 32 / 64 weight rows a program), then with the row quantizer
                 # in each call
-                **{f"w4a8_rows_bn{bn}": ("planes", f"w4a8_rows:{bn}:0") for bn in (16, 32, 64)},
-                "w4a8_rows_q": ("planes", "w4a8_rows:32:1")}
+                **{f"w4a8_rows_bn{bn}": ("planes", ("w4a8_rows", bn, False)) for bn in (16, 32, 64)},
+                "w4a8_rows_q": ("planes", ("w4a8_rows", 32, True))}
     out = {"cuda_default": ("planes", cuda), "cuda_default_float": ("float", cuda),
            # int8 and 1-bit weights on the CUDA policy (which lists both), and on their general kernels
            "cuda_int8": ("int8", cuda),
@@ -190,13 +190,13 @@ def bench_shape(name, n, k, experts, opts, rows, pdl, dev, result, only_variants
     for vname, (form, policy) in chosen.items():
         weight = forms[form]
         exact = int4 if form in ("words", "planes", "float") else weight  # what the output is checked against
-        if isinstance(policy, str) and policy.startswith("w4a8_rows"):  # int8 activations: checked against the
-            #                                                               int8-rounded input's product
-            _, bn, with_quantizer = policy.split(":")
+        if isinstance(policy, tuple):  # ("w4a8_rows", weight rows a program, quantizer in each call): int8
+            #                              activations, checked against the int8-rounded input's product
+            _, bn, with_quantizer = policy
             ref = decode_linear_ref(int8_rounded_ref(x), exact, gated=gated, **kw)
             out = torch.full((rows, n_out), float("nan"), device=dev, dtype=torch.bfloat16)
             q = quantize_rows_int8(x, int4.k_padded)
-            call = lambda wc, out=out, bn=int(bn), wq=with_quantizer == "1", q=q: w4a8_rows(  # noqa: E731
+            call = lambda wc, out=out, bn=bn, wq=with_quantizer, q=q: w4a8_rows(  # noqa: E731
                 *(quantize_rows_int8(x, int4.k_padded) if wq else q), wc, out=out, gate=gated, block_n=bn, pdl=pdl,
                 **kw)
             call(weight)

@@ -32,6 +32,7 @@ from inspect_decode_kernel import _Recorder, compile_recorded, report  # noqa: E
 
 from qmamba.kernels import dequant_gemm as dg  # noqa: E402
 from qmamba.kernels import w4a8_gemm as wg  # noqa: E402
+from qmamba.kernels import w4a8_rows as wr  # noqa: E402
 from qmamba.kernels import quant_matmul as qm  # noqa: E402
 from qmamba.kernels import matmul_configs  # noqa: E402
 from qmamba.kernels.matmul_configs import MatmulConfig, MatmulPolicy, gemm_config, pick_config  # noqa: E402
@@ -41,8 +42,8 @@ from qmamba.quant.formats import Int4Format  # noqa: E402
 
 SHAPES = {"fc1": (1472, 7744), "fc2": (3872, 1472)}  # (K, N) of one expert of BlackMamba-2.8B
 EXPERTS = 8
-WATCH = ("HGMMA", "HMMA", "IGMMA", "IMMA", "I2FP", "I2F", "F2FP", "FADD", "FFMA", "HFMA2", "HADD2", "HMUL2", "PRMT", "LOP3", "BAR", "STS", "LDS",
-         "LDGSTS")
+WATCH = ("HGMMA", "HMMA", "IGMMA", "IMMA", "I2FP", "I2F", "F2FP", "FADD", "FFMA", "HFMA2", "HADD2", "HMUL2", "PRMT",
+         "LOP3", "BAR", "STS", "LDS", "LDGSTS")
 
 
 class _CudaLike:
@@ -116,6 +117,23 @@ def compile_w4a8(weight: PackedWeight, arch: int, block_m: int, block_n: int, wa
     _, args, meta = recorder.calls[-1]
     cfg = MatmulConfig(block_m, block_n, 128, 1, warps, stages)
     return compile_recorded(real, args, dict(meta, ASM=True, PRECISION="tf32x3"), arch), cfg
+
+
+def compile_w4a8_rows(weight: PackedWeight, arch: int, rows: int = 8, block_n: int = 16, gate: str | None = None):
+    """The compiled W4A8 row-program kernel (:mod:`qmamba.kernels.w4a8_rows`: dp4a, a program a row) for ``rows``
+    routed rows of ``weight``'s experts, with the inline PTX and the programmatic dependent launch a CUDA launch
+    takes."""
+    recorder, real = _Recorder(wr._w4a8_rows_kernel), wr._w4a8_rows_kernel
+    wr._w4a8_rows_kernel = recorder
+    try:
+        codes, scale, sums = wg.quantize_rows_int8_ref(torch.randn(rows, weight.k), weight.qweight.shape[-1] * 8)
+        wr.w4a8_rows(codes, scale, sums, weight, row_expert=torch.randint(0, EXPERTS, (rows,), dtype=torch.int32),
+                     gate=gate, block_n=block_n, pdl=True)
+    finally:
+        wr._w4a8_rows_kernel = real
+    _, args, meta = recorder.calls[-1]
+    meta = {k: v for k, v in meta.items() if k != "launch_pdl"}
+    return compile_recorded(real, args, dict(meta, ASM=True), arch)
 
 
 def loop_body(sass: str) -> list[str]:

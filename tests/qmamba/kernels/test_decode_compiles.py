@@ -528,26 +528,13 @@ def test_kernels_compile_for_consumer_gpus(arch):
 
 _W4A8_COMPILE = """
 import sys
-import torch
 sys.path.insert(0, {bench!r})
 import inspect_gemm_kernel as ig
-from inspect_decode_kernel import _Recorder, compile_recorded, report
-from qmamba.kernels import w4a8_rows as wr
-from qmamba.kernels.w4a8_gemm import quantize_rows_int8_ref
 w = ig.planes_stack(*ig.SHAPES["fc1"])
 r = ig.report(ig.compile_w4a8(w, 90, 64, 128, 4, 3, False, True, "gelu")[0])
 loop = ig.loop_body(r["sass"])
 print("gemm", r["stack"], loop.count("IGMMA"), loop.count("STS"))
-rec, real = _Recorder(wr._w4a8_rows_kernel), wr._w4a8_rows_kernel
-wr._w4a8_rows_kernel = rec
-codes, scale, sums = quantize_rows_int8_ref(torch.randn(8, w.k), w.qweight.shape[-1] * 8)
-wr.w4a8_rows(codes, scale, sums, w, row_expert=torch.randint(0, 8, (8,), dtype=torch.int32), gate="gelu",
-             block_n=16, pdl=True)
-wr._w4a8_rows_kernel = real
-_, args, meta = rec.calls[-1]
-meta = dict(meta, ASM=True)
-meta.pop("launch_pdl", None)
-r = report(compile_recorded(real, args, meta, 90))
+r = ig.report(ig.compile_w4a8_rows(w, 90, rows=8, block_n=16, gate="gelu"))
 print("rows", r["stack"], r["ops"]["IDP"], r["ops"]["I2F"] + r["ops"]["I2FP"])
 """
 
