@@ -16,6 +16,7 @@ from qmamba.errors import TokenIdError
 from qmamba.mamba_mixer import MambaMixer
 from qmamba.moe import SwitchMoE
 from qmamba.norms import RMSNorm, make_final_norm
+from qmamba.prefill_ahead import prefill_ahead
 from qmamba.ops import BACKENDS
 from qmamba.state import InferenceState
 
@@ -107,16 +108,19 @@ class MambaLM(nn.Module):
         batch = input_ids.shape[0]
         state = state if state is not None else self.new_state(batch)
         conv_out, ssm_out = torch.empty_like(state.conv_state), torch.empty_like(state.ssm_state)
-        h = self.embedding(input_ids).to(self.compute_dtype)
-        residual = None
-        for block in self.blocks:
-            residual, x = block.norm.add_forward(residual, h, self.compute_dtype)
-            if block.is_mamba:
-                s = block.slot
-                h, conv_out[s], ssm_out[s] = block.mixer(x, state.conv_state[s], state.ssm_state[s])
-            else:
-                h = block.mixer(x)
-        return self._logits(residual, h, last_only), InferenceState(conv_out, ssm_out)
+        with prefill_ahead(self, input_ids.numel()) as ahead:  # dequantization passes beside the scans (CUDA)
+            h = self.embedding(input_ids).to(self.compute_dtype)
+            residual = None
+            for block in self.blocks:
+                residual, x = block.norm.add_forward(residual, h, self.compute_dtype)
+                if block.is_mamba:
+                    s = block.slot
+                    ahead.before_mixer(block.mixer)
+                    h, conv_out[s], ssm_out[s] = block.mixer(x, state.conv_state[s], state.ssm_state[s])
+                else:
+                    h = block.mixer(x)
+            logits = self._logits(residual, h, last_only)
+        return logits, InferenceState(conv_out, ssm_out)
 
     def step(self, input_ids: torch.Tensor, state: InferenceState, check: bool = True):
         """One token per sequence: ``input_ids [B]`` -> logits ``[B, V]``; ``state`` is updated in place."""
