@@ -110,14 +110,16 @@ def _pass_key(weight, dtype) -> tuple:
     return ("dequantization pass", weight.qweight.data_ptr(), weight.fmt, dtype)
 
 
-def issue_dequantization(weight, dtype, dequantize=None) -> bool:
-    """Queue ``weight``'s dequantization pass on the active side stream (:mod:`qmamba.kernels.side_stream`; the
-    prefill issues a projection's pass early, to run beside the scan) for :func:`dequantized_for_pass` to take.
-    ``dequantize(weight, dtype, out=...)``: the format's Triton pass (:func:`dequantize_stack_triton` by default).
-    False when no side-work scope is active (nothing is done)."""
+def issue_dequantization(weight, dtype, dequantize=None, queued: bool = False) -> bool:
+    """Issue ``weight``'s dequantization pass on the active side stream (:mod:`qmamba.kernels.side_stream`; with
+    ``queued``, held until its next ``start_queued``: the prefill queues a projection's pass early, to run beside
+    the scan) for :func:`dequantized_for_pass` to take. ``dequantize(weight, dtype, out=...)``: the format's
+    Triton pass (:func:`dequantize_stack_triton` by default). False when no side-work scope is active (nothing is
+    done)."""
     dequantize = dequantize or dequantize_stack_triton
-    return side_stream.issue(_pass_key(weight, dtype), lambda: dense_buffer(weight, dtype, None, "issue"),
-                             lambda out: dequantize(weight, dtype, out=out))
+    put = side_stream.queue if queued else side_stream.issue
+    return put(_pass_key(weight, dtype), lambda: dense_buffer(weight, dtype, None, "issue"),
+               lambda out: dequantize(weight, dtype, out=out))
 
 
 def dequantized_for_pass(weight, dtype, dequantize=None) -> torch.Tensor:

@@ -71,18 +71,20 @@ def linear(x: torch.Tensor, weight: KernelWeight, bias=None) -> torch.Tensor:
     return y.reshape(*lead, weight.n)
 
 
-def issue_dequantization(weight: KernelWeight, rows: int, dtype) -> bool:
-    """Queue on the active side stream (:mod:`qmamba.kernels.side_stream`) the dequantization pass that
-    :func:`linear` of ``rows`` rows in ``dtype`` runs before cuBLAS, for that call to take; False (nothing queued)
-    where it runs none (the format, the rows, the device) or no side-work scope is active. The prefill queues its
-    projections' passes early, to run beside the scan (:mod:`qmamba.prefill_ahead`)."""
+def issue_dequantization(weight: KernelWeight, rows: int, dtype, queued: bool = False) -> bool:
+    """Issue on the active side stream (:mod:`qmamba.kernels.side_stream`; ``queued``: at its next
+    ``start_queued``) the dequantization pass that :func:`linear` of ``rows`` rows in ``dtype`` runs before cuBLAS,
+    for that call to take; False (nothing issued) where it runs none (the format, the rows, the device) or no
+    side-work scope is active. The prefill queues its projections' passes early, to run beside the scan
+    (:mod:`qmamba.prefill_ahead`)."""
     if weight.n_experts != 1 or _side.active() is None:
         return False
     device = weight.qweight.device
     if isinstance(weight, BinaryWeight):
         return (_bin.binary_takes_dequantization_pass(rows, device, dtype)
-                and _deq.issue_dequantization(weight, dtype, _bin.dequantize_binary_triton))
-    return _qmm.takes_dequantization_pass(rows, weight, device, dtype) and _deq.issue_dequantization(weight, dtype)
+                and _deq.issue_dequantization(weight, dtype, _bin.dequantize_binary_triton, queued))
+    return (_qmm.takes_dequantization_pass(rows, weight, device, dtype)
+            and _deq.issue_dequantization(weight, dtype, queued=queued))
 
 
 def moe_route(x: torch.Tensor, router_w: torch.Tensor, router_b=None):

@@ -27,18 +27,18 @@ def test_each_mixer_queues_its_later_projections_and_the_next_in_proj(monkeypatc
     mixers = [b.mixer for b in model.blocks if b.is_mamba]
     names = {linear_weight(getattr(m, p))[0].qweight.data_ptr(): f"{i}.{p}"
              for i, m in enumerate(mixers) for p in ("in_proj", "x_proj", "dt_proj", "out_proj")}
-    queued = []
-    monkeypatch.setattr(triton_ops, "issue_dequantization",
-                        lambda w, rows, dtype: queued.append((names[w.qweight.data_ptr()], rows, dtype)))
+    monkeypatch.setattr(triton_ops, "issue_dequantization", lambda w, rows, dtype, queued: issued.append(
+        (names[w.qweight.data_ptr()], rows, dtype, queued)))
+    issued = []
     plan = PrefillAhead(mixers, 96, torch.bfloat16)
     for m in mixers:
         plan.before_mixer(m)
-    later = ("out_proj",) if float_xdt else ("x_proj", "dt_proj", "out_proj")  # float projections: no pass
-    want = ["0.in_proj"]
+    nxt = ("in_proj",) if float_xdt else ("in_proj", "x_proj", "dt_proj")  # float projections: no pass
+    want = [f"0.{p}" for p in nxt]
     for i in range(len(mixers)):
-        want += [f"{i}.{p}" for p in later] + ([f"{i + 1}.in_proj"] if i + 1 < len(mixers) else [])
-    assert [q[0] for q in queued] == want
-    assert {q[1:] for q in queued} == {(96, torch.bfloat16)}
+        want += [f"{i}.out_proj"] + ([f"{i + 1}.{p}" for p in nxt] if i + 1 < len(mixers) else [])
+    assert [q[0] for q in issued] == want
+    assert {q[1:] for q in issued} == {(96, torch.bfloat16, True)}  # queued: started before each scan
     # the key the pass is taken by: the record the matmul rebuilds has the same packed storage
     m = mixers[0].in_proj
     assert linear_weight(m)[0].qweight.data_ptr() == m.kernel_weight().qweight.data_ptr()

@@ -196,7 +196,9 @@ def test_dequantization_pass_issued_early_is_the_pass(fmt, device):
         assert torch.equal(dequantized_for_pass(w, dtype), ref)
         assert work.taken == 1 and work.pending == 0
         if device.type == "cuda":
-            x = torch.randn(GEMV_MAX_M + 40, 150, device=device).to(dtype)
+            from qmamba.kernels.matmul_configs import DEQUANT_GEMM_MIN_M
+
+            x = torch.randn(DEQUANT_GEMM_MIN_M[w.fmt] + 8, 150, device=device).to(dtype)  # rows that take it
             plain = dequant_matmul(x, w)
             from qmamba.kernels.triton_ops import issue_dequantization as issue_for_rows
 
