@@ -12,7 +12,6 @@ from torch import nn
 
 from qmamba import ops
 from qmamba.config import ModelConfig
-from qmamba.kernels import side_stream
 
 
 class MambaMixer(nn.Module):
@@ -42,7 +41,6 @@ class MambaMixer(nn.Module):
         x, conv_state = ops.causal_conv1d(self.backend, x, self.conv_weight, self.conv_bias, conv_state, "silu")
         delta, B_ssm, C_ssm = self._ssm_inputs(x)
         A = -torch.exp(self.A_log.float())
-        side_stream.start_queued()  # a prefill's queued passes run beside the scan (qmamba/prefill_ahead.py)
         y, ssm_state = ops.selective_scan(self.backend, x, delta, A, B_ssm, C_ssm, self.D, z, self.dt_bias,
                                           ssm_state, True)
         return self.out_proj(y), conv_state, ssm_state

@@ -16,7 +16,6 @@ from qmamba.errors import TokenIdError
 from qmamba.mamba_mixer import MambaMixer
 from qmamba.moe import SwitchMoE
 from qmamba.norms import RMSNorm, make_final_norm
-from qmamba.prefill_ahead import prefill_ahead
 from qmamba.ops import BACKENDS
 from qmamba.state import InferenceState
 
@@ -108,19 +107,29 @@ class MambaLM(nn.Module):
         batch = input_ids.shape[0]
         state = state if state is not None else self.new_state(batch)
         conv_out, ssm_out = torch.empty_like(state.conv_state), torch.empty_like(state.ssm_state)
-        with prefill_ahead(self, input_ids.numel()) as ahead:  # dequantization passes beside the scans (CUDA)
+        with self._side_work():  # CUDA: the MoE's early work on a side stream (qmamba/kernels/side_stream.py)
             h = self.embedding(input_ids).to(self.compute_dtype)
             residual = None
             for block in self.blocks:
                 residual, x = block.norm.add_forward(residual, h, self.compute_dtype)
                 if block.is_mamba:
                     s = block.slot
-                    ahead.before_mixer(block.mixer)
                     h, conv_out[s], ssm_out[s] = block.mixer(x, state.conv_state[s], state.ssm_state[s])
                 else:
                     h = block.mixer(x)
             logits = self._logits(residual, h, last_only)
         return logits, InferenceState(conv_out, ssm_out)
+
+    def _side_work(self):
+        """The prefill's side-work scope (:func:`qmamba.kernels.side_stream.side_work`: the W4A8 experts' input
+        quantizer beside the MoE's tile map) on CUDA with the Triton backend under
+        ``MatmulPolicy.prefill_side_stream``; elsewhere none."""
+        if self.device.type != "cuda" or any(getattr(b.mixer, "backend", None) != "triton" for b in self.blocks):
+            return contextlib.nullcontext()
+        from qmamba.kernels.matmul_configs import current_policy  # lazily: the Triton path only
+        from qmamba.kernels.side_stream import side_work
+
+        return side_work(self.device, enabled=current_policy().prefill_side_stream)
 
     def step(self, input_ids: torch.Tensor, state: InferenceState, check: bool = True):
         """One token per sequence: ``input_ids [B]`` -> logits ``[B, V]``; ``state`` is updated in place."""

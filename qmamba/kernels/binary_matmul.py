@@ -46,7 +46,7 @@ from torch import Tensor
 
 from qmamba.kernels._triton import cdiv, jit, pdl_launch, split_k_mode, split_k_range, store_or_add, tl
 from qmamba.kernels.dequant_gemm import matmul_epilogue
-from qmamba.kernels.dequantize import dense_buffer, dense_linear, dequantized_for_pass
+from qmamba.kernels.dequantize import dense_linear
 from qmamba.kernels.matmul_configs import (BINARY_DEQUANT_GEMM_MIN_M, GEMV_MAX_M, BinaryConfig,
                                            MatmulPolicy, binary_word_dots_tile, current_policy, pick_binary_config)
 from qmamba.kernels.quant_matmul import dequant_matmul, output_buffer
@@ -283,12 +283,11 @@ def _dequantize_binary_kernel(q_ptr, a_ptr, b_ptr, r_ptr, out_ptr, R, N, K, KB, 
     tl.store(out_ptr + r[:, None].to(tl.int64) * K + k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def dequantize_binary_triton(weight: "BinaryWeight", dtype=torch.bfloat16, out: Tensor | None = None) -> Tensor:
-    """``W_hat [E, N, K]`` in ``dtype`` in one Triton pass (twin: :meth:`BinaryWeight.dequantized`; into ``out``
-    when given, a contiguous tensor of that shape and dtype)."""
+def dequantize_binary_triton(weight: "BinaryWeight", dtype=torch.bfloat16) -> Tensor:
+    """``W_hat [E, N, K]`` in ``dtype`` in one Triton pass (twin: :meth:`BinaryWeight.dequantized`)."""
     e, n, k = weight.n_experts, weight.n, weight.k
     q = weight.qweight.reshape(e * n, -1)
-    out = dense_buffer(weight, dtype, out, "dequantize_binary_triton")
+    out = torch.empty(e, n, k, device=q.device, dtype=dtype)
     block_r, block_k = (32, 128) if q.is_cuda else (16, 64)
     r = weight.row_scale
     _dequantize_binary_kernel[(cdiv(e * n, block_r), cdiv(k, block_k))](
@@ -296,12 +295,6 @@ def dequantize_binary_triton(weight: "BinaryWeight", dtype=torch.bfloat16, out: 
         n, k, q.shape[1], q.stride(0), HAS_ROW=r is not None, BLOCK_R=block_r, BLOCK_K=block_k,
         num_warps=4 if q.is_cuda else 1)
     return out
-
-
-def binary_takes_dequantization_pass(m: int, device, dtype) -> bool:
-    """Whether :func:`binary_matmul` of ``m`` rows (no ``config`` / ``out``) dequantizes the weight in one pass
-    first (CUDA, 16-bit activations, from :data:`BINARY_DEQUANT_GEMM_MIN_M` rows)."""
-    return torch.device(device).type == "cuda" and m >= BINARY_DEQUANT_GEMM_MIN_M and dtype != torch.float32
 
 
 def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, row_scale=None,
@@ -327,11 +320,10 @@ def binary_matmul(x: Tensor, weight: BinaryWeight, bias=None, row_expert=None, r
         route = ROUTE_DENSE
     else:
         route = ROUTE_TILES if tiles is not None else ROUTE_BY_EXPERT
-    if config is None and out is None and binary_takes_dequantization_pass(m, x.device, x.dtype):
-        if route == ROUTE_DENSE:  # issued early on a side stream, or dequantized now
-            return dense_linear(x, dequantized_for_pass(weight, x.dtype, dequantize_binary_triton)[0], bias,
-                                row_scale)
+    if (x.is_cuda and m >= BINARY_DEQUANT_GEMM_MIN_M and config is None and out is None and x.dtype != torch.float32):
         dense = dequantize_binary_triton(weight, x.dtype)
+        if route == ROUTE_DENSE:
+            return dense_linear(x, dense[0], bias, row_scale)
         return dequant_matmul(x, PackedWeight.from_float(dense), bias, row_expert=row_expert, row_scale=row_scale,
                               tiles=tiles)
     if config is None and route == ROUTE_DENSE and max(2, policy.binary_word_dots_min_rows) <= m <= GEMV_MAX_M:

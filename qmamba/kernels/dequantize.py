@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from qmamba.kernels import side_stream
 from qmamba.kernels._triton import cdiv, jit, tl
 from qmamba.kernels.dequant_gemm import plane_codes, plane_tile
 from qmamba.kernels.weights import FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT8, PackedWeight
@@ -71,11 +70,9 @@ def dequantize_stack(weight: PackedWeight, dtype) -> torch.Tensor:
     return w.reshape(*q.shape[:-2], -1)[..., :weight.k].to(dtype)
 
 
-def dequantize_stack_triton(weight: PackedWeight, dtype, block_r: int = 64, block_k: int = 128,
-                            out: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton twin of :func:`dequantize_stack` (int8 / int4 only): ``[E, N, K]`` in ``dtype`` (into ``out`` when
-    given, a contiguous tensor of that shape and dtype). For int4 the K tile is one group (``block_k`` applies to
-    int8)."""
+def dequantize_stack_triton(weight: PackedWeight, dtype, block_r: int = 64, block_k: int = 128) -> torch.Tensor:
+    """Triton twin of :func:`dequantize_stack` (int8 / int4 only): ``[E, N, K]`` in ``dtype``. For int4 the K tile
+    is one group (``block_k`` applies to int8)."""
     if weight.fmt not in (FMT_INT8, FMT_INT4, FMT_INT4_PLANES):
         raise ValueError("dequantize_stack_triton: int8 or int4 weights only")
     rows = weight.n_experts * weight.n
@@ -86,47 +83,12 @@ def dequantize_stack_triton(weight: PackedWeight, dtype, block_r: int = 64, bloc
         block_k = weight.group_size
     elif weight.fmt == FMT_INT4_PLANES:
         block_k = INT4_TILE
-    out = dense_buffer(weight, dtype, out, "dequantize_stack_triton")
+    out = torch.empty(weight.n_experts, weight.n, weight.k, device=q.device, dtype=dtype)
     grid = (cdiv(rows, block_r), cdiv(weight.k_padded, block_k))
     _dequantize_kernel[grid](q, s, z, out, rows, weight.k, weight.k_padded, q.stride(0), s.stride(0), z.stride(0),
                              weight.k, FMT=weight.fmt, GROUP=max(weight.group_size, 1), BLOCK_R=block_r,
                              BLOCK_K=block_k, num_warps=4 if q.is_cuda else 1)
     return out
-
-
-def dense_buffer(weight, dtype, out: torch.Tensor | None, who: str) -> torch.Tensor:
-    """``out`` checked to be a contiguous ``[E, N, K]`` tensor of ``dtype`` on the weight's device, or a new one."""
-    shape = (weight.n_experts, weight.n, weight.k)
-    if out is None:
-        return torch.empty(shape, device=weight.qweight.device, dtype=dtype)
-    if tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous() or out.device != weight.qweight.device:
-        raise ValueError(f"{who}: out must be a contiguous {list(shape)} {dtype} tensor on {weight.qweight.device}, "
-                         f"got {list(out.shape)} {out.dtype} on {out.device}")
-    return out
-
-
-# ---- the pass beside other work ------------------------------------------------------------------------------------
-def _pass_key(weight, dtype) -> tuple:
-    return ("dequantization pass", weight.qweight.data_ptr(), weight.fmt, dtype)
-
-
-def issue_dequantization(weight, dtype, dequantize=None, queued: bool = False) -> bool:
-    """Issue ``weight``'s dequantization pass on the active side stream (:mod:`qmamba.kernels.side_stream`; with
-    ``queued``, held until its next ``start_queued``: the prefill queues a projection's pass early, to run beside
-    the scan) for :func:`dequantized_for_pass` to take. ``dequantize(weight, dtype, out=...)``: the format's
-    Triton pass (:func:`dequantize_stack_triton` by default). False when no side-work scope is active (nothing is
-    done)."""
-    dequantize = dequantize or dequantize_stack_triton
-    put = side_stream.queue if queued else side_stream.issue
-    return put(_pass_key(weight, dtype), lambda: dense_buffer(weight, dtype, None, "issue"),
-               lambda out: dequantize(weight, dtype, out=out))
-
-
-def dequantized_for_pass(weight, dtype, dequantize=None) -> torch.Tensor:
-    """``[E, N, K]`` in ``dtype``: the pass :func:`issue_dequantization` queued earlier (the current stream then
-    waits for it), or ``dequantize(weight, dtype)`` now (:func:`dequantize_stack` by default)."""
-    dense = side_stream.take(_pass_key(weight, dtype))
-    return dense if dense is not None else (dequantize or dequantize_stack)(weight, dtype)
 
 
 def dense_linear(x, dense, bias=None, row_scale=None):

@@ -28,7 +28,7 @@ import torch
 from qmamba.kernels._triton import cdiv, jit, pdl_launch, split_k_mode, split_k_range, tl
 from qmamba.kernels.dequant_gemm import (dequant_gemm, matmul_epilogue, plane_pairs_args,
                                          plane_position_codes, plane_tile, weight_times_rows)
-from qmamba.kernels.dequantize import dense_linear, dequantize_stack, dequantized_for_pass
+from qmamba.kernels.dequantize import dense_linear, dequantize_stack
 from qmamba.kernels.int4_gemv import int4_gemv
 from qmamba.kernels.matmul_configs import (DEQUANT_GEMM_MIN_M, GEMV_MAX_M, MatmulConfig, MatmulPolicy,
                                            current_policy, gemm_config, pick_config, small_block_m)
@@ -227,15 +227,6 @@ def experts_via_dense(x, weight: PackedWeight, bias, row_expert, row_scale, tile
     return out
 
 
-def takes_dequantization_pass(m: int, weight: PackedWeight, device, dtype, policy: MatmulPolicy | None = None) -> bool:
-    """Whether :func:`dequant_matmul` of ``m`` rows of one matrix (no ``config`` / ``out``) dequantizes it in one
-    pass and calls cuBLAS: CUDA, 16-bit activations, int8 / int4 from :data:`DEQUANT_GEMM_MIN_M` rows, unless the
-    policy sends the matrix to W4A8."""
-    policy = policy or current_policy()
-    return (torch.device(device).type == "cuda" and dtype != torch.float32
-            and m >= DEQUANT_GEMM_MIN_M.get(weight.fmt, 1 << 62) and not policy.takes_w4a8(m, weight, routed=False))
-
-
 def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scale=None, tiles=None,
                    config: MatmulConfig | None = None, out=None, policy: MatmulPolicy | None = None,
                    gate: str | None = None, pdl: bool = False, early_tile: bool = False):
@@ -267,10 +258,9 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     if config is None and out is None and policy.takes_w4a8(m, weight, routed=row_expert is not None):
         return w4a8_linear(x, weight, bias, row_expert, row_scale, tiles, gate=gate,  # int8 activations
                            tile=policy.w4a8_tile)
-    if row_expert is None and config is None and out is None and takes_dequantization_pass(m, weight, x.device,
-                                                                                          x.dtype, policy):
-        # one pass (issued early on a side stream, or now), then cuBLAS
-        return dense_linear(x, dequantized_for_pass(weight, x.dtype)[0], bias, row_scale)
+    if (x.is_cuda and row_expert is None and m >= DEQUANT_GEMM_MIN_M.get(weight.fmt, 1 << 62) and config is None
+            and out is None and x.dtype != torch.float32):
+        return dense_linear(x, dequantize_stack(weight, x.dtype)[0], bias, row_scale)
     if (x.is_cuda and row_expert is not None and weight.fmt in (FMT_INT8, FMT_INT4, FMT_INT4_PLANES)
             and m >= policy.dequant_experts_min_m and config is None and out is None and x.dtype != torch.float32
             and gate is None):

@@ -1,22 +1,23 @@
-"""Work started early on a second CUDA stream, so that it runs beside kernels that leave most of the GPU idle.
+"""Work started early on a second CUDA stream, so that it runs beside a kernel that leaves most of the GPU idle.
 
-In a prefill the selective scan holds a few warps a multiprocessor for ~25% of the time, and the MoE's tile map
-is one program; meanwhile work that does not depend on them waits its turn on the one stream: the int4 (1-bit)
-projections' dequantization passes and the W4A8 experts' input quantizer. Inside :func:`side_work` a producer
-:func:`issue`-s such a result early: its buffers are allocated on the current stream, then its kernel is queued on
-the side stream behind everything the current stream has queued so far (a fork); the consumer :func:`take`-s it
-by the same key, which makes the current stream wait for the side stream's event first (a join). Leaving the scope
-joins whatever was not taken, so a CUDA graph captured over it (the graph prefill) ends with every fork joined.
-:func:`queue` holds the fork back until :func:`start_queued` (the Mamba mixer calls it just before its scan): work
-forked earlier starts beside the GEMMs and the conv, which leave it no room, and only delays them (H100, session
-42: the dense passes forked as each mixer started made the int4 graph prefill no faster, 178.2k against 178.9k
-tok/s in line).
+In a prefill the MoE's tile map is one program, and the W4A8 experts' input quantizer, which needs only the
+block's input, would otherwise wait for it on the one stream. Inside :func:`side_work` a producer :func:`issue`-s
+such a result early: its buffers are allocated on the current stream, then its kernel is queued on the side
+stream behind everything the current stream has queued so far (a fork); the consumer :func:`take`-s it by the same
+key, which makes the current stream wait for the side stream's event first (a join). Leaving the scope joins
+whatever was not taken, so a CUDA graph captured over it (the graph prefill) ends with every fork joined.
 
 Buffers come from the current stream's allocator pool and the side stream only writes them, so a buffer freed
 after its consumer cannot be handed to the side stream while the consumer still reads it (no ``record_stream``,
 which defers frees to the end of a graph capture). Off CUDA there is no side stream: :func:`side_work` then yields
 None and :func:`issue` does nothing, unless ``inline=True`` (tests), which runs the work on the spot and keeps the
 bookkeeping.
+
+Tried and removed (session 42, H100, graph prefill of 2,048 tokens, ``profile_prefill.py --format int4_cli --graph
+--experts tiles,tiles_noside``): the dense projections' dequantization passes on the side stream. Forked as each
+Mamba mixer started, they ran beside its GEMMs and conv, which leave them no room: 178.2k against 178.9k tok/s in
+line. Forked just before the scan, they slowed it more than they saved (the scan's 36 launches 2,534 -> 2,850 us
+against the passes' 263): 175.3k against 178.6k. The memory-bound pass raises the latency the scan waits on.
 """
 
 from __future__ import annotations
@@ -38,56 +39,29 @@ class SideWork:
         self.device = device
         self.stream = None if inline else _side_stream(device)
         self._pending: dict = {}  # key -> (buffers, event or None)
-        self._queued: dict = {}  # key -> (alloc, launch), until start_queued()
         self.issued = 0
         self.taken = 0
 
     def issue(self, key: Hashable, alloc: Callable[[], object], launch: Callable[[object], None]) -> None:
         """``alloc()`` on the current stream, then ``launch(buffers)`` on the side stream behind the current
-        stream's queued work (a fork here); a key issued (or queued) twice keeps its first result."""
-        if key not in self._pending and key not in self._queued:
-            self._fork({key: (alloc, launch)})
-
-    def queue(self, key: Hashable, alloc: Callable[[], object], launch: Callable[[object], None]) -> None:
-        """As :meth:`issue`, but the fork waits for the next :meth:`start_queued`: the work then runs beside what
-        the current stream launches after that point (the prefill's passes beside the scan, not beside the GEMMs
-        and the conv before it, which leave no room). Taken before that, it runs in line."""
-        if key not in self._pending and key not in self._queued:
-            self._queued[key] = (alloc, launch)
-
-    def start_queued(self) -> None:
-        """Fork the queued work onto the side stream now (one fork for all of it)."""
-        queued, self._queued = self._queued, {}
-        if queued:
-            self._fork(queued)
-
-    def _fork(self, work: dict) -> None:
-        buffers = {key: alloc() for key, (alloc, _) in work.items()}
+        stream's queued work (a fork here); a key issued twice keeps its first result."""
+        if key in self._pending:
+            return
+        buffers = alloc()
         event = None
         if self.stream is None:
-            for key, (_, launch) in work.items():
-                launch(buffers[key])
+            launch(buffers)
         else:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
-                for key, (_, launch) in work.items():
-                    launch(buffers[key])
+                launch(buffers)
             event = torch.cuda.Event()
             event.record(self.stream)
-        for key in work:
-            self._pending[key] = (buffers[key], event)
-        self.issued += len(work)
+        self._pending[key] = (buffers, event)
+        self.issued += 1
 
     def take(self, key: Hashable):
-        """The buffers issued under ``key`` (the current stream now waits for them; work still queued runs in line
-        now), or None."""
-        if key in self._queued:
-            alloc, launch = self._queued.pop(key)
-            buffers = alloc()
-            launch(buffers)
-            self.issued += 1
-            self.taken += 1
-            return buffers
+        """The buffers issued under ``key`` (the current stream now waits for them), or None."""
         entry = self._pending.pop(key, None)
         if entry is None:
             return None
@@ -98,18 +72,16 @@ class SideWork:
         return buffers
 
     def join(self) -> None:
-        """The current stream waits for everything issued and not taken; the results (and work still queued) are
-        dropped."""
+        """The current stream waits for everything issued and not taken; the results are dropped."""
         for _, event in self._pending.values():
             if event is not None:
                 torch.cuda.current_stream(self.device).wait_event(event)
         self._pending.clear()
-        self._queued.clear()
 
     @property
     def pending(self) -> int:
-        """Results issued or queued and not taken."""
-        return len(self._pending) + len(self._queued)
+        """Results issued and not taken."""
+        return len(self._pending)
 
 
 def _side_stream(device: torch.device):
@@ -149,22 +121,6 @@ def issue(key: Hashable, alloc: Callable[[], object], launch: Callable[[object],
         return False
     work.issue(key, alloc, launch)
     return True
-
-
-def queue(key: Hashable, alloc: Callable[[], object], launch: Callable[[object], None]) -> bool:
-    """:meth:`SideWork.queue` in the active scope; False (nothing done) when none is active."""
-    work = _ACTIVE.get()
-    if work is None:
-        return False
-    work.queue(key, alloc, launch)
-    return True
-
-
-def start_queued() -> None:
-    """:meth:`SideWork.start_queued` in the active scope (nothing when none is active)."""
-    work = _ACTIVE.get()
-    if work is not None:
-        work.start_queued()
 
 
 def take(key: Hashable):

@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from qmamba.kernels import binary_matmul as _bin
 from qmamba.kernels import custom_ops
-from qmamba.kernels import dequantize as _deq
-from qmamba.kernels import quant_matmul as _qmm
-from qmamba.kernels import side_stream as _side
 from qmamba.kernels import fused_moe as _moe
 from qmamba.kernels.fused_moe import KernelWeight
 from qmamba.kernels.weights import BinaryWeight
@@ -69,22 +65,6 @@ def linear(x: torch.Tensor, weight: KernelWeight, bias=None) -> torch.Tensor:
     else:
         y = custom_ops.dequant_matmul(x2, *custom_ops.weight_args(weight), bias)
     return y.reshape(*lead, weight.n)
-
-
-def issue_dequantization(weight: KernelWeight, rows: int, dtype, queued: bool = False) -> bool:
-    """Issue on the active side stream (:mod:`qmamba.kernels.side_stream`; ``queued``: at its next
-    ``start_queued``) the dequantization pass that :func:`linear` of ``rows`` rows in ``dtype`` runs before cuBLAS,
-    for that call to take; False (nothing issued) where it runs none (the format, the rows, the device) or no
-    side-work scope is active. The prefill queues its projections' passes early, to run beside the scan
-    (:mod:`qmamba.prefill_ahead`)."""
-    if weight.n_experts != 1 or _side.active() is None:
-        return False
-    device = weight.qweight.device
-    if isinstance(weight, BinaryWeight):
-        return (_bin.binary_takes_dequantization_pass(rows, device, dtype)
-                and _deq.issue_dequantization(weight, dtype, _bin.dequantize_binary_triton, queued))
-    return (_qmm.takes_dequantization_pass(rows, weight, device, dtype)
-            and _deq.issue_dequantization(weight, dtype, queued=queued))
 
 
 def moe_route(x: torch.Tensor, router_w: torch.Tensor, router_b=None):

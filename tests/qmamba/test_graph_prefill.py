@@ -87,3 +87,32 @@ def test_graph_prefill_on_gpu_equals_eager(name, device):
     assert all(c.graph is not None for c in prefill._chunks.values())
     with pytest.raises(ValueError, match="Triton backend"):
         GraphPrefill(_model(name, device, "reference"))
+
+
+@torch.no_grad()
+def test_w4a8_prefill_with_side_stream_equals_in_line(device):
+    """CUDA, the W4A8 route (a BlackMamba wide enough for 128-column int4 tiles, bf16): the MoE's input quantizer on
+    the side stream (``MatmulPolicy.prefill_side_stream``, the default) gives the in-line prefill's logits and state
+    bit for bit, eager and captured in a graph, with every fork joined inside the capture."""
+    if device.type != "cuda":
+        pytest.skip("a side stream needs a GPU (scripts/gpu_check.sh)")
+    import dataclasses
+
+    from qmamba.kernels.matmul_configs import MatmulPolicy, using_policy
+    from qmamba.quant.modules import use_plane_words
+
+    cfg = dataclasses.replace(preset("tiny-blackmamba"), d_model=128, ffn_hidden=128)
+    model = quantize_rtn(random_model(cfg, device, torch.bfloat16), Int4Format(128), float_xdt=True)
+    use_plane_words(model)
+    model.set_backend("triton")
+    ids = torch.randint(0, cfg.vocab_size, (2, 96), device=device)
+    results = {}
+    for side in (False, True):
+        with using_policy(MatmulPolicy(w4a8_min_m=64, prefill_side_stream=side)):
+            eager = model.prefill(ids, last_only=True)
+            graph = GraphPrefill(model, max_chunk=64, min_chunk=32).prefill(ids)
+        results[side] = (eager, graph)
+    for (a_logits, a_state), (b_logits, b_state) in zip(results[True], results[False]):
+        assert torch.equal(a_logits, b_logits) and torch.equal(a_state.ssm_state, b_state.ssm_state)
+    plain, _ = model.prefill(ids, last_only=True)  # the default route: not the W4A8 numbers
+    assert not torch.equal(plain, results[True][0][0])

@@ -175,60 +175,6 @@ def test_dequantize_stack_equals_layout_dequantization(fmt, device):
     torch.testing.assert_close(dequantize_stack_triton(w, torch.float16).float(), ref.half().float())
 
 
-@pytest.mark.parametrize("fmt", [Int8Format(), Int4Format(32)], ids=lambda f: f.describe())
-def test_dequantization_pass_issued_early_is_the_pass(fmt, device):
-    """A pass queued on the side stream (the prefill's plan) and taken by the matmul is the pass it would run:
-    into ``out`` it equals the new tensor; taken under its key it is what ``dequantized_for_pass`` returns, and
-    nothing is left behind; with no scope nothing is queued. On CUDA the whole matmul runs with it, bit for bit."""
-    from qmamba.kernels import side_stream
-    from qmamba.kernels.dequantize import dequantized_for_pass, issue_dequantization
-
-    w = make_weight(fmt, 40, 150, device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    ref = dequantize_stack_triton(w, dtype)
-    out = torch.empty_like(ref)
-    assert dequantize_stack_triton(w, dtype, out=out) is out and torch.equal(out, ref)
-    with pytest.raises(ValueError, match="out must be"):
-        dequantize_stack_triton(w, dtype, out=torch.empty(1, 40, 149, device=device, dtype=dtype))
-    assert not issue_dequantization(w, dtype)
-    with side_stream.side_work(device, inline=device.type != "cuda") as work:
-        assert issue_dequantization(w, dtype)
-        assert torch.equal(dequantized_for_pass(w, dtype), ref)
-        assert work.taken == 1 and work.pending == 0
-        if device.type == "cuda":
-            from qmamba.kernels.matmul_configs import DEQUANT_GEMM_MIN_M
-
-            x = torch.randn(DEQUANT_GEMM_MIN_M[w.fmt] + 8, 150, device=device).to(dtype)  # rows that take it
-            plain = dequant_matmul(x, w)
-            from qmamba.kernels.triton_ops import issue_dequantization as issue_for_rows
-
-            assert issue_for_rows(w, x.shape[0], dtype)
-            assert torch.equal(dequant_matmul(x, w), plain) and work.taken == 2
-
-
-def test_which_matmuls_take_the_dequantization_pass():
-    """CUDA, 16-bit rows, int8 from 512 / int4 from 17 rows; not float32, not the CPU, not a float weight, not a
-    matrix the policy sends to W4A8."""
-    from qmamba.kernels.matmul_configs import DEQUANT_GEMM_MIN_M
-    from qmamba.kernels.quant_matmul import takes_dequantization_pass
-
-    int4 = make_weight(Int4Format(128), 8, 256, "cpu")
-    int8 = make_weight(Int8Format(), 8, 256, "cpu")
-    bf16 = torch.bfloat16
-    assert takes_dequantization_pass(GEMV_MAX_M + 1, int4, "cuda", bf16)
-    assert not takes_dequantization_pass(GEMV_MAX_M, int4, "cuda", bf16)
-    assert not takes_dequantization_pass(64, int4, "cuda", torch.float32)
-    assert not takes_dequantization_pass(64, int4, "cpu", bf16)
-    assert not takes_dequantization_pass(64, PackedWeight.from_float(torch.randn(8, 256)), "cuda", bf16)
-    assert takes_dequantization_pass(DEQUANT_GEMM_MIN_M[int8.fmt], int8, "cuda", bf16)
-    assert not takes_dequantization_pass(DEQUANT_GEMM_MIN_M[int8.fmt] - 1, int8, "cuda", bf16)
-    planes = int4.to_planes()
-    w4a8_all = MatmulPolicy(w4a8_min_m=64, w4a8_dense=True)
-    assert takes_dequantization_pass(64, planes, "cuda", bf16)
-    assert not takes_dequantization_pass(64, planes, "cuda", bf16, w4a8_all)
-    assert takes_dequantization_pass(63, planes, "cuda", bf16, w4a8_all)
-
-
 @pytest.mark.parametrize("fmt,block_k,split_k", [(Int4Format(128), 64, 2), (Int4Format(32), 64, 1),
                                                  (Int8Format(), 32, 3), (Int4Format(64, symmetric=True), 64, 1)],
                          ids=["int4g128-half-group-tiles-splitk", "int4g32-two-groups-per-tile", "int8-splitk",

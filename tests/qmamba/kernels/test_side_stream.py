@@ -36,28 +36,6 @@ def test_issue_take_join(device):
     assert not side_stream.issue("c", lambda: torch.zeros(1), launch) and side_stream.take("b") is None
 
 
-def test_queued_work_waits_for_its_start_or_runs_in_line_when_taken_first(device):
-    order = []
-
-    def launch(name):
-        return lambda buf: (order.append(name), buf.fill_(len(order)))
-
-    with side_work(device, inline=_inline(device)) as work:
-        assert side_stream.queue("early", lambda: torch.zeros(1, device=device), launch("early"))
-        side_stream.queue("late", lambda: torch.zeros(1, device=device), launch("late"))
-        side_stream.queue("late", lambda: torch.zeros(1, device=device), launch("twice"))  # queued once
-        assert order == [] and work.pending == 2
-        assert side_stream.take("early").item() == 1 and order == ["early"]  # taken before the start: in line
-        side_stream.start_queued()
-        assert order == ["early", "late"]
-        assert side_stream.take("late").item() == 2
-        side_stream.queue("dropped", lambda: torch.zeros(1, device=device), launch("dropped"))
-        assert (work.issued, work.taken, work.pending) == (2, 2, 1)
-    assert order == ["early", "late"] and work.pending == 0  # never started: dropped on leaving
-    assert not side_stream.queue("x", lambda: torch.zeros(1), launch("x"))
-    side_stream.start_queued()  # no scope: nothing to do
-
-
 def test_scope_is_inactive_off_cuda_or_when_disabled(device):
     with side_work(torch.device("cpu")) as work:
         assert work is None and side_stream.active() is None
