@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from qmamba.cli.param_types import DEVICE_HELP, DTYPE_CHOICES, TOKENIZER_HELP, CountOrAll
+from qmamba.cli.param_types import (DEVICE_HELP, DTYPE_CHOICES, INT8_ACTIVATIONS_HELP, TOKENIZER_HELP, CountOrAll,
+                                   check_int8_activations, int8_activations_scope)
 from qmamba.errors import UserError
 
 DEFAULT_MAX_TOKENS = 32768  # default perplexity budget; see the --max-tokens help
@@ -53,13 +54,14 @@ def _format_result(r: dict) -> str:
               help="Compute dtype [default: float32 on CPU, bfloat16 on CUDA].")
 @click.option("--backend", default=None, type=click.Choice(["reference", "triton"]),
               help="Sequence ops [default: triton on CUDA, reference on CPU].")
+@click.option("--int8-activations", is_flag=True, help=INT8_ACTIVATIONS_HELP)
 @click.option("--compare", nargs=2, default=None, metavar="A B",
               help="Evaluate two checkpoints with one tokenizer, print B - A.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the results as JSON (the path is checked before evaluating).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def eval_cmd(path, data, do_lambada, lambada_limit, seq_len, stride, max_tokens, batch_size, tokenizer, device,
-             dtype, backend, compare, json_out, no_progress):
+             dtype, backend, int8_activations, compare, json_out, no_progress):
     """Evaluate the checkpoint at PATH (or two with --compare A B)."""
     from qmamba.eval import compare_checkpoints, evaluate_checkpoint
     from qmamba.output_files import check_output_file, write_json_file
@@ -71,13 +73,18 @@ def eval_cmd(path, data, do_lambada, lambada_limit, seq_len, stride, max_tokens,
         raise UserError("nothing to evaluate: --data none and no --lambada")
     if stride is not None and stride > seq_len:
         raise click.BadParameter(f"{stride} is larger than --seq-len {seq_len}", param_hint="'--stride'")
+    check_int8_activations(int8_activations, device or "cpu", backend)
     if json_out:
         check_output_file(json_out)
     kwargs = dict(data=data, do_lambada=do_lambada, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
                   lambada_limit=lambada_limit, batch_size=batch_size, progress=not no_progress)
     common = dict(tokenizer_path=tokenizer, device=device, dtype=dtype, backend=backend)
+    with int8_activations_scope(int8_activations):
+        result = (compare_checkpoints(*compare, **common, **kwargs) if compare
+                  else evaluate_checkpoint(path, **common, **kwargs))
+    if int8_activations:
+        result["int8_activations"] = True
     if compare:
-        result = compare_checkpoints(*compare, **common, **kwargs)
         click.echo(_format_result(result["a"]))
         click.echo(_format_result(result["b"]))
         d = result["delta"]
@@ -91,7 +98,6 @@ def eval_cmd(path, data, do_lambada, lambada_limit, seq_len, stride, max_tokens,
                        "layer, the positions scored)")
             click.echo("  per layer: " + ", ".join(f"L{i} {100 * a:.2f}%" for i, a in ra["per_layer"].items()))
     else:
-        result = evaluate_checkpoint(path, **common, **kwargs)
         click.echo(_format_result(result))
     if json_out:
         write_json_file(json_out, result)

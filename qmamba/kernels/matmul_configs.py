@@ -10,7 +10,7 @@ The numbers come from the H100/H200 sweeps in ``benchmarks/`` (cited at each heu
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -188,6 +188,21 @@ _POLICIES = [DEFAULT_POLICY]
 def current_policy() -> MatmulPolicy:
     """The policy of matmuls called without one: :data:`DEFAULT_POLICY` unless :func:`using_policy` is active."""
     return _POLICIES[-1]
+
+
+W4A8_PREFILL_MIN_M = 64  # rows from which int8_activations() sends the MoE's int4 expert stacks to W4A8
+
+
+@contextmanager
+def int8_activations(enabled: bool = True):
+    """Within the block (``enabled``), a prefill's int4 plane-word MoE expert matmuls of at least
+    :data:`W4A8_PREFILL_MIN_M` rows multiply int8-rounded activations on int8 tensor cores (``MatmulPolicy.w4a8_min_m``
+    on the current policy): the CLI's ``--int8-activations``. Decode and the dense projections are unchanged."""
+    if not enabled:
+        yield current_policy()
+        return
+    with using_policy(replace(current_policy(), w4a8_min_m=W4A8_PREFILL_MIN_M)) as policy:
+        yield policy
 
 
 @contextmanager

@@ -407,3 +407,33 @@ def test_fallback_summary_is_short():
     row = {"kind": "experts", "format": "int4", "method": "gptq", "modules": 1, "bits_per_weight": 4.0,
            "bytes_before": 10, "bytes_after": 5, "sqnr_db": 20.0, "fallbacks": records}
     assert max(map(len, format_table([row]).splitlines())) < 120
+
+
+@pytest.mark.parametrize("command", [["generate", FIXTURE, "-n", 1, "--device", "cpu"],
+                                     ["generate", FIXTURE, "-n", 1, "--backend", "reference"],
+                                     ["eval", FIXTURE],
+                                     ["eval", FIXTURE, "--device", "cuda", "--backend", "reference"],
+                                     ["bench", FIXTURE, "--device", "cpu"]])
+def test_int8_activations_need_cuda_and_triton(command, monkeypatch):
+    """``--int8-activations`` runs the W4A8 prefill kernels: on the CPU or the reference backend it is a one-line
+    error before any work, not a switch that silently does nothing."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert_one_line_error(cli(*command, "--int8-activations"), "--int8-activations", "CUDA")
+
+
+def test_int8_activations_on_an_onnx_path_points_to_the_export_option(tmp_path):
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"")
+    assert_one_line_error(cli("generate", onnx, "--int8-activations"), "--accuracy-level")
+
+
+def test_int8_activations_scope_sets_and_restores_the_policy():
+    from qmamba.kernels.matmul_configs import W4A8_PREFILL_MIN_M, current_policy, int8_activations
+
+    before = current_policy()
+    with int8_activations() as policy:
+        assert current_policy() is policy and policy.w4a8_min_m == W4A8_PREFILL_MIN_M
+        assert policy.w4a8_tile == before.w4a8_tile and not policy.w4a8_dense  # only the threshold changes
+    with int8_activations(False) as policy:
+        assert policy is before
+    assert current_policy() is before and before.w4a8_min_m == 0
