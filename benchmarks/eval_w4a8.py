@@ -43,10 +43,10 @@ def emulate_w4a8(dense: bool, experts: bool):
     def linear(self, x):
         return linear_matmul(self, int8_rounded_ref(x) if dense and isinstance(self.fmt, Int4Format) else x)
 
-    def expert(self, x, name, e):
+    def expert(self, x, name, e, int8_inputs=False):
         w = getattr(self, name)
         int4 = isinstance(getattr(w, "fmt", None), Int4Format)
-        return expert_matmul(self, int8_rounded_ref(x) if experts and int4 else x, name, e)
+        return expert_matmul(self, int8_rounded_ref(x) if experts and int4 else x, name, e, int8_inputs)
 
     QuantLinear._matmul, QuantExperts._expert_matmul = linear, expert
     try:

@@ -101,14 +101,21 @@ def _backend(model) -> str:
 
 @contextlib.contextmanager
 def _reference_backend(model):
-    """Every module of ``model`` on the pure-PyTorch reference backend inside the block, as it was after it."""
+    """Every module of ``model`` on the pure-PyTorch reference backend inside the block, as it was after it; a model
+    whose prefill runs on int8 activations (``model.int8_activations``) gets the reference twin of that (expert
+    inputs rounded as the W4A8 kernels round them, ``QuantExperts.int8_inputs``)."""
     saved = {m: m.backend for m in model.modules() if m is not model and hasattr(m, "backend")}
+    rounding = {m: m.int8_inputs for m in model.modules() if hasattr(m, "int8_inputs")}
     model.set_backend("reference")
+    for m in rounding:
+        m.int8_inputs = bool(getattr(model, "int8_activations", False))
     try:
         yield model
     finally:
         for m, b in saved.items():
             m.backend = b
+        for m, r in rounding.items():
+            m.int8_inputs = r
 
 
 def _reference_logits(model, prompt, fed, state):

@@ -249,8 +249,10 @@ def evaluate_model(model, tokenizer, data: str | None = "corpus:heldout", do_lam
     return result
 
 
-def evaluate_checkpoint(path, tokenizer_path=None, device=None, dtype=None, backend=None, **kwargs) -> dict:
-    """Load the checkpoint at ``path`` and :func:`evaluate_model` it; adds ``path`` and the file size."""
+def evaluate_checkpoint(path, tokenizer_path=None, device=None, dtype=None, backend=None, int8_activations=None,
+                        **kwargs) -> dict:
+    """Load the checkpoint at ``path`` (``int8_activations``: as :func:`qmamba.load_model`) and
+    :func:`evaluate_model` it; adds ``path``, the file size and whether the prefill ran on int8 activations."""
     from pathlib import Path
 
     from qmamba import load_model
@@ -259,8 +261,9 @@ def evaluate_checkpoint(path, tokenizer_path=None, device=None, dtype=None, back
     from qmamba.checkpoints.detect import resolve_checkpoint_dir
 
     tokenizer = resolve_tokenizer(resolve_checkpoint_dir(path), tokenizer_path)  # before the weights: fail fast
-    model = load_model(path, device=device, dtype=dtype, backend=backend)
-    result = {"path": str(path), **evaluate_model(model, tokenizer, **kwargs)}
+    model = load_model(path, device=device, dtype=dtype, backend=backend, int8_activations=int8_activations)
+    result = {"path": str(path), "int8_activations": model.int8_activations,
+              **evaluate_model(model, tokenizer, **kwargs)}
     p = Path(path)
     if p.is_dir():
         result["bytes_on_disk"] = sum(f.stat().st_size for f in p.iterdir() if f.is_file())
@@ -268,7 +271,7 @@ def evaluate_checkpoint(path, tokenizer_path=None, device=None, dtype=None, back
 
 
 def compare_checkpoints(path_a, path_b, tokenizer_path=None, device=None, dtype=None, backend=None,
-                        data: str | None = "corpus:heldout", **kwargs) -> dict:
+                        data: str | None = "corpus:heldout", int8_activations=None, **kwargs) -> dict:
     """Evaluate two checkpoints on the same data; deltas (B - A) and top-1 router agreement of B with A (MoE
     models of one configuration, with ``data``: on the positions the perplexity scores, recorded in its forwards).
 
@@ -286,10 +289,12 @@ def compare_checkpoints(path_a, path_b, tokenizer_path=None, device=None, dtype=
                         "perplexities count different tokens and cannot be compared; evaluate each alone, or pass "
                         "--tokenizer FILE to score both with one")
     tokenizer = tokenizers[0]
-    models = [load_model(p, device=device, dtype=dtype, backend=backend) for p in (path_a, path_b)]
+    models = [load_model(p, device=device, dtype=dtype, backend=backend, int8_activations=int8_activations)
+              for p in (path_a, path_b)]
     want_routes = bool(data) and bool(models[0].config.moe_layer_ids) and models[0].config == models[1].config
     routes = [{} if want_routes else None for _ in models]
-    results = [{"path": str(p), **evaluate_model(m, tokenizer, data=data, routes=r, **kwargs)}
+    results = [{"path": str(p), "int8_activations": m.int8_activations,
+                **evaluate_model(m, tokenizer, data=data, routes=r, **kwargs)}
                for p, m, r in zip((path_a, path_b), models, routes)]
     out = {"a": results[0], "b": results[1], "delta": {}}
     if "perplexity" in results[0]:

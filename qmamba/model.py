@@ -44,6 +44,9 @@ class MambaLM(nn.Module):
         self.blocks: tuple[ModelBlock, ...] = tuple(
             ModelBlock(spec.index, spec.kind, spec.n_experts, spec.slot, module)
             for spec, module in zip(block_plan(cfg), self.layers))
+        # prefills run the MoE's int4 experts on int8 activations (W4A8, CUDA kernels; see _prefill): set by
+        # qmamba.load_model from the checkpoint's check (qmamba/calib/int8_check.py) or the caller's choice
+        self.int8_activations = False
 
     # ---- configuration -------------------------------------------------------------------------------
     @property
@@ -107,7 +110,7 @@ class MambaLM(nn.Module):
         batch = input_ids.shape[0]
         state = state if state is not None else self.new_state(batch)
         conv_out, ssm_out = torch.empty_like(state.conv_state), torch.empty_like(state.ssm_state)
-        with self._side_work():  # CUDA: the MoE's early work on a side stream (qmamba/kernels/side_stream.py)
+        with self._prefill_policy(), self._side_work():  # CUDA: W4A8 experts; early work on a side stream
             h = self.embedding(input_ids).to(self.compute_dtype)
             residual = None
             for block in self.blocks:
@@ -119,6 +122,16 @@ class MambaLM(nn.Module):
                     h = block.mixer(x)
             logits = self._logits(residual, h, last_only)
         return logits, InferenceState(conv_out, ssm_out)
+
+    def _prefill_policy(self):
+        """With ``int8_activations``, the matmul policy that sends the MoE's int4 expert stacks of a prefill (64
+        rows and more) to the W4A8 kernels (:func:`qmamba.kernels.matmul_configs.int8_activations`; the Triton
+        backend on CUDA only, the reference path multiplies the inputs as they are)."""
+        if not self.int8_activations:
+            return contextlib.nullcontext()
+        from qmamba.kernels.matmul_configs import int8_activations  # lazily: the Triton path only
+
+        return int8_activations()
 
     def _side_work(self):
         """The prefill's side-work scope (:func:`qmamba.kernels.side_stream.side_work`: the W4A8 experts' input

@@ -154,6 +154,7 @@ def quantize_checkpoint(src, out, options: QuantizeOptions | None = None, *, log
     from qmamba.checkpoints.native import save_checkpoint
     from qmamba.checkpoints.peek import config_of, manifest_of
     from qmamba.checkpoints.shapes import meta_model
+    from qmamba.calib.int8_check import int8_activation_check
     from qmamba.eval import routing_agreement
     from qmamba.tokenizer import TokenizerError, resolve_tokenizer
 
@@ -243,12 +244,18 @@ def quantize_checkpoint(src, out, options: QuantizeOptions | None = None, *, log
             for r in results.values():
                 if getattr(r.fmt, "bits", 0) == 1:
                     r.method = "ptb+distill"
-    router = None
+    router = int8_check = None
     if want_report:
         routes = record_routing_blockwise(model, report_ids, device, opts.batch_size, opts.progress,
                                           "report: quantized routing")
         router = routing_agreement(fp_routes, routes)
         router["tokens"] = int(report_ids.numel())
+        int8_check = int8_activation_check(model, report_ids, device, opts.batch_size, opts.progress)
+        if int8_check is not None:
+            log(f"int8 activations (the W4A8 prefill of the int4 experts): KL {int8_check['kl']:.2e} nats/token, "
+                f"top-1 agreement {100 * int8_check['top1_agreement']:.2f}% on {int8_check['tokens']} tokens -> "
+                + ("on by default" if int8_check["prefill_default"] else
+                   f"off (above {int8_check['kl_limit']:.0e}); --int8-activations turns it on"))
     seconds = time.perf_counter() - t0
     peak_gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
@@ -277,7 +284,8 @@ def quantize_checkpoint(src, out, options: QuantizeOptions | None = None, *, log
             "tokenizer": {"origin": tok.origin, "file": str(tok.path)} if tok is not None else None,
             "versions": versions(), "seconds": round(seconds, 2),
             "summary": rows, "router_agreement": router, "distillation": distill_report,
-            "router_refit": {str(i): f for i, f in router_fits.items()} or None, "route_aware": route_aware}
+            "router_refit": {str(i): f for i, f in router_fits.items()} or None, "route_aware": route_aware,
+            "int8_activations": int8_check}
     save_checkpoint(out_sd, cfg, out, source=source_record(directory, manifest), quantization=entries,
                     extra={"quantization_info": info}, tokenizer_file=tok.path if tok is not None else None,
                     overwrite=options.overwrite)

@@ -92,7 +92,7 @@ def loaded_bytes(state_dict: dict[str, torch.Tensor], manifest: dict, dtype: tor
 
 
 def load_model(path, device=None, dtype=None, backend=None, *, hash_files: bool = False,
-               dense_cache: bool | None = None, cpu_int4: bool = False):
+               dense_cache: bool | None = None, cpu_int4: bool = False, int8_activations: bool | None = None):
     """Load a checkpoint of any supported format (local dir, file inside it, or hub id) as a :class:`MambaLM`.
 
     ``device``: default CPU. ``dtype``: default float32 on CPU, bfloat16 on CUDA (names like "bf16" work).
@@ -109,6 +109,9 @@ def load_model(path, device=None, dtype=None, backend=None, *, hash_files: bool 
     with the reference path (``model.cpu_int4_modules`` lists the modules). Experts keep the dense cache.
     On CUDA with the Triton backend, int4 weights of group size 128 / 256 are held as plane words
     (:func:`qmamba.quant.modules.use_plane_words`: the layout the kernels read; the state dict is unchanged).
+    ``int8_activations``: prefills run the MoE's int4 experts on int8 activations (W4A8: ``model.int8_activations``;
+    CUDA kernels, a faster prefill with slightly different numbers); default: what ``qmamba quantize`` decided from
+    its check on the calibration text (:func:`checkpoint_int8_activations`), else off.
     """
     device = resolve_device(device)
     dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -139,4 +142,13 @@ def load_model(path, device=None, dtype=None, backend=None, *, hash_files: bool 
     tokenizer = Path(checkpoint.directory) / TOKENIZER_FILE
     model.tokenizer_path = tokenizer if tokenizer.is_file() else None
     model.checkpoint_manifest = checkpoint.manifest
+    model.int8_activations = (checkpoint_int8_activations(checkpoint.manifest) if int8_activations is None
+                              else bool(int8_activations))
     return model
+
+
+def checkpoint_int8_activations(manifest: dict) -> bool:
+    """Whether ``qmamba quantize``'s check (:mod:`qmamba.calib.int8_check`) turned the W4A8 prefill on for this
+    checkpoint: ``quantization_info.int8_activations.prefill_default`` (a JSON boolean; anything else is off)."""
+    check = (manifest.get("quantization_info") or {}).get("int8_activations")
+    return isinstance(check, dict) and check.get("prefill_default") is True

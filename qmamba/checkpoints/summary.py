@@ -77,6 +77,7 @@ def checkpoint_summary(path) -> dict:
         "quantization": _quantization_summary(manifest.get("quantization")),
         "source": manifest.get("source") if fmt == "qmamba" else None,
         "tokenizer": (Path(directory) / "tokenizer.json").is_file(),
+        "int8_activations": (manifest.get("quantization_info") or {}).get("int8_activations"),
     }
 
 
@@ -111,6 +112,11 @@ def format_summary(s: dict) -> str:
         lines.append("quantization:  " + ", ".join(f"{n} x {desc}" for desc, n in s["quantization"].items()))
     else:
         lines.append("quantization:  none")
+    check = s.get("int8_activations")
+    if isinstance(check, dict) and "kl" in check:
+        lines.append(f"int8 prefill:  {'on' if check.get('prefill_default') is True else 'off'} by default (W4A8 "
+                     f"experts on CUDA; quantize's check: KL {check['kl']:.2e} nats/token on {check.get('tokens')} "
+                     "tokens)")
     if s.get("source"):
         src = s["source"]
         lines.append(f"source:        {src.get('format')} {src.get('path') or ''}".rstrip())

@@ -12,8 +12,7 @@ import sys
 
 import click
 
-from qmamba.cli.param_types import (DEVICE_HELP, DTYPE_CHOICES, INT8_ACTIVATIONS_HELP, check_int8_activations,
-                                   int8_activations_scope)
+from qmamba.cli.param_types import DEVICE_HELP, DTYPE_CHOICES, INT8_ACTIVATIONS_HELP, check_int8_activations
 
 
 def _int_list(ctx, param, value: str) -> list[int]:
@@ -45,7 +44,7 @@ def _int_list(ctx, param, value: str) -> list[int]:
 @click.option("--prefill", "prefill_path", default="eager", show_default=True, type=click.Choice(["eager", "graph"]),
               help="How the prefill is timed: eager (what qmamba generate runs) or graph (CUDA: the prompt in "
                    "power-of-two chunks, each a captured CUDA graph; checked against the eager prefill first).")
-@click.option("--int8-activations", is_flag=True, help=INT8_ACTIVATIONS_HELP)
+@click.option("--int8-activations/--no-int8-activations", default=None, help=INT8_ACTIVATIONS_HELP)
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False),
               help="Also write the rows as JSON to this file (the path is checked before the benchmark).")
 def bench(path, batches, prompt_len, tokens, check_tokens, check_dtype, device, dtype, prefill_path, int8_activations,
@@ -63,21 +62,21 @@ def bench(path, batches, prompt_len, tokens, check_tokens, check_dtype, device, 
     if prefill_path == "graph" and not str(device).startswith("cuda"):
         raise click.UsageError("--prefill graph needs a CUDA device (CUDA graphs)")
     check_int8_activations(int8_activations, device)
-    model = qmamba.load_model(path, device=device, dtype=dtype, cpu_int4=True)  # the path qmamba generate runs
+    model = qmamba.load_model(path, device=device, dtype=dtype, cpu_int4=True,  # the path qmamba generate runs
+                              int8_activations=int8_activations)
 
     def float32_twin():
-        return qmamba.load_model(path, device=device, dtype="float32")
+        return qmamba.load_model(path, device=device, dtype="float32", int8_activations=model.int8_activations)
 
     twin = float32_twin if check_dtype == "float32" and model.compute_dtype != torch.float32 else None
     try:
-        with int8_activations_scope(int8_activations):  # the check's prefills too
-            rows = bench_model(model, batches, prompt_len, tokens, check_tokens,
-                               log=lambda s: click.echo(s, err=True), check_model=twin,
-                               prefill_graph=prefill_path == "graph")
+        rows = bench_model(model, batches, prompt_len, tokens, check_tokens,
+                           log=lambda s: click.echo(s, err=True), check_model=twin,
+                           prefill_graph=prefill_path == "graph")
     except BenchCheckError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     click.echo(format_table(rows))
     if json_out:
-        write_json_file(json_out, dict(path=str(path), int8_activations=int8_activations,
+        write_json_file(json_out, dict(path=str(path), int8_activations=model.int8_activations,
                                        rows=[r.as_dict() for r in rows]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from qmamba.cli.param_types import (DEVICE_HELP, DTYPE_CHOICES, INT8_ACTIVATIONS_HELP, TOKENIZER_HELP, CountOrAll,
-                                   check_int8_activations, int8_activations_scope)
+                                   check_int8_activations)
 from qmamba.errors import UserError
 
 DEFAULT_MAX_TOKENS = 32768  # default perplexity budget; see the --max-tokens help
@@ -54,7 +54,7 @@ def _format_result(r: dict) -> str:
               help="Compute dtype [default: float32 on CPU, bfloat16 on CUDA].")
 @click.option("--backend", default=None, type=click.Choice(["reference", "triton"]),
               help="Sequence ops [default: triton on CUDA, reference on CPU].")
-@click.option("--int8-activations", is_flag=True, help=INT8_ACTIVATIONS_HELP)
+@click.option("--int8-activations/--no-int8-activations", default=None, help=INT8_ACTIVATIONS_HELP)
 @click.option("--compare", nargs=2, default=None, metavar="A B",
               help="Evaluate two checkpoints with one tokenizer, print B - A.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
@@ -78,12 +78,10 @@ def eval_cmd(path, data, do_lambada, lambada_limit, seq_len, stride, max_tokens,
         check_output_file(json_out)
     kwargs = dict(data=data, do_lambada=do_lambada, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
                   lambada_limit=lambada_limit, batch_size=batch_size, progress=not no_progress)
-    common = dict(tokenizer_path=tokenizer, device=device, dtype=dtype, backend=backend)
-    with int8_activations_scope(int8_activations):
-        result = (compare_checkpoints(*compare, **common, **kwargs) if compare
-                  else evaluate_checkpoint(path, **common, **kwargs))
-    if int8_activations:
-        result["int8_activations"] = True
+    common = dict(tokenizer_path=tokenizer, device=device, dtype=dtype, backend=backend,
+                  int8_activations=int8_activations)
+    result = (compare_checkpoints(*compare, **common, **kwargs) if compare
+              else evaluate_checkpoint(path, **common, **kwargs))
     if compare:
         click.echo(_format_result(result["a"]))
         click.echo(_format_result(result["b"]))

@@ -15,7 +15,7 @@ import sys
 import click
 
 from qmamba.cli.param_types import (DEVICE_HELP, DTYPE_CHOICES, INT8_ACTIVATIONS_HELP, SEED, TOKENIZER_HELP,
-                                   check_int8_activations, int8_activations_scope)
+                                   check_int8_activations)
 from qmamba.errors import UserError
 
 BACKEND_CHOICES = ("reference", "triton", "onnxruntime")
@@ -49,10 +49,10 @@ def run_onnx(path: str, options: dict) -> dict:
 
 def generate_text(path: str, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                   seed: int | None, tokenizer: str | None, device: str, dtype: str | None, backend: str | None,
-                  out=None, err=None, int8_activations: bool = False) -> dict:
+                  out=None, err=None, int8_activations: bool | None = None) -> dict:
     """Load, generate, and stream the text of one prompt to ``out``; returns timing figures, the generated text and
     the device, dtype and backend that ran (the timing line also goes to ``err``). ``int8_activations``: the
-    prefill's MoE experts on W4A8 (``--int8-activations``; CUDA, Triton backend)."""
+    prefill's MoE experts on W4A8 (``--int8-activations``; CUDA, Triton backend; None: the checkpoint's choice)."""
     import qmamba
     from qmamba.cuda_graph import default_step_fn  # CUDA + triton backend: graph-captured fused decode
     from qmamba.generation import check_sampling_options, stream_generate
@@ -63,13 +63,13 @@ def generate_text(path: str, prompt: str, *, max_new_tokens: int, temperature: f
     tok = resolve_tokenizer(path, tokenizer, notice=lambda text: (err or sys.stderr).write(text + "\n"))  # fail early
     from qmamba.checkpoints.load import default_backend
 
-    model = qmamba.load_model(path, device=device, dtype=dtype, backend=backend, cpu_int4=True)  # on CPU only
-    with int8_activations_scope(int8_activations):
-        stats = stream_generate(model, tok, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
-                                top_p=top_p, seed=seed, step_fn=default_step_fn(model), out=out, err=err)
+    model = qmamba.load_model(path, device=device, dtype=dtype, backend=backend, cpu_int4=True,  # on CPU only
+                              int8_activations=int8_activations)
+    stats = stream_generate(model, tok, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, step_fn=default_step_fn(model), out=out, err=err)
     ran = {"device": str(model.embedding.weight.device), "dtype": str(model.compute_dtype).removeprefix("torch."),
            "backend": backend or default_backend(model.embedding.weight.device),
-           "cpu_int4_modules": len(model.cpu_int4_modules)}
+           "cpu_int4_modules": len(model.cpu_int4_modules), "int8_activations": model.int8_activations}
     return {**stats, **ran}
 
 
@@ -107,7 +107,7 @@ class LineTracker:
               help="Compute dtype [default: float32 on CPU, bfloat16 on CUDA].")
 @click.option("--backend", default=None, type=click.Choice(BACKEND_CHOICES),
               help="Sequence ops [default: triton on CUDA, reference on CPU]; onnxruntime for exported models.")
-@click.option("--int8-activations", is_flag=True, help=INT8_ACTIVATIONS_HELP)
+@click.option("--int8-activations/--no-int8-activations", default=None, help=INT8_ACTIVATIONS_HELP)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the generated text and timings as JSON to this file.")
 def generate(path, prompt, max_new_tokens, temperature, top_k, top_p, seed, tokenizer, device, dtype, backend,

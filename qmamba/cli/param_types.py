@@ -10,30 +10,19 @@ TOKENIZER_HELP = ("tokenizer.json or hub id (default: the checkpoint's; for the 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 INT8_ACTIVATIONS_HELP = ("CUDA, Triton backend: a prefill's int4 MoE expert matmuls (64 prompt tokens or more) on "
                          "int8-rounded activations and int8 tensor cores (W4A8): a faster prefill with slightly "
-                         "different numbers; decode is unchanged. Measure what it costs your model with "
-                         "`qmamba eval --device cuda` with and without it.")
+                         "different numbers; decode is unchanged. Default: what `qmamba quantize` decided from its "
+                         "check on the calibration text (`qmamba info` shows it), else off. Compare with "
+                         "`qmamba eval --device cuda` with either flag.")
 
 
-def check_int8_activations(enabled: bool, device, backend=None) -> None:
-    """``--int8-activations`` needs the W4A8 kernels: a CUDA device and the Triton backend (a clear error, not a
-    switch that silently does nothing)."""
+def check_int8_activations(enabled: bool | None, device, backend=None) -> None:
+    """``--int8-activations`` (``enabled`` True) needs the W4A8 kernels: a CUDA device and the Triton backend (a
+    clear error, not a switch that silently does nothing)."""
     from qmamba.errors import UserError
 
-    if enabled and (not str(device).startswith("cuda") or backend not in (None, "triton")):
+    if enabled is True and (not str(device).startswith("cuda") or backend not in (None, "triton")):
         raise UserError(f"--int8-activations runs the W4A8 prefill kernels on CUDA with the Triton backend; this run "
                         f"is on {device}" + (f" with the {backend} backend" if backend else ""))
-
-
-def int8_activations_scope(enabled: bool):
-    """The block's matmul policy with ``--int8-activations`` (:func:`qmamba.kernels.matmul_configs.int8_activations`;
-    imported only when asked for)."""
-    if not enabled:
-        import contextlib
-
-        return contextlib.nullcontext()
-    from qmamba.kernels.matmul_configs import int8_activations
-
-    return int8_activations()
 
 
 # torch generators take seeds below 2**64; distillation adds its step number to the seed, so stay below 2**63

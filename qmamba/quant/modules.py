@@ -307,6 +307,7 @@ class QuantExperts(nn.Module):
         rows = 2 * ffn_hidden if gated else ffn_hidden
         self.n_experts, self.gated, self.activation = n_experts, gated, activation
         self.backend = "reference"
+        self.int8_inputs = False  # the reference path rounds the W4A8-able matrices' inputs to int8 (see forward)
         for name, fmt, n, k in (("fc1", fc1_fmt, rows, d_model), ("fc2", fc2_fmt, d_model, ffn_hidden)):
             if fmt is None:
                 setattr(self, name, nn.Parameter(torch.zeros(n_experts, n, k, dtype=float_dtype, device=device)))
@@ -331,8 +332,10 @@ class QuantExperts(nn.Module):
         w = getattr(self, name)
         return w[expert].to(dtype) if isinstance(w, nn.Parameter) else w.dequantized(expert, dtype)
 
-    def _expert_matmul(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
-        """``x [T, K] @ W_hat[expert]^T`` for ``name`` in ("fc1", "fc2"); the one place a kernel backend replaces."""
+    def _expert_matmul(self, x: torch.Tensor, name: str, expert: int, int8_inputs: bool = False) -> torch.Tensor:
+        """``x [T, K] @ W_hat[expert]^T`` for ``name`` in ("fc1", "fc2"); the one place a kernel backend replaces.
+        ``int8_inputs`` (reference path): a matrix the W4A8 prefill can run (int4 plane words) multiplies its input
+        rounded to int8 per row, as that kernel does (:func:`qmamba.kernels.w4a8_gemm.int8_rounded_ref`)."""
         w = getattr(self, name)
         if not isinstance(w, PackedExpertWeight):
             return F.linear(x, w[expert].to(x.dtype))
@@ -340,16 +343,34 @@ class QuantExperts(nn.Module):
             from qmamba.kernels import triton_ops  # lazily: triton is optional on CPU
 
             return triton_ops.linear(x, w.kernel_weight(expert))
+        if int8_inputs and plane_words_apply(w.fmt):
+            from qmamba.kernels.w4a8_gemm import int8_rounded_ref
+
+            x = int8_rounded_ref(x)
         return w.reference_matmul(x, expert)
 
+    def w4a8_applies(self) -> bool:
+        """Whether the W4A8 prefill would run one of these matrices (int4 plane words)."""
+        return any(isinstance(w, PackedExpertWeight) and plane_words_apply(w.fmt)
+                   for w in (self.fc1, self.fc2))
+
     def forward(self, x, expert_idx):
+        """``x [T, d]`` routed by ``expert_idx [T]``. With ``int8_inputs`` the reference path is the twin of the
+        W4A8 prefill (``qmamba quantize``'s check of it, ``qmamba bench``'s reference): from as many rows as the
+        kernels take it for (:data:`qmamba.kernels.matmul_configs.W4A8_PREFILL_MIN_M`), the int4 plane-word
+        matrices multiply their inputs rounded to int8 per row."""
         out = x.new_zeros(x.shape[0], self.fc2.shape[1] if isinstance(self.fc2, nn.Parameter) else self.fc2.n)
+        round_inputs = False
+        if self.int8_inputs and self.backend != "triton":
+            from qmamba.kernels.matmul_configs import W4A8_PREFILL_MIN_M
+
+            round_inputs = x.shape[0] >= W4A8_PREFILL_MIN_M
         for e in range(self.n_experts):
             rows = (expert_idx == e).nonzero(as_tuple=True)[0]
             if rows.numel():
                 out[rows] = expert_mlp(x[rows], None, None, self.activation, self.gated,
-                                       fc1_fn=lambda t, e=e: self._expert_matmul(t, "fc1", e),
-                                       fc2_fn=lambda t, e=e: self._expert_matmul(t, "fc2", e))
+                                       fc1_fn=lambda t, e=e: self._expert_matmul(t, "fc1", e, round_inputs),
+                                       fc2_fn=lambda t, e=e: self._expert_matmul(t, "fc2", e, round_inputs))
         return out
 
 
