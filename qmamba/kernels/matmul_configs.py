@@ -101,8 +101,9 @@ class MatmulPolicy:
     default route's 179.5k and bf16's 202.4k in the same call (``--experts tiles,w4a8_l``), the 36 expert GEMMs 3,386
     us against bf16's 3,888; 128 x 128 (8 warps) 189.8k, 64 x 256 182.8k, session 40's ``x W^T`` tile 175.4k, every
     int4 matrix on W4A8 (128 x 128) 174.0k. With the row quantizer multiplying by the reciprocal instead of dividing
-    (444 -> 255 us): 199.7k against 179.0k by default and bf16's 202.0k (0.989x). Off until a real checkpoint's
-    perplexity says the int8 rounding is harmless (``benchmarks/eval_w4a8.py MODEL``).
+    (444 -> 255 us): 199.7k against 179.0k by default and bf16's 202.0k (0.989x). Off in the default policy; a model
+    turns it on for its prefills (:func:`int8_activations`, ``W4A8_PREFILL_MIN_M`` rows) when ``qmamba quantize``'s
+    check on its calibration text passed (:mod:`qmamba.calib.int8_check`, session 42) or its caller asks.
     Tried and removed (session 33, commit 3afa750 has the code): the bit-position dots on an input permuted and
     scaled by alpha in one small launch first, each bit position's input 16 contiguous columns, in one flat loop over
     (tile, 8 positions) that Triton pipelines. H100, batch-8 1-bit + int4 decode: 2.339 against 1.798 ms/token (the

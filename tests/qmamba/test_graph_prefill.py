@@ -116,3 +116,29 @@ def test_w4a8_prefill_with_side_stream_equals_in_line(device):
         assert torch.equal(a_logits, b_logits) and torch.equal(a_state.ssm_state, b_state.ssm_state)
     plain, _ = model.prefill(ids, last_only=True)  # the default route: not the W4A8 numbers
     assert not torch.equal(plain, results[True][0][0])
+
+
+@torch.no_grad()
+def test_model_int8_activations_is_the_w4a8_route(device):
+    """CUDA: a model with ``int8_activations`` (what a checkpoint whose quantize check passed loads with) prefills
+    exactly as under the W4A8 policy, eager and captured; off, as the default route."""
+    if device.type != "cuda":
+        pytest.skip("the W4A8 kernels need a GPU (scripts/gpu_check.sh)")
+    import dataclasses
+
+    from qmamba.kernels.matmul_configs import MatmulPolicy, using_policy
+    from qmamba.quant.modules import use_plane_words
+
+    cfg = dataclasses.replace(preset("tiny-blackmamba"), d_model=128, ffn_hidden=128)
+    model = quantize_rtn(random_model(cfg, device, torch.bfloat16), Int4Format(128), float_xdt=True)
+    use_plane_words(model)
+    model.set_backend("triton")
+    ids = torch.randint(0, cfg.vocab_size, (2, 64), device=device)
+    with using_policy(MatmulPolicy(w4a8_min_m=64)):
+        want = model.prefill(ids, last_only=True)[0]
+        want_graph = GraphPrefill(model, max_chunk=64, min_chunk=64).prefill(ids)[0]
+    plain = model.prefill(ids, last_only=True)[0]
+    model.int8_activations = True
+    assert torch.equal(model.prefill(ids, last_only=True)[0], want)
+    assert torch.equal(GraphPrefill(model, max_chunk=64, min_chunk=64).prefill(ids)[0], want_graph)
+    assert not torch.equal(plain, want)
