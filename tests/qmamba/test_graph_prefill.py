@@ -89,6 +89,18 @@ def test_graph_prefill_on_gpu_equals_eager(name, device):
         GraphPrefill(_model(name, device, "reference"))
 
 
+def _w4a8_model(device):
+    """A bf16 int4 g128 BlackMamba wide enough for the W4A8 kernels' 128-column tiles, as load_model holds it."""
+    import dataclasses
+
+    from qmamba.quant.modules import use_plane_words
+
+    cfg = dataclasses.replace(preset("tiny-blackmamba"), d_model=128, ffn_hidden=128)
+    model = quantize_rtn(random_model(cfg, device, torch.bfloat16), Int4Format(128), float_xdt=True)
+    use_plane_words(model)
+    return model.set_backend("triton")
+
+
 @torch.no_grad()
 def test_w4a8_prefill_with_side_stream_equals_in_line(device):
     """CUDA, the W4A8 route (a BlackMamba wide enough for 128-column int4 tiles, bf16): the MoE's input quantizer on
@@ -96,15 +108,10 @@ def test_w4a8_prefill_with_side_stream_equals_in_line(device):
     bit for bit, eager and captured in a graph, with every fork joined inside the capture."""
     if device.type != "cuda":
         pytest.skip("a side stream needs a GPU (scripts/gpu_check.sh)")
-    import dataclasses
-
     from qmamba.kernels.matmul_configs import MatmulPolicy, using_policy
-    from qmamba.quant.modules import use_plane_words
 
-    cfg = dataclasses.replace(preset("tiny-blackmamba"), d_model=128, ffn_hidden=128)
-    model = quantize_rtn(random_model(cfg, device, torch.bfloat16), Int4Format(128), float_xdt=True)
-    use_plane_words(model)
-    model.set_backend("triton")
+    model = _w4a8_model(device)
+    cfg = model.config
     ids = torch.randint(0, cfg.vocab_size, (2, 96), device=device)
     results = {}
     for side in (False, True):
@@ -124,15 +131,10 @@ def test_model_int8_activations_is_the_w4a8_route(device):
     exactly as under the W4A8 policy, eager and captured; off, as the default route."""
     if device.type != "cuda":
         pytest.skip("the W4A8 kernels need a GPU (scripts/gpu_check.sh)")
-    import dataclasses
-
     from qmamba.kernels.matmul_configs import MatmulPolicy, using_policy
-    from qmamba.quant.modules import use_plane_words
 
-    cfg = dataclasses.replace(preset("tiny-blackmamba"), d_model=128, ffn_hidden=128)
-    model = quantize_rtn(random_model(cfg, device, torch.bfloat16), Int4Format(128), float_xdt=True)
-    use_plane_words(model)
-    model.set_backend("triton")
+    model = _w4a8_model(device)
+    cfg = model.config
     ids = torch.randint(0, cfg.vocab_size, (2, 64), device=device)
     with using_policy(MatmulPolicy(w4a8_min_m=64)):
         want = model.prefill(ids, last_only=True)[0]

@@ -195,20 +195,24 @@ def test_matmul_entry_point_takes_w4a8_by_policy(device):
     torch.testing.assert_close(got_dense_off, dequant_matmul_ref(x, dense, bias), rtol=1e-5, atol=1e-4)
 
 
+def moe_operands(device, seed, t=40, d=128, f=96, experts=4):
+    """``(x [t, d], router_w, fc1, fc2)``: a gated MoE of int4 plane-word experts."""
+    g = torch.Generator().manual_seed(seed)
+    router_w = torch.randn(experts, d, generator=g).to(device)
+    fc1 = planes_weight(2 * f, d, device, experts=experts, seed=seed + 1)
+    fc2 = planes_weight(d, f, device, experts=experts, seed=seed + 2)
+    return torch.randn(t, d, generator=g).to(device), router_w, fc1, fc2
+
+
 @pytest.mark.parametrize("gated_epilogue,tile", [(True, (16, 32, 4, 2, True)), (False, (16, 128, 4, 3, False))])
 def test_moe_prefill_with_w4a8(gated_epilogue, tile, device):
     """moe_forward under the W4A8 policy: fc1 and fc2 each multiply their int8-rounded input (fc1's gated
     activation in the W4A8 GEMM's epilogue, or by the elementwise kernel with ``gemm_gated_act`` off), on the
     policy's W4A8 tile (its rows also the MoE's rows a tile)."""
-    t, d, f, experts = 40, 128, 96, 4
-    g = torch.Generator().manual_seed(5)
-    router_w = torch.randn(experts, d, generator=g).to(device)
-    fc1 = planes_weight(2 * f, d, device, experts=experts, seed=6)
-    fc2 = planes_weight(d, f, device, experts=experts, seed=7)
-    x = torch.randn(t, d, generator=g).to(device)
+    x, router_w, fc1, fc2 = moe_operands(device, 5)
     with using_policy(dataclasses.replace(W4A8_POLICY, gemm_gated_act=gated_epilogue, w4a8_tile=tile)):
         got = moe_forward(x, router_w, None, fc1, fc2, "gelu", True)
-        assert _tile_rows(t, fc1, x.device) == tile[0]
+        assert _tile_rows(x.shape[0], fc1, x.device) == tile[0]
     idx, weight = route_top1_ref(x, router_w)
     h = dequant_matmul_ref(int8_rounded_ref(x), fc1, row_expert=idx)
     ref = dequant_matmul_ref(int8_rounded_ref(gated_act_ref(h, "gelu", True)), fc2, row_expert=idx, row_scale=weight)
@@ -223,12 +227,8 @@ def test_moe_prefill_quantizes_fc1_input_beside_the_tile_map(device):
     and the quantizer into given buffers equals a new one's."""
     from qmamba.kernels.side_stream import side_work
 
-    t, d, f, experts = 40, 128, 96, 4
-    g = torch.Generator().manual_seed(8)
-    router_w = torch.randn(experts, d, generator=g).to(device)
-    fc1 = planes_weight(2 * f, d, device, experts=experts, seed=9)
-    fc2 = planes_weight(d, f, device, experts=experts, seed=10)
-    x = torch.randn(t, d, generator=g).to(device)
+    x, router_w, fc1, fc2 = moe_operands(device, 8)
+    t = x.shape[0]
     policy = dataclasses.replace(W4A8_POLICY, w4a8_tile=(16, 32, 4, 2, True))
     with using_policy(policy):
         plain = moe_forward(x, router_w, None, fc1, fc2, "gelu", True)
