@@ -72,11 +72,7 @@ PREFILL_EXPERT_ROUTES = {"tiles": DEFAULT_POLICY,
                             for name, tile in (("r", (64, 128, 4, 3, False)), ("l128", (128, 128, 8, 3, True)),
                                                ("l256", (64, 256, 8, 3, True)), ("l128s4", (128, 128, 8, 4, True)))},
                          "w4a8_all_l128": dataclasses.replace(DEFAULT_POLICY, w4a8_min_m=64, w4a8_dense=True,
-                                                              w4a8_tile=(128, 128, 8, 3, True)),
-                         # without the prefill's side stream (MatmulPolicy.prefill_side_stream, session 42): the
-                         # dense passes and the W4A8 input quantizer in line, as before
-                         "tiles_noside": dataclasses.replace(DEFAULT_POLICY, prefill_side_stream=False),
-                         "w4a8_noside": dataclasses.replace(DEFAULT_POLICY, w4a8_min_m=64, prefill_side_stream=False)}
+                                                              w4a8_tile=(128, 128, 8, 3, True))}
 # name -> (format of the projections and experts, format of x_proj / dt_proj / head or None for the same);
 # "int4_cli": int4 g128 with x_proj, dt_proj and the head float, as `qmamba quantize` writes it by default
 FORMATS = {"bf16": (None, None), "int8": (Int8Format(), None), "int4_g128": (Int4Format(128), None),

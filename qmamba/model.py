@@ -107,21 +107,23 @@ class MambaLM(nn.Module):
             return self._prefill(input_ids, state, last_only)
 
     def _prefill(self, input_ids, state, last_only):
+        with self._prefill_policy():  # CUDA, int8_activations: the MoE's int4 experts on W4A8
+            return self._prefill_blocks(input_ids, state, last_only)
+
+    def _prefill_blocks(self, input_ids, state, last_only):
         batch = input_ids.shape[0]
         state = state if state is not None else self.new_state(batch)
         conv_out, ssm_out = torch.empty_like(state.conv_state), torch.empty_like(state.ssm_state)
-        with self._prefill_policy(), self._side_work():  # CUDA: W4A8 experts; early work on a side stream
-            h = self.embedding(input_ids).to(self.compute_dtype)
-            residual = None
-            for block in self.blocks:
-                residual, x = block.norm.add_forward(residual, h, self.compute_dtype)
-                if block.is_mamba:
-                    s = block.slot
-                    h, conv_out[s], ssm_out[s] = block.mixer(x, state.conv_state[s], state.ssm_state[s])
-                else:
-                    h = block.mixer(x)
-            logits = self._logits(residual, h, last_only)
-        return logits, InferenceState(conv_out, ssm_out)
+        h = self.embedding(input_ids).to(self.compute_dtype)
+        residual = None
+        for block in self.blocks:
+            residual, x = block.norm.add_forward(residual, h, self.compute_dtype)
+            if block.is_mamba:
+                s = block.slot
+                h, conv_out[s], ssm_out[s] = block.mixer(x, state.conv_state[s], state.ssm_state[s])
+            else:
+                h = block.mixer(x)
+        return self._logits(residual, h, last_only), InferenceState(conv_out, ssm_out)
 
     def _prefill_policy(self):
         """With ``int8_activations``, the matmul policy that sends the MoE's int4 expert stacks of a prefill (64
@@ -132,17 +134,6 @@ class MambaLM(nn.Module):
         from qmamba.kernels.matmul_configs import int8_activations  # lazily: the Triton path only
 
         return int8_activations()
-
-    def _side_work(self):
-        """The prefill's side-work scope (:func:`qmamba.kernels.side_stream.side_work`: the W4A8 experts' input
-        quantizer beside the MoE's tile map) on CUDA with the Triton backend under
-        ``MatmulPolicy.prefill_side_stream``; elsewhere none."""
-        if self.device.type != "cuda" or any(getattr(b.mixer, "backend", None) != "triton" for b in self.blocks):
-            return contextlib.nullcontext()
-        from qmamba.kernels.matmul_configs import current_policy  # lazily: the Triton path only
-        from qmamba.kernels.side_stream import side_work
-
-        return side_work(self.device, enabled=current_policy().prefill_side_stream)
 
     def step(self, input_ids: torch.Tensor, state: InferenceState, check: bool = True):
         """One token per sequence: ``input_ids [B]`` -> logits ``[B, V]``; ``state`` is updated in place."""

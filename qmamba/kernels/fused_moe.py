@@ -27,7 +27,6 @@ from qmamba.kernels.binary_matmul import binary_matmul, binary_matmul_ref
 from qmamba.kernels.matmul_configs import GEMV_MAX_M, current_policy, pick_config
 from qmamba.kernels.quant_matmul import dequant_matmul, dequant_matmul_ref
 from qmamba.kernels.routing import expert_tile_map
-from qmamba.kernels.w4a8_gemm import issue_quantize_rows
 from qmamba.kernels.weights import BinaryWeight, PackedWeight
 
 KernelWeight = PackedWeight | BinaryWeight
@@ -166,11 +165,9 @@ def moe_forward(x, router_w, router_b, fc1: KernelWeight, fc2: KernelWeight, act
     idx, weight = route_top1(x, router_w, router_b)
     t = x.shape[0]
     tiles = None
-    policy = current_policy()
     if t > GEMV_MAX_M:
-        if policy.takes_w4a8(t, fc1):  # fc1's input quantized beside the one-program tile map (in a prefill)
-            issue_quantize_rows(x, fc1.qweight.shape[-1] * 8)
         tiles = expert_tile_map(idx, fc1.n_experts, block_m or _tile_rows(t, fc1, x.device))
+    policy = current_policy()
     if (tiles is not None and gated and isinstance(fc1, PackedWeight) and policy.gemm_gated_act
             and t < policy.dequant_experts_min_m):
         a = dequant_matmul(x, fc1, row_expert=idx, tiles=tiles, gate=activation)  # the activation in the epilogue

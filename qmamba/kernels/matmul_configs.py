@@ -126,6 +126,13 @@ class MatmulPolicy:
     the code). H100, graph prefill of 2,048 tokens (``profile_prefill.py --format int4_cli --graph --experts
     tiles,tiles_fc2k2,tiles_fc2k3,tiles_fc2k4``): fc2's 18 launches 1,868 us unsplit against 2,507 / 2,335 / 2,455
     (176.5k against 167.3k-168.9k tok/s): the zeroing, the atomics and the conversion cost more than the second wave.
+    Tried and removed (session 42, commits 15024b3 and cc454a6 have the code): a side stream in the prefill. H100,
+    graph prefill of 2,048 tokens (``profile_prefill.py --format int4_cli --graph``, routes with and without it in
+    one call): the dense projections' dequantization passes forked as each Mamba mixer started ran beside in_proj's
+    GEMM and the conv, which leave no room (178.2k against 178.9k tok/s in line); forked just before the scan they
+    slowed it more than they saved (the scan's 36 launches 2,534 -> 2,850 us against the passes' 263 us: 175.3k
+    against 178.6k); the W4A8 route's input quantizer beside the MoE's one-program tile map, alone, was level
+    (199.3k / 198.4k against 198.8k / 199.9k, two runs each in turn).
     Tried and removed (session 23, commit c3618aa has the code): each MoE block's expert stacks dequantized on a side
     stream while the block before it runs, into one reused buffer, then the float grouped GEMMs. 2,048 tokens, graph
     prefill (``profile_prefill.py --format int4_cli --graph``): 165k tok/s against 156k at a peak of 2.19 against
@@ -149,8 +156,6 @@ class MatmulPolicy:
     w4a8_dense: bool = False  # ... also the dense (not routed) matrices, not only the MoE's expert stacks
     w4a8_tile: tuple = (64, 128, 4, 3, True)  # the W4A8 GEMM's (block_m, block_n, warps, stages, W x^T); block_m is
     #                                            also the MoE's rows a tile when its stacks take W4A8
-    prefill_side_stream: bool = True  # the W4A8 experts' input quantizer beside the MoE's tile map (side_stream.py;
-    #                                   session 42: the dense passes beside the scan lost, see that module)
     split_k_atomic_sem: str = "relaxed"  # the split-K atomic adds' ordering ("relaxed" or "acq_rel", Triton's
     #                                      default, which fences every earlier store before each add: sm_90
     #                                      MEMBAR.ALL.GPU + CCTL.IVALL; the sums are only read after the grid)

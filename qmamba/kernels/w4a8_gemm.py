@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import torch
 
-from qmamba.kernels import side_stream
 from qmamba.kernels._triton import cdiv, jit, libdevice, next_pow2, tl
 from qmamba.kernels.activations import ACTIVATION_IDS
 from qmamba.kernels.dequant_gemm import gated_epilogue, weight_rows
@@ -120,50 +119,20 @@ def _quantize_rows_int8_kernel(x_ptr, q_ptr, s_ptr, sum_ptr, K, sxm, sxk, sqm, s
     tl.store(sum_ptr + row * ssum + t, sums, mask=t < TILES)  # (the padding columns are zeroed by the launcher)
 
 
-def _check_rows(x: torch.Tensor, k_pad: int) -> None:
+def quantize_rows_int8(x: torch.Tensor, k_pad: int):
+    """Triton twin of :func:`quantize_rows_int8_ref` (one program a row)."""
     if x.dim() != 2 or k_pad % INT4_TILE or k_pad < x.shape[1]:
         raise ValueError(f"quantize_rows_int8: x must be [M, K] with K <= k_pad, k_pad a multiple of {INT4_TILE}")
-
-
-def _rows_buffers(m: int, k_pad: int, device) -> tuple:
-    """``(codes, scale, sums)`` for :func:`quantize_rows_int8` of ``m`` rows (``sums`` zeroed: its padding)."""
-    return (torch.empty(m, k_pad, dtype=torch.int8, device=device),
-            torch.empty(m, dtype=torch.float32, device=device),
-            torch.zeros(m, sum_columns(k_pad), dtype=torch.float32, device=device))
-
-
-def quantize_rows_int8(x: torch.Tensor, k_pad: int, out: tuple | None = None):
-    """Triton twin of :func:`quantize_rows_int8_ref` (one program a row); ``out``: the ``(codes, scale, sums)``
-    buffers to write (``sums`` zeroed), else new ones."""
-    _check_rows(x, k_pad)
     m = x.shape[0]
     tiles = k_pad // INT4_TILE
-    codes, scale, sums = out if out is not None else _rows_buffers(m, k_pad, x.device)
+    codes = torch.empty(m, k_pad, dtype=torch.int8, device=x.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    sums = torch.zeros(m, sum_columns(k_pad), dtype=torch.float32, device=x.device)
     if m:
         _quantize_rows_int8_kernel[(m,)](x, codes, scale, sums, x.shape[1], x.stride(0), x.stride(1), codes.stride(0),
                                          sums.stride(0), BLOCK_K=next_pow2(k_pad), TILES=tiles, CUDA=x.is_cuda,
                                          num_warps=4)
     return codes, scale, sums
-
-
-def _rows_key(x: torch.Tensor, k_pad: int) -> tuple:
-    return ("int8 rows", x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, k_pad)
-
-
-def issue_quantize_rows(x: torch.Tensor, k_pad: int) -> bool:
-    """Queue :func:`quantize_rows_int8` of ``x`` on the active side stream (:mod:`qmamba.kernels.side_stream`; the
-    MoE prefill quantizes fc1's input beside its tile map) for :func:`quantized_rows` to take; False when no
-    side-work scope is active (nothing is done). ``x`` must not change before it is taken."""
-    _check_rows(x, k_pad)
-    return side_stream.issue(_rows_key(x, k_pad), lambda: _rows_buffers(x.shape[0], k_pad, x.device),
-                             lambda out: quantize_rows_int8(x, k_pad, out=out))
-
-
-def quantized_rows(x: torch.Tensor, k_pad: int) -> tuple:
-    """``(codes, scale, sums)`` of ``x``: those :func:`issue_quantize_rows` queued (the current stream then waits
-    for them), or :func:`quantize_rows_int8` now."""
-    taken = side_stream.take(_rows_key(x, k_pad))
-    return taken if taken is not None else quantize_rows_int8(x, k_pad)
 
 
 # ---- the GEMM -------------------------------------------------------------------------------------------------------
@@ -332,7 +301,7 @@ def w4a8_linear(x, weight: PackedWeight, bias=None, row_expert=None, row_scale=N
     block_m, block_n, warps, stages, left = tile
     if row_expert is not None and tiles is None:
         tiles = expert_tile_map(row_expert, weight.n_experts, block_m)
-    codes, scale, sums = quantized_rows(x, weight.qweight.shape[-1] * 8)  # issued early by the MoE, or now
+    codes, scale, sums = quantize_rows_int8(x, weight.qweight.shape[-1] * 8)
     return w4a8_gemm(codes, scale, sums, weight, bias=bias, row_scale=row_scale, tiles=tiles,
                      block_m=tiles.block_m if tiles is not None else block_m, block_n=block_n, num_warps=warps,
                      num_stages=stages, gate=gate, weight_left=left, out_dtype=x.dtype)

@@ -102,30 +102,6 @@ def _w4a8_model(device):
 
 
 @torch.no_grad()
-def test_w4a8_prefill_with_side_stream_equals_in_line(device):
-    """CUDA, the W4A8 route (a BlackMamba wide enough for 128-column int4 tiles, bf16): the MoE's input quantizer on
-    the side stream (``MatmulPolicy.prefill_side_stream``, the default) gives the in-line prefill's logits and state
-    bit for bit, eager and captured in a graph, with every fork joined inside the capture."""
-    if device.type != "cuda":
-        pytest.skip("a side stream needs a GPU (scripts/gpu_check.sh)")
-    from qmamba.kernels.matmul_configs import MatmulPolicy, using_policy
-
-    model = _w4a8_model(device)
-    cfg = model.config
-    ids = torch.randint(0, cfg.vocab_size, (2, 96), device=device)
-    results = {}
-    for side in (False, True):
-        with using_policy(MatmulPolicy(w4a8_min_m=64, prefill_side_stream=side)):
-            eager = model.prefill(ids, last_only=True)
-            graph = GraphPrefill(model, max_chunk=64, min_chunk=32).prefill(ids)
-        results[side] = (eager, graph)
-    for (a_logits, a_state), (b_logits, b_state) in zip(results[True], results[False]):
-        assert torch.equal(a_logits, b_logits) and torch.equal(a_state.ssm_state, b_state.ssm_state)
-    plain, _ = model.prefill(ids, last_only=True)  # the default route: not the W4A8 numbers
-    assert not torch.equal(plain, results[True][0][0])
-
-
-@torch.no_grad()
 def test_model_int8_activations_is_the_w4a8_route(device):
     """CUDA: a model with ``int8_activations`` (what a checkpoint whose quantize check passed loads with) prefills
     exactly as under the W4A8 policy, eager and captured; off, as the default route."""

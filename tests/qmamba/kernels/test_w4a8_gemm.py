@@ -221,27 +221,6 @@ def test_moe_prefill_with_w4a8(gated_epilogue, tile, device):
     assert not torch.allclose(got, moe_forward_ref(x, router_w, None, fc1, fc2, "gelu", True), rtol=1e-4, atol=1e-4)
 
 
-def test_moe_prefill_quantizes_fc1_input_beside_the_tile_map(device):
-    """In a side-work scope (the model's prefill) the MoE queues fc1's input quantizer on the side stream after the
-    routing kernel and fc1's W4A8 GEMM takes its codes: the output is the same bit for bit, nothing is left over,
-    and the quantizer into given buffers equals a new one's."""
-    from qmamba.kernels.side_stream import side_work
-
-    x, router_w, fc1, fc2 = moe_operands(device, 8)
-    t = x.shape[0]
-    policy = dataclasses.replace(W4A8_POLICY, w4a8_tile=(16, 32, 4, 2, True))
-    with using_policy(policy):
-        plain = moe_forward(x, router_w, None, fc1, fc2, "gelu", True)
-        with side_work(device, inline=device.type != "cuda") as work:
-            got = moe_forward(x, router_w, None, fc1, fc2, "gelu", True)
-            assert (work.issued, work.taken, work.pending) == (1, 1, 0)
-    assert torch.equal(got, plain)
-    buffers = (torch.empty(t, 128, dtype=torch.int8, device=device), torch.empty(t, device=device),
-               torch.zeros(t, sum_columns(128), device=device))
-    for a, b in zip(quantize_rows_int8(x, 128, out=buffers), quantize_rows_int8(x, 128)):
-        assert torch.equal(a, b)
-
-
 def test_policy_refuses_a_negative_threshold_or_a_short_tile():
     with pytest.raises(ValueError, match="w4a8_min_m"):
         MatmulPolicy(w4a8_min_m=-1)
