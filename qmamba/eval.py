@@ -262,7 +262,7 @@ def evaluate_checkpoint(path, tokenizer_path=None, device=None, dtype=None, back
 
     tokenizer = resolve_tokenizer(resolve_checkpoint_dir(path), tokenizer_path)  # before the weights: fail fast
     model = load_model(path, device=device, dtype=dtype, backend=backend, int8_activations=int8_activations)
-    result = {"path": str(path), "int8_activations": model.int8_activations,
+    result = {"path": str(path), "int8_activations": model.int8_prefill,
               **evaluate_model(model, tokenizer, **kwargs)}
     p = Path(path)
     if p.is_dir():
@@ -293,7 +293,7 @@ def compare_checkpoints(path_a, path_b, tokenizer_path=None, device=None, dtype=
               for p in (path_a, path_b)]
     want_routes = bool(data) and bool(models[0].config.moe_layer_ids) and models[0].config == models[1].config
     routes = [{} if want_routes else None for _ in models]
-    results = [{"path": str(p), "int8_activations": m.int8_activations,
+    results = [{"path": str(p), "int8_activations": m.int8_prefill,
                 **evaluate_model(m, tokenizer, data=data, routes=r, **kwargs)}
                for p, m, r in zip((path_a, path_b), models, routes)]
     out = {"a": results[0], "b": results[1], "delta": {}}

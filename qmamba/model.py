@@ -125,6 +125,13 @@ class MambaLM(nn.Module):
                 h = block.mixer(x)
         return self._logits(residual, h, last_only), InferenceState(conv_out, ssm_out)
 
+    @property
+    def int8_prefill(self) -> bool:
+        """Whether this model's prefills actually run on int8 activations: ``int8_activations`` and the Triton
+        backend on CUDA (elsewhere the flag changes nothing)."""
+        return (self.int8_activations and self.device.type == "cuda"
+                and all(getattr(b.mixer, "backend", None) == "triton" for b in self.blocks))
+
     def _prefill_policy(self):
         """With ``int8_activations``, the matmul policy that sends the MoE's int4 expert stacks of a prefill (64
         rows and more) to the W4A8 kernels (:func:`qmamba.kernels.matmul_configs.int8_activations`; the Triton

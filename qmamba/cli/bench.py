@@ -78,5 +78,5 @@ def bench(path, batches, prompt_len, tokens, check_tokens, check_dtype, device, 
         sys.exit(1)
     click.echo(format_table(rows))
     if json_out:
-        write_json_file(json_out, dict(path=str(path), int8_activations=model.int8_activations,
+        write_json_file(json_out, dict(path=str(path), int8_activations=model.int8_prefill,
                                        rows=[r.as_dict() for r in rows]))

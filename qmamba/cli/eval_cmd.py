@@ -24,6 +24,9 @@ def _format_result(r: dict) -> str:
         lam = r["lambada"]
         lines.append(f"  LAMBADA accuracy {100 * lam['accuracy']:.2f}% ({lam['records']} records), "
                      f"continuation perplexity {lam['continuation_ppl']:.2f}")
+    if r.get("int8_activations"):
+        lines.append("  prefill on int8 activations (W4A8 experts, as the checkpoint's check or --int8-activations "
+                     "chose; --no-int8-activations for the exact int4 path)")
     if "bytes_on_disk" in r:
         lines.append(f"  size on disk {r['bytes_on_disk'] / 2**20:.3f} MiB")
     return "\n".join(lines)

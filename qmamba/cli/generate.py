@@ -69,7 +69,7 @@ def generate_text(path: str, prompt: str, *, max_new_tokens: int, temperature: f
                             seed=seed, step_fn=default_step_fn(model), out=out, err=err)
     ran = {"device": str(model.embedding.weight.device), "dtype": str(model.compute_dtype).removeprefix("torch."),
            "backend": backend or default_backend(model.embedding.weight.device),
-           "cpu_int4_modules": len(model.cpu_int4_modules), "int8_activations": model.int8_activations}
+           "cpu_int4_modules": len(model.cpu_int4_modules), "int8_activations": model.int8_prefill}
     return {**stats, **ran}
 
 

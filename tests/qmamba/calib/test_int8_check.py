@@ -146,3 +146,14 @@ def test_quantize_records_the_check(tmp_path, calib_text_file):
     assert any(line.startswith("int8 activations") for line in lines)
     shown = CliRunner().invoke(main, ["info", str(out)]).output
     assert "int8 prefill:" in shown
+
+
+def test_results_say_whether_the_prefill_ran_on_int8():
+    """Off CUDA the flag changes nothing, and results say so (``int8_prefill``); eval prints a line when it ran."""
+    from qmamba.cli.eval_cmd import _format_result
+
+    model = _quantized()
+    model.int8_activations = True
+    assert model.int8_prefill is False  # CPU, reference backend
+    assert "int8 activations" in _format_result({"path": "m", "int8_activations": True})
+    assert "int8" not in _format_result({"path": "m", "int8_activations": False})
