@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from qmamba.calib.chunked_kl import kl_sum
 from qmamba.calib.pipeline import module_device, move_module
+from qmamba.kernels.matmul_configs import W4A8_PREFILL_MIN_M
 from qmamba.quant.modules import QuantExperts
 
 # mean KL(as is || int8 inputs) in nats per token up to which the W4A8 prefill is on by default: a tenth of what a
@@ -51,6 +52,8 @@ def int8_activation_check(model: nn.Module, ids: torch.Tensor, device=None, batc
         return None
     dev = torch.device(device) if device is not None else ids.device
     home = model.embedding.weight.device
+    # whole chunks of at least the kernels' W4A8 rows, so the rounding applies as it would in a prefill
+    batch_size = max(batch_size, -(-W4A8_PREFILL_MIN_M // max(ids.shape[1], 1)))
     chunks = list(ids.split(batch_size))
     embedded = [model.embedding(c.to(home)).float().to(dev) for c in chunks]
     streams = {on: ([torch.zeros_like(e) for e in embedded], list(embedded)) for on in (False, True)}

@@ -54,6 +54,11 @@ def test_check_equals_whole_forwards_and_passes_a_trained_model():
     assert 0 < got["kl"] < KL_LIMIT and got["prefill_default"] is True
     assert not any(m.int8_inputs for m in model.modules() if isinstance(m, QuantExperts))
     assert torch.equal(model(ids), plain)  # the model is left as it was
+    # chunks of fewer rows than the kernels round from (1 x 16) are merged until they have them (4 x 16): the same
+    # figure as asked for in chunks of 4 (without the merge the rounding would not apply: KL 0)
+    short = _ids(model, 8, 16)
+    merged = int8_activation_check(model, short, batch_size=1)
+    assert merged["kl"] > 0 and merged["kl"] == int8_activation_check(model, short, batch_size=4)["kl"]
 
 
 @torch.no_grad()
