@@ -182,3 +182,20 @@ def test_prefill_is_checked_against_the_reference_backend(monkeypatch, device):
             assert what in str(exc) and "no figure reported" in str(exc)
         else:
             raise AssertionError(f"a prefill with a wrong {what} passed the check")
+
+
+def test_reference_twin_rounds_as_the_w4a8_prefill_when_the_model_does():
+    """A model whose prefill runs on int8 activations is checked against the reference twin of that (its experts'
+    ``int8_inputs`` on inside the reference block, restored after); any other model against the plain reference."""
+    from qmamba.config import preset
+    from qmamba.quant.formats import Int4Format
+    from qmamba.quant.modules import QuantExperts
+    from qmamba.testing import quantize_rtn, random_model
+
+    model = quantize_rtn(random_model(preset("tiny-blackmamba"), "cpu"), Int4Format(32))
+    experts = [m for m in model.modules() if isinstance(m, QuantExperts)]
+    for flag in (False, True):
+        model.int8_activations = flag
+        with bench_lib._reference_backend(model):
+            assert all(m.int8_inputs is flag for m in experts) and all(m.backend == "reference" for m in experts)
+        assert not any(m.int8_inputs for m in experts)
