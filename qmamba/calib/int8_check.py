@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qmamba.calib.checkpointed_stream import block_output
 from qmamba.calib.chunked_kl import kl_sum
 from qmamba.calib.pipeline import module_device, move_module
 from qmamba.kernels.matmul_configs import W4A8_PREFILL_MIN_M
@@ -65,8 +66,7 @@ def int8_activation_check(model: nn.Module, ids: torch.Tensor, device=None, batc
             for on, (residual, h) in streams.items():
                 _set_int8_inputs(block.module, on)
                 residual[:] = [r + hh for r, hh in zip(residual, h)]
-                h[:] = [block.mixer(block.norm(r, out_dtype=torch.float32))[0] if block.is_mamba
-                        else block.mixer(block.norm(r, out_dtype=torch.float32)) for r in residual]
+                h[:] = [block_output(block, r, torch.float32) for r in residual]
             _set_int8_inputs(block.module, False)
             move_module(block.module, block_home, dtypes=dtypes)
         kl, same, tokens = _compare_heads(model, streams, dev)
@@ -77,16 +77,11 @@ def int8_activation_check(model: nn.Module, ids: torch.Tensor, device=None, batc
             "prefill_default": bool(mean_kl <= kl_limit)}
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    """Where a module's tensors are (a quantized head holds buffers only)."""
-    return next(iter([*module.parameters(), *module.buffers()])).device
-
-
 def _compare_heads(model: nn.Module, streams: dict, dev) -> tuple[float, int, int]:
     """Sum of per-token KL(as is || int8), positions with the same argmax, positions: the final norm and the head
     on ``dev`` in float32, one sequence at a time (``[L, V]`` logits, never the batch's)."""
     parts = (model.norm_f, model.lm_head)
-    homes = [(_device_of(m), move_module(m, dev, torch.float32)) for m in parts]
+    homes = [(module_device(m), move_module(m, dev, torch.float32)) for m in parts]
     kl, same, tokens = 0.0, 0, 0
     try:
         (res_a, h_a), (res_b, h_b) = streams[False], streams[True]

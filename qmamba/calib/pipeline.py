@@ -185,7 +185,9 @@ def move_module(module: nn.Module, device, float_dtype: torch.dtype | None = Non
 
 
 def module_device(module: nn.Module) -> torch.device:
-    return next(iter(module.parameters())).device
+    """Where a module's tensors are: its first parameter's device, else its first buffer's (a quantized linear
+    holds buffers only)."""
+    return next(iter([*module.parameters(), *module.buffers()])).device
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from qmamba.ops import BACKENDS
 
 from .detect import open_checkpoint
 from .files import one_line
-from .manifest import dtype_name, parse_dtype
+from .manifest import checkpoint_int8_activations, dtype_name, parse_dtype
 from .shapes import is_quantized_tensor, meta_model, quantized_names
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -145,10 +145,3 @@ def load_model(path, device=None, dtype=None, backend=None, *, hash_files: bool 
     model.int8_activations = (checkpoint_int8_activations(checkpoint.manifest) if int8_activations is None
                               else bool(int8_activations))
     return model
-
-
-def checkpoint_int8_activations(manifest: dict) -> bool:
-    """Whether ``qmamba quantize``'s check (:mod:`qmamba.calib.int8_check`) turned the W4A8 prefill on for this
-    checkpoint: ``quantization_info.int8_activations.prefill_default`` (a JSON boolean; anything else is off)."""
-    check = (manifest.get("quantization_info") or {}).get("int8_activations")
-    return isinstance(check, dict) and check.get("prefill_default") is True

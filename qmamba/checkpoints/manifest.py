@@ -75,3 +75,16 @@ def source_manifest(fmt: str, path: Path, files: dict[str, str | None],
         "quantization": None,
         "qmamba_version": qmamba_version(),
     }
+
+
+def int8_activation_check(manifest: dict) -> dict | None:
+    """``qmamba quantize``'s int8-activation check as the manifest records it
+    (``quantization_info.int8_activations``, :mod:`qmamba.calib.int8_check`), or None."""
+    return (manifest.get("quantization_info") or {}).get("int8_activations")
+
+
+def checkpoint_int8_activations(manifest: dict) -> bool:
+    """Whether that check turned the W4A8 prefill on for this checkpoint: its ``prefill_default`` (a JSON boolean;
+    anything else is off)."""
+    check = int8_activation_check(manifest)
+    return isinstance(check, dict) and check.get("prefill_default") is True

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from .detect import detect_format, resolve_checkpoint_dir
+from .manifest import checkpoint_int8_activations, int8_activation_check
 from .peek import config_of, manifest_of, tensor_specs, validate_specs
 
 
@@ -77,7 +78,8 @@ def checkpoint_summary(path) -> dict:
         "quantization": _quantization_summary(manifest.get("quantization")),
         "source": manifest.get("source") if fmt == "qmamba" else None,
         "tokenizer": (Path(directory) / "tokenizer.json").is_file(),
-        "int8_activations": (manifest.get("quantization_info") or {}).get("int8_activations"),
+        "int8_activations": int8_activation_check(manifest),
+        "int8_prefill_default": checkpoint_int8_activations(manifest),
     }
 
 
@@ -114,7 +116,7 @@ def format_summary(s: dict) -> str:
         lines.append("quantization:  none")
     check = s.get("int8_activations")
     if isinstance(check, dict) and "kl" in check:
-        lines.append(f"int8 prefill:  {'on' if check.get('prefill_default') is True else 'off'} by default (W4A8 "
+        lines.append(f"int8 prefill:  {'on' if s['int8_prefill_default'] else 'off'} by default (W4A8 "
                      f"experts on CUDA; quantize's check: KL {check['kl']:.2e} nats/token on {check.get('tokens')} "
                      "tokens)")
     if s.get("source"):
