@@ -15,6 +15,7 @@ failed check exits non-zero (the figures are still written).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -43,6 +44,23 @@ def greedy_reference(model, ids, state, steps):
         tok = model.step(tok, state, check=False).float().argmax(-1)
         out.append(tok)
     return torch.stack(out, 1)
+
+
+@contextlib.contextmanager
+def int8_activations(model, on: bool):
+    """``model.int8_activations`` (what a checkpoint that passed ``qmamba quantize``'s int8 check loads with) and the
+    reference experts' twin of it (``QuantExperts.int8_inputs``) set to ``on`` inside the block, restored after."""
+    saved = getattr(model, "int8_activations", False), {m: m.int8_inputs for m in model.modules()
+                                                        if hasattr(m, "int8_inputs")}
+    model.int8_activations = on
+    for m in saved[1]:
+        m.int8_inputs = on
+    try:
+        yield model
+    finally:
+        model.int8_activations = saved[0]
+        for m, r in saved[1].items():
+            m.int8_inputs = r
 
 
 def greedy_graph(decoder, ids, state, steps):
@@ -81,11 +99,16 @@ def check_fp32(cfg, name, batches, steps, variants, log, failures):
     res = {}
     for batch in batches:
         prompt = torch.randint(0, cfg.vocab_size, (batch, 8), device="cuda")
-        _, state = model.prefill(prompt)
-        ref = greedy_reference(model, prompt[:, -1], state.clone(), steps)
+        _, state = model.prefill(prompt)  # (8 rows: no int8 rounding either way)
+        refs = {}
+        for int8 in sorted({p.int8_rows for p in variants.values()}):  # the reference twin of each
+            with int8_activations(model, int8):
+                refs[int8] = greedy_reference(model, prompt[:, -1], state.clone(), steps)
         model.set_backend("triton")
         for vname, policy in variants.items():
-            decoder = GraphDecoder(model, policy=policy)
+            ref = refs[policy.int8_rows]
+            with int8_activations(model, policy.int8_rows):
+                decoder = GraphDecoder(model, policy=policy)
             with using_policy(matmul_variant(vname)):  # graphs capture the matmul policy active at capture
                 got = greedy_graph(decoder, prompt[:, -1], state.clone(), steps)
             same = bool(torch.equal(ref, got))
@@ -131,7 +154,8 @@ def run_format(cfg, name, batches, variants, log, failures, rounds: int = 1):
     order = list(variants.items())
     for rnd in range(-1 if rounds > 1 else 0, rounds):
         for vname, policy in (order[:1] if rnd < 0 else order):
-            decoder = GraphDecoder(model, policy=policy)
+            with int8_activations(model, policy.int8_rows):  # (read as the step is built)
+                decoder = GraphDecoder(model, policy=policy)
             for batch in batches:
                 with using_policy(matmul_variant(vname)):
                     ms = time_graph(decoder, batch)
@@ -194,6 +218,12 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
     if v in ("etile", "noetile"):  # the dense int4 matrices' first weight tile before the wait, or not
         #                             (DecodePolicy.general_early_tile; the CUDA policy's since session 39)
         return dataclasses.replace(base, general_early_tile=v == "etile")
+    if v in ("int8rows", "noint8rows"):  # a gated int4 fc1 at 2+ rows on the W4A8 row programs, its input rounded to
+        #                                int8 per row by the add + norm (DecodePolicy.int8_rows; a model with int8
+        #                                activations only: this bench turns them on for the variant)
+        return dataclasses.replace(base, int8_rows=v == "int8rows")
+    if v.startswith("int8rowsbn"):  # e.g. int8rowsbn32: and fc1's weight rows a program
+        return dataclasses.replace(base, int8_rows=True, int8_rows_block_n=int(v[10:]))
     if v == "dtrows0":  # the SSM update reads dt_proj's weight as stored (DecodePolicy.dt_rows_aligned off)
         return dataclasses.replace(base, dt_rows_aligned=False)
     if v == "joint":  # int4 input planes: every product of a row before any reduction (DecodePolicy.planes_joint)

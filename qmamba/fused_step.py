@@ -33,6 +33,10 @@ weights at batch 2+, routed or not) runs on the general matmul kernels (:func:`d
 :func:`binary_matmul`, which read plane words too) with the conv step and the activation as their own launches
 (x_proj too when in_proj is not taken); with ``DecodePolicy.pdl_general`` (the CUDA default since session 39) these
 are programmatic dependent launches as well, so the chain of early launches runs through the whole batched step.
+With ``DecodePolicy.int8_rows``, at 2+ rows, a model with int8 activations (``model.int8_activations``) runs its
+gated int4 fc1 on the W4A8 row programs (:func:`qmamba.kernels.w4a8_rows.w4a8_rows`, ``dp4a``): the add + norm before
+it quantizes x to int8 per row instead of writing its input planes; the reference path rounds fc1's input the same
+way in a batched step (:class:`qmamba.quant.modules.QuantExperts`).
 The module parameters are captured by reference at construction: rebuild the step after changing weights.
 Logits come back as float32 ``[B, V]``; the flat state tensors are updated in place.
 The kernels themselves (tensors in, tensors out) live in :mod:`qmamba.kernels.decode_step` and beside it.
@@ -51,8 +55,10 @@ from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
 from qmamba.kernels.decode_linear import DecodePolicy, NormIn, NormOut, binary_denorm_of, decode_linear
 from qmamba.kernels.decode_step import add_norm, aligned_rows, dt_state_update
 from qmamba.kernels.fused_moe import gated_act, routed_matmul
+from qmamba.kernels.w4a8_gemm import sum_columns
+from qmamba.kernels.w4a8_rows import w4a8_rows
 from qmamba.kernels.weights import FMT_INT4_PLANES, BinaryWeight, PackedWeight
-from qmamba.quant.layout import INT4_X_PLANES, int4_x_planes_width
+from qmamba.quant.layout import INT4_TILE, INT4_X_PLANES, int4_x_planes_width
 from qmamba.quant.modules import use_plane_words
 
 
@@ -129,6 +135,7 @@ class FusedDecodeStep:
         self.d_model, self.vocab = cfg.d_model, cfg.vocab_size
         self.eps = float(cfg.norm_eps)
         self.embedding = model.embedding.weight.detach()
+        self.int8_activations = bool(getattr(model, "int8_activations", False))
         if self.policy.int4_planes:  # int4 weights to the plane words the kernels read, in place (no copy)
             use_plane_words(model)
         self.layers = [_mamba_plan(block, self.dtype, self.policy.dt_rows_aligned) if block.is_mamba
@@ -169,11 +176,17 @@ class FusedDecodeStep:
         ffn = max((p.fc1.n // (2 if p.gated else 1) for p in self.layers if isinstance(p, _MoePlan)), default=1)
         f32, act = dict(device=device, dtype=torch.float32), dict(device=device, dtype=self.dtype)
         buf = dict(ws=ws, views=views, logits=logits, zero=not all(self.policy.takes(w, batch) for w in self._weights()),
+                   xq=None,
                    residual=torch.empty(2, batch, d, **f32), x=torch.empty(batch, d, **act),
                    xc=torch.empty(batch, di, **act), y=torch.empty(batch, di, **act), act=torch.empty(batch, ffn, **act),
                    conv_scratch=None, idx=torch.empty(batch, device=device, dtype=torch.int32),
                    rwt=torch.empty(batch, **f32), xpl=None, acc=None, zeroed=None, wx=None, wy=None, wa=None)
-        if any(self._planes_read(w, batch, routed) for w, routed in self._x_readers()):
+        if any(self._int8_fc1(p, batch) for p in self.layers):  # x quantized to int8 by the add + norms
+            qpad = -(-d // INT4_TILE) * INT4_TILE
+            buf["xq"] = (torch.zeros(batch, qpad, device=device, dtype=torch.int8), torch.ones(batch, **f32),
+                         torch.zeros(batch, sum_columns(qpad), **f32))
+        if any(self._planes_read(w, batch, routed) and not (routed and self._int8_fc1(p, batch))
+               for (w, routed), p in zip(self._x_readers(), [None] + self.layers)):
             # the int4 input planes of x, written by each add + norm, for the plane-word matrices that read x one row
             # a program (batch 1; routed experts as row programs at any batch)
             buf["xpl"] = torch.zeros(batch, INT4_X_PLANES, int4_x_planes_width(d), **f32)
@@ -218,6 +231,16 @@ class FusedDecodeStep:
         plane words on the decode kernels, one row a program)."""
         return self.policy.int4_x_planes and getattr(weight, "fmt", None) == FMT_INT4_PLANES and \
             self.policy.takes(weight, batch, routed) and (batch == 1 or (routed and self.policy.routed_row_programs))
+
+    def _int8_fc1(self, plan, batch: int) -> bool:
+        """Whether ``plan`` (a layer's plan, or None) is an MoE whose fc1 runs on the W4A8 row programs at this batch
+        (:attr:`DecodePolicy.int8_rows`, the model's ``int8_activations``, 2+ rows, a gated fc1 of int4 plane words
+        with groups a multiple of 128 that the decode kernels take)."""
+        if not (self.policy.int8_rows and self.int8_activations and batch >= 2 and isinstance(plan, _MoePlan)):
+            return False
+        fc1 = plan.fc1
+        return (plan.gated and getattr(fc1, "fmt", None) == FMT_INT4_PLANES and fc1.group_size % INT4_TILE == 0
+                and self.policy.takes(fc1, batch, routed=True))
 
     def _producer_planes(self, batch: int, di: int, ffn: int, f32: dict):
         """The input planes out_proj (written by the SSM update) and fc2 (by fc1's epilogue) read, or None: where
@@ -297,11 +320,12 @@ class FusedDecodeStep:
                                        for p in self.layers]
 
     # ---- one step --------------------------------------------------------------------------------------------------
-    def _add_norm(self, buf, h, ids, norm_w, call: int, router=None, norm_b=None):
+    def _add_norm(self, buf, h, ids, norm_w, call: int, router=None, norm_b=None, x_int8: bool = False):
         """The ``call``-th add + norm of the step. Where several programs a row share the writing of the int4 input
         planes (``DecodePolicy.norm_plane_programs``), the residual alternates between two buffers (each program
         reads it whole; the first writes the new one); otherwise it is updated in place. With the norms in the
-        GEMVs (``buf["acc"]``) the first also zeroes their sums, and a last one reads the live residual."""
+        GEMVs (``buf["acc"]``) the first also zeroes their sums, and a last one reads the live residual. ``x_int8``:
+        x also quantized to int8 (``buf["xq"]``) for an fc1 on the W4A8 row programs."""
         rw, rb = router if router is not None else (None, None)
         split = self._split_planes(buf)
         src = call % 2
@@ -312,7 +336,8 @@ class FusedDecodeStep:
         add_norm(buf["x"], res_in, norm_w, self.eps, h=h, token_ids=ids, embedding=self.embedding,
                  norm_b=norm_b, router_w=rw, router_b=rb, expert_idx=buf["idx"], expert_weight=buf["rwt"],
                  pdl=self.policy.pdl, x_planes=buf["xpl"], plane_programs=self.policy.norm_plane_programs,
-                 residual_out=res_out, zero=buf["zeroed"] if buf["acc"] is not None and call == 0 else None)
+                 residual_out=res_out, zero=buf["zeroed"] if buf["acc"] is not None and call == 0 else None,
+                 x_int8=buf["xq"] if x_int8 else None)
 
     def __call__(self, token_ids: torch.Tensor, state) -> torch.Tensor:
         token_ids = token_ids.contiguous()  # the gather kernel reads ids[b] at offset b (a column slice is strided)
@@ -328,7 +353,8 @@ class FusedDecodeStep:
             moe = isinstance(plan, _MoePlan)
             if not fused or i == 0:
                 self._add_norm(buf, h, token_ids, plan.norm_w, i,
-                               router=(plan.router_w, plan.router_b) if moe else None)
+                               router=(plan.router_w, plan.router_b) if moe else None,
+                               x_int8=self._int8_fc1(plan, batch))
             nin = self._norm_in(buf, i) if fused and i > 0 else None
             nout = self._norm_out(buf, i + 1) if fused else None
             h = self._moe(buf, plan, views, nin, nout, i) if moe else self._mamba(buf, plan, views, state, nin, nout, i)
@@ -404,7 +430,12 @@ class FusedDecodeStep:
         ffn = plan.fc1.n // 2 if plan.gated else plan.fc1.n
         act = buf["act"][:, :ffn]
         # gate, up and activation in one kernel
-        if plan.gated and self.policy.takes(plan.fc1, act.shape[0], routed=True):
+        if self._int8_fc1(plan, act.shape[0]):  # on int8 codes of x, with dp4a; the expert index read after the wait
+            w4a8_rows(*buf["xq"], plan.fc1, out=act, row_expert=buf["idx"], gate=plan.activation,
+                      block_n=self.policy.int8_rows_block_n, pdl=self.policy.pdl, expert_ready=False,
+                      out_planes=buf["apl"], out_word_sums=self._sums(buf, "wa", layer) if buf["apl"] is not None
+                      else None)
+        elif plan.gated and self.policy.takes(plan.fc1, act.shape[0], routed=True):
             route = None
             if nin is not None:  # the route from the accumulated norm (no router kernel ran)
                 route = self._route(nin, plan, scale=True)

@@ -14,7 +14,7 @@ from qmamba.block_plan import MAMBA, ModelBlock, block_plan
 from qmamba.config import ModelConfig
 from qmamba.errors import TokenIdError
 from qmamba.mamba_mixer import MambaMixer
-from qmamba.moe import SwitchMoE
+from qmamba.moe import SwitchMoE, decode_step
 from qmamba.norms import RMSNorm, make_final_norm
 from qmamba.ops import BACKENDS
 from qmamba.state import InferenceState
@@ -152,15 +152,16 @@ class MambaLM(nn.Module):
     def _step(self, input_ids, state):
         h = self.embedding(input_ids).to(self.compute_dtype)
         residual = None
-        for block in self.blocks:
-            residual, x = block.norm.add_forward(residual, h, self.compute_dtype)
-            if block.is_mamba:
-                s = block.slot
-                h, conv, ssm = block.mixer.step(x, state.conv_state[s], state.ssm_state[s])
-                state.conv_state[s].copy_(conv)
-                state.ssm_state[s].copy_(ssm)
-            else:
-                h = block.mixer(x)
+        with decode_step():  # (the reference experts round as the fused step does: QuantExperts.int8_inputs)
+            for block in self.blocks:
+                residual, x = block.norm.add_forward(residual, h, self.compute_dtype)
+                if block.is_mamba:
+                    s = block.slot
+                    h, conv, ssm = block.mixer.step(x, state.conv_state[s], state.ssm_state[s])
+                    state.conv_state[s].copy_(conv)
+                    state.ssm_state[s].copy_(ssm)
+                else:
+                    h = block.mixer(x)
         return self._logits(residual, h)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

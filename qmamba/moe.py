@@ -7,11 +7,34 @@ Experts are stored stacked: ``fc1 [E, fc1_rows, d]``, ``fc2 [E, d, ffn]``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qmamba.config import ModelConfig
+
+
+_DECODE_STEP = contextvars.ContextVar("qmamba_moe_decode_step", default=False)
+
+
+@contextlib.contextmanager
+def decode_step():
+    """The scope of a single-token step (:meth:`qmamba.model.MambaLM.step`): the reference experts with int8 inputs
+    (:class:`qmamba.quant.modules.QuantExperts`) then round fc1's input as the fused step's W4A8 row programs do at
+    2+ rows, where a prefill's rows keep theirs below the W4A8 prefill's row count."""
+    token = _DECODE_STEP.set(True)
+    try:
+        yield
+    finally:
+        _DECODE_STEP.reset(token)
+
+
+def in_decode_step() -> bool:
+    """Whether the experts run inside :func:`decode_step`."""
+    return _DECODE_STEP.get()
 
 
 def activation_fn(name: str):

@@ -212,6 +212,13 @@ class DecodePolicy:
     #                             batch 8: in_proj's, x_proj's and out_proj's programs have 3 tiles each; sm_90,
     #                             Triton 3.6: 80 -> 92 registers, no spills). On in the CUDA policy: H100, session 39
     #                             (--variants default,etile, 5 rounds), int4 g128 batch 8 1.334 -> 1.314 ms/token
+    int8_rows: bool = False  # fused step at 2+ rows, for a model whose MoE takes int8 activations
+    #                             (``model.int8_activations``, decided by ``qmamba quantize``'s check): a gated routed
+    #                             fc1 of int4 plane words (groups a multiple of 128) on the W4A8 row programs
+    #                             (qmamba.kernels.w4a8_rows: int8 codes against plane words with dp4a), its input
+    #                             quantized to int8 per row by the add + norm before it (which then writes no int4
+    #                             input planes for it); fc1's epilogue still writes fc2's input planes
+    int8_rows_block_n: int = 16  # with int8_rows: fc1's weight rows a program (gate and up rows together)
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
 
     def __post_init__(self):

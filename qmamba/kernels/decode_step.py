@@ -1,7 +1,8 @@
 """Tensor-level Triton kernels of the fused single-token decode step, each beside its pure-PyTorch twin.
 
 * :func:`add_norm` (twin :func:`add_norm_ref`): ``residual = h + residual`` (or the embedding row of a token for
-  the first layer), ``x = RMSNorm|LayerNorm(residual)``, and optionally the top-1 sigmoid router on ``x``.
+  the first layer), ``x = RMSNorm|LayerNorm(residual)``, and optionally the top-1 sigmoid router on ``x``, the int4
+  input planes of ``x`` and ``x`` quantized to int8 per row for the W4A8 row programs.
 * :func:`dt_state_update` (twin :func:`dt_state_update_ref`): ``dt = softplus(W_dt @ dbc[:, :R] + dt_bias)``, the
   SSM state update in place, the ``C`` readout, the ``D`` skip and the ``SiLU(z)`` gate; optionally the conv step
   (its output recomputed, the conv state shifted in place).
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from qmamba.kernels._triton import cdiv, jit, next_pow2, pdl_launch, tl
 from qmamba.kernels.input_planes import add_word_sums, store_x_planes
 from qmamba.kernels.selective_scan import _softplus
+from qmamba.kernels.w4a8_gemm import check_int8_operands, int8_codes, int8_row_scale
 from qmamba.quant.layout import check_word_sums, check_x_planes
 
 
@@ -49,18 +51,38 @@ def _store_planes(xpl_row, cols, y, KPAD: tl.constexpr):
 
 
 @jit
+def _store_int8_row(yf, d, q_row, s_ptr, sum_row, QPAD: tl.constexpr, CUDA: tl.constexpr):
+    """The fp32 row ``yf`` (columns ``d``, 0 past its end; a multiple of 128 long, at least ``QPAD``) quantized to
+    int8 as :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8` quantizes it: the codes stored in plane-byte order
+    (input k of tile t at ``128 t + 64 h + 4 (k % 16) + k // 32`` within the tile's columns, h = (k // 16) % 2, the
+    inverse of :func:`qmamba.quant.layout.int8_x_plane_order`), the scale, and each 128-column tile's code sum."""
+    scale, inv = int8_row_scale(tl.max(tl.abs(yf), axis=0))
+    q = int8_codes(yf, inv, CUDA)
+    kk = d % 128
+    j = d - kk + 64 * ((kk // 16) % 2) + 4 * (kk % 16) + kk // 32
+    tl.store(q_row + j, q.to(tl.int8), mask=d < QPAD)
+    tl.store(s_ptr, scale)
+    n: tl.constexpr = yf.shape[0]
+    t = tl.arange(0, n // 128)
+    tl.store(sum_row + t, tl.sum(tl.reshape(q, (n // 128, 128)), axis=1), mask=t < QPAD // 128)
+
+
+@jit
 def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, out_ptr, rw_ptr, rb_ptr, idx_ptr,
-                     rwt_ptr, xpl_ptr, zero_ptr, n_zero, D, E, eps, sh_b, s_emb, sri_b, sr_b, so_b, srw_e, sxpl_b,
+                     rwt_ptr, xpl_ptr, zero_ptr, xq_ptr, xs_ptr, xsum_ptr, n_zero, D, E, eps, sh_b, s_emb, sri_b,
+                     sr_b, so_b, srw_e, sxpl_b, sxq_b, sxsum_b,
                      ZERO_BLOCK: tl.constexpr, FIRST: tl.constexpr, HAS_RES: tl.constexpr,
                      LAYERNORM: tl.constexpr, ROUTER: tl.constexpr, HAS_RB: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_E: tl.constexpr, PDL: tl.constexpr, X_PLANES: tl.constexpr, KPAD: tl.constexpr,
-                     SLICE: tl.constexpr):
+                     SLICE: tl.constexpr, X_INT8: tl.constexpr = False, QPAD: tl.constexpr = 128,
+                     CUDA: tl.constexpr = False):
     """residual = h (FIRST: embedding[ids]) [+ residual in, HAS_RES]; out = norm(residual); optional top-1 sigmoid
     router. The residual is read from ``rin`` and written to ``res`` (the same buffer in the decode step unless
     the planes are split, below). Every load is issued before the first reduction, so their latencies overlap (one
     round trip, not three); with ``PDL`` the weights (norm, router) are read before waiting for the previous
     kernel. ``X_PLANES``: also the int4 input planes of the stored ``out`` (:data:`qmamba.quant.layout.INT4_X_PLANES`,
-    ``KPAD`` columns a plane).
+    ``KPAD`` columns a plane). ``X_INT8``: also the stored ``out`` quantized to int8 per row (``QPAD`` code columns,
+    :func:`_store_int8_row`), the input of the W4A8 row programs.
     ``SLICE < KPAD`` (split planes; ``rin`` and ``res`` must then be different buffers): program ``(b, p)`` computes
     the row's mean / rstd from the whole row (a few KB from L2), then only the planes of columns ``[p SLICE, (p + 1)
     SLICE)`` (whole plane tiles), from those columns read again; program 0 also writes the residual, ``out`` and the
@@ -114,6 +136,8 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, o
         tl.store(out_ptr + b * so_b + d, y, mask=dm)
         if X_PLANES and not SPLIT:
             _store_planes(xpl_ptr + b * sxpl_b, d, y, KPAD)
+        if X_INT8:
+            _store_int8_row(y.to(tl.float32), d, xq_ptr + b * sxq_b, xs_ptr + b, xsum_ptr + b * sxsum_b, QPAD, CUDA)
         if ROUTER:
             logits = tl.sum(wr.to(tl.float32) * y.to(tl.float32)[None, :], axis=1) + rbias
             p = tl.where(em, tl.sigmoid(logits), -1.0)
@@ -225,7 +249,7 @@ def _dt_state_update_kernel(dbc_ptr, wdt_ptr, dtb_ptr, x_ptr, z_ptr, a_ptr, dski
 # ---- launchers and reference twins -------------------------------------------------------------------------------
 def add_norm(x_out, residual, norm_w, eps, h=None, token_ids=None, embedding=None, norm_b=None, router_w=None,
              router_b=None, expert_idx=None, expert_weight=None, pdl: bool = False, x_planes=None,
-             plane_programs: int = 1, residual_out=None, zero=None):
+             plane_programs: int = 1, residual_out=None, zero=None, x_int8=None):
     """In place: ``residual [B, d]`` fp32 becomes ``h + residual`` (``h [B, d]``), or ``embedding[token_ids]`` when
     ``h`` is None (the first layer); with ``residual_out`` (another ``[B, d]`` fp32 buffer) that one receives it and
     ``residual`` is only read; ``x_out [B, d]`` receives the norm of it (LayerNorm when ``norm_b`` is given,
@@ -239,7 +263,10 @@ def add_norm(x_out, residual, norm_w, eps, h=None, token_ids=None, embedding=Non
     writes the new one, so a residual added in place (no ``residual_out``) keeps one program a row. ``zero``: a
     contiguous float32 tensor zeroed by the same launch (the fused step's norm sums,
     :class:`qmamba.kernels.decode_linear.NormOut`, and with ``DecodePolicy.producer_word_sums`` the word-sum rows),
-    by the programs in turn, blocks of up to 1,024 elements."""
+    by the programs in turn, blocks of up to 1,024 elements. ``x_int8 = (codes, scale, sums)``: buffers of
+    :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8`'s shapes (``sums`` zeroed once: its padding columns are not
+    written) that receive what it computes from the stored ``x_out``, the input of
+    :func:`qmamba.kernels.w4a8_rows.w4a8_rows`."""
     if zero is not None and (zero.dtype != torch.float32 or not zero.is_contiguous()):
         raise ValueError("add_norm: zero must be a contiguous float32 tensor")
     if h is None and (token_ids is None or embedding is None):
@@ -251,13 +278,15 @@ def add_norm(x_out, residual, norm_w, eps, h=None, token_ids=None, embedding=Non
     elif residual_out.shape != residual.shape or residual_out.data_ptr() == residual.data_ptr():
         # (the split planes read the residual twice: it must not be the buffer written)
         raise ValueError("add_norm: residual_out must be another buffer of the residual's shape")
+    if x_int8 is not None:
+        check_int8_operands("add_norm", x_int8, x_out.shape[0], x_out.shape[1])
     _launch_add_norm(x_out, residual, residual_out, norm_w, eps, h, token_ids, embedding, norm_b, router_w,
-                     router_b, expert_idx, expert_weight, pdl, x_planes, plane_programs, zero)
+                     router_b, expert_idx, expert_weight, pdl, x_planes, plane_programs, zero, x_int8)
 
 
 def _launch_add_norm(x_out, residual_in, residual_out, norm_w, eps, h, token_ids, embedding, norm_b, router_w,
                      router_b, expert_idx, expert_weight, pdl: bool, x_planes=None, plane_programs: int = 1,
-                     zero=None):
+                     zero=None, x_int8=None):
     """``_add_norm_kernel`` over the rows of ``x_out``: the residual read from ``residual_in`` (None: none added)
     and written to ``residual_out``; with ``x_planes``, ``plane_programs`` programs a row (rounded down to a power
     of two that divides the planes' tiles)."""
@@ -272,6 +301,10 @@ def _launch_add_norm(x_out, residual_in, residual_out, norm_w, eps, h, token_ids
         block_d = max(block_d, kpad)
         parts = max(1, min(int(plane_programs), kpad // 128))
         parts = 1 << (parts.bit_length() - 1)  # kpad // 128 is a power of two: parts divides it
+    codes, qscale, qsums = x_int8 if x_int8 is not None else (residual_out,) * 3
+    qpad = codes.shape[1] if x_int8 is not None else 128
+    if x_int8 is not None:
+        block_d = max(block_d, qpad)
     _add_norm_kernel[(batch, parts)](
         h if h is not None else residual_out, token_ids if token_ids is not None else residual_out,
         embedding if embedding is not None else dummy, rin, residual_out, norm_w,
@@ -279,13 +312,16 @@ def _launch_add_norm(x_out, residual_in, residual_out, norm_w, eps, h, token_ids
         router_b if router_b is not None else dummy, expert_idx if expert_idx is not None else residual_out,
         expert_weight if expert_weight is not None else residual_out,
         x_planes if x_planes is not None else residual_out, zero if zero is not None else residual_out,
-        zero.numel() if zero is not None else 0, d, e, float(eps), h.stride(0) if h is not None else 0, embedding.stride(0) if embedding is not None else 0,
+        codes, qscale, qsums,
+        zero.numel() if zero is not None else 0, d, e, float(eps), h.stride(0) if h is not None else 0,
+        embedding.stride(0) if embedding is not None else 0,
         rin.stride(0), residual_out.stride(0), x_out.stride(0), router_w.stride(0) if router_w is not None else 0,
-        x_planes.stride(0) if x_planes is not None else 0,
+        x_planes.stride(0) if x_planes is not None else 0, codes.stride(0), qsums.stride(0),
         ZERO_BLOCK=min(1024, next_pow2(zero.numel())) if zero is not None and zero.numel() else 0,
         FIRST=h is None, HAS_RES=residual_in is not None, LAYERNORM=norm_b is not None,
         ROUTER=router_w is not None, HAS_RB=router_b is not None, BLOCK_D=block_d, BLOCK_E=next_pow2(e),
         PDL=pdl, X_PLANES=x_planes is not None, KPAD=kpad, SLICE=kpad // parts,
+        X_INT8=x_int8 is not None, QPAD=qpad, CUDA=residual_out.is_cuda,
         num_warps=4 if residual_out.is_cuda else 1,
         **pdl_launch(pdl))
 

@@ -22,9 +22,10 @@ import torch
 from qmamba.kernels._triton import cdiv, jit, pdl_launch, tl
 from qmamba.kernels.activations import ACTIVATION_IDS, activate
 from qmamba.kernels.dequant_gemm import weight_rows
+from qmamba.kernels.input_planes import add_word_sums, store_x_planes
 from qmamba.kernels.w4a8_gemm import w4a8_operands
 from qmamba.kernels.weights import PackedWeight
-from qmamba.quant.layout import INT4_TILE
+from qmamba.quant.layout import INT4_TILE, check_word_sums, check_x_planes
 
 
 @jit
@@ -50,26 +51,35 @@ def _dp4a_words(words, x_lo, x_hi, ASM: tl.constexpr):
 
 @jit
 def _w4a8_rows_kernel(
-    q_ptr, xs_ptr, xsum_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rscale_ptr, rexp_ptr,
-    N, sqm, ssum, som, son, swe, swn, sse, ssn, sze, szn,
+    q_ptr, xs_ptr, xsum_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rscale_ptr, rexp_ptr, opl_ptr, ows_ptr,
+    N, sqm, ssum, som, son, swe, swn, sse, ssn, sze, szn, sopl_m, sows_m,
     TILES: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr,
     ROUTED: tl.constexpr, ASM: tl.constexpr, GATE: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
+    EXPERT_READY: tl.constexpr = True, OUT_PLANES: tl.constexpr = False, OPL_K: tl.constexpr = 1,
+    OUT_WSUMS: tl.constexpr = False,
 ):
     """Program (row m, block of weight rows): ``out[m, n] = (sum over tiles of scale * (dot - zero * xsum)) *
     xscale[m]`` (+ bias, ``GATE``: ``act(gate) * up`` of the block's gate rows then up rows as the W4A8 GEMM's,
-    times ``row_scale[m]``). ``ROUTED``: row m reads expert ``row_expert[m]``'s matrix. ``PDL``: the expert index
-    and the first tile's weight words are read before the wait for the kernel before (which wrote the codes)."""
+    times ``row_scale[m]``). ``ROUTED``: row m reads expert ``row_expert[m]``'s matrix. ``PDL``: the first tile's
+    weight words are read before the wait for the kernel before (which wrote the codes), and so is the expert index
+    where it was written earlier than that (``EXPERT_READY``; else it and the words are read after the wait: the
+    fused step's fc1, whose router runs in the add + norm just before it). ``OUT_PLANES`` / ``OUT_WSUMS``: the
+    stored output's int4 input planes 0..7 (``OPL_K`` columns a plane) and its word sums, the input of a plane-word
+    GEMV after it (the fused step's fc2), as the decode kernels' epilogue writes them."""
     m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     n, n_ok = weight_rows(pid_n, N, BLOCK_N, GATE)
+    w16 = tl.arange(0, 16)
+    if PDL and not EXPERT_READY:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     if ROUTED:
         e = tl.load(rexp_ptr + m).to(tl.int64)
     else:
         e = m * 0
-    w16 = tl.arange(0, 16)
     w_rows = w_ptr + e * swe + n[:, None] * swn
     words = tl.load(w_rows + w16[None, :], mask=n_ok[:, None], other=0)
-    if PDL:
+    if PDL and EXPERT_READY:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     x_row = q_ptr + m * sqm  # the row's codes as int32 words: tile t's low-nibble codes at 32 t, high at 32 t + 16
@@ -95,20 +105,36 @@ def _w4a8_rows_kernel(
         n_ok = n < N // 2
     if HAS_RSCALE:
         acc *= tl.load(rscale_ptr + m).to(tl.float32)
-    tl.store(out_ptr + m * som + n * son, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+    yq = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + m * som + n * son, yq, mask=n_ok)
+    if OUT_PLANES:  # the planes of the stored value, as the decode kernels' epilogue writes them
+        store_x_planes(opl_ptr + m * sopl_m, n, yq.to(tl.float32), n_ok, OPL_K)
+    if OUT_WSUMS:
+        add_word_sums(ows_ptr + m * sows_m, n, yq.to(tl.float32), n_ok)
 
 
 def w4a8_rows(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row_expert=None, row_scale=None,
-              gate: str | None = None, block_n: int = 32, num_warps: int = 4, pdl: bool = False) -> torch.Tensor:
+              gate: str | None = None, block_n: int = 32, num_warps: int = 4, pdl: bool = False,
+              expert_ready: bool = True, out_planes=None, out_word_sums=None) -> torch.Tensor:
     """``out [M, N] <- (x_hat @ W_hat^T + bias) * row_scale`` (row m on expert ``row_expert[m]`` of a stack) from
     :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8`'s ``codes, scale, sums`` and int4 plane words (group size a
     multiple of 128), a program a row and ``block_n`` weight rows. ``gate`` (an activation of
     :data:`ACTIVATION_IDS`): a gated fc1 (2F rows: gate, then up), ``out [M, F]`` receives ``act(gate) * up``.
-    ``pdl`` (Hopper and newer, inside a CUDA graph): a programmatic dependent launch. ``out`` defaults to a new
-    bfloat16 tensor."""
+    ``pdl`` (Hopper and newer, inside a CUDA graph): a programmatic dependent launch; ``expert_ready``: with it,
+    ``row_expert`` was written before the kernel just before this one, so it is read before the wait (False: the
+    router is that kernel). ``out_planes [M, 9, width]`` fp32: planes 0..7 receive the int4 input planes of ``out``
+    as stored (:func:`qmamba.quant.layout.int4_x_planes`), and ``out_word_sums [M, width / 8]`` fp32 (zeroed
+    before) their word sums, as :func:`qmamba.kernels.decode_linear.decode_linear` writes them. ``out`` defaults
+    to a new bfloat16 tensor."""
     out = w4a8_operands("w4a8_rows", codes, sums, weight, out, gate, block_n)
     if weight.n_experts != 1 and row_expert is None:
         raise ValueError("w4a8_rows: an expert stack needs row_expert")
+    opl_k = check_x_planes("w4a8_rows", "out_planes", out_planes, out.shape[0], out.shape[1]) \
+        if out_planes is not None else 1
+    if out_word_sums is not None:
+        if out_planes is None:
+            raise ValueError("w4a8_rows: word sums of the output need its planes (out_planes)")
+        check_word_sums("w4a8_rows", "out_word_sums", out_word_sums, out.shape[0], opl_k)
     m, k_pad = codes.shape
     n_out = out.shape[1]
     if m == 0:
@@ -120,10 +146,13 @@ def w4a8_rows(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row
     _w4a8_rows_kernel[(m, grid_n)](
         words, scale, sums, out, q, s, z, bias if bias is not None else dummy,
         row_scale if row_scale is not None else dummy, row_expert if row_expert is not None else dummy,
+        out_planes if out_planes is not None else dummy, out_word_sums if out_word_sums is not None else dummy,
         weight.n, words.stride(0), sums.stride(0), out.stride(0), out.stride(1), q.stride(0), q.stride(1),
-        s.stride(0), s.stride(1), z.stride(0), z.stride(1),
+        s.stride(0), s.stride(1), z.stride(0), z.stride(1), out_planes.stride(0) if out_planes is not None else 0,
+        out_word_sums.stride(0) if out_word_sums is not None else 0,
         TILES=k_pad // INT4_TILE, GROUP=weight.group_size, HAS_BIAS=bias is not None,
         HAS_RSCALE=row_scale is not None, ROUTED=row_expert is not None, ASM=codes.is_cuda,
-        GATE=-1 if gate is None else ACTIVATION_IDS[gate], PDL=pdl, BLOCK_N=block_n, num_warps=num_warps,
-        **pdl_launch(pdl))
+        GATE=-1 if gate is None else ACTIVATION_IDS[gate], PDL=pdl, BLOCK_N=block_n,
+        EXPERT_READY=expert_ready, OUT_PLANES=out_planes is not None, OPL_K=opl_k,
+        OUT_WSUMS=out_word_sums is not None, num_warps=num_warps, **pdl_launch(pdl))
     return out

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qmamba.errors import CheckpointError, ConfigError
-from qmamba.moe import StackedExperts, expert_mlp
+from qmamba.moe import StackedExperts, expert_mlp, in_decode_step
 from qmamba.quant import layout
 from qmamba.quant.formats import (BinaryFormat, Int4Format, WeightFormat, binary_apply, binary_operands,
                                   format_from_dict, is_binary)
@@ -356,21 +356,27 @@ class QuantExperts(nn.Module):
 
     def forward(self, x, expert_idx):
         """``x [T, d]`` routed by ``expert_idx [T]``. With ``int8_inputs`` the reference path is the twin of the
-        W4A8 prefill (``qmamba quantize``'s check of it, ``qmamba bench``'s reference): from as many rows as the
-        kernels take it for (:data:`qmamba.kernels.matmul_configs.W4A8_PREFILL_MIN_M`), the int4 plane-word
-        matrices multiply their inputs rounded to int8 per row."""
+        int8-activation kernels (``qmamba quantize``'s check of them, ``qmamba bench``'s reference): the int4
+        plane-word matrices multiply their inputs rounded to int8 per row from as many rows as the W4A8 prefill
+        takes (:data:`qmamba.kernels.matmul_configs.W4A8_PREFILL_MIN_M`), and a gated fc1 does in a batched step
+        (:func:`qmamba.moe.decode_step`, 2 to :data:`qmamba.kernels.decode_linear.MAX_ROWS` rows: the fused step's
+        W4A8 row programs, ``DecodePolicy.int8_rows``)."""
         out = x.new_zeros(x.shape[0], self.fc2.shape[1] if isinstance(self.fc2, nn.Parameter) else self.fc2.n)
-        round_inputs = False
+        round_fc1 = round_fc2 = False
         if self.int8_inputs and self.backend != "triton":
+            from qmamba.kernels.decode_linear import MAX_ROWS
             from qmamba.kernels.matmul_configs import W4A8_PREFILL_MIN_M
 
-            round_inputs = x.shape[0] >= W4A8_PREFILL_MIN_M
+            rows = x.shape[0]
+            round_fc1 = round_fc2 = rows >= W4A8_PREFILL_MIN_M
+            if in_decode_step() and self.gated and 2 <= rows <= MAX_ROWS:
+                round_fc1 = True
         for e in range(self.n_experts):
             rows = (expert_idx == e).nonzero(as_tuple=True)[0]
             if rows.numel():
                 out[rows] = expert_mlp(x[rows], None, None, self.activation, self.gated,
-                                       fc1_fn=lambda t, e=e: self._expert_matmul(t, "fc1", e, round_inputs),
-                                       fc2_fn=lambda t, e=e: self._expert_matmul(t, "fc2", e, round_inputs))
+                                       fc1_fn=lambda t, e=e: self._expert_matmul(t, "fc1", e, round_fc1),
+                                       fc2_fn=lambda t, e=e: self._expert_matmul(t, "fc2", e, round_fc2))
         return out
 
 

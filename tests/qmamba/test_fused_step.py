@@ -365,3 +365,39 @@ def test_general_kernels_as_programmatic_dependents(fmt, mode, device, monkeypat
             want = eager(tok, eager_state)
             torch.testing.assert_close(got.float(), want.float(), atol=1e-3, rtol=1e-3)
             tok = want.argmax(-1)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@torch.no_grad()
+def test_fused_step_int8_rows(batch, device):
+    """``DecodePolicy.int8_rows`` on a model with int8 activations: at 2+ rows the gated int4 fc1 runs on the W4A8
+    row programs (the add + norm writes x as int8 codes, no input planes for it; fc1 still writes fc2's planes), and
+    the step equals the reference step whose experts round fc1's input the same way (``QuantExperts.int8_inputs``
+    in :func:`qmamba.moe.decode_step`), not the one without the rounding; at one row nothing changes."""
+    from qmamba.quant.modules import QuantExperts
+
+    model = build("tiny-blackmamba", FORMATS["int4g128"], device)
+    model.int8_activations = True
+    experts = [m for m in model.modules() if isinstance(m, QuantExperts)]
+    ids = torch.randint(0, model.config.vocab_size, (batch, 5), device=device)
+    _, state = model.prefill(ids)
+    policy = dataclasses.replace(DecodePolicy.for_device(device), formats=(0, 1, 3), max_rows=1, max_rows_planes=1,
+                                 max_rows_routed=8, int4_planes=True, int4_unpack="denorm", planes_mma=False,
+                                 routed_row_programs=True, int4_x_planes=True, int8_rows=True)
+    step = FusedDecodeStep(model, policy)
+    refs = {}
+    for rounding in (False, True):
+        for m in experts:
+            m.int8_inputs = rounding
+        refs[rounding] = model.step(ids[:, -1], state.clone()).float()
+    logits = step(ids[:, -1], state)
+    buf = step._buffers[batch]
+    assert (buf["xq"] is not None) == (batch > 1)
+    assert buf["xpl"] is None if batch > 1 else buf["xpl"] is not None  # (at one row fc1 and the head read them)
+    assert buf["apl"] is not None
+    torch.testing.assert_close(logits, refs[True], atol=1e-3, rtol=1e-3)
+    err = {r: (logits - ref).abs().max().item() for r, ref in refs.items()}
+    if batch > 1:  # the rounding is what the step does: 100x closer to the reference that rounds
+        assert err[True] * 100 < err[False]
+    else:  # one row: no rounding in either
+        assert err[True] == err[False]

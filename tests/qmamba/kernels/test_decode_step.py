@@ -84,6 +84,52 @@ def test_add_norm_writes_the_int4_input_planes_of_the_stored_x(d, dtype, program
         add_norm(x, residual, norm_w, 1e-5, h=h, token_ids=ids, embedding=emb, residual_out=residual)
 
 
+@pytest.mark.parametrize("d,dtype,kind", [(37, torch.float32, "rms"), (300, torch.bfloat16, "rms"),
+                                           (256, torch.bfloat16, "first"), (300, torch.float32, "ln")])
+def test_add_norm_quantizes_the_stored_x_to_int8(d, dtype, kind, device):
+    """``x_int8``: the stored ``x`` quantized per row exactly as :func:`quantize_rows_int8_ref` quantizes it (codes in
+    plane-byte order, the scale, the tile sums with their padding left zero), beside the planes and the routing,
+    which stay as without it; a zero row (scale 1, codes 0) included. Bad buffers are an error."""
+    from qmamba.kernels.w4a8_gemm import quantize_rows_int8_ref, sum_columns
+    from qmamba.quant.layout import INT4_X_PLANES
+
+    torch.manual_seed(d)
+    batch, e, vocab = 3, 5, 7
+    residual = torch.randn(batch, d, device=device)
+    h = None if kind == "first" else torch.randn(batch, d, device=device)
+    if h is not None:
+        h[2] = -residual[2]  # a zero row
+    ids = torch.tensor([6, 1, 0], device=device)
+    emb = torch.randn(vocab, d, device=device)
+    norm_w = (torch.rand(d, device=device) + 0.5).to(dtype)
+    norm_b = torch.zeros(d, device=device).to(dtype) if kind == "ln" else None
+    rw, rb = torch.randn(e, d, device=device), torch.randn(e, device=device)
+    qpad = -(-d // 128) * 128
+    codes = torch.full((batch, qpad), 99, dtype=torch.int8, device=device)
+    scale = torch.full((batch,), float("nan"), device=device)
+    sums = torch.zeros(batch, sum_columns(qpad), device=device)
+    kpad = {37: 128, 300: 512, 256: 256}[d]
+    planes = torch.full((batch, INT4_X_PLANES, kpad), float("nan"), device=device)
+    outs = []
+    for x_int8 in (None, (codes, scale, sums)):
+        x = torch.empty(batch, d, device=device, dtype=dtype)
+        idx = torch.full((batch,), -1, dtype=torch.int32, device=device)
+        wt = torch.zeros(batch, device=device)
+        add_norm(x, residual.clone(), norm_w, 1e-5, h=h, token_ids=ids, embedding=emb, norm_b=norm_b, router_w=rw,
+                 router_b=rb, expert_idx=idx, expert_weight=wt, x_planes=planes, x_int8=x_int8)
+        outs.append((x, idx, wt, planes.clone()))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    want = quantize_rows_int8_ref(outs[1][0], qpad)
+    assert torch.equal(codes, want[0]) and torch.equal(scale, want[1]) and torch.equal(sums, want[2])
+    if h is not None:
+        assert scale[2].item() == 1.0 and not codes[2].any()
+    with pytest.raises(ValueError, match="int8"):
+        add_norm(x, residual, norm_w, 1e-5, h=h, token_ids=ids, embedding=emb, x_int8=(codes.float(), scale, sums))
+    with pytest.raises(ValueError, match="sums"):
+        add_norm(x, residual, norm_w, 1e-5, h=h, token_ids=ids, embedding=emb, x_int8=(codes, scale, sums[:, :1]))
+
+
 def test_int4_x_planes_reference():
     """The reference planes against their definition: plane i is x * 2^(96 - 4 (i mod 5)), plane 8 at word 16 t + w
     is 2^-53 times the sum of x over k = 128 t + 16 i + w."""

@@ -9,6 +9,7 @@ from qmamba.kernels.fused_moe import gated_act_ref
 from qmamba.kernels.w4a8_gemm import quantize_rows_int8, quantize_rows_int8_ref, w4a8_gemm_ref
 from qmamba.kernels.w4a8_rows import w4a8_rows
 from qmamba.quant.formats import Int4Format
+from qmamba.quant.layout import int4_x_planes, int4_x_planes_width
 
 
 def planes_weight(n, k, device, experts=1, group=128, seed=0):
@@ -47,6 +48,33 @@ def test_routed_rows(gate, device):
     h = w4a8_gemm_ref(codes, scale, w, row_expert=row_expert)
     ref = (gated_act_ref(h, gate, True) if gate else h) * row_scale[:, None]
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("word_sums", [False, True])
+def test_gated_rows_write_the_planes_of_their_output(word_sums, device):
+    """The fused step's fc1 (expert read after the wait, ``expert_ready=False``): its gated output's int4 input
+    planes 0..7 as stored, and their word sums where asked, as the decode kernels' epilogue writes them for fc2."""
+    m, k, f, experts = 3, 256, 150, 3
+    w = planes_weight(2 * f, k, device, experts=experts, seed=2)
+    x = torch.randn(m, k, device=device)
+    row_expert = torch.tensor([2, 0, 2], dtype=torch.int32, device=device)
+    codes, scale, sums = quantize_rows_int8(x, w.qweight.shape[-1] * 8)
+    width = int4_x_planes_width(f)
+    planes = torch.zeros(m, 9, width, device=device)
+    wsums = torch.zeros(m, width // 8, device=device) if word_sums else None
+    act = w4a8_rows(codes, scale, sums, w, out=torch.full((m, f), float("nan"), device=device), row_expert=row_expert,
+                    gate="silu", block_n=32, expert_ready=False, out_planes=planes, out_word_sums=wsums)
+    want = gated_act_ref(w4a8_gemm_ref(codes, scale, w, row_expert=row_expert), "silu", True)
+    torch.testing.assert_close(act, want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(planes[:, :8], int4_x_planes(act)[:, :8], atol=0, rtol=0)  # of the stored values
+    assert torch.equal(planes[:, 8], torch.zeros_like(planes[:, 8]))  # plane 8 is left to the sums' row
+    if word_sums:
+        torch.testing.assert_close(wsums, int4_x_planes(act)[:, 8, :width // 8], atol=1e-22, rtol=1e-5)
+    with pytest.raises(ValueError, match="out_planes"):
+        w4a8_rows(codes, scale, sums, w, row_expert=row_expert, gate="silu", out_planes=planes[:, :, :128])
+    with pytest.raises(ValueError, match="planes"):
+        w4a8_rows(codes, scale, sums, w, row_expert=row_expert, gate="silu",
+                  out_word_sums=torch.zeros(m, width // 8, device=device))
 
 
 def test_bad_input_is_refused():
