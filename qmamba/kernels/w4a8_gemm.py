@@ -6,7 +6,10 @@ is converted to a float in the K loop:
 
 * the activations are quantized once per row (:func:`quantize_rows_int8`: a per-row scale, ``x / scale`` rounded
   to an integer in [-127, 127]) and stored in plane-byte order (:func:`qmamba.quant.layout.int8_x_plane_order`),
-  with each 128-column tile's sum of codes;
+  with each 128-column tile's sum of codes. The rounding is defined once (:func:`int8_row_scale`,
+  :func:`int8_codes`, :func:`plane_byte_inputs`) for every kernel that writes such rows: the MoE prefill's routing
+  kernel writes fc1's (:func:`qmamba.kernels.fused_moe.route_top1_int8`, one launch fewer), which
+  :func:`w4a8_linear` then takes as ``x_int8``;
 * the weight's plane words are read as bytes: a mask gives the low nibbles and a shift and a mask the high ones,
   four codes a 32-bit instruction, as int8 operands of ``tl.dot`` (``code`` in 0..15 is exact in int8);
 * per 128-column tile (one quantization group, or a part of one), the exact int32 product of the codes is scaled by
@@ -96,22 +99,43 @@ def w4a8_gemm_ref(codes, scale, weight: PackedWeight, bias=None, row_expert=None
 
 # ---- activation quantization ----------------------------------------------------------------------------------------
 @jit
-def _quantize_rows_int8_kernel(x_ptr, q_ptr, s_ptr, sum_ptr, K, sxm, sxk, sqm, ssum, BLOCK_K: tl.constexpr,
-                               TILES: tl.constexpr, CUDA: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    j = tl.arange(0, BLOCK_K)
-    # column j of the output holds input k (int8_x_plane_order): tile t, half h (low / high nibbles), byte r
-    r = j % 64
-    k = (j // 128) * 128 + 32 * (r % 4) + r // 4 + 16 * ((j % 128) // 64)
-    x = tl.load(x_ptr + row * sxm + k * sxk, mask=k < K, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=0)
+def int8_row_scale(amax):
+    """``(scale, 1 / scale)`` of a row whose largest magnitude is ``amax`` (float32): ``amax / 127`` (1 for an
+    all-zero row) and its reciprocal, each correctly rounded (``div_rn``, as the twin's; CUDA's "/" is not)."""
     scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32)), 1.0)
-    inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)  # IEEE, as the twin's (CUDA's "/" is not)
+    inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+    return scale, inv
+
+
+@jit
+def int8_codes(x, inv, CUDA: tl.constexpr):
+    """``floor(x * inv + 1/2)`` clamped to [-127, 127], as float32 (``x`` float32): the row quantizer's codes, the
+    arithmetic of :func:`quantize_rows_int8_ref`. Shared by every kernel that writes them (this module's quantizer,
+    :func:`qmamba.kernels.fused_moe.route_top1_int8`), so that they agree bit for bit."""
     if CUDA:  # a product the compiler may not fuse with the add (mul.rn): one rounding, then the add's, as the twin
         q = tl.floor(libdevice.mul_rn(x, inv) + 0.5)
     else:
         q = tl.floor(x * inv + 0.5)
-    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+    return tl.minimum(tl.maximum(q, -127.0), 127.0)
+
+
+@jit
+def plane_byte_inputs(j):
+    """The input column k that column ``j`` of the codes holds (:func:`qmamba.quant.layout.int8_x_plane_order`):
+    tile ``j // 128``, half ``(j % 128) // 64`` (low / high nibbles), byte ``r = j % 64``."""
+    r = j % 64
+    return (j // 128) * 128 + 32 * (r % 4) + r // 4 + 16 * ((j % 128) // 64)
+
+
+@jit
+def _quantize_rows_int8_kernel(x_ptr, q_ptr, s_ptr, sum_ptr, K, sxm, sxk, sqm, ssum, BLOCK_K: tl.constexpr,
+                               TILES: tl.constexpr, CUDA: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK_K)
+    k = plane_byte_inputs(j)  # column j of the output holds input k
+    x = tl.load(x_ptr + row * sxm + k * sxk, mask=k < K, other=0.0).to(tl.float32)
+    scale, inv = int8_row_scale(tl.max(tl.abs(x), axis=0))
+    q = int8_codes(x, inv, CUDA)
     tl.store(q_ptr + row * sqm + j, q.to(tl.int8), mask=j < TILES * 128)
     tl.store(s_ptr + row, scale)
     t = tl.arange(0, BLOCK_K // 128)
@@ -119,10 +143,15 @@ def _quantize_rows_int8_kernel(x_ptr, q_ptr, s_ptr, sum_ptr, K, sxm, sxk, sqm, s
     tl.store(sum_ptr + row * ssum + t, sums, mask=t < TILES)  # (the padding columns are zeroed by the launcher)
 
 
+def check_int8_k_pad(who: str, x: torch.Tensor, k_pad: int):
+    """Refuse an input ``x`` that is not ``[M, K]`` with ``K <= k_pad``, ``k_pad`` a multiple of 128."""
+    if x.dim() != 2 or k_pad % INT4_TILE or k_pad < x.shape[1]:
+        raise ValueError(f"{who}: x must be [M, K] with K <= k_pad, k_pad a multiple of {INT4_TILE}")
+
+
 def quantize_rows_int8(x: torch.Tensor, k_pad: int):
     """Triton twin of :func:`quantize_rows_int8_ref` (one program a row)."""
-    if x.dim() != 2 or k_pad % INT4_TILE or k_pad < x.shape[1]:
-        raise ValueError(f"quantize_rows_int8: x must be [M, K] with K <= k_pad, k_pad a multiple of {INT4_TILE}")
+    check_int8_k_pad("quantize_rows_int8", x, k_pad)
     m = x.shape[0]
     tiles = k_pad // INT4_TILE
     codes = torch.empty(m, k_pad, dtype=torch.int8, device=x.device)
@@ -291,17 +320,40 @@ def w4a8_gemm(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row
     return out
 
 
+def check_x_int8(who: str, x: torch.Tensor, x_int8):
+    """Refuse a pre-quantized input ``x_int8 = (codes, scale, sums)`` of ``x [M, K]`` whose row count, row scales or
+    device are not :func:`quantize_rows_int8`'s (codes ``[M, k_pad]``, scale contiguous ``[M]`` float32, sums
+    ``[M, ...]`` with contiguous rows, on x's device); the codes' width, type and layout and the sums' width are
+    :func:`w4a8_operands`' checks against the weight."""
+    if not (isinstance(x_int8, (tuple, list)) and len(x_int8) == 3
+            and all(isinstance(t, torch.Tensor) for t in x_int8)):
+        raise ValueError(f"{who}: x_int8 must be the tuple (codes, scale, sums) of quantize_rows_int8")
+    codes, scale, sums = x_int8
+    m = x.shape[0]
+    if codes.dim() != 2 or codes.shape[0] != m or sums.dim() != 2 or sums.shape[0] != m or sums.stride(-1) != 1:
+        raise ValueError(f"{who}: x_int8's codes and sums must be [{m}, ...] (x's rows), got "
+                         f"{tuple(codes.shape)} and {tuple(sums.shape)}")
+    if tuple(scale.shape) != (m,) or scale.dtype != torch.float32 or scale.stride(0) != 1:
+        raise ValueError(f"{who}: x_int8's scale must be contiguous [{m}] float32, got {tuple(scale.shape)} "
+                         f"{scale.dtype}")
+    if any(t.device != x.device for t in x_int8):
+        raise ValueError(f"{who}: x_int8 must be on x's device {x.device}")
+
+
 def w4a8_linear(x, weight: PackedWeight, bias=None, row_expert=None, row_scale=None, tiles: ExpertTiles | None = None,
-                gate: str | None = None, tile: tuple = (64, 128, 4, 3, False)) -> torch.Tensor:
+                gate: str | None = None, tile: tuple = (64, 128, 4, 3, False), x_int8=None) -> torch.Tensor:
     """``x [M, K]`` -> ``[M, N]`` (``gate``: ``[M, N / 2]``, see :func:`w4a8_gemm`) in x.dtype: the activation
-    quantized per row (:func:`quantize_rows_int8`), then :func:`w4a8_gemm` on ``tile`` = ``(block_m, block_n, warps,
-    stages, weight_left)`` (routed rows: ``row_expert`` with its ``tiles``, built here at ``block_m`` rows a tile
-    when not given; given, theirs). The matmul entry point's W4A8 path (``MatmulPolicy.w4a8_min_m``,
-    ``w4a8_tile``)."""
+    quantized per row (:func:`quantize_rows_int8`; or given already so, ``x_int8 = (codes, scale, sums)``, as the
+    MoE's routing kernel writes them: :func:`qmamba.kernels.fused_moe.route_top1_int8`), then :func:`w4a8_gemm` on
+    ``tile`` = ``(block_m, block_n, warps, stages, weight_left)`` (routed rows: ``row_expert`` with its ``tiles``,
+    built here at ``block_m`` rows a tile when not given; given, theirs). The matmul entry point's W4A8 path
+    (``MatmulPolicy.w4a8_min_m``, ``w4a8_tile``)."""
     block_m, block_n, warps, stages, left = tile
+    if x_int8 is not None:
+        check_x_int8("w4a8_linear", x, x_int8)  # (the codes' width and type: w4a8_gemm's checks)
     if row_expert is not None and tiles is None:
         tiles = expert_tile_map(row_expert, weight.n_experts, block_m)
-    codes, scale, sums = quantize_rows_int8(x, weight.qweight.shape[-1] * 8)
+    codes, scale, sums = x_int8 if x_int8 is not None else quantize_rows_int8(x, weight.qweight.shape[-1] * 8)
     return w4a8_gemm(codes, scale, sums, weight, bias=bias, row_scale=row_scale, tiles=tiles,
                      block_m=tiles.block_m if tiles is not None else block_m, block_n=block_n, num_warps=warps,
                      num_stages=stages, gate=gate, weight_left=left, out_dtype=x.dtype)
