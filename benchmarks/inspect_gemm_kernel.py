@@ -136,6 +136,28 @@ def compile_w4a8_rows(weight: PackedWeight, arch: int, rows: int = 8, block_n: i
     return compile_recorded(real, args, dict(meta, ASM=True), arch)
 
 
+def compile_route_int8(arch: int, tokens: int = 2048, d: int = 1472, quant: bool = True):
+    """The compiled MoE routing kernel (:func:`qmamba.kernels.fused_moe.route_top1_int8`: the router's top-1 and,
+    ``quant``, the row quantized to int8 for the W4A8 GEMM) for ``tokens`` rows of BlackMamba-2.8B's ``d`` in bf16
+    and its 8 experts, with the meta-parameters a CUDA launch takes."""
+    from qmamba.kernels import fused_moe as fm
+
+    recorder, real = _Recorder(fm._route_top1_kernel), fm._route_top1_kernel
+    fm._route_top1_kernel = recorder
+    k_pad = -(-d // 128) * 128 if quant else None
+    try:
+        x = torch.randn(tokens, d).to(torch.bfloat16)
+        router_w = torch.randn(EXPERTS, d).to(torch.bfloat16)
+        if quant:
+            fm.route_top1_int8(x, router_w, None, k_pad)
+        else:
+            fm.route_top1(x, router_w)
+    finally:
+        fm._route_top1_kernel = real
+    _, args, meta = recorder.calls[-1]
+    return compile_recorded(real, args, dict(meta, **fm.route_meta(d, EXPERTS, False, k_pad, cuda=True)), arch)
+
+
 def loop_body(sass: str) -> list[str]:
     """The opcodes of the longest loop of a SASS listing (a backward branch's target up to the branch)."""
     ins = []

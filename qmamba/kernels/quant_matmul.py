@@ -229,7 +229,7 @@ def experts_via_dense(x, weight: PackedWeight, bias, row_expert, row_scale, tile
 
 def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scale=None, tiles=None,
                    config: MatmulConfig | None = None, out=None, policy: MatmulPolicy | None = None,
-                   gate: str | None = None, pdl: bool = False, early_tile: bool = False):
+                   gate: str | None = None, pdl: bool = False, early_tile: bool = False, x_int8=None):
     """``x [M, K]`` -> ``[M, N]`` in x.dtype, with the reference semantics of :func:`dequant_matmul_ref`.
 
     Routing: ``row_expert`` alone with M <= 16 uses one program column per expert; ``tiles`` (from
@@ -244,7 +244,10 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     start (the order every PDL kernel of the step keeps); the other paths (prefill GEMM, word GEMV, dequantization
     pass + cuBLAS) launch as usual, which is always safe. ``early_tile`` (one matrix of int4 plane words, the small-M
     kernel): each program reads its first K tile of the weight first, before that wait (a float tile would hold ~64
-    more registers a thread through the loop: not offered).
+    more registers a thread through the loop: not offered). ``x_int8`` (the W4A8 path only,
+    ``MatmulPolicy.w4a8_min_m``; elsewhere a ValueError): x already quantized per row, the ``(codes, scale, sums)``
+    of :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8` (the MoE prefill's fc1 input, from its routing kernel:
+    :func:`qmamba.kernels.fused_moe.route_top1_int8`), which :func:`w4a8_linear` multiplies instead of quantizing x.
     """
     policy = policy or current_policy()
     if x.dim() != 2 or x.shape[1] != weight.k:
@@ -257,7 +260,10 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
         raise ValueError(f"dequant matmul: bias must be [{weight.n}], got {tuple(bias.shape)}")
     if config is None and out is None and policy.takes_w4a8(m, weight, routed=row_expert is not None):
         return w4a8_linear(x, weight, bias, row_expert, row_scale, tiles, gate=gate,  # int8 activations
-                           tile=policy.w4a8_tile)
+                           tile=policy.w4a8_tile, x_int8=x_int8)
+    if x_int8 is not None:
+        raise ValueError("dequant matmul: x_int8 (x quantized per row) is for the W4A8 path, which this call does not "
+                         "take (MatmulPolicy.w4a8_min_m, an int4 plane-word weight, no config or out)")
     if (x.is_cuda and row_expert is None and m >= DEQUANT_GEMM_MIN_M.get(weight.fmt, 1 << 62) and config is None
             and out is None and x.dtype != torch.float32):
         return dense_linear(x, dequantize_stack(weight, x.dtype)[0], bias, row_scale)

@@ -536,6 +536,9 @@ loop = ig.loop_body(r["sass"])
 print("gemm", r["stack"], loop.count("IGMMA"), loop.count("STS"))
 r = ig.report(ig.compile_w4a8_rows(w, 90, rows=8, block_n=16, gate="gelu"))
 print("rows", r["stack"], r["ops"]["IDP"], r["ops"]["I2F"] + r["ops"]["I2FP"])
+c = ig.compile_route_int8(90)
+r = ig.report(c)
+print("route", r["stack"], c.asm["ptx"].count("mul.rn."), c.asm["ptx"].count("div.rn.f32"), r["ops"]["FRND"])
 """
 
 
@@ -547,9 +550,14 @@ def test_w4a8_kernels_compile_for_sm90():
     at most one, against 9 as the right operand with Triton 3.6); the
     batched-decode row programs at fc1 (8 rows, 16 weight rows a program) use ``dp4a`` (``IDP``), two a plane word
     (16 words a tile a weight row, 12 tiles: 48 a thread for 4 warps), with conversions by the tile, not by the
-    code (24 with Triton 3.6 and 3.9)."""
+    code (24 with Triton 3.6 and 3.9). The MoE's routing kernel that also quantizes its rows to int8 for the W4A8
+    GEMM (``route_top1_int8``, BlackMamba-2.8B's d = 1472 in bf16) compiles without spills, with the quantizer's
+    IEEE operations: ``mul.rn`` (not fused into an FMA with the + 0.5), the two ``div.rn`` of the scale and its
+    reciprocal, and the floor (``FRND``)."""
     stdout = _compiled("-c", _W4A8_COMPILE.format(bench=str(ROOT / "benchmarks")), timeout=900)
     gemm = next(line.split() for line in stdout.splitlines() if line.startswith("gemm "))
     rows = next(line.split() for line in stdout.splitlines() if line.startswith("rows "))
+    route = next(line.split() for line in stdout.splitlines() if line.startswith("route "))
     assert gemm[1] == "0" and int(gemm[2]) >= 4 and int(gemm[3]) <= 1, stdout
     assert rows[1] == "0" and int(rows[2]) >= 48 and int(rows[3]) < 48, stdout
+    assert route[1] == "0" and int(route[2]) >= 1 and int(route[3]) >= 2 and int(route[4]) >= 1, stdout

@@ -1,5 +1,6 @@
 """Fused top-1 MoE against the PyTorch reference: all tokens on one expert, every expert used, an expert with no
-tokens; decode (per-expert programs) and prefill (grouped tiles); float, int8 and int4 stacks."""
+tokens; decode (per-expert programs) and prefill (grouped tiles); float, int8 and int4 stacks; the routing kernel
+that also writes the W4A8 GEMM's int8 rows, bit for bit the quantizer's."""
 
 import pytest
 import torch
@@ -137,3 +138,41 @@ def test_moe_with_gated_epilogue(kind, device):
                                        moe_forward_ref(x[:t], rw, rb, fc1, fc2, "silu", True), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("k,k_pad,dtype", [(200, 256, torch.float32), (300, 384, torch.float32),
+                                           (256, 256, torch.float32), (200, 384, torch.float32),
+                                           (300, 384, torch.bfloat16)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_routing_kernel_quantizes_the_rows(k, k_pad, dtype, bias, device):
+    """:func:`route_top1_int8` (the routing kernel writing the int8 rows too, the W4A8 MoE prefill's fc1 input):
+    codes, scales and tile sums equal to the quantizer's twin bit for bit (ragged K, K a multiple of 128, padding
+    tiles beyond K, an all-zero row; several 128-column chunks a row), the routing equal to :func:`route_top1`'s
+    bit for bit."""
+    from qmamba.kernels.fused_moe import route_top1_int8
+    from qmamba.kernels.w4a8_gemm import quantize_rows_int8, quantize_rows_int8_ref
+
+    g = torch.Generator().manual_seed(k + k_pad)
+    x = (torch.randn(37, k, generator=g) * 3).to(device=device, dtype=dtype)
+    x[4] = 0
+    x[9, 17] = -50.0  # a row's amax at a negative value
+    rw = (torch.randn(5, k, generator=g) * 0.1).to(device=device, dtype=dtype)
+    rb = torch.randn(5, generator=g).to(device) if bias else None
+    idx, weight, (codes, scale, sums) = route_top1_int8(x, rw, rb, k_pad)
+    idx_plain, weight_plain = route_top1(x, rw, rb)
+    assert torch.equal(idx, idx_plain) and torch.equal(weight, weight_plain)
+    assert len(set(idx.tolist())) > 1  # the rows are routed apart
+    ref = quantize_rows_int8_ref(x, k_pad)
+    for got, want in zip((codes, scale, sums), ref):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    for got, want in zip((codes, scale, sums), quantize_rows_int8(x, k_pad)):  # the standalone launch's
+        assert torch.equal(got, want)
+    assert scale[4] == 1 and not codes[4].any() and codes.abs().max() == 127
+
+
+def test_routing_kernel_quantizing_refuses_a_bad_k_pad_and_takes_no_rows(device):
+    from qmamba.kernels.fused_moe import route_top1_int8
+
+    rw, rb = router_for(None, device)
+    with pytest.raises(ValueError, match="k_pad"):
+        route_top1_int8(torch.randn(3, D, device=device), rw, rb, 100)
+    idx, weight, (codes, scale, sums) = route_top1_int8(torch.randn(0, D, device=device), rw, rb, 128)
+    assert idx.shape == (0,) and codes.shape == (0, 128) and scale.shape == (0,) and sums.shape == (0, 16)

@@ -1,7 +1,7 @@
 """The W4A8 GEMM: the activation quantizer against its twin, the GEMM against the dequantized activation times the
 dequantized weight (one matrix, routed expert tiles, ragged K, a group of 256, bias; as ``x W^T`` and ``W x^T``; fc1's
-gated epilogue), the MoE and the matmul entry point under the policy, the plane-byte order as a permutation, and bad
-input refused."""
+gated epilogue), the MoE and the matmul entry point under the policy (fc1's input quantized by the MoE's routing
+kernel, bit for bit as by the matmul), the plane-byte order as a permutation, and bad input refused."""
 
 import dataclasses
 
@@ -226,3 +226,91 @@ def test_policy_refuses_a_negative_threshold_or_a_short_tile():
         MatmulPolicy(w4a8_min_m=-1)
     with pytest.raises(ValueError, match="w4a8_tile"):
         MatmulPolicy(w4a8_tile=(64, 128, 4, 3))
+
+
+@pytest.mark.parametrize("gated_epilogue,d", [(True, 128), (False, 200)])
+def test_moe_prefill_routes_and_quantizes_in_one_launch(gated_epilogue, d, device, monkeypatch):
+    """Under the W4A8 policy the MoE prefill's routing kernel also quantizes x (:func:`route_top1_int8`) and fc1's
+    W4A8 GEMM multiplies those codes: the output is bit for bit the composition that quantizes fc1's input in the
+    matmul (route, tile map, fc1 and fc2 through the matmul entry point), and the standalone quantizer runs once
+    (for fc2's input) instead of twice."""
+    from qmamba.kernels import fused_moe
+    from qmamba.kernels import w4a8_gemm as wg
+    from qmamba.kernels.fused_moe import gated_act, route_top1
+
+    x, router_w, fc1, fc2 = moe_operands(device, 11, t=45, d=d)
+    router_b = torch.randn(router_w.shape[0], generator=torch.Generator().manual_seed(12)).to(device)
+    calls = {"quantize": 0, "fused": 0}
+    real_quantize, real_fused = wg.quantize_rows_int8, fused_moe.route_top1_int8
+
+    def quantize(*args, **kwargs):
+        calls["quantize"] += 1
+        return real_quantize(*args, **kwargs)
+
+    def fused(*args, **kwargs):
+        calls["fused"] += 1
+        return real_fused(*args, **kwargs)
+
+    monkeypatch.setattr(wg, "quantize_rows_int8", quantize)
+    monkeypatch.setattr(fused_moe, "route_top1_int8", fused)
+    policy = dataclasses.replace(W4A8_POLICY, gemm_gated_act=gated_epilogue, w4a8_tile=(16, 32, 4, 2, True))
+    with using_policy(policy):
+        got = moe_forward(x, router_w, router_b, fc1, fc2, "silu", True)
+        assert calls == {"quantize": 1, "fused": 1}
+        idx, weight = route_top1(x, router_w, router_b)  # the flow without the fused quantization
+        tiles = expert_tile_map(idx, fc1.n_experts, _tile_rows(x.shape[0], fc1, x.device))
+        if gated_epilogue:
+            a = dequant_matmul(x, fc1, row_expert=idx, tiles=tiles, gate="silu")
+        else:
+            a = gated_act(dequant_matmul(x, fc1, row_expert=idx, tiles=tiles), "silu", True)
+        unfused = dequant_matmul(a, fc2, row_expert=idx, row_scale=weight, tiles=tiles)
+        assert calls == {"quantize": 3, "fused": 1}
+    assert torch.equal(got, unfused)
+
+
+def test_moe_fuses_the_quantization_only_where_fc1_takes_w4a8(device, monkeypatch):
+    """No fused quantization in decode (T <= 16, even where the policy's threshold is lower), nor where fc1 stays
+    on the default route (the default policy; an int4 stack in MatMulNBits layout, not plane words)."""
+    from qmamba.kernels import fused_moe
+
+    x, router_w, fc1, fc2 = moe_operands(device, 13)
+    fused = []
+    real = fused_moe.route_top1_int8
+    monkeypatch.setattr(fused_moe, "route_top1_int8", lambda *a: fused.append(a[0].shape[0]) or real(*a))
+    fmt = Int4Format(128)
+    g = torch.Generator().manual_seed(14)
+    packed = fmt.quantize_rtn(torch.randn(4, fc1.n, fc1.k, generator=g))
+    nbits = fmt.kernel_weight({key: t.to(device) for key, t in packed.items()}, fc1.n, fc1.k)
+    with using_policy(W4A8_POLICY):
+        moe_forward(x[:9], router_w, None, fc1, fc2, "gelu", True)  # decode
+        moe_forward(x, router_w, None, nbits, fc2, "gelu", True)  # fc1 not plane words
+        assert not fused
+        moe_forward(x, router_w, None, fc1, fc2, "gelu", True)
+        assert fused == [x.shape[0]]
+    moe_forward(x, router_w, None, fc1, fc2, "gelu", True)  # the default policy
+    assert fused == [x.shape[0]]
+
+
+def test_bad_pre_quantized_input_is_refused(device):
+    """``x_int8`` of the matmul entry point: refused where the call does not take the W4A8 path, and when its codes,
+    scale or sums do not fit x and the weight."""
+    m, k, n, experts = 21, 200, 40, 3
+    stack = planes_weight(n, k, device, experts=experts, seed=3)
+    x = torch.randn(m, k, device=device)
+    row_expert = torch.randint(0, experts, (m,), generator=torch.Generator().manual_seed(4)).to(device)
+    codes, scale, sums = quantize_rows_int8(x, 256)
+    with using_policy(W4A8_POLICY):
+        got = dequant_matmul(x, stack, row_expert=row_expert, x_int8=(codes, scale, sums))
+        assert torch.equal(got, dequant_matmul(x, stack, row_expert=row_expert))
+        bad = {"codes' rows": (codes[:-1], scale, sums), "codes' width": (codes[:, :128].contiguous(), scale, sums),
+               "codes' dtype": (codes.float(), scale, sums), "scale's shape": (codes, scale[:, None], sums),
+               "scale's dtype": (codes, scale.double(), sums), "sums' width": (codes, scale, sums[:, :8]),
+               "sums' dtype": (codes, scale, sums.to(torch.int32)), "not a triple": (codes, scale)}
+        for what, x_int8 in bad.items():
+            with pytest.raises(ValueError):
+                dequant_matmul(x, stack, row_expert=row_expert, x_int8=x_int8)
+                pytest.fail(f"{what} accepted")
+        with pytest.raises(ValueError, match="W4A8"):  # below the policy's threshold
+            dequant_matmul(x[:5], stack, row_expert=row_expert[:5], x_int8=quantize_rows_int8(x[:5], 256))
+    with pytest.raises(ValueError, match="W4A8"):  # the default policy
+        dequant_matmul(x, stack, row_expert=row_expert, x_int8=(codes, scale, sums))
