@@ -229,7 +229,8 @@ def moe_forward(x, router_w, router_b, fc1: KernelWeight, fc2: KernelWeight, act
     t = x.shape[0]
     policy = current_policy()
     x_int8 = None
-    if t > GEMV_MAX_M and policy.takes_w4a8(t, fc1):  # fc1 (routed, no config or out) takes dequant_matmul's W4A8
+    # fc1 (routed, no config or out) takes dequant_matmul's W4A8 path: its input quantized by the routing kernel
+    if t > GEMV_MAX_M and policy.w4a8_route_quantizes and policy.takes_w4a8(t, fc1):
         idx, weight, x_int8 = route_top1_int8(x, router_w, router_b, fc1.qweight.shape[-1] * 8)
     else:
         idx, weight = route_top1(x, router_w, router_b)

@@ -156,6 +156,8 @@ class MatmulPolicy:
     w4a8_dense: bool = False  # ... also the dense (not routed) matrices, not only the MoE's expert stacks
     w4a8_tile: tuple = (64, 128, 4, 3, True)  # the W4A8 GEMM's (block_m, block_n, warps, stages, W x^T); block_m is
     #                                            also the MoE's rows a tile when its stacks take W4A8
+    w4a8_route_quantizes: bool = True  # a W4A8 MoE prefill's routing kernel also quantizes fc1's input (one launch
+    #                                    instead of two: fused_moe.route_top1_int8); False: fc1's own quantizer launch
     split_k_atomic_sem: str = "relaxed"  # the split-K atomic adds' ordering ("relaxed" or "acq_rel", Triton's
     #                                      default, which fences every earlier store before each add: sm_90
     #                                      MEMBAR.ALL.GPU + CCTL.IVALL; the sums are only read after the grid)

@@ -270,7 +270,8 @@ def test_moe_prefill_routes_and_quantizes_in_one_launch(gated_epilogue, d, devic
 
 def test_moe_fuses_the_quantization_only_where_fc1_takes_w4a8(device, monkeypatch):
     """No fused quantization in decode (T <= 16, even where the policy's threshold is lower), nor where fc1 stays
-    on the default route (the default policy; an int4 stack in MatMulNBits layout, not plane words)."""
+    on the default route (the default policy; an int4 stack in MatMulNBits layout, not plane words), nor with
+    ``MatmulPolicy.w4a8_route_quantizes`` off."""
     from qmamba.kernels import fused_moe
 
     x, router_w, fc1, fc2 = moe_operands(device, 13)
@@ -288,6 +289,8 @@ def test_moe_fuses_the_quantization_only_where_fc1_takes_w4a8(device, monkeypatc
         moe_forward(x, router_w, None, fc1, fc2, "gelu", True)
         assert fused == [x.shape[0]]
     moe_forward(x, router_w, None, fc1, fc2, "gelu", True)  # the default policy
+    with using_policy(dataclasses.replace(W4A8_POLICY, w4a8_route_quantizes=False)):  # fc1 quantizes its own input
+        moe_forward(x, router_w, None, fc1, fc2, "gelu", True)
     assert fused == [x.shape[0]]
 
 
