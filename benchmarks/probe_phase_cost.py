@@ -53,12 +53,12 @@ class SkippingStep(fs.FusedDecodeStep):
             buf["rwt"].fill_(0.5)
         return buf
 
-    def _add_norm(self, buf, h, ids, norm_w, call, router=None, norm_b=None):
+    def _add_norm(self, buf, h, ids, norm_w, call, router=None, norm_b=None, **kw):
         if 0 < call < len(self.layers) and (self.skip == "no_norm_all" or
                                             (self.skip == "no_norm_mamba" and router is None) or
                                             (self.skip == "no_norm_moe" and router is not None)):
             return
-        return super()._add_norm(buf, h, ids, norm_w, call, router=router, norm_b=norm_b)
+        return super()._add_norm(buf, h, ids, norm_w, call, router=router, norm_b=norm_b, **kw)
 
     def _decode(self, x, weight, out, **kw):
         kind = KINDS.get(self.skip)
