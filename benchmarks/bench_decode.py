@@ -50,17 +50,17 @@ def greedy_reference(model, ids, state, steps):
 def int8_activations(model, on: bool):
     """``model.int8_activations`` (what a checkpoint that passed ``qmamba quantize``'s int8 check loads with) and the
     reference experts' twin of it (``QuantExperts.int8_inputs``) set to ``on`` inside the block, restored after."""
-    saved = getattr(model, "int8_activations", False), {m: m.int8_inputs for m in model.modules()
+    saved = getattr(model, "int8_activations", False), {m: (m.int8_inputs, m.int8_step_fc1) for m in model.modules()
                                                         if hasattr(m, "int8_inputs")}
     model.int8_activations = on
     for m in saved[1]:
-        m.int8_inputs = on
+        m.int8_inputs = m.int8_step_fc1 = on
     try:
         yield model
     finally:
         model.int8_activations = saved[0]
-        for m, r in saved[1].items():
-            m.int8_inputs = r
+        for m, (r, s) in saved[1].items():
+            m.int8_inputs, m.int8_step_fc1 = r, s
 
 
 def greedy_graph(decoder, ids, state, steps):

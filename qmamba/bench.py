@@ -102,20 +102,27 @@ def _backend(model) -> str:
 @contextlib.contextmanager
 def _reference_backend(model):
     """Every module of ``model`` on the pure-PyTorch reference backend inside the block, as it was after it; a model
-    whose prefill runs on int8 activations (``model.int8_activations``) gets the reference twin of that (expert
-    inputs rounded as the W4A8 kernels round them, ``QuantExperts.int8_inputs``)."""
+    whose MoE runs on int8 activations (``model.int8_activations``) gets the reference twin of that (expert
+    inputs rounded as the W4A8 kernels round them: ``QuantExperts.int8_inputs`` for the prefill, and
+    ``int8_step_fc1`` where the device's fused step runs fc1 on the W4A8 row programs, ``DecodePolicy.int8_rows``)."""
     saved = {m: m.backend for m in model.modules() if m is not model and hasattr(m, "backend")}
-    rounding = {m: m.int8_inputs for m in model.modules() if hasattr(m, "int8_inputs")}
+    rounding = {m: (m.int8_inputs, m.int8_step_fc1) for m in model.modules() if hasattr(m, "int8_inputs")}
+    on = bool(getattr(model, "int8_activations", False))
+    step_fc1 = False
+    if on and rounding:
+        from qmamba.kernels.decode_linear import DecodePolicy  # lazily: the Triton path's policy
+
+        step_fc1 = DecodePolicy.for_device(model.device).int8_rows
     model.set_backend("reference")
     for m in rounding:
-        m.int8_inputs = bool(getattr(model, "int8_activations", False))
+        m.int8_inputs, m.int8_step_fc1 = on, step_fc1
     try:
         yield model
     finally:
         for m, b in saved.items():
             m.backend = b
-        for m, r in rounding.items():
-            m.int8_inputs = r
+        for m, (r, s) in rounding.items():
+            m.int8_inputs, m.int8_step_fc1 = r, s
 
 
 def _reference_logits(model, prompt, fed, state):

@@ -22,9 +22,9 @@ _DECODE_STEP = contextvars.ContextVar("qmamba_moe_decode_step", default=False)
 
 @contextlib.contextmanager
 def decode_step():
-    """The scope of a single-token step (:meth:`qmamba.model.MambaLM.step`): the reference experts with int8 inputs
-    (:class:`qmamba.quant.modules.QuantExperts`) then round fc1's input as the fused step's W4A8 row programs do at
-    2+ rows, where a prefill's rows keep theirs below the W4A8 prefill's row count."""
+    """The scope of a single-token step (:meth:`qmamba.model.MambaLM.step`): reference experts with
+    ``int8_step_fc1`` (:class:`qmamba.quant.modules.QuantExperts`) then round fc1's input as the fused step's W4A8
+    row programs do at 2+ rows, where a prefill's rows keep theirs below the W4A8 prefill's row count."""
     token = _DECODE_STEP.set(True)
     try:
         yield

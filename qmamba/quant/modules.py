@@ -308,6 +308,7 @@ class QuantExperts(nn.Module):
         self.n_experts, self.gated, self.activation = n_experts, gated, activation
         self.backend = "reference"
         self.int8_inputs = False  # the reference path rounds the W4A8-able matrices' inputs to int8 (see forward)
+        self.int8_step_fc1 = False  # ... and a gated fc1's input in a batched step (see forward)
         for name, fmt, n, k in (("fc1", fc1_fmt, rows, d_model), ("fc2", fc2_fmt, d_model, ffn_hidden)):
             if fmt is None:
                 setattr(self, name, nn.Parameter(torch.zeros(n_experts, n, k, dtype=float_dtype, device=device)))
@@ -355,22 +356,22 @@ class QuantExperts(nn.Module):
                    for w in (self.fc1, self.fc2))
 
     def forward(self, x, expert_idx):
-        """``x [T, d]`` routed by ``expert_idx [T]``. With ``int8_inputs`` the reference path is the twin of the
-        int8-activation kernels (``qmamba quantize``'s check of them, ``qmamba bench``'s reference): the int4
+        """``x [T, d]`` routed by ``expert_idx [T]``. The reference path can be the twin of the int8-activation
+        kernels (``qmamba quantize``'s check of them, ``qmamba bench``'s reference): with ``int8_inputs`` the int4
         plane-word matrices multiply their inputs rounded to int8 per row from as many rows as the W4A8 prefill
-        takes (:data:`qmamba.kernels.matmul_configs.W4A8_PREFILL_MIN_M`), and a gated fc1 does in a batched step
-        (:func:`qmamba.moe.decode_step`, 2 to :data:`qmamba.kernels.decode_linear.MAX_ROWS` rows: the fused step's
-        W4A8 row programs, ``DecodePolicy.int8_rows``)."""
+        takes (:data:`qmamba.kernels.matmul_configs.W4A8_PREFILL_MIN_M`); with ``int8_step_fc1`` a gated fc1 does in
+        a batched step (:func:`qmamba.moe.decode_step`, 2 to :data:`qmamba.kernels.decode_linear.MAX_ROWS` rows), as
+        the fused step's W4A8 row programs do (``DecodePolicy.int8_rows``)."""
         out = x.new_zeros(x.shape[0], self.fc2.shape[1] if isinstance(self.fc2, nn.Parameter) else self.fc2.n)
         round_fc1 = round_fc2 = False
         if self.int8_inputs and self.backend != "triton":
-            from qmamba.kernels.decode_linear import MAX_ROWS
             from qmamba.kernels.matmul_configs import W4A8_PREFILL_MIN_M
 
-            rows = x.shape[0]
-            round_fc1 = round_fc2 = rows >= W4A8_PREFILL_MIN_M
-            if in_decode_step() and self.gated and 2 <= rows <= MAX_ROWS:
-                round_fc1 = True
+            round_fc1 = round_fc2 = x.shape[0] >= W4A8_PREFILL_MIN_M
+        if self.int8_step_fc1 and self.backend != "triton" and in_decode_step() and self.gated:
+            from qmamba.kernels.decode_linear import MAX_ROWS
+
+            round_fc1 = round_fc1 or 2 <= x.shape[0] <= MAX_ROWS
         for e in range(self.n_experts):
             rows = (expert_idx == e).nonzero(as_tuple=True)[0]
             if rows.numel():

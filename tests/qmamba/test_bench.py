@@ -4,6 +4,7 @@ tokens differ from the reference path's is an error with no figure."""
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -184,18 +185,28 @@ def test_prefill_is_checked_against_the_reference_backend(monkeypatch, device):
             raise AssertionError(f"a prefill with a wrong {what} passed the check")
 
 
-def test_reference_twin_rounds_as_the_w4a8_prefill_when_the_model_does():
+@pytest.mark.parametrize("int8_rows", [False, True])
+def test_reference_twin_rounds_as_the_w4a8_prefill_when_the_model_does(int8_rows, monkeypatch):
     """A model whose prefill runs on int8 activations is checked against the reference twin of that (its experts'
-    ``int8_inputs`` on inside the reference block, restored after); any other model against the plain reference."""
+    ``int8_inputs`` on inside the reference block, restored after), and its batched steps' fc1 rounded where the
+    device's fused step does that (``int8_step_fc1``, ``DecodePolicy.int8_rows``); any other model against the plain
+    reference."""
+    import dataclasses
+
     from qmamba.config import preset
+    from qmamba.kernels.decode_linear import DecodePolicy
     from qmamba.quant.formats import Int4Format
     from qmamba.quant.modules import QuantExperts
     from qmamba.testing import quantize_rtn, random_model
 
     model = quantize_rtn(random_model(preset("tiny-blackmamba"), "cpu"), Int4Format(32))
     experts = [m for m in model.modules() if isinstance(m, QuantExperts)]
+    default = DecodePolicy.for_device
+    monkeypatch.setattr(DecodePolicy, "for_device", classmethod(
+        lambda cls, device: dataclasses.replace(default(device), int8_rows=int8_rows)))
     for flag in (False, True):
         model.int8_activations = flag
         with bench_lib._reference_backend(model):
             assert all(m.int8_inputs is flag for m in experts) and all(m.backend == "reference" for m in experts)
-        assert not any(m.int8_inputs for m in experts)
+            assert all(m.int8_step_fc1 is (flag and int8_rows) for m in experts)
+        assert not any(m.int8_inputs or m.int8_step_fc1 for m in experts)

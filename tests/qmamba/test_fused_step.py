@@ -372,7 +372,7 @@ def test_general_kernels_as_programmatic_dependents(fmt, mode, device, monkeypat
 def test_fused_step_int8_rows(batch, device):
     """``DecodePolicy.int8_rows`` on a model with int8 activations: at 2+ rows the gated int4 fc1 runs on the W4A8
     row programs (the add + norm writes x as int8 codes, no input planes for it; fc1 still writes fc2's planes), and
-    the step equals the reference step whose experts round fc1's input the same way (``QuantExperts.int8_inputs``
+    the step equals the reference step whose experts round fc1's input the same way (``QuantExperts.int8_step_fc1``
     in :func:`qmamba.moe.decode_step`), not the one without the rounding; at one row nothing changes."""
     from qmamba.quant.modules import QuantExperts
 
@@ -388,7 +388,7 @@ def test_fused_step_int8_rows(batch, device):
     refs = {}
     for rounding in (False, True):
         for m in experts:
-            m.int8_inputs = rounding
+            m.int8_step_fc1 = rounding
         refs[rounding] = model.step(ids[:, -1], state.clone()).float()
     logits = step(ids[:, -1], state)
     buf = step._buffers[batch]
