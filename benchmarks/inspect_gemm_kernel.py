@@ -119,16 +119,22 @@ def compile_w4a8(weight: PackedWeight, arch: int, block_m: int, block_n: int, wa
     return compile_recorded(real, args, dict(meta, ASM=True, PRECISION="tf32x3"), arch), cfg
 
 
-def compile_w4a8_rows(weight: PackedWeight, arch: int, rows: int = 8, block_n: int = 16, gate: str | None = None):
+def compile_w4a8_rows(weight: PackedWeight, arch: int, rows: int = 8, block_n: int = 16, gate: str | None = None,
+                      step: bool = False):
     """The compiled W4A8 row-program kernel (:mod:`qmamba.kernels.w4a8_rows`: dp4a, a program a row) for ``rows``
     routed rows of ``weight``'s experts, with the inline PTX and the programmatic dependent launch a CUDA launch
-    takes."""
+    takes; ``step``: as the fused step runs a gated fc1 (``DecodePolicy.int8_rows``: the expert read after the wait,
+    the output's input planes for fc2 written)."""
+    from qmamba.quant.layout import INT4_X_PLANES, int4_x_planes_width
+
     recorder, real = _Recorder(wr._w4a8_rows_kernel), wr._w4a8_rows_kernel
     wr._w4a8_rows_kernel = recorder
     try:
         codes, scale, sums = wg.quantize_rows_int8_ref(torch.randn(rows, weight.k), weight.qweight.shape[-1] * 8)
+        n_out = weight.n // 2 if gate else weight.n
+        planes = torch.zeros(rows, INT4_X_PLANES, int4_x_planes_width(n_out)) if step else None
         wr.w4a8_rows(codes, scale, sums, weight, row_expert=torch.randint(0, EXPERTS, (rows,), dtype=torch.int32),
-                     gate=gate, block_n=block_n, pdl=True)
+                     gate=gate, block_n=block_n, pdl=True, expert_ready=not step, out_planes=planes)
     finally:
         wr._w4a8_rows_kernel = real
     _, args, meta = recorder.calls[-1]

@@ -114,6 +114,10 @@ decode_step.add_norm(x1, torch.empty(1, d), w, 1e-5, token_ids=torch.zeros(1, dt
                      embedding=torch.empty(50304, d, dtype=torch.bfloat16), pdl=True,  # the NormOut sums
                      x_planes=torch.empty(1, 9, 2048), plane_programs=4, residual_out=torch.empty(1, d),
                      zero=torch.empty(37, 9))
+decode_step.add_norm(x, torch.empty(8, d), w, 1e-5, h=h[:8], router_w=torch.empty(8, d, dtype=torch.bfloat16),
+                     expert_idx=torch.empty(8, dtype=torch.int32), expert_weight=torch.empty(8), pdl=True,
+                     x_int8=(torch.empty(8, 1536, dtype=torch.int8), torch.empty(8), torch.empty(8, 16)))  # batch 8,
+#                                                                              x as int8 codes for fc1's row programs
 for grid, args, meta in rec.calls:
     meta = dict(meta, num_warps=4)
     meta.pop("launch_pdl", None)
@@ -323,10 +327,11 @@ def test_expert_tile_map_kernel_compiles():
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_add_norm_kernel_compiles():
     """The residual add + norm kernel as the prefill (rows, RMSNorm / LayerNorm, with and without a residual) and the
-    decode step (router, PDL; with the int4 input planes shared by 4 programs a row) launch it."""
+    decode step (router, PDL; with the int4 input planes shared by 4 programs a row; at batch 8 with x quantized to
+    int8 for fc1's W4A8 row programs, ``DecodePolicy.int8_rows``) launch it."""
     stdout = _compiled("-c", _ADD_NORM_COMPILE, str(ROOT / "benchmarks"), timeout=600)
     lines = [line for line in stdout.splitlines() if line.startswith("regs")]
-    assert len(lines) == 5 and all(line.endswith("stack 0") for line in lines), stdout
+    assert len(lines) == 6 and all(line.endswith("stack 0") for line in lines), stdout
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
@@ -536,6 +541,8 @@ loop = ig.loop_body(r["sass"])
 print("gemm", r["stack"], loop.count("IGMMA"), loop.count("STS"))
 r = ig.report(ig.compile_w4a8_rows(w, 90, rows=8, block_n=16, gate="gelu"))
 print("rows", r["stack"], r["ops"]["IDP"], r["ops"]["I2F"] + r["ops"]["I2FP"])
+r = ig.report(ig.compile_w4a8_rows(w, 90, rows=8, block_n=16, gate="gelu", step=True))
+print("steprows", r["stack"], r["ops"]["IDP"], r["ops"]["I2F"] + r["ops"]["I2FP"])
 c = ig.compile_route_int8(90)
 r = ig.report(c)
 print("route", r["stack"], c.asm["ptx"].count("mul.rn."), c.asm["ptx"].count("div.rn.f32"), r["ops"]["FRND"])
@@ -550,14 +557,17 @@ def test_w4a8_kernels_compile_for_sm90():
     at most one, against 9 as the right operand with Triton 3.6); the
     batched-decode row programs at fc1 (8 rows, 16 weight rows a program) use ``dp4a`` (``IDP``), two a plane word
     (16 words a tile a weight row, 12 tiles: 48 a thread for 4 warps), with conversions by the tile, not by the
-    code (24 with Triton 3.6 and 3.9). The MoE's routing kernel that also quantizes its rows to int8 for the W4A8
+    code (24 with Triton 3.6 and 3.9), also as the fused step runs them (``DecodePolicy.int8_rows``: the expert
+    read after the wait, fc2's input planes written). The MoE's routing kernel that also quantizes its rows to int8 for the W4A8
     GEMM (``route_top1_int8``, BlackMamba-2.8B's d = 1472 in bf16) compiles without spills, with the quantizer's
     IEEE operations: ``mul.rn`` (not fused into an FMA with the + 0.5), the two ``div.rn`` of the scale and its
     reciprocal, and the floor (``FRND``)."""
     stdout = _compiled("-c", _W4A8_COMPILE.format(bench=str(ROOT / "benchmarks")), timeout=900)
     gemm = next(line.split() for line in stdout.splitlines() if line.startswith("gemm "))
     rows = next(line.split() for line in stdout.splitlines() if line.startswith("rows "))
+    steprows = next(line.split() for line in stdout.splitlines() if line.startswith("steprows "))
     route = next(line.split() for line in stdout.splitlines() if line.startswith("route "))
     assert gemm[1] == "0" and int(gemm[2]) >= 4 and int(gemm[3]) <= 1, stdout
     assert rows[1] == "0" and int(rows[2]) >= 48 and int(rows[3]) < 48, stdout
+    assert steprows[1] == "0" and steprows[2:] == rows[2:], stdout  # the fused step's: the same loop, no spills
     assert route[1] == "0" and int(route[2]) >= 1 and int(route[3]) >= 2 and int(route[4]) >= 1, stdout
