@@ -62,9 +62,9 @@ PREFILL_EXPERT_ROUTES = {"tiles": DEFAULT_POLICY,
                          # (MatmulPolicy.w4a8_min_m, session 40: a change of numerics, off by default), and with the
                          # dense int4 matrices too (w4a8_all)
                          "w4a8": dataclasses.replace(DEFAULT_POLICY, w4a8_min_m=64),
-                         # ... with fc1's input quantized by a launch of its own, not by the routing kernel
-                         # (MatmulPolicy.w4a8_route_quantizes off: the route before session 43)
-                         "w4a8_sepq": dataclasses.replace(DEFAULT_POLICY, w4a8_min_m=64, w4a8_route_quantizes=False),
+                         # ... with fc1's input quantized by the routing kernel, not by a launch of its own
+                         # (MatmulPolicy.w4a8_route_quantizes; session 43: level, off)
+                         "w4a8_rq": dataclasses.replace(DEFAULT_POLICY, w4a8_min_m=64, w4a8_route_quantizes=True),
                          "w4a8_all": dataclasses.replace(DEFAULT_POLICY, w4a8_min_m=64, w4a8_dense=True),
                          # ... with fc1's gated activation by the elementwise kernel (session 40's route)
                          "w4a8_ungated": dataclasses.replace(DEFAULT_POLICY, w4a8_min_m=64, gemm_gated_act=False),

@@ -13,8 +13,9 @@ the same kernels run as a grouped GEMM. fc1 and fc2 are kernel records, each a :
 int4 or float ``[E, N, K]``: :func:`dequant_matmul`) or a :class:`BinaryWeight` stack (1 bit:
 :func:`binary_matmul`); :func:`routed_matmul` picks the kernel by the record's type, so 1-bit, mixed and
 int4/int8/float experts share one forward.
-Where a prefill's fc1 takes the W4A8 path (int4 plane words times int8 activations, ``MatmulPolicy.w4a8_min_m``),
-the routing kernel also quantizes x per row (:func:`route_top1_int8`: the codes, scales and tile sums of
+Where a prefill's fc1 takes the W4A8 path (int4 plane words times int8 activations, ``MatmulPolicy.w4a8_min_m``)
+and ``MatmulPolicy.w4a8_route_quantizes`` is on (off by default: measured level, session 43), the routing kernel
+also quantizes x per row (:func:`route_top1_int8`: the codes, scales and tile sums of
 :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8`, bit for bit, from the row it reads for the logits; the
 routing bit for bit :func:`route_top1`'s), and fc1's W4A8 GEMM takes them (``x_int8`` of :func:`dequant_matmul`)
 instead of a quantizer launch of its own; fc2's input ``a`` is quantized by its matmul.
@@ -222,8 +223,9 @@ def moe_forward(x, router_w, router_b, fc1: KernelWeight, fc2: KernelWeight, act
                 block_m: int | None = None):
     """Triton twin of :func:`moe_forward_ref`: ``x [T, d]`` -> ``[T, d]`` in x.dtype, no host synchronisation.
     ``block_m``: rows per expert tile in prefill (default: :func:`_tile_rows`). A prefill whose fc1 takes the W4A8
-    path (``MatmulPolicy.takes_w4a8``) routes and quantizes x in one launch (:func:`route_top1_int8`) and hands the
-    codes to fc1's W4A8 GEMM; fc2's input is quantized by the matmul, as any."""
+    path (``MatmulPolicy.takes_w4a8``) can route and quantize x in one launch (:func:`route_top1_int8`,
+    ``MatmulPolicy.w4a8_route_quantizes``) and hand the codes to fc1's W4A8 GEMM; fc2's input is quantized by the
+    matmul, as any."""
     if fc1.n_experts != router_w.shape[0] or fc2.n_experts != fc1.n_experts:
         raise ValueError(f"MoE: router has {router_w.shape[0]} experts, fc1 {fc1.n_experts}, fc2 {fc2.n_experts}")
     t = x.shape[0]

@@ -156,8 +156,12 @@ class MatmulPolicy:
     w4a8_dense: bool = False  # ... also the dense (not routed) matrices, not only the MoE's expert stacks
     w4a8_tile: tuple = (64, 128, 4, 3, True)  # the W4A8 GEMM's (block_m, block_n, warps, stages, W x^T); block_m is
     #                                            also the MoE's rows a tile when its stacks take W4A8
-    w4a8_route_quantizes: bool = True  # a W4A8 MoE prefill's routing kernel also quantizes fc1's input (one launch
-    #                                    instead of two: fused_moe.route_top1_int8); False: fc1's own quantizer launch
+    w4a8_route_quantizes: bool = False  # a W4A8 MoE prefill's routing kernel also quantizes fc1's input (one launch
+    #                                    instead of two: fused_moe.route_top1_int8). Off: level on the H100, session 43
+    #                                    (profile_prefill.py --format int4_cli --graph --experts w4a8_rq,w4a8,w4a8_rq,
+    #                                    w4a8): 198.6k / 197.7k tok/s against 198.8k / 198.8k; the routing kernel
+    #                                    grew from 11.6 to 17.8 us a launch (three passes over its row, each waiting on
+    #                                    its loads), as much as the quantizer launch it saves
     split_k_atomic_sem: str = "relaxed"  # the split-K atomic adds' ordering ("relaxed" or "acq_rel", Triton's
     #                                      default, which fences every earlier store before each add: sm_90
     #                                      MEMBAR.ALL.GPU + CCTL.IVALL; the sums are only read after the grid)

@@ -7,9 +7,10 @@ is converted to a float in the K loop:
 * the activations are quantized once per row (:func:`quantize_rows_int8`: a per-row scale, ``x / scale`` rounded
   to an integer in [-127, 127]) and stored in plane-byte order (:func:`qmamba.quant.layout.int8_x_plane_order`),
   with each 128-column tile's sum of codes. The rounding is defined once (:func:`int8_row_scale`,
-  :func:`int8_codes`, :func:`plane_byte_inputs`) for every kernel that writes such rows: the MoE prefill's routing
-  kernel writes fc1's (:func:`qmamba.kernels.fused_moe.route_top1_int8`, one launch fewer), which
-  :func:`w4a8_linear` then takes as ``x_int8``;
+  :func:`int8_codes`, :func:`plane_byte_inputs`) for every kernel that writes such rows: the batched decode step's
+  add + norm (:func:`qmamba.kernels.decode_step.add_norm`, for :mod:`qmamba.kernels.w4a8_rows`) and, with
+  ``MatmulPolicy.w4a8_route_quantizes``, the MoE prefill's routing kernel for fc1
+  (:func:`qmamba.kernels.fused_moe.route_top1_int8`), whose rows :func:`w4a8_linear` then takes as ``x_int8``;
 * the weight's plane words are read as bytes: a mask gives the low nibbles and a shift and a mask the high ones,
   four codes a 32-bit instruction, as int8 operands of ``tl.dot`` (``code`` in 0..15 is exact in int8);
 * per 128-column tile (one quantization group, or a part of one), the exact int32 product of the codes is scaled by

@@ -167,6 +167,7 @@ def test_eval_emulation_quantizes_int4_inputs():
 
 
 W4A8_POLICY = MatmulPolicy(w4a8_min_m=8)  # the routed expert stacks
+W4A8_ROUTE_QUANTIZES = MatmulPolicy(w4a8_min_m=8, w4a8_route_quantizes=True)  # fc1's input from the routing kernel
 W4A8_ALL = MatmulPolicy(w4a8_min_m=8, w4a8_dense=True)  # and the dense matrices
 
 
@@ -253,7 +254,7 @@ def test_moe_prefill_routes_and_quantizes_in_one_launch(gated_epilogue, d, devic
 
     monkeypatch.setattr(wg, "quantize_rows_int8", quantize)
     monkeypatch.setattr(fused_moe, "route_top1_int8", fused)
-    policy = dataclasses.replace(W4A8_POLICY, gemm_gated_act=gated_epilogue, w4a8_tile=(16, 32, 4, 2, True))
+    policy = dataclasses.replace(W4A8_ROUTE_QUANTIZES, gemm_gated_act=gated_epilogue, w4a8_tile=(16, 32, 4, 2, True))
     with using_policy(policy):
         got = moe_forward(x, router_w, router_b, fc1, fc2, "silu", True)
         assert calls == {"quantize": 1, "fused": 1}
@@ -282,14 +283,14 @@ def test_moe_fuses_the_quantization_only_where_fc1_takes_w4a8(device, monkeypatc
     g = torch.Generator().manual_seed(14)
     packed = fmt.quantize_rtn(torch.randn(4, fc1.n, fc1.k, generator=g))
     nbits = fmt.kernel_weight({key: t.to(device) for key, t in packed.items()}, fc1.n, fc1.k)
-    with using_policy(W4A8_POLICY):
+    with using_policy(W4A8_ROUTE_QUANTIZES):
         moe_forward(x[:9], router_w, None, fc1, fc2, "gelu", True)  # decode
         moe_forward(x, router_w, None, nbits, fc2, "gelu", True)  # fc1 not plane words
         assert not fused
         moe_forward(x, router_w, None, fc1, fc2, "gelu", True)
         assert fused == [x.shape[0]]
     moe_forward(x, router_w, None, fc1, fc2, "gelu", True)  # the default policy
-    with using_policy(dataclasses.replace(W4A8_POLICY, w4a8_route_quantizes=False)):  # fc1 quantizes its own input
+    with using_policy(W4A8_POLICY):  # W4A8 with w4a8_route_quantizes off (its default): fc1 quantizes its own input
         moe_forward(x, router_w, None, fc1, fc2, "gelu", True)
     assert fused == [x.shape[0]]
 
