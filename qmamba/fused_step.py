@@ -433,8 +433,7 @@ class FusedDecodeStep:
         if self._int8_fc1(plan, act.shape[0]):  # on int8 codes of x, with dp4a; the expert index read after the wait
             w4a8_rows(*buf["xq"], plan.fc1, out=act, row_expert=buf["idx"], gate=plan.activation,
                       block_n=self.policy.int8_rows_block_n, pdl=self.policy.pdl, expert_ready=False,
-                      out_planes=buf["apl"], out_word_sums=self._sums(buf, "wa", layer) if buf["apl"] is not None
-                      else None)
+                      out_planes=buf["apl"], out_word_sums=self._sums(buf, "wa", layer))
         elif plan.gated and self.policy.takes(plan.fc1, act.shape[0], routed=True):
             route = None
             if nin is not None:  # the route from the accumulated norm (no router kernel ran)
