@@ -217,7 +217,10 @@ class DecodePolicy:
     #                             fc1 of int4 plane words (groups a multiple of 128) on the W4A8 row programs
     #                             (qmamba.kernels.w4a8_rows: int8 codes against plane words with dp4a), its input
     #                             quantized to int8 per row by the add + norm before it (which then writes no int4
-    #                             input planes for it); fc1's epilogue still writes fc2's input planes
+    #                             input planes for it); fc1's epilogue still writes fc2's input planes. Off: H100,
+    #                             session 43 (bench_decode.py --variants default,int8rows, 5 rounds, two calls), int4
+    #                             g128 batch 8 1.310 -> 1.234 ms/token, but the float32 token check against the
+    #                             rounding twin failed on the random-weight model (see benchmarks/results.md)
     int8_rows_block_n: int = 16  # with int8_rows: fc1's weight rows a program (gate and up rows together)
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
 
