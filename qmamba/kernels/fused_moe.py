@@ -156,8 +156,10 @@ def route_top1(x, router_w, router_b=None):
 
 def route_top1_int8(x, router_w, router_b, k_pad: int):
     """:func:`route_top1` and :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8` ``(x, k_pad)`` in one launch (one
-    program a row reads x once for both; the results bit for bit theirs): ``(idx, weight, (codes, scale, sums))``,
-    the last the W4A8 GEMM's int8 input (``x_int8`` of :func:`dequant_matmul`)."""
+    program a row, three passes over its row: the logits, the largest magnitude, the codes; the results bit for bit
+    theirs, on CUDA too): ``(idx, weight, (codes, scale, sums))``, the last the W4A8 GEMM's int8 input (``x_int8`` of
+    :func:`dequant_matmul`). H100, session 43: 17.9 us a launch at 2,048 x 1,472 bf16, against 11.7 for the routing
+    alone and ~5 for the quantizer's launch (``MatmulPolicy.w4a8_route_quantizes``, off)."""
     check_int8_k_pad("route_top1_int8", x, k_pad)
     return _route(x, router_w, router_b, k_pad)
 
