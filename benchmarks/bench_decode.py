@@ -109,6 +109,47 @@ def int8_tie_check(model, prompt, state, got, tie_tolerance: float = 2e-3):
     return None if (mismatch & (gap > tie_tolerance)).any() else int(mismatch.sum())
 
 
+def int8_same_codes_check(model, policy, prompt, state, got, tie_tolerance: float = 2e-3):
+    """A batched step with int8 activations checked with the rounding taken out of the comparison: the eager fused
+    step (the graph replays its kernels) fed the graph's tokens ``got [B, T]`` records fc1's int8 inputs
+    (``FusedDecodeStep.int8_inputs_log``), and the reference twin, fed the same tokens, multiplies exactly those
+    (``QuantExperts.int8_step_fc1_inputs``) instead of rounding its own x, whose last bits differ. Every top-1 of the
+    step must then be the twin's, but for ties within ``tie_tolerance`` of its logit range (as ``qmamba bench``).
+    Returns ``(ties, steps the eager step's picks equal the graph's)``, or None where a pick differs by more."""
+    from qmamba.bench import _top1_gap
+    from qmamba.fused_step import FusedDecodeStep
+    from qmamba.quant.modules import QuantExperts
+
+    fed = torch.cat([prompt[:, -1:], got[:, :-1]], 1)
+    with int8_activations(model, True):
+        step = FusedDecodeStep(model, policy)
+        step.int8_inputs_log = []
+        st = state.clone()
+        mine = torch.stack([step(fed[:, t], st).float().clone() for t in range(fed.shape[1])], 1)  # (a buffer)
+        experts = [m for m in model.modules() if isinstance(m, QuantExperts)]
+        if not step.int8_inputs_log or len(step.int8_inputs_log) != len(experts) * fed.shape[1]:
+            raise SystemExit(f"int8_same_codes_check: {len(step.int8_inputs_log)} fc1 inputs recorded for "
+                             f"{len(experts)} MoE layers x {fed.shape[1]} steps: the step did not run int8 rows")
+        backends = {m: m.backend for m in model.modules() if hasattr(m, "backend")}
+        model.set_backend("reference")
+        try:
+            for i, m in enumerate(experts):  # (the step's MoE layers in the model's order)
+                m.int8_step_fc1_inputs = step.int8_inputs_log[i::len(experts)]
+            st = state.clone()
+            ref = torch.stack([model.step(fed[:, t], st, check=False).float() for t in range(fed.shape[1])], 1)
+            assert not any(m.int8_step_fc1_inputs for m in experts), "recorded inputs left over"
+        finally:
+            for m in experts:
+                m.int8_step_fc1_inputs = None
+            for m, b in backends.items():
+                m.backend = b
+    ref_top, gap = _top1_gap(ref, mine.argmax(-1))
+    mismatch = ref_top != mine.argmax(-1)
+    if (mismatch & (gap > tie_tolerance)).any():
+        return None
+    return int(mismatch.sum()), int((mine.argmax(-1) == got).all(0).sum())
+
+
 @torch.no_grad()
 def check_fp32(cfg, name, batches, steps, variants, log, failures):
     """Greedy tokens of the graph step under every policy variant against the eager reference path, float32 (with
@@ -134,13 +175,20 @@ def check_fp32(cfg, name, batches, steps, variants, log, failures):
             same = bool(torch.equal(ref, got))
             res[f"fp32_greedy_equal_b{batch}_{vname}"] = same
             verdict = "equal" if same else "DIFFER"
-            if not same and policy.int8_rows:  # int8 codes round at .5: see int8_tie_check
+            if not same and policy.int8_rows:  # int8 codes round at .5: see int8_tie_check, int8_same_codes_check
                 model.set_backend("reference")
                 ties = int8_tie_check(model, prompt, state, got)
                 model.set_backend("triton")
-                same = ties is not None
                 res[f"fp32_int8_ties_b{batch}_{vname}"] = ties
+                same = ties is not None
                 verdict = f"equal but for {ties} rounding-level ties (teacher-forced)" if same else "DIFFER"
+                if not same:  # the twin fed the step's own int8 inputs
+                    found = int8_same_codes_check(model, policy, prompt, state, got)
+                    res[f"fp32_int8_same_codes_b{batch}_{vname}"] = found
+                    same = found is not None
+                    verdict = ("DIFFER" if not same else f"DIFFER from the rounding twin, but equal to the twin fed "
+                               f"its own int8 inputs but for {found[0]} ties (teacher-forced; eager picks as the "
+                               f"graph's at {found[1]} of {steps} steps)")
             log(f"{name:18s} fp32 greedy {steps} tokens batch {batch} {vname}: {verdict}")
             if not same:
                 failures.append(f"{name} fp32 greedy batch {batch} {vname}: {ref.tolist()} vs {got.tolist()}")

@@ -55,7 +55,7 @@ from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
 from qmamba.kernels.decode_linear import DecodePolicy, NormIn, NormOut, binary_denorm_of, decode_linear
 from qmamba.kernels.decode_step import add_norm, aligned_rows, dt_state_update
 from qmamba.kernels.fused_moe import gated_act, routed_matmul
-from qmamba.kernels.w4a8_gemm import sum_columns
+from qmamba.kernels.w4a8_gemm import dequantize_rows_int8, sum_columns
 from qmamba.kernels.w4a8_rows import w4a8_rows
 from qmamba.kernels.weights import FMT_INT4_PLANES, BinaryWeight, PackedWeight
 from qmamba.quant.layout import INT4_TILE, INT4_X_PLANES, int4_x_planes_width
@@ -136,6 +136,7 @@ class FusedDecodeStep:
         self.eps = float(cfg.norm_eps)
         self.embedding = model.embedding.weight.detach()
         self.int8_activations = bool(getattr(model, "int8_activations", False))
+        self.int8_inputs_log: list | None = None  # a check's record (eager steps): fc1's int8 inputs, dequantized
         if self.policy.int4_planes:  # int4 weights to the plane words the kernels read, in place (no copy)
             use_plane_words(model)
         self.layers = [_mamba_plan(block, self.dtype, self.policy.dt_rows_aligned) if block.is_mamba
@@ -431,6 +432,8 @@ class FusedDecodeStep:
         act = buf["act"][:, :ffn]
         # gate, up and activation in one kernel
         if self._int8_fc1(plan, act.shape[0]):  # on int8 codes of x, with dp4a; the expert index read after the wait
+            if self.int8_inputs_log is not None:  # what fc1 multiplies, for a twin fed the same values
+                self.int8_inputs_log.append(dequantize_rows_int8(buf["xq"][0], buf["xq"][1], self.d_model))
             w4a8_rows(*buf["xq"], plan.fc1, out=act, row_expert=buf["idx"], gate=plan.activation,
                       block_n=self.policy.int8_rows_block_n, pdl=self.policy.pdl, expert_ready=False,
                       out_planes=buf["apl"], out_word_sums=self._sums(buf, "wa", layer))

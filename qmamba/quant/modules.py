@@ -309,6 +309,7 @@ class QuantExperts(nn.Module):
         self.backend = "reference"
         self.int8_inputs = False  # the reference path rounds the W4A8-able matrices' inputs to int8 (see forward)
         self.int8_step_fc1 = False  # ... and a gated fc1's input in a batched step (see forward)
+        self.int8_step_fc1_inputs: list | None = None  # a check's: those inputs as the fused step rounded them
         for name, fmt, n, k in (("fc1", fc1_fmt, rows, d_model), ("fc2", fc2_fmt, d_model, ffn_hidden)):
             if fmt is None:
                 setattr(self, name, nn.Parameter(torch.zeros(n_experts, n, k, dtype=float_dtype, device=device)))
@@ -361,7 +362,10 @@ class QuantExperts(nn.Module):
         plane-word matrices multiply their inputs rounded to int8 per row from as many rows as the W4A8 prefill
         takes (:data:`qmamba.kernels.matmul_configs.W4A8_PREFILL_MIN_M`); with ``int8_step_fc1`` a gated fc1 does in
         a batched step (:func:`qmamba.moe.decode_step`, 2 to :data:`qmamba.kernels.decode_linear.MAX_ROWS` rows), as
-        the fused step's W4A8 row programs do (``DecodePolicy.int8_rows``)."""
+        the fused step's W4A8 row programs do (``DecodePolicy.int8_rows``). ``int8_step_fc1_inputs``: a list of such
+        steps' fc1 inputs ``[T, d]`` as the fused step rounded them (its ``int8_inputs_log``), taken one a step in
+        place of rounding x here: a check of the step's arithmetic that a value at a code's .5 boundary, rounded
+        the other way in one path, cannot fail."""
         out = x.new_zeros(x.shape[0], self.fc2.shape[1] if isinstance(self.fc2, nn.Parameter) else self.fc2.n)
         round_fc1 = round_fc2 = False
         if self.int8_inputs and self.backend != "triton":
@@ -372,12 +376,20 @@ class QuantExperts(nn.Module):
             from qmamba.kernels.decode_linear import MAX_ROWS
 
             round_fc1 = round_fc1 or 2 <= x.shape[0] <= MAX_ROWS
+        given = None
+        if round_fc1 and self.int8_step_fc1_inputs and in_decode_step():
+            given = self.int8_step_fc1_inputs.pop(0).to(x.dtype)
+            if given.shape != x.shape:
+                raise ValueError(f"int8_step_fc1_inputs: a step's fc1 input is {tuple(given.shape)}, x is "
+                                 f"{tuple(x.shape)}")
         for e in range(self.n_experts):
             rows = (expert_idx == e).nonzero(as_tuple=True)[0]
             if rows.numel():
-                out[rows] = expert_mlp(x[rows], None, None, self.activation, self.gated,
-                                       fc1_fn=lambda t, e=e: self._expert_matmul(t, "fc1", e, round_fc1),
-                                       fc2_fn=lambda t, e=e: self._expert_matmul(t, "fc2", e, round_fc2))
+                out[rows] = expert_mlp(
+                    x[rows], None, None, self.activation, self.gated,
+                    fc1_fn=lambda t, e=e, rows=rows: (self._expert_matmul(t, "fc1", e, round_fc1) if given is None
+                                                      else self._expert_matmul(given[rows], "fc1", e)),
+                    fc2_fn=lambda t, e=e: self._expert_matmul(t, "fc2", e, round_fc2))
         return out
 
 

@@ -226,3 +226,38 @@ def test_int8_tie_check_passes_the_twin_and_fails_a_wrong_pick():
     assert int8_tie_check(model, prompt, state, bad) is None
     assert not getattr(model, "int8_activations", False)
     assert not any(m.int8_inputs or m.int8_step_fc1 for m in model.modules() if isinstance(m, QuantExperts))
+
+
+@torch.no_grad()
+def test_int8_same_codes_check(monkeypatch):
+    """bench_decode's check of int8 rows with the rounding taken out: the eager fused step's recorded fc1 inputs fed
+    to the reference twin. The step's own picks pass (every recorded input consumed, the model's flags restored);
+    records that are not what the step multiplied (zeros) fail; a step that ran no int8 rows is refused."""
+    from bench_decode import greedy_reference, int8_activations, int8_same_codes_check
+
+    from qmamba import fused_step as fs
+    from qmamba.config import preset
+    from qmamba.quant.formats import Int4Format
+    from qmamba.quant.modules import QuantExperts
+    from qmamba.testing import quantize_rtn, random_model
+
+    torch.manual_seed(1)
+    model = quantize_rtn(random_model(preset("tiny-blackmamba"), "cpu"), Int4Format(128))
+    prompt = torch.randint(0, model.config.vocab_size, (3, 6))
+    _, state = model.prefill(prompt)
+    with int8_activations(model, True):
+        got = greedy_reference(model, prompt[:, -1], state.clone(), 3)
+    policy = dataclasses.replace(DecodePolicy.for_device(torch.device("cpu")), formats=(0, 1, 3), max_rows=1,
+                                 max_rows_planes=1, max_rows_routed=8, int4_planes=True, int4_unpack="denorm",
+                                 planes_mma=False, routed_row_programs=True, int4_x_planes=True, int8_rows=True)
+    model.set_backend("triton")
+    found = int8_same_codes_check(model, policy, prompt, state, got)
+    assert found is not None and found[0] <= 1
+    experts = [m for m in model.modules() if isinstance(m, QuantExperts)]
+    assert all(m.int8_step_fc1_inputs is None and not m.int8_step_fc1 for m in experts)
+    assert all(m.backend == "triton" for m in experts) and not model.int8_activations
+    real = fs.dequantize_rows_int8
+    monkeypatch.setattr(fs, "dequantize_rows_int8", lambda *a: torch.zeros_like(real(*a)))
+    assert int8_same_codes_check(model, policy, prompt, state, got) is None
+    with pytest.raises(SystemExit, match="did not run int8 rows"):
+        int8_same_codes_check(model, dataclasses.replace(policy, int8_rows=False), prompt, state, got)
