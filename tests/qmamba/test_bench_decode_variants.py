@@ -202,23 +202,33 @@ def test_int8_rows_variants():
     assert v.int8_rows and v.int8_rows_block_n == 32
 
 
-@torch.no_grad()
-def test_int8_tie_check_passes_the_twin_and_fails_a_wrong_pick():
-    """bench_decode's teacher-forced check of a step with int8 activations: the reference twin's own greedy tokens
-    pass with no tie; a token the twin ranks far below its pick fails (None); the model's int8 flags are restored."""
-    from bench_decode import greedy_reference, int8_activations, int8_tie_check
+def _int8_twin_run(seed: int, steps: int):
+    """A tiny int4 g128 BlackMamba, a 3 x 6 prompt, the state after it and the greedy tokens of its reference twin
+    with int8 activations (``steps`` of them), for bench_decode's int8 checks."""
+    from bench_decode import greedy_reference, int8_activations
 
     from qmamba.config import preset
     from qmamba.quant.formats import Int4Format
-    from qmamba.quant.modules import QuantExperts
     from qmamba.testing import quantize_rtn, random_model
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = quantize_rtn(random_model(preset("tiny-blackmamba"), "cpu"), Int4Format(128))
     prompt = torch.randint(0, model.config.vocab_size, (3, 6))
     _, state = model.prefill(prompt)
     with int8_activations(model, True):
-        got = greedy_reference(model, prompt[:, -1], state.clone(), 4)
+        got = greedy_reference(model, prompt[:, -1], state.clone(), steps)
+    return model, prompt, state, got
+
+
+@torch.no_grad()
+def test_int8_tie_check_passes_the_twin_and_fails_a_wrong_pick():
+    """bench_decode's teacher-forced check of a step with int8 activations: the reference twin's own greedy tokens
+    pass with no tie; a token the twin ranks far below its pick fails (None); the model's int8 flags are restored."""
+    from bench_decode import int8_tie_check
+
+    from qmamba.quant.modules import QuantExperts
+
+    model, prompt, state, got = _int8_twin_run(0, 4)
     assert int8_tie_check(model, prompt, state, got) == 0
     bad = got.clone()
     ref = model.step(prompt[:, -1], state.clone(), check=False)  # (the step without rounding: the same low token)
@@ -233,20 +243,12 @@ def test_int8_same_codes_check(monkeypatch):
     """bench_decode's check of int8 rows with the rounding taken out: the eager fused step's recorded fc1 inputs fed
     to the reference twin. The step's own picks pass (every recorded input consumed, the model's flags restored);
     records that are not what the step multiplied (zeros) fail; a step that ran no int8 rows is refused."""
-    from bench_decode import greedy_reference, int8_activations, int8_same_codes_check
+    from bench_decode import int8_same_codes_check
 
     from qmamba import fused_step as fs
-    from qmamba.config import preset
-    from qmamba.quant.formats import Int4Format
     from qmamba.quant.modules import QuantExperts
-    from qmamba.testing import quantize_rtn, random_model
 
-    torch.manual_seed(1)
-    model = quantize_rtn(random_model(preset("tiny-blackmamba"), "cpu"), Int4Format(128))
-    prompt = torch.randint(0, model.config.vocab_size, (3, 6))
-    _, state = model.prefill(prompt)
-    with int8_activations(model, True):
-        got = greedy_reference(model, prompt[:, -1], state.clone(), 3)
+    model, prompt, state, got = _int8_twin_run(1, 3)
     policy = dataclasses.replace(DecodePolicy.for_device(torch.device("cpu")), formats=(0, 1, 3), max_rows=1,
                                  max_rows_planes=1, max_rows_routed=8, int4_planes=True, int4_unpack="denorm",
                                  planes_mma=False, routed_row_programs=True, int4_x_planes=True, int8_rows=True)
