@@ -152,7 +152,7 @@ class MambaLM(nn.Module):
     def _step(self, input_ids, state):
         h = self.embedding(input_ids).to(self.compute_dtype)
         residual = None
-        with decode_step():  # (the reference experts round as the fused step does: QuantExperts.int8_inputs)
+        with decode_step():  # (reference experts round as the fused step does: QuantExperts.int8_step_fc1)
             for block in self.blocks:
                 residual, x = block.norm.add_forward(residual, h, self.compute_dtype)
                 if block.is_mamba:
