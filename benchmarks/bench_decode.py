@@ -98,14 +98,25 @@ def int8_tie_check(model, prompt, state, got, tie_tolerance: float = 2e-3):
     ``qmamba bench`` checks (:func:`qmamba.bench.check_decode`): the reference twin fed the graph's own tokens
     ``got [B, T]`` must pick each of them, except where its own top two logits are within ``tie_tolerance`` of its
     logit range. Returns the number of such ties, or None where a pick differs by more."""
-    from qmamba.bench import _top1_gap
-
     fed = torch.cat([prompt[:, -1:], got[:, :-1]], 1)
     with int8_activations(model, True):
-        st = state.clone()
-        ref = torch.stack([model.step(fed[:, t], st, check=False).float() for t in range(fed.shape[1])], 1)
-    ref_top, gap = _top1_gap(ref, got)
-    mismatch = ref_top != got
+        ref = _reference_steps(model, fed, state)
+    return _ties(ref, got, tie_tolerance)
+
+
+def _reference_steps(model, fed, state):
+    """The model's logits ``[B, T, V]`` fp32 fed ``fed [B, T]`` one step at a time from a copy of ``state``."""
+    st = state.clone()
+    return torch.stack([model.step(fed[:, t], st, check=False).float() for t in range(fed.shape[1])], 1)
+
+
+def _ties(ref, picks, tie_tolerance: float):
+    """How many of ``picks [B, T]`` differ from the top-1 of ``ref [B, T, V]`` where its own top two are within
+    ``tie_tolerance`` of its logit range (:func:`qmamba.bench._top1_gap`), or None where one differs by more."""
+    from qmamba.bench import _top1_gap
+
+    ref_top, gap = _top1_gap(ref, picks)
+    mismatch = ref_top != picks
     return None if (mismatch & (gap > tie_tolerance)).any() else int(mismatch.sum())
 
 
@@ -116,7 +127,6 @@ def int8_same_codes_check(model, policy, prompt, state, got, tie_tolerance: floa
     (``QuantExperts.int8_step_fc1_inputs``) instead of rounding its own x, whose last bits differ. Every top-1 of the
     step must then be the twin's, but for ties within ``tie_tolerance`` of its logit range (as ``qmamba bench``).
     Returns ``(ties, steps the eager step's picks equal the graph's)``, or None where a pick differs by more."""
-    from qmamba.bench import _top1_gap
     from qmamba.fused_step import FusedDecodeStep
     from qmamba.quant.modules import QuantExperts
 
@@ -135,19 +145,16 @@ def int8_same_codes_check(model, policy, prompt, state, got, tie_tolerance: floa
         try:
             for i, m in enumerate(experts):  # (the step's MoE layers in the model's order)
                 m.int8_step_fc1_inputs = step.int8_inputs_log[i::len(experts)]
-            st = state.clone()
-            ref = torch.stack([model.step(fed[:, t], st, check=False).float() for t in range(fed.shape[1])], 1)
+            ref = _reference_steps(model, fed, state)
             assert not any(m.int8_step_fc1_inputs for m in experts), "recorded inputs left over"
         finally:
             for m in experts:
                 m.int8_step_fc1_inputs = None
             for m, b in backends.items():
                 m.backend = b
-    ref_top, gap = _top1_gap(ref, mine.argmax(-1))
-    mismatch = ref_top != mine.argmax(-1)
-    if (mismatch & (gap > tie_tolerance)).any():
-        return None
-    return int(mismatch.sum()), int((mine.argmax(-1) == got).all(0).sum())
+    picks = mine.argmax(-1)
+    ties = _ties(ref, picks, tie_tolerance)
+    return None if ties is None else (ties, int((picks == got).all(0).sum()))
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from qmamba.kernels._triton import cdiv, jit, next_pow2, pdl_launch, tl
 from qmamba.kernels.input_planes import add_word_sums, store_x_planes
 from qmamba.kernels.selective_scan import _softplus
-from qmamba.kernels.w4a8_gemm import check_int8_operands, int8_codes, int8_row_scale
+from qmamba.kernels.w4a8_gemm import check_int8_operands, int8_codes, int8_row_scale, plane_byte_columns
 from qmamba.quant.layout import check_word_sums, check_x_planes
 
 
@@ -54,13 +54,11 @@ def _store_planes(xpl_row, cols, y, KPAD: tl.constexpr):
 def _store_int8_row(yf, d, q_row, s_ptr, sum_row, QPAD: tl.constexpr, CUDA: tl.constexpr):
     """The fp32 row ``yf`` (columns ``d``, 0 past its end; a multiple of 128 long, at least ``QPAD``) quantized to
     int8 as :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8` quantizes it: the codes stored in plane-byte order
-    (input k of tile t at ``128 t + 64 h + 4 (k % 16) + k // 32`` within the tile's columns, h = (k // 16) % 2, the
-    inverse of :func:`qmamba.quant.layout.int8_x_plane_order`), the scale, and each 128-column tile's code sum."""
+    (each input at its column, :func:`qmamba.kernels.w4a8_gemm.plane_byte_columns`), the scale, and each 128-column
+    tile's code sum."""
     scale, inv = int8_row_scale(tl.max(tl.abs(yf), axis=0))
     q = int8_codes(yf, inv, CUDA)
-    kk = d % 128
-    j = d - kk + 64 * ((kk // 16) % 2) + 4 * (kk % 16) + kk // 32
-    tl.store(q_row + j, q.to(tl.int8), mask=d < QPAD)
+    tl.store(q_row + plane_byte_columns(d), q.to(tl.int8), mask=d < QPAD)
     tl.store(s_ptr, scale)
     n: tl.constexpr = yf.shape[0]
     t = tl.arange(0, n // 128)

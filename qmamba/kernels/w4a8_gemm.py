@@ -135,7 +135,8 @@ def int8_row_scale(amax):
 def int8_codes(x, inv, CUDA: tl.constexpr):
     """``floor(x * inv + 1/2)`` clamped to [-127, 127], as float32 (``x`` float32): the row quantizer's codes, the
     arithmetic of :func:`quantize_rows_int8_ref`. Shared by every kernel that writes them (this module's quantizer,
-    :func:`qmamba.kernels.fused_moe.route_top1_int8`), so that they agree bit for bit."""
+    :func:`qmamba.kernels.fused_moe.route_top1_int8`, :func:`qmamba.kernels.decode_step.add_norm`), so that they
+    agree bit for bit."""
     if CUDA:  # a product the compiler may not fuse with the add (mul.rn): one rounding, then the add's, as the twin
         q = tl.floor(libdevice.mul_rn(x, inv) + 0.5)
     else:
@@ -149,6 +150,14 @@ def plane_byte_inputs(j):
     tile ``j // 128``, half ``(j % 128) // 64`` (low / high nibbles), byte ``r = j % 64``."""
     r = j % 64
     return (j // 128) * 128 + 32 * (r % 4) + r // 4 + 16 * ((j % 128) // 64)
+
+
+@jit
+def plane_byte_columns(k):
+    """The inverse of :func:`plane_byte_inputs`: the column of the codes that holds input ``k`` (tile ``k // 128``,
+    half ``h = (k // 16) % 2``, byte ``4 (k % 16) + (k % 128) // 32``)."""
+    kk = k % 128
+    return k - kk + 64 * ((kk // 16) % 2) + 4 * (kk % 16) + kk // 32
 
 
 @jit
@@ -345,21 +354,10 @@ def w4a8_gemm(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row
 
 
 def check_x_int8(who: str, x: torch.Tensor, x_int8):
-    """Refuse a pre-quantized input ``x_int8 = (codes, scale, sums)`` of ``x [M, K]`` whose row count, row scales or
-    device are not :func:`quantize_rows_int8`'s (codes ``[M, k_pad]``, scale contiguous ``[M]`` float32, sums
-    ``[M, ...]`` with contiguous rows, on x's device); the codes' width, type and layout and the sums' width are
-    :func:`w4a8_operands`' checks against the weight."""
-    if not (isinstance(x_int8, (tuple, list)) and len(x_int8) == 3
-            and all(isinstance(t, torch.Tensor) for t in x_int8)):
-        raise ValueError(f"{who}: x_int8 must be the tuple (codes, scale, sums) of quantize_rows_int8")
-    codes, scale, sums = x_int8
-    m = x.shape[0]
-    if codes.dim() != 2 or codes.shape[0] != m or sums.dim() != 2 or sums.shape[0] != m or sums.stride(-1) != 1:
-        raise ValueError(f"{who}: x_int8's codes and sums must be [{m}, ...] (x's rows), got "
-                         f"{tuple(codes.shape)} and {tuple(sums.shape)}")
-    if tuple(scale.shape) != (m,) or scale.dtype != torch.float32 or scale.stride(0) != 1:
-        raise ValueError(f"{who}: x_int8's scale must be contiguous [{m}] float32, got {tuple(scale.shape)} "
-                         f"{scale.dtype}")
+    """Refuse a pre-quantized input ``x_int8 = (codes, scale, sums)`` of ``x [M, K]`` that is not
+    :func:`quantize_rows_int8`'s for it (:func:`check_int8_operands`) or not on x's device; the codes' width against
+    the weight is :func:`w4a8_operands`' check."""
+    check_int8_operands(who, x_int8, x.shape[0], x.shape[1])
     if any(t.device != x.device for t in x_int8):
         raise ValueError(f"{who}: x_int8 must be on x's device {x.device}")
 
