@@ -29,6 +29,20 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.ones(di))
         self.out_proj = nn.Linear(di, d, bias=cfg.proj_bias)
         self.backend = "reference"
+        self._ssm_A, self._ssm_A_key = None, None  # ssm_A()'s tensor and the A_log it came from
+
+    def ssm_A(self) -> torch.Tensor:
+        """``A = -exp(A_log)`` in float32, computed once and reused while A_log is the same tensor, unchanged (its
+        storage, version, device and dtype), so that a prefill (and its CUDA graph) runs no kernel for it; computed
+        afresh where a gradient is wanted, and not kept from inside a CUDA-graph capture (the graph's own memory)."""
+        a_log = self.A_log
+        if (torch.is_grad_enabled() and a_log.requires_grad) or (
+                a_log.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return -torch.exp(a_log.float())
+        key = (a_log.data_ptr(), a_log._version, a_log.device, a_log.dtype)
+        if self._ssm_A_key != key:
+            self._ssm_A, self._ssm_A_key = -torch.exp(a_log.detach().float()), key
+        return self._ssm_A
 
     def _ssm_inputs(self, x):
         dbc = self.x_proj(x)
@@ -40,7 +54,7 @@ class MambaMixer(nn.Module):
         x, z = self.in_proj(h).chunk(2, dim=-1)
         x, conv_state = ops.causal_conv1d(self.backend, x, self.conv_weight, self.conv_bias, conv_state, "silu")
         delta, B_ssm, C_ssm = self._ssm_inputs(x)
-        A = -torch.exp(self.A_log.float())
+        A = self.ssm_A()
         y, ssm_state = ops.selective_scan(self.backend, x, delta, A, B_ssm, C_ssm, self.D, z, self.dt_bias,
                                           ssm_state, True)
         return self.out_proj(y), conv_state, ssm_state
@@ -51,7 +65,7 @@ class MambaMixer(nn.Module):
         x, conv_state = ops.causal_conv1d_update(self.backend, x, conv_state, self.conv_weight, self.conv_bias,
                                                  "silu")
         delta, B_ssm, C_ssm = self._ssm_inputs(x)
-        A = -torch.exp(self.A_log.float())
+        A = self.ssm_A()
         y, ssm_state = ops.selective_state_update(self.backend, ssm_state, x, delta, A, B_ssm, C_ssm, self.D, z,
                                                   self.dt_bias, True)
         return self.out_proj(y), conv_state, ssm_state
