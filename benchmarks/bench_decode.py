@@ -307,9 +307,6 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return dataclasses.replace(base, int8_rows=v == "int8rows")
     if v.startswith("int8rowsbn"):  # e.g. int8rowsbn32: and fc1's weight rows a program
         return dataclasses.replace(base, int8_rows=True, int8_rows_block_n=int(v[10:]))
-    if v in ("convx", "noconvx"):  # at 2+ rows, x_proj on the general kernel computing the conv step of its input
-        #                          itself, no conv launch (DecodePolicy.conv_in_x_proj), or not
-        return dataclasses.replace(base, conv_in_x_proj=v == "convx")
     if v == "dtrows0":  # the SSM update reads dt_proj's weight as stored (DecodePolicy.dt_rows_aligned off)
         return dataclasses.replace(base, dt_rows_aligned=False)
     if v == "joint":  # int4 input planes: every product of a row before any reduction (DecodePolicy.planes_joint)

@@ -384,13 +384,6 @@ class FusedDecodeStep:
         """Whether the step's general kernels launch as programmatic dependents (:attr:`DecodePolicy.pdl_general`)."""
         return self.policy.pdl and self.policy.pdl_general
 
-    def _conv_in_x_proj(self, plan, rows: int) -> bool:
-        """Whether x_proj computes the conv step of its input itself (:attr:`DecodePolicy.conv_in_x_proj`): where it
-        runs on the general small-M kernel (a quantized or float matrix, not 1-bit, that the decode kernels do not
-        take at this batch)."""
-        return (self.policy.conv_in_x_proj and isinstance(plan.x_proj, PackedWeight)
-                and not self.policy.takes(plan.x_proj, rows))
-
     def _decode(self, x, weight, out, **kw):
         return decode_linear(x, weight, out, policy=self.policy, **kw)
 
@@ -414,9 +407,6 @@ class FusedDecodeStep:
                          x_plane_sums=nin is None, norm_in=nin, x_word_sums=self._consumer_sums(buf, nin, layer),
                          conv_ready=self.policy.early_reads)
             self._decode(xc, plan.x_proj, dbc)
-        elif self._conv_in_x_proj(plan, rows):  # x_proj reads in_proj's x rows through the conv step itself
-            self._linear(buf["x"], plan.in_proj, xz, bias=plan.in_bias)
-            self._linear(xz[:, :di], plan.x_proj, dbc, conv_in=conv)
         else:  # the conv step's output on its own (the state is shifted by the dt kernel below)
             self._linear(buf["x"], plan.in_proj, xz, bias=plan.in_bias)
             if buf["conv_scratch"] is None or buf["conv_scratch"].shape != conv_state.shape:

@@ -104,16 +104,6 @@ def _check_conv(x, weight, bias, state, batch, dim):
     return width
 
 
-def check_conv_step(x, conv_state, weight, bias=None) -> int:
-    """Refuse operands of a conv step over ``x [B, D]`` other than ``conv_state [B, D, W]``, ``weight [D, W]`` and
-    ``bias [D]`` (or None) on x's device; returns W."""
-    if x.dim() != 2 or conv_state is None:
-        raise ValueError(f"causal conv step: x must be [B, D] with a conv state, got {tuple(x.shape)}")
-    if any(t is not None and t.device != x.device for t in (conv_state, weight, bias)):
-        raise ValueError("causal conv step: the state, weight and bias must be on x's device")
-    return _check_conv(x, weight, bias, conv_state, *x.shape)
-
-
 def _activation_flag(activation):
     if activation not in (None, "silu"):
         raise ValueError(f"unsupported activation {activation!r}")

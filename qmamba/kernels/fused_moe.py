@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qmamba.kernels._triton import cdiv, jit, next_pow2, pdl_launch, tl
+from qmamba.kernels._triton import jit, next_pow2, pdl_launch, tl
 from qmamba.kernels.activations import ACTIVATION_IDS, activate
 from qmamba.kernels.binary_matmul import binary_matmul, binary_matmul_ref
 from qmamba.kernels.matmul_configs import GEMV_MAX_M, current_policy, pick_config
@@ -74,74 +74,62 @@ def moe_forward_ref(x, router_w, router_b, fc1: KernelWeight, fc2: KernelWeight,
 
 # ---- Triton ----------------------------------------------------------------------------------------------------------
 @jit
-def _route_top1_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, wt_ptr, q_ptr, s_ptr, sum_ptr, T, K, E, sxm, sxk, swe, swk,
-                       sqm, ssum, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
-                       BLOCK_K: tl.constexpr, QUANT: tl.constexpr, K_PAD: tl.constexpr, SUMS: tl.constexpr,
-                       BLOCK_Q: tl.constexpr, CUDA: tl.constexpr):
-    """``BLOCK_M`` rows a program: the router's logits, sigmoid, first argmax. Each router row is read once a program
-    and serves all its rows (one row a program read the whole router again for every token: at a prefill of 2,048
-    tokens, 48 MB of cache traffic for 6 MB of x). ``QUANT``: also each row quantized to int8 as
+def _route_top1_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, wt_ptr, q_ptr, s_ptr, sum_ptr, K, E, sxm, sxk, swe, swk, sqm,
+                       ssum, HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                       QUANT: tl.constexpr, K_PAD: tl.constexpr, SUMS: tl.constexpr, BLOCK_Q: tl.constexpr,
+                       CUDA: tl.constexpr):
+    """One program a row: the router's logits, sigmoid, first argmax. ``QUANT``: also the row quantized to int8 as
     :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8` writes it (``K_PAD`` code columns in plane-byte order, the
-    scale, ``SUMS`` tile-sum columns): the largest magnitudes are taken in the logits' loop from the values it loaded
-    (the logits' arithmetic is the same as without it, so the routing stays bit for bit the plain kernel's), the
-    codes in a pass after it that reads the rows again from the cache."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_ok = rows < T
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * sxm
+    scale, ``SUMS`` tile-sum columns), in passes after the logits' loop, which is the same as without it (the
+    routing stays bit for bit the plain kernel's); the row is read again from the cache."""
+    row = tl.program_id(0)
     e = tl.arange(0, BLOCK_E)
-    acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
-    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)  # each row's largest magnitude (exact in any order)
+    e_ok = e < E
+    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
-        xv = tl.load(x_rows + k[None, :] * sxk, mask=rows_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        if QUANT:
-            amax = tl.maximum(amax, tl.max(tl.abs(xv), axis=1))
-        for j in tl.static_range(BLOCK_E):  # one router row at a time: its products, then their sum a row
-            wj = tl.load(w_ptr + j * swe + k * swk, mask=k_ok & (k * 0 + j < E), other=0.0).to(tl.float32)
-            acc += tl.where(e[None, :] == j, tl.sum(xv * wj[None, :], axis=1)[:, None], 0.0)
+        xv = tl.load(x_ptr + row * sxm + k * sxk, mask=k_ok, other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + e[:, None] * swe + k[None, :] * swk, mask=e_ok[:, None] & k_ok[None, :],
+                     other=0.0).to(tl.float32)
+        acc += tl.sum(wv * xv[None, :], axis=1)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + e, mask=e < E, other=0.0).to(tl.float32)[None, :]
-    p = tl.where((e < E)[None, :], tl.sigmoid(acc), -1.0)
-    best = tl.max(p, axis=1)
-    first = tl.min(tl.where(p == best[:, None], e[None, :], BLOCK_E), axis=1)  # first maximum, as torch.max
-    tl.store(idx_ptr + rows, first.to(tl.int32), mask=rows_ok)
-    tl.store(wt_ptr + rows, best, mask=rows_ok)
+        acc += tl.load(b_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
+    p = tl.where(e_ok, tl.sigmoid(acc), -1.0)
+    best = tl.max(p, axis=0)
+    first = tl.min(tl.where(p == best, e, BLOCK_E), axis=0)  # first maximum, as torch.max
+    tl.store(idx_ptr + row, first.to(tl.int32))
+    tl.store(wt_ptr + row, best)
     if QUANT:
-        rows64 = rows.to(tl.int64)
-        scale, inv = int8_row_scale(amax)
-        tl.store(s_ptr + rows64, scale, mask=rows_ok)
+        row64 = row.to(tl.int64)
+        x_row = x_ptr + row64 * sxm
+        amax = tl.zeros((BLOCK_Q,), dtype=tl.float32)  # the row's largest magnitude (exact in any order)
+        for k0 in range(0, K, BLOCK_Q):
+            k = k0 + tl.arange(0, BLOCK_Q)
+            amax = tl.maximum(amax, tl.abs(tl.load(x_row + k * sxk, mask=k < K, other=0.0).to(tl.float32)))
+        scale, inv = int8_row_scale(tl.max(amax, axis=0))
+        tl.store(s_ptr + row64, scale)
         for j0 in range(0, K_PAD, BLOCK_Q):  # output columns in plane-byte order, whole 128-column tiles
             j = j0 + tl.arange(0, BLOCK_Q)
             k = plane_byte_inputs(j)
-            xq = tl.load(x_rows + k[None, :] * sxk, mask=rows_ok[:, None] & (k < K)[None, :], other=0.0)
-            q = int8_codes(xq.to(tl.float32), inv[:, None], CUDA)
-            tl.store(q_ptr + rows64[:, None] * sqm + j[None, :], q.to(tl.int8),
-                     mask=rows_ok[:, None] & (j < K_PAD)[None, :])
+            q = int8_codes(tl.load(x_row + k * sxk, mask=k < K, other=0.0).to(tl.float32), inv, CUDA)
+            tl.store(q_ptr + row64 * sqm + j, q.to(tl.int8), mask=j < K_PAD)
             t = j0 // 128 + tl.arange(0, BLOCK_Q // 128)
-            tl.store(sum_ptr + rows64[:, None] * ssum + t[None, :],
-                     tl.sum(tl.reshape(q, (BLOCK_M, BLOCK_Q // 128, 128)), axis=2),
-                     mask=rows_ok[:, None] & (t < K_PAD // 128)[None, :])  # (integer sums below 2^24: exact)
+            tl.store(sum_ptr + row64 * ssum + t, tl.sum(tl.reshape(q, (BLOCK_Q // 128, 128)), axis=1),
+                     mask=t < K_PAD // 128)  # (sums of integers below 2^24: exact in any order)
         t = tl.arange(0, SUMS)
-        tl.store(sum_ptr + rows64[:, None] * ssum + t[None, :], tl.zeros((BLOCK_M, SUMS), dtype=tl.float32),
-                 mask=rows_ok[:, None] & (t >= K_PAD // 128)[None, :])
-
-
-ROUTE_ELEMENTS = 8192  # x values a routing program holds at once on CUDA (4 rows of BlackMamba-2.8B's 1,472, padded)
+        tl.store(sum_ptr + row64 * ssum + t, tl.zeros((SUMS,), dtype=tl.float32), mask=t >= K_PAD // 128)
 
 
 def route_meta(k: int, e: int, has_bias: bool, k_pad: int | None, cuda: bool) -> dict:
     """The routing kernel's compile-time arguments and warps for ``x [T, k]``, ``e`` experts (``k_pad``: the int8
-    rows too) on CUDA or the interpreter. The routing's (``BLOCK_M``, ``BLOCK_K``, ``BLOCK_E``, warps) do not depend
-    on ``k_pad``: with and without the quantization the logits are the same computation, bit for bit. On CUDA a row
-    of up to 2,048 values is loaded in one piece, as many rows a program as fit ``ROUTE_ELEMENTS`` (at most 16)."""
+    rows too) on CUDA or the interpreter. The routing's (``BLOCK_K``, ``BLOCK_E``, warps) do not depend on
+    ``k_pad``: with and without the quantization the logits are the same computation, bit for bit."""
     quant = k_pad is not None
-    block_k = min(next_pow2(k), 2048 if cuda else 64)
-    block_m = min(16, max(1, ROUTE_ELEMENTS // block_k)) if cuda else 4
-    return dict(HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_E=next_pow2(e), BLOCK_K=block_k,
+    return dict(HAS_BIAS=has_bias, BLOCK_E=next_pow2(e), BLOCK_K=min(next_pow2(k), 512 if cuda else 64),
                 QUANT=quant, K_PAD=k_pad if quant else 0, SUMS=sum_columns(k_pad) if quant else 0,
-                BLOCK_Q=min(next_pow2(k_pad), block_k if cuda else 128) if quant else 128, CUDA=cuda and quant,
-                num_warps=8 if cuda else 1)
+                BLOCK_Q=min(next_pow2(k_pad), 512 if cuda else 128) if quant else 128, CUDA=cuda and quant,
+                num_warps=4 if cuda else 1)
 
 
 def _route(x, router_w, router_b, k_pad: int | None):
@@ -155,10 +143,9 @@ def _route(x, router_w, router_b, k_pad: int | None):
         scale = torch.empty(t, dtype=torch.float32, device=x.device)
         sums = torch.empty(t, sum_columns(k_pad), dtype=torch.float32, device=x.device)  # padding: the kernel's zeros
     if t:
-        meta = route_meta(k, e, router_b is not None, k_pad, x.is_cuda)
-        _route_top1_kernel[(cdiv(t, meta["BLOCK_M"]),)](
-            x, router_w, router_b if router_b is not None else router_w, idx, weight, codes, scale, sums, t, k, e,
-            *x.stride(), *router_w.stride(), codes.stride(0), sums.stride(0), **meta)
+        _route_top1_kernel[(t,)](x, router_w, router_b if router_b is not None else router_w, idx, weight, codes,
+                                 scale, sums, k, e, *x.stride(), *router_w.stride(), codes.stride(0), sums.stride(0),
+                                 **route_meta(k, e, router_b is not None, k_pad, x.is_cuda))
     return (idx, weight, (codes, scale, sums)) if k_pad is not None else (idx, weight)
 
 
@@ -168,9 +155,11 @@ def route_top1(x, router_w, router_b=None):
 
 
 def route_top1_int8(x, router_w, router_b, k_pad: int):
-    """:func:`route_top1` and :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8` ``(x, k_pad)`` in one launch (the
-    results bit for bit theirs, on CUDA too): ``(idx, weight, (codes, scale, sums))``, the last the W4A8 GEMM's int8
-    input (``x_int8`` of :func:`dequant_matmul`; ``MatmulPolicy.w4a8_route_quantizes``)."""
+    """:func:`route_top1` and :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8` ``(x, k_pad)`` in one launch (one
+    program a row, three passes over its row: the logits, the largest magnitude, the codes; the results bit for bit
+    theirs, on CUDA too): ``(idx, weight, (codes, scale, sums))``, the last the W4A8 GEMM's int8 input (``x_int8`` of
+    :func:`dequant_matmul`). H100, session 43: 17.9 us a launch at 2,048 x 1,472 bf16, against 11.7 for the routing
+    alone and ~5 for the quantizer's launch (``MatmulPolicy.w4a8_route_quantizes``, off)."""
     check_int8_k_pad("route_top1_int8", x, k_pad)
     return _route(x, router_w, router_b, k_pad)
 
@@ -206,20 +195,19 @@ def gated_act(h, activation: str, gated: bool, out=None, pdl: bool = False):
 
 
 def routed_matmul(x, weight: KernelWeight, bias=None, row_expert=None, row_scale=None, tiles=None, out=None,
-                  pdl: bool = False, early_tile: bool = False, x_int8=None, conv_in=None):
+                  pdl: bool = False, early_tile: bool = False, x_int8=None):
     """``x @ W^T`` (optional ``bias``, routing ``row_expert`` / gate ``row_scale`` / expert ``tiles``, ``out``) on
     the general kernel of the record's type: :func:`binary_matmul` for a :class:`BinaryWeight`, else
     :func:`dequant_matmul` (same arguments; ``pdl``: their small-M kernels as programmatic dependent launches;
     ``early_tile``: the first weight tile of int4 plane words read before the wait, ``x_int8``: x already quantized
-    for the W4A8 path, ``conv_in``: the conv step fused in front of the product; the last two :func:`dequant_matmul`
-    only)."""
+    for the W4A8 path, :func:`dequant_matmul` only)."""
     if isinstance(weight, BinaryWeight):
-        if x_int8 is not None or conv_in is not None:
-            raise ValueError("routed matmul: x_int8 and conv_in are dequant_matmul's, not a 1-bit weight's")
+        if x_int8 is not None:
+            raise ValueError("routed matmul: x_int8 is for the W4A8 path of int4 plane words, not a 1-bit weight")
         return binary_matmul(x, weight, bias, row_expert=row_expert, row_scale=row_scale, tiles=tiles, out=out,
                              pdl=pdl)
     return dequant_matmul(x, weight, bias, row_expert=row_expert, row_scale=row_scale, tiles=tiles, out=out, pdl=pdl,
-                          early_tile=early_tile, x_int8=x_int8, conv_in=conv_in)
+                          early_tile=early_tile, x_int8=x_int8)
 
 
 def _tile_rows(t: int, fc1: KernelWeight, device) -> int:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import torch
 
 from qmamba.kernels._triton import cdiv, jit, pdl_launch, split_k_mode, split_k_range, tl
-from qmamba.kernels.causal_conv1d import causal_conv1d_update_ref, check_conv_step
 from qmamba.kernels.dequant_gemm import (dequant_gemm, matmul_epilogue, plane_pairs_args,
                                          plane_position_codes, plane_tile, weight_times_rows)
 from qmamba.kernels.dequantize import dense_linear, dequantize_stack
@@ -39,12 +38,8 @@ from qmamba.kernels.weights import FMT_FLOAT, FMT_INT4, FMT_INT4_PLANES, FMT_INT
 
 
 # ---- reference twin ----------------------------------------------------------------------------------------------
-def dequant_matmul_ref(x, weight: PackedWeight, bias=None, row_expert=None, row_scale=None, conv_in=None):
-    """``x [M, K]`` -> ``[M, N]``: row m uses expert ``row_expert[m]`` (0 when None), times ``row_scale[m]``.
-    ``conv_in = (conv_state [M, K, W], conv_weight [K, W], conv_bias or None)``: the product is of the causal-conv
-    step's output ``silu(conv([state[..., 1:], x]) + b)`` in x's dtype (:func:`causal_conv1d_update_ref`), not of x."""
-    if conv_in is not None:
-        x = causal_conv1d_update_ref(x, conv_in[0], conv_in[1], conv_in[2], "silu")[0]
+def dequant_matmul_ref(x, weight: PackedWeight, bias=None, row_expert=None, row_scale=None):
+    """``x [M, K]`` -> ``[M, N]``: row m uses expert ``row_expert[m]`` (0 when None), times ``row_scale[m]``."""
     w = weight.dequantized(torch.float32)
     idx = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if row_expert is None else row_expert.long()
     y = torch.einsum("mk,mnk->mn", x.float(), w[idx]) if x.shape[0] else x.new_zeros(0, weight.n).float()
@@ -73,38 +68,14 @@ def _tile_times_rows(w, x, rm, USE_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_
 
 
 @jit
-def _input_tile(x_ptr, rows, row_ok, k, k_ok, sxm, sxk, cs_ptr, scs_m, scs_k, scs_w, cw_ptr, scw_k, scw_w, cb_ptr,
-                CONV_W: tl.constexpr, CONV_B: tl.constexpr):
-    """The input tile ``[rows, k]`` of the product: x itself, or (``CONV_W`` > 0, the conv step fused in front of
-    x_proj in a batched decode step) the causal-conv step's output of those channels, ``silu(sum_w window[w] cw[w] +
-    b)`` over the window ``[state[1:], x]``, rounded to x's dtype as the conv kernel's output would be. The state is
-    only read (the SSM update shifts it later in the step)."""
-    m = row_ok[:, None] & k_ok[None, :]
-    xv = tl.load(x_ptr + rows[:, None] * sxm + k[None, :] * sxk, mask=m, other=0.0)
-    if CONV_W > 0:
-        acc = xv.to(tl.float32) * tl.load(cw_ptr + k * scw_k + (CONV_W - 1) * scw_w, mask=k_ok,
-                                          other=0.0).to(tl.float32)[None, :]
-        for w in tl.static_range(CONV_W - 1):  # window slot w holds the state's slot w + 1
-            sv = tl.load(cs_ptr + rows[:, None] * scs_m + k[None, :] * scs_k + (w + 1) * scs_w, mask=m, other=0.0)
-            acc += sv.to(tl.float32) * tl.load(cw_ptr + k * scw_k + w * scw_w, mask=k_ok,
-                                               other=0.0).to(tl.float32)[None, :]
-        if CONV_B:
-            acc += tl.load(cb_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        xv = tl.where(m, acc * tl.sigmoid(acc), 0.0).to(x_ptr.dtype.element_ty)
-    return xv
-
-
-@jit
 def _dequant_matmul_kernel(
     x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rscale_ptr, rexp_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr,
     sorted_ptr, M, N, K, K_PAD, sxm, sxk, som, son, swe, swn, sse, ssn, sze, szn,
-    cs_ptr, cw_ptr, cb_ptr, scs_m, scs_k, scs_w, scw_k, scw_w,
     FMT: tl.constexpr, ROUTE: tl.constexpr, GROUP: tl.constexpr, PRESCALE: tl.constexpr, SPLIT_K: tl.constexpr,
     USE_DOT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLOAT_CODES: tl.constexpr,
     PAIRS: tl.constexpr, ASM: tl.constexpr, FP16: tl.constexpr, PDL: tl.constexpr, EARLY_TILE: tl.constexpr,
-    CONV_W: tl.constexpr, CONV_B: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -154,8 +125,8 @@ def _dequant_matmul_kernel(
             part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for i in tl.static_range(8):
                 ki = k0 + 16 * i + tl.arange(0, 16)
-                xi = _input_tile(x_ptr, rows, row_ok, ki, ki < K, sxm, sxk, cs_ptr, scs_m, scs_k, scs_w, cw_ptr,
-                                 scw_k, scw_w, cb_ptr, CONV_W, CONV_B)
+                xi = tl.load(x_ptr + rows[:, None] * sxm + ki[None, :] * sxk,
+                             mask=row_ok[:, None] & (ki < K)[None, :], other=0.0)
                 codes = plane_position_codes(words, zero, scale, i, PAIRS, FLOAT_CODES, ASM, FP16)
                 if PAIRS == 2:
                     acc += _tile_times_rows(codes, xi, rm, USE_DOT, IEEE, BLOCK_M)
@@ -186,10 +157,10 @@ def _dequant_matmul_kernel(
                 scale = tl.load(s_ptr + e64 * sse + n * ssn + blk, mask=n_ok, other=0.0).to(tl.float32)
                 w_lo = (packed & 0xF).to(tl.int32) - zero
                 w_hi = (packed >> 4).to(tl.int32) - zero
-            xe = _input_tile(x_ptr, rows, row_ok, ke, ke < K, sxm, sxk, cs_ptr, scs_m, scs_k, scs_w, cw_ptr, scw_k,
-                             scw_w, cb_ptr, CONV_W, CONV_B)
-            xo = _input_tile(x_ptr, rows, row_ok, ke + 1, ke + 1 < K, sxm, sxk, cs_ptr, scs_m, scs_k, scs_w, cw_ptr,
-                             scw_k, scw_w, cb_ptr, CONV_W, CONV_B)
+            xm = row_ok[:, None] & (ke < K)[None, :]
+            xe = tl.load(x_ptr + rows[:, None] * sxm + ke[None, :] * sxk, mask=xm, other=0.0)
+            xo = tl.load(x_ptr + rows[:, None] * sxm + (ke + 1)[None, :] * sxk, mask=xm & (ke + 1 < K)[None, :],
+                         other=0.0)
             if USE_DOT:
                 if IEEE:
                     part = tl.dot(w_lo.to(tl.float32), tl.trans(xe.to(tl.float32)), input_precision="ieee")
@@ -210,8 +181,8 @@ def _dequant_matmul_kernel(
                 acc += part * scale[:, None]
         else:
             k = k0 + tl.arange(0, BLOCK_K)
-            x = _input_tile(x_ptr, rows, row_ok, k, k < K, sxm, sxk, cs_ptr, scs_m, scs_k, scs_w, cw_ptr, scw_k,
-                            scw_w, cb_ptr, CONV_W, CONV_B)
+            x = tl.load(x_ptr + rows[:, None] * sxm + k[None, :] * sxk, mask=row_ok[:, None] & (k < K)[None, :],
+                        other=0.0)
             w = tl.load(w_base + n[:, None] * swn + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
             acc += _tile_times_rows(w, x, rm, USE_DOT, IEEE, BLOCK_M)
     acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
@@ -258,7 +229,7 @@ def experts_via_dense(x, weight: PackedWeight, bias, row_expert, row_scale, tile
 
 def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scale=None, tiles=None,
                    config: MatmulConfig | None = None, out=None, policy: MatmulPolicy | None = None,
-                   gate: str | None = None, pdl: bool = False, early_tile: bool = False, x_int8=None, conv_in=None):
+                   gate: str | None = None, pdl: bool = False, early_tile: bool = False, x_int8=None):
     """``x [M, K]`` -> ``[M, N]`` in x.dtype, with the reference semantics of :func:`dequant_matmul_ref`.
 
     Routing: ``row_expert`` alone with M <= 16 uses one program column per expert; ``tiles`` (from
@@ -277,11 +248,6 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     ``MatmulPolicy.w4a8_min_m``; elsewhere a ValueError): x already quantized per row, the ``(codes, scale, sums)``
     of :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8` (the MoE prefill's fc1 input, from its routing kernel:
     :func:`qmamba.kernels.fused_moe.route_top1_int8`), which :func:`w4a8_linear` multiplies instead of quantizing x.
-    ``conv_in = (conv_state [M, K, W], conv_weight [K, W], conv_bias or None)`` (one matrix, M <= 16: the small-M
-    kernel; elsewhere a ValueError): the product is of the causal-conv step's output of x (``silu`` of the window
-    ``[state[1:], x]`` times the weight, plus the bias), computed as each input tile is read, as
-    :func:`dequant_matmul_ref` with ``conv_in``; the state is only read. A batched decode step's x_proj takes in_proj's
-    x rows this way instead of the conv step's launch (``DecodePolicy.conv_in_x_proj``).
     """
     policy = policy or current_policy()
     if x.dim() != 2 or x.shape[1] != weight.k:
@@ -292,14 +258,7 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
                          "rows) and a weight of 2F rows")
     if bias is not None and tuple(bias.shape) != (weight.n,):
         raise ValueError(f"dequant matmul: bias must be [{weight.n}], got {tuple(bias.shape)}")
-    conv_w = 0
-    if conv_in is not None:
-        if row_expert is not None or m > GEMV_MAX_M or x_int8 is not None or gate is not None:
-            raise ValueError(f"dequant matmul: conv_in (the conv step in front of the product) is for one matrix at "
-                             f"up to {GEMV_MAX_M} rows")
-        conv_w = check_conv_step(x, *conv_in)
-    if (config is None and out is None and conv_in is None
-            and policy.takes_w4a8(m, weight, routed=row_expert is not None)):
+    if config is None and out is None and policy.takes_w4a8(m, weight, routed=row_expert is not None):
         return w4a8_linear(x, weight, bias, row_expert, row_scale, tiles, gate=gate,  # int8 activations
                            tile=policy.w4a8_tile, x_int8=x_int8)
     if x_int8 is not None:
@@ -339,8 +298,7 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
                                cfg.num_stages)
     else:
         grid_m = tiles.n_tiles
-    if (weight.fmt == FMT_INT4 and m == 1 and route != ROUTE_TILES and cfg.block_m == 1 and policy.int4_word_gemv
-            and conv_in is None):
+    if weight.fmt == FMT_INT4 and m == 1 and route != ROUTE_TILES and cfg.block_m == 1 and policy.int4_word_gemv:
         words = int32_words(weight.qweight)
         if words is not None:
             int4_gemv(x, words, weight, out, bias, row_scale, row_expert, cfg, atomic, policy.split_k_atomic_sem)
@@ -355,7 +313,6 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     z = z if z is not None else q
     swn = q.stride(1)
     dummy = x
-    conv_state, conv_weight, conv_bias = conv_in if conv_in is not None else (dummy[None], dummy, None)
     grid = (grid_m, cdiv(weight.n, cfg.block_n), cfg.split_k)
     _dequant_matmul_kernel[grid](
         x, out, q, s, z, bias if bias is not None else dummy, row_scale if row_scale is not None else dummy,
@@ -363,8 +320,6 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
         *(tiles.tensors() if tiles is not None else (dummy, dummy, dummy, dummy)),
         m, weight.n, weight.k, weight.k_padded, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         q.stride(0), swn, s.stride(0), s.stride(1), z.stride(0), z.stride(1),
-        conv_state, conv_weight, conv_bias if conv_bias is not None else dummy, *conv_state.stride(),
-        *conv_weight.stride(),
         FMT=weight.fmt, ROUTE=route, GROUP=max(weight.group_size, 1),
         PRESCALE=weight.fmt == FMT_INT4 and cfg.block_k != weight.group_size, SPLIT_K=cfg.split_k, USE_DOT=cfg.use_dot,
         HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
@@ -373,6 +328,5 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
         FLOAT_CODES=policy.plane_float_codes and x.dtype != torch.float32,
         **plane_pairs_args(policy.plane_code_pairs, weight, x), PDL=pdl,
         EARLY_TILE=early_tile and route == ROUTE_DENSE and weight.fmt == FMT_INT4_PLANES,
-        CONV_W=conv_w, CONV_B=conv_in is not None and conv_in[2] is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(pdl))
     return out.to(x.dtype) if convert else out

@@ -34,9 +34,7 @@ def build(name, fmt, device):
                                                ("float", 2, "decode_dtrows0"), ("int4g128", 1, "decode_ssm8_dtrows0"),
                                                ("binary", 1, "general"),
                                                ("float", 1, "general"), ("int4", 1, "general"),
-                                               ("int8", 3, "general"), ("float", 2, "general_convx"),
-                                               ("int8", 3, "general_convx"), ("int4g128", 3, "general_convx"),
-                                               ("int4g128", 1, "planes"),
+                                               ("int8", 3, "general"), ("int4g128", 1, "planes"),
                                                ("int4g128", 2, "planes_magic"), ("int4g128", 1, "planes_denorm"),
                                                ("int4g128", 3, "routed_denorm"), ("float", 3, "routed"),
                                                ("int4g128", 4, "routed_denorm_rowprog"), ("float", 3, "routed_rowprog"),
@@ -51,8 +49,7 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     activation into fc1; ``_denorm``: 1-bit signs read as subnormal floats; ``_dtrows0``: the SSM update on
     dt_proj's weight as stored, not through ``aligned_rows``); ``general``: the general matmul
     kernels (GEMV word kernels, the 1-bit kernels, small-M
-    tiles, split-K into the zeroed workspace, conv and activation on their own; ``_convx``: x_proj computing the conv
-    step of its input itself, ``DecodePolicy.conv_in_x_proj``); ``planes``: the decode kernels on the int4
+    tiles, split-K into the zeroed workspace, conv and activation on their own); ``planes``: the decode kernels on the int4
     weights converted in place to plane words (``_magic`` / ``_denorm``: nibbles masked in place, see
     ``DecodePolicy.int4_unpack``; ``_xplanes``: their input as the int4 input planes add + norm writes,
     ``DecodePolicy.int4_x_planes``, read in the tile's shape or, ``_bcast``, broadcast); ``routed``: only the routed expert stacks on the decode kernels at 2+ rows (each
@@ -80,9 +77,8 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
             policy = dataclasses.replace(policy, dt_rows_aligned=False)
         if kernels == "decode_denorm":  # 1-bit bits (and int4 codes) read as subnormal floats, as the CUDA policy
             policy = dataclasses.replace(policy, int4_unpack="denorm")
-    elif kernels.startswith("general"):  # _convx: x_proj computing the conv step of its input itself
-        policy = dataclasses.replace(policy, formats=(), int4_x_planes=False,
-                                     conv_in_x_proj=kernels.endswith("convx"))
+    elif kernels == "general":
+        policy = dataclasses.replace(policy, formats=(), int4_x_planes=False)
     elif kernels.startswith("planes"):
         unpack = kernels.split("_")[1] if "_" in kernels else "shift"
         policy = dataclasses.replace(policy, formats=(0, 1, 3), max_rows=8, int4_planes=True, int4_unpack=unpack,
@@ -99,8 +95,6 @@ def test_fused_step_matches_model_step(fmt, batch, kernels, device):
     elif kernels.startswith(("planes", "routed")):  # each piece reduced before the next (CUDA: joint since 37)
         policy = dataclasses.replace(policy, planes_joint=False)
     step = FusedDecodeStep(model, policy)
-    mamba_plans = [p for p in step.layers if hasattr(p, "x_proj")]
-    assert mamba_plans and all(step._conv_in_x_proj(p, batch) == kernels.endswith("convx") for p in mamba_plans)
     dt_strides = {p.dt_w.stride(0) for p in step.layers if hasattr(p, "dt_w")}  # rank 4: padded to 16 by default
     assert dt_strides == ({16} if policy.dt_rows_aligned else {model.config.dt_rank})
     if fmt == "binary":  # the 1-bit matrices take the decode kernels exactly when the policy lists the format

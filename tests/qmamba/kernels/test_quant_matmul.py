@@ -72,57 +72,6 @@ def test_early_tile_matches(m, split_k, device):
         close(dequant_matmul(x, w, config=cfg, early_tile=early, pdl=pdl), ref, torch.float32)
 
 
-CONV_WEIGHTS = {"float": lambda n, k, d: PackedWeight.from_float(torch.randn(n, k, device=d) / k ** 0.5),
-                "int8": lambda n, k, d: make_weight(Int8Format(), n, k, d),
-                "int4g32": lambda n, k, d: make_weight(Int4Format(32), n, k, d),
-                "int4g128planes": lambda n, k, d: make_weight(Int4Format(128), n, k, d).to_planes()}
-
-
-@pytest.mark.parametrize("kind", sorted(CONV_WEIGHTS))
-@pytest.mark.parametrize("m,split_k,bias", [(1, 1, True), (5, 1, False), (5, 3, True), (8, 2, True)])
-def test_conv_step_in_front_matches(kind, m, split_k, bias, device):
-    """``conv_in``: the small-M kernel multiplies the causal-conv step's output of x (from the old state, the conv
-    weight and bias), as the twin does with :func:`causal_conv1d_update_ref` first; every format the batched step's
-    x_proj can have, ragged K (300), split-K, x a strided view (in_proj's x half), the state left as it was. It fails
-    where the product is of x itself."""
-    from qmamba.kernels.causal_conv1d import causal_conv1d_update_ref
-
-    n, k, width = 40, 300, 4
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    g = torch.Generator().manual_seed(m * 10 + split_k)
-    w = CONV_WEIGHTS[kind](n, k, device)
-    xz = torch.randn(m, 2 * k, generator=g).to(device=device, dtype=dtype)
-    x = xz[:, :k]
-    state = torch.randn(m, k, width, generator=g).to(device=device, dtype=dtype)
-    conv = (state, torch.randn(k, width, generator=g).to(device) * 0.5,
-            torch.randn(k, generator=g).to(device) if bias else None)
-    before = state.clone()
-    ref = dequant_matmul_ref(x, w, conv_in=conv)
-    torch.testing.assert_close(ref, dequant_matmul_ref(causal_conv1d_update_ref(x, *conv, "silu")[0], w))
-    block_k = 128 if kind.endswith("planes") else 32
-    cfg = MatmulConfig(16 if m > 1 else 1, 16, block_k, split_k=split_k,
-                       num_warps=1 if device.type != "cuda" else 4, num_stages=1)
-    out = torch.zeros(m, n, device=device, dtype=torch.float32) if split_k > 1 else None
-    got = dequant_matmul(x, w, config=cfg, out=out, conv_in=conv)
-    close(got, ref, dtype)
-    assert (got.float() - dequant_matmul_ref(x, w).float()).abs().max() > 0.1  # not the product of x itself
-    assert torch.equal(state, before)
-    close(dequant_matmul(x, w, conv_in=conv), ref, dtype)  # the launcher's own config
-
-
-def test_conv_step_in_front_refuses_what_it_cannot_serve(device):
-    w = make_weight(Int4Format(32), 24, 64, device)
-    x = torch.randn(3, 64, device=device)
-    conv = (torch.zeros(3, 64, 4, device=device), torch.zeros(64, 4, device=device), None)
-    with pytest.raises(ValueError, match="state must be"):
-        dequant_matmul(x, w, conv_in=(conv[0][:, :32], conv[1], None))  # the state's channels are not x's
-    with pytest.raises(ValueError, match="conv_in"):
-        dequant_matmul(torch.randn(GEMV_MAX_M + 1, 64, device=device), w, conv_in=conv)
-    with pytest.raises(ValueError, match="conv_in"):
-        dequant_matmul(x, make_weight(Int4Format(32), 24, 64, device, lead=(2,)), row_expert=torch.zeros(
-            3, dtype=torch.int32, device=device), conv_in=conv)
-
-
 @pytest.mark.parametrize("sem", ["relaxed", "acq_rel"])
 def test_split_k_atomic_orderings_agree(sem, device):
     """``MatmulPolicy.split_k_atomic_sem``: the split-K adds of the tile kernel, the int4 word GEMV and the 1-bit
