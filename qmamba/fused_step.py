@@ -106,7 +106,7 @@ def _mamba_plan(block, dtype, align_dt: bool = False) -> _MambaPlan:
         block.slot, block.norm.weight.detach(), in_w, in_b, mixer.conv_weight.detach().contiguous(),
         None if mixer.conv_bias is None else mixer.conv_bias.detach(), x_w,
         aligned_rows(dt_w) if align_dt else dt_w, mixer.dt_bias.detach(),
-        (-torch.exp(mixer.A_log.detach().float())).contiguous(), mixer.D.detach(), out_w, out_b)
+        mixer.ssm_A().detach().contiguous(), mixer.D.detach(), out_w, out_b)
 
 
 def _moe_plan(block, dtype) -> _MoePlan:
