@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from qmamba.bench import count_ties, recording_int8_inputs, same_codes_reference
 from qmamba.config import preset
 from qmamba.cuda_graph import GraphDecoder
 from qmamba.kernels.decode_linear import DecodePolicy
@@ -101,7 +102,7 @@ def int8_tie_check(model, prompt, state, got, tie_tolerance: float = 2e-3):
     fed = torch.cat([prompt[:, -1:], got[:, :-1]], 1)
     with int8_activations(model, True):
         ref = _reference_steps(model, fed, state)
-    return _ties(ref, got, tie_tolerance)
+    return count_ties(ref, got, tie_tolerance)
 
 
 def _reference_steps(model, fed, state):
@@ -110,50 +111,29 @@ def _reference_steps(model, fed, state):
     return torch.stack([model.step(fed[:, t], st, check=False).float() for t in range(fed.shape[1])], 1)
 
 
-def _ties(ref, picks, tie_tolerance: float):
-    """How many of ``picks [B, T]`` differ from the top-1 of ``ref [B, T, V]`` where its own top two are within
-    ``tie_tolerance`` of its logit range (:func:`qmamba.bench._top1_gap`), or None where one differs by more."""
-    from qmamba.bench import _top1_gap
-
-    ref_top, gap = _top1_gap(ref, picks)
-    mismatch = ref_top != picks
-    return None if (mismatch & (gap > tie_tolerance)).any() else int(mismatch.sum())
-
-
 def int8_same_codes_check(model, policy, prompt, state, got, tie_tolerance: float = 2e-3):
     """A batched step with int8 activations checked with the rounding taken out of the comparison: the eager fused
     step (the graph replays its kernels) fed the graph's tokens ``got [B, T]`` records fc1's int8 inputs
-    (``FusedDecodeStep.int8_inputs_log``), and the reference twin, fed the same tokens, multiplies exactly those
-    (``QuantExperts.int8_step_fc1_inputs``) instead of rounding its own x, whose last bits differ. Every top-1 of the
-    step must then be the twin's, but for ties within ``tie_tolerance`` of its logit range (as ``qmamba bench``).
-    Returns ``(ties, steps the eager step's picks equal the graph's)``, or None where a pick differs by more."""
+    (:func:`qmamba.bench.recording_int8_inputs`), and the reference twin, fed the same tokens, multiplies exactly
+    those (:func:`qmamba.bench.same_codes_reference`, as ``qmamba bench`` does where its first check fails) instead
+    of rounding its own x, whose last bits differ. Every top-1 of the step must then be the twin's, but for ties
+    within ``tie_tolerance`` of its logit range. Returns ``(ties, steps the eager step's picks equal the graph's)``,
+    or None where a pick differs by more."""
     from qmamba.fused_step import FusedDecodeStep
-    from qmamba.quant.modules import QuantExperts
 
     fed = torch.cat([prompt[:, -1:], got[:, :-1]], 1)
     with int8_activations(model, True):
         step = FusedDecodeStep(model, policy)
-        step.int8_inputs_log = []
-        st = state.clone()
-        mine = torch.stack([step(fed[:, t], st).float().clone() for t in range(fed.shape[1])], 1)  # (a buffer)
-        experts = [m for m in model.modules() if isinstance(m, QuantExperts)]
-        if not step.int8_inputs_log or len(step.int8_inputs_log) != len(experts) * fed.shape[1]:
-            raise SystemExit(f"int8_same_codes_check: {len(step.int8_inputs_log)} fc1 inputs recorded for "
-                             f"{len(experts)} MoE layers x {fed.shape[1]} steps: the step did not run int8 rows")
-        backends = {m: m.backend for m in model.modules() if hasattr(m, "backend")}
-        model.set_backend("reference")
-        try:
-            for i, m in enumerate(experts):  # (the step's MoE layers in the model's order)
-                m.int8_step_fc1_inputs = step.int8_inputs_log[i::len(experts)]
-            ref = _reference_steps(model, fed, state)
-            assert not any(m.int8_step_fc1_inputs for m in experts), "recorded inputs left over"
-        finally:
-            for m in experts:
-                m.int8_step_fc1_inputs = None
-            for m, b in backends.items():
-                m.backend = b
-    picks = mine.argmax(-1)
-    ties = _ties(ref, picks, tie_tolerance)
+        if not step.int8_rows_layers(fed.shape[0]):
+            raise SystemExit(f"int8_same_codes_check: the step did not run int8 rows at batch {fed.shape[0]}")
+        st, mine, codes = state.clone(), [], []
+        with recording_int8_inputs(step, fed.shape[0]) as latest:
+            for t in range(fed.shape[1]):
+                mine.append(step(fed[:, t], st).float().clone())  # (a buffer)
+                codes.append(latest())
+        ref = same_codes_reference(model, fed, state, codes)
+    picks = torch.stack(mine, 1).argmax(-1)
+    ties = count_ties(ref, picks, tie_tolerance)
     return None if ties is None else (ties, int((picks == got).all(0).sum()))
 
 

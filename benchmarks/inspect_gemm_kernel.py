@@ -164,6 +164,17 @@ def compile_route_int8(arch: int, tokens: int = 2048, d: int = 1472, quant: bool
     return compile_recorded(real, args, dict(meta, **fm.route_meta(d, EXPERTS, False, k_pad, cuda=True)), arch)
 
 
+def route_logits_ops(compiled) -> list[str]:
+    """The floating-point and shuffle opcodes of a compiled routing kernel's PTX (:func:`compile_route_int8`) before
+    its first global store: the logits, sigmoid and argmax. The same sequence with and without the quantization is
+    what keeps ``route_top1_int8``'s routing bit for bit ``route_top1``'s (a tile layout shared with the
+    quantization's accesses changed the sums' shuffles in session 44)."""
+    ptx = compiled.asm["ptx"]
+    head = ptx[:ptx.index("st.global")]
+    return re.findall(r"^\s+(?:@%p\d+ )?((?:fma|mul|add|sub|max|min|neg|ex2|rcp|div|setp)\.[a-z0-9.]*f32|shfl\.[a-z.0-9]+)",
+                      head, re.M)
+
+
 def loop_body(sass: str) -> list[str]:
     """The opcodes of the longest loop of a SASS listing (a backward branch's target up to the branch)."""
     ins = []

@@ -8,8 +8,11 @@ generation runs it), then
    pure-PyTorch reference path (on CUDA: the eager reference backend; on CPU, where the timed path *is* the
    reference step: the prefill over prompt + tokens, an independent forward). Every position's top-1 token must
    agree, except where the reference's own top two logits are within ``tie_tolerance`` of its logit range
-   (a rounding-level tie, counted and reported). Anything else raises :class:`BenchCheckError`: no figure is
-   reported for an unchecked path. The prefill that starts it is checked too (:func:`check_prefill_reference`):
+   (a rounding-level tie, counted and reported). A fused step that runs the MoE's fc1 on int8 codes
+   (``DecodePolicy.int8_rows``) is checked against the reference twin that rounds its inputs the same way; where a
+   value at a code's rounding boundary went the other way in the two paths, its picks are checked again against
+   the twin fed the step's own codes (:func:`same_codes_reference`). Anything else raises
+   :class:`BenchCheckError`: no figure is reported for an unchecked path. The prefill that starts it is checked too (:func:`check_prefill_reference`):
    where the model's backend is not the reference one (Triton on CUDA), its last-position top-1 tokens and final
    SSM state against the reference backend's prefill of the same prompt.
 2. **time**: prefill tokens/s (median of repeats) and decode ms/token over ``tokens`` greedy tokens (the graph
@@ -100,19 +103,20 @@ def _backend(model) -> str:
 
 
 @contextlib.contextmanager
-def _reference_backend(model):
+def _reference_backend(model, step_fc1: bool | None = None):
     """Every module of ``model`` on the pure-PyTorch reference backend inside the block, as it was after it; a model
     whose MoE runs on int8 activations (``model.int8_activations``) gets the reference twin of that (expert
     inputs rounded as the W4A8 kernels round them: ``QuantExperts.int8_inputs`` for the prefill, and
-    ``int8_step_fc1`` where the device's fused step runs fc1 on the W4A8 row programs, ``DecodePolicy.int8_rows``)."""
+    ``int8_step_fc1`` where the device's fused step runs fc1 on the W4A8 row programs, ``DecodePolicy.int8_rows``;
+    ``step_fc1`` given: that instead of the device policy's)."""
     saved = {m: m.backend for m in model.modules() if m is not model and hasattr(m, "backend")}
     rounding = {m: (m.int8_inputs, m.int8_step_fc1) for m in model.modules() if hasattr(m, "int8_inputs")}
     on = bool(getattr(model, "int8_activations", False))
-    step_fc1 = False
-    if on and rounding:
+    if on and rounding and step_fc1 is None:
         from qmamba.kernels.decode_linear import DecodePolicy  # lazily: the Triton path's policy
 
         step_fc1 = DecodePolicy.for_device(model.device).int8_rows
+    step_fc1 = bool(on and step_fc1)
     model.set_backend("reference")
     for m in rounding:
         m.int8_inputs, m.int8_step_fc1 = on, step_fc1
@@ -125,11 +129,12 @@ def _reference_backend(model):
             m.int8_inputs, m.int8_step_fc1 = r, s
 
 
-def _reference_logits(model, prompt, fed, state):
+def _reference_logits(model, prompt, fed, state, step_fc1: bool | None = None):
     """Reference logits ``[B, T, V]`` fp32 after feeding ``fed [B, T]`` one by one from ``state`` (the state after
-    ``prompt``): on CUDA the eager reference backend's steps, on CPU one prefill over ``prompt + fed``."""
+    ``prompt``): on CUDA the eager reference backend's steps (``step_fc1``: see :func:`_reference_backend`), on CPU
+    one prefill over ``prompt + fed``."""
     if model.device.type == "cuda":
-        with _reference_backend(model):
+        with _reference_backend(model, step_fc1):
             st = state.clone()
             return torch.stack([model.step(fed[:, t], st, check=False).float() for t in range(fed.shape[1])], 1)
     logits, _ = model.prefill(torch.cat([prompt, fed], 1), check=False)
@@ -145,28 +150,111 @@ def _top1_gap(ref, got_top):
     return ref_top, gap
 
 
+def count_ties(ref, picks, tie_tolerance: float = 2e-3) -> int | None:
+    """How many of ``picks [B, T]`` differ from the top-1 of ``ref [B, T, V]`` where its own top two are within
+    ``tie_tolerance`` of its logit range (rounding-level ties), or None where one differs by more."""
+    ref_top, gap = _top1_gap(ref, picks)
+    mismatch = ref_top != picks
+    return None if (mismatch & (gap > tie_tolerance)).any() else int(mismatch.sum())
+
+
+def int8_rows_step(step_fn, batch: int):
+    """The :class:`qmamba.fused_step.FusedDecodeStep` behind ``step_fn`` (itself, or a graph decoder's) where it runs
+    fc1 on int8 codes at ``batch`` rows (``DecodePolicy.int8_rows``), else None."""
+    step = getattr(step_fn, "_step", step_fn)
+    layers = getattr(step, "int8_rows_layers", None)
+    return step if layers is not None and layers(batch) else None
+
+
+def same_codes_reference(model, fed, state, fc1_inputs) -> torch.Tensor:
+    """The reference twin's logits ``[B, T, V]`` fp32 fed ``fed [B, T]`` one step at a time from a copy of ``state``,
+    its gated fc1s multiplying ``fc1_inputs`` (per step, per MoE layer in the model's order: ``[B, d]``, a fused
+    step's int8 codes dequantized) instead of rounding their own x. A value at a code's .5 boundary can round the
+    other way in two paths that differ in their last bits, and on a model with random weights that code's worth
+    can move a top-1; with the codes given, what is compared is the arithmetic after the rounding."""
+    from qmamba.quant.modules import QuantExperts
+
+    experts = [m for m in model.modules() if isinstance(m, QuantExperts)]
+    if len(fc1_inputs) != fed.shape[1] or any(len(step) != len(experts) for step in fc1_inputs):
+        raise ValueError(f"same_codes_reference: fc1 inputs of {[len(s) for s in fc1_inputs]} MoE layers for "
+                         f"{fed.shape[1]} steps of {len(experts)} MoE layers")
+    with _reference_backend(model, step_fc1=True):
+        for i, m in enumerate(experts):
+            m.int8_step_fc1_inputs = [step[i] for step in fc1_inputs]
+        try:
+            st = state.clone()
+            ref = torch.stack([model.step(fed[:, t], st, check=False).float() for t in range(fed.shape[1])], 1)
+            left = [m for m in experts if m.int8_step_fc1_inputs]
+            if left:
+                raise RuntimeError(f"same_codes_reference: {len(left)} MoE layers did not take their fc1 inputs")
+        finally:
+            for m in experts:
+                m.int8_step_fc1_inputs = None
+    return ref
+
+
+@contextlib.contextmanager
+def recording_int8_inputs(step, batch: int):
+    """``step`` (a :class:`qmamba.fused_step.FusedDecodeStep`, or None: nothing recorded) records fc1's int8 inputs
+    inside the block; yields a callable that returns the latest step's at ``batch`` rows (one ``[batch, d]`` per MoE
+    layer that runs them, copies). A graph captured inside the block records them too: its replays rewrite the
+    captured tensors in place."""
+    if step is None:
+        yield None
+        return
+    n_moe = step.int8_rows_layers(batch)
+    step.int8_inputs_log = []
+
+    def latest():
+        if len(step.int8_inputs_log) < n_moe:
+            raise RuntimeError("recording_int8_inputs: the step recorded no int8 inputs (a graph captured before?)")
+        return [t.clone() for t in step.int8_inputs_log[-n_moe:]]
+
+    try:
+        yield latest
+    finally:
+        step.int8_inputs_log = None
+
+
 def check_decode(model, step_fn, prompt, state, n: int, tie_tolerance: float = 2e-3) -> str:
     """Teacher-forced greedy agreement of ``step_fn`` with the reference (see the module docstring). ``state`` is
-    the state after ``prompt``; the first token fed is the prompt's last (both paths see the same tokens)."""
-    fed, got = [], []
+    the state after ``prompt``; the first token fed is the prompt's last (both paths see the same tokens).
+
+    Where ``step_fn`` is a fused step (or a graph decoder of one not yet captured at this batch size) that runs fc1
+    on int8 codes (:func:`int8_rows_step`), the codes it multiplied are recorded; if its picks fail against the
+    reference twin that rounds its own x, they are checked again against the twin fed those codes
+    (:func:`same_codes_reference`): the timed path's own picks must pass that, ties allowed as always."""
+    batch = prompt.shape[0]
+    fed, got, codes = [], [], []
     st = state.clone()
     tok = prompt[:, -1]
-    for _ in range(n):
-        fed.append(tok)
-        tok = step_fn(tok, st).float().argmax(-1)
-        got.append(tok)
+    with recording_int8_inputs(int8_rows_step(step_fn, batch), batch) as latest:
+        for _ in range(n):
+            fed.append(tok)
+            tok = step_fn(tok, st).float().argmax(-1)
+            got.append(tok)
+            if latest is not None:
+                codes.append(latest())
     fed, got_top = torch.stack(fed, 1), torch.stack(got, 1)
-    ref_top, gap = _top1_gap(_reference_logits(model, prompt, fed, state), got_top)
+    policy = getattr(getattr(step_fn, "_step", step_fn), "policy", None)  # a fused step's: how it runs fc1
+    ref = _reference_logits(model, prompt, fed, state, getattr(policy, "int8_rows", None))
+    ref_top, gap = _top1_gap(ref, got_top)
     mismatch = ref_top != got_top
-    rows = f"{n} tokens x {prompt.shape[0]} rows"
+    rows = f"{n} tokens x {batch} rows"
     if not mismatch.any():
         return f"ok ({rows})"
     bad = mismatch & (gap > tie_tolerance)
     if bad.any():
         b, t = [int(v) for v in bad.nonzero()[0]]
-        raise BenchCheckError(
-            f"decode check failed: at step {t} of row {b} the timed path picks token {int(got_top[b, t])} and the "
-            f"reference {int(ref_top[b, t])} (gap {float(gap[b, t]):.2e} of the logit range); no figure reported")
+        failed = (f"decode check failed: at step {t} of row {b} the timed path picks token {int(got_top[b, t])} and "
+                  f"the reference {int(ref_top[b, t])} (gap {float(gap[b, t]):.2e} of the logit range)")
+        if not codes:
+            raise BenchCheckError(failed + "; no figure reported")
+        ties = count_ties(same_codes_reference(model, fed, state, codes), got_top, tie_tolerance)
+        if ties is None:
+            raise BenchCheckError(failed + ", also against the reference fed the step's own int8 codes; no figure "
+                                           "reported")
+        return f"ok ({rows}, on the step's own int8 codes, {ties} rounding-level ties)"
     return f"ok ({rows}, {int(mismatch.sum())} rounding-level ties)"
 
 

@@ -136,7 +136,8 @@ class FusedDecodeStep:
         self.eps = float(cfg.norm_eps)
         self.embedding = model.embedding.weight.detach()
         self.int8_activations = bool(getattr(model, "int8_activations", False))
-        self.int8_inputs_log: list | None = None  # a check's record (eager steps): fc1's int8 inputs, dequantized
+        self.int8_inputs_log: list | None = None  # a check's record: fc1's int8 inputs, dequantized (a graph's capture
+        #                                        records tensors its replays rewrite: qmamba.bench.recording_int8_inputs)
         if self.policy.int4_planes:  # int4 weights to the plane words the kernels read, in place (no copy)
             use_plane_words(model)
         self.layers = [_mamba_plan(block, self.dtype, self.policy.dt_rows_aligned) if block.is_mamba
@@ -242,6 +243,11 @@ class FusedDecodeStep:
         fc1 = plan.fc1
         return (plan.gated and getattr(fc1, "fmt", None) == FMT_INT4_PLANES and fc1.group_size % INT4_TILE == 0
                 and self.policy.takes(fc1, batch, routed=True))
+
+    def int8_rows_layers(self, batch: int) -> int:
+        """How many MoE layers run fc1 on int8 codes at ``batch`` rows (see :meth:`_int8_fc1`): with
+        ``int8_inputs_log`` set, each such layer records its fc1 input there, one a step."""
+        return sum(self._int8_fc1(plan, batch) for plan in self.layers)
 
     def _producer_planes(self, batch: int, di: int, ffn: int, f32: dict):
         """The input planes out_proj (written by the SSM update) and fc2 (by fc1's epilogue) read, or None: where

@@ -217,14 +217,14 @@ class DecodePolicy:
     #                             fc1 of int4 plane words (groups a multiple of 128) on the W4A8 row programs
     #                             (qmamba.kernels.w4a8_rows: int8 codes against plane words with dp4a), its input
     #                             quantized to int8 per row by the add + norm before it (which then writes no int4
-    #                             input planes for it); fc1's epilogue still writes fc2's input planes. Off: H100,
-    #                             session 43 (bench_decode.py --variants default,int8rows, 5 rounds, two calls), int4
-    #                             g128 batch 8 1.310 -> 1.234 ms/token, but the float32 token check against the
-    #                             rounding twin failed on the random-weight model (see benchmarks/results.md).
-    #                             Session 44 (H100, 3 rounds): 1.311 -> 1.233, and the check with the rounding
-    #                             taken out (bench_decode.int8_same_codes_check: the twin multiplies the step's own
-    #                             int8 codes) passes with no tie; still off, since `qmamba bench`'s own check
-    #                             (teacher-forced, ties allowed) cannot pass on that model: it needs the same check
+    #                             input planes for it); fc1's epilogue still writes fc2's input planes. H100, session
+    #                             43 (bench_decode.py --variants default,int8rows, 5 rounds, two calls): int4 g128
+    #                             batch 8 1.310 -> 1.234 ms/token, but the float32 token check against the rounding
+    #                             twin failed on the random-weight model (see benchmarks/results.md). Session 44
+    #                             (H100, 3 rounds): 1.311 -> 1.233, and the check with the rounding taken out (the
+    #                             twin multiplies the step's own int8 codes, qmamba.bench.same_codes_reference)
+    #                             passes with no tie. On in the CUDA policy since session 45, when `qmamba bench`'s
+    #                             check (qmamba.bench.check_decode) took that check as its fallback.
     int8_rows_block_n: int = 16  # with int8_rows: fc1's weight rows a program (gate and up rows together)
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
 
@@ -344,7 +344,7 @@ class DecodePolicy:
                    norm_plane_programs=4, max_programs=8 * multiprocessors, int4_x_in_tile_wide="always",
                    norm_in_gemvs=True, ssm_block_d_batched=16, int4_tile_pieces=True, planes_joint=True,
                    planes_joint_batched=False, planes_joint_gated=False, producer_word_sums=True, early_reads=True,
-                   pdl_general=True, general_early_tile=True,
+                   pdl_general=True, general_early_tile=True, int8_rows=True,
                    formats=(FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES, FMT_BINARY))
 
     @property

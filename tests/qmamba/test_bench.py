@@ -210,3 +210,52 @@ def test_reference_twin_rounds_as_the_w4a8_prefill_when_the_model_does(int8_rows
             assert all(m.int8_inputs is flag for m in experts) and all(m.backend == "reference" for m in experts)
             assert all(m.int8_step_fc1 is (flag and int8_rows) for m in experts)
         assert not any(m.int8_inputs or m.int8_step_fc1 for m in experts)
+
+
+@torch.no_grad()
+def test_decode_check_of_int8_rows_falls_back_to_the_steps_own_codes(monkeypatch):
+    """A fused step that runs fc1 on int8 codes (``DecodePolicy.int8_rows``): where its picks fail against the
+    reference twin that rounds its own x (stood in for here by a reference that always disagrees), the check records
+    the codes the step multiplied and passes when the twin fed those codes picks as the step does; a step whose
+    picks are wrong fails that too, and a step that runs no int8 rows fails at once (nothing recorded)."""
+    import dataclasses
+
+    from qmamba.config import preset
+    from qmamba.fused_step import FusedDecodeStep
+    from qmamba.kernels.decode_linear import DecodePolicy
+    from qmamba.quant.formats import Int4Format
+    from qmamba.quant.modules import QuantExperts
+    from qmamba.testing import quantize_rtn, random_model
+
+    torch.manual_seed(1)
+    model = quantize_rtn(random_model(preset("tiny-blackmamba"), "cpu"), Int4Format(128))
+    model.int8_activations = True
+    prompt = torch.randint(0, model.config.vocab_size, (3, 6))
+    _, state = model.prefill(prompt)
+    policy = dataclasses.replace(DecodePolicy.for_device(torch.device("cpu")), formats=(0, 1, 3), max_rows=1,
+                                 max_rows_planes=1, max_rows_routed=8, int4_planes=True, int4_unpack="denorm",
+                                 planes_mma=False, routed_row_programs=True, int4_x_planes=True, int8_rows=True)
+    model.set_backend("triton")
+    step = FusedDecodeStep(model, policy)
+    assert bench_lib.int8_rows_step(step, 3) is step and bench_lib.int8_rows_step(step, 1) is None
+    real = bench_lib._reference_logits
+    monkeypatch.setattr(bench_lib, "_reference_logits", lambda *a, **k: -real(*a, **k))  # the first check fails
+    verdict = bench_lib.check_decode(model, step, prompt, state, 3)
+    assert verdict.startswith("ok (3 tokens x 3 rows, on the step's own int8 codes"), verdict
+    experts = [m for m in model.modules() if isinstance(m, QuantExperts)]
+    assert step.int8_inputs_log is None and all(m.int8_step_fc1_inputs is None for m in experts)
+    assert all(m.backend == "triton" and not m.int8_step_fc1 for m in experts)
+
+    plain = FusedDecodeStep(model, dataclasses.replace(policy, int8_rows=False))
+    with pytest.raises(bench_lib.BenchCheckError, match=r"\(gap [^)]*\); no figure reported"):
+        bench_lib.check_decode(model, plain, prompt, state, 3)
+    monkeypatch.undo()  # the real reference from here
+
+    class Wrong:  # a graph decoder of the same step whose picks are the reference's least likely tokens
+        _step = step
+
+        def __call__(self, ids, st):
+            return -step(ids, st)
+
+    with pytest.raises(bench_lib.BenchCheckError, match="own int8 codes; no figure reported"):
+        bench_lib.check_decode(model, Wrong(), prompt, state, 3)

@@ -546,6 +546,8 @@ print("steprows", r["stack"], r["ops"]["IDP"], r["ops"]["I2F"] + r["ops"]["I2FP"
 c = ig.compile_route_int8(90)
 r = ig.report(c)
 print("route", r["stack"], c.asm["ptx"].count("mul.rn."), c.asm["ptx"].count("div.rn.f32"), r["ops"]["FRND"])
+quant, plain = ig.route_logits_ops(c), ig.route_logits_ops(ig.compile_route_int8(90, quant=False))
+print("routelogits", len(quant), int(quant == plain), ig.report(ig.compile_route_int8(90, quant=False))["stack"])
 """
 
 
@@ -561,7 +563,9 @@ def test_w4a8_kernels_compile_for_sm90():
     read after the wait, fc2's input planes written). The MoE's routing kernel that also quantizes its rows to int8 for the W4A8
     GEMM (``route_top1_int8``, BlackMamba-2.8B's d = 1472 in bf16) compiles without spills, with the quantizer's
     IEEE operations: ``mul.rn`` (not fused into an FMA with the + 0.5), the two ``div.rn`` of the scale and its
-    reciprocal, and the floor (``FRND``)."""
+    reciprocal, and the floor (``FRND``); its logits, sigmoid and argmax are the plain routing kernel's operations in
+    the same order (several rows a program: the routing bit for bit ``route_top1``'s), which compiles without spills
+    too."""
     stdout = _compiled("-c", _W4A8_COMPILE.format(bench=str(ROOT / "benchmarks")), timeout=900)
     gemm = next(line.split() for line in stdout.splitlines() if line.startswith("gemm "))
     rows = next(line.split() for line in stdout.splitlines() if line.startswith("rows "))
@@ -571,3 +575,5 @@ def test_w4a8_kernels_compile_for_sm90():
     assert rows[1] == "0" and int(rows[2]) >= 48 and int(rows[3]) < 48, stdout
     assert steprows[1] == "0" and steprows[2:] == rows[2:], stdout  # the fused step's: the same loop, no spills
     assert route[1] == "0" and int(route[2]) >= 1 and int(route[3]) >= 2 and int(route[4]) >= 1, stdout
+    logits = next(line.split() for line in stdout.splitlines() if line.startswith("routelogits "))
+    assert int(logits[1]) >= 100 and logits[2] == "1" and logits[3] == "0", stdout  # the plain routing's own code
