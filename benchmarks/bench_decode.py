@@ -48,20 +48,22 @@ def greedy_reference(model, ids, state, steps):
 
 
 @contextlib.contextmanager
-def int8_activations(model, on: bool):
+def int8_activations(model, on: bool, fc2: bool = False):
     """``model.int8_activations`` (what a checkpoint that passed ``qmamba quantize``'s int8 check loads with) and the
-    reference experts' twin of it (``QuantExperts.int8_inputs``) set to ``on`` inside the block, restored after."""
-    saved = getattr(model, "int8_activations", False), {m: (m.int8_inputs, m.int8_step_fc1) for m in model.modules()
-                                                        if hasattr(m, "int8_inputs")}
+    reference experts' twin of it (``QuantExperts.int8_inputs``, ``int8_step_fc1``; ``int8_step_fc2`` with ``fc2``)
+    set to ``on`` inside the block, restored after."""
+    saved = getattr(model, "int8_activations", False), {m: (m.int8_inputs, m.int8_step_fc1, m.int8_step_fc2)
+                                                        for m in model.modules() if hasattr(m, "int8_inputs")}
     model.int8_activations = on
     for m in saved[1]:
         m.int8_inputs = m.int8_step_fc1 = on
+        m.int8_step_fc2 = on and fc2
     try:
         yield model
     finally:
         model.int8_activations = saved[0]
-        for m, (r, s) in saved[1].items():
-            m.int8_inputs, m.int8_step_fc1 = r, s
+        for m, flags in saved[1].items():
+            m.int8_inputs, m.int8_step_fc1, m.int8_step_fc2 = flags
 
 
 def greedy_graph(decoder, ids, state, steps):
@@ -92,7 +94,7 @@ def time_graph(decoder, batch, n=100):
     return statistics.median(times)
 
 
-def int8_tie_check(model, prompt, state, got, tie_tolerance: float = 2e-3):
+def int8_tie_check(model, prompt, state, got, tie_tolerance: float = 2e-3, fc2: bool = False):
     """A batched step with int8 activations (``DecodePolicy.int8_rows``) against its reference twin: the twin rounds
     the same values, but an input a rounding error away from a code's .5 boundary can round the other way in the
     other path and move the logits by a code's worth, so greedy runs may part at a near tie. Teacher-forced, as
@@ -100,7 +102,7 @@ def int8_tie_check(model, prompt, state, got, tie_tolerance: float = 2e-3):
     ``got [B, T]`` must pick each of them, except where its own top two logits are within ``tie_tolerance`` of its
     logit range. Returns the number of such ties, or None where a pick differs by more."""
     fed = torch.cat([prompt[:, -1:], got[:, :-1]], 1)
-    with int8_activations(model, True):
+    with int8_activations(model, True, fc2):
         ref = _reference_steps(model, fed, state)
     return count_ties(ref, got, tie_tolerance)
 
@@ -131,10 +133,16 @@ def int8_same_codes_check(model, policy, prompt, state, got, tie_tolerance: floa
             for t in range(fed.shape[1]):
                 mine.append(step(fed[:, t], st).float().clone())  # (a buffer)
                 codes.append(latest())
-        ref = same_codes_reference(model, fed, state, codes)
+        ref = same_codes_reference(model, fed, state, codes, policy)
     picks = torch.stack(mine, 1).argmax(-1)
     ties = count_ties(ref, picks, tie_tolerance)
     return None if ties is None else (ties, int((picks == got).all(0).sum()))
+
+
+def _rounding(policy) -> tuple[bool, bool]:
+    """``(int8 activations, fc2 too)``: what a policy's batched step rounds to int8 (``DecodePolicy.int8_rows``,
+    ``int8_rows_fc2``), for its reference twin."""
+    return bool(policy.int8_rows), bool(policy.int8_rows and policy.int8_rows_fc2)
 
 
 @torch.no_grad()
@@ -149,13 +157,13 @@ def check_fp32(cfg, name, batches, steps, variants, log, failures):
         prompt = torch.randint(0, cfg.vocab_size, (batch, 8), device="cuda")
         _, state = model.prefill(prompt)  # (8 rows: no int8 rounding either way)
         refs = {}
-        for int8 in sorted({p.int8_rows for p in variants.values()}):  # the reference twin of each
-            with int8_activations(model, int8):
+        for int8 in sorted({_rounding(p) for p in variants.values()}):  # the reference twin of each
+            with int8_activations(model, *int8):
                 refs[int8] = greedy_reference(model, prompt[:, -1], state.clone(), steps)
         model.set_backend("triton")
         for vname, policy in variants.items():
-            ref = refs[policy.int8_rows]
-            with int8_activations(model, policy.int8_rows):
+            ref = refs[_rounding(policy)]
+            with int8_activations(model, *_rounding(policy)):
                 decoder = GraphDecoder(model, policy=policy)
             with using_policy(matmul_variant(vname)):  # graphs capture the matmul policy active at capture
                 got = greedy_graph(decoder, prompt[:, -1], state.clone(), steps)
@@ -164,7 +172,7 @@ def check_fp32(cfg, name, batches, steps, variants, log, failures):
             verdict = "equal" if same else "DIFFER"
             if not same and policy.int8_rows:  # int8 codes round at .5: see int8_tie_check, int8_same_codes_check
                 model.set_backend("reference")
-                ties = int8_tie_check(model, prompt, state, got)
+                ties = int8_tie_check(model, prompt, state, got, fc2=_rounding(policy)[1])
                 model.set_backend("triton")
                 res[f"fp32_int8_ties_b{batch}_{vname}"] = ties
                 same = ties is not None
@@ -285,6 +293,11 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         #                                int8 per row by the add + norm (DecodePolicy.int8_rows; a model with int8
         #                                activations only: this bench turns them on for the variant)
         return dataclasses.replace(base, int8_rows=v == "int8rows")
+    if v in ("int8fc2", "noint8fc2"):  # and fc2 on them too, its input quantized to int8 by a launch of its own
+        #                              (DecodePolicy.int8_rows_fc2)
+        return dataclasses.replace(base, int8_rows=base.int8_rows or v == "int8fc2", int8_rows_fc2=v == "int8fc2")
+    if v.startswith("int8fc2bn"):  # e.g. int8fc2bn64: and fc2's weight rows a program
+        return dataclasses.replace(base, int8_rows=True, int8_rows_fc2=True, int8_rows_fc2_block_n=int(v[9:]))
     if v.startswith("int8rowsbn"):  # e.g. int8rowsbn32: and fc1's weight rows a program
         return dataclasses.replace(base, int8_rows=True, int8_rows_block_n=int(v[10:]))
     if v == "dtrows0":  # the SSM update reads dt_proj's weight as stored (DecodePolicy.dt_rows_aligned off)

@@ -103,38 +103,42 @@ def _backend(model) -> str:
 
 
 @contextlib.contextmanager
-def _reference_backend(model, step_fc1: bool | None = None):
+def _reference_backend(model, policy=None):
     """Every module of ``model`` on the pure-PyTorch reference backend inside the block, as it was after it; a model
     whose MoE runs on int8 activations (``model.int8_activations``) gets the reference twin of that (expert
-    inputs rounded as the W4A8 kernels round them: ``QuantExperts.int8_inputs`` for the prefill, and
-    ``int8_step_fc1`` where the device's fused step runs fc1 on the W4A8 row programs, ``DecodePolicy.int8_rows``;
-    ``step_fc1`` given: that instead of the device policy's)."""
+    inputs rounded as the W4A8 kernels round them: ``QuantExperts.int8_inputs`` for the prefill, and in a batched
+    step ``int8_step_fc1`` / ``int8_step_fc2`` where the fused step runs fc1 / fc2 on the W4A8 row programs,
+    ``DecodePolicy.int8_rows`` / ``int8_rows_fc2`` of ``policy``, default the device's)."""
     saved = {m: m.backend for m in model.modules() if m is not model and hasattr(m, "backend")}
-    rounding = {m: (m.int8_inputs, m.int8_step_fc1) for m in model.modules() if hasattr(m, "int8_inputs")}
+    rounding = {m: (m.int8_inputs, m.int8_step_fc1, m.int8_step_fc2) for m in model.modules()
+                if hasattr(m, "int8_inputs")}
     on = bool(getattr(model, "int8_activations", False))
-    if on and rounding and step_fc1 is None:
-        from qmamba.kernels.decode_linear import DecodePolicy  # lazily: the Triton path's policy
+    fc1 = fc2 = False
+    if on and rounding:
+        if policy is None:
+            from qmamba.kernels.decode_linear import DecodePolicy  # lazily: the Triton path's policy
 
-        step_fc1 = DecodePolicy.for_device(model.device).int8_rows
-    step_fc1 = bool(on and step_fc1)
+            policy = DecodePolicy.for_device(model.device)
+        fc1 = bool(policy.int8_rows)
+        fc2 = fc1 and bool(policy.int8_rows_fc2)
     model.set_backend("reference")
     for m in rounding:
-        m.int8_inputs, m.int8_step_fc1 = on, step_fc1
+        m.int8_inputs, m.int8_step_fc1, m.int8_step_fc2 = on, fc1, fc2
     try:
         yield model
     finally:
         for m, b in saved.items():
             m.backend = b
-        for m, (r, s) in rounding.items():
-            m.int8_inputs, m.int8_step_fc1 = r, s
+        for m, flags in rounding.items():
+            m.int8_inputs, m.int8_step_fc1, m.int8_step_fc2 = flags
 
 
-def _reference_logits(model, prompt, fed, state, step_fc1: bool | None = None):
+def _reference_logits(model, prompt, fed, state, policy=None):
     """Reference logits ``[B, T, V]`` fp32 after feeding ``fed [B, T]`` one by one from ``state`` (the state after
-    ``prompt``): on CUDA the eager reference backend's steps (``step_fc1``: see :func:`_reference_backend`), on CPU
+    ``prompt``): on CUDA the eager reference backend's steps (``policy``: see :func:`_reference_backend`), on CPU
     one prefill over ``prompt + fed``."""
     if model.device.type == "cuda":
-        with _reference_backend(model, step_fc1):
+        with _reference_backend(model, policy):
             st = state.clone()
             return torch.stack([model.step(fed[:, t], st, check=False).float() for t in range(fed.shape[1])], 1)
     logits, _ = model.prefill(torch.cat([prompt, fed], 1), check=False)
@@ -166,38 +170,45 @@ def int8_rows_step(step_fn, batch: int):
     return step if layers is not None and layers(batch) else None
 
 
-def same_codes_reference(model, fed, state, fc1_inputs) -> torch.Tensor:
+def same_codes_reference(model, fed, state, inputs, policy) -> torch.Tensor:
     """The reference twin's logits ``[B, T, V]`` fp32 fed ``fed [B, T]`` one step at a time from a copy of ``state``,
-    its gated fc1s multiplying ``fc1_inputs`` (per step, per MoE layer in the model's order: ``[B, d]``, a fused
-    step's int8 codes dequantized) instead of rounding their own x. A value at a code's .5 boundary can round the
-    other way in two paths that differ in their last bits, and on a model with random weights that code's worth
-    can move a top-1; with the codes given, what is compared is the arithmetic after the rounding."""
+    its experts multiplying ``inputs`` (per step, per MoE layer in the model's order: ``(fc1's input, fc2's input or
+    None)``, each ``[B, K]``, a fused step's int8 codes dequantized, :func:`recording_int8_inputs`) instead of
+    rounding their own (``policy``: the fused step's, which says which of them it rounds). A value at a code's .5
+    boundary can round the other way in two paths that differ in their last bits, and on a model with random
+    weights that code's worth can move a top-1; with the codes given, what is compared is the arithmetic after the
+    rounding."""
     from qmamba.quant.modules import QuantExperts
 
     experts = [m for m in model.modules() if isinstance(m, QuantExperts)]
-    if len(fc1_inputs) != fed.shape[1] or any(len(step) != len(experts) for step in fc1_inputs):
-        raise ValueError(f"same_codes_reference: fc1 inputs of {[len(s) for s in fc1_inputs]} MoE layers for "
+    if len(inputs) != fed.shape[1] or any(len(step) != len(experts) for step in inputs):
+        raise ValueError(f"same_codes_reference: inputs of {[len(s) for s in inputs]} MoE layers for "
                          f"{fed.shape[1]} steps of {len(experts)} MoE layers")
-    with _reference_backend(model, step_fc1=True):
+    fc2 = bool(policy.int8_rows_fc2)
+    if any((layer[1] is not None) != fc2 for step in inputs for layer in step):
+        raise ValueError("same_codes_reference: fc2's inputs recorded where the policy runs fc2 on floats, or none "
+                         "where it runs it on int8 codes")
+    with _reference_backend(model, policy):
         for i, m in enumerate(experts):
-            m.int8_step_fc1_inputs = [step[i] for step in fc1_inputs]
+            m.int8_step_fc1_inputs = [step[i][0] for step in inputs]
+            m.int8_step_fc2_inputs = [step[i][1] for step in inputs] if fc2 else None
         try:
             st = state.clone()
             ref = torch.stack([model.step(fed[:, t], st, check=False).float() for t in range(fed.shape[1])], 1)
-            left = [m for m in experts if m.int8_step_fc1_inputs]
+            left = [m for m in experts if m.int8_step_fc1_inputs or m.int8_step_fc2_inputs]
             if left:
-                raise RuntimeError(f"same_codes_reference: {len(left)} MoE layers did not take their fc1 inputs")
+                raise RuntimeError(f"same_codes_reference: {len(left)} MoE layers did not take their inputs")
         finally:
             for m in experts:
-                m.int8_step_fc1_inputs = None
+                m.int8_step_fc1_inputs = m.int8_step_fc2_inputs = None
     return ref
 
 
 @contextlib.contextmanager
 def recording_int8_inputs(step, batch: int):
     """``step`` (a :class:`qmamba.fused_step.FusedDecodeStep`, or None: nothing recorded) records fc1's int8 inputs
-    inside the block; yields a callable that returns the latest step's at ``batch`` rows (one ``[batch, d]`` per MoE
-    layer that runs them, copies). A graph captured inside the block records them too: its replays rewrite the
+    inside the block; yields a callable that returns the latest step's at ``batch`` rows (copies: per MoE layer that
+    runs them, fc1's input ``[batch, d]`` and fc2's, or None where fc2 runs on floats). A graph captured inside the block records them too: its replays rewrite the
     captured tensors in place."""
     if step is None:
         yield None
@@ -208,7 +219,7 @@ def recording_int8_inputs(step, batch: int):
     def latest():
         if len(step.int8_inputs_log) < n_moe:
             raise RuntimeError("recording_int8_inputs: the step recorded no int8 inputs (a graph captured before?)")
-        return [t.clone() for t in step.int8_inputs_log[-n_moe:]]
+        return [tuple(None if t is None else t.clone() for t in layer) for layer in step.int8_inputs_log[-n_moe:]]
 
     try:
         yield latest
@@ -236,8 +247,8 @@ def check_decode(model, step_fn, prompt, state, n: int, tie_tolerance: float = 2
             if latest is not None:
                 codes.append(latest())
     fed, got_top = torch.stack(fed, 1), torch.stack(got, 1)
-    policy = getattr(getattr(step_fn, "_step", step_fn), "policy", None)  # a fused step's: how it runs fc1
-    ref = _reference_logits(model, prompt, fed, state, getattr(policy, "int8_rows", None))
+    policy = getattr(getattr(step_fn, "_step", step_fn), "policy", None)  # a fused step's: how it runs the MoE
+    ref = _reference_logits(model, prompt, fed, state, policy)
     ref_top, gap = _top1_gap(ref, got_top)
     mismatch = ref_top != got_top
     rows = f"{n} tokens x {batch} rows"
@@ -250,7 +261,7 @@ def check_decode(model, step_fn, prompt, state, n: int, tie_tolerance: float = 2
                   f"the reference {int(ref_top[b, t])} (gap {float(gap[b, t]):.2e} of the logit range)")
         if not codes:
             raise BenchCheckError(failed + "; no figure reported")
-        ties = count_ties(same_codes_reference(model, fed, state, codes), got_top, tie_tolerance)
+        ties = count_ties(same_codes_reference(model, fed, state, codes, policy), got_top, tie_tolerance)
         if ties is None:
             raise BenchCheckError(failed + ", also against the reference fed the step's own int8 codes; no figure "
                                            "reported")

@@ -36,7 +36,8 @@ are programmatic dependent launches as well, so the chain of early launches runs
 With ``DecodePolicy.int8_rows``, at 2+ rows, a model with int8 activations (``model.int8_activations``) runs its
 gated int4 fc1 on the W4A8 row programs (:func:`qmamba.kernels.w4a8_rows.w4a8_rows`, ``dp4a``): the add + norm before
 it quantizes x to int8 per row instead of writing its input planes; the reference path rounds fc1's input the same
-way in a batched step (:class:`qmamba.quant.modules.QuantExperts`).
+way in a batched step (:class:`qmamba.quant.modules.QuantExperts`). With ``DecodePolicy.int8_rows_fc2`` as well, fc2
+runs there too, on fc1's output quantized to int8 per row by a launch between them (the reference rounds it too).
 The module parameters are captured by reference at construction: rebuild the step after changing weights.
 Logits come back as float32 ``[B, V]``; the flat state tensors are updated in place.
 The kernels themselves (tensors in, tensors out) live in :mod:`qmamba.kernels.decode_step` and beside it.
@@ -55,7 +56,7 @@ from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
 from qmamba.kernels.decode_linear import DecodePolicy, NormIn, NormOut, binary_denorm_of, decode_linear
 from qmamba.kernels.decode_step import add_norm, aligned_rows, dt_state_update
 from qmamba.kernels.fused_moe import gated_act, routed_matmul
-from qmamba.kernels.w4a8_gemm import dequantize_rows_int8, sum_columns
+from qmamba.kernels.w4a8_gemm import dequantize_rows_int8, quantize_rows_int8, sum_columns
 from qmamba.kernels.w4a8_rows import w4a8_rows
 from qmamba.kernels.weights import FMT_INT4_PLANES, BinaryWeight, PackedWeight
 from qmamba.quant.layout import INT4_TILE, INT4_X_PLANES, int4_x_planes_width
@@ -178,7 +179,7 @@ class FusedDecodeStep:
         ffn = max((p.fc1.n // (2 if p.gated else 1) for p in self.layers if isinstance(p, _MoePlan)), default=1)
         f32, act = dict(device=device, dtype=torch.float32), dict(device=device, dtype=self.dtype)
         buf = dict(ws=ws, views=views, logits=logits, zero=not all(self.policy.takes(w, batch) for w in self._weights()),
-                   xq=None,
+                   xq=None, aq=None,
                    residual=torch.empty(2, batch, d, **f32), x=torch.empty(batch, d, **act),
                    xc=torch.empty(batch, di, **act), y=torch.empty(batch, di, **act), act=torch.empty(batch, ffn, **act),
                    conv_scratch=None, idx=torch.empty(batch, device=device, dtype=torch.int32),
@@ -187,6 +188,10 @@ class FusedDecodeStep:
             qpad = -(-d // INT4_TILE) * INT4_TILE
             buf["xq"] = (torch.zeros(batch, qpad, device=device, dtype=torch.int8), torch.ones(batch, **f32),
                          torch.zeros(batch, sum_columns(qpad), **f32))
+        if any(self._int8_fc2(p, batch) for p in self.layers):  # fc1's output quantized to int8 for fc2
+            fpad = -(-ffn // INT4_TILE) * INT4_TILE
+            buf["aq"] = (torch.zeros(batch, fpad, device=device, dtype=torch.int8), torch.ones(batch, **f32),
+                         torch.zeros(batch, sum_columns(fpad), **f32))
         if any(self._planes_read(w, batch, routed) and not (routed and self._int8_fc1(p, batch))
                for (w, routed), p in zip(self._x_readers(), [None] + self.layers)):
             # the int4 input planes of x, written by each add + norm, for the plane-word matrices that read x one row
@@ -244,9 +249,19 @@ class FusedDecodeStep:
         return (plan.gated and getattr(fc1, "fmt", None) == FMT_INT4_PLANES and fc1.group_size % INT4_TILE == 0
                 and self.policy.takes(fc1, batch, routed=True))
 
+    def _int8_fc2(self, plan, batch: int) -> bool:
+        """Whether ``plan``'s fc2 runs on the W4A8 row programs at this batch too (:attr:`DecodePolicy.int8_rows_fc2`,
+        its fc1 on them, fc2 int4 plane words with groups a multiple of 128), its input quantized to int8 per row by
+        a launch of its own."""
+        if not (self.policy.int8_rows_fc2 and self._int8_fc1(plan, batch)):
+            return False
+        fc2 = plan.fc2
+        return getattr(fc2, "fmt", None) == FMT_INT4_PLANES and fc2.group_size % INT4_TILE == 0
+
     def int8_rows_layers(self, batch: int) -> int:
         """How many MoE layers run fc1 on int8 codes at ``batch`` rows (see :meth:`_int8_fc1`): with
-        ``int8_inputs_log`` set, each such layer records its fc1 input there, one a step."""
+        ``int8_inputs_log`` set, each such layer records there, one a step, ``(fc1's input, fc2's input or None)`` as
+        the W4A8 kernels multiply them (dequantized; fc2's where it runs on int8 codes too, :meth:`_int8_fc2`)."""
         return sum(self._int8_fc1(plan, batch) for plan in self.layers)
 
     def _producer_planes(self, batch: int, di: int, ffn: int, f32: dict):
@@ -259,7 +274,7 @@ class FusedDecodeStep:
         if mamba and all(p.in_proj.n // 2 == di and self._planes_read(p.out_proj, batch) for p in mamba):
             ypl = torch.zeros(batch, INT4_X_PLANES, int4_x_planes_width(di), **f32)
         if moe and all(p.gated and p.fc1.n // 2 == ffn and self.policy.takes(p.fc1, batch, routed=True) and
-                       self._planes_read(p.fc2, batch, routed=True) for p in moe):
+                       self._planes_read(p.fc2, batch, routed=True) and not self._int8_fc2(p, batch) for p in moe):
             apl = torch.zeros(batch, INT4_X_PLANES, int4_x_planes_width(ffn), **f32)
         return ypl, apl
 
@@ -437,9 +452,8 @@ class FusedDecodeStep:
         ffn = plan.fc1.n // 2 if plan.gated else plan.fc1.n
         act = buf["act"][:, :ffn]
         # gate, up and activation in one kernel
+        int8_fc2 = self._int8_fc2(plan, act.shape[0])
         if self._int8_fc1(plan, act.shape[0]):  # on int8 codes of x, with dp4a; the expert index read after the wait
-            if self.int8_inputs_log is not None:  # what fc1 multiplies, for a twin fed the same values
-                self.int8_inputs_log.append(dequantize_rows_int8(buf["xq"][0], buf["xq"][1], self.d_model))
             w4a8_rows(*buf["xq"], plan.fc1, out=act, row_expert=buf["idx"], gate=plan.activation,
                       block_n=self.policy.int8_rows_block_n, pdl=self.policy.pdl, expert_ready=False,
                       out_planes=buf["apl"], out_word_sums=self._sums(buf, "wa", layer))
@@ -454,6 +468,17 @@ class FusedDecodeStep:
         else:
             self._linear(buf["x"], plan.fc1, h1, row_expert=buf["idx"])
             gated_act(h1, plan.activation, plan.gated, out=act, pdl=self._pdl_general)
+        if int8_fc2:  # fc1's output to int8 codes, fc2 on them (the routing weight applied in its epilogue)
+            quantize_rows_int8(act, buf["aq"][0].shape[1], out=buf["aq"], pdl=self.policy.pdl)
+        if self.int8_inputs_log is not None and self._int8_fc1(plan, act.shape[0]):  # for a twin fed the same values
+            self.int8_inputs_log.append((dequantize_rows_int8(buf["xq"][0], buf["xq"][1], self.d_model),
+                                         dequantize_rows_int8(buf["aq"][0], buf["aq"][1], ffn) if int8_fc2 else None))
+        if int8_fc2:
+            if nin is not None or nout is not None:
+                raise RuntimeError("fused step: an fc2 on int8 codes runs at 2+ rows, with no norm in the GEMVs")
+            return w4a8_rows(*buf["aq"], plan.fc2, out=out, row_expert=buf["idx"], row_scale=buf["rwt"],
+                             block_n=self.policy.int8_rows_fc2_block_n, pdl=self.policy.pdl,
+                             expert_ready=self.policy.expert_prefetch)
         # the router (in the add-norm kernel) ran before fc1: fc2 may read its expert's tile before fc1 is done
         kw = {}
         if nin is not None:

@@ -226,6 +226,13 @@ class DecodePolicy:
     #                             passes with no tie. On in the CUDA policy since session 45, when `qmamba bench`'s
     #                             check (qmamba.bench.check_decode) took that check as its fallback.
     int8_rows_block_n: int = 16  # with int8_rows: fc1's weight rows a program (gate and up rows together)
+    int8_rows_fc2: bool = False  # with int8_rows: fc2 too on the W4A8 row programs, its input (fc1's output) quantized
+    #                               to int8 per row by a launch of its own between them (fc1 then writes no input
+    #                               planes for it: the planes' float32 rows, ~18 KB a row re-read by each of fc2's
+    #                               programs, bound fc2 by cache traffic at batch 8). The rounding is the one the
+    #                               W4A8 prefill applies and qmamba quantize's int8 check measured (both expert
+    #                               inputs); the reference twin rounds it too (QuantExperts.int8_step_fc2)
+    int8_rows_fc2_block_n: int = 32  # with int8_rows_fc2: fc2's weight rows a program
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
 
     def __post_init__(self):

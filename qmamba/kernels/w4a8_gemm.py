@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from qmamba.kernels._triton import cdiv, jit, libdevice, next_pow2, tl
+from qmamba.kernels._triton import cdiv, jit, libdevice, next_pow2, pdl_launch, tl
 from qmamba.kernels.activations import ACTIVATION_IDS
 from qmamba.kernels.dequant_gemm import gated_epilogue, weight_rows
 from qmamba.kernels.routing import ExpertTiles, expert_tile_map, program_rows, swizzled_program
@@ -162,7 +162,10 @@ def plane_byte_columns(k):
 
 @jit
 def _quantize_rows_int8_kernel(x_ptr, q_ptr, s_ptr, sum_ptr, K, sxm, sxk, sqm, ssum, BLOCK_K: tl.constexpr,
-                               TILES: tl.constexpr, CUDA: tl.constexpr):
+                               TILES: tl.constexpr, CUDA: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # a programmatic dependent launch: x comes from the kernel before
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK_K)
     k = plane_byte_inputs(j)  # column j of the output holds input k
@@ -182,18 +185,26 @@ def check_int8_k_pad(who: str, x: torch.Tensor, k_pad: int):
         raise ValueError(f"{who}: x must be [M, K] with K <= k_pad, k_pad a multiple of {INT4_TILE}")
 
 
-def quantize_rows_int8(x: torch.Tensor, k_pad: int):
-    """Triton twin of :func:`quantize_rows_int8_ref` (one program a row)."""
+def quantize_rows_int8(x: torch.Tensor, k_pad: int, out=None, pdl: bool = False):
+    """Triton twin of :func:`quantize_rows_int8_ref` (one program a row): ``(codes, scale, sums)``. ``out``: those
+    three preallocated (the sums' columns past ``k_pad / 128`` zeroed once: never written); ``pdl`` (Hopper and newer,
+    inside a CUDA graph): a programmatic dependent launch."""
     check_int8_k_pad("quantize_rows_int8", x, k_pad)
     m = x.shape[0]
     tiles = k_pad // INT4_TILE
-    codes = torch.empty(m, k_pad, dtype=torch.int8, device=x.device)
-    scale = torch.empty(m, dtype=torch.float32, device=x.device)
-    sums = torch.zeros(m, sum_columns(k_pad), dtype=torch.float32, device=x.device)
+    if out is None:
+        out = (torch.empty(m, k_pad, dtype=torch.int8, device=x.device),
+               torch.empty(m, dtype=torch.float32, device=x.device),
+               torch.zeros(m, sum_columns(k_pad), dtype=torch.float32, device=x.device))
+    codes, scale, sums = out
+    if codes.shape != (m, k_pad) or codes.dtype != torch.int8 or scale.shape != (m,) or \
+            sums.shape != (m, sum_columns(k_pad)) or scale.dtype != torch.float32 or sums.dtype != torch.float32:
+        raise ValueError(f"quantize_rows_int8: out must be int8 codes [{m}, {k_pad}], float32 scale [{m}] and sums "
+                         f"[{m}, {sum_columns(k_pad)}]")
     if m:
         _quantize_rows_int8_kernel[(m,)](x, codes, scale, sums, x.shape[1], x.stride(0), x.stride(1), codes.stride(0),
                                          sums.stride(0), BLOCK_K=next_pow2(k_pad), TILES=tiles, CUDA=x.is_cuda,
-                                         num_warps=4)
+                                         PDL=pdl, num_warps=4, **pdl_launch(pdl))
     return codes, scale, sums
 
 

@@ -310,6 +310,8 @@ class QuantExperts(nn.Module):
         self.int8_inputs = False  # the reference path rounds the W4A8-able matrices' inputs to int8 (see forward)
         self.int8_step_fc1 = False  # ... and a gated fc1's input in a batched step (see forward)
         self.int8_step_fc1_inputs: list | None = None  # a check's: those inputs as the fused step rounded them
+        self.int8_step_fc2 = False  # ... and fc2's input in a batched step, where fc1's is (see forward)
+        self.int8_step_fc2_inputs: list | None = None  # a check's: those inputs as the fused step rounded them
         for name, fmt, n, k in (("fc1", fc1_fmt, rows, d_model), ("fc2", fc2_fmt, d_model, ffn_hidden)):
             if fmt is None:
                 setattr(self, name, nn.Parameter(torch.zeros(n_experts, n, k, dtype=float_dtype, device=device)))
@@ -356,40 +358,58 @@ class QuantExperts(nn.Module):
         return any(isinstance(w, PackedExpertWeight) and plane_words_apply(w.fmt)
                    for w in (self.fc1, self.fc2))
 
+    @property
+    def fc2_k(self) -> int:
+        """fc2's input width (the experts' hidden size)."""
+        return self.fc2.shape[2] if isinstance(self.fc2, nn.Parameter) else self.fc2.k
+
+    def _given_inputs(self, name: str, shape) -> torch.Tensor | None:
+        """The next recorded input of ``name`` (``int8_step_<name>_inputs``, one a step), or None where none is
+        recorded."""
+        given = getattr(self, f"int8_step_{name}_inputs")
+        if not given:
+            return None
+        value = given.pop(0)
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"int8_step_{name}_inputs: a step's {name} input is {tuple(value.shape)}, expected "
+                             f"{tuple(shape)}")
+        return value
+
     def forward(self, x, expert_idx):
         """``x [T, d]`` routed by ``expert_idx [T]``. The reference path can be the twin of the int8-activation
         kernels (``qmamba quantize``'s check of them, ``qmamba bench``'s reference): with ``int8_inputs`` the int4
         plane-word matrices multiply their inputs rounded to int8 per row from as many rows as the W4A8 prefill
         takes (:data:`qmamba.kernels.matmul_configs.W4A8_PREFILL_MIN_M`); with ``int8_step_fc1`` a gated fc1 does in
         a batched step (:func:`qmamba.moe.decode_step`, 2 to :data:`qmamba.kernels.decode_linear.MAX_ROWS` rows), as
-        the fused step's W4A8 row programs do (``DecodePolicy.int8_rows``). ``int8_step_fc1_inputs``: a list of such
-        steps' fc1 inputs ``[T, d]`` as the fused step rounded them (its ``int8_inputs_log``), taken one a step in
-        place of rounding x here: a check of the step's arithmetic that a value at a code's .5 boundary, rounded
-        the other way in one path, cannot fail."""
+        the fused step's W4A8 row programs do (``DecodePolicy.int8_rows``), and with ``int8_step_fc2`` as well its fc2
+        (``DecodePolicy.int8_rows_fc2``). ``int8_step_fc1_inputs`` / ``int8_step_fc2_inputs``: lists of such steps'
+        inputs ``[T, K]`` as the fused step rounded them (its ``int8_inputs_log``), taken one a step in place of
+        rounding here: a check of the step's arithmetic that a value at a code's .5 boundary, rounded the other way
+        in one path, cannot fail."""
         out = x.new_zeros(x.shape[0], self.fc2.shape[1] if isinstance(self.fc2, nn.Parameter) else self.fc2.n)
         round_fc1 = round_fc2 = False
         if self.int8_inputs and self.backend != "triton":
             from qmamba.kernels.matmul_configs import W4A8_PREFILL_MIN_M
 
             round_fc1 = round_fc2 = x.shape[0] >= W4A8_PREFILL_MIN_M
+        step_rows = False
         if self.int8_step_fc1 and self.backend != "triton" and in_decode_step() and self.gated:
             from qmamba.kernels.decode_linear import MAX_ROWS
 
-            round_fc1 = round_fc1 or 2 <= x.shape[0] <= MAX_ROWS
-        given = None
-        if round_fc1 and self.int8_step_fc1_inputs and in_decode_step():
-            given = self.int8_step_fc1_inputs.pop(0).to(x.dtype)
-            if given.shape != x.shape:
-                raise ValueError(f"int8_step_fc1_inputs: a step's fc1 input is {tuple(given.shape)}, x is "
-                                 f"{tuple(x.shape)}")
+            step_rows = 2 <= x.shape[0] <= MAX_ROWS
+        round_fc1 = round_fc1 or step_rows
+        round_fc2 = round_fc2 or (step_rows and self.int8_step_fc2)
+        given1 = self._given_inputs("fc1", x.shape) if step_rows else None
+        given2 = self._given_inputs("fc2", (x.shape[0], self.fc2_k)) if step_rows and self.int8_step_fc2 else None
         for e in range(self.n_experts):
             rows = (expert_idx == e).nonzero(as_tuple=True)[0]
             if rows.numel():
                 out[rows] = expert_mlp(
                     x[rows], None, None, self.activation, self.gated,
-                    fc1_fn=lambda t, e=e, rows=rows: (self._expert_matmul(t, "fc1", e, round_fc1) if given is None
-                                                      else self._expert_matmul(given[rows], "fc1", e)),
-                    fc2_fn=lambda t, e=e: self._expert_matmul(t, "fc2", e, round_fc2))
+                    fc1_fn=lambda t, e=e, rows=rows: (self._expert_matmul(t, "fc1", e, round_fc1) if given1 is None
+                                                      else self._expert_matmul(given1[rows].to(x.dtype), "fc1", e)),
+                    fc2_fn=lambda t, e=e, rows=rows: (self._expert_matmul(t, "fc2", e, round_fc2) if given2 is None
+                                                      else self._expert_matmul(given2[rows].to(t.dtype), "fc2", e)))
         return out
 
 

@@ -212,12 +212,14 @@ def test_reference_twin_rounds_as_the_w4a8_prefill_when_the_model_does(int8_rows
         assert not any(m.int8_inputs or m.int8_step_fc1 for m in experts)
 
 
+@pytest.mark.parametrize("fc2", [False, True])
 @torch.no_grad()
-def test_decode_check_of_int8_rows_falls_back_to_the_steps_own_codes(monkeypatch):
-    """A fused step that runs fc1 on int8 codes (``DecodePolicy.int8_rows``): where its picks fail against the
-    reference twin that rounds its own x (stood in for here by a reference that always disagrees), the check records
-    the codes the step multiplied and passes when the twin fed those codes picks as the step does; a step whose
-    picks are wrong fails that too, and a step that runs no int8 rows fails at once (nothing recorded)."""
+def test_decode_check_of_int8_rows_falls_back_to_the_steps_own_codes(fc2, monkeypatch):
+    """A fused step that runs fc1 (with ``fc2``: fc2 too) on int8 codes (``DecodePolicy.int8_rows``,
+    ``int8_rows_fc2``): where its picks fail against the reference twin that rounds its own inputs (stood in for here
+    by a reference that always disagrees), the check records the codes the step multiplied and passes when the twin
+    fed those codes picks as the step does; a step whose picks are wrong fails that too, and a step that runs no
+    int8 rows fails at once (nothing recorded)."""
     import dataclasses
 
     from qmamba.config import preset
@@ -234,7 +236,8 @@ def test_decode_check_of_int8_rows_falls_back_to_the_steps_own_codes(monkeypatch
     _, state = model.prefill(prompt)
     policy = dataclasses.replace(DecodePolicy.for_device(torch.device("cpu")), formats=(0, 1, 3), max_rows=1,
                                  max_rows_planes=1, max_rows_routed=8, int4_planes=True, int4_unpack="denorm",
-                                 planes_mma=False, routed_row_programs=True, int4_x_planes=True, int8_rows=True)
+                                 planes_mma=False, routed_row_programs=True, int4_x_planes=True, int8_rows=True,
+                                 int8_rows_fc2=fc2)
     model.set_backend("triton")
     step = FusedDecodeStep(model, policy)
     assert bench_lib.int8_rows_step(step, 3) is step and bench_lib.int8_rows_step(step, 1) is None
@@ -243,8 +246,9 @@ def test_decode_check_of_int8_rows_falls_back_to_the_steps_own_codes(monkeypatch
     verdict = bench_lib.check_decode(model, step, prompt, state, 3)
     assert verdict.startswith("ok (3 tokens x 3 rows, on the step's own int8 codes"), verdict
     experts = [m for m in model.modules() if isinstance(m, QuantExperts)]
-    assert step.int8_inputs_log is None and all(m.int8_step_fc1_inputs is None for m in experts)
-    assert all(m.backend == "triton" and not m.int8_step_fc1 for m in experts)
+    assert step.int8_inputs_log is None
+    assert all(m.int8_step_fc1_inputs is None and m.int8_step_fc2_inputs is None for m in experts)
+    assert all(m.backend == "triton" and not m.int8_step_fc1 and not m.int8_step_fc2 for m in experts)
 
     plain = FusedDecodeStep(model, dataclasses.replace(policy, int8_rows=False))
     with pytest.raises(bench_lib.BenchCheckError, match=r"\(gap [^)]*\); no figure reported"):

@@ -198,6 +198,11 @@ def test_ungated_route_and_expert_gemm_split():
 def test_int8_rows_variants():
     assert CUDA.int8_rows  # on since session 45 (session 44: 6% faster at batch 8, the same-codes check passed)
     assert policy_variant(CUDA, "int8rows").int8_rows and not policy_variant(CUDA, "noint8rows").int8_rows
+    assert not CUDA.int8_rows_fc2  # opt-in until timed
+    v = policy_variant(dataclasses.replace(CUDA, int8_rows=False), "int8fc2")
+    assert v.int8_rows and v.int8_rows_fc2 and not policy_variant(CUDA, "noint8fc2").int8_rows_fc2
+    v = policy_variant(CUDA, "int8fc2bn64")
+    assert v.int8_rows_fc2 and v.int8_rows_fc2_block_n == 64
     v = policy_variant(CUDA, "int8rowsbn32")
     assert v.int8_rows and v.int8_rows_block_n == 32
 

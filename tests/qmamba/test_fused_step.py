@@ -367,13 +367,15 @@ def test_general_kernels_as_programmatic_dependents(fmt, mode, device, monkeypat
             tok = want.argmax(-1)
 
 
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch,fc2", [(1, False), (3, False), (3, True)])
 @torch.no_grad()
-def test_fused_step_int8_rows(batch, device):
+def test_fused_step_int8_rows(batch, fc2, device):
     """``DecodePolicy.int8_rows`` on a model with int8 activations: at 2+ rows the gated int4 fc1 runs on the W4A8
     row programs (the add + norm writes x as int8 codes, no input planes for it; fc1 still writes fc2's planes), and
     the step equals the reference step whose experts round fc1's input the same way (``QuantExperts.int8_step_fc1``
-    in :func:`qmamba.moe.decode_step`), not the one without the rounding; at one row nothing changes."""
+    in :func:`qmamba.moe.decode_step`), not the one without the rounding; at one row nothing changes. With
+    ``int8_rows_fc2`` fc2 runs on them too (fc1's output quantized by a launch of its own; no planes for fc2) and the
+    step equals the reference that rounds both inputs (``int8_step_fc2``), not the one that rounds fc1's alone."""
     from qmamba.quant.modules import QuantExperts
 
     model = build("tiny-blackmamba", FORMATS["int4g128"], device)
@@ -383,21 +385,24 @@ def test_fused_step_int8_rows(batch, device):
     _, state = model.prefill(ids)
     policy = dataclasses.replace(DecodePolicy.for_device(device), formats=(0, 1, 3), max_rows=1, max_rows_planes=1,
                                  max_rows_routed=8, int4_planes=True, int4_unpack="denorm", planes_mma=False,
-                                 routed_row_programs=True, int4_x_planes=True, int8_rows=True)
+                                 routed_row_programs=True, int4_x_planes=True, int8_rows=True, int8_rows_fc2=fc2)
     step = FusedDecodeStep(model, policy)
     refs = {}
-    for rounding in (False, True):
+    for rounding in ((False, False), (True, False), (True, True)):
         for m in experts:
-            m.int8_step_fc1 = rounding
+            m.int8_step_fc1, m.int8_step_fc2 = rounding
         refs[rounding] = model.step(ids[:, -1], state.clone()).float()
+    for m in experts:
+        m.int8_step_fc1 = m.int8_step_fc2 = False
     logits = step(ids[:, -1], state)
     buf = step._buffers[batch]
-    assert (buf["xq"] is not None) == (batch > 1)
+    assert (buf["xq"] is not None) == (batch > 1) and (buf["aq"] is not None) == (batch > 1 and fc2)
     assert buf["xpl"] is None if batch > 1 else buf["xpl"] is not None  # (at one row fc1 and the head read them)
-    assert buf["apl"] is not None
-    torch.testing.assert_close(logits, refs[True], atol=1e-3, rtol=1e-3)
+    assert (buf["apl"] is not None) == (not fc2)
+    want = (batch > 1, batch > 1 and fc2)
+    torch.testing.assert_close(logits, refs[want], atol=1e-3, rtol=1e-3)
     err = {r: (logits - ref).abs().max().item() for r, ref in refs.items()}
-    if batch > 1:  # the rounding is what the step does: 100x closer to the reference that rounds
-        assert err[True] * 100 < err[False]
+    if batch > 1:  # the rounding is what the step does: 100x closer to the reference that rounds as it does
+        assert all(err[want] * 100 < e for r, e in err.items() if r != want), err
     else:  # one row: no rounding in either
-        assert err[True] == err[False]
+        assert err[(False, False)] == err[(True, False)] == err[(True, True)]

@@ -543,6 +543,8 @@ r = ig.report(ig.compile_w4a8_rows(w, 90, rows=8, block_n=16, gate="gelu"))
 print("rows", r["stack"], r["ops"]["IDP"], r["ops"]["I2F"] + r["ops"]["I2FP"])
 r = ig.report(ig.compile_w4a8_rows(w, 90, rows=8, block_n=16, gate="gelu", step=True))
 print("steprows", r["stack"], r["ops"]["IDP"], r["ops"]["I2F"] + r["ops"]["I2FP"])
+r = ig.report(ig.compile_w4a8_rows(ig.planes_stack(*ig.SHAPES["fc2"]), 90, rows=8, block_n=32, row_scale=True))
+print("fc2rows", r["stack"], r["ops"]["IDP"])
 c = ig.compile_route_int8(90)
 r = ig.report(c)
 print("route", r["stack"], c.asm["ptx"].count("mul.rn."), c.asm["ptx"].count("div.rn.f32"), r["ops"]["FRND"])
@@ -560,7 +562,8 @@ def test_w4a8_kernels_compile_for_sm90():
     batched-decode row programs at fc1 (8 rows, 16 weight rows a program) use ``dp4a`` (``IDP``), two a plane word
     (16 words a tile a weight row, 12 tiles: 48 a thread for 4 warps), with conversions by the tile, not by the
     code (24 with Triton 3.6 and 3.9), also as the fused step runs them (``DecodePolicy.int8_rows``: the expert
-    read after the wait, fc2's input planes written). The MoE's routing kernel that also quantizes its rows to int8 for the W4A8
+    read after the wait, fc2's input planes written), and fc2 on them (``int8_rows_fc2``: 32 weight rows a program,
+    the routing weight in the epilogue). The MoE's routing kernel that also quantizes its rows to int8 for the W4A8
     GEMM (``route_top1_int8``, BlackMamba-2.8B's d = 1472 in bf16) compiles without spills, with the quantizer's
     IEEE operations: ``mul.rn`` (not fused into an FMA with the + 0.5), the two ``div.rn`` of the scale and its
     reciprocal, and the floor (``FRND``); its logits, sigmoid and argmax are the plain routing kernel's operations in
@@ -574,6 +577,8 @@ def test_w4a8_kernels_compile_for_sm90():
     assert gemm[1] == "0" and int(gemm[2]) >= 4 and int(gemm[3]) <= 1, stdout
     assert rows[1] == "0" and int(rows[2]) >= 48 and int(rows[3]) < 48, stdout
     assert steprows[1] == "0" and steprows[2:] == rows[2:], stdout  # the fused step's: the same loop, no spills
+    fc2rows = next(line.split() for line in stdout.splitlines() if line.startswith("fc2rows "))
+    assert fc2rows[1] == "0" and int(fc2rows[2]) >= 8, stdout  # fc2 on them (DecodePolicy.int8_rows_fc2)
     assert route[1] == "0" and int(route[2]) >= 1 and int(route[3]) >= 2 and int(route[4]) >= 1, stdout
     logits = next(line.split() for line in stdout.splitlines() if line.startswith("routelogits "))
     assert int(logits[1]) >= 100 and logits[2] == "1" and logits[3] == "0", stdout  # the plain routing's own code

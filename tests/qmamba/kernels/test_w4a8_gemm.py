@@ -66,6 +66,12 @@ def test_quantize_rows_matches_twin(m, k, dtype, device):
     back = dequantize_rows_int8(got[0], got[1], k)
     assert ((back - x.float()).abs() <= got[1][:, None] * 0.5 + 1e-6).all()
     assert got[0][:, :].abs().max() <= 127
+    # into preallocated buffers (the fused step's), the sums' padding zeroed once: the same three, bit for bit
+    out = (torch.full_like(got[0], 5), torch.empty_like(got[1]), torch.zeros_like(got[2]))
+    assert all(a is b for a, b in zip(quantize_rows_int8(x, k_pad, out=out), out))
+    assert all(torch.equal(a, b) for a, b in zip(out, got))
+    with pytest.raises(ValueError, match="out must be"):
+        quantize_rows_int8(x, k_pad, out=(out[0], out[1], out[2][:, :1]))
 
 
 @pytest.mark.parametrize("m,k,n,group,magic,left", [(5, 200, 40, 128, False, False), (37, 300, 130, 128, False, False),
