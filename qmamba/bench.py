@@ -206,20 +206,24 @@ def same_codes_reference(model, fed, state, inputs, policy) -> torch.Tensor:
 
 @contextlib.contextmanager
 def recording_int8_inputs(step, batch: int):
-    """``step`` (a :class:`qmamba.fused_step.FusedDecodeStep`, or None: nothing recorded) records fc1's int8 inputs
-    inside the block; yields a callable that returns the latest step's at ``batch`` rows (copies: per MoE layer that
-    runs them, fc1's input ``[batch, d]`` and fc2's, or None where fc2 runs on floats). A graph captured inside the block records them too: its replays rewrite the
-    captured tensors in place."""
+    """``step`` (a :class:`qmamba.fused_step.FusedDecodeStep`, or None: nothing recorded) records the int8 inputs of
+    its experts inside the block; yields a callable that returns the latest step's at ``batch`` rows, dequantized
+    (per MoE layer that runs them, fc1's input ``[batch, d]`` and fc2's, or None where fc2 runs on floats). A graph
+    captured inside the block records them too (device copies of the codes, which its replays rewrite in place;
+    nothing in the capture reads the host)."""
     if step is None:
         yield None
         return
     n_moe = step.int8_rows_layers(batch)
     step.int8_inputs_log = []
 
+    from qmamba.kernels.w4a8_gemm import dequantize_rows_int8
+
     def latest():
         if len(step.int8_inputs_log) < n_moe:
             raise RuntimeError("recording_int8_inputs: the step recorded no int8 inputs (a graph captured before?)")
-        return [tuple(None if t is None else t.clone() for t in layer) for layer in step.int8_inputs_log[-n_moe:]]
+        return [tuple(None if rec is None else dequantize_rows_int8(*rec) for rec in layer)
+                for layer in step.int8_inputs_log[-n_moe:]]
 
     try:
         yield latest

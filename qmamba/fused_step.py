@@ -56,7 +56,7 @@ from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
 from qmamba.kernels.decode_linear import DecodePolicy, NormIn, NormOut, binary_denorm_of, decode_linear
 from qmamba.kernels.decode_step import add_norm, aligned_rows, dt_state_update
 from qmamba.kernels.fused_moe import gated_act, routed_matmul
-from qmamba.kernels.w4a8_gemm import dequantize_rows_int8, quantize_rows_int8, sum_columns
+from qmamba.kernels.w4a8_gemm import quantize_rows_int8, sum_columns
 from qmamba.kernels.w4a8_rows import w4a8_rows
 from qmamba.kernels.weights import FMT_INT4_PLANES, BinaryWeight, PackedWeight
 from qmamba.quant.layout import INT4_TILE, INT4_X_PLANES, int4_x_planes_width
@@ -137,8 +137,8 @@ class FusedDecodeStep:
         self.eps = float(cfg.norm_eps)
         self.embedding = model.embedding.weight.detach()
         self.int8_activations = bool(getattr(model, "int8_activations", False))
-        self.int8_inputs_log: list | None = None  # a check's record: fc1's int8 inputs, dequantized (a graph's capture
-        #                                        records tensors its replays rewrite: qmamba.bench.recording_int8_inputs)
+        self.int8_inputs_log: list | None = None  # a check's record: the int8 inputs of fc1 / fc2 as (codes, scale, K)
+        #   (a graph's capture records copies its replays rewrite: qmamba.bench.recording_int8_inputs dequantizes them)
         if self.policy.int4_planes:  # int4 weights to the plane words the kernels read, in place (no copy)
             use_plane_words(model)
         self.layers = [_mamba_plan(block, self.dtype, self.policy.dt_rows_aligned) if block.is_mamba
@@ -261,7 +261,8 @@ class FusedDecodeStep:
     def int8_rows_layers(self, batch: int) -> int:
         """How many MoE layers run fc1 on int8 codes at ``batch`` rows (see :meth:`_int8_fc1`): with
         ``int8_inputs_log`` set, each such layer records there, one a step, ``(fc1's input, fc2's input or None)`` as
-        the W4A8 kernels multiply them (dequantized; fc2's where it runs on int8 codes too, :meth:`_int8_fc2`)."""
+        the W4A8 kernels multiply them, each ``(codes, scale, K)`` (fc2's where it runs on int8 codes too,
+        :meth:`_int8_fc2`)."""
         return sum(self._int8_fc1(plan, batch) for plan in self.layers)
 
     def _producer_planes(self, batch: int, di: int, ffn: int, f32: dict):
@@ -471,8 +472,9 @@ class FusedDecodeStep:
         if int8_fc2:  # fc1's output to int8 codes, fc2 on them (the routing weight applied in its epilogue)
             quantize_rows_int8(act, buf["aq"][0].shape[1], out=buf["aq"], pdl=self.policy.pdl)
         if self.int8_inputs_log is not None and self._int8_fc1(plan, act.shape[0]):  # for a twin fed the same values
-            self.int8_inputs_log.append((dequantize_rows_int8(buf["xq"][0], buf["xq"][1], self.d_model),
-                                         dequantize_rows_int8(buf["aq"][0], buf["aq"][1], ffn) if int8_fc2 else None))
+            # copies of the codes and scales (device to device: a graph's capture records them too)
+            self.int8_inputs_log.append(((buf["xq"][0].clone(), buf["xq"][1].clone(), self.d_model),
+                                         (buf["aq"][0].clone(), buf["aq"][1].clone(), ffn) if int8_fc2 else None))
         if int8_fc2:
             if nin is not None or nout is not None:
                 raise RuntimeError("fused step: an fc2 on int8 codes runs at 2+ rows, with no norm in the GEMVs")

@@ -250,7 +250,7 @@ def test_int8_same_codes_check(monkeypatch):
     records that are not what the step multiplied (zeros) fail; a step that ran no int8 rows is refused."""
     from bench_decode import int8_same_codes_check
 
-    from qmamba import fused_step as fs
+    from qmamba.kernels import w4a8_gemm
     from qmamba.quant.modules import QuantExperts
 
     model, prompt, state, got = _int8_twin_run(1, 3)
@@ -263,8 +263,8 @@ def test_int8_same_codes_check(monkeypatch):
     experts = [m for m in model.modules() if isinstance(m, QuantExperts)]
     assert all(m.int8_step_fc1_inputs is None and not m.int8_step_fc1 for m in experts)
     assert all(m.backend == "triton" for m in experts) and not model.int8_activations
-    real = fs.dequantize_rows_int8
-    monkeypatch.setattr(fs, "dequantize_rows_int8", lambda *a: torch.zeros_like(real(*a)))
+    real = w4a8_gemm.dequantize_rows_int8  # (what the recorded codes are read back with)
+    monkeypatch.setattr(w4a8_gemm, "dequantize_rows_int8", lambda *a: torch.zeros_like(real(*a)))
     assert int8_same_codes_check(model, policy, prompt, state, got) is None
     with pytest.raises(SystemExit, match="did not run int8 rows"):
         int8_same_codes_check(model, dataclasses.replace(policy, int8_rows=False), prompt, state, got)
