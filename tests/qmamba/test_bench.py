@@ -214,12 +214,13 @@ def test_reference_twin_rounds_as_the_w4a8_prefill_when_the_model_does(int8_rows
 
 @pytest.mark.parametrize("fc2", [False, True])
 @torch.no_grad()
-def test_decode_check_of_int8_rows_falls_back_to_the_steps_own_codes(fc2, monkeypatch):
+def test_decode_check_of_int8_rows_falls_back_to_the_steps_own_codes(fc2, monkeypatch, device):
     """A fused step that runs fc1 (with ``fc2``: fc2 too) on int8 codes (``DecodePolicy.int8_rows``,
     ``int8_rows_fc2``): where its picks fail against the reference twin that rounds its own inputs (stood in for here
     by a reference that always disagrees), the check records the codes the step multiplied and passes when the twin
     fed those codes picks as the step does; a step whose picks are wrong fails that too, and a step that runs no
-    int8 rows fails at once (nothing recorded)."""
+    int8 rows fails at once (nothing recorded). On CUDA the step is the CUDA-graph decoder ``qmamba bench`` times,
+    its capture recording the codes its replays write; on the CPU the eager fused step (interpreted kernels)."""
     import dataclasses
 
     from qmamba.config import preset
@@ -230,36 +231,46 @@ def test_decode_check_of_int8_rows_falls_back_to_the_steps_own_codes(fc2, monkey
     from qmamba.testing import quantize_rtn, random_model
 
     torch.manual_seed(1)
-    model = quantize_rtn(random_model(preset("tiny-blackmamba"), "cpu"), Int4Format(128))
+    model = quantize_rtn(random_model(preset("tiny-blackmamba"), device), Int4Format(128))
     model.int8_activations = True
-    prompt = torch.randint(0, model.config.vocab_size, (3, 6))
+    prompt = torch.randint(0, model.config.vocab_size, (3, 6), device=device)
     _, state = model.prefill(prompt)
-    policy = dataclasses.replace(DecodePolicy.for_device(torch.device("cpu")), formats=(0, 1, 3), max_rows=1,
+    policy = dataclasses.replace(DecodePolicy.for_device(torch.device(device)), formats=(0, 1, 3), max_rows=1,
                                  max_rows_planes=1, max_rows_routed=8, int4_planes=True, int4_unpack="denorm",
                                  planes_mma=False, routed_row_programs=True, int4_x_planes=True, int8_rows=True,
                                  int8_rows_fc2=fc2)
     model.set_backend("triton")
-    step = FusedDecodeStep(model, policy)
-    assert bench_lib.int8_rows_step(step, 3) is step and bench_lib.int8_rows_step(step, 1) is None
+
+    def timed_step(policy):
+        if device == "cuda":
+            from qmamba.cuda_graph import GraphDecoder
+
+            return GraphDecoder(model, policy=policy)
+        return FusedDecodeStep(model, policy)
+
+    step_fn = timed_step(policy)
+    step = getattr(step_fn, "_step", step_fn)
+    assert bench_lib.int8_rows_step(step_fn, 3) is step and bench_lib.int8_rows_step(step_fn, 1) is None
     real = bench_lib._reference_logits
     monkeypatch.setattr(bench_lib, "_reference_logits", lambda *a, **k: -real(*a, **k))  # the first check fails
-    verdict = bench_lib.check_decode(model, step, prompt, state, 3)
+    verdict = bench_lib.check_decode(model, step_fn, prompt, state, 3)
     assert verdict.startswith("ok (3 tokens x 3 rows, on the step's own int8 codes"), verdict
     experts = [m for m in model.modules() if isinstance(m, QuantExperts)]
     assert step.int8_inputs_log is None
     assert all(m.int8_step_fc1_inputs is None and m.int8_step_fc2_inputs is None for m in experts)
     assert all(m.backend == "triton" and not m.int8_step_fc1 and not m.int8_step_fc2 for m in experts)
 
-    plain = FusedDecodeStep(model, dataclasses.replace(policy, int8_rows=False))
+    plain = timed_step(dataclasses.replace(policy, int8_rows=False))
     with pytest.raises(bench_lib.BenchCheckError, match=r"\(gap [^)]*\); no figure reported"):
         bench_lib.check_decode(model, plain, prompt, state, 3)
     monkeypatch.undo()  # the real reference from here
+    wrong_fn = timed_step(policy)  # (a graph decoder records only where it captures inside the check)
 
-    class Wrong:  # a graph decoder of the same step whose picks are the reference's least likely tokens
-        _step = step
+    class Wrong:  # the same step whose picks are the reference's least likely tokens
+        _step = getattr(wrong_fn, "_step", wrong_fn)
 
         def __call__(self, ids, st):
-            return -step(ids, st)
+            return -wrong_fn(ids, st)
 
     with pytest.raises(bench_lib.BenchCheckError, match="own int8 codes; no figure reported"):
         bench_lib.check_decode(model, Wrong(), prompt, state, 3)
