@@ -223,8 +223,9 @@ class DecodePolicy:
     #                             twin failed on the random-weight model (see benchmarks/results.md). Session 44
     #                             (H100, 3 rounds): 1.311 -> 1.233, and the check with the rounding taken out (the
     #                             twin multiplies the step's own int8 codes, qmamba.bench.same_codes_reference)
-    #                             passes with no tie. On in the CUDA policy since session 45, when `qmamba bench`'s
-    #                             check (qmamba.bench.check_decode) took that check as its fallback.
+    #                             passes with no tie. Session 45: `qmamba bench`'s check (qmamba.bench.check_decode)
+    #                             takes that check as its fallback, recording the codes in the graph's capture
+    #                             (CPU-tested); still off until that path has run on a GPU (no device started).
     int8_rows_block_n: int = 16  # with int8_rows: fc1's weight rows a program (gate and up rows together)
     int8_rows_fc2: bool = False  # with int8_rows: fc2 too on the W4A8 row programs, its input (fc1's output) quantized
     #                               to int8 per row by a launch of its own between them (fc1 then writes no input
@@ -351,7 +352,7 @@ class DecodePolicy:
                    norm_plane_programs=4, max_programs=8 * multiprocessors, int4_x_in_tile_wide="always",
                    norm_in_gemvs=True, ssm_block_d_batched=16, int4_tile_pieces=True, planes_joint=True,
                    planes_joint_batched=False, planes_joint_gated=False, producer_word_sums=True, early_reads=True,
-                   pdl_general=True, general_early_tile=True, int8_rows=True,
+                   pdl_general=True, general_early_tile=True,
                    formats=(FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES, FMT_BINARY))
 
     @property

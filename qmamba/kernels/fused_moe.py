@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qmamba.kernels._triton import cdiv, jit, next_pow2, pdl_launch, tl
+from qmamba.kernels._triton import jit, next_pow2, pdl_launch, tl
 from qmamba.kernels.activations import ACTIVATION_IDS, activate
 from qmamba.kernels.binary_matmul import binary_matmul, binary_matmul_ref
 from qmamba.kernels.matmul_configs import GEMV_MAX_M, current_policy, pick_config
@@ -74,75 +74,62 @@ def moe_forward_ref(x, router_w, router_b, fc1: KernelWeight, fc2: KernelWeight,
 
 # ---- Triton ----------------------------------------------------------------------------------------------------------
 @jit
-def _route_top1_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, wt_ptr, q_ptr, s_ptr, sum_ptr, T, K, E, sxm, sxk, swe, swk,
-                       sqm, ssum, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
-                       BLOCK_K: tl.constexpr, QUANT: tl.constexpr, K_PAD: tl.constexpr, SUMS: tl.constexpr,
-                       BLOCK_Q: tl.constexpr, CUDA: tl.constexpr):
-    """``BLOCK_M`` rows a program: the router's logits, sigmoid, first argmax. Each router row is read once a program
-    and serves all its rows (one row a program read the whole router again for every token: at a prefill of 2,048
-    tokens, 48 MB of cache traffic for 6 MB of x). ``QUANT``: also each row quantized to int8 as
+def _route_top1_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, wt_ptr, q_ptr, s_ptr, sum_ptr, K, E, sxm, sxk, swe, swk, sqm,
+                       ssum, HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                       QUANT: tl.constexpr, K_PAD: tl.constexpr, SUMS: tl.constexpr, BLOCK_Q: tl.constexpr,
+                       CUDA: tl.constexpr):
+    """One program a row: the router's logits, sigmoid, first argmax. ``QUANT``: also the row quantized to int8 as
     :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8` writes it (``K_PAD`` code columns in plane-byte order, the
-    scale, ``SUMS`` tile-sum columns), in passes after the logits' loop that read the rows again from the cache: the
-    loop is the same code with and without it, so the routing stays bit for bit the plain kernel's (the largest
-    magnitudes taken inside the loop changed the compiled sums on CUDA, session 44)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_ok = rows < T
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * sxm
+    scale, ``SUMS`` tile-sum columns), in passes after the logits' loop, which is the same as without it (the
+    routing stays bit for bit the plain kernel's); the row is read again from the cache."""
+    row = tl.program_id(0)
     e = tl.arange(0, BLOCK_E)
-    acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    e_ok = e < E
+    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
-        xv = tl.load(x_rows + k[None, :] * sxk, mask=rows_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        for j in tl.static_range(BLOCK_E):  # one router row at a time: its products, then their sum a row
-            wj = tl.load(w_ptr + j * swe + k * swk, mask=k_ok & (k * 0 + j < E), other=0.0).to(tl.float32)
-            acc += tl.where(e[None, :] == j, tl.sum(xv * wj[None, :], axis=1)[:, None], 0.0)
+        xv = tl.load(x_ptr + row * sxm + k * sxk, mask=k_ok, other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + e[:, None] * swe + k[None, :] * swk, mask=e_ok[:, None] & k_ok[None, :],
+                     other=0.0).to(tl.float32)
+        acc += tl.sum(wv * xv[None, :], axis=1)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + e, mask=e < E, other=0.0).to(tl.float32)[None, :]
-    p = tl.where((e < E)[None, :], tl.sigmoid(acc), -1.0)
-    best = tl.max(p, axis=1)
-    first = tl.min(tl.where(p == best[:, None], e[None, :], BLOCK_E), axis=1)  # first maximum, as torch.max
-    tl.store(idx_ptr + rows, first.to(tl.int32), mask=rows_ok)
-    tl.store(wt_ptr + rows, best, mask=rows_ok)
-    if QUANT:  # a row at a time, in vectors: no memory access of the logits' tile shape (see the docstring)
-        for r in tl.static_range(BLOCK_M):
-            row = tl.program_id(0) * BLOCK_M + r
-            if row < T:
-                row64 = row.to(tl.int64)
-                x_row = x_ptr + row64 * sxm
-                amax = tl.zeros((BLOCK_Q,), dtype=tl.float32)  # the row's largest magnitude (exact in any order)
-                for k0 in range(0, K, BLOCK_Q):
-                    k = k0 + tl.arange(0, BLOCK_Q)
-                    amax = tl.maximum(amax, tl.abs(tl.load(x_row + k * sxk, mask=k < K, other=0.0).to(tl.float32)))
-                scale, inv = int8_row_scale(tl.max(amax, axis=0))
-                tl.store(s_ptr + row64, scale)
-                for j0 in range(0, K_PAD, BLOCK_Q):  # output columns in plane-byte order, whole 128-column tiles
-                    j = j0 + tl.arange(0, BLOCK_Q)
-                    k = plane_byte_inputs(j)
-                    q = int8_codes(tl.load(x_row + k * sxk, mask=k < K, other=0.0).to(tl.float32), inv, CUDA)
-                    tl.store(q_ptr + row64 * sqm + j, q.to(tl.int8), mask=j < K_PAD)
-                    tiles = j0 // 128 + tl.arange(0, BLOCK_Q // 128)
-                    tl.store(sum_ptr + row64 * ssum + tiles, tl.sum(tl.reshape(q, (BLOCK_Q // 128, 128)), axis=1),
-                             mask=tiles < K_PAD // 128)  # (sums of integers below 2^24: exact in any order)
-                pad = tl.arange(0, SUMS)
-                tl.store(sum_ptr + row64 * ssum + pad, tl.zeros((SUMS,), dtype=tl.float32), mask=pad >= K_PAD // 128)
-
-
-ROUTE_ELEMENTS = 8192  # x values a routing program holds at once on CUDA (4 rows of BlackMamba-2.8B's 1,472, padded)
+        acc += tl.load(b_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
+    p = tl.where(e_ok, tl.sigmoid(acc), -1.0)
+    best = tl.max(p, axis=0)
+    first = tl.min(tl.where(p == best, e, BLOCK_E), axis=0)  # first maximum, as torch.max
+    tl.store(idx_ptr + row, first.to(tl.int32))
+    tl.store(wt_ptr + row, best)
+    if QUANT:
+        row64 = row.to(tl.int64)
+        x_row = x_ptr + row64 * sxm
+        amax = tl.zeros((BLOCK_Q,), dtype=tl.float32)  # the row's largest magnitude (exact in any order)
+        for k0 in range(0, K, BLOCK_Q):
+            k = k0 + tl.arange(0, BLOCK_Q)
+            amax = tl.maximum(amax, tl.abs(tl.load(x_row + k * sxk, mask=k < K, other=0.0).to(tl.float32)))
+        scale, inv = int8_row_scale(tl.max(amax, axis=0))
+        tl.store(s_ptr + row64, scale)
+        for j0 in range(0, K_PAD, BLOCK_Q):  # output columns in plane-byte order, whole 128-column tiles
+            j = j0 + tl.arange(0, BLOCK_Q)
+            k = plane_byte_inputs(j)
+            q = int8_codes(tl.load(x_row + k * sxk, mask=k < K, other=0.0).to(tl.float32), inv, CUDA)
+            tl.store(q_ptr + row64 * sqm + j, q.to(tl.int8), mask=j < K_PAD)
+            t = j0 // 128 + tl.arange(0, BLOCK_Q // 128)
+            tl.store(sum_ptr + row64 * ssum + t, tl.sum(tl.reshape(q, (BLOCK_Q // 128, 128)), axis=1),
+                     mask=t < K_PAD // 128)  # (sums of integers below 2^24: exact in any order)
+        t = tl.arange(0, SUMS)
+        tl.store(sum_ptr + row64 * ssum + t, tl.zeros((SUMS,), dtype=tl.float32), mask=t >= K_PAD // 128)
 
 
 def route_meta(k: int, e: int, has_bias: bool, k_pad: int | None, cuda: bool) -> dict:
     """The routing kernel's compile-time arguments and warps for ``x [T, k]``, ``e`` experts (``k_pad``: the int8
-    rows too) on CUDA or the interpreter. The routing's (``BLOCK_M``, ``BLOCK_K``, ``BLOCK_E``, warps) do not depend
-    on ``k_pad``: with and without the quantization the logits are the same computation, bit for bit. On CUDA a row
-    of up to 2,048 values is loaded in one piece, as many rows a program as fit ``ROUTE_ELEMENTS`` (at most 16)."""
+    rows too) on CUDA or the interpreter. The routing's (``BLOCK_K``, ``BLOCK_E``, warps) do not depend on
+    ``k_pad``: with and without the quantization the logits are the same computation, bit for bit."""
     quant = k_pad is not None
-    block_k = min(next_pow2(k), 2048 if cuda else 64)
-    block_m = min(16, max(1, ROUTE_ELEMENTS // block_k)) if cuda else 4
-    return dict(HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_E=next_pow2(e), BLOCK_K=block_k,
+    return dict(HAS_BIAS=has_bias, BLOCK_E=next_pow2(e), BLOCK_K=min(next_pow2(k), 512 if cuda else 64),
                 QUANT=quant, K_PAD=k_pad if quant else 0, SUMS=sum_columns(k_pad) if quant else 0,
-                BLOCK_Q=min(next_pow2(k_pad), 1024 if cuda else 128) if quant else 128, CUDA=cuda and quant,
-                num_warps=8 if cuda else 1)
+                BLOCK_Q=min(next_pow2(k_pad), 512 if cuda else 128) if quant else 128, CUDA=cuda and quant,
+                num_warps=4 if cuda else 1)
 
 
 def _route(x, router_w, router_b, k_pad: int | None):
@@ -156,10 +143,9 @@ def _route(x, router_w, router_b, k_pad: int | None):
         scale = torch.empty(t, dtype=torch.float32, device=x.device)
         sums = torch.empty(t, sum_columns(k_pad), dtype=torch.float32, device=x.device)  # padding: the kernel's zeros
     if t:
-        meta = route_meta(k, e, router_b is not None, k_pad, x.is_cuda)
-        _route_top1_kernel[(cdiv(t, meta["BLOCK_M"]),)](
-            x, router_w, router_b if router_b is not None else router_w, idx, weight, codes, scale, sums, t, k, e,
-            *x.stride(), *router_w.stride(), codes.stride(0), sums.stride(0), **meta)
+        _route_top1_kernel[(t,)](x, router_w, router_b if router_b is not None else router_w, idx, weight, codes,
+                                 scale, sums, k, e, *x.stride(), *router_w.stride(), codes.stride(0), sums.stride(0),
+                                 **route_meta(k, e, router_b is not None, k_pad, x.is_cuda))
     return (idx, weight, (codes, scale, sums)) if k_pad is not None else (idx, weight)
 
 
@@ -169,11 +155,11 @@ def route_top1(x, router_w, router_b=None):
 
 
 def route_top1_int8(x, router_w, router_b, k_pad: int):
-    """:func:`route_top1` and :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8` ``(x, k_pad)`` in one launch
-    (three passes over a program's rows: the logits, the largest magnitudes, the codes; the results bit for bit
+    """:func:`route_top1` and :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8` ``(x, k_pad)`` in one launch (one
+    program a row, three passes over its row: the logits, the largest magnitude, the codes; the results bit for bit
     theirs, on CUDA too): ``(idx, weight, (codes, scale, sums))``, the last the W4A8 GEMM's int8 input (``x_int8`` of
-    :func:`dequant_matmul`; ``MatmulPolicy.w4a8_route_quantizes``). H100, session 43, one row a program: 17.9 us a
-    launch at 2,048 x 1,472 bf16, against 11.7 for the routing alone and ~5 for the quantizer's launch."""
+    :func:`dequant_matmul`). H100, session 43: 17.9 us a launch at 2,048 x 1,472 bf16, against 11.7 for the routing
+    alone and ~5 for the quantizer's launch (``MatmulPolicy.w4a8_route_quantizes``, off)."""
     check_int8_k_pad("route_top1_int8", x, k_pad)
     return _route(x, router_w, router_b, k_pad)
 
