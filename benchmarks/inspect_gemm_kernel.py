@@ -173,8 +173,8 @@ def route_logits_ops(compiled) -> list[str]:
     quantization's accesses changed the sums' shuffles in session 44)."""
     ptx = compiled.asm["ptx"]
     head = ptx[:ptx.index("st.global")]
-    return re.findall(r"^\s+(?:@%p\d+ )?((?:fma|mul|add|sub|max|min|neg|ex2|rcp|div|setp)\.[a-z0-9.]*f32|shfl\.[a-z.0-9]+)",
-                      head, re.M)
+    ops = r"(?:fma|mul|add|sub|max|min|neg|ex2|rcp|div|setp)\.[a-z0-9.]*f32|shfl\.[a-z.0-9]+"
+    return re.findall(rf"^\s+(?:@%p\d+ )?({ops})", head, re.M)
 
 
 def loop_body(sass: str) -> list[str]:

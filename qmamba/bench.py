@@ -12,9 +12,9 @@ generation runs it), then
    (``DecodePolicy.int8_rows``) is checked against the reference twin that rounds its inputs the same way; where a
    value at a code's rounding boundary went the other way in the two paths, its picks are checked again against
    the twin fed the step's own codes (:func:`same_codes_reference`). Anything else raises
-   :class:`BenchCheckError`: no figure is reported for an unchecked path. The prefill that starts it is checked too (:func:`check_prefill_reference`):
-   where the model's backend is not the reference one (Triton on CUDA), its last-position top-1 tokens and final
-   SSM state against the reference backend's prefill of the same prompt.
+   :class:`BenchCheckError`: no figure is reported for an unchecked path. The prefill that starts it is checked too
+   (:func:`check_prefill_reference`): where the model's backend is not the reference one (Triton on CUDA), its
+   last-position top-1 tokens and final SSM state against the reference backend's prefill of the same prompt.
 2. **time**: prefill tokens/s (median of repeats) and decode ms/token over ``tokens`` greedy tokens (the graph
    decoder's on-device loop on CUDA, one host sync; the eager loop elsewhere).
 
