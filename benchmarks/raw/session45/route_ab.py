@@ -7,14 +7,17 @@ OLD.py / NEW.py: copies of qmamba/kernels/fused_moe.py (e.g. ``git show 5837bd8:
 one-row kernel, and ``git show ddc5b92:qmamba/kernels/fused_moe.py``, the several-rows one); NEW defaults to the
 tree's. Written in session 45, not run (no GPU); exits 1 when a check fails."""
 import importlib.util
-import statistics
 import sys
+from pathlib import Path
 
 import torch
 
 from qmamba.kernels import fused_moe as tree
 from qmamba.kernels.fused_moe import route_top1_ref
 from qmamba.kernels.w4a8_gemm import quantize_rows_int8
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from timing import time_calls  # noqa: E402
 
 
 def load(path, name):
@@ -28,19 +31,9 @@ old = load(sys.argv[1], "fm_old")
 new = load(sys.argv[2], "fm_new") if len(sys.argv) > 2 else tree
 
 
-def timed(fn, n=200):
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(n):
-            fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / n)
-    return statistics.median(ts)
+def timed(fn):
+    """Median microseconds a launch: 200 launches in one CUDA graph (benchmarks/timing.py)."""
+    return time_calls([fn], calls_per_graph=200)
 
 
 failures = []
