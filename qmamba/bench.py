@@ -162,10 +162,15 @@ def count_ties(ref, picks, tie_tolerance: float = 2e-3) -> int | None:
     return None if (mismatch & (gap > tie_tolerance)).any() else int(mismatch.sum())
 
 
+def _fused_step(step_fn):
+    """The step behind ``step_fn``: a graph decoder's (its ``_step``), or ``step_fn`` itself."""
+    return getattr(step_fn, "_step", step_fn)
+
+
 def int8_rows_step(step_fn, batch: int):
     """The :class:`qmamba.fused_step.FusedDecodeStep` behind ``step_fn`` (itself, or a graph decoder's) where it runs
     fc1 on int8 codes at ``batch`` rows (``DecodePolicy.int8_rows``), else None."""
-    step = getattr(step_fn, "_step", step_fn)
+    step = _fused_step(step_fn)
     layers = getattr(step, "int8_rows_layers", None)
     return step if layers is not None and layers(batch) else None
 
@@ -251,7 +256,7 @@ def check_decode(model, step_fn, prompt, state, n: int, tie_tolerance: float = 2
             if latest is not None:
                 codes.append(latest())
     fed, got_top = torch.stack(fed, 1), torch.stack(got, 1)
-    policy = getattr(getattr(step_fn, "_step", step_fn), "policy", None)  # a fused step's: how it runs the MoE
+    policy = getattr(_fused_step(step_fn), "policy", None)  # a fused step's: how it runs the MoE
     ref = _reference_logits(model, prompt, fed, state, policy)
     ref_top, gap = _top1_gap(ref, got_top)
     mismatch = ref_top != got_top

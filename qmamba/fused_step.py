@@ -453,8 +453,8 @@ class FusedDecodeStep:
         ffn = plan.fc1.n // 2 if plan.gated else plan.fc1.n
         act = buf["act"][:, :ffn]
         # gate, up and activation in one kernel
-        int8_fc2 = self._int8_fc2(plan, act.shape[0])
-        if self._int8_fc1(plan, act.shape[0]):  # on int8 codes of x, with dp4a; the expert index read after the wait
+        int8_fc1, int8_fc2 = self._int8_fc1(plan, act.shape[0]), self._int8_fc2(plan, act.shape[0])
+        if int8_fc1:  # on int8 codes of x, with dp4a; the expert index read after the wait
             w4a8_rows(*buf["xq"], plan.fc1, out=act, row_expert=buf["idx"], gate=plan.activation,
                       block_n=self.policy.int8_rows_block_n, pdl=self.policy.pdl, expert_ready=False,
                       out_planes=buf["apl"], out_word_sums=self._sums(buf, "wa", layer))
@@ -471,7 +471,7 @@ class FusedDecodeStep:
             gated_act(h1, plan.activation, plan.gated, out=act, pdl=self._pdl_general)
         if int8_fc2:  # fc1's output to int8 codes, fc2 on them (the routing weight applied in its epilogue)
             quantize_rows_int8(act, buf["aq"][0].shape[1], out=buf["aq"], pdl=self.policy.pdl)
-        if self.int8_inputs_log is not None and self._int8_fc1(plan, act.shape[0]):  # for a twin fed the same values
+        if self.int8_inputs_log is not None and int8_fc1:  # for a twin fed the same values
             # copies of the codes and scales (device to device: a graph's capture records them too)
             self.int8_inputs_log.append(((buf["xq"][0].clone(), buf["xq"][1].clone(), self.d_model),
                                          (buf["aq"][0].clone(), buf["aq"][1].clone(), ffn) if int8_fc2 else None))
