@@ -234,12 +234,34 @@ def _sigmoid_fast(x, FAST: tl.constexpr):
         return tl.sigmoid(x)
 
 
-# sa_n / sh_n are 1 at run time but must not be specialised to the constant 1: the [BLOCK_N, BLOCK_D] state tiles
-# then look non-contiguous to Triton's coalescing pass, which keeps their default layout instead of vectorising along
-# N or D (a shared-memory layout conversion at every step: 10x slower, measured on the H200). That default is one
-# channel a thread with Triton 3.9, but 4 lanes over the states and 8 over the channels with the H200 image's 3.6
-# (session 21's compile report: 18-24 shuffles a step; a kernel with the states as 4 explicit one-thread groups,
-# built to avoid them, was slower on the H200 in session 22: commit 1cd285d)
+@jit
+def _load_state_tile(ptr, row_off, col_stride, row_mask, N, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A ``[BLOCK_D, BLOCK_N]`` fp32 tile ``ptr[row_off + j * col_stride]`` (zero where ``row_mask`` is off or
+    ``j >= N``), built from ``BLOCK_N`` loads of ``[BLOCK_D]`` rows joined along a new last dimension: a join keeps
+    its new dimension inside the thread, so the tile has one channel a thread with its states in registers whatever
+    order Triton's coalescing would have picked for a 2-D load (Triton 3.6 and 3.9 break its tie in opposite
+    ways, and the other order spreads the states over lanes: shuffles at every step)."""
+    parts = ()
+    for j in tl.static_range(BLOCK_N):
+        column = tl.load(ptr + row_off + j * col_stride, mask=row_mask & (row_off * 0 + j < N), other=0.0)
+        parts = parts + (column.to(tl.float32),)
+    # tile k of a level joins tiles k and k + width of the one before (width: BLOCK_N / 2, / 4, ..., 1), so the
+    # row-major reshape below reads the columns in order (joining neighbours would read them bit-reversed)
+    for level in tl.static_range(1, 11):  # BLOCK_N <= 1024
+        if (BLOCK_N >> level) >= 1:
+            joined = ()
+            for k in tl.static_range(BLOCK_N >> level):
+                joined = joined + (tl.join(parts[k], parts[k + (BLOCK_N >> level)]),)
+            parts = joined
+    return tl.reshape(parts[0], (BLOCK_D, BLOCK_N))
+
+
+# sa_n / sh_n are 1 at run time but must not be specialised to the constant 1: the state tiles would then look
+# contiguous along N to Triton's coalescing pass, which would vectorise along N and spread a channel's states over
+# lanes (a shared-memory layout conversion at every step: 10x slower, measured on the H200). The tiles are built by
+# _load_state_tile, one channel a thread, on every Triton version: left to the coalescing pass, a 2-D tile's order was
+# a tie that Triton 3.6 and 3.9 break in opposite ways, and the wrong one cost 18-64 shuffles a step (sessions 21 and
+# 46; benchmarks/inspect_scan_kernel.py shows them)
 @jit(do_not_specialize=["sa_n", "sh_n", "su_d", "sdt_d", "sz_d", "sy_d"])
 def _chunked_scan_kernel(
     u_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, dskip_ptr, dbias_ptr, h0_ptr, y_ptr, hT_ptr, sum_h_ptr, sum_dt_ptr,
@@ -255,10 +277,11 @@ def _chunked_scan_kernel(
     ``sum(dt)``) to ``sum_h [B, S, D, N]`` / ``sum_dt [B, S, D]``; else start from the carry (``h0`` composed
     with the summaries of the earlier segments), write y, and the final state from the last segment.
 
-    State tiles are ``[BLOCK_N, BLOCK_D]``, BLOCK_D = 32 x warps / lanes: with one lane per channel a thread
-    holds the N states of its channel, so the update is element-wise and the sum over states for y is in-thread.
-    u, dt, z come as ``[UNROLL, BLOCK_D]`` tiles (rows in-thread, so picking a row is a register move) loaded
-    one trip ahead; the B_t, C_t rows are loaded per step (the same addresses across the warp, L1/L2 hits).
+    State tiles are ``[BLOCK_D, BLOCK_N]``, BLOCK_D = 32 x warps / lanes, one channel a thread with its N states
+    in registers (:func:`_load_state_tile`), so the update is element-wise and the sum over states for y is
+    in-thread. u, dt, z come as tuples of ``[BLOCK_D]`` rows (one element a thread: a step's row is a register, not
+    a pick out of a tile) loaded one trip ahead; the B_t, C_t rows are loaded per step (the same addresses across
+    the warp, L1/L2 hits).
     States are ``[.., D, N]`` with strides ``(sh_d, sh_n)``: h0, hT ([B, D, N]) and sum_h ([B, S, D, N]).
     """
     pid_b = tl.program_id(0)
@@ -268,20 +291,20 @@ def _chunked_scan_kernel(
     n = tl.arange(0, BLOCK_N)
     dm = d < D
     nm = n < N
-    nd_mask = nm[:, None] & dm[None, :]
-    state_off = d[None, :] * sh_d + n[:, None] * sh_n                                   # [BLOCK_N, BLOCK_D]
+    nd_mask = dm[:, None] & nm[None, :]
+    state_off = d[:, None] * sh_d + n[None, :] * sh_n                                   # [BLOCK_D, BLOCK_N]
     # exp(dt * A) = exp2(dt * A * log2(e)); padded states get A = 0, B = C = 0 and stay zero
-    A2 = tl.load(a_ptr + d[None, :] * sa_d + n[:, None] * sa_n, mask=nd_mask, other=0.0).to(tl.float32)
+    A2 = _load_state_tile(a_ptr, d * sa_d, sa_n, dm, N, BLOCK_D, BLOCK_N)
     A2 = A2 * 1.4426950408889634
     if HAS_H0 and not SUMMARY:  # a summary starts from zero
-        h = tl.load(h0_ptr + pid_b * D * N + state_off, mask=nd_mask, other=0.0).to(tl.float32)
+        h = _load_state_tile(h0_ptr + pid_b * D * N, d * sh_d, sh_n, dm, N, BLOCK_D, BLOCK_N)
     else:
-        h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     if not SUMMARY:
         for j in range(0, pid_s):  # carry in: the earlier segments' summaries, in order
-            hj = tl.load(sum_h_ptr + (pid_b * NSEG + j) * D * N + state_off, mask=nd_mask, other=0.0)
+            hj = _load_state_tile(sum_h_ptr + (pid_b * NSEG + j) * D * N, d * sh_d, sh_n, dm, N, BLOCK_D, BLOCK_N)
             dtj = tl.load(sum_dt_ptr + (pid_b * NSEG + j) * D + d, mask=dm, other=0.0)
-            h = _exp2(dtj[None, :] * A2, FAST_EXP) * h + hj
+            h = _exp2(dtj[:, None] * A2, FAST_EXP) * h + hj
     if HAS_D:
         dskip = tl.load(dskip_ptr + d, mask=dm, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -289,71 +312,73 @@ def _chunked_scan_kernel(
     dt_total = tl.zeros((BLOCK_D,), dtype=tl.float32)
     t_lo = pid_s * SEG
     t_hi = tl.minimum(t_lo + SEG, L)
-    rows = tl.arange(0, UNROLL)
-    u_base = u_ptr + pid_b * su_b + d[None, :] * su_d                                    # [1, BLOCK_D]
-    dt_base = dt_ptr + pid_b * sdt_b + d[None, :] * sdt_d
-    z_base = z_ptr + pid_b * sz_b + d[None, :] * sz_d
-    y_base = y_ptr + pid_b * sy_b + d[None, :] * sy_d
+    u_base = u_ptr + pid_b * su_b + d * su_d                                             # [BLOCK_D]
+    dt_base = dt_ptr + pid_b * sdt_b + d * sdt_d
+    z_base = z_ptr + pid_b * sz_b + d * sz_d
+    y_base = y_ptr + pid_b * sy_b + d * sy_d
     b_row = b_ptr + pid_b * sb_b
     c_row = c_ptr + pid_b * sc_b
-    # software pipelining by hand: each trip of UNROLL steps first issues the loads of the next trip (u, dt, z as
-    # [UNROLL, BLOCK_D] tiles carried in registers), then computes its own steps, then stores its y tile. (Loads
-    # cannot move above an earlier store to a pointer that might alias, so without the prefetch every trip would
-    # wait a full memory latency after the previous trip's store.)
-    tm = (t_lo + rows) < t_hi
-    td = tm[:, None] & dm[None, :]
-    dt_nx = tl.load(dt_base + (t_lo + rows)[:, None] * sdt_l, mask=td, other=0.0)
-    u_nx = tl.load(u_base + (t_lo + rows)[:, None] * su_l, mask=td, other=0.0)
-    if HAS_Z and not SUMMARY:
-        z_nx = tl.load(z_base + (t_lo + rows)[:, None] * sz_l, mask=td, other=0.0)
+    # software pipelining by hand: each trip of UNROLL steps first issues the loads of the next trip (u, dt, z rows
+    # carried in registers as tuples of [BLOCK_D] rows, one element a thread: no tile whose layout Triton could
+    # spread over lanes, so picking a step's row is free), then computes its own steps, then stores its y rows.
+    # (Loads cannot move above an earlier store to a pointer that might alias, so without the prefetch every trip
+    # would wait a full memory latency after the previous trip's store.)
+    t_col = tl.zeros((BLOCK_D,), dtype=tl.int32)  # a step's index as a row (masks are vectors in the interpreter)
+    dt_nx = ()
+    u_nx = ()
+    z_nx = ()
+    for i in tl.static_range(UNROLL):
+        rm = dm & (t_col + (t_lo + i) < t_hi)
+        dt_nx = dt_nx + (tl.load(dt_base + (t_lo + i) * sdt_l, mask=rm, other=0.0),)
+        u_nx = u_nx + (tl.load(u_base + (t_lo + i) * su_l, mask=rm, other=0.0),)
+        if HAS_Z and not SUMMARY:
+            z_nx = z_nx + (tl.load(z_base + (t_lo + i) * sz_l, mask=rm, other=0.0),)
     for t0 in range(t_lo, t_hi, UNROLL):
-        td_cur = td
-        dt_tile = dt_nx.to(tl.float32)
-        u_tile = u_nx.to(tl.float32)
-        if HAS_Z and not SUMMARY:
-            z_tile = z_nx.to(tl.float32)
-        tt = t0 + UNROLL + rows  # prefetch the next trip
-        td = (tt < t_hi)[:, None] & dm[None, :]
-        dt_nx = tl.load(dt_base + tt[:, None] * sdt_l, mask=td, other=0.0)
-        u_nx = tl.load(u_base + tt[:, None] * su_l, mask=td, other=0.0)
-        if HAS_Z and not SUMMARY:
-            z_nx = tl.load(z_base + tt[:, None] * sz_l, mask=td, other=0.0)
-        if HAS_BIAS:
-            dt_tile += dbias[None, :]
-        if SOFTPLUS:
-            if SP_LOG2:
-                dt_tile = _softplus_log2(dt_tile, SP_LOG2_ASM)
-            else:
-                dt_tile = _softplus_fast(dt_tile, FAST_EXP)
-        dt_tile = tl.where(td_cur, dt_tile, 0.0)  # steps past the end: decay 1, input 0
-        dtu_tile = dt_tile * u_tile
-        if SUMMARY:
-            dt_total += tl.sum(dt_tile, axis=0)
-        else:
-            y_tile = tl.zeros((UNROLL, BLOCK_D), dtype=tl.float32)
+        dt_cur = dt_nx
+        u_cur = u_nx
+        z_cur = z_nx
+        dt_nx = ()
+        u_nx = ()
+        z_nx = ()
+        for i in tl.static_range(UNROLL):  # prefetch the next trip
+            rm = dm & (t_col + (t0 + UNROLL + i) < t_hi)
+            dt_nx = dt_nx + (tl.load(dt_base + (t0 + UNROLL + i) * sdt_l, mask=rm, other=0.0),)
+            u_nx = u_nx + (tl.load(u_base + (t0 + UNROLL + i) * su_l, mask=rm, other=0.0),)
+            if HAS_Z and not SUMMARY:
+                z_nx = z_nx + (tl.load(z_base + (t0 + UNROLL + i) * sz_l, mask=rm, other=0.0),)
         for i in tl.static_range(UNROLL):
-            # row i of a tile: the rows are in-thread, so this is a register pick, not a reduction
-            sel = (rows == i)[:, None]
-            dt = tl.sum(tl.where(sel, dt_tile, 0.0), axis=0)
-            dtu = tl.sum(tl.where(sel, dtu_tile, 0.0), axis=0)
+            dt = dt_cur[i].to(tl.float32)
+            u = u_cur[i].to(tl.float32)
+            if HAS_BIAS:
+                dt += dbias
+            if SOFTPLUS:
+                if SP_LOG2:
+                    dt = _softplus_log2(dt, SP_LOG2_ASM)
+                else:
+                    dt = _softplus_fast(dt, FAST_EXP)
+            live = t_col + (t0 + i) < t_hi
+            dt = tl.where(live, dt, 0.0)  # steps past the end: decay 1, input 0
+            dtu = dt * u
+            if SUMMARY:
+                dt_total += dt
             tc = tl.minimum(t0 + i, t_hi - 1)  # B, C rows past the end: an in-bounds row (its dt is 0), no mask
             if EVEN_N:
                 b_t = tl.load(b_row + tc * sb_l + n * sb_n).to(tl.float32)
             else:
                 b_t = tl.load(b_row + tc * sb_l + n * sb_n, mask=nm, other=0.0).to(tl.float32)
-            h = _exp2(dt[None, :] * A2, FAST_EXP) * h + b_t[:, None] * dtu[None, :]
+            h = _exp2(dt[:, None] * A2, FAST_EXP) * h + dtu[:, None] * b_t[None, :]
             if not SUMMARY:
                 if EVEN_N:
                     c_t = tl.load(c_row + tc * sc_l + n * sc_n).to(tl.float32)
                 else:
                     c_t = tl.load(c_row + tc * sc_l + n * sc_n, mask=nm, other=0.0).to(tl.float32)
-                y_tile = tl.where(sel, tl.sum(h * c_t[:, None], axis=0)[None, :], y_tile)
-        if not SUMMARY:
-            if HAS_D:
-                y_tile += u_tile * dskip[None, :]
-            if HAS_Z:
-                y_tile = y_tile * z_tile * _sigmoid_fast(z_tile, FAST_EXP)
-            tl.store(y_base + (t0 + rows)[:, None] * sy_l, y_tile.to(y_ptr.dtype.element_ty), mask=td_cur)
+                y = tl.sum(h * c_t[None, :], axis=1)
+                if HAS_D:
+                    y += u * dskip
+                if HAS_Z:
+                    z = z_cur[i].to(tl.float32)
+                    y = y * z * _sigmoid_fast(z, FAST_EXP)
+                tl.store(y_base + (t0 + i) * sy_l, y.to(y_ptr.dtype.element_ty), mask=dm & live)
     if SUMMARY:
         tl.store(sum_h_ptr + (pid_b * NSEG + pid_s) * D * N + state_off, h, mask=nd_mask)
         tl.store(sum_dt_ptr + (pid_b * NSEG + pid_s) * D + d, dt_total, mask=dm)
