@@ -223,16 +223,18 @@ class DecodePolicy:
     #                             twin failed on the random-weight model (see benchmarks/results.md). Session 44
     #                             (H100, 3 rounds): 1.311 -> 1.233, and the check with the rounding taken out (the
     #                             twin multiplies the step's own int8 codes, qmamba.bench.same_codes_reference)
-    #                             passes with no tie. Session 45: `qmamba bench`'s check (qmamba.bench.check_decode)
-    #                             takes that check as its fallback, recording the codes in the graph's capture
-    #                             (CPU-tested); still off until that path has run on a GPU (no device started).
+    #                             passes with no tie. Session 46 (H100, 3 rounds): 1.312 -> 1.234 with `qmamba
+    #                             bench`'s check (qmamba.bench.check_decode) passing through that fallback (0 ties):
+    #                             on in the CUDA policy since.
     int8_rows_block_n: int = 16  # with int8_rows: fc1's weight rows a program (gate and up rows together)
     int8_rows_fc2: bool = False  # with int8_rows: fc2 too on the W4A8 row programs, its input (fc1's output) quantized
     #                               to int8 per row by a launch of its own between them (fc1 then writes no input
     #                               planes for it: the planes' float32 rows, ~18 KB a row re-read by each of fc2's
     #                               programs, bound fc2 by cache traffic at batch 8). The rounding is the one the
     #                               W4A8 prefill applies and qmamba quantize's int8 check measured (both expert
-    #                               inputs); the reference twin rounds it too (QuantExperts.int8_step_fc2)
+    #                               inputs); the reference twin rounds it too (QuantExperts.int8_step_fc2).
+    #                               Session 46 (H100, batch 8, 3 rounds): 1.247 ms/token (1.237 with 16 rows a
+    #                               program, 1.272 with 64) against 1.234 with fc1 alone on int8 codes: left off
     int8_rows_fc2_block_n: int = 32  # with int8_rows_fc2: fc2's weight rows a program
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
 
@@ -352,7 +354,7 @@ class DecodePolicy:
                    norm_plane_programs=4, max_programs=8 * multiprocessors, int4_x_in_tile_wide="always",
                    norm_in_gemvs=True, ssm_block_d_batched=16, int4_tile_pieces=True, planes_joint=True,
                    planes_joint_batched=False, planes_joint_gated=False, producer_word_sums=True, early_reads=True,
-                   pdl_general=True, general_early_tile=True,
+                   pdl_general=True, general_early_tile=True, int8_rows=True,
                    formats=(FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES, FMT_BINARY))
 
     @property

@@ -256,6 +256,15 @@ def _load_state_tile(ptr, row_off, col_stride, row_mask, N, BLOCK_D: tl.constexp
     return tl.reshape(parts[0], (BLOCK_D, BLOCK_N))
 
 
+@jit
+def _bc_row(row_ptr, t, s_l: tl.constexpr, n, s_n, nm, EVEN_N: tl.constexpr):
+    """Step ``t``'s B (or C) row, ``[BLOCK_N]`` fp32 (the same addresses across the warp: each thread holds all)."""
+    if EVEN_N:
+        return tl.load(row_ptr + t * s_l + n * s_n).to(tl.float32)
+    else:
+        return tl.load(row_ptr + t * s_l + n * s_n, mask=nm, other=0.0).to(tl.float32)
+
+
 # sa_n / sh_n are 1 at run time but must not be specialised to the constant 1: the state tiles would then look
 # contiguous along N to Triton's coalescing pass, which would vectorise along N and spread a channel's states over
 # lanes (a shared-memory layout conversion at every step: 10x slower, measured on the H200). The tiles are built by
@@ -320,9 +329,10 @@ def _chunked_scan_kernel(
     c_row = c_ptr + pid_b * sc_b
     # software pipelining by hand: each trip of UNROLL steps first issues the loads of the next trip (u, dt, z rows
     # carried in registers as tuples of [BLOCK_D] rows, one element a thread: no tile whose layout Triton could
-    # spread over lanes, so picking a step's row is free), then computes its own steps, then stores its y rows.
-    # (Loads cannot move above an earlier store to a pointer that might alias, so without the prefetch every trip
-    # would wait a full memory latency after the previous trip's store.)
+    # spread over lanes, so picking a step's row is free), then computes its own steps, each loading the B, C rows
+    # of the step after it (L2 hits, but a few hundred cycles each), then stores its y rows, all of them at the end:
+    # a load cannot move above an earlier store to a pointer that might alias, so a store inside the trip would
+    # hold the later steps' loads behind it.
     t_col = tl.zeros((BLOCK_D,), dtype=tl.int32)  # a step's index as a row (masks are vectors in the interpreter)
     dt_nx = ()
     u_nx = ()
@@ -333,6 +343,10 @@ def _chunked_scan_kernel(
         u_nx = u_nx + (tl.load(u_base + (t_lo + i) * su_l, mask=rm, other=0.0),)
         if HAS_Z and not SUMMARY:
             z_nx = z_nx + (tl.load(z_base + (t_lo + i) * sz_l, mask=rm, other=0.0),)
+    b_nx = _bc_row(b_row, tl.minimum(t_lo, t_hi - 1), sb_l, n, sb_n, nm, EVEN_N)
+    c_nx = b_nx
+    if not SUMMARY:
+        c_nx = _bc_row(c_row, tl.minimum(t_lo, t_hi - 1), sc_l, n, sc_n, nm, EVEN_N)
     for t0 in range(t_lo, t_hi, UNROLL):
         dt_cur = dt_nx
         u_cur = u_nx
@@ -346,7 +360,15 @@ def _chunked_scan_kernel(
             u_nx = u_nx + (tl.load(u_base + (t0 + UNROLL + i) * su_l, mask=rm, other=0.0),)
             if HAS_Z and not SUMMARY:
                 z_nx = z_nx + (tl.load(z_base + (t0 + UNROLL + i) * sz_l, mask=rm, other=0.0),)
+        y_rows = ()
         for i in tl.static_range(UNROLL):
+            b_t = b_nx
+            c_t = c_nx
+            # the B, C rows of the next step (past the end: an in-bounds row, read and unused; no mask)
+            t_next = tl.minimum(t0 + i + 1, t_hi - 1)
+            b_nx = _bc_row(b_row, t_next, sb_l, n, sb_n, nm, EVEN_N)
+            if not SUMMARY:
+                c_nx = _bc_row(c_row, t_next, sc_l, n, sc_n, nm, EVEN_N)
             dt = dt_cur[i].to(tl.float32)
             u = u_cur[i].to(tl.float32)
             if HAS_BIAS:
@@ -356,29 +378,22 @@ def _chunked_scan_kernel(
                     dt = _softplus_log2(dt, SP_LOG2_ASM)
                 else:
                     dt = _softplus_fast(dt, FAST_EXP)
-            live = t_col + (t0 + i) < t_hi
-            dt = tl.where(live, dt, 0.0)  # steps past the end: decay 1, input 0
+            dt = tl.where(t_col + (t0 + i) < t_hi, dt, 0.0)  # steps past the end: decay 1, input 0
             dtu = dt * u
             if SUMMARY:
                 dt_total += dt
-            tc = tl.minimum(t0 + i, t_hi - 1)  # B, C rows past the end: an in-bounds row (its dt is 0), no mask
-            if EVEN_N:
-                b_t = tl.load(b_row + tc * sb_l + n * sb_n).to(tl.float32)
-            else:
-                b_t = tl.load(b_row + tc * sb_l + n * sb_n, mask=nm, other=0.0).to(tl.float32)
             h = _exp2(dt[:, None] * A2, FAST_EXP) * h + dtu[:, None] * b_t[None, :]
             if not SUMMARY:
-                if EVEN_N:
-                    c_t = tl.load(c_row + tc * sc_l + n * sc_n).to(tl.float32)
-                else:
-                    c_t = tl.load(c_row + tc * sc_l + n * sc_n, mask=nm, other=0.0).to(tl.float32)
                 y = tl.sum(h * c_t[None, :], axis=1)
                 if HAS_D:
                     y += u * dskip
                 if HAS_Z:
                     z = z_cur[i].to(tl.float32)
                     y = y * z * _sigmoid_fast(z, FAST_EXP)
-                tl.store(y_base + (t0 + i) * sy_l, y.to(y_ptr.dtype.element_ty), mask=dm & live)
+                y_rows = y_rows + (y.to(y_ptr.dtype.element_ty),)
+        if not SUMMARY:
+            for i in tl.static_range(UNROLL):
+                tl.store(y_base + (t0 + i) * sy_l, y_rows[i], mask=dm & (t_col + (t0 + i) < t_hi))
     if SUMMARY:
         tl.store(sum_h_ptr + (pid_b * NSEG + pid_s) * D * N + state_off, h, mask=nd_mask)
         tl.store(sum_dt_ptr + (pid_b * NSEG + pid_s) * D + d, dt_total, mask=dm)
@@ -387,37 +402,43 @@ def _chunked_scan_kernel(
 
 
 def chunked_segments(batch: int, length: int, dim: int, block_d: int, num_warps: int, is_cuda: bool,
-                     warps_per_scheduler: int = 32, max_segments: int = 16, min_steps: int = 32) -> int:
+                     warps_per_scheduler: int = 32, max_segments: int = 16, min_steps: int = 64,
+                     busy_warps: int = 132, busy_max_segments: int = 8) -> int:
     """How many time segments the chunked scan runs in parallel: enough warps to fill an H200 (132 SMs x 4
     schedulers, ``warps_per_scheduler`` each) when batch x channel blocks alone do not, but segments of at least
-    ``min_steps`` steps and at most ``max_segments`` (the carry-in of a segment walks the earlier summaries). The
+    ``min_steps`` steps and at most ``max_segments`` (``busy_max_segments`` from ``busy_warps`` warps before the
+    split, as :func:`chunked_step_knobs` counts them; the carry-in of a segment walks the earlier summaries). The
     summary pass costs the same exponentials however many segments there are; more segments only add parallelism
     (the scan is latency-bound: session 12's sweep at B=1, L=2048 went 2662 -> 1835 -> 924 -> 264 us from 1 to 16
     segments) and carry-in work. ``bench_scan.py --sweep`` times 32 and 64 segments beside the default. Session
-    18's sweep (H200, 4 steps a trip, exact exp2) took 16 segments over 1 at every shape it timed (B = 8, L = 2048:
-    877 against 1009 us; B = 1, L = 512: 46 us, 32 steps a segment), past the warps an H200 holds at once: hence 32
-    warps a scheduler and 32 steps a segment (before: 4 and 128, which gave 3 segments at B = 8)."""
+    46 (H100, the kernel with its B, C rows a step ahead; benchmarks/raw/session46/scan_ab.py): at B = 1 16
+    segments at L = 1024 / 2048 (75.2 / 125.1 us against 85.1 / 165.5 with 8), 8 at L = 512 (49.6 against 52.8):
+    segments of 64 steps at least; from B = 2, 8 segments (B = 2, L = 2048: 228.9 against 243.5 us; B = 8, L = 512
+    / 2048: 213.3 / 692.6 against 286.8 / 749.1; 4 segments: 219.8 / 793.6). Session 18's sweep (H200, the kernel
+    before) had taken 16 segments and 32 steps a segment at every shape it timed."""
     if not is_cuda:
         return 1 if length <= 16 else 2
     warps = batch * cdiv(dim, block_d) * num_warps
     want = cdiv(132 * 4 * warps_per_scheduler, warps)
-    return int(max(1, min(want, max_segments, length // min_steps)))
+    cap = busy_max_segments if warps >= busy_warps else max_segments
+    return int(max(1, min(want, cap, length // min_steps)))
 
 
 def chunked_step_knobs(batch: int, dim: int, block_d: int, num_warps: int, is_cuda: bool,
                        busy_warps: int = 132) -> tuple[int, bool]:
     """Steps a loop trip and ``softplus_log2`` of the chunked scan by how many warps batch x channel blocks give
     before any time split: from ``busy_warps`` (one a multiprocessor of an H200; BlackMamba-2.8B's 2,944 channels
-    from batch 2) one step a trip with dt's softplus through base-2 functions; below that, 4 steps a trip (the few
-    warps need the unrolled trip's independent work) and the exact softplus. Session 22 (H200, Triton 3.6,
-    ``bench_scan.py --knobs "unroll=1,softplus_log2=true;unroll=4,softplus_log2=false"``), L = 2048, one step and
-    base-2 against 4 steps and exact: B = 1 156 against 140 us; B = 2 249 / 264; B = 4 404 / 470; B = 6 622 / 684;
-    B = 8 762 / 887 (L = 512 / 4096 at B = 8: 229 / 1476 against 260 / 1726). Either knob alone did worse (B = 8, L =
-    2048: one step, exact 850 us; 4 steps, base-2 1166)."""
+    from batch 2) 4 steps a trip with dt's softplus through base-2 functions; below that, 8 steps a trip (the few
+    warps need the unrolled trip's independent work) and the exact softplus. Session 46 (H100, Triton 3.6,
+    benchmarks/raw/session46/scan_ab.py, 16 segments), the kernel with the rows as tuples and its B, C rows a step
+    ahead against the one before (one step a trip when busy, 4 steps below): B = 1, L = 2048 / 4096 125.5 / 228.2
+    against 141.6 / 268.3 us; B = 8, L = 2048 / 4096 747 / 1375 against 770 / 1485; one step a trip lost with the
+    new kernel (1037 at B = 8, L = 2048), 2 steps too (843). Session 22 (H200) had chosen the old kernel's
+    settings; with it, 4 steps cost shuffles. The segments: :func:`chunked_segments`."""
     if not is_cuda:
         return 4, False
     busy = batch * cdiv(dim, block_d) * num_warps >= busy_warps
-    return (1, True) if busy else (4, False)
+    return (4, True) if busy else (8, False)
 
 
 def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=None, initial_state=None,

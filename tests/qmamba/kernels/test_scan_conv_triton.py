@@ -85,15 +85,15 @@ def test_chunked_scan_knobs(dtype, batch, with_state, n_segments, unroll, bc_fp3
 
 
 def test_chunked_step_knobs_follow_the_warps_before_the_time_split():
-    """One step a trip with the base-2 softplus once batch x channel blocks give a warp a multiprocessor of an H200
-    (session 22's timings: BlackMamba-2.8B's 2944 channels, 92 one-warp programs a batch row, from batch 2); 4 steps
-    and the exact softplus below that and off CUDA."""
-    assert chunked_step_knobs(1, 2944, 32, 1, True) == (4, False)
-    assert chunked_step_knobs(2, 2944, 32, 1, True) == (1, True)
-    assert chunked_step_knobs(8, 2944, 32, 1, True) == (1, True)
-    assert chunked_step_knobs(1, 2944, 64, 2, True) == (4, False)  # 46 programs of 2 warps
-    assert chunked_step_knobs(2, 2048, 32, 1, True) == (4, False)  # 2 x 64 = 128 warps: not yet
-    assert chunked_step_knobs(3, 2048, 32, 1, True) == (1, True)
+    """4 steps a trip with the base-2 softplus once batch x channel blocks give a warp a multiprocessor of an H200
+    (BlackMamba-2.8B's 2944 channels, 92 one-warp programs a batch row, from batch 2); 8 steps and the exact
+    softplus below that (session 46's timings); 4 steps and the exact softplus off CUDA."""
+    assert chunked_step_knobs(1, 2944, 32, 1, True) == (8, False)
+    assert chunked_step_knobs(2, 2944, 32, 1, True) == (4, True)
+    assert chunked_step_knobs(8, 2944, 32, 1, True) == (4, True)
+    assert chunked_step_knobs(1, 2944, 64, 2, True) == (8, False)  # 46 programs of 2 warps
+    assert chunked_step_knobs(2, 2048, 32, 1, True) == (8, False)  # 2 x 64 = 128 warps: not yet
+    assert chunked_step_knobs(3, 2048, 32, 1, True) == (4, True)
     assert chunked_step_knobs(64, 2944, 16, 1, False) == (4, False)
 
 
@@ -185,15 +185,18 @@ def test_conv_update_steps_equal_prefill(in_place, device):
 
 def test_chunked_segments_heuristic():
     """Segments run in parallel where batch x channel blocks alone leave the H200's schedulers idle: BlackMamba-2.8B
-    at batch 1 (92 one-warp programs of 32 channels) takes the cap of 16 at 2048 steps, fewer where segments would
-    be shorter than ``min_steps``, 16 at batch 8 x 4096 channels (the H200's session-18 sweep), three at batch 64,
-    one at batch 512; the caps are arguments."""
+    at batch 1 (92 one-warp programs of 32 channels) takes the cap of 16 from 1024 steps, fewer where segments would
+    be shorter than ``min_steps`` (64); from a warp a multiprocessor before the split (batch 2) at most 8 (session
+    46's timings); three at batch 64, one at batch 512; the caps are arguments."""
     from qmamba.kernels.selective_scan import chunked_segments
 
     assert chunked_segments(1, 2048, 2944, 32, 1, True) == 16
-    assert chunked_segments(1, 512, 2944, 32, 1, True) == 16  # 32 steps a segment at least
-    assert chunked_segments(1, 256, 2944, 32, 1, True) == 8
-    assert chunked_segments(8, 2048, 4096, 32, 1, True) == 16  # 1024 warps: 17 for 16896
+    assert chunked_segments(1, 1024, 2944, 32, 1, True) == 16
+    assert chunked_segments(1, 512, 2944, 32, 1, True) == 8  # 64 steps a segment at least
+    assert chunked_segments(1, 256, 2944, 32, 1, True) == 4
+    assert chunked_segments(2, 2048, 2944, 32, 1, True) == 8  # 184 warps: busy
+    assert chunked_segments(8, 2048, 4096, 32, 1, True) == 8  # 1024 warps: 17 for 16896, capped
+    assert chunked_segments(8, 2048, 4096, 32, 1, True, busy_max_segments=16) == 16
     assert chunked_segments(64, 2048, 4096, 32, 1, True) == 3
     assert chunked_segments(512, 2048, 4096, 32, 1, True) == 1
     assert chunked_segments(1, 2048, 2944, 32, 1, True, warps_per_scheduler=8, max_segments=64, min_steps=32) == 46
