@@ -289,8 +289,8 @@ def _chunked_scan_kernel(
     State tiles are ``[BLOCK_D, BLOCK_N]``, BLOCK_D = 32 x warps / lanes, one channel a thread with its N states
     in registers (:func:`_load_state_tile`), so the update is element-wise and the sum over states for y is
     in-thread. u, dt, z come as tuples of ``[BLOCK_D]`` rows (one element a thread: a step's row is a register, not
-    a pick out of a tile) loaded one trip ahead; the B_t, C_t rows are loaded per step (the same addresses across
-    the warp, L1/L2 hits).
+    a pick out of a tile) loaded one trip ahead; the B_t, C_t rows one step ahead (the same addresses across the
+    warp, L1/L2 hits); a trip's y rows are stored at its end.
     States are ``[.., D, N]`` with strides ``(sh_d, sh_n)``: h0, hT ([B, D, N]) and sum_h ([B, S, D, N]).
     """
     pid_b = tl.program_id(0)
