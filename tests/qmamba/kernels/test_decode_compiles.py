@@ -1,5 +1,5 @@
 """The decode linear kernel as the CUDA policy launches it (and the prefill's tile-map kernel, the general int4 GEMM
-kernels of the prefill and batched decode) compiles for sm_90 (Triton's own ptxas, no GPU) at every
+kernels of the prefill and batched decode, the prefill's chunked selective scan) compiles for sm_90 (Triton's own ptxas, no GPU) at every
 BlackMamba-2.8B shape, for int4 plane words and float weights (and the 1-bit matmul's bit-position dots of batched
 decode), without a stack frame (spills). The interpreter runs
 the kernels' arithmetic but never the compiler: this catches what only the compiler rejects, and a register blow-up
@@ -582,3 +582,20 @@ def test_w4a8_kernels_compile_for_sm90():
     assert route[1] == "0" and int(route[2]) >= 1 and int(route[3]) >= 2 and int(route[4]) >= 1, stdout
     logits = next(line.split() for line in stdout.splitlines() if line.startswith("routelogits "))
     assert int(logits[1]) >= 100 and logits[2] == "1" and logits[3] == "0", stdout  # the plain routing's own code
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_chunked_scan_time_loop_keeps_a_channel_in_one_thread():
+    """Compiled for sm_90, the prefill's chunked selective scan holds no shuffle in its time loop at 1, 2 and 4 steps
+    a trip, both passes: a channel's states stay in its thread, whatever order Triton's coalescing pass would have
+    given a 2-D state tile (the kernel before session 46 compiled to 18-24 shuffles a step at 4 steps a trip with the
+    device image's Triton 3.6), and a step costs at most 180 SASS instructions (16 states x 5 is the floor; before:
+    227 at 4 steps a trip)."""
+    stdout = _compiled(str(ROOT / "benchmarks" / "inspect_scan_kernel.py"), "--steps", "1,2,4", "--batches", "1",
+                       "--no-shuffles", timeout=600)
+    # "B=1 steps=4 softplus_log2=False main  regs 128  stack 0  per step 168.8  SHFL ..."
+    per_step = {tuple(line.split()[1:4]): float(line.split()[10])
+                for line in stdout.splitlines() if line.startswith("B=")}
+    assert len(per_step) == 12, stdout
+    worst = {k: v for k, v in per_step.items() if k[0] != "steps=1" and v > 180}
+    assert not worst, stdout

@@ -202,35 +202,3 @@ def test_chunked_segments_heuristic():
     assert chunked_segments(1, 2048, 2944, 32, 1, True, warps_per_scheduler=8, max_segments=64, min_steps=32) == 46
     assert chunked_segments(1, 2048, 2944, 32, 1, False) == 2  # the interpreter: one or two
 
-
-def _ptxas_available() -> bool:
-    try:
-        import triton
-    except ImportError:
-        return False
-    from pathlib import Path
-    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
-
-
-@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
-def test_chunked_scan_time_loop_keeps_a_channel_in_one_thread():
-    """Compiled for sm_90 (Triton's ptxas, no GPU), the chunked scan's time loop holds no shuffle at 1, 2 and 4
-    steps a trip, both passes: a channel's states stay in its thread, whatever order Triton's coalescing pass would
-    have given a 2-D state tile (the kernel before session 46 compiled to 18-24 shuffles a step at 4 steps a trip
-    with the device image's Triton 3.6), and a step costs at most 180 SASS instructions (16 states x 5 is the floor;
-    before: 227 at 4 steps a trip)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[3]
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(root))
-    run = subprocess.run([sys.executable, str(root / "benchmarks" / "inspect_scan_kernel.py"), "--steps", "1,2,4",
-                          "--batches", "1", "--no-shuffles"], capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    # "B=1 steps=4 softplus_log2=False main  regs 128  stack 0  per step 168.8  SHFL ..."
-    per_step = {tuple(line.split()[1:4]): float(line.split()[10])
-                for line in run.stdout.splitlines() if line.startswith("B=")}
-    assert len(per_step) == 12, run.stdout
-    worst = {k: v for k, v in per_step.items() if k[0] != "steps=1" and v > 180}
-    assert not worst, run.stdout
