@@ -280,7 +280,7 @@ def _chunked_scan_kernel(
     sy_l: tl.constexpr, SUMMARY: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_EXP: tl.constexpr, SP_LOG2: tl.constexpr,
     SP_LOG2_ASM: tl.constexpr, EVEN_N: tl.constexpr,
-    UNROLL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CARRY: tl.constexpr,
+    UNROLL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Program (batch, block of channels, segment). ``SUMMARY``: write the segment's summary (end state from zero,
     ``sum(dt)``) to ``sum_h [B, S, D, N]`` / ``sum_dt [B, S, D]``; else start from the carry (``h0`` composed
@@ -310,19 +310,10 @@ def _chunked_scan_kernel(
     else:
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     if not SUMMARY:
-        # carry in: the earlier segments' summaries, in order, CARRY of them loaded before any is combined (one
-        # load latency for CARRY summaries; a summary past pid_s loads as zeros with dt 0: decay 1, nothing added)
-        c_col = tl.zeros((BLOCK_D,), dtype=tl.int32)  # masks are vectors in the interpreter
-        for j0 in range(0, pid_s, CARRY):
-            hs = ()
-            dts = ()
-            for k in tl.static_range(CARRY):
-                jm = dm & (c_col + (j0 + k) < pid_s)
-                hs = hs + (_load_state_tile(sum_h_ptr + (pid_b * NSEG + j0 + k) * D * N, d * sh_d, sh_n, jm, N,
-                                            BLOCK_D, BLOCK_N),)
-                dts = dts + (tl.load(sum_dt_ptr + (pid_b * NSEG + j0 + k) * D + d, mask=jm, other=0.0),)
-            for k in tl.static_range(CARRY):
-                h = _exp2(dts[k][:, None] * A2, FAST_EXP) * h + hs[k]
+        for j in range(0, pid_s):  # carry in: the earlier segments' summaries, in order
+            hj = _load_state_tile(sum_h_ptr + (pid_b * NSEG + j) * D * N, d * sh_d, sh_n, dm, N, BLOCK_D, BLOCK_N)
+            dtj = tl.load(sum_dt_ptr + (pid_b * NSEG + j) * D + d, mask=dm, other=0.0)
+            h = _exp2(dtj[:, None] * A2, FAST_EXP) * h + hj
     if HAS_D:
         dskip = tl.load(dskip_ptr + d, mask=dm, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -453,8 +444,7 @@ def chunked_step_knobs(batch: int, dim: int, block_d: int, num_warps: int, is_cu
 def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=None, initial_state=None,
                            delta_softplus: bool = True, n_segments: int | None = None, num_warps: int | None = None,
                            lanes: int | None = None, unroll: int | None = None, fast_exp: bool | None = None,
-                           bc_fp32: bool | None = None, softplus_log2: bool | None = None,
-                           carry: int | None = None):
+                           bc_fp32: bool | None = None, softplus_log2: bool | None = None):
     """The chunked method of :func:`selective_scan_triton`: ``(y [B, L, D] in u.dtype, final state fp32)``.
 
     ``n_segments`` (time segments run in parallel; default :func:`chunked_segments`), ``num_warps``, ``lanes``
@@ -463,8 +453,7 @@ def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias
     default: slower on the H200), ``bc_fp32`` (B and C converted to one fp32 [B, L, 2N] tensor first, so the hot
     loop, where every thread reads the whole B_t and C_t rows, loads them without a conversion each; default on
     CUDA for 16-bit inputs) and ``softplus_log2`` (dt's softplus through base-2 functions, :func:`_softplus_log2`;
-    default :func:`chunked_step_knobs`) and ``carry`` (summaries a segment loads at once in its carry-in; default
-    1) are tuning knobs; every setting computes the same function
+    default :func:`chunked_step_knobs`) are tuning knobs; every setting computes the same function
     (``softplus_log2`` to the approximate base-2 functions' rounding).
     """
     batch, length, dim, n = _check_scan_args(u, delta, A, B_ssm, C_ssm, D_skip, z, delta_bias, initial_state)
@@ -479,7 +468,6 @@ def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias
     auto_unroll, auto_sp = chunked_step_knobs(batch, dim, block_d, num_warps, u.is_cuda)
     unroll = unroll or auto_unroll
     softplus_log2 = auto_sp if softplus_log2 is None else bool(softplus_log2)
-    carry = max(1, int(carry or 1))
     fast_exp = False if fast_exp is None else bool(fast_exp and u.is_cuda)
     if u.is_cuda if bc_fp32 is None else bc_fp32:
         B_ssm, C_ssm = _bc_fp32(B_ssm, C_ssm)
@@ -491,7 +479,7 @@ def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias
     common = dict(HAS_Z=z is not None, HAS_D=D_skip is not None, HAS_BIAS=delta_bias is not None,
                   HAS_H0=h0 is not None, SOFTPLUS=bool(delta_softplus), FAST_EXP=fast_exp,
                   SP_LOG2=bool(softplus_log2), SP_LOG2_ASM=bool(softplus_log2 and u.is_cuda), UNROLL=unroll,
-                  CARRY=carry, BLOCK_D=block_d, BLOCK_N=next_pow2(n), EVEN_N=next_pow2(n) == n, num_warps=num_warps)
+                  BLOCK_D=block_d, BLOCK_N=next_pow2(n), EVEN_N=next_pow2(n) == n, num_warps=num_warps)
     zs = z.stride() if z is not None else (0, 0, 0)
     args = (u, delta, z if z is not None else u, B_ssm, C_ssm, A, D_skip if D_skip is not None else u,
             delta_bias if delta_bias is not None else u, h0 if h0 is not None else final, y, final, sum_h, sum_dt,

@@ -69,19 +69,17 @@ def test_auto_method_picks_by_tokens(monkeypatch, device):
 # unroll of 4 steps each: 10 segments, the last one short (the carry-in walks 9 summaries)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,with_state", [(1, False), (2, True)])
-@pytest.mark.parametrize("n_segments,unroll,bc_fp32,sp_log2,n,carry", [
-    (1, 4, False, False, 5, 1), (3, 8, True, False, 5, 1), (3, 4, False, False, 5, 4), (10, 4, True, False, 5, 1),
-    (10, 4, True, False, 5, 4), (3, 4, True, True, 5, 2), (1, 1, True, True, 16, 1), (3, 1, False, True, 5, 1),
-    (10, 1, True, False, 16, 2)])
-def test_chunked_scan_knobs(dtype, batch, with_state, n_segments, unroll, bc_fp32, sp_log2, n, carry, device):
+@pytest.mark.parametrize("n_segments,unroll,bc_fp32,sp_log2,n", [
+    (1, 4, False, False, 5), (3, 8, True, False, 5), (3, 4, False, False, 5), (10, 4, True, False, 5),
+    (3, 4, True, True, 5), (1, 1, True, True, 16), (3, 1, False, True, 5), (10, 1, True, False, 16)])
+def test_chunked_scan_knobs(dtype, batch, with_state, n_segments, unroll, bc_fp32, sp_log2, n, device):
     """``sp_log2``: dt's softplus through base-2 functions (``softplus_log2``; on CUDA one lg2.approx); one step a
-    trip (``unroll`` 1) with 3 and 10 segments; ``carry``: the carry-in loads 2 or 4 summaries at once (9 summaries
-    in trips of 4: the last trip masks 3 of its 4 loads off)."""
+    trip (``unroll`` 1, the CUDA default of a busy GPU) with 3 and 10 segments."""
     p = scan_inputs(batch, 37, 20, n, device, dtype, seed=4)
     if with_state:
         p["initial_state"] = torch.randn(batch, 20, n, device=device)
     got = selective_scan_triton(**p, method="chunked", n_segments=n_segments, unroll=unroll, bc_fp32=bc_fp32,
-                                softplus_log2=sp_log2, carry=carry)
+                                softplus_log2=sp_log2)
     assert got[0].dtype == dtype and got[1].dtype == torch.float32
     assert_scan_close(got, selective_scan_ref(**p), dtype)
 
