@@ -3,6 +3,7 @@ copies of ``qmamba/kernels/selective_scan.py`` from other commits, each checked 
 reference (bench_scan.py's check), then timed (bench_scan.py's inputs and timing), at BlackMamba-2.8B's shapes.
 
     PYTHONPATH=$PWD python benchmarks/raw/session46/scan_ab.py OLD.py [OTHER.py ...] [--knobs "unroll=4;n_segments=8"]
+        [--shapes 1x512,8x512]
 
 e.g. ``git show bb0fd0d~1:qmamba/kernels/selective_scan.py > /tmp/old.py`` (the kernel before session 46). Session
 46 ran it (from a scratch copy) on the H100 twice: the figures are in benchmarks/results.md. Exits 1 when a check
@@ -36,12 +37,15 @@ def main():
     ap.add_argument("others", nargs="+", help="copies of selective_scan.py to time beside the tree's")
     ap.add_argument("--knobs", default="unroll=4;unroll=8;n_segments=8;n_segments=16",
                     help="knob sets of the tree's kernel timed beside its defaults")
+    ap.add_argument("--shapes", help="BxL pairs to time instead of the default list, e.g. 1x512,8x512")
     args = ap.parse_args()
+    shapes = ([tuple(int(v) for v in part.split("x")) for part in args.shapes.split(",")] if args.shapes
+              else SHAPES)
     variants = [(Path(p).stem, load(p, f"scan_{i}"), {}) for i, p in enumerate(args.others)]
     variants += [("tree", tree, {})] + [(",".join(f"{k}={v}" for k, v in kn.items()), tree, kn)
                                           for kn in parse_knobs(args.knobs)]
     dev, dtype, failures = torch.device("cuda"), torch.bfloat16, []
-    for batch, length in SHAPES:
+    for batch, length in shapes:
         inputs = scan_inputs(batch, length, D_INNER, D_STATE, DT_RANK, dev, dtype)
         ref = selective_scan_ref(**inputs)
         n_bytes = floor_bytes(batch, length, D_INNER, D_STATE, 2)
