@@ -29,7 +29,7 @@ import torch
 from qmamba.bench import count_ties, recording_int8_inputs, same_codes_reference
 from qmamba.config import preset
 from qmamba.cuda_graph import GraphDecoder
-from qmamba.kernels.decode_linear import DecodePolicy
+from qmamba.kernels.decode_policy import DecodePolicy
 from qmamba.kernels.matmul_configs import DEFAULT_POLICY, GEMV_MAX_M, MatmulPolicy, using_policy
 from qmamba.kernels.weights import FMT_BINARY, FMT_FLOAT, FMT_INT8
 

@@ -25,7 +25,8 @@ import triton.language as tl
 
 from qmamba.config import preset
 from qmamba.kernels.binary_matmul import binary_matmul
-from qmamba.kernels.decode_linear import DecodePolicy, decode_linear, decode_linear_ref, pdl_supported
+from qmamba.kernels.decode_linear import decode_linear, decode_linear_ref
+from qmamba.kernels.decode_policy import DecodePolicy, pdl_supported
 from qmamba.kernels.quant_matmul import dequant_matmul
 from qmamba.kernels.w4a8_gemm import int8_rounded_ref, quantize_rows_int8
 from qmamba.kernels.w4a8_rows import w4a8_rows

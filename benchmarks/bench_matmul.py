@@ -50,7 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode_linear import clones  # noqa: E402
 from timing import EAGER_FALLBACKS, copies_for, time_calls, require_idle_gpu  # noqa: E402
 
-from qmamba.kernels.decode_linear import DecodePolicy, decode_linear  # noqa: E402
+from qmamba.kernels.decode_linear import decode_linear  # noqa: E402
+from qmamba.kernels.decode_policy import DecodePolicy  # noqa: E402
 from qmamba.kernels.matmul_configs import GEMV_MAX_M, MatmulConfig  # noqa: E402
 from qmamba.kernels.quant_matmul import dequant_matmul  # noqa: E402
 from qmamba.kernels.weights import PackedWeight  # noqa: E402

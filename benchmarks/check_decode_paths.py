@@ -17,7 +17,7 @@ import torch
 from qmamba.config import preset
 from qmamba.cuda_graph import GraphDecoder
 from qmamba.fused_step import FusedDecodeStep
-from qmamba.kernels.decode_linear import DecodePolicy
+from qmamba.kernels.decode_policy import DecodePolicy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import build  # noqa: E402

@@ -28,7 +28,7 @@ import torch
 import qmamba.fused_step as fs
 from qmamba.config import preset
 from qmamba.cuda_graph import GraphDecoder
-from qmamba.kernels.decode_linear import DecodePolicy
+from qmamba.kernels.decode_policy import DecodePolicy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import time_graph  # noqa: E402

@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 from qmamba.config import preset
 from qmamba.cuda_graph import GraphDecoder
 from qmamba.fused_step import FusedDecodeStep
-from qmamba.kernels.decode_linear import DecodePolicy
+from qmamba.kernels.decode_policy import DecodePolicy
 from qmamba.kernels.matmul_configs import using_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

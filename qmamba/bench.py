@@ -116,7 +116,7 @@ def _reference_backend(model, policy=None):
     fc1 = fc2 = False
     if on and rounding:
         if policy is None:
-            from qmamba.kernels.decode_linear import DecodePolicy  # lazily: the Triton path's policy
+            from qmamba.kernels.decode_policy import DecodePolicy  # lazily: the Triton path's policy
 
             policy = DecodePolicy.for_device(model.device)
         fc1 = bool(policy.int8_rows)

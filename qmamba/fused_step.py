@@ -53,7 +53,8 @@ from torch import nn
 
 from qmamba.kernel_view import dense_weight, expert_weight, linear_weight
 from qmamba.kernels.causal_conv1d import causal_conv1d_update_triton
-from qmamba.kernels.decode_linear import DecodePolicy, NormIn, NormOut, binary_denorm_of, decode_linear
+from qmamba.kernels.decode_linear import NormIn, NormOut, binary_denorm_of, decode_linear
+from qmamba.kernels.decode_policy import DecodePolicy
 from qmamba.kernels.decode_step import add_norm, aligned_rows, dt_state_update
 from qmamba.kernels.fused_moe import gated_act, routed_matmul
 from qmamba.kernels.w4a8_gemm import quantize_rows_int8, sum_columns

@@ -394,7 +394,7 @@ class QuantExperts(nn.Module):
             round_fc1 = round_fc2 = x.shape[0] >= W4A8_PREFILL_MIN_M
         step_rows = False
         if self.int8_step_fc1 and self.backend != "triton" and in_decode_step() and self.gated:
-            from qmamba.kernels.decode_linear import MAX_ROWS
+            from qmamba.kernels.decode_policy import MAX_ROWS
 
             step_rows = 2 <= x.shape[0] <= MAX_ROWS
         round_fc1 = round_fc1 or step_rows

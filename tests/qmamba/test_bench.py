@@ -194,7 +194,7 @@ def test_reference_twin_rounds_as_the_w4a8_prefill_when_the_model_does(int8_rows
     import dataclasses
 
     from qmamba.config import preset
-    from qmamba.kernels.decode_linear import DecodePolicy
+    from qmamba.kernels.decode_policy import DecodePolicy
     from qmamba.quant.formats import Int4Format
     from qmamba.quant.modules import QuantExperts
     from qmamba.testing import quantize_rtn, random_model
@@ -225,7 +225,7 @@ def test_decode_check_of_int8_rows_falls_back_to_the_steps_own_codes(fc2, monkey
 
     from qmamba.config import preset
     from qmamba.fused_step import FusedDecodeStep
-    from qmamba.kernels.decode_linear import DecodePolicy
+    from qmamba.kernels.decode_policy import DecodePolicy
     from qmamba.quant.formats import Int4Format
     from qmamba.quant.modules import QuantExperts
     from qmamba.testing import quantize_rtn, random_model

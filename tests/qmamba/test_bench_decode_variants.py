@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qmamba.kernels.decode_linear import DecodePolicy
+from qmamba.kernels.decode_policy import DecodePolicy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 

@@ -10,7 +10,7 @@ import torch
 
 from qmamba.config import preset
 from qmamba.fused_step import FusedDecodeStep
-from qmamba.kernels.decode_linear import DecodePolicy
+from qmamba.kernels.decode_policy import DecodePolicy
 from qmamba.testing import assert_prefill_and_step_match, quantize_rtn, random_model
 from qmamba.kernels.weights import BinaryWeight
 from qmamba.quant.binary import BinaryFormat
@@ -311,7 +311,7 @@ def test_general_kernels_as_programmatic_dependents(fmt, mode, device, monkeypat
     (binary_matmul) and a general fc1, whose activation kernel is one of them."""
     general_pdl = mode != "off"
     import qmamba.fused_step as fs
-    from qmamba.kernels.decode_linear import pdl_supported
+    from qmamba.kernels.decode_policy import pdl_supported
 
     model = build("tiny-blackmamba", FORMATS[fmt], device)
     model.set_backend("triton")

@@ -16,7 +16,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bench_matmul as bm  # noqa: E402
 
-from qmamba.kernels.decode_linear import DecodePolicy  # noqa: E402
+from qmamba.kernels.decode_policy import DecodePolicy  # noqa: E402
 
 
 @pytest.mark.skipif(os.environ.get("QMAMBA_TEST_DEVICE") == "cuda", reason="the CPU interpreter smoke run")

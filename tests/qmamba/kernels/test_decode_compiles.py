@@ -131,7 +131,8 @@ import sys, torch
 sys.path.insert(0, sys.argv[1])
 from inspect_decode_kernel import _Recorder, compile_recorded, report
 from qmamba.kernels import decode_linear as dl
-from qmamba.kernels.decode_linear import DecodePolicy, NormIn, NormOut
+from qmamba.kernels.decode_linear import NormIn, NormOut
+from qmamba.kernels.decode_policy import DecodePolicy
 from qmamba.quant.formats import Int4Format
 from qmamba.quant.layout import int4_x_planes
 real = dl._decode_linear_kernel

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from qmamba.kernels.causal_conv1d import causal_conv1d_update_ref
-from qmamba.kernels.decode_linear import (DecodePolicy, NormIn, NormOut, binary_denorm_of, decode_linear,
-                                          decode_linear_ref, norm_out_ref)
+from qmamba.kernels.decode_linear import (NormIn, NormOut, binary_denorm_of, decode_linear, decode_linear_ref,
+                                          norm_out_ref)
+from qmamba.kernels.decode_policy import DecodePolicy
 from qmamba.kernels.fused_moe import gated_act_ref
 from qmamba.kernels.quant_matmul import dequant_matmul_ref
 from qmamba.kernels.binary_matmul import binary_matmul_ref
@@ -324,20 +325,6 @@ def test_bad_shapes_are_errors(device):
     stacked = make_weight(FORMATS["int8"], 8, 64, device, experts=2)
     with pytest.raises(ValueError, match="row_expert"):
         decode_linear(torch.randn(1, 64, device=device), stacked, torch.empty(1, 8, device=device))
-
-
-def test_policy_is_explicit_and_cpu_has_no_pdl():
-    cpu = DecodePolicy.for_device(torch.device("cpu"))
-    assert cpu.pdl is False
-    assert DecodePolicy(block_n_int4=8).block_n(2, 1, 5888) == 8
-    assert DecodePolicy(block_n_int4=8).block_n(2, 8, 5888) == 2
-    assert DecodePolicy(block_n_int4=8).block_n(2, 1, 3) == 4  # never wider than the matrix (next power of two)
-    # max_programs: twice the rows a program for a grid just past it (up to twice as many programs), not gated,
-    # int4 / 1-bit only
-    wave = DecodePolicy(block_n_int4=4, max_programs=1056, min_programs=264)
-    assert [wave.block_n(3, 1, n) for n in (5888, 1472, 50304)] == [8, 4, 4]  # in_proj, out_proj, a head
-    assert wave.block_n(3, 1, 5888, gated=True) == 4  # fc1's gate and up rows: twice the work a row already
-    assert wave.block_n(0, 1, 5888) == DecodePolicy().block_n_float  # float weights keep their rows
 
 
 @pytest.mark.parametrize("fmt,m,ready", [("float", 1, False), ("int4g128", 1, False), ("planes128", 1, False),
