@@ -89,8 +89,13 @@ def variants(pdl: bool, rows: int):
                 # int8 activations with dp4a, a program a row (qmamba.kernels.w4a8_rows, session 41): the kernel
                 # alone on codes quantized before (16 / 32 / 64 weight rows a program), then with the row quantizer
                 # in each call
-                **{f"w4a8_rows_bn{bn}": ("planes", ("w4a8_rows", bn, False)) for bn in (16, 32, 64)},
-                "w4a8_rows_q": ("planes", ("w4a8_rows", 32, True))}
+                **{f"w4a8_rows_bn{bn}": ("planes", ("w4a8_rows", bn, False, 1)) for bn in (16, 32, 64)},
+                "w4a8_rows_q": ("planes", ("w4a8_rows", 32, True, 1)),
+                # and 2-8 tiles a step of the K loop, the next step's operands loaded before this one's products
+                # (session 48: a chain of tiles / chunk dependent loads a program)
+                **{f"w4a8_rows_bn{bn}c{c}": ("planes", ("w4a8_rows", bn, False, c))
+                   for bn in (16, 32) for c in (2, 4, 8)},
+                **{f"w4a8_rows_q_bn{bn}c{c}": ("planes", ("w4a8_rows", bn, True, c)) for bn in (16, 32) for c in (4, 8)}}
     out = {"cuda_default": ("planes", cuda), "cuda_default_float": ("float", cuda),
            # int8 and 1-bit weights on the CUDA policy (which lists both), and on their general kernels
            "cuda_int8": ("int8", cuda),
@@ -191,15 +196,15 @@ def bench_shape(name, n, k, experts, opts, rows, pdl, dev, result, only_variants
     for vname, (form, policy) in chosen.items():
         weight = forms[form]
         exact = int4 if form in ("words", "planes", "float") else weight  # what the output is checked against
-        if isinstance(policy, tuple):  # ("w4a8_rows", weight rows a program, quantizer in each call): int8
-            #                              activations, checked against the int8-rounded input's product
-            _, bn, with_quantizer = policy
+        if isinstance(policy, tuple):  # ("w4a8_rows", weight rows a program, quantizer in each call, tiles a step):
+            #                              int8 activations, checked against the int8-rounded input's product
+            _, bn, with_quantizer, chunk = policy
             ref = decode_linear_ref(int8_rounded_ref(x), exact, gated=gated, **kw)
             out = torch.full((rows, n_out), float("nan"), device=dev, dtype=torch.bfloat16)
             q = quantize_rows_int8(x, int4.k_padded)
-            call = lambda wc, out=out, bn=bn, wq=with_quantizer, q=q: w4a8_rows(  # noqa: E731
+            call = lambda wc, out=out, bn=bn, wq=with_quantizer, q=q, chunk=chunk: w4a8_rows(  # noqa: E731
                 *(quantize_rows_int8(x, int4.k_padded) if wq else q), wc, out=out, gate=gated, block_n=bn, pdl=pdl,
-                **kw)
+                chunk=chunk, **kw)
             call(weight)
         elif policy == "general":  # the general kernel computes fc1 without the activation
             ref = decode_linear_ref(x, exact, **kw)

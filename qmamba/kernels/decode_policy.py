@@ -199,6 +199,10 @@ class DecodePolicy:
     #                               Session 46 (H100, batch 8, 3 rounds): 1.247 ms/token (1.237 with 16 rows a
     #                               program, 1.272 with 64) against 1.234 with fc1 alone on int8 codes: left off
     int8_rows_fc2_block_n: int = 32  # with int8_rows_fc2: fc2's weight rows a program
+    int8_rows_chunk: int = 1     # with int8_rows: 128-column tiles a step of fc1's K loop (w4a8_rows' chunk: every
+    #                              operand of the next step loaded before this one's products)
+    int8_rows_fc2_chunk: int = 1  # with int8_rows_fc2: the same for fc2 (K 3,872: 31 tiles, a chain of 31 dependent
+    #                              loads a program at 1)
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
 
     def __post_init__(self):

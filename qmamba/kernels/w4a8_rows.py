@@ -50,13 +50,39 @@ def _dp4a_words(words, x_lo, x_hi, ASM: tl.constexpr):
 
 
 @jit
+def _weight_chunk(w_rows, w_cols, s_rows, z_rows, n_ok, cc, c, TILES: tl.constexpr, GROUP: tl.constexpr,
+                  CHUNK: tl.constexpr):
+    """Tiles ``c .. c + CHUNK - 1`` of the program's weight rows (none past the last tile: zeros): the plane words
+    ``[BN, CHUNK, 16]``, the group scales ``[BN, CHUNK]`` and the bytes holding the zero points ``[BN, CHUNK]``."""
+    t = c + cc
+    t_ok = t < TILES
+    blk = (t * 128) // GROUP
+    ok = n_ok[:, None] & t_ok[None, :]
+    words = tl.load(w_rows + (16 * c + w_cols), mask=ok[:, :, None], other=0)
+    scale = tl.load(s_rows + blk[None, :], mask=ok, other=0.0)
+    zb = tl.load(z_rows + (blk // 2)[None, :], mask=ok, other=0).to(tl.int32)
+    return words, scale, zb
+
+
+@jit
+def _input_chunk(x_row, x_cols, xsum_row, cc, c, TILES: tl.constexpr, CHUNK: tl.constexpr):
+    """Tiles ``c .. c + CHUNK - 1`` of the input row (none past the last tile: zeros): its code words paired with
+    the low nibbles ``[CHUNK, 16]``, with the high ones ``[CHUNK, 16]``, and the tiles' code sums ``[CHUNK]``."""
+    t_ok = (c + cc) < TILES
+    x_lo = tl.load(x_row + (32 * c + x_cols), mask=t_ok[:, None], other=0)
+    x_hi = tl.load(x_row + (32 * c + 16 + x_cols), mask=t_ok[:, None], other=0)
+    xsum = tl.load(xsum_row + c + cc, mask=t_ok, other=0.0)
+    return x_lo, x_hi, xsum
+
+
+@jit
 def _w4a8_rows_kernel(
     q_ptr, xs_ptr, xsum_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rscale_ptr, rexp_ptr, opl_ptr, ows_ptr,
     N, sqm, ssum, som, son, swe, swn, sse, ssn, sze, szn, sopl_m, sows_m,
     TILES: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr,
     ROUTED: tl.constexpr, ASM: tl.constexpr, GATE: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
     EXPERT_READY: tl.constexpr = True, OUT_PLANES: tl.constexpr = False, OPL_K: tl.constexpr = 1,
-    OUT_WSUMS: tl.constexpr = False,
+    OUT_WSUMS: tl.constexpr = False, CHUNK: tl.constexpr = 1,
 ):
     """Program (row m, block of weight rows): ``out[m, n] = (sum over tiles of scale * (dot - zero * xsum)) *
     xscale[m]`` (+ bias, ``GATE``: ``act(gate) * up`` of the block's gate rows then up rows as the W4A8 GEMM's,
@@ -70,6 +96,7 @@ def _w4a8_rows_kernel(
     pid_n = tl.program_id(1)
     n, n_ok = weight_rows(pid_n, N, BLOCK_N, GATE)
     w16 = tl.arange(0, 16)
+    cc = tl.arange(0, CHUNK)
     if PDL and not EXPERT_READY:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -77,24 +104,32 @@ def _w4a8_rows_kernel(
         e = tl.load(rexp_ptr + m).to(tl.int64)
     else:
         e = m * 0
-    w_rows = w_ptr + e * swe + n[:, None] * swn
-    words = tl.load(w_rows + w16[None, :], mask=n_ok[:, None], other=0)
+    # a step of the K loop takes CHUNK tiles; every operand of the next step is loaded before this one's products
+    w_rows = w_ptr + e * swe + n[:, None, None] * swn
+    w_cols = cc[None, :, None] * 16 + w16[None, None, :]  # [1, CHUNK, 16]: the chunk's words of a weight row
+    s_rows = s_ptr + e * sse + n[:, None] * ssn
+    z_rows = z_ptr + e * sze + n[:, None] * szn
+    words, scale, zb = _weight_chunk(w_rows, w_cols, s_rows, z_rows, n_ok, cc, 0, TILES, GROUP, CHUNK)
     if PDL and EXPERT_READY:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     x_row = q_ptr + m * sqm  # the row's codes as int32 words: tile t's low-nibble codes at 32 t, high at 32 t + 16
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for t in range(TILES):
-        x_lo = tl.load(x_row + 32 * t + w16)
-        x_hi = tl.load(x_row + 32 * t + 16 + w16)
-        part = tl.sum(_dp4a_words(words, x_lo[None, :], x_hi[None, :], ASM), axis=1)
-        # the next tile's words (none past the last), loaded while this one is scaled
-        words = tl.load(w_rows + (16 * t + 16 + w16)[None, :], mask=n_ok[:, None] & (t + 1 < TILES), other=0)
+    x_cols = cc[:, None] * 32 + w16[None, :]  # [CHUNK, 16]
+    xsum_row = xsum_ptr + m * ssum
+    x_lo, x_hi, xsum = _input_chunk(x_row, x_cols, xsum_row, cc, 0, TILES, CHUNK)
+    acc = tl.zeros((BLOCK_N, CHUNK), dtype=tl.float32)
+    for c in range(0, TILES, CHUNK):  # c: the chunk's first tile
+        t = c + cc
         blk = (t * 128) // GROUP  # (a tile is 128 columns)
-        scale = tl.load(s_ptr + e * sse + n * ssn + blk, mask=n_ok, other=0.0).to(tl.float32)
-        zb = tl.load(z_ptr + e * sze + n * szn + blk // 2, mask=n_ok, other=0).to(tl.int32)
-        zero = ((zb >> ((blk % 2) * 4)) & 0xF).to(tl.float32)
-        acc += scale * (part.to(tl.float32) - zero * tl.load(xsum_ptr + m * ssum + t))
+        zero = ((zb >> ((blk % 2) * 4)[None, :]) & 0xF).to(tl.float32)
+        part = tl.sum(_dp4a_words(words, x_lo[None, :, :], x_hi[None, :, :], ASM), axis=2)
+        s_c = scale.to(tl.float32)
+        xs_c = xsum
+        # the next chunk (nothing past the last tile), loaded while this one is scaled
+        words, scale, zb = _weight_chunk(w_rows, w_cols, s_rows, z_rows, n_ok, cc, c + CHUNK, TILES, GROUP, CHUNK)
+        x_lo, x_hi, xsum = _input_chunk(x_row, x_cols, xsum_row, cc, c + CHUNK, TILES, CHUNK)
+        acc += s_c * (part.to(tl.float32) - zero * xs_c[None, :])
+    acc = tl.sum(acc, axis=1)
     acc *= tl.load(xs_ptr + m)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
@@ -115,7 +150,7 @@ def _w4a8_rows_kernel(
 
 def w4a8_rows(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row_expert=None, row_scale=None,
               gate: str | None = None, block_n: int = 32, num_warps: int = 4, pdl: bool = False,
-              expert_ready: bool = True, out_planes=None, out_word_sums=None) -> torch.Tensor:
+              expert_ready: bool = True, out_planes=None, out_word_sums=None, chunk: int = 1) -> torch.Tensor:
     """``out [M, N] <- (x_hat @ W_hat^T + bias) * row_scale`` (row m on expert ``row_expert[m]`` of a stack) from
     :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8`'s ``codes, scale, sums`` and int4 plane words (group size a
     multiple of 128), a program a row and ``block_n`` weight rows. ``gate`` (an activation of
@@ -124,8 +159,9 @@ def w4a8_rows(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row
     ``row_expert`` was written before the kernel just before this one, so it is read before the wait (False: the
     router is that kernel). ``out_planes [M, 9, width]`` fp32: planes 0..7 receive the int4 input planes of ``out``
     as stored (:func:`qmamba.quant.layout.int4_x_planes`), and ``out_word_sums [M, width / 8]`` fp32 (zeroed
-    before) their word sums, as :func:`qmamba.kernels.decode_linear.decode_linear` writes them. ``out`` defaults
-    to a new bfloat16 tensor."""
+    before) their word sums, as :func:`qmamba.kernels.decode_linear.decode_linear` writes them. ``chunk`` (a power of
+    two): 128-column tiles a step of the K loop takes, every operand of the next step loaded before this one's
+    products (a chain of ``tiles / chunk`` dependent loads a program). ``out`` defaults to a new bfloat16 tensor."""
     out = w4a8_operands("w4a8_rows", codes, sums, weight, out, gate, block_n)
     if weight.n_experts != 1 and row_expert is None:
         raise ValueError("w4a8_rows: an expert stack needs row_expert")
@@ -135,6 +171,8 @@ def w4a8_rows(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row
         if out_planes is None:
             raise ValueError("w4a8_rows: word sums of the output need its planes (out_planes)")
         check_word_sums("w4a8_rows", "out_word_sums", out_word_sums, out.shape[0], opl_k)
+    if chunk < 1 or chunk & (chunk - 1):
+        raise ValueError(f"w4a8_rows: chunk must be a power of two, got {chunk}")
     m, k_pad = codes.shape
     n_out = out.shape[1]
     if m == 0:
@@ -154,5 +192,5 @@ def w4a8_rows(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row
         HAS_RSCALE=row_scale is not None, ROUTED=row_expert is not None, ASM=codes.is_cuda,
         GATE=-1 if gate is None else ACTIVATION_IDS[gate], PDL=pdl, BLOCK_N=block_n,
         EXPERT_READY=expert_ready, OUT_PLANES=out_planes is not None, OPL_K=opl_k,
-        OUT_WSUMS=out_word_sums is not None, num_warps=num_warps, **pdl_launch(pdl))
+        OUT_WSUMS=out_word_sums is not None, CHUNK=chunk, num_warps=num_warps, **pdl_launch(pdl))
     return out

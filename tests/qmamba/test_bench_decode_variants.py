@@ -205,6 +205,11 @@ def test_int8_rows_variants():
     assert v.int8_rows_fc2 and v.int8_rows_fc2_block_n == 64
     v = policy_variant(CUDA, "int8rowsbn32")
     assert v.int8_rows and v.int8_rows_block_n == 32
+    v = policy_variant(CUDA, "int8c4")  # fc1's K loop 4 tiles a step, fc2 not on int8 codes
+    assert v.int8_rows and v.int8_rows_chunk == 4 and not v.int8_rows_fc2
+    v = policy_variant(CUDA, "int8c2fc2c8bn16")
+    assert (v.int8_rows_chunk, v.int8_rows_fc2, v.int8_rows_fc2_chunk, v.int8_rows_fc2_block_n) == (2, True, 8, 16)
+    assert policy_variant(CUDA, "int8c1fc2c4").int8_rows_fc2_block_n == CUDA.int8_rows_fc2_block_n
 
 
 def _int8_twin_run(seed: int, steps: int):

@@ -21,19 +21,23 @@ def planes_weight(n, k, device, experts=1, group=128, seed=0):
     return packed.to_planes()
 
 
-@pytest.mark.parametrize("m,k,n,group,block_n", [(1, 200, 40, 128, 16), (8, 300, 70, 128, 32),
-                                                 (3, 512, 24, 256, 8)])
-def test_rows_match_dequantized(m, k, n, group, block_n, device):
+@pytest.mark.parametrize("m,k,n,group,block_n,chunk", [(1, 200, 40, 128, 16, 1), (8, 300, 70, 128, 32, 1),
+                                                       (3, 512, 24, 256, 8, 1), (2, 300, 40, 128, 16, 2),
+                                                       (3, 640, 24, 256, 8, 4), (2, 200, 24, 128, 8, 8)])
+def test_rows_match_dequantized(m, k, n, group, block_n, chunk, device):
+    """Any number of 128-column tiles a step of the K loop (``chunk``), a last step with fewer tiles than that
+    included (K = 300: 3 tiles by 2; 640: 5 by 4; 200: 2 by 8)."""
     w = planes_weight(n, k, device, group=group)
     x = torch.randn(m, k, device=device) * 2
     bias = torch.randn(n, device=device)
     codes, scale, sums = quantize_rows_int8(x, w.qweight.shape[-1] * 8)
-    got = w4a8_rows(codes, scale, sums, w, out=torch.empty(m, n, device=device), bias=bias, block_n=block_n)
+    got = w4a8_rows(codes, scale, sums, w, out=torch.empty(m, n, device=device), bias=bias, block_n=block_n,
+                    chunk=chunk)
     torch.testing.assert_close(got, w4a8_gemm_ref(codes, scale, w, bias=bias), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("gate", [None, "silu"])
-def test_routed_rows(gate, device):
+@pytest.mark.parametrize("gate,chunk", [(None, 1), ("silu", 1), (None, 2), ("silu", 4)])
+def test_routed_rows(gate, chunk, device):
     """Rows on their own experts (two rows sharing one), the routing weight, and fc1's gated epilogue (F not a
     multiple of the block's output columns)."""
     m, k, f, experts = 6, 200, 36, 4
@@ -44,7 +48,7 @@ def test_routed_rows(gate, device):
     row_scale = torch.rand(m, device=device) + 0.5
     codes, scale, sums = quantize_rows_int8(x, w.qweight.shape[-1] * 8)
     got = w4a8_rows(codes, scale, sums, w, out=torch.empty(m, f, device=device), row_expert=row_expert,
-                    row_scale=row_scale, gate=gate, block_n=16)
+                    row_scale=row_scale, gate=gate, block_n=16, chunk=chunk)
     h = w4a8_gemm_ref(codes, scale, w, row_expert=row_expert)
     ref = (gated_act_ref(h, gate, True) if gate else h) * row_scale[:, None]
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
@@ -88,3 +92,5 @@ def test_bad_input_is_refused():
         w4a8_rows(codes, scale, sums, planes_weight(8, 128, "cpu", experts=2))
     with pytest.raises(ValueError, match="out must be"):
         w4a8_rows(codes, scale, sums, w, out=torch.empty(2, 4))
+    with pytest.raises(ValueError, match="chunk"):
+        w4a8_rows(codes, scale, sums, w, chunk=3)
