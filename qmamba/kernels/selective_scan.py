@@ -429,7 +429,9 @@ def chunked_step_knobs(batch: int, dim: int, block_d: int, num_warps: int, is_cu
     """Steps a loop trip and ``softplus_log2`` of the chunked scan by how many warps batch x channel blocks give
     before any time split: from ``busy_warps`` (one a multiprocessor of an H200; BlackMamba-2.8B's 2,944 channels
     from batch 2) 4 steps a trip with dt's softplus through base-2 functions; below that, 8 steps a trip (the few
-    warps need the unrolled trip's independent work) and the exact softplus. Session 46 (H100, Triton 3.6,
+    warps need the unrolled trip's independent work), with the base-2 softplus too since session 48 (H100,
+    scan_ab.py, B = 1: L = 512 / 1,024 / 2,048 47.8 / 73.0 / 119.4 us against 49.4 / 75.1 / 122.7 with the exact
+    one, 2-3%; session 46 had chosen the exact one here). Session 46 (H100, Triton 3.6,
     benchmarks/raw/session46/scan_ab.py, 16 segments), the kernel with the rows as tuples and its B, C rows a step
     ahead against the one before (one step a trip when busy, 4 steps below): B = 1, L = 2048 / 4096 125.5 / 228.2
     against 141.6 / 268.3 us; B = 8, L = 2048 / 4096 747 / 1375 against 770 / 1485; one step a trip lost with the
@@ -438,7 +440,7 @@ def chunked_step_knobs(batch: int, dim: int, block_d: int, num_warps: int, is_cu
     if not is_cuda:
         return 4, False
     busy = batch * cdiv(dim, block_d) * num_warps >= busy_warps
-    return (4, True) if busy else (8, False)
+    return (4, True) if busy else (8, True)
 
 
 def selective_scan_chunked(u, delta, A, B_ssm, C_ssm, D_skip, z=None, delta_bias=None, initial_state=None,

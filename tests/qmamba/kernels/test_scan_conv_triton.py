@@ -86,13 +86,14 @@ def test_chunked_scan_knobs(dtype, batch, with_state, n_segments, unroll, bc_fp3
 
 def test_chunked_step_knobs_follow_the_warps_before_the_time_split():
     """4 steps a trip with the base-2 softplus once batch x channel blocks give a warp a multiprocessor of an H200
-    (BlackMamba-2.8B's 2944 channels, 92 one-warp programs a batch row, from batch 2); 8 steps and the exact
-    softplus below that (session 46's timings); 4 steps and the exact softplus off CUDA."""
-    assert chunked_step_knobs(1, 2944, 32, 1, True) == (8, False)
+    (BlackMamba-2.8B's 2944 channels, 92 one-warp programs a batch row, from batch 2); 8 steps below that, with
+    the base-2 softplus too since session 48 (session 46 had the exact one there); 4 steps and the exact softplus
+    off CUDA."""
+    assert chunked_step_knobs(1, 2944, 32, 1, True) == (8, True)
     assert chunked_step_knobs(2, 2944, 32, 1, True) == (4, True)
     assert chunked_step_knobs(8, 2944, 32, 1, True) == (4, True)
-    assert chunked_step_knobs(1, 2944, 64, 2, True) == (8, False)  # 46 programs of 2 warps
-    assert chunked_step_knobs(2, 2048, 32, 1, True) == (8, False)  # 2 x 64 = 128 warps: not yet
+    assert chunked_step_knobs(1, 2944, 64, 2, True) == (8, True)  # 46 programs of 2 warps
+    assert chunked_step_knobs(2, 2048, 32, 1, True) == (8, True)  # 2 x 64 = 128 warps: not yet
     assert chunked_step_knobs(3, 2048, 32, 1, True) == (4, True)
     assert chunked_step_knobs(64, 2944, 16, 1, False) == (4, False)
 
