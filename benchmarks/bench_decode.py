@@ -300,13 +300,15 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return dataclasses.replace(base, int8_rows=True, int8_rows_fc2=True, int8_rows_fc2_block_n=int(v[9:]))
     if v.startswith("int8rowsbn"):  # e.g. int8rowsbn32: and fc1's weight rows a program
         return dataclasses.replace(base, int8_rows=True, int8_rows_block_n=int(v[10:]))
-    m = re.fullmatch(r"int8c(\d+)(?:fc2c(\d+)(?:bn(\d+))?)?", v)
-    if m:  # e.g. int8c4: fc1's W4A8 row programs 4 tiles a step of the K loop (DecodePolicy.int8_rows_chunk);
-        #    int8c4fc2c8: and fc2 on them too, 8 tiles a step (int8_rows_fc2_chunk); ...bn16: 16 fc2 rows a program
-        fc2 = m.group(2) is not None
-        return dataclasses.replace(base, int8_rows=True, int8_rows_chunk=int(m.group(1)), int8_rows_fc2=fc2,
-                                   int8_rows_fc2_chunk=int(m.group(2) or 1),
-                                   int8_rows_fc2_block_n=int(m.group(3) or base.int8_rows_fc2_block_n))
+    m = re.fullmatch(r"int8(?:bn(\d+))?c(\d+)(?:fc2c(\d+)(?:bn(\d+))?)?", v)
+    if m:  # e.g. int8c4: fc1's W4A8 row programs 4 tiles a step of the K loop (DecodePolicy.int8_rows_chunk), fc2
+        #    not on them; int8c4fc2c8: and fc2 on them too, 8 tiles a step (int8_rows_fc2_chunk); ...bn16: 16 fc2 rows
+        #    a program; int8bn32c4...: 32 fc1 rows a program. int8c1: the CUDA policy of session 47
+        fc2 = m.group(3) is not None
+        return dataclasses.replace(base, int8_rows=True, int8_rows_chunk=int(m.group(2)), int8_rows_fc2=fc2,
+                                   int8_rows_fc2_chunk=int(m.group(3) or 1),
+                                   int8_rows_block_n=int(m.group(1) or base.int8_rows_block_n),
+                                   int8_rows_fc2_block_n=int(m.group(4) or base.int8_rows_fc2_block_n))
     if v == "dtrows0":  # the SSM update reads dt_proj's weight as stored (DecodePolicy.dt_rows_aligned off)
         return dataclasses.replace(base, dt_rows_aligned=False)
     if v == "joint":  # int4 input planes: every product of a row before any reduction (DecodePolicy.planes_joint)

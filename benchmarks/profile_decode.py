@@ -8,7 +8,10 @@ Formats: those of bench_e2e.py (bf16, int8, int4_g128, binary+int4_g128).
 Prints, per kernel name: launches per step, GPU microseconds per step and per launch; the sum of kernel time per
 step beside the replayed graph's wall time per step (the difference is the gaps between graph nodes). First the step
 is checked (``--check-steps``, as bench_decode.py checks it: the graph step's greedy tokens in float32 equal to the
-eager reference path's); a failed check exits 1 before anything is profiled.
+eager reference path's); a failed check exits 1 before anything is profiled. As bench_decode.py times it, the
+model takes int8 activations where the policy runs the experts on int8 codes (``DecodePolicy.int8_rows``: what a
+checkpoint that passed ``qmamba quantize``'s int8 check loads with; before session 48 the profile left them off and
+showed the float-input experts at batch 2+).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from qmamba.kernels.decode_policy import DecodePolicy
 from qmamba.kernels.matmul_configs import using_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import check_fp32, matmul_variant, policy_variant, time_graph  # noqa: E402
+from bench_decode import check_fp32, int8_activations, matmul_variant, policy_variant, time_graph  # noqa: E402
 from bench_e2e import FORMATS, build  # noqa: E402
 from timing import cuda_kernel_times, event_us, require_idle_gpu  # noqa: E402
 
@@ -56,6 +59,7 @@ def main():
     general = matmul_variant(args.variant)  # the general matmuls' policy of the variant (default: the default)
     with using_policy(general):
         model = build(preset(args.preset), args.format)
+    with using_policy(general), int8_activations(model, policy.int8_rows, policy.int8_rows_fc2):
         step = FusedDecodeStep(model, policy)
         state = model.new_state(args.batch)
         ids = torch.randint(0, model.config.vocab_size, (args.batch,), device="cuda")
@@ -78,7 +82,8 @@ def main():
     rows = sorted(((name, calls / args.steps, us / args.steps) for name, (calls, us) in per_name.items()),
                   key=lambda r: -r[2])
     kernel_us = sum(r[2] for r in rows)
-    with using_policy(general):  # graphs capture the matmul policy active at capture
+    with using_policy(general), int8_activations(model, policy.int8_rows, policy.int8_rows_fc2):
+        # graphs capture the matmul policy active at capture
         graph_ms = time_graph(GraphDecoder(model, policy=policy), args.batch)
     print(f"{args.preset} {args.format} batch {args.batch} {args.variant}: kernels {kernel_us:.0f} us/step "
           f"({sum(r[1] for r in rows):.0f} launches), graph replay {graph_ms * 1e3:.0f} us/step")

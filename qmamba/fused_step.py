@@ -457,8 +457,10 @@ class FusedDecodeStep:
         int8_fc1, int8_fc2 = self._int8_fc1(plan, act.shape[0]), self._int8_fc2(plan, act.shape[0])
         if int8_fc1:  # on int8 codes of x, with dp4a; the expert index read after the wait
             w4a8_rows(*buf["xq"], plan.fc1, out=act, row_expert=buf["idx"], gate=plan.activation,
-                      block_n=self.policy.int8_rows_block_n, chunk=self.policy.int8_rows_chunk, pdl=self.policy.pdl,
-                      expert_ready=False, out_planes=buf["apl"], out_word_sums=self._sums(buf, "wa", layer))
+                      block_n=self.policy.int8_rows_block_n_for(self.policy.int8_rows_block_n, act.shape[0],
+                                                                plan.fc1.n),
+                      chunk=self.policy.int8_rows_chunk, pdl=self.policy.pdl, expert_ready=False,
+                      out_planes=buf["apl"], out_word_sums=self._sums(buf, "wa", layer))
         elif plan.gated and self.policy.takes(plan.fc1, act.shape[0], routed=True):
             route = None
             if nin is not None:  # the route from the accumulated norm (no router kernel ran)
@@ -480,8 +482,9 @@ class FusedDecodeStep:
             if nin is not None or nout is not None:
                 raise RuntimeError("fused step: an fc2 on int8 codes runs at 2+ rows, with no norm in the GEMVs")
             return w4a8_rows(*buf["aq"], plan.fc2, out=out, row_expert=buf["idx"], row_scale=buf["rwt"],
-                             block_n=self.policy.int8_rows_fc2_block_n, chunk=self.policy.int8_rows_fc2_chunk,
-                             pdl=self.policy.pdl,
+                             block_n=self.policy.int8_rows_block_n_for(self.policy.int8_rows_fc2_block_n,
+                                                                       out.shape[0], plan.fc2.n),
+                             chunk=self.policy.int8_rows_fc2_chunk, pdl=self.policy.pdl,
                              expert_ready=self.policy.expert_prefetch)
         # the router (in the add-norm kernel) ran before fc1: fc2 may read its expert's tile before fc1 is done
         kw = {}

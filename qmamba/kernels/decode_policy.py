@@ -1,8 +1,8 @@
 """The decode kernels' launch choices: :class:`DecodePolicy`, an explicit argument of the decode-step linears
 (:mod:`qmamba.kernels.decode_linear`) and of the fused step (:mod:`qmamba.fused_step`, which also passes its settings
-for the other decode-step kernels, :mod:`qmamba.kernels.decode_step`, to them as arguments), never module state. :meth:`DecodePolicy.for_device` is the default of a device (the CUDA
-policy, :meth:`DecodePolicy.cuda`, with every fusion the GPU timings kept; the CPU one for the interpreter). The
-field comments and docstrings record the timings behind each choice (benchmarks/results.md has the runs).
+for the other decode-step kernels, :mod:`qmamba.kernels.decode_step` and :mod:`qmamba.kernels.w4a8_rows`, to them as
+arguments), never module state. :meth:`DecodePolicy.for_device` is the default of a device (the CUDA policy,
+:meth:`DecodePolicy.cuda`, with every fusion the GPU timings kept; the CPU one for the interpreter). The field comments and docstrings record the timings behind each choice (benchmarks/results.md has the runs).
 The general matmuls' switches are :class:`qmamba.kernels.matmul_configs.MatmulPolicy`.
 """
 
@@ -189,7 +189,8 @@ class DecodePolicy:
     #                             passes with no tie. Session 46 (H100, 3 rounds): 1.312 -> 1.234 with `qmamba
     #                             bench`'s check (qmamba.bench.check_decode) passing through that fallback (0 ties):
     #                             on in the CUDA policy since.
-    int8_rows_block_n: int = 16  # with int8_rows: fc1's weight rows a program (gate and up rows together)
+    int8_rows_block_n: int = 16  # with int8_rows: fc1's weight rows a program (gate and up rows together; 32 in the
+    #                              CUDA policy since session 48, with int8_rows_chunk: see there)
     int8_rows_fc2: bool = False  # with int8_rows: fc2 too on the W4A8 row programs, its input (fc1's output) quantized
     #                               to int8 per row by a launch of its own between them (fc1 then writes no input
     #                               planes for it: the planes' float32 rows, ~18 KB a row re-read by each of fc2's
@@ -198,11 +199,22 @@ class DecodePolicy:
     #                               inputs); the reference twin rounds it too (QuantExperts.int8_step_fc2).
     #                               Session 46 (H100, batch 8, 3 rounds): 1.247 ms/token (1.237 with 16 rows a
     #                               program, 1.272 with 64) against 1.234 with fc1 alone on int8 codes: left off
+    #                               then; on in the CUDA policy since session 48, with int8_rows_fc2_chunk (see there)
     int8_rows_fc2_block_n: int = 32  # with int8_rows_fc2: fc2's weight rows a program
     int8_rows_chunk: int = 1     # with int8_rows: 128-column tiles a step of fc1's K loop (w4a8_rows' chunk: every
-    #                              operand of the next step loaded before this one's products)
+    #                              operand of the next step loaded before this one's products, so that a program
+    #                              waits on tiles / chunk dependent loads instead of one a tile)
     int8_rows_fc2_chunk: int = 1  # with int8_rows_fc2: the same for fc2 (K 3,872: 31 tiles, a chain of 31 dependent
-    #                              loads a program at 1)
+    #                              loads a program at 1: ~0.6 us a tile, the kernel's whole time). H100, session 48,
+    #                              kernels alone at 8 rows (bench_decode_linear.py --rows 8, random routing over 8
+    #                              experts), us: fc2 17.65 (16 rows a program, 1 tile a step) -> 10.84 (16 rows, 4
+    #                              tiles) / 10.00 (32 rows, 4) / 8.61 (32 rows, 8), against 21.92 for the float
+    #                              routed row programs; fc1 18.85 -> 16.54 (16, 4) / 14.46 (32, 4) / 18.49 (32, 8).
+    #                              In the step (bench_decode.py, int4 g128 batch 8, 3 rounds, fp32 greedy tokens equal
+    #                              to the twin fed the step's own int8 codes, 0 ties): 1.254 ms/token (session 47's
+    #                              policy) -> 1.181 with fc1 at 4 tiles a step -> 1.032 with fc2 on int8 codes at 4 or
+    #                              8 tiles a step -> 1.001 with 32 fc1 rows a program (1.241 for session 47's policy
+    #                              in that run; bf16 1.825): the CUDA policy's (fc1 32 rows, 4 tiles; fc2 32, 8)
     formats: tuple = (FMT_FLOAT, FMT_INT8, FMT_INT4, FMT_INT4_PLANES, FMT_BINARY)  # weight formats these kernels serve
 
     def __post_init__(self):
@@ -305,7 +317,10 @@ class DecodePolicy:
         alone went 21.27 -> 19.81 us): removed; the batched step's general kernels (dense matrices, conv step, 1-bit
         matrices, a general fc1's activation) as programmatic dependents (``pdl_general``) took batch 8 from 1.400 to
         1.334 ms/token (bf16 1.910 -> 1.849, 1-bit + int4 1.763 -> 1.615) and the dense int4 matrices' first weight
-        tile before the wait (``general_early_tile``) to 1.314: both on.
+        tile before the wait (``general_early_tile``) to 1.314: both on. Sessions 43-46: fc1 on int8 codes
+        (``int8_rows``), 1.310 -> 1.234: on. Session 48 (H100, ``--variants default,int8c1,int8bn32c4fc2c8``): the
+        W4A8 row programs several tiles a step of their K loop (``int8_rows_chunk``, ``int8_rows_fc2_chunk``) and fc2
+        on int8 codes too (``int8_rows_fc2``): batch 8 1.241 -> 1.001 ms/token (bf16 1.825): on.
         CPU (interpreter): every format and batch, wide row blocks (few programs)."""
         if device.type != "cuda":
             return cls(pdl=False, block_n_int4=64, block_n_float=64, num_warps=1, ssm_block_d=16)
@@ -321,8 +336,20 @@ class DecodePolicy:
                    norm_plane_programs=4, max_programs=8 * multiprocessors, int4_x_in_tile_wide="always",
                    norm_in_gemvs=True, ssm_block_d_batched=16, int4_tile_pieces=True, planes_joint=True,
                    planes_joint_batched=False, planes_joint_gated=False, producer_word_sums=True, early_reads=True,
-                   pdl_general=True, general_early_tile=True, int8_rows=True,
+                   pdl_general=True, general_early_tile=True, int8_rows=True, int8_rows_block_n=32,
+                   int8_rows_chunk=4, int8_rows_fc2=True, int8_rows_fc2_chunk=8,
                    formats=(FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES, FMT_BINARY))
+
+    def int8_rows_block_n_for(self, block_n: int, rows: int, n: int) -> int:
+        """Weight rows a W4A8 row program (``int8_rows_block_n`` / ``int8_rows_fc2_block_n``, given as ``block_n``) at
+        ``rows`` input rows of an ``n``-row weight: halved, to 8 at least, while the grid (a program row per input
+        row) would have fewer than ``min_programs`` programs. BlackMamba-2.8B on the CUDA policy (264): unchanged at
+        batch 8 (fc2 368 programs of 32 rows), fc2 at 16 rows from batch 4 down, 8 at batch 2 (92 programs of 32 rows
+        otherwise: under one a multiprocessor). Timed at batch 8 only (session 48); the floor follows the decode
+        kernels' own (:meth:`block_n`)."""
+        while block_n > 8 and self.min_programs and rows * -(-n // block_n) < self.min_programs:
+            block_n //= 2
+        return block_n
 
     @property
     def denorm_reading(self) -> bool:

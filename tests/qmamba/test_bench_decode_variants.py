@@ -198,8 +198,10 @@ def test_ungated_route_and_expert_gemm_split():
 def test_int8_rows_variants():
     assert CUDA.int8_rows  # on since session 46 (6% faster at batch 8 on the H100, the same-codes check passed)
     assert policy_variant(CUDA, "int8rows").int8_rows and not policy_variant(CUDA, "noint8rows").int8_rows
-    assert not CUDA.int8_rows_fc2  # session 46 (H100): level with fc1 alone on int8 (1.237-1.272 against 1.234)
-    v = policy_variant(dataclasses.replace(CUDA, int8_rows=False), "int8fc2")
+    # session 46 (H100): level with fc1 alone on int8 (1.237-1.272 against 1.234); session 48, with both K loops
+    # several tiles a step: 1.241 -> 1.001 ms/token at batch 8
+    assert CUDA.int8_rows_fc2 and (CUDA.int8_rows_chunk, CUDA.int8_rows_fc2_chunk) == (4, 8)
+    v = policy_variant(dataclasses.replace(CUDA, int8_rows=False, int8_rows_fc2=False), "int8fc2")
     assert v.int8_rows and v.int8_rows_fc2 and not policy_variant(CUDA, "noint8fc2").int8_rows_fc2
     v = policy_variant(CUDA, "int8fc2bn64")
     assert v.int8_rows_fc2 and v.int8_rows_fc2_block_n == 64
@@ -207,6 +209,8 @@ def test_int8_rows_variants():
     assert v.int8_rows and v.int8_rows_block_n == 32
     v = policy_variant(CUDA, "int8c4")  # fc1's K loop 4 tiles a step, fc2 not on int8 codes
     assert v.int8_rows and v.int8_rows_chunk == 4 and not v.int8_rows_fc2
+    v = policy_variant(CUDA, "int8bn16c1")  # session 47's CUDA policy
+    assert (v.int8_rows_block_n, v.int8_rows_chunk, v.int8_rows_fc2) == (16, 1, False)
     v = policy_variant(CUDA, "int8c2fc2c8bn16")
     assert (v.int8_rows_chunk, v.int8_rows_fc2, v.int8_rows_fc2_chunk, v.int8_rows_fc2_block_n) == (2, True, 8, 16)
     assert policy_variant(CUDA, "int8c1fc2c4").int8_rows_fc2_block_n == CUDA.int8_rows_fc2_block_n

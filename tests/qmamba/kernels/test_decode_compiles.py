@@ -546,6 +546,13 @@ r = ig.report(ig.compile_w4a8_rows(w, 90, rows=8, block_n=16, gate="gelu", step=
 print("steprows", r["stack"], r["ops"]["IDP"], r["ops"]["I2F"] + r["ops"]["I2FP"])
 r = ig.report(ig.compile_w4a8_rows(ig.planes_stack(*ig.SHAPES["fc2"]), 90, rows=8, block_n=32, row_scale=True))
 print("fc2rows", r["stack"], r["ops"]["IDP"])
+from qmamba.kernels.decode_policy import DecodePolicy
+p = DecodePolicy.cuda(132, True)
+r = ig.report(ig.compile_w4a8_rows(w, 90, rows=8, block_n=p.int8_rows_block_n, gate="gelu", step=True,
+                                   chunk=p.int8_rows_chunk))
+r2 = ig.report(ig.compile_w4a8_rows(ig.planes_stack(*ig.SHAPES["fc2"]), 90, rows=8, block_n=p.int8_rows_fc2_block_n,
+                                    row_scale=True, chunk=p.int8_rows_fc2_chunk))
+print("policyrows", r["stack"], r["ops"]["IDP"], r2["stack"], r2["ops"]["IDP"])
 c = ig.compile_route_int8(90)
 r = ig.report(c)
 print("route", r["stack"], c.asm["ptx"].count("mul.rn."), c.asm["ptx"].count("div.rn.f32"), r["ops"]["FRND"])
@@ -564,7 +571,8 @@ def test_w4a8_kernels_compile_for_sm90():
     (16 words a tile a weight row, 12 tiles: 48 a thread for 4 warps), with conversions by the tile, not by the
     code (24 with Triton 3.6 and 3.9), also as the fused step runs them (``DecodePolicy.int8_rows``: the expert
     read after the wait, fc2's input planes written), and fc2 on them (``int8_rows_fc2``: 32 weight rows a program,
-    the routing weight in the epilogue). The MoE's routing kernel that also quantizes its rows to int8 for the W4A8
+    the routing weight in the epilogue), and both at the CUDA policy's rows a program and tiles a step of their K
+    loops (``int8_rows_chunk``, ``int8_rows_fc2_chunk``). The MoE's routing kernel that also quantizes its rows to int8 for the W4A8
     GEMM (``route_top1_int8``, BlackMamba-2.8B's d = 1472 in bf16) compiles without spills, with the quantizer's
     IEEE operations: ``mul.rn`` (not fused into an FMA with the + 0.5), the two ``div.rn`` of the scale and its
     reciprocal, and the floor (``FRND``); its logits, sigmoid and argmax are the plain routing kernel's operations in
@@ -580,6 +588,9 @@ def test_w4a8_kernels_compile_for_sm90():
     assert steprows[1] == "0" and steprows[2:] == rows[2:], stdout  # the fused step's: the same loop, no spills
     fc2rows = next(line.split() for line in stdout.splitlines() if line.startswith("fc2rows "))
     assert fc2rows[1] == "0" and int(fc2rows[2]) >= 8, stdout  # fc2 on them (DecodePolicy.int8_rows_fc2)
+    # the CUDA policy's rows a program and tiles a step of the K loop (session 48): dp4a, no spills
+    policy = next(line.split() for line in stdout.splitlines() if line.startswith("policyrows "))
+    assert policy[1] == "0" and int(policy[2]) >= 8 and policy[3] == "0" and int(policy[4]) >= 8, stdout
     assert route[1] == "0" and int(route[2]) >= 1 and int(route[3]) >= 2 and int(route[4]) >= 1, stdout
     logits = next(line.split() for line in stdout.splitlines() if line.startswith("routelogits "))
     assert int(logits[1]) >= 100 and logits[2] == "1" and logits[3] == "0", stdout  # the plain routing's own code

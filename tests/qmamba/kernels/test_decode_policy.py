@@ -33,3 +33,16 @@ def test_binary_weights_the_decode_kernels_take():
     assert not binary_decodable(signs(40))  # 40 columns: not whole 32-bit words
     assert not binary_decodable(signs(64, row_scale=torch.ones(1, 4)))
     assert not policy.takes(signs(40), 1)
+
+
+def test_int8_rows_block_n_keeps_the_grid_at_the_program_floor():
+    """The W4A8 row programs' weight rows a program are halved (to 8 at least) while the grid, a program row per input
+    row, would have fewer than ``min_programs`` programs: BlackMamba-2.8B's fc2 (1,472 rows) on the CUDA policy of a
+    132-multiprocessor GPU keeps 32 rows at batch 8 (368 programs), takes 16 at batch 4 and 8 at batch 2; fc1 (7,744
+    gate and up rows) keeps 32 from batch 2. No floor (the CPU policy): unchanged."""
+    cuda = DecodePolicy.cuda(132, True)
+    assert cuda.min_programs == 264
+    assert [cuda.int8_rows_block_n_for(32, rows, 1472) for rows in (8, 4, 2)] == [32, 16, 8]
+    assert cuda.int8_rows_block_n_for(32, 2, 7744) == 32
+    assert cuda.int8_rows_block_n_for(32, 1, 64) == 8  # never below 8
+    assert DecodePolicy(min_programs=0).int8_rows_block_n_for(32, 2, 1472) == 32
