@@ -201,6 +201,9 @@ class DecodePolicy:
     #                               program, 1.272 with 64) against 1.234 with fc1 alone on int8 codes: left off
     #                               then; on in the CUDA policy since session 48, with int8_rows_fc2_chunk (see there)
     int8_rows_fc2_block_n: int = 32  # with int8_rows_fc2: fc2's weight rows a program
+    int8_rows_fc2_fold: bool = False  # with int8_rows_fc2: no quantizer launch between fc1 and fc2; the last of fc1's
+    #                              programs of a row to finish quantizes the row (w4a8_rows' out_int8: a counter a
+    #                              row). Built in session 48 with no device time left: not timed, off
     int8_rows_chunk: int = 1     # with int8_rows: 128-column tiles a step of fc1's K loop (w4a8_rows' chunk: every
     #                              operand of the next step loaded before this one's products, so that a program
     #                              waits on tiles / chunk dependent loads instead of one a tile)

@@ -161,22 +161,33 @@ def plane_byte_columns(k):
 
 
 @jit
+def quantize_row_int8(x_row, sxk, K, q_row, s_at, sum_row, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
+                      CUDA: tl.constexpr, CACHE: tl.constexpr = ""):
+    """One row ``x_row[k * sxk]`` (``k < K``) quantized as :func:`quantize_rows_int8_ref` does: its codes in
+    plane-byte order into ``q_row`` (``TILES`` 128-column tiles), its scale into ``s_at``, each tile's code sum into
+    ``sum_row``. ``CACHE``: the loads' cache modifier (".cg": from L2, for values other programs of the same kernel
+    wrote)."""
+    j = tl.arange(0, BLOCK_K)
+    k = plane_byte_inputs(j)  # column j of the output holds input k
+    x = tl.load(x_row + k * sxk, mask=k < K, other=0.0, cache_modifier=CACHE).to(tl.float32)
+    scale, inv = int8_row_scale(tl.max(tl.abs(x), axis=0))
+    q = int8_codes(x, inv, CUDA)
+    tl.store(q_row + j, q.to(tl.int8), mask=j < TILES * 128)
+    tl.store(s_at, scale)
+    t = tl.arange(0, BLOCK_K // 128)
+    sums = tl.sum(tl.reshape(q, (BLOCK_K // 128, 128)), axis=1)
+    tl.store(sum_row + t, sums, mask=t < TILES)  # (the padding columns are zeroed by the launcher)
+
+
+@jit
 def _quantize_rows_int8_kernel(x_ptr, q_ptr, s_ptr, sum_ptr, K, sxm, sxk, sqm, ssum, BLOCK_K: tl.constexpr,
                                TILES: tl.constexpr, CUDA: tl.constexpr, PDL: tl.constexpr = False):
     if PDL:  # a programmatic dependent launch: x comes from the kernel before
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
-    j = tl.arange(0, BLOCK_K)
-    k = plane_byte_inputs(j)  # column j of the output holds input k
-    x = tl.load(x_ptr + row * sxm + k * sxk, mask=k < K, other=0.0).to(tl.float32)
-    scale, inv = int8_row_scale(tl.max(tl.abs(x), axis=0))
-    q = int8_codes(x, inv, CUDA)
-    tl.store(q_ptr + row * sqm + j, q.to(tl.int8), mask=j < TILES * 128)
-    tl.store(s_ptr + row, scale)
-    t = tl.arange(0, BLOCK_K // 128)
-    sums = tl.sum(tl.reshape(q, (BLOCK_K // 128, 128)), axis=1)
-    tl.store(sum_ptr + row * ssum + t, sums, mask=t < TILES)  # (the padding columns are zeroed by the launcher)
+    quantize_row_int8(x_ptr + row * sxm, sxk, K, q_ptr + row * sqm, s_ptr + row, sum_ptr + row * ssum, BLOCK_K,
+                      TILES, CUDA)
 
 
 def check_int8_k_pad(who: str, x: torch.Tensor, k_pad: int):

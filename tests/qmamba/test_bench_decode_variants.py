@@ -214,6 +214,9 @@ def test_int8_rows_variants():
     v = policy_variant(CUDA, "int8c2fc2c8bn16")
     assert (v.int8_rows_chunk, v.int8_rows_fc2, v.int8_rows_fc2_chunk, v.int8_rows_fc2_block_n) == (2, True, 8, 16)
     assert policy_variant(CUDA, "int8c1fc2c4").int8_rows_fc2_block_n == CUDA.int8_rows_fc2_block_n
+    assert not CUDA.int8_rows_fc2_fold  # built in session 48, not timed
+    v = policy_variant(CUDA, "int8fold")
+    assert v.int8_rows_fc2 and v.int8_rows_fc2_fold and not policy_variant(v, "noint8fold").int8_rows_fc2_fold
 
 
 def _int8_twin_run(seed: int, steps: int):

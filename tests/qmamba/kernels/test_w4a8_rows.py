@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qmamba.kernels.fused_moe import gated_act_ref
-from qmamba.kernels.w4a8_gemm import quantize_rows_int8, quantize_rows_int8_ref, w4a8_gemm_ref
+from qmamba.kernels.w4a8_gemm import quantize_rows_int8, quantize_rows_int8_ref, sum_columns, w4a8_gemm_ref
 from qmamba.kernels.w4a8_rows import w4a8_rows
 from qmamba.quant.formats import Int4Format
 from qmamba.quant.layout import int4_x_planes, int4_x_planes_width
@@ -94,3 +94,29 @@ def test_bad_input_is_refused():
         w4a8_rows(codes, scale, sums, w, out=torch.empty(2, 4))
     with pytest.raises(ValueError, match="chunk"):
         w4a8_rows(codes, scale, sums, w, chunk=3)
+
+
+@pytest.mark.parametrize("gate,chunk", [("silu", 1), ("silu", 4), (None, 2)])
+def test_last_program_of_a_row_quantizes_it_to_int8(gate, chunk, device):
+    """``out_int8``: the stored output also written as :func:`quantize_rows_int8` would quantize it (codes in
+    plane-byte order, scale, tile sums; 300 columns: 3 tiles, the last partial), by the last of a row's 19 programs
+    to finish, through a counter a row that each call leaves at zero: a second call on other inputs is right too."""
+    m, k, f, experts = 3, 256, 150, 3
+    n = 2 * f if gate else f
+    w = planes_weight(n, k, device, experts=experts, seed=3)
+    row_expert = torch.tensor([1, 0, 1], dtype=torch.int32, device=device)
+    k2 = -(-f // 128) * 128
+    q2 = torch.full((m, k2), 99, dtype=torch.int8, device=device)
+    s2 = torch.zeros(m, device=device)
+    sum2 = torch.zeros(m, sum_columns(k2), device=device)
+    counter = torch.zeros(m, dtype=torch.int32, device=device)
+    for seed in (0, 1):
+        x = torch.randn(m, k, device=device, generator=torch.Generator(device).manual_seed(seed))
+        codes, scale, sums = quantize_rows_int8(x, w.qweight.shape[-1] * 8)
+        out = w4a8_rows(codes, scale, sums, w, out=torch.empty(m, f, device=device, dtype=torch.bfloat16),
+                        row_expert=row_expert, gate=gate, block_n=16, chunk=chunk, out_int8=(q2, s2, sum2, counter))
+        want = quantize_rows_int8_ref(out, k2)
+        assert torch.equal(q2, want[0]) and torch.equal(s2, want[1]) and torch.equal(sum2, want[2])
+        assert torch.equal(counter, torch.zeros_like(counter))
+    with pytest.raises(ValueError, match="counter"):
+        w4a8_rows(codes, scale, sums, w, row_expert=row_expert, gate=gate, out_int8=(q2, s2, sum2, counter[:2]))
