@@ -1,6 +1,7 @@
 """W4A8 for a few rows (batched decode): int4 plane words times int8 activations with ``dp4a``, a program a row.
 
-A candidate for batch 2..16 decode, where each routed expert row program of the decode kernels unpacks its
+The batched decode step's experts (fc1 and fc2 of a model with int8 activations, ``DecodePolicy.int8_rows`` and
+``int8_rows_fc2``, on CUDA since sessions 46 and 48), where each routed expert row program of the decode kernels unpacks its
 expert's int4 codes to floats (fc1 at batch 8 is bound by instruction issue: ~4.8 SASS instructions a code,
 benchmarks/results.md, session 38). Here the activation row is quantized to int8 once
 (:func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8`: a per-row scale, codes in plane-byte order, each 128-column
@@ -8,7 +9,9 @@ tile's code sum) and each 32-bit plane word of the weight meets its 8 activation
 nibbles masked in place (one instruction), the high ones shifted and masked (two), each set of four bytes one
 ``dp4a.u32.s32`` against the four int8 codes they pair with. Five instructions for eight codes; the exact int32 sum
 of a 128-column tile is scaled once per weight row by its group scale, and the zero point's share is ``zero *
-sum(x codes of the tile)``.
+sum(x codes of the tile)``. The K loop takes ``chunk`` tiles a step and loads every operand of the next step
+(weight words, scales, zero points, input codes and sums) before this step's products, so a program waits on
+``tiles / chunk`` dependent loads, not one a tile (session 48: fc2's 31 tiles at one a step were ~0.6 us each).
 
 So ``out = x_hat @ W_hat^T`` exactly up to float32 accumulation, as :func:`qmamba.kernels.w4a8_gemm.w4a8_gemm`
 (the same activation quantization, the same weight record: nothing is stored for this kernel); its reference twin
