@@ -8,8 +8,8 @@ generation runs it), then
    pure-PyTorch reference path (on CUDA: the eager reference backend; on CPU, where the timed path *is* the
    reference step: the prefill over prompt + tokens, an independent forward). Every position's top-1 token must
    agree, except where the reference's own top two logits are within ``tie_tolerance`` of its logit range
-   (a rounding-level tie, counted and reported). A fused step that runs the MoE's fc1 on int8 codes
-   (``DecodePolicy.int8_rows``) is checked against the reference twin that rounds its inputs the same way; where a
+   (a rounding-level tie, counted and reported). A fused step that runs the MoE's fc1 (and fc2) on int8 codes
+   (``DecodePolicy.int8_rows``, ``int8_rows_fc2``) is checked against the reference twin that rounds its inputs the same way; where a
    value at a code's rounding boundary went the other way in the two paths, its picks are checked again against
    the twin fed the step's own codes (:func:`same_codes_reference`). Anything else raises
    :class:`BenchCheckError`: no figure is reported for an unchecked path. The prefill that starts it is checked too
