@@ -2,7 +2,8 @@
 (:mod:`qmamba.kernels.decode_linear`) and of the fused step (:mod:`qmamba.fused_step`, which also passes its settings
 for the other decode-step kernels, :mod:`qmamba.kernels.decode_step` and :mod:`qmamba.kernels.w4a8_rows`, to them as
 arguments), never module state. :meth:`DecodePolicy.for_device` is the default of a device (the CUDA policy,
-:meth:`DecodePolicy.cuda`, with every fusion the GPU timings kept; the CPU one for the interpreter). The field comments and docstrings record the timings behind each choice (benchmarks/results.md has the runs).
+:meth:`DecodePolicy.cuda`, with every fusion the GPU timings kept; the CPU one for the interpreter). The field
+comments and docstrings record the timings behind each choice (benchmarks/results.md has the runs).
 The general matmuls' switches are :class:`qmamba.kernels.matmul_configs.MatmulPolicy`.
 """
 
