@@ -28,7 +28,7 @@ from qmamba.kernels.binary_matmul import binary_matmul
 from qmamba.kernels.decode_linear import decode_linear, decode_linear_ref
 from qmamba.kernels.decode_policy import DecodePolicy, pdl_supported
 from qmamba.kernels.quant_matmul import dequant_matmul
-from qmamba.kernels.w4a8_gemm import int8_rounded_ref, quantize_rows_int8, quantize_rows_int8_ref, sum_columns
+from qmamba.kernels.w4a8_gemm import int8_rounded_ref, int8_rows_buffers, quantize_rows_int8, quantize_rows_int8_ref
 from qmamba.kernels.w4a8_rows import w4a8_rows
 from qmamba.kernels.weights import BinaryWeight, PackedWeight, int32_words
 from qmamba.quant.formats import BinaryFormat, Int4Format, Int8Format
@@ -209,8 +209,7 @@ def bench_shape(name, n, k, experts, opts, rows, pdl, dev, result, only_variants
             out = torch.full((rows, n_out), float("nan"), device=dev, dtype=torch.bfloat16)
             q = quantize_rows_int8(x, int4.k_padded)
             k2 = -(-n_out // 128) * 128
-            out8 = (torch.zeros(rows, k2, dtype=torch.int8, device=dev), torch.ones(rows, device=dev),
-                    torch.zeros(rows, sum_columns(k2), device=dev), torch.zeros(rows, dtype=torch.int32, device=dev))
+            out8 = int8_rows_buffers(rows, k2, dev) + (torch.zeros(rows, dtype=torch.int32, device=dev),)
 
             def call(wc, out=out, bn=bn, wq=with_quantizer, q=q, chunk=chunk, after=after, out8=out8):
                 w4a8_rows(*(quantize_rows_int8(x, int4.k_padded) if wq else q), wc, out=out, gate=gated, block_n=bn,

@@ -122,8 +122,7 @@ def compile_w4a8(weight: PackedWeight, arch: int, block_m: int, block_n: int, wa
 def _int8_rows_out(rows: int, n: int):
     """``(codes, scale, sums, counter)`` buffers of :func:`qmamba.kernels.w4a8_rows.w4a8_rows`' ``out_int8``."""
     k_pad = -(-n // 128) * 128
-    return (torch.zeros(rows, k_pad, dtype=torch.int8), torch.ones(rows), torch.zeros(rows, wg.sum_columns(k_pad)),
-            torch.zeros(rows, dtype=torch.int32))
+    return wg.int8_rows_buffers(rows, k_pad, "cpu") + (torch.zeros(rows, dtype=torch.int32),)
 
 
 def compile_w4a8_rows(weight: PackedWeight, arch: int, rows: int = 8, block_n: int = 16, gate: str | None = None,

@@ -58,7 +58,7 @@ from qmamba.kernels.decode_linear import NormIn, NormOut, binary_denorm_of, deco
 from qmamba.kernels.decode_policy import DecodePolicy
 from qmamba.kernels.decode_step import add_norm, aligned_rows, dt_state_update
 from qmamba.kernels.fused_moe import gated_act, routed_matmul
-from qmamba.kernels.w4a8_gemm import quantize_rows_int8, sum_columns
+from qmamba.kernels.w4a8_gemm import int8_rows_buffers, quantize_rows_int8
 from qmamba.kernels.w4a8_rows import w4a8_rows
 from qmamba.kernels.weights import FMT_INT4_PLANES, BinaryWeight, PackedWeight
 from qmamba.quant.layout import INT4_TILE, INT4_X_PLANES, int4_x_planes_width
@@ -187,13 +187,9 @@ class FusedDecodeStep:
                    conv_scratch=None, idx=torch.empty(batch, device=device, dtype=torch.int32),
                    rwt=torch.empty(batch, **f32), xpl=None, acc=None, zeroed=None, wx=None, wy=None, wa=None)
         if any(self._int8_fc1(p, batch) for p in self.layers):  # x quantized to int8 by the add + norms
-            qpad = -(-d // INT4_TILE) * INT4_TILE
-            buf["xq"] = (torch.zeros(batch, qpad, device=device, dtype=torch.int8), torch.ones(batch, **f32),
-                         torch.zeros(batch, sum_columns(qpad), **f32))
+            buf["xq"] = int8_rows_buffers(batch, -(-d // INT4_TILE) * INT4_TILE, device)
         if any(self._int8_fc2(p, batch) for p in self.layers):  # fc1's output quantized to int8 for fc2
-            fpad = -(-ffn // INT4_TILE) * INT4_TILE
-            buf["aq"] = (torch.zeros(batch, fpad, device=device, dtype=torch.int8), torch.ones(batch, **f32),
-                         torch.zeros(batch, sum_columns(fpad), **f32))
+            buf["aq"] = int8_rows_buffers(batch, -(-ffn // INT4_TILE) * INT4_TILE, device)
             # fc1's programs of a row counted, where the last one quantizes it (DecodePolicy.int8_rows_fc2_fold)
             buf["acnt"] = torch.zeros(batch, device=device, dtype=torch.int32)
         if any(self._planes_read(w, batch, routed) and not (routed and self._int8_fc1(p, batch))

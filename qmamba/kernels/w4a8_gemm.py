@@ -196,6 +196,15 @@ def check_int8_k_pad(who: str, x: torch.Tensor, k_pad: int):
         raise ValueError(f"{who}: x must be [M, K] with K <= k_pad, k_pad a multiple of {INT4_TILE}")
 
 
+def int8_rows_buffers(rows: int, k_pad: int, device) -> tuple:
+    """Buffers for :func:`quantize_rows_int8`'s output (and every kernel that writes it in its place) of ``rows`` rows
+    of ``k_pad`` code columns: int8 codes (zeros), float32 scales (ones) and the tile sums, zeros (their padding
+    columns are never written)."""
+    return (torch.zeros(rows, k_pad, dtype=torch.int8, device=device),
+            torch.ones(rows, dtype=torch.float32, device=device),
+            torch.zeros(rows, sum_columns(k_pad), dtype=torch.float32, device=device))
+
+
 def quantize_rows_int8(x: torch.Tensor, k_pad: int, out=None, pdl: bool = False):
     """Triton twin of :func:`quantize_rows_int8_ref` (one program a row): ``(codes, scale, sums)``. ``out``: those
     three preallocated (the sums' columns past ``k_pad / 128`` zeroed once: never written); ``pdl`` (Hopper and newer,
@@ -204,9 +213,7 @@ def quantize_rows_int8(x: torch.Tensor, k_pad: int, out=None, pdl: bool = False)
     m = x.shape[0]
     tiles = k_pad // INT4_TILE
     if out is None:
-        out = (torch.empty(m, k_pad, dtype=torch.int8, device=x.device),
-               torch.empty(m, dtype=torch.float32, device=x.device),
-               torch.zeros(m, sum_columns(k_pad), dtype=torch.float32, device=x.device))
+        out = int8_rows_buffers(m, k_pad, x.device)
     codes, scale, sums = out
     if codes.shape != (m, k_pad) or codes.dtype != torch.int8 or scale.shape != (m,) or \
             sums.shape != (m, sum_columns(k_pad)) or scale.dtype != torch.float32 or sums.dtype != torch.float32:
