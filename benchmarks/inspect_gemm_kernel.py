@@ -152,6 +152,20 @@ def compile_w4a8_rows(weight: PackedWeight, arch: int, rows: int = 8, block_n: i
     return compile_recorded(real, args, dict(meta, ASM=True), arch)
 
 
+def compile_quantize_rows_int8(arch: int, rows: int = 8, k: int = 3872):
+    """The compiled int8 row quantizer (:func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8`: the batched step's fc2
+    input, fc1's output of ``k`` columns) for ``rows`` rows, with the meta-parameters a CUDA launch takes."""
+    recorder, real = _Recorder(wg._quantize_rows_int8_kernel), wg._quantize_rows_int8_kernel
+    wg._quantize_rows_int8_kernel = recorder
+    try:
+        wg.quantize_rows_int8(torch.randn(rows, k), -(-k // 128) * 128, pdl=True)
+    finally:
+        wg._quantize_rows_int8_kernel = real
+    _, args, meta = recorder.calls[-1]
+    meta = {key: v for key, v in meta.items() if key != "launch_pdl"}
+    return compile_recorded(real, args, dict(meta, CUDA=True), arch)
+
+
 def compile_route_int8(arch: int, tokens: int = 2048, d: int = 1472, quant: bool = True):
     """The compiled MoE routing kernel (:func:`qmamba.kernels.fused_moe.route_top1_int8`: the router's top-1 and,
     ``quant``, the row quantized to int8 for the W4A8 GEMM) for ``tokens`` rows of BlackMamba-2.8B's ``d`` in bf16

@@ -159,7 +159,7 @@ def _w4a8_rows_kernel(
         done = tl.atomic_add(cnt_ptr + m, 1, sem="acq_rel")
         if done == tl.num_programs(1) - 1:
             quantize_row_int8(out_ptr + m * som, son, N // 2 if GATE >= 0 else N, q2_ptr + m * sq2m, s2_ptr + m,
-                              sum2_ptr + m * ssum2, INT8_BLOCK, INT8_TILES, ASM, ".cg")
+                              sum2_ptr + m * ssum2, INT8_BLOCK, INT8_TILES, ASM, True)
             tl.store(cnt_ptr + m, 0)  # ready for the next call
 
 
