@@ -126,13 +126,16 @@ def _int8_rows_out(rows: int, n: int):
 
 
 def compile_w4a8_rows(weight: PackedWeight, arch: int, rows: int = 8, block_n: int = 16, gate: str | None = None,
-                      step: bool = False, row_scale: bool = False, chunk: int = 1, fold: bool = False):
+                      step: bool = False, row_scale: bool = False, chunk: int = 1, fold: bool = False,
+                      norm: bool = False):
     """The compiled W4A8 row-program kernel (:mod:`qmamba.kernels.w4a8_rows`: dp4a, a program a row) for ``rows``
     routed rows of ``weight``'s experts, with the inline PTX and the programmatic dependent launch a CUDA launch
     takes; ``step``: as the fused step runs a gated fc1 (``DecodePolicy.int8_rows``: the expert read after the wait,
     the output's input planes for fc2 written); ``row_scale``: each row times its routing weight (fc2's epilogue,
     ``DecodePolicy.int8_rows_fc2``); ``chunk``: 128-column tiles a step of its K loop; ``fold``: the last program of
-    a row quantizing it to int8 (``out_int8``, ``DecodePolicy.int8_rows_fc2_fold``)."""
+    a row quantizing it to int8 (``out_int8``, ``DecodePolicy.int8_rows_fc2_fold``); ``norm``: that last program
+    ending the row with the add + norm after it (``out_norm``, ``DecodePolicy.int8_rows_fc2_norm``)."""
+    from qmamba.kernels.row_norm import RowAddNorm
     from qmamba.quant.layout import INT4_X_PLANES, int4_x_planes_width
 
     recorder, real = _Recorder(wr._w4a8_rows_kernel), wr._w4a8_rows_kernel
@@ -144,7 +147,10 @@ def compile_w4a8_rows(weight: PackedWeight, arch: int, rows: int = 8, block_n: i
         wr.w4a8_rows(codes, scale, sums, weight, row_expert=torch.randint(0, EXPERTS, (rows,), dtype=torch.int32),
                      gate=gate, block_n=block_n, pdl=True, expert_ready=not step, out_planes=planes,
                      row_scale=torch.rand(rows) if row_scale else None, chunk=chunk,
-                     out_int8=_int8_rows_out(rows, n_out) if fold else None)
+                     out_int8=_int8_rows_out(rows, n_out) if fold else None,
+                     out_norm=RowAddNorm(torch.zeros(rows, n_out), torch.ones(n_out), None,
+                                         torch.zeros(rows, n_out, dtype=torch.bfloat16), 1e-5,
+                                         torch.zeros(rows, dtype=torch.int32)) if norm else None)
     finally:
         wr._w4a8_rows_kernel = real
     _, args, meta = recorder.calls[-1]

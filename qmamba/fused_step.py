@@ -58,6 +58,7 @@ from qmamba.kernels.decode_linear import NormIn, NormOut, binary_denorm_of, deco
 from qmamba.kernels.decode_policy import DecodePolicy
 from qmamba.kernels.decode_step import add_norm, aligned_rows, dt_state_update
 from qmamba.kernels.fused_moe import gated_act, routed_matmul
+from qmamba.kernels.row_norm import RowAddNorm
 from qmamba.kernels.w4a8_gemm import int8_rows_buffers, quantize_rows_int8
 from qmamba.kernels.w4a8_rows import w4a8_rows
 from qmamba.kernels.weights import FMT_INT4_PLANES, BinaryWeight, PackedWeight
@@ -192,6 +193,8 @@ class FusedDecodeStep:
             buf["aq"] = int8_rows_buffers(batch, -(-ffn // INT4_TILE) * INT4_TILE, device)
             # fc1's programs of a row counted, where the last one quantizes it (DecodePolicy.int8_rows_fc2_fold)
             buf["acnt"] = torch.zeros(batch, device=device, dtype=torch.int32)
+            # fc2's programs of a row counted, where the last one ends it with the add + norm after (int8_rows_fc2_norm)
+            buf["ncnt"] = torch.zeros(batch, device=device, dtype=torch.int32)
         if any(self._planes_read(w, batch, routed) and not (routed and self._int8_fc1(p, batch))
                for (w, routed), p in zip(self._x_readers(), [None] + self.layers)):
             # the int4 input planes of x, written by each add + norm, for the plane-word matrices that read x one row
@@ -302,6 +305,23 @@ class FusedDecodeStep:
         """The residual buffer the NormOut epilogues update in place (after the first add + norm wrote it)."""
         return buf["residual"][1 if self._split_planes(buf) else 0]
 
+    def _fc2_add_norm(self, buf, layer: int, batch: int) -> RowAddNorm | None:
+        """The add + norm after MoE layer ``layer`` for its fc2's last programs of a row to end with
+        (:attr:`DecodePolicy.int8_rows_fc2_norm`), or None where it stays a launch: fc2 on the W4A8 row programs and
+        a plain add + norm next (the next layer a Mamba one or the final norm; no planes, no norms in the GEMVs)."""
+        if not (self.policy.int8_rows_fc2_norm and self._int8_fc2(self.layers[layer], batch)):
+            return None
+        if buf["acc"] is not None or buf["xpl"] is not None:
+            return None
+        if layer + 1 < len(self.layers):
+            nxt = self.layers[layer + 1]
+            if isinstance(nxt, _MoePlan):  # (a router and int8 codes of x: add_norm's own)
+                return None
+            norm_w, norm_b = nxt.norm_w, None
+        else:
+            norm_w, norm_b = self.final_w, self.final_b
+        return RowAddNorm(buf["residual"][0], norm_w, norm_b, buf["x"], self.eps, buf["ncnt"])
+
     def _split_planes(self, buf) -> bool:
         return self.policy.norm_plane_programs > 1 and buf["xpl"] is not None
 
@@ -371,20 +391,27 @@ class FusedDecodeStep:
         fused = buf["acc"] is not None  # the add + norms between layers in the GEMVs around them (NormOut / NormIn)
         h = None
         n = len(self.layers)
+        normed = False  # the add + norm of this call already ended the last layer's fc2 (int8_rows_fc2_norm)
         for i, plan in enumerate(self.layers):
             views = buf["views"][i]
             moe = isinstance(plan, _MoePlan)
-            if not fused or i == 0:
+            if (not fused or i == 0) and not normed:
                 self._add_norm(buf, h, token_ids, plan.norm_w, i,
                                router=(plan.router_w, plan.router_b) if moe else None,
                                x_int8=self._int8_fc1(plan, batch))
             nin = self._norm_in(buf, i) if fused and i > 0 else None
             nout = self._norm_out(buf, i + 1) if fused else None
-            h = self._moe(buf, plan, views, nin, nout, i) if moe else self._mamba(buf, plan, views, state, nin, nout, i)
+            if moe:
+                end_norm = self._fc2_add_norm(buf, i, batch)
+                h = self._moe(buf, plan, views, nin, nout, i, end_norm)
+                normed = end_norm is not None
+            else:
+                h = self._mamba(buf, plan, views, state, nin, nout, i)
+                normed = False
         nin = None
         if fused and self.final_b is None:
             nin = self._norm_in(buf, n)
-        else:
+        elif not normed:
             self._add_norm(buf, h, token_ids, self.final_w, n, norm_b=self.final_b)
         return self._linear(buf["x"], self.head, buf["logits"], bias=self.head_bias, x_planes=buf["xpl"],
                             x_plane_sums=nin is None, x_word_sums=self._consumer_sums(buf, nin, n),
@@ -448,7 +475,7 @@ class FusedDecodeStep:
                             **({"norm_out": nout} if nout is not None else {}))
 
     def _moe(self, buf, plan: _MoePlan, views, nin: NormIn | None = None, nout: NormOut | None = None,
-             layer: int = 0):
+             layer: int = 0, end_norm: RowAddNorm | None = None):
         h1, out = views
         ffn = plan.fc1.n // 2 if plan.gated else plan.fc1.n
         act = buf["act"][:, :ffn]
@@ -486,7 +513,7 @@ class FusedDecodeStep:
                              block_n=self.policy.int8_rows_block_n_for(self.policy.int8_rows_fc2_block_n,
                                                                        out.shape[0], plan.fc2.n),
                              chunk=self.policy.int8_rows_fc2_chunk, pdl=self.policy.pdl,
-                             expert_ready=self.policy.expert_prefetch)
+                             expert_ready=self.policy.expert_prefetch, out_norm=end_norm)
         # the router (in the add-norm kernel) ran before fc1: fc2 may read its expert's tile before fc1 is done
         kw = {}
         if nin is not None:

@@ -205,6 +205,10 @@ class DecodePolicy:
     int8_rows_fc2_fold: bool = False  # with int8_rows_fc2: no quantizer launch between fc1 and fc2; the last of fc1's
     #                              programs of a row to finish quantizes the row (w4a8_rows' out_int8: a counter a
     #                              row). Built in session 48 with no device time left: not timed, off
+    int8_rows_fc2_norm: bool = False  # with int8_rows_fc2: no add + norm launch after an MoE layer whose next add +
+    #                              norm is a plain one (no router, planes or int8 codes: the next layer a Mamba one,
+    #                              or the final norm); the last of fc2's programs of a row to finish ends the row with
+    #                              it (w4a8_rows' out_norm). Built in session 49: not timed, off
     int8_rows_chunk: int = 1     # with int8_rows: 128-column tiles a step of fc1's K loop (w4a8_rows' chunk: every
     #                              operand of the next step loaded before this one's products, so that a program
     #                              waits on tiles / chunk dependent loads instead of one a tile)

@@ -20,22 +20,13 @@ import torch.nn.functional as F
 
 from qmamba.kernels._triton import cdiv, jit, next_pow2, pdl_launch, tl
 from qmamba.kernels.input_planes import add_word_sums, store_x_planes
+from qmamba.kernels.row_norm import normed, row_stats
 from qmamba.kernels.selective_scan import _softplus
 from qmamba.kernels.w4a8_gemm import check_int8_operands, int8_codes, int8_row_scale, plane_byte_columns
 from qmamba.quant.layout import check_word_sums, check_x_planes
 
 
 # ---- kernels ---------------------------------------------------------------------------------------------------------
-@jit
-def _normed(r, dm, mean, rstd, nw, nb, LAYERNORM: tl.constexpr, out_ty: tl.constexpr):
-    """The norm of the fp32 values ``r`` given the row's ``mean`` / ``rstd``, as the stored type ``out_ty``."""
-    if LAYERNORM:
-        y = tl.where(dm, r - mean, 0.0) * rstd * nw + nb
-    else:
-        y = r * rstd * nw
-    return y.to(out_ty)
-
-
 @jit
 def _store_planes(xpl_row, cols, y, KPAD: tl.constexpr):
     """The int4 input planes of the stored values ``y`` at ``cols`` (whole 128-column tiles, starting at a tile):
@@ -121,16 +112,10 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, o
         r = tl.load(h_ptr + b * sh_b + d, mask=dm, other=0.0).to(tl.float32)
         if HAS_RES:
             r += tl.load(rin_ptr + b * sri_b + d, mask=dm, other=0.0)
-    mean = 0.0
-    if LAYERNORM:
-        mean = tl.sum(r, axis=0) / D
-        c = tl.where(dm, r - mean, 0.0)
-        rstd = tl.rsqrt(tl.sum(c * c, axis=0) / D + eps)
-    else:
-        rstd = tl.rsqrt(tl.sum(r * r, axis=0) / D + eps)
+    mean, rstd = row_stats(r, dm, D, eps, LAYERNORM)
     if part == 0:
         tl.store(res_ptr + b * sr_b + d, r, mask=dm)
-        y = _normed(r, dm, mean, rstd, nw, nb, LAYERNORM, out_ty)
+        y = normed(r, dm, mean, rstd, nw, nb, LAYERNORM, out_ty)
         tl.store(out_ptr + b * so_b + d, y, mask=dm)
         if X_PLANES and not SPLIT:
             _store_planes(xpl_ptr + b * sxpl_b, d, y, KPAD)
@@ -156,7 +141,7 @@ def _add_norm_kernel(h_ptr, ids_ptr, emb_ptr, rin_ptr, res_ptr, w_ptr, nb_ptr, o
         nbs = nws
         if LAYERNORM:
             nbs = tl.load(nb_ptr + ds, mask=dsm, other=0.0).to(tl.float32)
-        ys = tl.where(dsm, _normed(rs, dsm, mean, rstd, nws, nbs, LAYERNORM, out_ty), 0.0)
+        ys = tl.where(dsm, normed(rs, dsm, mean, rstd, nws, nbs, LAYERNORM, out_ty), 0.0)
         _store_planes(xpl_ptr + b * sxpl_b, ds, ys, KPAD)
 
 

@@ -1,8 +1,8 @@
 """W4A8 for a few rows (batched decode): int4 plane words times int8 activations with ``dp4a``, a program a row.
 
 The batched decode step's experts (fc1 and fc2 of a model with int8 activations, ``DecodePolicy.int8_rows`` and
-``int8_rows_fc2``, on CUDA since sessions 46 and 48), where each routed expert row program of the decode kernels unpacks its
-expert's int4 codes to floats (fc1 at batch 8 is bound by instruction issue: ~4.8 SASS instructions a code,
+``int8_rows_fc2``, on CUDA since sessions 46 and 48), where each routed expert row program of the decode kernels
+unpacks its expert's int4 codes to floats (fc1 at batch 8 is bound by instruction issue: ~4.8 SASS instructions a code,
 benchmarks/results.md, session 38). Here the activation row is quantized to int8 once
 (:func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8`: a per-row scale, codes in plane-byte order, each 128-column
 tile's code sum) and each 32-bit plane word of the weight meets its 8 activation codes in two ``dp4a``: the low
@@ -26,6 +26,7 @@ from qmamba.kernels._triton import cdiv, jit, next_pow2, pdl_launch, tl
 from qmamba.kernels.activations import ACTIVATION_IDS, activate
 from qmamba.kernels.dequant_gemm import weight_rows
 from qmamba.kernels.input_planes import add_word_sums, store_x_planes
+from qmamba.kernels.row_norm import RowAddNorm, add_norm_row, check_row_add_norm
 from qmamba.kernels.w4a8_gemm import check_int8_operands, quantize_row_int8, w4a8_operands
 from qmamba.kernels.weights import PackedWeight
 from qmamba.quant.layout import INT4_TILE, check_word_sums, check_x_planes
@@ -81,13 +82,14 @@ def _input_chunk(x_row, x_cols, xsum_row, cc, c, TILES: tl.constexpr, CHUNK: tl.
 @jit
 def _w4a8_rows_kernel(
     q_ptr, xs_ptr, xsum_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rscale_ptr, rexp_ptr, opl_ptr, ows_ptr,
-    q2_ptr, s2_ptr, sum2_ptr, cnt_ptr,
-    N, sqm, ssum, som, son, swe, swn, sse, ssn, sze, szn, sopl_m, sows_m, sq2m, ssum2,
+    q2_ptr, s2_ptr, sum2_ptr, cnt_ptr, res_ptr, nw_ptr, nb_ptr, xo_ptr,
+    N, sqm, ssum, som, son, swe, swn, sse, ssn, sze, szn, sopl_m, sows_m, sq2m, ssum2, sres, sxo, eps,
     TILES: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr,
     ROUTED: tl.constexpr, ASM: tl.constexpr, GATE: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
     EXPERT_READY: tl.constexpr = True, OUT_PLANES: tl.constexpr = False, OPL_K: tl.constexpr = 1,
     OUT_WSUMS: tl.constexpr = False, CHUNK: tl.constexpr = 1, OUT_INT8: tl.constexpr = False,
-    INT8_BLOCK: tl.constexpr = 128, INT8_TILES: tl.constexpr = 1,
+    INT8_BLOCK: tl.constexpr = 128, INT8_TILES: tl.constexpr = 1, OUT_NORM: tl.constexpr = False,
+    NORM_BLOCK: tl.constexpr = 128, LAYERNORM: tl.constexpr = False,
 ):
     """Program (row m, block of weight rows): ``out[m, n] = (sum over tiles of scale * (dot - zero * xsum)) *
     xscale[m]`` (+ bias, ``GATE``: ``act(gate) * up`` of the block's gate rows then up rows as the W4A8 GEMM's,
@@ -99,7 +101,9 @@ def _w4a8_rows_kernel(
     GEMV after it (the fused step's fc2), as the decode kernels' epilogue writes them. ``OUT_INT8``: the last
     program of row m to finish (a counter a row, back to 0 after) quantizes the whole stored row to int8 as
     :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8` does (``INT8_TILES`` tiles, read from L2), the input of a
-    W4A8 kernel after it, in place of a launch of its own."""
+    W4A8 kernel after it, in place of a launch of its own. ``OUT_NORM``: that last program ends the row with the add
+    + norm after it (:func:`qmamba.kernels.row_norm.add_norm_row`: ``residual += out``, ``x_out = norm(residual)``),
+    the fused step's add + norm after an MoE layer, in place of its launch."""
     m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     n, n_ok = weight_rows(pid_n, N, BLOCK_N, GATE)
@@ -154,19 +158,23 @@ def _w4a8_rows_kernel(
         store_x_planes(opl_ptr + m * sopl_m, n, yq.to(tl.float32), n_ok, OPL_K)
     if OUT_WSUMS:
         add_word_sums(ows_ptr + m * sows_m, n, yq.to(tl.float32), n_ok)
-    if OUT_INT8:  # every thread's stores, then one release of them with the count; the last program reads them all
-        tl.debug_barrier()
+    if OUT_INT8 or OUT_NORM:  # every thread's stores, then one release of them with the count; the last program
+        tl.debug_barrier()    # of the row reads them all
         done = tl.atomic_add(cnt_ptr + m, 1, sem="acq_rel")
         if done == tl.num_programs(1) - 1:
-            quantize_row_int8(out_ptr + m * som, son, N // 2 if GATE >= 0 else N, q2_ptr + m * sq2m, s2_ptr + m,
-                              sum2_ptr + m * ssum2, INT8_BLOCK, INT8_TILES, ASM, True)
+            if OUT_INT8:
+                quantize_row_int8(out_ptr + m * som, son, N // 2 if GATE >= 0 else N, q2_ptr + m * sq2m, s2_ptr + m,
+                                  sum2_ptr + m * ssum2, INT8_BLOCK, INT8_TILES, ASM, True)
+            else:
+                add_norm_row(out_ptr + m * som, son, res_ptr + m * sres, nw_ptr, nb_ptr, xo_ptr + m * sxo,
+                             N // 2 if GATE >= 0 else N, eps, NORM_BLOCK, LAYERNORM, True)
             tl.store(cnt_ptr + m, 0)  # ready for the next call
 
 
 def w4a8_rows(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row_expert=None, row_scale=None,
               gate: str | None = None, block_n: int = 32, num_warps: int = 4, pdl: bool = False,
               expert_ready: bool = True, out_planes=None, out_word_sums=None, chunk: int = 1,
-              out_int8=None) -> torch.Tensor:
+              out_int8=None, out_norm: RowAddNorm | None = None) -> torch.Tensor:
     """``out [M, N] <- (x_hat @ W_hat^T + bias) * row_scale`` (row m on expert ``row_expert[m]`` of a stack) from
     :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8`'s ``codes, scale, sums`` and int4 plane words (group size a
     multiple of 128), a program a row and ``block_n`` weight rows. ``gate`` (an activation of
@@ -180,7 +188,9 @@ def w4a8_rows(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row
     products (a chain of ``tiles / chunk`` dependent loads a program). ``out_int8 = (codes, scale, sums, counter)``:
     the stored output also quantized to int8 per row as :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8` would
     (its ``(codes, scale, sums)`` for ``k_pad`` columns, the sums' padding zeroed once), by the last program of each
-    row to finish; ``counter`` is int32 ``[M]``, zeros before the first call, left at zeros after each. ``out``
+    row to finish; ``counter`` is int32 ``[M]``, zeros before the first call, left at zeros after each. ``out_norm``
+    (a :class:`qmamba.kernels.row_norm.RowAddNorm`; not with ``out_int8``): that last program of a row also adds the
+    stored row into the residual and writes its norm (``add_norm``'s without router, planes or int8 codes). ``out``
     defaults to a new bfloat16 tensor."""
     out = w4a8_operands("w4a8_rows", codes, sums, weight, out, gate, block_n)
     if weight.n_experts != 1 and row_expert is None:
@@ -204,6 +214,10 @@ def w4a8_rows(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row
         if not (isinstance(counter, torch.Tensor) and tuple(counter.shape) == (m,) and counter.dtype == torch.int32
                 and counter.is_contiguous()):
             raise ValueError(f"w4a8_rows: out_int8's counter must be contiguous [{m}] int32 (zeros)")
+    if out_norm is not None:
+        if out_int8 is not None:
+            raise ValueError("w4a8_rows: out_norm and out_int8 are both the last program's work: one at a time")
+        check_row_add_norm("w4a8_rows", out_norm, m, n_out)
     if m == 0:
         return out
     words = codes.view(torch.int32)
@@ -214,16 +228,24 @@ def w4a8_rows(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row
         words, scale, sums, out, q, s, z, bias if bias is not None else dummy,
         row_scale if row_scale is not None else dummy, row_expert if row_expert is not None else dummy,
         out_planes if out_planes is not None else dummy, out_word_sums if out_word_sums is not None else dummy,
-        *((q2, s2, sum2, counter) if q2 is not None else (dummy,) * 4),
+        *((q2, s2, sum2, counter) if q2 is not None else (dummy, dummy, dummy,
+                                                            out_norm.counter if out_norm is not None else dummy)),
+        *((out_norm.residual, out_norm.norm_w, out_norm.norm_b if out_norm.norm_b is not None else out_norm.norm_w,
+           out_norm.x_out) if out_norm is not None else (dummy,) * 4),
         weight.n, words.stride(0), sums.stride(0), out.stride(0), out.stride(1), q.stride(0), q.stride(1),
         s.stride(0), s.stride(1), z.stride(0), z.stride(1), out_planes.stride(0) if out_planes is not None else 0,
         out_word_sums.stride(0) if out_word_sums is not None else 0,
         q2.stride(0) if q2 is not None else 0, sum2.stride(0) if q2 is not None else 0,
+        out_norm.residual.stride(0) if out_norm is not None else 0, out_norm.x_out.stride(0) if out_norm is not None
+        else 0, float(out_norm.eps) if out_norm is not None else 0.0,
         TILES=k_pad // INT4_TILE, GROUP=weight.group_size, HAS_BIAS=bias is not None,
         HAS_RSCALE=row_scale is not None, ROUTED=row_expert is not None, ASM=codes.is_cuda,
         GATE=-1 if gate is None else ACTIVATION_IDS[gate], PDL=pdl, BLOCK_N=block_n,
         EXPERT_READY=expert_ready, OUT_PLANES=out_planes is not None, OPL_K=opl_k,
         OUT_WSUMS=out_word_sums is not None, CHUNK=chunk, OUT_INT8=q2 is not None,
-        INT8_BLOCK=next_pow2(k2_pad) if q2 is not None else 128, INT8_TILES=k2_pad // INT4_TILE if q2 is not None else 1,
+        INT8_BLOCK=next_pow2(k2_pad) if q2 is not None else 128,
+        INT8_TILES=k2_pad // INT4_TILE if q2 is not None else 1,
+        OUT_NORM=out_norm is not None, NORM_BLOCK=next_pow2(n_out) if out_norm is not None else 128,
+        LAYERNORM=out_norm is not None and out_norm.norm_b is not None,
         num_warps=num_warps, **pdl_launch(pdl))
     return out

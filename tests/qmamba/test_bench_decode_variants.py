@@ -217,6 +217,12 @@ def test_int8_rows_variants():
     assert not CUDA.int8_rows_fc2_fold  # built in session 48, not timed
     v = policy_variant(CUDA, "int8fold")
     assert v.int8_rows_fc2 and v.int8_rows_fc2_fold and not policy_variant(v, "noint8fold").int8_rows_fc2_fold
+    assert not CUDA.int8_rows_fc2_norm  # built in session 49, not timed
+    v = policy_variant(CUDA, "int8norm")
+    assert v.int8_rows_fc2 and v.int8_rows_fc2_norm and not v.int8_rows_fc2_fold
+    assert not policy_variant(v, "noint8norm").int8_rows_fc2_norm
+    v = policy_variant(CUDA, "int8foldnorm")
+    assert v.int8_rows_fc2_norm and v.int8_rows_fc2_fold
 
 
 def _int8_twin_run(seed: int, steps: int):

@@ -557,6 +557,9 @@ r = ig.report(ig.compile_w4a8_rows(w, 90, rows=8, block_n=p.int8_rows_block_n, g
                                    chunk=p.int8_rows_chunk, fold=True))
 print("foldrows", r["stack"], r["ops"]["IDP"], r["ops"].get("ATOMG", 0) + r["ops"].get("RED", 0))
 print("quantrows", ig.report(ig.compile_quantize_rows_int8(90))["stack"])
+r = ig.report(ig.compile_w4a8_rows(ig.planes_stack(*ig.SHAPES["fc2"]), 90, rows=8, block_n=p.int8_rows_fc2_block_n,
+                                   row_scale=True, chunk=p.int8_rows_fc2_chunk, norm=True))
+print("normrows", r["stack"], r["ops"]["IDP"], r["ops"].get("ATOMG", 0) + r["ops"].get("RED", 0))
 c = ig.compile_route_int8(90)
 r = ig.report(c)
 print("route", r["stack"], c.asm["ptx"].count("mul.rn."), c.asm["ptx"].count("div.rn.f32"), r["ops"]["FRND"])
@@ -577,7 +580,8 @@ def test_w4a8_kernels_compile_for_sm90():
     read after the wait, fc2's input planes written), and fc2 on them (``int8_rows_fc2``: 32 weight rows a program,
     the routing weight in the epilogue), and both at the CUDA policy's rows a program and tiles a step of their K
     loops (``int8_rows_chunk``, ``int8_rows_fc2_chunk``), fc1 also with its last program of a row quantizing it for
-    fc2 (``int8_rows_fc2_fold``), and the quantizer of fc2's input on its own (``quantize_rows_int8``). The MoE's routing kernel that also quantizes its rows to int8 for the W4A8
+    fc2 (``int8_rows_fc2_fold``), and the quantizer of fc2's input on its own (``quantize_rows_int8``), fc2 with its last program of a row ending
+    it with the add + norm after it (``int8_rows_fc2_norm``). The MoE's routing kernel that also quantizes its rows to int8 for the W4A8
     GEMM (``route_top1_int8``, BlackMamba-2.8B's d = 1472 in bf16) compiles without spills, with the quantizer's
     IEEE operations: ``mul.rn`` (not fused into an FMA with the + 0.5), the two ``div.rn`` of the scale and its
     reciprocal, and the floor (``FRND``); its logits, sigmoid and argmax are the plain routing kernel's operations in
@@ -601,6 +605,8 @@ def test_w4a8_kernels_compile_for_sm90():
     # the quantizer of fc2's input on its own (its row code shared with the fold; session 48's string default did not
     # compile with Triton 3.6 and the interpreter did not see it)
     assert next(line.split() for line in stdout.splitlines() if line.startswith("quantrows "))[1] == "0", stdout
+    norm = next(line.split() for line in stdout.splitlines() if line.startswith("normrows "))  # int8_rows_fc2_norm
+    assert norm[1] == "0" and int(norm[2]) >= 8 and int(norm[3]) >= 1, stdout
     assert route[1] == "0" and int(route[2]) >= 1 and int(route[3]) >= 2 and int(route[4]) >= 1, stdout
     logits = next(line.split() for line in stdout.splitlines() if line.startswith("routelogits "))
     assert int(logits[1]) >= 100 and logits[2] == "1" and logits[3] == "0", stdout  # the plain routing's own code

@@ -5,7 +5,9 @@ refused."""
 import pytest
 import torch
 
+from qmamba.kernels.decode_step import add_norm_ref
 from qmamba.kernels.fused_moe import gated_act_ref
+from qmamba.kernels.row_norm import RowAddNorm
 from qmamba.kernels.w4a8_gemm import quantize_rows_int8, quantize_rows_int8_ref, sum_columns, w4a8_gemm_ref
 from qmamba.kernels.w4a8_rows import w4a8_rows
 from qmamba.quant.formats import Int4Format
@@ -120,3 +122,38 @@ def test_last_program_of_a_row_quantizes_it_to_int8(gate, chunk, device):
         assert torch.equal(counter, torch.zeros_like(counter))
     with pytest.raises(ValueError, match="counter"):
         w4a8_rows(codes, scale, sums, w, row_expert=row_expert, gate=gate, out_int8=(q2, s2, sum2, counter[:2]))
+
+
+@pytest.mark.parametrize("layernorm,chunk", [(False, 1), (False, 8), (True, 2)])
+def test_last_program_of_a_row_ends_it_with_the_add_and_norm(layernorm, chunk, device):
+    """``out_norm``: as the fused step's fc2 (the routing weight in the epilogue), the last of a row's programs to
+    finish adds the stored row into the residual and writes its norm (RMSNorm, or LayerNorm with a bias) into
+    ``x_out``, as :func:`add_norm_ref` computes them from the stored output; 150 columns (not a power of two) over
+    10 programs a row; the counter back at zero, so a second call on other inputs is right too."""
+    m, k, d, experts = 3, 256, 150, 3
+    w = planes_weight(d, k, device, experts=experts, seed=5)
+    row_expert = torch.tensor([2, 0, 2], dtype=torch.int32, device=device)
+    row_scale = torch.rand(m, device=device) + 0.5
+    norm_w = torch.randn(d, device=device)
+    norm_b = torch.randn(d, device=device) if layernorm else None
+    residual = torch.randn(m, d, device=device)
+    x_out = torch.full((m, d), 7.0, device=device, dtype=torch.bfloat16)
+    counter = torch.zeros(m, dtype=torch.int32, device=device)
+    spec = RowAddNorm(residual, norm_w, norm_b, x_out, 1e-5, counter)
+    for seed in (0, 1):
+        x = torch.randn(m, k, device=device, generator=torch.Generator(device).manual_seed(seed))
+        codes, scale, sums = quantize_rows_int8(x, w.qweight.shape[-1] * 8)
+        res_before = residual.clone()
+        out = w4a8_rows(codes, scale, sums, w, out=torch.empty(m, d, device=device), row_expert=row_expert,
+                        row_scale=row_scale, block_n=16, chunk=chunk, out_norm=spec)
+        want_res, want_x, _, _ = add_norm_ref(res_before, norm_w, 1e-5, h=out, norm_b=norm_b)
+        torch.testing.assert_close(residual, want_res, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(x_out.float(), want_x.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
+        assert torch.equal(counter, torch.zeros_like(counter))
+    with pytest.raises(ValueError, match="counter"):
+        w4a8_rows(codes, scale, sums, w, row_expert=row_expert, out_norm=spec._replace(counter=counter[:2]))
+    with pytest.raises(ValueError, match="residual"):
+        w4a8_rows(codes, scale, sums, w, row_expert=row_expert, out_norm=spec._replace(residual=residual[:, :-1]))
+    with pytest.raises(ValueError, match="one at a time"):
+        w4a8_rows(codes, scale, sums, w, row_expert=row_expert, out_norm=spec,
+                  out_int8=(codes, scale, sums, counter))
