@@ -49,8 +49,11 @@ def _spill_free_but_joint_fc1(lines) -> bool:
 
 def _compiled(*argv, timeout: int):
     """Run ``python *argv`` with Triton compiling (not interpreting) and the checkout importable; its stdout, or a
-    failure with the end of its output."""
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
+    failure with the end of its output. The caller's ``PYTHONPATH`` is kept after the checkout, so a Triton on it
+    compiles here too (``.ci/run`` runs these tests again with the device image's Triton 3.6 that way: session 48's
+    quantizer compiled with 3.9 and not with 3.6, and until session 49 this function dropped that path)."""
+    path = os.environ.get("PYTHONPATH")
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT) + (os.pathsep + path if path else ""))
     run = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=timeout)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run.stdout
