@@ -10,7 +10,9 @@
 # in_proj's epilogue, took the early reads; session 39 removed out_proj's early NormOut reads and 8 int4 rows a routed
 # row program, took the batched step's general kernels as programmatic dependents and their early first tile; session
 # 40 timed the W4A8 prefill route, not yet its kernel table; session 41 built W4A8's gated epilogue, W x^T
-# tiles and dp4a row programs, timed them and removed session 39's pair candidate).
+# tiles and dp4a row programs, timed them and removed session 39's pair candidate; sessions 46-48 took the dp4a row
+# programs into batch 8's step; session 49 had no GPU time: its fix of the int8 quantizer for Triton 3.6 and the
+# last-program add + norm are below, untimed).
 #
 #   bash scripts/gpu_pending.sh [OUT_DIR [STEP ...]]   # logs and JSON under OUT_DIR [${OUT:-runs/gpu-pending}];
 #                                                       # STEPs: a subset of those below (default: all, in order)
@@ -27,7 +29,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="w4a8 w4a8_prefill w4a8_rows matmul_table"  # the step lines below, in order
+ALL_STEPS="folds fold_kernels profile8 w4a8 w4a8_prefill w4a8_rows matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -42,6 +44,17 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" \
   || exit 1
 
+# batch 8's step with the last programs' epilogues (both built off, untimed): fc2's int8 input quantized by fc1's last
+# program of a row (int8fold, session 48: DecodePolicy.int8_rows_fc2_fold), the add + norm after each MoE layer by
+# fc2's last program of a row (int8norm, session 49: int8_rows_fc2_norm), and both; first the greedy tokens checked
+step folds "$PY" benchmarks/bench_decode.py --out "$DEST/folds.json" --formats int4_g128 --batches 8 --rounds 3 \
+  --check-steps 8 --variants default,int8fold,int8norm,int8foldnorm
+# the fold alone: fc1 with the quantizer of its output as a launch after it, against its last programs quantizing
+step fold_kernels "$PY" benchmarks/bench_decode_linear.py --out "$DEST/fold_kernels.json" --rows 8 --only fc1_gated \
+  --variants w4a8_rows_bn32c4_thenq,w4a8_rows_bn32c4_fold
+# where batch 8's time goes since session 48's defaults (fc2 on int8 codes; not profiled yet)
+step profile8 "$PY" benchmarks/profile_decode.py --format int4_g128 --batch 8 --out "$DEST/profile8.json"
+
 # the W4A8 GEMM candidate (session 40: int4 plane words times int8 activations on int8 tensor cores; off by
 # default) against cuBLAS bf16 and the runtime's int4 matmul at prefill sizes, every output checked first; session
 # 41's tiles with the product taken as W x^T (the suffix l) among them
@@ -52,8 +65,8 @@ step w4a8 "$PY" benchmarks/bench_w4a8.py --json "$DEST/w4a8.json" --m 256,2048 -
 step w4a8_prefill "$PY" benchmarks/profile_prefill.py --format int4_cli --graph \
   --experts tiles,w4a8,w4a8_ungated,w4a8_r,w4a8_l128
 
-# int8 activations for batch 8's routed experts: dp4a row programs (qmamba.kernels.w4a8_rows, session 41; not in the
-# step) against the step's routed row programs, the kernels alone, every output checked first
+# int8 activations for batch 8's routed experts: dp4a row programs (qmamba.kernels.w4a8_rows, session 41; in the step
+# since session 46) against the float-input routed row programs, the kernels alone, every output checked first
 step w4a8_rows "$PY" benchmarks/bench_decode_linear.py --out "$DEST/w4a8_rows.json" --rows 8 --only fc1_gated,fc2 \
   --variants rowprog,w4a8_rows_bn16,w4a8_rows_bn32,w4a8_rows_bn64,w4a8_rows_q
 
