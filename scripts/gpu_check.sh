@@ -28,4 +28,6 @@ case " $* " in *" -n "*|*" -n"[0-9]*) workers=0 ;; esac
 if [ "$workers" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
   set -- -n "$workers" "$@"
 fi
-exec "$PY" -m pytest -q -p no:cacheprovider "$@"
+# the slowest tests named at the end, and the stacks of any test still running after 240 s dumped (a hang shows
+# where it is; session 49's first call ran out of time with nothing to show why)
+exec "$PY" -m pytest -q -p no:cacheprovider --durations=15 -o faulthandler_timeout=240 "$@"
