@@ -29,7 +29,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="folds fold_kernels profile8 w4a8 w4a8_prefill w4a8_rows matmul_table"  # the step lines below, in order
+ALL_STEPS="folds fold_kernels profile8 batches w4a8 w4a8_prefill w4a8_rows matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -54,6 +54,10 @@ step fold_kernels "$PY" benchmarks/bench_decode_linear.py --out "$DEST/fold_kern
   --variants w4a8_rows_bn32c4_thenq,w4a8_rows_bn32c4_fold
 # where batch 8's time goes since session 48's defaults (fc2 on int8 codes; not profiled yet)
 step profile8 "$PY" benchmarks/profile_decode.py --format int4_g128 --batch 8 --out "$DEST/profile8.json"
+# batches 2 and 4 with session 48's program floor (DecodePolicy.int8_rows_block_n_for: fewer W4A8 rows a program
+# while the grid is under min_programs), beside bf16: never timed
+step batches "$PY" benchmarks/bench_decode.py --out "$DEST/batches.json" --formats int4_g128,bf16 --batches 2,4 \
+  --rounds 2 --check-steps 6 --variants default
 
 # the W4A8 GEMM candidate (session 40: int4 plane words times int8 activations on int8 tensor cores; off by
 # default) against cuBLAS bf16 and the runtime's int4 matmul at prefill sizes, every output checked first; session
