@@ -205,19 +205,21 @@ def w4a8_rows(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row
         raise ValueError(f"w4a8_rows: chunk must be a power of two, got {chunk}")
     m, k_pad = codes.shape
     n_out = out.shape[1]
-    q2 = None
+    q2 = counter = None  # (the counter of the rows' programs, where the last one of a row has work: either epilogue)
     if out_int8 is not None:
         if not (isinstance(out_int8, (tuple, list)) and len(out_int8) == 4):
             raise ValueError("w4a8_rows: out_int8 must be (codes, scale, sums, counter)")
         q2, s2, sum2, counter = out_int8
         k2_pad = check_int8_operands("w4a8_rows out_int8", (q2, s2, sum2), m, n_out)
-        if not (isinstance(counter, torch.Tensor) and tuple(counter.shape) == (m,) and counter.dtype == torch.int32
-                and counter.is_contiguous()):
-            raise ValueError(f"w4a8_rows: out_int8's counter must be contiguous [{m}] int32 (zeros)")
     if out_norm is not None:
         if out_int8 is not None:
             raise ValueError("w4a8_rows: out_norm and out_int8 are both the last program's work: one at a time")
         check_row_add_norm("w4a8_rows", out_norm, m, n_out)
+        counter = out_norm.counter
+    if counter is not None and not (isinstance(counter, torch.Tensor) and tuple(counter.shape) == (m,)
+                                    and counter.dtype == torch.int32 and counter.is_contiguous()):
+        raise ValueError(f"w4a8_rows: {'out_int8' if q2 is not None else 'out_norm'}'s counter must be contiguous "
+                         f"[{m}] int32 (zeros)")
     if m == 0:
         return out
     words = codes.view(torch.int32)
@@ -228,8 +230,7 @@ def w4a8_rows(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row
         words, scale, sums, out, q, s, z, bias if bias is not None else dummy,
         row_scale if row_scale is not None else dummy, row_expert if row_expert is not None else dummy,
         out_planes if out_planes is not None else dummy, out_word_sums if out_word_sums is not None else dummy,
-        *((q2, s2, sum2, counter) if q2 is not None else (dummy, dummy, dummy,
-                                                            out_norm.counter if out_norm is not None else dummy)),
+        *((q2, s2, sum2) if q2 is not None else (dummy,) * 3), counter if counter is not None else dummy,
         *((out_norm.residual, out_norm.norm_w, out_norm.norm_b if out_norm.norm_b is not None else out_norm.norm_w,
            out_norm.x_out) if out_norm is not None else (dummy,) * 4),
         weight.n, words.stride(0), sums.stride(0), out.stride(0), out.stride(1), q.stride(0), q.stride(1),
