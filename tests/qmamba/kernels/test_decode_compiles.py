@@ -588,10 +588,11 @@ def test_w4a8_kernels_compile_for_sm90():
     read after the wait, fc2's input planes written), and fc2 on them (``int8_rows_fc2``: 32 weight rows a program,
     the routing weight in the epilogue), and both at the CUDA policy's rows a program and tiles a step of their K
     loops (``int8_rows_chunk``, ``int8_rows_fc2_chunk``), fc1 also with its last program of a row quantizing it for
-    fc2 (``int8_rows_fc2_fold``), and the quantizer of fc2's input on its own (``quantize_rows_int8``), fc2 with its last program of a row ending
-    it with the add + norm after it (``int8_rows_fc2_norm``), and both without masked loads (``int8_rows_unmasked``:
-    no register zero-filled for a load, ``CS2R``; 33 and 32 with masks). The MoE's routing kernel that also quantizes its rows to int8 for the W4A8
-    GEMM (``route_top1_int8``, BlackMamba-2.8B's d = 1472 in bf16) compiles without spills, with the quantizer's
+    fc2 (``int8_rows_fc2_fold``), and the quantizer of fc2's input on its own (``quantize_rows_int8``), fc2 with
+    its last program of a row ending it with the add + norm after it (``int8_rows_fc2_norm``), and both without
+    masked loads (``int8_rows_unmasked``: no register zero-filled for a load, ``CS2R``; 33 and 32 with masks). The
+    MoE's routing kernel that also quantizes its rows to int8 for the W4A8 GEMM (``route_top1_int8``,
+    BlackMamba-2.8B's d = 1472 in bf16) compiles without spills, with the quantizer's
     IEEE operations: ``mul.rn`` (not fused into an FMA with the + 0.5), the two ``div.rn`` of the scale and its
     reciprocal, and the floor (``FRND``); its logits, sigmoid and argmax are the plain routing kernel's operations in
     the same order (the routing bit for bit ``route_top1``'s: session 44's several-rows kernel lost that on the GPU
