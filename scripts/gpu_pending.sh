@@ -12,7 +12,8 @@
 # 40 timed the W4A8 prefill route, not yet its kernel table; session 41 built W4A8's gated epilogue, W x^T
 # tiles and dp4a row programs, timed them and removed session 39's pair candidate; sessions 46-48 took the dp4a row
 # programs into batch 8's step; session 49 had no GPU time: its fix of the int8 quantizer for Triton 3.6 and the
-# last-program add + norm are below, untimed).
+# last-program add + norm are below, untimed; session 50 had none either: the W4A8 row programs without masked loads
+# and the conv step in x_proj's kernel are below, untimed).
 #
 #   bash scripts/gpu_pending.sh [OUT_DIR [STEP ...]]   # logs and JSON under OUT_DIR [${OUT:-runs/gpu-pending}];
 #                                                       # STEPs: a subset of those below (default: all, in order)
@@ -29,7 +30,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="folds fold_kernels profile8 batches w4a8 w4a8_prefill w4a8_rows matmul_table"  # the step lines below, in order
+ALL_STEPS="folds fold_kernels unmasked unmasked_kernels convxproj profile8 batches w4a8 w4a8_prefill w4a8_rows matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -52,6 +53,20 @@ step folds "$PY" benchmarks/bench_decode.py --out "$DEST/folds.json" --formats i
 # the fold alone: fc1 with the quantizer of its output as a launch after it, against its last programs quantizing
 step fold_kernels "$PY" benchmarks/bench_decode_linear.py --out "$DEST/fold_kernels.json" --rows 8 --only fc1_gated \
   --variants w4a8_rows_bn32c4_thenq,w4a8_rows_bn32c4_fold
+# the W4A8 row programs' K loop without masked loads (session 50: DecodePolicy.int8_rows_unmasked, off; offline
+# sm_90 ~22% / ~13% fewer instructions a thread for fc1 / fc2), in the step and as kernels alone at the CUDA
+# policy's settings (32 rows; fc1 4 tiles a step, fc2 8) and their neighbours
+step unmasked "$PY" benchmarks/bench_decode.py --out "$DEST/unmasked.json" --formats int4_g128 --batches 8 \
+  --rounds 3 --check-steps 8 --variants default,int8unmasked
+step unmasked_kernels "$PY" benchmarks/bench_decode_linear.py --out "$DEST/unmasked_kernels.json" --rows 8 \
+  --only fc1_gated,fc2 \
+  --variants w4a8_rows_bn32c4,w4a8_rows_bn32c4_um,w4a8_rows_bn32c8,w4a8_rows_bn32c8_um,w4a8_rows_bn16c8_um
+# no conv launch at batch 2+: x_proj's general kernel computes the conv step where it loads x (session 50:
+# DecodePolicy.conv_in_x_proj, off; offline its K loop 415 -> 1,370 instructions a thread for int4 x_proj, so the
+# saved launch (~2.4 us a Mamba layer at batch 8) may not pay); int4 g128 and as qmamba quantize writes it (x_proj
+# bf16), batch 8 and 4
+step convxproj "$PY" benchmarks/bench_decode.py --out "$DEST/convxproj.json" --formats int4_g128,int4_cli \
+  --batches 4,8 --rounds 3 --check-steps 8 --variants default,convxproj
 # where batch 8's time goes since session 48's defaults (fc2 on int8 codes; not profiled yet)
 step profile8 "$PY" benchmarks/profile_decode.py --format int4_g128 --batch 8 --out "$DEST/profile8.json"
 # batches 2 and 4 with session 48's program floor (DecodePolicy.int8_rows_block_n_for: fewer W4A8 rows a program
