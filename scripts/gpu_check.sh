@@ -3,6 +3,9 @@
 # BlackMamba-2.8B shapes where the tests have them, plus CUDA-graph replay == eager decode and the distilled 1-bit
 # fixture's greedy tokens on the GPU, and router agreement of `qmamba eval --compare --device cuda`.
 # One command:  bash scripts/gpu_check.sh [pytest args]   (in up to 16 pytest-xdist workers where xdist is installed)
+# In parts that each fit a device call (the whole check took 400-480 s on the lent H100 in sessions 48-49, near the
+# 600 s limit of a call):  bash scripts/gpu_check.sh -rf --shard 1/2, then --shard 2/2 (tests/conftest.py: every
+# second test in collection order; the two parts together are the whole check)
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"

@@ -18,3 +18,30 @@ def device():
     if dev == "cuda" and not torch.cuda.is_available():
         pytest.skip("QMAMBA_TEST_DEVICE=cuda but no GPU")
     return torch.device(dev)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--shard", default=None, metavar="K/N",
+                     help="run the K-th of N parts of the collected tests (1-based; every N-th test in collection "
+                          "order from the K-th, the same in every xdist worker), so that a long run fits a time limit: "
+                          "scripts/gpu_check.sh --shard 1/2, then --shard 2/2")
+
+
+def _shard(value: str) -> tuple[int, int]:
+    try:
+        k, n = (int(p) for p in value.split("/"))
+    except ValueError:
+        raise pytest.UsageError(f"--shard takes K/N with whole numbers, got {value!r}") from None
+    if not 1 <= k <= n:
+        raise pytest.UsageError(f"--shard K/N needs 1 <= K <= N, got {value!r}")
+    return k, n
+
+
+def pytest_collection_modifyitems(config, items):
+    value = config.getoption("--shard")
+    if not value:
+        return
+    k, n = _shard(value)
+    keep = [item for i, item in enumerate(items) if i % n == k - 1]
+    config.hook.pytest_deselected(items=[item for i, item in enumerate(items) if i % n != k - 1])
+    items[:] = keep
