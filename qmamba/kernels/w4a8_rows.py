@@ -115,7 +115,8 @@ def _w4a8_rows_kernel(
     :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8` does (``INT8_TILES`` tiles, read from L2), the input of a
     W4A8 kernel after it, in place of a launch of its own. ``OUT_NORM``: that last program ends the row with the add
     + norm after it (:func:`qmamba.kernels.row_norm.add_norm_row`: ``residual += out``, ``x_out = norm(residual)``),
-    the fused step's add + norm after an MoE layer, in place of its launch."""
+    the fused step's add + norm after an MoE layer, in place of its launch. ``UNMASKED``: the K loop's loads carry
+    no masks (see the loop)."""
     m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     n, n_ok = weight_rows(pid_n, N, BLOCK_N, GATE)
@@ -210,8 +211,10 @@ def w4a8_rows(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row
     (its ``(codes, scale, sums)`` for ``k_pad`` columns, the sums' padding zeroed once), by the last program of each
     row to finish; ``counter`` is int32 ``[M]``, zeros before the first call, left at zeros after each. ``out_norm``
     (a :class:`qmamba.kernels.row_norm.RowAddNorm`; not with ``out_int8``): that last program of a row also adds the
-    stored row into the residual and writes its norm (``add_norm``'s without router, planes or int8 codes). ``out``
-    defaults to a new bfloat16 tensor."""
+    stored row into the residual and writes its norm (``add_norm``'s without router, planes or int8 codes).
+    ``unmasked``: the K loop's loads without masks (Triton zero-fills a masked load's registers first): a last step
+    that would run past the last tile is moved back to end there, its tiles counted before dropped, and ``chunk`` is
+    capped at the row's tiles; the same result. ``out`` defaults to a new bfloat16 tensor."""
     out = w4a8_operands("w4a8_rows", codes, sums, weight, out, gate, block_n)
     if weight.n_experts != 1 and row_expert is None:
         raise ValueError("w4a8_rows: an expert stack needs row_expert")
