@@ -21,6 +21,18 @@ FORMATS = {"float": None, "int8": Int8Format(), "int4": Int4Format(32), "int4g12
            "binary": (BinaryFormat(), Int4Format(32))}
 
 
+def assert_steps_match(step, model, tok, state, ref_state, steps: int = 2):
+    """``steps`` greedy steps of the fused step against the model's own step on a copy of the state: the logits, then
+    the carried SSM and conv states (the workspace re-zeroed, the state carried from step to step)."""
+    for _ in range(steps):
+        logits = step(tok, state)
+        ref = model.step(tok, ref_state)
+        torch.testing.assert_close(logits, ref.float(), atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(state.conv_state, ref_state.conv_state, atol=1e-4, rtol=1e-4)
+        tok = ref.argmax(-1)
+
+
 def build(name, fmt, device):
     model = random_model(preset(name), device)
     if isinstance(fmt, tuple):
@@ -345,13 +357,7 @@ def test_general_kernels_as_programmatic_dependents(fmt, mode, device, monkeypat
             return _real(*a, **{**kw, "pdl": kw.get("pdl", False) and on_gpu})
         monkeypatch.setattr(fs, name, record)
     step = FusedDecodeStep(model, policy)
-    tok = ids[:, -1]
-    for _ in range(2):
-        logits = step(tok, state)
-        ref = model.step(tok, ref_state)
-        torch.testing.assert_close(logits, ref.float(), atol=1e-3, rtol=1e-3)
-        torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
-        tok = ref.argmax(-1)
+    assert_steps_match(step, model, ids[:, -1], state, ref_state)
     kinds = {name for name, _ in seen}
     assert kinds == set(launchers), kinds  # dense matrices, conv (and a general fc1's activation) on their own
     assert all(flag == general_pdl for _, flag in seen), seen
@@ -445,12 +451,5 @@ def test_conv_step_in_x_proj(fmt, batch, device, monkeypatch):
     real_conv = fused_step_module.causal_conv1d_update_triton
     monkeypatch.setattr(fused_step_module, "causal_conv1d_update_triton",
                         lambda *a, **k: convs.append(1) or real_conv(*a, **k))
-    tok = ids[:, -1]
-    for _ in range(2):
-        logits = step(tok, state)
-        ref = model.step(tok, ref_state)
-        torch.testing.assert_close(logits, ref.float(), atol=1e-3, rtol=1e-3)
-        torch.testing.assert_close(state.conv_state, ref_state.conv_state, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(state.ssm_state, ref_state.ssm_state, atol=1e-4, rtol=1e-4)
-        tok = ref.argmax(-1)
+    assert_steps_match(step, model, ids[:, -1], state, ref_state)
     assert len(convs) == (0 if fmt != "int4" else 2 * len(mamba)), convs
