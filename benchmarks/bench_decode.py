@@ -248,7 +248,14 @@ def run_format(cfg, name, batches, variants, log, failures, rounds: int = 1):
 
 
 def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
-    """A named variant of the CUDA policy ``base`` (see ``--variants``)."""
+    """A named variant of the CUDA policy ``base`` (see ``--variants``); ``a+b``: variant a, then b on it (decode
+    policy variants only: the general kernels' policy comes from one name, :func:`matmul_variant`)."""
+    if "+" in v:
+        for part in v.split("+"):
+            if matmul_variant(part) is not DEFAULT_POLICY:
+                raise SystemExit(f"policy variant {v!r}: {part!r} is the general kernels' and joins no other")
+            base = policy_variant(base, part)
+        return base
     if v == "default":
         return base
     if v == "nopdl":
@@ -413,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     # plane words in place (qmamba.quant.modules.use_plane_words); list stored-word variants ("dec", "dec_magic")
     # before them, since a converted model stays converted
     ap.add_argument("--variants", default="default,nopdl",
-                    help="policy variants: default, nopdl, intcodes (the general kernels' int4 codes through "
+                    help="policy variants (a+b: a, then b on it): default, nopdl, intcodes (the general kernels' "
+                         "int4 codes through "
                          "integer-to-float conversions: MatmulPolicy.plane_float_codes off), nowdots (1-bit matrices "
                          "at 8-16 rows on the word GEMV: MatmulPolicy.binary_word_dots_min_rows), xtile "
                          "(int4 input read in the tile's shape where the tile row is narrow: "

@@ -32,8 +32,9 @@ unchanged). What the policy does not take (on CUDA today: int4 groups below 128,
 weights at batch 2+, routed or not) runs on the general matmul kernels (:func:`dequant_matmul`,
 :func:`binary_matmul`, which read plane words too) with the conv step and the activation as their own launches
 (x_proj too when in_proj is not taken; with ``DecodePolicy.conv_in_x_proj`` x_proj's kernel computes the conv step
-where it loads its input instead of a conv launch); with ``DecodePolicy.pdl_general`` (the CUDA default since session 39) these
-are programmatic dependent launches as well, so the chain of early launches runs through the whole batched step.
+where it loads its input instead of a conv launch); with ``DecodePolicy.pdl_general`` (the CUDA default since session
+39) these are programmatic dependent launches as well, so the chain of early launches runs through the whole batched
+step.
 With ``DecodePolicy.int8_rows``, at 2+ rows, a model with int8 activations (``model.int8_activations``) runs its
 gated int4 fc1 on the W4A8 row programs (:func:`qmamba.kernels.w4a8_rows.w4a8_rows`, ``dp4a``): the add + norm before
 it quantizes x to int8 per row instead of writing its input planes; the reference path rounds fc1's input the same

@@ -30,7 +30,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="folds fold_kernels unmasked unmasked_kernels convxproj profile8 batches w4a8 w4a8_prefill w4a8_rows matmul_table"  # the step lines below, in order
+ALL_STEPS="batch8 fold_kernels unmasked_kernels convxproj profile8 batches w4a8 w4a8_prefill w4a8_rows matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -45,26 +45,25 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" \
   || exit 1
 
-# batch 8's step with the last programs' epilogues (both built off, untimed): fc2's int8 input quantized by fc1's last
-# program of a row (int8fold, session 48: DecodePolicy.int8_rows_fc2_fold), the add + norm after each MoE layer by
-# fc2's last program of a row (int8norm, session 49: int8_rows_fc2_norm), and both; first the greedy tokens checked
-step folds "$PY" benchmarks/bench_decode.py --out "$DEST/folds.json" --formats int4_g128 --batches 8 --rounds 3 \
-  --check-steps 8 --variants default,int8fold,int8norm,int8foldnorm
+# batch 8's untimed candidates in one model build, each variant's greedy tokens checked first: fc2's int8 input
+# quantized by fc1's last program of a row (int8fold, session 48: DecodePolicy.int8_rows_fc2_fold), the add + norm after
+# each MoE layer by fc2's last program of a row (int8norm, session 49: int8_rows_fc2_norm), both, the W4A8 row
+# programs' K loop without masked loads (int8unmasked, session 50: int8_rows_unmasked; offline sm_90 ~22% / ~13% fewer
+# instructions a thread for fc1 / fc2), no conv launch, x_proj's kernel computing the conv step where it loads x
+# (convxproj, session 50: conv_in_x_proj; offline its K loop 415 -> 1,370 instructions a thread, so the saved launch,
+# ~2.4 us a Mamba layer, may not pay), and all of them together
+step batch8 "$PY" benchmarks/bench_decode.py --out "$DEST/batch8.json" --formats int4_g128 --batches 8 --rounds 3 \
+  --check-steps 8 \
+  --variants default,int8fold,int8norm,int8foldnorm,int8unmasked,convxproj,int8foldnorm+int8unmasked+convxproj
 # the fold alone: fc1 with the quantizer of its output as a launch after it, against its last programs quantizing
 step fold_kernels "$PY" benchmarks/bench_decode_linear.py --out "$DEST/fold_kernels.json" --rows 8 --only fc1_gated \
   --variants w4a8_rows_bn32c4_thenq,w4a8_rows_bn32c4_fold
-# the W4A8 row programs' K loop without masked loads (session 50: DecodePolicy.int8_rows_unmasked, off; offline
-# sm_90 ~22% / ~13% fewer instructions a thread for fc1 / fc2), in the step and as kernels alone at the CUDA
-# policy's settings (32 rows; fc1 4 tiles a step, fc2 8) and their neighbours
-step unmasked "$PY" benchmarks/bench_decode.py --out "$DEST/unmasked.json" --formats int4_g128 --batches 8 \
-  --rounds 3 --check-steps 8 --variants default,int8unmasked
+# the W4A8 row programs without masked loads as kernels alone, at the CUDA policy's settings (32 rows; fc1 4 tiles a
+# step, fc2 8) and their neighbours
 step unmasked_kernels "$PY" benchmarks/bench_decode_linear.py --out "$DEST/unmasked_kernels.json" --rows 8 \
   --only fc1_gated,fc2 \
   --variants w4a8_rows_bn32c4,w4a8_rows_bn32c4_um,w4a8_rows_bn32c8,w4a8_rows_bn32c8_um,w4a8_rows_bn16c8_um
-# no conv launch at batch 2+: x_proj's general kernel computes the conv step where it loads x (session 50:
-# DecodePolicy.conv_in_x_proj, off; offline its K loop 415 -> 1,370 instructions a thread for int4 x_proj, so the
-# saved launch (~2.4 us a Mamba layer at batch 8) may not pay); int4 g128 and as qmamba quantize writes it (x_proj
-# bf16), batch 8 and 4
+# no conv launch at batch 4, and as qmamba quantize writes the model (x_proj bf16), batches 4 and 8
 step convxproj "$PY" benchmarks/bench_decode.py --out "$DEST/convxproj.json" --formats int4_g128,int4_cli \
   --batches 4,8 --rounds 3 --check-steps 8 --variants default,convxproj
 # where batch 8's time goes since session 48's defaults (fc2 on int8 codes; not profiled yet)

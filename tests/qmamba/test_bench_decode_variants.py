@@ -233,6 +233,10 @@ def test_int8_rows_variants():
     assert not policy_variant(v, "noint8norm").int8_rows_fc2_norm
     v = policy_variant(CUDA, "int8foldnorm")
     assert v.int8_rows_fc2_norm and v.int8_rows_fc2_fold
+    v = policy_variant(CUDA, "int8foldnorm+int8unmasked+convxproj")  # joined: each on the one before
+    assert v.int8_rows_fc2_fold and v.int8_rows_fc2_norm and v.int8_rows_unmasked and v.conv_in_x_proj
+    with pytest.raises(SystemExit):
+        policy_variant(CUDA, "int8fold+intcodes")  # a general kernels' variant joins no other
     assert not CUDA.conv_in_x_proj  # built in session 50, not timed
     assert policy_variant(CUDA, "convxproj").conv_in_x_proj
     assert not policy_variant(policy_variant(CUDA, "convxproj"), "noconvxproj").conv_in_x_proj
