@@ -207,6 +207,14 @@ def route_logits_ops(compiled) -> list[str]:
     return re.findall(rf"^\s+(?:@%p\d+ )?({ops})", head, re.M)
 
 
+def zero_filled_loads(ptx: str) -> int:
+    """Global loads that Triton zero-fills first (a masked load: ``mov.u32 %r, 0x0`` right before the predicated
+    ``ld.global`` of that register), in a kernel's PTX."""
+    lines = [line.strip() for line in ptx.splitlines()]
+    return sum(1 for prev, line in zip(lines, lines[1:])
+               if line.startswith("@") and "ld.global" in line and re.match(r"mov\.u32 %r\d+, 0x0;", prev))
+
+
 def loop_body(sass: str) -> list[str]:
     """The opcodes of the longest loop of a SASS listing (a backward branch's target up to the branch)."""
     ins = []
