@@ -45,3 +45,22 @@ def pytest_collection_modifyitems(config, items):
     keep = [item for i, item in enumerate(items) if i % n == k - 1]
     config.hook.pytest_deselected(items=[item for i, item in enumerate(items) if i % n != k - 1])
     items[:] = keep
+
+
+_failures_log = {"path": None}
+
+
+def pytest_configure(config):
+    # in the main process only (pytest-xdist's workers send their reports to it, which logs them)
+    if not hasattr(config, "workerinput"):
+        _failures_log["path"] = os.environ.get("QMAMBA_FAILURES_LOG") or None
+
+
+def pytest_runtest_logreport(report):
+    """QMAMBA_FAILURES_LOG=FILE: each failing test's id (and the phase that failed) appended to FILE as soon as it
+    fails, so that a run cut off before pytest's summary (a device call's time limit) still says which failed."""
+    path = _failures_log["path"]
+    if path and report.failed:
+        last_line = (report.longreprtext.strip().splitlines() or [""])[-1][:300]
+        with open(path, "a") as f:
+            f.write(f"{report.nodeid} ({report.when}) {last_line}\n")
