@@ -315,9 +315,6 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         #        int8foldnorm: and fc2's input quantized by fc1's last program of a row (int8_rows_fc2_fold)
         return dataclasses.replace(base, int8_rows=True, int8_rows_fc2=True, int8_rows_fc2_norm=v != "noint8norm",
                                    int8_rows_fc2_fold=base.int8_rows_fc2_fold or v == "int8foldnorm")
-    if v in ("convxproj", "noconvxproj"):  # no conv launch at 2+ rows: x_proj's general kernel computes the conv step
-        #                                  where it loads its input (DecodePolicy.conv_in_x_proj; session 50, untimed)
-        return dataclasses.replace(base, conv_in_x_proj=v == "convxproj")
     if v in ("int8unmasked", "noint8unmasked"):  # the W4A8 row programs' K loop without masked loads
         #                                        (DecodePolicy.int8_rows_unmasked; session 50, untimed)
         return dataclasses.replace(base, int8_rows=True, int8_rows_unmasked=v == "int8unmasked")

@@ -31,10 +31,8 @@ int4 weights of group size 128 / 256 are first converted in place to plane words
 unchanged). What the policy does not take (on CUDA today: int4 groups below 128, dense matrices at batch 2+ and 1-bit
 weights at batch 2+, routed or not) runs on the general matmul kernels (:func:`dequant_matmul`,
 :func:`binary_matmul`, which read plane words too) with the conv step and the activation as their own launches
-(x_proj too when in_proj is not taken; with ``DecodePolicy.conv_in_x_proj`` x_proj's kernel computes the conv step
-where it loads its input instead of a conv launch); with ``DecodePolicy.pdl_general`` (the CUDA default since session
-39) these are programmatic dependent launches as well, so the chain of early launches runs through the whole batched
-step.
+(x_proj too when in_proj is not taken); with ``DecodePolicy.pdl_general`` (the CUDA default since session 39) these
+are programmatic dependent launches as well, so the chain of early launches runs through the whole batched step.
 With ``DecodePolicy.int8_rows``, at 2+ rows, a model with int8 activations (``model.int8_activations``) runs its
 gated int4 fc1 on the W4A8 row programs (:func:`qmamba.kernels.w4a8_rows.w4a8_rows`, ``dp4a``): the add + norm before
 it quantizes x to int8 per row instead of writing its input planes; the reference path rounds fc1's input the same
@@ -60,7 +58,6 @@ from qmamba.kernels.decode_linear import NormIn, NormOut, binary_denorm_of, deco
 from qmamba.kernels.decode_policy import DecodePolicy
 from qmamba.kernels.decode_step import add_norm, aligned_rows, dt_state_update
 from qmamba.kernels.fused_moe import gated_act, routed_matmul
-from qmamba.kernels.quant_matmul import takes_x_conv
 from qmamba.kernels.row_norm import RowAddNorm
 from qmamba.kernels.w4a8_gemm import int8_rows_buffers, quantize_rows_int8
 from qmamba.kernels.w4a8_rows import w4a8_rows
@@ -459,9 +456,6 @@ class FusedDecodeStep:
                          x_plane_sums=nin is None, norm_in=nin, x_word_sums=self._consumer_sums(buf, nin, layer),
                          conv_ready=self.policy.early_reads)
             self._decode(xc, plan.x_proj, dbc)
-        elif self._conv_in_x_proj(plan, rows, conv_state, buf):  # x_proj's kernel computes the conv step it reads
-            self._linear(buf["x"], plan.in_proj, xz, bias=plan.in_bias)
-            self._linear(xz[:, :di], plan.x_proj, dbc, x_conv=conv)
         else:  # the conv step's output on its own (the state is shifted by the dt kernel below)
             self._linear(buf["x"], plan.in_proj, xz, bias=plan.in_bias)
             if buf["conv_scratch"] is None or buf["conv_scratch"].shape != conv_state.shape:
@@ -479,13 +473,6 @@ class FusedDecodeStep:
         return self._linear(y, plan.out_proj, out, bias=plan.out_bias, x_planes=buf["ypl"], x_plane_sums=False,
                             x_word_sums=self._sums(buf, "wy", layer),
                             **({"norm_out": nout} if nout is not None else {}))
-
-    def _conv_in_x_proj(self, plan: _MambaPlan, rows: int, conv_state, buf) -> bool:
-        """Whether x_proj's general kernel computes the conv step where it loads its input
-        (:attr:`DecodePolicy.conv_in_x_proj`: a format and row count :func:`takes_x_conv` takes, the conv output in
-        the dtype the conv kernel would have written)."""
-        return (self.policy.conv_in_x_proj and not self.policy.takes(plan.x_proj, rows)
-                and takes_x_conv(plan.x_proj, rows) and conv_state.dtype == buf["xc"].dtype)
 
     def _moe(self, buf, plan: _MoePlan, views, nin: NormIn | None = None, nout: NormOut | None = None,
              layer: int = 0, end_norm: RowAddNorm | None = None):

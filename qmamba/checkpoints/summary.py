@@ -98,7 +98,7 @@ def format_summary(s: dict) -> str:
         f"path:        {s['path']}",
         f"format:      {s['format']}   family: {s['family']}   tokenizer.json: {'yes' if s['tokenizer'] else 'no'}",
         f"layers:      {s['n_layers']} ({s['n_mamba_layers']} mamba, {s['n_moe_layers']} moe)   plan: {s['layer_plan']}",
-        f"dims:        " + ", ".join(f"{k} {v}" for k, v in d.items() if v),
+        "dims:        " + ", ".join(f"{k} {v}" for k, v in d.items() if v),
         f"final norm:  {s['final_norm']}   tied head: {s['tied_head']}",
         "parameters:",
     ]
@@ -108,7 +108,7 @@ def format_summary(s: dict) -> str:
             lines.append(f"  {kind:<12} {count:>15,}  ({100 * count / max(params['total'], 1):5.1f}%)")
     lines.append(f"  {'total':<12} {params['total']:>15,}")
     lines.append(f"bytes on disk: {s['bytes_on_disk']:,} ({_human(s['bytes_on_disk'])}) in {len(s['files'])} files")
-    lines.append(f"tensor bytes:  " + ", ".join(f"{k} {v:,} ({_human(v)})" for k, v in s["bytes_by_dtype"].items())
+    lines.append("tensor bytes:  " + ", ".join(f"{k} {v:,} ({_human(v)})" for k, v in s["bytes_by_dtype"].items())
                  + f"   [{s['stored_tensors']} tensors]")
     if s["quantization"]:
         lines.append("quantization:  " + ", ".join(f"{n} x {desc}" for desc, n in s["quantization"].items()))

@@ -167,29 +167,6 @@ def _causal_conv1d_update_kernel(
     tl.store(y_ptr + pid_b * sy_b + d * sy_d, acc.to(y_ptr.dtype.element_ty), mask=dm)
 
 
-@jit
-def conv_step_columns(x_ptr, rows, row_ok, cols, col_ok, sx_m, sx_d, s_ptr, ss_b, ss_d, ss_w, w_ptr, sw_d, sw_w,
-                      b_ptr, W: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """``[R, C]``: the decode step's conv output (SiLU) for input rows ``rows`` and channels ``cols`` (zeros outside
-    ``row_ok`` x ``col_ok``), computed where a consumer loads it, as :func:`causal_conv1d_update_triton` writes its
-    ``y``: the new input ``x`` rounded to the state's dtype, the window ``[state[1:], x]`` times the weights summed
-    oldest first in fp32, the bias, SiLU, rounded to the state's dtype. The state is only read (the SSM update
-    shifts it)."""
-    ok = row_ok[:, None] & col_ok[None, :]
-    x_new = tl.load(x_ptr + rows[:, None] * sx_m + cols[None, :] * sx_d, mask=ok, other=0.0)
-    acc = tl.zeros(x_new.shape, dtype=tl.float32)
-    for w in tl.static_range(W - 1):  # state slot w + 1 meets weight w
-        sv = tl.load(s_ptr + rows[:, None] * ss_b + cols[None, :] * ss_d + (w + 1) * ss_w, mask=ok, other=0.0)
-        wv = tl.load(w_ptr + cols * sw_d + w * sw_w, mask=col_ok, other=0.0).to(tl.float32)
-        acc += sv.to(tl.float32) * wv[None, :]
-    wx = tl.load(w_ptr + cols * sw_d + (W - 1) * sw_w, mask=col_ok, other=0.0).to(tl.float32)
-    acc += x_new.to(s_ptr.dtype.element_ty).to(tl.float32) * wx[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    acc = acc * tl.sigmoid(acc)
-    return tl.where(ok, acc, 0.0).to(s_ptr.dtype.element_ty)
-
-
 def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation: str | None = "silu",
                                 out_state=None, out=None, pdl: bool = False):
     """Triton twin of :func:`causal_conv1d_update_ref`: ``(y [B, D], new_state [B, D, W])``.

@@ -209,10 +209,6 @@ class DecodePolicy:
     #                              norm is a plain one (no router, planes or int8 codes: the next layer a Mamba one,
     #                              or the final norm); the last of fc2's programs of a row to finish ends the row with
     #                              it (w4a8_rows' out_norm). Built in session 49: not timed, off
-    conv_in_x_proj: bool = False  # at 2+ rows, where in_proj and x_proj run on the general kernels: no conv step
-    #                              launch; x_proj's small-M kernel computes the conv step of the columns it reads
-    #                              (dequant_matmul's x_conv; the SSM update applies it again and shifts the state, as
-    #                              before). One launch fewer a Mamba layer. Session 50: not timed (no device), off
     int8_rows_unmasked: bool = False  # with int8_rows: the W4A8 row programs' K loop without masked loads (w4a8_rows'
     #                              unmasked: the last step moved back to end at the last tile, its tiles counted
     #                              before dropped; Triton zero-fills a masked load first). Offline (Triton 3.6, sm_90,

@@ -195,21 +195,19 @@ def gated_act(h, activation: str, gated: bool, out=None, pdl: bool = False):
 
 
 def routed_matmul(x, weight: KernelWeight, bias=None, row_expert=None, row_scale=None, tiles=None, out=None,
-                  pdl: bool = False, early_tile: bool = False, x_int8=None, x_conv=None):
+                  pdl: bool = False, early_tile: bool = False, x_int8=None):
     """``x @ W^T`` (optional ``bias``, routing ``row_expert`` / gate ``row_scale`` / expert ``tiles``, ``out``) on
     the general kernel of the record's type: :func:`binary_matmul` for a :class:`BinaryWeight`, else
     :func:`dequant_matmul` (same arguments; ``pdl``: their small-M kernels as programmatic dependent launches;
     ``early_tile``: the first weight tile of int4 plane words read before the wait, ``x_int8``: x already quantized
-    for the W4A8 path, ``x_conv``: x the decode step's conv input, its conv step computed where x is loaded;
-    :func:`dequant_matmul` only)."""
+    for the W4A8 path, :func:`dequant_matmul` only)."""
     if isinstance(weight, BinaryWeight):
-        if x_int8 is not None or x_conv is not None:
-            raise ValueError("routed matmul: x_int8 and x_conv are dequant_matmul's (int4 plane words, int8, float), "
-                             "not a 1-bit weight's")
+        if x_int8 is not None:
+            raise ValueError("routed matmul: x_int8 is for the W4A8 path of int4 plane words, not a 1-bit weight")
         return binary_matmul(x, weight, bias, row_expert=row_expert, row_scale=row_scale, tiles=tiles, out=out,
                              pdl=pdl)
     return dequant_matmul(x, weight, bias, row_expert=row_expert, row_scale=row_scale, tiles=tiles, out=out, pdl=pdl,
-                          early_tile=early_tile, x_int8=x_int8, x_conv=x_conv)
+                          early_tile=early_tile, x_int8=x_int8)
 
 
 def _tile_rows(t: int, fc1: KernelWeight, device) -> int:

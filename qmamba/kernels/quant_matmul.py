@@ -26,7 +26,6 @@ from __future__ import annotations
 import torch
 
 from qmamba.kernels._triton import cdiv, jit, pdl_launch, split_k_mode, split_k_range, tl
-from qmamba.kernels.causal_conv1d import conv_step_columns
 from qmamba.kernels.dequant_gemm import (dequant_gemm, matmul_epilogue, plane_pairs_args,
                                          plane_position_codes, plane_tile, weight_times_rows)
 from qmamba.kernels.dequantize import dense_linear, dequantize_stack
@@ -71,18 +70,13 @@ def _tile_times_rows(w, x, rm, USE_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_
 @jit
 def _dequant_matmul_kernel(
     x_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rscale_ptr, rexp_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr,
-    sorted_ptr, cs_ptr, cw_ptr, cb_ptr, M, N, K, K_PAD, sxm, sxk, som, son, swe, swn, sse, ssn, sze, szn,
-    scs_b, scs_d, scs_w, scw_d, scw_w,
+    sorted_ptr, M, N, K, K_PAD, sxm, sxk, som, son, swe, swn, sse, ssn, sze, szn,
     FMT: tl.constexpr, ROUTE: tl.constexpr, GROUP: tl.constexpr, PRESCALE: tl.constexpr, SPLIT_K: tl.constexpr,
     USE_DOT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLOAT_CODES: tl.constexpr,
     PAIRS: tl.constexpr, ASM: tl.constexpr, FP16: tl.constexpr, PDL: tl.constexpr, EARLY_TILE: tl.constexpr,
-    CONV_W: tl.constexpr = 0, CONV_BIAS: tl.constexpr = False,
 ):
-    """``CONV_W`` > 0 (int4 plane words and float / int8 weights): x is the decode step's conv input and the matmul's
-    input is its conv step, :func:`qmamba.kernels.causal_conv1d.conv_step_columns` (state ``cs``, weights ``cw``,
-    bias ``cb`` where ``CONV_BIAS``, width ``CONV_W``), computed where x would be loaded."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -131,12 +125,8 @@ def _dequant_matmul_kernel(
             part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for i in tl.static_range(8):
                 ki = k0 + 16 * i + tl.arange(0, 16)
-                if CONV_W > 0:
-                    xi = conv_step_columns(x_ptr, rows, row_ok, ki, ki < K, sxm, sxk, cs_ptr, scs_b, scs_d, scs_w,
-                                           cw_ptr, scw_d, scw_w, cb_ptr, CONV_W, CONV_BIAS)
-                else:
-                    xi = tl.load(x_ptr + rows[:, None] * sxm + ki[None, :] * sxk,
-                                 mask=row_ok[:, None] & (ki < K)[None, :], other=0.0)
+                xi = tl.load(x_ptr + rows[:, None] * sxm + ki[None, :] * sxk,
+                             mask=row_ok[:, None] & (ki < K)[None, :], other=0.0)
                 codes = plane_position_codes(words, zero, scale, i, PAIRS, FLOAT_CODES, ASM, FP16)
                 if PAIRS == 2:
                     acc += _tile_times_rows(codes, xi, rm, USE_DOT, IEEE, BLOCK_M)
@@ -191,12 +181,8 @@ def _dequant_matmul_kernel(
                 acc += part * scale[:, None]
         else:
             k = k0 + tl.arange(0, BLOCK_K)
-            if CONV_W > 0:
-                x = conv_step_columns(x_ptr, rows, row_ok, k, k < K, sxm, sxk, cs_ptr, scs_b, scs_d, scs_w, cw_ptr,
-                                      scw_d, scw_w, cb_ptr, CONV_W, CONV_BIAS)
-            else:
-                x = tl.load(x_ptr + rows[:, None] * sxm + k[None, :] * sxk, mask=row_ok[:, None] & (k < K)[None, :],
-                            other=0.0)
+            x = tl.load(x_ptr + rows[:, None] * sxm + k[None, :] * sxk, mask=row_ok[:, None] & (k < K)[None, :],
+                        other=0.0)
             w = tl.load(w_base + n[:, None] * swn + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
             acc += _tile_times_rows(w, x, rm, USE_DOT, IEEE, BLOCK_M)
     acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
@@ -241,35 +227,9 @@ def experts_via_dense(x, weight: PackedWeight, bias, row_expert, row_scale, tile
     return out
 
 
-def takes_x_conv(weight, m: int) -> bool:
-    """Whether :func:`dequant_matmul` takes ``x_conv`` (the conv step computed where its small-M kernel loads x) for
-    ``m`` rows of this weight record: one matrix of int4 plane words, int8 or float codes, 1 <= m <= 16."""
-    return (isinstance(weight, PackedWeight) and weight.fmt in (FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES)
-            and weight.n_experts == 1 and 1 <= m <= GEMV_MAX_M)
-
-
-def _check_x_conv(x, weight: PackedWeight, x_conv, row_expert, tiles, gate, x_int8):
-    if not (isinstance(x_conv, (tuple, list)) and len(x_conv) == 3):
-        raise ValueError("dequant matmul: x_conv must be (conv_state, conv_w, conv_b or None)")
-    if row_expert is not None or tiles is not None or gate is not None or x_int8 is not None:
-        raise ValueError("dequant matmul: x_conv is for one matrix (no routing, gate or int8 input)")
-    if x.dim() != 2 or not takes_x_conv(weight, x.shape[0]):
-        raise ValueError(f"dequant matmul: x_conv needs one matrix of int4 plane words, int8 or float codes and 1 to "
-                         f"{GEMV_MAX_M} rows (the small-M kernel)")
-    state, conv_w, conv_b = x_conv
-    m, k = x.shape
-    if state.dim() != 3 or tuple(state.shape[:2]) != (m, k) or tuple(conv_w.shape) != (k, state.shape[2]):
-        raise ValueError(f"dequant matmul: x_conv's state must be [{m}, {k}, W] and its weight [{k}, W], got "
-                         f"{tuple(state.shape)} and {tuple(conv_w.shape)}")
-    if conv_b is not None and tuple(conv_b.shape) != (k,):
-        raise ValueError(f"dequant matmul: x_conv's bias must be [{k}], got {tuple(conv_b.shape)}")
-    if not state.dtype.is_floating_point:
-        raise ValueError("dequant matmul: x_conv's state must be a float tensor")
-
-
 def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scale=None, tiles=None,
                    config: MatmulConfig | None = None, out=None, policy: MatmulPolicy | None = None,
-                   gate: str | None = None, pdl: bool = False, early_tile: bool = False, x_int8=None, x_conv=None):
+                   gate: str | None = None, pdl: bool = False, early_tile: bool = False, x_int8=None):
     """``x [M, K]`` -> ``[M, N]`` in x.dtype, with the reference semantics of :func:`dequant_matmul_ref`.
 
     Routing: ``row_expert`` alone with M <= 16 uses one program column per expert; ``tiles`` (from
@@ -288,26 +248,17 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     ``MatmulPolicy.w4a8_min_m``; elsewhere a ValueError): x already quantized per row, the ``(codes, scale, sums)``
     of :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8` (the MoE prefill's fc1 input, from its routing kernel:
     :func:`qmamba.kernels.fused_moe.route_top1_int8`), which :func:`w4a8_linear` multiplies instead of quantizing x.
-    ``x_conv = (conv_state [M, K, W], conv_w [K, W], conv_b [K] | None)`` (the small-M kernel only: one matrix of
-    int4 plane words, int8 or float, M <= 16, :func:`takes_x_conv`; elsewhere a ValueError): x is the decode step's
-    conv input (any float dtype) and the matmul multiplies its conv step, which each program computes for the columns
-    it reads as :func:`qmamba.kernels.causal_conv1d.causal_conv1d_update_triton` would write it, in the state's dtype
-    (the result's dtype then); the state is not changed (the batched decode step's x_proj, with no conv launch before
-    it).
     """
     policy = policy or current_policy()
     if x.dim() != 2 or x.shape[1] != weight.k:
         raise ValueError(f"dequant matmul: x must be [M, {weight.k}], got {tuple(x.shape)}")
-    if x_conv is not None:
-        _check_x_conv(x, weight, x_conv, row_expert, tiles, gate, x_int8)
     m = x.shape[0]
     if gate is not None and (tiles is None or row_expert is None or tiles.block_m < 16 or weight.n % 2):
         raise ValueError("dequant matmul: a gated epilogue needs row_expert with its expert tiles (of at least 16 "
                          "rows) and a weight of 2F rows")
     if bias is not None and tuple(bias.shape) != (weight.n,):
         raise ValueError(f"dequant matmul: bias must be [{weight.n}], got {tuple(bias.shape)}")
-    if (x_conv is None and config is None and out is None
-            and policy.takes_w4a8(m, weight, routed=row_expert is not None)):
+    if config is None and out is None and policy.takes_w4a8(m, weight, routed=row_expert is not None):
         return w4a8_linear(x, weight, bias, row_expert, row_scale, tiles, gate=gate,  # int8 activations
                            tile=policy.w4a8_tile, x_int8=x_int8)
     if x_int8 is not None:
@@ -335,10 +286,9 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     if route == ROUTE_TILES:
         cfg = MatmulConfig(tiles.block_m, cfg.block_n, cfg.block_k, 1, cfg.num_warps, cfg.num_stages)
     atomic = cfg.split_k > 1
-    xt = x if x_conv is None else x_conv[0]  # what the input's type decides follows the conv output's (the state's)
-    out, convert = output_buffer(xt, weight.n // 2 if gate is not None else weight.n, out, atomic, "dequant matmul")
+    out, convert = output_buffer(x, weight.n // 2 if gate is not None else weight.n, out, atomic, "dequant matmul")
     if m == 0:
-        return out.to(xt.dtype) if convert else out
+        return out.to(x.dtype) if convert else out
     if route == ROUTE_DENSE:
         grid_m = cdiv(m, cfg.block_m)
     elif route == ROUTE_BY_EXPERT:
@@ -363,24 +313,20 @@ def dequant_matmul(x, weight: PackedWeight, bias=None, row_expert=None, row_scal
     z = z if z is not None else q
     swn = q.stride(1)
     dummy = x
-    cs, cw, cb = x_conv if x_conv is not None else (None, None, None)
     grid = (grid_m, cdiv(weight.n, cfg.block_n), cfg.split_k)
     _dequant_matmul_kernel[grid](
         x, out, q, s, z, bias if bias is not None else dummy, row_scale if row_scale is not None else dummy,
         row_expert if row_expert is not None else dummy,
         *(tiles.tensors() if tiles is not None else (dummy, dummy, dummy, dummy)),
-        *((cs, cw, cb if cb is not None else cw) if x_conv is not None else (dummy, dummy, dummy)),
         m, weight.n, weight.k, weight.k_padded, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         q.stride(0), swn, s.stride(0), s.stride(1), z.stride(0), z.stride(1),
-        *((*cs.stride(), *cw.stride()) if x_conv is not None else (0,) * 5),
         FMT=weight.fmt, ROUTE=route, GROUP=max(weight.group_size, 1),
         PRESCALE=weight.fmt == FMT_INT4 and cfg.block_k != weight.group_size, SPLIT_K=cfg.split_k, USE_DOT=cfg.use_dot,
         HAS_BIAS=bias is not None, HAS_RSCALE=row_scale is not None,
-        ATOMIC=split_k_mode(atomic, policy.split_k_atomic_sem), IEEE=xt.dtype == torch.float32, BLOCK_M=cfg.block_m,
+        ATOMIC=split_k_mode(atomic, policy.split_k_atomic_sem), IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        FLOAT_CODES=policy.plane_float_codes and xt.dtype != torch.float32,
-        **plane_pairs_args(policy.plane_code_pairs, weight, xt), PDL=pdl,
+        FLOAT_CODES=policy.plane_float_codes and x.dtype != torch.float32,
+        **plane_pairs_args(policy.plane_code_pairs, weight, x), PDL=pdl,
         EARLY_TILE=early_tile and route == ROUTE_DENSE and weight.fmt == FMT_INT4_PLANES,
-        CONV_W=cs.shape[2] if x_conv is not None else 0, CONV_BIAS=x_conv is not None and cb is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(pdl))
-    return out.to(xt.dtype) if convert else out
+    return out.to(x.dtype) if convert else out

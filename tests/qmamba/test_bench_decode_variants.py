@@ -153,16 +153,6 @@ def test_pending_gpu_script_calls_parse():
         args = bench_matmul.build_parser().parse_args(argv)
         assert set(filter(None, args.shapes.split(","))) <= set(bench_matmul.SHAPES)
         assert set(filter(None, args.peers.split(","))) <= set(bench_matmul.PEERS)
-    import bench_decode_linear
-
-    for argv in _script_calls(PENDING, "bench_decode_linear.py"):  # its variants at the rows it times
-        opts = dict(zip(argv[::2], argv[1::2]))
-        assert "--out" in opts, argv
-        for rows in opts.get("--rows", "1,8").split(","):
-            known = bench_decode_linear.variants(True, int(rows))
-            assert set(filter(None, opts.get("--variants", "").split(","))) <= set(known), argv
-        assert set(filter(None, opts.get("--only", "").split(","))) <= set(
-            bench_decode_linear.shapes(preset(opts.get("--preset", "blackmamba-2.8b")))), argv
     import bench_w4a8
 
     for argv in _script_calls(PENDING, "bench_w4a8.py"):
@@ -233,13 +223,6 @@ def test_int8_rows_variants():
     assert not policy_variant(v, "noint8norm").int8_rows_fc2_norm
     v = policy_variant(CUDA, "int8foldnorm")
     assert v.int8_rows_fc2_norm and v.int8_rows_fc2_fold
-    v = policy_variant(CUDA, "int8foldnorm+int8unmasked+convxproj")  # joined: each on the one before
-    assert v.int8_rows_fc2_fold and v.int8_rows_fc2_norm and v.int8_rows_unmasked and v.conv_in_x_proj
-    with pytest.raises(SystemExit):
-        policy_variant(CUDA, "int8fold+intcodes")  # a general kernels' variant joins no other
-    assert not CUDA.conv_in_x_proj  # built in session 50, not timed
-    assert policy_variant(CUDA, "convxproj").conv_in_x_proj
-    assert not policy_variant(policy_variant(CUDA, "convxproj"), "noconvxproj").conv_in_x_proj
     assert not CUDA.int8_rows_unmasked  # built in session 50, not timed
     v = policy_variant(CUDA, "int8unmasked")
     assert v.int8_rows and v.int8_rows_unmasked and not policy_variant(v, "noint8unmasked").int8_rows_unmasked

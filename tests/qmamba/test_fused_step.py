@@ -366,7 +366,7 @@ def test_general_kernels_as_programmatic_dependents(fmt, mode, device, monkeypat
 
         decoder = GraphDecoder(model, fused=True, policy=policy)
         eager = FusedDecodeStep(model, policy)
-        graph_state, eager_state = state.clone(), state.clone()
+        graph_state, eager_state, tok = state.clone(), state.clone(), ids[:, -1]
         for _ in range(3):
             got = decoder(tok, graph_state)
             want = eager(tok, eager_state)
@@ -429,27 +429,3 @@ def test_fused_step_int8_rows(batch, fc2, chunk, fold, norm, unmasked, device, m
         assert all(err[want] * 100 < e for r, e in err.items() if r != want), err
     else:  # one row: no rounding in either
         assert err[(False, False)] == err[(True, False)] == err[(True, True)]
-
-
-@pytest.mark.parametrize("fmt,batch", [("int4g128", 3), ("float", 2), ("int8", 3), ("int4", 2)])
-@torch.no_grad()
-def test_conv_step_in_x_proj(fmt, batch, device, monkeypatch):
-    """``DecodePolicy.conv_in_x_proj``: at 2+ rows, with in_proj and x_proj on the general kernels, x_proj's small-M
-    kernel computes the conv step where it loads its input (int4 plane words, int8 and float x_proj): no conv launch,
-    and the step equals the model's twice over (the state carried; the conv state shifted once, by the SSM update).
-    An x_proj the kernel does not take that way (int4 of group 32: not plane words) keeps its conv launch."""
-    model = build("tiny-blackmamba", FORMATS[fmt], device)
-    ids = torch.randint(0, model.config.vocab_size, (batch, 5), device=device)
-    _, state = model.prefill(ids)
-    ref_state = state.clone()
-    policy = dataclasses.replace(DecodePolicy.for_device(device), formats=(0, 1, 3), max_rows=1, max_rows_planes=1,
-                                 max_rows_routed=8, int4_planes=True, int4_x_planes=False, conv_in_x_proj=True)
-    step = FusedDecodeStep(model, policy)
-    mamba = [p for p in step.layers if hasattr(p, "x_proj")]
-    assert mamba and not any(policy.takes(p.x_proj, batch) or policy.takes(p.in_proj, batch) for p in mamba)
-    convs = []
-    real_conv = fused_step_module.causal_conv1d_update_triton
-    monkeypatch.setattr(fused_step_module, "causal_conv1d_update_triton",
-                        lambda *a, **k: convs.append(1) or real_conv(*a, **k))
-    assert_steps_match(step, model, ids[:, -1], state, ref_state)
-    assert len(convs) == (0 if fmt != "int4" else 2 * len(mamba)), convs

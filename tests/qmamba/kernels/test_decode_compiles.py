@@ -260,11 +260,6 @@ for n, k in ((2 * di, d), (124, di), (d, di)):  # in_proj, x_proj, out_proj
         out = torch.empty(8, n) if cfg.split_k > 1 else None
         for early in (False, True):  # DecodePolicy.general_early_tile: the first weight tile before the wait
             qm.dequant_matmul(x8(k), weight, config=cfg, out=out, policy=MatmulPolicy(), pdl=True, early_tile=early)
-        if n == 124:  # x_proj with the conv step where it loads x (DecodePolicy.conv_in_x_proj), x the fp32 workspace's
-            qm.dequant_matmul(torch.empty(8, 2 * di)[:, :di], weight, config=cfg, out=out, policy=MatmulPolicy(),
-                              pdl=True, early_tile=True, x_conv=(torch.empty(8, di, 4, dtype=torch.bfloat16),
-                                                                 torch.empty(di, 4, dtype=torch.bfloat16),
-                                                                 torch.empty(di, dtype=torch.bfloat16)))
 cc.causal_conv1d_update_triton(x8(di), torch.empty(8, di, 4, dtype=torch.bfloat16),
                                torch.empty(di, 4, dtype=torch.bfloat16), torch.empty(di, dtype=torch.bfloat16),
                                out_state=torch.empty(8, di, 4, dtype=torch.bfloat16), out=x8(di), pdl=True)
@@ -291,7 +286,7 @@ for label, kernel, rec in (("matmul", real_mm, mm), ("conv", real_conv, conv), (
         wait = next(i for i, l in enumerate(lines) if "griddepcontrol.wait" in l)
         launch = next(i for i, l in enumerate(lines) if "griddepcontrol.launch_dependents" in l)
         after = len(lines) - wait - 2
-        name = label + ("_early" if meta.get("EARLY_TILE") else "") + ("_conv" if meta.get("CONV_W") else "")
+        name = label + ("_early" if meta.get("EARLY_TILE") else "")
         print(name, "grid", grid, "regs", r["regs"], "loads", wait, after, "order", int(wait < launch), "stack", r["stack"])
 """
 
@@ -299,17 +294,16 @@ for label, kernel, rec in (("matmul", real_mm, mm), ("conv", real_conv, conv), (
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_general_kernels_compile_as_programmatic_dependents():
     """The batch-8 step's general kernels with ``DecodePolicy.pdl_general`` (the dense matrices on the small-M kernel,
-    int4 plane words and bf16; the conv step; x_proj computing the conv step where it loads x,
-    ``DecodePolicy.conv_in_x_proj``; 1-bit in_proj's bit-position dots, a general fc1's activation) compile for sm_90
-    with the wait before the launch of the dependents and without spills; the matmul reads nothing before its wait
-    but, with ``DecodePolicy.general_early_tile`` (int4 plane words), its first weight tile; the conv step everything
-    but x (its old state, weights and bias)."""
+    int4 plane words and bf16; the conv step; 1-bit in_proj's bit-position dots, a general fc1's activation) compile
+    for sm_90 with the wait before the launch of the dependents and without spills; the matmul reads nothing before
+    its wait but, with ``DecodePolicy.general_early_tile`` (int4 plane words), its first weight tile; the conv step
+    everything but x (its old state, weights and bias)."""
     stdout = _compiled("-c", _GENERAL_PDL_COMPILE, str(ROOT / "benchmarks"), timeout=600)
     lines = [line.split() for line in stdout.splitlines() if line.startswith(("matmul", "conv", "binary", "act"))]
-    assert len(lines) == 17 and all(f[-1] == "0" and f[-3] == "1" for f in lines), stdout
-    assert all(f[-6] == "0" for f in lines if f[0] in ("matmul", "binary", "act", "matmul_conv")), stdout
-    early = [int(f[-6]) for f in lines if f[0] in ("matmul_early", "matmul_early_conv")]
-    assert len(early) == 4 and all(loads > 0 for loads in early), stdout  # the first tile's
+    assert len(lines) == 15 and all(f[-1] == "0" and f[-3] == "1" for f in lines), stdout
+    assert all(f[-6] == "0" for f in lines if f[0] in ("matmul", "binary", "act")), stdout  # loads before the wait
+    early = [int(f[-6]) for f in lines if f[0] == "matmul_early"]
+    assert len(early) == 3 and all(loads > 0 for loads in early), stdout  # the first tile's
     assert [(int(f[-6]) > 0, f[-5]) for f in lines if f[0] == "conv"] == [(True, "1")], stdout  # x alone after it
 
 

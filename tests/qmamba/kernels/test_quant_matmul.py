@@ -6,11 +6,9 @@ import os
 import pytest
 import torch
 
-from qmamba.kernels.causal_conv1d import causal_conv1d_update_ref
 from qmamba.kernels.dequantize import dequantize_stack, dequantize_stack_triton
 from qmamba.kernels.matmul_configs import GEMV_MAX_M, MatmulConfig, MatmulPolicy, pick_config
-from qmamba.kernels.fused_moe import routed_matmul
-from qmamba.kernels.quant_matmul import dequant_matmul, dequant_matmul_ref, takes_x_conv
+from qmamba.kernels.quant_matmul import dequant_matmul, dequant_matmul_ref
 from qmamba.kernels.routing import expert_tile_map
 from qmamba.kernels.weights import PackedWeight
 from qmamba.quant.formats import Int4Format, Int8Format
@@ -72,45 +70,6 @@ def test_early_tile_matches(m, split_k, device):
     pdl = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
     for early in (False, True):
         close(dequant_matmul(x, w, config=cfg, early_tile=early, pdl=pdl), ref, torch.float32)
-
-
-@pytest.mark.parametrize("form", ["planes", "int8", "float"])
-@pytest.mark.parametrize("m,split_k,bias", [(1, 1, True), (3, 2, False), (8, 4, True)])
-def test_conv_step_where_x_is_loaded(form, m, split_k, bias, device):
-    """``x_conv``: the small-M kernel multiplies the decode step's conv output (:func:`causal_conv1d_update_ref`'s
-    y, SiLU, in the state's dtype) computed where it loads x, from x (a strided view, as the step's fp32 workspace
-    holds in_proj's x half), the old state, the conv weights and bias; K = 300 (ragged plane tiles), split-K, int4
-    plane words / int8 / float weights; the state left as it was. What the kernel cannot take is refused."""
-    n, k, width = 40, 300, 4
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if form == "float":
-        w = PackedWeight.from_float(torch.randn(n, k, device=device).to(dtype) / k ** 0.5)
-    else:
-        w = make_weight(Int8Format() if form == "int8" else Int4Format(128), n, k, device)
-        w = w.to_planes() if form == "planes" else w
-    assert takes_x_conv(w, m) and not takes_x_conv(w, GEMV_MAX_M + 1)
-    x = torch.randn(m, 2 * k, device=device)[:, :k]
-    state = torch.randn(m, k, width, device=device).to(dtype)
-    conv_w, conv_b = torch.randn(k, width, device=device) / 2, torch.randn(k, device=device) if bias else None
-    before = state.clone()
-    y, _ = causal_conv1d_update_ref(x.to(dtype), state, conv_w, conv_b, "silu")
-    ref = dequant_matmul_ref(y.to(dtype), w)
-    cfg = MatmulConfig(16 if m > 1 else 1, 16, 128, split_k=split_k, num_warps=1 if device.type != "cuda" else 4,
-                       num_stages=1)
-    got = dequant_matmul(x, w, config=cfg, x_conv=(state, conv_w, conv_b))
-    assert got.dtype == dtype and torch.equal(state, before)
-    close(got, ref, dtype)
-    close(routed_matmul(x, w, x_conv=(state, conv_w, conv_b)), ref, dtype)  # the step's call, its own config
-    with pytest.raises(ValueError, match="x_conv"):
-        dequant_matmul(x, w, x_conv=(state[:, :-1], conv_w, conv_b))
-    with pytest.raises(ValueError, match="x_conv"):
-        dequant_matmul(x, w, row_expert=torch.zeros(m, dtype=torch.int32, device=device), x_conv=(state, conv_w, None))
-    with pytest.raises(ValueError, match="x_conv"):
-        dequant_matmul(torch.randn(GEMV_MAX_M + 1, k, device=device), w,
-                       x_conv=(torch.zeros(GEMV_MAX_M + 1, k, width, device=device), conv_w, None))
-    if form == "int8":  # int4 not in plane words: refused
-        with pytest.raises(ValueError, match="x_conv"):
-            dequant_matmul(x, make_weight(Int4Format(128), n, k, device), x_conv=(state, conv_w, conv_b))
 
 
 @pytest.mark.parametrize("sem", ["relaxed", "acq_rel"])
