@@ -158,7 +158,7 @@ def run(m_values, sweep, quick, log, parts=("dense", "experts"), expert_sweep=No
                            [lambda w=w, c=cfg, i=idx: dequant_matmul(x, w[i], config=c) for w in ws], ref, n * k // 2)
             if sweep and timed and 1 < m <= 16:  # the small-M kernel's tiles (batched decode)
                 small_m_sweep(label, m, record, ref, n * k // 2,
-                              lambda cfg: [lambda w=w: dequant_matmul(x, w[1], config=cfg) for w in ws], log)
+                              lambda cfg, ws=ws: [lambda w=w: dequant_matmul(x, w[1], config=cfg) for w in ws], log)
             if sweep and timed and expert_sweep and m <= 16:  # the grouped GEMM kernel, this matrix as one
                 one = torch.zeros(m, dtype=torch.int32, device=device)  # expert (batched decode's tiles)
                 grouped_tile_sweep(label, m, x, ws, one, 1, expert_sweep, unpacks or list(UNPACKS), record, ref,
@@ -209,7 +209,7 @@ def run(m_values, sweep, quick, log, parts=("dense", "experts"), expert_sweep=No
                             for w in ws], ref, n_experts * n * k // 2)
             if sweep and timed and 1 < m <= 16:  # the small-M kernel's tiles, one program column per expert
                 small_m_sweep(label, m, record, ref, n_experts * n * k // 2,
-                              lambda cfg: [lambda w=w: dequant_matmul(x, w[1], row_expert=idx, config=cfg)
+                              lambda cfg, ws=ws: [lambda w=w: dequant_matmul(x, w[1], row_expert=idx, config=cfg)
                                            for w in ws], log)
             if sweep and timed and (m >= 64 or (expert_sweep and m <= 16)):  # grouped GEMM tiles of the plane
                 #                                   kernel by code unpacking / product

@@ -105,7 +105,6 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     src = Path(args.model)
-    fp = load_model(src)
     tok = resolve_tokenizer(src)
     files = resolve_text_spec("corpus:heldout")
     ids = torch.cat([encode_text_spec(tok, f"corpus:heldout/{p.name.split('.')[0]}", args.eval_tokens // len(files))
