@@ -315,9 +315,6 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         #        int8foldnorm: and fc2's input quantized by fc1's last program of a row (int8_rows_fc2_fold)
         return dataclasses.replace(base, int8_rows=True, int8_rows_fc2=True, int8_rows_fc2_norm=v != "noint8norm",
                                    int8_rows_fc2_fold=base.int8_rows_fc2_fold or v == "int8foldnorm")
-    if v in ("int8unmasked", "noint8unmasked"):  # the W4A8 row programs' K loop without masked loads
-        #                                        (DecodePolicy.int8_rows_unmasked; session 50, untimed)
-        return dataclasses.replace(base, int8_rows=True, int8_rows_unmasked=v == "int8unmasked")
     m = re.fullmatch(r"int8(?:bn(\d+))?c(\d+)(?:fc2c(\d+)(?:bn(\d+))?)?", v)
     if m:  # e.g. int8c4: fc1's W4A8 row programs 4 tiles a step of the K loop (DecodePolicy.int8_rows_chunk), fc2
         #    not on them; int8c4fc2c8: and fc2 on them too, 8 tiles a step (int8_rows_fc2_chunk); ...bn16: 16 fc2 rows

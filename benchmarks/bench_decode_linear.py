@@ -100,11 +100,7 @@ def variants(pdl: bool, rows: int):
                 # the output quantized to int8 for a W4A8 kernel after it (the fused step's fc1 for fc2): by a launch
                 # of its own after each call ("thenq"), or by each row's last program (out_int8, "fold")
                 **{f"w4a8_rows_bn32c4_{after}": ("planes", ("w4a8_rows", 32, False, 4, after))
-                   for after in ("thenq", "fold")},
-                # the K loop's loads without masks (session 50: DecodePolicy.int8_rows_unmasked), at the CUDA
-                # policy's fc1 and fc2 settings and their neighbours
-                **{f"w4a8_rows_bn{bn}c{c}_um": ("planes", ("w4a8_rows", bn, False, c, "", True))
-                   for bn in (16, 32) for c in (4, 8)}}
+                   for after in ("thenq", "fold")}}
     out = {"cuda_default": ("planes", cuda), "cuda_default_float": ("float", cuda),
            # int8 and 1-bit weights on the CUDA policy (which lists both), and on their general kernels
            "cuda_int8": ("int8", cuda),
@@ -206,20 +202,18 @@ def bench_shape(name, n, k, experts, opts, rows, pdl, dev, result, only_variants
         weight = forms[form]
         exact = int4 if form in ("words", "planes", "float") else weight  # what the output is checked against
         if isinstance(policy, tuple):  # ("w4a8_rows", weight rows a program, quantizer in each call, tiles a step,
-            #                              the output's int8 quantization after: "", "thenq" or "fold"[, loads
-            #                              without masks]): int8 activations, checked against the int8-rounded
-            #                              input's product
-            _, bn, with_quantizer, chunk, after, *rest = policy
-            unmasked = bool(rest and rest[0])
+            #                              the output's int8 quantization after: "", "thenq" or "fold"): int8
+            #                              activations, checked against the int8-rounded input's product
+            _, bn, with_quantizer, chunk, after = policy
             ref = decode_linear_ref(int8_rounded_ref(x), exact, gated=gated, **kw)
             out = torch.full((rows, n_out), float("nan"), device=dev, dtype=torch.bfloat16)
             q = quantize_rows_int8(x, int4.k_padded)
             k2 = -(-n_out // 128) * 128
             out8 = int8_rows_buffers(rows, k2, dev) + (torch.zeros(rows, dtype=torch.int32, device=dev),)
 
-            def call(wc, out=out, bn=bn, wq=with_quantizer, q=q, chunk=chunk, after=after, out8=out8, um=unmasked):
+            def call(wc, out=out, bn=bn, wq=with_quantizer, q=q, chunk=chunk, after=after, out8=out8):
                 w4a8_rows(*(quantize_rows_int8(x, int4.k_padded) if wq else q), wc, out=out, gate=gated, block_n=bn,
-                          pdl=pdl, chunk=chunk, out_int8=out8 if after == "fold" else None, unmasked=um, **kw)
+                          pdl=pdl, chunk=chunk, out_int8=out8 if after == "fold" else None, **kw)
                 if after == "thenq":
                     quantize_rows_int8(out, k2, out=out8[:3], pdl=pdl)
             call(weight)

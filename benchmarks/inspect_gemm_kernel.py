@@ -127,15 +127,14 @@ def _int8_rows_out(rows: int, n: int):
 
 def compile_w4a8_rows(weight: PackedWeight, arch: int, rows: int = 8, block_n: int = 16, gate: str | None = None,
                       step: bool = False, row_scale: bool = False, chunk: int = 1, fold: bool = False,
-                      norm: bool = False, unmasked: bool = False):
+                      norm: bool = False):
     """The compiled W4A8 row-program kernel (:mod:`qmamba.kernels.w4a8_rows`: dp4a, a program a row) for ``rows``
     routed rows of ``weight``'s experts, with the inline PTX and the programmatic dependent launch a CUDA launch
     takes; ``step``: as the fused step runs a gated fc1 (``DecodePolicy.int8_rows``: the expert read after the wait,
     the output's input planes for fc2 written); ``row_scale``: each row times its routing weight (fc2's epilogue,
     ``DecodePolicy.int8_rows_fc2``); ``chunk``: 128-column tiles a step of its K loop; ``fold``: the last program of
     a row quantizing it to int8 (``out_int8``, ``DecodePolicy.int8_rows_fc2_fold``); ``norm``: that last program
-    ending the row with the add + norm after it (``out_norm``, ``DecodePolicy.int8_rows_fc2_norm``); ``unmasked``: its
-    loads without masks (``DecodePolicy.int8_rows_unmasked``)."""
+    ending the row with the add + norm after it (``out_norm``, ``DecodePolicy.int8_rows_fc2_norm``)."""
     from qmamba.kernels.row_norm import RowAddNorm
     from qmamba.quant.layout import INT4_X_PLANES, int4_x_planes_width
 
@@ -151,8 +150,7 @@ def compile_w4a8_rows(weight: PackedWeight, arch: int, rows: int = 8, block_n: i
                      out_int8=_int8_rows_out(rows, n_out) if fold else None,
                      out_norm=RowAddNorm(torch.zeros(rows, n_out), torch.ones(n_out), None,
                                          torch.zeros(rows, n_out, dtype=torch.bfloat16), 1e-5,
-                                         torch.zeros(rows, dtype=torch.int32)) if norm else None,
-                     unmasked=unmasked)
+                                         torch.zeros(rows, dtype=torch.int32)) if norm else None)
     finally:
         wr._w4a8_rows_kernel = real
     _, args, meta = recorder.calls[-1]
@@ -205,14 +203,6 @@ def route_logits_ops(compiled) -> list[str]:
     head = ptx[:ptx.index("st.global")]
     ops = r"(?:fma|mul|add|sub|max|min|neg|ex2|rcp|div|setp)\.[a-z0-9.]*f32|shfl\.[a-z.0-9]+"
     return re.findall(rf"^\s+(?:@%p\d+ )?({ops})", head, re.M)
-
-
-def zero_filled_loads(ptx: str) -> int:
-    """Global loads that Triton zero-fills first (a masked load: ``mov.u32 %r, 0x0`` right before the predicated
-    ``ld.global`` of that register), in a kernel's PTX."""
-    lines = [line.strip() for line in ptx.splitlines()]
-    return sum(1 for prev, line in zip(lines, lines[1:])
-               if line.startswith("@") and "ld.global" in line and re.match(r"mov\.u32 %r\d+, 0x0;", prev))
 
 
 def loop_body(sass: str) -> list[str]:

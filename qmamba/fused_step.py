@@ -488,8 +488,7 @@ class FusedDecodeStep:
                                                                 plan.fc1.n),
                       chunk=self.policy.int8_rows_chunk, pdl=self.policy.pdl, expert_ready=False,
                       out_planes=buf["apl"], out_word_sums=self._sums(buf, "wa", layer),
-                      out_int8=buf["aq"] + (buf["acnt"],) if fold else None,
-                      unmasked=self.policy.int8_rows_unmasked)
+                      out_int8=buf["aq"] + (buf["acnt"],) if fold else None)
         elif plan.gated and self.policy.takes(plan.fc1, act.shape[0], routed=True):
             route = None
             if nin is not None:  # the route from the accumulated norm (no router kernel ran)
@@ -514,8 +513,7 @@ class FusedDecodeStep:
                              block_n=self.policy.int8_rows_block_n_for(self.policy.int8_rows_fc2_block_n,
                                                                        out.shape[0], plan.fc2.n),
                              chunk=self.policy.int8_rows_fc2_chunk, pdl=self.policy.pdl,
-                             expert_ready=self.policy.expert_prefetch, out_norm=end_norm,
-                             unmasked=self.policy.int8_rows_unmasked)
+                             expert_ready=self.policy.expert_prefetch, out_norm=end_norm)
         # the router (in the add-norm kernel) ran before fc1: fc2 may read its expert's tile before fc1 is done
         kw = {}
         if nin is not None:

@@ -209,12 +209,6 @@ class DecodePolicy:
     #                              norm is a plain one (no router, planes or int8 codes: the next layer a Mamba one,
     #                              or the final norm); the last of fc2's programs of a row to finish ends the row with
     #                              it (w4a8_rows' out_norm). Built in session 49: not timed, off
-    int8_rows_unmasked: bool = False  # with int8_rows: the W4A8 row programs' K loop without masked loads (w4a8_rows'
-    #                              unmasked: the last step moved back to end at the last tile, its tiles counted
-    #                              before dropped; Triton zero-fills a masked load first). Offline (Triton 3.6, sm_90,
-    #                              8 rows) the instructions a thread runs: fc1 (32 rows, 4 tiles) ~828 -> 648, fc2
-    #                              (32, 8) ~1,760 -> 1,531, registers 92 -> 100 and 130 -> 101. Session 50: not
-    #                              timed (no device), off
     int8_rows_chunk: int = 1     # with int8_rows: 128-column tiles a step of fc1's K loop (w4a8_rows' chunk: every
     #                              operand of the next step loaded before this one's products, so that a program
     #                              waits on tiles / chunk dependent loads instead of one a tile)

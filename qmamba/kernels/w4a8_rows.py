@@ -54,40 +54,28 @@ def _dp4a_words(words, x_lo, x_hi, ASM: tl.constexpr):
 
 
 @jit
-def _weight_chunk(w_rows, w_cols, s_rows, z_rows, n_ok, cc, c0, TILES: tl.constexpr, GROUP: tl.constexpr,
-                  UNMASKED: tl.constexpr):
-    """Tiles ``c0 .. c0 + CHUNK - 1`` of the program's weight rows: the plane words ``[BN, CHUNK, 16]``, the group
-    scales ``[BN, CHUNK]`` and the bytes holding the zero points ``[BN, CHUNK]``. ``UNMASKED``: all of them real
-    tiles of real rows, loaded without masks (a masked load is zero-filled first: an instruction for every two
-    registers it loads); else tiles past the last and rows past ``n_ok`` read as zeros."""
-    t = c0 + cc
+def _weight_chunk(w_rows, w_cols, s_rows, z_rows, n_ok, cc, c, TILES: tl.constexpr, GROUP: tl.constexpr,
+                  CHUNK: tl.constexpr):
+    """Tiles ``c .. c + CHUNK - 1`` of the program's weight rows (none past the last tile: zeros): the plane words
+    ``[BN, CHUNK, 16]``, the group scales ``[BN, CHUNK]`` and the bytes holding the zero points ``[BN, CHUNK]``."""
+    t = c + cc
+    t_ok = t < TILES
     blk = (t * 128) // GROUP
-    if UNMASKED:
-        words = tl.load(w_rows + (16 * c0 + w_cols))
-        scale = tl.load(s_rows + blk[None, :])
-        zb = tl.load(z_rows + (blk // 2)[None, :]).to(tl.int32)
-    else:
-        ok = n_ok[:, None] & (t < TILES)[None, :]
-        words = tl.load(w_rows + (16 * c0 + w_cols), mask=ok[:, :, None], other=0)
-        scale = tl.load(s_rows + blk[None, :], mask=ok, other=0.0)
-        zb = tl.load(z_rows + (blk // 2)[None, :], mask=ok, other=0).to(tl.int32)
+    ok = n_ok[:, None] & t_ok[None, :]
+    words = tl.load(w_rows + (16 * c + w_cols), mask=ok[:, :, None], other=0)
+    scale = tl.load(s_rows + blk[None, :], mask=ok, other=0.0)
+    zb = tl.load(z_rows + (blk // 2)[None, :], mask=ok, other=0).to(tl.int32)
     return words, scale, zb
 
 
 @jit
-def _input_chunk(x_row, x_cols, xsum_row, cc, c0, TILES: tl.constexpr, UNMASKED: tl.constexpr):
-    """Tiles ``c0 .. c0 + CHUNK - 1`` of the input row: its code words paired with the low nibbles ``[CHUNK, 16]``,
-    with the high ones ``[CHUNK, 16]``, and the tiles' code sums ``[CHUNK]`` (``UNMASKED``: real tiles, loaded
-    without masks; else tiles past the last read as zeros)."""
-    if UNMASKED:
-        x_lo = tl.load(x_row + (32 * c0 + x_cols))
-        x_hi = tl.load(x_row + (32 * c0 + 16 + x_cols))
-        xsum = tl.load(xsum_row + c0 + cc)
-    else:
-        t_ok = (c0 + cc) < TILES
-        x_lo = tl.load(x_row + (32 * c0 + x_cols), mask=t_ok[:, None], other=0)
-        x_hi = tl.load(x_row + (32 * c0 + 16 + x_cols), mask=t_ok[:, None], other=0)
-        xsum = tl.load(xsum_row + c0 + cc, mask=t_ok, other=0.0)
+def _input_chunk(x_row, x_cols, xsum_row, cc, c, TILES: tl.constexpr, CHUNK: tl.constexpr):
+    """Tiles ``c .. c + CHUNK - 1`` of the input row (none past the last tile: zeros): its code words paired with
+    the low nibbles ``[CHUNK, 16]``, with the high ones ``[CHUNK, 16]``, and the tiles' code sums ``[CHUNK]``."""
+    t_ok = (c + cc) < TILES
+    x_lo = tl.load(x_row + (32 * c + x_cols), mask=t_ok[:, None], other=0)
+    x_hi = tl.load(x_row + (32 * c + 16 + x_cols), mask=t_ok[:, None], other=0)
+    xsum = tl.load(xsum_row + c + cc, mask=t_ok, other=0.0)
     return x_lo, x_hi, xsum
 
 
@@ -101,7 +89,7 @@ def _w4a8_rows_kernel(
     EXPERT_READY: tl.constexpr = True, OUT_PLANES: tl.constexpr = False, OPL_K: tl.constexpr = 1,
     OUT_WSUMS: tl.constexpr = False, CHUNK: tl.constexpr = 1, OUT_INT8: tl.constexpr = False,
     INT8_BLOCK: tl.constexpr = 128, INT8_TILES: tl.constexpr = 1, OUT_NORM: tl.constexpr = False,
-    NORM_BLOCK: tl.constexpr = 128, LAYERNORM: tl.constexpr = False, UNMASKED: tl.constexpr = False,
+    NORM_BLOCK: tl.constexpr = 128, LAYERNORM: tl.constexpr = False,
 ):
     """Program (row m, block of weight rows): ``out[m, n] = (sum over tiles of scale * (dot - zero * xsum)) *
     xscale[m]`` (+ bias, ``GATE``: ``act(gate) * up`` of the block's gate rows then up rows as the W4A8 GEMM's,
@@ -115,8 +103,7 @@ def _w4a8_rows_kernel(
     :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8` does (``INT8_TILES`` tiles, read from L2), the input of a
     W4A8 kernel after it, in place of a launch of its own. ``OUT_NORM``: that last program ends the row with the add
     + norm after it (:func:`qmamba.kernels.row_norm.add_norm_row`: ``residual += out``, ``x_out = norm(residual)``),
-    the fused step's add + norm after an MoE layer, in place of its launch. ``UNMASKED``: the K loop's loads carry
-    no masks (see the loop)."""
+    the fused step's add + norm after an MoE layer, in place of its launch."""
     m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     n, n_ok = weight_rows(pid_n, N, BLOCK_N, GATE)
@@ -129,39 +116,31 @@ def _w4a8_rows_kernel(
         e = tl.load(rexp_ptr + m).to(tl.int64)
     else:
         e = m * 0
-    # a step of the K loop takes CHUNK tiles; every operand of the next step is loaded before this one's products.
-    # UNMASKED: the step at tile c reads tiles c0 = min(c, TILES - CHUNK) .. c0 + CHUNK - 1 (the launcher keeps
-    # CHUNK <= TILES), always real tiles, so no load needs a mask; a last step that starts before c drops the tiles
-    # below c, and the loads after the last step read the last tiles again (from the cache) for nothing
-    n_ld = tl.where(n_ok, n, 0)  # rows past the matrix read row 0 (UNMASKED); their outputs are not stored
-    w_rows = w_ptr + e * swe + n_ld[:, None, None] * swn
+    # a step of the K loop takes CHUNK tiles; every operand of the next step is loaded before this one's products
+    w_rows = w_ptr + e * swe + n[:, None, None] * swn
     w_cols = cc[None, :, None] * 16 + w16[None, None, :]  # [1, CHUNK, 16]: the chunk's words of a weight row
-    s_rows = s_ptr + e * sse + n_ld[:, None] * ssn
-    z_rows = z_ptr + e * sze + n_ld[:, None] * szn
-    words, scale, zb = _weight_chunk(w_rows, w_cols, s_rows, z_rows, n_ok, cc, 0, TILES, GROUP, UNMASKED)
+    s_rows = s_ptr + e * sse + n[:, None] * ssn
+    z_rows = z_ptr + e * sze + n[:, None] * szn
+    words, scale, zb = _weight_chunk(w_rows, w_cols, s_rows, z_rows, n_ok, cc, 0, TILES, GROUP, CHUNK)
     if PDL and EXPERT_READY:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     x_row = q_ptr + m * sqm  # the row's codes as int32 words: tile t's low-nibble codes at 32 t, high at 32 t + 16
     x_cols = cc[:, None] * 32 + w16[None, :]  # [CHUNK, 16]
     xsum_row = xsum_ptr + m * ssum
-    x_lo, x_hi, xsum = _input_chunk(x_row, x_cols, xsum_row, cc, 0, TILES, UNMASKED)
+    x_lo, x_hi, xsum = _input_chunk(x_row, x_cols, xsum_row, cc, 0, TILES, CHUNK)
     acc = tl.zeros((BLOCK_N, CHUNK), dtype=tl.float32)
-    for c in range(0, TILES, CHUNK):  # c: the step's first new tile
-        t = (tl.minimum(c, TILES - CHUNK) if UNMASKED else c) + cc  # the tiles loaded for this step
+    for c in range(0, TILES, CHUNK):  # c: the chunk's first tile
+        t = c + cc
         blk = (t * 128) // GROUP  # (a tile is 128 columns)
         zero = ((zb >> ((blk % 2) * 4)[None, :]) & 0xF).to(tl.float32)
         part = tl.sum(_dp4a_words(words, x_lo[None, :, :], x_hi[None, :, :], ASM), axis=2)
         s_c = scale.to(tl.float32)
         xs_c = xsum
-        # the next step's tiles, loaded while this one is scaled
-        c_next = tl.minimum(c + CHUNK, TILES - CHUNK) if UNMASKED else c + CHUNK
-        words, scale, zb = _weight_chunk(w_rows, w_cols, s_rows, z_rows, n_ok, cc, c_next, TILES, GROUP, UNMASKED)
-        x_lo, x_hi, xsum = _input_chunk(x_row, x_cols, xsum_row, cc, c_next, TILES, UNMASKED)
-        tile_sum = s_c * (part.to(tl.float32) - zero * xs_c[None, :])
-        if UNMASKED and TILES % CHUNK != 0:  # the last step's tiles below c were the step before's
-            tile_sum = tl.where((t >= c)[None, :], tile_sum, 0.0)
-        acc += tile_sum
+        # the next chunk (nothing past the last tile), loaded while this one is scaled
+        words, scale, zb = _weight_chunk(w_rows, w_cols, s_rows, z_rows, n_ok, cc, c + CHUNK, TILES, GROUP, CHUNK)
+        x_lo, x_hi, xsum = _input_chunk(x_row, x_cols, xsum_row, cc, c + CHUNK, TILES, CHUNK)
+        acc += s_c * (part.to(tl.float32) - zero * xs_c[None, :])
     acc = tl.sum(acc, axis=1)
     acc *= tl.load(xs_ptr + m)
     if HAS_BIAS:
@@ -195,7 +174,7 @@ def _w4a8_rows_kernel(
 def w4a8_rows(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row_expert=None, row_scale=None,
               gate: str | None = None, block_n: int = 32, num_warps: int = 4, pdl: bool = False,
               expert_ready: bool = True, out_planes=None, out_word_sums=None, chunk: int = 1,
-              out_int8=None, out_norm: RowAddNorm | None = None, unmasked: bool = False) -> torch.Tensor:
+              out_int8=None, out_norm: RowAddNorm | None = None) -> torch.Tensor:
     """``out [M, N] <- (x_hat @ W_hat^T + bias) * row_scale`` (row m on expert ``row_expert[m]`` of a stack) from
     :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8`'s ``codes, scale, sums`` and int4 plane words (group size a
     multiple of 128), a program a row and ``block_n`` weight rows. ``gate`` (an activation of
@@ -211,10 +190,8 @@ def w4a8_rows(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row
     (its ``(codes, scale, sums)`` for ``k_pad`` columns, the sums' padding zeroed once), by the last program of each
     row to finish; ``counter`` is int32 ``[M]``, zeros before the first call, left at zeros after each. ``out_norm``
     (a :class:`qmamba.kernels.row_norm.RowAddNorm`; not with ``out_int8``): that last program of a row also adds the
-    stored row into the residual and writes its norm (``add_norm``'s without router, planes or int8 codes).
-    ``unmasked``: the K loop's loads without masks (Triton zero-fills a masked load's registers first): a last step
-    that would run past the last tile is moved back to end there, its tiles counted before dropped, and ``chunk`` is
-    capped at the row's tiles; the same result. ``out`` defaults to a new bfloat16 tensor."""
+    stored row into the residual and writes its norm (``add_norm``'s without router, planes or int8 codes). ``out``
+    defaults to a new bfloat16 tensor."""
     out = w4a8_operands("w4a8_rows", codes, sums, weight, out, gate, block_n)
     if weight.n_experts != 1 and row_expert is None:
         raise ValueError("w4a8_rows: an expert stack needs row_expert")
@@ -227,8 +204,6 @@ def w4a8_rows(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row
     if chunk < 1 or chunk & (chunk - 1):
         raise ValueError(f"w4a8_rows: chunk must be a power of two, got {chunk}")
     m, k_pad = codes.shape
-    if unmasked:  # no step longer than the row
-        chunk = min(chunk, 1 << ((k_pad // INT4_TILE).bit_length() - 1))
     n_out = out.shape[1]
     q2 = counter = None  # (the counter of the rows' programs, where the last one of a row has work: either epilogue)
     if out_int8 is not None:
@@ -272,6 +247,6 @@ def w4a8_rows(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row
         INT8_BLOCK=next_pow2(k2_pad) if q2 is not None else 128,
         INT8_TILES=k2_pad // INT4_TILE if q2 is not None else 1,
         OUT_NORM=out_norm is not None, NORM_BLOCK=next_pow2(n_out) if out_norm is not None else 128,
-        LAYERNORM=out_norm is not None and out_norm.norm_b is not None, UNMASKED=unmasked,
+        LAYERNORM=out_norm is not None and out_norm.norm_b is not None,
         num_warps=num_warps, **pdl_launch(pdl))
     return out

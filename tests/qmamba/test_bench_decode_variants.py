@@ -223,9 +223,6 @@ def test_int8_rows_variants():
     assert not policy_variant(v, "noint8norm").int8_rows_fc2_norm
     v = policy_variant(CUDA, "int8foldnorm")
     assert v.int8_rows_fc2_norm and v.int8_rows_fc2_fold
-    assert not CUDA.int8_rows_unmasked  # built in session 50, not timed
-    v = policy_variant(CUDA, "int8unmasked")
-    assert v.int8_rows and v.int8_rows_unmasked and not policy_variant(v, "noint8unmasked").int8_rows_unmasked
 
 
 def _int8_twin_run(seed: int, steps: int):

@@ -374,12 +374,12 @@ def test_general_kernels_as_programmatic_dependents(fmt, mode, device, monkeypat
             tok = want.argmax(-1)
 
 
-@pytest.mark.parametrize("batch,fc2,chunk,fold,norm,unmasked", [
-    (1, False, 1, False, False, False), (3, False, 1, False, False, False), (3, True, 1, False, False, False),
-    (3, True, 4, False, False, False), (3, True, 4, True, False, False), (3, True, 4, False, True, False),
-    (2, True, 1, True, True, False), (3, True, 4, False, False, True), (2, True, 2, True, True, True)])
+@pytest.mark.parametrize("batch,fc2,chunk,fold,norm", [(1, False, 1, False, False), (3, False, 1, False, False),
+                                                       (3, True, 1, False, False), (3, True, 4, False, False),
+                                                       (3, True, 4, True, False), (3, True, 4, False, True),
+                                                       (2, True, 1, True, True)])
 @torch.no_grad()
-def test_fused_step_int8_rows(batch, fc2, chunk, fold, norm, unmasked, device, monkeypatch):
+def test_fused_step_int8_rows(batch, fc2, chunk, fold, norm, device, monkeypatch):
     """``DecodePolicy.int8_rows`` on a model with int8 activations: at 2+ rows the gated int4 fc1 runs on the W4A8
     row programs (the add + norm writes x as int8 codes, no input planes for it; fc1 still writes fc2's planes), and
     the step equals the reference step whose experts round fc1's input the same way (``QuantExperts.int8_step_fc1``
@@ -389,8 +389,7 @@ def test_fused_step_int8_rows(batch, fc2, chunk, fold, norm, unmasked, device, m
     ``chunk``: both on several tiles a step of their K loops (``int8_rows_chunk``, ``int8_rows_fc2_chunk``);
     ``fold``: fc2's input quantized by fc1's last program of each row (``int8_rows_fc2_fold``), the same codes.
     ``norm``: the add + norm after each MoE layer (the next one a Mamba layer, or the final norm) ended by fc2's last
-    program of each row (``int8_rows_fc2_norm``): one add + norm launch for each Mamba layer only, the same step.
-    ``unmasked``: their K loops without masked loads (``int8_rows_unmasked``), the same step."""
+    program of each row (``int8_rows_fc2_norm``): one add + norm launch for each Mamba layer only, the same step."""
     from qmamba.quant.modules import QuantExperts
 
     model = build("tiny-blackmamba", FORMATS["int4g128"], device)
@@ -402,7 +401,7 @@ def test_fused_step_int8_rows(batch, fc2, chunk, fold, norm, unmasked, device, m
                                  max_rows_routed=8, int4_planes=True, int4_unpack="denorm", planes_mma=False,
                                  routed_row_programs=True, int4_x_planes=True, int8_rows=True, int8_rows_fc2=fc2,
                                  int8_rows_chunk=chunk, int8_rows_fc2_chunk=chunk, int8_rows_fc2_fold=fold,
-                                 int8_rows_fc2_norm=norm, int8_rows_unmasked=unmasked)
+                                 int8_rows_fc2_norm=norm)
     step = FusedDecodeStep(model, policy)
     launches = []
     real_add_norm = fused_step_module.add_norm

@@ -564,14 +564,6 @@ print("quantrows", ig.report(ig.compile_quantize_rows_int8(90))["stack"])
 r = ig.report(ig.compile_w4a8_rows(ig.planes_stack(*ig.SHAPES["fc2"]), 90, rows=8, block_n=p.int8_rows_fc2_block_n,
                                    row_scale=True, chunk=p.int8_rows_fc2_chunk, norm=True))
 print("normrows", r["stack"], r["ops"]["IDP"], r["ops"].get("ATOMG", 0) + r["ops"].get("RED", 0))
-for um in (True, False):
-    c = ig.compile_w4a8_rows(w, 90, rows=8, block_n=p.int8_rows_block_n, gate="gelu", step=True,
-                             chunk=p.int8_rows_chunk, unmasked=um)
-    c2 = ig.compile_w4a8_rows(ig.planes_stack(*ig.SHAPES["fc2"]), 90, rows=8, block_n=p.int8_rows_fc2_block_n,
-                              row_scale=True, chunk=p.int8_rows_fc2_chunk, unmasked=um)
-    r, r2 = ig.report(c), ig.report(c2)
-    print("unmaskedrows" if um else "maskedrows", r["stack"], r["ops"]["IDP"], ig.zero_filled_loads(c.asm["ptx"]),
-          r2["stack"], r2["ops"]["IDP"], ig.zero_filled_loads(c2.asm["ptx"]))
 c = ig.compile_route_int8(90)
 r = ig.report(c)
 print("route", r["stack"], c.asm["ptx"].count("mul.rn."), c.asm["ptx"].count("div.rn.f32"), r["ops"]["FRND"])
@@ -593,11 +585,9 @@ def test_w4a8_kernels_compile_for_sm90():
     the routing weight in the epilogue), and both at the CUDA policy's rows a program and tiles a step of their K
     loops (``int8_rows_chunk``, ``int8_rows_fc2_chunk``), fc1 also with its last program of a row quantizing it for
     fc2 (``int8_rows_fc2_fold``), and the quantizer of fc2's input on its own (``quantize_rows_int8``), fc2 with
-    its last program of a row ending it with the add + norm after it (``int8_rows_fc2_norm``), and both without
-    masked loads (``int8_rows_unmasked``: no load zero-filled first, PTX ``mov.u32 %r, 0x0`` before a predicated
-    ``ld.global``; with masks 12-24 for fc1 and 20 for fc2 with Triton 3.9 / 3.6). The
-    MoE's routing kernel that also quantizes its rows to int8 for the W4A8 GEMM (``route_top1_int8``,
-    BlackMamba-2.8B's d = 1472 in bf16) compiles without spills, with the quantizer's
+    its last program of a row ending it with the add + norm after it (``int8_rows_fc2_norm``). The MoE's routing
+    kernel that also quantizes its rows to int8 for the W4A8 GEMM (``route_top1_int8``, BlackMamba-2.8B's d = 1472 in
+    bf16) compiles without spills, with the quantizer's
     IEEE operations: ``mul.rn`` (not fused into an FMA with the + 0.5), the two ``div.rn`` of the scale and its
     reciprocal, and the floor (``FRND``); its logits, sigmoid and argmax are the plain routing kernel's operations in
     the same order (the routing bit for bit ``route_top1``'s: session 44's several-rows kernel lost that on the GPU
@@ -622,11 +612,6 @@ def test_w4a8_kernels_compile_for_sm90():
     assert next(line.split() for line in stdout.splitlines() if line.startswith("quantrows "))[1] == "0", stdout
     norm = next(line.split() for line in stdout.splitlines() if line.startswith("normrows "))  # int8_rows_fc2_norm
     assert norm[1] == "0" and int(norm[2]) >= 8 and int(norm[3]) >= 1, stdout
-    unmasked = next(line.split() for line in stdout.splitlines() if line.startswith("unmaskedrows "))
-    masked = next(line.split() for line in stdout.splitlines() if line.startswith("maskedrows "))
-    assert unmasked[1] == "0" and int(unmasked[2]) >= 8 and unmasked[3] == "0", stdout
-    assert unmasked[4] == "0" and int(unmasked[5]) >= 8 and unmasked[6] == "0", stdout
-    assert int(masked[3]) > 0 and int(masked[6]) > 0, stdout  # (the count sees the masked loads it is there for)
     assert route[1] == "0" and int(route[2]) >= 1 and int(route[3]) >= 2 and int(route[4]) >= 1, stdout
     logits = next(line.split() for line in stdout.splitlines() if line.startswith("routelogits "))
     assert int(logits[1]) >= 100 and logits[2] == "1" and logits[3] == "0", stdout  # the plain routing's own code

@@ -26,24 +26,20 @@ def planes_weight(n, k, device, experts=1, group=128, seed=0):
 @pytest.mark.parametrize("m,k,n,group,block_n,chunk", [(1, 200, 40, 128, 16, 1), (8, 300, 70, 128, 32, 1),
                                                        (3, 512, 24, 256, 8, 1), (2, 300, 40, 128, 16, 2),
                                                        (3, 640, 24, 256, 8, 4), (2, 200, 24, 128, 8, 8)])
-@pytest.mark.parametrize("unmasked", [False, True])
-def test_rows_match_dequantized(m, k, n, group, block_n, chunk, unmasked, device):
+def test_rows_match_dequantized(m, k, n, group, block_n, chunk, device):
     """Any number of 128-column tiles a step of the K loop (``chunk``), a last step with fewer tiles than that
-    included (K = 300: 3 tiles by 2; 640: 5 by 4; 200: 2 by 8), N not a multiple of the block's rows (70 by 32);
-    with masked loads and without (``unmasked``: the last step moved back to end at the last tile, its tiles
-    already counted dropped; rows past N reading row 0)."""
+    included (K = 300: 3 tiles by 2; 640: 5 by 4; 200: 2 by 8)."""
     w = planes_weight(n, k, device, group=group)
     x = torch.randn(m, k, device=device) * 2
     bias = torch.randn(n, device=device)
     codes, scale, sums = quantize_rows_int8(x, w.qweight.shape[-1] * 8)
     got = w4a8_rows(codes, scale, sums, w, out=torch.empty(m, n, device=device), bias=bias, block_n=block_n,
-                    chunk=chunk, unmasked=unmasked)
+                    chunk=chunk)
     torch.testing.assert_close(got, w4a8_gemm_ref(codes, scale, w, bias=bias), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("gate,chunk,unmasked", [(None, 1, False), ("silu", 1, False), (None, 2, False),
-                                                 ("silu", 4, False), (None, 1, True), ("silu", 4, True)])
-def test_routed_rows(gate, chunk, unmasked, device):
+@pytest.mark.parametrize("gate,chunk", [(None, 1), ("silu", 1), (None, 2), ("silu", 4)])
+def test_routed_rows(gate, chunk, device):
     """Rows on their own experts (two rows sharing one), the routing weight, and fc1's gated epilogue (F not a
     multiple of the block's output columns)."""
     m, k, f, experts = 6, 200, 36, 4
@@ -54,7 +50,7 @@ def test_routed_rows(gate, chunk, unmasked, device):
     row_scale = torch.rand(m, device=device) + 0.5
     codes, scale, sums = quantize_rows_int8(x, w.qweight.shape[-1] * 8)
     got = w4a8_rows(codes, scale, sums, w, out=torch.empty(m, f, device=device), row_expert=row_expert,
-                    row_scale=row_scale, gate=gate, block_n=16, chunk=chunk, unmasked=unmasked)
+                    row_scale=row_scale, gate=gate, block_n=16, chunk=chunk)
     h = w4a8_gemm_ref(codes, scale, w, row_expert=row_expert)
     ref = (gated_act_ref(h, gate, True) if gate else h) * row_scale[:, None]
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
@@ -102,9 +98,8 @@ def test_bad_input_is_refused():
         w4a8_rows(codes, scale, sums, w, chunk=3)
 
 
-@pytest.mark.parametrize("gate,chunk,unmasked", [("silu", 1, False), ("silu", 4, False), (None, 2, False),
-                                                 ("silu", 4, True)])
-def test_last_program_of_a_row_quantizes_it_to_int8(gate, chunk, unmasked, device):
+@pytest.mark.parametrize("gate,chunk", [("silu", 1), ("silu", 4), (None, 2)])
+def test_last_program_of_a_row_quantizes_it_to_int8(gate, chunk, device):
     """``out_int8``: the stored output also written as :func:`quantize_rows_int8` would quantize it (codes in
     plane-byte order, scale, tile sums; 300 columns: 3 tiles, the last partial), by the last of a row's 19 programs
     to finish, through a counter a row that each call leaves at zero: a second call on other inputs is right too."""
@@ -121,8 +116,7 @@ def test_last_program_of_a_row_quantizes_it_to_int8(gate, chunk, unmasked, devic
         x = torch.randn(m, k, device=device, generator=torch.Generator(device).manual_seed(seed))
         codes, scale, sums = quantize_rows_int8(x, w.qweight.shape[-1] * 8)
         out = w4a8_rows(codes, scale, sums, w, out=torch.empty(m, f, device=device, dtype=torch.bfloat16),
-                        row_expert=row_expert, gate=gate, block_n=16, chunk=chunk, out_int8=(q2, s2, sum2, counter),
-                        unmasked=unmasked)
+                        row_expert=row_expert, gate=gate, block_n=16, chunk=chunk, out_int8=(q2, s2, sum2, counter))
         want = quantize_rows_int8_ref(out, k2)
         assert torch.equal(q2, want[0]) and torch.equal(s2, want[1]) and torch.equal(sum2, want[2])
         assert torch.equal(counter, torch.zeros_like(counter))
@@ -130,9 +124,8 @@ def test_last_program_of_a_row_quantizes_it_to_int8(gate, chunk, unmasked, devic
         w4a8_rows(codes, scale, sums, w, row_expert=row_expert, gate=gate, out_int8=(q2, s2, sum2, counter[:2]))
 
 
-@pytest.mark.parametrize("layernorm,chunk,unmasked", [(False, 1, False), (False, 8, False), (True, 2, False),
-                                                      (False, 8, True)])
-def test_last_program_of_a_row_ends_it_with_the_add_and_norm(layernorm, chunk, unmasked, device):
+@pytest.mark.parametrize("layernorm,chunk", [(False, 1), (False, 8), (True, 2)])
+def test_last_program_of_a_row_ends_it_with_the_add_and_norm(layernorm, chunk, device):
     """``out_norm``: as the fused step's fc2 (the routing weight in the epilogue), the last of a row's programs to
     finish adds the stored row into the residual and writes its norm (RMSNorm, or LayerNorm with a bias) into
     ``x_out``, as :func:`add_norm_ref` computes them from the stored output; 150 columns (not a power of two) over
@@ -152,7 +145,7 @@ def test_last_program_of_a_row_ends_it_with_the_add_and_norm(layernorm, chunk, u
         codes, scale, sums = quantize_rows_int8(x, w.qweight.shape[-1] * 8)
         res_before = residual.clone()
         out = w4a8_rows(codes, scale, sums, w, out=torch.empty(m, d, device=device), row_expert=row_expert,
-                        row_scale=row_scale, block_n=16, chunk=chunk, out_norm=spec, unmasked=unmasked)
+                        row_scale=row_scale, block_n=16, chunk=chunk, out_norm=spec)
         want_res, want_x, _, _ = add_norm_ref(res_before, norm_w, 1e-5, h=out, norm_b=norm_b)
         torch.testing.assert_close(residual, want_res, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(x_out.float(), want_x.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
