@@ -307,14 +307,10 @@ def policy_variant(base: DecodePolicy, v: str) -> DecodePolicy:
         return dataclasses.replace(base, int8_rows=True, int8_rows_fc2=True, int8_rows_fc2_block_n=int(v[9:]))
     if v.startswith("int8rowsbn"):  # e.g. int8rowsbn32: and fc1's weight rows a program
         return dataclasses.replace(base, int8_rows=True, int8_rows_block_n=int(v[10:]))
-    if v in ("int8fold", "noint8fold"):  # fc2's int8 input quantized by fc1's last program of a row, not by a launch
-        #                                of its own (DecodePolicy.int8_rows_fc2_fold; session 48, untimed)
-        return dataclasses.replace(base, int8_rows=True, int8_rows_fc2=True, int8_rows_fc2_fold=v == "int8fold")
-    if v in ("int8norm", "noint8norm", "int8foldnorm"):  # the add + norm after an MoE layer ended by fc2's last
-        #        program of a row, not by a launch of its own (DecodePolicy.int8_rows_fc2_norm; session 49);
-        #        int8foldnorm: and fc2's input quantized by fc1's last program of a row (int8_rows_fc2_fold)
-        return dataclasses.replace(base, int8_rows=True, int8_rows_fc2=True, int8_rows_fc2_norm=v != "noint8norm",
-                                   int8_rows_fc2_fold=base.int8_rows_fc2_fold or v == "int8foldnorm")
+    if v in ("int8norm", "noint8norm"):  # the add + norm after an MoE layer ended by fc2's last program of a row,
+        #                              not by a launch of its own (DecodePolicy.int8_rows_fc2_norm; session 49, on in
+        #                              the CUDA policy since session 51)
+        return dataclasses.replace(base, int8_rows=True, int8_rows_fc2=True, int8_rows_fc2_norm=v == "int8norm")
     m = re.fullmatch(r"int8(?:bn(\d+))?c(\d+)(?:fc2c(\d+)(?:bn(\d+))?)?", v)
     if m:  # e.g. int8c4: fc1's W4A8 row programs 4 tiles a step of the K loop (DecodePolicy.int8_rows_chunk), fc2
         #    not on them; int8c4fc2c8: and fc2 on them too, 8 tiles a step (int8_rows_fc2_chunk); ...bn16: 16 fc2 rows

@@ -28,7 +28,7 @@ from qmamba.kernels.binary_matmul import binary_matmul
 from qmamba.kernels.decode_linear import decode_linear, decode_linear_ref
 from qmamba.kernels.decode_policy import DecodePolicy, pdl_supported
 from qmamba.kernels.quant_matmul import dequant_matmul
-from qmamba.kernels.w4a8_gemm import int8_rounded_ref, int8_rows_buffers, quantize_rows_int8, quantize_rows_int8_ref
+from qmamba.kernels.w4a8_gemm import int8_rounded_ref, quantize_rows_int8
 from qmamba.kernels.w4a8_rows import w4a8_rows
 from qmamba.kernels.weights import BinaryWeight, PackedWeight, int32_words
 from qmamba.quant.formats import BinaryFormat, Int4Format, Int8Format
@@ -89,18 +89,14 @@ def variants(pdl: bool, rows: int):
                 # int8 activations with dp4a, a program a row (qmamba.kernels.w4a8_rows, session 41): the kernel
                 # alone on codes quantized before (16 / 32 / 64 weight rows a program), then with the row quantizer
                 # in each call
-                **{f"w4a8_rows_bn{bn}": ("planes", ("w4a8_rows", bn, False, 1, "")) for bn in (16, 32, 64)},
-                "w4a8_rows_q": ("planes", ("w4a8_rows", 32, True, 1, "")),
+                **{f"w4a8_rows_bn{bn}": ("planes", ("w4a8_rows", bn, False, 1)) for bn in (16, 32, 64)},
+                "w4a8_rows_q": ("planes", ("w4a8_rows", 32, True, 1)),
                 # and 2-8 tiles a step of the K loop, the next step's operands loaded before this one's products
                 # (session 48: a chain of tiles / chunk dependent loads a program)
-                **{f"w4a8_rows_bn{bn}c{c}": ("planes", ("w4a8_rows", bn, False, c, ""))
+                **{f"w4a8_rows_bn{bn}c{c}": ("planes", ("w4a8_rows", bn, False, c))
                    for bn in (16, 32) for c in (2, 4, 8)},
-                **{f"w4a8_rows_q_bn{bn}c{c}": ("planes", ("w4a8_rows", bn, True, c, ""))
-                   for bn in (16, 32) for c in (4, 8)},
-                # the output quantized to int8 for a W4A8 kernel after it (the fused step's fc1 for fc2): by a launch
-                # of its own after each call ("thenq"), or by each row's last program (out_int8, "fold")
-                **{f"w4a8_rows_bn32c4_{after}": ("planes", ("w4a8_rows", 32, False, 4, after))
-                   for after in ("thenq", "fold")}}
+                **{f"w4a8_rows_q_bn{bn}c{c}": ("planes", ("w4a8_rows", bn, True, c))
+                   for bn in (16, 32) for c in (4, 8)}}
     out = {"cuda_default": ("planes", cuda), "cuda_default_float": ("float", cuda),
            # int8 and 1-bit weights on the CUDA policy (which lists both), and on their general kernels
            "cuda_int8": ("int8", cuda),
@@ -201,26 +197,17 @@ def bench_shape(name, n, k, experts, opts, rows, pdl, dev, result, only_variants
     for vname, (form, policy) in chosen.items():
         weight = forms[form]
         exact = int4 if form in ("words", "planes", "float") else weight  # what the output is checked against
-        if isinstance(policy, tuple):  # ("w4a8_rows", weight rows a program, quantizer in each call, tiles a step,
-            #                              the output's int8 quantization after: "", "thenq" or "fold"): int8
-            #                              activations, checked against the int8-rounded input's product
-            _, bn, with_quantizer, chunk, after = policy
+        if isinstance(policy, tuple):  # ("w4a8_rows", weight rows a program, quantizer in each call, tiles a
+            #                              step): int8 activations, checked against the int8-rounded input's product
+            _, bn, with_quantizer, chunk = policy
             ref = decode_linear_ref(int8_rounded_ref(x), exact, gated=gated, **kw)
             out = torch.full((rows, n_out), float("nan"), device=dev, dtype=torch.bfloat16)
             q = quantize_rows_int8(x, int4.k_padded)
-            k2 = -(-n_out // 128) * 128
-            out8 = int8_rows_buffers(rows, k2, dev) + (torch.zeros(rows, dtype=torch.int32, device=dev),)
 
-            def call(wc, out=out, bn=bn, wq=with_quantizer, q=q, chunk=chunk, after=after, out8=out8):
+            def call(wc, out=out, bn=bn, wq=with_quantizer, q=q, chunk=chunk):
                 w4a8_rows(*(quantize_rows_int8(x, int4.k_padded) if wq else q), wc, out=out, gate=gated, block_n=bn,
-                          pdl=pdl, chunk=chunk, out_int8=out8 if after == "fold" else None, **kw)
-                if after == "thenq":
-                    quantize_rows_int8(out, k2, out=out8[:3], pdl=pdl)
+                          pdl=pdl, chunk=chunk, **kw)
             call(weight)
-            if after:  # the int8 codes of the stored output, as the quantizer writes them
-                want = quantize_rows_int8_ref(out, k2)
-                if not all(torch.equal(a, b) for a, b in zip(out8[:3], want)):
-                    result["failures"].append(f"{name} rows {rows} {vname}: the output's int8 codes differ")
         elif policy == "general":  # the general kernel computes fc1 without the activation
             ref = decode_linear_ref(x, exact, **kw)
             general = binary_matmul if form == "binary" else dequant_matmul

@@ -119,22 +119,14 @@ def compile_w4a8(weight: PackedWeight, arch: int, block_m: int, block_n: int, wa
     return compile_recorded(real, args, dict(meta, ASM=True, PRECISION="tf32x3"), arch), cfg
 
 
-def _int8_rows_out(rows: int, n: int):
-    """``(codes, scale, sums, counter)`` buffers of :func:`qmamba.kernels.w4a8_rows.w4a8_rows`' ``out_int8``."""
-    k_pad = -(-n // 128) * 128
-    return wg.int8_rows_buffers(rows, k_pad, "cpu") + (torch.zeros(rows, dtype=torch.int32),)
-
-
 def compile_w4a8_rows(weight: PackedWeight, arch: int, rows: int = 8, block_n: int = 16, gate: str | None = None,
-                      step: bool = False, row_scale: bool = False, chunk: int = 1, fold: bool = False,
-                      norm: bool = False):
+                      step: bool = False, row_scale: bool = False, chunk: int = 1, norm: bool = False):
     """The compiled W4A8 row-program kernel (:mod:`qmamba.kernels.w4a8_rows`: dp4a, a program a row) for ``rows``
     routed rows of ``weight``'s experts, with the inline PTX and the programmatic dependent launch a CUDA launch
     takes; ``step``: as the fused step runs a gated fc1 (``DecodePolicy.int8_rows``: the expert read after the wait,
     the output's input planes for fc2 written); ``row_scale``: each row times its routing weight (fc2's epilogue,
-    ``DecodePolicy.int8_rows_fc2``); ``chunk``: 128-column tiles a step of its K loop; ``fold``: the last program of
-    a row quantizing it to int8 (``out_int8``, ``DecodePolicy.int8_rows_fc2_fold``); ``norm``: that last program
-    ending the row with the add + norm after it (``out_norm``, ``DecodePolicy.int8_rows_fc2_norm``)."""
+    ``DecodePolicy.int8_rows_fc2``); ``chunk``: 128-column tiles a step of its K loop; ``norm``: the last program of
+    a row ending it with the add + norm after it (``out_norm``, ``DecodePolicy.int8_rows_fc2_norm``)."""
     from qmamba.kernels.row_norm import RowAddNorm
     from qmamba.quant.layout import INT4_X_PLANES, int4_x_planes_width
 
@@ -147,7 +139,6 @@ def compile_w4a8_rows(weight: PackedWeight, arch: int, rows: int = 8, block_n: i
         wr.w4a8_rows(codes, scale, sums, weight, row_expert=torch.randint(0, EXPERTS, (rows,), dtype=torch.int32),
                      gate=gate, block_n=block_n, pdl=True, expert_ready=not step, out_planes=planes,
                      row_scale=torch.rand(rows) if row_scale else None, chunk=chunk,
-                     out_int8=_int8_rows_out(rows, n_out) if fold else None,
                      out_norm=RowAddNorm(torch.zeros(rows, n_out), torch.ones(n_out), None,
                                          torch.zeros(rows, n_out, dtype=torch.bfloat16), 1e-5,
                                          torch.zeros(rows, dtype=torch.int32)) if norm else None)

@@ -38,7 +38,8 @@ gated int4 fc1 on the W4A8 row programs (:func:`qmamba.kernels.w4a8_rows.w4a8_ro
 it quantizes x to int8 per row instead of writing its input planes; the reference path rounds fc1's input the same
 way in a batched step (:class:`qmamba.quant.modules.QuantExperts`). With ``DecodePolicy.int8_rows_fc2`` as well, fc2
 runs there too, on fc1's output quantized to int8 per row by a launch between them (the reference rounds it too;
-both on in the CUDA policy since session 48), or with ``int8_rows_fc2_fold`` by fc1's last program of each row.
+both on in the CUDA policy since session 48); with ``int8_rows_fc2_norm`` (on since session 51) fc2's last program
+of each row ends it with the add + norm after the MoE layer, which then has no launch of its own.
 The module parameters are captured by reference at construction: rebuild the step after changing weights.
 Logits come back as float32 ``[B, V]``; the flat state tensors are updated in place.
 The kernels themselves (tensors in, tensors out) live in :mod:`qmamba.kernels.decode_step` and beside it.
@@ -191,8 +192,6 @@ class FusedDecodeStep:
             buf["xq"] = int8_rows_buffers(batch, -(-d // INT4_TILE) * INT4_TILE, device)
         if any(self._int8_fc2(p, batch) for p in self.layers):  # fc1's output quantized to int8 for fc2
             buf["aq"] = int8_rows_buffers(batch, -(-ffn // INT4_TILE) * INT4_TILE, device)
-            # fc1's programs of a row counted, where the last one quantizes it (DecodePolicy.int8_rows_fc2_fold)
-            buf["acnt"] = torch.zeros(batch, device=device, dtype=torch.int32)
             # fc2's programs of a row counted, where the last one ends it with the add + norm after (int8_rows_fc2_norm)
             buf["ncnt"] = torch.zeros(batch, device=device, dtype=torch.int32)
         if any(self._planes_read(w, batch, routed) and not (routed and self._int8_fc1(p, batch))
@@ -481,14 +480,12 @@ class FusedDecodeStep:
         act = buf["act"][:, :ffn]
         # gate, up and activation in one kernel
         int8_fc1, int8_fc2 = self._int8_fc1(plan, act.shape[0]), self._int8_fc2(plan, act.shape[0])
-        fold = int8_fc2 and self.policy.int8_rows_fc2_fold  # fc1's last program of a row quantizes it for fc2
         if int8_fc1:  # on int8 codes of x, with dp4a; the expert index read after the wait
             w4a8_rows(*buf["xq"], plan.fc1, out=act, row_expert=buf["idx"], gate=plan.activation,
                       block_n=self.policy.int8_rows_block_n_for(self.policy.int8_rows_block_n, act.shape[0],
                                                                 plan.fc1.n),
                       chunk=self.policy.int8_rows_chunk, pdl=self.policy.pdl, expert_ready=False,
-                      out_planes=buf["apl"], out_word_sums=self._sums(buf, "wa", layer),
-                      out_int8=buf["aq"] + (buf["acnt"],) if fold else None)
+                      out_planes=buf["apl"], out_word_sums=self._sums(buf, "wa", layer))
         elif plan.gated and self.policy.takes(plan.fc1, act.shape[0], routed=True):
             route = None
             if nin is not None:  # the route from the accumulated norm (no router kernel ran)
@@ -500,7 +497,7 @@ class FusedDecodeStep:
         else:
             self._linear(buf["x"], plan.fc1, h1, row_expert=buf["idx"])
             gated_act(h1, plan.activation, plan.gated, out=act, pdl=self._pdl_general)
-        if int8_fc2 and not fold:  # fc1's output to int8 codes, fc2 on them (the routing weight in its epilogue)
+        if int8_fc2:  # fc1's output to int8 codes, fc2 on them (the routing weight in its epilogue)
             quantize_rows_int8(act, buf["aq"][0].shape[1], out=buf["aq"], pdl=self.policy.pdl)
         if self.int8_inputs_log is not None and int8_fc1:  # for a twin fed the same values
             # copies of the codes and scales (device to device: a graph's capture records them too)

@@ -12,8 +12,9 @@
 # 40 timed the W4A8 prefill route, not yet its kernel table; session 41 built W4A8's gated epilogue, W x^T
 # tiles and dp4a row programs, timed them and removed session 39's pair candidate; sessions 46-48 took the dp4a row
 # programs into batch 8's step; session 49 had no GPU time: its fix of the int8 quantizer for Triton 3.6 and the
-# last-program add + norm are below, untimed; session 50 had none either: the W4A8 row programs without masked loads
-# and the conv step in x_proj's kernel are below, untimed).
+# last-program add + norm were untimed; session 50 had none either; session 51 timed sessions 48-50's batch-8
+# candidates: took the add + norm in fc2's last programs, removed the fold, the unmasked K loop and the conv step in
+# x_proj's kernel).
 #
 #   bash scripts/gpu_pending.sh [OUT_DIR [STEP ...]]   # logs and JSON under OUT_DIR [${OUT:-runs/gpu-pending}];
 #                                                       # STEPs: a subset of those below (default: all, in order)
@@ -30,7 +31,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 STEPS=("$@")
 mkdir -p "$DEST"
 status=0
-ALL_STEPS="batch8 fold_kernels unmasked_kernels convxproj profile8 batches w4a8 w4a8_prefill w4a8_rows matmul_table"  # the step lines below, in order
+ALL_STEPS="profile8 batches w4a8 w4a8_prefill w4a8_rows matmul_table"  # the step lines below, in order
 for s in "${STEPS[@]}"; do
   [[ " $ALL_STEPS " == *" $s "* ]] || { echo "error: unknown step '$s' (steps: $ALL_STEPS)"; exit 2; }
 done
@@ -45,33 +46,14 @@ step() {  # step NAME COMMAND...: run it (if chosen), its output to the terminal
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" \
   || exit 1
 
-# batch 8's untimed candidates in one model build, each variant's greedy tokens checked first: fc2's int8 input
-# quantized by fc1's last program of a row (int8fold, session 48: DecodePolicy.int8_rows_fc2_fold), the add + norm after
-# each MoE layer by fc2's last program of a row (int8norm, session 49: int8_rows_fc2_norm), both, the W4A8 row
-# programs' K loop without masked loads (int8unmasked, session 50: int8_rows_unmasked; offline sm_90 ~22% / ~13% fewer
-# instructions a thread for fc1 / fc2), no conv launch, x_proj's kernel computing the conv step where it loads x
-# (convxproj, session 50: conv_in_x_proj; offline its K loop 415 -> 1,370 instructions a thread, so the saved launch,
-# ~2.4 us a Mamba layer, may not pay), and all of them together
-step batch8 "$PY" benchmarks/bench_decode.py --out "$DEST/batch8.json" --formats int4_g128 --batches 8 --rounds 3 \
-  --check-steps 8 \
-  --variants default,int8fold,int8norm,int8foldnorm,int8unmasked,convxproj,int8foldnorm+int8unmasked+convxproj
-# the fold alone: fc1 with the quantizer of its output as a launch after it, against its last programs quantizing
-step fold_kernels "$PY" benchmarks/bench_decode_linear.py --out "$DEST/fold_kernels.json" --rows 8 --only fc1_gated \
-  --variants w4a8_rows_bn32c4_thenq,w4a8_rows_bn32c4_fold
-# the W4A8 row programs without masked loads as kernels alone, at the CUDA policy's settings (32 rows; fc1 4 tiles a
-# step, fc2 8) and their neighbours
-step unmasked_kernels "$PY" benchmarks/bench_decode_linear.py --out "$DEST/unmasked_kernels.json" --rows 8 \
-  --only fc1_gated,fc2 \
-  --variants w4a8_rows_bn32c4,w4a8_rows_bn32c4_um,w4a8_rows_bn32c8,w4a8_rows_bn32c8_um,w4a8_rows_bn16c8_um
-# no conv launch at batch 4, and as qmamba quantize writes the model (x_proj bf16), batches 4 and 8
-step convxproj "$PY" benchmarks/bench_decode.py --out "$DEST/convxproj.json" --formats int4_g128,int4_cli \
-  --batches 4,8 --rounds 3 --check-steps 8 --variants default,convxproj
-# where batch 8's time goes since session 48's defaults (fc2 on int8 codes; not profiled yet)
+# where batch 8's time goes since sessions 48 and 51's defaults (fc2 on int8 codes, the add + norm after an MoE
+# layer in fc2's last programs; not profiled yet)
 step profile8 "$PY" benchmarks/profile_decode.py --format int4_g128 --batch 8 --out "$DEST/profile8.json"
 # batches 2 and 4 with session 48's program floor (DecodePolicy.int8_rows_block_n_for: fewer W4A8 rows a program
-# while the grid is under min_programs), beside bf16: never timed
+# while the grid is under min_programs) and session 51's add + norm in fc2's last programs (timed at batch 8 only),
+# beside bf16: never timed
 step batches "$PY" benchmarks/bench_decode.py --out "$DEST/batches.json" --formats int4_g128,bf16 --batches 2,4 \
-  --rounds 2 --check-steps 6 --variants default
+  --rounds 2 --check-steps 6 --variants default,noint8norm
 
 # the W4A8 GEMM candidate (session 40: int4 plane words times int8 activations on int8 tensor cores; off by
 # default) against cuBLAS bf16 and the runtime's int4 matmul at prefill sizes, every output checked first; session

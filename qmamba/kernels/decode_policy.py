@@ -202,13 +202,13 @@ class DecodePolicy:
     #                               program, 1.272 with 64) against 1.234 with fc1 alone on int8 codes: left off
     #                               then; on in the CUDA policy since session 48, with int8_rows_fc2_chunk (see there)
     int8_rows_fc2_block_n: int = 32  # with int8_rows_fc2: fc2's weight rows a program
-    int8_rows_fc2_fold: bool = False  # with int8_rows_fc2: no quantizer launch between fc1 and fc2; the last of fc1's
-    #                              programs of a row to finish quantizes the row (w4a8_rows' out_int8: a counter a
-    #                              row). Built in session 48 with no device time left: not timed, off
     int8_rows_fc2_norm: bool = False  # with int8_rows_fc2: no add + norm launch after an MoE layer whose next add +
     #                              norm is a plain one (no router, planes or int8 codes: the next layer a Mamba one,
     #                              or the final norm); the last of fc2's programs of a row to finish ends the row with
-    #                              it (w4a8_rows' out_norm). Built in session 49: not timed, off
+    #                              it (w4a8_rows' out_norm). Built in session 49; H100, session 51 (bench_decode.py
+    #                              int4 g128 batch 8, 3 rounds): 1.012 -> 1.004 ms/token, on in the CUDA policy since
+    #                              (session 48's fold of fc2's input quantizer into fc1's last programs lost: 1.023,
+    #                              1.056 with both, and was removed)
     int8_rows_chunk: int = 1     # with int8_rows: 128-column tiles a step of fc1's K loop (w4a8_rows' chunk: every
     #                              operand of the next step loaded before this one's products, so that a program
     #                              waits on tiles / chunk dependent loads instead of one a tile)
@@ -345,7 +345,7 @@ class DecodePolicy:
                    norm_in_gemvs=True, ssm_block_d_batched=16, int4_tile_pieces=True, planes_joint=True,
                    planes_joint_batched=False, planes_joint_gated=False, producer_word_sums=True, early_reads=True,
                    pdl_general=True, general_early_tile=True, int8_rows=True, int8_rows_block_n=32,
-                   int8_rows_chunk=4, int8_rows_fc2=True, int8_rows_fc2_chunk=8,
+                   int8_rows_chunk=4, int8_rows_fc2=True, int8_rows_fc2_chunk=8, int8_rows_fc2_norm=True,
                    formats=(FMT_FLOAT, FMT_INT8, FMT_INT4_PLANES, FMT_BINARY))
 
     def int8_rows_block_n_for(self, block_n: int, rows: int, n: int) -> int:

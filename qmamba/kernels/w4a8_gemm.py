@@ -162,18 +162,13 @@ def plane_byte_columns(k):
 
 @jit
 def quantize_row_int8(x_row, sxk, K, q_row, s_at, sum_row, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
-                      CUDA: tl.constexpr, FROM_L2: tl.constexpr):
+                      CUDA: tl.constexpr):
     """One row ``x_row[k * sxk]`` (``k < K``) quantized as :func:`quantize_rows_int8_ref` does: its codes in
     plane-byte order into ``q_row`` (``TILES`` 128-column tiles), its scale into ``s_at``, each tile's code sum into
-    ``sum_row``. ``FROM_L2``: the row loaded from L2 (``.cg``), past the SM's L1: for values other programs of the
-    same kernel wrote. (A flag, not the modifier string: Triton 3.6 does not compile a string argument a caller
-    leaves at its default.)"""
+    ``sum_row``."""
     j = tl.arange(0, BLOCK_K)
     k = plane_byte_inputs(j)  # column j of the output holds input k
-    if FROM_L2:
-        x = tl.load(x_row + k * sxk, mask=k < K, other=0.0, cache_modifier=".cg").to(tl.float32)
-    else:
-        x = tl.load(x_row + k * sxk, mask=k < K, other=0.0).to(tl.float32)
+    x = tl.load(x_row + k * sxk, mask=k < K, other=0.0).to(tl.float32)
     scale, inv = int8_row_scale(tl.max(tl.abs(x), axis=0))
     q = int8_codes(x, inv, CUDA)
     tl.store(q_row + j, q.to(tl.int8), mask=j < TILES * 128)
@@ -191,7 +186,7 @@ def _quantize_rows_int8_kernel(x_ptr, q_ptr, s_ptr, sum_ptr, K, sxm, sxk, sqm, s
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     quantize_row_int8(x_ptr + row * sxm, sxk, K, q_ptr + row * sqm, s_ptr + row, sum_ptr + row * ssum, BLOCK_K,
-                      TILES, CUDA, False)
+                      TILES, CUDA)
 
 
 def check_int8_k_pad(who: str, x: torch.Tensor, k_pad: int):

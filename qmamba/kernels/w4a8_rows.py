@@ -27,7 +27,7 @@ from qmamba.kernels.activations import ACTIVATION_IDS, activate
 from qmamba.kernels.dequant_gemm import weight_rows
 from qmamba.kernels.input_planes import add_word_sums, store_x_planes
 from qmamba.kernels.row_norm import RowAddNorm, add_norm_row, check_row_add_norm
-from qmamba.kernels.w4a8_gemm import check_int8_operands, quantize_row_int8, w4a8_operands
+from qmamba.kernels.w4a8_gemm import w4a8_operands
 from qmamba.kernels.weights import PackedWeight
 from qmamba.quant.layout import INT4_TILE, check_word_sums, check_x_planes
 
@@ -82,13 +82,12 @@ def _input_chunk(x_row, x_cols, xsum_row, cc, c, TILES: tl.constexpr, CHUNK: tl.
 @jit
 def _w4a8_rows_kernel(
     q_ptr, xs_ptr, xsum_ptr, out_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, rscale_ptr, rexp_ptr, opl_ptr, ows_ptr,
-    q2_ptr, s2_ptr, sum2_ptr, cnt_ptr, res_ptr, nw_ptr, nb_ptr, xo_ptr,
-    N, sqm, ssum, som, son, swe, swn, sse, ssn, sze, szn, sopl_m, sows_m, sq2m, ssum2, sres, sxo, eps,
+    cnt_ptr, res_ptr, nw_ptr, nb_ptr, xo_ptr,
+    N, sqm, ssum, som, son, swe, swn, sse, ssn, sze, szn, sopl_m, sows_m, sres, sxo, eps,
     TILES: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RSCALE: tl.constexpr,
     ROUTED: tl.constexpr, ASM: tl.constexpr, GATE: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
     EXPERT_READY: tl.constexpr = True, OUT_PLANES: tl.constexpr = False, OPL_K: tl.constexpr = 1,
-    OUT_WSUMS: tl.constexpr = False, CHUNK: tl.constexpr = 1, OUT_INT8: tl.constexpr = False,
-    INT8_BLOCK: tl.constexpr = 128, INT8_TILES: tl.constexpr = 1, OUT_NORM: tl.constexpr = False,
+    OUT_WSUMS: tl.constexpr = False, CHUNK: tl.constexpr = 1, OUT_NORM: tl.constexpr = False,
     NORM_BLOCK: tl.constexpr = 128, LAYERNORM: tl.constexpr = False,
 ):
     """Program (row m, block of weight rows): ``out[m, n] = (sum over tiles of scale * (dot - zero * xsum)) *
@@ -98,12 +97,10 @@ def _w4a8_rows_kernel(
     where it was written earlier than that (``EXPERT_READY``; else it and the words are read after the wait: the
     fused step's fc1, whose router runs in the add + norm just before it). ``OUT_PLANES`` / ``OUT_WSUMS``: the
     stored output's int4 input planes 0..7 (``OPL_K`` columns a plane) and its word sums, the input of a plane-word
-    GEMV after it (the fused step's fc2), as the decode kernels' epilogue writes them. ``OUT_INT8``: the last
-    program of row m to finish (a counter a row, back to 0 after) quantizes the whole stored row to int8 as
-    :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8` does (``INT8_TILES`` tiles, read from L2), the input of a
-    W4A8 kernel after it, in place of a launch of its own. ``OUT_NORM``: that last program ends the row with the add
-    + norm after it (:func:`qmamba.kernels.row_norm.add_norm_row`: ``residual += out``, ``x_out = norm(residual)``),
-    the fused step's add + norm after an MoE layer, in place of its launch."""
+    GEMV after it (the fused step's fc2), as the decode kernels' epilogue writes them. ``OUT_NORM``: the last
+    program of row m to finish (a counter a row, back to 0 after) ends the row with the add + norm after it
+    (:func:`qmamba.kernels.row_norm.add_norm_row`, reading the stored row from L2: ``residual += out``, ``x_out =
+    norm(residual)``), the fused step's add + norm after an MoE layer, in place of its launch."""
     m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     n, n_ok = weight_rows(pid_n, N, BLOCK_N, GATE)
@@ -158,23 +155,19 @@ def _w4a8_rows_kernel(
         store_x_planes(opl_ptr + m * sopl_m, n, yq.to(tl.float32), n_ok, OPL_K)
     if OUT_WSUMS:
         add_word_sums(ows_ptr + m * sows_m, n, yq.to(tl.float32), n_ok)
-    if OUT_INT8 or OUT_NORM:  # every thread's stores, then one release of them with the count; the last program
-        tl.debug_barrier()    # of the row reads them all
+    if OUT_NORM:  # every thread's stores, then one release of them with the count; the last program of the row
+        tl.debug_barrier()  # reads them all
         done = tl.atomic_add(cnt_ptr + m, 1, sem="acq_rel")
         if done == tl.num_programs(1) - 1:
-            if OUT_INT8:
-                quantize_row_int8(out_ptr + m * som, son, N // 2 if GATE >= 0 else N, q2_ptr + m * sq2m, s2_ptr + m,
-                                  sum2_ptr + m * ssum2, INT8_BLOCK, INT8_TILES, ASM, True)
-            else:
-                add_norm_row(out_ptr + m * som, son, res_ptr + m * sres, nw_ptr, nb_ptr, xo_ptr + m * sxo,
-                             N // 2 if GATE >= 0 else N, eps, NORM_BLOCK, LAYERNORM, True)
+            add_norm_row(out_ptr + m * som, son, res_ptr + m * sres, nw_ptr, nb_ptr, xo_ptr + m * sxo,
+                         N // 2 if GATE >= 0 else N, eps, NORM_BLOCK, LAYERNORM, True)
             tl.store(cnt_ptr + m, 0)  # ready for the next call
 
 
 def w4a8_rows(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row_expert=None, row_scale=None,
               gate: str | None = None, block_n: int = 32, num_warps: int = 4, pdl: bool = False,
               expert_ready: bool = True, out_planes=None, out_word_sums=None, chunk: int = 1,
-              out_int8=None, out_norm: RowAddNorm | None = None) -> torch.Tensor:
+              out_norm: RowAddNorm | None = None) -> torch.Tensor:
     """``out [M, N] <- (x_hat @ W_hat^T + bias) * row_scale`` (row m on expert ``row_expert[m]`` of a stack) from
     :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8`'s ``codes, scale, sums`` and int4 plane words (group size a
     multiple of 128), a program a row and ``block_n`` weight rows. ``gate`` (an activation of
@@ -185,13 +178,10 @@ def w4a8_rows(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row
     as stored (:func:`qmamba.quant.layout.int4_x_planes`), and ``out_word_sums [M, width / 8]`` fp32 (zeroed
     before) their word sums, as :func:`qmamba.kernels.decode_linear.decode_linear` writes them. ``chunk`` (a power of
     two): 128-column tiles a step of the K loop takes, every operand of the next step loaded before this one's
-    products (a chain of ``tiles / chunk`` dependent loads a program). ``out_int8 = (codes, scale, sums, counter)``:
-    the stored output also quantized to int8 per row as :func:`qmamba.kernels.w4a8_gemm.quantize_rows_int8` would
-    (its ``(codes, scale, sums)`` for ``k_pad`` columns, the sums' padding zeroed once), by the last program of each
-    row to finish; ``counter`` is int32 ``[M]``, zeros before the first call, left at zeros after each. ``out_norm``
-    (a :class:`qmamba.kernels.row_norm.RowAddNorm`; not with ``out_int8``): that last program of a row also adds the
-    stored row into the residual and writes its norm (``add_norm``'s without router, planes or int8 codes). ``out``
-    defaults to a new bfloat16 tensor."""
+    products (a chain of ``tiles / chunk`` dependent loads a program). ``out_norm`` (a
+    :class:`qmamba.kernels.row_norm.RowAddNorm`): the last program of each row to finish also adds the stored row into
+    the residual and writes its norm (``add_norm``'s without router, planes or int8 codes); its ``counter`` is int32
+    ``[M]``, zeros before the first call, left at zeros after each. ``out`` defaults to a new bfloat16 tensor."""
     out = w4a8_operands("w4a8_rows", codes, sums, weight, out, gate, block_n)
     if weight.n_experts != 1 and row_expert is None:
         raise ValueError("w4a8_rows: an expert stack needs row_expert")
@@ -205,21 +195,13 @@ def w4a8_rows(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row
         raise ValueError(f"w4a8_rows: chunk must be a power of two, got {chunk}")
     m, k_pad = codes.shape
     n_out = out.shape[1]
-    q2 = counter = None  # (the counter of the rows' programs, where the last one of a row has work: either epilogue)
-    if out_int8 is not None:
-        if not (isinstance(out_int8, (tuple, list)) and len(out_int8) == 4):
-            raise ValueError("w4a8_rows: out_int8 must be (codes, scale, sums, counter)")
-        q2, s2, sum2, counter = out_int8
-        k2_pad = check_int8_operands("w4a8_rows out_int8", (q2, s2, sum2), m, n_out)
+    counter = None  # the counter of the rows' programs, where the last one of a row has work
     if out_norm is not None:
-        if out_int8 is not None:
-            raise ValueError("w4a8_rows: out_norm and out_int8 are both the last program's work: one at a time")
         check_row_add_norm("w4a8_rows", out_norm, m, n_out)
         counter = out_norm.counter
-    if counter is not None and not (isinstance(counter, torch.Tensor) and tuple(counter.shape) == (m,)
-                                    and counter.dtype == torch.int32 and counter.is_contiguous()):
-        raise ValueError(f"w4a8_rows: {'out_int8' if q2 is not None else 'out_norm'}'s counter must be contiguous "
-                         f"[{m}] int32 (zeros)")
+        if not (isinstance(counter, torch.Tensor) and tuple(counter.shape) == (m,)
+                and counter.dtype == torch.int32 and counter.is_contiguous()):
+            raise ValueError(f"w4a8_rows: out_norm's counter must be contiguous [{m}] int32 (zeros)")
     if m == 0:
         return out
     words = codes.view(torch.int32)
@@ -230,23 +212,20 @@ def w4a8_rows(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row
         words, scale, sums, out, q, s, z, bias if bias is not None else dummy,
         row_scale if row_scale is not None else dummy, row_expert if row_expert is not None else dummy,
         out_planes if out_planes is not None else dummy, out_word_sums if out_word_sums is not None else dummy,
-        *((q2, s2, sum2) if q2 is not None else (dummy,) * 3), counter if counter is not None else dummy,
+        counter if counter is not None else dummy,
         *((out_norm.residual, out_norm.norm_w, out_norm.norm_b if out_norm.norm_b is not None else out_norm.norm_w,
            out_norm.x_out) if out_norm is not None else (dummy,) * 4),
         weight.n, words.stride(0), sums.stride(0), out.stride(0), out.stride(1), q.stride(0), q.stride(1),
         s.stride(0), s.stride(1), z.stride(0), z.stride(1), out_planes.stride(0) if out_planes is not None else 0,
         out_word_sums.stride(0) if out_word_sums is not None else 0,
-        q2.stride(0) if q2 is not None else 0, sum2.stride(0) if q2 is not None else 0,
         out_norm.residual.stride(0) if out_norm is not None else 0, out_norm.x_out.stride(0) if out_norm is not None
         else 0, float(out_norm.eps) if out_norm is not None else 0.0,
         TILES=k_pad // INT4_TILE, GROUP=weight.group_size, HAS_BIAS=bias is not None,
         HAS_RSCALE=row_scale is not None, ROUTED=row_expert is not None, ASM=codes.is_cuda,
         GATE=-1 if gate is None else ACTIVATION_IDS[gate], PDL=pdl, BLOCK_N=block_n,
         EXPERT_READY=expert_ready, OUT_PLANES=out_planes is not None, OPL_K=opl_k,
-        OUT_WSUMS=out_word_sums is not None, CHUNK=chunk, OUT_INT8=q2 is not None,
-        INT8_BLOCK=next_pow2(k2_pad) if q2 is not None else 128,
-        INT8_TILES=k2_pad // INT4_TILE if q2 is not None else 1,
-        OUT_NORM=out_norm is not None, NORM_BLOCK=next_pow2(n_out) if out_norm is not None else 128,
+        OUT_WSUMS=out_word_sums is not None, CHUNK=chunk, OUT_NORM=out_norm is not None,
+        NORM_BLOCK=next_pow2(n_out) if out_norm is not None else 128,
         LAYERNORM=out_norm is not None and out_norm.norm_b is not None,
         num_warps=num_warps, **pdl_launch(pdl))
     return out

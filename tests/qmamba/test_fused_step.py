@@ -374,20 +374,17 @@ def test_general_kernels_as_programmatic_dependents(fmt, mode, device, monkeypat
             tok = want.argmax(-1)
 
 
-@pytest.mark.parametrize("batch,fc2,chunk,fold,norm", [(1, False, 1, False, False), (3, False, 1, False, False),
-                                                       (3, True, 1, False, False), (3, True, 4, False, False),
-                                                       (3, True, 4, True, False), (3, True, 4, False, True),
-                                                       (2, True, 1, True, True)])
+@pytest.mark.parametrize("batch,fc2,chunk,norm", [(1, False, 1, False), (3, False, 1, False), (3, True, 1, False),
+                                                  (3, True, 4, False), (3, True, 4, True), (2, True, 1, True)])
 @torch.no_grad()
-def test_fused_step_int8_rows(batch, fc2, chunk, fold, norm, device, monkeypatch):
+def test_fused_step_int8_rows(batch, fc2, chunk, norm, device, monkeypatch):
     """``DecodePolicy.int8_rows`` on a model with int8 activations: at 2+ rows the gated int4 fc1 runs on the W4A8
     row programs (the add + norm writes x as int8 codes, no input planes for it; fc1 still writes fc2's planes), and
     the step equals the reference step whose experts round fc1's input the same way (``QuantExperts.int8_step_fc1``
     in :func:`qmamba.moe.decode_step`), not the one without the rounding; at one row nothing changes. With
     ``int8_rows_fc2`` fc2 runs on them too (fc1's output quantized by a launch of its own; no planes for fc2) and the
     step equals the reference that rounds both inputs (``int8_step_fc2``), not the one that rounds fc1's alone.
-    ``chunk``: both on several tiles a step of their K loops (``int8_rows_chunk``, ``int8_rows_fc2_chunk``);
-    ``fold``: fc2's input quantized by fc1's last program of each row (``int8_rows_fc2_fold``), the same codes.
+    ``chunk``: both on several tiles a step of their K loops (``int8_rows_chunk``, ``int8_rows_fc2_chunk``).
     ``norm``: the add + norm after each MoE layer (the next one a Mamba layer, or the final norm) ended by fc2's last
     program of each row (``int8_rows_fc2_norm``): one add + norm launch for each Mamba layer only, the same step."""
     from qmamba.quant.modules import QuantExperts
@@ -400,8 +397,7 @@ def test_fused_step_int8_rows(batch, fc2, chunk, fold, norm, device, monkeypatch
     policy = dataclasses.replace(DecodePolicy.for_device(device), formats=(0, 1, 3), max_rows=1, max_rows_planes=1,
                                  max_rows_routed=8, int4_planes=True, int4_unpack="denorm", planes_mma=False,
                                  routed_row_programs=True, int4_x_planes=True, int8_rows=True, int8_rows_fc2=fc2,
-                                 int8_rows_chunk=chunk, int8_rows_fc2_chunk=chunk, int8_rows_fc2_fold=fold,
-                                 int8_rows_fc2_norm=norm)
+                                 int8_rows_chunk=chunk, int8_rows_fc2_chunk=chunk, int8_rows_fc2_norm=norm)
     step = FusedDecodeStep(model, policy)
     launches = []
     real_add_norm = fused_step_module.add_norm

@@ -8,7 +8,7 @@ import torch
 from qmamba.kernels.decode_step import add_norm_ref
 from qmamba.kernels.fused_moe import gated_act_ref
 from qmamba.kernels.row_norm import RowAddNorm
-from qmamba.kernels.w4a8_gemm import quantize_rows_int8, quantize_rows_int8_ref, sum_columns, w4a8_gemm_ref
+from qmamba.kernels.w4a8_gemm import quantize_rows_int8, quantize_rows_int8_ref, w4a8_gemm_ref
 from qmamba.kernels.w4a8_rows import w4a8_rows
 from qmamba.quant.formats import Int4Format
 from qmamba.quant.layout import int4_x_planes, int4_x_planes_width
@@ -98,32 +98,6 @@ def test_bad_input_is_refused():
         w4a8_rows(codes, scale, sums, w, chunk=3)
 
 
-@pytest.mark.parametrize("gate,chunk", [("silu", 1), ("silu", 4), (None, 2)])
-def test_last_program_of_a_row_quantizes_it_to_int8(gate, chunk, device):
-    """``out_int8``: the stored output also written as :func:`quantize_rows_int8` would quantize it (codes in
-    plane-byte order, scale, tile sums; 300 columns: 3 tiles, the last partial), by the last of a row's 19 programs
-    to finish, through a counter a row that each call leaves at zero: a second call on other inputs is right too."""
-    m, k, f, experts = 3, 256, 150, 3
-    n = 2 * f if gate else f
-    w = planes_weight(n, k, device, experts=experts, seed=3)
-    row_expert = torch.tensor([1, 0, 1], dtype=torch.int32, device=device)
-    k2 = -(-f // 128) * 128
-    q2 = torch.full((m, k2), 99, dtype=torch.int8, device=device)
-    s2 = torch.zeros(m, device=device)
-    sum2 = torch.zeros(m, sum_columns(k2), device=device)
-    counter = torch.zeros(m, dtype=torch.int32, device=device)
-    for seed in (0, 1):
-        x = torch.randn(m, k, device=device, generator=torch.Generator(device).manual_seed(seed))
-        codes, scale, sums = quantize_rows_int8(x, w.qweight.shape[-1] * 8)
-        out = w4a8_rows(codes, scale, sums, w, out=torch.empty(m, f, device=device, dtype=torch.bfloat16),
-                        row_expert=row_expert, gate=gate, block_n=16, chunk=chunk, out_int8=(q2, s2, sum2, counter))
-        want = quantize_rows_int8_ref(out, k2)
-        assert torch.equal(q2, want[0]) and torch.equal(s2, want[1]) and torch.equal(sum2, want[2])
-        assert torch.equal(counter, torch.zeros_like(counter))
-    with pytest.raises(ValueError, match="counter"):
-        w4a8_rows(codes, scale, sums, w, row_expert=row_expert, gate=gate, out_int8=(q2, s2, sum2, counter[:2]))
-
-
 @pytest.mark.parametrize("layernorm,chunk", [(False, 1), (False, 8), (True, 2)])
 def test_last_program_of_a_row_ends_it_with_the_add_and_norm(layernorm, chunk, device):
     """``out_norm``: as the fused step's fc2 (the routing weight in the epilogue), the last of a row's programs to
@@ -154,6 +128,3 @@ def test_last_program_of_a_row_ends_it_with_the_add_and_norm(layernorm, chunk, d
         w4a8_rows(codes, scale, sums, w, row_expert=row_expert, out_norm=spec._replace(counter=counter[:2]))
     with pytest.raises(ValueError, match="residual"):
         w4a8_rows(codes, scale, sums, w, row_expert=row_expert, out_norm=spec._replace(residual=residual[:, :-1]))
-    with pytest.raises(ValueError, match="one at a time"):
-        w4a8_rows(codes, scale, sums, w, row_expert=row_expert, out_norm=spec,
-                  out_int8=(codes, scale, sums, counter))
