@@ -77,11 +77,10 @@ class RowAddNorm(NamedTuple):
 
 
 def check_row_add_norm(who: str, spec, rows: int, d: int):
-    """Refuse a :class:`RowAddNorm` whose tensors do not fit ``rows`` rows of ``d`` values (its counter: the
-    kernel's own check, shared with its other last-program epilogue)."""
+    """Refuse a :class:`RowAddNorm` whose tensors do not fit ``rows`` rows of ``d`` values."""
     if not isinstance(spec, RowAddNorm):
         raise ValueError(f"{who}: out_norm must be a RowAddNorm")
-    res, w, b, x, _, _ = spec
+    res, w, b, x, _, counter = spec
     if not (res.dtype == torch.float32 and tuple(res.shape) == (rows, d) and res.stride(1) == 1):
         raise ValueError(f"{who}: out_norm's residual must be float32 [{rows}, {d}] with contiguous rows")
     if not (tuple(x.shape) == (rows, d) and x.stride(1) == 1):
@@ -89,3 +88,6 @@ def check_row_add_norm(who: str, spec, rows: int, d: int):
     if tuple(w.shape) != (d,) or (b is not None and tuple(b.shape) != (d,)) or not w.is_contiguous() or (
             b is not None and not b.is_contiguous()):
         raise ValueError(f"{who}: out_norm's norm weights must be contiguous [{d}]")
+    if not (isinstance(counter, torch.Tensor) and tuple(counter.shape) == (rows,) and counter.dtype == torch.int32
+            and counter.is_contiguous()):
+        raise ValueError(f"{who}: out_norm's counter must be contiguous [{rows}] int32 (zeros)")

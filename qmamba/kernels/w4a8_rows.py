@@ -195,13 +195,8 @@ def w4a8_rows(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row
         raise ValueError(f"w4a8_rows: chunk must be a power of two, got {chunk}")
     m, k_pad = codes.shape
     n_out = out.shape[1]
-    counter = None  # the counter of the rows' programs, where the last one of a row has work
     if out_norm is not None:
         check_row_add_norm("w4a8_rows", out_norm, m, n_out)
-        counter = out_norm.counter
-        if not (isinstance(counter, torch.Tensor) and tuple(counter.shape) == (m,)
-                and counter.dtype == torch.int32 and counter.is_contiguous()):
-            raise ValueError(f"w4a8_rows: out_norm's counter must be contiguous [{m}] int32 (zeros)")
     if m == 0:
         return out
     words = codes.view(torch.int32)
@@ -212,9 +207,9 @@ def w4a8_rows(codes, scale, sums, weight: PackedWeight, out=None, bias=None, row
         words, scale, sums, out, q, s, z, bias if bias is not None else dummy,
         row_scale if row_scale is not None else dummy, row_expert if row_expert is not None else dummy,
         out_planes if out_planes is not None else dummy, out_word_sums if out_word_sums is not None else dummy,
-        counter if counter is not None else dummy,
-        *((out_norm.residual, out_norm.norm_w, out_norm.norm_b if out_norm.norm_b is not None else out_norm.norm_w,
-           out_norm.x_out) if out_norm is not None else (dummy,) * 4),
+        *((out_norm.counter, out_norm.residual, out_norm.norm_w,
+           out_norm.norm_b if out_norm.norm_b is not None else out_norm.norm_w, out_norm.x_out)
+          if out_norm is not None else (dummy,) * 5),
         weight.n, words.stride(0), sums.stride(0), out.stride(0), out.stride(1), q.stride(0), q.stride(1),
         s.stride(0), s.stride(1), z.stride(0), z.stride(1), out_planes.stride(0) if out_planes is not None else 0,
         out_word_sums.stride(0) if out_word_sums is not None else 0,

@@ -582,10 +582,9 @@ def test_w4a8_kernels_compile_for_sm90():
     the routing weight in the epilogue), and both at the CUDA policy's rows a program and tiles a step of their K
     loops (``int8_rows_chunk``, ``int8_rows_fc2_chunk``), the quantizer of fc2's input (``quantize_rows_int8``), and
     fc2 with its last program of a row ending it with the add + norm after it (``int8_rows_fc2_norm``, in the CUDA
-    policy since session 51). The MoE's routing
-    kernel that also quantizes its rows to int8 for the W4A8 GEMM (``route_top1_int8``, BlackMamba-2.8B's d = 1472 in
-    bf16) compiles without spills, with the quantizer's
-    IEEE operations: ``mul.rn`` (not fused into an FMA with the + 0.5), the two ``div.rn`` of the scale and its
+    policy since session 51). The MoE's routing kernel that also quantizes its rows to int8 for the W4A8 GEMM
+    (``route_top1_int8``, BlackMamba-2.8B's d = 1472 in bf16) compiles without spills, with the quantizer's IEEE
+    operations: ``mul.rn`` (not fused into an FMA with the + 0.5), the two ``div.rn`` of the scale and its
     reciprocal, and the floor (``FRND``); its logits, sigmoid and argmax are the plain routing kernel's operations in
     the same order (the routing bit for bit ``route_top1``'s: session 44's several-rows kernel lost that on the GPU
     through a tile layout shared with the quantization), and the plain kernel compiles without spills too."""

@@ -28,7 +28,7 @@ def planes_weight(n, k, device, experts=1, group=128, seed=0):
                                                        (3, 640, 24, 256, 8, 4), (2, 200, 24, 128, 8, 8)])
 def test_rows_match_dequantized(m, k, n, group, block_n, chunk, device):
     """Any number of 128-column tiles a step of the K loop (``chunk``), a last step with fewer tiles than that
-    included (K = 300: 3 tiles by 2; 640: 5 by 4; 200: 2 by 8)."""
+    included (K = 300: 3 tiles by 2; 640: 5 by 4; 200: 2 by 8), N not a multiple of the block's rows (70 by 32)."""
     w = planes_weight(n, k, device, group=group)
     x = torch.randn(m, k, device=device) * 2
     bias = torch.randn(n, device=device)
